@@ -1,0 +1,25 @@
+// Module initialisation. The addon is context-aware: every environment (main thread or worker)
+// gets its own instance data, and nothing is kept in process-wide globals.
+#include <napi.h>
+
+#include "ops/scan/binding.h"
+#include "tensor/tensor.h"
+
+namespace {
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* inst = new rk::Instance();
+  env.SetInstanceData<rk::Instance>(inst);
+  // Runs before the environment finalizes its remaining objects: from then on, DeviceBuffer
+  // finalizers leave CUDA alone.
+  std::shared_ptr<rk::EnvState> state = inst->state;
+  env.AddCleanupHook([state]() { state->alive = false; });
+  rk::registerTensor(env, exports);
+  rk::registerScan(env, exports);
+  exports.Set("version", Napi::String::New(env, "0.1.0"));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(recurrent_kernels, Init)

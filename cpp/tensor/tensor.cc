@@ -1,0 +1,365 @@
+// Device buffers, argument checks, and the runtime entry points (devices, copies, conversions).
+#include "tensor/tensor.h"
+
+#include <climits>
+#include <vector>
+
+#include "tensor/parallel.h"
+
+namespace rk {
+
+Instance& instance(Napi::Env env) { return *env.GetInstanceData<Instance>(); }
+
+// ---------------------------------------------------------------- DeviceBuffer
+
+Napi::Function DeviceBuffer::Define(Napi::Env env) {
+  return DefineClass(env, "DeviceBuffer",
+                     {InstanceMethod<&DeviceBuffer::Dispose>("dispose"),
+                      InstanceAccessor<&DeviceBuffer::GetBytes>("bytes"),
+                      InstanceAccessor<&DeviceBuffer::GetDisposed>("disposed")});
+}
+
+DeviceBuffer::DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceBuffer>(info) {
+  Napi::Env env = info.Env();
+  state_ = instance(env).state;
+  int64_t bytes = parseCount(env, info[0], "DeviceBuffer", "bytes");
+#ifdef RK_WITH_CUDA
+  std::string reason;
+  if (!rkcuda::available(&reason)) throwError(env, "ERR_DEVICE", "CUDA is not available: " + reason);
+  throwIfFailed(env, rkcuda::deviceMalloc(&ptr_, size_t(bytes)), "allocating device memory");
+  bytes_ = size_t(bytes);
+  disposed_ = false;  // owns memory from here on
+  state_->deviceBytes += bytes;
+  state_->deviceBuffers += 1;
+  if (bytes_ > 0) Napi::MemoryManagement::AdjustExternalMemory(env, int64_t(bytes_));
+#else
+  (void)bytes;
+  throwNoCuda(env, "DeviceBuffer");
+#endif
+}
+
+void DeviceBuffer::release(bool adjust) {
+  if (disposed_) return;
+  disposed_ = true;
+#ifdef RK_WITH_CUDA
+  if (state_ && state_->alive) {
+    if (ptr_) rkcuda::deviceFree(ptr_);
+    state_->deviceBytes -= int64_t(bytes_);
+    state_->deviceBuffers -= 1;
+    if (adjust && bytes_ > 0) Napi::MemoryManagement::AdjustExternalMemory(Env(), -int64_t(bytes_));
+  }
+#else
+  (void)adjust;
+#endif
+  ptr_ = nullptr;
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  // Finalizer: the environment may be going away; never call into V8 here, and skip CUDA once the
+  // environment's cleanup hook has run (the process is exiting and the driver frees everything).
+  release(false);
+}
+
+Napi::Object DeviceBuffer::Allocate(Napi::Env env, size_t bytes, void** ptr) {
+  Napi::Object obj = instance(env).deviceBufferCtor.New({Napi::Number::New(env, double(bytes))});
+  *ptr = Napi::ObjectWrap<DeviceBuffer>::Unwrap(obj)->ptr_;
+  return obj;
+}
+
+DeviceBuffer* DeviceBuffer::Unwrap(Napi::Value v) {
+  if (!v.IsObject()) return nullptr;
+  Napi::Object o = v.As<Napi::Object>();
+  if (!o.InstanceOf(instance(v.Env()).deviceBufferCtor.Value())) return nullptr;
+  return Napi::ObjectWrap<DeviceBuffer>::Unwrap(o);
+}
+
+Napi::Value DeviceBuffer::Dispose(const Napi::CallbackInfo& info) {
+  release(true);
+  return info.Env().Undefined();
+}
+Napi::Value DeviceBuffer::GetBytes(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), double(bytes_));
+}
+Napi::Value DeviceBuffer::GetDisposed(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), disposed_);
+}
+
+// ---------------------------------------------------------------- argument checks
+
+Device parseDevice(Napi::Env env, Napi::Value v, const char* op) {
+  if (v.IsString()) {
+    std::string s = v.As<Napi::String>();
+    if (s == "cpu") return Device::CPU;
+    if (s == "cuda") return Device::CUDA;
+  }
+  throwError(env, "ERR_DEVICE", std::string(op) + ": device must be 'cpu' or 'cuda'");
+}
+
+DType parseDType(Napi::Env env, Napi::Value v, const char* op, const char* arg) {
+  if (v.IsString()) {
+    std::string s = v.As<Napi::String>();
+    if (s == "float32") return DType::F32;
+    if (s == "float16") return DType::F16;
+    if (s == "bfloat16") return DType::BF16;
+  }
+  throwError(env, "ERR_DTYPE",
+             std::string(op) + ": " + arg + " dtype must be 'float32', 'float16' or 'bfloat16'");
+}
+
+int64_t checkedProduct(Napi::Env env, int64_t x, int64_t y, const char* op) {
+  if (x < 0 || y < 0 || (y != 0 && x > INT64_MAX / y))
+    throwError(env, "ERR_SHAPE", std::string(op) + ": tensor size overflows");
+  return x * y;
+}
+
+int64_t parseCount(Napi::Env env, Napi::Value v, const char* op, const char* arg) {
+  if (v.IsNumber()) {
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (d >= 0 && d <= 9007199254740991.0 && d == double(int64_t(d))) return int64_t(d);
+  }
+  throwError(env, "ERR_ARGUMENT", std::string(op) + ": " + arg + " must be a non-negative integer");
+}
+
+View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, Device device, DType dtype,
+               int64_t elements, bool optional) {
+  View view;
+  if (optional && (v.IsNull() || v.IsUndefined())) return view;
+  std::string where = std::string(op) + ": " + arg;
+  if (elements < 0) throwError(env, "ERR_SHAPE", where + " is too large");
+  if (device == Device::CPU) {
+    if (!v.IsTypedArray())
+      throwError(env, "ERR_DEVICE", where + " must be CPU storage (a TypedArray)");
+    Napi::TypedArray ta = v.As<Napi::TypedArray>();
+    napi_typedarray_type want = dtype == DType::F32 ? napi_float32_array : napi_uint16_array;
+    if (ta.TypedArrayType() != want)
+      throwError(env, "ERR_DTYPE", where + " storage does not match dtype " + dtypeName(dtype));
+    if (ta.ArrayBuffer().Data() == nullptr && ta.ElementLength() > 0)
+      throwError(env, "ERR_DISPOSED", where + " storage is detached");
+    if (int64_t(ta.ElementLength()) != elements)
+      throwError(env, "ERR_SHAPE", where + " has " + std::to_string(ta.ElementLength()) +
+                                       " elements, expected " + std::to_string(elements));
+    view.data = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+    view.elements = elements;
+    return view;
+  }
+  DeviceBuffer* buf = DeviceBuffer::Unwrap(v);
+  if (!buf) throwError(env, "ERR_DEVICE", where + " must be CUDA storage (a DeviceBuffer)");
+  if (buf->disposed()) throwError(env, "ERR_DISPOSED", where + " was disposed");
+  if (int64_t(buf->bytes()) != elements * int64_t(dtypeSize(dtype)))
+    throwError(env, "ERR_SHAPE", where + " holds " + std::to_string(buf->bytes()) + " bytes, expected " +
+                                     std::to_string(elements) + " elements of " + dtypeName(dtype));
+  view.data = buf->data();
+  view.elements = elements;
+  return view;
+}
+
+Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data) {
+  size_t bytes = size_t(elements) * dtypeSize(dtype);
+  if (device == Device::CUDA) return DeviceBuffer::Allocate(env, bytes, data);
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, bytes);
+  *data = ab.Data();
+  if (dtype == DType::F32) return Napi::Float32Array::New(env, size_t(elements), ab, 0);
+  return Napi::Uint16Array::New(env, size_t(elements), ab, 0);
+}
+
+#ifdef RK_WITH_CUDA
+void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what) {
+  if (st.ok()) return;
+  throwError(env, st.outOfMemory ? "ERR_OUT_OF_MEMORY" : "ERR_CUDA", std::string(what) + ": " + st.message);
+}
+#endif
+
+void throwNoCuda(Napi::Env env, const char* op) {
+  throwError(env, "ERR_DEVICE",
+             std::string(op) + ": this build of recurrent-kernels has no CUDA support (rebuild with nvcc on PATH)");
+}
+
+// ---------------------------------------------------------------- runtime entry points
+
+namespace {
+
+Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object r = Napi::Object::New(env);
+#ifdef RK_WITH_CUDA
+  std::string reason;
+  bool ok = rkcuda::available(&reason);
+  r.Set("built", true);
+  r.Set("available", ok);
+  r.Set("reason", ok ? std::string() : reason);
+#else
+  r.Set("built", false);
+  r.Set("available", false);
+  r.Set("reason", "this build of recurrent-kernels has no CUDA support (rebuild with nvcc on PATH)");
+#endif
+  return r;
+}
+
+Napi::Value CudaProperties(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef RK_WITH_CUDA
+  rkcuda::DeviceProps p;
+  throwIfFailed(env, rkcuda::deviceProperties(&p), "reading device properties");
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("name", p.name);
+  r.Set("computeCapability", std::to_string(p.major) + "." + std::to_string(p.minor));
+  r.Set("multiProcessorCount", p.multiProcessorCount);
+  r.Set("totalMemory", double(p.totalGlobalMem));
+  r.Set("l2CacheSize", double(p.l2CacheSize));
+  r.Set("sharedMemoryPerBlockOptin", double(p.sharedMemPerBlockOptin));
+  // Theoretical DRAM bandwidth (double data rate): clock * 2 * bus width.
+  r.Set("peakBandwidthGBs", double(p.memoryClockRateKHz) * 1e3 * 2.0 * (p.memoryBusWidth / 8.0) / 1e9);
+  r.Set("driverVersion", p.driverVersion);
+  r.Set("runtimeVersion", p.runtimeVersion);
+  return r;
+#else
+  throwNoCuda(env, "cuda.deviceProperties");
+#endif
+}
+
+Napi::Value CudaSynchronize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef RK_WITH_CUDA
+  throwIfFailed(env, rkcuda::synchronize(), "cuda.synchronize");
+  return env.Undefined();
+#else
+  throwNoCuda(env, "cuda.synchronize");
+#endif
+}
+
+// toDevice(storage: TypedArray, dtype) -> DeviceBuffer
+Napi::Value ToDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef RK_WITH_CUDA
+  DType dt = parseDType(env, info[1], "to('cuda')", "tensor");
+  if (!info[0].IsTypedArray()) throwError(env, "ERR_DEVICE", "to('cuda'): source must be CPU storage");
+  int64_t n = int64_t(info[0].As<Napi::TypedArray>().ElementLength());
+  View src = tensorArg(env, info[0], "to('cuda')", "tensor", Device::CPU, dt, n);
+  void* dst = nullptr;
+  Napi::Value out = allocOutput(env, Device::CUDA, dt, n, &dst);
+  throwIfFailed(env, rkcuda::copyHostToDevice(dst, src.data, size_t(n) * dtypeSize(dt)), "to('cuda')");
+  return out;
+#else
+  throwNoCuda(env, "to('cuda')");
+#endif
+}
+
+// toHost(buffer: DeviceBuffer, dtype, elements) -> TypedArray
+Napi::Value ToHost(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef RK_WITH_CUDA
+  DType dt = parseDType(env, info[1], "to('cpu')", "tensor");
+  int64_t n = parseCount(env, info[2], "to('cpu')", "elements");
+  View src = tensorArg(env, info[0], "to('cpu')", "tensor", Device::CUDA, dt, n);
+  void* dst = nullptr;
+  Napi::Value out = allocOutput(env, Device::CPU, dt, n, &dst);
+  throwIfFailed(env, rkcuda::copyDeviceToHost(dst, src.data, size_t(n) * dtypeSize(dt)), "to('cpu')");
+  return out;
+#else
+  throwNoCuda(env, "to('cpu')");
+#endif
+}
+
+template <typename From, typename To>
+void convertHost(const void* src, void* dst, int64_t n) {
+  const From* s = static_cast<const From*>(src);
+  To* d = static_cast<To*>(dst);
+  parallelFor(n, 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) d[i] = Storage<To>::store(Storage<From>::load(s[i]));
+  });
+}
+
+// convert(device, storage, fromDtype, toDtype, elements) -> new storage of toDtype
+Napi::Value Convert(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Device dev = parseDevice(env, info[0], "convert");
+  DType from = parseDType(env, info[2], "convert", "source");
+  DType to = parseDType(env, info[3], "convert", "target");
+  int64_t n = parseCount(env, info[4], "convert", "elements");
+  View src = tensorArg(env, info[1], "convert", "tensor", dev, from, n);
+  void* dst = nullptr;
+  Napi::Value out = allocOutput(env, dev, to, n, &dst);
+  if (dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::convert(toCuda(from), src.data, toCuda(to), dst, n), "convert");
+#endif
+    return out;
+  }
+  dispatchDType(from, [&](auto f) {
+    dispatchDType(to, [&](auto t) { convertHost<decltype(f), decltype(t)>(src.data, dst, n); });
+  });
+  return out;
+}
+
+// copyDevice(buffer, dtype, elements) -> DeviceBuffer with the same contents
+Napi::Value CopyDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef RK_WITH_CUDA
+  DType dt = parseDType(env, info[1], "clone", "tensor");
+  int64_t n = parseCount(env, info[2], "clone", "elements");
+  View src = tensorArg(env, info[0], "clone", "tensor", Device::CUDA, dt, n);
+  void* dst = nullptr;
+  Napi::Value out = allocOutput(env, Device::CUDA, dt, n, &dst);
+  throwIfFailed(env, rkcuda::copyDeviceToDevice(dst, src.data, size_t(n) * dtypeSize(dt)), "clone");
+  return out;
+#else
+  throwNoCuda(env, "clone");
+#endif
+}
+
+Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto& st = *instance(env).state;
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("deviceBytes", double(st.deviceBytes.load()));
+  r.Set("deviceBuffers", double(st.deviceBuffers.load()));
+  return r;
+}
+
+Napi::Value NumThreads(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), defaultThreads());
+}
+
+// Benchmark timing with CUDA events: timerStart() -> handle; timerStop(handle) -> milliseconds.
+Napi::Value TimerStart(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef RK_WITH_CUDA
+  void* ev = nullptr;
+  throwIfFailed(env, rkcuda::eventRecordStart(&ev), "cuda timer");
+  return Napi::External<void>::New(env, ev);
+#else
+  throwNoCuda(env, "cuda timer");
+#endif
+}
+Napi::Value TimerStop(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef RK_WITH_CUDA
+  if (!info[0].IsExternal()) throwError(env, "ERR_ARGUMENT", "cuda timer: expected a handle from timerStart");
+  float ms = 0;
+  throwIfFailed(env, rkcuda::eventElapsedMs(info[0].As<Napi::External<void>>().Data(), &ms), "cuda timer");
+  return Napi::Number::New(env, ms);
+#else
+  throwNoCuda(env, "cuda timer");
+#endif
+}
+
+}  // namespace
+
+void registerTensor(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = DeviceBuffer::Define(env);
+  instance(env).deviceBufferCtor = Napi::Persistent(ctor);
+  exports.Set("DeviceBuffer", ctor);
+  exports.Set("cudaStatus", Napi::Function::New<CudaStatus>(env, "cudaStatus"));
+  exports.Set("cudaProperties", Napi::Function::New<CudaProperties>(env, "cudaProperties"));
+  exports.Set("cudaSynchronize", Napi::Function::New<CudaSynchronize>(env, "cudaSynchronize"));
+  exports.Set("toDevice", Napi::Function::New<ToDevice>(env, "toDevice"));
+  exports.Set("toHost", Napi::Function::New<ToHost>(env, "toHost"));
+  exports.Set("copyDevice", Napi::Function::New<CopyDevice>(env, "copyDevice"));
+  exports.Set("convert", Napi::Function::New<Convert>(env, "convert"));
+  exports.Set("memoryStats", Napi::Function::New<MemoryStats>(env, "memoryStats"));
+  exports.Set("numThreads", Napi::Function::New<NumThreads>(env, "numThreads"));
+  exports.Set("timerStart", Napi::Function::New<TimerStart>(env, "timerStart"));
+  exports.Set("timerStop", Napi::Function::New<TimerStop>(env, "timerStop"));
+}
+
+}  // namespace rk

@@ -1,0 +1,89 @@
+// Tensor storage as seen by native code: CPU tensors are JS TypedArrays (Float32Array, or a
+// Uint16Array holding fp16/bf16 bits); CUDA tensors are DeviceBuffer objects. Ops receive raw
+// storage plus dtype and shape from lib/, and re-check sizes here so that no native call can read
+// or write out of bounds.
+#pragma once
+#include <napi.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "tensor/dtype.h"
+#include "tensor/errors.h"
+
+#ifdef RK_WITH_CUDA
+#include "cuda/common/api.h"
+#endif
+
+namespace rk {
+
+enum class Device : int { CPU = 0, CUDA = 1 };
+
+// Per-environment state (one per Node.js environment / worker thread), shared with every
+// DeviceBuffer so that finalizers that run after the environment's cleanup never touch CUDA.
+struct EnvState {
+  std::atomic<bool> alive{true};
+  std::atomic<int64_t> deviceBytes{0};
+  std::atomic<int64_t> deviceBuffers{0};
+};
+
+struct Instance {
+  std::shared_ptr<EnvState> state = std::make_shared<EnvState>();
+  Napi::FunctionReference deviceBufferCtor;
+};
+Instance& instance(Napi::Env env);
+
+// A block of device memory owned by JS. Freed by dispose() or, as a backup, by the finalizer.
+class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  static Napi::Object Allocate(Napi::Env env, size_t bytes, void** ptr);
+  static DeviceBuffer* Unwrap(Napi::Value v);  // nullptr when v is not a DeviceBuffer
+  explicit DeviceBuffer(const Napi::CallbackInfo& info);
+  ~DeviceBuffer() override;
+  void* data() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+  bool disposed() const { return disposed_; }
+
+ private:
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value GetBytes(const Napi::CallbackInfo& info);
+  Napi::Value GetDisposed(const Napi::CallbackInfo& info);
+  void release(bool adjust);
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+  bool disposed_ = true;  // until the allocation succeeds
+  std::shared_ptr<EnvState> state_;
+};
+
+// Raw view of one tensor argument after its checks.
+struct View {
+  void* data = nullptr;
+  int64_t elements = 0;
+};
+
+Device parseDevice(Napi::Env env, Napi::Value v, const char* op);
+DType parseDType(Napi::Env env, Napi::Value v, const char* op, const char* arg);
+int64_t parseCount(Napi::Env env, Napi::Value v, const char* op, const char* arg);
+// x * y, throwing ERR_SHAPE instead of overflowing.
+int64_t checkedProduct(Napi::Env env, int64_t x, int64_t y, const char* op);
+
+// Checks that v is storage of the given device and dtype with exactly `elements` elements.
+// When optional and v is null/undefined, returns an empty view.
+View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, Device device, DType dtype,
+               int64_t elements, bool optional = false);
+
+// Allocates output storage: a TypedArray on CPU (zero-filled by the JS engine), a DeviceBuffer on CUDA.
+Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data);
+
+#ifdef RK_WITH_CUDA
+void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what);
+inline rkcuda::DType toCuda(DType d) { return static_cast<rkcuda::DType>(int(d)); }
+#endif
+[[noreturn]] void throwNoCuda(Napi::Env env, const char* op);
+
+void registerTensor(Napi::Env env, Napi::Object exports);
+
+}  // namespace rk

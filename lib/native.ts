@@ -1,0 +1,110 @@
+/**
+ * Finds and loads the native addon: the prebuilt binary for this platform first, then the local
+ * build. If every candidate fails, throws one ERR_NATIVE_LOAD error listing each path and error.
+ */
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { NativeLoadError, fromNative } from './errors';
+
+/** Opaque CUDA storage owned by the addon. */
+export interface DeviceBuffer {
+  readonly bytes: number;
+  readonly disposed: boolean;
+  dispose(): void;
+}
+export type Storage = Float32Array | Uint16Array | DeviceBuffer;
+type Dev = 'cpu' | 'cuda';
+
+export interface NativeModule {
+  version: string;
+  DeviceBuffer: new (bytes: number) => DeviceBuffer;
+  cudaStatus(): { built: boolean; available: boolean; reason: string };
+  cudaProperties(): Record<string, string | number>;
+  cudaSynchronize(): void;
+  toDevice(src: Float32Array | Uint16Array, dtype: string): DeviceBuffer;
+  toHost(src: DeviceBuffer, dtype: string, elements: number): Float32Array | Uint16Array;
+  copyDevice(src: DeviceBuffer, dtype: string, elements: number): DeviceBuffer;
+  convert(device: Dev, src: Storage, from: string, to: string, elements: number): Storage;
+  memoryStats(): { deviceBytes: number; deviceBuffers: number };
+  numThreads(): number;
+  timerStart(): unknown;
+  timerStop(handle: unknown): number;
+  linearScanForward(device: Dev, dtype: string, a: Storage, b: Storage, h0: Storage | null, rows: number,
+    length: number, reverse: boolean, returnFinal: boolean): { h: Storage; finalState: Storage | null };
+  linearScanBackward(device: Dev, dtype: string, a: Storage, h: Storage, h0: Storage | null, gh: Storage | null,
+    gFinal: Storage | null, rows: number, length: number, reverse: boolean, needGh0: boolean):
+    { ga: Storage; gb: Storage; gh0: Storage | null };
+}
+
+function packageRoot(): string {
+  let dir = __dirname;
+  for (let i = 0; i < 6; i++) {
+    const pj = join(dir, 'package.json');
+    if (existsSync(pj)) {
+      try {
+        if (JSON.parse(readFileSync(pj, 'utf8')).name === 'recurrent-kernels') return dir;
+      } catch { /* keep looking */ }
+    }
+    dir = dirname(dir);
+  }
+  return join(__dirname, '..');
+}
+
+function candidates(root: string): string[] {
+  const out: string[] = [];
+  if (process.env.RK_NATIVE_PATH) out.push(process.env.RK_NATIVE_PATH);
+  const pre = join(root, 'prebuilds', `${process.platform}-${process.arch}`);
+  if (existsSync(pre)) {
+    for (const f of readdirSync(pre)) if (f.endsWith('.node')) out.push(join(pre, f));
+  } else {
+    out.push(join(pre, 'recurrent-kernels.node'));
+  }
+  out.push(join(root, 'build', 'Release', 'recurrent_kernels.node'));
+  out.push(join(root, 'build', 'Debug', 'recurrent_kernels.node'));
+  return out;
+}
+
+function load(): NativeModule {
+  const root = packageRoot();
+  const req = createRequire(join(root, 'package.json'));
+  const tried: string[] = [];
+  for (const path of candidates(root)) {
+    if (!existsSync(path)) { tried.push(`  ${path}: not found`); continue; }
+    try {
+      return wrap(req(path) as NativeModule);
+    } catch (e) {
+      tried.push(`  ${path}: ${(e as Error).message}`);
+    }
+  }
+  throw new NativeLoadError(
+    `recurrent-kernels: could not load the native addon. Tried:\n${tried.join('\n')}\n` +
+      `Build it from source with \`npm run build:native\` in ${root} (needs a C++17 compiler and cmake, ` +
+      `or node-gyp; nvcc on PATH adds the CUDA path).`);
+}
+
+/** Every native function rethrows its errors as the typed error classes. */
+function wrap(mod: NativeModule): NativeModule {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(mod)) {
+    if (typeof v === 'function' && k !== 'DeviceBuffer') {
+      out[k] = (...args: unknown[]) => {
+        try {
+          return (v as (...a: unknown[]) => unknown)(...args);
+        } catch (e) {
+          throw fromNative(e);
+        }
+      };
+    } else {
+      out[k] = v;
+    }
+  }
+  return out as unknown as NativeModule;
+}
+
+let cached: NativeModule | undefined;
+/** The loaded addon (loaded on first use). */
+export function native(): NativeModule {
+  if (!cached) cached = load();
+  return cached;
+}

@@ -1,0 +1,54 @@
+/** Argument checks shared by the ops. Every failure names the op, the argument and what was expected. */
+import { ArgumentError, DTypeError, DeviceError, DisposedError, ShapeError } from './errors';
+import { Tensor, type DType } from './tensor';
+
+export function requireTensor(op: string, arg: string, t: unknown): asserts t is Tensor {
+  if (!(t instanceof Tensor))
+    throw new ArgumentError(`${op}: ${arg} must be a Tensor, got ${t === null ? 'null' : typeof t}`);
+  if (t.disposed) throw new DisposedError(`${op}: ${arg} was disposed`);
+}
+
+export function expectShape(op: string, arg: string, t: Tensor, expected: readonly number[], dims: string,
+  relation = ''): void {
+  if (t.shape.length === expected.length && t.shape.every((d, i) => d === expected[i])) return;
+  throw new ShapeError(`${op}: ${arg} has shape [${t.shape.join(',')}], expected [${expected.join(',')}] (${dims})` +
+    (relation ? ` ${relation}` : ''));
+}
+
+export function expectRank(op: string, arg: string, t: Tensor, rank: number, dims: string): void {
+  if (t.shape.length !== rank)
+    throw new ShapeError(`${op}: ${arg} has shape [${t.shape.join(',')}], expected ${rank} dimensions (${dims})`);
+}
+
+export function expectDType(op: string, arg: string, t: Tensor, allowed: readonly DType[], relation = ''): void {
+  if (!allowed.includes(t.dtype))
+    throw new DTypeError(`${op}: ${arg} has dtype ${t.dtype}, expected ${allowed.join(' or ')}` +
+      (relation ? ` ${relation}` : ''));
+}
+
+export function expectDevice(op: string, arg: string, t: Tensor, device: string, relation = ''): void {
+  if (t.device !== device)
+    throw new DeviceError(`${op}: ${arg} is on ${t.device}, expected ${device}` + (relation ? ` ${relation}` : ''));
+}
+
+/** Rejects option names the op does not know (catches typos such as `revers: true`). */
+export function checkOptions(op: string, options: unknown, known: readonly string[]): void {
+  if (options === undefined) return;
+  if (options === null || typeof options !== 'object')
+    throw new ArgumentError(`${op}: options must be an object`);
+  for (const k of Object.keys(options))
+    if (!known.includes(k)) throw new ArgumentError(`${op}: unknown option '${k}' (known: ${known.join(', ')})`);
+}
+
+export function checkInputs(op: string, inputs: unknown, known: readonly string[]): void {
+  if (inputs === null || typeof inputs !== 'object')
+    throw new ArgumentError(`${op}: inputs must be an object with ${known.join(', ')}`);
+  for (const k of Object.keys(inputs))
+    if (!known.includes(k)) throw new ArgumentError(`${op}: unknown input '${k}' (known: ${known.join(', ')})`);
+}
+
+export function booleanOption(op: string, name: string, v: unknown, fallback: boolean): boolean {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'boolean') throw new ArgumentError(`${op}: option ${name} must be a boolean, got ${typeof v}`);
+  return v;
+}
