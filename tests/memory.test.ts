@@ -1,0 +1,42 @@
+// Thousands of calls leave no live tensors behind once disposed, and RSS stays flat.
+import { describe, expect, it } from 'vitest';
+import * as rk from '../lib/index';
+import { devices, tensor } from './helpers';
+
+describe.each(devices)('memory on %s', (device) => {
+  it('live tensors and RSS stay flat over thousands of forward+backward calls', () => {
+    const shape = [2, 8, 256];
+    const a = tensor(new Float32Array(4096).fill(0.9), shape, 'float32', device);
+    const b = tensor(new Float32Array(4096).fill(0.1), shape, 'float32', device);
+    const h0 = tensor(new Float32Array(16).fill(1), [2, 8], 'float32', device);
+    const run = () => {
+      const { outputs, ctx } = rk.ops.linearScan.forward({ a, b }, { initialState: h0, returnFinalState: true });
+      const g = rk.ops.linearScan.backward(ctx, { h: outputs.h, finalState: outputs.finalState });
+      for (const t of [outputs.h, outputs.finalState, g.a, g.b, g.initialState]) t?.dispose();
+    };
+    for (let i = 0; i < 200; i++) run();
+    global.gc?.();
+    const live0 = rk.memory();
+    const rss0 = process.memoryUsage().rss;
+    for (let i = 0; i < 3000; i++) run();
+    global.gc?.();
+    const live1 = rk.memory();
+    expect(live1.cpu.tensors).toBe(live0.cpu.tensors);
+    expect(live1.cuda.tensors).toBe(live0.cuda.tensors);
+    expect(live1.cuda.nativeBytes).toBe(live0.cuda.nativeBytes);
+    // 3000 iterations allocate ~250 MB in total; a leak of even one output per call would show.
+    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+  });
+
+  it('tensors that are never disposed are reclaimed by the garbage collector', async () => {
+    expect(global.gc, 'tests run with --expose-gc').toBeTypeOf('function');
+    const before = rk.memory()[device].tensors;
+    for (let i = 0; i < 100; i++) tensor(new Float32Array(1000), [1000], 'float32', device);
+    expect(rk.memory()[device].tensors).toBe(before + 100);
+    for (let i = 0; i < 10 && rk.memory()[device].tensors > before; i++) {
+      await new Promise((r) => setTimeout(r, 10));
+      global.gc!();
+    }
+    expect(rk.memory()[device].tensors).toBeLessThanOrEqual(before);
+  });
+});

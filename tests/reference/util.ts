@@ -1,0 +1,69 @@
+// Test utilities: a seeded random source, error norms, and central finite differences in float64.
+
+/** mulberry32: small, fast, seedable. */
+export function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** A fresh seed per run (printed by tests on failure so a run can be repeated with RK_SEED). */
+export function freshSeed(): number {
+  return process.env.RK_SEED ? Number(process.env.RK_SEED) : (Date.now() ^ (Math.random() * 2 ** 31)) >>> 0;
+}
+
+export function uniform(rand: () => number, n: number, lo: number, hi: number): Float64Array {
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) out[i] = lo + (hi - lo) * rand();
+  return out;
+}
+
+export function normal(rand: () => number, n: number, scale = 1): Float64Array {
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const u = Math.max(rand(), 1e-12), v = rand();
+    out[i] = scale * Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
+  }
+  return out;
+}
+
+/** ||out - ref|| / ||ref|| (NaN anywhere gives Infinity; ref of zero norm compares absolute). */
+export function relErr(out: ArrayLike<number>, ref: ArrayLike<number>): number {
+  if (out.length !== ref.length) return Infinity;
+  let num = 0, den = 0;
+  for (let i = 0; i < ref.length; i++) {
+    const d = out[i] - ref[i];
+    if (!Number.isFinite(out[i])) return Infinity;
+    num += d * d;
+    den += ref[i] * ref[i];
+  }
+  return den === 0 ? Math.sqrt(num) : Math.sqrt(num / den);
+}
+
+/** Central differences of a scalar function of several float64 arrays, at every element. */
+export function finiteDifferences(f: (xs: Float64Array[]) => number, xs: Float64Array[], eps = 1e-6): Float64Array[] {
+  return xs.map((x) => {
+    const g = new Float64Array(x.length);
+    for (let i = 0; i < x.length; i++) {
+      const orig = x[i];
+      x[i] = orig + eps;
+      const plus = f(xs);
+      x[i] = orig - eps;
+      const minus = f(xs);
+      x[i] = orig;
+      g[i] = (plus - minus) / (2 * eps);
+    }
+    return g;
+  });
+}
+
+export function dot(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += a[i] * b[i];
+  return s;
+}
