@@ -1,113 +1,166 @@
-// CPU linear scan, h_t = a_t * h_{t-1} + b_t, over rows of a [rows, length] array. Each thread
-// takes a range of rows and advances kRows of them together so that the kRows dependency chains
-// overlap (one row alone is bound by the latency of its multiply-add chain). fp32 state always.
+// CPU linear scan, h_t = a_t * h_{t-1} + b_t, over rows of a [rows, length] array, fp32 state.
+//
+// One row alone is bound by the latency of its multiply-add chain, and walking many rows side by
+// side at a power-of-two stride thrashes the L1 cache. So each thread takes blocks of kTileRows
+// rows and walks them in tiles of kTileSteps steps: a tile is copied (and converted to fp32) into a
+// small transposed buffer, the kTileRows chains advance together there (one SIMD vector per step),
+// and the results are streamed back row by row.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "tensor/dtype.h"
 #include "tensor/parallel.h"
 
+#if defined(__SSE__) || defined(_M_X64)
+#include <immintrin.h>
+#define RK_HAVE_SSE 1
+#endif
+
 namespace rk::scan {
+
+constexpr int kTileRows = 8;
+constexpr int kTileSteps = 64;
+using Tile = float[kTileSteps][kTileRows];
 
 struct LinearScanShape {
   int64_t rows = 0, length = 0;
   bool reverse = false;
 };
 
-template <typename S, int R>
-void linearScanForwardRows(const S* a, const S* b, const float* h0, S* h, float* finalState, int64_t r0,
-                           const LinearScanShape& s) {
-  const int64_t L = s.length;
-  float st[R];
-  const S* ar[R];
-  const S* br[R];
-  S* hr[R];
-  for (int r = 0; r < R; ++r) {
-    st[r] = h0 ? h0[r0 + r] : 0.0f;
-    ar[r] = a + (r0 + r) * L;
-    br[r] = b + (r0 + r) * L;
-    hr[r] = h + (r0 + r) * L;
+// Scan index i of a row lives at memory offset pos(i); a tile of scan indices [i0, i0 + n) covers
+// the memory offsets [first, first + n).
+inline int64_t tileFirst(const LinearScanShape& s, int64_t i0, int n) { return s.reverse ? s.length - i0 - n : i0; }
+inline int64_t scanPos(const LinearScanShape& s, int64_t i) { return s.reverse ? s.length - 1 - i : i; }
+
+// Copies n steps of nr rows (row stride `stride`) into tile[step][row], filling absent rows.
+template <typename S>
+inline void loadTile(const S* src, int64_t stride, int nr, int n, Tile& tile, float fill) {
+  for (int r = 0; r < nr; ++r) {
+    const S* row = src + r * stride;
+    for (int j = 0; j < n; ++j) tile[j][r] = Storage<S>::load(row[j]);
   }
-  const int64_t step = s.reverse ? -1 : 1;
-  int64_t t = s.reverse ? L - 1 : 0;
-  for (int64_t i = 0; i < L; ++i, t += step) {
-    for (int r = 0; r < R; ++r) {
-      st[r] = Storage<S>::load(ar[r][t]) * st[r] + Storage<S>::load(br[r][t]);
-      hr[r][t] = Storage<S>::store(st[r]);
+  for (int r = nr; r < kTileRows; ++r)
+    for (int j = 0; j < n; ++j) tile[j][r] = fill;
+}
+
+// Writes tile[step][row] back to n steps of nr rows. fp32 full tiles use streaming stores: the
+// output is not read again soon, and it spares reading each line before writing it.
+template <typename S>
+inline void storeTile(S* dst, int64_t stride, int nr, int n, const Tile& tile) {
+  for (int r = 0; r < nr; ++r) {
+    S* row = dst + r * stride;
+    int j = 0;
+#ifdef RK_HAVE_SSE
+    if constexpr (sizeof(S) == 4) {
+      if (n == kTileSteps && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+        for (; j < n; j += 4)
+          _mm_stream_ps(reinterpret_cast<float*>(row) + j,
+                        _mm_set_ps(tile[j + 3][r], tile[j + 2][r], tile[j + 1][r], tile[j][r]));
+      }
     }
+#endif
+    for (; j < n; ++j) row[j] = Storage<S>::store(tile[j][r]);
+  }
+}
+
+inline void storeFence() {
+#ifdef RK_HAVE_SSE
+  _mm_sfence();  // streaming stores are weakly ordered: publish them before the thread finishes
+#endif
+}
+
+template <typename S>
+void linearScanForwardBlock(const S* a, const S* b, const float* h0, S* h, float* finalState, int64_t r0, int nr,
+                            const LinearScanShape& s) {
+  alignas(64) Tile A, B;
+  float st[kTileRows];
+  for (int r = 0; r < kTileRows; ++r) st[r] = (r < nr && h0) ? h0[r0 + r] : 0.0f;
+  const int64_t L = s.length;
+  for (int64_t i0 = 0; i0 < L; i0 += kTileSteps) {
+    const int n = int(std::min<int64_t>(kTileSteps, L - i0));
+    const int64_t off = r0 * L + tileFirst(s, i0, n);
+    loadTile(a + off, L, nr, n, A, 1.0f);
+    loadTile(b + off, L, nr, n, B, 0.0f);
+    for (int k = 0; k < n; ++k) {
+      const int j = s.reverse ? n - 1 - k : k;
+      for (int r = 0; r < kTileRows; ++r) {
+        st[r] = A[j][r] * st[r] + B[j][r];
+        A[j][r] = st[r];
+      }
+    }
+    storeTile(h + off, L, nr, n, A);
   }
   if (finalState)
-    for (int r = 0; r < R; ++r) finalState[r0 + r] = st[r];
+    for (int r = 0; r < nr; ++r) finalState[r0 + r] = st[r];
 }
 
-// Backward. In scan order i (position t(i)): g_i = gh_i + a_{i+1} g_{i+1}, g_last = gh_last + gFinal;
+// Backward. In scan order: g_i = gh_i + a_{i+1} g_{i+1}, g_last = gh_last + gFinal;
 // gb_i = g_i, ga_i = g_i * h_{i-1} (h_{-1} = h0), gh0 = a_0 g_0.
-template <typename S, int R>
-void linearScanBackwardRows(const S* a, const S* h, const float* h0, const S* gh, const float* gFinal, S* ga,
-                            S* gb, float* gh0, int64_t r0, const LinearScanShape& s) {
+template <typename S>
+void linearScanBackwardBlock(const S* a, const S* h, const float* h0, const S* gh, const float* gFinal, S* ga, S* gb,
+                             float* gh0, int64_t r0, int nr, const LinearScanShape& s) {
+  alignas(64) Tile A, H, G;
+  float carry[kTileRows], hprev[kTileRows];
+  for (int r = 0; r < kTileRows; ++r) carry[r] = (r < nr && gFinal) ? gFinal[r0 + r] : 0.0f;
   const int64_t L = s.length;
-  float carry[R];
-  const S* ar[R];
-  const S* hr[R];
-  const S* ghr[R];
-  S* gar[R];
-  S* gbr[R];
-  for (int r = 0; r < R; ++r) {
-    carry[r] = gFinal ? gFinal[r0 + r] : 0.0f;
-    ar[r] = a + (r0 + r) * L;
-    hr[r] = h + (r0 + r) * L;
-    ghr[r] = gh ? gh + (r0 + r) * L : nullptr;
-    gar[r] = ga + (r0 + r) * L;
-    gbr[r] = gb + (r0 + r) * L;
-  }
-  const int64_t step = s.reverse ? 1 : -1;  // walks scan order backwards
-  int64_t t = s.reverse ? 0 : L - 1;
-  for (int64_t i = L - 1; i >= 0; --i, t += step) {
-    for (int r = 0; r < R; ++r) {
-      float g = carry[r] + (gh ? Storage<S>::load(ghr[r][t]) : 0.0f);
-      float hprev = i > 0 ? Storage<S>::load(hr[r][t + step]) : (h0 ? h0[r0 + r] : 0.0f);
-      gbr[r][t] = Storage<S>::store(g);
-      gar[r][t] = Storage<S>::store(g * hprev);
-      carry[r] = Storage<S>::load(ar[r][t]) * g;
+  const int64_t tiles = (L + kTileSteps - 1) / kTileSteps;
+  for (int64_t ti = tiles - 1; ti >= 0; --ti) {
+    const int64_t i0 = ti * kTileSteps;
+    const int n = int(std::min<int64_t>(kTileSteps, L - i0));
+    const int64_t off = r0 * L + tileFirst(s, i0, n);
+    loadTile(a + off, L, nr, n, A, 0.0f);
+    loadTile(h + off, L, nr, n, H, 0.0f);
+    if (gh) loadTile(gh + off, L, nr, n, G, 0.0f);
+    else std::fill(&G[0][0], &G[0][0] + kTileSteps * kTileRows, 0.0f);
+    // The state before this tile: the last h of the previous tile in scan order, or h0.
+    for (int r = 0; r < kTileRows; ++r) {
+      if (r >= nr) hprev[r] = 0.0f;
+      else if (i0 > 0) hprev[r] = Storage<S>::load(h[(r0 + r) * L + scanPos(s, i0 - 1)]);
+      else hprev[r] = h0 ? h0[r0 + r] : 0.0f;
     }
+    for (int k = n - 1; k >= 0; --k) {
+      const int j = s.reverse ? n - 1 - k : k;
+      const int jp = s.reverse ? j + 1 : j - 1;  // scan index k - 1, valid when k > 0
+      for (int r = 0; r < kTileRows; ++r) {
+        const float g = carry[r] + G[j][r];
+        const float hp = k > 0 ? H[jp][r] : hprev[r];
+        carry[r] = A[j][r] * g;
+        G[j][r] = g;        // gb
+        H[j][r] = g * hp;   // ga (H[j] is not read again: later steps read H at smaller scan indices)
+      }
+    }
+    storeTile(gb + off, L, nr, n, G);
+    storeTile(ga + off, L, nr, n, H);
   }
   if (gh0)
-    for (int r = 0; r < R; ++r) gh0[r0 + r] = carry[r];
+    for (int r = 0; r < nr; ++r) gh0[r0 + r] = carry[r];
 }
 
-constexpr int kRows = 8;
+template <typename Fn>
+void forEachRowBlock(const LinearScanShape& s, Fn&& fn) {
+  const int64_t blocks = (s.rows + kTileRows - 1) / kTileRows;
+  // Aim for at least ~64K elements per thread before splitting.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, s.length * kTileRows));
+  parallelFor(blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kTileRows;
+      fn(r0, int(std::min<int64_t>(kTileRows, s.rows - r0)));
+    }
+    storeFence();
+  });
+}
 
 template <typename S>
 void linearScanForward(const S* a, const S* b, const float* h0, S* h, float* finalState, const LinearScanShape& s) {
-  int64_t blocks = (s.rows + kRows - 1) / kRows;
-  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, s.length * kRows));
-  parallelFor(blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      int64_t r0 = blk * kRows;
-      if (r0 + kRows <= s.rows) {
-        linearScanForwardRows<S, kRows>(a, b, h0, h, finalState, r0, s);
-      } else {
-        for (int64_t r = r0; r < s.rows; ++r) linearScanForwardRows<S, 1>(a, b, h0, h, finalState, r, s);
-      }
-    }
-  });
+  forEachRowBlock(s, [&](int64_t r0, int nr) { linearScanForwardBlock(a, b, h0, h, finalState, r0, nr, s); });
 }
 
 template <typename S>
 void linearScanBackward(const S* a, const S* h, const float* h0, const S* gh, const float* gFinal, S* ga, S* gb,
                         float* gh0, const LinearScanShape& s) {
-  int64_t blocks = (s.rows + kRows - 1) / kRows;
-  int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, s.length * kRows));
-  parallelFor(blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      int64_t r0 = blk * kRows;
-      if (r0 + kRows <= s.rows) {
-        linearScanBackwardRows<S, kRows>(a, h, h0, gh, gFinal, ga, gb, gh0, r0, s);
-      } else {
-        for (int64_t r = r0; r < s.rows; ++r)
-          linearScanBackwardRows<S, 1>(a, h, h0, gh, gFinal, ga, gb, gh0, r, s);
-      }
-    }
+  forEachRowBlock(s, [&](int64_t r0, int nr) {
+    linearScanBackwardBlock(a, h, h0, gh, gFinal, ga, gb, gh0, r0, nr, s);
   });
 }
 
