@@ -29,3 +29,7 @@ export const ops = {
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version = '0.1.0';
+
+import { native } from './native';
+/** Low-level access for the package's own benchmarks and tests; not a stable API. */
+export const internals = { native };

@@ -26,6 +26,7 @@ export interface NativeModule {
   toHost(src: DeviceBuffer, dtype: string, elements: number): Float32Array | Uint16Array;
   copyDevice(src: DeviceBuffer, dtype: string, elements: number): DeviceBuffer;
   convert(device: Dev, src: Storage, from: string, to: string, elements: number): Storage;
+  copyHost(dst: Float32Array | Uint16Array, src: Float32Array | Uint16Array): void;
   memoryStats(): { deviceBytes: number; deviceBuffers: number };
   numThreads(): number;
   timerStart(): unknown;

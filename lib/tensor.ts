@@ -165,7 +165,10 @@ export class Tensor {
     if (this.device === 'cuda')
       return new Tensor(native().copyDevice(this.storage as DeviceBuffer, this.dtype, this.size), this.shape,
         this.dtype, 'cuda');
-    return new Tensor((this.storage as Float32Array | Uint16Array).slice(), this.shape, this.dtype, 'cpu');
+    const src = this.storage as Float32Array | Uint16Array;
+    const dst = src instanceof Float32Array ? new Float32Array(src.length) : new Uint16Array(src.length);
+    native().copyHost(dst, src);
+    return new Tensor(dst, this.shape, this.dtype, 'cpu');
   }
 
   /** A view with a new shape (same number of elements) over the same storage, which stays owned by this tensor. */
@@ -260,6 +263,16 @@ export const cuda = {
   deviceProperties(): CudaDeviceProperties {
     requireCuda('cuda.deviceProperties');
     return native().cudaProperties() as unknown as CudaDeviceProperties;
+  },
+  /**
+   * Milliseconds the CUDA work queued by fn takes, measured with CUDA events (for benchmarks;
+   * synchronises).
+   */
+  timeMs(fn: () => void): number {
+    requireCuda('cuda.timeMs');
+    const handle = native().timerStart();
+    fn();
+    return native().timerStop(handle);
   },
   /** Waits for all queued CUDA work. */
   synchronize(): void {

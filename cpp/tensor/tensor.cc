@@ -2,6 +2,7 @@
 #include "tensor/tensor.h"
 
 #include <climits>
+#include <cstring>
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -326,6 +327,24 @@ Napi::Value CopyDevice(const Napi::CallbackInfo& info) {
 #endif
 }
 
+// copyHost(dst, src): parallel copy between two CPU TypedArrays of the same byte length.
+Napi::Value CopyHost(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsTypedArray() || !info[1].IsTypedArray())
+    throwError(env, "ERR_ARGUMENT", "copyHost: dst and src must be TypedArrays");
+  Napi::TypedArray dst = info[0].As<Napi::TypedArray>(), src = info[1].As<Napi::TypedArray>();
+  if (dst.ByteLength() != src.ByteLength())
+    throwError(env, "ERR_SHAPE", "copyHost: dst and src differ in byte length");
+  auto* d = static_cast<uint8_t*>(dst.ArrayBuffer().Data()) + dst.ByteOffset();
+  auto* s = static_cast<const uint8_t*>(src.ArrayBuffer().Data()) + src.ByteOffset();
+  constexpr int64_t kPiece = 1 << 16;
+  int64_t bytes = int64_t(dst.ByteLength());
+  parallelFor((bytes + kPiece - 1) / kPiece, 16, [&](int64_t b, int64_t e) {
+    std::memcpy(d + b * kPiece, s + b * kPiece, size_t(std::min(bytes, e * kPiece) - b * kPiece));
+  });
+  return env.Undefined();
+}
+
 Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto& st = *instance(env).state;
@@ -375,6 +394,7 @@ void registerTensor(Napi::Env env, Napi::Object exports) {
   exports.Set("toHost", Napi::Function::New<ToHost>(env, "toHost"));
   exports.Set("copyDevice", Napi::Function::New<CopyDevice>(env, "copyDevice"));
   exports.Set("convert", Napi::Function::New<Convert>(env, "convert"));
+  exports.Set("copyHost", Napi::Function::New<CopyHost>(env, "copyHost"));
   exports.Set("memoryStats", Napi::Function::New<MemoryStats>(env, "memoryStats"));
   exports.Set("numThreads", Napi::Function::New<NumThreads>(env, "numThreads"));
   exports.Set("timerStart", Napi::Function::New<TimerStart>(env, "timerStart"));

@@ -1,0 +1,65 @@
+#!/usr/bin/env node
+// Microbenchmark CLI:  npm run bench -- --op linear-scan [--device cpu|cuda] [--json FILE] [--quick]
+// Prints, per size: median time (CUDA events on GPU), achieved GB/s, % of the device's measured
+// copy bandwidth, and the ratio to each peer measured in the same run.
+import { writeFileSync } from 'node:fs';
+import * as rk from '../dist/index.mjs';
+import { bandwidthCeiling, median } from './timing.mjs';
+import linearScan from './ops/linear-scan.mjs';
+
+const OPS = { 'linear-scan': linearScan };
+
+function parseArgs(argv) {
+  const args = { op: 'linear-scan', device: rk.cuda.available() ? 'cuda' : 'cpu', json: null, quick: false };
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i];
+    if (k === '--op') args.op = argv[++i];
+    else if (k === '--device') args.device = argv[++i];
+    else if (k === '--json') args.json = argv[++i];
+    else if (k === '--quick') args.quick = true;
+    else if (k === '--help' || k === '-h') args.help = true;
+    else throw new Error(`bench: unknown argument ${k}`);
+  }
+  return args;
+}
+
+const args = parseArgs(process.argv.slice(2));
+if (args.help || !OPS[args.op]) {
+  console.log(`usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick]`);
+  process.exit(args.help ? 0 : 1);
+}
+if (args.device === 'cuda' && !rk.cuda.available()) {
+  console.error(`bench: CUDA is not available (${rk.cuda.reason()})`);
+  process.exit(1);
+}
+
+const device = args.device;
+const deviceName = device === 'cuda'
+  ? rk.cuda.deviceProperties().name
+  : `${(await import('node:os')).cpus()[0]?.model ?? 'CPU'} (${rk.cpuThreads()} threads)`;
+const ceiling = bandwidthCeiling(rk, device);
+console.log(`device: ${deviceName}`);
+console.log(`measured copy bandwidth: ${ceiling.toFixed(1)} GB/s (read + write)`);
+
+const rows = await OPS[args.op].run(rk, { device, quick: args.quick, ceiling });
+const cols = ['size', 'dtype', 'pass', 'ms', 'GB/s', '% of copy', ...new Set(rows.flatMap((r) => Object.keys(r.peers)))];
+const table = rows.map((r) => {
+  const line = {
+    size: r.size, dtype: r.dtype, pass: r.pass, ms: r.ms.toFixed(3), 'GB/s': r.gbs.toFixed(1),
+    '% of copy': `${((100 * r.gbs) / ceiling).toFixed(0)}%`,
+  };
+  for (const [name, p] of Object.entries(r.peers)) line[name] = p == null ? '–' : `${p.toFixed(3)} ms (${(p / r.ms).toFixed(1)}x)`;
+  return line;
+});
+const widths = cols.map((c) => Math.max(c.length, ...table.map((l) => String(l[c] ?? '').length)));
+const fmt = (vals) => `| ${vals.map((v, i) => String(v ?? '').padEnd(widths[i])).join(' | ')} |`;
+console.log(fmt(cols));
+console.log(`|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`);
+for (const l of table) console.log(fmt(cols.map((c) => l[c])));
+console.log('peer columns: peer time (peer time / ours; above 1x means we are faster)');
+
+if (args.json) {
+  writeFileSync(args.json, JSON.stringify({ op: args.op, device, deviceName, copyBandwidthGBs: ceiling, rows, median: undefined }, null, 2));
+  console.log(`wrote ${args.json}`);
+}
+void median;

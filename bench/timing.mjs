@@ -1,0 +1,46 @@
+// Timing helpers shared by the benchmark ops.
+
+export function median(xs) {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+/**
+ * Median milliseconds of fn over `iters` runs after `warmup` runs. On CUDA each run is timed with
+ * CUDA events; on CPU with the wall clock (the CPU ops are synchronous). `after` runs untimed
+ * after each run (to free outputs).
+ */
+export function timeIt(rk, device, fn, { warmup = 3, iters = 20, after = () => {} } = {}) {
+  for (let i = 0; i < warmup; i++) after(fn());
+  if (device === 'cuda') rk.cuda.synchronize();
+  const times = [];
+  for (let i = 0; i < iters; i++) {
+    let out;
+    if (device === 'cuda') {
+      times.push(rk.cuda.timeMs(() => { out = fn(); }));
+    } else {
+      const t0 = performance.now();
+      out = fn();
+      times.push(performance.now() - t0);
+    }
+    after(out);
+  }
+  return median(times);
+}
+
+/** Measured copy bandwidth of the device in GB/s, counting bytes read plus bytes written. */
+export function bandwidthCeiling(rk, device) {
+  const n = 64 * 1024 * 1024; // 256 MB of float32
+  const src = rk.Tensor.from(new Float32Array(n).fill(1), [n], { device });
+  let ms;
+  if (device === 'cuda') {
+    ms = timeIt(rk, device, () => src.clone(), { warmup: 3, iters: 20, after: (t) => t.dispose() });
+  } else {
+    const { native } = rk.internals;
+    const dst = new Float32Array(n).fill(0);
+    const s = src.dataSync();
+    ms = timeIt(rk, device, () => native().copyHost(dst, s), { warmup: 2, iters: 10 });
+  }
+  src.dispose();
+  return (2 * n * 4) / (ms * 1e6);
+}
