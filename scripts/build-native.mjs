@@ -34,11 +34,13 @@ if (!['AUTO', 'ON', 'OFF'].includes(mode)) {
 const hasCmake = spawnSync('cmake', ['--version'], { stdio: 'ignore' }).status === 0;
 if (hasCmake) {
   const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
-  const args = [cmakeJs, 'compile', `--CDRK_CUDA=${mode}`];
-  if (env.RK_CUDA_ARCHITECTURES) args.push(`--CDRK_CUDA_ARCHITECTURES=${env.RK_CUDA_ARCHITECTURES}`);
+  // configure always runs (so changed options reach the CMake cache), then an incremental build.
+  const defs = [`--CDRK_CUDA=${mode}`,
+    `--CDRK_CUDA_ARCHITECTURES=${env.RK_CUDA_ARCHITECTURES ?? '80;90'}`];
   const jobs = env.RK_BUILD_JOBS ?? String(Math.max(1, (await import('node:os')).availableParallelism()));
-  args.push('--parallel', jobs);
-  process.exit(run(process.execPath, args) ? 0 : 1);
+  const ok = run(process.execPath, [cmakeJs, 'configure', ...defs]) &&
+    run(process.execPath, [cmakeJs, 'build', ...defs, '--parallel', jobs]);
+  process.exit(ok ? 0 : 1);
 }
 
 if (mode === 'ON') {

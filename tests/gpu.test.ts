@@ -1,0 +1,77 @@
+// CUDA-only checks (run when a GPU is present; `npm run test:gpu` requires one). The kernels are
+// also covered by the per-device suites in linearScan.test.ts; these add long sequences that cross
+// many chunks, unaligned rows, device memory accounting and error mapping.
+import { describe, expect, it } from 'vitest';
+import * as rk from '../lib/index';
+import { hasCuda, tensor, tolerance, values } from './helpers';
+import { linearScanBackwardRef, linearScanRef } from './reference/linearScan';
+import { freshSeed, normal, relErr, rng, uniform } from './reference/util';
+
+const seed = freshSeed();
+const rand = rng(seed);
+const at = `(seed ${seed})`;
+
+describe.runIf(hasCuda)('CUDA runtime', () => {
+  it('round-trips every dtype through the device', () => {
+    const xs = normal(rand, 1001);
+    for (const dtype of rk.DTYPES) {
+      const cpu = tensor(xs, [1001], dtype);
+      const gpu = cpu.to('cuda');
+      expect(gpu.device).toBe('cuda');
+      expect(Array.from(gpu.dataSync())).toEqual(Array.from(cpu.dataSync()));
+      const conv = gpu.to({ dtype: 'float32' });
+      expect(Array.from(values(conv))).toEqual(Array.from(values(cpu)));
+      for (const t of [gpu, conv]) t.dispose();
+    }
+  });
+
+  it('counts device memory and frees it on dispose', () => {
+    const before = rk.memory().cuda;
+    const t = rk.Tensor.zeros([1 << 20], { device: 'cuda' });
+    expect(rk.memory().cuda.nativeBytes - before.nativeBytes).toBe(4 << 20);
+    t.dispose();
+    expect(rk.memory().cuda.nativeBytes).toBe(before.nativeBytes);
+    expect(() => t.dataSync()).toThrow(rk.DisposedError);
+  });
+
+  it('an impossible allocation is ERR_OUT_OF_MEMORY, and the device stays usable', () => {
+    const nat = rk.internals.native();
+    expect(() => new nat.DeviceBuffer(2 ** 52)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY' }));
+    const t = tensor([1, 2, 3], [3], 'float32', 'cuda');
+    expect(Array.from(values(t))).toEqual([1, 2, 3]);
+  });
+});
+
+describe.runIf(hasCuda)('CUDA linear scan, long and unaligned', () => {
+  const cases: [number, number, number][] = [[1, 3, 65537], [2, 1, 131072], [1, 5, 4095], [3, 7, 1]];
+  for (const dtype of rk.DTYPES) {
+    it.each(cases)(`${dtype} batch %i, channels %i, length %i`, (batch, channels, length) => {
+      for (const reverse of [false, true]) {
+        const rows = batch * channels, n = rows * length, shape = [batch, channels, length];
+        const a = tensor(uniform(rand, n, 0.5, 1), shape, dtype, 'cuda');
+        const b = tensor(normal(rand, n), shape, dtype, 'cuda');
+        const h0 = tensor(normal(rand, rows), [batch, channels], 'float32', 'cuda');
+        const a64 = values(a), b64 = values(b), h064 = values(h0);
+        const { outputs, ctx } = rk.ops.linearScan.forward({ a, b }, { initialState: h0, reverse, returnFinalState: true });
+        const ref = linearScanRef(a64, b64, rows, length, h064, reverse);
+        expect(relErr(values(outputs.h), ref.h), `h ${at}`).toBeLessThan(tolerance[dtype]);
+        expect(relErr(values(outputs.finalState!), ref.finalState), `final ${at}`).toBeLessThan(Math.max(1e-5, tolerance[dtype]));
+        const gh = tensor(normal(rand, n), shape, dtype, 'cuda');
+        const gFinal = tensor(normal(rand, rows), [batch, channels], 'float32', 'cuda');
+        const g = rk.ops.linearScan.backward(ctx, { h: gh, finalState: gFinal });
+        const gref = linearScanBackwardRef(a64, b64, rows, length, h064, reverse, values(gh), values(gFinal));
+        expect(relErr(values(g.b!), gref.gb), `grad b ${at}`).toBeLessThan(tolerance[dtype]);
+        expect(relErr(values(g.a!), gref.ga), `grad a ${at}`).toBeLessThan(2 * tolerance[dtype]);
+        expect(relErr(values(g.initialState!), gref.gh0), `grad h0 ${at}`).toBeLessThan(tolerance[dtype]);
+      }
+    });
+  }
+
+  it('agrees with the CPU kernel in float32 on a short row', () => {
+    const a = tensor(uniform(rand, 40, -1, 1), [1, 2, 20]);
+    const b = tensor(normal(rand, 40), [1, 2, 20]);
+    const cpu = values(rk.linearScan({ a, b }).h);
+    const gpu = values(rk.linearScan({ a: a.to('cuda'), b: b.to('cuda') }).h);
+    expect(relErr(gpu, cpu)).toBeLessThan(1e-6);
+  });
+});
