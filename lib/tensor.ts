@@ -271,8 +271,13 @@ export const cuda = {
   timeMs(fn: () => void): number {
     requireCuda('cuda.timeMs');
     const handle = native().timerStart();
-    fn();
-    return native().timerStop(handle);
+    let ms = 0;
+    try {
+      fn();
+    } finally {
+      ms = native().timerStop(handle); // also releases the events when fn throws
+    }
+    return ms;
   },
   /** Waits for all queued CUDA work. */
   synchronize(): void {

@@ -51,6 +51,10 @@ Status eventElapsedMs(void* startEv, float* ms);  // records a stop event, synch
 // rows independent sequences of `length` elements each, row-major contiguous [rows, length].
 // Forward:  h_t = a_t * h_{t-1} + b_t  (t ascending; descending when reverse), h_{-1} = h0[row]
 //           (0 when h0 is null). h has the dtype of a and b; finalState (nullable) is fp32 [rows].
+// Outputs must not overlap the [rows, length] inputs; h0 and finalState may be the same buffer
+// (likewise gFinal and gh0 below). Fastest when length is a multiple of 16 bytes' worth of
+// elements and the tensors are 16-byte aligned (otherwise a per-element path is used).
+// Asynchronous on the default stream, like every kernel launch here.
 Status linearScanForward(DType dt, const void* a, const void* b, const float* h0, void* h,
                          float* finalState, int64_t rows, int64_t length, bool reverse);
 // Backward of the above; "first", "last" and "t+1" are in scan order (t descending when

@@ -41,6 +41,8 @@ inline Status checkLaunch() { return statusFromCuda(cudaGetLastError()); }
   do {                                                      \
     const cudaError_t rk_err_ = (expr);                     \
     if (rk_err_ != cudaSuccess) {                           \
+      cudaGetLastError(); /* a later launch check must not  \
+                             report this error again */     \
       return ::rkcuda::statusFromCuda(rk_err_);             \
     }                                                       \
   } while (0)

@@ -26,6 +26,16 @@ template <> __device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(fl
   return __float2bfloat16_rn(x);
 }
 
+// An element given by its raw bits (the low 16 bits for the 16-bit types), as fp32.
+template <class T> __device__ __forceinline__ float bitsToFloat(unsigned bits);
+template <> __device__ __forceinline__ float bitsToFloat<float>(unsigned bits) { return __uint_as_float(bits); }
+template <> __device__ __forceinline__ float bitsToFloat<__half>(unsigned bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xffffu)));
+}
+template <> __device__ __forceinline__ float bitsToFloat<__nv_bfloat16>(unsigned bits) {
+  return __uint_as_float(bits << 16);
+}
+
 // Read-only load of one element, converted to fp32.
 template <class T> __device__ __forceinline__ float loadScalar(const T* p) { return toFloat(__ldg(p)); }
 // Store of one element, rounded to nearest even from fp32.

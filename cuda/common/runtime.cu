@@ -1,0 +1,192 @@
+// Runtime services for cuda/: device detection, properties, stream-ordered allocation on the
+// default stream, copies, dtype conversion and event timing (the runtime half of common/api.h).
+// The CUDA runtime is linked statically, so this must load, and available() must answer false,
+// on a machine without an NVIDIA driver; nothing here prints or aborts.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/api.h"
+#include "common/check.cuh"
+#include "common/dtype.cuh"
+
+namespace rkcuda {
+namespace {
+
+std::string versionString(int v) {  // 12040 -> "12.4"
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+
+std::string errorText(cudaError_t err) { return statusFromCuda(err).message; }
+
+// Element-wise dtype conversion, grid-stride over n elements.
+template <class S, class D>
+__global__ void __launch_bounds__(256) convertKernel(const S* __restrict__ src, D* __restrict__ dst, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    dst[i] = fromFloat<D>(toFloat(src[i]));
+  }
+}
+
+}  // namespace
+
+bool available(std::string* reason) {
+  auto fail = [&](const std::string& why) {
+    if (reason != nullptr) *reason = why;
+    cudaGetLastError();  // leave no error behind for later calls
+    return false;
+  };
+  int driverVersion = 0;
+  const cudaError_t derr = cudaDriverGetVersion(&driverVersion);
+  if (derr != cudaSuccess || driverVersion == 0) return fail("no NVIDIA driver found");
+  int runtimeVersion = 0;
+  cudaRuntimeGetVersion(&runtimeVersion);
+  const std::string tooOld = "driver too old (driver supports CUDA " + versionString(driverVersion) +
+                             ", runtime needs " + versionString(runtimeVersion) + ")";
+  // Within one major version a newer runtime may run on an older driver (minor version
+  // compatibility), so only a lower major version is refused outright.
+  if (driverVersion / 1000 < runtimeVersion / 1000) return fail(tooOld);
+
+  int count = 0;
+  const cudaError_t cerr = cudaGetDeviceCount(&count);
+  if (cerr == cudaErrorNoDevice || (cerr == cudaSuccess && count == 0)) return fail("no CUDA device found");
+  if (cerr == cudaErrorInsufficientDriver) return fail(tooOld);
+  if (cerr != cudaSuccess) return fail(errorText(cerr));
+
+  // The kernels are built for particular architectures: check that one of them can run here.
+  cudaFuncAttributes attr;
+  const cudaError_t ferr = cudaFuncGetAttributes(&attr, convertKernel<float, float>);
+  if (ferr == cudaErrorNoKernelImageForDevice || ferr == cudaErrorInvalidDeviceFunction) {
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    return fail("this build has no kernels for the GPU's compute capability " + std::to_string(major) + "." +
+                std::to_string(minor));
+  }
+  if (ferr == cudaErrorInsufficientDriver) return fail(tooOld);
+  if (ferr != cudaSuccess) return fail(errorText(ferr));
+  if (reason != nullptr) reason->clear();
+  return true;
+}
+
+Status deviceProperties(DeviceProps* out) {
+  if (out == nullptr) return statusError("deviceProperties: null output");
+  int dev = 0;
+  RK_CUDA_TRY(cudaGetDevice(&dev));
+  cudaDeviceProp p;
+  RK_CUDA_TRY(cudaGetDeviceProperties(&p, dev));
+  out->name = p.name;
+  out->major = p.major;
+  out->minor = p.minor;
+  out->multiProcessorCount = p.multiProcessorCount;
+  out->totalGlobalMem = p.totalGlobalMem;
+  out->l2CacheSize = static_cast<size_t>(p.l2CacheSize);
+  out->sharedMemPerBlockOptin = p.sharedMemPerBlockOptin;
+  out->memoryBusWidth = p.memoryBusWidth;
+  // cudaDeviceProp lost memoryClockRate in CUDA 13; the attribute remains.
+  int clockKHz = 0;
+  RK_CUDA_TRY(cudaDeviceGetAttribute(&clockKHz, cudaDevAttrMemoryClockRate, dev));
+  out->memoryClockRateKHz = clockKHz;
+  RK_CUDA_TRY(cudaDriverGetVersion(&out->driverVersion));
+  RK_CUDA_TRY(cudaRuntimeGetVersion(&out->runtimeVersion));
+  return Status{};
+}
+
+Status deviceMalloc(void** ptr, size_t bytes) {
+  if (ptr == nullptr) return statusError("deviceMalloc: null output");
+  *ptr = nullptr;
+  if (bytes == 0) return Status{};
+  void* p = nullptr;
+  RK_CUDA_TRY(cudaMallocAsync(&p, bytes, 0));
+  *ptr = p;
+  return Status{};
+}
+
+Status deviceFree(void* ptr) {
+  if (ptr == nullptr) return Status{};
+  RK_CUDA_TRY(cudaFreeAsync(ptr, 0));
+  return Status{};
+}
+
+Status copyHostToDevice(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return Status{};
+  RK_CUDA_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  return Status{};
+}
+
+Status copyDeviceToHost(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return Status{};
+  RK_CUDA_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  return Status{};
+}
+
+Status copyDeviceToDevice(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return Status{};
+  RK_CUDA_TRY(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+  return Status{};
+}
+
+Status memsetZero(void* dst, size_t bytes) {
+  if (bytes == 0) return Status{};
+  RK_CUDA_TRY(cudaMemsetAsync(dst, 0, bytes, 0));
+  return Status{};
+}
+
+Status synchronize() {
+  RK_CUDA_TRY(cudaDeviceSynchronize());
+  return Status{};
+}
+
+Status convert(DType from, const void* src, DType to, void* dst, int64_t n) {
+  if (n < 0) return statusError("convert: negative size");
+  if (n == 0) return Status{};
+  if (from == to) {
+    RK_CUDA_TRY(cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * dtypeSize(from), cudaMemcpyDeviceToDevice, 0));
+    return Status{};
+  }
+  return dispatchDType(from, [&](auto fromTag) -> Status {
+    using S = typename decltype(fromTag)::type;
+    return dispatchDType(to, [&](auto toTag) -> Status {
+      using D = typename decltype(toTag)::type;
+      constexpr int kThreads = 256;
+      const int64_t wanted = (n + kThreads - 1) / kThreads;
+      const unsigned blocks = static_cast<unsigned>(wanted < 65536 ? wanted : 65536);  // then grid-stride
+      convertKernel<S, D><<<blocks, kThreads, 0, 0>>>(static_cast<const S*>(src), static_cast<D*>(dst), n);
+      return checkLaunch();
+    });
+  });
+}
+
+Status eventRecordStart(void** ev) {
+  if (ev == nullptr) return statusError("eventRecordStart: null output");
+  *ev = nullptr;
+  cudaEvent_t start = nullptr;
+  RK_CUDA_TRY(cudaEventCreate(&start));
+  const cudaError_t err = cudaEventRecord(start, 0);
+  if (err != cudaSuccess) {
+    cudaEventDestroy(start);
+    return statusFromCuda(err);
+  }
+  *ev = start;
+  return Status{};
+}
+
+Status eventElapsedMs(void* startEv, float* ms) {
+  if (startEv == nullptr) return statusError("eventElapsedMs: null start event");
+  cudaEvent_t start = static_cast<cudaEvent_t>(startEv);
+  cudaEvent_t stop = nullptr;
+  cudaError_t err = cudaEventCreate(&stop);
+  if (err == cudaSuccess) err = cudaEventRecord(stop, 0);
+  if (err == cudaSuccess) err = cudaEventSynchronize(stop);
+  float elapsed = 0.0f;
+  if (err == cudaSuccess) err = cudaEventElapsedTime(&elapsed, start, stop);
+  if (stop != nullptr) cudaEventDestroy(stop);
+  cudaEventDestroy(start);
+  if (err != cudaSuccess) return statusFromCuda(err);
+  if (ms != nullptr) *ms = elapsed;
+  return Status{};
+}
+
+}  // namespace rkcuda
