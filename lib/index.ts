@@ -7,7 +7,7 @@
 import { linearScan } from './ops/linearScan';
 import { elementwiseOps } from './ops/elementwise';
 
-export { Tensor, cuda, memory, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
+export { Tensor, cuda, memory, releaseCpuPool, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
 export type { DType, Device, TensorOptions, CudaDeviceProperties, MemoryStats } from './tensor';
 export {
   RecurrentKernelsError, ShapeError, DTypeError, DeviceError, ArgumentError, DisposedError, CudaError,

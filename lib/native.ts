@@ -6,6 +6,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { NativeLoadError, fromNative } from './errors';
+import { POOL_MIN_BYTES, acquireHostBuffer } from './pool';
 
 /** Opaque CUDA storage owned by the addon. */
 export interface DeviceBuffer {
@@ -26,6 +27,7 @@ export interface NativeModule {
   toHost(src: DeviceBuffer, dtype: string, elements: number): Float32Array | Uint16Array;
   copyDevice(src: DeviceBuffer, dtype: string, elements: number): DeviceBuffer;
   convert(device: Dev, src: Storage, from: string, to: string, elements: number): Storage;
+  setBufferSource(fn: (bytes: number) => ArrayBuffer, minBytes: number): void;
   copyHost(dst: Float32Array | Uint16Array, src: Float32Array | Uint16Array): void;
   memoryStats(): { deviceBytes: number; deviceBuffers: number };
   numThreads(): number;
@@ -73,7 +75,9 @@ function load(): NativeModule {
   for (const path of candidates(root)) {
     if (!existsSync(path)) { tried.push(`  ${path}: not found`); continue; }
     try {
-      return wrap(req(path) as NativeModule);
+      const mod = wrap(req(path) as NativeModule);
+      mod.setBufferSource(acquireHostBuffer, POOL_MIN_BYTES);
+      return mod;
     } catch (e) {
       tried.push(`  ${path}: ${(e as Error).message}`);
     }

@@ -7,6 +7,7 @@
  */
 import { ArgumentError, DTypeError, DeviceError, DisposedError, ShapeError } from './errors';
 import { native, type DeviceBuffer, type Storage } from './native';
+import { clearHostPool, pooledHostBytes, releaseHostBuffer } from './pool';
 
 export type DType = 'float32' | 'float16' | 'bfloat16';
 export type Device = 'cpu' | 'cuda';
@@ -199,10 +200,17 @@ export class Tensor {
     return native().convert('cpu', raw, this.dtype, 'float32', this.size) as Float32Array;
   }
 
-  /** Frees the storage now (device memory at once on CUDA). Further use throws ERR_DISPOSED. */
+  /**
+   * Frees the storage now: device memory at once on CUDA; on CPU, a large output buffer the
+   * package allocated goes back to a pool for reuse by later outputs, so do not keep arrays read
+   * with dataSync() past dispose(). Further use of the tensor throws ERR_DISPOSED.
+   */
   dispose(): void {
     if (this.#storage === null) return;
-    if (this.device === 'cuda' && this.#held.counted) (this.#storage as DeviceBuffer).dispose();
+    if (this.#held.counted) {
+      if (this.device === 'cuda') (this.#storage as DeviceBuffer).dispose();
+      else releaseHostBuffer(this.#storage as Float32Array | Uint16Array);
+    }
     this.#storage = null;
     registry.unregister(this);
     if (this.#held.counted) {
@@ -287,7 +295,8 @@ export const cuda = {
 };
 
 export interface MemoryStats {
-  cpu: { tensors: number; bytes: number };
+  /** pooledBytes: disposed output buffers kept for reuse (see releaseCpuPool). */
+  cpu: { tensors: number; bytes: number; pooledBytes: number };
   cuda: { tensors: number; bytes: number; nativeBuffers: number; nativeBytes: number };
 }
 
@@ -295,9 +304,14 @@ export interface MemoryStats {
 export function memory(): MemoryStats {
   const nat = native().memoryStats();
   return {
-    cpu: { ...live.cpu },
+    cpu: { ...live.cpu, pooledBytes: pooledHostBytes() },
     cuda: { ...live.cuda, nativeBuffers: nat.deviceBuffers, nativeBytes: nat.deviceBytes },
   };
+}
+
+/** Drops the CPU buffers kept for reuse by disposed outputs. */
+export function releaseCpuPool(): void {
+  clearHostPool();
 }
 
 /** Number of threads the CPU kernels use (RK_NUM_THREADS overrides). */

@@ -40,3 +40,33 @@ describe.each(devices)('memory on %s', (device) => {
     expect(rk.memory()[device].tensors).toBeLessThanOrEqual(before);
   });
 });
+
+describe('CPU output pool', () => {
+  it('reuses disposed outputs, never the caller\'s arrays, and reused outputs are fully rewritten', () => {
+    rk.releaseCpuPool();
+    const shape = [1, 4, 1 << 16]; // 1 MiB per float32 tensor
+    const n = 4 << 16;
+    const user = new Float32Array(n).fill(0.5);
+    const a = rk.Tensor.from(user, shape);
+    const b = tensor(new Float32Array(n).fill(1), shape);
+    const first = rk.linearScan({ a, b }).h;
+    const firstBuffer = first.dataSync().buffer;
+    first.dispose();
+    expect(rk.memory().cpu.pooledBytes).toBe(4 * n);
+    const b2 = tensor(new Float32Array(n).fill(-3), shape);
+    const second = rk.linearScan({ a, b: b2 }).h;
+    expect(second.dataSync().buffer).toBe(firstBuffer);
+    expect(rk.memory().cpu.pooledBytes).toBe(0);
+    const hv = second.dataSync();
+    // h_t = 0.5 h_{t-1} - 3 from 0: -3, -4.5, ... -> -6
+    expect(hv[0]).toBe(-3);
+    expect(hv[1]).toBe(-4.5);
+    expect(Math.abs(hv[n - 1] + 6)).toBeLessThan(1e-5);
+    a.dispose();
+    expect(rk.memory().cpu.pooledBytes).toBe(0); // the caller's array is not taken
+    expect(user[0]).toBe(0.5);
+    second.reshape([n]).dispose(); // a view does not release its owner's storage
+    expect(rk.memory().cpu.pooledBytes).toBe(0);
+    rk.releaseCpuPool();
+  });
+});

@@ -172,10 +172,19 @@ static void adviseHugePages(void* data, size_t bytes) {
 #endif
 }
 
-Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data) {
+static Napi::ArrayBuffer hostBuffer(Napi::Env env, size_t bytes, Init init) {
+  Instance& inst = instance(env);
+  if (init == Init::Overwritten && !inst.bufferSource.IsEmpty() && bytes >= inst.bufferSourceMinBytes) {
+    Napi::Value v = inst.bufferSource.Call({Napi::Number::New(env, double(bytes))});
+    if (v.IsArrayBuffer() && v.As<Napi::ArrayBuffer>().ByteLength() == bytes) return v.As<Napi::ArrayBuffer>();
+  }
+  return Napi::ArrayBuffer::New(env, bytes);
+}
+
+Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data, Init init) {
   size_t bytes = size_t(elements) * dtypeSize(dtype);
   if (device == Device::CUDA) return DeviceBuffer::Allocate(env, bytes, data);
-  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, bytes);
+  Napi::ArrayBuffer ab = hostBuffer(env, bytes, init);
   *data = ab.Data();
   adviseHugePages(*data, bytes);
   if (dtype == DType::F32) return Napi::Float32Array::New(env, size_t(elements), ab, 0);
@@ -272,7 +281,7 @@ Napi::Value ToHost(const Napi::CallbackInfo& info) {
   int64_t n = parseCount(env, info[2], "to('cpu')", "elements");
   View src = tensorArg(env, info[0], "to('cpu')", "tensor", Device::CUDA, dt, n);
   void* dst = nullptr;
-  Napi::Value out = allocOutput(env, Device::CPU, dt, n, &dst);
+  Napi::Value out = allocOutput(env, Device::CPU, dt, n, &dst, Init::Overwritten);
   throwIfFailed(env, rkcuda::copyDeviceToHost(dst, src.data, size_t(n) * dtypeSize(dt)), "to('cpu')");
   return out;
 #else
@@ -298,7 +307,7 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   int64_t n = parseCount(env, info[4], "convert", "elements");
   View src = tensorArg(env, info[1], "convert", "tensor", dev, from, n);
   void* dst = nullptr;
-  Napi::Value out = allocOutput(env, dev, to, n, &dst);
+  Napi::Value out = allocOutput(env, dev, to, n, &dst, Init::Overwritten);
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::convert(toCuda(from), src.data, toCuda(to), dst, n), "convert");
@@ -342,6 +351,17 @@ Napi::Value CopyHost(const Napi::CallbackInfo& info) {
   parallelFor((bytes + kPiece - 1) / kPiece, 16, [&](int64_t b, int64_t e) {
     std::memcpy(d + b * kPiece, s + b * kPiece, size_t(std::min(bytes, e * kPiece) - b * kPiece));
   });
+  return env.Undefined();
+}
+
+// setBufferSource(fn, minBytes): fn(bytes) -> ArrayBuffer supplies large CPU outputs that the
+// kernel overwrites entirely (lib/pool.ts reuses disposed ones).
+Napi::Value SetBufferSource(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsFunction()) throwError(env, "ERR_ARGUMENT", "setBufferSource: expected a function");
+  Instance& inst = instance(env);
+  inst.bufferSource = Napi::Persistent(info[0].As<Napi::Function>());
+  inst.bufferSourceMinBytes = size_t(parseCount(env, info[1], "setBufferSource", "minBytes"));
   return env.Undefined();
 }
 
@@ -394,6 +414,7 @@ void registerTensor(Napi::Env env, Napi::Object exports) {
   exports.Set("toHost", Napi::Function::New<ToHost>(env, "toHost"));
   exports.Set("copyDevice", Napi::Function::New<CopyDevice>(env, "copyDevice"));
   exports.Set("convert", Napi::Function::New<Convert>(env, "convert"));
+  exports.Set("setBufferSource", Napi::Function::New<SetBufferSource>(env, "setBufferSource"));
   exports.Set("copyHost", Napi::Function::New<CopyHost>(env, "copyHost"));
   exports.Set("memoryStats", Napi::Function::New<MemoryStats>(env, "memoryStats"));
   exports.Set("numThreads", Napi::Function::New<NumThreads>(env, "numThreads"));

@@ -32,6 +32,8 @@ struct EnvState {
 struct Instance {
   std::shared_ptr<EnvState> state = std::make_shared<EnvState>();
   Napi::FunctionReference deviceBufferCtor;
+  Napi::FunctionReference bufferSource;  // JS pool of reusable CPU output buffers (lib/pool.ts)
+  size_t bufferSourceMinBytes = 0;
 };
 Instance& instance(Napi::Env env);
 
@@ -75,8 +77,12 @@ int64_t checkedProduct(Napi::Env env, int64_t x, int64_t y, const char* op);
 View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, Device device, DType dtype,
                int64_t elements, bool optional = false);
 
-// Allocates output storage: a TypedArray on CPU (zero-filled by the JS engine), a DeviceBuffer on CUDA.
-Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data);
+// How an output will be written: Zeroed outputs start as zeros; Overwritten ones are filled
+// entirely by the kernel, so a large CPU one may reuse a pooled buffer with stale contents.
+enum class Init { Zeroed, Overwritten };
+// Allocates output storage: a TypedArray on CPU, a DeviceBuffer on CUDA (uninitialised).
+Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data,
+                        Init init = Init::Zeroed);
 
 #ifdef RK_WITH_CUDA
 void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what);

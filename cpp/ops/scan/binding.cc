@@ -27,7 +27,7 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
   void* h = nullptr;
   void* fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("h", allocOutput(env, dev, dt, n, &h));
+  out.Set("h", allocOutput(env, dev, dt, n, &h, Init::Overwritten));
   out.Set("finalState", wantFinal ? allocOutput(env, dev, DType::F32, rows, &fin) : env.Null());
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
@@ -65,8 +65,8 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
   View gFinal = tensorArg(env, info[6], op, "grad of finalState", dev, DType::F32, rows, true);
   void *ga = nullptr, *gb = nullptr, *gh0 = nullptr;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("ga", allocOutput(env, dev, dt, n, &ga));
-  out.Set("gb", allocOutput(env, dev, dt, n, &gb));
+  out.Set("ga", allocOutput(env, dev, dt, n, &ga, Init::Overwritten));
+  out.Set("gb", allocOutput(env, dev, dt, n, &gb, Init::Overwritten));
   out.Set("gh0", needGh0 ? allocOutput(env, dev, DType::F32, rows, &gh0) : env.Null());
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
