@@ -4,7 +4,7 @@
 // copy bandwidth, and the ratio to each peer measured in the same run.
 import { writeFileSync } from 'node:fs';
 import * as rk from '../dist/index.mjs';
-import { bandwidthCeiling, median } from './timing.mjs';
+import { bandwidthCeiling } from './timing.mjs';
 import linearScan from './ops/linear-scan.mjs';
 
 const OPS = { 'linear-scan': linearScan };
@@ -59,7 +59,6 @@ for (const l of table) console.log(fmt(cols.map((c) => l[c])));
 console.log('peer columns: peer time (peer time / ours; above 1x means we are faster)');
 
 if (args.json) {
-  writeFileSync(args.json, JSON.stringify({ op: args.op, device, deviceName, copyBandwidthGBs: ceiling, rows, median: undefined }, null, 2));
+  writeFileSync(args.json, JSON.stringify({ op: args.op, device, deviceName, copyBandwidthGBs: ceiling, rows }, null, 2));
   console.log(`wrote ${args.json}`);
 }
-void median;

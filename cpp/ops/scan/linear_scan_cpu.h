@@ -34,11 +34,41 @@ inline int64_t tileFirst(const LinearScanShape& s, int64_t i0, int n) { return s
 inline int64_t scanPos(const LinearScanShape& s, int64_t i) { return s.reverse ? s.length - 1 - i : i; }
 
 // Copies n steps of nr rows (row stride `stride`) into tile[step][row], filling absent rows.
+// `descending`: the kernel walks memory downwards. Each row's lines are then read from the top
+// down as well: reading them upwards would train the hardware prefetcher to fetch the lines above,
+// which were already consumed, and halve the useful bandwidth.
 template <typename S>
-inline void loadTile(const S* src, int64_t stride, int nr, int n, Tile& tile, float fill) {
+inline void loadTile(const S* src, int64_t stride, int nr, int n, Tile& tile, float fill, bool descending) {
+#ifdef RK_HAVE_SSE
+  if constexpr (sizeof(S) == 4) {
+    if (nr == kTileRows && n == kTileSteps) {
+      // fp32 full tile: 4x4 blocks transposed in registers.
+      const float* f = reinterpret_cast<const float*>(src);
+      for (int r = 0; r < kTileRows; r += 4) {
+        for (int k = 0; k < kTileSteps; k += 4) {
+          const int j = descending ? kTileSteps - 4 - k : k;
+          __m128 x0 = _mm_loadu_ps(f + (r + 0) * stride + j);
+          __m128 x1 = _mm_loadu_ps(f + (r + 1) * stride + j);
+          __m128 x2 = _mm_loadu_ps(f + (r + 2) * stride + j);
+          __m128 x3 = _mm_loadu_ps(f + (r + 3) * stride + j);
+          _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+          _mm_storeu_ps(&tile[j + 0][r], x0);
+          _mm_storeu_ps(&tile[j + 1][r], x1);
+          _mm_storeu_ps(&tile[j + 2][r], x2);
+          _mm_storeu_ps(&tile[j + 3][r], x3);
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int r = 0; r < nr; ++r) {
     const S* row = src + r * stride;
-    for (int j = 0; j < n; ++j) tile[j][r] = Storage<S>::load(row[j]);
+    if (descending) {
+      for (int j = n - 1; j >= 0; --j) tile[j][r] = Storage<S>::load(row[j]);
+    } else {
+      for (int j = 0; j < n; ++j) tile[j][r] = Storage<S>::load(row[j]);
+    }
   }
   for (int r = nr; r < kTileRows; ++r)
     for (int j = 0; j < n; ++j) tile[j][r] = fill;
@@ -48,18 +78,32 @@ inline void loadTile(const S* src, int64_t stride, int nr, int n, Tile& tile, fl
 // output is not read again soon, and it spares reading each line before writing it.
 template <typename S>
 inline void storeTile(S* dst, int64_t stride, int nr, int n, const Tile& tile) {
+#ifdef RK_HAVE_SSE
+  if constexpr (sizeof(S) == 4) {
+    bool aligned = true;
+    for (int r = 0; r < nr; ++r) aligned = aligned && (reinterpret_cast<uintptr_t>(dst + r * stride) & 15) == 0;
+    if (nr == kTileRows && n == kTileSteps && aligned) {
+      float* f = reinterpret_cast<float*>(dst);
+      for (int r = 0; r < kTileRows; r += 4) {
+        for (int j = 0; j < kTileSteps; j += 4) {
+          __m128 x0 = _mm_loadu_ps(&tile[j + 0][r]);
+          __m128 x1 = _mm_loadu_ps(&tile[j + 1][r]);
+          __m128 x2 = _mm_loadu_ps(&tile[j + 2][r]);
+          __m128 x3 = _mm_loadu_ps(&tile[j + 3][r]);
+          _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+          _mm_stream_ps(f + (r + 0) * stride + j, x0);
+          _mm_stream_ps(f + (r + 1) * stride + j, x1);
+          _mm_stream_ps(f + (r + 2) * stride + j, x2);
+          _mm_stream_ps(f + (r + 3) * stride + j, x3);
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int r = 0; r < nr; ++r) {
     S* row = dst + r * stride;
     int j = 0;
-#ifdef RK_HAVE_SSE
-    if constexpr (sizeof(S) == 4) {
-      if (n == kTileSteps && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
-        for (; j < n; j += 4)
-          _mm_stream_ps(reinterpret_cast<float*>(row) + j,
-                        _mm_set_ps(tile[j + 3][r], tile[j + 2][r], tile[j + 1][r], tile[j][r]));
-      }
-    }
-#endif
     for (; j < n; ++j) row[j] = Storage<S>::store(tile[j][r]);
   }
 }
@@ -80,8 +124,8 @@ void linearScanForwardBlock(const S* a, const S* b, const float* h0, S* h, float
   for (int64_t i0 = 0; i0 < L; i0 += kTileSteps) {
     const int n = int(std::min<int64_t>(kTileSteps, L - i0));
     const int64_t off = r0 * L + tileFirst(s, i0, n);
-    loadTile(a + off, L, nr, n, A, 1.0f);
-    loadTile(b + off, L, nr, n, B, 0.0f);
+    loadTile(a + off, L, nr, n, A, 1.0f, s.reverse);
+    loadTile(b + off, L, nr, n, B, 0.0f, s.reverse);
     for (int k = 0; k < n; ++k) {
       const int j = s.reverse ? n - 1 - k : k;
       for (int r = 0; r < kTileRows; ++r) {
@@ -109,9 +153,10 @@ void linearScanBackwardBlock(const S* a, const S* h, const float* h0, const S* g
     const int64_t i0 = ti * kTileSteps;
     const int n = int(std::min<int64_t>(kTileSteps, L - i0));
     const int64_t off = r0 * L + tileFirst(s, i0, n);
-    loadTile(a + off, L, nr, n, A, 0.0f);
-    loadTile(h + off, L, nr, n, H, 0.0f);
-    if (gh) loadTile(gh + off, L, nr, n, G, 0.0f);
+    const bool down = !s.reverse;  // the backward pass walks opposite to the forward scan
+    loadTile(a + off, L, nr, n, A, 0.0f, down);
+    loadTile(h + off, L, nr, n, H, 0.0f, down);
+    if (gh) loadTile(gh + off, L, nr, n, G, 0.0f, down);
     else std::fill(&G[0][0], &G[0][0] + kTileSteps * kTileRows, 0.0f);
     // The state before this tile: the last h of the previous tile in scan order, or h0.
     for (int r = 0; r < kTileRows; ++r) {
