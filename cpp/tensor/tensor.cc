@@ -42,7 +42,7 @@ DeviceBuffer::DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<De
 #endif
 }
 
-void DeviceBuffer::release(bool adjust) {
+void DeviceBuffer::release() {
   if (disposed_) return;
   disposed_ = true;
 #ifdef RK_WITH_CUDA
@@ -50,18 +50,17 @@ void DeviceBuffer::release(bool adjust) {
     if (ptr_) rkcuda::deviceFree(ptr_);
     state_->deviceBytes -= int64_t(bytes_);
     state_->deviceBuffers -= 1;
-    if (adjust && bytes_ > 0) Napi::MemoryManagement::AdjustExternalMemory(Env(), -int64_t(bytes_));
+    if (bytes_ > 0) Napi::MemoryManagement::AdjustExternalMemory(Env(), -int64_t(bytes_));
   }
-#else
-  (void)adjust;
 #endif
   ptr_ = nullptr;
 }
 
 DeviceBuffer::~DeviceBuffer() {
-  // Finalizer: the environment may be going away; never call into V8 here, and skip CUDA once the
-  // environment's cleanup hook has run (the process is exiting and the driver frees everything).
-  release(false);
+  // Finalizer of a buffer that was never disposed. release() skips CUDA (and V8) once the
+  // environment's cleanup hook has run: the process or worker is exiting. Otherwise the external
+  // memory V8 was told about is given back too (allowed from finalizers).
+  release();
 }
 
 Napi::Object DeviceBuffer::Allocate(Napi::Env env, size_t bytes, void** ptr) {
@@ -78,7 +77,7 @@ DeviceBuffer* DeviceBuffer::Unwrap(Napi::Value v) {
 }
 
 Napi::Value DeviceBuffer::Dispose(const Napi::CallbackInfo& info) {
-  release(true);
+  release();
   return info.Env().Undefined();
 }
 Napi::Value DeviceBuffer::GetBytes(const Napi::CallbackInfo& info) {

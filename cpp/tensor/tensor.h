@@ -53,7 +53,7 @@ class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value GetBytes(const Napi::CallbackInfo& info);
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
-  void release(bool adjust);
+  void release();
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
   bool disposed_ = true;  // until the allocation succeeds
