@@ -53,21 +53,23 @@ export class Tensor {
   readonly device: Device;
   readonly size: number;
   #storage: Storage | null;
+  #owner: Tensor | null;
   #held: Held;
 
   /**
-   * Wraps existing storage (no copy). Prefer Tensor.from / Tensor.zeros. `view` marks a second
-   * tensor over storage another tensor owns (not counted in memory()).
+   * Wraps existing storage (no copy). Prefer Tensor.from / Tensor.zeros. `owner` makes this a view
+   * of storage another tensor owns: not counted in memory(), unusable once the owner is disposed.
    */
-  constructor(storage: Storage, shape: readonly number[], dtype: DType, device: Device, view = false) {
+  constructor(storage: Storage, shape: readonly number[], dtype: DType, device: Device, owner?: Tensor) {
     this.size = checkShape(shape, 'Tensor');
     this.shape = Object.freeze([...shape]);
     this.dtype = dtype;
     this.device = device;
     this.#storage = storage;
     const bytes = this.size * dtypeBytes(dtype);
-    this.#held = { device, bytes, counted: !view };
-    if (view) return;
+    this.#owner = owner ?? null;
+    this.#held = { device, bytes, counted: !owner };
+    if (owner) return;
     live[device].tensors++;
     live[device].bytes += bytes;
     registry.register(this, this.#held, this);
@@ -114,14 +116,16 @@ export class Tensor {
   /** Raw storage; throws ERR_DISPOSED once disposed. For ops and advanced use. */
   get storage(): Storage {
     if (this.#storage === null) throw new DisposedError('Tensor: this tensor was disposed');
+    if (this.#owner?.disposed) throw new DisposedError('Tensor: the tensor this view was made from was disposed');
     const s = this.#storage;
     if (this.device === 'cuda' && (s as DeviceBuffer).disposed)
       throw new DisposedError('Tensor: the device buffer of this tensor was freed');
     return s;
   }
 
+  /** True once dispose() was called, or, for a view, once the tensor it views was disposed. */
   get disposed(): boolean {
-    return this.#storage === null;
+    return this.#storage === null || (this.#owner?.disposed ?? false);
   }
 
   /** Copies to another device and/or converts to another dtype. Returns `this` when nothing changes. */
@@ -177,7 +181,7 @@ export class Tensor {
     const n = checkShape(shape, 'Tensor.reshape');
     if (n !== this.size)
       throw new ShapeError(`Tensor.reshape: cannot view [${this.shape.join(',')}] as [${shape.join(',')}]`);
-    return new Tensor(this.storage, shape, this.dtype, this.device, true);
+    return new Tensor(this.storage, shape, this.dtype, this.device, this.#owner ?? this);
   }
 
   /**

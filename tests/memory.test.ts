@@ -65,8 +65,13 @@ describe('CPU output pool', () => {
     a.dispose();
     expect(rk.memory().cpu.pooledBytes).toBe(0); // the caller's array is not taken
     expect(user[0]).toBe(0.5);
-    second.reshape([n]).dispose(); // a view does not release its owner's storage
+    const view = second.reshape([n]);
+    view.dispose(); // a view does not release its owner's storage
     expect(rk.memory().cpu.pooledBytes).toBe(0);
+    const view2 = second.reshape([2, 2 * (1 << 16)]);
+    second.dispose();
+    expect(rk.memory().cpu.pooledBytes).toBe(4 * n);
+    expect(() => view2.dataSync()).toThrow(rk.DisposedError); // its storage may be reused now
     rk.releaseCpuPool();
   });
 });
