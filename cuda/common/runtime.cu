@@ -10,6 +10,7 @@
 #include "common/api.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
+#include "common/launch.cuh"
 
 namespace rkcuda {
 namespace {
@@ -153,8 +154,7 @@ Status convert(DType from, const void* src, DType to, void* dst, int64_t n) {
       constexpr int kThreads = 256;
       const int64_t wanted = (n + kThreads - 1) / kThreads;
       const unsigned blocks = static_cast<unsigned>(wanted < 65536 ? wanted : 65536);  // then grid-stride
-      convertKernel<S, D><<<blocks, kThreads, 0, 0>>>(static_cast<const S*>(src), static_cast<D*>(dst), n);
-      return checkLaunch();
+      return launch(convertKernel<S, D>, blocks, kThreads, 0, static_cast<const S*>(src), static_cast<D*>(dst), n);
     });
   });
 }

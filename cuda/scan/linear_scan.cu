@@ -32,6 +32,7 @@
 #include "common/api.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
+#include "common/launch.cuh"
 #include "common/scan.cuh"
 
 namespace rkcuda {
@@ -412,12 +413,12 @@ linearScanBackwardKernel(const T* __restrict__ a, const T* __restrict__ h, const
 
 // Warps per row: as many (up to 8) as keep all rows resident in one wave, so that few long rows
 // still fill the GPU; 1 when rows alone fill it. residentWarpsPerSm comes from the occupancy of
-// the WARPS == 1 kernel.
+// the WARPS == 1 kernel. Tests on the CPU emulator pin the choice (see tunable).
 inline int chooseWarpsPerRow(int64_t rows, int smCount, int residentWarpsPerSm) {
   const int64_t capacity = static_cast<int64_t>(smCount) * residentWarpsPerSm;
   int warps = 1;
   while (warps < 8 && rows * (warps * 2) <= capacity) warps *= 2;
-  return warps;
+  return tunable("linearScan.warpsPerRow", warps);
 }
 
 template <class Kernel>
@@ -445,9 +446,8 @@ inline unsigned gridFor(int64_t rows, int warps) {
 
 template <class T, int WARPS, bool DESC, bool VEC>
 Status launchForward(const T* a, const T* b, const float* h0, T* h, float* finalState, int64_t rows, int64_t L) {
-  linearScanForwardKernel<T, kFwdGroups<T>, WARPS, DESC, VEC>
-      <<<gridFor(rows, WARPS), blockThreads(WARPS), 0, 0>>>(a, b, h0, h, finalState, rows, L);
-  return checkLaunch();
+  return launch(linearScanForwardKernel<T, kFwdGroups<T>, WARPS, DESC, VEC>, gridFor(rows, WARPS),
+                blockThreads(WARPS), 0, a, b, h0, h, finalState, rows, L);
 }
 
 template <class T, bool DESC, bool VEC>
@@ -466,9 +466,8 @@ Status forwardFor(const T* a, const T* b, const float* h0, T* h, float* finalSta
 template <class T, int WARPS, bool DESC, bool VEC>
 Status launchBackward(const T* a, const T* h, const float* h0, const T* gh, const float* gFinal, T* ga, T* gb,
                       float* gh0, int64_t rows, int64_t L) {
-  linearScanBackwardKernel<T, kBwdGroups<T>, WARPS, DESC, VEC>
-      <<<gridFor(rows, WARPS), blockThreads(WARPS), 0, 0>>>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
-  return checkLaunch();
+  return launch(linearScanBackwardKernel<T, kBwdGroups<T>, WARPS, DESC, VEC>, gridFor(rows, WARPS),
+                blockThreads(WARPS), 0, a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
 }
 
 template <class T, bool DESC, bool VEC>

@@ -1,0 +1,32 @@
+// Kernel launches and launcher tuning choices, in one place so that tests can run the kernels on
+// the CPU: tests/cuda-emulator compiles the .cu files with a host compiler, defines
+// RK_CUDA_EMULATOR, and supplies its own rkcuda::launch and rkcuda::tunable with the same
+// signatures. In the real build both are the plain operations below.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "common/api.h"
+#include "common/check.cuh"
+
+namespace rkcuda {
+
+#ifndef RK_CUDA_EMULATOR
+
+// kernel<<<grid, block, sharedBytes, default stream>>>(args...), each argument converted to the
+// kernel's parameter type; returns the launch check (see checkLaunch).
+template <class... KArgs, class... Args>
+Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args), "launch: wrong number of kernel arguments");
+  kernel<<<grid, block, sharedBytes, 0>>>(static_cast<KArgs>(args)...);
+  return checkLaunch();
+}
+
+// A launcher's heuristic choice (name identifies it, e.g. "linearScan.warpsPerRow"). Returns
+// `chosen`; the emulator's version lets a test pin the value so that every configuration runs.
+constexpr int tunable(const char* /*name*/, int chosen) { return chosen; }
+
+#endif  // RK_CUDA_EMULATOR
+
+}  // namespace rkcuda

@@ -1,0 +1,81 @@
+// The CUDA kernels, run on the CPU: compiles tests/cuda-emulator/linear_scan_test.cpp (the
+// unmodified cuda/ sources on a small SIMT emulator) with g++ against the CUDA toolkit headers,
+// runs it, and expects "0 failures". Needs the toolkit's headers but no GPU, so CI checks the
+// kernels' results too. Skipped when no toolkit headers are found, unless RK_CUDA=ON (as in CI),
+// where a missing toolkit is a failure.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, realpathSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { delimiter, dirname, join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+
+const root = join(__dirname, '..');
+const required = (process.env.RK_CUDA ?? '').toUpperCase() === 'ON';
+
+function findOnPath(name: string): string | undefined {
+  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
+    if (dir && existsSync(join(dir, name))) return join(dir, name);
+  }
+  return undefined;
+}
+
+/** Include directories the CUDA compiler itself uses (nvcc may be a wrapper script). */
+function nvccIncludes(nvcc: string): string[] {
+  const r = spawnSync(nvcc, ['--dryrun', '-x', 'cu', '-c', '-o', '/dev/null', '/dev/null'], { encoding: 'utf8' });
+  const line = `${r.stdout ?? ''}\n${r.stderr ?? ''}`.split('\n').find((l) => l.startsWith('#$ INCLUDES='));
+  return line ? [...line.matchAll(/-I"?([^"\s]+)/g)].map((m) => m[1]) : [];
+}
+
+/** The CUDA toolkit's include directory (holding cuda_runtime.h), found from nvcc on PATH. */
+function findCudaInclude(): { dir?: string; tried: string[] } {
+  const tried: string[] = [];
+  const candidates = function* () {
+    const nvcc = findOnPath('nvcc');
+    if (nvcc) {
+      yield join(dirname(realpathSync(nvcc)), '..', 'include');
+      yield* nvccIncludes(nvcc);
+    }
+    for (const home of [process.env.CUDA_HOME, process.env.CUDA_PATH]) if (home) yield join(home, 'include');
+    yield '/usr/local/cuda/include';
+  };
+  for (const dir of candidates()) {
+    tried.push(dir);
+    if (existsSync(join(dir, 'cuda_runtime.h'))) return { dir, tried };
+  }
+  return { tried };
+}
+
+const cuda = findCudaInclude();
+const title = cuda.dir || required
+  ? 'CUDA kernels on the CPU emulator'
+  : 'CUDA kernels on the CPU emulator (skipped: no CUDA toolkit headers found; RK_CUDA=ON makes this a failure)';
+
+describe.skipIf(!cuda.dir && !required)(title, () => {
+  it('linear scan: every configuration matches a float64 reference', () => {
+    expect(cuda.dir, `RK_CUDA=ON but no CUDA toolkit headers (cuda_runtime.h) in: ${cuda.tried.join(', ')}`)
+      .toBeDefined();
+    const work = mkdtempSync(join(tmpdir(), 'rk-cuda-emulator-'));
+    try {
+      const exe = join(work, 'linear_scan_test');
+      const started = Date.now();
+      // -fno-strict-aliasing: the kernels reinterpret element storage as raw bits and vectors, which
+      // is fine for nvcc; the host compiler must not optimise on the assumption it does not happen.
+      const build = spawnSync('g++', ['-std=c++17', '-O1', '-fno-strict-aliasing', '-I', cuda.dir!,
+        '-I', join(root, 'cuda'), join(root, 'tests', 'cuda-emulator', 'linear_scan_test.cpp'), '-o', exe],
+      { encoding: 'utf8', timeout: 150_000 });
+      expect(build.error, 'g++ could not be run').toBeUndefined();
+      expect(build.status, `g++ failed:\n${build.stderr}`).toBe(0);
+      const compiled = Date.now();
+
+      const run = spawnSync(exe, [], { encoding: 'utf8', timeout: 150_000 });
+      const output = `${run.stdout}${run.stderr}`;
+      expect(run.signal, `the emulator test was killed by ${run.signal}:\n${output}`).toBeNull();
+      expect(run.status, output).toBe(0);
+      expect(output).toMatch(/ 0 failures\b/);
+      const summary = output.trim().split('\n').pop();
+      console.log(`${summary}; compiled in ${((compiled - started) / 1000).toFixed(1)} s`);
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
+  }, 180_000);
+});

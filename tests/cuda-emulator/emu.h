@@ -1,0 +1,326 @@
+// A small SIMT emulator that runs the CUDA kernels of cuda/ on the CPU, so that their unmodified
+// source can be tested without a GPU: a test driver includes this header first, then the .cu
+// files, and compiles the whole as one C++17 translation unit with a host compiler (it defines
+// the runtime functions below) against the CUDA toolkit headers. See linear_scan_test.cpp.
+//
+// Model. Blocks run one after another. Each CUDA thread of a block is a cooperative fiber
+// (ucontext) with its own stack; a fiber runs until it reaches a collective operation (a warp
+// shuffle, __syncwarp, __syncthreads), then the next fiber in thread order runs. So threads only
+// interleave at collectives, which is exactly what kernels that communicate through shuffles and
+// __syncthreads-separated shared memory may rely on. A collective that is never completed (a
+// divergent barrier, a lane that exited early) is reported as a deadlock and aborts.
+// Global memory is host memory. __shared__ variables become function statics: shared by all the
+// blocks too, which is harmless as blocks do not overlap.
+//
+// Seams with cuda/ (see cuda/common/launch.cuh): rkcuda::launch runs a grid here instead of
+// `<<<...>>>`, and rkcuda::tunable returns the value a test pinned with emu::setTunable, so a test
+// can force each configuration a launcher might choose. emu::launchLog records every launch.
+//
+// Supported: 1-D grids and blocks of a multiple of 32 threads (up to 1024), full-warp
+// __shfl_sync / __shfl_up_sync of 4-byte values, __syncwarp, __syncthreads, __ldg (which checks
+// alignment), no dynamic shared memory, and the few runtime calls that the launchers make. Add
+// what new kernels need, in the same style. Not modelled: data races (the interleaving is one
+// fixed order), memory ordering, atomics.
+//
+// Compile with -fno-strict-aliasing: kernels read element storage as raw bits and 16-byte
+// vectors, which nvcc allows and an optimising host compiler otherwise need not.
+#pragma once
+
+#define RK_CUDA_EMULATOR 1
+// Before the CUDA headers: in host compilation they leave a defined __shared__ alone and do not
+// define __launch_bounds__.
+#define __shared__ static
+#define __launch_bounds__(...)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>  // fmaf and the other math functions kernels call unqualified
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/api.h"
+#include "common/check.cuh"
+
+namespace emu {
+
+[[noreturn]] inline void fail(const std::string& what) {
+  std::fprintf(stderr, "cuda emulator: %s\n", what.c_str());
+  std::abort();
+}
+
+// ---- fibers ----
+
+constexpr size_t kStackBytes = 256 * 1024;  // per fiber; touched lazily and reused across blocks
+
+struct Barrier {
+  unsigned expected = 0, arrived = 0, generation = 0;
+};
+
+struct Fiber {
+  ucontext_t context;
+  uint3 tid;
+  bool finished = false;
+  unsigned exchanges = 0;  // warp exchanges done so far; its parity picks the slot buffer
+};
+
+struct Warp {
+  Barrier barrier;
+  uint32_t slots[2][32];  // double-buffered, so one barrier per exchange suffices
+};
+
+// The block being run.
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  Barrier barrier;
+  Fiber* current = nullptr;
+  unsigned unfinished = 0;
+  unsigned idleSwitches = 0;  // fiber switches since a fiber last arrived at a barrier or finished
+  std::function<void()> body;
+  ucontext_t launcher;  // where the launch waits until every fiber has finished
+  uint3 blockIndex;
+  dim3 blockDims, gridDims;
+};
+inline Block block;
+
+// Stacks, kept for the whole run (fiber i of every block uses stack i), each above an
+// inaccessible page so that an overflow faults instead of corrupting a neighbour.
+inline char* stackFor(size_t i) {
+  static std::vector<char*> stacks;
+  static const size_t guard = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  while (stacks.size() <= i) {
+    void* p = mmap(nullptr, guard + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED || mprotect(p, guard, PROT_NONE) != 0) fail("cannot allocate a fiber stack");
+    stacks.push_back(static_cast<char*>(p) + guard);
+  }
+  return stacks[i];
+}
+
+inline Fiber* nextUnfinished(Fiber* from) {
+  Fiber* f = from;
+  do {
+    f = f + 1 == block.fibers.data() + block.fibers.size() ? block.fibers.data() : f + 1;
+  } while (f->finished && f != from);
+  return f->finished ? nullptr : f;
+}
+
+// Lets the other fibers run (the next unfinished one in thread order resumes).
+inline void yield() {
+  // A whole round of switches in which nobody arrived anywhere: everyone is waiting for good.
+  if (++block.idleSwitches > block.unfinished + 1) {
+    fail("deadlock in block " + std::to_string(block.blockIndex.x) +
+         ": a barrier or warp collective that not every thread reaches");
+  }
+  Fiber* from = block.current;
+  Fiber* to = nextUnfinished(from);
+  if (to == from) return;
+  block.current = to;
+  swapcontext(&from->context, &to->context);
+}
+
+inline void arriveAndWait(Barrier& b) {
+  block.idleSwitches = 0;
+  const unsigned generation = b.generation;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  while (b.generation == generation) yield();
+}
+
+inline void fiberMain() {
+  block.body();
+  Fiber* self = block.current;
+  self->finished = true;
+  --block.unfinished;
+  block.idleSwitches = 0;
+  Fiber* to = nextUnfinished(self);
+  block.current = to;
+  setcontext(to != nullptr ? &to->context : &block.launcher);
+}
+
+inline void runBlock(unsigned index) {
+  const unsigned threads = block.blockDims.x;
+  block.blockIndex = make_uint3(index, 0, 0);
+  block.fibers.assign(threads, Fiber{});
+  block.warps.assign(threads / 32, Warp{});
+  for (Warp& w : block.warps) w.barrier.expected = 32;
+  block.barrier = Barrier{};
+  block.barrier.expected = threads;
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& f = block.fibers[t];
+    f.tid = make_uint3(t, 0, 0);
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = stackFor(t);
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, fiberMain, 0);
+  }
+  block.unfinished = threads;
+  block.idleSwitches = 0;
+  block.current = &block.fibers[0];
+  swapcontext(&block.launcher, &block.current->context);
+}
+
+// ---- what tests can set and inspect ----
+
+struct LaunchRecord {
+  const void* kernel;
+  dim3 grid, block;
+};
+inline std::vector<LaunchRecord> launchLog;
+
+inline std::map<std::string, int>& tunings() {
+  static std::map<std::string, int> values;
+  return values;
+}
+// Pins rkcuda::tunable(name, ...) to value; 0 restores the launcher's own choice.
+inline void setTunable(const std::string& name, int value) {
+  if (value == 0) {
+    tunings().erase(name);
+  } else {
+    tunings()[name] = value;
+  }
+}
+
+template <class Kernel> const void* kernelId(Kernel* kernel) { return reinterpret_cast<const void*>(kernel); }
+
+inline int smCount = 132;   // cudaDevAttrMultiProcessorCount
+inline int blocksPerSm = 4;  // the answer to every occupancy query
+
+}  // namespace emu
+
+// ---- built-in variables and device functions ----
+
+#define threadIdx (::emu::block.current->tid)
+#define blockIdx (::emu::block.blockIndex)
+#define blockDim (::emu::block.blockDims)
+#define gridDim (::emu::block.gridDims)
+
+inline void __syncthreads() { emu::arriveAndWait(emu::block.barrier); }
+
+namespace emu {
+// Every lane of the current fiber's warp publishes value. Lanes form segments of `width`; returns
+// the value of lane source(i) of this lane's segment, i being this lane's index in it, or this
+// lane's own value when source returns -1.
+template <class T, class Source>
+T warpExchange(unsigned mask, T value, int width, Source source) {
+  static_assert(sizeof(T) == 4 && std::is_trivially_copyable_v<T>, "shuffles of 4-byte values only");
+  if (mask != 0xffffffffu) fail("only full-warp shuffle masks are emulated");
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail("shuffle width must be a power of two <= 32");
+  Fiber& self = *block.current;
+  Warp& warp = block.warps[self.tid.x / 32];
+  const int lane = static_cast<int>(self.tid.x % 32);
+  uint32_t* slots = warp.slots[self.exchanges++ & 1];
+  std::memcpy(&slots[lane], &value, sizeof value);
+  arriveAndWait(warp.barrier);
+  const int segment = lane & ~(width - 1);
+  const int src = source(lane - segment);
+  if (src >= 0) std::memcpy(&value, &slots[segment + src], sizeof value);
+  return value;
+}
+}  // namespace emu
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) emu::fail("only full-warp __syncwarp is emulated");
+  emu::arriveAndWait(emu::block.warps[emu::block.current->tid.x / 32].barrier);
+}
+
+template <class T> T __shfl_sync(unsigned mask, T value, int srcLane, int width = 32) {
+  return emu::warpExchange(mask, value, width, [&](int) { return srcLane & (width - 1); });
+}
+
+template <class T> T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = 32) {
+  const int d = static_cast<int>(delta);
+  return emu::warpExchange(mask, value, width, [&](int i) { return i >= d ? i - d : -1; });
+}
+
+template <class T> T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fail("misaligned __ldg");
+  return *p;
+}
+
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// ---- runtime: the calls the launchers make (host memory stands for device memory) ----
+
+extern "C" {
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  if (attr != cudaDevAttrMultiProcessorCount) {
+    emu::fail("cudaDeviceGetAttribute(" + std::to_string(static_cast<int>(attr)) + ") is not emulated");
+  }
+  *value = emu::smCount;
+  return cudaSuccess;
+}
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int, size_t, unsigned) {
+  *blocks = emu::blocksPerSm;
+  return cudaSuccess;
+}
+cudaError_t cudaGetLastError() { return cudaSuccess; }
+const char* cudaGetErrorName(cudaError_t) { return "cudaErrorEmulated"; }
+const char* cudaGetErrorString(cudaError_t) { return "error in the CUDA emulator"; }
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t) {
+  std::memcpy(dst, src, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
+  std::memset(dst, value, bytes);
+  return cudaSuccess;
+}
+}
+
+// ---- the seams of cuda/common/launch.cuh ----
+
+namespace rkcuda {
+
+template <class... KArgs, class... Args>
+Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args), "launch: wrong number of kernel arguments");
+  if (grid.x == 0 || grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) {
+    return statusError("emulator: grid and block must be 1-D and non-empty");
+  }
+  if (block.x == 0 || block.x % 32 != 0 || block.x > 1024) {
+    return statusError("emulator: block size must be a multiple of 32, at most 1024");
+  }
+  if (sharedBytes != 0) return statusError("emulator: dynamic shared memory is not emulated");
+  emu::launchLog.push_back(emu::LaunchRecord{emu::kernelId(kernel), grid, block});
+  emu::block.gridDims = grid;
+  emu::block.blockDims = block;
+  emu::block.body = [&] { kernel(static_cast<KArgs>(args)...); };
+  for (unsigned b = 0; b < grid.x; ++b) emu::runBlock(b);
+  emu::block.body = nullptr;
+  return Status{};
+}
+
+inline int tunable(const char* name, int chosen) {
+  const auto it = emu::tunings().find(name);
+  return it != emu::tunings().end() ? it->second : chosen;
+}
+
+}  // namespace rkcuda
