@@ -35,15 +35,8 @@ export function timeIt(rk, device, fn, { warmup = 3, iters = 20, after = () => {
 export function bandwidthCeiling(rk, device) {
   const n = 64 * 1024 * 1024; // 256 MB of float32
   const src = rk.Tensor.from(new Float32Array(n).fill(1), [n], { device });
-  let ms;
-  if (device === 'cuda') {
-    ms = timeIt(rk, device, () => src.clone(), { warmup: 3, iters: 20, after: (t) => t.dispose(), reduce: (xs) => Math.min(...xs) });
-  } else {
-    const { native } = rk.internals;
-    const dst = new Float32Array(n).fill(0);
-    const s = src.dataSync();
-    ms = timeIt(rk, device, () => native().copyHost(dst, s), { warmup: 2, iters: 10, reduce: (xs) => Math.min(...xs) });
-  }
+  const ms = timeIt(rk, device, () => src.clone(),
+    { warmup: 3, iters: device === 'cuda' ? 20 : 10, after: (t) => t.dispose(), reduce: (xs) => Math.min(...xs) });
   src.dispose();
   return (2 * n * 4) / (ms * 1e6);
 }

@@ -23,12 +23,9 @@ export interface NativeModule {
   cudaStatus(): { built: boolean; available: boolean; reason: string };
   cudaProperties(): Record<string, string | number>;
   cudaSynchronize(): void;
-  toDevice(src: Float32Array | Uint16Array, dtype: string): DeviceBuffer;
-  toHost(src: DeviceBuffer, dtype: string, elements: number): Float32Array | Uint16Array;
-  copyDevice(src: DeviceBuffer, dtype: string, elements: number): DeviceBuffer;
+  copy(src: Storage, from: Dev, to: Dev, dtype: string, elements: number): Storage;
   convert(device: Dev, src: Storage, from: string, to: string, elements: number): Storage;
   setBufferSource(fn: (bytes: number) => ArrayBuffer, minBytes: number): void;
-  copyHost(dst: Float32Array | Uint16Array, src: Float32Array | Uint16Array): void;
   memoryStats(): { deviceBytes: number; deviceBuffers: number };
   numThreads(): number;
   timerStart(): unknown;

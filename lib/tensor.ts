@@ -148,13 +148,9 @@ export class Tensor {
   }
 
   #copyTo(device: Device): Tensor {
-    if (device === 'cuda') {
-      requireCuda('Tensor.to');
-      return new Tensor(native().toDevice(this.storage as Float32Array | Uint16Array, this.dtype), this.shape,
-        this.dtype, 'cuda');
-    }
-    return new Tensor(native().toHost(this.storage as DeviceBuffer, this.dtype, this.size), this.shape, this.dtype,
-      'cpu');
+    if (device === 'cuda') requireCuda('Tensor.to');
+    return new Tensor(native().copy(this.storage, this.device, device, this.dtype, this.size), this.shape, this.dtype,
+      device);
   }
 
   #moveAndDispose(device: Device): Tensor {
@@ -167,13 +163,7 @@ export class Tensor {
 
   /** A copy with its own storage. */
   clone(): Tensor {
-    if (this.device === 'cuda')
-      return new Tensor(native().copyDevice(this.storage as DeviceBuffer, this.dtype, this.size), this.shape,
-        this.dtype, 'cuda');
-    const src = this.storage as Float32Array | Uint16Array;
-    const dst = src instanceof Float32Array ? new Float32Array(src.length) : new Uint16Array(src.length);
-    native().copyHost(dst, src);
-    return new Tensor(dst, this.shape, this.dtype, 'cpu');
+    return this.#copyTo(this.device);
   }
 
   /** A view with a new shape (same number of elements) over the same storage, which stays owned by this tensor. */
@@ -190,7 +180,7 @@ export class Tensor {
    */
   dataSync(): Float32Array | Uint16Array {
     if (this.device === 'cpu') return this.storage as Float32Array | Uint16Array;
-    return native().toHost(this.storage as DeviceBuffer, this.dtype, this.size);
+    return native().copy(this.storage, 'cuda', 'cpu', this.dtype, this.size) as Float32Array | Uint16Array;
   }
 
   async data(): Promise<Float32Array | Uint16Array> {

@@ -255,36 +255,35 @@ Napi::Value CudaSynchronize(const Napi::CallbackInfo& info) {
 #endif
 }
 
-// toDevice(storage: TypedArray, dtype) -> DeviceBuffer
-Napi::Value ToDevice(const Napi::CallbackInfo& info) {
+// copy(storage, fromDevice, toDevice, dtype, elements) -> new storage on toDevice, same contents.
+Napi::Value Copy(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-#ifdef RK_WITH_CUDA
-  DType dt = parseDType(env, info[1], "to('cuda')", "tensor");
-  if (!info[0].IsTypedArray()) throwError(env, "ERR_DEVICE", "to('cuda'): source must be CPU storage");
-  int64_t n = int64_t(info[0].As<Napi::TypedArray>().ElementLength());
-  View src = tensorArg(env, info[0], "to('cuda')", "tensor", Device::CPU, dt, n);
+  Device from = parseDevice(env, info[1], "copy");
+  Device to = parseDevice(env, info[2], "copy");
+  DType dt = parseDType(env, info[3], "copy", "tensor");
+  int64_t n = parseCount(env, info[4], "copy", "elements");
+  View src = tensorArg(env, info[0], "copy", "tensor", from, dt, n);
   void* dst = nullptr;
-  Napi::Value out = allocOutput(env, Device::CUDA, dt, n, &dst);
-  throwIfFailed(env, rkcuda::copyHostToDevice(dst, src.data, size_t(n) * dtypeSize(dt)), "to('cuda')");
+  Napi::Value out = allocOutput(env, to, dt, n, &dst, Init::Overwritten);
+  const size_t bytes = size_t(n) * dtypeSize(dt);
+  if (from == Device::CPU && to == Device::CPU) {
+    constexpr int64_t kPiece = 1 << 16;
+    auto* d = static_cast<uint8_t*>(dst);
+    auto* s = static_cast<const uint8_t*>(src.data);
+    const int64_t total = int64_t(bytes);
+    parallelFor((total + kPiece - 1) / kPiece, 16, [&](int64_t b, int64_t e) {
+      std::memcpy(d + b * kPiece, s + b * kPiece, size_t(std::min(total, e * kPiece) - b * kPiece));
+    });
+    return out;
+  }
+#ifdef RK_WITH_CUDA
+  rkcuda::Status st = from == Device::CPU ? rkcuda::copyHostToDevice(dst, src.data, bytes)
+                      : to == Device::CPU ? rkcuda::copyDeviceToHost(dst, src.data, bytes)
+                                          : rkcuda::copyDeviceToDevice(dst, src.data, bytes);
+  throwIfFailed(env, st, to == Device::CPU ? "to('cpu')" : "to('cuda')");
   return out;
 #else
   throwNoCuda(env, "to('cuda')");
-#endif
-}
-
-// toHost(buffer: DeviceBuffer, dtype, elements) -> TypedArray
-Napi::Value ToHost(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-#ifdef RK_WITH_CUDA
-  DType dt = parseDType(env, info[1], "to('cpu')", "tensor");
-  int64_t n = parseCount(env, info[2], "to('cpu')", "elements");
-  View src = tensorArg(env, info[0], "to('cpu')", "tensor", Device::CUDA, dt, n);
-  void* dst = nullptr;
-  Napi::Value out = allocOutput(env, Device::CPU, dt, n, &dst, Init::Overwritten);
-  throwIfFailed(env, rkcuda::copyDeviceToHost(dst, src.data, size_t(n) * dtypeSize(dt)), "to('cpu')");
-  return out;
-#else
-  throwNoCuda(env, "to('cpu')");
 #endif
 }
 
@@ -317,40 +316,6 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
     dispatchDType(to, [&](auto t) { convertHost<decltype(f), decltype(t)>(src.data, dst, n); });
   });
   return out;
-}
-
-// copyDevice(buffer, dtype, elements) -> DeviceBuffer with the same contents
-Napi::Value CopyDevice(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-#ifdef RK_WITH_CUDA
-  DType dt = parseDType(env, info[1], "clone", "tensor");
-  int64_t n = parseCount(env, info[2], "clone", "elements");
-  View src = tensorArg(env, info[0], "clone", "tensor", Device::CUDA, dt, n);
-  void* dst = nullptr;
-  Napi::Value out = allocOutput(env, Device::CUDA, dt, n, &dst);
-  throwIfFailed(env, rkcuda::copyDeviceToDevice(dst, src.data, size_t(n) * dtypeSize(dt)), "clone");
-  return out;
-#else
-  throwNoCuda(env, "clone");
-#endif
-}
-
-// copyHost(dst, src): parallel copy between two CPU TypedArrays of the same byte length.
-Napi::Value CopyHost(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (!info[0].IsTypedArray() || !info[1].IsTypedArray())
-    throwError(env, "ERR_ARGUMENT", "copyHost: dst and src must be TypedArrays");
-  Napi::TypedArray dst = info[0].As<Napi::TypedArray>(), src = info[1].As<Napi::TypedArray>();
-  if (dst.ByteLength() != src.ByteLength())
-    throwError(env, "ERR_SHAPE", "copyHost: dst and src differ in byte length");
-  auto* d = static_cast<uint8_t*>(dst.ArrayBuffer().Data()) + dst.ByteOffset();
-  auto* s = static_cast<const uint8_t*>(src.ArrayBuffer().Data()) + src.ByteOffset();
-  constexpr int64_t kPiece = 1 << 16;
-  int64_t bytes = int64_t(dst.ByteLength());
-  parallelFor((bytes + kPiece - 1) / kPiece, 16, [&](int64_t b, int64_t e) {
-    std::memcpy(d + b * kPiece, s + b * kPiece, size_t(std::min(bytes, e * kPiece) - b * kPiece));
-  });
-  return env.Undefined();
 }
 
 // setBufferSource(fn, minBytes): fn(bytes) -> ArrayBuffer supplies large CPU outputs that the
@@ -409,12 +374,9 @@ void registerTensor(Napi::Env env, Napi::Object exports) {
   exports.Set("cudaStatus", Napi::Function::New<CudaStatus>(env, "cudaStatus"));
   exports.Set("cudaProperties", Napi::Function::New<CudaProperties>(env, "cudaProperties"));
   exports.Set("cudaSynchronize", Napi::Function::New<CudaSynchronize>(env, "cudaSynchronize"));
-  exports.Set("toDevice", Napi::Function::New<ToDevice>(env, "toDevice"));
-  exports.Set("toHost", Napi::Function::New<ToHost>(env, "toHost"));
-  exports.Set("copyDevice", Napi::Function::New<CopyDevice>(env, "copyDevice"));
+  exports.Set("copy", Napi::Function::New<Copy>(env, "copy"));
   exports.Set("convert", Napi::Function::New<Convert>(env, "convert"));
   exports.Set("setBufferSource", Napi::Function::New<SetBufferSource>(env, "setBufferSource"));
-  exports.Set("copyHost", Napi::Function::New<CopyHost>(env, "copyHost"));
   exports.Set("memoryStats", Napi::Function::New<MemoryStats>(env, "memoryStats"));
   exports.Set("numThreads", Napi::Function::New<NumThreads>(env, "numThreads"));
   exports.Set("timerStart", Napi::Function::New<TimerStart>(env, "timerStart"));
