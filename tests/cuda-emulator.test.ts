@@ -1,6 +1,8 @@
-// The CUDA kernels, run on the CPU: compiles tests/cuda-emulator/linear_scan_test.cpp (the
-// unmodified cuda/ sources on a small SIMT emulator) with g++ against the CUDA toolkit headers,
-// runs it, and expects "0 failures". Needs the toolkit's headers but no GPU, so CI checks the
+// The CUDA code, run on the CPU: compiles each driver in tests/cuda-emulator/ (the unmodified cuda/
+// sources on a small SIMT emulator) with g++ against the CUDA toolkit headers, runs it, and expects
+// "0 failures". linear_scan_test.cpp runs the linear-scan kernels through their launchers;
+// scan_primitives_test.cpp runs the reusable scan primitive (cuda/common/scan.cuh) in every
+// configuration through small test kernels. Needs the toolkit's headers but no GPU, so CI checks the
 // kernels' results too. Skipped when no toolkit headers are found, unless RK_CUDA=ON (as in CI),
 // where a missing toolkit is a failure.
 import { spawnSync } from 'node:child_process';
@@ -50,32 +52,41 @@ const title = cuda.dir || required
   ? 'CUDA kernels on the CPU emulator'
   : 'CUDA kernels on the CPU emulator (skipped: no CUDA toolkit headers found; RK_CUDA=ON makes this a failure)';
 
+/** Compiles tests/cuda-emulator/<driver>.cpp, runs it and expects a clean " 0 failures" summary. */
+function compileAndRun(driver: string): void {
+  expect(cuda.dir, `RK_CUDA=ON but no CUDA toolkit headers (cuda_runtime.h) in: ${cuda.tried.join(', ')}`)
+    .toBeDefined();
+  const work = mkdtempSync(join(tmpdir(), 'rk-cuda-emulator-'));
+  try {
+    const exe = join(work, driver);
+    const started = Date.now();
+    // -fno-strict-aliasing: the kernels reinterpret element storage as raw bits and vectors, which
+    // is fine for nvcc; the host compiler must not optimise on the assumption it does not happen.
+    const build = spawnSync('g++', ['-std=c++17', '-O1', '-fno-strict-aliasing', '-I', cuda.dir!,
+      '-I', join(root, 'cuda'), join(root, 'tests', 'cuda-emulator', `${driver}.cpp`), '-o', exe],
+    { encoding: 'utf8', timeout: 150_000 });
+    expect(build.error, 'g++ could not be run').toBeUndefined();
+    expect(build.status, `g++ failed:\n${build.stderr}`).toBe(0);
+    const compiled = Date.now();
+
+    const run = spawnSync(exe, [], { encoding: 'utf8', timeout: 150_000 });
+    const output = `${run.stdout}${run.stderr}`;
+    expect(run.signal, `the emulator test was killed by ${run.signal}:\n${output}`).toBeNull();
+    expect(run.status, output).toBe(0);
+    expect(output).toMatch(/ 0 failures\b/);
+    const summary = output.trim().split('\n').pop();
+    console.log(`${summary}; compiled in ${((compiled - started) / 1000).toFixed(1)} s`);
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
 describe.skipIf(!cuda.dir && !required)(title, () => {
   it('linear scan: every configuration matches a float64 reference', () => {
-    expect(cuda.dir, `RK_CUDA=ON but no CUDA toolkit headers (cuda_runtime.h) in: ${cuda.tried.join(', ')}`)
-      .toBeDefined();
-    const work = mkdtempSync(join(tmpdir(), 'rk-cuda-emulator-'));
-    try {
-      const exe = join(work, 'linear_scan_test');
-      const started = Date.now();
-      // -fno-strict-aliasing: the kernels reinterpret element storage as raw bits and vectors, which
-      // is fine for nvcc; the host compiler must not optimise on the assumption it does not happen.
-      const build = spawnSync('g++', ['-std=c++17', '-O1', '-fno-strict-aliasing', '-I', cuda.dir!,
-        '-I', join(root, 'cuda'), join(root, 'tests', 'cuda-emulator', 'linear_scan_test.cpp'), '-o', exe],
-      { encoding: 'utf8', timeout: 150_000 });
-      expect(build.error, 'g++ could not be run').toBeUndefined();
-      expect(build.status, `g++ failed:\n${build.stderr}`).toBe(0);
-      const compiled = Date.now();
+    compileAndRun('linear_scan_test');
+  }, 180_000);
 
-      const run = spawnSync(exe, [], { encoding: 'utf8', timeout: 150_000 });
-      const output = `${run.stdout}${run.stderr}`;
-      expect(run.signal, `the emulator test was killed by ${run.signal}:\n${output}`).toBeNull();
-      expect(run.status, output).toBe(0);
-      expect(output).toMatch(/ 0 failures\b/);
-      const summary = output.trim().split('\n').pop();
-      console.log(`${summary}; compiled in ${((compiled - started) / 1000).toFixed(1)} s`);
-    } finally {
-      rmSync(work, { recursive: true, force: true });
-    }
+  it('scan primitives (common/scan.cuh): every configuration matches a float64 reference', () => {
+    compileAndRun('scan_primitives_test');
   }, 180_000);
 });

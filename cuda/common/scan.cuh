@@ -7,7 +7,7 @@
 //
 // Building blocks (all lanes of the warps involved must take part; blocks are 1-D):
 //   * thread level:  threadReduce / threadApply over ITEMS contiguous items held in registers;
-//   * warp level:    warpInclusiveScan (__shfl_up_sync, log2(32) steps), warpExclusiveScan;
+//   * warp level:    warpInclusiveScan (__shfl_up_sync, log2(32) steps), warpExclusiveFromInclusive (from an inclusive result);
 //   * block level:   BlockScan<THREADS> (THREADS a multiple of 32, up to 1024): per-warp totals
 //                    go through shared memory, one __syncthreads per call, with an optional
 //                    carry callback so that a long sequence can be walked in block-sized chunks;
@@ -15,7 +15,7 @@
 //                    kernels, where each lane holds V groups of contiguous items and the groups of
 //                    a warp are 32 lanes apart (so that loads stay fully coalesced).
 // Tails: give positions past the end the identity element; they then leave states unchanged
-// (exactly: fmaf(1, h, 0) == h), so a state read after them is the state after the last real item.
+// (fmaf(1, h, 0) == h in value; -0 becomes +0), so a state read after them is the state after the last real item.
 #pragma once
 #include <cuda_runtime.h>
 
