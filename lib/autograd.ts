@@ -8,6 +8,7 @@
  */
 import { ArgumentError, ShapeError } from './errors';
 import { Tensor } from './tensor';
+import { finiteNumber } from './validate';
 
 export type TensorMap = Record<string, Tensor | null | undefined>;
 export type Grads<T> = { [K in keyof T]?: Tensor | null };
@@ -162,9 +163,11 @@ export interface GradcheckResult {
  * must be float32 CPU tensors; f must return a one-element tensor.
  */
 export function gradcheck(f: (...args: Tensor[]) => Tensor, inputs: Tensor[], options: GradcheckOptions = {}): GradcheckResult {
-  const eps = options.eps ?? 1e-2;
-  const atol = options.atol ?? 1e-3;
-  const rtol = options.rtol ?? 1e-2;
+  const eps = finiteNumber('gradcheck', 'eps', options.eps ?? 1e-2, { positive: true });
+  const atol = finiteNumber('gradcheck', 'atol', options.atol ?? 1e-3);
+  const rtol = finiteNumber('gradcheck', 'rtol', options.rtol ?? 1e-2);
+  if (options.maxElements !== undefined && !(Number.isSafeInteger(options.maxElements) && options.maxElements > 0))
+    throw new ArgumentError(`gradcheck: maxElements must be a positive integer, got ${String(options.maxElements)}`);
   for (const [i, t] of inputs.entries())
     if (t.device !== 'cpu' || t.dtype !== 'float32')
       throw new ArgumentError(`gradcheck: input ${i} must be a float32 CPU tensor`);

@@ -130,6 +130,8 @@ export class Tensor {
 
   /** Copies to another device and/or converts to another dtype. Returns `this` when nothing changes. */
   to(target: Device | { device?: Device; dtype?: DType }): Tensor {
+    if (typeof target !== 'string' && (target === null || typeof target !== 'object'))
+      throw new ArgumentError(`Tensor.to: expected a device or { device, dtype }, got ${String(target)}`);
     const device = typeof target === 'string' ? target : (target.device ?? this.device);
     const dtype = typeof target === 'string' ? this.dtype : (target.dtype ?? this.dtype);
     checkDevice(device, 'Tensor.to');
@@ -271,6 +273,7 @@ export const cuda = {
    * synchronises).
    */
   timeMs(fn: () => void): number {
+    if (typeof fn !== 'function') throw new ArgumentError('cuda.timeMs: fn must be a function');
     requireCuda('cuda.timeMs');
     const handle = native().timerStart();
     let ms = 0;

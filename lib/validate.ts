@@ -52,3 +52,9 @@ export function booleanOption(op: string, name: string, v: unknown, fallback: bo
   if (typeof v !== 'boolean') throw new ArgumentError(`${op}: option ${name} must be a boolean, got ${typeof v}`);
   return v;
 }
+
+export function finiteNumber(op: string, name: string, v: unknown, { positive = false } = {}): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || (positive && v <= 0))
+    throw new ArgumentError(`${op}: ${name} must be a finite${positive ? ' positive' : ''} number, got ${String(v)}`);
+  return v;
+}

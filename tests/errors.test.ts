@@ -76,6 +76,16 @@ describe('tensor argument errors', () => {
     expectError(() => rk.Tensor.from([1], [1], { dtype: 'int8' as rk.DType }), 'ERR_DTYPE', /dtype must be one of/);
     expectError(() => rk.Tensor.from(5 as unknown as number[], [1]), 'ERR_ARGUMENT', /data must be an array/);
     expectError(() => rk.Tensor.from([1, 2], [2]).reshape([3]), 'ERR_SHAPE', /cannot view \[2\] as \[3\]/);
+    expectError(() => rk.Tensor.from([1, 2], [2]).to(5 as unknown as rk.Device), 'ERR_ARGUMENT', /Tensor.to: expected a device/);
+  });
+  it('non-finite scalars and bad helper arguments', () => {
+    const x = tensor([1, 2], [2]);
+    expectError(() => rk.scale(x, NaN), 'ERR_ARGUMENT', /scale: the factor must be a finite number, got NaN/);
+    expectError(() => rk.scale(x, Infinity), 'ERR_ARGUMENT', /got Infinity/);
+    expectError(() => rk.gradcheck((t) => rk.sum(t), [x], { eps: 0 }), 'ERR_ARGUMENT', /eps must be a finite positive number/);
+    expectError(() => rk.gradcheck((t) => rk.sum(t), [x], { rtol: NaN }), 'ERR_ARGUMENT', /rtol must be a finite number/);
+    expectError(() => rk.add(x, tensor([1, 2, 3], [3])), 'ERR_SHAPE', /add: b has shape \[3\], expected \[2\]/);
+    expectError(() => rk.valueAndGrad((t) => t)(5 as unknown as rk.Tensor), 'ERR_ARGUMENT', /argument 0 is not a Tensor/);
   });
 });
 

@@ -6,7 +6,7 @@
 import { defineOp, setAccumulate } from '../autograd';
 import { ShapeError } from '../errors';
 import { Tensor } from '../tensor';
-import { requireTensor } from '../validate';
+import { expectDevice, finiteNumber, requireTensor } from '../validate';
 
 function values(t: Tensor): Float64Array {
   return Float64Array.from(t.toFloat32Array());
@@ -17,7 +17,7 @@ function make(v: ArrayLike<number>, shape: readonly number[], like: Tensor): Ten
 function sameShape(op: string, a: Tensor, b: Tensor): void {
   if (a.shape.length !== b.shape.length || a.shape.some((d, i) => d !== b.shape[i]))
     throw new ShapeError(`${op}: b has shape [${b.shape.join(',')}], expected [${a.shape.join(',')}] to match a`);
-  if (a.device !== b.device) throw new ShapeError(`${op}: a is on ${a.device} but b is on ${b.device}`);
+  expectDevice(op, 'b', b, a.device, 'to match a');
 }
 function zip(a: Float64Array, b: Float64Array, f: (x: number, y: number) => number): Float64Array {
   const out = new Float64Array(a.length);
@@ -67,6 +67,7 @@ const scaleOp = defineOp<{ a: Tensor }, Out, number, number>({
   name: 'scale',
   forward({ a }, s = 1) {
     requireTensor('scale', 'a', a);
+    finiteNumber('scale', 'the factor', s);
     return { outputs: { out: make(values(a).map((x) => x * s), a.shape, a) }, ctx: s };
   },
   backward(s, { out }) {
