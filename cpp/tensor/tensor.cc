@@ -14,6 +14,21 @@ namespace rk {
 
 Instance& instance(Napi::Env env) { return *env.GetInstanceData<Instance>(); }
 
+bool cudaUsable(Napi::Env env, std::string* reason) {
+  Instance& inst = instance(env);
+  if (!inst.cudaChecked) {
+#ifdef RK_WITH_CUDA
+    inst.cudaOk = rkcuda::available(&inst.cudaReason);
+#else
+    inst.cudaOk = false;
+    inst.cudaReason = "this build of recurrent-kernels has no CUDA support (rebuild with nvcc on PATH)";
+#endif
+    inst.cudaChecked = true;
+  }
+  if (reason) *reason = inst.cudaReason;
+  return inst.cudaOk;
+}
+
 // ---------------------------------------------------------------- DeviceBuffer
 
 Napi::Function DeviceBuffer::Define(Napi::Env env) {
@@ -29,7 +44,7 @@ DeviceBuffer::DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<De
   int64_t bytes = parseCount(env, info[0], "DeviceBuffer", "bytes");
 #ifdef RK_WITH_CUDA
   std::string reason;
-  if (!rkcuda::available(&reason)) throwError(env, "ERR_DEVICE", "CUDA is not available: " + reason);
+  if (!cudaUsable(env, &reason)) throwError(env, "ERR_DEVICE", "CUDA is not available: " + reason);
   throwIfFailed(env, rkcuda::deviceMalloc(&ptr_, size_t(bytes)), "allocating device memory");
   bytes_ = size_t(bytes);
   disposed_ = false;  // owns memory from here on
@@ -209,17 +224,15 @@ namespace {
 Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object r = Napi::Object::New(env);
-#ifdef RK_WITH_CUDA
   std::string reason;
-  bool ok = rkcuda::available(&reason);
+  bool ok = cudaUsable(env, &reason);
+#ifdef RK_WITH_CUDA
   r.Set("built", true);
-  r.Set("available", ok);
-  r.Set("reason", ok ? std::string() : reason);
 #else
   r.Set("built", false);
-  r.Set("available", false);
-  r.Set("reason", "this build of recurrent-kernels has no CUDA support (rebuild with nvcc on PATH)");
 #endif
+  r.Set("available", ok);
+  r.Set("reason", ok ? std::string() : reason);
   return r;
 }
 

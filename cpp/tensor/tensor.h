@@ -34,7 +34,12 @@ struct Instance {
   Napi::FunctionReference deviceBufferCtor;
   Napi::FunctionReference bufferSource;  // JS pool of reusable CPU output buffers (lib/pool.ts)
   size_t bufferSourceMinBytes = 0;
+  // Whether CUDA can be used, and why not: asked of the driver once per environment.
+  bool cudaChecked = false, cudaOk = false;
+  std::string cudaReason;
 };
+// CUDA availability for this environment (cached); reason says why not.
+bool cudaUsable(Napi::Env env, std::string* reason);
 Instance& instance(Napi::Env env);
 
 // A block of device memory owned by JS. Freed by dispose() or, as a backup, by the finalizer.
