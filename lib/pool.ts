@@ -6,7 +6,7 @@
  * of their output ask for these; the rest get fresh zeroed memory). Tensors made from the caller's
  * own arrays are never pooled. The pool holds at most RK_CPU_POOL_BYTES bytes (default 1 GiB).
  */
-const MIN_BYTES = 1 << 20;
+export const POOL_MIN_BYTES = 1 << 20;
 const LIMIT = Number(process.env.RK_CPU_POOL_BYTES ?? 2 ** 30);
 const free = new Map<number, ArrayBuffer[]>();
 const ours = new WeakSet<ArrayBuffer>();
@@ -28,7 +28,7 @@ export function acquireHostBuffer(bytes: number): ArrayBuffer {
 export function releaseHostBuffer(storage: Float32Array | Uint16Array): void {
   const buf = storage.buffer as ArrayBuffer;
   const bytes = buf.byteLength;
-  if (bytes < MIN_BYTES || !ours.has(buf) || storage.byteOffset !== 0 || storage.byteLength !== bytes) return;
+  if (bytes < POOL_MIN_BYTES || !ours.has(buf) || storage.byteOffset !== 0 || storage.byteLength !== bytes) return;
   if (pooledBytes + bytes > LIMIT) return;
   let list = free.get(bytes);
   if (!list) free.set(bytes, (list = []));
@@ -46,5 +46,3 @@ export function clearHostPool(): void {
   free.clear();
   pooledBytes = 0;
 }
-
-export const POOL_MIN_BYTES = MIN_BYTES;

@@ -14,6 +14,9 @@ namespace rk {
 
 Instance& instance(Napi::Env env) { return *env.GetInstanceData<Instance>(); }
 
+static const char* const kNoCudaBuild =
+    "this build of recurrent-kernels has no CUDA support (rebuild with nvcc on PATH)";
+
 bool cudaUsable(Napi::Env env, std::string* reason) {
   Instance& inst = instance(env);
   if (!inst.cudaChecked) {
@@ -21,7 +24,7 @@ bool cudaUsable(Napi::Env env, std::string* reason) {
     inst.cudaOk = rkcuda::available(&inst.cudaReason);
 #else
     inst.cudaOk = false;
-    inst.cudaReason = "this build of recurrent-kernels has no CUDA support (rebuild with nvcc on PATH)";
+    inst.cudaReason = kNoCudaBuild;
 #endif
     inst.cudaChecked = true;
   }
@@ -214,7 +217,7 @@ void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what) {
 
 void throwNoCuda(Napi::Env env, const char* op) {
   throwError(env, "ERR_DEVICE",
-             std::string(op) + ": this build of recurrent-kernels has no CUDA support (rebuild with nvcc on PATH)");
+             std::string(op) + ": " + kNoCudaBuild);
 }
 
 // ---------------------------------------------------------------- runtime entry points

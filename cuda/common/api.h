@@ -39,7 +39,6 @@ Status deviceFree(void* ptr);                    // stream-ordered on the defaul
 Status copyHostToDevice(void* dst, const void* src, size_t bytes);
 Status copyDeviceToHost(void* dst, const void* src, size_t bytes);  // synchronises
 Status copyDeviceToDevice(void* dst, const void* src, size_t bytes);
-Status memsetZero(void* dst, size_t bytes);
 Status synchronize();
 // Convert n elements between dtypes on the device (either side may be F32/F16/BF16).
 Status convert(DType from, const void* src, DType to, void* dst, int64_t n);

@@ -129,12 +129,6 @@ Status copyDeviceToDevice(void* dst, const void* src, size_t bytes) {
   return Status{};
 }
 
-Status memsetZero(void* dst, size_t bytes) {
-  if (bytes == 0) return Status{};
-  RK_CUDA_TRY(cudaMemsetAsync(dst, 0, bytes, 0));
-  return Status{};
-}
-
 Status synchronize() {
   RK_CUDA_TRY(cudaDeviceSynchronize());
   return Status{};
