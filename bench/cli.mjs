@@ -1,22 +1,38 @@
 #!/usr/bin/env node
 // Microbenchmark CLI:  npm run bench -- --op linear-scan [--device cpu|cuda] [--json FILE] [--quick]
+//                        [--size AxBx...[,AxBx...]] [--dtype float32|float16|bfloat16]
 // Prints, per size: median time (CUDA events on GPU), achieved GB/s, % of the device's measured
-// copy bandwidth, and the ratio to each peer measured in the same run.
+// copy bandwidth, any per-op columns (e.g. a floor), and the ratio to each peer measured in the
+// same run. --size and --dtype replace an op's default sizes and dtypes where the op supports them.
 import { writeFileSync } from 'node:fs';
 import * as rk from '../dist/index.mjs';
 import { bandwidthCeiling } from './timing.mjs';
 import linearScan from './ops/linear-scan.mjs';
+import selectiveScan from './ops/selective-scan.mjs';
 
-const OPS = { 'linear-scan': linearScan };
+const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan };
+
+function parseSizes(v) {
+  return v.split(',').map((s) => {
+    const dims = s.split('x').map(Number);
+    if (dims.some((d) => !Number.isInteger(d) || d < 1)) throw new Error(`bench: bad --size ${s} (expected e.g. 4x2048x2048x16)`);
+    return dims;
+  });
+}
 
 function parseArgs(argv) {
-  const args = { op: 'linear-scan', device: rk.cuda.available() ? 'cuda' : 'cpu', json: null, quick: false };
+  const args = { op: 'linear-scan', device: rk.cuda.available() ? 'cuda' : 'cpu', json: null, quick: false, sizes: null, dtype: null };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     if (k === '--op') args.op = argv[++i];
     else if (k === '--device') args.device = argv[++i];
     else if (k === '--json') args.json = argv[++i];
     else if (k === '--quick') args.quick = true;
+    else if (k === '--size') args.sizes = parseSizes(argv[++i] ?? '');
+    else if (k === '--dtype') {
+      args.dtype = argv[++i];
+      if (!rk.DTYPES.includes(args.dtype)) throw new Error(`bench: --dtype must be one of ${rk.DTYPES.join(', ')}`);
+    }
     else if (k === '--help' || k === '-h') args.help = true;
     else throw new Error(`bench: unknown argument ${k}`);
   }
@@ -25,7 +41,7 @@ function parseArgs(argv) {
 
 const args = parseArgs(process.argv.slice(2));
 if (args.help || !OPS[args.op]) {
-  console.log(`usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick]`);
+  console.log(`usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick] [--size AxBx...[,...]] [--dtype DTYPE]`);
   process.exit(args.help ? 0 : 1);
 }
 if (args.device === 'cuda' && !rk.cuda.available()) {
@@ -41,12 +57,14 @@ const ceiling = bandwidthCeiling(rk, device);
 console.log(`device: ${deviceName}`);
 console.log(`measured copy bandwidth: ${ceiling.toFixed(1)} GB/s (read + write)`);
 
-const rows = await OPS[args.op].run(rk, { device, quick: args.quick, ceiling });
-const cols = ['size', 'dtype', 'pass', 'ms', 'GB/s', '% of copy', ...new Set(rows.flatMap((r) => Object.keys(r.peers)))];
+const rows = await OPS[args.op].run(rk, { device, quick: args.quick, ceiling, sizes: args.sizes, dtype: args.dtype });
+const extraCols = [...new Set(rows.flatMap((r) => Object.keys(r.extra ?? {})))];
+const cols = ['size', 'dtype', 'pass', 'ms', 'GB/s', '% of copy', ...extraCols, ...new Set(rows.flatMap((r) => Object.keys(r.peers)))];
 const table = rows.map((r) => {
   const line = {
     size: r.size, dtype: r.dtype, pass: r.pass, ms: r.ms.toFixed(3), 'GB/s': r.gbs.toFixed(1),
     '% of copy': `${((100 * r.gbs) / ceiling).toFixed(0)}%`,
+    ...r.extra,
   };
   for (const [name, p] of Object.entries(r.peers)) line[name] = p == null ? '–' : `${p.toFixed(3)} ms (${(p / r.ms).toFixed(1)}x)`;
   return line;

@@ -3,8 +3,10 @@
  *
  *   import * as rk from 'recurrent-kernels';
  *   const { h } = rk.linearScan({ a, b }, { reverse: false });
+ *   const { y } = rk.selectiveScan({ u, delta, A, B, C, D, z }, { deltaSoftplus: true });
  */
 import { linearScan } from './ops/linearScan';
+import { selectiveScan } from './ops/selectiveScan';
 import { elementwiseOps } from './ops/elementwise';
 
 export { Tensor, cuda, memory, releaseCpuPool, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
@@ -19,13 +21,23 @@ export type { OpHooks, Op, Grads, GradcheckOptions, GradcheckResult } from './au
 export { add, sub, mul, scale, square, sum, mean } from './ops/elementwise';
 export { linearScan } from './ops/linearScan';
 export type { LinearScanInputs, LinearScanOptions, LinearScanOutputs } from './ops/linearScan';
+export { selectiveScan } from './ops/selectiveScan';
+export type {
+  SelectiveScanInputs, SelectiveScanOptions, SelectiveScanOutputs, SelectiveScanGrads,
+} from './ops/selectiveScan';
+export { selectiveStateUpdate } from './ops/selectiveStateUpdate';
+export type {
+  SelectiveStateUpdateInputs, SelectiveStateUpdateOptions, SelectiveStateUpdateOutputs,
+} from './ops/selectiveStateUpdate';
 
 /** The forward/backward hooks of every op, for autograd adapters of other frameworks. */
 export const ops = {
   linearScan: linearScan.hooks,
+  selectiveScan: selectiveScan.hooks,
   ...Object.fromEntries(Object.entries(elementwiseOps).map(([k, v]) => [k, v.hooks])),
 } as {
   linearScan: typeof linearScan.hooks;
+  selectiveScan: typeof selectiveScan.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version = '0.1.0';

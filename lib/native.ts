@@ -35,6 +35,31 @@ export interface NativeModule {
   linearScanBackward(device: Dev, dtype: string, a: Storage, h: Storage, h0: Storage | null, gh: Storage | null,
     gFinal: Storage | null, rows: number, length: number, reverse: boolean, needGh0: boolean):
     { ga: Storage; gb: Storage; gh0: Storage | null };
+  selectiveScanForward(device: Dev, dtype: string, tensors: SelectiveScanTensors, config: SelectiveScanConfig,
+    cuSeqlens: Int32Array | null, returnFinal: boolean):
+    { y: Storage; states: Storage; finalState: Storage | null; chunk: number };
+  selectiveScanBackward(device: Dev, dtype: string, tensors: SelectiveScanTensors, config: SelectiveScanConfig,
+    cuSeqlens: Int32Array | null, grads: { states: Storage; dy: Storage | null; dFinal: Storage | null },
+    needDh0: boolean): {
+    du: Storage; ddelta: Storage; dA: Storage; dB: Storage; dC: Storage; dD: Storage | null; dz: Storage | null;
+    dDeltaBias: Storage | null; dh0: Storage | null;
+  };
+  selectiveStateUpdate(device: Dev, dtype: string, tensors: {
+    state: Storage; x: Storage; dt: Storage; A: Storage; B: Storage; C: Storage; D: Storage | null;
+    z: Storage | null; dtBias: Storage | null;
+  }, config: {
+    batch: number; dim: number; dstate: number; groups: number; tokens: number; deltaSoftplus: boolean;
+    updateState: boolean; returnIntermediate: boolean;
+  }): { y: Storage; intermediate: Storage | null };
+}
+
+export interface SelectiveScanTensors {
+  u: Storage; delta: Storage; A: Storage; B: Storage; C: Storage;
+  D: Storage | null; z: Storage | null; deltaBias: Storage | null; h0: Storage | null;
+}
+export interface SelectiveScanConfig {
+  batch: number; dim: number; seqlen: number; dstate: number; groups: number;
+  variableB: boolean; variableC: boolean; deltaSoftplus: boolean;
 }
 
 function packageRoot(): string {

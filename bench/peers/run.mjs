@@ -17,5 +17,6 @@ export function runPythonPeer(script, config) {
     console.log(`peer ${script}: not run (${out.unavailable})`);
     return null;
   }
+  for (const note of out.notes ?? []) console.log(`peer ${script}: ${note}`);
   return out.times;
 }

@@ -8,6 +8,8 @@
 // Building blocks (all lanes of the warps involved must take part; blocks are 1-D):
 //   * thread level:  threadReduce / threadApply over ITEMS contiguous items held in registers;
 //   * warp level:    warpInclusiveScan (__shfl_up_sync, log2(32) steps), warpExclusiveFromInclusive (from an inclusive result);
+//                    warpInclusiveScanReverse / warpExclusiveFromInclusiveReverse, the same in
+//                    decreasing lane order (__shfl_down_sync), for recurrences run backwards in time;
 //   * block level:   BlockScan<THREADS> (THREADS a multiple of 32, up to 1024): per-warp totals
 //                    go through shared memory, one __syncthreads per call, with an optional
 //                    carry callback so that a long sequence can be walked in block-sized chunks;
@@ -97,6 +99,31 @@ __device__ __forceinline__ Affine warpExclusiveFromInclusive(const Affine& inclu
   const float pa = __shfl_up_sync(kFullMask, inclusive.a, 1, WIDTH);
   const float pb = __shfl_up_sync(kFullMask, inclusive.b, 1, WIDTH);
   return lane == 0 ? identity() : Affine{pa, pb};
+}
+
+// Reverse order: the sequence runs from the last lane of each group of WIDTH lanes down to its
+// first. Lane i gets x_{WIDTH-1} then ... then x_i (the maps of the higher lanes are applied first).
+template <int WIDTH = 32>
+__device__ __forceinline__ Affine warpInclusiveScanReverse(Affine x) {
+  static_assert(WIDTH >= 1 && WIDTH <= 32 && (WIDTH & (WIDTH - 1)) == 0, "WIDTH: power of two <= 32");
+  const int lane = laneId() & (WIDTH - 1);
+#pragma unroll
+  for (int d = 1; d < WIDTH; d <<= 1) {
+    const float pa = __shfl_down_sync(kFullMask, x.a, d, WIDTH);
+    const float pb = __shfl_down_sync(kFullMask, x.b, d, WIDTH);
+    if (lane + d < WIDTH) x = compose(Affine{pa, pb}, x);
+  }
+  return x;
+}
+
+// Exclusive counterpart: lane i gets x_{WIDTH-1} then ... then x_{i+1} (identity for the last lane of
+// each group).
+template <int WIDTH = 32>
+__device__ __forceinline__ Affine warpExclusiveFromInclusiveReverse(const Affine& inclusive) {
+  const int lane = laneId() & (WIDTH - 1);
+  const float pa = __shfl_down_sync(kFullMask, inclusive.a, 1, WIDTH);
+  const float pb = __shfl_down_sync(kFullMask, inclusive.b, 1, WIDTH);
+  return lane == WIDTH - 1 ? identity() : Affine{pa, pb};
 }
 
 // ---- block level ----

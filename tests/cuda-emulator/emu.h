@@ -17,10 +17,12 @@
 // can force each configuration a launcher might choose. emu::launchLog records every launch.
 //
 // Supported: 1-D grids and blocks of a multiple of 32 threads (up to 1024), full-warp
-// __shfl_sync / __shfl_up_sync of 4-byte values, __syncwarp, __syncthreads, __ldg (which checks
-// alignment), no dynamic shared memory, and the few runtime calls that the launchers make. Add
-// what new kernels need, in the same style. Not modelled: data races (the interleaving is one
-// fixed order), memory ordering, atomics.
+// __shfl_sync / __shfl_up_sync / __shfl_down_sync / __shfl_xor_sync of 4-byte values, __syncwarp,
+// __syncthreads, __ldg (which checks alignment), atomicAdd on float (a plain add: threads run one
+// at a time), no dynamic shared memory, and the few runtime calls that the launchers make
+// (stream-ordered allocations are counted, so a test can check that every one is freed). Add what
+// new kernels need, in the same style. Not modelled: data races (the interleaving is one fixed
+// order), memory ordering.
 //
 // Compile with -fno-strict-aliasing: kernels read element storage as raw bits and 16-byte
 // vectors, which nvcc allows and an optimising host compiler otherwise need not.
@@ -201,6 +203,10 @@ template <class Kernel> const void* kernelId(Kernel* kernel) { return reinterpre
 inline int smCount = 132;   // cudaDevAttrMultiProcessorCount
 inline int blocksPerSm = 4;  // the answer to every occupancy query
 
+// Stream-ordered allocations (cudaMallocAsync) not yet freed, and how many were made in all.
+inline std::map<void*, size_t> liveAllocations;
+inline long allocationCount = 0;
+
 }  // namespace emu
 
 // ---- built-in variables and device functions ----
@@ -248,6 +254,21 @@ template <class T> T __shfl_up_sync(unsigned mask, T value, unsigned delta, int 
   return emu::warpExchange(mask, value, width, [&](int i) { return i >= d ? i - d : -1; });
 }
 
+template <class T> T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
+  const int d = static_cast<int>(delta);
+  return emu::warpExchange(mask, value, width, [&](int i) { return i + d < width ? i + d : -1; });
+}
+
+template <class T> T __shfl_xor_sync(unsigned mask, T value, int laneMask, int width = 32) {
+  return emu::warpExchange(mask, value, width, [&](int i) { return (i ^ laneMask) & (width - 1); });
+}
+
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
+
 template <class T> T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fail("misaligned __ldg");
   return *p;
@@ -291,6 +312,22 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
 }
 cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStream_t) {
   std::memset(dst, value, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) {
+  // Uninitialised like device memory: filled with a pattern that reads as NaN in every dtype.
+  void* p = std::malloc(bytes > 0 ? bytes : 1);
+  if (p == nullptr) return cudaErrorMemoryAllocation;
+  std::memset(p, 0xff, bytes);
+  emu::liveAllocations[p] = bytes;
+  ++emu::allocationCount;
+  *ptr = p;
+  return cudaSuccess;
+}
+cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) {
+  if (ptr == nullptr) return cudaSuccess;
+  if (emu::liveAllocations.erase(ptr) == 0) emu::fail("cudaFreeAsync of a pointer not from cudaMallocAsync");
+  std::free(ptr);
   return cudaSuccess;
 }
 }

@@ -45,18 +45,24 @@ export function relErr(out: ArrayLike<number>, ref: ArrayLike<number>): number {
   return den === 0 ? Math.sqrt(num) : Math.sqrt(num / den);
 }
 
-/** Central differences of a scalar function of several float64 arrays, at every element. */
-export function finiteDifferences(f: (xs: Float64Array[]) => number, xs: Float64Array[], eps = 1e-6): Float64Array[] {
-  return xs.map((x) => {
+/**
+ * Central differences of a scalar function of several float64 arrays, at every element. eps may be
+ * one step for all arrays or one per array (a large step is exact for an input f is linear in, and
+ * keeps rounding noise down).
+ */
+export function finiteDifferences(f: (xs: Float64Array[]) => number, xs: Float64Array[],
+  eps: number | readonly number[] = 1e-6): Float64Array[] {
+  return xs.map((x, k) => {
+    const h = typeof eps === 'number' ? eps : eps[k];
     const g = new Float64Array(x.length);
     for (let i = 0; i < x.length; i++) {
       const orig = x[i];
-      x[i] = orig + eps;
+      x[i] = orig + h;
       const plus = f(xs);
-      x[i] = orig - eps;
+      x[i] = orig - h;
       const minus = f(xs);
       x[i] = orig;
-      g[i] = (plus - minus) / (2 * eps);
+      g[i] = (plus - minus) / (2 * h);
     }
     return g;
   });

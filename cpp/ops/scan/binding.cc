@@ -93,6 +93,7 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
 void registerScan(Napi::Env env, Napi::Object exports) {
   exports.Set("linearScanForward", Napi::Function::New<LinearScanForward>(env, "linearScanForward"));
   exports.Set("linearScanBackward", Napi::Function::New<LinearScanBackward>(env, "linearScanBackward"));
+  registerSelectiveScan(env, exports);
 }
 
 }  // namespace rk

@@ -1,0 +1,264 @@
+// N-API glue of the selective scan (Mamba-1): re-checks every size against the configuration that
+// lib/ops/selectiveScan.ts sends, builds the sequence table, allocates the outputs and runs the
+// CPU kernels or the CUDA launchers.
+#include <string>
+#include <vector>
+
+#include "ops/scan/binding.h"
+#include "ops/scan/selective_scan_cpu.h"
+#include "tensor/tensor.h"
+
+namespace rk {
+namespace {
+
+using rkcuda::ScanSegment;
+
+int64_t field(Napi::Env env, const Napi::Object& o, const char* name, const char* op, int64_t least) {
+  int64_t v = parseCount(env, o.Get(name), op, name);
+  if (v < least)
+    throwError(env, "ERR_SHAPE", std::string(op) + ": " + name + " must be at least " + std::to_string(least));
+  return v;
+}
+bool flag(const Napi::Object& o, const char* name) { return o.Get(name).ToBoolean().Value(); }
+
+int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op) {
+  int64_t p = 1;
+  for (int64_t x : xs) p = checkedProduct(env, p, x, op);
+  return p;
+}
+
+// Everything one selective-scan call needs, checked.
+struct ScanCall {
+  Device dev = Device::CPU;
+  rkcuda::SelectiveScanArgs a;
+  std::vector<ScanSegment> segments;
+  int64_t elements = 0;  // batch * dim * seqlen
+  int64_t bcVariable = 0, params = 0, stateElems = 0, checkpointElems = 0;
+};
+
+// (device, dtype, tensors {u, delta, A, B, C, D, z, deltaBias, h0}, config {batch, dim, seqlen,
+//  dstate, groups, variableB, variableC, deltaSoftplus}, cuSeqlens: Int32Array | null)
+ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
+  Napi::Env env = info.Env();
+  ScanCall c;
+  c.dev = parseDevice(env, info[0], op);
+  DType dt = parseDType(env, info[1], op, "u");
+  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  rkcuda::SelectiveScanArgs& a = c.a;
+  a.dt = rkcuda::DType(int(dt));
+  a.batch = field(env, cfg, "batch", op, 1);
+  a.dim = field(env, cfg, "dim", op, 1);
+  a.seqlen = field(env, cfg, "seqlen", op, 1);
+  a.dstate = field(env, cfg, "dstate", op, 1);
+  a.groups = field(env, cfg, "groups", op, 1);
+  if (a.dim % a.groups != 0)
+    throwError(env, "ERR_SHAPE", std::string(op) + ": dim must be a multiple of groups");
+  a.variableB = flag(cfg, "variableB");
+  a.variableC = flag(cfg, "variableC");
+  a.deltaSoftplus = flag(cfg, "deltaSoftplus");
+  c.elements = product(env, {a.batch, a.dim, a.seqlen}, op);
+  c.params = product(env, {a.dim, a.dstate}, op);
+  c.bcVariable = product(env, {a.batch, a.groups, a.dstate, a.seqlen}, op);
+
+  // Sequences.
+  Napi::Value cu = info[4];
+  if (cu.IsNull() || cu.IsUndefined()) {
+    for (int64_t b = 0; b < a.batch; ++b) c.segments.push_back({b, 0, a.seqlen, 0});
+  } else {
+    if (!cu.IsTypedArray() || cu.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+      throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must be an Int32Array");
+    Napi::Int32Array arr = cu.As<Napi::Int32Array>();
+    const size_t n = arr.ElementLength();
+    if (a.batch != 1) throwError(env, "ERR_SHAPE", std::string(op) + ": cuSeqlens needs batch 1");
+    if (n < 2 || arr[0] != 0)
+      throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must start with 0 and have at least 2 entries");
+    for (size_t i = 1; i < n; ++i) {
+      if (arr[i] < arr[i - 1] || arr[i] > a.seqlen)
+        throwError(env, "ERR_ARGUMENT",
+                   std::string(op) + ": cuSeqlens must be non-decreasing and at most seqlen");
+      c.segments.push_back({0, arr[i - 1], int64_t(arr[i]) - arr[i - 1], 0});
+    }
+    a.packed = true;
+  }
+  a.nseq = int64_t(c.segments.size());
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    a.chunk = rkcuda::selectiveScanChunk();
+#else
+    throwNoCuda(env, op);
+#endif
+  } else {
+    a.chunk = scan::kSelectiveChunk;
+  }
+  int64_t total = 0;
+  for (ScanSegment& s : c.segments) {
+    s.chunkOffset = total;
+    total += (s.length + a.chunk - 1) / a.chunk;
+  }
+  a.totalChunks = total;
+  a.segments = c.segments.data();
+  c.stateElems = product(env, {a.nseq, a.dim, a.dstate}, op);
+  c.checkpointElems = product(env, {total, a.dim, a.dstate}, op);
+
+  a.u = tensorArg(env, t.Get("u"), op, "u", c.dev, dt, c.elements).data;
+  a.delta = tensorArg(env, t.Get("delta"), op, "delta", c.dev, dt, c.elements).data;
+  a.A = static_cast<const float*>(tensorArg(env, t.Get("A"), op, "A", c.dev, DType::F32, c.params).data);
+  a.B = tensorArg(env, t.Get("B"), op, "B", c.dev, a.variableB ? dt : DType::F32,
+                  a.variableB ? c.bcVariable : c.params).data;
+  a.C = tensorArg(env, t.Get("C"), op, "C", c.dev, a.variableC ? dt : DType::F32,
+                  a.variableC ? c.bcVariable : c.params).data;
+  a.D = static_cast<const float*>(tensorArg(env, t.Get("D"), op, "D", c.dev, DType::F32, a.dim, true).data);
+  a.z = tensorArg(env, t.Get("z"), op, "z", c.dev, dt, c.elements, true).data;
+  a.deltaBias = static_cast<const float*>(
+      tensorArg(env, t.Get("deltaBias"), op, "deltaBias", c.dev, DType::F32, a.dim, true).data);
+  a.h0 = static_cast<const float*>(
+      tensorArg(env, t.Get("h0"), op, "initialState", c.dev, DType::F32, c.stateElems, true).data);
+  return c;
+}
+
+// selectiveScanForward(device, dtype, tensors, config, cuSeqlens, returnFinal)
+//   -> { y, states, finalState | null, chunk }
+Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "selectiveScan";
+  ScanCall c = parseScan(info, op);
+  const rkcuda::SelectiveScanArgs& a = c.a;
+  const bool wantFinal = info[5].ToBoolean().Value();
+  void *y = nullptr, *states = nullptr, *fin = nullptr;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("y", allocOutput(env, c.dev, DType(int(a.dt)), c.elements, &y, Init::Overwritten));
+  out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
+  out.Set("finalState", wantFinal ? allocOutput(env, c.dev, DType::F32, c.stateElems, &fin) : env.Null());
+  out.Set("chunk", Napi::Number::New(env, double(a.chunk)));
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::selectiveScanForward(a, y, static_cast<float*>(states), static_cast<float*>(fin)),
+                  op);
+#endif
+    return out;
+  }
+  scan::selectiveScanForwardCpu(a, y, static_cast<float*>(states), static_cast<float*>(fin));
+  return out;
+}
+
+// selectiveScanBackward(device, dtype, tensors, config, cuSeqlens, {states, dy, dFinal}, needDh0)
+//   -> { du, ddelta, dA, dB, dC, dD | null, dz | null, dDeltaBias | null, dh0 | null }
+Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "selectiveScan.backward";
+  ScanCall c = parseScan(info, op);
+  const rkcuda::SelectiveScanArgs& a = c.a;
+  if (!info[5].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object gi = info[5].As<Napi::Object>();
+  const bool needDh0 = info[6].ToBoolean().Value();
+  const DType dt = DType(int(a.dt));
+  rkcuda::SelectiveScanGrads g;
+  g.states = static_cast<const float*>(
+      tensorArg(env, gi.Get("states"), op, "states (saved for backward)", c.dev, DType::F32, c.checkpointElems).data);
+  g.dy = tensorArg(env, gi.Get("dy"), op, "grad of y", c.dev, dt, c.elements, true).data;
+  g.dFinal = static_cast<const float*>(
+      tensorArg(env, gi.Get("dFinal"), op, "grad of finalState", c.dev, DType::F32, c.stateElems, true).data);
+  // Packed input leaves positions after the last sequence untouched by the kernels: start at zero.
+  const Init big = a.packed ? Init::Zeroed : Init::Overwritten;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("du", allocOutput(env, c.dev, dt, c.elements, &g.du, big));
+  out.Set("ddelta", allocOutput(env, c.dev, dt, c.elements, &g.ddelta, big));
+  void* p = nullptr;
+  out.Set("dA", allocOutput(env, c.dev, DType::F32, c.params, &p));
+  g.dA = static_cast<float*>(p);
+  out.Set("dB", allocOutput(env, c.dev, a.variableB ? dt : DType::F32, a.variableB ? c.bcVariable : c.params, &g.dB));
+  out.Set("dC", allocOutput(env, c.dev, a.variableC ? dt : DType::F32, a.variableC ? c.bcVariable : c.params, &g.dC));
+  if (a.D) {
+    out.Set("dD", allocOutput(env, c.dev, DType::F32, a.dim, &p));
+    g.dD = static_cast<float*>(p);
+  } else {
+    out.Set("dD", env.Null());
+  }
+  out.Set("dz", a.z ? allocOutput(env, c.dev, dt, c.elements, &g.dz, big) : env.Null());
+  if (a.deltaBias) {
+    out.Set("dDeltaBias", allocOutput(env, c.dev, DType::F32, a.dim, &p));
+    g.dDeltaBias = static_cast<float*>(p);
+  } else {
+    out.Set("dDeltaBias", env.Null());
+  }
+  if (needDh0) {
+    out.Set("dh0", allocOutput(env, c.dev, DType::F32, c.stateElems, &p));
+    g.dh0 = static_cast<float*>(p);
+  } else {
+    out.Set("dh0", env.Null());
+  }
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::selectiveScanBackward(a, g), op);
+#endif
+    return out;
+  }
+  scan::selectiveScanBackwardCpu(a, g);
+  return out;
+}
+
+// selectiveStateUpdate(device, dtype, tensors {state, x, delta, A, B, C, D, z, deltaBias},
+//   config {batch, dim, dstate, groups, tokens, deltaSoftplus, updateState, returnIntermediate})
+//   -> { y, intermediate | null }
+Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "selectiveStateUpdate";
+  Device dev = parseDevice(env, info[0], op);
+  DType dt = parseDType(env, info[1], op, "x");
+  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  rkcuda::SelectiveStateUpdateArgs a;
+  a.dt = rkcuda::DType(int(dt));
+  a.batch = field(env, cfg, "batch", op, 1);
+  a.dim = field(env, cfg, "dim", op, 1);
+  a.dstate = field(env, cfg, "dstate", op, 1);
+  a.groups = field(env, cfg, "groups", op, 1);
+  a.tokens = field(env, cfg, "tokens", op, 1);
+  if (a.dim % a.groups != 0)
+    throwError(env, "ERR_SHAPE", std::string(op) + ": dim must be a multiple of groups");
+  a.deltaSoftplus = flag(cfg, "deltaSoftplus");
+  a.updateState = flag(cfg, "updateState");
+  const bool wantIntermediate = flag(cfg, "returnIntermediate");
+  const int64_t elements = product(env, {a.batch, a.dim, a.tokens}, op);
+  const int64_t stateElems = product(env, {a.batch, a.dim, a.dstate}, op);
+  const int64_t bc = product(env, {a.batch, a.groups, a.dstate, a.tokens}, op);
+  const int64_t inter = product(env, {a.tokens, stateElems}, op);
+  a.state = static_cast<float*>(tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems).data);
+  a.x = tensorArg(env, t.Get("x"), op, "x", dev, dt, elements).data;
+  a.delta = tensorArg(env, t.Get("dt"), op, "dt", dev, dt, elements).data;
+  a.A = static_cast<const float*>(tensorArg(env, t.Get("A"), op, "A", dev, DType::F32, product(env, {a.dim, a.dstate}, op)).data);
+  a.B = tensorArg(env, t.Get("B"), op, "B", dev, dt, bc).data;
+  a.C = tensorArg(env, t.Get("C"), op, "C", dev, dt, bc).data;
+  a.D = static_cast<const float*>(tensorArg(env, t.Get("D"), op, "D", dev, DType::F32, a.dim, true).data);
+  a.z = tensorArg(env, t.Get("z"), op, "z", dev, dt, elements, true).data;
+  a.deltaBias =
+      static_cast<const float*>(tensorArg(env, t.Get("dtBias"), op, "dtBias", dev, DType::F32, a.dim, true).data);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("y", allocOutput(env, dev, dt, elements, &a.y, Init::Overwritten));
+  void* p = nullptr;
+  if (wantIntermediate) {
+    out.Set("intermediate", allocOutput(env, dev, DType::F32, inter, &p, Init::Overwritten));
+    a.intermediate = static_cast<float*>(p);
+  } else {
+    out.Set("intermediate", env.Null());
+  }
+  if (dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::selectiveStateUpdate(a), op);
+#endif
+    return out;
+  }
+  scan::selectiveStateUpdateCpu(a);
+  return out;
+}
+
+}  // namespace
+
+void registerSelectiveScan(Napi::Env env, Napi::Object exports) {
+  exports.Set("selectiveScanForward", Napi::Function::New<SelectiveScanForward>(env, "selectiveScanForward"));
+  exports.Set("selectiveScanBackward", Napi::Function::New<SelectiveScanBackward>(env, "selectiveScanBackward"));
+  exports.Set("selectiveStateUpdate", Napi::Function::New<SelectiveStateUpdate>(env, "selectiveStateUpdate"));
+}
+
+}  // namespace rk

@@ -1,0 +1,33 @@
+// Asynchronous 16-byte copies from global to shared memory (cp.async, sm_80 and later), for
+// staging tiles without holding them in registers: copyAsync16 starts one copy, waitAsyncCopies
+// waits until every copy this thread started has landed. The data is then visible to this thread;
+// other threads of the block see it after a __syncthreads that follows the wait. Host compilation
+// (the CPU emulator in tests/cuda-emulator) copies at once.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+namespace rkcuda {
+
+// Copies the first srcBytes (0..16) bytes at src to dst and zero-fills the rest of the 16 bytes.
+// dst (shared memory) and src (global memory) must be 16-byte aligned; src must be a valid address
+// even when srcBytes is 0 (nothing is read then). The global data goes through L2 only.
+__device__ __forceinline__ void copyAsync16(void* dst, const void* src, int srcBytes) {
+#if defined(__CUDA_ARCH__)
+  const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src), "r"(srcBytes) : "memory");
+#else
+  unsigned char buffer[16] = {};
+  if (srcBytes > 0) std::memcpy(buffer, src, static_cast<size_t>(srcBytes < 16 ? srcBytes : 16));
+  std::memcpy(dst, buffer, 16);
+#endif
+}
+
+__device__ __forceinline__ void waitAsyncCopies() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+}  // namespace rkcuda
