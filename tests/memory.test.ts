@@ -28,6 +28,31 @@ describe.each(devices)('memory on %s', (device) => {
     expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
   });
 
+  it('selective scan: live tensors and RSS stay flat over a thousand forward+backward calls', () => {
+    const f = (n: number, v: number, shape: number[]) => tensor(new Float32Array(n).fill(v), shape, 'float32', device);
+    const inputs = {
+      u: f(4 * 300, 0.3, [1, 4, 300]), delta: f(4 * 300, 0.1, [1, 4, 300]), A: f(4 * 8, -1, [4, 8]),
+      B: f(8 * 300, 0.2, [1, 1, 8, 300]), C: f(4 * 8, 0.5, [4, 8]), D: f(4, 1, [4]), z: f(4 * 300, 0.7, [1, 4, 300]),
+    };
+    const h0 = f(2 * 4 * 8, 0.1, [2, 4, 8]);
+    const run = () => {
+      const { outputs, ctx } = rk.ops.selectiveScan.forward(inputs,
+        { initialState: h0, returnFinalState: true, cuSeqlens: [0, 100, 290], deltaSoftplus: true });
+      const g = rk.ops.selectiveScan.backward(ctx, { y: outputs.y, finalState: outputs.finalState });
+      for (const t of [outputs.y, outputs.finalState, ctx.states, ...Object.values(g)]) t?.dispose();
+    };
+    for (let i = 0; i < 100; i++) run();
+    global.gc?.();
+    const live0 = rk.memory();
+    const rss0 = process.memoryUsage().rss;
+    for (let i = 0; i < 1000; i++) run();
+    global.gc?.();
+    const live1 = rk.memory();
+    expect(live1[device].tensors).toBe(live0[device].tensors);
+    expect(live1.cuda.nativeBytes).toBe(live0.cuda.nativeBytes);
+    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+  });
+
   it('tensors that are never disposed are reclaimed by the garbage collector', async () => {
     expect(global.gc, 'tests run with --expose-gc').toBeTypeOf('function');
     const before = rk.memory()[device].tensors;

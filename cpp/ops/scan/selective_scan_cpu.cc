@@ -46,6 +46,8 @@ using rkcuda::SelectiveStateUpdateArgs;
 constexpr int kLanes = 16;
 constexpr int kSteps = int(kSelectiveChunk);
 constexpr float kLog2e = 1.44269504088896340736f;
+// Up to this many states the backward pass keeps a tile's trajectory (2 * N * kSteps vectors).
+constexpr int64_t kKeepStates = 64;
 // One value per lane (channel). The compiler maps these to whatever vector registers the target has
 // (4 SSE, 2 AVX or 1 AVX-512 register).
 typedef float Lanes __attribute__((vector_size(4 * kLanes)));
@@ -115,16 +117,24 @@ struct FwdTile {
   const Lanes* Cc = nullptr;
   Lanes* x = nullptr;  // [N] in/out
   Lanes* y = nullptr;  // [steps] accumulated
+  // Optional (backward): the state before each step and each step's decay, [N][kSteps] each.
+  Lanes* xprevOut = nullptr;
+  Lanes* decayOut = nullptr;
 };
 
-template <bool VB, bool VC> RK_ALWAYS_INLINE void fwdTileBody(const FwdTile& p) {
+template <bool VB, bool VC, bool KEEP> RK_ALWAYS_INLINE void fwdTileBody(const FwdTile& p) {
   for (int n = 0; n < p.N; ++n) {
     Lanes xv = p.x[n];
     const Lanes a2 = p.A2[n];
     for (int t = 0; t < p.steps; ++t) {
       const Lanes bb = VB ? splat(p.Bv[n * p.bStride + t]) : p.Bc[n];
       const Lanes cc = VC ? splat(p.Cv[n * p.cStride + t]) : p.Cc[n];
-      xv = exp2Lanes(p.dt[t] * a2) * xv + p.dtu[t] * bb;
+      const Lanes d = exp2Lanes(p.dt[t] * a2);
+      if constexpr (KEEP) {
+        p.xprevOut[n * kSteps + t] = xv;
+        p.decayOut[n * kSteps + t] = d;
+      }
+      xv = d * xv + p.dtu[t] * bb;
       p.y[t] += xv * cc;
     }
     p.x[n] = xv;
@@ -150,8 +160,10 @@ struct BwdTile {
   const Lanes* Cc = nullptr;
   const Lanes* x0 = nullptr;  // [N]
   Lanes* g = nullptr;         // [N] in/out
-  Lanes* xprev = nullptr;     // scratch [steps]
-  Lanes* decay = nullptr;     // scratch [steps]
+  // The state before each step and each step's decay: [N][kSteps] computed beforehand by
+  // fwdTile (kept), or [kSteps] scratch recomputed here for one state at a time.
+  Lanes* xprev = nullptr;
+  Lanes* decay = nullptr;
   Lanes* ddt = nullptr;       // [steps] accumulated dL/d(dt)
   Lanes* du = nullptr;        // [steps] accumulated dL/du (through the state)
   Lanes* dA = nullptr;        // [N] accumulated
@@ -163,22 +175,26 @@ struct BwdTile {
   Lanes* dCc = nullptr;
 };
 
-template <bool VB, bool VC> RK_ALWAYS_INLINE void bwdTileBody(const BwdTile& p) {
+template <bool VB, bool VC, bool KEPT> RK_ALWAYS_INLINE void bwdTileBody(const BwdTile& p) {
   for (int n = 0; n < p.N; ++n) {
     const Lanes a2 = p.A2[n], an = p.A[n];
-    Lanes xv = p.x0[n];
-    for (int t = 0; t < p.steps; ++t) {
-      const Lanes bb = VB ? splat(p.Bv[n * p.bStride + t]) : p.Bc[n];
-      const Lanes d = exp2Lanes(p.dt[t] * a2);
-      p.xprev[t] = xv;
-      p.decay[t] = d;
-      xv = d * xv + p.dtu[t] * bb;
+    const Lanes* xprev = KEPT ? p.xprev + n * kSteps : p.xprev;
+    const Lanes* decay = KEPT ? p.decay + n * kSteps : p.decay;
+    if constexpr (!KEPT) {
+      Lanes xv = p.x0[n];
+      for (int t = 0; t < p.steps; ++t) {
+        const Lanes bb = VB ? splat(p.Bv[n * p.bStride + t]) : p.Bc[n];
+        const Lanes d = exp2Lanes(p.dt[t] * a2);
+        p.xprev[t] = xv;
+        p.decay[t] = d;
+        xv = d * xv + p.dtu[t] * bb;
+      }
     }
     Lanes gv = p.g[n], dAn{}, dBn{}, dCn{};
     for (int t = p.steps - 1; t >= 0; --t) {
       const Lanes bb = VB ? splat(p.Bv[n * p.bStride + t]) : p.Bc[n];
       const Lanes cc = VC ? splat(p.Cv[n * p.cStride + t]) : p.Cc[n];
-      const Lanes xp = p.xprev[t], dec = p.decay[t], dt = p.dt[t], dtu = p.dtu[t], dyp = p.dyp[t];
+      const Lanes xp = xprev[t], dec = decay[t], dt = p.dt[t], dtu = p.dtu[t], dyp = p.dyp[t];
       const Lanes xt = dec * xp + dtu * bb;
       const Lanes gt = gv + dyp * cc;
       const Lanes gDecay = gt * xp * dec;  // dL/d(dt * A) through exp
@@ -246,12 +262,17 @@ RK_ALWAYS_INLINE void gateBwdBody(const GateTile& p) {
 // The loops above, compiled per instruction set and picked at run time.
 #define RK_ISA_VARIANTS(SUFFIX, ATTR)                                                           \
   ATTR void fwdTile##SUFFIX(const FwdTile& p, bool vb, bool vc) {                               \
-    if (vb) { if (vc) fwdTileBody<true, true>(p); else fwdTileBody<true, false>(p); }           \
-    else { if (vc) fwdTileBody<false, true>(p); else fwdTileBody<false, false>(p); }            \
+    const bool keep = p.xprevOut != nullptr;                                                    \
+    if (vb && vc) keep ? fwdTileBody<true, true, true>(p) : fwdTileBody<true, true, false>(p);  \
+    if (vb && !vc) keep ? fwdTileBody<true, false, true>(p) : fwdTileBody<true, false, false>(p); \
+    if (!vb && vc) keep ? fwdTileBody<false, true, true>(p) : fwdTileBody<false, true, false>(p); \
+    if (!vb && !vc) keep ? fwdTileBody<false, false, true>(p) : fwdTileBody<false, false, false>(p); \
   }                                                                                             \
-  ATTR void bwdTile##SUFFIX(const BwdTile& p, bool vb, bool vc) {                               \
-    if (vb) { if (vc) bwdTileBody<true, true>(p); else bwdTileBody<true, false>(p); }           \
-    else { if (vc) bwdTileBody<false, true>(p); else bwdTileBody<false, false>(p); }            \
+  ATTR void bwdTile##SUFFIX(const BwdTile& p, bool vb, bool vc, bool kept) {                    \
+    if (vb && vc) kept ? bwdTileBody<true, true, true>(p) : bwdTileBody<true, true, false>(p);  \
+    if (vb && !vc) kept ? bwdTileBody<true, false, true>(p) : bwdTileBody<true, false, false>(p); \
+    if (!vb && vc) kept ? bwdTileBody<false, true, true>(p) : bwdTileBody<false, true, false>(p); \
+    if (!vb && !vc) kept ? bwdTileBody<false, false, true>(p) : bwdTileBody<false, false, false>(p); \
   }                                                                                             \
   ATTR void prepTile##SUFFIX(const PrepTile& p) { prepTileBody(p); }                            \
   ATTR void gateFwd##SUFFIX(const GateTile& p) { gateFwdBody(p); }                              \
@@ -292,7 +313,7 @@ Isa isa() {
   void NAME PARAMS { NAME##Base ARGS; }
 #endif
 RK_DISPATCH(fwdTile, (const FwdTile& p, bool vb, bool vc), (p, vb, vc))
-RK_DISPATCH(bwdTile, (const BwdTile& p, bool vb, bool vc), (p, vb, vc))
+RK_DISPATCH(bwdTile, (const BwdTile& p, bool vb, bool vc, bool kept), (p, vb, vc, kept))
 RK_DISPATCH(prepTile, (const PrepTile& p), (p))
 RK_DISPATCH(gateFwd, (const GateTile& p), (p))
 RK_DISPATCH(gateBwd, (const GateTile& p), (p))
@@ -526,6 +547,10 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
     Lanes *dt = sc.at(10 * N), *dtu = dt + kSteps, *u = dtu + kSteps, *dsp = u + kSteps, *dyp = dsp + kSteps;
     Lanes *ddt = dyp + kSteps, *dut = ddt + kSteps, *xprev = dut + kSteps, *decay = xprev + kSteps,
           *ypre = decay + kSteps, *zt = ypre + kSteps;
+    // With few states, the tile's whole trajectory is kept ([N][kSteps] twice) so that the states
+    // are computed once per tile rather than once for y (needed by z's gradient) and once per state.
+    const bool keep = N <= kKeepStates;
+    Scratch kept(keep ? size_t(2 * N * kSteps) : 0);
     std::vector<float> bBuf(vb && sizeof(S) != 4 ? N * kSteps : 0), cBuf(vc && sizeof(S) != 4 ? N * kSteps : 0);
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Block& bl = blocks[size_t(bi)];
@@ -553,7 +578,7 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
         if (vb) Bv = in.variable(a.B, t0, steps, bBuf.data(), &bStride);
         if (vc) Cv = in.variable(a.C, t0, steps, cBuf.data(), &cStride);
         // The pre-gate output is needed for dz and for the gate's factor: recompute it.
-        if (a.z) {
+        if (a.z || keep) {
           for (int t = 0; t < steps; ++t) ypre[t] = Lanes{};
           FwdTile p;
           p.steps = steps;
@@ -571,6 +596,10 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
             for (int w = 0; w < kLanes; ++w) xw[n][w] = x[n][w];
           p.x = xw;
           p.y = ypre;
+          if (keep) {
+            p.xprevOut = kept.at(0);
+            p.decayOut = kept.at(size_t(N * kSteps));
+          }
           fwdTile(p, vb, vc);
         }
         in.gather(g.dy, t0, steps, dyp);
@@ -609,8 +638,8 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
         p.Cc = Cc;
         p.x0 = x;
         p.g = gc;
-        p.xprev = xprev;
-        p.decay = decay;
+        p.xprev = keep ? kept.at(0) : xprev;
+        p.decay = keep ? kept.at(size_t(N * kSteps)) : decay;
         p.ddt = ddt;
         p.du = dut;
         p.dA = dAc;
@@ -620,7 +649,7 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
         p.dCv = vc ? acc.dC.data() + vOff + t0 : nullptr;
         p.dcStride = a.seqlen;
         p.dCc = dCc;
-        bwdTile(p, vb, vc);
+        bwdTile(p, vb, vc, keep);
         for (int t = 0; t < steps; ++t) {
           ddt[t] *= dsp[t];
           laneBias += ddt[t];
