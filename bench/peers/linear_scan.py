@@ -15,6 +15,8 @@ except Exception as e:  # noqa: BLE001
     print(json.dumps({"unavailable": f"torch not importable: {e}"}))
     sys.exit(0)
 
+from timing import time_ms  # noqa: E402  (after the torch check)
+
 
 def loop_scan(a, b):
     h = torch.empty_like(b)
@@ -53,22 +55,6 @@ def chunked_scan(a, b, chunk=64):
     carry = torch.stack(carries, -1).unsqueeze(-1)
     h = hloc + prod * carry
     return h.view(B, C, n * chunk)[..., :L].to(a.dtype)
-
-
-def time_ms(fn, iters):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main():

@@ -28,6 +28,8 @@ except Exception as e:  # noqa: BLE001
     print(json.dumps({"unavailable": f"torch not importable: {e}"}))
     sys.exit(0)
 
+from timing import time_ms  # noqa: E402  (after the torch check)
+
 
 def loop_scan(u, delta, A, B, C, D, z):
     dtype = u.dtype
@@ -91,22 +93,6 @@ def chunked_scan(u, delta, A, B, C, D, z):
     y = torch.einsum("kbdcn,kbcn->bdck", x, C_k).reshape(batch, dim, nc * K)[..., :L]
     y = y + uf * D[:, None]
     return (y * F.silu(zf)).to(dtype)
-
-
-def time_ms(fn, iters):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def make_inputs(batch, dim, L, N, dtype):

@@ -103,8 +103,8 @@ RK_ALWAYS_INLINE Lanes softplusLanes(Lanes v) {
 
 // ---- the inner loops ----
 
-// One tile of one block, all states: x[n] advances over `steps` steps, y[t] += x . C.
-struct FwdTile {
+// What the forward and backward tile loops read: one tile of one block.
+struct TileInputs {
   int steps = 0, N = 0;
   const Lanes* dt = nullptr;   // [steps] dt after bias and softplus
   const Lanes* dtu = nullptr;  // [steps] dt * u
@@ -115,6 +115,10 @@ struct FwdTile {
   const float* Cv = nullptr;
   int64_t cStride = 0;
   const Lanes* Cc = nullptr;
+};
+
+// One tile of one block, all states: x[n] advances over `steps` steps, y[t] += x . C.
+struct FwdTile : TileInputs {
   Lanes* x = nullptr;  // [N] in/out
   Lanes* y = nullptr;  // [steps] accumulated
   // Optional (backward): the state before each step and each step's decay, [N][kSteps] each.
@@ -144,20 +148,10 @@ template <bool VB, bool VC, bool KEEP> RK_ALWAYS_INLINE void fwdTileBody(const F
 // One tile of one block backwards. g[n] is dL/dx at the tile's last step that arrives from later
 // steps (already multiplied by their decay); on return it is the same for the step before the
 // tile. x0 is the checkpoint (the state entering the tile).
-struct BwdTile {
-  int steps = 0, N = 0;
-  const Lanes* dt = nullptr;
-  const Lanes* dtu = nullptr;
+struct BwdTile : TileInputs {
   const Lanes* u = nullptr;
   const Lanes* dyp = nullptr;  // dL/d(pre-gate y)
   const Lanes* A = nullptr;    // [N]
-  const Lanes* A2 = nullptr;   // [N]
-  const float* Bv = nullptr;
-  int64_t bStride = 0;
-  const Lanes* Bc = nullptr;
-  const float* Cv = nullptr;
-  int64_t cStride = 0;
-  const Lanes* Cc = nullptr;
   const Lanes* x0 = nullptr;  // [N]
   Lanes* g = nullptr;         // [N] in/out
   // The state before each step and each step's decay: [N][kSteps] computed beforehand by
@@ -428,6 +422,20 @@ template <typename S> struct BlockInputs {
       return buf;
     }
   }
+  TileInputs tileInputs(int64_t t0, int steps, const Lanes* dt, const Lanes* dtu, const Lanes* A2, const Lanes* Bc,
+                        const Lanes* Cc, float* bBuf, float* cBuf) const {
+    TileInputs ti;
+    ti.steps = steps;
+    ti.N = int(a.dstate);
+    ti.dt = dt;
+    ti.dtu = dtu;
+    ti.A2 = A2;
+    ti.Bc = Bc;
+    ti.Cc = Cc;
+    if (a.variableB) ti.Bv = variable(a.B, t0, steps, bBuf, &ti.bStride);
+    if (a.variableC) ti.Cv = variable(a.C, t0, steps, cBuf, &ti.cStride);
+    return ti;
+  }
   template <typename F> F* checkpoint(F* states, int64_t c, int w) const {
     return states + ((sg.chunkOffset * a.dim + (ch0 + w) * nChunks(sg) + c) * a.dstate);
   }
@@ -473,15 +481,7 @@ void forwardImpl(const SelectiveScanArgs& a, S* y, float* states, float* finalSt
         for (int t = 0; t < steps; ++t)
           for (int w = 0; w < kLanes; ++w) yt[t][w] = 0.0f;
         FwdTile p;
-        p.steps = steps;
-        p.N = int(N);
-        p.dt = dt;
-        p.dtu = dtu;
-        p.A2 = A2;
-        p.Bc = Bc;
-        p.Cc = Cc;
-        if (vb) p.Bv = in.variable(a.B, t0, steps, bBuf.data(), &p.bStride);
-        if (vc) p.Cv = in.variable(a.C, t0, steps, cBuf.data(), &p.cStride);
+        static_cast<TileInputs&>(p) = in.tileInputs(t0, steps, dt, dtu, A2, Bc, Cc, bBuf.data(), cBuf.data());
         p.x = x;
         p.y = yt;
         fwdTile(p, vb, vc);
@@ -572,26 +572,12 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
           const float* cp = w < bl.nc ? in.checkpoint(g.states, c, w) : nullptr;
           for (int64_t n = 0; n < N; ++n) x[n][w] = cp ? cp[n] : 0.0f;
         }
-        const float* Bv = nullptr;
-        const float* Cv = nullptr;
-        int64_t bStride = 0, cStride = 0;
-        if (vb) Bv = in.variable(a.B, t0, steps, bBuf.data(), &bStride);
-        if (vc) Cv = in.variable(a.C, t0, steps, cBuf.data(), &cStride);
+        const TileInputs ti = in.tileInputs(t0, steps, dt, dtu, A2, Bc, Cc, bBuf.data(), cBuf.data());
         // The pre-gate output is needed for dz and for the gate's factor: recompute it.
         if (a.z || keep) {
           for (int t = 0; t < steps; ++t) ypre[t] = Lanes{};
           FwdTile p;
-          p.steps = steps;
-          p.N = int(N);
-          p.dt = dt;
-          p.dtu = dtu;
-          p.A2 = A2;
-          p.Bv = Bv;
-          p.bStride = bStride;
-          p.Bc = Bc;
-          p.Cv = Cv;
-          p.cStride = cStride;
-          p.Cc = Cc;
+          static_cast<TileInputs&>(p) = ti;
           for (int64_t n = 0; n < N; ++n)
             for (int w = 0; w < kLanes; ++w) xw[n][w] = x[n][w];
           p.x = xw;
@@ -622,20 +608,10 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
           dut[t] = dyp[t] * dv;
         }
         BwdTile p;
-        p.steps = steps;
-        p.N = int(N);
-        p.dt = dt;
-        p.dtu = dtu;
+        static_cast<TileInputs&>(p) = ti;
         p.u = u;
         p.dyp = dyp;
         p.A = A;
-        p.A2 = A2;
-        p.Bv = Bv;
-        p.bStride = bStride;
-        p.Bc = Bc;
-        p.Cv = Cv;
-        p.cStride = cStride;
-        p.Cc = Cc;
         p.x0 = x;
         p.g = gc;
         p.xprev = keep ? kept.at(0) : xprev;
