@@ -13,16 +13,17 @@ import { finiteNumber } from './validate';
 export type TensorMap = Record<string, Tensor | null | undefined>;
 export type Grads<T> = { [K in keyof T]?: Tensor | null };
 
-export interface OpHooks<I extends object, O extends object, Opt, C> {
+/** G: what backward returns (by default one optional grad per input; ops with differentiable options add theirs). */
+export interface OpHooks<I extends object, O extends object, Opt, C, G = Grads<I>> {
   readonly name: string;
   /** Options that are tensors with a gradient (e.g. initialState); backward returns theirs too. */
   readonly differentiableOptions?: readonly string[];
   forward(inputs: I, options?: Opt): { outputs: O; ctx: C };
-  backward(ctx: C, gradOutputs: Grads<O>): Grads<I>;
+  backward(ctx: C, gradOutputs: Grads<O>): G;
 }
 
-export type Op<I extends object, O extends object, Opt, C> = ((inputs: I, options?: Opt) => O) & {
-  readonly hooks: OpHooks<I, O, Opt, C>;
+export type Op<I extends object, O extends object, Opt, C, G = Grads<I>> = ((inputs: I, options?: Opt) => O) & {
+  readonly hooks: OpHooks<I, O, Opt, C, G>;
 };
 
 interface Node {
@@ -105,7 +106,8 @@ function accumulate(a: Tensor, b: Tensor): Tensor {
 }
 
 /** Wraps op hooks into a callable op that records itself on the active tapes. */
-export function defineOp<I extends object, O extends object, Opt, C>(hooks: OpHooks<I, O, Opt, C>): Op<I, O, Opt, C> {
+export function defineOp<I extends object, O extends object, Opt, C, G = Grads<I>>(
+  hooks: OpHooks<I, O, Opt, C, G>): Op<I, O, Opt, C, G> {
   const call = (inputs: I, options?: Opt): O => {
     const { outputs, ctx } = hooks.forward(inputs, options);
     if (activeTapes.length === 0) return outputs;

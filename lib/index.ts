@@ -20,7 +20,7 @@ export { Tape, grad, valueAndGrad, gradcheck, defineOp } from './autograd';
 export type { OpHooks, Op, Grads, GradcheckOptions, GradcheckResult } from './autograd';
 export { add, sub, mul, scale, square, sum, mean } from './ops/elementwise';
 export { linearScan } from './ops/linearScan';
-export type { LinearScanInputs, LinearScanOptions, LinearScanOutputs } from './ops/linearScan';
+export type { LinearScanInputs, LinearScanOptions, LinearScanOutputs, LinearScanGrads } from './ops/linearScan';
 export { selectiveScan } from './ops/selectiveScan';
 export type {
   SelectiveScanInputs, SelectiveScanOptions, SelectiveScanOutputs, SelectiveScanGrads,

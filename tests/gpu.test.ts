@@ -75,3 +75,61 @@ describe.runIf(hasCuda)('CUDA linear scan, long and unaligned', () => {
     expect(relErr(gpu, cpu)).toBeLessThan(1e-6);
   });
 });
+
+describe.runIf(hasCuda)('CUDA selective scan, many blocks and long sequences, against the CPU kernel', () => {
+  // Sizes large enough to spread over every SM and to cross many checkpoints, where races and
+  // carry bugs show; the CPU kernel (itself checked against the float64 oracle) is the reference.
+  const cases: [number, number, number, number, number][] = [
+    // batch, dim, seqlen, dstate, groups
+    [2, 130, 4099, 16, 1], [1, 64, 20000, 16, 2], [3, 33, 517, 64, 1], [1, 8, 300, 256, 1],
+  ];
+  it.each(cases)('batch %i, dim %i, seqlen %i, dstate %i, groups %i', (batch, dim, L, N, groups) => {
+    for (const dtype of ['float32', 'bfloat16'] as const) {
+      const n = batch * dim * L;
+      const host = {
+        u: tensor(normal(rand, n), [batch, dim, L], dtype),
+        delta: tensor(uniform(rand, n, -4, 0), [batch, dim, L], dtype),
+        A: tensor(uniform(rand, dim * N, -2, -0.1), [dim, N]),
+        B: tensor(normal(rand, batch * groups * N * L), [batch, groups, N, L], dtype),
+        C: tensor(normal(rand, batch * groups * N * L), [batch, groups, N, L], dtype),
+        D: tensor(normal(rand, dim), [dim]),
+        z: tensor(normal(rand, n), [batch, dim, L], dtype),
+        deltaBias: tensor(normal(rand, dim, 0.5), [dim]),
+      };
+      const h0 = tensor(normal(rand, batch * dim * N), [batch, dim, N]);
+      const dev = Object.fromEntries(Object.entries(host).map(([k, t]) => [k, t.to('cuda')])) as typeof host;
+      const opts = { deltaSoftplus: true, returnFinalState: true };
+      const cpu = rk.ops.selectiveScan.forward(host, { ...opts, initialState: h0 });
+      const gpu = rk.ops.selectiveScan.forward(dev, { ...opts, initialState: h0.to('cuda') });
+      const tol = dtype === 'float32' ? 1e-5 : 1e-2;
+      expect(relErr(values(gpu.outputs.y), values(cpu.outputs.y)), `y ${dtype} ${at}`).toBeLessThan(tol);
+      expect(relErr(values(gpu.outputs.finalState!), values(cpu.outputs.finalState!)), `final ${at}`).toBeLessThan(tol);
+      const dy = tensor(normal(rand, n), [batch, dim, L], dtype);
+      const dFinal = tensor(normal(rand, batch * dim * N), [batch, dim, N]);
+      const gc = rk.ops.selectiveScan.backward(cpu.ctx, { y: dy, finalState: dFinal });
+      const gg = rk.ops.selectiveScan.backward(gpu.ctx, { y: dy.to('cuda'), finalState: dFinal.to('cuda') });
+      for (const k of ['u', 'delta', 'A', 'B', 'C', 'D', 'z', 'deltaBias', 'initialState'] as const)
+        expect(relErr(values(gg[k]!), values(gc[k]!)), `grad ${k} ${dtype} ${at}`).toBeLessThan(2 * tol);
+    }
+  });
+
+  it('packed sequences over many blocks', () => {
+    const dim = 96, L = 3000, N = 16;
+    const cu = [0, 1, 700, 700, 2047, 2999];
+    const host = {
+      u: tensor(normal(rand, dim * L), [1, dim, L]), delta: tensor(uniform(rand, dim * L, -4, 0), [1, dim, L]),
+      A: tensor(uniform(rand, dim * N, -2, -0.1), [dim, N]), B: tensor(normal(rand, N * L), [1, 1, N, L]),
+      C: tensor(normal(rand, dim * N), [dim, N]), z: tensor(normal(rand, dim * L), [1, dim, L]),
+    };
+    const dev = Object.fromEntries(Object.entries(host).map(([k, t]) => [k, t.to('cuda')])) as typeof host;
+    const opts = { deltaSoftplus: true, returnFinalState: true, cuSeqlens: cu };
+    const cpu = rk.ops.selectiveScan.forward(host, opts);
+    const gpu = rk.ops.selectiveScan.forward(dev, opts);
+    expect(relErr(values(gpu.outputs.y), values(cpu.outputs.y)), at).toBeLessThan(1e-5);
+    const dy = tensor(normal(rand, dim * L), [1, dim, L]);
+    const gc = rk.ops.selectiveScan.backward(cpu.ctx, { y: dy });
+    const gg = rk.ops.selectiveScan.backward(gpu.ctx, { y: dy.to('cuda') });
+    for (const k of ['u', 'delta', 'A', 'B', 'C', 'z'] as const)
+      expect(relErr(values(gg[k]!), values(gc[k]!)), `grad ${k} ${at}`).toBeLessThan(2e-5);
+  });
+});

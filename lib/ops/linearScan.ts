@@ -77,8 +77,13 @@ function forward(inputs: LinearScanInputs, options: LinearScanOptions = {}): { o
   };
 }
 
-function backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: Tensor | null }):
-  { a: Tensor | null; b: Tensor | null; initialState: Tensor | null } {
+export interface LinearScanGrads {
+  a: Tensor;
+  b: Tensor;
+  initialState: Tensor | null;
+}
+
+function backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: Tensor | null }): LinearScanGrads {
   const op = `${OP}.backward`;
   const [batch, channels, length] = ctx.shape;
   const gh = grads.h ?? null;
@@ -109,7 +114,7 @@ function backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: T
   };
 }
 
-export const linearScan = defineOp<LinearScanInputs, LinearScanOutputs, LinearScanOptions, LinearScanCtx>({
+export const linearScan = defineOp<LinearScanInputs, LinearScanOutputs, LinearScanOptions, LinearScanCtx, LinearScanGrads>({
   name: OP,
   differentiableOptions: ['initialState'],
   forward,

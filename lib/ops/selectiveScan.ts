@@ -244,7 +244,8 @@ function backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState?
   };
 }
 
-export const selectiveScan = defineOp<SelectiveScanInputs, SelectiveScanOutputs, SelectiveScanOptions, SelectiveScanCtx>({
+export const selectiveScan = defineOp<SelectiveScanInputs, SelectiveScanOutputs, SelectiveScanOptions, SelectiveScanCtx,
+  SelectiveScanGrads>({
   name: OP,
   differentiableOptions: ['initialState'],
   forward,
