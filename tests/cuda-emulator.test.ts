@@ -2,7 +2,8 @@
 // sources on a small SIMT emulator) with g++ against the CUDA toolkit headers, runs it, and expects
 // "0 failures". linear_scan_test.cpp runs the linear-scan kernels through their launchers;
 // scan_primitives_test.cpp runs the reusable scan primitive (cuda/common/scan.cuh) in every
-// configuration through small test kernels. Needs the toolkit's headers but no GPU, so CI checks the
+// configuration through small test kernels; selective_scan_test.cpp runs the selective-scan
+// (Mamba-1) forward, backward and decode launchers against float64 references. Needs the toolkit's headers but no GPU, so CI checks the
 // kernels' results too. Skipped when no toolkit headers are found, unless RK_CUDA=ON (as in CI),
 // where a missing toolkit is a failure.
 import { spawnSync } from 'node:child_process';
@@ -88,5 +89,9 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
 
   it('scan primitives (common/scan.cuh): every configuration matches a float64 reference', () => {
     compileAndRun('scan_primitives_test');
+  }, 180_000);
+
+  it('selective scan: forward, backward and decode match float64 references in every configuration', () => {
+    compileAndRun('selective_scan_test');
   }, 180_000);
 });

@@ -1,8 +1,11 @@
-// Asynchronous 16-byte copies from global to shared memory (cp.async, sm_80 and later), for
-// staging tiles without holding them in registers: copyAsync16 starts one copy, waitAsyncCopies
-// waits until every copy this thread started has landed. The data is then visible to this thread;
-// other threads of the block see it after a __syncthreads that follows the wait. Host compilation
-// (the CPU emulator in tests/cuda-emulator) copies at once.
+// Moving data ahead of its use without holding it in registers:
+//   * copyAsync16 / waitAsyncCopies: asynchronous 16-byte copies from global to shared memory
+//     (cp.async, sm_80 and later), for staging tiles. waitAsyncCopies waits until every copy this
+//     thread started has landed; the data is then visible to this thread, and to the rest of the
+//     block after a __syncthreads that follows the wait;
+//   * prefetchL2: a hint that brings a global memory line into L2, so that a later load of it does
+//     not wait for DRAM.
+// Host compilation (the CPU emulator in tests/cuda-emulator) copies at once and ignores hints.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -27,6 +30,15 @@ __device__ __forceinline__ void copyAsync16(void* dst, const void* src, int srcB
 __device__ __forceinline__ void waitAsyncCopies() {
 #if defined(__CUDA_ARCH__)
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// p must point into a global memory allocation.
+__device__ __forceinline__ void prefetchL2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#else
+  (void)p;
 #endif
 }
 

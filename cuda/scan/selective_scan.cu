@@ -10,26 +10,28 @@
 // x -> exp2(dt*A*log2e) * x + dt*u*B (one MUFU.EX2 per position and state), composes them
 // sequentially, the warp scans the 32 lane aggregates with shuffles (common/scan.cuh), and each
 // lane re-runs its K steps from its start state, adding C*x into y. So a (position, state) costs
-// about five fp32 operations and one exp2, plus 1/K of a 5-level warp scan; u, delta, z and y are
-// read or written once. Across tiles the carry (the state at the end of the tile, per warp and
-// state) sits in shared memory.
-// Variable B and C rows are the same for every channel of a group: the block copies them, a few
-// states at a time, into shared memory as fp32 (rows padded so that the lanes' 16-byte reads hit
-// distinct banks), loading the next states' values into registers while the current ones are
-// computed; one __syncthreads per batch of states. A constant B or C is one scalar per (channel,
-// state). Blocks of 8 warps (4 when that leaves too few blocks to fill the GPU) and at most 128
-// registers per thread keep 16 warps per SM; batch x dim / W blocks fill 132 SMs already at batch 1,
-// dim 2048.
+// about five fp32 operations and one exp2, plus 1/K of a 5-level warp scan, and u, delta, z and y
+// are read or written once. The state carried from one tile to the next is the checkpoint the
+// forward pass must store anyway (see below): lane 31 writes it, the next tile reads it.
+// Variable B and C rows are the same for every channel of a group: the block stages them, a few
+// states at a time, in shared memory as fp32 (rows padded so that the lanes' 16-byte reads hit
+// distinct banks). The next states' rows travel by cp.async while the current ones are computed,
+// so staging holds no registers; one __syncthreads per batch of states. A constant B or C is one
+// scalar per (channel, state). The next tile's u, delta (z, dy) are prefetched into L2.
+// Occupancy: at most 128 registers per thread (168 for the fp32 backward kernel) and 45 KB of
+// shared memory per block give 16 warps per SM (12); blocks of 8 warps forward, 4 backward (half
+// that when the grid would be too small to fill the GPU). batch x dim / W blocks fill 132 SMs
+// already at batch 1, dim 2048.
 //
-// Checkpoints. Every kChunk = 256 positions the forward pass stores the state entering that chunk
-// (the lanes whose first position starts a chunk write it), in the layout fixed by api.h. The
+// Checkpoints. Every kChunk = 256 positions the forward pass stores the state entering that chunk,
+// in the layout fixed by api.h (a lane whose first position starts a chunk writes it). The
 // backward pass walks tiles of one chunk from the last to the first. Per state it recomputes the
 // tile's forward states from the checkpoint (the same warp scan), then runs the adjoint
 // g_t = C_t*dout_t + exp(dt_{t+1}*A) * g_{t+1} backwards in time with a reverse warp scan, carrying
-// a_first*g_first to the previous tile (dFinal enters at the end; what leaves the first tile is
-// dh0). All gradients of a position then follow from x_{t-1}, x_t, g_t held in registers:
+// a_first*g_first to the previous tile in shared memory (dFinal enters at the end; what leaves the
+// first tile is dh0). All gradients of a position then follow from x_{t-1}, x_t, g_t in registers:
 //   du = D*dout + dt*sum_n g*B,  ddt = u*sum_n g*B + sum_n A*g*a*x_{t-1},  dA += dt*g*a*x_{t-1},
-//   dB += g*dt*u,  dC += dout*x_t,  dz = dy*out*silu'(z),  with dout = dy*silu(z).
+//   dB += g*dt*u,  dC += dout*x_t,  dz = dy*out*silu'(z),  with dout = dy*silu(z), a = exp(dt*A).
 // Reductions. du, ddelta and dz are per position. dA, a constant dB / dC, dD and dDeltaBias are
 // per channel: warp sums, then fp32 atomics (per tile and state, or per sequence). A variable
 // dB / dC sums over the channels of a group: each warp writes its per-position contributions to
@@ -43,7 +45,7 @@
 //
 // Packed sequences get a device copy of the segment table; positions in no segment receive zeros
 // from a small separate kernel. Positions past a sequence's end inside its last tile are identity
-// steps (dt = 0, so exp2(0) = 1 and dt*u*B = 0): states pass through them unchanged.
+// steps (dt = 0, so exp2(0) = 1 exactly and dt*u*B = 0): states pass through them unchanged.
 //
 // Vector path: u, delta, z, y (du, ddelta, dz, dy) and variable B/C rows move in 16-byte vectors
 // when the pointers are 16-byte aligned and the row starts at a multiple of a vector; otherwise,
@@ -72,6 +74,7 @@ using scan::Affine;
 constexpr int kChunk = 256;       // checkpoint spacing (selectiveScanChunk)
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxDstate = 256;
+constexpr int64_t kMaxSeqlen = int64_t{1} << 30;
 constexpr int kFwdItems = 16;     // consecutive positions per lane, forward
 constexpr int kBwdItems = 8;      // consecutive positions per lane, backward
 constexpr int kFwdTile = 32 * kFwdItems;
@@ -382,6 +385,11 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
       float uv[K], dv[K];
       loadRun(static_cast<const T*>(p.u) + rowOff + q, avail, vec, uv);
       loadRun(static_cast<const T*>(p.delta) + rowOff + q, avail, vec, dv);
+      if (p.z != nullptr && avail > 0) prefetchL2(static_cast<const T*>(p.z) + rowOff + q);
+      if (avail > TILE) {  // the next tile's inputs
+        prefetchL2(static_cast<const T*>(p.u) + rowOff + q + TILE);
+        prefetchL2(static_cast<const T*>(p.delta) + rowOff + q + TILE);
+      }
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const float pre = dv[k] + bias;
@@ -599,6 +607,13 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         loadRun(static_cast<const T*>(p.z) + rowOff + q, avail, vec, zv);
 #pragma unroll
         for (int k = 0; k < K; ++k) dout[k] *= silu(zv[k]);
+      }
+      if (tile > 0) {  // the next tile's inputs (the one before in time)
+        const int64_t prev = rowOff + q - TILE;
+        prefetchL2(static_cast<const T*>(p.u) + prev);
+        prefetchL2(static_cast<const T*>(p.delta) + prev);
+        if (p.dy != nullptr) prefetchL2(static_cast<const T*>(p.dy) + prev);
+        if (p.z != nullptr) prefetchL2(static_cast<const T*>(p.z) + prev);
       }
 #pragma unroll
       for (int k = 0; k < K; ++k) {
@@ -862,7 +877,7 @@ __global__ void __launch_bounds__(kDecodeThreads) selectiveStateUpdateKernel(con
   const int64_t b = ch / p.dim, d = ch - b * p.dim;
   const int64_t g = d / (p.dim / p.groups);
   const int N = static_cast<int>(p.dstate);
-  const int64_t T_ = p.tokens;
+  const int64_t tokens = p.tokens;
 
   float* stateRow = p.state + ch * N;
   float x[P], A2[P];
@@ -874,14 +889,14 @@ __global__ void __launch_bounds__(kDecodeThreads) selectiveStateUpdateKernel(con
   }
   const float bias = p.deltaBias != nullptr ? p.deltaBias[d] : 0.0f;
   const float Dd = p.D != nullptr ? p.D[d] : 0.0f;
-  const T* xRow = static_cast<const T*>(p.x) + ch * T_;
-  const T* deltaRow = static_cast<const T*>(p.delta) + ch * T_;
-  const T* zRow = p.z != nullptr ? static_cast<const T*>(p.z) + ch * T_ : nullptr;
-  T* yRow = static_cast<T*>(p.y) + ch * T_;
-  const T* BRow = static_cast<const T*>(p.B) + (b * p.groups + g) * N * T_;  // + n * T_ + t
-  const T* CRow = static_cast<const T*>(p.C) + (b * p.groups + g) * N * T_;
+  const T* xRow = static_cast<const T*>(p.x) + ch * tokens;
+  const T* deltaRow = static_cast<const T*>(p.delta) + ch * tokens;
+  const T* zRow = p.z != nullptr ? static_cast<const T*>(p.z) + ch * tokens : nullptr;
+  T* yRow = static_cast<T*>(p.y) + ch * tokens;
+  const T* BRow = static_cast<const T*>(p.B) + (b * p.groups + g) * N * tokens;  // + n * tokens + t
+  const T* CRow = static_cast<const T*>(p.C) + (b * p.groups + g) * N * tokens;
 
-  for (int64_t t = 0; t < T_; ++t) {
+  for (int64_t t = 0; t < tokens; ++t) {
     const float u = loadScalar(xRow + t);
     const float pre = loadScalar(deltaRow + t) + bias;
     const float dt = p.softplus ? softplus(pre) : pre;
@@ -892,9 +907,9 @@ __global__ void __launch_bounds__(kDecodeThreads) selectiveStateUpdateKernel(con
       const int n = sub + j * lpc;
       if (n < N) {
         const float a = fastExp2(dt * A2[j]);
-        x[j] = fmaf(a, x[j], dtu * loadScalar(BRow + n * T_ + t));
-        acc = fmaf(loadScalar(CRow + n * T_ + t), x[j], acc);
-        if (p.intermediate != nullptr && active) p.intermediate[((b * T_ + t) * p.dim + d) * N + n] = x[j];
+        x[j] = fmaf(a, x[j], dtu * loadScalar(BRow + n * tokens + t));
+        acc = fmaf(loadScalar(CRow + n * tokens + t), x[j], acc);
+        if (p.intermediate != nullptr && active) p.intermediate[((b * tokens + t) * p.dim + d) * N + n] = x[j];
       }
     }
     for (int m = lpc / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(scan::kFullMask, acc, m);
@@ -952,6 +967,8 @@ Status checkScanArgs(const SelectiveScanArgs& a, const std::string& fn, std::vec
   auto bad = [&](const std::string& what) { return statusError(fn + ": " + what); };
   if (a.dt != DType::F32 && a.dt != DType::F16 && a.dt != DType::BF16) return bad("unknown dtype");
   if (a.batch < 0 || a.dim < 0 || a.seqlen < 0 || a.nseq < 0) return bad("negative size");
+  // Positions within a sequence and channel numbers are 32-bit in the kernels.
+  if (a.seqlen > kMaxSeqlen || a.dim > INT_MAX) return bad("seqlen above 2^30 or dim above 2^31 - 1");
   if (a.dstate < 1 || a.dstate > kMaxDstate) return bad("dstate must be in 1..256");
   if (a.groups < 1 || a.dim % a.groups != 0) return bad("dim must be a positive multiple of groups");
   if (a.chunk != kChunk) return bad("chunk must be selectiveScanChunk() = " + std::to_string(kChunk));
@@ -980,12 +997,8 @@ Status checkScanArgs(const SelectiveScanArgs& a, const std::string& fn, std::vec
   }
   if (a.packed && covered < a.seqlen) gaps->insert(gaps->end(), {covered, a.seqlen - covered});
   if (a.totalChunks != chunks) return bad("totalChunks does not match the sequences");
-  if (a.dim > 0 && a.nseq > 0 && a.seqlen > 0) {
-    if (a.u == nullptr || a.delta == nullptr || a.A == nullptr || a.B == nullptr || a.C == nullptr) {
-      return bad("null input");
-    }
-  }
-  if (a.dim > 0 && a.nseq > 0 && (a.A == nullptr || (!a.variableB && a.B == nullptr) || (!a.variableC && a.C == nullptr))) {
+  if (a.dim > 0 && a.nseq > 0 && a.seqlen > 0 &&
+      (a.u == nullptr || a.delta == nullptr || a.A == nullptr || a.B == nullptr || a.C == nullptr)) {
     return bad("null input");
   }
   return Status{};
