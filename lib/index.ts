@@ -7,6 +7,7 @@
  */
 import { linearScan } from './ops/linearScan';
 import { selectiveScan } from './ops/selectiveScan';
+import { gatedDeltaRule } from './ops/gatedDeltaRule';
 import { elementwiseOps } from './ops/elementwise';
 
 export { Tensor, cuda, memory, releaseCpuPool, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
@@ -26,6 +27,14 @@ export type {
   SelectiveScanInputs, SelectiveScanOptions, SelectiveScanOutputs, SelectiveScanGrads,
 } from './ops/selectiveScan';
 export { selectiveStateUpdate } from './ops/selectiveStateUpdate';
+export { gatedDeltaRule } from './ops/gatedDeltaRule';
+export type {
+  GatedDeltaRuleInputs, GatedDeltaRuleOptions, GatedDeltaRuleOutputs, GatedDeltaRuleGrads,
+} from './ops/gatedDeltaRule';
+export { gatedDeltaRuleStep } from './ops/gatedDeltaRuleStep';
+export type {
+  GatedDeltaRuleStepInputs, GatedDeltaRuleStepOptions, GatedDeltaRuleStepOutputs,
+} from './ops/gatedDeltaRuleStep';
 export type {
   SelectiveStateUpdateInputs, SelectiveStateUpdateOptions, SelectiveStateUpdateOutputs,
 } from './ops/selectiveStateUpdate';
@@ -34,10 +43,12 @@ export type {
 export const ops = {
   linearScan: linearScan.hooks,
   selectiveScan: selectiveScan.hooks,
+  gatedDeltaRule: gatedDeltaRule.hooks,
   ...Object.fromEntries(Object.entries(elementwiseOps).map(([k, v]) => [k, v.hooks])),
 } as {
   linearScan: typeof linearScan.hooks;
   selectiveScan: typeof selectiveScan.hooks;
+  gatedDeltaRule: typeof gatedDeltaRule.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version = '0.1.0';

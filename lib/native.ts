@@ -51,6 +51,24 @@ export interface NativeModule {
     batch: number; dim: number; dstate: number; groups: number; tokens: number; deltaSoftplus: boolean;
     updateState: boolean; returnIntermediate: boolean;
   }): { y: Storage; intermediate: Storage | null };
+  gatedDeltaForward(device: Dev, dtype: string, tensors: GatedDeltaTensors, config: GatedDeltaConfig,
+    cuSeqlens: Int32Array | null, returnFinal: boolean):
+    { o: Storage; states: Storage; finalState: Storage | null; chunk: number };
+  gatedDeltaBackward(device: Dev, dtype: string, tensors: GatedDeltaTensors, config: GatedDeltaConfig,
+    cuSeqlens: Int32Array | null, grads: { states: Storage; dO: Storage | null; dFinal: Storage | null },
+    needDh0: boolean):
+    { dq: Storage; dk: Storage; dv: Storage; dg: Storage; dbeta: Storage; dh0: Storage | null };
+  gatedDeltaStep(device: Dev, dtype: string,
+    tensors: { state: Storage; q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage },
+    config: Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }):
+    { o: Storage; intermediate: Storage | null };
+}
+
+export interface GatedDeltaTensors {
+  q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage; h0: Storage | null;
+}
+export interface GatedDeltaConfig {
+  batch: number; T: number; H: number; HV: number; K: number; V: number; scale: number; l2norm: boolean;
 }
 
 export interface SelectiveScanTensors {

@@ -58,3 +58,25 @@ export function finiteNumber(op: string, name: string, v: unknown, { positive = 
     throw new ArgumentError(`${op}: ${name} must be a finite${positive ? ' positive' : ''} number, got ${String(v)}`);
   return v;
 }
+
+/**
+ * Validates the offsets of a packed variable-length batch (nseq + 1 integers from 0, non-decreasing,
+ * at most the length; the batch must be 1) and returns them as a new Int32Array; null when absent.
+ */
+export function parseCuSeqlens(op: string, v: unknown, batch: number, length: number, lengthName: string):
+  Int32Array | null {
+  if (v === undefined || v === null) return null;
+  if (!(v instanceof Int32Array) && !Array.isArray(v))
+    throw new ArgumentError(`${op}: cuSeqlens must be an Int32Array or an array of integers`);
+  const arr = Array.from(v as ArrayLike<number>);
+  if (arr.length < 2) throw new ArgumentError(`${op}: cuSeqlens must have at least 2 entries (nseq + 1), got ${arr.length}`);
+  if (batch !== 1) throw new ShapeError(`${op}: cuSeqlens needs a packed batch of 1, got batch ${batch}`);
+  arr.forEach((x, i) => {
+    if (!Number.isInteger(x)) throw new ArgumentError(`${op}: cuSeqlens[${i}] must be an integer, got ${String(x)}`);
+    if (i === 0 && x !== 0) throw new ArgumentError(`${op}: cuSeqlens[0] must be 0, got ${x}`);
+    if (i > 0 && x < arr[i - 1])
+      throw new ArgumentError(`${op}: cuSeqlens must be non-decreasing, got ${arr[i - 1]} then ${x} at ${i}`);
+    if (x > length) throw new ArgumentError(`${op}: cuSeqlens[${i}] = ${x} exceeds ${lengthName} ${length}`);
+  });
+  return Int32Array.from(arr);
+}

@@ -3,9 +3,10 @@
 // "0 failures". linear_scan_test.cpp runs the linear-scan kernels through their launchers;
 // scan_primitives_test.cpp runs the reusable scan primitive (cuda/common/scan.cuh) in every
 // configuration through small test kernels; selective_scan_test.cpp runs the selective-scan
-// (Mamba-1) forward, backward and decode launchers against float64 references. Needs the toolkit's headers but no GPU, so CI checks the
-// kernels' results too. Skipped when no toolkit headers are found, unless RK_CUDA=ON (as in CI),
-// where a missing toolkit is a failure.
+// (Mamba-1) forward, backward and decode launchers against float64 references; gated_delta_test.cpp
+// does the same for the gated delta rule (recurrent forward, backward and decode). Needs the
+// toolkit's headers but no GPU, so CI checks the kernels' results too. Skipped when no toolkit
+// headers are found, unless RK_CUDA=ON (as in CI), where a missing toolkit is a failure.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -93,5 +94,9 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
 
   it('selective scan: forward, backward and decode match float64 references in every configuration', () => {
     compileAndRun('selective_scan_test');
+  }, 180_000);
+
+  it('gated delta rule: forward, backward and decode match float64 references in every configuration', () => {
+    compileAndRun('gated_delta_test');
   }, 180_000);
 });

@@ -30,9 +30,10 @@
 import { defineOp } from '../autograd';
 import { native, type SelectiveScanConfig, type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
-import { ArgumentError, ShapeError } from '../errors';
+import { ShapeError } from '../errors';
 import {
-  booleanOption, checkInputs, checkOptions, expectDType, expectDevice, expectRank, expectShape, requireTensor,
+  booleanOption, checkInputs, checkOptions, expectDType, expectDevice, expectRank, expectShape, parseCuSeqlens,
+  requireTensor,
 } from '../validate';
 
 export interface SelectiveScanInputs {
@@ -111,24 +112,6 @@ function optionalTensor(name: string, t: Tensor | null | undefined): Tensor | nu
   return t;
 }
 
-/** Validates cuSeqlens and returns it as an Int32Array (a copy). */
-function parseCuSeqlens(v: unknown, batch: number, seqlen: number): Int32Array | null {
-  if (v === undefined || v === null) return null;
-  if (!(v instanceof Int32Array) && !Array.isArray(v))
-    throw new ArgumentError(`${OP}: cuSeqlens must be an Int32Array or an array of integers`);
-  const arr = Array.from(v as ArrayLike<number>);
-  if (arr.length < 2) throw new ArgumentError(`${OP}: cuSeqlens must have at least 2 entries (nseq + 1), got ${arr.length}`);
-  if (batch !== 1) throw new ShapeError(`${OP}: cuSeqlens needs a packed batch of 1, got batch ${batch}`);
-  arr.forEach((x, i) => {
-    if (!Number.isInteger(x)) throw new ArgumentError(`${OP}: cuSeqlens[${i}] must be an integer, got ${String(x)}`);
-    if (i === 0 && x !== 0) throw new ArgumentError(`${OP}: cuSeqlens[0] must be 0, got ${x}`);
-    if (i > 0 && x < arr[i - 1])
-      throw new ArgumentError(`${OP}: cuSeqlens must be non-decreasing, got ${arr[i - 1]} then ${x} at ${i}`);
-    if (x > seqlen) throw new ArgumentError(`${OP}: cuSeqlens[${i}] = ${x} exceeds seqlen ${seqlen}`);
-  });
-  return Int32Array.from(arr);
-}
-
 function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}):
   { outputs: SelectiveScanOutputs; ctx: SelectiveScanCtx } {
   checkInputs(OP, inputs, ['u', 'delta', 'A', 'B', 'C', 'D', 'z', 'deltaBias']);
@@ -170,7 +153,7 @@ function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}
   }
   const deltaSoftplus = booleanOption(OP, 'deltaSoftplus', options.deltaSoftplus, false);
   const returnFinal = booleanOption(OP, 'returnFinalState', options.returnFinalState, false);
-  const cuSeqlens = parseCuSeqlens(options.cuSeqlens, batch, seqlen);
+  const cuSeqlens = parseCuSeqlens(OP, options.cuSeqlens, batch, seqlen, 'seqlen');
   const nseq = cuSeqlens ? cuSeqlens.length - 1 : batch;
   const h0 = optionalTensor('initialState', options.initialState);
   if (h0) {

@@ -6,26 +6,13 @@
 
 #include "ops/scan/binding.h"
 #include "ops/scan/selective_scan_cpu.h"
+#include "tensor/args.h"
 #include "tensor/tensor.h"
 
 namespace rk {
 namespace {
 
 using rkcuda::ScanSegment;
-
-int64_t field(Napi::Env env, const Napi::Object& o, const char* name, const char* op, int64_t least) {
-  int64_t v = parseCount(env, o.Get(name), op, name);
-  if (v < least)
-    throwError(env, "ERR_SHAPE", std::string(op) + ": " + name + " must be at least " + std::to_string(least));
-  return v;
-}
-bool flag(const Napi::Object& o, const char* name) { return o.Get(name).ToBoolean().Value(); }
-
-int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op) {
-  int64_t p = 1;
-  for (int64_t x : xs) p = checkedProduct(env, p, x, op);
-  return p;
-}
 
 // Everything one selective-scan call needs, checked.
 struct ScanCall {
@@ -47,57 +34,34 @@ ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
   Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
   rkcuda::SelectiveScanArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
-  a.batch = field(env, cfg, "batch", op, 1);
-  a.dim = field(env, cfg, "dim", op, 1);
-  a.seqlen = field(env, cfg, "seqlen", op, 1);
-  a.dstate = field(env, cfg, "dstate", op, 1);
-  a.groups = field(env, cfg, "groups", op, 1);
+  a.batch = intField(env, cfg, "batch", op, 1);
+  a.dim = intField(env, cfg, "dim", op, 1);
+  a.seqlen = intField(env, cfg, "seqlen", op, 1);
+  a.dstate = intField(env, cfg, "dstate", op, 1);
+  a.groups = intField(env, cfg, "groups", op, 1);
   if (a.dim % a.groups != 0)
     throwError(env, "ERR_SHAPE", std::string(op) + ": dim must be a multiple of groups");
-  a.variableB = flag(cfg, "variableB");
-  a.variableC = flag(cfg, "variableC");
-  a.deltaSoftplus = flag(cfg, "deltaSoftplus");
+  a.variableB = flagField(cfg, "variableB");
+  a.variableC = flagField(cfg, "variableC");
+  a.deltaSoftplus = flagField(cfg, "deltaSoftplus");
   c.elements = product(env, {a.batch, a.dim, a.seqlen}, op);
   c.params = product(env, {a.dim, a.dstate}, op);
   c.bcVariable = product(env, {a.batch, a.groups, a.dstate, a.seqlen}, op);
 
   // Sequences.
-  Napi::Value cu = info[4];
-  if (cu.IsNull() || cu.IsUndefined()) {
-    for (int64_t b = 0; b < a.batch; ++b) c.segments.push_back({b, 0, a.seqlen, 0});
-  } else {
-    if (!cu.IsTypedArray() || cu.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
-      throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must be an Int32Array");
-    Napi::Int32Array arr = cu.As<Napi::Int32Array>();
-    const size_t n = arr.ElementLength();
-    if (a.batch != 1) throwError(env, "ERR_SHAPE", std::string(op) + ": cuSeqlens needs batch 1");
-    if (n < 2 || arr[0] != 0)
-      throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must start with 0 and have at least 2 entries");
-    for (size_t i = 1; i < n; ++i) {
-      if (arr[i] < arr[i - 1] || arr[i] > a.seqlen)
-        throwError(env, "ERR_ARGUMENT",
-                   std::string(op) + ": cuSeqlens must be non-decreasing and at most seqlen");
-      c.segments.push_back({0, arr[i - 1], int64_t(arr[i]) - arr[i - 1], 0});
-    }
-    a.packed = true;
-  }
-  a.nseq = int64_t(c.segments.size());
+  int64_t chunk = scan::kSelectiveChunk;
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
-    a.chunk = rkcuda::selectiveScanChunk();
+    chunk = rkcuda::selectiveScanChunk();
 #else
     throwNoCuda(env, op);
 #endif
-  } else {
-    a.chunk = scan::kSelectiveChunk;
   }
-  int64_t total = 0;
-  for (ScanSegment& s : c.segments) {
-    s.chunkOffset = total;
-    total += (s.length + a.chunk - 1) / a.chunk;
-  }
-  a.totalChunks = total;
+  c.segments = parseSegments(env, info[4], a.batch, a.seqlen, chunk, op, &a.totalChunks, &a.packed);
+  a.nseq = int64_t(c.segments.size());
+  a.chunk = chunk;
   a.segments = c.segments.data();
+  const int64_t total = a.totalChunks;
   c.stateElems = product(env, {a.nseq, a.dim, a.dstate}, op);
   c.checkpointElems = product(env, {total, a.dim, a.dstate}, op);
 
@@ -210,16 +174,16 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
   rkcuda::SelectiveStateUpdateArgs a;
   a.dt = rkcuda::DType(int(dt));
-  a.batch = field(env, cfg, "batch", op, 1);
-  a.dim = field(env, cfg, "dim", op, 1);
-  a.dstate = field(env, cfg, "dstate", op, 1);
-  a.groups = field(env, cfg, "groups", op, 1);
-  a.tokens = field(env, cfg, "tokens", op, 1);
+  a.batch = intField(env, cfg, "batch", op, 1);
+  a.dim = intField(env, cfg, "dim", op, 1);
+  a.dstate = intField(env, cfg, "dstate", op, 1);
+  a.groups = intField(env, cfg, "groups", op, 1);
+  a.tokens = intField(env, cfg, "tokens", op, 1);
   if (a.dim % a.groups != 0)
     throwError(env, "ERR_SHAPE", std::string(op) + ": dim must be a multiple of groups");
-  a.deltaSoftplus = flag(cfg, "deltaSoftplus");
-  a.updateState = flag(cfg, "updateState");
-  const bool wantIntermediate = flag(cfg, "returnIntermediate");
+  a.deltaSoftplus = flagField(cfg, "deltaSoftplus");
+  a.updateState = flagField(cfg, "updateState");
+  const bool wantIntermediate = flagField(cfg, "returnIntermediate");
   const int64_t elements = product(env, {a.batch, a.dim, a.tokens}, op);
   const int64_t stateElems = product(env, {a.batch, a.dim, a.dstate}, op);
   const int64_t bc = product(env, {a.batch, a.groups, a.dstate, a.tokens}, op);

@@ -1,0 +1,203 @@
+// N-API glue of the gated delta rule: re-checks every size against the configuration that
+// lib/ops/gatedDeltaRule.ts sends, builds the sequence table, allocates the outputs and runs the CPU
+// kernels or the CUDA launchers.
+#include "ops/delta/binding.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "ops/delta/gated_delta_cpu.h"
+#include "tensor/args.h"
+#include "tensor/tensor.h"
+
+namespace rk {
+namespace {
+
+struct DeltaCall {
+  Device dev = Device::CPU;
+  rkcuda::GatedDeltaArgs a;
+  std::vector<rkcuda::ScanSegment> segments;
+  int64_t qk = 0, vo = 0, gb = 0, stateElems = 0, checkpointElems = 0;
+};
+
+float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
+  Napi::Value v = cfg.Get("scale");
+  double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
+  if (!std::isfinite(s)) throwError(env, "ERR_ARGUMENT", std::string(op) + ": scale must be a finite number");
+  return float(s);
+}
+
+// (device, dtype, tensors {q, k, v, g, beta, h0}, config {batch, T, H, HV, K, V, scale, l2norm},
+//  cuSeqlens: Int32Array | null)
+DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
+  Napi::Env env = info.Env();
+  DeltaCall c;
+  c.dev = parseDevice(env, info[0], op);
+  DType dt = parseDType(env, info[1], op, "q");
+  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  rkcuda::GatedDeltaArgs& a = c.a;
+  a.dt = rkcuda::DType(int(dt));
+  a.batch = intField(env, cfg, "batch", op, 1);
+  a.T = intField(env, cfg, "T", op, 1);
+  a.H = intField(env, cfg, "H", op, 1);
+  a.HV = intField(env, cfg, "HV", op, 1);
+  a.K = intField(env, cfg, "K", op, 1);
+  a.V = intField(env, cfg, "V", op, 1);
+  if (a.HV % a.H != 0) throwError(env, "ERR_SHAPE", std::string(op) + ": HV must be a multiple of H");
+  a.scale = scaleField(env, cfg, op);
+  a.l2norm = flagField(cfg, "l2norm");
+  int64_t chunk = delta::kGatedDeltaChunk;
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    chunk = rkcuda::gatedDeltaChunk();
+#else
+    throwNoCuda(env, op);
+#endif
+  }
+  c.segments = parseSegments(env, info[4], a.batch, a.T, chunk, op, &a.totalChunks, &a.packed);
+  a.nseq = int64_t(c.segments.size());
+  a.segments = c.segments.data();
+  a.chunk = chunk;
+  c.qk = product(env, {a.batch, a.T, a.H, a.K}, op);
+  c.vo = product(env, {a.batch, a.T, a.HV, a.V}, op);
+  c.gb = product(env, {a.batch, a.T, a.HV}, op);
+  c.stateElems = product(env, {a.nseq, a.HV, a.K, a.V}, op);
+  c.checkpointElems = product(env, {a.totalChunks, a.HV, a.K, a.V}, op);
+  a.q = tensorArg(env, t.Get("q"), op, "q", c.dev, dt, c.qk).data;
+  a.k = tensorArg(env, t.Get("k"), op, "k", c.dev, dt, c.qk).data;
+  a.v = tensorArg(env, t.Get("v"), op, "v", c.dev, dt, c.vo).data;
+  a.g = static_cast<const float*>(tensorArg(env, t.Get("g"), op, "g", c.dev, DType::F32, c.gb).data);
+  a.beta = tensorArg(env, t.Get("beta"), op, "beta", c.dev, dt, c.gb).data;
+  a.h0 = static_cast<const float*>(
+      tensorArg(env, t.Get("h0"), op, "initialState", c.dev, DType::F32, c.stateElems, true).data);
+  return c;
+}
+
+// gatedDeltaForward(device, dtype, tensors, config, cuSeqlens, returnFinal)
+//   -> { o, states, finalState | null, chunk }
+Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "gatedDeltaRule";
+  DeltaCall c = parseDelta(info, op);
+  const bool wantFinal = info[5].ToBoolean().Value();
+  void *o = nullptr, *states = nullptr, *fin = nullptr;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("o", allocOutput(env, c.dev, DType(int(c.a.dt)), c.vo, &o, Init::Overwritten));
+  out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
+  out.Set("finalState", wantFinal ? allocOutput(env, c.dev, DType::F32, c.stateElems, &fin) : env.Null());
+  out.Set("chunk", Napi::Number::New(env, double(c.a.chunk)));
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::gatedDeltaForward(c.a, o, static_cast<float*>(states), static_cast<float*>(fin)), op);
+#endif
+    return out;
+  }
+  delta::gatedDeltaForwardCpu(c.a, o, static_cast<float*>(states), static_cast<float*>(fin));
+  return out;
+}
+
+// gatedDeltaBackward(device, dtype, tensors, config, cuSeqlens, {states, dO, dFinal}, needDh0)
+//   -> { dq, dk, dv, dg, dbeta, dh0 | null }
+Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "gatedDeltaRule.backward";
+  DeltaCall c = parseDelta(info, op);
+  if (!info[5].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object gi = info[5].As<Napi::Object>();
+  const bool needDh0 = info[6].ToBoolean().Value();
+  const DType dt = DType(int(c.a.dt));
+  rkcuda::GatedDeltaGrads g;
+  g.states = static_cast<const float*>(
+      tensorArg(env, gi.Get("states"), op, "states (saved for backward)", c.dev, DType::F32, c.checkpointElems).data);
+  g.dO = tensorArg(env, gi.Get("dO"), op, "grad of o", c.dev, dt, c.vo, true).data;
+  g.dFinal = static_cast<const float*>(
+      tensorArg(env, gi.Get("dFinal"), op, "grad of finalState", c.dev, DType::F32, c.stateElems, true).data);
+  // Positions in no sequence keep the zeros they start with.
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("dq", allocOutput(env, c.dev, dt, c.qk, &g.dq, Init::Overwritten));
+  out.Set("dk", allocOutput(env, c.dev, dt, c.qk, &g.dk, Init::Overwritten));
+  out.Set("dv", allocOutput(env, c.dev, dt, c.vo, &g.dv));
+  void* p = nullptr;
+  out.Set("dg", allocOutput(env, c.dev, DType::F32, c.gb, &p));
+  g.dg = static_cast<float*>(p);
+  out.Set("dbeta", allocOutput(env, c.dev, dt, c.gb, &g.dbeta));
+  if (needDh0) {
+    out.Set("dh0", allocOutput(env, c.dev, DType::F32, c.stateElems, &p));
+    g.dh0 = static_cast<float*>(p);
+  } else {
+    out.Set("dh0", env.Null());
+  }
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::gatedDeltaBackward(c.a, g), op);
+#endif
+    return out;
+  }
+  delta::gatedDeltaBackwardCpu(c.a, g);
+  return out;
+}
+
+// gatedDeltaStep(device, dtype, tensors {state, q, k, v, g, beta},
+//   config {batch, tokens, H, HV, K, V, scale, l2norm, updateState, returnIntermediate})
+//   -> { o, intermediate | null }
+Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "gatedDeltaRuleStep";
+  Device dev = parseDevice(env, info[0], op);
+  DType dt = parseDType(env, info[1], op, "q");
+  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  rkcuda::GatedDeltaStepArgs a;
+  a.dt = rkcuda::DType(int(dt));
+  a.batch = intField(env, cfg, "batch", op, 1);
+  a.tokens = intField(env, cfg, "tokens", op, 1);
+  a.H = intField(env, cfg, "H", op, 1);
+  a.HV = intField(env, cfg, "HV", op, 1);
+  a.K = intField(env, cfg, "K", op, 1);
+  a.V = intField(env, cfg, "V", op, 1);
+  if (a.HV % a.H != 0) throwError(env, "ERR_SHAPE", std::string(op) + ": HV must be a multiple of H");
+  a.scale = scaleField(env, cfg, op);
+  a.l2norm = flagField(cfg, "l2norm");
+  a.updateState = flagField(cfg, "updateState");
+  const bool wantIntermediate = flagField(cfg, "returnIntermediate");
+  const int64_t qk = product(env, {a.batch, a.tokens, a.H, a.K}, op);
+  const int64_t vo = product(env, {a.batch, a.tokens, a.HV, a.V}, op);
+  const int64_t gb = product(env, {a.batch, a.tokens, a.HV}, op);
+  const int64_t stateElems = product(env, {a.batch, a.HV, a.K, a.V}, op);
+  const int64_t inter = product(env, {a.tokens, stateElems}, op);
+  a.state = static_cast<float*>(tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems).data);
+  a.q = tensorArg(env, t.Get("q"), op, "q", dev, dt, qk).data;
+  a.k = tensorArg(env, t.Get("k"), op, "k", dev, dt, qk).data;
+  a.v = tensorArg(env, t.Get("v"), op, "v", dev, dt, vo).data;
+  a.g = static_cast<const float*>(tensorArg(env, t.Get("g"), op, "g", dev, DType::F32, gb).data);
+  a.beta = tensorArg(env, t.Get("beta"), op, "beta", dev, dt, gb).data;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("o", allocOutput(env, dev, dt, vo, &a.o, Init::Overwritten));
+  void* p = nullptr;
+  if (wantIntermediate) {
+    out.Set("intermediate", allocOutput(env, dev, DType::F32, inter, &p, Init::Overwritten));
+    a.intermediate = static_cast<float*>(p);
+  } else {
+    out.Set("intermediate", env.Null());
+  }
+  if (dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::gatedDeltaStep(a), op);
+#endif
+    return out;
+  }
+  delta::gatedDeltaStepCpu(a);
+  return out;
+}
+
+}  // namespace
+
+void registerDelta(Napi::Env env, Napi::Object exports) {
+  exports.Set("gatedDeltaForward", Napi::Function::New<GatedDeltaForward>(env, "gatedDeltaForward"));
+  exports.Set("gatedDeltaBackward", Napi::Function::New<GatedDeltaBackward>(env, "gatedDeltaBackward"));
+  exports.Set("gatedDeltaStep", Napi::Function::New<GatedDeltaStep>(env, "gatedDeltaStep"));
+}
+
+}  // namespace rk

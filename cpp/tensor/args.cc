@@ -1,0 +1,53 @@
+#include "tensor/args.h"
+
+#include <string>
+
+#include "tensor/errors.h"
+#include "tensor/tensor.h"
+
+namespace rk {
+
+int64_t intField(Napi::Env env, const Napi::Object& o, const char* name, const char* op, int64_t least) {
+  int64_t v = parseCount(env, o.Get(name), op, name);
+  if (v < least)
+    throwError(env, "ERR_SHAPE", std::string(op) + ": " + name + " must be at least " + std::to_string(least));
+  return v;
+}
+
+int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op) {
+  int64_t p = 1;
+  for (int64_t x : xs) p = checkedProduct(env, p, x, op);
+  return p;
+}
+
+std::vector<rkcuda::ScanSegment> parseSegments(Napi::Env env, Napi::Value cu, int64_t batch, int64_t length,
+                                               int64_t chunk, const char* op, int64_t* totalChunks, bool* packed) {
+  std::vector<rkcuda::ScanSegment> segs;
+  *packed = false;
+  if (cu.IsNull() || cu.IsUndefined()) {
+    for (int64_t b = 0; b < batch; ++b) segs.push_back({b, 0, length, 0});
+  } else {
+    if (!cu.IsTypedArray() || cu.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+      throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must be an Int32Array");
+    Napi::Int32Array arr = cu.As<Napi::Int32Array>();
+    const size_t n = arr.ElementLength();
+    if (batch != 1) throwError(env, "ERR_SHAPE", std::string(op) + ": cuSeqlens needs batch 1");
+    if (n < 2 || arr[0] != 0)
+      throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must start with 0 and have at least 2 entries");
+    for (size_t i = 1; i < n; ++i) {
+      if (arr[i] < arr[i - 1] || arr[i] > length)
+        throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must be non-decreasing and at most the length");
+      segs.push_back({0, arr[i - 1], int64_t(arr[i]) - arr[i - 1], 0});
+    }
+    *packed = true;
+  }
+  int64_t total = 0;
+  for (rkcuda::ScanSegment& s : segs) {
+    s.chunkOffset = total;
+    total += (s.length + chunk - 1) / chunk;
+  }
+  *totalChunks = total;
+  return segs;
+}
+
+}  // namespace rk

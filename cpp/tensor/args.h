@@ -1,0 +1,27 @@
+// Argument helpers shared by the op bindings: integer fields and flags of a config object, checked
+// products of dimensions, and the sequence table of a (possibly packed) batch.
+#pragma once
+#include <napi.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <vector>
+
+#include "cuda/common/api.h"
+
+namespace rk {
+
+// o[name] as an integer of at least `least` (ERR_SHAPE otherwise, ERR_ARGUMENT if not an integer).
+int64_t intField(Napi::Env env, const Napi::Object& o, const char* name, const char* op, int64_t least);
+inline bool flagField(const Napi::Object& o, const char* name) { return o.Get(name).ToBoolean().Value(); }
+// The product of xs, throwing ERR_SHAPE instead of overflowing.
+int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op);
+
+// Sequences of a batch: without cuSeqlens (null/undefined) one per batch row over [0, length);
+// with it (an Int32Array of nseq + 1 offsets from 0, non-decreasing, at most length; batch must be
+// 1) one per offset pair. chunkOffset counts chunks of `chunk` positions before each sequence;
+// *totalChunks receives the sum and *packed whether cuSeqlens was given.
+std::vector<rkcuda::ScanSegment> parseSegments(Napi::Env env, Napi::Value cuSeqlens, int64_t batch, int64_t length,
+                                               int64_t chunk, const char* op, int64_t* totalChunks, bool* packed);
+
+}  // namespace rk
