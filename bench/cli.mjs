@@ -9,8 +9,9 @@ import * as rk from '../dist/index.mjs';
 import { bandwidthCeiling } from './timing.mjs';
 import linearScan from './ops/linear-scan.mjs';
 import selectiveScan from './ops/selective-scan.mjs';
+import gatedDeltaRule from './ops/gated-delta-rule.mjs';
 
-const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan };
+const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan, 'gated-delta-rule': gatedDeltaRule };
 
 function parseSizes(v) {
   return v.split(',').map((s) => {
