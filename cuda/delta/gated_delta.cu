@@ -50,6 +50,7 @@
 
 #include "common/api.h"
 #include "common/check.cuh"
+#include "common/host.cuh"
 #include "common/dtype.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
@@ -399,29 +400,6 @@ __global__ void __launch_bounds__(128) zeroGapsKernel(T* p, int64_t width, const
 
 // ============================== launch ==============================
 
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, 0);
-  }
-  Status allocate(size_t bytes) {
-    RK_CUDA_TRY(cudaMallocAsync(&ptr_, bytes, 0));
-    return Status{};
-  }
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-};
-
-inline Status zeroFloats(float* p, int64_t n) {
-  if (p != nullptr && n > 0) RK_CUDA_TRY(cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(float), 0));
-  return Status{};
-}
-
 Status checkDims(const std::string& fn, DType dt, int64_t batch, int64_t T, int64_t H, int64_t HV, int64_t K,
                  int64_t V) {
   auto bad = [&](const std::string& what) { return statusError(fn + ": " + what); };
@@ -436,33 +414,8 @@ Status checkDims(const std::string& fn, DType dt, int64_t batch, int64_t T, int6
 Status checkArgs(const GatedDeltaArgs& a, const std::string& fn, std::vector<int64_t>* gaps) {
   auto bad = [&](const std::string& what) { return statusError(fn + ": " + what); };
   RK_TRY(checkDims(fn, a.dt, a.batch, a.T, a.H, a.HV, a.K, a.V));
-  if (a.nseq < 0) return bad("negative nseq");
   if (a.chunk != kChunk) return bad("chunk must be gatedDeltaChunk() = " + std::to_string(kChunk));
-  if (a.nseq > 0 && a.segments == nullptr) return bad("null sequence table");
-  if (a.packed) {
-    if (a.batch != 1) return bad("packed sequences need batch 1");
-  } else if (a.nseq != a.batch) {
-    return bad("nseq must equal batch without packing");
-  }
-  int64_t chunks = 0, covered = 0;
-  for (int64_t s = 0; s < a.nseq; ++s) {
-    const ScanSegment& seg = a.segments[s];
-    if (seg.length < 0 || seg.start < 0 || seg.start > a.T || seg.length > a.T - seg.start) {
-      return bad("sequence " + std::to_string(s) + " is out of range");
-    }
-    if (a.packed) {
-      if (seg.batch != 0) return bad("packed sequences live in row 0");
-      if (seg.start < covered) return bad("packed sequences must be in order and not overlap");
-      if (seg.start > covered) gaps->insert(gaps->end(), {covered, seg.start - covered});
-      covered = seg.start + seg.length;
-    } else if (seg.batch != s || seg.start != 0 || seg.length != a.T) {
-      return bad("without packing, sequence s must be row s, whole");
-    }
-    if (seg.chunkOffset != chunks) return bad("sequence " + std::to_string(s) + " has the wrong chunkOffset");
-    chunks += (seg.length + kChunk - 1) / kChunk;
-  }
-  if (a.packed && covered < a.T) gaps->insert(gaps->end(), {covered, a.T - covered});
-  if (a.totalChunks != chunks) return bad("totalChunks does not match the sequences");
+  RK_TRY(checkSequences(a.segments, a.nseq, a.batch, a.T, a.packed, kChunk, a.totalChunks, fn, gaps));
   if (a.batch * a.T > 0 && (a.q == nullptr || a.k == nullptr || a.v == nullptr || a.g == nullptr ||
                             a.beta == nullptr)) {
     return bad("null input");
@@ -519,26 +472,7 @@ Status launchBackward(const std::string& fn, DeltaParams p, int64_t heads) {
 // Device copy of the sequence table (packed input) followed by the gap list.
 Status uploadTable(const GatedDeltaArgs& a, const std::vector<int64_t>& gaps, DeviceBuffer* buffer,
                    const ScanSegment** segments, const int64_t** gapList) {
-  *segments = nullptr;
-  *gapList = nullptr;
-  if (!a.packed || (a.nseq == 0 && gaps.empty())) return Status{};
-  static_assert(sizeof(ScanSegment) == 4 * sizeof(int64_t), "ScanSegment is four int64");
-  std::vector<int64_t> host(static_cast<size_t>(a.nseq) * 4 + gaps.size());
-  for (int64_t s = 0; s < a.nseq; ++s) {
-    const ScanSegment& seg = a.segments[s];
-    host[4 * s] = seg.batch;
-    host[4 * s + 1] = seg.start;
-    host[4 * s + 2] = seg.length;
-    host[4 * s + 3] = seg.chunkOffset;
-  }
-  std::copy(gaps.begin(), gaps.end(), host.begin() + 4 * a.nseq);
-  const size_t bytes = host.size() * sizeof(int64_t);
-  RK_TRY(buffer->allocate(bytes));
-  RK_CUDA_TRY(cudaMemcpyAsync(buffer->get(), host.data(), bytes, cudaMemcpyHostToDevice, 0));
-  int64_t* base = static_cast<int64_t*>(buffer->get());
-  *segments = reinterpret_cast<const ScanSegment*>(base);
-  *gapList = base + 4 * a.nseq;
-  return Status{};
+  return uploadSequences(a.segments, a.nseq, a.packed, gaps, buffer, segments, gapList);
 }
 
 template <class T>

@@ -61,6 +61,7 @@
 #include "common/api.h"
 #include "common/async_copy.cuh"
 #include "common/check.cuh"
+#include "common/host.cuh"
 #include "common/dtype.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
@@ -930,34 +931,10 @@ __global__ void __launch_bounds__(kDecodeThreads) selectiveStateUpdateKernel(con
 
 // ============================== launch ==============================
 
-// Stream-ordered device memory, freed (stream-ordered) when it goes out of scope.
-class DeviceBuffer {
- public:
-  DeviceBuffer() = default;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, 0);
-  }
-  Status allocate(size_t bytes) {
-    RK_CUDA_TRY(cudaMallocAsync(&ptr_, bytes, 0));
-    return Status{};
-  }
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-};
-
 inline Status smCount(int* count) {
   int dev = 0;
   RK_CUDA_TRY(cudaGetDevice(&dev));
   RK_CUDA_TRY(cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, dev));
-  return Status{};
-}
-
-inline Status zeroFloats(float* p, int64_t n) {
-  if (p != nullptr && n > 0) RK_CUDA_TRY(cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(float), 0));
   return Status{};
 }
 
@@ -966,37 +943,13 @@ inline Status zeroFloats(float* p, int64_t n) {
 Status checkScanArgs(const SelectiveScanArgs& a, const std::string& fn, std::vector<int64_t>* gaps) {
   auto bad = [&](const std::string& what) { return statusError(fn + ": " + what); };
   if (a.dt != DType::F32 && a.dt != DType::F16 && a.dt != DType::BF16) return bad("unknown dtype");
-  if (a.batch < 0 || a.dim < 0 || a.seqlen < 0 || a.nseq < 0) return bad("negative size");
+  if (a.batch < 0 || a.dim < 0 || a.seqlen < 0) return bad("negative size");
   // Positions within a sequence and channel numbers are 32-bit in the kernels.
   if (a.seqlen > kMaxSeqlen || a.dim > INT_MAX) return bad("seqlen above 2^30 or dim above 2^31 - 1");
   if (a.dstate < 1 || a.dstate > kMaxDstate) return bad("dstate must be in 1..256");
   if (a.groups < 1 || a.dim % a.groups != 0) return bad("dim must be a positive multiple of groups");
   if (a.chunk != kChunk) return bad("chunk must be selectiveScanChunk() = " + std::to_string(kChunk));
-  if (a.nseq > 0 && a.segments == nullptr) return bad("null sequence table");
-  if (a.packed) {
-    if (a.batch != 1) return bad("packed sequences need batch 1");
-  } else if (a.nseq != a.batch) {
-    return bad("nseq must equal batch without packing");
-  }
-  int64_t chunks = 0, covered = 0;
-  for (int64_t s = 0; s < a.nseq; ++s) {
-    const ScanSegment& seg = a.segments[s];
-    if (seg.length < 0 || seg.start < 0 || seg.start > a.seqlen || seg.length > a.seqlen - seg.start) {
-      return bad("sequence " + std::to_string(s) + " is out of range");
-    }
-    if (a.packed) {
-      if (seg.batch != 0) return bad("packed sequences live in row 0");
-      if (seg.start < covered) return bad("packed sequences must be in order and not overlap");
-      if (seg.start > covered) gaps->insert(gaps->end(), {covered, seg.start - covered});
-      covered = seg.start + seg.length;
-    } else if (seg.batch != s || seg.start != 0 || seg.length != a.seqlen) {
-      return bad("without packing, sequence s must be row s, whole");
-    }
-    if (seg.chunkOffset != chunks) return bad("sequence " + std::to_string(s) + " has the wrong chunkOffset");
-    chunks += (seg.length + kChunk - 1) / kChunk;
-  }
-  if (a.packed && covered < a.seqlen) gaps->insert(gaps->end(), {covered, a.seqlen - covered});
-  if (a.totalChunks != chunks) return bad("totalChunks does not match the sequences");
+  RK_TRY(checkSequences(a.segments, a.nseq, a.batch, a.seqlen, a.packed, kChunk, a.totalChunks, fn, gaps));
   if (a.dim > 0 && a.nseq > 0 && a.seqlen > 0 &&
       (a.u == nullptr || a.delta == nullptr || a.A == nullptr || a.B == nullptr || a.C == nullptr)) {
     return bad("null input");
@@ -1038,26 +991,7 @@ bool allAligned(std::initializer_list<const void*> ptrs) {
 // packing.
 Status uploadTable(const SelectiveScanArgs& a, const std::vector<int64_t>& gaps, DeviceBuffer* buffer,
                    const ScanSegment** segments, const int64_t** gapList) {
-  *segments = nullptr;
-  *gapList = nullptr;
-  if (!a.packed || (a.nseq == 0 && gaps.empty())) return Status{};
-  static_assert(sizeof(ScanSegment) == 4 * sizeof(int64_t), "ScanSegment is four int64");
-  std::vector<int64_t> host(static_cast<size_t>(a.nseq) * 4 + gaps.size());
-  for (int64_t s = 0; s < a.nseq; ++s) {
-    const ScanSegment& seg = a.segments[s];
-    host[4 * s] = seg.batch;
-    host[4 * s + 1] = seg.start;
-    host[4 * s + 2] = seg.length;
-    host[4 * s + 3] = seg.chunkOffset;
-  }
-  std::copy(gaps.begin(), gaps.end(), host.begin() + 4 * a.nseq);
-  const size_t bytes = host.size() * sizeof(int64_t);
-  RK_TRY(buffer->allocate(bytes));
-  RK_CUDA_TRY(cudaMemcpyAsync(buffer->get(), host.data(), bytes, cudaMemcpyHostToDevice, 0));
-  int64_t* base = static_cast<int64_t*>(buffer->get());
-  *segments = reinterpret_cast<const ScanSegment*>(base);
-  *gapList = base + 4 * a.nseq;
-  return Status{};
+  return uploadSequences(a.segments, a.nseq, a.packed, gaps, buffer, segments, gapList);
 }
 
 template <class T>
