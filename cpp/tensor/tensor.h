@@ -88,6 +88,21 @@ enum class Init { Zeroed, Overwritten };
 // Allocates output storage: a TypedArray on CPU, a DeviceBuffer on CUDA (uninitialised).
 Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data,
                         Init init = Init::Zeroed);
+// The same for a typed pointer (e.g. a float* field of a kernel's argument struct).
+template <class P>
+Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, P** data,
+                        Init init = Init::Zeroed) {
+  void* p = nullptr;
+  Napi::Value v = allocOutput(env, device, dtype, elements, &p, init);
+  *data = static_cast<P*>(p);
+  return v;
+}
+// An output that only some calls want: null (and *data left null) when not wanted.
+template <class P>
+Napi::Value optionalOutput(Napi::Env env, bool want, Device device, DType dtype, int64_t elements, P** data,
+                           Init init = Init::Zeroed) {
+  return want ? allocOutput(env, device, dtype, elements, data, init) : Napi::Value(env.Null());
+}
 
 #ifdef RK_WITH_CUDA
 void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what);

@@ -845,21 +845,10 @@ __global__ void __launch_bounds__(128) zeroGapsKernel(T* o0, T* o1, T* o2, int64
 
 // ============================== decode ==============================
 
-struct DecodeParams {
-  int64_t batch = 0, dim = 0, dstate = 0, groups = 1, tokens = 1;
-  int lanesPerChannel = 32;  // a power of two; the channel's states are spread over these lanes
-  bool softplus = false, updateState = true;
-  float* state = nullptr;
-  const void* x = nullptr;
-  const void* delta = nullptr;
-  const float* A = nullptr;
-  const void* B = nullptr;
-  const void* C = nullptr;
-  const float* D = nullptr;
-  const void* z = nullptr;
-  const float* deltaBias = nullptr;
-  void* y = nullptr;
-  float* intermediate = nullptr;
+// The call's arguments, plus how many lanes share a channel (a power of two; the channel's states
+// are spread over them).
+struct DecodeParams : SelectiveStateUpdateArgs {
+  int lanesPerChannel = 32;
 };
 
 constexpr int kDecodeThreads = 128;
@@ -900,7 +889,7 @@ __global__ void __launch_bounds__(kDecodeThreads) selectiveStateUpdateKernel(con
   for (int64_t t = 0; t < tokens; ++t) {
     const float u = loadScalar(xRow + t);
     const float pre = loadScalar(deltaRow + t) + bias;
-    const float dt = p.softplus ? softplus(pre) : pre;
+    const float dt = p.deltaSoftplus ? softplus(pre) : pre;
     const float dtu = dt * u;
     float acc = 0.0f;
 #pragma unroll
@@ -1158,24 +1147,7 @@ Status selectiveStateUpdate(const SelectiveStateUpdateArgs& a) {
     return bad("unsupported states per lane " + std::to_string(perLane));
   }
   DecodeParams p;
-  p.batch = a.batch;
-  p.dim = a.dim;
-  p.dstate = a.dstate;
-  p.groups = a.groups;
-  p.tokens = a.tokens;
-  p.softplus = a.deltaSoftplus;
-  p.updateState = a.updateState;
-  p.state = a.state;
-  p.x = a.x;
-  p.delta = a.delta;
-  p.A = a.A;
-  p.B = a.B;
-  p.C = a.C;
-  p.D = a.D;
-  p.z = a.z;
-  p.deltaBias = a.deltaBias;
-  p.y = a.y;
-  p.intermediate = a.intermediate;
+  static_cast<SelectiveStateUpdateArgs&>(p) = a;
   int lanes = 1;
   while (lanes * perLane < a.dstate) lanes *= 2;
   p.lanesPerChannel = lanes;

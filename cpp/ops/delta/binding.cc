@@ -82,19 +82,20 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   const char* op = "gatedDeltaRule";
   DeltaCall c = parseDelta(info, op);
   const bool wantFinal = info[5].ToBoolean().Value();
-  void *o = nullptr, *states = nullptr, *fin = nullptr;
+  void* o = nullptr;
+  float *states = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
   out.Set("o", allocOutput(env, c.dev, DType(int(c.a.dt)), c.vo, &o, Init::Overwritten));
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
-  out.Set("finalState", wantFinal ? allocOutput(env, c.dev, DType::F32, c.stateElems, &fin) : env.Null());
+  out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
   out.Set("chunk", Napi::Number::New(env, double(c.a.chunk)));
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::gatedDeltaForward(c.a, o, static_cast<float*>(states), static_cast<float*>(fin)), op);
+    throwIfFailed(env, rkcuda::gatedDeltaForward(c.a, o, states, fin), op);
 #endif
     return out;
   }
-  delta::gatedDeltaForwardCpu(c.a, o, static_cast<float*>(states), static_cast<float*>(fin));
+  delta::gatedDeltaForwardCpu(c.a, o, states, fin);
   return out;
 }
 
@@ -119,16 +120,9 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   out.Set("dq", allocOutput(env, c.dev, dt, c.qk, &g.dq, Init::Overwritten));
   out.Set("dk", allocOutput(env, c.dev, dt, c.qk, &g.dk, Init::Overwritten));
   out.Set("dv", allocOutput(env, c.dev, dt, c.vo, &g.dv));
-  void* p = nullptr;
-  out.Set("dg", allocOutput(env, c.dev, DType::F32, c.gb, &p));
-  g.dg = static_cast<float*>(p);
+  out.Set("dg", allocOutput(env, c.dev, DType::F32, c.gb, &g.dg));
   out.Set("dbeta", allocOutput(env, c.dev, dt, c.gb, &g.dbeta));
-  if (needDh0) {
-    out.Set("dh0", allocOutput(env, c.dev, DType::F32, c.stateElems, &p));
-    g.dh0 = static_cast<float*>(p);
-  } else {
-    out.Set("dh0", env.Null());
-  }
+  out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaBackward(c.a, g), op);
@@ -175,13 +169,8 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   a.beta = tensorArg(env, t.Get("beta"), op, "beta", dev, dt, gb).data;
   Napi::Object out = Napi::Object::New(env);
   out.Set("o", allocOutput(env, dev, dt, vo, &a.o, Init::Overwritten));
-  void* p = nullptr;
-  if (wantIntermediate) {
-    out.Set("intermediate", allocOutput(env, dev, DType::F32, inter, &p, Init::Overwritten));
-    a.intermediate = static_cast<float*>(p);
-  } else {
-    out.Set("intermediate", env.Null());
-  }
+  out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
+                                         Init::Overwritten));
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaStep(a), op);

@@ -28,7 +28,7 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
   void* fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
   out.Set("h", allocOutput(env, dev, dt, n, &h, Init::Overwritten));
-  out.Set("finalState", wantFinal ? allocOutput(env, dev, DType::F32, rows, &fin) : env.Null());
+  out.Set("finalState", optionalOutput(env, wantFinal, dev, DType::F32, rows, &fin));
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env,
@@ -67,7 +67,7 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("ga", allocOutput(env, dev, dt, n, &ga, Init::Overwritten));
   out.Set("gb", allocOutput(env, dev, dt, n, &gb, Init::Overwritten));
-  out.Set("gh0", needGh0 ? allocOutput(env, dev, DType::F32, rows, &gh0) : env.Null());
+  out.Set("gh0", optionalOutput(env, needGh0, dev, DType::F32, rows, &gh0));
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env,

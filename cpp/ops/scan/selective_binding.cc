@@ -89,20 +89,21 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   ScanCall c = parseScan(info, op);
   const rkcuda::SelectiveScanArgs& a = c.a;
   const bool wantFinal = info[5].ToBoolean().Value();
-  void *y = nullptr, *states = nullptr, *fin = nullptr;
+  void* y = nullptr;
+  float *states = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
   out.Set("y", allocOutput(env, c.dev, DType(int(a.dt)), c.elements, &y, Init::Overwritten));
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
-  out.Set("finalState", wantFinal ? allocOutput(env, c.dev, DType::F32, c.stateElems, &fin) : env.Null());
+  out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
   out.Set("chunk", Napi::Number::New(env, double(a.chunk)));
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::selectiveScanForward(a, y, static_cast<float*>(states), static_cast<float*>(fin)),
+    throwIfFailed(env, rkcuda::selectiveScanForward(a, y, states, fin),
                   op);
 #endif
     return out;
   }
-  scan::selectiveScanForwardCpu(a, y, static_cast<float*>(states), static_cast<float*>(fin));
+  scan::selectiveScanForwardCpu(a, y, states, fin);
   return out;
 }
 
@@ -128,30 +129,13 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("du", allocOutput(env, c.dev, dt, c.elements, &g.du, big));
   out.Set("ddelta", allocOutput(env, c.dev, dt, c.elements, &g.ddelta, big));
-  void* p = nullptr;
-  out.Set("dA", allocOutput(env, c.dev, DType::F32, c.params, &p));
-  g.dA = static_cast<float*>(p);
+  out.Set("dA", allocOutput(env, c.dev, DType::F32, c.params, &g.dA));
   out.Set("dB", allocOutput(env, c.dev, a.variableB ? dt : DType::F32, a.variableB ? c.bcVariable : c.params, &g.dB));
   out.Set("dC", allocOutput(env, c.dev, a.variableC ? dt : DType::F32, a.variableC ? c.bcVariable : c.params, &g.dC));
-  if (a.D) {
-    out.Set("dD", allocOutput(env, c.dev, DType::F32, a.dim, &p));
-    g.dD = static_cast<float*>(p);
-  } else {
-    out.Set("dD", env.Null());
-  }
-  out.Set("dz", a.z ? allocOutput(env, c.dev, dt, c.elements, &g.dz, big) : env.Null());
-  if (a.deltaBias) {
-    out.Set("dDeltaBias", allocOutput(env, c.dev, DType::F32, a.dim, &p));
-    g.dDeltaBias = static_cast<float*>(p);
-  } else {
-    out.Set("dDeltaBias", env.Null());
-  }
-  if (needDh0) {
-    out.Set("dh0", allocOutput(env, c.dev, DType::F32, c.stateElems, &p));
-    g.dh0 = static_cast<float*>(p);
-  } else {
-    out.Set("dh0", env.Null());
-  }
+  out.Set("dD", optionalOutput(env, a.D != nullptr, c.dev, DType::F32, a.dim, &g.dD));
+  out.Set("dz", optionalOutput(env, a.z != nullptr, c.dev, dt, c.elements, &g.dz, big));
+  out.Set("dDeltaBias", optionalOutput(env, a.deltaBias != nullptr, c.dev, DType::F32, a.dim, &g.dDeltaBias));
+  out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveScanBackward(a, g), op);
@@ -200,13 +184,8 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
       static_cast<const float*>(tensorArg(env, t.Get("dtBias"), op, "dtBias", dev, DType::F32, a.dim, true).data);
   Napi::Object out = Napi::Object::New(env);
   out.Set("y", allocOutput(env, dev, dt, elements, &a.y, Init::Overwritten));
-  void* p = nullptr;
-  if (wantIntermediate) {
-    out.Set("intermediate", allocOutput(env, dev, DType::F32, inter, &p, Init::Overwritten));
-    a.intermediate = static_cast<float*>(p);
-  } else {
-    out.Set("intermediate", env.Null());
-  }
+  out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
+                                         Init::Overwritten));
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveStateUpdate(a), op);
