@@ -15,6 +15,11 @@ export interface DeviceBuffer {
   dispose(): void;
 }
 export type Storage = Float32Array | Uint16Array | DeviceBuffer;
+
+/** Number of float32 elements held by float32 storage (a TypedArray, or a DeviceBuffer's bytes / 4). */
+export function float32Elements(s: Storage): number {
+  return 'bytes' in s ? s.bytes / 4 : s.length;
+}
 type Dev = 'cpu' | 'cuda';
 
 export interface NativeModule {
@@ -37,7 +42,7 @@ export interface NativeModule {
     { ga: Storage; gb: Storage; gh0: Storage | null };
   selectiveScanForward(device: Dev, dtype: string, tensors: SelectiveScanTensors, config: SelectiveScanConfig,
     cuSeqlens: Int32Array | null, returnFinal: boolean):
-    { y: Storage; states: Storage; finalState: Storage | null; chunk: number };
+    { y: Storage; states: Storage; finalState: Storage | null };
   selectiveScanBackward(device: Dev, dtype: string, tensors: SelectiveScanTensors, config: SelectiveScanConfig,
     cuSeqlens: Int32Array | null, grads: { states: Storage; dy: Storage | null; dFinal: Storage | null },
     needDh0: boolean): {
@@ -53,7 +58,7 @@ export interface NativeModule {
   }): { y: Storage; intermediate: Storage | null };
   gatedDeltaForward(device: Dev, dtype: string, tensors: GatedDeltaTensors, config: GatedDeltaConfig,
     cuSeqlens: Int32Array | null, returnFinal: boolean):
-    { o: Storage; states: Storage; finalState: Storage | null; chunk: number };
+    { o: Storage; states: Storage; finalState: Storage | null };
   gatedDeltaBackward(device: Dev, dtype: string, tensors: GatedDeltaTensors, config: GatedDeltaConfig,
     cuSeqlens: Int32Array | null, grads: { states: Storage; dO: Storage | null; dFinal: Storage | null },
     needDh0: boolean):

@@ -24,7 +24,7 @@
  * Backward: gradients for q, k, v, g, beta and initialState, from grads of o and/or finalState.
  */
 import { defineOp } from '../autograd';
-import { native, type GatedDeltaConfig, type Storage } from '../native';
+import { float32Elements, native, type GatedDeltaConfig, type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
@@ -131,9 +131,6 @@ function forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions = 
     q: q.storage, k: inputs.k.storage, v: inputs.v.storage, g: inputs.g.storage, beta: inputs.beta.storage,
     h0: h0?.storage ?? null,
   }, config, cuSeqlens, returnFinal);
-  let chunks = 0;
-  for (let s = 0; s < nseq; s++)
-    chunks += Math.ceil((cuSeqlens ? cuSeqlens[s + 1] - cuSeqlens[s] : T) / r.chunk);
   return {
     outputs: {
       o: new Tensor(r.o, inputs.v.shape, q.dtype, q.device),
@@ -141,7 +138,7 @@ function forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions = 
     },
     ctx: {
       inputs: { ...inputs, initialState: h0 },
-      states: new Tensor(r.states, [chunks * HV * K * V], 'float32', q.device),
+      states: new Tensor(r.states, [float32Elements(r.states)], 'float32', q.device),
       config, cuSeqlens, nseq, dtype: q.dtype, device: q.device,
     },
   };

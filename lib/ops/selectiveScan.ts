@@ -28,7 +28,7 @@
  * dstate / chunk of u's size in float32) and the backward pass recomputes the states in between.
  */
 import { defineOp } from '../autograd';
-import { native, type SelectiveScanConfig, type Storage } from '../native';
+import { float32Elements, native, type SelectiveScanConfig, type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
@@ -171,13 +171,9 @@ function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}
   }, config, cuSeqlens, returnFinal);
   const y = new Tensor(r.y, u.shape, u.dtype, u.device);
   const finalState = r.finalState ? new Tensor(r.finalState, [nseq, dim, dstate], 'float32', u.device) : null;
-  // Checkpoints: for each sequence, (dim, ceil(length / chunk), dstate) float32, one after another.
-  let chunks = 0;
-  for (let s = 0; s < nseq; s++) {
-    const len = cuSeqlens ? cuSeqlens[s + 1] - cuSeqlens[s] : seqlen;
-    chunks += Math.ceil(len / r.chunk);
-  }
-  const states = new Tensor(r.states, [chunks * dim * dstate], 'float32', u.device);
+  // Checkpoints (flat; their layout is the kernels' business): for each sequence, the state at the
+  // start of every chunk of steps.
+  const states = new Tensor(r.states, [float32Elements(r.states)], 'float32', u.device);
   return {
     outputs: { y, finalState },
     ctx: {

@@ -76,7 +76,7 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
 }
 
 // gatedDeltaForward(device, dtype, tensors, config, cuSeqlens, returnFinal)
-//   -> { o, states, finalState | null, chunk }
+//   -> { o, states, finalState | null }
 Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRule";
@@ -88,7 +88,7 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   out.Set("o", allocOutput(env, c.dev, DType(int(c.a.dt)), c.vo, &o, Init::Overwritten));
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
-  out.Set("chunk", Napi::Number::New(env, double(c.a.chunk)));
+
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaForward(c.a, o, states, fin), op);

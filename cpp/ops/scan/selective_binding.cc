@@ -82,7 +82,7 @@ ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
 }
 
 // selectiveScanForward(device, dtype, tensors, config, cuSeqlens, returnFinal)
-//   -> { y, states, finalState | null, chunk }
+//   -> { y, states, finalState | null }
 Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "selectiveScan";
@@ -95,7 +95,7 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   out.Set("y", allocOutput(env, c.dev, DType(int(a.dt)), c.elements, &y, Init::Overwritten));
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
-  out.Set("chunk", Napi::Number::New(env, double(a.chunk)));
+
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveScanForward(a, y, states, fin),
