@@ -173,6 +173,10 @@ describe('gatedDeltaRule bad input', () => {
     fails(() => rk.ops.gatedDeltaRule.backward(ctx, { o: mk([1, 6, 4, 2]) }), 'ERR_SHAPE', /grad of o/);
     fails(() => rk.ops.gatedDeltaRule.backward(ctx, { finalState: mk([1, 4, 4, 2]) }), 'ERR_SHAPE', /grad of finalState/);
     fails(() => rk.gatedDeltaRuleStep({ ...good(), state: mk([1, 4, 3, 4]) }), 'ERR_SHAPE', /state has shape/);
+    fails(() => rk.gatedDeltaRuleStep({ ...good(), state: mk([1, 4, 4, 3], 'bfloat16') }), 'ERR_DTYPE', /state has dtype/);
+    const step = { ...good(), state: mk([1, 4, 4, 3]) };
+    step.k.dispose();
+    fails(() => rk.gatedDeltaRuleStep(step), 'ERR_DISPOSED', /k was disposed/);
   });
   it('the addon re-checks sizes it is given directly', () => {
     const n = rk.internals.native;
