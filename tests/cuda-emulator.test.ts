@@ -2,7 +2,8 @@
 // sources on a small SIMT emulator) with g++ against the CUDA toolkit headers, runs it, and expects
 // "0 failures". linear_scan_test.cpp runs the linear-scan kernels through their launchers;
 // scan_primitives_test.cpp runs the reusable scan primitive (cuda/common/scan.cuh) in every
-// configuration through small test kernels; selective_scan_test.cpp runs the selective-scan
+// configuration through small test kernels; mma_test.cpp the warp-level tensor-core
+// multiply-accumulate helpers (cuda/common/mma.cuh); selective_scan_test.cpp runs the selective-scan
 // (Mamba-1) forward, backward and decode launchers against float64 references; gated_delta_test.cpp
 // does the same for the gated delta rule (recurrent forward, backward and decode). Needs the
 // toolkit's headers but no GPU, so CI checks the kernels' results too. Skipped when no toolkit
@@ -90,6 +91,10 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
 
   it('scan primitives (common/scan.cuh): every configuration matches a float64 reference', () => {
     compileAndRun('scan_primitives_test');
+  }, 180_000);
+
+  it('tensor-core multiply-accumulate (common/mma.cuh): fragment layouts and products match float64', () => {
+    compileAndRun('mma_test');
   }, 180_000);
 
   it('selective scan: forward, backward and decode match float64 references in every configuration', () => {

@@ -1,0 +1,198 @@
+// Warp-level tensor-core matrix multiply-accumulate (mma.sync), shared by every kernel family.
+//
+//   D (16 x 8, fp32) += A (16 x K) * B (K x 8)
+//   mma16816<T>: K = 16, A and B of T = __half or __nv_bfloat16, products exact, fp32 accumulation;
+//   mma1688tf32: K = 8,  A and B fp32 rounded to tf32 (10-bit mantissa), fp32 accumulation.
+//
+// Each of the 32 lanes of a warp holds a fixed part of every operand (the PTX fragment layouts).
+// With g = lane / 4 and t = lane % 4:
+//   FragC  c[i]:  row g + 8 * (i / 2), column 2t + (i % 2)
+//   FragA16 (16 x 16, two elements per register, the lower column in the low half):
+//          r[i]:  row g + 8 * (i % 2), columns 2t + 8 * (i / 2) + {0, 1}
+//   FragB16 (16 x 8, two elements per register, the lower k in the low half):
+//          r[i]:  k 2t + 8 * i + {0, 1}, column g
+//   FragATf32 (16 x 8) r[i]: row g + 8 * (i % 2), column t + 4 * (i / 2)
+//   FragBTf32 (8 x 8)  r[i]: k t + 4 * i, column g
+// The load/store helpers below fill and read fragments from any row-major array (shared or global
+// memory) through an element accessor, so kernels never repeat the index arithmetic.
+//
+// On the device (sm_80 and newer) each call is one mma.sync instruction. Elsewhere (the CPU
+// emulator, older architectures) a portable version gathers the operands with warp shuffles and
+// computes the same products in fp32; it is correct on any GPU, only slower. Every lane of the warp
+// must call these together (they are warp-collective).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace rkcuda {
+namespace mma {
+
+struct FragA16 { uint32_t r[4]; };
+struct FragB16 { uint32_t r[2]; };
+struct FragATf32 { uint32_t r[4]; };
+struct FragBTf32 { uint32_t r[2]; };
+struct FragC {
+  float c[4];
+  __device__ __forceinline__ void zero() { c[0] = c[1] = c[2] = c[3] = 0.0f; }
+};
+
+__device__ __forceinline__ int lane() { return static_cast<int>(threadIdx.x) & 31; }
+
+// ---- 16-bit element packing ----
+template <class T> struct Bits16;
+template <> struct Bits16<__half> {
+  __device__ __forceinline__ static uint16_t from(float x) { return __half_as_ushort(__float2half_rn(x)); }
+  __device__ __forceinline__ static float to(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+};
+template <> struct Bits16<__nv_bfloat16> {
+  __device__ __forceinline__ static uint16_t from(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+  __device__ __forceinline__ static float to(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+};
+// Two floats rounded to T, packed (lo in the low half).
+template <class T>
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+  return static_cast<uint32_t>(Bits16<T>::from(lo)) | (static_cast<uint32_t>(Bits16<T>::from(hi)) << 16);
+}
+template <class T>
+__device__ __forceinline__ float unpackLo(uint32_t v) { return Bits16<T>::to(static_cast<uint16_t>(v & 0xffffu)); }
+template <class T>
+__device__ __forceinline__ float unpackHi(uint32_t v) { return Bits16<T>::to(static_cast<uint16_t>(v >> 16)); }
+
+// fp32 -> tf32 (round to nearest, ties away from zero, as cvt.rna.tf32.f32), kept in fp32 bits.
+__device__ __forceinline__ uint32_t toTf32(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+#else
+  uint32_t b = __float_as_uint(x);
+  if ((b & 0x7f800000u) != 0x7f800000u) b = (b + 0x1000u) & 0xffffe000u;  // finite: round the mantissa
+  return b;
+#endif
+}
+
+// ---- the multiply-accumulates ----
+template <class T>
+__device__ __forceinline__ void mma16816(FragC& d, const FragA16& a, const FragB16& b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d.c[0]), "+f"(d.c[1]), "+f"(d.c[2]), "+f"(d.c[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d.c[0]), "+f"(d.c[1]), "+f"(d.c[2]), "+f"(d.c[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+  }
+#else
+  const int g = lane() >> 2, t = lane() & 3;
+  float acc[4] = {d.c[0], d.c[1], d.c[2], d.c[3]};
+  for (int s = 0; s < 4; ++s) {
+    // Lane 4g+s holds A's rows g, g+8 at columns 2s, 2s+1 (r0, r1) and 2s+8, 2s+9 (r2, r3);
+    // lane 4n+s holds B's column n at k = 2s, 2s+1 (r0) and 2s+8, 2s+9 (r1).
+    uint32_t ar[4], b0[2], b1[2];
+    for (int i = 0; i < 4; ++i) ar[i] = __shfl_sync(0xffffffffu, a.r[i], 4 * g + s);
+    for (int i = 0; i < 2; ++i) {
+      b0[i] = __shfl_sync(0xffffffffu, b.r[i], 4 * (2 * t) + s);
+      b1[i] = __shfl_sync(0xffffffffu, b.r[i], 4 * (2 * t + 1) + s);
+    }
+    for (int half = 0; half < 2; ++half) {      // k = 2s + 8*half + {0, 1}
+      for (int row = 0; row < 2; ++row) {       // row g + 8*row
+        const uint32_t av = ar[2 * half + row];
+        const float alo = unpackLo<T>(av), ahi = unpackHi<T>(av);
+        acc[2 * row + 0] += alo * unpackLo<T>(b0[half]) + ahi * unpackHi<T>(b0[half]);
+        acc[2 * row + 1] += alo * unpackLo<T>(b1[half]) + ahi * unpackHi<T>(b1[half]);
+      }
+    }
+  }
+  for (int i = 0; i < 4; ++i) d.c[i] = acc[i];
+#endif
+}
+
+__device__ __forceinline__ void mma1688tf32(FragC& d, const FragATf32& a, const FragBTf32& b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d.c[0]), "+f"(d.c[1]), "+f"(d.c[2]), "+f"(d.c[3])
+      : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+#else
+  const int g = lane() >> 2, t = lane() & 3;
+  float acc[4] = {d.c[0], d.c[1], d.c[2], d.c[3]};
+  for (int s = 0; s < 4; ++s) {
+    // Lane 4g+s holds A's rows g, g+8 at columns s (r0, r1) and s+4 (r2, r3); lane 4n+s holds B's
+    // column n at k = s (r0) and s+4 (r1).
+    uint32_t ar[4], b0[2], b1[2];
+    for (int i = 0; i < 4; ++i) ar[i] = __shfl_sync(0xffffffffu, a.r[i], 4 * g + s);
+    for (int i = 0; i < 2; ++i) {
+      b0[i] = __shfl_sync(0xffffffffu, b.r[i], 4 * (2 * t) + s);
+      b1[i] = __shfl_sync(0xffffffffu, b.r[i], 4 * (2 * t + 1) + s);
+    }
+    for (int half = 0; half < 2; ++half) {
+      for (int row = 0; row < 2; ++row) {
+        const float av = __uint_as_float(ar[2 * half + row]);
+        acc[2 * row + 0] += av * __uint_as_float(b0[half]);
+        acc[2 * row + 1] += av * __uint_as_float(b1[half]);
+      }
+    }
+  }
+  for (int i = 0; i < 4; ++i) d.c[i] = acc[i];
+#endif
+}
+
+// ---- fragment loads and stores through an accessor ----
+// at(row, col) returns the float value of the logical matrix element (rows and columns relative to
+// the tile); it may read any memory and may return 0 outside the matrix (padding).
+
+// A tile (16 x 16) of a row-major (M x K) operand.
+template <class T, class At>
+__device__ __forceinline__ FragA16 loadA16(At at) {
+  const int g = lane() >> 2, t = lane() & 3;
+  FragA16 f;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i & 1), col = 2 * t + 8 * (i >> 1);
+    f.r[i] = pack<T>(at(row, col), at(row, col + 1));
+  }
+  return f;
+}
+// B tile (16 x 8): at(k, n) is element (k, n) of the K x N operand.
+template <class T, class At>
+__device__ __forceinline__ FragB16 loadB16(At at) {
+  const int g = lane() >> 2, t = lane() & 3;
+  FragB16 f;
+  for (int i = 0; i < 2; ++i) {
+    const int k = 2 * t + 8 * i;
+    f.r[i] = pack<T>(at(k, g), at(k + 1, g));
+  }
+  return f;
+}
+template <class At>
+__device__ __forceinline__ FragATf32 loadATf32(At at) {
+  const int g = lane() >> 2, t = lane() & 3;
+  FragATf32 f;
+  for (int i = 0; i < 4; ++i) f.r[i] = toTf32(at(g + 8 * (i & 1), t + 4 * (i >> 1)));
+  return f;
+}
+template <class At>
+__device__ __forceinline__ FragBTf32 loadBTf32(At at) {
+  const int g = lane() >> 2, t = lane() & 3;
+  FragBTf32 f;
+  for (int i = 0; i < 2; ++i) f.r[i] = toTf32(at(t + 4 * i, g));
+  return f;
+}
+// Calls put(row, col, value) for the four elements of C this lane holds.
+template <class Put>
+__device__ __forceinline__ void storeC(const FragC& c, Put put) {
+  const int g = lane() >> 2, t = lane() & 3;
+  for (int i = 0; i < 4; ++i) put(g + 8 * (i >> 1), 2 * t + (i & 1), c.c[i]);
+}
+
+}  // namespace mma
+}  // namespace rkcuda

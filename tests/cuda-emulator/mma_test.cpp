@@ -1,0 +1,141 @@
+// CPU test of the warp-level matrix multiply-accumulate helpers, cuda/common/mma.cuh (compiled
+// unmodified; here its portable path runs, which gathers operands with warp shuffles), through the
+// SIMT emulator in emu.h. Test kernels load A and B tiles from row-major global arrays with the
+// documented fragment layouts (loadA16 / loadB16 / loadATf32 / loadBTf32), accumulate over several
+// k-steps onto a loaded C, and store D with storeC. Checked against a float64 product of the
+// operands rounded as the hardware rounds them (fp16 / bf16 / tf32): every element within a bound
+// scaled by the magnitude of its terms. Also: pack/unpack round trips, tf32 rounding of special
+// values, and small integers, for which every result must be exact.
+//
+// Prints up to 20 failures and a summary line "<n> checks, <m> failures"; exits 1 on any failure.
+// Built and run by tests/cuda-emulator.test.ts; by hand (from the repository root):
+//   g++ -std=c++17 -O1 -fno-strict-aliasing -I<CUDA include dir> -Icuda tests/cuda-emulator/mma_test.cpp
+#include "emu.h"
+// The code under test, after the emulator.
+#include "common/launch.cuh"
+#include "common/mma.cuh"
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+namespace {
+
+namespace mma = rkcuda::mma;
+
+long checks = 0, failures = 0;
+void expect(bool ok, const char* what, int i, double got, double want) {
+  ++checks;
+  if (ok) return;
+  if (++failures <= 20) std::printf("FAIL %s [%d]: got %.9g, want %.9g\n", what, i, got, want);
+}
+
+// D (16 x 8) = C + A (16 x 16*ksteps) * B (16*ksteps x 8), all row-major fp32 in global memory.
+template <class T>
+__global__ void mma16Kernel(const float* A, const float* B, const float* C, float* D, int ksteps) {
+  mma::FragC acc;
+  for (int i = 0; i < 4; ++i) {
+    const int g = mma::lane() >> 2, t = mma::lane() & 3;
+    acc.c[i] = C[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+  }
+  const int K = 16 * ksteps;
+  for (int s = 0; s < ksteps; ++s) {
+    const mma::FragA16 a = mma::loadA16<T>([&](int r, int c) { return A[r * K + 16 * s + c]; });
+    const mma::FragB16 b = mma::loadB16<T>([&](int k, int n) { return B[(16 * s + k) * 8 + n]; });
+    mma::mma16816<T>(acc, a, b);
+  }
+  mma::storeC(acc, [&](int r, int c, float v) { D[r * 8 + c] = v; });
+}
+
+__global__ void mmaTf32Kernel(const float* A, const float* B, const float* C, float* D, int ksteps) {
+  mma::FragC acc;
+  {
+    const int g = mma::lane() >> 2, t = mma::lane() & 3;
+    for (int i = 0; i < 4; ++i) acc.c[i] = C[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
+  }
+  const int K = 8 * ksteps;
+  for (int s = 0; s < ksteps; ++s) {
+    const mma::FragATf32 a = mma::loadATf32([&](int r, int c) { return A[r * K + 8 * s + c]; });
+    const mma::FragBTf32 b = mma::loadBTf32([&](int k, int n) { return B[(8 * s + k) * 8 + n]; });
+    mma::mma1688tf32(acc, a, b);
+  }
+  mma::storeC(acc, [&](int r, int c, float v) { D[r * 8 + c] = v; });
+}
+
+// Rounding as the operands see it.
+float roundHalf(float x) { return __half2float(__float2half_rn(x)); }
+float roundBf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+float roundTf32(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  if ((b & 0x7f800000u) != 0x7f800000u) b = (b + 0x1000u) & 0xffffe000u;
+  float r;
+  std::memcpy(&r, &b, 4);
+  return r;
+}
+
+enum class Kind { kHalf, kBf16, kTf32 };
+
+void run(Kind kind, int ksteps, bool integers, std::mt19937& rng) {
+  const int kTile = kind == Kind::kTf32 ? 8 : 16;
+  const int K = kTile * ksteps;
+  std::vector<float> A(16 * K), B(K * 8), C(16 * 8), D(16 * 8, NAN);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> small(-4, 4);
+  auto draw = [&]() { return integers ? static_cast<float>(small(rng)) : normal(rng); };
+  for (auto& x : A) x = draw();
+  for (auto& x : B) x = draw();
+  for (auto& x : C) x = draw();
+  const char* name = kind == Kind::kHalf ? "mma16816<half>" : kind == Kind::kBf16 ? "mma16816<bf16>" : "mma1688tf32";
+  if (kind == Kind::kHalf) rkcuda::launch(mma16Kernel<__half>, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
+  if (kind == Kind::kBf16) rkcuda::launch(mma16Kernel<__nv_bfloat16>, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
+  if (kind == Kind::kTf32) rkcuda::launch(mmaTf32Kernel, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
+  auto rnd = [&](float x) { return kind == Kind::kHalf ? roundHalf(x) : kind == Kind::kBf16 ? roundBf16(x) : roundTf32(x); };
+  for (int r = 0; r < 16; ++r) {
+    for (int n = 0; n < 8; ++n) {
+      double want = C[r * 8 + n], mag = std::fabs(C[r * 8 + n]);
+      for (int k = 0; k < K; ++k) {
+        const double p = static_cast<double>(rnd(A[r * K + k])) * rnd(B[k * 8 + n]);
+        want += p;
+        mag += std::fabs(p);
+      }
+      const double got = D[r * 8 + n];
+      const double tol = integers ? 0.0 : 4e-7 * (K + 2) * mag;
+      expect(std::fabs(got - want) <= tol, name, r * 8 + n, got, want);
+    }
+  }
+}
+
+void testPacking() {
+  const float values[] = {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 1e-3f, 3.14159265f};
+  for (float v : values) {
+    const uint32_t ph = mma::pack<__half>(v, -v);
+    expect(mma::unpackLo<__half>(ph) == roundHalf(v), "pack<half> lo", 0, mma::unpackLo<__half>(ph), roundHalf(v));
+    expect(mma::unpackHi<__half>(ph) == roundHalf(-v), "pack<half> hi", 0, mma::unpackHi<__half>(ph), roundHalf(-v));
+    const uint32_t pb = mma::pack<__nv_bfloat16>(v, 2 * v);
+    expect(mma::unpackLo<__nv_bfloat16>(pb) == roundBf16(v), "pack<bf16> lo", 0, mma::unpackLo<__nv_bfloat16>(pb), roundBf16(v));
+    expect(mma::unpackHi<__nv_bfloat16>(pb) == roundBf16(2 * v), "pack<bf16> hi", 0, mma::unpackHi<__nv_bfloat16>(pb), roundBf16(2 * v));
+  }
+  // tf32: 1 + 2^-11 rounds up to 1 + 2^-10 (ties away), 1 + 2^-12 rounds down; inf and NaN stay.
+  const float tie = 1.0f + std::ldexp(1.0f, -11), below = 1.0f + std::ldexp(1.0f, -12);
+  expect(__uint_as_float(mma::toTf32(tie)) == 1.0f + std::ldexp(1.0f, -10), "tf32 tie", 0, __uint_as_float(mma::toTf32(tie)), 1.0f + std::ldexp(1.0f, -10));
+  expect(__uint_as_float(mma::toTf32(below)) == 1.0f, "tf32 below", 0, __uint_as_float(mma::toTf32(below)), 1.0);
+  expect(std::isinf(__uint_as_float(mma::toTf32(INFINITY))), "tf32 inf", 0, __uint_as_float(mma::toTf32(INFINITY)), INFINITY);
+  expect(std::isnan(__uint_as_float(mma::toTf32(NAN))), "tf32 nan", 0, __uint_as_float(mma::toTf32(NAN)), NAN);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(20261125);
+  testPacking();
+  for (Kind kind : {Kind::kHalf, Kind::kBf16, Kind::kTf32}) {
+    for (int ksteps : {1, 2, 5}) {
+      run(kind, ksteps, false, rng);
+      run(kind, ksteps, true, rng);
+    }
+  }
+  std::printf("mma: %ld checks, %ld failures\n", checks, failures);
+  return failures == 0 ? 0 : 1;
+}
