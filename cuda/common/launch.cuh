@@ -1,7 +1,8 @@
 // Kernel launches and launcher tuning choices, in one place so that tests can run the kernels on
 // the CPU: tests/cuda-emulator compiles the .cu files with a host compiler, defines
 // RK_CUDA_EMULATOR, and supplies its own rkcuda::launch and rkcuda::tunable with the same
-// signatures. In the real build both are the plain operations below.
+// signatures. In the real build both are the plain operations below. The same goes for
+// dynamicShared and allowDynamicShared (dynamic shared memory).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -26,6 +27,21 @@ Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedByte
 // A launcher's heuristic choice (name identifies it, e.g. "linearScan.warpsPerRow"). Returns
 // `chosen`; the emulator's version lets a test pin the value so that every configuration runs.
 constexpr int tunable(const char* /*name*/, int chosen) { return chosen; }
+
+// The running block's dynamic shared memory (the launch's sharedBytes), 16-byte aligned, as T*.
+template <class T>
+__device__ __forceinline__ T* dynamicShared() {
+  extern __shared__ __align__(16) unsigned char rkDynamicShared[];
+  return reinterpret_cast<T*>(rkDynamicShared);
+}
+
+// Lets kernel launch with up to `bytes` of dynamic shared memory; needed above 48 KiB (the opt-in
+// limit is DeviceProps::sharedMemPerBlockOptin).
+template <class... KArgs>
+Status allowDynamicShared(void (*kernel)(KArgs...), size_t bytes) {
+  return statusFromCuda(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
 
 #endif  // RK_CUDA_EMULATOR
 

@@ -19,7 +19,9 @@
 // Supported: 1-D grids and blocks of a multiple of 32 threads (up to 1024), full-warp
 // __shfl_sync / __shfl_up_sync / __shfl_down_sync / __shfl_xor_sync of 4-byte values, __syncwarp,
 // __syncthreads, __ldg (which checks alignment), atomicAdd on float (a plain add: threads run one
-// at a time), no dynamic shared memory, and the few runtime calls that the launchers make
+// at a time), dynamic shared memory through rkcuda::dynamicShared (NaN-filled at every block start;
+// a launch above 48 KiB fails unless rkcuda::allowDynamicShared raised the kernel's limit, as on a
+// device; 227 KiB at most), and the few runtime calls that the launchers make
 // (stream-ordered allocations are counted, so a test can check that every one is freed). Add what
 // new kernels need, in the same style. Not modelled: data races (the interleaving is one fixed
 // order), memory ordering.
@@ -94,6 +96,8 @@ struct Block {
   ucontext_t launcher;  // where the launch waits until every fiber has finished
   uint3 blockIndex;
   dim3 blockDims, gridDims;
+  std::vector<float4> dynamicShared;  // the launch's sharedBytes, rounded up to 16
+  size_t dynamicSharedBytes = 0;
 };
 inline Block block;
 
@@ -171,6 +175,7 @@ inline void runBlock(unsigned index) {
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiberMain, 0);
   }
+  std::memset(block.dynamicShared.data(), 0xff, block.dynamicShared.size() * sizeof(float4));
   block.unfinished = threads;
   block.idleSwitches = 0;
   block.current = &block.fibers[0];
@@ -199,6 +204,10 @@ inline void setTunable(const std::string& name, int value) {
 }
 
 template <class Kernel> const void* kernelId(Kernel* kernel) { return reinterpret_cast<const void*>(kernel); }
+
+// Dynamic shared memory limits raised by rkcuda::allowDynamicShared, per kernel.
+inline std::map<const void*, size_t> dynamicSharedLimits;
+constexpr size_t kDefaultDynamicShared = 48 * 1024, kMaxDynamicShared = 227 * 1024;
 
 inline int smCount = 132;   // cudaDevAttrMultiProcessorCount
 inline int blocksPerSm = 4;  // the answer to every occupancy query
@@ -345,13 +354,34 @@ Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedByte
   if (block.x == 0 || block.x % 32 != 0 || block.x > 1024) {
     return statusError("emulator: block size must be a multiple of 32, at most 1024");
   }
-  if (sharedBytes != 0) return statusError("emulator: dynamic shared memory is not emulated");
+  {
+    const auto it = emu::dynamicSharedLimits.find(emu::kernelId(kernel));
+    const size_t limit = it != emu::dynamicSharedLimits.end() ? it->second : emu::kDefaultDynamicShared;
+    if (sharedBytes > limit) {
+      return statusError("emulator: " + std::to_string(sharedBytes) + " bytes of dynamic shared memory, over the kernel's limit of " +
+                         std::to_string(limit) + " (see allowDynamicShared)");
+    }
+  }
+  emu::block.dynamicShared.assign((sharedBytes + 15) / 16, float4{});
+  emu::block.dynamicSharedBytes = sharedBytes;
   emu::launchLog.push_back(emu::LaunchRecord{emu::kernelId(kernel), grid, block});
   emu::block.gridDims = grid;
   emu::block.blockDims = block;
   emu::block.body = [&] { kernel(static_cast<KArgs>(args)...); };
   for (unsigned b = 0; b < grid.x; ++b) emu::runBlock(b);
   emu::block.body = nullptr;
+  return Status{};
+}
+
+template <class T>
+T* dynamicShared() {
+  return reinterpret_cast<T*>(emu::block.dynamicShared.data());
+}
+
+template <class... KArgs>
+Status allowDynamicShared(void (*kernel)(KArgs...), size_t bytes) {
+  if (bytes > emu::kMaxDynamicShared) return statusError("emulator: more dynamic shared memory than a device allows");
+  emu::dynamicSharedLimits[emu::kernelId(kernel)] = bytes;
   return Status{};
 }
 

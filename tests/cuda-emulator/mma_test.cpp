@@ -5,7 +5,8 @@
 // k-steps onto a loaded C, and store D with storeC. Checked against a float64 product of the
 // operands rounded as the hardware rounds them (fp16 / bf16 / tf32): every element within a bound
 // scaled by the magnitude of its terms. Also: pack/unpack round trips, tf32 rounding of special
-// values, and small integers, for which every result must be exact.
+// values, small integers, for which every result must be exact, and operands staged through
+// dynamic shared memory above the default 48 KiB limit (refused until allowDynamicShared).
 //
 // Prints up to 20 failures and a summary line "<n> checks, <m> failures"; exits 1 on any failure.
 // Built and run by tests/cuda-emulator.test.ts; by hand (from the repository root):
@@ -61,6 +62,42 @@ __global__ void mmaTf32Kernel(const float* A, const float* B, const float* C, fl
     mma::mma1688tf32(acc, a, b);
   }
   mma::storeC(acc, [&](int r, int c, float v) { D[r * 8 + c] = v; });
+}
+
+// The same product with A staged through dynamic shared memory (a whole 64 KiB of it, which needs
+// the kernel's limit raised), by the first lane; the warp then reads its fragments from there.
+__global__ void mmaSharedKernel(const float* A, const float* B, float* D) {
+  float* tile = rkcuda::dynamicShared<float>();
+  if (mma::lane() == 0) {
+    for (int i = 0; i < 16 * 16; ++i) tile[i] = A[i];
+    tile[64 * 1024 / 4 - 1] = 1.0f;  // the last byte of the allocation is writable
+  }
+  __syncwarp();
+  mma::FragC acc;
+  acc.zero();
+  const mma::FragA16 a = mma::loadA16<__nv_bfloat16>([&](int r, int c) { return tile[r * 16 + c]; });
+  const mma::FragB16 b = mma::loadB16<__nv_bfloat16>([&](int k, int n) { return B[k * 8 + n]; });
+  mma::mma16816<__nv_bfloat16>(acc, a, b);
+  mma::storeC(acc, [&](int r, int c, float v) { D[r * 8 + c] = v + tile[64 * 1024 / 4 - 1] - 1.0f; });
+}
+
+void testDynamicShared() {
+  std::vector<float> A(16 * 16), B(16 * 8), D(16 * 8, NAN);
+  for (int i = 0; i < 16 * 16; ++i) A[i] = static_cast<float>(i % 7 - 3);
+  for (int i = 0; i < 16 * 8; ++i) B[i] = static_cast<float>(i % 5 - 2);
+  const size_t bytes = 64 * 1024;
+  const rkcuda::Status refused = rkcuda::launch(mmaSharedKernel, dim3(1), dim3(32), bytes, A.data(), B.data(), D.data());
+  expect(!refused.ok(), "64 KiB of dynamic shared memory without allowDynamicShared is refused", 0, refused.ok(), 0);
+  expect(rkcuda::allowDynamicShared(mmaSharedKernel, bytes).ok(), "allowDynamicShared", 0, 0, 1);
+  const rkcuda::Status st = rkcuda::launch(mmaSharedKernel, dim3(1), dim3(32), bytes, A.data(), B.data(), D.data());
+  expect(st.ok(), "launch with dynamic shared memory", 0, st.ok(), 1);
+  for (int r = 0; r < 16; ++r) {
+    for (int n = 0; n < 8; ++n) {
+      double want = 0;
+      for (int k = 0; k < 16; ++k) want += static_cast<double>(A[r * 16 + k]) * B[k * 8 + n];
+      expect(D[r * 8 + n] == want, "mma through dynamic shared memory", r * 8 + n, D[r * 8 + n], want);
+    }
+  }
 }
 
 // Rounding as the operands see it.
@@ -130,6 +167,7 @@ void testPacking() {
 int main() {
   std::mt19937 rng(20261125);
   testPacking();
+  testDynamicShared();
   for (Kind kind : {Kind::kHalf, Kind::kBf16, Kind::kTf32}) {
     for (int ksteps : {1, 2, 5}) {
       run(kind, ksteps, false, rng);
