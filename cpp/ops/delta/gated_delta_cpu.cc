@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "tensor/dtype.h"
+#include "tensor/isa.h"
 #include "tensor/parallel.h"
 
 namespace rk::delta {
@@ -34,7 +35,7 @@ constexpr float kL2Eps = 1e-6f;
 constexpr int64_t kChunk = kGatedDeltaChunk;
 
 // Loads n elements as fp32; with l2norm divides by sqrt(sum x^2 + eps) and returns that divisor.
-template <typename S> float loadVector(const S* src, int64_t n, bool l2norm, float* dst) {
+template <typename S> RK_ALWAYS_INLINE float loadVector(const S* src, int64_t n, bool l2norm, float* dst) {
   float ss = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     dst[i] = Storage<S>::load(src[i]);
@@ -47,7 +48,7 @@ template <typename S> float loadVector(const S* src, int64_t n, bool l2norm, flo
 }
 
 // sum_j a[j] b[j], in 16 independent partial sums so that it vectorises without reassociation.
-inline float dot(const float* a, const float* b, int64_t n) {
+RK_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
   float acc[16] = {};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
@@ -68,7 +69,7 @@ struct Dims {
 };
 
 // One token of the recurrence for one value head: updates S (K x V) and writes o (V).
-inline void stepToken(float* S, const float* q, const float* k, const float* v, float e, float beta, float scale,
+RK_ALWAYS_INLINE void stepToken(float* S, const float* q, const float* k, const float* v, float e, float beta, float scale,
                       int64_t K, int64_t V, float* u, float* p, float* w, float* o) {
   std::fill(u, u + V, 0.0f);
   std::fill(p, p + V, 0.0f);
@@ -102,14 +103,17 @@ template <typename S> void zeroUncovered(const GatedDeltaArgs& a, S* out, int64_
   for (int64_t i = end * perPosition; i < a.T * perPosition; ++i) out[i] = Storage<S>::store(0.0f);
 }
 
-template <typename S> void forwardImpl(const GatedDeltaArgs& a, S* o, float* states, float* finalState) {
+// The work items [i0, i1) of the forward pass (an item is a (sequence, q/k head)).
+template <typename S>
+RK_ALWAYS_INLINE void forwardItemsBody(const GatedDeltaArgs& a, S* o, float* states, float* finalState, int64_t i0,
+                                       int64_t i1) {
   const Dims d{a.T, a.H, a.HV, a.K, a.V};
   const int64_t K = a.K, V = a.V, KV = K * V, per = a.HV / a.H;
   const S* qs = static_cast<const S*>(a.q);
   const S* ks = static_cast<const S*>(a.k);
   const S* vs = static_cast<const S*>(a.v);
   const S* bs = static_cast<const S*>(a.beta);
-  parallelFor(a.nseq * a.H, 1, [&](int64_t i0, int64_t i1) {
+  {
     std::vector<float> Sm(static_cast<size_t>(KV)), q(static_cast<size_t>(K)), k(static_cast<size_t>(K)),
         qn(static_cast<size_t>(K)), kn(static_cast<size_t>(K)), v(static_cast<size_t>(V)), u(static_cast<size_t>(V)),
         p(static_cast<size_t>(V)), w(static_cast<size_t>(V));
@@ -171,11 +175,14 @@ template <typename S> void forwardImpl(const GatedDeltaArgs& a, S* o, float* sta
         if (finalState) std::copy(Sm.begin(), Sm.end(), finalState + (s * a.HV + hv) * KV);
       }
     }
-  });
-  zeroUncovered(a, o, a.HV * V);
+  }
 }
 
-template <typename S> void backwardImpl(const GatedDeltaArgs& a, const GatedDeltaGrads& gr) {
+// The work items [i0, i1) of the backward pass, up to the fp32 gradients dqn, dkn of the
+// (normalised) q and k, [batch, T, H, K], each (sequence, head) slice owned by one item.
+template <typename S>
+RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDeltaGrads& gr, float* dqn, float* dkn,
+                                        int64_t i0, int64_t i1) {
   const Dims d{a.T, a.H, a.HV, a.K, a.V};
   const int64_t K = a.K, V = a.V, KV = K * V, per = a.HV / a.H;
   const S* qs = static_cast<const S*>(a.q);
@@ -183,11 +190,9 @@ template <typename S> void backwardImpl(const GatedDeltaArgs& a, const GatedDelt
   const S* vs = static_cast<const S*>(a.v);
   const S* bs = static_cast<const S*>(a.beta);
   const S* dOs = static_cast<const S*>(gr.dO);
-  // fp32 gradients of the (normalised) q and k, each (sequence, head) slice owned by one item.
-  std::vector<float> dqn(size_t(a.batch * a.T * a.H * K), 0.0f), dkn(dqn.size(), 0.0f);
   S* dv = static_cast<S*>(gr.dv);
   S* dbeta = static_cast<S*>(gr.dbeta);
-  parallelFor(a.nseq * a.H, 1, [&](int64_t i0, int64_t i1) {
+  {
     // Per chunk: the state before each token, and per token q, k (normalised), u, w, e, beta.
     std::vector<float> Sprev(static_cast<size_t>(kChunk * KV)), Sm(static_cast<size_t>(KV)), dS(static_cast<size_t>(KV));
     std::vector<float> qc(static_cast<size_t>(kChunk * K)), kc(static_cast<size_t>(kChunk * K)), vc(static_cast<size_t>(kChunk * V)),
@@ -229,8 +234,8 @@ template <typename S> void backwardImpl(const GatedDeltaArgs& a, const GatedDelt
             const float e = ec[size_t(t)], beta = bc[size_t(t)];
             if (dOs) loadVector(dOs + d.vo(sg.batch, pos, hv), V, false, dO.data());
             else std::fill(dO.begin(), dO.end(), 0.0f);
-            float* dq = dqn.data() + d.qk(sg.batch, pos, h);
-            float* dk = dkn.data() + d.qk(sg.batch, pos, h);
+            float* dq = dqn + d.qk(sg.batch, pos, h);
+            float* dk = dkn + d.qk(sg.batch, pos, h);
             // dq = scale S_new dO with S_new = e Sp + k w^T: scale (e Sp dO + k (w . dO)).
             float wdO = 0.0f;
             for (int64_t j = 0; j < V; ++j) wdO += w[j] * dO[size_t(j)];
@@ -278,6 +283,46 @@ template <typename S> void backwardImpl(const GatedDeltaArgs& a, const GatedDelt
         if (gr.dh0) std::copy(dS.begin(), dS.end(), gr.dh0 + (s * a.HV + hv) * KV);
       }
     }
+  }
+}
+
+// The bodies above compiled per instruction set, and picked at run time.
+#define RK_DELTA_VARIANTS(SUFFIX, ATTR)                                                                      \
+  template <typename S>                                                                                      \
+  ATTR void forwardItems##SUFFIX(const GatedDeltaArgs& a, S* o, float* states, float* finalState, int64_t i0, \
+                                 int64_t i1) {                                                               \
+    forwardItemsBody<S>(a, o, states, finalState, i0, i1);                                                   \
+  }                                                                                                          \
+  template <typename S>                                                                                      \
+  ATTR void backwardItems##SUFFIX(const GatedDeltaArgs& a, const GatedDeltaGrads& gr, float* dqn, float* dkn, \
+                                  int64_t i0, int64_t i1, const S*) {                                        \
+    backwardItemsBody<S>(a, gr, dqn, dkn, i0, i1);                                                           \
+  }
+RK_DELTA_VARIANTS(Base, )
+#ifdef RK_X86_MULTIVERSION
+RK_DELTA_VARIANTS(Avx2, RK_ISA_TARGET_AVX2)
+RK_DELTA_VARIANTS(Avx512, RK_ISA_TARGET_AVX512)
+#endif
+template <typename S>
+RK_DISPATCH(forwardItems, (const GatedDeltaArgs& a, S* o, float* states, float* finalState, int64_t i0, int64_t i1),
+            (a, o, states, finalState, i0, i1))
+template <typename S>
+RK_DISPATCH(backwardItems, (const GatedDeltaArgs& a, const GatedDeltaGrads& gr, float* dqn, float* dkn, int64_t i0,
+                            int64_t i1, const S* tag),
+            (a, gr, dqn, dkn, i0, i1, tag))
+
+template <typename S> void forwardImpl(const GatedDeltaArgs& a, S* o, float* states, float* finalState) {
+  parallelFor(a.nseq * a.H, 1, [&](int64_t i0, int64_t i1) { forwardItems<S>(a, o, states, finalState, i0, i1); });
+  zeroUncovered(a, o, a.HV * a.V);
+}
+
+template <typename S> void backwardImpl(const GatedDeltaArgs& a, const GatedDeltaGrads& gr) {
+  const int64_t K = a.K;
+  const S* qs = static_cast<const S*>(a.q);
+  const S* ks = static_cast<const S*>(a.k);
+  std::vector<float> dqn(size_t(a.batch * a.T * a.H * K), 0.0f), dkn(dqn.size(), 0.0f);
+  parallelFor(a.nseq * a.H, 1, [&](int64_t i0, int64_t i1) {
+    backwardItems<S>(a, gr, dqn.data(), dkn.data(), i0, i1, static_cast<const S*>(nullptr));
   });
   // Through the L2 normalisation, and to the output dtype.
   S* dq = static_cast<S*>(gr.dq);

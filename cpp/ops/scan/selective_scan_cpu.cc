@@ -20,19 +20,12 @@
 #include <vector>
 
 #include "tensor/dtype.h"
+#include "tensor/isa.h"
 #include "tensor/parallel.h"
 
-#if defined(__GNUC__) || defined(__clang__)
-#define RK_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define RK_ALWAYS_INLINE inline
-#endif
 // The vector helpers below are internal and always inlined: their calling convention never matters.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define RK_X86_MULTIVERSION 1
 #endif
 
 namespace rk::scan {
@@ -274,38 +267,10 @@ RK_ALWAYS_INLINE void gateBwdBody(const GateTile& p) {
 
 RK_ISA_VARIANTS(Base, )
 #ifdef RK_X86_MULTIVERSION
-RK_ISA_VARIANTS(Avx2, __attribute__((target("avx2,fma"))))
-RK_ISA_VARIANTS(Avx512, __attribute__((target("avx512f,avx512vl,avx512dq,fma"))))
+RK_ISA_VARIANTS(Avx2, RK_ISA_TARGET_AVX2)
+RK_ISA_VARIANTS(Avx512, RK_ISA_TARGET_AVX512)
 #endif
 
-enum class Isa { Base, Avx2, Avx512 };
-Isa detectIsa() {
-#ifdef RK_X86_MULTIVERSION
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-#endif
-  return Isa::Base;
-}
-Isa isa() {
-  static const Isa chosen = detectIsa();
-  return chosen;
-}
-
-#ifdef RK_X86_MULTIVERSION
-#define RK_DISPATCH(NAME, PARAMS, ARGS)                 \
-  void NAME PARAMS {                                    \
-    switch (isa()) {                                    \
-      case Isa::Avx512: return NAME##Avx512 ARGS;       \
-      case Isa::Avx2: return NAME##Avx2 ARGS;           \
-      default: return NAME##Base ARGS;                  \
-    }                                                   \
-  }
-#else
-#define RK_DISPATCH(NAME, PARAMS, ARGS) \
-  void NAME PARAMS { NAME##Base ARGS; }
-#endif
 RK_DISPATCH(fwdTile, (const FwdTile& p, bool vb, bool vc), (p, vb, vc))
 RK_DISPATCH(bwdTile, (const BwdTile& p, bool vb, bool vc, bool kept), (p, vb, vc, kept))
 RK_DISPATCH(prepTile, (const PrepTile& p), (p))
