@@ -17,10 +17,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "tensor/dtype.h"
 #include "tensor/isa.h"
+#include "tensor/lanes.h"
 #include "tensor/parallel.h"
 
 namespace rk::delta {
@@ -103,186 +105,325 @@ template <typename S> void zeroUncovered(const GatedDeltaArgs& a, S* out, int64_
   for (int64_t i = end * perPosition; i < a.T * perPosition; ++i) out[i] = Storage<S>::store(0.0f);
 }
 
+// ---- the state in column slabs ----
+// The columns of the state evolve independently: u_j = sum_i k_i S_ij, w_j and the update of column
+// j involve column j alone. So a value head's state is kept as ceil(V / 16) slabs of K rows x 16
+// columns (Lanes), zero in the padding columns past V, and each token advances one slab at a time:
+// per row, one load, one store and four vector multiply-adds, the row products for the next token
+// made in the same sweep. Only the backward pass's row sums (dq, dk) cross slabs.
+
+// Scratch of one work item: per chunk the normalised q and k of its tokens and their dot products.
+struct ChunkQK {
+  std::vector<float> q, k, kq;
+  explicit ChunkQK(int64_t K)
+      : q(static_cast<size_t>(kChunk * K)), k(static_cast<size_t>(kChunk * K)), kq(static_cast<size_t>(kChunk)) {}
+  template <typename S>
+  RK_ALWAYS_INLINE void load(const S* qs, const S* ks, const Dims& d, const ScanSegment& sg, int64_t h, int64_t t0,
+                             int64_t n, bool l2norm) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t pos = sg.start + t0 + t;
+      float* qt = q.data() + t * d.K;
+      float* kt = k.data() + t * d.K;
+      loadVector(qs + d.qk(sg.batch, pos, h), d.K, l2norm, qt);
+      loadVector(ks + d.qk(sg.batch, pos, h), d.K, l2norm, kt);
+      kq[size_t(t)] = dot(qt, kt, d.K);
+    }
+  }
+};
+
+// The 16 columns of slab jb of a length-V row, zero past V.
+template <typename S> RK_ALWAYS_INLINE Lanes loadCols(const S* row, int64_t jb, int64_t V) {
+  const int64_t j0 = jb * kLanes, n = std::min<int64_t>(kLanes, V - j0);
+  float tmp[kLanes] = {};
+  for (int64_t l = 0; l < n; ++l) tmp[l] = Storage<S>::load(row[j0 + l]);
+  Lanes x;
+  std::memcpy(&x, tmp, sizeof x);
+  return x;
+}
+template <typename S> RK_ALWAYS_INLINE void storeCols(S* row, int64_t jb, int64_t V, Lanes x) {
+  const int64_t j0 = jb * kLanes, n = std::min<int64_t>(kLanes, V - j0);
+  float tmp[kLanes];
+  std::memcpy(tmp, &x, sizeof x);
+  for (int64_t l = 0; l < n; ++l) row[j0 + l] = Storage<S>::store(tmp[l]);
+}
+// Slabs <-> a K x V row-major state.
+RK_ALWAYS_INLINE void slabsFromState(Lanes* slabs, const float* st, int64_t K, int64_t V) {
+  const int64_t nb = (V + kLanes - 1) / kLanes;
+  for (int64_t jb = 0; jb < nb; ++jb)
+    for (int64_t i = 0; i < K; ++i) slabs[jb * K + i] = st ? loadCols(st + i * V, jb, V) : Lanes{};
+}
+RK_ALWAYS_INLINE void stateFromSlabs(float* st, const Lanes* slabs, int64_t K, int64_t V) {
+  const int64_t nb = (V + kLanes - 1) / kLanes;
+  for (int64_t jb = 0; jb < nb; ++jb)
+    for (int64_t i = 0; i < K; ++i) storeCols(st + i * V, jb, V, slabs[jb * K + i]);
+}
+
+// (S^T k, S^T q) of one slab, in four partial sums each so that the adds pipeline.
+RK_ALWAYS_INLINE void slabProducts(const Lanes* S, const float* k, const float* q, int64_t K, Lanes& u, Lanes& p) {
+  Lanes u4[4] = {}, p4[4] = {};
+  int64_t i = 0;
+  for (; i + 4 <= K; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      u4[l] += k[i + l] * S[i + l];
+      p4[l] += q[i + l] * S[i + l];
+    }
+  for (; i < K; ++i) {
+    u4[0] += k[i] * S[i];
+    p4[0] += q[i] * S[i];
+  }
+  u = (u4[0] + u4[1]) + (u4[2] + u4[3]);
+  p = (p4[0] + p4[1]) + (p4[2] + p4[3]);
+}
+// dst = e src + k w^T on one slab (dst may be src); with next (kn, qn) also returns that token's
+// products.
+RK_ALWAYS_INLINE void slabUpdate(Lanes* dst, const Lanes* src, const float* k, Lanes w, float e, int64_t K,
+                                 const float* kn, const float* qn, Lanes& u, Lanes& p) {
+  if (!kn) {
+    for (int64_t i = 0; i < K; ++i) dst[i] = e * src[i] + k[i] * w;
+    return;
+  }
+  Lanes u4[4] = {}, p4[4] = {};
+  int64_t i = 0;
+  for (; i + 4 <= K; i += 4)
+    for (int l = 0; l < 4; ++l) {
+      const Lanes r = e * src[i + l] + k[i + l] * w;
+      dst[i + l] = r;
+      u4[l] += kn[i + l] * r;
+      p4[l] += qn[i + l] * r;
+    }
+  for (; i < K; ++i) {
+    const Lanes r = e * src[i] + k[i] * w;
+    dst[i] = r;
+    u4[0] += kn[i] * r;
+    p4[0] += qn[i] * r;
+  }
+  u = (u4[0] + u4[1]) + (u4[2] + u4[3]);
+  p = (p4[0] + p4[1]) + (p4[2] + p4[3]);
+}
+
 // The work items [i0, i1) of the forward pass (an item is a (sequence, q/k head)).
 template <typename S>
 RK_ALWAYS_INLINE void forwardItemsBody(const GatedDeltaArgs& a, S* o, float* states, float* finalState, int64_t i0,
                                        int64_t i1) {
   const Dims d{a.T, a.H, a.HV, a.K, a.V};
-  const int64_t K = a.K, V = a.V, KV = K * V, per = a.HV / a.H;
-  const S* qs = static_cast<const S*>(a.q);
-  const S* ks = static_cast<const S*>(a.k);
+  const int64_t K = a.K, V = a.V, KV = K * V, per = a.HV / a.H, nb = (V + kLanes - 1) / kLanes;
   const S* vs = static_cast<const S*>(a.v);
   const S* bs = static_cast<const S*>(a.beta);
-  {
-    std::vector<float> Sm(static_cast<size_t>(KV)), q(static_cast<size_t>(K)), k(static_cast<size_t>(K)),
-        qn(static_cast<size_t>(K)), kn(static_cast<size_t>(K)), v(static_cast<size_t>(V)), u(static_cast<size_t>(V)),
-        p(static_cast<size_t>(V)), w(static_cast<size_t>(V));
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t s = item / a.H, h = item % a.H;
-      const ScanSegment& sg = a.segments[s];
-      for (int64_t hv = h * per; hv < (h + 1) * per; ++hv) {
-        if (a.h0) std::copy(a.h0 + (s * a.HV + hv) * KV, a.h0 + (s * a.HV + hv + 1) * KV, Sm.begin());
-        else std::fill(Sm.begin(), Sm.end(), 0.0f);
-        // One pass over S per token: the update by token t and the products S^T k, S^T q that
-        // token t + 1 needs are made in the same sweep over the rows.
-        auto load = [&](int64_t t, float* qd, float* kd) {
-          const int64_t pos = sg.start + t;
-          loadVector(qs + d.qk(sg.batch, pos, h), K, a.l2norm, qd);
-          loadVector(ks + d.qk(sg.batch, pos, h), K, a.l2norm, kd);
-        };
-        if (sg.length > 0) {
-          load(0, q.data(), k.data());
-          std::fill(u.begin(), u.end(), 0.0f);
-          std::fill(p.begin(), p.end(), 0.0f);
-          for (int64_t i = 0; i < K; ++i)
-            for (int64_t j = 0; j < V; ++j) {
-              u[size_t(j)] += k[size_t(i)] * Sm[size_t(i * V + j)];
-              p[size_t(j)] += q[size_t(i)] * Sm[size_t(i * V + j)];
-            }
+  ChunkQK qk(K);
+  LaneScratch slabs(size_t(per * nb * K)), vblk(size_t(kChunk * nb));
+  std::vector<float> ec(static_cast<size_t>(kChunk)), bc(static_cast<size_t>(kChunk));
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t s = item / a.H, h = item % a.H;
+    const ScanSegment& sg = a.segments[s];
+    for (int64_t hvi = 0; hvi < per; ++hvi)
+      slabsFromState(slabs.at(size_t(hvi * nb * K)), a.h0 ? a.h0 + (s * a.HV + h * per + hvi) * KV : nullptr, K, V);
+    for (int64_t c = 0; c < chunksOf(sg); ++c) {
+      const int64_t t0 = c * kChunk, n = std::min(kChunk, sg.length - t0);
+      qk.load(static_cast<const S*>(a.q), static_cast<const S*>(a.k), d, sg, h, t0, n, a.l2norm);
+      for (int64_t hvi = 0; hvi < per; ++hvi) {
+        const int64_t hv = h * per + hvi;
+        Lanes* hs = slabs.at(size_t(hvi * nb * K));
+        stateFromSlabs(states + ((sg.chunkOffset + c) * a.HV + hv) * KV, hs, K, V);
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t pos = sg.start + t0 + t;
+          ec[size_t(t)] = std::exp(a.g[d.gb(sg.batch, pos, hv)]);
+          bc[size_t(t)] = Storage<S>::load(bs[d.gb(sg.batch, pos, hv)]);
+          for (int64_t jb = 0; jb < nb; ++jb) *vblk.at(size_t(t * nb + jb)) = loadCols(vs + d.vo(sg.batch, pos, hv), jb, V);
         }
-        for (int64_t t = 0; t < sg.length; ++t) {
-          if (t % kChunk == 0)
-            std::copy(Sm.begin(), Sm.end(), states + ((sg.chunkOffset + t / kChunk) * a.HV + hv) * KV);
-          const int64_t pos = sg.start + t;
-          loadVector(vs + d.vo(sg.batch, pos, hv), V, false, v.data());
-          const float e = std::exp(a.g[d.gb(sg.batch, pos, hv)]);
-          const float beta = Storage<S>::load(bs[d.gb(sg.batch, pos, hv)]);
-          float kq = 0.0f;
-          for (int64_t i = 0; i < K; ++i) kq += k[size_t(i)] * q[size_t(i)];
-          S* od = o + d.vo(sg.batch, pos, hv);
-          for (int64_t j = 0; j < V; ++j) {
-            w[size_t(j)] = beta * (v[size_t(j)] - e * u[size_t(j)]);
-            od[j] = Storage<S>::store(a.scale * (e * p[size_t(j)] + kq * w[size_t(j)]));
+        for (int64_t jb = 0; jb < nb; ++jb) {
+          Lanes* Sl = hs + jb * K;
+          Lanes u, p;
+          slabProducts(Sl, qk.k.data(), qk.q.data(), K, u, p);
+          for (int64_t t = 0; t < n; ++t) {
+            const float e = ec[size_t(t)];
+            const Lanes w = bc[size_t(t)] * (*vblk.at(size_t(t * nb + jb)) - e * u);
+            storeCols(o + d.vo(sg.batch, sg.start + t0 + t, hv), jb, V, a.scale * (e * p + qk.kq[size_t(t)] * w));
+            const bool more = t + 1 < n;
+            slabUpdate(Sl, Sl, qk.k.data() + t * K, w, e, K, more ? qk.k.data() + (t + 1) * K : nullptr,
+                       more ? qk.q.data() + (t + 1) * K : nullptr, u, p);
           }
-          const bool more = t + 1 < sg.length;
-          if (more) load(t + 1, qn.data(), kn.data());
-          std::fill(u.begin(), u.end(), 0.0f);
-          std::fill(p.begin(), p.end(), 0.0f);
-          for (int64_t i = 0; i < K; ++i) {
-            float* row = Sm.data() + i * V;
-            const float ki = k[size_t(i)];
-            for (int64_t j = 0; j < V; ++j) row[j] = e * row[j] + ki * w[size_t(j)];
-            if (!more) continue;
-            const float kn_i = kn[size_t(i)], qn_i = qn[size_t(i)];
-            for (int64_t j = 0; j < V; ++j) {
-              u[size_t(j)] += kn_i * row[j];
-              p[size_t(j)] += qn_i * row[j];
-            }
-          }
-          std::swap(q, qn);
-          std::swap(k, kn);
         }
-        if (finalState) std::copy(Sm.begin(), Sm.end(), finalState + (s * a.HV + hv) * KV);
       }
     }
+    if (finalState)
+      for (int64_t hvi = 0; hvi < per; ++hvi)
+        stateFromSlabs(finalState + (s * a.HV + h * per + hvi) * KV, slabs.at(size_t(hvi * nb * K)), K, V);
   }
 }
 
+// One token of the backward pass on up to four slabs at once (G of them), so that the per-row
+// contributions to dq and dk are summed over the slabs in registers. accQ, accK: per row, the lanes
+// still to be summed of (Sp dO)_i and of dk_i; written by the first group of slabs of a token,
+// added to by the others.
+struct BackToken {
+  const float *q, *k;
+  float e, beta, scale;
+  int64_t K;
+  Lanes *accQ, *accK;
+  // dS += scale q dO^T; dw = dS^T k; accK = dS w.
+  template <int G>
+  RK_ALWAYS_INLINE void passA(Lanes* const* dS, const Lanes* dO, const Lanes* w, Lanes* dw, bool first) const {
+    for (int g = 0; g < G; ++g) dw[g] = Lanes{};
+    for (int64_t i = 0; i < K; ++i) {
+      const float sq = scale * q[i], ki = k[i];
+      Lanes ak{};
+      for (int g = 0; g < G; ++g) {
+        const Lanes row = dS[g][i] + sq * dO[g];
+        dS[g][i] = row;
+        dw[g] += ki * row;
+        ak += row * w[g];
+      }
+      accK[i] = first ? ak : accK[i] + ak;
+    }
+  }
+  // accQ = Sp dO; accK += e Sp du'; returns the lanes of <dS, Sp> + k . (Sp du'); dS = e (dS + k du'^T).
+  template <int G>
+  RK_ALWAYS_INLINE Lanes passBC(Lanes* const* dS, const Lanes* const* Sp, const Lanes* dO, const Lanes* dup,
+                                bool first) const {
+    Lanes dg2[2] = {};
+    for (int64_t i = 0; i < K; ++i) {
+      const float ki = k[i];
+      Lanes aq{}, ak{}, dg{};
+      for (int g = 0; g < G; ++g) {
+        const Lanes sp = Sp[g][i], su = sp * dup[g], ds = dS[g][i];
+        aq += sp * dO[g];
+        ak += su;
+        dg += sp * ds + ki * su;
+        dS[g][i] = e * (ds + ki * dup[g]);
+      }
+      accQ[i] = first ? aq : accQ[i] + aq;
+      accK[i] += e * ak;
+      dg2[i & 1] += dg;
+    }
+    return dg2[0] + dg2[1];
+  }
+};
+
 // The work items [i0, i1) of the backward pass, up to the fp32 gradients dqn, dkn of the
 // (normalised) q and k, [batch, T, H, K], each (sequence, head) slice owned by one item.
+// Per chunk from the last: the states before each token are recomputed from the checkpoint and
+// kept (slabs), then the tokens are undone in reverse, slab by slab, with the adjoint dS:
+//   pass A:   dS += scale q dO^T;  dw = dS^T k;  (dS w)_i to dk
+//   then:     dv = beta dw;  dbeta = dw . (v - e u);  du' = -beta dw
+//   pass B+C: (Sp dO)_i to dq, e (Sp du')_i to dk, <dS, Sp> + k . (Sp du') to dg;  dS = e (dS + k du'^T)
+// and the row sums of the slabs' contributions are taken once per token.
 template <typename S>
 RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDeltaGrads& gr, float* dqn, float* dkn,
                                         int64_t i0, int64_t i1) {
   const Dims d{a.T, a.H, a.HV, a.K, a.V};
-  const int64_t K = a.K, V = a.V, KV = K * V, per = a.HV / a.H;
-  const S* qs = static_cast<const S*>(a.q);
-  const S* ks = static_cast<const S*>(a.k);
+  const int64_t K = a.K, V = a.V, KV = K * V, per = a.HV / a.H, nb = (V + kLanes - 1) / kLanes;
+  const int64_t K16 = (K + kLanes - 1) / kLanes * kLanes;
   const S* vs = static_cast<const S*>(a.v);
   const S* bs = static_cast<const S*>(a.beta);
   const S* dOs = static_cast<const S*>(gr.dO);
   S* dv = static_cast<S*>(gr.dv);
   S* dbeta = static_cast<S*>(gr.dbeta);
-  {
-    // Per chunk: the state before each token, and per token q, k (normalised), u, w, e, beta.
-    std::vector<float> Sprev(static_cast<size_t>(kChunk * KV)), Sm(static_cast<size_t>(KV)), dS(static_cast<size_t>(KV));
-    std::vector<float> qc(static_cast<size_t>(kChunk * K)), kc(static_cast<size_t>(kChunk * K)), vc(static_cast<size_t>(kChunk * V)),
-        uc(static_cast<size_t>(kChunk * V)), wc(static_cast<size_t>(kChunk * V)), ec(static_cast<size_t>(kChunk)), bc(static_cast<size_t>(kChunk));
-    std::vector<float> p(static_cast<size_t>(V)), out(static_cast<size_t>(V)), dO(static_cast<size_t>(V)), dw(static_cast<size_t>(V)), dup(static_cast<size_t>(V)), Sd(static_cast<size_t>(K)),
-        Su(static_cast<size_t>(K)), dSw(static_cast<size_t>(K));
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t s = item / a.H, h = item % a.H;
-      const ScanSegment& sg = a.segments[s];
-      for (int64_t hv = h * per; hv < (h + 1) * per; ++hv) {
-        if (gr.dFinal) std::copy(gr.dFinal + (s * a.HV + hv) * KV, gr.dFinal + (s * a.HV + hv + 1) * KV, dS.begin());
-        else std::fill(dS.begin(), dS.end(), 0.0f);
-        for (int64_t c = chunksOf(sg) - 1; c >= 0; --c) {
-          const int64_t t0 = c * kChunk, n = std::min(kChunk, sg.length - t0);
-          const float* cp = gr.states + ((sg.chunkOffset + c) * a.HV + hv) * KV;
-          std::copy(cp, cp + KV, Sm.begin());
-          for (int64_t t = 0; t < n; ++t) {
-            const int64_t pos = sg.start + t0 + t;
-            float* q = qc.data() + t * K;
-            float* k = kc.data() + t * K;
-            float* v = vc.data() + t * V;
-            loadVector(qs + d.qk(sg.batch, pos, h), K, a.l2norm, q);
-            loadVector(ks + d.qk(sg.batch, pos, h), K, a.l2norm, k);
-            loadVector(vs + d.vo(sg.batch, pos, hv), V, false, v);
-            ec[size_t(t)] = std::exp(a.g[d.gb(sg.batch, pos, hv)]);
-            bc[size_t(t)] = Storage<S>::load(bs[d.gb(sg.batch, pos, hv)]);
-            std::copy(Sm.begin(), Sm.end(), Sprev.begin() + t * KV);
-            stepToken(Sm.data(), q, k, v, ec[size_t(t)], bc[size_t(t)], a.scale, K, V, uc.data() + t * V, p.data(),
-                      wc.data() + t * V, out.data());
-          }
-          for (int64_t t = n - 1; t >= 0; --t) {
-            const int64_t pos = sg.start + t0 + t;
-            const float* q = qc.data() + t * K;
-            const float* k = kc.data() + t * K;
-            const float* v = vc.data() + t * V;
-            const float* u = uc.data() + t * V;
-            const float* w = wc.data() + t * V;
-            const float* Sp = Sprev.data() + t * KV;
-            const float e = ec[size_t(t)], beta = bc[size_t(t)];
-            if (dOs) loadVector(dOs + d.vo(sg.batch, pos, hv), V, false, dO.data());
-            else std::fill(dO.begin(), dO.end(), 0.0f);
-            float* dq = dqn + d.qk(sg.batch, pos, h);
-            float* dk = dkn + d.qk(sg.batch, pos, h);
-            // dq = scale S_new dO with S_new = e Sp + k w^T: scale (e Sp dO + k (w . dO)).
-            float wdO = 0.0f;
-            for (int64_t j = 0; j < V; ++j) wdO += w[j] * dO[size_t(j)];
-            // Pass A over dS: dS += scale q dO^T, then dw = dS^T k and dSw = dS w.
-            std::fill(dw.begin(), dw.end(), 0.0f);
-            for (int64_t i = 0; i < K; ++i) {
-              float* row = dS.data() + i * V;
-              const float sq = a.scale * q[i], ki = k[i];
-              for (int64_t j = 0; j < V; ++j) {
-                row[j] += sq * dO[size_t(j)];
-                dw[size_t(j)] += row[j] * ki;
-              }
-              dSw[size_t(i)] = dot(row, w, V);
-            }
-            float db = 0.0f;
-            for (int64_t j = 0; j < V; ++j) {
-              dv[d.vo(sg.batch, pos, hv) + j] = Storage<S>::store(beta * dw[size_t(j)]);
-              db += dw[size_t(j)] * (v[j] - e * u[j]);
-              dup[size_t(j)] = -beta * dw[size_t(j)];
-            }
-            dbeta[d.gb(sg.batch, pos, hv)] = Storage<S>::store(db);
-            // Pass B over the previous state: Sp dO, Sp du', <dS, Sp>.
-            float dSSp = 0.0f, kSu = 0.0f;
-            for (int64_t i = 0; i < K; ++i) {
-              const float* srow = Sp + i * V;
-              const float a2 = dot(srow, dup.data(), V);
-              Sd[size_t(i)] = dot(srow, dO.data(), V);
-              Su[size_t(i)] = a2;
-              dSSp += dot(srow, dS.data() + i * V, V);
-              kSu += k[i] * a2;
-            }
-            for (int64_t i = 0; i < K; ++i) {
-              dq[i] += a.scale * (e * Sd[size_t(i)] + k[i] * wdO);
-              dk[i] += dSw[size_t(i)] + e * Su[size_t(i)];
-            }
-            gr.dg[d.gb(sg.batch, pos, hv)] = e * (dSSp + kSu);
-            // Pass C: dS_prev = e (dS + k du'^T).
-            for (int64_t i = 0; i < K; ++i) {
-              float* row = dS.data() + i * V;
-              const float ki = k[i];
-              for (int64_t j = 0; j < V; ++j) row[j] = e * (row[j] + ki * dup[size_t(j)]);
-            }
+  ChunkQK qk(K);
+  // Per value head: dS slabs. Per chunk token: the slabs before it, v, dO, u, w blocks.
+  LaneScratch dSl(size_t(per * nb * K)), Sprev(size_t(kChunk * nb * K)),
+      vblk(size_t(kChunk * nb)), dOblk(size_t(kChunk * nb)), ublk(size_t(kChunk * nb)), wblk(size_t(kChunk * nb)),
+      accQ{size_t(K16)}, accK{size_t(K16)};
+  std::vector<float> ec(static_cast<size_t>(kChunk)), bc(static_cast<size_t>(kChunk));
+  for (int64_t item = i0; item < i1; ++item) {
+    const int64_t s = item / a.H, h = item % a.H;
+    const ScanSegment& sg = a.segments[s];
+    for (int64_t hvi = 0; hvi < per; ++hvi)
+      slabsFromState(dSl.at(size_t(hvi * nb * K)), gr.dFinal ? gr.dFinal + (s * a.HV + h * per + hvi) * KV : nullptr,
+                     K, V);
+    for (int64_t c = chunksOf(sg) - 1; c >= 0; --c) {
+      const int64_t t0 = c * kChunk, n = std::min(kChunk, sg.length - t0);
+      qk.load(static_cast<const S*>(a.q), static_cast<const S*>(a.k), d, sg, h, t0, n, a.l2norm);
+      for (int64_t hvi = 0; hvi < per; ++hvi) {
+        const int64_t hv = h * per + hvi;
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t pos = sg.start + t0 + t;
+          ec[size_t(t)] = std::exp(a.g[d.gb(sg.batch, pos, hv)]);
+          bc[size_t(t)] = Storage<S>::load(bs[d.gb(sg.batch, pos, hv)]);
+          for (int64_t jb = 0; jb < nb; ++jb) {
+            *vblk.at(size_t(t * nb + jb)) = loadCols(vs + d.vo(sg.batch, pos, hv), jb, V);
+            *dOblk.at(size_t(t * nb + jb)) = dOs ? loadCols(dOs + d.vo(sg.batch, pos, hv), jb, V) : Lanes{};
           }
         }
-        if (gr.dh0) std::copy(dS.begin(), dS.end(), gr.dh0 + (s * a.HV + hv) * KV);
+        // Recompute: the slabs before every token (slab jb of token t at Sprev[(jb * kChunk + t) * K]), u, w.
+        const float* cp = gr.states + ((sg.chunkOffset + c) * a.HV + hv) * KV;
+        for (int64_t jb = 0; jb < nb; ++jb) {
+          Lanes* St = Sprev.at(size_t(jb * kChunk * K));
+          for (int64_t i = 0; i < K; ++i) St[i] = loadCols(cp + i * V, jb, V);
+          Lanes u, p;
+          slabProducts(St, qk.k.data(), qk.q.data(), K, u, p);
+          for (int64_t t = 0; t < n; ++t, St += K) {
+            const float e = ec[size_t(t)];
+            const Lanes w = bc[size_t(t)] * (*vblk.at(size_t(t * nb + jb)) - e * u);
+            *ublk.at(size_t(t * nb + jb)) = u;
+            *wblk.at(size_t(t * nb + jb)) = w;
+            if (t + 1 < n)
+              slabUpdate(St + K, St, qk.k.data() + t * K, w, e, K, qk.k.data() + (t + 1) * K,
+                         qk.q.data() + (t + 1) * K, u, p);
+          }
+        }
+        Lanes* dSh = dSl.at(size_t(hvi * nb * K));
+        for (int64_t t = n - 1; t >= 0; --t) {
+          const int64_t pos = sg.start + t0 + t;
+          const float* q = qk.q.data() + t * K;
+          const float* k = qk.k.data() + t * K;
+          const float e = ec[size_t(t)], beta = bc[size_t(t)];
+          Lanes wdO{}, dgv{}, dbv{};
+          BackToken bt{q, k, e, beta, a.scale, K, accQ.at(0), accK.at(0)};
+          for (int64_t jb0 = 0; jb0 < nb; jb0 += 4) {
+            const int G = int(std::min<int64_t>(4, nb - jb0));
+            Lanes* dS[4];
+            const Lanes* Sp[4];
+            Lanes dO[4], w[4], dw[4];
+            for (int g = 0; g < G; ++g) {
+              const int64_t jb = jb0 + g;
+              dS[g] = dSh + jb * K;
+              Sp[g] = Sprev.at(size_t((jb * kChunk + t) * K));
+              dO[g] = *dOblk.at(size_t(t * nb + jb));
+              w[g] = *wblk.at(size_t(t * nb + jb));
+              wdO += w[g] * dO[g];
+            }
+            const bool first = jb0 == 0;
+            switch (G) {
+              case 1: bt.passA<1>(dS, dO, w, dw, first); break;
+              case 2: bt.passA<2>(dS, dO, w, dw, first); break;
+              case 3: bt.passA<3>(dS, dO, w, dw, first); break;
+              default: bt.passA<4>(dS, dO, w, dw, first); break;
+            }
+            Lanes dup[4];
+            for (int g = 0; g < G; ++g) {
+              const int64_t jb = jb0 + g;
+              storeCols(dv + d.vo(sg.batch, pos, hv), jb, V, beta * dw[g]);
+              dbv += dw[g] * (*vblk.at(size_t(t * nb + jb)) - e * *ublk.at(size_t(t * nb + jb)));
+              dup[g] = -beta * dw[g];
+            }
+            switch (G) {
+              case 1: dgv += bt.passBC<1>(dS, Sp, dO, dup, first); break;
+              case 2: dgv += bt.passBC<2>(dS, Sp, dO, dup, first); break;
+              case 3: dgv += bt.passBC<3>(dS, Sp, dO, dup, first); break;
+              default: dgv += bt.passBC<4>(dS, Sp, dO, dup, first); break;
+            }
+          }
+          const float wdOs = laneSum(wdO);
+          float* dq = dqn + d.qk(sg.batch, pos, h);
+          float* dk = dkn + d.qk(sg.batch, pos, h);
+          for (int64_t i0 = 0; i0 < K; i0 += kLanes) {
+            float sq[kLanes], sk[kLanes];
+            const Lanes vq = laneSums16(accQ.at(size_t(i0))), vk = laneSums16(accK.at(size_t(i0)));
+            std::memcpy(sq, &vq, sizeof sq);
+            std::memcpy(sk, &vk, sizeof sk);
+            for (int64_t l = 0; l < std::min<int64_t>(kLanes, K - i0); ++l) {
+              dq[i0 + l] += a.scale * (e * sq[l] + k[i0 + l] * wdOs);
+              dk[i0 + l] += sk[l];
+            }
+          }
+          gr.dg[d.gb(sg.batch, pos, hv)] = e * laneSum(dgv);
+          dbeta[d.gb(sg.batch, pos, hv)] = Storage<S>::store(laneSum(dbv));
+        }
       }
     }
+    if (gr.dh0)
+      for (int64_t hvi = 0; hvi < per; ++hvi)
+        stateFromSlabs(gr.dh0 + (s * a.HV + h * per + hvi) * KV, dSl.at(size_t(hvi * nb * K)), K, V);
   }
 }
 

@@ -21,12 +21,8 @@
 
 #include "tensor/dtype.h"
 #include "tensor/isa.h"
+#include "tensor/lanes.h"
 #include "tensor/parallel.h"
-
-// The vector helpers below are internal and always inlined: their calling convention never matters.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
 
 namespace rk::scan {
 namespace {
@@ -36,18 +32,11 @@ using rkcuda::SelectiveScanArgs;
 using rkcuda::SelectiveScanGrads;
 using rkcuda::SelectiveStateUpdateArgs;
 
-constexpr int kLanes = 16;
 constexpr int kSteps = int(kSelectiveChunk);
 constexpr float kLog2e = 1.44269504088896340736f;
 // Up to this many states the backward pass keeps a tile's trajectory (2 * N * kSteps vectors).
 constexpr int64_t kKeepStates = 64;
-// One value per lane (channel). The compiler maps these to whatever vector registers the target has
-// (4 SSE, 2 AVX or 1 AVX-512 register).
-typedef float Lanes __attribute__((vector_size(4 * kLanes)));
-typedef int32_t LanesI __attribute__((vector_size(4 * kLanes)));
-
-RK_ALWAYS_INLINE Lanes splat(float v) { return Lanes{} + v; }
-
+// One value per lane (channel): Lanes (tensor/lanes.h).
 // 2^x per lane: 2^round(x) built in the exponent bits times a degree-7 Taylor polynomial of 2^f,
 // |f| <= 1/2 (relative error below 1e-8 before rounding); 0 below 2^-126, inf above 2^128.
 RK_ALWAYS_INLINE Lanes exp2Lanes(Lanes x) {
@@ -296,21 +285,6 @@ std::vector<Block> makeBlocks(const SelectiveScanArgs& a) {
 
 inline int64_t nChunks(const ScanSegment& sg) { return (sg.length + kSteps - 1) / kSteps; }
 
-// Per-thread working memory, kLanes-wide rows.
-// 64-byte aligned: the AVX-512 loops use aligned loads, whatever alignment the baseline target
-// gives the Lanes type.
-struct Scratch {
-  Lanes* mem;
-  explicit Scratch(size_t rows) : mem(static_cast<Lanes*>(std::aligned_alloc(64, std::max<size_t>(rows, 1) * 64))) {
-    if (!mem) throw std::bad_alloc();
-    std::memset(static_cast<void*>(mem), 0, std::max<size_t>(rows, 1) * 64);
-  }
-  ~Scratch() { std::free(mem); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  Lanes* at(size_t row) { return mem + row; }
-};
-
 // What a block needs of the inputs, converted to fp32 and laid out by lane.
 template <typename S> struct BlockInputs {
   const SelectiveScanArgs& a;
@@ -422,7 +396,7 @@ void forwardImpl(const SelectiveScanArgs& a, S* y, float* states, float* finalSt
   const bool vb = a.variableB, vc = a.variableC;
   parallelFor(int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
     // rows: A, A2, Bc, Cc, x (N each); dt, dtu, u, y, z (kSteps each)
-    Scratch sc(size_t(5 * N + 5 * kSteps));
+    LaneScratch sc(size_t(5 * N + 5 * kSteps));
     Lanes *A = sc.at(0), *A2 = sc.at(N), *Bc = sc.at(2 * N), *Cc = sc.at(3 * N), *x = sc.at(4 * N);
     Lanes *dt = sc.at(5 * N), *dtu = dt + kSteps, *u = dtu + kSteps, *yt = u + kSteps, *zt = yt + kSteps;
     std::vector<float> bBuf(vb && sizeof(S) != 4 ? N * kSteps : 0), cBuf(vc && sizeof(S) != 4 ? N * kSteps : 0);
@@ -505,7 +479,7 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
     Accumulators acc(a, g.dD != nullptr, g.dDeltaBias != nullptr);
     // rows: A, A2, Bc, Cc, x, gcarry, dAc, dBc, dCc, xw (N each);
     // dt, dtu, u, dsp, dyp, ddt, du, xprev, decay, ypre, z (kSteps each)
-    Scratch sc(size_t(10 * N + 11 * kSteps));
+    LaneScratch sc(size_t(10 * N + 11 * kSteps));
     Lanes *A = sc.at(0), *A2 = sc.at(N), *Bc = sc.at(2 * N), *Cc = sc.at(3 * N), *x = sc.at(4 * N);
     Lanes *gc = sc.at(5 * N), *dAc = sc.at(6 * N), *dBc = sc.at(7 * N), *dCc = sc.at(8 * N);
     Lanes* xw = sc.at(9 * N);
@@ -515,7 +489,7 @@ template <typename S> void backwardImpl(const SelectiveScanArgs& a, const Select
     // With few states, the tile's whole trajectory is kept ([N][kSteps] twice) so that the states
     // are computed once per tile rather than once for y (needed by z's gradient) and once per state.
     const bool keep = N <= kKeepStates;
-    Scratch kept(keep ? size_t(2 * N * kSteps) : 0);
+    LaneScratch kept(keep ? size_t(2 * N * kSteps) : 0);
     std::vector<float> bBuf(vb && sizeof(S) != 4 ? N * kSteps : 0), cBuf(vc && sizeof(S) != 4 ? N * kSteps : 0);
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Block& bl = blocks[size_t(bi)];
