@@ -75,6 +75,30 @@ __device__ __forceinline__ uint32_t toTf32(float x) {
 }
 
 // ---- the multiply-accumulates ----
+
+// The portable version of both: lane 4g+s holds A's rows g, g+8 in r[0], r[1] (the k-slice s) and
+// r[2], r[3] (the k-slice s + 4 slices); lane 4n+s holds B's column n in r[0], r[1] at the same
+// k-slices. A k-slice is two elements (16-bit operands) or one (tf32); dotReg(a, b) multiplies and
+// sums the elements of one slice.
+template <class DotReg>
+__device__ __forceinline__ void mmaPortable(FragC& d, const uint32_t (&a)[4], const uint32_t (&b)[2], DotReg dotReg) {
+  const int g = lane() >> 2, t = lane() & 3;
+  for (int s = 0; s < 4; ++s) {
+    uint32_t ar[4], b0[2], b1[2];
+    for (int i = 0; i < 4; ++i) ar[i] = __shfl_sync(0xffffffffu, a[i], 4 * g + s);
+    for (int i = 0; i < 2; ++i) {
+      b0[i] = __shfl_sync(0xffffffffu, b[i], 4 * (2 * t) + s);
+      b1[i] = __shfl_sync(0xffffffffu, b[i], 4 * (2 * t + 1) + s);
+    }
+    for (int half = 0; half < 2; ++half) {
+      for (int row = 0; row < 2; ++row) {
+        d.c[2 * row + 0] += dotReg(ar[2 * half + row], b0[half]);
+        d.c[2 * row + 1] += dotReg(ar[2 * half + row], b1[half]);
+      }
+    }
+  }
+}
+
 template <class T>
 __device__ __forceinline__ void mma16816(FragC& d, const FragA16& a, const FragB16& b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -92,27 +116,9 @@ __device__ __forceinline__ void mma16816(FragC& d, const FragA16& a, const FragB
         : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
   }
 #else
-  const int g = lane() >> 2, t = lane() & 3;
-  float acc[4] = {d.c[0], d.c[1], d.c[2], d.c[3]};
-  for (int s = 0; s < 4; ++s) {
-    // Lane 4g+s holds A's rows g, g+8 at columns 2s, 2s+1 (r0, r1) and 2s+8, 2s+9 (r2, r3);
-    // lane 4n+s holds B's column n at k = 2s, 2s+1 (r0) and 2s+8, 2s+9 (r1).
-    uint32_t ar[4], b0[2], b1[2];
-    for (int i = 0; i < 4; ++i) ar[i] = __shfl_sync(0xffffffffu, a.r[i], 4 * g + s);
-    for (int i = 0; i < 2; ++i) {
-      b0[i] = __shfl_sync(0xffffffffu, b.r[i], 4 * (2 * t) + s);
-      b1[i] = __shfl_sync(0xffffffffu, b.r[i], 4 * (2 * t + 1) + s);
-    }
-    for (int half = 0; half < 2; ++half) {      // k = 2s + 8*half + {0, 1}
-      for (int row = 0; row < 2; ++row) {       // row g + 8*row
-        const uint32_t av = ar[2 * half + row];
-        const float alo = unpackLo<T>(av), ahi = unpackHi<T>(av);
-        acc[2 * row + 0] += alo * unpackLo<T>(b0[half]) + ahi * unpackHi<T>(b0[half]);
-        acc[2 * row + 1] += alo * unpackLo<T>(b1[half]) + ahi * unpackHi<T>(b1[half]);
-      }
-    }
-  }
-  for (int i = 0; i < 4; ++i) d.c[i] = acc[i];
+  mmaPortable(d, a.r, b.r, [](uint32_t x, uint32_t y) {
+    return unpackLo<T>(x) * unpackLo<T>(y) + unpackHi<T>(x) * unpackHi<T>(y);
+  });
 #endif
 }
 
@@ -124,26 +130,7 @@ __device__ __forceinline__ void mma1688tf32(FragC& d, const FragATf32& a, const 
       : "+f"(d.c[0]), "+f"(d.c[1]), "+f"(d.c[2]), "+f"(d.c[3])
       : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
 #else
-  const int g = lane() >> 2, t = lane() & 3;
-  float acc[4] = {d.c[0], d.c[1], d.c[2], d.c[3]};
-  for (int s = 0; s < 4; ++s) {
-    // Lane 4g+s holds A's rows g, g+8 at columns s (r0, r1) and s+4 (r2, r3); lane 4n+s holds B's
-    // column n at k = s (r0) and s+4 (r1).
-    uint32_t ar[4], b0[2], b1[2];
-    for (int i = 0; i < 4; ++i) ar[i] = __shfl_sync(0xffffffffu, a.r[i], 4 * g + s);
-    for (int i = 0; i < 2; ++i) {
-      b0[i] = __shfl_sync(0xffffffffu, b.r[i], 4 * (2 * t) + s);
-      b1[i] = __shfl_sync(0xffffffffu, b.r[i], 4 * (2 * t + 1) + s);
-    }
-    for (int half = 0; half < 2; ++half) {
-      for (int row = 0; row < 2; ++row) {
-        const float av = __uint_as_float(ar[2 * half + row]);
-        acc[2 * row + 0] += av * __uint_as_float(b0[half]);
-        acc[2 * row + 1] += av * __uint_as_float(b1[half]);
-      }
-    }
-  }
-  for (int i = 0; i < 4; ++i) d.c[i] = acc[i];
+  mmaPortable(d, a.r, b.r, [](uint32_t x, uint32_t y) { return __uint_as_float(x) * __uint_as_float(y); });
 #endif
 }
 
