@@ -8,9 +8,10 @@
 // go straight into the cell update (vectorised exp/tanh/sigmoid), so pre-activations never travel
 // through memory except to be saved for the backward pass.
 //
-// Threads own (head, panel) items for the whole call. When every head is owned by one thread the
-// threads run independently; otherwise they meet at a spin barrier after each step (h_{t-1} of a
-// head is read by every owner of one of its panels; h is double-buffered).
+// Threads own whole heads, or ranges of batch rows (rows are independent recurrences), and then run
+// without synchronisation; only a batch too small to split makes them share a head's panels and
+// meet at a spin barrier after each step (h_{t-1} is read by every owner of a panel of its head;
+// h is double-buffered).
 //
 // Backward, time reversed, per step: (a) per channel, the cell's backward from the saved
 // pre-activations and states gives dwx, the recurrent gate gradients dP (kept for all steps) and
@@ -391,27 +392,42 @@ class SpinBarrier {
   int n_;
 };
 
-// Which items (perHead consecutive ones per head) each thread owns: cut[i] .. cut[i + 1].
+// What each thread owns for a whole call: items [i0, i1) (perHead consecutive items per head) of
+// batch rows [r0, r1). Three ways to split:
+//   heads: whole heads per thread, every row;           no synchronisation inside the time loop
+//   rows:  every head, a range of batch rows per thread; none either (rows are independent)
+//   items: parts of heads, every row;                   a barrier per step (h_{t-1} is shared)
+struct Own {
+  int64_t i0 = 0, i1 = 0, r0 = 0, r1 = 0;
+};
 struct Plan {
   int threads = 1;
-  bool sync = false;  // some head is shared by threads: a barrier per step
-  std::vector<int64_t> cut;
+  bool sync = false;
+  std::vector<Own> own;
 };
 
-Plan makePlan(int64_t heads, int64_t perHead, double fmaPerStep, double fmaTotal) {
+Plan makePlan(int64_t heads, int64_t perHead, int64_t batch, double fmaPerStep, double fmaTotal) {
   Plan p;
   const int64_t items = heads * perHead;
-  int th = int(std::min<int64_t>(defaultThreads(), items));
+  int th = int(std::min<int64_t>(defaultThreads(), std::max(items, batch)));
   if (fmaTotal < double(1 << 21)) th = 1;
-  bool wholeHeads = th > 1 && (heads % th == 0 || heads >= 4 * th);
-  // A barrier per step costs more than it saves on tiny steps.
-  if (th > 1 && !wholeHeads && fmaPerStep < double(1 << 15)) th = 1;
+  enum { Heads, Rows, Items } mode = Heads;
+  if (th > 1) {
+    if (heads % th == 0 || heads >= 4 * th) mode = Heads;
+    else if (batch >= th) mode = Rows;
+    else if (fmaPerStep >= double(1 << 15) && items >= th) mode = Items;
+    else th = 1;  // a barrier per step would cost more than it saves
+  }
   p.threads = std::max(th, 1);
-  p.cut.resize(size_t(p.threads) + 1);
-  for (int i = 0; i <= p.threads; ++i)
-    p.cut[size_t(i)] = wholeHeads ? (heads * i / p.threads) * perHead : items * i / p.threads;
-  for (int i = 0; i <= p.threads; ++i)
-    if (p.cut[size_t(i)] % perHead != 0) p.sync = true;
+  p.sync = p.threads > 1 && mode == Items;
+  const int64_t n = p.threads;
+  for (int64_t i = 0; i < n; ++i) {
+    Own o{0, items, 0, batch};
+    if (n > 1 && mode == Heads) o.i0 = heads * i / n * perHead, o.i1 = heads * (i + 1) / n * perHead;
+    if (n > 1 && mode == Items) o.i0 = items * i / n, o.i1 = items * (i + 1) / n;
+    if (n > 1 && mode == Rows) o.r0 = batch * i / n, o.r1 = batch * (i + 1) / n;
+    p.own.push_back(o);
+  }
   return p;
 }
 
@@ -422,10 +438,10 @@ template <typename Fn> void runThreads(int threads, Fn&& fn) {
 }
 
 // Row blocks of the batch for tiles of at most mrMax rows, as even as possible.
-std::vector<int64_t> rowBlocks(int64_t batch, int mrMax) {
-  const int64_t nb = (batch + mrMax - 1) / mrMax;
+std::vector<int64_t> rowBlocks(int64_t r0, int64_t r1, int mrMax) {
+  const int64_t n = r1 - r0, nb = (n + mrMax - 1) / mrMax;
   std::vector<int64_t> cut(size_t(nb) + 1);
-  for (int64_t i = 0; i <= nb; ++i) cut[size_t(i)] = batch * i / nb;
+  for (int64_t i = 0; i <= nb; ++i) cut[size_t(i)] = r0 + (nb ? n * i / nb : 0);
   return cut;
 }
 
@@ -512,14 +528,16 @@ template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOut
           std::memcpy(dst, a.states0 + d.st(s, b, h), size_t(D) * 4);
         }
   }
-  const std::vector<int64_t> rows = rowBlocks(B, K.rows[G * CB]);
-  const Plan plan = makePlan(H, npanel, d.fmaPerStep(), d.fmaPerStep() * double(d.Tmax));
+  const Plan plan = makePlan(H, npanel, B, d.fmaPerStep(), d.fmaPerStep() * double(d.Tmax));
   SpinBarrier bar(plan.threads);
 
   runThreads(plan.threads, [&](int th) {
-    const int64_t i0 = plan.cut[size_t(th)], i1 = plan.cut[size_t(th) + 1];
-    // Pack the owned panels: Rp[(h, p)][k][cb * G + g] = R[g][h][k][(p * CB + cb) * 16 + lane].
-    for (int64_t it = i0; it < i1; ++it) {
+    const Own own = plan.own[size_t(th)];
+    const int64_t i0 = own.i0, i1 = own.i1;
+    const std::vector<int64_t> rows = rowBlocks(own.r0, own.r1, K.rows[G * CB]);
+    // Pack a share of the panels: Rp[(h, p)][k][cb * G + g] = R[g][h][k][(p * CB + cb) * 16 + lane].
+    const int64_t nItems = H * npanel;
+    for (int64_t it = nItems * th / plan.threads; it < nItems * (th + 1) / plan.threads; ++it) {
       const int64_t h = it / npanel, p = it % npanel;
       const int ncb = int(std::min<int64_t>(CB, nblk - p * CB)), nv = G * ncb;
       Lanes* dst = Rp.get() + (h * npanel + p) * panelStride;
@@ -530,6 +548,7 @@ template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOut
           for (int g = 0; g < G; ++g) dst[k * nv + cb * G + g] = loadBlock(R + d.rw(g, h, k) + j0, nj);
         }
     }
+    bar.wait();
     Lanes acc[kMaxRows * kMaxVecs], xs[kMaxRows * 2 * 4], rs[kMaxRows * 2 * 4], pv[kMaxRows * 2 * 4],
         nx[kMaxRows * 2 * 4];
     int64_t entB[kMaxRows * 2], entBlk[kMaxRows * 2];
@@ -675,22 +694,24 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
   Buffer gH(stateVecs), gO(std::max(S - 1, 0) * stateVecs);
   Buffer dP(H * rowsTotal * QV);
   Buffer dRacc(H * D * QV);
-  const Plan plan = makePlan(H, nkp, d.fmaPerStep(), d.fmaPerStep() * double(Tmax));
+  const Plan plan = makePlan(H, nkp, B, d.fmaPerStep(), d.fmaPerStep() * double(Tmax));
   Buffer hc(int64_t(plan.threads) * kRowChunk * nblk);
   SpinBarrier bar(plan.threads);
-  const std::vector<int64_t> rowsB = rowBlocks(B, K.rows[kBwdPanel]);
   const float zeros[kLanes] = {};
 
   runThreads(plan.threads, [&](int th) {
-    const int64_t i0 = plan.cut[size_t(th)], i1 = plan.cut[size_t(th) + 1];
+    const Own own = plan.own[size_t(th)];
+    const int64_t i0 = own.i0, i1 = own.i1;
+    const std::vector<int64_t> rowsB = rowBlocks(own.r0, own.r1, K.rows[kBwdPanel]);
     auto blocksOf = [&](int64_t it, int64_t* h, int64_t* k0, int* nvk) {
       *h = it / nkp;
       const int64_t kp = it % nkp;
       *k0 = kp * kBwdPanel;
       *nvk = int(std::min<int64_t>(kBwdPanel, nblk - *k0));
     };
-    // Pack R^T for the owned panels: RT[(h, kp)][q = g * Dp + j][v] lane l = R[g][h][(k0 + v) * 16 + l][j].
-    for (int64_t it = i0; it < i1; ++it) {
+    // Pack a share of R^T: RT[(h, kp)][q = g * Dp + j][v] lane l = R[g][h][(k0 + v) * 16 + l][j].
+    const int64_t nItems = H * nkp;
+    for (int64_t it = nItems * th / plan.threads; it < nItems * (th + 1) / plan.threads; ++it) {
       int64_t h, k0;
       int nvk;
       blocksOf(it, &h, &k0, &nvk);
@@ -705,8 +726,13 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
             for (int64_t j = 0; j < D; ++j) dst[((g * Dp + j) * nvk + v) * kLanes + l] = Storage<St>::load(row[j]);
           }
         }
-      // Gradients flowing into the final states (and the last h).
-      for (int64_t b = 0; b < B; ++b)
+    }
+    // Gradients flowing into the final states (and the last h), for the owned channels and rows.
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t h, k0;
+      int nvk;
+      blocksOf(it, &h, &k0, &nvk);
+      for (int64_t b = own.r0; b < own.r1; ++b)
         for (int v = 0; v < nvk; ++v) {
           const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
           const int nj = int(std::min<int64_t>(kLanes, D - j0));
@@ -717,6 +743,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
           }
         }
     }
+    bar.wait();
     Lanes xs[kBwdPanel * 4], rs[kBwdPanel * 4], pv[kBwdPanel * 4], gs[kBwdPanel * 4], gx[kBwdPanel * 4],
         grr[kBwdPanel * 4], gp[kBwdPanel * 4];
     for (int64_t t = Tmax - 1; t >= 0; --t) {
@@ -725,7 +752,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
         int64_t h, k0;
         int nvk;
         blocksOf(it, &h, &k0, &nvk);
-        for (int64_t b = 0; b < B; ++b) {
+        for (int64_t b = own.r0; b < own.r1; ++b) {
           Lanes* dProw = dP.get() + (h * rowsTotal + t * B + b) * QV;
           if (t >= d.len[size_t(b)]) {
             for (int v = 0; v < nvk; ++v) {
@@ -815,7 +842,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
         int64_t h, k0;
         int nvk;
         blocksOf(it, &h, &k0, &nvk);
-        for (int64_t b = 0; b < B; ++b)
+        for (int64_t b = own.r0; b < own.r1; ++b)
           for (int v = 0; v < nvk; ++v) {
             const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
             const int nj = int(std::min<int64_t>(kLanes, D - j0));
