@@ -70,10 +70,10 @@ const OP = 'fusedRnn';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 /** Gates, states and the native code of each cell (rkcuda::CellKind). */
 export const FUSED_RNN_CELLS: Readonly<Record<FusedRnnCell, { gates: number; states: number; code: number }>> = {
-  elman: { gates: 1, states: 1, code: 0 },
   lstm: { gates: 4, states: 2, code: 1 },
   gru: { gates: 3, states: 1, code: 2 },
   slstm: { gates: 4, states: 4, code: 3 },
+  elman: { gates: 1, states: 1, code: 0 },
 };
 
 function parseLengths(v: unknown, batch: number, T: number): Int32Array | null {
