@@ -382,7 +382,7 @@ class SpinBarrier {
       return;
     }
     for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-      if (spins < 20000) cpuRelax();
+      if (spins < 1000) cpuRelax();
       else std::this_thread::yield();
     }
   }
