@@ -10,8 +10,9 @@ import { bandwidthCeiling } from './timing.mjs';
 import linearScan from './ops/linear-scan.mjs';
 import selectiveScan from './ops/selective-scan.mjs';
 import gatedDeltaRule from './ops/gated-delta-rule.mjs';
+import fusedRnn from './ops/fused-rnn.mjs';
 
-const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan, 'gated-delta-rule': gatedDeltaRule };
+const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan, 'gated-delta-rule': gatedDeltaRule, 'fused-rnn': fusedRnn };
 
 function parseSizes(v) {
   return v.split(',').map((s) => {

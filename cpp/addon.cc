@@ -2,6 +2,7 @@
 // gets its own instance data, and nothing is kept in process-wide globals.
 #include <napi.h>
 
+#include "ops/cells/binding.h"
 #include "ops/delta/binding.h"
 #include "ops/scan/binding.h"
 #include "tensor/tensor.h"
@@ -18,6 +19,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerTensor(env, exports);
   rk::registerScan(env, exports);
   rk::registerDelta(env, exports);
+  rk::registerCells(env, exports);
   exports.Set("version", Napi::String::New(env, "0.1.0"));
   return exports;
 }

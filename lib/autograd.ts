@@ -105,6 +105,11 @@ function accumulate(a: Tensor, b: Tensor): Tensor {
   return accumulateImpl(a, b);
 }
 
+/** Whether a tape is recording: ops may then keep what their backward needs, and skip it otherwise. */
+export function isRecording(): boolean {
+  return activeTapes.length > 0;
+}
+
 /** Wraps op hooks into a callable op that records itself on the active tapes. */
 export function defineOp<I extends object, O extends object, Opt, C, G = Grads<I>>(
   hooks: OpHooks<I, O, Opt, C, G>): Op<I, O, Opt, C, G> {

@@ -8,6 +8,7 @@
 import { linearScan } from './ops/linearScan';
 import { selectiveScan } from './ops/selectiveScan';
 import { gatedDeltaRule } from './ops/gatedDeltaRule';
+import { fusedRnn } from './ops/fusedRnn';
 import { elementwiseOps } from './ops/elementwise';
 
 export { Tensor, cuda, memory, releaseCpuPool, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
@@ -35,6 +36,10 @@ export { gatedDeltaRuleStep } from './ops/gatedDeltaRuleStep';
 export type {
   GatedDeltaRuleStepInputs, GatedDeltaRuleStepOptions, GatedDeltaRuleStepOutputs,
 } from './ops/gatedDeltaRuleStep';
+export { fusedRnn } from './ops/fusedRnn';
+export type {
+  FusedRnnCell, FusedRnnInputs, FusedRnnOptions, FusedRnnOutputs, FusedRnnGrads,
+} from './ops/fusedRnn';
 export type {
   SelectiveStateUpdateInputs, SelectiveStateUpdateOptions, SelectiveStateUpdateOutputs,
 } from './ops/selectiveStateUpdate';
@@ -44,11 +49,13 @@ export const ops = {
   linearScan: linearScan.hooks,
   selectiveScan: selectiveScan.hooks,
   gatedDeltaRule: gatedDeltaRule.hooks,
+  fusedRnn: fusedRnn.hooks,
   ...Object.fromEntries(Object.entries(elementwiseOps).map(([k, v]) => [k, v.hooks])),
 } as {
   linearScan: typeof linearScan.hooks;
   selectiveScan: typeof selectiveScan.hooks;
   gatedDeltaRule: typeof gatedDeltaRule.hooks;
+  fusedRnn: typeof fusedRnn.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version = '0.1.0';

@@ -67,6 +67,21 @@ export interface NativeModule {
     tensors: { state: Storage; q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage },
     config: Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }):
     { o: Storage; intermediate: Storage | null };
+  fusedRnnForward(device: Dev, dtype: string, tensors: FusedRnnTensors, config: FusedRnnConfig,
+    lengths: Int32Array | null, training: boolean):
+    { h: Storage; finalStates: Storage; savedStates: Storage | null; savedPre: Storage | null };
+  fusedRnnBackward(device: Dev, dtype: string, tensors: FusedRnnTensors, config: FusedRnnConfig,
+    lengths: Int32Array | null,
+    grads: { savedStates: Storage; savedPre: Storage; dh: Storage | null; dFinal: Storage | null },
+    needDStates0: boolean): { dwx: Storage; dR: Storage; db: Storage; dStates0: Storage | null };
+}
+
+export interface FusedRnnTensors {
+  wx: Storage; R: Storage; b: Storage; states0: Storage | null;
+}
+/** cell: 0 elman, 1 lstm, 2 gru, 3 slstm (rkcuda::CellKind). */
+export interface FusedRnnConfig {
+  cell: number; batch: number; T: number; heads: number; headDim: number; returnLastOnly: boolean;
 }
 
 export interface GatedDeltaTensors {

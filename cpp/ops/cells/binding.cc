@@ -1,0 +1,144 @@
+// N-API glue of the fused recurrent cells: re-checks every size against the configuration that
+// lib/ops/fusedRnn.ts sends, copies the lengths, allocates the outputs and runs the CPU kernels or
+// the CUDA launchers.
+#include "ops/cells/binding.h"
+
+#include <string>
+#include <vector>
+
+#include "ops/cells/fused_rnn_cpu.h"
+#include "tensor/args.h"
+#include "tensor/tensor.h"
+
+namespace rk {
+namespace {
+
+struct CellsCall {
+  Device dev = Device::CPU;
+  rkcuda::FusedRnnArgs a;
+  std::vector<int32_t> lengths;
+  int64_t wx = 0, R = 0, b = 0, states = 0, h = 0, savedStates = 0, savedPre = 0;
+};
+
+// (device, dtype, tensors {wx, R, b, states0}, config {cell, batch, T, heads, headDim, returnLastOnly},
+//  lengths: Int32Array | null)
+CellsCall parseCells(const Napi::CallbackInfo& info, const char* op) {
+  Napi::Env env = info.Env();
+  CellsCall c;
+  c.dev = parseDevice(env, info[0], op);
+#ifndef RK_WITH_CUDA
+  if (c.dev == Device::CUDA) throwNoCuda(env, op);
+#endif
+  DType dt = parseDType(env, info[1], op, "wx");
+  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  rkcuda::FusedRnnArgs& a = c.a;
+  a.dt = rkcuda::DType(int(dt));
+  const int64_t cell = intField(env, cfg, "cell", op, 0);
+  if (cell > int64_t(rkcuda::CellKind::Slstm))
+    throwError(env, "ERR_ARGUMENT", std::string(op) + ": unknown cell " + std::to_string(cell));
+  a.cell = rkcuda::CellKind(int(cell));
+  a.batch = intField(env, cfg, "batch", op, 1);
+  a.T = intField(env, cfg, "T", op, 1);
+  a.heads = intField(env, cfg, "heads", op, 1);
+  a.headDim = intField(env, cfg, "headDim", op, 1);
+  a.returnLastOnly = flagField(cfg, "returnLastOnly");
+  const int64_t G = rkcuda::cellGates(a.cell), S = rkcuda::cellStates(a.cell);
+  c.wx = product(env, {a.batch, a.T, G, a.heads, a.headDim}, op);
+  c.R = product(env, {G, a.heads, a.headDim, a.headDim}, op);
+  c.b = product(env, {G, a.heads, a.headDim}, op);
+  c.states = product(env, {S, a.batch, a.heads, a.headDim}, op);
+  c.h = a.returnLastOnly ? product(env, {a.batch, a.heads, a.headDim}, op)
+                         : product(env, {a.batch, a.T, a.heads, a.headDim}, op);
+  c.savedStates = product(env, {a.T, c.states}, op);
+  c.savedPre = product(env, {a.T, a.batch, G, a.heads, a.headDim}, op);
+  Napi::Value lv = info[4];
+  if (!lv.IsNull() && !lv.IsUndefined()) {
+    if (!lv.IsTypedArray() || lv.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+      throwError(env, "ERR_ARGUMENT", std::string(op) + ": lengths must be an Int32Array");
+    Napi::Int32Array arr = lv.As<Napi::Int32Array>();
+    if (int64_t(arr.ElementLength()) != a.batch)
+      throwError(env, "ERR_SHAPE", std::string(op) + ": lengths has " + std::to_string(arr.ElementLength()) +
+                                       " entries, expected batch = " + std::to_string(a.batch));
+    c.lengths.resize(size_t(a.batch));
+    for (size_t i = 0; i < c.lengths.size(); ++i) {
+      if (arr[i] < 0 || arr[i] > a.T)
+        throwError(env, "ERR_ARGUMENT", std::string(op) + ": lengths[" + std::to_string(i) + "] = " +
+                                            std::to_string(arr[i]) + " is outside [0, " + std::to_string(a.T) + "]");
+      c.lengths[i] = arr[i];
+    }
+    a.lengths = c.lengths.data();
+  }
+  a.wx = tensorArg(env, t.Get("wx"), op, "wx", c.dev, dt, c.wx).data;
+  a.R = tensorArg(env, t.Get("R"), op, "R", c.dev, dt, c.R).data;
+  a.b = static_cast<const float*>(tensorArg(env, t.Get("b"), op, "b", c.dev, DType::F32, c.b).data);
+  a.states0 = static_cast<const float*>(
+      tensorArg(env, t.Get("states0"), op, "states0", c.dev, DType::F32, c.states, true).data);
+  return c;
+}
+
+// fusedRnnForward(device, dtype, tensors, config, lengths, training)
+//   -> { h, finalStates, savedStates | null, savedPre | null }
+Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "fusedRnn";
+  CellsCall c = parseCells(info, op);
+  const bool training = info[5].ToBoolean().Value();
+  rkcuda::FusedRnnOutputs o;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("h", allocOutput(env, c.dev, DType(int(c.a.dt)), c.h, &o.h, Init::Overwritten));
+  out.Set("finalStates", allocOutput(env, c.dev, DType::F32, c.states, &o.finalStates, Init::Overwritten));
+  out.Set("savedStates", optionalOutput(env, training, c.dev, DType::F32, c.savedStates, &o.savedStates,
+                                        Init::Overwritten));
+  out.Set("savedPre", optionalOutput(env, training, c.dev, DType::F32, c.savedPre, &o.savedPre, Init::Overwritten));
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::fusedRnnForward(c.a, o), op);
+#endif
+    return out;
+  }
+  cells::fusedRnnForwardCpu(c.a, o);
+  return out;
+}
+
+// fusedRnnBackward(device, dtype, tensors, config, lengths, {savedStates, savedPre, dh, dFinal}, needDStates0)
+//   -> { dwx, dR, db, dStates0 | null }
+Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "fusedRnn.backward";
+  CellsCall c = parseCells(info, op);
+  if (!info[5].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object gi = info[5].As<Napi::Object>();
+  const bool needDStates0 = info[6].ToBoolean().Value();
+  const DType dt = DType(int(c.a.dt));
+  rkcuda::FusedRnnGrads g;
+  g.savedStates = static_cast<const float*>(tensorArg(env, gi.Get("savedStates"), op, "savedStates (saved for backward)",
+                                                      c.dev, DType::F32, c.savedStates).data);
+  g.savedPre = static_cast<const float*>(
+      tensorArg(env, gi.Get("savedPre"), op, "savedPre (saved for backward)", c.dev, DType::F32, c.savedPre).data);
+  g.dh = tensorArg(env, gi.Get("dh"), op, "grad of h", c.dev, dt, c.h, true).data;
+  g.dFinal = static_cast<const float*>(
+      tensorArg(env, gi.Get("dFinal"), op, "grad of finalStates", c.dev, DType::F32, c.states, true).data);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("dwx", allocOutput(env, c.dev, dt, c.wx, &g.dwx, Init::Overwritten));
+  out.Set("dR", allocOutput(env, c.dev, dt, c.R, &g.dR, Init::Overwritten));
+  out.Set("db", allocOutput(env, c.dev, DType::F32, c.b, &g.db, Init::Overwritten));
+  out.Set("dStates0", optionalOutput(env, needDStates0, c.dev, DType::F32, c.states, &g.dStates0, Init::Overwritten));
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::fusedRnnBackward(c.a, g), op);
+#endif
+    return out;
+  }
+  cells::fusedRnnBackwardCpu(c.a, g);
+  return out;
+}
+
+}  // namespace
+
+void registerCells(Napi::Env env, Napi::Object exports) {
+  exports.Set("fusedRnnForward", Napi::Function::New<FusedRnnForward>(env, "fusedRnnForward"));
+  exports.Set("fusedRnnBackward", Napi::Function::New<FusedRnnBackward>(env, "fusedRnnBackward"));
+}
+
+}  // namespace rk
