@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
 #include <new>
 
 #include "tensor/isa.h"
@@ -21,25 +22,48 @@ constexpr int kLanes = 16;
 typedef float Lanes __attribute__((vector_size(4 * kLanes)));
 typedef int32_t LanesI __attribute__((vector_size(4 * kLanes)));
 
+constexpr float kLog2e = 1.44269504088896340736f;
+
 RK_ALWAYS_INLINE Lanes splat(float v) { return Lanes{} + v; }
+RK_ALWAYS_INLINE Lanes absLanes(Lanes x) { return x < 0.0f ? -x : x; }
 
-// Sum of the lanes.
-RK_ALWAYS_INLINE float laneSum(Lanes x) {
-  float s[kLanes];
-  std::memcpy(s, &x, sizeof s);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) s[l] += s[l + w];
-  return s[0];
-}
-
-// The lane sums of 16 vectors at once: lane i of the result is laneSum(r[i]). A transposing tree of
-// shuffles and adds, about three operations per vector instead of a scalar reduction each.
-RK_ALWAYS_INLINE Lanes laneSums16(const Lanes* r) {
 #if defined(__clang__)
 #define RK_SHUFFLE(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
 #else
 #define RK_SHUFFLE(x, y, ...) __builtin_shuffle(x, y, LanesI{__VA_ARGS__})
 #endif
+
+// 2^x per lane: 2^round(x) built in the exponent bits times a degree-7 Taylor polynomial of 2^f,
+// |f| <= 1/2 (relative error below 1e-8 before rounding); 0 below 2^-126, inf above 2^128.
+RK_ALWAYS_INLINE Lanes exp2Lanes(Lanes x) {
+  Lanes xc = x < -127.0f ? splat(-127.0f) : x;
+  xc = xc > 128.0f ? splat(128.0f) : xc;
+  const Lanes r = (xc + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const Lanes f = (xc - r) * 0.693147180559945309f;
+  Lanes p = splat(1.0f / 5040.0f);
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const LanesI bits = (__builtin_convertvector(r, LanesI) + 127) << 23;
+  const Lanes v = p * (Lanes)bits;
+  return x < -126.0f ? Lanes{} : v;
+}
+
+// Sum of the lanes (a pairwise tree).
+RK_ALWAYS_INLINE float laneSum(Lanes v) {
+  v += RK_SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += RK_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += RK_SHUFFLE(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  return v[0] + v[1];
+}
+
+// The lane sums of 16 vectors at once: lane i of the result is laneSum(r[i]). A transposing tree of
+// shuffles and adds, about three operations per vector instead of a scalar reduction each.
+RK_ALWAYS_INLINE Lanes laneSums16(const Lanes* r) {
   Lanes z[8], w[4], v[2];
   // Each level halves the partial sums per row and doubles the rows per vector.
   for (int m = 0; m < 8; ++m)
@@ -55,7 +79,6 @@ RK_ALWAYS_INLINE Lanes laneSums16(const Lanes* r) {
                     RK_SHUFFLE(v[0], v[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   // Lane l now holds row bitreverse4(l); the permutation is its own inverse.
   return RK_SHUFFLE(out, out, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
-#undef RK_SHUFFLE
 }
 
 // Zero-initialised working memory of `rows` Lanes, 64-byte aligned: the AVX-512 loops use aligned

@@ -35,19 +35,9 @@
 #include <vector>
 
 #include "tensor/dtype.h"
+#include "tensor/isa.h"
+#include "tensor/lanes.h"
 #include "tensor/parallel.h"
-
-#if defined(__GNUC__) || defined(__clang__)
-#define RK_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define RK_ALWAYS_INLINE inline
-#endif
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define RK_X86_MULTIVERSION 1
-#endif
 
 namespace rk::cells {
 namespace {
@@ -57,45 +47,20 @@ using rkcuda::FusedRnnArgs;
 using rkcuda::FusedRnnGrads;
 using rkcuda::FusedRnnOutputs;
 
-constexpr int kLanes = 16;
 constexpr int kMaxRows = 8;   // tallest GEMM tile (rows of the batch, or of R for dR)
 constexpr int kMaxVecs = 4;   // widest GEMM tile, in vectors
 constexpr int kBwdPanel = 4;  // output blocks per backward panel
 constexpr int64_t kRowChunk = 128;  // (step, row) pairs per chunk of the dR GEMM
-constexpr float kLog2e = 1.44269504088896340736f;
 
-typedef float Lanes __attribute__((vector_size(4 * kLanes)));
-typedef int32_t LanesI __attribute__((vector_size(4 * kLanes)));
-
-RK_ALWAYS_INLINE Lanes splat(float v) { return Lanes{} + v; }
-RK_ALWAYS_INLINE Lanes absv(Lanes x) { return x < 0.0f ? -x : x; }
 
 // ---- vector math ----
 
-// 2^x: 2^round(x) assembled in the exponent bits times a degree-7 polynomial of 2^f, |f| <= 1/2
-// (relative error about 5e-9 before rounding). x is clamped to [-126, 128]: 2^128 is inf.
-RK_ALWAYS_INLINE Lanes exp2v(Lanes x) {
-  x = x < -126.0f ? splat(-126.0f) : x;
-  x = x > 128.0f ? splat(128.0f) : x;
-  const Lanes r = (x + 12582912.0f) - 12582912.0f;
-  const Lanes f = (x - r) * 0.693147180559945309f;
-  Lanes p = splat(1.0f / 5040.0f);
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const LanesI bits = (__builtin_convertvector(r, LanesI) + 127) << 23;
-  return p * (Lanes)bits;
-}
-RK_ALWAYS_INLINE Lanes expv(Lanes x) { return exp2v(x * kLog2e); }
+RK_ALWAYS_INLINE Lanes expv(Lanes x) { return exp2Lanes(x * kLog2e); }
 RK_ALWAYS_INLINE Lanes sigmoidv(Lanes x) { return 1.0f / (1.0f + expv(-x)); }
 // tanh from exp(-2|x|); below |x| = 1/16 an odd Taylor polynomial keeps the relative accuracy.
 RK_ALWAYS_INLINE Lanes tanhv(Lanes x) {
-  const Lanes ax = absv(x);
-  const Lanes e = exp2v(ax * (-2.0f * kLog2e));
+  const Lanes ax = absLanes(x);
+  const Lanes e = exp2Lanes(ax * (-2.0f * kLog2e));
   Lanes t = (1.0f - e) / (1.0f + e);
   t = x < 0.0f ? -t : t;
   const Lanes x2 = x * x;
@@ -111,7 +76,7 @@ RK_ALWAYS_INLINE Lanes log1pUnit(Lanes e) {
 }
 // log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), finite at both ends.
 RK_ALWAYS_INLINE Lanes logsigmoidv(Lanes x) {
-  return (x < 0.0f ? x : Lanes{}) - log1pUnit(expv(-absv(x)));
+  return (x < 0.0f ? x : Lanes{}) - log1pUnit(expv(-absLanes(x)));
 }
 
 // ---- the GEMM tile ----
@@ -325,18 +290,15 @@ struct Kernels {
 
 RK_CELLS_ISA(Base, )
 #ifdef RK_X86_MULTIVERSION
-RK_CELLS_ISA(Avx2, __attribute__((target("avx2,fma"))))
-RK_CELLS_ISA(Avx512, __attribute__((target("avx512f,avx512vl,avx512dq,fma"))))
+RK_CELLS_ISA(Avx2, RK_ISA_TARGET_AVX2)
+RK_CELLS_ISA(Avx512, RK_ISA_TARGET_AVX512)
 #endif
 
 const Kernels& kernels() {
   static const Kernels chosen = [] {
 #ifdef RK_X86_MULTIVERSION
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      return Kernels{tileAvx512, cellFwdAvx512, cellBwdAvx512, {0, 8, 8, 8, 6}};
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Kernels{tileAvx2, cellFwdAvx2, cellBwdAvx2, {0, 4, 2, 1, 1}};
+    if (isa() == Isa::Avx512) return Kernels{tileAvx512, cellFwdAvx512, cellBwdAvx512, {0, 8, 8, 8, 6}};
+    if (isa() == Isa::Avx2) return Kernels{tileAvx2, cellFwdAvx2, cellBwdAvx2, {0, 4, 2, 1, 1}};
 #endif
     return Kernels{tileBase, cellFwdBase, cellBwdBase, {0, 2, 1, 1, 1}};
   }();
@@ -344,24 +306,6 @@ const Kernels& kernels() {
 }
 
 // ---- memory, threads ----
-
-// 64-byte aligned scratch of Lanes (uninitialised unless zeroed).
-class Buffer {
- public:
-  explicit Buffer(int64_t lanes, bool zero = false) {
-    const size_t bytes = size_t(std::max<int64_t>(lanes, 1)) * sizeof(Lanes);
-    mem_ = static_cast<Lanes*>(std::aligned_alloc(64, bytes));
-    if (!mem_) throw std::bad_alloc();
-    if (zero) std::memset(static_cast<void*>(mem_), 0, bytes);
-  }
-  ~Buffer() { std::free(mem_); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  Lanes* get() const { return mem_; }
-
- private:
-  Lanes* mem_ = nullptr;
-};
 
 inline void cpuRelax() {
 #ifdef RK_X86_MULTIVERSION
@@ -516,10 +460,10 @@ template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOut
   const bool last = a.returnLastOnly, saving = o.savedStates != nullptr && o.savedPre != nullptr;
   const int64_t stateVecs = B * H * nblk;
 
-  Buffer Rp(H * npanel * panelStride);
-  Buffer hbuf(2 * stateVecs, true), sbuf(std::max(S - 1, 0) * stateVecs, true);
-  Lanes* const hb = hbuf.get();
-  Lanes* const sb = sbuf.get();
+  LaneScratch Rp{size_t(H * npanel * panelStride)};
+  LaneScratch hbuf{size_t(2 * stateVecs)}, sbuf{size_t(std::max(S - 1, 0) * stateVecs)};
+  Lanes* const hb = hbuf.at(0);
+  Lanes* const sb = sbuf.at(0);
   if (a.states0) {
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h)
@@ -540,7 +484,7 @@ template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOut
     for (int64_t it = nItems * th / plan.threads; it < nItems * (th + 1) / plan.threads; ++it) {
       const int64_t h = it / npanel, p = it % npanel;
       const int ncb = int(std::min<int64_t>(CB, nblk - p * CB)), nv = G * ncb;
-      Lanes* dst = Rp.get() + (h * npanel + p) * panelStride;
+      Lanes* dst = Rp.at(0) + (h * npanel + p) * panelStride;
       for (int64_t k = 0; k < D; ++k)
         for (int cb = 0; cb < ncb; ++cb) {
           const int64_t j0 = (p * CB + cb) * kLanes;
@@ -568,7 +512,7 @@ template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOut
             ta.A = reinterpret_cast<const float*>(hp + d.blk(b0, h));
             ta.am = H * nblk * kLanes;
             ta.aq = 1;
-            ta.B = Rp.get() + (h * npanel + p) * panelStride;
+            ta.B = Rp.at(0) + (h * npanel + p) * panelStride;
             ta.bq = nv;
             ta.K = D;
             ta.acc = acc;
@@ -690,12 +634,12 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
   const bool last = a.returnLastOnly;
   const int64_t stateVecs = B * H * nblk;
 
-  Buffer RT(H * nkp * rtStride);
-  Buffer gH(stateVecs), gO(std::max(S - 1, 0) * stateVecs);
-  Buffer dP(H * rowsTotal * QV);
-  Buffer dRacc(H * D * QV);
+  LaneScratch RT{size_t(H * nkp * rtStride)};
+  LaneScratch gH{size_t(stateVecs)}, gO{size_t(std::max(S - 1, 0) * stateVecs)};
+  LaneScratch dP{size_t(H * rowsTotal * QV)};
+  LaneScratch dRacc{size_t(H * D * QV)};
   const Plan plan = makePlan(H, nkp, B, d.fmaPerStep(), d.fmaPerStep() * double(Tmax));
-  Buffer hc(int64_t(plan.threads) * kRowChunk * nblk);
+  LaneScratch hc{size_t(int64_t(plan.threads) * kRowChunk * nblk)};
   SpinBarrier bar(plan.threads);
   const float zeros[kLanes] = {};
 
@@ -715,7 +659,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
       int64_t h, k0;
       int nvk;
       blocksOf(it, &h, &k0, &nvk);
-      float* dst = reinterpret_cast<float*>(RT.get() + (h * nkp + it % nkp) * rtStride);
+      float* dst = reinterpret_cast<float*>(RT.at(0) + (h * nkp + it % nkp) * rtStride);
       std::memset(dst, 0, size_t(QW * nvk) * sizeof(Lanes));
       for (int v = 0; v < nvk; ++v)
         for (int l = 0; l < kLanes; ++l) {
@@ -739,7 +683,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
           for (int s = 0; s < S; ++s) {
             Lanes g0 = gr.dFinal ? loadBlock(gr.dFinal + d.st(s, b, h) + j0, nj) : Lanes{};
             if (s == 0 && last && dh) g0 += loadBlock(dh + (b * H + h) * D + j0, nj);
-            (s == 0 ? gH.get() : gO.get() + (s - 1) * stateVecs)[si] = g0;
+            (s == 0 ? gH.at(0) : gO.at(0) + (s - 1) * stateVecs)[si] = g0;
           }
         }
     }
@@ -753,7 +697,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
         int nvk;
         blocksOf(it, &h, &k0, &nvk);
         for (int64_t b = own.r0; b < own.r1; ++b) {
-          Lanes* dProw = dP.get() + (h * rowsTotal + t * B + b) * QV;
+          Lanes* dProw = dP.at(0) + (h * rowsTotal + t * B + b) * QV;
           if (t >= d.len[size_t(b)]) {
             for (int v = 0; v < nvk; ++v) {
               const int64_t j0 = (k0 + v) * kLanes;
@@ -781,10 +725,10 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
                                        : a.states0 ? a.states0 + d.st(s, b, h) + j0 : zeros;
               pv[v * S + s] = loadBlock(src, nj);
             }
-            Lanes g0 = gH.get()[si];
+            Lanes g0 = gH.at(0)[si];
             if (!last && dh) g0 += loadBlock(dh + ((b * T + t) * H + h) * D + j0, nj);
             gs[v * S] = g0;
-            for (int s = 1; s < S; ++s) gs[v * S + s] = gO.get()[(s - 1) * stateVecs + si];
+            for (int s = 1; s < S; ++s) gs[v * S + s] = gO.at(0)[(s - 1) * stateVecs + si];
           }
           CellGradIo io;
           io.n = nvk;
@@ -805,8 +749,8 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
               storeBlock(dwx + d.wx(b, t, g, h) + j0, nj, gx[v * G + g]);
               dProw[g * nblk + bk] = nj == kLanes ? grr[v * G + g] : grr[v * G + g] * mask;
             }
-            gH.get()[si] = gp[v * S];
-            for (int s = 1; s < S; ++s) gO.get()[(s - 1) * stateVecs + si] = gp[v * S + s];
+            gH.at(0)[si] = gp[v * S];
+            for (int s = 1; s < S; ++s) gO.at(0)[(s - 1) * stateVecs + si] = gp[v * S + s];
           }
         }
       }
@@ -823,13 +767,13 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
           for (int m = 0; m < mr; ++m) any = any || t < d.len[size_t(b0 + m)];
           if (!any) continue;
           TileArgs ta;
-          ta.A = reinterpret_cast<const float*>(dP.get() + (h * rowsTotal + t * B + b0) * QV);
+          ta.A = reinterpret_cast<const float*>(dP.at(0) + (h * rowsTotal + t * B + b0) * QV);
           ta.am = QW;
           ta.aq = 1;
-          ta.B = RT.get() + (h * nkp + it % nkp) * rtStride;
+          ta.B = RT.at(0) + (h * nkp + it % nkp) * rtStride;
           ta.bq = nvk;
           ta.K = QW;
-          ta.acc = gH.get() + d.blk(b0, h) + k0;
+          ta.acc = gH.at(0) + d.blk(b0, h) + k0;
           ta.accStride = H * nblk;
           ta.load = true;
           K.tile(ta, mr, nvk);
@@ -847,7 +791,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
             const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
             const int nj = int(std::min<int64_t>(kLanes, D - j0));
             for (int s = 0; s < S; ++s)
-              storeBlock(gr.dStates0 + d.st(s, b, h) + j0, nj, (s == 0 ? gH.get() : gO.get() + (s - 1) * stateVecs)[si]);
+              storeBlock(gr.dStates0 + d.st(s, b, h) + j0, nj, (s == 0 ? gH.at(0) : gO.at(0) + (s - 1) * stateVecs)[si]);
           }
       }
     }
@@ -855,7 +799,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
     // dR = sum over (step, row) of h_{t-1}^T dP, db = column sums of dP; items (head, 4 vectors of dP
     // columns) split evenly, chunks of rows outermost so that a chunk's h_{t-1} is copied once.
     const int64_t q0 = H * nqp * th / plan.threads, q1 = H * nqp * (th + 1) / plan.threads;
-    float* Hc = reinterpret_cast<float*>(hc.get() + int64_t(th) * kRowChunk * nblk);
+    float* Hc = reinterpret_cast<float*>(hc.at(0) + int64_t(th) * kRowChunk * nblk);
     for (int64_t r0 = 0; r0 < rowsTotal; r0 += kRowChunk) {
       const int64_t nr = std::min(kRowChunk, rowsTotal - r0);
       int64_t cached = -1;
@@ -879,10 +823,10 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
           ta.A = Hc + k0;
           ta.am = 1;
           ta.aq = Dp;
-          ta.B = dP.get() + (h * rowsTotal + r0) * QV + qp * kMaxVecs;
+          ta.B = dP.at(0) + (h * rowsTotal + r0) * QV + qp * kMaxVecs;
           ta.bq = QV;
           ta.K = nr;
-          ta.acc = dRacc.get() + (h * D + k0) * QV + qp * kMaxVecs;
+          ta.acc = dRacc.at(0) + (h * D + k0) * QV + qp * kMaxVecs;
           ta.accStride = QV;
           ta.load = r0 > 0;
           K.tile(ta, int(std::min<int64_t>(mrMax, D - k0)), nqv);
@@ -898,11 +842,11 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
         const int64_t j0 = (qv % nblk) * kLanes;
         const int nj = int(std::min<int64_t>(kLanes, D - j0));
         Lanes sum{};
-        const Lanes* col = dP.get() + h * rowsTotal * QV + qv;
+        const Lanes* col = dP.at(0) + h * rowsTotal * QV + qv;
         for (int64_t tb = 0; tb < rowsTotal; ++tb) sum += col[tb * QV];
         storeBlock(gr.db + (g * H + h) * D + j0, nj, sum);
         for (int64_t k = 0; k < D; ++k) {
-          const Lanes v2 = rowsTotal > 0 ? dRacc.get()[(h * D + k) * QV + qv] : Lanes{};
+          const Lanes v2 = rowsTotal > 0 ? dRacc.at(0)[(h * D + k) * QV + qv] : Lanes{};
           storeBlock(dR + d.rw(g, h, k) + j0, nj, v2);
         }
       }

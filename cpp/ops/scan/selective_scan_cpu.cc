@@ -33,38 +33,9 @@ using rkcuda::SelectiveScanGrads;
 using rkcuda::SelectiveStateUpdateArgs;
 
 constexpr int kSteps = int(kSelectiveChunk);
-constexpr float kLog2e = 1.44269504088896340736f;
 // Up to this many states the backward pass keeps a tile's trajectory (2 * N * kSteps vectors).
 constexpr int64_t kKeepStates = 64;
 // One value per lane (channel): Lanes (tensor/lanes.h).
-// 2^x per lane: 2^round(x) built in the exponent bits times a degree-7 Taylor polynomial of 2^f,
-// |f| <= 1/2 (relative error below 1e-8 before rounding); 0 below 2^-126, inf above 2^128.
-RK_ALWAYS_INLINE Lanes exp2Lanes(Lanes x) {
-  Lanes xc = x < -127.0f ? splat(-127.0f) : x;
-  xc = xc > 128.0f ? splat(128.0f) : xc;
-  const Lanes r = (xc + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  const Lanes f = (xc - r) * 0.693147180559945309f;
-  Lanes p = splat(1.0f / 5040.0f);
-  p = p * f + 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const LanesI bits = (__builtin_convertvector(r, LanesI) + 127) << 23;
-  const Lanes v = p * (Lanes)bits;
-  return x < -126.0f ? Lanes{} : v;
-}
-
-// Sum of the lanes (a pairwise tree).
-RK_ALWAYS_INLINE float laneSum(Lanes v) {
-  v += __builtin_shuffle(v, LanesI{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, LanesI{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
-  v += __builtin_shuffle(v, LanesI{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
-  return v[0] + v[1];
-}
-
 inline float softplus(float v) { return v <= 20.0f ? std::log1p(std::exp(v)) : v; }
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
