@@ -220,30 +220,39 @@ __global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p)
   T* P = static_cast<T*>(p.P) + cb * kC * kC;
   const int r0 = 16 * warp;
   const int kSteps = p.Kp / 16;
-  // A = beta_t Gamma_ts k_t.k_s (s < t) and P = scale Gamma_ts q_t.k_s (s <= t), 8 columns at a time.
-  for (int j = 0; j < kC / 8; ++j) {
-    const int c0 = 8 * j;
-    mma::FragC accA, accP;
-    accA.zero();
-    accP.zero();
-    if (c0 <= r0 + 15) {  // warp-uniform: the tile touches the lower triangle
-      for (int s = 0; s < kSteps; ++s) {
-        const int k0 = 16 * s;
-        const mma::FragB16 b = mma::loadB16<T>([&](int kk, int nn) { return kn(c0 + nn, k0 + kk); });
-        const mma::FragA16 ak = mma::loadA16<T>([&](int rr, int kk) { return kn(r0 + rr, k0 + kk); });
-        const mma::FragA16 aq = mma::loadA16<T>([&](int rr, int kk) { return qn(r0 + rr, k0 + kk); });
-        mma::mma16816<T>(accA, ak, b);
-        mma::mma16816<T>(accP, aq, b);
+  // A = beta_t Gamma_ts k_t.k_s (s < t) and P = scale Gamma_ts q_t.k_s (s <= t): the warp's 16 rows
+  // against the column blocks of 8 that touch the lower triangle (warp-uniform), each A fragment
+  // loaded once per k-step.
+  {
+    mma::FragC accA[kC / 8], accP[kC / 8];
+#pragma unroll
+    for (int j = 0; j < kC / 8; ++j) {
+      accA[j].zero();
+      accP[j].zero();
+    }
+    for (int s = 0; s < kSteps; ++s) {
+      const int k0 = 16 * s;
+      const mma::FragA16 ak = mma::loadA16<T>([&](int rr, int kk) { return kn(r0 + rr, k0 + kk); });
+      const mma::FragA16 aq = mma::loadA16<T>([&](int rr, int kk) { return qn(r0 + rr, k0 + kk); });
+#pragma unroll
+      for (int j = 0; j < kC / 8; ++j) {
+        if (8 * j > r0 + 15) continue;
+        const mma::FragB16 b = mma::loadB16<T>([&](int kk, int nn) { return kn(8 * j + nn, k0 + kk); });
+        mma::mma16816<T>(accA[j], ak, b);
+        mma::mma16816<T>(accP[j], aq, b);
       }
     }
-    mma::storeC(accA, [&](int rr, int cc, float val) {
-      const int r = r0 + rr, col = c0 + cc;
-      sA[r * kLdA + col] = col < r ? sBeta[r] * decay(r, col) * val : 0.0f;
-    });
-    mma::storeC(accP, [&](int rr, int cc, float val) {
-      const int r = r0 + rr, col = c0 + cc;
-      P[r * kC + col] = fromFloat<T>(col <= r ? p.scale * decay(r, col) * val : 0.0f);
-    });
+#pragma unroll
+    for (int j = 0; j < kC / 8; ++j) {
+      mma::storeC(accA[j], [&](int rr, int cc, float val) {
+        const int r = r0 + rr, col = 8 * j + cc;
+        sA[r * kLdA + col] = col < r ? sBeta[r] * decay(r, col) * val : 0.0f;
+      });
+      mma::storeC(accP[j], [&](int rr, int cc, float val) {
+        const int r = r0 + rr, col = 8 * j + cc;
+        P[r * kC + col] = fromFloat<T>(col <= r ? p.scale * decay(r, col) * val : 0.0f);
+      });
+    }
   }
   __syncthreads();
 
@@ -318,7 +327,8 @@ inline size_t stateSharedBytes(const ChunkParams& p) {
   return static_cast<size_t>(p.Kp + kC) * stateLd(p.vt) * sizeof(float);
 }
 
-template <class T>
+// NT = vt / 8: the column blocks of the value tile.
+template <class T, int NT>
 __global__ void __launch_bounds__(kThreads) chunkStateKernel(const ChunkParams p) {
   const int64_t head = static_cast<int64_t>(blockIdx.x) / p.vTiles;
   const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) - head * p.vTiles);
@@ -330,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) chunkStateKernel(const ChunkParams p
   const int ldS = stateLd(p.vt);
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
   const int r0 = 16 * warp;
-  const int nT = p.vt / 8, kSteps = p.Kp / 16;
+  const int kSteps = p.Kp / 16;
   const int64_t KV = p.K * p.V;
 
   float* sS = dynamicShared<float>();  // Kp x ldS: the state tile, fp32
@@ -374,33 +384,48 @@ __global__ void __launch_bounds__(kThreads) chunkStateKernel(const ChunkParams p
       });
     };
 
-    // V' = U - W S.
-    for (int j = 0; j < nT; ++j) {
-      mma::FragC acc;
-      acc.zero();
+    // V' = U - W S: each fragment of W is loaded once and used for the NT column blocks.
+    {
+      mma::FragC acc[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) acc[j].zero();
       if (warp < kRows) {
-        for (int s = 0; s < kSteps; ++s) mma::mma16816<T>(acc, rowFrag(W, s), sFrag(s, j));
+        for (int s = 0; s < kSteps; ++s) {
+          const mma::FragA16 a = rowFrag(W, s);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, sFrag(s, j));
+        }
       }
-      mma::storeC(acc, [&](int rr, int cc, float val) {
-        const int r = r0 + rr, col = 8 * j + cc;
-        const float u = (r < n && col < vw) ? toFloat(U[r * p.V + v0 + col]) : 0.0f;
-        sV[r * ldS + col] = u - val;
-      });
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma::storeC(acc[j], [&](int rr, int cc, float val) {
+          const int r = r0 + rr, col = 8 * j + cc;
+          const float u = (r < n && col < vw) ? toFloat(U[r * p.V + v0 + col]) : 0.0f;
+          sV[r * ldS + col] = u - val;
+        });
+      }
     }
     __syncthreads();
 
     // O = Qg S + P V' (P lower triangular: k-steps up to the diagonal block).
     if (warp < kRows) {
-      for (int j = 0; j < nT; ++j) {
-        mma::FragC acc;
-        acc.zero();
-        for (int s = 0; s < kSteps; ++s) mma::mma16816<T>(acc, rowFrag(Qg, s), sFrag(s, j));
-        for (int s = 0; s <= warp; ++s) {
-          const mma::FragA16 a =
-              mma::loadA16<T>([&](int rr, int kk) { return toFloat(P[(r0 + rr) * kC + 16 * s + kk]); });
-          mma::mma16816<T>(acc, a, vFrag(s, j));
-        }
-        mma::storeC(acc, [&](int rr, int cc, float val) {
+      mma::FragC acc[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) acc[j].zero();
+      for (int s = 0; s < kSteps; ++s) {
+        const mma::FragA16 a = rowFrag(Qg, s);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, sFrag(s, j));
+      }
+      for (int s = 0; s <= warp; ++s) {
+        const mma::FragA16 a =
+            mma::loadA16<T>([&](int rr, int kk) { return toFloat(P[(r0 + rr) * kC + 16 * s + kk]); });
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, vFrag(s, j));
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
           if (r < n && col < vw) o[((rowBase + r) * p.HV + hv) * p.V + v0 + col] = fromFloat<T>(val);
         });
@@ -408,19 +433,26 @@ __global__ void __launch_bounds__(kThreads) chunkStateKernel(const ChunkParams p
     }
     __syncthreads();
 
-    // S = exp(G_{n-1}) S + Kd^T V'.
+    // S = exp(G_{n-1}) S + Kd^T V': warp w owns the state rows 16 m.. for m = w, w + 4, ...
     const float gl = p.gammaLast[cb];
-    for (int t = warp; t < kSteps * nT; t += kWarps) {
-      const int m = t / nT, j = t - (t / nT) * nT;
-      mma::FragC acc = mma::loadC([&](int rr, int cc) { return gl * sS[(16 * m + rr) * ldS + 8 * j + cc]; });
+    for (int m = warp; m < kSteps; m += kWarps) {
+      mma::FragC acc[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        acc[j] = mma::loadC([&](int rr, int cc) { return gl * sS[(16 * m + rr) * ldS + 8 * j + cc]; });
+      }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) {
           const int i = 16 * m + rr;
           return i < K ? toFloat(Kd[(16 * s + kk) * p.K + i]) : 0.0f;
         });
-        mma::mma16816<T>(acc, a, vFrag(s, j));
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, vFrag(s, j));
       }
-      mma::storeC(acc, [&](int rr, int cc, float val) { sS[(16 * m + rr) * ldS + 8 * j + cc] = val; });
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma::storeC(acc[j], [&](int rr, int cc, float val) { sS[(16 * m + rr) * ldS + 8 * j + cc] = val; });
+      }
     }
     __syncthreads();
   }
@@ -490,8 +522,13 @@ Status launchChunked(const GatedDeltaArgs& a, const ScanSegment* deviceSegments,
   }
   if (heads == 0) return Status{};
   const size_t stateBytes = stateSharedBytes(p);
-  RK_TRY(allowDynamicShared(chunkStateKernel<T>, stateBytes));
-  return launch(chunkStateKernel<T>, static_cast<unsigned>(heads * p.vTiles), kThreads, stateBytes, p);
+  const unsigned blocks = static_cast<unsigned>(heads * p.vTiles);
+  if (p.vt == 32) {
+    RK_TRY(allowDynamicShared(chunkStateKernel<T, 4>, stateBytes));
+    return launch(chunkStateKernel<T, 4>, blocks, kThreads, stateBytes, p);
+  }
+  RK_TRY(allowDynamicShared(chunkStateKernel<T, 8>, stateBytes));
+  return launch(chunkStateKernel<T, 8>, blocks, kThreads, stateBytes, p);
 }
 
 }  // namespace
