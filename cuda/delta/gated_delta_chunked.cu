@@ -24,7 +24,8 @@
 //     substitution (one thread per column, fp32); then W = Tm (K exp(G)) and U = Tm V with
 //     mma.sync. Writes W, U, Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G), P = scale tril(Q K^T
 //     Gamma) (all of the storage type) and exp(G_{n-1}) (fp32) to scratch.
-//   chunkStateKernel<T> one block (4 warps) per (sequence, value head, tile of vt value columns),
+//   chunkStateKernel<T, NT> one block (4 warps) per (sequence, value head, tile of vt = 8 NT value
+//     columns, vt = 16, 32 or 64: the widest that still fills the SMs),
 //     sequential over the chunks: the fp32 state tile (K x vt) lives in shared memory; per chunk it
 //     stores the checkpoint, then V' = U - W S, O = Qg S + P V', S = exp(G_{n-1}) S + Kd^T V', each
 //     an mma.sync product (S and V' rounded to the storage type as operands, fp32 accumulation).
@@ -33,17 +34,23 @@
 // order of magnitude above the fp32 tolerance (1e-4); 3xTF32 would triple every product and still
 // needs the fp32 inverse. The per-token recurrence is exact in fp32, so fp32 storage stays there.
 //
-// Bounds (H100 / H200, bf16, K = V = 128, batch 4, T 4096, H = HV = 16: 4096 chunks x 16 heads):
-//   prep:  ~4.2 MFLOP of mma per (chunk, head) (0.3 TFLOP in all, ~1 % of the tensor-core peak)
-//          plus the serial forward substitution (~2k dependent FMAs for the longest column, ~5 us
-//          per block); traffic ~1.9 KB per (position, head), 0.5 GB: ~0.15 ms of HBM. Bound by the
-//          substitution latency and HBM: ~0.25-0.35 ms.
-//   state: sequential over 64 chunks per head; per chunk ~3.7 MFLOP of mma per 64-column tile,
-//          with only 4 warps per block and operands read through L2, so latency bound:
-//          ~4-8 us per chunk, 128 blocks (one wave): ~0.3-0.5 ms; the scratch it rereads (1.1 KB
-//          per position, head and tile) mostly hits L2.
-//   Expected forward ~0.6-0.9 ms at (4, 4096, 16), ~1.0-1.5 ms at (8, 2048, 32), ~1.5-2.5 ms at
-//   (1, 32768, 16) where the state pass has only 32 blocks. Measured numbers go to bench/RESULTS.md.
+// Bounds (H100 / H200, bf16, K = V = 128; 64 positions per chunk):
+//   prep (parallel over chunks x heads): ~4.2 MFLOP of mma per block (~1 % of the tensor-core
+//     peak over the whole launch) and the serial forward substitution (~2k dependent FMAs for the
+//     longest column, a few us per block); HBM traffic ~1.9 KB per (position, head): reads q, k, v
+//     (0.8 KB), writes W, U, Qg, Kd, P (1.1 KB). Bound by HBM and the substitution latency:
+//     ~0.15-0.25 ms for 4 x 4096 x 16 (4096 blocks, 3 per SM by shared memory), about the same for
+//     8 x 2048 x 32 (2x the work, ~0.3-0.5 ms) and 1 x 32768 x 16 (~0.15-0.25 ms).
+//   state (sequential over chunks): per chunk three dependent mma chains (V', then O, then S) of
+//     ~K / 16 steps separated by barriers: latency bound, ~2-4 us per chunk whatever the tile
+//     width; the tile width is picked so the blocks fill the SMs (4 x 4096 x 16: 64 chunks, 256
+//     blocks of 32 columns, ~0.2-0.3 ms; 8 x 2048 x 32: 32 chunks, 512 blocks of 64 columns,
+//     ~0.2-0.3 ms; 1 x 32768 x 16: 512 chunks in sequence, 128 blocks of 16 columns, ~1-2 ms).
+//     Its rereads of the scratch (1.1 KB per position, head and tile) mostly hit L2.
+//   Expected forward: ~0.4-0.6 ms (4, 4096, 16), ~0.6-0.9 ms (8, 2048, 32), ~1.2-2.2 ms
+//   (1, 32768, 16), against 0.77 / 1.29 / 1.93 ms for flash-linear-attention's Triton kernels; the
+//   long single sequence is bound by the chunk-to-chunk latency of the state pass. Scratch: ~1.1 KB
+//   per (position, value head) of the storage type (600 MB at 1 x 32768 x 16).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -329,7 +336,7 @@ inline size_t stateSharedBytes(const ChunkParams& p) {
 
 // NT = vt / 8: the column blocks of the value tile.
 template <class T, int NT>
-__global__ void __launch_bounds__(kThreads) chunkStateKernel(const ChunkParams p) {
+__global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
   const int64_t head = static_cast<int64_t>(blockIdx.x) / p.vTiles;
   const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) - head * p.vTiles);
   const int64_t seq = head / p.HV, hv = head - (head / p.HV) * p.HV;
@@ -484,14 +491,18 @@ Status launchChunked(const GatedDeltaArgs& a, const ScanSegment* deviceSegments,
   p.q = a.q, p.k = a.k, p.v = a.v, p.g = a.g, p.beta = a.beta, p.h0 = a.h0;
   p.o = o, p.states = states, p.finalState = finalState;
 
-  // Value tile of the state pass: 64 columns when that still gives two blocks per SM, else 32.
+  // Value tile of the state pass (the sequential part, latency bound): the widest of 64, 32, 16
+  // columns that still gives at least one block per SM.
   int sms = 132;
   int dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   const int64_t heads = a.nseq * a.HV;
-  const int chosenVt = heads * ceilDiv(a.V, 64) >= 2 * static_cast<int64_t>(sms) ? 64 : 32;
+  int chosenVt = 64;
+  while (chosenVt > 16 && heads * ceilDiv(a.V, chosenVt) < sms) chosenVt /= 2;
   p.vt = tunable("gatedDeltaChunked.valueTile", chosenVt);
-  if (p.vt != 32 && p.vt != 64) return statusError(fn + ": unsupported value tile " + std::to_string(p.vt));
+  if (p.vt != 16 && p.vt != 32 && p.vt != 64) {
+    return statusError(fn + ": unsupported value tile " + std::to_string(p.vt));
+  }
   p.vTiles = static_cast<int>(ceilDiv(a.V, p.vt));
 
   const int64_t cbs = a.totalChunks * a.HV;  // (chunk, value head) pairs
@@ -523,6 +534,10 @@ Status launchChunked(const GatedDeltaArgs& a, const ScanSegment* deviceSegments,
   if (heads == 0) return Status{};
   const size_t stateBytes = stateSharedBytes(p);
   const unsigned blocks = static_cast<unsigned>(heads * p.vTiles);
+  if (p.vt == 16) {
+    RK_TRY(allowDynamicShared(chunkStateKernel<T, 2>, stateBytes));
+    return launch(chunkStateKernel<T, 2>, blocks, kThreads, stateBytes, p);
+  }
   if (p.vt == 32) {
     RK_TRY(allowDynamicShared(chunkStateKernel<T, 4>, stateBytes));
     return launch(chunkStateKernel<T, 4>, blocks, kThreads, stateBytes, p);

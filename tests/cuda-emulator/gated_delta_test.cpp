@@ -12,7 +12,7 @@
 //     through the "gatedDelta.forwardPath" tunable, against the same reference at the rounding
 //     level of the storage type: T = 1, chunk-1, chunk, chunk+1, 2*chunk+2; K != V (32 x 48,
 //     16 x 80, 128 x 64, 256 x 24, 20 x 256); H != HV; packed lengths 0, 1 and partial chunks;
-//     l2norm; g = 0 and -1e4; both value tiles; the launch log shows which kernels ran; the
+//     l2norm; g = 0 and -1e4; every value tile; the launch log shows which kernels ran; the
 //     recurrent backward then runs from the chunked checkpoints;
 //   * gatedDeltaStep with 1 and 3 tokens, updateState and intermediate on and off, against the
 //     same reference;
@@ -484,7 +484,8 @@ void runCase(const Case& c, std::mt19937& rng) {
       bool prep = false, pass = false, recurrent = false;
       for (const auto& l : emu::launchLog) {
         prep |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkPrepKernel<T>);
-        pass |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 4>) ||
+        pass |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 2>) ||
+                l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 4>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 8>);
         recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaForwardKernel<T, 8>) ||
                      l.kernel == emu::kernelId(rkcuda::gatedDeltaForwardKernel<T, 16>);
@@ -593,7 +594,7 @@ void runSuite(std::mt19937& rng, int variant) {
 // The chunked forward (fp16 / bf16) in every configuration: T at and around the chunk edges, K != V
 // (neither a multiple of the 16 x 8 tiles nor of the value tile), one K = 256 and one V = 256,
 // H != HV, packed sequences (lengths 0, 1 and partial last chunks), l2norm on and off, g = 0 and
-// g = -1e4, both value tiles; the recurrent backward then runs from its checkpoints.
+// g = -1e4, every value tile; the recurrent backward then runs from its checkpoints.
 template <class T>
 void runChunkedSuite(std::mt19937& rng, int variant) {
   struct Shape { int64_t len, K, V; bool packed; };
@@ -618,7 +619,7 @@ void runChunkedSuite(std::mt19937& rng, int variant) {
     c.hasDFinal = n % 3 != 2;
     c.hasDh0 = n % 4 != 1;
     c.gMode = n % 3;
-    c.valueTile = n % 2 == 0 ? 32 : 64;
+    c.valueTile = 16 << (n % 3);
     // The recurrent backward from the chunked checkpoints (costly here: a few cases suffice).
     c.backward = s.len == kChunk + 1 && s.K * s.V <= 64 * 64;
     if (s.K * s.V > 64 * 64 || s.len > kChunk) c.batch = 1, c.H = 1, c.HV = 1 + n % 2;
@@ -754,6 +755,8 @@ void checkCoverage() {
     context = "coverage";
     check(launched.count(emu::kernelId(deltachunked::chunkPrepKernel<T>)) == 1,
           std::string("never ran: ") + Elem<T>::name + " chunked preparation");
+    check(launched.count(emu::kernelId(deltachunked::chunkStateKernel<T, 2>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked state pass, 16 value columns");
     check(launched.count(emu::kernelId(deltachunked::chunkStateKernel<T, 4>)) == 1,
           std::string("never ran: ") + Elem<T>::name + " chunked state pass, 32 value columns");
     check(launched.count(emu::kernelId(deltachunked::chunkStateKernel<T, 8>)) == 1,
