@@ -1,6 +1,8 @@
 // Gated delta rule (Gated DeltaNet), recurrent form: forward, backward (recomputing from
 // checkpoints) and decode steps, for F32/F16/BF16 storage with fp32 state and arithmetic: kernels
-// plus the launchers declared in common/api.h.
+// plus the launchers declared in common/api.h. gatedDeltaForward sends fp16 / bf16 storage to the
+// chunked tensor-core form (gated_delta_chunked.cu; the "gatedDelta.forwardPath" tunable: 1 this
+// recurrence, 2 chunked); its checkpoints are the same, so the backward below consumes either.
 //
 // Work split. Given (q, k, g, beta), column j of the K x V state evolves on its own:
 //   S_t[:, j] = a_t S_{t-1}[:, j] + beta_t k_t (v_t[j] - a_t k_t . S_{t-1}[:, j]),   a_t = exp(g_t)
