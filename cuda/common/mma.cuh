@@ -174,6 +174,14 @@ __device__ __forceinline__ FragBTf32 loadBTf32(At at) {
   for (int i = 0; i < 2; ++i) f.r[i] = toTf32(at(t + 4 * i, g));
   return f;
 }
+// Fills C from get(row, col) for the four elements this lane holds (the layout storeC writes).
+template <class Get>
+__device__ __forceinline__ FragC loadC(Get get) {
+  const int g = lane() >> 2, t = lane() & 3;
+  FragC c;
+  for (int i = 0; i < 4; ++i) c.c[i] = get(g + 8 * (i >> 1), 2 * t + (i & 1));
+  return c;
+}
 // Calls put(row, col, value) for the four elements of C this lane holds.
 template <class Put>
 __device__ __forceinline__ void storeC(const FragC& c, Put put) {

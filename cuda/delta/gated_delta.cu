@@ -1,6 +1,8 @@
 // Gated delta rule (Gated DeltaNet), recurrent form: forward, backward (recomputing from
 // checkpoints) and decode steps, for F32/F16/BF16 storage with fp32 state and arithmetic: kernels
-// plus the launchers declared in common/api.h.
+// plus the launchers declared in common/api.h. gatedDeltaForward sends fp16 / bf16 storage to the
+// chunked tensor-core form (gated_delta_chunked.cu; the "gatedDelta.forwardPath" tunable: 1 this
+// recurrence, 2 chunked); its checkpoints are the same, so the backward below consumes either.
 //
 // Work split. Given (q, k, g, beta), column j of the K x V state evolves on its own:
 //   S_t[:, j] = a_t S_{t-1}[:, j] + beta_t k_t (v_t[j] - a_t k_t . S_{t-1}[:, j]),   a_t = exp(g_t)
@@ -54,6 +56,7 @@
 #include "common/dtype.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
+#include "delta/gated_delta_chunked.h"
 
 namespace rkcuda {
 namespace {
@@ -521,7 +524,13 @@ Status gatedDeltaForward(const GatedDeltaArgs& a, void* o, float* states, float*
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
     RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
-    if (a.nseq > 0) RK_TRY(launchForward<T>(fn, p, a.nseq * a.HV));
+    // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_chunked.cu).
+    const int path = tunable("gatedDelta.forwardPath", gatedDeltaChunkedSupports(a.dt) ? 2 : 1);
+    if (path != 1 && (path != 2 || !gatedDeltaChunkedSupports(a.dt))) {
+      return statusError(fn + ": unsupported forward path " + std::to_string(path));
+    }
+    if (a.nseq > 0 && path == 2) RK_TRY(gatedDeltaChunkedForward(a, p.segments, o, states, finalState));
+    if (a.nseq > 0 && path == 1) RK_TRY(launchForward<T>(fn, p, a.nseq * a.HV));
     return launchZeroGaps<T>(o, a.HV * a.V, gapList, static_cast<int64_t>(gaps.size() / 2));
   });
 }

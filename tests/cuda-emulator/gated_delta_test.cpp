@@ -8,6 +8,12 @@
 //     positions between sequences and a tail in no sequence, where the inputs are NaN); h0,
 //     finalState, dO, dFinal, dh0 each on and off; T = 0; g = 0 everywhere and g = -1e4 at some positions;
 //     every rows-per-lane and block-size choice (pinned through rkcuda::tunable);
+//   * the chunked tensor-core forward (fp16 / bf16, cuda/delta/gated_delta_chunked.cu) pinned
+//     through the "gatedDelta.forwardPath" tunable, against the same reference at the rounding
+//     level of the storage type: T = 1, chunk-1, chunk, chunk+1, 2*chunk+2; K != V (32 x 48,
+//     16 x 80, 128 x 64, 256 x 24, 20 x 256); H != HV; packed lengths 0, 1 and partial chunks;
+//     l2norm; g = 0 and -1e4; every value tile; the launch log shows which kernels ran; the
+//     recurrent backward then runs from the chunked checkpoints;
 //   * gatedDeltaStep with 1 and 3 tokens, updateState and intermediate on and off, against the
 //     same reference;
 //   * arguments the launchers must refuse.
@@ -20,6 +26,7 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "delta/gated_delta.cu"
+#include "delta/gated_delta_chunked.cu"
 
 #include <algorithm>
 #include <chrono>
@@ -351,6 +358,8 @@ struct Case {
   int gMode = 0;          // 0 random, 1 all 0, 2 some -1e4
   int rows = 0, threads = 0;  // tunables (0: the launcher's choice)
   bool backward = true;
+  int path = 1;               // forward: 1 the recurrence, 2 the chunked form (fp16 / bf16)
+  int valueTile = 0;          // the chunked state pass's value columns per block (0: its choice)
 };
 
 std::set<const void*> launched;
@@ -430,8 +439,13 @@ void runCase(const Case& c, std::mt19937& rng) {
   context = buf;
   emu::setTunable("gatedDelta.rowsPerLane", c.rows);
   emu::setTunable("gatedDelta.blockThreads", c.threads);
+  emu::setTunable("gatedDelta.forwardPath", c.path);
+  emu::setTunable("gatedDeltaChunked.valueTile", c.valueTile);
+  const bool chunked = c.path == 2;
 
-  const double tol = Elem<T>::tolerance;
+  // The chunked form rounds its intermediate operands (W, U, S, V') to the storage type.
+  const double tol = chunked ? 1e-2 : Elem<T>::tolerance;
+  const double stateTol = chunked ? 1e-2 : 1e-4;
   const int64_t BT = P.batch * P.T, SE = P.nseq() * P.HV * P.KV();
 
   Buf<T> q(BT * P.H * P.K), k(BT * P.H * P.K), v(BT * P.HV * P.V), beta(BT * P.HV), dO(BT * P.HV * P.V);
@@ -462,8 +476,23 @@ void runCase(const Case& c, std::mt19937& rng) {
   const rkcuda::Status st = rkcuda::gatedDeltaForward(a, o.data, states.data, P.hasFinal ? fin.data : nullptr);
   check(st.ok(), "forward status: " + st.message);
   checkOutput("o", o, want.o, tol);
-  checkOutput("states", states, want.states, 1e-4);
-  if (P.hasFinal) checkOutput("finalState", fin, want.finalState, 1e-4);
+  checkOutput("states", states, want.states, stateTol);
+  if (P.hasFinal) checkOutput("finalState", fin, want.finalState, stateTol);
+  if constexpr (!std::is_same_v<T, float>) {
+    if (chunked && P.totalChunks > 0) {
+      // The chunked kernels ran, the recurrent forward did not.
+      bool prep = false, pass = false, recurrent = false;
+      for (const auto& l : emu::launchLog) {
+        prep |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkPrepKernel<T>);
+        pass |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 2>) ||
+                l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 4>) ||
+                l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 8>);
+        recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaForwardKernel<T, 8>) ||
+                     l.kernel == emu::kernelId(rkcuda::gatedDeltaForwardKernel<T, 16>);
+      }
+      check(prep && pass && !recurrent, "the chunked forward's kernels ran (and only they)");
+    }
+  }
   // Positions in no sequence are exactly 0.
   std::vector<char> inSeq(BT, 0);
   for (const auto& s : P.segs) for (int64_t t = 0; t < s.length; ++t) inSeq[s.batch * P.T + s.start + t] = 1;
@@ -517,6 +546,8 @@ void runCase(const Case& c, std::mt19937& rng) {
   check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
   emu::setTunable("gatedDelta.rowsPerLane", 0);
   emu::setTunable("gatedDelta.blockThreads", 0);
+  emu::setTunable("gatedDelta.forwardPath", 0);
+  emu::setTunable("gatedDeltaChunked.valueTile", 0);
 }
 
 template <class T>
@@ -558,6 +589,47 @@ void runSuite(std::mt19937& rng, int variant) {
   Case p;
   p.T = kChunk + 6, p.K = 4, p.V = 4, p.packed = true, p.l2 = true, p.H = 1, p.HV = 2, p.gMode = 2;
   runCase<T>(p, rng);
+}
+
+// The chunked forward (fp16 / bf16) in every configuration: T at and around the chunk edges, K != V
+// (neither a multiple of the 16 x 8 tiles nor of the value tile), one K = 256 and one V = 256,
+// H != HV, packed sequences (lengths 0, 1 and partial last chunks), l2norm on and off, g = 0 and
+// g = -1e4, every value tile; the recurrent backward then runs from its checkpoints.
+template <class T>
+void runChunkedSuite(std::mt19937& rng, int variant) {
+  struct Shape { int64_t len, K, V; bool packed; };
+  const Shape shapes[] = {
+      {1, 32, 48, false},   {kChunk - 1, 16, 80, false}, {kChunk, 32, 48, false},   {kChunk + 1, 16, 80, false},
+      {2 * kChunk + 2, 32, 48, false}, {5, 16, 20, true}, {2 * kChunk + 5, 24, 40, true}, {kChunk + 1, 128, 64, false},
+      {3, 256, 24, false},  {2, 20, 256, false},
+  };
+  int n = variant;
+  for (const Shape& s : shapes) {
+    ++n;
+    Case c;
+    c.path = 2;
+    c.T = s.len, c.K = s.K, c.V = s.V, c.packed = s.packed;
+    c.l2 = n % 2 == 0;
+    c.batch = c.packed ? 1 : 1 + n % 2;
+    c.H = 1 + n % 2;
+    c.HV = c.H * (1 + (n / 2) % 2);
+    c.hasH0 = n % 4 != 3;
+    c.hasFinal = n % 5 != 2;
+    c.hasDO = n % 7 != 4;
+    c.hasDFinal = n % 3 != 2;
+    c.hasDh0 = n % 4 != 1;
+    c.gMode = n % 3;
+    c.valueTile = 16 << (n % 3);
+    // The recurrent backward from the chunked checkpoints (costly here: a few cases suffice).
+    c.backward = s.len == kChunk + 1 && s.K * s.V <= 64 * 64;
+    if (s.K * s.V > 64 * 64 || s.len > kChunk) c.batch = 1, c.H = 1, c.HV = 1 + n % 2;
+    runCase<T>(c, rng);
+  }
+  Case d;  // the launcher's own value tile; no positions at all
+  d.path = 2, d.T = 0, d.K = 16, d.V = 8, d.batch = 2, d.H = 1, d.HV = 2;
+  runCase<T>(d, rng);
+  d.T = 9, d.l2 = true, d.gMode = 2;
+  runCase<T>(d, rng);
 }
 
 // Decode steps against the reference forward on the same tokens.
@@ -653,6 +725,18 @@ void checkRefusals() {
   a = base();
   check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts rows per lane 5");
   emu::setTunable("gatedDelta.rowsPerLane", 0);
+  const size_t launchesBefore = emu::launchLog.size();
+  emu::setTunable("gatedDelta.forwardPath", 2);
+  a = base();
+  check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts the chunked path for fp32");
+  a.dt = DType::BF16;
+  emu::setTunable("gatedDeltaChunked.valueTile", 48);
+  check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts a value tile of 48");
+  emu::setTunable("gatedDeltaChunked.valueTile", 0);
+  emu::setTunable("gatedDelta.forwardPath", 3);
+  check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts forward path 3");
+  emu::setTunable("gatedDelta.forwardPath", 0);
+  check(emu::launchLog.size() == launchesBefore, "launched while refusing");
   check(emu::liveAllocations.empty(), "refusals leak");
 }
 
@@ -667,6 +751,17 @@ void checkCoverage() {
       {emu::kernelId(l2normBackwardKernel<T>), "dq / dk finish"},
       {emu::kernelId(zeroGapsKernel<T>), "zeros for positions in no sequence"},
   };
+  if constexpr (!std::is_same_v<T, float>) {
+    context = "coverage";
+    check(launched.count(emu::kernelId(deltachunked::chunkPrepKernel<T>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked preparation");
+    check(launched.count(emu::kernelId(deltachunked::chunkStateKernel<T, 2>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked state pass, 16 value columns");
+    check(launched.count(emu::kernelId(deltachunked::chunkStateKernel<T, 4>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked state pass, 32 value columns");
+    check(launched.count(emu::kernelId(deltachunked::chunkStateKernel<T, 8>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked state pass, 64 value columns");
+  }
   context = "coverage";
   for (const auto& kk : kernels) check(launched.count(kk.first) == 1, std::string("never ran: ") + Elem<T>::name + " " + kk.second);
 }
@@ -681,6 +776,8 @@ int main() {
   runSuite<float>(rng, 0);
   runSuite<__half>(rng, 1);
   runSuite<__nv_bfloat16>(rng, 2);
+  runChunkedSuite<__half>(rng, 0);
+  runChunkedSuite<__nv_bfloat16>(rng, 1);
   runStep<float>(rng, 1, 64, 5, true, true, true, 8);
   runStep<float>(rng, 3, 130, 3, false, true, false, 16);
   runStep<__half>(rng, 3, 7, 9, true, false, true, 0);
