@@ -590,7 +590,7 @@ void checkReferenceGradients(std::mt19937& rng) {
 }
 
 std::set<const void*> launched;
-long itersCompared = 0;
+long itersCompared = 0, iteratesCompared = 0;
 void noteLaunches() {
   for (const auto& l : emu::launchLog) launched.insert(l.kernel);
   emu::launchLog.clear();
@@ -608,6 +608,7 @@ struct Case {
   bool sequential = false, fallback = true, hasH0 = true, hasFinal = true, fullJacobian = false;
   int chan = 0, threads = 0, sharedR = 0;  // tunables (0: the launcher's choice)
   bool expectFallback = false;              // some row must fall back (a non-converging case)
+  bool compareIterate = false;              // non-converged rows (no fallback) must equal the float64 iterate
 };
 
 std::string describe(const Case& c, const char* dt) {
@@ -709,6 +710,11 @@ void runForward(const Case& c, std::mt19937& rng) {
       check(resid[r] > 0 || std::isnan(resid[r]), "residual of a non-converged row" + rs, resid[r], 0);
       if (fell[r]) anyFell = true;
       if (!c.fallback) usable[r] = 0;
+      if (c.compareIterate && !c.fallback) {
+        std::vector<double> got(traj.data + r * c.T * S * N, traj.data + (r + 1) * c.T * S * N);
+        compare("last Newton iterate" + rs, got, nr.traj.v, tolT);
+        ++iteratesCompared;
+      }
     }
   }
   if (c.expectFallback) check(anyFell || !c.fallback, "a non-converging case fell back", anyFell, 1);
@@ -938,6 +944,17 @@ int main() {
       runForward<float>(c, rng);
     }
   }
+  // Steps themselves: the iterate after maxIters steps (tolerance 0: never converged, no fallback)
+  // equals the float64 Newton iterate, plain and damped, for every cell.
+  for (NewtonCell cell : {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag, NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman}) {
+    for (double lambda : {0.0, 0.5}) {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 300, c.H = 1, c.D = isDiag(cell) ? 33 : 9, c.rScale = 0.8, c.maxIters = 2;
+      c.tolAbs = 0, c.tolRel = 0, c.lambda = lambda, c.fallback = false, c.compareIterate = true;
+      c.guess = NewtonGuess::OneStep;
+      runForward<float>(c, rng);
+    }
+  }
   // Backward: every cell, fused configurations for the diagonal ones, R placements for the dense.
   for (NewtonCell cell : diagCells) {
     for (int chan : {4, 32}) {
@@ -993,7 +1010,7 @@ int main() {
   context = "coverage";
   for (const void* k : expected) check(launched.count(k) == 1, "a kernel never ran");
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("newton rnn on the CUDA emulator: %ld iteration counts compared; %ld checks, %ld failures (%.1f s)\n",
-              itersCompared, checks, failures, seconds);
+  std::printf("newton rnn on the CUDA emulator: %ld iteration counts and %ld iterates compared; %ld checks, %ld failures (%.1f s)\n",
+              itersCompared, iteratesCompared, checks, failures, seconds);
   return failures == 0 ? 0 : 1;
 }
