@@ -1267,6 +1267,12 @@ Status smCount(int* count) {
   return Status{};
 }
 
+// Every launch here is a 1-D grid: refuse problems whose grids would not fit.
+Status gridFits(double blocks, const std::string& fn) {
+  if (blocks > 2147483647.0) return statusError(fn + ": problem too large for one launch");
+  return Status{};
+}
+
 int gatesOf(NewtonCell c) { return c == NewtonCell::Lstm ? 4 : c == NewtonCell::Elman ? 1 : 3; }
 int statesOf(NewtonCell c) { return c == NewtonCell::Lstm || c == NewtonCell::LstmCifgDiag ? 2 : 1; }
 bool diagCell(NewtonCell c) { return c == NewtonCell::GruDiag || c == NewtonCell::LstmCifgDiag; }
@@ -1278,7 +1284,8 @@ Status checkArgs(const NewtonRnnArgs& a, const std::string& fn) {
   if (cell < 0 || cell > 4) return bad("unknown cell");
   if (a.batch < 0 || a.T < 0) return bad("negative batch or T");
   if (a.heads < 1 || a.headDim < 1) return bad("heads and headDim must be at least 1");
-  if (a.batch > (int64_t{1} << 31) || a.T > (int64_t{1} << 31) || a.heads * a.headDim > (int64_t{1} << 31))
+  if (a.batch > (int64_t{1} << 31) || a.T > (int64_t{1} << 31) || a.heads > (int64_t{1} << 31) ||
+      a.headDim > (int64_t{1} << 31) || a.heads * a.headDim > (int64_t{1} << 31))
     return bad("sizes too large");
   if (!diagCell(a.cell) && a.headDim > kMaxHeadDim) return bad("headDim above " + std::to_string(kMaxHeadDim) + " for a dense cell");
   if (a.maxIters < 0) return bad("negative maxIters");
@@ -1291,6 +1298,13 @@ Status checkArgs(const NewtonRnnArgs& a, const std::string& fn) {
   if (a.R == nullptr || a.b == nullptr) return bad("null R or b");
   if (elems > 0 && a.wx == nullptr) return bad("null wx");
   if (elems > 0 && a.guess == NewtonGuess::Provided && !a.sequential && a.guessTraj == nullptr) return bad("null guessTraj");
+  // The largest grids: one thread per element of traj / y / jc (256 per block), the dense
+  // evaluation's (row, 32 positions, head, 32 channels) tiles, a block per (row, 4 channels).
+  const int64_t N = a.heads * a.headDim, S = statesOf(a.cell);
+  const double B = static_cast<double>(a.batch);
+  RK_TRY(gridFits(std::ceil(static_cast<double>(elems) * static_cast<double>(N) * (S * S + S + 1) / 256.0), fn));
+  RK_TRY(gridFits(B * std::ceil(a.T / 32.0) * static_cast<double>(a.heads) * std::ceil(a.headDim / 32.0), fn));
+  RK_TRY(gridFits(B * std::ceil(N / 4.0), fn));
   return Status{};
 }
 

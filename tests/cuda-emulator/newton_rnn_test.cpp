@@ -848,6 +848,7 @@ void checkRefusals() {
   a = base(); a.wx = nullptr; refused("null wx", a);
   a = base(); a.cell = NewtonCell::Lstm; a.headDim = 1025; refused("dense headDim 1025", a);
   a = base(); a.cell = NewtonCell::Gru; a.fullJacobian = true; refused("the dense full Jacobian", a);
+  a = base(); a.batch = int64_t{1} << 30; a.T = int64_t{1} << 20; refused("a grid too large", a);
   emu::setTunable("newtonRnn.channelsPerBlock", 5);
   a = base();
   {
