@@ -6,7 +6,8 @@
 // multiply-accumulate helpers (cuda/common/mma.cuh); selective_scan_test.cpp runs the selective-scan
 // (Mamba-1) forward, backward and decode launchers against float64 references; gated_delta_test.cpp
 // does the same for the gated delta rule (recurrent forward, backward and decode, and the chunked
-// tensor-core forward). Needs the
+// tensor-core forward); newton_rnn_test.cpp the Newton-iteration parallel RNN (Newton solves,
+// fallback, backward). Needs the
 // toolkit's headers but no GPU, so CI checks the kernels' results too. Skipped when no toolkit
 // headers are found, unless RK_CUDA=ON (as in CI), where a missing toolkit is a failure.
 import { spawnSync } from 'node:child_process';
@@ -104,5 +105,9 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
 
   it('gated delta rule: forward, backward and decode match float64 references in every configuration', () => {
     compileAndRun('gated_delta_test');
+  }, 180_000);
+
+  it('Newton parallel RNN: solves, statistics, fallback and backward match float64 references in every configuration', () => {
+    compileAndRun('newton_rnn_test');
   }, 180_000);
 });

@@ -15,7 +15,9 @@
 //                    carry callback so that a long sequence can be walked in block-sized chunks;
 //   * striped chunks: stripedChunkStarts, for the register layout used by the linear-scan
 //                    kernels, where each lane holds V groups of contiguous items and the groups of
-//                    a warp are 32 lanes apart (so that loads stay fully coalesced).
+//                    a warp are 32 lanes apart (so that loads stay fully coalesced);
+//   * coupled states: AffineN<S>, the same maps on S states with an S x S matrix (identityN,
+//                    compose, apply), for recurrences whose states feed each other.
 // Tails: give positions past the end the identity element; they then leave states unchanged
 // (fmaf(1, h, 0) == h in value; -0 becomes +0), so a state read after them is the state after the last real item.
 #pragma once
@@ -266,6 +268,62 @@ __device__ __forceinline__ void stripedChunkStarts(const Affine (&part)[V], floa
     s = __shfl_sync(kFullMask, end, 31);
   }
   if constexpr (WARPS == 1) carry = s;
+}
+
+// ---- coupled states ----
+//
+// The map h -> A h + b on S coupled states (A an S x S matrix), for recurrences whose states
+// feed each other (S = 2: an LSTM channel's (h, c)). Composition as above, with matrix products:
+//     (A1, b1) then (A2, b2)  =  (A2 A1, A2 b1 + b2),       identity = (I, 0).
+template <int S>
+struct AffineN {
+  float a[S][S];
+  float b[S];
+};
+
+template <int S>
+__device__ __forceinline__ AffineN<S> identityN() {
+  AffineN<S> r;
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+#pragma unroll
+    for (int j = 0; j < S; ++j) r.a[i][j] = i == j ? 1.0f : 0.0f;
+    r.b[i] = 0.0f;
+  }
+  return r;
+}
+
+// first, then second.
+template <int S>
+__device__ __forceinline__ AffineN<S> compose(const AffineN<S>& first, const AffineN<S>& second) {
+  AffineN<S> r;
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+    float bi = second.b[i];
+#pragma unroll
+    for (int k = 0; k < S; ++k) bi = fmaf(second.a[i][k], first.b[k], bi);
+    r.b[i] = bi;
+#pragma unroll
+    for (int j = 0; j < S; ++j) {
+      float aij = 0.0f;
+#pragma unroll
+      for (int k = 0; k < S; ++k) aij = fmaf(second.a[i][k], first.a[k][j], aij);
+      r.a[i][j] = aij;
+    }
+  }
+  return r;
+}
+
+// out = A h + b (out may not alias h).
+template <int S>
+__device__ __forceinline__ void apply(const AffineN<S>& f, const float (&h)[S], float (&out)[S]) {
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+    float v = f.b[i];
+#pragma unroll
+    for (int k = 0; k < S; ++k) v = fmaf(f.a[i][k], h[k], v);
+    out[i] = v;
+  }
 }
 
 }  // namespace scan

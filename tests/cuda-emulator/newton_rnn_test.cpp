@@ -1,0 +1,1017 @@
+// CPU test of the Newton-iteration parallel RNN kernels (cuda/newton/newton_rnn.cu, compiled
+// unmodified) through the SIMT emulator in emu.h. The real launchers run on small problems and
+// every output is compared with float64 references written here as plain loops:
+//   * the sequential recurrence of every cell (gru-diag, lstm-cifg-diag, gru, lstm, elman) and its
+//     backward through time (checked itself against finite differences of the forward);
+//   * a float64 Newton iteration with the same per-channel S x S Jacobians and convergence rule,
+//     plain and damped (the damped step solved independently, as the block-tridiagonal normal
+//     equations of the regularised least-squares problem), whose iteration counts must equal the
+//     kernels' wherever the decision is not within a factor 3 of the tolerance;
+//   * newtonRnnForward: Newton results (traj, y, finalStates) equal the sequential reference; the
+//     statistics (iterations, converged, residual, fellBack) are checked; a case that cannot
+//     converge in the allowed steps falls back and returns the exact answer with fellBack = 1 (or
+//     reports converged 0 without the fallback); mode sequential; every guess (zeros, one step,
+//     provided); damping; batch 1 and 3, hidden 1, 33, 130, T 1, 7, 300; fp32 and bf16 inputs;
+//     every channels-per-block / block-size choice of the fused kernels and both placements of the
+//     dense cells' R (pinned through rkcuda::tunable);
+//   * newtonRnnBackward against the float64 BPTT at the exact trajectory, dy / dFinal / dh0 on and off;
+//   * arguments the launchers must refuse (the dense cells' full Jacobian among them).
+// Outputs are poisoned (NaN) before each call, so anything left unwritten fails; sentinels around
+// every output catch out-of-bounds writes; every stream-ordered allocation must be freed; every
+// kernel instantiation of the tested combinations must run.
+// Prints failures and a summary line "<n> checks, <m> failures"; exits 1 on any failure. Built and
+// run by tests/cuda-emulator.test.ts; by hand (from the repository root):
+//   g++ -std=c++17 -O1 -fno-strict-aliasing -I<CUDA include dir> -Icuda tests/cuda-emulator/newton_rnn_test.cpp
+#include "emu.h"
+// The kernels under test, after the emulator.
+#include "newton/newton_rnn.cu"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+// runtime.cu is not part of the emulator build; the launchers need its copies.
+namespace rkcuda {
+Status copyDeviceToHost(void* dst, const void* src, size_t bytes) {
+  std::memcpy(dst, src, bytes);
+  return Status{};
+}
+Status copyDeviceToDevice(void* dst, const void* src, size_t bytes) {
+  std::memcpy(dst, src, bytes);
+  return Status{};
+}
+Status synchronize() { return Status{}; }
+}  // namespace rkcuda
+
+namespace {
+
+using rkcuda::DType;
+using rkcuda::NewtonCell;
+using rkcuda::NewtonGuess;
+
+template <class T> struct Elem;
+template <> struct Elem<float> {
+  static constexpr DType dtype = DType::F32;
+  static constexpr const char* name = "f32";
+  static constexpr double tolerance = 1e-4;
+  static float from(double x) { return static_cast<float>(x); }
+  static double value(float x) { return x; }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static constexpr DType dtype = DType::BF16;
+  static constexpr const char* name = "bf16";
+  static constexpr double tolerance = 1e-2;
+  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
+  static double value(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+
+// ---- reporting ----
+
+constexpr long kMaxReported = 40;
+long checks = 0, failures = 0;
+std::string context;
+
+void check(bool ok, const std::string& what, double got = 0, double want = 0) {
+  ++checks;
+  if (ok) return;
+  if (++failures <= kMaxReported) std::printf("FAIL %s: got %.9g, want %.9g  (%s)\n", what.c_str(), got, want, context.c_str());
+}
+
+// ||got - want|| <= tol * ||want|| (or a small absolute error when want is all but zero); NaN fails.
+void compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol) {
+  double num = 0, den = 0, worstDiff = -1;
+  bool finite = got.size() == want.size();
+  size_t worst = 0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    if (!std::isfinite(got[i])) finite = false;
+    const double diff = got[i] - want[i];
+    num += diff * diff;
+    den += want[i] * want[i];
+    if (!(std::fabs(diff) <= worstDiff)) {
+      worstDiff = std::fabs(diff);
+      worst = i;
+    }
+  }
+  const double err = std::sqrt(num), ref = std::sqrt(den);
+  const bool ok = finite && (err <= tol * ref || err <= 1e-6 * std::sqrt(static_cast<double>(got.size()) + 1));
+  ++checks;
+  if (ok) return;
+  if (++failures <= kMaxReported) {
+    std::printf("FAIL %s: relative error %.3g (tolerance %.3g), worst at [%zu]: got %.9g, want %.9g  (%s)\n",
+                what.c_str(), ref > 0 ? err / ref : err, tol, worst, worst < got.size() ? got[worst] : 0.0,
+                worst < want.size() ? want[worst] : 0.0, context.c_str());
+  }
+}
+
+// A device array stand-in with kGuard sentinels on each side.
+template <class T>
+struct Buf {
+  static constexpr int kGuard = 16;
+  std::vector<uint4> storage;
+  T* data = nullptr;
+  size_t n = 0;
+  Buf() = default;
+  explicit Buf(size_t count) : storage(((count + 2 * kGuard) * sizeof(T) + 15) / 16 + 1), n(count) {
+    T* base = reinterpret_cast<T*>(storage.data());
+    std::fill(base, base + (storage.size() * 16) / sizeof(T), sentinel());
+    data = base + kGuard;
+  }
+  static T sentinel() { return Elem<T>::from(12345.0); }
+  void set(const std::vector<double>& v) {
+    for (size_t i = 0; i < n; ++i) data[i] = Elem<T>::from(v[i]);
+  }
+  void poison() { std::memset(static_cast<void*>(data), 0xff, n * sizeof(T)); }
+  std::vector<double> get() const {
+    std::vector<double> v(n);
+    for (size_t i = 0; i < n; ++i) v[i] = Elem<T>::value(data[i]);
+    return v;
+  }
+  bool guardsIntact() const {
+    const double s = Elem<T>::value(sentinel());
+    for (int i = 0; i < kGuard; ++i) {
+      if (Elem<T>::value(data[-1 - i]) != s || Elem<T>::value(data[n + i]) != s) return false;
+    }
+    return true;
+  }
+};
+
+template <class T>
+void checkOutput(const std::string& what, const Buf<T>& buf, const std::vector<double>& want, double tol) {
+  compare(what, buf.get(), want, tol);
+  check(buf.guardsIntact(), what + ": write outside the array");
+}
+
+template <class T> double roundTo(double x) { return Elem<T>::value(Elem<T>::from(x)); }
+double f32(double x) { return static_cast<float>(x); }
+
+// ---- the model and its float64 references ----
+
+int gatesOf(NewtonCell c) { return c == NewtonCell::Lstm ? 4 : c == NewtonCell::Elman ? 1 : 3; }
+int statesOf(NewtonCell c) { return c == NewtonCell::Lstm || c == NewtonCell::LstmCifgDiag ? 2 : 1; }
+bool isDiag(NewtonCell c) { return c == NewtonCell::GruDiag || c == NewtonCell::LstmCifgDiag; }
+const char* cellName(NewtonCell c) {
+  switch (c) {
+    case NewtonCell::GruDiag: return "gru-diag";
+    case NewtonCell::LstmCifgDiag: return "lstm-cifg-diag";
+    case NewtonCell::Gru: return "gru";
+    case NewtonCell::Lstm: return "lstm";
+    default: return "elman";
+  }
+}
+
+struct Model {
+  NewtonCell cell = NewtonCell::GruDiag;
+  int G = 3, S = 1;
+  bool diag = true;
+  int64_t B = 1, T = 1, H = 1, D = 1, N = 1;
+  std::vector<double> wx, R, b, h0;  // h0 always present here (zeros when the call passes none)
+  bool hasH0 = true;
+};
+
+double sig(double x) { return 1 / (1 + std::exp(-x)); }
+
+// One channel: x[g] input part (wx + b; the GRU's n gate: wx), r[g] recurrent part (rec; n: rec + b_n).
+void refStep(NewtonCell c, const double* x, const double* r, const double* prev, double* out) {
+  switch (c) {
+    case NewtonCell::GruDiag:
+    case NewtonCell::Gru: {
+      const double rg = sig(x[0] + r[0]), z = sig(x[1] + r[1]), n = std::tanh(x[2] + rg * r[2]);
+      out[0] = (1 - z) * n + z * prev[0];
+      return;
+    }
+    case NewtonCell::LstmCifgDiag: {
+      const double f = sig(x[0] + r[0]), zt = std::tanh(x[1] + r[1]), o = sig(x[2] + r[2]);
+      const double cc = f * prev[1] + (1 - f) * zt;
+      out[0] = o * std::tanh(cc);
+      out[1] = cc;
+      return;
+    }
+    case NewtonCell::Lstm: {
+      const double i = sig(x[0] + r[0]), f = sig(x[1] + r[1]), zt = std::tanh(x[2] + r[2]), o = sig(x[3] + r[3]);
+      const double cc = f * prev[1] + i * zt;
+      out[0] = o * std::tanh(cc);
+      out[1] = cc;
+      return;
+    }
+    default:
+      out[0] = std::tanh(x[0] + r[0]);
+  }
+}
+
+// Its VJP: gx = dL/dx, gr = dL/dr, gp = direct dL/dprev.
+void refVjp(NewtonCell c, const double* x, const double* r, const double* prev, const double* g, double* gx, double* gr,
+            double* gp) {
+  switch (c) {
+    case NewtonCell::GruDiag:
+    case NewtonCell::Gru: {
+      const double rg = sig(x[0] + r[0]), z = sig(x[1] + r[1]), n = std::tanh(x[2] + rg * r[2]);
+      const double dn = g[0] * (1 - z), dz = g[0] * (prev[0] - n), dnp = dn * (1 - n * n);
+      gx[2] = dnp;
+      gr[2] = dnp * rg;
+      gx[0] = gr[0] = dnp * r[2] * rg * (1 - rg);
+      gx[1] = gr[1] = dz * z * (1 - z);
+      gp[0] = g[0] * z;
+      return;
+    }
+    case NewtonCell::LstmCifgDiag: {
+      const double f = sig(x[0] + r[0]), zt = std::tanh(x[1] + r[1]), o = sig(x[2] + r[2]);
+      const double cc = f * prev[1] + (1 - f) * zt, tc = std::tanh(cc);
+      const double gc = g[1] + g[0] * o * (1 - tc * tc);
+      gx[0] = gr[0] = gc * (prev[1] - zt) * f * (1 - f);
+      gx[1] = gr[1] = gc * (1 - f) * (1 - zt * zt);
+      gx[2] = gr[2] = g[0] * tc * o * (1 - o);
+      gp[0] = 0;
+      gp[1] = gc * f;
+      return;
+    }
+    case NewtonCell::Lstm: {
+      const double i = sig(x[0] + r[0]), f = sig(x[1] + r[1]), zt = std::tanh(x[2] + r[2]), o = sig(x[3] + r[3]);
+      const double cc = f * prev[1] + i * zt, tc = std::tanh(cc);
+      const double gc = g[1] + g[0] * o * (1 - tc * tc);
+      gx[0] = gr[0] = gc * zt * i * (1 - i);
+      gx[1] = gr[1] = gc * prev[1] * f * (1 - f);
+      gx[2] = gr[2] = gc * i * (1 - zt * zt);
+      gx[3] = gr[3] = g[0] * tc * o * (1 - o);
+      gp[0] = 0;
+      gp[1] = gc * f;
+      return;
+    }
+    default: {
+      const double h = std::tanh(x[0] + r[0]);
+      gx[0] = gr[0] = g[0] * (1 - h * h);
+      gp[0] = 0;
+    }
+  }
+}
+
+// State s of channel n in a trajectory [T][S][N] of one row.
+struct RowTraj {
+  int64_t T, S, N;
+  std::vector<double> v;
+  double& at(int64_t t, int64_t s, int64_t n) { return v[(t * S + s) * N + n]; }
+  double at(int64_t t, int64_t s, int64_t n) const { return v[(t * S + s) * N + n]; }
+};
+
+double Rdiag(const Model& m, int g, int64_t n) {
+  if (m.diag) return m.R[g * m.N + n];
+  const int64_t h = n / m.D, j = n % m.D;
+  return m.R[((g * m.H + h) * m.D + j) * m.D + j];
+}
+
+// x and r of every channel of row b at step t with previous states prev (S x N).
+void gatesAt(const Model& m, int64_t b, int64_t t, const std::vector<double>& prev, std::vector<double>& x,
+             std::vector<double>& r) {
+  x.assign(m.G * m.N, 0.0);
+  r.assign(m.G * m.N, 0.0);
+  const bool gru = m.cell == NewtonCell::GruDiag || m.cell == NewtonCell::Gru;
+  for (int g = 0; g < m.G; ++g) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      double rec = 0;
+      if (m.diag) {
+        rec = m.R[g * m.N + n] * prev[n];
+      } else {
+        const int64_t h = n / m.D, j = n % m.D;
+        for (int64_t i = 0; i < m.D; ++i) rec += prev[h * m.D + i] * m.R[((g * m.H + h) * m.D + i) * m.D + j];
+      }
+      const double bias = m.b[g * m.N + n], w = m.wx[((b * m.T + t) * m.G + g) * m.N + n];
+      if (gru && g == 2) {
+        x[g * m.N + n] = w;
+        r[g * m.N + n] = rec + bias;
+      } else {
+        x[g * m.N + n] = w + bias;
+        r[g * m.N + n] = rec;
+      }
+    }
+  }
+}
+
+std::vector<double> h0Of(const Model& m, int64_t b) {
+  std::vector<double> p(m.S * m.N);
+  for (int s = 0; s < m.S; ++s)
+    for (int64_t n = 0; n < m.N; ++n) p[s * m.N + n] = m.h0[(s * m.B + b) * m.N + n];
+  return p;
+}
+
+// f(prev, x_t) for every channel of row b: out (S x N), and the per-channel S x S Jacobian blocks J[n][i][j].
+void evalStep(const Model& m, int64_t b, int64_t t, const std::vector<double>& prev, std::vector<double>& out,
+              std::vector<double>* J) {
+  std::vector<double> x, r;
+  gatesAt(m, b, t, prev, x, r);
+  out.assign(m.S * m.N, 0.0);
+  if (J) J->assign(m.N * m.S * m.S, 0.0);
+  for (int64_t n = 0; n < m.N; ++n) {
+    double xs[4], rs[4], ps[2], os[2];
+    for (int g = 0; g < m.G; ++g) xs[g] = x[g * m.N + n], rs[g] = r[g * m.N + n];
+    for (int s = 0; s < m.S; ++s) ps[s] = prev[s * m.N + n];
+    refStep(m.cell, xs, rs, ps, os);
+    for (int s = 0; s < m.S; ++s) out[s * m.N + n] = os[s];
+    if (J) {
+      for (int i = 0; i < m.S; ++i) {
+        double e[2] = {0, 0}, gx[4], gr[4], gp[2];
+        e[i] = 1;
+        refVjp(m.cell, xs, rs, ps, e, gx, gr, gp);
+        double via = 0;
+        for (int g = 0; g < m.G; ++g) via += gr[g] * Rdiag(m, g, n);
+        for (int j = 0; j < m.S; ++j) (*J)[(n * m.S + i) * m.S + j] = gp[j] + (j == 0 ? via : 0);
+      }
+    }
+  }
+}
+
+RowTraj sequential(const Model& m, int64_t b) {
+  RowTraj tr{m.T, m.S, m.N, std::vector<double>(m.T * m.S * m.N)};
+  std::vector<double> prev = h0Of(m, b), out;
+  for (int64_t t = 0; t < m.T; ++t) {
+    evalStep(m, b, t, prev, out, nullptr);
+    std::copy(out.begin(), out.end(), tr.v.begin() + t * m.S * m.N);
+    prev = out;
+  }
+  return tr;
+}
+
+std::vector<double> stateAt(const Model& m, const RowTraj& tr, int64_t b, int64_t t) {
+  if (t < 0) return h0Of(m, b);
+  return std::vector<double>(tr.v.begin() + t * m.S * m.N, tr.v.begin() + (t + 1) * m.S * m.N);
+}
+
+// Small dense linear algebra on S x S blocks (row-major vectors).
+using Mat = std::vector<double>;
+Mat mmul(const Mat& a, const Mat& b, int S) {
+  Mat c(S * S, 0.0);
+  for (int i = 0; i < S; ++i) for (int j = 0; j < S; ++j) for (int k = 0; k < S; ++k) c[i * S + j] += a[i * S + k] * b[k * S + j];
+  return c;
+}
+Mat mT(const Mat& a, int S) {
+  Mat c(S * S);
+  for (int i = 0; i < S; ++i) for (int j = 0; j < S; ++j) c[i * S + j] = a[j * S + i];
+  return c;
+}
+Mat minv(const Mat& a, int S) {
+  if (S == 1) return {1 / a[0]};
+  const double det = a[0] * a[3] - a[1] * a[2];
+  return {a[3] / det, -a[1] / det, -a[2] / det, a[0] / det};
+}
+std::vector<double> mvec(const Mat& a, const std::vector<double>& v, int S) {
+  std::vector<double> r(S, 0.0);
+  for (int i = 0; i < S; ++i) for (int k = 0; k < S; ++k) r[i] += a[i * S + k] * v[k];
+  return r;
+}
+
+struct NewtonResult {
+  int iterations = 0;
+  bool converged = false;
+  bool clear = true;  // every decision was further than a factor 3 from the tolerance
+  RowTraj traj;
+};
+
+// Float64 Newton on row b with the per-channel Jacobians, the kernels' rule and guesses.
+NewtonResult refNewton(const Model& m, int64_t b, int maxIters, double tolAbs, double tolRel, double lambda,
+                       NewtonGuess guess, const std::vector<double>* provided) {
+  const int S = m.S;
+  NewtonResult res;
+  res.traj = RowTraj{m.T, S, m.N, std::vector<double>(m.T * S * m.N, 0.0)};
+  RowTraj& tr = res.traj;
+  if (guess == NewtonGuess::Provided) {
+    std::copy(provided->begin() + b * m.T * S * m.N, provided->begin() + (b + 1) * m.T * S * m.N, tr.v.begin());
+  } else if (guess == NewtonGuess::OneStep) {
+    std::vector<double> out;
+    for (int64_t t = 0; t < m.T; ++t) {
+      evalStep(m, b, t, h0Of(m, b), out, nullptr);
+      std::copy(out.begin(), out.end(), tr.v.begin() + t * S * m.N);
+    }
+  }
+  for (int k = 0;; ++k) {
+    std::vector<std::vector<double>> J(m.T), c(m.T);
+    double worst = 0;
+    for (int64_t t = 0; t < m.T; ++t) {
+      const std::vector<double> prev = stateAt(m, tr, b, t - 1);
+      std::vector<double> f;
+      evalStep(m, b, t, prev, f, &J[t]);
+      c[t].assign(S * m.N, 0.0);
+      for (int64_t n = 0; n < m.N; ++n) {
+        for (int i = 0; i < S; ++i) {
+          const double cur = tr.at(t, i, n);
+          const double thr = tolAbs + tolRel * std::fabs(cur);
+          worst = std::max(worst, std::fabs(f[i * m.N + n] - cur) / thr);
+          double ci = f[i * m.N + n];
+          for (int j = 0; j < S; ++j) ci -= J[t][(n * S + i) * S + j] * prev[j * m.N + n];
+          c[t][i * m.N + n] = ci;
+        }
+      }
+    }
+    if (worst > 1.0 / 3 && worst < 3) res.clear = false;
+    if (worst <= 1) {
+      res.converged = true;
+      return res;
+    }
+    if (k == maxIters) return res;
+    ++res.iterations;
+    for (int64_t n = 0; n < m.N; ++n) {
+      auto Jn = [&](int64_t t) { return Mat(J[t].begin() + n * S * S, J[t].begin() + (n + 1) * S * S); };
+      auto cn = [&](int64_t t) { std::vector<double> v(S); for (int i = 0; i < S; ++i) v[i] = c[t][i * m.N + n]; return v; };
+      if (lambda == 0) {
+        std::vector<double> h(S);
+        for (int i = 0; i < S; ++i) h[i] = m.h0[(i * m.B + b) * m.N + n];
+        for (int64_t t = 0; t < m.T; ++t) {
+          std::vector<double> nh = mvec(Jn(t), h, S);
+          for (int i = 0; i < S; ++i) tr.at(t, i, n) = nh[i] + cn(t)[i];
+          for (int i = 0; i < S; ++i) h[i] = tr.at(t, i, n);
+        }
+      } else {
+        // Normal equations: A_t h_{t-1} + M_t h_t + B_t h_{t+1} = r_t with
+        // M_t = (1 + lambda) I + J_{t+1}^T J_{t+1}, A_t = -J_t, B_t = -J_{t+1}^T,
+        // r_t = c_t - J_{t+1}^T c_{t+1} + lambda o_t (+ J_0 h0 at t = 0). Block Thomas algorithm.
+        const int64_t T = m.T;
+        std::vector<Mat> Mp(T);
+        std::vector<std::vector<double>> rp(T);
+        std::vector<double> h0v(S);
+        for (int i = 0; i < S; ++i) h0v[i] = m.h0[(i * m.B + b) * m.N + n];
+        for (int64_t t = 0; t < T; ++t) {
+          Mat M(S * S, 0.0);
+          for (int i = 0; i < S; ++i) M[i * S + i] = 1 + lambda;
+          std::vector<double> r = cn(t);
+          for (int i = 0; i < S; ++i) r[i] += lambda * tr.at(t, i, n);
+          if (t == 0) {
+            const std::vector<double> jh = mvec(Jn(0), h0v, S);
+            for (int i = 0; i < S; ++i) r[i] += jh[i];
+          }
+          if (t + 1 < T) {
+            const Mat Jt1 = Jn(t + 1), JtT = mT(Jt1, S), JTJ = mmul(JtT, Jt1, S);
+            for (int e = 0; e < S * S; ++e) M[e] += JTJ[e];
+            const std::vector<double> jc = mvec(JtT, cn(t + 1), S);
+            for (int i = 0; i < S; ++i) r[i] -= jc[i];
+          }
+          if (t > 0) {
+            // Eliminate h_{t-1}: M -= A_t Mp_{t-1}^-1 B_{t-1}, r -= A_t Mp_{t-1}^-1 rp_{t-1}.
+            const Mat A = Jn(t);  // -A_t
+            const Mat Bprev = mT(Jn(t), S);  // -B_{t-1} = J_t^T
+            const Mat Minv = minv(Mp[t - 1], S);
+            const Mat AM = mmul(A, Minv, S);
+            const Mat corr = mmul(AM, Bprev, S);
+            for (int e = 0; e < S * S; ++e) M[e] -= corr[e];
+            const std::vector<double> rc = mvec(AM, rp[t - 1], S);
+            for (int i = 0; i < S; ++i) r[i] += rc[i];
+          }
+          Mp[t] = M;
+          rp[t] = r;
+        }
+        std::vector<double> next(S, 0.0);
+        for (int64_t t = T - 1; t >= 0; --t) {
+          std::vector<double> r = rp[t];
+          if (t + 1 < T) {
+            const std::vector<double> bn = mvec(mT(Jn(t + 1), S), next, S);
+            for (int i = 0; i < S; ++i) r[i] += bn[i];
+          }
+          next = mvec(minv(Mp[t], S), r, S);
+          for (int i = 0; i < S; ++i) tr.at(t, i, n) = next[i];
+        }
+      }
+    }
+  }
+}
+
+struct Grads {
+  std::vector<double> dwx, dR, db, dh0;
+};
+
+// BPTT of L = sum dy * y + sum dFinal * finalStates at the exact trajectory.
+Grads refBackward(const Model& m, const std::vector<RowTraj>& trajs, const std::vector<double>& dy,
+                  const std::vector<double>& dFinal) {
+  Grads g;
+  g.dwx.assign(m.B * m.T * m.G * m.N, 0.0);
+  g.dR.assign(m.R.size(), 0.0);
+  g.db.assign(m.b.size(), 0.0);
+  g.dh0.assign(m.S * m.B * m.N, 0.0);
+  for (int64_t b = 0; b < m.B; ++b) {
+    std::vector<double> down(m.S * m.N, 0.0);
+    for (int s = 0; s < m.S; ++s)
+      for (int64_t n = 0; n < m.N; ++n) down[s * m.N + n] = dFinal.empty() ? 0 : dFinal[(s * m.B + b) * m.N + n];
+    for (int64_t t = m.T - 1; t >= 0; --t) {
+      const std::vector<double> prev = stateAt(m, trajs[b], b, t - 1);
+      std::vector<double> x, r;
+      gatesAt(m, b, t, prev, x, r);
+      std::vector<double> gr(m.G * m.N), nd(m.S * m.N, 0.0);
+      for (int64_t n = 0; n < m.N; ++n) {
+        double xs[4], rs[4], ps[2], gs[2], gx[4], grs[4], gp[2];
+        for (int q = 0; q < m.G; ++q) xs[q] = x[q * m.N + n], rs[q] = r[q * m.N + n];
+        for (int s = 0; s < m.S; ++s) ps[s] = prev[s * m.N + n], gs[s] = down[s * m.N + n];
+        if (!dy.empty()) gs[0] += dy[(b * m.T + t) * m.N + n];
+        refVjp(m.cell, xs, rs, ps, gs, gx, grs, gp);
+        for (int q = 0; q < m.G; ++q) {
+          g.dwx[((b * m.T + t) * m.G + q) * m.N + n] = gx[q];
+          gr[q * m.N + n] = grs[q];
+          g.db[q * m.N + n] += grs[q];
+        }
+        for (int s = 0; s < m.S; ++s) nd[s * m.N + n] = gp[s];
+      }
+      for (int q = 0; q < m.G; ++q) {
+        for (int64_t n = 0; n < m.N; ++n) {
+          if (m.diag) {
+            g.dR[q * m.N + n] += gr[q * m.N + n] * prev[n];
+            nd[n] += gr[q * m.N + n] * m.R[q * m.N + n];
+          } else {
+            const int64_t h = n / m.D, j = n % m.D;
+            for (int64_t i = 0; i < m.D; ++i) {
+              g.dR[((q * m.H + h) * m.D + i) * m.D + j] += prev[h * m.D + i] * gr[q * m.N + n];
+              nd[h * m.D + i] += m.R[((q * m.H + h) * m.D + i) * m.D + j] * gr[q * m.N + n];
+            }
+          }
+        }
+      }
+      down = nd;
+    }
+    for (int s = 0; s < m.S; ++s)
+      for (int64_t n = 0; n < m.N; ++n) g.dh0[(s * m.B + b) * m.N + n] = down[s * m.N + n];
+  }
+  return g;
+}
+
+Model makeModel(NewtonCell cell, int64_t B, int64_t T, int64_t H, int64_t D, double rScale, std::mt19937& rng,
+                bool bf16) {
+  std::uniform_real_distribution<double> U(-1, 1);
+  Model m;
+  m.cell = cell;
+  m.G = gatesOf(cell);
+  m.S = statesOf(cell);
+  m.diag = isDiag(cell);
+  m.B = B, m.T = T, m.H = H, m.D = D, m.N = H * D;
+  auto rnd = [&](double s) { return bf16 ? roundTo<__nv_bfloat16>(s * U(rng)) : f32(s * U(rng)); };
+  m.wx.resize(B * T * m.G * m.N);
+  for (double& e : m.wx) e = rnd(1.0);
+  m.R.resize(m.diag ? m.G * m.N : m.G * H * D * D);
+  for (double& e : m.R) e = f32(rScale * (m.diag ? 1.0 : 1.0 / std::sqrt(static_cast<double>(D))) * U(rng));
+  m.b.resize(m.G * m.N);
+  for (double& e : m.b) e = f32(0.3 * U(rng));
+  m.h0.resize(m.S * B * m.N);
+  for (double& e : m.h0) e = f32(0.5 * U(rng));
+  return m;
+}
+
+void checkReferenceGradients(std::mt19937& rng) {
+  for (NewtonCell cell : {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag, NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman}) {
+    context = std::string("reference gradients ") + cellName(cell);
+    Model m = makeModel(cell, 2, 4, 2, 3, 1.0, rng, false);
+    std::uniform_real_distribution<double> U(-1, 1);
+    std::vector<double> dy(m.B * m.T * m.N), dF(m.S * m.B * m.N);
+    for (double& e : dy) e = U(rng);
+    for (double& e : dF) e = U(rng);
+    auto loss = [&](const Model& mm) {
+      double L = 0;
+      for (int64_t b = 0; b < mm.B; ++b) {
+        const RowTraj tr = sequential(mm, b);
+        for (int64_t t = 0; t < mm.T; ++t) for (int64_t n = 0; n < mm.N; ++n) L += dy[(b * mm.T + t) * mm.N + n] * tr.at(t, 0, n);
+        for (int s = 0; s < mm.S; ++s) for (int64_t n = 0; n < mm.N; ++n) L += dF[(s * mm.B + b) * mm.N + n] * tr.at(mm.T - 1, s, n);
+      }
+      return L;
+    };
+    std::vector<RowTraj> trajs;
+    for (int64_t b = 0; b < m.B; ++b) trajs.push_back(sequential(m, b));
+    const Grads g = refBackward(m, trajs, dy, dF);
+    auto probe = [&](std::vector<double> Model::*field, const std::vector<double>& grad, const char* name) {
+      for (size_t i = 0; i < grad.size(); i += 1 + grad.size() / 17) {
+        Model a = m, c = m;
+        const double e = 1e-6;
+        (a.*field)[i] += e;
+        (c.*field)[i] -= e;
+        const double fd = (loss(a) - loss(c)) / (2 * e);
+        check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)), std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
+      }
+    };
+    probe(&Model::wx, g.dwx, "wx");
+    probe(&Model::R, g.dR, "R");
+    probe(&Model::b, g.db, "b");
+    probe(&Model::h0, g.dh0, "h0");
+  }
+}
+
+std::set<const void*> launched;
+long itersCompared = 0, iteratesCompared = 0;
+void noteLaunches() {
+  for (const auto& l : emu::launchLog) launched.insert(l.kernel);
+  emu::launchLog.clear();
+}
+
+// ---- forward cases ----
+
+struct Case {
+  NewtonCell cell = NewtonCell::GruDiag;
+  int64_t B = 1, T = 1, H = 1, D = 1;
+  double rScale = 0.8;
+  int maxIters = 50;
+  double tolAbs = 1e-5, tolRel = 1e-5, lambda = 0;
+  NewtonGuess guess = NewtonGuess::Zeros;
+  bool sequential = false, fallback = true, hasH0 = true, hasFinal = true, fullJacobian = false;
+  int chan = 0, threads = 0, sharedR = 0;  // tunables (0: the launcher's choice)
+  bool expectFallback = false;              // some row must fall back (a non-converging case)
+  bool compareIterate = false;              // non-converged rows (no fallback) must equal the float64 iterate
+};
+
+std::string describe(const Case& c, const char* dt) {
+  char buf[400];
+  std::snprintf(buf, sizeof buf,
+                "%s %s B %lld T %lld H %lld D %lld rScale %g maxIters %d lambda %g guess %d seq %d fallback %d h0 %d chan %d threads %d sharedR %d",
+                dt, cellName(c.cell), (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.D, c.rScale, c.maxIters,
+                c.lambda, static_cast<int>(c.guess), c.sequential, c.fallback, c.hasH0, c.chan, c.threads, c.sharedR);
+  return buf;
+}
+
+void setTunables(const Case& c) {
+  emu::setTunable("newtonRnn.channelsPerBlock", c.chan);
+  emu::setTunable("newtonRnn.blockThreads", c.threads);
+  emu::setTunable("newtonRnnBackward.channelsPerBlock", c.chan);
+  emu::setTunable("newtonRnnBackward.blockThreads", c.threads);
+  emu::setTunable("newtonRnn.denseSharedR", c.sharedR);
+}
+
+template <class T>
+void runForward(const Case& c, std::mt19937& rng) {
+  const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  context = describe(c, Elem<T>::name);
+  setTunables(c);
+  Model m = makeModel(c.cell, c.B, c.T, c.H, c.D, c.rScale, rng, bf16);
+  if (!c.hasH0) std::fill(m.h0.begin(), m.h0.end(), 0.0);
+  const int64_t N = m.N, S = m.S, elems = c.B * c.T * S * N;
+  std::uniform_real_distribution<double> U(-1, 1);
+  std::vector<double> provided(elems);
+  for (double& e : provided) e = f32(0.3 * U(rng));
+
+  Buf<T> wx(m.wx.size()), y(c.B * c.T * N);
+  Buf<float> R(m.R.size()), b(m.b.size()), h0(m.h0.size()), traj(elems), fin(S * c.B * N), guess(elems);
+  wx.set(m.wx);
+  R.set(m.R);
+  b.set(m.b);
+  h0.set(m.h0);
+  guess.set(provided);
+  traj.poison();
+  y.poison();
+  fin.poison();
+  std::vector<int32_t> iters(c.B, -7);
+  std::vector<float> resid(c.B, -7.0f);
+  std::vector<uint8_t> conv(c.B, 9), fell(c.B, 9);
+
+  rkcuda::NewtonRnnArgs a;
+  a.dt = Elem<T>::dtype;
+  a.cell = c.cell;
+  a.batch = c.B, a.T = c.T, a.heads = c.H, a.headDim = c.D;
+  a.fullJacobian = c.fullJacobian;
+  a.sequential = c.sequential;
+  a.fallbackSequential = c.fallback;
+  a.maxIters = c.maxIters;
+  a.tolAbs = static_cast<float>(c.tolAbs), a.tolRel = static_cast<float>(c.tolRel), a.damping = static_cast<float>(c.lambda);
+  a.guess = c.guess;
+  a.guessTraj = c.guess == NewtonGuess::Provided ? guess.data : nullptr;
+  a.wx = wx.data, a.R = R.data, a.b = b.data, a.h0 = c.hasH0 ? h0.data : nullptr;
+  rkcuda::NewtonRnnOutputs o;
+  o.traj = traj.data, o.y = y.data, o.finalStates = c.hasFinal ? fin.data : nullptr;
+  o.iterations = iters.data(), o.residual = resid.data(), o.converged = conv.data(), o.fellBack = fell.data();
+  const rkcuda::Status st = rkcuda::newtonRnnForward(a, o);
+  check(st.ok(), "newtonRnnForward failed: " + st.message);
+  noteLaunches();
+  check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
+  if (!st.ok()) return;
+
+  // The exact answer, the float64 Newton iteration, and the rows whose trajectory must be exact.
+  std::vector<double> want(elems), wantY(c.B * c.T * N), wantFin(S * c.B * N);
+  const double tolT = Elem<float>::tolerance * (1 + std::sqrt(static_cast<double>(c.T)) / 4);
+  bool anyFell = false;
+  std::vector<char> usable(c.B, 1);
+  for (int64_t r = 0; r < c.B; ++r) {
+    const RowTraj ex = sequential(m, r);
+    std::copy(ex.v.begin(), ex.v.end(), want.begin() + r * c.T * S * N);
+    for (int64_t t = 0; t < c.T; ++t) for (int64_t n = 0; n < N; ++n) wantY[(r * c.T + t) * N + n] = ex.at(t, 0, n);
+    for (int s = 0; s < S; ++s) for (int64_t n = 0; n < N; ++n) wantFin[(s * c.B + r) * N + n] = c.T > 0 ? ex.at(c.T - 1, s, n) : m.h0[(s * c.B + r) * N + n];
+    const std::string rs = " row " + std::to_string(r);
+    if (c.sequential) {
+      check(iters[r] == 0 && conv[r] == 1 && resid[r] == 0.0f && fell[r] == 0, "sequential statistics" + rs, iters[r], 0);
+      continue;
+    }
+    const NewtonResult nr = refNewton(m, r, c.maxIters, c.tolAbs, c.tolRel, c.lambda, c.guess, &provided);
+    if (nr.clear) {
+      ++itersCompared;
+      check(iters[r] == nr.iterations, "iterations" + rs, iters[r], nr.iterations);
+      check((conv[r] != 0) == nr.converged, "converged" + rs, conv[r], nr.converged);
+    }
+    check(iters[r] >= 0 && iters[r] <= c.maxIters, "iterations in range" + rs, iters[r], c.maxIters);
+    check(conv[r] <= 1 && fell[r] <= 1, "flags are 0 or 1" + rs, conv[r], fell[r]);
+    check(std::isfinite(resid[r]) || !conv[r], "residual finite when converged" + rs, resid[r], 0);
+    if (conv[r]) {
+      check(fell[r] == 0, "converged rows do not fall back" + rs, fell[r], 0);
+      // The residual is that of the returned iterate, within the tolerance's absolute part scale.
+      double maxAbs = 0;
+      for (int64_t e = 0; e < c.T * S * N; ++e) maxAbs = std::max(maxAbs, std::fabs(want[r * c.T * S * N + e]));
+      check(resid[r] >= 0 && resid[r] <= c.tolAbs + c.tolRel * maxAbs + 1e-6, "residual within tolerance" + rs, resid[r], c.tolAbs);
+    } else {
+      check(fell[r] == (c.fallback ? 1 : 0), "fellBack of a non-converged row" + rs, fell[r], c.fallback);
+      check(resid[r] > 0 || std::isnan(resid[r]), "residual of a non-converged row" + rs, resid[r], 0);
+      if (fell[r]) anyFell = true;
+      if (!c.fallback) usable[r] = 0;
+      if (c.compareIterate && !c.fallback) {
+        std::vector<double> got(traj.data + r * c.T * S * N, traj.data + (r + 1) * c.T * S * N);
+        compare("last Newton iterate" + rs, got, nr.traj.v, tolT);
+        ++iteratesCompared;
+      }
+    }
+  }
+  if (c.expectFallback) check(anyFell || !c.fallback, "a non-converging case fell back", anyFell, 1);
+  if (c.expectFallback && !c.fallback) {
+    bool anyNot = false;
+    for (int64_t r = 0; r < c.B; ++r) anyNot = anyNot || !conv[r];
+    check(anyNot, "a non-converging case reports converged 0", anyNot, 1);
+  }
+  // Usable rows equal the sequential answer; all rows are written.
+  std::vector<double> gotT = traj.get(), gotY = y.get(), gotF = fin.get();
+  std::vector<double> gT, wT, gY, wY;
+  for (int64_t r = 0; r < c.B; ++r) {
+    if (!usable[r]) continue;
+    gT.insert(gT.end(), gotT.begin() + r * c.T * S * N, gotT.begin() + (r + 1) * c.T * S * N);
+    wT.insert(wT.end(), want.begin() + r * c.T * S * N, want.begin() + (r + 1) * c.T * S * N);
+    gY.insert(gY.end(), gotY.begin() + r * c.T * N, gotY.begin() + (r + 1) * c.T * N);
+    wY.insert(wY.end(), wantY.begin() + r * c.T * N, wantY.begin() + (r + 1) * c.T * N);
+  }
+  compare("traj", gT, wT, tolT);
+  check(traj.guardsIntact(), "traj: write outside the array");
+  compare("y", gY, wY, std::max(tolT, Elem<T>::tolerance));
+  check(y.guardsIntact(), "y: write outside the array");
+  if (c.hasFinal) {
+    bool all = true;
+    for (int64_t r = 0; r < c.B; ++r) all = all && usable[r];
+    if (all) checkOutput("finalStates", fin, wantFin, tolT);
+  }
+}
+
+// ---- backward cases ----
+
+template <class T>
+void runBackward(const Case& c, bool hasDy, bool hasDFinal, bool hasDh0, std::mt19937& rng) {
+  const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
+  context = describe(c, Elem<T>::name) + " backward dy " + std::to_string(hasDy) + " dFinal " + std::to_string(hasDFinal) +
+            " dh0 " + std::to_string(hasDh0);
+  setTunables(c);
+  Model m = makeModel(c.cell, c.B, c.T, c.H, c.D, c.rScale, rng, bf16);
+  if (!c.hasH0) std::fill(m.h0.begin(), m.h0.end(), 0.0);
+  const int64_t N = m.N, S = m.S, elems = c.B * c.T * S * N;
+  std::uniform_real_distribution<double> U(-1, 1);
+  std::vector<double> dy, dF;
+  if (hasDy) {
+    dy.resize(c.B * c.T * N);
+    for (double& e : dy) e = bf16 ? roundTo<__nv_bfloat16>(U(rng)) : f32(U(rng));
+  }
+  if (hasDFinal) {
+    dF.resize(S * c.B * N);
+    for (double& e : dF) e = f32(U(rng));
+  }
+  std::vector<RowTraj> trajs;
+  std::vector<double> trajAll(elems);
+  for (int64_t r = 0; r < c.B; ++r) {
+    RowTraj tr = sequential(m, r);
+    for (double& e : tr.v) e = f32(e);  // the forward's solution as stored
+    std::copy(tr.v.begin(), tr.v.end(), trajAll.begin() + r * c.T * S * N);
+    trajs.push_back(tr);
+  }
+  const Grads want = refBackward(m, trajs, dy, dF);
+
+  Buf<T> wx(m.wx.size()), dyB(std::max<size_t>(dy.size(), 1)), dwx(m.wx.size());
+  Buf<float> R(m.R.size()), b(m.b.size()), h0(m.h0.size()), traj(elems), dFB(std::max<size_t>(dF.size(), 1)), dR(m.R.size()),
+      db(m.b.size()), dh0(S * c.B * N);
+  wx.set(m.wx);
+  R.set(m.R);
+  b.set(m.b);
+  h0.set(m.h0);
+  traj.set(trajAll);
+  if (!dy.empty()) dyB.set(dy);
+  if (!dF.empty()) dFB.set(dF);
+  dwx.poison();
+  dR.poison();
+  db.poison();
+  dh0.poison();
+  rkcuda::NewtonRnnArgs a;
+  a.dt = Elem<T>::dtype;
+  a.cell = c.cell;
+  a.batch = c.B, a.T = c.T, a.heads = c.H, a.headDim = c.D;
+  a.fullJacobian = c.fullJacobian;
+  a.maxIters = c.maxIters;
+  a.wx = wx.data, a.R = R.data, a.b = b.data, a.h0 = c.hasH0 ? h0.data : nullptr;
+  rkcuda::NewtonRnnGrads g;
+  g.dy = hasDy ? dyB.data : nullptr;
+  g.dFinal = hasDFinal ? dFB.data : nullptr;
+  g.traj = traj.data;
+  g.dwx = dwx.data, g.dR = dR.data, g.db = db.data, g.dh0 = hasDh0 ? dh0.data : nullptr;
+  const rkcuda::Status st = rkcuda::newtonRnnBackward(a, g);
+  check(st.ok(), "newtonRnnBackward failed: " + st.message);
+  noteLaunches();
+  check(emu::liveAllocations.empty(), "stream-ordered allocations not freed (backward)");
+  if (!st.ok()) return;
+  const double tol = bf16 ? 1e-2 : 1e-4 * (1 + std::sqrt(static_cast<double>(c.T)) / 4);
+  checkOutput("dwx", dwx, want.dwx, tol);
+  checkOutput("dR", dR, want.dR, tol);
+  checkOutput("db", db, want.db, tol);
+  if (hasDh0) checkOutput("dh0", dh0, want.dh0, tol);
+  else check(dh0.guardsIntact(), "dh0 written when not wanted");
+}
+
+void checkRefusals() {
+  context = "refusals";
+  Buf<float> dummy(64);
+  auto base = [&] {
+    rkcuda::NewtonRnnArgs a;
+    a.cell = NewtonCell::GruDiag;
+    a.batch = 1, a.T = 2, a.heads = 1, a.headDim = 4;
+    a.maxIters = 3;
+    a.wx = dummy.data, a.R = dummy.data, a.b = dummy.data;
+    return a;
+  };
+  auto refused = [&](const char* what, const rkcuda::NewtonRnnArgs& a) {
+    const size_t before = emu::launchLog.size();
+    rkcuda::NewtonRnnOutputs o;
+    o.traj = dummy.data, o.y = dummy.data;
+    check(!rkcuda::newtonRnnForward(a, o).ok(), std::string("forward accepts ") + what);
+    rkcuda::NewtonRnnGrads g;
+    g.traj = dummy.data, g.dwx = dummy.data, g.dR = dummy.data, g.db = dummy.data;
+    if (std::string(what) != "the dense full Jacobian")
+      check(!rkcuda::newtonRnnBackward(a, g).ok(), std::string("backward accepts ") + what);
+    check(emu::launchLog.size() == before, std::string("launched with ") + what);
+  };
+  auto a = base(); a.headDim = 0; refused("headDim 0", a);
+  a = base(); a.heads = 0; refused("heads 0", a);
+  a = base(); a.T = -1; refused("T -1", a);
+  a = base(); a.maxIters = -1; refused("maxIters -1", a);
+  a = base(); a.tolAbs = NAN; refused("tolAbs NaN", a);
+  a = base(); a.tolRel = -1; refused("tolRel -1", a);
+  a = base(); a.damping = INFINITY; refused("damping inf", a);
+  a = base(); a.cell = static_cast<NewtonCell>(7); refused("cell 7", a);
+  a = base(); a.guess = NewtonGuess::Provided; a.guessTraj = nullptr; refused("a provided guess without guessTraj", a);
+  a = base(); a.wx = nullptr; refused("null wx", a);
+  a = base(); a.cell = NewtonCell::Lstm; a.headDim = 1025; refused("dense headDim 1025", a);
+  a = base(); a.cell = NewtonCell::Gru; a.fullJacobian = true; refused("the dense full Jacobian", a);
+  a = base(); a.batch = int64_t{1} << 30; a.T = int64_t{1} << 20; refused("a grid too large", a);
+  emu::setTunable("newtonRnn.channelsPerBlock", 5);
+  a = base();
+  {
+    rkcuda::NewtonRnnOutputs o;
+    o.traj = dummy.data, o.y = dummy.data;
+    check(!rkcuda::newtonRnnForward(a, o).ok(), "forward accepts 5 channels per block");
+  }
+  emu::setTunable("newtonRnn.channelsPerBlock", 0);
+  emu::launchLog.clear();
+  check(emu::liveAllocations.empty(), "refusals leak");
+}
+
+}  // namespace
+
+int main() {
+  const auto start = std::chrono::steady_clock::now();
+  std::mt19937 rng(20261207);
+  checkReferenceGradients(rng);
+  checkRefusals();
+  using C = Case;
+  const NewtonCell diagCells[] = {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag};
+  const NewtonCell denseCells[] = {NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman};
+  // Diagonal cells: the fused solve in every configuration, the guesses, the sizes.
+  for (NewtonCell cell : diagCells) {
+    for (int chan : {4, 8, 16, 32}) {
+      for (int threads : {32, 128, 512}) {
+        if (threads % chan != 0) continue;
+        C c;
+        c.cell = cell, c.B = 3, c.T = 300, c.H = 1, c.D = 33, c.chan = chan, c.threads = threads;
+        runForward<float>(c, rng);
+      }
+    }
+    for (NewtonGuess gs : {NewtonGuess::Zeros, NewtonGuess::OneStep, NewtonGuess::Provided}) {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 7, c.H = 2, c.D = 65, c.guess = gs;
+      runForward<float>(c, rng);
+      c.B = 1, c.T = 1, c.H = 1, c.D = 1, c.hasH0 = false;
+      runForward<float>(c, rng);
+    }
+    {
+      C c;
+      c.cell = cell, c.B = 1, c.T = 300, c.H = 2, c.D = 65, c.hasFinal = false;
+      runForward<__nv_bfloat16>(c, rng);
+      c.B = 3, c.T = 7, c.D = 33, c.guess = NewtonGuess::OneStep, c.hasFinal = true;
+      runForward<__nv_bfloat16>(c, rng);
+    }
+    // Not converging within the allowed steps: fallback on and off; maxIters 0; mode sequential.
+    for (bool fb : {true, false}) {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 300, c.D = 33, c.rScale = 6, c.maxIters = 2, c.fallback = fb, c.expectFallback = true;
+      runForward<float>(c, rng);
+    }
+    {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 7, c.D = 33, c.maxIters = 0, c.expectFallback = true;
+      runForward<float>(c, rng);
+      c.sequential = true, c.maxIters = 5;
+      c.expectFallback = false;
+      runForward<float>(c, rng);
+      c.T = 300, c.B = 1;
+      runForward<__nv_bfloat16>(c, rng);
+    }
+    // Damping (the generic path).
+    for (double lambda : {0.3, 2.0}) {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 7, c.D = 33, c.lambda = lambda, c.maxIters = 60;
+      runForward<float>(c, rng);
+    }
+    {
+      C c;
+      c.cell = cell, c.B = 1, c.T = 300, c.D = 5, c.lambda = 0.5, c.maxIters = 80;
+      runForward<float>(c, rng);
+    }
+  }
+  // Dense cells: quasi-DEER, damping, sequential, R placements.
+  for (NewtonCell cell : denseCells) {
+    for (int sharedR : {1, 2}) {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 7, c.H = 2, c.D = 33, c.rScale = 0.5, c.sharedR = sharedR;
+      runForward<float>(c, rng);
+      c.sequential = true;
+      runForward<float>(c, rng);
+      c.sequential = false, c.B = 1, c.T = 40, c.H = 3, c.D = 5, c.guess = NewtonGuess::OneStep;
+      runForward<__nv_bfloat16>(c, rng);
+    }
+    {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 1, c.H = 1, c.D = 1, c.guess = NewtonGuess::Provided, c.hasH0 = false;
+      runForward<float>(c, rng);
+      c.B = 1, c.T = 300, c.H = 1, c.D = 7, c.guess = NewtonGuess::Zeros, c.hasH0 = true, c.maxIters = 3, c.rScale = 2,
+      c.expectFallback = true;
+      runForward<float>(c, rng);
+      c.B = 3, c.T = 7, c.H = 1, c.D = 33, c.lambda = 0.5, c.maxIters = 80, c.rScale = 0.5, c.expectFallback = false;
+      runForward<float>(c, rng);
+    }
+  }
+  // Steps themselves: the iterate after maxIters steps (tolerance 0: never converged, no fallback)
+  // equals the float64 Newton iterate, plain and damped, for every cell.
+  for (NewtonCell cell : {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag, NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman}) {
+    for (double lambda : {0.0, 0.5}) {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 300, c.H = 1, c.D = isDiag(cell) ? 33 : 9, c.rScale = 0.8, c.maxIters = 2;
+      c.tolAbs = 0, c.tolRel = 0, c.lambda = lambda, c.fallback = false, c.compareIterate = true;
+      c.guess = NewtonGuess::OneStep;
+      runForward<float>(c, rng);
+    }
+  }
+  // Backward: every cell, fused configurations for the diagonal ones, R placements for the dense.
+  for (NewtonCell cell : diagCells) {
+    for (int chan : {4, 32}) {
+      for (int threads : {32, 512}) {
+        C c;
+        c.cell = cell, c.B = 3, c.T = 300, c.D = 33, c.chan = chan, c.threads = threads;
+        runBackward<float>(c, true, true, true, rng);
+      }
+    }
+    C c;
+    c.cell = cell, c.B = 1, c.T = 1, c.D = 1;
+    runBackward<float>(c, true, false, true, rng);
+    c.B = 3, c.T = 7, c.H = 2, c.D = 65, c.hasH0 = false;
+    runBackward<float>(c, false, true, false, rng);
+    runBackward<__nv_bfloat16>(c, true, true, true, rng);
+    c.T = 0;
+    runBackward<float>(c, true, true, true, rng);
+  }
+  for (NewtonCell cell : denseCells) {
+    for (int sharedR : {1, 2}) {
+      C c;
+      c.cell = cell, c.B = 3, c.T = 7, c.H = 2, c.D = 33, c.sharedR = sharedR;
+      runBackward<float>(c, true, true, true, rng);
+    }
+    C c;
+    c.cell = cell, c.B = 1, c.T = 40, c.H = 3, c.D = 5, c.hasH0 = false;
+    runBackward<__nv_bfloat16>(c, true, false, false, rng);
+    c.T = 1, c.D = 1, c.H = 1;
+    runBackward<float>(c, false, true, true, rng);
+  }
+  setTunables(Case{});
+  // Every kernel of the tested combinations ran.
+  const void* expected[] = {
+      emu::kernelId(rkcuda::diagNewtonKernel<NewtonCell::GruDiag, float>),
+      emu::kernelId(rkcuda::diagNewtonKernel<NewtonCell::LstmCifgDiag, __nv_bfloat16>),
+      emu::kernelId(rkcuda::diagSequentialKernel<NewtonCell::GruDiag, float>),
+      emu::kernelId(rkcuda::diagSequentialKernel<NewtonCell::LstmCifgDiag, __nv_bfloat16>),
+      emu::kernelId(rkcuda::denseSequentialKernel<NewtonCell::Lstm, float>),
+      emu::kernelId(rkcuda::evalDiagKernel<NewtonCell::GruDiag, float>),
+      emu::kernelId(rkcuda::evalDenseKernel<NewtonCell::Gru, __nv_bfloat16>),
+      emu::kernelId(rkcuda::evalDenseKernel<NewtonCell::Elman, float>),
+      emu::kernelId(rkcuda::finalizeKernel),
+      emu::kernelId(rkcuda::stepKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::LstmCifgDiag>),
+      emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Gru>),
+      emu::kernelId(rkcuda::guessKernel),
+      emu::kernelId(rkcuda::outputsKernel<__nv_bfloat16>),
+      emu::kernelId(rkcuda::diagBackwardKernel<NewtonCell::LstmCifgDiag, float>),
+      emu::kernelId(rkcuda::denseBackwardKernel<NewtonCell::Lstm, __nv_bfloat16>),
+      emu::kernelId(rkcuda::denseGradRKernel),
+      emu::kernelId(rkcuda::gradBKernel),
+  };
+  context = "coverage";
+  for (const void* k : expected) check(launched.count(k) == 1, "a kernel never ran");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("newton rnn on the CUDA emulator: %ld iteration counts and %ld iterates compared; %ld checks, %ld failures (%.1f s)\n",
+              itersCompared, iteratesCompared, checks, failures, seconds);
+  return failures == 0 ? 0 : 1;
+}
