@@ -5,7 +5,8 @@
 // configuration through small test kernels; mma_test.cpp the warp-level tensor-core
 // multiply-accumulate helpers (cuda/common/mma.cuh); selective_scan_test.cpp runs the selective-scan
 // (Mamba-1) forward, backward and decode launchers against float64 references; gated_delta_test.cpp
-// does the same for the gated delta rule (recurrent forward, backward and decode). Needs the
+// does the same for the gated delta rule (recurrent forward, backward and decode); fused_rnn_test.cpp
+// for the fused recurrent cells (Elman, LSTM, GRU, sLSTM; persistent and stepwise paths). Needs the
 // toolkit's headers but no GPU, so CI checks the kernels' results too. Skipped when no toolkit
 // headers are found, unless RK_CUDA=ON (as in CI), where a missing toolkit is a failure.
 import { spawnSync } from 'node:child_process';
@@ -103,5 +104,9 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
 
   it('gated delta rule: forward, backward and decode match float64 references in every configuration', () => {
     compileAndRun('gated_delta_test');
+  }, 180_000);
+
+  it('fused recurrent cells: forward and backward match float64 references on every path', () => {
+    compileAndRun('fused_rnn_test');
   }, 180_000);
 });

@@ -16,11 +16,13 @@
 //               Runs when headDim % 8 == 0, 4 * headDim threads fit the cell's launch bound (which
 //               keeps every kernel within its registers) and R plus the tiles fit in the opt-in
 //               shared memory. With 227 KB per block (H100/H200), headDim up to:
-//                                  Elman   LSTM/sLSTM   GRU
-//                 bf16/fp16 fwd     192       160        176
-//                 bf16/fp16 bwd     192       144        176
-//                 fp32 fwd          192       112        128
-//                 fp32 bwd          192        96        112
+//                                  Elman   LSTM   sLSTM   GRU
+//                 bf16/fp16 fwd     192     160     128    176
+//                 bf16/fp16 bwd     192     144     128    176
+//                 fp32 fwd          192     112      96    128
+//                 fp32 bwd          192      96      96    112
+//               Every step also prefetches the inputs of a step kAhead steps on into L2, so that the
+//               loads at the top of each step (issued before the product, overlapping it) hit L2.
 //   stepwise    any headDim (larger heads, or headDim not a multiple of 8): one kernel per step (and
 //               per reverse step), all on the GPU. A block takes 8 batch rows and 128 channels j of
 //               a head, stages h_{t-1} in shared memory and reads R (from L2) once per 8 rows; the
@@ -59,6 +61,7 @@
 #include <vector>
 
 #include "common/api.h"
+#include "common/async_copy.cuh"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"
@@ -71,6 +74,7 @@ namespace {
 
 constexpr int kRows = 16;           // batch rows per persistent block (the mma M dimension)
 constexpr int kMaxPersistentDim = 256;
+constexpr int kAhead = 4;          // steps ahead that the persistent kernels prefetch their inputs into L2
 constexpr int kStepRows = 8;        // batch rows per stepwise block
 constexpr int kStepCols = 128;      // channels per stepwise block (its threads)
 constexpr int kStepChunk = 256;     // h_{t-1} columns staged at a time by a stepwise block
@@ -88,7 +92,9 @@ constexpr int kElman = static_cast<int>(CellKind::Elman), kLstm = static_cast<in
 // largest headDim whose R fits in shared memory (fp32 R takes twice the room), so that the registers
 // suffice (80 to 128 per thread).
 constexpr int maxThreadsOf(int cell, bool f32) {
-  return f32 ? (cell == kElman ? 768 : 512) : (cell == kElman || cell == kGru ? 768 : 640);
+  return cell == kSlstm ? (f32 ? 384 : 512)
+         : f32          ? (cell == kElman ? 768 : 512)
+                        : (cell == kElman || cell == kGru ? 768 : 640);
 }
 
 // Operand types of the recurrent products: the input dtype forward, bf16 backward (16-bit inputs).
@@ -337,6 +343,16 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
         xin[e][g] = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + colOf(e)]) : 0.0f;
       }
     }
+    if ((mma::lane() & 3) == 0) {  // a later step's inputs into L2 (one lane per row and 8 columns)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b = row0 + rowOf(2 * r);
+        if (t + kAhead < len[r]) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) prefetchL2(wx + (((b * L + t + kAhead) * G + g) * H + hh) * D + 8 * warp);
+        }
+      }
+    }
     float acc[G][4];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -439,6 +455,23 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
       }
       dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
       wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
+    }
+    const int64_t tp = t - kAhead;  // an earlier step's saved values into L2 (one lane per row and 8 columns)
+    if ((mma::lane() & 3) == 0 && tp >= 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b = row0 + rowOf(2 * r);
+        if (tp >= len[r]) continue;
+        const int64_t c = hh * D + 8 * warp;
+#pragma unroll
+        for (int g = 0; g < G; ++g) prefetchL2(p.cSavedPre + ((tp * batch + b) * G + g) * H * D + c);
+        if (tp > 0) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
+        }
+        if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
+        if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
+      }
     }
     if (t < L - 1) {  // the recurrent part of dL/dh_t, from step t + 1's dpre
       float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
