@@ -76,8 +76,11 @@ constexpr int kRows = 16;           // batch rows per persistent block (the mma 
 constexpr int kMaxPersistentDim = 256;
 constexpr int kAhead = 4;          // steps ahead that the persistent kernels prefetch their inputs into L2
 constexpr int kStepRows = 8;        // batch rows per stepwise block
-constexpr int kStepCols = 128;      // channels per stepwise block (its threads)
+constexpr int kStepCols = 16;       // channels per stepwise block
+constexpr int kKGroups = 8;         // groups of the k range per stepwise block
+constexpr int kStepThreads = kStepCols * kKGroups;  // = kStepRows * kStepCols: one cell update each
 constexpr int kStepChunk = 256;     // h_{t-1} columns staged at a time by a stepwise block
+static_assert(kStepThreads == kStepRows * kStepCols, "a stepwise thread per (row, channel) of the tile");
 constexpr int kRedTile = 64;        // dR reduction: output tile (i and j)
 constexpr int kRedChunk = 32;       // dR reduction: t*batch rows staged at a time
 constexpr int64_t kMaxT = int64_t{1} << 30;
@@ -525,87 +528,106 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
 
 // ============================== the stepwise kernels ==============================
 
-// The per-step product of a stepwise block: acc[g][r] = sum_k src(r, g, k) * W[g][k][j] for the block's
-// kStepRows rows r and this thread's column j (< D), K = D; src(r, g, k) = x[rowOff(r) + g * gStride + k]
-// (zero for rows past the batch), W[g] at w + g * wGateStride, row-major D x D. fp32 or T weights.
+// The per-step product of a stepwise block, whose kStepThreads threads are kStepCols columns times
+// kKGroups groups of k: group kg takes k = kg, kg + kKGroups, ... of every staged chunk, then the groups'
+// partial sums are added in a fixed order. Leaves in sums[g][r][c] (shared memory) the sum over k < D
+// of src(r, g, k) W[g][k][j0 + c] for the block's kStepRows rows r, with src(r, g, k) =
+// x[r * rowStride + g * gStride + k] (zero for rows r >= rowsValid; all zero when x is null) and W[g]
+// at w + g * wGateStride, row-major D x D (fp32 or the input dtype).
 template <int G, class W>
-__device__ __forceinline__ void stepProduct(float (&acc)[G][kStepRows], const float* x, int64_t rowStride,
-                                            int64_t gStride, int rowsValid, const W* w, int64_t wGateStride,
-                                            int64_t D, int64_t j) {
+__device__ __forceinline__ void stepProduct(float (&sums)[4][kKGroups][kStepRows][kStepCols], const float* x,
+                                            int64_t rowStride, int64_t gStride, int rowsValid, const W* w,
+                                            int64_t wGateStride, int64_t D, int64_t j0) {
   __shared__ float xs[kStepRows][kStepChunk];
+  const int tid = static_cast<int>(threadIdx.x), kg = tid / kStepCols, c = tid % kStepCols;
+  const int64_t j = j0 + c;
+  float acc[G][kStepRows];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
 #pragma unroll
     for (int r = 0; r < kStepRows; ++r) acc[g][r] = 0.0f;
   }
-  if (x == nullptr) return;
+  if (x != nullptr) {
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    for (int64_t k0 = 0; k0 < D; k0 += kStepChunk) {
-      const int kn = static_cast<int>(D - k0 < kStepChunk ? D - k0 : kStepChunk);
-      for (int e = static_cast<int>(threadIdx.x); e < kStepRows * kStepChunk; e += static_cast<int>(blockDim.x)) {
-        const int r = e / kStepChunk, k = e % kStepChunk;
-        xs[r][k] = (r < rowsValid && k < kn) ? x[r * rowStride + g * gStride + k0 + k] : 0.0f;
-      }
-      __syncthreads();
-      if (j < D) {
-        const W* wp = w + g * wGateStride + k0 * D + j;
-        for (int k = 0; k < kn; ++k) {
-          const float wv = toFloat(wp[k * D]);
-#pragma unroll
-          for (int r = 0; r < kStepRows; ++r) acc[g][r] = fmaf(xs[r][k], wv, acc[g][r]);
+    for (int g = 0; g < G; ++g) {
+      for (int64_t k0 = 0; k0 < D; k0 += kStepChunk) {
+        const int kn = static_cast<int>(D - k0 < kStepChunk ? D - k0 : kStepChunk);
+        for (int e = tid; e < kStepRows * kStepChunk; e += kStepThreads) {
+          const int r = e / kStepChunk, k = e % kStepChunk;
+          xs[r][k] = (r < rowsValid && k < kn) ? x[r * rowStride + g * gStride + k0 + k] : 0.0f;
         }
+        __syncthreads();
+        if (j < D) {
+          const W* wp = w + g * wGateStride + k0 * D + j;
+          for (int k = kg; k < kn; k += kKGroups) {
+            const float wv = toFloat(wp[k * D]);
+#pragma unroll
+            for (int r = 0; r < kStepRows; ++r) acc[g][r] = fmaf(xs[r][k], wv, acc[g][r]);
+          }
+        }
+        __syncthreads();
       }
-      __syncthreads();
     }
   }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int r = 0; r < kStepRows; ++r) sums[g][kg][r][c] = acc[g][r];
+  }
+  __syncthreads();
+  for (int e = tid; e < G * kStepRows * kStepCols; e += kStepThreads) {
+    const int g = e / (kStepRows * kStepCols), r = (e / kStepCols) % kStepRows, cc = e % kStepCols;
+    float v = sums[g][0][r][cc];
+    for (int k = 1; k < kKGroups; ++k) v += sums[g][k][r][cc];
+    sums[g][0][r][cc] = v;
+  }
+  __syncthreads();
 }
 
-// Block = (head, tile of kStepRows rows, tile of kStepCols channels). hPrev / hNext: fp32 [batch, H, D];
-// st: fp32 [S, batch, H, D], the states 1..S-1 (slot 0 unused), updated in place.
+// Block = (head, tile of kStepRows rows, tile of kStepCols channels); thread = one (row, channel) of
+// the tile for the cell update. hPrev / hNext: fp32 [batch, H, D]; st: fp32 [S, batch, H, D], the
+// states 1..S-1 (slot 0 unused), updated in place.
 template <class T, int CELL>
-__global__ void __launch_bounds__(kStepCols) fusedRnnForwardStepKernel(RnnParams p, int64_t t, const float* hPrev,
-                                                                      float* hNext, float* st) {
+__global__ void __launch_bounds__(kStepThreads) fusedRnnForwardStepKernel(RnnParams p, int64_t t, const float* hPrev,
+                                                                         float* hNext, float* st) {
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
   const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
   const unsigned colBlocks = static_cast<unsigned>(ceilDiv(D, kStepCols)), blk = blockIdx.x;
   const unsigned Hu = static_cast<unsigned>(H);
-  const int64_t hh = blk % Hu, cb = (blk / Hu) % colBlocks;
+  const int64_t hh = blk % Hu, j0 = static_cast<int64_t>((blk / Hu) % colBlocks) * kStepCols;
   const int64_t row0 = static_cast<int64_t>(blk / Hu / colBlocks) * kStepRows;
-  const int64_t j = cb * kStepCols + threadIdx.x;
   const int rowsValid = static_cast<int>(batch - row0 < kStepRows ? batch - row0 : kStepRows);
-  float acc[G][kStepRows];
-  stepProduct<G>(acc, hPrev + (row0 * H + hh) * D, H * D, 0, rowsValid, static_cast<const T*>(p.R) + hh * D * D,
-                 H * D * D, D, j);
-  if (j >= D) return;
+  stepProduct<G>(sums, hPrev + (row0 * H + hh) * D, H * D, 0, rowsValid, static_cast<const T*>(p.R) + hh * D * D,
+                 H * D * D, D, j0);
+  const int r = static_cast<int>(threadIdx.x) / kStepCols, c = static_cast<int>(threadIdx.x) % kStepCols;
+  const int64_t j = j0 + c;
+  if (j >= D || r >= rowsValid) return;
   const T* wx = static_cast<const T*>(p.wx);
+  const int64_t b = row0 + r, o = (b * H + hh) * D + j;
+  const bool active = t < lengthOf(p, b);
+  float sv[S], pre[G], wxn = 0.0f;
+  sv[0] = hPrev[o];
 #pragma unroll
-  for (int r = 0; r < kStepRows; ++r) {
-    if (r >= rowsValid) break;
-    const int64_t b = row0 + r, o = (b * H + hh) * D + j;
-    const bool active = t < lengthOf(p, b);
-    float s[S], pre[G], wxn = 0.0f;
-    s[0] = hPrev[o];
+  for (int k = 1; k < S; ++k) sv[k] = st[k * batch * H * D + o];
 #pragma unroll
-    for (int k = 1; k < S; ++k) s[k] = st[k * batch * H * D + o];
+  for (int g = 0; g < G; ++g) {
+    const float x = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + j]) : 0.0f;
+    const float bg = p.b[(g * H + hh) * D + j];
+    const float rec = sums[g][0][r][c];
+    pre[g] = (CELL == kGru && g == 2) ? rec + bg : x + bg + rec;
+    if (g == G - 1) wxn = x;
+  }
+  if (active) cellForward<CELL>(pre, wxn, sv);
+  hNext[o] = sv[0];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float x = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + j]) : 0.0f;
-      const float bg = p.b[(g * H + hh) * D + j];
-      pre[g] = (CELL == kGru && g == 2) ? acc[g][r] + bg : x + bg + acc[g][r];
-      if (g == G - 1) wxn = x;
-    }
-    if (active) cellForward<CELL>(pre, wxn, s);
-    hNext[o] = s[0];
+  for (int k = 1; k < S; ++k) st[k * batch * H * D + o] = sv[k];
+  if (!p.lastOnly) storeScalar(static_cast<T*>(p.h) + ((b * L + t) * H + hh) * D + j, active ? sv[0] : 0.0f);
+  if (p.savedStates != nullptr) {
 #pragma unroll
-    for (int k = 1; k < S; ++k) st[k * batch * H * D + o] = s[k];
-    if (!p.lastOnly) storeScalar(static_cast<T*>(p.h) + ((b * L + t) * H + hh) * D + j, active ? s[0] : 0.0f);
-    if (p.savedStates != nullptr) {
+    for (int k = 0; k < S; ++k) p.savedStates[(((t * S + k) * batch + b) * H + hh) * D + j] = sv[k];
 #pragma unroll
-      for (int k = 0; k < S; ++k) p.savedStates[(((t * S + k) * batch + b) * H + hh) * D + j] = s[k];
-#pragma unroll
-      for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
-    }
+    for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
   }
 }
 
@@ -613,63 +635,60 @@ __global__ void __launch_bounds__(kStepCols) fusedRnnForwardStepKernel(RnnParams
 // [S, batch, H, D], dL/d(states after step t), updated in place; Rt: fp32 [G, H, D, D], Rt[g][hh][j][i] =
 // R[g][hh][i][j]. Adds the recurrent part from step t + 1's dpre (p.gr at t + 1) first.
 template <class T, int CELL>
-__global__ void __launch_bounds__(kStepCols) fusedRnnBackwardStepKernel(RnnParams p, int64_t t, const float* Rt,
-                                                                       float* gS) {
+__global__ void __launch_bounds__(kStepThreads) fusedRnnBackwardStepKernel(RnnParams p, int64_t t, const float* Rt,
+                                                                          float* gS) {
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
   const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
   const unsigned colBlocks = static_cast<unsigned>(ceilDiv(D, kStepCols)), blk = blockIdx.x;
   const unsigned Hu = static_cast<unsigned>(H);
-  const int64_t hh = blk % Hu, cb = (blk / Hu) % colBlocks;
+  const int64_t hh = blk % Hu, j0 = static_cast<int64_t>((blk / Hu) % colBlocks) * kStepCols;
   const int64_t row0 = static_cast<int64_t>(blk / Hu / colBlocks) * kStepRows;
-  const int64_t j = cb * kStepCols + threadIdx.x;
   const int rowsValid = static_cast<int>(batch - row0 < kStepRows ? batch - row0 : kStepRows);
-  float acc[G][kStepRows];
   const float* next = t + 1 < L ? p.gr + (((t + 1) * batch + row0) * G * H + hh) * D : nullptr;
-  stepProduct<G>(acc, next, G * H * D, H * D, rowsValid, Rt + hh * D * D, H * D * D, D, j);
-  if (j >= D) return;
+  stepProduct<G>(sums, next, G * H * D, H * D, rowsValid, Rt + hh * D * D, H * D * D, D, j0);
+  const int r = static_cast<int>(threadIdx.x) / kStepCols, c = static_cast<int>(threadIdx.x) % kStepCols;
+  const int64_t j = j0 + c;
+  if (j >= D || r >= rowsValid) return;
   const T* wx = static_cast<const T*>(p.wx);
   const T* dh = static_cast<const T*>(p.dh);
   const int64_t SE = batch * H * D;
+  const int64_t b = row0 + r, o = (b * H + hh) * D + j;
+  float g[S];
 #pragma unroll
-  for (int r = 0; r < kStepRows; ++r) {
-    if (r >= rowsValid) break;
-    const int64_t b = row0 + r, o = (b * H + hh) * D + j;
-    float g[S];
+  for (int s = 0; s < S; ++s) g[s] = gS[s * SE + o];
 #pragma unroll
-    for (int s = 0; s < S; ++s) g[s] = gS[s * SE + o];
+  for (int k = 0; k < G; ++k) g[0] += sums[k][0][r][c];
+  if (t < 0) {
+    if (p.dStates0 != nullptr) {
 #pragma unroll
-    for (int k = 0; k < G; ++k) g[0] += acc[k][r];
-    if (t < 0) {
-      if (p.dStates0 != nullptr) {
-#pragma unroll
-        for (int s = 0; s < S; ++s) p.dStates0[s * SE + o] = g[s];
-      }
-      continue;
+      for (int s = 0; s < S; ++s) p.dStates0[s * SE + o] = g[s];
     }
-    const bool active = t < lengthOf(p, b);
-    float gx[G], gr[G];
+    return;
+  }
+  const bool active = t < lengthOf(p, b);
+  float gx[G], gr[G];
 #pragma unroll
-    for (int k = 0; k < G; ++k) gx[k] = gr[k] = 0.0f;
-    if (active) {
-      float pre[G], prev[S];
+  for (int k = 0; k < G; ++k) gx[k] = gr[k] = 0.0f;
+  if (active) {
+    float pre[G], prev[S];
 #pragma unroll
-      for (int k = 0; k < G; ++k) pre[k] = p.cSavedPre[(((t * batch + b) * G + k) * H + hh) * D + j];
+    for (int k = 0; k < G; ++k) pre[k] = p.cSavedPre[(((t * batch + b) * G + k) * H + hh) * D + j];
 #pragma unroll
-      for (int s = 0; s < S; ++s) {
-        prev[s] = t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
-                  : p.states0 != nullptr ? p.states0[s * SE + o] : 0.0f;
-      }
-      if (!p.lastOnly && dh != nullptr) g[0] += toFloat(dh[((b * L + t) * H + hh) * D + j]);
-      const float wxn = CELL == kGru ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
-      cellBackward<CELL>(pre, wxn, prev, g, gx, gr);
+    for (int s = 0; s < S; ++s) {
+      prev[s] = t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+                : p.states0 != nullptr ? p.states0[s * SE + o] : 0.0f;
     }
+    if (!p.lastOnly && dh != nullptr) g[0] += toFloat(dh[((b * L + t) * H + hh) * D + j]);
+    const float wxn = CELL == kGru ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
+    cellBackward<CELL>(pre, wxn, prev, g, gx, gr);
+  }
 #pragma unroll
-    for (int s = 0; s < S; ++s) gS[s * SE + o] = g[s];
+  for (int s = 0; s < S; ++s) gS[s * SE + o] = g[s];
 #pragma unroll
-    for (int k = 0; k < G; ++k) {
-      p.gr[(((t * batch + b) * G + k) * H + hh) * D + j] = gr[k];
-      storeScalar(static_cast<T*>(p.dwx) + (((b * L + t) * G + k) * H + hh) * D + j, gx[k]);
-    }
+  for (int k = 0; k < G; ++k) {
+    p.gr[(((t * batch + b) * G + k) * H + hh) * D + j] = gr[k];
+    storeScalar(static_cast<T*>(p.dwx) + (((b * L + t) * G + k) * H + hh) * D + j, gx[k]);
   }
 }
 
@@ -948,7 +967,7 @@ Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRn
   unsigned grid = 0;
   RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.headDim, kStepCols) * ceilDiv(a.batch, kStepRows), &grid));
   for (int64_t t = 0; t < a.T; ++t) {
-    RK_TRY(launch(fusedRnnForwardStepKernel<T, CELL>, grid, kStepCols, 0, p, t, hBuf[t & 1], hBuf[(t + 1) & 1], st));
+    RK_TRY(launch(fusedRnnForwardStepKernel<T, CELL>, grid, kStepThreads, 0, p, t, hBuf[t & 1], hBuf[(t + 1) & 1], st));
   }
   return launch(finishForwardKernel<T>, gridFor(SE), 256, 0, hBuf[a.T & 1], st, o.finalStates,
                 a.returnLastOnly ? static_cast<T*>(o.h) : nullptr, static_cast<int64_t>(S), SE);
@@ -996,7 +1015,7 @@ Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedR
     unsigned grid = 0;
     RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.headDim, kStepCols) * ceilDiv(a.batch, kStepRows), &grid));
     for (int64_t t = a.T - 1; t >= -1; --t) {
-      RK_TRY(launch(fusedRnnBackwardStepKernel<T, CELL>, grid, kStepCols, 0, p, t, static_cast<const float*>(Rt), gS));
+      RK_TRY(launch(fusedRnnBackwardStepKernel<T, CELL>, grid, kStepThreads, 0, p, t, static_cast<const float*>(Rt), gS));
     }
   }
   // dR and db.
