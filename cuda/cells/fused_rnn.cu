@@ -24,12 +24,14 @@
 //               Every step also prefetches the inputs of a step kAhead steps on into L2, so that the
 //               loads at the top of each step (issued before the product, overlapping it) hit L2.
 //   stepwise    any headDim (larger heads, or headDim not a multiple of 8): one kernel per step (and
-//               per reverse step), all on the GPU. A block takes 8 batch rows and 128 channels j of
-//               a head, stages h_{t-1} in shared memory and reads R (from L2) once per 8 rows; the
-//               states live in a fp32 scratch buffer between steps. Same results within rounding
+//               per reverse step), all on the GPU. A block takes 8 batch rows and 16 channels j of a
+//               head; its 128 threads split the k range 8 ways, stage h_{t-1} in shared memory and
+//               read R (from L2) once per 8 rows; then each thread updates one (row, channel). The
+//               states live in an fp32 scratch buffer between steps. Same results within rounding
 //               (it keeps h_{t-1} in fp32 for the product).
 // The tunable "fusedRnn.path" (1 persistent, 2 stepwise) pins the choice; a pinned persistent path
-// that does not fit is refused.
+// that does not fit is refused. Supported: any batch (tiled; padding rows never reach an output),
+// heads >= 1, headDim 1..4096, T < 2^30, lengths per row.
 //
 // Backward. A reverse-time persistent kernel (or the stepwise kernels) carries dL/dstates: per step
 // it reads the saved pre-activations and previous states, runs the cell's backward in registers,
@@ -45,11 +47,13 @@
 //   12 heads x 64: persistent, 12 blocks of 256 threads; per step each warp does 16 mma (4 gates x 4
 //     k-steps) from shared memory plus the cell update and one barrier, about 1 us, latency bound:
 //     forward ~1.2 ms, backward (reverse kernel ~1.5 ms + dR reduction of 6.4 GFLOP ~0.1 ms).
-//   3 heads x 256 (R = 512 KB per head) and 1 x 768 (4.7 MB): stepwise; per step the kernel reads R
-//     from L2 once per 8 batch rows (2 reads of 1.5 MB / 4.7 MB) and is bound by L2 bandwidth and
-//     launch latency (~3-8 us per step): forward ~4-8 ms, backward about twice that plus the dR
-//     reduction (77 GFLOP for 1 x 768 on tf32 mma, ~0.5 ms). A multi-block persistent kernel with a
-//     grid barrier would remove the per-step launches for these sizes.
+//   3 heads x 256 (R = 512 KB per head) and 1 x 768 (4.7 MB): stepwise, 96 blocks per step; each
+//     reads R from L2 once per 8 batch rows (2 x 1.5 MB / 2 x 4.7 MB per step, L2-resident) and
+//     each thread does D/8 x G x 8 FMA: bound by the per-step launch latency and L2 bandwidth,
+//     ~3-5 us per step: forward ~3-5 ms, backward about 1.5x that plus the dR reduction (77 GFLOP
+//     for 1 x 768 on tf32 mma, ~0.5 ms). This misses the 1.5x-over-FlashRNN target for these two
+//     sizes; a multi-block persistent kernel (R split over co-resident blocks of a head, a grid
+//     barrier per step) is what would remove the per-step launches there.
 #include <cuda_runtime.h>
 
 #include <algorithm>

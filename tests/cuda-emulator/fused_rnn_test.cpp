@@ -8,7 +8,7 @@
 //     17 (one and two batch tiles); headDim 16, 24, 48, 64 (persistent and stepwise) and 20, 264 (fp32)
 //     or 136 (16-bit) only stepwise: not a multiple of 8, more channels than a stepwise block (and
 //     than its staging chunk), where the launcher itself must choose the stepwise path for 20 and 264;
-//     T 0, 1, 5, 33; several heads; lengths per row (0 and T among them) or none; returnLastOnly;
+//     T 0, 1, 5, 33; batch 0; several heads; lengths per row (0 and T among them) or none; returnLastOnly;
 //     states0 (with empty sLSTM states), finalStates, dh, dFinal and dStates0 each on and off;
 //     inference (no saved tensors); the dR reduction with one and several splits;
 //   * the saved tensors (states after every step, pre-activations) against the reference;
@@ -596,6 +596,10 @@ void runSuite(std::mt19937& rng, int variant) {
     empty.path = 1 + (n++ % 2);
     runCase<T>(empty, rng);
   }
+  // No rows: nothing to run, but dR and db must still be written (zeros).
+  Case none;
+  none.cell = CellKind::Gru, none.batch = 0, none.T = 3, none.H = 2, none.D = 16, none.lengths = true;
+  runCase<T>(none, rng);
 }
 
 void checkRefusals() {
