@@ -563,6 +563,7 @@ __device__ __forceinline__ void stepProduct(float (&sums)[4][kKGroups][kStepRows
         __syncthreads();
         if (j < D) {
           const W* wp = w + g * wGateStride + k0 * D + j;
+#pragma unroll 4
           for (int k = kg; k < kn; k += kKGroups) {
             const float wv = toFloat(wp[k * D]);
 #pragma unroll
