@@ -21,7 +21,8 @@
 // __syncthreads, __ldg (which checks alignment), atomicAdd on float (a plain add: threads run one
 // at a time), dynamic shared memory through rkcuda::dynamicShared (NaN-filled at every block start;
 // a launch above 48 KiB fails unless rkcuda::allowDynamicShared raised the kernel's limit, as on a
-// device; 227 KiB at most, also the answer to cudaDevAttrMaxSharedMemoryPerBlockOptin), and the few runtime calls that the launchers make
+// device; 227 KiB at most, also the answer to cudaDevAttrMaxSharedMemoryPerBlockOptin), and the few
+// runtime calls that the launchers make
 // (stream-ordered allocations are counted, so a test can check that every one is freed). Add what
 // new kernels need, in the same style. Not modelled: data races (the interleaving is one fixed
 // order), memory ordering.
