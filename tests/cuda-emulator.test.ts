@@ -7,7 +7,8 @@
 // (Mamba-1) forward, backward and decode launchers against float64 references; gated_delta_test.cpp
 // does the same for the gated delta rule (recurrent forward, backward and decode, and the chunked
 // tensor-core forward); newton_rnn_test.cpp the Newton-iteration parallel RNN (Newton solves,
-// fallback, backward). Needs the
+// fallback, backward); fused_rnn_test.cpp the fused recurrent cells (Elman, LSTM, GRU, sLSTM;
+// persistent and stepwise paths). Needs the
 // toolkit's headers but no GPU, so CI checks the kernels' results too. Skipped when no toolkit
 // headers are found, unless RK_CUDA=ON (as in CI), where a missing toolkit is a failure.
 import { spawnSync } from 'node:child_process';
@@ -109,5 +110,9 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
 
   it('Newton parallel RNN: solves, statistics, fallback and backward match float64 references in every configuration', () => {
     compileAndRun('newton_rnn_test');
+  }, 180_000);
+
+  it('fused recurrent cells: forward and backward match float64 references on every path', () => {
+    compileAndRun('fused_rnn_test');
   }, 180_000);
 });

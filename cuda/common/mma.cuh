@@ -182,6 +182,26 @@ __device__ __forceinline__ FragC loadC(Get get) {
   for (int i = 0; i < 4; ++i) c.c[i] = get(g + 8 * (i >> 1), 2 * t + (i & 1));
   return c;
 }
+// The same fragments read straight from 16-bit arrays, two elements per 32-bit load (no conversion):
+// A (16 x 16) row-major at a with leading dimension lda; B (16 x 8) given transposed, column n at
+// bt + n * ldb with its k elements contiguous. lda, ldb and the pointers' element offsets even.
+template <class T>
+__device__ __forceinline__ FragA16 loadA16Packed(const T* a, int lda) {
+  const int g = lane() >> 2, t = lane() & 3;
+  FragA16 f;
+  for (int i = 0; i < 4; ++i) {
+    f.r[i] = *reinterpret_cast<const uint32_t*>(a + (g + 8 * (i & 1)) * lda + 2 * t + 8 * (i >> 1));
+  }
+  return f;
+}
+template <class T>
+__device__ __forceinline__ FragB16 loadB16PackedT(const T* bt, int ldb) {
+  const int g = lane() >> 2, t = lane() & 3;
+  FragB16 f;
+  for (int i = 0; i < 2; ++i) f.r[i] = *reinterpret_cast<const uint32_t*>(bt + g * ldb + 2 * t + 8 * i);
+  return f;
+}
+
 // Calls put(row, col, value) for the four elements of C this lane holds.
 template <class Put>
 __device__ __forceinline__ void storeC(const FragC& c, Put put) {

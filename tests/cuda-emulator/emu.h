@@ -21,7 +21,8 @@
 // __syncthreads, __ldg (which checks alignment), atomicAdd on float (a plain add: threads run one
 // at a time), dynamic shared memory through rkcuda::dynamicShared (NaN-filled at every block start;
 // a launch above 48 KiB fails unless rkcuda::allowDynamicShared raised the kernel's limit, as on a
-// device; 227 KiB at most), and the few runtime calls that the launchers make
+// device; 227 KiB at most, also the answer to cudaDevAttrMaxSharedMemoryPerBlockOptin), and the few
+// runtime calls that the launchers make
 // (stream-ordered allocations are counted, so a test can check that every one is freed). Add what
 // new kernels need, in the same style. Not modelled: data races (the interleaving is one fixed
 // order), memory ordering.
@@ -302,6 +303,10 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+    *value = static_cast<int>(emu::kMaxDynamicShared);
+    return cudaSuccess;
+  }
   if (attr != cudaDevAttrMultiProcessorCount) {
     emu::fail("cudaDeviceGetAttribute(" + std::to_string(static_cast<int>(attr)) + ") is not emulated");
   }

@@ -5,7 +5,8 @@
 // k-steps onto a loaded C, and store D with storeC. Checked against a float64 product of the
 // operands rounded as the hardware rounds them (fp16 / bf16 / tf32): every element within a bound
 // scaled by the magnitude of its terms. Also: pack/unpack round trips, tf32 rounding of special
-// values, small integers, for which every result must be exact, and operands staged through
+// values, small integers, for which every result must be exact, the packed fragment loads from
+// 16-bit arrays (the same fragments as the accessor loads), and operands staged through
 // dynamic shared memory above the default 48 KiB limit (refused until allowDynamicShared).
 //
 // Prints up to 20 failures and a summary line "<n> checks, <m> failures"; exits 1 on any failure.
@@ -100,6 +101,31 @@ void testDynamicShared() {
   }
 }
 
+// loadA16Packed / loadB16PackedT (16-bit arrays, leading dimensions with padding) give the same
+// fragments as loadA16 / loadB16 on the same values; out[lane] counts the registers that differ.
+template <class T>
+__global__ void packedLoadKernel(const T* a, int lda, const T* bt, int ldb, int* out) {
+  const mma::FragA16 fa = mma::loadA16Packed(a, lda);
+  const mma::FragB16 fb = mma::loadB16PackedT(bt, ldb);
+  const mma::FragA16 ra = mma::loadA16<T>([&](int r, int c) { return static_cast<float>(a[r * lda + c]); });
+  const mma::FragB16 rb = mma::loadB16<T>([&](int k, int n) { return static_cast<float>(bt[n * ldb + k]); });
+  int bad = 0;
+  for (int i = 0; i < 4; ++i) bad += fa.r[i] != ra.r[i];
+  for (int i = 0; i < 2; ++i) bad += fb.r[i] != rb.r[i];
+  out[mma::lane()] = bad;
+}
+
+template <class T>
+void testPackedLoads(const char* name) {
+  const int lda = 24, ldb = 40;  // padded rows
+  std::vector<T> a(16 * lda), bt(8 * ldb);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<T>(static_cast<float>(static_cast<int>(i % 13) - 6) * 0.25f);
+  for (size_t i = 0; i < bt.size(); ++i) bt[i] = static_cast<T>(static_cast<float>(static_cast<int>(i % 11) - 5) * 0.5f);
+  std::vector<int> out(32, -1);
+  rkcuda::launch(packedLoadKernel<T>, dim3(1), dim3(32), 0, a.data(), lda, bt.data() + 16, ldb, out.data());
+  for (int l = 0; l < 32; ++l) expect(out[l] == 0, name, l, out[l], 0);
+}
+
 // Rounding as the operands see it.
 float roundHalf(float x) { return __half2float(__float2half_rn(x)); }
 float roundBf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
@@ -168,6 +194,8 @@ int main() {
   std::mt19937 rng(20261125);
   testPacking();
   testDynamicShared();
+  testPackedLoads<__half>("loadA16Packed / loadB16PackedT <half>");
+  testPackedLoads<__nv_bfloat16>("loadA16Packed / loadB16PackedT <bf16>");
   for (Kind kind : {Kind::kHalf, Kind::kBf16, Kind::kTf32}) {
     for (int ksteps : {1, 2, 5}) {
       run(kind, ksteps, false, rng);

@@ -1,0 +1,1079 @@
+// Fused recurrent cells (FlashRNN style: Elman, LSTM, GRU, sLSTM with many small heads): the
+// recurrent part of an RNN layer, forward and backward, for F32/F16/BF16 storage with fp32 state and
+// arithmetic: kernels plus the launchers declared in common/api.h (the cell math is that of the
+// float64 oracle tests/reference/fusedRnn.ts).
+//
+// Paths, per call (the forward and the backward choose independently: the saved tensors do not
+// depend on the path):
+//   persistent  one block per (head, tile of 16 batch rows) walks all T steps. R of the head stays in
+//               shared memory for the whole sequence, the states stay in registers, and h_{t-1} is
+//               exchanged through a double-buffered shared tile (one __syncthreads per step). Warp w
+//               owns the 8 columns j = 8w..8w+7 of every gate, so the recurrent product leaves in each
+//               lane all G pre-activations of its 4 (row, column) elements (the mma accumulator layout)
+//               and the cell update runs in registers. Product: 16-bit inputs use mma.sync m16n8k16
+//               (batch rows = M, gate columns = N, headDim = K, h_{t-1} rounded to the input dtype,
+//               fp32 accumulation); fp32 inputs use fp32 FMA (tf32 is not accurate enough for fp32).
+//               Runs when headDim % 8 == 0, 4 * headDim threads fit the cell's launch bound (which
+//               keeps every kernel within its registers) and R plus the tiles fit in the opt-in
+//               shared memory. With 227 KB per block (H100/H200), headDim up to:
+//                                  Elman   LSTM   sLSTM   GRU
+//                 bf16/fp16 fwd     192     160     128    176
+//                 bf16/fp16 bwd     192     144     128    176
+//                 fp32 fwd          192     112      96    128
+//                 fp32 bwd          192      96      96    112
+//               Every step also prefetches the inputs of a step kAhead steps on into L2, so that the
+//               loads at the top of each step (issued before the product, overlapping it) hit L2.
+//   stepwise    any headDim (larger heads, or headDim not a multiple of 8): one kernel per step (and
+//               per reverse step), all on the GPU. A block takes 8 batch rows and 16 channels j of a
+//               head; its 128 threads split the k range 8 ways, stage h_{t-1} in shared memory and
+//               read R (from L2) once per 8 rows; then each thread updates one (row, channel). The
+//               states live in an fp32 scratch buffer between steps. Same results within rounding
+//               (it keeps h_{t-1} in fp32 for the product).
+// The tunable "fusedRnn.path" (1 persistent, 2 stepwise) pins the choice; a pinned persistent path
+// that does not fit is refused. Supported: any batch (tiled; padding rows never reach an output),
+// heads >= 1, headDim 1..4096, T < 2^30, lengths per row.
+//
+// Backward. A reverse-time persistent kernel (or the stepwise kernels) carries dL/dstates: per step
+// it reads the saved pre-activations and previous states, runs the cell's backward in registers,
+// writes dwx and the gradient of the recurrent pre-activations dpre (the GRU n gate's scaled by r)
+// into an fp32 scratch [T, batch, G, H, D] and a shared tile, and takes the recurrent part of
+// dh_{t-1} = sum_g dpre_g R_g^T with R^T on chip (bf16 operands for both 16-bit dtypes, for the
+// range of gradients; fp32 FMA for fp32). Then dR = sum over t and batch of h_{t-1}^T dpre and db =
+// sum of dpre are one reduction kernel over (gate, head, 64 x 64 tile, split of the t*batch rows)
+// with tf32 mma for 16-bit dtypes (fp32 FMA for fp32), whose per-split partial sums a last kernel
+// adds in a fixed order (deterministic).
+//
+// Bounds and expected times (H100/H200, batch 16, T 1024, bf16):
+//   12 heads x 64: persistent, 12 blocks of 256 threads; per step each warp does 16 mma (4 gates x 4
+//     k-steps) from shared memory plus the cell update and one barrier, about 1 us, latency bound:
+//     forward ~1.2 ms, backward (reverse kernel ~1.5 ms + dR reduction of 6.4 GFLOP ~0.1 ms).
+//   3 heads x 256 (R = 512 KB per head) and 1 x 768 (4.7 MB): stepwise, 96 blocks per step; each
+//     reads R from L2 once per 8 batch rows (2 x 1.5 MB / 2 x 4.7 MB per step, L2-resident) and
+//     each thread does D/8 x G x 8 FMA: bound by the per-step launch latency and L2 bandwidth,
+//     ~3-5 us per step: forward ~3-5 ms, backward about 1.5x that plus the dR reduction (77 GFLOP
+//     for 1 x 768 on tf32 mma, ~0.5 ms). This misses the 1.5x-over-FlashRNN target for these two
+//     sizes; a multi-block persistent kernel (R split over co-resident blocks of a head, a grid
+//     barrier per step) is what would remove the per-step launches there.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/api.h"
+#include "common/async_copy.cuh"
+#include "common/check.cuh"
+#include "common/dtype.cuh"
+#include "common/host.cuh"
+#include "common/launch.cuh"
+#include "common/math.cuh"
+#include "common/mma.cuh"
+
+namespace rkcuda {
+namespace {
+
+constexpr int kRows = 16;           // batch rows per persistent block (the mma M dimension)
+constexpr int kMaxPersistentDim = 256;
+constexpr int kAhead = 4;          // steps ahead that the persistent kernels prefetch their inputs into L2
+constexpr int kStepRows = 8;        // batch rows per stepwise block
+constexpr int kStepCols = 16;       // channels per stepwise block
+constexpr int kKGroups = 8;         // groups of the k range per stepwise block
+constexpr int kStepThreads = kStepCols * kKGroups;  // = kStepRows * kStepCols: one cell update each
+constexpr int kStepChunk = 256;     // h_{t-1} columns staged at a time by a stepwise block
+static_assert(kStepThreads == kStepRows * kStepCols, "a stepwise thread per (row, channel) of the tile");
+constexpr int kRedTile = 64;        // dR reduction: output tile (i and j)
+constexpr int kRedChunk = 32;       // dR reduction: t*batch rows staged at a time
+constexpr int64_t kMaxT = int64_t{1} << 30;
+
+__host__ __device__ inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int gatesOf(int cell) { return cellGates(static_cast<CellKind>(cell)); }
+constexpr int statesOf(int cell) { return cellStates(static_cast<CellKind>(cell)); }
+constexpr int kElman = static_cast<int>(CellKind::Elman), kLstm = static_cast<int>(CellKind::Lstm),
+              kGru = static_cast<int>(CellKind::Gru), kSlstm = static_cast<int>(CellKind::Slstm);
+// Threads (4 per channel) the persistent kernels of a cell are compiled for: about enough for the
+// largest headDim whose R fits in shared memory (fp32 R takes twice the room), so that the registers
+// suffice (80 to 128 per thread).
+constexpr int maxThreadsOf(int cell, bool f32) {
+  return cell == kSlstm ? (f32 ? 384 : 512)
+         : f32          ? (cell == kElman ? 768 : 512)
+                        : (cell == kElman || cell == kGru ? 768 : 640);
+}
+
+// Operand types of the recurrent products: the input dtype forward, bf16 backward (16-bit inputs).
+template <class T> struct Operands { using Fwd = T; using Bwd = __nv_bfloat16; };
+template <> struct Operands<float> { using Fwd = float; using Bwd = float; };
+template <class Op> constexpr int padOf() { return std::is_same<Op, float>::value ? 4 : 8; }
+
+struct RnnParams {
+  int64_t batch = 0, T = 0, H = 0, D = 0;
+  int Dp = 16;                          // D rounded up to 16 (the product's K padding)
+  bool lastOnly = false;
+  const int32_t* lengths = nullptr;     // device, nullable
+  const void* wx = nullptr;
+  const void* R = nullptr;
+  const float* b = nullptr;
+  const float* states0 = nullptr;
+  // forward
+  void* h = nullptr;
+  float* finalStates = nullptr;
+  float* savedStates = nullptr;
+  float* savedPre = nullptr;
+  // backward
+  const float* cSavedStates = nullptr;
+  const float* cSavedPre = nullptr;
+  const void* dh = nullptr;
+  const float* dFinal = nullptr;
+  float* gr = nullptr;                  // scratch [T, batch, G, H, D]: dL/d(recurrent pre-activation)
+  void* dwx = nullptr;
+  float* dStates0 = nullptr;
+};
+
+__device__ __forceinline__ int64_t lengthOf(const RnnParams& p, int64_t b) {
+  return b >= p.batch ? 0 : p.lengths != nullptr ? static_cast<int64_t>(p.lengths[b]) : p.T;
+}
+
+// ============================== cell math ==============================
+
+// a / b within 2 ulp, without the IEEE division's slow-path call (b below 2^126 in magnitude).
+__device__ __forceinline__ float div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+// 1 / (1 + e^-x); exactly 0 where e^-x overflows the division's range.
+__device__ __forceinline__ float sigm(float x) {
+  const float d = 1.0f + expf(-x);
+  return d < 1e37f ? div(1.0f, d) : 0.0f;
+}
+__device__ __forceinline__ float logSigmoid(float x) {
+  return x >= 0.0f ? -log1pf(expf(-x)) : x - log1pf(expf(x));
+}
+
+// One step of one channel. pre[g] = wx_g + b_g + rec_g, except the GRU's n gate: pre[2] = rec_n + b_n
+// (the part r scales) and wxn = wx_n. st: the states, updated in place.
+template <int CELL>
+__device__ __forceinline__ void cellForward(const float (&pre)[gatesOf(CELL)], float wxn, float (&st)[statesOf(CELL)]) {
+  if constexpr (CELL == kElman) {
+    st[0] = tanhf(pre[0]);
+  } else if constexpr (CELL == kLstm) {
+    const float ig = sigm(pre[0]), fg = sigm(pre[1]), zt = tanhf(pre[2]), og = sigm(pre[3]);
+    const float c = fg * st[1] + ig * zt;
+    st[0] = og * tanhf(c);
+    st[1] = c;
+  } else if constexpr (CELL == kGru) {
+    const float rg = sigm(pre[0]), zg = sigm(pre[1]);
+    const float nn = tanhf(wxn + rg * pre[2]);
+    st[0] = (1.0f - zg) * nn + zg * st[0];
+  } else {
+    const float it = pre[0], u = logSigmoid(pre[1]) + st[3];
+    const float zt = tanhf(pre[2]), og = sigm(pre[3]);
+    const float m = (st[2] == 0.0f || it >= u) ? it : u;
+    const float ip = expf(it - m), fp = u > m ? 1.0f : expf(u - m);
+    const float c = fp * st[1] + ip * zt, n = fp * st[2] + ip;
+    st[0] = og * div(c, n);
+    st[1] = c;
+    st[2] = n;
+    st[3] = m;
+  }
+}
+
+// Backward of cellForward. g: dL/d(states after the step) in, the direct part of dL/d(states before
+// the step) out (the recurrent part is added by the caller). gx: dL/dwx_g; gr: dL/d(recurrent
+// pre-activation) (equal to gx except for the GRU's n gate, where it is scaled by r).
+template <int CELL>
+__device__ __forceinline__ void cellBackward(const float (&pre)[gatesOf(CELL)], float wxn, const float (&prev)[statesOf(CELL)],
+                                             float (&g)[statesOf(CELL)], float (&gx)[gatesOf(CELL)],
+                                             float (&gr)[gatesOf(CELL)]) {
+  if constexpr (CELL == kElman) {
+    const float h = tanhf(pre[0]);
+    gx[0] = gr[0] = g[0] * (1.0f - h * h);
+    g[0] = 0.0f;
+  } else if constexpr (CELL == kLstm) {
+    const float ig = sigm(pre[0]), fg = sigm(pre[1]), zt = tanhf(pre[2]), og = sigm(pre[3]);
+    const float c = fg * prev[1] + ig * zt, tc = tanhf(c);
+    const float gc = g[1] + g[0] * og * (1.0f - tc * tc);
+    gx[0] = gr[0] = gc * zt * ig * (1.0f - ig);
+    gx[1] = gr[1] = gc * prev[1] * fg * (1.0f - fg);
+    gx[2] = gr[2] = gc * ig * (1.0f - zt * zt);
+    gx[3] = gr[3] = g[0] * tc * og * (1.0f - og);
+    g[0] = 0.0f;
+    g[1] = gc * fg;
+  } else if constexpr (CELL == kGru) {
+    const float rg = sigm(pre[0]), zg = sigm(pre[1]);
+    const float nn = tanhf(wxn + rg * pre[2]);
+    const float ga = g[0] * (1.0f - zg) * (1.0f - nn * nn);
+    gx[0] = gr[0] = ga * pre[2] * rg * (1.0f - rg);
+    gx[1] = gr[1] = g[0] * (prev[0] - nn) * zg * (1.0f - zg);
+    gx[2] = ga;
+    gr[2] = ga * rg;
+    g[0] = g[0] * zg;
+  } else {
+    const float it = pre[0], fpre = pre[1], u = logSigmoid(fpre) + prev[3];
+    const float zt = tanhf(pre[2]), og = sigm(pre[3]);
+    const bool iBranch = prev[2] == 0.0f || it >= u;
+    const float m = iBranch ? it : u;
+    const bool fClamped = u > m;
+    const float ip = expf(it - m), fp = fClamped ? 1.0f : expf(u - m);
+    const float c = fp * prev[1] + ip * zt, n = fp * prev[2] + ip;
+    const float rn = div(1.0f, n);
+    const float gc = g[1] + g[0] * og * rn;
+    const float gn = g[2] - g[0] * og * c * rn * rn;
+    const float gfp = gc * prev[1] + gn * prev[2], gip = gc * zt + gn;
+    const float gfu = fClamped ? 0.0f : gfp * fp;
+    const float gm = g[3] - gfu - gip * ip;
+    float gi = gip * ip, gu = gfu;
+    if (iBranch) gi += gm; else gu += gm;
+    gx[0] = gr[0] = gi;
+    gx[1] = gr[1] = gu * sigm(-fpre);
+    gx[2] = gr[2] = gc * ip * (1.0f - zt * zt);
+    gx[3] = gr[3] = g[0] * (c * rn) * og * (1.0f - og);
+    g[0] = 0.0f;
+    g[1] = gc * fp;
+    g[2] = gn * fp;
+    g[3] = gu;
+  }
+}
+
+// ============================== the persistent kernels ==============================
+
+// acc[q][e] += sum_{k < K} A(row_e, k) B_q(k, col_e) for the calling warp's 16 x 8 tile, with
+// (row_e, col_e) the mma accumulator positions of this lane: A row-major at a (lda), B_q given
+// transposed (column n at bt + q * bStride + n * ldb, k contiguous); K a multiple of 16.
+template <class Op, int NB>
+__device__ __forceinline__ void warpProduct(float (&acc)[NB][4], const Op* a, int lda, const Op* bt, int bStride,
+                                            int ldb, int K) {
+  if constexpr (std::is_same<Op, float>::value) {
+    const int g = mma::lane() >> 2, t = mma::lane() & 3;
+    const float* a0 = a + g * lda;
+    const float* a1 = a + (g + 8) * lda;
+    for (int k = 0; k < K; k += 4) {
+      const float4 x0 = *reinterpret_cast<const float4*>(a0 + k);
+      const float4 x1 = *reinterpret_cast<const float4*>(a1 + k);
+#pragma unroll
+      for (int q = 0; q < NB; ++q) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float4 r = *reinterpret_cast<const float4*>(bt + q * bStride + (2 * t + c) * ldb + k);
+          acc[q][c] = fmaf(x0.x, r.x, fmaf(x0.y, r.y, fmaf(x0.z, r.z, fmaf(x0.w, r.w, acc[q][c]))));
+          acc[q][2 + c] = fmaf(x1.x, r.x, fmaf(x1.y, r.y, fmaf(x1.z, r.z, fmaf(x1.w, r.w, acc[q][2 + c]))));
+        }
+      }
+    }
+  } else {
+    mma::FragC c[NB];
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[q].c[e] = acc[q][e];
+    }
+    for (int k = 0; k < K; k += 16) {
+      const mma::FragA16 fa = mma::loadA16Packed(a + k, lda);
+#pragma unroll
+      for (int q = 0; q < NB; ++q) mma::mma16816<Op>(c[q], fa, mma::loadB16PackedT(bt + q * bStride + k, ldb));
+    }
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][e] = c[q].c[e];
+    }
+  }
+}
+
+template <class Op> __device__ __forceinline__ Op toOp(float x) { return fromFloat<Op>(x); }
+
+// Element e (0..3) of a lane: row rowOf(e) of the block's 16, column colOf(warp, e) of the head.
+__device__ __forceinline__ int rowOf(int e) { return (mma::lane() >> 2) + 8 * (e >> 1); }
+__device__ __forceinline__ int colOf(int e) {
+  return 8 * (static_cast<int>(threadIdx.x) >> 5) + 2 * (mma::lane() & 3) + (e & 1);
+}
+
+template <class T, int CELL>
+__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value)) fusedRnnForwardKernel(RnnParams p) {
+  using Op = typename Operands<T>::Fwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
+  const int Di = static_cast<int>(D), ld = p.Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rt = dynamicShared<Op>();     // [G][D][ld]: Rt[g][j][i] = R[g][hh][i][j], zero for i >= D
+  Op* hA = Rt + G * Di * ld;        // [2][16][ld]: h_{t-1} of the block's rows, zero past column D
+  float* bs = reinterpret_cast<float*>(hA + 2 * kRows * ld);  // [G][D]: b of the head
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Di * Di; e += nthreads) {
+    const int g = e / (Di * Di), i = (e / Di) % Di, j = e % Di;
+    Rt[(g * Di + j) * ld + i] = toOp<Op>(toFloat(R[((g * H + hh) * D + i) * D + j]));
+  }
+  for (int e = tid; e < G * Di * (ld - Di); e += nthreads) {
+    const int r = e / (ld - Di), i = Di + e % (ld - Di);
+    Rt[r * ld + i] = toOp<Op>(0.0f);
+  }
+  for (int e = tid; e < 2 * kRows * ld; e += nthreads) hA[e] = toOp<Op>(0.0f);
+  for (int e = tid; e < G * Di; e += nthreads) bs[e] = p.b[((e / Di) * H + hh) * D + e % Di];
+  __syncthreads();
+
+  float st[4][S];
+  int64_t len[2];
+  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = colOf(e);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      st[e][s] = (b < batch && p.states0 != nullptr) ? p.states0[((s * batch + b) * H + hh) * D + j] : 0.0f;
+    }
+    hA[rowOf(e) * ld + j] = toOp<Op>(st[e][0]);
+  }
+  __syncthreads();
+
+  const T* wx = static_cast<const T*>(p.wx);
+  T* hOut = static_cast<T*>(p.h);
+  for (int64_t t = 0; t < L; ++t) {
+    const int cur = static_cast<int>(t & 1);
+    // This step's input part first, so that the loads overlap the product.
+    float xin[4][G];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const bool active = t < len[e >> 1];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xin[e][g] = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + colOf(e)]) : 0.0f;
+      }
+    }
+    if ((mma::lane() & 3) == 0) {  // a later step's inputs into L2 (one lane per row and 8 columns)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b = row0 + rowOf(2 * r);
+        if (t + kAhead < len[r]) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) prefetchL2(wx + (((b * L + t + kAhead) * G + g) * H + hh) * D + 8 * warp);
+        }
+      }
+    }
+    float acc[G][4];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[g][e] = 0.0f;
+    }
+    warpProduct<Op, G>(acc, hA + cur * kRows * ld, ld, Rt + warp * 8 * ld, Di * ld, ld, p.Dp);
+    Op* hNext = hA + (cur ^ 1) * kRows * ld;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int j = colOf(e);
+      const bool active = t < len[e >> 1];
+      float pre[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float bg = bs[g * Di + j];
+        pre[g] = (CELL == kGru && g == 2) ? acc[g][e] + bg : xin[e][g] + bg + acc[g][e];
+      }
+      if (active) cellForward<CELL>(pre, xin[e][G - 1], st[e]);
+      hNext[rowOf(e) * ld + j] = toOp<Op>(st[e][0]);
+      if (b < batch) {
+        if (!p.lastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
+        if (p.savedStates != nullptr) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) p.savedStates[(((t * S + s) * batch + b) * H + hh) * D + j] = st[e][s];
+#pragma unroll
+          for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
+        }
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = colOf(e);
+    if (b >= batch) continue;
+    if (p.lastOnly) storeScalar(hOut + (b * H + hh) * D + j, st[e][0]);
+    if (p.finalStates != nullptr) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.finalStates[((s * batch + b) * H + hh) * D + j] = st[e][s];
+    }
+  }
+}
+
+template <class T, int CELL>
+__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value)) fusedRnnBackwardKernel(RnnParams p) {
+  using Op = typename Operands<T>::Bwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
+  const int Di = static_cast<int>(D), Dp = p.Dp, ld = Dp + padOf<Op>(), lda = G * Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rs = dynamicShared<Op>();     // [G][D][ld]: Rs[g][i][j] = R[g][hh][i][j], zero for j >= D
+  Op* dA = Rs + G * Di * ld;        // [2][16][lda]: dpre of the block's rows, gate g at columns g*Dp..
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Di * ld; e += nthreads) {
+    const int r = e / ld, j = e % ld;
+    Rs[e] = toOp<Op>(j < Di ? toFloat(R[(((r / Di) * H + hh) * D + r % Di) * D + j]) : 0.0f);
+  }
+  for (int e = tid; e < 2 * kRows * lda; e += nthreads) dA[e] = toOp<Op>(0.0f);
+  __syncthreads();
+
+  const T* wx = static_cast<const T*>(p.wx);
+  const T* dh = static_cast<const T*>(p.dh);
+  T* dwx = static_cast<T*>(p.dwx);
+  float gS[4][S];
+  int64_t len[2];
+  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = colOf(e);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      gS[e][s] = (b < batch && p.dFinal != nullptr) ? p.dFinal[((s * batch + b) * H + hh) * D + j] : 0.0f;
+    }
+    if (b < batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * H + hh) * D + j]);
+  }
+
+  for (int64_t t = L - 1; t >= 0; --t) {
+    // This step's saved values first, so that the loads overlap the product.
+    float pre[4][G], prev[4][S], dhv[4], wxn[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int j = colOf(e);
+      const bool active = t < len[e >> 1];
+#pragma unroll
+      for (int g = 0; g < G; ++g) pre[e][g] = active ? p.cSavedPre[(((t * batch + b) * G + g) * H + hh) * D + j] : 0.0f;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        prev[e][s] = !active ? 0.0f
+                     : t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+                     : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
+                     : 0.0f;
+      }
+      dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
+      wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
+    }
+    const int64_t tp = t - kAhead;  // an earlier step's saved values into L2 (one lane per row and 8 columns)
+    if ((mma::lane() & 3) == 0 && tp >= 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b = row0 + rowOf(2 * r);
+        if (tp >= len[r]) continue;
+        const int64_t c = hh * D + 8 * warp;
+#pragma unroll
+        for (int g = 0; g < G; ++g) prefetchL2(p.cSavedPre + ((tp * batch + b) * G + g) * H * D + c);
+        if (tp > 0) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
+        }
+        if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
+        if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
+      }
+    }
+    if (t < L - 1) {  // the recurrent part of dL/dh_t, from step t + 1's dpre
+      float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+      const Op* a = dA + static_cast<int>((t + 1) & 1) * kRows * lda;
+      for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, a + g * Dp, lda, Rs + (g * Di + warp * 8) * ld, 0, ld, Dp);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
+    }
+    Op* aNext = dA + static_cast<int>(t & 1) * kRows * lda;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int j = colOf(e);
+      const bool active = t < len[e >> 1];
+      float gx[G], gr[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) gx[g] = gr[g] = 0.0f;
+      if (active) {
+        gS[e][0] += dhv[e];
+        cellBackward<CELL>(pre[e], wxn[e], prev[e], gS[e], gx, gr);
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) aNext[rowOf(e) * lda + g * Dp + j] = toOp<Op>(gr[g]);
+      if (b < batch) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const int64_t o = (((t * batch + b) * G + g) * H + hh) * D + j;
+          p.gr[o] = gr[g];
+          storeScalar(dwx + (((b * L + t) * G + g) * H + hh) * D + j, gx[g]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (L > 0) {
+    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, dA + g * Dp, lda, Rs + (g * Di + warp * 8) * ld, 0, ld, Dp);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
+  }
+  if (p.dStates0 != nullptr) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      if (b >= batch) continue;
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.dStates0[((s * batch + b) * H + hh) * D + colOf(e)] = gS[e][s];
+    }
+  }
+}
+
+// ============================== the stepwise kernels ==============================
+
+// The per-step product of a stepwise block, whose kStepThreads threads are kStepCols columns times
+// kKGroups groups of k: group kg takes k = kg, kg + kKGroups, ... of every staged chunk, then the groups'
+// partial sums are added in a fixed order. Leaves in sums[g][r][c] (shared memory) the sum over k < D
+// of src(r, g, k) W[g][k][j0 + c] for the block's kStepRows rows r, with src(r, g, k) =
+// x[r * rowStride + g * gStride + k] (zero for rows r >= rowsValid; all zero when x is null) and W[g]
+// at w + g * wGateStride, row-major D x D (fp32 or the input dtype).
+template <int G, class W>
+__device__ __forceinline__ void stepProduct(float (&sums)[4][kKGroups][kStepRows][kStepCols], const float* x,
+                                            int64_t rowStride, int64_t gStride, int rowsValid, const W* w,
+                                            int64_t wGateStride, int64_t D, int64_t j0) {
+  __shared__ float xs[kStepRows][kStepChunk];
+  const int tid = static_cast<int>(threadIdx.x), kg = tid / kStepCols, c = tid % kStepCols;
+  const int64_t j = j0 + c;
+  float acc[G][kStepRows];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int r = 0; r < kStepRows; ++r) acc[g][r] = 0.0f;
+  }
+  if (x != nullptr) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      for (int64_t k0 = 0; k0 < D; k0 += kStepChunk) {
+        const int kn = static_cast<int>(D - k0 < kStepChunk ? D - k0 : kStepChunk);
+        for (int e = tid; e < kStepRows * kStepChunk; e += kStepThreads) {
+          const int r = e / kStepChunk, k = e % kStepChunk;
+          xs[r][k] = (r < rowsValid && k < kn) ? x[r * rowStride + g * gStride + k0 + k] : 0.0f;
+        }
+        __syncthreads();
+        if (j < D) {
+          const W* wp = w + g * wGateStride + k0 * D + j;
+#pragma unroll 4
+          for (int k = kg; k < kn; k += kKGroups) {
+            const float wv = toFloat(wp[k * D]);
+#pragma unroll
+            for (int r = 0; r < kStepRows; ++r) acc[g][r] = fmaf(xs[r][k], wv, acc[g][r]);
+          }
+        }
+        __syncthreads();
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int r = 0; r < kStepRows; ++r) sums[g][kg][r][c] = acc[g][r];
+  }
+  __syncthreads();
+  for (int e = tid; e < G * kStepRows * kStepCols; e += kStepThreads) {
+    const int g = e / (kStepRows * kStepCols), r = (e / kStepCols) % kStepRows, cc = e % kStepCols;
+    float v = sums[g][0][r][cc];
+    for (int k = 1; k < kKGroups; ++k) v += sums[g][k][r][cc];
+    sums[g][0][r][cc] = v;
+  }
+  __syncthreads();
+}
+
+// Block = (head, tile of kStepRows rows, tile of kStepCols channels); thread = one (row, channel) of
+// the tile for the cell update. hPrev / hNext: fp32 [batch, H, D]; st: fp32 [S, batch, H, D], the
+// states 1..S-1 (slot 0 unused), updated in place.
+template <class T, int CELL>
+__global__ void __launch_bounds__(kStepThreads) fusedRnnForwardStepKernel(RnnParams p, int64_t t, const float* hPrev,
+                                                                         float* hNext, float* st) {
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const unsigned colBlocks = static_cast<unsigned>(ceilDiv(D, kStepCols)), blk = blockIdx.x;
+  const unsigned Hu = static_cast<unsigned>(H);
+  const int64_t hh = blk % Hu, j0 = static_cast<int64_t>((blk / Hu) % colBlocks) * kStepCols;
+  const int64_t row0 = static_cast<int64_t>(blk / Hu / colBlocks) * kStepRows;
+  const int rowsValid = static_cast<int>(batch - row0 < kStepRows ? batch - row0 : kStepRows);
+  stepProduct<G>(sums, hPrev + (row0 * H + hh) * D, H * D, 0, rowsValid, static_cast<const T*>(p.R) + hh * D * D,
+                 H * D * D, D, j0);
+  const int r = static_cast<int>(threadIdx.x) / kStepCols, c = static_cast<int>(threadIdx.x) % kStepCols;
+  const int64_t j = j0 + c;
+  if (j >= D || r >= rowsValid) return;
+  const T* wx = static_cast<const T*>(p.wx);
+  const int64_t b = row0 + r, o = (b * H + hh) * D + j;
+  const bool active = t < lengthOf(p, b);
+  float sv[S], pre[G], wxn = 0.0f;
+  sv[0] = hPrev[o];
+#pragma unroll
+  for (int k = 1; k < S; ++k) sv[k] = st[k * batch * H * D + o];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const float x = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + j]) : 0.0f;
+    const float bg = p.b[(g * H + hh) * D + j];
+    const float rec = sums[g][0][r][c];
+    pre[g] = (CELL == kGru && g == 2) ? rec + bg : x + bg + rec;
+    if (g == G - 1) wxn = x;
+  }
+  if (active) cellForward<CELL>(pre, wxn, sv);
+  hNext[o] = sv[0];
+#pragma unroll
+  for (int k = 1; k < S; ++k) st[k * batch * H * D + o] = sv[k];
+  if (!p.lastOnly) storeScalar(static_cast<T*>(p.h) + ((b * L + t) * H + hh) * D + j, active ? sv[0] : 0.0f);
+  if (p.savedStates != nullptr) {
+#pragma unroll
+    for (int k = 0; k < S; ++k) p.savedStates[(((t * S + k) * batch + b) * H + hh) * D + j] = sv[k];
+#pragma unroll
+    for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
+  }
+}
+
+// Reverse step t (or, with t = -1, the final pass that writes dStates0) for the stepwise path. gS: fp32
+// [S, batch, H, D], dL/d(states after step t), updated in place; Rt: fp32 [G, H, D, D], Rt[g][hh][j][i] =
+// R[g][hh][i][j]. Adds the recurrent part from step t + 1's dpre (p.gr at t + 1) first.
+template <class T, int CELL>
+__global__ void __launch_bounds__(kStepThreads) fusedRnnBackwardStepKernel(RnnParams p, int64_t t, const float* Rt,
+                                                                          float* gS) {
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const unsigned colBlocks = static_cast<unsigned>(ceilDiv(D, kStepCols)), blk = blockIdx.x;
+  const unsigned Hu = static_cast<unsigned>(H);
+  const int64_t hh = blk % Hu, j0 = static_cast<int64_t>((blk / Hu) % colBlocks) * kStepCols;
+  const int64_t row0 = static_cast<int64_t>(blk / Hu / colBlocks) * kStepRows;
+  const int rowsValid = static_cast<int>(batch - row0 < kStepRows ? batch - row0 : kStepRows);
+  const float* next = t + 1 < L ? p.gr + (((t + 1) * batch + row0) * G * H + hh) * D : nullptr;
+  stepProduct<G>(sums, next, G * H * D, H * D, rowsValid, Rt + hh * D * D, H * D * D, D, j0);
+  const int r = static_cast<int>(threadIdx.x) / kStepCols, c = static_cast<int>(threadIdx.x) % kStepCols;
+  const int64_t j = j0 + c;
+  if (j >= D || r >= rowsValid) return;
+  const T* wx = static_cast<const T*>(p.wx);
+  const T* dh = static_cast<const T*>(p.dh);
+  const int64_t SE = batch * H * D;
+  const int64_t b = row0 + r, o = (b * H + hh) * D + j;
+  float g[S];
+#pragma unroll
+  for (int s = 0; s < S; ++s) g[s] = gS[s * SE + o];
+#pragma unroll
+  for (int k = 0; k < G; ++k) g[0] += sums[k][0][r][c];
+  if (t < 0) {
+    if (p.dStates0 != nullptr) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.dStates0[s * SE + o] = g[s];
+    }
+    return;
+  }
+  const bool active = t < lengthOf(p, b);
+  float gx[G], gr[G];
+#pragma unroll
+  for (int k = 0; k < G; ++k) gx[k] = gr[k] = 0.0f;
+  if (active) {
+    float pre[G], prev[S];
+#pragma unroll
+    for (int k = 0; k < G; ++k) pre[k] = p.cSavedPre[(((t * batch + b) * G + k) * H + hh) * D + j];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      prev[s] = t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+                : p.states0 != nullptr ? p.states0[s * SE + o] : 0.0f;
+    }
+    if (!p.lastOnly && dh != nullptr) g[0] += toFloat(dh[((b * L + t) * H + hh) * D + j]);
+    const float wxn = CELL == kGru ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
+    cellBackward<CELL>(pre, wxn, prev, g, gx, gr);
+  }
+#pragma unroll
+  for (int s = 0; s < S; ++s) gS[s * SE + o] = g[s];
+#pragma unroll
+  for (int k = 0; k < G; ++k) {
+    p.gr[(((t * batch + b) * G + k) * H + hh) * D + j] = gr[k];
+    storeScalar(static_cast<T*>(p.dwx) + (((b * L + t) * G + k) * H + hh) * D + j, gx[k]);
+  }
+}
+
+// Stepwise forward set-up: h (hA) and the other states (st) from states0 or zeros.
+__global__ void __launch_bounds__(256) initStatesKernel(const float* states0, float* hA, float* st, int64_t S,
+                                                        int64_t SE) {
+  for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < S * SE; e += int64_t{gridDim.x} * 256) {
+    const float v = states0 != nullptr ? states0[e] : 0.0f;
+    if (e < SE) hA[e] = v; else st[e] = v;
+  }
+}
+
+// Stepwise forward finish: finalStates and (returnLastOnly) h from the last states.
+template <class T>
+__global__ void __launch_bounds__(256) finishForwardKernel(const float* hLast, const float* st, float* finalStates,
+                                                           T* h, int64_t S, int64_t SE) {
+  for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < SE; e += int64_t{gridDim.x} * 256) {
+    if (h != nullptr) storeScalar(h + e, hLast[e]);
+    if (finalStates != nullptr) {
+      for (int64_t s = 0; s < S; ++s) finalStates[s * SE + e] = s == 0 ? hLast[e] : st[s * SE + e];
+    }
+  }
+}
+
+// Stepwise backward set-up: gS = dFinal (or 0), plus dh on h with returnLastOnly.
+template <class T>
+__global__ void __launch_bounds__(256) initGradKernel(const float* dFinal, const T* dhLast, float* gS, int64_t S,
+                                                      int64_t SE) {
+  for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < S * SE; e += int64_t{gridDim.x} * 256) {
+    float v = dFinal != nullptr ? dFinal[e] : 0.0f;
+    if (e < SE && dhLast != nullptr) v += toFloat(dhLast[e]);
+    gS[e] = v;
+  }
+}
+
+// Rt[g][hh][j][i] = R[g][hh][i][j] in fp32 (stepwise backward).
+template <class T>
+__global__ void __launch_bounds__(256) transposeRKernel(const T* R, float* Rt, int64_t mats, int64_t D) {
+  for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < mats * D * D; e += int64_t{gridDim.x} * 256) {
+    const int64_t m = e / (D * D), i = (e / D) % D, j = e % D;
+    Rt[(m * D + j) * D + i] = toFloat(R[e]);
+  }
+}
+
+// ============================== dR and db ==============================
+
+// Block = (split, gate*head matrix, i tile, j tile); partial sums over its share of the t*batch rows n:
+//   partR[split][mat][i][j] = sum_n h_{t-1}[n][i] gr[n][mat][j],  partB[split][mat][j] = sum_n gr[n][mat][j]
+// (partB written by the blocks of i tile 0). 16-bit dtypes: tf32 mma; fp32: FMA.
+template <bool TF32>
+__global__ void __launch_bounds__(256) reduceGradKernel(RnnParams p, int S, int G, int64_t splits, int64_t rowsPerSplit,
+                                                        float* partR, float* partB) {
+  __shared__ __align__(16) float hs[kRedChunk][kRedTile + 4];
+  __shared__ __align__(16) float gs[kRedChunk][kRedTile + 4];
+  const int64_t H = p.H, D = p.D, batch = p.batch, N = p.T * p.batch, mats = G * H;
+  const int64_t tiles = ceilDiv(D, kRedTile);
+  unsigned blk = blockIdx.x;
+  const int64_t tj = blk % static_cast<unsigned>(tiles);
+  blk /= static_cast<unsigned>(tiles);
+  const int64_t ti = blk % static_cast<unsigned>(tiles);
+  blk /= static_cast<unsigned>(tiles);
+  const int64_t mat = blk % static_cast<unsigned>(mats), split = blk / static_cast<unsigned>(mats);
+  const bool narrow = N < INT_MAX;  // 32-bit divisions below
+  const int64_t hh = mat % H, i0 = ti * kRedTile, j0 = tj * kRedTile;
+  const int64_t n0 = split * rowsPerSplit, n1 = n0 + rowsPerSplit < N ? n0 + rowsPerSplit : N;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
+  const int mt = warp >> 1, ntBase = (warp & 1) * 4;  // rows i: mt*16.., columns j: (ntBase+q)*8..
+  float acc[4][4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
+  }
+  float dbAcc = 0.0f;
+  for (int64_t nc = n0; nc < n1; nc += kRedChunk) {
+    for (int e = tid; e < kRedChunk * kRedTile; e += 256) {
+      const int r = e / kRedTile, c = e % kRedTile;
+      const int64_t n = nc + r;
+      const int64_t t = narrow ? static_cast<int64_t>(static_cast<unsigned>(n) / static_cast<unsigned>(batch)) : n / batch;
+      const int64_t b = n - t * batch;
+      float hv = 0.0f, gv = 0.0f;
+      if (n < n1) {
+        if (i0 + c < D) {
+          hv = t > 0 ? p.cSavedStates[(((t - 1) * S * batch + b) * H + hh) * D + i0 + c]
+               : p.states0 != nullptr ? p.states0[(b * H + hh) * D + i0 + c] : 0.0f;
+        }
+        if (j0 + c < D) gv = p.gr[(n * mats + mat) * D + j0 + c];
+      }
+      hs[r][c] = hv;
+      gs[r][c] = gv;
+    }
+    __syncthreads();
+    if constexpr (TF32) {
+      for (int k0 = 0; k0 < kRedChunk; k0 += 8) {
+        const mma::FragATf32 fa = mma::loadATf32([&](int r, int c) { return hs[k0 + c][mt * 16 + r]; });
+        for (int q = 0; q < 4; ++q) {
+          const int nb = (ntBase + q) * 8;
+          const mma::FragBTf32 fb = mma::loadBTf32([&](int k, int n) { return gs[k0 + k][nb + n]; });
+          mma::FragC c;
+          for (int e = 0; e < 4; ++e) c.c[e] = acc[q][e];
+          mma::mma1688tf32(c, fa, fb);
+          for (int e = 0; e < 4; ++e) acc[q][e] = c.c[e];
+        }
+      }
+    } else {
+      const int g = mma::lane() >> 2, tq = mma::lane() & 3;
+      for (int k = 0; k < kRedChunk; ++k) {
+        const float a0 = hs[k][mt * 16 + g], a1 = hs[k][mt * 16 + g + 8];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int nb = (ntBase + q) * 8 + 2 * tq;
+          const float b0 = gs[k][nb], b1 = gs[k][nb + 1];
+          acc[q][0] = fmaf(a0, b0, acc[q][0]);
+          acc[q][1] = fmaf(a0, b1, acc[q][1]);
+          acc[q][2] = fmaf(a1, b0, acc[q][2]);
+          acc[q][3] = fmaf(a1, b1, acc[q][3]);
+        }
+      }
+    }
+    if (ti == 0 && tid < kRedTile) {
+      for (int r = 0; r < kRedChunk; ++r) dbAcc += gs[r][tid];
+    }
+    __syncthreads();
+  }
+  float* out = partR + (split * mats + mat) * D * D;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    mma::storeC(mma::FragC{{acc[q][0], acc[q][1], acc[q][2], acc[q][3]}}, [&](int r, int c, float v) {
+      const int64_t i = i0 + mt * 16 + r, j = j0 + (ntBase + q) * 8 + c;
+      if (i < D && j < D) out[i * D + j] = v;
+    });
+  }
+  if (ti == 0 && tid < kRedTile && j0 + tid < D) partB[(split * mats + mat) * D + j0 + tid] = dbAcc;
+}
+
+// dR (dtype T) and db (fp32): the partial sums of every split added in order.
+template <class T>
+__global__ void __launch_bounds__(256) finishGradKernel(const float* partR, const float* partB, int64_t splits,
+                                                        int64_t nR, int64_t nB, T* dR, float* db) {
+  for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < nR + nB; e += int64_t{gridDim.x} * 256) {
+    float s = 0.0f;
+    if (e < nR) {
+      for (int64_t k = 0; k < splits; ++k) s += partR[k * nR + e];
+      storeScalar(dR + e, s);
+    } else {
+      for (int64_t k = 0; k < splits; ++k) s += partB[k * nB + e - nR];
+      db[e - nR] = s;
+    }
+  }
+}
+
+// ============================== launch ==============================
+
+Status checkArgs(const FusedRnnArgs& a, const std::string& fn) {
+  auto bad = [&](const std::string& what) { return statusError(fn + ": " + what); };
+  if (a.dt != DType::F32 && a.dt != DType::F16 && a.dt != DType::BF16) return bad("unknown dtype");
+  if (a.cell != CellKind::Elman && a.cell != CellKind::Lstm && a.cell != CellKind::Gru && a.cell != CellKind::Slstm) {
+    return bad("unknown cell");
+  }
+  if (a.batch < 0 || a.T < 0) return bad("negative size");
+  if (a.T > kMaxT) return bad("T above 2^30");
+  if (a.heads < 1 || a.headDim < 1) return bad("heads and headDim must be at least 1");
+  if (a.headDim > 4096) return bad("headDim above 4096");
+  if (a.batch > 0 && a.lengths != nullptr) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      if (a.lengths[b] < 0 || a.lengths[b] > a.T) {
+        return bad("lengths[" + std::to_string(b) + "] = " + std::to_string(a.lengths[b]) + " is outside [0, T]");
+      }
+    }
+  }
+  if (a.batch > 0 && ((a.T > 0 && a.wx == nullptr) || a.R == nullptr || a.b == nullptr)) return bad("null input");
+  return Status{};
+}
+
+RnnParams baseParams(const FusedRnnArgs& a) {
+  RnnParams p;
+  p.batch = a.batch;
+  p.T = a.T;
+  p.H = a.heads;
+  p.D = a.headDim;
+  p.Dp = static_cast<int>(ceilDiv(a.headDim, 16) * 16);
+  p.lastOnly = a.returnLastOnly;
+  p.wx = a.wx;
+  p.R = a.R;
+  p.b = a.b;
+  p.states0 = a.states0;
+  return p;
+}
+
+Status uploadLengths(const FusedRnnArgs& a, DeviceBuffer* buffer, const int32_t** out) {
+  *out = nullptr;
+  if (a.lengths == nullptr || a.batch == 0) return Status{};
+  const size_t bytes = static_cast<size_t>(a.batch) * sizeof(int32_t);
+  RK_TRY(buffer->allocate(bytes));
+  RK_CUDA_TRY(cudaMemcpyAsync(buffer->get(), a.lengths, bytes, cudaMemcpyHostToDevice, 0));
+  *out = static_cast<const int32_t*>(buffer->get());
+  return Status{};
+}
+
+// Calls f(std::integral_constant<int, cell>{}).
+template <class F> Status dispatchCell(CellKind c, F&& f) {
+  switch (c) {
+    case CellKind::Elman: return f(std::integral_constant<int, kElman>{});
+    case CellKind::Lstm: return f(std::integral_constant<int, kLstm>{});
+    case CellKind::Gru: return f(std::integral_constant<int, kGru>{});
+    case CellKind::Slstm: return f(std::integral_constant<int, kSlstm>{});
+  }
+  return statusError("unknown cell");
+}
+
+Status deviceAttribute(cudaDeviceAttr attr, int* value) {
+  int dev = 0;
+  RK_CUDA_TRY(cudaGetDevice(&dev));
+  RK_CUDA_TRY(cudaDeviceGetAttribute(value, attr, dev));
+  return Status{};
+}
+
+// Shared memory of the persistent kernel (forward or backward), 0 when it does not apply.
+template <class Op>
+size_t persistentShared(int cell, int64_t D, bool backward, bool f32) {
+  const int G = gatesOf(cell);
+  if (D % 8 != 0 || D > kMaxPersistentDim || 4 * D > maxThreadsOf(cell, f32)) return 0;
+  const int64_t Dp = ceilDiv(D, 16) * 16, pad = padOf<Op>();
+  const int64_t tile = backward ? G * Dp + pad : Dp + pad;
+  const int64_t bias = backward ? 0 : G * D * static_cast<int64_t>(sizeof(float));
+  return static_cast<size_t>((G * D * (Dp + pad) + 2 * kRows * tile) * static_cast<int64_t>(sizeof(Op)) + bias);
+}
+
+// 1: persistent (shared memory bytes in *shared), 2: stepwise.
+template <class Op>
+Status choosePath(const std::string& fn, int cell, int64_t D, bool backward, bool f32, int* path, size_t* shared) {
+  int optin = 0;
+  RK_TRY(deviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+  *shared = persistentShared<Op>(cell, D, backward, f32);
+  const bool fits = *shared > 0 && *shared <= static_cast<size_t>(optin);
+  *path = tunable("fusedRnn.path", fits ? 1 : 2);
+  if (*path != 1 && *path != 2) return statusError(fn + ": unknown path " + std::to_string(*path));
+  if (*path == 1 && !fits) return statusError(fn + ": headDim " + std::to_string(D) + " does not fit the persistent kernel");
+  return Status{};
+}
+
+unsigned gridFor(int64_t n) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceilDiv(n, 256), 4096))); }
+
+Status blocksFor(const std::string& fn, int64_t blocks, unsigned* grid) {
+  if (blocks > INT_MAX) return statusError(fn + ": too many blocks for one launch");
+  *grid = static_cast<unsigned>(blocks);
+  return Status{};
+}
+
+template <class T, int CELL>
+Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRnnOutputs& o) {
+  constexpr int S = statesOf(CELL);
+  RnnParams p = baseParams(a);
+  p.h = o.h;
+  p.finalStates = o.finalStates;
+  p.savedStates = o.savedStates;
+  p.savedPre = o.savedPre;
+  DeviceBuffer lens;
+  RK_TRY(uploadLengths(a, &lens, &p.lengths));
+  int path = 0;
+  size_t shared = 0;
+  RK_TRY(choosePath<typename Operands<T>::Fwd>(fn, CELL, a.headDim, false, std::is_same<T, float>::value, &path,
+                                               &shared));
+  if (path == 1) {
+    unsigned grid = 0;
+    RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));
+    RK_TRY(allowDynamicShared(fusedRnnForwardKernel<T, CELL>, shared));
+    return launch(fusedRnnForwardKernel<T, CELL>, grid, static_cast<unsigned>(4 * a.headDim), shared, p);
+  }
+  const int64_t SE = a.batch * a.heads * a.headDim;
+  DeviceBuffer scratch;  // h twice (ping-pong), then the states 1..S-1 at their slots
+  RK_TRY(scratch.allocate(static_cast<size_t>((S + 1) * SE) * sizeof(float)));
+  float* hBuf[2] = {static_cast<float*>(scratch.get()), static_cast<float*>(scratch.get()) + SE};
+  float* st = static_cast<float*>(scratch.get()) + SE;  // slot s at st + s * SE, s >= 1
+  RK_TRY(launch(initStatesKernel, gridFor(S * SE), 256, 0, a.states0, hBuf[0], st, static_cast<int64_t>(S), SE));
+  unsigned grid = 0;
+  RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.headDim, kStepCols) * ceilDiv(a.batch, kStepRows), &grid));
+  for (int64_t t = 0; t < a.T; ++t) {
+    RK_TRY(launch(fusedRnnForwardStepKernel<T, CELL>, grid, kStepThreads, 0, p, t, hBuf[t & 1], hBuf[(t + 1) & 1], st));
+  }
+  return launch(finishForwardKernel<T>, gridFor(SE), 256, 0, hBuf[a.T & 1], st, o.finalStates,
+                a.returnLastOnly ? static_cast<T*>(o.h) : nullptr, static_cast<int64_t>(S), SE);
+}
+
+template <class T, int CELL>
+Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedRnnGrads& g) {
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  RnnParams p = baseParams(a);
+  p.cSavedStates = g.savedStates;
+  p.cSavedPre = g.savedPre;
+  p.dh = g.dh;
+  p.dFinal = g.dFinal;
+  p.dwx = g.dwx;
+  p.dStates0 = g.dStates0;
+  DeviceBuffer lens;
+  RK_TRY(uploadLengths(a, &lens, &p.lengths));
+  const int64_t SE = a.batch * a.heads * a.headDim, N = a.T * a.batch, mats = G * a.heads;
+  const int64_t DD = a.headDim * a.headDim;
+  DeviceBuffer grBuf;
+  if (N > 0) {
+    RK_TRY(grBuf.allocate(static_cast<size_t>(N * G * a.heads * a.headDim) * sizeof(float)));
+    p.gr = static_cast<float*>(grBuf.get());
+  }
+  int path = 0;
+  size_t shared = 0;
+  RK_TRY(choosePath<typename Operands<T>::Bwd>(fn, CELL, a.headDim, true, std::is_same<T, float>::value, &path,
+                                               &shared));
+  if (a.batch == 0) {
+    // Nothing flows: dR and db are zeros (below).
+  } else if (path == 1) {
+    unsigned grid = 0;
+    RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));
+    RK_TRY(allowDynamicShared(fusedRnnBackwardKernel<T, CELL>, shared));
+    RK_TRY(launch(fusedRnnBackwardKernel<T, CELL>, grid, static_cast<unsigned>(4 * a.headDim), shared, p));
+  } else {
+    DeviceBuffer scratch;  // gS [S, batch, H, D], then R transposed in fp32
+    RK_TRY(scratch.allocate(static_cast<size_t>(S * SE + mats * DD) * sizeof(float)));
+    float* gS = static_cast<float*>(scratch.get());
+    float* Rt = gS + S * SE;
+    RK_TRY(launch(initGradKernel<T>, gridFor(S * SE), 256, 0, g.dFinal,
+                  a.returnLastOnly ? static_cast<const T*>(g.dh) : nullptr, gS, static_cast<int64_t>(S), SE));
+    RK_TRY(launch(transposeRKernel<T>, gridFor(mats * DD), 256, 0, static_cast<const T*>(a.R), Rt, mats,
+                  a.headDim));
+    unsigned grid = 0;
+    RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.headDim, kStepCols) * ceilDiv(a.batch, kStepRows), &grid));
+    for (int64_t t = a.T - 1; t >= -1; --t) {
+      RK_TRY(launch(fusedRnnBackwardStepKernel<T, CELL>, grid, kStepThreads, 0, p, t, static_cast<const float*>(Rt), gS));
+    }
+  }
+  // dR and db.
+  int sms = 0;
+  RK_TRY(deviceAttribute(cudaDevAttrMultiProcessorCount, &sms));
+  const int64_t tiles = ceilDiv(a.headDim, kRedTile), base = mats * tiles * tiles;
+  const int64_t maxSplits = std::max<int64_t>(1, ceilDiv(N, 4 * kRedChunk));
+  const int64_t chosen = std::min<int64_t>(maxSplits, std::max<int64_t>(1, ceilDiv(2 * sms, base)));
+  const int64_t splits = tunable("fusedRnn.reduceSplits", static_cast<int>(std::min<int64_t>(chosen, 1024)));
+  if (splits < 1) return statusError(fn + ": split count below 1");
+  const int64_t rowsPerSplit = std::max<int64_t>(1, ceilDiv(N, splits));
+  DeviceBuffer part;
+  RK_TRY(part.allocate(static_cast<size_t>(splits * (mats * DD + mats * a.headDim)) * sizeof(float)));
+  float* partR = static_cast<float*>(part.get());
+  float* partB = partR + splits * mats * DD;
+  unsigned grid = 0;
+  RK_TRY(blocksFor(fn, base * splits, &grid));
+  if (std::is_same<T, float>::value) {
+    RK_TRY(launch(reduceGradKernel<false>, grid, 256, 0, p, S, G, splits, rowsPerSplit, partR, partB));
+  } else {
+    RK_TRY(launch(reduceGradKernel<true>, grid, 256, 0, p, S, G, splits, rowsPerSplit, partR, partB));
+  }
+  return launch(finishGradKernel<T>, gridFor(mats * DD + mats * a.headDim), 256, 0, static_cast<const float*>(partR),
+                static_cast<const float*>(partB), splits, mats * DD, mats * a.headDim, static_cast<T*>(g.dR), g.db);
+}
+
+}  // namespace
+
+Status fusedRnnForward(const FusedRnnArgs& a, const FusedRnnOutputs& o) {
+  const std::string fn = "fusedRnnForward";
+  RK_TRY(checkArgs(a, fn));
+  if ((o.savedStates == nullptr) != (o.savedPre == nullptr)) {
+    return statusError(fn + ": savedStates and savedPre go together");
+  }
+  if (a.batch == 0) return Status{};
+  if (o.h == nullptr && (a.returnLastOnly || a.T > 0)) return statusError(fn + ": null h");
+  return dispatchDType(a.dt, [&](auto tag) -> Status {
+    using T = typename decltype(tag)::type;
+    return dispatchCell(a.cell, [&](auto cell) -> Status { return launchForward<T, decltype(cell)::value>(fn, a, o); });
+  });
+}
+
+Status fusedRnnBackward(const FusedRnnArgs& a, const FusedRnnGrads& g) {
+  const std::string fn = "fusedRnnBackward";
+  RK_TRY(checkArgs(a, fn));
+  if (g.dR == nullptr || g.db == nullptr) return statusError(fn + ": null dR or db");
+  if (a.batch > 0 && a.T > 0 && (g.dwx == nullptr || g.savedStates == nullptr || g.savedPre == nullptr)) {
+    return statusError(fn + ": null dwx or saved tensors");
+  }
+  return dispatchDType(a.dt, [&](auto tag) -> Status {
+    using T = typename decltype(tag)::type;
+    return dispatchCell(a.cell, [&](auto cell) -> Status { return launchBackward<T, decltype(cell)::value>(fn, a, g); });
+  });
+}
+
+}  // namespace rkcuda

@@ -1,0 +1,690 @@
+// CPU test of the fused recurrent cell kernels (cuda/cells/fused_rnn.cu, compiled unmodified) through
+// the SIMT emulator in emu.h. The real launchers run on small problems and every output is compared
+// with a float64 reference written here as plain loops (the sequential recurrence of the four cells
+// and its backward by hand, the backward itself checked against finite differences of the reference
+// forward):
+//   * fusedRnnForward / fusedRnnBackward for Elman, LSTM, GRU and sLSTM, every dtype, on the
+//     persistent and the stepwise path (pinned through rkcuda::tunable "fusedRnn.path"); batch 1, 3,
+//     17 (one and two batch tiles); headDim 16, 24, 48, 64 (persistent and stepwise) and 20, 264 (fp32)
+//     or 136 (16-bit) only stepwise: not a multiple of 8, more channels than a stepwise block (and
+//     than its staging chunk), where the launcher itself must choose the stepwise path for 20 and 264;
+//     T 0, 1, 5, 33; batch 0; several heads; lengths per row (0 and T among them) or none; returnLastOnly;
+//     states0 (with empty sLSTM states), finalStates, dh, dFinal and dStates0 each on and off;
+//     inference (no saved tensors); the dR reduction with one and several splits;
+//   * the saved tensors (states after every step, pre-activations) against the reference;
+//   * a pinned persistent path that cannot run, and other arguments the launchers must refuse.
+// Outputs are poisoned (NaN) before each call, so anything left unwritten fails; sentinels around
+// every output catch out-of-bounds writes; h past a row's length must be exactly 0; every
+// stream-ordered allocation must be freed; every kernel instantiation must run.
+// Prints failures and a summary line "<n> checks, <m> failures"; exits 1 on any failure. Built and
+// run by tests/cuda-emulator.test.ts; by hand (from the repository root):
+//   g++ -std=c++17 -O1 -fno-strict-aliasing -I<CUDA include dir> -Icuda tests/cuda-emulator/fused_rnn_test.cpp
+#include "emu.h"
+// The kernels under test, after the emulator.
+#include "cells/fused_rnn.cu"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace {
+
+using rkcuda::CellKind;
+using rkcuda::DType;
+
+template <class T> struct Elem;
+template <> struct Elem<float> {
+  static constexpr DType dtype = DType::F32;
+  static constexpr const char* name = "f32";
+  static constexpr double tolerance = 2e-5;
+  static float from(double x) { return static_cast<float>(x); }
+  static double value(float x) { return x; }
+};
+template <> struct Elem<__half> {
+  static constexpr DType dtype = DType::F16;
+  static constexpr const char* name = "f16";
+  static constexpr double tolerance = 1e-2;
+  static __half from(double x) { return __float2half_rn(static_cast<float>(x)); }
+  static double value(__half x) { return __half2float(x); }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static constexpr DType dtype = DType::BF16;
+  static constexpr const char* name = "bf16";
+  static constexpr double tolerance = 2e-2;
+  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
+  static double value(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+
+// ---- reporting ----
+
+constexpr long kMaxReported = 40;
+long checks = 0, failures = 0;
+std::string context;
+
+void check(bool ok, const std::string& what, double got = 0, double want = 0) {
+  ++checks;
+  if (ok) return;
+  if (++failures <= kMaxReported) std::printf("FAIL %s: got %.9g, want %.9g  (%s)\n", what.c_str(), got, want, context.c_str());
+}
+
+// ||got - want|| <= tol * ||want|| (or a small absolute error when want is all but zero); NaN fails.
+void compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol) {
+  double num = 0, den = 0, worstDiff = -1;
+  bool finite = got.size() == want.size();
+  size_t worst = 0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    if (!std::isfinite(got[i])) finite = false;
+    const double diff = got[i] - want[i];
+    num += diff * diff;
+    den += want[i] * want[i];
+    if (!(std::fabs(diff) <= worstDiff)) {
+      worstDiff = std::fabs(diff);
+      worst = i;
+    }
+  }
+  const double err = std::sqrt(num), ref = std::sqrt(den);
+  const bool ok = finite && (err <= tol * ref || err <= 1e-6 * std::sqrt(static_cast<double>(got.size()) + 1));
+  ++checks;
+  if (ok) return;
+  if (++failures <= kMaxReported) {
+    std::printf("FAIL %s: relative error %.3g (tolerance %.3g), worst at [%zu]: got %.9g, want %.9g  (%s)\n",
+                what.c_str(), ref > 0 ? err / ref : err, tol, worst, worst < got.size() ? got[worst] : 0.0,
+                worst < want.size() ? want[worst] : 0.0, context.c_str());
+  }
+}
+
+// A device array stand-in with kGuard sentinels on each side.
+template <class T>
+struct Buf {
+  static constexpr int kGuard = 16;
+  std::vector<uint4> storage;
+  T* data = nullptr;
+  size_t n = 0;
+  Buf() = default;
+  explicit Buf(size_t count) : storage(((count + 2 * kGuard) * sizeof(T) + 15) / 16), n(count) {
+    T* base = reinterpret_cast<T*>(storage.data());
+    std::fill(base, base + storage.size() * 16 / sizeof(T), sentinel());
+    data = base + kGuard;
+  }
+  static T sentinel() { return Elem<T>::from(12345.0); }
+  void set(const std::vector<double>& v) {
+    for (size_t i = 0; i < n; ++i) data[i] = Elem<T>::from(v[i]);
+  }
+  void poison() { std::memset(static_cast<void*>(data), 0xff, n * sizeof(T)); }
+  std::vector<double> get() const {
+    std::vector<double> v(n);
+    for (size_t i = 0; i < n; ++i) v[i] = Elem<T>::value(data[i]);
+    return v;
+  }
+  bool guardsIntact() const {
+    const double s = Elem<T>::value(sentinel());
+    for (int i = 0; i < kGuard; ++i) {
+      if (Elem<T>::value(data[-1 - i]) != s || Elem<T>::value(data[n + i]) != s) return false;
+    }
+    return true;
+  }
+};
+
+template <class T>
+void checkOutput(const std::string& what, const Buf<T>& buf, const std::vector<double>& want, double tol) {
+  compare(what, buf.get(), want, tol);
+  check(buf.guardsIntact(), what + ": write outside the array");
+}
+
+template <class T> double roundTo(double x) { return Elem<T>::value(Elem<T>::from(x)); }
+
+// ---- the problem and its float64 reference ----
+
+const char* cellName(CellKind c) {
+  switch (c) {
+    case CellKind::Elman: return "elman";
+    case CellKind::Lstm: return "lstm";
+    case CellKind::Gru: return "gru";
+    default: return "slstm";
+  }
+}
+
+struct Problem {
+  CellKind cell = CellKind::Lstm;
+  int64_t batch = 1, T = 1, H = 1, D = 1;
+  int G = 1, S = 1;
+  bool lastOnly = false, hasLengths = false, hasStates0 = false;
+  std::vector<int32_t> lengths;  // always filled (T where none are given)
+  std::vector<double> wx, R, b, states0, dh, dFinal;
+};
+
+struct Ref {
+  std::vector<double> h, finalStates, savedStates, savedPre, dwx, dR, db, dStates0;
+};
+
+double sigmoid(double x) { return x >= 0 ? 1 / (1 + std::exp(-x)) : std::exp(x) / (1 + std::exp(x)); }
+double logsigmoid(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
+
+// One step of one channel: p[g] pre-activations (GRU n gate: rec_n + b_n, with wxn = wx_n), st the states.
+void stepRef(CellKind cell, const double* p, double wxn, double* st) {
+  switch (cell) {
+    case CellKind::Elman: st[0] = std::tanh(p[0]); return;
+    case CellKind::Lstm: {
+      const double c = sigmoid(p[1]) * st[1] + sigmoid(p[0]) * std::tanh(p[2]);
+      st[0] = sigmoid(p[3]) * std::tanh(c);
+      st[1] = c;
+      return;
+    }
+    case CellKind::Gru: {
+      const double r = sigmoid(p[0]), z = sigmoid(p[1]), n = std::tanh(wxn + r * p[2]);
+      st[0] = (1 - z) * n + z * st[0];
+      return;
+    }
+    default: {
+      const double it = p[0], u = logsigmoid(p[1]) + st[3], zt = std::tanh(p[2]), og = sigmoid(p[3]);
+      const double m = (st[2] == 0 || it >= u) ? it : u;
+      const double ip = std::exp(it - m), fp = u > m ? 1 : std::exp(u - m);
+      const double c = fp * st[1] + ip * zt, n = fp * st[2] + ip;
+      st[0] = og * c / n;
+      st[1] = c;
+      st[2] = n;
+      st[3] = m;
+      return;
+    }
+  }
+}
+
+// Backward of stepRef: g (dL/d states after) in, the direct dL/d states before out; gx = dL/dwx_g,
+// gr = dL/d(recurrent pre-activation).
+void stepRefBackward(CellKind cell, const double* p, double wxn, const double* prev, double* g, double* gx, double* gr) {
+  switch (cell) {
+    case CellKind::Elman: {
+      const double h = std::tanh(p[0]);
+      gx[0] = gr[0] = g[0] * (1 - h * h);
+      g[0] = 0;
+      return;
+    }
+    case CellKind::Lstm: {
+      const double ig = sigmoid(p[0]), fg = sigmoid(p[1]), zt = std::tanh(p[2]), og = sigmoid(p[3]);
+      const double c = fg * prev[1] + ig * zt, tc = std::tanh(c);
+      const double gc = g[1] + g[0] * og * (1 - tc * tc);
+      gx[0] = gr[0] = gc * zt * ig * (1 - ig);
+      gx[1] = gr[1] = gc * prev[1] * fg * (1 - fg);
+      gx[2] = gr[2] = gc * ig * (1 - zt * zt);
+      gx[3] = gr[3] = g[0] * tc * og * (1 - og);
+      g[0] = 0;
+      g[1] = gc * fg;
+      return;
+    }
+    case CellKind::Gru: {
+      const double r = sigmoid(p[0]), z = sigmoid(p[1]), n = std::tanh(wxn + r * p[2]);
+      const double ga = g[0] * (1 - z) * (1 - n * n);
+      gx[0] = gr[0] = ga * p[2] * r * (1 - r);
+      gx[1] = gr[1] = g[0] * (prev[0] - n) * z * (1 - z);
+      gx[2] = ga;
+      gr[2] = ga * r;
+      g[0] = g[0] * z;
+      return;
+    }
+    default: {
+      const double it = p[0], u = logsigmoid(p[1]) + prev[3], zt = std::tanh(p[2]), og = sigmoid(p[3]);
+      const bool iBranch = prev[2] == 0 || it >= u;
+      const double m = iBranch ? it : u;
+      const bool clamped = u > m;
+      const double ip = std::exp(it - m), fp = clamped ? 1 : std::exp(u - m);
+      const double c = fp * prev[1] + ip * zt, n = fp * prev[2] + ip;
+      const double gc = g[1] + g[0] * og / n, gn = g[2] - g[0] * og * c / (n * n);
+      const double gfp = gc * prev[1] + gn * prev[2], gip = gc * zt + gn;
+      const double gfu = clamped ? 0 : gfp * fp, gm = g[3] - gfu - gip * ip;
+      double gi = gip * ip, gu = gfu;
+      if (iBranch) gi += gm; else gu += gm;
+      gx[0] = gr[0] = gi;
+      gx[1] = gr[1] = gu * sigmoid(-p[1]);
+      gx[2] = gr[2] = gc * ip * (1 - zt * zt);
+      gx[3] = gr[3] = g[0] * (c / n) * og * (1 - og);
+      g[0] = 0;
+      g[1] = gc * fp;
+      g[2] = gn * fp;
+      g[3] = gu;
+      return;
+    }
+  }
+}
+
+// Forward (and, with backward, the gradients of sum(dh * h) + sum(dFinal * finalStates)).
+Ref reference(const Problem& P, bool backward) {
+  const int64_t B = P.batch, T = P.T, H = P.H, D = P.D;
+  const int G = P.G, S = P.S;
+  const bool gru = P.cell == CellKind::Gru;
+  Ref r;
+  r.h.assign(P.lastOnly ? B * H * D : B * T * H * D, 0.0);
+  r.finalStates.assign(S * B * H * D, 0.0);
+  r.savedStates.assign(T * S * B * H * D, 0.0);
+  r.savedPre.assign(T * B * G * H * D, 0.0);
+  r.dwx.assign(B * T * G * H * D, 0.0);
+  r.dR.assign(G * H * D * D, 0.0);
+  r.db.assign(G * H * D, 0.0);
+  r.dStates0.assign(S * B * H * D, 0.0);
+  auto wxAt = [&](int64_t b, int64_t t, int g, int64_t hh, int64_t j) { return P.wx[(((b * T + t) * G + g) * H + hh) * D + j]; };
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = P.lengths[b];
+    for (int64_t hh = 0; hh < H; ++hh) {
+      // traj[t][s][j]: states before step t (t <= len); pre[t][g][j].
+      std::vector<double> traj((len + 1) * S * D), pre(len * G * D);
+      for (int s = 0; s < S; ++s) {
+        for (int64_t j = 0; j < D; ++j) traj[s * D + j] = P.hasStates0 ? P.states0[((s * B + b) * H + hh) * D + j] : 0;
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        const double* hp = &traj[t * S * D];
+        for (int64_t j = 0; j < D; ++j) {
+          double p[4], st[4];
+          for (int g = 0; g < G; ++g) {
+            double rec = 0;
+            for (int64_t k = 0; k < D; ++k) rec += hp[k] * P.R[((g * H + hh) * D + k) * D + j];
+            const double bias = P.b[(g * H + hh) * D + j];
+            p[g] = (gru && g == 2) ? rec + bias : wxAt(b, t, g, hh, j) + bias + rec;
+            pre[(t * G + g) * D + j] = p[g];
+          }
+          for (int s = 0; s < S; ++s) st[s] = traj[(t * S + s) * D + j];
+          stepRef(P.cell, p, gru ? wxAt(b, t, 2, hh, j) : 0, st);
+          for (int s = 0; s < S; ++s) traj[((t + 1) * S + s) * D + j] = st[s];
+        }
+      }
+      for (int64_t j = 0; j < D; ++j) {
+        for (int s = 0; s < S; ++s) r.finalStates[((s * B + b) * H + hh) * D + j] = traj[(len * S + s) * D + j];
+        if (P.lastOnly) r.h[(b * H + hh) * D + j] = traj[len * S * D + j];
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t tt = std::min(t + 1, len);
+          for (int s = 0; s < S; ++s) r.savedStates[(((t * S + s) * B + b) * H + hh) * D + j] = traj[(tt * S + s) * D + j];
+          if (t < len) {
+            if (!P.lastOnly) r.h[((b * T + t) * H + hh) * D + j] = traj[(t + 1) * S * D + j];
+            for (int g = 0; g < G; ++g) r.savedPre[(((t * B + b) * G + g) * H + hh) * D + j] = pre[(t * G + g) * D + j];
+          }
+        }
+      }
+      if (!backward) continue;
+      std::vector<double> gS(S * D), gr(G * D);
+      for (int s = 0; s < S; ++s) {
+        for (int64_t j = 0; j < D; ++j) gS[s * D + j] = P.dFinal[((s * B + b) * H + hh) * D + j];
+      }
+      if (P.lastOnly) for (int64_t j = 0; j < D; ++j) gS[j] += P.dh[(b * H + hh) * D + j];
+      for (int64_t t = len - 1; t >= 0; --t) {
+        if (!P.lastOnly) for (int64_t j = 0; j < D; ++j) gS[j] += P.dh[((b * T + t) * H + hh) * D + j];
+        const double* prev = &traj[t * S * D];
+        for (int64_t j = 0; j < D; ++j) {
+          double p[4], pv[4], g[4], gx[4], grr[4];
+          for (int gg = 0; gg < G; ++gg) p[gg] = pre[(t * G + gg) * D + j];
+          for (int s = 0; s < S; ++s) pv[s] = prev[s * D + j], g[s] = gS[s * D + j];
+          stepRefBackward(P.cell, p, gru ? wxAt(b, t, 2, hh, j) : 0, pv, g, gx, grr);
+          for (int gg = 0; gg < G; ++gg) {
+            r.dwx[(((b * T + t) * G + gg) * H + hh) * D + j] = gx[gg];
+            r.db[(gg * H + hh) * D + j] += grr[gg];
+            gr[gg * D + j] = grr[gg];
+          }
+          for (int s = 0; s < S; ++s) gS[s * D + j] = g[s];
+        }
+        for (int gg = 0; gg < G; ++gg) {
+          for (int64_t k = 0; k < D; ++k) {
+            const int64_t row = ((gg * H + hh) * D + k) * D;
+            double acc = 0;
+            for (int64_t j = 0; j < D; ++j) {
+              r.dR[row + j] += prev[k] * gr[gg * D + j];
+              acc += P.R[row + j] * gr[gg * D + j];
+            }
+            gS[k] += acc;
+          }
+        }
+      }
+      for (int s = 0; s < S; ++s) {
+        for (int64_t j = 0; j < D; ++j) r.dStates0[((s * B + b) * H + hh) * D + j] = gS[s * D + j];
+      }
+    }
+  }
+  return r;
+}
+
+template <class T>
+Problem makeProblem(CellKind cell, int64_t batch, int64_t T_, int64_t H, int64_t D, bool lastOnly, bool lengths,
+                    bool states0, std::mt19937& rng) {
+  std::uniform_real_distribution<double> U(-1, 1);
+  Problem P;
+  P.cell = cell;
+  P.batch = batch, P.T = T_, P.H = H, P.D = D;
+  P.G = rkcuda::cellGates(cell), P.S = rkcuda::cellStates(cell);
+  P.lastOnly = lastOnly, P.hasLengths = lengths, P.hasStates0 = states0;
+  P.lengths.assign(batch, static_cast<int32_t>(T_));
+  if (lengths) {
+    for (int64_t b = 0; b < batch; ++b) P.lengths[b] = static_cast<int32_t>(rng() % (T_ + 1));
+    if (batch > 1) P.lengths[1] = 0;
+    if (batch > 2) P.lengths[2] = static_cast<int32_t>(T_);
+  }
+  const int G = P.G, S = P.S;
+  const double rs = 1.5 / std::sqrt(static_cast<double>(D));
+  P.wx.resize(batch * T_ * G * H * D);
+  for (double& e : P.wx) e = roundTo<T>(U(rng));
+  P.R.resize(G * H * D * D);
+  for (double& e : P.R) e = roundTo<T>(rs * U(rng));
+  P.b.resize(G * H * D);
+  for (double& e : P.b) e = static_cast<float>(0.5 * U(rng));
+  P.states0.assign(S * batch * H * D, 0.0);
+  if (states0) {
+    for (int s = 0; s < S; ++s) {
+      for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t e = 0; e < H * D; ++e) {
+          double v = 0.5 * U(rng);
+          // sLSTM: n > 0 (row 0: an empty state, n = 0, c = 0, h = 0) and any m.
+          if (cell == CellKind::Slstm) {
+            if (b == 0) v = s == 3 ? U(rng) : 0.0;
+            else if (s == 2) v = 1 + std::fabs(U(rng));
+            else if (s == 3) v = U(rng);
+          }
+          P.states0[(s * batch + b) * H * D + e] = static_cast<float>(v);
+        }
+      }
+    }
+  }
+  P.dh.resize(lastOnly ? batch * H * D : batch * T_ * H * D);
+  for (double& e : P.dh) e = roundTo<T>(U(rng));
+  P.dFinal.resize(S * batch * H * D);
+  for (double& e : P.dFinal) e = static_cast<float>(U(rng));
+  return P;
+}
+
+// The reference backward against central differences of the reference forward, for every cell.
+void checkReferenceGradients() {
+  std::mt19937 rng(11);
+  const CellKind cells[] = {CellKind::Elman, CellKind::Lstm, CellKind::Gru, CellKind::Slstm};
+  for (CellKind cell : cells) {
+    for (int last = 0; last < 2; ++last) {
+      context = std::string("reference gradients ") + cellName(cell) + (last ? " lastOnly" : "");
+      Problem P = makeProblem<float>(cell, 3, 4, 2, 3, last == 1, true, true, rng);
+      if (cell == CellKind::Slstm) {  // well away from the branch switches of m
+        for (int64_t i = 0; i < static_cast<int64_t>(P.states0.size()); ++i) {
+          if (i / (P.batch * P.H * P.D) == 2 && P.states0[i] != 0) P.states0[i] = 1.5;
+        }
+      }
+      const Ref r = reference(P, true);
+      auto loss = [&](const Problem& X) {
+        const Ref f = reference(X, false);
+        double L = 0;
+        for (size_t i = 0; i < f.h.size(); ++i) L += f.h[i] * X.dh[i];
+        for (size_t i = 0; i < f.finalStates.size(); ++i) L += f.finalStates[i] * X.dFinal[i];
+        return L;
+      };
+      auto probe = [&](std::vector<double> Problem::*field, const std::vector<double>& grad, const char* name) {
+        for (size_t i = 0; i < (P.*field).size(); ++i) {
+          Problem A = P, B = P;
+          const double e = 1e-6;
+          (A.*field)[i] += e;
+          (B.*field)[i] -= e;
+          const double fd = (loss(A) - loss(B)) / (2 * e);
+          check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)), std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
+        }
+      };
+      probe(&Problem::wx, r.dwx, "wx");
+      probe(&Problem::R, r.dR, "R");
+      probe(&Problem::b, r.db, "b");
+      // The empty sLSTM state (n = 0 exactly) is a branch point: probe the others only.
+      Problem keep = P;
+      for (size_t i = 0; i < P.states0.size(); ++i) {
+        if (cell == CellKind::Slstm && (i / (P.H * P.D)) % P.batch == 0) continue;
+        Problem A = P, B = P;
+        A.states0[i] += 1e-6;
+        B.states0[i] -= 1e-6;
+        const double fd = (loss(A) - loss(B)) / 2e-6;
+        check(std::fabs(fd - r.dStates0[i]) <= 1e-6 * (1 + std::fabs(fd)), "dStates0[" + std::to_string(i) + "]", r.dStates0[i], fd);
+      }
+    }
+  }
+}
+
+// ---- cases ----
+
+struct Case {
+  CellKind cell = CellKind::Lstm;
+  int64_t batch = 1, T = 1, H = 1, D = 16;
+  int path = 0;        // tunable fusedRnn.path (0: the launcher's choice)
+  int splits = 0;      // tunable fusedRnn.reduceSplits
+  bool lastOnly = false, lengths = false, states0 = true, finalStates = true, training = true;
+  bool dh = true, dFinal = true, dStates0 = true;
+};
+
+std::set<const void*> launched;
+void noteLaunches() {
+  for (const auto& l : emu::launchLog) launched.insert(l.kernel);
+  emu::launchLog.clear();
+}
+
+template <class T>
+void runCase(const Case& c, std::mt19937& rng) {
+  const Problem P = makeProblem<T>(c.cell, c.batch, c.T, c.H, c.D, c.lastOnly, c.lengths, c.states0, rng);
+  char buf[320];
+  std::snprintf(buf, sizeof buf,
+                "%s %s batch %lld T %lld H %lld D %lld path %d splits %d last %d lengths %d states0 %d final %d "
+                "training %d dh %d dFinal %d dStates0 %d",
+                Elem<T>::name, cellName(c.cell), (long long)c.batch, (long long)c.T, (long long)c.H, (long long)c.D, c.path,
+                c.splits, c.lastOnly, c.lengths, c.states0, c.finalStates, c.training, c.dh, c.dFinal, c.dStates0);
+  context = buf;
+  emu::setTunable("fusedRnn.path", c.path);
+  emu::setTunable("fusedRnn.reduceSplits", c.splits);
+  const double tol = Elem<T>::tolerance;
+  const bool f32 = Elem<T>::dtype == DType::F32;
+  const int64_t B = P.batch, L = P.T, H = P.H, D = P.D, G = P.G, S = P.S, SE = S * B * H * D;
+  const int64_t hN = c.lastOnly ? B * H * D : B * L * H * D;
+
+  Buf<T> wx(B * L * G * H * D), R(G * H * D * D), dh(hN), h(hN), dwx(B * L * G * H * D), dR(G * H * D * D);
+  Buf<float> bias(G * H * D), states0(SE), dFinal(SE), fin(SE), saved(L * SE), pre(L * B * G * H * D), db(G * H * D),
+      dS0(SE);
+  wx.set(P.wx), R.set(P.R), bias.set(P.b), states0.set(P.states0), dh.set(P.dh), dFinal.set(P.dFinal);
+  rkcuda::FusedRnnArgs a;
+  a.dt = Elem<T>::dtype;
+  a.cell = c.cell;
+  a.batch = B, a.T = L, a.heads = H, a.headDim = D;
+  a.returnLastOnly = c.lastOnly;
+  a.lengths = c.lengths ? P.lengths.data() : nullptr;
+  a.wx = wx.data, a.R = R.data, a.b = bias.data;
+  a.states0 = c.states0 ? states0.data : nullptr;
+  const Ref want = reference(P, false);
+
+  h.poison(), fin.poison(), saved.poison(), pre.poison();
+  rkcuda::FusedRnnOutputs o;
+  o.h = h.data;
+  o.finalStates = c.finalStates ? fin.data : nullptr;
+  o.savedStates = c.training ? saved.data : nullptr;
+  o.savedPre = c.training ? pre.data : nullptr;
+  const rkcuda::Status st = rkcuda::fusedRnnForward(a, o);
+  check(st.ok(), "forward status: " + st.message);
+  checkOutput("h", h, want.h, tol);
+  if (!c.lastOnly) {  // exactly 0 past each row's length
+    long bad = 0;
+    const std::vector<double> got = h.get();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = P.lengths[b]; t < L; ++t) {
+        for (int64_t e = 0; e < H * D; ++e) bad += got[(b * L + t) * H * D + e] != 0.0;
+      }
+    }
+    check(bad == 0, "h not 0 past the lengths", static_cast<double>(bad), 0);
+  }
+  if (c.finalStates) checkOutput("finalStates", fin, want.finalStates, f32 ? 2e-5 : tol);
+  if (c.training) {
+    checkOutput("savedStates", saved, want.savedStates, f32 ? 2e-5 : tol);
+    checkOutput("savedPre", pre, want.savedPre, f32 ? 2e-5 : tol);
+  }
+  noteLaunches();
+
+  if (c.training) {
+    Problem Q = P;  // the gradients the kernels are given
+    if (!c.dh) std::fill(Q.dh.begin(), Q.dh.end(), 0.0);
+    if (!c.dFinal) std::fill(Q.dFinal.begin(), Q.dFinal.end(), 0.0);
+    if (!c.lastOnly) {  // h is constant past a row's length: no gradient flows from there
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t t = P.lengths[b]; t < L; ++t) {
+          for (int64_t e = 0; e < H * D; ++e) Q.dh[(b * L + t) * H * D + e] = 0;
+        }
+      }
+    }
+    const Ref wb = reference(Q, true);
+    dwx.poison(), dR.poison(), db.poison(), dS0.poison();
+    rkcuda::FusedRnnGrads g;
+    g.dh = c.dh ? dh.data : nullptr;
+    g.dFinal = c.dFinal ? dFinal.data : nullptr;
+    g.savedStates = saved.data;
+    g.savedPre = pre.data;
+    g.dwx = dwx.data, g.dR = dR.data, g.db = db.data;
+    g.dStates0 = c.dStates0 ? dS0.data : nullptr;
+    const rkcuda::Status sb = rkcuda::fusedRnnBackward(a, g);
+    check(sb.ok(), "backward status: " + sb.message);
+    const double gtol = f32 ? 1e-4 : 2 * tol;
+    checkOutput("dwx", dwx, wb.dwx, gtol);
+    checkOutput("dR", dR, wb.dR, gtol);
+    checkOutput("db", db, wb.db, gtol);
+    if (c.dStates0) checkOutput("dStates0", dS0, wb.dStates0, gtol);
+    long bad = 0;  // dwx exactly 0 past each row's length
+    const std::vector<double> got = dwx.get();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = P.lengths[b]; t < L; ++t) {
+        for (int64_t e = 0; e < G * H * D; ++e) bad += got[(b * L + t) * G * H * D + e] != 0.0;
+      }
+    }
+    check(bad == 0, "dwx not 0 past the lengths", static_cast<double>(bad), 0);
+    noteLaunches();
+  }
+  check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
+  emu::setTunable("fusedRnn.path", 0);
+  emu::setTunable("fusedRnn.reduceSplits", 0);
+}
+
+template <class T>
+void runSuite(std::mt19937& rng, int variant) {
+  const bool wide = Elem<T>::dtype == DType::F32;  // the tensor-core path is slow on the emulator
+  struct Shape { int64_t batch, len, H, D; };
+  const Shape shapes[] = {
+      {1, 5, 2, 16}, {3, 33, 1, 24}, {17, 5, 1, 48}, {3, wide ? 9 : 3, 1, 64}, {1, 1, 3, 16}, {2, 3, 1, 20},
+  };
+  const CellKind cells[] = {CellKind::Elman, CellKind::Lstm, CellKind::Gru, CellKind::Slstm};
+  int n = variant;
+  for (CellKind cell : cells) {
+    for (const Shape& s : shapes) {
+      for (int path = 1; path <= 2; ++path) {
+        if (s.D % 8 != 0 && path == 1) continue;
+        ++n;
+        Case c;
+        c.cell = cell;
+        c.batch = s.batch, c.T = s.len, c.H = s.H, c.D = s.D;
+        c.path = s.D % 8 != 0 ? 0 : path;
+        c.splits = n % 3 == 0 ? 0 : n % 3 == 1 ? 1 : 3;
+        c.lastOnly = n % 4 == 1;
+        c.lengths = n % 3 != 2;
+        c.states0 = n % 5 != 3;
+        c.finalStates = n % 6 != 4;
+        c.dh = n % 7 != 5;
+        c.dFinal = n % 4 != 2;
+        c.dStates0 = n % 5 != 1;
+        c.training = n % 11 != 7;
+        runCase<T>(c, rng);
+      }
+    }
+    // A head larger than a stepwise block (and, fp32, than its staging chunk: the launcher's own
+    // choice there; the 16-bit tensor-core reductions are slow here, so their head is smaller).
+    Case big;
+    big.cell = cell, big.batch = 2, big.T = 2, big.H = 1, big.D = wide ? 264 : 136, big.lengths = true;
+    big.path = wide ? 0 : 2;
+    runCase<T>(big, rng);
+    // No steps at all: final states = states0, dStates0 = dFinal (+ dh on h with returnLastOnly).
+    Case empty;
+    empty.cell = cell, empty.batch = 2, empty.T = 0, empty.H = 2, empty.D = 16, empty.lastOnly = cell == CellKind::Gru;
+    empty.path = 1 + (n++ % 2);
+    runCase<T>(empty, rng);
+  }
+  // No rows: nothing to run, but dR and db must still be written (zeros).
+  Case none;
+  none.cell = CellKind::Gru, none.batch = 0, none.T = 3, none.H = 2, none.D = 16, none.lengths = true;
+  runCase<T>(none, rng);
+}
+
+void checkRefusals() {
+  context = "refusals";
+  float dummy[4096] = {};
+  int32_t lens[2] = {1, 5};
+  auto base = [&] {
+    rkcuda::FusedRnnArgs a;
+    a.batch = 2, a.T = 4, a.heads = 1, a.headDim = 16, a.cell = CellKind::Lstm;
+    a.wx = dummy, a.R = dummy, a.b = dummy;
+    return a;
+  };
+  auto refused = [&](const char* what, rkcuda::FusedRnnArgs a) {
+    const size_t before = emu::launchLog.size();
+    rkcuda::FusedRnnOutputs o;
+    o.h = dummy;
+    check(!rkcuda::fusedRnnForward(a, o).ok(), std::string("forward accepts ") + what);
+    rkcuda::FusedRnnGrads g;
+    g.savedStates = g.savedPre = dummy, g.dwx = dummy, g.dR = dummy, g.db = dummy;
+    check(!rkcuda::fusedRnnBackward(a, g).ok(), std::string("backward accepts ") + what);
+    check(emu::launchLog.size() == before, std::string("launched with ") + what);
+  };
+  auto a = base(); a.headDim = 0; refused("headDim 0", a);
+  a = base(); a.heads = 0; refused("heads 0", a);
+  a = base(); a.T = -1; refused("T < 0", a);
+  a = base(); a.batch = -1; refused("batch < 0", a);
+  a = base(); a.dt = static_cast<DType>(7); refused("an unknown dtype", a);
+  a = base(); a.cell = static_cast<CellKind>(9); refused("an unknown cell", a);
+  a = base(); a.lengths = lens; refused("a length above T", a);
+  a = base(); a.R = nullptr; refused("a null R", a);
+  emu::setTunable("fusedRnn.path", 1);
+  a = base(); a.headDim = 20; refused("a pinned persistent path with headDim 20", a);
+  a = base(); a.headDim = 512; refused("a pinned persistent path with headDim 512", a);
+  emu::setTunable("fusedRnn.path", 3);
+  a = base(); refused("an unknown path", a);
+  emu::setTunable("fusedRnn.path", 0);
+  {
+    rkcuda::FusedRnnOutputs o;
+    o.h = dummy;
+    o.savedStates = dummy;
+    check(!rkcuda::fusedRnnForward(base(), o).ok(), "forward accepts savedStates without savedPre");
+  }
+  check(emu::liveAllocations.empty(), "refusals leak");
+}
+
+template <class T>
+void checkCoverage() {
+  using namespace rkcuda;
+  context = "coverage";
+  auto need = [&](const void* k, const std::string& what) {
+    check(launched.count(k) == 1, std::string("never ran: ") + Elem<T>::name + " " + what);
+  };
+  auto cell = [&](auto tag, const char* name) {
+    constexpr int C = decltype(tag)::value;
+    need(emu::kernelId(fusedRnnForwardKernel<T, C>), std::string(name) + " persistent forward");
+    need(emu::kernelId(fusedRnnBackwardKernel<T, C>), std::string(name) + " persistent backward");
+    need(emu::kernelId(fusedRnnForwardStepKernel<T, C>), std::string(name) + " stepwise forward");
+    need(emu::kernelId(fusedRnnBackwardStepKernel<T, C>), std::string(name) + " stepwise backward");
+  };
+  cell(std::integral_constant<int, kElman>{}, "elman");
+  cell(std::integral_constant<int, kLstm>{}, "lstm");
+  cell(std::integral_constant<int, kGru>{}, "gru");
+  cell(std::integral_constant<int, kSlstm>{}, "slstm");
+  need(emu::kernelId(finishForwardKernel<T>), "stepwise forward finish");
+  need(emu::kernelId(initGradKernel<T>), "stepwise backward set-up");
+  need(emu::kernelId(transposeRKernel<T>), "R transpose");
+  need(emu::kernelId(finishGradKernel<T>), "dR / db finish");
+  need(emu::kernelId(reduceGradKernel<std::is_same<T, float>::value ? false : true>), "dR / db reduction");
+  need(emu::kernelId(initStatesKernel), "stepwise forward set-up");
+}
+
+}  // namespace
+
+int main() {
+  const auto start = std::chrono::steady_clock::now();
+  std::mt19937 rng(20261125);
+  checkReferenceGradients();
+  checkRefusals();
+  runSuite<float>(rng, 0);
+  runSuite<__half>(rng, 1);
+  runSuite<__nv_bfloat16>(rng, 2);
+  checkCoverage<float>();
+  checkCoverage<__half>();
+  checkCoverage<__nv_bfloat16>();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("fused recurrent cells on the CUDA emulator: %ld checks, %ld failures (%.1f s)\n", checks, failures, seconds);
+  return failures == 0 ? 0 : 1;
+}
