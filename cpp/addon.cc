@@ -3,6 +3,7 @@
 #include <napi.h>
 
 #include "ops/delta/binding.h"
+#include "ops/newton/binding.h"
 #include "ops/scan/binding.h"
 #include "tensor/tensor.h"
 
@@ -18,6 +19,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerTensor(env, exports);
   rk::registerScan(env, exports);
   rk::registerDelta(env, exports);
+  rk::registerNewton(env, exports);
   exports.Set("version", Napi::String::New(env, "0.1.0"));
   return exports;
 }

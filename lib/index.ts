@@ -8,13 +8,14 @@
 import { linearScan } from './ops/linearScan';
 import { selectiveScan } from './ops/selectiveScan';
 import { gatedDeltaRule } from './ops/gatedDeltaRule';
+import { newtonRnn } from './ops/newtonRnn';
 import { elementwiseOps } from './ops/elementwise';
 
 export { Tensor, cuda, memory, releaseCpuPool, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
 export type { DType, Device, TensorOptions, CudaDeviceProperties, MemoryStats } from './tensor';
 export {
   RecurrentKernelsError, ShapeError, DTypeError, DeviceError, ArgumentError, DisposedError, CudaError,
-  OutOfMemoryError, NativeLoadError,
+  OutOfMemoryError, NativeLoadError, NotConvergedError,
 } from './errors';
 export type { ErrorCode } from './errors';
 export { Tape, grad, valueAndGrad, gradcheck, defineOp } from './autograd';
@@ -35,6 +36,10 @@ export { gatedDeltaRuleStep } from './ops/gatedDeltaRuleStep';
 export type {
   GatedDeltaRuleStepInputs, GatedDeltaRuleStepOptions, GatedDeltaRuleStepOutputs,
 } from './ops/gatedDeltaRuleStep';
+export { newtonRnn } from './ops/newtonRnn';
+export type {
+  NewtonRnnInputs, NewtonRnnOptions, NewtonRnnOutputs, NewtonRnnGrads, NewtonRnnStats, NewtonRnnCell,
+} from './ops/newtonRnn';
 export type {
   SelectiveStateUpdateInputs, SelectiveStateUpdateOptions, SelectiveStateUpdateOutputs,
 } from './ops/selectiveStateUpdate';
@@ -44,11 +49,13 @@ export const ops = {
   linearScan: linearScan.hooks,
   selectiveScan: selectiveScan.hooks,
   gatedDeltaRule: gatedDeltaRule.hooks,
+  newtonRnn: newtonRnn.hooks,
   ...Object.fromEntries(Object.entries(elementwiseOps).map(([k, v]) => [k, v.hooks])),
 } as {
   linearScan: typeof linearScan.hooks;
   selectiveScan: typeof selectiveScan.hooks;
   gatedDeltaRule: typeof gatedDeltaRule.hooks;
+  newtonRnn: typeof newtonRnn.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version = '0.1.0';

@@ -67,6 +67,23 @@ export interface NativeModule {
     tensors: { state: Storage; q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage },
     config: Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }):
     { o: Storage; intermediate: Storage | null };
+  newtonRnnForward(device: Dev, dtype: string, tensors: NewtonRnnTensors, config: NewtonRnnConfig): {
+    y: Storage; traj: Storage; finalStates: Storage; iterations: Int32Array; residual: Float32Array;
+    converged: Uint8Array; fellBack: Uint8Array;
+  };
+  newtonRnnBackward(device: Dev, dtype: string, tensors: NewtonRnnTensors, config: NewtonRnnConfig,
+    grads: { traj: Storage; dy: Storage | null; dFinal: Storage | null }, needDh0: boolean):
+    { dwx: Storage; dR: Storage; db: Storage; dh0: Storage | null };
+}
+
+export interface NewtonRnnTensors {
+  wx: Storage; R: Storage; b: Storage; h0: Storage | null; guess: Storage | null;
+}
+/** cell: 0 gru-diag, 1 lstm-cifg-diag, 2 gru, 3 lstm, 4 elman; guess: 0 zeros, 1 one-step, 2 provided. */
+export interface NewtonRnnConfig {
+  cell: number; batch: number; T: number; heads: number; headDim: number; fullJacobian: boolean;
+  sequential: boolean; fallbackSequential: boolean; maxIters: number; tolAbs: number; tolRel: number;
+  damping: number; guess: number;
 }
 
 export interface GatedDeltaTensors {
