@@ -10,8 +10,10 @@ import { bandwidthCeiling } from './timing.mjs';
 import linearScan from './ops/linear-scan.mjs';
 import selectiveScan from './ops/selective-scan.mjs';
 import gatedDeltaRule from './ops/gated-delta-rule.mjs';
+import newtonRnn from './ops/newton-rnn.mjs';
 
-const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan, 'gated-delta-rule': gatedDeltaRule };
+const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan, 'gated-delta-rule': gatedDeltaRule,
+  'newton-rnn': newtonRnn };
 
 function parseSizes(v) {
   return v.split(',').map((s) => {
