@@ -75,6 +75,29 @@ __attribute__((always_inline)) inline float tanhf_(float x) {
   return x < 0.0f ? -t : t;
 }
 
+// dR += hp * dr, dhp += rd * dr (per channel).
+inline void accumulateDiag(int64_t C, const float* __restrict hp, const float* __restrict rd,
+                           const float* __restrict dr, float* __restrict dR, float* __restrict dhp) {
+  for (int64_t c = 0; c < C; ++c) {
+    dR[c] += hp[c] * dr[c];
+    dhp[c] += rd[c] * dr[c];
+  }
+}
+// y += a x.
+inline void axpy(int64_t n, float a, const float* __restrict x, float* __restrict y) {
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+// sum_j a[j] b[j] in 8 independent partial sums (so that it vectorises without reassociation).
+inline float dotf(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * b[j + l];
+  float tail = 0.0f;
+  for (; j < n; ++j) tail += a[j] * b[j];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
+}
+
 struct Layout {
   NewtonCell cell;
   int64_t batch, T, H, D, N, G, S;
@@ -208,9 +231,7 @@ template <typename W> struct Kernel {
       float* ug = u + g * D;
       std::fill(ug, ug + D, 0.0f);
       for (int64_t k = 0; k < D; ++k) {
-        const float vk = v[k];
-        const float* row = R + k * D;
-        for (int64_t j = 0; j < D; ++j) ug[j] += vk * row[j];
+        axpy(D, v[k], R + k * D, ug);
       }
     }
   }
@@ -598,6 +619,66 @@ template <typename W> struct Kernel {
     }
   }
 
+  // The backward of one step at (hp, cp), w.rec computed: from lh, lc = dL/d(h, c after the step)
+  // writes dL/dwx (dxOut [G][C]), dL/drec (drec [G][C]), the direct part of dL/dh_{t-1} (dhp) and
+  // dL/dc_{t-1} (into lc).
+  void cellBackward(const Work& w, int64_t C, int64_t t, const float* __restrict hp, const float* __restrict cp,
+                    const float* __restrict lh, float* __restrict lc, float* __restrict drec,
+                    float* __restrict dxOut, float* __restrict dhp) const {
+    const int64_t G = L.G;
+    const float* __restrict x = w.X.data() + t * G * C;
+    const float* __restrict rc = w.rec.data();
+    switch (L.cell) {
+      case NewtonCell::Elman:
+        for (int64_t c = 0; c < C; ++c) {
+          const float h = tanhf_(x[c] + rc[c]);
+          drec[c] = dxOut[c] = lh[c] * (1.0f - h * h);
+          dhp[c] = 0.0f;
+        }
+        break;
+      case NewtonCell::Gru:
+      case NewtonCell::GruDiag:
+        for (int64_t c = 0; c < C; ++c) {
+          const float r = sigmoidf(x[c] + rc[c]), z = sigmoidf(x[C + c] + rc[C + c]);
+          const float n = tanhf_(x[2 * C + c] + r * rc[2 * C + c]);
+          const float da = lh[c] * (1.0f - z) * (1.0f - n * n);
+          drec[c] = dxOut[c] = da * rc[2 * C + c] * r * (1.0f - r);
+          drec[C + c] = dxOut[C + c] = lh[c] * (hp[c] - n) * z * (1.0f - z);
+          dxOut[2 * C + c] = da;
+          drec[2 * C + c] = da * r;
+          dhp[c] = lh[c] * z;
+        }
+        break;
+      case NewtonCell::Lstm:
+        for (int64_t c = 0; c < C; ++c) {
+          const float ig = sigmoidf(x[c] + rc[c]), fg = sigmoidf(x[C + c] + rc[C + c]);
+          const float zz = tanhf_(x[2 * C + c] + rc[2 * C + c]), og = sigmoidf(x[3 * C + c] + rc[3 * C + c]);
+          const float cn = fg * cp[c] + ig * zz, tc = tanhf_(cn);
+          const float gc = lc[c] + lh[c] * og * (1.0f - tc * tc);
+          drec[c] = dxOut[c] = gc * zz * ig * (1.0f - ig);
+          drec[C + c] = dxOut[C + c] = gc * cp[c] * fg * (1.0f - fg);
+          drec[2 * C + c] = dxOut[2 * C + c] = gc * ig * (1.0f - zz * zz);
+          drec[3 * C + c] = dxOut[3 * C + c] = lh[c] * tc * og * (1.0f - og);
+          dhp[c] = 0.0f;
+          lc[c] = gc * fg;
+        }
+        break;
+      case NewtonCell::LstmCifgDiag:
+        for (int64_t c = 0; c < C; ++c) {
+          const float fg = sigmoidf(x[c] + rc[c]), zz = tanhf_(x[C + c] + rc[C + c]);
+          const float og = sigmoidf(x[2 * C + c] + rc[2 * C + c]);
+          const float cn = fg * cp[c] + (1.0f - fg) * zz, tc = tanhf_(cn);
+          const float gc = lc[c] + lh[c] * og * (1.0f - tc * tc);
+          drec[c] = dxOut[c] = gc * (cp[c] - zz) * fg * (1.0f - fg);
+          drec[C + c] = dxOut[C + c] = gc * (1.0f - fg) * (1.0f - zz * zz);
+          drec[2 * C + c] = dxOut[2 * C + c] = lh[c] * tc * og * (1.0f - og);
+          dhp[c] = 0.0f;
+          lc[c] = gc * fg;
+        }
+        break;
+    }
+  }
+
   // Backward of one item: BPTT at the solution traj; dR and db accumulate into the thread's partials.
   void backwardItem(const Unit& un, Work& w, const NewtonRnnGrads& g, float* dR, float* db) const {
     load(un, w);
@@ -620,58 +701,8 @@ template <typename W> struct Kernel {
       const float* hp = t == 0 ? w.h0.data() : at(g.traj, un, t - 1, 0);
       const float* cp = S == 2 ? (t == 0 ? w.h0.data() + C : at(g.traj, un, t - 1, 1)) : nullptr;
       recOf(un, w, hp);
-      const float* x = w.X.data() + t * G * C;
-      const float* rc = w.rec.data();
       float* dxOut = w.u.data();  // dL/dwx per gate
-      switch (L.cell) {
-        case NewtonCell::Elman:
-          for (int64_t c = 0; c < C; ++c) {
-            const float h = tanhf_(x[c] + rc[c]);
-            drec[c] = dxOut[c] = lh[c] * (1.0f - h * h);
-            dhp[c] = 0.0f;
-          }
-          break;
-        case NewtonCell::Gru:
-        case NewtonCell::GruDiag:
-          for (int64_t c = 0; c < C; ++c) {
-            const float r = sigmoidf(x[c] + rc[c]), z = sigmoidf(x[C + c] + rc[C + c]);
-            const float n = tanhf_(x[2 * C + c] + r * rc[2 * C + c]);
-            const float da = lh[c] * (1.0f - z) * (1.0f - n * n);
-            drec[c] = dxOut[c] = da * rc[2 * C + c] * r * (1.0f - r);
-            drec[C + c] = dxOut[C + c] = lh[c] * (hp[c] - n) * z * (1.0f - z);
-            dxOut[2 * C + c] = da;
-            drec[2 * C + c] = da * r;
-            dhp[c] = lh[c] * z;
-          }
-          break;
-        case NewtonCell::Lstm:
-          for (int64_t c = 0; c < C; ++c) {
-            const float ig = sigmoidf(x[c] + rc[c]), fg = sigmoidf(x[C + c] + rc[C + c]);
-            const float zz = tanhf_(x[2 * C + c] + rc[2 * C + c]), og = sigmoidf(x[3 * C + c] + rc[3 * C + c]);
-            const float cn = fg * cp[c] + ig * zz, tc = tanhf_(cn);
-            const float gc = lc[c] + lh[c] * og * (1.0f - tc * tc);
-            drec[c] = dxOut[c] = gc * zz * ig * (1.0f - ig);
-            drec[C + c] = dxOut[C + c] = gc * cp[c] * fg * (1.0f - fg);
-            drec[2 * C + c] = dxOut[2 * C + c] = gc * ig * (1.0f - zz * zz);
-            drec[3 * C + c] = dxOut[3 * C + c] = lh[c] * tc * og * (1.0f - og);
-            dhp[c] = 0.0f;
-            lc[c] = gc * fg;
-          }
-          break;
-        case NewtonCell::LstmCifgDiag:
-          for (int64_t c = 0; c < C; ++c) {
-            const float fg = sigmoidf(x[c] + rc[c]), zz = tanhf_(x[C + c] + rc[C + c]);
-            const float og = sigmoidf(x[2 * C + c] + rc[2 * C + c]);
-            const float cn = fg * cp[c] + (1.0f - fg) * zz, tc = tanhf_(cn);
-            const float gc = lc[c] + lh[c] * og * (1.0f - tc * tc);
-            drec[c] = dxOut[c] = gc * (cp[c] - zz) * fg * (1.0f - fg);
-            drec[C + c] = dxOut[C + c] = gc * (1.0f - fg) * (1.0f - zz * zz);
-            drec[2 * C + c] = dxOut[2 * C + c] = lh[c] * tc * og * (1.0f - og);
-            dhp[c] = 0.0f;
-            lc[c] = gc * fg;
-          }
-          break;
-      }
+      cellBackward(w, C, t, hp, cp, lh, lc, drec, dxOut, dhp);
       for (int64_t gg = 0; gg < G; ++gg) {
         W* dst = dwx + ((un.b * T + t) * G + gg) * L.N + un.c0;
         float* dbg = db + gg * L.N + un.c0;
@@ -686,10 +717,7 @@ template <typename W> struct Kernel {
           float* dRg = dR + gg * L.N + un.c0;
           const float* dr = drec + gg * C;
           const float* rd = w.Rd.data() + gg * C;
-          for (int64_t c = 0; c < C; ++c) {
-            dRg[c] += hp[c] * dr[c];
-            dhp[c] += rd[c] * dr[c];
-          }
+          accumulateDiag(C, hp, rd, dr, dRg, dhp);
         }
       } else {
         for (int64_t gg = 0; gg < G; ++gg) {
@@ -700,12 +728,8 @@ template <typename W> struct Kernel {
             const float hk = hp[k];
             const float* row = R + k * D;
             float* drow = dRg + k * D;
-            float acc = 0.0f;
-            for (int64_t j = 0; j < D; ++j) {
-              drow[j] += hk * dr[j];
-              acc += row[j] * dr[j];
-            }
-            dhp[k] += acc;
+            axpy(D, hk, dr, drow);
+            dhp[k] += dotf(row, dr, D);
           }
         }
       }
