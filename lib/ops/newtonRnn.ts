@@ -179,8 +179,9 @@ function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
   if (tol !== undefined && (tol === null || typeof tol !== 'object'))
     throw new ArgumentError(`${OP}: option tol must be an object { abs, rel }`);
   if (tol) checkOptions(`${OP}: tol`, tol, ['abs', 'rel']);
-  const tolAbs = nonNegative('tol.abs', tol?.abs, NEWTON_DEFAULTS.tolAbs);
-  const tolRel = nonNegative('tol.rel', tol?.rel, NEWTON_DEFAULTS.tolRel);
+  // Tolerances beyond float32's range accept everything; the kernels compare in float32.
+  const tolAbs = Math.min(nonNegative('tol.abs', tol?.abs, NEWTON_DEFAULTS.tolAbs), 3e38);
+  const tolRel = Math.min(nonNegative('tol.rel', tol?.rel, NEWTON_DEFAULTS.tolRel), 3e38);
   const damping = nonNegative('damping', options.damping, 0);
   const fullJacobian = jacobian === 'full';
   if (damping > 0 && fullJacobian && !cell.diagonal)
