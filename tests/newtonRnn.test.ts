@@ -285,6 +285,31 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
     });
 });
 
+describe.each(devices)('newtonRnn memory on %s', (device) => {
+  it('live tensors and RSS stay flat over many calls, the non-convergence error included', () => {
+    const p = problem('lstm', 2, 40, 2, 4, { device });
+    const chaotic = problem('elman', 1, 60, 1, 4, { device, rScale: 3 });
+    const dy = tensor(new Float32Array(2 * 40 * 8).fill(0.1), [2, 40, 8], 'float32', device);
+    const run = () => {
+      const { outputs, ctx } = rk.ops.newtonRnn.forward(p.inputs, { cell: 'lstm', mode: 'newton' });
+      const g = rk.ops.newtonRnn.backward(ctx, { y: dy });
+      for (const t of [outputs.y, outputs.finalStates, outputs.trajectory, g.wx, g.R, g.b, g.h0]) t?.dispose();
+      expect(() => rk.newtonRnn(chaotic.inputs, { cell: 'elman', mode: 'newton', maxIters: 2, onNonConvergence: 'error' }))
+        .toThrow(rk.NotConvergedError);
+    };
+    for (let i = 0; i < 50; i++) run();
+    global.gc?.();
+    const live0 = rk.memory();
+    const rss0 = process.memoryUsage().rss;
+    for (let i = 0; i < 1000; i++) run();
+    global.gc?.();
+    const live1 = rk.memory();
+    expect(live1.cpu.tensors).toBe(live0.cpu.tensors);
+    expect(live1.cuda.tensors).toBe(live0.cuda.tensors);
+    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+  });
+});
+
 describe('newtonRnn modes and options', () => {
   it("'auto' is sequential on CPU", () => {
     const p = problem('gru-diag', 2, 10, 1, 4);
