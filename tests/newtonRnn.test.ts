@@ -107,9 +107,14 @@ function checkForward(c: Case, device: rk.Device) {
     expect(Array.from(r.stats.iterations)).toEqual(new Array(c.batch).fill(0));
     expect(Array.from(r.stats.residual)).toEqual(new Array(c.batch).fill(0));
   } else {
+    // Converged: the residual is within the check's bound at the largest state.
+    const traj = values(r.trajectory);
+    const perRow = traj.length / c.batch;
     for (let b = 0; b < c.batch; b++) {
+      let big = 0;
+      for (let i = b * perRow; i < (b + 1) * perRow; i++) big = Math.max(big, Math.abs(traj[i]));
       expect(r.stats.iterations[b]).toBeGreaterThan(0);
-      expect(r.stats.residual[b]).toBeLessThanOrEqual(1e-6 + 1e-6 * 10);
+      expect(r.stats.residual[b]).toBeLessThanOrEqual(1e-6 + 1e-6 * big);
     }
   }
 }
