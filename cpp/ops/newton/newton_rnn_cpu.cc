@@ -36,6 +36,12 @@
 #include "tensor/dtype.h"
 #include "tensor/parallel.h"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define RK_NEWTON_INLINE inline __attribute__((always_inline))
+#else
+#define RK_NEWTON_INLINE inline
+#endif
+
 // The kernels are compiled for baseline x86-64, AVX2 and AVX-512 (GCC) and picked at run time.
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
 #define RK_NEWTON_MULTIVERSION 1
