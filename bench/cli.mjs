@@ -12,8 +12,8 @@ import selectiveScan from './ops/selective-scan.mjs';
 import gatedDeltaRule from './ops/gated-delta-rule.mjs';
 import newtonRnn from './ops/newton-rnn.mjs';
 
-const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan, 'gated-delta-rule': gatedDeltaRule,
-  'newton-rnn': newtonRnn };
+const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan, 'gated-delta-rule': gatedDeltaRule };
+OPS['newton-rnn'] = newtonRnn;
 
 function parseSizes(v) {
   return v.split(',').map((s) => {
