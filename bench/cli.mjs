@@ -11,8 +11,15 @@ import linearScan from './ops/linear-scan.mjs';
 import selectiveScan from './ops/selective-scan.mjs';
 import gatedDeltaRule from './ops/gated-delta-rule.mjs';
 import fusedRnn from './ops/fused-rnn.mjs';
+import newtonRnn from './ops/newton-rnn.mjs';
 
-const OPS = { 'linear-scan': linearScan, 'selective-scan': selectiveScan, 'gated-delta-rule': gatedDeltaRule, 'fused-rnn': fusedRnn };
+const OPS = {
+  'linear-scan': linearScan,
+  'selective-scan': selectiveScan,
+  'gated-delta-rule': gatedDeltaRule,
+  'fused-rnn': fusedRnn,
+  'newton-rnn': newtonRnn,
+};
 
 function parseSizes(v) {
   return v.split(',').map((s) => {

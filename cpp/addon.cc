@@ -4,6 +4,7 @@
 
 #include "ops/cells/binding.h"
 #include "ops/delta/binding.h"
+#include "ops/newton/binding.h"
 #include "ops/scan/binding.h"
 #include "tensor/tensor.h"
 
@@ -20,6 +21,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerScan(env, exports);
   rk::registerDelta(env, exports);
   rk::registerCells(env, exports);
+  rk::registerNewton(env, exports);
   exports.Set("version", Napi::String::New(env, "0.1.0"));
   return exports;
 }

@@ -8,7 +8,8 @@ export type ErrorCode =
   | 'ERR_DISPOSED'
   | 'ERR_CUDA'
   | 'ERR_OUT_OF_MEMORY'
-  | 'ERR_NATIVE_LOAD';
+  | 'ERR_NATIVE_LOAD'
+  | 'ERR_NOT_CONVERGED';
 
 export class RecurrentKernelsError extends Error {
   readonly code: ErrorCode;
@@ -41,6 +42,10 @@ export class OutOfMemoryError extends RecurrentKernelsError {
 }
 export class NativeLoadError extends RecurrentKernelsError {
   constructor(message: string, cause?: unknown) { super('ERR_NATIVE_LOAD', message, { cause }); }
+}
+/** An iterative solver did not converge and the caller asked for an error instead of a fallback. */
+export class NotConvergedError extends RecurrentKernelsError {
+  constructor(message: string) { super('ERR_NOT_CONVERGED', message); }
 }
 
 const byCode: Record<string, new (message: string) => RecurrentKernelsError> = {

@@ -9,13 +9,14 @@ import { linearScan } from './ops/linearScan';
 import { selectiveScan } from './ops/selectiveScan';
 import { gatedDeltaRule } from './ops/gatedDeltaRule';
 import { fusedRnn } from './ops/fusedRnn';
+import { newtonRnn } from './ops/newtonRnn';
 import { elementwiseOps } from './ops/elementwise';
 
 export { Tensor, cuda, memory, releaseCpuPool, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
 export type { DType, Device, TensorOptions, CudaDeviceProperties, MemoryStats } from './tensor';
 export {
   RecurrentKernelsError, ShapeError, DTypeError, DeviceError, ArgumentError, DisposedError, CudaError,
-  OutOfMemoryError, NativeLoadError,
+  OutOfMemoryError, NativeLoadError, NotConvergedError,
 } from './errors';
 export type { ErrorCode } from './errors';
 export { Tape, grad, valueAndGrad, gradcheck, defineOp } from './autograd';
@@ -40,6 +41,10 @@ export { fusedRnn } from './ops/fusedRnn';
 export type {
   FusedRnnCell, FusedRnnInputs, FusedRnnOptions, FusedRnnOutputs, FusedRnnGrads,
 } from './ops/fusedRnn';
+export { newtonRnn } from './ops/newtonRnn';
+export type {
+  NewtonRnnInputs, NewtonRnnOptions, NewtonRnnOutputs, NewtonRnnGrads, NewtonRnnStats, NewtonRnnCell,
+} from './ops/newtonRnn';
 export type {
   SelectiveStateUpdateInputs, SelectiveStateUpdateOptions, SelectiveStateUpdateOutputs,
 } from './ops/selectiveStateUpdate';
@@ -50,12 +55,14 @@ export const ops = {
   selectiveScan: selectiveScan.hooks,
   gatedDeltaRule: gatedDeltaRule.hooks,
   fusedRnn: fusedRnn.hooks,
+  newtonRnn: newtonRnn.hooks,
   ...Object.fromEntries(Object.entries(elementwiseOps).map(([k, v]) => [k, v.hooks])),
 } as {
   linearScan: typeof linearScan.hooks;
   selectiveScan: typeof selectiveScan.hooks;
   gatedDeltaRule: typeof gatedDeltaRule.hooks;
   fusedRnn: typeof fusedRnn.hooks;
+  newtonRnn: typeof newtonRnn.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version = '0.1.0';

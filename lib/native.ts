@@ -74,6 +74,13 @@ export interface NativeModule {
     lengths: Int32Array | null,
     grads: { savedStates: Storage; savedPre: Storage; dh: Storage | null; dFinal: Storage | null },
     needDStates0: boolean): { dwx: Storage; dR: Storage; db: Storage; dStates0: Storage | null };
+  newtonRnnForward(device: Dev, dtype: string, tensors: NewtonRnnTensors, config: NewtonRnnConfig): {
+    y: Storage; traj: Storage; finalStates: Storage; iterations: Int32Array; residual: Float32Array;
+    converged: Uint8Array; fellBack: Uint8Array;
+  };
+  newtonRnnBackward(device: Dev, dtype: string, tensors: NewtonRnnTensors, config: NewtonRnnConfig,
+    grads: { traj: Storage; dy: Storage | null; dFinal: Storage | null }, needDh0: boolean):
+    { dwx: Storage; dR: Storage; db: Storage; dh0: Storage | null };
 }
 
 export interface FusedRnnTensors {
@@ -82,6 +89,16 @@ export interface FusedRnnTensors {
 /** cell: 0 elman, 1 lstm, 2 gru, 3 slstm (rkcuda::CellKind). */
 export interface FusedRnnConfig {
   cell: number; batch: number; T: number; heads: number; headDim: number; returnLastOnly: boolean;
+}
+
+export interface NewtonRnnTensors {
+  wx: Storage; R: Storage; b: Storage; h0: Storage | null; guess: Storage | null;
+}
+/** cell: 0 gru-diag, 1 lstm-cifg-diag, 2 gru, 3 lstm, 4 elman; guess: 0 zeros, 1 one-step, 2 provided. */
+export interface NewtonRnnConfig {
+  cell: number; batch: number; T: number; heads: number; headDim: number; fullJacobian: boolean;
+  sequential: boolean; fallbackSequential: boolean; maxIters: number; tolAbs: number; tolRel: number;
+  damping: number; guess: number;
 }
 
 export interface GatedDeltaTensors {

@@ -1,0 +1,157 @@
+// N-API glue of the Newton-iteration parallel RNN: re-checks every size and scalar against the
+// configuration that lib/ops/newtonRnn.ts sends, allocates the outputs (the per-row statistics as
+// host typed arrays on either device) and runs the CPU kernels or the CUDA launchers.
+#include "ops/newton/binding.h"
+
+#include <cmath>
+#include <string>
+
+#include "ops/newton/newton_rnn_cpu.h"
+#include "tensor/args.h"
+#include "tensor/tensor.h"
+
+namespace rk {
+namespace {
+
+struct NewtonCall {
+  Device dev = Device::CPU;
+  rkcuda::NewtonRnnArgs a;
+  int64_t G = 0, S = 0, N = 0, wxElems = 0, rElems = 0, bElems = 0, stateElems = 0, trajElems = 0, yElems = 0;
+};
+
+float nonNegativeField(Napi::Env env, const Napi::Object& cfg, const char* name, const char* op) {
+  Napi::Value v = cfg.Get(name);
+  double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
+  if (!std::isfinite(s) || s < 0 || s > 3.0e38)
+    throwError(env, "ERR_ARGUMENT", std::string(op) + ": " + name + " must be a finite non-negative number");
+  return float(s);
+}
+
+// (device, dtype, tensors {wx, R, b, h0, guess}, config {cell, batch, T, heads, headDim, fullJacobian,
+//  sequential, fallbackSequential, maxIters, tolAbs, tolRel, damping, guess})
+NewtonCall parseNewton(const Napi::CallbackInfo& info, const char* op) {
+  Napi::Env env = info.Env();
+  NewtonCall c;
+  c.dev = parseDevice(env, info[0], op);
+  DType dt = parseDType(env, info[1], op, "wx");
+  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  rkcuda::NewtonRnnArgs& a = c.a;
+  a.dt = rkcuda::DType(int(dt));
+  const int64_t cell = intField(env, cfg, "cell", op, 0);
+  if (cell > 4) throwError(env, "ERR_ARGUMENT", std::string(op) + ": unknown cell " + std::to_string(cell));
+  a.cell = rkcuda::NewtonCell(int(cell));
+  const bool diag = a.cell == rkcuda::NewtonCell::GruDiag || a.cell == rkcuda::NewtonCell::LstmCifgDiag;
+  c.G = a.cell == rkcuda::NewtonCell::Lstm ? 4 : a.cell == rkcuda::NewtonCell::Elman ? 1 : 3;
+  c.S = a.cell == rkcuda::NewtonCell::Lstm || a.cell == rkcuda::NewtonCell::LstmCifgDiag ? 2 : 1;
+  a.batch = intField(env, cfg, "batch", op, 1);
+  a.T = intField(env, cfg, "T", op, 1);
+  a.heads = intField(env, cfg, "heads", op, 1);
+  a.headDim = intField(env, cfg, "headDim", op, 1);
+  a.fullJacobian = flagField(cfg, "fullJacobian");
+  a.sequential = flagField(cfg, "sequential");
+  a.fallbackSequential = flagField(cfg, "fallbackSequential");
+  const int64_t maxIters = intField(env, cfg, "maxIters", op, 0);
+  if (maxIters > 1000000) throwError(env, "ERR_ARGUMENT", std::string(op) + ": maxIters must be at most 1000000");
+  a.maxIters = int(maxIters);
+  a.tolAbs = nonNegativeField(env, cfg, "tolAbs", op);
+  a.tolRel = nonNegativeField(env, cfg, "tolRel", op);
+  a.damping = nonNegativeField(env, cfg, "damping", op);
+  if (a.damping > 0 && a.fullJacobian && !diag)
+    throwError(env, "ERR_ARGUMENT", std::string(op) + ": damping needs per-channel Jacobians (jacobian 'diagonal' or a "
+                                                      "diagonal cell); it is not supported with the full Jacobian");
+  const int64_t guess = intField(env, cfg, "guess", op, 0);
+  if (guess > 2) throwError(env, "ERR_ARGUMENT", std::string(op) + ": unknown guess " + std::to_string(guess));
+  a.guess = rkcuda::NewtonGuess(int(guess));
+  c.N = product(env, {a.heads, a.headDim}, op);
+  c.wxElems = product(env, {a.batch, a.T, c.G, c.N}, op);
+  c.rElems = diag ? product(env, {c.G, c.N}, op) : product(env, {c.G, a.heads, a.headDim, a.headDim}, op);
+  c.bElems = product(env, {c.G, c.N}, op);
+  c.stateElems = product(env, {c.S, a.batch, c.N}, op);
+  c.trajElems = product(env, {a.batch, a.T, c.S, c.N}, op);
+  c.yElems = product(env, {a.batch, a.T, c.N}, op);
+  a.wx = tensorArg(env, t.Get("wx"), op, "wx", c.dev, dt, c.wxElems).data;
+  a.R = static_cast<const float*>(tensorArg(env, t.Get("R"), op, "R", c.dev, DType::F32, c.rElems).data);
+  a.b = static_cast<const float*>(tensorArg(env, t.Get("b"), op, "b", c.dev, DType::F32, c.bElems).data);
+  a.h0 = static_cast<const float*>(tensorArg(env, t.Get("h0"), op, "h0", c.dev, DType::F32, c.stateElems, true).data);
+  a.guessTraj = static_cast<const float*>(tensorArg(env, t.Get("guess"), op, "initialGuess", c.dev, DType::F32,
+                                                    c.trajElems, a.guess != rkcuda::NewtonGuess::Provided).data);
+  if (a.guess != rkcuda::NewtonGuess::Provided) a.guessTraj = nullptr;
+  return c;
+}
+
+// newtonRnnForward(device, dtype, tensors, config)
+//   -> { y, traj, finalStates, iterations: Int32Array, residual: Float32Array, converged, fellBack: Uint8Array }
+Napi::Value NewtonRnnForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "newtonRnn";
+  NewtonCall c = parseNewton(info, op);
+  rkcuda::NewtonRnnOutputs o;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("y", allocOutput(env, c.dev, DType(int(c.a.dt)), c.yElems, &o.y, Init::Overwritten));
+  out.Set("traj", allocOutput(env, c.dev, DType::F32, c.trajElems, &o.traj, Init::Overwritten));
+  out.Set("finalStates", allocOutput(env, c.dev, DType::F32, c.stateElems, &o.finalStates, Init::Overwritten));
+  const size_t rows = size_t(c.a.batch);
+  Napi::Int32Array iterations = Napi::Int32Array::New(env, rows);
+  Napi::Float32Array residual = Napi::Float32Array::New(env, rows);
+  Napi::Uint8Array converged = Napi::Uint8Array::New(env, rows), fellBack = Napi::Uint8Array::New(env, rows);
+  o.iterations = iterations.Data();
+  o.residual = residual.Data();
+  o.converged = converged.Data();
+  o.fellBack = fellBack.Data();
+  out.Set("iterations", iterations);
+  out.Set("residual", residual);
+  out.Set("converged", converged);
+  out.Set("fellBack", fellBack);
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::newtonRnnForward(c.a, o), op);
+#else
+    throwNoCuda(env, op);
+#endif
+    return out;
+  }
+  newton::newtonRnnForwardCpu(c.a, o);
+  return out;
+}
+
+// newtonRnnBackward(device, dtype, tensors, config, {traj, dy, dFinal}, needDh0) -> { dwx, dR, db, dh0 | null }
+Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "newtonRnn.backward";
+  NewtonCall c = parseNewton(info, op);
+  if (!info[4].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
+  Napi::Object gi = info[4].As<Napi::Object>();
+  const bool needDh0 = info[5].ToBoolean().Value();
+  const DType dt = DType(int(c.a.dt));
+  rkcuda::NewtonRnnGrads g;
+  g.traj = static_cast<const float*>(
+      tensorArg(env, gi.Get("traj"), op, "trajectory (saved for backward)", c.dev, DType::F32, c.trajElems).data);
+  g.dy = tensorArg(env, gi.Get("dy"), op, "grad of y", c.dev, dt, c.yElems, true).data;
+  g.dFinal = static_cast<const float*>(
+      tensorArg(env, gi.Get("dFinal"), op, "grad of finalStates", c.dev, DType::F32, c.stateElems, true).data);
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("dwx", allocOutput(env, c.dev, dt, c.wxElems, &g.dwx, Init::Overwritten));
+  out.Set("dR", allocOutput(env, c.dev, DType::F32, c.rElems, &g.dR, Init::Overwritten));
+  out.Set("db", allocOutput(env, c.dev, DType::F32, c.bElems, &g.db, Init::Overwritten));
+  out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0, Init::Overwritten));
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, rkcuda::newtonRnnBackward(c.a, g), op);
+#else
+    throwNoCuda(env, op);
+#endif
+    return out;
+  }
+  newton::newtonRnnBackwardCpu(c.a, g);
+  return out;
+}
+
+}  // namespace
+
+void registerNewton(Napi::Env env, Napi::Object exports) {
+  exports.Set("newtonRnnForward", Napi::Function::New<NewtonRnnForward>(env, "newtonRnnForward"));
+  exports.Set("newtonRnnBackward", Napi::Function::New<NewtonRnnBackward>(env, "newtonRnnBackward"));
+}
+
+}  // namespace rk
