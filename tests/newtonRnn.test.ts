@@ -195,14 +195,20 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
     'stats are truthful: %s (%s Jacobian) reports the iterations the float64 Newton needs; one fewer falls back',
     (cell, jacobian) => {
       const T = 40, batch = 2;
-      const p = problem(cell, batch, T, 2, 3, { device, rScale: 0.8, wxScale: 1.5 });
-      // The residual history of the float64 iteration; pick k where it drops the most, and a tolerance
-      // between the residuals before and after step k, far from both and from fp32 rounding.
-      const hist = newtonRnnIterate(p.ref, p.dims, { jacobian, maxIters: 30, tolAbs: 0, tolRel: 0 }).residuals;
-      let k = -1, best = 0;
-      for (let i = 1; i < hist[0].length; i++) {
-        const before = Math.min(hist[0][i - 1], hist[1][i - 1]), after = Math.max(hist[0][i], hist[1][i], 1e-5);
-        if (before > 1e-3 && before / after > best) { best = before / after; k = i; }
+      // The residual history of the float64 iteration; pick k where it drops the most (by 2x at least,
+      // on a fresh draw if this one has no such drop: per-channel Newton need not decrease
+      // monotonically), and a tolerance between the residuals before and after step k, far from both
+      // and from fp32 rounding.
+      let p = problem(cell, batch, T, 2, 3, { device, rScale: 0.8, wxScale: 1.5 });
+      let hist: number[][] = [], k = -1;
+      for (let attempt = 0; attempt < 20 && k < 0; attempt++) {
+        if (attempt > 0) p = problem(cell, batch, T, 2, 3, { device, rScale: 0.8, wxScale: 1.5 });
+        hist = newtonRnnIterate(p.ref, p.dims, { jacobian, maxIters: 30, tolAbs: 0, tolRel: 0 }).residuals;
+        let best = 2;
+        for (let i = 1; i < Math.min(hist[0].length, hist[1].length); i++) {
+          const before = Math.min(hist[0][i - 1], hist[1][i - 1]), after = Math.max(hist[0][i], hist[1][i], 1e-5);
+          if (before > 1e-3 && before / after > best) { best = before / after; k = i; }
+        }
       }
       expect(k, at('no clear drop in the residual')).toBeGreaterThan(0);
       const before = Math.min(hist[0][k - 1], hist[1][k - 1]), after = Math.max(hist[0][k], hist[1][k], 1e-5);
