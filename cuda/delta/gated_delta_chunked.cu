@@ -1,6 +1,7 @@
 // Gated delta rule, chunked form (WY representation / UT transform) on tensor cores: the forward
-// pass for fp16 / bf16 storage, fp32 state and accumulation. gatedDeltaForward (gated_delta.cu)
-// calls it for those dtypes; fp32 storage stays on the per-token recurrence (below, "fp32").
+// and backward passes for fp16 / bf16 storage, fp32 state and accumulation. gatedDeltaForward and
+// gatedDeltaBackward (gated_delta.cu) call them for those dtypes; fp32 storage stays on the
+// per-token recurrence (below, "fp32").
 //
 // Algorithm. Per (sequence, value head), a chunk of C = 64 positions t = 0..n-1 (n < 64 for the
 // last one) with state S_0 (K x V) entering it, a_t = exp(g_t), G_t = g_0 + ... + g_t (cumulative
@@ -51,6 +52,47 @@
 //   (1, 32768, 16), against 0.77 / 1.29 / 1.93 ms for flash-linear-attention's Triton kernels; the
 //   long single sequence is bound by the chunk-to-chunk latency of the state pass. Scratch: ~1.1 KB
 //   per (position, value head) of the storage type (600 MB at 1 x 32768 x 16).
+//
+// Backward. Given dO and dS_n (the gradient of the state leaving the chunk; dFinal for the last),
+// the chunk's formulas above give, with Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G), Kg = K exp(G):
+//   dV' = P^T dO + Kd dS_n,   dS_0 = exp(G_{n-1}) dS_n + Qg^T dO - W^T dV'       (sequential)
+// and then, per chunk independently (S_0 the checkpoint):
+//   V' = U - W S_0;  dQg = dO S_0^T;  dKd = V' dS_n^T;  dP = tril(dO V'^T);  dW = -dV' S_0^T;
+//   dv = Tm^T dV';  dTm = dV' V^T + dW Kg^T;  dKg = Tm^T dW;
+//   Tm = X diag(beta), X = (I + A)^-1:  dbeta_c += sum_i dTm_ic X_ic,  dA = -X^T (dTm diag(beta)) X^T;
+//   A_ts = beta_t Gamma_ts k_t.k_s:  E = dA beta Gamma:  dK += E K + E^T K,  dbeta_t += sum_s dA_ts Gamma_ts kk_ts;
+//   P_ts = scale Gamma_ts q_t.k_s:  Ep = dP scale Gamma:  dQ += Ep K,  dK += Ep^T Q;
+//   log-decay gradients: dG_t += sum_s (dA A + dP P)_ts - sum_s (dA A + dP P)_st (every Gamma_ts =
+//   exp(G_t - G_s)), + the row sums of dQg Qg and dKg Kg, - those of dKd Kd (whose sum, with
+//   exp(G_{n-1}) <S_0, dS_n>, goes to G_{n-1}); dg_t = sum_{t' >= t} dG_t' within the chunk.
+// Only products of a gradient with an already-decayed factor appear, so g = -1e4 stays finite (the
+// terms of the straddling pairs are exact zeros). dq, dk are the gradients with respect to the
+// normalised q, k; gatedDeltaBackward adds them in fp32 and takes them through the L2 norm.
+//   chunkPrepKernel      the forward's preparation, also keeping X = (I + A)^-1 (fp32).
+//   chunkBwdStateKernel<T, NT> one block (4 warps) per (sequence, value head, value tile), from the
+//     last chunk to the first: the fp32 dS tile in shared memory; per chunk it stores dS_n (fp32,
+//     the checkpoints' layout) and <S_0, dS_n> (atomically over the tiles), dV' (storage type) and
+//     steps dS; writes dh0. Same shape as the forward's state pass: latency bound.
+//   chunkGradKernel<T>   one block (4 warps, 16 chunk rows each) per (chunk, value head), all chunks
+//     in parallel: every product above with mma.sync (operands rounded to the storage type, fp32
+//     accumulation; the 64 x 64 factors dTm, dX, dA, E, dP kept in fp32 shared memory), loops over
+//     the value columns (contractions) and over 32 key columns (the 64 x K outputs); dq, dk added
+//     to the fp32 accumulators with atomics (the value heads of a q / k head meet there); dv, dg,
+//     dbeta written.
+// Bounds (H100 / H200, bf16, K = V = 128): prep as in the forward (+64 MB of X at 4 x 4096 x 16);
+//   reverse pass like the forward's state pass (~2-4 us per chunk in sequence, plus 2 x 64 KB of
+//   fp32 state read / written per (chunk, head), mostly hidden: ~0.2-0.3 ms at 4 x 4096 x 16 and
+//   8 x 2048 x 32, ~1-2 ms at 1 x 32768 x 16); gradients: ~20 MFLOP of mma per block (~80 GFLOP
+//   at 4 x 4096 x 16, ~10 % of the tensor-core peak), ~0.3 MB of reads per block mostly from L2
+//   (S_0 and dS_n fp32, 128 KB), 114 KB of shared memory (one block per SM): bound by the
+//   accessor-based fragment loads and the latency of one 4-warp block per SM, estimated ~0.5-1 ms
+//   at 4 x 4096 x 16 and ~1-2 ms at 8 x 2048 x 32 and 1 x 32768 x 16.
+//   Expected backward ~0.9-1.6 ms (4, 4096, 16), ~1.5-2.8 ms (8, 2048, 32), ~2.5-4 ms
+//   (1, 32768, 16); forward + backward ~1.3-2.2 / 2.1-3.7 / 3.7-6.2 ms against flash-linear-
+//   attention's 2.55 / 4.62 / 7.23 ms: at best the 1.5x goal, not yet measured on a device. The
+//   levers left: stage S_0 / dS_n tiles in shared memory with cp.async instead of per-element
+//   fragment loads, and a smaller shared footprint (two blocks per SM).
+//   Scratch on top of the forward's: X (16 KB), dS_n (4 K V bytes) and dV' per (chunk, value head).
 #include <cuda_runtime.h>
 
 #include <algorithm>

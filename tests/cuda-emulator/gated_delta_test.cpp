@@ -12,8 +12,11 @@
 //     through the "gatedDelta.forwardPath" tunable, against the same reference at the rounding
 //     level of the storage type: T = 1, chunk-1, chunk, chunk+1, 2*chunk+2; K != V (32 x 48,
 //     16 x 80, 128 x 64, 256 x 24, 20 x 256); H != HV; packed lengths 0, 1 and partial chunks;
-//     l2norm; g = 0 and -1e4; every value tile; the launch log shows which kernels ran; the
-//     recurrent backward then runs from the chunked checkpoints;
+//     l2norm; g = 0 and -1e4; every value tile; the launch log shows which kernels ran;
+//   * the chunked tensor-core backward (fp16 / bf16, "gatedDelta.backwardPath") in the same
+//     configurations (dO, dFinal and dh0 on and off, every reverse-pass value tile), against the
+//     float64 backward at the rounding level of the storage type; once the recurrent backward from
+//     the chunked checkpoints; the launchers' own choices (chunked both ways for fp16 / bf16);
 //   * gatedDeltaStep with 1 and 3 tokens, updateState and intermediate on and off, against the
 //     same reference;
 //   * arguments the launchers must refuse.
@@ -534,15 +537,18 @@ void runCase(const Case& c, std::mt19937& rng) {
     const Ref wb = reference(B, true);
     const rkcuda::Status sb = rkcuda::gatedDeltaBackward(a, gr);
     check(sb.ok(), "backward status: " + sb.message);
-    // The chunked backward rounds its operands (W, V', dV', S, dS, the 64 x 64 factors) to the
-    // storage type as the chunked forward does.
-    const double gtol = chunkedBackward ? 1e-2 : std::max(tol, 2e-4);
+    // The chunked backward rounds its operands (P, W, V', dV', S, dS, the 64 x 64 factors) to the
+    // storage type as the chunked forward does: fp16 errors stay near 5e-4; bf16's unit roundoff
+    // (2^-8) through a chain of three or four rounded operands reaches ~1e-2 where the errors do
+    // not average out (one position: the same rounded P_00 scales a whole head's dv).
+    const double chunkedTol = std::is_same_v<T, __nv_bfloat16> ? 2e-2 : 5e-3;
+    const double gtol = chunkedBackward ? chunkedTol : std::max(tol, 2e-4);
     checkOutput("dq", dq, wb.dq, gtol);
     checkOutput("dk", dk, wb.dk, gtol);
     checkOutput("dv", dv, wb.dv, gtol);
     checkOutput("dbeta", dbeta, wb.dbeta, gtol);
     checkOutput("dg", dg, wb.dg, gtol);
-    if (P.hasDh0) checkOutput("dh0", dh0, wb.dh0, chunkedBackward ? 1e-2 : 2e-4);
+    if (P.hasDh0) checkOutput("dh0", dh0, wb.dh0, chunkedBackward ? chunkedTol : 2e-4);
     if constexpr (!std::is_same_v<T, float>) {
       // Which backward ran: the chunked kernels (reverse pass and gradients) or the recurrence.
       bool pass = false, grad = false, recurrent = false;
@@ -650,6 +656,7 @@ void runChunkedSuite(std::mt19937& rng, int variant) {
     c.bpath = s.len == kChunk + 1 && s.K * s.V <= 64 * 64 && n % 2 == 0 ? 1 : 2;
     c.backwardTile = 16 << ((n + 1) % 3);
     if (s.K * s.V > 64 * 64 || s.len >= kChunk - 1) c.batch = 1, c.H = 1, c.HV = 1 + n % 2;
+    if (s.K * s.V >= 128 * 64 && s.len > kChunk) c.HV = 1;
     runCase<T>(c, rng);
   }
   Case d;  // the launchers' own choices (chunked both ways) and value tiles; no positions at all
@@ -657,7 +664,7 @@ void runChunkedSuite(std::mt19937& rng, int variant) {
   runCase<T>(d, rng);
   d.T = 9, d.l2 = true, d.gMode = 2;
   runCase<T>(d, rng);
-  d.T = 2 * kChunk + 1, d.K = 20, d.V = 12, d.batch = 1, d.l2 = false, d.gMode = 1, d.hasH0 = false, d.hasDO = false;
+  d.T = kChunk + 3, d.K = 20, d.V = 12, d.batch = 1, d.HV = 1, d.l2 = false, d.gMode = 1, d.hasH0 = false, d.hasDO = false;
   runCase<T>(d, rng);
 }
 
