@@ -547,6 +547,11 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
+    // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_chunked.cu).
+    const int path = tunable("gatedDelta.backwardPath", gatedDeltaChunkedSupports(a.dt) ? 2 : 1);
+    if (path != 1 && (path != 2 || !gatedDeltaChunkedSupports(a.dt))) {
+      return statusError(fn + ": unsupported backward path " + std::to_string(path));
+    }
     DeltaParams p = baseParams(a);
     p.checkpoints = g.states;
     p.dO = g.dO;
@@ -573,11 +578,6 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
     RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
-    // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_chunked.cu).
-    const int path = tunable("gatedDelta.backwardPath", gatedDeltaChunkedSupports(a.dt) ? 2 : 1);
-    if (path != 1 && (path != 2 || !gatedDeltaChunkedSupports(a.dt))) {
-      return statusError(fn + ": unsupported backward path " + std::to_string(path));
-    }
     if (a.nseq > 0 && path == 2) {
       ChunkedGradAccumulators chunkedAcc;
       chunkedAcc.dq = p.dqAcc, chunkedAcc.dk = p.dkAcc, chunkedAcc.dbeta = p.dbetaAcc;

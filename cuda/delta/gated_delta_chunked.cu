@@ -84,14 +84,14 @@
 //   fp32 state read / written per (chunk, head), mostly hidden: ~0.2-0.3 ms at 4 x 4096 x 16 and
 //   8 x 2048 x 32, ~1-2 ms at 1 x 32768 x 16); gradients: ~20 MFLOP of mma per block (~80 GFLOP
 //   at 4 x 4096 x 16, ~10 % of the tensor-core peak), ~0.3 MB of reads per block mostly from L2
-//   (S_0 and dS_n fp32, 128 KB), 114 KB of shared memory (one block per SM): bound by the
-//   accessor-based fragment loads and the latency of one 4-warp block per SM, estimated ~0.5-1 ms
-//   at 4 x 4096 x 16 and ~1-2 ms at 8 x 2048 x 32 and 1 x 32768 x 16.
+//   (S_0 and dS_n fp32, 128 KB), 111 KiB of shared memory (two blocks per SM): bound by the
+//   accessor-based fragment loads and the latency of two 4-warp blocks per SM, estimated
+//   ~0.5-1 ms at 4 x 4096 x 16 and ~1-2 ms at 8 x 2048 x 32 and 1 x 32768 x 16.
 //   Expected backward ~0.9-1.6 ms (4, 4096, 16), ~1.5-2.8 ms (8, 2048, 32), ~2.5-4 ms
 //   (1, 32768, 16); forward + backward ~1.3-2.2 / 2.1-3.7 / 3.7-6.2 ms against flash-linear-
 //   attention's 2.55 / 4.62 / 7.23 ms: at best the 1.5x goal, not yet measured on a device. The
 //   levers left: stage S_0 / dS_n tiles in shared memory with cp.async instead of per-element
-//   fragment loads, and a smaller shared footprint (two blocks per SM).
+//   fragment loads, and more warps per block.
 //   Scratch on top of the forward's: X (16 KB), dS_n (4 K V bytes) and dV' per (chunk, value head).
 #include <cuda_runtime.h>
 
