@@ -196,37 +196,17 @@ __device__ __forceinline__ ScanSegment segmentOfChunk(const ChunkParams& p, int6
 
 // ============================== per-chunk preparation ==============================
 
-// Dynamic shared memory of chunkPrepKernel.
-inline size_t prepSharedBytes(const ChunkParams& p, size_t elemBytes) {
-  return kC * sizeof(double) + 4 * kC * sizeof(float) + 2 * kC * kLdA * sizeof(float) +
-         2 * static_cast<size_t>(kC) * p.ldk * elemBytes;
-}
-
+// The chunk's staging, shared by the preparation and the backward's gradient kernel (the whole
+// block calls): q, k rows (storage type, zero past n and K) into sK, sQ (row stride p.ldk), beta,
+// the fp64 cumulative log decay sG, exp(sG) in sGam, the inverse norms sRk, sRq (1 without l2norm).
 template <class T>
-__global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p) {
-  const int64_t gc = static_cast<int64_t>(blockIdx.x) / p.HV;
-  const int64_t hv = static_cast<int64_t>(blockIdx.x) - gc * p.HV;
-  const int64_t h = hv / p.group;
-  const ScanSegment seg = segmentOfChunk(p, gc);
-  const int64_t cs = (gc - seg.chunkOffset) * kC;
-  const int n = static_cast<int>(seg.length - cs < kC ? seg.length - cs : kC);
-  const int64_t rowBase = seg.batch * p.T + seg.start + cs;  // batch row * T + first position
-  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V), ld = p.ldk;
+__device__ __forceinline__ void stageChunk(const ChunkParams& p, int64_t rowBase, int64_t h, int64_t hv, int n,
+                                           T* sK, T* sQ, double* sG, float* sGam, float* sBeta, float* sRk,
+                                           float* sRq) {
+  const int K = static_cast<int>(p.K), ld = p.ldk;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
-
-  double* sG = dynamicShared<double>();       // cumulative log decay
-  float* sBeta = reinterpret_cast<float*>(sG + kC);
-  float* sRk = sBeta + kC;                    // 1 / |k| (1 without l2norm)
-  float* sRq = sRk + kC;
-  float* sGam = sRq + kC;                     // g, then exp(G)
-  float* sA = sGam + kC;                      // A (strictly lower)
-  float* sX = sA + kC * kLdA;                 // Tm
-  T* sK = reinterpret_cast<T*>(sX + kC * kLdA);
-  T* sQ = sK + kC * ld;
-
   const T* qg = static_cast<const T*>(p.q);
   const T* kg = static_cast<const T*>(p.k);
-  const T* vg = static_cast<const T*>(p.v);
   const T zero = fromFloat<T>(0.0f);
   for (int e = tid; e < kC * ld; e += kThreads) {
     const int r = e / ld, i = e - (e / ld) * ld;
@@ -274,6 +254,38 @@ __global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p)
   __syncthreads();
   if (tid < kC) sGam[tid] = fastExp(static_cast<float>(sG[tid]));
   __syncthreads();
+}
+
+// Dynamic shared memory of chunkPrepKernel.
+inline size_t prepSharedBytes(const ChunkParams& p, size_t elemBytes) {
+  return kC * sizeof(double) + 4 * kC * sizeof(float) + 2 * kC * kLdA * sizeof(float) +
+         2 * static_cast<size_t>(kC) * p.ldk * elemBytes;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p) {
+  const int64_t gc = static_cast<int64_t>(blockIdx.x) / p.HV;
+  const int64_t hv = static_cast<int64_t>(blockIdx.x) - gc * p.HV;
+  const int64_t h = hv / p.group;
+  const ScanSegment seg = segmentOfChunk(p, gc);
+  const int64_t cs = (gc - seg.chunkOffset) * kC;
+  const int n = static_cast<int>(seg.length - cs < kC ? seg.length - cs : kC);
+  const int64_t rowBase = seg.batch * p.T + seg.start + cs;  // batch row * T + first position
+  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V), ld = p.ldk;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
+
+  double* sG = dynamicShared<double>();       // cumulative log decay
+  float* sBeta = reinterpret_cast<float*>(sG + kC);
+  float* sRk = sBeta + kC;                    // 1 / |k| (1 without l2norm)
+  float* sRq = sRk + kC;
+  float* sGam = sRq + kC;                     // g, then exp(G)
+  float* sA = sGam + kC;                      // A (strictly lower)
+  float* sX = sA + kC * kLdA;                 // Tm
+  T* sK = reinterpret_cast<T*>(sX + kC * kLdA);
+  T* sQ = sK + kC * ld;
+
+  const T* vg = static_cast<const T*>(p.v);
+  stageChunk(p, rowBase, h, hv, n, sK, sQ, sG, sGam, sBeta, sRk, sRq);
 
   auto kn = [&](int r, int i) -> float { return i < K ? toFloat(sK[r * ld + i]) * sRk[r] : 0.0f; };
   auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
@@ -703,7 +715,7 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
   const int n = static_cast<int>(seg.length - cs < kC ? seg.length - cs : kC);
   const int64_t rowBase = seg.batch * p.T + seg.start + cs;
   const int K = static_cast<int>(p.K), V = static_cast<int>(p.V), ld = p.ldk, ldv = p.Vp + 8;
-  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
   const int r0 = 16 * warp;
   const int kSteps = p.Kp / 16, vSteps = p.Vp / 16;
   const int64_t cb = gc * p.HV + hv;
@@ -725,62 +737,16 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
   T* sQ = sK + kC * ld;
   T* sVp = sQ + kC * ld;         // V', 64 x ldv
 
-  const T* qg = static_cast<const T*>(p.q);
-  const T* kg = static_cast<const T*>(p.k);
   const T* vg = static_cast<const T*>(p.v);
   const T* dO = static_cast<const T*>(p.dO);
-  const T zero = fromFloat<T>(0.0f);
-  for (int e = tid; e < kC * ld; e += kThreads) {
-    const int r = e / ld, i = e - (e / ld) * ld;
-    T kx = zero, qx = zero;
-    if (r < n && i < K) {
-      const int64_t off = ((rowBase + r) * p.H + h) * p.K + i;
-      kx = kg[off];
-      qx = qg[off];
-    }
-    sK[e] = kx;
-    sQ[e] = qx;
-  }
   const float* Xg = p.Xinv + cb * kC * kC;
   for (int e = tid; e < kC * kC; e += kThreads) sX[(e / kC) * kLdA + (e % kC)] = Xg[e];
   if (tid < kC) {
-    float gt = 0.0f, bt = 0.0f;
-    if (tid < n) {
-      const int64_t gi = (rowBase + tid) * p.HV + hv;
-      gt = p.g[gi];
-      bt = loadScalar(static_cast<const T*>(p.beta) + gi);
-    }
-    sGam[tid] = gt;
-    sBeta[tid] = bt;
     sDG[tid] = 0.0f;
     sDB[tid] = 0.0f;
     sF[tid] = 0.0f;
   }
-  __syncthreads();
-  if (tid == 0) {
-    double acc = 0.0;
-    for (int r = 0; r < kC; ++r) {
-      acc += static_cast<double>(sGam[r]);
-      sG[r] = acc;
-    }
-  }
-  for (int r = warp; r < kC; r += kWarps) {
-    float kk = 0.0f, qq = 0.0f;
-    for (int i = lane; i < K; i += 32) {
-      const float kx = toFloat(sK[r * ld + i]), qx = toFloat(sQ[r * ld + i]);
-      kk = fmaf(kx, kx, kk);
-      qq = fmaf(qx, qx, qq);
-    }
-    kk = warpSum(kk);
-    qq = warpSum(qq);
-    if (lane == 0) {
-      sRk[r] = p.l2norm ? 1.0f / sqrtf(kk + kL2Eps) : 1.0f;
-      sRq[r] = p.l2norm ? 1.0f / sqrtf(qq + kL2Eps) : 1.0f;
-    }
-  }
-  __syncthreads();
-  if (tid < kC) sGam[tid] = fastExp(static_cast<float>(sG[tid]));
-  __syncthreads();
+  stageChunk(p, rowBase, h, hv, n, sK, sQ, sG, sGam, sBeta, sRk, sRq);
 
   auto kn = [&](int r, int i) -> float { return i < K ? toFloat(sK[r * ld + i]) * sRk[r] : 0.0f; };
   auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
