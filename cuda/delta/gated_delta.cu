@@ -1,8 +1,9 @@
 // Gated delta rule (Gated DeltaNet), recurrent form: forward, backward (recomputing from
 // checkpoints) and decode steps, for F32/F16/BF16 storage with fp32 state and arithmetic: kernels
-// plus the launchers declared in common/api.h. gatedDeltaForward sends fp16 / bf16 storage to the
-// chunked tensor-core form (gated_delta_chunked.cu; the "gatedDelta.forwardPath" tunable: 1 this
-// recurrence, 2 chunked); its checkpoints are the same, so the backward below consumes either.
+// plus the launchers declared in common/api.h. gatedDeltaForward and gatedDeltaBackward send fp16 /
+// bf16 storage to the chunked tensor-core form (gated_delta_chunked.cu; the "gatedDelta.forwardPath"
+// and "gatedDelta.backwardPath" tunables: 1 this recurrence, 2 chunked); the checkpoints are the
+// same, so either backward consumes either forward's.
 //
 // Work split. Given (q, k, g, beta), column j of the K x V state evolves on its own:
 //   S_t[:, j] = a_t S_{t-1}[:, j] + beta_t k_t (v_t[j] - a_t k_t . S_{t-1}[:, j]),   a_t = exp(g_t)
@@ -546,6 +547,11 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
+    // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_chunked.cu).
+    const int path = tunable("gatedDelta.backwardPath", gatedDeltaChunkedSupports(a.dt) ? 2 : 1);
+    if (path != 1 && (path != 2 || !gatedDeltaChunkedSupports(a.dt))) {
+      return statusError(fn + ": unsupported backward path " + std::to_string(path));
+    }
     DeltaParams p = baseParams(a);
     p.checkpoints = g.states;
     p.dO = g.dO;
@@ -572,7 +578,12 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
     RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
-    if (a.nseq > 0) RK_TRY(launchBackward<T>(fn, p, a.nseq * a.HV));
+    if (a.nseq > 0 && path == 2) {
+      ChunkedGradAccumulators chunkedAcc;
+      chunkedAcc.dq = p.dqAcc, chunkedAcc.dk = p.dkAcc, chunkedAcc.dbeta = p.dbetaAcc;
+      RK_TRY(gatedDeltaChunkedBackward(a, p.segments, g, chunkedAcc));
+    }
+    if (a.nseq > 0 && path == 1) RK_TRY(launchBackward<T>(fn, p, a.nseq * a.HV));
     if (BT > 0) {
       const int64_t rows = BT * a.H;
       const int64_t blocks = std::min<int64_t>(ceilDiv(rows, 8), 65535);

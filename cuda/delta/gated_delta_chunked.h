@@ -1,6 +1,7 @@
-// The chunked (WY / UT transform) forward pass of the gated delta rule on tensor cores, called by
-// the launchers of gated_delta.cu (cuda/delta/gated_delta_chunked.cu). Not part of the public
-// contract in common/api.h: gatedDeltaForward picks this path or the per-token recurrence.
+// The chunked (WY / UT transform) forward and backward passes of the gated delta rule on tensor
+// cores, called by the launchers of gated_delta.cu (cuda/delta/gated_delta_chunked.cu). Not part of
+// the public contract in common/api.h: gatedDeltaForward and gatedDeltaBackward pick this path or
+// the per-token recurrence.
 #pragma once
 #include "common/api.h"
 
@@ -16,5 +17,19 @@ bool gatedDeltaChunkedSupports(DType dt);
 // left to the caller.
 Status gatedDeltaChunkedForward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, void* o,
                                 float* states, float* finalState);
+
+// fp32 accumulators of the backward, zeroed by the caller: dq, dk [batch, T, H, K] receive the
+// gradients with respect to the normalised q, k (the caller takes them through the L2 norm);
+// dbeta [batch, T, HV] is written at the positions inside the sequences.
+struct ChunkedGradAccumulators {
+  float* dq = nullptr;
+  float* dk = nullptr;
+  float* dbeta = nullptr;
+};
+
+// The chunked backward: dv and dg (at the positions inside the sequences), dh0 (nullable) as
+// gatedDeltaBackward, dq, dk, dbeta into `acc`, from the forward's checkpoints g.states.
+Status gatedDeltaChunkedBackward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, const GatedDeltaGrads& g,
+                                 const ChunkedGradAccumulators& acc);
 
 }  // namespace rkcuda

@@ -12,8 +12,11 @@
 //     through the "gatedDelta.forwardPath" tunable, against the same reference at the rounding
 //     level of the storage type: T = 1, chunk-1, chunk, chunk+1, 2*chunk+2; K != V (32 x 48,
 //     16 x 80, 128 x 64, 256 x 24, 20 x 256); H != HV; packed lengths 0, 1 and partial chunks;
-//     l2norm; g = 0 and -1e4; every value tile; the launch log shows which kernels ran; the
-//     recurrent backward then runs from the chunked checkpoints;
+//     l2norm; g = 0 and -1e4; every value tile; the launch log shows which kernels ran;
+//   * the chunked tensor-core backward (fp16 / bf16, "gatedDelta.backwardPath") in the same
+//     configurations (dO, dFinal and dh0 on and off, every reverse-pass value tile), against the
+//     float64 backward at the rounding level of the storage type; once the recurrent backward from
+//     the chunked checkpoints; the launchers' own choices (chunked both ways for fp16 / bf16);
 //   * gatedDeltaStep with 1 and 3 tokens, updateState and intermediate on and off, against the
 //     same reference;
 //   * arguments the launchers must refuse.
@@ -358,8 +361,10 @@ struct Case {
   int gMode = 0;          // 0 random, 1 all 0, 2 some -1e4
   int rows = 0, threads = 0;  // tunables (0: the launcher's choice)
   bool backward = true;
-  int path = 1;               // forward: 1 the recurrence, 2 the chunked form (fp16 / bf16)
+  int path = 1;               // forward: 1 the recurrence, 2 the chunked form (fp16 / bf16), 0 the launcher's choice
   int valueTile = 0;          // the chunked state pass's value columns per block (0: its choice)
+  int bpath = 1;              // backward: 1 the recurrence, 2 the chunked form, 0 the launcher's choice
+  int backwardTile = 0;       // the chunked reverse pass's value columns per block (0: its choice)
 };
 
 std::set<const void*> launched;
@@ -430,18 +435,21 @@ Problem makeProblem(const Case& c, std::mt19937& rng) {
 template <class T>
 void runCase(const Case& c, std::mt19937& rng) {
   const Problem P = makeProblem<T>(c, rng);
-  char buf[320];
+  char buf[400];
   std::snprintf(buf, sizeof buf,
-                "%s batch %lld T %lld H %lld HV %lld K %lld V %lld l2 %d packed %d h0 %d final %d dO %d dFinal %d dh0 %d g %d rows %d threads %d",
+                "%s batch %lld T %lld H %lld HV %lld K %lld V %lld l2 %d packed %d h0 %d final %d dO %d dFinal %d dh0 %d g %d rows %d threads %d path %d tile %d bpath %d btile %d",
                 Elem<T>::name, (long long)c.batch, (long long)c.T, (long long)c.H, (long long)c.HV, (long long)c.K,
                 (long long)c.V, c.l2, c.packed, c.hasH0, c.hasFinal, c.hasDO, c.hasDFinal, c.hasDh0, c.gMode, c.rows,
-                c.threads);
+                c.threads, c.path, c.valueTile, c.bpath, c.backwardTile);
   context = buf;
   emu::setTunable("gatedDelta.rowsPerLane", c.rows);
   emu::setTunable("gatedDelta.blockThreads", c.threads);
   emu::setTunable("gatedDelta.forwardPath", c.path);
   emu::setTunable("gatedDeltaChunked.valueTile", c.valueTile);
-  const bool chunked = c.path == 2;
+  emu::setTunable("gatedDelta.backwardPath", c.bpath);
+  emu::setTunable("gatedDeltaChunked.backwardValueTile", c.backwardTile);
+  const bool chunked = c.path == 2 || (c.path == 0 && !std::is_same_v<T, float>);
+  const bool chunkedBackward = c.bpath == 2 || (c.bpath == 0 && !std::is_same_v<T, float>);
 
   // The chunked form rounds its intermediate operands (W, U, S, V') to the storage type.
   const double tol = chunked ? 1e-2 : Elem<T>::tolerance;
@@ -529,13 +537,34 @@ void runCase(const Case& c, std::mt19937& rng) {
     const Ref wb = reference(B, true);
     const rkcuda::Status sb = rkcuda::gatedDeltaBackward(a, gr);
     check(sb.ok(), "backward status: " + sb.message);
-    const double gtol = std::max(tol, 2e-4);
+    // The chunked backward rounds its operands (P, W, V', dV', S, dS, the 64 x 64 factors) to the
+    // storage type as the chunked forward does: fp16 errors stay near 5e-4; bf16's unit roundoff
+    // (2^-8) through a chain of three or four rounded operands reaches ~1e-2 where the errors do
+    // not average out (one position: the same rounded P_00 scales a whole head's dv).
+    const double chunkedTol = std::is_same_v<T, __nv_bfloat16> ? 2e-2 : 5e-3;
+    const double gtol = chunkedBackward ? chunkedTol : std::max(tol, 2e-4);
     checkOutput("dq", dq, wb.dq, gtol);
     checkOutput("dk", dk, wb.dk, gtol);
     checkOutput("dv", dv, wb.dv, gtol);
     checkOutput("dbeta", dbeta, wb.dbeta, gtol);
     checkOutput("dg", dg, wb.dg, gtol);
-    if (P.hasDh0) checkOutput("dh0", dh0, wb.dh0, 2e-4);
+    if (P.hasDh0) checkOutput("dh0", dh0, wb.dh0, chunkedBackward ? chunkedTol : 2e-4);
+    if constexpr (!std::is_same_v<T, float>) {
+      // Which backward ran: the chunked kernels (reverse pass and gradients) or the recurrence.
+      bool pass = false, grad = false, recurrent = false;
+      for (const auto& l : emu::launchLog) {
+        pass |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 2>) ||
+                l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 4>) ||
+                l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 8>);
+        grad |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T>);
+        recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaBackwardKernel<T, 8>) ||
+                     l.kernel == emu::kernelId(rkcuda::gatedDeltaBackwardKernel<T, 16>);
+      }
+      if (P.nseq() > 0) {
+        check(chunkedBackward ? pass && !recurrent : recurrent && !pass, "the selected backward's kernels ran (and only they)");
+      }
+      if (P.totalChunks > 0) check(grad == chunkedBackward, "the chunked gradient kernel ran iff selected");
+    }
     zerosOutside("dq", dq.get(), P.H * P.K);
     zerosOutside("dk", dk.get(), P.H * P.K);
     zerosOutside("dv", dv.get(), P.HV * P.V);
@@ -548,6 +577,8 @@ void runCase(const Case& c, std::mt19937& rng) {
   emu::setTunable("gatedDelta.blockThreads", 0);
   emu::setTunable("gatedDelta.forwardPath", 0);
   emu::setTunable("gatedDeltaChunked.valueTile", 0);
+  emu::setTunable("gatedDelta.backwardPath", 0);
+  emu::setTunable("gatedDeltaChunked.backwardValueTile", 0);
 }
 
 template <class T>
@@ -620,15 +651,20 @@ void runChunkedSuite(std::mt19937& rng, int variant) {
     c.hasDh0 = n % 4 != 1;
     c.gMode = n % 3;
     c.valueTile = 16 << (n % 3);
-    // The recurrent backward from the chunked checkpoints (costly here: a few cases suffice).
-    c.backward = s.len == kChunk + 1 && s.K * s.V <= 64 * 64;
-    if (s.K * s.V > 64 * 64 || s.len > kChunk) c.batch = 1, c.H = 1, c.HV = 1 + n % 2;
+    // The chunked backward, every reverse-pass value tile; once the recurrent backward from the
+    // chunked checkpoints (costly here).
+    c.bpath = s.len == kChunk + 1 && s.K * s.V <= 64 * 64 && n % 2 == 0 ? 1 : 2;
+    c.backwardTile = 16 << ((n + 1) % 3);
+    if (s.K * s.V > 64 * 64 || s.len >= kChunk - 1) c.batch = 1, c.H = 1, c.HV = 1 + n % 2;
+    if (s.K * s.V >= 128 * 64 && s.len > kChunk) c.HV = 1;
     runCase<T>(c, rng);
   }
-  Case d;  // the launcher's own value tile; no positions at all
-  d.path = 2, d.T = 0, d.K = 16, d.V = 8, d.batch = 2, d.H = 1, d.HV = 2;
+  Case d;  // the launchers' own choices (chunked both ways) and value tiles; no positions at all
+  d.path = 0, d.bpath = 0, d.T = 0, d.K = 16, d.V = 8, d.batch = 2, d.H = 1, d.HV = 2;
   runCase<T>(d, rng);
   d.T = 9, d.l2 = true, d.gMode = 2;
+  runCase<T>(d, rng);
+  d.T = kChunk + 3, d.K = 20, d.V = 12, d.batch = 1, d.HV = 1, d.l2 = false, d.gMode = 1, d.hasH0 = false, d.hasDO = false;
   runCase<T>(d, rng);
 }
 
@@ -736,6 +772,21 @@ void checkRefusals() {
   emu::setTunable("gatedDelta.forwardPath", 3);
   check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts forward path 3");
   emu::setTunable("gatedDelta.forwardPath", 0);
+  {
+    rkcuda::GatedDeltaGrads g;
+    g.states = dummy, g.dq = g.dk = g.dv = g.dbeta = dummy, g.dg = dummy;
+    a = base();
+    emu::setTunable("gatedDelta.backwardPath", 2);
+    check(!rkcuda::gatedDeltaBackward(a, g).ok(), "backward accepts the chunked path for fp32");
+    a.dt = DType::F16;
+    emu::setTunable("gatedDelta.backwardPath", 3);
+    check(!rkcuda::gatedDeltaBackward(a, g).ok(), "backward accepts backward path 3");
+    emu::setTunable("gatedDelta.backwardPath", 2);
+    emu::setTunable("gatedDeltaChunked.backwardValueTile", 24);
+    check(!rkcuda::gatedDeltaBackward(a, g).ok(), "backward accepts a value tile of 24");
+    emu::setTunable("gatedDeltaChunked.backwardValueTile", 0);
+    emu::setTunable("gatedDelta.backwardPath", 0);
+  }
   check(emu::launchLog.size() == launchesBefore, "launched while refusing");
   check(emu::liveAllocations.empty(), "refusals leak");
 }
@@ -761,6 +812,14 @@ void checkCoverage() {
           std::string("never ran: ") + Elem<T>::name + " chunked state pass, 32 value columns");
     check(launched.count(emu::kernelId(deltachunked::chunkStateKernel<T, 8>)) == 1,
           std::string("never ran: ") + Elem<T>::name + " chunked state pass, 64 value columns");
+    check(launched.count(emu::kernelId(deltachunked::chunkBwdStateKernel<T, 2>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked reverse pass, 16 value columns");
+    check(launched.count(emu::kernelId(deltachunked::chunkBwdStateKernel<T, 4>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked reverse pass, 32 value columns");
+    check(launched.count(emu::kernelId(deltachunked::chunkBwdStateKernel<T, 8>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked reverse pass, 64 value columns");
+    check(launched.count(emu::kernelId(deltachunked::chunkGradKernel<T>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked gradients");
   }
   context = "coverage";
   for (const auto& kk : kernels) check(launched.count(kk.first) == 1, std::string("never ran: ") + Elem<T>::name + " " + kk.second);
