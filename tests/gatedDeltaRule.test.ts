@@ -59,25 +59,28 @@ function runCase(c: Case, device: rk.Device) {
   const ref = gatedDeltaRuleRef(refInputs, refOptions);
   const tol = c.dtype === 'float32' ? 1e-4 : tolerance[c.dtype];
   const nm = name(c);
-  const close = (got: rk.Tensor | null, want: Float64Array | null, what: string) => {
+  const close = (got: rk.Tensor | null, want: Float64Array | null, what: string, within = tol) => {
     expect(got, at(`${nm}: ${what}`)).toBeTruthy();
     const v = values(got!);
     expect(v.every(Number.isFinite), at(`${nm}: ${what} finite`)).toBe(true);
-    expect(relErr(v, want!), at(`${nm}: ${what}`)).toBeLessThan(tol);
+    expect(relErr(v, want!), at(`${nm}: ${what}`)).toBeLessThan(within);
   };
+  // The CUDA backward for bf16 is the chunked tensor-core algorithm, whose products take bf16
+  // operands several times over (states, their gradients, the UT transform): 2e-2 fits bf16 there.
+  const gradTol = device === 'cuda' && c.dtype === 'bfloat16' ? 2e-2 : tol;
   close(outputs.o, ref.o, 'o');
   close(outputs.finalState, ref.finalState, 'finalState');
   const dO = x(normal(rand, batch * T * HV * V), [batch, T, HV, V]);
   const dFinal = tensor(normal(rand, nseq * HV * K * V), [nseq, HV, K, V], 'float32', device);
   const g = rk.ops.gatedDeltaRule.backward(ctx, { o: dO, finalState: dFinal });
   const gr = gatedDeltaRuleRefBackward(refInputs, refOptions, { dO: values(dO), dFinal: values(dFinal) });
-  close(g.q, gr.dq, 'dq');
-  close(g.k, gr.dk, 'dk');
-  close(g.v, gr.dv, 'dv');
-  close(g.beta, gr.dbeta, 'dbeta');
+  close(g.q, gr.dq, 'dq', gradTol);
+  close(g.k, gr.dk, 'dk', gradTol);
+  close(g.v, gr.dv, 'dv', gradTol);
+  close(g.beta, gr.dbeta, 'dbeta', gradTol);
   // dg of an underflowed decay is exactly 0 in the oracle; compare the rest in norm.
-  close(g.g, gr.dg, 'dg');
-  if (c.h0) close(g.initialState, gr.dInitialState, 'dInitialState');
+  close(g.g, gr.dg, 'dg', gradTol);
+  if (c.h0) close(g.initialState, gr.dInitialState, 'dInitialState', gradTol);
   else expect(g.initialState).toBeNull();
 }
 
