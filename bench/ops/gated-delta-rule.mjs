@@ -251,7 +251,9 @@ export default {
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
     const peerTimes = device === 'cuda' ? runPythonPeer('gated_delta_rule.py', { sizes, dtypes: [dtype] }) : null;
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch';
+    const matmulRate = peerTimes?.['matmul/bfloat16'] ?? null; // the device's bf16 matmul TFLOP/s, measured by the peer
     console.log('TFLOP/s: 4*K*V flops per token per value head (the forward recurrence); fwd+bwd counts 3x that, decode the forward\'s');
+    if (matmulRate) console.log(`bf16 matmul rate of this device (torch.matmul 8192^3): ${matmulRate.toFixed(0)} TFLOP/s ("% of matmul" below)`);
     const rows = [];
     for (const [batch, T, H, K] of sizes) {
       const HV = H, V = K;
@@ -270,14 +272,15 @@ export default {
       const nqk = batch * T * H * K, nv = batch * T * HV * V, nh = batch * T * HV;
       const inBytes = 2 * nqk * e + nv * e + nh * 4 + nh * e; // q, k, v, g, beta
       const flopsFwd = 4 * K * V * batch * T * HV;
-      const row = (pass, ms, bytes, flops, peer) => ({
+      const row = (pass, ms, bytes, flops, peer, fla) => ({
         size, dtype, pass, ms, gbs: bytes / (ms * 1e6),
         extra: {
           'floor (copy)': `${(bytes / (ceiling * 1e6)).toFixed(3)} ms`,
           'TFLOP/s': (flops / (ms * 1e9)).toPrecision(3),
+          ...(matmulRate ? { '% of matmul': `${((100 * flops) / (ms * 1e9 * matmulRate)).toFixed(1)}%` } : {}),
         },
         bytes, flops,
-        peers: { [peerName]: peer },
+        peers: { [peerName]: peer, ...(fla !== undefined ? { 'fla (Triton)': fla } : {}) },
       });
 
       if (T === 1) {
@@ -326,7 +329,9 @@ export default {
       if (device === 'cpu') peer = jsPeer(rk, data, dims, size);
       else if (peerTimes) peer = { fwd: peerTimes[`${size}/${dtype}/fwd`] ?? null, 'fwd+bwd': peerTimes[`${size}/${dtype}/fwd+bwd`] ?? null };
 
-      rows.push(row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd), row('fwd+bwd', both, fwdBytes + bwdBytes, 3 * flopsFwd, peer['fwd+bwd']));
+      const flaTime = (pass) => (peerTimes && `${size}/${dtype}/fla/fwd` in peerTimes ? peerTimes[`${size}/${dtype}/fla/${pass}`] : undefined);
+      rows.push(row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd, flaTime('fwd')),
+        row('fwd+bwd', both, fwdBytes + bwdBytes, 3 * flopsFwd, peer['fwd+bwd'], flaTime('fwd+bwd')));
       console.log(`${size}: state checkpoints ${count(stateBytes)}B (counted in the bytes of both passes)`);
       disposeAll(inputs);
       go.dispose();

@@ -20,6 +20,10 @@ Two implementations of the forward, the faster of which is reported per size and
     state with a few matmuls per chunk. Every exponent is a difference gamma_t - gamma_j <= 0 for
     j <= t, so nothing overflows.
 fwd+bwd is the forward followed by autograd through the same code, for q, k, v, g and beta.
+When flash-linear-attention is importable, its Triton kernel chunk_gated_delta_rule (the reference
+the issue's targets were measured with) is timed as a separate peer ("key/fla/pass").
+The device's bf16 matmul rate (torch.matmul, 8192^3) is measured once ("matmul/bfloat16", in
+TFLOP/s), so that the benchmark can report achieved TFLOP/s against it.
 The decode rows (T = 1) advance a float32 state (batch, H, K, V) in place by one token.
 Times are CUDA events, median after warm-up. Prints one JSON line: {"times":
 {"BxTxHxK/dtype/pass": ms}, "notes": [each implementation's times, or why it did not run]}.
@@ -38,6 +42,23 @@ from timing import time_ms  # noqa: E402  (after the torch check)
 
 CHUNK = 64
 LOOP_MAX_T = 4096
+
+try:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk  # noqa: E402
+except Exception:  # noqa: BLE001
+    fla_chunk = None
+
+
+def fla_gdr(q, k, v, g, beta):
+    o, _ = fla_chunk(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, use_qk_l2norm_in_kernel=True)
+    return o
+
+
+def matmul_tflops(n=8192):
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, 20)
+    return 2 * n ** 3 / (ms * 1e9)
 
 
 def l2norm(x):
@@ -136,6 +157,11 @@ def main():
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     times = {}
     notes = []
+    rate = matmul_tflops()
+    times["matmul/bfloat16"] = rate
+    notes.append(f"bf16 matmul (8192^3, torch.matmul): {rate:.0f} TFLOP/s")
+    if fla_chunk is None:
+        notes.append("flash-linear-attention not importable: its Triton peer is not run")
     for batch, T, H, K in cfg["sizes"]:
         for name in cfg["dtypes"]:
             key = f"{batch}x{T}x{H}x{K}/{name}"
@@ -173,6 +199,21 @@ def main():
             for p, v in best.items():
                 if v is not None:
                     times[f"{key}/{p}"] = v
+            if fla_chunk is not None:
+                def fla_fwd_bwd():
+                    o = fla_gdr(*args)
+                    torch.autograd.grad(o, args, go)
+
+                try:
+                    with torch.no_grad():
+                        f = time_ms(lambda: fla_gdr(*args), 20)
+                    b = time_ms(fla_fwd_bwd, 20)
+                    times[f"{key}/fla/fwd"], times[f"{key}/fla/fwd+bwd"] = f, b
+                    notes.append(f"fla chunk_gated_delta_rule at {key}: fwd {f:.3f} ms, fwd+bwd {b:.3f} ms")
+                except Exception as e:  # noqa: BLE001
+                    notes.append(f"fla chunk_gated_delta_rule at {key}: not run ({e})")
+                finally:
+                    torch.cuda.empty_cache()
             del args, go
             torch.cuda.empty_cache()
     print(json.dumps({"times": times, "notes": notes}))
