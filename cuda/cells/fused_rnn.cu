@@ -68,6 +68,7 @@
 #include "common/async_copy.cuh"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
+#include "common/group_sync.cuh"
 #include "common/host.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
@@ -78,6 +79,8 @@ namespace {
 
 constexpr int kRows = 16;           // batch rows per persistent block (the mma M dimension)
 constexpr int kMaxPersistentDim = 256;
+constexpr int kMultiThreads = 256;  // threads of a multi-block persistent block at most (4 per column: 64 columns)
+constexpr int kMaxMultiLaunches = 8;  // sequential launches (groups of batch tiles) the launcher accepts by default
 constexpr int kAhead = 4;          // steps ahead that the persistent kernels prefetch their inputs into L2
 constexpr int kStepRows = 8;        // batch rows per stepwise block
 constexpr int kStepCols = 16;       // channels per stepwise block
@@ -131,6 +134,11 @@ struct RnnParams {
   float* gr = nullptr;                  // scratch [T, batch, G, H, D]: dL/d(recurrent pre-activation)
   void* dwx = nullptr;
   float* dStates0 = nullptr;
+  // multi-block persistent kernels
+  int splits = 1;                       // blocks per head (each takes D / splits columns)
+  int64_t group0 = 0;                   // first (batch tile, head) group of the launch: tile * H + head
+  void* xchg = nullptr;                 // exchange buffers, [2][groups of the launch][16][D] (backward [16][G][D])
+  unsigned* sync = nullptr;             // barrier counters, one per group of the launch, zero at the start
 };
 
 __device__ __forceinline__ int64_t lengthOf(const RnnParams& p, int64_t b) {
@@ -530,6 +538,294 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
   }
 }
 
+// ============================== the multi-block persistent kernels ==============================
+
+// A head too large for one block: its gate columns are split over `splits` co-resident blocks (a
+// group, one per head and tile of 16 batch rows). Block c owns the Dc = D / splits columns
+// j0 = c * Dc .. j0 + Dc - 1 of every gate and keeps their slice of R in shared memory for all T steps;
+// warp w owns the 8 columns j0 + 8w.. as in the single-block kernels. After each step every block
+// writes its part of h_t (backward: of dpre_t, every gate) to a double-buffered exchange buffer in
+// global memory, the group passes a barrier (common/group_sync.cuh), and every block copies the whole
+// of it from L2 (cp.async.cg) into shared memory for the next step's product. Two buffers suffice:
+// a block overwrites buffer k only after the barrier that follows every member's copy of it.
+// Shared memory only through dynamicShared (the blocks run concurrently).
+struct MultiGroup {
+  int64_t hh, row0, grp;
+  int j0, Dc;
+};
+__device__ __forceinline__ MultiGroup multiGroupOf(const RnnParams& p) {
+  const unsigned splits = static_cast<unsigned>(p.splits), blk = blockIdx.x;
+  MultiGroup m;
+  m.grp = blk / splits;
+  m.hh = (p.group0 + m.grp) % p.H;
+  m.row0 = (p.group0 + m.grp) / p.H * kRows;
+  m.Dc = static_cast<int>(p.D) / p.splits;
+  m.j0 = static_cast<int>(blk % splits) * m.Dc;
+  return m;
+}
+
+// dst[r * ldDst + seg * ldSeg + k] = src[(r * segs + seg) * n + k] for the 16 rows, segs segments
+// and k < n (n a multiple of 16 bytes of Op), through L2; then the whole block waits.
+template <class Op>
+__device__ __forceinline__ void copyExchange(Op* dst, int ldDst, int ldSeg, const Op* src, int segs, int n) {
+  constexpr int per = 16 / static_cast<int>(sizeof(Op));
+  const int chunks = n / per, total = kRows * segs * chunks;
+  for (int e = static_cast<int>(threadIdx.x); e < total; e += static_cast<int>(blockDim.x)) {
+    const int k = (e % chunks) * per, rs = e / chunks, seg = rs % segs, r = rs / segs;
+    copyAsync16(dst + r * ldDst + seg * ldSeg + k, src + static_cast<int64_t>(rs) * n + k, 16);
+  }
+  waitAsyncCopies();
+  __syncthreads();
+}
+
+template <class T, int CELL>
+__global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(RnnParams p) {
+  using Op = typename Operands<T>::Fwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const MultiGroup m = multiGroupOf(p);
+  const int64_t hh = m.hh, row0 = m.row0;
+  const int Di = static_cast<int>(D), Dc = m.Dc, j0 = m.j0, ld = p.Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rt = dynamicShared<Op>();     // [G][Dc][ld]: Rt[g][jl][i] = R[g][hh][i][j0 + jl], zero for i >= D
+  Op* hA = Rt + G * Dc * ld;        // [16][ld]: h_{t-1} of the block's rows, all D columns, zero past D
+  float* bs = reinterpret_cast<float*>(hA + kRows * ld);  // [G][Dc]: b of the block's columns
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Di * Dc; e += nthreads) {
+    const int g = e / (Di * Dc), i = (e / Dc) % Di, jl = e % Dc;
+    Rt[(g * Dc + jl) * ld + i] = toOp<Op>(toFloat(R[((g * H + hh) * D + i) * D + j0 + jl]));
+  }
+  for (int e = tid; e < G * Dc * (ld - Di); e += nthreads) Rt[(e / (ld - Di)) * ld + Di + e % (ld - Di)] = toOp<Op>(0.0f);
+  for (int e = tid; e < kRows * ld; e += nthreads) {
+    const int64_t b = row0 + e / ld;
+    const int i = e % ld;
+    hA[e] = toOp<Op>((i < Di && b < batch && p.states0 != nullptr) ? p.states0[(b * H + hh) * D + i] : 0.0f);
+  }
+  for (int e = tid; e < G * Dc; e += nthreads) bs[e] = p.b[((e / Dc) * H + hh) * D + j0 + e % Dc];
+  __syncthreads();
+
+  float st[4][S];
+  int64_t len[2];
+  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      st[e][s] = (b < batch && p.states0 != nullptr) ? p.states0[((s * batch + b) * H + hh) * D + j] : 0.0f;
+    }
+  }
+
+  const T* wx = static_cast<const T*>(p.wx);
+  T* hOut = static_cast<T*>(p.h);
+  const int64_t bufStride = static_cast<int64_t>(gridDim.x / static_cast<unsigned>(p.splits)) * kRows * Di;
+  Op* xg = static_cast<Op*>(p.xchg) + m.grp * kRows * Di;  // buffer k at xg + k * bufStride: [16][D]
+  unsigned* counter = p.sync + m.grp;
+  unsigned passed = 0;
+  for (int64_t t = 0; t < L; ++t) {
+    // This step's input part first, so that the loads overlap the exchange and the product.
+    float xin[4][G];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const bool active = t < len[e >> 1];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xin[e][g] = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + j0 + colOf(e)]) : 0.0f;
+      }
+    }
+    if ((mma::lane() & 3) == 0) {  // a later step's inputs into L2 (one lane per row and 8 columns)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b = row0 + rowOf(2 * r);
+        if (t + kAhead < len[r]) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) prefetchL2(wx + (((b * L + t + kAhead) * G + g) * H + hh) * D + j0 + 8 * warp);
+        }
+      }
+    }
+    if (t > 0) copyExchange<Op>(hA, ld, 0, xg + ((t - 1) & 1) * bufStride, 1, Di);
+    float acc[G][4];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[g][e] = 0.0f;
+    }
+    warpProduct<Op, G>(acc, hA, ld, Rt + warp * 8 * ld, Dc * ld, ld, p.Dp);
+    Op* hNext = xg + (t & 1) * bufStride;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int jl = colOf(e), j = j0 + jl;
+      const bool active = t < len[e >> 1];
+      float pre[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float bg = bs[g * Dc + jl];
+        pre[g] = (CELL == kGru && g == 2) ? acc[g][e] + bg : xin[e][g] + bg + acc[g][e];
+      }
+      if (active) cellForward<CELL>(pre, xin[e][G - 1], st[e]);
+      hNext[rowOf(e) * Di + j] = toOp<Op>(st[e][0]);
+      if (b < batch) {
+        if (!p.lastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
+        if (p.savedStates != nullptr) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) p.savedStates[(((t * S + s) * batch + b) * H + hh) * D + j] = st[e][s];
+#pragma unroll
+          for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
+        }
+      }
+    }
+    if (t + 1 < L) groupBarrier(counter, static_cast<unsigned>(p.splits), &passed);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+    if (b >= batch) continue;
+    if (p.lastOnly) storeScalar(hOut + (b * H + hh) * D + j, st[e][0]);
+    if (p.finalStates != nullptr) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.finalStates[((s * batch + b) * H + hh) * D + j] = st[e][s];
+    }
+  }
+}
+
+// Reverse time. Block c owns the channels j0.. of the cell backward and the rows i = j0.. of
+// dh_{t-1} = sum_g dpre_g R_g^T, for which it keeps R[g][hh][i][:] of its rows; the exchange holds
+// dpre_t of every gate and column ([16][G][D] per group, in the backward operand type).
+template <class T, int CELL>
+__global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(RnnParams p) {
+  using Op = typename Operands<T>::Bwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const MultiGroup m = multiGroupOf(p);
+  const int64_t hh = m.hh, row0 = m.row0;
+  const int Di = static_cast<int>(D), Dc = m.Dc, j0 = m.j0, Dp = p.Dp, ld = Dp + padOf<Op>();
+  const int lda = G * Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rs = dynamicShared<Op>();     // [G][Dc][ld]: Rs[g][il][j] = R[g][hh][j0 + il][j], zero for j >= D
+  Op* dA = Rs + G * Dc * ld;        // [16][lda]: dpre of step t + 1, gate g at columns g*Dp.., zero past D
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Dc * ld; e += nthreads) {
+    const int r = e / ld, j = e % ld;
+    Rs[e] = toOp<Op>(j < Di ? toFloat(R[(((r / Dc) * H + hh) * D + j0 + r % Dc) * D + j]) : 0.0f);
+  }
+  for (int e = tid; e < kRows * lda; e += nthreads) dA[e] = toOp<Op>(0.0f);
+  __syncthreads();
+
+  const T* wx = static_cast<const T*>(p.wx);
+  const T* dh = static_cast<const T*>(p.dh);
+  T* dwx = static_cast<T*>(p.dwx);
+  float gS[4][S];
+  int64_t len[2];
+  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      gS[e][s] = (b < batch && p.dFinal != nullptr) ? p.dFinal[((s * batch + b) * H + hh) * D + j] : 0.0f;
+    }
+    if (b < batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * H + hh) * D + j]);
+  }
+
+  const int64_t bufStride = static_cast<int64_t>(gridDim.x / static_cast<unsigned>(p.splits)) * kRows * G * Di;
+  Op* xg = static_cast<Op*>(p.xchg) + m.grp * kRows * G * Di;  // buffer k at xg + k * bufStride: [16][G][D]
+  unsigned* counter = p.sync + m.grp;
+  unsigned passed = 0;
+  for (int64_t t = L - 1; t >= 0; --t) {
+    // This step's saved values first, so that the loads overlap the exchange and the product.
+    float pre[4][G], prev[4][S], dhv[4], wxn[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int j = j0 + colOf(e);
+      const bool active = t < len[e >> 1];
+#pragma unroll
+      for (int g = 0; g < G; ++g) pre[e][g] = active ? p.cSavedPre[(((t * batch + b) * G + g) * H + hh) * D + j] : 0.0f;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        prev[e][s] = !active ? 0.0f
+                     : t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+                     : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
+                     : 0.0f;
+      }
+      dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
+      wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
+    }
+    const int64_t tp = t - kAhead;  // an earlier step's saved values into L2 (one lane per row and 8 columns)
+    if ((mma::lane() & 3) == 0 && tp >= 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b = row0 + rowOf(2 * r);
+        if (tp >= len[r]) continue;
+        const int64_t c = hh * D + j0 + 8 * warp;
+#pragma unroll
+        for (int g = 0; g < G; ++g) prefetchL2(p.cSavedPre + ((tp * batch + b) * G + g) * H * D + c);
+        if (tp > 0) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
+        }
+        if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
+        if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
+      }
+    }
+    if (t < L - 1) {  // the recurrent part of dL/dh_t, from step t + 1's dpre
+      copyExchange<Op>(dA, lda, Dp, xg + ((t + 1) & 1) * bufStride, G, Di);
+      float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+      for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, dA + g * Dp, lda, Rs + (g * Dc + warp * 8) * ld, 0, ld, Dp);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
+    }
+    Op* aNext = xg + (t & 1) * bufStride;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int j = j0 + colOf(e);
+      const bool active = t < len[e >> 1];
+      float gx[G], gr[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) gx[g] = gr[g] = 0.0f;
+      if (active) {
+        gS[e][0] += dhv[e];
+        cellBackward<CELL>(pre[e], wxn[e], prev[e], gS[e], gx, gr);
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) aNext[(rowOf(e) * G + g) * Di + j] = toOp<Op>(gr[g]);
+      if (b < batch) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const int64_t o = (((t * batch + b) * G + g) * H + hh) * D + j;
+          p.gr[o] = gr[g];
+          storeScalar(dwx + (((b * L + t) * G + g) * H + hh) * D + j, gx[g]);
+        }
+      }
+    }
+    groupBarrier(counter, static_cast<unsigned>(p.splits), &passed);
+  }
+  if (L > 0) {
+    copyExchange<Op>(dA, lda, Dp, xg, G, Di);
+    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, dA + g * Dp, lda, Rs + (g * Dc + warp * 8) * ld, 0, ld, Dp);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
+  }
+  if (p.dStates0 != nullptr) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      if (b >= batch) continue;
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.dStates0[((s * batch + b) * H + hh) * D + j0 + colOf(e)] = gS[e][s];
+    }
+  }
+}
+
 // ============================== the stepwise kernels ==============================
 
 // The per-step product of a stepwise block, whose kStepThreads threads are kStepCols columns times
@@ -922,16 +1218,95 @@ size_t persistentShared(int cell, int64_t D, bool backward, bool f32) {
   return static_cast<size_t>((G * D * (Dp + pad) + 2 * kRows * tile) * static_cast<int64_t>(sizeof(Op)) + bias);
 }
 
-// 1: persistent (shared memory bytes in *shared), 2: stepwise.
+// Shared memory of a multi-block persistent block (forward or backward) that takes Dc columns.
 template <class Op>
-Status choosePath(const std::string& fn, int cell, int64_t D, bool backward, bool f32, int* path, size_t* shared) {
+size_t multiShared(int cell, int64_t D, int64_t Dc, bool backward) {
+  const int64_t G = gatesOf(cell), Dp = ceilDiv(D, 16) * 16, pad = padOf<Op>(), ld = Dp + pad;
+  const int64_t tile = backward ? G * Dp + pad : ld;
+  const int64_t bias = backward ? 0 : G * Dc * static_cast<int64_t>(sizeof(float));
+  return static_cast<size_t>((G * Dc * ld + kRows * tile) * static_cast<int64_t>(sizeof(Op)) + bias);
+}
+
+// How the multi-block path runs a problem: blocks per head, their shared memory, and how many
+// (batch tile, head) groups one cooperative launch can hold (all its blocks resident at once).
+struct MultiPlan {
+  int splits = 0;
+  size_t shared = 0;
+  int64_t groupsPerLaunch = 0;
+  std::string why;  // empty when the path applies
+};
+
+// The fewest blocks per head (splits dividing D / 8, at most 64 columns each) whose slices fit in
+// shared memory, or the value pinned by the tunable "fusedRnn.splits"; then the occupancy of that
+// block times the SM count bounds the groups per launch.
+template <class Op, class... KArgs>
+Status planMulti(void (*kernel)(KArgs...), int cell, int64_t D, bool backward, int optin, MultiPlan* plan) {
+  *plan = MultiPlan{};
+  if (D % 8 != 0) {
+    plan->why = "headDim " + std::to_string(D) + " is not a multiple of 8";
+    return Status{};
+  }
+  auto usable = [&](int64_t c) {
+    return c >= 1 && (D / 8) % c == 0 && 4 * (D / c) <= kMultiThreads &&
+           multiShared<Op>(cell, D, D / c, backward) <= static_cast<size_t>(optin);
+  };
+  int64_t chosen = 0;
+  for (int64_t c = 1; c <= D / 8 && chosen == 0; ++c) {
+    if (usable(c)) chosen = c;
+  }
+  const int64_t splits = tunable("fusedRnn.splits", static_cast<int>(chosen));
+  if (splits == 0 || !usable(splits)) {
+    plan->why = "headDim " + std::to_string(D) + (splits == 0 ? " fits no split" : " in " + std::to_string(splits) + " blocks does not fit") +
+                " over blocks of the multi-block kernel";
+    return Status{};
+  }
+  plan->splits = static_cast<int>(splits);
+  plan->shared = multiShared<Op>(cell, D, D / splits, backward);
+  RK_TRY(allowDynamicShared(kernel, plan->shared));
+  int sms = 0, perSm = 0;
+  RK_TRY(deviceAttribute(cudaDevAttrMultiProcessorCount, &sms));
+  RK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
+      &perSm, reinterpret_cast<const void*>(kernel), static_cast<int>(4 * (D / splits)), plan->shared, cudaOccupancyDefault));
+  plan->groupsPerLaunch = static_cast<int64_t>(sms) * perSm / splits;
+  if (plan->groupsPerLaunch < 1) plan->why = "the blocks of one head cannot all be resident";
+  return Status{};
+}
+
+// 1: persistent (shared memory bytes in *shared), 2: stepwise, 3: multi-block persistent (*multi).
+template <class Op, class... KArgs>
+Status choosePath(const std::string& fn, int cell, int64_t D, int64_t groups, bool backward, bool f32,
+                  void (*multiKernel)(KArgs...), int* path, size_t* shared, MultiPlan* multi) {
   int optin = 0;
   RK_TRY(deviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
   *shared = persistentShared<Op>(cell, D, backward, f32);
   const bool fits = *shared > 0 && *shared <= static_cast<size_t>(optin);
-  *path = tunable("fusedRnn.path", fits ? 1 : 2);
-  if (*path != 1 && *path != 2) return statusError(fn + ": unknown path " + std::to_string(*path));
+  RK_TRY(planMulti<Op>(multiKernel, cell, D, backward, optin, multi));
+  const bool multiFits = multi->why.empty() && ceilDiv(groups, multi->groupsPerLaunch) <= kMaxMultiLaunches;
+  *path = tunable("fusedRnn.path", fits ? 1 : multiFits ? 3 : 2);
+  if (*path < 1 || *path > 3) return statusError(fn + ": unknown path " + std::to_string(*path));
   if (*path == 1 && !fits) return statusError(fn + ": headDim " + std::to_string(D) + " does not fit the persistent kernel");
+  if (*path == 3 && !multi->why.empty()) return statusError(fn + ": multi-block path: " + multi->why);
+  return Status{};
+}
+
+// Runs a multi-block kernel over every (batch tile, head) group, as many groups per cooperative
+// launch as can be resident, with its exchange buffers (elements of Op per group) and counters.
+template <class Op, class... KArgs>
+Status launchMulti(void (*kernel)(KArgs...), const MultiPlan& plan, RnnParams p, int64_t xchgPerGroup) {
+  const int64_t groups = p.H * ceilDiv(p.batch, kRows), perLaunch = std::min(groups, plan.groupsPerLaunch);
+  const size_t counterBytes = static_cast<size_t>(ceilDiv(perLaunch * static_cast<int64_t>(sizeof(unsigned)), 256) * 256);
+  DeviceBuffer scratch;  // the counters, then two exchange buffers
+  RK_TRY(scratch.allocate(counterBytes + static_cast<size_t>(2 * perLaunch * xchgPerGroup) * sizeof(Op)));
+  p.splits = plan.splits;
+  p.sync = static_cast<unsigned*>(scratch.get());
+  p.xchg = static_cast<unsigned char*>(scratch.get()) + counterBytes;
+  for (int64_t g0 = 0; g0 < groups; g0 += perLaunch) {
+    const int64_t n = std::min(perLaunch, groups - g0);
+    RK_CUDA_TRY(cudaMemsetAsync(p.sync, 0, static_cast<size_t>(n) * sizeof(unsigned), 0));
+    p.group0 = g0;
+    RK_TRY(launchCooperative(kernel, static_cast<unsigned>(n * plan.splits), static_cast<unsigned>(4 * (p.D / plan.splits)),
+                             plan.shared, p));
+  }
   return Status{};
 }
 
@@ -955,8 +1330,11 @@ Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRn
   RK_TRY(uploadLengths(a, &lens, &p.lengths));
   int path = 0;
   size_t shared = 0;
-  RK_TRY(choosePath<typename Operands<T>::Fwd>(fn, CELL, a.headDim, false, std::is_same<T, float>::value, &path,
-                                               &shared));
+  MultiPlan multi;
+  using Op = typename Operands<T>::Fwd;
+  RK_TRY(choosePath<Op>(fn, CELL, a.headDim, a.heads * ceilDiv(a.batch, kRows), false, std::is_same<T, float>::value,
+                        fusedRnnForwardMultiKernel<T, CELL>, &path, &shared, &multi));
+  if (path == 3) return launchMulti<Op>(fusedRnnForwardMultiKernel<T, CELL>, multi, p, kRows * a.headDim);
   if (path == 1) {
     unsigned grid = 0;
     RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));
@@ -999,10 +1377,14 @@ Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedR
   }
   int path = 0;
   size_t shared = 0;
-  RK_TRY(choosePath<typename Operands<T>::Bwd>(fn, CELL, a.headDim, true, std::is_same<T, float>::value, &path,
-                                               &shared));
+  MultiPlan multi;
+  using Op = typename Operands<T>::Bwd;
+  RK_TRY(choosePath<Op>(fn, CELL, a.headDim, a.heads * ceilDiv(a.batch, kRows), true, std::is_same<T, float>::value,
+                        fusedRnnBackwardMultiKernel<T, CELL>, &path, &shared, &multi));
   if (a.batch == 0) {
     // Nothing flows: dR and db are zeros (below).
+  } else if (path == 3) {
+    RK_TRY(launchMulti<Op>(fusedRnnBackwardMultiKernel<T, CELL>, multi, p, kRows * G * a.headDim));
   } else if (path == 1) {
     unsigned grid = 0;
     RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));
