@@ -23,13 +23,42 @@
 //                 fp32 bwd          192      96      96    112
 //               Every step also prefetches the inputs of a step kAhead steps on into L2, so that the
 //               loads at the top of each step (issued before the product, overlapping it) hit L2.
+//   multi-block the same persistent scheme for heads too large for one block (FlashRNN's way): a head's
+//               gate columns are split over `splits` co-resident blocks (a group per head and tile of
+//               16 batch rows), block c owning D / splits columns of every gate (at most 64: 256
+//               threads) and their slice of R (backward: the rows of R that its slice of dh_{t-1} needs)
+//               in shared memory for all T steps. After every step each block writes its part of h_t
+//               (backward: of dpre_t, every gate) to a double-buffered exchange buffer in global memory,
+//               the group passes a barrier, and every block copies the whole of it from L2 (cp.async.cg)
+//               into shared memory for the next product. splits = the fewest that divide D / 8 and fit
+//               in shared memory (tunable "fusedRnn.splits"); runs when headDim % 8 == 0 and the
+//               groups fit in at most kMaxMultiLaunches cooperative launches (each launch holds as many
+//               groups as are co-resident: occupancy x SM count). With 227 KB per block, every
+//               headDim (multiple of 8) up to:
+//                                  Elman   LSTM   sLSTM   GRU
+//                 bf16/fp16 fwd     4096   2400    2400   2896    (LSTM 256: 4 blocks of 64 columns, 768: 24 of 32)
+//                 bf16/fp16 bwd     4096   1200    1200   1600    (LSTM 256: 4 of 64, 768: 48 of 16)
+//                 fp32 fwd          2416   1200    1200   1440
+//                 fp32 bwd          2416    592     592    800
+//               (the largest sizes with 8 columns per block: slow, as every warp still does the
+//               G x headDim / 16 mma of its columns per step and every block copies the whole tile).
+//               Barrier: chosen over a whole-grid barrier (cooperative groups' grid.sync), which would
+//               make every head wait for all the others, and over thread-block clusters, which cannot
+//               hold a 768-wide head's R (4.7 MB bf16 against 16 x 227 KB at most). It is a counter per
+//               group in global memory (common/group_sync.cuh: __syncthreads, then thread 0 does a
+//               __threadfence + atomicAdd release and spins on an ld.acquire.gpu, then __syncthreads);
+//               the launch is cooperative (cudaLaunchCooperativeKernel), so the driver refuses rather
+//               than hangs when the blocks could not all be resident. The exchange is read with
+//               cp.async.cg (L2, never a stale L1 line). Two exchange buffers suffice: a block writes
+//               buffer k again only after the barrier that follows every member's copy of it.
 //   stepwise    any headDim (larger heads, or headDim not a multiple of 8): one kernel per step (and
 //               per reverse step), all on the GPU. A block takes 8 batch rows and 16 channels j of a
 //               head; its 128 threads split the k range 8 ways, stage h_{t-1} in shared memory and
 //               read R (from L2) once per 8 rows; then each thread updates one (row, channel). The
 //               states live in an fp32 scratch buffer between steps. Same results within rounding
 //               (it keeps h_{t-1} in fp32 for the product).
-// The tunable "fusedRnn.path" (1 persistent, 2 stepwise) pins the choice; a pinned persistent path
+// Default choice: persistent when it fits, else multi-block when it applies, else stepwise. The
+// tunable "fusedRnn.path" (1 persistent, 2 stepwise, 3 multi-block) pins the choice; a pinned path
 // that does not fit is refused. Supported: any batch (tiled; padding rows never reach an output),
 // heads >= 1, headDim 1..4096, T < 2^30, lengths per row.
 //
@@ -47,13 +76,21 @@
 //   12 heads x 64: persistent, 12 blocks of 256 threads; per step each warp does 16 mma (4 gates x 4
 //     k-steps) from shared memory plus the cell update and one barrier, about 1 us, latency bound:
 //     forward ~1.2 ms, backward (reverse kernel ~1.5 ms + dR reduction of 6.4 GFLOP ~0.1 ms).
-//   3 heads x 256 (R = 512 KB per head) and 1 x 768 (4.7 MB): stepwise, 96 blocks per step; each
-//     reads R from L2 once per 8 batch rows (2 x 1.5 MB / 2 x 4.7 MB per step, L2-resident) and
-//     each thread does D/8 x G x 8 FMA: bound by the per-step launch latency and L2 bandwidth,
-//     ~3-5 us per step: forward ~3-5 ms, backward about 1.5x that plus the dR reduction (77 GFLOP
-//     for 1 x 768 on tf32 mma, ~0.5 ms). This misses the 1.5x-over-FlashRNN target for these two
-//     sizes; a multi-block persistent kernel (R split over co-resident blocks of a head, a grid
-//     barrier per step) is what would remove the per-step launches there.
+//   3 heads x 256 (R = 512 KB per head) and 1 x 768 (4.7 MB): multi-block, latency bound. A step
+//     is: the exchange copy from L2 (~0.5 us: 8 KB per block at 256, 24 KB at 768; backward 32 /
+//     96 KB), the warp's product from shared memory (G independent mma chains of D/16 steps: ~0.3 us
+//     at 256, ~0.9 us at 768; backward the same in bf16), the cell update and the barrier (atomic
+//     arrive at L2 and the acquire poll that sees the last arrival: ~1-1.5 us, the largest part).
+//     3 x 256: 4 blocks of 64 columns per head (12 blocks; backward also 12), ~2-2.5 us per step:
+//     forward ~2-2.5 ms (target 2.6), backward ~2.5-3 ms + dR reduction (26 GFLOP tf32, ~0.1 ms),
+//     fwd+bwd ~5-6 ms (target 6.9).
+//     1 x 768: forward 24 blocks of 32 columns (~3 us per step: ~3 ms, target 3.4); backward 48
+//     blocks of 16 columns, whose 96 KB exchange copy per block and step (4.7 MB of L2 reads) and
+//     48-step mma chains make ~4-5 us per step: ~4.5 ms + dR reduction (77 GFLOP tf32, ~0.5 ms),
+//     fwd+bwd ~8-8.5 ms (target 8.9: tight). All of these are estimates from the latencies above.
+//   The stepwise path (bound by the per-step launch latency and L2 reads of R once per 8 batch
+//     rows: ~3-5 us per step at these sizes) remains for heads that are not a multiple of 8 or whose
+//     blocks cannot be resident, e.g. fp32 LSTM backward at 768.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -285,6 +322,47 @@ __device__ __forceinline__ void warpProduct(float (&acc)[NB][4], const Op* a, in
       const mma::FragA16 fa = mma::loadA16Packed(a + k, lda);
 #pragma unroll
       for (int q = 0; q < NB; ++q) mma::mma16816<Op>(c[q], fa, mma::loadB16PackedT(bt + q * bStride + k, ldb));
+    }
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][e] = c[q].c[e];
+    }
+  }
+}
+
+// As warpProduct, with a different A per q (at a + q * aStride): NB independent accumulator chains
+// where the k loop of one product per q would be one dependent chain.
+template <class Op, int NB>
+__device__ __forceinline__ void warpProductEach(float (&acc)[NB][4], const Op* a, int lda, int aStride, const Op* bt,
+                                                int bStride, int ldb, int K) {
+  if constexpr (std::is_same<Op, float>::value) {
+    const int g = mma::lane() >> 2, t = mma::lane() & 3;
+    for (int k = 0; k < K; k += 4) {
+#pragma unroll
+      for (int q = 0; q < NB; ++q) {
+        const float4 x0 = *reinterpret_cast<const float4*>(a + q * aStride + g * lda + k);
+        const float4 x1 = *reinterpret_cast<const float4*>(a + q * aStride + (g + 8) * lda + k);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float4 r = *reinterpret_cast<const float4*>(bt + q * bStride + (2 * t + c) * ldb + k);
+          acc[q][c] = fmaf(x0.x, r.x, fmaf(x0.y, r.y, fmaf(x0.z, r.z, fmaf(x0.w, r.w, acc[q][c]))));
+          acc[q][2 + c] = fmaf(x1.x, r.x, fmaf(x1.y, r.y, fmaf(x1.z, r.z, fmaf(x1.w, r.w, acc[q][2 + c]))));
+        }
+      }
+    }
+  } else {
+    mma::FragC c[NB];
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[q].c[e] = acc[q][e];
+    }
+    for (int k = 0; k < K; k += 16) {
+#pragma unroll
+      for (int q = 0; q < NB; ++q) {
+        mma::mma16816<Op>(c[q], mma::loadA16Packed(a + q * aStride + k, lda), mma::loadB16PackedT(bt + q * bStride + k, ldb));
+      }
     }
 #pragma unroll
     for (int q = 0; q < NB; ++q) {
@@ -734,6 +812,21 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
     if (b < batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * H + hh) * D + j]);
   }
 
+  // gS[.][0] += sum_g dpre_g (dA) R_g^T for the warp's rows i, one accumulator chain per gate.
+  auto gatesProduct = [&](float (&g)[4][S]) {
+    float acc[G][4];
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
+    }
+    warpProductEach<Op, G>(acc, dA, lda, Dp, Rs + warp * 8 * ld, Dc * ld, ld, Dp);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+#pragma unroll
+      for (int q = 0; q < G; ++q) g[e][0] += acc[q][e];
+    }
+  };
   const int64_t bufStride = static_cast<int64_t>(gridDim.x / static_cast<unsigned>(p.splits)) * kRows * G * Di;
   Op* xg = static_cast<Op*>(p.xchg) + m.grp * kRows * G * Di;  // buffer k at xg + k * bufStride: [16][G][D]
   unsigned* counter = p.sync + m.grp;
@@ -777,10 +870,7 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
     }
     if (t < L - 1) {  // the recurrent part of dL/dh_t, from step t + 1's dpre
       copyExchange<Op>(dA, lda, Dp, xg + ((t + 1) & 1) * bufStride, G, Di);
-      float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-      for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, dA + g * Dp, lda, Rs + (g * Dc + warp * 8) * ld, 0, ld, Dp);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
+      gatesProduct(gS);
     }
     Op* aNext = xg + (t & 1) * bufStride;
 #pragma unroll
@@ -810,10 +900,7 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
   }
   if (L > 0) {
     copyExchange<Op>(dA, lda, Dp, xg, G, Di);
-    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-    for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, dA + g * Dp, lda, Rs + (g * Dc + warp * 8) * ld, 0, ld, Dp);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
+    gatesProduct(gS);
   }
   if (p.dStates0 != nullptr) {
 #pragma unroll
@@ -1258,6 +1345,12 @@ Status planMulti(void (*kernel)(KArgs...), int cell, int64_t D, bool backward, i
   if (splits == 0 || !usable(splits)) {
     plan->why = "headDim " + std::to_string(D) + (splits == 0 ? " fits no split" : " in " + std::to_string(splits) + " blocks does not fit") +
                 " over blocks of the multi-block kernel";
+    return Status{};
+  }
+  int cooperative = 0;
+  RK_TRY(deviceAttribute(cudaDevAttrCooperativeLaunch, &cooperative));
+  if (cooperative == 0) {
+    plan->why = "the device does not support cooperative launches";
     return Status{};
   }
   plan->splits = static_cast<int>(splits);

@@ -3,7 +3,7 @@
 // files, and compiles the whole as one C++17 translation unit with a host compiler (it defines
 // the runtime functions below) against the CUDA toolkit headers. See linear_scan_test.cpp.
 //
-// Model. Blocks run one after another (a cooperative launch runs them all together, below). Each CUDA thread of a block is a cooperative fiber
+// Model. Blocks run one after another. Each CUDA thread of a block is a cooperative fiber
 // (ucontext) with its own stack; a fiber runs until it reaches a collective operation (a warp
 // shuffle, __syncwarp, __syncthreads), then the next fiber in thread order runs. So threads only
 // interleave at collectives, which is exactly what kernels that communicate through shuffles and
@@ -338,6 +338,10 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device
     *value = static_cast<int>(emu::kMaxDynamicShared);
     return cudaSuccess;
   }
+  if (attr == cudaDevAttrCooperativeLaunch) {
+    *value = 1;
+    return cudaSuccess;
+  }
   if (attr != cudaDevAttrMultiProcessorCount) {
     emu::fail("cudaDeviceGetAttribute(" + std::to_string(static_cast<int>(attr)) + ") is not emulated");
   }
@@ -382,7 +386,7 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) {
 namespace rkcuda {
 
 // The checks of a launch; sets up the emulator's launch state when they pass.
-template <class... KArgs, class... Args>
+template <class... KArgs>
 Status prepareLaunch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes) {
   if (grid.x == 0 || grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) {
     return statusError("emulator: grid and block must be 1-D and non-empty");
@@ -408,7 +412,7 @@ Status prepareLaunch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sha
 template <class... KArgs, class... Args>
 Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "launch: wrong number of kernel arguments");
-  if (Status st = prepareLaunch<KArgs...>(kernel, grid, block, sharedBytes); !st.ok()) return st;
+  if (Status st = prepareLaunch(kernel, grid, block, sharedBytes); !st.ok()) return st;
   emu::block.body = [&] { kernel(static_cast<KArgs>(args)...); };
   for (unsigned b = 0; b < grid.x; ++b) emu::runBlocks(b, 1);
   emu::block.body = nullptr;
@@ -422,7 +426,7 @@ Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t
   if (static_cast<int64_t>(grid.x) > static_cast<int64_t>(emu::smCount) * emu::blocksPerSm) {
     return statusError("emulator: cooperative launch of " + std::to_string(grid.x) + " blocks, more than can be resident");
   }
-  if (Status st = prepareLaunch<KArgs...>(kernel, grid, block, sharedBytes); !st.ok()) return st;
+  if (Status st = prepareLaunch(kernel, grid, block, sharedBytes); !st.ok()) return st;
   emu::block.body = [&] { kernel(static_cast<KArgs>(args)...); };
   emu::runBlocks(0, grid.x);
   emu::block.body = nullptr;
