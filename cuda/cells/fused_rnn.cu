@@ -1373,9 +1373,11 @@ Status choosePath(const std::string& fn, int cell, int64_t D, int64_t groups, bo
   RK_TRY(deviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
   *shared = persistentShared<Op>(cell, D, backward, f32);
   const bool fits = *shared > 0 && *shared <= static_cast<size_t>(optin);
-  RK_TRY(planMulti<Op>(multiKernel, cell, D, backward, optin, multi));
+  const int pinned = tunable("fusedRnn.path", 0);
+  multi->why = "not planned";
+  if (!fits || pinned == 3) RK_TRY(planMulti<Op>(multiKernel, cell, D, backward, optin, multi));
   const bool multiFits = multi->why.empty() && ceilDiv(groups, multi->groupsPerLaunch) <= kMaxMultiLaunches;
-  *path = tunable("fusedRnn.path", fits ? 1 : multiFits ? 3 : 2);
+  *path = pinned != 0 ? pinned : fits ? 1 : multiFits ? 3 : 2;
   if (*path < 1 || *path > 3) return statusError(fn + ": unknown path " + std::to_string(*path));
   if (*path == 1 && !fits) return statusError(fn + ": headDim " + std::to_string(D) + " does not fit the persistent kernel");
   if (*path == 3 && !multi->why.empty()) return statusError(fn + ": multi-block path: " + multi->why);
