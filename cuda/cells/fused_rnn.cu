@@ -23,13 +23,42 @@
 //                 fp32 bwd          192      96      96    112
 //               Every step also prefetches the inputs of a step kAhead steps on into L2, so that the
 //               loads at the top of each step (issued before the product, overlapping it) hit L2.
+//   multi-block the same persistent scheme for heads too large for one block (FlashRNN's way): a head's
+//               gate columns are split over `splits` co-resident blocks (a group per head and tile of
+//               16 batch rows), block c owning D / splits columns of every gate (at most 64: 256
+//               threads) and their slice of R (backward: the rows of R that its slice of dh_{t-1} needs)
+//               in shared memory for all T steps. After every step each block writes its part of h_t
+//               (backward: of dpre_t, every gate) to a double-buffered exchange buffer in global memory,
+//               the group passes a barrier, and every block copies the whole of it from L2 (cp.async.cg)
+//               into shared memory for the next product. splits = the fewest that divide D / 8 and fit
+//               in shared memory (tunable "fusedRnn.splits"); runs when headDim % 8 == 0 and the
+//               groups fit in at most kMaxMultiLaunches cooperative launches (each launch holds as many
+//               groups as are co-resident: occupancy x SM count). With 227 KB per block, every
+//               headDim (multiple of 8) up to:
+//                                  Elman   LSTM   sLSTM   GRU
+//                 bf16/fp16 fwd     4096   2400    2400   2896    (LSTM 256: 4 blocks of 64 columns, 768: 24 of 32)
+//                 bf16/fp16 bwd     4096   1200    1200   1600    (LSTM 256: 4 of 64, 768: 48 of 16)
+//                 fp32 fwd          2416   1200    1200   1440
+//                 fp32 bwd          2416    592     592    800
+//               (the largest sizes with 8 columns per block: slow, as every warp still does the
+//               G x headDim / 16 mma of its columns per step and every block copies the whole tile).
+//               Barrier: chosen over a whole-grid barrier (cooperative groups' grid.sync), which would
+//               make every head wait for all the others, and over thread-block clusters, which cannot
+//               hold a 768-wide head's R (4.7 MB bf16 against 16 x 227 KB at most). It is a counter per
+//               group in global memory (common/group_sync.cuh: __syncthreads, then thread 0 does a
+//               __threadfence + atomicAdd release and spins on an ld.acquire.gpu, then __syncthreads);
+//               the launch is cooperative (cudaLaunchCooperativeKernel), so the driver refuses rather
+//               than hangs when the blocks could not all be resident. The exchange is read with
+//               cp.async.cg (L2, never a stale L1 line). Two exchange buffers suffice: a block writes
+//               buffer k again only after the barrier that follows every member's copy of it.
 //   stepwise    any headDim (larger heads, or headDim not a multiple of 8): one kernel per step (and
 //               per reverse step), all on the GPU. A block takes 8 batch rows and 16 channels j of a
 //               head; its 128 threads split the k range 8 ways, stage h_{t-1} in shared memory and
 //               read R (from L2) once per 8 rows; then each thread updates one (row, channel). The
 //               states live in an fp32 scratch buffer between steps. Same results within rounding
 //               (it keeps h_{t-1} in fp32 for the product).
-// The tunable "fusedRnn.path" (1 persistent, 2 stepwise) pins the choice; a pinned persistent path
+// Default choice: persistent when it fits, else multi-block when it applies, else stepwise. The
+// tunable "fusedRnn.path" (1 persistent, 2 stepwise, 3 multi-block) pins the choice; a pinned path
 // that does not fit is refused. Supported: any batch (tiled; padding rows never reach an output),
 // heads >= 1, headDim 1..4096, T < 2^30, lengths per row.
 //
@@ -47,13 +76,21 @@
 //   12 heads x 64: persistent, 12 blocks of 256 threads; per step each warp does 16 mma (4 gates x 4
 //     k-steps) from shared memory plus the cell update and one barrier, about 1 us, latency bound:
 //     forward ~1.2 ms, backward (reverse kernel ~1.5 ms + dR reduction of 6.4 GFLOP ~0.1 ms).
-//   3 heads x 256 (R = 512 KB per head) and 1 x 768 (4.7 MB): stepwise, 96 blocks per step; each
-//     reads R from L2 once per 8 batch rows (2 x 1.5 MB / 2 x 4.7 MB per step, L2-resident) and
-//     each thread does D/8 x G x 8 FMA: bound by the per-step launch latency and L2 bandwidth,
-//     ~3-5 us per step: forward ~3-5 ms, backward about 1.5x that plus the dR reduction (77 GFLOP
-//     for 1 x 768 on tf32 mma, ~0.5 ms). This misses the 1.5x-over-FlashRNN target for these two
-//     sizes; a multi-block persistent kernel (R split over co-resident blocks of a head, a grid
-//     barrier per step) is what would remove the per-step launches there.
+//   3 heads x 256 (R = 512 KB per head) and 1 x 768 (4.7 MB): multi-block, latency bound. A step
+//     is: the exchange copy from L2 (~0.5 us: 8 KB per block at 256, 24 KB at 768; backward 32 /
+//     96 KB), the warp's product from shared memory (G independent mma chains of D/16 steps: ~0.3 us
+//     at 256, ~0.9 us at 768; backward the same in bf16), the cell update and the barrier (atomic
+//     arrive at L2 and the acquire poll that sees the last arrival: ~1-1.5 us, the largest part).
+//     3 x 256: 4 blocks of 64 columns per head (12 blocks; backward also 12), ~2-2.5 us per step:
+//     forward ~2-2.5 ms (target 2.6), backward ~2.5-3 ms + dR reduction (26 GFLOP tf32, ~0.1 ms),
+//     fwd+bwd ~5-6 ms (target 6.9).
+//     1 x 768: forward 24 blocks of 32 columns (~3 us per step: ~3 ms, target 3.4); backward 48
+//     blocks of 16 columns, whose 96 KB exchange copy per block and step (4.7 MB of L2 reads) and
+//     48-step mma chains make ~4-5 us per step: ~4.5 ms + dR reduction (77 GFLOP tf32, ~0.5 ms),
+//     fwd+bwd ~8-8.5 ms (target 8.9: tight). All of these are estimates from the latencies above.
+//   The stepwise path (bound by the per-step launch latency and L2 reads of R once per 8 batch
+//     rows: ~3-5 us per step at these sizes) remains for heads that are not a multiple of 8 or whose
+//     blocks cannot be resident, e.g. fp32 LSTM backward at 768.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -68,6 +105,7 @@
 #include "common/async_copy.cuh"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
+#include "common/group_sync.cuh"
 #include "common/host.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
@@ -78,6 +116,8 @@ namespace {
 
 constexpr int kRows = 16;           // batch rows per persistent block (the mma M dimension)
 constexpr int kMaxPersistentDim = 256;
+constexpr int kMultiThreads = 256;  // threads of a multi-block persistent block at most (4 per column: 64 columns)
+constexpr int kMaxMultiLaunches = 8;  // sequential launches (groups of batch tiles) the launcher accepts by default
 constexpr int kAhead = 4;          // steps ahead that the persistent kernels prefetch their inputs into L2
 constexpr int kStepRows = 8;        // batch rows per stepwise block
 constexpr int kStepCols = 16;       // channels per stepwise block
@@ -131,6 +171,11 @@ struct RnnParams {
   float* gr = nullptr;                  // scratch [T, batch, G, H, D]: dL/d(recurrent pre-activation)
   void* dwx = nullptr;
   float* dStates0 = nullptr;
+  // multi-block persistent kernels
+  int splits = 1;                       // blocks per head (each takes D / splits columns)
+  int64_t group0 = 0;                   // first (batch tile, head) group of the launch: tile * H + head
+  void* xchg = nullptr;                 // exchange buffers, [2][groups of the launch][16][D] (backward [16][G][D])
+  unsigned* sync = nullptr;             // barrier counters, one per group of the launch, zero at the start
 };
 
 __device__ __forceinline__ int64_t lengthOf(const RnnParams& p, int64_t b) {
@@ -277,6 +322,47 @@ __device__ __forceinline__ void warpProduct(float (&acc)[NB][4], const Op* a, in
       const mma::FragA16 fa = mma::loadA16Packed(a + k, lda);
 #pragma unroll
       for (int q = 0; q < NB; ++q) mma::mma16816<Op>(c[q], fa, mma::loadB16PackedT(bt + q * bStride + k, ldb));
+    }
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][e] = c[q].c[e];
+    }
+  }
+}
+
+// As warpProduct, with a different A per q (at a + q * aStride): NB independent accumulator chains
+// where the k loop of one product per q would be one dependent chain.
+template <class Op, int NB>
+__device__ __forceinline__ void warpProductEach(float (&acc)[NB][4], const Op* a, int lda, int aStride, const Op* bt,
+                                                int bStride, int ldb, int K) {
+  if constexpr (std::is_same<Op, float>::value) {
+    const int g = mma::lane() >> 2, t = mma::lane() & 3;
+    for (int k = 0; k < K; k += 4) {
+#pragma unroll
+      for (int q = 0; q < NB; ++q) {
+        const float4 x0 = *reinterpret_cast<const float4*>(a + q * aStride + g * lda + k);
+        const float4 x1 = *reinterpret_cast<const float4*>(a + q * aStride + (g + 8) * lda + k);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float4 r = *reinterpret_cast<const float4*>(bt + q * bStride + (2 * t + c) * ldb + k);
+          acc[q][c] = fmaf(x0.x, r.x, fmaf(x0.y, r.y, fmaf(x0.z, r.z, fmaf(x0.w, r.w, acc[q][c]))));
+          acc[q][2 + c] = fmaf(x1.x, r.x, fmaf(x1.y, r.y, fmaf(x1.z, r.z, fmaf(x1.w, r.w, acc[q][2 + c]))));
+        }
+      }
+    }
+  } else {
+    mma::FragC c[NB];
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[q].c[e] = acc[q][e];
+    }
+    for (int k = 0; k < K; k += 16) {
+#pragma unroll
+      for (int q = 0; q < NB; ++q) {
+        mma::mma16816<Op>(c[q], mma::loadA16Packed(a + q * aStride + k, lda), mma::loadB16PackedT(bt + q * bStride + k, ldb));
+      }
     }
 #pragma unroll
     for (int q = 0; q < NB; ++q) {
@@ -526,6 +612,303 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
       if (b >= batch) continue;
 #pragma unroll
       for (int s = 0; s < S; ++s) p.dStates0[((s * batch + b) * H + hh) * D + colOf(e)] = gS[e][s];
+    }
+  }
+}
+
+// ============================== the multi-block persistent kernels ==============================
+
+// A head too large for one block: its gate columns are split over `splits` co-resident blocks (a
+// group, one per head and tile of 16 batch rows). Block c owns the Dc = D / splits columns
+// j0 = c * Dc .. j0 + Dc - 1 of every gate and keeps their slice of R in shared memory for all T steps;
+// warp w owns the 8 columns j0 + 8w.. as in the single-block kernels. After each step every block
+// writes its part of h_t (backward: of dpre_t, every gate) to a double-buffered exchange buffer in
+// global memory, the group passes a barrier (common/group_sync.cuh), and every block copies the whole
+// of it from L2 (cp.async.cg) into shared memory for the next step's product. Two buffers suffice:
+// a block overwrites buffer k only after the barrier that follows every member's copy of it.
+// Shared memory only through dynamicShared (the blocks run concurrently).
+struct MultiGroup {
+  int64_t hh, row0, grp;
+  int j0, Dc;
+};
+__device__ __forceinline__ MultiGroup multiGroupOf(const RnnParams& p) {
+  const unsigned splits = static_cast<unsigned>(p.splits), blk = blockIdx.x;
+  MultiGroup m;
+  m.grp = blk / splits;
+  m.hh = (p.group0 + m.grp) % p.H;
+  m.row0 = (p.group0 + m.grp) / p.H * kRows;
+  m.Dc = static_cast<int>(p.D) / p.splits;
+  m.j0 = static_cast<int>(blk % splits) * m.Dc;
+  return m;
+}
+
+// dst[r * ldDst + seg * ldSeg + k] = src[(r * segs + seg) * n + k] for the 16 rows, segs segments
+// and k < n (n a multiple of 16 bytes of Op), through L2; then the whole block waits.
+template <class Op>
+__device__ __forceinline__ void copyExchange(Op* dst, int ldDst, int ldSeg, const Op* src, int segs, int n) {
+  constexpr int per = 16 / static_cast<int>(sizeof(Op));
+  const int chunks = n / per, total = kRows * segs * chunks;
+  for (int e = static_cast<int>(threadIdx.x); e < total; e += static_cast<int>(blockDim.x)) {
+    const int k = (e % chunks) * per, rs = e / chunks, seg = rs % segs, r = rs / segs;
+    copyAsync16(dst + r * ldDst + seg * ldSeg + k, src + static_cast<int64_t>(rs) * n + k, 16);
+  }
+  waitAsyncCopies();
+  __syncthreads();
+}
+
+template <class T, int CELL>
+__global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(RnnParams p) {
+  using Op = typename Operands<T>::Fwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const MultiGroup m = multiGroupOf(p);
+  const int64_t hh = m.hh, row0 = m.row0;
+  const int Di = static_cast<int>(D), Dc = m.Dc, j0 = m.j0, ld = p.Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rt = dynamicShared<Op>();     // [G][Dc][ld]: Rt[g][jl][i] = R[g][hh][i][j0 + jl], zero for i >= D
+  Op* hA = Rt + G * Dc * ld;        // [16][ld]: h_{t-1} of the block's rows, all D columns, zero past D
+  float* bs = reinterpret_cast<float*>(hA + kRows * ld);  // [G][Dc]: b of the block's columns
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Di * Dc; e += nthreads) {
+    const int g = e / (Di * Dc), i = (e / Dc) % Di, jl = e % Dc;
+    Rt[(g * Dc + jl) * ld + i] = toOp<Op>(toFloat(R[((g * H + hh) * D + i) * D + j0 + jl]));
+  }
+  for (int e = tid; e < G * Dc * (ld - Di); e += nthreads) Rt[(e / (ld - Di)) * ld + Di + e % (ld - Di)] = toOp<Op>(0.0f);
+  for (int e = tid; e < kRows * ld; e += nthreads) {
+    const int64_t b = row0 + e / ld;
+    const int i = e % ld;
+    hA[e] = toOp<Op>((i < Di && b < batch && p.states0 != nullptr) ? p.states0[(b * H + hh) * D + i] : 0.0f);
+  }
+  for (int e = tid; e < G * Dc; e += nthreads) bs[e] = p.b[((e / Dc) * H + hh) * D + j0 + e % Dc];
+  __syncthreads();
+
+  float st[4][S];
+  int64_t len[2];
+  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      st[e][s] = (b < batch && p.states0 != nullptr) ? p.states0[((s * batch + b) * H + hh) * D + j] : 0.0f;
+    }
+  }
+
+  const T* wx = static_cast<const T*>(p.wx);
+  T* hOut = static_cast<T*>(p.h);
+  const int64_t bufStride = static_cast<int64_t>(gridDim.x / static_cast<unsigned>(p.splits)) * kRows * Di;
+  Op* xg = static_cast<Op*>(p.xchg) + m.grp * kRows * Di;  // buffer k at xg + k * bufStride: [16][D]
+  unsigned* counter = p.sync + m.grp;
+  unsigned passed = 0;
+  for (int64_t t = 0; t < L; ++t) {
+    // This step's input part first, so that the loads overlap the exchange and the product.
+    float xin[4][G];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const bool active = t < len[e >> 1];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        xin[e][g] = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + j0 + colOf(e)]) : 0.0f;
+      }
+    }
+    if ((mma::lane() & 3) == 0) {  // a later step's inputs into L2 (one lane per row and 8 columns)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b = row0 + rowOf(2 * r);
+        if (t + kAhead < len[r]) {
+#pragma unroll
+          for (int g = 0; g < G; ++g) prefetchL2(wx + (((b * L + t + kAhead) * G + g) * H + hh) * D + j0 + 8 * warp);
+        }
+      }
+    }
+    if (t > 0) copyExchange<Op>(hA, ld, 0, xg + ((t - 1) & 1) * bufStride, 1, Di);
+    float acc[G][4];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[g][e] = 0.0f;
+    }
+    warpProduct<Op, G>(acc, hA, ld, Rt + warp * 8 * ld, Dc * ld, ld, p.Dp);
+    Op* hNext = xg + (t & 1) * bufStride;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int jl = colOf(e), j = j0 + jl;
+      const bool active = t < len[e >> 1];
+      float pre[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float bg = bs[g * Dc + jl];
+        pre[g] = (CELL == kGru && g == 2) ? acc[g][e] + bg : xin[e][g] + bg + acc[g][e];
+      }
+      if (active) cellForward<CELL>(pre, xin[e][G - 1], st[e]);
+      hNext[rowOf(e) * Di + j] = toOp<Op>(st[e][0]);
+      if (b < batch) {
+        if (!p.lastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
+        if (p.savedStates != nullptr) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) p.savedStates[(((t * S + s) * batch + b) * H + hh) * D + j] = st[e][s];
+#pragma unroll
+          for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
+        }
+      }
+    }
+    if (t + 1 < L) groupBarrier(counter, static_cast<unsigned>(p.splits), &passed);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+    if (b >= batch) continue;
+    if (p.lastOnly) storeScalar(hOut + (b * H + hh) * D + j, st[e][0]);
+    if (p.finalStates != nullptr) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.finalStates[((s * batch + b) * H + hh) * D + j] = st[e][s];
+    }
+  }
+}
+
+// Reverse time. Block c owns the channels j0.. of the cell backward and the rows i = j0.. of
+// dh_{t-1} = sum_g dpre_g R_g^T, for which it keeps R[g][hh][i][:] of its rows; the exchange holds
+// dpre_t of every gate and column ([16][G][D] per group, in the backward operand type).
+template <class T, int CELL>
+__global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(RnnParams p) {
+  using Op = typename Operands<T>::Bwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const MultiGroup m = multiGroupOf(p);
+  const int64_t hh = m.hh, row0 = m.row0;
+  const int Di = static_cast<int>(D), Dc = m.Dc, j0 = m.j0, Dp = p.Dp, ld = Dp + padOf<Op>();
+  const int lda = G * Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rs = dynamicShared<Op>();     // [G][Dc][ld]: Rs[g][il][j] = R[g][hh][j0 + il][j], zero for j >= D
+  Op* dA = Rs + G * Dc * ld;        // [16][lda]: dpre of step t + 1, gate g at columns g*Dp.., zero past D
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Dc * ld; e += nthreads) {
+    const int r = e / ld, j = e % ld;
+    Rs[e] = toOp<Op>(j < Di ? toFloat(R[(((r / Dc) * H + hh) * D + j0 + r % Dc) * D + j]) : 0.0f);
+  }
+  for (int e = tid; e < kRows * lda; e += nthreads) dA[e] = toOp<Op>(0.0f);
+  __syncthreads();
+
+  const T* wx = static_cast<const T*>(p.wx);
+  const T* dh = static_cast<const T*>(p.dh);
+  T* dwx = static_cast<T*>(p.dwx);
+  float gS[4][S];
+  int64_t len[2];
+  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      gS[e][s] = (b < batch && p.dFinal != nullptr) ? p.dFinal[((s * batch + b) * H + hh) * D + j] : 0.0f;
+    }
+    if (b < batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * H + hh) * D + j]);
+  }
+
+  // gS[.][0] += sum_g dpre_g (dA) R_g^T for the warp's rows i, one accumulator chain per gate.
+  auto gatesProduct = [&](float (&g)[4][S]) {
+    float acc[G][4];
+#pragma unroll
+    for (int q = 0; q < G; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
+    }
+    warpProductEach<Op, G>(acc, dA, lda, Dp, Rs + warp * 8 * ld, Dc * ld, ld, Dp);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+#pragma unroll
+      for (int q = 0; q < G; ++q) g[e][0] += acc[q][e];
+    }
+  };
+  const int64_t bufStride = static_cast<int64_t>(gridDim.x / static_cast<unsigned>(p.splits)) * kRows * G * Di;
+  Op* xg = static_cast<Op*>(p.xchg) + m.grp * kRows * G * Di;  // buffer k at xg + k * bufStride: [16][G][D]
+  unsigned* counter = p.sync + m.grp;
+  unsigned passed = 0;
+  for (int64_t t = L - 1; t >= 0; --t) {
+    // This step's saved values first, so that the loads overlap the exchange and the product.
+    float pre[4][G], prev[4][S], dhv[4], wxn[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int j = j0 + colOf(e);
+      const bool active = t < len[e >> 1];
+#pragma unroll
+      for (int g = 0; g < G; ++g) pre[e][g] = active ? p.cSavedPre[(((t * batch + b) * G + g) * H + hh) * D + j] : 0.0f;
+#pragma unroll
+      for (int s = 0; s < S; ++s) {
+        prev[e][s] = !active ? 0.0f
+                     : t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+                     : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
+                     : 0.0f;
+      }
+      dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
+      wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
+    }
+    const int64_t tp = t - kAhead;  // an earlier step's saved values into L2 (one lane per row and 8 columns)
+    if ((mma::lane() & 3) == 0 && tp >= 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t b = row0 + rowOf(2 * r);
+        if (tp >= len[r]) continue;
+        const int64_t c = hh * D + j0 + 8 * warp;
+#pragma unroll
+        for (int g = 0; g < G; ++g) prefetchL2(p.cSavedPre + ((tp * batch + b) * G + g) * H * D + c);
+        if (tp > 0) {
+#pragma unroll
+          for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
+        }
+        if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
+        if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
+      }
+    }
+    if (t < L - 1) {  // the recurrent part of dL/dh_t, from step t + 1's dpre
+      copyExchange<Op>(dA, lda, Dp, xg + ((t + 1) & 1) * bufStride, G, Di);
+      gatesProduct(gS);
+    }
+    Op* aNext = xg + (t & 1) * bufStride;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      const int j = j0 + colOf(e);
+      const bool active = t < len[e >> 1];
+      float gx[G], gr[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) gx[g] = gr[g] = 0.0f;
+      if (active) {
+        gS[e][0] += dhv[e];
+        cellBackward<CELL>(pre[e], wxn[e], prev[e], gS[e], gx, gr);
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) aNext[(rowOf(e) * G + g) * Di + j] = toOp<Op>(gr[g]);
+      if (b < batch) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const int64_t o = (((t * batch + b) * G + g) * H + hh) * D + j;
+          p.gr[o] = gr[g];
+          storeScalar(dwx + (((b * L + t) * G + g) * H + hh) * D + j, gx[g]);
+        }
+      }
+    }
+    groupBarrier(counter, static_cast<unsigned>(p.splits), &passed);
+  }
+  if (L > 0) {
+    copyExchange<Op>(dA, lda, Dp, xg, G, Di);
+    gatesProduct(gS);
+  }
+  if (p.dStates0 != nullptr) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t b = row0 + rowOf(e);
+      if (b >= batch) continue;
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.dStates0[((s * batch + b) * H + hh) * D + j0 + colOf(e)] = gS[e][s];
     }
   }
 }
@@ -922,16 +1305,103 @@ size_t persistentShared(int cell, int64_t D, bool backward, bool f32) {
   return static_cast<size_t>((G * D * (Dp + pad) + 2 * kRows * tile) * static_cast<int64_t>(sizeof(Op)) + bias);
 }
 
-// 1: persistent (shared memory bytes in *shared), 2: stepwise.
+// Shared memory of a multi-block persistent block (forward or backward) that takes Dc columns.
 template <class Op>
-Status choosePath(const std::string& fn, int cell, int64_t D, bool backward, bool f32, int* path, size_t* shared) {
+size_t multiShared(int cell, int64_t D, int64_t Dc, bool backward) {
+  const int64_t G = gatesOf(cell), Dp = ceilDiv(D, 16) * 16, pad = padOf<Op>(), ld = Dp + pad;
+  const int64_t tile = backward ? G * Dp + pad : ld;
+  const int64_t bias = backward ? 0 : G * Dc * static_cast<int64_t>(sizeof(float));
+  return static_cast<size_t>((G * Dc * ld + kRows * tile) * static_cast<int64_t>(sizeof(Op)) + bias);
+}
+
+// How the multi-block path runs a problem: blocks per head, their shared memory, and how many
+// (batch tile, head) groups one cooperative launch can hold (all its blocks resident at once).
+struct MultiPlan {
+  int splits = 0;
+  size_t shared = 0;
+  int64_t groupsPerLaunch = 0;
+  std::string why;  // empty when the path applies
+};
+
+// The fewest blocks per head (splits dividing D / 8, at most 64 columns each) whose slices fit in
+// shared memory, or the value pinned by the tunable "fusedRnn.splits"; then the occupancy of that
+// block times the SM count bounds the groups per launch.
+template <class Op, class... KArgs>
+Status planMulti(void (*kernel)(KArgs...), int cell, int64_t D, bool backward, int optin, MultiPlan* plan) {
+  *plan = MultiPlan{};
+  if (D % 8 != 0) {
+    plan->why = "headDim " + std::to_string(D) + " is not a multiple of 8";
+    return Status{};
+  }
+  auto usable = [&](int64_t c) {
+    return c >= 1 && (D / 8) % c == 0 && 4 * (D / c) <= kMultiThreads &&
+           multiShared<Op>(cell, D, D / c, backward) <= static_cast<size_t>(optin);
+  };
+  int64_t chosen = 0;
+  for (int64_t c = 1; c <= D / 8 && chosen == 0; ++c) {
+    if (usable(c)) chosen = c;
+  }
+  const int64_t splits = tunable("fusedRnn.splits", static_cast<int>(chosen));
+  if (splits == 0 || !usable(splits)) {
+    plan->why = "headDim " + std::to_string(D) + (splits == 0 ? " fits no split" : " in " + std::to_string(splits) + " blocks does not fit") +
+                " over blocks of the multi-block kernel";
+    return Status{};
+  }
+  int cooperative = 0;
+  RK_TRY(deviceAttribute(cudaDevAttrCooperativeLaunch, &cooperative));
+  if (cooperative == 0) {
+    plan->why = "the device does not support cooperative launches";
+    return Status{};
+  }
+  plan->splits = static_cast<int>(splits);
+  plan->shared = multiShared<Op>(cell, D, D / splits, backward);
+  RK_TRY(allowDynamicShared(kernel, plan->shared));
+  int sms = 0, perSm = 0;
+  RK_TRY(deviceAttribute(cudaDevAttrMultiProcessorCount, &sms));
+  RK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
+      &perSm, reinterpret_cast<const void*>(kernel), static_cast<int>(4 * (D / splits)), plan->shared, cudaOccupancyDefault));
+  plan->groupsPerLaunch = static_cast<int64_t>(sms) * perSm / splits;
+  if (plan->groupsPerLaunch < 1) plan->why = "the blocks of one head cannot all be resident";
+  return Status{};
+}
+
+// 1: persistent (shared memory bytes in *shared), 2: stepwise, 3: multi-block persistent (*multi).
+template <class Op, class... KArgs>
+Status choosePath(const std::string& fn, int cell, int64_t D, int64_t groups, bool backward, bool f32,
+                  void (*multiKernel)(KArgs...), int* path, size_t* shared, MultiPlan* multi) {
   int optin = 0;
   RK_TRY(deviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
   *shared = persistentShared<Op>(cell, D, backward, f32);
   const bool fits = *shared > 0 && *shared <= static_cast<size_t>(optin);
-  *path = tunable("fusedRnn.path", fits ? 1 : 2);
-  if (*path != 1 && *path != 2) return statusError(fn + ": unknown path " + std::to_string(*path));
+  const int pinned = tunable("fusedRnn.path", 0);
+  multi->why = "not planned";
+  if (!fits || pinned == 3) RK_TRY(planMulti<Op>(multiKernel, cell, D, backward, optin, multi));
+  const bool multiFits = multi->why.empty() && ceilDiv(groups, multi->groupsPerLaunch) <= kMaxMultiLaunches;
+  *path = pinned != 0 ? pinned : fits ? 1 : multiFits ? 3 : 2;
+  if (*path < 1 || *path > 3) return statusError(fn + ": unknown path " + std::to_string(*path));
   if (*path == 1 && !fits) return statusError(fn + ": headDim " + std::to_string(D) + " does not fit the persistent kernel");
+  if (*path == 3 && !multi->why.empty()) return statusError(fn + ": multi-block path: " + multi->why);
+  return Status{};
+}
+
+// Runs a multi-block kernel over every (batch tile, head) group, as many groups per cooperative
+// launch as can be resident, with its exchange buffers (elements of Op per group) and counters.
+template <class Op, class... KArgs>
+Status launchMulti(void (*kernel)(KArgs...), const MultiPlan& plan, RnnParams p, int64_t xchgPerGroup) {
+  const int64_t groups = p.H * ceilDiv(p.batch, kRows), perLaunch = std::min(groups, plan.groupsPerLaunch);
+  const size_t counterBytes = static_cast<size_t>(ceilDiv(perLaunch * static_cast<int64_t>(sizeof(unsigned)), 256) * 256);
+  DeviceBuffer scratch;  // the counters, then two exchange buffers
+  RK_TRY(scratch.allocate(counterBytes + static_cast<size_t>(2 * perLaunch * xchgPerGroup) * sizeof(Op)));
+  p.splits = plan.splits;
+  p.sync = static_cast<unsigned*>(scratch.get());
+  p.xchg = static_cast<unsigned char*>(scratch.get()) + counterBytes;
+  for (int64_t g0 = 0; g0 < groups; g0 += perLaunch) {
+    const int64_t n = std::min(perLaunch, groups - g0);
+    RK_CUDA_TRY(cudaMemsetAsync(p.sync, 0, static_cast<size_t>(n) * sizeof(unsigned), 0));
+    p.group0 = g0;
+    RK_TRY(launchCooperative(kernel, static_cast<unsigned>(n * plan.splits), static_cast<unsigned>(4 * (p.D / plan.splits)),
+                             plan.shared, p));
+  }
   return Status{};
 }
 
@@ -955,8 +1425,11 @@ Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRn
   RK_TRY(uploadLengths(a, &lens, &p.lengths));
   int path = 0;
   size_t shared = 0;
-  RK_TRY(choosePath<typename Operands<T>::Fwd>(fn, CELL, a.headDim, false, std::is_same<T, float>::value, &path,
-                                               &shared));
+  MultiPlan multi;
+  using Op = typename Operands<T>::Fwd;
+  RK_TRY(choosePath<Op>(fn, CELL, a.headDim, a.heads * ceilDiv(a.batch, kRows), false, std::is_same<T, float>::value,
+                        fusedRnnForwardMultiKernel<T, CELL>, &path, &shared, &multi));
+  if (path == 3) return launchMulti<Op>(fusedRnnForwardMultiKernel<T, CELL>, multi, p, kRows * a.headDim);
   if (path == 1) {
     unsigned grid = 0;
     RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));
@@ -999,10 +1472,14 @@ Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedR
   }
   int path = 0;
   size_t shared = 0;
-  RK_TRY(choosePath<typename Operands<T>::Bwd>(fn, CELL, a.headDim, true, std::is_same<T, float>::value, &path,
-                                               &shared));
+  MultiPlan multi;
+  using Op = typename Operands<T>::Bwd;
+  RK_TRY(choosePath<Op>(fn, CELL, a.headDim, a.heads * ceilDiv(a.batch, kRows), true, std::is_same<T, float>::value,
+                        fusedRnnBackwardMultiKernel<T, CELL>, &path, &shared, &multi));
   if (a.batch == 0) {
     // Nothing flows: dR and db are zeros (below).
+  } else if (path == 3) {
+    RK_TRY(launchMulti<Op>(fusedRnnBackwardMultiKernel<T, CELL>, multi, p, kRows * G * a.headDim));
   } else if (path == 1) {
     unsigned grid = 0;
     RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));

@@ -2,11 +2,13 @@
 // the CPU: tests/cuda-emulator compiles the .cu files with a host compiler, defines
 // RK_CUDA_EMULATOR, and supplies its own rkcuda::launch and rkcuda::tunable with the same
 // signatures. In the real build both are the plain operations below. The same goes for
-// dynamicShared and allowDynamicShared (dynamic shared memory).
+// dynamicShared and allowDynamicShared (dynamic shared memory), and launchCooperative.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <tuple>
+#include <utility>
 
 #include "common/api.h"
 #include "common/check.cuh"
@@ -22,6 +24,24 @@ Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedByte
   static_assert(sizeof...(KArgs) == sizeof...(Args), "launch: wrong number of kernel arguments");
   kernel<<<grid, block, sharedBytes, 0>>>(static_cast<KArgs>(args)...);
   return checkLaunch();
+}
+
+// Like launch, as a cooperative launch: every block of the grid is resident at once (or the launch
+// fails with cudaErrorCooperativeLaunchTooLarge instead of hanging), so that the blocks may wait for
+// one another (common/group_sync.cuh). The emulator runs all the blocks' threads together.
+template <class... KArgs, class... Args>
+Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args), "launchCooperative: wrong number of kernel arguments");
+  std::tuple<KArgs...> values(static_cast<KArgs>(args)...);
+  return std::apply(
+      [&](auto&... v) {
+        void* pointers[] = {static_cast<void*>(&v)...};
+        const cudaError_t err =
+            cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, pointers, sharedBytes, 0);
+        if (err != cudaSuccess) cudaGetLastError();  // not reported again by a later launch check
+        return statusFromCuda(err);
+      },
+      values);
 }
 
 // A launcher's heuristic choice (name identifies it, e.g. "linearScan.warpsPerRow"). Returns

@@ -11,6 +11,12 @@
 // divergent barrier, a lane that exited early) is reported as a deadlock and aborts.
 // Global memory is host memory. __shared__ variables become function statics: shared by all the
 // blocks too, which is harmless as blocks do not overlap.
+// Cooperative launches (rkcuda::launchCooperative) schedule the fibers of every block of the grid
+// together, each block with its own __syncthreads barrier and its own dynamic shared memory, so that
+// blocks may wait for one another (common/group_sync.cuh: atomicAdd on unsigned counts as progress,
+// __nanosleep lets the other fibers run, and a wait that nobody can end is reported as a deadlock).
+// A kernel launched that way must use dynamic shared memory only (the function statics would be
+// shared by its concurrent blocks). The grid must fit smCount x blocksPerSm, as on a device.
 //
 // Seams with cuda/ (see cuda/common/launch.cuh): rkcuda::launch runs a grid here instead of
 // `<<<...>>>`, and rkcuda::tunable returns the value a test pinned with emu::setTunable, so a test
@@ -18,8 +24,9 @@
 //
 // Supported: 1-D grids and blocks of a multiple of 32 threads (up to 1024), full-warp
 // __shfl_sync / __shfl_up_sync / __shfl_down_sync / __shfl_xor_sync of 4-byte values, __syncwarp,
-// __syncthreads, __ldg (which checks alignment), atomicAdd on float (a plain add: threads run one
-// at a time), dynamic shared memory through rkcuda::dynamicShared (NaN-filled at every block start;
+// __syncthreads, __ldg (which checks alignment), atomicAdd on float and unsigned (a plain add:
+// threads run one at a time), __threadfence (nothing to do), __nanosleep (a yield), dynamic shared
+// memory through rkcuda::dynamicShared (NaN-filled at every block start;
 // a launch above 48 KiB fails unless rkcuda::allowDynamicShared raised the kernel's limit, as on a
 // device; 227 KiB at most, also the answer to cudaDevAttrMaxSharedMemoryPerBlockOptin), and the few
 // runtime calls that the launchers make
@@ -76,6 +83,10 @@ struct Barrier {
 struct Fiber {
   ucontext_t context;
   uint3 tid;
+  uint3 blockIndex;                // blockIdx of the fiber's block
+  Barrier* syncBarrier = nullptr;  // its block's __syncthreads barrier
+  unsigned warp = 0;               // its warp's index in Block::warps
+  float4* shared = nullptr;        // its block's dynamic shared memory
   bool finished = false;
   unsigned exchanges = 0;  // warp exchanges done so far; its parity picks the slot buffer
 };
@@ -85,19 +96,19 @@ struct Warp {
   uint32_t slots[2][32];  // double-buffered, so one barrier per exchange suffices
 };
 
-// The block being run.
+// The block being run (or, in a cooperative launch, every block of the grid).
 struct Block {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
-  Barrier barrier;
+  std::vector<Barrier> barriers;  // one per block being run
   Fiber* current = nullptr;
   unsigned unfinished = 0;
   unsigned idleSwitches = 0;  // fiber switches since a fiber last arrived at a barrier or finished
   std::function<void()> body;
   ucontext_t launcher;  // where the launch waits until every fiber has finished
-  uint3 blockIndex;
+  uint3 blockIndex;  // of the first block being run
   dim3 blockDims, gridDims;
-  std::vector<float4> dynamicShared;  // the launch's sharedBytes, rounded up to 16
+  std::vector<float4> dynamicShared;  // the launch's sharedBytes, rounded up to 16, per block being run
   size_t dynamicSharedBytes = 0;
 };
 inline Block block;
@@ -127,7 +138,7 @@ inline Fiber* nextUnfinished(Fiber* from) {
 inline void yield() {
   // A whole round of switches in which nobody arrived anywhere: everyone is waiting for good.
   if (++block.idleSwitches > block.unfinished + 1) {
-    fail("deadlock in block " + std::to_string(block.blockIndex.x) +
+    fail("deadlock in block " + std::to_string(block.current->blockIndex.x) +
          ": a barrier or warp collective that not every thread reaches");
   }
   Fiber* from = block.current;
@@ -159,17 +170,24 @@ inline void fiberMain() {
   setcontext(to != nullptr ? &to->context : &block.launcher);
 }
 
-inline void runBlock(unsigned index) {
+// Runs blocks first .. first + count - 1 together (count 1 but for cooperative launches).
+inline void runBlocks(unsigned first, unsigned count) {
   const unsigned threads = block.blockDims.x;
-  block.blockIndex = make_uint3(index, 0, 0);
-  block.fibers.assign(threads, Fiber{});
-  block.warps.assign(threads / 32, Warp{});
+  const size_t sharedPerBlock = (block.dynamicSharedBytes + 15) / 16;
+  block.blockIndex = make_uint3(first, 0, 0);
+  block.fibers.assign(static_cast<size_t>(count) * threads, Fiber{});
+  block.warps.assign(static_cast<size_t>(count) * threads / 32, Warp{});
   for (Warp& w : block.warps) w.barrier.expected = 32;
-  block.barrier = Barrier{};
-  block.barrier.expected = threads;
-  for (unsigned t = 0; t < threads; ++t) {
+  block.barriers.assign(count, Barrier{});
+  for (Barrier& b : block.barriers) b.expected = threads;
+  block.dynamicShared.assign(count * sharedPerBlock, float4{});
+  for (unsigned t = 0; t < count * threads; ++t) {
     Fiber& f = block.fibers[t];
-    f.tid = make_uint3(t, 0, 0);
+    f.tid = make_uint3(t % threads, 0, 0);
+    f.blockIndex = make_uint3(first + t / threads, 0, 0);
+    f.syncBarrier = &block.barriers[t / threads];
+    f.warp = t / 32;
+    f.shared = block.dynamicShared.data() + (t / threads) * sharedPerBlock;
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = stackFor(t);
     f.context.uc_stack.ss_size = kStackBytes;
@@ -177,7 +195,7 @@ inline void runBlock(unsigned index) {
     makecontext(&f.context, fiberMain, 0);
   }
   std::memset(block.dynamicShared.data(), 0xff, block.dynamicShared.size() * sizeof(float4));
-  block.unfinished = threads;
+  block.unfinished = count * threads;
   block.idleSwitches = 0;
   block.current = &block.fibers[0];
   swapcontext(&block.launcher, &block.current->context);
@@ -222,11 +240,11 @@ inline long allocationCount = 0;
 // ---- built-in variables and device functions ----
 
 #define threadIdx (::emu::block.current->tid)
-#define blockIdx (::emu::block.blockIndex)
+#define blockIdx (::emu::block.current->blockIndex)
 #define blockDim (::emu::block.blockDims)
 #define gridDim (::emu::block.gridDims)
 
-inline void __syncthreads() { emu::arriveAndWait(emu::block.barrier); }
+inline void __syncthreads() { emu::arriveAndWait(*emu::block.current->syncBarrier); }
 
 namespace emu {
 // Every lane of the current fiber's warp publishes value. Lanes form segments of `width`; returns
@@ -238,7 +256,7 @@ T warpExchange(unsigned mask, T value, int width, Source source) {
   if (mask != 0xffffffffu) fail("only full-warp shuffle masks are emulated");
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail("shuffle width must be a power of two <= 32");
   Fiber& self = *block.current;
-  Warp& warp = block.warps[self.tid.x / 32];
+  Warp& warp = block.warps[self.warp];
   const int lane = static_cast<int>(self.tid.x % 32);
   uint32_t* slots = warp.slots[self.exchanges++ & 1];
   std::memcpy(&slots[lane], &value, sizeof value);
@@ -252,7 +270,7 @@ T warpExchange(unsigned mask, T value, int width, Source source) {
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) emu::fail("only full-warp __syncwarp is emulated");
-  emu::arriveAndWait(emu::block.warps[emu::block.current->tid.x / 32].barrier);
+  emu::arriveAndWait(emu::block.warps[emu::block.current->warp].barrier);
 }
 
 template <class T> T __shfl_sync(unsigned mask, T value, int srcLane, int width = 32) {
@@ -278,6 +296,19 @@ inline float atomicAdd(float* address, float value) {
   *address = old + value;
   return old;
 }
+
+// A counter update: progress for the deadlock detection (another block may be waiting for it).
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  emu::block.idleSwitches = 0;
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline void __threadfence() {}
+
+// A thread that waits for another block: lets the other fibers run.
+inline void __nanosleep(unsigned) { emu::yield(); }
 
 template <class T> T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fail("misaligned __ldg");
@@ -305,6 +336,10 @@ cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
   if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
     *value = static_cast<int>(emu::kMaxDynamicShared);
+    return cudaSuccess;
+  }
+  if (attr == cudaDevAttrCooperativeLaunch) {
+    *value = 1;
     return cudaSuccess;
   }
   if (attr != cudaDevAttrMultiProcessorCount) {
@@ -350,9 +385,9 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) {
 
 namespace rkcuda {
 
-template <class... KArgs, class... Args>
-Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
-  static_assert(sizeof...(KArgs) == sizeof...(Args), "launch: wrong number of kernel arguments");
+// The checks of a launch; sets up the emulator's launch state when they pass.
+template <class... KArgs>
+Status prepareLaunch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes) {
   if (grid.x == 0 || grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) {
     return statusError("emulator: grid and block must be 1-D and non-empty");
   }
@@ -367,20 +402,40 @@ Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedByte
                          std::to_string(limit) + " (see allowDynamicShared)");
     }
   }
-  emu::block.dynamicShared.assign((sharedBytes + 15) / 16, float4{});
   emu::block.dynamicSharedBytes = sharedBytes;
   emu::launchLog.push_back(emu::LaunchRecord{emu::kernelId(kernel), grid, block});
   emu::block.gridDims = grid;
   emu::block.blockDims = block;
+  return Status{};
+}
+
+template <class... KArgs, class... Args>
+Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args), "launch: wrong number of kernel arguments");
+  if (Status st = prepareLaunch(kernel, grid, block, sharedBytes); !st.ok()) return st;
   emu::block.body = [&] { kernel(static_cast<KArgs>(args)...); };
-  for (unsigned b = 0; b < grid.x; ++b) emu::runBlock(b);
+  for (unsigned b = 0; b < grid.x; ++b) emu::runBlocks(b, 1);
+  emu::block.body = nullptr;
+  return Status{};
+}
+
+// Every block's threads at once; refused, as on a device, when the grid exceeds what can be resident.
+template <class... KArgs, class... Args>
+Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
+  static_assert(sizeof...(KArgs) == sizeof...(Args), "launchCooperative: wrong number of kernel arguments");
+  if (static_cast<int64_t>(grid.x) > static_cast<int64_t>(emu::smCount) * emu::blocksPerSm) {
+    return statusError("emulator: cooperative launch of " + std::to_string(grid.x) + " blocks, more than can be resident");
+  }
+  if (Status st = prepareLaunch(kernel, grid, block, sharedBytes); !st.ok()) return st;
+  emu::block.body = [&] { kernel(static_cast<KArgs>(args)...); };
+  emu::runBlocks(0, grid.x);
   emu::block.body = nullptr;
   return Status{};
 }
 
 template <class T>
 T* dynamicShared() {
-  return reinterpret_cast<T*>(emu::block.dynamicShared.data());
+  return reinterpret_cast<T*>(emu::block.current->shared);
 }
 
 template <class... KArgs>

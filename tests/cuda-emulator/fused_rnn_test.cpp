@@ -7,7 +7,14 @@
 //     persistent and the stepwise path (pinned through rkcuda::tunable "fusedRnn.path"); batch 1, 3,
 //     17 (one and two batch tiles); headDim 16, 24, 48, 64 (persistent and stepwise) and 20, 264 (fp32)
 //     or 136 (16-bit) only stepwise: not a multiple of 8, more channels than a stepwise block (and
-//     than its staging chunk), where the launcher itself must choose the stepwise path for 20 and 264;
+//     than its staging chunk), where the launcher itself must choose the stepwise path for 20;
+//   * the multi-block persistent path (fusedRnn.path 3, cooperative launches run with every block's
+//     threads together): heads of 16, 32 and 48 split over 2 to 4 blocks (tunable fusedRnn.splits),
+//     batch 1 and 17, T 1 and 9, several heads, lengths, returnLastOnly; the launcher's own choice of
+//     it (a head too large for one block) and of the stepwise path when its blocks cannot all be
+//     resident; groups of batch tiles run in several launches when one launch cannot hold them all;
+//   * the emulator's cooperative mode itself: a group barrier with per-block shared memory, and a
+//     barrier that a block never reaches reported as a deadlock (in a child process);
 //     T 0, 1, 5, 33; batch 0; several heads; lengths per row (0 and T among them) or none; returnLastOnly;
 //     states0 (with empty sLSTM states), finalStates, dh, dFinal and dStates0 each on and off;
 //     inference (no saved tensors); the dR reduction with one and several splits;
@@ -22,6 +29,11 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "cells/fused_rnn.cu"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -445,6 +457,9 @@ struct Case {
   int64_t batch = 1, T = 1, H = 1, D = 16;
   int path = 0;        // tunable fusedRnn.path (0: the launcher's choice)
   int splits = 0;      // tunable fusedRnn.reduceSplits
+  int blocks = 0;      // tunable fusedRnn.splits (blocks per head of the multi-block path)
+  int expectPath = 0;  // when not 0, the path the launch log must show (2 stepwise, 3 multi-block)
+  int expectLaunches = 0;  // when not 0, the cooperative launches of the forward
   bool lastOnly = false, lengths = false, states0 = true, finalStates = true, training = true;
   bool dh = true, dFinal = true, dStates0 = true;
 };
@@ -453,6 +468,30 @@ std::set<const void*> launched;
 void noteLaunches() {
   for (const auto& l : emu::launchLog) launched.insert(l.kernel);
   emu::launchLog.clear();
+}
+
+// The kernels of a path (2 stepwise, 3 multi-block): forward and backward.
+template <class T, int C> std::pair<const void*, const void*> pathKernels(int path) {
+  using namespace rkcuda;
+  if (path == 3) return {emu::kernelId(fusedRnnForwardMultiKernel<T, C>), emu::kernelId(fusedRnnBackwardMultiKernel<T, C>)};
+  return {emu::kernelId(fusedRnnForwardStepKernel<T, C>), emu::kernelId(fusedRnnBackwardStepKernel<T, C>)};
+}
+template <class T> std::pair<const void*, const void*> pathKernels(CellKind cell, int path) {
+  switch (cell) {
+    case CellKind::Elman: return pathKernels<T, rkcuda::kElman>(path);
+    case CellKind::Lstm: return pathKernels<T, rkcuda::kLstm>(path);
+    case CellKind::Gru: return pathKernels<T, rkcuda::kGru>(path);
+    default: return pathKernels<T, rkcuda::kSlstm>(path);
+  }
+}
+// Launches of kernel in the log; *grid, *block: those of the first.
+long launchesOf(const void* kernel, unsigned* grid = nullptr, unsigned* block = nullptr) {
+  long n = 0;
+  for (const auto& l : emu::launchLog) {
+    if (l.kernel != kernel) continue;
+    if (n++ == 0 && grid != nullptr) *grid = l.grid.x, *block = l.block.x;
+  }
+  return n;
 }
 
 template <class T>
@@ -467,6 +506,8 @@ void runCase(const Case& c, std::mt19937& rng) {
   context = buf;
   emu::setTunable("fusedRnn.path", c.path);
   emu::setTunable("fusedRnn.reduceSplits", c.splits);
+  emu::setTunable("fusedRnn.splits", c.blocks);
+  const auto kernels = pathKernels<T>(c.cell, c.expectPath);
   const double tol = Elem<T>::tolerance;
   const bool f32 = Elem<T>::dtype == DType::F32;
   const int64_t B = P.batch, L = P.T, H = P.H, D = P.D, G = P.G, S = P.S, SE = S * B * H * D;
@@ -510,6 +551,17 @@ void runCase(const Case& c, std::mt19937& rng) {
     checkOutput("savedStates", saved, want.savedStates, f32 ? 2e-5 : tol);
     checkOutput("savedPre", pre, want.savedPre, f32 ? 2e-5 : tol);
   }
+  if (c.expectPath != 0) {
+    unsigned grid = 0, block = 0;
+    const long n = launchesOf(kernels.first, &grid, &block);
+    check(n > 0, "forward did not take path " + std::to_string(c.expectPath));
+    if (c.expectPath == 3 && n > 0) {
+      const int64_t splits = block > 0 ? 4 * D / block : 0;
+      check(block * splits == 4 * D && splits > 0 && grid % splits == 0, "multi-block launch shape", grid, block);
+      if (c.blocks != 0) check(splits == c.blocks, "blocks per head", static_cast<double>(splits), c.blocks);
+      if (c.expectLaunches != 0) check(n == c.expectLaunches, "cooperative launches", static_cast<double>(n), c.expectLaunches);
+    }
+  }
   noteLaunches();
 
   if (c.training) {
@@ -539,6 +591,7 @@ void runCase(const Case& c, std::mt19937& rng) {
     checkOutput("dR", dR, wb.dR, gtol);
     checkOutput("db", db, wb.db, gtol);
     if (c.dStates0) checkOutput("dStates0", dS0, wb.dStates0, gtol);
+    if (c.expectPath != 0 && B > 0) check(launchesOf(kernels.second) > 0, "backward did not take path " + std::to_string(c.expectPath));
     long bad = 0;  // dwx exactly 0 past each row's length
     const std::vector<double> got = dwx.get();
     for (int64_t b = 0; b < B; ++b) {
@@ -552,6 +605,7 @@ void runCase(const Case& c, std::mt19937& rng) {
   check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
   emu::setTunable("fusedRnn.path", 0);
   emu::setTunable("fusedRnn.reduceSplits", 0);
+  emu::setTunable("fusedRnn.splits", 0);
 }
 
 template <class T>
@@ -588,7 +642,7 @@ void runSuite(std::mt19937& rng, int variant) {
     // choice there; the 16-bit tensor-core reductions are slow here, so their head is smaller).
     Case big;
     big.cell = cell, big.batch = 2, big.T = 2, big.H = 1, big.D = wide ? 264 : 136, big.lengths = true;
-    big.path = wide ? 0 : 2;
+    big.path = 2;
     runCase<T>(big, rng);
     // No steps at all: final states = states0, dStates0 = dFinal (+ dh on h with returnLastOnly).
     Case empty;
@@ -600,6 +654,116 @@ void runSuite(std::mt19937& rng, int variant) {
   Case none;
   none.cell = CellKind::Gru, none.batch = 0, none.T = 3, none.H = 2, none.D = 16, none.lengths = true;
   runCase<T>(none, rng);
+}
+
+// The multi-block path: small heads split over 2 to 4 blocks, every cell.
+template <class T>
+void runMultiSuite(std::mt19937& rng, int variant) {
+  const bool wide = Elem<T>::dtype == DType::F32;  // the tensor-core path is slow on the emulator
+  struct Shape { int64_t batch, len, H, D; int blocks; };
+  const Shape shapes[] = {
+      {1, wide ? 9 : 5, 1, 32, 2}, {17, wide ? 9 : 3, 1, 48, 3}, {17, 1, 2, 32, 4}, {3, wide ? 9 : 4, 2, 16, 2},
+      {1, 1, 1, 48, 2},
+  };
+  const CellKind cells[] = {CellKind::Elman, CellKind::Lstm, CellKind::Gru, CellKind::Slstm};
+  int n = variant;
+  for (int ci = 0; ci < 4; ++ci) {
+    for (int si = 0; si < 5; ++si) {
+      if (!wide && (ci + si) % 2 != 0) continue;  // 16-bit: each shape with two of the cells
+      const Shape& s = shapes[si];
+      ++n;
+      Case c;
+      c.cell = cells[ci];
+      c.batch = s.batch, c.T = s.len, c.H = s.H, c.D = s.D;
+      c.path = 3, c.blocks = s.blocks, c.expectPath = 3;
+      c.splits = n % 2 == 0 ? 0 : 2;
+      c.lastOnly = n % 4 == 1;
+      c.lengths = n % 3 != 2;
+      c.states0 = n % 5 != 3;
+      c.finalStates = n % 6 != 4;
+      c.dh = n % 7 != 5;
+      c.dFinal = n % 4 != 2;
+      c.dStates0 = n % 5 != 1;
+      runCase<T>(c, rng);
+    }
+  }
+  // Groups of batch tiles and heads in several cooperative launches: 2 blocks resident in all, 2 per
+  // head, 2 heads x 2 tiles.
+  const int sms = emu::smCount, perSm = emu::blocksPerSm;
+  emu::smCount = 2, emu::blocksPerSm = 1;
+  Case chunked;
+  chunked.cell = CellKind::Lstm, chunked.batch = 17, chunked.T = 3, chunked.H = 2, chunked.D = 32, chunked.lengths = true;
+  chunked.path = 3, chunked.blocks = 2, chunked.expectPath = 3, chunked.expectLaunches = 4;
+  runCase<T>(chunked, rng);
+  // The launcher's own choice for a head too large for one block (fp32 LSTM: above 112; 16-bit
+  // sLSTM: above 128): the multi-block path, or the stepwise one when its blocks cannot all be resident.
+  emu::smCount = 132, emu::blocksPerSm = 4;
+  Case own;
+  own.cell = wide ? CellKind::Lstm : CellKind::Slstm, own.batch = 2, own.T = 2, own.H = 1, own.D = 136, own.lengths = true;
+  own.expectPath = 3;
+  runCase<T>(own, rng);
+  emu::smCount = 1, emu::blocksPerSm = 1;
+  own.expectPath = 2;
+  runCase<T>(own, rng);
+  emu::smCount = sms, emu::blocksPerSm = perSm;
+}
+
+// The emulator's cooperative mode: every block keeps its own dynamic shared memory, and the group
+// barrier orders the blocks' rounds of writes and reads.
+__global__ void cooperativeExchangeKernel(float* slots, float* out, unsigned* counter, int rounds) {
+  float* mine = rkcuda::dynamicShared<float>();
+  const unsigned nb = gridDim.x, b = blockIdx.x, tid = threadIdx.x;
+  unsigned passed = 0;
+  float sum = 0.0f;
+  mine[tid] = static_cast<float>(b * 1000 + tid);
+  for (int r = 0; r < rounds; ++r) {
+    if (tid == 0) slots[(r & 1) * nb + b] = static_cast<float>(b * 10 + r);
+    rkcuda::groupBarrier(counter, nb, &passed);
+    for (unsigned k = 0; k < nb; ++k) sum += slots[(r & 1) * nb + k];
+    rkcuda::groupBarrier(counter, nb, &passed);
+  }
+  out[b * blockDim.x + tid] = sum + (mine[tid] == static_cast<float>(b * 1000 + tid) ? 0.0f : 1e9f);
+}
+// Block 0 waits at a barrier that the others never reach.
+__global__ void cooperativeDeadlockKernel(unsigned* counter) {
+  unsigned passed = 0;
+  if (blockIdx.x == 0) rkcuda::groupBarrier(counter, gridDim.x, &passed);
+}
+
+void checkCooperativeEmulator() {
+  context = "cooperative emulator";
+  const unsigned nb = 3, threads = 64;
+  const int rounds = 5;
+  std::vector<float> slots(2 * nb, -1.0f), out(nb * threads, -1.0f);
+  unsigned counter = 0;
+  const rkcuda::Status st = rkcuda::launchCooperative(cooperativeExchangeKernel, nb, threads, threads * sizeof(float),
+                                                      slots.data(), out.data(), &counter, rounds);
+  check(st.ok(), "cooperative launch status: " + st.message);
+  double want = 0;
+  for (int r = 0; r < rounds; ++r) {
+    for (unsigned k = 0; k < nb; ++k) want += k * 10 + r;
+  }
+  long bad = 0;
+  for (float v : out) bad += v != want;
+  check(bad == 0, "cooperative exchange: wrong sums or shared memory", static_cast<double>(bad), 0);
+  check(counter == 2 * rounds * nb, "barrier counter", counter, 2 * rounds * nb);
+  const int sms = emu::smCount;
+  emu::smCount = 1;
+  check(!rkcuda::launchCooperative(cooperativeDeadlockKernel, 5, 32, 0, &counter).ok(), "cooperative launch above residency");
+  emu::smCount = sms;
+  std::fflush(stdout);
+  const pid_t child = fork();
+  if (child == 0) {
+    const int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, 2);
+    unsigned c = 0;
+    (void)rkcuda::launchCooperative(cooperativeDeadlockKernel, 2, 32, 0, &c);
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  check(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, "a barrier that one block never reaches is not reported");
+  emu::launchLog.clear();
 }
 
 void checkRefusals() {
@@ -634,6 +798,19 @@ void checkRefusals() {
   a = base(); a.headDim = 20; refused("a pinned persistent path with headDim 20", a);
   a = base(); a.headDim = 512; refused("a pinned persistent path with headDim 512", a);
   emu::setTunable("fusedRnn.path", 3);
+  a = base(); a.headDim = 20; refused("a pinned multi-block path with headDim 20", a);
+  emu::setTunable("fusedRnn.splits", 3);
+  a = base(); a.headDim = 32; refused("3 blocks for headDim 32", a);
+  emu::setTunable("fusedRnn.splits", 1);
+  a = base(); a.headDim = 128; refused("a block of 128 columns", a);
+  emu::setTunable("fusedRnn.splits", 0);
+  {
+    const int sms = emu::smCount, perSm = emu::blocksPerSm;
+    emu::smCount = 1, emu::blocksPerSm = 1;
+    a = base(); a.headDim = 128; refused("a head whose blocks cannot all be resident", a);
+    emu::smCount = sms, emu::blocksPerSm = perSm;
+  }
+  emu::setTunable("fusedRnn.path", 4);
   a = base(); refused("an unknown path", a);
   emu::setTunable("fusedRnn.path", 0);
   {
@@ -658,6 +835,8 @@ void checkCoverage() {
     need(emu::kernelId(fusedRnnBackwardKernel<T, C>), std::string(name) + " persistent backward");
     need(emu::kernelId(fusedRnnForwardStepKernel<T, C>), std::string(name) + " stepwise forward");
     need(emu::kernelId(fusedRnnBackwardStepKernel<T, C>), std::string(name) + " stepwise backward");
+    need(emu::kernelId(fusedRnnForwardMultiKernel<T, C>), std::string(name) + " multi-block forward");
+    need(emu::kernelId(fusedRnnBackwardMultiKernel<T, C>), std::string(name) + " multi-block backward");
   };
   cell(std::integral_constant<int, kElman>{}, "elman");
   cell(std::integral_constant<int, kLstm>{}, "lstm");
@@ -678,9 +857,13 @@ int main() {
   std::mt19937 rng(20261125);
   checkReferenceGradients();
   checkRefusals();
+  checkCooperativeEmulator();
   runSuite<float>(rng, 0);
   runSuite<__half>(rng, 1);
   runSuite<__nv_bfloat16>(rng, 2);
+  runMultiSuite<float>(rng, 0);
+  runMultiSuite<__half>(rng, 1);
+  runMultiSuite<__nv_bfloat16>(rng, 2);
   checkCoverage<float>();
   checkCoverage<__half>();
   checkCoverage<__nv_bfloat16>();
