@@ -7,7 +7,7 @@
 // (Mamba-1) forward, backward and decode launchers against float64 references; gated_delta_test.cpp
 // does the same for the gated delta rule (recurrent forward, backward and decode, and the chunked
 // tensor-core forward); newton_rnn_test.cpp the Newton-iteration parallel RNN (Newton solves,
-// fallback, backward). Needs the
+// among them the full-Jacobian DEER step, fallback, backward). Needs the
 // toolkit's headers but no GPU, so CI checks the kernels' results too. Skipped when no toolkit
 // headers are found, unless RK_CUDA=ON (as in CI), where a missing toolkit is a failure.
 import { spawnSync } from 'node:child_process';

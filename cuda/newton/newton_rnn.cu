@@ -29,17 +29,46 @@
 //
 // Dense cells (gru, lstm, elman; heads of headDim D), and damping (ELK) for any cell: a host loop
 // of small kernels over the steps, with per-row state on the device (no host synchronisation
-// inside the loop): evalDiagKernel / evalDenseKernel evaluate f and the per-channel S x S Jacobian
-// at the current iterate for every (row, t, channel) in parallel and write the linearisation
-// (J, c) to scratch and per-block check results; the dense evaluation needs h_{t-1} @ R at every t,
-// a batched fp32 FMA matrix product tiled through shared memory (32 positions x 32 channels x G
-// gates per block); finalizeKernel reduces the checks per row and decides (converged, out of
-// steps, or one more step); stepKernel solves h_t = J_t h_{t-1} + c_t per (row, channel),
-// sequentially in time, and dampedStepKernel the Levenberg-Marquardt step: the minimiser of
-// sum_t |h_t - J_t h_{t-1} - c_t|^2 + lambda sum_t |h_t - h_t^(i)|^2, i.e. a Kalman filter forward
-// and a Rauch-Tung-Striebel smoother backward (process noise I, observation noise I / lambda).
-// The dense cells' exact (S*D) x (S*D) Jacobian (DEER, fullJacobian) is not implemented here: the
-// launcher refuses it (quasi-DEER, fullJacobian = false, and mode sequential are supported).
+// inside the loop): evalDiagKernel / evalDenseKernel evaluate f and its derivatives at the current
+// iterate for every (row, t, channel) in parallel and write the linearisation to scratch and
+// per-block check results; the dense evaluation needs h_{t-1} @ R at every t, a batched fp32 FMA
+// matrix product tiled through shared memory (32 positions x 32 channels x G gates per block);
+// finalizeKernel reduces the checks per row and decides (converged, out of steps, or one more
+// step). Then one of three steps:
+//   * per-channel S x S Jacobians (diagonal cells with damping 0 never come here; dense cells with
+//     fullJacobian false, quasi-DEER): scanStepKernel solves h_t = J_t h_{t-1} + c_t per (row,
+//     channel) in parallel over time, with the fused kernels' slice layout and AffineN maps;
+//   * damping > 0: dampedStepKernel, the Levenberg-Marquardt step: the minimiser of
+//     sum_t |h_t - J_t h_{t-1} - c_t|^2 + lambda sum_t |h_t - h_t^(i)|^2, i.e. a Kalman filter forward
+//     and a Rauch-Tung-Striebel smoother backward (process noise I, observation noise I / lambda),
+//     sequential in time per (row, channel) (a parallel form needs the associative Kalman
+//     elements, about 3x the work; not done). Damping with the full Jacobian is refused.
+//   * dense cells with fullJacobian (DEER): the exact (S D) x (S D) Jacobian per head, S D <= 128.
+//     The evaluation writes per (row, t, channel) the derivatives of the channel's outputs with
+//     respect to its own previous states and to its G recurrent parts, and the residual r_t =
+//     f(old_{t-1}) - old_t (FullCoef); J_t = those derivatives combined with R (buildJacobian) is
+//     never stored whole (it would be M^2 floats per position). The step solves d_t = J_t d_{t-1} +
+//     r_t for the update d = new - old (d_{-1} = 0, h0 is fixed) as a chunked scan over time:
+//     fullChunkKernel, a block per (row, head, chunk of L steps), builds each J_t in shared memory
+//     and composes the chunk's aggregate A = J_{t1-1} ... J_{t0} (an M x M matrix product per step)
+//     and b (the chunk's solve from zero); fullCarryKernel, a block per (row, head), walks the
+//     chunks, d = A d + b, for the state before each chunk; fullApplyKernel, a block per (row, head,
+//     chunk), runs the chunk from that state (J_t d applied through R: G D FMAs per channel and
+//     step, no matrix) and adds d to traj.
+//     Precision of the chunk products. They run on the tensor cores (m16n8k8 tf32, common/mma.cuh)
+//     with both operands split into a tf32 high part and a tf32 remainder, three products per
+//     tile (a_hi b_hi + a_hi b_lo + a_lo b_hi): about 1e-7 relative, like fp32 FMA, at three times
+//     the tensor work, still about twice the FMA rate (newtonRnn.fullTensorCores = 1 picks fp32
+//     FMA). Plain tf32 (1e-3 per operand) would not stop Newton from reaching the exact answer: the
+//     convergence check evaluates the exact f in fp32, and in this update form an error of the
+//     linear solve is relative to the update d, not to the state, so an inexact step still
+//     contracts the error (by about the solve's relative error per step instead of quadratically).
+//     But a step would then differ from the exact Newton step by 1e-5 .. 1e-4 relative (measured on
+//     the emulator test: 1e-5 to 2e-5 after one step from the one-step guess), iteration counts
+//     could exceed exact Newton's near the tolerance, and the iterate after k steps would not be
+//     the float64 Newton iterate to fp32 precision. The split keeps the step exact to fp32, so the
+//     counts and iterates are those of exact Newton, for a cost that is small beside the rest of
+//     a step (below).
 // Mode sequential and the fallback for the dense cells: denseSequentialKernel, a block per (row,
 // head) walking t, R in shared memory (padded rows) when it fits, else read through L1.
 //
@@ -65,10 +94,26 @@
 //   * diagBackwardKernel: two passes, reading wx, traj, dy twice and writing dwx once
 //     (2 x 5 + 3 floats), 1.75 GB at batch 8, T 4096: about 0.55 ms; fp32 atomics for dR, db are
 //     one per (channel, block).
-//   * The generic path (dense cells, damping) is bound by the dense evaluation (2 G D FLOP per
-//     element on FMA units, ~60 TFLOP/s fp32) and by the per-(row, channel) sequential step loops,
-//     which are latency-bound; the dense sequential and backward kernels are latency-bound per time
-//     step (one block per (row, head)).
+//   * The generic path: the dense evaluation reads wx, traj (twice) and writes the linearisation
+//     (per-channel: S*S + S floats; full: S (S + G) + S, 5 for the gru), about 44 B per element for
+//     the full gru, and does 2 G D FLOP per element on FMA units (~60 TFLOP/s fp32, not the bound
+//     for D <= 64). scanStepKernel reads the linearisation twice and writes traj (gru: 20 B per
+//     element, HBM-bound: 0.2 ms at batch 8, T 4096, 1024 channels); dampedStepKernel is
+//     latency-bound (T sequential steps per thread). The dense sequential and backward kernels are
+//     latency-bound per time step (one block per (row, head)).
+//   * Full Jacobian, gru, hidden 1024, batch 8, fp32 (E = 8 T 1024 elements; L = 64 at these sizes):
+//     evaluation ~44 B x E (HBM): 0.45 ms at T 4096, 0.11 ms at T 1024. fullChunkKernel: B H T MP^3
+//     multiply-adds, three tf32 mma per 16 x 8 x 8 tile with both operands read from shared memory
+//     (6 floats per lane per tile: shared-memory bound, ~170 useful MAC per clock per SM): heads of
+//     32 (MP 32): 34 G MAC, about 0.85 ms at T 4096 plus ~0.2 ms building J_t (G R reads per
+//     element of J) and reading the coefficients (20 B x E); heads of 16 (MP 16): 8.6 G MAC, but
+//     latency-bound (a step is ~1 us of dependent loads, three barriers and a short mma chain, 16
+//     resident blocks per SM): ~0.6 ms at T 4096. fullCarryKernel: B H blocks walking T / L chunks,
+//     ~1 us per chunk: 0.07 ms. fullApplyKernel: 28 B x E (HBM): 0.3 ms at T 4096. A Newton step is
+//     then about 1.9 ms (heads of 32) / 1.4 ms (heads of 16) at T 4096 and 0.5 / 0.4 ms at T 1024;
+//     exact Newton needs ~3-5 steps plus the last evaluation on typical gru weights: expected
+//     6-10 ms (heads of 32) and 5-7 ms (heads of 16) at T 4096, 1.5-3 ms at T 1024. For comparison
+//     the sequential kernel takes ~T x 2 us: ~8 ms at T 4096, 2 ms at T 1024 (H100, not measured).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -1798,15 +1843,6 @@ Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
       return launch(evalDenseKernel<C, T>, static_cast<unsigned>(a.batch * evalPerRow), evalThreads, 0, q);
     }
   };
-  // The guess.
-  if (a.guess == NewtonGuess::OneStep) {
-    RK_TRY(evaluate(true));
-  } else {
-    const int64_t total = elems * S;
-    Params q = p;
-    q.guessTraj = a.guess == NewtonGuess::Provided ? a.guessTraj : nullptr;
-    RK_TRY(launch(guessKernel, static_cast<unsigned>(ceilDiv(total, 256)), 256, 0, q, total));
-  }
   Params sp = p;  // the per-channel steps
   int stepThreads = 128;
   if (a.damping > 0) {
@@ -1816,6 +1852,15 @@ Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
     RK_TRY(fusedShape(p, "newtonRnnStep", &cw, &stepThreads));
     sp.chan = cw;
     sp.blocksPerRow = ceilDiv(p.N, cw);
+  }
+  // The guess.
+  if (a.guess == NewtonGuess::OneStep) {
+    RK_TRY(evaluate(true));
+  } else {
+    const int64_t total = elems * S;
+    Params q = p;
+    q.guessTraj = a.guess == NewtonGuess::Provided ? a.guessTraj : nullptr;
+    RK_TRY(launch(guessKernel, static_cast<unsigned>(ceilDiv(total, 256)), 256, 0, q, total));
   }
   Params fp = p;
   fp.blocksPerRow = evalPerRow;

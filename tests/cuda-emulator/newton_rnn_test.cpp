@@ -5,17 +5,25 @@
 //     backward through time (checked itself against finite differences of the forward);
 //   * a float64 Newton iteration with the same per-channel S x S Jacobians and convergence rule,
 //     plain and damped (the damped step solved independently, as the block-tridiagonal normal
-//     equations of the regularised least-squares problem), whose iteration counts must equal the
-//     kernels' wherever the decision is not within a factor 3 of the tolerance;
+//     equations of the regularised least-squares problem), and with the dense cells' exact
+//     (S D) x (S D) Jacobian per head (DEER, solved sequentially in float64), whose iteration counts
+//     must equal the kernels' wherever the decision is not within a factor 3 of the tolerance;
 //   * newtonRnnForward: Newton results (traj, y, finalStates) equal the sequential reference; the
 //     statistics (iterations, converged, residual, fellBack) are checked; a case that cannot
 //     converge in the allowed steps falls back and returns the exact answer with fellBack = 1 (or
 //     reports converged 0 without the fallback); mode sequential; every guess (zeros, one step,
 //     provided); damping; batch 1 and 3, hidden 1, 33, 130, T 1, 7, 300; fp32 and bf16 inputs;
-//     every channels-per-block / block-size choice of the fused kernels and both placements of the
-//     dense cells' R (pinned through rkcuda::tunable);
+//     every channels-per-block / block-size choice of the fused kernels and of the per-channel
+//     parallel step, and both placements of the dense cells' R (pinned through rkcuda::tunable);
+//   * the full Jacobian (DEER) of gru, lstm, elman: both kinds of chunk product (split-tf32 tensor
+//     cores, fp32 FMA), chunk lengths 1, 3, 4, 6, 13, T and the launcher's, chunk-kernel blocks of
+//     32 to 256 threads, matrices of 16 to 80 padded rows; heads 1, 2, 3, headDim 1, 5, 9, 16, 20,
+//     33, T 1 .. 130; the iterate after one or two steps equals the float64 DEER iterate (after one
+//     step to 1e-6 relative, which tells the split products from plain tf32 ones); the fallback;
+//     the launch log shows which step kernels ran;
 //   * newtonRnnBackward against the float64 BPTT at the exact trajectory, dy / dFinal / dh0 on and off;
-//   * arguments the launchers must refuse (the dense cells' full Jacobian among them).
+//   * arguments the launchers must refuse (among them damping with the full Jacobian, S D > 128,
+//     bad chunk / product / block tunables).
 // Outputs are poisoned (NaN) before each call, so anything left unwritten fails; sentinels around
 // every output catch out-of-bounds writes; every stream-ordered allocation must be freed; every
 // kernel instantiation of the tested combinations must run.
