@@ -1782,6 +1782,8 @@ Status fullPlan(const NewtonRnnArgs& a, Params* p, unsigned* threads, size_t* by
   p->MP = MP;
   p->chunkLen = L;
   p->chunks = ceilDiv(a.T, L);
+  RK_TRY(gridFits(static_cast<double>(a.batch) * static_cast<double>(a.heads) * static_cast<double>(p->chunks),
+                  "newtonRnnForward"));
   p->tensorCores = tc == 2 ? 1 : 0;
   *threads = static_cast<unsigned>(nt);
   *bytes = static_cast<size_t>(MP * fullLdJ(MP) + 2 * MP * fullLdA(MP) + fullCoefFloats(FullCoef<C>::K, D) + 2 * MP) *
@@ -1798,13 +1800,15 @@ Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
   p.full = !CellInfo<C>::diag && a.fullJacobian;
   const int K = p.full ? FullCoef<C>::K : S * S + S;
   DeviceBuffer jcBuf, kalBuf, partBuf, stateBuf, aggBuf, carryBuf;
-  RK_TRY(jcBuf.allocate(static_cast<size_t>(elems) * K * sizeof(float)));
-  p.jc = static_cast<float*>(jcBuf.get());
   unsigned chunkThreads = 128;
   size_t chunkBytes = 0, applyBytes = 0;
   if constexpr (!CellInfo<C>::diag) {
+    if (p.full) RK_TRY(fullPlan<C>(a, &p, &chunkThreads, &chunkBytes));
+  }
+  RK_TRY(jcBuf.allocate(static_cast<size_t>(elems) * K * sizeof(float)));
+  p.jc = static_cast<float*>(jcBuf.get());
+  if constexpr (!CellInfo<C>::diag) {
     if (p.full) {
-      RK_TRY(fullPlan<C>(a, &p, &chunkThreads, &chunkBytes));
       const int64_t blocks = a.batch * a.heads * p.chunks;
       RK_TRY(aggBuf.allocate(static_cast<size_t>(blocks) * (static_cast<size_t>(p.M) * p.M + p.M) * sizeof(float)));
       RK_TRY(carryBuf.allocate(static_cast<size_t>(blocks) * p.M * sizeof(float)));

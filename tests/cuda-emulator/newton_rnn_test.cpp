@@ -978,6 +978,14 @@ void checkRefusals() {
   emu::setTunable("newtonRnn.fullTensorCores", 3);
   refused("full Jacobian: product kind 3", a);
   emu::setTunable("newtonRnn.fullTensorCores", 0);
+  {
+    auto big = base();
+    big.cell = NewtonCell::Gru, big.fullJacobian = true, big.batch = int64_t{1} << 16, big.heads = 1 << 10, big.headDim = 1;
+    big.T = 64;
+    emu::setTunable("newtonRnn.fullChunk", 1);
+    refused("full Jacobian: more (row, head, chunk) blocks than a grid holds", big);
+    emu::setTunable("newtonRnn.fullChunk", 0);
+  }
   emu::setTunable("newtonRnn.fullThreads", 48);
   refused("full Jacobian: 48 threads", a);
   emu::setTunable("newtonRnn.fullThreads", 0);
