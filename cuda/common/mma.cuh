@@ -74,6 +74,11 @@ __device__ __forceinline__ uint32_t toTf32(float x) {
 #endif
 }
 
+// What tf32 rounding drops, x - tf32(x) (exact in fp32). Splitting an operand as hi = tf32(x) and
+// lo = tf32(tf32Rest(x)) gives fp32-grade products from three tf32 multiply-accumulates,
+// a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi (the dropped a_lo b_lo is about 2^-22 relative).
+__device__ __forceinline__ float tf32Rest(float x) { return x - __uint_as_float(toTf32(x)); }
+
 // ---- the multiply-accumulates ----
 
 // The portable version of both: lane 4g+s holds A's rows g, g+8 in r[0], r[1] (the k-slice s) and

@@ -29,17 +29,46 @@
 //
 // Dense cells (gru, lstm, elman; heads of headDim D), and damping (ELK) for any cell: a host loop
 // of small kernels over the steps, with per-row state on the device (no host synchronisation
-// inside the loop): evalDiagKernel / evalDenseKernel evaluate f and the per-channel S x S Jacobian
-// at the current iterate for every (row, t, channel) in parallel and write the linearisation
-// (J, c) to scratch and per-block check results; the dense evaluation needs h_{t-1} @ R at every t,
-// a batched fp32 FMA matrix product tiled through shared memory (32 positions x 32 channels x G
-// gates per block); finalizeKernel reduces the checks per row and decides (converged, out of
-// steps, or one more step); stepKernel solves h_t = J_t h_{t-1} + c_t per (row, channel),
-// sequentially in time, and dampedStepKernel the Levenberg-Marquardt step: the minimiser of
-// sum_t |h_t - J_t h_{t-1} - c_t|^2 + lambda sum_t |h_t - h_t^(i)|^2, i.e. a Kalman filter forward
-// and a Rauch-Tung-Striebel smoother backward (process noise I, observation noise I / lambda).
-// The dense cells' exact (S*D) x (S*D) Jacobian (DEER, fullJacobian) is not implemented here: the
-// launcher refuses it (quasi-DEER, fullJacobian = false, and mode sequential are supported).
+// inside the loop): evalDiagKernel / evalDenseKernel evaluate f and its derivatives at the current
+// iterate for every (row, t, channel) in parallel and write the linearisation to scratch and
+// per-block check results; the dense evaluation needs h_{t-1} @ R at every t, a batched fp32 FMA
+// matrix product tiled through shared memory (32 positions x 32 channels x G gates per block);
+// finalizeKernel reduces the checks per row and decides (converged, out of steps, or one more
+// step). Then one of three steps:
+//   * per-channel S x S Jacobians (diagonal cells with damping 0 never come here; dense cells with
+//     fullJacobian false, quasi-DEER): scanStepKernel solves h_t = J_t h_{t-1} + c_t per (row,
+//     channel) in parallel over time, with the fused kernels' slice layout and AffineN maps;
+//   * damping > 0: dampedStepKernel, the Levenberg-Marquardt step: the minimiser of
+//     sum_t |h_t - J_t h_{t-1} - c_t|^2 + lambda sum_t |h_t - h_t^(i)|^2, i.e. a Kalman filter forward
+//     and a Rauch-Tung-Striebel smoother backward (process noise I, observation noise I / lambda),
+//     sequential in time per (row, channel) (a parallel form needs the associative Kalman
+//     elements, about 3x the work; not done). Damping with the full Jacobian is refused.
+//   * dense cells with fullJacobian (DEER): the exact (S D) x (S D) Jacobian per head, S D <= 128.
+//     The evaluation writes per (row, t, channel) the derivatives of the channel's outputs with
+//     respect to its own previous states and to its G recurrent parts, and the residual r_t =
+//     f(old_{t-1}) - old_t (FullCoef); J_t = those derivatives combined with R (buildJacobian) is
+//     never stored whole (it would be M^2 floats per position). The step solves d_t = J_t d_{t-1} +
+//     r_t for the update d = new - old (d_{-1} = 0, h0 is fixed) as a chunked scan over time:
+//     fullChunkKernel, a block per (row, head, chunk of L steps), builds each J_t in shared memory
+//     and composes the chunk's aggregate A = J_{t1-1} ... J_{t0} (an M x M matrix product per step)
+//     and b (the chunk's solve from zero); fullCarryKernel, a block per (row, head), walks the
+//     chunks, d = A d + b, for the state before each chunk; fullApplyKernel, a block per (row, head,
+//     chunk), runs the chunk from that state (J_t d applied through R: G D FMAs per channel and
+//     step, no matrix) and adds d to traj.
+//     Precision of the chunk products. They run on the tensor cores (m16n8k8 tf32, common/mma.cuh)
+//     with both operands split into a tf32 high part and a tf32 remainder, three products per
+//     tile (a_hi b_hi + a_hi b_lo + a_lo b_hi): about 1e-7 relative, like fp32 FMA, at three times
+//     the tensor work, still about twice the FMA rate (newtonRnn.fullTensorCores = 1 picks fp32
+//     FMA). Plain tf32 (1e-3 per operand) would not stop Newton from reaching the exact answer: the
+//     convergence check evaluates the exact f in fp32, and in this update form an error of the
+//     linear solve is relative to the update d, not to the state, so an inexact step still
+//     contracts the error (by about the solve's relative error per step instead of quadratically).
+//     But a step would then differ from the exact Newton step by 1e-5 .. 1e-4 relative (measured on
+//     the emulator test: 1e-5 to 2e-5 after one step from the one-step guess), iteration counts
+//     could exceed exact Newton's near the tolerance, and the iterate after k steps would not be
+//     the float64 Newton iterate to fp32 precision. The split keeps the step exact to fp32, so the
+//     counts and iterates are those of exact Newton, for a cost that is small beside the rest of
+//     a step (below).
 // Mode sequential and the fallback for the dense cells: denseSequentialKernel, a block per (row,
 // head) walking t, R in shared memory (padded rows) when it fits, else read through L1.
 //
@@ -65,10 +94,26 @@
 //   * diagBackwardKernel: two passes, reading wx, traj, dy twice and writing dwx once
 //     (2 x 5 + 3 floats), 1.75 GB at batch 8, T 4096: about 0.55 ms; fp32 atomics for dR, db are
 //     one per (channel, block).
-//   * The generic path (dense cells, damping) is bound by the dense evaluation (2 G D FLOP per
-//     element on FMA units, ~60 TFLOP/s fp32) and by the per-(row, channel) sequential step loops,
-//     which are latency-bound; the dense sequential and backward kernels are latency-bound per time
-//     step (one block per (row, head)).
+//   * The generic path: the dense evaluation reads wx, traj (twice) and writes the linearisation
+//     (per-channel: S*S + S floats; full: S (S + G) + S, 5 for the gru), about 44 B per element for
+//     the full gru, and does 2 G D FLOP per element on FMA units (~60 TFLOP/s fp32, not the bound
+//     for D <= 64). scanStepKernel reads the linearisation twice and writes traj (gru: 20 B per
+//     element, HBM-bound: 0.2 ms at batch 8, T 4096, 1024 channels); dampedStepKernel is
+//     latency-bound (T sequential steps per thread). The dense sequential and backward kernels are
+//     latency-bound per time step (one block per (row, head)).
+//   * Full Jacobian, gru, hidden 1024, batch 8, fp32 (E = 8 T 1024 elements; L = 64 at these sizes):
+//     evaluation ~44 B x E (HBM): 0.45 ms at T 4096, 0.11 ms at T 1024. fullChunkKernel: B H T MP^3
+//     multiply-adds, three tf32 mma per 16 x 8 x 8 tile with both operands read from shared memory
+//     (6 floats per lane per tile: shared-memory bound, ~170 useful MAC per clock per SM): heads of
+//     32 (MP 32): 34 G MAC, about 0.85 ms at T 4096 plus ~0.2 ms building J_t (G R reads per
+//     element of J) and reading the coefficients (20 B x E); heads of 16 (MP 16): 8.6 G MAC, but
+//     latency-bound (a step is ~1 us of dependent loads, three barriers and a short mma chain, 16
+//     resident blocks per SM): ~0.6 ms at T 4096. fullCarryKernel: B H blocks walking T / L chunks,
+//     ~1 us per chunk: 0.07 ms. fullApplyKernel: 28 B x E (HBM): 0.3 ms at T 4096. A Newton step is
+//     then about 1.9 ms (heads of 32) / 1.4 ms (heads of 16) at T 4096 and 0.5 / 0.4 ms at T 1024;
+//     exact Newton needs ~3-5 steps plus the last evaluation on typical gru weights: expected
+//     6-10 ms (heads of 32) and 5-7 ms (heads of 16) at T 4096, 1.5-3 ms at T 1024. For comparison
+//     the sequential kernel takes ~T x 2 us: ~8 ms at T 4096, 2 ms at T 1024 (H100, not measured).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -85,6 +130,7 @@
 #include "common/host.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
+#include "common/mma.cuh"
 #include "common/scan.cuh"
 
 namespace rkcuda {
@@ -95,6 +141,7 @@ constexpr int kFusedThreads = 512;   // largest block of the fused kernels (regi
 constexpr int kMaxHeadDim = 1024;    // dense cells: a block per (row, head), a thread per channel
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kTile = 32;            // dense evaluation / reduction tiles
+constexpr int kMaxFullM = 128;       // full Jacobian: S * headDim at most (the block's matrices in shared memory)
 
 __host__ __device__ __forceinline__ int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __device__ __forceinline__ int64_t minI(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -107,6 +154,14 @@ template <> struct CellInfo<NewtonCell::Lstm> { static constexpr int G = 4, S = 
 template <> struct CellInfo<NewtonCell::Elman> { static constexpr int G = 1, S = 1; static constexpr bool diag = false; };
 
 constexpr bool isGru(NewtonCell c) { return c == NewtonCell::GruDiag || c == NewtonCell::Gru; }
+
+// The full-Jacobian linearisation of one channel at one step, K floats at [batch, T, K, N]: for each
+// output state i the direct derivatives d out_i / d prev_s (s < S, at i * W + s) and the ones through
+// the recurrent parts d out_i / d r_g (g < G, at i * W + S + g), then the residuals f_i - traj_i (at
+// S * W + i). The head's (S D) x (S D) Jacobian follows with R (see buildJacobian).
+template <NewtonCell C> struct FullCoef {
+  static constexpr int S = CellInfo<C>::S, G = CellInfo<C>::G, W = S + G, K = S * W + S;
+};
 
 // ---- the cells, per channel ----
 
@@ -227,7 +282,13 @@ struct Params {
   // row list (sequential kernels; null: every row)
   const int* rows = nullptr;
   // generic path
-  float* jc = nullptr;           // [batch, T, S*S + S, N]: J row-major, then c
+  float* jc = nullptr;           // [batch, T, S*S + S, N]: J row-major, then c (full: see FullCoef)
+  bool full = false;             // dense cells, full Jacobian: evaluation writes FullCoef, steps by chunks
+  int64_t chunkLen = 1, chunks = 1;  // full Jacobian: time chunks of chunkLen steps per (row, head)
+  int M = 1, MP = 16;            // full Jacobian: S * D and its multiple of 16
+  int tensorCores = 1;           // full Jacobian: chunk products on tensor cores (split tf32), else fp32 FMA
+  float* agg = nullptr;          // full Jacobian: [batch, H, chunks, M * M + M], A column-major then b
+  float* carry = nullptr;        // full Jacobian: [batch, H, chunks, M], the state before each chunk
   float* kal = nullptr;          // [batch, T, S + S*S, N]: filtered mean and covariance
   float* partial = nullptr;      // 2 floats per evaluation block: all-ok flag, max residual
   int* rowState = nullptr;       // [4, batch]: iterations, done, converged, residual bits
@@ -605,8 +666,25 @@ __device__ __forceinline__ void evalElement(const Params& p, int64_t row, int64_
     return;
   }
   float J[kMaxS][kMaxS], cur[kMaxS];
-  cellJacobian<C>(r, hp, a, Rd, J);
   loadTraj<C>(p.traj, p, row, t, n, cur);
+  if (p.full) {
+    using F = FullCoef<C>;
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      checkElem(p, out[i], cur[i], ok, res);
+      float e[kMaxS], gx[kMaxG], gr[kMaxG], gp[kMaxS];
+#pragma unroll
+      for (int s = 0; s < kMaxS; ++s) e[s] = s == i ? 1.0f : 0.0f;
+      cellVjp<C>(r, hp, a, e, gx, gr, gp);
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.jc[at4(row, t, i * F::W + s, n, p.T, F::K, p.N)] = gp[s];
+#pragma unroll
+      for (int g = 0; g < F::G; ++g) p.jc[at4(row, t, i * F::W + S + g, n, p.T, F::K, p.N)] = gr[g];
+      p.jc[at4(row, t, S * F::W + i, n, p.T, F::K, p.N)] = out[i] - cur[i];
+    }
+    return;
+  }
+  cellJacobian<C>(r, hp, a, Rd, J);
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     checkElem(p, out[i], cur[i], ok, res);
@@ -763,27 +841,276 @@ __global__ void finalizeKernel(Params p) {
   }
 }
 
-// The plain Newton step: h_t = J_t h_{t-1} + c_t per (row, channel), sequentially in time.
+// The plain Newton step with the per-channel Jacobians: h_t = J_t h_{t-1} + c_t per (row, channel),
+// parallel in time. Same layout as the fused kernels: a block owns CW channels of one row, NS =
+// threads / CW time slices of L = ceil(T / NS) steps, a thread per (channel, slice). Pass 1 composes
+// the slice's maps (common/scan.cuh AffineN); the aggregates meet in shared memory, where each
+// thread composes those of the slices before its own onto h0; pass 2 applies the maps from there.
 template <NewtonCell C>
-__global__ void stepKernel(Params p) {
+__global__ void __launch_bounds__(kFusedThreads) scanStepKernel(Params p) {
   constexpr int S = CellInfo<C>::S, K = S * S + S;
+  using Map = scan::AffineN<S>;
+  __shared__ Map sAgg[kFusedThreads];
+  const int tid = static_cast<int>(threadIdx.x), CW = p.chan, NS = static_cast<int>(blockDim.x) / CW;
+  const int lc = tid % CW, slice = tid / CW;
   const int64_t row = static_cast<int64_t>(blockIdx.x) / p.blocksPerRow;
-  const int64_t n = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * blockDim.x + threadIdx.x;
-  if (n >= p.N || rowDone(p, row)) return;
-  float h[kMaxS];
-  loadH0<C>(p, row, n, h);
-  for (int64_t t = 0; t < p.T; ++t) {
-    float nw[kMaxS];
+  if (rowDone(p, row)) return;  // the whole block
+  const int64_t n = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * CW + lc;
+  const int64_t L = ceilDiv(p.T, NS);
+  const int64_t t0 = minI(p.T, slice * L), t1 = minI(p.T, t0 + L);
+  const bool work = n < p.N && t0 < t1;
+  auto mapAt = [&](int64_t t) {
+    Map m;
 #pragma unroll
-    for (int i = 0; i < kMaxS; ++i) {
-      float v = i < S ? p.jc[at4(row, t, S * S + i, n, p.T, K, p.N)] : 0.0f;
+    for (int i = 0; i < S; ++i) {
 #pragma unroll
-      for (int jj = 0; jj < S; ++jj) v = fmaf(p.jc[at4(row, t, i * S + jj, n, p.T, K, p.N)], h[jj], v);
-      nw[i] = v;
+      for (int jj = 0; jj < S; ++jj) m.a[i][jj] = p.jc[at4(row, t, i * S + jj, n, p.T, K, p.N)];
+      m.b[i] = p.jc[at4(row, t, S * S + i, n, p.T, K, p.N)];
     }
-    storeTraj<C>(p, row, t, n, nw);
+    return m;
+  };
+  Map agg = scan::identityN<S>();
+  if (work) {
+    for (int64_t t = t0; t < t1; ++t) agg = scan::compose(agg, mapAt(t));
+  }
+  sAgg[tid] = agg;
+  __syncthreads();
+  if (!work) return;
+  float h[S], h0v[kMaxS];
+  loadH0<C>(p, row, n, h0v);
 #pragma unroll
-    for (int i = 0; i < kMaxS; ++i) h[i] = nw[i];
+  for (int s = 0; s < S; ++s) h[s] = h0v[s];
+  for (int w = 0; w < slice; ++w) {
+    float nx[S];
+    scan::apply(sAgg[w * CW + lc], h, nx);
+#pragma unroll
+    for (int s = 0; s < S; ++s) h[s] = nx[s];
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    float nx[S], out[kMaxS];
+    scan::apply(mapAt(t), h, nx);
+#pragma unroll
+    for (int s = 0; s < S; ++s) h[s] = out[s] = nx[s];
+    storeTraj<C>(p, row, t, n, out);
+  }
+}
+
+// ---- dense cells, full Jacobian (DEER): the step as a chunked scan over time per (row, head) ----
+//
+// The step solves d_t = J_t d_{t-1} + r_t (d_{-1} = 0) for the update d = new - old of the iterate,
+// with r_t = f(old_{t-1}) - old_t the residual, and adds it to traj: the same Newton step as
+// h_t = J_t h_{t-1} + c_t, but errors of the solve scale with the update rather than with the state
+// (see the header). Vectors of a head are state-major: index i * D + j is state i of channel j.
+// fullChunkKernel: per (row, head, chunk) the aggregate of the chunk, A = J_{t1-1} ... J_{t0} and
+// b = the chunk's solve from zero; fullCarryKernel: per (row, head) the states before each chunk,
+// d = A d + b chunk after chunk; fullApplyKernel: per (row, head, chunk) the solve within the chunk
+// from that state, added to traj.
+
+// J_t of the head into sJ (MP x MP, row stride ld, zero outside M x M): element ((i, j), (s, k)) is
+// [j == k] gp_is(j) + [s == 0] sum_g gr_ig(j) R[g][head][k][j]. sC holds the step's FullCoef [K][D].
+template <NewtonCell C>
+__device__ __forceinline__ void buildJacobian(const Params& p, int64_t head, const float* sC, float* sJ, int ld) {
+  using F = FullCoef<C>;
+  const int D = static_cast<int>(p.D), M = p.M, MP = p.MP;
+  const float* Rh = p.R + head * static_cast<int64_t>(D) * D;
+  const int64_t gStride = p.H * static_cast<int64_t>(D) * D;
+  for (int e = static_cast<int>(threadIdx.x); e < MP * MP; e += static_cast<int>(blockDim.x)) {
+    const int r = e % MP, c = e / MP;  // consecutive threads: consecutive rows (coalesced R reads)
+    float v = 0.0f;
+    if (r < M && c < M) {
+      const int i = r / D, j = r - i * D, s = c / D, k = c - s * D;
+      if (j == k) v = sC[(i * F::W + s) * D + j];
+      if (s == 0) {
+#pragma unroll
+        for (int g = 0; g < F::G; ++g) v = fmaf(sC[(i * F::W + F::S + g) * D + j], __ldg(Rh + g * gStride + k * D + j), v);
+      }
+    }
+    sJ[r * ld + c] = v;
+  }
+}
+
+// out = J a over MP x MP (row strides ldJ, ldA): fp32 FMA, a thread per output element in turn.
+__device__ __forceinline__ void productFma(const float* sJ, int ldJ, const float* a, float* out, int ldA, int MP, int M) {
+  for (int e = static_cast<int>(threadIdx.x); e < MP * MP; e += static_cast<int>(blockDim.x)) {
+    const int r = e / MP, c = e - r * MP;
+    float v = 0.0f;
+    if (r < M && c < M) {
+      for (int k = 0; k < M; ++k) v = fmaf(sJ[r * ldJ + k], a[k * ldA + c], v);
+    }
+    out[r * ldA + c] = v;
+  }
+}
+
+// The same on the tensor cores: a warp per 16 x 8 output tile in turn, m16n8k8 tf32 with both
+// operands split into tf32 high and low parts (three products, fp32-grade; common/mma.cuh).
+__device__ __forceinline__ void productMma(const float* sJ, int ldJ, const float* a, float* out, int ldA, int MP) {
+  const int warps = static_cast<int>(blockDim.x) >> 5, warp = static_cast<int>(threadIdx.x) >> 5;
+  const int tilesN = MP / 8, tiles = (MP / 16) * tilesN;
+  for (int tile = warp; tile < tiles; tile += warps) {
+    const int r0 = (tile / tilesN) * 16, c0 = (tile % tilesN) * 8;
+    mma::FragC acc;
+    acc.zero();
+    for (int k0 = 0; k0 < MP; k0 += 8) {
+      auto jAt = [&](int r, int c) { return sJ[(r0 + r) * ldJ + k0 + c]; };
+      auto aAt = [&](int k, int c) { return a[(k0 + k) * ldA + c0 + c]; };
+      const mma::FragATf32 jHi = mma::loadATf32(jAt);
+      const mma::FragATf32 jLo = mma::loadATf32([&](int r, int c) { return mma::tf32Rest(jAt(r, c)); });
+      const mma::FragBTf32 aHi = mma::loadBTf32(aAt);
+      const mma::FragBTf32 aLo = mma::loadBTf32([&](int k, int c) { return mma::tf32Rest(aAt(k, c)); });
+      mma::mma1688tf32(acc, jLo, aHi);
+      mma::mma1688tf32(acc, jHi, aLo);
+      mma::mma1688tf32(acc, jHi, aHi);
+    }
+    mma::storeC(acc, [&](int r, int c, float v) { out[(r0 + r) * ldA + c0 + c] = v; });
+  }
+}
+
+__host__ __device__ __forceinline__ int fullLdJ(int MP) { return MP + 4; }  // conflict-free A-fragment reads
+__host__ __device__ __forceinline__ int fullLdA(int MP) { return MP + 8; }  // conflict-free B-fragment reads
+__host__ __device__ __forceinline__ int fullCoefFloats(int K, int D) { return (K * D + 3) & ~3; }
+
+// Dynamic shared memory: J [MP][ldJ], two aggregates [MP][ldA], the step's coefficients [K][D] and
+// two offset vectors [MP].
+template <NewtonCell C>
+__global__ void __launch_bounds__(256) fullChunkKernel(Params p) {
+  using F = FullCoef<C>;
+  const int D = static_cast<int>(p.D), M = p.M, MP = p.MP, ldJ = fullLdJ(MP), ldA = fullLdA(MP);
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  float* sJ = dynamicShared<float>();
+  float* aCur = sJ + MP * ldJ;      // the aggregate so far, and the buffer for the next one
+  float* aNext = aCur + MP * ldA;
+  float* sC = aNext + MP * ldA;
+  float* bCur = sC + fullCoefFloats(F::K, D);
+  float* bNext = bCur + MP;
+  int64_t blk = static_cast<int64_t>(blockIdx.x);
+  const int64_t row = blk / (p.H * p.chunks);
+  blk -= row * p.H * p.chunks;
+  const int64_t head = blk / p.chunks, c = blk - head * p.chunks;
+  // The last chunk's aggregate is never used.
+  if (c == p.chunks - 1 || rowDone(p, row)) return;
+  const int64_t t0 = c * p.chunkLen, t1 = minI(p.T, t0 + p.chunkLen);
+  for (int e = tid; e < MP * MP; e += nt) {
+    const int r = e / MP, cc = e - r * MP;
+    aCur[r * ldA + cc] = (r == cc && r < M) ? 1.0f : 0.0f;
+  }
+  for (int e = tid; e < MP; e += nt) bCur[e] = 0.0f;
+  for (int64_t t = t0; t < t1; ++t) {
+    __syncthreads();  // the previous step is complete (its J, coefficients and results)
+    for (int e = tid; e < F::K * D; e += nt) {
+      const int q = e / D, j = e - q * D;
+      sC[e] = p.jc[at4(row, t, q, head * D + j, p.T, F::K, p.N)];
+    }
+    __syncthreads();
+    buildJacobian<C>(p, head, sC, sJ, ldJ);
+    __syncthreads();
+    if (p.tensorCores) productMma(sJ, ldJ, aCur, aNext, ldA, MP);
+    else productFma(sJ, ldJ, aCur, aNext, ldA, MP, M);
+    for (int i = tid; i < MP; i += nt) {
+      float v = 0.0f;
+      if (i < M) {
+        v = sC[(F::S * F::W + i / D) * D + i % D];
+        for (int k = 0; k < M; ++k) v = fmaf(sJ[i * ldJ + k], bCur[k], v);
+      }
+      bNext[i] = v;
+    }
+    float* sw = aCur;
+    aCur = aNext;
+    aNext = sw;
+    sw = bCur;
+    bCur = bNext;
+    bNext = sw;
+  }
+  __syncthreads();
+  float* out = p.agg + ((row * p.H + head) * p.chunks + c) * (static_cast<int64_t>(M) * M + M);
+  for (int e = tid; e < M * M; e += nt) {
+    const int k = e / M, i = e - k * M;  // column-major: the carry pass reads columns
+    out[e] = aCur[i * ldA + k];
+  }
+  for (int i = tid; i < M; i += nt) out[M * M + i] = bCur[i];
+}
+
+// Per (row, head), a thread per state element: the state before each chunk, chunk after chunk.
+__global__ void __launch_bounds__(kMaxFullM) fullCarryKernel(Params p) {
+  __shared__ float sd[2][kMaxFullM];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.H, head = static_cast<int64_t>(blockIdx.x) % p.H;
+  if (rowDone(p, row)) return;
+  const int M = p.M, i = static_cast<int>(threadIdx.x);
+  const int64_t stride = static_cast<int64_t>(M) * M + M;
+  const float* agg = p.agg + (row * p.H + head) * p.chunks * stride;
+  float* carry = p.carry + (row * p.H + head) * p.chunks * M;
+  if (i < M) sd[0][i] = 0.0f;
+  __syncthreads();
+  int cur = 0;
+  for (int64_t c = 0; c + 1 < p.chunks; ++c) {
+    if (i < M) {
+      const float* a = agg + c * stride;
+      float v = a[M * M + i];
+      for (int k = 0; k < M; ++k) v = fmaf(a[k * M + i], sd[cur][k], v);
+      sd[cur ^ 1][i] = v;
+      carry[(c + 1) * M + i] = v;
+    }
+    cur ^= 1;
+    __syncthreads();
+  }
+}
+
+// Per (row, head, chunk), a thread per channel: d_t = J_t d_{t-1} + r_t from the chunk's carried
+// state, applied through R directly (J_t d = gp d + gr (R^T d_h)), traj_t += d_t. R of the head in
+// shared memory (padded rows) when it fits, as for the sequential kernel.
+template <NewtonCell C>
+__global__ void fullApplyKernel(Params p) {
+  using F = FullCoef<C>;
+  constexpr int G = F::G, S = F::S;
+  float* smem = dynamicShared<float>();
+  const int D = static_cast<int>(p.D);
+  int64_t blk = static_cast<int64_t>(blockIdx.x);
+  const int64_t row = blk / (p.H * p.chunks);
+  blk -= row * p.H * p.chunks;
+  const int64_t head = blk / p.chunks, c = blk - head * p.chunks;
+  if (rowDone(p, row)) return;
+  const int j = static_cast<int>(threadIdx.x);
+  const bool active = j < D;
+  const int64_t n = head * D + (active ? j : 0);
+  float* sd = smem;  // d_h of the previous step, D floats
+  int ld;
+  int64_t gs;
+  const float* Rh = headWeights(p, G, head, smem + ((D + 3) & ~3), ld, gs);
+  const int64_t t0 = c * p.chunkLen, t1 = minI(p.T, t0 + p.chunkLen);
+  float d[kMaxS];
+#pragma unroll
+  for (int s = 0; s < kMaxS; ++s)
+    d[s] = (c > 0 && s < S && active) ? p.carry[((row * p.H + head) * p.chunks + c) * p.M + s * D + j] : 0.0f;
+  if (active) sd[j] = d[0];
+  __syncthreads();
+  for (int64_t t = t0; t < t1; ++t) {
+    float nd[kMaxS];
+    if (active) {
+      float rec[kMaxG];
+#pragma unroll
+      for (int g = 0; g < kMaxG; ++g) rec[g] = 0.0f;
+      for (int k = 0; k < D; ++k) {
+        const float dk = sd[k];
+#pragma unroll
+        for (int g = 0; g < G; ++g) rec[g] = fmaf(dk, Rh[g * gs + static_cast<int64_t>(k) * ld + j], rec[g]);
+      }
+#pragma unroll
+      for (int i = 0; i < S; ++i) {
+        float v = p.jc[at4(row, t, S * F::W + i, n, p.T, F::K, p.N)];
+#pragma unroll
+        for (int s = 0; s < S; ++s) v = fmaf(p.jc[at4(row, t, i * F::W + s, n, p.T, F::K, p.N)], d[s], v);
+#pragma unroll
+        for (int g = 0; g < G; ++g) v = fmaf(p.jc[at4(row, t, i * F::W + S + g, n, p.T, F::K, p.N)], rec[g], v);
+        nd[i] = v;
+        p.traj[at4(row, t, i, n, p.T, S, p.N)] += v;
+      }
+    }
+    __syncthreads();
+    if (active) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) d[s] = nd[s];
+      sd[j] = d[0];
+    }
+    __syncthreads();
   }
 }
 
@@ -1434,14 +1761,63 @@ Status runFused(const NewtonRnnArgs& a, Params p, RowStats* st) {
   return Status{};
 }
 
-// The host loop of the generic path (dense cells with the per-channel Jacobian, damping).
+// The full-Jacobian step's shape: chunk length (tunable newtonRnn.fullChunk: enough (row, head,
+// chunk) blocks to fill the SMs four times, chunks of 8 to 64 steps), the chunk products' units
+// (newtonRnn.fullTensorCores: 2 tensor cores, 1 fp32 FMA) and the chunk kernel's block size
+// (newtonRnn.fullThreads) and shared memory.
+template <NewtonCell C>
+Status fullPlan(const NewtonRnnArgs& a, Params* p, unsigned* threads, size_t* bytes) {
+  const int D = static_cast<int>(a.headDim), M = CellInfo<C>::S * D, MP = (M + 15) / 16 * 16;
+  int sms = 132;
+  RK_TRY(smCount(&sms));
+  int64_t L = 64;
+  while (L > 8 && a.batch * a.heads * ceilDiv(a.T, L) < 4 * sms) L >>= 1;
+  L = tunable("newtonRnn.fullChunk", static_cast<int>(L));
+  if (L < 1) return statusError("newtonRnn: bad full-Jacobian chunk length");
+  const int tc = tunable("newtonRnn.fullTensorCores", 2);
+  if (tc != 1 && tc != 2) return statusError("newtonRnn: bad fullTensorCores");
+  const int nt = tunable("newtonRnn.fullThreads", MP <= 32 ? 128 : 256);
+  if (nt < 32 || nt > 256 || nt % 32 != 0) return statusError("newtonRnn: bad full-Jacobian block size");
+  p->M = M;
+  p->MP = MP;
+  p->chunkLen = L;
+  p->chunks = ceilDiv(a.T, L);
+  RK_TRY(gridFits(static_cast<double>(a.batch) * static_cast<double>(a.heads) * static_cast<double>(p->chunks),
+                  "newtonRnnForward"));
+  p->tensorCores = tc == 2 ? 1 : 0;
+  *threads = static_cast<unsigned>(nt);
+  *bytes = static_cast<size_t>(MP * fullLdJ(MP) + 2 * MP * fullLdA(MP) + fullCoefFloats(FullCoef<C>::K, D) + 2 * MP) *
+           sizeof(float);
+  if (*bytes > 48 * 1024) RK_TRY(allowDynamicShared(fullChunkKernel<C>, *bytes));
+  return Status{};
+}
+
+// The host loop of the generic path (dense cells, with the per-channel or the full Jacobian; damping).
 template <class T, NewtonCell C>
 Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
   constexpr int S = CellInfo<C>::S, G = CellInfo<C>::G;
   const int64_t elems = a.batch * a.T * p.N;
-  DeviceBuffer jcBuf, kalBuf, partBuf, stateBuf;
-  RK_TRY(jcBuf.allocate(static_cast<size_t>(elems) * (S * S + S) * sizeof(float)));
+  p.full = !CellInfo<C>::diag && a.fullJacobian;
+  const int K = p.full ? FullCoef<C>::K : S * S + S;
+  DeviceBuffer jcBuf, kalBuf, partBuf, stateBuf, aggBuf, carryBuf;
+  unsigned chunkThreads = 128;
+  size_t chunkBytes = 0, applyBytes = 0;
+  if constexpr (!CellInfo<C>::diag) {
+    if (p.full) RK_TRY(fullPlan<C>(a, &p, &chunkThreads, &chunkBytes));
+  }
+  RK_TRY(jcBuf.allocate(static_cast<size_t>(elems) * K * sizeof(float)));
   p.jc = static_cast<float*>(jcBuf.get());
+  if constexpr (!CellInfo<C>::diag) {
+    if (p.full) {
+      const int64_t blocks = a.batch * a.heads * p.chunks;
+      RK_TRY(aggBuf.allocate(static_cast<size_t>(blocks) * (static_cast<size_t>(p.M) * p.M + p.M) * sizeof(float)));
+      RK_TRY(carryBuf.allocate(static_cast<size_t>(blocks) * p.M * sizeof(float)));
+      p.agg = static_cast<float*>(aggBuf.get());
+      p.carry = static_cast<float*>(carryBuf.get());
+      RK_TRY(denseWeights(a, (static_cast<int>(a.headDim) + 3) & ~3, &applyBytes, &p.ldR));
+      if (applyBytes > 48 * 1024) RK_TRY(allowDynamicShared(fullApplyKernel<C>, applyBytes));
+    }
+  }
   if (a.damping > 0) {
     RK_TRY(kalBuf.allocate(static_cast<size_t>(elems) * (S + S * S) * sizeof(float)));
     p.kal = static_cast<float*>(kalBuf.get());
@@ -1471,6 +1847,16 @@ Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
       return launch(evalDenseKernel<C, T>, static_cast<unsigned>(a.batch * evalPerRow), evalThreads, 0, q);
     }
   };
+  Params sp = p;  // the per-channel steps
+  int stepThreads = 128;
+  if (a.damping > 0) {
+    sp.blocksPerRow = ceilDiv(p.N, 128);
+  } else if (!p.full) {
+    int cw;
+    RK_TRY(fusedShape(p, "newtonRnnStep", &cw, &stepThreads));
+    sp.chan = cw;
+    sp.blocksPerRow = ceilDiv(p.N, cw);
+  }
   // The guess.
   if (a.guess == NewtonGuess::OneStep) {
     RK_TRY(evaluate(true));
@@ -1480,8 +1866,6 @@ Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
     q.guessTraj = a.guess == NewtonGuess::Provided ? a.guessTraj : nullptr;
     RK_TRY(launch(guessKernel, static_cast<unsigned>(ceilDiv(total, 256)), 256, 0, q, total));
   }
-  Params sp = p;
-  sp.blocksPerRow = ceilDiv(p.N, 128);
   Params fp = p;
   fp.blocksPerRow = evalPerRow;
   for (int k = 0; k <= a.maxIters; ++k) {
@@ -1490,8 +1874,17 @@ Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
     if (k == a.maxIters) break;
     if (a.damping > 0) {
       RK_TRY(launch(dampedStepKernel<C>, static_cast<unsigned>(a.batch * sp.blocksPerRow), 128, 0, sp));
+    } else if (p.full) {
+      if constexpr (!CellInfo<C>::diag) {
+        const unsigned blocks = static_cast<unsigned>(a.batch * a.heads * p.chunks);
+        RK_TRY(launch(fullChunkKernel<C>, blocks, chunkThreads, chunkBytes, p));
+        RK_TRY(launch(fullCarryKernel, static_cast<unsigned>(a.batch * a.heads),
+                      static_cast<unsigned>(ceilDiv(p.M, 32) * 32), 0, p));
+        RK_TRY(launch(fullApplyKernel<C>, blocks, static_cast<unsigned>(ceilDiv(a.headDim, 32) * 32), applyBytes, p));
+      }
     } else {
-      RK_TRY(launch(stepKernel<C>, static_cast<unsigned>(a.batch * sp.blocksPerRow), 128, 0, sp));
+      RK_TRY(launch(scanStepKernel<C>, static_cast<unsigned>(a.batch * sp.blocksPerRow),
+                    static_cast<unsigned>(stepThreads), 0, sp));
     }
   }
   (void)G;
@@ -1514,8 +1907,14 @@ Status newtonRnnForward(const NewtonRnnArgs& a, const NewtonRnnOutputs& o) {
   const int S = statesOf(a.cell);
   if (a.batch * a.T > 0 && (o.traj == nullptr || o.y == nullptr)) return statusError(fn + ": null traj or y");
   if (!diagCell(a.cell) && a.fullJacobian && !a.sequential) {
-    return statusError(fn + ": the full Jacobian (DEER) of the dense cells is not implemented on CUDA; use the "
-                            "per-channel Jacobian (fullJacobian false) or sequential evaluation");
+    if (a.damping > 0) {
+      return statusError(fn + ": damping with the full Jacobian of the dense cells is not implemented on CUDA; use "
+                              "the per-channel Jacobian (fullJacobian false) for damped steps");
+    }
+    if (S * a.headDim > kMaxFullM) {
+      return statusError(fn + ": the full Jacobian needs states x headDim <= " + std::to_string(kMaxFullM) + ", got " +
+                         std::to_string(S * a.headDim) + "; use the per-channel Jacobian (fullJacobian false)");
+    }
   }
   RowStats st;
   st.iterations.assign(static_cast<size_t>(a.batch), 0);

@@ -5,17 +5,25 @@
 //     backward through time (checked itself against finite differences of the forward);
 //   * a float64 Newton iteration with the same per-channel S x S Jacobians and convergence rule,
 //     plain and damped (the damped step solved independently, as the block-tridiagonal normal
-//     equations of the regularised least-squares problem), whose iteration counts must equal the
-//     kernels' wherever the decision is not within a factor 3 of the tolerance;
+//     equations of the regularised least-squares problem), and with the dense cells' exact
+//     (S D) x (S D) Jacobian per head (DEER, solved sequentially in float64), whose iteration counts
+//     must equal the kernels' wherever the decision is not within a factor 3 of the tolerance;
 //   * newtonRnnForward: Newton results (traj, y, finalStates) equal the sequential reference; the
 //     statistics (iterations, converged, residual, fellBack) are checked; a case that cannot
 //     converge in the allowed steps falls back and returns the exact answer with fellBack = 1 (or
 //     reports converged 0 without the fallback); mode sequential; every guess (zeros, one step,
 //     provided); damping; batch 1 and 3, hidden 1, 33, 130, T 1, 7, 300; fp32 and bf16 inputs;
-//     every channels-per-block / block-size choice of the fused kernels and both placements of the
-//     dense cells' R (pinned through rkcuda::tunable);
+//     every channels-per-block / block-size choice of the fused kernels and of the per-channel
+//     parallel step, and both placements of the dense cells' R (pinned through rkcuda::tunable);
+//   * the full Jacobian (DEER) of gru, lstm, elman: both kinds of chunk product (split-tf32 tensor
+//     cores, fp32 FMA), chunk lengths 1, 3, 4, 6, 13, T and the launcher's, chunk-kernel blocks of
+//     32 to 256 threads, matrices of 16 to 80 padded rows; heads 1, 2, 3, headDim 1, 5, 9, 16, 20,
+//     33, T 1 .. 130; the iterate after one or two steps equals the float64 DEER iterate (after one
+//     step to 1e-6 relative, which tells the split products from plain tf32 ones); the fallback;
+//     the launch log shows which step kernels ran;
 //   * newtonRnnBackward against the float64 BPTT at the exact trajectory, dy / dFinal / dh0 on and off;
-//   * arguments the launchers must refuse (the dense cells' full Jacobian among them).
+//   * arguments the launchers must refuse (among them damping with the full Jacobian, S D > 128,
+//     bad chunk / product / block tunables).
 // Outputs are poisoned (NaN) before each call, so anything left unwritten fails; sentinels around
 // every output catch out-of-bounds writes; every stream-ordered allocation must be freed; every
 // kernel instantiation of the tested combinations must run.
@@ -249,6 +257,8 @@ void refVjp(NewtonCell c, const double* x, const double* r, const double* prev, 
   }
 }
 
+using Mat = std::vector<double>;  // row-major square matrices
+
 // State s of channel n in a trajectory [T][S][N] of one row.
 struct RowTraj {
   int64_t T, S, N;
@@ -323,6 +333,35 @@ void evalStep(const Model& m, int64_t b, int64_t t, const std::vector<double>& p
   }
 }
 
+// The exact Jacobian of row b's step t at prev, per head: H matrices of (S D) x (S D), state-major
+// (index i * D + j: state i of channel j), element ((i, j), (s, k)) = d out_i(j) / d prev_s(k).
+std::vector<Mat> fullJacobians(const Model& m, int64_t b, int64_t t, const std::vector<double>& prev) {
+  std::vector<double> x, r;
+  gatesAt(m, b, t, prev, x, r);
+  const int64_t D = m.D, M = m.S * D;
+  std::vector<Mat> J(m.H, Mat(M * M, 0.0));
+  for (int64_t h = 0; h < m.H; ++h) {
+    for (int64_t j = 0; j < D; ++j) {
+      const int64_t n = h * D + j;
+      double xs[4], rs[4], ps[2];
+      for (int g = 0; g < m.G; ++g) xs[g] = x[g * m.N + n], rs[g] = r[g * m.N + n];
+      for (int s = 0; s < m.S; ++s) ps[s] = prev[s * m.N + n];
+      for (int i = 0; i < m.S; ++i) {
+        double e[2] = {0, 0}, gx[4], gr[4], gp[2];
+        e[i] = 1;
+        refVjp(m.cell, xs, rs, ps, e, gx, gr, gp);
+        for (int s = 0; s < m.S; ++s) J[h][(i * D + j) * M + s * D + j] += gp[s];
+        for (int64_t k = 0; k < D; ++k) {
+          double v = 0;
+          for (int g = 0; g < m.G; ++g) v += gr[g] * m.R[((g * m.H + h) * D + k) * D + j];
+          J[h][(i * D + j) * M + k] += v;
+        }
+      }
+    }
+  }
+  return J;
+}
+
 RowTraj sequential(const Model& m, int64_t b) {
   RowTraj tr{m.T, m.S, m.N, std::vector<double>(m.T * m.S * m.N)};
   std::vector<double> prev = h0Of(m, b), out;
@@ -340,7 +379,6 @@ std::vector<double> stateAt(const Model& m, const RowTraj& tr, int64_t b, int64_
 }
 
 // Small dense linear algebra on S x S blocks (row-major vectors).
-using Mat = std::vector<double>;
 Mat mmul(const Mat& a, const Mat& b, int S) {
   Mat c(S * S, 0.0);
   for (int i = 0; i < S; ++i) for (int j = 0; j < S; ++j) for (int k = 0; k < S; ++k) c[i * S + j] += a[i * S + k] * b[k * S + j];
@@ -370,8 +408,9 @@ struct NewtonResult {
 };
 
 // Float64 Newton on row b with the per-channel Jacobians, the kernels' rule and guesses.
+// With full (dense cells, lambda 0): the exact (S D) x (S D) Jacobian per head (DEER).
 NewtonResult refNewton(const Model& m, int64_t b, int maxIters, double tolAbs, double tolRel, double lambda,
-                       NewtonGuess guess, const std::vector<double>* provided) {
+                       NewtonGuess guess, const std::vector<double>* provided, bool full = false) {
   const int S = m.S;
   NewtonResult res;
   res.traj = RowTraj{m.T, S, m.N, std::vector<double>(m.T * S * m.N, 0.0)};
@@ -411,6 +450,38 @@ NewtonResult refNewton(const Model& m, int64_t b, int maxIters, double tolAbs, d
     }
     if (k == maxIters) return res;
     ++res.iterations;
+    if (full) {
+      // h_t = J_t h_{t-1} + f_t - J_t prev_t per head, with the full Jacobians.
+      const int64_t D = m.D, M = S * D;
+      std::vector<std::vector<Mat>> JF(m.T);
+      std::vector<std::vector<double>> f(m.T);
+      for (int64_t t = 0; t < m.T; ++t) {
+        const std::vector<double> prev = stateAt(m, tr, b, t - 1);
+        evalStep(m, b, t, prev, f[t], nullptr);
+        JF[t] = fullJacobians(m, b, t, prev);
+        // Keep f - J prev in f[t] (state-major per head is [S][N] split by head below).
+        for (int64_t h = 0; h < m.H; ++h) {
+          for (int64_t r = 0; r < M; ++r) {
+            double v = 0;
+            for (int64_t q = 0; q < M; ++q) v += JF[t][h][r * M + q] * prev[(q / D) * m.N + h * D + q % D];
+            f[t][(r / D) * m.N + h * D + r % D] -= v;
+          }
+        }
+      }
+      std::vector<double> hv = h0Of(m, b), nv(S * m.N);
+      for (int64_t t = 0; t < m.T; ++t) {
+        for (int64_t h = 0; h < m.H; ++h) {
+          for (int64_t r = 0; r < M; ++r) {
+            double v = f[t][(r / D) * m.N + h * D + r % D];
+            for (int64_t q = 0; q < M; ++q) v += JF[t][h][r * M + q] * hv[(q / D) * m.N + h * D + q % D];
+            nv[(r / D) * m.N + h * D + r % D] = v;
+          }
+        }
+        hv = nv;
+        std::copy(hv.begin(), hv.end(), tr.v.begin() + t * S * m.N);
+      }
+      continue;
+    }
     for (int64_t n = 0; n < m.N; ++n) {
       auto Jn = [&](int64_t t) { return Mat(J[t].begin() + n * S * S, J[t].begin() + (n + 1) * S * S); };
       auto cn = [&](int64_t t) { std::vector<double> v(S); for (int i = 0; i < S; ++i) v[i] = c[t][i * m.N + n]; return v; };
@@ -607,16 +678,21 @@ struct Case {
   NewtonGuess guess = NewtonGuess::Zeros;
   bool sequential = false, fallback = true, hasH0 = true, hasFinal = true, fullJacobian = false;
   int chan = 0, threads = 0, sharedR = 0;  // tunables (0: the launcher's choice)
+  int stepChan = 0, stepThreads = 0;        // the per-channel parallel step's block shape
+  int fullChunk = 0, fullTC = 0, fullThreads = 0;  // full Jacobian: chunk length, 1 FMA / 2 tensor cores, block
   bool expectFallback = false;              // some row must fall back (a non-converging case)
   bool compareIterate = false;              // non-converged rows (no fallback) must equal the float64 iterate
+  double iterateTol = 0;                    // its relative tolerance (0: as for the results)
 };
 
 std::string describe(const Case& c, const char* dt) {
   char buf[400];
   std::snprintf(buf, sizeof buf,
-                "%s %s B %lld T %lld H %lld D %lld rScale %g maxIters %d lambda %g guess %d seq %d fallback %d h0 %d chan %d threads %d sharedR %d",
+                "%s %s B %lld T %lld H %lld D %lld rScale %g maxIters %d lambda %g guess %d seq %d fallback %d h0 %d chan %d threads %d sharedR %d "
+                "step %d/%d full %d chunk %d tc %d threads %d",
                 dt, cellName(c.cell), (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.D, c.rScale, c.maxIters,
-                c.lambda, static_cast<int>(c.guess), c.sequential, c.fallback, c.hasH0, c.chan, c.threads, c.sharedR);
+                c.lambda, static_cast<int>(c.guess), c.sequential, c.fallback, c.hasH0, c.chan, c.threads, c.sharedR,
+                c.stepChan, c.stepThreads, c.fullJacobian, c.fullChunk, c.fullTC, c.fullThreads);
   return buf;
 }
 
@@ -626,6 +702,39 @@ void setTunables(const Case& c) {
   emu::setTunable("newtonRnnBackward.channelsPerBlock", c.chan);
   emu::setTunable("newtonRnnBackward.blockThreads", c.threads);
   emu::setTunable("newtonRnn.denseSharedR", c.sharedR);
+  emu::setTunable("newtonRnnStep.channelsPerBlock", c.stepChan);
+  emu::setTunable("newtonRnnStep.blockThreads", c.stepThreads);
+  emu::setTunable("newtonRnn.fullChunk", c.fullChunk);
+  emu::setTunable("newtonRnn.fullTensorCores", c.fullTC);
+  emu::setTunable("newtonRnn.fullThreads", c.fullThreads);
+}
+
+// Which step kernels a launch log holds.
+struct StepsRan {
+  bool full = false, perChannel = false, damped = false;
+};
+StepsRan stepsIn(const std::vector<emu::LaunchRecord>& log) {
+  using rkcuda::NewtonCell;
+  const std::set<const void*> full = {
+      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Gru>), emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Elman>), emu::kernelId(rkcuda::fullCarryKernel),
+      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Gru>), emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Elman>)};
+  const std::set<const void*> perChannel = {
+      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::GruDiag>), emu::kernelId(rkcuda::scanStepKernel<NewtonCell::LstmCifgDiag>),
+      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Gru>), emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Elman>)};
+  const std::set<const void*> damped = {
+      emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::GruDiag>), emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::LstmCifgDiag>),
+      emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Gru>), emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Elman>)};
+  StepsRan r;
+  for (const auto& l : log) {
+    r.full = r.full || full.count(l.kernel) > 0;
+    r.perChannel = r.perChannel || perChannel.count(l.kernel) > 0;
+    r.damped = r.damped || damped.count(l.kernel) > 0;
+  }
+  return r;
 }
 
 template <class T>
@@ -671,6 +780,7 @@ void runForward(const Case& c, std::mt19937& rng) {
   o.iterations = iters.data(), o.residual = resid.data(), o.converged = conv.data(), o.fellBack = fell.data();
   const rkcuda::Status st = rkcuda::newtonRnnForward(a, o);
   check(st.ok(), "newtonRnnForward failed: " + st.message);
+  const StepsRan ran = stepsIn(emu::launchLog);
   noteLaunches();
   check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
   if (!st.ok()) return;
@@ -690,7 +800,8 @@ void runForward(const Case& c, std::mt19937& rng) {
       check(iters[r] == 0 && conv[r] == 1 && resid[r] == 0.0f && fell[r] == 0, "sequential statistics" + rs, iters[r], 0);
       continue;
     }
-    const NewtonResult nr = refNewton(m, r, c.maxIters, c.tolAbs, c.tolRel, c.lambda, c.guess, &provided);
+    const NewtonResult nr =
+        refNewton(m, r, c.maxIters, c.tolAbs, c.tolRel, c.lambda, c.guess, &provided, c.fullJacobian && !isDiag(c.cell));
     if (nr.clear) {
       ++itersCompared;
       check(iters[r] == nr.iterations, "iterations" + rs, iters[r], nr.iterations);
@@ -712,10 +823,20 @@ void runForward(const Case& c, std::mt19937& rng) {
       if (!c.fallback) usable[r] = 0;
       if (c.compareIterate && !c.fallback) {
         std::vector<double> got(traj.data + r * c.T * S * N, traj.data + (r + 1) * c.T * S * N);
-        compare("last Newton iterate" + rs, got, nr.traj.v, tolT);
+        compare("last Newton iterate" + rs, got, nr.traj.v, c.iterateTol > 0 ? c.iterateTol : tolT);
         ++iteratesCompared;
       }
     }
+  }
+  // The launch log: the step kernels of the chosen path ran (when a step was taken), and no other.
+  if (!c.sequential) {
+    int most = 0;
+    for (int64_t r = 0; r < c.B; ++r) most = std::max(most, static_cast<int>(iters[r]));
+    const bool dense = !isDiag(c.cell), full = dense && c.fullJacobian && c.lambda == 0;
+    const bool perChannel = dense && !full && c.lambda == 0;
+    check(ran.full == (full && most > 0), "full-Jacobian step kernels ran", ran.full, full && most > 0);
+    check(ran.perChannel == (perChannel && most > 0), "per-channel step kernel ran", ran.perChannel, perChannel && most > 0);
+    check(ran.damped == (c.lambda > 0 && most > 0), "damped step kernel ran", ran.damped, c.lambda > 0 && most > 0);
   }
   if (c.expectFallback) check(anyFell || !c.fallback, "a non-converging case fell back", anyFell, 1);
   if (c.expectFallback && !c.fallback) {
@@ -832,7 +953,7 @@ void checkRefusals() {
     check(!rkcuda::newtonRnnForward(a, o).ok(), std::string("forward accepts ") + what);
     rkcuda::NewtonRnnGrads g;
     g.traj = dummy.data, g.dwx = dummy.data, g.dR = dummy.data, g.db = dummy.data;
-    if (std::string(what) != "the dense full Jacobian")
+    if (std::string(what).find("full Jacobian") == std::string::npos && std::string(what).find("step ") == std::string::npos)
       check(!rkcuda::newtonRnnBackward(a, g).ok(), std::string("backward accepts ") + what);
     check(emu::launchLog.size() == before, std::string("launched with ") + what);
   };
@@ -847,7 +968,31 @@ void checkRefusals() {
   a = base(); a.guess = NewtonGuess::Provided; a.guessTraj = nullptr; refused("a provided guess without guessTraj", a);
   a = base(); a.wx = nullptr; refused("null wx", a);
   a = base(); a.cell = NewtonCell::Lstm; a.headDim = 1025; refused("dense headDim 1025", a);
-  a = base(); a.cell = NewtonCell::Gru; a.fullJacobian = true; refused("the dense full Jacobian", a);
+  a = base(); a.cell = NewtonCell::Gru; a.fullJacobian = true; a.damping = 0.5; refused("damping with the full Jacobian", a);
+  a = base(); a.cell = NewtonCell::Lstm; a.fullJacobian = true; a.headDim = 65; refused("a full Jacobian of 130 states", a);
+  a = base(); a.cell = NewtonCell::Elman; a.fullJacobian = true; a.headDim = 129; refused("a full Jacobian of 129 states", a);
+  a = base(); a.cell = NewtonCell::Gru; a.fullJacobian = true;
+  emu::setTunable("newtonRnn.fullChunk", -2);
+  refused("full Jacobian: chunk length -2", a);
+  emu::setTunable("newtonRnn.fullChunk", 0);
+  emu::setTunable("newtonRnn.fullTensorCores", 3);
+  refused("full Jacobian: product kind 3", a);
+  emu::setTunable("newtonRnn.fullTensorCores", 0);
+  {
+    auto big = base();
+    big.cell = NewtonCell::Gru, big.fullJacobian = true, big.batch = int64_t{1} << 16, big.heads = 1 << 10, big.headDim = 1;
+    big.T = 64;
+    emu::setTunable("newtonRnn.fullChunk", 1);
+    refused("full Jacobian: more (row, head, chunk) blocks than a grid holds", big);
+    emu::setTunable("newtonRnn.fullChunk", 0);
+  }
+  emu::setTunable("newtonRnn.fullThreads", 48);
+  refused("full Jacobian: 48 threads", a);
+  emu::setTunable("newtonRnn.fullThreads", 0);
+  a = base(); a.cell = NewtonCell::Lstm; a.fullJacobian = false;
+  emu::setTunable("newtonRnnStep.channelsPerBlock", 12);
+  refused("step channels per block 12", a);
+  emu::setTunable("newtonRnnStep.channelsPerBlock", 0);
   a = base(); a.batch = int64_t{1} << 30; a.T = int64_t{1} << 20; refused("a grid too large", a);
   emu::setTunable("newtonRnn.channelsPerBlock", 5);
   a = base();
@@ -945,6 +1090,57 @@ int main() {
       runForward<float>(c, rng);
     }
   }
+  // Per-channel step (quasi-DEER) in every block shape.
+  for (NewtonCell cell : denseCells) {
+    for (int chan : {4, 32}) {
+      for (int threads : {32, 512}) {
+        C c;
+        c.cell = cell, c.B = 2, c.T = 130, c.H = 1, c.D = 33, c.rScale = 0.5, c.stepChan = chan, c.stepThreads = threads;
+        runForward<float>(c, rng);
+      }
+    }
+  }
+  // Full Jacobian (DEER) for the dense cells: both product kinds, chunk lengths (one step, a few
+  // steps, one chunk for everything, the launcher's), block sizes, R placements, guesses, sizes.
+  for (NewtonCell cell : denseCells) {
+    for (int tc : {1, 2}) {
+      for (int chunk : {1, 3, 0}) {
+        C c;
+        c.cell = cell, c.fullJacobian = true, c.fullTC = tc, c.fullChunk = chunk;
+        c.B = 3, c.T = 7, c.H = tc == 2 ? 2 : 3, c.D = 5, c.rScale = 0.8, c.maxIters = 20;
+        runForward<float>(c, rng);
+      }
+      // Matrices of 48 and 80 rows (two and five 16-row tiles), small blocks.
+      C c;
+      c.cell = cell, c.fullJacobian = true, c.fullTC = tc, c.maxIters = 20;
+      c.B = 1, c.T = tc == 2 ? 12 : 20, c.H = 1, c.D = tc == 2 && cell == NewtonCell::Lstm ? 20 : 33;
+      c.fullChunk = tc == 2 ? 4 : 6, c.fullThreads = tc == 2 ? 64 : 32, c.guess = NewtonGuess::OneStep;
+      runForward<float>(c, rng);
+      c.B = 3, c.T = 1, c.H = 1, c.D = 1, c.fullChunk = 0, c.fullThreads = 0, c.guess = NewtonGuess::Provided, c.hasH0 = false;
+      runForward<float>(c, rng);
+      if (tc == 1) {
+        c.B = 1, c.T = 30, c.H = 2, c.D = 16, c.guess = NewtonGuess::OneStep, c.hasH0 = true, c.fullChunk = 13;
+        runForward<__nv_bfloat16>(c, rng);
+      }
+    }
+    for (int sharedR : {1, 2}) {
+      C c;
+      c.cell = cell, c.fullJacobian = true, c.fullTC = 1, c.sharedR = sharedR, c.maxIters = 20;
+      c.B = sharedR == 1 ? 1 : 3, c.T = 130, c.H = sharedR == 1 ? 3 : 1, c.D = 33, c.rScale = 0.8;
+      runForward<float>(c, rng);
+      c.fullChunk = 130, c.B = 1, c.H = 1, c.D = 16;
+      runForward<float>(c, rng);
+    }
+    {
+      // Not converging in one step: the fallback, and without it converged 0.
+      for (bool fb : {true, false}) {
+        C c;
+        c.cell = cell, c.fullJacobian = true, c.fullTC = 1, c.B = 3, c.T = 60, c.H = 1, c.D = 9, c.rScale = 1.5, c.maxIters = 1;
+        c.fallback = fb, c.expectFallback = true;
+        runForward<float>(c, rng);
+      }
+    }
+  }
   // Steps themselves: the iterate after maxIters steps (tolerance 0: never converged, no fallback)
   // equals the float64 Newton iterate, plain and damped, for every cell.
   for (NewtonCell cell : {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag, NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman}) {
@@ -954,6 +1150,22 @@ int main() {
       c.tolAbs = 0, c.tolRel = 0, c.lambda = lambda, c.fallback = false, c.compareIterate = true;
       c.guess = NewtonGuess::OneStep;
       runForward<float>(c, rng);
+    }
+    if (!isDiag(cell)) {
+      for (int tc : {1, 2}) {
+        for (int k : {1, 2}) {
+          if (tc == 2 && k == 2) continue;
+          C c;
+          c.cell = cell, c.fullJacobian = true, c.fullTC = tc, c.rScale = 0.8, c.maxIters = k;
+          c.B = 3, c.T = tc == 2 ? 48 : 130, c.H = tc == 2 ? 2 : 3, c.D = tc == 2 ? 5 : 9, c.fullChunk = tc == 2 ? 8 : 0;
+          c.tolAbs = 0, c.tolRel = 0, c.fallback = false, c.compareIterate = true, c.guess = NewtonGuess::OneStep;
+          // The first step from the one-step guess is a large update carried across many chunks: its
+          // iterate shows the chunk products' precision (about 1e-7 relative on both kinds; with plain
+          // tf32 operands it is 1e-5 to 2e-5 for gru and lstm).
+          if (k == 1) c.fullChunk = 4, c.rScale = 1.2, c.iterateTol = 1e-6;
+          runForward<float>(c, rng);
+        }
+      }
     }
   }
   // Backward: every cell, fused configurations for the diagonal ones, R placements for the dense.
@@ -998,7 +1210,16 @@ int main() {
       emu::kernelId(rkcuda::evalDenseKernel<NewtonCell::Gru, __nv_bfloat16>),
       emu::kernelId(rkcuda::evalDenseKernel<NewtonCell::Elman, float>),
       emu::kernelId(rkcuda::finalizeKernel),
-      emu::kernelId(rkcuda::stepKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Gru>),
+      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Elman>),
+      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Gru>),
+      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Elman>),
+      emu::kernelId(rkcuda::fullCarryKernel),
+      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Gru>),
+      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Lstm>),
+      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Elman>),
       emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::LstmCifgDiag>),
       emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Gru>),
       emu::kernelId(rkcuda::guessKernel),
