@@ -354,6 +354,16 @@ describe.runIf(hasCuda)('newtonRnn on CUDA against the CPU kernels', () => {
       expect(relErr(values(gg.wx), values(gc.wx)), at(`${cell} dwx`)).toBeLessThan(1e-3);
     }
   });
+
+  it("heads beyond the CUDA full-Jacobian solve: 'newton' refuses them, 'auto' evaluates sequentially", () => {
+    const p = problem('lstm', 2, 20, 1, 65);
+    const cuda = { wx: p.inputs.wx.to('cuda'), R: p.inputs.R.to('cuda'), b: p.inputs.b.to('cuda'), h0: p.inputs.h0!.to('cuda') };
+    expect(() => rk.newtonRnn(cuda, { cell: 'lstm', mode: 'newton' })).toThrow(/states x headDim <= 128/);
+    const r = rk.newtonRnn(cuda, { cell: 'lstm' });
+    expect(Array.from(r.stats.iterations)).toEqual([0, 0]);
+    const ref = newtonRnnRef(p.ref, p.dims);
+    expect(relErr(values(r.y), ref.y)).toBeLessThan(1e-4);
+  });
 });
 
 describe('newtonRnn bad input', () => {

@@ -87,6 +87,8 @@ export interface NewtonRnnCtx {
   device: Device;
 }
 
+/** Largest states x headDim of the CUDA full-Jacobian (DEER) solve (cuda/newton/newton_rnn.cu). */
+const CUDA_MAX_FULL_JACOBIAN = 128;
 const OP = 'newtonRnn';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 const CELLS: Record<NewtonRnnCell, { code: number; gates: number; states: number; diagonal: boolean }> = {
@@ -189,7 +191,14 @@ function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
       "use jacobian 'diagonal' (damping is not supported with the full Jacobian)");
   const onNon = oneOf('onNonConvergence', options.onNonConvergence, ['fallback', 'error'] as const, 'fallback');
   const mode = oneOf('mode', options.mode, ['auto', 'newton', 'sequential'] as const, 'auto');
-  const sequential = mode === 'sequential' || (mode === 'auto' && wx.device === 'cpu');
+  // The CUDA full-Jacobian solve keeps a head's (states x headDim)^2 matrices in shared memory.
+  const fullTooLarge = wx.device === 'cuda' && fullJacobian && !cell.diagonal && S * D > CUDA_MAX_FULL_JACOBIAN;
+  if (mode === 'newton' && fullTooLarge)
+    throw new ArgumentError(`${OP}: on CUDA the full Jacobian needs states x headDim <= ${CUDA_MAX_FULL_JACOBIAN}, got ` +
+      `${S} x ${D} for '${cellName}'; use jacobian 'diagonal' or mode 'sequential'`);
+  // 'auto': on a CPU the sequential loop is always faster (measured, bench/RESULTS.md); on CUDA Newton,
+  // except where the full-Jacobian solve does not apply (a provisional rule, not yet measured on a GPU).
+  const sequential = mode === 'sequential' || (mode === 'auto' && (wx.device === 'cpu' || fullTooLarge));
   let guess = 0;
   let guessTensor: Tensor | null = null;
   const ig = options.initialGuess;
