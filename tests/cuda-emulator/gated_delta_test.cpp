@@ -30,6 +30,7 @@
 // The kernels under test, after the emulator.
 #include "delta/gated_delta.cu"
 #include "delta/gated_delta_chunked.cu"
+#include "harness.h"
 
 #include <algorithm>
 #include <chrono>
@@ -40,135 +41,18 @@
 #include <string>
 #include <vector>
 
-// runtime.cu is not part of the emulator build; the launchers need its dtype conversion.
-namespace rkcuda {
-Status convert(DType from, const void* src, DType to, void* dst, int64_t n) {
-  auto get = [&](int64_t i) -> float {
-    switch (from) {
-      case DType::F32: return static_cast<const float*>(src)[i];
-      case DType::F16: return __half2float(static_cast<const __half*>(src)[i]);
-      default: return __bfloat162float(static_cast<const __nv_bfloat16*>(src)[i]);
-    }
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = get(i);
-    switch (to) {
-      case DType::F32: static_cast<float*>(dst)[i] = v; break;
-      case DType::F16: static_cast<__half*>(dst)[i] = __float2half_rn(v); break;
-      default: static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(v); break;
-    }
-  }
-  return Status{};
-}
-}  // namespace rkcuda
-
 namespace {
 
 using rkcuda::DType;
 using rkcuda::ScanSegment;
 const int64_t kChunk = rkcuda::gatedDeltaChunk();
 
-template <class T> struct Elem;
-template <> struct Elem<float> {
-  static constexpr DType dtype = DType::F32;
-  static constexpr const char* name = "f32";
-  static constexpr double tolerance = 1e-4;
-  static float from(double x) { return static_cast<float>(x); }
-  static double value(float x) { return x; }
-};
-template <> struct Elem<__half> {
-  static constexpr DType dtype = DType::F16;
-  static constexpr const char* name = "f16";
-  static constexpr double tolerance = 5e-3;
-  static __half from(double x) { return __float2half_rn(static_cast<float>(x)); }
-  static double value(__half x) { return __half2float(x); }
-};
-template <> struct Elem<__nv_bfloat16> {
-  static constexpr DType dtype = DType::BF16;
-  static constexpr const char* name = "bf16";
-  static constexpr double tolerance = 1e-2;
-  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-  static double value(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
-
-// ---- reporting ----
-
-constexpr long kMaxReported = 40;
-long checks = 0, failures = 0;
-std::string context;
-
-void check(bool ok, const std::string& what, double got = 0, double want = 0) {
-  ++checks;
-  if (ok) return;
-  if (++failures <= kMaxReported) std::printf("FAIL %s: got %.9g, want %.9g  (%s)\n", what.c_str(), got, want, context.c_str());
+// Norm-wise tolerance of each dtype's results.
+template <class T> constexpr double tolerance() {
+  if constexpr (std::is_same_v<T, float>) return 1e-4;
+  else if constexpr (std::is_same_v<T, __half>) return 5e-3;
+  else return 1e-2;
 }
-
-// ||got - want|| <= tol * ||want|| (or a small absolute error when want is all but zero); NaN fails.
-void compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol) {
-  double num = 0, den = 0, worstDiff = -1;
-  bool finite = got.size() == want.size();
-  size_t worst = 0;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) finite = false;
-    const double diff = got[i] - want[i];
-    num += diff * diff;
-    den += want[i] * want[i];
-    if (!(std::fabs(diff) <= worstDiff)) {
-      worstDiff = std::fabs(diff);
-      worst = i;
-    }
-  }
-  const double err = std::sqrt(num), ref = std::sqrt(den);
-  const bool ok = finite && (err <= tol * ref || err <= 1e-6 * std::sqrt(static_cast<double>(got.size()) + 1));
-  ++checks;
-  if (ok) return;
-  if (++failures <= kMaxReported) {
-    std::printf("FAIL %s: relative error %.3g (tolerance %.3g), worst at [%zu]: got %.9g, want %.9g  (%s)\n",
-                what.c_str(), ref > 0 ? err / ref : err, tol, worst, worst < got.size() ? got[worst] : 0.0,
-                worst < want.size() ? want[worst] : 0.0, context.c_str());
-  }
-}
-
-// A device array stand-in with kGuard sentinels on each side.
-template <class T>
-struct Buf {
-  static constexpr int kGuard = 16;
-  std::vector<uint4> storage;
-  T* data = nullptr;
-  size_t n = 0;
-  Buf() = default;
-  explicit Buf(size_t count) : storage(((count + 2 * kGuard) * sizeof(T) + 15) / 16), n(count) {
-    T* base = reinterpret_cast<T*>(storage.data());
-    std::fill(base, base + storage.size() * 16 / sizeof(T), sentinel());
-    data = base + kGuard;
-  }
-  static T sentinel() { return Elem<T>::from(12345.0); }
-  void set(const std::vector<double>& v) {
-    for (size_t i = 0; i < n; ++i) data[i] = Elem<T>::from(v[i]);
-  }
-  void poison() { std::memset(static_cast<void*>(data), 0xff, n * sizeof(T)); }
-  std::vector<double> get() const {
-    std::vector<double> v(n);
-    for (size_t i = 0; i < n; ++i) v[i] = Elem<T>::value(data[i]);
-    return v;
-  }
-  bool guardsIntact() const {
-    const double s = Elem<T>::value(sentinel());
-    for (int i = 0; i < kGuard; ++i) {
-      if (Elem<T>::value(data[-1 - i]) != s || Elem<T>::value(data[n + i]) != s) return false;
-    }
-    return true;
-  }
-};
-
-template <class T>
-void checkOutput(const std::string& what, const Buf<T>& buf, const std::vector<double>& want, double tol) {
-  compare(what, buf.get(), want, tol);
-  check(buf.guardsIntact(), what + ": write outside the array");
-}
-
-// Values rounded to T (as stored).
-template <class T> double roundTo(double x) { return Elem<T>::value(Elem<T>::from(x)); }
 
 // ---- the problem and its float64 reference ----
 
@@ -367,12 +251,6 @@ struct Case {
   int backwardTile = 0;       // the chunked reverse pass's value columns per block (0: its choice)
 };
 
-std::set<const void*> launched;
-void noteLaunches() {
-  for (const auto& l : emu::launchLog) launched.insert(l.kernel);
-  emu::launchLog.clear();
-}
-
 template <class T>
 Problem makeProblem(const Case& c, std::mt19937& rng) {
   std::uniform_real_distribution<double> U(-1, 1);
@@ -452,7 +330,7 @@ void runCase(const Case& c, std::mt19937& rng) {
   const bool chunkedBackward = c.bpath == 2 || (c.bpath == 0 && !std::is_same_v<T, float>);
 
   // The chunked form rounds its intermediate operands (W, U, S, V') to the storage type.
-  const double tol = chunked ? 1e-2 : Elem<T>::tolerance;
+  const double tol = chunked ? 1e-2 : tolerance<T>();
   const double stateTol = chunked ? 1e-2 : 1e-4;
   const int64_t BT = P.batch * P.T, SE = P.nseq() * P.HV * P.KV();
 
@@ -694,7 +572,7 @@ void runStep(std::mt19937& rng, int64_t tokens, int64_t K, int64_t V, bool updat
   a.intermediate = inter ? inter_.data : nullptr;
   const rkcuda::Status st = rkcuda::gatedDeltaStep(a);
   check(st.ok(), "step status: " + st.message);
-  checkOutput("step o", o, want.o, Elem<T>::tolerance);
+  checkOutput("step o", o, want.o, tolerance<T>());
   checkOutput("step state", state, update ? want.finalState : P.h0, 1e-4);
   if (inter) {
     // The reference's state after every token: rerun one token at a time.

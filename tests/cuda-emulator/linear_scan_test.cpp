@@ -14,6 +14,7 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "scan/linear_scan.cu"
+#include "harness.h"
 
 #include <algorithm>
 #include <chrono>
@@ -28,36 +29,14 @@ namespace {
 
 using rkcuda::DType;
 
-// ---- element types ----
-
-template <class T> struct Elem;
-template <> struct Elem<float> {
-  static constexpr DType dtype = DType::F32;
-  static constexpr const char* name = "f32";
-  static constexpr double tolerance = 1e-5;  // fp32 state and storage
-  static float from(double x) { return static_cast<float>(x); }
-  static double value(float x) { return x; }
-};
-template <> struct Elem<__half> {
-  static constexpr DType dtype = DType::F16;
-  static constexpr const char* name = "f16";
-  static constexpr double tolerance = 1e-3;  // the outputs' rounding: 2^-11 relative
-  static __half from(double x) { return __float2half_rn(static_cast<float>(x)); }
-  static double value(__half x) { return __half2float(x); }
-};
-template <> struct Elem<__nv_bfloat16> {
-  static constexpr DType dtype = DType::BF16;
-  static constexpr const char* name = "bf16";
-  static constexpr double tolerance = 8e-3;  // the outputs' rounding: 2^-8 relative
-  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-  static double value(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
+// Tolerance of each dtype's results.
+template <class T> constexpr double tolerance() {
+  if constexpr (std::is_same_v<T, float>) return 1e-5;  // fp32 state and storage
+  else if constexpr (std::is_same_v<T, __half>) return 1e-3;  // the outputs' rounding: 2^-11 relative
+  else return 8e-3;  // the outputs' rounding: 2^-8 relative
+}
 
 // ---- reporting ----
-
-constexpr long kMaxReported = 40;
-long checks = 0;
-long failures = 0;
 
 struct Case {
   const char* dtype;
@@ -94,42 +73,21 @@ bool near(double got, double want, double tolerance) {
   return std::fabs(got - want) <= tolerance * (1.0 + std::fabs(want));  // NaN fails
 }
 
-// ---- arrays ----
-
-// Stand-in for a device array: n elements starting `offset` elements past a 16-byte boundary, with
-// kGuard sentinel elements on each side.
-template <class T>
-struct Buffer {
-  static constexpr int kGuard = 16;  // elements; a multiple of 8 keeps offset 0 16-byte aligned
-  std::vector<uint4> storage;        // uint4: 16-byte aligned
-  T* data;
-  size_t n;
-
-  Buffer(size_t count, int offset)
-      : storage(((count + 2 * kGuard + offset) * sizeof(T) + 15) / 16), data(nullptr), n(count) {
-    T* base = reinterpret_cast<T*>(storage.data());
-    std::fill(base, base + storage.size() * 16 / sizeof(T), sentinel());
-    data = base + kGuard + offset;
-  }
-  static T sentinel() { return Elem<T>::from(12345.0); }
-  T* guardBefore() const { return data - kGuard; }
-};
-
 // Sentinel guards of an output array untouched.
 template <class T>
-void checkGuards(const Buffer<T>& buf, const Case& c, const char* what) {
-  const double s = Elem<T>::value(Buffer<T>::sentinel());
-  for (int i = 0; i < Buffer<T>::kGuard; ++i) {
-    const double before = Elem<T>::value(buf.guardBefore()[i]);
+void checkGuards(const Buf<T>& buf, const Case& c, const char* what) {
+  const double s = Elem<T>::value(Buf<T>::sentinel());
+  for (int i = 0; i < Buf<T>::kGuard; ++i) {
+    const double before = Elem<T>::value(buf.data[i - Buf<T>::kGuard]);
     const double after = Elem<T>::value(buf.data[buf.n + i]);
-    check(before == s, c, what, i - Buffer<T>::kGuard, before, s);
+    check(before == s, c, what, i - Buf<T>::kGuard, before, s);
     check(after == s, c, what, static_cast<int64_t>(buf.n) + i, after, s);
   }
 }
 
 // An input array still holding its values.
 template <class T>
-void checkUnchanged(const Buffer<T>& buf, const std::vector<double>& values, const Case& c, const char* what) {
+void checkUnchanged(const Buf<T>& buf, const std::vector<double>& values, const Case& c, const char* what) {
   size_t bad = 0;
   for (size_t i = 0; i < values.size(); ++i) bad += Elem<T>::value(buf.data[i]) != values[i];
   check(bad == 0, c, what, 0, static_cast<double>(bad), 0);
@@ -162,8 +120,6 @@ const void* kernelFor(int warps, bool backward, bool desc, bool vec) {
     default: return kernelFor<T, 8>(backward, desc, vec);
   }
 }
-
-std::set<const void*> launched;  // every kernel run so far
 
 // The launch log holds exactly the one launch expected (none for an empty row).
 template <class T>
@@ -209,7 +165,7 @@ void runCase(const Case& c, std::mt19937& rng) {
   constexpr int64_t G = 16 / sizeof(T);
   const int64_t rows = c.rows, L = c.length;
   const size_t n = static_cast<size_t>(rows * L);
-  const double tol = E::tolerance;
+  const double tol = tolerance<T>();
   emu::setTunable("linearScan.warpsPerRow", c.warps);
 
   // Inputs, exactly representable in T: a of either sign with |a| in [0.6, 1] (so states stay
@@ -222,7 +178,7 @@ void runCase(const Case& c, std::mt19937& rng) {
   for (auto& x : h0) x = static_cast<float>(sym(rng));
   for (auto& x : gFinal) x = static_cast<float>(sym(rng));
 
-  Buffer<T> bufA(n, c.offset[kA]), bufB(n, c.offset[kB]), bufH(n, c.offset[kH]), bufGh(n, c.offset[kGh]),
+  Buf<T> bufA(n, c.offset[kA]), bufB(n, c.offset[kB]), bufH(n, c.offset[kH]), bufGh(n, c.offset[kGh]),
       bufGa(n, c.offset[kGa]), bufGb(n, c.offset[kGb]);
   for (size_t i = 0; i < n; ++i) {
     bufA.data[i] = E::from(a[i]);

@@ -16,6 +16,7 @@
 // The code under test, after the emulator.
 #include "common/launch.cuh"
 #include "common/mma.cuh"
+#include "harness.h"
 
 #include <cmath>
 #include <cstdio>
@@ -26,7 +27,6 @@ namespace {
 
 namespace mma = rkcuda::mma;
 
-long checks = 0, failures = 0;
 void expect(bool ok, const char* what, int i, double got, double want) {
   ++checks;
   if (ok) return;

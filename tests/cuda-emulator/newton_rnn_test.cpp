@@ -33,6 +33,7 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "newton/newton_rnn.cu"
+#include "harness.h"
 
 #include <algorithm>
 #include <chrono>
@@ -62,99 +63,12 @@ using rkcuda::DType;
 using rkcuda::NewtonCell;
 using rkcuda::NewtonGuess;
 
-template <class T> struct Elem;
-template <> struct Elem<float> {
-  static constexpr DType dtype = DType::F32;
-  static constexpr const char* name = "f32";
-  static constexpr double tolerance = 1e-4;
-  static float from(double x) { return static_cast<float>(x); }
-  static double value(float x) { return x; }
-};
-template <> struct Elem<__nv_bfloat16> {
-  static constexpr DType dtype = DType::BF16;
-  static constexpr const char* name = "bf16";
-  static constexpr double tolerance = 1e-2;
-  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-  static double value(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
-
-// ---- reporting ----
-
-constexpr long kMaxReported = 40;
-long checks = 0, failures = 0;
-std::string context;
-
-void check(bool ok, const std::string& what, double got = 0, double want = 0) {
-  ++checks;
-  if (ok) return;
-  if (++failures <= kMaxReported) std::printf("FAIL %s: got %.9g, want %.9g  (%s)\n", what.c_str(), got, want, context.c_str());
+// Norm-wise tolerance of each dtype's results.
+template <class T> constexpr double tolerance() {
+  if constexpr (std::is_same_v<T, float>) return 1e-4;
+  else return 1e-2;  // bf16
 }
 
-// ||got - want|| <= tol * ||want|| (or a small absolute error when want is all but zero); NaN fails.
-void compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol) {
-  double num = 0, den = 0, worstDiff = -1;
-  bool finite = got.size() == want.size();
-  size_t worst = 0;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) finite = false;
-    const double diff = got[i] - want[i];
-    num += diff * diff;
-    den += want[i] * want[i];
-    if (!(std::fabs(diff) <= worstDiff)) {
-      worstDiff = std::fabs(diff);
-      worst = i;
-    }
-  }
-  const double err = std::sqrt(num), ref = std::sqrt(den);
-  const bool ok = finite && (err <= tol * ref || err <= 1e-6 * std::sqrt(static_cast<double>(got.size()) + 1));
-  ++checks;
-  if (ok) return;
-  if (++failures <= kMaxReported) {
-    std::printf("FAIL %s: relative error %.3g (tolerance %.3g), worst at [%zu]: got %.9g, want %.9g  (%s)\n",
-                what.c_str(), ref > 0 ? err / ref : err, tol, worst, worst < got.size() ? got[worst] : 0.0,
-                worst < want.size() ? want[worst] : 0.0, context.c_str());
-  }
-}
-
-// A device array stand-in with kGuard sentinels on each side.
-template <class T>
-struct Buf {
-  static constexpr int kGuard = 16;
-  std::vector<uint4> storage;
-  T* data = nullptr;
-  size_t n = 0;
-  Buf() = default;
-  explicit Buf(size_t count) : storage(((count + 2 * kGuard) * sizeof(T) + 15) / 16 + 1), n(count) {
-    T* base = reinterpret_cast<T*>(storage.data());
-    std::fill(base, base + (storage.size() * 16) / sizeof(T), sentinel());
-    data = base + kGuard;
-  }
-  static T sentinel() { return Elem<T>::from(12345.0); }
-  void set(const std::vector<double>& v) {
-    for (size_t i = 0; i < n; ++i) data[i] = Elem<T>::from(v[i]);
-  }
-  void poison() { std::memset(static_cast<void*>(data), 0xff, n * sizeof(T)); }
-  std::vector<double> get() const {
-    std::vector<double> v(n);
-    for (size_t i = 0; i < n; ++i) v[i] = Elem<T>::value(data[i]);
-    return v;
-  }
-  bool guardsIntact() const {
-    const double s = Elem<T>::value(sentinel());
-    for (int i = 0; i < kGuard; ++i) {
-      if (Elem<T>::value(data[-1 - i]) != s || Elem<T>::value(data[n + i]) != s) return false;
-    }
-    return true;
-  }
-};
-
-template <class T>
-void checkOutput(const std::string& what, const Buf<T>& buf, const std::vector<double>& want, double tol) {
-  compare(what, buf.get(), want, tol);
-  check(buf.guardsIntact(), what + ": write outside the array");
-}
-
-template <class T> double roundTo(double x) { return Elem<T>::value(Elem<T>::from(x)); }
 double f32(double x) { return static_cast<float>(x); }
 
 // ---- the model and its float64 references ----
@@ -660,12 +574,7 @@ void checkReferenceGradients(std::mt19937& rng) {
   }
 }
 
-std::set<const void*> launched;
 long itersCompared = 0, iteratesCompared = 0;
-void noteLaunches() {
-  for (const auto& l : emu::launchLog) launched.insert(l.kernel);
-  emu::launchLog.clear();
-}
 
 // ---- forward cases ----
 
@@ -787,7 +696,7 @@ void runForward(const Case& c, std::mt19937& rng) {
 
   // The exact answer, the float64 Newton iteration, and the rows whose trajectory must be exact.
   std::vector<double> want(elems), wantY(c.B * c.T * N), wantFin(S * c.B * N);
-  const double tolT = Elem<float>::tolerance * (1 + std::sqrt(static_cast<double>(c.T)) / 4);
+  const double tolT = tolerance<float>() * (1 + std::sqrt(static_cast<double>(c.T)) / 4);
   bool anyFell = false;
   std::vector<char> usable(c.B, 1);
   for (int64_t r = 0; r < c.B; ++r) {
@@ -856,7 +765,7 @@ void runForward(const Case& c, std::mt19937& rng) {
   }
   compare("traj", gT, wT, tolT);
   check(traj.guardsIntact(), "traj: write outside the array");
-  compare("y", gY, wY, std::max(tolT, Elem<T>::tolerance));
+  compare("y", gY, wY, std::max(tolT, tolerance<T>()));
   check(y.guardsIntact(), "y: write outside the array");
   if (c.hasFinal) {
     bool all = true;

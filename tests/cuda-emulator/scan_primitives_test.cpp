@@ -31,6 +31,7 @@
 // The code under test, after the emulator.
 #include "common/launch.cuh"
 #include "common/scan.cuh"
+#include "harness.h"
 
 #include <algorithm>
 #include <chrono>
@@ -223,16 +224,11 @@ __global__ void stripedKernel(const float* a, const float* b, const int* lengths
 
 // ---- reporting ----
 
-constexpr long kMaxReported = 40;
-long checks = 0;
-long failures = 0;
-std::string where;  // the configuration being checked
-
 void check(bool ok, const std::string& what, long index, double got, double want) {
   ++checks;
   if (ok) return;
   if (++failures <= kMaxReported) {
-    std::printf("FAIL %s[%ld]: got %.9g, want %.9g  (%s)\n", what.c_str(), index, got, want, where.c_str());
+    std::printf("FAIL %s[%ld]: got %.9g, want %.9g  (%s)\n", what.c_str(), index, got, want, context.c_str());
   }
 }
 
@@ -345,7 +341,7 @@ void run(void (*kernel)(KArgs...), unsigned grid, unsigned block, Args... args) 
 // ---- compose / apply / identity ----
 
 void testPairs(Data data, std::mt19937& rng) {
-  where = std::string("pairs, ") + dataName(data);
+  context = std::string("pairs, ") + dataName(data);
   constexpr unsigned kBlocks = 2, kThreads = 64;
   const int n = kBlocks * kThreads;
   std::vector<PairIn> in(n);
@@ -381,7 +377,7 @@ void testPairs(Data data, std::mt19937& rng) {
 
 template <int WIDTH>
 void testWarp(Data data, std::mt19937& rng) {
-  where = "warp scans, width " + std::to_string(WIDTH) + ", " + dataName(data);
+  context = "warp scans, width " + std::to_string(WIDTH) + ", " + dataName(data);
   constexpr unsigned kBlocks = 2, kThreads = 96;  // several warps and blocks: lanes come from threadIdx
   const int n = kBlocks * kThreads;
   std::vector<Affine> in(n);
@@ -411,7 +407,7 @@ void testWarp(Data data, std::mt19937& rng) {
 
 template <int THREADS>
 void testBlock(Data data, std::mt19937& rng) {
-  where = "BlockScan<" + std::to_string(THREADS) + ">, " + dataName(data);
+  context = "BlockScan<" + std::to_string(THREADS) + ">, " + dataName(data);
   constexpr int kBlocks = 3, kChunks = 3;
   constexpr int kSpan = kChunks * THREADS;  // positions per block
   // Block 0: every chunk full. Block 1: ends inside chunk 1 (or at its end), so chunk 2 is all
@@ -542,7 +538,7 @@ void testBlock(Data data, std::mt19937& rng) {
 
 template <int V, int WARPS, int G>
 void testStriped(Data data, std::mt19937& rng) {
-  where = "stripedChunkStarts<V=" + std::to_string(V) + ", WARPS=" + std::to_string(WARPS) +
+  context = "stripedChunkStarts<V=" + std::to_string(V) + ", WARPS=" + std::to_string(WARPS) +
           "> with G=" + std::to_string(G) + " items per group, " + dataName(data);
   constexpr int kChunk = 32 * WARPS * V * G;
   constexpr int kChunks = 3;

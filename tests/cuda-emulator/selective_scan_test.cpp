@@ -29,6 +29,7 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "scan/selective_scan.cu"
+#include "harness.h"
 
 #include <algorithm>
 #include <chrono>
@@ -39,148 +40,20 @@
 #include <string>
 #include <vector>
 
-// runtime.cu (device services) is not part of the emulator build; the launchers need one of its
-// functions, dtype conversion, which is a plain element-wise loop here.
-namespace rkcuda {
-Status convert(DType from, const void* src, DType to, void* dst, int64_t n) {
-  auto get = [&](int64_t i) -> float {
-    switch (from) {
-      case DType::F32: return static_cast<const float*>(src)[i];
-      case DType::F16: return __half2float(static_cast<const __half*>(src)[i]);
-      default: return __bfloat162float(static_cast<const __nv_bfloat16*>(src)[i]);
-    }
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = get(i);
-    switch (to) {
-      case DType::F32: static_cast<float*>(dst)[i] = v; break;
-      case DType::F16: static_cast<__half*>(dst)[i] = __float2half_rn(v); break;
-      default: static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(v); break;
-    }
-  }
-  return Status{};
-}
-}  // namespace rkcuda
-
 namespace {
 
 using rkcuda::DType;
 using rkcuda::ScanSegment;
 constexpr int64_t kChunk = 256;
 
-// ---- element types ----
-
-template <class T> struct Elem;
-template <> struct Elem<float> {
-  static constexpr DType dtype = DType::F32;
-  static constexpr const char* name = "f32";
-  static constexpr double tolerance = 1e-5;
-  static float from(double x) { return static_cast<float>(x); }
-  static double value(float x) { return x; }
-};
-template <> struct Elem<__half> {
-  static constexpr DType dtype = DType::F16;
-  static constexpr const char* name = "f16";
-  static constexpr double tolerance = 5e-3;
-  static __half from(double x) { return __float2half_rn(static_cast<float>(x)); }
-  static double value(__half x) { return __half2float(x); }
-};
-template <> struct Elem<__nv_bfloat16> {
-  static constexpr DType dtype = DType::BF16;
-  static constexpr const char* name = "bf16";
-  static constexpr double tolerance = 1e-2;
-  static __nv_bfloat16 from(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-  static double value(__nv_bfloat16 x) { return __bfloat162float(x); }
-};
-
-// ---- reporting ----
-
-constexpr long kMaxReported = 40;
-long checks = 0;
-long failures = 0;
-std::string context;  // the case being run
-
-void check(bool ok, const std::string& what, double got = 0, double want = 0) {
-  ++checks;
-  if (ok) return;
-  if (++failures <= kMaxReported) std::printf("FAIL %s: got %.9g, want %.9g  (%s)\n", what.c_str(), got, want, context.c_str());
+// Norm-wise tolerance of each dtype's results.
+template <class T> constexpr double tolerance() {
+  if constexpr (std::is_same_v<T, float>) return 1e-5;
+  else if constexpr (std::is_same_v<T, __half>) return 5e-3;
+  else return 1e-2;
 }
 
-// Norm-wise comparison: ||got - want|| <= tol * ||want|| (or an absolute 1e-6 per sqrt(element)
-// when the reference is all but zero). NaN never passes.
-void compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol) {
-  double num = 0, den = 0;
-  bool finite = got.size() == want.size();
-  size_t worst = 0;
-  double worstDiff = -1;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) finite = false;
-    const double diff = got[i] - want[i];
-    num += diff * diff;
-    den += want[i] * want[i];
-    if (!(std::fabs(diff) <= worstDiff)) {
-      worstDiff = std::fabs(diff);
-      worst = i;
-    }
-  }
-  const double err = std::sqrt(num), ref = std::sqrt(den);
-  const bool ok = finite && (err <= tol * ref || err <= 1e-6 * std::sqrt(static_cast<double>(got.size()) + 1));
-  ++checks;
-  if (ok) return;
-  if (++failures <= kMaxReported) {
-    std::printf("FAIL %s: relative error %.3g (tolerance %.3g), worst at [%zu]: got %.9g, want %.9g  (%s)\n",
-                what.c_str(), ref > 0 ? err / ref : err, tol, worst, worst < got.size() ? got[worst] : 0.0,
-                worst < want.size() ? want[worst] : 0.0, context.c_str());
-  }
-}
-
-// ---- arrays ----
-
-// Stand-in for a device array: n elements starting `offset` elements past a 16-byte boundary, with
-// kGuard sentinel elements on each side.
-template <class T>
-struct Buf {
-  static constexpr int kGuard = 16;
-  std::vector<uint4> storage;
-  T* data = nullptr;
-  size_t n = 0;
-
-  Buf() = default;
-  explicit Buf(size_t count, int offset = 0)
-      : storage(((count + 2 * kGuard + offset) * sizeof(T) + 15) / 16), n(count) {
-    T* base = reinterpret_cast<T*>(storage.data());
-    std::fill(base, base + storage.size() * 16 / sizeof(T), sentinel());
-    data = base + kGuard + offset;
-  }
-  static T sentinel() { return Elem<T>::from(12345.0); }
-  void set(const std::vector<double>& v) {
-    for (size_t i = 0; i < n; ++i) data[i] = Elem<T>::from(v[i]);
-  }
-  void poison() { std::memset(static_cast<void*>(data), 0xff, n * sizeof(T)); }  // NaN in every dtype
-  // For inputs: NaN guards, so that a read outside the array poisons the results.
-  void poisonGuards() {
-    std::memset(static_cast<void*>(data - kGuard), 0xff, kGuard * sizeof(T));
-    std::memset(static_cast<void*>(data + n), 0xff, kGuard * sizeof(T));
-  }
-  std::vector<double> get() const {
-    std::vector<double> v(n);
-    for (size_t i = 0; i < n; ++i) v[i] = Elem<T>::value(data[i]);
-    return v;
-  }
-  bool guardsIntact() const {
-    const double s = Elem<T>::value(sentinel());
-    for (int i = 0; i < kGuard; ++i) {
-      if (Elem<T>::value(data[-1 - i]) != s || Elem<T>::value(data[n + i]) != s) return false;
-    }
-    return true;
-  }
-};
-
-template <class T>
-void checkOutput(const std::string& what, const Buf<T>& buf, const std::vector<double>& want, double tol) {
-  compare(what, buf.get(), want, tol);
-  check(buf.guardsIntact(), what + ": write outside the array");
-}
+// ---- checks beyond harness.h ----
 
 template <class T>
 void checkUnchanged(const std::string& what, const Buf<T>& buf, const std::vector<double>& want) {
@@ -392,12 +265,6 @@ void checkReferenceGradients() {
 
 // ---- which kernels ran ----
 
-std::set<const void*> launched;
-void noteLaunches() {
-  for (const emu::LaunchRecord& r : emu::launchLog) launched.insert(r.kernel);
-  emu::launchLog.clear();
-}
-
 // ---- one scan case: forward, then backward from the forward's checkpoints ----
 
 struct ScanCase {
@@ -427,7 +294,7 @@ template <class T>
 void runScanCase(const ScanCase& c, std::mt19937& rng) {
   using E = Elem<T>;
   context = c.describe(E::name);
-  const double tol = E::tolerance;
+  const double tol = tolerance<T>();
   Problem P;
   P.batch = c.batch;
   P.dim = c.dim;
@@ -662,7 +529,7 @@ template <class T>
 void runDecodeCase(const DecodeCase& c, std::mt19937& rng) {
   using E = Elem<T>;
   context = c.describe(E::name);
-  const double tol = E::tolerance;
+  const double tol = tolerance<T>();
   const int64_t Bt = c.batch, Dm = c.dim, N = c.dstate, G = c.groups, Tk = c.tokens;
   std::uniform_real_distribution<double> sym(-1.0, 1.0), neg(0.3, 2.0);
   auto rnd = [&](int64_t n, bool storage, double lo = 0) {
