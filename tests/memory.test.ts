@@ -53,6 +53,36 @@ describe.each(devices)('memory on %s', (device) => {
     expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
   });
 
+  it('gated delta rule and fused cells: live tensors and RSS stay flat over many forward+backward calls', () => {
+    const f = (n: number, v: number, shape: number[]) => tensor(new Float32Array(n).fill(v), shape, 'float32', device);
+    const [B, T, H, K] = [1, 70, 2, 8];
+    const delta = {
+      q: f(B * T * H * K, 0.3, [B, T, H, K]), k: f(B * T * H * K, 0.2, [B, T, H, K]), v: f(B * T * H * K, 0.5, [B, T, H, K]),
+      g: f(B * T * H, -0.1, [B, T, H]), beta: f(B * T * H, 0.5, [B, T, H]),
+    };
+    const dO = f(B * T * H * K, 0.1, [B, T, H, K]);
+    const cells = { wx: f(2 * 9 * 4 * 3 * 8, 0.1, [2, 9, 4, 3, 8]), R: f(4 * 3 * 8 * 8, 0.05, [4, 3, 8, 8]), b: f(4 * 3 * 8, 0.1, [4, 3, 8]) };
+    const dh = f(2 * 9 * 3 * 8, 0.1, [2, 9, 3, 8]);
+    const run = () => {
+      const d = rk.ops.gatedDeltaRule.forward(delta, { outputFinalState: true, useQkL2normInKernel: true });
+      const dg = rk.ops.gatedDeltaRule.backward(d.ctx, { o: dO, finalState: d.outputs.finalState });
+      for (const t of [d.outputs.o, d.outputs.finalState, d.ctx.states, ...Object.values(dg)]) t?.dispose();
+      const c = rk.ops.fusedRnn.forward(cells, { cell: 'lstm', lengths: [9, 4] });
+      const cg = rk.ops.fusedRnn.backward(c.ctx, { h: dh, finalStates: c.outputs.finalStates });
+      for (const t of [c.outputs.h, c.outputs.finalStates, c.ctx.savedStates, c.ctx.savedPre, ...Object.values(cg)]) t?.dispose();
+    };
+    for (let i = 0; i < 50; i++) run();
+    global.gc?.();
+    const live0 = rk.memory();
+    const rss0 = process.memoryUsage().rss;
+    for (let i = 0; i < 1000; i++) run();
+    global.gc?.();
+    const live1 = rk.memory();
+    expect(live1[device].tensors).toBe(live0[device].tensors);
+    expect(live1.cuda.nativeBytes).toBe(live0.cuda.nativeBytes);
+    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+  });
+
   it('tensors that are never disposed are reclaimed by the garbage collector', async () => {
     expect(global.gc, 'tests run with --expose-gc').toBeTypeOf('function');
     const before = rk.memory()[device].tensors;
