@@ -146,6 +146,13 @@ void stepRefBackward(CellKind cell, const double* p, double wxn, const double* p
       return;
     }
     default: {
+      // sLSTM: m = max(it, u) is continuous but its gradient is not: at a tie it >= u, gm goes to gi
+      // or to gu, an O(1) change of dwx at that (row, channel, step) that dh_{t-1} carries to the
+      // earlier steps. The 16-bit persistent and multi-block forwards round h_{t-1} to the input dtype
+      // for the product, which moves it - u by up to about 1e-3 (bf16) from these values; where data
+      // put |it - u| below that at some step, the kernels' backward (rightly following the branch of
+      // their own forward) can miss this reference by tens of percent with no error in the kernels.
+      // The committed seed has no such near-tie; another seed may (bf16 sLSTM, some shapes).
       const double it = p[0], u = logsigmoid(p[1]) + prev[3], zt = std::tanh(p[2]), og = sigmoid(p[3]);
       const bool iBranch = prev[2] == 0 || it >= u;
       const double m = iBranch ? it : u;
