@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // Microbenchmark CLI:  npm run bench -- --op linear-scan [--device cpu|cuda] [--json FILE] [--quick]
 //                        [--size AxBx...[,AxBx...]] [--dtype float32|float16|bfloat16]
+//                        [--curve] [--chart FILE.svg]   (curves and charts: the ops that have them)
 // Prints, per size: median time (CUDA events on GPU), achieved GB/s, % of the device's measured
 // copy bandwidth, any per-op columns (e.g. a floor), and the ratio to each peer measured in the
 // same run. --size and --dtype replace an op's default sizes and dtypes where the op supports them.
@@ -30,13 +31,18 @@ function parseSizes(v) {
 }
 
 function parseArgs(argv) {
-  const args = { op: 'linear-scan', device: rk.cuda.available() ? 'cuda' : 'cpu', json: null, quick: false, sizes: null, dtype: null };
+  const args = {
+    op: 'linear-scan', device: rk.cuda.available() ? 'cuda' : 'cpu', json: null, quick: false, sizes: null, dtype: null,
+    curve: false, chart: null,
+  };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     if (k === '--op') args.op = argv[++i];
     else if (k === '--device') args.device = argv[++i];
     else if (k === '--json') args.json = argv[++i];
     else if (k === '--quick') args.quick = true;
+    else if (k === '--curve') args.curve = true;
+    else if (k === '--chart') args.chart = argv[++i];
     else if (k === '--size') args.sizes = parseSizes(argv[++i] ?? '');
     else if (k === '--dtype') {
       args.dtype = argv[++i];
@@ -50,7 +56,7 @@ function parseArgs(argv) {
 
 const args = parseArgs(process.argv.slice(2));
 if (args.help || !OPS[args.op]) {
-  console.log(`usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick] [--size AxBx...[,...]] [--dtype DTYPE]`);
+  console.log(`usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick] [--size AxBx...[,...]] [--dtype DTYPE] [--curve] [--chart FILE.svg]`);
   process.exit(args.help ? 0 : 1);
 }
 if (args.device === 'cuda' && !rk.cuda.available()) {
@@ -66,13 +72,15 @@ const ceiling = bandwidthCeiling(rk, device);
 console.log(`device: ${deviceName}`);
 console.log(`measured copy bandwidth: ${ceiling.toFixed(1)} GB/s (read + write)`);
 
-const rows = await OPS[args.op].run(rk, { device, quick: args.quick, ceiling, sizes: args.sizes, dtype: args.dtype });
+const rows = await OPS[args.op].run(rk, {
+  device, quick: args.quick, ceiling, sizes: args.sizes, dtype: args.dtype, curve: args.curve, chart: args.chart,
+});
 const extraCols = [...new Set(rows.flatMap((r) => Object.keys(r.extra ?? {})))];
 const cols = ['size', 'dtype', 'pass', 'ms', 'GB/s', '% of copy', ...extraCols, ...new Set(rows.flatMap((r) => Object.keys(r.peers)))];
 const table = rows.map((r) => {
   const line = {
-    size: r.size, dtype: r.dtype, pass: r.pass, ms: r.ms.toFixed(3), 'GB/s': r.gbs.toFixed(1),
-    '% of copy': `${((100 * r.gbs) / ceiling).toFixed(0)}%`,
+    size: r.size, dtype: r.dtype, pass: r.pass, ms: r.ms.toFixed(3), 'GB/s': r.gbs == null ? '–' : r.gbs.toFixed(1),
+    '% of copy': r.gbs == null ? '–' : `${((100 * r.gbs) / ceiling).toFixed(0)}%`,
     ...r.extra,
   };
   for (const [name, p] of Object.entries(r.peers)) line[name] = p == null ? '–' : `${p.toFixed(3)} ms (${(p / r.ms).toFixed(1)}x)`;

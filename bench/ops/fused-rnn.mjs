@@ -8,7 +8,12 @@
 // GFLOP/s counts the recurrent matmuls: 2 * G * D^2 flops per step per head per batch row for the
 // forward; fwd+bwd counts three times that (dh_{t-1} = dP R^T and dR = h^T dP). Bytes counted: wx
 // read, h written (forward); plus the saved states and pre-activations written and read back, grad h
-// read and grad wx written (fwd+bwd).
+// read and grad wx written (fwd+bwd). Also per row: the time per step (the per-step latency on
+// CUDA) and per gate (the issue's "as fast per gate as the LSTM"); on CUDA cuDNN's LSTM / GRU of the
+// same hidden size as a peer (its time includes its input matmul). --chart FILE writes the time
+// against the head size (the head-dim sweep) as an SVG line chart.
+import { writeFileSync } from 'node:fs';
+import { lineChart } from '../chart.mjs';
 import { timeIt } from '../timing.mjs';
 import { runPythonPeer } from '../peers/run.mjs';
 
@@ -18,8 +23,11 @@ const SIZES = {
   cpu: [[16, 1024, 1, 256], [16, 1024, 1, 768], [1, 4096, 1, 256], [16, 1024, 12, 64]],
 };
 const QUICK = { cuda: [[16, 256, 12, 64]], cpu: [[16, 256, 1, 256], [1, 1024, 1, 256]] };
-const CELLS = ['lstm', 'gru'];
-const GATES = { lstm: 4, gru: 3 };
+// Every cell on CUDA (the issue's per-gate comparison); the JS and PyTorch peers exist for lstm and gru.
+const CELLS = { cpu: ['lstm', 'gru'], cuda: ['lstm', 'gru', 'slstm', 'elman'] };
+const PEER_CELLS = ['lstm', 'gru'];
+const GATES = { lstm: 4, gru: 3, slstm: 4, elman: 1 };
+const STATES = { lstm: 2, gru: 1, slstm: 4, elman: 1 };
 // Above this many multiply-adds the JS peer runs on fewer steps, its time scaled up (linear in T).
 const PEER_MAX_FMA = 2 ** 29;
 
@@ -91,7 +99,7 @@ function disposeAll(obj) {
 }
 
 export default {
-  async run(rk, { device, quick, sizes: userSizes, dtype: userDtype }) {
+  async run(rk, { device, quick, sizes: userSizes, dtype: userDtype, chart }) {
     if (!rk.fusedRnn || !rk.ops?.fusedRnn) throw new Error('bench: this build has no fusedRnn op');
     if (typeof rk.internals?.native?.().fusedRnnForward !== 'function')
       throw new Error('bench: the native addon has no fused cell kernels (rebuild it with npm run build:native)');
@@ -99,14 +107,16 @@ export default {
     for (const s of sizes)
       if (s.length !== 4) throw new Error(`bench: fused-rnn sizes are batch x T x heads x headDim, got ${s.join('x')}`);
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const peerTimes = device === 'cuda' ? runPythonPeer('fused_rnn.py', { sizes, dtypes: [dtype], cells: CELLS }) : null;
+    const peerTimes = device === 'cuda' ? runPythonPeer('fused_rnn.py', { sizes, dtypes: [dtype], cells: PEER_CELLS }) : null;
+    const chartSeries = new Map(); // name -> [[headDim, ms]]
+    const addPoint = (name, D, ms) => { if (ms != null) chartSeries.set(name, [...(chartSeries.get(name) ?? []), [D, ms]]); };
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch loop';
     console.log('GFLOP/s: the recurrent matmuls, 2*G*D^2 flops per step, head and row (fwd+bwd: 3x)');
     const rows = [];
     for (const [batch, T, H, D] of sizes) {
       const size = `${batch}x${T}x${H}x${D}`;
-      for (const cell of CELLS) {
-        const G = GATES[cell], S = cell === 'lstm' ? 2 : 1;
+      for (const cell of CELLS[device]) {
+        const G = GATES[cell], S = STATES[cell];
         const data = {
           wx: uniform(batch * T * G * H * D, -1, 1),
           R: uniform(G * H * D * D, -1 / Math.sqrt(D), 1 / Math.sqrt(D)),
@@ -135,20 +145,39 @@ export default {
         const savedBytes = (S + G) * batch * T * H * D * 4;
         const bothBytes = fwdBytes + 2 * savedBytes + (1 + G) * batch * T * H * D * e + 2 * G * H * D * D * e;
         let peer = { fwd: null, 'fwd+bwd': null };
-        if (device === 'cpu') peer = { fwd: jsPeer(rk, cell, data, { batch, T, H, D }, size), 'fwd+bwd': null };
-        else if (peerTimes) {
+        let cudnn = { fwd: undefined, 'fwd+bwd': undefined };
+        if (device === 'cpu') {
+          if (PEER_CELLS.includes(cell)) peer = { fwd: jsPeer(rk, cell, data, { batch, T, H, D }, size), 'fwd+bwd': null };
+        } else if (peerTimes && PEER_CELLS.includes(cell)) {
           peer = { fwd: peerTimes[`${size}/${cell}/${dtype}/fwd`] ?? null, 'fwd+bwd': peerTimes[`${size}/${cell}/${dtype}/fwd+bwd`] ?? null };
-          const cud = peerTimes[`${size}/${cell}/${dtype}/cudnn`];
-          if (cud != null) console.log(`${size} ${cell}: cuDNN ${cell.toUpperCase()} (hidden ${H * D}, input matmul included) ${cud.toFixed(3)} ms`);
+          // cuDNN's time includes its input matmul (torch.nn.LSTM / GRU at hidden H * D).
+          cudnn = { fwd: peerTimes[`${size}/${cell}/${dtype}/cudnn`] ?? null, 'fwd+bwd': peerTimes[`${size}/${cell}/${dtype}/cudnn/fwd+bwd`] ?? null };
         }
-        const row = (pass, ms, bytes, fl, p) => ({
+        const row = (pass, ms, bytes, fl, p, c) => ({
           size: `${size} ${cell}`, dtype, pass, ms, gbs: bytes / (ms * 1e6),
-          extra: { 'GFLOP/s': (fl / (ms * 1e6)).toFixed(1) }, bytes, flops: fl, peers: { [peerName]: p },
+          extra: {
+            'GFLOP/s': (fl / (ms * 1e6)).toFixed(1),
+            'us per step': ((1000 * ms) / T).toFixed(2),
+            'ms per gate': (ms / G).toFixed(3),
+          },
+          bytes, flops: fl, peers: { [peerName]: p, ...(c !== undefined ? { 'cuDNN (incl. input matmul)': c } : {}) },
         });
-        rows.push(row('fwd', fwd, fwdBytes, flops, peer.fwd), row('fwd+bwd', both, bothBytes, 3 * flops, peer['fwd+bwd']));
+        rows.push(row('fwd', fwd, fwdBytes, flops, peer.fwd, cudnn.fwd),
+          row('fwd+bwd', both, bothBytes, 3 * flops, peer['fwd+bwd'], cudnn['fwd+bwd']));
+        addPoint(`${cell} fwd`, D, fwd);
+        addPoint(`${cell} fwd+bwd`, D, both);
+        if (cudnn.fwd != null) addPoint(`cuDNN ${cell} fwd`, D, cudnn.fwd);
         disposeAll(inputs);
         gh.dispose();
       }
+    }
+    if (chart) {
+      const Ts = [...new Set(sizes.map((s) => s[1]))];
+      writeFileSync(chart, lineChart([...chartSeries].map(([name, points]) => ({ name, points })), {
+        title: `fused cells, ${dtype}, ${device}, batch ${[...new Set(sizes.map((s) => s[0]))].join('/')}, T ${Ts.join('/')}: time against head size`,
+        xLabel: 'headDim (heads = hidden / headDim)', yLabel: 'ms', logX: true, logY: true,
+      }));
+      console.log(`wrote ${chart}`);
     }
     return rows;
   },

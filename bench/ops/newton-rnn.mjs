@@ -5,8 +5,14 @@
 // sequential loop of the same cell (forward only); on CUDA a plain PyTorch sequential loop
 // (bench/peers/newton_rnn.py, when python3 with torch is present).
 //
-// Sizes are batch x T x hidden [x heads] (heads default 1 for the diagonal cells and hidden / 64
-// for gru). Inputs: wx ~ U(-1, 1), b ~ U(-0.5, 0.5), diagonal R ~ U(-0.5, 0.5), dense R ~
+// Sizes are batch x T x hidden [x heads]: heads lay out the diagonal cells' channels (default 1);
+// gru runs with heads of 64 channels on CPU and of 16 and of 32 on CUDA (full Jacobian). The CUDA
+// sizes are the rows of ParaRNN's published comparison (fp32, 8 heads; ParaRNN's times include the
+// input projection, a plain matmul the caller owns, which these exclude).
+//
+// --curve: the speed-up of Newton over this package's own sequential mode against T for several
+// batch sizes (gru-diag, and gru with heads of 32), with the crossover (the smallest T where Newton
+// wins) per batch; --chart FILE also writes it as an SVG line chart (one file per cell). Inputs: wx ~ U(-1, 1), b ~ U(-0.5, 0.5), diagonal R ~ U(-0.5, 0.5), dense R ~
 // U(-1, 1) / sqrt(headDim): the ordinary, contracting regime of trained recurrent layers.
 // Bytes counted per pass: wx read and y written (plus, for fwd+bwd, grad y read and grad wx
 // written), the float32 trajectory written; the floor is those bytes at the measured copy
@@ -14,11 +20,19 @@
 import { timeIt } from '../timing.mjs';
 import { runPythonPeer } from '../peers/run.mjs';
 
+import { writeFileSync } from 'node:fs';
+import { lineChart } from '../chart.mjs';
+
 const CELLS = ['gru-diag', 'lstm-cifg-diag', 'gru'];
+const GRU_HEAD_DIMS = { cpu: [64], cuda: [16, 32] };
+const CURVE = {
+  cuda: { Ts: [256, 1024, 4096, 16384], batches: [1, 4, 16], hidden: 1024 },
+  cpu: { Ts: [64, 256, 1024, 4096], batches: [1, 4, 16], hidden: 256 },
+};
 const GATES = { 'gru-diag': 3, 'lstm-cifg-diag': 3, gru: 3 };
 const STATES = { 'gru-diag': 1, 'lstm-cifg-diag': 2, gru: 1 };
 const SIZES = {
-  cuda: [[16, 4096, 1024], [4, 65536, 256], [64, 1024, 512]],
+  cuda: [[8, 1024, 1024, 8], [8, 4096, 1024, 8], [1, 16384, 1024, 8]],
   cpu: [[16, 1024, 256], [1, 4096, 256], [4, 16384, 64]],
 };
 const QUICK = { cuda: [[4, 4096, 256]], cpu: [[4, 512, 128]] };
@@ -73,7 +87,7 @@ function jsForward(cell, d, batch, T, N, H) {
 }
 
 export default {
-  async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype }) {
+  async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype, curve, chart }) {
     if (!rk.newtonRnn || !rk.ops?.newtonRnn) throw new Error('bench: this build has no newtonRnn op');
     if (typeof rk.internals?.native?.().newtonRnnForward !== 'function')
       throw new Error('bench: the native addon has no Newton RNN kernels (rebuild it with npm run build:native)');
@@ -81,14 +95,20 @@ export default {
       if (s.length !== 3 && s.length !== 4) throw new Error(`bench: newton-rnn sizes are batch x T x hidden [x heads], got ${s.join('x')}`);
       return s;
     });
-    const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const peerTimes = device === 'cuda' ? runPythonPeer('newton_rnn.py', { sizes, dtypes: [dtype], cells: CELLS }) : null;
+    const dtype = userDtype ?? 'float32';
+    if (curve) return runCurve(rk, device, dtype, chart);
+    // (cell, heads) per size: the diagonal cells with the size's heads, gru with heads of each width.
+    const jobsOf = (s) => CELLS.flatMap((cell) => (cell === 'gru'
+      ? GRU_HEAD_DIMS[device].filter((d) => s[2] % d === 0).map((d) => [cell, s[2] / d])
+      : [[cell, s[3] ?? 1]]));
+    const peerTimes = device === 'cuda'
+      ? runPythonPeer('newton_rnn.py', { jobs: sizes.flatMap((s) => jobsOf(s).map(([cell, H]) => [cell, [s[0], s[1], s[2], H]])), dtypes: [dtype] })
+      : null;
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch loop';
     const rows = [];
     for (const s of sizes) {
       const [batch, T, N] = s;
-      for (const cell of CELLS) {
-        const H = s[3] ?? (cell === 'gru' ? Math.max(1, N / 64) : 1);
+      for (const [cell, H] of jobsOf(s)) {
         if (N % H) throw new Error(`bench: hidden ${N} is not a multiple of heads ${H}`);
         const D = N / H, G = GATES[cell], S = STATES[cell];
         const size = `${batch}x${T}x${N}x${H}`;
@@ -148,6 +168,56 @@ export default {
     return rows;
   },
 };
+
+/** Newton vs sequential forward over T and batch: rows, the crossover per batch, and a chart. */
+function runCurve(rk, device, dtype, chart) {
+  const { Ts, batches, hidden: N } = CURVE[device];
+  const rows = [];
+  for (const [cell, H] of [['gru-diag', 1], ['gru', N / 32]]) {
+    const D = N / H, diag = cell !== 'gru';
+    const series = [];
+    for (const batch of batches) {
+      const points = [];
+      for (const T of Ts) {
+        const inputs = {
+          wx: rk.Tensor.from(uniform(batch * T * 3 * N, -1, 1), [batch, T, 3, N], { dtype, device }),
+          R: rk.Tensor.from(diag ? uniform(3 * N, -0.5, 0.5) : uniform(3 * N * D, -1 / Math.sqrt(D), 1 / Math.sqrt(D)),
+            diag ? [3, N] : [3, H, D, D], { device }),
+          b: rk.Tensor.from(uniform(3 * N, -0.5, 0.5), [3, N], { device }),
+        };
+        const ms = {};
+        let its = null;
+        for (const mode of ['newton', 'sequential']) {
+          ms[mode] = timeIt(rk, device, () => rk.newtonRnn(inputs, { cell, heads: H, mode, tol: { abs: 1e-5, rel: 1e-5 }, maxIters: 100 }), {
+            iters: device === 'cuda' ? 20 : 3,
+            after: (o) => { if (mode === 'newton') its = o.stats.iterations; o.y.dispose(); o.finalStates.dispose(); o.trajectory.dispose(); },
+          });
+        }
+        const meanIts = Array.from(its).reduce((a, b) => a + b, 0) / its.length;
+        const speedup = ms.sequential / ms.newton;
+        points.push([T, speedup]);
+        rows.push({
+          size: `${batch}x${T}x${N}x${H}`, dtype, pass: `${cell} fwd, Newton vs sequential`, ms: ms.newton, gbs: null,
+          extra: { sequential: `${ms.sequential.toFixed(3)} ms`, 'Newton iterations': meanIts.toFixed(1), 'speed-up': `${speedup.toFixed(2)}x` },
+          peers: {},
+        });
+        for (const t of Object.values(inputs)) t.dispose();
+      }
+      const win = points.find(([, sp]) => sp > 1);
+      console.log(`${cell}, batch ${batch}: ${win ? `Newton is faster from T = ${win[0]}` : `Newton is not faster at any T up to ${Ts.at(-1)}`}`);
+      series.push({ name: `batch ${batch}`, points });
+    }
+    if (chart) {
+      const file = chart.replace(/(\.svg)?$/, `-${cell}.svg`);
+      writeFileSync(file, lineChart(series, {
+        title: `${cell}${diag ? '' : ` (heads of ${D}, full Jacobian)`}, hidden ${N}, ${dtype}, ${device}: Newton vs sequential`,
+        xLabel: 'T', yLabel: 'speed-up (sequential time / Newton time)', logX: true, logY: true, reference: 1,
+      }));
+      console.log(`wrote ${file}`);
+    }
+  }
+  return rows;
+}
 
 /** The first Tp steps of every batch row of a [batch, T, per] array. */
 function subRows(x, batch, T, Tp, per) {

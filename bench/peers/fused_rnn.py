@@ -78,11 +78,19 @@ def main():
 
                 times[f"{key}/fwd+bwd"] = time_ms(fwd_bwd, 3)
                 mod = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(H * D, H * D, batch_first=True).to(dev, dt)
-                x = torch.rand(batch, T, H * D, device=dev, dtype=dt)
+                x = torch.rand(batch, T, H * D, device=dev, dtype=dt, requires_grad=True)
                 with torch.no_grad():
                     times[f"{key}/cudnn"] = time_ms(lambda: mod(x), 10)
+                gy = torch.rand(batch, T, H * D, device=dev, dtype=dt)
+
+                def cudnn_fwd_bwd():
+                    y, _ = mod(x)
+                    torch.autograd.backward(y, gy)
+
+                times[f"{key}/cudnn/fwd+bwd"] = time_ms(cudnn_fwd_bwd, 5)
                 notes.append(f"{key}: loop fwd {times[f'{key}/fwd']:.3f} ms, fwd+bwd {times[f'{key}/fwd+bwd']:.3f} ms, "
-                             f"cuDNN {cell} fwd {times[f'{key}/cudnn']:.3f} ms")
+                             f"cuDNN {cell} fwd {times[f'{key}/cudnn']:.3f} ms, "
+                             f"fwd+bwd {times[f'{key}/cudnn/fwd+bwd']:.3f} ms")
     print(json.dumps({"times": times, "notes": notes}))
 
 

@@ -62,40 +62,43 @@ def main():
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     times = {}
     notes = []
-    for size in cfg["sizes"]:
-        batch, T, N = size[:3]
-        for cell in cfg["cells"]:
-            heads = size[3] if len(size) > 3 else (max(1, N // 64) if cell == "gru" else 1)
-            D = N // heads
-            if T > LOOP_MAX_T:
-                notes.append(f"{cell} at {batch}x{T}x{N}x{heads}: not run (T > {LOOP_MAX_T})")
+    # Each job is (cell, [batch, T, hidden, heads]); older callers send sizes x cells.
+    jobs = cfg.get("jobs") or [
+        (cell, list(size[:3]) + [size[3] if len(size) > 3 else (max(1, size[2] // 64) if cell == "gru" else 1)])
+        for size in cfg["sizes"] for cell in cfg["cells"]
+    ]
+    for cell, size in jobs:
+        batch, T, N, heads = size
+        D = N // heads
+        if T > LOOP_MAX_T:
+            notes.append(f"{cell} at {batch}x{T}x{N}x{heads}: not run (T > {LOOP_MAX_T})")
+            continue
+        for name in cfg["dtypes"]:
+            key = f"{batch}x{T}x{N}x{heads}/{name}/{cell}"
+            wx = (torch.rand(batch, T, 3, N, device="cuda") * 2 - 1).to(dt[name]).requires_grad_()
+            b = (torch.rand(3, N, device="cuda") - 0.5).requires_grad_()
+            if cell == "gru":
+                R = ((torch.rand(3, heads, D, D, device="cuda") * 2 - 1) / D ** 0.5).requires_grad_()
+            else:
+                R = (torch.rand(3, N, device="cuda") - 0.5).requires_grad_()
+            gy = (torch.rand(batch, T, N, device="cuda") * 2 - 1).to(dt[name])
+
+            def fwd_bwd():
+                y = loop_rnn(cell, wx, R, b, heads)
+                torch.autograd.grad(y, (wx, R, b), gy)
+
+            try:
+                with torch.no_grad():
+                    f = time_ms(lambda: loop_rnn(cell, wx, R, b, heads), 3)
+                fb = time_ms(fwd_bwd, 3)
+            except torch.cuda.OutOfMemoryError:
+                notes.append(f"out of memory at {key}")
                 continue
-            for name in cfg["dtypes"]:
-                key = f"{batch}x{T}x{N}x{heads}/{name}/{cell}"
-                wx = (torch.rand(batch, T, 3, N, device="cuda") * 2 - 1).to(dt[name]).requires_grad_()
-                b = (torch.rand(3, N, device="cuda") - 0.5).requires_grad_()
-                if cell == "gru":
-                    R = ((torch.rand(3, heads, D, D, device="cuda") * 2 - 1) / D ** 0.5).requires_grad_()
-                else:
-                    R = (torch.rand(3, N, device="cuda") - 0.5).requires_grad_()
-                gy = (torch.rand(batch, T, N, device="cuda") * 2 - 1).to(dt[name])
-
-                def fwd_bwd():
-                    y = loop_rnn(cell, wx, R, b, heads)
-                    torch.autograd.grad(y, (wx, R, b), gy)
-
-                try:
-                    with torch.no_grad():
-                        f = time_ms(lambda: loop_rnn(cell, wx, R, b, heads), 3)
-                    fb = time_ms(fwd_bwd, 3)
-                except torch.cuda.OutOfMemoryError:
-                    notes.append(f"out of memory at {key}")
-                    continue
-                finally:
-                    torch.cuda.empty_cache()
-                notes.append(f"loop at {key}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms")
-                times[f"{key}/fwd"] = f
-                times[f"{key}/fwd+bwd"] = fb
+            finally:
+                torch.cuda.empty_cache()
+            notes.append(f"loop at {key}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms")
+            times[f"{key}/fwd"] = f
+            times[f"{key}/fwd+bwd"] = fb
     print(json.dumps({"times": times, "notes": notes}))
 
 
