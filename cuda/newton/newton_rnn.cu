@@ -352,6 +352,18 @@ __device__ __forceinline__ void loadTraj(const float* traj, const Params& p, int
   for (int s = 0; s < kMaxS; ++s) h[s] = s < S ? traj[at4(row, t, s, n, p.T, S, p.N)] : 0.0f;
 }
 
+// The state entering step t: h0v at t = 0, else traj_{t-1}.
+template <NewtonCell C>
+__device__ __forceinline__ void loadPrev(const Params& p, int64_t row, int64_t t, int64_t n, const float (&h0v)[kMaxS],
+                                         float (&hp)[kMaxS]) {
+  if (t == 0) {
+#pragma unroll
+    for (int s = 0; s < kMaxS; ++s) hp[s] = h0v[s];
+  } else {
+    loadTraj<C>(p.traj, p, row, t - 1, n, hp);
+  }
+}
+
 template <NewtonCell C>
 __device__ __forceinline__ void storeTraj(const Params& p, int64_t row, int64_t t, int64_t n, const float (&h)[kMaxS]) {
   constexpr int S = CellInfo<C>::S;
@@ -1127,7 +1139,8 @@ __device__ __forceinline__ void matInverse(const float (&a)[kMaxS][kMaxS], float
     inv[1][1] = a[0][0] * rdet;
   }
 }
-template <int S>
+// c = a b, or a b^T with BT.
+template <int S, bool BT = false>
 __device__ __forceinline__ void matMul(const float (&a)[kMaxS][kMaxS], const float (&b)[kMaxS][kMaxS],
                                        float (&c)[kMaxS][kMaxS]) {
 #pragma unroll
@@ -1136,21 +1149,7 @@ __device__ __forceinline__ void matMul(const float (&a)[kMaxS][kMaxS], const flo
     for (int j = 0; j < S; ++j) {
       float v = 0.0f;
 #pragma unroll
-      for (int k = 0; k < S; ++k) v = fmaf(a[i][k], b[k][j], v);
-      c[i][j] = v;
-    }
-}
-// c = a b^T
-template <int S>
-__device__ __forceinline__ void matMulT(const float (&a)[kMaxS][kMaxS], const float (&b)[kMaxS][kMaxS],
-                                        float (&c)[kMaxS][kMaxS]) {
-#pragma unroll
-  for (int i = 0; i < S; ++i)
-#pragma unroll
-    for (int j = 0; j < S; ++j) {
-      float v = 0.0f;
-#pragma unroll
-      for (int k = 0; k < S; ++k) v = fmaf(a[i][k], b[j][k], v);
+      for (int k = 0; k < S; ++k) v = fmaf(a[i][k], BT ? b[j][k] : b[k][j], v);
       c[i][j] = v;
     }
 }
@@ -1177,7 +1176,7 @@ __global__ void dampedStepKernel(Params p) {
                      const float (&P)[kMaxS][kMaxS], float (&mp)[kMaxS], float (&Pp)[kMaxS][kMaxS]) {
     float JP[kMaxS][kMaxS];
     matMul<S>(J, P, JP);
-    matMulT<S>(JP, J, Pp);
+    matMul<S, true>(JP, J, Pp);
 #pragma unroll
     for (int i = 0; i < S; ++i) {
       Pp[i][i] += 1.0f;
@@ -1240,7 +1239,7 @@ __global__ void dampedStepKernel(Params p) {
     loadJc(t + 1, J, c);
     predict(J, c, mt, Pt, mp, Pp);
     float PJt[kMaxS][kMaxS], Pi[kMaxS][kMaxS], Gm[kMaxS][kMaxS];
-    matMulT<S>(Pt, J, PJt);
+    matMul<S, true>(Pt, J, PJt);
     matInverse<S>(Pp, Pi);
     matMul<S>(PJt, Pi, Gm);
     float nw[kMaxS];
@@ -1325,12 +1324,7 @@ __global__ void __launch_bounds__(kFusedThreads) diagBackwardKernel(Params p) {
   auto jacAt = [&](int64_t u, float (&J)[kMaxS][kMaxS]) {
     float x[kMaxG], hp[kMaxS], f[kMaxS];
     loadX<C, T>(p, row, u, n, xb, x);
-    if (u == 0) {
-#pragma unroll
-      for (int s = 0; s < kMaxS; ++s) hp[s] = h0v[s];
-    } else {
-      loadTraj<C>(p.traj, p, row, u - 1, n, hp);
-    }
+    loadPrev<C>(p, row, u, n, h0v, hp);
     linDiag<C>(x, Rd, rb, hp, f, J);
   };
 
@@ -1400,12 +1394,7 @@ __global__ void __launch_bounds__(kFusedThreads) diagBackwardKernel(Params p) {
 #pragma unroll
       for (int s = 0; s < kMaxS; ++s) g[s] += down[s];
       loadX<C, T>(p, row, t, n, xb, x);
-      if (t == 0) {
-#pragma unroll
-        for (int s = 0; s < kMaxS; ++s) hp[s] = h0v[s];
-      } else {
-        loadTraj<C>(p.traj, p, row, t - 1, n, hp);
-      }
+      loadPrev<C>(p, row, t, n, h0v, hp);
 #pragma unroll
       for (int k = 0; k < kMaxG; ++k) r[k] = fmaf(Rd[k], hp[0], rb[k]);
       Act a;
@@ -1475,12 +1464,7 @@ __global__ void denseBackwardKernel(Params p) {
   for (int s = 0; s < kMaxS; ++s) down[s] = (s < S && p.dFinal != nullptr && active) ? p.dFinal[(s * p.batch + row) * p.N + n] : 0.0f;
   for (int64_t t = p.T - 1; t >= 0; --t) {
     float hp[kMaxS];
-    if (t == 0) {
-#pragma unroll
-      for (int s = 0; s < kMaxS; ++s) hp[s] = h0v[s];
-    } else {
-      loadTraj<C>(p.traj, p, row, t - 1, n, hp);
-    }
+    loadPrev<C>(p, row, t, n, h0v, hp);
     __syncthreads();
     if (active) sh[j] = hp[0];
     __syncthreads();
