@@ -57,6 +57,7 @@
 #include "common/dtype.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
+#include "delta/delta_params.cuh"
 #include "delta/gated_delta_chunked.h"
 
 namespace rkcuda {
@@ -65,32 +66,18 @@ namespace {
 constexpr int kChunk = 64;      // checkpoint spacing (gatedDeltaChunk)
 constexpr int kMaxDim = 256;    // K and V
 constexpr int kWindow = 16;     // positions per shared-memory accumulation window (backward)
-constexpr float kL2Eps = 1e-6f;
 constexpr int64_t kMaxT = int64_t{1} << 30;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-struct DeltaParams {
-  int64_t T = 0, H = 0, HV = 0, K = 0, V = 0;
-  int64_t group = 1;                       // HV / H
-  int64_t uniformChunks = 0;               // chunks per sequence without packing
+using delta::kL2Eps;
+
+struct DeltaParams : delta::DeltaInputs {
   int64_t blocksPerHead = 1;
   int G = 1;                               // lanes per column
   int cols = 1;                            // columns per block
-  float scale = 1.0f;
-  bool l2norm = false;
-  const ScanSegment* segments = nullptr;   // device table (packed); null: sequence s = row s, whole
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  const float* g = nullptr;
-  const void* beta = nullptr;
-  const float* h0 = nullptr;
-  // forward / decode
-  void* o = nullptr;
-  float* states = nullptr;
-  float* finalState = nullptr;
+  // decode
   float* intermediate = nullptr;
   // backward
   const float* checkpoints = nullptr;
@@ -122,14 +109,7 @@ __device__ __forceinline__ Job jobOf(const DeltaParams& p) {
   jb.seq = head / p.HV;
   jb.hv = head - jb.seq * p.HV;
   jb.h = jb.hv / p.group;
-  if (p.segments != nullptr) {
-    jb.seg = p.segments[jb.seq];
-  } else {
-    jb.seg.batch = jb.seq;
-    jb.seg.start = 0;
-    jb.seg.length = p.T;
-    jb.seg.chunkOffset = jb.seq * p.uniformChunks;
-  }
+  jb.seg = p.segments != nullptr ? p.segments[jb.seq] : delta::uniformSegment(p, jb.seq);
   jb.stateOff = (jb.seq * p.HV + jb.hv) * p.K * p.V;
   const int tid = static_cast<int>(threadIdx.x);
   jb.sub = tid % p.G;
@@ -488,21 +468,8 @@ Status launchZeroGaps(void* p, int64_t width, const int64_t* gaps, int64_t nGaps
 
 DeltaParams baseParams(const GatedDeltaArgs& a) {
   DeltaParams p;
-  p.T = a.T;
-  p.H = a.H;
-  p.HV = a.HV;
-  p.K = a.K;
-  p.V = a.V;
-  p.group = a.HV / a.H;
+  delta::setInputs(p, a, a.T, a.h0);
   p.uniformChunks = ceilDiv(a.T, kChunk);
-  p.scale = a.scale;
-  p.l2norm = a.l2norm;
-  p.q = a.q;
-  p.k = a.k;
-  p.v = a.v;
-  p.g = a.g;
-  p.beta = a.beta;
-  p.h0 = a.h0;
   return p;
 }
 
@@ -611,20 +578,7 @@ Status gatedDeltaStep(const GatedDeltaStepArgs& a) {
     return statusError(fn + ": null tensor");
   }
   DeltaParams p;
-  p.T = a.tokens;
-  p.H = a.H;
-  p.HV = a.HV;
-  p.K = a.K;
-  p.V = a.V;
-  p.group = a.HV / a.H;
-  p.scale = a.scale;
-  p.l2norm = a.l2norm;
-  p.q = a.q;
-  p.k = a.k;
-  p.v = a.v;
-  p.g = a.g;
-  p.beta = a.beta;
-  p.h0 = a.state;
+  delta::setInputs(p, a, a.tokens, a.state);
   p.o = a.o;
   p.finalState = a.updateState ? a.state : nullptr;
   p.intermediate = a.intermediate;

@@ -109,6 +109,7 @@
 #include "common/launch.cuh"
 #include "common/math.cuh"
 #include "common/mma.cuh"
+#include "delta/delta_params.cuh"
 #include "delta/gated_delta_chunked.h"
 
 namespace rkcuda {
@@ -119,33 +120,19 @@ constexpr int kC = 64;           // chunk length (gatedDeltaChunk)
 constexpr int kThreads = 128;    // 4 warps, 16 chunk rows each
 constexpr int kWarps = kThreads / 32;
 constexpr int kLdA = kC + 1;     // fp32 64 x 64 matrices in shared memory
-constexpr float kL2Eps = 1e-6f;
+using delta::kL2Eps;
+using delta::uniformSegment;
 
 inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int roundUp16(int64_t x) { return static_cast<int>(ceilDiv(x, 16) * 16); }
 
-struct ChunkParams {
-  int64_t T = 0, H = 0, HV = 0, K = 0, V = 0;
-  int64_t group = 1;            // HV / H
-  int64_t uniformChunks = 0;    // chunks per sequence without packing
+struct ChunkParams : delta::DeltaInputs {
   int64_t nseq = 0;
   int Kp = 16;                  // K rounded up to 16
   int Vp = 16;                  // V rounded up to 16
   int ldk = 24;                 // row stride (elements) of the staged q, k
   int vt = 32;                  // value columns per state-pass block
   int vTiles = 1;
-  float scale = 1.0f;
-  bool l2norm = false;
-  const ScanSegment* segments = nullptr;  // device table (packed); null: sequence s = row s, whole
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  const float* g = nullptr;
-  const void* beta = nullptr;
-  const float* h0 = nullptr;
-  void* o = nullptr;
-  float* states = nullptr;
-  float* finalState = nullptr;
   // scratch, per (global chunk, value head): W, Qg, Kd [64 x K], U [64 x V], P [64 x 64], gammaLast
   void* W = nullptr;
   void* U = nullptr;
@@ -168,15 +155,6 @@ struct ChunkParams {
   float* dg = nullptr;
   float* dbetaAcc = nullptr;    // fp32 [batch, T, HV]
 };
-
-__device__ __forceinline__ ScanSegment uniformSegment(const ChunkParams& p, int64_t seq) {
-  ScanSegment s;
-  s.batch = seq;
-  s.start = 0;
-  s.length = p.T;
-  s.chunkOffset = seq * p.uniformChunks;
-  return s;
-}
 
 // The sequence holding global chunk gc: the last one whose chunkOffset is <= gc (sequences of
 // length 0 share their offset with the next one, which is then the one found).
@@ -406,6 +384,14 @@ inline size_t stateSharedBytes(const ChunkParams& p) {
   return static_cast<size_t>(p.Kp + kC) * stateLd(p.vt) * sizeof(float);
 }
 
+// dst[i * V + v0 + j] = sS[i * ldS + j] over the valid K x vw part of a state tile (the whole block).
+__device__ __forceinline__ void storeTile(float* dst, const float* sS, int K, int vw, int ldS, int64_t V, int v0) {
+  for (int e = static_cast<int>(threadIdx.x); e < K * vw; e += kThreads) {
+    const int i = e / vw, j = e - (e / vw) * vw;
+    dst[static_cast<int64_t>(i) * V + v0 + j] = sS[i * ldS + j];
+  }
+}
+
 // NT = vt / 8: the column blocks of the value tile.
 template <class T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
@@ -440,11 +426,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParam
     const int n = L - c * kC < kC ? L - c * kC : kC;
     const int kRows = (n + 15) / 16;  // 16-row steps that hold positions
     const int64_t rowBase = seg.batch * p.T + seg.start + static_cast<int64_t>(c) * kC;
-    float* ck = p.states + cb * KV;
-    for (int e = tid; e < K * vw; e += kThreads) {
-      const int i = e / vw, j = e - (e / vw) * vw;
-      ck[static_cast<int64_t>(i) * p.V + v0 + j] = sS[i * ldS + j];
-    }
+    storeTile(p.states + cb * KV, sS, K, vw, ldS, p.V, v0);
     const T* W = static_cast<const T*>(p.W) + cb * kC * p.K;
     const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
     const T* Qg = static_cast<const T*>(p.Qg) + cb * kC * p.K;
@@ -535,12 +517,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParam
     }
     __syncthreads();
   }
-  if (p.finalState != nullptr) {
-    for (int e = tid; e < K * vw; e += kThreads) {
-      const int i = e / vw, j = e - (e / vw) * vw;
-      p.finalState[stateOff + static_cast<int64_t>(i) * p.V + v0 + j] = sS[i * ldS + j];
-    }
-  }
+  if (p.finalState != nullptr) storeTile(p.finalState + stateOff, sS, K, vw, ldS, p.V, v0);
 }
 
 // ============================== backward ==============================
@@ -678,12 +655,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkPa
     }
     __syncthreads();
   }
-  if (p.dh0 != nullptr) {
-    for (int e = tid; e < K * vw; e += kThreads) {
-      const int i = e / vw, j = e - (e / vw) * vw;
-      p.dh0[stateOff + static_cast<int64_t>(i) * p.V + v0 + j] = sS[i * ldS + j];
-    }
-  }
+  if (p.dh0 != nullptr) storeTile(p.dh0 + stateOff, sS, K, vw, ldS, p.V, v0);
 }
 
 constexpr int kKt = 32;            // K columns per step of the gradient kernel's column loops
@@ -1019,17 +991,13 @@ template <class T>
 Status prepare(const std::string& fn, const GatedDeltaArgs& a, const ScanSegment* deviceSegments, const char* tileName,
                bool backward, ChunkParams* out, DeviceBuffer* scratch) {
   ChunkParams& p = *out;
-  p.T = a.T, p.H = a.H, p.HV = a.HV, p.K = a.K, p.V = a.V;
-  p.group = a.HV / a.H;
+  delta::setInputs(p, a, a.T, a.h0);
   p.uniformChunks = ceilDiv(a.T, kC);
   p.nseq = a.nseq;
   p.Kp = roundUp16(a.K);
   p.Vp = roundUp16(a.V);
   p.ldk = p.Kp + 8;
-  p.scale = a.scale;
-  p.l2norm = a.l2norm;
   p.segments = deviceSegments;
-  p.q = a.q, p.k = a.k, p.v = a.v, p.g = a.g, p.beta = a.beta, p.h0 = a.h0;
 
   // Value tile of the sequential pass (latency bound): the widest of 64, 32, 16 columns that still
   // gives at least one block per SM.
