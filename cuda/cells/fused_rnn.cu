@@ -288,21 +288,28 @@ __device__ __forceinline__ void cellBackward(const float (&pre)[gatesOf(CELL)], 
 
 // ============================== the persistent kernels ==============================
 
-// acc[q][e] += sum_{k < K} A(row_e, k) B_q(k, col_e) for the calling warp's 16 x 8 tile, with
-// (row_e, col_e) the mma accumulator positions of this lane: A row-major at a (lda), B_q given
-// transposed (column n at bt + q * bStride + n * ldb, k contiguous); K a multiple of 16.
-template <class Op, int NB>
-__device__ __forceinline__ void warpProduct(float (&acc)[NB][4], const Op* a, int lda, const Op* bt, int bStride,
-                                            int ldb, int K) {
+// acc[q][e] += sum_{k < K} A_q(row_e, k) B_q(k, col_e) for the calling warp's 16 x 8 tile, with
+// (row_e, col_e) the mma accumulator positions of this lane: A_q row-major at a (lda), the same A for
+// every q (EACH false) or A_q at a + q * aStride (EACH true: NB independent accumulator chains where
+// the k loop of one product per q would be one dependent chain); B_q given transposed (column n at
+// bt + q * bStride + n * ldb, k contiguous); K a multiple of 16.
+template <class Op, int NB, bool EACH>
+__device__ __forceinline__ void warpProductOf(float (&acc)[NB][4], const Op* a, int lda, int aStride, const Op* bt,
+                                              int bStride, int ldb, int K) {
   if constexpr (std::is_same<Op, float>::value) {
     const int g = mma::lane() >> 2, t = mma::lane() & 3;
-    const float* a0 = a + g * lda;
-    const float* a1 = a + (g + 8) * lda;
     for (int k = 0; k < K; k += 4) {
-      const float4 x0 = *reinterpret_cast<const float4*>(a0 + k);
-      const float4 x1 = *reinterpret_cast<const float4*>(a1 + k);
+      float4 x0, x1;
+      if constexpr (!EACH) {
+        x0 = *reinterpret_cast<const float4*>(a + g * lda + k);
+        x1 = *reinterpret_cast<const float4*>(a + (g + 8) * lda + k);
+      }
 #pragma unroll
       for (int q = 0; q < NB; ++q) {
+        if constexpr (EACH) {
+          x0 = *reinterpret_cast<const float4*>(a + q * aStride + g * lda + k);
+          x1 = *reinterpret_cast<const float4*>(a + q * aStride + (g + 8) * lda + k);
+        }
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const float4 r = *reinterpret_cast<const float4*>(bt + q * bStride + (2 * t + c) * ldb + k);
@@ -319,9 +326,13 @@ __device__ __forceinline__ void warpProduct(float (&acc)[NB][4], const Op* a, in
       for (int e = 0; e < 4; ++e) c[q].c[e] = acc[q][e];
     }
     for (int k = 0; k < K; k += 16) {
-      const mma::FragA16 fa = mma::loadA16Packed(a + k, lda);
+      mma::FragA16 fa;
+      if constexpr (!EACH) fa = mma::loadA16Packed(a + k, lda);
 #pragma unroll
-      for (int q = 0; q < NB; ++q) mma::mma16816<Op>(c[q], fa, mma::loadB16PackedT(bt + q * bStride + k, ldb));
+      for (int q = 0; q < NB; ++q) {
+        if constexpr (EACH) fa = mma::loadA16Packed(a + q * aStride + k, lda);
+        mma::mma16816<Op>(c[q], fa, mma::loadB16PackedT(bt + q * bStride + k, ldb));
+      }
     }
 #pragma unroll
     for (int q = 0; q < NB; ++q) {
@@ -330,46 +341,15 @@ __device__ __forceinline__ void warpProduct(float (&acc)[NB][4], const Op* a, in
     }
   }
 }
-
-// As warpProduct, with a different A per q (at a + q * aStride): NB independent accumulator chains
-// where the k loop of one product per q would be one dependent chain.
+template <class Op, int NB>
+__device__ __forceinline__ void warpProduct(float (&acc)[NB][4], const Op* a, int lda, const Op* bt, int bStride,
+                                            int ldb, int K) {
+  warpProductOf<Op, NB, false>(acc, a, lda, 0, bt, bStride, ldb, K);
+}
 template <class Op, int NB>
 __device__ __forceinline__ void warpProductEach(float (&acc)[NB][4], const Op* a, int lda, int aStride, const Op* bt,
                                                 int bStride, int ldb, int K) {
-  if constexpr (std::is_same<Op, float>::value) {
-    const int g = mma::lane() >> 2, t = mma::lane() & 3;
-    for (int k = 0; k < K; k += 4) {
-#pragma unroll
-      for (int q = 0; q < NB; ++q) {
-        const float4 x0 = *reinterpret_cast<const float4*>(a + q * aStride + g * lda + k);
-        const float4 x1 = *reinterpret_cast<const float4*>(a + q * aStride + (g + 8) * lda + k);
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float4 r = *reinterpret_cast<const float4*>(bt + q * bStride + (2 * t + c) * ldb + k);
-          acc[q][c] = fmaf(x0.x, r.x, fmaf(x0.y, r.y, fmaf(x0.z, r.z, fmaf(x0.w, r.w, acc[q][c]))));
-          acc[q][2 + c] = fmaf(x1.x, r.x, fmaf(x1.y, r.y, fmaf(x1.z, r.z, fmaf(x1.w, r.w, acc[q][2 + c]))));
-        }
-      }
-    }
-  } else {
-    mma::FragC c[NB];
-#pragma unroll
-    for (int q = 0; q < NB; ++q) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) c[q].c[e] = acc[q][e];
-    }
-    for (int k = 0; k < K; k += 16) {
-#pragma unroll
-      for (int q = 0; q < NB; ++q) {
-        mma::mma16816<Op>(c[q], mma::loadA16Packed(a + q * aStride + k, lda), mma::loadB16PackedT(bt + q * bStride + k, ldb));
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < NB; ++q) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[q][e] = c[q].c[e];
-    }
-  }
+  warpProductOf<Op, NB, true>(acc, a, lda, aStride, bt, bStride, ldb, K);
 }
 
 template <class Op> __device__ __forceinline__ Op toOp(float x) { return fromFloat<Op>(x); }
@@ -380,109 +360,130 @@ __device__ __forceinline__ int colOf(int e) {
   return 8 * (static_cast<int>(threadIdx.x) >> 5) + 2 * (mma::lane() & 3) + (e & 1);
 }
 
-template <class T, int CELL>
-__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value)) fusedRnnForwardKernel(RnnParams p) {
-  using Op = typename Operands<T>::Fwd;
-  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
-  const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
-  const int Di = static_cast<int>(D), ld = p.Dp + padOf<Op>();
-  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
-  const int warp = tid >> 5;
-  Op* Rt = dynamicShared<Op>();     // [G][D][ld]: Rt[g][j][i] = R[g][hh][i][j], zero for i >= D
-  Op* hA = Rt + G * Di * ld;        // [2][16][ld]: h_{t-1} of the block's rows, zero past column D
-  float* bs = reinterpret_cast<float*>(hA + 2 * kRows * ld);  // [G][D]: b of the head
-  const T* R = static_cast<const T*>(p.R);
-  for (int e = tid; e < G * Di * Di; e += nthreads) {
-    const int g = e / (Di * Di), i = (e / Di) % Di, j = e % Di;
-    Rt[(g * Di + j) * ld + i] = toOp<Op>(toFloat(R[((g * H + hh) * D + i) * D + j]));
+// ---- the parts common to the single-block and the multi-block persistent kernels ----
+// A block takes the 16 batch rows row0.. and (multi-block) the columns j0.. of head hh (j0 = 0 for a
+// single block); element e of a lane is row b = row0 + rowOf(e), column j = j0 + colOf(e).
+
+template <int NB> __device__ __forceinline__ void zeroAcc(float (&acc)[NB][4]) {
+#pragma unroll
+  for (int q = 0; q < NB; ++q) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
   }
-  for (int e = tid; e < G * Di * (ld - Di); e += nthreads) {
+}
+
+// len[r]: the length of the lane's row rowOf(2 * r).
+__device__ __forceinline__ void laneLengths(const RnnParams& p, int64_t row0, int64_t (&len)[2]) {
+  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+}
+
+// v[e][s] = src[s][b][hh][j] (an fp32 [S, batch, H, D] tensor) of the lane's elements, zero for rows past
+// the batch or a null src.
+template <int S>
+__device__ __forceinline__ void loadLaneStates(const float* src, const RnnParams& p, int64_t row0, int64_t hh, int j0,
+                                               float (&v)[4][S]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      v[e][s] = (b < p.batch && src != nullptr) ? src[((s * p.batch + b) * p.H + hh) * p.D + j] : 0.0f;
+    }
+  }
+}
+
+// Forward: Rt[g][jl][i] = R[g][hh][i][j0 + jl] for the block's Dc columns, zero for D <= i < ld, and
+// bs[g][jl] = b[g][hh][j0 + jl].
+template <class T, class Op, int G>
+__device__ __forceinline__ void loadForwardWeights(const RnnParams& p, int64_t hh, int j0, int Dc, int ld, Op* Rt,
+                                                   float* bs) {
+  const int64_t H = p.H, D = p.D;
+  const int Di = static_cast<int>(D);
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Di * Dc; e += nthreads) {
+    const int g = e / (Di * Dc), i = (e / Dc) % Di, jl = e % Dc;
+    Rt[(g * Dc + jl) * ld + i] = toOp<Op>(toFloat(R[((g * H + hh) * D + i) * D + j0 + jl]));
+  }
+  for (int e = tid; e < G * Dc * (ld - Di); e += nthreads) {
     const int r = e / (ld - Di), i = Di + e % (ld - Di);
     Rt[r * ld + i] = toOp<Op>(0.0f);
   }
-  for (int e = tid; e < 2 * kRows * ld; e += nthreads) hA[e] = toOp<Op>(0.0f);
-  for (int e = tid; e < G * Di; e += nthreads) bs[e] = p.b[((e / Di) * H + hh) * D + e % Di];
-  __syncthreads();
+  for (int e = tid; e < G * Dc; e += nthreads) bs[e] = p.b[((e / Dc) * H + hh) * D + j0 + e % Dc];
+}
 
-  float st[4][S];
-  int64_t len[2];
-  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+// Forward: the input part xin[e][g] of step t (zero past a row's length), then the inputs of step
+// t + kAhead into L2 (one lane per row and 8 columns).
+template <class T, int G>
+__device__ __forceinline__ void loadForwardInputs(const RnnParams& p, const T* wx, int64_t t, int64_t row0, int64_t hh,
+                                                  int j0, const int64_t (&len)[2], float (&xin)[4][G]) {
+  const int64_t H = p.H, D = p.D, L = p.T;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t b = row0 + rowOf(e);
-    const int j = colOf(e);
-#pragma unroll
-    for (int s = 0; s < S; ++s) {
-      st[e][s] = (b < batch && p.states0 != nullptr) ? p.states0[((s * batch + b) * H + hh) * D + j] : 0.0f;
-    }
-    hA[rowOf(e) * ld + j] = toOp<Op>(st[e][0]);
-  }
-  __syncthreads();
-
-  const T* wx = static_cast<const T*>(p.wx);
-  T* hOut = static_cast<T*>(p.h);
-  for (int64_t t = 0; t < L; ++t) {
-    const int cur = static_cast<int>(t & 1);
-    // This step's input part first, so that the loads overlap the product.
-    float xin[4][G];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      const bool active = t < len[e >> 1];
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        xin[e][g] = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + colOf(e)]) : 0.0f;
-      }
-    }
-    if ((mma::lane() & 3) == 0) {  // a later step's inputs into L2 (one lane per row and 8 columns)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t b = row0 + rowOf(2 * r);
-        if (t + kAhead < len[r]) {
-#pragma unroll
-          for (int g = 0; g < G; ++g) prefetchL2(wx + (((b * L + t + kAhead) * G + g) * H + hh) * D + 8 * warp);
-        }
-      }
-    }
-    float acc[G][4];
+    const bool active = t < len[e >> 1];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[g][e] = 0.0f;
+      xin[e][g] = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + j0 + colOf(e)]) : 0.0f;
     }
-    warpProduct<Op, G>(acc, hA + cur * kRows * ld, ld, Rt + warp * 8 * ld, Di * ld, ld, p.Dp);
-    Op* hNext = hA + (cur ^ 1) * kRows * ld;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      const int j = colOf(e);
-      const bool active = t < len[e >> 1];
-      float pre[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float bg = bs[g * Di + j];
-        pre[g] = (CELL == kGru && g == 2) ? acc[g][e] + bg : xin[e][g] + bg + acc[g][e];
-      }
-      if (active) cellForward<CELL>(pre, xin[e][G - 1], st[e]);
-      hNext[rowOf(e) * ld + j] = toOp<Op>(st[e][0]);
-      if (b < batch) {
-        if (!p.lastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
-        if (p.savedStates != nullptr) {
-#pragma unroll
-          for (int s = 0; s < S; ++s) p.savedStates[(((t * S + s) * batch + b) * H + hh) * D + j] = st[e][s];
-#pragma unroll
-          for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
-        }
-      }
-    }
-    __syncthreads();
   }
+  if ((mma::lane() & 3) == 0) {
+    const int warp = static_cast<int>(threadIdx.x) >> 5;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t b = row0 + rowOf(2 * r);
+      if (t + kAhead < len[r]) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) prefetchL2(wx + (((b * L + t + kAhead) * G + g) * H + hh) * D + j0 + 8 * warp);
+      }
+    }
+  }
+}
+
+// Forward: the cell update of step t from the recurrent products acc (bias at bs[g * bsStride + colOf(e)]),
+// h_t of the lane's elements to hNext[rowOf(e) * ldNext + j], and the outputs and saved tensors.
+template <class T, class Op, int CELL>
+__device__ __forceinline__ void forwardUpdate(const RnnParams& p, T* hOut, int64_t t, int64_t row0, int64_t hh, int j0,
+                                              const float* bs, int bsStride, const float (&acc)[gatesOf(CELL)][4],
+                                              const float (&xin)[4][gatesOf(CELL)], const int64_t (&len)[2],
+                                              float (&st)[4][statesOf(CELL)], Op* hNext, int ldNext) {
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t b = row0 + rowOf(e);
-    const int j = colOf(e);
+    const int jl = colOf(e), j = j0 + jl;
+    const bool active = t < len[e >> 1];
+    float pre[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float bg = bs[g * bsStride + jl];
+      pre[g] = (CELL == kGru && g == 2) ? acc[g][e] + bg : xin[e][g] + bg + acc[g][e];
+    }
+    if (active) cellForward<CELL>(pre, xin[e][G - 1], st[e]);
+    hNext[rowOf(e) * ldNext + j] = toOp<Op>(st[e][0]);
+    if (b < batch) {
+      if (!p.lastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
+      if (p.savedStates != nullptr) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) p.savedStates[(((t * S + s) * batch + b) * H + hh) * D + j] = st[e][s];
+#pragma unroll
+        for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
+      }
+    }
+  }
+}
+
+// Forward: h (returnLastOnly) and finalStates from the last states.
+template <class T, int S>
+__device__ __forceinline__ void forwardFinish(const RnnParams& p, T* hOut, int64_t row0, int64_t hh, int j0,
+                                              const float (&st)[4][S]) {
+  const int64_t H = p.H, D = p.D, batch = p.batch;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
     if (b >= batch) continue;
     if (p.lastOnly) storeScalar(hOut + (b * H + hh) * D + j, st[e][0]);
     if (p.finalStates != nullptr) {
@@ -492,23 +493,185 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
   }
 }
 
+// Backward: Rs[g][il][j] = R[g][hh][j0 + il][j] for the block's Dc rows, zero for D <= j < ld.
+template <class T, class Op, int G>
+__device__ __forceinline__ void loadBackwardWeights(const RnnParams& p, int64_t hh, int j0, int Dc, int ld, Op* Rs) {
+  const int64_t H = p.H, D = p.D;
+  const int Di = static_cast<int>(D);
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Dc * ld; e += nthreads) {
+    const int r = e / ld, j = e % ld;
+    Rs[e] = toOp<Op>(j < Di ? toFloat(R[(((r / Dc) * H + hh) * D + j0 + r % Dc) * D + j]) : 0.0f);
+  }
+}
+
+// Backward: the lengths of the lane's rows, and gS = dFinal (zero where null) plus dh on h with
+// returnLastOnly.
+template <class T, int S>
+__device__ __forceinline__ void loadBackwardInit(const RnnParams& p, const T* dh, int64_t row0, int64_t hh, int j0,
+                                                 int64_t (&len)[2], float (&gS)[4][S]) {
+  laneLengths(p, row0, len);
+  loadLaneStates<S>(p.dFinal, p, row0, hh, j0, gS);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    if (b < p.batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * p.H + hh) * p.D + j0 + colOf(e)]);
+  }
+}
+
+// Backward: the saved values of step t (pre-activations, previous states, dh, the GRU's wx_n; zero past
+// a row's length), then those of step t - kAhead into L2 (one lane per row and 8 columns).
+template <class T, int CELL>
+__device__ __forceinline__ void loadBackwardStep(const RnnParams& p, const T* wx, const T* dh, int64_t t, int64_t row0,
+                                                 int64_t hh, int j0, const int64_t (&len)[2],
+                                                 float (&pre)[4][gatesOf(CELL)], float (&prev)[4][statesOf(CELL)],
+                                                 float (&dhv)[4], float (&wxn)[4]) {
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+    const bool active = t < len[e >> 1];
+#pragma unroll
+    for (int g = 0; g < G; ++g) pre[e][g] = active ? p.cSavedPre[(((t * batch + b) * G + g) * H + hh) * D + j] : 0.0f;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      prev[e][s] = !active ? 0.0f
+                   : t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+                   : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
+                   : 0.0f;
+    }
+    dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
+    wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
+  }
+  const int64_t tp = t - kAhead;
+  if ((mma::lane() & 3) == 0 && tp >= 0) {
+    const int warp = static_cast<int>(threadIdx.x) >> 5;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t b = row0 + rowOf(2 * r);
+      if (tp >= len[r]) continue;
+      const int64_t c = hh * D + j0 + 8 * warp;
+#pragma unroll
+      for (int g = 0; g < G; ++g) prefetchL2(p.cSavedPre + ((tp * batch + b) * G + g) * H * D + c);
+      if (tp > 0) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
+      }
+      if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
+      if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
+    }
+  }
+}
+
+// Backward: the cell backward of step t (gS: dL/d(states after the step) in, before the step out, less
+// the recurrent part), dpre of gate g of the lane's elements to aNext[rowOf(e) * rowStride + g * gStride + j],
+// and gr and dwx.
+template <class T, class Op, int CELL>
+__device__ __forceinline__ void backwardUpdate(const RnnParams& p, T* dwx, int64_t t, int64_t row0, int64_t hh, int j0,
+                                               const int64_t (&len)[2], const float (&pre)[4][gatesOf(CELL)],
+                                               const float (&prev)[4][statesOf(CELL)], const float (&dhv)[4],
+                                               const float (&wxn)[4], float (&gS)[4][statesOf(CELL)], Op* aNext,
+                                               int rowStride, int gStride) {
+  constexpr int G = gatesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+    const bool active = t < len[e >> 1];
+    float gx[G], gr[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) gx[g] = gr[g] = 0.0f;
+    if (active) {
+      gS[e][0] += dhv[e];
+      cellBackward<CELL>(pre[e], wxn[e], prev[e], gS[e], gx, gr);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) aNext[rowOf(e) * rowStride + g * gStride + j] = toOp<Op>(gr[g]);
+    if (b < batch) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const int64_t o = (((t * batch + b) * G + g) * H + hh) * D + j;
+        p.gr[o] = gr[g];
+        storeScalar(dwx + (((b * L + t) * G + g) * H + hh) * D + j, gx[g]);
+      }
+    }
+  }
+}
+
+// Backward: dStates0 from the gradients of the states before step 0.
+template <int S>
+__device__ __forceinline__ void storeDStates0(const RnnParams& p, int64_t row0, int64_t hh, int j0,
+                                              const float (&gS)[4][S]) {
+  if (p.dStates0 == nullptr) return;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    if (b >= p.batch) continue;
+#pragma unroll
+    for (int s = 0; s < S; ++s) p.dStates0[((s * p.batch + b) * p.H + hh) * p.D + j0 + colOf(e)] = gS[e][s];
+  }
+}
+
+// ============================== the persistent kernels ==============================
+
+template <class T, int CELL>
+__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value)) fusedRnnForwardKernel(RnnParams p) {
+  using Op = typename Operands<T>::Fwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, L = p.T;
+  const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
+  const int Di = static_cast<int>(p.D), ld = p.Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rt = dynamicShared<Op>();     // [G][D][ld]: Rt[g][j][i] = R[g][hh][i][j], zero for i >= D
+  Op* hA = Rt + G * Di * ld;        // [2][16][ld]: h_{t-1} of the block's rows, zero past column D
+  float* bs = reinterpret_cast<float*>(hA + 2 * kRows * ld);  // [G][D]: b of the head
+  loadForwardWeights<T, Op, G>(p, hh, 0, Di, ld, Rt, bs);
+  for (int e = tid; e < 2 * kRows * ld; e += nthreads) hA[e] = toOp<Op>(0.0f);
+  __syncthreads();
+
+  float st[4][S];
+  int64_t len[2];
+  laneLengths(p, row0, len);
+  loadLaneStates<S>(p.states0, p, row0, hh, 0, st);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) hA[rowOf(e) * ld + colOf(e)] = toOp<Op>(st[e][0]);
+  __syncthreads();
+
+  const T* wx = static_cast<const T*>(p.wx);
+  T* hOut = static_cast<T*>(p.h);
+  for (int64_t t = 0; t < L; ++t) {
+    const int cur = static_cast<int>(t & 1);
+    // This step's input part first, so that the loads overlap the product.
+    float xin[4][G];
+    loadForwardInputs<T, G>(p, wx, t, row0, hh, 0, len, xin);
+    float acc[G][4];
+    zeroAcc(acc);
+    warpProduct<Op, G>(acc, hA + cur * kRows * ld, ld, Rt + warp * 8 * ld, Di * ld, ld, p.Dp);
+    forwardUpdate<T, Op, CELL>(p, hOut, t, row0, hh, 0, bs, Di, acc, xin, len, st, hA + (cur ^ 1) * kRows * ld, ld);
+    __syncthreads();
+  }
+  forwardFinish<T, S>(p, hOut, row0, hh, 0, st);
+}
+
 template <class T, int CELL>
 __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value)) fusedRnnBackwardKernel(RnnParams p) {
   using Op = typename Operands<T>::Bwd;
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t H = p.H, L = p.T;
   const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
-  const int Di = static_cast<int>(D), Dp = p.Dp, ld = Dp + padOf<Op>(), lda = G * Dp + padOf<Op>();
+  const int Di = static_cast<int>(p.D), Dp = p.Dp, ld = Dp + padOf<Op>(), lda = G * Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   Op* Rs = dynamicShared<Op>();     // [G][D][ld]: Rs[g][i][j] = R[g][hh][i][j], zero for j >= D
   Op* dA = Rs + G * Di * ld;        // [2][16][lda]: dpre of the block's rows, gate g at columns g*Dp..
-  const T* R = static_cast<const T*>(p.R);
-  for (int e = tid; e < G * Di * ld; e += nthreads) {
-    const int r = e / ld, j = e % ld;
-    Rs[e] = toOp<Op>(j < Di ? toFloat(R[(((r / Di) * H + hh) * D + r % Di) * D + j]) : 0.0f);
-  }
+  loadBackwardWeights<T, Op, G>(p, hh, 0, Di, ld, Rs);
   for (int e = tid; e < 2 * kRows * lda; e += nthreads) dA[e] = toOp<Op>(0.0f);
   __syncthreads();
 
@@ -517,104 +680,29 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
   T* dwx = static_cast<T*>(p.dwx);
   float gS[4][S];
   int64_t len[2];
-  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int64_t b = row0 + rowOf(e);
-    const int j = colOf(e);
-#pragma unroll
-    for (int s = 0; s < S; ++s) {
-      gS[e][s] = (b < batch && p.dFinal != nullptr) ? p.dFinal[((s * batch + b) * H + hh) * D + j] : 0.0f;
-    }
-    if (b < batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * H + hh) * D + j]);
-  }
+  loadBackwardInit<T, S>(p, dh, row0, hh, 0, len, gS);
 
+  // gS[.][0] += sum_g dpre_g (a) R_g^T for the warp's rows i.
+  auto gatesProduct = [&](const Op* a) {
+    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, a + g * Dp, lda, Rs + (g * Di + warp * 8) * ld, 0, ld, Dp);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
+  };
   for (int64_t t = L - 1; t >= 0; --t) {
     // This step's saved values first, so that the loads overlap the product.
     float pre[4][G], prev[4][S], dhv[4], wxn[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      const int j = colOf(e);
-      const bool active = t < len[e >> 1];
-#pragma unroll
-      for (int g = 0; g < G; ++g) pre[e][g] = active ? p.cSavedPre[(((t * batch + b) * G + g) * H + hh) * D + j] : 0.0f;
-#pragma unroll
-      for (int s = 0; s < S; ++s) {
-        prev[e][s] = !active ? 0.0f
-                     : t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
-                     : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
-                     : 0.0f;
-      }
-      dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
-      wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
-    }
-    const int64_t tp = t - kAhead;  // an earlier step's saved values into L2 (one lane per row and 8 columns)
-    if ((mma::lane() & 3) == 0 && tp >= 0) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t b = row0 + rowOf(2 * r);
-        if (tp >= len[r]) continue;
-        const int64_t c = hh * D + 8 * warp;
-#pragma unroll
-        for (int g = 0; g < G; ++g) prefetchL2(p.cSavedPre + ((tp * batch + b) * G + g) * H * D + c);
-        if (tp > 0) {
-#pragma unroll
-          for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
-        }
-        if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
-        if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
-      }
-    }
-    if (t < L - 1) {  // the recurrent part of dL/dh_t, from step t + 1's dpre
-      float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-      const Op* a = dA + static_cast<int>((t + 1) & 1) * kRows * lda;
-      for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, a + g * Dp, lda, Rs + (g * Di + warp * 8) * ld, 0, ld, Dp);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
-    }
-    Op* aNext = dA + static_cast<int>(t & 1) * kRows * lda;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      const int j = colOf(e);
-      const bool active = t < len[e >> 1];
-      float gx[G], gr[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) gx[g] = gr[g] = 0.0f;
-      if (active) {
-        gS[e][0] += dhv[e];
-        cellBackward<CELL>(pre[e], wxn[e], prev[e], gS[e], gx, gr);
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) aNext[rowOf(e) * lda + g * Dp + j] = toOp<Op>(gr[g]);
-      if (b < batch) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const int64_t o = (((t * batch + b) * G + g) * H + hh) * D + j;
-          p.gr[o] = gr[g];
-          storeScalar(dwx + (((b * L + t) * G + g) * H + hh) * D + j, gx[g]);
-        }
-      }
-    }
+    loadBackwardStep<T, CELL>(p, wx, dh, t, row0, hh, 0, len, pre, prev, dhv, wxn);
+    // The recurrent part of dL/dh_t, from step t + 1's dpre.
+    if (t < L - 1) gatesProduct(dA + static_cast<int>((t + 1) & 1) * kRows * lda);
+    backwardUpdate<T, Op, CELL>(p, dwx, t, row0, hh, 0, len, pre, prev, dhv, wxn, gS,
+                                dA + static_cast<int>(t & 1) * kRows * lda, lda, Dp);
     __syncthreads();
   }
-  if (L > 0) {
-    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
-    for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, dA + g * Dp, lda, Rs + (g * Di + warp * 8) * ld, 0, ld, Dp);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
-  }
-  if (p.dStates0 != nullptr) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      if (b >= batch) continue;
-#pragma unroll
-      for (int s = 0; s < S; ++s) p.dStates0[((s * batch + b) * H + hh) * D + colOf(e)] = gS[e][s];
-    }
-  }
+  if (L > 0) gatesProduct(dA);
+  storeDStates0<S>(p, row0, hh, 0, gS);
 }
+
 
 // ============================== the multi-block persistent kernels ==============================
 
@@ -656,6 +744,7 @@ __device__ __forceinline__ void copyExchange(Op* dst, int ldDst, int ldSeg, cons
   __syncthreads();
 }
 
+
 template <class T, int CELL>
 __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(RnnParams p) {
   using Op = typename Operands<T>::Fwd;
@@ -669,32 +758,18 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(R
   Op* Rt = dynamicShared<Op>();     // [G][Dc][ld]: Rt[g][jl][i] = R[g][hh][i][j0 + jl], zero for i >= D
   Op* hA = Rt + G * Dc * ld;        // [16][ld]: h_{t-1} of the block's rows, all D columns, zero past D
   float* bs = reinterpret_cast<float*>(hA + kRows * ld);  // [G][Dc]: b of the block's columns
-  const T* R = static_cast<const T*>(p.R);
-  for (int e = tid; e < G * Di * Dc; e += nthreads) {
-    const int g = e / (Di * Dc), i = (e / Dc) % Di, jl = e % Dc;
-    Rt[(g * Dc + jl) * ld + i] = toOp<Op>(toFloat(R[((g * H + hh) * D + i) * D + j0 + jl]));
-  }
-  for (int e = tid; e < G * Dc * (ld - Di); e += nthreads) Rt[(e / (ld - Di)) * ld + Di + e % (ld - Di)] = toOp<Op>(0.0f);
+  loadForwardWeights<T, Op, G>(p, hh, j0, Dc, ld, Rt, bs);
   for (int e = tid; e < kRows * ld; e += nthreads) {
     const int64_t b = row0 + e / ld;
     const int i = e % ld;
     hA[e] = toOp<Op>((i < Di && b < batch && p.states0 != nullptr) ? p.states0[(b * H + hh) * D + i] : 0.0f);
   }
-  for (int e = tid; e < G * Dc; e += nthreads) bs[e] = p.b[((e / Dc) * H + hh) * D + j0 + e % Dc];
   __syncthreads();
 
   float st[4][S];
   int64_t len[2];
-  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int64_t b = row0 + rowOf(e);
-    const int j = j0 + colOf(e);
-#pragma unroll
-    for (int s = 0; s < S; ++s) {
-      st[e][s] = (b < batch && p.states0 != nullptr) ? p.states0[((s * batch + b) * H + hh) * D + j] : 0.0f;
-    }
-  }
+  laneLengths(p, row0, len);
+  loadLaneStates<S>(p.states0, p, row0, hh, j0, st);
 
   const T* wx = static_cast<const T*>(p.wx);
   T* hOut = static_cast<T*>(p.h);
@@ -705,70 +780,15 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(R
   for (int64_t t = 0; t < L; ++t) {
     // This step's input part first, so that the loads overlap the exchange and the product.
     float xin[4][G];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      const bool active = t < len[e >> 1];
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        xin[e][g] = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + j0 + colOf(e)]) : 0.0f;
-      }
-    }
-    if ((mma::lane() & 3) == 0) {  // a later step's inputs into L2 (one lane per row and 8 columns)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t b = row0 + rowOf(2 * r);
-        if (t + kAhead < len[r]) {
-#pragma unroll
-          for (int g = 0; g < G; ++g) prefetchL2(wx + (((b * L + t + kAhead) * G + g) * H + hh) * D + j0 + 8 * warp);
-        }
-      }
-    }
+    loadForwardInputs<T, G>(p, wx, t, row0, hh, j0, len, xin);
     if (t > 0) copyExchange<Op>(hA, ld, 0, xg + ((t - 1) & 1) * bufStride, 1, Di);
     float acc[G][4];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[g][e] = 0.0f;
-    }
+    zeroAcc(acc);
     warpProduct<Op, G>(acc, hA, ld, Rt + warp * 8 * ld, Dc * ld, ld, p.Dp);
-    Op* hNext = xg + (t & 1) * bufStride;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      const int jl = colOf(e), j = j0 + jl;
-      const bool active = t < len[e >> 1];
-      float pre[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float bg = bs[g * Dc + jl];
-        pre[g] = (CELL == kGru && g == 2) ? acc[g][e] + bg : xin[e][g] + bg + acc[g][e];
-      }
-      if (active) cellForward<CELL>(pre, xin[e][G - 1], st[e]);
-      hNext[rowOf(e) * Di + j] = toOp<Op>(st[e][0]);
-      if (b < batch) {
-        if (!p.lastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
-        if (p.savedStates != nullptr) {
-#pragma unroll
-          for (int s = 0; s < S; ++s) p.savedStates[(((t * S + s) * batch + b) * H + hh) * D + j] = st[e][s];
-#pragma unroll
-          for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
-        }
-      }
-    }
+    forwardUpdate<T, Op, CELL>(p, hOut, t, row0, hh, j0, bs, Dc, acc, xin, len, st, xg + (t & 1) * bufStride, Di);
     if (t + 1 < L) groupBarrier(counter, static_cast<unsigned>(p.splits), &passed);
   }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int64_t b = row0 + rowOf(e);
-    const int j = j0 + colOf(e);
-    if (b >= batch) continue;
-    if (p.lastOnly) storeScalar(hOut + (b * H + hh) * D + j, st[e][0]);
-    if (p.finalStates != nullptr) {
-#pragma unroll
-      for (int s = 0; s < S; ++s) p.finalStates[((s * batch + b) * H + hh) * D + j] = st[e][s];
-    }
-  }
+  forwardFinish<T, S>(p, hOut, row0, hh, j0, st);
 }
 
 // Reverse time. Block c owns the channels j0.. of the cell backward and the rows i = j0.. of
@@ -778,20 +798,16 @@ template <class T, int CELL>
 __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(RnnParams p) {
   using Op = typename Operands<T>::Bwd;
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t L = p.T;
   const MultiGroup m = multiGroupOf(p);
   const int64_t hh = m.hh, row0 = m.row0;
-  const int Di = static_cast<int>(D), Dc = m.Dc, j0 = m.j0, Dp = p.Dp, ld = Dp + padOf<Op>();
+  const int Di = static_cast<int>(p.D), Dc = m.Dc, j0 = m.j0, Dp = p.Dp, ld = Dp + padOf<Op>();
   const int lda = G * Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   Op* Rs = dynamicShared<Op>();     // [G][Dc][ld]: Rs[g][il][j] = R[g][hh][j0 + il][j], zero for j >= D
   Op* dA = Rs + G * Dc * ld;        // [16][lda]: dpre of step t + 1, gate g at columns g*Dp.., zero past D
-  const T* R = static_cast<const T*>(p.R);
-  for (int e = tid; e < G * Dc * ld; e += nthreads) {
-    const int r = e / ld, j = e % ld;
-    Rs[e] = toOp<Op>(j < Di ? toFloat(R[(((r / Dc) * H + hh) * D + j0 + r % Dc) * D + j]) : 0.0f);
-  }
+  loadBackwardWeights<T, Op, G>(p, hh, j0, Dc, ld, Rs);
   for (int e = tid; e < kRows * lda; e += nthreads) dA[e] = toOp<Op>(0.0f);
   __syncthreads();
 
@@ -800,31 +816,17 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
   T* dwx = static_cast<T*>(p.dwx);
   float gS[4][S];
   int64_t len[2];
-  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int64_t b = row0 + rowOf(e);
-    const int j = j0 + colOf(e);
-#pragma unroll
-    for (int s = 0; s < S; ++s) {
-      gS[e][s] = (b < batch && p.dFinal != nullptr) ? p.dFinal[((s * batch + b) * H + hh) * D + j] : 0.0f;
-    }
-    if (b < batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * H + hh) * D + j]);
-  }
+  loadBackwardInit<T, S>(p, dh, row0, hh, j0, len, gS);
 
   // gS[.][0] += sum_g dpre_g (dA) R_g^T for the warp's rows i, one accumulator chain per gate.
-  auto gatesProduct = [&](float (&g)[4][S]) {
+  auto gatesProduct = [&]() {
     float acc[G][4];
-#pragma unroll
-    for (int q = 0; q < G; ++q) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
-    }
+    zeroAcc(acc);
     warpProductEach<Op, G>(acc, dA, lda, Dp, Rs + warp * 8 * ld, Dc * ld, ld, Dp);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
 #pragma unroll
-      for (int q = 0; q < G; ++q) g[e][0] += acc[q][e];
+      for (int q = 0; q < G; ++q) gS[e][0] += acc[q][e];
     }
   };
   const int64_t bufStride = static_cast<int64_t>(gridDim.x / static_cast<unsigned>(p.splits)) * kRows * G * Di;
@@ -834,83 +836,20 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
   for (int64_t t = L - 1; t >= 0; --t) {
     // This step's saved values first, so that the loads overlap the exchange and the product.
     float pre[4][G], prev[4][S], dhv[4], wxn[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      const int j = j0 + colOf(e);
-      const bool active = t < len[e >> 1];
-#pragma unroll
-      for (int g = 0; g < G; ++g) pre[e][g] = active ? p.cSavedPre[(((t * batch + b) * G + g) * H + hh) * D + j] : 0.0f;
-#pragma unroll
-      for (int s = 0; s < S; ++s) {
-        prev[e][s] = !active ? 0.0f
-                     : t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
-                     : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
-                     : 0.0f;
-      }
-      dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
-      wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
-    }
-    const int64_t tp = t - kAhead;  // an earlier step's saved values into L2 (one lane per row and 8 columns)
-    if ((mma::lane() & 3) == 0 && tp >= 0) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t b = row0 + rowOf(2 * r);
-        if (tp >= len[r]) continue;
-        const int64_t c = hh * D + j0 + 8 * warp;
-#pragma unroll
-        for (int g = 0; g < G; ++g) prefetchL2(p.cSavedPre + ((tp * batch + b) * G + g) * H * D + c);
-        if (tp > 0) {
-#pragma unroll
-          for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
-        }
-        if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
-        if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
-      }
-    }
+    loadBackwardStep<T, CELL>(p, wx, dh, t, row0, hh, j0, len, pre, prev, dhv, wxn);
     if (t < L - 1) {  // the recurrent part of dL/dh_t, from step t + 1's dpre
       copyExchange<Op>(dA, lda, Dp, xg + ((t + 1) & 1) * bufStride, G, Di);
-      gatesProduct(gS);
+      gatesProduct();
     }
-    Op* aNext = xg + (t & 1) * bufStride;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      const int j = j0 + colOf(e);
-      const bool active = t < len[e >> 1];
-      float gx[G], gr[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) gx[g] = gr[g] = 0.0f;
-      if (active) {
-        gS[e][0] += dhv[e];
-        cellBackward<CELL>(pre[e], wxn[e], prev[e], gS[e], gx, gr);
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) aNext[(rowOf(e) * G + g) * Di + j] = toOp<Op>(gr[g]);
-      if (b < batch) {
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          const int64_t o = (((t * batch + b) * G + g) * H + hh) * D + j;
-          p.gr[o] = gr[g];
-          storeScalar(dwx + (((b * L + t) * G + g) * H + hh) * D + j, gx[g]);
-        }
-      }
-    }
+    backwardUpdate<T, Op, CELL>(p, dwx, t, row0, hh, j0, len, pre, prev, dhv, wxn, gS, xg + (t & 1) * bufStride,
+                                G * Di, Di);
     groupBarrier(counter, static_cast<unsigned>(p.splits), &passed);
   }
   if (L > 0) {
     copyExchange<Op>(dA, lda, Dp, xg, G, Di);
-    gatesProduct(gS);
+    gatesProduct();
   }
-  if (p.dStates0 != nullptr) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t b = row0 + rowOf(e);
-      if (b >= batch) continue;
-#pragma unroll
-      for (int s = 0; s < S; ++s) p.dStates0[((s * batch + b) * H + hh) * D + j0 + colOf(e)] = gS[e][s];
-    }
-  }
+  storeDStates0<S>(p, row0, hh, j0, gS);
 }
 
 // ============================== the stepwise kernels ==============================
@@ -972,6 +911,26 @@ __device__ __forceinline__ void stepProduct(float (&sums)[4][kKGroups][kStepRows
   __syncthreads();
 }
 
+// A stepwise block's tile: head hh, kStepCols channels j0.., kStepRows batch rows row0.. (rowsValid of
+// them in the batch); the thread's (row r, channel c) of the tile, j = j0 + c.
+struct StepTile {
+  int64_t hh, j0, row0, j;
+  int rowsValid, r, c;
+};
+__device__ __forceinline__ StepTile stepTileOf(const RnnParams& p) {
+  const unsigned colBlocks = static_cast<unsigned>(ceilDiv(p.D, kStepCols)), blk = blockIdx.x;
+  const unsigned Hu = static_cast<unsigned>(p.H);
+  StepTile s;
+  s.hh = blk % Hu;
+  s.j0 = static_cast<int64_t>((blk / Hu) % colBlocks) * kStepCols;
+  s.row0 = static_cast<int64_t>(blk / Hu / colBlocks) * kStepRows;
+  s.rowsValid = static_cast<int>(p.batch - s.row0 < kStepRows ? p.batch - s.row0 : kStepRows);
+  s.r = static_cast<int>(threadIdx.x) / kStepCols;
+  s.c = static_cast<int>(threadIdx.x) % kStepCols;
+  s.j = s.j0 + s.c;
+  return s;
+}
+
 // Block = (head, tile of kStepRows rows, tile of kStepCols channels); thread = one (row, channel) of
 // the tile for the cell update. hPrev / hNext: fp32 [batch, H, D]; st: fp32 [S, batch, H, D], the
 // states 1..S-1 (slot 0 unused), updated in place.
@@ -981,16 +940,12 @@ __global__ void __launch_bounds__(kStepThreads) fusedRnnForwardStepKernel(RnnPar
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
   __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
   const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
-  const unsigned colBlocks = static_cast<unsigned>(ceilDiv(D, kStepCols)), blk = blockIdx.x;
-  const unsigned Hu = static_cast<unsigned>(H);
-  const int64_t hh = blk % Hu, j0 = static_cast<int64_t>((blk / Hu) % colBlocks) * kStepCols;
-  const int64_t row0 = static_cast<int64_t>(blk / Hu / colBlocks) * kStepRows;
-  const int rowsValid = static_cast<int>(batch - row0 < kStepRows ? batch - row0 : kStepRows);
-  stepProduct<G>(sums, hPrev + (row0 * H + hh) * D, H * D, 0, rowsValid, static_cast<const T*>(p.R) + hh * D * D,
-                 H * D * D, D, j0);
-  const int r = static_cast<int>(threadIdx.x) / kStepCols, c = static_cast<int>(threadIdx.x) % kStepCols;
-  const int64_t j = j0 + c;
-  if (j >= D || r >= rowsValid) return;
+  const StepTile tile = stepTileOf(p);
+  const int64_t hh = tile.hh, row0 = tile.row0, j = tile.j;
+  const int r = tile.r, c = tile.c;
+  stepProduct<G>(sums, hPrev + (row0 * H + hh) * D, H * D, 0, tile.rowsValid,
+                 static_cast<const T*>(p.R) + hh * D * D, H * D * D, D, tile.j0);
+  if (j >= D || r >= tile.rowsValid) return;
   const T* wx = static_cast<const T*>(p.wx);
   const int64_t b = row0 + r, o = (b * H + hh) * D + j;
   const bool active = t < lengthOf(p, b);
@@ -1028,16 +983,12 @@ __global__ void __launch_bounds__(kStepThreads) fusedRnnBackwardStepKernel(RnnPa
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
   __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
   const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
-  const unsigned colBlocks = static_cast<unsigned>(ceilDiv(D, kStepCols)), blk = blockIdx.x;
-  const unsigned Hu = static_cast<unsigned>(H);
-  const int64_t hh = blk % Hu, j0 = static_cast<int64_t>((blk / Hu) % colBlocks) * kStepCols;
-  const int64_t row0 = static_cast<int64_t>(blk / Hu / colBlocks) * kStepRows;
-  const int rowsValid = static_cast<int>(batch - row0 < kStepRows ? batch - row0 : kStepRows);
+  const StepTile tile = stepTileOf(p);
+  const int64_t hh = tile.hh, row0 = tile.row0, j = tile.j;
+  const int r = tile.r, c = tile.c;
   const float* next = t + 1 < L ? p.gr + (((t + 1) * batch + row0) * G * H + hh) * D : nullptr;
-  stepProduct<G>(sums, next, G * H * D, H * D, rowsValid, Rt + hh * D * D, H * D * D, D, j0);
-  const int r = static_cast<int>(threadIdx.x) / kStepCols, c = static_cast<int>(threadIdx.x) % kStepCols;
-  const int64_t j = j0 + c;
-  if (j >= D || r >= rowsValid) return;
+  stepProduct<G>(sums, next, G * H * D, H * D, tile.rowsValid, Rt + hh * D * D, H * D * D, D, tile.j0);
+  if (j >= D || r >= tile.rowsValid) return;
   const T* wx = static_cast<const T*>(p.wx);
   const T* dh = static_cast<const T*>(p.dh);
   const int64_t SE = batch * H * D;
@@ -1413,6 +1364,16 @@ Status blocksFor(const std::string& fn, int64_t blocks, unsigned* grid) {
   return Status{};
 }
 
+// Runs a persistent kernel: one block of 4 * headDim threads per (batch tile, head).
+template <class... KArgs>
+Status launchPersistent(const std::string& fn, void (*kernel)(KArgs...), const FusedRnnArgs& a, size_t shared,
+                        const RnnParams& p) {
+  unsigned grid = 0;
+  RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));
+  RK_TRY(allowDynamicShared(kernel, shared));
+  return launch(kernel, grid, static_cast<unsigned>(4 * a.headDim), shared, p);
+}
+
 template <class T, int CELL>
 Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRnnOutputs& o) {
   constexpr int S = statesOf(CELL);
@@ -1430,12 +1391,7 @@ Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRn
   RK_TRY(choosePath<Op>(fn, CELL, a.headDim, a.heads * ceilDiv(a.batch, kRows), false, std::is_same<T, float>::value,
                         fusedRnnForwardMultiKernel<T, CELL>, &path, &shared, &multi));
   if (path == 3) return launchMulti<Op>(fusedRnnForwardMultiKernel<T, CELL>, multi, p, kRows * a.headDim);
-  if (path == 1) {
-    unsigned grid = 0;
-    RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));
-    RK_TRY(allowDynamicShared(fusedRnnForwardKernel<T, CELL>, shared));
-    return launch(fusedRnnForwardKernel<T, CELL>, grid, static_cast<unsigned>(4 * a.headDim), shared, p);
-  }
+  if (path == 1) return launchPersistent(fn, fusedRnnForwardKernel<T, CELL>, a, shared, p);
   const int64_t SE = a.batch * a.heads * a.headDim;
   DeviceBuffer scratch;  // h twice (ping-pong), then the states 1..S-1 at their slots
   RK_TRY(scratch.allocate(static_cast<size_t>((S + 1) * SE) * sizeof(float)));
@@ -1481,10 +1437,7 @@ Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedR
   } else if (path == 3) {
     RK_TRY(launchMulti<Op>(fusedRnnBackwardMultiKernel<T, CELL>, multi, p, kRows * G * a.headDim));
   } else if (path == 1) {
-    unsigned grid = 0;
-    RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.batch, kRows), &grid));
-    RK_TRY(allowDynamicShared(fusedRnnBackwardKernel<T, CELL>, shared));
-    RK_TRY(launch(fusedRnnBackwardKernel<T, CELL>, grid, static_cast<unsigned>(4 * a.headDim), shared, p));
+    RK_TRY(launchPersistent(fn, fusedRnnBackwardKernel<T, CELL>, a, shared, p));
   } else {
     DeviceBuffer scratch;  // gS [S, batch, H, D], then R transposed in fp32
     RK_TRY(scratch.allocate(static_cast<size_t>(S * SE + mats * DD) * sizeof(float)));
