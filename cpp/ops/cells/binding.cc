@@ -94,6 +94,8 @@ Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::fusedRnnForward(c.a, o), op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }
@@ -127,6 +129,8 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::fusedRnnBackward(c.a, g), op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }

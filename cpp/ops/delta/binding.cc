@@ -92,6 +92,8 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaForward(c.a, o, states, fin), op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }
@@ -126,6 +128,8 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaBackward(c.a, g), op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }
@@ -174,6 +178,8 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaStep(a), op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }

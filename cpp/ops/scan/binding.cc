@@ -35,6 +35,8 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
                   rkcuda::linearScanForward(toCuda(dt), a.data, b.data, static_cast<const float*>(h0.data), h,
                                             static_cast<float*>(fin), rows, length, s.reverse),
                   kFwd);
+#else
+    throwNoCuda(env, kFwd);
 #endif
     return out;
   }
@@ -75,6 +77,8 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
                                              static_cast<const float*>(gFinal.data), ga, gb,
                                              static_cast<float*>(gh0), rows, length, s.reverse),
                   op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }

@@ -100,6 +100,8 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveScanForward(a, y, states, fin),
                   op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }
@@ -139,6 +141,8 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveScanBackward(a, g), op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }
@@ -189,6 +193,8 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveStateUpdate(a), op);
+#else
+    throwNoCuda(env, op);
 #endif
     return out;
   }
