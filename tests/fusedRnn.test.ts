@@ -152,7 +152,10 @@ describe('fusedRnn through the tape', () => {
         const { h, finalStates } = rk.fusedRnn({ wx: wx_, R: R_, b: b_, states0: s0_ }, { cell, lengths: [4, 2] });
         return rk.add(rk.sum(rk.mul(h, wh)), rk.sum(rk.mul(finalStates, wf)));
       };
-      const res = rk.gradcheck(f, [wx, R, b, states0!], { eps: 1e-2, rtol: 3e-2, atol: 3e-3 });
+      // A small step: with recurrent weights near 2 the loss can have third derivatives in the hundreds,
+      // and a central difference's error (f''' eps^2 / 6) must stay well inside atol; float32 rounding
+      // of the loss over 2 * eps stays near 1e-4.
+      const res = rk.gradcheck(f, [wx, R, b, states0!], { eps: 2e-3, rtol: 3e-2, atol: 3e-3 });
       expect(res.ok, at(JSON.stringify(res.worst))).toBe(true);
     });
   }
@@ -161,7 +164,7 @@ describe('fusedRnn through the tape', () => {
     const { wx, R, b, states0 } = makeInputs(c, 'cpu');
     const f = (wx_: rk.Tensor, R_: rk.Tensor, b_: rk.Tensor, s0_: rk.Tensor) =>
       rk.sum(rk.square(rk.fusedRnn({ wx: wx_, R: R_, b: b_, states0: s0_ }, { cell: 'gru', lengths: [5, 3], returnLastOnly: true }).h));
-    const res = rk.gradcheck(f, [wx, R, b, states0!], { eps: 1e-2, rtol: 3e-2, atol: 3e-3 });
+    const res = rk.gradcheck(f, [wx, R, b, states0!], { eps: 2e-3, rtol: 3e-2, atol: 3e-3 });
     expect(res.ok, at(JSON.stringify(res.worst))).toBe(true);
   });
 });

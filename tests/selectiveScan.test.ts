@@ -7,7 +7,7 @@ import { devices, tensor, tolerance, values } from './helpers';
 import {
   selectiveScanRef, selectiveScanRefBackward, selectiveStateUpdateRef, type SelectiveScanRefOptions,
 } from './reference/selectiveScan';
-import { freshSeed, normal, relErr, rng, uniform } from './reference/util';
+import { freshSeed, normal, perturbed, relErr, rng, uniform } from './reference/util';
 
 const seed = freshSeed();
 const rand = rng(seed);
@@ -82,32 +82,47 @@ function runCase(c: Case, device: rk.Device) {
     deltaSoftplus: c.softplus, initialState: h0 ? values(h0) : null, cuSeqlens: c.cuSeqlens,
   };
   const ref = selectiveScanRef(refInputs, refOptions);
+  // The same oracle at inputs perturbed by float32 rounding: an element that is a difference of nearly
+  // equal terms (likeliest in the one-element cases) is only determined to that spread, so the error
+  // allowed is the dtype's tolerance plus 100x the relative spread (the float32 kernel's margin).
+  const prand = rng(seed ^ 0x5eed);
+  const p = (v: Float64Array | null) => (v ? perturbed(prand, v) : null);
+  const pInputs = {
+    u: p(refInputs.u)!, delta: p(refInputs.delta)!, A: p(refInputs.A)!, B: p(refInputs.B)!, C: p(refInputs.C)!,
+    D: p(refInputs.D), z: p(refInputs.z), deltaBias: p(refInputs.deltaBias),
+  };
+  const pOptions = { ...refOptions, initialState: p(refOptions.initialState ?? null) };
+  const pRef = selectiveScanRef(pInputs, pOptions);
   const tol = tolerance[c.dtype];
   const name = describeCase(c);
-  expect(relErr(values(outputs.y), ref.y), at(`${name}: y`)).toBeLessThan(tol);
-  expect(relErr(values(outputs.finalState!), ref.finalState), at(`${name}: finalState`)).toBeLessThan(tol);
+  const near = (got: Float64Array, want: Float64Array, spread: Float64Array, what: string) =>
+    expect(relErr(got, want), at(`${name}: ${what}`)).toBeLessThan(tol + 100 * relErr(spread, want));
+  near(values(outputs.y), ref.y, pRef.y, 'y');
+  near(values(outputs.finalState!), ref.finalState, pRef.finalState, 'finalState');
 
   const dy = x(normal(rand, batch * dim * L), [batch, dim, L]);
   const dFinal = f(normal(rand, nseq * dim * N), [nseq, dim, N]);
   const g = rk.ops.selectiveScan.backward(ctx, { y: dy, finalState: dFinal });
   const gr = selectiveScanRefBackward(refInputs, refOptions, { dy: values(dy), dFinal: values(dFinal) });
-  const check = (got: rk.Tensor | null | undefined, want: Float64Array | null, what: string) => {
+  const pGr = selectiveScanRefBackward(pInputs, pOptions, { dy: p(values(dy))!, dFinal: p(values(dFinal))! });
+  const check = (got: rk.Tensor | null | undefined, want: Float64Array | null, spread: Float64Array | null,
+    what: string) => {
     if (want === null) { expect(got ?? null, at(`${name}: ${what} should be null`)).toBeNull(); return; }
     expect(got, at(`${name}: ${what} missing`)).toBeTruthy();
     const v = values(got!);
     expect(v.every(Number.isFinite), at(`${name}: ${what} finite`)).toBe(true);
     // Sums over many channels and steps written in a 16-bit dtype: one rounding of a sum.
-    expect(relErr(v, want), at(`${name}: ${what}`)).toBeLessThan(tol);
+    near(v, want, spread!, what);
   };
-  check(g.u, gr.du, 'du');
-  check(g.delta, gr.ddelta, 'ddelta');
-  check(g.A, gr.dA, 'dA');
-  check(g.B, gr.dB, 'dB');
-  check(g.C, gr.dC, 'dC');
-  check(g.D, gr.dD, 'dD');
-  check(g.z, gr.dz, 'dz');
-  check(g.deltaBias, gr.dDeltaBias, 'dDeltaBias');
-  check(g.initialState, gr.dInitialState, 'dInitialState');
+  check(g.u, gr.du, pGr.du, 'du');
+  check(g.delta, gr.ddelta, pGr.ddelta, 'ddelta');
+  check(g.A, gr.dA, pGr.dA, 'dA');
+  check(g.B, gr.dB, pGr.dB, 'dB');
+  check(g.C, gr.dC, pGr.dC, 'dC');
+  check(g.D, gr.dD, pGr.dD, 'dD');
+  check(g.z, gr.dz, pGr.dz, 'dz');
+  check(g.deltaBias, gr.dDeltaBias, pGr.dDeltaBias, 'dDeltaBias');
+  check(g.initialState, gr.dInitialState, pGr.dInitialState, 'dInitialState');
   expect(g.B.shape).toEqual(inputs.B.shape);
   expect(g.B.dtype).toBe(inputs.B.dtype);
 }

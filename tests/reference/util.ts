@@ -46,6 +46,18 @@ export function relErr(out: ArrayLike<number>, ref: ArrayLike<number>): number {
 }
 
 /**
+ * A copy of v with every element scaled by 1 + rel or 1 - rel at random: an input perturbation of
+ * the size a float32 kernel's own rounding amounts to (rel = 2^-24). How far it moves a float64
+ * answer measures the answer's conditioning, e.g. a one-element gradient that is a difference of
+ * nearly equal terms.
+ */
+export function perturbed(rand: () => number, v: Float64Array, rel = 2 ** -24): Float64Array {
+  const out = new Float64Array(v.length);
+  for (let i = 0; i < v.length; i++) out[i] = v[i] * (rand() < 0.5 ? 1 - rel : 1 + rel);
+  return out;
+}
+
+/**
  * Central differences of a scalar function of several float64 arrays, at every element. eps may be
  * one step for all arrays or one per array (a large step is exact for an input f is linear in, and
  * keeps rounding noise down).
