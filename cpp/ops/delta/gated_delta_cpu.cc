@@ -10,7 +10,7 @@
 // Backward, per chunk of kGatedDeltaChunk tokens from the last: the chunk's states are recomputed
 // from the checkpoint and kept, then each token is undone in reverse with the adjoint dS:
 //   dS += scale q dO^T;  dw = dS^T k;  dk += dS w;  dv = beta dw;  dbeta = dw . (v - e u)
-//   du' = -beta dw (u' = e u);  dk += e S du';  dg = e (<dS, S> + k . (S du'));  dS = e (dS + k du'^T)
+//   du' = -beta dw (u' = e u);  dk += e S du';  dg = e (<dS, S> + u . du');  dS = e (dS + k du'^T)
 // (S here is the state before the token). Gradients of the L2-normalised q and k are kept in
 // fp32 and taken through the normalisation at the end.
 #include "ops/delta/gated_delta_cpu.h"
@@ -158,24 +158,27 @@ RK_ALWAYS_INLINE void stateFromSlabs(float* st, const Lanes* slabs, int64_t K, i
     for (int64_t i = 0; i < K; ++i) storeCols(st + i * V, jb, V, slabs[jb * K + i]);
 }
 
-// (S^T k, S^T q) of one slab, in four partial sums each so that the adds pipeline.
+// (S^T k, S^T q) of one slab, in four partial sums each so that the adds pipeline. Without q (the
+// backward's recomputation, which needs only u) p is left alone.
+template <bool kWithQ>
 RK_ALWAYS_INLINE void slabProducts(const Lanes* S, const float* k, const float* q, int64_t K, Lanes& u, Lanes& p) {
   Lanes u4[4] = {}, p4[4] = {};
   int64_t i = 0;
   for (; i + 4 <= K; i += 4)
     for (int l = 0; l < 4; ++l) {
       u4[l] += k[i + l] * S[i + l];
-      p4[l] += q[i + l] * S[i + l];
+      if (kWithQ) p4[l] += q[i + l] * S[i + l];
     }
   for (; i < K; ++i) {
     u4[0] += k[i] * S[i];
-    p4[0] += q[i] * S[i];
+    if (kWithQ) p4[0] += q[i] * S[i];
   }
   u = (u4[0] + u4[1]) + (u4[2] + u4[3]);
-  p = (p4[0] + p4[1]) + (p4[2] + p4[3]);
+  if (kWithQ) p = (p4[0] + p4[1]) + (p4[2] + p4[3]);
 }
-// dst = e src + k w^T on one slab (dst may be src); with next (kn, qn) also returns that token's
-// products.
+// dst = e src + k w^T on one slab (dst may be src); with next (kn, and qn when kWithQ) also returns
+// that token's products.
+template <bool kWithQ>
 RK_ALWAYS_INLINE void slabUpdate(Lanes* dst, const Lanes* src, const float* k, Lanes w, float e, int64_t K,
                                  const float* kn, const float* qn, Lanes& u, Lanes& p) {
   if (!kn) {
@@ -189,16 +192,16 @@ RK_ALWAYS_INLINE void slabUpdate(Lanes* dst, const Lanes* src, const float* k, L
       const Lanes r = e * src[i + l] + k[i + l] * w;
       dst[i + l] = r;
       u4[l] += kn[i + l] * r;
-      p4[l] += qn[i + l] * r;
+      if (kWithQ) p4[l] += qn[i + l] * r;
     }
   for (; i < K; ++i) {
     const Lanes r = e * src[i] + k[i] * w;
     dst[i] = r;
     u4[0] += kn[i] * r;
-    p4[0] += qn[i] * r;
+    if (kWithQ) p4[0] += qn[i] * r;
   }
   u = (u4[0] + u4[1]) + (u4[2] + u4[3]);
-  p = (p4[0] + p4[1]) + (p4[2] + p4[3]);
+  if (kWithQ) p = (p4[0] + p4[1]) + (p4[2] + p4[3]);
 }
 
 // The work items [i0, i1) of the forward pass (an item is a (sequence, q/k head)).
@@ -233,13 +236,13 @@ RK_ALWAYS_INLINE void forwardItemsBody(const GatedDeltaArgs& a, S* o, float* sta
         for (int64_t jb = 0; jb < nb; ++jb) {
           Lanes* Sl = hs + jb * K;
           Lanes u, p;
-          slabProducts(Sl, qk.k.data(), qk.q.data(), K, u, p);
+          slabProducts<true>(Sl, qk.k.data(), qk.q.data(), K, u, p);
           for (int64_t t = 0; t < n; ++t) {
             const float e = ec[size_t(t)];
             const Lanes w = bc[size_t(t)] * (*vblk.at(size_t(t * nb + jb)) - e * u);
             storeCols(o + d.vo(sg.batch, sg.start + t0 + t, hv), jb, V, a.scale * (e * p + qk.kq[size_t(t)] * w));
             const bool more = t + 1 < n;
-            slabUpdate(Sl, Sl, qk.k.data() + t * K, w, e, K, more ? qk.k.data() + (t + 1) * K : nullptr,
+            slabUpdate<true>(Sl, Sl, qk.k.data() + t * K, w, e, K, more ? qk.k.data() + (t + 1) * K : nullptr,
                        more ? qk.q.data() + (t + 1) * K : nullptr, u, p);
           }
         }
@@ -276,7 +279,8 @@ struct BackToken {
       accK[i] = first ? ak : accK[i] + ak;
     }
   }
-  // accQ = Sp dO; accK += e Sp du'; returns the lanes of <dS, Sp> + k . (Sp du'); dS = e (dS + k du'^T).
+  // accQ = Sp dO; accK += e Sp du'; returns the lanes of <dS, Sp>; dS = e (dS + k du'^T). (The other
+  // term of dg, k . (Sp du') = u . du' with u = Sp^T k, is taken from the recomputed u.)
   template <int G>
   RK_ALWAYS_INLINE Lanes passBC(Lanes* const* dS, const Lanes* const* Sp, const Lanes* dO, const Lanes* dup,
                                 bool first) const {
@@ -285,10 +289,10 @@ struct BackToken {
       const float ki = k[i];
       Lanes aq{}, ak{}, dg{};
       for (int g = 0; g < G; ++g) {
-        const Lanes sp = Sp[g][i], su = sp * dup[g], ds = dS[g][i];
+        const Lanes sp = Sp[g][i], ds = dS[g][i];
         aq += sp * dO[g];
-        ak += su;
-        dg += sp * ds + ki * su;
+        ak += sp * dup[g];
+        dg += sp * ds;
         dS[g][i] = e * (ds + ki * dup[g]);
       }
       accQ[i] = first ? aq : accQ[i] + aq;
@@ -305,7 +309,7 @@ struct BackToken {
 // kept (slabs), then the tokens are undone in reverse, slab by slab, with the adjoint dS:
 //   pass A:   dS += scale q dO^T;  dw = dS^T k;  (dS w)_i to dk
 //   then:     dv = beta dw;  dbeta = dw . (v - e u);  du' = -beta dw
-//   pass B+C: (Sp dO)_i to dq, e (Sp du')_i to dk, <dS, Sp> + k . (Sp du') to dg;  dS = e (dS + k du'^T)
+//   pass B+C: (Sp dO)_i to dq, e (Sp du')_i to dk, <dS, Sp> + u . du' to dg;  dS = e (dS + k du'^T)
 // and the row sums of the slabs' contributions are taken once per token.
 template <typename S>
 RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDeltaGrads& gr, float* dqn, float* dkn,
@@ -350,15 +354,14 @@ RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDelt
           Lanes* St = Sprev.at(size_t(jb * kChunk * K));
           for (int64_t i = 0; i < K; ++i) St[i] = loadCols(cp + i * V, jb, V);
           Lanes u, p;
-          slabProducts(St, qk.k.data(), qk.q.data(), K, u, p);
+          slabProducts<false>(St, qk.k.data(), nullptr, K, u, p);
           for (int64_t t = 0; t < n; ++t, St += K) {
             const float e = ec[size_t(t)];
             const Lanes w = bc[size_t(t)] * (*vblk.at(size_t(t * nb + jb)) - e * u);
             *ublk.at(size_t(t * nb + jb)) = u;
             *wblk.at(size_t(t * nb + jb)) = w;
             if (t + 1 < n)
-              slabUpdate(St + K, St, qk.k.data() + t * K, w, e, K, qk.k.data() + (t + 1) * K,
-                         qk.q.data() + (t + 1) * K, u, p);
+              slabUpdate<false>(St + K, St, qk.k.data() + t * K, w, e, K, qk.k.data() + (t + 1) * K, nullptr, u, p);
           }
         }
         Lanes* dSh = dSl.at(size_t(hvi * nb * K));
@@ -395,6 +398,7 @@ RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDelt
               storeCols(dv + d.vo(sg.batch, pos, hv), jb, V, beta * dw[g]);
               dbv += dw[g] * (*vblk.at(size_t(t * nb + jb)) - e * *ublk.at(size_t(t * nb + jb)));
               dup[g] = -beta * dw[g];
+              dgv += dup[g] * *ublk.at(size_t(t * nb + jb));
             }
             switch (G) {
               case 1: dgv += bt.passBC<1>(dS, Sp, dO, dup, first); break;
