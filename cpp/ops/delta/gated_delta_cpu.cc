@@ -254,18 +254,23 @@ RK_ALWAYS_INLINE void forwardItemsBody(const GatedDeltaArgs& a, S* o, float* sta
   }
 }
 
-// One token of the backward pass on up to four slabs at once (G of them), so that the per-row
-// contributions to dq and dk are summed over the slabs in registers. accQ, accK: per row, the lanes
-// still to be summed of (Sp dO)_i and of dk_i; written by the first group of slabs of a token,
-// added to by the others.
-struct BackToken {
-  const float *q, *k;
-  float e, beta, scale;
+// The backward pass on up to four slabs at once (G of them), so that the per-row contributions to
+// dq and dk are summed over the slabs in registers. Per token t, from the last, with the adjoint dS
+// entering the token:
+//   A(t):  dS += scale q_t dO_t^T;  dw_t = dS^T k_t;  (dS w_t)_i to dk_t
+//   then:  dv = beta dw_t;  dbeta = dw_t . (v - e u);  du' = -beta dw_t;  u . du' to dg
+//   BC(t): (Sp dO_t)_i to dq_t, e (Sp du')_i to dk_t, <dS, Sp> to dg;  dS = e (dS + k_t du'^T)
+// A(t-1) needs nothing of BC(t) but the new dS rows, so it runs in BC(t)'s sweep (one load and one
+// store of dS per row and token); only the chunk's last token has a sweep of A alone, since the
+// previous chunk's w is not recomputed yet. Row sums go to lanes per row (accQ, accK) written by
+// the first group of slabs and added to by the others, and are summed across lanes once per token.
+struct BackSweep {
+  float scale;
   int64_t K;
-  Lanes *accQ, *accK;
-  // dS += scale q dO^T; dw = dS^T k; accK = dS w.
+  // A(t) alone: dS += scale q dO^T; dw = dS^T k; accK = dS w.
   template <int G>
-  RK_ALWAYS_INLINE void passA(Lanes* const* dS, const Lanes* dO, const Lanes* w, Lanes* dw, bool first) const {
+  RK_ALWAYS_INLINE void passA(Lanes* const* dS, const float* q, const float* k, const Lanes* dO, const Lanes* w,
+                              Lanes* dw, Lanes* accK, bool first) const {
     for (int g = 0; g < G; ++g) dw[g] = Lanes{};
     for (int64_t i = 0; i < K; ++i) {
       const float sq = scale * q[i], ki = k[i];
@@ -279,24 +284,36 @@ struct BackToken {
       accK[i] = first ? ak : accK[i] + ak;
     }
   }
-  // accQ = Sp dO; accK += e Sp du'; returns the lanes of <dS, Sp>; dS = e (dS + k du'^T). (The other
-  // term of dg, k . (Sp du') = u . du' with u = Sp^T k, is taken from the recomputed u.)
-  template <int G>
-  RK_ALWAYS_INLINE Lanes passBC(Lanes* const* dS, const Lanes* const* Sp, const Lanes* dO, const Lanes* dup,
-                                bool first) const {
+  // BC(t), then (kPrev) A(t-1) on the new rows: q, k, dO, w, dw, accK of token t-1 in prev*.
+  // Returns the lanes of <dS, Sp>.
+  template <int G, bool kPrev>
+  RK_ALWAYS_INLINE Lanes passBCA(Lanes* const* dS, const Lanes* const* Sp, const float* k, float e, const Lanes* dO,
+                                 const Lanes* dup, Lanes* accQ, Lanes* accK, const float* prevQ, const float* prevK,
+                                 const Lanes* prevDO, const Lanes* prevW, Lanes* prevDw, Lanes* prevAccK,
+                                 bool first) const {
     Lanes dg2[2] = {};
+    if (kPrev)
+      for (int g = 0; g < G; ++g) prevDw[g] = Lanes{};
     for (int64_t i = 0; i < K; ++i) {
       const float ki = k[i];
-      Lanes aq{}, ak{}, dg{};
+      const float sqp = kPrev ? scale * prevQ[i] : 0.0f, kp = kPrev ? prevK[i] : 0.0f;
+      Lanes aq{}, ak{}, dg{}, akp{};
       for (int g = 0; g < G; ++g) {
         const Lanes sp = Sp[g][i], ds = dS[g][i];
         aq += sp * dO[g];
         ak += sp * dup[g];
         dg += sp * ds;
-        dS[g][i] = e * (ds + ki * dup[g]);
+        Lanes row = e * (ds + ki * dup[g]);
+        if (kPrev) {
+          row += sqp * prevDO[g];
+          prevDw[g] += kp * row;
+          akp += row * prevW[g];
+        }
+        dS[g][i] = row;
       }
       accQ[i] = first ? aq : accQ[i] + aq;
       accK[i] += e * ak;
+      if (kPrev) prevAccK[i] = first ? akp : prevAccK[i] + akp;
       dg2[i & 1] += dg;
     }
     return dg2[0] + dg2[1];
@@ -306,11 +323,7 @@ struct BackToken {
 // The work items [i0, i1) of the backward pass, up to the fp32 gradients dqn, dkn of the
 // (normalised) q and k, [batch, T, H, K], each (sequence, head) slice owned by one item.
 // Per chunk from the last: the states before each token are recomputed from the checkpoint and
-// kept (slabs), then the tokens are undone in reverse, slab by slab, with the adjoint dS:
-//   pass A:   dS += scale q dO^T;  dw = dS^T k;  (dS w)_i to dk
-//   then:     dv = beta dw;  dbeta = dw . (v - e u);  du' = -beta dw
-//   pass B+C: (Sp dO)_i to dq, e (Sp du')_i to dk, <dS, Sp> + u . du' to dg;  dS = e (dS + k du'^T)
-// and the row sums of the slabs' contributions are taken once per token.
+// kept (slabs, with u and w of every token), then the tokens are undone in reverse (BackSweep).
 template <typename S>
 RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDeltaGrads& gr, float* dqn, float* dkn,
                                         int64_t i0, int64_t i1) {
@@ -323,11 +336,13 @@ RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDelt
   S* dv = static_cast<S*>(gr.dv);
   S* dbeta = static_cast<S*>(gr.dbeta);
   ChunkQK qk(K);
-  // Per value head: dS slabs. Per chunk token: the slabs before it, v, dO, u, w blocks.
+  // Per value head: dS slabs. Per chunk token: the slabs before it, v, dO, u, w blocks. Per slab: the
+  // dw of the token about to be undone. Two row-sum buffers for dk: the token's and the next one's.
   LaneScratch dSl(size_t(per * nb * K)), Sprev(size_t(kChunk * nb * K)),
       vblk(size_t(kChunk * nb)), dOblk(size_t(kChunk * nb)), ublk(size_t(kChunk * nb)), wblk(size_t(kChunk * nb)),
-      accQ{size_t(K16)}, accK{size_t(K16)};
+      dwS{size_t(nb)}, accQ{size_t(K16)}, accKs{size_t(2 * K16)};
   std::vector<float> ec(static_cast<size_t>(kChunk)), bc(static_cast<size_t>(kChunk));
+  const BackSweep bs2{a.scale, K};
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t s = item / a.H, h = item % a.H;
     const ScanSegment& sg = a.segments[s];
@@ -365,59 +380,93 @@ RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDelt
           }
         }
         Lanes* dSh = dSl.at(size_t(hvi * nb * K));
-        for (int64_t t = n - 1; t >= 0; --t) {
+        int cur = 0;  // accKs half of the token being undone
+        {  // A of the chunk's last token, alone.
+          const int64_t t = n - 1;
+          for (int64_t jb0 = 0; jb0 < nb; jb0 += 4) {
+            const int G = int(std::min<int64_t>(4, nb - jb0));
+            Lanes* dS[4];
+            Lanes dO[4], w[4];
+            for (int g = 0; g < G; ++g) {
+              dS[g] = dSh + (jb0 + g) * K;
+              dO[g] = *dOblk.at(size_t(t * nb + jb0 + g));
+              w[g] = *wblk.at(size_t(t * nb + jb0 + g));
+            }
+            const float* q = qk.q.data() + t * K;
+            const float* k = qk.k.data() + t * K;
+            Lanes* dw = dwS.at(size_t(jb0));
+            Lanes* acc = accKs.at(size_t(cur * K16));
+            switch (G) {
+              case 1: bs2.passA<1>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
+              case 2: bs2.passA<2>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
+              case 3: bs2.passA<3>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
+              default: bs2.passA<4>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
+            }
+          }
+        }
+        for (int64_t t = n - 1; t >= 0; --t, cur ^= 1) {
           const int64_t pos = sg.start + t0 + t;
           const float* q = qk.q.data() + t * K;
           const float* k = qk.k.data() + t * K;
           const float e = ec[size_t(t)], beta = bc[size_t(t)];
+          const bool prev = t > 0;
+          Lanes* accK = accKs.at(size_t(cur * K16));
+          Lanes* prevAccK = accKs.at(size_t((cur ^ 1) * K16));
           Lanes wdO{}, dgv{}, dbv{};
-          BackToken bt{q, k, e, beta, a.scale, K, accQ.at(0), accK.at(0)};
           for (int64_t jb0 = 0; jb0 < nb; jb0 += 4) {
             const int G = int(std::min<int64_t>(4, nb - jb0));
             Lanes* dS[4];
             const Lanes* Sp[4];
-            Lanes dO[4], w[4], dw[4];
+            Lanes dO[4], dup[4], pdO[4], pw[4];
+            Lanes* dw = dwS.at(size_t(jb0));
             for (int g = 0; g < G; ++g) {
               const int64_t jb = jb0 + g;
               dS[g] = dSh + jb * K;
               Sp[g] = Sprev.at(size_t((jb * kChunk + t) * K));
               dO[g] = *dOblk.at(size_t(t * nb + jb));
-              w[g] = *wblk.at(size_t(t * nb + jb));
-              wdO += w[g] * dO[g];
-            }
-            const bool first = jb0 == 0;
-            switch (G) {
-              case 1: bt.passA<1>(dS, dO, w, dw, first); break;
-              case 2: bt.passA<2>(dS, dO, w, dw, first); break;
-              case 3: bt.passA<3>(dS, dO, w, dw, first); break;
-              default: bt.passA<4>(dS, dO, w, dw, first); break;
-            }
-            Lanes dup[4];
-            for (int g = 0; g < G; ++g) {
-              const int64_t jb = jb0 + g;
+              wdO += *wblk.at(size_t(t * nb + jb)) * dO[g];
               storeCols(dv + d.vo(sg.batch, pos, hv), jb, V, beta * dw[g]);
               dbv += dw[g] * (*vblk.at(size_t(t * nb + jb)) - e * *ublk.at(size_t(t * nb + jb)));
               dup[g] = -beta * dw[g];
               dgv += dup[g] * *ublk.at(size_t(t * nb + jb));
+              if (prev) {
+                pdO[g] = *dOblk.at(size_t((t - 1) * nb + jb));
+                pw[g] = *wblk.at(size_t((t - 1) * nb + jb));
+              }
             }
-            switch (G) {
-              case 1: dgv += bt.passBC<1>(dS, Sp, dO, dup, first); break;
-              case 2: dgv += bt.passBC<2>(dS, Sp, dO, dup, first); break;
-              case 3: dgv += bt.passBC<3>(dS, Sp, dO, dup, first); break;
-              default: dgv += bt.passBC<4>(dS, Sp, dO, dup, first); break;
+            const bool first = jb0 == 0;
+            const float* pq = prev ? q - K : nullptr;
+            const float* pk = prev ? k - K : nullptr;
+#define RK_DELTA_BCA(GG, PREV) \
+  dgv += bs2.passBCA<GG, PREV>(dS, Sp, k, e, dO, dup, accQ.at(0), accK, pq, pk, pdO, pw, dw, prevAccK, first)
+            if (prev) {
+              switch (G) {
+                case 1: RK_DELTA_BCA(1, true); break;
+                case 2: RK_DELTA_BCA(2, true); break;
+                case 3: RK_DELTA_BCA(3, true); break;
+                default: RK_DELTA_BCA(4, true); break;
+              }
+            } else {
+              switch (G) {
+                case 1: RK_DELTA_BCA(1, false); break;
+                case 2: RK_DELTA_BCA(2, false); break;
+                case 3: RK_DELTA_BCA(3, false); break;
+                default: RK_DELTA_BCA(4, false); break;
+              }
             }
+#undef RK_DELTA_BCA
           }
           const float wdOs = laneSum(wdO);
           float* dq = dqn + d.qk(sg.batch, pos, h);
           float* dk = dkn + d.qk(sg.batch, pos, h);
-          for (int64_t i0 = 0; i0 < K; i0 += kLanes) {
+          for (int64_t r0 = 0; r0 < K; r0 += kLanes) {
             float sq[kLanes], sk[kLanes];
-            const Lanes vq = laneSums16(accQ.at(size_t(i0))), vk = laneSums16(accK.at(size_t(i0)));
+            const Lanes vq = laneSums16(accQ.at(size_t(r0))), vk = laneSums16(accK + r0);
             std::memcpy(sq, &vq, sizeof sq);
             std::memcpy(sk, &vk, sizeof sk);
-            for (int64_t l = 0; l < std::min<int64_t>(kLanes, K - i0); ++l) {
-              dq[i0 + l] += a.scale * (e * sq[l] + k[i0 + l] * wdOs);
-              dk[i0 + l] += sk[l];
+            for (int64_t l = 0; l < std::min<int64_t>(kLanes, K - r0); ++l) {
+              dq[r0 + l] += a.scale * (e * sq[l] + k[r0 + l] * wdOs);
+              dk[r0 + l] += sk[l];
             }
           }
           gr.dg[d.gb(sg.batch, pos, hv)] = e * laneSum(dgv);
