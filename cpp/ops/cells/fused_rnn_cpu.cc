@@ -274,33 +274,19 @@ RK_ALWAYS_INLINE void cellBwdAny(CellKind c, const CellGradIo& io) {
   }
 }
 
-// The hot code per instruction set, and the tallest tile (rows) per tile width that keeps the
-// accumulators, the B vectors and a broadcast in registers.
+// The tallest tile (rows) per tile width that keeps the accumulators, the B vectors and a broadcast
+// in registers, for the instruction set the thread bodies below run with.
 struct Kernels {
-  void (*tile)(const TileArgs&, int mr, int nv);
-  void (*cellFwd)(CellKind, const CellIo&);
-  void (*cellBwd)(CellKind, const CellGradIo&);
   int rows[kMaxVecs + 1];
 };
-
-#define RK_CELLS_ISA(SUFFIX, ATTR)                                                         \
-  ATTR void tile##SUFFIX(const TileArgs& p, int mr, int nv) { tileAny(p, mr, nv); }        \
-  ATTR void cellFwd##SUFFIX(CellKind c, const CellIo& io) { cellFwdAny(c, io); }           \
-  ATTR void cellBwd##SUFFIX(CellKind c, const CellGradIo& io) { cellBwdAny(c, io); }
-
-RK_CELLS_ISA(Base, )
-#ifdef RK_X86_MULTIVERSION
-RK_CELLS_ISA(Avx2, RK_ISA_TARGET_AVX2)
-RK_CELLS_ISA(Avx512, RK_ISA_TARGET_AVX512)
-#endif
 
 const Kernels& kernels() {
   static const Kernels chosen = [] {
 #ifdef RK_X86_MULTIVERSION
-    if (isa() == Isa::Avx512) return Kernels{tileAvx512, cellFwdAvx512, cellBwdAvx512, {0, 8, 8, 8, 6}};
-    if (isa() == Isa::Avx2) return Kernels{tileAvx2, cellFwdAvx2, cellBwdAvx2, {0, 4, 2, 1, 1}};
+    if (isa() == Isa::Avx512) return Kernels{{0, 8, 8, 8, 6}};
+    if (isa() == Isa::Avx2) return Kernels{{0, 4, 2, 1, 1}};
 #endif
-    return Kernels{tileBase, cellFwdBase, cellBwdBase, {0, 2, 1, 1, 1}};
+    return Kernels{{0, 2, 1, 1, 1}};
   }();
   return chosen;
 }
@@ -446,16 +432,421 @@ struct Dims {
 
 // ---- forward ----
 
-template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOutputs& o) {
+// Everything a forward thread shares with the others (set up by forwardImpl).
+template <typename St> struct FwdCtx {
+  const FusedRnnArgs& a;
+  const FusedRnnOutputs& o;
+  const Dims& d;
+  const Plan& plan;
+  SpinBarrier& bar;
+  LaneScratch& Rp;
+  Lanes* hb;
+  Lanes* sb;
+};
+
+// One thread of the forward pass: its share of the panel packing, then the time loop over the items
+// and rows it owns. Compiled per instruction set (below), so that the gathering of each step's gate
+// inputs and the stores around the GEMM tile and the cell update use the same vectors as they do.
+template <typename St> RK_ALWAYS_INLINE void forwardThreadBody(const FwdCtx<St>& c, int th) {
+  const FusedRnnArgs& a = c.a;
+  const FusedRnnOutputs& o = c.o;
+  const Dims& d = c.d;
+  const Plan& plan = c.plan;
+  SpinBarrier& bar = c.bar;
+  LaneScratch& Rp = c.Rp;
+  Lanes* const hb = c.hb;
+  Lanes* const sb = c.sb;
   const Kernels& K = kernels();
-  const Dims d(a);
   const int G = d.G, S = d.S;
-  const int64_t B = d.B, H = d.H, D = d.D, nblk = d.nblk;
+  const int64_t H = d.H, D = d.D, nblk = d.nblk;
   const int CB = d.cell == CellKind::Elman ? 2 : 1;  // blocks per panel
   const int64_t npanel = (nblk + CB - 1) / CB;
   const int64_t panelStride = int64_t(G) * CB * D;  // vectors
   const St* wx = static_cast<const St*>(a.wx);
   const St* R = static_cast<const St*>(a.R);
+  St* hOut = static_cast<St*>(o.h);
+  const bool last = a.returnLastOnly, saving = o.savedStates != nullptr && o.savedPre != nullptr;
+  const int64_t stateVecs = d.B * H * nblk;
+  const Own own = plan.own[size_t(th)];
+  const int64_t i0 = own.i0, i1 = own.i1;
+  const std::vector<int64_t> rows = rowBlocks(own.r0, own.r1, K.rows[G * CB]);
+  // Pack a share of the panels: Rp[(h, p)][k][cb * G + g] = R[g][h][k][(p * CB + cb) * 16 + lane].
+  const int64_t nItems = H * npanel;
+  for (int64_t it = nItems * th / plan.threads; it < nItems * (th + 1) / plan.threads; ++it) {
+    const int64_t h = it / npanel, p = it % npanel;
+    const int ncb = int(std::min<int64_t>(CB, nblk - p * CB)), nv = G * ncb;
+    Lanes* dst = Rp.at(0) + (h * npanel + p) * panelStride;
+    for (int64_t k = 0; k < D; ++k)
+      for (int cb = 0; cb < ncb; ++cb) {
+        const int64_t j0 = (p * CB + cb) * kLanes;
+        const int nj = int(std::min<int64_t>(kLanes, D - j0));
+        for (int g = 0; g < G; ++g) dst[k * nv + cb * G + g] = loadBlock(R + d.rw(g, h, k) + j0, nj);
+      }
+  }
+  bar.wait();
+  Lanes acc[kMaxRows * kMaxVecs], xs[kMaxRows * 2 * 4], rs[kMaxRows * 2 * 4], pv[kMaxRows * 2 * 4],
+      nx[kMaxRows * 2 * 4];
+  int64_t entB[kMaxRows * 2], entBlk[kMaxRows * 2];
+  for (int64_t t = 0; t < d.Tmax; ++t) {
+    const Lanes* hp = hb + (t & 1) * stateVecs;
+    Lanes* hn = hb + ((t + 1) & 1) * stateVecs;
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t h = it / npanel, p = it % npanel;
+      const int ncb = int(std::min<int64_t>(CB, nblk - p * CB)), nv = G * ncb;
+      for (size_t rb = 0; rb + 1 < rows.size(); ++rb) {
+        const int64_t b0 = rows[rb];
+        const int mr = int(rows[rb + 1] - b0);
+        bool any = false;
+        for (int m = 0; m < mr; ++m) any = any || t < d.len[size_t(b0 + m)];
+        if (any) {
+          TileArgs ta;
+          ta.A = reinterpret_cast<const float*>(hp + d.blk(b0, h));
+          ta.am = H * nblk * kLanes;
+          ta.aq = 1;
+          ta.B = Rp.at(0) + (h * npanel + p) * panelStride;
+          ta.bq = nv;
+          ta.K = D;
+          ta.acc = acc;
+          ta.accStride = nv;
+          tileAny(ta, mr, nv);
+        }
+        int n = 0;
+        for (int m = 0; m < mr; ++m) {
+          const int64_t b = b0 + m;
+          const bool active = t < d.len[size_t(b)];
+          for (int cb = 0; cb < ncb; ++cb) {
+            const int64_t bk = p * CB + cb, j0 = bk * kLanes;
+            const int nj = int(std::min<int64_t>(kLanes, D - j0));
+            const int64_t si = d.blk(b, h) + bk;
+            if (!active) {
+              hn[si] = hp[si];
+              if (!last) zeroElems(hOut + ((b * d.T + t) * H + h) * D + j0, nj);
+              if (saving) {
+                for (int s = 0; s < S; ++s) {
+                  const Lanes v = s == 0 ? hp[si] : sb[(s - 1) * stateVecs + si];
+                  storeBlock(o.savedStates + d.saved(t, s, b, h) + j0, nj, v);
+                }
+                for (int g = 0; g < G; ++g) zeroElems(o.savedPre + d.pre(t, b, g, h) + j0, nj);
+              }
+              continue;
+            }
+            for (int g = 0; g < G; ++g) {
+              const Lanes w = loadBlock(wx + d.wx(b, t, g, h) + j0, nj);
+              const Lanes bias = loadBlock(a.b + (g * H + h) * D + j0, nj);
+              const Lanes rec = acc[m * nv + cb * G + g];
+              if (d.cell == CellKind::Gru && g == 2) {
+                xs[n * G + g] = w;
+                rs[n * G + g] = rec + bias;
+              } else {
+                xs[n * G + g] = w + bias;
+                rs[n * G + g] = rec;
+              }
+            }
+            pv[n * S] = hp[si];
+            for (int s = 1; s < S; ++s) pv[n * S + s] = sb[(s - 1) * stateVecs + si];
+            entB[n] = b;
+            entBlk[n] = bk;
+            ++n;
+          }
+        }
+        if (n == 0) continue;
+        CellIo io;
+        io.n = n;
+        io.x = xs;
+        io.r = rs;
+        io.prev = pv;
+        io.next = nx;
+        cellFwdAny(d.cell, io);
+        for (int e = 0; e < n; ++e) {
+          const int64_t b = entB[e], bk = entBlk[e], j0 = bk * kLanes, si = d.blk(b, h) + bk;
+          const int nj = int(std::min<int64_t>(kLanes, D - j0));
+          hn[si] = nx[e * S];
+          for (int s = 1; s < S; ++s) sb[(s - 1) * stateVecs + si] = nx[e * S + s];
+          if (!last) storeBlock(hOut + ((b * d.T + t) * H + h) * D + j0, nj, nx[e * S]);
+          if (saving) {
+            for (int s = 0; s < S; ++s) storeBlock(o.savedStates + d.saved(t, s, b, h) + j0, nj, nx[e * S + s]);
+            for (int g = 0; g < G; ++g) {
+              const Lanes pre = (d.cell == CellKind::Gru && g == 2) ? rs[e * G + g] : xs[e * G + g] + rs[e * G + g];
+              storeBlock(o.savedPre + d.pre(t, b, g, h) + j0, nj, pre);
+            }
+          }
+        }
+      }
+    }
+    if (plan.sync) bar.wait();
+  }
+}
+
+// ---- backward ----
+
+// Everything a backward thread shares with the others (set up by backwardImpl).
+template <typename St> struct BwdCtx {
+  const FusedRnnArgs& a;
+  const FusedRnnGrads& gr;
+  const Dims& d;
+  const Plan& plan;
+  SpinBarrier& bar;
+  LaneScratch &RT, &gH, &gO, &dP, &dRacc, &hc;
+};
+
+// One thread of the backward pass (its share of R^T, the reverse time loop, dstates0, then its
+// share of dR and db), compiled per instruction set like the forward's.
+template <typename St> RK_ALWAYS_INLINE void backwardThreadBody(const BwdCtx<St>& c, int th) {
+  const FusedRnnArgs& a = c.a;
+  const FusedRnnGrads& gr = c.gr;
+  const Dims& d = c.d;
+  const Plan& plan = c.plan;
+  SpinBarrier& bar = c.bar;
+  LaneScratch &RT = c.RT, &gH = c.gH, &gO = c.gO, &dP = c.dP, &dRacc = c.dRacc, &hc = c.hc;
+  const Kernels& K = kernels();
+  const int G = d.G, S = d.S;
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, Dp = d.Dp, nblk = d.nblk, Tmax = d.Tmax;
+  const int64_t QW = G * Dp, QV = G * nblk;  // a row of dP: floats, vectors
+  const int64_t nkp = (nblk + kBwdPanel - 1) / kBwdPanel;
+  const int64_t rtStride = QW * kBwdPanel;  // vectors per (head, panel)
+  const int64_t nqp = (QV + kMaxVecs - 1) / kMaxVecs;
+  const int64_t rowsTotal = Tmax * B;
+  const St* wx = static_cast<const St*>(a.wx);
+  const St* R = static_cast<const St*>(a.R);
+  const St* dh = static_cast<const St*>(gr.dh);
+  St* dwx = static_cast<St*>(gr.dwx);
+  St* dR = static_cast<St*>(gr.dR);
+  const bool last = a.returnLastOnly;
+  const int64_t stateVecs = B * H * nblk;
+  const float zeros[kLanes] = {};
+  const Own own = plan.own[size_t(th)];
+  const int64_t i0 = own.i0, i1 = own.i1;
+  const std::vector<int64_t> rowsB = rowBlocks(own.r0, own.r1, K.rows[kBwdPanel]);
+  auto blocksOf = [&](int64_t it, int64_t* h, int64_t* k0, int* nvk) {
+    *h = it / nkp;
+    const int64_t kp = it % nkp;
+    *k0 = kp * kBwdPanel;
+    *nvk = int(std::min<int64_t>(kBwdPanel, nblk - *k0));
+  };
+  // Pack a share of R^T: RT[(h, kp)][q = g * Dp + j][v] lane l = R[g][h][(k0 + v) * 16 + l][j].
+  const int64_t nItems = H * nkp;
+  for (int64_t it = nItems * th / plan.threads; it < nItems * (th + 1) / plan.threads; ++it) {
+    int64_t h, k0;
+    int nvk;
+    blocksOf(it, &h, &k0, &nvk);
+    float* dst = reinterpret_cast<float*>(RT.at(0) + (h * nkp + it % nkp) * rtStride);
+    std::memset(dst, 0, size_t(QW * nvk) * sizeof(Lanes));
+    for (int v = 0; v < nvk; ++v)
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t k = (k0 + v) * kLanes + l;
+        if (k >= D) break;
+        for (int g = 0; g < G; ++g) {
+          const St* row = R + d.rw(g, h, k);
+          for (int64_t j = 0; j < D; ++j) dst[((g * Dp + j) * nvk + v) * kLanes + l] = Storage<St>::load(row[j]);
+        }
+      }
+  }
+  // Gradients flowing into the final states (and the last h), for the owned channels and rows.
+  for (int64_t it = i0; it < i1; ++it) {
+    int64_t h, k0;
+    int nvk;
+    blocksOf(it, &h, &k0, &nvk);
+    for (int64_t b = own.r0; b < own.r1; ++b)
+      for (int v = 0; v < nvk; ++v) {
+        const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
+        const int nj = int(std::min<int64_t>(kLanes, D - j0));
+        for (int s = 0; s < S; ++s) {
+          Lanes g0 = gr.dFinal ? loadBlock(gr.dFinal + d.st(s, b, h) + j0, nj) : Lanes{};
+          if (s == 0 && last && dh) g0 += loadBlock(dh + (b * H + h) * D + j0, nj);
+          (s == 0 ? gH.at(0) : gO.at(0) + (s - 1) * stateVecs)[si] = g0;
+        }
+      }
+  }
+  bar.wait();
+  Lanes xs[kBwdPanel * 4], rs[kBwdPanel * 4], pv[kBwdPanel * 4], gs[kBwdPanel * 4], gx[kBwdPanel * 4],
+      grr[kBwdPanel * 4], gp[kBwdPanel * 4];
+  for (int64_t t = Tmax - 1; t >= 0; --t) {
+    // (a) the cells' backward for the owned channels.
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t h, k0;
+      int nvk;
+      blocksOf(it, &h, &k0, &nvk);
+      for (int64_t b = own.r0; b < own.r1; ++b) {
+        Lanes* dProw = dP.at(0) + (h * rowsTotal + t * B + b) * QV;
+        if (t >= d.len[size_t(b)]) {
+          for (int v = 0; v < nvk; ++v) {
+            const int64_t j0 = (k0 + v) * kLanes;
+            const int nj = int(std::min<int64_t>(kLanes, D - j0));
+            for (int g = 0; g < G; ++g) {
+              zeroElems(dwx + d.wx(b, t, g, h) + j0, nj);
+              dProw[g * nblk + k0 + v] = Lanes{};
+            }
+          }
+          continue;
+        }
+        for (int v = 0; v < nvk; ++v) {
+          const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
+          const int nj = int(std::min<int64_t>(kLanes, D - j0));
+          for (int g = 0; g < G; ++g) {
+            xs[v * G + g] = loadBlock(gr.savedPre + d.pre(t, b, g, h) + j0, nj);
+            rs[v * G + g] = Lanes{};
+          }
+          if (d.cell == CellKind::Gru) {
+            rs[v * G + 2] = xs[v * G + 2];
+            xs[v * G + 2] = loadBlock(wx + d.wx(b, t, 2, h) + j0, nj);
+          }
+          for (int s = 0; s < S; ++s) {
+            const float* src = t > 0 ? gr.savedStates + d.saved(t - 1, s, b, h) + j0
+                                     : a.states0 ? a.states0 + d.st(s, b, h) + j0 : zeros;
+            pv[v * S + s] = loadBlock(src, nj);
+          }
+          Lanes g0 = gH.at(0)[si];
+          if (!last && dh) g0 += loadBlock(dh + ((b * T + t) * H + h) * D + j0, nj);
+          gs[v * S] = g0;
+          for (int s = 1; s < S; ++s) gs[v * S + s] = gO.at(0)[(s - 1) * stateVecs + si];
+        }
+        CellGradIo io;
+        io.n = nvk;
+        io.x = xs;
+        io.r = rs;
+        io.prev = pv;
+        io.g = gs;
+        io.gx = gx;
+        io.gr = grr;
+        io.gprev = gp;
+        cellBwdAny(d.cell, io);
+        for (int v = 0; v < nvk; ++v) {
+          const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
+          const int nj = int(std::min<int64_t>(kLanes, D - j0));
+          Lanes mask{};
+          for (int l = 0; l < nj; ++l) mask[l] = 1.0f;
+          for (int g = 0; g < G; ++g) {
+            storeBlock(dwx + d.wx(b, t, g, h) + j0, nj, gx[v * G + g]);
+            dProw[g * nblk + bk] = nj == kLanes ? grr[v * G + g] : grr[v * G + g] * mask;
+          }
+          gH.at(0)[si] = gp[v * S];
+          for (int s = 1; s < S; ++s) gO.at(0)[(s - 1) * stateVecs + si] = gp[v * S + s];
+        }
+      }
+    }
+    if (plan.sync) bar.wait();
+    // (b) dL/dh_{t-1} += dP_t @ R^T for the owned output blocks.
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t h, k0;
+      int nvk;
+      blocksOf(it, &h, &k0, &nvk);
+      for (size_t rb = 0; rb + 1 < rowsB.size(); ++rb) {
+        const int64_t b0 = rowsB[rb];
+        const int mr = int(rowsB[rb + 1] - b0);
+        bool any = false;
+        for (int m = 0; m < mr; ++m) any = any || t < d.len[size_t(b0 + m)];
+        if (!any) continue;
+        TileArgs ta;
+        ta.A = reinterpret_cast<const float*>(dP.at(0) + (h * rowsTotal + t * B + b0) * QV);
+        ta.am = QW;
+        ta.aq = 1;
+        ta.B = RT.at(0) + (h * nkp + it % nkp) * rtStride;
+        ta.bq = nvk;
+        ta.K = QW;
+        ta.acc = gH.at(0) + d.blk(b0, h) + k0;
+        ta.accStride = H * nblk;
+        ta.load = true;
+        tileAny(ta, mr, nvk);
+      }
+    }
+  }
+  // dL/dstates0 for the owned channels.
+  if (gr.dStates0) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t h, k0;
+      int nvk;
+      blocksOf(it, &h, &k0, &nvk);
+      for (int64_t b = own.r0; b < own.r1; ++b)
+        for (int v = 0; v < nvk; ++v) {
+          const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
+          const int nj = int(std::min<int64_t>(kLanes, D - j0));
+          for (int s = 0; s < S; ++s)
+            storeBlock(gr.dStates0 + d.st(s, b, h) + j0, nj, (s == 0 ? gH.at(0) : gO.at(0) + (s - 1) * stateVecs)[si]);
+        }
+    }
+  }
+  bar.wait();
+  // dR = sum over (step, row) of h_{t-1}^T dP, db = column sums of dP; items (head, 4 vectors of dP
+  // columns) split evenly, chunks of rows outermost so that a chunk's h_{t-1} is copied once.
+  const int64_t q0 = H * nqp * th / plan.threads, q1 = H * nqp * (th + 1) / plan.threads;
+  float* Hc = reinterpret_cast<float*>(hc.at(0) + int64_t(th) * kRowChunk * nblk);
+  for (int64_t r0 = 0; r0 < rowsTotal; r0 += kRowChunk) {
+    const int64_t nr = std::min(kRowChunk, rowsTotal - r0);
+    int64_t cached = -1;
+    for (int64_t it = q0; it < q1; ++it) {
+      const int64_t h = it / nqp, qp = it % nqp;
+      const int nqv = int(std::min<int64_t>(kMaxVecs, QV - qp * kMaxVecs));
+      if (h != cached) {
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          const int64_t tb = r0 + rr, t = tb / B, b = tb % B;
+          const float* src = t > 0 ? gr.savedStates + d.saved(t - 1, 0, b, h) : a.states0 ? a.states0 + d.st(0, b, h) : nullptr;
+          float* dst = Hc + rr * Dp;
+          if (src) std::memcpy(dst, src, size_t(D) * 4);
+          else std::memset(dst, 0, size_t(D) * 4);
+          for (int64_t j = D; j < Dp; ++j) dst[j] = 0.0f;
+        }
+        cached = h;
+      }
+      const int mrMax = K.rows[nqv];
+      for (int64_t k0 = 0; k0 < D; k0 += mrMax) {
+        TileArgs ta;
+        ta.A = Hc + k0;
+        ta.am = 1;
+        ta.aq = Dp;
+        ta.B = dP.at(0) + (h * rowsTotal + r0) * QV + qp * kMaxVecs;
+        ta.bq = QV;
+        ta.K = nr;
+        ta.acc = dRacc.at(0) + (h * D + k0) * QV + qp * kMaxVecs;
+        ta.accStride = QV;
+        ta.load = r0 > 0;
+        tileAny(ta, int(std::min<int64_t>(mrMax, D - k0)), nqv);
+      }
+    }
+  }
+  for (int64_t it = q0; it < q1; ++it) {
+    const int64_t h = it / nqp, qp = it % nqp;
+    const int nqv = int(std::min<int64_t>(kMaxVecs, QV - qp * kMaxVecs));
+    for (int v = 0; v < nqv; ++v) {
+      const int64_t qv = qp * kMaxVecs + v;
+      const int g = int(qv / nblk);
+      const int64_t j0 = (qv % nblk) * kLanes;
+      const int nj = int(std::min<int64_t>(kLanes, D - j0));
+      Lanes sum{};
+      const Lanes* col = dP.at(0) + h * rowsTotal * QV + qv;
+      for (int64_t tb = 0; tb < rowsTotal; ++tb) sum += col[tb * QV];
+      storeBlock(gr.db + (g * H + h) * D + j0, nj, sum);
+      for (int64_t k = 0; k < D; ++k) {
+        const Lanes v2 = rowsTotal > 0 ? dRacc.at(0)[(h * D + k) * QV + qv] : Lanes{};
+        storeBlock(dR + d.rw(g, h, k) + j0, nj, v2);
+      }
+    }
+  }
+}
+
+// The thread bodies compiled per instruction set, and picked at run time.
+#define RK_CELLS_VARIANTS(SUFFIX, ATTR)                                                                   \
+  template <typename St> ATTR void forwardThread##SUFFIX(const FwdCtx<St>& c, int th) {                 \
+    forwardThreadBody<St>(c, th);                                                                        \
+  }                                                                                                      \
+  template <typename St> ATTR void backwardThread##SUFFIX(const BwdCtx<St>& c, int th) {                \
+    backwardThreadBody<St>(c, th);                                                                       \
+  }
+RK_CELLS_VARIANTS(Base, )
+#ifdef RK_X86_MULTIVERSION
+RK_CELLS_VARIANTS(Avx2, RK_ISA_TARGET_AVX2)
+RK_CELLS_VARIANTS(Avx512, RK_ISA_TARGET_AVX512)
+#endif
+template <typename St> RK_DISPATCH(forwardThread, (const FwdCtx<St>& c, int th), (c, th))
+template <typename St> RK_DISPATCH(backwardThread, (const BwdCtx<St>& c, int th), (c, th))
+
+
+template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOutputs& o) {
+  const Dims d(a);
+  const int G = d.G, S = d.S;
+  const int64_t B = d.B, H = d.H, D = d.D, nblk = d.nblk;
+  const int CB = d.cell == CellKind::Elman ? 2 : 1;  // blocks per panel (as in forwardThreadBody)
+  const int64_t npanel = (nblk + CB - 1) / CB;
+  const int64_t panelStride = int64_t(G) * CB * D;  // vectors
   St* hOut = static_cast<St*>(o.h);
   const bool last = a.returnLastOnly, saving = o.savedStates != nullptr && o.savedPre != nullptr;
   const int64_t stateVecs = B * H * nblk;
@@ -475,116 +866,8 @@ template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOut
   const Plan plan = makePlan(H, npanel, B, d.fmaPerStep(), d.fmaPerStep() * double(d.Tmax));
   SpinBarrier bar(plan.threads);
 
-  runThreads(plan.threads, [&](int th) {
-    const Own own = plan.own[size_t(th)];
-    const int64_t i0 = own.i0, i1 = own.i1;
-    const std::vector<int64_t> rows = rowBlocks(own.r0, own.r1, K.rows[G * CB]);
-    // Pack a share of the panels: Rp[(h, p)][k][cb * G + g] = R[g][h][k][(p * CB + cb) * 16 + lane].
-    const int64_t nItems = H * npanel;
-    for (int64_t it = nItems * th / plan.threads; it < nItems * (th + 1) / plan.threads; ++it) {
-      const int64_t h = it / npanel, p = it % npanel;
-      const int ncb = int(std::min<int64_t>(CB, nblk - p * CB)), nv = G * ncb;
-      Lanes* dst = Rp.at(0) + (h * npanel + p) * panelStride;
-      for (int64_t k = 0; k < D; ++k)
-        for (int cb = 0; cb < ncb; ++cb) {
-          const int64_t j0 = (p * CB + cb) * kLanes;
-          const int nj = int(std::min<int64_t>(kLanes, D - j0));
-          for (int g = 0; g < G; ++g) dst[k * nv + cb * G + g] = loadBlock(R + d.rw(g, h, k) + j0, nj);
-        }
-    }
-    bar.wait();
-    Lanes acc[kMaxRows * kMaxVecs], xs[kMaxRows * 2 * 4], rs[kMaxRows * 2 * 4], pv[kMaxRows * 2 * 4],
-        nx[kMaxRows * 2 * 4];
-    int64_t entB[kMaxRows * 2], entBlk[kMaxRows * 2];
-    for (int64_t t = 0; t < d.Tmax; ++t) {
-      const Lanes* hp = hb + (t & 1) * stateVecs;
-      Lanes* hn = hb + ((t + 1) & 1) * stateVecs;
-      for (int64_t it = i0; it < i1; ++it) {
-        const int64_t h = it / npanel, p = it % npanel;
-        const int ncb = int(std::min<int64_t>(CB, nblk - p * CB)), nv = G * ncb;
-        for (size_t rb = 0; rb + 1 < rows.size(); ++rb) {
-          const int64_t b0 = rows[rb];
-          const int mr = int(rows[rb + 1] - b0);
-          bool any = false;
-          for (int m = 0; m < mr; ++m) any = any || t < d.len[size_t(b0 + m)];
-          if (any) {
-            TileArgs ta;
-            ta.A = reinterpret_cast<const float*>(hp + d.blk(b0, h));
-            ta.am = H * nblk * kLanes;
-            ta.aq = 1;
-            ta.B = Rp.at(0) + (h * npanel + p) * panelStride;
-            ta.bq = nv;
-            ta.K = D;
-            ta.acc = acc;
-            ta.accStride = nv;
-            K.tile(ta, mr, nv);
-          }
-          int n = 0;
-          for (int m = 0; m < mr; ++m) {
-            const int64_t b = b0 + m;
-            const bool active = t < d.len[size_t(b)];
-            for (int cb = 0; cb < ncb; ++cb) {
-              const int64_t bk = p * CB + cb, j0 = bk * kLanes;
-              const int nj = int(std::min<int64_t>(kLanes, D - j0));
-              const int64_t si = d.blk(b, h) + bk;
-              if (!active) {
-                hn[si] = hp[si];
-                if (!last) zeroElems(hOut + ((b * d.T + t) * H + h) * D + j0, nj);
-                if (saving) {
-                  for (int s = 0; s < S; ++s) {
-                    const Lanes v = s == 0 ? hp[si] : sb[(s - 1) * stateVecs + si];
-                    storeBlock(o.savedStates + d.saved(t, s, b, h) + j0, nj, v);
-                  }
-                  for (int g = 0; g < G; ++g) zeroElems(o.savedPre + d.pre(t, b, g, h) + j0, nj);
-                }
-                continue;
-              }
-              for (int g = 0; g < G; ++g) {
-                const Lanes w = loadBlock(wx + d.wx(b, t, g, h) + j0, nj);
-                const Lanes bias = loadBlock(a.b + (g * H + h) * D + j0, nj);
-                const Lanes rec = acc[m * nv + cb * G + g];
-                if (d.cell == CellKind::Gru && g == 2) {
-                  xs[n * G + g] = w;
-                  rs[n * G + g] = rec + bias;
-                } else {
-                  xs[n * G + g] = w + bias;
-                  rs[n * G + g] = rec;
-                }
-              }
-              pv[n * S] = hp[si];
-              for (int s = 1; s < S; ++s) pv[n * S + s] = sb[(s - 1) * stateVecs + si];
-              entB[n] = b;
-              entBlk[n] = bk;
-              ++n;
-            }
-          }
-          if (n == 0) continue;
-          CellIo io;
-          io.n = n;
-          io.x = xs;
-          io.r = rs;
-          io.prev = pv;
-          io.next = nx;
-          K.cellFwd(d.cell, io);
-          for (int e = 0; e < n; ++e) {
-            const int64_t b = entB[e], bk = entBlk[e], j0 = bk * kLanes, si = d.blk(b, h) + bk;
-            const int nj = int(std::min<int64_t>(kLanes, D - j0));
-            hn[si] = nx[e * S];
-            for (int s = 1; s < S; ++s) sb[(s - 1) * stateVecs + si] = nx[e * S + s];
-            if (!last) storeBlock(hOut + ((b * d.T + t) * H + h) * D + j0, nj, nx[e * S]);
-            if (saving) {
-              for (int s = 0; s < S; ++s) storeBlock(o.savedStates + d.saved(t, s, b, h) + j0, nj, nx[e * S + s]);
-              for (int g = 0; g < G; ++g) {
-                const Lanes pre = (d.cell == CellKind::Gru && g == 2) ? rs[e * G + g] : xs[e * G + g] + rs[e * G + g];
-                storeBlock(o.savedPre + d.pre(t, b, g, h) + j0, nj, pre);
-              }
-            }
-          }
-        }
-      }
-      if (plan.sync) bar.wait();
-    }
-  });
+  const FwdCtx<St> ctx{a, o, d, plan, bar, Rp, hb, sb};
+  runThreads(plan.threads, [&](int th) { forwardThread<St>(ctx, th); });
 
   // The final states (every row's length is reached by Tmax), steps past every length, last h.
   const Lanes* hf = hb + (d.Tmax & 1) * stateVecs;
@@ -614,24 +897,15 @@ template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOut
   }
 }
 
-// ---- backward ----
-
 template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGrads& gr) {
-  const Kernels& K = kernels();
   const Dims d(a);
   const int G = d.G, S = d.S;
-  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, Dp = d.Dp, nblk = d.nblk, Tmax = d.Tmax;
-  const int64_t QW = G * Dp, QV = G * nblk;  // a row of dP: floats, vectors
+  const int64_t B = d.B, T = d.T, H = d.H, D = d.D, nblk = d.nblk, Tmax = d.Tmax;
+  const int64_t QW = G * d.Dp, QV = G * nblk;  // a row of dP: floats, vectors
   const int64_t nkp = (nblk + kBwdPanel - 1) / kBwdPanel;
   const int64_t rtStride = QW * kBwdPanel;  // vectors per (head, panel)
-  const int64_t nqp = (QV + kMaxVecs - 1) / kMaxVecs;
   const int64_t rowsTotal = Tmax * B;
-  const St* wx = static_cast<const St*>(a.wx);
-  const St* R = static_cast<const St*>(a.R);
-  const St* dh = static_cast<const St*>(gr.dh);
   St* dwx = static_cast<St*>(gr.dwx);
-  St* dR = static_cast<St*>(gr.dR);
-  const bool last = a.returnLastOnly;
   const int64_t stateVecs = B * H * nblk;
 
   LaneScratch RT{size_t(H * nkp * rtStride)};
@@ -641,221 +915,12 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
   const Plan plan = makePlan(H, nkp, B, d.fmaPerStep(), d.fmaPerStep() * double(Tmax));
   LaneScratch hc{size_t(int64_t(plan.threads) * kRowChunk * nblk)};
   SpinBarrier bar(plan.threads);
-  const float zeros[kLanes] = {};
 
-  runThreads(plan.threads, [&](int th) {
-    const Own own = plan.own[size_t(th)];
-    const int64_t i0 = own.i0, i1 = own.i1;
-    const std::vector<int64_t> rowsB = rowBlocks(own.r0, own.r1, K.rows[kBwdPanel]);
-    auto blocksOf = [&](int64_t it, int64_t* h, int64_t* k0, int* nvk) {
-      *h = it / nkp;
-      const int64_t kp = it % nkp;
-      *k0 = kp * kBwdPanel;
-      *nvk = int(std::min<int64_t>(kBwdPanel, nblk - *k0));
-    };
-    // Pack a share of R^T: RT[(h, kp)][q = g * Dp + j][v] lane l = R[g][h][(k0 + v) * 16 + l][j].
-    const int64_t nItems = H * nkp;
-    for (int64_t it = nItems * th / plan.threads; it < nItems * (th + 1) / plan.threads; ++it) {
-      int64_t h, k0;
-      int nvk;
-      blocksOf(it, &h, &k0, &nvk);
-      float* dst = reinterpret_cast<float*>(RT.at(0) + (h * nkp + it % nkp) * rtStride);
-      std::memset(dst, 0, size_t(QW * nvk) * sizeof(Lanes));
-      for (int v = 0; v < nvk; ++v)
-        for (int l = 0; l < kLanes; ++l) {
-          const int64_t k = (k0 + v) * kLanes + l;
-          if (k >= D) break;
-          for (int g = 0; g < G; ++g) {
-            const St* row = R + d.rw(g, h, k);
-            for (int64_t j = 0; j < D; ++j) dst[((g * Dp + j) * nvk + v) * kLanes + l] = Storage<St>::load(row[j]);
-          }
-        }
-    }
-    // Gradients flowing into the final states (and the last h), for the owned channels and rows.
-    for (int64_t it = i0; it < i1; ++it) {
-      int64_t h, k0;
-      int nvk;
-      blocksOf(it, &h, &k0, &nvk);
-      for (int64_t b = own.r0; b < own.r1; ++b)
-        for (int v = 0; v < nvk; ++v) {
-          const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
-          const int nj = int(std::min<int64_t>(kLanes, D - j0));
-          for (int s = 0; s < S; ++s) {
-            Lanes g0 = gr.dFinal ? loadBlock(gr.dFinal + d.st(s, b, h) + j0, nj) : Lanes{};
-            if (s == 0 && last && dh) g0 += loadBlock(dh + (b * H + h) * D + j0, nj);
-            (s == 0 ? gH.at(0) : gO.at(0) + (s - 1) * stateVecs)[si] = g0;
-          }
-        }
-    }
-    bar.wait();
-    Lanes xs[kBwdPanel * 4], rs[kBwdPanel * 4], pv[kBwdPanel * 4], gs[kBwdPanel * 4], gx[kBwdPanel * 4],
-        grr[kBwdPanel * 4], gp[kBwdPanel * 4];
-    for (int64_t t = Tmax - 1; t >= 0; --t) {
-      // (a) the cells' backward for the owned channels.
-      for (int64_t it = i0; it < i1; ++it) {
-        int64_t h, k0;
-        int nvk;
-        blocksOf(it, &h, &k0, &nvk);
-        for (int64_t b = own.r0; b < own.r1; ++b) {
-          Lanes* dProw = dP.at(0) + (h * rowsTotal + t * B + b) * QV;
-          if (t >= d.len[size_t(b)]) {
-            for (int v = 0; v < nvk; ++v) {
-              const int64_t j0 = (k0 + v) * kLanes;
-              const int nj = int(std::min<int64_t>(kLanes, D - j0));
-              for (int g = 0; g < G; ++g) {
-                zeroElems(dwx + d.wx(b, t, g, h) + j0, nj);
-                dProw[g * nblk + k0 + v] = Lanes{};
-              }
-            }
-            continue;
-          }
-          for (int v = 0; v < nvk; ++v) {
-            const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
-            const int nj = int(std::min<int64_t>(kLanes, D - j0));
-            for (int g = 0; g < G; ++g) {
-              xs[v * G + g] = loadBlock(gr.savedPre + d.pre(t, b, g, h) + j0, nj);
-              rs[v * G + g] = Lanes{};
-            }
-            if (d.cell == CellKind::Gru) {
-              rs[v * G + 2] = xs[v * G + 2];
-              xs[v * G + 2] = loadBlock(wx + d.wx(b, t, 2, h) + j0, nj);
-            }
-            for (int s = 0; s < S; ++s) {
-              const float* src = t > 0 ? gr.savedStates + d.saved(t - 1, s, b, h) + j0
-                                       : a.states0 ? a.states0 + d.st(s, b, h) + j0 : zeros;
-              pv[v * S + s] = loadBlock(src, nj);
-            }
-            Lanes g0 = gH.at(0)[si];
-            if (!last && dh) g0 += loadBlock(dh + ((b * T + t) * H + h) * D + j0, nj);
-            gs[v * S] = g0;
-            for (int s = 1; s < S; ++s) gs[v * S + s] = gO.at(0)[(s - 1) * stateVecs + si];
-          }
-          CellGradIo io;
-          io.n = nvk;
-          io.x = xs;
-          io.r = rs;
-          io.prev = pv;
-          io.g = gs;
-          io.gx = gx;
-          io.gr = grr;
-          io.gprev = gp;
-          K.cellBwd(d.cell, io);
-          for (int v = 0; v < nvk; ++v) {
-            const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
-            const int nj = int(std::min<int64_t>(kLanes, D - j0));
-            Lanes mask{};
-            for (int l = 0; l < nj; ++l) mask[l] = 1.0f;
-            for (int g = 0; g < G; ++g) {
-              storeBlock(dwx + d.wx(b, t, g, h) + j0, nj, gx[v * G + g]);
-              dProw[g * nblk + bk] = nj == kLanes ? grr[v * G + g] : grr[v * G + g] * mask;
-            }
-            gH.at(0)[si] = gp[v * S];
-            for (int s = 1; s < S; ++s) gO.at(0)[(s - 1) * stateVecs + si] = gp[v * S + s];
-          }
-        }
-      }
-      if (plan.sync) bar.wait();
-      // (b) dL/dh_{t-1} += dP_t @ R^T for the owned output blocks.
-      for (int64_t it = i0; it < i1; ++it) {
-        int64_t h, k0;
-        int nvk;
-        blocksOf(it, &h, &k0, &nvk);
-        for (size_t rb = 0; rb + 1 < rowsB.size(); ++rb) {
-          const int64_t b0 = rowsB[rb];
-          const int mr = int(rowsB[rb + 1] - b0);
-          bool any = false;
-          for (int m = 0; m < mr; ++m) any = any || t < d.len[size_t(b0 + m)];
-          if (!any) continue;
-          TileArgs ta;
-          ta.A = reinterpret_cast<const float*>(dP.at(0) + (h * rowsTotal + t * B + b0) * QV);
-          ta.am = QW;
-          ta.aq = 1;
-          ta.B = RT.at(0) + (h * nkp + it % nkp) * rtStride;
-          ta.bq = nvk;
-          ta.K = QW;
-          ta.acc = gH.at(0) + d.blk(b0, h) + k0;
-          ta.accStride = H * nblk;
-          ta.load = true;
-          K.tile(ta, mr, nvk);
-        }
-      }
-    }
-    // dL/dstates0 for the owned channels.
-    if (gr.dStates0) {
-      for (int64_t it = i0; it < i1; ++it) {
-        int64_t h, k0;
-        int nvk;
-        blocksOf(it, &h, &k0, &nvk);
-        for (int64_t b = own.r0; b < own.r1; ++b)
-          for (int v = 0; v < nvk; ++v) {
-            const int64_t bk = k0 + v, j0 = bk * kLanes, si = d.blk(b, h) + bk;
-            const int nj = int(std::min<int64_t>(kLanes, D - j0));
-            for (int s = 0; s < S; ++s)
-              storeBlock(gr.dStates0 + d.st(s, b, h) + j0, nj, (s == 0 ? gH.at(0) : gO.at(0) + (s - 1) * stateVecs)[si]);
-          }
-      }
-    }
-    bar.wait();
-    // dR = sum over (step, row) of h_{t-1}^T dP, db = column sums of dP; items (head, 4 vectors of dP
-    // columns) split evenly, chunks of rows outermost so that a chunk's h_{t-1} is copied once.
-    const int64_t q0 = H * nqp * th / plan.threads, q1 = H * nqp * (th + 1) / plan.threads;
-    float* Hc = reinterpret_cast<float*>(hc.at(0) + int64_t(th) * kRowChunk * nblk);
-    for (int64_t r0 = 0; r0 < rowsTotal; r0 += kRowChunk) {
-      const int64_t nr = std::min(kRowChunk, rowsTotal - r0);
-      int64_t cached = -1;
-      for (int64_t it = q0; it < q1; ++it) {
-        const int64_t h = it / nqp, qp = it % nqp;
-        const int nqv = int(std::min<int64_t>(kMaxVecs, QV - qp * kMaxVecs));
-        if (h != cached) {
-          for (int64_t rr = 0; rr < nr; ++rr) {
-            const int64_t tb = r0 + rr, t = tb / B, b = tb % B;
-            const float* src = t > 0 ? gr.savedStates + d.saved(t - 1, 0, b, h) : a.states0 ? a.states0 + d.st(0, b, h) : nullptr;
-            float* dst = Hc + rr * Dp;
-            if (src) std::memcpy(dst, src, size_t(D) * 4);
-            else std::memset(dst, 0, size_t(D) * 4);
-            for (int64_t j = D; j < Dp; ++j) dst[j] = 0.0f;
-          }
-          cached = h;
-        }
-        const int mrMax = K.rows[nqv];
-        for (int64_t k0 = 0; k0 < D; k0 += mrMax) {
-          TileArgs ta;
-          ta.A = Hc + k0;
-          ta.am = 1;
-          ta.aq = Dp;
-          ta.B = dP.at(0) + (h * rowsTotal + r0) * QV + qp * kMaxVecs;
-          ta.bq = QV;
-          ta.K = nr;
-          ta.acc = dRacc.at(0) + (h * D + k0) * QV + qp * kMaxVecs;
-          ta.accStride = QV;
-          ta.load = r0 > 0;
-          K.tile(ta, int(std::min<int64_t>(mrMax, D - k0)), nqv);
-        }
-      }
-    }
-    for (int64_t it = q0; it < q1; ++it) {
-      const int64_t h = it / nqp, qp = it % nqp;
-      const int nqv = int(std::min<int64_t>(kMaxVecs, QV - qp * kMaxVecs));
-      for (int v = 0; v < nqv; ++v) {
-        const int64_t qv = qp * kMaxVecs + v;
-        const int g = int(qv / nblk);
-        const int64_t j0 = (qv % nblk) * kLanes;
-        const int nj = int(std::min<int64_t>(kLanes, D - j0));
-        Lanes sum{};
-        const Lanes* col = dP.at(0) + h * rowsTotal * QV + qv;
-        for (int64_t tb = 0; tb < rowsTotal; ++tb) sum += col[tb * QV];
-        storeBlock(gr.db + (g * H + h) * D + j0, nj, sum);
-        for (int64_t k = 0; k < D; ++k) {
-          const Lanes v2 = rowsTotal > 0 ? dRacc.at(0)[(h * D + k) * QV + qv] : Lanes{};
-          storeBlock(dR + d.rw(g, h, k) + j0, nj, v2);
-        }
-      }
-    }
-  });
+  const BwdCtx<St> ctx{a, gr, d, plan, bar, RT, gH, gO, dP, dRacc, hc};
+  runThreads(plan.threads, [&](int th) { backwardThread<St>(ctx, th); });
 
   for (int64_t b = 0; b < B; ++b)
     if (Tmax < T) zeroElems(dwx + d.wx(b, Tmax, 0, 0), (T - Tmax) * G * H * D);
-  (void)Dp;
 }
 
 }  // namespace
