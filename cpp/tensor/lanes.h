@@ -81,14 +81,17 @@ RK_ALWAYS_INLINE Lanes laneSums16(const Lanes* r) {
   return RK_SHUFFLE(out, out, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
 }
 
-// Zero-initialised working memory of `rows` Lanes, 64-byte aligned: the AVX-512 loops use aligned
-// loads, whatever alignment the baseline target gives the Lanes type.
+// Working memory of `rows` Lanes, 64-byte aligned (the AVX-512 loops use aligned loads, whatever
+// alignment the baseline target gives the Lanes type). Zero-initialised unless the caller writes
+// every row before reading it (zero = false): for buffers of hundreds of MB the single-threaded
+// memset, and the page faults it takes on the calling thread, cost more than the kernels that then
+// fill them in parallel.
 struct LaneScratch {
   Lanes* mem;
-  explicit LaneScratch(size_t rows)
+  explicit LaneScratch(size_t rows, bool zero = true)
       : mem(static_cast<Lanes*>(std::aligned_alloc(64, std::max<size_t>(rows, 1) * 64))) {
     if (!mem) throw std::bad_alloc();
-    std::memset(static_cast<void*>(mem), 0, std::max<size_t>(rows, 1) * 64);
+    if (zero) std::memset(static_cast<void*>(mem), 0, std::max<size_t>(rows, 1) * 64);
   }
   ~LaneScratch() { std::free(mem); }
   LaneScratch(const LaneScratch&) = delete;

@@ -910,7 +910,7 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
 
   LaneScratch RT{size_t(H * nkp * rtStride)};
   LaneScratch gH{size_t(stateVecs)}, gO{size_t(std::max(S - 1, 0) * stateVecs)};
-  LaneScratch dP{size_t(H * rowsTotal * QV)};
+  LaneScratch dP{size_t(H * rowsTotal * QV), false};  // every row written by (a) before any read
   LaneScratch dRacc{size_t(H * D * QV)};
   const Plan plan = makePlan(H, nkp, B, d.fmaPerStep(), d.fmaPerStep() * double(Tmax));
   LaneScratch hc{size_t(int64_t(plan.threads) * kRowChunk * nblk)};
