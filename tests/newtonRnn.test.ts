@@ -268,11 +268,12 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
       // A fixed damping does not make every stiff problem converge, even in float64 (about one random
       // problem in 25 here stalls with a residual near 1e-3): draw problems until the float64 damped
       // iteration converges within 300 steps on both rows, then ask the kernel to converge within 1000.
-      let p = problem(cell, 2, T, heads, D, { device, rScale, wxScale: cell === 'elman' ? 1 : 2 });
-      for (let draw = 1; draw < 20; draw++) {
+      const draw = () => problem(cell, 2, T, heads, D, { device, rScale, wxScale: cell === 'elman' ? 1 : 2 });
+      let p = draw();
+      for (let n = 1; n < 20; n++) {
         const exact = newtonRnnIterate(p.ref, p.dims, { jacobian: 'diagonal', maxIters: 300, tolAbs: 1e-5, tolRel: 0, damping });
         if (exact.converged.every(Boolean)) break;
-        p = problem(cell, 2, T, heads, D, { device, rScale, wxScale: cell === 'elman' ? 1 : 2 });
+        p = draw();
       }
       const jacobian = cell === 'elman' ? 'diagonal' as const : 'full' as const;
       const opts = { cell, jacobian, mode: 'newton' as const, damping, maxIters: 1000, tol: { abs: 1e-5, rel: 0 } };

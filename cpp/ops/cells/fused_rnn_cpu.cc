@@ -407,6 +407,13 @@ struct Dims {
   int G, S;
   int64_t B, T, H, D, Dp, nblk, Tmax;
   std::vector<int64_t> len;
+  // Internal layouts, shared by the set-up (buffer sizes) and the thread bodies (indexing).
+  int CB;                     // forward: 16-channel blocks per panel of R
+  int64_t npanel, panelStride;  // forward: panels per head, vectors per panel
+  int64_t stateVecs;          // vectors of one fp32 state buffer, [B, H, nblk]
+  int64_t QW, QV;             // backward: a row of dP, in floats and in vectors
+  int64_t nkp, rtStride;      // backward: panels of R^T per head, vectors per panel
+  int64_t rowsTotal;          // backward: (step, row) pairs of dP per head
   explicit Dims(const FusedRnnArgs& a)
       : cell(a.cell), G(rkcuda::cellGates(a.cell)), S(rkcuda::cellStates(a.cell)), B(a.batch), T(a.T), H(a.heads),
         D(a.headDim) {
@@ -418,6 +425,15 @@ struct Dims {
       len[size_t(b)] = a.lengths ? std::clamp<int64_t>(a.lengths[b], 0, T) : T;
       Tmax = std::max(Tmax, len[size_t(b)]);
     }
+    CB = cell == CellKind::Elman ? 2 : 1;
+    npanel = (nblk + CB - 1) / CB;
+    panelStride = int64_t(G) * CB * D;
+    stateVecs = B * H * nblk;
+    QW = G * Dp;
+    QV = G * nblk;
+    nkp = (nblk + kBwdPanel - 1) / kBwdPanel;
+    rtStride = QW * kBwdPanel;
+    rowsTotal = Tmax * B;
   }
   // Offsets into the contract's layouts.
   int64_t wx(int64_t b, int64_t t, int g, int64_t h) const { return (((b * T + t) * G + g) * H + h) * D; }
@@ -459,14 +475,12 @@ template <typename St> RK_ALWAYS_INLINE void forwardThreadBody(const FwdCtx<St>&
   const Kernels& K = kernels();
   const int G = d.G, S = d.S;
   const int64_t H = d.H, D = d.D, nblk = d.nblk;
-  const int CB = d.cell == CellKind::Elman ? 2 : 1;  // blocks per panel
-  const int64_t npanel = (nblk + CB - 1) / CB;
-  const int64_t panelStride = int64_t(G) * CB * D;  // vectors
+  const int CB = d.CB;
+  const int64_t npanel = d.npanel, panelStride = d.panelStride, stateVecs = d.stateVecs;
   const St* wx = static_cast<const St*>(a.wx);
   const St* R = static_cast<const St*>(a.R);
   St* hOut = static_cast<St*>(o.h);
   const bool last = a.returnLastOnly, saving = o.savedStates != nullptr && o.savedPre != nullptr;
-  const int64_t stateVecs = d.B * H * nblk;
   const Own own = plan.own[size_t(th)];
   const int64_t i0 = own.i0, i1 = own.i1;
   const std::vector<int64_t> rows = rowBlocks(own.r0, own.r1, K.rows[G * CB]);
@@ -601,18 +615,15 @@ template <typename St> RK_ALWAYS_INLINE void backwardThreadBody(const BwdCtx<St>
   const Kernels& K = kernels();
   const int G = d.G, S = d.S;
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, Dp = d.Dp, nblk = d.nblk, Tmax = d.Tmax;
-  const int64_t QW = G * Dp, QV = G * nblk;  // a row of dP: floats, vectors
-  const int64_t nkp = (nblk + kBwdPanel - 1) / kBwdPanel;
-  const int64_t rtStride = QW * kBwdPanel;  // vectors per (head, panel)
+  const int64_t QW = d.QW, QV = d.QV, nkp = d.nkp, rtStride = d.rtStride, rowsTotal = d.rowsTotal;
   const int64_t nqp = (QV + kMaxVecs - 1) / kMaxVecs;
-  const int64_t rowsTotal = Tmax * B;
   const St* wx = static_cast<const St*>(a.wx);
   const St* R = static_cast<const St*>(a.R);
   const St* dh = static_cast<const St*>(gr.dh);
   St* dwx = static_cast<St*>(gr.dwx);
   St* dR = static_cast<St*>(gr.dR);
   const bool last = a.returnLastOnly;
-  const int64_t stateVecs = B * H * nblk;
+  const int64_t stateVecs = d.stateVecs;
   const float zeros[kLanes] = {};
   const Own own = plan.own[size_t(th)];
   const int64_t i0 = own.i0, i1 = own.i1;
@@ -843,15 +854,12 @@ template <typename St> RK_DISPATCH(backwardThread, (const BwdCtx<St>& c, int th)
 template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOutputs& o) {
   const Dims d(a);
   const int G = d.G, S = d.S;
-  const int64_t B = d.B, H = d.H, D = d.D, nblk = d.nblk;
-  const int CB = d.cell == CellKind::Elman ? 2 : 1;  // blocks per panel (as in forwardThreadBody)
-  const int64_t npanel = (nblk + CB - 1) / CB;
-  const int64_t panelStride = int64_t(G) * CB * D;  // vectors
+  const int64_t B = d.B, H = d.H, D = d.D;
   St* hOut = static_cast<St*>(o.h);
   const bool last = a.returnLastOnly, saving = o.savedStates != nullptr && o.savedPre != nullptr;
-  const int64_t stateVecs = B * H * nblk;
+  const int64_t stateVecs = d.stateVecs;
 
-  LaneScratch Rp{size_t(H * npanel * panelStride)};
+  LaneScratch Rp{size_t(H * d.npanel * d.panelStride)};
   LaneScratch hbuf{size_t(2 * stateVecs)}, sbuf{size_t(std::max(S - 1, 0) * stateVecs)};
   Lanes* const hb = hbuf.at(0);
   Lanes* const sb = sbuf.at(0);
@@ -863,7 +871,7 @@ template <typename St> void forwardImpl(const FusedRnnArgs& a, const FusedRnnOut
           std::memcpy(dst, a.states0 + d.st(s, b, h), size_t(D) * 4);
         }
   }
-  const Plan plan = makePlan(H, npanel, B, d.fmaPerStep(), d.fmaPerStep() * double(d.Tmax));
+  const Plan plan = makePlan(H, d.npanel, B, d.fmaPerStep(), d.fmaPerStep() * double(d.Tmax));
   SpinBarrier bar(plan.threads);
 
   const FwdCtx<St> ctx{a, o, d, plan, bar, Rp, hb, sb};
@@ -901,14 +909,10 @@ template <typename St> void backwardImpl(const FusedRnnArgs& a, const FusedRnnGr
   const Dims d(a);
   const int G = d.G, S = d.S;
   const int64_t B = d.B, T = d.T, H = d.H, D = d.D, nblk = d.nblk, Tmax = d.Tmax;
-  const int64_t QW = G * d.Dp, QV = G * nblk;  // a row of dP: floats, vectors
-  const int64_t nkp = (nblk + kBwdPanel - 1) / kBwdPanel;
-  const int64_t rtStride = QW * kBwdPanel;  // vectors per (head, panel)
-  const int64_t rowsTotal = Tmax * B;
+  const int64_t QV = d.QV, nkp = d.nkp, rowsTotal = d.rowsTotal, stateVecs = d.stateVecs;
   St* dwx = static_cast<St*>(gr.dwx);
-  const int64_t stateVecs = B * H * nblk;
 
-  LaneScratch RT{size_t(H * nkp * rtStride)};
+  LaneScratch RT{size_t(H * nkp * d.rtStride)};
   LaneScratch gH{size_t(stateVecs)}, gO{size_t(std::max(S - 1, 0) * stateVecs)};
   LaneScratch dP{size_t(H * rowsTotal * QV), false};  // every row written by (a) before any read
   LaneScratch dRacc{size_t(H * D * QV)};

@@ -342,7 +342,7 @@ RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDelt
       vblk(size_t(kChunk * nb)), dOblk(size_t(kChunk * nb)), ublk(size_t(kChunk * nb)), wblk(size_t(kChunk * nb)),
       dwS{size_t(nb)}, accQ{size_t(K16)}, accKs{size_t(2 * K16)};
   std::vector<float> ec(static_cast<size_t>(kChunk)), bc(static_cast<size_t>(kChunk));
-  const BackSweep bs2{a.scale, K};
+  const BackSweep sweep{a.scale, K};
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t s = item / a.H, h = item % a.H;
     const ScanSegment& sg = a.segments[s];
@@ -383,6 +383,8 @@ RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDelt
         int cur = 0;  // accKs half of the token being undone
         {  // A of the chunk's last token, alone.
           const int64_t t = n - 1;
+          const float* q = qk.q.data() + t * K;
+          const float* k = qk.k.data() + t * K;
           for (int64_t jb0 = 0; jb0 < nb; jb0 += 4) {
             const int G = int(std::min<int64_t>(4, nb - jb0));
             Lanes* dS[4];
@@ -392,15 +394,13 @@ RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDelt
               dO[g] = *dOblk.at(size_t(t * nb + jb0 + g));
               w[g] = *wblk.at(size_t(t * nb + jb0 + g));
             }
-            const float* q = qk.q.data() + t * K;
-            const float* k = qk.k.data() + t * K;
             Lanes* dw = dwS.at(size_t(jb0));
             Lanes* acc = accKs.at(size_t(cur * K16));
             switch (G) {
-              case 1: bs2.passA<1>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
-              case 2: bs2.passA<2>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
-              case 3: bs2.passA<3>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
-              default: bs2.passA<4>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
+              case 1: sweep.passA<1>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
+              case 2: sweep.passA<2>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
+              case 3: sweep.passA<3>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
+              default: sweep.passA<4>(dS, q, k, dO, w, dw, acc, jb0 == 0); break;
             }
           }
         }
@@ -438,7 +438,7 @@ RK_ALWAYS_INLINE void backwardItemsBody(const GatedDeltaArgs& a, const GatedDelt
             const float* pq = prev ? q - K : nullptr;
             const float* pk = prev ? k - K : nullptr;
 #define RK_DELTA_BCA(GG, PREV) \
-  dgv += bs2.passBCA<GG, PREV>(dS, Sp, k, e, dO, dup, accQ.at(0), accK, pq, pk, pdO, pw, dw, prevAccK, first)
+  dgv += sweep.passBCA<GG, PREV>(dS, Sp, k, e, dO, dup, accQ.at(0), accK, pq, pk, pdO, pw, dw, prevAccK, first)
             if (prev) {
               switch (G) {
                 case 1: RK_DELTA_BCA(1, true); break;
