@@ -2,6 +2,7 @@
 // gets its own instance data, and nothing is kept in process-wide globals.
 #include <napi.h>
 
+#include "napi/cpu.h"
 #include "ops/cells/binding.h"
 #include "ops/delta/binding.h"
 #include "ops/newton/binding.h"
@@ -18,6 +19,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   std::shared_ptr<rk::EnvState> state = inst->state;
   env.AddCleanupHook([state]() { state->alive = false; });
   rk::registerTensor(env, exports);
+  rk::registerCpu(env, exports);
   rk::registerScan(env, exports);
   rk::registerDelta(env, exports);
   rk::registerCells(env, exports);

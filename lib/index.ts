@@ -14,6 +14,8 @@ import { elementwiseOps } from './ops/elementwise';
 
 export { Tensor, cuda, memory, releaseCpuPool, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
 export type { DType, Device, TensorOptions, CudaDeviceProperties, MemoryStats } from './tensor';
+export { cpu, CPU_ISAS } from './cpu';
+export type { CpuIsa, CpuInfo } from './cpu';
 export {
   RecurrentKernelsError, ShapeError, DTypeError, DeviceError, ArgumentError, DisposedError, CudaError,
   OutOfMemoryError, NativeLoadError, NotConvergedError,

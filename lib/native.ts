@@ -5,7 +5,7 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
-import { NativeLoadError, fromNative } from './errors';
+import { ArgumentError, NativeLoadError, RecurrentKernelsError, fromNative } from './errors';
 import { POOL_MIN_BYTES, acquireHostBuffer } from './pool';
 
 /** Opaque CUDA storage owned by the addon. */
@@ -33,6 +33,9 @@ export interface NativeModule {
   setBufferSource(fn: (bytes: number) => ArrayBuffer, minBytes: number): void;
   memoryStats(): { deviceBytes: number; deviceBuffers: number };
   numThreads(): number;
+  cpuInfo(): { isa: string; isasSupported: string[]; threads: number; runs: Record<string, number> };
+  cpuSetIsa(isa: string): void;
+  cpuSetThreads(threads: number): void;
   timerStart(): unknown;
   timerStop(handle: unknown): number;
   linearScanForward(device: Dev, dtype: string, a: Storage, b: Storage, h0: Storage | null, rows: number,
@@ -154,8 +157,10 @@ function load(): NativeModule {
     try {
       const mod = wrap(req(path) as NativeModule);
       mod.setBufferSource(acquireHostBuffer, POOL_MIN_BYTES);
+      applyCpuIsaEnv(mod);
       return mod;
     } catch (e) {
+      if (e instanceof RecurrentKernelsError && e.code === 'ERR_ARGUMENT') throw e;
       tried.push(`  ${path}: ${(e as Error).message}`);
     }
   }
@@ -163,6 +168,17 @@ function load(): NativeModule {
     `recurrent-kernels: could not load the native addon. Tried:\n${tried.join('\n')}\n` +
       `Build it from source with \`npm run build:native\` in ${root} (needs a C++17 compiler and cmake, ` +
       `or node-gyp; nvcc on PATH adds the CUDA path).`);
+}
+
+/** RK_CPU_ISA asks for one variant of the CPU kernels: one this CPU cannot run is an error, not a fallback. */
+function applyCpuIsaEnv(mod: NativeModule): void {
+  const want = process.env.RK_CPU_ISA;
+  if (want === undefined || want === '') return;
+  try {
+    mod.cpuSetIsa(want);
+  } catch (e) {
+    throw new ArgumentError(`RK_CPU_ISA: ${(e as Error).message.replace(/^cpu\.setIsa: /, '')}`);
+  }
 }
 
 /** Every native function rethrows its errors as the typed error classes. */

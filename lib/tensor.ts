@@ -311,7 +311,7 @@ export function releaseCpuPool(): void {
   clearHostPool();
 }
 
-/** Number of threads the CPU kernels use (RK_NUM_THREADS overrides). */
+/** Number of threads the CPU kernels use (the same as `cpu.info().threads`). */
 export function cpuThreads(): number {
   return native().numThreads();
 }

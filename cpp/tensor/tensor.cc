@@ -8,7 +8,7 @@
 #endif
 #include <vector>
 
-#include "tensor/parallel.h"
+#include "common/parallel.h"
 
 namespace rk {
 
@@ -355,7 +355,7 @@ Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value NumThreads(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), defaultThreads());
+  return Napi::Number::New(info.Env(), numThreads());
 }
 
 // Benchmark timing with CUDA events: timerStart() -> handle; timerStop(handle) -> milliseconds.

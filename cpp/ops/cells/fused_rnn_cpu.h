@@ -2,11 +2,21 @@
 // forward and backward, implementing the contract of cuda/common/api.h (FusedRnnArgs and friends),
 // saved states and pre-activations included, so either device's backward can follow either forward.
 #pragma once
+#include "common/isa.h"
 #include "cuda/common/api.h"
 
 namespace rk::cells {
 
 void fusedRnnForwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o);
 void fusedRnnBackwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g);
+
+// The same, per instruction-set variant (fused_rnn_cpu.inc compiled once per variant).
+#define RK_CELLS_VARIANT_API(NS)                                                                 \
+  namespace NS {                                                                                 \
+  void fusedRnnForwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o);      \
+  void fusedRnnBackwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g);       \
+  }
+RK_FOR_EACH_ISA(RK_CELLS_VARIANT_API)
+#undef RK_CELLS_VARIANT_API
 
 }  // namespace rk::cells

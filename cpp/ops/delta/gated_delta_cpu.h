@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/isa.h"
 #include "cuda/common/api.h"
 
 namespace rk::delta {
@@ -14,5 +15,15 @@ constexpr int64_t kGatedDeltaChunk = 64;
 void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* finalState);
 void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g);
 void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a);
+
+// The same, per instruction-set variant (gated_delta_cpu.inc compiled once per variant).
+#define RK_DELTA_VARIANT_API(NS)                                                                      \
+  namespace NS {                                                                                      \
+  void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* finalState); \
+  void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g);      \
+  void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a);                                        \
+  }
+RK_FOR_EACH_ISA(RK_DELTA_VARIANT_API)
+#undef RK_DELTA_VARIANT_API
 
 }  // namespace rk::delta

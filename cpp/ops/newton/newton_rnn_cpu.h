@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/isa.h"
 #include "cuda/common/api.h"
 
 namespace rk::newton {
@@ -13,5 +14,14 @@ constexpr int64_t kNewtonChannelChunk = 64;
 
 void newtonRnnForwardCpu(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnOutputs& o);
 void newtonRnnBackwardCpu(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnGrads& g);
+
+// The same, per instruction-set variant (newton_rnn_cpu.inc compiled once per variant).
+#define RK_NEWTON_VARIANT_API(NS)                                                 \
+  namespace NS {                                                                  \
+  void forward(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnOutputs& o); \
+  void backward(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnGrads& g);  \
+  }
+RK_FOR_EACH_ISA(RK_NEWTON_VARIANT_API)
+#undef RK_NEWTON_VARIANT_API
 
 }  // namespace rk::newton

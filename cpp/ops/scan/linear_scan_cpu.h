@@ -10,7 +10,7 @@
 #include <cstdint>
 
 #include "tensor/dtype.h"
-#include "tensor/parallel.h"
+#include "common/parallel.h"
 
 #if defined(__SSE__) || defined(_M_X64)
 #include <immintrin.h>

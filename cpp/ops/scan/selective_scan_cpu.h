@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/isa.h"
 #include "cuda/common/api.h"
 
 namespace rk::scan {
@@ -14,5 +15,15 @@ constexpr int64_t kSelectiveChunk = 64;
 void selectiveScanForwardCpu(const rkcuda::SelectiveScanArgs& a, void* y, float* states, float* finalState);
 void selectiveScanBackwardCpu(const rkcuda::SelectiveScanArgs& a, const rkcuda::SelectiveScanGrads& g);
 void selectiveStateUpdateCpu(const rkcuda::SelectiveStateUpdateArgs& a);
+
+// The same, per instruction-set variant (selective_scan_cpu.inc compiled once per variant).
+#define RK_SCAN_VARIANT_API(NS)                                                                       \
+  namespace NS {                                                                                      \
+  void selectiveScanForwardCpu(const rkcuda::SelectiveScanArgs& a, void* y, float* states, float* finalState); \
+  void selectiveScanBackwardCpu(const rkcuda::SelectiveScanArgs& a, const rkcuda::SelectiveScanGrads& g); \
+  void selectiveStateUpdateCpu(const rkcuda::SelectiveStateUpdateArgs& a);                            \
+  }
+RK_FOR_EACH_ISA(RK_SCAN_VARIANT_API)
+#undef RK_SCAN_VARIANT_API
 
 }  // namespace rk::scan

@@ -1,0 +1,208 @@
+#include "common/parallel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace rk {
+namespace {
+
+int initialThreads() {
+  if (const char* env = std::getenv("RK_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc == 0 ? 1 : int(hc);
+}
+
+std::atomic<int>& threadSetting() {
+  static std::atomic<int> n{initialThreads()};
+  return n;
+}
+
+// Set on pool workers and on any thread while it runs a range: nested calls run inline.
+thread_local bool tInsideRange = false;
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// One parallelFor / runTeam call: ranges are claimed in order through `next`.
+struct Job {
+  const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  int64_t ranges = 0, n = 0, per = 0;
+  bool team = false;
+  int users = 0;  // pool workers inside work() (guarded by the pool's mutex)
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> left{0};  // ranges not finished yet
+  std::mutex failMutex;
+  std::exception_ptr failure;
+  std::mutex doneMutex;
+  std::condition_variable doneCv;
+
+  // Claims and runs ranges until none is left; false if there was none to claim.
+  bool work() {
+    bool any = false;
+    for (;;) {
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= ranges) return any;
+      any = true;
+      const int64_t b = team ? i : i * per, e = team ? i + 1 : std::min(n, b + per);
+      const bool outer = tInsideRange;
+      tInsideRange = true;
+      try {
+        if (b < e) (*fn)(b, e);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(failMutex);
+        if (!failure) failure = std::current_exception();
+      }
+      tInsideRange = outer;
+      if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(doneMutex);
+        doneCv.notify_all();
+      }
+      // A team member runs exactly one range: the others must run on other threads at the same time.
+      if (team) return true;
+    }
+  }
+  bool claimable() const { return next.load(std::memory_order_relaxed) < ranges; }
+};
+
+class Pool {
+ public:
+  static Pool& get() {
+    // Never destroyed: workers may still be parked when the process exits.
+    static Pool* pool = new Pool();
+    return *pool;
+  }
+
+  void submit(Job* job) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // Enough workers that every member of every running team can run at once: a worker held by
+      // a team waits only for members of that team, and the workers not held by teams that still
+      // miss members always outnumber those missing members, so every team completes.
+      if (job->team) teamDemand_ += int(job->ranges - 1);
+      const int want = std::max(teamDemand_, int(job->ranges - 1));
+      while (workers_ < want) {
+        std::thread([this] { loop(); }).detach();
+        ++workers_;
+      }
+      jobs_.push_back(job);
+      submittedAtomic_.store(++submitted_, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+
+  // Called once every range of the job has finished; returns when no worker touches it any more.
+  void retire(Job* job) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    jobs_.erase(std::find(jobs_.begin(), jobs_.end(), job));
+    if (job->team) teamDemand_ -= int(job->ranges - 1);
+    retired_.wait(lock, [job] { return job->users == 0; });
+  }
+
+ private:
+  Job* take() {
+    for (Job* j : jobs_)
+      if (j->claimable()) return j;
+    return nullptr;
+  }
+
+  void loop() {
+    tInsideRange = true;
+    std::unique_lock<std::mutex> lock(mutex_);
+    bool justWorked = false;
+    for (;;) {
+      if (Job* job = take()) {
+        ++job->users;
+        lock.unlock();
+        job->work();
+        lock.lock();
+        if (--job->users == 0) retired_.notify_all();
+        justWorked = true;
+        continue;
+      }
+      if (justWorked) {
+        // Right after a job, spin a little before sleeping: back-to-back calls (a kernel's phases,
+        // a loop of small calls) then find the worker awake.
+        justWorked = false;
+        const int seen = submitted_;
+        lock.unlock();
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+        bool fresh = false;
+        while (!fresh && std::chrono::steady_clock::now() < until)
+          for (int i = 0; i < 64 && !fresh; ++i) {
+            relax();
+            fresh = submittedAtomic_.load(std::memory_order_acquire) != seen;
+          }
+        lock.lock();
+        continue;
+      }
+      cv_.wait(lock, [this] { return take() != nullptr; });
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_, retired_;
+  std::deque<Job*> jobs_;
+  int submitted_ = 0;                     // jobs ever submitted (guarded by mutex_)
+  std::atomic<int> submittedAtomic_{0};  // the same, for spinning workers
+  int workers_ = 0, teamDemand_ = 0;
+};
+
+}  // namespace
+
+int numThreads() { return threadSetting().load(std::memory_order_relaxed); }
+
+void setNumThreads(int n) { threadSetting().store(std::max(1, n), std::memory_order_relaxed); }
+
+int teamLimit() { return tInsideRange ? 1 : numThreads(); }
+
+namespace detail {
+
+int64_t rangesFor(int64_t n, int64_t grain) {
+  if (tInsideRange) return 1;
+  return std::min<int64_t>(numThreads(), std::max<int64_t>(1, n / std::max<int64_t>(grain, 1)));
+}
+
+void runRanges(int64_t ranges, int64_t n, const std::function<void(int64_t, int64_t)>& fn, bool team) {
+  Job job;
+  job.fn = &fn;
+  job.ranges = ranges;
+  job.n = n;
+  job.per = (n + ranges - 1) / ranges;
+  job.team = team;
+  job.left.store(ranges, std::memory_order_relaxed);
+  Pool& pool = Pool::get();
+  pool.submit(&job);
+  if (team) {
+    job.work();  // the caller is one member
+  } else {
+    while (job.work()) {
+    }
+  }
+  // Every range is claimed now (or being claimed by a team member); wait for the rest to finish.
+  if (job.left.load(std::memory_order_acquire) > 0) {
+    for (int i = 0; i < 2000 && job.left.load(std::memory_order_acquire) > 0; ++i) relax();
+    std::unique_lock<std::mutex> lock(job.doneMutex);
+    job.doneCv.wait(lock, [&] { return job.left.load(std::memory_order_acquire) == 0; });
+  }
+  pool.retire(&job);
+  if (job.failure) std::rethrow_exception(job.failure);
+}
+
+}  // namespace detail
+}  // namespace rk

@@ -1,0 +1,54 @@
+// The CPU kernels' threads: one persistent pool per process, shared by every environment (main
+// thread and worker_threads alike).
+//
+// parallelFor(n, grain, fn) cuts [0, n) into at most numThreads() contiguous ranges (never fewer
+// than `grain` items each) and runs fn(begin, end) once per range: the calling thread runs ranges
+// itself and idle pool workers take the others. The cut depends only on n, grain and numThreads(),
+// never on timing, so results do not depend on which thread ran what. Calls made from inside a range
+// (nested) run inline. Calls from several environments at once share the workers; each caller
+// always works on its own call, so every call makes progress.
+//
+// runTeam(n, fn) runs fn(0) .. fn(n - 1) on n threads that are all running at the same time (for
+// kernels whose threads meet at barriers), n <= teamLimit().
+//
+// An exception thrown by fn (std::bad_alloc included) is rethrown in the caller once every range
+// has finished.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace rk {
+
+// The number of threads the kernels use: rk.cpu.setThreads(n), else RK_NUM_THREADS, else the
+// hardware's.
+int numThreads();
+// Sets it (n >= 1; the pool grows on demand and never shrinks below what was started).
+void setNumThreads(int n);
+// The most threads a team can have right now (numThreads(), or 1 inside a pool range).
+int teamLimit();
+
+namespace detail {
+void runRanges(int64_t ranges, int64_t n, const std::function<void(int64_t, int64_t)>& fn, bool team);
+int64_t rangesFor(int64_t n, int64_t grain);
+}  // namespace detail
+
+template <typename Fn> void parallelFor(int64_t n, int64_t grain, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t ranges = detail::rangesFor(n, grain);
+  if (ranges <= 1) {
+    fn(int64_t(0), n);
+    return;
+  }
+  detail::runRanges(ranges, n, std::function<void(int64_t, int64_t)>(
+                                   [&fn](int64_t b, int64_t e) { fn(b, e); }), false);
+}
+
+template <typename Fn> void runTeam(int n, Fn&& fn) {
+  if (n <= 1) {
+    fn(0);
+    return;
+  }
+  detail::runRanges(n, n, std::function<void(int64_t, int64_t)>([&fn](int64_t b, int64_t) { fn(int(b)); }), true);
+}
+
+}  // namespace rk
