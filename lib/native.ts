@@ -33,7 +33,8 @@ export interface NativeModule {
   setBufferSource(fn: (bytes: number) => ArrayBuffer, minBytes: number): void;
   memoryStats(): { deviceBytes: number; deviceBuffers: number };
   numThreads(): number;
-  cpuInfo(): { isa: string; isasSupported: string[]; threads: number; runs: Record<string, number> };
+  cpuInfo(): { isa: string; isasSupported: string[]; threads: number; runs: Record<string, number>; soloTeams: number };
+  cpuSetStepStallForTesting(microseconds: number): void;
   cpuSetIsa(isa: string): void;
   cpuSetThreads(threads: number): void;
   timerStart(): unknown;

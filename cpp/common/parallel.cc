@@ -28,6 +28,10 @@ std::atomic<int>& threadSetting() {
   return n;
 }
 
+// A step barrier wait this long means a member was not running; after this many the team goes solo.
+constexpr auto kStall = std::chrono::microseconds(1000);
+constexpr int kStallsForSolo = 3;
+
 // Set on pool workers and on any thread while it runs a range: nested calls run inline.
 thread_local bool tInsideRange = false;
 
@@ -205,4 +209,45 @@ void runRanges(int64_t ranges, int64_t n, const std::function<void(int64_t, int6
 }
 
 }  // namespace detail
+
+namespace {
+std::atomic<int> testStallUs{0};
+std::atomic<uint64_t> soloCount{0};
+}  // namespace
+
+void setStepStallForTesting(int microseconds) { testStallUs.store(microseconds, std::memory_order_relaxed); }
+uint64_t soloTeams() { return soloCount.load(std::memory_order_relaxed); }
+
+bool StepBarrier::wait(int member) {
+  if (n_ <= 1) return false;
+  if (solo_.load(std::memory_order_acquire)) return true;
+  if (const int us = testStallUs.load(std::memory_order_relaxed); us > 0 && member != 0)
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+  const int gen = gen_.load(std::memory_order_acquire);
+  if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+    // The last to arrive releases the others, and decides for all of them whether to go solo.
+    count_.store(0, std::memory_order_relaxed);
+    if (allowSolo_ && stalls_.load(std::memory_order_relaxed) >= kStallsForSolo) {
+      solo_.store(true, std::memory_order_release);
+      soloCount.fetch_add(1, std::memory_order_relaxed);
+    }
+    gen_.store(gen + 1, std::memory_order_release);
+    return solo_.load(std::memory_order_acquire);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  bool stalled = false;
+  for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+    if (spins < 2000) {
+      relax();
+      continue;
+    }
+    std::this_thread::yield();
+    if (!stalled && (spins & 63) == 0 && std::chrono::steady_clock::now() - start > kStall) {
+      stalled = true;
+      stalls_.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  return solo_.load(std::memory_order_acquire);
+}
+
 }  // namespace rk

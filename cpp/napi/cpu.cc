@@ -9,7 +9,7 @@
 namespace rk {
 namespace {
 
-// cpuInfo() -> { isa, isasSupported, threads, runs: { avx512, avx2, base } }
+// cpuInfo() -> { isa, isasSupported, threads, runs: { avx512, avx2, base }, soloTeams }
 Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object r = Napi::Object::New(env);
@@ -22,7 +22,14 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   Napi::Object runs = Napi::Object::New(env);
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Base}) runs.Set(isaName(i), double(isaRuns(i)));
   r.Set("runs", runs);
+  r.Set("soloTeams", double(soloTeams()));
   return r;
+}
+
+// cpuSetStepStallForTesting(microseconds): see common/parallel.h.
+Napi::Value CpuSetStepStallForTesting(const Napi::CallbackInfo& info) {
+  setStepStallForTesting(info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 0);
+  return info.Env().Undefined();
 }
 
 // cpuSetIsa(name)
@@ -56,6 +63,8 @@ void registerCpu(Napi::Env env, Napi::Object exports) {
   exports.Set("cpuInfo", Napi::Function::New<CpuInfo>(env, "cpuInfo"));
   exports.Set("cpuSetIsa", Napi::Function::New<CpuSetIsa>(env, "cpuSetIsa"));
   exports.Set("cpuSetThreads", Napi::Function::New<CpuSetThreads>(env, "cpuSetThreads"));
+  exports.Set("cpuSetStepStallForTesting",
+              Napi::Function::New<CpuSetStepStallForTesting>(env, "cpuSetStepStallForTesting"));
 }
 
 }  // namespace rk
