@@ -24,18 +24,55 @@ typedef int32_t VecI __attribute__((vector_size(4 * kWidth)));
 // A mask or integer per lane (comparisons give -1 for true, 0 for false).
 struct LanesI {
   VecI p[kParts];
+  LanesI() = default;
+  RK_ALWAYS_INLINE LanesI(const LanesI& o) {
+    RK_PARTS p[k] = o.p[k];
+  }
+  RK_ALWAYS_INLINE LanesI& operator=(const LanesI& o) {
+    RK_PARTS p[k] = o.p[k];
+    return *this;
+  }
   RK_ALWAYS_INLINE int32_t operator[](int i) const { return p[i / kWidth][i % kWidth]; }
 };
 
+// Copies are spelled out part by part: as plain aggregates, GCC copies a struct of several vectors
+// through general-purpose registers (64 bits at a time) instead of with vector moves.
 struct Lanes {
   Vec p[kParts];
+  Lanes() = default;
+  RK_ALWAYS_INLINE Lanes(const Lanes& o) {
+    RK_PARTS p[k] = o.p[k];
+  }
+  RK_ALWAYS_INLINE Lanes& operator=(const Lanes& o) {
+    RK_PARTS p[k] = o.p[k];
+    return *this;
+  }
   RK_ALWAYS_INLINE float operator[](int i) const { return p[i / kWidth][i % kWidth]; }
   RK_ALWAYS_INLINE float& operator[](int i) { return p[i / kWidth][i % kWidth]; }
 };
 
-RK_ALWAYS_INLINE Lanes splat(float v) {
+// 16 floats from / to memory with any alignment.
+RK_ALWAYS_INLINE Lanes loadLanes(const float* src) {
   Lanes r;
-  RK_PARTS r.p[k] = Vec{} + v;
+  RK_PARTS std::memcpy(&r.p[k], src + k * kWidth, sizeof(Vec));
+  return r;
+}
+RK_ALWAYS_INLINE void storeLanes(float* dst, const Lanes& v) {
+  RK_PARTS std::memcpy(dst + k * kWidth, &v.p[k], sizeof(Vec));
+}
+
+namespace simd_detail {
+template <int... I> struct Ints {};
+template <int N, int... I> struct MakeInts : MakeInts<N - 1, N - 1, I...> {};
+template <int... I> struct MakeInts<0, I...> { using type = Ints<I...>; };
+// {v, v, ..., v}: a broadcast (Vec{} + v would be an addition, 0 + -0 being +0).
+template <int... I> RK_ALWAYS_INLINE Vec dup(float v, Ints<I...>) { return Vec{((void)I, v)...}; }
+}  // namespace simd_detail
+
+RK_ALWAYS_INLINE Lanes splat(float v) {
+  const Vec d = simd_detail::dup(v, simd_detail::MakeInts<kWidth>::type{});
+  Lanes r;
+  RK_PARTS r.p[k] = d;
   return r;
 }
 
@@ -150,10 +187,6 @@ RK_ALWAYS_INLINE Lanes exp2Lanes(Lanes x) {
 
 namespace simd_detail {
 
-// Index vectors for the transposing reduction below, built at compile time.
-template <int... I> struct Ints {};
-template <int N, int... I> struct MakeInts : MakeInts<N - 1, N - 1, I...> {};
-template <int... I> struct MakeInts<0, I...> { using type = Ints<I...>; };
 
 // Pairs a and b at block size 2h: lane j of the result holds, for each 2h-block, a's first half then
 // b's first half (Hi = 0), or their second halves (Hi = 1).
