@@ -28,9 +28,10 @@ std::atomic<int>& threadSetting() {
   return n;
 }
 
-// A step barrier wait this long means a member was not running; after this many the team goes solo.
-constexpr auto kStall = std::chrono::microseconds(1000);
-constexpr int kStallsForSolo = 3;
+// A team goes solo only after this many steps and this much time (so that one slow start decides
+// nothing).
+constexpr int kMinStepsForSolo = 8;
+constexpr int64_t kMinNsForSolo = 1000000;
 
 // Set on pool workers and on any thread while it runs a range: nested calls run inline.
 thread_local bool tInsideRange = false;
@@ -210,6 +211,13 @@ void runRanges(int64_t ranges, int64_t n, const std::function<void(int64_t, int6
 
 }  // namespace detail
 
+int64_t nowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+StepBarrier::StepBarrier(int n, bool allowSolo) : n_(n), allowSolo_(allowSolo), startNs_(nowNs()) {}
+
 namespace {
 std::atomic<int> testStallUs{0};
 std::atomic<uint64_t> soloCount{0};
@@ -225,28 +233,28 @@ bool StepBarrier::wait(int member) {
     std::this_thread::sleep_for(std::chrono::microseconds(us));
   const int gen = gen_.load(std::memory_order_acquire);
   if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-    // The last to arrive releases the others, and decides for all of them whether to go solo.
+    // The last to arrive releases the others, and decides for all of them whether to go solo: when,
+    // after a few steps, the members have spent more than 40% of the team's time waiting here, one
+    // thread alone is about as fast as the team, and it no longer depends on being scheduled.
     count_.store(0, std::memory_order_relaxed);
-    if (allowSolo_ && stalls_.load(std::memory_order_relaxed) >= kStallsForSolo) {
-      solo_.store(true, std::memory_order_release);
-      soloCount.fetch_add(1, std::memory_order_relaxed);
+    const int steps = ++steps_;
+    if (allowSolo_ && steps >= kMinStepsForSolo) {
+      const int64_t elapsed = nowNs() - startNs_;
+      const int64_t waited = waitedNs_.load(std::memory_order_relaxed);
+      if (elapsed > kMinNsForSolo && double(waited) > 0.4 * double(elapsed) * double(n_ - 1)) {
+        solo_.store(true, std::memory_order_release);
+        soloCount.fetch_add(1, std::memory_order_relaxed);
+      }
     }
     gen_.store(gen + 1, std::memory_order_release);
     return solo_.load(std::memory_order_acquire);
   }
-  const auto start = std::chrono::steady_clock::now();
-  bool stalled = false;
+  const int64_t start = nowNs();
   for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-    if (spins < 2000) {
-      relax();
-      continue;
-    }
-    std::this_thread::yield();
-    if (!stalled && (spins & 63) == 0 && std::chrono::steady_clock::now() - start > kStall) {
-      stalled = true;
-      stalls_.fetch_add(1, std::memory_order_relaxed);
-    }
+    if (spins < 2000) relax();
+    else std::this_thread::yield();
   }
+  waitedNs_.fetch_add(nowNs() - start, std::memory_order_relaxed);
   return solo_.load(std::memory_order_acquire);
 }
 

@@ -53,11 +53,11 @@ template <typename Fn> void runTeam(int n, Fn&& fn) {
 }
 
 // The members of a runTeam that meet once per step. A member that arrives first spins briefly, then
-// yields. When waits keep lasting far longer than a step (a core is shared with other work, and a
-// member lost its time slice), the team gives up splitting the steps: wait() returns true for every
-// member at the same step, and from then on the caller lets member 0 do every member's share while
-// the others return (a per-step barrier would otherwise cost a time slice per step). Every member's
-// work before that wait() has finished when it returns.
+// yields. When the members spend much of their time waiting (a core is shared with other work, and
+// members keep losing their time slices), the team gives up splitting the steps: wait() returns true
+// for every member at the same step, and from then on the caller lets member 0 do every member's
+// share while the others return (a per-step barrier would otherwise cost a time slice per step).
+// Every member's work before that wait() has finished when it returns.
 // For tests: members other than 0 sleep this long before each step barrier (0: off), and how many
 // teams have gone solo so far.
 void setStepStallForTesting(int microseconds);
@@ -66,17 +66,19 @@ uint64_t soloTeams();
 class StepBarrier {
  public:
   // allowSolo: the caller can hand every member's share to member 0 (otherwise wait() only waits).
-  StepBarrier(int n, bool allowSolo) : n_(n), allowSolo_(allowSolo) {}
+  StepBarrier(int n, bool allowSolo);
   // True once the team goes solo (then it returns at once, for every later call too). member: the
   // caller's index in the team.
   bool wait(int member);
   bool solo() const { return solo_.load(std::memory_order_acquire); }
 
  private:
-  std::atomic<int> count_{0}, gen_{0}, stalls_{0};
+  std::atomic<int> count_{0}, gen_{0};
+  std::atomic<int64_t> waitedNs_{0};
   std::atomic<bool> solo_{false};
-  int n_;
+  int n_, steps_ = 0;  // steps_: written only by the member that arrives last
   bool allowSolo_;
+  int64_t startNs_;
 };
 
 }  // namespace rk

@@ -21,6 +21,31 @@ typedef int32_t VecI __attribute__((vector_size(4 * kWidth)));
 
 #define RK_PARTS _Pragma("GCC unroll 4") for (int k = 0; k < kParts; ++k)
 
+namespace simd_detail {
+template <int... I> struct Ints {};
+template <int N, int... I> struct MakeInts : MakeInts<N - 1, N - 1, I...> {};
+template <int... I> struct MakeInts<0, I...> { using type = Ints<I...>; };
+// {v, v, ..., v}: a broadcast (Vec{} + v would be an addition, 0 + -0 being +0).
+template <int... I> RK_ALWAYS_INLINE Vec dup(float v, Ints<I...>) { return Vec{((void)I, v)...}; }
+}  // namespace simd_detail
+
+#if RK_ISA_WIDTH == 16
+// One register holds all 16 lanes: Lanes is the hardware vector itself, with the compiler's own
+// operators, comparisons (-1 / 0 per lane), subscripts and conditional selects.
+typedef Vec Lanes;
+typedef VecI LanesI;
+
+RK_ALWAYS_INLINE Vec& part(Lanes& x, int) { return x; }
+RK_ALWAYS_INLINE const Vec& part(const Lanes& x, int) { return x; }
+RK_ALWAYS_INLINE Lanes select(LanesI m, Lanes a, Lanes b) { return m ? a : b; }
+RK_ALWAYS_INLINE LanesI toInt(Lanes a) { return __builtin_convertvector(a, VecI); }
+RK_ALWAYS_INLINE Lanes bitsAsFloat(LanesI a) { return (Vec)a; }
+RK_ALWAYS_INLINE Lanes splat(float v) { return simd_detail::dup(v, simd_detail::MakeInts<kWidth>::type{}); }
+
+#else
+// Several registers per 16 lanes: Lanes holds kParts hardware vectors, and every operation is
+// applied to each part (no lane is ever handled alone).
+
 // A mask or integer per lane (comparisons give -1 for true, 0 for false).
 struct LanesI {
   VecI p[kParts];
@@ -51,23 +76,8 @@ struct Lanes {
   RK_ALWAYS_INLINE float& operator[](int i) { return p[i / kWidth][i % kWidth]; }
 };
 
-// 16 floats from / to memory with any alignment.
-RK_ALWAYS_INLINE Lanes loadLanes(const float* src) {
-  Lanes r;
-  RK_PARTS std::memcpy(&r.p[k], src + k * kWidth, sizeof(Vec));
-  return r;
-}
-RK_ALWAYS_INLINE void storeLanes(float* dst, const Lanes& v) {
-  RK_PARTS std::memcpy(dst + k * kWidth, &v.p[k], sizeof(Vec));
-}
-
-namespace simd_detail {
-template <int... I> struct Ints {};
-template <int N, int... I> struct MakeInts : MakeInts<N - 1, N - 1, I...> {};
-template <int... I> struct MakeInts<0, I...> { using type = Ints<I...>; };
-// {v, v, ..., v}: a broadcast (Vec{} + v would be an addition, 0 + -0 being +0).
-template <int... I> RK_ALWAYS_INLINE Vec dup(float v, Ints<I...>) { return Vec{((void)I, v)...}; }
-}  // namespace simd_detail
+RK_ALWAYS_INLINE Vec& part(Lanes& x, int k) { return x.p[k]; }
+RK_ALWAYS_INLINE const Vec& part(const Lanes& x, int k) { return x.p[k]; }
 
 RK_ALWAYS_INLINE Lanes splat(float v) {
   const Vec d = simd_detail::dup(v, simd_detail::MakeInts<kWidth>::type{});
@@ -159,6 +169,17 @@ RK_ALWAYS_INLINE Lanes bitsAsFloat(LanesI a) {
   RK_PARTS r.p[k] = (Vec)a.p[k];
   return r;
 }
+#endif
+
+// 16 floats from / to memory with any alignment.
+RK_ALWAYS_INLINE Lanes loadLanes(const float* src) {
+  Lanes r;
+  RK_PARTS std::memcpy(&part(r, k), src + k * kWidth, sizeof(Vec));
+  return r;
+}
+RK_ALWAYS_INLINE void storeLanes(float* dst, const Lanes& v) {
+  RK_PARTS std::memcpy(dst + k * kWidth, &part(v, k), sizeof(Vec));
+}
 
 RK_ALWAYS_INLINE Lanes absLanes(Lanes x) { return select(x < 0.0f, -x, x); }
 
@@ -247,11 +268,11 @@ RK_ALWAYS_INLINE Vec rowSums(Vec* rows) {
 
 // Sum of the 16 lanes (a pairwise tree).
 RK_ALWAYS_INLINE float laneSum(Lanes v) {
-  Vec s = v.p[0];
+  Vec s = part(v, 0);
   if constexpr (kParts == 4) {
-    s = (v.p[0] + v.p[2]) + (v.p[1] + v.p[3]);
+    s = (part(v, 0) + part(v, 2)) + (part(v, 1) + part(v, 3));
   } else if constexpr (kParts == 2) {
-    s = v.p[0] + v.p[1];
+    s = part(v, 0) + part(v, 1);
   }
   // Halve the vector until 4 lanes remain, then add those pairwise.
   if constexpr (kWidth >= 16) s += simd_detail::rotate<8>(s, simd_detail::MakeInts<kWidth>::type{});
@@ -270,12 +291,12 @@ RK_ALWAYS_INLINE Lanes laneSums16(const Lanes* r) {
 #pragma GCC unroll 16
     for (int i = 0; i < kWidth; ++i) {
       const Lanes& x = r[q * kWidth + i];
-      Vec s = x.p[0];
-      if constexpr (kParts == 4) s = (x.p[0] + x.p[2]) + (x.p[1] + x.p[3]);
-      else if constexpr (kParts == 2) s = x.p[0] + x.p[1];
+      Vec s = part(x, 0);
+      if constexpr (kParts == 4) s = (part(x, 0) + part(x, 2)) + (part(x, 1) + part(x, 3));
+      else if constexpr (kParts == 2) s = part(x, 0) + part(x, 1);
       rows[i] = s;
     }
-    out.p[q] = simd_detail::rowSums(rows);
+    part(out, q) = simd_detail::rowSums(rows);
   }
   return out;
 }
