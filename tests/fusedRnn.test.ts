@@ -112,6 +112,7 @@ const shapes: Omit<Case, 'cell'>[] = [
   { ...base, batch: 3, T: 6, H: 2, D: 20, grads: 'final', states0: false, lengths: null },                 // D not a multiple of 16
   { ...base, batch: 4, T: 5, H: 5, D: 33, lengths: 'random' },
   { ...base, batch: 2, T: 3, H: 1, D: 256, lengths: null },                                 // one head of 256
+  { ...base, batch: 11, T: 4, H: 1, D: 130, lengths: 'random' },      // panel chunks of 64 rows + 2, many row blocks
   // Large enough to run on several threads: split by batch rows, by heads, by parts of a head.
   { ...base, batch: 9, T: 31, H: 1, D: 64, lengths: null },                                  // 279 (step, row) pairs
   { ...base, batch: 3, T: 26, H: 4, D: 48, lengths: 'random', last: true },
