@@ -44,6 +44,14 @@ template <typename Fn> void parallelFor(int64_t n, int64_t grain, Fn&& fn) {
                                    [&fn](int64_t b, int64_t e) { fn(b, e); }), false);
 }
 
+// The grain (items per range) that gives each range at least `minWork` units of work when an item
+// costs `perItem` of them: calls too small to repay waking a thread (tens of microseconds) then run on
+// the calling thread alone.
+inline int64_t grainFor(double perItem, double minWork) {
+  const double g = minWork / (perItem > 1.0 ? perItem : 1.0);
+  return g < 1.0 ? 1 : g > 1e15 ? int64_t(1e15) : int64_t(g + 0.999);
+}
+
 template <typename Fn> void runTeam(int n, Fn&& fn) {
   if (n <= 1) {
     fn(0);
