@@ -41,6 +41,59 @@ describe('CPU thread pool', () => {
     }
   });
 
+  it('gives the gated delta rule bitwise the same results with 1, 2 and 3 threads', () => {
+    const rand = rng(seed + 1);
+    const [B, T, H, K, V] = [2, 300, 3, 32, 20];
+    const inputs = {
+      q: tensor(normal(rand, B * T * H * K), [B, T, H, K]), k: tensor(normal(rand, B * T * H * K), [B, T, H, K]),
+      v: tensor(normal(rand, B * T * H * V), [B, T, H, V]),
+      g: tensor(normal(rand, B * T * H, 0.1).map((x) => -Math.abs(x)), [B, T, H]),
+      beta: tensor(normal(rand, B * T * H, 0.2).map((x) => 0.5 + x), [B, T, H]),
+    };
+    const dO = tensor(normal(rand, B * T * H * V), [B, T, H, V]);
+    const run = () => {
+      const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, { useQkL2normInKernel: true });
+      const g = rk.ops.gatedDeltaRule.backward(ctx, { o: dO });
+      return [outputs.o, g.q!, g.k!, g.v!, g.g!, g.beta!].map((t) => Array.from(t.toFloat32Array()));
+    };
+    rk.cpu.setThreads(1);
+    const one = run();
+    for (const n of [2, 3]) {
+      rk.cpu.setThreads(n);
+      expect(run(), at(`${n} threads`)).toEqual(one);
+    }
+  });
+
+  it('gives the selective scan the same forward bits with any thread count, and the same bits per thread count', () => {
+    const rand = rng(seed + 2);
+    const [B, D, L, N] = [2, 40, 600, 16];
+    const inputs = {
+      u: tensor(normal(rand, B * D * L), [B, D, L]), delta: tensor(normal(rand, B * D * L, 0.5), [B, D, L]),
+      A: tensor(normal(rand, D * N).map((x) => -Math.abs(x) - 0.1), [D, N]),
+      B: tensor(normal(rand, B * N * L), [B, 1, N, L]), C: tensor(normal(rand, B * N * L), [B, 1, N, L]),
+      D: tensor(normal(rand, D), [D]),
+    };
+    const dy = tensor(normal(rand, B * D * L), [B, D, L]);
+    const run = () => {
+      const { outputs, ctx } = rk.ops.selectiveScan.forward(inputs, { deltaSoftplus: true });
+      const g = rk.ops.selectiveScan.backward(ctx, { y: dy });
+      return [outputs.y, g.u!, g.delta!, g.A!, g.B!, g.C!, g.D!].map((t) => Array.from(t.toFloat32Array()));
+    };
+    rk.cpu.setThreads(1);
+    const one = run();
+    for (const n of [2, 3]) {
+      rk.cpu.setThreads(n);
+      const r = run();
+      // y, du, ddelta have one writer each; dA, dB, dC, dD are sums over threads' shares.
+      expect(r.slice(0, 3), at(`${n} threads`)).toEqual(one.slice(0, 3));
+      expect(run(), at(`${n} threads, again`)).toEqual(r);
+      for (let i = 3; i < r.length; i++) {
+        const err = Math.hypot(...r[i].map((x, j) => x - one[i][j])) / Math.hypot(...one[i]);
+        expect(err, at(`${n} threads, gradient ${i}`)).toBeLessThan(1e-5);
+      }
+    }
+  });
+
   it('finishes a stalling team on one thread, with the same results', () => {
     const run = lstmForwardBackward(rng(seed), 24, 600);
     rk.cpu.setThreads(2);
