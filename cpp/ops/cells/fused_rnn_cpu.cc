@@ -1,14 +1,22 @@
 // Picks the instruction-set variant of the fused cells' CPU kernels per call (common/isa.h).
 #include "ops/cells/fused_rnn_cpu.h"
 
+#include "tensor/dtype.h"
+
 namespace rk::cells {
 
 void fusedRnnForwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o) {
-  RK_ISA_DISPATCH(cells, fusedRnnForwardCpu, (a, o));
+  dispatchDType(DType(int(a.dt)), [&](auto tag) {
+    using St = decltype(tag);
+    RK_ISA_DISPATCH(cells, fusedRnnForwardAs<St>, (a, o));
+  });
 }
 
 void fusedRnnBackwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g) {
-  RK_ISA_DISPATCH(cells, fusedRnnBackwardCpu, (a, g));
+  dispatchDType(DType(int(a.dt)), [&](auto tag) {
+    using St = decltype(tag);
+    RK_ISA_DISPATCH(cells, fusedRnnBackwardAs<St>, (a, g));
+  });
 }
 
 }  // namespace rk::cells

@@ -10,11 +10,12 @@ namespace rk::cells {
 void fusedRnnForwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o);
 void fusedRnnBackwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g);
 
-// The same, per instruction-set variant (fused_rnn_cpu.inc compiled once per variant).
-#define RK_CELLS_VARIANT_API(NS)                                                                 \
-  namespace NS {                                                                                 \
-  void fusedRnnForwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o);      \
-  void fusedRnnBackwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g);       \
+// The same, per instruction-set variant and storage type (fused_rnn_cpu.inc compiled once per variant
+// for fp32 and once for the 16-bit types).
+#define RK_CELLS_VARIANT_API(NS)                                                                      \
+  namespace NS {                                                                                      \
+  template <typename St> void fusedRnnForwardAs(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o); \
+  template <typename St> void fusedRnnBackwardAs(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g);  \
   }
 RK_FOR_EACH_ISA(RK_CELLS_VARIANT_API)
 #undef RK_CELLS_VARIANT_API

@@ -1,4 +1,4 @@
-// The fused cells' CPU kernels, avx512 variant (see common/isa.h).
+// The fused cells' CPU kernels, avx512 variant, fp32 storage (see common/isa.h).
 #include "common/isa.h"
 #ifdef RK_X86_VARIANTS
 #define RK_ISA_LEVEL 2
