@@ -28,6 +28,9 @@ std::atomic<int>& threadSetting() {
   return n;
 }
 
+// How long a pool worker stays awake after a job, looking for the next one.
+constexpr auto kStayAwake = std::chrono::milliseconds(2);
+
 // A team goes solo only after this many steps and this much time (so that one slow start decides
 // nothing).
 constexpr int kMinStepsForSolo = 8;
@@ -141,18 +144,22 @@ class Pool {
         continue;
       }
       if (justWorked) {
-        // Right after a job, spin a little before sleeping: back-to-back calls (a kernel's phases,
-        // a loop of small calls) then find the worker awake.
+        // Right after a job, stay awake for a while before sleeping: back-to-back calls (a loop of
+        // kernel calls, a kernel's phases) then find the worker running. Waking a sleeping thread
+        // can take a millisecond or more where the idle core has to be woken too (virtual
+        // machines); the wait yields often, so that other work on this core runs meanwhile.
         justWorked = false;
         const int seen = submitted_;
         lock.unlock();
-        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+        const auto until = std::chrono::steady_clock::now() + kStayAwake;
         bool fresh = false;
-        while (!fresh && std::chrono::steady_clock::now() < until)
+        while (!fresh && std::chrono::steady_clock::now() < until) {
           for (int i = 0; i < 64 && !fresh; ++i) {
             relax();
             fresh = submittedAtomic_.load(std::memory_order_acquire) != seen;
           }
+          if (!fresh) std::this_thread::yield();
+        }
         lock.lock();
         continue;
       }
