@@ -12,14 +12,20 @@
 // CUDA) and per gate (the issue's "as fast per gate as the LSTM"); on CUDA cuDNN's LSTM / GRU of the
 // same hidden size as a peer (its time includes its input matmul). --chart FILE writes the time
 // against the head size (the head-dim sweep) as an SVG line chart.
+// On CPU, for sizes with one head (H = 1, D = the hidden size), ONNX Runtime's LSTM / GRU
+// (bench/peers/ort.mjs; GRU with linear_before_reset = 1) with an input size of 1: essentially the
+// recurrent part alone, as our wx is the input projection done outside. Timed with its own async
+// run, in this process, with the CPU kernels' thread count. "% of matmul" is GFLOP/s over ORT's fp32
+// MatMul rate on this machine (the CLI's header).
 import { writeFileSync } from 'node:fs';
 import { lineChart } from '../chart.mjs';
 import { timeIt } from '../timing.mjs';
 import { runPythonPeer } from '../peers/run.mjs';
+import { ortGru, ortLstm, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = {
   cuda: [[16, 1024, 48, 16], [16, 1024, 24, 32], [16, 1024, 12, 64], [16, 1024, 6, 128], [16, 1024, 3, 256], [16, 1024, 1, 768]],
-  // The first three are the rows of DESIGN.md's ONNX Runtime table (one head of the full hidden size).
+  // The first three: one head of the full hidden size, against ONNX Runtime's LSTM / GRU.
   cpu: [[16, 1024, 1, 256], [16, 1024, 1, 768], [1, 4096, 1, 256], [16, 1024, 12, 64]],
 };
 const QUICK = { cuda: [[16, 256, 12, 64]], cpu: [[16, 256, 1, 256], [1, 1024, 1, 256]] };
@@ -98,8 +104,29 @@ function disposeAll(obj) {
   for (const t of Object.values(obj ?? {})) if (t && typeof t.dispose === 'function') t.dispose();
 }
 
+const ORT_PEER = 'ORT (input size 1)';
+
+/** ONNX Runtime's LSTM / GRU at one head of hidden D, input size 1: median ms, or why not. */
+async function ortPeer(rk, cell, { batch, T, D }) {
+  const status = ortStatus();
+  if (!status.ok) return 'ORT not installed';
+  const make = cell === 'lstm' ? ortLstm : ortGru;
+  const s = await make({ batch, T, input: 1, hidden: D, threads: rk.cpu.info().threads });
+  try {
+    return await s.timeMs({ warmup: 1, iters: 5 });
+  } finally {
+    await s.close();
+  }
+}
+
 export default {
-  async run(rk, { device, quick, sizes: userSizes, dtype: userDtype, chart }) {
+  sizeLabel: 'BxTxHxD',
+  sizeHelp: 'batch x T x heads x headDim (BxTxHxD; hidden = H * D)',
+  sizeDims: [4],
+  tagLabel: 'cell',
+  /** Bytes are a small part of the cost here (the recurrent matmuls are): no GB/s on CPU. */
+  dropColumns: (device) => (device === 'cpu' ? ['GB/s', '% of copy', 'ms per gate'] : []),
+  async run(rk, { device, quick, sizes: userSizes, dtype: userDtype, chart, ceilings, peers: withPeers = true, progress }) {
     if (!rk.fusedRnn || !rk.ops?.fusedRnn) throw new Error('bench: this build has no fusedRnn op');
     if (typeof rk.internals?.native?.().fusedRnnForward !== 'function')
       throw new Error('bench: the native addon has no fused cell kernels (rebuild it with npm run build:native)');
@@ -107,15 +134,20 @@ export default {
     for (const s of sizes)
       if (s.length !== 4) throw new Error(`bench: fused-rnn sizes are batch x T x heads x headDim, got ${s.join('x')}`);
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const peerTimes = device === 'cuda' ? runPythonPeer('fused_rnn.py', { sizes, dtypes: [dtype], cells: PEER_CELLS }) : null;
+    const peerTimes = device === 'cuda' && withPeers ? runPythonPeer('fused_rnn.py', { sizes, dtypes: [dtype], cells: PEER_CELLS }) : null;
     const chartSeries = new Map(); // name -> [[headDim, ms]]
     const addPoint = (name, D, ms) => { if (ms != null) chartSeries.set(name, [...(chartSeries.get(name) ?? []), [D, ms]]); };
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch loop';
     console.log('GFLOP/s: the recurrent matmuls, 2*G*D^2 flops per step, head and row (fwd+bwd: 3x)');
+    const ortNote = ortStatus().ok ? null : `ORT not installed (${ortStatus().reason})`;
+    if (device === 'cpu' && withPeers && ortNote) console.log(`${ORT_PEER}: ${ortNote}`);
+    const matmul = device === 'cpu' ? ceilings?.gflops ?? null : null;
     const rows = [];
+    let step = 0;
     for (const [batch, T, H, D] of sizes) {
       const size = `${batch}x${T}x${H}x${D}`;
       for (const cell of CELLS[device]) {
+        progress?.(++step, sizes.length * CELLS[device].length, `${size} ${cell}`);
         const G = GATES[cell], S = STATES[cell];
         const data = {
           wx: uniform(batch * T * G * H * D, -1, 1),
@@ -146,24 +178,33 @@ export default {
         const bothBytes = fwdBytes + 2 * savedBytes + (1 + G) * batch * T * H * D * e + 2 * G * H * D * D * e;
         let peer = { fwd: null, 'fwd+bwd': null };
         let cudnn = { fwd: undefined, 'fwd+bwd': undefined };
-        if (device === 'cpu') {
-          if (PEER_CELLS.includes(cell)) peer = { fwd: jsPeer(rk, cell, data, { batch, T, H, D }, size), 'fwd+bwd': null };
+        let ort = { fwd: undefined, 'fwd+bwd': undefined };
+        if (device === 'cpu' && withPeers && PEER_CELLS.includes(cell)) {
+          peer = { fwd: jsPeer(rk, cell, data, { batch, T, H, D }, size), 'fwd+bwd': null };
+          // ORT has no block-diagonal heads: compared at one head only.
+          ort = { fwd: H === 1 ? await ortPeer(rk, cell, { batch, T, D }) : null, 'fwd+bwd': null };
         } else if (peerTimes && PEER_CELLS.includes(cell)) {
           peer = { fwd: peerTimes[`${size}/${cell}/${dtype}/fwd`] ?? null, 'fwd+bwd': peerTimes[`${size}/${cell}/${dtype}/fwd+bwd`] ?? null };
           // cuDNN's time includes its input matmul (torch.nn.LSTM / GRU at hidden H * D).
           cudnn = { fwd: peerTimes[`${size}/${cell}/${dtype}/cudnn`] ?? null, 'fwd+bwd': peerTimes[`${size}/${cell}/${dtype}/cudnn/fwd+bwd`] ?? null };
         }
-        const row = (pass, ms, bytes, fl, p, c) => ({
-          size: `${size} ${cell}`, dtype, pass, ms, gbs: bytes / (ms * 1e6),
+        const row = (pass, ms, bytes, fl, p, c, o) => ({
+          size, tag: cell, dtype, pass, ms, gbs: bytes / (ms * 1e6),
           extra: {
             'GFLOP/s': (fl / (ms * 1e6)).toFixed(1),
+            ...(matmul ? { '% of matmul': `${((100 * fl) / (ms * 1e6 * matmul)).toFixed(0)}%` } : {}),
             'us per step': ((1000 * ms) / T).toFixed(2),
             'ms per gate': (ms / G).toFixed(3),
           },
-          bytes, flops: fl, peers: { [peerName]: p, ...(c !== undefined ? { 'cuDNN (incl. input matmul)': c } : {}) },
+          bytes, flops: fl,
+          peers: {
+            ...(withPeers ? { [peerName]: p } : {}),
+            ...(c !== undefined ? { 'cuDNN (incl. input matmul)': c } : {}),
+            ...(o !== undefined ? { [ORT_PEER]: o } : {}),
+          },
         });
-        rows.push(row('fwd', fwd, fwdBytes, flops, peer.fwd, cudnn.fwd),
-          row('fwd+bwd', both, bothBytes, 3 * flops, peer['fwd+bwd'], cudnn['fwd+bwd']));
+        rows.push(row('fwd', fwd, fwdBytes, flops, peer.fwd, cudnn.fwd, ort.fwd),
+          row('fwd+bwd', both, bothBytes, 3 * flops, peer['fwd+bwd'], cudnn['fwd+bwd'], ort['fwd+bwd']));
         addPoint(`${cell} fwd`, D, fwd);
         addPoint(`${cell} fwd+bwd`, D, both);
         if (cudnn.fwd != null) addPoint(`cuDNN ${cell} fwd`, D, cudnn.fwd);

@@ -17,12 +17,22 @@
 // The floor is those bytes at the copy bandwidth measured in the same run.
 // TFLOP/s counts 4 * K * V flops per token per value head for the forward recurrence (the state
 // update); fwd+bwd counts three times that (the backward as twice the forward), decode the forward's.
+// On CPU "% of matmul" is that rate over ONNX Runtime's fp32 MatMul rate on this machine (the CLI's
+// header), and "x fwd" the fwd+bwd time over the forward's.
+//
+// ONNX Runtime peer on CPU (bench/peers/ort.mjs): com.microsoft.LinearAttention with update_rule
+// gated_delta, the same recurrence per token (S = exp(g) S + k (beta (v - exp(g) S^T k))^T,
+// o = scale S^T q), for the forward and, with a past_state, the decode step. It has no L2 norm
+// inside, so it gets q and k already normalised (ours normalises in the kernel), and it always writes
+// its final state (ours here does not). com.microsoft.GatedDeltaNet is timed too where ORT has a CPU
+// kernel for it (onnxruntime-node 1.31 has not: CUDA and WebGPU only).
 import { timeIt } from '../timing.mjs';
 import { runPythonPeer } from '../peers/run.mjs';
+import { ortGatedDeltaNet, ortLinearAttention, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = {
   cuda: [[4, 4096, 16, 128], [8, 2048, 32, 128], [1, 32768, 16, 128], [32, 1, 16, 128]],
-  cpu: [[1, 512, 4, 64], [2, 256, 8, 64], [2, 512, 4, 128], [8, 1, 8, 64]],
+  cpu: [[2, 1024, 8, 64], [1, 4096, 16, 128], [8, 1, 8, 64]],
 };
 const QUICK = {
   cuda: [[2, 1024, 8, 128], [32, 1, 16, 128]],
@@ -239,8 +249,25 @@ function disposeAll(obj) {
   for (const t of Object.values(obj ?? {})) if (t && typeof t.dispose === 'function') t.dispose();
 }
 
+const ORT_LA = 'ORT LinearAttention';
+const ORT_GDN = 'ORT GatedDeltaNet';
+
+/** Median ms of an ORT session from bench/peers/ort.mjs (closed afterwards); about 2 s of runs at most. */
+async function ortTime(session) {
+  try {
+    const once = await session.timeMs({ warmup: 1, iters: 1 });
+    const iters = Math.max(3, Math.min(20, Math.floor(2000 / Math.max(once, 1e-3))));
+    return await session.timeMs({ warmup: 0, iters });
+  } finally {
+    await session.close();
+  }
+}
+
 export default {
-  async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype }) {
+  sizeLabel: 'BxTxHxK',
+  sizeHelp: 'batch x T x H [x K] (BxTxH[xK]; HV = H, V = K; T = 1 is a decode row)',
+  sizeDims: [3, 4],
+  async run(rk, { device, quick, ceiling, ceilings, sizes: userSizes, dtype: userDtype, peers: withPeers = true, progress }) {
     if (!rk.gatedDeltaRule || !rk.gatedDeltaRuleStep || !rk.ops?.gatedDeltaRule) throw new Error('bench: this build has no gatedDeltaRule op');
     if (typeof rk.internals?.native?.().gatedDeltaForward !== 'function')
       throw new Error('bench: the native addon has no gated delta rule kernels (rebuild it with npm run build:native)');
@@ -249,13 +276,20 @@ export default {
       return s.length === 4 ? s : [...s, DEFAULT_K[device]];
     });
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const peerTimes = device === 'cuda' ? runPythonPeer('gated_delta_rule.py', { sizes, dtypes: [dtype] }) : null;
+    const peerTimes = device === 'cuda' && withPeers ? runPythonPeer('gated_delta_rule.py', { sizes, dtypes: [dtype] }) : null;
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch';
-    const matmulRate = peerTimes?.['matmul/bfloat16'] ?? null; // the device's bf16 matmul TFLOP/s, measured by the peer
+    // The device's matmul TFLOP/s: bf16 measured by the PyTorch peer on CUDA, fp32 by ORT on CPU (the header).
+    const matmulRate = device === 'cpu' ? (ceilings?.gflops != null ? ceilings.gflops / 1000 : null)
+      : peerTimes?.['matmul/bfloat16'] ?? null;
     console.log('TFLOP/s: 4*K*V flops per token per value head (the forward recurrence); fwd+bwd counts 3x that, decode the forward\'s');
-    if (matmulRate) console.log(`bf16 matmul rate of this device (torch.matmul 8192^3): ${matmulRate.toFixed(0)} TFLOP/s ("% of matmul" below)`);
+    if (matmulRate && device === 'cuda') console.log(`bf16 matmul rate of this device (torch.matmul 8192^3): ${matmulRate.toFixed(0)} TFLOP/s ("% of matmul" below)`);
+    const ortPeers = device === 'cpu' && withPeers;
+    if (ortPeers && !ortStatus().ok) console.log(`${ORT_LA}: ORT not installed (${ortStatus().reason})`);
+    let gdnReason = null; // why ORT's GatedDeltaNet is not timed, printed once
     const rows = [];
+    let step = 0;
     for (const [batch, T, H, K] of sizes) {
+      progress?.(++step, sizes.length, `${batch}x${T}x${H}x${K}${T === 1 ? ' decode' : ''}`);
       const HV = H, V = K;
       const size = `${batch}x${T}x${H}x${K}`;
       const dims = { batch, T, H, HV, K, V, scale: 1 / Math.sqrt(K) };
@@ -272,7 +306,7 @@ export default {
       const nqk = batch * T * H * K, nv = batch * T * HV * V, nh = batch * T * HV;
       const inBytes = 2 * nqk * e + nv * e + nh * 4 + nh * e; // q, k, v, g, beta
       const flopsFwd = 4 * K * V * batch * T * HV;
-      const row = (pass, ms, bytes, flops, peer, fla) => ({
+      const row = (pass, ms, bytes, flops, peer, fla, ort = {}) => ({
         size, dtype, pass, ms, gbs: bytes / (ms * 1e6),
         extra: {
           'floor (copy)': `${(bytes / (ceiling * 1e6)).toFixed(3)} ms`,
@@ -280,8 +314,24 @@ export default {
           ...(matmulRate ? { '% of matmul': `${((100 * flops) / (ms * 1e9 * matmulRate)).toFixed(1)}%` } : {}),
         },
         bytes, flops,
-        peers: { [peerName]: peer, ...(fla !== undefined ? { 'fla (Triton)': fla } : {}) },
+        peers: { ...(withPeers ? { [peerName]: peer } : {}), ...(fla !== undefined ? { 'fla (Triton)': fla } : {}), ...ort },
       });
+      /** ORT's LinearAttention (and GatedDeltaNet where it has a CPU kernel) at this size: { column: ms or a note }. */
+      const ortRow = async (initialState) => {
+        if (!ortPeers) return {};
+        if (!ortStatus().ok) return { [ORT_LA]: 'ORT not installed' };
+        const threads = rk.cpu.info().threads;
+        const out = { [ORT_LA]: await ortTime(await ortLinearAttention({ batch, T, H, HV, K, V, threads, initialState })) };
+        if (!initialState) {
+          const gdn = await ortGatedDeltaNet({ batch, T, H, HV, K, V, threads });
+          if (gdn.session) out[ORT_GDN] = await ortTime(gdn.session);
+          else if (gdnReason === null) {
+            gdnReason = gdn.reason;
+            console.log(`${ORT_GDN}: not timed (${gdn.reason})`);
+          }
+        }
+        return out;
+      };
 
       if (T === 1) {
         const state0 = uniform(batch * HV * K * V, -0.1, 0.1);
@@ -294,11 +344,12 @@ export default {
         const stateBytes = 2 * batch * HV * K * V * 4;
         const bytes = stateBytes + inBytes + nv * e; // the state read and written; the token's inputs and o
         let peer = null;
-        if (device === 'cpu') {
+        if (device === 'cpu' && withPeers) {
           const s = Float32Array.from(state0);
           peer = timeIt(rk, 'cpu', () => jsDecode(data, s, dims), { warmup: 5, iters: 20 });
         } else if (peerTimes) peer = peerTimes[`${size}/${dtype}/decode`] ?? null;
-        rows.push(row('decode', ms, bytes, flopsFwd, peer));
+        // ORT: one token from a past_state, writing a present_state (ours updates the state in place).
+        rows.push(row('decode', ms, bytes, flopsFwd, peer, undefined, await ortRow(true)));
         console.log(`${size}: decode, state ${count(stateBytes / 2)}B read and written in place`);
         state.dispose();
         disposeAll(inputs);
@@ -326,12 +377,13 @@ export default {
       ctx.states?.dispose?.();
 
       let peer = { fwd: null, 'fwd+bwd': null };
-      if (device === 'cpu') peer = jsPeer(rk, data, dims, size);
+      if (device === 'cpu' && withPeers) peer = jsPeer(rk, data, dims, size);
       else if (peerTimes) peer = { fwd: peerTimes[`${size}/${dtype}/fwd`] ?? null, 'fwd+bwd': peerTimes[`${size}/${dtype}/fwd+bwd`] ?? null };
 
       const flaTime = (pass) => (peerTimes && `${size}/${dtype}/fla/fwd` in peerTimes ? peerTimes[`${size}/${dtype}/fla/${pass}`] : undefined);
-      rows.push(row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd, flaTime('fwd')),
-        row('fwd+bwd', both, fwdBytes + bwdBytes, 3 * flopsFwd, peer['fwd+bwd'], flaTime('fwd+bwd')));
+      const bothRow = row('fwd+bwd', both, fwdBytes + bwdBytes, 3 * flopsFwd, peer['fwd+bwd'], flaTime('fwd+bwd'));
+      bothRow.extra['x fwd'] = `${(both / fwd).toFixed(2)}x`;
+      rows.push(row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd, flaTime('fwd'), await ortRow(false)), bothRow);
       console.log(`${size}: state checkpoints ${count(stateBytes)}B (counted in the bytes of both passes)`);
       disposeAll(inputs);
       go.dispose();

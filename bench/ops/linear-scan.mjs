@@ -35,12 +35,17 @@ function tsBackward(a, h, gh, rows, L) {
 }
 
 export default {
-  async run(rk, { device, quick }) {
-    const sizes = quick ? [[2, 256, 1024], [1, 64, 8192]] : [[8, 1536, 4096], [1, 1536, 65536]];
+  sizeLabel: 'BxCxL',
+  sizeHelp: 'batch x channels x length (BxCxL)',
+  sizeDims: [3],
+  async run(rk, { device, quick, sizes: userSizes, peers: withPeers = true, progress }) {
+    const sizes = userSizes ?? (quick ? [[2, 256, 1024], [1, 64, 8192]] : [[8, 1536, 4096], [1, 1536, 65536]]);
     const dtypes = device === 'cuda' ? ['float32', 'bfloat16'] : ['float32'];
     const rows = [];
-    const peerTimes = device === 'cuda' ? runPythonPeer('linear_scan.py', { sizes, dtypes }) : null;
+    const peerTimes = device === 'cuda' && withPeers ? runPythonPeer('linear_scan.py', { sizes, dtypes }) : null;
+    let step = 0;
     for (const [B, C, L] of sizes) {
+      progress?.(++step, sizes.length, `${B}x${C}x${L}`);
       const n = B * C * L;
       const shape = [B, C, L];
       const a32 = random(n, 0.5, 0.999), b32 = random(n, -1, 1), g32 = random(n, -1, 1);
@@ -56,6 +61,7 @@ export default {
           { iters, after: (g) => { g.a.dispose(); g.b.dispose(); } });
         const size = `${B}x${C}x${L}`;
         const peer = (pass) => {
+          if (!withPeers) return null;
           if (device === 'cpu') {
             if (pass === 'fwd') return timeIt(rk, 'cpu', () => tsForward(a32, b32, B * C, L), { warmup: 1, iters: 3 });
             const h32 = tsForward(a32, b32, B * C, L);

@@ -87,7 +87,10 @@ function jsForward(cell, d, batch, T, N, H) {
 }
 
 export default {
-  async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype, curve, chart }) {
+  sizeLabel: 'BxTxNxH',
+  sizeHelp: 'batch x T x hidden [x heads] (BxTxN[xH])',
+  sizeDims: [3, 4],
+  async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype, curve, chart, peers: withPeers = true, progress }) {
     if (!rk.newtonRnn || !rk.ops?.newtonRnn) throw new Error('bench: this build has no newtonRnn op');
     if (typeof rk.internals?.native?.().newtonRnnForward !== 'function')
       throw new Error('bench: the native addon has no Newton RNN kernels (rebuild it with npm run build:native)');
@@ -101,14 +104,17 @@ export default {
     const jobsOf = (s) => CELLS.flatMap((cell) => (cell === 'gru'
       ? GRU_HEAD_DIMS[device].filter((d) => s[2] % d === 0).map((d) => [cell, s[2] / d])
       : [[cell, s[3] ?? 1]]));
-    const peerTimes = device === 'cuda'
+    const peerTimes = device === 'cuda' && withPeers
       ? runPythonPeer('newton_rnn.py', { jobs: sizes.flatMap((s) => jobsOf(s).map(([cell, H]) => [cell, [s[0], s[1], s[2], H]])), dtypes: [dtype] })
       : null;
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch loop';
     const rows = [];
+    const total = sizes.reduce((n, s) => n + jobsOf(s).length, 0);
+    let step = 0;
     for (const s of sizes) {
       const [batch, T, N] = s;
       for (const [cell, H] of jobsOf(s)) {
+        progress?.(++step, total, `${batch}x${T}x${N}x${H} ${cell}`);
         if (N % H) throw new Error(`bench: hidden ${N} is not a multiple of heads ${H}`);
         const D = N / H, G = GATES[cell], S = STATES[cell];
         const size = `${batch}x${T}x${N}x${H}`;
@@ -129,7 +135,7 @@ export default {
         const iters = device === 'cuda' ? 20 : 5;
         const free = (o) => { o.y.dispose(); o.finalStates.dispose(); o.trajectory.dispose(); };
         let jsMs = null;
-        if (device === 'cpu') {
+        if (device === 'cpu' && withPeers) {
           // Scaled from fewer steps when long (the loop is linear in T).
           const Tp = Math.min(T, Math.max(16, Math.floor(2 ** 24 / (batch * N * (diag ? 8 : 3 * D)))));
           const sub = { wx: subRows(data.wx, batch, T, Tp, G * N), R: data.R, b: data.b };

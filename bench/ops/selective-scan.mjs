@@ -152,16 +152,21 @@ function disposeAll(obj) {
 }
 
 export default {
-  async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype }) {
+  sizeLabel: 'BxDxLxN',
+  sizeHelp: 'batch x dim x seqlen x dstate (BxDxLxN)',
+  sizeDims: [4],
+  async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype, peers: withPeers = true, progress }) {
     if (!rk.selectiveScan || !rk.ops?.selectiveScan) throw new Error('bench: this build has no selectiveScan op');
     const sizes = userSizes ?? (quick ? QUICK : SIZES)[device];
     for (const s of sizes) if (s.length !== 4) throw new Error(`bench: selective-scan sizes are batch x dim x seqlen x dstate, got ${s.join('x')}`);
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const peerTimes = device === 'cuda' ? runPythonPeer('selective_scan.py', { sizes, dtypes: [dtype] }) : null;
+    const peerTimes = device === 'cuda' && withPeers ? runPythonPeer('selective_scan.py', { sizes, dtypes: [dtype] }) : null;
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch';
     const rows = [];
+    let step = 0;
     for (const [batch, dim, L, N] of sizes) {
       const size = `${batch}x${dim}x${L}x${N}`;
+      progress?.(++step, sizes.length, size);
       const data = makeData(batch, dim, L, N);
       const opts = { dtype, device };
       const shape = [batch, dim, L];
@@ -193,7 +198,7 @@ export default {
       const exps = BDL * N + 2 * BDL;
 
       let peer = { fwd: null, bwd: null };
-      if (device === 'cpu') peer = jsPeer(rk, data, batch, dim, L, N, size);
+      if (device === 'cpu' && withPeers) peer = jsPeer(rk, data, batch, dim, L, N, size);
       else if (peerTimes) peer = { fwd: peerTimes[`${size}/${dtype}/fwd`] ?? null, bwd: peerTimes[`${size}/${dtype}/bwd`] ?? null };
 
       const row = (pass, ms, bytes) => ({
