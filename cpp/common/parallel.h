@@ -17,6 +17,8 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <mutex>
 
 namespace rk {
 
@@ -44,6 +46,21 @@ template <typename Fn> void parallelFor(int64_t n, int64_t grain, Fn&& fn) {
                                    [&fn](int64_t b, int64_t e) { fn(b, e); }), false);
 }
 
+// parallelFor whose ranges each return a partial result (fn(begin, end) -> Partial); merge(partial)
+// is then called on the calling thread for every range in the order of the ranges, so that sums
+// over ranges give the same bits from call to call (for a given thread count).
+template <typename Partial, typename Fn, typename Merge>
+void parallelReduce(int64_t n, int64_t grain, Fn&& fn, Merge&& merge) {
+  std::mutex mutex;
+  std::map<int64_t, Partial> partials;  // by the range's first item
+  parallelFor(n, grain, [&](int64_t b, int64_t e) {
+    Partial part = fn(b, e);
+    std::lock_guard<std::mutex> lock(mutex);
+    partials.emplace(b, std::move(part));
+  });
+  for (auto& entry : partials) merge(entry.second);
+}
+
 // The grain (items per range) that gives each range at least `minWork` units of work when an item
 // costs `perItem` of them: calls too small to repay waking a thread (tens of microseconds) then run on
 // the calling thread alone.
@@ -60,17 +77,17 @@ template <typename Fn> void runTeam(int n, Fn&& fn) {
   detail::runRanges(n, n, std::function<void(int64_t, int64_t)>([&fn](int64_t b, int64_t) { fn(int(b)); }), true);
 }
 
+// For tests: members other than 0 sleep this long before each step barrier (0: off), and how many
+// teams have gone solo so far.
+void setStepStallForTesting(int microseconds);
+uint64_t soloTeams();
+
 // The members of a runTeam that meet once per step. A member that arrives first spins briefly, then
 // yields. When the members spend much of their time waiting (a core is shared with other work, and
 // members keep losing their time slices), the team gives up splitting the steps: wait() returns true
 // for every member at the same step, and from then on the caller lets member 0 do every member's
 // share while the others return (a per-step barrier would otherwise cost a time slice per step).
 // Every member's work before that wait() has finished when it returns.
-// For tests: members other than 0 sleep this long before each step barrier (0: off), and how many
-// teams have gone solo so far.
-void setStepStallForTesting(int microseconds);
-uint64_t soloTeams();
-
 class StepBarrier {
  public:
   // allowSolo: the caller can hand every member's share to member 0 (otherwise wait() only waits).
