@@ -36,6 +36,15 @@ constexpr auto kStayAwake = std::chrono::milliseconds(2);
 constexpr int kMinStepsForSolo = 8;
 constexpr int64_t kMinNsForSolo = 1000000;
 
+int64_t nowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// The testing hook of StepBarrier, and its count of teams gone solo.
+std::atomic<int> testStallUs{0};
+std::atomic<uint64_t> soloCount{0};
+
 // Set on pool workers and on any thread while it runs a range: nested calls run inline.
 thread_local bool tInsideRange = false;
 
@@ -218,17 +227,7 @@ void runRanges(int64_t ranges, int64_t n, const std::function<void(int64_t, int6
 
 }  // namespace detail
 
-int64_t nowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 StepBarrier::StepBarrier(int n, bool allowSolo) : n_(n), allowSolo_(allowSolo), startNs_(nowNs()) {}
-
-namespace {
-std::atomic<int> testStallUs{0};
-std::atomic<uint64_t> soloCount{0};
-}  // namespace
 
 void setStepStallForTesting(int microseconds) { testStallUs.store(microseconds, std::memory_order_relaxed); }
 uint64_t soloTeams() { return soloCount.load(std::memory_order_relaxed); }

@@ -46,35 +46,25 @@ RK_ALWAYS_INLINE Lanes splat(float v) { return simd_detail::dup(v, simd_detail::
 // Several registers per 16 lanes: Lanes holds kParts hardware vectors, and every operation is
 // applied to each part (no lane is ever handled alone).
 
+// kParts hardware vectors V of elements E. Copies are spelled out part by part: as plain
+// aggregates, GCC copies a struct of several vectors through general-purpose registers (64 bits at
+// a time) instead of with vector moves.
+template <typename V, typename E> struct Parts {
+  V p[kParts];
+  Parts() = default;
+  RK_ALWAYS_INLINE Parts(const Parts& o) {
+    RK_PARTS p[k] = o.p[k];
+  }
+  RK_ALWAYS_INLINE Parts& operator=(const Parts& o) {
+    RK_PARTS p[k] = o.p[k];
+    return *this;
+  }
+  RK_ALWAYS_INLINE E operator[](int i) const { return p[i / kWidth][i % kWidth]; }
+  RK_ALWAYS_INLINE E& operator[](int i) { return p[i / kWidth][i % kWidth]; }
+};
+typedef Parts<Vec, float> Lanes;
 // A mask or integer per lane (comparisons give -1 for true, 0 for false).
-struct LanesI {
-  VecI p[kParts];
-  LanesI() = default;
-  RK_ALWAYS_INLINE LanesI(const LanesI& o) {
-    RK_PARTS p[k] = o.p[k];
-  }
-  RK_ALWAYS_INLINE LanesI& operator=(const LanesI& o) {
-    RK_PARTS p[k] = o.p[k];
-    return *this;
-  }
-  RK_ALWAYS_INLINE int32_t operator[](int i) const { return p[i / kWidth][i % kWidth]; }
-};
-
-// Copies are spelled out part by part: as plain aggregates, GCC copies a struct of several vectors
-// through general-purpose registers (64 bits at a time) instead of with vector moves.
-struct Lanes {
-  Vec p[kParts];
-  Lanes() = default;
-  RK_ALWAYS_INLINE Lanes(const Lanes& o) {
-    RK_PARTS p[k] = o.p[k];
-  }
-  RK_ALWAYS_INLINE Lanes& operator=(const Lanes& o) {
-    RK_PARTS p[k] = o.p[k];
-    return *this;
-  }
-  RK_ALWAYS_INLINE float operator[](int i) const { return p[i / kWidth][i % kWidth]; }
-  RK_ALWAYS_INLINE float& operator[](int i) { return p[i / kWidth][i % kWidth]; }
-};
+typedef Parts<VecI, int32_t> LanesI;
 
 RK_ALWAYS_INLINE Vec& part(Lanes& x, int k) { return x.p[k]; }
 RK_ALWAYS_INLINE const Vec& part(const Lanes& x, int k) { return x.p[k]; }
