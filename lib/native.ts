@@ -61,8 +61,8 @@ export interface NativeModule {
     updateState: boolean; returnIntermediate: boolean;
   }): { y: Storage; intermediate: Storage | null };
   gatedDeltaForward(device: Dev, dtype: string, tensors: GatedDeltaTensors, config: GatedDeltaConfig,
-    cuSeqlens: Int32Array | null, returnFinal: boolean):
-    { o: Storage; states: Storage; finalState: Storage | null };
+    cuSeqlens: Int32Array | null, returnFinal: boolean, keepStates: boolean):
+    { o: Storage; states: Storage | null; finalState: Storage | null };
   gatedDeltaBackward(device: Dev, dtype: string, tensors: GatedDeltaTensors, config: GatedDeltaConfig,
     cuSeqlens: Int32Array | null, grads: { states: Storage; dO: Storage | null; dFinal: Storage | null },
     needDh0: boolean):

@@ -23,7 +23,7 @@
  * Outputs: `o` (batch, T, HV, V) in q's dtype; `finalState` (N, HV, K, V) float32 or null.
  * Backward: gradients for q, k, v, g, beta and initialState, from grads of o and/or finalState.
  */
-import { defineOp } from '../autograd';
+import { defineOp, isRecording } from '../autograd';
 import { float32Elements, native, type GatedDeltaConfig, type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
@@ -108,6 +108,12 @@ export function checkDeltaInputs(op: string, inputs: GatedDeltaRuleInputs, token
 
 function forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions = {}):
   { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx } {
+  return run(inputs, options, true) as { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx };
+}
+
+/** The forward pass; without keep (no backward to follow) the CPU kernels save no state checkpoints. */
+function run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep: boolean):
+  { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx | null } {
   checkInputs(OP, inputs, ['q', 'k', 'v', 'g', 'beta']);
   checkOptions(OP, options, ['scale', 'initialState', 'outputFinalState', 'cuSeqlens', 'useQkL2normInKernel']);
   const dims = checkDeltaInputs(OP, inputs, 'T');
@@ -130,12 +136,17 @@ function forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions = 
   const r = native().gatedDeltaForward(q.device, q.dtype, {
     q: q.storage, k: inputs.k.storage, v: inputs.v.storage, g: inputs.g.storage, beta: inputs.beta.storage,
     h0: h0?.storage ?? null,
-  }, config, cuSeqlens, returnFinal);
+  }, config, cuSeqlens, returnFinal, keep);
+  const outputs = {
+    o: new Tensor(r.o, inputs.v.shape, q.dtype, q.device),
+    finalState: r.finalState ? new Tensor(r.finalState, [nseq, HV, K, V], 'float32', q.device) : null,
+  };
+  if (!r.states) {
+    if (keep) throw new Error(`${OP}: the addon returned no state checkpoints`);
+    return { outputs, ctx: null };
+  }
   return {
-    outputs: {
-      o: new Tensor(r.o, inputs.v.shape, q.dtype, q.device),
-      finalState: r.finalState ? new Tensor(r.finalState, [nseq, HV, K, V], 'float32', q.device) : null,
-    },
+    outputs,
     ctx: {
       inputs: { ...inputs, initialState: h0 },
       states: new Tensor(r.states, [float32Elements(r.states)], 'float32', q.device),
@@ -175,10 +186,21 @@ function backward(ctx: GatedDeltaRuleCtx, grads: { o?: Tensor | null; finalState
   };
 }
 
-export const gatedDeltaRule = defineOp<GatedDeltaRuleInputs, GatedDeltaRuleOutputs, GatedDeltaRuleOptions,
+const op = defineOp<GatedDeltaRuleInputs, GatedDeltaRuleOutputs, GatedDeltaRuleOptions,
   GatedDeltaRuleCtx, GatedDeltaRuleGrads>({
   name: OP,
   differentiableOptions: ['initialState'],
   forward,
   backward,
 });
+
+/**
+ * Runs the rule. While a tape records, the forward keeps what the backward needs (the state
+ * entering every chunk of tokens); otherwise the CPU kernels keep nothing.
+ */
+function call(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions): GatedDeltaRuleOutputs {
+  if (isRecording()) return op(inputs, options);
+  return run(inputs, options ?? {}, false).outputs;
+}
+
+export const gatedDeltaRule = Object.assign(call, { hooks: op.hooks });

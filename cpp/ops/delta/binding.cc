@@ -75,8 +75,10 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
   return c;
 }
 
-// gatedDeltaForward(device, dtype, tensors, config, cuSeqlens, returnFinal)
-//   -> { o, states, finalState | null }
+// gatedDeltaForward(device, dtype, tensors, config, cuSeqlens, returnFinal, keepStates)
+//   -> { o, states | null, finalState | null }
+// Without keepStates (a forward that no backward follows) the CPU saves no checkpoints; the CUDA
+// kernels always do.
 Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRule";
@@ -86,7 +88,9 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   float *states = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
   out.Set("o", allocOutput(env, c.dev, DType(int(c.a.dt)), c.vo, &o, Init::Overwritten));
-  out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
+  const bool keepStates = c.dev == Device::CUDA || info[6].ToBoolean().Value();
+  out.Set("states", keepStates ? allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten)
+                               : env.Null());
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
   if (c.dev == Device::CUDA) {
