@@ -8,7 +8,9 @@
 // row: one token through rk.gatedDeltaRuleStep, the float32 state (batch, H, K, V) updated in place.
 //
 // Bytes counted, per pass (every byte that must move at least once):
-//   fwd:      reads q, k, v, g, beta; writes o and the state checkpoints the op keeps for backward
+//   infer:    (CPU) the forward as a plain call with no tape recording: reads q, k, v, g, beta;
+//             writes o (no checkpoints are kept). The ONNX Runtime peer is timed against this row.
+//   fwd:      (the forward hook, rk.ops.gatedDeltaRule.forward) reads q, k, v, g, beta; writes o and the state checkpoints the op keeps for backward
 //             (ctx.states).
 //   fwd+bwd:  the forward's bytes plus the backward's: reads q, k, v, g, beta, grad o and the
 //             checkpoints; writes grad q, k, v, g, beta.
@@ -22,7 +24,7 @@
 //
 // ONNX Runtime peer on CPU (bench/peers/ort.mjs): com.microsoft.LinearAttention with update_rule
 // gated_delta, the same recurrence per token (S = exp(g) S + k (beta (v - exp(g) S^T k))^T,
-// o = scale S^T q), for the forward and, with a past_state, the decode step. It has no L2 norm
+// o = scale S^T q), for the inference forward and, with a past_state, the decode step. It has no L2 norm
 // inside, so it gets q and k already normalised (ours normalises in the kernel), and it always writes
 // its final state (ours here does not). com.microsoft.GatedDeltaNet is timed too where ORT has a CPU
 // kernel for it (onnxruntime-node 1.31 has not: CUDA and WebGPU only).
@@ -359,6 +361,11 @@ export default {
       const go = rk.Tensor.from(data.go, [batch, T, HV, V], opts);
       const options = { useQkL2normInKernel: true };
       const iters = device === 'cuda' ? 20 : 5;
+      // Inference (no tape records): what ORT's inference kernels are compared with. The CPU kernels
+      // then save no state checkpoints; on CUDA this is the forward pass below.
+      const infer = device === 'cpu'
+        ? timeIt(rk, device, () => rk.gatedDeltaRule(inputs, options), { iters, after: disposeAll })
+        : null;
       const fwd = timeIt(rk, device, () => rk.ops.gatedDeltaRule.forward(inputs, options), {
         iters, after: ({ outputs, ctx }) => { disposeAll(outputs); ctx.states?.dispose?.(); },
       });
@@ -383,7 +390,8 @@ export default {
       const flaTime = (pass) => (peerTimes && `${size}/${dtype}/fla/fwd` in peerTimes ? peerTimes[`${size}/${dtype}/fla/${pass}`] : undefined);
       const bothRow = row('fwd+bwd', both, fwdBytes + bwdBytes, 3 * flopsFwd, peer['fwd+bwd'], flaTime('fwd+bwd'));
       bothRow.extra['x fwd'] = `${(both / fwd).toFixed(2)}x`;
-      rows.push(row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd, flaTime('fwd'), await ortRow(false)), bothRow);
+      if (infer !== null) rows.push(row('infer', infer, inBytes + nv * e, flopsFwd, null, undefined, await ortRow(false)));
+      rows.push(row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd, flaTime('fwd'), infer === null ? await ortRow(false) : {}), bothRow);
       console.log(`${size}: state checkpoints ${count(stateBytes)}B (counted in the bytes of both passes)`);
       disposeAll(inputs);
       go.dispose();
