@@ -1,4 +1,5 @@
 #include "napi/cpu.h"
+#include "tensor/tensor.h"
 
 #include <string>
 
@@ -60,11 +61,10 @@ Napi::Value CpuSetThreads(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void registerCpu(Napi::Env env, Napi::Object exports) {
-  exports.Set("cpuInfo", Napi::Function::New<CpuInfo>(env, "cpuInfo"));
-  exports.Set("cpuSetIsa", Napi::Function::New<CpuSetIsa>(env, "cpuSetIsa"));
-  exports.Set("cpuSetThreads", Napi::Function::New<CpuSetThreads>(env, "cpuSetThreads"));
-  exports.Set("cpuSetStepStallForTesting",
-              Napi::Function::New<CpuSetStepStallForTesting>(env, "cpuSetStepStallForTesting"));
+  exportFunction(env, exports, "cpuInfo", CpuInfo);
+  exportFunction(env, exports, "cpuSetIsa", CpuSetIsa);
+  exportFunction(env, exports, "cpuSetThreads", CpuSetThreads);
+  exportFunction(env, exports, "cpuSetStepStallForTesting", CpuSetStepStallForTesting);
 }
 
 }  // namespace rk

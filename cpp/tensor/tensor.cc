@@ -12,6 +12,9 @@
 
 namespace rk {
 
+// The largest ArrayBuffer the engine can make (2^53 - 1 bytes); larger outputs are ERR_OUT_OF_MEMORY.
+constexpr uint64_t kMaxHostBytes = (uint64_t(1) << 53) - 1;
+
 Instance& instance(Napi::Env env) { return *env.GetInstanceData<Instance>(); }
 
 static const char* const kNoCudaBuild =
@@ -105,6 +108,93 @@ Napi::Value DeviceBuffer::GetDisposed(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), disposed_);
 }
 
+// ---------------------------------------------------------------- pins (see sealPins)
+
+static void pin(Napi::Env env, Napi::Value v, DeviceBuffer* device, const void* data, size_t length,
+                const std::string& what) {
+  Instance::Pin p;
+  p.value = v;
+  p.device = device;
+  p.data = data;
+  p.length = length;
+  p.what = what;
+  instance(env).pins.push_back(std::move(p));
+}
+
+void* pinnedData(Napi::Env env, Napi::TypedArray ta, const char* what) {
+  void* data = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+  pin(env, ta, nullptr, data, ta.ElementLength(), what);
+  return data;
+}
+
+void sealPins(Napi::Env env, const char* op) {
+  Instance& inst = instance(env);
+  for (size_t i = inst.pinBase; i < inst.pins.size(); ++i) {
+    const Instance::Pin& p = inst.pins[i];
+    bool ok;
+    if (p.device) {
+      ok = !p.device->disposed() && p.device->data() == p.data;
+    } else {
+      // napi_get_typedarray_info and napi_is_detached_arraybuffer run no JavaScript.
+      napi_typedarray_type type;
+      size_t length = 0;
+      void* data = nullptr;
+      napi_value buffer;
+      size_t offset = 0;
+      bool detached = true;
+      ok = napi_get_typedarray_info(env, p.value, &type, &length, &data, &buffer, &offset) == napi_ok &&
+           napi_is_detached_arraybuffer(env, buffer, &detached) == napi_ok && !detached &&
+           (data == p.data || p.length == 0) && length == p.length;
+    }
+    if (!ok)
+      throwError(env, "ERR_DISPOSED", std::string(op) + ": " + p.what +
+                                          " was detached, resized or disposed while the call read its arguments");
+  }
+}
+
+namespace {
+
+// The pins of one native call, dropped when it returns or throws.
+class CallScope {
+ public:
+  explicit CallScope(Instance& inst) : inst_(inst), saved_(inst.pinBase) { inst_.pinBase = inst_.pins.size(); }
+  ~CallScope() {
+    inst_.pins.resize(inst_.pinBase);
+    inst_.pinBase = saved_;
+  }
+  CallScope(const CallScope&) = delete;
+  CallScope& operator=(const CallScope&) = delete;
+
+ private:
+  Instance& inst_;
+  size_t saved_;
+};
+
+}  // namespace
+
+void exportFunction(Napi::Env env, Napi::Object exports, const char* name,
+                    Napi::Value (*fn)(const Napi::CallbackInfo&)) {
+  const std::string fname = name;
+  exports.Set(name, Napi::Function::New(
+                        env,
+                        [fn, fname](const Napi::CallbackInfo& info) -> Napi::Value {
+                          Napi::Env e = info.Env();
+                          CallScope scope(instance(e));
+                          try {
+                            return fn(info);
+                          } catch (const Napi::Error&) {
+                            throw;
+                          } catch (const std::bad_alloc&) {
+                            throwError(e, "ERR_OUT_OF_MEMORY", fname + ": out of host memory");
+                          } catch (const std::length_error&) {
+                            throwError(e, "ERR_OUT_OF_MEMORY", fname + ": out of host memory (size too large)");
+                          } catch (const std::exception& ex) {
+                            throwError(e, "ERR_ARGUMENT", fname + ": " + ex.what());
+                          }
+                        },
+                        name));
+}
+
 // ---------------------------------------------------------------- argument checks
 
 Device parseDevice(Napi::Env env, Napi::Value v, const char* op) {
@@ -161,6 +251,7 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
                                        " elements, expected " + std::to_string(elements));
     view.data = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
     view.elements = elements;
+    pin(env, ta, nullptr, view.data, ta.ElementLength(), where);
     return view;
   }
   DeviceBuffer* buf = DeviceBuffer::Unwrap(v);
@@ -171,6 +262,7 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
                                      std::to_string(elements) + " elements of " + dtypeName(dtype));
   view.data = buf->data();
   view.elements = elements;
+  pin(env, v, buf, view.data, buf->bytes(), where);
   return view;
 }
 
@@ -189,23 +281,46 @@ static void adviseHugePages(void* data, size_t bytes) {
 #endif
 }
 
-static Napi::ArrayBuffer hostBuffer(Napi::Env env, size_t bytes, Init init) {
+// A JS ArrayBuffer of `bytes`, made through the ArrayBuffer constructor (or the JS pool, which uses
+// it): that throws a RangeError when the memory cannot be had, where the engine's native
+// allocation would abort the process. Either becomes ERR_OUT_OF_MEMORY.
+static Napi::ArrayBuffer hostBuffer(Napi::Env env, size_t bytes, Init init, const char* op) {
   Instance& inst = instance(env);
-  if (init == Init::Overwritten && !inst.bufferSource.IsEmpty() && bytes >= inst.bufferSourceMinBytes) {
-    Napi::Value v = inst.bufferSource.Call({Napi::Number::New(env, double(bytes))});
-    if (v.IsArrayBuffer() && v.As<Napi::ArrayBuffer>().ByteLength() == bytes) return v.As<Napi::ArrayBuffer>();
+  const auto fail = [&](const std::string& why) {
+    throwError(env, "ERR_OUT_OF_MEMORY",
+               std::string(op) + ": cannot allocate an output of " + std::to_string(bytes) + " bytes" + why);
+  };
+  if (bytes > kMaxHostBytes) fail(" (larger than an ArrayBuffer can be)");
+  Napi::Value v;
+  try {
+    if (init == Init::Overwritten && !inst.bufferSource.IsEmpty() && bytes >= inst.bufferSourceMinBytes)
+      v = inst.bufferSource.Call({Napi::Number::New(env, double(bytes))});
+    else
+      v = inst.arrayBufferCtor.New({Napi::Number::New(env, double(bytes))});
+  } catch (const Napi::Error& e) {
+    fail(": " + e.Message());
   }
-  return Napi::ArrayBuffer::New(env, bytes);
+  if (!v.IsArrayBuffer() || v.As<Napi::ArrayBuffer>().ByteLength() != bytes)
+    fail(" (the buffer source returned something else)");
+  return v.As<Napi::ArrayBuffer>();
 }
 
 Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data, Init init) {
+  if (elements < 0 || uint64_t(elements) > kMaxHostBytes / dtypeSize(dtype))
+    throwError(env, "ERR_OUT_OF_MEMORY", "cannot allocate an output of " + std::to_string(elements) + " elements");
   size_t bytes = size_t(elements) * dtypeSize(dtype);
-  if (device == Device::CUDA) return DeviceBuffer::Allocate(env, bytes, data);
-  Napi::ArrayBuffer ab = hostBuffer(env, bytes, init);
+  if (device == Device::CUDA) {
+    Napi::Object obj = DeviceBuffer::Allocate(env, bytes, data);
+    pin(env, obj, Napi::ObjectWrap<DeviceBuffer>::Unwrap(obj), *data, bytes, "an output");
+    return obj;
+  }
+  Napi::ArrayBuffer ab = hostBuffer(env, bytes, init, "allocating an output");
   *data = ab.Data();
   adviseHugePages(*data, bytes);
-  if (dtype == DType::F32) return Napi::Float32Array::New(env, size_t(elements), ab, 0);
-  return Napi::Uint16Array::New(env, size_t(elements), ab, 0);
+  Napi::TypedArray out = dtype == DType::F32 ? Napi::TypedArray(Napi::Float32Array::New(env, size_t(elements), ab, 0))
+                                             : Napi::TypedArray(Napi::Uint16Array::New(env, size_t(elements), ab, 0));
+  pin(env, out, nullptr, *data, size_t(elements), "an output");
+  return out;
 }
 
 #ifdef RK_WITH_CUDA
@@ -281,6 +396,7 @@ Napi::Value Copy(const Napi::CallbackInfo& info) {
   View src = tensorArg(env, info[0], "copy", "tensor", from, dt, n);
   void* dst = nullptr;
   Napi::Value out = allocOutput(env, to, dt, n, &dst, Init::Overwritten);
+  sealPins(env, "copy");
   const size_t bytes = size_t(n) * dtypeSize(dt);
   if (from == Device::CPU && to == Device::CPU) {
     constexpr int64_t kPiece = 1 << 16;
@@ -322,6 +438,7 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   View src = tensorArg(env, info[1], "convert", "tensor", dev, from, n);
   void* dst = nullptr;
   Napi::Value out = allocOutput(env, dev, to, n, &dst, Init::Overwritten);
+  sealPins(env, "convert");
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::convert(toCuda(from), src.data, toCuda(to), dst, n), "convert");
@@ -386,17 +503,18 @@ Napi::Value TimerStop(const Napi::CallbackInfo& info) {
 void registerTensor(Napi::Env env, Napi::Object exports) {
   Napi::Function ctor = DeviceBuffer::Define(env);
   instance(env).deviceBufferCtor = Napi::Persistent(ctor);
+  instance(env).arrayBufferCtor = Napi::Persistent(env.Global().Get("ArrayBuffer").As<Napi::Function>());
   exports.Set("DeviceBuffer", ctor);
-  exports.Set("cudaStatus", Napi::Function::New<CudaStatus>(env, "cudaStatus"));
-  exports.Set("cudaProperties", Napi::Function::New<CudaProperties>(env, "cudaProperties"));
-  exports.Set("cudaSynchronize", Napi::Function::New<CudaSynchronize>(env, "cudaSynchronize"));
-  exports.Set("copy", Napi::Function::New<Copy>(env, "copy"));
-  exports.Set("convert", Napi::Function::New<Convert>(env, "convert"));
-  exports.Set("setBufferSource", Napi::Function::New<SetBufferSource>(env, "setBufferSource"));
-  exports.Set("memoryStats", Napi::Function::New<MemoryStats>(env, "memoryStats"));
-  exports.Set("numThreads", Napi::Function::New<NumThreads>(env, "numThreads"));
-  exports.Set("timerStart", Napi::Function::New<TimerStart>(env, "timerStart"));
-  exports.Set("timerStop", Napi::Function::New<TimerStop>(env, "timerStop"));
+  exportFunction(env, exports, "cudaStatus", CudaStatus);
+  exportFunction(env, exports, "cudaProperties", CudaProperties);
+  exportFunction(env, exports, "cudaSynchronize", CudaSynchronize);
+  exportFunction(env, exports, "copy", Copy);
+  exportFunction(env, exports, "convert", Convert);
+  exportFunction(env, exports, "setBufferSource", SetBufferSource);
+  exportFunction(env, exports, "memoryStats", MemoryStats);
+  exportFunction(env, exports, "numThreads", NumThreads);
+  exportFunction(env, exports, "timerStart", TimerStart);
+  exportFunction(env, exports, "timerStop", TimerStop);
 }
 
 }  // namespace rk

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "tensor/dtype.h"
 #include "tensor/errors.h"
@@ -34,6 +35,18 @@ struct Instance {
   Napi::FunctionReference deviceBufferCtor;
   Napi::FunctionReference bufferSource;  // JS pool of reusable CPU output buffers (lib/pool.ts)
   size_t bufferSourceMinBytes = 0;
+  Napi::FunctionReference arrayBufferCtor;  // the ArrayBuffer constructor, taken when the addon loads
+  // Storage pinned by the native calls in progress (see sealPins); pinBase is where the innermost
+  // call's pins start (a getter run by one call may itself make a call).
+  struct Pin {
+    napi_value value = nullptr;
+    class DeviceBuffer* device = nullptr;  // CUDA storage, else a TypedArray
+    const void* data = nullptr;
+    size_t length = 0;
+    std::string what;
+  };
+  std::vector<Pin> pins;
+  size_t pinBase = 0;
   // Whether CUDA can be used, and why not: asked of the driver once per environment.
   bool cudaChecked = false, cudaOk = false;
   std::string cudaReason;
@@ -103,6 +116,22 @@ Napi::Value optionalOutput(Napi::Env env, bool want, Device device, DType dtype,
                            Init init = Init::Zeroed) {
   return want ? allocOutput(env, device, dtype, elements, data, init) : Napi::Value(env.Null());
 }
+
+// Raw pointers into JS memory stay valid only while no JavaScript runs. Reading an argument object
+// can run a getter, and allocating an output can call the JS buffer pool; either could detach
+// storage whose pointer was already taken. So every storage that tensorArg and allocOutput hand out
+// is pinned, and sealPins re-checks them all after the call's last contact with JavaScript, right
+// before its kernel: storage detached, shrunk or disposed meanwhile is ERR_DISPOSED, never a dangling
+// pointer. Nothing may call into JavaScript between sealPins and the end of the kernel.
+void sealPins(Napi::Env env, const char* op);
+// The data of a TypedArray the binding made itself, pinned like the outputs of allocOutput.
+void* pinnedData(Napi::Env env, Napi::TypedArray ta, const char* what);
+
+// Exports fn as name. Every native entry point goes through this: it scopes the call's pins, and
+// turns C++ failures into typed errors (std::bad_alloc and friends: ERR_OUT_OF_MEMORY) instead of
+// letting them terminate the process.
+void exportFunction(Napi::Env env, Napi::Object exports, const char* name,
+                    Napi::Value (*fn)(const Napi::CallbackInfo&));
 
 #ifdef RK_WITH_CUDA
 void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what);

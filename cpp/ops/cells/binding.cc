@@ -91,6 +91,7 @@ Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
   out.Set("savedStates", optionalOutput(env, training, c.dev, DType::F32, c.savedStates, &o.savedStates,
                                         Init::Overwritten));
   out.Set("savedPre", optionalOutput(env, training, c.dev, DType::F32, c.savedPre, &o.savedPre, Init::Overwritten));
+  sealPins(env, op);
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::fusedRnnForward(c.a, o), op);
@@ -126,6 +127,7 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   out.Set("dR", allocOutput(env, c.dev, dt, c.R, &g.dR, Init::Overwritten));
   out.Set("db", allocOutput(env, c.dev, DType::F32, c.b, &g.db, Init::Overwritten));
   out.Set("dStates0", optionalOutput(env, needDStates0, c.dev, DType::F32, c.states, &g.dStates0, Init::Overwritten));
+  sealPins(env, op);
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::fusedRnnBackward(c.a, g), op);
@@ -141,8 +143,8 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void registerCells(Napi::Env env, Napi::Object exports) {
-  exports.Set("fusedRnnForward", Napi::Function::New<FusedRnnForward>(env, "fusedRnnForward"));
-  exports.Set("fusedRnnBackward", Napi::Function::New<FusedRnnBackward>(env, "fusedRnnBackward"));
+  exportFunction(env, exports, "fusedRnnForward", FusedRnnForward);
+  exportFunction(env, exports, "fusedRnnBackward", FusedRnnBackward);
 }
 
 }  // namespace rk

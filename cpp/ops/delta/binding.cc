@@ -3,6 +3,7 @@
 // kernels or the CUDA launchers.
 #include "ops/delta/binding.h"
 
+#include <cfloat>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -24,7 +25,10 @@ struct DeltaCall {
 float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
   Napi::Value v = cfg.Get("scale");
   double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
-  if (!std::isfinite(s)) throwError(env, "ERR_ARGUMENT", std::string(op) + ": scale must be a finite number");
+  // Finite as the float the kernels use, not only as a double (1e39 would become inf).
+  if (!std::isfinite(s) || std::fabs(s) > double(FLT_MAX))
+    throwError(env, "ERR_ARGUMENT", std::string(op) + ": scale must be finite as a float32 (at most 3.4e38 in magnitude), got " +
+                                        Napi::Number::New(env, s).ToString().Utf8Value());
   return float(s);
 }
 
@@ -48,6 +52,9 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
   if (a.HV % a.H != 0) throwError(env, "ERR_SHAPE", std::string(op) + ": HV must be a multiple of H");
   a.scale = scaleField(env, cfg, op);
   a.l2norm = flagField(cfg, "l2norm");
+  // q first: its real storage bounds the claimed sizes before the sequence table is built for them.
+  c.qk = product(env, {a.batch, a.T, a.H, a.K}, op);
+  a.q = tensorArg(env, t.Get("q"), op, "q", c.dev, dt, c.qk).data;
   int64_t chunk = delta::kGatedDeltaChunk;
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
@@ -60,12 +67,10 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
   a.nseq = int64_t(c.segments.size());
   a.segments = c.segments.data();
   a.chunk = chunk;
-  c.qk = product(env, {a.batch, a.T, a.H, a.K}, op);
   c.vo = product(env, {a.batch, a.T, a.HV, a.V}, op);
   c.gb = product(env, {a.batch, a.T, a.HV}, op);
   c.stateElems = product(env, {a.nseq, a.HV, a.K, a.V}, op);
   c.checkpointElems = product(env, {a.totalChunks, a.HV, a.K, a.V}, op);
-  a.q = tensorArg(env, t.Get("q"), op, "q", c.dev, dt, c.qk).data;
   a.k = tensorArg(env, t.Get("k"), op, "k", c.dev, dt, c.qk).data;
   a.v = tensorArg(env, t.Get("v"), op, "v", c.dev, dt, c.vo).data;
   a.g = static_cast<const float*>(tensorArg(env, t.Get("g"), op, "g", c.dev, DType::F32, c.gb).data);
@@ -93,6 +98,7 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
                                : env.Null());
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
+  sealPins(env, op);
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaForward(c.a, o, states, fin), op);
@@ -129,6 +135,7 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   out.Set("dg", allocOutput(env, c.dev, DType::F32, c.gb, &g.dg));
   out.Set("dbeta", allocOutput(env, c.dev, dt, c.gb, &g.dbeta));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
+  sealPins(env, op);
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaBackward(c.a, g), op);
@@ -179,6 +186,7 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   out.Set("o", allocOutput(env, dev, dt, vo, &a.o, Init::Overwritten));
   out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
                                          Init::Overwritten));
+  sealPins(env, op);
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::gatedDeltaStep(a), op);
@@ -194,9 +202,9 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void registerDelta(Napi::Env env, Napi::Object exports) {
-  exports.Set("gatedDeltaForward", Napi::Function::New<GatedDeltaForward>(env, "gatedDeltaForward"));
-  exports.Set("gatedDeltaBackward", Napi::Function::New<GatedDeltaBackward>(env, "gatedDeltaBackward"));
-  exports.Set("gatedDeltaStep", Napi::Function::New<GatedDeltaStep>(env, "gatedDeltaStep"));
+  exportFunction(env, exports, "gatedDeltaForward", GatedDeltaForward);
+  exportFunction(env, exports, "gatedDeltaBackward", GatedDeltaBackward);
+  exportFunction(env, exports, "gatedDeltaStep", GatedDeltaStep);
 }
 
 }  // namespace rk

@@ -95,14 +95,15 @@ Napi::Value NewtonRnnForward(const Napi::CallbackInfo& info) {
   Napi::Int32Array iterations = Napi::Int32Array::New(env, rows);
   Napi::Float32Array residual = Napi::Float32Array::New(env, rows);
   Napi::Uint8Array converged = Napi::Uint8Array::New(env, rows), fellBack = Napi::Uint8Array::New(env, rows);
-  o.iterations = iterations.Data();
-  o.residual = residual.Data();
-  o.converged = converged.Data();
-  o.fellBack = fellBack.Data();
+  o.iterations = static_cast<int32_t*>(pinnedData(env, iterations, "iterations"));
+  o.residual = static_cast<float*>(pinnedData(env, residual, "residual"));
+  o.converged = static_cast<uint8_t*>(pinnedData(env, converged, "converged"));
+  o.fellBack = static_cast<uint8_t*>(pinnedData(env, fellBack, "fellBack"));
   out.Set("iterations", iterations);
   out.Set("residual", residual);
   out.Set("converged", converged);
   out.Set("fellBack", fellBack);
+  sealPins(env, op);
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::newtonRnnForward(c.a, o), op);
@@ -135,6 +136,7 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
   out.Set("dR", allocOutput(env, c.dev, DType::F32, c.rElems, &g.dR, Init::Overwritten));
   out.Set("db", allocOutput(env, c.dev, DType::F32, c.bElems, &g.db, Init::Overwritten));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0, Init::Overwritten));
+  sealPins(env, op);
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::newtonRnnBackward(c.a, g), op);
@@ -150,8 +152,8 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void registerNewton(Napi::Env env, Napi::Object exports) {
-  exports.Set("newtonRnnForward", Napi::Function::New<NewtonRnnForward>(env, "newtonRnnForward"));
-  exports.Set("newtonRnnBackward", Napi::Function::New<NewtonRnnBackward>(env, "newtonRnnBackward"));
+  exportFunction(env, exports, "newtonRnnForward", NewtonRnnForward);
+  exportFunction(env, exports, "newtonRnnBackward", NewtonRnnBackward);
 }
 
 }  // namespace rk

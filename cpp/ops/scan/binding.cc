@@ -29,6 +29,7 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("h", allocOutput(env, dev, dt, n, &h, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, dev, DType::F32, rows, &fin));
+  sealPins(env, kFwd);
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env,
@@ -70,6 +71,7 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
   out.Set("ga", allocOutput(env, dev, dt, n, &ga, Init::Overwritten));
   out.Set("gb", allocOutput(env, dev, dt, n, &gb, Init::Overwritten));
   out.Set("gh0", optionalOutput(env, needGh0, dev, DType::F32, rows, &gh0));
+  sealPins(env, op);
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env,
@@ -95,8 +97,8 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void registerScan(Napi::Env env, Napi::Object exports) {
-  exports.Set("linearScanForward", Napi::Function::New<LinearScanForward>(env, "linearScanForward"));
-  exports.Set("linearScanBackward", Napi::Function::New<LinearScanBackward>(env, "linearScanBackward"));
+  exportFunction(env, exports, "linearScanForward", LinearScanForward);
+  exportFunction(env, exports, "linearScanBackward", LinearScanBackward);
   registerSelectiveScan(env, exports);
 }
 

@@ -48,6 +48,9 @@ ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
   c.params = product(env, {a.dim, a.dstate}, op);
   c.bcVariable = product(env, {a.batch, a.groups, a.dstate, a.seqlen}, op);
 
+  // u first: its real storage bounds the claimed sizes before the sequence table is built for them.
+  a.u = tensorArg(env, t.Get("u"), op, "u", c.dev, dt, c.elements).data;
+
   // Sequences.
   int64_t chunk = scan::kSelectiveChunk;
   if (c.dev == Device::CUDA) {
@@ -65,7 +68,6 @@ ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
   c.stateElems = product(env, {a.nseq, a.dim, a.dstate}, op);
   c.checkpointElems = product(env, {total, a.dim, a.dstate}, op);
 
-  a.u = tensorArg(env, t.Get("u"), op, "u", c.dev, dt, c.elements).data;
   a.delta = tensorArg(env, t.Get("delta"), op, "delta", c.dev, dt, c.elements).data;
   a.A = static_cast<const float*>(tensorArg(env, t.Get("A"), op, "A", c.dev, DType::F32, c.params).data);
   a.B = tensorArg(env, t.Get("B"), op, "B", c.dev, a.variableB ? dt : DType::F32,
@@ -96,6 +98,7 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
+  sealPins(env, op);
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveScanForward(a, y, states, fin),
@@ -138,6 +141,7 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   out.Set("dz", optionalOutput(env, a.z != nullptr, c.dev, dt, c.elements, &g.dz, big));
   out.Set("dDeltaBias", optionalOutput(env, a.deltaBias != nullptr, c.dev, DType::F32, a.dim, &g.dDeltaBias));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
+  sealPins(env, op);
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveScanBackward(a, g), op);
@@ -190,6 +194,7 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   out.Set("y", allocOutput(env, dev, dt, elements, &a.y, Init::Overwritten));
   out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
                                          Init::Overwritten));
+  sealPins(env, op);
   if (dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, rkcuda::selectiveStateUpdate(a), op);
@@ -205,9 +210,9 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void registerSelectiveScan(Napi::Env env, Napi::Object exports) {
-  exports.Set("selectiveScanForward", Napi::Function::New<SelectiveScanForward>(env, "selectiveScanForward"));
-  exports.Set("selectiveScanBackward", Napi::Function::New<SelectiveScanBackward>(env, "selectiveScanBackward"));
-  exports.Set("selectiveStateUpdate", Napi::Function::New<SelectiveStateUpdate>(env, "selectiveStateUpdate"));
+  exportFunction(env, exports, "selectiveScanForward", SelectiveScanForward);
+  exportFunction(env, exports, "selectiveScanBackward", SelectiveScanBackward);
+  exportFunction(env, exports, "selectiveStateUpdate", SelectiveStateUpdate);
 }
 
 }  // namespace rk
