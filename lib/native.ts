@@ -186,7 +186,19 @@ function applyCpuIsaEnv(mod: NativeModule): void {
 function wrap(mod: NativeModule): NativeModule {
   const out: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(mod)) {
-    if (typeof v === 'function' && k !== 'DeviceBuffer') {
+    if (k === 'DeviceBuffer' && typeof v === 'function') {
+      // Callable with or without `new`, errors typed; instances stay the native class's.
+      const Native = v as unknown as new (bytes: unknown) => object;
+      const ctor = function DeviceBuffer(bytes: unknown): object {
+        try {
+          return new Native(bytes);
+        } catch (e) {
+          throw fromNative(e);
+        }
+      };
+      ctor.prototype = Native.prototype;
+      out[k] = ctor;
+    } else if (typeof v === 'function') {
       out[k] = (...args: unknown[]) => {
         try {
           return (v as (...a: unknown[]) => unknown)(...args);

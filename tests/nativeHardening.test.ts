@@ -97,3 +97,29 @@ describe('process-level hardening (each case in a child process)', () => {
     expect(outcome(rawDelta('{ q, k, v, g, beta, h0: null }'))).toEqual({ none: true });
   });
 });
+
+describe('raw native functions: typed errors that name the argument', () => {
+  it('an argument that should be an object is named', async () => {
+    const rk = await import('../lib/index');
+    const n = rk.internals.native() as unknown as Record<string, (...a: unknown[]) => unknown>;
+    const bad = (f: () => unknown, re: RegExp) => {
+      let err: unknown;
+      try { f(); } catch (e) { err = e; }
+      expect(err).toBeInstanceOf(rk.RecurrentKernelsError);
+      expect((err as Error).message).toMatch(re);
+    };
+    bad(() => n.selectiveStateUpdate('cpu', 'float32', 5, {}), /argument 3 \(tensors\) must be an object/);
+    bad(() => n.gatedDeltaForward('cpu', 'float32', {}, null), /argument 4 \(config\) must be an object/);
+    bad(() => n.fusedRnnBackward('cpu', 'float32', {}, { cell: 'lstm' }, null, [1]), /must be|has|expected/);
+  });
+
+  it('DeviceBuffer: a bad size or a call without new is a typed error', async () => {
+    const rk = await import('../lib/index');
+    const DB = rk.internals.native().DeviceBuffer as unknown as (b: unknown) => unknown;
+    for (const f of [() => new (DB as unknown as new (b: unknown) => unknown)(-1), () => DB(16), () => DB('x')]) {
+      let err: unknown;
+      try { f(); } catch (e) { err = e; }
+      expect(err).toBeInstanceOf(rk.RecurrentKernelsError);
+    }
+  });
+});

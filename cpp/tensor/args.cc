@@ -20,6 +20,14 @@ int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op
   return p;
 }
 
+Napi::Object objectArg(Napi::Env env, const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
+  Napi::Value v = info[i];
+  if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
+    throwError(env, "ERR_ARGUMENT", std::string(op) + ": argument " + std::to_string(i + 1) + " (" + name +
+                                        ") must be an object");
+  return v.As<Napi::Object>();
+}
+
 std::vector<rkcuda::ScanSegment> parseSegments(Napi::Env env, Napi::Value cu, int64_t batch, int64_t length,
                                                int64_t chunk, const char* op, int64_t* totalChunks, bool* packed) {
   std::vector<rkcuda::ScanSegment> segs;

@@ -11,6 +11,8 @@
 
 namespace rk {
 
+// info[i] as an object (ERR_ARGUMENT naming the argument otherwise).
+Napi::Object objectArg(Napi::Env env, const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
 // o[name] as an integer of at least `least` (ERR_SHAPE otherwise, ERR_ARGUMENT if not an integer).
 int64_t intField(Napi::Env env, const Napi::Object& o, const char* name, const char* op, int64_t least);
 inline bool flagField(const Napi::Object& o, const char* name) { return o.Get(name).ToBoolean().Value(); }

@@ -30,8 +30,7 @@ CellsCall parseCells(const Napi::CallbackInfo& info, const char* op) {
   if (c.dev == Device::CUDA) throwNoCuda(env, op);
 #endif
   DType dt = parseDType(env, info[1], op, "wx");
-  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
   rkcuda::FusedRnnArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   const int64_t cell = intField(env, cfg, "cell", op, 0);
@@ -110,8 +109,7 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "fusedRnn.backward";
   CellsCall c = parseCells(info, op);
-  if (!info[5].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object gi = info[5].As<Napi::Object>();
+  Napi::Object gi = objectArg(env, info, 5, op, "grads");
   const bool needDStates0 = info[6].ToBoolean().Value();
   const DType dt = DType(int(c.a.dt));
   rkcuda::FusedRnnGrads g;

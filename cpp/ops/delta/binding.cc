@@ -39,8 +39,7 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
   DeltaCall c;
   c.dev = parseDevice(env, info[0], op);
   DType dt = parseDType(env, info[1], op, "q");
-  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
   rkcuda::GatedDeltaArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   a.batch = intField(env, cfg, "batch", op, 1);
@@ -117,8 +116,7 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRule.backward";
   DeltaCall c = parseDelta(info, op);
-  if (!info[5].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object gi = info[5].As<Napi::Object>();
+  Napi::Object gi = objectArg(env, info, 5, op, "grads");
   const bool needDh0 = info[6].ToBoolean().Value();
   const DType dt = DType(int(c.a.dt));
   rkcuda::GatedDeltaGrads g;
@@ -156,8 +154,7 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   const char* op = "gatedDeltaRuleStep";
   Device dev = parseDevice(env, info[0], op);
   DType dt = parseDType(env, info[1], op, "q");
-  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
   rkcuda::GatedDeltaStepArgs a;
   a.dt = rkcuda::DType(int(dt));
   a.batch = intField(env, cfg, "batch", op, 1);

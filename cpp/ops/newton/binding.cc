@@ -34,8 +34,7 @@ NewtonCall parseNewton(const Napi::CallbackInfo& info, const char* op) {
   NewtonCall c;
   c.dev = parseDevice(env, info[0], op);
   DType dt = parseDType(env, info[1], op, "wx");
-  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
   rkcuda::NewtonRnnArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   const int64_t cell = intField(env, cfg, "cell", op, 0);
@@ -121,8 +120,7 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "newtonRnn.backward";
   NewtonCall c = parseNewton(info, op);
-  if (!info[4].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object gi = info[4].As<Napi::Object>();
+  Napi::Object gi = objectArg(env, info, 4, op, "grads");
   const bool needDh0 = info[5].ToBoolean().Value();
   const DType dt = DType(int(c.a.dt));
   rkcuda::NewtonRnnGrads g;

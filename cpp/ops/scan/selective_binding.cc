@@ -30,8 +30,7 @@ ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
   ScanCall c;
   c.dev = parseDevice(env, info[0], op);
   DType dt = parseDType(env, info[1], op, "u");
-  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
   rkcuda::SelectiveScanArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   a.batch = intField(env, cfg, "batch", op, 1);
@@ -119,8 +118,7 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   const char* op = "selectiveScan.backward";
   ScanCall c = parseScan(info, op);
   const rkcuda::SelectiveScanArgs& a = c.a;
-  if (!info[5].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object gi = info[5].As<Napi::Object>();
+  Napi::Object gi = objectArg(env, info, 5, op, "grads");
   const bool needDh0 = info[6].ToBoolean().Value();
   const DType dt = DType(int(a.dt));
   rkcuda::SelectiveScanGrads g;
@@ -162,8 +160,7 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   const char* op = "selectiveStateUpdate";
   Device dev = parseDevice(env, info[0], op);
   DType dt = parseDType(env, info[1], op, "x");
-  if (!info[2].IsObject() || !info[3].IsObject()) throwError(env, "ERR_ARGUMENT", std::string(op) + ": bad call");
-  Napi::Object t = info[2].As<Napi::Object>(), cfg = info[3].As<Napi::Object>();
+  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
   rkcuda::SelectiveStateUpdateArgs a;
   a.dt = rkcuda::DType(int(dt));
   a.batch = intField(env, cfg, "batch", op, 1);
