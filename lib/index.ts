@@ -21,8 +21,8 @@ export {
   OutOfMemoryError, NativeLoadError, NotConvergedError,
 } from './errors';
 export type { ErrorCode } from './errors';
-export { Tape, grad, valueAndGrad, gradcheck, defineOp } from './autograd';
-export type { OpHooks, Op, Grads, GradcheckOptions, GradcheckResult } from './autograd';
+export { Tape, grad, valueAndGrad, gradcheck, defineOp, disposeCtx, tidy } from './autograd';
+export type { OpHooks, Op, Grads, GradsOf, GradcheckOptions, GradcheckResult } from './autograd';
 export { add, sub, mul, scale, square, sum, mean } from './ops/elementwise';
 export { linearScan } from './ops/linearScan';
 export type { LinearScanInputs, LinearScanOptions, LinearScanOutputs, LinearScanGrads } from './ops/linearScan';

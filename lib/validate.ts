@@ -2,9 +2,19 @@
 import { ArgumentError, DTypeError, DeviceError, DisposedError, ShapeError } from './errors';
 import { Tensor, type DType } from './tensor';
 
+/** A short description of a value for messages ('null', 'an array', 'a Float32Array', 'number', ...). */
+export function describe(v: unknown): string {
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'an array';
+  if (ArrayBuffer.isView(v)) return `a ${v.constructor?.name ?? 'TypedArray'}`;
+  return typeof v;
+}
+
 export function requireTensor(op: string, arg: string, t: unknown): asserts t is Tensor {
-  if (!(t instanceof Tensor))
-    throw new ArgumentError(`${op}: ${arg} must be a Tensor, got ${t === null ? 'null' : typeof t}`);
+  if (!Tensor.isTensor(t)) {
+    const hint = Array.isArray(t) || ArrayBuffer.isView(t) ? ' (make one with Tensor.from(data, shape))' : '';
+    throw new ArgumentError(`${op}: ${arg} must be a Tensor, got ${describe(t)}${hint}`);
+  }
   if (t.disposed) throw new DisposedError(`${op}: ${arg} was disposed`);
 }
 
@@ -31,20 +41,63 @@ export function expectDevice(op: string, arg: string, t: Tensor, device: string,
     throw new DeviceError(`${op}: ${arg} is on ${t.device}, expected ${device}` + (relation ? ` ${relation}` : ''));
 }
 
-/** Rejects option names the op does not know (catches typos such as `revers: true`). */
-export function checkOptions(op: string, options: unknown, known: readonly string[]): void {
-  if (options === undefined) return;
-  if (options === null || typeof options !== 'object')
-    throw new ArgumentError(`${op}: options must be an object`);
-  for (const k of Object.keys(options))
-    if (!known.includes(k)) throw new ArgumentError(`${op}: unknown option '${k}' (known: ${known.join(', ')})`);
+/**
+ * Whether v can be an options or inputs object: an object that is not an array, a TypedArray, a
+ * Tensor, a function or a built-in such as Map or Date (its Object.prototype.toString tag is Object).
+ */
+function isPlainObject(v: unknown): v is object {
+  return typeof v === 'object' && v !== null && Object.prototype.toString.call(v) === '[object Object]' &&
+    !Tensor.isTensor(v);
 }
 
-export function checkInputs(op: string, inputs: unknown, known: readonly string[]): void {
-  if (inputs === null || typeof inputs !== 'object')
-    throw new ArgumentError(`${op}: inputs must be an object with ${known.join(', ')}`);
-  for (const k of Object.keys(inputs))
+/** A copy of the own enumerable properties of `obj` (inherited ones are ignored), without a prototype. */
+function ownProperties(obj: object): Record<string, unknown> {
+  const out: Record<string, unknown> = Object.create(null);
+  for (const k of Object.keys(obj)) out[k] = (obj as Record<string, unknown>)[k];
+  return out;
+}
+
+/**
+ * Reads an options object: only its own properties count (an inherited `reverse` is ignored),
+ * names the op does not know are refused (catches typos such as `revers: true`), and anything but
+ * a plain object is refused. Returns the own properties (an empty object for undefined or null).
+ */
+export function readOptions<T extends object>(op: string, options: T | null | undefined, known: readonly string[],
+  what = 'options'): Partial<T> {
+  if (options === undefined || options === null) return {};
+  if (!isPlainObject(options))
+    throw new ArgumentError(`${op}: ${what} must be a plain object, got ${describe(options)}`);
+  const own = ownProperties(options);
+  for (const k of Object.keys(own))
+    if (!known.includes(k)) throw new ArgumentError(`${op}: unknown option '${k}' (known: ${known.join(', ')})`);
+  return own as Partial<T>;
+}
+
+/** Checks the named inputs of an op like readOptions (own properties of a plain object, known names) and returns them. */
+export function readInputs<T extends object>(op: string, inputs: T, known: readonly string[]): T {
+  if (!isPlainObject(inputs))
+    throw new ArgumentError(`${op}: inputs must be an object with ${known.join(', ')}, got ${describe(inputs)}`);
+  const own = ownProperties(inputs);
+  for (const k of Object.keys(own))
     if (!known.includes(k)) throw new ArgumentError(`${op}: unknown input '${k}' (known: ${known.join(', ')})`);
+  return own as T;
+}
+
+/**
+ * Reads the gradOutputs of a backward hook: a plain object whose own properties name outputs of
+ * the op (absent, null or undefined: no gradient), each a Tensor.
+ */
+export function readGrads<T extends object>(op: string, grads: T, known: readonly string[]): T {
+  if (!isPlainObject(grads))
+    throw new ArgumentError(`${op}: gradOutputs must be an object with gradients of ${known.join(', ')}, got ` +
+      describe(grads));
+  const own = ownProperties(grads);
+  for (const [k, g] of Object.entries(own)) {
+    if (!known.includes(k)) throw new ArgumentError(`${op}: gradOutputs has '${k}', which is not an output (outputs: ` +
+      `${known.join(', ')})`);
+    if (g !== undefined && g !== null) requireTensor(op, `grad of ${k}`, g);
+  }
+  return own as T;
 }
 
 export function booleanOption(op: string, name: string, v: unknown, fallback: boolean): boolean {
@@ -53,9 +106,18 @@ export function booleanOption(op: string, name: string, v: unknown, fallback: bo
   return v;
 }
 
-export function finiteNumber(op: string, name: string, v: unknown, { positive = false } = {}): number {
+/** The largest finite float32. */
+export const FLOAT32_MAX = 3.4028234663852886e38;
+
+/**
+ * v as a finite number (positive if asked). A number the kernels use as a float32 must be finite as
+ * a float32 too (float32: true): 1e39 is a finite double but an infinite float.
+ */
+export function finiteNumber(op: string, name: string, v: unknown, { positive = false, float32 = false } = {}): number {
   if (typeof v !== 'number' || !Number.isFinite(v) || (positive && v <= 0))
     throw new ArgumentError(`${op}: ${name} must be a finite${positive ? ' positive' : ''} number, got ${String(v)}`);
+  if (float32 && Math.abs(v) > FLOAT32_MAX)
+    throw new ArgumentError(`${op}: ${name} must be finite as a float32 (at most ${FLOAT32_MAX} in magnitude), got ${v}`);
   return v;
 }
 
@@ -79,4 +141,140 @@ export function parseCuSeqlens(op: string, v: unknown, batch: number, length: nu
     if (x > length) throw new ArgumentError(`${op}: cuSeqlens[${i}] = ${x} exceeds ${lengthName} ${length}`);
   });
   return Int32Array.from(arr);
+}
+
+// ------------------------------------------------------------------ the ctx of an op's forward
+/**
+ * The brand of a ctx returned by an op's forward: the op's name and the fields holding tensors
+ * that only the ctx refers to (checkpoints), which disposeCtx frees. It is an own enumerable
+ * symbol property, so that a copy made with spread syntax (e.g. to rebuild a ctx with tensors moved
+ * to another device) stays a ctx of the same op.
+ */
+const CTX_BRAND = Symbol('recurrent-kernels ctx');
+interface CtxBrand {
+  op: string;
+  owned: readonly string[];
+}
+/** Ctx objects given to disposeCtx: backward refuses them. */
+const disposedCtxs = new WeakSet<object>();
+
+function brandOf(ctx: unknown): CtxBrand | undefined {
+  return typeof ctx === 'object' && ctx !== null ? (ctx as { [CTX_BRAND]?: CtxBrand })[CTX_BRAND] : undefined;
+}
+
+/** Freezes plain objects and arrays, recursively; tensors and typed arrays are left as they are. */
+function deepFreeze<T>(v: T): T {
+  if (typeof v !== 'object' || v === null || Tensor.isTensor(v) || ArrayBuffer.isView(v) || Object.isFrozen(v)) return v;
+  const proto = Object.getPrototypeOf(v);
+  if (proto !== Object.prototype && proto !== Array.prototype && proto !== null) return v;
+  Object.freeze(v);
+  for (const x of Object.values(v)) deepFreeze(x);
+  return v;
+}
+
+/**
+ * Marks ctx as returned by op's forward and freezes it (with the plain objects and arrays in it),
+ * so that its config cannot be altered between forward and backward. `owned` names the fields
+ * holding tensors that only the ctx refers to (never inputs or outputs).
+ */
+export function sealCtx<C extends object>(op: string, ctx: C, owned: readonly (keyof C & string)[] = []): C {
+  const brand: CtxBrand = Object.freeze({ op, owned: Object.freeze([...owned]) });
+  Object.defineProperty(ctx, CTX_BRAND, { value: brand, enumerable: true });
+  return deepFreeze(ctx);
+}
+
+/**
+ * What a ctx field must hold: a live tensor; a live tensor or null; an object; an Int32Array or
+ * null. Every field must be present (an absent optional tensor is null, not missing).
+ */
+export type CtxField = 'tensor' | 'tensor?' | 'object' | 'int32?';
+
+/**
+ * Checks, at the start of `${op}.backward`, that ctx is a ctx returned by op's forward (not null,
+ * not another op's, not disposed) and that it has the given fields; tensors must not be disposed
+ * (named `<field> (saved for backward)` in messages).
+ */
+export function checkCtx(op: string, ctx: unknown, fields: Readonly<Record<string, CtxField>>): void {
+  const where = `${op}.backward`;
+  if (typeof ctx !== 'object' || ctx === null)
+    throw new ArgumentError(`${where}: ctx must be the ctx returned by ${op}.forward, got ${describe(ctx)}`);
+  const brand = brandOf(ctx);
+  if (!brand) throw new ArgumentError(`${where}: ctx is not a ctx returned by ${op}.forward`);
+  if (brand.op !== op) throw new ArgumentError(`${where}: ctx was returned by ${brand.op}.forward, not ${op}.forward`);
+  if (disposedCtxs.has(ctx)) throw new DisposedError(`${where}: ctx was disposed`);
+  checkCtxFields(op, ctx, fields);
+}
+
+/** Checks fields of an object inside a ctx (e.g. ctx.inputs), as checkCtx does for the ctx itself. */
+export function checkCtxFields(op: string, obj: unknown, fields: Readonly<Record<string, CtxField>>,
+  path = 'ctx'): void {
+  const where = `${op}.backward`;
+  if (typeof obj !== 'object' || obj === null)
+    throw new ArgumentError(`${where}: ${path} must be an object, got ${describe(obj)}`);
+  for (const [k, kind] of Object.entries(fields)) {
+    const v = Object.hasOwn(obj, k) ? (obj as Record<string, unknown>)[k] : undefined;
+    if (kind === 'object') {
+      if (typeof v !== 'object' || v === null)
+        throw new ArgumentError(`${where}: ${path}.${k} must be an object, got ${describe(v)}`);
+    } else if (kind === 'int32?') {
+      if (v !== null && !(v instanceof Int32Array))
+        throw new ArgumentError(`${where}: ${path}.${k} must be an Int32Array or null, got ${describe(v)}`);
+    } else if (kind === 'tensor' || v !== null) {
+      if (v === undefined && kind === 'tensor?')
+        throw new ArgumentError(`${where}: ${k} (saved for backward) must be a Tensor or null, got undefined`);
+      requireTensor(where, `${k} (saved for backward)`, v);
+    }
+  }
+}
+
+/** Throws unless each value of `actual` equals that of `expected` (recomputed from the saved tensors). */
+export function expectCtxValues(op: string, path: string, actual: unknown, expected: Readonly<Record<string, unknown>>):
+  void {
+  const where = `${op}.backward`;
+  if (typeof actual !== 'object' || actual === null)
+    throw new ArgumentError(`${where}: ${path} must be an object, got ${describe(actual)}`);
+  for (const [k, want] of Object.entries(expected)) {
+    const got = (actual as Record<string, unknown>)[k];
+    const same = Array.isArray(want)
+      ? Array.isArray(got) && got.length === want.length && got.every((x, i) => Object.is(x, want[i]))
+      : Object.is(got, want);
+    if (!same) {
+      const show = (x: unknown) => (Array.isArray(x) ? `[${x.join(',')}]` : String(x));
+      throw new ArgumentError(`${where}: ${path}.${k} is ${show(got)}, expected ${show(want)} from the tensors saved ` +
+        'for backward (the ctx was altered, or rebuilt from mismatched parts)');
+    }
+  }
+}
+
+/**
+ * Disposes the tensors only a ctx refers to (its checkpoints; never the op's inputs or outputs)
+ * and marks it disposed, so that backward refuses it. Objects that are not a ctx of an op are
+ * refused when `strict`, ignored otherwise.
+ */
+export function releaseCtx(ctx: unknown, strict: boolean): void {
+  const brand = brandOf(ctx);
+  if (!brand) {
+    if (strict)
+      throw new ArgumentError(`disposeCtx: expected the ctx returned by an op's forward, got ${describe(ctx)}` +
+        (typeof ctx === 'object' && ctx !== null ? ' that is not one' : ''));
+    return;
+  }
+  disposedCtxs.add(ctx as object);
+  for (const k of brand.owned) {
+    const t = (ctx as Record<string, unknown>)[k];
+    if (Tensor.isTensor(t)) t.dispose();
+  }
+}
+
+/** Returns a ctx field that must be a boolean (one not derived from the saved tensors). */
+export function ctxBoolean(op: string, path: string, v: unknown): boolean {
+  if (typeof v !== 'boolean') throw new ArgumentError(`${op}.backward: ${path} must be a boolean, got ${describe(v)}`);
+  return v;
+}
+
+/** Returns a ctx field that must be an integer in [min, max]. */
+export function ctxInteger(op: string, path: string, v: unknown, min: number, max: number): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max)
+    throw new ArgumentError(`${op}.backward: ${path} must be an integer in [${min}, ${max}], got ${String(v)}`);
+  return v;
 }

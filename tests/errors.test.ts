@@ -1,19 +1,7 @@
 // Bad input of every kind gives a typed error that names the argument; the process survives.
 import { describe, expect, it } from 'vitest';
 import * as rk from '../lib/index';
-import { tensor } from './helpers';
-
-function expectError(fn: () => unknown, code: rk.ErrorCode, pattern: RegExp): void {
-  let caught: unknown;
-  try {
-    fn();
-  } catch (e) {
-    caught = e;
-  }
-  expect(caught, 'expected an error').toBeInstanceOf(rk.RecurrentKernelsError);
-  expect((caught as rk.RecurrentKernelsError).code).toBe(code);
-  expect((caught as Error).message).toMatch(pattern);
-}
+import { tensor, expectError } from './helpers';
 
 const shape = [2, 3, 5];
 const a = () => tensor(new Float32Array(30).fill(0.5), shape);

@@ -1,4 +1,5 @@
 // Shared helpers for the test files: tensors from float64 arrays and back, device/dtype lists.
+import { expect } from 'vitest';
 import * as rk from '../lib/index';
 
 export const hasCuda = rk.cuda.available();
@@ -14,4 +15,17 @@ export function tensor(values: ArrayLike<number>, shape: number[], dtype: rk.DTy
 /** A tensor's values as float64 (copied back from the device if needed). */
 export function values(t: rk.Tensor): Float64Array {
   return Float64Array.from(t.toFloat32Array());
+}
+
+/** Runs fn and expects a RecurrentKernelsError with this code (and a message matching pattern). */
+export function expectError(fn: () => unknown, code: rk.ErrorCode, pattern?: RegExp): void {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (e) {
+    caught = e;
+  }
+  expect(caught, 'expected an error').toBeInstanceOf(rk.RecurrentKernelsError);
+  expect((caught as rk.RecurrentKernelsError).code, (caught as Error).message).toBe(code);
+  if (pattern) expect((caught as Error).message).toMatch(pattern);
 }

@@ -4,14 +4,16 @@
  * device: convenient for losses and tests, not meant as fast kernels.
  */
 import { defineOp, setAccumulate } from '../autograd';
-import { ShapeError } from '../errors';
-import { Tensor } from '../tensor';
-import { expectDevice, finiteNumber, requireTensor } from '../validate';
+import { ArgumentError, ShapeError } from '../errors';
+import { Tensor, type DType, type Device } from '../tensor';
+import {
+  checkCtx, expectDType, expectDevice, expectShape, finiteNumber, readGrads, readInputs, requireTensor, sealCtx,
+} from '../validate';
 
 function values(t: Tensor): Float64Array {
   return Float64Array.from(t.toFloat32Array());
 }
-function make(v: ArrayLike<number>, shape: readonly number[], like: Tensor): Tensor {
+function make(v: ArrayLike<number>, shape: readonly number[], like: { dtype: DType; device: Device }): Tensor {
   return Tensor.from(Float32Array.from(v), shape, { dtype: like.dtype, device: like.device });
 }
 function sameShape(op: string, a: Tensor, b: Tensor): void {
@@ -27,77 +29,131 @@ function zip(a: Float64Array, b: Float64Array, f: (x: number, y: number) => numb
 
 type AB = { a: Tensor; b: Tensor };
 type Out = { out: Tensor };
+/** What every helper's ctx holds: the output's shape, dtype and device (to check its gradient). */
+type Like = { shape: readonly number[]; dtype: DType; device: Device };
 
-const addOp = defineOp<AB, Out, void, null>({
+/** The inputs a and b of a binary helper, checked. */
+function binary(op: string, inputs: AB): AB {
+  const { a, b } = readInputs(op, inputs, ['a', 'b']);
+  requireTensor(op, 'a', a);
+  requireTensor(op, 'b', b);
+  sameShape(op, a, b);
+  return { a, b };
+}
+/** The input a of a unary helper, checked. */
+function unary(op: string, inputs: { a: Tensor }): Tensor {
+  const { a } = readInputs(op, inputs, ['a']);
+  requireTensor(op, 'a', a);
+  return a;
+}
+/** The ctx of a helper's forward: the output's shape, dtype and device, and what its backward needs. */
+function ctxOf<C extends object>(op: string, out: Tensor, extra: C): Like & C {
+  return sealCtx(op, { shape: out.shape, dtype: out.dtype, device: out.device, ...extra });
+}
+/** Checks a helper's ctx (the fields in `tensors` are saved tensors) and returns its output's gradient, or null. */
+function gradOut(op: string, ctx: Like, grads: { out?: Tensor | null }, tensors: Record<string, 'tensor'> = {}):
+  Tensor | null {
+  checkCtx(op, ctx, tensors);
+  const where = `${op}.backward`;
+  if (!Array.isArray(ctx.shape) || !ctx.shape.every((d) => Number.isSafeInteger(d) && d >= 0))
+    throw new ArgumentError(`${where}: ctx.shape must be an array of sizes, got ${String(ctx.shape)}`);
+  const { out } = readGrads(where, grads, ['out']);
+  if (!out) return null;
+  expectShape(where, 'grad of out', out, ctx.shape, 'the shape of out', 'to match out');
+  expectDType(where, 'grad of out', out, [ctx.dtype], 'to match out');
+  expectDevice(where, 'grad of out', out, ctx.device, 'to match out');
+  return out;
+}
+
+const addOp = defineOp<AB, Out, void, Like>({
   name: 'add',
-  forward({ a, b }) {
-    requireTensor('add', 'a', a); requireTensor('add', 'b', b); sameShape('add', a, b);
-    return { outputs: { out: make(zip(values(a), values(b), (x, y) => x + y), a.shape, a) }, ctx: null };
+  forward(inputs) {
+    const { a, b } = binary('add', inputs);
+    const out = make(zip(values(a), values(b), (x, y) => x + y), a.shape, a);
+    return { outputs: { out }, ctx: ctxOf('add', out, {}) };
   },
-  backward(_ctx, { out }) {
-    return { a: out ?? null, b: out ?? null };
+  backward(ctx, grads) {
+    const out = gradOut('add', ctx, grads);
+    return { a: out, b: out };
   },
 });
 
-const subOp = defineOp<AB, Out, void, null>({
+const subOp = defineOp<AB, Out, void, Like>({
   name: 'sub',
-  forward({ a, b }) {
-    requireTensor('sub', 'a', a); requireTensor('sub', 'b', b); sameShape('sub', a, b);
-    return { outputs: { out: make(zip(values(a), values(b), (x, y) => x - y), a.shape, a) }, ctx: null };
+  forward(inputs) {
+    const { a, b } = binary('sub', inputs);
+    const out = make(zip(values(a), values(b), (x, y) => x - y), a.shape, a);
+    return { outputs: { out }, ctx: ctxOf('sub', out, {}) };
   },
-  backward(_ctx, { out }) {
-    return { a: out ?? null, b: out ? make(values(out).map((x) => -x), out.shape, out) : null };
+  backward(ctx, grads) {
+    const out = gradOut('sub', ctx, grads);
+    return { a: out, b: out ? make(values(out).map((x) => -x), out.shape, out) : null };
   },
 });
 
-const mulOp = defineOp<AB, Out, void, AB>({
+const mulOp = defineOp<AB, Out, void, Like & AB>({
   name: 'mul',
-  forward({ a, b }) {
-    requireTensor('mul', 'a', a); requireTensor('mul', 'b', b); sameShape('mul', a, b);
-    return { outputs: { out: make(zip(values(a), values(b), (x, y) => x * y), a.shape, a) }, ctx: { a, b } };
+  forward(inputs) {
+    const { a, b } = binary('mul', inputs);
+    const out = make(zip(values(a), values(b), (x, y) => x * y), a.shape, a);
+    return { outputs: { out }, ctx: ctxOf('mul', out, { a, b }) };
   },
-  backward({ a, b }, { out }) {
-    if (!out) return {};
+  backward(ctx, grads) {
+    const out = gradOut('mul', ctx, grads, { a: 'tensor', b: 'tensor' });
+    if (!out) return { a: null, b: null };
+    const { a, b } = ctx;
+    sameShape('mul.backward', a, b);
+    expectShape('mul.backward', 'a (saved for backward)', a, ctx.shape, 'the shape of out', 'to match out');
     const g = values(out);
     return { a: make(zip(g, values(b), (x, y) => x * y), a.shape, a), b: make(zip(g, values(a), (x, y) => x * y), b.shape, b) };
   },
 });
 
-const scaleOp = defineOp<{ a: Tensor }, Out, number, number>({
+const scaleOp = defineOp<{ a: Tensor }, Out, number, Like & { factor: number }>({
   name: 'scale',
-  forward({ a }, s = 1) {
-    requireTensor('scale', 'a', a);
-    finiteNumber('scale', 'the factor', s);
-    return { outputs: { out: make(values(a).map((x) => x * s), a.shape, a) }, ctx: s };
+  forward(inputs, s = 1) {
+    const a = unary('scale', inputs);
+    const factor = finiteNumber('scale', 'the factor', s, { float32: true });
+    const out = make(values(a).map((x) => x * factor), a.shape, a);
+    return { outputs: { out }, ctx: ctxOf('scale', out, { factor }) };
   },
-  backward(s, { out }) {
-    return { a: out ? make(values(out).map((x) => x * s), out.shape, out) : null };
+  backward(ctx, grads) {
+    const out = gradOut('scale', ctx, grads);
+    const factor = finiteNumber('scale.backward', 'ctx.factor', ctx.factor);
+    return { a: out ? make(values(out).map((x) => x * factor), out.shape, out) : null };
   },
 });
 
-const squareOp = defineOp<{ a: Tensor }, Out, void, Tensor>({
+const squareOp = defineOp<{ a: Tensor }, Out, void, Like & { a: Tensor }>({
   name: 'square',
-  forward({ a }) {
-    requireTensor('square', 'a', a);
-    return { outputs: { out: make(values(a).map((x) => x * x), a.shape, a) }, ctx: a };
+  forward(inputs) {
+    const a = unary('square', inputs);
+    const out = make(values(a).map((x) => x * x), a.shape, a);
+    return { outputs: { out }, ctx: ctxOf('square', out, { a }) };
   },
-  backward(a, { out }) {
-    return { a: out ? make(zip(values(out), values(a), (g, x) => 2 * g * x), a.shape, a) : null };
+  backward(ctx, grads) {
+    const out = gradOut('square', ctx, grads, { a: 'tensor' });
+    if (!out) return { a: null };
+    const { a } = ctx;
+    expectShape('square.backward', 'a (saved for backward)', a, ctx.shape, 'the shape of out', 'to match out');
+    return { a: make(zip(values(out), values(a), (g, x) => 2 * g * x), a.shape, a) };
   },
 });
 
-const sumOp = defineOp<{ a: Tensor }, Out, void, Tensor>({
+const sumOp = defineOp<{ a: Tensor }, Out, void, Like & { a: Tensor }>({
   name: 'sum',
-  forward({ a }) {
-    requireTensor('sum', 'a', a);
+  forward(inputs) {
+    const a = unary('sum', inputs);
     let s = 0;
     for (const x of values(a)) s += x;
-    return { outputs: { out: make([s], [], a) }, ctx: a };
+    const out = make([s], [], a);
+    return { outputs: { out }, ctx: ctxOf('sum', out, { a }) };
   },
-  backward(a, { out }) {
-    if (!out) return {};
-    const g = values(out)[0];
-    return { a: make(new Float64Array(a.size).fill(g), a.shape, a) };
+  backward(ctx, grads) {
+    const out = gradOut('sum', ctx, grads, { a: 'tensor' });
+    if (!out) return { a: null };
+    const { a } = ctx;
+    return { a: make(new Float64Array(a.size).fill(values(out)[0]), a.shape, a) };
   },
 });
 

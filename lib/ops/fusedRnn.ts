@@ -29,7 +29,8 @@ import { native, type FusedRnnConfig, type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, ShapeError } from '../errors';
 import {
-  booleanOption, checkInputs, checkOptions, expectDType, expectDevice, expectRank, expectShape, requireTensor,
+  booleanOption, checkCtx, checkCtxFields, expectCtxValues, expectDType, expectDevice, expectRank, expectShape,
+  readGrads, readInputs, readOptions, requireTensor, sealCtx,
 } from '../validate';
 
 export type FusedRnnCell = 'lstm' | 'gru' | 'slstm' | 'elman';
@@ -76,7 +77,7 @@ export const FUSED_RNN_CELLS: Readonly<Record<FusedRnnCell, { gates: number; sta
   elman: { gates: 1, states: 1, code: 0 },
 };
 
-function parseLengths(v: unknown, batch: number, T: number): Int32Array | null {
+function parseLengths(OP: string, v: unknown, batch: number, T: number): Int32Array | null {
   if (v === undefined || v === null) return null;
   if (!(v instanceof Int32Array) && !Array.isArray(v))
     throw new ArgumentError(`${OP}: lengths must be an Int32Array or an array of integers, got ${typeof v}`);
@@ -91,13 +92,16 @@ function parseLengths(v: unknown, batch: number, T: number): Int32Array | null {
   return Int32Array.from(arr);
 }
 
-function run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolean):
-  { outputs: FusedRnnOutputs; ctx: FusedRnnCtx | null; saved: { states: Storage | null; pre: Storage | null } } {
-  checkInputs(OP, inputs, ['wx', 'R', 'b', 'states0']);
+/**
+ * Checks the arguments and derives the kernels' config. `OP` names the caller in messages: the
+ * forward, or the backward re-checking the tensors saved in its ctx.
+ */
+function prepare(OP: string, inputs: FusedRnnInputs, options: FusedRnnOptions) {
+  inputs = readInputs(OP, inputs, ['wx', 'R', 'b', 'states0']);
   if (options === undefined || options === null || typeof options !== 'object')
     throw new ArgumentError(`${OP}: options must be an object with at least cell`);
-  checkOptions(OP, options, ['cell', 'lengths', 'returnLastOnly']);
-  const cell = options.cell;
+  const opts = readOptions(OP, options, ['cell', 'lengths', 'returnLastOnly']);
+  const cell = opts.cell;
   if (typeof cell !== 'string' || !Object.prototype.hasOwnProperty.call(FUSED_RNN_CELLS, cell))
     throw new ArgumentError(`${OP}: cell must be one of ${Object.keys(FUSED_RNN_CELLS).map((c) => `'${c}'`).join(', ')}, ` +
       `got ${typeof cell === 'string' ? `'${cell}'` : String(cell)}`);
@@ -126,9 +130,18 @@ function run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolean
     expectDType(OP, 'states0', states0, ['float32'], '(states are float32)');
     expectDevice(OP, 'states0', states0, device, 'to match wx');
   }
-  const lengths = parseLengths(options.lengths, batch, T);
-  const returnLastOnly = booleanOption(OP, 'returnLastOnly', options.returnLastOnly, false);
+  const lengths = parseLengths(OP, opts.lengths, batch, T);
+  const returnLastOnly = booleanOption(OP, 'returnLastOnly', opts.returnLastOnly, false);
   const config: FusedRnnConfig = { cell: code, batch, T, heads: H, headDim: D, returnLastOnly };
+  return { inputs: { wx, R, b, states0 }, config, lengths, states: S, gates: G };
+}
+
+function run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolean):
+  { outputs: FusedRnnOutputs; ctx: FusedRnnCtx | null; saved: { states: Storage | null; pre: Storage | null } } {
+  const { inputs: x, config, lengths, states: S, gates: G } = prepare(OP, inputs, options);
+  const { wx, R, b, states0 } = x;
+  const { batch, T, heads: H, headDim: D, returnLastOnly } = config;
+  const device = wx.device;
   const r = native().fusedRnnForward(device, wx.dtype, {
     wx: wx.storage, R: R.storage, b: b.storage, states0: states0?.storage ?? null,
   }, config, lengths, training);
@@ -136,12 +149,12 @@ function run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolean
     h: new Tensor(r.h, returnLastOnly ? [batch, H, D] : [batch, T, H, D], wx.dtype, device),
     finalStates: new Tensor(r.finalStates, [S, batch, H, D], 'float32', device),
   };
-  const ctx = training && r.savedStates && r.savedPre ? {
-    inputs: { wx, R, b, states0 },
+  const ctx = training && r.savedStates && r.savedPre ? sealCtx(OP, {
+    inputs: x,
     savedStates: new Tensor(r.savedStates, [T, S, batch, H, D], 'float32', device),
     savedPre: new Tensor(r.savedPre, [T, batch, G, H, D], 'float32', device),
     config, lengths, states: S, dtype: wx.dtype, device,
-  } : null;
+  }, ['savedStates', 'savedPre']) : null;
   return { outputs, ctx, saved: { states: r.savedStates, pre: r.savedPre } };
 }
 
@@ -152,30 +165,44 @@ function forward(inputs: FusedRnnInputs, options: FusedRnnOptions): { outputs: F
 
 function backward(ctx: FusedRnnCtx, grads: { h?: Tensor | null; finalStates?: Tensor | null }): FusedRnnGrads {
   const op = `${OP}.backward`;
-  const { inputs: x, config: cfg } = ctx;
-  const gH = grads.h ?? null;
-  const gFinal = grads.finalStates ?? null;
+  checkCtx(OP, ctx, { inputs: 'object', config: 'object', savedStates: 'tensor', savedPre: 'tensor',
+    lengths: 'int32?' });
+  checkCtxFields(OP, ctx.inputs, { wx: 'tensor', R: 'tensor', b: 'tensor', states0: 'tensor?' }, 'ctx.inputs');
+  // The saved tensors are checked again as the forward checked them, and must give the ctx's config.
+  const cell = (Object.keys(FUSED_RNN_CELLS) as FusedRnnCell[]).find((c) => FUSED_RNN_CELLS[c].code === ctx.config.cell);
+  if (cell === undefined) throw new ArgumentError(`${op}: ctx.config.cell is ${String(ctx.config.cell)}, not a cell's code`);
+  const p = prepare(op, ctx.inputs, { cell, lengths: ctx.lengths, returnLastOnly: ctx.config.returnLastOnly });
+  expectCtxValues(OP, 'ctx.config', ctx.config, { ...p.config });
+  const { inputs: x, config: cfg, lengths } = p;
+  const { batch, T, heads: H, headDim: D } = cfg;
+  expectCtxValues(OP, 'ctx', ctx, { states: p.states, dtype: x.wx.dtype, device: x.wx.device });
+  for (const [name, t, shape, dims] of [
+    ['savedStates', ctx.savedStates, [T, p.states, batch, H, D], 'T, states, batch, heads, headDim'],
+    ['savedPre', ctx.savedPre, [T, batch, p.gates, H, D], 'T, batch, gates, heads, headDim'],
+  ] as const) {
+    expectShape(op, `${name} (saved for backward)`, t, shape, dims, 'to match wx');
+    expectDType(op, `${name} (saved for backward)`, t, ['float32']);
+    expectDevice(op, `${name} (saved for backward)`, t, ctx.device, 'to match wx');
+  }
+  const g = readGrads(op, grads, ['h', 'finalStates']);
+  const gH = g.h ?? null;
+  const gFinal = g.finalStates ?? null;
   const hShape = cfg.returnLastOnly ? [cfg.batch, cfg.heads, cfg.headDim] : [cfg.batch, cfg.T, cfg.heads, cfg.headDim];
   if (gH) {
-    requireTensor(op, 'grad of h', gH);
     expectShape(op, 'grad of h', gH, hShape, cfg.returnLastOnly ? 'batch, heads, headDim' : 'batch, T, heads, headDim',
       'to match h');
     expectDType(op, 'grad of h', gH, [ctx.dtype], 'to match h');
     expectDevice(op, 'grad of h', gH, ctx.device, 'to match h');
   }
   if (gFinal) {
-    requireTensor(op, 'grad of finalStates', gFinal);
     expectShape(op, 'grad of finalStates', gFinal, [ctx.states, cfg.batch, cfg.heads, cfg.headDim],
       'states, batch, heads, headDim', 'to match finalStates');
     expectDType(op, 'grad of finalStates', gFinal, ['float32']);
     expectDevice(op, 'grad of finalStates', gFinal, ctx.device, 'to match finalStates');
   }
-  for (const [k, t] of Object.entries(x)) if (t) requireTensor(op, `${k} (saved for backward)`, t);
-  requireTensor(op, 'savedStates (saved for backward)', ctx.savedStates);
-  requireTensor(op, 'savedPre (saved for backward)', ctx.savedPre);
   const r = native().fusedRnnBackward(ctx.device, ctx.dtype, {
     wx: x.wx.storage, R: x.R.storage, b: x.b.storage, states0: x.states0?.storage ?? null,
-  }, cfg, ctx.lengths, {
+  }, cfg, lengths, {
     savedStates: ctx.savedStates.storage, savedPre: ctx.savedPre.storage,
     dh: gH?.storage ?? null, dFinal: gFinal?.storage ?? null,
   }, x.states0 !== null);

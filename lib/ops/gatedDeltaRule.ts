@@ -28,8 +28,8 @@ import { float32Elements, native, type GatedDeltaConfig, type Storage } from '..
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
-  booleanOption, checkInputs, checkOptions, expectDType, expectDevice, expectRank, expectShape, finiteNumber,
-  parseCuSeqlens, requireTensor,
+  booleanOption, checkCtx, checkCtxFields, expectCtxValues, expectDType, expectDevice, expectRank, expectShape,
+  finiteNumber, parseCuSeqlens, readGrads, readInputs, readOptions, releaseCtx, requireTensor, sealCtx,
 } from '../validate';
 
 export interface GatedDeltaRuleInputs {
@@ -111,20 +111,23 @@ function forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions = 
   return run(inputs, options, true) as { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx };
 }
 
-/** The forward pass; without keep (no backward to follow) the CPU kernels save no state checkpoints. */
-function run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep: boolean):
-  { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx | null } {
-  checkInputs(OP, inputs, ['q', 'k', 'v', 'g', 'beta']);
-  checkOptions(OP, options, ['scale', 'initialState', 'outputFinalState', 'cuSeqlens', 'useQkL2normInKernel']);
+/**
+ * Checks the arguments and derives the kernels' config. `OP` names the caller in messages: the
+ * forward, or the backward re-checking the tensors saved in its ctx.
+ */
+function prepare(OP: string, inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions | undefined) {
+  inputs = readInputs(OP, inputs, ['q', 'k', 'v', 'g', 'beta']);
+  const opts = readOptions(OP, options, ['scale', 'initialState', 'outputFinalState', 'cuSeqlens',
+    'useQkL2normInKernel']);
   const dims = checkDeltaInputs(OP, inputs, 'T');
   const { batch, T, HV, K, V } = dims;
   const { q } = inputs;
-  const scale = options.scale === undefined ? 1 / Math.sqrt(K) : finiteNumber(OP, 'scale', options.scale);
-  const l2norm = booleanOption(OP, 'useQkL2normInKernel', options.useQkL2normInKernel, false);
-  const returnFinal = booleanOption(OP, 'outputFinalState', options.outputFinalState, false);
-  const cuSeqlens = parseCuSeqlens(OP, options.cuSeqlens, batch, T, 'T');
+  const scale = opts.scale === undefined ? 1 / Math.sqrt(K) : finiteNumber(OP, 'scale', opts.scale, { float32: true });
+  const l2norm = booleanOption(OP, 'useQkL2normInKernel', opts.useQkL2normInKernel, false);
+  const returnFinal = booleanOption(OP, 'outputFinalState', opts.outputFinalState, false);
+  const cuSeqlens = parseCuSeqlens(OP, opts.cuSeqlens, batch, T, 'T');
   const nseq = cuSeqlens ? cuSeqlens.length - 1 : batch;
-  const h0 = options.initialState ?? null;
+  const h0 = opts.initialState ?? null;
   if (h0) {
     requireTensor(OP, 'initialState', h0);
     expectShape(OP, 'initialState', h0, [nseq, HV, K, V], cuSeqlens ? 'N sequences, HV, K, V' : 'batch, HV, K, V',
@@ -133,12 +136,20 @@ function run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep:
     expectDevice(OP, 'initialState', h0, q.device, 'to match q');
   }
   const config: GatedDeltaConfig = { ...dims, scale, l2norm };
+  return { inputs: { ...inputs, initialState: h0 }, config, cuSeqlens, nseq, returnFinal };
+}
+
+/** The forward pass; without keep (no backward to follow) the CPU kernels save no state checkpoints. */
+function run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep: boolean):
+  { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx | null } {
+  const { inputs: x, config, cuSeqlens, nseq, returnFinal } = prepare(OP, inputs, options);
+  const { q, initialState: h0 } = x;
+  const { HV, K, V } = config;
   const r = native().gatedDeltaForward(q.device, q.dtype, {
-    q: q.storage, k: inputs.k.storage, v: inputs.v.storage, g: inputs.g.storage, beta: inputs.beta.storage,
-    h0: h0?.storage ?? null,
+    q: q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage, h0: h0?.storage ?? null,
   }, config, cuSeqlens, returnFinal, keep);
   const outputs = {
-    o: new Tensor(r.o, inputs.v.shape, q.dtype, q.device),
+    o: new Tensor(r.o, x.v.shape, q.dtype, q.device),
     finalState: r.finalState ? new Tensor(r.finalState, [nseq, HV, K, V], 'float32', q.device) : null,
   };
   if (!r.states) {
@@ -147,37 +158,46 @@ function run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep:
   }
   return {
     outputs,
-    ctx: {
-      inputs: { ...inputs, initialState: h0 },
+    ctx: sealCtx(OP, {
+      inputs: x,
       states: new Tensor(r.states, [float32Elements(r.states)], 'float32', q.device),
       config, cuSeqlens, nseq, dtype: q.dtype, device: q.device,
-    },
+    }, ['states']),
   };
 }
 
 function backward(ctx: GatedDeltaRuleCtx, grads: { o?: Tensor | null; finalState?: Tensor | null }): GatedDeltaRuleGrads {
   const op = `${OP}.backward`;
-  const { inputs: x, config: cfg } = ctx;
-  const gO = grads.o ?? null;
-  const gFinal = grads.finalState ?? null;
+  checkCtx(OP, ctx, { inputs: 'object', states: 'tensor', cuSeqlens: 'int32?' });
+  checkCtxFields(OP, ctx.inputs, { q: 'tensor', k: 'tensor', v: 'tensor', g: 'tensor', beta: 'tensor',
+    initialState: 'tensor?' }, 'ctx.inputs');
+  // The saved tensors are checked again as the forward checked them, and must give the ctx's config.
+  const { initialState, ...saved } = ctx.inputs;
+  const p = prepare(op, saved, {
+    scale: ctx.config?.scale, useQkL2normInKernel: ctx.config?.l2norm, initialState, cuSeqlens: ctx.cuSeqlens,
+  });
+  expectCtxValues(OP, 'ctx.config', ctx.config, { ...p.config });
+  expectCtxValues(OP, 'ctx', ctx, { nseq: p.nseq, dtype: p.inputs.q.dtype, device: p.inputs.q.device });
+  const { inputs: x, config: cfg, cuSeqlens } = p;
+  expectDType(op, 'states (saved for backward)', ctx.states, ['float32']);
+  expectDevice(op, 'states (saved for backward)', ctx.states, ctx.device, 'to match q');
+  const g = readGrads(op, grads, ['o', 'finalState']);
+  const gO = g.o ?? null;
+  const gFinal = g.finalState ?? null;
   if (gO) {
-    requireTensor(op, 'grad of o', gO);
     expectShape(op, 'grad of o', gO, x.v.shape, 'batch, T, HV, V', 'to match o');
     expectDType(op, 'grad of o', gO, [ctx.dtype], 'to match o');
     expectDevice(op, 'grad of o', gO, ctx.device, 'to match o');
   }
   if (gFinal) {
-    requireTensor(op, 'grad of finalState', gFinal);
     expectShape(op, 'grad of finalState', gFinal, [ctx.nseq, cfg.HV, cfg.K, cfg.V], 'N, HV, K, V', 'to match finalState');
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  for (const [k, t] of Object.entries(x)) if (t) requireTensor(op, `${k} (saved for backward)`, t);
-  requireTensor(op, 'states (saved for backward)', ctx.states);
   const r = native().gatedDeltaBackward(ctx.device, ctx.dtype, {
     q: x.q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage,
     h0: x.initialState?.storage ?? null,
-  }, cfg, ctx.cuSeqlens, { states: ctx.states.storage, dO: gO?.storage ?? null, dFinal: gFinal?.storage ?? null },
+  }, cfg, cuSeqlens, { states: ctx.states.storage, dO: gO?.storage ?? null, dFinal: gFinal?.storage ?? null },
   x.initialState !== null);
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
@@ -200,7 +220,9 @@ const op = defineOp<GatedDeltaRuleInputs, GatedDeltaRuleOutputs, GatedDeltaRuleO
  */
 function call(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions): GatedDeltaRuleOutputs {
   if (isRecording()) return op(inputs, options);
-  return run(inputs, options ?? {}, false).outputs;
+  const { outputs, ctx } = run(inputs, options ?? {}, false);
+  if (ctx) releaseCtx(ctx, false); // checkpoints a device kept anyway
+  return outputs;
 }
 
 export const gatedDeltaRule = Object.assign(call, { hooks: op.hooks });

@@ -11,7 +11,9 @@
  */
 import { native } from '../native';
 import { Tensor } from '../tensor';
-import { booleanOption, checkInputs, checkOptions, expectDType, expectDevice, expectShape, finiteNumber, requireTensor } from '../validate';
+import {
+  booleanOption, expectDType, expectDevice, expectShape, finiteNumber, readInputs, readOptions, requireTensor,
+} from '../validate';
 import { checkDeltaInputs, type GatedDeltaRuleInputs } from './gatedDeltaRule';
 
 export interface GatedDeltaRuleStepInputs extends GatedDeltaRuleInputs {
@@ -32,18 +34,18 @@ const OP = 'gatedDeltaRuleStep';
 
 export function gatedDeltaRuleStep(inputs: GatedDeltaRuleStepInputs, options: GatedDeltaRuleStepOptions = {}):
   GatedDeltaRuleStepOutputs {
-  checkInputs(OP, inputs, ['state', 'q', 'k', 'v', 'g', 'beta']);
-  checkOptions(OP, options, ['scale', 'useQkL2normInKernel', 'updateState', 'returnIntermediateStates']);
+  inputs = readInputs(OP, inputs, ['state', 'q', 'k', 'v', 'g', 'beta']);
+  const opts = readOptions(OP, options, ['scale', 'useQkL2normInKernel', 'updateState', 'returnIntermediateStates']);
   const { batch, T, H, HV, K, V } = checkDeltaInputs(OP, inputs, 'tokens');
   const { state, q } = inputs;
   requireTensor(OP, 'state', state);
   expectShape(OP, 'state', state, [batch, HV, K, V], 'batch, HV, K, V', 'to match q and v');
   expectDType(OP, 'state', state, ['float32'], '(states are float32)');
   expectDevice(OP, 'state', state, q.device, 'to match q');
-  const scale = options.scale === undefined ? 1 / Math.sqrt(K) : finiteNumber(OP, 'scale', options.scale);
-  const l2norm = booleanOption(OP, 'useQkL2normInKernel', options.useQkL2normInKernel, false);
-  const updateState = booleanOption(OP, 'updateState', options.updateState, true);
-  const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', options.returnIntermediateStates, false);
+  const scale = opts.scale === undefined ? 1 / Math.sqrt(K) : finiteNumber(OP, 'scale', opts.scale, { float32: true });
+  const l2norm = booleanOption(OP, 'useQkL2normInKernel', opts.useQkL2normInKernel, false);
+  const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
+  const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
   const r = native().gatedDeltaStep(q.device, q.dtype, {
     state: state.storage, q: q.storage, k: inputs.k.storage, v: inputs.v.storage, g: inputs.g.storage,
     beta: inputs.beta.storage,

@@ -13,7 +13,8 @@ import { defineOp } from '../autograd';
 import { native, type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
 import {
-  booleanOption, checkInputs, checkOptions, expectDType, expectDevice, expectRank, expectShape, requireTensor,
+  booleanOption, checkCtx, ctxBoolean, expectCtxValues, expectDType, expectDevice, expectRank, expectShape, readGrads,
+  readInputs, readOptions, requireTensor, sealCtx,
 } from '../validate';
 import { ShapeError } from '../errors';
 
@@ -22,7 +23,7 @@ export interface LinearScanInputs {
   b: Tensor;
 }
 export interface LinearScanOptions {
-  initialState?: Tensor;
+  initialState?: Tensor | null;
   reverse?: boolean;
   returnFinalState?: boolean;
 }
@@ -45,9 +46,8 @@ const DIMS = 'batch, channels, length';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 
 function forward(inputs: LinearScanInputs, options: LinearScanOptions = {}): { outputs: LinearScanOutputs; ctx: LinearScanCtx } {
-  checkInputs(OP, inputs, ['a', 'b']);
-  checkOptions(OP, options, ['initialState', 'reverse', 'returnFinalState']);
-  const { a, b } = inputs;
+  const { a, b } = readInputs(OP, inputs, ['a', 'b']);
+  const opts = readOptions(OP, options, ['initialState', 'reverse', 'returnFinalState']);
   requireTensor(OP, 'a', a);
   requireTensor(OP, 'b', b);
   expectRank(OP, 'a', a, 3, DIMS);
@@ -57,15 +57,10 @@ function forward(inputs: LinearScanInputs, options: LinearScanOptions = {}): { o
   expectDType(OP, 'a', a, FLOAT_DTYPES);
   expectDType(OP, 'b', b, [a.dtype], 'to match a');
   expectDevice(OP, 'b', b, a.device, 'to match a');
-  const reverse = booleanOption(OP, 'reverse', options.reverse, false);
-  const returnFinal = booleanOption(OP, 'returnFinalState', options.returnFinalState, false);
-  const h0 = options.initialState ?? null;
-  if (h0 !== null) {
-    requireTensor(OP, 'initialState', h0);
-    expectShape(OP, 'initialState', h0, [batch, channels], 'batch, channels', 'to match a');
-    expectDType(OP, 'initialState', h0, ['float32'], '(states are float32)');
-    expectDevice(OP, 'initialState', h0, a.device, 'to match a');
-  }
+  const reverse = booleanOption(OP, 'reverse', opts.reverse, false);
+  const returnFinal = booleanOption(OP, 'returnFinalState', opts.returnFinalState, false);
+  const h0 = opts.initialState ?? null;
+  if (h0 !== null) checkInitialState(OP, h0, a);
   const rows = batch * channels;
   const r = native().linearScanForward(a.device, a.dtype, a.storage, b.storage, h0?.storage ?? null, rows, length,
     reverse, returnFinal);
@@ -73,8 +68,15 @@ function forward(inputs: LinearScanInputs, options: LinearScanOptions = {}): { o
   const finalState = r.finalState ? new Tensor(r.finalState, [batch, channels], 'float32', a.device) : null;
   return {
     outputs: { h, finalState },
-    ctx: { a, h, initialState: h0, dtype: a.dtype, device: a.device, shape: a.shape, reverse },
+    ctx: sealCtx(OP, { a, h, initialState: h0, dtype: a.dtype, device: a.device, shape: a.shape, reverse }),
   };
+}
+
+function checkInitialState(op: string, h0: unknown, a: Tensor): void {
+  requireTensor(op, 'initialState', h0);
+  expectShape(op, 'initialState', h0, [a.shape[0], a.shape[1]], 'batch, channels', 'to match a');
+  expectDType(op, 'initialState', h0, ['float32'], '(states are float32)');
+  expectDevice(op, 'initialState', h0, a.device, 'to match a');
 }
 
 export interface LinearScanGrads {
@@ -85,27 +87,33 @@ export interface LinearScanGrads {
 
 function backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: Tensor | null }): LinearScanGrads {
   const op = `${OP}.backward`;
+  checkCtx(OP, ctx, { a: 'tensor', h: 'tensor', initialState: 'tensor?' });
+  // The saved tensors must agree with each other and with the ctx's other fields.
+  const { a, h } = ctx;
+  expectRank(op, 'a (saved for backward)', a, 3, DIMS);
+  expectShape(op, 'h (saved for backward)', h, a.shape, DIMS, 'to match a');
+  expectDType(op, 'h (saved for backward)', h, [a.dtype], 'to match a');
+  expectDevice(op, 'h (saved for backward)', h, a.device, 'to match a');
+  if (ctx.initialState) checkInitialState(op, ctx.initialState, a);
+  expectCtxValues(OP, 'ctx', ctx, { shape: a.shape, dtype: a.dtype, device: a.device });
+  const reverse = ctxBoolean(OP, 'ctx.reverse', ctx.reverse);
+  const h0 = ctx.initialState ?? null;
   const [batch, channels, length] = ctx.shape;
-  const gh = grads.h ?? null;
-  const gFinal = grads.finalState ?? null;
+  const g = readGrads(op, grads, ['h', 'finalState']);
+  const gh = g.h ?? null;
+  const gFinal = g.finalState ?? null;
   if (gh) {
-    requireTensor(op, 'grad of h', gh);
     expectShape(op, 'grad of h', gh, ctx.shape, DIMS, 'to match h');
     expectDType(op, 'grad of h', gh, [ctx.dtype], 'to match h');
     expectDevice(op, 'grad of h', gh, ctx.device, 'to match h');
   }
   if (gFinal) {
-    requireTensor(op, 'grad of finalState', gFinal);
     expectShape(op, 'grad of finalState', gFinal, [batch, channels], 'batch, channels', 'to match finalState');
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  requireTensor(op, 'a (saved for backward)', ctx.a);
-  requireTensor(op, 'h (saved for backward)', ctx.h);
-  if (ctx.initialState) requireTensor(op, 'initialState (saved for backward)', ctx.initialState);
-  const r = native().linearScanBackward(ctx.device, ctx.dtype, ctx.a.storage, ctx.h.storage,
-    ctx.initialState?.storage ?? null, gh?.storage ?? null, gFinal?.storage ?? null, batch * channels, length,
-    ctx.reverse, ctx.initialState !== null);
+  const r = native().linearScanBackward(ctx.device, ctx.dtype, a.storage, h.storage, h0?.storage ?? null,
+    gh?.storage ?? null, gFinal?.storage ?? null, batch * channels, length, reverse, h0 !== null);
   const wrap = (s: Storage) => new Tensor(s, ctx.shape, ctx.dtype, ctx.device);
   return {
     a: wrap(r.ga),

@@ -34,7 +34,8 @@ import { native, type NewtonRnnConfig, type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, NotConvergedError, ShapeError } from '../errors';
 import {
-  checkInputs, checkOptions, expectDType, expectDevice, expectShape, finiteNumber, requireTensor,
+  checkCtx, checkCtxFields, ctxBoolean, ctxInteger, expectCtxValues, expectDType, expectDevice, expectShape,
+  finiteNumber, readGrads, readInputs, readOptions, requireTensor, sealCtx,
 } from '../validate';
 
 export type NewtonRnnCell = 'gru-diag' | 'lstm-cifg-diag' | 'gru' | 'lstm' | 'elman';
@@ -51,7 +52,7 @@ export interface NewtonRnnOptions {
   jacobian?: 'full' | 'diagonal';
   maxIters?: number;
   tol?: { abs?: number; rel?: number };
-  initialGuess?: 'zeros' | 'one-step' | Tensor;
+  initialGuess?: 'zeros' | 'one-step' | Tensor | null;
   damping?: number;
   onNonConvergence?: 'fallback' | 'error';
   mode?: 'auto' | 'newton' | 'sequential';
@@ -100,27 +101,30 @@ const CELLS: Record<NewtonRnnCell, { code: number; gates: number; states: number
 };
 export const NEWTON_DEFAULTS = { maxIters: 50, tolAbs: 1e-5, tolRel: 1e-5 } as const;
 
-function oneOf<T extends string>(name: string, v: unknown, allowed: readonly T[], fallback: T): T {
+function oneOf<T extends string>(OP: string, name: string, v: unknown, allowed: readonly T[], fallback: T): T {
   if (v === undefined) return fallback;
   if (typeof v !== 'string' || !allowed.includes(v as T))
     throw new ArgumentError(`${OP}: option ${name} must be ${allowed.map((a) => `'${a}'`).join(' or ')}, got ${String(v)}`);
   return v as T;
 }
 
-function nonNegative(name: string, v: unknown, fallback: number): number {
+function nonNegative(OP: string, name: string, v: unknown, fallback: number): number {
   if (v === undefined) return fallback;
   const x = finiteNumber(OP, name, v);
   if (x < 0) throw new ArgumentError(`${OP}: ${name} must be non-negative, got ${x}`);
   return x;
 }
 
-function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
-  { outputs: NewtonRnnOutputs; ctx: NewtonRnnCtx } {
-  checkInputs(OP, inputs, ['wx', 'R', 'b', 'h0']);
-  checkOptions(OP, options, ['cell', 'heads', 'jacobian', 'maxIters', 'tol', 'initialGuess', 'damping',
-    'onNonConvergence', 'mode']);
+/**
+ * Checks the arguments and derives the kernels' config. `OP` names the caller in messages: the
+ * forward, or the backward re-checking the tensors saved in its ctx.
+ */
+function prepare(OP: string, inputs: NewtonRnnInputs, options: NewtonRnnOptions) {
+  inputs = readInputs(OP, inputs, ['wx', 'R', 'b', 'h0']);
   if (options === undefined || options === null) throw new ArgumentError(`${OP}: options with a cell are required`);
-  const cellName = options.cell;
+  const opts = readOptions(OP, options, ['cell', 'heads', 'jacobian', 'maxIters', 'tol', 'initialGuess', 'damping',
+    'onNonConvergence', 'mode']);
+  const cellName = opts.cell;
   if (typeof cellName !== 'string' || !Object.hasOwn(CELLS, cellName))
     throw new ArgumentError(`${OP}: option cell must be one of ${Object.keys(CELLS).map((c) => `'${c}'`).join(', ')}, ` +
       `got ${String(cellName)}`);
@@ -142,10 +146,10 @@ function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
   expectDType(OP, 'R', R, ['float32'], '(weights are float32)');
   expectDevice(OP, 'R', R, wx.device, 'to match wx');
   let heads: number;
-  if (options.heads !== undefined) {
-    if (!Number.isInteger(options.heads) || options.heads < 1)
-      throw new ArgumentError(`${OP}: option heads must be a positive integer, got ${String(options.heads)}`);
-    heads = options.heads;
+  if (opts.heads !== undefined) {
+    if (!Number.isInteger(opts.heads) || opts.heads < 1)
+      throw new ArgumentError(`${OP}: option heads must be a positive integer, got ${String(opts.heads)}`);
+    heads = opts.heads;
   } else {
     heads = fiveD ? wx.shape[3] : !cell.diagonal && R.shape.length === 4 ? R.shape[1] : 1;
   }
@@ -170,27 +174,26 @@ function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
     expectDType(OP, 'h0', h0, ['float32'], '(states are float32)');
     expectDevice(OP, 'h0', h0, wx.device, 'to match wx');
   }
-  const jacobian = oneOf('jacobian', options.jacobian, ['full', 'diagonal'] as const, 'full');
+  const jacobian = oneOf(OP, 'jacobian', opts.jacobian, ['full', 'diagonal'] as const, 'full');
   let maxIters: number = NEWTON_DEFAULTS.maxIters;
-  if (options.maxIters !== undefined) {
-    if (!Number.isInteger(options.maxIters) || options.maxIters < 0 || options.maxIters > 1e6)
-      throw new ArgumentError(`${OP}: option maxIters must be an integer in [0, 1000000], got ${String(options.maxIters)}`);
-    maxIters = options.maxIters;
+  if (opts.maxIters !== undefined) {
+    if (!Number.isInteger(opts.maxIters) || opts.maxIters < 0 || opts.maxIters > 1e6)
+      throw new ArgumentError(`${OP}: option maxIters must be an integer in [0, 1000000], got ${String(opts.maxIters)}`);
+    maxIters = opts.maxIters;
   }
-  const tol = options.tol;
-  if (tol !== undefined && (tol === null || typeof tol !== 'object'))
+  if (opts.tol !== undefined && (opts.tol === null || typeof opts.tol !== 'object'))
     throw new ArgumentError(`${OP}: option tol must be an object { abs, rel }`);
-  if (tol) checkOptions(`${OP}: tol`, tol, ['abs', 'rel']);
+  const tol = readOptions(`${OP}: tol`, opts.tol, ['abs', 'rel'], 'option tol');
   // Tolerances beyond float32's range accept everything; the kernels compare in float32.
-  const tolAbs = Math.min(nonNegative('tol.abs', tol?.abs, NEWTON_DEFAULTS.tolAbs), 3e38);
-  const tolRel = Math.min(nonNegative('tol.rel', tol?.rel, NEWTON_DEFAULTS.tolRel), 3e38);
-  const damping = nonNegative('damping', options.damping, 0);
+  const tolAbs = Math.min(nonNegative(OP, 'tol.abs', tol.abs, NEWTON_DEFAULTS.tolAbs), 3e38);
+  const tolRel = Math.min(nonNegative(OP, 'tol.rel', tol.rel, NEWTON_DEFAULTS.tolRel), 3e38);
+  const damping = nonNegative(OP, 'damping', opts.damping, 0);
   const fullJacobian = jacobian === 'full';
   if (damping > 0 && fullJacobian && !cell.diagonal)
     throw new ArgumentError(`${OP}: damping ${damping} needs per-channel Jacobians; with the dense cell '${cellName}' ` +
       "use jacobian 'diagonal' (damping is not supported with the full Jacobian)");
-  const onNon = oneOf('onNonConvergence', options.onNonConvergence, ['fallback', 'error'] as const, 'fallback');
-  const mode = oneOf('mode', options.mode, ['auto', 'newton', 'sequential'] as const, 'auto');
+  const onNon = oneOf(OP, 'onNonConvergence', opts.onNonConvergence, ['fallback', 'error'] as const, 'fallback');
+  const mode = oneOf(OP, 'mode', opts.mode, ['auto', 'newton', 'sequential'] as const, 'auto');
   // The CUDA full-Jacobian solve keeps a head's (states x headDim)^2 matrices in shared memory.
   const fullTooLarge = wx.device === 'cuda' && fullJacobian && !cell.diagonal && S * D > CUDA_MAX_FULL_JACOBIAN;
   if (mode === 'newton' && fullTooLarge)
@@ -201,8 +204,9 @@ function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
   const sequential = mode === 'sequential' || (mode === 'auto' && (wx.device === 'cpu' || fullTooLarge));
   let guess = 0;
   let guessTensor: Tensor | null = null;
-  const ig = options.initialGuess;
-  if (ig instanceof Tensor) {
+  // initialGuess: a trajectory tensor, a named guess, or absent (undefined or null: zeros).
+  const ig = opts.initialGuess ?? undefined;
+  if (Tensor.isTensor(ig) || Array.isArray(ig) || ArrayBuffer.isView(ig)) {
     requireTensor(OP, 'initialGuess', ig);
     expectShape(OP, 'initialGuess', ig, [batch, T, S, ...hidden], `batch, T, states, ${hiddenDims}`, 'to match wx');
     expectDType(OP, 'initialGuess', ig, ['float32'], '(trajectories are float32)');
@@ -210,12 +214,20 @@ function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
     guess = 2;
     guessTensor = ig;
   } else if (ig !== undefined) {
-    guess = oneOf('initialGuess', ig, ['zeros', 'one-step'] as const, 'zeros') === 'one-step' ? 1 : 0;
+    guess = oneOf(OP, 'initialGuess', ig, ['zeros', 'one-step'] as const, 'zeros') === 'one-step' ? 1 : 0;
   }
   const config: NewtonRnnConfig = {
     cell: cell.code, batch, T, heads, headDim: D, fullJacobian, sequential, fallbackSequential: onNon === 'fallback',
     maxIters, tolAbs, tolRel, damping, guess,
   };
+  return { inputs: { wx, R, b, h0 }, config, guessTensor, hidden, states: S, onNon };
+}
+
+function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
+  { outputs: NewtonRnnOutputs; ctx: NewtonRnnCtx } {
+  const { inputs: x, config, guessTensor, hidden, states: S, onNon } = prepare(OP, inputs, options);
+  const { wx, R, b, h0 } = x;
+  const { batch, T, maxIters, tolAbs, tolRel } = config;
   const r = native().newtonRnnForward(wx.device, wx.dtype, {
     wx: wx.storage, R: R.storage, b: b.storage, h0: h0?.storage ?? null, guess: guessTensor?.storage ?? null,
   }, config);
@@ -237,35 +249,51 @@ function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
       y, finalStates, trajectory,
       stats: { iterations: r.iterations, residual: r.residual, converged, fellBack: Array.from(r.fellBack, (v) => v !== 0) },
     },
-    ctx: {
-      inputs: { wx, R, b, h0 }, trajectory, config, hidden, states: S, dtype: wx.dtype, device: wx.device,
-    },
+    // The trajectory is also an output (the caller's), so the ctx owns no tensor.
+    ctx: sealCtx(OP, { inputs: x, trajectory, config, hidden, states: S, dtype: wx.dtype, device: wx.device }),
   };
 }
 
 function backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: Tensor | null; trajectory?: Tensor | null }):
   NewtonRnnGrads {
   const op = `${OP}.backward`;
-  const { inputs: x, config: cfg, hidden } = ctx;
-  if (grads.trajectory)
+  checkCtx(OP, ctx, { inputs: 'object', config: 'object', trajectory: 'tensor' });
+  checkCtxFields(OP, ctx.inputs, { wx: 'tensor', R: 'tensor', b: 'tensor', h0: 'tensor?' }, 'ctx.inputs');
+  // The saved tensors are checked again as the forward checked them (with the options the config
+  // records), and must give the ctx's config.
+  const c = ctx.config;
+  const cellName = (Object.keys(CELLS) as NewtonRnnCell[]).find((k) => CELLS[k].code === c.cell);
+  if (cellName === undefined) throw new ArgumentError(`${op}: ctx.config.cell is ${String(c.cell)}, not a cell's code`);
+  const guess = ctxInteger(OP, 'ctx.config.guess', c.guess, 0, 2);
+  const p = prepare(op, ctx.inputs, {
+    cell: cellName, heads: c.heads, maxIters: c.maxIters, tol: { abs: c.tolAbs, rel: c.tolRel }, damping: c.damping,
+    jacobian: ctxBoolean(OP, 'ctx.config.fullJacobian', c.fullJacobian) ? 'full' : 'diagonal',
+    onNonConvergence: ctxBoolean(OP, 'ctx.config.fallbackSequential', c.fallbackSequential) ? 'fallback' : 'error',
+    mode: ctxBoolean(OP, 'ctx.config.sequential', c.sequential) ? 'sequential' : 'newton',
+  });
+  expectCtxValues(OP, 'ctx.config', c, { ...p.config, guess });
+  const { inputs: x, config: cfg, hidden } = p;
+  expectCtxValues(OP, 'ctx', ctx, { hidden, states: p.states, dtype: x.wx.dtype, device: x.wx.device });
+  expectShape(op, 'trajectory (saved for backward)', ctx.trajectory, [cfg.batch, cfg.T, p.states, ...hidden],
+    `batch, T, states, ${hidden.length === 2 ? 'heads, headDim' : 'hidden'}`, 'to match wx');
+  expectDType(op, 'trajectory (saved for backward)', ctx.trajectory, ['float32']);
+  expectDevice(op, 'trajectory (saved for backward)', ctx.trajectory, ctx.device, 'to match wx');
+  const g = readGrads(op, grads, ['y', 'finalStates', 'trajectory']);
+  if (g.trajectory)
     throw new ArgumentError(`${op}: the trajectory output has no gradient; differentiate through y and finalStates`);
-  const gY = grads.y ?? null, gFinal = grads.finalStates ?? null;
+  const gY = g.y ?? null, gFinal = g.finalStates ?? null;
   const hiddenDims = hidden.length === 2 ? 'heads, headDim' : 'hidden';
   if (gY) {
-    requireTensor(op, 'grad of y', gY);
     expectShape(op, 'grad of y', gY, [cfg.batch, cfg.T, ...hidden], `batch, T, ${hiddenDims}`, 'to match y');
     expectDType(op, 'grad of y', gY, [ctx.dtype], 'to match y');
     expectDevice(op, 'grad of y', gY, ctx.device, 'to match y');
   }
   if (gFinal) {
-    requireTensor(op, 'grad of finalStates', gFinal);
     expectShape(op, 'grad of finalStates', gFinal, [ctx.states, cfg.batch, ...hidden], `states, batch, ${hiddenDims}`,
       'to match finalStates');
     expectDType(op, 'grad of finalStates', gFinal, ['float32']);
     expectDevice(op, 'grad of finalStates', gFinal, ctx.device, 'to match finalStates');
   }
-  for (const [k, t] of Object.entries(x)) if (t) requireTensor(op, `${k} (saved for backward)`, t);
-  requireTensor(op, 'trajectory (saved for backward)', ctx.trajectory);
   const r = native().newtonRnnBackward(ctx.device, ctx.dtype, {
     wx: x.wx.storage, R: x.R.storage, b: x.b.storage, h0: x.h0?.storage ?? null, guess: null,
   }, { ...cfg, guess: 0 }, { traj: ctx.trajectory.storage, dy: gY?.storage ?? null, dFinal: gFinal?.storage ?? null },

@@ -32,8 +32,8 @@ import { float32Elements, native, type SelectiveScanConfig, type Storage } from 
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
-  booleanOption, checkInputs, checkOptions, expectDType, expectDevice, expectRank, expectShape, parseCuSeqlens,
-  requireTensor,
+  booleanOption, checkCtx, checkCtxFields, expectCtxValues, expectDType, expectDevice, expectRank, expectShape,
+  parseCuSeqlens, readGrads, readInputs, readOptions, requireTensor, sealCtx,
 } from '../validate';
 
 export interface SelectiveScanInputs {
@@ -84,7 +84,7 @@ const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 export const MAX_DSTATE = 256;
 
 /** Checks B or C; returns its number of groups (0 when constant). */
-function bcGroups(name: string, t: Tensor, u: Tensor, dstate: number): number {
+function bcGroups(OP: string, name: string, t: Tensor, u: Tensor, dstate: number): number {
   requireTensor(OP, name, t);
   expectDevice(OP, name, t, u.device, 'to match u');
   const [batch, dim, seqlen] = u.shape;
@@ -106,16 +106,19 @@ function bcGroups(name: string, t: Tensor, u: Tensor, dstate: number): number {
   return t.shape.length === 3 ? 1 : t.shape[1];
 }
 
-function optionalTensor(name: string, t: Tensor | null | undefined): Tensor | null {
+function optionalTensor(OP: string, name: string, t: Tensor | null | undefined): Tensor | null {
   if (t === undefined || t === null) return null;
   requireTensor(OP, name, t);
   return t;
 }
 
-function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}):
-  { outputs: SelectiveScanOutputs; ctx: SelectiveScanCtx } {
-  checkInputs(OP, inputs, ['u', 'delta', 'A', 'B', 'C', 'D', 'z', 'deltaBias']);
-  checkOptions(OP, options, ['deltaSoftplus', 'initialState', 'returnFinalState', 'cuSeqlens']);
+/**
+ * Checks the arguments and derives the kernels' config. `OP` names the caller in messages: the
+ * forward, or the backward re-checking the tensors saved in its ctx.
+ */
+function prepare(OP: string, inputs: SelectiveScanInputs, options: SelectiveScanOptions | undefined) {
+  inputs = readInputs(OP, inputs, ['u', 'delta', 'A', 'B', 'C', 'D', 'z', 'deltaBias']);
+  const opts = readOptions(OP, options, ['deltaSoftplus', 'initialState', 'returnFinalState', 'cuSeqlens']);
   const { u, delta, A } = inputs;
   requireTensor(OP, 'u', u);
   expectRank(OP, 'u', u, 3, DIMS);
@@ -134,28 +137,28 @@ function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}
     throw new ShapeError(`${OP}: A has dstate ${dstate}, expected 1 to ${MAX_DSTATE}`);
   expectDType(OP, 'A', A, ['float32']);
   expectDevice(OP, 'A', A, u.device, 'to match u');
-  const gB = bcGroups('B', inputs.B, u, dstate);
-  const gC = bcGroups('C', inputs.C, u, dstate);
+  const gB = bcGroups(OP, 'B', inputs.B, u, dstate);
+  const gC = bcGroups(OP, 'C', inputs.C, u, dstate);
   if (gB && gC && gB !== gC) throw new ShapeError(`${OP}: B has ${gB} groups and C has ${gC}; they must match`);
-  const D = optionalTensor('D', inputs.D);
-  const deltaBias = optionalTensor('deltaBias', inputs.deltaBias);
+  const D = optionalTensor(OP, 'D', inputs.D);
+  const deltaBias = optionalTensor(OP, 'deltaBias', inputs.deltaBias);
   for (const [name, t] of [['D', D], ['deltaBias', deltaBias]] as const) {
     if (!t) continue;
     expectShape(OP, name, t, [dim], 'dim', 'to match u');
     expectDType(OP, name, t, ['float32']);
     expectDevice(OP, name, t, u.device, 'to match u');
   }
-  const z = optionalTensor('z', inputs.z);
+  const z = optionalTensor(OP, 'z', inputs.z);
   if (z) {
     expectShape(OP, 'z', z, u.shape, DIMS, 'to match u');
     expectDType(OP, 'z', z, [u.dtype], 'to match u');
     expectDevice(OP, 'z', z, u.device, 'to match u');
   }
-  const deltaSoftplus = booleanOption(OP, 'deltaSoftplus', options.deltaSoftplus, false);
-  const returnFinal = booleanOption(OP, 'returnFinalState', options.returnFinalState, false);
-  const cuSeqlens = parseCuSeqlens(OP, options.cuSeqlens, batch, seqlen, 'seqlen');
+  const deltaSoftplus = booleanOption(OP, 'deltaSoftplus', opts.deltaSoftplus, false);
+  const returnFinal = booleanOption(OP, 'returnFinalState', opts.returnFinalState, false);
+  const cuSeqlens = parseCuSeqlens(OP, opts.cuSeqlens, batch, seqlen, 'seqlen');
   const nseq = cuSeqlens ? cuSeqlens.length - 1 : batch;
-  const h0 = optionalTensor('initialState', options.initialState);
+  const h0 = optionalTensor(OP, 'initialState', opts.initialState);
   if (h0) {
     expectShape(OP, 'initialState', h0, [nseq, dim, dstate], cuSeqlens ? 'nseq, dim, dstate' : 'batch, dim, dstate',
       'to match u and A');
@@ -165,8 +168,19 @@ function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}
   const config: SelectiveScanConfig = {
     batch, dim, seqlen, dstate, groups: gB || gC || 1, variableB: gB > 0, variableC: gC > 0, deltaSoftplus,
   };
+  return {
+    inputs: { u, delta, A, B: inputs.B, C: inputs.C, D, z, deltaBias, initialState: h0 }, config, cuSeqlens, nseq,
+    returnFinal,
+  };
+}
+
+function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}):
+  { outputs: SelectiveScanOutputs; ctx: SelectiveScanCtx } {
+  const { inputs: x, config, cuSeqlens, nseq, returnFinal } = prepare(OP, inputs, options);
+  const { u, delta, A, D, z, deltaBias, initialState: h0 } = x;
+  const { dim, dstate } = config;
   const r = native().selectiveScanForward(u.device, u.dtype, {
-    u: u.storage, delta: delta.storage, A: A.storage, B: inputs.B.storage, C: inputs.C.storage,
+    u: u.storage, delta: delta.storage, A: A.storage, B: x.B.storage, C: x.C.storage,
     D: D?.storage ?? null, z: z?.storage ?? null, deltaBias: deltaBias?.storage ?? null, h0: h0?.storage ?? null,
   }, config, cuSeqlens, returnFinal);
   const y = new Tensor(r.y, u.shape, u.dtype, u.device);
@@ -176,38 +190,42 @@ function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}
   const states = new Tensor(r.states, [float32Elements(r.states)], 'float32', u.device);
   return {
     outputs: { y, finalState },
-    ctx: {
-      inputs: { u, delta, A, B: inputs.B, C: inputs.C, D, z, deltaBias, initialState: h0 },
-      states, config, cuSeqlens, nseq, dtype: u.dtype, device: u.device,
-    },
+    ctx: sealCtx(OP, { inputs: x, states, config, cuSeqlens, nseq, dtype: u.dtype, device: u.device }, ['states']),
   };
 }
 
 function backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState?: Tensor | null }): SelectiveScanGrads {
   const op = `${OP}.backward`;
-  const { inputs: x, config: cfg } = ctx;
-  const gy = grads.y ?? null;
-  const gFinal = grads.finalState ?? null;
+  checkCtx(OP, ctx, { inputs: 'object', states: 'tensor', cuSeqlens: 'int32?' });
+  checkCtxFields(OP, ctx.inputs, { u: 'tensor', delta: 'tensor', A: 'tensor', B: 'tensor', C: 'tensor', D: 'tensor?',
+    z: 'tensor?', deltaBias: 'tensor?', initialState: 'tensor?' }, 'ctx.inputs');
+  // The saved tensors are checked again as the forward checked them, and must give the ctx's config.
+  const { initialState, ...saved } = ctx.inputs;
+  const p = prepare(op, saved, { deltaSoftplus: ctx.config?.deltaSoftplus, initialState, cuSeqlens: ctx.cuSeqlens });
+  expectCtxValues(OP, 'ctx.config', ctx.config, { ...p.config });
+  expectCtxValues(OP, 'ctx', ctx, { nseq: p.nseq, dtype: p.inputs.u.dtype, device: p.inputs.u.device });
+  const { inputs: x, config: cfg, cuSeqlens } = p;
+  expectDType(op, 'states (saved for backward)', ctx.states, ['float32']);
+  expectDevice(op, 'states (saved for backward)', ctx.states, ctx.device, 'to match u');
+  const g = readGrads(op, grads, ['y', 'finalState']);
+  const gy = g.y ?? null;
+  const gFinal = g.finalState ?? null;
   if (gy) {
-    requireTensor(op, 'grad of y', gy);
     expectShape(op, 'grad of y', gy, x.u.shape, DIMS, 'to match y');
     expectDType(op, 'grad of y', gy, [ctx.dtype], 'to match y');
     expectDevice(op, 'grad of y', gy, ctx.device, 'to match y');
   }
   if (gFinal) {
-    requireTensor(op, 'grad of finalState', gFinal);
     expectShape(op, 'grad of finalState', gFinal, [ctx.nseq, cfg.dim, cfg.dstate], 'nseq, dim, dstate',
       'to match finalState');
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  for (const [k, t] of Object.entries(x)) if (t) requireTensor(op, `${k} (saved for backward)`, t);
-  requireTensor(op, 'states (saved for backward)', ctx.states);
   const r = native().selectiveScanBackward(ctx.device, ctx.dtype, {
     u: x.u.storage, delta: x.delta.storage, A: x.A.storage, B: x.B.storage, C: x.C.storage,
     D: x.D?.storage ?? null, z: x.z?.storage ?? null, deltaBias: x.deltaBias?.storage ?? null,
     h0: x.initialState?.storage ?? null,
-  }, cfg, ctx.cuSeqlens, { states: ctx.states.storage, dy: gy?.storage ?? null, dFinal: gFinal?.storage ?? null },
+  }, cfg, cuSeqlens, { states: ctx.states.storage, dy: gy?.storage ?? null, dFinal: gFinal?.storage ?? null },
   x.initialState !== null);
   const like = (s: Storage | null, t: Tensor | null) => (s && t ? new Tensor(s, t.shape, t.dtype, t.device) : null);
   return {

@@ -21,7 +21,8 @@ import { native } from '../native';
 import { Tensor, type DType } from '../tensor';
 import { ShapeError } from '../errors';
 import {
-  booleanOption, checkInputs, checkOptions, expectDType, expectDevice, expectRank, expectShape, requireTensor,
+  booleanOption, expectDType, expectDevice, expectRank, expectShape, readInputs, readOptions,
+  requireTensor,
 } from '../validate';
 import { MAX_DSTATE } from './selectiveScan';
 
@@ -51,8 +52,8 @@ const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 
 export function selectiveStateUpdate(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdateOptions = {}):
   SelectiveStateUpdateOutputs {
-  checkInputs(OP, inputs, ['state', 'x', 'dt', 'A', 'B', 'C', 'D', 'z', 'dtBias']);
-  checkOptions(OP, options, ['dtSoftplus', 'updateState', 'returnIntermediateStates']);
+  inputs = readInputs(OP, inputs, ['state', 'x', 'dt', 'A', 'B', 'C', 'D', 'z', 'dtBias']);
+  const opts = readOptions(OP, options, ['dtSoftplus', 'updateState', 'returnIntermediateStates']);
   const { state, x, dt, A, B, C } = inputs;
   requireTensor(OP, 'state', state);
   expectRank(OP, 'state', state, 3, 'batch, dim, dstate');
@@ -117,9 +118,9 @@ export function selectiveStateUpdate(inputs: SelectiveStateUpdateInputs, options
     if (groups && g !== groups) throw new ShapeError(`${OP}: B has ${groups} groups and C has ${g}; they must match`);
     groups = g;
   }
-  const dtSoftplus = booleanOption(OP, 'dtSoftplus', options.dtSoftplus, false);
-  const updateState = booleanOption(OP, 'updateState', options.updateState, true);
-  const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', options.returnIntermediateStates, false);
+  const dtSoftplus = booleanOption(OP, 'dtSoftplus', opts.dtSoftplus, false);
+  const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
+  const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
   const r = native().selectiveStateUpdate(device, x.dtype, {
     state: state.storage, x: x.storage, dt: dt.storage, A: A.storage, B: B.storage, C: C.storage,
     D: inputs.D?.storage ?? null, z: z?.storage ?? null, dtBias: inputs.dtBias?.storage ?? null,
