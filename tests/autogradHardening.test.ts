@@ -3,7 +3,7 @@
 // (disposeCtx, Tape.dispose, what grad / valueAndGrad release, tidy).
 import { afterEach, describe, expect, expectTypeOf, it } from 'vitest';
 import * as rk from '../lib/index';
-import { hasCuda, tensor, values, expectError } from './helpers';
+import { hasCuda, tensor, values, expectError, typecheck } from './helpers';
 
 let seed = 7;
 function rand(n: number, scale = 0.5): number[] {
@@ -296,6 +296,15 @@ describe('types', () => {
     expect(grads).toHaveLength(2);
     close(grads[0], b);
     close(grads[1], a);
+    // The same, checked by the compiler (expectTypeOf above is checked by none of the test runs).
+    expect(typecheck(`import * as rk from 'LIB/index';
+declare const a: rk.Tensor, b: rk.Tensor;
+const grads = rk.grad((x: rk.Tensor, y: rk.Tensor) => rk.sum(rk.mul(x, y)))(a, b);
+export const pair: [rk.Tensor, rk.Tensor] = grads;
+// @ts-expect-error there is no third gradient
+export const third: rk.Tensor = grads[2];
+export const one: [rk.Tensor] = rk.valueAndGrad((x: rk.Tensor) => rk.sum(x))(a).grads;
+`)).toEqual([]);
   });
 });
 
