@@ -24,7 +24,6 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerDelta(env, exports);
   rk::registerCells(env, exports);
   rk::registerNewton(env, exports);
-  exports.Set("version", Napi::String::New(env, "0.1.0"));
   return exports;
 }
 

@@ -11,6 +11,7 @@ import { gatedDeltaRule } from './ops/gatedDeltaRule';
 import { fusedRnn } from './ops/fusedRnn';
 import { newtonRnn } from './ops/newtonRnn';
 import { elementwiseOps } from './ops/elementwise';
+import { packageVersion } from './native';
 
 export { Tensor, cuda, memory, releaseCpuPool, cpuThreads, DTYPES, DEVICES, dtypeBytes } from './tensor';
 export type { DType, Device, TensorOptions, CudaDeviceProperties, MemoryStats } from './tensor';
@@ -67,7 +68,7 @@ export const ops = {
   newtonRnn: typeof newtonRnn.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
-export const version = '0.1.0';
+export const version: string = packageVersion();
 
 import { native } from './native';
 /** Low-level access for the package's own benchmarks and tests; not a stable API. */

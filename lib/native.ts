@@ -23,7 +23,6 @@ export function float32Elements(s: Storage): number {
 type Dev = 'cpu' | 'cuda';
 
 export interface NativeModule {
-  version: string;
   DeviceBuffer: new (bytes: number) => DeviceBuffer;
   cudaStatus(): { built: boolean; available: boolean; reason: string };
   cudaProperties(): Record<string, string | number>;
@@ -133,6 +132,16 @@ function packageRoot(): string {
     dir = dirname(dir);
   }
   return join(__dirname, '..');
+}
+
+/** The package's version, from its package.json (the one place it is written). */
+export function packageVersion(): string {
+  try {
+    const v: unknown = JSON.parse(readFileSync(join(packageRoot(), 'package.json'), 'utf8')).version;
+    return typeof v === 'string' ? v : 'unknown';
+  } catch {
+    return 'unknown';
+  }
 }
 
 function candidates(root: string): string[] {

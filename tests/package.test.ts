@@ -33,4 +33,9 @@ describe('package entry points', () => {
     expect(out).toMatch(/build\/Release\/recurrent_kernels\.node: not found/);
     expect(out).toMatch(/npm run build:native/);
   });
+  it('the version is package.json\'s', async () => {
+    const rk = await import('../lib/index');
+    const { readFileSync } = await import('node:fs');
+    expect(rk.version).toBe(JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version);
+  });
 });
