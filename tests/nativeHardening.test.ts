@@ -113,6 +113,21 @@ describe('raw native functions: typed errors that name the argument', () => {
     bad(() => n.fusedRnnBackward('cpu', 'float32', {}, { cell: 'lstm' }, null, [1]), /must be|has|expected/);
   });
 
+  it('detached storage is ERR_DISPOSED, not a size mismatch', async () => {
+    const rk = await import('../lib/index');
+    const n = rk.internals.native();
+    const s = (k: number) => new Float32Array(k).fill(0.1);
+    const q = s(8);
+    structuredClone(q.buffer, { transfer: [q.buffer] });
+    let err: unknown;
+    try {
+      n.gatedDeltaForward('cpu', 'float32', { q, k: s(8), v: s(8), g: s(2), beta: s(2), h0: null },
+        { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false }, null, false, true);
+    } catch (e) { err = e; }
+    expect(err).toMatchObject({ code: 'ERR_DISPOSED' });
+    expect((err as Error).message).toMatch(/q storage is detached/);
+  });
+
   it('DeviceBuffer: a bad size or a call without new is a typed error', async () => {
     const rk = await import('../lib/index');
     const DB = rk.internals.native().DeviceBuffer as unknown as (b: unknown) => unknown;

@@ -244,8 +244,10 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
     napi_typedarray_type want = dtype == DType::F32 ? napi_float32_array : napi_uint16_array;
     if (ta.TypedArrayType() != want)
       throwError(env, "ERR_DTYPE", where + " storage does not match dtype " + dtypeName(dtype));
-    if (ta.ArrayBuffer().Data() == nullptr && ta.ElementLength() > 0)
-      throwError(env, "ERR_DISPOSED", where + " storage is detached");
+    bool detached = false;
+    if ((napi_is_detached_arraybuffer(env, ta.ArrayBuffer(), &detached) == napi_ok && detached) ||
+        (ta.ArrayBuffer().Data() == nullptr && ta.ElementLength() > 0))
+      throwError(env, "ERR_DISPOSED", where + " storage is detached (its ArrayBuffer was transferred)");
     if (int64_t(ta.ElementLength()) != elements)
       throwError(env, "ERR_SHAPE", where + " has " + std::to_string(ta.ElementLength()) +
                                        " elements, expected " + std::to_string(elements));
