@@ -1,0 +1,79 @@
+// Every CUDA op once, forward and backward, at small awkward sizes, against the CPU kernels (which
+// the test suite checks against float64 references): prints one JSON line
+// { ok, ops: [{ op, pass, maxRelError, ms }] }. Small enough to run under compute-sanitizer.
+// Exits 1 if CUDA is unusable or any relative error exceeds 1e-3. RK_SMOKE_TARGET=cpu compares the
+// CPU with itself (a check of this script on a machine without a GPU).
+import * as rk from '../dist/index.mjs';
+
+const target = process.env.RK_SMOKE_TARGET ?? 'cuda';
+if (target === 'cuda' && !rk.cuda.available()) {
+  console.error(`gpu-smoke: CUDA is not usable: ${rk.cuda.reason()}`);
+  process.exit(1);
+}
+
+let seed = 12345;
+const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32) - 0.5;
+const data = (shape) => Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, rand);
+
+// name -> { hooks or a plain function, inputs as [shape, options?] specs, op options }
+const cases = [
+  { op: 'linearScan', hooks: rk.ops.linearScan, inputs: { a: [[2, 5, 37]], b: [[2, 5, 37]] }, options: {} },
+  { op: 'selectiveScan', hooks: rk.ops.selectiveScan,
+    inputs: { u: [[2, 6, 45]], delta: [[2, 6, 45]], A: [[6, 5]], B: [[2, 5, 45]], C: [[2, 5, 45]], D: [[6]],
+      z: [[2, 6, 45]], deltaBias: [[6]] },
+    options: { deltaSoftplus: true } },
+  { op: 'gatedDeltaRule', hooks: rk.ops.gatedDeltaRule,
+    inputs: { q: [[1, 70, 2, 16]], k: [[1, 70, 2, 16]], v: [[1, 70, 4, 12]], g: [[1, 70, 4]], beta: [[1, 70, 4]] },
+    options: { useQkL2normInKernel: true } },
+  { op: 'fusedRnn (lstm)', hooks: rk.ops.fusedRnn,
+    inputs: { wx: [[3, 9, 4, 2, 16]], R: [[4, 2, 16, 16]], b: [[4, 2, 16]] }, options: { cell: 'lstm' } },
+  { op: 'fusedRnn (gru)', hooks: rk.ops.fusedRnn,
+    inputs: { wx: [[3, 9, 3, 2, 16]], R: [[3, 2, 16, 16]], b: [[3, 2, 16]] }, options: { cell: 'gru' } },
+  { op: 'newtonRnn (gru-diag)', hooks: rk.ops.newtonRnn,
+    inputs: { wx: [[2, 33, 3, 24]], R: [[3, 24]], b: [[3, 24]] }, options: { cell: 'gru-diag' } },
+];
+
+function relError(got, want) {
+  let num = 0, den = 0;
+  for (let i = 0; i < want.length; i++) {
+    const d = got[i] - want[i];
+    num += d * d;
+    den += want[i] * want[i];
+  }
+  return Number.isFinite(num) ? Math.sqrt(num / Math.max(den, 1e-30)) : Infinity;
+}
+
+const results = [];
+for (const c of cases) {
+  const host = Object.fromEntries(Object.entries(c.inputs).map(([k, [shape]]) => [k, { shape, values: data(shape) }]));
+  const run = (device) => {
+    const inputs = Object.fromEntries(Object.entries(host).map(([k, { shape, values }]) =>
+      [k, rk.Tensor.from(values, shape, { device })]));
+    const t0 = performance.now();
+    const { outputs, ctx } = c.hooks.forward(inputs, c.options);
+    const grads = {};
+    seed = 777; // the same output gradients on both devices
+    for (const [k, t] of Object.entries(outputs)) // (Newton's trajectory has no gradient)
+      if (t instanceof rk.Tensor && t.dtype === 'float32' && k !== 'trajectory')
+        grads[k] = rk.Tensor.from(data(t.shape), t.shape, { device });
+    const g = c.hooks.backward(ctx, grads);
+    if (device === 'cuda') rk.cuda.synchronize();
+    const ms = performance.now() - t0;
+    const flat = {};
+    for (const [k, t] of [...Object.entries(outputs), ...Object.entries(g).map(([k, t]) => [`grad ${k}`, t])])
+      if (t instanceof rk.Tensor) flat[k] = t.toFloat32Array();
+    return { flat, ms };
+  };
+  try {
+    const cpu = run('cpu');
+    const gpu = run(target);
+    let maxRelError = 0;
+    for (const [k, want] of Object.entries(cpu.flat)) maxRelError = Math.max(maxRelError, relError(gpu.flat[k], want));
+    results.push({ op: c.op, pass: maxRelError < 1e-3, maxRelError, ms: gpu.ms });
+  } catch (e) {
+    results.push({ op: c.op, pass: false, error: `${e.code ?? e.name}: ${e.message}` });
+  }
+}
+const ok = results.every((r) => r.pass);
+console.log(JSON.stringify({ ok, ops: results }));
+process.exit(ok ? 0 : 1);
