@@ -1,7 +1,10 @@
 // Builds the native addon. Order: a prebuilt binary for this platform (skipped when
-// RK_BUILD_FROM_SOURCE=1), then CMake through cmake-js (C++ always, CUDA when nvcc is found:
-// RK_CUDA=AUTO|ON|OFF, RK_CUDA_ARCHITECTURES="80;90"), then node-gyp (CPU only) when CMake is
-// missing.
+// RK_BUILD_FROM_SOURCE=1), then CMake through cmake-js, then node-gyp (CPU only) when CMake is
+// missing. The C++ CPU kernels are always built; the CUDA path per RK_CUDA:
+//   AUTO (default): only when this machine has an NVIDIA GPU (nvidia-smi lists one) and nvcc, for
+//                   that GPU's architecture (compiling for GPUs a machine cannot run costs minutes);
+//   ON:             always, for RK_CUDA_ARCHITECTURES (default "80;90"), failing without nvcc;
+//   OFF:            never.
 import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -31,19 +34,40 @@ if (!['AUTO', 'ON', 'OFF'].includes(mode)) {
   process.exit(1);
 }
 
+/** AUTO: the local GPUs' architectures ("90", "80;90") from nvidia-smi, or null when there is none. */
+function localGpuArchitectures() {
+  const r = spawnSync('nvidia-smi', ['--query-gpu=compute_cap', '--format=csv,noheader'], { encoding: 'utf8' });
+  if (r.status !== 0) return null;
+  const archs = [...new Set(r.stdout.split('\n').map((l) => l.trim().replace('.', '')).filter((l) => /^\d+$/.test(l)))];
+  return archs.length ? archs.join(';') : null;
+}
+
+let cudaMode = mode;
+let architectures = env.RK_CUDA_ARCHITECTURES ?? '80;90';
+if (mode === 'AUTO') {
+  const local = localGpuArchitectures();
+  if (local) {
+    architectures = env.RK_CUDA_ARCHITECTURES ?? local;
+    console.log(`[recurrent-kernels] RK_CUDA=AUTO: NVIDIA GPU found; the CUDA path is built (if nvcc is found) for ${architectures}`);
+  } else {
+    cudaMode = 'OFF';
+    console.log('[recurrent-kernels] RK_CUDA=AUTO: no NVIDIA GPU found, building the CPU kernels only ' +
+      '(RK_CUDA=ON builds the CUDA path as well)');
+  }
+}
+
 const hasCmake = spawnSync('cmake', ['--version'], { stdio: 'ignore' }).status === 0;
 if (hasCmake) {
   const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
   // configure always runs (so changed options reach the CMake cache), then an incremental build.
-  const defs = [`--CDRK_CUDA=${mode}`,
-    `--CDRK_CUDA_ARCHITECTURES=${env.RK_CUDA_ARCHITECTURES ?? '80;90'}`];
+  const defs = [`--CDRK_CUDA=${cudaMode}`, `--CDRK_CUDA_ARCHITECTURES=${architectures}`];
   const jobs = env.RK_BUILD_JOBS ?? String(Math.max(1, (await import('node:os')).availableParallelism()));
   const ok = run(process.execPath, [cmakeJs, 'configure', ...defs]) &&
     run(process.execPath, [cmakeJs, 'build', ...defs, '--parallel', jobs]);
   process.exit(ok ? 0 : 1);
 }
 
-if (mode === 'ON') {
+if (cudaMode === 'ON') {
   console.error('[recurrent-kernels] RK_CUDA=ON needs CMake (the CUDA path is built through CMake); install cmake');
   process.exit(1);
 }
