@@ -14,9 +14,7 @@
 #include "tensor/dtype.h"
 #include "tensor/errors.h"
 
-#ifdef RK_WITH_CUDA
 #include "cuda/common/api.h"
-#endif
 
 namespace rk {
 
@@ -133,11 +131,30 @@ void* pinnedData(Napi::Env env, Napi::TypedArray ta, const char* what);
 void exportFunction(Napi::Env env, Napi::Object exports, const char* name,
                     Napi::Value (*fn)(const Napi::CallbackInfo&));
 
+inline rkcuda::DType toCuda(DType d) { return static_cast<rkcuda::DType>(int(d)); }
 #ifdef RK_WITH_CUDA
 void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what);
-inline rkcuda::DType toCuda(DType d) { return static_cast<rkcuda::DType>(int(d)); }
 #endif
 [[noreturn]] void throwNoCuda(Napi::Env env, const char* op);
+
+// The tail every op binding shares: seals the call's pins (see sealPins), runs the kernel on the
+// tensors' device -- cuda() returns the rkcuda::Status of its launch, cpu() runs on the host -- and
+// returns out. Without the CUDA path, cuda is never called (and never compiled into the binary).
+template <class Cuda, class Cpu>
+Napi::Value launch(Napi::Env env, const char* op, Device device, Napi::Value out, Cuda&& cuda, Cpu&& cpu) {
+  sealPins(env, op);
+  if (device == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    throwIfFailed(env, cuda(), op);
+#else
+    (void)cuda;
+    throwNoCuda(env, op);
+#endif
+  } else {
+    cpu();
+  }
+  return out;
+}
 
 void registerTensor(Napi::Env env, Napi::Object exports);
 

@@ -90,17 +90,9 @@ Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
   out.Set("savedStates", optionalOutput(env, training, c.dev, DType::F32, c.savedStates, &o.savedStates,
                                         Init::Overwritten));
   out.Set("savedPre", optionalOutput(env, training, c.dev, DType::F32, c.savedPre, &o.savedPre, Init::Overwritten));
-  sealPins(env, op);
-  if (c.dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::fusedRnnForward(c.a, o), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  cells::fusedRnnForwardCpu(c.a, o);
-  return out;
+  return launch(env, op, c.dev, out, [&] { return rkcuda::fusedRnnForward(c.a, o); }, [&] {
+    cells::fusedRnnForwardCpu(c.a, o);
+  });
 }
 
 // fusedRnnBackward(device, dtype, tensors, config, lengths, {savedStates, savedPre, dh, dFinal}, needDStates0)
@@ -125,17 +117,9 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   out.Set("dR", allocOutput(env, c.dev, dt, c.R, &g.dR, Init::Overwritten));
   out.Set("db", allocOutput(env, c.dev, DType::F32, c.b, &g.db, Init::Overwritten));
   out.Set("dStates0", optionalOutput(env, needDStates0, c.dev, DType::F32, c.states, &g.dStates0, Init::Overwritten));
-  sealPins(env, op);
-  if (c.dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::fusedRnnBackward(c.a, g), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  cells::fusedRnnBackwardCpu(c.a, g);
-  return out;
+  return launch(env, op, c.dev, out, [&] { return rkcuda::fusedRnnBackward(c.a, g); }, [&] {
+    cells::fusedRnnBackwardCpu(c.a, g);
+  });
 }
 
 }  // namespace

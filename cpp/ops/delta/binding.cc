@@ -27,7 +27,8 @@ float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
   double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
   // Finite as the float the kernels use, not only as a double (1e39 would become inf).
   if (!std::isfinite(s) || std::fabs(s) > double(FLT_MAX))
-    throwError(env, "ERR_ARGUMENT", std::string(op) + ": scale must be finite as a float32 (at most 3.4e38 in magnitude), got " +
+    throwError(env, "ERR_ARGUMENT", std::string(op) +
+                                        ": scale must be finite as a float32 (at most 3.4e38 in magnitude), got " +
                                         Napi::Number::New(env, s).ToString().Utf8Value());
   return float(s);
 }
@@ -97,17 +98,9 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
                                : env.Null());
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
-  sealPins(env, op);
-  if (c.dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::gatedDeltaForward(c.a, o, states, fin), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  delta::gatedDeltaForwardCpu(c.a, o, states, fin);
-  return out;
+  return launch(env, op, c.dev, out, [&] { return rkcuda::gatedDeltaForward(c.a, o, states, fin); }, [&] {
+    delta::gatedDeltaForwardCpu(c.a, o, states, fin);
+  });
 }
 
 // gatedDeltaBackward(device, dtype, tensors, config, cuSeqlens, {states, dO, dFinal}, needDh0)
@@ -133,17 +126,9 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   out.Set("dg", allocOutput(env, c.dev, DType::F32, c.gb, &g.dg));
   out.Set("dbeta", allocOutput(env, c.dev, dt, c.gb, &g.dbeta));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
-  sealPins(env, op);
-  if (c.dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::gatedDeltaBackward(c.a, g), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  delta::gatedDeltaBackwardCpu(c.a, g);
-  return out;
+  return launch(env, op, c.dev, out, [&] { return rkcuda::gatedDeltaBackward(c.a, g); }, [&] {
+    delta::gatedDeltaBackwardCpu(c.a, g);
+  });
 }
 
 // gatedDeltaStep(device, dtype, tensors {state, q, k, v, g, beta},
@@ -183,17 +168,9 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   out.Set("o", allocOutput(env, dev, dt, vo, &a.o, Init::Overwritten));
   out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
                                          Init::Overwritten));
-  sealPins(env, op);
-  if (dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::gatedDeltaStep(a), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  delta::gatedDeltaStepCpu(a);
-  return out;
+  return launch(env, op, dev, out, [&] { return rkcuda::gatedDeltaStep(a); }, [&] {
+    delta::gatedDeltaStepCpu(a);
+  });
 }
 
 }  // namespace

@@ -102,17 +102,9 @@ Napi::Value NewtonRnnForward(const Napi::CallbackInfo& info) {
   out.Set("residual", residual);
   out.Set("converged", converged);
   out.Set("fellBack", fellBack);
-  sealPins(env, op);
-  if (c.dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::newtonRnnForward(c.a, o), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  newton::newtonRnnForwardCpu(c.a, o);
-  return out;
+  return launch(env, op, c.dev, out, [&] { return rkcuda::newtonRnnForward(c.a, o); }, [&] {
+    newton::newtonRnnForwardCpu(c.a, o);
+  });
 }
 
 // newtonRnnBackward(device, dtype, tensors, config, {traj, dy, dFinal}, needDh0) -> { dwx, dR, db, dh0 | null }
@@ -134,17 +126,9 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
   out.Set("dR", allocOutput(env, c.dev, DType::F32, c.rElems, &g.dR, Init::Overwritten));
   out.Set("db", allocOutput(env, c.dev, DType::F32, c.bElems, &g.db, Init::Overwritten));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0, Init::Overwritten));
-  sealPins(env, op);
-  if (c.dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::newtonRnnBackward(c.a, g), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  newton::newtonRnnBackwardCpu(c.a, g);
-  return out;
+  return launch(env, op, c.dev, out, [&] { return rkcuda::newtonRnnBackward(c.a, g); }, [&] {
+    newton::newtonRnnBackwardCpu(c.a, g);
+  });
 }
 
 }  // namespace

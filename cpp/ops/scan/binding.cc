@@ -29,24 +29,17 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("h", allocOutput(env, dev, dt, n, &h, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, dev, DType::F32, rows, &fin));
-  sealPins(env, kFwd);
-  if (dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env,
-                  rkcuda::linearScanForward(toCuda(dt), a.data, b.data, static_cast<const float*>(h0.data), h,
-                                            static_cast<float*>(fin), rows, length, s.reverse),
-                  kFwd);
-#else
-    throwNoCuda(env, kFwd);
-#endif
-    return out;
-  }
-  dispatchDType(dt, [&](auto tag) {
-    using S = decltype(tag);
-    scan::linearScanForward<S>(static_cast<const S*>(a.data), static_cast<const S*>(b.data),
-                               static_cast<const float*>(h0.data), static_cast<S*>(h), static_cast<float*>(fin), s);
+  const auto cuda = [&] {
+    return rkcuda::linearScanForward(toCuda(dt), a.data, b.data, static_cast<const float*>(h0.data), h,
+                                     static_cast<float*>(fin), rows, length, s.reverse);
+  };
+  return launch(env, kFwd, dev, out, cuda, [&] {
+    dispatchDType(dt, [&](auto tag) {
+      using S = decltype(tag);
+      scan::linearScanForward<S>(static_cast<const S*>(a.data), static_cast<const S*>(b.data),
+                                 static_cast<const float*>(h0.data), static_cast<S*>(h), static_cast<float*>(fin), s);
+    });
   });
-  return out;
 }
 
 // linearScanBackward(device, dtype, a, h, h0|null, gh|null, gFinal|null, rows, length, reverse, needGh0)
@@ -71,27 +64,20 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
   out.Set("ga", allocOutput(env, dev, dt, n, &ga, Init::Overwritten));
   out.Set("gb", allocOutput(env, dev, dt, n, &gb, Init::Overwritten));
   out.Set("gh0", optionalOutput(env, needGh0, dev, DType::F32, rows, &gh0));
-  sealPins(env, op);
-  if (dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env,
-                  rkcuda::linearScanBackward(toCuda(dt), a.data, h.data, static_cast<const float*>(h0.data), gh.data,
-                                             static_cast<const float*>(gFinal.data), ga, gb,
-                                             static_cast<float*>(gh0), rows, length, s.reverse),
-                  op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  dispatchDType(dt, [&](auto tag) {
-    using S = decltype(tag);
-    scan::linearScanBackward<S>(static_cast<const S*>(a.data), static_cast<const S*>(h.data),
-                                static_cast<const float*>(h0.data), static_cast<const S*>(gh.data),
-                                static_cast<const float*>(gFinal.data), static_cast<S*>(ga), static_cast<S*>(gb),
-                                static_cast<float*>(gh0), s);
+  const auto cuda = [&] {
+    return rkcuda::linearScanBackward(toCuda(dt), a.data, h.data, static_cast<const float*>(h0.data), gh.data,
+                                      static_cast<const float*>(gFinal.data), ga, gb, static_cast<float*>(gh0), rows,
+                                      length, s.reverse);
+  };
+  return launch(env, op, dev, out, cuda, [&] {
+    dispatchDType(dt, [&](auto tag) {
+      using S = decltype(tag);
+      scan::linearScanBackward<S>(static_cast<const S*>(a.data), static_cast<const S*>(h.data),
+                                  static_cast<const float*>(h0.data), static_cast<const S*>(gh.data),
+                                  static_cast<const float*>(gFinal.data), static_cast<S*>(ga), static_cast<S*>(gb),
+                                  static_cast<float*>(gh0), s);
+    });
   });
-  return out;
 }
 
 }  // namespace

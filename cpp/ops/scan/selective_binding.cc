@@ -97,18 +97,9 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
-  sealPins(env, op);
-  if (c.dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::selectiveScanForward(a, y, states, fin),
-                  op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  scan::selectiveScanForwardCpu(a, y, states, fin);
-  return out;
+  return launch(env, op, c.dev, out, [&] { return rkcuda::selectiveScanForward(a, y, states, fin); }, [&] {
+    scan::selectiveScanForwardCpu(a, y, states, fin);
+  });
 }
 
 // selectiveScanBackward(device, dtype, tensors, config, cuSeqlens, {states, dy, dFinal}, needDh0)
@@ -139,17 +130,9 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   out.Set("dz", optionalOutput(env, a.z != nullptr, c.dev, dt, c.elements, &g.dz, big));
   out.Set("dDeltaBias", optionalOutput(env, a.deltaBias != nullptr, c.dev, DType::F32, a.dim, &g.dDeltaBias));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
-  sealPins(env, op);
-  if (c.dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::selectiveScanBackward(a, g), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  scan::selectiveScanBackwardCpu(a, g);
-  return out;
+  return launch(env, op, c.dev, out, [&] { return rkcuda::selectiveScanBackward(a, g); }, [&] {
+    scan::selectiveScanBackwardCpu(a, g);
+  });
 }
 
 // selectiveStateUpdate(device, dtype, tensors {state, x, delta, A, B, C, D, z, deltaBias},
@@ -191,17 +174,9 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   out.Set("y", allocOutput(env, dev, dt, elements, &a.y, Init::Overwritten));
   out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
                                          Init::Overwritten));
-  sealPins(env, op);
-  if (dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::selectiveStateUpdate(a), op);
-#else
-    throwNoCuda(env, op);
-#endif
-    return out;
-  }
-  scan::selectiveStateUpdateCpu(a);
-  return out;
+  return launch(env, op, dev, out, [&] { return rkcuda::selectiveStateUpdate(a); }, [&] {
+    scan::selectiveStateUpdateCpu(a);
+  });
 }
 
 }  // namespace
