@@ -58,6 +58,22 @@ function ownProperties(obj: object): Record<string, unknown> {
 }
 
 /**
+ * The own properties of v, a plain object whose property names are all in `known` (each value then
+ * passed to `check`, if given); otherwise an ArgumentError: `${op}: ${notObject}, got <what v is>`
+ * or `${op}: ${unknownName(name)}`.
+ */
+function ownKnownProperties(op: string, v: unknown, known: readonly string[], notObject: string,
+  unknownName: (k: string) => string, check?: (k: string, x: unknown) => void): Record<string, unknown> {
+  if (!isPlainObject(v)) throw new ArgumentError(`${op}: ${notObject}, got ${describe(v)}`);
+  const own = ownProperties(v);
+  for (const [k, x] of Object.entries(own)) {
+    if (!known.includes(k)) throw new ArgumentError(`${op}: ${unknownName(k)}`);
+    check?.(k, x);
+  }
+  return own;
+}
+
+/**
  * Reads an options object: only its own properties count (an inherited `reverse` is ignored),
  * names the op does not know are refused (catches typos such as `revers: true`), and anything but
  * a plain object is refused. Returns the own properties (an empty object for undefined or null).
@@ -65,22 +81,14 @@ function ownProperties(obj: object): Record<string, unknown> {
 export function readOptions<T extends object>(op: string, options: T | null | undefined, known: readonly string[],
   what = 'options'): Partial<T> {
   if (options === undefined || options === null) return {};
-  if (!isPlainObject(options))
-    throw new ArgumentError(`${op}: ${what} must be a plain object, got ${describe(options)}`);
-  const own = ownProperties(options);
-  for (const k of Object.keys(own))
-    if (!known.includes(k)) throw new ArgumentError(`${op}: unknown option '${k}' (known: ${known.join(', ')})`);
-  return own as Partial<T>;
+  return ownKnownProperties(op, options, known, `${what} must be a plain object`,
+    (k) => `unknown option '${k}' (known: ${known.join(', ')})`) as Partial<T>;
 }
 
 /** Checks the named inputs of an op like readOptions (own properties of a plain object, known names) and returns them. */
 export function readInputs<T extends object>(op: string, inputs: T, known: readonly string[]): T {
-  if (!isPlainObject(inputs))
-    throw new ArgumentError(`${op}: inputs must be an object with ${known.join(', ')}, got ${describe(inputs)}`);
-  const own = ownProperties(inputs);
-  for (const k of Object.keys(own))
-    if (!known.includes(k)) throw new ArgumentError(`${op}: unknown input '${k}' (known: ${known.join(', ')})`);
-  return own as T;
+  return ownKnownProperties(op, inputs, known, `inputs must be an object with ${known.join(', ')}`,
+    (k) => `unknown input '${k}' (known: ${known.join(', ')})`) as T;
 }
 
 /**
@@ -88,16 +96,9 @@ export function readInputs<T extends object>(op: string, inputs: T, known: reado
  * the op (absent, null or undefined: no gradient), each a Tensor.
  */
 export function readGrads<T extends object>(op: string, grads: T, known: readonly string[]): T {
-  if (!isPlainObject(grads))
-    throw new ArgumentError(`${op}: gradOutputs must be an object with gradients of ${known.join(', ')}, got ` +
-      describe(grads));
-  const own = ownProperties(grads);
-  for (const [k, g] of Object.entries(own)) {
-    if (!known.includes(k)) throw new ArgumentError(`${op}: gradOutputs has '${k}', which is not an output (outputs: ` +
-      `${known.join(', ')})`);
-    if (g !== undefined && g !== null) requireTensor(op, `grad of ${k}`, g);
-  }
-  return own as T;
+  return ownKnownProperties(op, grads, known, `gradOutputs must be an object with gradients of ${known.join(', ')}`,
+    (k) => `gradOutputs has '${k}', which is not an output (outputs: ${known.join(', ')})`,
+    (k, g) => { if (g !== undefined && g !== null) requireTensor(op, `grad of ${k}`, g); }) as T;
 }
 
 export function booleanOption(op: string, name: string, v: unknown, fallback: boolean): boolean {

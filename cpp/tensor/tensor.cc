@@ -110,6 +110,12 @@ Napi::Value DeviceBuffer::GetDisposed(const Napi::CallbackInfo& info) {
 
 // ---------------------------------------------------------------- pins (see sealPins)
 
+// Whether an ArrayBuffer was detached (transferred away). Runs no JavaScript.
+static bool isDetached(Napi::Env env, napi_value buffer) {
+  bool detached = true;
+  return napi_is_detached_arraybuffer(env, buffer, &detached) != napi_ok || detached;
+}
+
 static void pin(Napi::Env env, Napi::Value v, DeviceBuffer* device, const void* data, size_t length,
                 const std::string& what) {
   Instance::Pin p;
@@ -135,16 +141,14 @@ void sealPins(Napi::Env env, const char* op) {
     if (p.device) {
       ok = !p.device->disposed() && p.device->data() == p.data;
     } else {
-      // napi_get_typedarray_info and napi_is_detached_arraybuffer run no JavaScript.
+      // napi_get_typedarray_info runs no JavaScript.
       napi_typedarray_type type;
       size_t length = 0;
       void* data = nullptr;
       napi_value buffer;
       size_t offset = 0;
-      bool detached = true;
       ok = napi_get_typedarray_info(env, p.value, &type, &length, &data, &buffer, &offset) == napi_ok &&
-           napi_is_detached_arraybuffer(env, buffer, &detached) == napi_ok && !detached &&
-           (data == p.data || p.length == 0) && length == p.length;
+           !isDetached(env, buffer) && (data == p.data || p.length == 0) && length == p.length;
     }
     if (!ok)
       throwError(env, "ERR_DISPOSED", std::string(op) + ": " + p.what +
@@ -244,9 +248,7 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
     napi_typedarray_type want = dtype == DType::F32 ? napi_float32_array : napi_uint16_array;
     if (ta.TypedArrayType() != want)
       throwError(env, "ERR_DTYPE", where + " storage does not match dtype " + dtypeName(dtype));
-    bool detached = false;
-    if ((napi_is_detached_arraybuffer(env, ta.ArrayBuffer(), &detached) == napi_ok && detached) ||
-        (ta.ArrayBuffer().Data() == nullptr && ta.ElementLength() > 0))
+    if (isDetached(env, ta.ArrayBuffer()))
       throwError(env, "ERR_DISPOSED", where + " storage is detached (its ArrayBuffer was transferred)");
     if (int64_t(ta.ElementLength()) != elements)
       throwError(env, "ERR_SHAPE", where + " has " + std::to_string(ta.ElementLength()) +
@@ -286,11 +288,11 @@ static void adviseHugePages(void* data, size_t bytes) {
 // A JS ArrayBuffer of `bytes`, made through the ArrayBuffer constructor (or the JS pool, which uses
 // it): that throws a RangeError when the memory cannot be had, where the engine's native
 // allocation would abort the process. Either becomes ERR_OUT_OF_MEMORY.
-static Napi::ArrayBuffer hostBuffer(Napi::Env env, size_t bytes, Init init, const char* op) {
+static Napi::ArrayBuffer hostBuffer(Napi::Env env, size_t bytes, Init init) {
   Instance& inst = instance(env);
   const auto fail = [&](const std::string& why) {
     throwError(env, "ERR_OUT_OF_MEMORY",
-               std::string(op) + ": cannot allocate an output of " + std::to_string(bytes) + " bytes" + why);
+               "allocating an output: cannot allocate an output of " + std::to_string(bytes) + " bytes" + why);
   };
   if (bytes > kMaxHostBytes) fail(" (larger than an ArrayBuffer can be)");
   Napi::Value v;
@@ -316,7 +318,7 @@ Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t eleme
     pin(env, obj, Napi::ObjectWrap<DeviceBuffer>::Unwrap(obj), *data, bytes, "an output");
     return obj;
   }
-  Napi::ArrayBuffer ab = hostBuffer(env, bytes, init, "allocating an output");
+  Napi::ArrayBuffer ab = hostBuffer(env, bytes, init);
   *data = ab.Data();
   adviseHugePages(*data, bytes);
   Napi::TypedArray out = dtype == DType::F32 ? Napi::TypedArray(Napi::Float32Array::New(env, size_t(elements), ab, 0))
@@ -440,17 +442,12 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   View src = tensorArg(env, info[1], "convert", "tensor", dev, from, n);
   void* dst = nullptr;
   Napi::Value out = allocOutput(env, dev, to, n, &dst, Init::Overwritten);
-  sealPins(env, "convert");
-  if (dev == Device::CUDA) {
-#ifdef RK_WITH_CUDA
-    throwIfFailed(env, rkcuda::convert(toCuda(from), src.data, toCuda(to), dst, n), "convert");
-#endif
-    return out;
-  }
-  dispatchDType(from, [&](auto f) {
-    dispatchDType(to, [&](auto t) { convertHost<decltype(f), decltype(t)>(src.data, dst, n); });
-  });
-  return out;
+  return launch(env, "convert", dev, out, [&] { return rkcuda::convert(toCuda(from), src.data, toCuda(to), dst, n); },
+                [&] {
+                  dispatchDType(from, [&](auto f) {
+                    dispatchDType(to, [&](auto t) { convertHost<decltype(f), decltype(t)>(src.data, dst, n); });
+                  });
+                });
 }
 
 // setBufferSource(fn, minBytes): fn(bytes) -> ArrayBuffer supplies large CPU outputs that the
