@@ -4,6 +4,7 @@
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { expectError } from './helpers';
 
 const entry = join(__dirname, '..', 'dist', 'cjs', 'index.js');
 
@@ -102,15 +103,10 @@ describe('raw native functions: typed errors that name the argument', () => {
   it('an argument that should be an object is named', async () => {
     const rk = await import('../lib/index');
     const n = rk.internals.native() as unknown as Record<string, (...a: unknown[]) => unknown>;
-    const bad = (f: () => unknown, re: RegExp) => {
-      let err: unknown;
-      try { f(); } catch (e) { err = e; }
-      expect(err).toBeInstanceOf(rk.RecurrentKernelsError);
-      expect((err as Error).message).toMatch(re);
-    };
-    bad(() => n.selectiveStateUpdate('cpu', 'float32', 5, {}), /argument 3 \(tensors\) must be an object/);
-    bad(() => n.gatedDeltaForward('cpu', 'float32', {}, null), /argument 4 \(config\) must be an object/);
-    bad(() => n.fusedRnnBackward('cpu', 'float32', {}, { cell: 'lstm' }, null, [1]), /must be|has|expected/);
+    expectError(() => n.selectiveStateUpdate('cpu', 'float32', 5, {}), 'ERR_ARGUMENT', /argument 3 \(tensors\) must be an object/);
+    expectError(() => n.gatedDeltaForward('cpu', 'float32', {}, null), 'ERR_ARGUMENT', /argument 4 \(config\) must be an object/);
+    expectError(() => n.fusedRnnBackward('cpu', 'float32', {}, { cell: 'lstm' }, null, [1]), 'ERR_ARGUMENT',
+      /must be|has|expected/);
   });
 
   it('detached storage is ERR_DISPOSED, not a size mismatch', async () => {
@@ -119,22 +115,18 @@ describe('raw native functions: typed errors that name the argument', () => {
     const s = (k: number) => new Float32Array(k).fill(0.1);
     const q = s(8);
     structuredClone(q.buffer, { transfer: [q.buffer] });
-    let err: unknown;
-    try {
-      n.gatedDeltaForward('cpu', 'float32', { q, k: s(8), v: s(8), g: s(2), beta: s(2), h0: null },
-        { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false }, null, false, true);
-    } catch (e) { err = e; }
-    expect(err).toMatchObject({ code: 'ERR_DISPOSED' });
-    expect((err as Error).message).toMatch(/q storage is detached/);
+    expectError(() => n.gatedDeltaForward('cpu', 'float32', { q, k: s(8), v: s(8), g: s(2), beta: s(2), h0: null },
+      { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false }, null, false, true),
+    'ERR_DISPOSED', /q storage is detached/);
   });
 
   it('DeviceBuffer: a bad size or a call without new is a typed error', async () => {
     const rk = await import('../lib/index');
-    const DB = rk.internals.native().DeviceBuffer as unknown as (b: unknown) => unknown;
-    for (const f of [() => new (DB as unknown as new (b: unknown) => unknown)(-1), () => DB(16), () => DB('x')]) {
-      let err: unknown;
-      try { f(); } catch (e) { err = e; }
-      expect(err).toBeInstanceOf(rk.RecurrentKernelsError);
-    }
+    const DB = rk.internals.native().DeviceBuffer as unknown as (b: unknown) => { dispose(): void };
+    expectError(() => new (DB as unknown as new (b: unknown) => unknown)(-1), 'ERR_ARGUMENT', /bytes must be/);
+    expectError(() => DB('x'), 'ERR_ARGUMENT', /bytes must be/);
+    // Without new: a buffer where CUDA works, else the typed reason.
+    if (rk.cuda.available()) DB(16).dispose();
+    else expectError(() => DB(16), 'ERR_DEVICE', /CUDA/);
   });
 });
