@@ -97,6 +97,7 @@ const cases: Case[] = [
   { ...base, batch: 1, T: 67, H: 1, HV: 2, K: 6, V: 70 },                                   // 5 column slabs: a group of 4 and 1
   { ...base, batch: 1, T: 70, H: 1, HV: 2, K: 3, V: 3, cuSeqlens: [0, 1, 1, 66, 68] },     // length 1, empty, chunk-crossing, tail
   { ...base, batch: 1, T: 9, H: 2, HV: 4, K: 4, V: 2, cuSeqlens: [0, 0], h0: true },       // only an empty sequence
+  { ...base, batch: 1, T: 150, H: 1, HV: 2, K: 40, V: 33 },                                // partial 16-row and 16-column tiles, 3 chunks
   { ...base, g: 'zero' },
   { ...base, g: 'underflow', T: 66, batch: 1 },
 ];

@@ -254,6 +254,28 @@ RK_ALWAYS_INLINE Vec rowSums(Vec* rows) {
   return unreverse(rows[0], typename MakeInts<kWidth>::type{});
 }
 
+// One stage of a kWidth x kWidth transpose: rows r and r + B (bit B of r clear) exchange their
+// B x B blocks off the diagonal, which swaps bit B of the row and of the column of every element.
+constexpr int swapLow(int j, int b) { return (j & b) == 0 ? j : kWidth + j - b; }
+constexpr int swapHigh(int j, int b) { return (j & b) == 0 ? j + b : kWidth + j; }
+template <int B, int... J> RK_ALWAYS_INLINE void swapBlocks(Vec& x, Vec& y, Ints<J...>) {
+#if defined(__clang__)
+  const Vec lo = __builtin_shufflevector(x, y, swapLow(J, B)...);
+  const Vec hi = __builtin_shufflevector(x, y, swapHigh(J, B)...);
+#else
+  const Vec lo = __builtin_shuffle(x, y, VecI{swapLow(J, B)...});
+  const Vec hi = __builtin_shuffle(x, y, VecI{swapHigh(J, B)...});
+#endif
+  x = lo;
+  y = hi;
+}
+template <int B> RK_ALWAYS_INLINE void transposeStages(Vec* v) {
+#pragma GCC unroll 16
+  for (int r = 0; r < kWidth; ++r)
+    if ((r & B) == 0) swapBlocks<B>(v[r], v[r + B], typename MakeInts<kWidth>::type{});
+  if constexpr (B > 1) transposeStages<B / 2>(v);
+}
+
 }  // namespace simd_detail
 
 // Sum of the 16 lanes (a pairwise tree).
@@ -289,6 +311,23 @@ RK_ALWAYS_INLINE Lanes laneSums16(const Lanes* r) {
     part(out, q) = simd_detail::rowSums(rows);
   }
   return out;
+}
+
+// A 16 x 16 transpose: lane i of out[j] is lane j of in[i] (in and out distinct). Each
+// kWidth x kWidth tile of hardware vectors is transposed in log2(kWidth) stages of two-register
+// shuffles and lands in the mirrored tile.
+RK_ALWAYS_INLINE void transpose16(const Lanes* in, Lanes* out) {
+#pragma GCC unroll 4
+  for (int bi = 0; bi < kParts; ++bi)
+#pragma GCC unroll 4
+    for (int bj = 0; bj < kParts; ++bj) {
+      Vec t[kWidth];
+#pragma GCC unroll 16
+      for (int x = 0; x < kWidth; ++x) t[x] = part(in[bi * kWidth + x], bj);
+      if constexpr (kWidth > 1) simd_detail::transposeStages<kWidth / 2>(t);
+#pragma GCC unroll 16
+      for (int x = 0; x < kWidth; ++x) part(out[bj * kWidth + x], bi) = t[x];
+    }
 }
 
 #undef RK_PARTS
