@@ -70,6 +70,6 @@ export const ops = {
 
 export const version: string = packageVersion();
 
-import { native } from './native';
+import { native, nativePath } from './native';
 /** Low-level access for the package's own benchmarks and tests; not a stable API. */
-export const internals = { native };
+export const internals = { native, nativePath };

@@ -1,8 +1,9 @@
 /**
- * Finds and loads the native addon: the prebuilt binary for this platform first, then the local
- * build. If every candidate fails, throws one ERR_NATIVE_LOAD error listing each path and error.
+ * Finds and loads the native addon: RK_NATIVE_PATH when set, then the prebuilt binary of this
+ * platform's package (an optional dependency), then the local build (build/Release). If every
+ * candidate fails, throws one ERR_NATIVE_LOAD error listing each attempt and how to build from source.
  */
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { ArgumentError, NativeLoadError, RecurrentKernelsError, fromNative } from './errors';
@@ -144,30 +145,61 @@ export function packageVersion(): string {
   }
 }
 
-function candidates(root: string): string[] {
-  const out: string[] = [];
-  if (process.env.RK_NATIVE_PATH) out.push(process.env.RK_NATIVE_PATH);
-  const pre = join(root, 'prebuilds', `${process.platform}-${process.arch}`);
-  if (existsSync(pre)) {
-    for (const f of readdirSync(pre)) if (f.endsWith('.node')) out.push(join(pre, f));
-  } else {
-    out.push(join(pre, 'recurrent-kernels.node'));
+/**
+ * The platform package holding this machine's prebuilt binary (`@recurrent-kernels/<os>-<cpu>[-<libc>]`),
+ * as sharp and other native packages name theirs; null where none is published.
+ */
+export function platformPackage(): string | null {
+  if (process.platform === 'linux') {
+    const report = process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined;
+    const libc = report?.header?.glibcVersionRuntime ? 'gnu' : 'musl';
+    return `@recurrent-kernels/linux-${process.arch}-${libc}`;
   }
-  out.push(join(root, 'build', 'Release', 'recurrent_kernels.node'));
-  out.push(join(root, 'build', 'Debug', 'recurrent_kernels.node'));
+  return null;
+}
+
+/** Published platform packages (the main package's optionalDependencies list the same). */
+export const PLATFORM_PACKAGES: readonly string[] = ['@recurrent-kernels/linux-x64-gnu'];
+export const PLATFORM_BINARY = 'recurrent-kernels.node';
+
+/** Where to look, in order, each with a note when there is nothing to try. */
+function candidates(root: string, req: NodeJS.Require): { path: string | null; label: string }[] {
+  const out: { path: string | null; label: string }[] = [];
+  if (process.env.RK_NATIVE_PATH) out.push({ path: process.env.RK_NATIVE_PATH, label: process.env.RK_NATIVE_PATH });
+  const pkg = platformPackage();
+  if (pkg && PLATFORM_PACKAGES.includes(pkg)) {
+    try {
+      const p = req.resolve(`${pkg}/${PLATFORM_BINARY}`);
+      out.push({ path: p, label: p });
+    } catch {
+      out.push({ path: null, label: `${pkg}: not installed (an optional dependency; npm skips it with --omit=optional or --no-optional)` });
+    }
+  } else {
+    out.push({ path: null, label: `no prebuilt binary is published for ${process.platform}-${process.arch}${pkg ? ` (${pkg})` : ''}` });
+  }
+  out.push({ path: join(root, 'build', 'Release', 'recurrent_kernels.node'), label: '' });
+  out.push({ path: join(root, 'build', 'Debug', 'recurrent_kernels.node'), label: '' });
   return out;
+}
+
+let loadedFrom = '';
+/** The file the addon was loaded from ('' before the first load). */
+export function nativePath(): string {
+  return loadedFrom;
 }
 
 function load(): NativeModule {
   const root = packageRoot();
   const req = createRequire(join(root, 'package.json'));
   const tried: string[] = [];
-  for (const path of candidates(root)) {
+  for (const { path, label } of candidates(root, req)) {
+    if (path === null) { tried.push(`  ${label}`); continue; }
     if (!existsSync(path)) { tried.push(`  ${path}: not found`); continue; }
     try {
       const mod = wrap(req(path) as NativeModule);
       mod.setBufferSource(acquireHostBuffer, POOL_MIN_BYTES);
       applyCpuIsaEnv(mod);
+      loadedFrom = path;
       return mod;
     } catch (e) {
       if (e instanceof RecurrentKernelsError && e.code === 'ERR_ARGUMENT') throw e;
@@ -176,8 +208,9 @@ function load(): NativeModule {
   }
   throw new NativeLoadError(
     `recurrent-kernels: could not load the native addon. Tried:\n${tried.join('\n')}\n` +
-      `Build it from source with \`npm run build:native\` in ${root} (needs a C++17 compiler and cmake, ` +
-      `or node-gyp; nvcc on PATH adds the CUDA path).`);
+      `To build it from source, run \`npx recurrent-kernels build\` in your project (in a clone of the ` +
+      `repository: \`npm run build\`). That needs a C++17 compiler and CMake (or node-gyp), and the build ` +
+      `tools cmake-js and node-addon-api (the command says how to install them); nvcc on PATH adds the CUDA path.`);
 }
 
 /** RK_CPU_ISA asks for one variant of the CPU kernels: one this CPU cannot run is an error, not a fallback. */

@@ -1,12 +1,13 @@
-// Builds the native addon. Order: a prebuilt binary for this platform (skipped when
-// RK_BUILD_FROM_SOURCE=1), then CMake through cmake-js, then node-gyp (CPU only) when CMake is
-// missing. The C++ CPU kernels are always built; the CUDA path per RK_CUDA:
+// Builds the native addon from source into build/Release (the loader tries it after the platform
+// package): CMake through cmake-js, or node-gyp (CPU only) when CMake is missing. The C++ CPU
+// kernels are always built; the CUDA path per RK_CUDA:
 //   AUTO (default): only when this machine has an NVIDIA GPU (nvidia-smi lists one) and nvcc, for
 //                   that GPU's architecture (compiling for GPUs a machine cannot run costs minutes);
 //   ON:             always, for RK_CUDA_ARCHITECTURES (default "80;90"), failing without nvcc;
 //   OFF:            never.
+// Run by `npm install` in a clone (the prepare script) and by `npx recurrent-kernels build`.
 import { spawnSync } from 'node:child_process';
-import { existsSync, readdirSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
@@ -21,11 +22,22 @@ function run(cmd, args) {
   return r.status === 0;
 }
 
-const prebuildDir = join(root, 'prebuilds', `${process.platform}-${process.arch}`);
-if (env.RK_BUILD_FROM_SOURCE !== '1' && existsSync(prebuildDir) &&
-    readdirSync(prebuildDir).some((f) => f.endsWith('.node'))) {
-  console.log(`[recurrent-kernels] using the prebuilt binary in ${prebuildDir}`);
-  process.exit(0);
+// The build tools are not runtime dependencies of the package: in a project that installed it, a
+// source build needs them installed first.
+const manifest = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
+const toolRange = (name) => manifest.peerDependencies?.[name] ?? manifest.devDependencies?.[name] ?? 'latest';
+const missing = ['node-addon-api', 'cmake-js'].filter((name) => {
+  try {
+    require.resolve(`${name}/package.json`);
+    return false;
+  } catch {
+    return true;
+  }
+});
+if (missing.length) {
+  console.error(`[recurrent-kernels] a source build needs ${missing.join(' and ')}, which are not installed. Run\n` +
+    `  npm install --no-save ${missing.map((n) => `${n}@${toolRange(n)}`).join(' ')}\nthen build again.`);
+  process.exit(1);
 }
 
 const mode = (env.RK_CUDA ?? 'AUTO').toUpperCase();

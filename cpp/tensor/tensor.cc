@@ -18,7 +18,8 @@ constexpr uint64_t kMaxHostBytes = (uint64_t(1) << 53) - 1;
 Instance& instance(Napi::Env env) { return *env.GetInstanceData<Instance>(); }
 
 static const char* const kNoCudaBuild =
-    "this build of recurrent-kernels has no CUDA support (rebuild with nvcc on PATH)";
+    "this build of recurrent-kernels has no CUDA support (the prebuilt package has it; a source build needs "
+    "nvcc on PATH and RK_CUDA=ON, or a GPU for RK_CUDA=AUTO)";
 
 bool cudaUsable(Napi::Env env, std::string* reason) {
   Instance& inst = instance(env);
