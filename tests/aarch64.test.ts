@@ -242,12 +242,14 @@ describe.skipIf(missing.length > 0 && !required)(title, () => {
     expect(field(native.stdout, 'active')).toBe('base');
     expect(field(native.stdout, 'runs')).toBe(`base ${calls} avx2 0 avx512 0`);
     if (process.arch === 'x64') expect(field(native.stdout, 'simd')).toBe('sse2 width 4');
-    // The kernels' vector code became NEON 4-lane float arithmetic (not scalar code).
+    // The kernels' vector code became NEON 4-lane float arithmetic (not scalar code). The smallest
+    // kernel, the linear scan (a multiply-add per step; forward and backward, three dtypes), has 96
+    // such instructions; scalarised code would have next to none.
     if (tools.objdump) {
       for (const obj of o.objects) {
         const r = check(await run(tools.objdump, ['-d', '--no-show-raw-insn', obj], dirname(obj), 60_000), 'objdump');
         const neon = r.stdout.split('\n').filter((l) => /\sf(add|sub|mul|mla|mls|div)\s+v\d+\.4s/.test(l)).length;
-        expect(neon, `NEON 4-lane float instructions in ${obj}`).toBeGreaterThan(100);
+        expect(neon, `NEON 4-lane float instructions in ${obj}`).toBeGreaterThan(60);
       }
     }
   });

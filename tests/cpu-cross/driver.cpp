@@ -103,6 +103,16 @@ void newtonBackward(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnGrads
   ++kernelCalls;
   rk::newton::newtonRnnBackwardCpu(a, g);
 }
+void linearForward(rkcuda::DType dt, const void* a, const void* b, const float* h0, void* h, float* fin,
+                   const rk::scan::LinearScanShape& s) {
+  ++kernelCalls;
+  rk::scan::linearScanForwardCpu(rk::DType(int(dt)), a, b, h0, h, fin, s);
+}
+void linearBackward(rkcuda::DType dt, const void* a, const void* h, const float* h0, const void* gh,
+                    const float* gFinal, void* ga, void* gb, float* gh0, const rk::scan::LinearScanShape& s) {
+  ++kernelCalls;
+  rk::scan::linearScanBackwardCpu(rk::DType(int(dt)), a, h, h0, gh, gFinal, ga, gb, gh0, s);
+}
 
 // ---- inputs ----
 
@@ -619,17 +629,15 @@ template <typename St> void linearScanTyped(Out& out, const LinearCase& c, Rng& 
   const std::vector<float> h0 = rng.vec(c.rows, -1.0f, 1.0f);
   Buf h = overwritten(c.dt, n);
   std::vector<float> fin = zeroedF(c.rows);
-  rk::scan::linearScanForward<St>(static_cast<const St*>(a.cdata()), static_cast<const St*>(b.cdata()), h0.data(),
-                                  static_cast<St*>(h.data()), fin.data(), shape);
+  linearForward(c.dt, a.cdata(), b.cdata(), h0.data(), h.data(), fin.data(), shape);
   out.buf("h", h);
   out.f32("finalState", fin);
   const Buf gh(c.dt, rng.vec(n, -1.0f, 1.0f));
   const std::vector<float> gFinal = rng.vec(c.rows, -1.0f, 1.0f);
   Buf ga = overwritten(c.dt, n), gb = overwritten(c.dt, n);
   std::vector<float> gh0 = zeroedF(c.rows);
-  rk::scan::linearScanBackward<St>(static_cast<const St*>(a.cdata()), static_cast<const St*>(h.cdata()), h0.data(),
-                                   static_cast<const St*>(gh.cdata()), gFinal.data(), static_cast<St*>(ga.data()),
-                                   static_cast<St*>(gb.data()), gh0.data(), shape);
+  linearBackward(c.dt, a.cdata(), h.cdata(), h0.data(), gh.cdata(), gFinal.data(), ga.data(), gb.data(), gh0.data(),
+                 shape);
   out.buf("ga", ga);
   out.buf("gb", gb);
   out.f32("gh0", gh0);

@@ -34,11 +34,7 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
                                      static_cast<float*>(fin), rows, length, s.reverse);
   };
   return launch(env, kFwd, dev, out, cuda, [&] {
-    dispatchDType(dt, [&](auto tag) {
-      using S = decltype(tag);
-      scan::linearScanForward<S>(static_cast<const S*>(a.data), static_cast<const S*>(b.data),
-                                 static_cast<const float*>(h0.data), static_cast<S*>(h), static_cast<float*>(fin), s);
-    });
+    scan::linearScanForwardCpu(dt, a.data, b.data, static_cast<const float*>(h0.data), h, static_cast<float*>(fin), s);
   });
 }
 
@@ -70,13 +66,8 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
                                       length, s.reverse);
   };
   return launch(env, op, dev, out, cuda, [&] {
-    dispatchDType(dt, [&](auto tag) {
-      using S = decltype(tag);
-      scan::linearScanBackward<S>(static_cast<const S*>(a.data), static_cast<const S*>(h.data),
-                                  static_cast<const float*>(h0.data), static_cast<const S*>(gh.data),
-                                  static_cast<const float*>(gFinal.data), static_cast<S*>(ga), static_cast<S*>(gb),
-                                  static_cast<float*>(gh0), s);
-    });
+    scan::linearScanBackwardCpu(dt, a.data, h.data, static_cast<const float*>(h0.data), gh.data,
+                                static_cast<const float*>(gFinal.data), ga, gb, static_cast<float*>(gh0), s);
   });
 }
 

@@ -1,0 +1,4 @@
+// The linear scan's CPU kernels, base variant (see common/isa.h).
+#include "common/isa.h"
+#define RK_ISA_LEVEL 0
+#include "ops/scan/linear_scan_cpu.inc"
