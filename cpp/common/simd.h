@@ -60,7 +60,12 @@ template <typename V, typename E> struct Parts {
     return *this;
   }
   RK_ALWAYS_INLINE E operator[](int i) const { return p[i / kWidth][i % kWidth]; }
+#if defined(__clang__)
+  // Clang binds no reference to an element of a vector; the elements lie in memory in order.
+  RK_ALWAYS_INLINE E& operator[](int i) { return reinterpret_cast<E*>(p)[i]; }
+#else
   RK_ALWAYS_INLINE E& operator[](int i) { return p[i / kWidth][i % kWidth]; }
+#endif
 };
 typedef Parts<Vec, float> Lanes;
 // A mask or integer per lane (comparisons give -1 for true, 0 for false).
