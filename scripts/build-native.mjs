@@ -3,7 +3,8 @@
 // kernels are always built; the CUDA path per RK_CUDA:
 //   AUTO (default): only when this machine has an NVIDIA GPU (nvidia-smi lists one) and nvcc, for
 //                   that GPU's architecture (compiling for GPUs a machine cannot run costs minutes);
-//   ON:             always, for RK_CUDA_ARCHITECTURES (default "80;90"), failing without nvcc;
+//   ON:             always, for RK_CUDA_ARCHITECTURES (default: every architecture from sm_80 that the
+//                   toolkit supports, see CMakeLists.txt), failing without nvcc;
 //   OFF:            never.
 // Run by `npm install` in a clone (the prepare script) and by `npx recurrent-kernels build`.
 import { spawnSync } from 'node:child_process';
@@ -55,7 +56,7 @@ function localGpuArchitectures() {
 }
 
 let cudaMode = mode;
-let architectures = env.RK_CUDA_ARCHITECTURES ?? '80;90';
+let architectures = env.RK_CUDA_ARCHITECTURES ?? 'default';
 if (mode === 'AUTO') {
   const local = localGpuArchitectures();
   if (local) {

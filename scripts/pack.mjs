@@ -46,7 +46,10 @@ let cuda = 'no CUDA path (built with RK_CUDA=OFF, or AUTO on a machine without a
 try {
   const cache = readFileSync(join(root, 'build', 'CMakeCache.txt'), 'utf8');
   const get = (key) => cache.match(new RegExp(`^${key}:[A-Z]+=(.*)$`, 'm'))?.[1];
-  if (get('RK_CUDA') === 'ON') cuda = `CUDA path for architectures ${get('RK_CUDA_ARCHITECTURES')} (runtime linked statically)`;
+  if (get('RK_CUDA') === 'ON') {
+    const archs = get('RK_CUDA_ARCHITECTURES');
+    cuda = `CUDA path for architectures ${archs === 'default' || !archs ? '80, 86, 89, 90, 100 and 120 (PTX of 120)' : archs} (runtime linked statically)`;
+  }
 } catch { /* built by node-gyp: CPU only */ }
 
 function npmPack(dir) {
