@@ -71,6 +71,11 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
   c.gb = product(env, {a.batch, a.T, a.HV}, op);
   c.stateElems = product(env, {a.nseq, a.HV, a.K, a.V}, op);
   c.checkpointElems = product(env, {a.totalChunks, a.HV, a.K, a.V}, op);
+  // The CPU kernels keep, after the checkpoints, the delta-rule correction of every token (as v).
+  if (c.dev == Device::CPU) {
+    if (c.vo > INT64_MAX - c.checkpointElems) throwError(env, "ERR_SHAPE", std::string(op) + ": tensor size overflows");
+    c.checkpointElems += c.vo;
+  }
   a.k = tensorArg(env, t.Get("k"), op, "k", c.dev, dt, c.qk).data;
   a.v = tensorArg(env, t.Get("v"), op, "v", c.dev, dt, c.vo).data;
   a.g = static_cast<const float*>(tensorArg(env, t.Get("g"), op, "g", c.dev, DType::F32, c.gb).data);

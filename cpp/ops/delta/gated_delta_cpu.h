@@ -9,7 +9,8 @@
 namespace rk::delta {
 
 // Checkpoint spacing (tokens): the forward pass saves the state entering every chunk of this many
-// tokens; the backward pass recomputes one chunk's states at a time from there.
+// tokens, then (in the same `states` buffer) the delta-rule correction r = v - e S^T k of every token,
+// fp32 [batch, T, HV, V]; the backward pass rebuilds one chunk's states at a time from there.
 constexpr int64_t kGatedDeltaChunk = 64;
 
 void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* finalState);
