@@ -10,7 +10,7 @@
 // Bytes counted, per pass (every byte that must move at least once):
 //   infer:    (CPU) the forward as a plain call with no tape recording: reads q, k, v, g, beta;
 //             writes o (no checkpoints are kept). The ONNX Runtime peer is timed against this row.
-//   fwd:      (the forward hook, rk.ops.gatedDeltaRule.forward) reads q, k, v, g, beta; writes o and the state checkpoints the op keeps for backward
+//   fwd:      (the forward hook, rk.ops.gatedDeltaRule.forward) reads q, k, v, g, beta; writes o and what the op keeps for backward (the state checkpoints; on the CPU also each token's delta-rule correction)
 //             (ctx.states).
 //   fwd+bwd:  the forward's bytes plus the backward's: reads q, k, v, g, beta, grad o and the
 //             checkpoints; writes grad q, k, v, g, beta.
@@ -392,7 +392,7 @@ export default {
       bothRow.extra['x fwd'] = `${(both / fwd).toFixed(2)}x`;
       if (infer !== null) rows.push(row('infer', infer, inBytes + nv * e, flopsFwd, null, undefined, await ortRow(false)));
       rows.push(row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd, flaTime('fwd'), infer === null ? await ortRow(false) : {}), bothRow);
-      console.log(`${size}: state checkpoints ${count(stateBytes)}B (counted in the bytes of both passes)`);
+      console.log(`${size}: kept for backward ${count(stateBytes)}B (state checkpoints${device === 'cpu' ? ', per-token corrections' : ''}; counted in the bytes of both passes)`);
       disposeAll(inputs);
       go.dispose();
     }
