@@ -392,7 +392,8 @@ void runDelta(Out& out, const DeltaCase& c, uint64_t seed) {
   a.beta = beta.data();
   a.h0 = c.hasH0 ? h0.data() : nullptr;
 
-  std::vector<float> o = overwrittenF(vo), states = overwrittenF(checkpoints), fin = zeroedF(stateElems);
+  // What the forward keeps for the backward: the checkpoints, then each token's delta-rule correction.
+  std::vector<float> o = overwrittenF(vo), states = overwrittenF(checkpoints + vo), fin = zeroedF(stateElems);
   deltaForward(a, o.data(), states.data(), fin.data());
   out.f32("o", o);
   out.f32("states", states);
