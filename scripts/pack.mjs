@@ -27,11 +27,18 @@ function run(args, what) {
   if (r.status !== 0) process.exit(r.status ?? 1);
 }
 
+// npm: the one running this script where there is one, else the one on PATH.
+function npm(args, cwd, stdio) {
+  const cli = process.env.npm_execpath;
+  const [cmd, pre] = cli && cli.endsWith('.js') ? [process.execPath, [cli]] : ['npm', []];
+  return execFileSync(cmd, [...pre, ...args], { cwd, encoding: 'utf8', stdio: stdio === 'inherit' ? 'inherit' : 'pipe' });
+}
+
 const binary = join(root, 'build', 'Release', 'recurrent_kernels.node');
 if (!existsSync(binary)) run([join(root, 'scripts', 'build-native.mjs')], 'no build/Release addon yet: building it');
 if (!existsSync(join(root, 'dist', 'cjs', 'index.js'))) {
-  run([join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', 'tsconfig.json'], 'building dist/');
-  run([join(root, 'scripts', 'build-esm.mjs')], 'building dist/index.mjs');
+  log('no dist/ yet: npm run build:ts');
+  npm(['run', 'build:ts'], root, 'inherit');
 }
 const { platformPackage, PLATFORM_PACKAGES, PLATFORM_BINARY } = require(join(root, 'dist', 'cjs', 'native.js'));
 const platform = platformPackage();
@@ -53,11 +60,7 @@ try {
 } catch { /* built by node-gyp: CPU only */ }
 
 function npmPack(dir) {
-  const npm = process.env.npm_execpath;
-  const args = ['pack', '--json', '--ignore-scripts', '--pack-destination', out];
-  const text = npm && npm.endsWith('.js')
-    ? execFileSync(process.execPath, [npm, ...args], { cwd: dir, encoding: 'utf8' })
-    : execFileSync('npm', args, { cwd: dir, encoding: 'utf8' });
+  const text = npm(['pack', '--json', '--ignore-scripts', '--pack-destination', out], dir, 'pipe');
   return join(out, JSON.parse(text)[0].filename);
 }
 

@@ -623,7 +623,8 @@ struct LinearCase {
   bool reverse;
 };
 
-template <typename St> void linearScanTyped(Out& out, const LinearCase& c, Rng& rng) {
+void runLinear(Out& out, const LinearCase& c, uint64_t seed) {
+  Rng rng(seed);
   const int64_t n = c.rows * c.length;
   const rk::scan::LinearScanShape shape{c.rows, c.length, c.reverse};
   const Buf a(c.dt, rng.vec(n, 0.5f, 1.0f)), b(c.dt, rng.vec(n, -1.0f, 1.0f));
@@ -642,12 +643,6 @@ template <typename St> void linearScanTyped(Out& out, const LinearCase& c, Rng& 
   out.buf("ga", ga);
   out.buf("gb", gb);
   out.f32("gh0", gh0);
-}
-
-void runLinear(Out& out, const LinearCase& c, uint64_t seed) {
-  Rng rng(seed);
-  if (c.dt == DType::F32) linearScanTyped<float>(out, c, rng);
-  else linearScanTyped<rk::BFloat16>(out, c, rng);
 }
 
 double seconds(std::chrono::steady_clock::time_point since) {

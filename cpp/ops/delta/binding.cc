@@ -19,7 +19,7 @@ struct DeltaCall {
   Device dev = Device::CPU;
   rkcuda::GatedDeltaArgs a;
   std::vector<rkcuda::ScanSegment> segments;
-  int64_t qk = 0, vo = 0, gb = 0, stateElems = 0, checkpointElems = 0;
+  int64_t qk = 0, vo = 0, gb = 0, stateElems = 0, savedElems = 0;
 };
 
 float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
@@ -70,11 +70,12 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
   c.vo = product(env, {a.batch, a.T, a.HV, a.V}, op);
   c.gb = product(env, {a.batch, a.T, a.HV}, op);
   c.stateElems = product(env, {a.nseq, a.HV, a.K, a.V}, op);
-  c.checkpointElems = product(env, {a.totalChunks, a.HV, a.K, a.V}, op);
-  // The CPU kernels keep, after the checkpoints, the delta-rule correction of every token (as v).
+  // What the forward keeps for the backward: the state checkpoints, and on the CPU after them the
+  // delta-rule correction of every token (as v).
+  c.savedElems = product(env, {a.totalChunks, a.HV, a.K, a.V}, op);
   if (c.dev == Device::CPU) {
-    if (c.vo > INT64_MAX - c.checkpointElems) throwError(env, "ERR_SHAPE", std::string(op) + ": tensor size overflows");
-    c.checkpointElems += c.vo;
+    if (c.vo > INT64_MAX - c.savedElems) throwError(env, "ERR_SHAPE", std::string(op) + ": tensor size overflows");
+    c.savedElems += c.vo;
   }
   a.k = tensorArg(env, t.Get("k"), op, "k", c.dev, dt, c.qk).data;
   a.v = tensorArg(env, t.Get("v"), op, "v", c.dev, dt, c.vo).data;
@@ -99,7 +100,7 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("o", allocOutput(env, c.dev, DType(int(c.a.dt)), c.vo, &o, Init::Overwritten));
   const bool keepStates = c.dev == Device::CUDA || info[6].ToBoolean().Value();
-  out.Set("states", keepStates ? allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten)
+  out.Set("states", keepStates ? allocOutput(env, c.dev, DType::F32, c.savedElems, &states, Init::Overwritten)
                                : env.Null());
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
@@ -119,7 +120,7 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   const DType dt = DType(int(c.a.dt));
   rkcuda::GatedDeltaGrads g;
   g.states = static_cast<const float*>(
-      tensorArg(env, gi.Get("states"), op, "states (saved for backward)", c.dev, DType::F32, c.checkpointElems).data);
+      tensorArg(env, gi.Get("states"), op, "states (saved for backward)", c.dev, DType::F32, c.savedElems).data);
   g.dO = tensorArg(env, gi.Get("dO"), op, "grad of o", c.dev, dt, c.vo, true).data;
   g.dFinal = static_cast<const float*>(
       tensorArg(env, gi.Get("dFinal"), op, "grad of finalState", c.dev, DType::F32, c.stateElems, true).data);
