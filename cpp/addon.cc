@@ -2,6 +2,7 @@
 // gets its own instance data, and nothing is kept in process-wide globals.
 #include <napi.h>
 
+#include "napi/async.h"
 #include "napi/cpu.h"
 #include "ops/cells/binding.h"
 #include "ops/delta/binding.h"
@@ -20,6 +21,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.AddCleanupHook([state]() { state->alive = false; });
   rk::registerTensor(env, exports);
   rk::registerCpu(env, exports);
+  rk::registerAsync(env, exports);
   rk::registerScan(env, exports);
   rk::registerDelta(env, exports);
   rk::registerCells(env, exports);

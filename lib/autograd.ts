@@ -3,11 +3,13 @@
  *
  * Every op exposes two hooks: `forward(inputs, options) -> { outputs, ctx }` (ctx holds what the
  * backward needs) and `backward(ctx, gradOutputs) -> grads` (one per named input, null where there
- * is none). Framework adapters use the hooks directly; `grad`, `valueAndGrad` and `Tape` compose
- * them in plain TypeScript.
+ * is none), and their Promise forms `forwardAsync` / `backwardAsync`, which compute off the
+ * JavaScript thread (lib/async.ts). Framework adapters use the hooks directly; `grad`,
+ * `valueAndGrad` (and their async forms) and `Tape` compose them in plain TypeScript.
  */
+import { runAsync, runSync, splitSignal, stepsOf, throwIfAborted, type AsyncOptions, type Steps } from './async';
 import { ArgumentError, DisposedError, ShapeError } from './errors';
-import { Tensor, setTensorHooks } from './tensor';
+import { Tensor, pinTensors, setTensorHooks } from './tensor';
 import { describe, expectDevice, expectShape, finiteNumber, readOptions, releaseCtx, requireTensor } from './validate';
 
 export type TensorMap = Record<string, Tensor | null | undefined>;
@@ -15,17 +17,38 @@ export type Grads<T> = { [K in keyof T]?: Tensor | null };
 /** One Tensor per element of a tuple of arguments (the gradients of grad / valueAndGrad). */
 export type GradsOf<A extends readonly unknown[]> = { [K in keyof A]: Tensor };
 
-/** G: what backward returns (by default one optional grad per input; ops with differentiable options add theirs). */
-export interface OpHooks<I extends object, O extends object, Opt, C, G = Grads<I>> {
+/**
+ * What defineOp takes. forward and backward either return their result, or are generators of
+ * native calls (lib/async.ts) that return it; the package's ops are the latter, so that their async
+ * forms run the kernels off the JavaScript thread.
+ * G: what backward returns (by default one optional grad per input; ops with differentiable options add theirs).
+ */
+export interface OpDefinition<I extends object, O extends object, Opt, C, G = Grads<I>> {
   readonly name: string;
   /** Options that are tensors with a gradient (e.g. initialState); backward returns theirs too. */
   readonly differentiableOptions?: readonly string[];
-  forward(inputs: I, options?: Opt): { outputs: O; ctx: C };
-  backward(ctx: C, gradOutputs: Grads<O>): G;
+  forward(inputs: I, options?: Opt): { outputs: O; ctx: C } | Steps<{ outputs: O; ctx: C }>;
+  backward(ctx: C, gradOutputs: Grads<O>): G | Steps<G>;
 }
 
+/**
+ * The hooks of an op. The async forms take `{ signal }` (with the op's options for forwardAsync; as
+ * a third argument for backwardAsync), keep every tensor they were given busy until they settle
+ * (dispose() throws ERR_BUSY meanwhile), and resolve with bitwise what the sync forms return.
+ */
+export interface OpHooks<I extends object, O extends object, Opt, C, G = Grads<I>> {
+  readonly name: string;
+  readonly differentiableOptions?: readonly string[];
+  forward(inputs: I, options?: Opt): { outputs: O; ctx: C };
+  backward(ctx: C, gradOutputs: Grads<O>): G;
+  forwardAsync(inputs: I, options?: Opt & AsyncOptions): Promise<{ outputs: O; ctx: C }>;
+  backwardAsync(ctx: C, gradOutputs: Grads<O>, options?: AsyncOptions): Promise<G>;
+}
+
+/** An op: call it for its outputs (recorded on the active tapes), or `op.async(inputs, options)` for a Promise of them. */
 export type Op<I extends object, O extends object, Opt, C, G = Grads<I>> = ((inputs: I, options?: Opt) => O) & {
   readonly hooks: OpHooks<I, O, Opt, C, G>;
+  readonly async: (inputs: I, options?: Opt & AsyncOptions) => Promise<O>;
 };
 
 interface Node {
@@ -33,7 +56,7 @@ interface Node {
   inputs: TensorMap;
   outputs: TensorMap;
   ctx: unknown;
-  backward(ctx: unknown, gradOutputs: TensorMap): TensorMap;
+  backward(ctx: unknown, gradOutputs: TensorMap): TensorMap | Steps<TensorMap>;
 }
 
 const activeTapes: Tape[] = [];
@@ -163,6 +186,18 @@ export class Tape {
     }
   }
 
+  /** Runs fn (which may return a Promise) with this tape active until it settles. Ops run meanwhile by other code are recorded too. */
+  async runAsync<T>(fn: () => T | Promise<T>): Promise<T> {
+    this.#checkLive('runAsync');
+    if (typeof fn !== 'function') throw new ArgumentError(`Tape.runAsync: fn must be a function, got ${describe(fn)}`);
+    activeTapes.push(this);
+    try {
+      return await fn();
+    } finally {
+      activeTapes.splice(activeTapes.lastIndexOf(this), 1);
+    }
+  }
+
   /** Records a node if one of its inputs is watched (or depends on a watched tensor); returns whether it did. */
   record(node: Node): boolean {
     if (this.#disposed) return false;
@@ -180,7 +215,19 @@ export class Tape {
    * tensors in between are disposed before it returns.
    */
   gradient<S extends readonly Tensor[]>(target: Tensor, sources: readonly [...S], seed?: Tensor | null): GradsOf<S> {
-    const op = 'Tape.gradient';
+    return runSync(this.#gradientSteps('Tape.gradient', target, sources, seed));
+  }
+
+  /** gradient() with every backward kernel off the JavaScript thread; bitwise the same gradients. */
+  async gradientAsync<S extends readonly Tensor[]>(target: Tensor, sources: readonly [...S], seed?: Tensor | null,
+    options?: AsyncOptions): Promise<GradsOf<S>> {
+    const { signal } = splitSignal('Tape.gradientAsync', options ?? {});
+    throwIfAborted(signal, 'Tape.gradientAsync');
+    return runAsync(this.#gradientSteps('Tape.gradientAsync', target, sources, seed), signal);
+  }
+
+  *#gradientSteps<S extends readonly Tensor[]>(op: string, target: Tensor, sources: readonly [...S],
+    seed?: Tensor | null): Steps<GradsOf<S>> {
     this.#checkLive('gradient');
     requireTensor(op, 'target', target);
     if (!Array.isArray(sources))
@@ -209,7 +256,7 @@ export class Tape {
         if (g) { gOut[k] = g; any = true; }
       }
       if (!any) continue;
-      const gIn: unknown = node.backward(node.ctx, gOut);
+      const gIn: unknown = yield* stepsOf(node.backward(node.ctx, gOut));
       if (typeof gIn !== 'object' || gIn === null)
         throw new ArgumentError(`${op}: ${node.name}.backward returned ${describe(gIn)}, expected an object of gradients`);
       for (const g of Object.values(gIn)) if (Tensor.isTensor(g)) made.add(g); // the unused ones too
@@ -293,41 +340,85 @@ export function isRecording(): boolean {
 }
 
 /**
- * Wraps op hooks into a callable op that records itself on the active tapes. A ctx no tape
- * recorded is released at once (its checkpoints disposed).
+ * Makes a callable op from its definition: `op(inputs, options)` records itself on the active
+ * tapes; `op.async(inputs, options)` is its Promise form (recorded on the tapes active when it was
+ * called); `op.hooks` are the forward/backward hooks in both forms. A ctx no tape recorded is
+ * released at once (its checkpoints disposed).
  */
 export function defineOp<I extends object, O extends object, Opt, C, G = Grads<I>>(
-  hooks: OpHooks<I, O, Opt, C, G>): Op<I, O, Opt, C, G> {
-  if (typeof hooks !== 'object' || hooks === null)
-    throw new ArgumentError(`defineOp: hooks must be an object { name, forward, backward }, got ${describe(hooks)}`);
-  const { name, forward, backward, differentiableOptions = [] } = hooks;
+  def: OpDefinition<I, O, Opt, C, G>): Op<I, O, Opt, C, G> {
+  if (typeof def !== 'object' || def === null)
+    throw new ArgumentError(`defineOp: hooks must be an object { name, forward, backward }, got ${describe(def)}`);
+  const { name, forward, backward, differentiableOptions = [] } = def;
   if (typeof name !== 'string' || name === '')
     throw new ArgumentError(`defineOp: hooks.name must be a non-empty string, got ${describe(name)}`);
   for (const [k, f] of [['forward', forward], ['backward', backward]] as const)
     if (typeof f !== 'function') throw new ArgumentError(`defineOp: ${name}: hooks.${k} must be a function, got ${describe(f)}`);
   if (!Array.isArray(differentiableOptions) || !differentiableOptions.every((k) => typeof k === 'string'))
     throw new ArgumentError(`defineOp: ${name}: hooks.differentiableOptions must be an array of option names`);
-  const call = (inputs: I, options?: Opt): O => {
-    const result: unknown = hooks.forward(inputs, options);
+  type Result = { outputs: O; ctx: C };
+  const forwardSteps = (inputs: I, options?: Opt): Steps<Result> => stepsOf(def.forward(inputs, options));
+  const backwardSteps = (ctx: C, grads: Grads<O>): Steps<G> => stepsOf(def.backward(ctx, grads));
+  const runPinned = <R>(args: unknown, signal: AbortSignal | null, steps: () => Steps<R>): Promise<R> =>
+    callAsync(name, args, signal, steps);
+  const hooks: OpHooks<I, O, Opt, C, G> = {
+    name,
+    differentiableOptions,
+    forward: (inputs, options) => runSync(forwardSteps(inputs, options)),
+    backward: (ctx, grads) => runSync(backwardSteps(ctx, grads)),
+    forwardAsync: async (inputs, options) => {
+      const split = splitSignal<Opt>(`${name}.forwardAsync`, options);
+      return runPinned([inputs, split.options], split.signal, () => forwardSteps(inputs, split.options));
+    },
+    backwardAsync: async (ctx, grads, options) => {
+      const { signal } = splitSignal(`${name}.backwardAsync`, options ?? {});
+      return runPinned([ctx, grads], signal, () => backwardSteps(ctx, grads));
+    },
+  };
+  /** Records the call on the tapes (those active when it was made) and returns its outputs. */
+  const finish = (tapes: readonly Tape[], inputs: I, options: Opt | undefined, result: unknown): O => {
     const outputs = (result as { outputs?: unknown } | null)?.outputs;
     if (typeof outputs !== 'object' || outputs === null)
       throw new ArgumentError(`${name}.forward must return { outputs, ctx }, got ${describe(result)}`);
     const { ctx } = result as { ctx: C };
     let recorded = false;
-    if (activeTapes.length > 0) {
+    if (tapes.length > 0) {
       const tracked: TensorMap = { ...(inputs as unknown as TensorMap) };
       for (const k of differentiableOptions) {
         const own = typeof options === 'object' && options !== null && Object.hasOwn(options, k);
         tracked[k] = own ? (options as Record<string, Tensor | undefined>)[k] : undefined;
       }
       const node: Node = { name, inputs: tracked, outputs: outputs as TensorMap, ctx,
-        backward: hooks.backward.bind(hooks) as unknown as Node['backward'] };
-      for (const tape of activeTapes) recorded = tape.record(node) || recorded;
+        backward: backwardSteps as unknown as Node['backward'] };
+      for (const tape of tapes) recorded = tape.record(node) || recorded;
     }
     if (!recorded) releaseCtx(ctx, false);
     return outputs as O;
   };
-  return Object.assign(call, { hooks });
+  const call = (inputs: I, options?: Opt): O =>
+    finish(activeTapes, inputs, options, runSync(forwardSteps(inputs, options)));
+  const asyncForm = async (inputs: I, options?: Opt & AsyncOptions): Promise<O> => {
+    const tapes = [...activeTapes];
+    const split = splitSignal<Opt>(`${name}.async`, options);
+    const result = await runPinned([inputs, split.options], split.signal, () => forwardSteps(inputs, split.options));
+    return finish(tapes, inputs, split.options, result);
+  };
+  return Object.assign(call, { hooks, async: asyncForm });
+}
+
+/**
+ * Runs an op body's native calls off the JavaScript thread (lib/async.ts), with every tensor in
+ * `args` kept busy (dispose() throws ERR_BUSY) until it settles.
+ */
+export async function callAsync<R>(name: string, args: unknown, signal: AbortSignal | null, steps: () => Steps<R>):
+  Promise<R> {
+  throwIfAborted(signal, name);
+  const unpin = pinTensors(tensorsIn(args));
+  try {
+    return await runAsync(steps(), signal);
+  } finally {
+    unpin();
+  }
 }
 
 function checkArgs(op: string, args: readonly unknown[]): void {
@@ -360,6 +451,48 @@ function differentiate<A extends Tensor[]>(op: string, f: (...args: A) => Tensor
     if (!nested) disposeIntermediates(tape, keep ?? args);
     tape.dispose();
   }
+}
+
+/** valueAndGradAsync and gradAsync: differentiate with f awaited and the backward kernels off the thread. */
+async function differentiateAsync<A extends Tensor[]>(op: string, f: (...args: A) => Tensor | Promise<Tensor>, args: A,
+  keepValue: boolean, signal: AbortSignal | null): Promise<{ value: Tensor; grads: GradsOf<A> }> {
+  checkArgs(op, args);
+  throwIfAborted(signal, op);
+  const nested = activeTapes.length > 0;
+  const tape = new Tape();
+  tape.watch(...args);
+  let keep: Tensor[] | null = null;
+  try {
+    const value: unknown = await tape.runAsync(() => f(...args));
+    if (!Tensor.isTensor(value)) throw new ArgumentError(`${op}: the function must return a Tensor, got ${describe(value)}`);
+    const grads = await tape.gradientAsync<A>(value, args, null, { signal });
+    keep = [...args, ...grads];
+    if (keepValue || nested) keep.push(value);
+    return { value, grads };
+  } finally {
+    if (!nested) disposeIntermediates(tape, keep ?? args);
+    tape.dispose();
+  }
+}
+
+/**
+ * The Promise form of valueAndGrad: f may be async (e.g. await the async forms of ops), and the
+ * backward kernels run off the JavaScript thread. `signal` aborts the backward pass. While f runs,
+ * the tape also records ops that other code runs on the watched tensors: run one at a time.
+ */
+export function valueAndGradAsync<A extends Tensor[]>(f: (...args: A) => Tensor | Promise<Tensor>,
+  options?: AsyncOptions): (...args: A) => Promise<{ value: Tensor; grads: GradsOf<A> }> {
+  if (typeof f !== 'function') throw new ArgumentError(`valueAndGradAsync: f must be a function, got ${describe(f)}`);
+  const { signal } = splitSignal('valueAndGradAsync', options ?? {});
+  return (...args: A) => differentiateAsync('valueAndGradAsync', f, args, true, signal);
+}
+
+/** The Promise form of grad; see valueAndGradAsync. */
+export function gradAsync<A extends Tensor[]>(f: (...args: A) => Tensor | Promise<Tensor>, options?: AsyncOptions):
+  (...args: A) => Promise<GradsOf<A>> {
+  if (typeof f !== 'function') throw new ArgumentError(`gradAsync: f must be a function, got ${describe(f)}`);
+  const { signal } = splitSignal('gradAsync', options ?? {});
+  return async (...args: A) => (await differentiateAsync('gradAsync', f, args, false, signal)).grads;
 }
 
 /**

@@ -9,7 +9,9 @@ export type ErrorCode =
   | 'ERR_CUDA'
   | 'ERR_OUT_OF_MEMORY'
   | 'ERR_NATIVE_LOAD'
-  | 'ERR_NOT_CONVERGED';
+  | 'ERR_NOT_CONVERGED'
+  | 'ERR_ABORTED'
+  | 'ERR_BUSY';
 
 export class RecurrentKernelsError extends Error {
   readonly code: ErrorCode;
@@ -48,6 +50,15 @@ export class NotConvergedError extends RecurrentKernelsError {
   constructor(message: string) { super('ERR_NOT_CONVERGED', message); }
 }
 
+/** An async call was aborted through its AbortSignal (`cause`: the signal's reason). */
+export class AbortedError extends RecurrentKernelsError {
+  constructor(message: string, cause?: unknown) { super('ERR_ABORTED', message, cause === undefined ? undefined : { cause }); }
+}
+/** A tensor was disposed while an async call that uses it is in flight. */
+export class BusyError extends RecurrentKernelsError {
+  constructor(message: string) { super('ERR_BUSY', message); }
+}
+
 const byCode: Record<string, new (message: string) => RecurrentKernelsError> = {
   ERR_SHAPE: ShapeError,
   ERR_DTYPE: DTypeError,
@@ -56,6 +67,7 @@ const byCode: Record<string, new (message: string) => RecurrentKernelsError> = {
   ERR_DISPOSED: DisposedError,
   ERR_CUDA: CudaError,
   ERR_OUT_OF_MEMORY: OutOfMemoryError,
+  ERR_ABORTED: AbortedError,
 };
 
 /** Turns an error thrown by the native addon (a plain Error with a `code`) into its typed class. */

@@ -19,11 +19,14 @@ export { cpu, CPU_ISAS } from './cpu';
 export type { CpuIsa, CpuInfo } from './cpu';
 export {
   RecurrentKernelsError, ShapeError, DTypeError, DeviceError, ArgumentError, DisposedError, CudaError,
-  OutOfMemoryError, NativeLoadError, NotConvergedError,
+  OutOfMemoryError, NativeLoadError, NotConvergedError, AbortedError, BusyError,
 } from './errors';
 export type { ErrorCode } from './errors';
-export { Tape, grad, valueAndGrad, gradcheck, defineOp, disposeCtx, tidy } from './autograd';
-export type { OpHooks, Op, Grads, GradsOf, GradcheckOptions, GradcheckResult } from './autograd';
+export {
+  Tape, grad, valueAndGrad, gradAsync, valueAndGradAsync, gradcheck, defineOp, disposeCtx, tidy,
+} from './autograd';
+export type { OpHooks, OpDefinition, Op, Grads, GradsOf, GradcheckOptions, GradcheckResult } from './autograd';
+export type { AsyncOptions } from './async';
 export { add, sub, mul, scale, square, sum, mean } from './ops/elementwise';
 export { linearScan } from './ops/linearScan';
 export type { LinearScanInputs, LinearScanOptions, LinearScanOutputs, LinearScanGrads } from './ops/linearScan';
@@ -31,12 +34,12 @@ export { selectiveScan } from './ops/selectiveScan';
 export type {
   SelectiveScanInputs, SelectiveScanOptions, SelectiveScanOutputs, SelectiveScanGrads,
 } from './ops/selectiveScan';
-export { selectiveStateUpdate } from './ops/selectiveStateUpdate';
+export { selectiveStateUpdate, selectiveStateUpdateAsync } from './ops/selectiveStateUpdate';
 export { gatedDeltaRule } from './ops/gatedDeltaRule';
 export type {
   GatedDeltaRuleInputs, GatedDeltaRuleOptions, GatedDeltaRuleOutputs, GatedDeltaRuleGrads,
 } from './ops/gatedDeltaRule';
-export { gatedDeltaRuleStep } from './ops/gatedDeltaRuleStep';
+export { gatedDeltaRuleStep, gatedDeltaRuleStepAsync } from './ops/gatedDeltaRuleStep';
 export type {
   GatedDeltaRuleStepInputs, GatedDeltaRuleStepOptions, GatedDeltaRuleStepOutputs,
 } from './ops/gatedDeltaRuleStep';
@@ -51,6 +54,16 @@ export type {
 export type {
   SelectiveStateUpdateInputs, SelectiveStateUpdateOptions, SelectiveStateUpdateOutputs,
 } from './ops/selectiveStateUpdate';
+
+/**
+ * The Promise forms of the ops: the same inputs and options plus `{ signal }`; the kernels run off
+ * the JavaScript thread and the result is bitwise the sync form's (README, Async calls).
+ */
+export const linearScanAsync = linearScan.async;
+export const selectiveScanAsync = selectiveScan.async;
+export const gatedDeltaRuleAsync = gatedDeltaRule.async;
+export const fusedRnnAsync = fusedRnn.async;
+export const newtonRnnAsync = newtonRnn.async;
 
 /** The forward/backward hooks of every op, for autograd adapters of other frameworks. */
 export const ops = {

@@ -33,10 +33,20 @@ export interface NativeModule {
   setBufferSource(fn: (bytes: number) => ArrayBuffer, minBytes: number): void;
   memoryStats(): { deviceBytes: number; deviceBuffers: number };
   numThreads(): number;
-  cpuInfo(): { isa: string; isasSupported: string[]; threads: number; runs: Record<string, number>; soloTeams: number };
+  cpuInfo(): {
+    isa: string; isasSupported: string[]; threads: number; runs: Record<string, number>; soloTeams: number;
+    peakBusyThreads: number;
+  };
   cpuSetStepStallForTesting(microseconds: number): void;
+  cpuResetPeakForTesting(): void;
   cpuSetIsa(isa: string): void;
   cpuSetThreads(threads: number): void;
+  /** fn(...args) as an async call: its kernel is queued (see cpp/napi/async.h). */
+  asyncCall(fn: (...args: unknown[]) => unknown, ...args: unknown[]): { out: unknown; promise?: Promise<unknown>; job?: unknown };
+  asyncCopy(job: unknown, maxBytes: number): boolean;
+  asyncCancel(job: unknown): void;
+  asyncPoll(job: unknown, microseconds: number): boolean;
+  asyncStats(): { pending: number };
   timerStart(): unknown;
   timerStop(handle: unknown): number;
   linearScanForward(device: Dev, dtype: string, a: Storage, b: Storage, h0: Storage | null, rows: number,
@@ -196,7 +206,9 @@ function load(): NativeModule {
     if (path === null) { tried.push(`  ${label}`); continue; }
     if (!existsSync(path)) { tried.push(`  ${path}: not found`); continue; }
     try {
-      const mod = wrap(req(path) as NativeModule);
+      const raw = req(path) as NativeModule;
+      const mod = wrap(raw);
+      rawModule = raw;
       mod.setBufferSource(acquireHostBuffer, POOL_MIN_BYTES);
       applyCpuIsaEnv(mod);
       loadedFrom = path;
@@ -256,6 +268,12 @@ function wrap(mod: NativeModule): NativeModule {
 }
 
 let cached: NativeModule | undefined;
+let rawModule: NativeModule | undefined;
+/** The addon's own functions (errors untyped), for asyncCall, which needs them as they are. */
+export function rawNative(): NativeModule {
+  native();
+  return rawModule!;
+}
 /** The loaded addon (loaded on first use). */
 export function native(): NativeModule {
   if (!cached) cached = load();

@@ -10,8 +10,9 @@
  */
 import { types } from 'node:util';
 import {
-  ArgumentError, DTypeError, DeviceError, DisposedError, OutOfMemoryError, ShapeError, fromNative,
+  ArgumentError, BusyError, DTypeError, DeviceError, DisposedError, OutOfMemoryError, ShapeError, fromNative,
 } from './errors';
+import { nativeCall, runAsync } from './async';
 import { native, type DeviceBuffer, type Storage } from './native';
 import { claimHostBuffer, clearHostPool, pooledHostBytes, releaseHostBuffer } from './pool';
 
@@ -150,6 +151,23 @@ export interface TensorOptions {
   device?: Device;
 }
 
+/** Set by the Tensor class: adds d to the in-flight count of a tensor (and of the tensor it views). */
+let addBusy: (t: Tensor, d: number) => void;
+/**
+ * Marks tensors as in use by an async call until the returned function is called: dispose() of any
+ * of them (or of the tensor one views) meanwhile throws ERR_BUSY.
+ */
+export function pinTensors(tensors: Iterable<Tensor>): () => void {
+  const list = [...tensors];
+  for (const t of list) addBusy(t, 1);
+  let done = false;
+  return () => {
+    if (done) return;
+    done = true;
+    for (const t of list) addBusy(t, -1);
+  };
+}
+
 export class Tensor {
   readonly shape: readonly number[];
   readonly dtype: DType;
@@ -158,6 +176,14 @@ export class Tensor {
   #storage: Storage | null;
   #owner: Tensor | null;
   #held: Held;
+  #busy = 0; // async calls in flight that use this tensor or a view of it
+
+  static {
+    addBusy = (t, d) => {
+      t.#busy += d;
+      if (t.#owner) t.#owner.#busy += d;
+    };
+  }
 
   /**
    * Wraps existing storage (no copy). Prefer Tensor.from / Tensor.zeros. The storage must match
@@ -345,9 +371,21 @@ export class Tensor {
     return native().copy(this.storage, 'cuda', 'cpu', this.dtype, this.size) as Float32Array | Uint16Array;
   }
 
+  /**
+   * The raw contents, like dataSync(); on CUDA the copy waits for the queued work off the
+   * JavaScript thread.
+   */
   async data(): Promise<Float32Array | Uint16Array> {
     Tensor.#check(this, 'data');
-    return this.dataSync();
+    if (this.device === 'cpu') return this.dataSync();
+    const storage = this.storage;
+    const unpin = pinTensors([this]);
+    try {
+      return await runAsync(nativeCall((n) => n.copy(storage, 'cuda', 'cpu', this.dtype, this.size)), null) as
+        Float32Array | Uint16Array;
+    } finally {
+      unpin();
+    }
   }
 
   /** Contents decoded to float32 (a copy unless CPU float32). */
@@ -362,12 +400,15 @@ export class Tensor {
    * Frees the storage now: device memory at once on CUDA; on CPU, a large output buffer the
    * package allocated goes back to a pool for reuse by later outputs, and arrays read from it
    * with dataSync() (or `storage`) become empty (their ArrayBuffer is detached). Further use of
-   * the tensor throws ERR_DISPOSED.
+   * the tensor throws ERR_DISPOSED. While an async call that uses the tensor (or a view of it) is
+   * in flight, dispose() throws ERR_BUSY and changes nothing: await the call first.
    */
   dispose(): void {
     Tensor.#check(this, 'dispose');
     const storage = this.#storage;
     if (storage === null) return;
+    if (this.#busy > 0 && this.#held.counted)
+      throw new BusyError('Tensor.dispose: an async call that uses this tensor is in flight; await it first');
     // Bookkeeping first, so that the tensor counts as disposed even if freeing the storage fails.
     this.#storage = null;
     registry.unregister(this);

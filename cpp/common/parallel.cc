@@ -44,9 +44,13 @@ int64_t nowNs() {
 // The testing hook of StepBarrier, and its count of teams gone solo.
 std::atomic<int> testStallUs{0};
 std::atomic<uint64_t> soloCount{0};
+// Threads inside a range now, and the most at once since the last reset.
+std::atomic<int> busyThreads{0}, busyPeak{0};
 
 // Set on pool workers and on any thread while it runs a range: nested calls run inline.
 thread_local bool tInsideRange = false;
+// The cancel flag of the call this thread works on (see CancelScope), or null.
+thread_local const std::atomic<bool>* tCancel = nullptr;
 
 inline void relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -61,6 +65,7 @@ struct Job {
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
   int64_t ranges = 0, n = 0, per = 0;
   bool team = false;
+  const std::atomic<bool>* cancel = nullptr;  // the caller's cancel flag, handed to every range
   int users = 0;  // pool workers inside work() (guarded by the pool's mutex)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> left{0};  // ranges not finished yet
@@ -78,14 +83,27 @@ struct Job {
       any = true;
       const int64_t b = team ? i : i * per, e = team ? i + 1 : std::min(n, b + per);
       const bool outer = tInsideRange;
+      const std::atomic<bool>* outerCancel = tCancel;
       tInsideRange = true;
+      tCancel = cancel;
       try {
+        // A range that has not started when the call is cancelled is skipped. A team member never
+        // skips: the others would wait for it at their first barrier (the barrier stops them all).
+        if (!team) cancelPoint();
+        const int busy = busyThreads.fetch_add(1, std::memory_order_relaxed) + 1;
+        for (int peak = busyPeak.load(std::memory_order_relaxed);
+             busy > peak && !busyPeak.compare_exchange_weak(peak, busy, std::memory_order_relaxed);) {
+        }
+        struct Leave {
+          ~Leave() { busyThreads.fetch_sub(1, std::memory_order_relaxed); }
+        } leave;
         if (b < e) (*fn)(b, e);
       } catch (...) {
         std::lock_guard<std::mutex> lock(failMutex);
         if (!failure) failure = std::current_exception();
       }
       tInsideRange = outer;
+      tCancel = outerCancel;
       if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         std::lock_guard<std::mutex> lock(doneMutex);
         doneCv.notify_all();
@@ -186,6 +204,11 @@ class Pool {
 
 }  // namespace
 
+bool cancelRequested() { return tCancel != nullptr && tCancel->load(std::memory_order_relaxed); }
+
+CancelScope::CancelScope(const std::atomic<bool>* flag) : saved_(tCancel) { tCancel = flag; }
+CancelScope::~CancelScope() { tCancel = saved_; }
+
 int numThreads() { return threadSetting().load(std::memory_order_relaxed); }
 
 void setNumThreads(int n) { threadSetting().store(std::max(1, n), std::memory_order_relaxed); }
@@ -206,6 +229,7 @@ void runRanges(int64_t ranges, int64_t n, const std::function<void(int64_t, int6
   job.n = n;
   job.per = (n + ranges - 1) / ranges;
   job.team = team;
+  job.cancel = tCancel;
   job.left.store(ranges, std::memory_order_relaxed);
   Pool& pool = Pool::get();
   pool.submit(&job);
@@ -231,10 +255,14 @@ StepBarrier::StepBarrier(int n, bool allowSolo) : n_(n), allowSolo_(allowSolo), 
 
 void setStepStallForTesting(int microseconds) { testStallUs.store(microseconds, std::memory_order_relaxed); }
 uint64_t soloTeams() { return soloCount.load(std::memory_order_relaxed); }
+int peakBusyThreads() { return busyPeak.load(std::memory_order_relaxed); }
+void resetPeakBusyThreads() { busyPeak.store(busyThreads.load(std::memory_order_relaxed), std::memory_order_relaxed); }
 
 bool StepBarrier::wait(int member) {
-  if (n_ <= 1) return false;
-  if (solo_.load(std::memory_order_acquire)) return true;
+  if (n_ <= 1 || solo_.load(std::memory_order_acquire)) {
+    cancelPoint();
+    return n_ > 1;
+  }
   if (const int us = testStallUs.load(std::memory_order_relaxed); us > 0 && member != 0)
     std::this_thread::sleep_for(std::chrono::microseconds(us));
   const int gen = gen_.load(std::memory_order_acquire);
@@ -252,7 +280,9 @@ bool StepBarrier::wait(int member) {
         soloCount.fetch_add(1, std::memory_order_relaxed);
       }
     }
+    if (cancelRequested()) stop_.store(true, std::memory_order_relaxed);
     gen_.store(gen + 1, std::memory_order_release);
+    if (stop_.load(std::memory_order_relaxed)) throw Cancelled();
     return solo_.load(std::memory_order_acquire);
   }
   const int64_t start = nowNs();
@@ -261,6 +291,7 @@ bool StepBarrier::wait(int member) {
     else std::this_thread::yield();
   }
   waitedNs_.fetch_add(nowNs() - start, std::memory_order_relaxed);
+  if (stop_.load(std::memory_order_acquire)) throw Cancelled();
   return solo_.load(std::memory_order_acquire);
 }
 

@@ -13,14 +13,42 @@
 //
 // An exception thrown by fn (std::bad_alloc included) is rethrown in the caller once every range
 // has finished.
+//
+// Cancellation: a thread that runs a call for an async request sets a cancel flag (CancelScope);
+// parallelFor and runTeam hand it to the ranges they run, on whichever thread runs them. Kernels
+// call cancelPoint() at chunk / time-step / iteration boundaries: once the flag is set it throws
+// Cancelled, which unwinds the kernel like any other exception. A range not started yet is skipped.
 #pragma once
 #include <atomic>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
 #include <mutex>
 
 namespace rk {
+
+// Thrown by cancelPoint() once the running call's cancel flag is set.
+struct Cancelled : std::exception {
+  const char* what() const noexcept override { return "cancelled"; }
+};
+// Whether the running call was asked to stop (false for calls that cannot be cancelled).
+bool cancelRequested();
+// Throws Cancelled when cancelRequested().
+inline void cancelPoint() {
+  if (cancelRequested()) throw Cancelled();
+}
+// Sets the calling thread's cancel flag for its lifetime (nullptr: none).
+class CancelScope {
+ public:
+  explicit CancelScope(const std::atomic<bool>* flag);
+  ~CancelScope();
+  CancelScope(const CancelScope&) = delete;
+  CancelScope& operator=(const CancelScope&) = delete;
+
+ private:
+  const std::atomic<bool>* saved_;
+};
 
 // The number of threads the kernels use: rk.cpu.setThreads(n), else RK_NUM_THREADS, else the
 // hardware's.
@@ -81,13 +109,19 @@ template <typename Fn> void runTeam(int n, Fn&& fn) {
 // teams have gone solo so far.
 void setStepStallForTesting(int microseconds);
 uint64_t soloTeams();
+// For tests: the most threads that ran ranges of parallelFor / runTeam calls at the same time since
+// the last reset (calls that run on their caller alone do not count).
+int peakBusyThreads();
+void resetPeakBusyThreads();
 
 // The members of a runTeam that meet once per step. A member that arrives first spins briefly, then
 // yields. When the members spend much of their time waiting (a core is shared with other work, and
 // members keep losing their time slices), the team gives up splitting the steps: wait() returns true
 // for every member at the same step, and from then on the caller lets member 0 do every member's
 // share while the others return (a per-step barrier would otherwise cost a time slice per step).
-// Every member's work before that wait() has finished when it returns.
+// Every member's work before that wait() has finished when it returns. When the call is cancelled,
+// the member that arrives last decides so for the whole team: every member throws Cancelled from the
+// same wait(), so that none is left waiting for the others.
 class StepBarrier {
  public:
   // allowSolo: the caller can hand every member's share to member 0 (otherwise wait() only waits).
@@ -100,7 +134,7 @@ class StepBarrier {
  private:
   std::atomic<int> count_{0}, gen_{0};
   std::atomic<int64_t> waitedNs_{0};
-  std::atomic<bool> solo_{false};
+  std::atomic<bool> solo_{false}, stop_{false};
   int n_, steps_ = 0;  // steps_: written only by the member that arrives last
   bool allowSolo_;
   int64_t startNs_;

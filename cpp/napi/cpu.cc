@@ -10,7 +10,7 @@
 namespace rk {
 namespace {
 
-// cpuInfo() -> { isa, isasSupported, threads, runs: { avx512, avx2, base }, soloTeams }
+// cpuInfo() -> { isa, isasSupported, threads, runs: { avx512, avx2, base }, soloTeams, peakBusyThreads }
 Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object r = Napi::Object::New(env);
@@ -24,12 +24,19 @@ Napi::Value CpuInfo(const Napi::CallbackInfo& info) {
   for (Isa i : {Isa::Avx512, Isa::Avx2, Isa::Base}) runs.Set(isaName(i), double(isaRuns(i)));
   r.Set("runs", runs);
   r.Set("soloTeams", double(soloTeams()));
+  r.Set("peakBusyThreads", peakBusyThreads());
   return r;
 }
 
 // cpuSetStepStallForTesting(microseconds): see common/parallel.h.
 Napi::Value CpuSetStepStallForTesting(const Napi::CallbackInfo& info) {
   setStepStallForTesting(info[0].IsNumber() ? info[0].As<Napi::Number>().Int32Value() : 0);
+  return info.Env().Undefined();
+}
+
+// cpuResetPeakForTesting(): restarts cpuInfo().peakBusyThreads.
+Napi::Value CpuResetPeakForTesting(const Napi::CallbackInfo& info) {
+  resetPeakBusyThreads();
   return info.Env().Undefined();
 }
 
@@ -65,6 +72,7 @@ void registerCpu(Napi::Env env, Napi::Object exports) {
   exportFunction(env, exports, "cpuSetIsa", CpuSetIsa);
   exportFunction(env, exports, "cpuSetThreads", CpuSetThreads);
   exportFunction(env, exports, "cpuSetStepStallForTesting", CpuSetStepStallForTesting);
+  exportFunction(env, exports, "cpuResetPeakForTesting", CpuResetPeakForTesting);
 }
 
 }  // namespace rk

@@ -162,10 +162,14 @@ namespace {
 // The pins of one native call, dropped when it returns or throws.
 class CallScope {
  public:
-  explicit CallScope(Instance& inst) : inst_(inst), saved_(inst.pinBase) { inst_.pinBase = inst_.pins.size(); }
+  explicit CallScope(Instance& inst) : inst_(inst), saved_(inst.pinBase) {
+    inst_.pinBase = inst_.pins.size();
+    ++inst_.callDepth;
+  }
   ~CallScope() {
     inst_.pins.resize(inst_.pinBase);
     inst_.pinBase = saved_;
+    --inst_.callDepth;
   }
   CallScope(const CallScope&) = delete;
   CallScope& operator=(const CallScope&) = delete;
@@ -237,7 +241,7 @@ int64_t parseCount(Napi::Env env, Napi::Value v, const char* op, const char* arg
 }
 
 View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, Device device, DType dtype,
-               int64_t elements, bool optional) {
+               int64_t elements, bool optional, Access access) {
   View view;
   if (optional && (v.IsNull() || v.IsUndefined())) return view;
   std::string where = std::string(op) + ": " + arg;
@@ -257,6 +261,10 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
     view.data = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
     view.elements = elements;
     pin(env, ta, nullptr, view.data, ta.ElementLength(), where);
+    if (asyncMode(env)) {
+      const size_t bytes = ta.ByteLength();
+      view.data = stageInput(env, ta, view.data, bytes, access == Access::Update);
+    }
     return view;
   }
   DeviceBuffer* buf = DeviceBuffer::Unwrap(v);
@@ -329,6 +337,15 @@ Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t eleme
 }
 
 #ifdef RK_WITH_CUDA
+void submitDeviceWait(Napi::Env env, const char* op, Napi::Value out) {
+  void* ev = nullptr;
+  throwIfFailed(env, rkcuda::eventRecord(&ev), op);
+  submitJob(env, op, Queue::Device, out, [ev] {
+    const rkcuda::Status st = rkcuda::eventWait(ev);
+    if (!st.ok()) throw JobError(st.outOfMemory ? "ERR_OUT_OF_MEMORY" : "ERR_CUDA", st.message);
+  });
+}
+
 void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what) {
   if (st.ok()) return;
   throwError(env, st.outOfMemory ? "ERR_OUT_OF_MEMORY" : "ERR_CUDA", std::string(what) + ": " + st.message);
@@ -414,6 +431,15 @@ Napi::Value Copy(const Napi::CallbackInfo& info) {
     return out;
   }
 #ifdef RK_WITH_CUDA
+  if (from == Device::CUDA && to == Device::CPU && asyncMode(env)) {
+    // await t.data(): the copy (which waits for the queued work) runs on the device queue's thread.
+    const void* from = src.data;
+    submitJob(env, "to('cpu')", Queue::Device, out, [dst, from, bytes] {
+      const rkcuda::Status st = rkcuda::copyDeviceToHost(dst, from, bytes);
+      if (!st.ok()) throw JobError(st.outOfMemory ? "ERR_OUT_OF_MEMORY" : "ERR_CUDA", st.message);
+    });
+    return out;
+  }
   rkcuda::Status st = from == Device::CPU ? rkcuda::copyHostToDevice(dst, src.data, bytes)
                       : to == Device::CPU ? rkcuda::copyDeviceToHost(dst, src.data, bytes)
                                           : rkcuda::copyDeviceToDevice(dst, src.data, bytes);

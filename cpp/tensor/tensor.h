@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "napi/async.h"
 #include "tensor/dtype.h"
 #include "tensor/errors.h"
 
@@ -45,6 +46,10 @@ struct Instance {
   };
   std::vector<Pin> pins;
   size_t pinBase = 0;
+  int callDepth = 0;  // native calls in progress (a getter run by one call may make another)
+  // The async call being prepared (napi/async.h), and this environment's queued calls.
+  std::shared_ptr<AsyncStaging> staging;
+  std::shared_ptr<struct AsyncEnv> asyncEnv;
   // Whether CUDA can be used, and why not: asked of the driver once per environment.
   bool cudaChecked = false, cudaOk = false;
   std::string cudaReason;
@@ -88,10 +93,13 @@ int64_t parseCount(Napi::Env env, Napi::Value v, const char* op, const char* arg
 // x * y, throwing ERR_SHAPE instead of overflowing.
 int64_t checkedProduct(Napi::Env env, int64_t x, int64_t y, const char* op);
 
+// How a kernel uses a tensor argument: Read, or Update (written in place).
+enum class Access { Read, Update };
 // Checks that v is storage of the given device and dtype with exactly `elements` elements.
-// When optional and v is null/undefined, returns an empty view.
+// When optional and v is null/undefined, returns an empty view. For an async call, the view of a
+// CPU tensor is a copy (copied back after the kernel for Update; see napi/async.h).
 View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, Device device, DType dtype,
-               int64_t elements, bool optional = false);
+               int64_t elements, bool optional = false, Access access = Access::Read);
 
 // How an output will be written: Zeroed outputs start as zeros; Overwritten ones are filled
 // entirely by the kernel, so a large CPU one may reuse a pooled buffer with stale contents.
@@ -137,19 +145,29 @@ void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what);
 #endif
 [[noreturn]] void throwNoCuda(Napi::Env env, const char* op);
 
+#ifdef RK_WITH_CUDA
+// For an async call: queues a wait for the device work launched so far.
+void submitDeviceWait(Napi::Env env, const char* op, Napi::Value out);
+#endif
+
 // The tail every op binding shares: seals the call's pins (see sealPins), runs the kernel on the
 // tensors' device -- cuda() returns the rkcuda::Status of its launch, cpu() runs on the host -- and
 // returns out. Without the CUDA path, cuda is never called (and never compiled into the binary).
+// For an async call (napi/async.h) cpu is queued and runs later on another thread, so it must
+// capture by value (views, argument structs), never references to the binding's locals.
 template <class Cuda, class Cpu>
 Napi::Value launch(Napi::Env env, const char* op, Device device, Napi::Value out, Cuda&& cuda, Cpu&& cpu) {
   sealPins(env, op);
   if (device == Device::CUDA) {
 #ifdef RK_WITH_CUDA
     throwIfFailed(env, cuda(), op);
+    if (asyncMode(env)) submitDeviceWait(env, op, out);
 #else
     (void)cuda;
     throwNoCuda(env, op);
 #endif
+  } else if (asyncMode(env)) {
+    submitJob(env, op, Queue::Cpu, out, std::function<void()>(std::forward<Cpu>(cpu)));
   } else {
     cpu();
   }

@@ -45,6 +45,10 @@ Status convert(DType from, const void* src, DType to, void* dst, int64_t n);
 // Event timing for benchmarks: elapsed milliseconds of fn's launches, measured with CUDA events.
 Status eventRecordStart(void** ev);
 Status eventElapsedMs(void* startEv, float* ms);  // records a stop event, synchronises, destroys
+// Completion of the work queued so far (for the Promise form of the calls): eventRecord marks it on
+// the default stream; eventWait blocks the calling thread until it is done, then destroys the event.
+Status eventRecord(void** ev);
+Status eventWait(void* ev);
 
 // ---- linear scan (cuda/scan/linear_scan.cu) ----
 // rows independent sequences of `length` elements each, row-major contiguous [rows, length].

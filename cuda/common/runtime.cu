@@ -167,6 +167,28 @@ Status eventRecordStart(void** ev) {
   return Status{};
 }
 
+Status eventRecord(void** ev) {
+  if (ev == nullptr) return statusError("eventRecord: null output");
+  *ev = nullptr;
+  cudaEvent_t e = nullptr;
+  RK_CUDA_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  const cudaError_t err = cudaEventRecord(e, 0);
+  if (err != cudaSuccess) {
+    cudaEventDestroy(e);
+    return statusFromCuda(err);
+  }
+  *ev = e;
+  return Status{};
+}
+
+Status eventWait(void* ev) {
+  if (ev == nullptr) return statusError("eventWait: null event");
+  cudaEvent_t e = static_cast<cudaEvent_t>(ev);
+  const cudaError_t err = cudaEventSynchronize(e);
+  cudaEventDestroy(e);
+  return err == cudaSuccess ? Status{} : statusFromCuda(err);
+}
+
 Status eventElapsedMs(void* startEv, float* ms) {
   if (startEv == nullptr) return statusError("eventElapsedMs: null start event");
   cudaEvent_t start = static_cast<cudaEvent_t>(startEv);

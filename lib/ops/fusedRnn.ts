@@ -24,8 +24,9 @@
  * returnLastOnly; `finalStates` (states, batch, heads, headDim) float32, every state kind.
  * Backward: gradients for wx, R, b and states0 from grads of h and/or finalStates.
  */
-import { defineOp, isRecording } from '../autograd';
-import { native, type FusedRnnConfig, type Storage } from '../native';
+import { callAsync, defineOp, isRecording } from '../autograd';
+import { type FusedRnnConfig, type Storage } from '../native';
+import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, ShapeError } from '../errors';
 import {
@@ -136,15 +137,15 @@ function prepare(OP: string, inputs: FusedRnnInputs, options: FusedRnnOptions) {
   return { inputs: { wx, R, b, states0 }, config, lengths, states: S, gates: G };
 }
 
-function run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolean):
-  { outputs: FusedRnnOutputs; ctx: FusedRnnCtx | null; saved: { states: Storage | null; pre: Storage | null } } {
+function* run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolean):
+  Steps<{ outputs: FusedRnnOutputs; ctx: FusedRnnCtx | null; saved: { states: Storage | null; pre: Storage | null } }> {
   const { inputs: x, config, lengths, states: S, gates: G } = prepare(OP, inputs, options);
   const { wx, R, b, states0 } = x;
   const { batch, T, heads: H, headDim: D, returnLastOnly } = config;
   const device = wx.device;
-  const r = native().fusedRnnForward(device, wx.dtype, {
+  const r = yield* nativeCall((n) => n.fusedRnnForward(device, wx.dtype, {
     wx: wx.storage, R: R.storage, b: b.storage, states0: states0?.storage ?? null,
-  }, config, lengths, training);
+  }, config, lengths, training));
   const outputs: FusedRnnOutputs = {
     h: new Tensor(r.h, returnLastOnly ? [batch, H, D] : [batch, T, H, D], wx.dtype, device),
     finalStates: new Tensor(r.finalStates, [S, batch, H, D], 'float32', device),
@@ -158,12 +159,12 @@ function run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolean
   return { outputs, ctx, saved: { states: r.savedStates, pre: r.savedPre } };
 }
 
-function forward(inputs: FusedRnnInputs, options: FusedRnnOptions): { outputs: FusedRnnOutputs; ctx: FusedRnnCtx } {
-  const { outputs, ctx } = run(inputs, options, true);
+function* forward(inputs: FusedRnnInputs, options: FusedRnnOptions): Steps<{ outputs: FusedRnnOutputs; ctx: FusedRnnCtx }> {
+  const { outputs, ctx } = yield* run(inputs, options, true);
   return { outputs, ctx: ctx! };
 }
 
-function backward(ctx: FusedRnnCtx, grads: { h?: Tensor | null; finalStates?: Tensor | null }): FusedRnnGrads {
+function* backward(ctx: FusedRnnCtx, grads: { h?: Tensor | null; finalStates?: Tensor | null }): Steps<FusedRnnGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { inputs: 'object', config: 'object', savedStates: 'tensor', savedPre: 'tensor',
     lengths: 'int32?' });
@@ -200,12 +201,12 @@ function backward(ctx: FusedRnnCtx, grads: { h?: Tensor | null; finalStates?: Te
     expectDType(op, 'grad of finalStates', gFinal, ['float32']);
     expectDevice(op, 'grad of finalStates', gFinal, ctx.device, 'to match finalStates');
   }
-  const r = native().fusedRnnBackward(ctx.device, ctx.dtype, {
+  const r = yield* nativeCall((n) => n.fusedRnnBackward(ctx.device, ctx.dtype, {
     wx: x.wx.storage, R: x.R.storage, b: x.b.storage, states0: x.states0?.storage ?? null,
   }, cfg, lengths, {
     savedStates: ctx.savedStates.storage, savedPre: ctx.savedPre.storage,
     dh: gH?.storage ?? null, dFinal: gFinal?.storage ?? null,
-  }, x.states0 !== null);
+  }, x.states0 !== null));
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
     wx: like(r.dwx, x.wx), R: like(r.dR, x.R), b: like(r.db, x.b),
@@ -223,9 +224,16 @@ const op = defineOp<FusedRnnInputs, FusedRnnOutputs, FusedRnnOptions, FusedRnnCt
  * Runs the cells. While a tape records, the forward keeps what the backward needs (the states after
  * every step and the pre-activations); otherwise it keeps nothing.
  */
+function* inference(inputs: FusedRnnInputs, options: FusedRnnOptions): Steps<FusedRnnOutputs> {
+  return (yield* run(inputs, options, false)).outputs;
+}
 function call(inputs: FusedRnnInputs, options: FusedRnnOptions): FusedRnnOutputs {
-  if (isRecording()) return op(inputs, options);
-  return run(inputs, options, false).outputs;
+  return isRecording() ? op(inputs, options) : runSync(inference(inputs, options));
+}
+async function callAsyncForm(inputs: FusedRnnInputs, options: FusedRnnOptions & AsyncOptions): Promise<FusedRnnOutputs> {
+  if (isRecording()) return op.async(inputs, options);
+  const split = splitSignal<FusedRnnOptions>(`${OP}.async`, options);
+  return callAsync(OP, [inputs, split.options], split.signal, () => inference(inputs, split.options as FusedRnnOptions));
 }
 
-export const fusedRnn = Object.assign(call, { hooks: op.hooks });
+export const fusedRnn = Object.assign(call, { hooks: op.hooks, async: callAsyncForm });

@@ -23,8 +23,9 @@
  * Outputs: `o` (batch, T, HV, V) in q's dtype; `finalState` (N, HV, K, V) float32 or null.
  * Backward: gradients for q, k, v, g, beta and initialState, from grads of o and/or finalState.
  */
-import { defineOp, isRecording } from '../autograd';
-import { float32Elements, native, type GatedDeltaConfig, type Storage } from '../native';
+import { callAsync, defineOp, isRecording } from '../autograd';
+import { float32Elements, type GatedDeltaConfig, type Storage } from '../native';
+import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
@@ -106,9 +107,9 @@ export function checkDeltaInputs(op: string, inputs: GatedDeltaRuleInputs, token
   return { batch, T, H, HV, K, V };
 }
 
-function forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions = {}):
-  { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx } {
-  return run(inputs, options, true) as { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx };
+function* forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions = {}):
+  Steps<{ outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx }> {
+  return (yield* run(inputs, options, true)) as { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx };
 }
 
 /**
@@ -140,14 +141,14 @@ function prepare(OP: string, inputs: GatedDeltaRuleInputs, options: GatedDeltaRu
 }
 
 /** The forward pass; without keep (no backward to follow) the CPU kernels save no state checkpoints. */
-function run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep: boolean):
-  { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx | null } {
+function* run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep: boolean):
+  Steps<{ outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx | null }> {
   const { inputs: x, config, cuSeqlens, nseq, returnFinal } = prepare(OP, inputs, options);
   const { q, initialState: h0 } = x;
   const { HV, K, V } = config;
-  const r = native().gatedDeltaForward(q.device, q.dtype, {
+  const r = yield* nativeCall((n) => n.gatedDeltaForward(q.device, q.dtype, {
     q: q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage, h0: h0?.storage ?? null,
-  }, config, cuSeqlens, returnFinal, keep);
+  }, config, cuSeqlens, returnFinal, keep));
   const outputs = {
     o: new Tensor(r.o, x.v.shape, q.dtype, q.device),
     finalState: r.finalState ? new Tensor(r.finalState, [nseq, HV, K, V], 'float32', q.device) : null,
@@ -166,7 +167,8 @@ function run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep:
   };
 }
 
-function backward(ctx: GatedDeltaRuleCtx, grads: { o?: Tensor | null; finalState?: Tensor | null }): GatedDeltaRuleGrads {
+function* backward(ctx: GatedDeltaRuleCtx, grads: { o?: Tensor | null; finalState?: Tensor | null }):
+  Steps<GatedDeltaRuleGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { inputs: 'object', states: 'tensor', cuSeqlens: 'int32?' });
   checkCtxFields(OP, ctx.inputs, { q: 'tensor', k: 'tensor', v: 'tensor', g: 'tensor', beta: 'tensor',
@@ -194,11 +196,11 @@ function backward(ctx: GatedDeltaRuleCtx, grads: { o?: Tensor | null; finalState
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = native().gatedDeltaBackward(ctx.device, ctx.dtype, {
+  const r = yield* nativeCall((n) => n.gatedDeltaBackward(ctx.device, ctx.dtype, {
     q: x.q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage,
     h0: x.initialState?.storage ?? null,
   }, cfg, cuSeqlens, { states: ctx.states.storage, dO: gO?.storage ?? null, dFinal: gFinal?.storage ?? null },
-  x.initialState !== null);
+  x.initialState !== null));
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
     q: like(r.dq, x.q), k: like(r.dk, x.k), v: like(r.dv, x.v), g: like(r.dg, x.g), beta: like(r.dbeta, x.beta),
@@ -218,11 +220,19 @@ const op = defineOp<GatedDeltaRuleInputs, GatedDeltaRuleOutputs, GatedDeltaRuleO
  * Runs the rule. While a tape records, the forward keeps what the backward needs (the state
  * entering every chunk of tokens); otherwise the CPU kernels keep nothing.
  */
-function call(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions): GatedDeltaRuleOutputs {
-  if (isRecording()) return op(inputs, options);
-  const { outputs, ctx } = run(inputs, options ?? {}, false);
+function* inference(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions): Steps<GatedDeltaRuleOutputs> {
+  const { outputs, ctx } = yield* run(inputs, options ?? {}, false);
   if (ctx) releaseCtx(ctx, false); // checkpoints a device kept anyway
   return outputs;
 }
+function call(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions): GatedDeltaRuleOutputs {
+  return isRecording() ? op(inputs, options) : runSync(inference(inputs, options));
+}
+async function callAsyncForm(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions & AsyncOptions):
+  Promise<GatedDeltaRuleOutputs> {
+  if (isRecording()) return op.async(inputs, options);
+  const split = splitSignal<GatedDeltaRuleOptions>(`${OP}.async`, options);
+  return callAsync(OP, [inputs, split.options], split.signal, () => inference(inputs, split.options));
+}
 
-export const gatedDeltaRule = Object.assign(call, { hooks: op.hooks });
+export const gatedDeltaRule = Object.assign(call, { hooks: op.hooks, async: callAsyncForm });

@@ -9,7 +9,8 @@
  * caller can keep the accepted prefix of speculative tokens). Returns `{ o, intermediateStates }`,
  * o (batch, T, HV, V). Inference only: there is no backward.
  */
-import { native } from '../native';
+import { callAsync } from '../autograd';
+import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor } from '../tensor';
 import {
   booleanOption, expectDType, expectDevice, expectShape, finiteNumber, readInputs, readOptions, requireTensor,
@@ -32,8 +33,7 @@ export interface GatedDeltaRuleStepOutputs {
 
 const OP = 'gatedDeltaRuleStep';
 
-export function gatedDeltaRuleStep(inputs: GatedDeltaRuleStepInputs, options: GatedDeltaRuleStepOptions = {}):
-  GatedDeltaRuleStepOutputs {
+function* steps(inputs: GatedDeltaRuleStepInputs, options: GatedDeltaRuleStepOptions = {}): Steps<GatedDeltaRuleStepOutputs> {
   inputs = readInputs(OP, inputs, ['state', 'q', 'k', 'v', 'g', 'beta']);
   const opts = readOptions(OP, options, ['scale', 'useQkL2normInKernel', 'updateState', 'returnIntermediateStates']);
   const { batch, T, H, HV, K, V } = checkDeltaInputs(OP, inputs, 'tokens');
@@ -46,12 +46,22 @@ export function gatedDeltaRuleStep(inputs: GatedDeltaRuleStepInputs, options: Ga
   const l2norm = booleanOption(OP, 'useQkL2normInKernel', opts.useQkL2normInKernel, false);
   const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
   const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
-  const r = native().gatedDeltaStep(q.device, q.dtype, {
+  const r = yield* nativeCall((n) => n.gatedDeltaStep(q.device, q.dtype, {
     state: state.storage, q: q.storage, k: inputs.k.storage, v: inputs.v.storage, g: inputs.g.storage,
     beta: inputs.beta.storage,
-  }, { batch, tokens: T, H, HV, K, V, scale, l2norm, updateState, returnIntermediate });
+  }, { batch, tokens: T, H, HV, K, V, scale, l2norm, updateState, returnIntermediate }));
   return {
     o: new Tensor(r.o, inputs.v.shape, q.dtype, q.device),
     intermediateStates: r.intermediate ? new Tensor(r.intermediate, [batch, T, HV, K, V], 'float32', q.device) : null,
   };
+}
+
+export function gatedDeltaRuleStep(inputs: GatedDeltaRuleStepInputs, options: GatedDeltaRuleStepOptions = {}): GatedDeltaRuleStepOutputs {
+  return runSync(steps(inputs, options));
+}
+
+/** The Promise form of gatedDeltaRuleStep (the kernel runs off the JavaScript thread; see README, Async calls). */
+export function gatedDeltaRuleStepAsync(inputs: GatedDeltaRuleStepInputs, options?: GatedDeltaRuleStepOptions & AsyncOptions): Promise<GatedDeltaRuleStepOutputs> {
+  const split = splitSignal<GatedDeltaRuleStepOptions>('gatedDeltaRuleStepAsync', options);
+  return callAsync('gatedDeltaRuleStep', [inputs, split.options], split.signal, () => steps(inputs, split.options ?? {}));
 }

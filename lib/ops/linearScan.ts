@@ -10,7 +10,8 @@
  * carried in float32 whatever the input dtype. Backward gives grads for a, b and initialState.
  */
 import { defineOp } from '../autograd';
-import { native, type Storage } from '../native';
+import { nativeCall, type Steps } from '../async';
+import { type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
 import {
   booleanOption, checkCtx, ctxBoolean, expectCtxValues, expectDType, expectDevice, expectRank, expectShape, readGrads,
@@ -45,7 +46,8 @@ const OP = 'linearScan';
 const DIMS = 'batch, channels, length';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 
-function forward(inputs: LinearScanInputs, options: LinearScanOptions = {}): { outputs: LinearScanOutputs; ctx: LinearScanCtx } {
+function* forward(inputs: LinearScanInputs, options: LinearScanOptions = {}):
+  Steps<{ outputs: LinearScanOutputs; ctx: LinearScanCtx }> {
   const { a, b } = readInputs(OP, inputs, ['a', 'b']);
   const opts = readOptions(OP, options, ['initialState', 'reverse', 'returnFinalState']);
   requireTensor(OP, 'a', a);
@@ -62,8 +64,8 @@ function forward(inputs: LinearScanInputs, options: LinearScanOptions = {}): { o
   const h0 = opts.initialState ?? null;
   if (h0 !== null) checkInitialState(OP, h0, a);
   const rows = batch * channels;
-  const r = native().linearScanForward(a.device, a.dtype, a.storage, b.storage, h0?.storage ?? null, rows, length,
-    reverse, returnFinal);
+  const r = yield* nativeCall((n) => n.linearScanForward(a.device, a.dtype, a.storage, b.storage, h0?.storage ?? null,
+    rows, length, reverse, returnFinal));
   const h = new Tensor(r.h, a.shape, a.dtype, a.device);
   const finalState = r.finalState ? new Tensor(r.finalState, [batch, channels], 'float32', a.device) : null;
   return {
@@ -85,7 +87,7 @@ export interface LinearScanGrads {
   initialState: Tensor | null;
 }
 
-function backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: Tensor | null }): LinearScanGrads {
+function* backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: Tensor | null }): Steps<LinearScanGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { a: 'tensor', h: 'tensor', initialState: 'tensor?' });
   // The saved tensors must agree with each other and with the ctx's other fields.
@@ -112,8 +114,8 @@ function backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: T
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = native().linearScanBackward(ctx.device, ctx.dtype, a.storage, h.storage, h0?.storage ?? null,
-    gh?.storage ?? null, gFinal?.storage ?? null, batch * channels, length, reverse, h0 !== null);
+  const r = yield* nativeCall((n) => n.linearScanBackward(ctx.device, ctx.dtype, a.storage, h.storage,
+    h0?.storage ?? null, gh?.storage ?? null, gFinal?.storage ?? null, batch * channels, length, reverse, h0 !== null));
   const wrap = (s: Storage) => new Tensor(s, ctx.shape, ctx.dtype, ctx.device);
   return {
     a: wrap(r.ga),

@@ -30,7 +30,8 @@
  * y and/or finalStates.
  */
 import { defineOp } from '../autograd';
-import { native, type NewtonRnnConfig, type Storage } from '../native';
+import { type NewtonRnnConfig, type Storage } from '../native';
+import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, NotConvergedError, ShapeError } from '../errors';
 import {
@@ -223,14 +224,14 @@ function prepare(OP: string, inputs: NewtonRnnInputs, options: NewtonRnnOptions)
   return { inputs: { wx, R, b, h0 }, config, guessTensor, hidden, states: S, onNon };
 }
 
-function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
-  { outputs: NewtonRnnOutputs; ctx: NewtonRnnCtx } {
+function* forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
+  Steps<{ outputs: NewtonRnnOutputs; ctx: NewtonRnnCtx }> {
   const { inputs: x, config, guessTensor, hidden, states: S, onNon } = prepare(OP, inputs, options);
   const { wx, R, b, h0 } = x;
   const { batch, T, maxIters, tolAbs, tolRel } = config;
-  const r = native().newtonRnnForward(wx.device, wx.dtype, {
+  const r = yield* nativeCall((n) => n.newtonRnnForward(wx.device, wx.dtype, {
     wx: wx.storage, R: R.storage, b: b.storage, h0: h0?.storage ?? null, guess: guessTensor?.storage ?? null,
-  }, config);
+  }, config));
   const converged = Array.from(r.converged, (v) => v !== 0);
   const trajectory = new Tensor(r.traj, [batch, T, S, ...hidden], 'float32', wx.device);
   const y = new Tensor(r.y, [batch, T, ...hidden], wx.dtype, wx.device);
@@ -254,8 +255,8 @@ function forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
   };
 }
 
-function backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: Tensor | null; trajectory?: Tensor | null }):
-  NewtonRnnGrads {
+function* backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: Tensor | null; trajectory?: Tensor | null }):
+  Steps<NewtonRnnGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { inputs: 'object', config: 'object', trajectory: 'tensor' });
   checkCtxFields(OP, ctx.inputs, { wx: 'tensor', R: 'tensor', b: 'tensor', h0: 'tensor?' }, 'ctx.inputs');
@@ -294,10 +295,10 @@ function backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: T
     expectDType(op, 'grad of finalStates', gFinal, ['float32']);
     expectDevice(op, 'grad of finalStates', gFinal, ctx.device, 'to match finalStates');
   }
-  const r = native().newtonRnnBackward(ctx.device, ctx.dtype, {
+  const r = yield* nativeCall((n) => n.newtonRnnBackward(ctx.device, ctx.dtype, {
     wx: x.wx.storage, R: x.R.storage, b: x.b.storage, h0: x.h0?.storage ?? null, guess: null,
   }, { ...cfg, guess: 0 }, { traj: ctx.trajectory.storage, dy: gY?.storage ?? null, dFinal: gFinal?.storage ?? null },
-  x.h0 !== null);
+  x.h0 !== null));
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
     wx: like(r.dwx, x.wx), R: like(r.dR, x.R), b: like(r.db, x.b),

@@ -28,7 +28,8 @@
  * dstate / chunk of u's size in float32) and the backward pass recomputes the states in between.
  */
 import { defineOp } from '../autograd';
-import { float32Elements, native, type SelectiveScanConfig, type Storage } from '../native';
+import { float32Elements, type SelectiveScanConfig, type Storage } from '../native';
+import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
@@ -174,15 +175,15 @@ function prepare(OP: string, inputs: SelectiveScanInputs, options: SelectiveScan
   };
 }
 
-function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}):
-  { outputs: SelectiveScanOutputs; ctx: SelectiveScanCtx } {
+function* forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}):
+  Steps<{ outputs: SelectiveScanOutputs; ctx: SelectiveScanCtx }> {
   const { inputs: x, config, cuSeqlens, nseq, returnFinal } = prepare(OP, inputs, options);
   const { u, delta, A, D, z, deltaBias, initialState: h0 } = x;
   const { dim, dstate } = config;
-  const r = native().selectiveScanForward(u.device, u.dtype, {
+  const r = yield* nativeCall((n) => n.selectiveScanForward(u.device, u.dtype, {
     u: u.storage, delta: delta.storage, A: A.storage, B: x.B.storage, C: x.C.storage,
     D: D?.storage ?? null, z: z?.storage ?? null, deltaBias: deltaBias?.storage ?? null, h0: h0?.storage ?? null,
-  }, config, cuSeqlens, returnFinal);
+  }, config, cuSeqlens, returnFinal));
   const y = new Tensor(r.y, u.shape, u.dtype, u.device);
   const finalState = r.finalState ? new Tensor(r.finalState, [nseq, dim, dstate], 'float32', u.device) : null;
   // Checkpoints (flat; their layout is the kernels' business): for each sequence, the state at the
@@ -194,7 +195,8 @@ function forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}
   };
 }
 
-function backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState?: Tensor | null }): SelectiveScanGrads {
+function* backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState?: Tensor | null }):
+  Steps<SelectiveScanGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { inputs: 'object', states: 'tensor', cuSeqlens: 'int32?' });
   checkCtxFields(OP, ctx.inputs, { u: 'tensor', delta: 'tensor', A: 'tensor', B: 'tensor', C: 'tensor', D: 'tensor?',
@@ -221,12 +223,12 @@ function backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState?
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = native().selectiveScanBackward(ctx.device, ctx.dtype, {
+  const r = yield* nativeCall((n) => n.selectiveScanBackward(ctx.device, ctx.dtype, {
     u: x.u.storage, delta: x.delta.storage, A: x.A.storage, B: x.B.storage, C: x.C.storage,
     D: x.D?.storage ?? null, z: x.z?.storage ?? null, deltaBias: x.deltaBias?.storage ?? null,
     h0: x.initialState?.storage ?? null,
   }, cfg, cuSeqlens, { states: ctx.states.storage, dy: gy?.storage ?? null, dFinal: gFinal?.storage ?? null },
-  x.initialState !== null);
+  x.initialState !== null));
   const like = (s: Storage | null, t: Tensor | null) => (s && t ? new Tensor(s, t.shape, t.dtype, t.device) : null);
   return {
     u: like(r.du, x.u)!,

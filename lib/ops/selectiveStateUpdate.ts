@@ -17,7 +17,8 @@
  * every token, (batch, T, dim, dstate) float32, so that a caller can roll back to any accepted prefix.
  * Inference only: there is no backward (train with selectiveScan, which computes the same thing).
  */
-import { native } from '../native';
+import { callAsync } from '../autograd';
+import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor, type DType } from '../tensor';
 import { ShapeError } from '../errors';
 import {
@@ -50,8 +51,7 @@ export interface SelectiveStateUpdateOutputs {
 const OP = 'selectiveStateUpdate';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 
-export function selectiveStateUpdate(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdateOptions = {}):
-  SelectiveStateUpdateOutputs {
+function* steps(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdateOptions = {}): Steps<SelectiveStateUpdateOutputs> {
   inputs = readInputs(OP, inputs, ['state', 'x', 'dt', 'A', 'B', 'C', 'D', 'z', 'dtBias']);
   const opts = readOptions(OP, options, ['dtSoftplus', 'updateState', 'returnIntermediateStates']);
   const { state, x, dt, A, B, C } = inputs;
@@ -121,12 +121,22 @@ export function selectiveStateUpdate(inputs: SelectiveStateUpdateInputs, options
   const dtSoftplus = booleanOption(OP, 'dtSoftplus', opts.dtSoftplus, false);
   const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
   const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
-  const r = native().selectiveStateUpdate(device, x.dtype, {
+  const r = yield* nativeCall((n) => n.selectiveStateUpdate(device, x.dtype, {
     state: state.storage, x: x.storage, dt: dt.storage, A: A.storage, B: B.storage, C: C.storage,
     D: inputs.D?.storage ?? null, z: z?.storage ?? null, dtBias: inputs.dtBias?.storage ?? null,
-  }, { batch, dim, dstate, groups, tokens, deltaSoftplus: dtSoftplus, updateState, returnIntermediate });
+  }, { batch, dim, dstate, groups, tokens, deltaSoftplus: dtSoftplus, updateState, returnIntermediate }));
   return {
     y: new Tensor(r.y, xShape, x.dtype, device),
     intermediateStates: r.intermediate ? new Tensor(r.intermediate, [batch, tokens, dim, dstate], 'float32', device) : null,
   };
+}
+
+export function selectiveStateUpdate(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdateOptions = {}): SelectiveStateUpdateOutputs {
+  return runSync(steps(inputs, options));
+}
+
+/** The Promise form of selectiveStateUpdate (the kernel runs off the JavaScript thread; see README, Async calls). */
+export function selectiveStateUpdateAsync(inputs: SelectiveStateUpdateInputs, options?: SelectiveStateUpdateOptions & AsyncOptions): Promise<SelectiveStateUpdateOutputs> {
+  const split = splitSignal<SelectiveStateUpdateOptions>('selectiveStateUpdateAsync', options);
+  return callAsync('selectiveStateUpdate', [inputs, split.options], split.signal, () => steps(inputs, split.options ?? {}));
 }

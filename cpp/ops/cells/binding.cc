@@ -90,8 +90,9 @@ Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
   out.Set("savedStates", optionalOutput(env, training, c.dev, DType::F32, c.savedStates, &o.savedStates,
                                         Init::Overwritten));
   out.Set("savedPre", optionalOutput(env, training, c.dev, DType::F32, c.savedPre, &o.savedPre, Init::Overwritten));
-  return launch(env, op, c.dev, out, [&] { return rkcuda::fusedRnnForward(c.a, o); }, [&] {
-    cells::fusedRnnForwardCpu(c.a, o);
+  auto k = std::make_shared<CellsCall>(std::move(c));  // the kernel's arguments, kept for an async call
+  return launch(env, op, k->dev, out, [&] { return rkcuda::fusedRnnForward(k->a, o); }, [k, o] {
+    cells::fusedRnnForwardCpu(k->a, o);
   });
 }
 
@@ -117,8 +118,9 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   out.Set("dR", allocOutput(env, c.dev, dt, c.R, &g.dR, Init::Overwritten));
   out.Set("db", allocOutput(env, c.dev, DType::F32, c.b, &g.db, Init::Overwritten));
   out.Set("dStates0", optionalOutput(env, needDStates0, c.dev, DType::F32, c.states, &g.dStates0, Init::Overwritten));
-  return launch(env, op, c.dev, out, [&] { return rkcuda::fusedRnnBackward(c.a, g); }, [&] {
-    cells::fusedRnnBackwardCpu(c.a, g);
+  auto k = std::make_shared<CellsCall>(std::move(c));
+  return launch(env, op, k->dev, out, [&] { return rkcuda::fusedRnnBackward(k->a, g); }, [k, g] {
+    cells::fusedRnnBackwardCpu(k->a, g);
   });
 }
 

@@ -104,9 +104,9 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
                                : env.Null());
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
-  return launch(env, op, c.dev, out, [&] { return rkcuda::gatedDeltaForward(c.a, o, states, fin); }, [&] {
-    delta::gatedDeltaForwardCpu(c.a, o, states, fin);
-  });
+  auto k = std::make_shared<DeltaCall>(std::move(c));  // the kernel's arguments, kept for an async call
+  return launch(env, op, k->dev, out, [&] { return rkcuda::gatedDeltaForward(k->a, o, states, fin); },
+                [k, o, states, fin] { delta::gatedDeltaForwardCpu(k->a, o, states, fin); });
 }
 
 // gatedDeltaBackward(device, dtype, tensors, config, cuSeqlens, {states, dO, dFinal}, needDh0)
@@ -132,8 +132,9 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   out.Set("dg", allocOutput(env, c.dev, DType::F32, c.gb, &g.dg));
   out.Set("dbeta", allocOutput(env, c.dev, dt, c.gb, &g.dbeta));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
-  return launch(env, op, c.dev, out, [&] { return rkcuda::gatedDeltaBackward(c.a, g); }, [&] {
-    delta::gatedDeltaBackwardCpu(c.a, g);
+  auto k = std::make_shared<DeltaCall>(std::move(c));
+  return launch(env, op, k->dev, out, [&] { return rkcuda::gatedDeltaBackward(k->a, g); }, [k, g] {
+    delta::gatedDeltaBackwardCpu(k->a, g);
   });
 }
 
@@ -164,7 +165,7 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   const int64_t gb = product(env, {a.batch, a.tokens, a.HV}, op);
   const int64_t stateElems = product(env, {a.batch, a.HV, a.K, a.V}, op);
   const int64_t inter = product(env, {a.tokens, stateElems}, op);
-  a.state = static_cast<float*>(tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems).data);
+  a.state = static_cast<float*>(tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems, false, Access::Update).data);
   a.q = tensorArg(env, t.Get("q"), op, "q", dev, dt, qk).data;
   a.k = tensorArg(env, t.Get("k"), op, "k", dev, dt, qk).data;
   a.v = tensorArg(env, t.Get("v"), op, "v", dev, dt, vo).data;
@@ -174,9 +175,7 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   out.Set("o", allocOutput(env, dev, dt, vo, &a.o, Init::Overwritten));
   out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
                                          Init::Overwritten));
-  return launch(env, op, dev, out, [&] { return rkcuda::gatedDeltaStep(a); }, [&] {
-    delta::gatedDeltaStepCpu(a);
-  });
+  return launch(env, op, dev, out, [&] { return rkcuda::gatedDeltaStep(a); }, [a] { delta::gatedDeltaStepCpu(a); });
 }
 
 }  // namespace

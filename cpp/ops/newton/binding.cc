@@ -102,8 +102,8 @@ Napi::Value NewtonRnnForward(const Napi::CallbackInfo& info) {
   out.Set("residual", residual);
   out.Set("converged", converged);
   out.Set("fellBack", fellBack);
-  return launch(env, op, c.dev, out, [&] { return rkcuda::newtonRnnForward(c.a, o); }, [&] {
-    newton::newtonRnnForwardCpu(c.a, o);
+  return launch(env, op, c.dev, out, [&] { return rkcuda::newtonRnnForward(c.a, o); }, [a = c.a, o] {
+    newton::newtonRnnForwardCpu(a, o);
   });
 }
 
@@ -126,8 +126,8 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
   out.Set("dR", allocOutput(env, c.dev, DType::F32, c.rElems, &g.dR, Init::Overwritten));
   out.Set("db", allocOutput(env, c.dev, DType::F32, c.bElems, &g.db, Init::Overwritten));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0, Init::Overwritten));
-  return launch(env, op, c.dev, out, [&] { return rkcuda::newtonRnnBackward(c.a, g); }, [&] {
-    newton::newtonRnnBackwardCpu(c.a, g);
+  return launch(env, op, c.dev, out, [&] { return rkcuda::newtonRnnBackward(c.a, g); }, [a = c.a, g] {
+    newton::newtonRnnBackwardCpu(a, g);
   });
 }
 

@@ -33,7 +33,7 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
     return rkcuda::linearScanForward(toCuda(dt), a.data, b.data, static_cast<const float*>(h0.data), h,
                                      static_cast<float*>(fin), rows, length, s.reverse);
   };
-  return launch(env, kFwd, dev, out, cuda, [&] {
+  return launch(env, kFwd, dev, out, cuda, [=] {
     scan::linearScanForwardCpu(dt, a.data, b.data, static_cast<const float*>(h0.data), h, static_cast<float*>(fin), s);
   });
 }
@@ -65,7 +65,7 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
                                       static_cast<const float*>(gFinal.data), ga, gb, static_cast<float*>(gh0), rows,
                                       length, s.reverse);
   };
-  return launch(env, op, dev, out, cuda, [&] {
+  return launch(env, op, dev, out, cuda, [=] {
     scan::linearScanBackwardCpu(dt, a.data, h.data, static_cast<const float*>(h0.data), gh.data,
                                 static_cast<const float*>(gFinal.data), ga, gb, static_cast<float*>(gh0), s);
   });

@@ -87,7 +87,8 @@ ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
 Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "selectiveScan";
-  ScanCall c = parseScan(info, op);
+  auto k = std::make_shared<ScanCall>(parseScan(info, op));  // the kernel's arguments, kept for an async call
+  const ScanCall& c = *k;
   const rkcuda::SelectiveScanArgs& a = c.a;
   const bool wantFinal = info[5].ToBoolean().Value();
   void* y = nullptr;
@@ -97,9 +98,8 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
-  return launch(env, op, c.dev, out, [&] { return rkcuda::selectiveScanForward(a, y, states, fin); }, [&] {
-    scan::selectiveScanForwardCpu(a, y, states, fin);
-  });
+  return launch(env, op, c.dev, out, [&] { return rkcuda::selectiveScanForward(a, y, states, fin); },
+                [k, y, states, fin] { scan::selectiveScanForwardCpu(k->a, y, states, fin); });
 }
 
 // selectiveScanBackward(device, dtype, tensors, config, cuSeqlens, {states, dy, dFinal}, needDh0)
@@ -107,7 +107,8 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
 Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "selectiveScan.backward";
-  ScanCall c = parseScan(info, op);
+  auto k = std::make_shared<ScanCall>(parseScan(info, op));
+  const ScanCall& c = *k;
   const rkcuda::SelectiveScanArgs& a = c.a;
   Napi::Object gi = objectArg(env, info, 5, op, "grads");
   const bool needDh0 = info[6].ToBoolean().Value();
@@ -130,8 +131,8 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   out.Set("dz", optionalOutput(env, a.z != nullptr, c.dev, dt, c.elements, &g.dz, big));
   out.Set("dDeltaBias", optionalOutput(env, a.deltaBias != nullptr, c.dev, DType::F32, a.dim, &g.dDeltaBias));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
-  return launch(env, op, c.dev, out, [&] { return rkcuda::selectiveScanBackward(a, g); }, [&] {
-    scan::selectiveScanBackwardCpu(a, g);
+  return launch(env, op, c.dev, out, [&] { return rkcuda::selectiveScanBackward(a, g); }, [k, g] {
+    scan::selectiveScanBackwardCpu(k->a, g);
   });
 }
 
@@ -160,7 +161,7 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   const int64_t stateElems = product(env, {a.batch, a.dim, a.dstate}, op);
   const int64_t bc = product(env, {a.batch, a.groups, a.dstate, a.tokens}, op);
   const int64_t inter = product(env, {a.tokens, stateElems}, op);
-  a.state = static_cast<float*>(tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems).data);
+  a.state = static_cast<float*>(tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems, false, Access::Update).data);
   a.x = tensorArg(env, t.Get("x"), op, "x", dev, dt, elements).data;
   a.delta = tensorArg(env, t.Get("dt"), op, "dt", dev, dt, elements).data;
   a.A = static_cast<const float*>(tensorArg(env, t.Get("A"), op, "A", dev, DType::F32, product(env, {a.dim, a.dstate}, op)).data);
@@ -174,7 +175,7 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   out.Set("y", allocOutput(env, dev, dt, elements, &a.y, Init::Overwritten));
   out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
                                          Init::Overwritten));
-  return launch(env, op, dev, out, [&] { return rkcuda::selectiveStateUpdate(a); }, [&] {
+  return launch(env, op, dev, out, [&] { return rkcuda::selectiveStateUpdate(a); }, [a] {
     scan::selectiveStateUpdateCpu(a);
   });
 }
