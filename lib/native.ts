@@ -49,52 +49,59 @@ export interface NativeModule {
   asyncStats(): { pending: number };
   timerStart(): unknown;
   timerStop(handle: unknown): number;
-  linearScanForward(device: Dev, dtype: string, a: Storage, b: Storage, h0: Storage | null, rows: number,
-    length: number, reverse: boolean, returnFinal: boolean): { h: Storage; finalState: Storage | null };
-  linearScanBackward(device: Dev, dtype: string, a: Storage, h: Storage, h0: Storage | null, gh: Storage | null,
-    gFinal: Storage | null, rows: number, length: number, reverse: boolean, needGh0: boolean):
-    { ga: Storage; gb: Storage; gh0: Storage | null };
-  selectiveScanForward(device: Dev, dtype: string, tensors: SelectiveScanTensors, config: SelectiveScanConfig,
-    cuSeqlens: Int32Array | null, returnFinal: boolean):
+  // The ops' entry points: one request each, read by name (cpp/tensor/args.h, Request).
+  linearScanForward(req: Request<{ a: Storage; b: Storage; h0: Storage | null },
+    { rows: number; length: number; reverse: boolean; returnFinal: boolean }>):
+    { h: Storage; finalState: Storage | null };
+  linearScanBackward(req: Request<{ a: Storage; h0: Storage | null },
+    { rows: number; length: number; reverse: boolean; needGh0: boolean },
+    { h: Storage; gh: Storage | null; gFinal: Storage | null }>): { ga: Storage; gb: Storage; gh0: Storage | null };
+  selectiveScanForward(req: Request<SelectiveScanTensors,
+    SelectiveScanConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean }>):
     { y: Storage; states: Storage; finalState: Storage | null };
-  selectiveScanBackward(device: Dev, dtype: string, tensors: SelectiveScanTensors, config: SelectiveScanConfig,
-    cuSeqlens: Int32Array | null, grads: { states: Storage; dy: Storage | null; dFinal: Storage | null },
-    needDh0: boolean): {
+  selectiveScanBackward(req: Request<SelectiveScanTensors,
+    SelectiveScanConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
+    { states: Storage; dy: Storage | null; dFinal: Storage | null }>): {
     du: Storage; ddelta: Storage; dA: Storage; dB: Storage; dC: Storage; dD: Storage | null; dz: Storage | null;
     dDeltaBias: Storage | null; dh0: Storage | null;
   };
-  selectiveStateUpdate(device: Dev, dtype: string, tensors: {
+  selectiveStateUpdate(req: Request<{
     state: Storage; x: Storage; dt: Storage; A: Storage; B: Storage; C: Storage; D: Storage | null;
     z: Storage | null; dtBias: Storage | null;
-  }, config: {
+  }, {
     batch: number; dim: number; dstate: number; groups: number; tokens: number; deltaSoftplus: boolean;
     updateState: boolean; returnIntermediate: boolean;
-  }): { y: Storage; intermediate: Storage | null };
-  gatedDeltaForward(device: Dev, dtype: string, tensors: GatedDeltaTensors, config: GatedDeltaConfig,
-    cuSeqlens: Int32Array | null, returnFinal: boolean, keepStates: boolean):
+  }>): { y: Storage; intermediate: Storage | null };
+  gatedDeltaForward(req: Request<GatedDeltaTensors,
+    GatedDeltaConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean; keepStates: boolean }>):
     { o: Storage; states: Storage | null; finalState: Storage | null };
-  gatedDeltaBackward(device: Dev, dtype: string, tensors: GatedDeltaTensors, config: GatedDeltaConfig,
-    cuSeqlens: Int32Array | null, grads: { states: Storage; dO: Storage | null; dFinal: Storage | null },
-    needDh0: boolean):
+  gatedDeltaBackward(req: Request<GatedDeltaTensors, GatedDeltaConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
+    { states: Storage; dO: Storage | null; dFinal: Storage | null }>):
     { dq: Storage; dk: Storage; dv: Storage; dg: Storage; dbeta: Storage; dh0: Storage | null };
-  gatedDeltaStep(device: Dev, dtype: string,
-    tensors: { state: Storage; q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage },
-    config: Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }):
+  gatedDeltaStep(req: Request<{ state: Storage; q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage },
+    Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }>):
     { o: Storage; intermediate: Storage | null };
-  fusedRnnForward(device: Dev, dtype: string, tensors: FusedRnnTensors, config: FusedRnnConfig,
-    lengths: Int32Array | null, training: boolean):
+  fusedRnnForward(req: Request<FusedRnnTensors, FusedRnnConfig & { lengths: Int32Array | null; training: boolean }>):
     { h: Storage; finalStates: Storage; savedStates: Storage | null; savedPre: Storage | null };
-  fusedRnnBackward(device: Dev, dtype: string, tensors: FusedRnnTensors, config: FusedRnnConfig,
-    lengths: Int32Array | null,
-    grads: { savedStates: Storage; savedPre: Storage; dh: Storage | null; dFinal: Storage | null },
-    needDStates0: boolean): { dwx: Storage; dR: Storage; db: Storage; dStates0: Storage | null };
-  newtonRnnForward(device: Dev, dtype: string, tensors: NewtonRnnTensors, config: NewtonRnnConfig): {
+  fusedRnnBackward(req: Request<FusedRnnTensors, FusedRnnConfig & { lengths: Int32Array | null; needDStates0: boolean },
+    { savedStates: Storage; savedPre: Storage; dh: Storage | null; dFinal: Storage | null }>):
+    { dwx: Storage; dR: Storage; db: Storage; dStates0: Storage | null };
+  newtonRnnForward(req: Request<NewtonRnnTensors, NewtonRnnConfig>): {
     y: Storage; traj: Storage; finalStates: Storage; iterations: Int32Array; residual: Float32Array;
     converged: Uint8Array; fellBack: Uint8Array;
   };
-  newtonRnnBackward(device: Dev, dtype: string, tensors: NewtonRnnTensors, config: NewtonRnnConfig,
-    grads: { traj: Storage; dy: Storage | null; dFinal: Storage | null }, needDh0: boolean):
+  newtonRnnBackward(req: Request<NewtonRnnTensors, NewtonRnnConfig & { needDh0: boolean },
+    { traj: Storage; dy: Storage | null; dFinal: Storage | null }>):
     { dwx: Storage; dR: Storage; db: Storage; dh0: Storage | null };
+}
+
+/** The one argument of an op's native entry point: inputs, sizes and flags by name; grads for a backward. */
+export interface Request<T, C, G = undefined> {
+  device: Dev;
+  dtype: string;
+  tensors: T;
+  config: C;
+  grads?: G;
 }
 
 export interface FusedRnnTensors {

@@ -82,14 +82,21 @@ describe('native layer re-checks what reaches it', () => {
   const nat = require('../build/Release/recurrent_kernels.node');
   it('refuses storage of the wrong length or type', () => {
     const f = new Float32Array(10);
-    expect(() => nat.linearScanForward('cpu', 'float32', f, new Float32Array(9), null, 2, 5, false, false)).toThrow(/b has 9 elements, expected 10/);
-    expect(() => nat.linearScanForward('cpu', 'float32', f, new Uint16Array(10), null, 2, 5, false, false)).toThrow(/does not match dtype/);
-    expect(() => nat.linearScanForward('cpu', 'float32', f, f, new Float32Array(1), 2, 5, false, false)).toThrow(/initialState has 1 elements/);
-    expect(() => nat.linearScanForward('cpu', 'float32', f, f, null, 2 ** 40, 2 ** 40, false, false)).toThrow(/overflows/);
-    expect(() => nat.linearScanForward('cpu', 'float32', f, f, null, -1, 5, false, false)).toThrow(/rows must be a non-negative integer/);
-    expect(() => nat.linearScanForward('gpu', 'float32', f, f, null, 2, 5, false, false)).toThrow(/device must be/);
-    expect(() => nat.linearScanBackward('cpu', 'float32', f, f, null, new Float32Array(3), null, 2, 5, false, false)).toThrow(/grad of h has 3 elements/);
-    expect(() => nat.linearScanForward('cpu', 'float64', f, f, null, 2, 5, false, false)).toThrow(
+    const fwd = (device: string, dtype: string, a: unknown, b: unknown, h0: unknown, rows: number, length: number) =>
+      nat.linearScanForward({ device, dtype, tensors: { a, b, h0 }, config: { rows, length, reverse: false, returnFinal: false } });
+    expect(() => fwd('cpu', 'float32', f, new Float32Array(9), null, 2, 5)).toThrow(/b has 9 elements, expected 10/);
+    expect(() => fwd('cpu', 'float32', f, new Uint16Array(10), null, 2, 5)).toThrow(/does not match dtype/);
+    expect(() => fwd('cpu', 'float32', f, f, new Float32Array(1), 2, 5)).toThrow(/initialState has 1 elements/);
+    expect(() => fwd('cpu', 'float32', f, f, null, 2 ** 40, 2 ** 40)).toThrow(/overflows/);
+    expect(() => fwd('cpu', 'float32', f, f, null, -1, 5)).toThrow(/rows must be a non-negative integer/);
+    expect(() => fwd('gpu', 'float32', f, f, null, 2, 5)).toThrow(/device must be/);
+    expect(() => nat.linearScanBackward({ device: 'cpu', dtype: 'float32', tensors: { a: f, h0: null },
+      grads: { h: f, gh: new Float32Array(3), gFinal: null }, config: { rows: 2, length: 5, reverse: false, needGh0: false } }))
+      .toThrow(/grad of h has 3 elements/);
+    expect(() => nat.linearScanForward(f)).toThrow(/argument 1 \(request\) must be an object/);
+    expect(() => nat.linearScanForward({ device: 'cpu', dtype: 'float32', tensors: { a: f, b: f, h0: null } }))
+      .toThrow(/request.config must be an object/);
+    expect(() => fwd('cpu', 'float64', f, f, null, 2, 5)).toThrow(
       expect.objectContaining({ code: 'ERR_DTYPE' }));
   });
 });

@@ -216,7 +216,7 @@ describe('fusedRnn bad input', () => {
       const n = rk.internals.native;
       const t = { wx: new Float32Array(960), R: new Float32Array(768), b: new Float32Array(96), states0: null };
       const cfg = { cell: 1, batch: 2, T: 5, heads: 3, headDim: 8, returnLastOnly: false };
-      fails(() => n().fusedRnnForward('cuda', 'float32', t, cfg, null, false), 'ERR_DEVICE', /CUDA/);
+      fails(() => n().fusedRnnForward({ device: 'cuda', dtype: 'float32', tensors: t, config: { ...cfg, lengths: null, training: false } }), 'ERR_DEVICE', /CUDA/);
     }
   });
   it('lengths', () => {
@@ -262,20 +262,20 @@ describe('fusedRnn bad input', () => {
     const s = (k: number) => new Float32Array(k);
     const t = { wx: s(960), R: s(768), b: s(96), states0: null };
     const cfg = { cell: 1, batch: 2, T: 5, heads: 3, headDim: 8, returnLastOnly: false };
-    expect(() => n().fusedRnnForward('cpu', 'float32', t, cfg, null, false)).not.toThrow();
-    fails(() => n().fusedRnnForward('cpu', 'float32', { ...t, wx: s(959) }, cfg, null, false), 'ERR_SHAPE', /wx has 959/);
-    fails(() => n().fusedRnnForward('cpu', 'float32', { ...t, R: s(767) }, cfg, null, false), 'ERR_SHAPE', /R has 767/);
-    fails(() => n().fusedRnnForward('cpu', 'float32', { ...t, states0: s(95) }, cfg, null, false), 'ERR_SHAPE', /states0 has 95/);
-    fails(() => n().fusedRnnForward('cpu', 'float32', t, { ...cfg, cell: 4 }, null, false), 'ERR_ARGUMENT', /unknown cell 4/);
-    fails(() => n().fusedRnnForward('cpu', 'float32', t, { ...cfg, cell: 2 }, null, false), 'ERR_SHAPE', /wx has 960/);
-    fails(() => n().fusedRnnForward('cpu', 'float32', t, cfg, new Int32Array([5]), false), 'ERR_SHAPE', /lengths has 1 entries/);
-    fails(() => n().fusedRnnForward('cpu', 'float32', t, cfg, new Int32Array([5, 6]), false), 'ERR_ARGUMENT', /lengths\[1\] = 6/);
-    fails(() => n().fusedRnnForward('cpu', 'float32', t, cfg, [5, 5] as never, false), 'ERR_ARGUMENT', /lengths must be an Int32Array/);
-    const f = n().fusedRnnForward('cpu', 'float32', t, cfg, null, true);
+    expect(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, lengths: null, training: false } })).not.toThrow();
+    fails(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: { ...t, wx: s(959) }, config: { ...cfg, lengths: null, training: false } }), 'ERR_SHAPE', /wx has 959/);
+    fails(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: { ...t, R: s(767) }, config: { ...cfg, lengths: null, training: false } }), 'ERR_SHAPE', /R has 767/);
+    fails(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: { ...t, states0: s(95) }, config: { ...cfg, lengths: null, training: false } }), 'ERR_SHAPE', /states0 has 95/);
+    fails(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...{ ...cfg, cell: 4 }, lengths: null, training: false } }), 'ERR_ARGUMENT', /unknown cell 4/);
+    fails(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...{ ...cfg, cell: 2 }, lengths: null, training: false } }), 'ERR_SHAPE', /wx has 960/);
+    fails(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, lengths: new Int32Array([5]), training: false } }), 'ERR_SHAPE', /lengths has 1 entries/);
+    fails(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, lengths: new Int32Array([5, 6]), training: false } }), 'ERR_ARGUMENT', /lengths\[1\] = 6/);
+    fails(() => n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, lengths: [5, 5] as never, training: false } }), 'ERR_ARGUMENT', /lengths must be an Int32Array/);
+    const f = n().fusedRnnForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, lengths: null, training: true } });
     const saved = { savedStates: f.savedStates!, savedPre: f.savedPre!, dh: null, dFinal: null };
-    expect(() => n().fusedRnnBackward('cpu', 'float32', t, cfg, null, saved, false)).not.toThrow();
-    fails(() => n().fusedRnnBackward('cpu', 'float32', t, cfg, null, { ...saved, savedPre: s(10) }, false), 'ERR_SHAPE', /savedPre/);
-    fails(() => n().fusedRnnBackward('cpu', 'float32', t, cfg, null, { ...saved, dh: s(10) }, false), 'ERR_SHAPE', /grad of h/);
+    expect(() => n().fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, lengths: null, needDStates0: false }, grads: saved })).not.toThrow();
+    fails(() => n().fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, lengths: null, needDStates0: false }, grads: { ...saved, savedPre: s(10) } }), 'ERR_SHAPE', /savedPre/);
+    fails(() => n().fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, lengths: null, needDStates0: false }, grads: { ...saved, dh: s(10) } }), 'ERR_SHAPE', /grad of h/);
   });
 });
 

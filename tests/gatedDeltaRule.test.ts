@@ -189,10 +189,10 @@ describe('gatedDeltaRule bad input', () => {
     const s = (k: number) => new Float32Array(k);
     const t = { q: s(48), k: s(48), v: s(72), g: s(24), beta: s(24), h0: null };
     const cfg = { batch: 1, T: 6, H: 2, HV: 4, K: 4, V: 3, scale: 0.5, l2norm: false };
-    expect(() => n().gatedDeltaForward('cpu', 'float32', t, cfg, null, false)).not.toThrow();
-    fails(() => n().gatedDeltaForward('cpu', 'float32', { ...t, v: s(71) }, cfg, null, false), 'ERR_SHAPE', /v has 71/);
-    fails(() => n().gatedDeltaForward('cpu', 'float32', t, { ...cfg, HV: 3 }, null, false), 'ERR_SHAPE', /multiple/);
-    fails(() => n().gatedDeltaForward('cpu', 'float32', t, { ...cfg, scale: Infinity }, null, false), 'ERR_ARGUMENT', /scale/);
-    fails(() => n().gatedDeltaForward('cpu', 'float32', t, cfg, new Int32Array([0, 9]), false), 'ERR_ARGUMENT', /cuSeqlens/);
+    expect(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, cuSeqlens: null, returnFinal: false, keepStates: false } })).not.toThrow();
+    fails(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: { ...t, v: s(71) }, config: { ...cfg, cuSeqlens: null, returnFinal: false, keepStates: false } }), 'ERR_SHAPE', /v has 71/);
+    fails(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...{ ...cfg, HV: 3 }, cuSeqlens: null, returnFinal: false, keepStates: false } }), 'ERR_SHAPE', /multiple/);
+    fails(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...{ ...cfg, scale: Infinity }, cuSeqlens: null, returnFinal: false, keepStates: false } }), 'ERR_ARGUMENT', /scale/);
+    fails(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, cuSeqlens: new Int32Array([0, 9]), returnFinal: false, keepStates: false } }), 'ERR_ARGUMENT', /cuSeqlens/);
   });
 });

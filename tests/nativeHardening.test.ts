@@ -34,8 +34,9 @@ const rawDelta = (tensors: string, extra = '') => `
   const s = (k) => new Float32Array(k).fill(0.1);
   const q = s(8), k = s(8), v = s(8), g = s(2), beta = s(2);
   ${extra}
-  n.gatedDeltaForward('cpu', 'float32', ${tensors},
-    { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false }, null, false, true);`;
+  n.gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: ${tensors},
+    config: { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false, cuSeqlens: null, returnFinal: false,
+      keepStates: true } });`;
 
 describe('process-level hardening (each case in a child process)', () => {
   it('C1: an output too large to allocate is ERR_OUT_OF_MEMORY, not an abort', () => {
@@ -49,10 +50,11 @@ describe('process-level hardening (each case in a child process)', () => {
 
   it('C2: a native call claiming a huge batch is a typed error, not std::terminate', () => {
     const r = outcome(`const n = rk.internals.native();
-      n.selectiveScanBackward('cpu', 'float32', { u: new Float32Array(4), delta: new Float32Array(4),
-        A: new Float32Array(1), B: new Float32Array(4), C: new Float32Array(4) },
-        { batch: 2 ** 31, dim: 1, seqlen: 2, dstate: 1, groups: 1, variableB: true, variableC: true,
-          deltaSoftplus: false }, null, { states: new Float32Array(1), dy: new Float32Array(4) }, false)`);
+      n.selectiveScanBackward({ device: 'cpu', dtype: 'float32', tensors: { u: new Float32Array(4),
+        delta: new Float32Array(4), A: new Float32Array(1), B: new Float32Array(4), C: new Float32Array(4) },
+        config: { batch: 2 ** 31, dim: 1, seqlen: 2, dstate: 1, groups: 1, variableB: true, variableC: true,
+          deltaSoftplus: false, cuSeqlens: null, needDh0: false },
+        grads: { states: new Float32Array(1), dy: new Float32Array(4) } })`);
     expect(r.none).toBeUndefined();
     expect(r.code).toMatch(/^ERR_/);
   });
@@ -103,10 +105,15 @@ describe('raw native functions: typed errors that name the argument', () => {
   it('an argument that should be an object is named', async () => {
     const rk = await import('../lib/index');
     const n = rk.internals.native() as unknown as Record<string, (...a: unknown[]) => unknown>;
-    expectError(() => n.selectiveStateUpdate('cpu', 'float32', 5, {}), 'ERR_ARGUMENT', /argument 3 \(tensors\) must be an object/);
-    expectError(() => n.gatedDeltaForward('cpu', 'float32', {}, null), 'ERR_ARGUMENT', /argument 4 \(config\) must be an object/);
-    expectError(() => n.fusedRnnBackward('cpu', 'float32', {}, { cell: 'lstm' }, null, [1]), 'ERR_ARGUMENT',
-      /must be|has|expected/);
+    expectError(() => n.selectiveStateUpdate('cpu', 'float32', 5, {}), 'ERR_ARGUMENT', /argument 1 \(request\) must be an object/);
+    expectError(() => n.selectiveStateUpdate({ device: 'cpu', dtype: 'float32', tensors: 5, config: {} }), 'ERR_ARGUMENT',
+      /request.tensors must be an object/);
+    expectError(() => n.gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: {}, config: null }), 'ERR_ARGUMENT',
+      /request.config must be an object/);
+    expectError(() => n.fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: {}, config: { cell: 1 } }),
+      'ERR_ARGUMENT', /request.grads must be an object/);
+    expectError(() => n.fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: {}, config: { cell: 'lstm' }, grads: [1] }),
+      'ERR_ARGUMENT', /must be|has|expected/);
   });
 
   it('detached storage is ERR_DISPOSED, not a size mismatch', async () => {
@@ -115,8 +122,10 @@ describe('raw native functions: typed errors that name the argument', () => {
     const s = (k: number) => new Float32Array(k).fill(0.1);
     const q = s(8);
     structuredClone(q.buffer, { transfer: [q.buffer] });
-    expectError(() => n.gatedDeltaForward('cpu', 'float32', { q, k: s(8), v: s(8), g: s(2), beta: s(2), h0: null },
-      { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false }, null, false, true),
+    expectError(() => n.gatedDeltaForward({ device: 'cpu', dtype: 'float32',
+      tensors: { q, k: s(8), v: s(8), g: s(2), beta: s(2), h0: null },
+      config: { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false, cuSeqlens: null, returnFinal: false,
+        keepStates: true } }),
     'ERR_DISPOSED', /q storage is detached/);
   });
 

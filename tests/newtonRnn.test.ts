@@ -299,11 +299,11 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
         expect(Math.abs(k3.stats.residual[b] - want), at(`damped residual row ${b}`)).toBeLessThan(1e-5 + 1e-3 * want);
       }
       if (device === 'cpu') {
-        const raw = rk.internals.native().newtonRnnForward('cpu', 'float32', {
+        const raw = rk.internals.native().newtonRnnForward({ device: 'cpu', dtype: 'float32', tensors: {
           wx: p.inputs.wx.storage, R: p.inputs.R.storage, b: p.inputs.b.storage, h0: p.inputs.h0!.storage, guess: null,
-        }, { cell: ({ 'gru-diag': 0, 'lstm-cifg-diag': 1, elman: 4 } as const)[cell], batch: 2, T, heads, headDim: D,
+        }, config: { cell: ({ 'gru-diag': 0, 'lstm-cifg-diag': 1, elman: 4 } as const)[cell], batch: 2, T, heads, headDim: D,
           fullJacobian: jacobian === 'full', sequential: false, fallbackSequential: false, maxIters: 3, tolAbs: 0,
-          tolRel: 0, damping, guess: 0 });
+          tolRel: 0, damping, guess: 0 } });
         expect(Array.from(raw.fellBack)).toEqual([0, 0]);
         expect(relErr(Float64Array.from(raw.traj as Float32Array), it3.traj), at('damped 3-step trajectory'))
           .toBeLessThan(1e-4);
@@ -451,17 +451,20 @@ describe('newtonRnn bad input', () => {
     const t = { wx: s(180), R: s(54), b: s(18), h0: s(12), guess: null };
     const cfg = { cell: 2, batch: 2, T: 5, heads: 2, headDim: 3, fullJacobian: true, sequential: false, fallbackSequential: true,
       maxIters: 5, tolAbs: 1e-5, tolRel: 0, damping: 0, guess: 0 };
-    expect(() => n().newtonRnnForward('cpu', 'float32', t, cfg)).not.toThrow();
-    fails(() => n().newtonRnnForward('cpu', 'float32', { ...t, wx: s(179) }, cfg), 'ERR_SHAPE', /wx has 179/);
-    fails(() => n().newtonRnnForward('cpu', 'float32', { ...t, R: s(18) }, cfg), 'ERR_SHAPE', /R has 18/);
-    fails(() => n().newtonRnnForward('cpu', 'float32', { ...t, h0: s(11) }, cfg), 'ERR_SHAPE', /h0 has 11/);
-    fails(() => n().newtonRnnForward('cpu', 'float32', t, { ...cfg, cell: 7 }), 'ERR_ARGUMENT', /unknown cell 7/);
-    fails(() => n().newtonRnnForward('cpu', 'float32', t, { ...cfg, tolAbs: NaN }), 'ERR_ARGUMENT', /tolAbs/);
-    fails(() => n().newtonRnnForward('cpu', 'float32', t, { ...cfg, damping: -1 }), 'ERR_ARGUMENT', /damping/);
-    fails(() => n().newtonRnnForward('cpu', 'float32', t, { ...cfg, damping: 1 }), 'ERR_ARGUMENT', /per-channel Jacobians/);
-    fails(() => n().newtonRnnForward('cpu', 'float32', t, { ...cfg, guess: 2 }), 'ERR_DEVICE', /initialGuess must be CPU storage/);
-    fails(() => n().newtonRnnForward('cpu', 'float32', t, { ...cfg, maxIters: -2 }), 'ERR_ARGUMENT', /maxIters/);
-    fails(() => n().newtonRnnBackward('cpu', 'float32', t, cfg, { traj: s(59), dy: null, dFinal: null }, true), 'ERR_SHAPE',
+    const fwd = (tensors: typeof t, config: typeof cfg) =>
+      n().newtonRnnForward({ device: 'cpu', dtype: 'float32', tensors, config });
+    expect(() => fwd(t, cfg)).not.toThrow();
+    fails(() => fwd({ ...t, wx: s(179) }, cfg), 'ERR_SHAPE', /wx has 179/);
+    fails(() => fwd({ ...t, R: s(18) }, cfg), 'ERR_SHAPE', /R has 18/);
+    fails(() => fwd({ ...t, h0: s(11) }, cfg), 'ERR_SHAPE', /h0 has 11/);
+    fails(() => fwd(t, { ...cfg, cell: 7 }), 'ERR_ARGUMENT', /unknown cell 7/);
+    fails(() => fwd(t, { ...cfg, tolAbs: NaN }), 'ERR_ARGUMENT', /tolAbs/);
+    fails(() => fwd(t, { ...cfg, damping: -1 }), 'ERR_ARGUMENT', /damping/);
+    fails(() => fwd(t, { ...cfg, damping: 1 }), 'ERR_ARGUMENT', /per-channel Jacobians/);
+    fails(() => fwd(t, { ...cfg, guess: 2 }), 'ERR_DEVICE', /initialGuess must be CPU storage/);
+    fails(() => fwd(t, { ...cfg, maxIters: -2 }), 'ERR_ARGUMENT', /maxIters/);
+    fails(() => n().newtonRnnBackward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, needDh0: true },
+      grads: { traj: s(59), dy: null, dFinal: null } }), 'ERR_SHAPE',
       /trajectory \(saved for backward\) has 59/);
   });
 });

@@ -370,13 +370,14 @@ describe('selectiveScan bad input', () => {
     const s = (k: number) => new Float32Array(k);
     const t = { u: s(48), delta: s(48), A: s(12), B: s(72), C: s(12), D: null, z: null, deltaBias: null, h0: null };
     const cfg = { batch: 2, dim: 4, seqlen: 6, dstate: 3, groups: 2, variableB: true, variableC: false, deltaSoftplus: false };
-    expect(() => n().selectiveScanForward('cpu', 'float32', t, cfg, null, false)).not.toThrow();
-    fails(() => n().selectiveScanForward('cpu', 'float32', { ...t, B: s(71) }, cfg, null, false), 'ERR_SHAPE', /B has 71/);
-    fails(() => n().selectiveScanForward('cpu', 'float32', t, { ...cfg, groups: 3 }, null, false), 'ERR_SHAPE', /groups/);
-    fails(() => n().selectiveScanForward('cpu', 'float32', t, { ...cfg, batch: 1 }, new Int32Array([0, 6]), false),
+    expect(() => n().selectiveScanForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, cuSeqlens: null, returnFinal: false } })).not.toThrow();
+    fails(() => n().selectiveScanForward({ device: 'cpu', dtype: 'float32', tensors: { ...t, B: s(71) }, config: { ...cfg, cuSeqlens: null, returnFinal: false } }), 'ERR_SHAPE', /B has 71/);
+    fails(() => n().selectiveScanForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...{ ...cfg, groups: 3 }, cuSeqlens: null, returnFinal: false } }), 'ERR_SHAPE', /groups/);
+    fails(() => n().selectiveScanForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...{ ...cfg, batch: 1 }, cuSeqlens: new Int32Array([0, 6]), returnFinal: false } }),
       'ERR_SHAPE', /u has 48/);
-    fails(() => n().selectiveScanForward('cpu', 'float32', { ...t, u: s(8), delta: s(8), B: s(36) },
-      { ...cfg, batch: 1, seqlen: 2 }, new Int32Array([0, 3]), false), 'ERR_ARGUMENT', /cuSeqlens/);
+    fails(() => n().selectiveScanForward({ device: 'cpu', dtype: 'float32', tensors: { ...t, u: s(8), delta: s(8), B: s(36) },
+      config: { ...cfg, batch: 1, seqlen: 2, cuSeqlens: new Int32Array([0, 3]), returnFinal: false } }), 'ERR_ARGUMENT',
+    /cuSeqlens/);
   });
 });
 

@@ -20,6 +20,25 @@ int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op
   return p;
 }
 
+static Napi::Object objectField(Napi::Env env, const Napi::Object& o, const char* name, const char* op) {
+  Napi::Value v = o.Get(name);
+  if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
+    throwError(env, "ERR_ARGUMENT", std::string(op) + ": request." + name + " must be an object");
+  return v.As<Napi::Object>();
+}
+
+Request parseRequest(Napi::Env env, const Napi::CallbackInfo& info, const char* op, const char* dtypeOf,
+                     bool withGrads) {
+  Napi::Object req = objectArg(env, info, 0, op, "request");
+  Request r;
+  r.device = parseDevice(env, req.Get("device"), op);
+  r.dtype = parseDType(env, req.Get("dtype"), op, dtypeOf);
+  r.tensors = objectField(env, req, "tensors", op);
+  r.config = objectField(env, req, "config", op);
+  if (withGrads) r.grads = objectField(env, req, "grads", op);
+  return r;
+}
+
 Napi::Object objectArg(Napi::Env env, const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
   Napi::Value v = info[i];
   if (!v.IsObject() || v.IsArray() || v.IsTypedArray())

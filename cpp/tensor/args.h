@@ -1,5 +1,6 @@
-// Argument helpers shared by the op bindings: integer fields and flags of a config object, checked
-// products of dimensions, and the sequence table of a (possibly packed) batch.
+// Argument helpers shared by the op bindings: the request every op entry point takes, integer
+// fields and flags of its config, checked products of dimensions, and the sequence table of a
+// (possibly packed) batch.
 #pragma once
 #include <napi.h>
 
@@ -8,8 +9,22 @@
 #include <vector>
 
 #include "cuda/common/api.h"
+#include "tensor/tensor.h"
 
 namespace rk {
+
+// The one argument of every op's native entry point, read by name:
+//   { device, dtype, tensors: { <input>: storage | null, ... }, config: { <size, flag or table>, ... },
+//     grads: { <saved tensor or output gradient>: storage | null, ... } (backward only) }
+struct Request {
+  Device device = Device::CPU;
+  DType dtype = DType::F32;
+  Napi::Object tensors, config, grads;
+};
+// Reads info[0] as the request of op; dtypeOf names the input that has the request's dtype (for
+// messages); withGrads: a backward (grads is required).
+Request parseRequest(Napi::Env env, const Napi::CallbackInfo& info, const char* op, const char* dtypeOf,
+                     bool withGrads = false);
 
 // info[i] as an object (ERR_ARGUMENT naming the argument otherwise).
 Napi::Object objectArg(Napi::Env env, const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);

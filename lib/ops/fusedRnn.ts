@@ -143,9 +143,11 @@ function* run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolea
   const { wx, R, b, states0 } = x;
   const { batch, T, heads: H, headDim: D, returnLastOnly } = config;
   const device = wx.device;
-  const r = yield* nativeCall((n) => n.fusedRnnForward(device, wx.dtype, {
-    wx: wx.storage, R: R.storage, b: b.storage, states0: states0?.storage ?? null,
-  }, config, lengths, training));
+  const r = yield* nativeCall((n) => n.fusedRnnForward({
+    device, dtype: wx.dtype,
+    tensors: { wx: wx.storage, R: R.storage, b: b.storage, states0: states0?.storage ?? null },
+    config: { ...config, lengths, training },
+  }));
   const outputs: FusedRnnOutputs = {
     h: new Tensor(r.h, returnLastOnly ? [batch, H, D] : [batch, T, H, D], wx.dtype, device),
     finalStates: new Tensor(r.finalStates, [S, batch, H, D], 'float32', device),
@@ -201,12 +203,15 @@ function* backward(ctx: FusedRnnCtx, grads: { h?: Tensor | null; finalStates?: T
     expectDType(op, 'grad of finalStates', gFinal, ['float32']);
     expectDevice(op, 'grad of finalStates', gFinal, ctx.device, 'to match finalStates');
   }
-  const r = yield* nativeCall((n) => n.fusedRnnBackward(ctx.device, ctx.dtype, {
-    wx: x.wx.storage, R: x.R.storage, b: x.b.storage, states0: x.states0?.storage ?? null,
-  }, cfg, lengths, {
-    savedStates: ctx.savedStates.storage, savedPre: ctx.savedPre.storage,
-    dh: gH?.storage ?? null, dFinal: gFinal?.storage ?? null,
-  }, x.states0 !== null));
+  const r = yield* nativeCall((n) => n.fusedRnnBackward({
+    device: ctx.device, dtype: ctx.dtype,
+    tensors: { wx: x.wx.storage, R: x.R.storage, b: x.b.storage, states0: x.states0?.storage ?? null },
+    grads: {
+      savedStates: ctx.savedStates.storage, savedPre: ctx.savedPre.storage,
+      dh: gH?.storage ?? null, dFinal: gFinal?.storage ?? null,
+    },
+    config: { ...cfg, lengths, needDStates0: x.states0 !== null },
+  }));
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
     wx: like(r.dwx, x.wx), R: like(r.dR, x.R), b: like(r.db, x.b),

@@ -146,9 +146,13 @@ function* run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep
   const { inputs: x, config, cuSeqlens, nseq, returnFinal } = prepare(OP, inputs, options);
   const { q, initialState: h0 } = x;
   const { HV, K, V } = config;
-  const r = yield* nativeCall((n) => n.gatedDeltaForward(q.device, q.dtype, {
-    q: q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage, h0: h0?.storage ?? null,
-  }, config, cuSeqlens, returnFinal, keep));
+  const r = yield* nativeCall((n) => n.gatedDeltaForward({
+    device: q.device, dtype: q.dtype,
+    tensors: {
+      q: q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage, h0: h0?.storage ?? null,
+    },
+    config: { ...config, cuSeqlens, returnFinal, keepStates: keep },
+  }));
   const outputs = {
     o: new Tensor(r.o, x.v.shape, q.dtype, q.device),
     finalState: r.finalState ? new Tensor(r.finalState, [nseq, HV, K, V], 'float32', q.device) : null,
@@ -196,11 +200,15 @@ function* backward(ctx: GatedDeltaRuleCtx, grads: { o?: Tensor | null; finalStat
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = yield* nativeCall((n) => n.gatedDeltaBackward(ctx.device, ctx.dtype, {
-    q: x.q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage,
-    h0: x.initialState?.storage ?? null,
-  }, cfg, cuSeqlens, { states: ctx.states.storage, dO: gO?.storage ?? null, dFinal: gFinal?.storage ?? null },
-  x.initialState !== null));
+  const r = yield* nativeCall((n) => n.gatedDeltaBackward({
+    device: ctx.device, dtype: ctx.dtype,
+    tensors: {
+      q: x.q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage,
+      h0: x.initialState?.storage ?? null,
+    },
+    grads: { states: ctx.states.storage, dO: gO?.storage ?? null, dFinal: gFinal?.storage ?? null },
+    config: { ...cfg, cuSeqlens, needDh0: x.initialState !== null },
+  }));
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
     q: like(r.dq, x.q), k: like(r.dk, x.k), v: like(r.dv, x.v), g: like(r.dg, x.g), beta: like(r.dbeta, x.beta),

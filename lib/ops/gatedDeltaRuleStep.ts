@@ -46,10 +46,14 @@ function* steps(inputs: GatedDeltaRuleStepInputs, options: GatedDeltaRuleStepOpt
   const l2norm = booleanOption(OP, 'useQkL2normInKernel', opts.useQkL2normInKernel, false);
   const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
   const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
-  const r = yield* nativeCall((n) => n.gatedDeltaStep(q.device, q.dtype, {
-    state: state.storage, q: q.storage, k: inputs.k.storage, v: inputs.v.storage, g: inputs.g.storage,
-    beta: inputs.beta.storage,
-  }, { batch, tokens: T, H, HV, K, V, scale, l2norm, updateState, returnIntermediate }));
+  const r = yield* nativeCall((n) => n.gatedDeltaStep({
+    device: q.device, dtype: q.dtype,
+    tensors: {
+      state: state.storage, q: q.storage, k: inputs.k.storage, v: inputs.v.storage, g: inputs.g.storage,
+      beta: inputs.beta.storage,
+    },
+    config: { batch, tokens: T, H, HV, K, V, scale, l2norm, updateState, returnIntermediate },
+  }));
   return {
     o: new Tensor(r.o, inputs.v.shape, q.dtype, q.device),
     intermediateStates: r.intermediate ? new Tensor(r.intermediate, [batch, T, HV, K, V], 'float32', q.device) : null,

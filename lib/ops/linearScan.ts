@@ -64,8 +64,10 @@ function* forward(inputs: LinearScanInputs, options: LinearScanOptions = {}):
   const h0 = opts.initialState ?? null;
   if (h0 !== null) checkInitialState(OP, h0, a);
   const rows = batch * channels;
-  const r = yield* nativeCall((n) => n.linearScanForward(a.device, a.dtype, a.storage, b.storage, h0?.storage ?? null,
-    rows, length, reverse, returnFinal));
+  const r = yield* nativeCall((n) => n.linearScanForward({
+    device: a.device, dtype: a.dtype, tensors: { a: a.storage, b: b.storage, h0: h0?.storage ?? null },
+    config: { rows, length, reverse, returnFinal },
+  }));
   const h = new Tensor(r.h, a.shape, a.dtype, a.device);
   const finalState = r.finalState ? new Tensor(r.finalState, [batch, channels], 'float32', a.device) : null;
   return {
@@ -114,8 +116,11 @@ function* backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: 
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = yield* nativeCall((n) => n.linearScanBackward(ctx.device, ctx.dtype, a.storage, h.storage,
-    h0?.storage ?? null, gh?.storage ?? null, gFinal?.storage ?? null, batch * channels, length, reverse, h0 !== null));
+  const r = yield* nativeCall((n) => n.linearScanBackward({
+    device: ctx.device, dtype: ctx.dtype, tensors: { a: a.storage, h0: h0?.storage ?? null },
+    grads: { h: h.storage, gh: gh?.storage ?? null, gFinal: gFinal?.storage ?? null },
+    config: { rows: batch * channels, length, reverse, needGh0: h0 !== null },
+  }));
   const wrap = (s: Storage) => new Tensor(s, ctx.shape, ctx.dtype, ctx.device);
   return {
     a: wrap(r.ga),

@@ -229,9 +229,11 @@ function* forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
   const { inputs: x, config, guessTensor, hidden, states: S, onNon } = prepare(OP, inputs, options);
   const { wx, R, b, h0 } = x;
   const { batch, T, maxIters, tolAbs, tolRel } = config;
-  const r = yield* nativeCall((n) => n.newtonRnnForward(wx.device, wx.dtype, {
-    wx: wx.storage, R: R.storage, b: b.storage, h0: h0?.storage ?? null, guess: guessTensor?.storage ?? null,
-  }, config));
+  const r = yield* nativeCall((n) => n.newtonRnnForward({
+    device: wx.device, dtype: wx.dtype,
+    tensors: { wx: wx.storage, R: R.storage, b: b.storage, h0: h0?.storage ?? null, guess: guessTensor?.storage ?? null },
+    config,
+  }));
   const converged = Array.from(r.converged, (v) => v !== 0);
   const trajectory = new Tensor(r.traj, [batch, T, S, ...hidden], 'float32', wx.device);
   const y = new Tensor(r.y, [batch, T, ...hidden], wx.dtype, wx.device);
@@ -295,10 +297,12 @@ function* backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: 
     expectDType(op, 'grad of finalStates', gFinal, ['float32']);
     expectDevice(op, 'grad of finalStates', gFinal, ctx.device, 'to match finalStates');
   }
-  const r = yield* nativeCall((n) => n.newtonRnnBackward(ctx.device, ctx.dtype, {
-    wx: x.wx.storage, R: x.R.storage, b: x.b.storage, h0: x.h0?.storage ?? null, guess: null,
-  }, { ...cfg, guess: 0 }, { traj: ctx.trajectory.storage, dy: gY?.storage ?? null, dFinal: gFinal?.storage ?? null },
-  x.h0 !== null));
+  const r = yield* nativeCall((n) => n.newtonRnnBackward({
+    device: ctx.device, dtype: ctx.dtype,
+    tensors: { wx: x.wx.storage, R: x.R.storage, b: x.b.storage, h0: x.h0?.storage ?? null, guess: null },
+    grads: { traj: ctx.trajectory.storage, dy: gY?.storage ?? null, dFinal: gFinal?.storage ?? null },
+    config: { ...cfg, guess: 0, needDh0: x.h0 !== null },
+  }));
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
     wx: like(r.dwx, x.wx), R: like(r.dR, x.R), b: like(r.db, x.b),

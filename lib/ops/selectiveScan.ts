@@ -180,10 +180,14 @@ function* forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {
   const { inputs: x, config, cuSeqlens, nseq, returnFinal } = prepare(OP, inputs, options);
   const { u, delta, A, D, z, deltaBias, initialState: h0 } = x;
   const { dim, dstate } = config;
-  const r = yield* nativeCall((n) => n.selectiveScanForward(u.device, u.dtype, {
-    u: u.storage, delta: delta.storage, A: A.storage, B: x.B.storage, C: x.C.storage,
-    D: D?.storage ?? null, z: z?.storage ?? null, deltaBias: deltaBias?.storage ?? null, h0: h0?.storage ?? null,
-  }, config, cuSeqlens, returnFinal));
+  const r = yield* nativeCall((n) => n.selectiveScanForward({
+    device: u.device, dtype: u.dtype,
+    tensors: {
+      u: u.storage, delta: delta.storage, A: A.storage, B: x.B.storage, C: x.C.storage,
+      D: D?.storage ?? null, z: z?.storage ?? null, deltaBias: deltaBias?.storage ?? null, h0: h0?.storage ?? null,
+    },
+    config: { ...config, cuSeqlens, returnFinal },
+  }));
   const y = new Tensor(r.y, u.shape, u.dtype, u.device);
   const finalState = r.finalState ? new Tensor(r.finalState, [nseq, dim, dstate], 'float32', u.device) : null;
   // Checkpoints (flat; their layout is the kernels' business): for each sequence, the state at the
@@ -223,12 +227,16 @@ function* backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = yield* nativeCall((n) => n.selectiveScanBackward(ctx.device, ctx.dtype, {
-    u: x.u.storage, delta: x.delta.storage, A: x.A.storage, B: x.B.storage, C: x.C.storage,
-    D: x.D?.storage ?? null, z: x.z?.storage ?? null, deltaBias: x.deltaBias?.storage ?? null,
-    h0: x.initialState?.storage ?? null,
-  }, cfg, cuSeqlens, { states: ctx.states.storage, dy: gy?.storage ?? null, dFinal: gFinal?.storage ?? null },
-  x.initialState !== null));
+  const r = yield* nativeCall((n) => n.selectiveScanBackward({
+    device: ctx.device, dtype: ctx.dtype,
+    tensors: {
+      u: x.u.storage, delta: x.delta.storage, A: x.A.storage, B: x.B.storage, C: x.C.storage,
+      D: x.D?.storage ?? null, z: x.z?.storage ?? null, deltaBias: x.deltaBias?.storage ?? null,
+      h0: x.initialState?.storage ?? null,
+    },
+    grads: { states: ctx.states.storage, dy: gy?.storage ?? null, dFinal: gFinal?.storage ?? null },
+    config: { ...cfg, cuSeqlens, needDh0: x.initialState !== null },
+  }));
   const like = (s: Storage | null, t: Tensor | null) => (s && t ? new Tensor(s, t.shape, t.dtype, t.device) : null);
   return {
     u: like(r.du, x.u)!,

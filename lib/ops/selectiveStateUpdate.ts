@@ -121,10 +121,14 @@ function* steps(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdat
   const dtSoftplus = booleanOption(OP, 'dtSoftplus', opts.dtSoftplus, false);
   const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
   const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
-  const r = yield* nativeCall((n) => n.selectiveStateUpdate(device, x.dtype, {
-    state: state.storage, x: x.storage, dt: dt.storage, A: A.storage, B: B.storage, C: C.storage,
-    D: inputs.D?.storage ?? null, z: z?.storage ?? null, dtBias: inputs.dtBias?.storage ?? null,
-  }, { batch, dim, dstate, groups, tokens, deltaSoftplus: dtSoftplus, updateState, returnIntermediate }));
+  const r = yield* nativeCall((n) => n.selectiveStateUpdate({
+    device, dtype: x.dtype,
+    tensors: {
+      state: state.storage, x: x.storage, dt: dt.storage, A: A.storage, B: B.storage, C: C.storage,
+      D: inputs.D?.storage ?? null, z: z?.storage ?? null, dtBias: inputs.dtBias?.storage ?? null,
+    },
+    config: { batch, dim, dstate, groups, tokens, deltaSoftplus: dtSoftplus, updateState, returnIntermediate },
+  }));
   return {
     y: new Tensor(r.y, xShape, x.dtype, device),
     intermediateStates: r.intermediate ? new Tensor(r.intermediate, [batch, tokens, dim, dstate], 'float32', device) : null,

@@ -20,17 +20,16 @@ struct CellsCall {
   int64_t wx = 0, R = 0, b = 0, states = 0, h = 0, savedStates = 0, savedPre = 0;
 };
 
-// (device, dtype, tensors {wx, R, b, states0}, config {cell, batch, T, heads, headDim, returnLastOnly},
-//  lengths: Int32Array | null)
-CellsCall parseCells(const Napi::CallbackInfo& info, const char* op) {
-  Napi::Env env = info.Env();
+// The request's tensors {wx, R, b, states0} and config {cell, batch, T, heads, headDim, returnLastOnly,
+// lengths: Int32Array | null} (tensor/args.h: Request).
+CellsCall parseCells(Napi::Env env, const Request& r, const char* op) {
   CellsCall c;
-  c.dev = parseDevice(env, info[0], op);
+  c.dev = r.device;
 #ifndef RK_WITH_CUDA
   if (c.dev == Device::CUDA) throwNoCuda(env, op);
 #endif
-  DType dt = parseDType(env, info[1], op, "wx");
-  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
+  const DType dt = r.dtype;
+  const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::FusedRnnArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   const int64_t cell = intField(env, cfg, "cell", op, 0);
@@ -51,7 +50,7 @@ CellsCall parseCells(const Napi::CallbackInfo& info, const char* op) {
                          : product(env, {a.batch, a.T, a.heads, a.headDim}, op);
   c.savedStates = product(env, {a.T, c.states}, op);
   c.savedPre = product(env, {a.T, a.batch, G, a.heads, a.headDim}, op);
-  Napi::Value lv = info[4];
+  Napi::Value lv = cfg.Get("lengths");
   if (!lv.IsNull() && !lv.IsUndefined()) {
     if (!lv.IsTypedArray() || lv.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
       throwError(env, "ERR_ARGUMENT", std::string(op) + ": lengths must be an Int32Array");
@@ -76,13 +75,14 @@ CellsCall parseCells(const Napi::CallbackInfo& info, const char* op) {
   return c;
 }
 
-// fusedRnnForward(device, dtype, tensors, config, lengths, training)
+// fusedRnnForward({ device, dtype, tensors, config: { ..., training } })
 //   -> { h, finalStates, savedStates | null, savedPre | null }
 Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "fusedRnn";
-  CellsCall c = parseCells(info, op);
-  const bool training = info[5].ToBoolean().Value();
+  const Request r = parseRequest(env, info, op, "wx");
+  CellsCall c = parseCells(env, r, op);
+  const bool training = flagField(r.config, "training");
   rkcuda::FusedRnnOutputs o;
   Napi::Object out = Napi::Object::New(env);
   out.Set("h", allocOutput(env, c.dev, DType(int(c.a.dt)), c.h, &o.h, Init::Overwritten));
@@ -96,14 +96,16 @@ Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
   });
 }
 
-// fusedRnnBackward(device, dtype, tensors, config, lengths, {savedStates, savedPre, dh, dFinal}, needDStates0)
+// fusedRnnBackward({ device, dtype, tensors, grads: { savedStates, savedPre, dh, dFinal },
+//                    config: { ..., needDStates0 } })
 //   -> { dwx, dR, db, dStates0 | null }
 Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "fusedRnn.backward";
-  CellsCall c = parseCells(info, op);
-  Napi::Object gi = objectArg(env, info, 5, op, "grads");
-  const bool needDStates0 = info[6].ToBoolean().Value();
+  const Request r = parseRequest(env, info, op, "wx", true);
+  CellsCall c = parseCells(env, r, op);
+  const Napi::Object gi = r.grads;
+  const bool needDStates0 = flagField(r.config, "needDStates0");
   const DType dt = DType(int(c.a.dt));
   rkcuda::FusedRnnGrads g;
   g.savedStates = static_cast<const float*>(tensorArg(env, gi.Get("savedStates"), op, "savedStates (saved for backward)",

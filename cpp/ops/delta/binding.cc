@@ -33,14 +33,13 @@ float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
   return float(s);
 }
 
-// (device, dtype, tensors {q, k, v, g, beta, h0}, config {batch, T, H, HV, K, V, scale, l2norm},
-//  cuSeqlens: Int32Array | null)
-DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
-  Napi::Env env = info.Env();
+// The request's tensors {q, k, v, g, beta, h0} and config {batch, T, H, HV, K, V, scale, l2norm,
+// cuSeqlens: Int32Array | null} (tensor/args.h: Request).
+DeltaCall parseDelta(Napi::Env env, const Request& r, const char* op) {
   DeltaCall c;
-  c.dev = parseDevice(env, info[0], op);
-  DType dt = parseDType(env, info[1], op, "q");
-  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
+  c.dev = r.device;
+  const DType dt = r.dtype;
+  const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::GatedDeltaArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   a.batch = intField(env, cfg, "batch", op, 1);
@@ -63,7 +62,7 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
     throwNoCuda(env, op);
 #endif
   }
-  c.segments = parseSegments(env, info[4], a.batch, a.T, chunk, op, &a.totalChunks, &a.packed);
+  c.segments = parseSegments(env, cfg.Get("cuSeqlens"), a.batch, a.T, chunk, op, &a.totalChunks, &a.packed);
   a.nseq = int64_t(c.segments.size());
   a.segments = c.segments.data();
   a.chunk = chunk;
@@ -86,20 +85,21 @@ DeltaCall parseDelta(const Napi::CallbackInfo& info, const char* op) {
   return c;
 }
 
-// gatedDeltaForward(device, dtype, tensors, config, cuSeqlens, returnFinal, keepStates)
+// gatedDeltaForward({ device, dtype, tensors, config: { ..., returnFinal, keepStates } })
 //   -> { o, states | null, finalState | null }
 // Without keepStates (a forward that no backward follows) the CPU saves no checkpoints; the CUDA
 // kernels always do.
 Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRule";
-  DeltaCall c = parseDelta(info, op);
-  const bool wantFinal = info[5].ToBoolean().Value();
+  const Request r = parseRequest(env, info, op, "q");
+  DeltaCall c = parseDelta(env, r, op);
+  const bool wantFinal = flagField(r.config, "returnFinal");
   void* o = nullptr;
   float *states = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
   out.Set("o", allocOutput(env, c.dev, DType(int(c.a.dt)), c.vo, &o, Init::Overwritten));
-  const bool keepStates = c.dev == Device::CUDA || info[6].ToBoolean().Value();
+  const bool keepStates = c.dev == Device::CUDA || flagField(r.config, "keepStates");
   out.Set("states", keepStates ? allocOutput(env, c.dev, DType::F32, c.savedElems, &states, Init::Overwritten)
                                : env.Null());
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
@@ -109,14 +109,15 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
                 [k, o, states, fin] { delta::gatedDeltaForwardCpu(k->a, o, states, fin); });
 }
 
-// gatedDeltaBackward(device, dtype, tensors, config, cuSeqlens, {states, dO, dFinal}, needDh0)
+// gatedDeltaBackward({ device, dtype, tensors, grads: { states, dO, dFinal }, config: { ..., needDh0 } })
 //   -> { dq, dk, dv, dg, dbeta, dh0 | null }
 Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRule.backward";
-  DeltaCall c = parseDelta(info, op);
-  Napi::Object gi = objectArg(env, info, 5, op, "grads");
-  const bool needDh0 = info[6].ToBoolean().Value();
+  const Request r = parseRequest(env, info, op, "q", true);
+  DeltaCall c = parseDelta(env, r, op);
+  const Napi::Object gi = r.grads;
+  const bool needDh0 = flagField(r.config, "needDh0");
   const DType dt = DType(int(c.a.dt));
   rkcuda::GatedDeltaGrads g;
   g.states = static_cast<const float*>(
@@ -138,15 +139,16 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   });
 }
 
-// gatedDeltaStep(device, dtype, tensors {state, q, k, v, g, beta},
-//   config {batch, tokens, H, HV, K, V, scale, l2norm, updateState, returnIntermediate})
+// gatedDeltaStep({ device, dtype, tensors: { state, q, k, v, g, beta },
+//   config: { batch, tokens, H, HV, K, V, scale, l2norm, updateState, returnIntermediate } })
 //   -> { o, intermediate | null }
 Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRuleStep";
-  Device dev = parseDevice(env, info[0], op);
-  DType dt = parseDType(env, info[1], op, "q");
-  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
+  const Request r = parseRequest(env, info, op, "q");
+  Device dev = r.device;
+  const DType dt = r.dtype;
+  const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::GatedDeltaStepArgs a;
   a.dt = rkcuda::DType(int(dt));
   a.batch = intField(env, cfg, "batch", op, 1);

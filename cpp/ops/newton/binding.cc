@@ -27,14 +27,13 @@ float nonNegativeField(Napi::Env env, const Napi::Object& cfg, const char* name,
   return float(s);
 }
 
-// (device, dtype, tensors {wx, R, b, h0, guess}, config {cell, batch, T, heads, headDim, fullJacobian,
-//  sequential, fallbackSequential, maxIters, tolAbs, tolRel, damping, guess})
-NewtonCall parseNewton(const Napi::CallbackInfo& info, const char* op) {
-  Napi::Env env = info.Env();
+// The request's tensors {wx, R, b, h0, guess} and config {cell, batch, T, heads, headDim, fullJacobian,
+// sequential, fallbackSequential, maxIters, tolAbs, tolRel, damping, guess} (tensor/args.h: Request).
+NewtonCall parseNewton(Napi::Env env, const Request& r, const char* op) {
   NewtonCall c;
-  c.dev = parseDevice(env, info[0], op);
-  DType dt = parseDType(env, info[1], op, "wx");
-  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
+  c.dev = r.device;
+  const DType dt = r.dtype;
+  const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::NewtonRnnArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   const int64_t cell = intField(env, cfg, "cell", op, 0);
@@ -79,12 +78,13 @@ NewtonCall parseNewton(const Napi::CallbackInfo& info, const char* op) {
   return c;
 }
 
-// newtonRnnForward(device, dtype, tensors, config)
+// newtonRnnForward({ device, dtype, tensors, config })
 //   -> { y, traj, finalStates, iterations: Int32Array, residual: Float32Array, converged, fellBack: Uint8Array }
 Napi::Value NewtonRnnForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "newtonRnn";
-  NewtonCall c = parseNewton(info, op);
+  const Request r = parseRequest(env, info, op, "wx");
+  NewtonCall c = parseNewton(env, r, op);
   rkcuda::NewtonRnnOutputs o;
   Napi::Object out = Napi::Object::New(env);
   out.Set("y", allocOutput(env, c.dev, DType(int(c.a.dt)), c.yElems, &o.y, Init::Overwritten));
@@ -107,13 +107,15 @@ Napi::Value NewtonRnnForward(const Napi::CallbackInfo& info) {
   });
 }
 
-// newtonRnnBackward(device, dtype, tensors, config, {traj, dy, dFinal}, needDh0) -> { dwx, dR, db, dh0 | null }
+// newtonRnnBackward({ device, dtype, tensors, grads: { traj, dy, dFinal }, config: { ..., needDh0 } })
+//   -> { dwx, dR, db, dh0 | null }
 Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "newtonRnn.backward";
-  NewtonCall c = parseNewton(info, op);
-  Napi::Object gi = objectArg(env, info, 4, op, "grads");
-  const bool needDh0 = info[5].ToBoolean().Value();
+  const Request r = parseRequest(env, info, op, "wx", true);
+  NewtonCall c = parseNewton(env, r, op);
+  const Napi::Object gi = r.grads;
+  const bool needDh0 = flagField(r.config, "needDh0");
   const DType dt = DType(int(c.a.dt));
   rkcuda::NewtonRnnGrads g;
   g.traj = static_cast<const float*>(

@@ -3,6 +3,7 @@
 #include "ops/scan/binding.h"
 
 #include "ops/scan/linear_scan_cpu.h"
+#include "tensor/args.h"
 #include "tensor/tensor.h"
 
 namespace rk {
@@ -10,20 +11,25 @@ namespace {
 
 constexpr const char* kFwd = "linearScan";
 
-// linearScanForward(device, dtype, a, b, h0|null, rows, length, reverse, returnFinalState)
-//   -> { h, finalState|null }
+// The request's config { rows, length, reverse }.
+scan::LinearScanShape parseShape(Napi::Env env, const Request& r, const char* op) {
+  return {intField(env, r.config, "rows", op, 0), intField(env, r.config, "length", op, 0),
+          flagField(r.config, "reverse")};
+}
+
+// linearScanForward({ device, dtype, tensors: { a, b, h0 | null },
+//                     config: { rows, length, reverse, returnFinal } }) -> { h, finalState | null }
 Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Device dev = parseDevice(env, info[0], kFwd);
-  DType dt = parseDType(env, info[1], kFwd, "a");
-  int64_t rows = parseCount(env, info[5], kFwd, "rows");
-  int64_t length = parseCount(env, info[6], kFwd, "length");
-  scan::LinearScanShape s{rows, length, info[7].ToBoolean().Value()};
-  bool wantFinal = info[8].ToBoolean().Value();
-  int64_t n = checkedProduct(env, rows, length, kFwd);
-  View a = tensorArg(env, info[2], kFwd, "a", dev, dt, n);
-  View b = tensorArg(env, info[3], kFwd, "b", dev, dt, n);
-  View h0 = tensorArg(env, info[4], kFwd, "initialState", dev, DType::F32, rows, true);
+  const Request r = parseRequest(env, info, kFwd, "a");
+  const Device dev = r.device;
+  const DType dt = r.dtype;
+  const scan::LinearScanShape s = parseShape(env, r, kFwd);
+  const int64_t rows = s.rows, length = s.length, n = checkedProduct(env, rows, length, kFwd);
+  const bool wantFinal = flagField(r.config, "returnFinal");
+  View a = tensorArg(env, r.tensors.Get("a"), kFwd, "a", dev, dt, n);
+  View b = tensorArg(env, r.tensors.Get("b"), kFwd, "b", dev, dt, n);
+  View h0 = tensorArg(env, r.tensors.Get("h0"), kFwd, "initialState", dev, DType::F32, rows, true);
   void* h = nullptr;
   void* fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
@@ -38,23 +44,22 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
   });
 }
 
-// linearScanBackward(device, dtype, a, h, h0|null, gh|null, gFinal|null, rows, length, reverse, needGh0)
-//   -> { ga, gb, gh0|null }
+// linearScanBackward({ device, dtype, tensors: { a, h0 | null }, grads: { h, gh | null, gFinal | null },
+//                      config: { rows, length, reverse, needGh0 } }) -> { ga, gb, gh0 | null }
 Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "linearScan.backward";
-  Device dev = parseDevice(env, info[0], op);
-  DType dt = parseDType(env, info[1], op, "a");
-  int64_t rows = parseCount(env, info[7], op, "rows");
-  int64_t length = parseCount(env, info[8], op, "length");
-  scan::LinearScanShape s{rows, length, info[9].ToBoolean().Value()};
-  bool needGh0 = info[10].ToBoolean().Value();
-  int64_t n = checkedProduct(env, rows, length, op);
-  View a = tensorArg(env, info[2], op, "a", dev, dt, n);
-  View h = tensorArg(env, info[3], op, "h", dev, dt, n);
-  View h0 = tensorArg(env, info[4], op, "initialState", dev, DType::F32, rows, true);
-  View gh = tensorArg(env, info[5], op, "grad of h", dev, dt, n, true);
-  View gFinal = tensorArg(env, info[6], op, "grad of finalState", dev, DType::F32, rows, true);
+  const Request r = parseRequest(env, info, op, "a", true);
+  const Device dev = r.device;
+  const DType dt = r.dtype;
+  const scan::LinearScanShape s = parseShape(env, r, op);
+  const int64_t rows = s.rows, length = s.length, n = checkedProduct(env, rows, length, op);
+  const bool needGh0 = flagField(r.config, "needGh0");
+  View a = tensorArg(env, r.tensors.Get("a"), op, "a", dev, dt, n);
+  View h0 = tensorArg(env, r.tensors.Get("h0"), op, "initialState", dev, DType::F32, rows, true);
+  View h = tensorArg(env, r.grads.Get("h"), op, "h", dev, dt, n);
+  View gh = tensorArg(env, r.grads.Get("gh"), op, "grad of h", dev, dt, n, true);
+  View gFinal = tensorArg(env, r.grads.Get("gFinal"), op, "grad of finalState", dev, DType::F32, rows, true);
   void *ga = nullptr, *gb = nullptr, *gh0 = nullptr;
   Napi::Object out = Napi::Object::New(env);
   out.Set("ga", allocOutput(env, dev, dt, n, &ga, Init::Overwritten));

@@ -23,14 +23,13 @@ struct ScanCall {
   int64_t bcVariable = 0, params = 0, stateElems = 0, checkpointElems = 0;
 };
 
-// (device, dtype, tensors {u, delta, A, B, C, D, z, deltaBias, h0}, config {batch, dim, seqlen,
-//  dstate, groups, variableB, variableC, deltaSoftplus}, cuSeqlens: Int32Array | null)
-ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
-  Napi::Env env = info.Env();
+// The request's tensors {u, delta, A, B, C, D, z, deltaBias, h0} and config {batch, dim, seqlen, dstate,
+// groups, variableB, variableC, deltaSoftplus, cuSeqlens: Int32Array | null} (tensor/args.h: Request).
+ScanCall parseScan(Napi::Env env, const Request& r, const char* op) {
   ScanCall c;
-  c.dev = parseDevice(env, info[0], op);
-  DType dt = parseDType(env, info[1], op, "u");
-  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
+  c.dev = r.device;
+  const DType dt = r.dtype;
+  const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::SelectiveScanArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   a.batch = intField(env, cfg, "batch", op, 1);
@@ -59,7 +58,7 @@ ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
     throwNoCuda(env, op);
 #endif
   }
-  c.segments = parseSegments(env, info[4], a.batch, a.seqlen, chunk, op, &a.totalChunks, &a.packed);
+  c.segments = parseSegments(env, cfg.Get("cuSeqlens"), a.batch, a.seqlen, chunk, op, &a.totalChunks, &a.packed);
   a.nseq = int64_t(c.segments.size());
   a.chunk = chunk;
   a.segments = c.segments.data();
@@ -82,15 +81,16 @@ ScanCall parseScan(const Napi::CallbackInfo& info, const char* op) {
   return c;
 }
 
-// selectiveScanForward(device, dtype, tensors, config, cuSeqlens, returnFinal)
+// selectiveScanForward({ device, dtype, tensors, config: { ..., returnFinal } })
 //   -> { y, states, finalState | null }
 Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "selectiveScan";
-  auto k = std::make_shared<ScanCall>(parseScan(info, op));  // the kernel's arguments, kept for an async call
+  const Request r = parseRequest(env, info, op, "u");
+  auto k = std::make_shared<ScanCall>(parseScan(env, r, op));  // the kernel's arguments, kept for an async call
   const ScanCall& c = *k;
   const rkcuda::SelectiveScanArgs& a = c.a;
-  const bool wantFinal = info[5].ToBoolean().Value();
+  const bool wantFinal = flagField(r.config, "returnFinal");
   void* y = nullptr;
   float *states = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
@@ -102,16 +102,17 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
                 [k, y, states, fin] { scan::selectiveScanForwardCpu(k->a, y, states, fin); });
 }
 
-// selectiveScanBackward(device, dtype, tensors, config, cuSeqlens, {states, dy, dFinal}, needDh0)
+// selectiveScanBackward({ device, dtype, tensors, grads: { states, dy, dFinal }, config: { ..., needDh0 } })
 //   -> { du, ddelta, dA, dB, dC, dD | null, dz | null, dDeltaBias | null, dh0 | null }
 Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "selectiveScan.backward";
-  auto k = std::make_shared<ScanCall>(parseScan(info, op));
+  const Request r = parseRequest(env, info, op, "u", true);
+  auto k = std::make_shared<ScanCall>(parseScan(env, r, op));
   const ScanCall& c = *k;
   const rkcuda::SelectiveScanArgs& a = c.a;
-  Napi::Object gi = objectArg(env, info, 5, op, "grads");
-  const bool needDh0 = info[6].ToBoolean().Value();
+  const Napi::Object gi = r.grads;
+  const bool needDh0 = flagField(r.config, "needDh0");
   const DType dt = DType(int(a.dt));
   rkcuda::SelectiveScanGrads g;
   g.states = static_cast<const float*>(
@@ -136,15 +137,16 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   });
 }
 
-// selectiveStateUpdate(device, dtype, tensors {state, x, delta, A, B, C, D, z, deltaBias},
-//   config {batch, dim, dstate, groups, tokens, deltaSoftplus, updateState, returnIntermediate})
+// selectiveStateUpdate({ device, dtype, tensors: { state, x, dt, A, B, C, D, z, dtBias },
+//   config: { batch, dim, dstate, groups, tokens, deltaSoftplus, updateState, returnIntermediate } })
 //   -> { y, intermediate | null }
 Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "selectiveStateUpdate";
-  Device dev = parseDevice(env, info[0], op);
-  DType dt = parseDType(env, info[1], op, "x");
-  Napi::Object t = objectArg(env, info, 2, op, "tensors"), cfg = objectArg(env, info, 3, op, "config");
+  const Request r = parseRequest(env, info, op, "x");
+  Device dev = r.device;
+  const DType dt = r.dtype;
+  const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::SelectiveStateUpdateArgs a;
   a.dt = rkcuda::DType(int(dt));
   a.batch = intField(env, cfg, "batch", op, 1);
