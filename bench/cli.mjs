@@ -22,6 +22,7 @@ import selectiveScan from './ops/selective-scan.mjs';
 import gatedDeltaRule from './ops/gated-delta-rule.mjs';
 import fusedRnn from './ops/fused-rnn.mjs';
 import newtonRnn from './ops/newton-rnn.mjs';
+import tfjsLstm from './ops/tfjs-lstm.mjs';
 
 const OPS = {
   'linear-scan': linearScan,
@@ -29,6 +30,7 @@ const OPS = {
   'gated-delta-rule': gatedDeltaRule,
   'fused-rnn': fusedRnn,
   'newton-rnn': newtonRnn,
+  'tfjs-lstm': tfjsLstm,
 };
 const ISAS = ['avx512', 'avx2', 'base'];
 const USAGE = `usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick] ` +

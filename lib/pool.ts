@@ -58,6 +58,11 @@ export function releaseHostBuffer(storage: Float32Array | Uint16Array): void {
   pooledBytes += bytes;
 }
 
+/** Keeps a buffer out of the pool for good (its memory now belongs to someone else). */
+export function disownHostBuffer(storage: Float32Array | Uint16Array): void {
+  ours.delete(storage.buffer as ArrayBuffer);
+}
+
 export function pooledHostBytes(): number {
   return pooledBytes;
 }

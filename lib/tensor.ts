@@ -14,7 +14,7 @@ import {
 } from './errors';
 import { nativeCall, runAsync } from './async';
 import { native, type DeviceBuffer, type Storage } from './native';
-import { claimHostBuffer, clearHostPool, pooledHostBytes, releaseHostBuffer } from './pool';
+import { claimHostBuffer, clearHostPool, disownHostBuffer, pooledHostBytes, releaseHostBuffer } from './pool';
 
 export type DType = 'float32' | 'float16' | 'bfloat16';
 export type Device = 'cpu' | 'cuda';
@@ -153,6 +153,20 @@ export interface TensorOptions {
 
 /** Set by the Tensor class: adds d to the in-flight count of a tensor (and of the tensor it views). */
 let addBusy: (t: Tensor, d: number) => void;
+/** Set by the Tensor class; see lendStorage. */
+let uncount: (t: Tensor) => void;
+
+/**
+ * Hands a CPU tensor's storage over to another owner (a framework that wraps the array without a
+ * copy): the tensor stays usable but no longer counts in memory(), and its buffer never goes back
+ * to the output pool (dispose() then only drops the tensor's reference).
+ */
+export function lendStorage(t: Tensor): Float32Array | Uint16Array {
+  const s = t.storage as Float32Array | Uint16Array;
+  uncount(t);
+  disownHostBuffer(s);
+  return s;
+}
 /**
  * Marks tensors as in use by an async call until the returned function is called: dispose() of any
  * of them (or of the tensor one views) meanwhile throws ERR_BUSY.
@@ -182,6 +196,14 @@ export class Tensor {
     addBusy = (t, d) => {
       t.#busy += d;
       if (t.#owner) t.#owner.#busy += d;
+    };
+    uncount = (t) => {
+      const root = t.#owner ?? t;
+      if (!root.#held.counted) return;
+      root.#held.counted = false;
+      registry.unregister(root);
+      live[root.device].tensors--;
+      live[root.device].bytes -= root.#held.bytes;
     };
   }
 

@@ -18,6 +18,18 @@ describe('package entry points', () => {
     `], { encoding: 'utf8' });
     expect(JSON.parse(out)).toEqual({ same: true, fn: 'function', keysMatch: true });
   });
+  it('recurrent-kernels/tfjs: require and import give the same functions', () => {
+    const { execFileSync } = require('node:child_process');
+    const out = execFileSync(process.execPath, ['--input-type=module', '-e', `
+      import { createRequire } from 'node:module';
+      import * as esm from ${JSON.stringify(pathToFileURL(join(root, 'dist', 'tfjs.mjs')).href)};
+      const cjs = createRequire(import.meta.url)(${JSON.stringify(join(root, 'dist', 'cjs', 'tfjs', 'index.js'))});
+      const keys = Object.keys(esm).filter((k) => k !== 'default').sort();
+      console.log(JSON.stringify({ same: esm.selectiveScan === cjs.selectiveScan && esm.toTf === cjs.toTf, keys }));
+    `], { encoding: 'utf8' });
+    expect(JSON.parse(out)).toEqual({ same: true, keys: ['fromTf', 'fusedRnn', 'gatedDeltaRule', 'linearScan', 'newtonRnn',
+      'selectiveScan', 'toTf'] });
+  });
   it('a load failure lists every path tried', () => {
     const { execFileSync } = require('node:child_process');
     const out = execFileSync(process.execPath, ['-e', `

@@ -23,7 +23,7 @@ afterEach(() => {
 describe('README', () => {
   it('has TypeScript examples, each importing the package', () => {
     expect(blocks.length).toBeGreaterThan(2);
-    for (const b of blocks) expect(b, `block at README line ${lineOf(b)}`).toMatch(/from 'recurrent-kernels'/);
+    for (const b of blocks) expect(b, `block at README line ${lineOf(b)}`).toMatch(/from 'recurrent-kernels(\/tfjs)?'/);
   });
 
   it('its examples type-check under strict mode', () => {
@@ -32,7 +32,10 @@ describe('README', () => {
       compilerOptions: {
         strict: true, noEmit: true, target: 'ES2022', module: 'ES2022', moduleResolution: 'bundler',
         lib: ['ES2022', 'esnext.disposable'], types: ['node'], typeRoots: [join(root, 'node_modules', '@types')],
-        skipLibCheck: true, paths: { 'recurrent-kernels': [join(root, 'lib', 'index.ts')] },
+        skipLibCheck: true, paths: {
+          'recurrent-kernels': [join(root, 'lib', 'index.ts')], 'recurrent-kernels/tfjs': [join(root, 'lib', 'tfjs', 'index.ts')],
+          '@tensorflow/*': [join(root, 'node_modules', '@tensorflow', '*')],
+        },
       },
       include: [join(dir, '*.ts')],
     }));
@@ -48,7 +51,8 @@ describe('README', () => {
 
   it.each(blocks.map((b, i) => [i, lineOf(b), b] as const))('example %i (README line %i) runs', async (i, _line, b) => {
     const file = join(dir, `run${i}.ts`);
-    writeFileSync(file, b.replace(/from 'recurrent-kernels'/g, `from ${JSON.stringify(join(root, 'lib', 'index.ts'))}`));
+    writeFileSync(file, b.replace(/from 'recurrent-kernels'/g, `from ${JSON.stringify(join(root, 'lib', 'index.ts'))}`)
+      .replace(/from 'recurrent-kernels\/tfjs'/g, `from ${JSON.stringify(join(root, 'lib', 'tfjs', 'index.ts'))}`));
     await import(file);
   });
 });

@@ -1,0 +1,243 @@
+// The TensorFlow.js bridge: every op's forward equals the core op; tf.grads of a random weighted sum of
+// its outputs equals the core backward, and (linear scan, selective scan, LSTM) the gradient of the
+// same recurrence written with tf ops; tensors neither leak in tfjs nor in the package; conversions;
+// the training examples (a Mamba-style block, an LSTM) bring their loss down.
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import * as tf from '@tensorflow/tfjs';
+import { beforeAll, describe, expect, it } from 'vitest';
+import * as rk from '../lib/index';
+import * as rkTf from '../lib/tfjs/index';
+import { freshSeed, normal, relErr, rng } from './reference/util';
+
+const seed = freshSeed();
+const rand = rng(seed);
+const at = (what: string) => `${what} (seed ${seed})`;
+
+beforeAll(async () => {
+  tf.env().set('IS_TEST', true); // no "install tfjs-node" banner
+  await tf.setBackend('cpu');
+});
+
+const tfRand = (shape: number[], scale = 1, map: (x: number) => number = (x) => x) =>
+  tf.tensor(Float32Array.from(normal(rand, shape.reduce((a, b) => a * b, 1), scale), map), shape, 'float32');
+const rkOf = (t: tf.Tensor) => rk.Tensor.from(Float32Array.from(t.dataSync()), t.shape);
+const arr = (t: tf.Tensor | rk.Tensor | null | undefined) =>
+  (t ? Array.from(t instanceof tf.Tensor ? t.dataSync() : t.toFloat32Array()) : null);
+
+interface Case {
+  name: string;
+  run: (inputs: Record<string, tf.Tensor>) => Record<string, tf.Tensor | null>;
+  hooks: rk.OpHooks<object, object, object, unknown, object>;
+  inputs: () => Record<string, tf.Tensor>;
+  /** Which of the inputs are options of the core op (tensor options, e.g. initialState). */
+  optionTensors?: string[];
+  options: object;
+  outputs: string[];
+}
+
+const cases: Case[] = [
+  {
+    name: 'linearScan', hooks: rk.ops.linearScan as never, outputs: ['h', 'finalState'],
+    inputs: () => ({ a: tfRand([2, 3, 7], 0.4), b: tfRand([2, 3, 7]), initialState: tfRand([2, 3]) }),
+    optionTensors: ['initialState'], options: { returnFinalState: true },
+    run: ({ a, b, initialState }) => rkTf.linearScan({ a, b }, { initialState, returnFinalState: true }),
+  },
+  {
+    name: 'selectiveScan', hooks: rk.ops.selectiveScan as never, outputs: ['y', 'finalState'],
+    inputs: () => ({
+      u: tfRand([2, 5, 9]), delta: tfRand([2, 5, 9], 0.3, Math.abs), A: tfRand([5, 3], 1, (x) => -Math.abs(x)),
+      B: tfRand([2, 1, 3, 9]), C: tfRand([2, 1, 3, 9]), D: tfRand([5]), z: tfRand([2, 5, 9]),
+    }),
+    options: { returnFinalState: true, deltaSoftplus: true },
+    run: (x) => rkTf.selectiveScan(x as never, { returnFinalState: true, deltaSoftplus: true }),
+  },
+  {
+    name: 'gatedDeltaRule', hooks: rk.ops.gatedDeltaRule as never, outputs: ['o', 'finalState'],
+    inputs: () => ({
+      q: tfRand([1, 11, 2, 6]), k: tfRand([1, 11, 2, 6]), v: tfRand([1, 11, 2, 5]),
+      g: tfRand([1, 11, 2], 0.1, (x) => -Math.abs(x)), beta: tfRand([1, 11, 2], 1, (x) => 1 / (1 + Math.exp(-x))),
+      initialState: tfRand([1, 2, 6, 5], 0.3),
+    }),
+    optionTensors: ['initialState'], options: { useQkL2normInKernel: true, outputFinalState: true },
+    run: ({ initialState, ...x }) => rkTf.gatedDeltaRule(x as never, { initialState, useQkL2normInKernel: true, outputFinalState: true }),
+  },
+  {
+    name: 'fusedRnn gru', hooks: rk.ops.fusedRnn as never, outputs: ['h', 'finalStates'],
+    inputs: () => ({ wx: tfRand([2, 6, 3, 2, 4]), R: tfRand([3, 2, 4, 4], 0.3), b: tfRand([3, 2, 4]), states0: tfRand([1, 2, 2, 4]) }),
+    options: { cell: 'gru' },
+    run: (x) => rkTf.fusedRnn(x as never, { cell: 'gru' }),
+  },
+  {
+    name: 'newtonRnn gru-diag', hooks: rk.ops.newtonRnn as never, outputs: ['y', 'finalStates'],
+    inputs: () => ({ wx: tfRand([2, 8, 3, 5]), R: tfRand([3, 5], 0.3), b: tfRand([3, 5]), h0: tfRand([1, 2, 5]) }),
+    options: { cell: 'gru-diag' },
+    run: (x) => rkTf.newtonRnn(x as never, { cell: 'gru-diag' }),
+  },
+];
+
+describe('recurrent-kernels/tfjs', () => {
+  for (const c of cases) {
+    it(`${c.name}: forward equals the core op; tf.grads equals the core backward`, () => {
+      const inputs = c.inputs();
+      const names = Object.keys(inputs);
+      const weights = tf.tidy(() => {
+        const out = c.run(inputs);
+        return c.outputs.map((k) => tfRand(out[k]!.shape));
+      });
+      const before = tf.memory().numTensors, rkBefore = rk.memory().cpu.tensors;
+      // Core op on copies of the same values.
+      const coreIn: Record<string, rk.Tensor> = {}, coreOpt: Record<string, unknown> = { ...c.options };
+      for (const k of names) (c.optionTensors?.includes(k) ? coreOpt : coreIn)[k] = rkOf(inputs[k]);
+      const core = c.hooks.forward(coreIn, coreOpt) as { outputs: Record<string, rk.Tensor>; ctx: unknown };
+      const fwd = tf.tidy(() => {
+        const out = c.run(inputs);
+        return c.outputs.map((k) => out[k]!);
+      });
+      c.outputs.forEach((k, i) => expect(arr(fwd[i]), at(k)).toEqual(arr(core.outputs[k])));
+      tf.dispose(fwd);
+      const coreW = Object.fromEntries(c.outputs.map((k, i) => [k, rkOf(weights[i])]));
+      const coreGrads = c.hooks.backward(core.ctx, coreW) as Record<string, rk.Tensor | null>;
+      const grads = tf.tidy(() => tf.grads((...xs: tf.Tensor[]) => {
+        const out = c.run(Object.fromEntries(names.map((k, i) => [k, xs[i]])));
+        return tf.addN(c.outputs.map((k, i) => tf.sum(tf.mul(out[k]!, weights[i]))));
+      })(names.map((k) => inputs[k])));
+      names.forEach((k, i) => {
+        const want = coreGrads[k];
+        expect(want, k).toBeTruthy();
+        expect(relErr(grads[i].dataSync(), want!.toFloat32Array()), at(`grad of ${k}`)).toBeLessThan(1e-6);
+      });
+      tf.dispose(grads);
+      expect(tf.memory().numTensors, 'tf tensors left').toBe(before);
+      for (const t of [...Object.values(coreIn), ...Object.values(coreOpt), ...Object.values(core.outputs),
+        ...Object.values(coreGrads), ...Object.values(coreW)]) if (rk.Tensor.isTensor(t)) t.dispose();
+      rk.disposeCtx(core.ctx);
+      expect(rk.memory().cpu.tensors, 'package tensors left').toBe(rkBefore);
+      tf.dispose([...Object.values(inputs), ...weights]);
+    });
+  }
+
+  it('newtonRnn returns its stats too, and the other outputs are null where the core op has none', () => {
+    const x = cases[4].inputs();
+    const r = tf.tidy(() => {
+      const out = rkTf.newtonRnn(x as never, { cell: 'gru-diag' });
+      expect(out.stats.converged).toEqual([true, true]);
+      const l = rkTf.linearScan({ a: x.b.reshape([1, 3, 5]), b: x.b.reshape([1, 3, 5]) });
+      expect(l.finalState).toBeNull();
+      return out.y;
+    });
+    expect(r.shape).toEqual([2, 8, 5]);
+    tf.dispose([r, ...Object.values(x)]);
+  });
+});
+
+// The same recurrences written with tf ops, differentiated by TensorFlow.js itself.
+function tfLinearScan(a: tf.Tensor, b: tf.Tensor, h0: tf.Tensor): tf.Tensor {
+  const [B, C, L] = a.shape;
+  let h = h0;
+  const hs: tf.Tensor[] = [];
+  for (let t = 0; t < L; t++) {
+    h = tf.add(tf.mul(a.slice([0, 0, t], [B, C, 1]).reshape([B, C]), h), b.slice([0, 0, t], [B, C, 1]).reshape([B, C]));
+    hs.push(h);
+  }
+  return tf.stack(hs, 2);
+}
+
+function tfSelectiveScan(u: tf.Tensor, delta: tf.Tensor, A: tf.Tensor, Bm: tf.Tensor, Cm: tf.Tensor): tf.Tensor {
+  const [B, D, L] = u.shape, N = A.shape[1];
+  let x = tf.zeros([B, D, N]);
+  const ys: tf.Tensor[] = [];
+  for (let t = 0; t < L; t++) {
+    const dt = delta.slice([0, 0, t], [B, D, 1]); // [B, D, 1]
+    const ut = u.slice([0, 0, t], [B, D, 1]);
+    const bt = Bm.slice([0, 0, 0, t], [B, 1, N, 1]).reshape([B, 1, N]);
+    const ct = Cm.slice([0, 0, 0, t], [B, 1, N, 1]).reshape([B, 1, N]);
+    x = tf.add(tf.mul(tf.exp(tf.mul(dt, A.expandDims(0))), x), tf.mul(tf.mul(dt, ut), bt));
+    ys.push(tf.sum(tf.mul(x, ct), 2));
+  }
+  return tf.stack(ys, 2);
+}
+
+/** LSTM with gates (i, f, z, o), wx [B, T, 4, H, D], R [4, H, D, D] (rec_j = sum_i h_i R[i][j]), b [4, H, D]. */
+function tfLstm(wx: tf.Tensor, R: tf.Tensor, b: tf.Tensor): tf.Tensor {
+  const [B, T, , H, D] = wx.shape;
+  let h = tf.zeros([B, H, D]), c = tf.zeros([B, H, D]);
+  const hs: tf.Tensor[] = [];
+  for (let t = 0; t < T; t++) {
+    const pre = [0, 1, 2, 3].map((g) => {
+      const x = wx.slice([0, t, g, 0, 0], [B, 1, 1, H, D]).reshape([B, H, D]);
+      const rg = R.slice([g, 0, 0, 0], [1, H, D, D]).reshape([H, D, D]);
+      const rec = tf.matMul(h.transpose([1, 0, 2]), rg).transpose([1, 0, 2]); // [B, H, D]
+      return tf.add(tf.add(x, rec), b.slice([g, 0, 0], [1, H, D]));
+    });
+    c = tf.add(tf.mul(tf.sigmoid(pre[1]), c), tf.mul(tf.sigmoid(pre[0]), tf.tanh(pre[2])));
+    h = tf.mul(tf.sigmoid(pre[3]), tf.tanh(c));
+    hs.push(h);
+  }
+  return tf.stack(hs, 1);
+}
+
+describe('recurrent-kernels/tfjs against the same recurrence in tf ops', () => {
+  const check = (name: string, inputs: tf.Tensor[], ours: (...x: tf.Tensor[]) => tf.Tensor,
+    theirs: (...x: tf.Tensor[]) => tf.Tensor) => {
+    const w = tf.tidy(() => tfRand(ours(...inputs).shape));
+    const loss = (f: (...x: tf.Tensor[]) => tf.Tensor) => (...x: tf.Tensor[]) => tf.sum(tf.mul(f(...x), w));
+    const [y1, y2] = tf.tidy(() => [ours(...inputs), theirs(...inputs)]);
+    expect(relErr(y1.dataSync(), y2.dataSync()), at(`${name} forward`)).toBeLessThan(1e-5);
+    const g1 = tf.tidy(() => tf.grads(loss(ours))(inputs));
+    const g2 = tf.tidy(() => tf.grads(loss(theirs))(inputs));
+    g1.forEach((g, i) => expect(relErr(g.dataSync(), g2[i].dataSync()), at(`${name} grad ${i}`)).toBeLessThan(1e-4));
+    tf.dispose([w, y1, y2, ...g1, ...g2, ...inputs]);
+  };
+
+  it('linear scan, with an initial state', () => {
+    check('linearScan', [tfRand([2, 3, 7], 0.4), tfRand([2, 3, 7]), tfRand([2, 3])],
+      (a, b, h0) => rkTf.linearScan({ a, b }, { initialState: h0 }).h, tfLinearScan);
+  });
+
+  it('selective scan', () => {
+    check('selectiveScan', [tfRand([2, 4, 9]), tfRand([2, 4, 9], 0.3, Math.abs), tfRand([4, 3], 1, (x) => -Math.abs(x)),
+      tfRand([2, 1, 3, 9]), tfRand([2, 1, 3, 9])],
+    (u, delta, A, B, C) => rkTf.selectiveScan({ u, delta, A, B, C }).y, tfSelectiveScan);
+  });
+
+  it('LSTM (fusedRnn), two heads', () => {
+    check('fusedRnn lstm', [tfRand([2, 5, 4, 2, 3]), tfRand([4, 2, 3, 3], 0.4), tfRand([4, 2, 3])],
+      (wx, R, b) => rkTf.fusedRnn({ wx, R, b }, { cell: 'lstm' }).h, tfLstm);
+  });
+});
+
+describe('conversions', () => {
+  it('toTf and fromTf share float32 CPU memory and convert the rest', () => {
+    const before = rk.memory().cpu.tensors;
+    const t = rk.Tensor.from([1, 2, 3, 4], [2, 2]);
+    const x = rkTf.toTf(t);
+    expect(x.dataSync()).toBe(t.dataSync()); // the same array
+    expect(rk.memory().cpu.tensors).toBe(before); // now TensorFlow.js's
+    const back = rkTf.fromTf(x);
+    expect(back.dataSync()).toBe(x.dataSync());
+    const half = rkTf.fromTf(x, { dtype: 'bfloat16' });
+    expect(half.dtype).toBe('bfloat16');
+    expect(Array.from(half.toFloat32Array())).toEqual([1, 2, 3, 4]);
+    const x2 = rkTf.toTf(half);
+    expect(Array.from(x2.dataSync())).toEqual([1, 2, 3, 4]);
+    half.dispose();
+    tf.dispose([x, x2]);
+    expect(() => rkTf.fromTf(tf.tensor([1, 2], [2], 'int32'))).toThrow(rk.DTypeError);
+  });
+});
+
+describe('the training examples', () => {
+  const run = (file: string, steps: number) => {
+    const r = spawnSync(process.execPath, [join(__dirname, '..', 'examples', file), String(steps)], { encoding: 'utf8' });
+    const m = /loss fell ([\d.]+)x/.exec(r.stdout);
+    if (r.status !== 0 || !m) throw new Error(`${file} failed (status ${r.status}):\n${r.stdout}\n${r.stderr.slice(-2000)}`);
+    return Number(m[1]);
+  };
+  it('the Mamba-style block: the loss falls at least 3x in 150 Adam steps', () => {
+    expect(run('tfjs-mamba.mjs', 150)).toBeGreaterThanOrEqual(3);
+  }, 120_000);
+  it('the LSTM: the loss falls at least 100x in 150 Adam steps', () => {
+    expect(run('tfjs-lstm.mjs', 150)).toBeGreaterThanOrEqual(100);
+  }, 120_000);
+});
