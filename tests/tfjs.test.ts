@@ -1,6 +1,6 @@
 // The TensorFlow.js bridge: every op's forward equals the core op; tf.grads of a random weighted sum of
-// its outputs equals the core backward, and (linear scan, selective scan, LSTM) the gradient of the
-// same recurrence written with tf ops; tensors neither leak in tfjs nor in the package; conversions;
+// its outputs equals the core backward, and the gradient of the same recurrence written with tf ops
+// (linear scan, selective scan, gated delta rule, Newton GRU, LSTM); tensors neither leak in tfjs nor in the package; conversions;
 // the training examples (a Mamba-style block, an LSTM) bring their loss down.
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
@@ -177,6 +177,50 @@ function tfLstm(wx: tf.Tensor, R: tf.Tensor, b: tf.Tensor): tf.Tensor {
   return tf.stack(hs, 1);
 }
 
+/**
+ * The gated delta rule (H == HV, no L2 norm): S_t = exp(g_t) S + beta_t k_t (v_t - exp(g_t) S^T k_t)^T,
+ * o_t = scale S_t^T q_t; returns o [B, T, HV, V] and the final state [B, HV, K, V], flattened and joined.
+ */
+function tfGatedDelta(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, g: tf.Tensor, beta: tf.Tensor, S0: tf.Tensor): tf.Tensor {
+  const [B, T, H, K] = q.shape, V = v.shape[3];
+  const scale = 1 / Math.sqrt(K);
+  let S = S0;
+  const os: tf.Tensor[] = [];
+  for (let t = 0; t < T; t++) {
+    const at = (x: tf.Tensor, n: number) => x.slice([0, t, 0, 0], [B, 1, H, n]).reshape([B, H, n]);
+    const qt = at(q, K), kt = at(k, K), vt = at(v, V);
+    const decay = tf.exp(g.slice([0, t, 0], [B, 1, H]).reshape([B, H, 1, 1]));
+    const bt = beta.slice([0, t, 0], [B, 1, H]).reshape([B, H, 1]);
+    const S1 = tf.mul(decay, S);
+    const pred = tf.sum(tf.mul(S1, kt.expandDims(3)), 2); // [B, H, V]
+    const u = tf.mul(bt, tf.sub(vt, pred));
+    S = tf.add(S1, tf.mul(kt.expandDims(3), u.expandDims(2)));
+    os.push(tf.mul(scale, tf.sum(tf.mul(S, qt.expandDims(3)), 2)));
+  }
+  return tf.concat([tf.stack(os, 1).flatten(), S.flatten()]);
+}
+
+/**
+ * The diagonal GRU of newtonRnn's 'gru-diag' cell, sequentially: pre_g = wx_g + b_g + R_g h (per
+ * channel) for r and z; n = tanh(wx_n + r (R_n h + b_n)); h = (1 - z) n + z h. Returns y and the final
+ * state, flattened and joined.
+ */
+function tfGruDiag(wx: tf.Tensor, R: tf.Tensor, b: tf.Tensor, h0: tf.Tensor): tf.Tensor {
+  const [B, T, , N] = wx.shape;
+  let h = h0.reshape([B, N]);
+  const gate = (x: tf.Tensor, g: number) => x.slice([g, 0], [1, N]).reshape([N]);
+  const ys: tf.Tensor[] = [];
+  for (let t = 0; t < T; t++) {
+    const w = (g: number) => wx.slice([0, t, g, 0], [B, 1, 1, N]).reshape([B, N]);
+    const r = tf.sigmoid(tf.add(tf.add(w(0), gate(b, 0)), tf.mul(gate(R, 0), h)));
+    const z = tf.sigmoid(tf.add(tf.add(w(1), gate(b, 1)), tf.mul(gate(R, 1), h)));
+    const n = tf.tanh(tf.add(w(2), tf.mul(r, tf.add(tf.mul(gate(R, 2), h), gate(b, 2)))));
+    h = tf.add(tf.mul(tf.sub(1, z), n), tf.mul(z, h));
+    ys.push(h);
+  }
+  return tf.concat([tf.stack(ys, 1).flatten(), h.flatten()]);
+}
+
 describe('recurrent-kernels/tfjs against the same recurrence in tf ops', () => {
   const check = (name: string, inputs: tf.Tensor[], ours: (...x: tf.Tensor[]) => tf.Tensor,
     theirs: (...x: tf.Tensor[]) => tf.Tensor) => {
@@ -199,6 +243,23 @@ describe('recurrent-kernels/tfjs against the same recurrence in tf ops', () => {
     check('selectiveScan', [tfRand([2, 4, 9]), tfRand([2, 4, 9], 0.3, Math.abs), tfRand([4, 3], 1, (x) => -Math.abs(x)),
       tfRand([2, 1, 3, 9]), tfRand([2, 1, 3, 9])],
     (u, delta, A, B, C) => rkTf.selectiveScan({ u, delta, A, B, C }).y, tfSelectiveScan);
+  });
+
+  it('gated delta rule, with an initial state and the final state', () => {
+    check('gatedDeltaRule', [tfRand([2, 6, 2, 4]), tfRand([2, 6, 2, 4], 0.5), tfRand([2, 6, 2, 3]),
+      tfRand([2, 6, 2], 0.2, (x) => -Math.abs(x)), tfRand([2, 6, 2], 1, (x) => 1 / (1 + Math.exp(-x))), tfRand([2, 2, 4, 3], 0.3)],
+    (q, k, v, g, beta, S0) => {
+      const { o, finalState } = rkTf.gatedDeltaRule({ q, k, v, g, beta }, { initialState: S0, outputFinalState: true });
+      return tf.concat([o.flatten(), finalState!.flatten()]);
+    }, tfGatedDelta);
+  });
+
+  it('newtonRnn gru-diag, with h0 and the final state', () => {
+    check('newtonRnn', [tfRand([2, 7, 3, 5]), tfRand([3, 5], 0.4), tfRand([3, 5]), tfRand([1, 2, 5])],
+      (wx, R, b, h0) => {
+        const { y, finalStates } = rkTf.newtonRnn({ wx, R, b, h0 }, { cell: 'gru-diag' });
+        return tf.concat([y.flatten(), finalStates.flatten()]);
+      }, tfGruDiag);
   });
 
   it('LSTM (fusedRnn), two heads', () => {
