@@ -1,6 +1,7 @@
 // Bad input of every kind gives a typed error that names the argument; the process survives.
 import { describe, expect, it } from 'vitest';
 import * as rk from '../lib/index';
+import { fromNative } from '../lib/errors';
 import { tensor, expectError } from './helpers';
 
 const shape = [2, 3, 5];
@@ -98,5 +99,33 @@ describe('native layer re-checks what reaches it', () => {
       .toThrow(/request.config must be an object/);
     expect(() => fwd('cpu', 'float64', f, f, null, 2, 5)).toThrow(
       expect.objectContaining({ code: 'ERR_DTYPE' }));
+  });
+});
+
+describe('error codes', () => {
+  const { readFileSync, readdirSync } = require('node:fs') as typeof import('node:fs');
+  const { join } = require('node:path') as typeof import('node:path');
+  const root = join(__dirname, '..');
+  const cppCodes = [...readFileSync(join(root, 'cpp', 'tensor', 'errors.h'), 'utf8')
+    .matchAll(/constexpr const char\* k\w+ = "(ERR_[A-Z_]+)"/g)].map((m) => m[1]);
+  const tsCodes = [...readFileSync(join(root, 'lib', 'errors.ts'), 'utf8').split('export class')[0]
+    .matchAll(/'(ERR_[A-Z_]+)'/g)].map((m) => m[1]);
+
+  it('every code the addon raises is one of lib/errors.ts and becomes its typed class', () => {
+    expect(cppCodes.length).toBeGreaterThan(5);
+    for (const c of cppCodes) {
+      expect(tsCodes, c).toContain(c);
+      const e = Object.assign(new Error('x'), { code: c });
+      const typed = fromNative(e);
+      expect(typed, c).toBeInstanceOf(rk.RecurrentKernelsError);
+      expect((typed as rk.RecurrentKernelsError).code).toBe(c);
+    }
+  });
+
+  it('the native sources spell codes only through those constants', () => {
+    const files = (readdirSync(join(root, 'cpp'), { recursive: true }) as string[])
+      .filter((f) => /\.(cc|h|inc)$/.test(f) && !f.endsWith(join('tensor', 'errors.h')));
+    const literal = files.filter((f) => /"ERR_[A-Z_]+"/.test(readFileSync(join(root, 'cpp', f), 'utf8')));
+    expect(literal).toEqual([]);
   });
 });

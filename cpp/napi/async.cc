@@ -137,15 +137,15 @@ class Executor {
       job.run();
       if (job.queue == Queue::Device && job.cancel->load()) throw Cancelled();
     } catch (const Cancelled&) {
-      fail("ERR_ABORTED", "aborted");
+      fail(code::kAborted, "aborted");
     } catch (const JobError& e) {
       job.fail(e.code.c_str(), e.message);
     } catch (const std::bad_alloc&) {
-      fail("ERR_OUT_OF_MEMORY", "out of host memory");
+      fail(code::kOutOfMemory, "out of host memory");
     } catch (const std::length_error&) {
-      fail("ERR_OUT_OF_MEMORY", "out of host memory (size too large)");
+      fail(code::kOutOfMemory, "out of host memory (size too large)");
     } catch (const std::exception& e) {
-      fail("ERR_ARGUMENT", e.what());
+      fail(code::kArgument, e.what());
     }
     job.run = nullptr;  // what the kernel captured goes now, on this thread
   }
@@ -201,7 +201,7 @@ void settleOne(Napi::Env env, AsyncEnv& ae, Job& job) {
           Napi::TypedArray(env, v).ByteLength() == in.bytes) {
         std::memcpy(data, in.copy.get(), in.bytes);
       } else {
-        job.fail("ERR_DISPOSED", "the storage of a tensor it updates in place was detached meanwhile");
+        job.fail(code::kDisposed, "the storage of a tensor it updates in place was detached meanwhile");
       }
     }
     if (in.array != nullptr) napi_delete_reference(env, in.array);
@@ -242,7 +242,7 @@ bool copySlice(Napi::Env env, Job& job, size_t maxBytes) {
     settleOne(env, ae, job);
     return true;
   };
-  if (job.cancel->load()) return giveUp("ERR_ABORTED", "aborted");
+  if (job.cancel->load()) return giveUp(code::kAborted, "aborted");
   size_t budget = std::max<size_t>(maxBytes, 1);
   for (AsyncStaging::Input& in : job.inputs) {
     if (in.copied == in.bytes) continue;
@@ -255,7 +255,7 @@ bool copySlice(Napi::Env env, Job& job, size_t maxBytes) {
     napi_value v = refValue(env, in.array);
     if (napi_get_typedarray_info(env, v, &type, &length, &data, &ab, &offset) != napi_ok || data != in.source ||
         Napi::TypedArray(env, v).ByteLength() != in.bytes)
-      return giveUp("ERR_DISPOSED", "an input's storage was detached (its ArrayBuffer transferred) before the call "
+      return giveUp(code::kDisposed, "an input's storage was detached (its ArrayBuffer transferred) before the call "
                                     "had copied it");
     const size_t n = std::min(budget, in.bytes - in.copied);
     std::memcpy(static_cast<uint8_t*>(in.copy.get()) + in.copied, static_cast<const uint8_t*>(data) + in.copied, n);
@@ -306,8 +306,8 @@ void drop(Napi::Env env, AsyncStaging& st) {
 Napi::Value AsyncCall(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Instance& inst = instance(env);
-  if (!info[0].IsFunction()) throwError(env, "ERR_ARGUMENT", "asyncCall: fn must be a function");
-  if (inst.staging) throwError(env, "ERR_ARGUMENT", "asyncCall: async calls cannot nest");
+  if (!info[0].IsFunction()) throwError(env, code::kArgument, "asyncCall: fn must be a function");
+  if (inst.staging) throwError(env, code::kArgument, "asyncCall: async calls cannot nest");
   std::vector<napi_value> args;
   for (size_t i = 1; i < info.Length(); ++i) args.push_back(info[i]);
   auto st = std::make_shared<AsyncStaging>();
@@ -341,7 +341,7 @@ Job& jobArg(const Napi::CallbackInfo& info, const char* fn) {
   Napi::Value v = info[0];
   napi_valuetype type;
   napi_typeof(info.Env(), v, &type);
-  if (type != napi_external) throwError(info.Env(), "ERR_ARGUMENT", std::string(fn) + ": job must be an async call's job");
+  if (type != napi_external) throwError(info.Env(), code::kArgument, std::string(fn) + ": job must be an async call's job");
   // Externals of this addon are only made here, for jobs.
   return **v.As<Napi::External<std::shared_ptr<Job>>>().Data();
 }
@@ -398,14 +398,14 @@ bool asyncMode(Napi::Env env) {
 void* stageInput(Napi::Env env, Napi::TypedArray array, const void* data, size_t bytes, bool update) {
   AsyncStaging::Input in;
   void* p = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
-  if (p == nullptr) throwError(env, "ERR_OUT_OF_MEMORY", "cannot copy an input of " + std::to_string(bytes) + " bytes");
+  if (p == nullptr) throwError(env, code::kOutOfMemory, "cannot copy an input of " + std::to_string(bytes) + " bytes");
   in.copy = std::shared_ptr<void>(p, std::free);
 
   in.source = data;
   in.bytes = bytes;
   in.update = update;
   if (napi_create_reference(env, array, 1, &in.array) != napi_ok)
-    throwError(env, "ERR_OUT_OF_MEMORY", "cannot reference an input");
+    throwError(env, code::kOutOfMemory, "cannot reference an input");
   staging(env).inputs.push_back(std::move(in));
   return p;
 }
@@ -413,7 +413,7 @@ void* stageInput(Napi::Env env, Napi::TypedArray array, const void* data, size_t
 void submitJob(Napi::Env env, const char* op, Queue queue, Napi::Value out, std::function<void()> run) {
   Instance& inst = instance(env);
   AsyncStaging& st = *inst.staging;
-  if (st.job) throwError(env, "ERR_ARGUMENT", std::string(op) + ": one kernel per async call");
+  if (st.job) throwError(env, code::kArgument, std::string(op) + ": one kernel per async call");
   std::shared_ptr<AsyncEnv> ae = inst.asyncEnv;
   if (!ae->wakeMade) {
     ae->wake = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}),
@@ -432,7 +432,7 @@ void submitJob(Napi::Env env, const char* op, Queue queue, Napi::Value out, std:
   if (napi_create_reference(env, out, 1, &job->out) != napi_ok ||
       napi_create_promise(env, &job->deferred, &promise) != napi_ok ||
       napi_create_reference(env, promise, 1, &st.promise) != napi_ok)
-    throwError(env, "ERR_OUT_OF_MEMORY", std::string(op) + ": cannot make a promise");
+    throwError(env, code::kOutOfMemory, std::string(op) + ": cannot make a promise");
   st.job = std::move(job);  // queued by copySlice once its inputs are copied
 }
 

@@ -43,13 +43,13 @@ Napi::Value CpuResetPeakForTesting(const Napi::CallbackInfo& info) {
 // cpuSetIsa(name)
 Napi::Value CpuSetIsa(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsString()) throwError(env, "ERR_ARGUMENT", "cpu.setIsa: isa must be a string");
+  if (!info[0].IsString()) throwError(env, code::kArgument, "cpu.setIsa: isa must be a string");
   const std::string name = info[0].As<Napi::String>().Utf8Value();
   Isa isa;
   if (!parseIsa(name, &isa))
-    throwError(env, "ERR_ARGUMENT", "cpu.setIsa: isa is '" + name + "', expected 'avx512', 'avx2' or 'base'");
+    throwError(env, code::kArgument, "cpu.setIsa: isa is '" + name + "', expected 'avx512', 'avx2' or 'base'");
   if (!isaSupported(isa))
-    throwError(env, "ERR_ARGUMENT", "cpu.setIsa: isa '" + name + "' is not supported by this CPU (best: " +
+    throwError(env, code::kArgument, "cpu.setIsa: isa '" + name + "' is not supported by this CPU (best: " +
                                         isaName(supportedIsas().front()) + ")");
   setActiveIsa(isa);
   return env.Undefined();
@@ -60,7 +60,7 @@ Napi::Value CpuSetThreads(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const double n = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
   if (!(n >= 1 && n <= 1024 && n == double(int(n))))
-    throwError(env, "ERR_ARGUMENT", "cpu.setThreads: threads must be an integer from 1 to 1024");
+    throwError(env, code::kArgument, "cpu.setThreads: threads must be an integer from 1 to 1024");
   setNumThreads(int(n));
   return env.Undefined();
 }

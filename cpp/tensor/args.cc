@@ -10,7 +10,7 @@ namespace rk {
 int64_t intField(Napi::Env env, const Napi::Object& o, const char* name, const char* op, int64_t least) {
   int64_t v = parseCount(env, o.Get(name), op, name);
   if (v < least)
-    throwError(env, "ERR_SHAPE", std::string(op) + ": " + name + " must be at least " + std::to_string(least));
+    throwError(env, code::kShape, std::string(op) + ": " + name + " must be at least " + std::to_string(least));
   return v;
 }
 
@@ -23,7 +23,7 @@ int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op
 static Napi::Object objectField(Napi::Env env, const Napi::Object& o, const char* name, const char* op) {
   Napi::Value v = o.Get(name);
   if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
-    throwError(env, "ERR_ARGUMENT", std::string(op) + ": request." + name + " must be an object");
+    throwError(env, code::kArgument, std::string(op) + ": request." + name + " must be an object");
   return v.As<Napi::Object>();
 }
 
@@ -42,7 +42,7 @@ Request parseRequest(Napi::Env env, const Napi::CallbackInfo& info, const char* 
 Napi::Object objectArg(Napi::Env env, const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
   Napi::Value v = info[i];
   if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
-    throwError(env, "ERR_ARGUMENT", std::string(op) + ": argument " + std::to_string(i + 1) + " (" + name +
+    throwError(env, code::kArgument, std::string(op) + ": argument " + std::to_string(i + 1) + " (" + name +
                                         ") must be an object");
   return v.As<Napi::Object>();
 }
@@ -55,15 +55,15 @@ std::vector<rkcuda::ScanSegment> parseSegments(Napi::Env env, Napi::Value cu, in
     for (int64_t b = 0; b < batch; ++b) segs.push_back({b, 0, length, 0});
   } else {
     if (!cu.IsTypedArray() || cu.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
-      throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must be an Int32Array");
+      throwError(env, code::kArgument, std::string(op) + ": cuSeqlens must be an Int32Array");
     Napi::Int32Array arr = cu.As<Napi::Int32Array>();
     const size_t n = arr.ElementLength();
-    if (batch != 1) throwError(env, "ERR_SHAPE", std::string(op) + ": cuSeqlens needs batch 1");
+    if (batch != 1) throwError(env, code::kShape, std::string(op) + ": cuSeqlens needs batch 1");
     if (n < 2 || arr[0] != 0)
-      throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must start with 0 and have at least 2 entries");
+      throwError(env, code::kArgument, std::string(op) + ": cuSeqlens must start with 0 and have at least 2 entries");
     for (size_t i = 1; i < n; ++i) {
       if (arr[i] < arr[i - 1] || arr[i] > length)
-        throwError(env, "ERR_ARGUMENT", std::string(op) + ": cuSeqlens must be non-decreasing and at most the length");
+        throwError(env, code::kArgument, std::string(op) + ": cuSeqlens must be non-decreasing and at most the length");
       segs.push_back({0, arr[i - 1], int64_t(arr[i]) - arr[i - 1], 0});
     }
     *packed = true;

@@ -51,7 +51,7 @@ DeviceBuffer::DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<De
   int64_t bytes = parseCount(env, info[0], "DeviceBuffer", "bytes");
 #ifdef RK_WITH_CUDA
   std::string reason;
-  if (!cudaUsable(env, &reason)) throwError(env, "ERR_DEVICE", "CUDA is not available: " + reason);
+  if (!cudaUsable(env, &reason)) throwError(env, code::kDevice, "CUDA is not available: " + reason);
   throwIfFailed(env, rkcuda::deviceMalloc(&ptr_, size_t(bytes)), "allocating device memory");
   bytes_ = size_t(bytes);
   disposed_ = false;  // owns memory from here on
@@ -152,7 +152,7 @@ void sealPins(Napi::Env env, const char* op) {
            !isDetached(env, buffer) && (data == p.data || p.length == 0) && length == p.length;
     }
     if (!ok)
-      throwError(env, "ERR_DISPOSED", std::string(op) + ": " + p.what +
+      throwError(env, code::kDisposed, std::string(op) + ": " + p.what +
                                           " was detached, resized or disposed while the call read its arguments");
   }
 }
@@ -194,11 +194,11 @@ void exportFunction(Napi::Env env, Napi::Object exports, const char* name,
                           } catch (const Napi::Error&) {
                             throw;
                           } catch (const std::bad_alloc&) {
-                            throwError(e, "ERR_OUT_OF_MEMORY", fname + ": out of host memory");
+                            throwError(e, code::kOutOfMemory, fname + ": out of host memory");
                           } catch (const std::length_error&) {
-                            throwError(e, "ERR_OUT_OF_MEMORY", fname + ": out of host memory (size too large)");
+                            throwError(e, code::kOutOfMemory, fname + ": out of host memory (size too large)");
                           } catch (const std::exception& ex) {
-                            throwError(e, "ERR_ARGUMENT", fname + ": " + ex.what());
+                            throwError(e, code::kArgument, fname + ": " + ex.what());
                           }
                         },
                         name));
@@ -212,7 +212,7 @@ Device parseDevice(Napi::Env env, Napi::Value v, const char* op) {
     if (s == "cpu") return Device::CPU;
     if (s == "cuda") return Device::CUDA;
   }
-  throwError(env, "ERR_DEVICE", std::string(op) + ": device must be 'cpu' or 'cuda'");
+  throwError(env, code::kDevice, std::string(op) + ": device must be 'cpu' or 'cuda'");
 }
 
 DType parseDType(Napi::Env env, Napi::Value v, const char* op, const char* arg) {
@@ -222,13 +222,13 @@ DType parseDType(Napi::Env env, Napi::Value v, const char* op, const char* arg) 
     if (s == "float16") return DType::F16;
     if (s == "bfloat16") return DType::BF16;
   }
-  throwError(env, "ERR_DTYPE",
+  throwError(env, code::kDType,
              std::string(op) + ": " + arg + " dtype must be 'float32', 'float16' or 'bfloat16'");
 }
 
 int64_t checkedProduct(Napi::Env env, int64_t x, int64_t y, const char* op) {
   if (x < 0 || y < 0 || (y != 0 && x > INT64_MAX / y))
-    throwError(env, "ERR_SHAPE", std::string(op) + ": tensor size overflows");
+    throwError(env, code::kShape, std::string(op) + ": tensor size overflows");
   return x * y;
 }
 
@@ -237,7 +237,7 @@ int64_t parseCount(Napi::Env env, Napi::Value v, const char* op, const char* arg
     double d = v.As<Napi::Number>().DoubleValue();
     if (d >= 0 && d <= 9007199254740991.0 && d == double(int64_t(d))) return int64_t(d);
   }
-  throwError(env, "ERR_ARGUMENT", std::string(op) + ": " + arg + " must be a non-negative integer");
+  throwError(env, code::kArgument, std::string(op) + ": " + arg + " must be a non-negative integer");
 }
 
 View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, Device device, DType dtype,
@@ -245,18 +245,18 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
   View view;
   if (optional && (v.IsNull() || v.IsUndefined())) return view;
   std::string where = std::string(op) + ": " + arg;
-  if (elements < 0) throwError(env, "ERR_SHAPE", where + " is too large");
+  if (elements < 0) throwError(env, code::kShape, where + " is too large");
   if (device == Device::CPU) {
     if (!v.IsTypedArray())
-      throwError(env, "ERR_DEVICE", where + " must be CPU storage (a TypedArray)");
+      throwError(env, code::kDevice, where + " must be CPU storage (a TypedArray)");
     Napi::TypedArray ta = v.As<Napi::TypedArray>();
     napi_typedarray_type want = dtype == DType::F32 ? napi_float32_array : napi_uint16_array;
     if (ta.TypedArrayType() != want)
-      throwError(env, "ERR_DTYPE", where + " storage does not match dtype " + dtypeName(dtype));
+      throwError(env, code::kDType, where + " storage does not match dtype " + dtypeName(dtype));
     if (isDetached(env, ta.ArrayBuffer()))
-      throwError(env, "ERR_DISPOSED", where + " storage is detached (its ArrayBuffer was transferred)");
+      throwError(env, code::kDisposed, where + " storage is detached (its ArrayBuffer was transferred)");
     if (int64_t(ta.ElementLength()) != elements)
-      throwError(env, "ERR_SHAPE", where + " has " + std::to_string(ta.ElementLength()) +
+      throwError(env, code::kShape, where + " has " + std::to_string(ta.ElementLength()) +
                                        " elements, expected " + std::to_string(elements));
     view.data = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
     view.elements = elements;
@@ -268,10 +268,10 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
     return view;
   }
   DeviceBuffer* buf = DeviceBuffer::Unwrap(v);
-  if (!buf) throwError(env, "ERR_DEVICE", where + " must be CUDA storage (a DeviceBuffer)");
-  if (buf->disposed()) throwError(env, "ERR_DISPOSED", where + " was disposed");
+  if (!buf) throwError(env, code::kDevice, where + " must be CUDA storage (a DeviceBuffer)");
+  if (buf->disposed()) throwError(env, code::kDisposed, where + " was disposed");
   if (int64_t(buf->bytes()) != elements * int64_t(dtypeSize(dtype)))
-    throwError(env, "ERR_SHAPE", where + " holds " + std::to_string(buf->bytes()) + " bytes, expected " +
+    throwError(env, code::kShape, where + " holds " + std::to_string(buf->bytes()) + " bytes, expected " +
                                      std::to_string(elements) + " elements of " + dtypeName(dtype));
   view.data = buf->data();
   view.elements = elements;
@@ -300,7 +300,7 @@ static void adviseHugePages(void* data, size_t bytes) {
 static Napi::ArrayBuffer hostBuffer(Napi::Env env, size_t bytes, Init init) {
   Instance& inst = instance(env);
   const auto fail = [&](const std::string& why) {
-    throwError(env, "ERR_OUT_OF_MEMORY",
+    throwError(env, code::kOutOfMemory,
                "allocating an output: cannot allocate an output of " + std::to_string(bytes) + " bytes" + why);
   };
   if (bytes > kMaxHostBytes) fail(" (larger than an ArrayBuffer can be)");
@@ -320,7 +320,7 @@ static Napi::ArrayBuffer hostBuffer(Napi::Env env, size_t bytes, Init init) {
 
 Napi::Value allocOutput(Napi::Env env, Device device, DType dtype, int64_t elements, void** data, Init init) {
   if (elements < 0 || uint64_t(elements) > kMaxHostBytes / dtypeSize(dtype))
-    throwError(env, "ERR_OUT_OF_MEMORY", "cannot allocate an output of " + std::to_string(elements) + " elements");
+    throwError(env, code::kOutOfMemory, "cannot allocate an output of " + std::to_string(elements) + " elements");
   size_t bytes = size_t(elements) * dtypeSize(dtype);
   if (device == Device::CUDA) {
     Napi::Object obj = DeviceBuffer::Allocate(env, bytes, data);
@@ -342,18 +342,18 @@ void submitDeviceWait(Napi::Env env, const char* op, Napi::Value out) {
   throwIfFailed(env, rkcuda::eventRecord(&ev), op);
   submitJob(env, op, Queue::Device, out, [ev] {
     const rkcuda::Status st = rkcuda::eventWait(ev);
-    if (!st.ok()) throw JobError(st.outOfMemory ? "ERR_OUT_OF_MEMORY" : "ERR_CUDA", st.message);
+    if (!st.ok()) throw JobError(st.outOfMemory ? code::kOutOfMemory : code::kCuda, st.message);
   });
 }
 
 void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what) {
   if (st.ok()) return;
-  throwError(env, st.outOfMemory ? "ERR_OUT_OF_MEMORY" : "ERR_CUDA", std::string(what) + ": " + st.message);
+  throwError(env, st.outOfMemory ? code::kOutOfMemory : code::kCuda, std::string(what) + ": " + st.message);
 }
 #endif
 
 void throwNoCuda(Napi::Env env, const char* op) {
-  throwError(env, "ERR_DEVICE",
+  throwError(env, code::kDevice,
              std::string(op) + ": " + kNoCudaBuild);
 }
 
@@ -436,7 +436,7 @@ Napi::Value Copy(const Napi::CallbackInfo& info) {
     const void* from = src.data;
     submitJob(env, "to('cpu')", Queue::Device, out, [dst, from, bytes] {
       const rkcuda::Status st = rkcuda::copyDeviceToHost(dst, from, bytes);
-      if (!st.ok()) throw JobError(st.outOfMemory ? "ERR_OUT_OF_MEMORY" : "ERR_CUDA", st.message);
+      if (!st.ok()) throw JobError(st.outOfMemory ? code::kOutOfMemory : code::kCuda, st.message);
     });
     return out;
   }
@@ -481,7 +481,7 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
 // kernel overwrites entirely (lib/pool.ts reuses disposed ones).
 Napi::Value SetBufferSource(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsFunction()) throwError(env, "ERR_ARGUMENT", "setBufferSource: expected a function");
+  if (!info[0].IsFunction()) throwError(env, code::kArgument, "setBufferSource: expected a function");
   Instance& inst = instance(env);
   inst.bufferSource = Napi::Persistent(info[0].As<Napi::Function>());
   inst.bufferSourceMinBytes = size_t(parseCount(env, info[1], "setBufferSource", "minBytes"));
@@ -515,7 +515,7 @@ Napi::Value TimerStart(const Napi::CallbackInfo& info) {
 Napi::Value TimerStop(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
 #ifdef RK_WITH_CUDA
-  if (!info[0].IsExternal()) throwError(env, "ERR_ARGUMENT", "cuda timer: expected a handle from timerStart");
+  if (!info[0].IsExternal()) throwError(env, code::kArgument, "cuda timer: expected a handle from timerStart");
   float ms = 0;
   throwIfFailed(env, rkcuda::eventElapsedMs(info[0].As<Napi::External<void>>().Data(), &ms), "cuda timer");
   return Napi::Number::New(env, ms);

@@ -34,7 +34,7 @@ CellsCall parseCells(Napi::Env env, const Request& r, const char* op) {
   a.dt = rkcuda::DType(int(dt));
   const int64_t cell = intField(env, cfg, "cell", op, 0);
   if (cell > int64_t(rkcuda::CellKind::Slstm))
-    throwError(env, "ERR_ARGUMENT", std::string(op) + ": unknown cell " + std::to_string(cell));
+    throwError(env, code::kArgument, std::string(op) + ": unknown cell " + std::to_string(cell));
   a.cell = rkcuda::CellKind(int(cell));
   a.batch = intField(env, cfg, "batch", op, 1);
   a.T = intField(env, cfg, "T", op, 1);
@@ -53,15 +53,15 @@ CellsCall parseCells(Napi::Env env, const Request& r, const char* op) {
   Napi::Value lv = cfg.Get("lengths");
   if (!lv.IsNull() && !lv.IsUndefined()) {
     if (!lv.IsTypedArray() || lv.As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
-      throwError(env, "ERR_ARGUMENT", std::string(op) + ": lengths must be an Int32Array");
+      throwError(env, code::kArgument, std::string(op) + ": lengths must be an Int32Array");
     Napi::Int32Array arr = lv.As<Napi::Int32Array>();
     if (int64_t(arr.ElementLength()) != a.batch)
-      throwError(env, "ERR_SHAPE", std::string(op) + ": lengths has " + std::to_string(arr.ElementLength()) +
+      throwError(env, code::kShape, std::string(op) + ": lengths has " + std::to_string(arr.ElementLength()) +
                                        " entries, expected batch = " + std::to_string(a.batch));
     c.lengths.resize(size_t(a.batch));
     for (size_t i = 0; i < c.lengths.size(); ++i) {
       if (arr[i] < 0 || arr[i] > a.T)
-        throwError(env, "ERR_ARGUMENT", std::string(op) + ": lengths[" + std::to_string(i) + "] = " +
+        throwError(env, code::kArgument, std::string(op) + ": lengths[" + std::to_string(i) + "] = " +
                                             std::to_string(arr[i]) + " is outside [0, " + std::to_string(a.T) + "]");
       c.lengths[i] = arr[i];
     }

@@ -27,7 +27,7 @@ float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
   double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
   // Finite as the float the kernels use, not only as a double (1e39 would become inf).
   if (!std::isfinite(s) || std::fabs(s) > double(FLT_MAX))
-    throwError(env, "ERR_ARGUMENT", std::string(op) +
+    throwError(env, code::kArgument, std::string(op) +
                                         ": scale must be finite as a float32 (at most 3.4e38 in magnitude), got " +
                                         Napi::Number::New(env, s).ToString().Utf8Value());
   return float(s);
@@ -48,7 +48,7 @@ DeltaCall parseDelta(Napi::Env env, const Request& r, const char* op) {
   a.HV = intField(env, cfg, "HV", op, 1);
   a.K = intField(env, cfg, "K", op, 1);
   a.V = intField(env, cfg, "V", op, 1);
-  if (a.HV % a.H != 0) throwError(env, "ERR_SHAPE", std::string(op) + ": HV must be a multiple of H");
+  if (a.HV % a.H != 0) throwError(env, code::kShape, std::string(op) + ": HV must be a multiple of H");
   a.scale = scaleField(env, cfg, op);
   a.l2norm = flagField(cfg, "l2norm");
   // q first: its real storage bounds the claimed sizes before the sequence table is built for them.
@@ -73,7 +73,7 @@ DeltaCall parseDelta(Napi::Env env, const Request& r, const char* op) {
   // delta-rule correction of every token (as v).
   c.savedElems = product(env, {a.totalChunks, a.HV, a.K, a.V}, op);
   if (c.dev == Device::CPU) {
-    if (c.vo > INT64_MAX - c.savedElems) throwError(env, "ERR_SHAPE", std::string(op) + ": tensor size overflows");
+    if (c.vo > INT64_MAX - c.savedElems) throwError(env, code::kShape, std::string(op) + ": tensor size overflows");
     c.savedElems += c.vo;
   }
   a.k = tensorArg(env, t.Get("k"), op, "k", c.dev, dt, c.qk).data;
@@ -157,7 +157,7 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   a.HV = intField(env, cfg, "HV", op, 1);
   a.K = intField(env, cfg, "K", op, 1);
   a.V = intField(env, cfg, "V", op, 1);
-  if (a.HV % a.H != 0) throwError(env, "ERR_SHAPE", std::string(op) + ": HV must be a multiple of H");
+  if (a.HV % a.H != 0) throwError(env, code::kShape, std::string(op) + ": HV must be a multiple of H");
   a.scale = scaleField(env, cfg, op);
   a.l2norm = flagField(cfg, "l2norm");
   a.updateState = flagField(cfg, "updateState");

@@ -23,7 +23,7 @@ float nonNegativeField(Napi::Env env, const Napi::Object& cfg, const char* name,
   Napi::Value v = cfg.Get(name);
   double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
   if (!std::isfinite(s) || s < 0 || s > 3.0e38)
-    throwError(env, "ERR_ARGUMENT", std::string(op) + ": " + name + " must be a finite non-negative number");
+    throwError(env, code::kArgument, std::string(op) + ": " + name + " must be a finite non-negative number");
   return float(s);
 }
 
@@ -37,7 +37,7 @@ NewtonCall parseNewton(Napi::Env env, const Request& r, const char* op) {
   rkcuda::NewtonRnnArgs& a = c.a;
   a.dt = rkcuda::DType(int(dt));
   const int64_t cell = intField(env, cfg, "cell", op, 0);
-  if (cell > 4) throwError(env, "ERR_ARGUMENT", std::string(op) + ": unknown cell " + std::to_string(cell));
+  if (cell > 4) throwError(env, code::kArgument, std::string(op) + ": unknown cell " + std::to_string(cell));
   a.cell = rkcuda::NewtonCell(int(cell));
   const bool diag = a.cell == rkcuda::NewtonCell::GruDiag || a.cell == rkcuda::NewtonCell::LstmCifgDiag;
   c.G = a.cell == rkcuda::NewtonCell::Lstm ? 4 : a.cell == rkcuda::NewtonCell::Elman ? 1 : 3;
@@ -50,16 +50,16 @@ NewtonCall parseNewton(Napi::Env env, const Request& r, const char* op) {
   a.sequential = flagField(cfg, "sequential");
   a.fallbackSequential = flagField(cfg, "fallbackSequential");
   const int64_t maxIters = intField(env, cfg, "maxIters", op, 0);
-  if (maxIters > 1000000) throwError(env, "ERR_ARGUMENT", std::string(op) + ": maxIters must be at most 1000000");
+  if (maxIters > 1000000) throwError(env, code::kArgument, std::string(op) + ": maxIters must be at most 1000000");
   a.maxIters = int(maxIters);
   a.tolAbs = nonNegativeField(env, cfg, "tolAbs", op);
   a.tolRel = nonNegativeField(env, cfg, "tolRel", op);
   a.damping = nonNegativeField(env, cfg, "damping", op);
   if (a.damping > 0 && a.fullJacobian && !diag)
-    throwError(env, "ERR_ARGUMENT", std::string(op) + ": damping needs per-channel Jacobians (jacobian 'diagonal' or a "
+    throwError(env, code::kArgument, std::string(op) + ": damping needs per-channel Jacobians (jacobian 'diagonal' or a "
                                                       "diagonal cell); it is not supported with the full Jacobian");
   const int64_t guess = intField(env, cfg, "guess", op, 0);
-  if (guess > 2) throwError(env, "ERR_ARGUMENT", std::string(op) + ": unknown guess " + std::to_string(guess));
+  if (guess > 2) throwError(env, code::kArgument, std::string(op) + ": unknown guess " + std::to_string(guess));
   a.guess = rkcuda::NewtonGuess(int(guess));
   c.N = product(env, {a.heads, a.headDim}, op);
   c.wxElems = product(env, {a.batch, a.T, c.G, c.N}, op);

@@ -38,7 +38,7 @@ ScanCall parseScan(Napi::Env env, const Request& r, const char* op) {
   a.dstate = intField(env, cfg, "dstate", op, 1);
   a.groups = intField(env, cfg, "groups", op, 1);
   if (a.dim % a.groups != 0)
-    throwError(env, "ERR_SHAPE", std::string(op) + ": dim must be a multiple of groups");
+    throwError(env, code::kShape, std::string(op) + ": dim must be a multiple of groups");
   a.variableB = flagField(cfg, "variableB");
   a.variableC = flagField(cfg, "variableC");
   a.deltaSoftplus = flagField(cfg, "deltaSoftplus");
@@ -155,7 +155,7 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   a.groups = intField(env, cfg, "groups", op, 1);
   a.tokens = intField(env, cfg, "tokens", op, 1);
   if (a.dim % a.groups != 0)
-    throwError(env, "ERR_SHAPE", std::string(op) + ": dim must be a multiple of groups");
+    throwError(env, code::kShape, std::string(op) + ": dim must be a multiple of groups");
   a.deltaSoftplus = flagField(cfg, "deltaSoftplus");
   a.updateState = flagField(cfg, "updateState");
   const bool wantIntermediate = flagField(cfg, "returnIntermediate");
