@@ -4,10 +4,7 @@
 
 #include "napi/async.h"
 #include "napi/cpu.h"
-#include "ops/cells/binding.h"
-#include "ops/delta/binding.h"
-#include "ops/newton/binding.h"
-#include "ops/scan/binding.h"
+#include "ops/registry.h"
 #include "tensor/tensor.h"
 
 namespace {
@@ -22,10 +19,11 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerTensor(env, exports);
   rk::registerCpu(env, exports);
   rk::registerAsync(env, exports);
-  rk::registerScan(env, exports);
-  rk::registerDelta(env, exports);
-  rk::registerCells(env, exports);
-  rk::registerNewton(env, exports);
+  rk::registerLinearScan(env, exports);
+  rk::registerSelectiveScan(env, exports);
+  rk::registerGatedDeltaRule(env, exports);
+  rk::registerFusedRnn(env, exports);
+  rk::registerNewtonRnn(env, exports);
   return exports;
 }
 

@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "ops/scan/binding.h"
+#include "ops/registry.h"
 #include "ops/scan/selective_scan_cpu.h"
 #include "tensor/args.h"
 #include "tensor/tensor.h"

@@ -1,7 +1,7 @@
 // N-API glue of the fused recurrent cells: re-checks every size against the configuration that
 // lib/ops/fusedRnn.ts sends, copies the lengths, allocates the outputs and runs the CPU kernels or
 // the CUDA launchers.
-#include "ops/cells/binding.h"
+#include "ops/registry.h"
 
 #include <string>
 #include <vector>
@@ -128,7 +128,7 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void registerCells(Napi::Env env, Napi::Object exports) {
+void registerFusedRnn(Napi::Env env, Napi::Object exports) {
   exportFunction(env, exports, "fusedRnnForward", FusedRnnForward);
   exportFunction(env, exports, "fusedRnnBackward", FusedRnnBackward);
 }

@@ -1,6 +1,6 @@
-// N-API glue of the scan family: argument checks (again, after lib/) and dispatch to the CPU
+// N-API glue of the linear scan: argument checks (again, after lib/) and dispatch to the CPU
 // kernels or the CUDA launchers.
-#include "ops/scan/binding.h"
+#include "ops/registry.h"
 
 #include "ops/scan/linear_scan_cpu.h"
 #include "tensor/args.h"
@@ -78,10 +78,9 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void registerScan(Napi::Env env, Napi::Object exports) {
+void registerLinearScan(Napi::Env env, Napi::Object exports) {
   exportFunction(env, exports, "linearScanForward", LinearScanForward);
   exportFunction(env, exports, "linearScanBackward", LinearScanBackward);
-  registerSelectiveScan(env, exports);
 }
 
 }  // namespace rk

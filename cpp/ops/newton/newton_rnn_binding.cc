@@ -1,7 +1,7 @@
 // N-API glue of the Newton-iteration parallel RNN: re-checks every size and scalar against the
 // configuration that lib/ops/newtonRnn.ts sends, allocates the outputs (the per-row statistics as
 // host typed arrays on either device) and runs the CPU kernels or the CUDA launchers.
-#include "ops/newton/binding.h"
+#include "ops/registry.h"
 
 #include <cmath>
 #include <string>
@@ -135,7 +135,7 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void registerNewton(Napi::Env env, Napi::Object exports) {
+void registerNewtonRnn(Napi::Env env, Napi::Object exports) {
   exportFunction(env, exports, "newtonRnnForward", NewtonRnnForward);
   exportFunction(env, exports, "newtonRnnBackward", NewtonRnnBackward);
 }

@@ -1,7 +1,7 @@
 // N-API glue of the gated delta rule: re-checks every size against the configuration that
 // lib/ops/gatedDeltaRule.ts sends, builds the sequence table, allocates the outputs and runs the CPU
 // kernels or the CUDA launchers.
-#include "ops/delta/binding.h"
+#include "ops/registry.h"
 
 #include <cfloat>
 #include <cmath>
@@ -182,7 +182,7 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void registerDelta(Napi::Env env, Napi::Object exports) {
+void registerGatedDeltaRule(Napi::Env env, Napi::Object exports) {
   exportFunction(env, exports, "gatedDeltaForward", GatedDeltaForward);
   exportFunction(env, exports, "gatedDeltaBackward", GatedDeltaBackward);
   exportFunction(env, exports, "gatedDeltaStep", GatedDeltaStep);

@@ -1,0 +1,12 @@
+// The ops' native entry points, one registration per op binding (cpp/ops/<family>/<op>_binding.cc);
+// addon.cc calls each. A new op adds its binding file and one line here and in addon.cc.
+#pragma once
+#include <napi.h>
+
+namespace rk {
+void registerLinearScan(Napi::Env env, Napi::Object exports);     // linearScanForward / Backward
+void registerSelectiveScan(Napi::Env env, Napi::Object exports);  // selectiveScanForward / Backward, selectiveStateUpdate
+void registerGatedDeltaRule(Napi::Env env, Napi::Object exports); // gatedDeltaForward / Backward, gatedDeltaStep
+void registerFusedRnn(Napi::Env env, Napi::Object exports);       // fusedRnnForward / Backward
+void registerNewtonRnn(Napi::Env env, Napi::Object exports);      // newtonRnnForward / Backward
+}  // namespace rk
