@@ -40,7 +40,7 @@ if (!existsSync(join(root, 'dist', 'cjs', 'index.js'))) {
   log('no dist/ yet: npm run build:ts');
   npm(['run', 'build:ts'], root, 'inherit');
 }
-const { platformPackage, PLATFORM_PACKAGES, PLATFORM_BINARY } = require(join(root, 'dist', 'cjs', 'native.js'));
+const { platformPackage, PLATFORM_PACKAGES, PLATFORM_BINARY } = require(join(root, 'dist', 'cjs', 'native', 'load.js'));
 const platform = platformPackage();
 if (!platform || !PLATFORM_PACKAGES.includes(platform)) {
   console.error(`[pack] no platform package is published for ${process.platform}-${process.arch} (${platform}); ` +
