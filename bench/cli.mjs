@@ -12,26 +12,16 @@
 // CPU supports (without peers) and prints each row's time per variant and its ratio to the best.
 // --threads sets the CPU kernels' threads (rk.cpu.setThreads); ONNX Runtime peers use as many.
 // Progress goes to stderr; tables to stdout. A bad argument exits with code 2 and one line.
-import { writeFileSync, readFileSync } from 'node:fs';
+import { readdirSync, writeFileSync, readFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import * as rk from '../dist/index.mjs';
 import { bandwidthCeiling } from './timing.mjs';
 import { machineCeilings, ortStatus } from './peers/ort.mjs';
-import linearScan from './ops/linear-scan.mjs';
-import selectiveScan from './ops/selective-scan.mjs';
-import gatedDeltaRule from './ops/gated-delta-rule.mjs';
-import fusedRnn from './ops/fused-rnn.mjs';
-import newtonRnn from './ops/newton-rnn.mjs';
-import tfjsLstm from './ops/tfjs-lstm.mjs';
 
-const OPS = {
-  'linear-scan': linearScan,
-  'selective-scan': selectiveScan,
-  'gated-delta-rule': gatedDeltaRule,
-  'fused-rnn': fusedRnn,
-  'newton-rnn': newtonRnn,
-  'tfjs-lstm': tfjsLstm,
-};
+// Every bench/ops/<name>.mjs is the op --op <name> (a new op adds its file and nothing here).
+const opsDir = new URL('./ops/', import.meta.url);
+const OPS = Object.fromEntries(await Promise.all(readdirSync(opsDir).filter((f) => f.endsWith('.mjs')).sort()
+  .map(async (f) => [f.slice(0, -'.mjs'.length), (await import(new URL(f, opsDir).href)).default])));
 const ISAS = ['avx512', 'avx2', 'base'];
 const USAGE = `usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick] ` +
   '[--size AxBx...[,...]] [--dtype DTYPE] [--isa avx512|avx2|base|all] [--threads N] [--curve] [--chart FILE.svg]';
