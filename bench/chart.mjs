@@ -3,7 +3,7 @@
 
 const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b', '#17becf', '#7f7f7f'];
 
-function escape(s) {
+function escapeXml(s) {
   return String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 }
 
@@ -30,7 +30,7 @@ export function lineChart(series, { title = '', xLabel = '', yLabel = '', logX =
     : (Math.abs(v) >= 1e5 || (Math.abs(v) < 0.01 && v !== 0) ? v.toExponential(1) : String(+v.toPrecision(3))));
   const out = [`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
     `<rect width="${W}" height="${H}" fill="white"/>`,
-    `<text x="${W / 2}" y="22" text-anchor="middle" font-size="15">${escape(title)}</text>`];
+    `<text x="${W / 2}" y="22" text-anchor="middle" font-size="15">${escapeXml(title)}</text>`];
   // Axes with ticks at the data's x values and at 5 y levels.
   out.push(`<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="black"/>`,
     `<line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" stroke="black"/>`);
@@ -43,8 +43,8 @@ export function lineChart(series, { title = '', xLabel = '', yLabel = '', logX =
     out.push(`<line x1="${L - 5}" y1="${yy}" x2="${W - R}" y2="${yy}" stroke="#ddd"/>`,
       `<text x="${L - 8}" y="${yy + 4}" text-anchor="end">${fmt(y)}</text>`);
   }
-  out.push(`<text x="${(L + W - R) / 2}" y="${H - 12}" text-anchor="middle">${escape(xLabel)}${logX ? ' (log scale)' : ''}</text>`,
-    `<text x="16" y="${(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 16 ${(T + H - B) / 2})">${escape(yLabel)}${logY ? ' (log scale)' : ''}</text>`);
+  out.push(`<text x="${(L + W - R) / 2}" y="${H - 12}" text-anchor="middle">${escapeXml(xLabel)}${logX ? ' (log scale)' : ''}</text>`,
+    `<text x="16" y="${(T + H - B) / 2}" text-anchor="middle" transform="rotate(-90 16 ${(T + H - B) / 2})">${escapeXml(yLabel)}${logY ? ' (log scale)' : ''}</text>`);
   if (reference != null) {
     out.push(`<line x1="${L}" y1="${py(reference)}" x2="${W - R}" y2="${py(reference)}" stroke="black" stroke-dasharray="5,4"/>`);
   }
@@ -56,7 +56,7 @@ export function lineChart(series, { title = '', xLabel = '', yLabel = '', logX =
       for (const [x, y] of p) out.push(`<circle cx="${px(x).toFixed(1)}" cy="${py(y).toFixed(1)}" r="3" fill="${c}"/>`);
     }
     out.push(`<line x1="${W - R + 15}" y1="${T + 10 + 18 * i}" x2="${W - R + 35}" y2="${T + 10 + 18 * i}" stroke="${c}" stroke-width="2"/>`,
-      `<text x="${W - R + 40}" y="${T + 14 + 18 * i}">${escape(s.name)}</text>`);
+      `<text x="${W - R + 40}" y="${T + 14 + 18 * i}">${escapeXml(s.name)}</text>`);
   });
   out.push('</svg>');
   return out.join('\n');

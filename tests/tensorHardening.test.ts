@@ -44,7 +44,7 @@ describe('new Tensor(storage, shape, dtype, device) validates its arguments', ()
   it('storage over shared, resizable or detached memory', () => {
     const shared = new Float32Array(new SharedArrayBuffer(8));
     expectError(() => new rk.Tensor(shared, [2], 'float32', 'cpu'), 'ERR_ARGUMENT', /SharedArrayBuffer \(shared memory is not supported\)/);
-    const resizable = new Float32Array(new (ArrayBuffer as any)(8, { maxByteLength: 16 }));
+    const resizable = new Float32Array(new (ArrayBuffer as unknown as new (n: number, o: object) => ArrayBuffer)(8, { maxByteLength: 16 }));
     expectError(() => new rk.Tensor(resizable, [2], 'float32', 'cpu'), 'ERR_ARGUMENT', /resizable ArrayBuffer/);
     const gone = f32(2);
     detach(gone.buffer);
@@ -109,7 +109,7 @@ describe('objects that are not real tensors', () => {
       reshape: () => fake.reshape([0]), dispose: () => fake.dispose(), 'Symbol.dispose': () => fake[Symbol.dispose](),
       toString: () => String(fake), shape: () => fake.shape, size: () => fake.size,
     };
-    for (const [name, call] of Object.entries(calls))
+    for (const call of Object.values(calls))
       expectError(call, 'ERR_ARGUMENT', /not a Tensor, got an object with Tensor's prototype/);
     return expect(fake.data()).rejects.toMatchObject({ code: 'ERR_ARGUMENT' });
   });

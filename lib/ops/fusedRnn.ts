@@ -103,7 +103,7 @@ function prepare(OP: string, inputs: FusedRnnInputs, options: FusedRnnOptions) {
     throw new ArgumentError(`${OP}: options must be an object with at least cell`);
   const opts = readOptions(OP, options, ['cell', 'lengths', 'returnLastOnly']);
   const cell = opts.cell;
-  if (typeof cell !== 'string' || !Object.prototype.hasOwnProperty.call(FUSED_RNN_CELLS, cell))
+  if (typeof cell !== 'string' || !Object.hasOwn(FUSED_RNN_CELLS, cell))
     throw new ArgumentError(`${OP}: cell must be one of ${Object.keys(FUSED_RNN_CELLS).map((c) => `'${c}'`).join(', ')}, ` +
       `got ${typeof cell === 'string' ? `'${cell}'` : String(cell)}`);
   const { gates: G, states: S, code } = FUSED_RNN_CELLS[cell];
