@@ -6,8 +6,15 @@ import { defineConfig } from 'vitest/config';
 // run once per variant this machine supports, each in its own project with RK_CPU_ISA set, and
 // tests/cpu.test.ts there fails if a call ran any other variant. The variants come from the built
 // addon; without one, the op tests run once (and fail on the missing addon, as everything else does).
-const opTests = ['tests/selectiveScan.test.ts', 'tests/gatedDeltaRule.test.ts', 'tests/fusedRnn.test.ts',
-  'tests/newtonRnn.test.ts', 'tests/linearScan.test.ts', 'tests/ort.test.ts', 'tests/cpu.test.ts'];
+const opTests = [
+  'tests/selectiveScan.test.ts',
+  'tests/gatedDeltaRule.test.ts',
+  'tests/fusedRnn.test.ts',
+  'tests/newtonRnn.test.ts',
+  'tests/linearScan.test.ts',
+  'tests/ort.test.ts',
+  'tests/cpu.test.ts',
+];
 
 function supportedIsas(): string[] {
   const path = new URL('./build/Release/recurrent_kernels.node', import.meta.url).pathname;

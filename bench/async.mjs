@@ -25,29 +25,44 @@ function tiled(n, map = (x) => x) {
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 async function tinyCall() {
-  const a = rk.Tensor.from(tiled(2 * 19 * 37, (x) => 0.5 * x), [2, 19, 37]);
+  const a = rk.Tensor.from(
+    tiled(2 * 19 * 37, (x) => 0.5 * x),
+    [2, 19, 37],
+  );
   const b = rk.Tensor.from(tiled(2 * 19 * 37), [2, 19, 37]);
   const calls = 2000;
-  const sync = [], asyncT = [];
+  const sync = [],
+    asyncT = [];
   for (let r = 0; r < reps + 1; r++) {
     let t0 = performance.now();
     for (let i = 0; i < calls; i++) rk.linearScan({ a, b }).h.dispose();
-    const s = (performance.now() - t0) * 1000 / calls;
+    const s = ((performance.now() - t0) * 1000) / calls;
     t0 = performance.now();
     for (let i = 0; i < calls; i++) (await rk.linearScanAsync({ a, b })).h.dispose();
-    const as = (performance.now() - t0) * 1000 / calls;
-    if (r > 0) { sync.push(s); asyncT.push(as); } // the first round warms up
+    const as = ((performance.now() - t0) * 1000) / calls;
+    if (r > 0) {
+      sync.push(s);
+      asyncT.push(as);
+    } // the first round warms up
   }
   return { sync: median(sync), async: median(asyncT) };
 }
 
 async function longCall() {
-  const N = 256, len = 2048;
+  const N = 256,
+    len = 2048;
   const make = (dim) => ({
     u: rk.Tensor.from(tiled(dim * len), [1, dim, len]),
-    delta: rk.Tensor.from(tiled(dim * len, (x) => 0.1 * Math.abs(x)), [1, dim, len]),
-    A: rk.Tensor.from(tiled(dim * N, (x) => -Math.abs(x)), [dim, N]),
-    B: rk.Tensor.from(tiled(N * len), [1, 1, N, len]), C: rk.Tensor.from(tiled(N * len), [1, 1, N, len]),
+    delta: rk.Tensor.from(
+      tiled(dim * len, (x) => 0.1 * Math.abs(x)),
+      [1, dim, len],
+    ),
+    A: rk.Tensor.from(
+      tiled(dim * N, (x) => -Math.abs(x)),
+      [dim, N],
+    ),
+    B: rk.Tensor.from(tiled(N * len), [1, 1, N, len]),
+    C: rk.Tensor.from(tiled(N * len), [1, 1, N, len]),
   });
   const probe = make(64);
   rk.selectiveScan(probe);
@@ -57,7 +72,8 @@ async function longCall() {
   const x = make(dim);
   const measure = async (run) => {
     const h = monitorEventLoopDelay({ resolution: 1 });
-    let maxGap = 0, last = performance.now();
+    let maxGap = 0,
+      last = performance.now();
     const timer = setInterval(() => {
       const now = performance.now();
       maxGap = Math.max(maxGap, now - last);
@@ -78,15 +94,24 @@ async function longCall() {
 }
 
 const info = rk.cpu.info();
-console.log(`# async calls: ${cpus()[0]?.model ?? 'unknown CPU'}, ${info.isa} variant, ${info.threads} threads, Node ${process.version}`);
+console.log(
+  `# async calls: ${cpus()[0]?.model ?? 'unknown CPU'}, ${info.isa} variant, ${info.threads} threads, Node ${process.version}`,
+);
 const tiny = await tinyCall();
 console.log('\n| tiny call (linearScan 2x19x37) | sync | async | async overhead |');
 console.log('|---|---|---|---|');
-console.log(`| per call, median of ${reps} x 2000 | ${tiny.sync.toFixed(1)} us | ${tiny.async.toFixed(1)} us | ` +
-  `${(tiny.async - tiny.sync).toFixed(1)} us |`);
+console.log(
+  `| per call, median of ${reps} x 2000 | ${tiny.sync.toFixed(1)} us | ${tiny.async.toFixed(1)} us | ` +
+    `${(tiny.async - tiny.sync).toFixed(1)} us |`,
+);
 const long = await longCall();
 const f = (x) => x.toFixed(1);
-console.log(`\n| long call (selectiveScan fwd 1x${long.dim}x${long.len}, dstate ${long.N}) | time | event-loop delay p99 | max | longest 5 ms timer gap |`);
+console.log(
+  `\n| long call (selectiveScan fwd 1x${long.dim}x${long.len}, dstate ${long.N}) | time | event-loop delay p99 | max | longest 5 ms timer gap |`,
+);
 console.log('|---|---|---|---|---|');
-for (const [k, v] of [['sync', long.sync], ['async', long.async]])
+for (const [k, v] of [
+  ['sync', long.sync],
+  ['async', long.async],
+])
   console.log(`| ${k} | ${f(v.ms)} ms | ${f(v.p99)} ms | ${f(v.max)} ms | ${f(v.maxGap)} ms |`);

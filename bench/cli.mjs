@@ -20,10 +20,17 @@ import { machineCeilings, ortStatus } from './peers/ort.mjs';
 
 // Every bench/ops/<name>.mjs is the op --op <name> (a new op adds its file and nothing here).
 const opsDir = new URL('./ops/', import.meta.url);
-const OPS = Object.fromEntries(await Promise.all(readdirSync(opsDir).filter((f) => f.endsWith('.mjs')).sort()
-  .map(async (f) => [f.slice(0, -'.mjs'.length), (await import(new URL(f, opsDir).href)).default])));
+const OPS = Object.fromEntries(
+  await Promise.all(
+    readdirSync(opsDir)
+      .filter((f) => f.endsWith('.mjs'))
+      .sort()
+      .map(async (f) => [f.slice(0, -'.mjs'.length), (await import(new URL(f, opsDir).href)).default]),
+  ),
+);
 const ISAS = ['avx512', 'avx2', 'base'];
-const USAGE = `usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick] ` +
+const USAGE =
+  `usage: npm run bench -- --op <${Object.keys(OPS).join('|')}> [--device cpu|cuda] [--json FILE] [--quick] ` +
   '[--size AxBx...[,...]] [--dtype DTYPE] [--isa avx512|avx2|base|all] [--threads N] [--curve] [--chart FILE.svg]';
 
 /** A bad command line: one line on stderr, exit code 2. */
@@ -42,8 +49,16 @@ function parseSizes(v) {
 
 function parseArgs(argv) {
   const args = {
-    op: 'linear-scan', device: null, json: null, quick: false, sizes: null, dtype: null,
-    curve: false, chart: null, isa: null, threads: null,
+    op: 'linear-scan',
+    device: null,
+    json: null,
+    quick: false,
+    sizes: null,
+    dtype: null,
+    curve: false,
+    chart: null,
+    isa: null,
+    threads: null,
   };
   const value = (i, k) => {
     if (i >= argv.length || argv[i].startsWith('--')) throw new UsageError(`bench: ${k} needs a value`);
@@ -60,10 +75,12 @@ function parseArgs(argv) {
     else if (k === '--size') args.sizes = parseSizes(argv[++i]);
     else if (k === '--dtype') {
       args.dtype = value(++i, k);
-      if (!rk.DTYPES.includes(args.dtype)) throw new UsageError(`bench: --dtype must be one of ${rk.DTYPES.join(', ')}`);
+      if (!rk.DTYPES.includes(args.dtype))
+        throw new UsageError(`bench: --dtype must be one of ${rk.DTYPES.join(', ')}`);
     } else if (k === '--isa') {
       args.isa = value(++i, k);
-      if (![...ISAS, 'all'].includes(args.isa)) throw new UsageError(`bench: --isa must be one of ${[...ISAS, 'all'].join(', ')}`);
+      if (![...ISAS, 'all'].includes(args.isa))
+        throw new UsageError(`bench: --isa must be one of ${[...ISAS, 'all'].join(', ')}`);
     } else if (k === '--threads') {
       const v = value(++i, k);
       args.threads = /^\d+$/.test(v) ? Number(v) : NaN;
@@ -75,11 +92,14 @@ function parseArgs(argv) {
   }
   if (args.help) return args;
   if (!OPS[args.op]) throw new UsageError(`bench: unknown op ${args.op}; one of ${Object.keys(OPS).join(', ')}`);
-  if (args.device !== null && !['cpu', 'cuda'].includes(args.device)) throw new UsageError('bench: --device must be cpu or cuda');
+  if (args.device !== null && !['cpu', 'cuda'].includes(args.device))
+    throw new UsageError('bench: --device must be cpu or cuda');
   const op = OPS[args.op];
   for (const s of args.sizes ?? []) {
     if (!op.sizeDims.includes(s.length)) {
-      throw new UsageError(`bench: --size ${s.join('x')} has ${s.length} dimensions; ${args.op} sizes are ${op.sizeHelp}`);
+      throw new UsageError(
+        `bench: --size ${s.join('x')} has ${s.length} dimensions; ${args.op} sizes are ${op.sizeHelp}`,
+      );
     }
   }
   return args;
@@ -103,7 +123,7 @@ if (device === 'cuda' && !rk.cuda.available()) {
   process.exit(1);
 }
 if (args.isa === 'all' && device !== 'cpu') {
-  console.error('bench: --isa all compares the CPU kernels\' variants: use it with --device cpu');
+  console.error("bench: --isa all compares the CPU kernels' variants: use it with --device cpu");
   process.exit(2);
 }
 const supported = rk.cpu.info().isasSupported;
@@ -120,14 +140,22 @@ const progress = (i, n, label) => process.stderr.write(`[${i}/${n}] ${label} ...
 /** The x86 instruction-set flags of interest that /proc/cpuinfo lists (empty elsewhere). */
 function cpuFlags() {
   try {
-    const flags = new Set(readFileSync('/proc/cpuinfo', 'utf8').match(/^flags\s*:(.*)$/m)?.[1].trim().split(/\s+/) ?? []);
-    return ['avx512f', 'avx512vl', 'avx512dq', 'avx512_bf16', 'avx2', 'fma', 'neon', 'asimd'].filter((f) => flags.has(f));
+    const flags = new Set(
+      readFileSync('/proc/cpuinfo', 'utf8')
+        .match(/^flags\s*:(.*)$/m)?.[1]
+        .trim()
+        .split(/\s+/) ?? [],
+    );
+    return ['avx512f', 'avx512vl', 'avx512dq', 'avx512_bf16', 'avx2', 'fma', 'neon', 'asimd'].filter((f) =>
+      flags.has(f),
+    );
   } catch {
     return [];
   }
 }
 
-let deviceName, ceilings = null;
+let deviceName,
+  ceilings = null;
 if (device === 'cuda') {
   deviceName = rk.cuda.deviceProperties().name;
   console.log(`device: ${deviceName}`);
@@ -136,24 +164,42 @@ if (device === 'cuda') {
   const flags = cpuFlags();
   const threads = `${info.threads} thread${info.threads === 1 ? '' : 's'}`;
   deviceName = `${cpus()[0]?.model ?? 'CPU'} (${threads})`;
-  console.log(`device: CPU, ${cpus()[0]?.model ?? 'unknown model'}, ${cpus().length} logical CPUs` +
-    (flags.length ? `, flags ${flags.join(' ')}` : ''));
-  console.log(`CPU kernels: isa ${args.isa === 'all' ? `all of ${info.isasSupported.join(', ')}` : info.isa}` +
-    ` (supported: ${info.isasSupported.join(', ')}), ${threads}`);
+  console.log(
+    `device: CPU, ${cpus()[0]?.model ?? 'unknown model'}, ${cpus().length} logical CPUs` +
+      (flags.length ? `, flags ${flags.join(' ')}` : ''),
+  );
+  console.log(
+    `CPU kernels: isa ${args.isa === 'all' ? `all of ${info.isasSupported.join(', ')}` : info.isa}` +
+      ` (supported: ${info.isasSupported.join(', ')}), ${threads}`,
+  );
   process.stderr.write('measuring the machine ceilings ...\n');
   ceilings = await machineCeilings(info.threads);
   const ort = ortStatus();
-  console.log(ceilings.gflops == null
-    ? `fp32 matmul rate: – (ORT not installed: ${ceilings.reason})`
-    : `fp32 matmul rate: ${ceilings.gflops.toFixed(1)} GFLOP/s (ONNX Runtime ${ort.version} MatMul 2048^3, ${threads}, best of 5)`);
-  console.log(`copy bandwidth of one thread: ${ceilings.copyGBs.toFixed(1)} GB/s (Float32Array.set of 256 MB, read + write, best of 5)`);
+  console.log(
+    ceilings.gflops == null
+      ? `fp32 matmul rate: – (ORT not installed: ${ceilings.reason})`
+      : `fp32 matmul rate: ${ceilings.gflops.toFixed(1)} GFLOP/s (ONNX Runtime ${ort.version} MatMul 2048^3, ${threads}, best of 5)`,
+  );
+  console.log(
+    `copy bandwidth of one thread: ${ceilings.copyGBs.toFixed(1)} GB/s (Float32Array.set of 256 MB, read + write, best of 5)`,
+  );
 }
 const ceiling = bandwidthCeiling(rk, device);
-console.log(`measured copy bandwidth: ${ceiling.toFixed(1)} GB/s (read + write, the library's Tensor.clone of 256 MB${device === 'cpu' ? `, ${rk.cpu.info().threads} threads` : ''})`);
+console.log(
+  `measured copy bandwidth: ${ceiling.toFixed(1)} GB/s (read + write, the library's Tensor.clone of 256 MB${device === 'cpu' ? `, ${rk.cpu.info().threads} threads` : ''})`,
+);
 
 const ctx = {
-  device, quick: args.quick, ceiling, ceilings, sizes: args.sizes, dtype: args.dtype, curve: args.curve, chart: args.chart,
-  peers: true, progress,
+  device,
+  quick: args.quick,
+  ceiling,
+  ceilings,
+  sizes: args.sizes,
+  dtype: args.dtype,
+  curve: args.curve,
+  chart: args.chart,
+  peers: true,
+  progress,
 };
 
 const blank = (v) => v == null || v === '' || v === '–';
@@ -199,13 +245,18 @@ if (args.isa === 'all') {
     const best = Math.min(...Object.values(times));
     const bestIsa = supported.find((isa) => times[isa] === best);
     return {
-      [sizeCol]: r.size, [tagCol]: r.tag, dtype: r.dtype, pass: r.pass,
-      ...Object.fromEntries(supported.map((isa) => [`${isa} ms`, `${times[isa].toFixed(3)} (${(times[isa] / best).toFixed(2)}x)`])),
+      [sizeCol]: r.size,
+      [tagCol]: r.tag,
+      dtype: r.dtype,
+      pass: r.pass,
+      ...Object.fromEntries(
+        supported.map((isa) => [`${isa} ms`, `${times[isa].toFixed(3)} (${(times[isa] / best).toFixed(2)}x)`]),
+      ),
       best: bestIsa,
     };
   });
   printTable([sizeCol, tagCol, 'dtype', 'pass', ...supported.map((isa) => `${isa} ms`), 'best'], table);
-  console.log('variant columns: median ms (time / the best variant\'s time)');
+  console.log("variant columns: median ms (time / the best variant's time)");
   out = { variants: byIsa };
 } else {
   const rows = await runOp(ctx);
@@ -213,7 +264,11 @@ if (args.isa === 'all') {
   const peerCols = [...new Set(rows.flatMap((r) => Object.keys(r.peers)))];
   const table = rows.map((r) => {
     const line = {
-      [sizeCol]: r.size, [tagCol]: r.tag, dtype: r.dtype, pass: r.pass, ms: r.ms.toFixed(3),
+      [sizeCol]: r.size,
+      [tagCol]: r.tag,
+      dtype: r.dtype,
+      pass: r.pass,
+      ms: r.ms.toFixed(3),
       'GB/s': r.gbs == null ? '–' : r.gbs.toFixed(1),
       '% of copy': r.gbs == null ? '–' : `${((100 * r.gbs) / ceiling).toFixed(0)}%`,
       ...r.extra,
@@ -229,9 +284,21 @@ if (args.isa === 'all') {
 }
 
 if (args.json) {
-  writeFileSync(args.json, JSON.stringify({
-    op: args.op, device, deviceName, copyBandwidthGBs: ceiling, ceilings,
-    cpu: device === 'cpu' ? { ...rk.cpu.info(), model: cpus()[0]?.model ?? null } : null, ...out,
-  }, null, 2));
+  writeFileSync(
+    args.json,
+    JSON.stringify(
+      {
+        op: args.op,
+        device,
+        deviceName,
+        copyBandwidthGBs: ceiling,
+        ceilings,
+        cpu: device === 'cpu' ? { ...rk.cpu.info(), model: cpus()[0]?.model ?? null } : null,
+        ...out,
+      },
+      null,
+      2,
+    ),
+  );
   console.log(`wrote ${args.json}`);
 }

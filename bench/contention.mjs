@@ -29,22 +29,46 @@ function cases() {
   {
     const [B, D, L, N] = [1, 512, 2048, 16];
     const A = Float32Array.from({ length: D * N }, (_, i) => -((i % N) + 1));
-    const inputs = { u: T(data(B * D * L), [B, D, L]), delta: T(data(B * D * L, 0.5), [B, D, L]), A: T(A, [D, N]),
-      B: T(data(B * N * L), [B, 1, N, L]), C: T(data(B * N * L), [B, 1, N, L]) };
+    const inputs = {
+      u: T(data(B * D * L), [B, D, L]),
+      delta: T(data(B * D * L, 0.5), [B, D, L]),
+      A: T(A, [D, N]),
+      B: T(data(B * N * L), [B, 1, N, L]),
+      C: T(data(B * N * L), [B, 1, N, L]),
+    };
     out.push(['selectiveScan fwd 1x512x2048x16', () => rk.selectiveScan(inputs, { deltaSoftplus: true }).y.dispose()]);
   }
   {
     const [B, L, H, K, V] = [2, 512, 4, 64, 64];
-    const inputs = { q: T(data(B * L * H * K), [B, L, H, K]), k: T(data(B * L * H * K), [B, L, H, K]),
-      v: T(data(B * L * H * V), [B, L, H, V]), g: T(data(B * L * H, 0.1).map((x) => -Math.abs(x)), [B, L, H]),
-      beta: T(data(B * L * H).map((x) => 0.5 + 0.4 * x), [B, L, H]) };
-    out.push(['gatedDeltaRule fwd 2x512x4x64x64', () =>
-      rk.gatedDeltaRule(inputs, { useQkL2normInKernel: true }).o.dispose()]);
+    const inputs = {
+      q: T(data(B * L * H * K), [B, L, H, K]),
+      k: T(data(B * L * H * K), [B, L, H, K]),
+      v: T(data(B * L * H * V), [B, L, H, V]),
+      g: T(
+        data(B * L * H, 0.1).map((x) => -Math.abs(x)),
+        [B, L, H],
+      ),
+      beta: T(
+        data(B * L * H).map((x) => 0.5 + 0.4 * x),
+        [B, L, H],
+      ),
+    };
+    out.push([
+      'gatedDeltaRule fwd 2x512x4x64x64',
+      () => rk.gatedDeltaRule(inputs, { useQkL2normInKernel: true }).o.dispose(),
+    ]);
   }
-  for (const [B, L, H, D] of [[16, 256, 1, 256], [1, 1024, 1, 256], [2, 512, 4, 64]]) {
+  for (const [B, L, H, D] of [
+    [16, 256, 1, 256],
+    [1, 1024, 1, 256],
+    [2, 512, 4, 64],
+  ]) {
     const G = 4;
-    const inputs = { wx: T(data(B * L * G * H * D), [B, L, G, H, D]), R: T(data(G * H * D * D, 1 / Math.sqrt(D)), [G, H, D, D]),
-      b: T(data(G * H * D, 0.1), [G, H, D]) };
+    const inputs = {
+      wx: T(data(B * L * G * H * D), [B, L, G, H, D]),
+      R: T(data(G * H * D * D, 1 / Math.sqrt(D)), [G, H, D, D]),
+      b: T(data(G * H * D, 0.1), [G, H, D]),
+    };
     const { outputs, ctx } = rk.ops.fusedRnn.forward(inputs, { cell: 'lstm' });
     out.push([`fusedRnn lstm fwd ${B}x${L}x${H}x${D}`, () => rk.fusedRnn(inputs, { cell: 'lstm' }).h.dispose()]);
     out.push([`fusedRnn lstm bwd ${B}x${L}x${H}x${D}`, () => rk.ops.fusedRnn.backward(ctx, { h: outputs.h })]);
@@ -79,7 +103,9 @@ function measure(all) {
 }
 
 const all = cases();
-console.log(`CPU: ${cpus()[0]?.model ?? 'unknown'}; variant ${rk.cpu.info().isa}; ${threads} threads; median of ${reps}`);
+console.log(
+  `CPU: ${cpus()[0]?.model ?? 'unknown'}; variant ${rk.cpu.info().isa}; ${threads} threads; median of ${reps}`,
+);
 const quiet = measure(all);
 const busy = spawn(process.execPath, ['-e', 'for (;;) {}'], { stdio: 'ignore' });
 await new Promise((r) => setTimeout(r, 300));
@@ -90,9 +116,14 @@ try {
   busy.kill();
 }
 const f = (x) => `${x.toFixed(2)} ms`;
-console.log(`| op | quiet: 1 thread | quiet: ${threads} threads | one core busy: 1 thread | one core busy: ${threads} threads | busy: ${threads} / 1 |`);
+console.log(
+  `| op | quiet: 1 thread | quiet: ${threads} threads | one core busy: 1 thread | one core busy: ${threads} threads | busy: ${threads} / 1 |`,
+);
 console.log('|---|---|---|---|---|---|');
 for (let i = 0; i < all.length; i++) {
-  const q = quiet[i], l = loaded[i];
-  console.log(`| ${q.name} | ${f(q.one)} | ${f(q.many)} | ${f(l.one)} | ${f(l.many)} | ${(l.many / l.one).toFixed(2)}x |`);
+  const q = quiet[i],
+    l = loaded[i];
+  console.log(
+    `| ${q.name} | ${f(q.one)} | ${f(q.many)} | ${f(l.one)} | ${f(l.many)} | ${(l.many / l.one).toFixed(2)}x |`,
+  );
 }

@@ -17,7 +17,11 @@ export function timeIt(rk, device, fn, { warmup = 3, iters = 20, after = () => {
   for (let i = 0; i < iters; i++) {
     let out;
     if (device === 'cuda') {
-      times.push(rk.cuda.timeMs(() => { out = fn(); }));
+      times.push(
+        rk.cuda.timeMs(() => {
+          out = fn();
+        }),
+      );
     } else {
       const t0 = performance.now();
       out = fn();
@@ -35,8 +39,12 @@ export function timeIt(rk, device, fn, { warmup = 3, iters = 20, after = () => {
 export function bandwidthCeiling(rk, device) {
   const n = 64 * 1024 * 1024; // 256 MB of float32
   const src = rk.Tensor.from(new Float32Array(n).fill(1), [n], { device });
-  const ms = timeIt(rk, device, () => src.clone(),
-    { warmup: 3, iters: device === 'cuda' ? 20 : 10, after: (t) => t.dispose(), reduce: (xs) => Math.min(...xs) });
+  const ms = timeIt(rk, device, () => src.clone(), {
+    warmup: 3,
+    iters: device === 'cuda' ? 20 : 10,
+    after: (t) => t.dispose(),
+    reduce: (xs) => Math.min(...xs),
+  });
   src.dispose();
   return (2 * n * 4) / (ms * 1e6);
 }

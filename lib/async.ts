@@ -31,8 +31,13 @@ export function* nativeCall<R>(invoke: (n: NativeModule) => R): Generator<Native
 /** Whether a value is a generator of native calls (what an op's forward/backward returns). */
 export function isSteps(x: unknown): x is Steps<unknown> {
   const g = x as { next?: unknown; throw?: unknown; [Symbol.iterator]?: unknown } | null;
-  return typeof g === 'object' && g !== null && typeof g.next === 'function' && typeof g.throw === 'function' &&
-    typeof g[Symbol.iterator] === 'function';
+  return (
+    typeof g === 'object' &&
+    g !== null &&
+    typeof g.next === 'function' &&
+    typeof g.throw === 'function' &&
+    typeof g[Symbol.iterator] === 'function'
+  );
 }
 
 /** A value, or the result of the native calls that make it. */
@@ -109,9 +114,12 @@ function asyncNative(): NativeModule {
   if (!asyncModule) {
     const n = native();
     const raw = rawNative();
-    asyncModule = Object.fromEntries(Object.entries(raw).map(([k, f]) => [k,
-      typeof f === 'function' ? (...args: unknown[]) => n.asyncCall(f as (...a: unknown[]) => unknown, ...args) : f,
-    ])) as unknown as NativeModule;
+    asyncModule = Object.fromEntries(
+      Object.entries(raw).map(([k, f]) => [
+        k,
+        typeof f === 'function' ? (...args: unknown[]) => n.asyncCall(f as (...a: unknown[]) => unknown, ...args) : f,
+      ]),
+    ) as unknown as NativeModule;
   }
   return asyncModule;
 }
@@ -133,8 +141,10 @@ export function readSignal(op: string, signal: unknown): AbortSignal | null {
  * Splits the options of an async op call into the op's own options and the signal. Anything that
  * is not a plain options object goes to the op untouched (its own checks then reject it).
  */
-export function splitSignal<Opt>(op: string, options: (Opt & AsyncOptions) | undefined):
-  { options: Opt | undefined; signal: AbortSignal | null } {
+export function splitSignal<Opt>(
+  op: string,
+  options: (Opt & AsyncOptions) | undefined,
+): { options: Opt | undefined; signal: AbortSignal | null } {
   if (typeof options !== 'object' || options === null || Array.isArray(options) || !Object.hasOwn(options, 'signal'))
     return { options, signal: null };
   const { signal, ...rest } = options as Opt & AsyncOptions;

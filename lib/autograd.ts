@@ -84,7 +84,10 @@ setTensorHooks({
     const back = (g: Tensor): Tensor =>
       kind === 'reshape' ? g.reshape(shape) : kind === 'to' ? g.to({ device, dtype }) : g;
     const node: Node = {
-      name: `Tensor.${kind}`, inputs: { a: src }, outputs: { out }, ctx: null,
+      name: `Tensor.${kind}`,
+      inputs: { a: src },
+      outputs: { out },
+      ctx: null,
       backward: (_ctx, { out: g }) => ({ a: g ? back(g) : null }),
     };
     for (const tape of activeTapes) tape.record(node);
@@ -205,7 +208,8 @@ export class Tape {
     if (!ins.some((t) => this.#tracked.has(t))) return false;
     this.#nodes.push(node);
     for (const t of Object.values(node.outputs)) if (Tensor.isTensor(t)) this.#tracked.add(t);
-    if (typeof node.ctx === 'object' && node.ctx !== null) ctxHolders.set(node.ctx, (ctxHolders.get(node.ctx) ?? 0) + 1);
+    if (typeof node.ctx === 'object' && node.ctx !== null)
+      ctxHolders.set(node.ctx, (ctxHolders.get(node.ctx) ?? 0) + 1);
     return true;
   }
 
@@ -219,15 +223,23 @@ export class Tape {
   }
 
   /** gradient() with every backward kernel off the JavaScript thread; bitwise the same gradients. */
-  async gradientAsync<S extends readonly Tensor[]>(target: Tensor, sources: readonly [...S], seed?: Tensor | null,
-    options?: AsyncOptions): Promise<GradsOf<S>> {
+  async gradientAsync<S extends readonly Tensor[]>(
+    target: Tensor,
+    sources: readonly [...S],
+    seed?: Tensor | null,
+    options?: AsyncOptions,
+  ): Promise<GradsOf<S>> {
     const { signal } = splitSignal('Tape.gradientAsync', options ?? {});
     throwIfAborted(signal, 'Tape.gradientAsync');
     return runAsync(this.#gradientSteps('Tape.gradientAsync', target, sources, seed), signal);
   }
 
-  *#gradientSteps<S extends readonly Tensor[]>(op: string, target: Tensor, sources: readonly [...S],
-    seed?: Tensor | null): Steps<GradsOf<S>> {
+  *#gradientSteps<S extends readonly Tensor[]>(
+    op: string,
+    target: Tensor,
+    sources: readonly [...S],
+    seed?: Tensor | null,
+  ): Steps<GradsOf<S>> {
     this.#checkLive('gradient');
     requireTensor(op, 'target', target);
     if (!Array.isArray(sources))
@@ -253,12 +265,17 @@ export class Tape {
       let any = false;
       for (const [k, t] of Object.entries(node.outputs)) {
         const g = Tensor.isTensor(t) ? grads.get(t) : undefined;
-        if (g) { gOut[k] = g; any = true; }
+        if (g) {
+          gOut[k] = g;
+          any = true;
+        }
       }
       if (!any) continue;
       const gIn: unknown = yield* stepsOf(node.backward(node.ctx, gOut));
       if (typeof gIn !== 'object' || gIn === null)
-        throw new ArgumentError(`${op}: ${node.name}.backward returned ${describe(gIn)}, expected an object of gradients`);
+        throw new ArgumentError(
+          `${op}: ${node.name}.backward returned ${describe(gIn)}, expected an object of gradients`,
+        );
       for (const g of Object.values(gIn)) if (Tensor.isTensor(g)) made.add(g); // the unused ones too
       for (const [k, t] of Object.entries(node.inputs)) {
         const g = Object.hasOwn(gIn, k) ? (gIn as TensorMap)[k] : undefined;
@@ -278,15 +295,14 @@ export class Tape {
     const out: Tensor[] = [];
     for (const src of sources) {
       let g = grads.get(src);
-      if (!g) made.add(g = Tensor.zeros(src.shape, { dtype: src.dtype, device: src.device }));
-      else if (!made.has(g) || out.includes(g)) made.add(g = g.clone());
+      if (!g) made.add((g = Tensor.zeros(src.shape, { dtype: src.dtype, device: src.device })));
+      else if (!made.has(g) || out.includes(g)) made.add((g = g.clone()));
       out.push(g);
     }
     // Dispose the other gradients made here, except tensors the tape recorded and owners of those returned.
     const keep = withRoots(out);
     const recorded = new Set<Tensor>(this.#tracked);
-    for (const node of this.#nodes)
-      for (const t of Object.values(node.inputs)) if (Tensor.isTensor(t)) recorded.add(t);
+    for (const node of this.#nodes) for (const t of Object.values(node.inputs)) if (Tensor.isTensor(t)) recorded.add(t);
     for (const t of made) if (!keep.has(t) && !recorded.has(t) && t !== seed) t.dispose();
     return out as unknown as GradsOf<S>;
   }
@@ -346,14 +362,19 @@ export function isRecording(): boolean {
  * released at once (its checkpoints disposed).
  */
 export function defineOp<I extends object, O extends object, Opt, C, G = Grads<I>>(
-  def: OpDefinition<I, O, Opt, C, G>): Op<I, O, Opt, C, G> {
+  def: OpDefinition<I, O, Opt, C, G>,
+): Op<I, O, Opt, C, G> {
   if (typeof def !== 'object' || def === null)
     throw new ArgumentError(`defineOp: hooks must be an object { name, forward, backward }, got ${describe(def)}`);
   const { name, forward, backward, differentiableOptions = [] } = def;
   if (typeof name !== 'string' || name === '')
     throw new ArgumentError(`defineOp: hooks.name must be a non-empty string, got ${describe(name)}`);
-  for (const [k, f] of [['forward', forward], ['backward', backward]] as const)
-    if (typeof f !== 'function') throw new ArgumentError(`defineOp: ${name}: hooks.${k} must be a function, got ${describe(f)}`);
+  for (const [k, f] of [
+    ['forward', forward],
+    ['backward', backward],
+  ] as const)
+    if (typeof f !== 'function')
+      throw new ArgumentError(`defineOp: ${name}: hooks.${k} must be a function, got ${describe(f)}`);
   if (!Array.isArray(differentiableOptions) || !differentiableOptions.every((k) => typeof k === 'string'))
     throw new ArgumentError(`defineOp: ${name}: hooks.differentiableOptions must be an array of option names`);
   type Result = { outputs: O; ctx: C };
@@ -388,8 +409,13 @@ export function defineOp<I extends object, O extends object, Opt, C, G = Grads<I
         const own = typeof options === 'object' && options !== null && Object.hasOwn(options, k);
         tracked[k] = own ? (options as Record<string, Tensor | undefined>)[k] : undefined;
       }
-      const node: Node = { name, inputs: tracked, outputs: outputs as TensorMap, ctx,
-        backward: backwardSteps as unknown as Node['backward'] };
+      const node: Node = {
+        name,
+        inputs: tracked,
+        outputs: outputs as TensorMap,
+        ctx,
+        backward: backwardSteps as unknown as Node['backward'],
+      };
       for (const tape of tapes) recorded = tape.record(node) || recorded;
     }
     if (!recorded) releaseCtx(ctx, false);
@@ -410,8 +436,12 @@ export function defineOp<I extends object, O extends object, Opt, C, G = Grads<I
  * Runs an op body's native calls off the JavaScript thread (lib/async.ts), with every tensor in
  * `args` kept busy (dispose() throws ERR_BUSY) until it settles.
  */
-export async function callAsync<R>(name: string, args: unknown, signal: AbortSignal | null, steps: () => Steps<R>):
-  Promise<R> {
+export async function callAsync<R>(
+  name: string,
+  args: unknown,
+  signal: AbortSignal | null,
+  steps: () => Steps<R>,
+): Promise<R> {
   throwIfAborted(signal, name);
   const unpin = pinTensors(tensorsIn(args));
   try {
@@ -432,8 +462,12 @@ function checkArgs(op: string, args: readonly unknown[]): void {
 }
 
 /** valueAndGrad and grad: runs f on a tape, then releases the tape and the tensors computed in between. */
-function differentiate<A extends Tensor[]>(op: string, f: (...args: A) => Tensor, args: A, keepValue: boolean):
-  { value: Tensor; grads: GradsOf<A> } {
+function differentiate<A extends Tensor[]>(
+  op: string,
+  f: (...args: A) => Tensor,
+  args: A,
+  keepValue: boolean,
+): { value: Tensor; grads: GradsOf<A> } {
   checkArgs(op, args);
   // Inside another tape's run, the tensors computed here may be recorded there too: leave them.
   const nested = activeTapes.length > 0;
@@ -442,7 +476,8 @@ function differentiate<A extends Tensor[]>(op: string, f: (...args: A) => Tensor
   let keep: Tensor[] | null = null;
   try {
     const value: unknown = tape.run(() => f(...args));
-    if (!Tensor.isTensor(value)) throw new ArgumentError(`${op}: the function must return a Tensor, got ${describe(value)}`);
+    if (!Tensor.isTensor(value))
+      throw new ArgumentError(`${op}: the function must return a Tensor, got ${describe(value)}`);
     const grads = tape.gradient<A>(value, args);
     keep = [...args, ...grads];
     if (keepValue || nested) keep.push(value);
@@ -454,8 +489,13 @@ function differentiate<A extends Tensor[]>(op: string, f: (...args: A) => Tensor
 }
 
 /** valueAndGradAsync and gradAsync: differentiate with f awaited and the backward kernels off the thread. */
-async function differentiateAsync<A extends Tensor[]>(op: string, f: (...args: A) => Tensor | Promise<Tensor>, args: A,
-  keepValue: boolean, signal: AbortSignal | null): Promise<{ value: Tensor; grads: GradsOf<A> }> {
+async function differentiateAsync<A extends Tensor[]>(
+  op: string,
+  f: (...args: A) => Tensor | Promise<Tensor>,
+  args: A,
+  keepValue: boolean,
+  signal: AbortSignal | null,
+): Promise<{ value: Tensor; grads: GradsOf<A> }> {
   checkArgs(op, args);
   throwIfAborted(signal, op);
   const nested = activeTapes.length > 0;
@@ -464,7 +504,8 @@ async function differentiateAsync<A extends Tensor[]>(op: string, f: (...args: A
   let keep: Tensor[] | null = null;
   try {
     const value: unknown = await tape.runAsync(() => f(...args));
-    if (!Tensor.isTensor(value)) throw new ArgumentError(`${op}: the function must return a Tensor, got ${describe(value)}`);
+    if (!Tensor.isTensor(value))
+      throw new ArgumentError(`${op}: the function must return a Tensor, got ${describe(value)}`);
     const grads = await tape.gradientAsync<A>(value, args, null, { signal });
     keep = [...args, ...grads];
     if (keepValue || nested) keep.push(value);
@@ -480,16 +521,20 @@ async function differentiateAsync<A extends Tensor[]>(op: string, f: (...args: A
  * backward kernels run off the JavaScript thread. `signal` aborts the backward pass. While f runs,
  * the tape also records ops that other code runs on the watched tensors: run one at a time.
  */
-export function valueAndGradAsync<A extends Tensor[]>(f: (...args: A) => Tensor | Promise<Tensor>,
-  options?: AsyncOptions): (...args: A) => Promise<{ value: Tensor; grads: GradsOf<A> }> {
+export function valueAndGradAsync<A extends Tensor[]>(
+  f: (...args: A) => Tensor | Promise<Tensor>,
+  options?: AsyncOptions,
+): (...args: A) => Promise<{ value: Tensor; grads: GradsOf<A> }> {
   if (typeof f !== 'function') throw new ArgumentError(`valueAndGradAsync: f must be a function, got ${describe(f)}`);
   const { signal } = splitSignal('valueAndGradAsync', options ?? {});
   return (...args: A) => differentiateAsync('valueAndGradAsync', f, args, true, signal);
 }
 
 /** The Promise form of grad; see valueAndGradAsync. */
-export function gradAsync<A extends Tensor[]>(f: (...args: A) => Tensor | Promise<Tensor>, options?: AsyncOptions):
-  (...args: A) => Promise<GradsOf<A>> {
+export function gradAsync<A extends Tensor[]>(
+  f: (...args: A) => Tensor | Promise<Tensor>,
+  options?: AsyncOptions,
+): (...args: A) => Promise<GradsOf<A>> {
   if (typeof f !== 'function') throw new ArgumentError(`gradAsync: f must be a function, got ${describe(f)}`);
   const { signal } = splitSignal('gradAsync', options ?? {});
   return async (...args: A) => (await differentiateAsync('gradAsync', f, args, false, signal)).grads;
@@ -500,8 +545,9 @@ export function gradAsync<A extends Tensor[]>(f: (...args: A) => Tensor | Promis
  * gradients, one per argument. The tensors computed in between (outputs of the ops f ran, other
  * than its value, and the checkpoints their backward used) are disposed before it returns.
  */
-export function valueAndGrad<A extends Tensor[]>(f: (...args: A) => Tensor):
-  (...args: A) => { value: Tensor; grads: GradsOf<A> } {
+export function valueAndGrad<A extends Tensor[]>(
+  f: (...args: A) => Tensor,
+): (...args: A) => { value: Tensor; grads: GradsOf<A> } {
   if (typeof f !== 'function') throw new ArgumentError(`valueAndGrad: f must be a function, got ${describe(f)}`);
   return (...args: A) => differentiate('valueAndGrad', f, args, true);
 }
@@ -531,10 +577,14 @@ export interface GradcheckResult {
  * must be float32 CPU tensors; f must return a one-element tensor. The tensors f creates are
  * disposed after each evaluation.
  */
-export function gradcheck<A extends Tensor[]>(f: (...args: A) => Tensor, inputs: readonly [...A],
-  options: GradcheckOptions = {}): GradcheckResult {
+export function gradcheck<A extends Tensor[]>(
+  f: (...args: A) => Tensor,
+  inputs: readonly [...A],
+  options: GradcheckOptions = {},
+): GradcheckResult {
   if (typeof f !== 'function') throw new ArgumentError(`gradcheck: f must be a function, got ${describe(f)}`);
-  if (!Array.isArray(inputs)) throw new ArgumentError(`gradcheck: inputs must be an array of Tensors, got ${describe(inputs)}`);
+  if (!Array.isArray(inputs))
+    throw new ArgumentError(`gradcheck: inputs must be an array of Tensors, got ${describe(inputs)}`);
   checkArgs('gradcheck', inputs);
   const opts = readOptions('gradcheck', options, ['eps', 'atol', 'rtol', 'maxElements']);
   const eps = finiteNumber('gradcheck', 'eps', opts.eps ?? 1e-2, { positive: true });
@@ -547,12 +597,13 @@ export function gradcheck<A extends Tensor[]>(f: (...args: A) => Tensor, inputs:
     if (t.device !== 'cpu' || t.dtype !== 'float32')
       throw new ArgumentError(`gradcheck: input ${i} must be a float32 CPU tensor`);
   const args = [...inputs] as unknown as A;
-  const scalar = (): number => tidy(() => {
-    const t: unknown = f(...args);
-    if (!Tensor.isTensor(t)) throw new ArgumentError(`gradcheck: f must return a Tensor, got ${describe(t)}`);
-    if (t.size !== 1) throw new ShapeError(`gradcheck: f must return one element, got shape [${t.shape.join(',')}]`);
-    return t.toFloat32Array()[0];
-  });
+  const scalar = (): number =>
+    tidy(() => {
+      const t: unknown = f(...args);
+      if (!Tensor.isTensor(t)) throw new ArgumentError(`gradcheck: f must return a Tensor, got ${describe(t)}`);
+      if (t.size !== 1) throw new ShapeError(`gradcheck: f must return one element, got shape [${t.shape.join(',')}]`);
+      return t.toFloat32Array()[0];
+    });
   const analytic = grad(f)(...args).map((g) => {
     const v = Float32Array.from(g.toFloat32Array());
     g.dispose();

@@ -22,41 +22,63 @@ export class RecurrentKernelsError extends Error {
   }
 }
 export class ShapeError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_SHAPE', message); }
+  constructor(message: string) {
+    super('ERR_SHAPE', message);
+  }
 }
 export class DTypeError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_DTYPE', message); }
+  constructor(message: string) {
+    super('ERR_DTYPE', message);
+  }
 }
 export class DeviceError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_DEVICE', message); }
+  constructor(message: string) {
+    super('ERR_DEVICE', message);
+  }
 }
 export class ArgumentError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_ARGUMENT', message); }
+  constructor(message: string) {
+    super('ERR_ARGUMENT', message);
+  }
 }
 export class DisposedError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_DISPOSED', message); }
+  constructor(message: string) {
+    super('ERR_DISPOSED', message);
+  }
 }
 export class CudaError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_CUDA', message); }
+  constructor(message: string) {
+    super('ERR_CUDA', message);
+  }
 }
 export class OutOfMemoryError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_OUT_OF_MEMORY', message); }
+  constructor(message: string) {
+    super('ERR_OUT_OF_MEMORY', message);
+  }
 }
 export class NativeLoadError extends RecurrentKernelsError {
-  constructor(message: string, cause?: unknown) { super('ERR_NATIVE_LOAD', message, { cause }); }
+  constructor(message: string, cause?: unknown) {
+    super('ERR_NATIVE_LOAD', message, { cause });
+  }
 }
 /** An iterative solver did not converge and the caller asked for an error instead of a fallback. */
 export class NotConvergedError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_NOT_CONVERGED', message); }
+  constructor(message: string) {
+    super('ERR_NOT_CONVERGED', message);
+  }
 }
 
 /** An async call was aborted through its AbortSignal (`cause`: the signal's reason). */
 export class AbortedError extends RecurrentKernelsError {
-  constructor(message: string, cause?: unknown) { super('ERR_ABORTED', message, cause === undefined ? undefined : { cause }); }
+  constructor(message: string, cause?: unknown) {
+    super('ERR_ABORTED', message, cause === undefined ? undefined : { cause });
+  }
 }
 /** A tensor was disposed while an async call that uses it is in flight. */
 export class BusyError extends RecurrentKernelsError {
-  constructor(message: string) { super('ERR_BUSY', message); }
+  constructor(message: string) {
+    super('ERR_BUSY', message);
+  }
 }
 
 const byCode: Record<string, new (message: string) => RecurrentKernelsError> = {

@@ -18,12 +18,30 @@ export type { DType, Device, TensorOptions, CudaDeviceProperties, MemoryStats } 
 export { cpu, CPU_ISAS } from './cpu';
 export type { CpuIsa, CpuInfo } from './cpu';
 export {
-  RecurrentKernelsError, ShapeError, DTypeError, DeviceError, ArgumentError, DisposedError, CudaError,
-  OutOfMemoryError, NativeLoadError, NotConvergedError, AbortedError, BusyError,
+  RecurrentKernelsError,
+  ShapeError,
+  DTypeError,
+  DeviceError,
+  ArgumentError,
+  DisposedError,
+  CudaError,
+  OutOfMemoryError,
+  NativeLoadError,
+  NotConvergedError,
+  AbortedError,
+  BusyError,
 } from './errors';
 export type { ErrorCode } from './errors';
 export {
-  Tape, grad, valueAndGrad, gradAsync, valueAndGradAsync, gradcheck, defineOp, disposeCtx, tidy,
+  Tape,
+  grad,
+  valueAndGrad,
+  gradAsync,
+  valueAndGradAsync,
+  gradcheck,
+  defineOp,
+  disposeCtx,
+  tidy,
 } from './autograd';
 export type { OpHooks, OpDefinition, Op, Grads, GradsOf, GradcheckOptions, GradcheckResult } from './autograd';
 export type { AsyncOptions } from './async';
@@ -32,27 +50,46 @@ export { linearScan } from './ops/linearScan';
 export type { LinearScanInputs, LinearScanOptions, LinearScanOutputs, LinearScanGrads } from './ops/linearScan';
 export { selectiveScan } from './ops/selectiveScan';
 export type {
-  SelectiveScanInputs, SelectiveScanOptions, SelectiveScanOutputs, SelectiveScanGrads,
+  SelectiveScanInputs,
+  SelectiveScanOptions,
+  SelectiveScanOutputs,
+  SelectiveScanGrads,
 } from './ops/selectiveScan';
 export { selectiveStateUpdate, selectiveStateUpdateAsync } from './ops/selectiveStateUpdate';
 export { gatedDeltaRule } from './ops/gatedDeltaRule';
 export type {
-  GatedDeltaRuleInputs, GatedDeltaRuleOptions, GatedDeltaRuleOutputs, GatedDeltaRuleGrads,
+  GatedDeltaRuleInputs,
+  GatedDeltaRuleOptions,
+  GatedDeltaRuleOutputs,
+  GatedDeltaRuleGrads,
 } from './ops/gatedDeltaRule';
 export { gatedDeltaRuleStep, gatedDeltaRuleStepAsync } from './ops/gatedDeltaRuleStep';
 export type {
-  GatedDeltaRuleStepInputs, GatedDeltaRuleStepOptions, GatedDeltaRuleStepOutputs,
+  GatedDeltaRuleStepInputs,
+  GatedDeltaRuleStepOptions,
+  GatedDeltaRuleStepOutputs,
 } from './ops/gatedDeltaRuleStep';
 export { fusedRnn } from './ops/fusedRnn';
 export type {
-  FusedRnnCell, FusedRnnInputs, FusedRnnOptions, FusedRnnOutputs, FusedRnnGrads,
+  FusedRnnCell,
+  FusedRnnInputs,
+  FusedRnnOptions,
+  FusedRnnOutputs,
+  FusedRnnGrads,
 } from './ops/fusedRnn';
 export { newtonRnn } from './ops/newtonRnn';
 export type {
-  NewtonRnnInputs, NewtonRnnOptions, NewtonRnnOutputs, NewtonRnnGrads, NewtonRnnStats, NewtonRnnCell,
+  NewtonRnnInputs,
+  NewtonRnnOptions,
+  NewtonRnnOutputs,
+  NewtonRnnGrads,
+  NewtonRnnStats,
+  NewtonRnnCell,
 } from './ops/newtonRnn';
 export type {
-  SelectiveStateUpdateInputs, SelectiveStateUpdateOptions, SelectiveStateUpdateOutputs,
+  SelectiveStateUpdateInputs,
+  SelectiveStateUpdateOptions,
+  SelectiveStateUpdateOutputs,
 } from './ops/selectiveStateUpdate';
 
 /**

@@ -10,7 +10,14 @@
  */
 import { types } from 'node:util';
 import {
-  ArgumentError, BusyError, DTypeError, DeviceError, DisposedError, OutOfMemoryError, ShapeError, fromNative,
+  ArgumentError,
+  BusyError,
+  DTypeError,
+  DeviceError,
+  DisposedError,
+  OutOfMemoryError,
+  ShapeError,
+  fromNative,
 } from './errors';
 import { nativeCall, runAsync } from './async';
 import { native, type DeviceBuffer, type Storage } from './native';
@@ -27,7 +34,11 @@ export function dtypeBytes(d: DType): number {
 
 // ------------------------------------------------------------------ live tensor accounting
 const live = { cpu: { tensors: 0, bytes: 0 }, cuda: { tensors: 0, bytes: 0 } };
-interface Held { device: Device; bytes: number; counted: boolean }
+interface Held {
+  device: Device;
+  bytes: number;
+  counted: boolean;
+}
 const registry = new FinalizationRegistry<Held>((held) => {
   if (!held.counted) return;
   held.counted = false;
@@ -52,7 +63,7 @@ function describe(x: unknown): string {
   if (x === null) return 'null';
   if (Array.isArray(x)) return 'an array';
   if (ArrayBuffer.isView(x)) return `a ${x.constructor?.name ?? 'TypedArray'}`;
-  if (x instanceof Tensor) return 'an object with Tensor\'s prototype that the Tensor constructor did not make';
+  if (x instanceof Tensor) return "an object with Tensor's prototype that the Tensor constructor did not make";
   return typeof x === 'object' ? `an object (${(x as object).constructor?.name ?? 'no prototype'})` : typeof x;
 }
 
@@ -128,8 +139,10 @@ function allocate<T>(what: string, bytes: number, make: () => T): T {
  * cannot copy a symbol, so cloning a tensor throws a DataCloneError whose message starts with this
  * description, instead of delivering a data-less { shape, dtype, device, size } object.
  */
-const NOT_CLONEABLE = Symbol('a recurrent-kernels Tensor cannot be cloned or posted to a worker; post ' +
-  't.dataSync() with its shape and dtype, and rebuild it with Tensor.from');
+const NOT_CLONEABLE = Symbol(
+  'a recurrent-kernels Tensor cannot be cloned or posted to a worker; post ' +
+    't.dataSync() with its shape and dtype, and rebuild it with Tensor.from',
+);
 
 // ------------------------------------------------------------------ hooks for autograd and tidy
 /**
@@ -269,7 +282,7 @@ export class Tensor {
     if (length !== n)
       throw new ShapeError(`Tensor.from: data has ${length} elements, shape [${shape.join(',')}] needs ${n}`);
     // Wrapped as is only when the array is of the storage type over a plain ArrayBuffer.
-    const direct = (ArrayBuffer.isView(data) && !unsupportedBuffer(data)) ? data : null;
+    const direct = ArrayBuffer.isView(data) && !unsupportedBuffer(data) ? data : null;
     const copy = <T>(bytes: number, make: () => T) => allocate('Tensor.from: copying data', bytes, make);
     let storage: Float32Array | Uint16Array;
     if (dtype === 'float32') {
@@ -292,8 +305,9 @@ export class Tensor {
     checkDType(dtype, 'Tensor.zeros', 'dtype');
     checkDevice(device, 'Tensor.zeros');
     const n = checkShape(shape, 'Tensor.zeros');
-    const storage = allocate(`Tensor.zeros: shape [${shape.join(',')}]`, n * dtypeBytes(dtype),
-      () => (dtype === 'float32' ? new Float32Array(n) : new Uint16Array(n)));
+    const storage = allocate(`Tensor.zeros: shape [${shape.join(',')}]`, n * dtypeBytes(dtype), () =>
+      dtype === 'float32' ? new Float32Array(n) : new Uint16Array(n),
+    );
     const t = new Tensor(storage, shape, dtype, 'cpu');
     return device === 'cpu' ? t : t.#moveAndDispose(device);
   }
@@ -337,8 +351,12 @@ export class Tensor {
     checkDType(dtype, 'Tensor.to', 'dtype');
     let t: Tensor = this;
     if (dtype !== this.dtype) {
-      t = new Tensor(native().convert(this.device, this.storage, this.dtype, dtype, this.size), this.shape, dtype,
-        this.device);
+      t = new Tensor(
+        native().convert(this.device, this.storage, this.dtype, dtype, this.size),
+        this.shape,
+        dtype,
+        this.device,
+      );
     }
     if (device !== t.device) {
       const moved = t.#copyTo(device);
@@ -351,8 +369,12 @@ export class Tensor {
 
   #copyTo(device: Device): Tensor {
     if (device === 'cuda') requireCuda('Tensor.to');
-    return new Tensor(native().copy(this.storage, this.device, device, this.dtype, this.size), this.shape, this.dtype,
-      device);
+    return new Tensor(
+      native().copy(this.storage, this.device, device, this.dtype, this.size),
+      this.shape,
+      this.dtype,
+      device,
+    );
   }
 
   #moveAndDispose(device: Device): Tensor {
@@ -403,8 +425,10 @@ export class Tensor {
     const storage = this.storage;
     const unpin = pinTensors([this]);
     try {
-      return await runAsync(nativeCall((n) => n.copy(storage, 'cuda', 'cpu', this.dtype, this.size)), null) as
-        Float32Array | Uint16Array;
+      return (await runAsync(
+        nativeCall((n) => n.copy(storage, 'cuda', 'cpu', this.dtype, this.size)),
+        null,
+      )) as Float32Array | Uint16Array;
     } finally {
       unpin();
     }
@@ -469,7 +493,9 @@ export class Tensor {
 // one is ERR_ARGUMENT. (A real tensor's own fields, defined when it is constructed, shadow these.)
 for (const field of ['shape', 'dtype', 'device', 'size']) {
   Object.defineProperty(Tensor.prototype, field, {
-    get(this: unknown) { throw notATensor(`Tensor.${field}`, this); },
+    get(this: unknown) {
+      throw notATensor(`Tensor.${field}`, this);
+    },
     configurable: true,
   });
 }

@@ -18,11 +18,19 @@ export function requireTensor(op: string, arg: string, t: unknown): asserts t is
   if (t.disposed) throw new DisposedError(`${op}: ${arg} was disposed`);
 }
 
-export function expectShape(op: string, arg: string, t: Tensor, expected: readonly number[], dims: string,
-  relation = ''): void {
+export function expectShape(
+  op: string,
+  arg: string,
+  t: Tensor,
+  expected: readonly number[],
+  dims: string,
+  relation = '',
+): void {
   if (t.shape.length === expected.length && t.shape.every((d, i) => d === expected[i])) return;
-  throw new ShapeError(`${op}: ${arg} has shape [${t.shape.join(',')}], expected [${expected.join(',')}] (${dims})` +
-    (relation ? ` ${relation}` : ''));
+  throw new ShapeError(
+    `${op}: ${arg} has shape [${t.shape.join(',')}], expected [${expected.join(',')}] (${dims})` +
+      (relation ? ` ${relation}` : ''),
+  );
 }
 
 export function expectRank(op: string, arg: string, t: Tensor, rank: number, dims: string): void {
@@ -32,8 +40,9 @@ export function expectRank(op: string, arg: string, t: Tensor, rank: number, dim
 
 export function expectDType(op: string, arg: string, t: Tensor, allowed: readonly DType[], relation = ''): void {
   if (!allowed.includes(t.dtype))
-    throw new DTypeError(`${op}: ${arg} has dtype ${t.dtype}, expected ${allowed.join(' or ')}` +
-      (relation ? ` ${relation}` : ''));
+    throw new DTypeError(
+      `${op}: ${arg} has dtype ${t.dtype}, expected ${allowed.join(' or ')}` + (relation ? ` ${relation}` : ''),
+    );
 }
 
 export function expectDevice(op: string, arg: string, t: Tensor, device: string, relation = ''): void {
@@ -46,8 +55,12 @@ export function expectDevice(op: string, arg: string, t: Tensor, device: string,
  * Tensor, a function or a built-in such as Map or Date (its Object.prototype.toString tag is Object).
  */
 function isPlainObject(v: unknown): v is object {
-  return typeof v === 'object' && v !== null && Object.prototype.toString.call(v) === '[object Object]' &&
-    !Tensor.isTensor(v);
+  return (
+    typeof v === 'object' &&
+    v !== null &&
+    Object.prototype.toString.call(v) === '[object Object]' &&
+    !Tensor.isTensor(v)
+  );
 }
 
 /** A copy of the own enumerable properties of `obj` (inherited ones are ignored), without a prototype. */
@@ -62,8 +75,14 @@ function ownProperties(obj: object): Record<string, unknown> {
  * passed to `check`, if given); otherwise an ArgumentError: `${op}: ${notObject}, got <what v is>`
  * or `${op}: ${unknownName(name)}`.
  */
-function ownKnownProperties(op: string, v: unknown, known: readonly string[], notObject: string,
-  unknownName: (k: string) => string, check?: (k: string, x: unknown) => void): Record<string, unknown> {
+function ownKnownProperties(
+  op: string,
+  v: unknown,
+  known: readonly string[],
+  notObject: string,
+  unknownName: (k: string) => string,
+  check?: (k: string, x: unknown) => void,
+): Record<string, unknown> {
   if (!isPlainObject(v)) throw new ArgumentError(`${op}: ${notObject}, got ${describe(v)}`);
   const own = ownProperties(v);
   for (const [k, x] of Object.entries(own)) {
@@ -78,17 +97,31 @@ function ownKnownProperties(op: string, v: unknown, known: readonly string[], no
  * names the op does not know are refused (catches typos such as `revers: true`), and anything but
  * a plain object is refused. Returns the own properties (an empty object for undefined or null).
  */
-export function readOptions<T extends object>(op: string, options: T | null | undefined, known: readonly string[],
-  what = 'options'): Partial<T> {
+export function readOptions<T extends object>(
+  op: string,
+  options: T | null | undefined,
+  known: readonly string[],
+  what = 'options',
+): Partial<T> {
   if (options === undefined || options === null) return {};
-  return ownKnownProperties(op, options, known, `${what} must be a plain object`,
-    (k) => `unknown option '${k}' (known: ${known.join(', ')})`) as Partial<T>;
+  return ownKnownProperties(
+    op,
+    options,
+    known,
+    `${what} must be a plain object`,
+    (k) => `unknown option '${k}' (known: ${known.join(', ')})`,
+  ) as Partial<T>;
 }
 
 /** Checks the named inputs of an op like readOptions (own properties of a plain object, known names) and returns them. */
 export function readInputs<T extends object>(op: string, inputs: T, known: readonly string[]): T {
-  return ownKnownProperties(op, inputs, known, `inputs must be an object with ${known.join(', ')}`,
-    (k) => `unknown input '${k}' (known: ${known.join(', ')})`) as T;
+  return ownKnownProperties(
+    op,
+    inputs,
+    known,
+    `inputs must be an object with ${known.join(', ')}`,
+    (k) => `unknown input '${k}' (known: ${known.join(', ')})`,
+  ) as T;
 }
 
 /**
@@ -96,9 +129,16 @@ export function readInputs<T extends object>(op: string, inputs: T, known: reado
  * the op (absent, null or undefined: no gradient), each a Tensor.
  */
 export function readGrads<T extends object>(op: string, grads: T, known: readonly string[]): T {
-  return ownKnownProperties(op, grads, known, `gradOutputs must be an object with gradients of ${known.join(', ')}`,
+  return ownKnownProperties(
+    op,
+    grads,
+    known,
+    `gradOutputs must be an object with gradients of ${known.join(', ')}`,
     (k) => `gradOutputs has '${k}', which is not an output (outputs: ${known.join(', ')})`,
-    (k, g) => { if (g !== undefined && g !== null) requireTensor(op, `grad of ${k}`, g); }) as T;
+    (k, g) => {
+      if (g !== undefined && g !== null) requireTensor(op, `grad of ${k}`, g);
+    },
+  ) as T;
 }
 
 export function booleanOption(op: string, name: string, v: unknown, fallback: boolean): boolean {
@@ -118,7 +158,9 @@ export function finiteNumber(op: string, name: string, v: unknown, { positive = 
   if (typeof v !== 'number' || !Number.isFinite(v) || (positive && v <= 0))
     throw new ArgumentError(`${op}: ${name} must be a finite${positive ? ' positive' : ''} number, got ${String(v)}`);
   if (float32 && Math.abs(v) > FLOAT32_MAX)
-    throw new ArgumentError(`${op}: ${name} must be finite as a float32 (at most ${FLOAT32_MAX} in magnitude), got ${v}`);
+    throw new ArgumentError(
+      `${op}: ${name} must be finite as a float32 (at most ${FLOAT32_MAX} in magnitude), got ${v}`,
+    );
   return v;
 }
 
@@ -126,13 +168,19 @@ export function finiteNumber(op: string, name: string, v: unknown, { positive = 
  * Validates the offsets of a packed variable-length batch (nseq + 1 integers from 0, non-decreasing,
  * at most the length; the batch must be 1) and returns them as a new Int32Array; null when absent.
  */
-export function parseCuSeqlens(op: string, v: unknown, batch: number, length: number, lengthName: string):
-  Int32Array | null {
+export function parseCuSeqlens(
+  op: string,
+  v: unknown,
+  batch: number,
+  length: number,
+  lengthName: string,
+): Int32Array | null {
   if (v === undefined || v === null) return null;
   if (!(v instanceof Int32Array) && !Array.isArray(v))
     throw new ArgumentError(`${op}: cuSeqlens must be an Int32Array or an array of integers`);
   const arr = Array.from(v as ArrayLike<number>);
-  if (arr.length < 2) throw new ArgumentError(`${op}: cuSeqlens must have at least 2 entries (nseq + 1), got ${arr.length}`);
+  if (arr.length < 2)
+    throw new ArgumentError(`${op}: cuSeqlens must have at least 2 entries (nseq + 1), got ${arr.length}`);
   if (batch !== 1) throw new ShapeError(`${op}: cuSeqlens needs a packed batch of 1, got batch ${batch}`);
   arr.forEach((x, i) => {
     if (!Number.isInteger(x)) throw new ArgumentError(`${op}: cuSeqlens[${i}] must be an integer, got ${String(x)}`);
@@ -165,7 +213,8 @@ function brandOf(ctx: unknown): CtxBrand | undefined {
 
 /** Freezes plain objects and arrays, recursively; tensors and typed arrays are left as they are. */
 function deepFreeze<T>(v: T): T {
-  if (typeof v !== 'object' || v === null || Tensor.isTensor(v) || ArrayBuffer.isView(v) || Object.isFrozen(v)) return v;
+  if (typeof v !== 'object' || v === null || Tensor.isTensor(v) || ArrayBuffer.isView(v) || Object.isFrozen(v))
+    return v;
   const proto = Object.getPrototypeOf(v);
   if (proto !== Object.prototype && proto !== Array.prototype && proto !== null) return v;
   Object.freeze(v);
@@ -207,8 +256,12 @@ export function checkCtx(op: string, ctx: unknown, fields: Readonly<Record<strin
 }
 
 /** Checks fields of an object inside a ctx (e.g. ctx.inputs), as checkCtx does for the ctx itself. */
-export function checkCtxFields(op: string, obj: unknown, fields: Readonly<Record<string, CtxField>>,
-  path = 'ctx'): void {
+export function checkCtxFields(
+  op: string,
+  obj: unknown,
+  fields: Readonly<Record<string, CtxField>>,
+  path = 'ctx',
+): void {
   const where = `${op}.backward`;
   if (typeof obj !== 'object' || obj === null)
     throw new ArgumentError(`${where}: ${path} must be an object, got ${describe(obj)}`);
@@ -229,8 +282,12 @@ export function checkCtxFields(op: string, obj: unknown, fields: Readonly<Record
 }
 
 /** Throws unless each value of `actual` equals that of `expected` (recomputed from the saved tensors). */
-export function expectCtxValues(op: string, path: string, actual: unknown, expected: Readonly<Record<string, unknown>>):
-  void {
+export function expectCtxValues(
+  op: string,
+  path: string,
+  actual: unknown,
+  expected: Readonly<Record<string, unknown>>,
+): void {
   const where = `${op}.backward`;
   if (typeof actual !== 'object' || actual === null)
     throw new ArgumentError(`${where}: ${path} must be an object, got ${describe(actual)}`);
@@ -241,8 +298,10 @@ export function expectCtxValues(op: string, path: string, actual: unknown, expec
       : Object.is(got, want);
     if (!same) {
       const show = (x: unknown) => (Array.isArray(x) ? `[${x.join(',')}]` : String(x));
-      throw new ArgumentError(`${where}: ${path}.${k} is ${show(got)}, expected ${show(want)} from the tensors saved ` +
-        'for backward (the ctx was altered, or rebuilt from mismatched parts)');
+      throw new ArgumentError(
+        `${where}: ${path}.${k} is ${show(got)}, expected ${show(want)} from the tensors saved ` +
+          'for backward (the ctx was altered, or rebuilt from mismatched parts)',
+      );
     }
   }
 }
@@ -256,8 +315,10 @@ export function releaseCtx(ctx: unknown, strict: boolean): void {
   const brand = brandOf(ctx);
   if (!brand) {
     if (strict)
-      throw new ArgumentError(`disposeCtx: expected the ctx returned by an op's forward, got ${describe(ctx)}` +
-        (typeof ctx === 'object' && ctx !== null ? ' that is not one' : ''));
+      throw new ArgumentError(
+        `disposeCtx: expected the ctx returned by an op's forward, got ${describe(ctx)}` +
+          (typeof ctx === 'object' && ctx !== null ? ' that is not one' : ''),
+      );
     return;
   }
   disposedCtxs.add(ctx as object);

@@ -36,8 +36,10 @@ const missing = ['node-addon-api', 'cmake-js'].filter((name) => {
   }
 });
 if (missing.length) {
-  console.error(`[recurrent-kernels] a source build needs ${missing.join(' and ')}, which are not installed. Run\n` +
-    `  npm install --no-save ${missing.map((n) => `${n}@${toolRange(n)}`).join(' ')}\nthen build again.`);
+  console.error(
+    `[recurrent-kernels] a source build needs ${missing.join(' and ')}, which are not installed. Run\n` +
+      `  npm install --no-save ${missing.map((n) => `${n}@${toolRange(n)}`).join(' ')}\nthen build again.`,
+  );
   process.exit(1);
 }
 
@@ -51,7 +53,14 @@ if (!['AUTO', 'ON', 'OFF'].includes(mode)) {
 function localGpuArchitectures() {
   const r = spawnSync('nvidia-smi', ['--query-gpu=compute_cap', '--format=csv,noheader'], { encoding: 'utf8' });
   if (r.status !== 0) return null;
-  const archs = [...new Set(r.stdout.split('\n').map((l) => l.trim().replace('.', '')).filter((l) => /^\d+$/.test(l)))];
+  const archs = [
+    ...new Set(
+      r.stdout
+        .split('\n')
+        .map((l) => l.trim().replace('.', ''))
+        .filter((l) => /^\d+$/.test(l)),
+    ),
+  ];
   return archs.length ? archs.join(';') : null;
 }
 
@@ -61,11 +70,15 @@ if (mode === 'AUTO') {
   const local = localGpuArchitectures();
   if (local) {
     architectures = env.RK_CUDA_ARCHITECTURES ?? local;
-    console.log(`[recurrent-kernels] RK_CUDA=AUTO: NVIDIA GPU found; the CUDA path is built (if nvcc is found) for ${architectures}`);
+    console.log(
+      `[recurrent-kernels] RK_CUDA=AUTO: NVIDIA GPU found; the CUDA path is built (if nvcc is found) for ${architectures}`,
+    );
   } else {
     cudaMode = 'OFF';
-    console.log('[recurrent-kernels] RK_CUDA=AUTO: no NVIDIA GPU found, building the CPU kernels only ' +
-      '(RK_CUDA=ON builds the CUDA path as well)');
+    console.log(
+      '[recurrent-kernels] RK_CUDA=AUTO: no NVIDIA GPU found, building the CPU kernels only ' +
+        '(RK_CUDA=ON builds the CUDA path as well)',
+    );
   }
 }
 
@@ -75,7 +88,8 @@ if (hasCmake) {
   // configure always runs (so changed options reach the CMake cache), then an incremental build.
   const defs = [`--CDRK_CUDA=${cudaMode}`, `--CDRK_CUDA_ARCHITECTURES=${architectures}`];
   const jobs = env.RK_BUILD_JOBS ?? String(Math.max(1, (await import('node:os')).availableParallelism()));
-  const ok = run(process.execPath, [cmakeJs, 'configure', ...defs]) &&
+  const ok =
+    run(process.execPath, [cmakeJs, 'configure', ...defs]) &&
     run(process.execPath, [cmakeJs, 'build', ...defs, '--parallel', jobs]);
   process.exit(ok ? 0 : 1);
 }

@@ -6,7 +6,9 @@ const n = batch * channels * length;
 const a = new Float32Array(n).map(() => 0.9 + 0.1 * Math.random());
 const b = new Float32Array(n).map(() => Math.random() - 0.5);
 
-console.log(`recurrent-kernels ${rk.version}: linear scan h_t = a_t * h_(t-1) + b_t over [${batch}, ${channels}, ${length}]`);
+console.log(
+  `recurrent-kernels ${rk.version}: linear scan h_t = a_t * h_(t-1) + b_t over [${batch}, ${channels}, ${length}]`,
+);
 console.log(`CUDA: ${rk.cuda.available() ? rk.cuda.deviceProperties().name : `not available (${rk.cuda.reason()})`}`);
 
 const devices = rk.cuda.available() ? ['cpu', 'cuda'] : ['cpu'];
@@ -24,10 +26,14 @@ for (const device of devices) {
   if (device === 'cuda') rk.cuda.synchronize();
   const t2 = performance.now();
   const hv = h.toFloat32Array();
-  console.log(`${device}: h[0, 0, :4] = [${Array.from(hv.slice(0, 4), (x) => x.toFixed(4)).join(', ')}], ` +
-    `loss = ${loss.toFixed(6)}, |grad a| = ${norm(grads[0].toFloat32Array()).toFixed(4)}, ` +
-    `|grad b| = ${norm(grads[1].toFloat32Array()).toFixed(4)}`);
-  console.log(`${device}: forward ${(t2 - t1).toFixed(2)} ms; loss + forward + backward through the tape ${(t1 - t0).toFixed(1)} ms`);
+  console.log(
+    `${device}: h[0, 0, :4] = [${Array.from(hv.slice(0, 4), (x) => x.toFixed(4)).join(', ')}], ` +
+      `loss = ${loss.toFixed(6)}, |grad a| = ${norm(grads[0].toFloat32Array()).toFixed(4)}, ` +
+      `|grad b| = ${norm(grads[1].toFloat32Array()).toFixed(4)}`,
+  );
+  console.log(
+    `${device}: forward ${(t2 - t1).toFixed(2)} ms; loss + forward + backward through the tape ${(t1 - t0).toFixed(1)} ms`,
+  );
   if (reference) console.log(`${device} vs cpu: max |h difference| = ${maxDiff(hv, reference).toExponential(2)}`);
   else reference = hv;
   for (const t of [A, B, h, value, ...grads]) t.dispose();

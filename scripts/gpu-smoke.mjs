@@ -12,29 +12,56 @@ if (target === 'cuda' && !rk.cuda.available()) {
 }
 
 let seed = 12345;
-const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32) - 0.5;
+const rand = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32 - 0.5;
 const data = (shape) => Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, rand);
 
 // name -> { hooks or a plain function, inputs as [shape, options?] specs, op options }
 const cases = [
   { op: 'linearScan', hooks: rk.ops.linearScan, inputs: { a: [[2, 5, 37]], b: [[2, 5, 37]] }, options: {} },
-  { op: 'selectiveScan', hooks: rk.ops.selectiveScan,
-    inputs: { u: [[2, 6, 45]], delta: [[2, 6, 45]], A: [[6, 5]], B: [[2, 5, 45]], C: [[2, 5, 45]], D: [[6]],
-      z: [[2, 6, 45]], deltaBias: [[6]] },
-    options: { deltaSoftplus: true } },
-  { op: 'gatedDeltaRule', hooks: rk.ops.gatedDeltaRule,
+  {
+    op: 'selectiveScan',
+    hooks: rk.ops.selectiveScan,
+    inputs: {
+      u: [[2, 6, 45]],
+      delta: [[2, 6, 45]],
+      A: [[6, 5]],
+      B: [[2, 5, 45]],
+      C: [[2, 5, 45]],
+      D: [[6]],
+      z: [[2, 6, 45]],
+      deltaBias: [[6]],
+    },
+    options: { deltaSoftplus: true },
+  },
+  {
+    op: 'gatedDeltaRule',
+    hooks: rk.ops.gatedDeltaRule,
     inputs: { q: [[1, 70, 2, 16]], k: [[1, 70, 2, 16]], v: [[1, 70, 4, 12]], g: [[1, 70, 4]], beta: [[1, 70, 4]] },
-    options: { useQkL2normInKernel: true } },
-  { op: 'fusedRnn (lstm)', hooks: rk.ops.fusedRnn,
-    inputs: { wx: [[3, 9, 4, 2, 16]], R: [[4, 2, 16, 16]], b: [[4, 2, 16]] }, options: { cell: 'lstm' } },
-  { op: 'fusedRnn (gru)', hooks: rk.ops.fusedRnn,
-    inputs: { wx: [[3, 9, 3, 2, 16]], R: [[3, 2, 16, 16]], b: [[3, 2, 16]] }, options: { cell: 'gru' } },
-  { op: 'newtonRnn (gru-diag)', hooks: rk.ops.newtonRnn,
-    inputs: { wx: [[2, 33, 3, 24]], R: [[3, 24]], b: [[3, 24]] }, options: { cell: 'gru-diag' } },
+    options: { useQkL2normInKernel: true },
+  },
+  {
+    op: 'fusedRnn (lstm)',
+    hooks: rk.ops.fusedRnn,
+    inputs: { wx: [[3, 9, 4, 2, 16]], R: [[4, 2, 16, 16]], b: [[4, 2, 16]] },
+    options: { cell: 'lstm' },
+  },
+  {
+    op: 'fusedRnn (gru)',
+    hooks: rk.ops.fusedRnn,
+    inputs: { wx: [[3, 9, 3, 2, 16]], R: [[3, 2, 16, 16]], b: [[3, 2, 16]] },
+    options: { cell: 'gru' },
+  },
+  {
+    op: 'newtonRnn (gru-diag)',
+    hooks: rk.ops.newtonRnn,
+    inputs: { wx: [[2, 33, 3, 24]], R: [[3, 24]], b: [[3, 24]] },
+    options: { cell: 'gru-diag' },
+  },
 ];
 
 function relError(got, want) {
-  let num = 0, den = 0;
+  let num = 0,
+    den = 0;
   for (let i = 0; i < want.length; i++) {
     const d = got[i] - want[i];
     num += d * d;
@@ -47,8 +74,9 @@ const results = [];
 for (const c of cases) {
   const host = Object.fromEntries(Object.entries(c.inputs).map(([k, [shape]]) => [k, { shape, values: data(shape) }]));
   const run = (device) => {
-    const inputs = Object.fromEntries(Object.entries(host).map(([k, { shape, values }]) =>
-      [k, rk.Tensor.from(values, shape, { device })]));
+    const inputs = Object.fromEntries(
+      Object.entries(host).map(([k, { shape, values }]) => [k, rk.Tensor.from(values, shape, { device })]),
+    );
     const t0 = performance.now();
     const { outputs, ctx } = c.hooks.forward(inputs, c.options);
     const grads = {};

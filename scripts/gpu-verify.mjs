@@ -25,23 +25,47 @@ const SANITIZER_TOOLS = ['memcheck', 'racecheck', 'synccheck', 'initcheck'];
 export function renderReport(r) {
   const lines = [`# GPU verification, ${r.started}`, ''];
   const d = r.device ?? {};
-  lines.push(`Device: ${d.name ?? 'unknown'} (compute capability ${d.computeCapability ?? '?'}, ` +
-    `${d.multiProcessorCount ?? '?'} SMs, ${d.totalMemory ? (d.totalMemory / 2 ** 30).toFixed(1) : '?'} GiB, ` +
-    `peak ${d.peakBandwidthGBs ?? '?'} GB/s); driver ${r.driver ?? 'unknown'}; package ${r.version ?? '?'}.`, '');
+  lines.push(
+    `Device: ${d.name ?? 'unknown'} (compute capability ${d.computeCapability ?? '?'}, ` +
+      `${d.multiProcessorCount ?? '?'} SMs, ${d.totalMemory ? (d.totalMemory / 2 ** 30).toFixed(1) : '?'} GiB, ` +
+      `peak ${d.peakBandwidthGBs ?? '?'} GB/s); driver ${r.driver ?? 'unknown'}; package ${r.version ?? '?'}.`,
+    '',
+  );
   const status = (ok) => (ok === true ? 'pass' : ok === false ? '**FAIL**' : 'not run');
   lines.push('| step | result | seconds | detail |', '|---|---|---|---|');
-  for (const s of r.steps) lines.push(`| ${s.name} | ${status(s.ok)} | ${s.seconds?.toFixed(1) ?? ''} | ${(s.detail ?? '').replace(/\|/g, '\\|').replace(/\n/g, ' ')} |`);
+  for (const s of r.steps)
+    lines.push(
+      `| ${s.name} | ${status(s.ok)} | ${s.seconds?.toFixed(1) ?? ''} | ${(s.detail ?? '').replace(/\|/g, '\\|').replace(/\n/g, ' ')} |`,
+    );
   if (r.smoke?.length) {
-    lines.push('', '### Smoke run (CUDA against the CPU kernels)', '', '| op | result | max rel. error | ms |', '|---|---|---|---|');
-    for (const o of r.smoke) lines.push(`| ${o.op} | ${status(o.pass)} | ${o.maxRelError?.toExponential(2) ?? o.error ?? ''} | ${o.ms?.toFixed(2) ?? ''} |`);
+    lines.push(
+      '',
+      '### Smoke run (CUDA against the CPU kernels)',
+      '',
+      '| op | result | max rel. error | ms |',
+      '|---|---|---|---|',
+    );
+    for (const o of r.smoke)
+      lines.push(
+        `| ${o.op} | ${status(o.pass)} | ${o.maxRelError?.toExponential(2) ?? o.error ?? ''} | ${o.ms?.toFixed(2) ?? ''} |`,
+      );
   }
   for (const b of r.benchmarks ?? []) {
     lines.push('', `### Benchmark ${b.op}`, '');
-    if (!b.rows?.length) { lines.push(`not measured: ${b.detail ?? 'no rows'}`); continue; }
+    if (!b.rows?.length) {
+      lines.push(`not measured: ${b.detail ?? 'no rows'}`);
+      continue;
+    }
     const peers = [...new Set(b.rows.flatMap((x) => Object.keys(x.peers ?? {})))];
-    lines.push(`| size | dtype | pass | ms | GB/s | ${peers.join(' | ')} |`, `|---|---|---|---|---|${peers.map(() => '---|').join('')}`);
+    lines.push(
+      `| size | dtype | pass | ms | GB/s | ${peers.join(' | ')} |`,
+      `|---|---|---|---|---|${peers.map(() => '---|').join('')}`,
+    );
     for (const x of b.rows) {
-      const ps = peers.map((p) => { const v = x.peers?.[p]; return typeof v === 'number' ? `${v.toFixed(3)} ms (${(v / x.ms).toFixed(2)}x)` : v ?? ''; });
+      const ps = peers.map((p) => {
+        const v = x.peers?.[p];
+        return typeof v === 'number' ? `${v.toFixed(3)} ms (${(v / x.ms).toFixed(2)}x)` : (v ?? '');
+      });
       lines.push(`| ${[x.size, x.dtype, x.pass, x.ms?.toFixed(3), x.gbs?.toFixed(1), ...ps].join(' | ')} |`);
     }
   }
@@ -55,7 +79,9 @@ function parseArgs(argv) {
     else if (argv[i] === '--quick') args.quick = true;
     else if (argv[i] === '--skip-bench') args.skipBench = true;
     else {
-      console.error(`gpu:verify: unknown argument ${argv[i]} (usage: npm run gpu:verify -- [--out DIR] [--quick] [--skip-bench])`);
+      console.error(
+        `gpu:verify: unknown argument ${argv[i]} (usage: npm run gpu:verify -- [--out DIR] [--quick] [--skip-bench])`,
+      );
       process.exit(2);
     }
   }
@@ -65,30 +91,47 @@ function parseArgs(argv) {
 /** Runs a command with a time limit; returns { ok, seconds, status, stdout, stderr }. */
 function step(cmd, args, { timeoutS, env = {} }) {
   const t0 = performance.now();
-  const r = spawnSync(cmd, args, { cwd: root, encoding: 'utf8', timeout: timeoutS * 1000, maxBuffer: 256 << 20,
-    env: { ...process.env, ...env } });
+  const r = spawnSync(cmd, args, {
+    cwd: root,
+    encoding: 'utf8',
+    timeout: timeoutS * 1000,
+    maxBuffer: 256 << 20,
+    env: { ...process.env, ...env },
+  });
   const seconds = (performance.now() - t0) / 1000;
   const timedOut = r.error?.code === 'ETIMEDOUT' || r.signal === 'SIGTERM';
-  return { ok: r.status === 0, seconds, status: r.status, timedOut, stdout: r.stdout ?? '', stderr: r.stderr ?? '',
-    error: r.error ? String(r.error.message) : null };
+  return {
+    ok: r.status === 0,
+    seconds,
+    status: r.status,
+    timedOut,
+    stdout: r.stdout ?? '',
+    stderr: r.stderr ?? '',
+    error: r.error ? String(r.error.message) : null,
+  };
 }
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   const rk = await import(join(root, 'dist', 'index.mjs'));
   if (!rk.cuda.available()) {
-    console.error(`gpu:verify: no usable NVIDIA GPU here (${rk.cuda.reason()}); nothing was run. ` +
-      'Run it on a machine with an NVIDIA GPU and a CUDA build of the addon (npm run build with nvcc on PATH).');
+    console.error(
+      `gpu:verify: no usable NVIDIA GPU here (${rk.cuda.reason()}); nothing was run. ` +
+        'Run it on a machine with an NVIDIA GPU and a CUDA build of the addon (npm run build with nvcc on PATH).',
+    );
     process.exit(2);
   }
   mkdirSync(args.out, { recursive: true });
   const props = rk.cuda.deviceProperties();
   const smi = spawnSync('nvidia-smi', ['--query-gpu=driver_version', '--format=csv,noheader'], { encoding: 'utf8' });
   const report = {
-    started: new Date().toISOString(), version: rk.version,
+    started: new Date().toISOString(),
+    version: rk.version,
     device: props,
     driver: smi.status === 0 ? smi.stdout.trim() : `CUDA driver API ${props.driverVersion} (no nvidia-smi)`,
-    steps: [], smoke: [], benchmarks: [],
+    steps: [],
+    smoke: [],
+    benchmarks: [],
   };
   const save = () => {
     writeFileSync(join(args.out, 'gpu-verify.json'), JSON.stringify(report, null, 2));
@@ -98,15 +141,29 @@ async function main() {
 
   // 2. The test suite, GPU tests required.
   const testJson = join(args.out, 'vitest.json');
-  const t = step(process.execPath, [join(root, 'node_modules', 'vitest', 'vitest.mjs'), 'run', '--reporter=dot',
-    '--reporter=json', `--outputFile.json=${testJson}`], { timeoutS: 240, env: { RK_REQUIRE_GPU: '1' } });
+  const t = step(
+    process.execPath,
+    [
+      join(root, 'node_modules', 'vitest', 'vitest.mjs'),
+      'run',
+      '--reporter=dot',
+      '--reporter=json',
+      `--outputFile.json=${testJson}`,
+    ],
+    { timeoutS: 240, env: { RK_REQUIRE_GPU: '1' } },
+  );
   let detail = t.timedOut ? 'timed out after 240 s' : '';
   if (existsSync(testJson)) {
     const j = JSON.parse(readFileSync(testJson, 'utf8'));
-    const failed = (j.testResults ?? []).flatMap((f) => (f.assertionResults ?? []).filter((a) => a.status === 'failed')
-      .map((a) => `${f.name.replace(root, '')}: ${a.fullName}`));
-    detail = `${j.numPassedTests} passed, ${j.numFailedTests} failed, ${j.numPendingTests} skipped` +
-      (failed.length ? `; failed: ${failed.slice(0, 20).join('; ')}` : '') + (detail ? `; ${detail}` : '');
+    const failed = (j.testResults ?? []).flatMap((f) =>
+      (f.assertionResults ?? [])
+        .filter((a) => a.status === 'failed')
+        .map((a) => `${f.name.replace(root, '')}: ${a.fullName}`),
+    );
+    detail =
+      `${j.numPassedTests} passed, ${j.numFailedTests} failed, ${j.numPendingTests} skipped` +
+      (failed.length ? `; failed: ${failed.slice(0, 20).join('; ')}` : '') +
+      (detail ? `; ${detail}` : '');
     rmSync(testJson);
   } else detail ||= tail(t.stderr + t.stdout, 500);
   report.steps.push({ name: 'npm run test:gpu', ok: t.ok, seconds: t.seconds, detail });
@@ -114,9 +171,17 @@ async function main() {
 
   // 3. Smoke run, plain and under each compute-sanitizer tool.
   const smoke = step(process.execPath, [join(root, 'scripts', 'gpu-smoke.mjs')], { timeoutS: 60 });
-  try { report.smoke = JSON.parse(smoke.stdout.trim().split('\n').pop()).ops; } catch { /* reported below */ }
-  report.steps.push({ name: 'smoke run (scripts/gpu-smoke.mjs)', ok: smoke.ok, seconds: smoke.seconds,
-    detail: smoke.ok ? '' : tail(smoke.stderr + smoke.stdout, 500) });
+  try {
+    report.smoke = JSON.parse(smoke.stdout.trim().split('\n').pop()).ops;
+  } catch {
+    /* reported below */
+  }
+  report.steps.push({
+    name: 'smoke run (scripts/gpu-smoke.mjs)',
+    ok: smoke.ok,
+    seconds: smoke.seconds,
+    detail: smoke.ok ? '' : tail(smoke.stderr + smoke.stdout, 500),
+  });
   save();
   const sanitizer = spawnSync('compute-sanitizer', ['--version'], { encoding: 'utf8' });
   for (const tool of SANITIZER_TOOLS) {
@@ -124,11 +189,29 @@ async function main() {
       report.steps.push({ name: `compute-sanitizer ${tool}`, ok: null, detail: 'compute-sanitizer is not installed' });
       continue;
     }
-    const s = step('compute-sanitizer', ['--tool', tool, '--error-exitcode', '9', '--print-limit', '20',
-      process.execPath, join(root, 'scripts', 'gpu-smoke.mjs')], { timeoutS: 120 });
-    const summary = (s.stdout + s.stderr).split('\n').filter((l) => /ERROR SUMMARY|Hazard|Invalid|Uninitialized|Barrier/.test(l));
-    report.steps.push({ name: `compute-sanitizer ${tool}`, ok: s.ok, seconds: s.seconds,
-      detail: s.timedOut ? 'timed out after 120 s' : summary.slice(0, 12).join(' / ') });
+    const s = step(
+      'compute-sanitizer',
+      [
+        '--tool',
+        tool,
+        '--error-exitcode',
+        '9',
+        '--print-limit',
+        '20',
+        process.execPath,
+        join(root, 'scripts', 'gpu-smoke.mjs'),
+      ],
+      { timeoutS: 120 },
+    );
+    const summary = (s.stdout + s.stderr)
+      .split('\n')
+      .filter((l) => /ERROR SUMMARY|Hazard|Invalid|Uninitialized|Barrier/.test(l));
+    report.steps.push({
+      name: `compute-sanitizer ${tool}`,
+      ok: s.ok,
+      seconds: s.seconds,
+      detail: s.timedOut ? 'timed out after 120 s' : summary.slice(0, 12).join(' / '),
+    });
     save();
   }
 
@@ -136,11 +219,30 @@ async function main() {
   if (!args.skipBench) {
     for (const op of OPS) {
       const out = join(args.out, `bench-${op}.json`);
-      const b = step(process.execPath, [join(root, 'bench', 'cli.mjs'), '--op', op, '--device', 'cuda', '--json', out,
-        ...(args.quick ? ['--quick'] : [])], { timeoutS: 150 });
+      const b = step(
+        process.execPath,
+        [
+          join(root, 'bench', 'cli.mjs'),
+          '--op',
+          op,
+          '--device',
+          'cuda',
+          '--json',
+          out,
+          ...(args.quick ? ['--quick'] : []),
+        ],
+        { timeoutS: 150 },
+      );
       let rows = [];
-      if (existsSync(out)) { rows = JSON.parse(readFileSync(out, 'utf8')).rows ?? []; rmSync(out); }
-      report.benchmarks.push({ op, rows, detail: b.ok ? '' : (b.timedOut ? 'timed out after 150 s' : tail(b.stderr, 400)) });
+      if (existsSync(out)) {
+        rows = JSON.parse(readFileSync(out, 'utf8')).rows ?? [];
+        rmSync(out);
+      }
+      report.benchmarks.push({
+        op,
+        rows,
+        detail: b.ok ? '' : b.timedOut ? 'timed out after 150 s' : tail(b.stderr, 400),
+      });
       report.steps.push({ name: `bench ${op}`, ok: b.ok, seconds: b.seconds, detail: `${rows.length} rows` });
       save();
     }
@@ -148,7 +250,9 @@ async function main() {
   save();
   const failed = report.steps.filter((s) => s.ok === false).map((s) => s.name);
   console.log(renderReport(report));
-  console.log(`wrote ${join(args.out, 'gpu-verify.json')} and gpu-verify.md${failed.length ? `; failed: ${failed.join(', ')}` : ''}`);
+  console.log(
+    `wrote ${join(args.out, 'gpu-verify.json')} and gpu-verify.md${failed.length ? `; failed: ${failed.join(', ')}` : ''}`,
+  );
   process.exit(failed.length ? 1 : 0);
 }
 

@@ -31,7 +31,11 @@ function run(args, what) {
 function npm(args, cwd, stdio) {
   const cli = process.env.npm_execpath;
   const [cmd, pre] = cli && cli.endsWith('.js') ? [process.execPath, [cli]] : ['npm', []];
-  return execFileSync(cmd, [...pre, ...args], { cwd, encoding: 'utf8', stdio: stdio === 'inherit' ? 'inherit' : 'pipe' });
+  return execFileSync(cmd, [...pre, ...args], {
+    cwd,
+    encoding: 'utf8',
+    stdio: stdio === 'inherit' ? 'inherit' : 'pipe',
+  });
 }
 
 const binary = join(root, 'build', 'Release', 'recurrent_kernels.node');
@@ -43,8 +47,10 @@ if (!existsSync(join(root, 'dist', 'cjs', 'index.js'))) {
 const { platformPackage, PLATFORM_PACKAGES, PLATFORM_BINARY } = require(join(root, 'dist', 'cjs', 'native', 'load.js'));
 const platform = platformPackage();
 if (!platform || !PLATFORM_PACKAGES.includes(platform)) {
-  console.error(`[pack] no platform package is published for ${process.platform}-${process.arch} (${platform}); ` +
-    `published: ${PLATFORM_PACKAGES.join(', ')}`);
+  console.error(
+    `[pack] no platform package is published for ${process.platform}-${process.arch} (${platform}); ` +
+      `published: ${PLATFORM_PACKAGES.join(', ')}`,
+  );
   process.exit(1);
 }
 
@@ -57,7 +63,9 @@ try {
     const archs = get('RK_CUDA_ARCHITECTURES');
     cuda = `CUDA path for architectures ${archs === 'default' || !archs ? '80, 86, 89, 90, 100 and 120 (PTX of 120)' : archs} (runtime linked statically)`;
   }
-} catch { /* built by node-gyp: CPU only */ }
+} catch {
+  /* built by node-gyp: CPU only */
+}
 
 function npmPack(dir) {
   const text = npm(['pack', '--json', '--ignore-scripts', '--pack-destination', out], dir, 'pipe');
@@ -77,22 +85,32 @@ if (spawnSync('strip', ['--strip-unneeded', join(pdir, PLATFORM_BINARY)], { stdi
   log('strip not found: the binary keeps its symbols');
 }
 copyFileSync(license, join(pdir, 'LICENSE'));
-writeFileSync(join(pdir, 'README.md'), `# ${platform}\n\nThe prebuilt native addon of [recurrent-kernels](https://www.npmjs.com/package/recurrent-kernels) ` +
-  `${version} for ${os} on ${cpu} with ${libc === 'gnu' ? 'glibc' : libc}: the CPU kernels (every instruction-set ` +
-  `variant, chosen at run time) and the ${cuda}.\nInstalled by recurrent-kernels as an optional dependency; ` +
-  'not meant to be used on its own.\n');
-writeFileSync(join(pdir, 'package.json'), `${JSON.stringify({
-  name: platform,
-  version,
-  description: `recurrent-kernels' native addon for ${os}-${cpu} (${libc === 'gnu' ? 'glibc' : libc})`,
-  license: manifest.license,
-  os: [os],
-  cpu: [cpu],
-  libc: [libc === 'gnu' ? 'glibc' : libc],
-  main: PLATFORM_BINARY,
-  files: [PLATFORM_BINARY],
-  engines: manifest.engines,
-}, null, 2)}\n`);
+writeFileSync(
+  join(pdir, 'README.md'),
+  `# ${platform}\n\nThe prebuilt native addon of [recurrent-kernels](https://www.npmjs.com/package/recurrent-kernels) ` +
+    `${version} for ${os} on ${cpu} with ${libc === 'gnu' ? 'glibc' : libc}: the CPU kernels (every instruction-set ` +
+    `variant, chosen at run time) and the ${cuda}.\nInstalled by recurrent-kernels as an optional dependency; ` +
+    'not meant to be used on its own.\n',
+);
+writeFileSync(
+  join(pdir, 'package.json'),
+  `${JSON.stringify(
+    {
+      name: platform,
+      version,
+      description: `recurrent-kernels' native addon for ${os}-${cpu} (${libc === 'gnu' ? 'glibc' : libc})`,
+      license: manifest.license,
+      os: [os],
+      cpu: [cpu],
+      libc: [libc === 'gnu' ? 'glibc' : libc],
+      main: PLATFORM_BINARY,
+      files: [PLATFORM_BINARY],
+      engines: manifest.engines,
+    },
+    null,
+    2,
+  )}\n`,
+);
 const platformTgz = npmPack(pdir);
 
 // The main package: the files its manifest lists, and a manifest for consumers.
@@ -115,6 +133,9 @@ writeFileSync(join(mdir, 'package.json'), `${JSON.stringify(shipped, null, 2)}\n
 const mainTgz = npmPack(mdir);
 
 rmSync(stage, { recursive: true, force: true });
-writeFileSync(join(out, 'packages.json'), `${JSON.stringify({ main: mainTgz, platform: platformTgz, platformPackage: platform }, null, 2)}\n`);
+writeFileSync(
+  join(out, 'packages.json'),
+  `${JSON.stringify({ main: mainTgz, platform: platformTgz, platformPackage: platform }, null, 2)}\n`,
+);
 log(`${mainTgz}`);
 log(`${platformTgz} (${cuda})`);

@@ -18,5 +18,7 @@ for (const script of ['build-native.mjs', 'pack.mjs']) {
   const r = spawnSync(process.execPath, [join(root, 'scripts', script)], { cwd: root, stdio: 'inherit', env });
   if (r.status !== 0) process.exit(r.status ?? 1);
 }
-console.log(`[release] built and packed in ${((Date.now() - t0) / 60000).toFixed(1)} min ` +
-  `(CUDA architectures ${env.RK_CUDA_ARCHITECTURES})`);
+console.log(
+  `[release] built and packed in ${((Date.now() - t0) / 60000).toFixed(1)} min ` +
+    `(CUDA architectures ${env.RK_CUDA_ARCHITECTURES})`,
+);

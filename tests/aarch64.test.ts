@@ -16,7 +16,15 @@
 // CI when they could be installed), where that is a failure.
 import { spawn } from 'node:child_process';
 import {
-  copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync,
+  copyFileSync,
+  cpSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
 } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
@@ -38,13 +46,14 @@ const tools = {
   qemu: findOnPath('qemu-aarch64'),
   objdump: findOnPath('aarch64-linux-gnu-objdump'),
 };
-const missing = [
-  !tools.native && 'g++', !tools.cross && 'aarch64-linux-gnu-g++', !tools.qemu && 'qemu-aarch64',
-].filter((x): x is string => !!x);
-const title = missing.length === 0 || required
-  ? 'CPU kernels on aarch64 (NEON, under qemu) match the native build'
-  : `CPU kernels on aarch64 (NEON, under qemu) match the native build (skipped: ${missing.join(', ')} not on ` +
-    'PATH; RK_REQUIRE_AARCH64=1 makes this a failure)';
+const missing = [!tools.native && 'g++', !tools.cross && 'aarch64-linux-gnu-g++', !tools.qemu && 'qemu-aarch64'].filter(
+  (x): x is string => !!x,
+);
+const title =
+  missing.length === 0 || required
+    ? 'CPU kernels on aarch64 (NEON, under qemu) match the native build'
+    : `CPU kernels on aarch64 (NEON, under qemu) match the native build (skipped: ${missing.join(', ')} not on ` +
+      'PATH; RK_REQUIRE_AARCH64=1 makes this a failure)';
 
 // The addon's flags (CMakeLists.txt, binding.gyp).
 const cxxFlags = ['-std=c++17', '-O3', '-fno-trapping-math', '-Wall', '-Wextra', '-I', 'cpp', '-I', '.'];
@@ -68,26 +77,45 @@ function unitsOf(src: string): string[] {
   return ['tests/cpu-cross/driver.cpp', ...units];
 }
 
-interface Result { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; seconds: number }
+interface Result {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  seconds: number;
+}
 
 /** Runs a command without blocking the event loop (so the builds and runs overlap). */
 function run(cmd: string, args: string[], cwd: string, timeoutMs: number): Promise<Result> {
   const started = Date.now();
   return new Promise((resolve) => {
     const env = { ...process.env };
-    delete env.RK_CPU_ISA;  // the aarch64 driver must pick its variant on its own
+    delete env.RK_CPU_ISA; // the aarch64 driver must pick its variant on its own
     delete env.RK_NUM_THREADS;
     const child = spawn(cmd, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '', stderr = '';
-    child.stdout.on('data', (d) => { stdout += d; });
-    child.stderr.on('data', (d) => { stderr += d; });
+    let stdout = '',
+      stderr = '';
+    child.stdout.on('data', (d) => {
+      stdout += d;
+    });
+    child.stderr.on('data', (d) => {
+      stderr += d;
+    });
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
     const done = (code: number | null, signal: NodeJS.Signals | null) => {
       clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr: stderr + (signal === 'SIGKILL' ? `\n(killed after ${timeoutMs / 1000} s)` : ''),
-        seconds: (Date.now() - started) / 1000 });
+      resolve({
+        code,
+        signal,
+        stdout,
+        stderr: stderr + (signal === 'SIGKILL' ? `\n(killed after ${timeoutMs / 1000} s)` : ''),
+        seconds: (Date.now() - started) / 1000,
+      });
     };
-    child.on('error', (e) => { stderr += String(e); done(-1, null); });
+    child.on('error', (e) => {
+      stderr += String(e);
+      done(-1, null);
+    });
     child.on('close', done);
   });
 }
@@ -114,14 +142,29 @@ async function pool(tasks: (() => Promise<void>)[], limit: number): Promise<void
   if (failure) throw failure;
 }
 
-interface Build { name: 'native' | 'aarch64'; cxx: string; linkFlags: string[] }
-interface Arrays { names: string[]; kinds: Map<string, string>; data: Map<string, Float32Array> }
-interface Outcome { stdout: string; arrays: Arrays; compileSeconds: number; runSeconds: number; objects: string[] }
+interface Build {
+  name: 'native' | 'aarch64';
+  cxx: string;
+  linkFlags: string[];
+}
+interface Arrays {
+  names: string[];
+  kinds: Map<string, string>;
+  data: Map<string, Float32Array>;
+}
+interface Outcome {
+  stdout: string;
+  arrays: Arrays;
+  compileSeconds: number;
+  runSeconds: number;
+  objects: string[];
+}
 
 function readArrays(bin: string): Arrays {
-  const floats = new Float32Array(Uint8Array.from(readFileSync(bin)).buffer);  // little-endian, like both builds
+  const floats = new Float32Array(Uint8Array.from(readFileSync(bin)).buffer); // little-endian, like both builds
   const names: string[] = [];
-  const kinds = new Map<string, string>(), data = new Map<string, Float32Array>();
+  const kinds = new Map<string, string>(),
+    data = new Map<string, Float32Array>();
   let offset = 0;
   for (const line of readFileSync(`${bin}.txt`, 'utf8').split('\n')) {
     if (!line.trim()) continue;
@@ -144,9 +187,11 @@ function readArrays(bin: string): Arrays {
  */
 function mismatch(got: Float32Array, want: Float32Array, kind: string): { error: number; problem: string | null } {
   if (got.length !== want.length) return { error: Infinity, problem: `${got.length} values, native ${want.length}` };
-  let num = 0, den = 0;
+  let num = 0,
+    den = 0;
   for (let i = 0; i < want.length; i++) {
-    const a = got[i], b = want[i];
+    const a = got[i],
+      b = want[i];
     if (!Number.isFinite(b)) return { error: Infinity, problem: `native value ${i} is ${b} (unwritten or overflowed)` };
     if (!Number.isFinite(a)) return { error: Infinity, problem: `value ${i} is ${a}, native ${b}` };
     num += (a - b) ** 2;
@@ -154,9 +199,14 @@ function mismatch(got: Float32Array, want: Float32Array, kind: string): { error:
   }
   const rms = Math.sqrt(den / Math.max(want.length, 1));
   for (let i = 0; i < want.length; i++) {
-    const a = got[i], b = want[i], d = Math.abs(a - b);
+    const a = got[i],
+      b = want[i],
+      d = Math.abs(a - b);
     if (kind === 'bf16' ? d > 2 ** -7 * Math.max(Math.abs(a), Math.abs(b)) : d > 1e-4 * (Math.abs(b) + rms)) {
-      return { error: Infinity, problem: `value ${i} is ${a}, native ${b}` + (kind === 'bf16' ? ' (more than one bfloat16 step)' : '') };
+      return {
+        error: Infinity,
+        problem: `value ${i} is ${a}, native ${b}` + (kind === 'bf16' ? ' (more than one bfloat16 step)' : ''),
+      };
     }
   }
   const error = den === 0 ? Math.sqrt(num) : Math.sqrt(num / den);
@@ -165,12 +215,23 @@ function mismatch(got: Float32Array, want: Float32Array, kind: string): { error:
 }
 
 function field(stdout: string, key: string): string | undefined {
-  return stdout.split('\n').find((l) => l.startsWith(`${key} `))?.slice(key.length + 1).trim();
+  return stdout
+    .split('\n')
+    .find((l) => l.startsWith(`${key} `))
+    ?.slice(key.length + 1)
+    .trim();
 }
 
 // The ops the driver runs (the first part of each array's name).
-const ops = ['selectiveScan', 'selectiveStateUpdate', 'gatedDeltaRule', 'gatedDeltaRuleStep', 'fusedRnn', 'newtonRnn',
-  'linearScan'];
+const ops = [
+  'selectiveScan',
+  'selectiveStateUpdate',
+  'gatedDeltaRule',
+  'gatedDeltaRuleStep',
+  'fusedRnn',
+  'newtonRnn',
+  'linearScan',
+];
 
 describe.skipIf(missing.length > 0 && !required)(title, () => {
   let work = '';
@@ -197,29 +258,45 @@ describe.skipIf(missing.length > 0 && !required)(title, () => {
     // Compile, both builds interleaved, one job per core.
     const started = Date.now();
     const compiled = new Map<string, number>();
-    const jobs = units.flatMap((unit) => builds.map((build) => async () => {
-      const r = check(await run(build.cxx, [...cxxFlags, '-c', unit, '-o', objectOf(build, unit)], src, 480_000),
-        `${build.name}: compiling ${unit}`);
-      if (r.stderr.trim()) console.log(`${build.name} compiler warnings for ${unit}:\n${r.stderr}`);
-      compiled.set(build.name, (Date.now() - started) / 1000);
-    }));
+    const jobs = units.flatMap((unit) =>
+      builds.map((build) => async () => {
+        const r = check(
+          await run(build.cxx, [...cxxFlags, '-c', unit, '-o', objectOf(build, unit)], src, 480_000),
+          `${build.name}: compiling ${unit}`,
+        );
+        if (r.stderr.trim()) console.log(`${build.name} compiler warnings for ${unit}:\n${r.stderr}`);
+        compiled.set(build.name, (Date.now() - started) / 1000);
+      }),
+    );
     await pool(jobs, Math.max(1, Math.min(availableParallelism(), 8)));
     // Link and run both at once.
-    await Promise.all(builds.map(async (b) => {
-      const exe = join(work, b.name, 'driver');
-      const objects = units.map((u) => objectOf(b, u));
-      check(await run(b.cxx, [...b.linkFlags, '-pthread', ...objects, '-o', exe], src, 120_000), `${b.name}: linking`);
-      const bin = join(work, b.name, 'out.bin');
-      const r = check(await run(b.name === 'aarch64' ? tools.qemu! : exe, b.name === 'aarch64' ? [exe, bin] : [bin],
-        src, 240_000), `${b.name}: running the driver`);
-      outcomes.set(b.name, {
-        stdout: r.stdout, arrays: readArrays(bin), compileSeconds: compiled.get(b.name) ?? 0, runSeconds: r.seconds,
-        objects: units.filter((u) => /_base(_\w+)?\.cc$/.test(u)).map((u) => objectOf(b, u)),
-      });
-    }));
+    await Promise.all(
+      builds.map(async (b) => {
+        const exe = join(work, b.name, 'driver');
+        const objects = units.map((u) => objectOf(b, u));
+        check(
+          await run(b.cxx, [...b.linkFlags, '-pthread', ...objects, '-o', exe], src, 120_000),
+          `${b.name}: linking`,
+        );
+        const bin = join(work, b.name, 'out.bin');
+        const r = check(
+          await run(b.name === 'aarch64' ? tools.qemu! : exe, b.name === 'aarch64' ? [exe, bin] : [bin], src, 240_000),
+          `${b.name}: running the driver`,
+        );
+        outcomes.set(b.name, {
+          stdout: r.stdout,
+          arrays: readArrays(bin),
+          compileSeconds: compiled.get(b.name) ?? 0,
+          runSeconds: r.seconds,
+          objects: units.filter((u) => /_base(_\w+)?\.cc$/.test(u)).map((u) => objectOf(b, u)),
+        });
+      }),
+    );
     for (const [name, o] of outcomes) {
-      console.log(`${name}: compiled in ${o.compileSeconds.toFixed(1)} s (both builds sharing the cores), ran in ` +
-        `${o.runSeconds.toFixed(2)} s (${o.arrays.names.length} arrays)`);
+      console.log(
+        `${name}: compiled in ${o.compileSeconds.toFixed(1)} s (both builds sharing the cores), ran in ` +
+          `${o.runSeconds.toFixed(2)} s (${o.arrays.names.length} arrays)`,
+      );
     }
   }, 900_000);
 
@@ -256,7 +333,8 @@ describe.skipIf(missing.length > 0 && !required)(title, () => {
 
   it('both builds drew the same inputs and wrote the same arrays', () => {
     expect(field(outcomes.get('aarch64')!.stdout, 'inputs')).toBe(field(outcomes.get('native')!.stdout, 'inputs'));
-    const a = outcomes.get('aarch64')!.arrays, n = outcomes.get('native')!.arrays;
+    const a = outcomes.get('aarch64')!.arrays,
+      n = outcomes.get('native')!.arrays;
     expect(a.names).toEqual(n.names);
     expect(a.names.map((x) => a.data.get(x)!.length)).toEqual(n.names.map((x) => n.data.get(x)!.length));
     expect(a.names.map((x) => a.kinds.get(x))).toEqual(n.names.map((x) => n.kinds.get(x)));
@@ -264,11 +342,13 @@ describe.skipIf(missing.length > 0 && !required)(title, () => {
   });
 
   it.each(ops)('%s: every output array matches the native build', (op) => {
-    const a = outcomes.get('aarch64')!.arrays, n = outcomes.get('native')!.arrays;
+    const a = outcomes.get('aarch64')!.arrays,
+      n = outcomes.get('native')!.arrays;
     const names = n.names.filter((x) => x.startsWith(`${op}.`));
     expect(names.length).toBeGreaterThan(0);
     const problems: string[] = [];
-    let worst = 0, worstName = '';
+    let worst = 0,
+      worstName = '';
     for (const name of names) {
       const got = a.data.get(name);
       if (!got) {
@@ -286,7 +366,8 @@ describe.skipIf(missing.length > 0 && !required)(title, () => {
   it('the comparison notices a small change in one value', () => {
     const n = outcomes.get('native')!.arrays;
     const name = n.names.find((x) => x.startsWith('fusedRnn.') && x.endsWith('.dR'))!;
-    const want = n.data.get(name)!, got = Float32Array.from(want);
+    const want = n.data.get(name)!,
+      got = Float32Array.from(want);
     let i = 0;
     for (let j = 1; j < got.length; j++) if (Math.abs(got[j]) > Math.abs(got[i])) i = j;
     got[i] *= 1 + 1e-3;

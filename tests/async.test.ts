@@ -21,7 +21,8 @@ function bits(t: rk.Tensor | null | undefined): number[] | null {
   if (!t) return null;
   const d = t.dataSync();
   return Array.from(new Uint32Array(d.buffer, d.byteOffset, Math.floor(d.byteLength / 4))).concat(
-    d.byteLength % 4 ? [new Uint16Array(d.buffer, d.byteOffset, d.length)[d.length - 1]] : []);
+    d.byteLength % 4 ? [new Uint16Array(d.buffer, d.byteOffset, d.length)[d.length - 1]] : [],
+  );
 }
 /** Every tensor of an object of outputs or grads, by key. */
 function tensorBits(o: object): Record<string, number[] | null> {
@@ -45,45 +46,76 @@ interface Case {
   grads?: (outputs: object) => object;
 }
 
-const D = 19, T = 37, N = 5;
+const D = 19,
+  T = 37,
+  N = 5;
 const cases: Case[] = [
   {
-    name: 'linearScan', hooks: rk.ops.linearScan as never,
-    inputs: (dt, dev) => ({ a: tensor(r(2 * D * T, 0.5), [2, D, T], dt, dev), b: tensor(r(2 * D * T), [2, D, T], dt, dev) }),
+    name: 'linearScan',
+    hooks: rk.ops.linearScan as never,
+    inputs: (dt, dev) => ({
+      a: tensor(r(2 * D * T, 0.5), [2, D, T], dt, dev),
+      b: tensor(r(2 * D * T), [2, D, T], dt, dev),
+    }),
     options: { returnFinalState: true },
   },
   {
-    name: 'selectiveScan', hooks: rk.ops.selectiveScan as never,
+    name: 'selectiveScan',
+    hooks: rk.ops.selectiveScan as never,
     inputs: (dt, dev) => ({
-      u: tensor(r(2 * D * T), [2, D, T], dt, dev), delta: tensor(r(2 * D * T, 0.3), [2, D, T], dt, dev),
-      A: tensor(r(D * N).map((x) => -Math.abs(x)), [D, N], 'float32', dev),
-      B: tensor(r(2 * N * T), [2, 1, N, T], dt, dev), C: tensor(r(2 * N * T), [2, 1, N, T], dt, dev),
-      D: tensor(r(D), [D], 'float32', dev), z: tensor(r(2 * D * T), [2, D, T], dt, dev),
+      u: tensor(r(2 * D * T), [2, D, T], dt, dev),
+      delta: tensor(r(2 * D * T, 0.3), [2, D, T], dt, dev),
+      A: tensor(
+        r(D * N).map((x) => -Math.abs(x)),
+        [D, N],
+        'float32',
+        dev,
+      ),
+      B: tensor(r(2 * N * T), [2, 1, N, T], dt, dev),
+      C: tensor(r(2 * N * T), [2, 1, N, T], dt, dev),
+      D: tensor(r(D), [D], 'float32', dev),
+      z: tensor(r(2 * D * T), [2, D, T], dt, dev),
     }),
     options: { deltaSoftplus: true, returnFinalState: true },
   },
   {
-    name: 'gatedDeltaRule', hooks: rk.ops.gatedDeltaRule as never,
+    name: 'gatedDeltaRule',
+    hooks: rk.ops.gatedDeltaRule as never,
     inputs: (dt, dev) => ({
-      q: tensor(r(2 * T * 2 * 12), [2, T, 2, 12], dt, dev), k: tensor(r(2 * T * 2 * 12), [2, T, 2, 12], dt, dev),
+      q: tensor(r(2 * T * 2 * 12), [2, T, 2, 12], dt, dev),
+      k: tensor(r(2 * T * 2 * 12), [2, T, 2, 12], dt, dev),
       v: tensor(r(2 * T * 2 * 9), [2, T, 2, 9], dt, dev),
-      g: tensor(r(2 * T * 2, 0.1).map((x) => -Math.abs(x)), [2, T, 2], 'float32', dev),
-      beta: tensor(r(2 * T * 2).map((x) => 1 / (1 + Math.exp(-x))), [2, T, 2], dt, dev),
+      g: tensor(
+        r(2 * T * 2, 0.1).map((x) => -Math.abs(x)),
+        [2, T, 2],
+        'float32',
+        dev,
+      ),
+      beta: tensor(
+        r(2 * T * 2).map((x) => 1 / (1 + Math.exp(-x))),
+        [2, T, 2],
+        dt,
+        dev,
+      ),
     }),
     options: { useQkL2normInKernel: true, outputFinalState: true },
   },
   {
-    name: 'fusedRnn lstm', hooks: rk.ops.fusedRnn as never,
+    name: 'fusedRnn lstm',
+    hooks: rk.ops.fusedRnn as never,
     inputs: (dt, dev) => ({
-      wx: tensor(r(3 * T * 4 * 2 * 7), [3, T, 4, 2, 7], dt, dev), R: tensor(r(4 * 2 * 7 * 7, 0.2), [4, 2, 7, 7], dt, dev),
+      wx: tensor(r(3 * T * 4 * 2 * 7), [3, T, 4, 2, 7], dt, dev),
+      R: tensor(r(4 * 2 * 7 * 7, 0.2), [4, 2, 7, 7], dt, dev),
       b: tensor(r(4 * 2 * 7), [4, 2, 7], 'float32', dev),
     }),
     options: { cell: 'lstm', lengths: [T, 5, 0] },
   },
   {
-    name: 'newtonRnn gru-diag', hooks: rk.ops.newtonRnn as never,
+    name: 'newtonRnn gru-diag',
+    hooks: rk.ops.newtonRnn as never,
     inputs: (dt, dev) => ({
-      wx: tensor(r(2 * T * 3 * D), [2, T, 3, D], dt, dev), R: tensor(r(3 * D, 0.3), [3, D], 'float32', dev),
+      wx: tensor(r(2 * T * 3 * D), [2, T, 3, D], dt, dev),
+      R: tensor(r(3 * D, 0.3), [3, D], 'float32', dev),
       b: tensor(r(3 * D), [3, D], 'float32', dev),
     }),
     options: { cell: 'gru-diag' },
@@ -115,7 +147,9 @@ describe.each(devices)('async forms on %s', (device) => {
     const x = cases[2].inputs('float32', device) as rk.GatedDeltaRuleInputs;
     expect(tensorBits(await rk.gatedDeltaRuleAsync(x))).toEqual(tensorBits(rk.gatedDeltaRule(x)));
     const f = cases[3].inputs('float32', device) as rk.FusedRnnInputs;
-    expect(tensorBits(await rk.fusedRnnAsync(f, { cell: 'lstm' }))).toEqual(tensorBits(rk.fusedRnn(f, { cell: 'lstm' })));
+    expect(tensorBits(await rk.fusedRnnAsync(f, { cell: 'lstm' }))).toEqual(
+      tensorBits(rk.fusedRnn(f, { cell: 'lstm' })),
+    );
     const l = cases[0].inputs('float32', device) as rk.LinearScanInputs;
     expect(tensorBits(await rk.linearScanAsync(l))).toEqual(tensorBits(rk.linearScan(l)));
     const s = cases[1].inputs('float32', device) as rk.SelectiveScanInputs;
@@ -125,7 +159,8 @@ describe.each(devices)('async forms on %s', (device) => {
     const viaData = await h.data();
     expect(Array.from(viaData)).toEqual(Array.from(h.dataSync()));
     const n = cases[4].inputs('float32', device) as rk.NewtonRnnInputs;
-    const ns = rk.newtonRnn(n, { cell: 'gru-diag' }), na = await rk.newtonRnnAsync(n, { cell: 'gru-diag' });
+    const ns = rk.newtonRnn(n, { cell: 'gru-diag' }),
+      na = await rk.newtonRnnAsync(n, { cell: 'gru-diag' });
     expect(tensorBits(na)).toEqual(tensorBits(ns));
     expect(na.stats).toEqual(ns.stats);
   });
@@ -133,17 +168,41 @@ describe.each(devices)('async forms on %s', (device) => {
   it('the decode steps: async equals sync, including the state updated in place', async () => {
     const state = tensor(r(2 * D * N), [2, D, N], 'float32', device);
     const stateA = state.clone();
-    const x = { x: tensor(r(2 * D), [2, D], 'float32', device), dt: tensor(r(2 * D, 0.3), [2, D], 'float32', device),
-      A: tensor(r(D * N).map((v) => -Math.abs(v)), [D, N], 'float32', device), B: tensor(r(2 * N), [2, N], 'float32', device),
-      C: tensor(r(2 * N), [2, N], 'float32', device) };
+    const x = {
+      x: tensor(r(2 * D), [2, D], 'float32', device),
+      dt: tensor(r(2 * D, 0.3), [2, D], 'float32', device),
+      A: tensor(
+        r(D * N).map((v) => -Math.abs(v)),
+        [D, N],
+        'float32',
+        device,
+      ),
+      B: tensor(r(2 * N), [2, N], 'float32', device),
+      C: tensor(r(2 * N), [2, N], 'float32', device),
+    };
     const ys = rk.selectiveStateUpdate({ state, ...x });
     const ya = await rk.selectiveStateUpdateAsync({ state: stateA, ...x });
     expect(bits(ya.y)).toEqual(bits(ys.y));
     expect(bits(stateA)).toEqual(bits(state));
-    const S = tensor(r(2 * 2 * 6 * 5), [2, 2, 6, 5], 'float32', device), SA = S.clone();
-    const d = { q: tensor(r(2 * 2 * 6), [2, 1, 2, 6], 'float32', device), k: tensor(r(2 * 2 * 6), [2, 1, 2, 6], 'float32', device),
-      v: tensor(r(2 * 2 * 5), [2, 1, 2, 5], 'float32', device), g: tensor(r(4, 0.1).map((v) => -Math.abs(v)), [2, 1, 2], 'float32', device),
-      beta: tensor(r(4).map((v) => 1 / (1 + Math.exp(-v))), [2, 1, 2], 'float32', device) };
+    const S = tensor(r(2 * 2 * 6 * 5), [2, 2, 6, 5], 'float32', device),
+      SA = S.clone();
+    const d = {
+      q: tensor(r(2 * 2 * 6), [2, 1, 2, 6], 'float32', device),
+      k: tensor(r(2 * 2 * 6), [2, 1, 2, 6], 'float32', device),
+      v: tensor(r(2 * 2 * 5), [2, 1, 2, 5], 'float32', device),
+      g: tensor(
+        r(4, 0.1).map((v) => -Math.abs(v)),
+        [2, 1, 2],
+        'float32',
+        device,
+      ),
+      beta: tensor(
+        r(4).map((v) => 1 / (1 + Math.exp(-v))),
+        [2, 1, 2],
+        'float32',
+        device,
+      ),
+    };
     const os = rk.gatedDeltaRuleStep({ state: S, ...d });
     const oa = await rk.gatedDeltaRuleStepAsync({ state: SA, ...d });
     expect(bits(oa.o)).toEqual(bits(os.o));
@@ -176,12 +235,20 @@ function tiled(n: number, map: (x: number) => number = (x) => x): Float32Array {
  * is large for the size of the inputs (which an async call copies).
  */
 function longScan(ms: number): rk.SelectiveScanInputs {
-  const N = 256, len = 2048;
+  const N = 256,
+    len = 2048;
   const mk = (dim: number): rk.SelectiveScanInputs => ({
     u: rk.Tensor.from(tiled(dim * len), [1, dim, len]),
-    delta: rk.Tensor.from(tiled(dim * len, (x) => 0.1 * Math.abs(x)), [1, dim, len]),
-    A: rk.Tensor.from(tiled(dim * N, (x) => -Math.abs(x)), [dim, N]),
-    B: rk.Tensor.from(tiled(N * len), [1, 1, N, len]), C: rk.Tensor.from(tiled(N * len), [1, 1, N, len]),
+    delta: rk.Tensor.from(
+      tiled(dim * len, (x) => 0.1 * Math.abs(x)),
+      [1, dim, len],
+    ),
+    A: rk.Tensor.from(
+      tiled(dim * N, (x) => -Math.abs(x)),
+      [dim, N],
+    ),
+    B: rk.Tensor.from(tiled(N * len), [1, 1, N, len]),
+    C: rk.Tensor.from(tiled(N * len), [1, 1, N, len]),
   });
   const probe = mk(64);
   rk.selectiveScan(probe);
@@ -228,7 +295,10 @@ describe('busy tensors, abort, concurrency, the event loop (cpu)', () => {
     const x = cases[0].inputs('float32', 'cpu') as rk.LinearScanInputs;
     const p = rk.linearScanAsync(x, { signal: ac.signal });
     expect(nativeMod.asyncStats().pending).toBe(0);
-    const e = await p.then(() => null, (err: unknown) => err);
+    const e = await p.then(
+      () => null,
+      (err: unknown) => err,
+    );
     expect(e).toBeInstanceOf(rk.AbortedError);
     expect((e as rk.AbortedError).code).toBe('ERR_ABORTED');
     expect((e as Error).cause).toEqual(new Error('changed my mind'));
@@ -249,7 +319,10 @@ describe('busy tensors, abort, concurrency, the event loop (cpu)', () => {
       await new Promise((res) => setTimeout(res, 100));
       const t0 = performance.now();
       ac.abort();
-      const e = await p.then(() => null, (err: unknown) => err);
+      const e = await p.then(
+        () => null,
+        (err: unknown) => err,
+      );
       const took = performance.now() - t0;
       expect(e, op).toBeInstanceOf(rk.AbortedError);
       expect(took, `${op}: rejected ${took.toFixed(1)} ms after abort`).toBeLessThan(100);
@@ -266,13 +339,26 @@ describe('busy tensors, abort, concurrency, the event loop (cpu)', () => {
   it('8 calls in flight at once give the sync results and never use more threads than the pool has', async () => {
     const inputs = Array.from({ length: 8 }, (_, i) => cases[i % 2 === 0 ? 1 : 3].inputs('float32', 'cpu'));
     const big = longScan(150);
-    const want = [...inputs.map((x, i) => tensorBits(i % 2 === 0 ? rk.selectiveScan(x as rk.SelectiveScanInputs)
-      : rk.fusedRnn(x as rk.FusedRnnInputs, { cell: 'lstm', lengths: [T, 5, 0] }))), tensorBits(rk.selectiveScan(big))];
+    const want = [
+      ...inputs.map((x, i) =>
+        tensorBits(
+          i % 2 === 0
+            ? rk.selectiveScan(x as rk.SelectiveScanInputs)
+            : rk.fusedRnn(x as rk.FusedRnnInputs, { cell: 'lstm', lengths: [T, 5, 0] }),
+        ),
+      ),
+      tensorBits(rk.selectiveScan(big)),
+    ];
     nativeMod.cpuResetPeakForTesting();
-    const got = await Promise.all([...inputs.map((x, i) => (i % 2 === 0
-      ? rk.selectiveScanAsync(x as rk.SelectiveScanInputs)
-      : rk.fusedRnnAsync(x as rk.FusedRnnInputs, { cell: 'lstm', lengths: [T, 5, 0] }))),
-    rk.selectiveScanAsync(big), rk.selectiveScanAsync(big)]);
+    const got = await Promise.all([
+      ...inputs.map((x, i) =>
+        i % 2 === 0
+          ? rk.selectiveScanAsync(x as rk.SelectiveScanInputs)
+          : rk.fusedRnnAsync(x as rk.FusedRnnInputs, { cell: 'lstm', lengths: [T, 5, 0] }),
+      ),
+      rk.selectiveScanAsync(big),
+      rk.selectiveScanAsync(big),
+    ]);
     expect(got.slice(0, 9).map(tensorBits)).toEqual(want);
     expect(tensorBits(got[9])).toEqual(want[8]);
     const info = nativeMod.cpuInfo();
@@ -283,7 +369,8 @@ describe('busy tensors, abort, concurrency, the event loop (cpu)', () => {
   it('the event loop stays free while a long async call runs', async () => {
     const x = longScan(2000);
     const h = monitorEventLoopDelay({ resolution: 1 });
-    let maxGap = 0, last = performance.now();
+    let maxGap = 0,
+      last = performance.now();
     const timer = setInterval(() => {
       const now = performance.now();
       maxGap = Math.max(maxGap, now - last);
@@ -330,11 +417,12 @@ describe('worker threads', () => {
     const w = new Worker(script, { eval: true, workerData });
     workers.push(w);
     const messages: Record<string, unknown>[] = [];
-    const next = () => new Promise<Record<string, unknown>>((res, rej) => {
-      if (messages.length) return res(messages.shift()!);
-      w.once('message', (m) => res(m));
-      w.once('error', rej);
-    });
+    const next = () =>
+      new Promise<Record<string, unknown>>((res, rej) => {
+        if (messages.length) return res(messages.shift()!);
+        w.once('message', (m) => res(m));
+        w.once('error', rej);
+      });
     return { w, next };
   };
 

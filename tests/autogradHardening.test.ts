@@ -12,33 +12,62 @@ function rand(n: number, scale = 0.5): number[] {
     return (seed / 2 ** 31 - 0.5) * 2 * scale;
   });
 }
-const randT = (shape: number[], scale = 0.5) => tensor(rand(shape.reduce((a, b) => a * b, 1), scale), shape);
+const randT = (shape: number[], scale = 0.5) =>
+  tensor(
+    rand(
+      shape.reduce((a, b) => a * b, 1),
+      scale,
+    ),
+    shape,
+  );
 const close = (a: rk.Tensor, b: rk.Tensor, tol = 1e-6) => {
   expect(a.shape).toEqual(b.shape);
-  const x = values(a), y = values(b);
-  x.forEach((v, i) => expect(Math.abs(v - y[i]), `element ${i}: ${v} vs ${y[i]}`).toBeLessThanOrEqual(tol * (1 + Math.abs(y[i]))));
+  const x = values(a),
+    y = values(b);
+  x.forEach((v, i) =>
+    expect(Math.abs(v - y[i]), `element ${i}: ${v} vs ${y[i]}`).toBeLessThanOrEqual(tol * (1 + Math.abs(y[i]))),
+  );
 };
 const any = (v: unknown) => v as never;
 
 /** One small forward of every op with a backward, for the ctx tests. */
 function forwards() {
   const ls = rk.ops.linearScan.forward({ a: randT([1, 2, 3]), b: randT([1, 2, 3]) }, { initialState: randT([1, 2]) });
-  const ss = rk.ops.selectiveScan.forward({ u: randT([1, 4, 6]), delta: randT([1, 4, 6]), A: randT([4, 3]),
-    B: randT([1, 3, 6]), C: randT([1, 3, 6]) });
-  const gd = rk.ops.gatedDeltaRule.forward({ q: randT([1, 5, 2, 4]), k: randT([1, 5, 2, 4]), v: randT([1, 5, 2, 3]),
-    g: randT([1, 5, 2]), beta: randT([1, 5, 2]) });
-  const fr = rk.ops.fusedRnn.forward({ wx: randT([1, 3, 4, 2, 2]), R: randT([4, 2, 2, 2]), b: randT([4, 2, 2]) },
-    { cell: 'lstm' });
-  const nr = rk.ops.newtonRnn.forward({ wx: randT([1, 3, 3, 4]), R: randT([3, 4]), b: randT([3, 4]) },
-    { cell: 'gru-diag' });
+  const ss = rk.ops.selectiveScan.forward({
+    u: randT([1, 4, 6]),
+    delta: randT([1, 4, 6]),
+    A: randT([4, 3]),
+    B: randT([1, 3, 6]),
+    C: randT([1, 3, 6]),
+  });
+  const gd = rk.ops.gatedDeltaRule.forward({
+    q: randT([1, 5, 2, 4]),
+    k: randT([1, 5, 2, 4]),
+    v: randT([1, 5, 2, 3]),
+    g: randT([1, 5, 2]),
+    beta: randT([1, 5, 2]),
+  });
+  const fr = rk.ops.fusedRnn.forward(
+    { wx: randT([1, 3, 4, 2, 2]), R: randT([4, 2, 2, 2]), b: randT([4, 2, 2]) },
+    { cell: 'lstm' },
+  );
+  const nr = rk.ops.newtonRnn.forward(
+    { wx: randT([1, 3, 3, 4]), R: randT([3, 4]), b: randT([3, 4]) },
+    { cell: 'gru-diag' },
+  );
   return [
     { name: 'linearScan', hooks: rk.ops.linearScan as never, r: ls, grads: { h: ls.outputs.h }, cfg: 'shape' },
     { name: 'selectiveScan', hooks: rk.ops.selectiveScan as never, r: ss, grads: { y: ss.outputs.y }, cfg: 'config' },
     { name: 'gatedDeltaRule', hooks: rk.ops.gatedDeltaRule as never, r: gd, grads: { o: gd.outputs.o }, cfg: 'config' },
     { name: 'fusedRnn', hooks: rk.ops.fusedRnn as never, r: fr, grads: { h: fr.outputs.h }, cfg: 'config' },
     { name: 'newtonRnn', hooks: rk.ops.newtonRnn as never, r: nr, grads: { y: nr.outputs.y }, cfg: 'config' },
-  ] as unknown as { name: string; hooks: { backward(ctx: unknown, g: unknown): Record<string, rk.Tensor | null> };
-    r: { ctx: Record<string, unknown>; outputs: Record<string, unknown> }; grads: Record<string, rk.Tensor>; cfg: string }[];
+  ] as unknown as {
+    name: string;
+    hooks: { backward(ctx: unknown, g: unknown): Record<string, rk.Tensor | null> };
+    r: { ctx: Record<string, unknown>; outputs: Record<string, unknown> };
+    grads: Record<string, rk.Tensor>;
+    cfg: string;
+  }[];
 }
 
 describe('views and copies on the tape', () => {
@@ -48,17 +77,25 @@ describe('views and copies on the tape', () => {
     close(rk.grad((x_) => rk.sum(rk.square(x_.reshape([2, 3]))))(x)[0], ref);
     close(rk.grad((x_) => rk.sum(rk.square(x_.reshape([6]))))(x)[0], ref);
     close(rk.grad((x_) => rk.sum(rk.square(x_.reshape([3, 2]).reshape([1, 6]))))(x)[0], ref);
-    close(ref, tensor(values(x).map((v) => 2 * v), [2, 3]));
+    close(
+      ref,
+      tensor(
+        values(x).map((v) => 2 * v),
+        [2, 3],
+      ),
+    );
   });
 
   it('reshape of an op output, and of an input fed to a kernel, give the gradients without it', () => {
-    const a = randT([1, 2, 5]), b = randT([1, 2, 5]);
+    const a = randT([1, 2, 5]),
+      b = randT([1, 2, 5]);
     const f = (a_: rk.Tensor, b_: rk.Tensor) => rk.sum(rk.square(rk.linearScan({ a: a_, b: b_ }).h));
     const ref = rk.grad(f)(a, b);
     const viaOut = rk.grad((a_, b_) => rk.sum(rk.square(rk.linearScan({ a: a_, b: b_ }).h.reshape([10]))))(a, b);
     const flatA = a.reshape([10]);
     const viaIn = rk.grad((fa: rk.Tensor, b_: rk.Tensor) =>
-      rk.sum(rk.square(rk.linearScan({ a: fa.reshape([1, 2, 5]), b: b_ }).h)))(flatA, b);
+      rk.sum(rk.square(rk.linearScan({ a: fa.reshape([1, 2, 5]), b: b_ }).h)),
+    )(flatA, b);
     for (let i = 0; i < 2; i++) close(viaOut[i], ref[i]);
     close(viaIn[0], ref[0].reshape([10]));
     close(viaIn[1], ref[1]);
@@ -80,7 +117,14 @@ describe('views and copies on the tape', () => {
     const x = randT([4]);
     const g = rk.grad((x_) => rk.sum(rk.square(x_.to('cuda'))))(x)[0];
     expect(g.device).toBe('cpu');
-    close(g, tensor(values(x).map((v) => 2 * v), [4]), 1e-5);
+    close(
+      g,
+      tensor(
+        values(x).map((v) => 2 * v),
+        [4],
+      ),
+      1e-5,
+    );
   });
 
   it('a persistent Tape and gradcheck see through views', () => {
@@ -88,12 +132,28 @@ describe('views and copies on the tape', () => {
     const tape = new rk.Tape();
     tape.watch(x);
     const y = tape.run(() => rk.sum(rk.mul(x.reshape([6]), x.reshape([6]))));
-    close(tape.gradient(y, [x])[0], tensor(values(x).map((v) => 2 * v), [3, 2]));
-    close(tape.gradient(y, [x])[0], tensor(values(x).map((v) => 2 * v), [3, 2]));
+    close(
+      tape.gradient(y, [x])[0],
+      tensor(
+        values(x).map((v) => 2 * v),
+        [3, 2],
+      ),
+    );
+    close(
+      tape.gradient(y, [x])[0],
+      tensor(
+        values(x).map((v) => 2 * v),
+        [3, 2],
+      ),
+    );
     tape.dispose();
-    const a = randT([1, 2, 4]), b = randT([1, 2, 4]);
-    const res = rk.gradcheck((a_, b_) => rk.sum(rk.square(rk.linearScan({ a: a_.reshape([2, 4]).reshape([1, 2, 4]), b: b_ }).h.reshape([8]))),
-      [a, b], { eps: 1e-2, rtol: 2e-2, atol: 2e-3 });
+    const a = randT([1, 2, 4]),
+      b = randT([1, 2, 4]);
+    const res = rk.gradcheck(
+      (a_, b_) => rk.sum(rk.square(rk.linearScan({ a: a_.reshape([2, 4]).reshape([1, 2, 4]), b: b_ }).h.reshape([8]))),
+      [a, b],
+      { eps: 1e-2, rtol: 2e-2, atol: 2e-3 },
+    );
     expect(res.ok, JSON.stringify(res)).toBe(true);
   });
 });
@@ -104,7 +164,11 @@ describe('junk given to the autograd API gives typed errors', () => {
     expectError(() => rk.grad(any(5)), 'ERR_ARGUMENT', /grad: f must be a function/);
     expectError(() => rk.valueAndGrad(any(null)), 'ERR_ARGUMENT', /valueAndGrad: f must be a function/);
     expectError(() => rk.grad((t) => t)(any([1, 2])), 'ERR_ARGUMENT', /argument 0 is not a Tensor.*Tensor\.from/);
-    expectError(() => rk.valueAndGrad((_t: rk.Tensor) => any(3))(x), 'ERR_ARGUMENT', /must return a Tensor, got number/);
+    expectError(
+      () => rk.valueAndGrad((_t: rk.Tensor) => any(3))(x),
+      'ERR_ARGUMENT',
+      /must return a Tensor, got number/,
+    );
     const tape = new rk.Tape();
     expectError(() => tape.run(any(5)), 'ERR_ARGUMENT', /Tape.run: fn must be a function/);
     expectError(() => tape.gradient(any(null), [x]), 'ERR_ARGUMENT', /target must be a Tensor, got null/);
@@ -112,14 +176,22 @@ describe('junk given to the autograd API gives typed errors', () => {
     expectError(() => tape.gradient(x, any(x)), 'ERR_ARGUMENT', /sources must be an array/);
     expectError(() => tape.gradient(x, [x], any(5)), 'ERR_ARGUMENT', /seed must be a Tensor/);
     expectError(() => tape.watch(any(5)), 'ERR_ARGUMENT', /Tape.watch: argument 0 must be a Tensor, got number/);
-    expectError(() => rk.gradcheck((t) => rk.sum(t), [any(null)]), 'ERR_ARGUMENT', /argument 0 is not a Tensor, got null/);
+    expectError(
+      () => rk.gradcheck((t) => rk.sum(t), [any(null)]),
+      'ERR_ARGUMENT',
+      /argument 0 is not a Tensor, got null/,
+    );
     expectError(() => rk.gradcheck(any(5), [x]), 'ERR_ARGUMENT', /gradcheck: f must be a function/);
     expectError(() => rk.gradcheck((t) => rk.sum(t), any(x)), 'ERR_ARGUMENT', /inputs must be an array/);
     expectError(() => rk.gradcheck((t) => rk.sum(t), [x], any([1])), 'ERR_ARGUMENT', /options must be a plain object/);
     expectError(() => rk.gradcheck((_t: rk.Tensor) => any('x'), [x]), 'ERR_ARGUMENT', /must return a Tensor/);
     expectError(() => rk.defineOp(any(null)), 'ERR_ARGUMENT', /defineOp: hooks must be an object/);
     expectError(() => rk.defineOp(any({})), 'ERR_ARGUMENT', /hooks.name must be a non-empty string/);
-    expectError(() => rk.defineOp(any({ name: 'f', forward: () => null })), 'ERR_ARGUMENT', /hooks.backward must be a function/);
+    expectError(
+      () => rk.defineOp(any({ name: 'f', forward: () => null })),
+      'ERR_ARGUMENT',
+      /hooks.backward must be a function/,
+    );
     const bad = rk.defineOp(any({ name: 'bad', forward: () => 5, backward: () => ({}) }));
     expectError(() => bad(any({})), 'ERR_ARGUMENT', /bad.forward must return \{ outputs, ctx \}/);
     expectError(() => rk.disposeCtx(5), 'ERR_ARGUMENT', /disposeCtx/);
@@ -131,18 +203,22 @@ describe('junk given to the autograd API gives typed errors', () => {
   it('a backward returning junk, or a grad of the wrong shape, is named', () => {
     const x = randT([3]);
     const junk = rk.defineOp<{ x: rk.Tensor }, { y: rk.Tensor }, void, null>({
-      name: 'junk', forward: ({ x: t }) => ({ outputs: { y: t.clone() }, ctx: null }), backward: () => any(7),
+      name: 'junk',
+      forward: ({ x: t }) => ({ outputs: { y: t.clone() }, ctx: null }),
+      backward: () => any(7),
     });
     expectError(() => rk.grad((t) => rk.sum(junk({ x: t }).y))(x), 'ERR_ARGUMENT', /junk.backward returned number/);
     const wrong = rk.defineOp<{ x: rk.Tensor }, { y: rk.Tensor }, void, null>({
-      name: 'wrong', forward: ({ x: t }) => ({ outputs: { y: t.clone() }, ctx: null }),
+      name: 'wrong',
+      forward: ({ x: t }) => ({ outputs: { y: t.clone() }, ctx: null }),
       backward: () => ({ x: randT([4]) }),
     });
     expectError(() => rk.grad((t) => rk.sum(wrong({ x: t }).y))(x), 'ERR_SHAPE', /gradient of x from wrong.backward/);
   });
 
-  it('the elementwise helpers\' hooks', () => {
-    const a = randT([3]), b = randT([3]);
+  it("the elementwise helpers' hooks", () => {
+    const a = randT([3]),
+      b = randT([3]);
     const { add, mul, scale, square, sum } = rk.ops;
     expectError(() => add.forward(any(null)), 'ERR_ARGUMENT', /add: inputs must be an object/);
     expectError(() => add.forward(any({ a })), 'ERR_ARGUMENT', /add: b must be a Tensor, got undefined/);
@@ -154,16 +230,32 @@ describe('junk given to the autograd API gives typed errors', () => {
     const m = mul.forward({ a, b });
     const s = sum.forward({ a });
     const g = randT([3]);
-    expectError(() => add.backward(any(null), { out: g }), 'ERR_ARGUMENT', /add.backward: ctx must be the ctx returned by add.forward, got null/);
-    expectError(() => mul.backward(any({}), { out: g }), 'ERR_ARGUMENT', /mul.backward: ctx is not a ctx returned by mul.forward/);
-    expectError(() => square.backward(any(s.ctx), { out: g }), 'ERR_ARGUMENT', /returned by sum.forward, not square.forward/);
+    expectError(
+      () => add.backward(any(null), { out: g }),
+      'ERR_ARGUMENT',
+      /add.backward: ctx must be the ctx returned by add.forward, got null/,
+    );
+    expectError(
+      () => mul.backward(any({}), { out: g }),
+      'ERR_ARGUMENT',
+      /mul.backward: ctx is not a ctx returned by mul.forward/,
+    );
+    expectError(
+      () => square.backward(any(s.ctx), { out: g }),
+      'ERR_ARGUMENT',
+      /returned by sum.forward, not square.forward/,
+    );
     expectError(() => mul.backward(m.ctx, any(null)), 'ERR_ARGUMENT', /gradOutputs must be an object/);
     expectError(() => mul.backward(m.ctx, any(undefined)), 'ERR_ARGUMENT', /gradOutputs must be an object/);
     expectError(() => mul.backward(m.ctx, any({ out: 5 })), 'ERR_ARGUMENT', /grad of out must be a Tensor/);
     expectError(() => mul.backward(m.ctx, any({ y: g })), 'ERR_ARGUMENT', /'y', which is not an output/);
     expectError(() => mul.backward(m.ctx, { out: randT([4]) }), 'ERR_SHAPE', /grad of out has shape \[4\]/);
     expectError(() => sum.backward(s.ctx, { out: g }), 'ERR_SHAPE', /grad of out has shape \[3\], expected \[\]/);
-    expectError(() => add.backward(any({ ...add.forward({ a, b }).ctx, shape: 5 }), { out: g }), 'ERR_ARGUMENT', /ctx.shape/);
+    expectError(
+      () => add.backward(any({ ...add.forward({ a, b }).ctx, shape: 5 }), { out: g }),
+      'ERR_ARGUMENT',
+      /ctx.shape/,
+    );
     expect(Object.isFrozen(m.ctx)).toBe(true);
     const a2 = randT([3]);
     const m2 = mul.forward({ a: a2, b });
@@ -171,45 +263,90 @@ describe('junk given to the autograd API gives typed errors', () => {
     expectError(() => mul.backward(m2.ctx, { out: g }), 'ERR_DISPOSED', /a \(saved for backward\) was disposed/);
   });
 
-  it('every op\'s backward: null, partial, foreign, disposed or altered ctx; junk grads', () => {
+  it("every op's backward: null, partial, foreign, disposed or altered ctx; junk grads", () => {
     const ops = forwards();
     for (const [i, { name, hooks, r, grads, cfg }] of ops.entries()) {
       const other = ops[(i + 1) % ops.length];
       const ctx = r.ctx;
-      expectError(() => hooks.backward(null, grads), 'ERR_ARGUMENT', new RegExp(`${name}.backward: ctx must be the ctx returned by ${name}.forward, got null`));
+      expectError(
+        () => hooks.backward(null, grads),
+        'ERR_ARGUMENT',
+        new RegExp(`${name}.backward: ctx must be the ctx returned by ${name}.forward, got null`),
+      );
       expectError(() => hooks.backward(undefined, grads), 'ERR_ARGUMENT', /ctx must be the ctx/);
       expectError(() => hooks.backward(7, grads), 'ERR_ARGUMENT', /ctx must be the ctx/);
       expectError(() => hooks.backward({}, grads), 'ERR_ARGUMENT', /is not a ctx returned by/);
-      expectError(() => hooks.backward(other.r.ctx, grads), 'ERR_ARGUMENT', new RegExp(`returned by ${other.name}.forward, not ${name}.forward`));
+      expectError(
+        () => hooks.backward(other.r.ctx, grads),
+        'ERR_ARGUMENT',
+        new RegExp(`returned by ${other.name}.forward, not ${name}.forward`),
+      );
       // Partial: a field missing, in a copy that keeps the brand.
       for (const k of Object.keys(ctx)) {
         const { [k]: _dropped, ...partial } = ctx;
         if (ctx[k] === null) continue; // an absent optional tensor
-        expectError(() => hooks.backward(partial, grads), 'ERR_ARGUMENT', new RegExp(`^${name}\\.backward: .*\\b${k}\\b`));
+        expectError(
+          () => hooks.backward(partial, grads),
+          'ERR_ARGUMENT',
+          new RegExp(`^${name}\\.backward: .*\\b${k}\\b`),
+        );
       }
       // Altered: the ctx is frozen; a rebuilt copy with other numbers is refused.
       expect(Object.isFrozen(ctx)).toBe(true);
-      expect(() => { (ctx as Record<string, unknown>).dtype = 'float16'; }).toThrow(TypeError);
+      expect(() => {
+        (ctx as Record<string, unknown>).dtype = 'float16';
+      }).toThrow(TypeError);
       if (cfg === 'config') {
         expect(Object.isFrozen(ctx.config)).toBe(true);
         const config = ctx.config as Record<string, unknown>;
         for (const [k, v] of Object.entries(config)) {
           const bad = typeof v === 'number' ? NaN : typeof v === 'boolean' ? 'yes' : null;
-          expectError(() => hooks.backward({ ...ctx, config: { ...config, [k]: bad } }, grads), 'ERR_ARGUMENT', undefined);
+          expectError(
+            () => hooks.backward({ ...ctx, config: { ...config, [k]: bad } }, grads),
+            'ERR_ARGUMENT',
+            undefined,
+          );
         }
-        expectError(() => hooks.backward({ ...ctx, config: { ...config, batch: 2 ** 31 } }, grads), 'ERR_ARGUMENT',
-          /ctx.config.batch is 2147483648, expected 1 from the tensors saved for backward/);
-        expectError(() => hooks.backward({ ...ctx, config: null }, grads), 'ERR_ARGUMENT', /ctx.config must be an object/);
+        expectError(
+          () => hooks.backward({ ...ctx, config: { ...config, batch: 2 ** 31 } }, grads),
+          'ERR_ARGUMENT',
+          /ctx.config.batch is 2147483648, expected 1 from the tensors saved for backward/,
+        );
+        expectError(
+          () => hooks.backward({ ...ctx, config: null }, grads),
+          'ERR_ARGUMENT',
+          /ctx.config must be an object/,
+        );
       } else {
-        expectError(() => hooks.backward({ ...ctx, shape: [2 ** 31, 2, 3] }, grads), 'ERR_ARGUMENT', /ctx.shape is \[2147483648,2,3\]/);
-        expectError(() => hooks.backward({ ...ctx, reverse: 'no' }, grads), 'ERR_ARGUMENT', /ctx.reverse must be a boolean/);
+        expectError(
+          () => hooks.backward({ ...ctx, shape: [2 ** 31, 2, 3] }, grads),
+          'ERR_ARGUMENT',
+          /ctx.shape is \[2147483648,2,3\]/,
+        );
+        expectError(
+          () => hooks.backward({ ...ctx, reverse: 'no' }, grads),
+          'ERR_ARGUMENT',
+          /ctx.reverse must be a boolean/,
+        );
       }
-      expectError(() => hooks.backward({ ...ctx, dtype: 'float16' }, grads), 'ERR_ARGUMENT', /ctx.dtype is float16, expected float32/);
+      expectError(
+        () => hooks.backward({ ...ctx, dtype: 'float16' }, grads),
+        'ERR_ARGUMENT',
+        /ctx.dtype is float16, expected float32/,
+      );
       // Junk grads.
       for (const g of [null, undefined, 5, 'y', [grads]])
         expectError(() => hooks.backward(ctx, g), 'ERR_ARGUMENT', /gradOutputs must be an object/);
-      expectError(() => hooks.backward(ctx, { [Object.keys(grads)[0]]: 5 }), 'ERR_ARGUMENT', /must be a Tensor, got number/);
-      expectError(() => hooks.backward(ctx, { nope: Object.values(grads)[0] }), 'ERR_ARGUMENT', /'nope', which is not an output/);
+      expectError(
+        () => hooks.backward(ctx, { [Object.keys(grads)[0]]: 5 }),
+        'ERR_ARGUMENT',
+        /must be a Tensor, got number/,
+      );
+      expectError(
+        () => hooks.backward(ctx, { nope: Object.values(grads)[0] }),
+        'ERR_ARGUMENT',
+        /'nope', which is not an output/,
+      );
       // Inherited grads are not read.
       const g0 = hooks.backward(ctx, Object.create(grads));
       expect(Object.values(g0).every((t) => t === null || values(t).every((v) => v === 0))).toBe(true);
@@ -220,15 +357,21 @@ describe('junk given to the autograd API gives typed errors', () => {
     }
   });
 
-  it('every op\'s backward: a ctx whose saved tensors were disposed or swapped', () => {
+  it("every op's backward: a ctx whose saved tensors were disposed or swapped", () => {
     for (const { name, hooks, r, grads } of forwards()) {
       const inputs = (r.ctx.inputs ?? { a: r.ctx.a }) as Record<string, rk.Tensor>;
       const [k, t] = Object.entries(inputs)[0];
       // Swapped for a tensor of another shape (in a rebuilt ctx).
-      const swapped = r.ctx.inputs ? { ...r.ctx, inputs: { ...inputs, [k]: randT([2, ...t.shape]) } } : { ...r.ctx, a: randT([2, 1, 2, 3]) };
+      const swapped = r.ctx.inputs
+        ? { ...r.ctx, inputs: { ...inputs, [k]: randT([2, ...t.shape]) } }
+        : { ...r.ctx, a: randT([2, 1, 2, 3]) };
       expectError(() => hooks.backward(swapped, grads), 'ERR_SHAPE', undefined);
       t.dispose();
-      expectError(() => hooks.backward(r.ctx, grads), 'ERR_DISPOSED', new RegExp(`${name}.backward: ${k} \\(saved for backward\\) was disposed`));
+      expectError(
+        () => hooks.backward(r.ctx, grads),
+        'ERR_DISPOSED',
+        new RegExp(`${name}.backward: ${k} \\(saved for backward\\) was disposed`),
+      );
     }
   });
 });
@@ -239,7 +382,8 @@ describe('options and inputs: own properties of plain objects, null for absent t
   });
 
   it('inherited options are ignored, polluted prototypes included', () => {
-    const a = randT([1, 1, 4]), b = randT([1, 1, 4]);
+    const a = randT([1, 1, 4]),
+      b = randT([1, 1, 4]);
     const plain = values(rk.linearScan({ a, b }).h);
     expect(Array.from(values(rk.linearScan({ a, b }, Object.create({ reverse: true })).h))).toEqual(Array.from(plain));
     (Object.prototype as Record<string, unknown>).reverse = true;
@@ -252,12 +396,15 @@ describe('options and inputs: own properties of plain objects, null for absent t
   });
 
   it('options that are not plain objects are refused', () => {
-    const a = randT([1, 1, 4]), b = randT([1, 1, 4]);
+    const a = randT([1, 1, 4]),
+      b = randT([1, 1, 4]);
     for (const o of [[], new Map(), a, 5, 'reverse', () => 1])
       expectError(() => rk.linearScan({ a, b }, any(o)), 'ERR_ARGUMENT', /options must be a plain object/);
     expectError(() => rk.linearScan(any([a, b])), 'ERR_ARGUMENT', /inputs must be an object/);
     expect(rk.linearScan({ a, b }, any(null)).h.shape).toEqual([1, 1, 4]);
-    const wx = randT([1, 3, 3, 4]), R = randT([3, 4]), bb = randT([3, 4]);
+    const wx = randT([1, 3, 3, 4]),
+      R = randT([3, 4]),
+      bb = randT([3, 4]);
     expectError(() => rk.newtonRnn({ wx, R, b: bb }, { cell: 'gru-diag', tol: any([1]) }), 'ERR_ARGUMENT', /tol/);
   });
 
@@ -266,7 +413,11 @@ describe('options and inputs: own properties of plain objects, null for absent t
     const ref = rk.newtonRnn(inputs, { cell: 'gru-diag', mode: 'newton' });
     const got = rk.newtonRnn({ ...inputs, h0: null }, { cell: 'gru-diag', mode: 'newton', initialGuess: null });
     expect(Array.from(values(got.y))).toEqual(Array.from(values(ref.y)));
-    expectError(() => rk.newtonRnn(inputs, { cell: 'gru-diag', initialGuess: any([0, 1]) }), 'ERR_ARGUMENT', /initialGuess must be a Tensor.*Tensor\.from/);
+    expectError(
+      () => rk.newtonRnn(inputs, { cell: 'gru-diag', initialGuess: any([0, 1]) }),
+      'ERR_ARGUMENT',
+      /initialGuess must be a Tensor.*Tensor\.from/,
+    );
   });
 
   it('a plain array where a tensor goes: ERR_ARGUMENT pointing to Tensor.from', () => {
@@ -280,13 +431,19 @@ describe('options and inputs: own properties of plain objects, null for absent t
       ['wx', () => rk.newtonRnn({ wx: arr, R: arr, b: arr }, { cell: 'gru' })],
       ['a', () => rk.add(arr, arr)],
     ];
-    for (const [name, fn] of cases) expectError(fn, 'ERR_ARGUMENT', new RegExp(`${name} must be a Tensor, got an? \\w+ \\(make one with Tensor\\.from`));
+    for (const [name, fn] of cases)
+      expectError(
+        fn,
+        'ERR_ARGUMENT',
+        new RegExp(`${name} must be a Tensor, got an? \\w+ \\(make one with Tensor\\.from`),
+      );
   });
 });
 
 describe('types', () => {
   it('grad and valueAndGrad return one gradient per argument, as a tuple', () => {
-    const a = randT([2]), b = randT([2]);
+    const a = randT([2]),
+      b = randT([2]);
     const grads = rk.grad((x: rk.Tensor, y: rk.Tensor) => rk.sum(rk.mul(x, y)))(a, b);
     expectTypeOf(grads).toEqualTypeOf<[rk.Tensor, rk.Tensor]>();
     const vg = rk.valueAndGrad((x: rk.Tensor) => rk.sum(x))(a);
@@ -297,14 +454,16 @@ describe('types', () => {
     close(grads[0], b);
     close(grads[1], a);
     // The same, checked by the compiler (expectTypeOf above is checked by none of the test runs).
-    expect(typecheck(`import * as rk from 'LIB/index';
+    expect(
+      typecheck(`import * as rk from 'LIB/index';
 declare const a: rk.Tensor, b: rk.Tensor;
 const grads = rk.grad((x: rk.Tensor, y: rk.Tensor) => rk.sum(rk.mul(x, y)))(a, b);
 export const pair: [rk.Tensor, rk.Tensor] = grads;
 // @ts-expect-error there is no third gradient
 export const third: rk.Tensor = grads[2];
 export const one: [rk.Tensor] = rk.valueAndGrad((x: rk.Tensor) => rk.sum(x))(a).grads;
-`)).toEqual([]);
+`),
+    ).toEqual([]);
   });
 });
 
@@ -318,9 +477,16 @@ describe('tensor lifetimes', () => {
     const ops = forwards();
     for (const { name, r } of ops) {
       const ctx = r.ctx;
-      const owned = ['states', 'savedStates', 'savedPre'].map((k) => ctx[k]).filter((t): t is rk.Tensor => t instanceof rk.Tensor);
-      const kept = [...Object.values((ctx.inputs ?? {}) as Record<string, rk.Tensor | null>), ctx.a, ctx.h, ctx.trajectory,
-        ...Object.values(r.outputs)].filter((t): t is rk.Tensor => t instanceof rk.Tensor);
+      const owned = ['states', 'savedStates', 'savedPre']
+        .map((k) => ctx[k])
+        .filter((t): t is rk.Tensor => t instanceof rk.Tensor);
+      const kept = [
+        ...Object.values((ctx.inputs ?? {}) as Record<string, rk.Tensor | null>),
+        ctx.a,
+        ctx.h,
+        ctx.trajectory,
+        ...Object.values(r.outputs),
+      ].filter((t): t is rk.Tensor => t instanceof rk.Tensor);
       expect(owned.length > 0, name).toBe(['selectiveScan', 'gatedDeltaRule', 'fusedRnn'].includes(name));
       rk.disposeCtx(ctx);
       rk.disposeCtx(ctx); // twice is fine
@@ -330,7 +496,13 @@ describe('tensor lifetimes', () => {
   });
 
   it('a plain op call frees its checkpoints at once', () => {
-    const inputs = { u: randT([1, 4, 50]), delta: randT([1, 4, 50]), A: randT([4, 8]), B: randT([1, 8, 50]), C: randT([1, 8, 50]) };
+    const inputs = {
+      u: randT([1, 4, 50]),
+      delta: randT([1, 4, 50]),
+      A: randT([4, 8]),
+      B: randT([1, 8, 50]),
+      C: randT([1, 8, 50]),
+    };
     rk.selectiveScan(inputs).y.dispose();
     const before = live();
     for (let i = 0; i < 5; i++) rk.selectiveScan(inputs).y.dispose();
@@ -354,8 +526,9 @@ describe('tensor lifetimes', () => {
     expectError(() => tape.run(() => 1), 'ERR_DISPOSED', /this tape was disposed/);
   });
 
-  it('grad and valueAndGrad release the tape\'s intermediates, never arguments or results', () => {
-    const a = randT([1, 2, 5]), b = randT([1, 2, 5]);
+  it("grad and valueAndGrad release the tape's intermediates, never arguments or results", () => {
+    const a = randT([1, 2, 5]),
+      b = randT([1, 2, 5]);
     let h: rk.Tensor | undefined;
     const f = (a_: rk.Tensor, b_: rk.Tensor) => {
       h = rk.selectiveScan({ u: a_, delta: b_, A: randT([2, 3]), B: randT([1, 3, 5]), C: randT([1, 3, 5]) }).y;
@@ -386,18 +559,26 @@ describe('tensor lifetimes', () => {
     outer.watch(x);
     let inner: rk.Tensor | undefined;
     const y = outer.run(() => {
-      rk.grad((t: rk.Tensor) => rk.sum(inner = rk.square(t)))(x);
+      rk.grad((t: rk.Tensor) => rk.sum((inner = rk.square(t))))(x);
       return rk.sum(inner!);
     });
     expect(inner!.disposed).toBe(false);
-    close(outer.gradient(y, [x])[0], tensor(values(x).map((v) => 2 * v), [3]));
+    close(
+      outer.gradient(y, [x])[0],
+      tensor(
+        values(x).map((v) => 2 * v),
+        [3],
+      ),
+    );
   });
 
   it('tidy disposes what fn created except what it returns (and what that views)', () => {
     const outside = randT([4]);
     let made: rk.Tensor[] = [];
     const r = rk.tidy(() => {
-      const a = rk.square(outside), b = rk.add(a, outside), c = rk.mul(b, b);
+      const a = rk.square(outside),
+        b = rk.add(a, outside),
+        c = rk.mul(b, b);
       const view = c.reshape([2, 2]);
       made = [a, b, c, view];
       return { view, list: [b, 5, 'x'], outside };
@@ -415,13 +596,20 @@ describe('tensor lifetimes', () => {
     expect(kept.disposed).toBe(false);
     // fn throws: everything it made is disposed.
     let t: rk.Tensor | undefined;
-    expect(() => rk.tidy(() => { t = rk.square(outside); throw new Error('boom'); })).toThrow('boom');
+    expect(() =>
+      rk.tidy(() => {
+        t = rk.square(outside);
+        throw new Error('boom');
+      }),
+    ).toThrow('boom');
     expect(t!.disposed).toBe(true);
     // Promises are refused.
     expectError(() => rk.tidy(async () => 1), 'ERR_ARGUMENT', /Promise/);
     // Counted: nothing left behind.
     const before = live();
-    rk.tidy(() => { rk.grad((x: rk.Tensor) => rk.sum(rk.square(x)))(outside); });
+    rk.tidy(() => {
+      rk.grad((x: rk.Tensor) => rk.sum(rk.square(x)))(outside);
+    });
     expect(rk.memory().cpu.tensors).toBe(before);
   });
 

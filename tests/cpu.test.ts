@@ -7,20 +7,35 @@ import { tensor } from './helpers';
 const requested = process.env.RK_CPU_ISA as rk.CpuIsa | undefined;
 
 function runEveryOp(): void {
-  const T = 5, D = 3;
+  const T = 5,
+    D = 3;
   const r = (n: number, s = 1) => Array.from({ length: n }, (_, i) => s * Math.sin(i + 1));
   rk.selectiveScan({
-    u: tensor(r(D * T), [1, D, T]), delta: tensor(r(D * T, 0.1), [1, D, T]), A: tensor(r(D * 2, -1), [D, 2]),
-    B: tensor(r(2 * T), [1, 1, 2, T]), C: tensor(r(2 * T), [1, 1, 2, T]),
+    u: tensor(r(D * T), [1, D, T]),
+    delta: tensor(r(D * T, 0.1), [1, D, T]),
+    A: tensor(r(D * 2, -1), [D, 2]),
+    B: tensor(r(2 * T), [1, 1, 2, T]),
+    C: tensor(r(2 * T), [1, 1, 2, T]),
   });
   rk.gatedDeltaRule({
-    q: tensor(r(T * 4), [1, T, 1, 4]), k: tensor(r(T * 4), [1, T, 1, 4]), v: tensor(r(T * 3), [1, T, 1, 3]),
-    g: tensor(r(T, -0.1), [1, T, 1]), beta: tensor(r(T, 0.5), [1, T, 1]),
+    q: tensor(r(T * 4), [1, T, 1, 4]),
+    k: tensor(r(T * 4), [1, T, 1, 4]),
+    v: tensor(r(T * 3), [1, T, 1, 3]),
+    g: tensor(r(T, -0.1), [1, T, 1]),
+    beta: tensor(r(T, 0.5), [1, T, 1]),
   });
-  rk.fusedRnn({ wx: tensor(r(T * 4 * D), [1, T, 4, 1, D]), R: tensor(r(4 * D * D, 0.1), [4, 1, D, D]),
-    b: tensor(r(4 * D), [4, 1, D]) }, { cell: 'lstm' });
-  rk.newtonRnn({ wx: tensor(r(T * 3 * D), [1, T, 3, D]), R: tensor(r(3 * D, 0.3), [3, D]), b: tensor(r(3 * D), [3, D]) },
-    { cell: 'gru-diag' });
+  rk.fusedRnn(
+    {
+      wx: tensor(r(T * 4 * D), [1, T, 4, 1, D]),
+      R: tensor(r(4 * D * D, 0.1), [4, 1, D, D]),
+      b: tensor(r(4 * D), [4, 1, D]),
+    },
+    { cell: 'lstm' },
+  );
+  rk.newtonRnn(
+    { wx: tensor(r(T * 3 * D), [1, T, 3, D]), R: tensor(r(3 * D, 0.3), [3, D]), b: tensor(r(3 * D), [3, D]) },
+    { cell: 'gru-diag' },
+  );
   rk.linearScan({ a: tensor(r(D * T, 0.5), [1, D, T]), b: tensor(r(D * T), [1, D, T]) });
 }
 const OPS_RUN = 5;

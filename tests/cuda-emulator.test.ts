@@ -55,23 +55,39 @@ function findCudaInclude(): { dir?: string; tried: string[] } {
 }
 
 const cuda = findCudaInclude();
-const title = cuda.dir || required
-  ? 'CUDA kernels on the CPU emulator'
-  : 'CUDA kernels on the CPU emulator (skipped: no CUDA toolkit headers found; RK_CUDA=ON makes this a failure)';
+const title =
+  cuda.dir || required
+    ? 'CUDA kernels on the CPU emulator'
+    : 'CUDA kernels on the CPU emulator (skipped: no CUDA toolkit headers found; RK_CUDA=ON makes this a failure)';
 
 /** Compiles tests/cuda-emulator/<driver>.cpp, runs it and expects a clean " 0 failures" summary. */
 function compileAndRun(driver: string): void {
-  expect(cuda.dir, `RK_CUDA=ON but no CUDA toolkit headers (cuda_runtime.h) in: ${cuda.tried.join(', ')}`)
-    .toBeDefined();
+  expect(
+    cuda.dir,
+    `RK_CUDA=ON but no CUDA toolkit headers (cuda_runtime.h) in: ${cuda.tried.join(', ')}`,
+  ).toBeDefined();
   const work = mkdtempSync(join(tmpdir(), 'rk-cuda-emulator-'));
   try {
     const exe = join(work, driver);
     const started = Date.now();
     // -fno-strict-aliasing: the kernels reinterpret element storage as raw bits and vectors, which
     // is fine for nvcc; the host compiler must not optimise on the assumption it does not happen.
-    const build = spawnSync('g++', ['-std=c++17', '-O1', '-fno-strict-aliasing', '-I', cuda.dir!,
-      '-I', join(root, 'cuda'), join(root, 'tests', 'cuda-emulator', `${driver}.cpp`), '-o', exe],
-    { encoding: 'utf8', timeout: 150_000 });
+    const build = spawnSync(
+      'g++',
+      [
+        '-std=c++17',
+        '-O1',
+        '-fno-strict-aliasing',
+        '-I',
+        cuda.dir!,
+        '-I',
+        join(root, 'cuda'),
+        join(root, 'tests', 'cuda-emulator', `${driver}.cpp`),
+        '-o',
+        exe,
+      ],
+      { encoding: 'utf8', timeout: 150_000 },
+    );
     expect(build.error, 'g++ could not be run').toBeUndefined();
     expect(build.status, `g++ failed:\n${build.stderr}`).toBe(0);
     const compiled = Date.now();
@@ -90,16 +106,31 @@ function compileAndRun(driver: string): void {
 
 // Every driver in tests/cuda-emulator/ (<name>_test.cpp) is one test: a new kernel family adds its
 // driver there and nothing here.
-const drivers = readdirSync(join(root, 'tests', 'cuda-emulator')).filter((f) => f.endsWith('_test.cpp'))
-  .map((f) => f.slice(0, -'.cpp'.length)).sort();
+const drivers = readdirSync(join(root, 'tests', 'cuda-emulator'))
+  .filter((f) => f.endsWith('_test.cpp'))
+  .map((f) => f.slice(0, -'.cpp'.length))
+  .sort();
 
 describe.skipIf(!cuda.dir && !required)(title, () => {
   it('finds the drivers', () => {
-    expect(drivers).toEqual(expect.arrayContaining(['linear_scan_test', 'selective_scan_test', 'gated_delta_test',
-      'newton_rnn_test', 'fused_rnn_test', 'scan_primitives_test', 'mma_test']));
+    expect(drivers).toEqual(
+      expect.arrayContaining([
+        'linear_scan_test',
+        'selective_scan_test',
+        'gated_delta_test',
+        'newton_rnn_test',
+        'fused_rnn_test',
+        'scan_primitives_test',
+        'mma_test',
+      ]),
+    );
   });
 
-  it.each(drivers)('%s: every configuration matches its float64 reference', (driver) => {
-    compileAndRun(driver);
-  }, 180_000);
+  it.each(drivers)(
+    '%s: every configuration matches its float64 reference',
+    (driver) => {
+      compileAndRun(driver);
+    },
+    180_000,
+  );
 });

@@ -4,8 +4,15 @@
 // runs, and the sLSTM stabiliser.
 import { describe, expect, it } from 'vitest';
 import {
-  FUSED_RNN_GATES, FUSED_RNN_STATES, fusedRnnRef, fusedRnnRefBackward, logsigmoid, sigmoid,
-  type FusedRnnCell, type FusedRnnRefInputs, type FusedRnnRefOptions,
+  FUSED_RNN_GATES,
+  FUSED_RNN_STATES,
+  fusedRnnRef,
+  fusedRnnRefBackward,
+  logsigmoid,
+  sigmoid,
+  type FusedRnnCell,
+  type FusedRnnRefInputs,
+  type FusedRnnRefOptions,
 } from './reference/fusedRnn';
 import { dot, finiteDifferences, freshSeed, normal, relErr, rng, uniform } from './reference/util';
 
@@ -33,14 +40,16 @@ interface Problem {
 
 /** Random initial states; the sLSTM's normaliser n stays positive, as it does in any run. */
 function randomStates(cell: FusedRnnCell, batch: number, H: number, D: number): Float64Array {
-  const S = FUSED_RNN_STATES[cell], per = batch * H * D;
+  const S = FUSED_RNN_STATES[cell],
+    per = batch * H * D;
   const s = normal(rand, S * per);
   if (cell === 'slstm') s.set(uniform(rand, per, 0.5, 2), 2 * per);
   return s;
 }
 
 function makeProblem(c: Config): Problem {
-  const G = FUSED_RNN_GATES[c.cell], { batch, seqlen: T, heads: H, headDim: D } = c;
+  const G = FUSED_RNN_GATES[c.cell],
+    { batch, seqlen: T, heads: H, headDim: D } = c;
   const inputs: FusedRnnRefInputs = {
     wx: normal(rand, batch * T * G * H * D),
     R: normal(rand, G * H * D * D, 0.6),
@@ -48,28 +57,51 @@ function makeProblem(c: Config): Problem {
     states0: c.states0 ? randomStates(c.cell, batch, H, D) : null,
   };
   const options: FusedRnnRefOptions = {
-    cell: c.cell, batch, seqlen: T, heads: H, headDim: D, lengths: c.lengths ?? null, returnLastOnly: c.returnLastOnly ?? false,
+    cell: c.cell,
+    batch,
+    seqlen: T,
+    heads: H,
+    headDim: D,
+    lengths: c.lengths ?? null,
+    returnLastOnly: c.returnLastOnly ?? false,
   };
   return { inputs, options };
 }
 
 function describeConfig(c: Config): string {
-  return `${c.cell} heads ${c.heads} headDim ${c.headDim} T ${c.seqlen} lengths ${c.lengths ? `[${c.lengths}]` : 'full'}`
-    + `${c.states0 ? ' states0' : ''}${c.returnLastOnly ? ' lastOnly' : ''}`;
+  return (
+    `${c.cell} heads ${c.heads} headDim ${c.headDim} T ${c.seqlen} lengths ${c.lengths ? `[${c.lengths}]` : 'full'}` +
+    `${c.states0 ? ' states0' : ''}${c.returnLastOnly ? ' lastOnly' : ''}`
+  );
 }
 
 const configs: Config[] = [];
 for (const cell of CELLS) {
   for (const heads of [1, 3]) {
     for (const headDim of [1, 4]) {
-      for (const [seqlen, lengths] of [[1, null], [1, [1, 0]], [5, null], [5, [5, 2]], [5, [0, 3]]] as const) {
+      for (const [seqlen, lengths] of [
+        [1, null],
+        [1, [1, 0]],
+        [5, null],
+        [5, [5, 2]],
+        [5, [0, 3]],
+      ] as const) {
         for (const states0 of [false, true]) {
           configs.push({ cell, batch: 2, seqlen, heads, headDim, lengths: lengths ? [...lengths] : null, states0 });
         }
       }
     }
   }
-  configs.push({ cell, batch: 2, seqlen: 5, heads: 3, headDim: 4, lengths: [5, 2], states0: true, returnLastOnly: true });
+  configs.push({
+    cell,
+    batch: 2,
+    seqlen: 5,
+    heads: 3,
+    headDim: 4,
+    lengths: [5, 2],
+    states0: true,
+    returnLastOnly: true,
+  });
   configs.push({ cell, batch: 2, seqlen: 5, heads: 3, headDim: 4, lengths: [0, 4], returnLastOnly: true });
 }
 
@@ -104,9 +136,11 @@ describe('fused RNN oracle: hand-computed one-step cases', () => {
   // batch 1, T 1, one head of headDim 2, h_{-1} = [1, 0], so rec_g[j] = R[g][0][0][j] (row 0 of R;
   // row 1 holds [7, -7], which R's transpose would read instead). Gates other than the GRU's n use
   // b = [0.5, 0.25] and R row 0 = [-0.5, -0.25], so pre = wx.
-  const ln2 = Math.LN2, ln3 = Math.log(3);
+  const ln2 = Math.LN2,
+    ln3 = Math.log(3);
   const opts = (cell: FusedRnnCell): FusedRnnRefOptions => ({ cell, batch: 1, seqlen: 1, heads: 1, headDim: 2 });
-  const plainR = [-0.5, -0.25, 7, -7], plainB = [0.5, 0.25];
+  const plainR = [-0.5, -0.25, 7, -7],
+    plainB = [0.5, 0.25];
   const tight = 1e-14;
 
   it('lstm: gates (i, f, z, o), c = sig(f) c + sig(i) tanh(z), h = sig(o) tanh(c)', () => {
@@ -186,16 +220,17 @@ describe('fused RNN oracle: hand-computed one-step cases', () => {
     expect(relErr(g0.dwx, [16 / 25, 0])).toBeLessThan(tight);
     expect(relErr(g0.db, [16 / 25, 0])).toBeLessThan(tight);
     expect(relErr(g0.dR, [16 / 25, 0, 0, 0])).toBeLessThan(tight);
-    expect(relErr(g0.dStates0!, [-0.5 * 16 / 25, 7 * 16 / 25])).toBeLessThan(tight);
+    expect(relErr(g0.dStates0!, [(-0.5 * 16) / 25, (7 * 16) / 25])).toBeLessThan(tight);
     // dFinalStates = [0, 1] is the same as dh = [0, 1] here (T = 1): dpre = [0, 9/25].
     const g1 = fusedRnnRefBackward(inputs, opts('elman'), { dFinalStates: [0, 1] });
     expect(relErr(g1.dR, [0, 9 / 25, 0, 0])).toBeLessThan(tight);
-    expect(relErr(g1.dStates0!, [-0.25 * 9 / 25, -7 * 9 / 25])).toBeLessThan(tight);
+    expect(relErr(g1.dStates0!, [(-0.25 * 9) / 25, (-7 * 9) / 25])).toBeLessThan(tight);
   });
 
   it('no states0: every state starts at zero (sLSTM m too), and dStates0 is null', () => {
     for (const cell of CELLS) {
-      const G = FUSED_RNN_GATES[cell], S = FUSED_RNN_STATES[cell];
+      const G = FUSED_RNN_GATES[cell],
+        S = FUSED_RNN_STATES[cell];
       const inputs: FusedRnnRefInputs = { wx: normal(rand, G * 2), R: normal(rand, G * 4), b: normal(rand, G * 2) };
       const a = fusedRnnRef(inputs, opts(cell));
       const z = fusedRnnRef({ ...inputs, states0: new Float64Array(S * 2) }, opts(cell));
@@ -208,7 +243,12 @@ describe('fused RNN oracle: hand-computed one-step cases', () => {
 describe('fused RNN oracle: backward equals finite differences', () => {
   it.each(configs.map((c) => [describeConfig(c), c] as const))('%s', (name, c) => {
     const p = makeProblem(c);
-    checkAgainstFd(p, normal(rand, hLength(p.options)), normal(rand, stateLength(p.options)), `${name}, dh and dFinalStates`);
+    checkAgainstFd(
+      p,
+      normal(rand, hLength(p.options)),
+      normal(rand, stateLength(p.options)),
+      `${name}, dh and dFinalStates`,
+    );
   });
 
   it.each(CELLS)('%s from dh alone and from dFinalStates alone', (cell) => {
@@ -227,16 +267,23 @@ describe('fused RNN oracle: heads', () => {
   }
 
   it.each(CELLS)('%s: each of 3 heads equals a 1-head run on its slice (outputs and gradients)', (cell) => {
-    const G = FUSED_RNN_GATES[cell], S = FUSED_RNN_STATES[cell];
-    const batch = 2, T = 5, H = 3, D = 3;
+    const G = FUSED_RNN_GATES[cell],
+      S = FUSED_RNN_STATES[cell];
+    const batch = 2,
+      T = 5,
+      H = 3,
+      D = 3;
     const p = makeProblem({ cell, batch, seqlen: T, heads: H, headDim: D, lengths: [5, 2], states0: true });
-    const dh = normal(rand, batch * T * H * D), dFin = normal(rand, S * batch * H * D);
+    const dh = normal(rand, batch * T * H * D),
+      dFin = normal(rand, S * batch * H * D);
     const r = fusedRnnRef(p.inputs, p.options);
     const g = fusedRnnRefBackward(p.inputs, p.options, { dh, dFinalStates: dFin });
     for (let hh = 0; hh < H; hh++) {
       const inputs: FusedRnnRefInputs = {
-        wx: headSlice(p.inputs.wx, batch * T * G, H, D, hh), R: headSlice(p.inputs.R, G, H, D * D, hh),
-        b: headSlice(p.inputs.b, G, H, D, hh), states0: headSlice(p.inputs.states0!, S * batch, H, D, hh),
+        wx: headSlice(p.inputs.wx, batch * T * G, H, D, hh),
+        R: headSlice(p.inputs.R, G, H, D * D, hh),
+        b: headSlice(p.inputs.b, G, H, D, hh),
+        states0: headSlice(p.inputs.states0!, S * batch, H, D, hh),
       };
       const options = { ...p.options, heads: 1 };
       const one = fusedRnnRef(inputs, options);
@@ -244,7 +291,8 @@ describe('fused RNN oracle: heads', () => {
       expect(relErr(one.h, headSlice(r.h, batch * T, H, D, hh)), what).toBe(0);
       expect(relErr(one.finalStates, headSlice(r.finalStates, S * batch, H, D, hh)), what).toBe(0);
       const go = fusedRnnRefBackward(inputs, options, {
-        dh: headSlice(dh, batch * T, H, D, hh), dFinalStates: headSlice(dFin, S * batch, H, D, hh),
+        dh: headSlice(dh, batch * T, H, D, hh),
+        dFinalStates: headSlice(dFin, S * batch, H, D, hh),
       });
       expect(relErr(go.dwx, headSlice(g.dwx, batch * T * G, H, D, hh)), what).toBe(0);
       expect(relErr(go.dR, headSlice(g.dR, G, H, D * D, hh)), what).toBe(0);
@@ -255,22 +303,31 @@ describe('fused RNN oracle: heads', () => {
 
   it.each(CELLS)('%s: 3 heads of 2 equal 1 head of 6 with a block-diagonal R', (cell) => {
     // wx, b, states0 and h have the same flat layout either way ([.., H, D] == [.., 1, H * D]).
-    const G = FUSED_RNN_GATES[cell], S = FUSED_RNN_STATES[cell];
-    const batch = 2, T = 4, H = 3, D = 2, W = H * D;
+    const G = FUSED_RNN_GATES[cell],
+      S = FUSED_RNN_STATES[cell];
+    const batch = 2,
+      T = 4,
+      H = 3,
+      D = 2,
+      W = H * D;
     const p = makeProblem({ cell, batch, seqlen: T, heads: H, headDim: D, lengths: [4, 3], states0: true });
     const dense = new Float64Array(G * W * W);
     for (let g = 0; g < G; g++) {
       for (let hh = 0; hh < H; hh++) {
         for (let i = 0; i < D; i++) {
-          for (let j = 0; j < D; j++) dense[(g * W + hh * D + i) * W + hh * D + j] = p.inputs.R[((g * H + hh) * D + i) * D + j];
+          for (let j = 0; j < D; j++)
+            dense[(g * W + hh * D + i) * W + hh * D + j] = p.inputs.R[((g * H + hh) * D + i) * D + j];
         }
       }
     }
-    const dOpts = { ...p.options, heads: 1, headDim: W }, dIn = { ...p.inputs, R: dense };
-    const a = fusedRnnRef(p.inputs, p.options), d = fusedRnnRef(dIn, dOpts);
+    const dOpts = { ...p.options, heads: 1, headDim: W },
+      dIn = { ...p.inputs, R: dense };
+    const a = fusedRnnRef(p.inputs, p.options),
+      d = fusedRnnRef(dIn, dOpts);
     expect(relErr(d.h, a.h), at).toBeLessThan(1e-15);
     expect(relErr(d.finalStates, a.finalStates), at).toBeLessThan(1e-15);
-    const dh = normal(rand, batch * T * W), dFin = normal(rand, S * batch * W);
+    const dh = normal(rand, batch * T * W),
+      dFin = normal(rand, S * batch * W);
     const ga = fusedRnnRefBackward(p.inputs, p.options, { dh, dFinalStates: dFin });
     const gd = fusedRnnRefBackward(dIn, dOpts, { dh, dFinalStates: dFin });
     expect(relErr(gd.dwx, ga.dwx), at).toBeLessThan(1e-14);
@@ -280,7 +337,8 @@ describe('fused RNN oracle: heads', () => {
     for (let g = 0; g < G; g++) {
       for (let hh = 0; hh < H; hh++) {
         for (let i = 0; i < D; i++) {
-          for (let j = 0; j < D; j++) diag[((g * H + hh) * D + i) * D + j] = gd.dR[(g * W + hh * D + i) * W + hh * D + j];
+          for (let j = 0; j < D; j++)
+            diag[((g * H + hh) * D + i) * D + j] = gd.dR[(g * W + hh * D + i) * W + hh * D + j];
         }
       }
     }
@@ -291,13 +349,22 @@ describe('fused RNN oracle: heads', () => {
    * One head written the PyTorch way: W_hh [G * D, D] (rows: gate-major outputs), x_t = W_ih x + ... given
    * per step as [G * D], separate input and recurrent biases; states as plain vectors.
    */
-  function denseRun(cell: FusedRnnCell, D: number, T: number, xs: Float64Array, bih: Float64Array, bhh: Float64Array,
-    Whh: Float64Array, s0: Float64Array[]): { hs: Float64Array; states: Float64Array[] } {
+  function denseRun(
+    cell: FusedRnnCell,
+    D: number,
+    T: number,
+    xs: Float64Array,
+    bih: Float64Array,
+    bhh: Float64Array,
+    Whh: Float64Array,
+    s0: Float64Array[],
+  ): { hs: Float64Array; states: Float64Array[] } {
     const G = FUSED_RNN_GATES[cell];
     let [h, c, n, m] = s0.map((s) => Float64Array.from(s));
     const hs = new Float64Array(T * D);
     for (let t = 0; t < T; t++) {
-      const gi = new Float64Array(G * D), gh = new Float64Array(G * D);
+      const gi = new Float64Array(G * D),
+        gh = new Float64Array(G * D);
       for (let row = 0; row < G * D; row++) {
         gi[row] = xs[t * G * D + row] + bih[row];
         let acc = bhh[row];
@@ -317,19 +384,24 @@ describe('fused RNN oracle: heads', () => {
         c = cn;
       } else if (cell === 'gru') {
         for (let j = 0; j < D; j++) {
-          const r = sigmoid(pre(0, j)), z = sigmoid(pre(1, j));
+          const r = sigmoid(pre(0, j)),
+            z = sigmoid(pre(1, j));
           const nn = Math.tanh(gi[2 * D + j] + r * gh[2 * D + j]);
           hn[j] = (1 - z) * nn + z * h[j];
         }
       } else {
-        const cn = new Float64Array(D), nn = new Float64Array(D), mn = new Float64Array(D);
+        const cn = new Float64Array(D),
+          nn = new Float64Array(D),
+          mn = new Float64Array(D);
         for (let j = 0; j < D; j++) {
-          const logI = pre(0, j), logF = Math.log(sigmoid(pre(1, j)));
+          const logI = pre(0, j),
+            logF = Math.log(sigmoid(pre(1, j)));
           mn[j] = Math.max(logF + m[j], logI);
-          const ig = Math.exp(logI - mn[j]), fg = Math.exp(logF + m[j] - mn[j]);
+          const ig = Math.exp(logI - mn[j]),
+            fg = Math.exp(logF + m[j] - mn[j]);
           cn[j] = fg * c[j] + ig * Math.tanh(pre(2, j));
           nn[j] = fg * n[j] + ig;
-          hn[j] = sigmoid(pre(3, j)) * cn[j] / nn[j];
+          hn[j] = (sigmoid(pre(3, j)) * cn[j]) / nn[j];
         }
         c = cn;
         n = nn;
@@ -342,24 +414,32 @@ describe('fused RNN oracle: heads', () => {
   }
 
   it.each(CELLS)('%s: one head equals a dense PyTorch-form computation (h @ R == W_hh h, GRU biases)', (cell) => {
-    const G = FUSED_RNN_GATES[cell], S = FUSED_RNN_STATES[cell];
-    const batch = 2, T = 5, D = 4;
-    const Whh = normal(rand, G * D * D, 0.6), bih = normal(rand, G * D, 0.5), bhh = normal(rand, G * D, 0.5);
+    const G = FUSED_RNN_GATES[cell],
+      S = FUSED_RNN_STATES[cell];
+    const batch = 2,
+      T = 5,
+      D = 4;
+    const Whh = normal(rand, G * D * D, 0.6),
+      bih = normal(rand, G * D, 0.5),
+      bhh = normal(rand, G * D, 0.5);
     const xs = normal(rand, batch * T * G * D);
     const states0 = randomStates(cell, batch, 1, D);
     // wx = W_ih x + b_ih, b = b_hh, R[g][0][i][j] = W_hh[g * D + j][i].
     const wx = new Float64Array(batch * T * G * D);
     for (let k = 0; k < wx.length; k++) wx[k] = xs[k] + bih[k % (G * D)];
     const R = new Float64Array(G * D * D);
-    for (let g = 0; g < G; g++) for (let i = 0; i < D; i++) for (let j = 0; j < D; j++) R[(g * D + i) * D + j] = Whh[(g * D + j) * D + i];
+    for (let g = 0; g < G; g++)
+      for (let i = 0; i < D; i++) for (let j = 0; j < D; j++) R[(g * D + i) * D + j] = Whh[(g * D + j) * D + i];
     const r = fusedRnnRef({ wx, R, b: bhh, states0 }, { cell, batch, seqlen: T, heads: 1, headDim: D });
     for (let b = 0; b < batch; b++) {
       const s0 = Array.from({ length: S }, (_, s) => states0.slice((s * batch + b) * D, (s * batch + b + 1) * D));
       const ref = denseRun(cell, D, T, xs.subarray(b * T * G * D, (b + 1) * T * G * D), bih, bhh, Whh, s0);
       expect(relErr(r.h.subarray(b * T * D, (b + 1) * T * D), ref.hs), `${cell} row ${b} ${at}`).toBeLessThan(1e-14);
       for (let s = 0; s < S; s++) {
-        expect(relErr(r.finalStates.subarray((s * batch + b) * D, (s * batch + b + 1) * D), ref.states[s]), `${cell} state ${s} ${at}`)
-          .toBeLessThan(1e-14);
+        expect(
+          relErr(r.finalStates.subarray((s * batch + b) * D, (s * batch + b + 1) * D), ref.states[s]),
+          `${cell} state ${s} ${at}`,
+        ).toBeLessThan(1e-14);
       }
     }
   });
@@ -367,15 +447,23 @@ describe('fused RNN oracle: heads', () => {
 
 describe('fused RNN oracle: lengths and returnLastOnly', () => {
   it.each(CELLS)('%s: a row of length L equals a run of seqlen L; h and gradients are 0 past it', (cell) => {
-    const G = FUSED_RNN_GATES[cell], S = FUSED_RNN_STATES[cell];
-    const batch = 3, T = 5, H = 2, D = 3, lengths = [5, 2, 0], HD = H * D;
+    const G = FUSED_RNN_GATES[cell],
+      S = FUSED_RNN_STATES[cell];
+    const batch = 3,
+      T = 5,
+      H = 2,
+      D = 3,
+      lengths = [5, 2, 0],
+      HD = H * D;
     const p = makeProblem({ cell, batch, seqlen: T, heads: H, headDim: D, lengths, states0: true });
-    const dh = normal(rand, batch * T * HD), dFin = normal(rand, S * batch * HD);
+    const dh = normal(rand, batch * T * HD),
+      dFin = normal(rand, S * batch * HD);
     const r = fusedRnnRef(p.inputs, p.options);
     const g = fusedRnnRefBackward(p.inputs, p.options, { dh, dFinalStates: dFin });
     // Gradients do not depend on dh past the lengths.
     const dhMasked = Float64Array.from(dh);
-    for (let b = 0; b < batch; b++) for (let t = lengths[b]; t < T; t++) dhMasked.fill(0, (b * T + t) * HD, (b * T + t + 1) * HD);
+    for (let b = 0; b < batch; b++)
+      for (let t = lengths[b]; t < T; t++) dhMasked.fill(0, (b * T + t) * HD, (b * T + t + 1) * HD);
     const gm = fusedRnnRefBackward(p.inputs, p.options, { dh: dhMasked, dFinalStates: dFin });
     for (const k of ['dwx', 'dR', 'db', 'dStates0'] as const) expect(relErr(gm[k]!, g[k]!), `${cell} ${k}`).toBe(0);
     const stateRow = (x: ArrayLike<number>, b: number) => {
@@ -384,7 +472,8 @@ describe('fused RNN oracle: lengths and returnLastOnly', () => {
       return out;
     };
     for (let b = 0; b < batch; b++) {
-      const L = lengths[b], what = `${cell} row ${b} ${at}`;
+      const L = lengths[b],
+        what = `${cell} row ${b} ${at}`;
       for (let k = L * HD; k < T * HD; k++) expect(r.h[b * T * HD + k], what).toBe(0);
       for (let k = L * G * HD; k < T * G * HD; k++) expect(g.dwx[b * T * G * HD + k], what).toBe(0);
       if (L === 0) {
@@ -393,14 +482,18 @@ describe('fused RNN oracle: lengths and returnLastOnly', () => {
         continue;
       }
       const inputs: FusedRnnRefInputs = {
-        ...p.inputs, wx: (p.inputs.wx as Float64Array).slice(b * T * G * HD, (b * T + L) * G * HD),
+        ...p.inputs,
+        wx: (p.inputs.wx as Float64Array).slice(b * T * G * HD, (b * T + L) * G * HD),
         states0: stateRow(p.inputs.states0!, b),
       };
       const options: FusedRnnRefOptions = { ...p.options, batch: 1, seqlen: L, lengths: null };
       const one = fusedRnnRef(inputs, options);
       expect(relErr(r.h.subarray(b * T * HD, (b * T + L) * HD), one.h), what).toBe(0);
       expect(relErr(stateRow(r.finalStates, b), one.finalStates), what).toBe(0);
-      const go = fusedRnnRefBackward(inputs, options, { dh: dh.subarray(b * T * HD, (b * T + L) * HD), dFinalStates: stateRow(dFin, b) });
+      const go = fusedRnnRefBackward(inputs, options, {
+        dh: dh.subarray(b * T * HD, (b * T + L) * HD),
+        dFinalStates: stateRow(dFin, b),
+      });
       expect(relErr(g.dwx.subarray(b * T * G * HD, (b * T + L) * G * HD), go.dwx), what).toBe(0);
       expect(relErr(stateRow(g.dStates0!, b), go.dStates0!), what).toBe(0);
     }
@@ -408,7 +501,11 @@ describe('fused RNN oracle: lengths and returnLastOnly', () => {
 
   it.each(CELLS)('%s: returnLastOnly gives the final h state; its dh acts as dFinalStates[0]', (cell) => {
     const S = FUSED_RNN_STATES[cell];
-    const batch = 3, T = 4, H = 2, D = 2, HD = H * D;
+    const batch = 3,
+      T = 4,
+      H = 2,
+      D = 2,
+      HD = H * D;
     for (const states0 of [false, true]) {
       const p = makeProblem({ cell, batch, seqlen: T, heads: H, headDim: D, lengths: [4, 1, 0], states0 });
       const full = fusedRnnRef(p.inputs, p.options);
@@ -417,7 +514,8 @@ describe('fused RNN oracle: lengths and returnLastOnly', () => {
       expect(Array.from(last.finalStates)).toEqual(Array.from(full.finalStates));
       // Row 0 runs all T steps: its last h is h at T - 1.
       expect(Array.from(last.h.subarray(0, HD))).toEqual(Array.from(full.h.subarray((T - 1) * HD, T * HD)));
-      const dh = normal(rand, batch * HD), dFin = normal(rand, S * batch * HD);
+      const dh = normal(rand, batch * HD),
+        dFin = normal(rand, S * batch * HD);
       const gl = fusedRnnRefBackward(p.inputs, { ...p.options, returnLastOnly: true }, { dh, dFinalStates: dFin });
       const dFin2 = Float64Array.from(dFin);
       for (let k = 0; k < batch * HD; k++) dFin2[k] += dh[k];
@@ -431,16 +529,24 @@ describe('fused RNN oracle: lengths and returnLastOnly', () => {
 });
 
 describe('fused RNN oracle: sLSTM stabiliser', () => {
-  const batch = 2, T = 6, H = 2, D = 3, HD = H * D, G = 4;
+  const batch = 2,
+    T = 6,
+    H = 2,
+    D = 3,
+    HD = H * D,
+    G = 4;
 
   /** The unstabilised sLSTM from zero states: C = sig(f) C + exp(i) tanh(z), N = sig(f) N + exp(i). */
   function unstabilised(p: Problem): { h: Float64Array; C: Float64Array; N: Float64Array } {
     const { wx, R, b } = p.inputs;
-    const h = new Float64Array(batch * T * HD), C = new Float64Array(batch * HD), N = new Float64Array(batch * HD);
+    const h = new Float64Array(batch * T * HD),
+      C = new Float64Array(batch * HD),
+      N = new Float64Array(batch * HD);
     for (let bb = 0; bb < batch; bb++) {
       for (let hh = 0; hh < H; hh++) {
         let hp = new Float64Array(D);
-        const c = new Float64Array(D), n = new Float64Array(D);
+        const c = new Float64Array(D),
+          n = new Float64Array(D);
         for (let t = 0; t < T; t++) {
           const hn = new Float64Array(D);
           for (let j = 0; j < D; j++) {
@@ -451,7 +557,7 @@ describe('fused RNN oracle: sLSTM stabiliser', () => {
             });
             c[j] = sigmoid(pre[1]) * c[j] + Math.exp(pre[0]) * Math.tanh(pre[2]);
             n[j] = sigmoid(pre[1]) * n[j] + Math.exp(pre[0]);
-            hn[j] = sigmoid(pre[3]) * c[j] / n[j];
+            hn[j] = (sigmoid(pre[3]) * c[j]) / n[j];
           }
           hp = hn;
           h.set(hn, (bb * T + t) * HD + hh * D);
@@ -465,9 +571,12 @@ describe('fused RNN oracle: sLSTM stabiliser', () => {
 
   it('equals the unstabilised recurrence at moderate pre-activations; c, n are C, N scaled by exp(-m)', () => {
     const p = makeProblem({ cell: 'slstm', batch, seqlen: T, heads: H, headDim: D });
-    const r = fusedRnnRef(p.inputs, p.options), u = unstabilised(p);
+    const r = fusedRnnRef(p.inputs, p.options),
+      u = unstabilised(p);
     expect(relErr(r.h, u.h), at).toBeLessThan(1e-13);
-    const per = batch * HD, c = new Float64Array(per), n = new Float64Array(per);
+    const per = batch * HD,
+      c = new Float64Array(per),
+      n = new Float64Array(per);
     for (let k = 0; k < per; k++) {
       const scale = Math.exp(-r.finalStates[3 * per + k]);
       c[k] = u.C[k] * scale;
@@ -479,7 +588,8 @@ describe('fused RNN oracle: sLSTM stabiliser', () => {
 
   it('h does not depend on m: shifting m0 (c0, n0 scaled to match) changes no h, nor L(h) along that direction', () => {
     const p = makeProblem({ cell: 'slstm', batch, seqlen: T, heads: H, headDim: D, lengths: [6, 3], states0: true });
-    const per = batch * HD, s0 = Float64Array.from(p.inputs.states0!);
+    const per = batch * HD,
+      s0 = Float64Array.from(p.inputs.states0!);
     const shifted = Float64Array.from(s0);
     for (let k = 0; k < per; k++) {
       const delta = 3 * (rand() - 0.5);
@@ -487,11 +597,14 @@ describe('fused RNN oracle: sLSTM stabiliser', () => {
       shifted[2 * per + k] *= Math.exp(-delta);
       shifted[3 * per + k] += delta;
     }
-    const a = fusedRnnRef(p.inputs, p.options), s = fusedRnnRef({ ...p.inputs, states0: shifted }, p.options);
+    const a = fusedRnnRef(p.inputs, p.options),
+      s = fusedRnnRef({ ...p.inputs, states0: shifted }, p.options);
     expect(relErr(s.h, a.h), at).toBeLessThan(1e-13);
     // d/d delta of (c0 e^-delta, n0 e^-delta, m0 + delta) is (-c0, -n0, 1): dm0 = c0 dc0 + n0 dn0.
     const g = fusedRnnRefBackward(p.inputs, p.options, { dh: normal(rand, batch * T * HD) });
-    const d = g.dStates0!, along = new Float64Array(per), dm0 = d.subarray(3 * per, 4 * per);
+    const d = g.dStates0!,
+      along = new Float64Array(per),
+      dm0 = d.subarray(3 * per, 4 * per);
     for (let k = 0; k < per; k++) along[k] = s0[per + k] * d[per + k] + s0[2 * per + k] * d[2 * per + k];
     expect(relErr(dm0, along), at).toBeLessThan(1e-12);
     expect(Math.max(...Array.from(dm0, Math.abs))).toBeGreaterThan(1e-3);
@@ -512,7 +625,10 @@ describe('fused RNN oracle: sLSTM stabiliser', () => {
       expect(Math.abs(v)).toBeLessThanOrEqual(1);
     }
     for (const v of r.finalStates) expect(Number.isFinite(v)).toBe(true);
-    const g = fusedRnnRefBackward(p.inputs, p.options, { dh: normal(rand, batch * T * HD), dFinalStates: normal(rand, 4 * batch * HD) });
+    const g = fusedRnnRefBackward(p.inputs, p.options, {
+      dh: normal(rand, batch * T * HD),
+      dFinalStates: normal(rand, 4 * batch * HD),
+    });
     for (const k of ['dwx', 'dR', 'db'] as const) for (const v of g[k]) expect(Number.isFinite(v), k).toBe(true);
   });
 
@@ -530,15 +646,22 @@ describe('fused RNN oracle: sLSTM stabiliser', () => {
 describe('fused RNN oracle: arguments', () => {
   it('rejects inputs that do not match the dims', () => {
     const p = makeProblem({ cell: 'lstm', batch: 2, seqlen: 3, heads: 2, headDim: 2, states0: true });
-    expect(() => fusedRnnRef({ ...p.inputs, R: new Float64Array(5) }, p.options)).toThrow(/R has 5 elements, expected 32/);
+    expect(() => fusedRnnRef({ ...p.inputs, R: new Float64Array(5) }, p.options)).toThrow(
+      /R has 5 elements, expected 32/,
+    );
     expect(() => fusedRnnRef(p.inputs, { ...p.options, cell: 'gru' })).toThrow(/wx has 96 elements, expected 72/);
-    expect(() => fusedRnnRef({ ...p.inputs, states0: new Float64Array(8) }, p.options)).toThrow(/states0 has 8 elements/);
-    expect(() => fusedRnnRef(p.inputs, { ...p.options, lengths: [1, 4] })).toThrow(/lengths must be integers in \[0, 3\]/);
+    expect(() => fusedRnnRef({ ...p.inputs, states0: new Float64Array(8) }, p.options)).toThrow(
+      /states0 has 8 elements/,
+    );
+    expect(() => fusedRnnRef(p.inputs, { ...p.options, lengths: [1, 4] })).toThrow(
+      /lengths must be integers in \[0, 3\]/,
+    );
     expect(() => fusedRnnRef(p.inputs, { ...p.options, lengths: [1] })).toThrow(/lengths has 1 elements/);
     expect(() => fusedRnnRef(p.inputs, { ...p.options, cell: 'rnn' as FusedRnnCell })).toThrow(/unknown cell/);
     expect(() => fusedRnnRefBackward(p.inputs, p.options, { dh: new Float64Array(3) })).toThrow(/dh has 3 elements/);
-    expect(() => fusedRnnRefBackward(p.inputs, { ...p.options, returnLastOnly: true }, { dh: new Float64Array(24) }))
-      .toThrow(/dh has 24 elements, expected 8/);
+    expect(() =>
+      fusedRnnRefBackward(p.inputs, { ...p.options, returnLastOnly: true }, { dh: new Float64Array(24) }),
+    ).toThrow(/dh has 24 elements, expected 8/);
   });
 
   it('logsigmoid and sigmoid are exact at both ends', () => {

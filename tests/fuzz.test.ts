@@ -14,17 +14,27 @@ const calls = Number(process.env.RK_FUZZ_CALLS ?? 200);
 
 describe('fuzz', () => {
   it(`${batches} batches of ${calls} random calls (seed ${seed0})`, () => {
-    let typed = 0, ok = 0;
+    let typed = 0,
+      ok = 0;
     for (let b = 0; b < batches; b++) {
       const seed = seed0 + b;
       const r = spawnSync(process.execPath, [child, entry, String(seed), String(calls)], {
-        encoding: 'utf8', timeout: 60_000, env: { ...process.env, RK_NUM_THREADS: '2' },
+        encoding: 'utf8',
+        timeout: 60_000,
+        env: { ...process.env, RK_NUM_THREADS: '2' },
       });
       const line = r.stdout.split('\n').find((l) => l.startsWith('RESULT '));
       if (r.status !== 0 || !line)
-        throw new Error(`batch with seed ${seed} crashed: status ${r.status}, signal ${r.signal}\n${r.stderr.slice(-3000)}`);
+        throw new Error(
+          `batch with seed ${seed} crashed: status ${r.status}, signal ${r.signal}\n${r.stderr.slice(-3000)}`,
+        );
       const res = JSON.parse(line.slice(7)) as {
-        calls: number; typed: number; ok: number; untyped: string[]; nonFinite: string[]; baselineErrors: string[];
+        calls: number;
+        typed: number;
+        ok: number;
+        untyped: string[];
+        nonFinite: string[];
+        baselineErrors: string[];
       };
       expect(res.baselineErrors, `seed ${seed}: baselines that do not run`).toEqual([]);
       expect(res.untyped, `seed ${seed}: untyped errors`).toEqual([]);

@@ -5,7 +5,10 @@ import { describe, expect, it } from 'vitest';
 import * as rk from '../lib/index';
 import { devices, tensor, tolerance, values } from './helpers';
 import {
-  gatedDeltaRuleRef, gatedDeltaRuleRefBackward, gatedDeltaRuleStepRef, type GatedDeltaRuleRefOptions,
+  gatedDeltaRuleRef,
+  gatedDeltaRuleRefBackward,
+  gatedDeltaRuleStepRef,
+  type GatedDeltaRuleRefOptions,
 } from './reference/gatedDeltaRule';
 import { freshSeed, normal, relErr, rng, uniform } from './reference/util';
 
@@ -14,17 +17,43 @@ const rand = rng(seed);
 const at = (what: string) => `${what} (seed ${seed})`;
 
 interface Case {
-  batch: number; T: number; H: number; HV: number; K: number; V: number;
-  h0: boolean; l2: boolean; scale?: number; cuSeqlens: number[] | null; dtype: rk.DType;
+  batch: number;
+  T: number;
+  H: number;
+  HV: number;
+  K: number;
+  V: number;
+  h0: boolean;
+  l2: boolean;
+  scale?: number;
+  cuSeqlens: number[] | null;
+  dtype: rk.DType;
   g: 'mixed' | 'zero' | 'underflow';
 }
 
-const base: Case = { batch: 2, T: 7, H: 2, HV: 4, K: 5, V: 3, h0: true, l2: true, cuSeqlens: null, dtype: 'float32', g: 'mixed' };
+const base: Case = {
+  batch: 2,
+  T: 7,
+  H: 2,
+  HV: 4,
+  K: 5,
+  V: 3,
+  h0: true,
+  l2: true,
+  cuSeqlens: null,
+  dtype: 'float32',
+  g: 'mixed',
+};
 
 function name(c: Case): string {
-  return `${c.dtype} b${c.batch} T${c.T} H${c.H}/${c.HV} K${c.K} V${c.V}` + (c.h0 ? ' h0' : '') + (c.l2 ? ' l2' : '') +
-    (c.scale !== undefined ? ` scale ${c.scale}` : '') + (c.cuSeqlens ? ` cu[${c.cuSeqlens.join(',')}]` : '') +
-    (c.g !== 'mixed' ? ` g=${c.g}` : '');
+  return (
+    `${c.dtype} b${c.batch} T${c.T} H${c.H}/${c.HV} K${c.K} V${c.V}` +
+    (c.h0 ? ' h0' : '') +
+    (c.l2 ? ' l2' : '') +
+    (c.scale !== undefined ? ` scale ${c.scale}` : '') +
+    (c.cuSeqlens ? ` cu[${c.cuSeqlens.join(',')}]` : '') +
+    (c.g !== 'mixed' ? ` g=${c.g}` : '')
+  );
 }
 
 function runCase(c: Case, device: rk.Device) {
@@ -32,9 +61,12 @@ function runCase(c: Case, device: rk.Device) {
   const nseq = c.cuSeqlens ? c.cuSeqlens.length - 1 : batch;
   // Without the in-kernel norm, keep |k| <= 1 so that (I - beta k k^T) stays a contraction.
   const kScale = c.l2 ? 1 : 1 / Math.sqrt(K);
-  const gv = c.g === 'zero' ? new Float64Array(batch * T * HV)
-    : c.g === 'underflow' ? Float64Array.from({ length: batch * T * HV }, (_, i) => (i % 2 ? -1e4 : -0.3))
-      : Float64Array.from(uniform(rand, batch * T * HV, -1.5, 0), (x, i) => (i % 3 === 0 ? 0 : x));
+  const gv =
+    c.g === 'zero'
+      ? new Float64Array(batch * T * HV)
+      : c.g === 'underflow'
+        ? Float64Array.from({ length: batch * T * HV }, (_, i) => (i % 2 ? -1e4 : -0.3))
+        : Float64Array.from(uniform(rand, batch * T * HV, -1.5, 0), (x, i) => (i % 3 === 0 ? 0 : x));
   const x = (v: ArrayLike<number>, shape: number[]) => tensor(v, shape, c.dtype, device);
   const inputs = {
     q: x(normal(rand, batch * T * H * K), [batch, T, H, K]),
@@ -45,16 +77,32 @@ function runCase(c: Case, device: rk.Device) {
   };
   const h0 = c.h0 ? tensor(normal(rand, nseq * HV * K * V), [nseq, HV, K, V], 'float32', device) : null;
   const options = {
-    initialState: h0, outputFinalState: true, useQkL2normInKernel: c.l2, cuSeqlens: c.cuSeqlens,
+    initialState: h0,
+    outputFinalState: true,
+    useQkL2normInKernel: c.l2,
+    cuSeqlens: c.cuSeqlens,
     ...(c.scale !== undefined ? { scale: c.scale } : {}),
   };
   const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, options);
   const refInputs = {
-    q: values(inputs.q), k: values(inputs.k), v: values(inputs.v), g: values(inputs.g), beta: values(inputs.beta),
+    q: values(inputs.q),
+    k: values(inputs.k),
+    v: values(inputs.v),
+    g: values(inputs.g),
+    beta: values(inputs.beta),
   };
   const refOptions: GatedDeltaRuleRefOptions = {
-    batch, T, H, HV, K, V, scale: c.scale, initialState: h0 ? values(h0) : null, outputFinalState: true,
-    cuSeqlens: c.cuSeqlens, useQkL2normInKernel: c.l2,
+    batch,
+    T,
+    H,
+    HV,
+    K,
+    V,
+    scale: c.scale,
+    initialState: h0 ? values(h0) : null,
+    outputFinalState: true,
+    cuSeqlens: c.cuSeqlens,
+    useQkL2normInKernel: c.l2,
   };
   const ref = gatedDeltaRuleRef(refInputs, refOptions);
   const tol = c.dtype === 'float32' ? 1e-4 : tolerance[c.dtype];
@@ -94,10 +142,10 @@ const cases: Case[] = [
   { ...base, batch: 1, T: 130, H: 1, HV: 1, K: 16, V: 16 },
   { ...base, batch: 1, T: 1000, H: 1, HV: 2, K: 8, V: 20 },
   { ...base, batch: 1, T: 3, H: 1, HV: 1, K: 256, V: 7 },
-  { ...base, batch: 1, T: 67, H: 1, HV: 2, K: 6, V: 70 },                                   // 5 column slabs: a group of 4 and 1
-  { ...base, batch: 1, T: 70, H: 1, HV: 2, K: 3, V: 3, cuSeqlens: [0, 1, 1, 66, 68] },     // length 1, empty, chunk-crossing, tail
-  { ...base, batch: 1, T: 9, H: 2, HV: 4, K: 4, V: 2, cuSeqlens: [0, 0], h0: true },       // only an empty sequence
-  { ...base, batch: 1, T: 150, H: 1, HV: 2, K: 40, V: 33 },                                // partial 16-row and 16-column tiles, 3 chunks
+  { ...base, batch: 1, T: 67, H: 1, HV: 2, K: 6, V: 70 }, // 5 column slabs: a group of 4 and 1
+  { ...base, batch: 1, T: 70, H: 1, HV: 2, K: 3, V: 3, cuSeqlens: [0, 1, 1, 66, 68] }, // length 1, empty, chunk-crossing, tail
+  { ...base, batch: 1, T: 9, H: 2, HV: 4, K: 4, V: 2, cuSeqlens: [0, 0], h0: true }, // only an empty sequence
+  { ...base, batch: 1, T: 150, H: 1, HV: 2, K: 40, V: 33 }, // partial 16-row and 16-column tiles, 3 chunks
   { ...base, g: 'zero' },
   { ...base, g: 'underflow', T: 66, batch: 1 },
 ];
@@ -109,37 +157,77 @@ describe.each(devices)('gatedDeltaRule on %s vs the float64 oracle', (device) =>
     runCase({ ...base, dtype, batch: 1, T: 20, cuSeqlens: [0, 7, 20] }, device);
   });
   it('the decode step equals the recurrence, token by token and several at once', () => {
-    const batch = 2, T = 5, H = 1, HV = 2, K = 4, V = 3;
-    const q = normal(rand, batch * T * H * K), k = normal(rand, batch * T * H * K);
-    const v = normal(rand, batch * T * HV * V), g = uniform(rand, batch * T * HV, -1, 0);
-    const beta = uniform(rand, batch * T * HV, 0.1, 1), s0 = normal(rand, batch * HV * K * V);
+    const batch = 2,
+      T = 5,
+      H = 1,
+      HV = 2,
+      K = 4,
+      V = 3;
+    const q = normal(rand, batch * T * H * K),
+      k = normal(rand, batch * T * H * K);
+    const v = normal(rand, batch * T * HV * V),
+      g = uniform(rand, batch * T * HV, -1, 0);
+    const beta = uniform(rand, batch * T * HV, 0.1, 1),
+      s0 = normal(rand, batch * HV * K * V);
     const t = (a: ArrayLike<number>, shape: number[]) => tensor(a, shape, 'float32', device);
-    const full = rk.gatedDeltaRule({ q: t(q, [batch, T, H, K]), k: t(k, [batch, T, H, K]), v: t(v, [batch, T, HV, V]),
-      g: t(g, [batch, T, HV]), beta: t(beta, [batch, T, HV]) },
-    { initialState: t(s0, [batch, HV, K, V]), outputFinalState: true, useQkL2normInKernel: true });
+    const full = rk.gatedDeltaRule(
+      {
+        q: t(q, [batch, T, H, K]),
+        k: t(k, [batch, T, H, K]),
+        v: t(v, [batch, T, HV, V]),
+        g: t(g, [batch, T, HV]),
+        beta: t(beta, [batch, T, HV]),
+      },
+      { initialState: t(s0, [batch, HV, K, V]), outputFinalState: true, useQkL2normInKernel: true },
+    );
     const state = t(s0, [batch, HV, K, V]);
-    const r = rk.gatedDeltaRuleStep({ state, q: t(q, [batch, T, H, K]), k: t(k, [batch, T, H, K]),
-      v: t(v, [batch, T, HV, V]), g: t(g, [batch, T, HV]), beta: t(beta, [batch, T, HV]) },
-    { useQkL2normInKernel: true, returnIntermediateStates: true });
+    const r = rk.gatedDeltaRuleStep(
+      {
+        state,
+        q: t(q, [batch, T, H, K]),
+        k: t(k, [batch, T, H, K]),
+        v: t(v, [batch, T, HV, V]),
+        g: t(g, [batch, T, HV]),
+        beta: t(beta, [batch, T, HV]),
+      },
+      { useQkL2normInKernel: true, returnIntermediateStates: true },
+    );
     expect(relErr(values(r.o), values(full.o)), at('o')).toBeLessThan(1e-5);
     expect(relErr(values(state), values(full.finalState!)), at('state')).toBeLessThan(1e-5);
-    const ref = gatedDeltaRuleStepRef({ state: s0, q, k, v, g, beta },
-      { batch, T, H, HV, K, V, useQkL2normInKernel: true });
+    const ref = gatedDeltaRuleStepRef(
+      { state: s0, q, k, v, g, beta },
+      { batch, T, H, HV, K, V, useQkL2normInKernel: true },
+    );
     expect(relErr(values(r.intermediateStates!), ref.intermediateStates), at('intermediate')).toBeLessThan(1e-5);
     // One token at a time, with updateState false leaving the state alone.
     const st = t(s0, [batch, HV, K, V]);
     const pick = (src: Float64Array, tok: number, inner: number) =>
       Array.from({ length: batch * inner }, (_, i) => src[(Math.floor(i / inner) * T + tok) * inner + (i % inner)]);
     const before = Array.from(values(st));
-    rk.gatedDeltaRuleStep({ state: st, q: t(pick(q, 0, H * K), [batch, 1, H, K]), k: t(pick(k, 0, H * K), [batch, 1, H, K]),
-      v: t(pick(v, 0, HV * V), [batch, 1, HV, V]), g: t(pick(g, 0, HV), [batch, 1, HV]),
-      beta: t(pick(beta, 0, HV), [batch, 1, HV]) }, { useQkL2normInKernel: true, updateState: false });
+    rk.gatedDeltaRuleStep(
+      {
+        state: st,
+        q: t(pick(q, 0, H * K), [batch, 1, H, K]),
+        k: t(pick(k, 0, H * K), [batch, 1, H, K]),
+        v: t(pick(v, 0, HV * V), [batch, 1, HV, V]),
+        g: t(pick(g, 0, HV), [batch, 1, HV]),
+        beta: t(pick(beta, 0, HV), [batch, 1, HV]),
+      },
+      { useQkL2normInKernel: true, updateState: false },
+    );
     expect(Array.from(values(st))).toEqual(before);
     for (let tok = 0; tok < T; tok++) {
-      const o = rk.gatedDeltaRuleStep({ state: st, q: t(pick(q, tok, H * K), [batch, 1, H, K]),
-        k: t(pick(k, tok, H * K), [batch, 1, H, K]), v: t(pick(v, tok, HV * V), [batch, 1, HV, V]),
-        g: t(pick(g, tok, HV), [batch, 1, HV]), beta: t(pick(beta, tok, HV), [batch, 1, HV]) },
-      { useQkL2normInKernel: true }).o;
+      const o = rk.gatedDeltaRuleStep(
+        {
+          state: st,
+          q: t(pick(q, tok, H * K), [batch, 1, H, K]),
+          k: t(pick(k, tok, H * K), [batch, 1, H, K]),
+          v: t(pick(v, tok, HV * V), [batch, 1, HV, V]),
+          g: t(pick(g, tok, HV), [batch, 1, HV]),
+          beta: t(pick(beta, tok, HV), [batch, 1, HV]),
+        },
+        { useQkL2normInKernel: true },
+      ).o;
       expect(relErr(values(o), pick(values(full.o), tok, HV * V)), at(`token ${tok}`)).toBeLessThan(1e-5);
     }
   });
@@ -148,10 +236,20 @@ describe.each(devices)('gatedDeltaRule on %s vs the float64 oracle', (device) =>
 describe('gatedDeltaRule bad input', () => {
   const mk = (shape: number[], dtype: rk.DType = 'float32') =>
     tensor(new Float32Array(shape.reduce((a, b) => a * b, 1)).fill(0.1), shape, dtype);
-  const good = () => ({ q: mk([1, 6, 2, 4]), k: mk([1, 6, 2, 4]), v: mk([1, 6, 4, 3]), g: mk([1, 6, 4]), beta: mk([1, 6, 4]) });
+  const good = () => ({
+    q: mk([1, 6, 2, 4]),
+    k: mk([1, 6, 2, 4]),
+    v: mk([1, 6, 4, 3]),
+    g: mk([1, 6, 4]),
+    beta: mk([1, 6, 4]),
+  });
   const fails = (fn: () => unknown, code: string, message: RegExp) => {
     let err: unknown;
-    try { fn(); } catch (e) { err = e; }
+    try {
+      fn();
+    } catch (e) {
+      err = e;
+    }
     expect(err, 'expected an error').toBeInstanceOf(rk.RecurrentKernelsError);
     expect((err as rk.RecurrentKernelsError).code).toBe(code);
     expect((err as Error).message).toMatch(message);
@@ -177,9 +275,17 @@ describe('gatedDeltaRule bad input', () => {
     fails(() => rk.gatedDeltaRule(g), 'ERR_DISPOSED', /beta was disposed/);
     const { ctx } = rk.ops.gatedDeltaRule.forward(good(), { outputFinalState: true });
     fails(() => rk.ops.gatedDeltaRule.backward(ctx, { o: mk([1, 6, 4, 2]) }), 'ERR_SHAPE', /grad of o/);
-    fails(() => rk.ops.gatedDeltaRule.backward(ctx, { finalState: mk([1, 4, 4, 2]) }), 'ERR_SHAPE', /grad of finalState/);
+    fails(
+      () => rk.ops.gatedDeltaRule.backward(ctx, { finalState: mk([1, 4, 4, 2]) }),
+      'ERR_SHAPE',
+      /grad of finalState/,
+    );
     fails(() => rk.gatedDeltaRuleStep({ ...good(), state: mk([1, 4, 3, 4]) }), 'ERR_SHAPE', /state has shape/);
-    fails(() => rk.gatedDeltaRuleStep({ ...good(), state: mk([1, 4, 4, 3], 'bfloat16') }), 'ERR_DTYPE', /state has dtype/);
+    fails(
+      () => rk.gatedDeltaRuleStep({ ...good(), state: mk([1, 4, 4, 3], 'bfloat16') }),
+      'ERR_DTYPE',
+      /state has dtype/,
+    );
     const step = { ...good(), state: mk([1, 4, 4, 3]) };
     step.k.dispose();
     fails(() => rk.gatedDeltaRuleStep(step), 'ERR_DISPOSED', /k was disposed/);
@@ -189,10 +295,57 @@ describe('gatedDeltaRule bad input', () => {
     const s = (k: number) => new Float32Array(k);
     const t = { q: s(48), k: s(48), v: s(72), g: s(24), beta: s(24), h0: null };
     const cfg = { batch: 1, T: 6, H: 2, HV: 4, K: 4, V: 3, scale: 0.5, l2norm: false };
-    expect(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, cuSeqlens: null, returnFinal: false, keepStates: false } })).not.toThrow();
-    fails(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: { ...t, v: s(71) }, config: { ...cfg, cuSeqlens: null, returnFinal: false, keepStates: false } }), 'ERR_SHAPE', /v has 71/);
-    fails(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...{ ...cfg, HV: 3 }, cuSeqlens: null, returnFinal: false, keepStates: false } }), 'ERR_SHAPE', /multiple/);
-    fails(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...{ ...cfg, scale: Infinity }, cuSeqlens: null, returnFinal: false, keepStates: false } }), 'ERR_ARGUMENT', /scale/);
-    fails(() => n().gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, cuSeqlens: new Int32Array([0, 9]), returnFinal: false, keepStates: false } }), 'ERR_ARGUMENT', /cuSeqlens/);
+    expect(() =>
+      n().gatedDeltaForward({
+        device: 'cpu',
+        dtype: 'float32',
+        tensors: t,
+        config: { ...cfg, cuSeqlens: null, returnFinal: false, keepStates: false },
+      }),
+    ).not.toThrow();
+    fails(
+      () =>
+        n().gatedDeltaForward({
+          device: 'cpu',
+          dtype: 'float32',
+          tensors: { ...t, v: s(71) },
+          config: { ...cfg, cuSeqlens: null, returnFinal: false, keepStates: false },
+        }),
+      'ERR_SHAPE',
+      /v has 71/,
+    );
+    fails(
+      () =>
+        n().gatedDeltaForward({
+          device: 'cpu',
+          dtype: 'float32',
+          tensors: t,
+          config: { ...{ ...cfg, HV: 3 }, cuSeqlens: null, returnFinal: false, keepStates: false },
+        }),
+      'ERR_SHAPE',
+      /multiple/,
+    );
+    fails(
+      () =>
+        n().gatedDeltaForward({
+          device: 'cpu',
+          dtype: 'float32',
+          tensors: t,
+          config: { ...{ ...cfg, scale: Infinity }, cuSeqlens: null, returnFinal: false, keepStates: false },
+        }),
+      'ERR_ARGUMENT',
+      /scale/,
+    );
+    fails(
+      () =>
+        n().gatedDeltaForward({
+          device: 'cpu',
+          dtype: 'float32',
+          tensors: t,
+          config: { ...cfg, cuSeqlens: new Int32Array([0, 9]), returnFinal: false, keepStates: false },
+        }),
+      'ERR_ARGUMENT',
+      /cuSeqlens/,
+    );
   });
 });

@@ -43,19 +43,33 @@ describe.runIf(hasCuda)('CUDA runtime', () => {
 });
 
 describe.runIf(hasCuda)('CUDA linear scan, long and unaligned', () => {
-  const cases: [number, number, number][] = [[1, 3, 65537], [2, 1, 131072], [1, 5, 4095], [3, 7, 1]];
+  const cases: [number, number, number][] = [
+    [1, 3, 65537],
+    [2, 1, 131072],
+    [1, 5, 4095],
+    [3, 7, 1],
+  ];
   for (const dtype of rk.DTYPES) {
     it.each(cases)(`${dtype} batch %i, channels %i, length %i`, (batch, channels, length) => {
       for (const reverse of [false, true]) {
-        const rows = batch * channels, n = rows * length, shape = [batch, channels, length];
+        const rows = batch * channels,
+          n = rows * length,
+          shape = [batch, channels, length];
         const a = tensor(uniform(rand, n, 0.5, 1), shape, dtype, 'cuda');
         const b = tensor(normal(rand, n), shape, dtype, 'cuda');
         const h0 = tensor(normal(rand, rows), [batch, channels], 'float32', 'cuda');
-        const a64 = values(a), b64 = values(b), h064 = values(h0);
-        const { outputs, ctx } = rk.ops.linearScan.forward({ a, b }, { initialState: h0, reverse, returnFinalState: true });
+        const a64 = values(a),
+          b64 = values(b),
+          h064 = values(h0);
+        const { outputs, ctx } = rk.ops.linearScan.forward(
+          { a, b },
+          { initialState: h0, reverse, returnFinalState: true },
+        );
         const ref = linearScanRef(a64, b64, rows, length, h064, reverse);
         expect(relErr(values(outputs.h), ref.h), `h ${at}`).toBeLessThan(tolerance[dtype]);
-        expect(relErr(values(outputs.finalState!), ref.finalState), `final ${at}`).toBeLessThan(Math.max(1e-5, tolerance[dtype]));
+        expect(relErr(values(outputs.finalState!), ref.finalState), `final ${at}`).toBeLessThan(
+          Math.max(1e-5, tolerance[dtype]),
+        );
         const gh = tensor(normal(rand, n), shape, dtype, 'cuda');
         const gFinal = tensor(normal(rand, rows), [batch, channels], 'float32', 'cuda');
         const g = rk.ops.linearScan.backward(ctx, { h: gh, finalState: gFinal });
@@ -81,7 +95,10 @@ describe.runIf(hasCuda)('CUDA selective scan, many blocks and long sequences, ag
   // carry bugs show; the CPU kernel (itself checked against the float64 oracle) is the reference.
   const cases: [number, number, number, number, number][] = [
     // batch, dim, seqlen, dstate, groups
-    [2, 130, 4099, 16, 1], [1, 64, 20000, 16, 2], [3, 33, 517, 64, 1], [1, 8, 300, 256, 1],
+    [2, 130, 4099, 16, 1],
+    [1, 64, 20000, 16, 2],
+    [3, 33, 517, 64, 1],
+    [1, 8, 300, 256, 1],
   ];
   it.each(cases)('batch %i, dim %i, seqlen %i, dstate %i, groups %i', (batch, dim, L, N, groups) => {
     for (const dtype of ['float32', 'bfloat16'] as const) {
@@ -114,12 +131,17 @@ describe.runIf(hasCuda)('CUDA selective scan, many blocks and long sequences, ag
   });
 
   it('packed sequences over many blocks', () => {
-    const dim = 96, L = 3000, N = 16;
+    const dim = 96,
+      L = 3000,
+      N = 16;
     const cu = [0, 1, 700, 700, 2047, 2999];
     const host = {
-      u: tensor(normal(rand, dim * L), [1, dim, L]), delta: tensor(uniform(rand, dim * L, -4, 0), [1, dim, L]),
-      A: tensor(uniform(rand, dim * N, -2, -0.1), [dim, N]), B: tensor(normal(rand, N * L), [1, 1, N, L]),
-      C: tensor(normal(rand, dim * N), [dim, N]), z: tensor(normal(rand, dim * L), [1, dim, L]),
+      u: tensor(normal(rand, dim * L), [1, dim, L]),
+      delta: tensor(uniform(rand, dim * L, -4, 0), [1, dim, L]),
+      A: tensor(uniform(rand, dim * N, -2, -0.1), [dim, N]),
+      B: tensor(normal(rand, N * L), [1, 1, N, L]),
+      C: tensor(normal(rand, dim * N), [dim, N]),
+      z: tensor(normal(rand, dim * L), [1, dim, L]),
     };
     const dev = Object.fromEntries(Object.entries(host).map(([k, t]) => [k, t.to('cuda')])) as typeof host;
     const opts = { deltaSoftplus: true, returnFinalState: true, cuSeqlens: cu };

@@ -10,7 +10,10 @@ const root = join(__dirname, '..');
 
 describe('gpu:verify', () => {
   it.runIf(!hasCuda)('stops at once with a clear message and exit code 2 when no GPU is usable', () => {
-    const r = spawnSync(process.execPath, [join(root, 'scripts', 'gpu-verify.mjs')], { encoding: 'utf8', timeout: 60_000 });
+    const r = spawnSync(process.execPath, [join(root, 'scripts', 'gpu-verify.mjs')], {
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/gpu:verify: no usable NVIDIA GPU here \(.+\); nothing was run/);
   });
@@ -18,18 +21,36 @@ describe('gpu:verify', () => {
   it('renders a report: device, steps, smoke errors, benchmark rows with peer ratios', async () => {
     const { renderReport } = await import(pathToFileURL(join(root, 'scripts', 'gpu-verify.mjs')).href);
     const md: string = renderReport({
-      started: '2026-01-01T00:00:00Z', version: '1.2.3',
-      device: { name: 'NVIDIA H100', computeCapability: '9.0', multiProcessorCount: 132, totalMemory: 80 * 2 ** 30,
-        peakBandwidthGBs: 3350 },
+      started: '2026-01-01T00:00:00Z',
+      version: '1.2.3',
+      device: {
+        name: 'NVIDIA H100',
+        computeCapability: '9.0',
+        multiProcessorCount: 132,
+        totalMemory: 80 * 2 ** 30,
+        peakBandwidthGBs: 3350,
+      },
       driver: '580.1',
-      steps: [{ name: 'npm run test:gpu', ok: true, seconds: 100, detail: '10 passed' },
+      steps: [
+        { name: 'npm run test:gpu', ok: true, seconds: 100, detail: '10 passed' },
         { name: 'compute-sanitizer racecheck', ok: false, seconds: 5, detail: 'ERROR SUMMARY: 1 error | x' },
-        { name: 'compute-sanitizer initcheck', ok: null, detail: 'compute-sanitizer is not installed' }],
-      smoke: [{ op: 'linearScan', pass: true, maxRelError: 1.5e-7, ms: 0.5 }, { op: 'fusedRnn', pass: false, error: 'ERR_CUDA: x' }],
-      benchmarks: [{ op: 'linear-scan', rows: [{ size: '4x2048', dtype: 'float32', pass: 'fwd', ms: 2, gbs: 100,
-        peers: { PyTorch: 4 } }] }, { op: 'newton-rnn', rows: [], detail: 'timed out after 150 s' }],
+        { name: 'compute-sanitizer initcheck', ok: null, detail: 'compute-sanitizer is not installed' },
+      ],
+      smoke: [
+        { op: 'linearScan', pass: true, maxRelError: 1.5e-7, ms: 0.5 },
+        { op: 'fusedRnn', pass: false, error: 'ERR_CUDA: x' },
+      ],
+      benchmarks: [
+        {
+          op: 'linear-scan',
+          rows: [{ size: '4x2048', dtype: 'float32', pass: 'fwd', ms: 2, gbs: 100, peers: { PyTorch: 4 } }],
+        },
+        { op: 'newton-rnn', rows: [], detail: 'timed out after 150 s' },
+      ],
     });
-    expect(md).toContain('Device: NVIDIA H100 (compute capability 9.0, 132 SMs, 80.0 GiB, peak 3350 GB/s); driver 580.1; package 1.2.3.');
+    expect(md).toContain(
+      'Device: NVIDIA H100 (compute capability 9.0, 132 SMs, 80.0 GiB, peak 3350 GB/s); driver 580.1; package 1.2.3.',
+    );
     expect(md).toContain('| npm run test:gpu | pass | 100.0 | 10 passed |');
     expect(md).toContain('| compute-sanitizer racecheck | **FAIL** | 5.0 | ERROR SUMMARY: 1 error \\| x |');
     expect(md).toContain('| compute-sanitizer initcheck | not run |  | compute-sanitizer is not installed |');
@@ -41,12 +62,20 @@ describe('gpu:verify', () => {
 
   it('the smoke cases run forward and backward (CPU against itself here)', () => {
     const r = spawnSync(process.execPath, [join(root, 'scripts', 'gpu-smoke.mjs')], {
-      encoding: 'utf8', timeout: 60_000, env: { ...process.env, RK_SMOKE_TARGET: 'cpu' },
+      encoding: 'utf8',
+      timeout: 60_000,
+      env: { ...process.env, RK_SMOKE_TARGET: 'cpu' },
     });
     expect(r.status, r.stderr).toBe(0);
     const res = JSON.parse(r.stdout.trim().split('\n').pop() as string);
     expect(res.ok).toBe(true);
-    expect(res.ops.map((o: { op: string }) => o.op)).toEqual(['linearScan', 'selectiveScan', 'gatedDeltaRule',
-      'fusedRnn (lstm)', 'fusedRnn (gru)', 'newtonRnn (gru-diag)']);
+    expect(res.ops.map((o: { op: string }) => o.op)).toEqual([
+      'linearScan',
+      'selectiveScan',
+      'gatedDeltaRule',
+      'fusedRnn (lstm)',
+      'fusedRnn (gru)',
+      'newtonRnn (gru-diag)',
+    ]);
   });
 });

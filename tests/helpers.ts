@@ -11,8 +11,12 @@ export const devices: rk.Device[] = hasCuda ? ['cpu', 'cuda'] : ['cpu'];
 /** Relative-error bound per input dtype (fp32 scans vs float64; half inputs). */
 export const tolerance: Record<rk.DType, number> = { float32: 1e-5, float16: 1e-2, bfloat16: 1e-2 };
 
-export function tensor(values: ArrayLike<number>, shape: number[], dtype: rk.DType = 'float32',
-  device: rk.Device = 'cpu'): rk.Tensor {
+export function tensor(
+  values: ArrayLike<number>,
+  shape: number[],
+  dtype: rk.DType = 'float32',
+  device: rk.Device = 'cpu',
+): rk.Tensor {
   return rk.Tensor.from(Float32Array.from(values), shape, { dtype, device });
 }
 
@@ -46,9 +50,27 @@ export function typecheck(source: string): string[] {
     const file = join(dir, 'snippet.ts');
     writeFileSync(file, source.replaceAll('LIB', join(root, 'lib')));
     const tsc = join(root, 'node_modules', 'typescript', 'bin', 'tsc');
-    const r = spawnSync(process.execPath, [tsc, '--noEmit', '--strict', '--target', 'ES2022', '--lib',
-      'ES2022,ESNext.Disposable', '--module', 'commonjs', '--types', 'node', '--typeRoots',
-      join(root, 'node_modules', '@types'), '--skipLibCheck', file], { cwd: dir, encoding: 'utf8' });
+    const r = spawnSync(
+      process.execPath,
+      [
+        tsc,
+        '--noEmit',
+        '--strict',
+        '--target',
+        'ES2022',
+        '--lib',
+        'ES2022,ESNext.Disposable',
+        '--module',
+        'commonjs',
+        '--types',
+        'node',
+        '--typeRoots',
+        join(root, 'node_modules', '@types'),
+        '--skipLibCheck',
+        file,
+      ],
+      { cwd: dir, encoding: 'utf8' },
+    );
     if (r.error) throw r.error;
     return (r.stdout + r.stderr).split('\n').filter((l) => l.includes('snippet.ts'));
   } finally {

@@ -4,14 +4,25 @@
 // platform package (--omit=optional): the load error lists what it tried and names the build
 // command, which in turn says which build tools to install.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  readdirSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 const root = join(__dirname, '..');
-const npmCli = [process.env.npm_execpath, join(dirname(process.execPath), '..', 'lib', 'node_modules', 'npm', 'bin', 'npm-cli.js')]
-  .find((p): p is string => !!p && p.endsWith('.js') && existsSync(p));
+const npmCli = [
+  process.env.npm_execpath,
+  join(dirname(process.execPath), '..', 'lib', 'node_modules', 'npm', 'bin', 'npm-cli.js'),
+].find((p): p is string => !!p && p.endsWith('.js') && existsSync(p));
 
 let work = '';
 let bin = '';
@@ -19,12 +30,21 @@ let packages: { main: string; platform: string; platformPackage: string };
 
 /** A consumer's environment: PATH with node only, the user's npm cache, nothing of this repository's build. */
 function consumerEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = { PATH: bin, HOME: process.env.HOME, npm_config_cache: join(process.env.HOME ?? '', '.npm') };
+  const env: NodeJS.ProcessEnv = {
+    PATH: bin,
+    HOME: process.env.HOME,
+    npm_config_cache: join(process.env.HOME ?? '', '.npm'),
+  };
   return env;
 }
 
 function npm(cwd: string, args: string[]): string {
-  return execFileSync(process.execPath, [npmCli!, ...args], { cwd, env: consumerEnv(), encoding: 'utf8', stdio: 'pipe' });
+  return execFileSync(process.execPath, [npmCli!, ...args], {
+    cwd,
+    env: consumerEnv(),
+    encoding: 'utf8',
+    stdio: 'pipe',
+  });
 }
 
 function project(name: string): string {
@@ -62,7 +82,7 @@ describe.skipIf(!npmCli)('the packed packages install and run offline without bu
     }
   });
 
-  it('installs in seconds and runs an op from ESM and CJS on the platform package\'s binary', () => {
+  it("installs in seconds and runs an op from ESM and CJS on the platform package's binary", () => {
     const t0 = performance.now();
     const dir = project('consumer');
     npm(dir, ['install', '--offline', '--no-audit', '--no-fund', '--loglevel=error', packages.main, packages.platform]);
@@ -74,7 +94,8 @@ describe.skipIf(!npmCli)('the packed packages install and run offline without bu
     expect(shipped.optionalDependencies).toEqual({ [packages.platformPackage]: shipped.version });
     const binary = join(dir, 'node_modules', ...packages.platformPackage.split('/'), 'recurrent-kernels.node');
     expect(existsSync(binary)).toBe(true);
-    const run = (args: string[]) => JSON.parse(execFileSync(process.execPath, args, { cwd: dir, env: consumerEnv(), encoding: 'utf8' }));
+    const run = (args: string[]) =>
+      JSON.parse(execFileSync(process.execPath, args, { cwd: dir, env: consumerEnv(), encoding: 'utf8' }));
     const esm = run(['--input-type=module', '-e', probe("import * as rk from 'recurrent-kernels';")]);
     const cjs = run(['-e', probe("const rk = require('recurrent-kernels');")]);
     for (const r of [esm, cjs]) {
@@ -83,8 +104,11 @@ describe.skipIf(!npmCli)('the packed packages install and run offline without bu
       expect(typeof r.cuda).toBe('boolean');
       expect(r.reason.length).toBeGreaterThan(0);
     }
-    const info = execFileSync(process.execPath, [join(dir, 'node_modules', '.bin', 'recurrent-kernels'), 'info'],
-      { cwd: dir, env: consumerEnv(), encoding: 'utf8' });
+    const info = execFileSync(process.execPath, [join(dir, 'node_modules', '.bin', 'recurrent-kernels'), 'info'], {
+      cwd: dir,
+      env: consumerEnv(),
+      encoding: 'utf8',
+    });
     expect(info).toContain(`binary: ${binary}`);
     expect(performance.now() - t0).toBeLessThan(60_000);
   }, 120_000);
@@ -93,16 +117,26 @@ describe.skipIf(!npmCli)('the packed packages install and run offline without bu
     const dir = project('no-optional');
     npm(dir, ['install', '--offline', '--no-audit', '--no-fund', '--loglevel=error', '--omit=optional', packages.main]);
     expect(existsSync(join(dir, 'node_modules', ...packages.platformPackage.split('/')))).toBe(false);
-    const r = spawnSync(process.execPath, ['-e', `
+    const r = spawnSync(
+      process.execPath,
+      [
+        '-e',
+        `
       const rk = require('recurrent-kernels');
       try { rk.linearScan({ a: rk.Tensor.from([1], [1, 1, 1]), b: rk.Tensor.from([1], [1, 1, 1]) }); }
-      catch (e) { console.log(e.code); console.log(e.message); }`], { cwd: dir, env: consumerEnv(), encoding: 'utf8' });
+      catch (e) { console.log(e.code); console.log(e.message); }`,
+      ],
+      { cwd: dir, env: consumerEnv(), encoding: 'utf8' },
+    );
     expect(r.stdout).toMatch(/^ERR_NATIVE_LOAD\n/);
     expect(r.stdout).toContain(`${packages.platformPackage}: not installed`);
     expect(r.stdout).toMatch(/build\/Release\/recurrent_kernels\.node: not found/);
     expect(r.stdout).toContain('npx recurrent-kernels build');
-    const build = spawnSync(process.execPath, [join(dir, 'node_modules', '.bin', 'recurrent-kernels'), 'build'],
-      { cwd: dir, env: consumerEnv(), encoding: 'utf8' });
+    const build = spawnSync(process.execPath, [join(dir, 'node_modules', '.bin', 'recurrent-kernels'), 'build'], {
+      cwd: dir,
+      env: consumerEnv(),
+      encoding: 'utf8',
+    });
     expect(build.status).toBe(1);
     expect(build.stderr).toMatch(/npm install --no-save node-addon-api@\S+ cmake-js@\S+/);
   }, 120_000);

@@ -12,7 +12,8 @@ const at = `(seed ${seed})`;
 
 describe('linear scan oracle', () => {
   it.each([false, true])('backward equals finite differences (reverse=%s)', (reverse) => {
-    const rows = 3, length = 7;
+    const rows = 3,
+      length = 7;
     const a = uniform(rand, rows * length, -1.2, 1.2);
     const b = normal(rand, rows * length);
     const h0 = normal(rand, rows);
@@ -31,7 +32,14 @@ describe('linear scan oracle', () => {
 });
 
 const sizes: [number, number, number][] = [
-  [1, 1, 1], [1, 1, 2], [1, 3, 7], [2, 5, 33], [3, 2, 100], [1, 9, 2049], [2, 17, 1000], [1, 2, 5000],
+  [1, 1, 1],
+  [1, 1, 2],
+  [1, 3, 7],
+  [2, 5, 33],
+  [3, 2, 100],
+  [1, 9, 2049],
+  [2, 17, 1000],
+  [1, 2, 5000],
 ];
 
 for (const device of devices) {
@@ -40,20 +48,27 @@ for (const device of devices) {
       it.each(sizes)(`${dtype} forward and backward, batch %i, channels %i, length %i`, (batch, channels, length) => {
         for (const reverse of [false, true]) {
           for (const withH0 of [false, true]) {
-            const rows = batch * channels, n = rows * length;
+            const rows = batch * channels,
+              n = rows * length;
             const shape = [batch, channels, length];
             const a = tensor(uniform(rand, n, -1, 1), shape, dtype, device);
             const b = tensor(normal(rand, n), shape, dtype, device);
             const h0 = withH0 ? tensor(normal(rand, rows), [batch, channels], 'float32', device) : undefined;
             // The oracle sees exactly the values the kernel sees (after rounding to dtype).
-            const a64 = values(a), b64 = values(b), h064 = h0 ? values(h0) : null;
-            const { outputs, ctx } = rk.ops.linearScan.forward({ a, b },
-              { initialState: h0, reverse, returnFinalState: true });
+            const a64 = values(a),
+              b64 = values(b),
+              h064 = h0 ? values(h0) : null;
+            const { outputs, ctx } = rk.ops.linearScan.forward(
+              { a, b },
+              { initialState: h0, reverse, returnFinalState: true },
+            );
             const ref = linearScanRef(a64, b64, rows, length, h064, reverse);
             const tol = tolerance[dtype];
             const what = `${at} reverse=${reverse} h0=${withH0}`;
             expect(relErr(values(outputs.h), ref.h), `h ${what}`).toBeLessThan(tol);
-            expect(relErr(values(outputs.finalState!), ref.finalState), `finalState ${what}`).toBeLessThan(1e-5 + (dtype === 'float32' ? 0 : tol));
+            expect(relErr(values(outputs.finalState!), ref.finalState), `finalState ${what}`).toBeLessThan(
+              1e-5 + (dtype === 'float32' ? 0 : tol),
+            );
 
             const gh = tensor(normal(rand, n), shape, dtype, device);
             const gFinal = tensor(normal(rand, rows), [batch, channels], 'float32', device);
@@ -61,7 +76,9 @@ for (const device of devices) {
             // For half inputs the kernel saves h in the input dtype, so the oracle uses that h too.
             const gref = linearScanBackwardRef(a64, b64, rows, length, h064, reverse, values(gh), values(gFinal));
             expect(relErr(values(grads.b!), gref.gb), `grad b ${what}`).toBeLessThan(tol);
-            expect(relErr(values(grads.a!), gref.ga), `grad a ${what}`).toBeLessThan(dtype === 'float32' ? tol : 2 * tol);
+            expect(relErr(values(grads.a!), gref.ga), `grad a ${what}`).toBeLessThan(
+              dtype === 'float32' ? tol : 2 * tol,
+            );
             if (withH0) expect(relErr(values(grads.initialState!), gref.gh0), `grad h0 ${what}`).toBeLessThan(tol);
             else expect(grads.initialState).toBeNull();
           }

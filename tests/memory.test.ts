@@ -31,13 +31,22 @@ describe.each(devices)('memory on %s', (device) => {
   it('selective scan: live tensors and RSS stay flat over a thousand forward+backward calls', () => {
     const f = (n: number, v: number, shape: number[]) => tensor(new Float32Array(n).fill(v), shape, 'float32', device);
     const inputs = {
-      u: f(4 * 300, 0.3, [1, 4, 300]), delta: f(4 * 300, 0.1, [1, 4, 300]), A: f(4 * 8, -1, [4, 8]),
-      B: f(8 * 300, 0.2, [1, 1, 8, 300]), C: f(4 * 8, 0.5, [4, 8]), D: f(4, 1, [4]), z: f(4 * 300, 0.7, [1, 4, 300]),
+      u: f(4 * 300, 0.3, [1, 4, 300]),
+      delta: f(4 * 300, 0.1, [1, 4, 300]),
+      A: f(4 * 8, -1, [4, 8]),
+      B: f(8 * 300, 0.2, [1, 1, 8, 300]),
+      C: f(4 * 8, 0.5, [4, 8]),
+      D: f(4, 1, [4]),
+      z: f(4 * 300, 0.7, [1, 4, 300]),
     };
     const h0 = f(2 * 4 * 8, 0.1, [2, 4, 8]);
     const run = () => {
-      const { outputs, ctx } = rk.ops.selectiveScan.forward(inputs,
-        { initialState: h0, returnFinalState: true, cuSeqlens: [0, 100, 290], deltaSoftplus: true });
+      const { outputs, ctx } = rk.ops.selectiveScan.forward(inputs, {
+        initialState: h0,
+        returnFinalState: true,
+        cuSeqlens: [0, 100, 290],
+        deltaSoftplus: true,
+      });
       const g = rk.ops.selectiveScan.backward(ctx, { y: outputs.y, finalState: outputs.finalState });
       for (const t of [outputs.y, outputs.finalState, ctx.states, ...Object.values(g)]) t?.dispose();
     };
@@ -57,11 +66,18 @@ describe.each(devices)('memory on %s', (device) => {
     const f = (n: number, v: number, shape: number[]) => tensor(new Float32Array(n).fill(v), shape, 'float32', device);
     const [B, T, H, K] = [1, 70, 2, 8];
     const delta = {
-      q: f(B * T * H * K, 0.3, [B, T, H, K]), k: f(B * T * H * K, 0.2, [B, T, H, K]), v: f(B * T * H * K, 0.5, [B, T, H, K]),
-      g: f(B * T * H, -0.1, [B, T, H]), beta: f(B * T * H, 0.5, [B, T, H]),
+      q: f(B * T * H * K, 0.3, [B, T, H, K]),
+      k: f(B * T * H * K, 0.2, [B, T, H, K]),
+      v: f(B * T * H * K, 0.5, [B, T, H, K]),
+      g: f(B * T * H, -0.1, [B, T, H]),
+      beta: f(B * T * H, 0.5, [B, T, H]),
     };
     const dO = f(B * T * H * K, 0.1, [B, T, H, K]);
-    const cells = { wx: f(2 * 9 * 4 * 3 * 8, 0.1, [2, 9, 4, 3, 8]), R: f(4 * 3 * 8 * 8, 0.05, [4, 3, 8, 8]), b: f(4 * 3 * 8, 0.1, [4, 3, 8]) };
+    const cells = {
+      wx: f(2 * 9 * 4 * 3 * 8, 0.1, [2, 9, 4, 3, 8]),
+      R: f(4 * 3 * 8 * 8, 0.05, [4, 3, 8, 8]),
+      b: f(4 * 3 * 8, 0.1, [4, 3, 8]),
+    };
     const dh = f(2 * 9 * 3 * 8, 0.1, [2, 9, 3, 8]);
     const run = () => {
       const d = rk.ops.gatedDeltaRule.forward(delta, { outputFinalState: true, useQkL2normInKernel: true });
@@ -69,7 +85,8 @@ describe.each(devices)('memory on %s', (device) => {
       for (const t of [d.outputs.o, d.outputs.finalState, d.ctx.states, ...Object.values(dg)]) t?.dispose();
       const c = rk.ops.fusedRnn.forward(cells, { cell: 'lstm', lengths: [9, 4] });
       const cg = rk.ops.fusedRnn.backward(c.ctx, { h: dh, finalStates: c.outputs.finalStates });
-      for (const t of [c.outputs.h, c.outputs.finalStates, c.ctx.savedStates, c.ctx.savedPre, ...Object.values(cg)]) t?.dispose();
+      for (const t of [c.outputs.h, c.outputs.finalStates, c.ctx.savedStates, c.ctx.savedPre, ...Object.values(cg)])
+        t?.dispose();
     };
     for (let i = 0; i < 50; i++) run();
     global.gc?.();
@@ -97,7 +114,7 @@ describe.each(devices)('memory on %s', (device) => {
 });
 
 describe('CPU output pool', () => {
-  it('reuses disposed outputs, never the caller\'s arrays, and reused outputs are fully rewritten', () => {
+  it("reuses disposed outputs, never the caller's arrays, and reused outputs are fully rewritten", () => {
     rk.releaseCpuPool();
     const shape = [1, 4, 1 << 16]; // 1 MiB per float32 tensor
     const n = 4 << 16;

@@ -20,7 +20,8 @@ function outcome(body: string): { name?: string; code?: string; message?: string
     catch (e) { result = { name: e?.constructor?.name, code: e?.code, message: String(e?.message) }; }
     console.log('RESULT ' + JSON.stringify(result));`;
   const r = spawnSync(process.execPath, ['-e', script], {
-    encoding: 'utf8', timeout: 60_000,
+    encoding: 'utf8',
+    timeout: 60_000,
   });
   const line = r.stdout.split('\n').find((l) => l.startsWith('RESULT '));
   if (r.status !== 0 || !line)
@@ -60,8 +61,12 @@ describe('process-level hardening (each case in a child process)', () => {
   });
 
   it('C3: a buffer source that detaches an input is ERR_DISPOSED', () => {
-    const r = outcome(rawDelta('{ q, k, v, g, beta, h0: null }',
-      `n.setBufferSource((bytes) => { detach(q); return new ArrayBuffer(bytes); }, 0);`));
+    const r = outcome(
+      rawDelta(
+        '{ q, k, v, g, beta, h0: null }',
+        `n.setBufferSource((bytes) => { detach(q); return new ArrayBuffer(bytes); }, 0);`,
+      ),
+    );
     expect(r).toMatchObject({ code: 'ERR_DISPOSED' });
     expect(r.message).toMatch(/q was detached/);
   });
@@ -72,17 +77,25 @@ describe('process-level hardening (each case in a child process)', () => {
   });
 
   it('C5: a buffer source that detaches an output it handed out earlier in the call is ERR_DISPOSED', () => {
-    const r = outcome(rawDelta('{ q, k, v, g, beta, h0: null }',
-      `let first = null;
+    const r = outcome(
+      rawDelta(
+        '{ q, k, v, g, beta, h0: null }',
+        `let first = null;
        n.setBufferSource((bytes) => { const b = new ArrayBuffer(bytes);
-         if (first) structuredClone(first, { transfer: [first] }); else first = b; return b; }, 0);`));
+         if (first) structuredClone(first, { transfer: [first] }); else first = b; return b; }, 0);`,
+      ),
+    );
     expect(r).toMatchObject({ code: 'ERR_DISPOSED' });
     expect(r.message).toMatch(/an output was detached/);
   });
 
   it('a setter on Object.prototype for an output name cannot free that output', () => {
-    const r = outcome(rawDelta('{ q, k, v, g, beta, h0: null }',
-      `Object.defineProperty(Object.prototype, 'o', { set(x) { detach(x); }, configurable: true });`));
+    const r = outcome(
+      rawDelta(
+        '{ q, k, v, g, beta, h0: null }',
+        `Object.defineProperty(Object.prototype, 'o', { set(x) { detach(x); }, configurable: true });`,
+      ),
+    );
     expect(r).toMatchObject({ code: 'ERR_DISPOSED' });
   });
 
@@ -105,15 +118,31 @@ describe('raw native functions: typed errors that name the argument', () => {
   it('an argument that should be an object is named', async () => {
     const rk = await import('../lib/index');
     const n = rk.internals.native() as unknown as Record<string, (...a: unknown[]) => unknown>;
-    expectError(() => n.selectiveStateUpdate('cpu', 'float32', 5, {}), 'ERR_ARGUMENT', /argument 1 \(request\) must be an object/);
-    expectError(() => n.selectiveStateUpdate({ device: 'cpu', dtype: 'float32', tensors: 5, config: {} }), 'ERR_ARGUMENT',
-      /request.tensors must be an object/);
-    expectError(() => n.gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: {}, config: null }), 'ERR_ARGUMENT',
-      /request.config must be an object/);
-    expectError(() => n.fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: {}, config: { cell: 1 } }),
-      'ERR_ARGUMENT', /request.grads must be an object/);
-    expectError(() => n.fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: {}, config: { cell: 'lstm' }, grads: [1] }),
-      'ERR_ARGUMENT', /must be|has|expected/);
+    expectError(
+      () => n.selectiveStateUpdate('cpu', 'float32', 5, {}),
+      'ERR_ARGUMENT',
+      /argument 1 \(request\) must be an object/,
+    );
+    expectError(
+      () => n.selectiveStateUpdate({ device: 'cpu', dtype: 'float32', tensors: 5, config: {} }),
+      'ERR_ARGUMENT',
+      /request.tensors must be an object/,
+    );
+    expectError(
+      () => n.gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: {}, config: null }),
+      'ERR_ARGUMENT',
+      /request.config must be an object/,
+    );
+    expectError(
+      () => n.fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: {}, config: { cell: 1 } }),
+      'ERR_ARGUMENT',
+      /request.grads must be an object/,
+    );
+    expectError(
+      () => n.fusedRnnBackward({ device: 'cpu', dtype: 'float32', tensors: {}, config: { cell: 'lstm' }, grads: [1] }),
+      'ERR_ARGUMENT',
+      /must be|has|expected/,
+    );
   });
 
   it('detached storage is ERR_DISPOSED, not a size mismatch', async () => {
@@ -122,11 +151,29 @@ describe('raw native functions: typed errors that name the argument', () => {
     const s = (k: number) => new Float32Array(k).fill(0.1);
     const q = s(8);
     structuredClone(q.buffer, { transfer: [q.buffer] });
-    expectError(() => n.gatedDeltaForward({ device: 'cpu', dtype: 'float32',
-      tensors: { q, k: s(8), v: s(8), g: s(2), beta: s(2), h0: null },
-      config: { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false, cuSeqlens: null, returnFinal: false,
-        keepStates: true } }),
-    'ERR_DISPOSED', /q storage is detached/);
+    expectError(
+      () =>
+        n.gatedDeltaForward({
+          device: 'cpu',
+          dtype: 'float32',
+          tensors: { q, k: s(8), v: s(8), g: s(2), beta: s(2), h0: null },
+          config: {
+            batch: 1,
+            T: 2,
+            H: 1,
+            HV: 1,
+            K: 4,
+            V: 4,
+            scale: 0.5,
+            l2norm: false,
+            cuSeqlens: null,
+            returnFinal: false,
+            keepStates: true,
+          },
+        }),
+      'ERR_DISPOSED',
+      /q storage is detached/,
+    );
   });
 
   it('DeviceBuffer: a bad size or a call without new is a typed error', async () => {

@@ -6,8 +6,15 @@ import { describe, expect, it } from 'vitest';
 import * as rk from '../lib/index';
 import { devices, hasCuda, tensor, values } from './helpers';
 import {
-  NEWTON_GATES, NEWTON_STATES, isDiagonalCell, newtonRnnIterate, newtonRnnRef, newtonRnnRefBackward,
-  type NewtonCell, type NewtonRefDims, type NewtonRefInputs,
+  NEWTON_GATES,
+  NEWTON_STATES,
+  isDiagonalCell,
+  newtonRnnIterate,
+  newtonRnnRef,
+  newtonRnnRefBackward,
+  type NewtonCell,
+  type NewtonRefDims,
+  type NewtonRefInputs,
 } from './reference/newtonRnn';
 import { freshSeed, normal, relErr, rng } from './reference/util';
 
@@ -22,21 +29,39 @@ interface Problem {
   inputs: { wx: rk.Tensor; R: rk.Tensor; b: rk.Tensor; h0?: rk.Tensor | null };
 }
 
-function problem(cell: NewtonCell, batch: number, T: number, heads: number, headDim: number, opts: {
-  h0?: boolean; rScale?: number; dtype?: rk.DType; device?: rk.Device; fiveD?: boolean; wxScale?: number;
-} = {}): Problem {
+function problem(
+  cell: NewtonCell,
+  batch: number,
+  T: number,
+  heads: number,
+  headDim: number,
+  opts: {
+    h0?: boolean;
+    rScale?: number;
+    dtype?: rk.DType;
+    device?: rk.Device;
+    fiveD?: boolean;
+    wxScale?: number;
+  } = {},
+): Problem {
   const { h0 = true, rScale = 0.5, dtype = 'float32', device = 'cpu', fiveD = false, wxScale = 1 } = opts;
-  const G = NEWTON_GATES[cell], S = NEWTON_STATES[cell], N = heads * headDim;
+  const G = NEWTON_GATES[cell],
+    S = NEWTON_STATES[cell],
+    N = heads * headDim;
   const hidden = fiveD ? [heads, headDim] : [N];
   const diag = isDiagonalCell(cell);
   // Dense weights scaled by 1/sqrt(headDim) keep the recurrence in its ordinary (contracting) regime.
   const R = normal(rand, diag ? G * N : G * N * headDim, diag ? rScale : rScale / Math.sqrt(headDim));
   const wxT = tensor(normal(rand, batch * T * G * N, wxScale), [batch, T, G, ...hidden], dtype, device);
   const ref: NewtonRefInputs = {
-    wx: values(wxT), R, b: normal(rand, G * N, 0.5), h0: h0 ? normal(rand, S * batch * N, 0.5) : null,
+    wx: values(wxT),
+    R,
+    b: normal(rand, G * N, 0.5),
+    h0: h0 ? normal(rand, S * batch * N, 0.5) : null,
   };
   return {
-    ref, dims: { cell, batch, T, heads, headDim },
+    ref,
+    dims: { cell, batch, T, heads, headDim },
     inputs: {
       wx: wxT,
       R: tensor(R, diag ? [G, ...hidden] : [G, heads, headDim, headDim], 'float32', device),
@@ -52,7 +77,8 @@ function problem(cell: NewtonCell, batch: number, T: number, heads: number, head
  */
 function gradErr(got: ArrayLike<number>, ref: ArrayLike<number>): number {
   if (got.length !== ref.length) return Infinity;
-  let num = 0, den = 0;
+  let num = 0,
+    den = 0;
   for (let i = 0; i < ref.length; i++) {
     if (!Number.isFinite(got[i])) return Infinity;
     num += (got[i] - ref[i]) ** 2;
@@ -65,10 +91,19 @@ function gradErr(got: ArrayLike<number>, ref: ArrayLike<number>): number {
 const fp32Tol = (T: number) => 2e-5 * Math.max(1, Math.sqrt(T / 8));
 
 interface Case {
-  cell: NewtonCell; batch: number; T: number; heads: number; headDim: number; h0: boolean;
-  jacobian: 'full' | 'diagonal'; mode: 'newton' | 'sequential'; guess: 'zeros' | 'one-step'; fiveD?: boolean;
+  cell: NewtonCell;
+  batch: number;
+  T: number;
+  heads: number;
+  headDim: number;
+  h0: boolean;
+  jacobian: 'full' | 'diagonal';
+  mode: 'newton' | 'sequential';
+  guess: 'zeros' | 'one-step';
+  fiveD?: boolean;
 }
-const name = (c: Case) => `${c.cell} ${c.mode} ${c.jacobian} b${c.batch} T${c.T} H${c.heads} D${c.headDim}` +
+const name = (c: Case) =>
+  `${c.cell} ${c.mode} ${c.jacobian} b${c.batch} T${c.T} H${c.heads} D${c.headDim}` +
   `${c.h0 ? ' h0' : ''} ${c.guess}${c.fiveD ? ' 5-d' : ''}`;
 
 function cases(): Case[] {
@@ -89,12 +124,20 @@ function cases(): Case[] {
 function checkForward(c: Case, device: rk.Device) {
   const p = problem(c.cell, c.batch, c.T, c.heads, c.headDim, { h0: c.h0, device, fiveD: c.fiveD });
   const r = rk.newtonRnn(p.inputs, {
-    cell: c.cell, heads: c.heads, jacobian: c.jacobian, mode: c.mode, initialGuess: c.guess, maxIters: 200,
-    tol: { abs: 1e-6, rel: 1e-6 }, onNonConvergence: 'error',
+    cell: c.cell,
+    heads: c.heads,
+    jacobian: c.jacobian,
+    mode: c.mode,
+    initialGuess: c.guess,
+    maxIters: 200,
+    tol: { abs: 1e-6, rel: 1e-6 },
+    onNonConvergence: 'error',
   });
   const ref = newtonRnnRef(p.ref, p.dims);
   const tol = fp32Tol(c.T);
-  const S = NEWTON_STATES[c.cell], N = c.heads * c.headDim, hidden = c.fiveD ? [c.heads, c.headDim] : [N];
+  const S = NEWTON_STATES[c.cell],
+    N = c.heads * c.headDim,
+    hidden = c.fiveD ? [c.heads, c.headDim] : [N];
   expect(r.y.shape).toEqual([c.batch, c.T, ...hidden]);
   expect(r.finalStates.shape).toEqual([S, c.batch, ...hidden]);
   expect(r.trajectory.shape).toEqual([c.batch, c.T, S, ...hidden]);
@@ -119,11 +162,18 @@ function checkForward(c: Case, device: rk.Device) {
   }
 }
 
-function checkBackward(cell: NewtonCell, device: rk.Device, dtype: rk.DType, mode: 'newton' | 'sequential', h0: boolean,
-  dims: [number, number, number, number]) {
+function checkBackward(
+  cell: NewtonCell,
+  device: rk.Device,
+  dtype: rk.DType,
+  mode: 'newton' | 'sequential',
+  h0: boolean,
+  dims: [number, number, number, number],
+) {
   const [batch, T, heads, headDim] = dims;
   const p = problem(cell, batch, T, heads, headDim, { h0, device, dtype });
-  const S = NEWTON_STATES[cell], N = heads * headDim;
+  const S = NEWTON_STATES[cell],
+    N = heads * headDim;
   const { outputs, ctx } = rk.ops.newtonRnn.forward(p.inputs, { cell, heads, mode, tol: { abs: 1e-6, rel: 1e-6 } });
   expect(outputs.stats.converged.every(Boolean)).toBe(true);
   const dy = tensor(normal(rand, batch * T * N), [batch, T, N], dtype, device);
@@ -131,10 +181,12 @@ function checkBackward(cell: NewtonCell, device: rk.Device, dtype: rk.DType, mod
   const tol = dtype === 'float32' ? 4 * fp32Tol(T) : 2e-2;
   for (const which of ['both', 'y', 'final'] as const) {
     const g = rk.ops.newtonRnn.backward(ctx, {
-      y: which === 'final' ? null : dy, finalStates: which === 'y' ? null : dFinal,
+      y: which === 'final' ? null : dy,
+      finalStates: which === 'y' ? null : dFinal,
     });
     const ref = newtonRnnRefBackward(p.ref, p.dims, {
-      dy: which === 'final' ? null : values(dy), dFinal: which === 'y' ? null : values(dFinal),
+      dy: which === 'final' ? null : values(dy),
+      dFinal: which === 'y' ? null : values(dFinal),
     });
     const w = (s: string) => at(`${cell} ${dtype} ${mode} ${which}: ${s}`);
     expect(gradErr(values(g.wx), ref.dwx), w('dwx')).toBeLessThan(tol);
@@ -184,17 +236,27 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
       const r = rk.newtonRnn({ wx: wx_, R: R_, b: b_, h0: h0_ }, { cell: 'gru', mode: 'newton' });
       return rk.add(rk.sum(r.y), rk.sum(r.finalStates));
     })(wx, R, b, h0!);
-    const ref = newtonRnnRefBackward(p.ref, p.dims, { dy: new Float64Array(2 * 8 * 4).fill(1), dFinal: new Float64Array(8).fill(1) });
+    const ref = newtonRnnRefBackward(p.ref, p.dims, {
+      dy: new Float64Array(2 * 8 * 4).fill(1),
+      dFinal: new Float64Array(8).fill(1),
+    });
     expect(relErr(values(gwx), ref.dwx)).toBeLessThan(1e-4);
     expect(relErr(values(gR), ref.dR)).toBeLessThan(1e-4);
     expect(relErr(values(gb), ref.db)).toBeLessThan(1e-4);
     expect(relErr(values(gh0), ref.dh0)).toBeLessThan(1e-4);
   });
 
-  it.each([['gru', 'full'], ['lstm', 'full'], ['elman', 'diagonal'], ['gru-diag', 'full'], ['lstm-cifg-diag', 'full']] as const)(
+  it.each([
+    ['gru', 'full'],
+    ['lstm', 'full'],
+    ['elman', 'diagonal'],
+    ['gru-diag', 'full'],
+    ['lstm-cifg-diag', 'full'],
+  ] as const)(
     'stats are truthful: %s (%s Jacobian) reports the iterations the float64 Newton needs; one fewer falls back',
     (cell, jacobian) => {
-      const T = 40, batch = 2;
+      const T = 40,
+        batch = 2;
       // The residual history of the float64 iteration; pick k where it drops the most (by 2x at least,
       // on a fresh draw if this one has no such drop: per-channel Newton need not decrease
       // monotonically), and a tolerance between the residuals before and after step k, far from both
@@ -202,7 +264,9 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
       // The draw must also need at least one iteration at that tolerance (the residual may rise before
       // it drops, so an earlier one can already be below it), or "one fewer" would be no iterations.
       let p = problem(cell, batch, T, 2, 3, { device, rScale: 0.8, wxScale: 1.5 });
-      let hist: number[][] = [], k = -1, tolAbs = 0;
+      let hist: number[][] = [],
+        k = -1,
+        tolAbs = 0;
       let want = { iterations: [0, 0], residuals: [[0], [0]] } as ReturnType<typeof newtonRnnIterate>;
       for (let attempt = 0; attempt < 20 && (k < 0 || Math.max(...want.iterations) < 1); attempt++) {
         if (attempt > 0) p = problem(cell, batch, T, 2, 3, { device, rScale: 0.8, wxScale: 1.5 });
@@ -210,11 +274,16 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
         let best = 2;
         k = -1;
         for (let i = 1; i < Math.min(hist[0].length, hist[1].length); i++) {
-          const before = Math.min(hist[0][i - 1], hist[1][i - 1]), after = Math.max(hist[0][i], hist[1][i], 1e-5);
-          if (before > 1e-3 && before / after > best) { best = before / after; k = i; }
+          const before = Math.min(hist[0][i - 1], hist[1][i - 1]),
+            after = Math.max(hist[0][i], hist[1][i], 1e-5);
+          if (before > 1e-3 && before / after > best) {
+            best = before / after;
+            k = i;
+          }
         }
         if (k < 0) continue;
-        const before = Math.min(hist[0][k - 1], hist[1][k - 1]), after = Math.max(hist[0][k], hist[1][k], 1e-5);
+        const before = Math.min(hist[0][k - 1], hist[1][k - 1]),
+          after = Math.max(hist[0][k], hist[1][k], 1e-5);
         tolAbs = Math.sqrt(before * after);
         want = newtonRnnIterate(p.ref, p.dims, { jacobian, maxIters: 100, tolAbs, tolRel: 0 });
       }
@@ -242,12 +311,15 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
         if (slow) expect(f.stats.residual[b]).toBeGreaterThan(tolAbs);
       }
       expect(relErr(values(f.y), ref.y), at('fallback y')).toBeLessThan(fp32Tol(T));
-      expect(() => rk.newtonRnn(p.inputs, { ...opts, maxIters: m, onNonConvergence: 'error' }))
-        .toThrow(rk.NotConvergedError);
-    });
+      expect(() => rk.newtonRnn(p.inputs, { ...opts, maxIters: m, onNonConvergence: 'error' })).toThrow(
+        rk.NotConvergedError,
+      );
+    },
+  );
 
   it('a chaotic elman (R ~ 3/sqrt(D), long T) does not converge, falls back to the exact answer, or throws', () => {
-    const D = 8, T = 300;
+    const D = 8,
+      T = 300;
     const p = problem('elman', 2, T, 1, D, { device, rScale: 3 });
     const r = rk.newtonRnn(p.inputs, { cell: 'elman', mode: 'newton', maxIters: 12, tol: { abs: 1e-5, rel: 0 } });
     expect(r.stats.converged).toEqual([false, false]);
@@ -262,26 +334,41 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
     let err: unknown;
     try {
       rk.newtonRnn(p.inputs, { cell: 'elman', mode: 'newton', maxIters: 12, onNonConvergence: 'error' });
-    } catch (e) { err = e; }
+    } catch (e) {
+      err = e;
+    }
     expect(err).toBeInstanceOf(rk.NotConvergedError);
     expect((err as rk.RecurrentKernelsError).code).toBe('ERR_NOT_CONVERGED');
     expect((err as Error).message).toMatch(/batch rows \[0,1\] did not converge within maxIters 12/);
   });
 
-  it.each([['gru-diag', 1.5, 0.1], ['lstm-cifg-diag', 1.5, 0.1], ['elman', 1.6, 0.3]] as const)(
-    'damping converges on a stiff %s case (R scale %s, lambda %s) and matches the float64 damped steps', (cell, rScale, damping) => {
-      const T = 60, D = cell === 'elman' ? 8 : 3, heads = cell === 'elman' ? 1 : 2;
+  it.each([
+    ['gru-diag', 1.5, 0.1],
+    ['lstm-cifg-diag', 1.5, 0.1],
+    ['elman', 1.6, 0.3],
+  ] as const)(
+    'damping converges on a stiff %s case (R scale %s, lambda %s) and matches the float64 damped steps',
+    (cell, rScale, damping) => {
+      const T = 60,
+        D = cell === 'elman' ? 8 : 3,
+        heads = cell === 'elman' ? 1 : 2;
       // A fixed damping does not make every stiff problem converge, even in float64 (about one random
       // problem in 25 here stalls with a residual near 1e-3): draw problems until the float64 damped
       // iteration converges within 300 steps on both rows, then ask the kernel to converge within 1000.
       const draw = () => problem(cell, 2, T, heads, D, { device, rScale, wxScale: cell === 'elman' ? 1 : 2 });
       let p = draw();
       for (let n = 1; n < 20; n++) {
-        const exact = newtonRnnIterate(p.ref, p.dims, { jacobian: 'diagonal', maxIters: 300, tolAbs: 1e-5, tolRel: 0, damping });
+        const exact = newtonRnnIterate(p.ref, p.dims, {
+          jacobian: 'diagonal',
+          maxIters: 300,
+          tolAbs: 1e-5,
+          tolRel: 0,
+          damping,
+        });
         if (exact.converged.every(Boolean)) break;
         p = draw();
       }
-      const jacobian = cell === 'elman' ? 'diagonal' as const : 'full' as const;
+      const jacobian = cell === 'elman' ? ('diagonal' as const) : ('full' as const);
       const opts = { cell, jacobian, mode: 'newton' as const, damping, maxIters: 1000, tol: { abs: 1e-5, rel: 0 } };
       const r = rk.newtonRnn(p.inputs, { ...opts, onNonConvergence: 'error' });
       expect(r.stats.converged).toEqual([true, true]);
@@ -299,16 +386,40 @@ describe.each(devices)('newtonRnn on %s vs the float64 oracle', (device) => {
         expect(Math.abs(k3.stats.residual[b] - want), at(`damped residual row ${b}`)).toBeLessThan(1e-5 + 1e-3 * want);
       }
       if (device === 'cpu') {
-        const raw = rk.internals.native().newtonRnnForward({ device: 'cpu', dtype: 'float32', tensors: {
-          wx: p.inputs.wx.storage, R: p.inputs.R.storage, b: p.inputs.b.storage, h0: p.inputs.h0!.storage, guess: null,
-        }, config: { cell: ({ 'gru-diag': 0, 'lstm-cifg-diag': 1, elman: 4 } as const)[cell], batch: 2, T, heads, headDim: D,
-          fullJacobian: jacobian === 'full', sequential: false, fallbackSequential: false, maxIters: 3, tolAbs: 0,
-          tolRel: 0, damping, guess: 0 } });
+        const raw = rk.internals.native().newtonRnnForward({
+          device: 'cpu',
+          dtype: 'float32',
+          tensors: {
+            wx: p.inputs.wx.storage,
+            R: p.inputs.R.storage,
+            b: p.inputs.b.storage,
+            h0: p.inputs.h0!.storage,
+            guess: null,
+          },
+          config: {
+            cell: ({ 'gru-diag': 0, 'lstm-cifg-diag': 1, elman: 4 } as const)[cell],
+            batch: 2,
+            T,
+            heads,
+            headDim: D,
+            fullJacobian: jacobian === 'full',
+            sequential: false,
+            fallbackSequential: false,
+            maxIters: 3,
+            tolAbs: 0,
+            tolRel: 0,
+            damping,
+            guess: 0,
+          },
+        });
         expect(Array.from(raw.fellBack)).toEqual([0, 0]);
-        expect(relErr(Float64Array.from(raw.traj as Float32Array), it3.traj), at('damped 3-step trajectory'))
-          .toBeLessThan(1e-4);
+        expect(
+          relErr(Float64Array.from(raw.traj as Float32Array), it3.traj),
+          at('damped 3-step trajectory'),
+        ).toBeLessThan(1e-4);
       }
-    });
+    },
+  );
 });
 
 describe.each(devices)('newtonRnn memory on %s', (device) => {
@@ -320,8 +431,9 @@ describe.each(devices)('newtonRnn memory on %s', (device) => {
       const { outputs, ctx } = rk.ops.newtonRnn.forward(p.inputs, { cell: 'lstm', mode: 'newton' });
       const g = rk.ops.newtonRnn.backward(ctx, { y: dy });
       for (const t of [outputs.y, outputs.finalStates, outputs.trajectory, g.wx, g.R, g.b, g.h0]) t?.dispose();
-      expect(() => rk.newtonRnn(chaotic.inputs, { cell: 'elman', mode: 'newton', maxIters: 2, onNonConvergence: 'error' }))
-        .toThrow(rk.NotConvergedError);
+      expect(() =>
+        rk.newtonRnn(chaotic.inputs, { cell: 'elman', mode: 'newton', maxIters: 2, onNonConvergence: 'error' }),
+      ).toThrow(rk.NotConvergedError);
     };
     for (let i = 0; i < 50; i++) run();
     global.gc?.();
@@ -355,10 +467,16 @@ describe('newtonRnn modes and options', () => {
 describe.runIf(hasCuda)('newtonRnn on CUDA against the CPU kernels', () => {
   it.each(CELLS)('%s, long sequences and many rows', (cell) => {
     const p = problem(cell, 5, 1000, 4, 8);
-    const cuda = { wx: p.inputs.wx.to('cuda'), R: p.inputs.R.to('cuda'), b: p.inputs.b.to('cuda'), h0: p.inputs.h0!.to('cuda') };
+    const cuda = {
+      wx: p.inputs.wx.to('cuda'),
+      R: p.inputs.R.to('cuda'),
+      b: p.inputs.b.to('cuda'),
+      h0: p.inputs.h0!.to('cuda'),
+    };
     for (const jacobian of ['full', 'diagonal'] as const) {
       const opts = { cell, jacobian, mode: 'newton' as const, maxIters: 300, tol: { abs: 1e-6, rel: 1e-6 } };
-      const c = rk.newtonRnn(p.inputs, opts), g = rk.newtonRnn(cuda, opts);
+      const c = rk.newtonRnn(p.inputs, opts),
+        g = rk.newtonRnn(cuda, opts);
       expect(g.stats.converged.every(Boolean)).toBe(true);
       expect(relErr(values(g.y), values(c.y)), at(`${cell} ${jacobian} y`)).toBeLessThan(1e-4);
       const { ctx } = rk.ops.newtonRnn.forward(cuda, opts);
@@ -372,7 +490,12 @@ describe.runIf(hasCuda)('newtonRnn on CUDA against the CPU kernels', () => {
 
   it("heads beyond the CUDA full-Jacobian solve: 'newton' refuses them, 'auto' evaluates sequentially", () => {
     const p = problem('lstm', 2, 20, 1, 65);
-    const cuda = { wx: p.inputs.wx.to('cuda'), R: p.inputs.R.to('cuda'), b: p.inputs.b.to('cuda'), h0: p.inputs.h0!.to('cuda') };
+    const cuda = {
+      wx: p.inputs.wx.to('cuda'),
+      R: p.inputs.R.to('cuda'),
+      b: p.inputs.b.to('cuda'),
+      h0: p.inputs.h0!.to('cuda'),
+    };
     expect(() => rk.newtonRnn(cuda, { cell: 'lstm', mode: 'newton' })).toThrow(/states x headDim <= 128/);
     const r = rk.newtonRnn(cuda, { cell: 'lstm' });
     expect(Array.from(r.stats.iterations)).toEqual([0, 0]);
@@ -387,7 +510,11 @@ describe('newtonRnn bad input', () => {
   const good = () => ({ wx: mk([2, 5, 3, 6]), R: mk([3, 2, 3, 3]), b: mk([3, 6]), h0: mk([1, 2, 6]) });
   const fails = (fn: () => unknown, code: string, message: RegExp) => {
     let err: unknown;
-    try { fn(); } catch (e) { err = e; }
+    try {
+      fn();
+    } catch (e) {
+      err = e;
+    }
     expect(err, 'expected an error').toBeInstanceOf(rk.RecurrentKernelsError);
     expect((err as rk.RecurrentKernelsError).code).toBe(code);
     expect((err as Error).message).toMatch(message);
@@ -398,14 +525,34 @@ describe('newtonRnn bad input', () => {
     expect(rk.newtonRnn(good(), { cell: 'gru' }).y.shape).toEqual([2, 5, 6]); // heads from R
   });
   it('names the argument and what was expected', () => {
-    fails(() => rk.newtonRnn({ ...good(), wx: mk([2, 5, 18]) }, gru), 'ERR_SHAPE', /wx has shape \[2,5,18\], expected 4/);
+    fails(
+      () => rk.newtonRnn({ ...good(), wx: mk([2, 5, 18]) }, gru),
+      'ERR_SHAPE',
+      /wx has shape \[2,5,18\], expected 4/,
+    );
     fails(() => rk.newtonRnn({ ...good(), wx: mk([2, 5, 4, 6]) }, gru), 'ERR_SHAPE', /wx has 4 gates.*expected 3/);
     fails(() => rk.newtonRnn({ ...good(), wx: mk([2, 0, 3, 6]) }, gru), 'ERR_SHAPE', /at least 1/);
-    fails(() => rk.newtonRnn({ ...good(), R: mk([3, 6]) }, gru), 'ERR_SHAPE', /R has shape \[3,6\], expected \[3,2,3,3\]/);
-    fails(() => rk.newtonRnn({ ...good(), R: mk([3, 2, 3, 3]) }, { cell: 'gru-diag' }), 'ERR_SHAPE', /R has shape.*expected \[3,6\]/);
+    fails(
+      () => rk.newtonRnn({ ...good(), R: mk([3, 6]) }, gru),
+      'ERR_SHAPE',
+      /R has shape \[3,6\], expected \[3,2,3,3\]/,
+    );
+    fails(
+      () => rk.newtonRnn({ ...good(), R: mk([3, 2, 3, 3]) }, { cell: 'gru-diag' }),
+      'ERR_SHAPE',
+      /R has shape.*expected \[3,6\]/,
+    );
     fails(() => rk.newtonRnn({ ...good(), b: mk([3, 5]) }, gru), 'ERR_SHAPE', /b has shape \[3,5\]/);
-    fails(() => rk.newtonRnn({ ...good(), h0: mk([2, 2, 6]) }, gru), 'ERR_SHAPE', /h0 has shape \[2,2,6\], expected \[1,2,6\]/);
-    fails(() => rk.newtonRnn({ ...good(), h0: mk([1, 2, 6]) }, { cell: 'lstm', heads: 2 }), 'ERR_SHAPE', /wx has 3 gates/);
+    fails(
+      () => rk.newtonRnn({ ...good(), h0: mk([2, 2, 6]) }, gru),
+      'ERR_SHAPE',
+      /h0 has shape \[2,2,6\], expected \[1,2,6\]/,
+    );
+    fails(
+      () => rk.newtonRnn({ ...good(), h0: mk([1, 2, 6]) }, { cell: 'lstm', heads: 2 }),
+      'ERR_SHAPE',
+      /wx has 3 gates/,
+    );
     fails(() => rk.newtonRnn({ ...good(), R: mk([3, 2, 3, 3], 'bfloat16') }, gru), 'ERR_DTYPE', /R has dtype bfloat16/);
     fails(() => rk.newtonRnn({ ...good(), b: mk([3, 6], 'float16') }, gru), 'ERR_DTYPE', /b has dtype float16/);
     fails(() => rk.newtonRnn({ ...good(), h0: mk([1, 2, 6], 'float16') }, gru), 'ERR_DTYPE', /h0 has dtype/);
@@ -417,16 +564,46 @@ describe('newtonRnn bad input', () => {
     fails(() => rk.newtonRnn(good(), { ...gru, maxIters: -1 }), 'ERR_ARGUMENT', /maxIters/);
     fails(() => rk.newtonRnn(good(), { ...gru, tol: { abs: NaN } }), 'ERR_ARGUMENT', /tol.abs must be a finite number/);
     fails(() => rk.newtonRnn(good(), { ...gru, tol: { rel: -1 } }), 'ERR_ARGUMENT', /tol.rel must be non-negative/);
-    fails(() => rk.newtonRnn(good(), { ...gru, tol: { absolute: 1 } as never }), 'ERR_ARGUMENT', /unknown option 'absolute'/);
+    fails(
+      () => rk.newtonRnn(good(), { ...gru, tol: { absolute: 1 } as never }),
+      'ERR_ARGUMENT',
+      /unknown option 'absolute'/,
+    );
     fails(() => rk.newtonRnn(good(), { ...gru, damping: Infinity }), 'ERR_ARGUMENT', /damping must be a finite number/);
-    fails(() => rk.newtonRnn(good(), { ...gru, damping: 0.5 }), 'ERR_ARGUMENT', /damping 0.5 needs per-channel Jacobians/);
-    expect(rk.newtonRnn(good(), { ...gru, damping: 0.5, jacobian: 'diagonal', mode: 'newton' }).stats.converged).toEqual([true, true]);
-    fails(() => rk.newtonRnn(good(), { ...gru, jacobian: 'dense' as never }), 'ERR_ARGUMENT', /jacobian must be 'full' or 'diagonal'/);
+    fails(
+      () => rk.newtonRnn(good(), { ...gru, damping: 0.5 }),
+      'ERR_ARGUMENT',
+      /damping 0.5 needs per-channel Jacobians/,
+    );
+    expect(
+      rk.newtonRnn(good(), { ...gru, damping: 0.5, jacobian: 'diagonal', mode: 'newton' }).stats.converged,
+    ).toEqual([true, true]);
+    fails(
+      () => rk.newtonRnn(good(), { ...gru, jacobian: 'dense' as never }),
+      'ERR_ARGUMENT',
+      /jacobian must be 'full' or 'diagonal'/,
+    );
     fails(() => rk.newtonRnn(good(), { ...gru, mode: 'fast' as never }), 'ERR_ARGUMENT', /mode must be/);
-    fails(() => rk.newtonRnn(good(), { ...gru, onNonConvergence: 'ignore' as never }), 'ERR_ARGUMENT', /onNonConvergence/);
-    fails(() => rk.newtonRnn(good(), { ...gru, initialGuess: 'ones' as never }), 'ERR_ARGUMENT', /initialGuess must be/);
-    fails(() => rk.newtonRnn(good(), { ...gru, initialGuess: mk([2, 5, 6]) }), 'ERR_SHAPE', /initialGuess has shape \[2,5,6\], expected \[2,5,1,6\]/);
-    fails(() => rk.newtonRnn(good(), { ...gru, initialGuess: mk([2, 5, 1, 6], 'bfloat16') }), 'ERR_DTYPE', /initialGuess has dtype/);
+    fails(
+      () => rk.newtonRnn(good(), { ...gru, onNonConvergence: 'ignore' as never }),
+      'ERR_ARGUMENT',
+      /onNonConvergence/,
+    );
+    fails(
+      () => rk.newtonRnn(good(), { ...gru, initialGuess: 'ones' as never }),
+      'ERR_ARGUMENT',
+      /initialGuess must be/,
+    );
+    fails(
+      () => rk.newtonRnn(good(), { ...gru, initialGuess: mk([2, 5, 6]) }),
+      'ERR_SHAPE',
+      /initialGuess has shape \[2,5,6\], expected \[2,5,1,6\]/,
+    );
+    fails(
+      () => rk.newtonRnn(good(), { ...gru, initialGuess: mk([2, 5, 1, 6], 'bfloat16') }),
+      'ERR_DTYPE',
+      /initialGuess has dtype/,
+    );
     fails(() => rk.newtonRnn(good(), { ...gru, tolerance: 1 } as never), 'ERR_ARGUMENT', /unknown option 'tolerance'/);
     fails(() => rk.newtonRnn({ ...good(), x: mk([1]) } as never, gru), 'ERR_ARGUMENT', /unknown input 'x'/);
     fails(() => rk.newtonRnn({ ...good(), wx: [1, 2] } as never, gru), 'ERR_ARGUMENT', /wx must be a Tensor/);
@@ -438,19 +615,44 @@ describe('newtonRnn bad input', () => {
     fails(() => rk.ops.newtonRnn.backward(ctx, { y: mk([2, 5, 5]) }), 'ERR_SHAPE', /grad of y has shape/);
     fails(() => rk.ops.newtonRnn.backward(ctx, { y: mk([2, 5, 6], 'float16') }), 'ERR_DTYPE', /grad of y has dtype/);
     fails(() => rk.ops.newtonRnn.backward(ctx, { finalStates: mk([2, 2, 6]) }), 'ERR_SHAPE', /grad of finalStates/);
-    fails(() => rk.ops.newtonRnn.backward(ctx, { trajectory: mk([2, 5, 1, 6]) }), 'ERR_ARGUMENT', /trajectory output has no gradient/);
+    fails(
+      () => rk.ops.newtonRnn.backward(ctx, { trajectory: mk([2, 5, 1, 6]) }),
+      'ERR_ARGUMENT',
+      /trajectory output has no gradient/,
+    );
     g2.R.dispose();
-    fails(() => rk.ops.newtonRnn.backward(ctx, { y: mk([2, 5, 6]) }), 'ERR_DISPOSED', /R \(saved for backward\) was disposed/);
+    fails(
+      () => rk.ops.newtonRnn.backward(ctx, { y: mk([2, 5, 6]) }),
+      'ERR_DISPOSED',
+      /R \(saved for backward\) was disposed/,
+    );
     if (!hasCuda) {
-      fails(() => rk.newtonRnn({ ...good(), wx: rk.Tensor.zeros([2, 5, 3, 6], { device: 'cuda' }) }, gru), 'ERR_DEVICE', /./);
+      fails(
+        () => rk.newtonRnn({ ...good(), wx: rk.Tensor.zeros([2, 5, 3, 6], { device: 'cuda' }) }, gru),
+        'ERR_DEVICE',
+        /./,
+      );
     }
   });
   it('the addon re-checks sizes and scalars it is given directly', () => {
     const n = rk.internals.native;
     const s = (k: number) => new Float32Array(k);
     const t = { wx: s(180), R: s(54), b: s(18), h0: s(12), guess: null };
-    const cfg = { cell: 2, batch: 2, T: 5, heads: 2, headDim: 3, fullJacobian: true, sequential: false, fallbackSequential: true,
-      maxIters: 5, tolAbs: 1e-5, tolRel: 0, damping: 0, guess: 0 };
+    const cfg = {
+      cell: 2,
+      batch: 2,
+      T: 5,
+      heads: 2,
+      headDim: 3,
+      fullJacobian: true,
+      sequential: false,
+      fallbackSequential: true,
+      maxIters: 5,
+      tolAbs: 1e-5,
+      tolRel: 0,
+      damping: 0,
+      guess: 0,
+    };
     const fwd = (tensors: typeof t, config: typeof cfg) =>
       n().newtonRnnForward({ device: 'cpu', dtype: 'float32', tensors, config });
     expect(() => fwd(t, cfg)).not.toThrow();
@@ -463,8 +665,17 @@ describe('newtonRnn bad input', () => {
     fails(() => fwd(t, { ...cfg, damping: 1 }), 'ERR_ARGUMENT', /per-channel Jacobians/);
     fails(() => fwd(t, { ...cfg, guess: 2 }), 'ERR_DEVICE', /initialGuess must be CPU storage/);
     fails(() => fwd(t, { ...cfg, maxIters: -2 }), 'ERR_ARGUMENT', /maxIters/);
-    fails(() => n().newtonRnnBackward({ device: 'cpu', dtype: 'float32', tensors: t, config: { ...cfg, needDh0: true },
-      grads: { traj: s(59), dy: null, dFinal: null } }), 'ERR_SHAPE',
-      /trajectory \(saved for backward\) has 59/);
+    fails(
+      () =>
+        n().newtonRnnBackward({
+          device: 'cpu',
+          dtype: 'float32',
+          tensors: t,
+          config: { ...cfg, needDh0: true },
+          grads: { traj: s(59), dy: null, dFinal: null },
+        }),
+      'ERR_SHAPE',
+      /trajectory \(saved for backward\) has 59/,
+    );
   });
 });

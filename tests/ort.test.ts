@@ -28,7 +28,8 @@ const status = ortStatus();
 
 /** The ORT helpers return null without onnxruntime-node: fail loudly, it is a dev dependency. */
 function need<T>(x: T | null): T {
-  if (x === null) throw new Error(`onnxruntime-node is a dev dependency of this package and must load: ${status.reason}`);
+  if (x === null)
+    throw new Error(`onnxruntime-node is a dev dependency of this package and must load: ${status.reason}`);
   return x;
 }
 
@@ -38,7 +39,8 @@ type Arr = ArrayLike<number>;
 
 function compare(what: string, ours: Arr, ort: Arr, ref: Arr) {
   const e = relErr(ours, ort);
-  const detail = `${what}: ours vs ORT ${e.toExponential(2)}; vs float64 oracle: ours ${relErr(ours, ref).toExponential(2)}, ` +
+  const detail =
+    `${what}: ours vs ORT ${e.toExponential(2)}; vs float64 oracle: ours ${relErr(ours, ref).toExponential(2)}, ` +
     `ORT ${relErr(ort, ref).toExponential(2)}`;
   expect(e, at(detail)).toBeLessThan(TOL);
 }
@@ -49,23 +51,40 @@ describe('onnxruntime-node', () => {
   });
 });
 
-interface RnnCase { cell: 'lstm' | 'gru'; batch: number; T: number; I: number; H: number; states0: boolean }
+interface RnnCase {
+  cell: 'lstm' | 'gru';
+  batch: number;
+  T: number;
+  I: number;
+  H: number;
+  states0: boolean;
+}
 
 // ONNX gate index of each of our gates.
 const ONNX_GATE = { lstm: [0, 2, 3, 1], gru: [1, 0, 2] } as const;
 
 async function rnnCase(c: RnnCase) {
   const { cell, batch, T, I, H } = c;
-  const G = cell === 'lstm' ? 4 : 3, S = cell === 'lstm' ? 2 : 1;
+  const G = cell === 'lstm' ? 4 : 3,
+    S = cell === 'lstm' ? 2 : 1;
   const s = 1.2 / Math.sqrt(H);
-  const W = f32(normal(rand, G * H * I, 1 / Math.sqrt(I))), R = f32(normal(rand, G * H * H, s));
-  const B = f32(normal(rand, 2 * G * H, 0.3)), X = f32(normal(rand, T * batch * I));
+  const W = f32(normal(rand, G * H * I, 1 / Math.sqrt(I))),
+    R = f32(normal(rand, G * H * H, s));
+  const B = f32(normal(rand, 2 * G * H, 0.3)),
+    X = f32(normal(rand, T * batch * I));
   const s0 = f32(normal(rand, S * batch * H, 0.5)); // [S, batch, H]: h then c, as ONNX's initial_h / initial_c
   const make = cell === 'lstm' ? ortLstm : ortGru;
-  const session = need(await make({
-    batch, T, input: I, hidden: H, threads: 1, initialStates: c.states0,
-    weights: { W: Float32Array.from(W), R: Float32Array.from(R), B: Float32Array.from(B) },
-  }));
+  const session = need(
+    await make({
+      batch,
+      T,
+      input: I,
+      hidden: H,
+      threads: 1,
+      initialStates: c.states0,
+      weights: { W: Float32Array.from(W), R: Float32Array.from(R), B: Float32Array.from(B) },
+    }),
+  );
   const feeds: Record<string, Float32Array> = { X: Float32Array.from(X) };
   if (c.states0) {
     feeds.initial_h = Float32Array.from(s0.subarray(0, batch * H));
@@ -75,7 +94,9 @@ async function rnnCase(c: RnnCase) {
   await session.close();
 
   // Ours: wx [batch, T, G, 1, H], R [G, 1, H, H], b [G, 1, H].
-  const wx = new Float64Array(batch * T * G * H), Ro = new Float64Array(G * H * H), bo = new Float64Array(G * H);
+  const wx = new Float64Array(batch * T * G * H),
+    Ro = new Float64Array(G * H * H),
+    bo = new Float64Array(G * H);
   for (let g = 0; g < G; g++) {
     const og = ONNX_GATE[cell][g];
     const nGate = cell === 'gru' && g === 2;
@@ -93,16 +114,25 @@ async function rnnCase(c: RnnCase) {
       }
     }
   }
-  const ours = rk.fusedRnn({
-    wx: tensor(wx, [batch, T, G, 1, H]), R: tensor(Ro, [G, 1, H, H]), b: tensor(bo, [G, 1, H]),
-    states0: c.states0 ? tensor(s0, [S, batch, 1, H]) : null,
-  }, { cell });
-  const ref = fusedRnnRef({ wx: f32(wx), R: Ro, b: f32(bo), states0: c.states0 ? s0 : null },
-    { cell, batch, seqlen: T, heads: 1, headDim: H });
+  const ours = rk.fusedRnn(
+    {
+      wx: tensor(wx, [batch, T, G, 1, H]),
+      R: tensor(Ro, [G, 1, H, H]),
+      b: tensor(bo, [G, 1, H]),
+      states0: c.states0 ? tensor(s0, [S, batch, 1, H]) : null,
+    },
+    { cell },
+  );
+  const ref = fusedRnnRef(
+    { wx: f32(wx), R: Ro, b: f32(bo), states0: c.states0 ? s0 : null },
+    { cell, batch, seqlen: T, heads: 1, headDim: H },
+  );
 
   // ONNX Y [T, 1, batch, H] to ours [batch, T, 1, H].
-  const Y = out.Y as Float32Array, y = new Float64Array(batch * T * H);
-  for (let t = 0; t < T; t++) for (let b = 0; b < batch; b++) for (let j = 0; j < H; j++) y[(b * T + t) * H + j] = Y[(t * batch + b) * H + j];
+  const Y = out.Y as Float32Array,
+    y = new Float64Array(batch * T * H);
+  for (let t = 0; t < T; t++)
+    for (let b = 0; b < batch; b++) for (let j = 0; j < H; j++) y[(b * T + t) * H + j] = Y[(t * batch + b) * H + j];
   const finals = cell === 'lstm' ? [...out.Y_h, ...out.Y_c] : [...out.Y_h];
   compare('h', values(ours.h), y, ref.h);
   compare('final states', values(ours.finalStates), finals, ref.finalStates);
@@ -113,14 +143,31 @@ async function rnnCase(c: RnnCase) {
 describe('fusedRnn (one head) vs ONNX Runtime LSTM / GRU', () => {
   const cases: RnnCase[] = [];
   for (const cell of ['lstm', 'gru'] as const) {
-    cases.push({ cell, batch: 3, T: 7, I: 5, H: 5, states0: true }, { cell, batch: 3, T: 7, I: 4, H: 17, states0: false },
-      { cell, batch: 2, T: 9, I: 1, H: 33, states0: true });
+    cases.push(
+      { cell, batch: 3, T: 7, I: 5, H: 5, states0: true },
+      { cell, batch: 3, T: 7, I: 4, H: 17, states0: false },
+      { cell, batch: 2, T: 9, I: 1, H: 33, states0: true },
+    );
   }
-  it.each(cases.map((c) => [`${c.cell} batch ${c.batch} T ${c.T} input ${c.I} hidden ${c.H}${c.states0 ? ' states0' : ''}`, c] as const))(
-    '%s', async (_n, c) => rnnCase(c));
+  it.each(
+    cases.map(
+      (c) =>
+        [`${c.cell} batch ${c.batch} T ${c.T} input ${c.I} hidden ${c.H}${c.states0 ? ' states0' : ''}`, c] as const,
+    ),
+  )('%s', async (_n, c) => rnnCase(c));
 });
 
-interface GdnCase { batch: number; T: number; H: number; HV: number; K: number; V: number; h0: boolean; scale?: number; l2InOurs: boolean }
+interface GdnCase {
+  batch: number;
+  T: number;
+  H: number;
+  HV: number;
+  K: number;
+  V: number;
+  h0: boolean;
+  scale?: number;
+  l2InOurs: boolean;
+}
 
 /** Unit-norm rows (the delta rule's contract for k; ORT normalises nothing), in float64. */
 function unitRows(x: Float64Array, n: number): Float64Array {
@@ -135,27 +182,45 @@ function unitRows(x: Float64Array, n: number): Float64Array {
 
 function gdnData(c: GdnCase) {
   const { batch, T, H, HV, K, V } = c;
-  const qRaw = normal(rand, batch * T * H * K), kRaw = normal(rand, batch * T * H * K);
+  const qRaw = normal(rand, batch * T * H * K),
+    kRaw = normal(rand, batch * T * H * K);
   const g = Float64Array.from(uniform(rand, batch * T * HV, -2, 0), (x, i) => (i % 5 === 0 ? 0 : x));
   return {
-    qRaw, kRaw, q: f32(unitRows(qRaw, K)), k: f32(unitRows(kRaw, K)), v: f32(normal(rand, batch * T * HV * V)),
-    g: f32(g), beta: f32(uniform(rand, batch * T * HV, 0.05, 1)), h0: f32(normal(rand, batch * HV * K * V, 0.5)),
+    qRaw,
+    kRaw,
+    q: f32(unitRows(qRaw, K)),
+    k: f32(unitRows(kRaw, K)),
+    v: f32(normal(rand, batch * T * HV * V)),
+    g: f32(g),
+    beta: f32(uniform(rand, batch * T * HV, 0.05, 1)),
+    h0: f32(normal(rand, batch * HV * K * V, 0.5)),
   };
 }
 
 /** Ours (q, k normalised by the caller, or raw with the in-kernel norm) and the float64 oracle. */
 function gdnOurs(c: GdnCase, d: ReturnType<typeof gdnData>) {
   const { batch, T, H, HV, K, V } = c;
-  const q = c.l2InOurs ? d.qRaw : d.q, k = c.l2InOurs ? d.kRaw : d.k;
-  const ours = rk.gatedDeltaRule({
-    q: tensor(q, [batch, T, H, K]), k: tensor(k, [batch, T, H, K]), v: tensor(d.v, [batch, T, HV, V]),
-    g: tensor(d.g, [batch, T, HV]), beta: tensor(d.beta, [batch, T, HV]),
-  }, {
-    initialState: c.h0 ? tensor(d.h0, [batch, HV, K, V]) : null, outputFinalState: true, useQkL2normInKernel: c.l2InOurs,
-    ...(c.scale !== undefined ? { scale: c.scale } : {}),
-  });
-  const ref = gatedDeltaRuleRef({ q: d.q, k: d.k, v: d.v, g: d.g, beta: d.beta },
-    { batch, T, H, HV, K, V, scale: c.scale, initialState: c.h0 ? d.h0 : null, outputFinalState: true });
+  const q = c.l2InOurs ? d.qRaw : d.q,
+    k = c.l2InOurs ? d.kRaw : d.k;
+  const ours = rk.gatedDeltaRule(
+    {
+      q: tensor(q, [batch, T, H, K]),
+      k: tensor(k, [batch, T, H, K]),
+      v: tensor(d.v, [batch, T, HV, V]),
+      g: tensor(d.g, [batch, T, HV]),
+      beta: tensor(d.beta, [batch, T, HV]),
+    },
+    {
+      initialState: c.h0 ? tensor(d.h0, [batch, HV, K, V]) : null,
+      outputFinalState: true,
+      useQkL2normInKernel: c.l2InOurs,
+      ...(c.scale !== undefined ? { scale: c.scale } : {}),
+    },
+  );
+  const ref = gatedDeltaRuleRef(
+    { q: d.q, k: d.k, v: d.v, g: d.g, beta: d.beta },
+    { batch, T, H, HV, K, V, scale: c.scale, initialState: c.h0 ? d.h0 : null, outputFinalState: true },
+  );
   return { o: values(ours.o), finalState: values(ours.finalState!), ref };
 }
 
@@ -166,18 +231,37 @@ const gdnCases: GdnCase[] = [
   // K * V >= 4096: ORT's MLAS path.
   { batch: 1, T: 5, H: 1, HV: 2, K: 64, V: 65, h0: true, l2InOurs: false },
 ];
-const gdnName = (c: GdnCase) => `batch ${c.batch} T ${c.T} H ${c.H} HV ${c.HV} K ${c.K} V ${c.V}` +
-  (c.h0 ? ' initial state' : '') + (c.scale !== undefined ? ` scale ${c.scale}` : '') + (c.l2InOurs ? ' (our in-kernel L2 norm)' : '');
+const gdnName = (c: GdnCase) =>
+  `batch ${c.batch} T ${c.T} H ${c.H} HV ${c.HV} K ${c.K} V ${c.V}` +
+  (c.h0 ? ' initial state' : '') +
+  (c.scale !== undefined ? ` scale ${c.scale}` : '') +
+  (c.l2InOurs ? ' (our in-kernel L2 norm)' : '');
 
 describe('gatedDeltaRule vs ONNX Runtime com.microsoft.LinearAttention (gated_delta)', () => {
   it.each(gdnCases.map((c) => [gdnName(c), c] as const))('%s', async (_n, c) => {
     const { batch, T, H, HV, K, V } = c;
     const d = gdnData(c);
-    const session = need(await ortLinearAttention({ batch, T, H, HV, K, V, scale: c.scale ?? 1 / Math.sqrt(K), threads: 1, initialState: c.h0 }));
+    const session = need(
+      await ortLinearAttention({
+        batch,
+        T,
+        H,
+        HV,
+        K,
+        V,
+        scale: c.scale ?? 1 / Math.sqrt(K),
+        threads: 1,
+        initialState: c.h0,
+      }),
+    );
     // ORT's packed [B, T, heads * dim] is our [B, T, heads, dim]; its state (B, HV, K, V) is ours.
     const out = await session.run({
-      query: Float32Array.from(d.q), key: Float32Array.from(d.k), value: Float32Array.from(d.v),
-      decay: Float32Array.from(d.g), beta: Float32Array.from(d.beta), ...(c.h0 ? { past_state: Float32Array.from(d.h0) } : {}),
+      query: Float32Array.from(d.q),
+      key: Float32Array.from(d.k),
+      value: Float32Array.from(d.v),
+      decay: Float32Array.from(d.g),
+      beta: Float32Array.from(d.beta),
+      ...(c.h0 ? { past_state: Float32Array.from(d.h0) } : {}),
     });
     await session.close();
     const ours = gdnOurs(c, d);
@@ -194,7 +278,8 @@ const gdnNoKernel = /Could not find an implementation/.test(gdnProbe?.reason ?? 
 
 describe('gatedDeltaRule vs ONNX Runtime com.microsoft.GatedDeltaNet', () => {
   it.skipIf(gdnNoKernel).each(gdnCases.filter((c) => c.h0).map((c) => [gdnName(c), c] as const))(
-    `%s${gdnNoKernel ? ` (onnxruntime-node ${status.version} has no CPU kernel for GatedDeltaNet)` : ''}`, async (_n, c) => {
+    `%s${gdnNoKernel ? ` (onnxruntime-node ${status.version} has no CPU kernel for GatedDeltaNet)` : ''}`,
+    async (_n, c) => {
       const { batch, T, H, HV, K, V } = c;
       const d = gdnData(c);
       const r = await ortGatedDeltaNet({ batch, T, H, HV, K, V, scale: c.scale ?? 1 / Math.sqrt(K), threads: 1 });
@@ -203,17 +288,23 @@ describe('gatedDeltaRule vs ONNX Runtime com.microsoft.GatedDeltaNet', () => {
       const transpose = (s: ArrayLike<number>, rows: number, cols: number) => {
         const out = new Float64Array(s.length);
         for (let m = 0; m < s.length / (rows * cols); m++) {
-          for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) out[m * rows * cols + j * rows + i] = s[m * rows * cols + i * cols + j];
+          for (let i = 0; i < rows; i++)
+            for (let j = 0; j < cols; j++) out[m * rows * cols + j * rows + i] = s[m * rows * cols + i * cols + j];
         }
         return out;
       };
       const out = await r.session.run({
-        query: Float32Array.from(d.q), key: Float32Array.from(d.k), value: Float32Array.from(d.v),
-        decay: Float32Array.from(d.g), beta: Float32Array.from(d.beta), initial_state: Float32Array.from(transpose(d.h0, K, V)),
+        query: Float32Array.from(d.q),
+        key: Float32Array.from(d.k),
+        value: Float32Array.from(d.v),
+        decay: Float32Array.from(d.g),
+        beta: Float32Array.from(d.beta),
+        initial_state: Float32Array.from(transpose(d.h0, K, V)),
       });
       await r.session.close();
       const ours = gdnOurs(c, d);
       compare('o', ours.o, out.output, ours.ref.o);
       compare('final state', ours.finalState, transpose(out.final_state, V, K), ours.ref.finalState!);
-    });
+    },
+  );
 });

@@ -45,10 +45,17 @@ describe('CPU thread pool', () => {
     const rand = rng(seed + 1);
     const [B, T, H, K, V] = [2, 300, 3, 32, 20];
     const inputs = {
-      q: tensor(normal(rand, B * T * H * K), [B, T, H, K]), k: tensor(normal(rand, B * T * H * K), [B, T, H, K]),
+      q: tensor(normal(rand, B * T * H * K), [B, T, H, K]),
+      k: tensor(normal(rand, B * T * H * K), [B, T, H, K]),
       v: tensor(normal(rand, B * T * H * V), [B, T, H, V]),
-      g: tensor(normal(rand, B * T * H, 0.1).map((x) => -Math.abs(x)), [B, T, H]),
-      beta: tensor(normal(rand, B * T * H, 0.2).map((x) => 0.5 + x), [B, T, H]),
+      g: tensor(
+        normal(rand, B * T * H, 0.1).map((x) => -Math.abs(x)),
+        [B, T, H],
+      ),
+      beta: tensor(
+        normal(rand, B * T * H, 0.2).map((x) => 0.5 + x),
+        [B, T, H],
+      ),
     };
     const dO = tensor(normal(rand, B * T * H * V), [B, T, H, V]);
     const run = () => {
@@ -68,9 +75,14 @@ describe('CPU thread pool', () => {
     const rand = rng(seed + 2);
     const [B, D, L, N] = [2, 40, 600, 16];
     const inputs = {
-      u: tensor(normal(rand, B * D * L), [B, D, L]), delta: tensor(normal(rand, B * D * L, 0.5), [B, D, L]),
-      A: tensor(normal(rand, D * N).map((x) => -Math.abs(x) - 0.1), [D, N]),
-      B: tensor(normal(rand, B * N * L), [B, 1, N, L]), C: tensor(normal(rand, B * N * L), [B, 1, N, L]),
+      u: tensor(normal(rand, B * D * L), [B, D, L]),
+      delta: tensor(normal(rand, B * D * L, 0.5), [B, D, L]),
+      A: tensor(
+        normal(rand, D * N).map((x) => -Math.abs(x) - 0.1),
+        [D, N],
+      ),
+      B: tensor(normal(rand, B * N * L), [B, 1, N, L]),
+      C: tensor(normal(rand, B * N * L), [B, 1, N, L]),
       D: tensor(normal(rand, D), [D]),
     };
     const dy = tensor(normal(rand, B * D * L), [B, D, L]);
@@ -122,11 +134,19 @@ describe('CPU thread pool', () => {
       }
       parentPort.postMessage(out);
     `;
-    const results = await Promise.all([1, 2, 3, 4].map((k) => new Promise<number[][]>((resolve, reject) => {
-      const w = new Worker(code, { eval: true, workerData: { entry, k } });
-      w.once('message', (m) => { resolve(m); void w.terminate(); });
-      w.once('error', reject);
-    })));
+    const results = await Promise.all(
+      [1, 2, 3, 4].map(
+        (k) =>
+          new Promise<number[][]>((resolve, reject) => {
+            const w = new Worker(code, { eval: true, workerData: { entry, k } });
+            w.once('message', (m) => {
+              resolve(m);
+              void w.terminate();
+            });
+            w.once('error', reject);
+          }),
+      ),
+    );
     for (const r of results) {
       expect(r[1]).toEqual(r[0]);
       expect(r[2]).toEqual(r[0]);

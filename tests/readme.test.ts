@@ -28,31 +28,53 @@ describe('README', () => {
 
   it('its examples type-check under strict mode', () => {
     blocks.forEach((b, i) => writeFileSync(join(dir, `block${i}.ts`), `${b}\nexport {};\n`));
-    writeFileSync(join(dir, 'tsconfig.json'), JSON.stringify({
-      compilerOptions: {
-        strict: true, noEmit: true, target: 'ES2022', module: 'ES2022', moduleResolution: 'bundler',
-        lib: ['ES2022', 'esnext.disposable'], types: ['node'], typeRoots: [join(root, 'node_modules', '@types')],
-        skipLibCheck: true, paths: {
-          'recurrent-kernels': [join(root, 'lib', 'index.ts')], 'recurrent-kernels/tfjs': [join(root, 'lib', 'tfjs', 'index.ts')],
-          '@tensorflow/*': [join(root, 'node_modules', '@tensorflow', '*')],
+    writeFileSync(
+      join(dir, 'tsconfig.json'),
+      JSON.stringify({
+        compilerOptions: {
+          strict: true,
+          noEmit: true,
+          target: 'ES2022',
+          module: 'ES2022',
+          moduleResolution: 'bundler',
+          lib: ['ES2022', 'esnext.disposable'],
+          types: ['node'],
+          typeRoots: [join(root, 'node_modules', '@types')],
+          skipLibCheck: true,
+          paths: {
+            'recurrent-kernels': [join(root, 'lib', 'index.ts')],
+            'recurrent-kernels/tfjs': [join(root, 'lib', 'tfjs', 'index.ts')],
+            '@tensorflow/*': [join(root, 'node_modules', '@tensorflow', '*')],
+          },
         },
-      },
-      include: [join(dir, '*.ts')],
-    }));
+        include: [join(dir, '*.ts')],
+      }),
+    );
     try {
-      execFileSync(process.execPath, [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', join(dir, 'tsconfig.json')],
-        { encoding: 'utf8' });
+      execFileSync(
+        process.execPath,
+        [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', join(dir, 'tsconfig.json')],
+        { encoding: 'utf8' },
+      );
     } catch (e) {
       const out = String((e as { stdout?: string }).stdout ?? e);
-      throw new Error(`README examples do not type-check:\n${out.replace(/block(\d+)\.ts\((\d+)/g,
-        (_, i, l) => `README line ${lineOf(blocks[Number(i)]) + Number(l) - 1} (block ${i}`)}`);
+      throw new Error(
+        `README examples do not type-check:\n${out.replace(
+          /block(\d+)\.ts\((\d+)/g,
+          (_, i, l) => `README line ${lineOf(blocks[Number(i)]) + Number(l) - 1} (block ${i}`,
+        )}`,
+      );
     }
   }, 120_000);
 
   it.each(blocks.map((b, i) => [i, lineOf(b), b] as const))('example %i (README line %i) runs', async (i, _line, b) => {
     const file = join(dir, `run${i}.ts`);
-    writeFileSync(file, b.replace(/from 'recurrent-kernels'/g, `from ${JSON.stringify(join(root, 'lib', 'index.ts'))}`)
-      .replace(/from 'recurrent-kernels\/tfjs'/g, `from ${JSON.stringify(join(root, 'lib', 'tfjs', 'index.ts'))}`));
+    writeFileSync(
+      file,
+      b
+        .replace(/from 'recurrent-kernels'/g, `from ${JSON.stringify(join(root, 'lib', 'index.ts'))}`)
+        .replace(/from 'recurrent-kernels\/tfjs'/g, `from ${JSON.stringify(join(root, 'lib', 'tfjs', 'index.ts'))}`),
+    );
     await import(file);
   });
 });

@@ -91,8 +91,21 @@ describe('autograd', () => {
   it('gradcheck catches a wrong backward', () => {
     const bad = rk.defineOp<{ x: rk.Tensor }, { y: rk.Tensor }, void, rk.Tensor>({
       name: 'cube-with-wrong-grad',
-      forward: ({ x }) => ({ outputs: { y: tensor(values(x).map((v) => v ** 3), [...x.shape]) }, ctx: x }),
-      backward: (x, { y }) => ({ x: tensor(values(x).map((v, i) => 2 * v * v * values(y!)[i]), [...x.shape]) }),
+      forward: ({ x }) => ({
+        outputs: {
+          y: tensor(
+            values(x).map((v) => v ** 3),
+            [...x.shape],
+          ),
+        },
+        ctx: x,
+      }),
+      backward: (x, { y }) => ({
+        x: tensor(
+          values(x).map((v, i) => 2 * v * v * values(y!)[i]),
+          [...x.shape],
+        ),
+      }),
     });
     const x = tensor([0.5, -1, 2], [3]);
     expect(rk.gradcheck((x_) => rk.sum(bad({ x: x_ }).y), [x]).ok).toBe(false);

@@ -24,27 +24,65 @@ describe('new Tensor(storage, shape, dtype, device) validates its arguments', ()
   });
 
   it('device, dtype and shape', () => {
-    expectError(() => new rk.Tensor(f32(1), [1], 'float32', any('tpu')), 'ERR_DEVICE', /Tensor: device must be 'cpu' or 'cuda', got tpu/);
+    expectError(
+      () => new rk.Tensor(f32(1), [1], 'float32', any('tpu')),
+      'ERR_DEVICE',
+      /Tensor: device must be 'cpu' or 'cuda', got tpu/,
+    );
     expectError(() => new rk.Tensor(f32(1), [1], any('int8'), 'cpu'), 'ERR_DTYPE', /Tensor: dtype must be one of/);
     expectError(() => new rk.Tensor(f32(1), any('1'), 'float32', 'cpu'), 'ERR_SHAPE', /shape must be an array/);
     expectError(() => new rk.Tensor(f32(1), [-1], 'float32', 'cpu'), 'ERR_SHAPE', /invalid dimension -1/);
     expectError(() => new rk.Tensor(f32(1), [NaN], 'float32', 'cpu'), 'ERR_SHAPE', /invalid dimension NaN/);
-    expectError(() => new rk.Tensor(f32(3), [2, 2], 'float32', 'cpu'), 'ERR_SHAPE', /storage has 3 elements, shape \[2,2\] needs 4/);
+    expectError(
+      () => new rk.Tensor(f32(3), [2, 2], 'float32', 'cpu'),
+      'ERR_SHAPE',
+      /storage has 3 elements, shape \[2,2\] needs 4/,
+    );
   });
 
   it('storage of the wrong kind', () => {
-    expectError(() => new rk.Tensor(any([1, 2]), [2], 'float32', 'cpu'), 'ERR_ARGUMENT', /storage of a cpu float32 tensor must be a Float32Array, got an array/);
-    expectError(() => new rk.Tensor(any(null), [0], 'float32', 'cpu'), 'ERR_ARGUMENT', /must be a Float32Array, got null/);
-    expectError(() => new rk.Tensor(new Uint16Array(2), [2], 'float32', 'cpu'), 'ERR_DTYPE', /must be a Float32Array, got a Uint16Array/);
-    expectError(() => new rk.Tensor(f32(2), [2], 'float16', 'cpu'), 'ERR_DTYPE', /must be a Uint16Array, got a Float32Array/);
-    expectError(() => new rk.Tensor(any(new Float64Array(2)), [2], 'float32', 'cpu'), 'ERR_DTYPE', /got a Float64Array/);
-    expectError(() => new rk.Tensor(f32(2), [2], 'float32', 'cuda'), 'ERR_ARGUMENT', /storage of a cuda tensor must be a DeviceBuffer/);
+    expectError(
+      () => new rk.Tensor(any([1, 2]), [2], 'float32', 'cpu'),
+      'ERR_ARGUMENT',
+      /storage of a cpu float32 tensor must be a Float32Array, got an array/,
+    );
+    expectError(
+      () => new rk.Tensor(any(null), [0], 'float32', 'cpu'),
+      'ERR_ARGUMENT',
+      /must be a Float32Array, got null/,
+    );
+    expectError(
+      () => new rk.Tensor(new Uint16Array(2), [2], 'float32', 'cpu'),
+      'ERR_DTYPE',
+      /must be a Float32Array, got a Uint16Array/,
+    );
+    expectError(
+      () => new rk.Tensor(f32(2), [2], 'float16', 'cpu'),
+      'ERR_DTYPE',
+      /must be a Uint16Array, got a Float32Array/,
+    );
+    expectError(
+      () => new rk.Tensor(any(new Float64Array(2)), [2], 'float32', 'cpu'),
+      'ERR_DTYPE',
+      /got a Float64Array/,
+    );
+    expectError(
+      () => new rk.Tensor(f32(2), [2], 'float32', 'cuda'),
+      'ERR_ARGUMENT',
+      /storage of a cuda tensor must be a DeviceBuffer/,
+    );
   });
 
   it('storage over shared, resizable or detached memory', () => {
     const shared = new Float32Array(new SharedArrayBuffer(8));
-    expectError(() => new rk.Tensor(shared, [2], 'float32', 'cpu'), 'ERR_ARGUMENT', /SharedArrayBuffer \(shared memory is not supported\)/);
-    const resizable = new Float32Array(new (ArrayBuffer as unknown as new (n: number, o: object) => ArrayBuffer)(8, { maxByteLength: 16 }));
+    expectError(
+      () => new rk.Tensor(shared, [2], 'float32', 'cpu'),
+      'ERR_ARGUMENT',
+      /SharedArrayBuffer \(shared memory is not supported\)/,
+    );
+    const resizable = new Float32Array(
+      new (ArrayBuffer as unknown as new (n: number, o: object) => ArrayBuffer)(8, { maxByteLength: 16 }),
+    );
     expectError(() => new rk.Tensor(resizable, [2], 'float32', 'cpu'), 'ERR_ARGUMENT', /resizable ArrayBuffer/);
     const gone = f32(2);
     detach(gone.buffer);
@@ -52,8 +90,11 @@ describe('new Tensor(storage, shape, dtype, device) validates its arguments', ()
   });
 
   it('an owner that is not a Tensor', () => {
-    expectError(() => new rk.Tensor(f32(1), [1], 'float32', 'cpu', any([1])), 'ERR_ARGUMENT',
-      /Tensor: owner: not a Tensor, got an array; make one with Tensor.from/);
+    expectError(
+      () => new rk.Tensor(f32(1), [1], 'float32', 'cpu', any([1])),
+      'ERR_ARGUMENT',
+      /Tensor: owner: not a Tensor, got an array; make one with Tensor.from/,
+    );
   });
 });
 
@@ -63,8 +104,16 @@ describe('Tensor.from and Tensor.zeros', () => {
     expect([a.dtype, a.device]).toEqual(['float32', 'cpu']);
     const z = rk.Tensor.zeros([3], null);
     expect([z.dtype, z.size]).toEqual(['float32', 3]);
-    expectError(() => rk.Tensor.from([1], [1], any('float16')), 'ERR_ARGUMENT', /Tensor.from: options must be an object/);
-    expectError(() => rk.Tensor.from([1], [1], any(5)), 'ERR_ARGUMENT', /options must be an object like \{ dtype, device \}, got number/);
+    expectError(
+      () => rk.Tensor.from([1], [1], any('float16')),
+      'ERR_ARGUMENT',
+      /Tensor.from: options must be an object/,
+    );
+    expectError(
+      () => rk.Tensor.from([1], [1], any(5)),
+      'ERR_ARGUMENT',
+      /options must be an object like \{ dtype, device \}, got number/,
+    );
     expectError(() => rk.Tensor.zeros([1], any(true)), 'ERR_ARGUMENT', /Tensor.zeros: options must be an object/);
     expectError(() => rk.Tensor.zeros([1], any([])), 'ERR_ARGUMENT', /Tensor.zeros: options must be an object/);
   });
@@ -92,22 +141,42 @@ describe('Tensor.from and Tensor.zeros', () => {
   });
 
   it('allocations too large are ERR_OUT_OF_MEMORY, never a RangeError', () => {
-    expectError(() => rk.Tensor.zeros([2 ** 40]), 'ERR_OUT_OF_MEMORY', /Tensor.zeros: shape \[1099511627776\]: cannot allocate/);
-    expectError(() => rk.Tensor.zeros([2 ** 20, 2 ** 20], { dtype: 'bfloat16' }), 'ERR_OUT_OF_MEMORY', /cannot allocate 2199023255552 bytes/);
-    expectError(() => rk.Tensor.from(any({ length: 2 ** 40 }), [2 ** 40]), 'ERR_OUT_OF_MEMORY', /Tensor.from: copying data: cannot allocate/);
+    expectError(
+      () => rk.Tensor.zeros([2 ** 40]),
+      'ERR_OUT_OF_MEMORY',
+      /Tensor.zeros: shape \[1099511627776\]: cannot allocate/,
+    );
+    expectError(
+      () => rk.Tensor.zeros([2 ** 20, 2 ** 20], { dtype: 'bfloat16' }),
+      'ERR_OUT_OF_MEMORY',
+      /cannot allocate 2199023255552 bytes/,
+    );
+    expectError(
+      () => rk.Tensor.from(any({ length: 2 ** 40 }), [2 ** 40]),
+      'ERR_OUT_OF_MEMORY',
+      /Tensor.from: copying data: cannot allocate/,
+    );
   });
 });
 
 describe('objects that are not real tensors', () => {
-  it('methods on an object with Tensor\'s prototype throw ERR_ARGUMENT, not a TypeError', () => {
+  it("methods on an object with Tensor's prototype throw ERR_ARGUMENT, not a TypeError", () => {
     const fake = Object.create(rk.Tensor.prototype) as rk.Tensor;
     expect(rk.Tensor.isTensor(fake)).toBe(false);
     expect(rk.Tensor.isTensor(rk.Tensor.from([1], [1]))).toBe(true);
     const calls: Record<string, () => unknown> = {
-      storage: () => fake.storage, disposed: () => fake.disposed, dataSync: () => fake.dataSync(),
-      toFloat32Array: () => fake.toFloat32Array(), to: () => fake.to('cpu'), clone: () => fake.clone(),
-      reshape: () => fake.reshape([0]), dispose: () => fake.dispose(), 'Symbol.dispose': () => fake[Symbol.dispose](),
-      toString: () => String(fake), shape: () => fake.shape, size: () => fake.size,
+      storage: () => fake.storage,
+      disposed: () => fake.disposed,
+      dataSync: () => fake.dataSync(),
+      toFloat32Array: () => fake.toFloat32Array(),
+      to: () => fake.to('cpu'),
+      clone: () => fake.clone(),
+      reshape: () => fake.reshape([0]),
+      dispose: () => fake.dispose(),
+      'Symbol.dispose': () => fake[Symbol.dispose](),
+      toString: () => String(fake),
+      shape: () => fake.shape,
+      size: () => fake.size,
     };
     for (const call of Object.values(calls))
       expectError(call, 'ERR_ARGUMENT', /not a Tensor, got an object with Tensor's prototype/);
@@ -115,9 +184,16 @@ describe('objects that are not real tensors', () => {
   });
 
   it('a plain array in place of a tensor is told to use Tensor.from', () => {
-    expectError(() => rk.Tensor.prototype.dataSync.call(any([1, 2, 3])), 'ERR_ARGUMENT',
-      /Tensor.dataSync: not a Tensor, got an array; make one with Tensor.from\(data, shape\)/);
-    expectError(() => rk.Tensor.prototype.dispose.call(any(new Float32Array(2))), 'ERR_ARGUMENT', /got a Float32Array; make one with Tensor.from/);
+    expectError(
+      () => rk.Tensor.prototype.dataSync.call(any([1, 2, 3])),
+      'ERR_ARGUMENT',
+      /Tensor.dataSync: not a Tensor, got an array; make one with Tensor.from\(data, shape\)/,
+    );
+    expectError(
+      () => rk.Tensor.prototype.dispose.call(any(new Float32Array(2))),
+      'ERR_ARGUMENT',
+      /got a Float32Array; make one with Tensor.from/,
+    );
   });
 
   it('a tensor whose ArrayBuffer was transferred away reports ERR_DISPOSED when used', () => {
@@ -136,7 +212,11 @@ describe('objects that are not real tensors', () => {
     const empty = new rk.Tensor(new Float32Array(0), [2, 0], 'float32', 'cpu');
     detach(empty.dataSync().buffer);
     expect(empty.disposed).toBe(true);
-    expect(() => { t.dispose(); view.dispose(); empty.dispose(); }).not.toThrow();
+    expect(() => {
+      t.dispose();
+      view.dispose();
+      empty.dispose();
+    }).not.toThrow();
     expect(rk.memory().cpu).toEqual(before);
   });
 });
@@ -174,7 +254,7 @@ describe('arrays kept past dispose()', () => {
     rk.releaseCpuPool();
   });
 
-  it('a second tensor over an output\'s array keeps that memory out of the pool', () => {
+  it("a second tensor over an output's array keeps that memory out of the pool", () => {
     rk.releaseCpuPool();
     const a = tensor(new Float32Array(n).fill(0.5), shape);
     const b = tensor(new Float32Array(n).fill(1), shape);
@@ -202,12 +282,14 @@ describe('Symbol.dispose', () => {
   });
 
   it('`using t = Tensor...` type-checks under strict TypeScript', () => {
-    expect(typecheck(`import { Tensor } from 'LIB/tensor';
+    expect(
+      typecheck(`import { Tensor } from 'LIB/tensor';
 export function f(): boolean {
   using t = Tensor.zeros([1]);
   return t.disposed;
 }
-`)).toEqual([]);
+`),
+    ).toEqual([]);
   });
 });
 

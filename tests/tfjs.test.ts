@@ -20,10 +20,21 @@ beforeAll(async () => {
 });
 
 const tfRand = (shape: number[], scale = 1, map: (x: number) => number = (x) => x) =>
-  tf.tensor(Float32Array.from(normal(rand, shape.reduce((a, b) => a * b, 1), scale), map), shape, 'float32');
+  tf.tensor(
+    Float32Array.from(
+      normal(
+        rand,
+        shape.reduce((a, b) => a * b, 1),
+        scale,
+      ),
+      map,
+    ),
+    shape,
+    'float32',
+  );
 const rkOf = (t: tf.Tensor) => rk.Tensor.from(Float32Array.from(t.dataSync()), t.shape);
 const arr = (t: tf.Tensor | rk.Tensor | null | undefined) =>
-  (t ? Array.from(t instanceof tf.Tensor ? t.dataSync() : t.toFloat32Array()) : null);
+  t ? Array.from(t instanceof tf.Tensor ? t.dataSync() : t.toFloat32Array()) : null;
 
 interface Case {
   name: string;
@@ -38,38 +49,64 @@ interface Case {
 
 const cases: Case[] = [
   {
-    name: 'linearScan', hooks: rk.ops.linearScan as never, outputs: ['h', 'finalState'],
+    name: 'linearScan',
+    hooks: rk.ops.linearScan as never,
+    outputs: ['h', 'finalState'],
     inputs: () => ({ a: tfRand([2, 3, 7], 0.4), b: tfRand([2, 3, 7]), initialState: tfRand([2, 3]) }),
-    optionTensors: ['initialState'], options: { returnFinalState: true },
+    optionTensors: ['initialState'],
+    options: { returnFinalState: true },
     run: ({ a, b, initialState }) => rkTf.linearScan({ a, b }, { initialState, returnFinalState: true }),
   },
   {
-    name: 'selectiveScan', hooks: rk.ops.selectiveScan as never, outputs: ['y', 'finalState'],
+    name: 'selectiveScan',
+    hooks: rk.ops.selectiveScan as never,
+    outputs: ['y', 'finalState'],
     inputs: () => ({
-      u: tfRand([2, 5, 9]), delta: tfRand([2, 5, 9], 0.3, Math.abs), A: tfRand([5, 3], 1, (x) => -Math.abs(x)),
-      B: tfRand([2, 1, 3, 9]), C: tfRand([2, 1, 3, 9]), D: tfRand([5]), z: tfRand([2, 5, 9]),
+      u: tfRand([2, 5, 9]),
+      delta: tfRand([2, 5, 9], 0.3, Math.abs),
+      A: tfRand([5, 3], 1, (x) => -Math.abs(x)),
+      B: tfRand([2, 1, 3, 9]),
+      C: tfRand([2, 1, 3, 9]),
+      D: tfRand([5]),
+      z: tfRand([2, 5, 9]),
     }),
     options: { returnFinalState: true, deltaSoftplus: true },
     run: (x) => rkTf.selectiveScan(x as never, { returnFinalState: true, deltaSoftplus: true }),
   },
   {
-    name: 'gatedDeltaRule', hooks: rk.ops.gatedDeltaRule as never, outputs: ['o', 'finalState'],
+    name: 'gatedDeltaRule',
+    hooks: rk.ops.gatedDeltaRule as never,
+    outputs: ['o', 'finalState'],
     inputs: () => ({
-      q: tfRand([1, 11, 2, 6]), k: tfRand([1, 11, 2, 6]), v: tfRand([1, 11, 2, 5]),
-      g: tfRand([1, 11, 2], 0.1, (x) => -Math.abs(x)), beta: tfRand([1, 11, 2], 1, (x) => 1 / (1 + Math.exp(-x))),
+      q: tfRand([1, 11, 2, 6]),
+      k: tfRand([1, 11, 2, 6]),
+      v: tfRand([1, 11, 2, 5]),
+      g: tfRand([1, 11, 2], 0.1, (x) => -Math.abs(x)),
+      beta: tfRand([1, 11, 2], 1, (x) => 1 / (1 + Math.exp(-x))),
       initialState: tfRand([1, 2, 6, 5], 0.3),
     }),
-    optionTensors: ['initialState'], options: { useQkL2normInKernel: true, outputFinalState: true },
-    run: ({ initialState, ...x }) => rkTf.gatedDeltaRule(x as never, { initialState, useQkL2normInKernel: true, outputFinalState: true }),
+    optionTensors: ['initialState'],
+    options: { useQkL2normInKernel: true, outputFinalState: true },
+    run: ({ initialState, ...x }) =>
+      rkTf.gatedDeltaRule(x as never, { initialState, useQkL2normInKernel: true, outputFinalState: true }),
   },
   {
-    name: 'fusedRnn gru', hooks: rk.ops.fusedRnn as never, outputs: ['h', 'finalStates'],
-    inputs: () => ({ wx: tfRand([2, 6, 3, 2, 4]), R: tfRand([3, 2, 4, 4], 0.3), b: tfRand([3, 2, 4]), states0: tfRand([1, 2, 2, 4]) }),
+    name: 'fusedRnn gru',
+    hooks: rk.ops.fusedRnn as never,
+    outputs: ['h', 'finalStates'],
+    inputs: () => ({
+      wx: tfRand([2, 6, 3, 2, 4]),
+      R: tfRand([3, 2, 4, 4], 0.3),
+      b: tfRand([3, 2, 4]),
+      states0: tfRand([1, 2, 2, 4]),
+    }),
     options: { cell: 'gru' },
     run: (x) => rkTf.fusedRnn(x as never, { cell: 'gru' }),
   },
   {
-    name: 'newtonRnn gru-diag', hooks: rk.ops.newtonRnn as never, outputs: ['y', 'finalStates'],
+    name: 'newtonRnn gru-diag',
+    hooks: rk.ops.newtonRnn as never,
+    outputs: ['y', 'finalStates'],
     inputs: () => ({ wx: tfRand([2, 8, 3, 5]), R: tfRand([3, 5], 0.3), b: tfRand([3, 5]), h0: tfRand([1, 2, 5]) }),
     options: { cell: 'gru-diag' },
     run: (x) => rkTf.newtonRnn(x as never, { cell: 'gru-diag' }),
@@ -85,9 +122,11 @@ describe('recurrent-kernels/tfjs', () => {
         const out = c.run(inputs);
         return c.outputs.map((k) => tfRand(out[k]!.shape));
       });
-      const before = tf.memory().numTensors, rkBefore = rk.memory().cpu.tensors;
+      const before = tf.memory().numTensors,
+        rkBefore = rk.memory().cpu.tensors;
       // Core op on copies of the same values.
-      const coreIn: Record<string, rk.Tensor> = {}, coreOpt: Record<string, unknown> = { ...c.options };
+      const coreIn: Record<string, rk.Tensor> = {},
+        coreOpt: Record<string, unknown> = { ...c.options };
       for (const k of names) (c.optionTensors?.includes(k) ? coreOpt : coreIn)[k] = rkOf(inputs[k]);
       const core = c.hooks.forward(coreIn, coreOpt) as { outputs: Record<string, rk.Tensor>; ctx: unknown };
       const fwd = tf.tidy(() => {
@@ -98,10 +137,12 @@ describe('recurrent-kernels/tfjs', () => {
       tf.dispose(fwd);
       const coreW = Object.fromEntries(c.outputs.map((k, i) => [k, rkOf(weights[i])]));
       const coreGrads = c.hooks.backward(core.ctx, coreW) as Record<string, rk.Tensor | null>;
-      const grads = tf.tidy(() => tf.grads((...xs: tf.Tensor[]) => {
-        const out = c.run(Object.fromEntries(names.map((k, i) => [k, xs[i]])));
-        return tf.addN(c.outputs.map((k, i) => tf.sum(tf.mul(out[k]!, weights[i]))));
-      })(names.map((k) => inputs[k])));
+      const grads = tf.tidy(() =>
+        tf.grads((...xs: tf.Tensor[]) => {
+          const out = c.run(Object.fromEntries(names.map((k, i) => [k, xs[i]])));
+          return tf.addN(c.outputs.map((k, i) => tf.sum(tf.mul(out[k]!, weights[i]))));
+        })(names.map((k) => inputs[k])),
+      );
       names.forEach((k, i) => {
         const want = coreGrads[k];
         expect(want, k).toBeTruthy();
@@ -109,8 +150,14 @@ describe('recurrent-kernels/tfjs', () => {
       });
       tf.dispose(grads);
       expect(tf.memory().numTensors, 'tf tensors left').toBe(before);
-      for (const t of [...Object.values(coreIn), ...Object.values(coreOpt), ...Object.values(core.outputs),
-        ...Object.values(coreGrads), ...Object.values(coreW)]) if (rk.Tensor.isTensor(t)) t.dispose();
+      for (const t of [
+        ...Object.values(coreIn),
+        ...Object.values(coreOpt),
+        ...Object.values(core.outputs),
+        ...Object.values(coreGrads),
+        ...Object.values(coreW),
+      ])
+        if (rk.Tensor.isTensor(t)) t.dispose();
       rk.disposeCtx(core.ctx);
       expect(rk.memory().cpu.tensors, 'package tensors left').toBe(rkBefore);
       tf.dispose([...Object.values(inputs), ...weights]);
@@ -144,7 +191,8 @@ function tfLinearScan(a: tf.Tensor, b: tf.Tensor, h0: tf.Tensor): tf.Tensor {
 }
 
 function tfSelectiveScan(u: tf.Tensor, delta: tf.Tensor, A: tf.Tensor, Bm: tf.Tensor, Cm: tf.Tensor): tf.Tensor {
-  const [B, D, L] = u.shape, N = A.shape[1];
+  const [B, D, L] = u.shape,
+    N = A.shape[1];
   let x = tf.zeros([B, D, N]);
   const ys: tf.Tensor[] = [];
   for (let t = 0; t < L; t++) {
@@ -161,7 +209,8 @@ function tfSelectiveScan(u: tf.Tensor, delta: tf.Tensor, A: tf.Tensor, Bm: tf.Te
 /** LSTM with gates (i, f, z, o), wx [B, T, 4, H, D], R [4, H, D, D] (rec_j = sum_i h_i R[i][j]), b [4, H, D]. */
 function tfLstm(wx: tf.Tensor, R: tf.Tensor, b: tf.Tensor): tf.Tensor {
   const [B, T, , H, D] = wx.shape;
-  let h = tf.zeros([B, H, D]), c = tf.zeros([B, H, D]);
+  let h = tf.zeros([B, H, D]),
+    c = tf.zeros([B, H, D]);
   const hs: tf.Tensor[] = [];
   for (let t = 0; t < T; t++) {
     const pre = [0, 1, 2, 3].map((g) => {
@@ -181,14 +230,24 @@ function tfLstm(wx: tf.Tensor, R: tf.Tensor, b: tf.Tensor): tf.Tensor {
  * The gated delta rule (H == HV, no L2 norm): S_t = exp(g_t) S + beta_t k_t (v_t - exp(g_t) S^T k_t)^T,
  * o_t = scale S_t^T q_t; returns o [B, T, HV, V] and the final state [B, HV, K, V], flattened and joined.
  */
-function tfGatedDelta(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, g: tf.Tensor, beta: tf.Tensor, S0: tf.Tensor): tf.Tensor {
-  const [B, T, H, K] = q.shape, V = v.shape[3];
+function tfGatedDelta(
+  q: tf.Tensor,
+  k: tf.Tensor,
+  v: tf.Tensor,
+  g: tf.Tensor,
+  beta: tf.Tensor,
+  S0: tf.Tensor,
+): tf.Tensor {
+  const [B, T, H, K] = q.shape,
+    V = v.shape[3];
   const scale = 1 / Math.sqrt(K);
   let S = S0;
   const os: tf.Tensor[] = [];
   for (let t = 0; t < T; t++) {
     const at = (x: tf.Tensor, n: number) => x.slice([0, t, 0, 0], [B, 1, H, n]).reshape([B, H, n]);
-    const qt = at(q, K), kt = at(k, K), vt = at(v, V);
+    const qt = at(q, K),
+      kt = at(k, K),
+      vt = at(v, V);
     const decay = tf.exp(g.slice([0, t, 0], [B, 1, H]).reshape([B, H, 1, 1]));
     const bt = beta.slice([0, t, 0], [B, 1, H]).reshape([B, H, 1]);
     const S1 = tf.mul(decay, S);
@@ -222,10 +281,17 @@ function tfGruDiag(wx: tf.Tensor, R: tf.Tensor, b: tf.Tensor, h0: tf.Tensor): tf
 }
 
 describe('recurrent-kernels/tfjs against the same recurrence in tf ops', () => {
-  const check = (name: string, inputs: tf.Tensor[], ours: (...x: tf.Tensor[]) => tf.Tensor,
-    theirs: (...x: tf.Tensor[]) => tf.Tensor) => {
+  const check = (
+    name: string,
+    inputs: tf.Tensor[],
+    ours: (...x: tf.Tensor[]) => tf.Tensor,
+    theirs: (...x: tf.Tensor[]) => tf.Tensor,
+  ) => {
     const w = tf.tidy(() => tfRand(ours(...inputs).shape));
-    const loss = (f: (...x: tf.Tensor[]) => tf.Tensor) => (...x: tf.Tensor[]) => tf.sum(tf.mul(f(...x), w));
+    const loss =
+      (f: (...x: tf.Tensor[]) => tf.Tensor) =>
+      (...x: tf.Tensor[]) =>
+        tf.sum(tf.mul(f(...x), w));
     const [y1, y2] = tf.tidy(() => [ours(...inputs), theirs(...inputs)]);
     expect(relErr(y1.dataSync(), y2.dataSync()), at(`${name} forward`)).toBeLessThan(1e-5);
     const g1 = tf.tidy(() => tf.grads(loss(ours))(inputs));
@@ -235,36 +301,70 @@ describe('recurrent-kernels/tfjs against the same recurrence in tf ops', () => {
   };
 
   it('linear scan, with an initial state', () => {
-    check('linearScan', [tfRand([2, 3, 7], 0.4), tfRand([2, 3, 7]), tfRand([2, 3])],
-      (a, b, h0) => rkTf.linearScan({ a, b }, { initialState: h0 }).h, tfLinearScan);
+    check(
+      'linearScan',
+      [tfRand([2, 3, 7], 0.4), tfRand([2, 3, 7]), tfRand([2, 3])],
+      (a, b, h0) => rkTf.linearScan({ a, b }, { initialState: h0 }).h,
+      tfLinearScan,
+    );
   });
 
   it('selective scan', () => {
-    check('selectiveScan', [tfRand([2, 4, 9]), tfRand([2, 4, 9], 0.3, Math.abs), tfRand([4, 3], 1, (x) => -Math.abs(x)),
-      tfRand([2, 1, 3, 9]), tfRand([2, 1, 3, 9])],
-    (u, delta, A, B, C) => rkTf.selectiveScan({ u, delta, A, B, C }).y, tfSelectiveScan);
+    check(
+      'selectiveScan',
+      [
+        tfRand([2, 4, 9]),
+        tfRand([2, 4, 9], 0.3, Math.abs),
+        tfRand([4, 3], 1, (x) => -Math.abs(x)),
+        tfRand([2, 1, 3, 9]),
+        tfRand([2, 1, 3, 9]),
+      ],
+      (u, delta, A, B, C) => rkTf.selectiveScan({ u, delta, A, B, C }).y,
+      tfSelectiveScan,
+    );
   });
 
   it('gated delta rule, with an initial state and the final state', () => {
-    check('gatedDeltaRule', [tfRand([2, 6, 2, 4]), tfRand([2, 6, 2, 4], 0.5), tfRand([2, 6, 2, 3]),
-      tfRand([2, 6, 2], 0.2, (x) => -Math.abs(x)), tfRand([2, 6, 2], 1, (x) => 1 / (1 + Math.exp(-x))), tfRand([2, 2, 4, 3], 0.3)],
-    (q, k, v, g, beta, S0) => {
-      const { o, finalState } = rkTf.gatedDeltaRule({ q, k, v, g, beta }, { initialState: S0, outputFinalState: true });
-      return tf.concat([o.flatten(), finalState!.flatten()]);
-    }, tfGatedDelta);
+    check(
+      'gatedDeltaRule',
+      [
+        tfRand([2, 6, 2, 4]),
+        tfRand([2, 6, 2, 4], 0.5),
+        tfRand([2, 6, 2, 3]),
+        tfRand([2, 6, 2], 0.2, (x) => -Math.abs(x)),
+        tfRand([2, 6, 2], 1, (x) => 1 / (1 + Math.exp(-x))),
+        tfRand([2, 2, 4, 3], 0.3),
+      ],
+      (q, k, v, g, beta, S0) => {
+        const { o, finalState } = rkTf.gatedDeltaRule(
+          { q, k, v, g, beta },
+          { initialState: S0, outputFinalState: true },
+        );
+        return tf.concat([o.flatten(), finalState!.flatten()]);
+      },
+      tfGatedDelta,
+    );
   });
 
   it('newtonRnn gru-diag, with h0 and the final state', () => {
-    check('newtonRnn', [tfRand([2, 7, 3, 5]), tfRand([3, 5], 0.4), tfRand([3, 5]), tfRand([1, 2, 5])],
+    check(
+      'newtonRnn',
+      [tfRand([2, 7, 3, 5]), tfRand([3, 5], 0.4), tfRand([3, 5]), tfRand([1, 2, 5])],
       (wx, R, b, h0) => {
         const { y, finalStates } = rkTf.newtonRnn({ wx, R, b, h0 }, { cell: 'gru-diag' });
         return tf.concat([y.flatten(), finalStates.flatten()]);
-      }, tfGruDiag);
+      },
+      tfGruDiag,
+    );
   });
 
   it('LSTM (fusedRnn), two heads', () => {
-    check('fusedRnn lstm', [tfRand([2, 5, 4, 2, 3]), tfRand([4, 2, 3, 3], 0.4), tfRand([4, 2, 3])],
-      (wx, R, b) => rkTf.fusedRnn({ wx, R, b }, { cell: 'lstm' }).h, tfLstm);
+    check(
+      'fusedRnn lstm',
+      [tfRand([2, 5, 4, 2, 3]), tfRand([4, 2, 3, 3], 0.4), tfRand([4, 2, 3])],
+      (wx, R, b) => rkTf.fusedRnn({ wx, R, b }, { cell: 'lstm' }).h,
+      tfLstm,
+    );
   });
 });
 
@@ -290,9 +390,12 @@ describe('conversions', () => {
 
 describe('the training examples', () => {
   const run = (file: string, steps: number) => {
-    const r = spawnSync(process.execPath, [join(__dirname, '..', 'examples', file), String(steps)], { encoding: 'utf8' });
+    const r = spawnSync(process.execPath, [join(__dirname, '..', 'examples', file), String(steps)], {
+      encoding: 'utf8',
+    });
     const m = /loss fell ([\d.]+)x/.exec(r.stdout);
-    if (r.status !== 0 || !m) throw new Error(`${file} failed (status ${r.status}):\n${r.stdout}\n${r.stderr.slice(-2000)}`);
+    if (r.status !== 0 || !m)
+      throw new Error(`${file} failed (status ${r.status}):\n${r.stdout}\n${r.stderr.slice(-2000)}`);
     return Number(m[1]);
   };
   it('the Mamba-style block: the loss falls at least 3x in 150 Adam steps', () => {

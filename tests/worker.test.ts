@@ -16,11 +16,19 @@ parentPort.postMessage(Array.from(h.dataSync().slice(0, 3)));
 
 describe('worker_threads', () => {
   it('loads the addon and runs an op in several workers at once', async () => {
-    const results = await Promise.all([1, 2, 3].map((k) => new Promise<number[]>((resolve, reject) => {
-      const w = new Worker(code, { eval: true, workerData: { entry, k } });
-      w.once('message', (m) => { resolve(m); void w.terminate(); });
-      w.once('error', reject);
-    })));
+    const results = await Promise.all(
+      [1, 2, 3].map(
+        (k) =>
+          new Promise<number[]>((resolve, reject) => {
+            const w = new Worker(code, { eval: true, workerData: { entry, k } });
+            w.once('message', (m) => {
+              resolve(m);
+              void w.terminate();
+            });
+            w.once('error', reject);
+          }),
+      ),
+    );
     results.forEach((r, i) => expect(r).toEqual([i + 1, 1.5 * (i + 1), 1.75 * (i + 1)]));
   });
 });

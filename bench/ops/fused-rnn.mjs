@@ -24,11 +24,29 @@ import { runPythonPeer } from '../peers/run.mjs';
 import { ortGru, ortLstm, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = {
-  cuda: [[16, 1024, 48, 16], [16, 1024, 24, 32], [16, 1024, 12, 64], [16, 1024, 6, 128], [16, 1024, 3, 256], [16, 1024, 1, 768]],
+  cuda: [
+    [16, 1024, 48, 16],
+    [16, 1024, 24, 32],
+    [16, 1024, 12, 64],
+    [16, 1024, 6, 128],
+    [16, 1024, 3, 256],
+    [16, 1024, 1, 768],
+  ],
   // The first three: one head of the full hidden size, against ONNX Runtime's LSTM / GRU.
-  cpu: [[16, 1024, 1, 256], [16, 1024, 1, 768], [1, 4096, 1, 256], [16, 1024, 12, 64]],
+  cpu: [
+    [16, 1024, 1, 256],
+    [16, 1024, 1, 768],
+    [1, 4096, 1, 256],
+    [16, 1024, 12, 64],
+  ],
 };
-const QUICK = { cuda: [[16, 256, 12, 64]], cpu: [[16, 256, 1, 256], [1, 1024, 1, 256]] };
+const QUICK = {
+  cuda: [[16, 256, 12, 64]],
+  cpu: [
+    [16, 256, 1, 256],
+    [1, 1024, 1, 256],
+  ],
+};
 // Every cell on CUDA (the issue's per-gate comparison); the JS and PyTorch peers exist for lstm and gru.
 const CELLS = { cpu: ['lstm', 'gru'], cuda: ['lstm', 'gru', 'slstm', 'elman'] };
 const PEER_CELLS = ['lstm', 'gru'];
@@ -49,7 +67,10 @@ const sig = (x) => 1 / (1 + Math.exp(-x));
 function jsForward(cell, wx, R, b, dims) {
   const { batch, T, H, D } = dims;
   const G = GATES[cell];
-  const h = new Float32Array(batch * T * H * D), hp = new Float32Array(D), c = new Float32Array(D), rec = new Float32Array(G * D);
+  const h = new Float32Array(batch * T * H * D),
+    hp = new Float32Array(D),
+    c = new Float32Array(D),
+    rec = new Float32Array(G * D);
   for (let bb = 0; bb < batch; bb++) {
     for (let hh = 0; hh < H; hh++) {
       hp.fill(0);
@@ -59,11 +80,14 @@ function jsForward(cell, wx, R, b, dims) {
         for (let g = 0; g < G; g++) {
           const r0 = (g * H + hh) * D * D;
           for (let k = 0; k < D; k++) {
-            const x = hp[k], row = r0 + k * D, o = g * D;
+            const x = hp[k],
+              row = r0 + k * D,
+              o = g * D;
             for (let j = 0; j < D; j++) rec[o + j] += x * R[row + j];
           }
         }
-        const w0 = (bb * T + t) * G * H * D, out = ((bb * T + t) * H + hh) * D;
+        const w0 = (bb * T + t) * G * H * D,
+          out = ((bb * T + t) * H + hh) * D;
         for (let j = 0; j < D; j++) {
           const pre = (g) => wx[w0 + (g * H + hh) * D + j] + b[(g * H + hh) * D + j];
           let hn;
@@ -72,7 +96,8 @@ function jsForward(cell, wx, R, b, dims) {
             c[j] = cn;
             hn = sig(pre(3) + rec[3 * D + j]) * Math.tanh(cn);
           } else {
-            const r = sig(pre(0) + rec[j]), z = sig(pre(1) + rec[D + j]);
+            const r = sig(pre(0) + rec[j]),
+              z = sig(pre(1) + rec[D + j]);
             const n = Math.tanh(wx[w0 + (2 * H + hh) * D + j] + r * (rec[2 * D + j] + b[(2 * H + hh) * D + j]));
             hn = (1 - z) * n + z * hp[j];
           }
@@ -93,10 +118,16 @@ function jsPeer(rk, cell, data, dims, size) {
   let wx = data.wx;
   if (Trun < T) {
     wx = new Float32Array(batch * Trun * G * H * D);
-    for (let b = 0; b < batch; b++) wx.set(data.wx.subarray(b * T * G * H * D, (b * T + Trun) * G * H * D), b * Trun * G * H * D);
-    console.log(`JS loop peer at ${size} ${cell}: timed on ${Trun} of ${T} steps, time scaled by ${(T / Trun).toFixed(2)}`);
+    for (let b = 0; b < batch; b++)
+      wx.set(data.wx.subarray(b * T * G * H * D, (b * T + Trun) * G * H * D), b * Trun * G * H * D);
+    console.log(
+      `JS loop peer at ${size} ${cell}: timed on ${Trun} of ${T} steps, time scaled by ${(T / Trun).toFixed(2)}`,
+    );
   }
-  const ms = timeIt(rk, 'cpu', () => jsForward(cell, wx, data.R, data.b, { ...dims, T: Trun }), { warmup: 2, iters: 3 });
+  const ms = timeIt(rk, 'cpu', () => jsForward(cell, wx, data.R, data.b, { ...dims, T: Trun }), {
+    warmup: 2,
+    iters: 3,
+  });
   return ms * (T / Trun);
 }
 
@@ -126,7 +157,10 @@ export default {
   tagLabel: 'cell',
   /** Bytes are a small part of the cost here (the recurrent matmuls are): no GB/s on CPU. */
   dropColumns: (device) => (device === 'cpu' ? ['GB/s', '% of copy', 'ms per gate'] : []),
-  async run(rk, { device, quick, sizes: userSizes, dtype: userDtype, chart, ceilings, peers: withPeers = true, progress }) {
+  async run(
+    rk,
+    { device, quick, sizes: userSizes, dtype: userDtype, chart, ceilings, peers: withPeers = true, progress },
+  ) {
     if (!rk.fusedRnn || !rk.ops?.fusedRnn) throw new Error('bench: this build has no fusedRnn op');
     if (typeof rk.internals?.native?.().fusedRnnForward !== 'function')
       throw new Error('bench: the native addon has no fused cell kernels (rebuild it with npm run build:native)');
@@ -134,21 +168,27 @@ export default {
     for (const s of sizes)
       if (s.length !== 4) throw new Error(`bench: fused-rnn sizes are batch x T x heads x headDim, got ${s.join('x')}`);
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const peerTimes = device === 'cuda' && withPeers ? runPythonPeer('fused_rnn.py', { sizes, dtypes: [dtype], cells: PEER_CELLS }) : null;
+    const peerTimes =
+      device === 'cuda' && withPeers
+        ? runPythonPeer('fused_rnn.py', { sizes, dtypes: [dtype], cells: PEER_CELLS })
+        : null;
     const chartSeries = new Map(); // name -> [[headDim, ms]]
-    const addPoint = (name, D, ms) => { if (ms != null) chartSeries.set(name, [...(chartSeries.get(name) ?? []), [D, ms]]); };
+    const addPoint = (name, D, ms) => {
+      if (ms != null) chartSeries.set(name, [...(chartSeries.get(name) ?? []), [D, ms]]);
+    };
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch loop';
     console.log('GFLOP/s: the recurrent matmuls, 2*G*D^2 flops per step, head and row (fwd+bwd: 3x)');
     const ortNote = ortStatus().ok ? null : `ORT not installed (${ortStatus().reason})`;
     if (device === 'cpu' && withPeers && ortNote) console.log(`${ORT_PEER}: ${ortNote}`);
-    const matmul = device === 'cpu' ? ceilings?.gflops ?? null : null;
+    const matmul = device === 'cpu' ? (ceilings?.gflops ?? null) : null;
     const rows = [];
     let step = 0;
     for (const [batch, T, H, D] of sizes) {
       const size = `${batch}x${T}x${H}x${D}`;
       for (const cell of CELLS[device]) {
         progress?.(++step, sizes.length * CELLS[device].length, `${size} ${cell}`);
-        const G = GATES[cell], S = STATES[cell];
+        const G = GATES[cell],
+          S = STATES[cell];
         const data = {
           wx: uniform(batch * T * G * H * D, -1, 1),
           R: uniform(G * H * D * D, -1 / Math.sqrt(D), 1 / Math.sqrt(D)),
@@ -164,13 +204,23 @@ export default {
         const options = { cell };
         const iters = device === 'cuda' ? 20 : 5;
         const fwd = timeIt(rk, device, () => rk.fusedRnn(inputs, options), { iters, after: disposeAll });
-        const both = timeIt(rk, device, () => {
-          const { outputs, ctx } = rk.ops.fusedRnn.forward(inputs, options);
-          return { outputs, ctx, grads: rk.ops.fusedRnn.backward(ctx, { h: gh }) };
-        }, {
-          iters: device === 'cuda' ? 10 : 3,
-          after: ({ outputs, ctx, grads }) => { disposeAll(outputs); ctx.savedStates.dispose(); ctx.savedPre.dispose(); disposeAll(grads); },
-        });
+        const both = timeIt(
+          rk,
+          device,
+          () => {
+            const { outputs, ctx } = rk.ops.fusedRnn.forward(inputs, options);
+            return { outputs, ctx, grads: rk.ops.fusedRnn.backward(ctx, { h: gh }) };
+          },
+          {
+            iters: device === 'cuda' ? 10 : 3,
+            after: ({ outputs, ctx, grads }) => {
+              disposeAll(outputs);
+              ctx.savedStates.dispose();
+              ctx.savedPre.dispose();
+              disposeAll(grads);
+            },
+          },
+        );
         const e = rk.dtypeBytes(dtype);
         const flops = 2 * G * D * D * batch * T * H;
         const fwdBytes = (G + 1) * batch * T * H * D * e;
@@ -184,27 +234,41 @@ export default {
           // ORT has no block-diagonal heads: compared at one head only.
           ort = { fwd: H === 1 ? await ortPeer(rk, cell, { batch, T, D }) : null, 'fwd+bwd': null };
         } else if (peerTimes && PEER_CELLS.includes(cell)) {
-          peer = { fwd: peerTimes[`${size}/${cell}/${dtype}/fwd`] ?? null, 'fwd+bwd': peerTimes[`${size}/${cell}/${dtype}/fwd+bwd`] ?? null };
+          peer = {
+            fwd: peerTimes[`${size}/${cell}/${dtype}/fwd`] ?? null,
+            'fwd+bwd': peerTimes[`${size}/${cell}/${dtype}/fwd+bwd`] ?? null,
+          };
           // cuDNN's time includes its input matmul (torch.nn.LSTM / GRU at hidden H * D).
-          cudnn = { fwd: peerTimes[`${size}/${cell}/${dtype}/cudnn`] ?? null, 'fwd+bwd': peerTimes[`${size}/${cell}/${dtype}/cudnn/fwd+bwd`] ?? null };
+          cudnn = {
+            fwd: peerTimes[`${size}/${cell}/${dtype}/cudnn`] ?? null,
+            'fwd+bwd': peerTimes[`${size}/${cell}/${dtype}/cudnn/fwd+bwd`] ?? null,
+          };
         }
         const row = (pass, ms, bytes, fl, p, c, o) => ({
-          size, tag: cell, dtype, pass, ms, gbs: bytes / (ms * 1e6),
+          size,
+          tag: cell,
+          dtype,
+          pass,
+          ms,
+          gbs: bytes / (ms * 1e6),
           extra: {
             'GFLOP/s': (fl / (ms * 1e6)).toFixed(1),
             ...(matmul ? { '% of matmul': `${((100 * fl) / (ms * 1e6 * matmul)).toFixed(0)}%` } : {}),
             'us per step': ((1000 * ms) / T).toFixed(2),
             'ms per gate': (ms / G).toFixed(3),
           },
-          bytes, flops: fl,
+          bytes,
+          flops: fl,
           peers: {
             ...(withPeers ? { [peerName]: p } : {}),
             ...(c !== undefined ? { 'cuDNN (incl. input matmul)': c } : {}),
             ...(o !== undefined ? { [ORT_PEER]: o } : {}),
           },
         });
-        rows.push(row('fwd', fwd, fwdBytes, flops, peer.fwd, cudnn.fwd, ort.fwd),
-          row('fwd+bwd', both, bothBytes, 3 * flops, peer['fwd+bwd'], cudnn['fwd+bwd'], ort['fwd+bwd']));
+        rows.push(
+          row('fwd', fwd, fwdBytes, flops, peer.fwd, cudnn.fwd, ort.fwd),
+          row('fwd+bwd', both, bothBytes, 3 * flops, peer['fwd+bwd'], cudnn['fwd+bwd'], ort['fwd+bwd']),
+        );
         addPoint(`${cell} fwd`, D, fwd);
         addPoint(`${cell} fwd+bwd`, D, both);
         if (cudnn.fwd != null) addPoint(`cuDNN ${cell} fwd`, D, cudnn.fwd);
@@ -214,10 +278,19 @@ export default {
     }
     if (chart) {
       const Ts = [...new Set(sizes.map((s) => s[1]))];
-      writeFileSync(chart, lineChart([...chartSeries].map(([name, points]) => ({ name, points })), {
-        title: `fused cells, ${dtype}, ${device}, batch ${[...new Set(sizes.map((s) => s[0]))].join('/')}, T ${Ts.join('/')}: time against head size`,
-        xLabel: 'headDim (heads = hidden / headDim)', yLabel: 'ms', logX: true, logY: true,
-      }));
+      writeFileSync(
+        chart,
+        lineChart(
+          [...chartSeries].map(([name, points]) => ({ name, points })),
+          {
+            title: `fused cells, ${dtype}, ${device}, batch ${[...new Set(sizes.map((s) => s[0]))].join('/')}, T ${Ts.join('/')}: time against head size`,
+            xLabel: 'headDim (heads = hidden / headDim)',
+            yLabel: 'ms',
+            logX: true,
+            logY: true,
+          },
+        ),
+      );
       console.log(`wrote ${chart}`);
     }
     return rows;

@@ -33,12 +33,27 @@ import { runPythonPeer } from '../peers/run.mjs';
 import { ortGatedDeltaNet, ortLinearAttention, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = {
-  cuda: [[4, 4096, 16, 128], [8, 2048, 32, 128], [1, 32768, 16, 128], [32, 1, 16, 128]],
-  cpu: [[2, 1024, 8, 64], [1, 4096, 16, 128], [8, 1, 8, 64]],
+  cuda: [
+    [4, 4096, 16, 128],
+    [8, 2048, 32, 128],
+    [1, 32768, 16, 128],
+    [32, 1, 16, 128],
+  ],
+  cpu: [
+    [2, 1024, 8, 64],
+    [1, 4096, 16, 128],
+    [8, 1, 8, 64],
+  ],
 };
 const QUICK = {
-  cuda: [[2, 1024, 8, 128], [32, 1, 16, 128]],
-  cpu: [[1, 128, 4, 64], [8, 1, 8, 64]],
+  cuda: [
+    [2, 1024, 8, 128],
+    [32, 1, 16, 128],
+  ],
+  cpu: [
+    [1, 128, 4, 64],
+    [8, 1, 8, 64],
+  ],
 };
 const DEFAULT_K = { cuda: 128, cpu: 64 };
 // Above this many state-element updates (batch * T * HV * K * V) the JS peer runs on fewer tokens
@@ -54,8 +69,11 @@ function uniform(n, lo, hi) {
 
 /** The host data of one problem, as float32, in the op's layouts. */
 function makeData(batch, T, H, K) {
-  const HV = H, V = K;
-  const nqk = batch * T * H * K, nv = batch * T * HV * V, nh = batch * T * HV;
+  const HV = H,
+    V = K;
+  const nqk = batch * T * H * K,
+    nv = batch * T * HV * V,
+    nh = batch * T * HV;
   const g = new Float32Array(nh);
   for (let i = 0; i < nh; i++) g[i] = -Math.log1p(Math.exp(-(-4.9 + 10.9 * Math.random()))); // logsigmoid, in (-4.91, -0.0025)
   const beta = new Float32Array(nh);
@@ -71,7 +89,8 @@ function makeData(batch, T, H, K) {
 }
 
 function l2normRows(x, rows, K) {
-  const out = new Float32Array(x.length), inv = new Float32Array(rows);
+  const out = new Float32Array(x.length),
+    inv = new Float32Array(rows);
   for (let r = 0; r < rows; r++) {
     let s = 0;
     for (let i = 0; i < K; i++) s += x[r * K + i] * x[r * K + i];
@@ -87,9 +106,11 @@ function l2normRows(x, rows, K) {
 // kept there for the backward, which then runs head by head.
 function jsForward(p, dims, states = null, backward = null) {
   const { batch, T, H, HV, K, V, scale } = dims;
-  const qn = l2normRows(p.q, batch * T * H, K), kn = l2normRows(p.k, batch * T * H, K);
+  const qn = l2normRows(p.q, batch * T * H, K),
+    kn = l2normRows(p.k, batch * T * H, K);
   const o = new Float32Array(batch * T * HV * V);
-  const S0 = new Float32Array(K * V), u = new Float32Array(V);
+  const S0 = new Float32Array(K * V),
+    u = new Float32Array(V);
   const group = HV / H;
   for (let b = 0; b < batch; b++) {
     for (let hv = 0; hv < HV; hv++) {
@@ -102,8 +123,11 @@ function jsForward(p, dims, states = null, backward = null) {
           S = states.subarray((t + 1) * K * V, (t + 2) * K * V);
           S.set(states.subarray(t * K * V, (t + 1) * K * V));
         }
-        const qo = ((b * T + t) * H + h) * K, vo = ((b * T + t) * HV + hv) * V, gi = (b * T + t) * HV + hv;
-        const a = Math.exp(p.g[gi]), bt = p.beta[gi];
+        const qo = ((b * T + t) * H + h) * K,
+          vo = ((b * T + t) * HV + hv) * V,
+          gi = (b * T + t) * HV + hv;
+        const a = Math.exp(p.g[gi]),
+          bt = p.beta[gi];
         u.fill(0);
         for (let i = 0; i < K; i++) {
           const ki = kn.out[qo + i];
@@ -111,7 +135,8 @@ function jsForward(p, dims, states = null, backward = null) {
         }
         for (let j = 0; j < V; j++) u[j] = bt * (p.v[vo + j] - a * u[j]);
         for (let i = 0; i < K; i++) {
-          const ki = kn.out[qo + i], qi = scale * qn.out[qo + i];
+          const ki = kn.out[qo + i],
+            qi = scale * qn.out[qo + i];
           for (let j = 0; j < V; j++) {
             const s = a * S[i * V + j] + ki * u[j];
             S[i * V + j] = s;
@@ -130,22 +155,33 @@ function jsForward(p, dims, states = null, backward = null) {
 // through the L2 norm at the end.
 function jsForwardBackward(p, dims, states) {
   const { batch, T, H, HV, K, V, scale } = dims;
-  const dqn = new Float32Array(batch * T * H * K), dkn = new Float32Array(batch * T * H * K);
+  const dqn = new Float32Array(batch * T * H * K),
+    dkn = new Float32Array(batch * T * H * K);
   const grads = {
-    v: new Float32Array(batch * T * HV * V), g: new Float32Array(batch * T * HV), beta: new Float32Array(batch * T * HV),
+    v: new Float32Array(batch * T * HV * V),
+    g: new Float32Array(batch * T * HV),
+    beta: new Float32Array(batch * T * HV),
   };
-  const D = new Float32Array(K * V), u = new Float32Array(V), dk = new Float32Array(V), w = new Float32Array(V);
+  const D = new Float32Array(K * V),
+    u = new Float32Array(V),
+    dk = new Float32Array(V),
+    w = new Float32Array(V);
   const backward = (b, hv, h, qn, kn) => {
     D.fill(0);
     for (let t = T - 1; t >= 0; t--) {
-      const P = states.subarray(t * K * V, (t + 1) * K * V), Sn = states.subarray((t + 1) * K * V, (t + 2) * K * V);
-      const qo = ((b * T + t) * H + h) * K, vo = ((b * T + t) * HV + hv) * V, gi = (b * T + t) * HV + hv;
-      const a = Math.exp(p.g[gi]), bt = p.beta[gi];
+      const P = states.subarray(t * K * V, (t + 1) * K * V),
+        Sn = states.subarray((t + 1) * K * V, (t + 2) * K * V);
+      const qo = ((b * T + t) * H + h) * K,
+        vo = ((b * T + t) * HV + hv) * V,
+        gi = (b * T + t) * HV + hv;
+      const a = Math.exp(p.g[gi]),
+        bt = p.beta[gi];
       u.fill(0);
       dk.fill(0);
       let dP = 0;
       for (let i = 0; i < K; i++) {
-        const qi = scale * qn[qo + i], ki = kn[qo + i];
+        const qi = scale * qn[qo + i],
+          ki = kn[qo + i];
         let dq = 0;
         for (let j = 0; j < V; j++) {
           const gj = p.go[vo + j];
@@ -158,7 +194,8 @@ function jsForwardBackward(p, dims, states) {
         }
         dqn[qo + i] += scale * dq;
       }
-      let dbeta = 0, duk = 0;
+      let dbeta = 0,
+        duk = 0;
       for (let j = 0; j < V; j++) {
         const vj = p.v[vo + j];
         grads.v[vo + j] = bt * dk[j];
@@ -195,20 +232,26 @@ function jsForwardBackward(p, dims, states) {
 // The decode step on CPU: one token, the state (batch, HV, K, V) updated in place.
 function jsDecode(p, state, dims) {
   const { batch, H, HV, K, V, scale } = dims;
-  const qn = l2normRows(p.q, batch * H, K).out, kn = l2normRows(p.k, batch * H, K).out;
-  const o = new Float32Array(batch * HV * V), u = new Float32Array(V);
+  const qn = l2normRows(p.q, batch * H, K).out,
+    kn = l2normRows(p.k, batch * H, K).out;
+  const o = new Float32Array(batch * HV * V),
+    u = new Float32Array(V);
   const group = HV / H;
   for (let b = 0; b < batch; b++) {
     for (let hv = 0; hv < HV; hv++) {
       const h = Math.floor(hv / group);
       const S = state.subarray((b * HV + hv) * K * V, (b * HV + hv + 1) * K * V);
-      const qo = (b * H + h) * K, vo = (b * HV + hv) * V, gi = b * HV + hv;
-      const a = Math.exp(p.g[gi]), bt = p.beta[gi];
+      const qo = (b * H + h) * K,
+        vo = (b * HV + hv) * V,
+        gi = b * HV + hv;
+      const a = Math.exp(p.g[gi]),
+        bt = p.beta[gi];
       u.fill(0);
       for (let i = 0; i < K; i++) for (let j = 0; j < V; j++) u[j] += kn[qo + i] * S[i * V + j];
       for (let j = 0; j < V; j++) u[j] = bt * (p.v[vo + j] - a * u[j]);
       for (let i = 0; i < K; i++) {
-        const ki = kn[qo + i], qi = scale * qn[qo + i];
+        const ki = kn[qo + i],
+          qi = scale * qn[qo + i];
         for (let j = 0; j < V; j++) {
           const s = a * S[i * V + j] + ki * u[j];
           S[i * V + j] = s;
@@ -232,8 +275,14 @@ function jsPeer(rk, data, dims, size) {
       for (let b = 0; b < batch; b++) out.set(x.subarray(b * T * inner, (b * T + Trun) * inner), b * Trun * inner);
       return out;
     };
-    p = { q: cut(data.q, H * K), k: cut(data.k, H * K), v: cut(data.v, HV * V), g: cut(data.g, HV), beta: cut(data.beta, HV),
-      go: cut(data.go, HV * V) };
+    p = {
+      q: cut(data.q, H * K),
+      k: cut(data.k, H * K),
+      v: cut(data.v, HV * V),
+      g: cut(data.g, HV),
+      beta: cut(data.beta, HV),
+      go: cut(data.go, HV * V),
+    };
     console.log(`JS loop peer at ${size}: timed on ${Trun} of ${T} tokens, time scaled by ${(T / Trun).toFixed(2)}`);
   }
   const scale = T / Trun;
@@ -245,7 +294,8 @@ function jsPeer(rk, data, dims, size) {
   return { fwd: fwd * scale, 'fwd+bwd': both * scale };
 }
 
-const count = (x) => (x >= 1e9 ? `${(x / 1e9).toFixed(2)} G` : x >= 1e6 ? `${(x / 1e6).toFixed(2)} M` : `${(x / 1e3).toFixed(1)} k`);
+const count = (x) =>
+  x >= 1e9 ? `${(x / 1e9).toFixed(2)} G` : x >= 1e6 ? `${(x / 1e6).toFixed(2)} M` : `${(x / 1e3).toFixed(1)} k`;
 
 function disposeAll(obj) {
   for (const t of Object.values(obj ?? {})) if (t && typeof t.dispose === 'function') t.dispose();
@@ -269,22 +319,37 @@ export default {
   sizeLabel: 'BxTxHxK',
   sizeHelp: 'batch x T x H [x K] (BxTxH[xK]; HV = H, V = K; T = 1 is a decode row)',
   sizeDims: [3, 4],
-  async run(rk, { device, quick, ceiling, ceilings, sizes: userSizes, dtype: userDtype, peers: withPeers = true, progress }) {
-    if (!rk.gatedDeltaRule || !rk.gatedDeltaRuleStep || !rk.ops?.gatedDeltaRule) throw new Error('bench: this build has no gatedDeltaRule op');
+  async run(
+    rk,
+    { device, quick, ceiling, ceilings, sizes: userSizes, dtype: userDtype, peers: withPeers = true, progress },
+  ) {
+    if (!rk.gatedDeltaRule || !rk.gatedDeltaRuleStep || !rk.ops?.gatedDeltaRule)
+      throw new Error('bench: this build has no gatedDeltaRule op');
     if (typeof rk.internals?.native?.().gatedDeltaForward !== 'function')
       throw new Error('bench: the native addon has no gated delta rule kernels (rebuild it with npm run build:native)');
     const sizes = (userSizes ?? (quick ? QUICK : SIZES)[device]).map((s) => {
-      if (s.length !== 3 && s.length !== 4) throw new Error(`bench: gated-delta-rule sizes are batch x T x H [x K], got ${s.join('x')}`);
+      if (s.length !== 3 && s.length !== 4)
+        throw new Error(`bench: gated-delta-rule sizes are batch x T x H [x K], got ${s.join('x')}`);
       return s.length === 4 ? s : [...s, DEFAULT_K[device]];
     });
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const peerTimes = device === 'cuda' && withPeers ? runPythonPeer('gated_delta_rule.py', { sizes, dtypes: [dtype] }) : null;
+    const peerTimes =
+      device === 'cuda' && withPeers ? runPythonPeer('gated_delta_rule.py', { sizes, dtypes: [dtype] }) : null;
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch';
     // The device's matmul TFLOP/s: bf16 measured by the PyTorch peer on CUDA, fp32 by ORT on CPU (the header).
-    const matmulRate = device === 'cpu' ? (ceilings?.gflops != null ? ceilings.gflops / 1000 : null)
-      : peerTimes?.['matmul/bfloat16'] ?? null;
-    console.log('TFLOP/s: 4*K*V flops per token per value head (the forward recurrence); fwd+bwd counts 3x that, decode the forward\'s');
-    if (matmulRate && device === 'cuda') console.log(`bf16 matmul rate of this device (torch.matmul 8192^3): ${matmulRate.toFixed(0)} TFLOP/s ("% of matmul" below)`);
+    const matmulRate =
+      device === 'cpu'
+        ? ceilings?.gflops != null
+          ? ceilings.gflops / 1000
+          : null
+        : (peerTimes?.['matmul/bfloat16'] ?? null);
+    console.log(
+      "TFLOP/s: 4*K*V flops per token per value head (the forward recurrence); fwd+bwd counts 3x that, decode the forward's",
+    );
+    if (matmulRate && device === 'cuda')
+      console.log(
+        `bf16 matmul rate of this device (torch.matmul 8192^3): ${matmulRate.toFixed(0)} TFLOP/s ("% of matmul" below)`,
+      );
     const ortPeers = device === 'cpu' && withPeers;
     if (ortPeers && !ortStatus().ok) console.log(`${ORT_LA}: ORT not installed (${ortStatus().reason})`);
     let gdnReason = null; // why ORT's GatedDeltaNet is not timed, printed once
@@ -292,7 +357,8 @@ export default {
     let step = 0;
     for (const [batch, T, H, K] of sizes) {
       progress?.(++step, sizes.length, `${batch}x${T}x${H}x${K}${T === 1 ? ' decode' : ''}`);
-      const HV = H, V = K;
+      const HV = H,
+        V = K;
       const size = `${batch}x${T}x${H}x${K}`;
       const dims = { batch, T, H, HV, K, V, scale: 1 / Math.sqrt(K) };
       const data = makeData(batch, T, H, K);
@@ -305,25 +371,38 @@ export default {
         beta: rk.Tensor.from(data.beta, [batch, T, HV], opts),
       };
       const e = rk.dtypeBytes(dtype);
-      const nqk = batch * T * H * K, nv = batch * T * HV * V, nh = batch * T * HV;
+      const nqk = batch * T * H * K,
+        nv = batch * T * HV * V,
+        nh = batch * T * HV;
       const inBytes = 2 * nqk * e + nv * e + nh * 4 + nh * e; // q, k, v, g, beta
       const flopsFwd = 4 * K * V * batch * T * HV;
       const row = (pass, ms, bytes, flops, peer, fla, ort = {}) => ({
-        size, dtype, pass, ms, gbs: bytes / (ms * 1e6),
+        size,
+        dtype,
+        pass,
+        ms,
+        gbs: bytes / (ms * 1e6),
         extra: {
           'floor (copy)': `${(bytes / (ceiling * 1e6)).toFixed(3)} ms`,
           'TFLOP/s': (flops / (ms * 1e9)).toPrecision(3),
           ...(matmulRate ? { '% of matmul': `${((100 * flops) / (ms * 1e9 * matmulRate)).toFixed(1)}%` } : {}),
         },
-        bytes, flops,
-        peers: { ...(withPeers ? { [peerName]: peer } : {}), ...(fla !== undefined ? { 'fla (Triton)': fla } : {}), ...ort },
+        bytes,
+        flops,
+        peers: {
+          ...(withPeers ? { [peerName]: peer } : {}),
+          ...(fla !== undefined ? { 'fla (Triton)': fla } : {}),
+          ...ort,
+        },
       });
       /** ORT's LinearAttention (and GatedDeltaNet where it has a CPU kernel) at this size: { column: ms or a note }. */
       const ortRow = async (initialState) => {
         if (!ortPeers) return {};
         if (!ortStatus().ok) return { [ORT_LA]: 'ORT not installed' };
         const threads = rk.cpu.info().threads;
-        const out = { [ORT_LA]: await ortTime(await ortLinearAttention({ batch, T, H, HV, K, V, threads, initialState })) };
+        const out = {
+          [ORT_LA]: await ortTime(await ortLinearAttention({ batch, T, H, HV, K, V, threads, initialState })),
+        };
         if (!initialState) {
           const gdn = await ortGatedDeltaNet({ batch, T, H, HV, K, V, threads });
           if (gdn.session) out[ORT_GDN] = await ortTime(gdn.session);
@@ -341,7 +420,9 @@ export default {
         const options = { useQkL2normInKernel: true };
         const iters = device === 'cuda' ? 100 : 50;
         const ms = timeIt(rk, device, () => rk.gatedDeltaRuleStep({ state, ...inputs }, options), {
-          warmup: 5, iters, after: disposeAll,
+          warmup: 5,
+          iters,
+          after: disposeAll,
         });
         const stateBytes = 2 * batch * HV * K * V * 4;
         const bytes = stateBytes + inBytes + nv * e; // the state read and written; the token's inputs and o
@@ -363,19 +444,34 @@ export default {
       const iters = device === 'cuda' ? 20 : 5;
       // Inference (no tape records): what ORT's inference kernels are compared with. The CPU kernels
       // then save no state checkpoints; on CUDA this is the forward pass below.
-      const infer = device === 'cpu'
-        ? timeIt(rk, device, () => rk.gatedDeltaRule(inputs, options), { iters, after: disposeAll })
-        : null;
+      const infer =
+        device === 'cpu'
+          ? timeIt(rk, device, () => rk.gatedDeltaRule(inputs, options), { iters, after: disposeAll })
+          : null;
       const fwd = timeIt(rk, device, () => rk.ops.gatedDeltaRule.forward(inputs, options), {
-        iters, after: ({ outputs, ctx }) => { disposeAll(outputs); ctx.states?.dispose?.(); },
+        iters,
+        after: ({ outputs, ctx }) => {
+          disposeAll(outputs);
+          ctx.states?.dispose?.();
+        },
       });
-      const both = timeIt(rk, device, () => {
-        const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, options);
-        const grads = rk.ops.gatedDeltaRule.backward(ctx, { o: go });
-        return { outputs, ctx, grads };
-      }, {
-        iters, after: ({ outputs, ctx, grads }) => { disposeAll(outputs); ctx.states?.dispose?.(); disposeAll(grads); },
-      });
+      const both = timeIt(
+        rk,
+        device,
+        () => {
+          const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, options);
+          const grads = rk.ops.gatedDeltaRule.backward(ctx, { o: go });
+          return { outputs, ctx, grads };
+        },
+        {
+          iters,
+          after: ({ outputs, ctx, grads }) => {
+            disposeAll(outputs);
+            ctx.states?.dispose?.();
+            disposeAll(grads);
+          },
+        },
+      );
       const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, options);
       const stateBytes = ctx.states instanceof rk.Tensor ? ctx.states.size * 4 : 0;
       const fwdBytes = inBytes + nv * e + stateBytes; // inputs; o; checkpoints
@@ -385,14 +481,25 @@ export default {
 
       let peer = { fwd: null, 'fwd+bwd': null };
       if (device === 'cpu' && withPeers) peer = jsPeer(rk, data, dims, size);
-      else if (peerTimes) peer = { fwd: peerTimes[`${size}/${dtype}/fwd`] ?? null, 'fwd+bwd': peerTimes[`${size}/${dtype}/fwd+bwd`] ?? null };
+      else if (peerTimes)
+        peer = {
+          fwd: peerTimes[`${size}/${dtype}/fwd`] ?? null,
+          'fwd+bwd': peerTimes[`${size}/${dtype}/fwd+bwd`] ?? null,
+        };
 
-      const flaTime = (pass) => (peerTimes && `${size}/${dtype}/fla/fwd` in peerTimes ? peerTimes[`${size}/${dtype}/fla/${pass}`] : undefined);
+      const flaTime = (pass) =>
+        peerTimes && `${size}/${dtype}/fla/fwd` in peerTimes ? peerTimes[`${size}/${dtype}/fla/${pass}`] : undefined;
       const bothRow = row('fwd+bwd', both, fwdBytes + bwdBytes, 3 * flopsFwd, peer['fwd+bwd'], flaTime('fwd+bwd'));
       bothRow.extra['x fwd'] = `${(both / fwd).toFixed(2)}x`;
-      if (infer !== null) rows.push(row('infer', infer, inBytes + nv * e, flopsFwd, null, undefined, await ortRow(false)));
-      rows.push(row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd, flaTime('fwd'), infer === null ? await ortRow(false) : {}), bothRow);
-      console.log(`${size}: kept for backward ${count(stateBytes)}B (state checkpoints${device === 'cpu' ? ', per-token corrections' : ''}; counted in the bytes of both passes)`);
+      if (infer !== null)
+        rows.push(row('infer', infer, inBytes + nv * e, flopsFwd, null, undefined, await ortRow(false)));
+      rows.push(
+        row('fwd', fwd, fwdBytes, flopsFwd, peer.fwd, flaTime('fwd'), infer === null ? await ortRow(false) : {}),
+        bothRow,
+      );
+      console.log(
+        `${size}: kept for backward ${count(stateBytes)}B (state checkpoints${device === 'cpu' ? ', per-token corrections' : ''}; counted in the bytes of both passes)`,
+      );
       disposeAll(inputs);
       go.dispose();
     }

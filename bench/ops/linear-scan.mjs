@@ -15,12 +15,16 @@ function tsForward(a, b, rows, L) {
   for (let r = 0; r < rows; r++) {
     let s = 0;
     const o = r * L;
-    for (let t = 0; t < L; t++) { s = a[o + t] * s + b[o + t]; h[o + t] = s; }
+    for (let t = 0; t < L; t++) {
+      s = a[o + t] * s + b[o + t];
+      h[o + t] = s;
+    }
   }
   return h;
 }
 function tsBackward(a, h, gh, rows, L) {
-  const ga = new Float32Array(rows * L), gb = new Float32Array(rows * L);
+  const ga = new Float32Array(rows * L),
+    gb = new Float32Array(rows * L);
   for (let r = 0; r < rows; r++) {
     let c = 0;
     const o = r * L;
@@ -39,7 +43,17 @@ export default {
   sizeHelp: 'batch x channels x length (BxCxL)',
   sizeDims: [3],
   async run(rk, { device, quick, sizes: userSizes, peers: withPeers = true, progress }) {
-    const sizes = userSizes ?? (quick ? [[2, 256, 1024], [1, 64, 8192]] : [[8, 1536, 4096], [1, 1536, 65536]]);
+    const sizes =
+      userSizes ??
+      (quick
+        ? [
+            [2, 256, 1024],
+            [1, 64, 8192],
+          ]
+        : [
+            [8, 1536, 4096],
+            [1, 1536, 65536],
+          ]);
     const dtypes = device === 'cuda' ? ['float32', 'bfloat16'] : ['float32'];
     const rows = [];
     const peerTimes = device === 'cuda' && withPeers ? runPythonPeer('linear_scan.py', { sizes, dtypes }) : null;
@@ -48,7 +62,9 @@ export default {
       progress?.(++step, sizes.length, `${B}x${C}x${L}`);
       const n = B * C * L;
       const shape = [B, C, L];
-      const a32 = random(n, 0.5, 0.999), b32 = random(n, -1, 1), g32 = random(n, -1, 1);
+      const a32 = random(n, 0.5, 0.999),
+        b32 = random(n, -1, 1),
+        g32 = random(n, -1, 1);
       for (const dtype of dtypes) {
         const a = rk.Tensor.from(a32, shape, { dtype, device });
         const b = rk.Tensor.from(b32, shape, { dtype, device });
@@ -57,8 +73,13 @@ export default {
         const iters = device === 'cuda' ? 50 : 7;
         const fwd = timeIt(rk, device, () => rk.linearScan({ a, b }).h, { iters, after: (h) => h.dispose() });
         const { outputs, ctx } = rk.ops.linearScan.forward({ a, b });
-        const bwd = timeIt(rk, device, () => rk.ops.linearScan.backward(ctx, { h: gh }),
-          { iters, after: (g) => { g.a.dispose(); g.b.dispose(); } });
+        const bwd = timeIt(rk, device, () => rk.ops.linearScan.backward(ctx, { h: gh }), {
+          iters,
+          after: (g) => {
+            g.a.dispose();
+            g.b.dispose();
+          },
+        });
         const size = `${B}x${C}x${L}`;
         const peer = (pass) => {
           if (!withPeers) return null;
@@ -70,8 +91,22 @@ export default {
           return peerTimes?.[`${size}/${dtype}/${pass}`] ?? null;
         };
         const peerName = device === 'cpu' ? 'TS loop' : 'PyTorch';
-        rows.push({ size, dtype, pass: 'fwd', ms: fwd, gbs: (3 * n * bytes) / (fwd * 1e6), peers: { [peerName]: peer('fwd') } });
-        rows.push({ size, dtype, pass: 'bwd', ms: bwd, gbs: (5 * n * bytes) / (bwd * 1e6), peers: { [peerName]: peer('bwd') } });
+        rows.push({
+          size,
+          dtype,
+          pass: 'fwd',
+          ms: fwd,
+          gbs: (3 * n * bytes) / (fwd * 1e6),
+          peers: { [peerName]: peer('fwd') },
+        });
+        rows.push({
+          size,
+          dtype,
+          pass: 'bwd',
+          ms: bwd,
+          gbs: (5 * n * bytes) / (bwd * 1e6),
+          peers: { [peerName]: peer('bwd') },
+        });
         for (const t of [a, b, gh, outputs.h]) t.dispose();
       }
     }

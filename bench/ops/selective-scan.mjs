@@ -15,8 +15,15 @@ import { timeIt } from '../timing.mjs';
 import { runPythonPeer } from '../peers/run.mjs';
 
 const SIZES = {
-  cuda: [[4, 2048, 2048, 16], [1, 2048, 16384, 16], [8, 5120, 2048, 16]],
-  cpu: [[1, 256, 2048, 16], [2, 512, 1024, 16]],
+  cuda: [
+    [4, 2048, 2048, 16],
+    [1, 2048, 16384, 16],
+    [8, 5120, 2048, 16],
+  ],
+  cpu: [
+    [1, 256, 2048, 16],
+    [2, 512, 1024, 16],
+  ],
 };
 const QUICK = {
   cuda: [[2, 512, 1024, 16]],
@@ -79,8 +86,13 @@ function jsForward(p, batch, dim, L, N) {
 function jsBackward(p, batch, dim, L, N) {
   const { u, delta, z, A, B, C, D, gy } = p;
   const g = {
-    u: new Float32Array(u.length), delta: new Float32Array(u.length), z: new Float32Array(u.length),
-    A: new Float32Array(dim * N), B: new Float32Array(B.length), C: new Float32Array(C.length), D: new Float32Array(dim),
+    u: new Float32Array(u.length),
+    delta: new Float32Array(u.length),
+    z: new Float32Array(u.length),
+    A: new Float32Array(dim * N),
+    B: new Float32Array(B.length),
+    C: new Float32Array(C.length),
+    D: new Float32Array(dim),
   };
   const xs = new Float32Array((L + 1) * N); // state before position t at xs[t * N]
   const gx = new Float32Array(N);
@@ -104,10 +116,13 @@ function jsBackward(p, batch, dim, L, N) {
         g.z[i] = gy[i] * yc * s * (1 + z[i] * (1 - s));
         const gyc = gy[i] * z[i] * s;
         g.D[d] += gyc * u[i];
-        let du = gyc * D[d], gdt = 0;
+        let du = gyc * D[d],
+          gdt = 0;
         for (let n = 0; n < N; n++) {
           const bc = (b * N + n) * L + t;
-          const a = A[d * N + n], decay = Math.exp(dt * a), prev = xs[t * N + n];
+          const a = A[d * N + n],
+            decay = Math.exp(dt * a),
+            prev = xs[t * N + n];
           g.C[bc] += gyc * xs[(t + 1) * N + n];
           const gn = gx[n] + gyc * C[bc];
           gdt += gn * (prev * decay * a + B[bc] * u[i]);
@@ -135,9 +150,18 @@ function jsPeer(rk, data, batch, dim, L, N, size) {
       for (let b = 0; b < batch; b++) out.set(x.subarray(b * dim * L, (b * dim + dimRun) * L), b * dimRun * L);
       return out;
     };
-    p = { ...data, u: cut(data.u), delta: cut(data.delta), z: cut(data.z), gy: cut(data.gy),
-      A: data.A.subarray(0, dimRun * N), D: data.D.subarray(0, dimRun) };
-    console.log(`JS loop peer at ${size}: timed on ${dimRun} of ${dim} channels, time scaled by ${(dim / dimRun).toFixed(2)}`);
+    p = {
+      ...data,
+      u: cut(data.u),
+      delta: cut(data.delta),
+      z: cut(data.z),
+      gy: cut(data.gy),
+      A: data.A.subarray(0, dimRun * N),
+      D: data.D.subarray(0, dimRun),
+    };
+    console.log(
+      `JS loop peer at ${size}: timed on ${dimRun} of ${dim} channels, time scaled by ${(dim / dimRun).toFixed(2)}`,
+    );
   }
   const scale = dim / dimRun;
   const fwd = timeIt(rk, 'cpu', () => jsForward(p, batch, dimRun, L, N), { warmup: 1, iters: 3 });
@@ -145,7 +169,8 @@ function jsPeer(rk, data, batch, dim, L, N, size) {
   return { fwd: fwd * scale, bwd: bwd * scale };
 }
 
-const count = (x) => (x >= 1e9 ? `${(x / 1e9).toFixed(2)} G` : x >= 1e6 ? `${(x / 1e6).toFixed(2)} M` : `${(x / 1e3).toFixed(1)} k`);
+const count = (x) =>
+  x >= 1e9 ? `${(x / 1e9).toFixed(2)} G` : x >= 1e6 ? `${(x / 1e6).toFixed(2)} M` : `${(x / 1e3).toFixed(1)} k`;
 
 function disposeAll(obj) {
   for (const t of Object.values(obj)) if (t && typeof t.dispose === 'function') t.dispose();
@@ -158,9 +183,12 @@ export default {
   async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype, peers: withPeers = true, progress }) {
     if (!rk.selectiveScan || !rk.ops?.selectiveScan) throw new Error('bench: this build has no selectiveScan op');
     const sizes = userSizes ?? (quick ? QUICK : SIZES)[device];
-    for (const s of sizes) if (s.length !== 4) throw new Error(`bench: selective-scan sizes are batch x dim x seqlen x dstate, got ${s.join('x')}`);
+    for (const s of sizes)
+      if (s.length !== 4)
+        throw new Error(`bench: selective-scan sizes are batch x dim x seqlen x dstate, got ${s.join('x')}`);
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const peerTimes = device === 'cuda' && withPeers ? runPythonPeer('selective_scan.py', { sizes, dtypes: [dtype] }) : null;
+    const peerTimes =
+      device === 'cuda' && withPeers ? runPythonPeer('selective_scan.py', { sizes, dtypes: [dtype] }) : null;
     const peerName = device === 'cpu' ? 'JS loop' : 'PyTorch';
     const rows = [];
     let step = 0;
@@ -184,13 +212,18 @@ export default {
       const iters = device === 'cuda' ? 20 : 5;
 
       const fwd = timeIt(rk, device, () => rk.ops.selectiveScan.forward(inputs, options), {
-        iters, after: ({ outputs, ctx }) => { disposeAll(outputs); ctx.states?.dispose?.(); },
+        iters,
+        after: ({ outputs, ctx }) => {
+          disposeAll(outputs);
+          ctx.states?.dispose?.();
+        },
       });
       const { outputs, ctx } = rk.ops.selectiveScan.forward(inputs, options);
       const bwd = timeIt(rk, device, () => rk.ops.selectiveScan.backward(ctx, { y: gy }), { iters, after: disposeAll });
 
       const e = rk.dtypeBytes(dtype);
-      const BDL = batch * dim * L, BC = batch * N * L;
+      const BDL = batch * dim * L,
+        BC = batch * N * L;
       const params = (dim * N + dim) * 4;
       const stateBytes = ctx.states instanceof rk.Tensor ? ctx.states.size * 4 : 0;
       const fwdBytes = 4 * BDL * e + 2 * BC * e + params + stateBytes; // u, delta, z, y; B, C; A, D
@@ -199,15 +232,22 @@ export default {
 
       let peer = { fwd: null, bwd: null };
       if (device === 'cpu' && withPeers) peer = jsPeer(rk, data, batch, dim, L, N, size);
-      else if (peerTimes) peer = { fwd: peerTimes[`${size}/${dtype}/fwd`] ?? null, bwd: peerTimes[`${size}/${dtype}/bwd`] ?? null };
+      else if (peerTimes)
+        peer = { fwd: peerTimes[`${size}/${dtype}/fwd`] ?? null, bwd: peerTimes[`${size}/${dtype}/bwd`] ?? null };
 
       const row = (pass, ms, bytes) => ({
-        size, dtype, pass, ms, gbs: bytes / (ms * 1e6),
+        size,
+        dtype,
+        pass,
+        ms,
+        gbs: bytes / (ms * 1e6),
         extra: {
           'floor (copy)': `${(bytes / (ceiling * 1e6)).toFixed(3)} ms`,
           'exp()': `${count(exps)}, ${(exps / (ms * 1e6)).toFixed(1)} G/s`,
         },
-        bytes, exps, stateBytes,
+        bytes,
+        exps,
+        stateBytes,
         peers: { [peerName]: peer[pass] },
       });
       rows.push(row('fwd', fwd, fwdBytes), row('bwd', bwd, bwdBytes));

@@ -22,7 +22,8 @@ let ortReason = null;
 try {
   ort = createRequire(import.meta.url)('onnxruntime-node');
 } catch (e) {
-  ortReason = `onnxruntime-node could not be loaded (${String(e?.message ?? e).split('\n')[0]}); ` +
+  ortReason =
+    `onnxruntime-node could not be loaded (${String(e?.message ?? e).split('\n')[0]}); ` +
     'install the dev dependencies with ONNXRUNTIME_NODE_INSTALL=skip npm ci';
 }
 
@@ -86,8 +87,12 @@ const ATTR = { FLOAT: 1, INT: 2, STRING: 3, FLOATS: 6, INTS: 7 }; // AttributePr
 // TensorProto: dims = 1 (repeated int64), data_type = 2, name = 8, raw_data = 9 (little-endian).
 function tensorProto(name, dims, data) {
   const f32 = Float32Array.from(data);
-  return concat([fPacked(1, dims), fInt(2, FLOAT), fBytes(8, name),
-    fBytes(9, new Uint8Array(f32.buffer, f32.byteOffset, f32.byteLength))]);
+  return concat([
+    fPacked(1, dims),
+    fInt(2, FLOAT),
+    fBytes(8, name),
+    fBytes(9, new Uint8Array(f32.buffer, f32.byteOffset, f32.byteLength)),
+  ]);
 }
 
 // ValueInfoProto: name = 1, type = 2 (TypeProto). TypeProto: tensor_type = 1 (TypeProto.Tensor:
@@ -114,8 +119,12 @@ function attribute(name, value) {
 // op_type = 4, attribute = 5, domain = 7.
 function nodeProto({ op, domain = '', inputs, outputs, attrs = {} }) {
   return concat([
-    ...inputs.map((s) => fBytes(1, s)), ...outputs.map((s) => fBytes(2, s)), fBytes(3, `${op}_0`), fBytes(4, op),
-    ...Object.entries(attrs).map(([k, v]) => fBytes(5, attribute(k, v))), ...(domain ? [fBytes(7, domain)] : []),
+    ...inputs.map((s) => fBytes(1, s)),
+    ...outputs.map((s) => fBytes(2, s)),
+    fBytes(3, `${op}_0`),
+    fBytes(4, op),
+    ...Object.entries(attrs).map(([k, v]) => fBytes(5, attribute(k, v))),
+    ...(domain ? [fBytes(7, domain)] : []),
   ]);
 }
 
@@ -126,7 +135,8 @@ function nodeProto({ op, domain = '', inputs, outputs, attrs = {} }) {
 export function encodeModel({ node, inputs, outputs, initializers = [] }) {
   // GraphProto: node = 1, name = 2, initializer = 5, input = 11, output = 12.
   const graph = concat([
-    fBytes(1, nodeProto(node)), fBytes(2, `${node.op}_graph`),
+    fBytes(1, nodeProto(node)),
+    fBytes(2, `${node.op}_graph`),
     ...initializers.map(([n, d, x]) => fBytes(5, tensorProto(n, d, x))),
     ...inputs.map(([n, d]) => fBytes(11, valueInfo(n, d))),
     ...outputs.map(([n, d]) => fBytes(12, valueInfo(n, d))),
@@ -134,8 +144,13 @@ export function encodeModel({ node, inputs, outputs, initializers = [] }) {
   // OperatorSetIdProto: domain = 1, version = 2.
   const opset = (domain, version) => concat([...(domain ? [fBytes(1, domain)] : []), fInt(2, version)]);
   // ModelProto: ir_version = 1, producer_name = 2, graph = 7, opset_import = 8.
-  return concat([fInt(1, 8), fBytes(2, 'recurrent-kernels bench'), fBytes(7, graph),
-    fBytes(8, opset('', 17)), fBytes(8, opset('com.microsoft', 1))]);
+  return concat([
+    fInt(1, 8),
+    fBytes(2, 'recurrent-kernels bench'),
+    fBytes(7, graph),
+    fBytes(8, opset('', 17)),
+    fBytes(8, opset('com.microsoft', 1)),
+  ]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -158,11 +173,15 @@ function median(xs) {
  */
 async function session(model, defaults, threads) {
   const s = await ort.InferenceSession.create(encodeModel(model), {
-    intraOpNumThreads: threads, interOpNumThreads: 1, graphOptimizationLevel: 'all',
+    intraOpNumThreads: threads,
+    interOpNumThreads: 1,
+    graphOptimizationLevel: 'all',
   });
   const shapes = Object.fromEntries(model.inputs);
-  const feedsOf = (values) => Object.fromEntries(Object.entries({ ...defaults, ...values })
-    .map(([n, x]) => [n, new ort.Tensor('float32', x, shapes[n])]));
+  const feedsOf = (values) =>
+    Object.fromEntries(
+      Object.entries({ ...defaults, ...values }).map(([n, x]) => [n, new ort.Tensor('float32', x, shapes[n])]),
+    );
   const run = async (values = {}) => {
     const out = await s.run(feedsOf(values));
     return Object.fromEntries(Object.entries(out).map(([n, t]) => [n, t.data]));
@@ -215,15 +234,35 @@ async function ortRnn(op, G, { batch, T, input: I, hidden: H, threads, weights, 
   const stateInputs = initialStates ? (lstm ? ['initial_h', 'initial_c'] : ['initial_h']) : [];
   const inputs = [['X', [T, batch, I]], ...stateInputs.map((n) => [n, [1, batch, H]])];
   const outputs = [['Y', [T, 1, batch, H]], ['Y_h', [1, batch, H]], ...(lstm ? [['Y_c', [1, batch, H]]] : [])];
-  const defaults = Object.fromEntries(inputs.map(([n, d]) => [n, uniform(d.reduce((a, b) => a * b, 1), -1, 1)]));
-  return session({
-    node: {
-      op, inputs: ['X', 'W', 'R', 'B', '', ...stateInputs], outputs: outputs.map(([n]) => n),
-      attrs: { hidden_size: H, direction: 'forward', ...(lstm ? {} : { linear_before_reset: 1 }) },
+  const defaults = Object.fromEntries(
+    inputs.map(([n, d]) => [
+      n,
+      uniform(
+        d.reduce((a, b) => a * b, 1),
+        -1,
+        1,
+      ),
+    ]),
+  );
+  return session(
+    {
+      node: {
+        op,
+        inputs: ['X', 'W', 'R', 'B', '', ...stateInputs],
+        outputs: outputs.map(([n]) => n),
+        attrs: { hidden_size: H, direction: 'forward', ...(lstm ? {} : { linear_before_reset: 1 }) },
+      },
+      inputs,
+      outputs,
+      initializers: [
+        ['W', [1, G * H, I], w.W],
+        ['R', [1, G * H, H], w.R],
+        ['B', [1, 2 * G * H], w.B],
+      ],
     },
-    inputs, outputs,
-    initializers: [['W', [1, G * H, I], w.W], ['R', [1, G * H, H], w.R], ['B', [1, 2 * G * H], w.B]],
-  }, defaults, threadsOr(threads));
+    defaults,
+    threadsOr(threads),
+  );
 }
 
 /**
@@ -235,21 +274,44 @@ async function ortRnn(op, G, { batch, T, input: I, hidden: H, threads, weights, 
  * L2 norm inside). Per token: S = exp(g) S; S += k (beta (v - S^T k))^T; o = scale S^T q.
  * Value head hv reads q / k head floor(hv * H / HV) when H < HV (ORT's "inverse GQA").
  */
-export async function ortLinearAttention({ batch, T, H, HV = H, K, V = K, scale = 1 / Math.sqrt(K), threads,
-  initialState = false }) {
+export async function ortLinearAttention({
+  batch,
+  T,
+  H,
+  HV = H,
+  K,
+  V = K,
+  scale = 1 / Math.sqrt(K),
+  threads,
+  initialState = false,
+}) {
   if (!ort) return null;
-  const inputs = [['query', [batch, T, H * K]], ['key', [batch, T, H * K]], ['value', [batch, T, HV * V]],
-    ...(initialState ? [['past_state', [batch, HV, K, V]]] : []), ['decay', [batch, T, HV]], ['beta', [batch, T, HV]]];
-  return session({
-    node: {
-      op: 'LinearAttention', domain: 'com.microsoft',
-      inputs: ['query', 'key', 'value', initialState ? 'past_state' : '', 'decay', 'beta'],
-      outputs: ['output', 'present_state'],
-      attrs: { q_num_heads: H, kv_num_heads: HV, update_rule: 'gated_delta', scale: { float: scale } },
+  const inputs = [
+    ['query', [batch, T, H * K]],
+    ['key', [batch, T, H * K]],
+    ['value', [batch, T, HV * V]],
+    ...(initialState ? [['past_state', [batch, HV, K, V]]] : []),
+    ['decay', [batch, T, HV]],
+    ['beta', [batch, T, HV]],
+  ];
+  return session(
+    {
+      node: {
+        op: 'LinearAttention',
+        domain: 'com.microsoft',
+        inputs: ['query', 'key', 'value', initialState ? 'past_state' : '', 'decay', 'beta'],
+        outputs: ['output', 'present_state'],
+        attrs: { q_num_heads: H, kv_num_heads: HV, update_rule: 'gated_delta', scale: { float: scale } },
+      },
+      inputs,
+      outputs: [
+        ['output', [batch, T, HV * V]],
+        ['present_state', [batch, HV, K, V]],
+      ],
     },
-    inputs,
-    outputs: [['output', [batch, T, HV * V]], ['present_state', [batch, HV, K, V]]],
-  }, gdnDefaults(batch, T, H, HV, K, V, initialState), threadsOr(threads));
+    gdnDefaults(batch, T, H, HV, K, V, initialState),
+    threadsOr(threads),
+  );
 }
 
 /** Random gated-delta inputs under ORT's names: q, k of unit norm per head, g log-sigmoid-like, beta in (0, 1). */
@@ -285,16 +347,31 @@ export async function ortGatedDeltaNet({ batch, T, H, HV = H, K, V = K, scale = 
   if (!ort) return { session: null, reason: ortReason };
   const d = gdnDefaults(batch, T, H, HV, K, V, false);
   try {
-    const s = await session({
-      node: {
-        op: 'GatedDeltaNet', domain: 'com.microsoft',
-        inputs: ['query', 'key', 'value', '', 'decay', 'beta', 'initial_state'], outputs: ['output', 'final_state'],
-        attrs: { update_rule: 'gated_delta', scale: { float: scale } },
+    const s = await session(
+      {
+        node: {
+          op: 'GatedDeltaNet',
+          domain: 'com.microsoft',
+          inputs: ['query', 'key', 'value', '', 'decay', 'beta', 'initial_state'],
+          outputs: ['output', 'final_state'],
+          attrs: { update_rule: 'gated_delta', scale: { float: scale } },
+        },
+        inputs: [
+          ['query', [batch, T, H, K]],
+          ['key', [batch, T, H, K]],
+          ['value', [batch, T, HV, V]],
+          ['decay', [batch, T, HV]],
+          ['beta', [batch, T, HV]],
+          ['initial_state', [batch, HV, V, K]],
+        ],
+        outputs: [
+          ['output', [batch, T, HV, V]],
+          ['final_state', [batch, HV, V, K]],
+        ],
       },
-      inputs: [['query', [batch, T, H, K]], ['key', [batch, T, H, K]], ['value', [batch, T, HV, V]],
-        ['decay', [batch, T, HV]], ['beta', [batch, T, HV]], ['initial_state', [batch, HV, V, K]]],
-      outputs: [['output', [batch, T, HV, V]], ['final_state', [batch, HV, V, K]]],
-    }, { ...d, initial_state: new Float32Array(batch * HV * K * V) }, threadsOr(threads));
+      { ...d, initial_state: new Float32Array(batch * HV * K * V) },
+      threadsOr(threads),
+    );
     return { session: s, reason: null };
   } catch (e) {
     return { session: null, reason: `GatedDeltaNet: ${String(e?.message ?? e).split('\n')[0]}` };
@@ -312,7 +389,8 @@ export async function ortGatedDeltaNet({ batch, T, H, HV = H, K, V = K, scale = 
  */
 export async function machineCeilings(threads) {
   const n = 64 * 1024 * 1024;
-  const src = new Float32Array(n).fill(1), dst = new Float32Array(n);
+  const src = new Float32Array(n).fill(1),
+    dst = new Float32Array(n);
   let best = Infinity;
   for (let i = 0; i < 6; i++) {
     const t0 = performance.now();
@@ -322,10 +400,16 @@ export async function machineCeilings(threads) {
   const copyGBs = (2 * n * 4) / (best * 1e6);
   if (!ort) return { gflops: null, copyGBs, reason: ortReason };
   const N = 2048;
-  const s = await session({
-    node: { op: 'MatMul', inputs: ['A', 'B'], outputs: ['C'] },
-    inputs: [['A', [N, N]]], outputs: [['C', [N, N]]], initializers: [['B', [N, N], uniform(N * N, -1, 1)]],
-  }, { A: uniform(N * N, -1, 1) }, threadsOr(threads));
+  const s = await session(
+    {
+      node: { op: 'MatMul', inputs: ['A', 'B'], outputs: ['C'] },
+      inputs: [['A', [N, N]]],
+      outputs: [['C', [N, N]]],
+      initializers: [['B', [N, N], uniform(N * N, -1, 1)]],
+    },
+    { A: uniform(N * N, -1, 1) },
+    threadsOr(threads),
+  );
   const ms = await s.timeMs({ warmup: 2, iters: 5, reduce: (xs) => Math.min(...xs) });
   await s.close();
   return { gflops: (2 * N ** 3) / (ms * 1e6), copyGBs, reason: null };

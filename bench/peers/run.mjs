@@ -7,7 +7,10 @@ import { fileURLToPath } from 'node:url';
 const here = dirname(fileURLToPath(import.meta.url));
 
 export function runPythonPeer(script, config) {
-  const r = spawnSync('python3', [join(here, script), JSON.stringify(config)], { encoding: 'utf8', timeout: 1_800_000 });
+  const r = spawnSync('python3', [join(here, script), JSON.stringify(config)], {
+    encoding: 'utf8',
+    timeout: 1_800_000,
+  });
   if (r.error || r.status !== 0) {
     console.log(`peer ${script}: not run (${r.error?.message ?? r.stderr.trim().split('\n').pop()})`);
     return null;

@@ -63,13 +63,19 @@ Isa isaForCall();
 
 // In an op's dispatching function: calls rk::FAMILY::<variant>::FN ARGS for the active variant.
 #ifdef RK_X86_VARIANTS
-#define RK_ISA_DISPATCH(FAMILY, FN, ARGS)                               \
-  do {                                                                  \
-    switch (::rk::isaForCall()) {                                       \
-      case ::rk::Isa::Avx512: ::rk::FAMILY::avx512::FN ARGS; break;     \
-      case ::rk::Isa::Avx2: ::rk::FAMILY::avx2::FN ARGS; break;         \
-      default: ::rk::FAMILY::base::FN ARGS; break;                      \
-    }                                                                   \
+#define RK_ISA_DISPATCH(FAMILY, FN, ARGS) \
+  do {                                    \
+    switch (::rk::isaForCall()) {         \
+      case ::rk::Isa::Avx512:             \
+        ::rk::FAMILY::avx512::FN ARGS;    \
+        break;                            \
+      case ::rk::Isa::Avx2:               \
+        ::rk::FAMILY::avx2::FN ARGS;      \
+        break;                            \
+      default:                            \
+        ::rk::FAMILY::base::FN ARGS;      \
+        break;                            \
+    }                                     \
   } while (0)
 // Expands DECL(avx512) DECL(avx2) DECL(base): declares an op's per-variant entry points.
 #define RK_FOR_EACH_ISA(DECL) DECL(avx512) DECL(avx2) DECL(base)

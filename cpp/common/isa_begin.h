@@ -43,5 +43,6 @@
 #define RK_ISA_NS base
 #define RK_ISA_WIDTH 4
 #else
-#error "this instruction-set variant does not exist on this target (wrap its translation unit in #ifdef RK_X86_VARIANTS)"
+#error \
+    "this instruction-set variant does not exist on this target (wrap its translation unit in #ifdef RK_X86_VARIANTS)"
 #endif

@@ -66,7 +66,7 @@ struct Job {
   int64_t ranges = 0, n = 0, per = 0;
   bool team = false;
   const std::atomic<bool>* cancel = nullptr;  // the caller's cancel flag, handed to every range
-  int users = 0;  // pool workers inside work() (guarded by the pool's mutex)
+  int users = 0;                              // pool workers inside work() (guarded by the pool's mutex)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> left{0};  // ranges not finished yet
   std::mutex failMutex;
@@ -197,7 +197,7 @@ class Pool {
   std::mutex mutex_;
   std::condition_variable cv_, retired_;
   std::deque<Job*> jobs_;
-  int submitted_ = 0;                     // jobs ever submitted (guarded by mutex_)
+  int submitted_ = 0;                    // jobs ever submitted (guarded by mutex_)
   std::atomic<int> submittedAtomic_{0};  // the same, for spinning workers
   int workers_ = 0, teamDemand_ = 0;
 };
@@ -287,8 +287,10 @@ bool StepBarrier::wait(int member) {
   }
   const int64_t start = nowNs();
   for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins) {
-    if (spins < 2000) relax();
-    else std::this_thread::yield();
+    if (spins < 2000)
+      relax();
+    else
+      std::this_thread::yield();
   }
   waitedNs_.fetch_add(nowNs() - start, std::memory_order_relaxed);
   if (stop_.load(std::memory_order_acquire)) throw Cancelled();

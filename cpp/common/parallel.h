@@ -70,8 +70,7 @@ template <typename Fn> void parallelFor(int64_t n, int64_t grain, Fn&& fn) {
     fn(int64_t(0), n);
     return;
   }
-  detail::runRanges(ranges, n, std::function<void(int64_t, int64_t)>(
-                                   [&fn](int64_t b, int64_t e) { fn(b, e); }), false);
+  detail::runRanges(ranges, n, std::function<void(int64_t, int64_t)>([&fn](int64_t b, int64_t e) { fn(b, e); }), false);
 }
 
 // parallelFor whose ranges each return a partial result (fn(begin, end) -> Partial); merge(partial)

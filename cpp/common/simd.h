@@ -52,9 +52,7 @@ RK_ALWAYS_INLINE Lanes splat(float v) { return simd_detail::dup(v, simd_detail::
 template <typename V, typename E> struct Parts {
   V p[kParts];
   Parts() = default;
-  RK_ALWAYS_INLINE Parts(const Parts& o) {
-    RK_PARTS p[k] = o.p[k];
-  }
+  RK_ALWAYS_INLINE Parts(const Parts& o) { RK_PARTS p[k] = o.p[k]; }
   RK_ALWAYS_INLINE Parts& operator=(const Parts& o) {
     RK_PARTS p[k] = o.p[k];
     return *this;
@@ -81,26 +79,26 @@ RK_ALWAYS_INLINE Lanes splat(float v) {
   return r;
 }
 
-#define RK_LANES_ARITH(OP)                                                   \
-  RK_ALWAYS_INLINE Lanes operator OP(Lanes a, Lanes b) {                     \
-    RK_PARTS a.p[k] = a.p[k] OP b.p[k];                                      \
-    return a;                                                                \
-  }                                                                          \
-  RK_ALWAYS_INLINE Lanes operator OP(Lanes a, float b) {                     \
-    RK_PARTS a.p[k] = a.p[k] OP b;                                           \
-    return a;                                                                \
-  }                                                                          \
-  RK_ALWAYS_INLINE Lanes operator OP(float a, Lanes b) {                     \
-    RK_PARTS b.p[k] = a OP b.p[k];                                           \
-    return b;                                                                \
-  }                                                                          \
-  RK_ALWAYS_INLINE Lanes& operator OP##=(Lanes & a, Lanes b) {               \
-    RK_PARTS a.p[k] = a.p[k] OP b.p[k];                                      \
-    return a;                                                                \
-  }                                                                          \
-  RK_ALWAYS_INLINE Lanes& operator OP##=(Lanes & a, float b) {               \
-    RK_PARTS a.p[k] = a.p[k] OP b;                                           \
-    return a;                                                                \
+#define RK_LANES_ARITH(OP)                                    \
+  RK_ALWAYS_INLINE Lanes operator OP(Lanes a, Lanes b) {      \
+    RK_PARTS a.p[k] = a.p[k] OP b.p[k];                       \
+    return a;                                                 \
+  }                                                           \
+  RK_ALWAYS_INLINE Lanes operator OP(Lanes a, float b) {      \
+    RK_PARTS a.p[k] = a.p[k] OP b;                            \
+    return a;                                                 \
+  }                                                           \
+  RK_ALWAYS_INLINE Lanes operator OP(float a, Lanes b) {      \
+    RK_PARTS b.p[k] = a OP b.p[k];                            \
+    return b;                                                 \
+  }                                                           \
+  RK_ALWAYS_INLINE Lanes& operator OP##=(Lanes& a, Lanes b) { \
+    RK_PARTS a.p[k] = a.p[k] OP b.p[k];                       \
+    return a;                                                 \
+  }                                                           \
+  RK_ALWAYS_INLINE Lanes& operator OP##=(Lanes& a, float b) { \
+    RK_PARTS a.p[k] = a.p[k] OP b;                            \
+    return a;                                                 \
   }
 RK_LANES_ARITH(+)
 RK_LANES_ARITH(-)
@@ -113,16 +111,16 @@ RK_ALWAYS_INLINE Lanes operator-(Lanes a) {
   return a;
 }
 
-#define RK_LANES_COMPARE(OP)                                                 \
-  RK_ALWAYS_INLINE LanesI operator OP(Lanes a, Lanes b) {                    \
-    LanesI r;                                                                \
-    RK_PARTS r.p[k] = a.p[k] OP b.p[k];                                      \
-    return r;                                                                \
-  }                                                                          \
-  RK_ALWAYS_INLINE LanesI operator OP(Lanes a, float b) {                    \
-    LanesI r;                                                                \
-    RK_PARTS r.p[k] = a.p[k] OP b;                                           \
-    return r;                                                                \
+#define RK_LANES_COMPARE(OP)                              \
+  RK_ALWAYS_INLINE LanesI operator OP(Lanes a, Lanes b) { \
+    LanesI r;                                             \
+    RK_PARTS r.p[k] = a.p[k] OP b.p[k];                   \
+    return r;                                             \
+  }                                                       \
+  RK_ALWAYS_INLINE LanesI operator OP(Lanes a, float b) { \
+    LanesI r;                                             \
+    RK_PARTS r.p[k] = a.p[k] OP b;                        \
+    return r;                                             \
   }
 RK_LANES_COMPARE(<)
 RK_LANES_COMPARE(<=)
@@ -132,14 +130,14 @@ RK_LANES_COMPARE(==)
 RK_LANES_COMPARE(!=)
 #undef RK_LANES_COMPARE
 
-#define RK_LANESI_OP(OP)                                                     \
-  RK_ALWAYS_INLINE LanesI operator OP(LanesI a, LanesI b) {                  \
-    RK_PARTS a.p[k] = a.p[k] OP b.p[k];                                      \
-    return a;                                                                \
-  }                                                                          \
-  RK_ALWAYS_INLINE LanesI operator OP(LanesI a, int32_t b) {                 \
-    RK_PARTS a.p[k] = a.p[k] OP b;                                           \
-    return a;                                                                \
+#define RK_LANESI_OP(OP)                                     \
+  RK_ALWAYS_INLINE LanesI operator OP(LanesI a, LanesI b) {  \
+    RK_PARTS a.p[k] = a.p[k] OP b.p[k];                      \
+    return a;                                                \
+  }                                                          \
+  RK_ALWAYS_INLINE LanesI operator OP(LanesI a, int32_t b) { \
+    RK_PARTS a.p[k] = a.p[k] OP b;                           \
+    return a;                                                \
   }
 RK_LANESI_OP(|)
 RK_LANESI_OP(&)
@@ -202,7 +200,6 @@ RK_ALWAYS_INLINE Lanes exp2Lanes(Lanes x) {
 // ---- sums across lanes ----
 
 namespace simd_detail {
-
 
 // Pairs a and b at block size 2h: lane j of the result holds, for each 2h-block, a's first half then
 // b's first half (Hi = 0), or their second halves (Hi = 1).
@@ -309,8 +306,10 @@ RK_ALWAYS_INLINE Lanes laneSums16(const Lanes* r) {
     for (int i = 0; i < kWidth; ++i) {
       const Lanes& x = r[q * kWidth + i];
       Vec s = part(x, 0);
-      if constexpr (kParts == 4) s = (part(x, 0) + part(x, 2)) + (part(x, 1) + part(x, 3));
-      else if constexpr (kParts == 2) s = part(x, 0) + part(x, 1);
+      if constexpr (kParts == 4)
+        s = (part(x, 0) + part(x, 2)) + (part(x, 1) + part(x, 3));
+      else if constexpr (kParts == 2)
+        s = part(x, 0) + part(x, 1);
       rows[i] = s;
     }
     part(out, q) = simd_detail::rowSums(rows);

@@ -27,10 +27,10 @@ struct AsyncJob : std::enable_shared_from_this<AsyncJob> {
   napi_ref out = nullptr;
   napi_deferred deferred = nullptr;
   std::shared_ptr<AsyncEnv> env;
-  bool queued = false;   // JS thread: handed to its queue (or settled without running)
-  bool settled = false;  // JS thread
+  bool queued = false;                // JS thread: handed to its queue (or settled without running)
+  bool settled = false;               // JS thread
   std::atomic<bool> finished{false};  // the queue thread is done with it (set before it is handed back)
-  bool counted = false;  // JS thread: counted in AsyncEnv::unsettled
+  bool counted = false;               // JS thread: counted in AsyncEnv::unsettled
   // The outcome (written by the queue thread before the job is handed back).
   bool failed = false;
   std::string code, message;
@@ -46,8 +46,8 @@ using Job = AsyncJob;
 struct AsyncEnv {
   std::mutex m;
   std::condition_variable cv;
-  bool closing = false;                  // guarded by m: the environment is shutting down
-  int inQueue = 0;                       // guarded by m: queued or running
+  bool closing = false;                    // guarded by m: the environment is shutting down
+  int inQueue = 0;                         // guarded by m: queued or running
   std::vector<std::shared_ptr<Job>> done;  // guarded by m: finished, to settle on the JS thread
   // JS thread only:
   Napi::ThreadSafeFunction wake;  // calls settle() on the JS thread
@@ -255,8 +255,9 @@ bool copySlice(Napi::Env env, Job& job, size_t maxBytes) {
     napi_value v = refValue(env, in.array);
     if (napi_get_typedarray_info(env, v, &type, &length, &data, &ab, &offset) != napi_ok || data != in.source ||
         Napi::TypedArray(env, v).ByteLength() != in.bytes)
-      return giveUp(code::kDisposed, "an input's storage was detached (its ArrayBuffer transferred) before the call "
-                                    "had copied it");
+      return giveUp(code::kDisposed,
+                    "an input's storage was detached (its ArrayBuffer transferred) before the call "
+                    "had copied it");
     const size_t n = std::min(budget, in.bytes - in.copied);
     std::memcpy(static_cast<uint8_t*>(in.copy.get()) + in.copied, static_cast<const uint8_t*>(data) + in.copied, n);
     in.copied += n;
@@ -332,7 +333,7 @@ Napi::Value AsyncCall(const Napi::CallbackInfo& info) {
   napi_delete_reference(env, st->promise);
   st->promise = nullptr;
   r.Set("job", Napi::External<std::shared_ptr<Job>>::New(env, new std::shared_ptr<Job>(st->job),
-                                                          [](Napi::Env, std::shared_ptr<Job>* p) { delete p; }));
+                                                         [](Napi::Env, std::shared_ptr<Job>* p) { delete p; }));
   return r;
 }
 
@@ -341,7 +342,8 @@ Job& jobArg(const Napi::CallbackInfo& info, const char* fn) {
   Napi::Value v = info[0];
   napi_valuetype type;
   napi_typeof(info.Env(), v, &type);
-  if (type != napi_external) throwError(info.Env(), code::kArgument, std::string(fn) + ": job must be an async call's job");
+  if (type != napi_external)
+    throwError(info.Env(), code::kArgument, std::string(fn) + ": job must be an async call's job");
   // Externals of this addon are only made here, for jobs.
   return **v.As<Napi::External<std::shared_ptr<Job>>>().Data();
 }
@@ -392,8 +394,6 @@ bool asyncMode(Napi::Env env) {
   const Instance& inst = instance(env);
   return inst.staging != nullptr && inst.callDepth == inst.staging->depth;
 }
-
-
 
 void* stageInput(Napi::Env env, Napi::TypedArray array, const void* data, size_t bytes, bool update) {
   AsyncStaging::Input in;

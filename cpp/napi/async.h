@@ -55,8 +55,8 @@ struct AsyncStaging {
   std::shared_ptr<std::atomic<bool>> cancel = std::make_shared<std::atomic<bool>>(false);
   std::vector<Input> inputs;
   std::shared_ptr<AsyncJob> job;  // set once a kernel is submitted
-  napi_ref promise = nullptr;  // held until asyncCall returns it
-  int depth = 0;  // the native call depth of the call that is the async one
+  napi_ref promise = nullptr;     // held until asyncCall returns it
+  int depth = 0;                  // the native call depth of the call that is the async one
 };
 
 // Whether the binding running now prepares an async call: only the call that asyncCall makes does (a

@@ -49,8 +49,9 @@ Napi::Value CpuSetIsa(const Napi::CallbackInfo& info) {
   if (!parseIsa(name, &isa))
     throwError(env, code::kArgument, "cpu.setIsa: isa is '" + name + "', expected 'avx512', 'avx2' or 'base'");
   if (!isaSupported(isa))
-    throwError(env, code::kArgument, "cpu.setIsa: isa '" + name + "' is not supported by this CPU (best: " +
-                                        isaName(supportedIsas().front()) + ")");
+    throwError(
+        env, code::kArgument,
+        "cpu.setIsa: isa '" + name + "' is not supported by this CPU (best: " + isaName(supportedIsas().front()) + ")");
   setActiveIsa(isa);
   return env.Undefined();
 }

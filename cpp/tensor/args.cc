@@ -42,8 +42,8 @@ Request parseRequest(Napi::Env env, const Napi::CallbackInfo& info, const char* 
 Napi::Object objectArg(Napi::Env env, const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
   Napi::Value v = info[i];
   if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
-    throwError(env, code::kArgument, std::string(op) + ": argument " + std::to_string(i + 1) + " (" + name +
-                                        ") must be an object");
+    throwError(env, code::kArgument,
+               std::string(op) + ": argument " + std::to_string(i + 1) + " (" + name + ") must be an object");
   return v.As<Napi::Object>();
 }
 

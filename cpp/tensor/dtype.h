@@ -11,22 +11,33 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 inline const char* dtypeName(DType d) {
   switch (d) {
-    case DType::F32: return "float32";
-    case DType::F16: return "float16";
-    case DType::BF16: return "bfloat16";
+    case DType::F32:
+      return "float32";
+    case DType::F16:
+      return "float16";
+    case DType::BF16:
+      return "bfloat16";
   }
   return "?";
 }
 inline size_t dtypeSize(DType d) { return d == DType::F32 ? 4 : 2; }
 
-inline float bitsToFloat(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t floatToBits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float bitsToFloat(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t floatToBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 inline float bf16ToFloat(uint16_t h) { return bitsToFloat(uint32_t(h) << 16); }
 inline uint16_t floatToBf16(float f) {
   uint32_t u = floatToBits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);                                          // round to nearest even
+  u += 0x7fffu + ((u >> 16) & 1u);                                         // round to nearest even
   return uint16_t(u >> 16);
 }
 
@@ -46,9 +57,9 @@ inline uint16_t floatToF16(float f) {
   uint32_t u = floatToBits(f);
   uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);     // nan
-  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);    // overflow (>= 65520) -> inf
-  if (a < 0x38800000u) {                                    // subnormal or zero in fp16
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // nan
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // overflow (>= 65520) -> inf
+  if (a < 0x38800000u) {                                  // subnormal or zero in fp16
     // round(|f| * 2^24) to nearest even, as an integer number of 2^-24 units
     float v = bitsToFloat(a) * 16777216.0f;
     uint32_t m = uint32_t(v);
@@ -71,8 +82,12 @@ template <> struct Storage<float> {
   static float load(float v) { return v; }
   static float store(float v) { return v; }
 };
-struct Half16 { uint16_t bits; };
-struct BFloat16 { uint16_t bits; };
+struct Half16 {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
 template <> struct Storage<Half16> {
   static constexpr DType dtype = DType::F16;
   static float load(Half16 v) { return f16ToFloat(v.bits); }
@@ -87,9 +102,12 @@ template <> struct Storage<BFloat16> {
 // Calls fn with a value of the storage type matching d (for template dispatch).
 template <typename Fn> auto dispatchDType(DType d, Fn&& fn) {
   switch (d) {
-    case DType::F16: return fn(Half16{});
-    case DType::BF16: return fn(BFloat16{});
-    default: return fn(float{});
+    case DType::F16:
+      return fn(Half16{});
+    case DType::BF16:
+      return fn(BFloat16{});
+    default:
+      return fn(float{});
   }
 }
 

@@ -39,10 +39,10 @@ bool cudaUsable(Napi::Env env, std::string* reason) {
 // ---------------------------------------------------------------- DeviceBuffer
 
 Napi::Function DeviceBuffer::Define(Napi::Env env) {
-  return DefineClass(env, "DeviceBuffer",
-                     {InstanceMethod<&DeviceBuffer::Dispose>("dispose"),
-                      InstanceAccessor<&DeviceBuffer::GetBytes>("bytes"),
-                      InstanceAccessor<&DeviceBuffer::GetDisposed>("disposed")});
+  return DefineClass(
+      env, "DeviceBuffer",
+      {InstanceMethod<&DeviceBuffer::Dispose>("dispose"), InstanceAccessor<&DeviceBuffer::GetBytes>("bytes"),
+       InstanceAccessor<&DeviceBuffer::GetDisposed>("disposed")});
 }
 
 DeviceBuffer::DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceBuffer>(info) {
@@ -152,8 +152,9 @@ void sealPins(Napi::Env env, const char* op) {
            !isDetached(env, buffer) && (data == p.data || p.length == 0) && length == p.length;
     }
     if (!ok)
-      throwError(env, code::kDisposed, std::string(op) + ": " + p.what +
-                                          " was detached, resized or disposed while the call read its arguments");
+      throwError(
+          env, code::kDisposed,
+          std::string(op) + ": " + p.what + " was detached, resized or disposed while the call read its arguments");
   }
 }
 
@@ -222,8 +223,7 @@ DType parseDType(Napi::Env env, Napi::Value v, const char* op, const char* arg) 
     if (s == "float16") return DType::F16;
     if (s == "bfloat16") return DType::BF16;
   }
-  throwError(env, code::kDType,
-             std::string(op) + ": " + arg + " dtype must be 'float32', 'float16' or 'bfloat16'");
+  throwError(env, code::kDType, std::string(op) + ": " + arg + " dtype must be 'float32', 'float16' or 'bfloat16'");
 }
 
 int64_t checkedProduct(Napi::Env env, int64_t x, int64_t y, const char* op) {
@@ -247,8 +247,7 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
   std::string where = std::string(op) + ": " + arg;
   if (elements < 0) throwError(env, code::kShape, where + " is too large");
   if (device == Device::CPU) {
-    if (!v.IsTypedArray())
-      throwError(env, code::kDevice, where + " must be CPU storage (a TypedArray)");
+    if (!v.IsTypedArray()) throwError(env, code::kDevice, where + " must be CPU storage (a TypedArray)");
     Napi::TypedArray ta = v.As<Napi::TypedArray>();
     napi_typedarray_type want = dtype == DType::F32 ? napi_float32_array : napi_uint16_array;
     if (ta.TypedArrayType() != want)
@@ -256,8 +255,9 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
     if (isDetached(env, ta.ArrayBuffer()))
       throwError(env, code::kDisposed, where + " storage is detached (its ArrayBuffer was transferred)");
     if (int64_t(ta.ElementLength()) != elements)
-      throwError(env, code::kShape, where + " has " + std::to_string(ta.ElementLength()) +
-                                       " elements, expected " + std::to_string(elements));
+      throwError(
+          env, code::kShape,
+          where + " has " + std::to_string(ta.ElementLength()) + " elements, expected " + std::to_string(elements));
     view.data = static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
     view.elements = elements;
     pin(env, ta, nullptr, view.data, ta.ElementLength(), where);
@@ -271,8 +271,9 @@ View tensorArg(Napi::Env env, Napi::Value v, const char* op, const char* arg, De
   if (!buf) throwError(env, code::kDevice, where + " must be CUDA storage (a DeviceBuffer)");
   if (buf->disposed()) throwError(env, code::kDisposed, where + " was disposed");
   if (int64_t(buf->bytes()) != elements * int64_t(dtypeSize(dtype)))
-    throwError(env, code::kShape, where + " holds " + std::to_string(buf->bytes()) + " bytes, expected " +
-                                     std::to_string(elements) + " elements of " + dtypeName(dtype));
+    throwError(env, code::kShape,
+               where + " holds " + std::to_string(buf->bytes()) + " bytes, expected " + std::to_string(elements) +
+                   " elements of " + dtypeName(dtype));
   view.data = buf->data();
   view.elements = elements;
   pin(env, v, buf, view.data, buf->bytes(), where);
@@ -353,8 +354,7 @@ void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what) {
 #endif
 
 void throwNoCuda(Napi::Env env, const char* op) {
-  throwError(env, code::kDevice,
-             std::string(op) + ": " + kNoCudaBuild);
+  throwError(env, code::kDevice, std::string(op) + ": " + kNoCudaBuild);
 }
 
 // ---------------------------------------------------------------- runtime entry points
@@ -450,8 +450,7 @@ Napi::Value Copy(const Napi::CallbackInfo& info) {
 #endif
 }
 
-template <typename From, typename To>
-void convertHost(const void* src, void* dst, int64_t n) {
+template <typename From, typename To> void convertHost(const void* src, void* dst, int64_t n) {
   const From* s = static_cast<const From*>(src);
   To* d = static_cast<To*>(dst);
   parallelFor(n, 1 << 16, [&](int64_t b, int64_t e) {
@@ -469,12 +468,13 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   View src = tensorArg(env, info[1], "convert", "tensor", dev, from, n);
   void* dst = nullptr;
   Napi::Value out = allocOutput(env, dev, to, n, &dst, Init::Overwritten);
-  return launch(env, "convert", dev, out, [&] { return rkcuda::convert(toCuda(from), src.data, toCuda(to), dst, n); },
-                [&] {
-                  dispatchDType(from, [&](auto f) {
-                    dispatchDType(to, [&](auto t) { convertHost<decltype(f), decltype(t)>(src.data, dst, n); });
-                  });
-                });
+  return launch(
+      env, "convert", dev, out, [&] { return rkcuda::convert(toCuda(from), src.data, toCuda(to), dst, n); },
+      [&] {
+        dispatchDType(from, [&](auto f) {
+          dispatchDType(to, [&](auto t) { convertHost<decltype(f), decltype(t)>(src.data, dst, n); });
+        });
+      });
 }
 
 // setBufferSource(fn, minBytes): fn(bytes) -> ArrayBuffer supplies large CPU outputs that the
@@ -497,9 +497,7 @@ Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
   return r;
 }
 
-Napi::Value NumThreads(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), numThreads());
-}
+Napi::Value NumThreads(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), numThreads()); }
 
 // Benchmark timing with CUDA events: timerStart() -> handle; timerStop(handle) -> milliseconds.
 Napi::Value TimerStart(const Napi::CallbackInfo& info) {

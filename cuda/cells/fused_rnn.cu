@@ -114,19 +114,19 @@
 namespace rkcuda {
 namespace {
 
-constexpr int kRows = 16;           // batch rows per persistent block (the mma M dimension)
+constexpr int kRows = 16;  // batch rows per persistent block (the mma M dimension)
 constexpr int kMaxPersistentDim = 256;
-constexpr int kMultiThreads = 256;  // threads of a multi-block persistent block at most (4 per column: 64 columns)
+constexpr int kMultiThreads = 256;    // threads of a multi-block persistent block at most (4 per column: 64 columns)
 constexpr int kMaxMultiLaunches = 8;  // sequential launches (groups of batch tiles) the launcher accepts by default
-constexpr int kAhead = 4;          // steps ahead that the persistent kernels prefetch their inputs into L2
-constexpr int kStepRows = 8;        // batch rows per stepwise block
-constexpr int kStepCols = 16;       // channels per stepwise block
-constexpr int kKGroups = 8;         // groups of the k range per stepwise block
+constexpr int kAhead = 4;             // steps ahead that the persistent kernels prefetch their inputs into L2
+constexpr int kStepRows = 8;          // batch rows per stepwise block
+constexpr int kStepCols = 16;         // channels per stepwise block
+constexpr int kKGroups = 8;           // groups of the k range per stepwise block
 constexpr int kStepThreads = kStepCols * kKGroups;  // = kStepRows * kStepCols: one cell update each
-constexpr int kStepChunk = 256;     // h_{t-1} columns staged at a time by a stepwise block
+constexpr int kStepChunk = 256;                     // h_{t-1} columns staged at a time by a stepwise block
 static_assert(kStepThreads == kStepRows * kStepCols, "a stepwise thread per (row, channel) of the tile");
-constexpr int kRedTile = 64;        // dR reduction: output tile (i and j)
-constexpr int kRedChunk = 32;       // dR reduction: t*batch rows staged at a time
+constexpr int kRedTile = 64;   // dR reduction: output tile (i and j)
+constexpr int kRedChunk = 32;  // dR reduction: t*batch rows staged at a time
 constexpr int64_t kMaxT = int64_t{1} << 30;
 
 __host__ __device__ inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -145,15 +145,21 @@ constexpr int maxThreadsOf(int cell, bool f32) {
 }
 
 // Operand types of the recurrent products: the input dtype forward, bf16 backward (16-bit inputs).
-template <class T> struct Operands { using Fwd = T; using Bwd = __nv_bfloat16; };
-template <> struct Operands<float> { using Fwd = float; using Bwd = float; };
+template <class T> struct Operands {
+  using Fwd = T;
+  using Bwd = __nv_bfloat16;
+};
+template <> struct Operands<float> {
+  using Fwd = float;
+  using Bwd = float;
+};
 template <class Op> constexpr int padOf() { return std::is_same<Op, float>::value ? 4 : 8; }
 
 struct RnnParams {
   int64_t batch = 0, T = 0, H = 0, D = 0;
-  int Dp = 16;                          // D rounded up to 16 (the product's K padding)
+  int Dp = 16;  // D rounded up to 16 (the product's K padding)
   bool lastOnly = false;
-  const int32_t* lengths = nullptr;     // device, nullable
+  const int32_t* lengths = nullptr;  // device, nullable
   const void* wx = nullptr;
   const void* R = nullptr;
   const float* b = nullptr;
@@ -168,14 +174,14 @@ struct RnnParams {
   const float* cSavedPre = nullptr;
   const void* dh = nullptr;
   const float* dFinal = nullptr;
-  float* gr = nullptr;                  // scratch [T, batch, G, H, D]: dL/d(recurrent pre-activation)
+  float* gr = nullptr;  // scratch [T, batch, G, H, D]: dL/d(recurrent pre-activation)
   void* dwx = nullptr;
   float* dStates0 = nullptr;
   // multi-block persistent kernels
-  int splits = 1;                       // blocks per head (each takes D / splits columns)
-  int64_t group0 = 0;                   // first (batch tile, head) group of the launch: tile * H + head
-  void* xchg = nullptr;                 // exchange buffers, [2][groups of the launch][16][D] (backward [16][G][D])
-  unsigned* sync = nullptr;             // barrier counters, one per group of the launch, zero at the start
+  int splits = 1;            // blocks per head (each takes D / splits columns)
+  int64_t group0 = 0;        // first (batch tile, head) group of the launch: tile * H + head
+  void* xchg = nullptr;      // exchange buffers, [2][groups of the launch][16][D] (backward [16][G][D])
+  unsigned* sync = nullptr;  // barrier counters, one per group of the launch, zero at the start
 };
 
 __device__ __forceinline__ int64_t lengthOf(const RnnParams& p, int64_t b) {
@@ -197,9 +203,7 @@ __device__ __forceinline__ float sigm(float x) {
   const float d = 1.0f + expf(-x);
   return d < 1e37f ? div(1.0f, d) : 0.0f;
 }
-__device__ __forceinline__ float logSigmoid(float x) {
-  return x >= 0.0f ? -log1pf(expf(-x)) : x - log1pf(expf(x));
-}
+__device__ __forceinline__ float logSigmoid(float x) { return x >= 0.0f ? -log1pf(expf(-x)) : x - log1pf(expf(x)); }
 
 // One step of one channel. pre[g] = wx_g + b_g + rec_g, except the GRU's n gate: pre[2] = rec_n + b_n
 // (the part r scales) and wxn = wx_n. st: the states, updated in place.
@@ -233,9 +237,9 @@ __device__ __forceinline__ void cellForward(const float (&pre)[gatesOf(CELL)], f
 // the step) out (the recurrent part is added by the caller). gx: dL/dwx_g; gr: dL/d(recurrent
 // pre-activation) (equal to gx except for the GRU's n gate, where it is scaled by r).
 template <int CELL>
-__device__ __forceinline__ void cellBackward(const float (&pre)[gatesOf(CELL)], float wxn, const float (&prev)[statesOf(CELL)],
-                                             float (&g)[statesOf(CELL)], float (&gx)[gatesOf(CELL)],
-                                             float (&gr)[gatesOf(CELL)]) {
+__device__ __forceinline__ void cellBackward(const float (&pre)[gatesOf(CELL)], float wxn,
+                                             const float (&prev)[statesOf(CELL)], float (&g)[statesOf(CELL)],
+                                             float (&gx)[gatesOf(CELL)], float (&gr)[gatesOf(CELL)]) {
   if constexpr (CELL == kElman) {
     const float h = tanhf(pre[0]);
     gx[0] = gr[0] = g[0] * (1.0f - h * h);
@@ -274,7 +278,10 @@ __device__ __forceinline__ void cellBackward(const float (&pre)[gatesOf(CELL)], 
     const float gfu = fClamped ? 0.0f : gfp * fp;
     const float gm = g[3] - gfu - gip * ip;
     float gi = gip * ip, gu = gfu;
-    if (iBranch) gi += gm; else gu += gm;
+    if (iBranch)
+      gi += gm;
+    else
+      gu += gm;
     gx[0] = gr[0] = gi;
     gx[1] = gr[1] = gu * sigm(-fpre);
     gx[2] = gr[2] = gc * ip * (1.0f - zt * zt);
@@ -538,10 +545,10 @@ __device__ __forceinline__ void loadBackwardStep(const RnnParams& p, const T* wx
     for (int g = 0; g < G; ++g) pre[e][g] = active ? p.cSavedPre[(((t * batch + b) * G + g) * H + hh) * D + j] : 0.0f;
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      prev[e][s] = !active ? 0.0f
-                   : t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+      prev[e][s] = !active                ? 0.0f
+                   : t > 0                ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
                    : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
-                   : 0.0f;
+                                          : 0.0f;
     }
     dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
     wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
@@ -619,7 +626,8 @@ __device__ __forceinline__ void storeDStates0(const RnnParams& p, int64_t row0, 
 // ============================== the persistent kernels ==============================
 
 template <class T, int CELL>
-__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value)) fusedRnnForwardKernel(RnnParams p) {
+__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value))
+    fusedRnnForwardKernel(RnnParams p) {
   using Op = typename Operands<T>::Fwd;
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
   const int64_t H = p.H, L = p.T;
@@ -628,8 +636,8 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
   const int Di = static_cast<int>(p.D), ld = p.Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
-  Op* Rt = dynamicShared<Op>();     // [G][D][ld]: Rt[g][j][i] = R[g][hh][i][j], zero for i >= D
-  Op* hA = Rt + G * Di * ld;        // [2][16][ld]: h_{t-1} of the block's rows, zero past column D
+  Op* Rt = dynamicShared<Op>();  // [G][D][ld]: Rt[g][j][i] = R[g][hh][i][j], zero for i >= D
+  Op* hA = Rt + G * Di * ld;     // [2][16][ld]: h_{t-1} of the block's rows, zero past column D
   float* bs = reinterpret_cast<float*>(hA + 2 * kRows * ld);  // [G][D]: b of the head
   loadForwardWeights<T, Op, G>(p, hh, 0, Di, ld, Rt, bs);
   for (int e = tid; e < 2 * kRows * ld; e += nthreads) hA[e] = toOp<Op>(0.0f);
@@ -660,7 +668,8 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
 }
 
 template <class T, int CELL>
-__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value)) fusedRnnBackwardKernel(RnnParams p) {
+__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value))
+    fusedRnnBackwardKernel(RnnParams p) {
   using Op = typename Operands<T>::Bwd;
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
   const int64_t H = p.H, L = p.T;
@@ -669,8 +678,8 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
   const int Di = static_cast<int>(p.D), Dp = p.Dp, ld = Dp + padOf<Op>(), lda = G * Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
-  Op* Rs = dynamicShared<Op>();     // [G][D][ld]: Rs[g][i][j] = R[g][hh][i][j], zero for j >= D
-  Op* dA = Rs + G * Di * ld;        // [2][16][lda]: dpre of the block's rows, gate g at columns g*Dp..
+  Op* Rs = dynamicShared<Op>();  // [G][D][ld]: Rs[g][i][j] = R[g][hh][i][j], zero for j >= D
+  Op* dA = Rs + G * Di * ld;     // [2][16][lda]: dpre of the block's rows, gate g at columns g*Dp..
   loadBackwardWeights<T, Op, G>(p, hh, 0, Di, ld, Rs);
   for (int e = tid; e < 2 * kRows * lda; e += nthreads) dA[e] = toOp<Op>(0.0f);
   __syncthreads();
@@ -702,7 +711,6 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
   if (L > 0) gatesProduct(dA);
   storeDStates0<S>(p, row0, hh, 0, gS);
 }
-
 
 // ============================== the multi-block persistent kernels ==============================
 
@@ -744,7 +752,6 @@ __device__ __forceinline__ void copyExchange(Op* dst, int ldDst, int ldSeg, cons
   __syncthreads();
 }
 
-
 template <class T, int CELL>
 __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(RnnParams p) {
   using Op = typename Operands<T>::Fwd;
@@ -755,8 +762,8 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(R
   const int Di = static_cast<int>(D), Dc = m.Dc, j0 = m.j0, ld = p.Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
-  Op* Rt = dynamicShared<Op>();     // [G][Dc][ld]: Rt[g][jl][i] = R[g][hh][i][j0 + jl], zero for i >= D
-  Op* hA = Rt + G * Dc * ld;        // [16][ld]: h_{t-1} of the block's rows, all D columns, zero past D
+  Op* Rt = dynamicShared<Op>();  // [G][Dc][ld]: Rt[g][jl][i] = R[g][hh][i][j0 + jl], zero for i >= D
+  Op* hA = Rt + G * Dc * ld;     // [16][ld]: h_{t-1} of the block's rows, all D columns, zero past D
   float* bs = reinterpret_cast<float*>(hA + kRows * ld);  // [G][Dc]: b of the block's columns
   loadForwardWeights<T, Op, G>(p, hh, j0, Dc, ld, Rt, bs);
   for (int e = tid; e < kRows * ld; e += nthreads) {
@@ -805,8 +812,8 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
   const int lda = G * Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
-  Op* Rs = dynamicShared<Op>();     // [G][Dc][ld]: Rs[g][il][j] = R[g][hh][j0 + il][j], zero for j >= D
-  Op* dA = Rs + G * Dc * ld;        // [16][lda]: dpre of step t + 1, gate g at columns g*Dp.., zero past D
+  Op* Rs = dynamicShared<Op>();  // [G][Dc][ld]: Rs[g][il][j] = R[g][hh][j0 + il][j], zero for j >= D
+  Op* dA = Rs + G * Dc * ld;     // [16][lda]: dpre of step t + 1, gate g at columns g*Dp.., zero past D
   loadBackwardWeights<T, Op, G>(p, hh, j0, Dc, ld, Rs);
   for (int e = tid; e < kRows * lda; e += nthreads) dA[e] = toOp<Op>(0.0f);
   __syncthreads();
@@ -841,8 +848,8 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
       copyExchange<Op>(dA, lda, Dp, xg + ((t + 1) & 1) * bufStride, G, Di);
       gatesProduct();
     }
-    backwardUpdate<T, Op, CELL>(p, dwx, t, row0, hh, j0, len, pre, prev, dhv, wxn, gS, xg + (t & 1) * bufStride,
-                                G * Di, Di);
+    backwardUpdate<T, Op, CELL>(p, dwx, t, row0, hh, j0, len, pre, prev, dhv, wxn, gS, xg + (t & 1) * bufStride, G * Di,
+                                Di);
     groupBarrier(counter, static_cast<unsigned>(p.splits), &passed);
   }
   if (L > 0) {
@@ -935,16 +942,16 @@ __device__ __forceinline__ StepTile stepTileOf(const RnnParams& p) {
 // the tile for the cell update. hPrev / hNext: fp32 [batch, H, D]; st: fp32 [S, batch, H, D], the
 // states 1..S-1 (slot 0 unused), updated in place.
 template <class T, int CELL>
-__global__ void __launch_bounds__(kStepThreads) fusedRnnForwardStepKernel(RnnParams p, int64_t t, const float* hPrev,
-                                                                         float* hNext, float* st) {
+__global__ void __launch_bounds__(kStepThreads)
+    fusedRnnForwardStepKernel(RnnParams p, int64_t t, const float* hPrev, float* hNext, float* st) {
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
   __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
   const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
   const StepTile tile = stepTileOf(p);
   const int64_t hh = tile.hh, row0 = tile.row0, j = tile.j;
   const int r = tile.r, c = tile.c;
-  stepProduct<G>(sums, hPrev + (row0 * H + hh) * D, H * D, 0, tile.rowsValid,
-                 static_cast<const T*>(p.R) + hh * D * D, H * D * D, D, tile.j0);
+  stepProduct<G>(sums, hPrev + (row0 * H + hh) * D, H * D, 0, tile.rowsValid, static_cast<const T*>(p.R) + hh * D * D,
+                 H * D * D, D, tile.j0);
   if (j >= D || r >= tile.rowsValid) return;
   const T* wx = static_cast<const T*>(p.wx);
   const int64_t b = row0 + r, o = (b * H + hh) * D + j;
@@ -978,8 +985,8 @@ __global__ void __launch_bounds__(kStepThreads) fusedRnnForwardStepKernel(RnnPar
 // [S, batch, H, D], dL/d(states after step t), updated in place; Rt: fp32 [G, H, D, D], Rt[g][hh][j][i] =
 // R[g][hh][i][j]. Adds the recurrent part from step t + 1's dpre (p.gr at t + 1) first.
 template <class T, int CELL>
-__global__ void __launch_bounds__(kStepThreads) fusedRnnBackwardStepKernel(RnnParams p, int64_t t, const float* Rt,
-                                                                          float* gS) {
+__global__ void __launch_bounds__(kStepThreads)
+    fusedRnnBackwardStepKernel(RnnParams p, int64_t t, const float* Rt, float* gS) {
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
   __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
   const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
@@ -1015,8 +1022,9 @@ __global__ void __launch_bounds__(kStepThreads) fusedRnnBackwardStepKernel(RnnPa
     for (int k = 0; k < G; ++k) pre[k] = p.cSavedPre[(((t * batch + b) * G + k) * H + hh) * D + j];
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      prev[s] = t > 0 ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
-                : p.states0 != nullptr ? p.states0[s * SE + o] : 0.0f;
+      prev[s] = t > 0                  ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+                : p.states0 != nullptr ? p.states0[s * SE + o]
+                                       : 0.0f;
     }
     if (!p.lastOnly && dh != nullptr) g[0] += toFloat(dh[((b * L + t) * H + hh) * D + j]);
     const float wxn = CELL == kGru ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
@@ -1032,18 +1040,21 @@ __global__ void __launch_bounds__(kStepThreads) fusedRnnBackwardStepKernel(RnnPa
 }
 
 // Stepwise forward set-up: h (hA) and the other states (st) from states0 or zeros.
-__global__ void __launch_bounds__(256) initStatesKernel(const float* states0, float* hA, float* st, int64_t S,
-                                                        int64_t SE) {
+__global__ void __launch_bounds__(256)
+    initStatesKernel(const float* states0, float* hA, float* st, int64_t S, int64_t SE) {
   for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < S * SE; e += int64_t{gridDim.x} * 256) {
     const float v = states0 != nullptr ? states0[e] : 0.0f;
-    if (e < SE) hA[e] = v; else st[e] = v;
+    if (e < SE)
+      hA[e] = v;
+    else
+      st[e] = v;
   }
 }
 
 // Stepwise forward finish: finalStates and (returnLastOnly) h from the last states.
 template <class T>
-__global__ void __launch_bounds__(256) finishForwardKernel(const float* hLast, const float* st, float* finalStates,
-                                                           T* h, int64_t S, int64_t SE) {
+__global__ void __launch_bounds__(256)
+    finishForwardKernel(const float* hLast, const float* st, float* finalStates, T* h, int64_t S, int64_t SE) {
   for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < SE; e += int64_t{gridDim.x} * 256) {
     if (h != nullptr) storeScalar(h + e, hLast[e]);
     if (finalStates != nullptr) {
@@ -1054,8 +1065,8 @@ __global__ void __launch_bounds__(256) finishForwardKernel(const float* hLast, c
 
 // Stepwise backward set-up: gS = dFinal (or 0), plus dh on h with returnLastOnly.
 template <class T>
-__global__ void __launch_bounds__(256) initGradKernel(const float* dFinal, const T* dhLast, float* gS, int64_t S,
-                                                      int64_t SE) {
+__global__ void __launch_bounds__(256)
+    initGradKernel(const float* dFinal, const T* dhLast, float* gS, int64_t S, int64_t SE) {
   for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < S * SE; e += int64_t{gridDim.x} * 256) {
     float v = dFinal != nullptr ? dFinal[e] : 0.0f;
     if (e < SE && dhLast != nullptr) v += toFloat(dhLast[e]);
@@ -1078,8 +1089,8 @@ __global__ void __launch_bounds__(256) transposeRKernel(const T* R, float* Rt, i
 //   partR[split][mat][i][j] = sum_n h_{t-1}[n][i] gr[n][mat][j],  partB[split][mat][j] = sum_n gr[n][mat][j]
 // (partB written by the blocks of i tile 0). 16-bit dtypes: tf32 mma; fp32: FMA.
 template <bool TF32>
-__global__ void __launch_bounds__(256) reduceGradKernel(RnnParams p, int S, int G, int64_t splits, int64_t rowsPerSplit,
-                                                        float* partR, float* partB) {
+__global__ void __launch_bounds__(256)
+    reduceGradKernel(RnnParams p, int S, int G, int64_t splits, int64_t rowsPerSplit, float* partR, float* partB) {
   __shared__ __align__(16) float hs[kRedChunk][kRedTile + 4];
   __shared__ __align__(16) float gs[kRedChunk][kRedTile + 4];
   const int64_t H = p.H, D = p.D, batch = p.batch, N = p.T * p.batch, mats = G * H;
@@ -1106,13 +1117,15 @@ __global__ void __launch_bounds__(256) reduceGradKernel(RnnParams p, int S, int 
     for (int e = tid; e < kRedChunk * kRedTile; e += 256) {
       const int r = e / kRedTile, c = e % kRedTile;
       const int64_t n = nc + r;
-      const int64_t t = narrow ? static_cast<int64_t>(static_cast<unsigned>(n) / static_cast<unsigned>(batch)) : n / batch;
+      const int64_t t =
+          narrow ? static_cast<int64_t>(static_cast<unsigned>(n) / static_cast<unsigned>(batch)) : n / batch;
       const int64_t b = n - t * batch;
       float hv = 0.0f, gv = 0.0f;
       if (n < n1) {
         if (i0 + c < D) {
-          hv = t > 0 ? p.cSavedStates[(((t - 1) * S * batch + b) * H + hh) * D + i0 + c]
-               : p.states0 != nullptr ? p.states0[(b * H + hh) * D + i0 + c] : 0.0f;
+          hv = t > 0                  ? p.cSavedStates[(((t - 1) * S * batch + b) * H + hh) * D + i0 + c]
+               : p.states0 != nullptr ? p.states0[(b * H + hh) * D + i0 + c]
+                                      : 0.0f;
         }
         if (j0 + c < D) gv = p.gr[(n * mats + mat) * D + j0 + c];
       }
@@ -1165,8 +1178,8 @@ __global__ void __launch_bounds__(256) reduceGradKernel(RnnParams p, int S, int 
 
 // dR (dtype T) and db (fp32): the partial sums of every split added in order.
 template <class T>
-__global__ void __launch_bounds__(256) finishGradKernel(const float* partR, const float* partB, int64_t splits,
-                                                        int64_t nR, int64_t nB, T* dR, float* db) {
+__global__ void __launch_bounds__(256)
+    finishGradKernel(const float* partR, const float* partB, int64_t splits, int64_t nR, int64_t nB, T* dR, float* db) {
   for (int64_t e = blockIdx.x * int64_t{256} + threadIdx.x; e < nR + nB; e += int64_t{gridDim.x} * 256) {
     float s = 0.0f;
     if (e < nR) {
@@ -1230,10 +1243,14 @@ Status uploadLengths(const FusedRnnArgs& a, DeviceBuffer* buffer, const int32_t*
 // Calls f(std::integral_constant<int, cell>{}).
 template <class F> Status dispatchCell(CellKind c, F&& f) {
   switch (c) {
-    case CellKind::Elman: return f(std::integral_constant<int, kElman>{});
-    case CellKind::Lstm: return f(std::integral_constant<int, kLstm>{});
-    case CellKind::Gru: return f(std::integral_constant<int, kGru>{});
-    case CellKind::Slstm: return f(std::integral_constant<int, kSlstm>{});
+    case CellKind::Elman:
+      return f(std::integral_constant<int, kElman>{});
+    case CellKind::Lstm:
+      return f(std::integral_constant<int, kLstm>{});
+    case CellKind::Gru:
+      return f(std::integral_constant<int, kGru>{});
+    case CellKind::Slstm:
+      return f(std::integral_constant<int, kSlstm>{});
   }
   return statusError("unknown cell");
 }
@@ -1246,8 +1263,7 @@ Status deviceAttribute(cudaDeviceAttr attr, int* value) {
 }
 
 // Shared memory of the persistent kernel (forward or backward), 0 when it does not apply.
-template <class Op>
-size_t persistentShared(int cell, int64_t D, bool backward, bool f32) {
+template <class Op> size_t persistentShared(int cell, int64_t D, bool backward, bool f32) {
   const int G = gatesOf(cell);
   if (D % 8 != 0 || D > kMaxPersistentDim || 4 * D > maxThreadsOf(cell, f32)) return 0;
   const int64_t Dp = ceilDiv(D, 16) * 16, pad = padOf<Op>();
@@ -1257,8 +1273,7 @@ size_t persistentShared(int cell, int64_t D, bool backward, bool f32) {
 }
 
 // Shared memory of a multi-block persistent block (forward or backward) that takes Dc columns.
-template <class Op>
-size_t multiShared(int cell, int64_t D, int64_t Dc, bool backward) {
+template <class Op> size_t multiShared(int cell, int64_t D, int64_t Dc, bool backward) {
   const int64_t G = gatesOf(cell), Dp = ceilDiv(D, 16) * 16, pad = padOf<Op>(), ld = Dp + pad;
   const int64_t tile = backward ? G * Dp + pad : ld;
   const int64_t bias = backward ? 0 : G * Dc * static_cast<int64_t>(sizeof(float));
@@ -1294,7 +1309,8 @@ Status planMulti(void (*kernel)(KArgs...), int cell, int64_t D, bool backward, i
   }
   const int64_t splits = tunable("fusedRnn.splits", static_cast<int>(chosen));
   if (splits == 0 || !usable(splits)) {
-    plan->why = "headDim " + std::to_string(D) + (splits == 0 ? " fits no split" : " in " + std::to_string(splits) + " blocks does not fit") +
+    plan->why = "headDim " + std::to_string(D) +
+                (splits == 0 ? " fits no split" : " in " + std::to_string(splits) + " blocks does not fit") +
                 " over blocks of the multi-block kernel";
     return Status{};
   }
@@ -1309,8 +1325,9 @@ Status planMulti(void (*kernel)(KArgs...), int cell, int64_t D, bool backward, i
   RK_TRY(allowDynamicShared(kernel, plan->shared));
   int sms = 0, perSm = 0;
   RK_TRY(deviceAttribute(cudaDevAttrMultiProcessorCount, &sms));
-  RK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
-      &perSm, reinterpret_cast<const void*>(kernel), static_cast<int>(4 * (D / splits)), plan->shared, cudaOccupancyDefault));
+  RK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&perSm, reinterpret_cast<const void*>(kernel),
+                                                                     static_cast<int>(4 * (D / splits)), plan->shared,
+                                                                     cudaOccupancyDefault));
   plan->groupsPerLaunch = static_cast<int64_t>(sms) * perSm / splits;
   if (plan->groupsPerLaunch < 1) plan->why = "the blocks of one head cannot all be resident";
   return Status{};
@@ -1330,7 +1347,8 @@ Status choosePath(const std::string& fn, int cell, int64_t D, int64_t groups, bo
   const bool multiFits = multi->why.empty() && ceilDiv(groups, multi->groupsPerLaunch) <= kMaxMultiLaunches;
   *path = pinned != 0 ? pinned : fits ? 1 : multiFits ? 3 : 2;
   if (*path < 1 || *path > 3) return statusError(fn + ": unknown path " + std::to_string(*path));
-  if (*path == 1 && !fits) return statusError(fn + ": headDim " + std::to_string(D) + " does not fit the persistent kernel");
+  if (*path == 1 && !fits)
+    return statusError(fn + ": headDim " + std::to_string(D) + " does not fit the persistent kernel");
   if (*path == 3 && !multi->why.empty()) return statusError(fn + ": multi-block path: " + multi->why);
   return Status{};
 }
@@ -1340,7 +1358,8 @@ Status choosePath(const std::string& fn, int cell, int64_t D, int64_t groups, bo
 template <class Op, class... KArgs>
 Status launchMulti(void (*kernel)(KArgs...), const MultiPlan& plan, RnnParams p, int64_t xchgPerGroup) {
   const int64_t groups = p.H * ceilDiv(p.batch, kRows), perLaunch = std::min(groups, plan.groupsPerLaunch);
-  const size_t counterBytes = static_cast<size_t>(ceilDiv(perLaunch * static_cast<int64_t>(sizeof(unsigned)), 256) * 256);
+  const size_t counterBytes =
+      static_cast<size_t>(ceilDiv(perLaunch * static_cast<int64_t>(sizeof(unsigned)), 256) * 256);
   DeviceBuffer scratch;  // the counters, then two exchange buffers
   RK_TRY(scratch.allocate(counterBytes + static_cast<size_t>(2 * perLaunch * xchgPerGroup) * sizeof(Op)));
   p.splits = plan.splits;
@@ -1350,13 +1369,15 @@ Status launchMulti(void (*kernel)(KArgs...), const MultiPlan& plan, RnnParams p,
     const int64_t n = std::min(perLaunch, groups - g0);
     RK_CUDA_TRY(cudaMemsetAsync(p.sync, 0, static_cast<size_t>(n) * sizeof(unsigned), 0));
     p.group0 = g0;
-    RK_TRY(launchCooperative(kernel, static_cast<unsigned>(n * plan.splits), static_cast<unsigned>(4 * (p.D / plan.splits)),
-                             plan.shared, p));
+    RK_TRY(launchCooperative(kernel, static_cast<unsigned>(n * plan.splits),
+                             static_cast<unsigned>(4 * (p.D / plan.splits)), plan.shared, p));
   }
   return Status{};
 }
 
-unsigned gridFor(int64_t n) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceilDiv(n, 256), 4096))); }
+unsigned gridFor(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceilDiv(n, 256), 4096)));
+}
 
 Status blocksFor(const std::string& fn, int64_t blocks, unsigned* grid) {
   if (blocks > INT_MAX) return statusError(fn + ": too many blocks for one launch");
@@ -1445,12 +1466,12 @@ Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedR
     float* Rt = gS + S * SE;
     RK_TRY(launch(initGradKernel<T>, gridFor(S * SE), 256, 0, g.dFinal,
                   a.returnLastOnly ? static_cast<const T*>(g.dh) : nullptr, gS, static_cast<int64_t>(S), SE));
-    RK_TRY(launch(transposeRKernel<T>, gridFor(mats * DD), 256, 0, static_cast<const T*>(a.R), Rt, mats,
-                  a.headDim));
+    RK_TRY(launch(transposeRKernel<T>, gridFor(mats * DD), 256, 0, static_cast<const T*>(a.R), Rt, mats, a.headDim));
     unsigned grid = 0;
     RK_TRY(blocksFor(fn, a.heads * ceilDiv(a.headDim, kStepCols) * ceilDiv(a.batch, kStepRows), &grid));
     for (int64_t t = a.T - 1; t >= -1; --t) {
-      RK_TRY(launch(fusedRnnBackwardStepKernel<T, CELL>, grid, kStepThreads, 0, p, t, static_cast<const float*>(Rt), gS));
+      RK_TRY(
+          launch(fusedRnnBackwardStepKernel<T, CELL>, grid, kStepThreads, 0, p, t, static_cast<const float*>(Rt), gS));
     }
   }
   // dR and db.
@@ -1502,7 +1523,8 @@ Status fusedRnnBackward(const FusedRnnArgs& a, const FusedRnnGrads& g) {
   }
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
-    return dispatchCell(a.cell, [&](auto cell) -> Status { return launchBackward<T, decltype(cell)::value>(fn, a, g); });
+    return dispatchCell(a.cell,
+                        [&](auto cell) -> Status { return launchBackward<T, decltype(cell)::value>(fn, a, g); });
   });
 }
 

@@ -29,13 +29,13 @@ struct DeviceProps {
   size_t totalGlobalMem = 0;
   size_t l2CacheSize = 0;
   size_t sharedMemPerBlockOptin = 0;
-  int memoryBusWidth = 0;       // bits
+  int memoryBusWidth = 0;  // bits
   int memoryClockRateKHz = 0;
   int driverVersion = 0, runtimeVersion = 0;
 };
 Status deviceProperties(DeviceProps* out);
-Status deviceMalloc(void** ptr, size_t bytes);   // stream-ordered on the default stream
-Status deviceFree(void* ptr);                    // stream-ordered on the default stream
+Status deviceMalloc(void** ptr, size_t bytes);  // stream-ordered on the default stream
+Status deviceFree(void* ptr);                   // stream-ordered on the default stream
 Status copyHostToDevice(void* dst, const void* src, size_t bytes);
 Status copyDeviceToHost(void* dst, const void* src, size_t bytes);  // synchronises
 Status copyDeviceToDevice(void* dst, const void* src, size_t bytes);
@@ -58,16 +58,15 @@ Status eventWait(void* ev);
 // (likewise gFinal and gh0 below). Fastest when length is a multiple of 16 bytes' worth of
 // elements and the tensors are 16-byte aligned (otherwise a per-element path is used).
 // Asynchronous on the default stream, like every kernel launch here.
-Status linearScanForward(DType dt, const void* a, const void* b, const float* h0, void* h,
-                         float* finalState, int64_t rows, int64_t length, bool reverse);
+Status linearScanForward(DType dt, const void* a, const void* b, const float* h0, void* h, float* finalState,
+                         int64_t rows, int64_t length, bool reverse);
 // Backward of the above; "first", "last" and "t+1" are in scan order (t descending when
 // reverse). gh (nullable: treated as zeros) is dL/dh, gFinal (nullable) dL/dfinalState.
 // With g_t = dL/dh_t in total (g_last = gh_last + gFinal, g_t = gh_t + a_{t+1} g_{t+1}):
 //   gb_t = g_t,  ga_t = g_t * h_{t-1},  gh0 = a_first * g_first (nullable output).
 // h is the forward output, h0 the forward initial state (nullable). ga, gb have dtype dt.
-Status linearScanBackward(DType dt, const void* a, const void* h, const float* h0, const void* gh,
-                          const float* gFinal, void* ga, void* gb, float* gh0, int64_t rows,
-                          int64_t length, bool reverse);
+Status linearScanBackward(DType dt, const void* a, const void* h, const float* h0, const void* gh, const float* gFinal,
+                          void* ga, void* gb, float* gh0, int64_t rows, int64_t length, bool reverse);
 
 // ---- selective scan, Mamba-1 (cuda/scan/selective_scan.cu) ----
 // Per channel d of dim and state n of dstate, over the positions t of one sequence:
@@ -118,19 +117,19 @@ int64_t selectiveScanChunk();
 // Writes y (every element), states (every element) and finalState (nullable, [nseq, dim, dstate]).
 Status selectiveScanForward(const SelectiveScanArgs& a, void* y, float* states, float* finalState);
 struct SelectiveScanGrads {
-  const void* dy = nullptr;        // nullable (zeros), dtype dt, [batch, dim, seqlen]
-  const float* dFinal = nullptr;   // nullable (zeros), [nseq, dim, dstate]
-  const float* states = nullptr;   // the forward pass's checkpoints
+  const void* dy = nullptr;       // nullable (zeros), dtype dt, [batch, dim, seqlen]
+  const float* dFinal = nullptr;  // nullable (zeros), [nseq, dim, dstate]
+  const float* states = nullptr;  // the forward pass's checkpoints
   // Outputs, each written entirely (zeros where nothing flows). du, ddelta, dz have dtype dt.
   void* du = nullptr;
   void* ddelta = nullptr;
-  float* dA = nullptr;             // [dim, dstate]
-  void* dB = nullptr;              // like B: variable -> dtype dt [batch, groups, dstate, seqlen]; constant -> fp32
-  void* dC = nullptr;              // like C
-  float* dD = nullptr;             // [dim], non-null exactly when D is
-  void* dz = nullptr;              // non-null exactly when z is
-  float* dDeltaBias = nullptr;     // [dim], non-null exactly when deltaBias is
-  float* dh0 = nullptr;            // nullable (not wanted), [nseq, dim, dstate]
+  float* dA = nullptr;          // [dim, dstate]
+  void* dB = nullptr;           // like B: variable -> dtype dt [batch, groups, dstate, seqlen]; constant -> fp32
+  void* dC = nullptr;           // like C
+  float* dD = nullptr;          // [dim], non-null exactly when D is
+  void* dz = nullptr;           // non-null exactly when z is
+  float* dDeltaBias = nullptr;  // [dim], non-null exactly when deltaBias is
+  float* dh0 = nullptr;         // nullable (not wanted), [nseq, dim, dstate]
 };
 Status selectiveScanBackward(const SelectiveScanArgs& a, const SelectiveScanGrads& g);
 
@@ -178,7 +177,7 @@ struct GatedDeltaArgs {
   int64_t nseq = 0;
   const ScanSegment* segments = nullptr;  // host memory, nseq entries
   bool packed = false;
-  int64_t chunk = 0;                      // must equal gatedDeltaChunk() for the CUDA calls
+  int64_t chunk = 0;  // must equal gatedDeltaChunk() for the CUDA calls
   int64_t totalChunks = 0;
   const void* q = nullptr;
   const void* k = nullptr;
@@ -252,22 +251,22 @@ struct FusedRnnArgs {
   const void* wx = nullptr;
   const void* R = nullptr;
   const float* b = nullptr;
-  const float* states0 = nullptr;    // nullable
+  const float* states0 = nullptr;  // nullable
 };
 // What the backward pass needs, written by a training forward (both null for inference):
 //   savedStates fp32 [T, S, batch, H, D]: the states after step t (unchanged copies past a row's length);
 //   savedPre    fp32 [T, batch, G, H, D]: pre_g at step t; for the GRU's n gate, rec_n + b_n (the part
 //               that the r gate scales); zeros past a row's length.
 struct FusedRnnOutputs {
-  void* h = nullptr;                // every element written
-  float* finalStates = nullptr;     // nullable
-  float* savedStates = nullptr;     // nullable (inference)
-  float* savedPre = nullptr;        // non-null exactly when savedStates is
+  void* h = nullptr;             // every element written
+  float* finalStates = nullptr;  // nullable
+  float* savedStates = nullptr;  // nullable (inference)
+  float* savedPre = nullptr;     // non-null exactly when savedStates is
 };
 Status fusedRnnForward(const FusedRnnArgs& a, const FusedRnnOutputs& o);
 struct FusedRnnGrads {
-  const void* dh = nullptr;         // nullable (zeros), dt, h's shape (with returnLastOnly: [batch, H, D])
-  const float* dFinal = nullptr;    // nullable (zeros), [S, batch, H, D]
+  const void* dh = nullptr;       // nullable (zeros), dt, h's shape (with returnLastOnly: [batch, H, D])
+  const float* dFinal = nullptr;  // nullable (zeros), [S, batch, H, D]
   const float* savedStates = nullptr;
   const float* savedPre = nullptr;
   // Outputs, each written entirely: dwx dt like wx; dR dt like R; db fp32 like b; dStates0 nullable.
@@ -318,12 +317,12 @@ struct NewtonRnnArgs {
   const void* wx = nullptr;
   const float* R = nullptr;
   const float* b = nullptr;
-  const float* h0 = nullptr;         // nullable
+  const float* h0 = nullptr;  // nullable
 };
 struct NewtonRnnOutputs {
-  float* traj = nullptr;            // every element written
-  void* y = nullptr;                // every element written
-  float* finalStates = nullptr;     // nullable
+  float* traj = nullptr;         // every element written
+  void* y = nullptr;             // every element written
+  float* finalStates = nullptr;  // nullable
   // Per-row statistics, host memory, batch entries each (the CUDA call synchronises to fill them).
   int32_t* iterations = nullptr;
   float* residual = nullptr;
@@ -335,9 +334,9 @@ Status newtonRnnForward(const NewtonRnnArgs& a, const NewtonRnnOutputs& o);
 // with the transposed exact Jacobians (lambda_t = dy_t + J_{t+1}^T lambda_{t+1}), then the parameter
 // gradients. No backpropagation through the iterations.
 struct NewtonRnnGrads {
-  const void* dy = nullptr;         // nullable (zeros), dt [batch, T, N]
-  const float* dFinal = nullptr;    // nullable (zeros), [S, batch, N]
-  const float* traj = nullptr;      // the forward solution
+  const void* dy = nullptr;       // nullable (zeros), dt [batch, T, N]
+  const float* dFinal = nullptr;  // nullable (zeros), [S, batch, N]
+  const float* traj = nullptr;    // the forward solution
   // Outputs, each written entirely: dwx dt like wx; dR, db fp32 like R, b; dh0 nullable.
   void* dwx = nullptr;
   float* dR = nullptr;

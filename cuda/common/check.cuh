@@ -37,21 +37,21 @@ inline Status checkLaunch() { return statusFromCuda(cudaGetLastError()); }
 }  // namespace rkcuda
 
 // Evaluate a CUDA runtime call; on failure return its Status from the enclosing function.
-#define RK_CUDA_TRY(expr)                                   \
-  do {                                                      \
-    const cudaError_t rk_err_ = (expr);                     \
-    if (rk_err_ != cudaSuccess) {                           \
-      cudaGetLastError(); /* a later launch check must not  \
-                             report this error again */     \
-      return ::rkcuda::statusFromCuda(rk_err_);             \
-    }                                                       \
+#define RK_CUDA_TRY(expr)                                  \
+  do {                                                     \
+    const cudaError_t rk_err_ = (expr);                    \
+    if (rk_err_ != cudaSuccess) {                          \
+      cudaGetLastError(); /* a later launch check must not \
+                             report this error again */    \
+      return ::rkcuda::statusFromCuda(rk_err_);            \
+    }                                                      \
   } while (0)
 
 // Evaluate an expression yielding rkcuda::Status; on failure return it from the enclosing function.
-#define RK_TRY(expr)                                        \
-  do {                                                      \
-    ::rkcuda::Status rk_st_ = (expr);                       \
-    if (!rk_st_.ok()) return rk_st_;                        \
+#define RK_TRY(expr)                  \
+  do {                                \
+    ::rkcuda::Status rk_st_ = (expr); \
+    if (!rk_st_.ok()) return rk_st_;  \
   } while (0)
 
 // Check the launch that just happened; on failure return its Status.

@@ -108,8 +108,7 @@ template <> __device__ __forceinline__ void unpack16<__nv_bfloat16>(const uint4&
 // kVecElems<T> floats -> uint4 (round to nearest even for the 16-bit types).
 template <class T> __device__ __forceinline__ uint4 pack16(const float (&in)[kVecElems<T>]);
 template <> __device__ __forceinline__ uint4 pack16<float>(const float (&in)[4]) {
-  return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]),
-                    __float_as_uint(in[3]));
+  return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
 }
 template <> __device__ __forceinline__ uint4 pack16<__half>(const float (&in)[8]) {
   return make_uint4(detail::float2ToHalfPair(in[0], in[1]), detail::float2ToHalfPair(in[2], in[3]),
@@ -147,9 +146,12 @@ template <class T> struct TypeTag { using type = T; };
 
 inline size_t dtypeSize(DType dt) {
   switch (dt) {
-    case DType::F32: return 4;
-    case DType::F16: return 2;
-    case DType::BF16: return 2;
+    case DType::F32:
+      return 4;
+    case DType::F16:
+      return 2;
+    case DType::BF16:
+      return 2;
   }
   return 0;
 }
@@ -157,9 +159,12 @@ inline size_t dtypeSize(DType dt) {
 // Calls f(TypeTag<T>{}) with T the storage type of dt and returns its Status.
 template <class F> Status dispatchDType(DType dt, F&& f) {
   switch (dt) {
-    case DType::F32: return f(TypeTag<float>{});
-    case DType::F16: return f(TypeTag<__half>{});
-    case DType::BF16: return f(TypeTag<__nv_bfloat16>{});
+    case DType::F32:
+      return f(TypeTag<float>{});
+    case DType::F16:
+      return f(TypeTag<__half>{});
+    case DType::BF16:
+      return f(TypeTag<__nv_bfloat16>{});
   }
   return statusError("unknown dtype");
 }

@@ -49,16 +49,14 @@ Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t
 constexpr int tunable(const char* /*name*/, int chosen) { return chosen; }
 
 // The running block's dynamic shared memory (the launch's sharedBytes), 16-byte aligned, as T*.
-template <class T>
-__device__ __forceinline__ T* dynamicShared() {
+template <class T> __device__ __forceinline__ T* dynamicShared() {
   extern __shared__ __align__(16) unsigned char rkDynamicShared[];
   return reinterpret_cast<T*>(rkDynamicShared);
 }
 
 // Lets kernel launch with up to `bytes` of dynamic shared memory; needed above 48 KiB (the opt-in
 // limit is DeviceProps::sharedMemPerBlockOptin).
-template <class... KArgs>
-Status allowDynamicShared(void (*kernel)(KArgs...), size_t bytes) {
+template <class... KArgs> Status allowDynamicShared(void (*kernel)(KArgs...), size_t bytes) {
   return statusFromCuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }

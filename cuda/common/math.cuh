@@ -42,8 +42,7 @@ __device__ __forceinline__ float siluGrad(float x) {
 
 // Sum over groups of WIDTH consecutive lanes (a power of two up to 32; all 32 lanes must call);
 // every lane of a group gets its group's sum.
-template <int WIDTH = 32>
-__device__ __forceinline__ float warpSum(float v) {
+template <int WIDTH = 32> __device__ __forceinline__ float warpSum(float v) {
   static_assert(WIDTH >= 1 && WIDTH <= 32 && (WIDTH & (WIDTH - 1)) == 0, "WIDTH: power of two <= 32");
 #pragma unroll
   for (int m = WIDTH / 2; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m, WIDTH);

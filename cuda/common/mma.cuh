@@ -30,10 +30,18 @@
 namespace rkcuda {
 namespace mma {
 
-struct FragA16 { uint32_t r[4]; };
-struct FragB16 { uint32_t r[2]; };
-struct FragATf32 { uint32_t r[4]; };
-struct FragBTf32 { uint32_t r[2]; };
+struct FragA16 {
+  uint32_t r[4];
+};
+struct FragB16 {
+  uint32_t r[2];
+};
+struct FragATf32 {
+  uint32_t r[4];
+};
+struct FragBTf32 {
+  uint32_t r[2];
+};
 struct FragC {
   float c[4];
   __device__ __forceinline__ void zero() { c[0] = c[1] = c[2] = c[3] = 0.0f; }
@@ -52,14 +60,15 @@ template <> struct Bits16<__nv_bfloat16> {
   __device__ __forceinline__ static float to(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
 };
 // Two floats rounded to T, packed (lo in the low half).
-template <class T>
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+template <class T> __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   return static_cast<uint32_t>(Bits16<T>::from(lo)) | (static_cast<uint32_t>(Bits16<T>::from(hi)) << 16);
 }
-template <class T>
-__device__ __forceinline__ float unpackLo(uint32_t v) { return Bits16<T>::to(static_cast<uint16_t>(v & 0xffffu)); }
-template <class T>
-__device__ __forceinline__ float unpackHi(uint32_t v) { return Bits16<T>::to(static_cast<uint16_t>(v >> 16)); }
+template <class T> __device__ __forceinline__ float unpackLo(uint32_t v) {
+  return Bits16<T>::to(static_cast<uint16_t>(v & 0xffffu));
+}
+template <class T> __device__ __forceinline__ float unpackHi(uint32_t v) {
+  return Bits16<T>::to(static_cast<uint16_t>(v >> 16));
+}
 
 // fp32 -> tf32 (round to nearest, ties away from zero, as cvt.rna.tf32.f32), kept in fp32 bits.
 __device__ __forceinline__ uint32_t toTf32(float x) {
@@ -104,8 +113,7 @@ __device__ __forceinline__ void mmaPortable(FragC& d, const uint32_t (&a)[4], co
   }
 }
 
-template <class T>
-__device__ __forceinline__ void mma16816(FragC& d, const FragA16& a, const FragB16& b) {
+template <class T> __device__ __forceinline__ void mma16816(FragC& d, const FragA16& a, const FragB16& b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (std::is_same<T, __half>::value) {
     asm volatile(
@@ -121,9 +129,8 @@ __device__ __forceinline__ void mma16816(FragC& d, const FragA16& a, const FragB
         : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
   }
 #else
-  mmaPortable(d, a.r, b.r, [](uint32_t x, uint32_t y) {
-    return unpackLo<T>(x) * unpackLo<T>(y) + unpackHi<T>(x) * unpackHi<T>(y);
-  });
+  mmaPortable(d, a.r, b.r,
+              [](uint32_t x, uint32_t y) { return unpackLo<T>(x) * unpackLo<T>(y) + unpackHi<T>(x) * unpackHi<T>(y); });
 #endif
 }
 
@@ -144,8 +151,7 @@ __device__ __forceinline__ void mma1688tf32(FragC& d, const FragATf32& a, const 
 // the tile); it may read any memory and may return 0 outside the matrix (padding).
 
 // A tile (16 x 16) of a row-major (M x K) operand.
-template <class T, class At>
-__device__ __forceinline__ FragA16 loadA16(At at) {
+template <class T, class At> __device__ __forceinline__ FragA16 loadA16(At at) {
   const int g = lane() >> 2, t = lane() & 3;
   FragA16 f;
   for (int i = 0; i < 4; ++i) {
@@ -155,8 +161,7 @@ __device__ __forceinline__ FragA16 loadA16(At at) {
   return f;
 }
 // B tile (16 x 8): at(k, n) is element (k, n) of the K x N operand.
-template <class T, class At>
-__device__ __forceinline__ FragB16 loadB16(At at) {
+template <class T, class At> __device__ __forceinline__ FragB16 loadB16(At at) {
   const int g = lane() >> 2, t = lane() & 3;
   FragB16 f;
   for (int i = 0; i < 2; ++i) {
@@ -165,23 +170,20 @@ __device__ __forceinline__ FragB16 loadB16(At at) {
   }
   return f;
 }
-template <class At>
-__device__ __forceinline__ FragATf32 loadATf32(At at) {
+template <class At> __device__ __forceinline__ FragATf32 loadATf32(At at) {
   const int g = lane() >> 2, t = lane() & 3;
   FragATf32 f;
   for (int i = 0; i < 4; ++i) f.r[i] = toTf32(at(g + 8 * (i & 1), t + 4 * (i >> 1)));
   return f;
 }
-template <class At>
-__device__ __forceinline__ FragBTf32 loadBTf32(At at) {
+template <class At> __device__ __forceinline__ FragBTf32 loadBTf32(At at) {
   const int g = lane() >> 2, t = lane() & 3;
   FragBTf32 f;
   for (int i = 0; i < 2; ++i) f.r[i] = toTf32(at(t + 4 * i, g));
   return f;
 }
 // Fills C from get(row, col) for the four elements this lane holds (the layout storeC writes).
-template <class Get>
-__device__ __forceinline__ FragC loadC(Get get) {
+template <class Get> __device__ __forceinline__ FragC loadC(Get get) {
   const int g = lane() >> 2, t = lane() & 3;
   FragC c;
   for (int i = 0; i < 4; ++i) c.c[i] = get(g + 8 * (i >> 1), 2 * t + (i & 1));
@@ -190,8 +192,7 @@ __device__ __forceinline__ FragC loadC(Get get) {
 // The same fragments read straight from 16-bit arrays, two elements per 32-bit load (no conversion):
 // A (16 x 16) row-major at a with leading dimension lda; B (16 x 8) given transposed, column n at
 // bt + n * ldb with its k elements contiguous. lda, ldb and the pointers' element offsets even.
-template <class T>
-__device__ __forceinline__ FragA16 loadA16Packed(const T* a, int lda) {
+template <class T> __device__ __forceinline__ FragA16 loadA16Packed(const T* a, int lda) {
   const int g = lane() >> 2, t = lane() & 3;
   FragA16 f;
   for (int i = 0; i < 4; ++i) {
@@ -199,8 +200,7 @@ __device__ __forceinline__ FragA16 loadA16Packed(const T* a, int lda) {
   }
   return f;
 }
-template <class T>
-__device__ __forceinline__ FragB16 loadB16PackedT(const T* bt, int ldb) {
+template <class T> __device__ __forceinline__ FragB16 loadB16PackedT(const T* bt, int ldb) {
   const int g = lane() >> 2, t = lane() & 3;
   FragB16 f;
   for (int i = 0; i < 2; ++i) f.r[i] = *reinterpret_cast<const uint32_t*>(bt + g * ldb + 2 * t + 8 * i);
@@ -208,8 +208,7 @@ __device__ __forceinline__ FragB16 loadB16PackedT(const T* bt, int ldb) {
 }
 
 // Calls put(row, col, value) for the four elements of C this lane holds.
-template <class Put>
-__device__ __forceinline__ void storeC(const FragC& c, Put put) {
+template <class Put> __device__ __forceinline__ void storeC(const FragC& c, Put put) {
   const int g = lane() >> 2, t = lane() & 3;
   for (int i = 0; i < 4; ++i) put(g + 8 * (i >> 1), 2 * t + (i & 1), c.c[i]);
 }

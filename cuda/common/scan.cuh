@@ -7,7 +7,8 @@
 //
 // Building blocks (all lanes of the warps involved must take part; blocks are 1-D):
 //   * thread level:  threadReduce / threadApply over ITEMS contiguous items held in registers;
-//   * warp level:    warpInclusiveScan (__shfl_up_sync, log2(32) steps), warpExclusiveFromInclusive (from an inclusive result);
+//   * warp level:    warpInclusiveScan (__shfl_up_sync, log2(32) steps), warpExclusiveFromInclusive (from an inclusive
+//   result);
 //                    warpInclusiveScanReverse / warpExclusiveFromInclusiveReverse, the same in
 //                    decreasing lane order (__shfl_down_sync), for recurrences run backwards in time;
 //   * block level:   BlockScan<THREADS> (THREADS a multiple of 32, up to 1024): per-warp totals
@@ -47,8 +48,7 @@ __device__ __forceinline__ float apply(const Affine& f, float h) { return fmaf(f
 // ---- thread level ----
 
 // Composition of ITEMS contiguous items (a[0], b[0]) then ... then (a[ITEMS-1], b[ITEMS-1]).
-template <int ITEMS>
-__device__ __forceinline__ Affine threadReduce(const float (&a)[ITEMS], const float (&b)[ITEMS]) {
+template <int ITEMS> __device__ __forceinline__ Affine threadReduce(const float (&a)[ITEMS], const float (&b)[ITEMS]) {
   Affine acc{a[0], b[0]};
 #pragma unroll
   for (int i = 1; i < ITEMS; ++i) {
@@ -60,8 +60,7 @@ __device__ __forceinline__ Affine threadReduce(const float (&a)[ITEMS], const fl
 
 // Runs the items sequentially from state h, overwriting b[i] with the state after item i. Returns the
 // state after the last item.
-template <int ITEMS>
-__device__ __forceinline__ float threadApply(const float (&a)[ITEMS], float (&b)[ITEMS], float h) {
+template <int ITEMS> __device__ __forceinline__ float threadApply(const float (&a)[ITEMS], float (&b)[ITEMS], float h) {
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     h = fmaf(a[i], h, b[i]);
@@ -80,8 +79,7 @@ __device__ __forceinline__ Affine shflIdx(const Affine& x, int srcLane, int widt
 
 // Inclusive scan across groups of WIDTH consecutive lanes (WIDTH a power of two up to 32; all 32
 // lanes must call): lane i of a group gets x_0 then ... then x_i of its group.
-template <int WIDTH = 32>
-__device__ __forceinline__ Affine warpInclusiveScan(Affine x) {
+template <int WIDTH = 32> __device__ __forceinline__ Affine warpInclusiveScan(Affine x) {
   static_assert(WIDTH >= 1 && WIDTH <= 32 && (WIDTH & (WIDTH - 1)) == 0, "WIDTH: power of two <= 32");
   const int lane = laneId() & (WIDTH - 1);
 #pragma unroll
@@ -95,8 +93,7 @@ __device__ __forceinline__ Affine warpInclusiveScan(Affine x) {
 
 // Exclusive counterpart, from an inclusive result: lane i gets x_0 then ... then x_{i-1}
 // (identity for the first lane of each group).
-template <int WIDTH = 32>
-__device__ __forceinline__ Affine warpExclusiveFromInclusive(const Affine& inclusive) {
+template <int WIDTH = 32> __device__ __forceinline__ Affine warpExclusiveFromInclusive(const Affine& inclusive) {
   const int lane = laneId() & (WIDTH - 1);
   const float pa = __shfl_up_sync(kFullMask, inclusive.a, 1, WIDTH);
   const float pb = __shfl_up_sync(kFullMask, inclusive.b, 1, WIDTH);
@@ -105,8 +102,7 @@ __device__ __forceinline__ Affine warpExclusiveFromInclusive(const Affine& inclu
 
 // Reverse order: the sequence runs from the last lane of each group of WIDTH lanes down to its
 // first. Lane i gets x_{WIDTH-1} then ... then x_i (the maps of the higher lanes are applied first).
-template <int WIDTH = 32>
-__device__ __forceinline__ Affine warpInclusiveScanReverse(Affine x) {
+template <int WIDTH = 32> __device__ __forceinline__ Affine warpInclusiveScanReverse(Affine x) {
   static_assert(WIDTH >= 1 && WIDTH <= 32 && (WIDTH & (WIDTH - 1)) == 0, "WIDTH: power of two <= 32");
   const int lane = laneId() & (WIDTH - 1);
 #pragma unroll
@@ -120,8 +116,7 @@ __device__ __forceinline__ Affine warpInclusiveScanReverse(Affine x) {
 
 // Exclusive counterpart: lane i gets x_{WIDTH-1} then ... then x_{i+1} (identity for the last lane of
 // each group).
-template <int WIDTH = 32>
-__device__ __forceinline__ Affine warpExclusiveFromInclusiveReverse(const Affine& inclusive) {
+template <int WIDTH = 32> __device__ __forceinline__ Affine warpExclusiveFromInclusiveReverse(const Affine& inclusive) {
   const int lane = laneId() & (WIDTH - 1);
   const float pa = __shfl_down_sync(kFullMask, inclusive.a, 1, WIDTH);
   const float pb = __shfl_down_sync(kFullMask, inclusive.b, 1, WIDTH);
@@ -146,8 +141,7 @@ struct StateCarry {
 // Scan across the THREADS threads of a 1-D block (threadIdx.x order). Every thread must make the
 // same sequence of calls. Shared storage is double-buffered so each call needs a single
 // __syncthreads; do not reuse the TempStorage for anything else while the BlockScan is in use.
-template <int THREADS>
-class BlockScan {
+template <int THREADS> class BlockScan {
  public:
   static_assert(THREADS % 32 == 0 && THREADS >= 32 && THREADS <= 1024, "THREADS: 32..1024, multiple of 32");
   static constexpr int kWarps = THREADS / 32;
@@ -209,14 +203,12 @@ class BlockScan {
   // With a carry callback: carry(blockAggregate) is called by every thread with the same aggregate,
   // must return the same prefix (what precedes this chunk) in every thread, and updates itself for
   // the next chunk (see StateCarry). The result includes that prefix.
-  template <class Carry>
-  __device__ __forceinline__ Affine inclusiveScan(const Affine& x, Carry& carry) {
+  template <class Carry> __device__ __forceinline__ Affine inclusiveScan(const Affine& x, Carry& carry) {
     Affine aggregate;
     const Affine incl = inclusiveScan(x, aggregate);
     return compose(carry(aggregate), incl);
   }
-  template <class Carry>
-  __device__ __forceinline__ Affine exclusiveScan(const Affine& x, Carry& carry) {
+  template <class Carry> __device__ __forceinline__ Affine exclusiveScan(const Affine& x, Carry& carry) {
     Affine aggregate;
     const Affine excl = exclusiveScan(x, aggregate);
     return compose(carry(aggregate), excl);
@@ -275,14 +267,12 @@ __device__ __forceinline__ void stripedChunkStarts(const Affine (&part)[V], floa
 // The map h -> A h + b on S coupled states (A an S x S matrix), for recurrences whose states
 // feed each other (S = 2: an LSTM channel's (h, c)). Composition as above, with matrix products:
 //     (A1, b1) then (A2, b2)  =  (A2 A1, A2 b1 + b2),       identity = (I, 0).
-template <int S>
-struct AffineN {
+template <int S> struct AffineN {
   float a[S][S];
   float b[S];
 };
 
-template <int S>
-__device__ __forceinline__ AffineN<S> identityN() {
+template <int S> __device__ __forceinline__ AffineN<S> identityN() {
   AffineN<S> r;
 #pragma unroll
   for (int i = 0; i < S; ++i) {
@@ -294,8 +284,7 @@ __device__ __forceinline__ AffineN<S> identityN() {
 }
 
 // first, then second.
-template <int S>
-__device__ __forceinline__ AffineN<S> compose(const AffineN<S>& first, const AffineN<S>& second) {
+template <int S> __device__ __forceinline__ AffineN<S> compose(const AffineN<S>& first, const AffineN<S>& second) {
   AffineN<S> r;
 #pragma unroll
   for (int i = 0; i < S; ++i) {
@@ -315,8 +304,7 @@ __device__ __forceinline__ AffineN<S> compose(const AffineN<S>& first, const Aff
 }
 
 // out = A h + b (out may not alias h).
-template <int S>
-__device__ __forceinline__ void apply(const AffineN<S>& f, const float (&h)[S], float (&out)[S]) {
+template <int S> __device__ __forceinline__ void apply(const AffineN<S>& f, const float (&h)[S], float (&out)[S]) {
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     float v = f.b[i];

@@ -13,11 +13,11 @@ constexpr float kL2Eps = 1e-6f;
 
 struct DeltaInputs {
   int64_t T = 0, H = 0, HV = 0, K = 0, V = 0;
-  int64_t group = 1;                       // HV / H
-  int64_t uniformChunks = 0;               // chunks per sequence without packing
+  int64_t group = 1;          // HV / H
+  int64_t uniformChunks = 0;  // chunks per sequence without packing
   float scale = 1.0f;
   bool l2norm = false;
-  const ScanSegment* segments = nullptr;   // device table (packed); null: sequence s = row s, whole
+  const ScanSegment* segments = nullptr;  // device table (packed); null: sequence s = row s, whole
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -30,8 +30,7 @@ struct DeltaInputs {
 };
 
 // Sizes and inputs of `a` (T positions, initial state h0); uniformChunks is left to the caller.
-template <class A>
-inline void setInputs(DeltaInputs& p, const A& a, int64_t T, const float* h0) {
+template <class A> inline void setInputs(DeltaInputs& p, const A& a, int64_t T, const float* h0) {
   p.T = T, p.H = a.H, p.HV = a.HV, p.K = a.K, p.V = a.V;
   p.group = a.HV / a.H;
   p.scale = a.scale;

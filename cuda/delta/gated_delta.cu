@@ -63,9 +63,9 @@
 namespace rkcuda {
 namespace {
 
-constexpr int kChunk = 64;      // checkpoint spacing (gatedDeltaChunk)
-constexpr int kMaxDim = 256;    // K and V
-constexpr int kWindow = 16;     // positions per shared-memory accumulation window (backward)
+constexpr int kChunk = 64;    // checkpoint spacing (gatedDeltaChunk)
+constexpr int kMaxDim = 256;  // K and V
+constexpr int kWindow = 16;   // positions per shared-memory accumulation window (backward)
 constexpr int64_t kMaxT = int64_t{1} << 30;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -75,8 +75,8 @@ using delta::kL2Eps;
 
 struct DeltaParams : delta::DeltaInputs {
   int64_t blocksPerHead = 1;
-  int G = 1;                               // lanes per column
-  int cols = 1;                            // columns per block
+  int G = 1;     // lanes per column
+  int cols = 1;  // columns per block
   // decode
   float* intermediate = nullptr;
   // backward
@@ -189,8 +189,7 @@ __device__ __forceinline__ float forwardStep(const DeltaParams& p, const Job& jb
 
 // ============================== forward / decode ==============================
 
-template <class T, int KP>
-__global__ void __launch_bounds__(256) gatedDeltaForwardKernel(const DeltaParams p) {
+template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaForwardKernel(const DeltaParams p) {
   const Job jb = jobOf(p);
   const int64_t KV = p.K * p.V;
   float S[KP];
@@ -211,8 +210,7 @@ __global__ void __launch_bounds__(256) gatedDeltaForwardKernel(const DeltaParams
 
 // ============================== backward ==============================
 
-template <class T, int KP>
-__global__ void __launch_bounds__(256) gatedDeltaBackwardKernel(const DeltaParams p) {
+template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaBackwardKernel(const DeltaParams p) {
   __shared__ float shQ[kWindow][kMaxDim];
   __shared__ float shK[kWindow][kMaxDim];
   __shared__ float shG[kWindow];
@@ -292,9 +290,9 @@ __global__ void __launch_bounds__(256) gatedDeltaBackwardKernel(const DeltaParam
         const float vj = jb.active ? loadScalar(static_cast<const T*>(p.v) + gi * p.V + jb.j) : 0.0f;
         const float dOj = (jb.active && dO != nullptr) ? loadScalar(dO + gi * p.V + jb.j) : 0.0f;
         const float sdO = p.scale * dOj;
-        const float u = rk * kS;                         // k.S_{t-1}
+        const float u = rk * kS;  // k.S_{t-1}
         const float w = vj - a * u;
-        const float sk = rk * (kD + sdO * rq * qkd);     // k.(dS + scale q dO)
+        const float sk = rk * (kD + sdO * rq * qkd);  // k.(dS + scale q dO)
         const float dw = beta * sk;
         const float bw = beta * w;
         const int slot = t - wStart;
@@ -344,8 +342,8 @@ __global__ void __launch_bounds__(256) gatedDeltaBackwardKernel(const DeltaParam
 // dx for rows of K: dy (fp32) taken through x / sqrt(|x|^2 + eps) when l2norm, stored as T. One
 // warp per row.
 template <class T>
-__global__ void __launch_bounds__(256) l2normBackwardKernel(const T* x, const float* dy, T* dx, int64_t rows,
-                                                            int K, bool l2norm) {
+__global__ void __launch_bounds__(256)
+    l2normBackwardKernel(const T* x, const float* dy, T* dx, int64_t rows, int K, bool l2norm) {
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); r < rows; r += warps) {
@@ -400,8 +398,8 @@ Status checkArgs(const GatedDeltaArgs& a, const std::string& fn, std::vector<int
   RK_TRY(checkDims(fn, a.dt, a.batch, a.T, a.H, a.HV, a.K, a.V));
   if (a.chunk != kChunk) return bad("chunk must be gatedDeltaChunk() = " + std::to_string(kChunk));
   RK_TRY(checkSequences(a.segments, a.nseq, a.batch, a.T, a.packed, kChunk, a.totalChunks, fn, gaps));
-  if (a.batch * a.T > 0 && (a.q == nullptr || a.k == nullptr || a.v == nullptr || a.g == nullptr ||
-                            a.beta == nullptr)) {
+  if (a.batch * a.T > 0 &&
+      (a.q == nullptr || a.k == nullptr || a.v == nullptr || a.g == nullptr || a.beta == nullptr)) {
     return bad("null input");
   }
   return Status{};
@@ -429,27 +427,29 @@ Status layoutFor(const std::string& fn, DeltaParams& p, int64_t heads, int* rows
   return Status{};
 }
 
-template <class T>
-Status launchForward(const std::string& fn, DeltaParams p, int64_t heads) {
+template <class T> Status launchForward(const std::string& fn, DeltaParams p, int64_t heads) {
   int kp = 0;
   unsigned grid = 0, threads = 0;
   RK_TRY(layoutFor(fn, p, heads, &kp, &grid, &threads));
   if (grid == 0) return Status{};
   switch (kp) {
-    case 8: return launch(gatedDeltaForwardKernel<T, 8>, grid, threads, 0, p);
-    default: return launch(gatedDeltaForwardKernel<T, 16>, grid, threads, 0, p);
+    case 8:
+      return launch(gatedDeltaForwardKernel<T, 8>, grid, threads, 0, p);
+    default:
+      return launch(gatedDeltaForwardKernel<T, 16>, grid, threads, 0, p);
   }
 }
 
-template <class T>
-Status launchBackward(const std::string& fn, DeltaParams p, int64_t heads) {
+template <class T> Status launchBackward(const std::string& fn, DeltaParams p, int64_t heads) {
   int kp = 0;
   unsigned grid = 0, threads = 0;
   RK_TRY(layoutFor(fn, p, heads, &kp, &grid, &threads));
   if (grid == 0) return Status{};
   switch (kp) {
-    case 8: return launch(gatedDeltaBackwardKernel<T, 8>, grid, threads, 0, p);
-    default: return launch(gatedDeltaBackwardKernel<T, 16>, grid, threads, 0, p);
+    case 8:
+      return launch(gatedDeltaBackwardKernel<T, 8>, grid, threads, 0, p);
+    default:
+      return launch(gatedDeltaBackwardKernel<T, 16>, grid, threads, 0, p);
   }
 }
 
@@ -459,8 +459,7 @@ Status uploadTable(const GatedDeltaArgs& a, const std::vector<int64_t>& gaps, De
   return uploadSequences(a.segments, a.nseq, a.packed, gaps, buffer, segments, gapList);
 }
 
-template <class T>
-Status launchZeroGaps(void* p, int64_t width, const int64_t* gaps, int64_t nGaps) {
+template <class T> Status launchZeroGaps(void* p, int64_t width, const int64_t* gaps, int64_t nGaps) {
   if (nGaps == 0 || width == 0 || p == nullptr) return Status{};
   const unsigned blocks = static_cast<unsigned>(nGaps < 4096 ? nGaps : 4096);
   return launch(zeroGapsKernel<T>, blocks, 128, 0, static_cast<T*>(p), width, gaps, nGaps);
@@ -555,11 +554,9 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
       const int64_t rows = BT * a.H;
       const int64_t blocks = std::min<int64_t>(ceilDiv(rows, 8), 65535);
       RK_TRY(launch(l2normBackwardKernel<T>, static_cast<unsigned>(blocks), 256, 0, static_cast<const T*>(a.q),
-                    static_cast<const float*>(p.dqAcc), static_cast<T*>(g.dq), rows, static_cast<int>(a.K),
-                    a.l2norm));
+                    static_cast<const float*>(p.dqAcc), static_cast<T*>(g.dq), rows, static_cast<int>(a.K), a.l2norm));
       RK_TRY(launch(l2normBackwardKernel<T>, static_cast<unsigned>(blocks), 256, 0, static_cast<const T*>(a.k),
-                    static_cast<const float*>(p.dkAcc), static_cast<T*>(g.dk), rows, static_cast<int>(a.K),
-                    a.l2norm));
+                    static_cast<const float*>(p.dkAcc), static_cast<T*>(g.dk), rows, static_cast<int>(a.K), a.l2norm));
       if (!f32) RK_TRY(convert(DType::F32, p.dbetaAcc, a.dt, g.dbeta, headElems));
     }
     const int64_t nGaps = static_cast<int64_t>(gaps.size() / 2);
@@ -573,8 +570,8 @@ Status gatedDeltaStep(const GatedDeltaStepArgs& a) {
   const std::string fn = "gatedDeltaStep";
   RK_TRY(checkDims(fn, a.dt, a.batch, a.tokens, a.H, a.HV, a.K, a.V));
   if (a.batch == 0 || a.tokens == 0) return Status{};
-  if (a.state == nullptr || a.q == nullptr || a.k == nullptr || a.v == nullptr || a.g == nullptr ||
-      a.beta == nullptr || a.o == nullptr) {
+  if (a.state == nullptr || a.q == nullptr || a.k == nullptr || a.v == nullptr || a.g == nullptr || a.beta == nullptr ||
+      a.o == nullptr) {
     return statusError(fn + ": null tensor");
   }
   DeltaParams p;

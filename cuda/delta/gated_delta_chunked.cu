@@ -116,10 +116,10 @@ namespace rkcuda {
 namespace deltachunked {
 namespace {
 
-constexpr int kC = 64;           // chunk length (gatedDeltaChunk)
-constexpr int kThreads = 128;    // 4 warps, 16 chunk rows each
+constexpr int kC = 64;         // chunk length (gatedDeltaChunk)
+constexpr int kThreads = 128;  // 4 warps, 16 chunk rows each
 constexpr int kWarps = kThreads / 32;
-constexpr int kLdA = kC + 1;     // fp32 64 x 64 matrices in shared memory
+constexpr int kLdA = kC + 1;  // fp32 64 x 64 matrices in shared memory
 using delta::kL2Eps;
 using delta::uniformSegment;
 
@@ -128,10 +128,10 @@ inline int roundUp16(int64_t x) { return static_cast<int>(ceilDiv(x, 16) * 16); 
 
 struct ChunkParams : delta::DeltaInputs {
   int64_t nseq = 0;
-  int Kp = 16;                  // K rounded up to 16
-  int Vp = 16;                  // V rounded up to 16
-  int ldk = 24;                 // row stride (elements) of the staged q, k
-  int vt = 32;                  // value columns per state-pass block
+  int Kp = 16;   // K rounded up to 16
+  int Vp = 16;   // V rounded up to 16
+  int ldk = 24;  // row stride (elements) of the staged q, k
+  int vt = 32;   // value columns per state-pass block
   int vTiles = 1;
   // scratch, per (global chunk, value head): W, Qg, Kd [64 x K], U [64 x V], P [64 x 64], gammaLast
   void* W = nullptr;
@@ -140,20 +140,20 @@ struct ChunkParams : delta::DeltaInputs {
   void* Kd = nullptr;
   void* P = nullptr;
   float* gammaLast = nullptr;
-  float* Xinv = nullptr;        // (I + A)^-1, fp32 [64 x 64] per (chunk, value head): backward only
+  float* Xinv = nullptr;  // (I + A)^-1, fp32 [64 x 64] per (chunk, value head): backward only
   // backward
   const float* checkpoints = nullptr;
-  const void* dO = nullptr;     // nullable (zeros)
+  const void* dO = nullptr;       // nullable (zeros)
   const float* dFinal = nullptr;  // nullable (zeros)
-  float* dh0 = nullptr;         // nullable
-  float* dStates = nullptr;     // dL/dS at the end of each chunk, fp32, the checkpoints' layout
-  void* dVp = nullptr;          // dL/dV', [64 x V] per (chunk, value head)
-  float* dGamL = nullptr;       // <S_0, dL/dS_end> per (chunk, value head), zeroed, summed over tiles
+  float* dh0 = nullptr;           // nullable
+  float* dStates = nullptr;       // dL/dS at the end of each chunk, fp32, the checkpoints' layout
+  void* dVp = nullptr;            // dL/dV', [64 x V] per (chunk, value head)
+  float* dGamL = nullptr;         // <S_0, dL/dS_end> per (chunk, value head), zeroed, summed over tiles
   void* dv = nullptr;
-  float* dqAcc = nullptr;       // fp32 [batch, T, H, K], zeroed: gradients w.r.t. the normalised q, k
+  float* dqAcc = nullptr;  // fp32 [batch, T, H, K], zeroed: gradients w.r.t. the normalised q, k
   float* dkAcc = nullptr;
   float* dg = nullptr;
-  float* dbetaAcc = nullptr;    // fp32 [batch, T, HV]
+  float* dbetaAcc = nullptr;  // fp32 [batch, T, HV]
 };
 
 // The sequence holding global chunk gc: the last one whose chunkOffset is <= gc (sequences of
@@ -178,9 +178,8 @@ __device__ __forceinline__ ScanSegment segmentOfChunk(const ChunkParams& p, int6
 // block calls): q, k rows (storage type, zero past n and K) into sK, sQ (row stride p.ldk), beta,
 // the fp64 cumulative log decay sG, exp(sG) in sGam, the inverse norms sRk, sRq (1 without l2norm).
 template <class T>
-__device__ __forceinline__ void stageChunk(const ChunkParams& p, int64_t rowBase, int64_t h, int64_t hv, int n,
-                                           T* sK, T* sQ, double* sG, float* sGam, float* sBeta, float* sRk,
-                                           float* sRq) {
+__device__ __forceinline__ void stageChunk(const ChunkParams& p, int64_t rowBase, int64_t h, int64_t hv, int n, T* sK,
+                                           T* sQ, double* sG, float* sGam, float* sBeta, float* sRk, float* sRq) {
   const int K = static_cast<int>(p.K), ld = p.ldk;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   const T* qg = static_cast<const T*>(p.q);
@@ -240,8 +239,7 @@ inline size_t prepSharedBytes(const ChunkParams& p, size_t elemBytes) {
          2 * static_cast<size_t>(kC) * p.ldk * elemBytes;
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p) {
+template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p) {
   const int64_t gc = static_cast<int64_t>(blockIdx.x) / p.HV;
   const int64_t hv = static_cast<int64_t>(blockIdx.x) - gc * p.HV;
   const int64_t h = hv / p.group;
@@ -252,13 +250,13 @@ __global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p)
   const int K = static_cast<int>(p.K), V = static_cast<int>(p.V), ld = p.ldk;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
 
-  double* sG = dynamicShared<double>();       // cumulative log decay
+  double* sG = dynamicShared<double>();  // cumulative log decay
   float* sBeta = reinterpret_cast<float*>(sG + kC);
-  float* sRk = sBeta + kC;                    // 1 / |k| (1 without l2norm)
+  float* sRk = sBeta + kC;  // 1 / |k| (1 without l2norm)
   float* sRq = sRk + kC;
-  float* sGam = sRq + kC;                     // g, then exp(G)
-  float* sA = sGam + kC;                      // A (strictly lower)
-  float* sX = sA + kC * kLdA;                 // Tm
+  float* sGam = sRq + kC;      // g, then exp(G)
+  float* sA = sGam + kC;       // A (strictly lower)
+  float* sX = sA + kC * kLdA;  // Tm
   T* sK = reinterpret_cast<T*>(sX + kC * kLdA);
   T* sQ = sK + kC * ld;
 
@@ -393,8 +391,7 @@ __device__ __forceinline__ void storeTile(float* dst, const float* sS, int K, in
 }
 
 // NT = vt / 8: the column blocks of the value tile.
-template <class T, int NT>
-__global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
+template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
   const int64_t head = static_cast<int64_t>(blockIdx.x) / p.vTiles;
   const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) - head * p.vTiles);
   const int64_t seq = head / p.HV, hv = head - (head / p.HV) * p.HV;
@@ -532,7 +529,8 @@ __device__ __forceinline__ void warpMma(mma::FragC (&acc)[NB], int nb, int s0, i
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
       if (j < nb) {
-        mma::mma16816<T>(acc[j], fa, mma::loadB16<T>([&](int kk, int nn) { return b(16 * s + kk, 8 * (jb + j) + nn); }));
+        mma::mma16816<T>(acc[j], fa,
+                         mma::loadB16<T>([&](int kk, int nn) { return b(16 * s + kk, 8 * (jb + j) + nn); }));
       }
     }
   }
@@ -556,8 +554,7 @@ __device__ __forceinline__ void addRowSums(float* dst, int r0, float lo, float h
 // columns): the fp32 tile of dS (the gradient of the state at the end of the current chunk) lives
 // in shared memory, from dFinal down to dh0. Per chunk: stores dS (dStates) and adds <S_0, dS> to
 // dGamL, then dV' = P^T dO + Kd dS (stored, storage type), dS <- exp(G_{n-1}) dS + Qg^T dO - W^T dV'.
-template <class T, int NT>
-__global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkParams p) {
+template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkParams p) {
   const int64_t head = static_cast<int64_t>(blockIdx.x) / p.vTiles;
   const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) - head * p.vTiles);
   const int64_t seq = head / p.HV, hv = head - (head / p.HV) * p.HV;
@@ -576,7 +573,8 @@ __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkPa
   const int64_t stateOff = (seq * p.HV + hv) * KV;
   for (int e = tid; e < p.Kp * ldS; e += kThreads) {
     const int i = e / ldS, j = e - (e / ldS) * ldS;
-    sS[e] = (p.dFinal != nullptr && i < K && j < vw) ? p.dFinal[stateOff + static_cast<int64_t>(i) * p.V + v0 + j] : 0.0f;
+    sS[e] =
+        (p.dFinal != nullptr && i < K && j < vw) ? p.dFinal[stateOff + static_cast<int64_t>(i) * p.V + v0 + j] : 0.0f;
   }
   __syncthreads();
 
@@ -618,10 +616,11 @@ __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkPa
 #pragma unroll
       for (int j = 0; j < NT; ++j) acc[j].zero();
       if (warp < kRows) {
-        warpMma<T>(acc, NT, warp, kRows, 0, [&](int rr, int s) { return toFloat(P[s * kC + r0 + rr]); }, dOat);
-        warpMma<T>(acc, NT, 0, kSteps, 0,
-                   [&](int rr, int i) { return i < K ? toFloat(Kd[(r0 + rr) * p.K + i]) : 0.0f; },
-                   [&](int i, int col) { return sS[i * ldS + col]; });
+        warpMma<T>(
+            acc, NT, warp, kRows, 0, [&](int rr, int s) { return toFloat(P[s * kC + r0 + rr]); }, dOat);
+        warpMma<T>(
+            acc, NT, 0, kSteps, 0, [&](int rr, int i) { return i < K ? toFloat(Kd[(r0 + rr) * p.K + i]) : 0.0f; },
+            [&](int i, int col) { return sS[i * ldS + col]; });
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -643,11 +642,12 @@ __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkPa
         acc[j] = mma::loadC([&](int rr, int cc) { return gl * sS[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
       const int i0 = 16 * m;
-      warpMma<T>(acc, NT, 0, kRows, 0,
-                 [&](int rr, int s) { return i0 + rr < K ? toFloat(Qg[s * p.K + i0 + rr]) : 0.0f; }, dOat);
-      warpMma<T>(acc, NT, 0, kRows, 0,
-                 [&](int rr, int s) { return i0 + rr < K ? -toFloat(W[s * p.K + i0 + rr]) : 0.0f; },
-                 [&](int s, int col) { return sV[s * ldS + col]; });
+      warpMma<T>(
+          acc, NT, 0, kRows, 0, [&](int rr, int s) { return i0 + rr < K ? toFloat(Qg[s * p.K + i0 + rr]) : 0.0f; },
+          dOat);
+      warpMma<T>(
+          acc, NT, 0, kRows, 0, [&](int rr, int s) { return i0 + rr < K ? -toFloat(W[s * p.K + i0 + rr]) : 0.0f; },
+          [&](int s, int col) { return sV[s * ldS + col]; });
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) { sS[(16 * m + rr) * ldS + 8 * j + cc] = val; });
@@ -658,7 +658,7 @@ __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkPa
   if (p.dh0 != nullptr) storeTile(p.dh0 + stateOff, sS, K, vw, ldS, p.V, v0);
 }
 
-constexpr int kKt = 32;            // K columns per step of the gradient kernel's column loops
+constexpr int kKt = 32;  // K columns per step of the gradient kernel's column loops
 constexpr int kLdW = kKt + 4;
 
 inline size_t gradSharedBytes(const ChunkParams& p, size_t elemBytes) {
@@ -677,8 +677,7 @@ inline size_t gradSharedBytes(const ChunkParams& p, size_t elemBytes) {
 //   dg_t = sum_{t' >= t} dG_t' (within the chunk).
 // dq, dk (w.r.t. the normalised q, k) are added to fp32 accumulators (value heads of a q / k head
 // meet there); dv, dg and dbeta (fp32) are written.
-template <class T>
-__global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p) {
+template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p) {
   const int64_t gc = static_cast<int64_t>(blockIdx.x) / p.HV;
   const int64_t hv = static_cast<int64_t>(blockIdx.x) - gc * p.HV;
   const int64_t h = hv / p.group;
@@ -697,17 +696,17 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
   float* sBeta = reinterpret_cast<float*>(sG + kC);
   float* sRk = sBeta + kC;
   float* sRq = sRk + kC;
-  float* sGam = sRq + kC;   // exp(G)
-  float* sDG = sGam + kC;   // dL/dG
-  float* sDB = sDG + kC;    // dL/dbeta
-  float* sF = sDB + kC;     // sum_i dKd_ti Kd_ti
-  float* sX = sF + kC;      // X = (I + A)^-1
+  float* sGam = sRq + kC;        // exp(G)
+  float* sDG = sGam + kC;        // dL/dG
+  float* sDB = sDG + kC;         // dL/dbeta
+  float* sF = sDB + kC;          // sum_i dKd_ti Kd_ti
+  float* sX = sF + kC;           // X = (I + A)^-1
   float* sDT = sX + kC * kLdA;   // dTm, then dX, Y = dX X^T, dA, E
   float* sDP = sDT + kC * kLdA;  // dP, then Ep
   float* sDW = sDP + kC * kLdA;  // dW, 64 x kKt per column step
   T* sK = reinterpret_cast<T*>(sDW + kC * kLdW);
   T* sQ = sK + kC * ld;
-  T* sVp = sQ + kC * ld;         // V', 64 x ldv
+  T* sVp = sQ + kC * ld;  // V', 64 x ldv
 
   const T* vg = static_cast<const T*>(p.v);
   const T* dO = static_cast<const T*>(p.dO);
@@ -743,8 +742,9 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     mma::FragC acc[NB], accV[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) acc[j].zero(), accV[j].zero();
-    warpMma<T>(acc, nb, 0, kSteps, jb, [&](int rr, int i) { return i < K ? toFloat(W[(r0 + rr) * p.K + i]) : 0.0f; },
-               [&](int i, int col) { return (i < K && col < V) ? S0[static_cast<int64_t>(i) * p.V + col] : 0.0f; });
+    warpMma<T>(
+        acc, nb, 0, kSteps, jb, [&](int rr, int i) { return i < K ? toFloat(W[(r0 + rr) * p.K + i]) : 0.0f; },
+        [&](int i, int col) { return (i < K && col < V) ? S0[static_cast<int64_t>(i) * p.V + col] : 0.0f; });
     warpMma<T>(accV, nb, warp, kC / 16, jb, tmT,
                [&](int s, int col) { return col < V ? toFloat(dVp[s * p.V + col]) : 0.0f; });
 #pragma unroll
@@ -765,8 +765,9 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     mma::FragC acc[kC / 8];
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) acc[j].zero();
-    warpMma<T>(acc, kC / 8, 0, vSteps, 0, dVrow,
-               [&](int col, int s) { return (s < n && col < V) ? loadScalar(vg + ((rowBase + s) * p.HV + hv) * p.V + col) : 0.0f; });
+    warpMma<T>(acc, kC / 8, 0, vSteps, 0, dVrow, [&](int col, int s) {
+      return (s < n && col < V) ? loadScalar(vg + ((rowBase + s) * p.HV + hv) * p.V + col) : 0.0f;
+    });
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) {
       mma::storeC(acc[j], [&](int rr, int cc, float val) {
@@ -802,8 +803,9 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     auto s0T = [&](int col, int i) { return (i < K && col < V) ? S0[static_cast<int64_t>(i) * p.V + col] : 0.0f; };
     warpMma<T>(aQ, nb, 0, vSteps, jb, dOrow, s0T);
     warpMma<T>(aW, nb, 0, vSteps, jb, dVrow, s0T);
-    warpMma<T>(aK, nb, 0, vSteps, jb, [&](int rr, int col) { return toFloat(sVp[(r0 + rr) * ldv + col]); },
-               [&](int col, int i) { return (i < K && col < V) ? dS[static_cast<int64_t>(i) * p.V + col] : 0.0f; });
+    warpMma<T>(
+        aK, nb, 0, vSteps, jb, [&](int rr, int col) { return toFloat(sVp[(r0 + rr) * ldv + col]); },
+        [&](int col, int i) { return (i < K && col < V) ? dS[static_cast<int64_t>(i) * p.V + col] : 0.0f; });
     float gLo = 0.0f, gHi = 0.0f, fLo = 0.0f, fHi = 0.0f;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
@@ -814,12 +816,18 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
         const float f = p.scale * sGam[r];
         atomicAdd(p.dqAcc + ((rowBase + r) * p.H + h) * p.K + i, val * f);
         const float x = val * f * qn(r, i);
-        if (rr < 8) gLo += x; else gHi += x;
+        if (rr < 8)
+          gLo += x;
+        else
+          gHi += x;
       });
       mma::storeC(aK[j], [&](int rr, int cc, float val) {
         const int r = r0 + rr, i = 8 * (jb + j) + cc;
         const float x = r < n ? val * fastExp(static_cast<float>(GL - sG[r])) * kn(r, i) : 0.0f;
-        if (rr < 8) fLo += x; else fHi += x;
+        if (rr < 8)
+          fLo += x;
+        else
+          fHi += x;
       });
       mma::storeC(aW[j], [&](int rr, int cc, float val) { sDW[(r0 + rr) * kLdW + 8 * j + cc] = -val; });
     }
@@ -829,9 +837,11 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     {
       mma::FragC acc[kC / 8];
 #pragma unroll
-      for (int j = 0; j < kC / 8; ++j) acc[j] = mma::loadC([&](int rr, int cc) { return sDT[(r0 + rr) * kLdA + 8 * j + cc]; });
-      warpMma<T>(acc, 2 * warp + 2, 0, nb / 2, 0, [&](int rr, int i) { return sDW[(r0 + rr) * kLdW + i]; },
-                 [&](int i, int s) { return kn(s, kt + i) * sGam[s]; });
+      for (int j = 0; j < kC / 8; ++j)
+        acc[j] = mma::loadC([&](int rr, int cc) { return sDT[(r0 + rr) * kLdA + 8 * j + cc]; });
+      warpMma<T>(
+          acc, 2 * warp + 2, 0, nb / 2, 0, [&](int rr, int i) { return sDW[(r0 + rr) * kLdW + i]; },
+          [&](int i, int s) { return kn(s, kt + i) * sGam[s]; });
 #pragma unroll
       for (int j = 0; j < kC / 8; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
@@ -857,7 +867,10 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
         const float d = val * sGam[r] + dkd * fastExp(static_cast<float>(GL - sG[r]));
         atomicAdd(p.dkAcc + ((rowBase + r) * p.H + h) * p.K + i, d);
         const float x = val * sGam[r] * kn(r, i);
-        if (rr < 8) gLo += x; else gHi += x;
+        if (rr < 8)
+          gLo += x;
+        else
+          gHi += x;
       });
     }
     addRowSums(sDG, r0, gLo, gHi);
@@ -882,8 +895,9 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     mma::FragC acc[kC / 8];
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) acc[j].zero();
-    warpMma<T>(acc, kC / 8, 0, warp + 1, 0, [&](int rr, int k) { return sDT[(r0 + rr) * kLdA + k]; },
-               [&](int k, int j) { return sX[j * kLdA + k]; });
+    warpMma<T>(
+        acc, kC / 8, 0, warp + 1, 0, [&](int rr, int k) { return sDT[(r0 + rr) * kLdA + k]; },
+        [&](int k, int j) { return sX[j * kLdA + k]; });
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) {
@@ -892,8 +906,9 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) acc[j].zero();
-    warpMma<T>(acc, 2 * warp + 2, warp, kC / 16, 0, [&](int rr, int i) { return sX[i * kLdA + r0 + rr]; },
-               [&](int i, int b) { return sDT[i * kLdA + b]; });
+    warpMma<T>(
+        acc, 2 * warp + 2, warp, kC / 16, 0, [&](int rr, int i) { return sX[i * kLdA + r0 + rr]; },
+        [&](int i, int b) { return sDT[i * kLdA + b]; });
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) {
@@ -910,8 +925,10 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) accA[j].zero(), accP[j].zero();
     auto kT = [&](int i, int s) { return kn(s, i); };
-    warpMma<T>(accA, 2 * warp + 2, 0, kSteps, 0, [&](int rr, int i) { return kn(r0 + rr, i); }, kT);
-    warpMma<T>(accP, 2 * warp + 2, 0, kSteps, 0, [&](int rr, int i) { return qn(r0 + rr, i); }, kT);
+    warpMma<T>(
+        accA, 2 * warp + 2, 0, kSteps, 0, [&](int rr, int i) { return kn(r0 + rr, i); }, kT);
+    warpMma<T>(
+        accP, 2 * warp + 2, 0, kSteps, 0, [&](int rr, int i) { return qn(r0 + rr, i); }, kT);
     float gLo = 0.0f, gHi = 0.0f, bLo = 0.0f, bHi = 0.0f;
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) {
@@ -927,7 +944,10 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
           const float dA = sDT[t * kLdA + s];
           const float E = dA * sBeta[t] * gts;
           const float F = E * kk;
-          if (rr < 8) bLo += dA * gts * kk; else bHi += dA * gts * kk;
+          if (rr < 8)
+            bLo += dA * gts * kk;
+          else
+            bHi += dA * gts * kk;
           gsum += F;
           sDT[t * kLdA + s] = E;
         }
@@ -936,7 +956,10 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
           gsum += Ep * qk;
           sDP[t * kLdA + s] = Ep;
         }
-        if (rr < 8) gLo += gsum; else gHi += gsum;
+        if (rr < 8)
+          gLo += gsum;
+        else
+          gHi += gsum;
         if (gsum != 0.0f) atomicAdd(sDG + s, -gsum);
       });
     }
@@ -951,10 +974,14 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     mma::FragC aQ[NB], aK[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero();
-    warpMma<T>(aQ, nb, 0, warp + 1, jb, [&](int rr, int s) { return sDP[(r0 + rr) * kLdA + s]; }, kn);
-    warpMma<T>(aK, nb, 0, warp + 1, jb, [&](int rr, int s) { return sDT[(r0 + rr) * kLdA + s]; }, kn);
-    warpMma<T>(aK, nb, warp, kC / 16, jb, [&](int rr, int s) { return sDT[s * kLdA + r0 + rr]; }, kn);
-    warpMma<T>(aK, nb, warp, kC / 16, jb, [&](int rr, int s) { return sDP[s * kLdA + r0 + rr]; }, qn);
+    warpMma<T>(
+        aQ, nb, 0, warp + 1, jb, [&](int rr, int s) { return sDP[(r0 + rr) * kLdA + s]; }, kn);
+    warpMma<T>(
+        aK, nb, 0, warp + 1, jb, [&](int rr, int s) { return sDT[(r0 + rr) * kLdA + s]; }, kn);
+    warpMma<T>(
+        aK, nb, warp, kC / 16, jb, [&](int rr, int s) { return sDT[s * kLdA + r0 + rr]; }, kn);
+    warpMma<T>(
+        aK, nb, warp, kC / 16, jb, [&](int rr, int s) { return sDP[s * kLdA + r0 + rr]; }, qn);
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
       if (j >= nb) continue;
@@ -1106,21 +1133,27 @@ Status launchChunkedBackward(const GatedDeltaArgs& a, const ScanSegment* deviceS
 
 bool gatedDeltaChunkedSupports(DType dt) { return dt == DType::F16 || dt == DType::BF16; }
 
-Status gatedDeltaChunkedForward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, void* o,
-                                float* states, float* finalState) {
+Status gatedDeltaChunkedForward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, void* o, float* states,
+                                float* finalState) {
   switch (a.dt) {
-    case DType::F16: return deltachunked::launchChunked<__half>(a, deviceSegments, o, states, finalState);
-    case DType::BF16: return deltachunked::launchChunked<__nv_bfloat16>(a, deviceSegments, o, states, finalState);
-    default: return statusError("gatedDeltaForward (chunked): fp16 or bf16 storage only");
+    case DType::F16:
+      return deltachunked::launchChunked<__half>(a, deviceSegments, o, states, finalState);
+    case DType::BF16:
+      return deltachunked::launchChunked<__nv_bfloat16>(a, deviceSegments, o, states, finalState);
+    default:
+      return statusError("gatedDeltaForward (chunked): fp16 or bf16 storage only");
   }
 }
 
 Status gatedDeltaChunkedBackward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, const GatedDeltaGrads& g,
                                  const ChunkedGradAccumulators& acc) {
   switch (a.dt) {
-    case DType::F16: return deltachunked::launchChunkedBackward<__half>(a, deviceSegments, g, acc);
-    case DType::BF16: return deltachunked::launchChunkedBackward<__nv_bfloat16>(a, deviceSegments, g, acc);
-    default: return statusError("gatedDeltaBackward (chunked): fp16 or bf16 storage only");
+    case DType::F16:
+      return deltachunked::launchChunkedBackward<__half>(a, deviceSegments, g, acc);
+    case DType::BF16:
+      return deltachunked::launchChunkedBackward<__nv_bfloat16>(a, deviceSegments, g, acc);
+    default:
+      return statusError("gatedDeltaBackward (chunked): fp16 or bf16 storage only");
   }
 }
 

@@ -15,8 +15,8 @@ bool gatedDeltaChunkedSupports(DType dt);
 // (every element), finalState (nullable). `a` has been checked by the caller; deviceSegments is
 // the device copy of a packed sequence table (null without packing). Positions in no sequence are
 // left to the caller.
-Status gatedDeltaChunkedForward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, void* o,
-                                float* states, float* finalState);
+Status gatedDeltaChunkedForward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, void* o, float* states,
+                                float* finalState);
 
 // fp32 accumulators of the backward, zeroed by the caller: dq, dk [batch, T, H, K] receive the
 // gradients with respect to the normalised q, k (the caller takes them through the L2 norm);

@@ -137,21 +137,36 @@ namespace rkcuda {
 namespace {
 
 constexpr int kMaxG = 4, kMaxS = 2;
-constexpr int kFusedThreads = 512;   // largest block of the fused kernels (register budget 128)
-constexpr int kMaxHeadDim = 1024;    // dense cells: a block per (row, head), a thread per channel
+constexpr int kFusedThreads = 512;  // largest block of the fused kernels (register budget 128)
+constexpr int kMaxHeadDim = 1024;   // dense cells: a block per (row, head), a thread per channel
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kTile = 32;            // dense evaluation / reduction tiles
-constexpr int kMaxFullM = 128;       // full Jacobian: S * headDim at most (the block's matrices in shared memory)
+constexpr int kTile = 32;       // dense evaluation / reduction tiles
+constexpr int kMaxFullM = 128;  // full Jacobian: S * headDim at most (the block's matrices in shared memory)
 
 __host__ __device__ __forceinline__ int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __device__ __forceinline__ int64_t minI(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <NewtonCell C> struct CellInfo;
-template <> struct CellInfo<NewtonCell::GruDiag> { static constexpr int G = 3, S = 1; static constexpr bool diag = true; };
-template <> struct CellInfo<NewtonCell::LstmCifgDiag> { static constexpr int G = 3, S = 2; static constexpr bool diag = true; };
-template <> struct CellInfo<NewtonCell::Gru> { static constexpr int G = 3, S = 1; static constexpr bool diag = false; };
-template <> struct CellInfo<NewtonCell::Lstm> { static constexpr int G = 4, S = 2; static constexpr bool diag = false; };
-template <> struct CellInfo<NewtonCell::Elman> { static constexpr int G = 1, S = 1; static constexpr bool diag = false; };
+template <> struct CellInfo<NewtonCell::GruDiag> {
+  static constexpr int G = 3, S = 1;
+  static constexpr bool diag = true;
+};
+template <> struct CellInfo<NewtonCell::LstmCifgDiag> {
+  static constexpr int G = 3, S = 2;
+  static constexpr bool diag = true;
+};
+template <> struct CellInfo<NewtonCell::Gru> {
+  static constexpr int G = 3, S = 1;
+  static constexpr bool diag = false;
+};
+template <> struct CellInfo<NewtonCell::Lstm> {
+  static constexpr int G = 4, S = 2;
+  static constexpr bool diag = false;
+};
+template <> struct CellInfo<NewtonCell::Elman> {
+  static constexpr int G = 1, S = 1;
+  static constexpr bool diag = false;
+};
 
 constexpr bool isGru(NewtonCell c) { return c == NewtonCell::GruDiag || c == NewtonCell::Gru; }
 
@@ -173,8 +188,8 @@ struct Act {
 __device__ __forceinline__ float tanhAcc(float x) { return tanhf(x); }
 
 template <NewtonCell C>
-__device__ __forceinline__ void cellForward(const float (&x)[kMaxG], const float (&r)[kMaxG], const float (&prev)[kMaxS],
-                                            Act& a, float (&out)[kMaxS]) {
+__device__ __forceinline__ void cellForward(const float (&x)[kMaxG], const float (&r)[kMaxG],
+                                            const float (&prev)[kMaxS], Act& a, float (&out)[kMaxS]) {
   if constexpr (isGru(C)) {
     a.g[0] = sigmoid(x[0] + r[0]);
     a.g[1] = sigmoid(x[1] + r[1]);
@@ -276,24 +291,24 @@ struct Params {
   const float* h0 = nullptr;
   float* traj = nullptr;
   // fused kernels
-  int chan = 32;                 // channels per block
+  int chan = 32;  // channels per block
   int64_t blocksPerRow = 1;
-  int* blockStats = nullptr;     // 3 ints per block: iterations, converged, residual bits
+  int* blockStats = nullptr;  // 3 ints per block: iterations, converged, residual bits
   // row list (sequential kernels; null: every row)
   const int* rows = nullptr;
   // generic path
-  float* jc = nullptr;           // [batch, T, S*S + S, N]: J row-major, then c (full: see FullCoef)
-  bool full = false;             // dense cells, full Jacobian: evaluation writes FullCoef, steps by chunks
+  float* jc = nullptr;               // [batch, T, S*S + S, N]: J row-major, then c (full: see FullCoef)
+  bool full = false;                 // dense cells, full Jacobian: evaluation writes FullCoef, steps by chunks
   int64_t chunkLen = 1, chunks = 1;  // full Jacobian: time chunks of chunkLen steps per (row, head)
-  int M = 1, MP = 16;            // full Jacobian: S * D and its multiple of 16
-  int tensorCores = 1;           // full Jacobian: chunk products on tensor cores (split tf32), else fp32 FMA
-  float* agg = nullptr;          // full Jacobian: [batch, H, chunks, M * M + M], A column-major then b
-  float* carry = nullptr;        // full Jacobian: [batch, H, chunks, M], the state before each chunk
-  float* kal = nullptr;          // [batch, T, S + S*S, N]: filtered mean and covariance
-  float* partial = nullptr;      // 2 floats per evaluation block: all-ok flag, max residual
-  int* rowState = nullptr;       // [4, batch]: iterations, done, converged, residual bits
-  bool fromH0 = false;           // evaluation computes traj_t = f(h0, x_t) (the one-step guess)
-  int ldR = 0;                   // dense kernels: row stride of R in shared memory (0: global)
+  int M = 1, MP = 16;                // full Jacobian: S * D and its multiple of 16
+  int tensorCores = 1;               // full Jacobian: chunk products on tensor cores (split tf32), else fp32 FMA
+  float* agg = nullptr;              // full Jacobian: [batch, H, chunks, M * M + M], A column-major then b
+  float* carry = nullptr;            // full Jacobian: [batch, H, chunks, M], the state before each chunk
+  float* kal = nullptr;              // [batch, T, S + S*S, N]: filtered mean and covariance
+  float* partial = nullptr;          // 2 floats per evaluation block: all-ok flag, max residual
+  int* rowState = nullptr;           // [4, batch]: iterations, done, converged, residual bits
+  bool fromH0 = false;               // evaluation computes traj_t = f(h0, x_t) (the one-step guess)
+  int ldR = 0;                       // dense kernels: row stride of R in shared memory (0: global)
   // backward
   const void* dy = nullptr;
   const float* dFinal = nullptr;
@@ -301,7 +316,7 @@ struct Params {
   float* dR = nullptr;
   float* db = nullptr;
   float* dh0 = nullptr;
-  float* drec = nullptr;         // dense: [batch, T, G, N]
+  float* drec = nullptr;  // dense: [batch, T, G, N]
 };
 
 // Index of traj / jc-like arrays: [batch, T, K, N].
@@ -323,7 +338,10 @@ __device__ __forceinline__ void channelConsts(const Params& p, int64_t n, float 
     xb[g] = rb[g] = Rd[g] = 0.0f;
     if (g < G) {
       const float bias = __ldg(p.b + g * p.N + n);
-      if (isGru(C) && g == 2) rb[g] = bias; else xb[g] = bias;
+      if (isGru(C) && g == 2)
+        rb[g] = bias;
+      else
+        xb[g] = bias;
       Rd[g] = CellInfo<C>::diag ? __ldg(p.R + g * p.N + n) : __ldg(p.R + ((g * p.H + head) * p.D + j) * p.D + j);
     }
   }
@@ -332,7 +350,8 @@ __device__ __forceinline__ void channelConsts(const Params& p, int64_t n, float 
 template <NewtonCell C>
 __device__ __forceinline__ void loadH0(const Params& p, int64_t row, int64_t n, float (&h)[kMaxS]) {
 #pragma unroll
-  for (int s = 0; s < kMaxS; ++s) h[s] = (s < CellInfo<C>::S && p.h0 != nullptr) ? p.h0[(s * p.batch + row) * p.N + n] : 0.0f;
+  for (int s = 0; s < kMaxS; ++s)
+    h[s] = (s < CellInfo<C>::S && p.h0 != nullptr) ? p.h0[(s * p.batch + row) * p.N + n] : 0.0f;
 }
 
 template <NewtonCell C, class T>
@@ -442,8 +461,7 @@ __device__ __forceinline__ void blockCheck(bool ok, float res, int* sOk, float* 
 
 // ---- diagonal cells: the fused Newton solve ----
 
-template <NewtonCell C, class T>
-__global__ void __launch_bounds__(kFusedThreads) diagNewtonKernel(Params p) {
+template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads) diagNewtonKernel(Params p) {
   constexpr int S = CellInfo<C>::S;
   using Map = scan::AffineN<S>;
   __shared__ Map sAgg[kFusedThreads];
@@ -470,7 +488,7 @@ __global__ void __launch_bounds__(kFusedThreads) diagNewtonKernel(Params p) {
     for (int s = 0; s < kMaxS; ++s) h0v[s] = 0.0f;
   }
   // The guess at position t (not past the slice's own loads).
-  auto guessAt = [&](int64_t t, float (&g)[kMaxS]) {
+  auto guessAt = [&](int64_t t, float(&g)[kMaxS]) {
     if (p.guess == static_cast<int>(NewtonGuess::Provided)) {
       loadTraj<C>(p.guessTraj, p, row, t, n, g);
     } else if (p.guess == static_cast<int>(NewtonGuess::OneStep)) {
@@ -579,8 +597,7 @@ __global__ void __launch_bounds__(kFusedThreads) diagNewtonKernel(Params p) {
 
 // ---- diagonal cells: sequential evaluation (mode sequential and the fallback) ----
 
-template <NewtonCell C, class T>
-__global__ void diagSequentialKernel(Params p) {
+template <NewtonCell C, class T> __global__ void diagSequentialKernel(Params p) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) / p.blocksPerRow;
   const int64_t row = p.rows != nullptr ? p.rows[k] : k;
   const int64_t n = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * blockDim.x + threadIdx.x;
@@ -618,8 +635,7 @@ __device__ __forceinline__ const float* headWeights(const Params& p, int G, int6
   return p.R + head * static_cast<int64_t>(D) * D;
 }
 
-template <NewtonCell C, class T>
-__global__ void denseSequentialKernel(Params p) {
+template <NewtonCell C, class T> __global__ void denseSequentialKernel(Params p) {
   constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
   float* smem = dynamicShared<float>();
   const int D = static_cast<int>(p.D);
@@ -667,8 +683,8 @@ __global__ void denseSequentialKernel(Params p) {
 // element, given the input and recurrent parts, and folds its check into ok / res.
 template <NewtonCell C>
 __device__ __forceinline__ void evalElement(const Params& p, int64_t row, int64_t t, int64_t n, const float (&x)[kMaxG],
-                                            const float (&r)[kMaxG], const float (&Rd)[kMaxG],
-                                            const float (&hp)[kMaxS], bool& ok, float& res) {
+                                            const float (&r)[kMaxG], const float (&Rd)[kMaxG], const float (&hp)[kMaxS],
+                                            bool& ok, float& res) {
   constexpr int S = CellInfo<C>::S, K = S * S + S;
   Act a;
   float out[kMaxS];
@@ -725,8 +741,7 @@ __device__ __forceinline__ void writePartial(const Params& p, bool ok, float res
 }
 
 // Diagonal cells: one element per thread; blocksPerRow blocks of 256 per row.
-template <NewtonCell C, class T>
-__global__ void evalDiagKernel(Params p) {
+template <NewtonCell C, class T> __global__ void evalDiagKernel(Params p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) / p.blocksPerRow;
   if (rowDone(p, row)) return;
   const int64_t e = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * blockDim.x + threadIdx.x;
@@ -736,7 +751,10 @@ __global__ void evalDiagKernel(Params p) {
     const int64_t t = e / p.N, n = e - t * p.N;
     float xb[kMaxG], rb[kMaxG], Rd[kMaxG], hp[kMaxS], x[kMaxG], r[kMaxG];
     channelConsts<C>(p, n, xb, rb, Rd);
-    if (t == 0 || p.fromH0) loadH0<C>(p, row, n, hp); else loadTraj<C>(p.traj, p, row, t - 1, n, hp);
+    if (t == 0 || p.fromH0)
+      loadH0<C>(p, row, n, hp);
+    else
+      loadTraj<C>(p.traj, p, row, t - 1, n, hp);
     loadX<C, T>(p, row, t, n, xb, x);
 #pragma unroll
     for (int g = 0; g < kMaxG; ++g) r[g] = fmaf(Rd[g], hp[0], rb[g]);
@@ -747,8 +765,7 @@ __global__ void evalDiagKernel(Params p) {
 
 // Dense cells: a block of 256 threads per (row, 32 positions, head, 32 channels); rec = h_{t-1} @ R
 // through shared-memory tiles of 32 inputs; warp w takes positions 4w .. 4w+3, lane = channel.
-template <NewtonCell C, class T>
-__global__ void __launch_bounds__(256) evalDenseKernel(Params p) {
+template <NewtonCell C, class T> __global__ void __launch_bounds__(256) evalDenseKernel(Params p) {
   constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
   __shared__ float sH[kTile][kTile + 1];
   __shared__ float sR[G][kTile][kTile];
@@ -775,8 +792,10 @@ __global__ void __launch_bounds__(256) evalDenseKernel(Params p) {
       float v = 0.0f;
       if (t < p.T && i < p.D) {
         const int64_t ni = head * p.D + i;
-        if (t == 0 || p.fromH0) v = p.h0 != nullptr ? p.h0[row * p.N + ni] : 0.0f;
-        else v = p.traj[at4(row, t - 1, 0, ni, p.T, S, p.N)];
+        if (t == 0 || p.fromH0)
+          v = p.h0 != nullptr ? p.h0[row * p.N + ni] : 0.0f;
+        else
+          v = p.traj[at4(row, t - 1, 0, ni, p.T, S, p.N)];
       }
       sH[q][ii] = v;
     }
@@ -810,7 +829,10 @@ __global__ void __launch_bounds__(256) evalDenseKernel(Params p) {
       const int64_t t = tt * kTile + warp * 4 + q;
       if (t < p.T) {
         float x[kMaxG], r[kMaxG], hp[kMaxS];
-        if (t == 0 || p.fromH0) loadH0<C>(p, row, n, hp); else loadTraj<C>(p.traj, p, row, t - 1, n, hp);
+        if (t == 0 || p.fromH0)
+          loadH0<C>(p, row, n, hp);
+        else
+          loadTraj<C>(p.traj, p, row, t - 1, n, hp);
         loadX<C, T>(p, row, t, n, xb, x);
 #pragma unroll
         for (int g = 0; g < kMaxG; ++g) r[g] = acc[q][g] + rb[g];
@@ -858,8 +880,7 @@ __global__ void finalizeKernel(Params p) {
 // threads / CW time slices of L = ceil(T / NS) steps, a thread per (channel, slice). Pass 1 composes
 // the slice's maps (common/scan.cuh AffineN); the aggregates meet in shared memory, where each
 // thread composes those of the slices before its own onto h0; pass 2 applies the maps from there.
-template <NewtonCell C>
-__global__ void __launch_bounds__(kFusedThreads) scanStepKernel(Params p) {
+template <NewtonCell C> __global__ void __launch_bounds__(kFusedThreads) scanStepKernel(Params p) {
   constexpr int S = CellInfo<C>::S, K = S * S + S;
   using Map = scan::AffineN<S>;
   __shared__ Map sAgg[kFusedThreads];
@@ -934,7 +955,8 @@ __device__ __forceinline__ void buildJacobian(const Params& p, int64_t head, con
       if (j == k) v = sC[(i * F::W + s) * D + j];
       if (s == 0) {
 #pragma unroll
-        for (int g = 0; g < F::G; ++g) v = fmaf(sC[(i * F::W + F::S + g) * D + j], __ldg(Rh + g * gStride + k * D + j), v);
+        for (int g = 0; g < F::G; ++g)
+          v = fmaf(sC[(i * F::W + F::S + g) * D + j], __ldg(Rh + g * gStride + k * D + j), v);
       }
     }
     sJ[r * ld + c] = v;
@@ -942,7 +964,8 @@ __device__ __forceinline__ void buildJacobian(const Params& p, int64_t head, con
 }
 
 // out = J a over MP x MP (row strides ldJ, ldA): fp32 FMA, a thread per output element in turn.
-__device__ __forceinline__ void productFma(const float* sJ, int ldJ, const float* a, float* out, int ldA, int MP, int M) {
+__device__ __forceinline__ void productFma(const float* sJ, int ldJ, const float* a, float* out, int ldA, int MP,
+                                           int M) {
   for (int e = static_cast<int>(threadIdx.x); e < MP * MP; e += static_cast<int>(blockDim.x)) {
     const int r = e / MP, c = e - r * MP;
     float v = 0.0f;
@@ -983,13 +1006,12 @@ __host__ __device__ __forceinline__ int fullCoefFloats(int K, int D) { return (K
 
 // Dynamic shared memory: J [MP][ldJ], two aggregates [MP][ldA], the step's coefficients [K][D] and
 // two offset vectors [MP].
-template <NewtonCell C>
-__global__ void __launch_bounds__(256) fullChunkKernel(Params p) {
+template <NewtonCell C> __global__ void __launch_bounds__(256) fullChunkKernel(Params p) {
   using F = FullCoef<C>;
   const int D = static_cast<int>(p.D), M = p.M, MP = p.MP, ldJ = fullLdJ(MP), ldA = fullLdA(MP);
   const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
   float* sJ = dynamicShared<float>();
-  float* aCur = sJ + MP * ldJ;      // the aggregate so far, and the buffer for the next one
+  float* aCur = sJ + MP * ldJ;  // the aggregate so far, and the buffer for the next one
   float* aNext = aCur + MP * ldA;
   float* sC = aNext + MP * ldA;
   float* bCur = sC + fullCoefFloats(F::K, D);
@@ -1015,8 +1037,10 @@ __global__ void __launch_bounds__(256) fullChunkKernel(Params p) {
     __syncthreads();
     buildJacobian<C>(p, head, sC, sJ, ldJ);
     __syncthreads();
-    if (p.tensorCores) productMma(sJ, ldJ, aCur, aNext, ldA, MP);
-    else productFma(sJ, ldJ, aCur, aNext, ldA, MP, M);
+    if (p.tensorCores)
+      productMma(sJ, ldJ, aCur, aNext, ldA, MP);
+    else
+      productFma(sJ, ldJ, aCur, aNext, ldA, MP, M);
     for (int i = tid; i < MP; i += nt) {
       float v = 0.0f;
       if (i < M) {
@@ -1069,8 +1093,7 @@ __global__ void __launch_bounds__(kMaxFullM) fullCarryKernel(Params p) {
 // Per (row, head, chunk), a thread per channel: d_t = J_t d_{t-1} + r_t from the chunk's carried
 // state, applied through R directly (J_t d = gp d + gr (R^T d_h)), traj_t += d_t. R of the head in
 // shared memory (padded rows) when it fits, as for the sequential kernel.
-template <NewtonCell C>
-__global__ void fullApplyKernel(Params p) {
+template <NewtonCell C> __global__ void fullApplyKernel(Params p) {
   using F = FullCoef<C>;
   constexpr int G = F::G, S = F::S;
   float* smem = dynamicShared<float>();
@@ -1156,14 +1179,13 @@ __device__ __forceinline__ void matMul(const float (&a)[kMaxS][kMaxS], const flo
 
 // The Levenberg-Marquardt (ELK) step per (row, channel): Kalman filter forward (means and
 // covariances to scratch), Rauch-Tung-Striebel smoother backward (into traj).
-template <NewtonCell C>
-__global__ void dampedStepKernel(Params p) {
+template <NewtonCell C> __global__ void dampedStepKernel(Params p) {
   constexpr int S = CellInfo<C>::S, K = S * S + S, KK = S + S * S;
   const int64_t row = static_cast<int64_t>(blockIdx.x) / p.blocksPerRow;
   const int64_t n = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * blockDim.x + threadIdx.x;
   if (n >= p.N || rowDone(p, row)) return;
   const float obsVar = 1.0f / p.damping;
-  auto loadJc = [&](int64_t t, float (&J)[kMaxS][kMaxS], float (&c)[kMaxS]) {
+  auto loadJc = [&](int64_t t, float(&J)[kMaxS][kMaxS], float(&c)[kMaxS]) {
 #pragma unroll
     for (int i = 0; i < S; ++i) {
 #pragma unroll
@@ -1172,8 +1194,8 @@ __global__ void dampedStepKernel(Params p) {
     }
   };
   // Prediction: mp = J m + c, Pp = J P J^T + I.
-  auto predict = [&](const float (&J)[kMaxS][kMaxS], const float (&c)[kMaxS], const float (&m)[kMaxS],
-                     const float (&P)[kMaxS][kMaxS], float (&mp)[kMaxS], float (&Pp)[kMaxS][kMaxS]) {
+  auto predict = [&](const float(&J)[kMaxS][kMaxS], const float(&c)[kMaxS], const float(&m)[kMaxS],
+                     const float(&P)[kMaxS][kMaxS], float(&mp)[kMaxS], float(&Pp)[kMaxS][kMaxS]) {
     float JP[kMaxS][kMaxS];
     matMul<S>(J, P, JP);
     matMul<S, true>(JP, J, Pp);
@@ -1284,8 +1306,7 @@ __global__ void outputsKernel(const float* traj, T* y, float* finalStates, const
 
 // Diagonal cells: the reverse-time adjoint in slices (see the header). Same thread layout as the
 // fused forward kernel.
-template <NewtonCell C, class T>
-__global__ void __launch_bounds__(kFusedThreads) diagBackwardKernel(Params p) {
+template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads) diagBackwardKernel(Params p) {
   constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
   using Map = scan::AffineN<S>;
   __shared__ Map sAgg[kFusedThreads];
@@ -1311,7 +1332,7 @@ __global__ void __launch_bounds__(kFusedThreads) diagBackwardKernel(Params p) {
     loadH0<C>(p, row, n, h0v);
   }
   // dL/dtraj_t from the outputs: dy on the h state, dFinal at the last step.
-  auto direct = [&](int64_t t, float (&g)[kMaxS]) {
+  auto direct = [&](int64_t t, float(&g)[kMaxS]) {
 #pragma unroll
     for (int s = 0; s < kMaxS; ++s) g[s] = 0.0f;
     if (dy != nullptr) g[0] = loadScalar<T>(dy + (row * p.T + t) * p.N + n);
@@ -1321,7 +1342,7 @@ __global__ void __launch_bounds__(kFusedThreads) diagBackwardKernel(Params p) {
     }
   };
   // J_u^T at step u (prev = traj_{u-1}).
-  auto jacAt = [&](int64_t u, float (&J)[kMaxS][kMaxS]) {
+  auto jacAt = [&](int64_t u, float(&J)[kMaxS][kMaxS]) {
     float x[kMaxG], hp[kMaxS], f[kMaxS];
     loadX<C, T>(p, row, u, n, xb, x);
     loadPrev<C>(p, row, u, n, h0v, hp);
@@ -1439,8 +1460,7 @@ __global__ void __launch_bounds__(kFusedThreads) diagBackwardKernel(Params p) {
 }
 
 // Dense cells: exact BPTT per (row, head) in reverse time; d rec to scratch for dR and db.
-template <NewtonCell C, class T>
-__global__ void denseBackwardKernel(Params p) {
+template <NewtonCell C, class T> __global__ void denseBackwardKernel(Params p) {
   constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
   float* smem = dynamicShared<float>();
   const int D = static_cast<int>(p.D);
@@ -1449,8 +1469,8 @@ __global__ void denseBackwardKernel(Params p) {
   const bool active = j < D;
   const int64_t n = head * D + (active ? j : 0);
   const int Dp = (D + 3) & ~3;
-  float* sh = smem;            // h_{t-1}
-  float* sdr = smem + Dp;      // d rec, [G][D]
+  float* sh = smem;        // h_{t-1}
+  float* sdr = smem + Dp;  // d rec, [G][D]
   int ld;
   int64_t gs;
   const float* Rh = headWeights(p, G, head, smem + Dp + G * Dp, ld, gs);
@@ -1461,7 +1481,8 @@ __global__ void denseBackwardKernel(Params p) {
   loadH0<C>(p, row, n, h0v);
   float down[kMaxS];
 #pragma unroll
-  for (int s = 0; s < kMaxS; ++s) down[s] = (s < S && p.dFinal != nullptr && active) ? p.dFinal[(s * p.batch + row) * p.N + n] : 0.0f;
+  for (int s = 0; s < kMaxS; ++s)
+    down[s] = (s < S && p.dFinal != nullptr && active) ? p.dFinal[(s * p.batch + row) * p.N + n] : 0.0f;
   for (int64_t t = p.T - 1; t >= 0; --t) {
     float hp[kMaxS];
     loadPrev<C>(p, row, t, n, h0v, hp);
@@ -1598,7 +1619,8 @@ Status checkArgs(const NewtonRnnArgs& a, const std::string& fn) {
   if (a.batch > (int64_t{1} << 31) || a.T > (int64_t{1} << 31) || a.heads > (int64_t{1} << 31) ||
       a.headDim > (int64_t{1} << 31) || a.heads * a.headDim > (int64_t{1} << 31))
     return bad("sizes too large");
-  if (!diagCell(a.cell) && a.headDim > kMaxHeadDim) return bad("headDim above " + std::to_string(kMaxHeadDim) + " for a dense cell");
+  if (!diagCell(a.cell) && a.headDim > kMaxHeadDim)
+    return bad("headDim above " + std::to_string(kMaxHeadDim) + " for a dense cell");
   if (a.maxIters < 0) return bad("negative maxIters");
   if (!std::isfinite(a.tolAbs) || !std::isfinite(a.tolRel) || a.tolAbs < 0 || a.tolRel < 0)
     return bad("tolerances must be finite and non-negative");
@@ -1608,7 +1630,8 @@ Status checkArgs(const NewtonRnnArgs& a, const std::string& fn) {
   const int64_t elems = a.batch * a.T;
   if (a.R == nullptr || a.b == nullptr) return bad("null R or b");
   if (elems > 0 && a.wx == nullptr) return bad("null wx");
-  if (elems > 0 && a.guess == NewtonGuess::Provided && !a.sequential && a.guessTraj == nullptr) return bad("null guessTraj");
+  if (elems > 0 && a.guess == NewtonGuess::Provided && !a.sequential && a.guessTraj == nullptr)
+    return bad("null guessTraj");
   // The largest grids: one thread per element of traj / y / jc (256 per block), the dense
   // evaluation's (row, 32 positions, head, 32 channels) tiles, a block per (row, 4 channels).
   const int64_t N = a.heads * a.headDim, S = statesOf(a.cell);
@@ -1641,11 +1664,16 @@ Params baseParams(const NewtonRnnArgs& a) {
 
 template <class F> Status dispatchCell(NewtonCell c, F&& f) {
   switch (c) {
-    case NewtonCell::GruDiag: return f(std::integral_constant<NewtonCell, NewtonCell::GruDiag>{});
-    case NewtonCell::LstmCifgDiag: return f(std::integral_constant<NewtonCell, NewtonCell::LstmCifgDiag>{});
-    case NewtonCell::Gru: return f(std::integral_constant<NewtonCell, NewtonCell::Gru>{});
-    case NewtonCell::Lstm: return f(std::integral_constant<NewtonCell, NewtonCell::Lstm>{});
-    case NewtonCell::Elman: return f(std::integral_constant<NewtonCell, NewtonCell::Elman>{});
+    case NewtonCell::GruDiag:
+      return f(std::integral_constant<NewtonCell, NewtonCell::GruDiag>{});
+    case NewtonCell::LstmCifgDiag:
+      return f(std::integral_constant<NewtonCell, NewtonCell::LstmCifgDiag>{});
+    case NewtonCell::Gru:
+      return f(std::integral_constant<NewtonCell, NewtonCell::Gru>{});
+    case NewtonCell::Lstm:
+      return f(std::integral_constant<NewtonCell, NewtonCell::Lstm>{});
+    case NewtonCell::Elman:
+      return f(std::integral_constant<NewtonCell, NewtonCell::Elman>{});
   }
   return statusError("unknown cell");
 }
@@ -1714,8 +1742,7 @@ struct RowStats {
 };
 
 // The fused solve of the diagonal cells.
-template <class T, NewtonCell C>
-Status runFused(const NewtonRnnArgs& a, Params p, RowStats* st) {
+template <class T, NewtonCell C> Status runFused(const NewtonRnnArgs& a, Params p, RowStats* st) {
   int cw, nt;
   RK_TRY(fusedShape(p, "newtonRnn", &cw, &nt));
   p.chan = cw;
@@ -1749,8 +1776,7 @@ Status runFused(const NewtonRnnArgs& a, Params p, RowStats* st) {
 // chunk) blocks to fill the SMs four times, chunks of 8 to 64 steps), the chunk products' units
 // (newtonRnn.fullTensorCores: 2 tensor cores, 1 fp32 FMA) and the chunk kernel's block size
 // (newtonRnn.fullThreads) and shared memory.
-template <NewtonCell C>
-Status fullPlan(const NewtonRnnArgs& a, Params* p, unsigned* threads, size_t* bytes) {
+template <NewtonCell C> Status fullPlan(const NewtonRnnArgs& a, Params* p, unsigned* threads, size_t* bytes) {
   const int D = static_cast<int>(a.headDim), M = CellInfo<C>::S * D, MP = (M + 15) / 16 * 16;
   int sms = 132;
   RK_TRY(smCount(&sms));
@@ -1777,8 +1803,7 @@ Status fullPlan(const NewtonRnnArgs& a, Params* p, unsigned* threads, size_t* by
 }
 
 // The host loop of the generic path (dense cells, with the per-channel or the full Jacobian; damping).
-template <class T, NewtonCell C>
-Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
+template <class T, NewtonCell C> Status runGeneric(const NewtonRnnArgs& a, Params p, RowStats* st) {
   constexpr int S = CellInfo<C>::S, G = CellInfo<C>::G;
   const int64_t elems = a.batch * a.T * p.N;
   p.full = !CellInfo<C>::diag && a.fullJacobian;
@@ -1892,8 +1917,9 @@ Status newtonRnnForward(const NewtonRnnArgs& a, const NewtonRnnOutputs& o) {
   if (a.batch * a.T > 0 && (o.traj == nullptr || o.y == nullptr)) return statusError(fn + ": null traj or y");
   if (!diagCell(a.cell) && a.fullJacobian && !a.sequential) {
     if (a.damping > 0) {
-      return statusError(fn + ": damping with the full Jacobian of the dense cells is not implemented on CUDA; use "
-                              "the per-channel Jacobian (fullJacobian false) for damped steps");
+      return statusError(fn +
+                         ": damping with the full Jacobian of the dense cells is not implemented on CUDA; use "
+                         "the per-channel Jacobian (fullJacobian false) for damped steps");
     }
     if (S * a.headDim > kMaxFullM) {
       return statusError(fn + ": the full Jacobian needs states x headDim <= " + std::to_string(kMaxFullM) + ", got " +
@@ -1978,8 +2004,10 @@ Status newtonRnnBackward(const NewtonRnnArgs& a, const NewtonRnnGrads& g) {
         RK_TRY(zeroFloats(g.dR, rSize));
         RK_TRY(zeroFloats(g.db, G * N));
         if (g.dh0 != nullptr) {
-          if (g.dFinal != nullptr) RK_TRY(copyDeviceToDevice(g.dh0, g.dFinal, S * a.batch * N * sizeof(float)));
-          else RK_TRY(zeroFloats(g.dh0, S * a.batch * N));
+          if (g.dFinal != nullptr)
+            RK_TRY(copyDeviceToDevice(g.dh0, g.dFinal, S * a.batch * N * sizeof(float)));
+          else
+            RK_TRY(zeroFloats(g.dh0, S * a.batch * N));
         }
         return Status{};
       }

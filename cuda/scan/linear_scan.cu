@@ -57,19 +57,15 @@ constexpr int minBlocksPerSm(int warps, bool vec) {
   return (targetWarps + warpsPerBlock - 1) / warpsPerBlock;
 }
 
-template <class T, int V, int WARPS>
-struct Layout {
-  static constexpr int G = kVecElems<T>;           // positions per group (one 16-byte vector)
-  static constexpr int GROUP_SPAN = 32 * G;        // positions covered by group index k in a warp
+template <class T, int V, int WARPS> struct Layout {
+  static constexpr int G = kVecElems<T>;            // positions per group (one 16-byte vector)
+  static constexpr int GROUP_SPAN = 32 * G;         // positions covered by group index k in a warp
   static constexpr int WARP_SPAN = V * GROUP_SPAN;  // positions per warp per chunk
   static constexpr int CHUNK = WARPS * WARP_SPAN;   // positions per row per chunk
 };
 
 // Memory index of scan position q.
-template <bool DESC>
-__device__ __forceinline__ int64_t memIndex(int64_t q, int64_t L) {
-  return DESC ? L - 1 - q : q;
-}
+template <bool DESC> __device__ __forceinline__ int64_t memIndex(int64_t q, int64_t L) { return DESC ? L - 1 - q : q; }
 
 // Raw storage of one group (G positions) of one array: 16 bytes in four registers, converted to
 // fp32 only when used, so that a prefetched chunk does not stall on its loads. Vector path: the
@@ -151,8 +147,7 @@ __device__ __forceinline__ void storeGroup(T* row, int64_t q0, int64_t L, const 
 struct LastOwner {
   int warp, lane, group;
 };
-template <class Lay>
-__device__ __forceinline__ LastOwner lastOwner(int64_t L) {
+template <class Lay> __device__ __forceinline__ LastOwner lastOwner(int64_t L) {
   const int64_t lastChunk = (L - 1) / Lay::CHUNK;
   const int off = static_cast<int>((L - 1) - lastChunk * Lay::CHUNK);
   const int inWarp = off % Lay::WARP_SPAN;
@@ -161,16 +156,15 @@ __device__ __forceinline__ LastOwner lastOwner(int64_t L) {
 
 // ============================== forward ==============================
 
-template <int V>
-struct FwdFrag {
+template <int V> struct FwdFrag {
   Raw a[V];
   Raw b[V];
 };
 
 template <class T, int V, int WARPS, bool DESC, bool VEC>
 __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC))
-linearScanForwardKernel(const T* __restrict__ a, const T* __restrict__ b, const float* h0, T* __restrict__ h,
-                        float* finalState, int64_t rows, int64_t L) {
+    linearScanForwardKernel(const T* __restrict__ a, const T* __restrict__ b, const float* h0, T* __restrict__ h,
+                            float* finalState, int64_t rows, int64_t L) {
   using Lay = Layout<T, V, WARPS>;
   constexpr int G = Lay::G;
   constexpr int RPB = WARPS == 1 ? kRowsPerBlock1 : 1;
@@ -187,8 +181,7 @@ linearScanForwardKernel(const T* __restrict__ a, const T* __restrict__ b, const 
   const Raw zero = splat16<T>(0.0f);
   const int64_t nChunks = (L + Lay::CHUNK - 1) / Lay::CHUNK;
   const LastOwner owner = lastOwner<Lay>(L);
-  const int myLastGroup =
-      (finalState != nullptr && warpInRow == owner.warp && lane == owner.lane) ? owner.group : -1;
+  const int myLastGroup = (finalState != nullptr && warpInRow == owner.warp && lane == owner.lane) ? owner.group : -1;
   // Position of this thread's group 0 relative to the chunk start.
   const int threadOff = warpInRow * Lay::WARP_SPAN + lane * G;
 
@@ -254,8 +247,7 @@ linearScanForwardKernel(const T* __restrict__ a, const T* __restrict__ b, const 
 // The neighbours a_{q-1} and h_{q+1} of a thread's groups come from adjacent lanes by a rotating
 // shuffle; at warp-segment edges they are scalar loads (aBefore by lane 31, hAfter by lane 0).
 
-template <int V>
-struct BwdFrag {
+template <int V> struct BwdFrag {
   Raw a[V];
   Raw h[V];
   Raw g[V];          // incoming gradient gh
@@ -265,9 +257,9 @@ struct BwdFrag {
 
 template <class T, int V, int WARPS, bool DESC, bool VEC>
 __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC))
-linearScanBackwardKernel(const T* __restrict__ a, const T* __restrict__ h, const float* h0,
-                         const T* __restrict__ gh, const float* gFinal, T* __restrict__ ga, T* __restrict__ gb,
-                         float* gh0, int64_t rows, int64_t L) {
+    linearScanBackwardKernel(const T* __restrict__ a, const T* __restrict__ h, const float* h0,
+                             const T* __restrict__ gh, const float* gFinal, T* __restrict__ ga, T* __restrict__ gb,
+                             float* gh0, int64_t rows, int64_t L) {
   using Lay = Layout<T, V, WARPS>;
   constexpr int G = Lay::G;
   constexpr int RPB = WARPS == 1 ? kRowsPerBlock1 : 1;
@@ -421,8 +413,7 @@ inline int chooseWarpsPerRow(int64_t rows, int smCount, int residentWarpsPerSm) 
   return tunable("linearScan.warpsPerRow", warps);
 }
 
-template <class Kernel>
-int residentWarpsPerSm(Kernel kernel, int threads) {
+template <class Kernel> int residentWarpsPerSm(Kernel kernel, int threads) {
   int blocks = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0) != cudaSuccess || blocks <= 0) {
     cudaGetLastError();  // clear; fall back to a typical value
@@ -446,42 +437,51 @@ inline unsigned gridFor(int64_t rows, int warps) {
 
 template <class T, int WARPS, bool DESC, bool VEC>
 Status launchForward(const T* a, const T* b, const float* h0, T* h, float* finalState, int64_t rows, int64_t L) {
-  return launch(linearScanForwardKernel<T, kFwdGroups<T>, WARPS, DESC, VEC>, gridFor(rows, WARPS),
-                blockThreads(WARPS), 0, a, b, h0, h, finalState, rows, L);
+  return launch(linearScanForwardKernel<T, kFwdGroups<T>, WARPS, DESC, VEC>, gridFor(rows, WARPS), blockThreads(WARPS),
+                0, a, b, h0, h, finalState, rows, L);
 }
 
 template <class T, bool DESC, bool VEC>
 Status forwardFor(const T* a, const T* b, const float* h0, T* h, float* finalState, int64_t rows, int64_t L) {
-  static const int resident = residentWarpsPerSm(linearScanForwardKernel<T, kFwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
+  static const int resident =
+      residentWarpsPerSm(linearScanForwardKernel<T, kFwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
   int sms = 0;
   RK_TRY(smCount(&sms));
   switch (chooseWarpsPerRow(rows, sms, resident)) {
-    case 1: return launchForward<T, 1, DESC, VEC>(a, b, h0, h, finalState, rows, L);
-    case 2: return launchForward<T, 2, DESC, VEC>(a, b, h0, h, finalState, rows, L);
-    case 4: return launchForward<T, 4, DESC, VEC>(a, b, h0, h, finalState, rows, L);
-    default: return launchForward<T, 8, DESC, VEC>(a, b, h0, h, finalState, rows, L);
+    case 1:
+      return launchForward<T, 1, DESC, VEC>(a, b, h0, h, finalState, rows, L);
+    case 2:
+      return launchForward<T, 2, DESC, VEC>(a, b, h0, h, finalState, rows, L);
+    case 4:
+      return launchForward<T, 4, DESC, VEC>(a, b, h0, h, finalState, rows, L);
+    default:
+      return launchForward<T, 8, DESC, VEC>(a, b, h0, h, finalState, rows, L);
   }
 }
 
 template <class T, int WARPS, bool DESC, bool VEC>
 Status launchBackward(const T* a, const T* h, const float* h0, const T* gh, const float* gFinal, T* ga, T* gb,
                       float* gh0, int64_t rows, int64_t L) {
-  return launch(linearScanBackwardKernel<T, kBwdGroups<T>, WARPS, DESC, VEC>, gridFor(rows, WARPS),
-                blockThreads(WARPS), 0, a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
+  return launch(linearScanBackwardKernel<T, kBwdGroups<T>, WARPS, DESC, VEC>, gridFor(rows, WARPS), blockThreads(WARPS),
+                0, a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
 }
 
 template <class T, bool DESC, bool VEC>
-Status backwardFor(const T* a, const T* h, const float* h0, const T* gh, const float* gFinal, T* ga, T* gb,
-                   float* gh0, int64_t rows, int64_t L) {
+Status backwardFor(const T* a, const T* h, const float* h0, const T* gh, const float* gFinal, T* ga, T* gb, float* gh0,
+                   int64_t rows, int64_t L) {
   static const int resident =
       residentWarpsPerSm(linearScanBackwardKernel<T, kBwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
   int sms = 0;
   RK_TRY(smCount(&sms));
   switch (chooseWarpsPerRow(rows, sms, resident)) {
-    case 1: return launchBackward<T, 1, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
-    case 2: return launchBackward<T, 2, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
-    case 4: return launchBackward<T, 4, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
-    default: return launchBackward<T, 8, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
+    case 1:
+      return launchBackward<T, 1, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
+    case 2:
+      return launchBackward<T, 2, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
+    case 4:
+      return launchBackward<T, 4, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
+    default:
+      return launchBackward<T, 8, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
   }
 }
 
@@ -519,9 +519,8 @@ Status linearScanForward(DType dt, const void* a, const void* b, const float* h0
   });
 }
 
-Status linearScanBackward(DType dt, const void* a, const void* h, const float* h0, const void* gh,
-                          const float* gFinal, void* ga, void* gb, float* gh0, int64_t rows, int64_t length,
-                          bool reverse) {
+Status linearScanBackward(DType dt, const void* a, const void* h, const float* h0, const void* gh, const float* gFinal,
+                          void* ga, void* gb, float* gh0, int64_t rows, int64_t length, bool reverse) {
   if (rows < 0 || length < 0) return statusError("linearScanBackward: negative size");
   if (rows == 0) return Status{};
   if (length == 0) return gh0 != nullptr ? copyOrZero(gh0, gFinal, rows) : Status{};

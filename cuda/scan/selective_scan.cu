@@ -72,12 +72,12 @@ namespace {
 
 using scan::Affine;
 
-constexpr int kChunk = 256;       // checkpoint spacing (selectiveScanChunk)
+constexpr int kChunk = 256;  // checkpoint spacing (selectiveScanChunk)
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxDstate = 256;
 constexpr int64_t kMaxSeqlen = int64_t{1} << 30;
-constexpr int kFwdItems = 16;     // consecutive positions per lane, forward
-constexpr int kBwdItems = 8;      // consecutive positions per lane, backward
+constexpr int kFwdItems = 16;  // consecutive positions per lane, forward
+constexpr int kBwdItems = 8;   // consecutive positions per lane, backward
 constexpr int kFwdTile = 32 * kFwdItems;
 constexpr int kBwdTile = 32 * kBwdItems;
 static_assert(kFwdTile % kChunk == 0 && kChunk % kFwdItems == 0, "forward tiles start at checkpoints");
@@ -102,8 +102,7 @@ __device__ __forceinline__ float component(const float4& v, int i) {
 
 // The G = kVecElems<T> elements at p as 16 raw bytes. Only the first `avail` of them are read (the
 // rest are zero bits) unless vec (p 16-byte aligned) and all G are available.
-template <class T>
-__device__ __forceinline__ uint4 loadRaw(const T* p, int64_t avail, bool vec) {
+template <class T> __device__ __forceinline__ uint4 loadRaw(const T* p, int64_t avail, bool vec) {
   constexpr int G = kVecElems<T>;
   if (vec && avail >= G) return load16(p);
   unsigned w[4] = {0u, 0u, 0u, 0u};
@@ -172,8 +171,7 @@ __device__ __forceinline__ int padIndex(int p) { return p + 4 * (p >> 5); }
 // aligned vectors are loaded, converted and stored at once), complete() waits for those copies
 // and converts this thread's raw slots. A __syncthreads after complete() publishes the buffer.
 // Positions at or past the sequence's end read as zeros.
-template <class T, int NT, int TILE, int THREADS>
-struct BCStage {
+template <class T, int NT, int TILE, int THREADS> struct BCStage {
   static constexpr int G = kVecElems<T>;
   static constexpr int kVecsPerRow = TILE / G;
   static constexpr int kVecs = NT * kVecsPerRow;  // per array
@@ -183,8 +181,8 @@ struct BCStage {
 
   // rowB / rowC: the first state's row at the tile start, or null when that array is not staged;
   // rows are `stride` elements apart; `avail` positions remain in the sequence from the tile start.
-  static __device__ __forceinline__ void issue(float* buffer, uint4* raw, const T* rowB, const T* rowC,
-                                               int64_t stride, int nCount, int64_t avail, bool vec) {
+  static __device__ __forceinline__ void issue(float* buffer, uint4* raw, const T* rowB, const T* rowC, int64_t stride,
+                                               int nCount, int64_t avail, bool vec) {
 #pragma unroll
     for (int arr = 0; arr < 2; ++arr) {
       const T* base = arr == 0 ? rowB : rowC;
@@ -240,7 +238,7 @@ struct BCStage {
 
 struct ScanParams {
   int64_t dim = 0, seqlen = 0, dstate = 0, groups = 1, channelsPerGroup = 0, blocksPerGroup = 0;
-  int64_t uniformChunks = 0;             // chunks per sequence without packing
+  int64_t uniformChunks = 0;              // chunks per sequence without packing
   const ScanSegment* segments = nullptr;  // device table (packed input); null: sequence s = row s
   const void* u = nullptr;
   const void* delta = nullptr;
@@ -284,14 +282,13 @@ struct BlockJob {
   int64_t ckOff;     // d0's checkpoints: (chunkOffset * dim + d0 * nChunks) * dstate
   int64_t stateOff;  // d0 in h0, finalState, dFinal, dh0: (sequence * dim + d0) * dstate
   int d0;
-  int length;        // positions in the sequence
-  int nChunks;       // checkpoints of the sequence
+  int length;   // positions in the sequence
+  int nChunks;  // checkpoints of the sequence
   int activeWarps;
-  bool vecBC;        // the variable B / C rows can move as 16-byte vectors
+  bool vecBC;  // the variable B / C rows can move as 16-byte vectors
 };
 
-template <int W>
-__device__ __forceinline__ BlockJob blockJob(const ScanParams& p) {
+template <int W> __device__ __forceinline__ BlockJob blockJob(const ScanParams& p) {
   const int64_t blk = static_cast<int64_t>(blockIdx.x);
   const int64_t perSeq = p.groups * p.blocksPerGroup;
   const int64_t seq = blk / perSeq;
@@ -505,7 +502,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
   constexpr int G = kVecElems<T>;
   using Stage = BCStage<T, 1, TILE, THREADS>;
   constexpr int kRow = Stage::kRow;
-  __shared__ __align__(16) float bc[2][2][kRow];       // [buffer][B, C][position]
+  __shared__ __align__(16) float bc[2][2][kRow];  // [buffer][B, C][position]
   __shared__ uint4 raw[Stage::kRawSlots];
   __shared__ __align__(16) float part[2][W][2][kRow];  // [buffer][warp][dB, dC][position]
   __shared__ float gcarry[W][kMaxDstate];              // adjoint entering the tile from its end
@@ -638,8 +635,9 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         const float A2 = __ldg(p.A + static_cast<int64_t>(d) * N + n) * kLog2e;
         // B at this lane's positions (read twice from shared memory rather than held throughout).
         const float* bSrc = &bc[unit & 1][0][padIndex(lane * K)];
-        const float bConst = p.variableB ? 0.0f : __ldg(static_cast<const float*>(p.B) + static_cast<int64_t>(d) * N + n);
-        auto loadB = [&](float (&bv)[K]) {
+        const float bConst =
+            p.variableB ? 0.0f : __ldg(static_cast<const float*>(p.B) + static_cast<int64_t>(d) * N + n);
+        auto loadB = [&](float(&bv)[K]) {
           if (p.variableB) {
 #pragma unroll
             for (int v = 0; v < K / 4; ++v) {
@@ -737,14 +735,16 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
           float* dst = &part[unit & 1][warp][0][padIndex(lane * K)];
 #pragma unroll
           for (int v = 0; v < K / 4; ++v) {
-            *reinterpret_cast<float4*>(dst + 4 * v) = make_float4(bv[4 * v], bv[4 * v + 1], bv[4 * v + 2], bv[4 * v + 3]);
+            *reinterpret_cast<float4*>(dst + 4 * v) =
+                make_float4(bv[4 * v], bv[4 * v + 1], bv[4 * v + 2], bv[4 * v + 3]);
           }
         }
         if (p.variableC) {
           float* dst = &part[unit & 1][warp][1][padIndex(lane * K)];
 #pragma unroll
           for (int v = 0; v < K / 4; ++v) {
-            *reinterpret_cast<float4*>(dst + 4 * v) = make_float4(xs[4 * v], xs[4 * v + 1], xs[4 * v + 2], xs[4 * v + 3]);
+            *reinterpret_cast<float4*>(dst + 4 * v) =
+                make_float4(xs[4 * v], xs[4 * v + 1], xs[4 * v + 2], xs[4 * v + 3]);
           }
         }
         const int64_t param = static_cast<int64_t>(d) * N + n;
@@ -779,8 +779,8 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         float ddt = fmaf(uv[k], sumGB[k], sumAW[k] * kLn2);
         if (p.softplus) ddt *= softplusGrad(dv[k] + bias);
         sumGB[k] = fmaf(Dd, dout[k], dt[k] * sumGB[k]);  // du
-        sumAW[k] = ddt;                                   // ddelta
-        out[k] = fmaf(Dd, uv[k], out[k]);                 // y before the gate
+        sumAW[k] = ddt;                                  // ddelta
+        out[k] = fmaf(Dd, uv[k], out[k]);                // y before the gate
         if (k < avail) {
           dDSum = fmaf(dout[k], uv[k], dDSum);
           dBiasSum += ddt;
@@ -827,8 +827,8 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
 // Zeroes the positions [start, start + length) of every row of up to three [rows, seqlen] tensors,
 // for each (start, length) pair of `gaps`. One block per (row, gap), grid-stride beyond the grid.
 template <class T>
-__global__ void __launch_bounds__(128) zeroGapsKernel(T* o0, T* o1, T* o2, int64_t rows, int64_t seqlen,
-                                                      const int64_t* gaps, int64_t nGaps) {
+__global__ void __launch_bounds__(128)
+    zeroGapsKernel(T* o0, T* o1, T* o2, int64_t rows, int64_t seqlen, const int64_t* gaps, int64_t nGaps) {
   const T zero = fromFloat<T>(0.0f);
   for (int64_t item = blockIdx.x; item < rows * nGaps; item += gridDim.x) {
     const int64_t row = item / nGaps;
@@ -1008,8 +1008,7 @@ int chooseWarps(const char* name, const ScanParams& p, int64_t nseq, int large, 
   return tunable(name, blocksLarge >= static_cast<int64_t>(wave) * sms ? large : small);
 }
 
-template <class T>
-Status launchForward(ScanParams p, int64_t nseq) {
+template <class T> Status launchForward(ScanParams p, int64_t nseq) {
   const int warps = chooseWarps("selectiveScan.forwardWarps", p, nseq, 8, 4, 2);
   unsigned grid = 0;
   switch (warps) {
@@ -1024,8 +1023,7 @@ Status launchForward(ScanParams p, int64_t nseq) {
   }
 }
 
-template <class T>
-Status launchBackward(ScanParams p, int64_t nseq) {
+template <class T> Status launchBackward(ScanParams p, int64_t nseq) {
   const int warps = chooseWarps("selectiveScan.backwardWarps", p, nseq, 4, 2, 3);
   unsigned grid = 0;
   switch (warps) {
@@ -1076,7 +1074,8 @@ Status selectiveScanBackward(const SelectiveScanArgs& a, const SelectiveScanGrad
   if (g.dA == nullptr || g.dB == nullptr || g.dC == nullptr) return bad("null dA, dB or dC");
   if ((a.D != nullptr) != (g.dD != nullptr)) return bad("dD must be given exactly when D is");
   if (elements > 0 && (a.z != nullptr) != (g.dz != nullptr)) return bad("dz must be given exactly when z is");
-  if ((a.deltaBias != nullptr) != (g.dDeltaBias != nullptr)) return bad("dDeltaBias must be given exactly when deltaBias is");
+  if ((a.deltaBias != nullptr) != (g.dDeltaBias != nullptr))
+    return bad("dDeltaBias must be given exactly when deltaBias is");
   if (a.totalChunks > 0 && g.states == nullptr) return bad("null checkpoints");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
@@ -1091,8 +1090,8 @@ Status selectiveScanBackward(const SelectiveScanArgs& a, const SelectiveScanGrad
     p.dD = g.dD;
     p.dDeltaBias = g.dDeltaBias;
     p.dh0 = g.dh0;
-    p.aligned = allAligned({a.u, a.delta, a.z, g.dy, g.du, g.ddelta, p.dz, a.variableB ? a.B : nullptr,
-                            a.variableC ? a.C : nullptr});
+    p.aligned = allAligned(
+        {a.u, a.delta, a.z, g.dy, g.du, g.ddelta, p.dz, a.variableB ? a.B : nullptr, a.variableC ? a.C : nullptr});
 
     // Accumulated outputs start at zero; a variable dB / dC of a 16-bit dtype is summed in fp32
     // scratch first.
@@ -1120,8 +1119,8 @@ Status selectiveScanBackward(const SelectiveScanArgs& a, const SelectiveScanGrad
     const int64_t* gapList = nullptr;
     RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
     if (a.nseq > 0) RK_TRY(launchBackward<T>(p, a.nseq));
-    RK_TRY(launchZeroGaps<T>(static_cast<T*>(g.du), static_cast<T*>(g.ddelta), static_cast<T*>(p.dz), a.dim,
-                             a.seqlen, gapList, static_cast<int64_t>(gaps.size() / 2)));
+    RK_TRY(launchZeroGaps<T>(static_cast<T*>(g.du), static_cast<T*>(g.ddelta), static_cast<T*>(p.dz), a.dim, a.seqlen,
+                             gapList, static_cast<int64_t>(gaps.size() / 2)));
     if (a.variableB && !f32) RK_TRY(convert(DType::F32, p.dB, a.dt, g.dB, bcElems));
     if (a.variableC && !f32) RK_TRY(convert(DType::F32, p.dC, a.dt, g.dC, bcElems));
     return Status{};
@@ -1158,10 +1157,14 @@ Status selectiveStateUpdate(const SelectiveStateUpdateArgs& a) {
     using T = typename decltype(tag)::type;
     const unsigned grid = static_cast<unsigned>(blocks);
     switch (perLane) {
-      case 1: return launch(selectiveStateUpdateKernel<T, 1>, grid, kDecodeThreads, 0, p);
-      case 2: return launch(selectiveStateUpdateKernel<T, 2>, grid, kDecodeThreads, 0, p);
-      case 4: return launch(selectiveStateUpdateKernel<T, 4>, grid, kDecodeThreads, 0, p);
-      default: return launch(selectiveStateUpdateKernel<T, 8>, grid, kDecodeThreads, 0, p);
+      case 1:
+        return launch(selectiveStateUpdateKernel<T, 1>, grid, kDecodeThreads, 0, p);
+      case 2:
+        return launch(selectiveStateUpdateKernel<T, 2>, grid, kDecodeThreads, 0, p);
+      case 4:
+        return launch(selectiveStateUpdateKernel<T, 4>, grid, kDecodeThreads, 0, p);
+      default:
+        return launch(selectiveStateUpdateKernel<T, 8>, grid, kDecodeThreads, 0, p);
     }
   });
 }

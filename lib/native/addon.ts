@@ -27,7 +27,11 @@ export interface NativeModule {
   memoryStats(): { deviceBytes: number; deviceBuffers: number };
   numThreads(): number;
   cpuInfo(): {
-    isa: string; isasSupported: string[]; threads: number; runs: Record<string, number>; soloTeams: number;
+    isa: string;
+    isasSupported: string[];
+    threads: number;
+    runs: Record<string, number>;
+    soloTeams: number;
     peakBusyThreads: number;
   };
   cpuSetStepStallForTesting(microseconds: number): void;
@@ -35,7 +39,10 @@ export interface NativeModule {
   cpuSetIsa(isa: string): void;
   cpuSetThreads(threads: number): void;
   /** fn(...args) as an async call: its kernel is queued (see cpp/napi/async.h). */
-  asyncCall(fn: (...args: unknown[]) => unknown, ...args: unknown[]): { out: unknown; promise?: Promise<unknown>; job?: unknown };
+  asyncCall(
+    fn: (...args: unknown[]) => unknown,
+    ...args: unknown[]
+  ): { out: unknown; promise?: Promise<unknown>; job?: unknown };
   asyncCopy(job: unknown, maxBytes: number): boolean;
   asyncCancel(job: unknown): void;
   asyncPoll(job: unknown, microseconds: number): boolean;
@@ -43,49 +50,112 @@ export interface NativeModule {
   timerStart(): unknown;
   timerStop(handle: unknown): number;
   // The ops' entry points: one request each, read by name (cpp/tensor/args.h, Request).
-  linearScanForward(req: Request<{ a: Storage; b: Storage; h0: Storage | null },
-    { rows: number; length: number; reverse: boolean; returnFinal: boolean }>):
-    { h: Storage; finalState: Storage | null };
-  linearScanBackward(req: Request<{ a: Storage; h0: Storage | null },
-    { rows: number; length: number; reverse: boolean; needGh0: boolean },
-    { h: Storage; gh: Storage | null; gFinal: Storage | null }>): { ga: Storage; gb: Storage; gh0: Storage | null };
-  selectiveScanForward(req: Request<SelectiveScanTensors,
-    SelectiveScanConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean }>):
-    { y: Storage; states: Storage; finalState: Storage | null };
-  selectiveScanBackward(req: Request<SelectiveScanTensors,
-    SelectiveScanConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
-    { states: Storage; dy: Storage | null; dFinal: Storage | null }>): {
-    du: Storage; ddelta: Storage; dA: Storage; dB: Storage; dC: Storage; dD: Storage | null; dz: Storage | null;
-    dDeltaBias: Storage | null; dh0: Storage | null;
+  linearScanForward(
+    req: Request<
+      { a: Storage; b: Storage; h0: Storage | null },
+      { rows: number; length: number; reverse: boolean; returnFinal: boolean }
+    >,
+  ): { h: Storage; finalState: Storage | null };
+  linearScanBackward(
+    req: Request<
+      { a: Storage; h0: Storage | null },
+      { rows: number; length: number; reverse: boolean; needGh0: boolean },
+      { h: Storage; gh: Storage | null; gFinal: Storage | null }
+    >,
+  ): { ga: Storage; gb: Storage; gh0: Storage | null };
+  selectiveScanForward(
+    req: Request<SelectiveScanTensors, SelectiveScanConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean }>,
+  ): { y: Storage; states: Storage; finalState: Storage | null };
+  selectiveScanBackward(
+    req: Request<
+      SelectiveScanTensors,
+      SelectiveScanConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
+      { states: Storage; dy: Storage | null; dFinal: Storage | null }
+    >,
+  ): {
+    du: Storage;
+    ddelta: Storage;
+    dA: Storage;
+    dB: Storage;
+    dC: Storage;
+    dD: Storage | null;
+    dz: Storage | null;
+    dDeltaBias: Storage | null;
+    dh0: Storage | null;
   };
-  selectiveStateUpdate(req: Request<{
-    state: Storage; x: Storage; dt: Storage; A: Storage; B: Storage; C: Storage; D: Storage | null;
-    z: Storage | null; dtBias: Storage | null;
-  }, {
-    batch: number; dim: number; dstate: number; groups: number; tokens: number; deltaSoftplus: boolean;
-    updateState: boolean; returnIntermediate: boolean;
-  }>): { y: Storage; intermediate: Storage | null };
-  gatedDeltaForward(req: Request<GatedDeltaTensors,
-    GatedDeltaConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean; keepStates: boolean }>):
-    { o: Storage; states: Storage | null; finalState: Storage | null };
-  gatedDeltaBackward(req: Request<GatedDeltaTensors, GatedDeltaConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
-    { states: Storage; dO: Storage | null; dFinal: Storage | null }>):
-    { dq: Storage; dk: Storage; dv: Storage; dg: Storage; dbeta: Storage; dh0: Storage | null };
-  gatedDeltaStep(req: Request<{ state: Storage; q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage },
-    Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }>):
-    { o: Storage; intermediate: Storage | null };
-  fusedRnnForward(req: Request<FusedRnnTensors, FusedRnnConfig & { lengths: Int32Array | null; training: boolean }>):
-    { h: Storage; finalStates: Storage; savedStates: Storage | null; savedPre: Storage | null };
-  fusedRnnBackward(req: Request<FusedRnnTensors, FusedRnnConfig & { lengths: Int32Array | null; needDStates0: boolean },
-    { savedStates: Storage; savedPre: Storage; dh: Storage | null; dFinal: Storage | null }>):
-    { dwx: Storage; dR: Storage; db: Storage; dStates0: Storage | null };
+  selectiveStateUpdate(
+    req: Request<
+      {
+        state: Storage;
+        x: Storage;
+        dt: Storage;
+        A: Storage;
+        B: Storage;
+        C: Storage;
+        D: Storage | null;
+        z: Storage | null;
+        dtBias: Storage | null;
+      },
+      {
+        batch: number;
+        dim: number;
+        dstate: number;
+        groups: number;
+        tokens: number;
+        deltaSoftplus: boolean;
+        updateState: boolean;
+        returnIntermediate: boolean;
+      }
+    >,
+  ): { y: Storage; intermediate: Storage | null };
+  gatedDeltaForward(
+    req: Request<
+      GatedDeltaTensors,
+      GatedDeltaConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean; keepStates: boolean }
+    >,
+  ): { o: Storage; states: Storage | null; finalState: Storage | null };
+  gatedDeltaBackward(
+    req: Request<
+      GatedDeltaTensors,
+      GatedDeltaConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
+      { states: Storage; dO: Storage | null; dFinal: Storage | null }
+    >,
+  ): { dq: Storage; dk: Storage; dv: Storage; dg: Storage; dbeta: Storage; dh0: Storage | null };
+  gatedDeltaStep(
+    req: Request<
+      { state: Storage; q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage },
+      Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }
+    >,
+  ): { o: Storage; intermediate: Storage | null };
+  fusedRnnForward(req: Request<FusedRnnTensors, FusedRnnConfig & { lengths: Int32Array | null; training: boolean }>): {
+    h: Storage;
+    finalStates: Storage;
+    savedStates: Storage | null;
+    savedPre: Storage | null;
+  };
+  fusedRnnBackward(
+    req: Request<
+      FusedRnnTensors,
+      FusedRnnConfig & { lengths: Int32Array | null; needDStates0: boolean },
+      { savedStates: Storage; savedPre: Storage; dh: Storage | null; dFinal: Storage | null }
+    >,
+  ): { dwx: Storage; dR: Storage; db: Storage; dStates0: Storage | null };
   newtonRnnForward(req: Request<NewtonRnnTensors, NewtonRnnConfig>): {
-    y: Storage; traj: Storage; finalStates: Storage; iterations: Int32Array; residual: Float32Array;
-    converged: Uint8Array; fellBack: Uint8Array;
+    y: Storage;
+    traj: Storage;
+    finalStates: Storage;
+    iterations: Int32Array;
+    residual: Float32Array;
+    converged: Uint8Array;
+    fellBack: Uint8Array;
   };
-  newtonRnnBackward(req: Request<NewtonRnnTensors, NewtonRnnConfig & { needDh0: boolean },
-    { traj: Storage; dy: Storage | null; dFinal: Storage | null }>):
-    { dwx: Storage; dR: Storage; db: Storage; dh0: Storage | null };
+  newtonRnnBackward(
+    req: Request<
+      NewtonRnnTensors,
+      NewtonRnnConfig & { needDh0: boolean },
+      { traj: Storage; dy: Storage | null; dFinal: Storage | null }
+    >,
+  ): { dwx: Storage; dR: Storage; db: Storage; dh0: Storage | null };
 }
 
 /** The one argument of an op's native entry point: inputs, sizes and flags by name; grads for a backward. */
@@ -98,35 +168,82 @@ export interface Request<T, C, G = undefined> {
 }
 
 export interface FusedRnnTensors {
-  wx: Storage; R: Storage; b: Storage; states0: Storage | null;
+  wx: Storage;
+  R: Storage;
+  b: Storage;
+  states0: Storage | null;
 }
 /** cell: 0 elman, 1 lstm, 2 gru, 3 slstm (rkcuda::CellKind). */
 export interface FusedRnnConfig {
-  cell: number; batch: number; T: number; heads: number; headDim: number; returnLastOnly: boolean;
+  cell: number;
+  batch: number;
+  T: number;
+  heads: number;
+  headDim: number;
+  returnLastOnly: boolean;
 }
 
 export interface NewtonRnnTensors {
-  wx: Storage; R: Storage; b: Storage; h0: Storage | null; guess: Storage | null;
+  wx: Storage;
+  R: Storage;
+  b: Storage;
+  h0: Storage | null;
+  guess: Storage | null;
 }
 /** cell: 0 gru-diag, 1 lstm-cifg-diag, 2 gru, 3 lstm, 4 elman; guess: 0 zeros, 1 one-step, 2 provided. */
 export interface NewtonRnnConfig {
-  cell: number; batch: number; T: number; heads: number; headDim: number; fullJacobian: boolean;
-  sequential: boolean; fallbackSequential: boolean; maxIters: number; tolAbs: number; tolRel: number;
-  damping: number; guess: number;
+  cell: number;
+  batch: number;
+  T: number;
+  heads: number;
+  headDim: number;
+  fullJacobian: boolean;
+  sequential: boolean;
+  fallbackSequential: boolean;
+  maxIters: number;
+  tolAbs: number;
+  tolRel: number;
+  damping: number;
+  guess: number;
 }
 
 export interface GatedDeltaTensors {
-  q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage; h0: Storage | null;
+  q: Storage;
+  k: Storage;
+  v: Storage;
+  g: Storage;
+  beta: Storage;
+  h0: Storage | null;
 }
 export interface GatedDeltaConfig {
-  batch: number; T: number; H: number; HV: number; K: number; V: number; scale: number; l2norm: boolean;
+  batch: number;
+  T: number;
+  H: number;
+  HV: number;
+  K: number;
+  V: number;
+  scale: number;
+  l2norm: boolean;
 }
 
 export interface SelectiveScanTensors {
-  u: Storage; delta: Storage; A: Storage; B: Storage; C: Storage;
-  D: Storage | null; z: Storage | null; deltaBias: Storage | null; h0: Storage | null;
+  u: Storage;
+  delta: Storage;
+  A: Storage;
+  B: Storage;
+  C: Storage;
+  D: Storage | null;
+  z: Storage | null;
+  deltaBias: Storage | null;
+  h0: Storage | null;
 }
 export interface SelectiveScanConfig {
-  batch: number; dim: number; seqlen: number; dstate: number; groups: number;
-  variableB: boolean; variableC: boolean; deltaSoftplus: boolean;
+  batch: number;
+  dim: number;
+  seqlen: number;
+  dstate: number;
+  groups: number;
+  variableB: boolean;
+  variableC: boolean;
+  deltaSoftplus: boolean;
 }

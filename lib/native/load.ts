@@ -17,7 +17,9 @@ function packageRoot(): string {
     if (existsSync(pj)) {
       try {
         if (JSON.parse(readFileSync(pj, 'utf8')).name === 'recurrent-kernels') return dir;
-      } catch { /* keep looking */ }
+      } catch {
+        /* keep looking */
+      }
     }
     dir = dirname(dir);
   }
@@ -61,10 +63,16 @@ function candidates(root: string, req: NodeJS.Require): { path: string | null; l
       const p = req.resolve(`${pkg}/${PLATFORM_BINARY}`);
       out.push({ path: p, label: p });
     } catch {
-      out.push({ path: null, label: `${pkg}: not installed (an optional dependency; npm skips it with --omit=optional or --no-optional)` });
+      out.push({
+        path: null,
+        label: `${pkg}: not installed (an optional dependency; npm skips it with --omit=optional or --no-optional)`,
+      });
     }
   } else {
-    out.push({ path: null, label: `no prebuilt binary is published for ${process.platform}-${process.arch}${pkg ? ` (${pkg})` : ''}` });
+    out.push({
+      path: null,
+      label: `no prebuilt binary is published for ${process.platform}-${process.arch}${pkg ? ` (${pkg})` : ''}`,
+    });
   }
   out.push({ path: join(root, 'build', 'Release', 'recurrent_kernels.node'), label: '' });
   out.push({ path: join(root, 'build', 'Debug', 'recurrent_kernels.node'), label: '' });
@@ -82,8 +90,14 @@ function load(): NativeModule {
   const req = createRequire(join(root, 'package.json'));
   const tried: string[] = [];
   for (const { path, label } of candidates(root, req)) {
-    if (path === null) { tried.push(`  ${label}`); continue; }
-    if (!existsSync(path)) { tried.push(`  ${path}: not found`); continue; }
+    if (path === null) {
+      tried.push(`  ${label}`);
+      continue;
+    }
+    if (!existsSync(path)) {
+      tried.push(`  ${path}: not found`);
+      continue;
+    }
     try {
       const raw = req(path) as NativeModule;
       const mod = wrap(raw);
@@ -101,7 +115,8 @@ function load(): NativeModule {
     `recurrent-kernels: could not load the native addon. Tried:\n${tried.join('\n')}\n` +
       `To build it from source, run \`npx recurrent-kernels build\` in your project (in a clone of the ` +
       `repository: \`npm run build\`). That needs a C++17 compiler and CMake (or node-gyp), and the build ` +
-      `tools cmake-js and node-addon-api (the command says how to install them); nvcc on PATH adds the CUDA path.`);
+      `tools cmake-js and node-addon-api (the command says how to install them); nvcc on PATH adds the CUDA path.`,
+  );
 }
 
 /** RK_CPU_ISA asks for one variant of the CPU kernels: one this CPU cannot run is an error, not a fallback. */

@@ -7,7 +7,15 @@ import { defineOp, setAccumulate } from '../autograd';
 import { ArgumentError, ShapeError } from '../errors';
 import { Tensor, type DType, type Device } from '../tensor';
 import {
-  checkCtx, expectDType, expectDevice, expectShape, finiteNumber, readGrads, readInputs, requireTensor, sealCtx,
+  checkCtx,
+  expectDType,
+  expectDevice,
+  expectShape,
+  finiteNumber,
+  readGrads,
+  readInputs,
+  requireTensor,
+  sealCtx,
 } from '../validate';
 
 function values(t: Tensor): Float64Array {
@@ -51,8 +59,12 @@ function ctxOf<C extends object>(op: string, out: Tensor, extra: C): Like & C {
   return sealCtx(op, { shape: out.shape, dtype: out.dtype, device: out.device, ...extra });
 }
 /** Checks a helper's ctx (the fields in `tensors` are saved tensors) and returns its output's gradient, or null. */
-function gradOut(op: string, ctx: Like, grads: { out?: Tensor | null }, tensors: Record<string, 'tensor'> = {}):
-  Tensor | null {
+function gradOut(
+  op: string,
+  ctx: Like,
+  grads: { out?: Tensor | null },
+  tensors: Record<string, 'tensor'> = {},
+): Tensor | null {
   checkCtx(op, ctx, tensors);
   const where = `${op}.backward`;
   if (!Array.isArray(ctx.shape) || !ctx.shape.every((d) => Number.isSafeInteger(d) && d >= 0))
@@ -69,7 +81,11 @@ const addOp = defineOp<AB, Out, void, Like>({
   name: 'add',
   forward(inputs) {
     const { a, b } = binary('add', inputs);
-    const out = make(zip(values(a), values(b), (x, y) => x + y), a.shape, a);
+    const out = make(
+      zip(values(a), values(b), (x, y) => x + y),
+      a.shape,
+      a,
+    );
     return { outputs: { out }, ctx: ctxOf('add', out, {}) };
   },
   backward(ctx, grads) {
@@ -82,12 +98,25 @@ const subOp = defineOp<AB, Out, void, Like>({
   name: 'sub',
   forward(inputs) {
     const { a, b } = binary('sub', inputs);
-    const out = make(zip(values(a), values(b), (x, y) => x - y), a.shape, a);
+    const out = make(
+      zip(values(a), values(b), (x, y) => x - y),
+      a.shape,
+      a,
+    );
     return { outputs: { out }, ctx: ctxOf('sub', out, {}) };
   },
   backward(ctx, grads) {
     const out = gradOut('sub', ctx, grads);
-    return { a: out, b: out ? make(values(out).map((x) => -x), out.shape, out) : null };
+    return {
+      a: out,
+      b: out
+        ? make(
+            values(out).map((x) => -x),
+            out.shape,
+            out,
+          )
+        : null,
+    };
   },
 });
 
@@ -95,7 +124,11 @@ const mulOp = defineOp<AB, Out, void, Like & AB>({
   name: 'mul',
   forward(inputs) {
     const { a, b } = binary('mul', inputs);
-    const out = make(zip(values(a), values(b), (x, y) => x * y), a.shape, a);
+    const out = make(
+      zip(values(a), values(b), (x, y) => x * y),
+      a.shape,
+      a,
+    );
     return { outputs: { out }, ctx: ctxOf('mul', out, { a, b }) };
   },
   backward(ctx, grads) {
@@ -105,7 +138,18 @@ const mulOp = defineOp<AB, Out, void, Like & AB>({
     sameShape('mul.backward', a, b);
     expectShape('mul.backward', 'a (saved for backward)', a, ctx.shape, 'the shape of out', 'to match out');
     const g = values(out);
-    return { a: make(zip(g, values(b), (x, y) => x * y), a.shape, a), b: make(zip(g, values(a), (x, y) => x * y), b.shape, b) };
+    return {
+      a: make(
+        zip(g, values(b), (x, y) => x * y),
+        a.shape,
+        a,
+      ),
+      b: make(
+        zip(g, values(a), (x, y) => x * y),
+        b.shape,
+        b,
+      ),
+    };
   },
 });
 
@@ -114,13 +158,25 @@ const scaleOp = defineOp<{ a: Tensor }, Out, number, Like & { factor: number }>(
   forward(inputs, s = 1) {
     const a = unary('scale', inputs);
     const factor = finiteNumber('scale', 'the factor', s, { float32: true });
-    const out = make(values(a).map((x) => x * factor), a.shape, a);
+    const out = make(
+      values(a).map((x) => x * factor),
+      a.shape,
+      a,
+    );
     return { outputs: { out }, ctx: ctxOf('scale', out, { factor }) };
   },
   backward(ctx, grads) {
     const out = gradOut('scale', ctx, grads);
     const factor = finiteNumber('scale.backward', 'ctx.factor', ctx.factor);
-    return { a: out ? make(values(out).map((x) => x * factor), out.shape, out) : null };
+    return {
+      a: out
+        ? make(
+            values(out).map((x) => x * factor),
+            out.shape,
+            out,
+          )
+        : null,
+    };
   },
 });
 
@@ -128,7 +184,11 @@ const squareOp = defineOp<{ a: Tensor }, Out, void, Like & { a: Tensor }>({
   name: 'square',
   forward(inputs) {
     const a = unary('square', inputs);
-    const out = make(values(a).map((x) => x * x), a.shape, a);
+    const out = make(
+      values(a).map((x) => x * x),
+      a.shape,
+      a,
+    );
     return { outputs: { out }, ctx: ctxOf('square', out, { a }) };
   },
   backward(ctx, grads) {
@@ -136,7 +196,13 @@ const squareOp = defineOp<{ a: Tensor }, Out, void, Like & { a: Tensor }>({
     if (!out) return { a: null };
     const { a } = ctx;
     expectShape('square.backward', 'a (saved for backward)', a, ctx.shape, 'the shape of out', 'to match out');
-    return { a: make(zip(values(out), values(a), (g, x) => 2 * g * x), a.shape, a) };
+    return {
+      a: make(
+        zip(values(out), values(a), (g, x) => 2 * g * x),
+        a.shape,
+        a,
+      ),
+    };
   },
 });
 

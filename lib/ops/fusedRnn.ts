@@ -30,8 +30,19 @@ import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from 
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, ShapeError } from '../errors';
 import {
-  booleanOption, checkCtx, checkCtxFields, expectCtxValues, expectDType, expectDevice, expectRank, expectShape,
-  readGrads, readInputs, readOptions, requireTensor, sealCtx,
+  booleanOption,
+  checkCtx,
+  checkCtxFields,
+  expectCtxValues,
+  expectDType,
+  expectDevice,
+  expectRank,
+  expectShape,
+  readGrads,
+  readInputs,
+  readOptions,
+  requireTensor,
+  sealCtx,
 } from '../validate';
 
 export type FusedRnnCell = 'lstm' | 'gru' | 'slstm' | 'elman';
@@ -104,17 +115,23 @@ function prepare(OP: string, inputs: FusedRnnInputs, options: FusedRnnOptions) {
   const opts = readOptions(OP, options, ['cell', 'lengths', 'returnLastOnly']);
   const cell = opts.cell;
   if (typeof cell !== 'string' || !Object.hasOwn(FUSED_RNN_CELLS, cell))
-    throw new ArgumentError(`${OP}: cell must be one of ${Object.keys(FUSED_RNN_CELLS).map((c) => `'${c}'`).join(', ')}, ` +
-      `got ${typeof cell === 'string' ? `'${cell}'` : String(cell)}`);
+    throw new ArgumentError(
+      `${OP}: cell must be one of ${Object.keys(FUSED_RNN_CELLS)
+        .map((c) => `'${c}'`)
+        .join(', ')}, ` + `got ${typeof cell === 'string' ? `'${cell}'` : String(cell)}`,
+    );
   const { gates: G, states: S, code } = FUSED_RNN_CELLS[cell];
   const { wx, R, b } = inputs;
   requireTensor(OP, 'wx', wx);
   expectRank(OP, 'wx', wx, 5, 'batch, T, gates, heads, headDim');
-  if (wx.size === 0) throw new ShapeError(`${OP}: wx has shape [${wx.shape.join(',')}]; every dimension must be at least 1`);
+  if (wx.size === 0)
+    throw new ShapeError(`${OP}: wx has shape [${wx.shape.join(',')}]; every dimension must be at least 1`);
   expectDType(OP, 'wx', wx, FLOAT_DTYPES);
   const [batch, T, gates, H, D] = wx.shape;
   if (gates !== G)
-    throw new ShapeError(`${OP}: wx has shape [${wx.shape.join(',')}] with ${gates} gates, expected ${G} for cell '${cell}'`);
+    throw new ShapeError(
+      `${OP}: wx has shape [${wx.shape.join(',')}] with ${gates} gates, expected ${G} for cell '${cell}'`,
+    );
   const device = wx.device;
   requireTensor(OP, 'R', R);
   expectShape(OP, 'R', R, [G, H, D, D], 'gates, heads, headDim, headDim', 'to match wx');
@@ -127,7 +144,14 @@ function prepare(OP: string, inputs: FusedRnnInputs, options: FusedRnnOptions) {
   const states0 = inputs.states0 ?? null;
   if (states0) {
     requireTensor(OP, 'states0', states0);
-    expectShape(OP, 'states0', states0, [S, batch, H, D], 'states, batch, heads, headDim', `to match wx and cell '${cell}'`);
+    expectShape(
+      OP,
+      'states0',
+      states0,
+      [S, batch, H, D],
+      'states, batch, heads, headDim',
+      `to match wx and cell '${cell}'`,
+    );
     expectDType(OP, 'states0', states0, ['float32'], '(states are float32)');
     expectDevice(OP, 'states0', states0, device, 'to match wx');
   }
@@ -137,43 +161,75 @@ function prepare(OP: string, inputs: FusedRnnInputs, options: FusedRnnOptions) {
   return { inputs: { wx, R, b, states0 }, config, lengths, states: S, gates: G };
 }
 
-function* run(inputs: FusedRnnInputs, options: FusedRnnOptions, training: boolean):
-  Steps<{ outputs: FusedRnnOutputs; ctx: FusedRnnCtx | null; saved: { states: Storage | null; pre: Storage | null } }> {
+function* run(
+  inputs: FusedRnnInputs,
+  options: FusedRnnOptions,
+  training: boolean,
+): Steps<{
+  outputs: FusedRnnOutputs;
+  ctx: FusedRnnCtx | null;
+  saved: { states: Storage | null; pre: Storage | null };
+}> {
   const { inputs: x, config, lengths, states: S, gates: G } = prepare(OP, inputs, options);
   const { wx, R, b, states0 } = x;
   const { batch, T, heads: H, headDim: D, returnLastOnly } = config;
   const device = wx.device;
-  const r = yield* nativeCall((n) => n.fusedRnnForward({
-    device, dtype: wx.dtype,
-    tensors: { wx: wx.storage, R: R.storage, b: b.storage, states0: states0?.storage ?? null },
-    config: { ...config, lengths, training },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.fusedRnnForward({
+      device,
+      dtype: wx.dtype,
+      tensors: { wx: wx.storage, R: R.storage, b: b.storage, states0: states0?.storage ?? null },
+      config: { ...config, lengths, training },
+    }),
+  );
   const outputs: FusedRnnOutputs = {
     h: new Tensor(r.h, returnLastOnly ? [batch, H, D] : [batch, T, H, D], wx.dtype, device),
     finalStates: new Tensor(r.finalStates, [S, batch, H, D], 'float32', device),
   };
-  const ctx = training && r.savedStates && r.savedPre ? sealCtx(OP, {
-    inputs: x,
-    savedStates: new Tensor(r.savedStates, [T, S, batch, H, D], 'float32', device),
-    savedPre: new Tensor(r.savedPre, [T, batch, G, H, D], 'float32', device),
-    config, lengths, states: S, dtype: wx.dtype, device,
-  }, ['savedStates', 'savedPre']) : null;
+  const ctx =
+    training && r.savedStates && r.savedPre
+      ? sealCtx(
+          OP,
+          {
+            inputs: x,
+            savedStates: new Tensor(r.savedStates, [T, S, batch, H, D], 'float32', device),
+            savedPre: new Tensor(r.savedPre, [T, batch, G, H, D], 'float32', device),
+            config,
+            lengths,
+            states: S,
+            dtype: wx.dtype,
+            device,
+          },
+          ['savedStates', 'savedPre'],
+        )
+      : null;
   return { outputs, ctx, saved: { states: r.savedStates, pre: r.savedPre } };
 }
 
-function* forward(inputs: FusedRnnInputs, options: FusedRnnOptions): Steps<{ outputs: FusedRnnOutputs; ctx: FusedRnnCtx }> {
+function* forward(
+  inputs: FusedRnnInputs,
+  options: FusedRnnOptions,
+): Steps<{ outputs: FusedRnnOutputs; ctx: FusedRnnCtx }> {
   const { outputs, ctx } = yield* run(inputs, options, true);
   return { outputs, ctx: ctx! };
 }
 
 function* backward(ctx: FusedRnnCtx, grads: { h?: Tensor | null; finalStates?: Tensor | null }): Steps<FusedRnnGrads> {
   const op = `${OP}.backward`;
-  checkCtx(OP, ctx, { inputs: 'object', config: 'object', savedStates: 'tensor', savedPre: 'tensor',
-    lengths: 'int32?' });
+  checkCtx(OP, ctx, {
+    inputs: 'object',
+    config: 'object',
+    savedStates: 'tensor',
+    savedPre: 'tensor',
+    lengths: 'int32?',
+  });
   checkCtxFields(OP, ctx.inputs, { wx: 'tensor', R: 'tensor', b: 'tensor', states0: 'tensor?' }, 'ctx.inputs');
   // The saved tensors are checked again as the forward checked them, and must give the ctx's config.
-  const cell = (Object.keys(FUSED_RNN_CELLS) as FusedRnnCell[]).find((c) => FUSED_RNN_CELLS[c].code === ctx.config.cell);
-  if (cell === undefined) throw new ArgumentError(`${op}: ctx.config.cell is ${String(ctx.config.cell)}, not a cell's code`);
+  const cell = (Object.keys(FUSED_RNN_CELLS) as FusedRnnCell[]).find(
+    (c) => FUSED_RNN_CELLS[c].code === ctx.config.cell,
+  );
+  if (cell === undefined)
+    throw new ArgumentError(`${op}: ctx.config.cell is ${String(ctx.config.cell)}, not a cell's code`);
   const p = prepare(op, ctx.inputs, { cell, lengths: ctx.lengths, returnLastOnly: ctx.config.returnLastOnly });
   expectCtxValues(OP, 'ctx.config', ctx.config, { ...p.config });
   const { inputs: x, config: cfg, lengths } = p;
@@ -192,29 +248,48 @@ function* backward(ctx: FusedRnnCtx, grads: { h?: Tensor | null; finalStates?: T
   const gFinal = g.finalStates ?? null;
   const hShape = cfg.returnLastOnly ? [cfg.batch, cfg.heads, cfg.headDim] : [cfg.batch, cfg.T, cfg.heads, cfg.headDim];
   if (gH) {
-    expectShape(op, 'grad of h', gH, hShape, cfg.returnLastOnly ? 'batch, heads, headDim' : 'batch, T, heads, headDim',
-      'to match h');
+    expectShape(
+      op,
+      'grad of h',
+      gH,
+      hShape,
+      cfg.returnLastOnly ? 'batch, heads, headDim' : 'batch, T, heads, headDim',
+      'to match h',
+    );
     expectDType(op, 'grad of h', gH, [ctx.dtype], 'to match h');
     expectDevice(op, 'grad of h', gH, ctx.device, 'to match h');
   }
   if (gFinal) {
-    expectShape(op, 'grad of finalStates', gFinal, [ctx.states, cfg.batch, cfg.heads, cfg.headDim],
-      'states, batch, heads, headDim', 'to match finalStates');
+    expectShape(
+      op,
+      'grad of finalStates',
+      gFinal,
+      [ctx.states, cfg.batch, cfg.heads, cfg.headDim],
+      'states, batch, heads, headDim',
+      'to match finalStates',
+    );
     expectDType(op, 'grad of finalStates', gFinal, ['float32']);
     expectDevice(op, 'grad of finalStates', gFinal, ctx.device, 'to match finalStates');
   }
-  const r = yield* nativeCall((n) => n.fusedRnnBackward({
-    device: ctx.device, dtype: ctx.dtype,
-    tensors: { wx: x.wx.storage, R: x.R.storage, b: x.b.storage, states0: x.states0?.storage ?? null },
-    grads: {
-      savedStates: ctx.savedStates.storage, savedPre: ctx.savedPre.storage,
-      dh: gH?.storage ?? null, dFinal: gFinal?.storage ?? null,
-    },
-    config: { ...cfg, lengths, needDStates0: x.states0 !== null },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.fusedRnnBackward({
+      device: ctx.device,
+      dtype: ctx.dtype,
+      tensors: { wx: x.wx.storage, R: x.R.storage, b: x.b.storage, states0: x.states0?.storage ?? null },
+      grads: {
+        savedStates: ctx.savedStates.storage,
+        savedPre: ctx.savedPre.storage,
+        dh: gH?.storage ?? null,
+        dFinal: gFinal?.storage ?? null,
+      },
+      config: { ...cfg, lengths, needDStates0: x.states0 !== null },
+    }),
+  );
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
-    wx: like(r.dwx, x.wx), R: like(r.dR, x.R), b: like(r.db, x.b),
+    wx: like(r.dwx, x.wx),
+    R: like(r.dR, x.R),
+    b: like(r.db, x.b),
     states0: r.dStates0 && x.states0 ? like(r.dStates0, x.states0) : null,
   };
 }
@@ -235,10 +310,15 @@ function* inference(inputs: FusedRnnInputs, options: FusedRnnOptions): Steps<Fus
 function call(inputs: FusedRnnInputs, options: FusedRnnOptions): FusedRnnOutputs {
   return isRecording() ? op(inputs, options) : runSync(inference(inputs, options));
 }
-async function callAsyncForm(inputs: FusedRnnInputs, options: FusedRnnOptions & AsyncOptions): Promise<FusedRnnOutputs> {
+async function callAsyncForm(
+  inputs: FusedRnnInputs,
+  options: FusedRnnOptions & AsyncOptions,
+): Promise<FusedRnnOutputs> {
   if (isRecording()) return op.async(inputs, options);
   const split = splitSignal<FusedRnnOptions>(`${OP}.async`, options);
-  return callAsync(OP, [inputs, split.options], split.signal, () => inference(inputs, split.options as FusedRnnOptions));
+  return callAsync(OP, [inputs, split.options], split.signal, () =>
+    inference(inputs, split.options as FusedRnnOptions),
+  );
 }
 
 export const fusedRnn = Object.assign(call, { hooks: op.hooks, async: callAsyncForm });

@@ -29,8 +29,22 @@ import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from 
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
-  booleanOption, checkCtx, checkCtxFields, expectCtxValues, expectDType, expectDevice, expectRank, expectShape,
-  finiteNumber, parseCuSeqlens, readGrads, readInputs, readOptions, releaseCtx, requireTensor, sealCtx,
+  booleanOption,
+  checkCtx,
+  checkCtxFields,
+  expectCtxValues,
+  expectDType,
+  expectDevice,
+  expectRank,
+  expectShape,
+  finiteNumber,
+  parseCuSeqlens,
+  readGrads,
+  readInputs,
+  readOptions,
+  releaseCtx,
+  requireTensor,
+  sealCtx,
 } from '../validate';
 
 export interface GatedDeltaRuleInputs {
@@ -74,12 +88,16 @@ const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 export const MAX_HEAD_DIM = 256;
 
 /** Shape checks shared with the decode step; returns the dims. */
-export function checkDeltaInputs(op: string, inputs: GatedDeltaRuleInputs, tokensName: string):
-  { batch: number; T: number; H: number; HV: number; K: number; V: number } {
+export function checkDeltaInputs(
+  op: string,
+  inputs: GatedDeltaRuleInputs,
+  tokensName: string,
+): { batch: number; T: number; H: number; HV: number; K: number; V: number } {
   const { q, k, v, g, beta } = inputs;
   requireTensor(op, 'q', q);
   expectRank(op, 'q', q, 4, `batch, ${tokensName}, H, K`);
-  if (q.size === 0) throw new ShapeError(`${op}: q has shape [${q.shape.join(',')}]; every dimension must be at least 1`);
+  if (q.size === 0)
+    throw new ShapeError(`${op}: q has shape [${q.shape.join(',')}]; every dimension must be at least 1`);
   expectDType(op, 'q', q, FLOAT_DTYPES);
   const [batch, T, H, K] = q.shape;
   if (K > MAX_HEAD_DIM) throw new ShapeError(`${op}: q has K = ${K}, expected at most ${MAX_HEAD_DIM}`);
@@ -107,8 +125,10 @@ export function checkDeltaInputs(op: string, inputs: GatedDeltaRuleInputs, token
   return { batch, T, H, HV, K, V };
 }
 
-function* forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions = {}):
-  Steps<{ outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx }> {
+function* forward(
+  inputs: GatedDeltaRuleInputs,
+  options: GatedDeltaRuleOptions = {},
+): Steps<{ outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx }> {
   return (yield* run(inputs, options, true)) as { outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx };
 }
 
@@ -118,8 +138,13 @@ function* forward(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions =
  */
 function prepare(OP: string, inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions | undefined) {
   inputs = readInputs(OP, inputs, ['q', 'k', 'v', 'g', 'beta']);
-  const opts = readOptions(OP, options, ['scale', 'initialState', 'outputFinalState', 'cuSeqlens',
-    'useQkL2normInKernel']);
+  const opts = readOptions(OP, options, [
+    'scale',
+    'initialState',
+    'outputFinalState',
+    'cuSeqlens',
+    'useQkL2normInKernel',
+  ]);
   const dims = checkDeltaInputs(OP, inputs, 'T');
   const { batch, T, HV, K, V } = dims;
   const { q } = inputs;
@@ -131,8 +156,14 @@ function prepare(OP: string, inputs: GatedDeltaRuleInputs, options: GatedDeltaRu
   const h0 = opts.initialState ?? null;
   if (h0) {
     requireTensor(OP, 'initialState', h0);
-    expectShape(OP, 'initialState', h0, [nseq, HV, K, V], cuSeqlens ? 'N sequences, HV, K, V' : 'batch, HV, K, V',
-      'to match q and v');
+    expectShape(
+      OP,
+      'initialState',
+      h0,
+      [nseq, HV, K, V],
+      cuSeqlens ? 'N sequences, HV, K, V' : 'batch, HV, K, V',
+      'to match q and v',
+    );
     expectDType(OP, 'initialState', h0, ['float32'], '(states are float32)');
     expectDevice(OP, 'initialState', h0, q.device, 'to match q');
   }
@@ -141,18 +172,29 @@ function prepare(OP: string, inputs: GatedDeltaRuleInputs, options: GatedDeltaRu
 }
 
 /** The forward pass; without keep (no backward to follow) the CPU kernels save no state checkpoints. */
-function* run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep: boolean):
-  Steps<{ outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx | null }> {
+function* run(
+  inputs: GatedDeltaRuleInputs,
+  options: GatedDeltaRuleOptions,
+  keep: boolean,
+): Steps<{ outputs: GatedDeltaRuleOutputs; ctx: GatedDeltaRuleCtx | null }> {
   const { inputs: x, config, cuSeqlens, nseq, returnFinal } = prepare(OP, inputs, options);
   const { q, initialState: h0 } = x;
   const { HV, K, V } = config;
-  const r = yield* nativeCall((n) => n.gatedDeltaForward({
-    device: q.device, dtype: q.dtype,
-    tensors: {
-      q: q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage, h0: h0?.storage ?? null,
-    },
-    config: { ...config, cuSeqlens, returnFinal, keepStates: keep },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.gatedDeltaForward({
+      device: q.device,
+      dtype: q.dtype,
+      tensors: {
+        q: q.storage,
+        k: x.k.storage,
+        v: x.v.storage,
+        g: x.g.storage,
+        beta: x.beta.storage,
+        h0: h0?.storage ?? null,
+      },
+      config: { ...config, cuSeqlens, returnFinal, keepStates: keep },
+    }),
+  );
   const outputs = {
     o: new Tensor(r.o, x.v.shape, q.dtype, q.device),
     finalState: r.finalState ? new Tensor(r.finalState, [nseq, HV, K, V], 'float32', q.device) : null,
@@ -163,24 +205,41 @@ function* run(inputs: GatedDeltaRuleInputs, options: GatedDeltaRuleOptions, keep
   }
   return {
     outputs,
-    ctx: sealCtx(OP, {
-      inputs: x,
-      states: new Tensor(r.states, [float32Elements(r.states)], 'float32', q.device),
-      config, cuSeqlens, nseq, dtype: q.dtype, device: q.device,
-    }, ['states']),
+    ctx: sealCtx(
+      OP,
+      {
+        inputs: x,
+        states: new Tensor(r.states, [float32Elements(r.states)], 'float32', q.device),
+        config,
+        cuSeqlens,
+        nseq,
+        dtype: q.dtype,
+        device: q.device,
+      },
+      ['states'],
+    ),
   };
 }
 
-function* backward(ctx: GatedDeltaRuleCtx, grads: { o?: Tensor | null; finalState?: Tensor | null }):
-  Steps<GatedDeltaRuleGrads> {
+function* backward(
+  ctx: GatedDeltaRuleCtx,
+  grads: { o?: Tensor | null; finalState?: Tensor | null },
+): Steps<GatedDeltaRuleGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { inputs: 'object', states: 'tensor', cuSeqlens: 'int32?' });
-  checkCtxFields(OP, ctx.inputs, { q: 'tensor', k: 'tensor', v: 'tensor', g: 'tensor', beta: 'tensor',
-    initialState: 'tensor?' }, 'ctx.inputs');
+  checkCtxFields(
+    OP,
+    ctx.inputs,
+    { q: 'tensor', k: 'tensor', v: 'tensor', g: 'tensor', beta: 'tensor', initialState: 'tensor?' },
+    'ctx.inputs',
+  );
   // The saved tensors are checked again as the forward checked them, and must give the ctx's config.
   const { initialState, ...saved } = ctx.inputs;
   const p = prepare(op, saved, {
-    scale: ctx.config?.scale, useQkL2normInKernel: ctx.config?.l2norm, initialState, cuSeqlens: ctx.cuSeqlens,
+    scale: ctx.config?.scale,
+    useQkL2normInKernel: ctx.config?.l2norm,
+    initialState,
+    cuSeqlens: ctx.cuSeqlens,
   });
   expectCtxValues(OP, 'ctx.config', ctx.config, { ...p.config });
   expectCtxValues(OP, 'ctx', ctx, { nseq: p.nseq, dtype: p.inputs.q.dtype, device: p.inputs.q.device });
@@ -196,28 +255,51 @@ function* backward(ctx: GatedDeltaRuleCtx, grads: { o?: Tensor | null; finalStat
     expectDevice(op, 'grad of o', gO, ctx.device, 'to match o');
   }
   if (gFinal) {
-    expectShape(op, 'grad of finalState', gFinal, [ctx.nseq, cfg.HV, cfg.K, cfg.V], 'N, HV, K, V', 'to match finalState');
+    expectShape(
+      op,
+      'grad of finalState',
+      gFinal,
+      [ctx.nseq, cfg.HV, cfg.K, cfg.V],
+      'N, HV, K, V',
+      'to match finalState',
+    );
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = yield* nativeCall((n) => n.gatedDeltaBackward({
-    device: ctx.device, dtype: ctx.dtype,
-    tensors: {
-      q: x.q.storage, k: x.k.storage, v: x.v.storage, g: x.g.storage, beta: x.beta.storage,
-      h0: x.initialState?.storage ?? null,
-    },
-    grads: { states: ctx.states.storage, dO: gO?.storage ?? null, dFinal: gFinal?.storage ?? null },
-    config: { ...cfg, cuSeqlens, needDh0: x.initialState !== null },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.gatedDeltaBackward({
+      device: ctx.device,
+      dtype: ctx.dtype,
+      tensors: {
+        q: x.q.storage,
+        k: x.k.storage,
+        v: x.v.storage,
+        g: x.g.storage,
+        beta: x.beta.storage,
+        h0: x.initialState?.storage ?? null,
+      },
+      grads: { states: ctx.states.storage, dO: gO?.storage ?? null, dFinal: gFinal?.storage ?? null },
+      config: { ...cfg, cuSeqlens, needDh0: x.initialState !== null },
+    }),
+  );
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
-    q: like(r.dq, x.q), k: like(r.dk, x.k), v: like(r.dv, x.v), g: like(r.dg, x.g), beta: like(r.dbeta, x.beta),
+    q: like(r.dq, x.q),
+    k: like(r.dk, x.k),
+    v: like(r.dv, x.v),
+    g: like(r.dg, x.g),
+    beta: like(r.dbeta, x.beta),
     initialState: r.dh0 && x.initialState ? like(r.dh0, x.initialState) : null,
   };
 }
 
-const op = defineOp<GatedDeltaRuleInputs, GatedDeltaRuleOutputs, GatedDeltaRuleOptions,
-  GatedDeltaRuleCtx, GatedDeltaRuleGrads>({
+const op = defineOp<
+  GatedDeltaRuleInputs,
+  GatedDeltaRuleOutputs,
+  GatedDeltaRuleOptions,
+  GatedDeltaRuleCtx,
+  GatedDeltaRuleGrads
+>({
   name: OP,
   differentiableOptions: ['initialState'],
   forward,
@@ -236,8 +318,10 @@ function* inference(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOption
 function call(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions): GatedDeltaRuleOutputs {
   return isRecording() ? op(inputs, options) : runSync(inference(inputs, options));
 }
-async function callAsyncForm(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions & AsyncOptions):
-  Promise<GatedDeltaRuleOutputs> {
+async function callAsyncForm(
+  inputs: GatedDeltaRuleInputs,
+  options?: GatedDeltaRuleOptions & AsyncOptions,
+): Promise<GatedDeltaRuleOutputs> {
   if (isRecording()) return op.async(inputs, options);
   const split = splitSignal<GatedDeltaRuleOptions>(`${OP}.async`, options);
   return callAsync(OP, [inputs, split.options], split.signal, () => inference(inputs, split.options));

@@ -13,7 +13,14 @@ import { callAsync } from '../autograd';
 import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor } from '../tensor';
 import {
-  booleanOption, expectDType, expectDevice, expectShape, finiteNumber, readInputs, readOptions, requireTensor,
+  booleanOption,
+  expectDType,
+  expectDevice,
+  expectShape,
+  finiteNumber,
+  readInputs,
+  readOptions,
+  requireTensor,
 } from '../validate';
 import { checkDeltaInputs, type GatedDeltaRuleInputs } from './gatedDeltaRule';
 
@@ -33,7 +40,10 @@ export interface GatedDeltaRuleStepOutputs {
 
 const OP = 'gatedDeltaRuleStep';
 
-function* steps(inputs: GatedDeltaRuleStepInputs, options: GatedDeltaRuleStepOptions = {}): Steps<GatedDeltaRuleStepOutputs> {
+function* steps(
+  inputs: GatedDeltaRuleStepInputs,
+  options: GatedDeltaRuleStepOptions = {},
+): Steps<GatedDeltaRuleStepOutputs> {
   inputs = readInputs(OP, inputs, ['state', 'q', 'k', 'v', 'g', 'beta']);
   const opts = readOptions(OP, options, ['scale', 'useQkL2normInKernel', 'updateState', 'returnIntermediateStates']);
   const { batch, T, H, HV, K, V } = checkDeltaInputs(OP, inputs, 'tokens');
@@ -46,26 +56,41 @@ function* steps(inputs: GatedDeltaRuleStepInputs, options: GatedDeltaRuleStepOpt
   const l2norm = booleanOption(OP, 'useQkL2normInKernel', opts.useQkL2normInKernel, false);
   const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
   const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
-  const r = yield* nativeCall((n) => n.gatedDeltaStep({
-    device: q.device, dtype: q.dtype,
-    tensors: {
-      state: state.storage, q: q.storage, k: inputs.k.storage, v: inputs.v.storage, g: inputs.g.storage,
-      beta: inputs.beta.storage,
-    },
-    config: { batch, tokens: T, H, HV, K, V, scale, l2norm, updateState, returnIntermediate },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.gatedDeltaStep({
+      device: q.device,
+      dtype: q.dtype,
+      tensors: {
+        state: state.storage,
+        q: q.storage,
+        k: inputs.k.storage,
+        v: inputs.v.storage,
+        g: inputs.g.storage,
+        beta: inputs.beta.storage,
+      },
+      config: { batch, tokens: T, H, HV, K, V, scale, l2norm, updateState, returnIntermediate },
+    }),
+  );
   return {
     o: new Tensor(r.o, inputs.v.shape, q.dtype, q.device),
     intermediateStates: r.intermediate ? new Tensor(r.intermediate, [batch, T, HV, K, V], 'float32', q.device) : null,
   };
 }
 
-export function gatedDeltaRuleStep(inputs: GatedDeltaRuleStepInputs, options: GatedDeltaRuleStepOptions = {}): GatedDeltaRuleStepOutputs {
+export function gatedDeltaRuleStep(
+  inputs: GatedDeltaRuleStepInputs,
+  options: GatedDeltaRuleStepOptions = {},
+): GatedDeltaRuleStepOutputs {
   return runSync(steps(inputs, options));
 }
 
 /** The Promise form of gatedDeltaRuleStep (the kernel runs off the JavaScript thread; see README, Async calls). */
-export function gatedDeltaRuleStepAsync(inputs: GatedDeltaRuleStepInputs, options?: GatedDeltaRuleStepOptions & AsyncOptions): Promise<GatedDeltaRuleStepOutputs> {
+export function gatedDeltaRuleStepAsync(
+  inputs: GatedDeltaRuleStepInputs,
+  options?: GatedDeltaRuleStepOptions & AsyncOptions,
+): Promise<GatedDeltaRuleStepOutputs> {
   const split = splitSignal<GatedDeltaRuleStepOptions>('gatedDeltaRuleStepAsync', options);
-  return callAsync('gatedDeltaRuleStep', [inputs, split.options], split.signal, () => steps(inputs, split.options ?? {}));
+  return callAsync('gatedDeltaRuleStep', [inputs, split.options], split.signal, () =>
+    steps(inputs, split.options ?? {}),
+  );
 }

@@ -14,8 +14,19 @@ import { nativeCall, type Steps } from '../async';
 import { type Storage } from '../native';
 import { Tensor, type DType, type Device } from '../tensor';
 import {
-  booleanOption, checkCtx, ctxBoolean, expectCtxValues, expectDType, expectDevice, expectRank, expectShape, readGrads,
-  readInputs, readOptions, requireTensor, sealCtx,
+  booleanOption,
+  checkCtx,
+  ctxBoolean,
+  expectCtxValues,
+  expectDType,
+  expectDevice,
+  expectRank,
+  expectShape,
+  readGrads,
+  readInputs,
+  readOptions,
+  requireTensor,
+  sealCtx,
 } from '../validate';
 import { ShapeError } from '../errors';
 
@@ -46,15 +57,18 @@ const OP = 'linearScan';
 const DIMS = 'batch, channels, length';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 
-function* forward(inputs: LinearScanInputs, options: LinearScanOptions = {}):
-  Steps<{ outputs: LinearScanOutputs; ctx: LinearScanCtx }> {
+function* forward(
+  inputs: LinearScanInputs,
+  options: LinearScanOptions = {},
+): Steps<{ outputs: LinearScanOutputs; ctx: LinearScanCtx }> {
   const { a, b } = readInputs(OP, inputs, ['a', 'b']);
   const opts = readOptions(OP, options, ['initialState', 'reverse', 'returnFinalState']);
   requireTensor(OP, 'a', a);
   requireTensor(OP, 'b', b);
   expectRank(OP, 'a', a, 3, DIMS);
   const [batch, channels, length] = a.shape;
-  if (a.size === 0) throw new ShapeError(`${OP}: a has shape [${a.shape.join(',')}]; every dimension must be at least 1`);
+  if (a.size === 0)
+    throw new ShapeError(`${OP}: a has shape [${a.shape.join(',')}]; every dimension must be at least 1`);
   expectShape(OP, 'b', b, a.shape, DIMS, 'to match a');
   expectDType(OP, 'a', a, FLOAT_DTYPES);
   expectDType(OP, 'b', b, [a.dtype], 'to match a');
@@ -64,10 +78,14 @@ function* forward(inputs: LinearScanInputs, options: LinearScanOptions = {}):
   const h0 = opts.initialState ?? null;
   if (h0 !== null) checkInitialState(OP, h0, a);
   const rows = batch * channels;
-  const r = yield* nativeCall((n) => n.linearScanForward({
-    device: a.device, dtype: a.dtype, tensors: { a: a.storage, b: b.storage, h0: h0?.storage ?? null },
-    config: { rows, length, reverse, returnFinal },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.linearScanForward({
+      device: a.device,
+      dtype: a.dtype,
+      tensors: { a: a.storage, b: b.storage, h0: h0?.storage ?? null },
+      config: { rows, length, reverse, returnFinal },
+    }),
+  );
   const h = new Tensor(r.h, a.shape, a.dtype, a.device);
   const finalState = r.finalState ? new Tensor(r.finalState, [batch, channels], 'float32', a.device) : null;
   return {
@@ -89,7 +107,10 @@ export interface LinearScanGrads {
   initialState: Tensor | null;
 }
 
-function* backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: Tensor | null }): Steps<LinearScanGrads> {
+function* backward(
+  ctx: LinearScanCtx,
+  grads: { h?: Tensor | null; finalState?: Tensor | null },
+): Steps<LinearScanGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { a: 'tensor', h: 'tensor', initialState: 'tensor?' });
   // The saved tensors must agree with each other and with the ctx's other fields.
@@ -116,11 +137,15 @@ function* backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: 
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = yield* nativeCall((n) => n.linearScanBackward({
-    device: ctx.device, dtype: ctx.dtype, tensors: { a: a.storage, h0: h0?.storage ?? null },
-    grads: { h: h.storage, gh: gh?.storage ?? null, gFinal: gFinal?.storage ?? null },
-    config: { rows: batch * channels, length, reverse, needGh0: h0 !== null },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.linearScanBackward({
+      device: ctx.device,
+      dtype: ctx.dtype,
+      tensors: { a: a.storage, h0: h0?.storage ?? null },
+      grads: { h: h.storage, gh: gh?.storage ?? null, gFinal: gFinal?.storage ?? null },
+      config: { rows: batch * channels, length, reverse, needGh0: h0 !== null },
+    }),
+  );
   const wrap = (s: Storage) => new Tensor(s, ctx.shape, ctx.dtype, ctx.device);
   return {
     a: wrap(r.ga),
@@ -129,7 +154,13 @@ function* backward(ctx: LinearScanCtx, grads: { h?: Tensor | null; finalState?: 
   };
 }
 
-export const linearScan = defineOp<LinearScanInputs, LinearScanOutputs, LinearScanOptions, LinearScanCtx, LinearScanGrads>({
+export const linearScan = defineOp<
+  LinearScanInputs,
+  LinearScanOutputs,
+  LinearScanOptions,
+  LinearScanCtx,
+  LinearScanGrads
+>({
   name: OP,
   differentiableOptions: ['initialState'],
   forward,

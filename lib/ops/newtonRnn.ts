@@ -35,8 +35,20 @@ import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, NotConvergedError, ShapeError } from '../errors';
 import {
-  checkCtx, checkCtxFields, ctxBoolean, ctxInteger, expectCtxValues, expectDType, expectDevice, expectShape,
-  finiteNumber, readGrads, readInputs, readOptions, requireTensor, sealCtx,
+  checkCtx,
+  checkCtxFields,
+  ctxBoolean,
+  ctxInteger,
+  expectCtxValues,
+  expectDType,
+  expectDevice,
+  expectShape,
+  finiteNumber,
+  readGrads,
+  readInputs,
+  readOptions,
+  requireTensor,
+  sealCtx,
 } from '../validate';
 
 export type NewtonRnnCell = 'gru-diag' | 'lstm-cifg-diag' | 'gru' | 'lstm' | 'elman';
@@ -105,7 +117,9 @@ export const NEWTON_DEFAULTS = { maxIters: 50, tolAbs: 1e-5, tolRel: 1e-5 } as c
 function oneOf<T extends string>(OP: string, name: string, v: unknown, allowed: readonly T[], fallback: T): T {
   if (v === undefined) return fallback;
   if (typeof v !== 'string' || !allowed.includes(v as T))
-    throw new ArgumentError(`${OP}: option ${name} must be ${allowed.map((a) => `'${a}'`).join(' or ')}, got ${String(v)}`);
+    throw new ArgumentError(
+      `${OP}: option ${name} must be ${allowed.map((a) => `'${a}'`).join(' or ')}, got ${String(v)}`,
+    );
   return v as T;
 }
 
@@ -123,25 +137,42 @@ function nonNegative(OP: string, name: string, v: unknown, fallback: number): nu
 function prepare(OP: string, inputs: NewtonRnnInputs, options: NewtonRnnOptions) {
   inputs = readInputs(OP, inputs, ['wx', 'R', 'b', 'h0']);
   if (options === undefined || options === null) throw new ArgumentError(`${OP}: options with a cell are required`);
-  const opts = readOptions(OP, options, ['cell', 'heads', 'jacobian', 'maxIters', 'tol', 'initialGuess', 'damping',
-    'onNonConvergence', 'mode']);
+  const opts = readOptions(OP, options, [
+    'cell',
+    'heads',
+    'jacobian',
+    'maxIters',
+    'tol',
+    'initialGuess',
+    'damping',
+    'onNonConvergence',
+    'mode',
+  ]);
   const cellName = opts.cell;
   if (typeof cellName !== 'string' || !Object.hasOwn(CELLS, cellName))
-    throw new ArgumentError(`${OP}: option cell must be one of ${Object.keys(CELLS).map((c) => `'${c}'`).join(', ')}, ` +
-      `got ${String(cellName)}`);
+    throw new ArgumentError(
+      `${OP}: option cell must be one of ${Object.keys(CELLS)
+        .map((c) => `'${c}'`)
+        .join(', ')}, ` + `got ${String(cellName)}`,
+    );
   const cell = CELLS[cellName];
   const { wx, R, b } = inputs;
   const h0 = inputs.h0 ?? null;
   requireTensor(OP, 'wx', wx);
   if (wx.shape.length !== 4 && wx.shape.length !== 5)
-    throw new ShapeError(`${OP}: wx has shape [${wx.shape.join(',')}], expected 4 dimensions (batch, T, gates, hidden) ` +
-      'or 5 (batch, T, gates, heads, headDim)');
-  if (wx.size === 0) throw new ShapeError(`${OP}: wx has shape [${wx.shape.join(',')}]; every dimension must be at least 1`);
+    throw new ShapeError(
+      `${OP}: wx has shape [${wx.shape.join(',')}], expected 4 dimensions (batch, T, gates, hidden) ` +
+        'or 5 (batch, T, gates, heads, headDim)',
+    );
+  if (wx.size === 0)
+    throw new ShapeError(`${OP}: wx has shape [${wx.shape.join(',')}]; every dimension must be at least 1`);
   expectDType(OP, 'wx', wx, FLOAT_DTYPES);
   const [batch, T, G] = wx.shape;
   if (G !== cell.gates)
-    throw new ShapeError(`${OP}: wx has ${G} gates (dimension 2 of [${wx.shape.join(',')}]), expected ${cell.gates} for ` +
-      `cell '${cellName}'`);
+    throw new ShapeError(
+      `${OP}: wx has ${G} gates (dimension 2 of [${wx.shape.join(',')}]), expected ${cell.gates} for ` +
+        `cell '${cellName}'`,
+    );
   const fiveD = wx.shape.length === 5;
   requireTensor(OP, 'R', R);
   expectDType(OP, 'R', R, ['float32'], '(weights are float32)');
@@ -157,12 +188,12 @@ function prepare(OP: string, inputs: NewtonRnnInputs, options: NewtonRnnOptions)
   const N = fiveD ? wx.shape[3] * wx.shape[4] : wx.shape[3];
   if (fiveD && heads !== wx.shape[3])
     throw new ShapeError(`${OP}: option heads is ${heads} but wx has ${wx.shape[3]} heads (dimension 3)`);
-  if (N % heads !== 0)
-    throw new ShapeError(`${OP}: hidden size ${N} of wx is not a multiple of heads ${heads}`);
+  if (N % heads !== 0) throw new ShapeError(`${OP}: hidden size ${N} of wx is not a multiple of heads ${heads}`);
   const D = N / heads;
   const hidden = fiveD ? [heads, D] : [N];
   const hiddenDims = fiveD ? 'heads, headDim' : 'hidden';
-  if (cell.diagonal) expectShape(OP, 'R', R, [G, ...hidden], `gates, ${hiddenDims}`, `for the diagonal cell '${cellName}'`);
+  if (cell.diagonal)
+    expectShape(OP, 'R', R, [G, ...hidden], `gates, ${hiddenDims}`, `for the diagonal cell '${cellName}'`);
   else expectShape(OP, 'R', R, [G, heads, D, D], 'gates, heads, headDim, headDim', `for the dense cell '${cellName}'`);
   requireTensor(OP, 'b', b);
   expectShape(OP, 'b', b, [G, ...hidden], `gates, ${hiddenDims}`, 'to match wx');
@@ -179,7 +210,9 @@ function prepare(OP: string, inputs: NewtonRnnInputs, options: NewtonRnnOptions)
   let maxIters: number = NEWTON_DEFAULTS.maxIters;
   if (opts.maxIters !== undefined) {
     if (!Number.isInteger(opts.maxIters) || opts.maxIters < 0 || opts.maxIters > 1e6)
-      throw new ArgumentError(`${OP}: option maxIters must be an integer in [0, 1000000], got ${String(opts.maxIters)}`);
+      throw new ArgumentError(
+        `${OP}: option maxIters must be an integer in [0, 1000000], got ${String(opts.maxIters)}`,
+      );
     maxIters = opts.maxIters;
   }
   if (opts.tol !== undefined && (opts.tol === null || typeof opts.tol !== 'object'))
@@ -191,15 +224,19 @@ function prepare(OP: string, inputs: NewtonRnnInputs, options: NewtonRnnOptions)
   const damping = nonNegative(OP, 'damping', opts.damping, 0);
   const fullJacobian = jacobian === 'full';
   if (damping > 0 && fullJacobian && !cell.diagonal)
-    throw new ArgumentError(`${OP}: damping ${damping} needs per-channel Jacobians; with the dense cell '${cellName}' ` +
-      "use jacobian 'diagonal' (damping is not supported with the full Jacobian)");
+    throw new ArgumentError(
+      `${OP}: damping ${damping} needs per-channel Jacobians; with the dense cell '${cellName}' ` +
+        "use jacobian 'diagonal' (damping is not supported with the full Jacobian)",
+    );
   const onNon = oneOf(OP, 'onNonConvergence', opts.onNonConvergence, ['fallback', 'error'] as const, 'fallback');
   const mode = oneOf(OP, 'mode', opts.mode, ['auto', 'newton', 'sequential'] as const, 'auto');
   // The CUDA full-Jacobian solve keeps a head's (states x headDim)^2 matrices in shared memory.
   const fullTooLarge = wx.device === 'cuda' && fullJacobian && !cell.diagonal && S * D > CUDA_MAX_FULL_JACOBIAN;
   if (mode === 'newton' && fullTooLarge)
-    throw new ArgumentError(`${OP}: on CUDA the full Jacobian needs states x headDim <= ${CUDA_MAX_FULL_JACOBIAN}, got ` +
-      `${S} x ${D} for '${cellName}'; use jacobian 'diagonal' or mode 'sequential'`);
+    throw new ArgumentError(
+      `${OP}: on CUDA the full Jacobian needs states x headDim <= ${CUDA_MAX_FULL_JACOBIAN}, got ` +
+        `${S} x ${D} for '${cellName}'; use jacobian 'diagonal' or mode 'sequential'`,
+    );
   // 'auto': on a CPU the sequential loop is always faster (measured, bench/RESULTS.md); on CUDA Newton,
   // except where the full-Jacobian solve does not apply (a provisional rule, not yet measured on a GPU).
   const sequential = mode === 'sequential' || (mode === 'auto' && (wx.device === 'cpu' || fullTooLarge));
@@ -218,22 +255,44 @@ function prepare(OP: string, inputs: NewtonRnnInputs, options: NewtonRnnOptions)
     guess = oneOf(OP, 'initialGuess', ig, ['zeros', 'one-step'] as const, 'zeros') === 'one-step' ? 1 : 0;
   }
   const config: NewtonRnnConfig = {
-    cell: cell.code, batch, T, heads, headDim: D, fullJacobian, sequential, fallbackSequential: onNon === 'fallback',
-    maxIters, tolAbs, tolRel, damping, guess,
+    cell: cell.code,
+    batch,
+    T,
+    heads,
+    headDim: D,
+    fullJacobian,
+    sequential,
+    fallbackSequential: onNon === 'fallback',
+    maxIters,
+    tolAbs,
+    tolRel,
+    damping,
+    guess,
   };
   return { inputs: { wx, R, b, h0 }, config, guessTensor, hidden, states: S, onNon };
 }
 
-function* forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
-  Steps<{ outputs: NewtonRnnOutputs; ctx: NewtonRnnCtx }> {
+function* forward(
+  inputs: NewtonRnnInputs,
+  options: NewtonRnnOptions,
+): Steps<{ outputs: NewtonRnnOutputs; ctx: NewtonRnnCtx }> {
   const { inputs: x, config, guessTensor, hidden, states: S, onNon } = prepare(OP, inputs, options);
   const { wx, R, b, h0 } = x;
   const { batch, T, maxIters, tolAbs, tolRel } = config;
-  const r = yield* nativeCall((n) => n.newtonRnnForward({
-    device: wx.device, dtype: wx.dtype,
-    tensors: { wx: wx.storage, R: R.storage, b: b.storage, h0: h0?.storage ?? null, guess: guessTensor?.storage ?? null },
-    config,
-  }));
+  const r = yield* nativeCall((n) =>
+    n.newtonRnnForward({
+      device: wx.device,
+      dtype: wx.dtype,
+      tensors: {
+        wx: wx.storage,
+        R: R.storage,
+        b: b.storage,
+        h0: h0?.storage ?? null,
+        guess: guessTensor?.storage ?? null,
+      },
+      config,
+    }),
+  );
   const converged = Array.from(r.converged, (v) => v !== 0);
   const trajectory = new Tensor(r.traj, [batch, T, S, ...hidden], 'float32', wx.device);
   const y = new Tensor(r.y, [batch, T, ...hidden], wx.dtype, wx.device);
@@ -243,22 +302,33 @@ function* forward(inputs: NewtonRnnInputs, options: NewtonRnnOptions):
     trajectory.dispose();
     y.dispose();
     finalStates.dispose();
-    throw new NotConvergedError(`${OP}: batch rows [${bad.join(',')}] did not converge within maxIters ${maxIters} ` +
-      `(residual ${bad.map((i) => r.residual[i]).join(', ')}; tolerance abs ${tolAbs} + rel ${tolRel} |h|); ` +
-      "use onNonConvergence 'fallback', more iterations, damping or a looser tolerance");
+    throw new NotConvergedError(
+      `${OP}: batch rows [${bad.join(',')}] did not converge within maxIters ${maxIters} ` +
+        `(residual ${bad.map((i) => r.residual[i]).join(', ')}; tolerance abs ${tolAbs} + rel ${tolRel} |h|); ` +
+        "use onNonConvergence 'fallback', more iterations, damping or a looser tolerance",
+    );
   }
   return {
     outputs: {
-      y, finalStates, trajectory,
-      stats: { iterations: r.iterations, residual: r.residual, converged, fellBack: Array.from(r.fellBack, (v) => v !== 0) },
+      y,
+      finalStates,
+      trajectory,
+      stats: {
+        iterations: r.iterations,
+        residual: r.residual,
+        converged,
+        fellBack: Array.from(r.fellBack, (v) => v !== 0),
+      },
     },
     // The trajectory is also an output (the caller's), so the ctx owns no tensor.
     ctx: sealCtx(OP, { inputs: x, trajectory, config, hidden, states: S, dtype: wx.dtype, device: wx.device }),
   };
 }
 
-function* backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: Tensor | null; trajectory?: Tensor | null }):
-  Steps<NewtonRnnGrads> {
+function* backward(
+  ctx: NewtonRnnCtx,
+  grads: { y?: Tensor | null; finalStates?: Tensor | null; trajectory?: Tensor | null },
+): Steps<NewtonRnnGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { inputs: 'object', config: 'object', trajectory: 'tensor' });
   checkCtxFields(OP, ctx.inputs, { wx: 'tensor', R: 'tensor', b: 'tensor', h0: 'tensor?' }, 'ctx.inputs');
@@ -269,7 +339,11 @@ function* backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: 
   if (cellName === undefined) throw new ArgumentError(`${op}: ctx.config.cell is ${String(c.cell)}, not a cell's code`);
   const guess = ctxInteger(OP, 'ctx.config.guess', c.guess, 0, 2);
   const p = prepare(op, ctx.inputs, {
-    cell: cellName, heads: c.heads, maxIters: c.maxIters, tol: { abs: c.tolAbs, rel: c.tolRel }, damping: c.damping,
+    cell: cellName,
+    heads: c.heads,
+    maxIters: c.maxIters,
+    tol: { abs: c.tolAbs, rel: c.tolRel },
+    damping: c.damping,
     jacobian: ctxBoolean(OP, 'ctx.config.fullJacobian', c.fullJacobian) ? 'full' : 'diagonal',
     onNonConvergence: ctxBoolean(OP, 'ctx.config.fallbackSequential', c.fallbackSequential) ? 'fallback' : 'error',
     mode: ctxBoolean(OP, 'ctx.config.sequential', c.sequential) ? 'sequential' : 'newton',
@@ -277,14 +351,21 @@ function* backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: 
   expectCtxValues(OP, 'ctx.config', c, { ...p.config, guess });
   const { inputs: x, config: cfg, hidden } = p;
   expectCtxValues(OP, 'ctx', ctx, { hidden, states: p.states, dtype: x.wx.dtype, device: x.wx.device });
-  expectShape(op, 'trajectory (saved for backward)', ctx.trajectory, [cfg.batch, cfg.T, p.states, ...hidden],
-    `batch, T, states, ${hidden.length === 2 ? 'heads, headDim' : 'hidden'}`, 'to match wx');
+  expectShape(
+    op,
+    'trajectory (saved for backward)',
+    ctx.trajectory,
+    [cfg.batch, cfg.T, p.states, ...hidden],
+    `batch, T, states, ${hidden.length === 2 ? 'heads, headDim' : 'hidden'}`,
+    'to match wx',
+  );
   expectDType(op, 'trajectory (saved for backward)', ctx.trajectory, ['float32']);
   expectDevice(op, 'trajectory (saved for backward)', ctx.trajectory, ctx.device, 'to match wx');
   const g = readGrads(op, grads, ['y', 'finalStates', 'trajectory']);
   if (g.trajectory)
     throw new ArgumentError(`${op}: the trajectory output has no gradient; differentiate through y and finalStates`);
-  const gY = g.y ?? null, gFinal = g.finalStates ?? null;
+  const gY = g.y ?? null,
+    gFinal = g.finalStates ?? null;
   const hiddenDims = hidden.length === 2 ? 'heads, headDim' : 'hidden';
   if (gY) {
     expectShape(op, 'grad of y', gY, [cfg.batch, cfg.T, ...hidden], `batch, T, ${hiddenDims}`, 'to match y');
@@ -292,20 +373,31 @@ function* backward(ctx: NewtonRnnCtx, grads: { y?: Tensor | null; finalStates?: 
     expectDevice(op, 'grad of y', gY, ctx.device, 'to match y');
   }
   if (gFinal) {
-    expectShape(op, 'grad of finalStates', gFinal, [ctx.states, cfg.batch, ...hidden], `states, batch, ${hiddenDims}`,
-      'to match finalStates');
+    expectShape(
+      op,
+      'grad of finalStates',
+      gFinal,
+      [ctx.states, cfg.batch, ...hidden],
+      `states, batch, ${hiddenDims}`,
+      'to match finalStates',
+    );
     expectDType(op, 'grad of finalStates', gFinal, ['float32']);
     expectDevice(op, 'grad of finalStates', gFinal, ctx.device, 'to match finalStates');
   }
-  const r = yield* nativeCall((n) => n.newtonRnnBackward({
-    device: ctx.device, dtype: ctx.dtype,
-    tensors: { wx: x.wx.storage, R: x.R.storage, b: x.b.storage, h0: x.h0?.storage ?? null, guess: null },
-    grads: { traj: ctx.trajectory.storage, dy: gY?.storage ?? null, dFinal: gFinal?.storage ?? null },
-    config: { ...cfg, guess: 0, needDh0: x.h0 !== null },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.newtonRnnBackward({
+      device: ctx.device,
+      dtype: ctx.dtype,
+      tensors: { wx: x.wx.storage, R: x.R.storage, b: x.b.storage, h0: x.h0?.storage ?? null, guess: null },
+      grads: { traj: ctx.trajectory.storage, dy: gY?.storage ?? null, dFinal: gFinal?.storage ?? null },
+      config: { ...cfg, guess: 0, needDh0: x.h0 !== null },
+    }),
+  );
   const like = (s: Storage, t: Tensor) => new Tensor(s, t.shape, t.dtype, t.device);
   return {
-    wx: like(r.dwx, x.wx), R: like(r.dR, x.R), b: like(r.db, x.b),
+    wx: like(r.dwx, x.wx),
+    R: like(r.dR, x.R),
+    b: like(r.db, x.b),
     h0: r.dh0 && x.h0 ? like(r.dh0, x.h0) : null,
   };
 }

@@ -33,8 +33,20 @@ import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
-  booleanOption, checkCtx, checkCtxFields, expectCtxValues, expectDType, expectDevice, expectRank, expectShape,
-  parseCuSeqlens, readGrads, readInputs, readOptions, requireTensor, sealCtx,
+  booleanOption,
+  checkCtx,
+  checkCtxFields,
+  expectCtxValues,
+  expectDType,
+  expectDevice,
+  expectRank,
+  expectShape,
+  parseCuSeqlens,
+  readGrads,
+  readInputs,
+  readOptions,
+  requireTensor,
+  sealCtx,
 } from '../validate';
 
 export interface SelectiveScanInputs {
@@ -69,8 +81,17 @@ export interface SelectiveScanGrads {
   initialState: Tensor | null;
 }
 export interface SelectiveScanCtx {
-  inputs: { u: Tensor; delta: Tensor; A: Tensor; B: Tensor; C: Tensor; D: Tensor | null; z: Tensor | null;
-    deltaBias: Tensor | null; initialState: Tensor | null };
+  inputs: {
+    u: Tensor;
+    delta: Tensor;
+    A: Tensor;
+    B: Tensor;
+    C: Tensor;
+    D: Tensor | null;
+    z: Tensor | null;
+    deltaBias: Tensor | null;
+    initialState: Tensor | null;
+  };
   states: Tensor;
   config: SelectiveScanConfig;
   cuSeqlens: Int32Array | null;
@@ -123,7 +144,8 @@ function prepare(OP: string, inputs: SelectiveScanInputs, options: SelectiveScan
   const { u, delta, A } = inputs;
   requireTensor(OP, 'u', u);
   expectRank(OP, 'u', u, 3, DIMS);
-  if (u.size === 0) throw new ShapeError(`${OP}: u has shape [${u.shape.join(',')}]; every dimension must be at least 1`);
+  if (u.size === 0)
+    throw new ShapeError(`${OP}: u has shape [${u.shape.join(',')}]; every dimension must be at least 1`);
   expectDType(OP, 'u', u, FLOAT_DTYPES);
   const [batch, dim, seqlen] = u.shape;
   requireTensor(OP, 'delta', delta);
@@ -143,7 +165,10 @@ function prepare(OP: string, inputs: SelectiveScanInputs, options: SelectiveScan
   if (gB && gC && gB !== gC) throw new ShapeError(`${OP}: B has ${gB} groups and C has ${gC}; they must match`);
   const D = optionalTensor(OP, 'D', inputs.D);
   const deltaBias = optionalTensor(OP, 'deltaBias', inputs.deltaBias);
-  for (const [name, t] of [['D', D], ['deltaBias', deltaBias]] as const) {
+  for (const [name, t] of [
+    ['D', D],
+    ['deltaBias', deltaBias],
+  ] as const) {
     if (!t) continue;
     expectShape(OP, name, t, [dim], 'dim', 'to match u');
     expectDType(OP, name, t, ['float32']);
@@ -161,33 +186,61 @@ function prepare(OP: string, inputs: SelectiveScanInputs, options: SelectiveScan
   const nseq = cuSeqlens ? cuSeqlens.length - 1 : batch;
   const h0 = optionalTensor(OP, 'initialState', opts.initialState);
   if (h0) {
-    expectShape(OP, 'initialState', h0, [nseq, dim, dstate], cuSeqlens ? 'nseq, dim, dstate' : 'batch, dim, dstate',
-      'to match u and A');
+    expectShape(
+      OP,
+      'initialState',
+      h0,
+      [nseq, dim, dstate],
+      cuSeqlens ? 'nseq, dim, dstate' : 'batch, dim, dstate',
+      'to match u and A',
+    );
     expectDType(OP, 'initialState', h0, ['float32'], '(states are float32)');
     expectDevice(OP, 'initialState', h0, u.device, 'to match u');
   }
   const config: SelectiveScanConfig = {
-    batch, dim, seqlen, dstate, groups: gB || gC || 1, variableB: gB > 0, variableC: gC > 0, deltaSoftplus,
+    batch,
+    dim,
+    seqlen,
+    dstate,
+    groups: gB || gC || 1,
+    variableB: gB > 0,
+    variableC: gC > 0,
+    deltaSoftplus,
   };
   return {
-    inputs: { u, delta, A, B: inputs.B, C: inputs.C, D, z, deltaBias, initialState: h0 }, config, cuSeqlens, nseq,
+    inputs: { u, delta, A, B: inputs.B, C: inputs.C, D, z, deltaBias, initialState: h0 },
+    config,
+    cuSeqlens,
+    nseq,
     returnFinal,
   };
 }
 
-function* forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {}):
-  Steps<{ outputs: SelectiveScanOutputs; ctx: SelectiveScanCtx }> {
+function* forward(
+  inputs: SelectiveScanInputs,
+  options: SelectiveScanOptions = {},
+): Steps<{ outputs: SelectiveScanOutputs; ctx: SelectiveScanCtx }> {
   const { inputs: x, config, cuSeqlens, nseq, returnFinal } = prepare(OP, inputs, options);
   const { u, delta, A, D, z, deltaBias, initialState: h0 } = x;
   const { dim, dstate } = config;
-  const r = yield* nativeCall((n) => n.selectiveScanForward({
-    device: u.device, dtype: u.dtype,
-    tensors: {
-      u: u.storage, delta: delta.storage, A: A.storage, B: x.B.storage, C: x.C.storage,
-      D: D?.storage ?? null, z: z?.storage ?? null, deltaBias: deltaBias?.storage ?? null, h0: h0?.storage ?? null,
-    },
-    config: { ...config, cuSeqlens, returnFinal },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.selectiveScanForward({
+      device: u.device,
+      dtype: u.dtype,
+      tensors: {
+        u: u.storage,
+        delta: delta.storage,
+        A: A.storage,
+        B: x.B.storage,
+        C: x.C.storage,
+        D: D?.storage ?? null,
+        z: z?.storage ?? null,
+        deltaBias: deltaBias?.storage ?? null,
+        h0: h0?.storage ?? null,
+      },
+      config: { ...config, cuSeqlens, returnFinal },
+    }),
+  );
   const y = new Tensor(r.y, u.shape, u.dtype, u.device);
   const finalState = r.finalState ? new Tensor(r.finalState, [nseq, dim, dstate], 'float32', u.device) : null;
   // Checkpoints (flat; their layout is the kernels' business): for each sequence, the state at the
@@ -199,12 +252,28 @@ function* forward(inputs: SelectiveScanInputs, options: SelectiveScanOptions = {
   };
 }
 
-function* backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState?: Tensor | null }):
-  Steps<SelectiveScanGrads> {
+function* backward(
+  ctx: SelectiveScanCtx,
+  grads: { y?: Tensor | null; finalState?: Tensor | null },
+): Steps<SelectiveScanGrads> {
   const op = `${OP}.backward`;
   checkCtx(OP, ctx, { inputs: 'object', states: 'tensor', cuSeqlens: 'int32?' });
-  checkCtxFields(OP, ctx.inputs, { u: 'tensor', delta: 'tensor', A: 'tensor', B: 'tensor', C: 'tensor', D: 'tensor?',
-    z: 'tensor?', deltaBias: 'tensor?', initialState: 'tensor?' }, 'ctx.inputs');
+  checkCtxFields(
+    OP,
+    ctx.inputs,
+    {
+      u: 'tensor',
+      delta: 'tensor',
+      A: 'tensor',
+      B: 'tensor',
+      C: 'tensor',
+      D: 'tensor?',
+      z: 'tensor?',
+      deltaBias: 'tensor?',
+      initialState: 'tensor?',
+    },
+    'ctx.inputs',
+  );
   // The saved tensors are checked again as the forward checked them, and must give the ctx's config.
   const { initialState, ...saved } = ctx.inputs;
   const p = prepare(op, saved, { deltaSoftplus: ctx.config?.deltaSoftplus, initialState, cuSeqlens: ctx.cuSeqlens });
@@ -222,21 +291,36 @@ function* backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState
     expectDevice(op, 'grad of y', gy, ctx.device, 'to match y');
   }
   if (gFinal) {
-    expectShape(op, 'grad of finalState', gFinal, [ctx.nseq, cfg.dim, cfg.dstate], 'nseq, dim, dstate',
-      'to match finalState');
+    expectShape(
+      op,
+      'grad of finalState',
+      gFinal,
+      [ctx.nseq, cfg.dim, cfg.dstate],
+      'nseq, dim, dstate',
+      'to match finalState',
+    );
     expectDType(op, 'grad of finalState', gFinal, ['float32']);
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
-  const r = yield* nativeCall((n) => n.selectiveScanBackward({
-    device: ctx.device, dtype: ctx.dtype,
-    tensors: {
-      u: x.u.storage, delta: x.delta.storage, A: x.A.storage, B: x.B.storage, C: x.C.storage,
-      D: x.D?.storage ?? null, z: x.z?.storage ?? null, deltaBias: x.deltaBias?.storage ?? null,
-      h0: x.initialState?.storage ?? null,
-    },
-    grads: { states: ctx.states.storage, dy: gy?.storage ?? null, dFinal: gFinal?.storage ?? null },
-    config: { ...cfg, cuSeqlens, needDh0: x.initialState !== null },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.selectiveScanBackward({
+      device: ctx.device,
+      dtype: ctx.dtype,
+      tensors: {
+        u: x.u.storage,
+        delta: x.delta.storage,
+        A: x.A.storage,
+        B: x.B.storage,
+        C: x.C.storage,
+        D: x.D?.storage ?? null,
+        z: x.z?.storage ?? null,
+        deltaBias: x.deltaBias?.storage ?? null,
+        h0: x.initialState?.storage ?? null,
+      },
+      grads: { states: ctx.states.storage, dy: gy?.storage ?? null, dFinal: gFinal?.storage ?? null },
+      config: { ...cfg, cuSeqlens, needDh0: x.initialState !== null },
+    }),
+  );
   const like = (s: Storage | null, t: Tensor | null) => (s && t ? new Tensor(s, t.shape, t.dtype, t.device) : null);
   return {
     u: like(r.du, x.u)!,
@@ -251,8 +335,13 @@ function* backward(ctx: SelectiveScanCtx, grads: { y?: Tensor | null; finalState
   };
 }
 
-export const selectiveScan = defineOp<SelectiveScanInputs, SelectiveScanOutputs, SelectiveScanOptions, SelectiveScanCtx,
-  SelectiveScanGrads>({
+export const selectiveScan = defineOp<
+  SelectiveScanInputs,
+  SelectiveScanOutputs,
+  SelectiveScanOptions,
+  SelectiveScanCtx,
+  SelectiveScanGrads
+>({
   name: OP,
   differentiableOptions: ['initialState'],
   forward,

@@ -22,7 +22,13 @@ import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from 
 import { Tensor, type DType } from '../tensor';
 import { ShapeError } from '../errors';
 import {
-  booleanOption, expectDType, expectDevice, expectRank, expectShape, readInputs, readOptions,
+  booleanOption,
+  expectDType,
+  expectDevice,
+  expectRank,
+  expectShape,
+  readInputs,
+  readOptions,
   requireTensor,
 } from '../validate';
 import { MAX_DSTATE } from './selectiveScan';
@@ -51,7 +57,10 @@ export interface SelectiveStateUpdateOutputs {
 const OP = 'selectiveStateUpdate';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 
-function* steps(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdateOptions = {}): Steps<SelectiveStateUpdateOutputs> {
+function* steps(
+  inputs: SelectiveStateUpdateInputs,
+  options: SelectiveStateUpdateOptions = {},
+): Steps<SelectiveStateUpdateOutputs> {
   inputs = readInputs(OP, inputs, ['state', 'x', 'dt', 'A', 'B', 'C', 'D', 'z', 'dtBias']);
   const opts = readOptions(OP, options, ['dtSoftplus', 'updateState', 'returnIntermediateStates']);
   const { state, x, dt, A, B, C } = inputs;
@@ -59,7 +68,8 @@ function* steps(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdat
   expectRank(OP, 'state', state, 3, 'batch, dim, dstate');
   expectDType(OP, 'state', state, ['float32'], '(states are float32)');
   const [batch, dim, dstate] = state.shape;
-  if (state.size === 0) throw new ShapeError(`${OP}: state has shape [${state.shape.join(',')}]; every dimension must be at least 1`);
+  if (state.size === 0)
+    throw new ShapeError(`${OP}: state has shape [${state.shape.join(',')}]; every dimension must be at least 1`);
   if (dstate > MAX_DSTATE) throw new ShapeError(`${OP}: state has dstate ${dstate}, expected at most ${MAX_DSTATE}`);
   const device = state.device;
   requireTensor(OP, 'x', x);
@@ -70,7 +80,9 @@ function* steps(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdat
   const xShape = multi ? [batch, dim, tokens] : [batch, dim];
   const xDims = multi ? 'batch, dim, tokens' : 'batch, dim';
   if (x.shape.length !== 2 && !multi)
-    throw new ShapeError(`${OP}: x has shape [${x.shape.join(',')}], expected [${batch},${dim}] (batch, dim) or (batch, dim, tokens)`);
+    throw new ShapeError(
+      `${OP}: x has shape [${x.shape.join(',')}], expected [${batch},${dim}] (batch, dim) or (batch, dim, tokens)`,
+    );
   expectShape(OP, 'x', x, xShape, xDims, 'to match state');
   if (tokens < 1) throw new ShapeError(`${OP}: x has 0 tokens`);
   const same = (name: string, t: Tensor) => {
@@ -89,7 +101,10 @@ function* steps(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdat
   expectShape(OP, 'A', A, [dim, dstate], 'dim, dstate', 'to match state');
   expectDType(OP, 'A', A, ['float32']);
   expectDevice(OP, 'A', A, device, 'to match state');
-  for (const [name, t] of [['D', inputs.D ?? null], ['dtBias', inputs.dtBias ?? null]] as const) {
+  for (const [name, t] of [
+    ['D', inputs.D ?? null],
+    ['dtBias', inputs.dtBias ?? null],
+  ] as const) {
     if (!t) continue;
     requireTensor(OP, name, t);
     expectShape(OP, name, t, [dim], 'dim', 'to match state');
@@ -97,7 +112,10 @@ function* steps(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdat
     expectDevice(OP, name, t, device, 'to match state');
   }
   let groups = 0;
-  for (const [name, t] of [['B', B], ['C', C]] as const) {
+  for (const [name, t] of [
+    ['B', B],
+    ['C', C],
+  ] as const) {
     requireTensor(OP, name, t);
     expectDType(OP, name, t, [x.dtype], 'to match x');
     expectDevice(OP, name, t, device, 'to match state');
@@ -114,33 +132,54 @@ function* steps(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdat
       g = t.shape[1];
       expectShape(OP, name, t, [batch, g, dstate], 'batch, groups, dstate', 'to match state');
     }
-    if (g < 1 || dim % g !== 0) throw new ShapeError(`${OP}: ${name} has ${g} groups, expected a divisor of dim ${dim}`);
+    if (g < 1 || dim % g !== 0)
+      throw new ShapeError(`${OP}: ${name} has ${g} groups, expected a divisor of dim ${dim}`);
     if (groups && g !== groups) throw new ShapeError(`${OP}: B has ${groups} groups and C has ${g}; they must match`);
     groups = g;
   }
   const dtSoftplus = booleanOption(OP, 'dtSoftplus', opts.dtSoftplus, false);
   const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
   const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
-  const r = yield* nativeCall((n) => n.selectiveStateUpdate({
-    device, dtype: x.dtype,
-    tensors: {
-      state: state.storage, x: x.storage, dt: dt.storage, A: A.storage, B: B.storage, C: C.storage,
-      D: inputs.D?.storage ?? null, z: z?.storage ?? null, dtBias: inputs.dtBias?.storage ?? null,
-    },
-    config: { batch, dim, dstate, groups, tokens, deltaSoftplus: dtSoftplus, updateState, returnIntermediate },
-  }));
+  const r = yield* nativeCall((n) =>
+    n.selectiveStateUpdate({
+      device,
+      dtype: x.dtype,
+      tensors: {
+        state: state.storage,
+        x: x.storage,
+        dt: dt.storage,
+        A: A.storage,
+        B: B.storage,
+        C: C.storage,
+        D: inputs.D?.storage ?? null,
+        z: z?.storage ?? null,
+        dtBias: inputs.dtBias?.storage ?? null,
+      },
+      config: { batch, dim, dstate, groups, tokens, deltaSoftplus: dtSoftplus, updateState, returnIntermediate },
+    }),
+  );
   return {
     y: new Tensor(r.y, xShape, x.dtype, device),
-    intermediateStates: r.intermediate ? new Tensor(r.intermediate, [batch, tokens, dim, dstate], 'float32', device) : null,
+    intermediateStates: r.intermediate
+      ? new Tensor(r.intermediate, [batch, tokens, dim, dstate], 'float32', device)
+      : null,
   };
 }
 
-export function selectiveStateUpdate(inputs: SelectiveStateUpdateInputs, options: SelectiveStateUpdateOptions = {}): SelectiveStateUpdateOutputs {
+export function selectiveStateUpdate(
+  inputs: SelectiveStateUpdateInputs,
+  options: SelectiveStateUpdateOptions = {},
+): SelectiveStateUpdateOutputs {
   return runSync(steps(inputs, options));
 }
 
 /** The Promise form of selectiveStateUpdate (the kernel runs off the JavaScript thread; see README, Async calls). */
-export function selectiveStateUpdateAsync(inputs: SelectiveStateUpdateInputs, options?: SelectiveStateUpdateOptions & AsyncOptions): Promise<SelectiveStateUpdateOutputs> {
+export function selectiveStateUpdateAsync(
+  inputs: SelectiveStateUpdateInputs,
+  options?: SelectiveStateUpdateOptions & AsyncOptions,
+): Promise<SelectiveStateUpdateOutputs> {
   const split = splitSignal<SelectiveStateUpdateOptions>('selectiveStateUpdateAsync', options);
-  return callAsync('selectiveStateUpdate', [inputs, split.options], split.signal, () => steps(inputs, split.options ?? {}));
+  return callAsync('selectiveStateUpdate', [inputs, split.options], split.signal, () =>
+    steps(inputs, split.options ?? {}),
+  );
 }

@@ -27,12 +27,16 @@ type TfTensor = tf.Tensor;
 type TfMap = Record<string, TfTensor | null | undefined>;
 const BACKEND = 'cpu';
 
-interface CpuBackend { data: { get(dataId: object): { values?: unknown } | undefined } }
+interface CpuBackend {
+  data: { get(dataId: object): { values?: unknown } | undefined };
+}
 
 /** The float32 values array of a tensor on the cpu backend, without a copy. */
 function valuesOf(t: tf.TensorInfo, what: string): Float32Array {
   if (tf.getBackend() !== BACKEND)
-    throw new DeviceError(`${what}: recurrent-kernels/tfjs runs on the 'cpu' backend, the active one is '${tf.getBackend()}'`);
+    throw new DeviceError(
+      `${what}: recurrent-kernels/tfjs runs on the 'cpu' backend, the active one is '${tf.getBackend()}'`,
+    );
   if (t.dtype !== 'float32') throw new DTypeError(`${what} has dtype ${t.dtype}, expected float32`);
   const values = (tf.backend() as unknown as CpuBackend).data.get(t.dataId)?.values;
   if (!(values instanceof Float32Array)) throw new ArgumentError(`${what}: its data is not on the cpu backend`);
@@ -50,8 +54,9 @@ function borrow(t: tf.TensorInfo, what: string): rk.Tensor {
 function lend(t: rk.Tensor): tf.TensorInfo {
   const f32 = t.dtype === 'float32' ? t : t.to({ dtype: 'float32' });
   const values = lendStorage(f32) as Float32Array;
-  return (tf.backend() as unknown as { makeTensorInfo(s: number[], d: string, v: Float32Array): tf.TensorInfo })
-    .makeTensorInfo([...t.shape], 'float32', values);
+  return (
+    tf.backend() as unknown as { makeTensorInfo(s: number[], d: string, v: Float32Array): tf.TensorInfo }
+  ).makeTensorInfo([...t.shape], 'float32', values);
 }
 
 /**
@@ -65,8 +70,10 @@ interface State {
   saved: WeakMap<object, { ctx: unknown; outputs: string[] }>;
   last: { names: string[]; extras: Record<string, unknown> };
 }
-const state: State = ((globalThis as Record<symbol, State>)[Symbol.for('recurrent-kernels/tfjs')] ??=
-  { saved: new WeakMap(), last: { names: [], extras: {} } });
+const state: State = ((globalThis as Record<symbol, State>)[Symbol.for('recurrent-kernels/tfjs')] ??= {
+  saved: new WeakMap(),
+  last: { names: [], extras: {} },
+});
 const saved = state.saved;
 
 interface Bridged {
@@ -87,7 +94,8 @@ function isTf(x: unknown): x is TfTensor {
 function bridge<I extends object, O extends object>(name: string, op: Bridged) {
   const kernelName = `RecurrentKernels${name[0].toUpperCase()}${name.slice(1)}`;
   tf.registerKernel({
-    kernelName, backendName: BACKEND,
+    kernelName,
+    backendName: BACKEND,
     kernelFunc: ({ inputs, attrs }) => {
       const a = attrs as unknown as { inputNames: string[]; optionNames: string[]; options: Record<string, unknown> };
       const ins: Record<string, rk.Tensor> = {};
@@ -100,7 +108,8 @@ function bridge<I extends object, O extends object>(name: string, op: Bridged) {
       }
       // Keep what the backward needs only while TensorFlow.js records gradients.
       const recording = (tf.engine().state as unknown as { gradientDepth: number }).gradientDepth > 0;
-      let outputs: object, ctx: unknown = null;
+      let outputs: object,
+        ctx: unknown = null;
       if (recording) ({ outputs, ctx } = op.hooks.forward(ins, opts));
       else outputs = op.call(ins, opts);
       const names: string[] = [];
@@ -124,7 +133,8 @@ function bridge<I extends object, O extends object>(name: string, op: Bridged) {
     },
   });
   tf.registerGradient({
-    kernelName, outputsToSave: [true],
+    kernelName,
+    outputsToSave: [true],
     gradFunc: (dy, savedTensors, attrs) => {
       const a = attrs as unknown as { inputNames: string[] };
       const entry = saved.get(savedTensors[0].dataId);
@@ -153,10 +163,12 @@ function bridge<I extends object, O extends object>(name: string, op: Bridged) {
     },
   });
   return (inputs: I, options: Record<string, unknown> = {}): O => {
-    if (typeof inputs !== 'object' || inputs === null) throw new ArgumentError(`${name}: inputs must be an object of tf.Tensors`);
+    if (typeof inputs !== 'object' || inputs === null)
+      throw new ArgumentError(`${name}: inputs must be an object of tf.Tensors`);
     if (typeof options !== 'object' || options === null) throw new ArgumentError(`${name}: options must be an object`);
     const tensorInputs: TfMap = {};
-    const inputNames: string[] = [], optionNames: string[] = [];
+    const inputNames: string[] = [],
+      optionNames: string[] = [];
     const plain: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(inputs as TfMap)) {
       if (v === null || v === undefined) continue;
@@ -177,7 +189,9 @@ function bridge<I extends object, O extends object>(name: string, op: Bridged) {
     const outs = tf.engine().runKernel(kernelName, tensorInputs as tf.NamedTensorMap, attrs) as TfTensor | TfTensor[];
     const list = Array.isArray(outs) ? outs : [outs];
     const result: Record<string, unknown> = { ...state.last.extras };
-    state.last.names.forEach((k, i) => { result[k] = list[i]; });
+    state.last.names.forEach((k, i) => {
+      result[k] = list[i];
+    });
     return result as O;
   };
 }
@@ -191,28 +205,42 @@ function tensorsOf(v: unknown, found = new Set<rk.Tensor>(), seen = new Set<obje
   return found;
 }
 
-const asBridged = (op: { hooks: unknown }, call: unknown, differentiable: readonly string[],
-  noGradient?: readonly string[]): Bridged =>
-  ({ hooks: op.hooks as Bridged['hooks'], call: call as Bridged['call'], differentiable, noGradient });
+const asBridged = (
+  op: { hooks: unknown },
+  call: unknown,
+  differentiable: readonly string[],
+  noGradient?: readonly string[],
+): Bridged => ({ hooks: op.hooks as Bridged['hooks'], call: call as Bridged['call'], differentiable, noGradient });
 
 /** tf.Tensor forms of the inputs and options of an op: every Tensor becomes a tf.Tensor. */
-type Tf<T> = { [K in keyof T]: T[K] extends rk.Tensor ? TfTensor : T[K] extends rk.Tensor | null | undefined ? TfTensor | null | undefined : T[K] };
+type Tf<T> = {
+  [K in keyof T]: T[K] extends rk.Tensor
+    ? TfTensor
+    : T[K] extends rk.Tensor | null | undefined
+      ? TfTensor | null | undefined
+      : T[K];
+};
 
-export const linearScan = bridge<Tf<rk.LinearScanInputs>, Tf<rk.LinearScanOutputs>>('linearScan',
-  asBridged(rk.linearScan, rk.linearScan, ['a', 'b', 'initialState'])) as
-  (inputs: Tf<rk.LinearScanInputs>, options?: Tf<rk.LinearScanOptions>) => Tf<rk.LinearScanOutputs>;
-export const selectiveScan = bridge<Tf<rk.SelectiveScanInputs>, Tf<rk.SelectiveScanOutputs>>('selectiveScan',
-  asBridged(rk.selectiveScan, rk.selectiveScan, ['u', 'delta', 'A', 'B', 'C', 'D', 'z', 'deltaBias', 'initialState'])) as
-  (inputs: Tf<rk.SelectiveScanInputs>, options?: Tf<rk.SelectiveScanOptions>) => Tf<rk.SelectiveScanOutputs>;
-export const gatedDeltaRule = bridge<Tf<rk.GatedDeltaRuleInputs>, Tf<rk.GatedDeltaRuleOutputs>>('gatedDeltaRule',
-  asBridged(rk.gatedDeltaRule, rk.gatedDeltaRule, ['q', 'k', 'v', 'g', 'beta', 'initialState'])) as
-  (inputs: Tf<rk.GatedDeltaRuleInputs>, options?: Tf<rk.GatedDeltaRuleOptions>) => Tf<rk.GatedDeltaRuleOutputs>;
-export const fusedRnn = bridge<Tf<rk.FusedRnnInputs>, Tf<rk.FusedRnnOutputs>>('fusedRnn',
-  asBridged(rk.fusedRnn, rk.fusedRnn, ['wx', 'R', 'b', 'states0'])) as
-  (inputs: Tf<rk.FusedRnnInputs>, options: Tf<rk.FusedRnnOptions>) => Tf<rk.FusedRnnOutputs>;
-export const newtonRnn = bridge<Tf<rk.NewtonRnnInputs>, Tf<rk.NewtonRnnOutputs>>('newtonRnn',
-  asBridged(rk.newtonRnn, rk.newtonRnn, ['wx', 'R', 'b', 'h0'], ['trajectory'])) as
-  (inputs: Tf<rk.NewtonRnnInputs>, options: Tf<rk.NewtonRnnOptions>) => Tf<rk.NewtonRnnOutputs>;
+export const linearScan = bridge<Tf<rk.LinearScanInputs>, Tf<rk.LinearScanOutputs>>(
+  'linearScan',
+  asBridged(rk.linearScan, rk.linearScan, ['a', 'b', 'initialState']),
+) as (inputs: Tf<rk.LinearScanInputs>, options?: Tf<rk.LinearScanOptions>) => Tf<rk.LinearScanOutputs>;
+export const selectiveScan = bridge<Tf<rk.SelectiveScanInputs>, Tf<rk.SelectiveScanOutputs>>(
+  'selectiveScan',
+  asBridged(rk.selectiveScan, rk.selectiveScan, ['u', 'delta', 'A', 'B', 'C', 'D', 'z', 'deltaBias', 'initialState']),
+) as (inputs: Tf<rk.SelectiveScanInputs>, options?: Tf<rk.SelectiveScanOptions>) => Tf<rk.SelectiveScanOutputs>;
+export const gatedDeltaRule = bridge<Tf<rk.GatedDeltaRuleInputs>, Tf<rk.GatedDeltaRuleOutputs>>(
+  'gatedDeltaRule',
+  asBridged(rk.gatedDeltaRule, rk.gatedDeltaRule, ['q', 'k', 'v', 'g', 'beta', 'initialState']),
+) as (inputs: Tf<rk.GatedDeltaRuleInputs>, options?: Tf<rk.GatedDeltaRuleOptions>) => Tf<rk.GatedDeltaRuleOutputs>;
+export const fusedRnn = bridge<Tf<rk.FusedRnnInputs>, Tf<rk.FusedRnnOutputs>>(
+  'fusedRnn',
+  asBridged(rk.fusedRnn, rk.fusedRnn, ['wx', 'R', 'b', 'states0']),
+) as (inputs: Tf<rk.FusedRnnInputs>, options: Tf<rk.FusedRnnOptions>) => Tf<rk.FusedRnnOutputs>;
+export const newtonRnn = bridge<Tf<rk.NewtonRnnInputs>, Tf<rk.NewtonRnnOutputs>>(
+  'newtonRnn',
+  asBridged(rk.newtonRnn, rk.newtonRnn, ['wx', 'R', 'b', 'h0'], ['trajectory']),
+) as (inputs: Tf<rk.NewtonRnnInputs>, options: Tf<rk.NewtonRnnOptions>) => Tf<rk.NewtonRnnOutputs>;
 
 /**
  * A package tensor as a float32 tf.Tensor on the cpu backend: a CPU float32 tensor's array is
@@ -233,6 +261,7 @@ export function toTf(t: rk.Tensor): TfTensor {
 export function fromTf(t: TfTensor, options: { dtype?: rk.DType; device?: rk.Device } = {}): rk.Tensor {
   if (!isTf(t)) throw new ArgumentError('fromTf: not a tf.Tensor');
   const x = borrow(t, 'fromTf: the tensor');
-  const dtype = options.dtype ?? 'float32', device = options.device ?? 'cpu';
+  const dtype = options.dtype ?? 'float32',
+    device = options.device ?? 'cpu';
   return dtype === 'float32' && device === 'cpu' ? x : x.to({ dtype, device });
 }

@@ -154,8 +154,10 @@ struct Buf {
   std::vector<uint16_t> h;
   Buf() = default;
   Buf(DType d, int64_t n, float fill) : dt(d) {
-    if (d == DType::F32) f.assign(size_t(n), fill);
-    else h.assign(size_t(n), rk::floatToBf16(fill));
+    if (d == DType::F32)
+      f.assign(size_t(n), fill);
+    else
+      h.assign(size_t(n), rk::floatToBf16(fill));
   }
   Buf(DType d, const std::vector<float>& v) : dt(d) {
     if (d == DType::F32) {
@@ -166,7 +168,9 @@ struct Buf {
     }
   }
   void* data() { return dt == DType::F32 ? static_cast<void*>(f.data()) : static_cast<void*>(h.data()); }
-  const void* cdata() const { return dt == DType::F32 ? static_cast<const void*>(f.data()) : static_cast<const void*>(h.data()); }
+  const void* cdata() const {
+    return dt == DType::F32 ? static_cast<const void*>(f.data()) : static_cast<const void*>(h.data());
+  }
   size_t size() const { return dt == DType::F32 ? f.size() : h.size(); }
 };
 
@@ -433,7 +437,8 @@ void runDeltaStep(Out& out, uint64_t seed) {
   a.scale = 1.0f / std::sqrt(12.0f);
   a.l2norm = true;
   a.updateState = true;
-  const int64_t qk = a.batch * a.tokens * a.H * a.K, vo = a.batch * a.tokens * a.HV * a.V, gb = a.batch * a.tokens * a.HV;
+  const int64_t qk = a.batch * a.tokens * a.H * a.K, vo = a.batch * a.tokens * a.HV * a.V,
+                gb = a.batch * a.tokens * a.HV;
   const int64_t stateElems = a.batch * a.HV * a.K * a.V;
   std::vector<float> state = rng.vec(stateElems, -0.5f, 0.5f);
   const std::vector<float> q = rng.vec(qk, -1.0f, 1.0f), k = rng.vec(qk, -1.0f, 1.0f), v = rng.vec(vo, -1.0f, 1.0f);
@@ -566,8 +571,8 @@ void runNewton(Out& out, const NewtonCase& c, uint64_t seed) {
   const std::vector<float> wx = rng.vec(wxElems, -1.0f, 1.0f), R = rng.vec(rElems, -rs, rs),
                            b = rng.vec(bElems, -0.5f, 0.5f);
   const std::vector<float> h0 = c.hasH0 ? rng.vec(stateElems, -0.5f, 0.5f) : std::vector<float>();
-  const std::vector<float> guess = c.guess == NewtonGuess::Provided ? rng.vec(trajElems, -0.3f, 0.3f)
-                                                                     : std::vector<float>();
+  const std::vector<float> guess =
+      c.guess == NewtonGuess::Provided ? rng.vec(trajElems, -0.3f, 0.3f) : std::vector<float>();
   a.wx = wx.data();
   a.R = R.data();
   a.b = b.data();
@@ -767,22 +772,21 @@ int main(int argc, char** argv) {
   section("newtonRnn", [&] {
     const NewtonCase cases[] = {
         // diagonal GRU, exact Newton from zeros; two channel chunks, the second partial
-        {"gruDiag", NewtonCell::GruDiag, 2, 150, 1, 70, true, false, true, 200, 1e-5f, 1e-5f, 0.0f,
-         NewtonGuess::Zeros, true},
+        {"gruDiag", NewtonCell::GruDiag, 2, 150, 1, 70, true, false, true, 200, 1e-5f, 1e-5f, 0.0f, NewtonGuess::Zeros,
+         true},
         // diagonal CIFG LSTM, a fixed number of damped steps from the one-step guess (damped steps
         // converge linearly: where a check would pass is too close to call across builds, so the
         // tolerance is 0 and the last iterate is compared, without the fallback)
         {"cifgDamped", NewtonCell::LstmCifgDiag, 2, 40, 1, 19, true, false, false, 25, 0.0f, 0.0f, 0.5f,
          NewtonGuess::OneStep, true},
         // dense LSTM with the full per-head Jacobian (DEER) from a provided guess
-        {"lstmFull", NewtonCell::Lstm, 2, 40, 3, 11, true, false, true, 100, 1e-5f, 1e-5f, 0.0f,
-         NewtonGuess::Provided, true},
+        {"lstmFull", NewtonCell::Lstm, 2, 40, 3, 11, true, false, true, 100, 1e-5f, 1e-5f, 0.0f, NewtonGuess::Provided,
+         true},
         // dense GRU, quasi-DEER, too few steps: every row falls back to sequential evaluation
-        {"gruFallback", NewtonCell::Gru, 2, 30, 2, 9, false, false, true, 2, 1e-7f, 0.0f, 0.0f,
-         NewtonGuess::Zeros, false},
+        {"gruFallback", NewtonCell::Gru, 2, 30, 2, 9, false, false, true, 2, 1e-7f, 0.0f, 0.0f, NewtonGuess::Zeros,
+         false},
         // Elman, sequential evaluation, length 1
-        {"elmanSeq", NewtonCell::Elman, 1, 1, 1, 5, true, true, true, 10, 1e-5f, 0.0f, 0.0f,
-         NewtonGuess::Zeros, true},
+        {"elmanSeq", NewtonCell::Elman, 1, 1, 1, 5, true, true, true, 10, 1e-5f, 0.0f, 0.0f, NewtonGuess::Zeros, true},
     };
     for (const NewtonCase& c : cases) {
       out.prefix = std::string("newtonRnn.") + c.name + ".";

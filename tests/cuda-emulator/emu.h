@@ -106,7 +106,7 @@ struct Block {
   unsigned idleSwitches = 0;  // fiber switches since a fiber last arrived at a barrier or finished
   std::function<void()> body;
   ucontext_t launcher;  // where the launch waits until every fiber has finished
-  uint3 blockIndex;  // of the first block being run
+  uint3 blockIndex;     // of the first block being run
   dim3 blockDims, gridDims;
   std::vector<float4> dynamicShared;  // the launch's sharedBytes, rounded up to 16, per block being run
   size_t dynamicSharedBytes = 0;
@@ -228,7 +228,7 @@ template <class Kernel> const void* kernelId(Kernel* kernel) { return reinterpre
 inline std::map<const void*, size_t> dynamicSharedLimits;
 constexpr size_t kDefaultDynamicShared = 48 * 1024, kMaxDynamicShared = 227 * 1024;
 
-inline int smCount = 132;   // cudaDevAttrMultiProcessorCount
+inline int smCount = 132;    // cudaDevAttrMultiProcessorCount
 inline int blocksPerSm = 4;  // the answer to every occupancy query
 
 // Stream-ordered allocations (cudaMallocAsync) not yet freed, and how many were made in all.
@@ -250,8 +250,7 @@ namespace emu {
 // Every lane of the current fiber's warp publishes value. Lanes form segments of `width`; returns
 // the value of lane source(i) of this lane's segment, i being this lane's index in it, or this
 // lane's own value when source returns -1.
-template <class T, class Source>
-T warpExchange(unsigned mask, T value, int width, Source source) {
+template <class T, class Source> T warpExchange(unsigned mask, T value, int width, Source source) {
   static_assert(sizeof(T) == 4 && std::is_trivially_copyable_v<T>, "shuffles of 4-byte values only");
   if (mask != 0xffffffffu) fail("only full-warp shuffle masks are emulated");
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail("shuffle width must be a power of two <= 32");
@@ -386,8 +385,7 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) {
 namespace rkcuda {
 
 // The checks of a launch; sets up the emulator's launch state when they pass.
-template <class... KArgs>
-Status prepareLaunch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes) {
+template <class... KArgs> Status prepareLaunch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes) {
   if (grid.x == 0 || grid.y != 1 || grid.z != 1 || block.y != 1 || block.z != 1) {
     return statusError("emulator: grid and block must be 1-D and non-empty");
   }
@@ -398,8 +396,9 @@ Status prepareLaunch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sha
     const auto it = emu::dynamicSharedLimits.find(emu::kernelId(kernel));
     const size_t limit = it != emu::dynamicSharedLimits.end() ? it->second : emu::kDefaultDynamicShared;
     if (sharedBytes > limit) {
-      return statusError("emulator: " + std::to_string(sharedBytes) + " bytes of dynamic shared memory, over the kernel's limit of " +
-                         std::to_string(limit) + " (see allowDynamicShared)");
+      return statusError("emulator: " + std::to_string(sharedBytes) +
+                         " bytes of dynamic shared memory, over the kernel's limit of " + std::to_string(limit) +
+                         " (see allowDynamicShared)");
     }
   }
   emu::block.dynamicSharedBytes = sharedBytes;
@@ -424,7 +423,8 @@ template <class... KArgs, class... Args>
 Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "launchCooperative: wrong number of kernel arguments");
   if (static_cast<int64_t>(grid.x) > static_cast<int64_t>(emu::smCount) * emu::blocksPerSm) {
-    return statusError("emulator: cooperative launch of " + std::to_string(grid.x) + " blocks, more than can be resident");
+    return statusError("emulator: cooperative launch of " + std::to_string(grid.x) +
+                       " blocks, more than can be resident");
   }
   if (Status st = prepareLaunch(kernel, grid, block, sharedBytes); !st.ok()) return st;
   emu::block.body = [&] { kernel(static_cast<KArgs>(args)...); };
@@ -433,13 +433,9 @@ Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t
   return Status{};
 }
 
-template <class T>
-T* dynamicShared() {
-  return reinterpret_cast<T*>(emu::block.current->shared);
-}
+template <class T> T* dynamicShared() { return reinterpret_cast<T*>(emu::block.current->shared); }
 
-template <class... KArgs>
-Status allowDynamicShared(void (*kernel)(KArgs...), size_t bytes) {
+template <class... KArgs> Status allowDynamicShared(void (*kernel)(KArgs...), size_t bytes) {
   if (bytes > emu::kMaxDynamicShared) return statusError("emulator: more dynamic shared memory than a device allows");
   emu::dynamicSharedLimits[emu::kernelId(kernel)] = bytes;
   return Status{};

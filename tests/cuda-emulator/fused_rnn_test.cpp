@@ -52,19 +52,26 @@ using rkcuda::DType;
 
 // Norm-wise tolerance of each dtype's results.
 template <class T> constexpr double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 2e-5;
-  else if constexpr (std::is_same_v<T, __half>) return 1e-2;
-  else return 2e-2;
+  if constexpr (std::is_same_v<T, float>)
+    return 2e-5;
+  else if constexpr (std::is_same_v<T, __half>)
+    return 1e-2;
+  else
+    return 2e-2;
 }
 
 // ---- the problem and its float64 reference ----
 
 const char* cellName(CellKind c) {
   switch (c) {
-    case CellKind::Elman: return "elman";
-    case CellKind::Lstm: return "lstm";
-    case CellKind::Gru: return "gru";
-    default: return "slstm";
+    case CellKind::Elman:
+      return "elman";
+    case CellKind::Lstm:
+      return "lstm";
+    case CellKind::Gru:
+      return "gru";
+    default:
+      return "slstm";
   }
 }
 
@@ -87,7 +94,9 @@ double logsigmoid(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - st
 // One step of one channel: p[g] pre-activations (GRU n gate: rec_n + b_n, with wxn = wx_n), st the states.
 void stepRef(CellKind cell, const double* p, double wxn, double* st) {
   switch (cell) {
-    case CellKind::Elman: st[0] = std::tanh(p[0]); return;
+    case CellKind::Elman:
+      st[0] = std::tanh(p[0]);
+      return;
     case CellKind::Lstm: {
       const double c = sigmoid(p[1]) * st[1] + sigmoid(p[0]) * std::tanh(p[2]);
       st[0] = sigmoid(p[3]) * std::tanh(c);
@@ -115,7 +124,8 @@ void stepRef(CellKind cell, const double* p, double wxn, double* st) {
 
 // Backward of stepRef: g (dL/d states after) in, the direct dL/d states before out; gx = dL/dwx_g,
 // gr = dL/d(recurrent pre-activation).
-void stepRefBackward(CellKind cell, const double* p, double wxn, const double* prev, double* g, double* gx, double* gr) {
+void stepRefBackward(CellKind cell, const double* p, double wxn, const double* prev, double* g, double* gx,
+                     double* gr) {
   switch (cell) {
     case CellKind::Elman: {
       const double h = std::tanh(p[0]);
@@ -163,7 +173,10 @@ void stepRefBackward(CellKind cell, const double* p, double wxn, const double* p
       const double gfp = gc * prev[1] + gn * prev[2], gip = gc * zt + gn;
       const double gfu = clamped ? 0 : gfp * fp, gm = g[3] - gfu - gip * ip;
       double gi = gip * ip, gu = gfu;
-      if (iBranch) gi += gm; else gu += gm;
+      if (iBranch)
+        gi += gm;
+      else
+        gu += gm;
       gx[0] = gr[0] = gi;
       gx[1] = gr[1] = gu * sigmoid(-p[1]);
       gx[2] = gr[2] = gc * ip * (1 - zt * zt);
@@ -191,7 +204,9 @@ Ref reference(const Problem& P, bool backward) {
   r.dR.assign(G * H * D * D, 0.0);
   r.db.assign(G * H * D, 0.0);
   r.dStates0.assign(S * B * H * D, 0.0);
-  auto wxAt = [&](int64_t b, int64_t t, int g, int64_t hh, int64_t j) { return P.wx[(((b * T + t) * G + g) * H + hh) * D + j]; };
+  auto wxAt = [&](int64_t b, int64_t t, int g, int64_t hh, int64_t j) {
+    return P.wx[(((b * T + t) * G + g) * H + hh) * D + j];
+  };
   for (int64_t b = 0; b < B; ++b) {
     const int64_t len = P.lengths[b];
     for (int64_t hh = 0; hh < H; ++hh) {
@@ -221,7 +236,8 @@ Ref reference(const Problem& P, bool backward) {
         if (P.lastOnly) r.h[(b * H + hh) * D + j] = traj[len * S * D + j];
         for (int64_t t = 0; t < T; ++t) {
           const int64_t tt = std::min(t + 1, len);
-          for (int s = 0; s < S; ++s) r.savedStates[(((t * S + s) * B + b) * H + hh) * D + j] = traj[(tt * S + s) * D + j];
+          for (int s = 0; s < S; ++s)
+            r.savedStates[(((t * S + s) * B + b) * H + hh) * D + j] = traj[(tt * S + s) * D + j];
           if (t < len) {
             if (!P.lastOnly) r.h[((b * T + t) * H + hh) * D + j] = traj[(t + 1) * S * D + j];
             for (int g = 0; g < G; ++g) r.savedPre[(((t * B + b) * G + g) * H + hh) * D + j] = pre[(t * G + g) * D + j];
@@ -233,9 +249,11 @@ Ref reference(const Problem& P, bool backward) {
       for (int s = 0; s < S; ++s) {
         for (int64_t j = 0; j < D; ++j) gS[s * D + j] = P.dFinal[((s * B + b) * H + hh) * D + j];
       }
-      if (P.lastOnly) for (int64_t j = 0; j < D; ++j) gS[j] += P.dh[(b * H + hh) * D + j];
+      if (P.lastOnly)
+        for (int64_t j = 0; j < D; ++j) gS[j] += P.dh[(b * H + hh) * D + j];
       for (int64_t t = len - 1; t >= 0; --t) {
-        if (!P.lastOnly) for (int64_t j = 0; j < D; ++j) gS[j] += P.dh[((b * T + t) * H + hh) * D + j];
+        if (!P.lastOnly)
+          for (int64_t j = 0; j < D; ++j) gS[j] += P.dh[((b * T + t) * H + hh) * D + j];
         const double* prev = &traj[t * S * D];
         for (int64_t j = 0; j < D; ++j) {
           double p[4], pv[4], g[4], gx[4], grr[4];
@@ -300,9 +318,12 @@ Problem makeProblem(CellKind cell, int64_t batch, int64_t T_, int64_t H, int64_t
           double v = 0.5 * U(rng);
           // sLSTM: n > 0 (row 0: an empty state, n = 0, c = 0, h = 0) and any m.
           if (cell == CellKind::Slstm) {
-            if (b == 0) v = s == 3 ? U(rng) : 0.0;
-            else if (s == 2) v = 1 + std::fabs(U(rng));
-            else if (s == 3) v = U(rng);
+            if (b == 0)
+              v = s == 3 ? U(rng) : 0.0;
+            else if (s == 2)
+              v = 1 + std::fabs(U(rng));
+            else if (s == 3)
+              v = U(rng);
           }
           P.states0[(s * batch + b) * H * D + e] = static_cast<float>(v);
         }
@@ -344,7 +365,8 @@ void checkReferenceGradients() {
           (A.*field)[i] += e;
           (B.*field)[i] -= e;
           const double fd = (loss(A) - loss(B)) / (2 * e);
-          check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)), std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
+          check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)),
+                std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
         }
       };
       probe(&Problem::wx, r.dwx, "wx");
@@ -358,7 +380,8 @@ void checkReferenceGradients() {
         A.states0[i] += 1e-6;
         B.states0[i] -= 1e-6;
         const double fd = (loss(A) - loss(B)) / 2e-6;
-        check(std::fabs(fd - r.dStates0[i]) <= 1e-6 * (1 + std::fabs(fd)), "dStates0[" + std::to_string(i) + "]", r.dStates0[i], fd);
+        check(std::fabs(fd - r.dStates0[i]) <= 1e-6 * (1 + std::fabs(fd)), "dStates0[" + std::to_string(i) + "]",
+              r.dStates0[i], fd);
       }
     }
   }
@@ -369,28 +392,32 @@ void checkReferenceGradients() {
 struct Case {
   CellKind cell = CellKind::Lstm;
   int64_t batch = 1, T = 1, H = 1, D = 16;
-  int path = 0;        // tunable fusedRnn.path (0: the launcher's choice)
-  int splits = 0;      // tunable fusedRnn.reduceSplits
-  int blocks = 0;      // tunable fusedRnn.splits (blocks per head of the multi-block path)
-  int expectPath = 0;  // when not 0, the path the launch log must show (2 stepwise, 3 multi-block)
+  int path = 0;            // tunable fusedRnn.path (0: the launcher's choice)
+  int splits = 0;          // tunable fusedRnn.reduceSplits
+  int blocks = 0;          // tunable fusedRnn.splits (blocks per head of the multi-block path)
+  int expectPath = 0;      // when not 0, the path the launch log must show (2 stepwise, 3 multi-block)
   int expectLaunches = 0;  // when not 0, the cooperative launches of the forward
   bool lastOnly = false, lengths = false, states0 = true, finalStates = true, training = true;
   bool dh = true, dFinal = true, dStates0 = true;
 };
 
-
 // The kernels of a path (2 stepwise, 3 multi-block): forward and backward.
 template <class T, int C> std::pair<const void*, const void*> pathKernels(int path) {
   using namespace rkcuda;
-  if (path == 3) return {emu::kernelId(fusedRnnForwardMultiKernel<T, C>), emu::kernelId(fusedRnnBackwardMultiKernel<T, C>)};
+  if (path == 3)
+    return {emu::kernelId(fusedRnnForwardMultiKernel<T, C>), emu::kernelId(fusedRnnBackwardMultiKernel<T, C>)};
   return {emu::kernelId(fusedRnnForwardStepKernel<T, C>), emu::kernelId(fusedRnnBackwardStepKernel<T, C>)};
 }
 template <class T> std::pair<const void*, const void*> pathKernels(CellKind cell, int path) {
   switch (cell) {
-    case CellKind::Elman: return pathKernels<T, rkcuda::kElman>(path);
-    case CellKind::Lstm: return pathKernels<T, rkcuda::kLstm>(path);
-    case CellKind::Gru: return pathKernels<T, rkcuda::kGru>(path);
-    default: return pathKernels<T, rkcuda::kSlstm>(path);
+    case CellKind::Elman:
+      return pathKernels<T, rkcuda::kElman>(path);
+    case CellKind::Lstm:
+      return pathKernels<T, rkcuda::kLstm>(path);
+    case CellKind::Gru:
+      return pathKernels<T, rkcuda::kGru>(path);
+    default:
+      return pathKernels<T, rkcuda::kSlstm>(path);
   }
 }
 // Launches of kernel in the log; *grid, *block: those of the first.
@@ -403,15 +430,15 @@ long launchesOf(const void* kernel, unsigned* grid = nullptr, unsigned* block = 
   return n;
 }
 
-template <class T>
-void runCase(const Case& c, std::mt19937& rng) {
+template <class T> void runCase(const Case& c, std::mt19937& rng) {
   const Problem P = makeProblem<T>(c.cell, c.batch, c.T, c.H, c.D, c.lastOnly, c.lengths, c.states0, rng);
   char buf[320];
   std::snprintf(buf, sizeof buf,
                 "%s %s batch %lld T %lld H %lld D %lld path %d splits %d last %d lengths %d states0 %d final %d "
                 "training %d dh %d dFinal %d dStates0 %d",
-                Elem<T>::name, cellName(c.cell), (long long)c.batch, (long long)c.T, (long long)c.H, (long long)c.D, c.path,
-                c.splits, c.lastOnly, c.lengths, c.states0, c.finalStates, c.training, c.dh, c.dFinal, c.dStates0);
+                Elem<T>::name, cellName(c.cell), (long long)c.batch, (long long)c.T, (long long)c.H, (long long)c.D,
+                c.path, c.splits, c.lastOnly, c.lengths, c.states0, c.finalStates, c.training, c.dh, c.dFinal,
+                c.dStates0);
   context = buf;
   emu::setTunable("fusedRnn.path", c.path);
   emu::setTunable("fusedRnn.reduceSplits", c.splits);
@@ -468,7 +495,8 @@ void runCase(const Case& c, std::mt19937& rng) {
       const int64_t splits = block > 0 ? 4 * D / block : 0;
       check(block * splits == 4 * D && splits > 0 && grid % splits == 0, "multi-block launch shape", grid, block);
       if (c.blocks != 0) check(splits == c.blocks, "blocks per head", static_cast<double>(splits), c.blocks);
-      if (c.expectLaunches != 0) check(n == c.expectLaunches, "cooperative launches", static_cast<double>(n), c.expectLaunches);
+      if (c.expectLaunches != 0)
+        check(n == c.expectLaunches, "cooperative launches", static_cast<double>(n), c.expectLaunches);
     }
   }
   noteLaunches();
@@ -500,7 +528,8 @@ void runCase(const Case& c, std::mt19937& rng) {
     checkOutput("dR", dR, wb.dR, gtol);
     checkOutput("db", db, wb.db, gtol);
     if (c.dStates0) checkOutput("dStates0", dS0, wb.dStates0, gtol);
-    if (c.expectPath != 0 && B > 0) check(launchesOf(kernels.second) > 0, "backward did not take path " + std::to_string(c.expectPath));
+    if (c.expectPath != 0 && B > 0)
+      check(launchesOf(kernels.second) > 0, "backward did not take path " + std::to_string(c.expectPath));
     long bad = 0;  // dwx exactly 0 past each row's length
     const std::vector<double> got = dwx.get();
     for (int64_t b = 0; b < B; ++b) {
@@ -517,10 +546,11 @@ void runCase(const Case& c, std::mt19937& rng) {
   emu::setTunable("fusedRnn.splits", 0);
 }
 
-template <class T>
-void runSuite(std::mt19937& rng, int variant) {
+template <class T> void runSuite(std::mt19937& rng, int variant) {
   const bool wide = Elem<T>::dtype == DType::F32;  // the tensor-core path is slow on the emulator
-  struct Shape { int64_t batch, len, H, D; };
+  struct Shape {
+    int64_t batch, len, H, D;
+  };
   const Shape shapes[] = {
       {1, 5, 2, 16}, {3, 33, 1, 24}, {17, 5, 1, 48}, {3, wide ? 9 : 3, 1, 64}, {1, 1, 3, 16}, {2, 3, 1, 20},
   };
@@ -566,12 +596,17 @@ void runSuite(std::mt19937& rng, int variant) {
 }
 
 // The multi-block path: small heads split over 2 to 4 blocks, every cell.
-template <class T>
-void runMultiSuite(std::mt19937& rng, int variant) {
+template <class T> void runMultiSuite(std::mt19937& rng, int variant) {
   const bool wide = Elem<T>::dtype == DType::F32;  // the tensor-core path is slow on the emulator
-  struct Shape { int64_t batch, len, H, D; int blocks; };
+  struct Shape {
+    int64_t batch, len, H, D;
+    int blocks;
+  };
   const Shape shapes[] = {
-      {1, wide ? 9 : 5, 1, 32, 2}, {17, wide ? 9 : 3, 1, 48, 3}, {17, 1, 2, 32, 4}, {3, wide ? 9 : 4, 2, 16, 2},
+      {1, wide ? 9 : 5, 1, 32, 2},
+      {17, wide ? 9 : 3, 1, 48, 3},
+      {17, 1, 2, 32, 4},
+      {3, wide ? 9 : 4, 2, 16, 2},
       {1, 1, 1, 48, 2},
   };
   const CellKind cells[] = {CellKind::Elman, CellKind::Lstm, CellKind::Gru, CellKind::Slstm};
@@ -601,14 +636,16 @@ void runMultiSuite(std::mt19937& rng, int variant) {
   const int sms = emu::smCount, perSm = emu::blocksPerSm;
   emu::smCount = 2, emu::blocksPerSm = 1;
   Case chunked;
-  chunked.cell = CellKind::Lstm, chunked.batch = 17, chunked.T = 3, chunked.H = 2, chunked.D = 32, chunked.lengths = true;
+  chunked.cell = CellKind::Lstm, chunked.batch = 17, chunked.T = 3, chunked.H = 2, chunked.D = 32,
+  chunked.lengths = true;
   chunked.path = 3, chunked.blocks = 2, chunked.expectPath = 3, chunked.expectLaunches = 4;
   runCase<T>(chunked, rng);
   // The launcher's own choice for a head too large for one block (fp32 LSTM: above 112; 16-bit
   // sLSTM: above 128): the multi-block path, or the stepwise one when its blocks cannot all be resident.
   emu::smCount = 132, emu::blocksPerSm = 4;
   Case own;
-  own.cell = wide ? CellKind::Lstm : CellKind::Slstm, own.batch = 2, own.T = 2, own.H = 1, own.D = 136, own.lengths = true;
+  own.cell = wide ? CellKind::Lstm : CellKind::Slstm, own.batch = 2, own.T = 2, own.H = 1, own.D = 136,
+  own.lengths = true;
   own.expectPath = 3;
   runCase<T>(own, rng);
   emu::smCount = 1, emu::blocksPerSm = 1;
@@ -658,7 +695,8 @@ void checkCooperativeEmulator() {
   check(counter == 2 * rounds * nb, "barrier counter", counter, 2 * rounds * nb);
   const int sms = emu::smCount;
   emu::smCount = 1;
-  check(!rkcuda::launchCooperative(cooperativeDeadlockKernel, 5, 32, 0, &counter).ok(), "cooperative launch above residency");
+  check(!rkcuda::launchCooperative(cooperativeDeadlockKernel, 5, 32, 0, &counter).ok(),
+        "cooperative launch above residency");
   emu::smCount = sms;
   std::fflush(stdout);
   const pid_t child = fork();
@@ -695,32 +733,61 @@ void checkRefusals() {
     check(!rkcuda::fusedRnnBackward(a, g).ok(), std::string("backward accepts ") + what);
     check(emu::launchLog.size() == before, std::string("launched with ") + what);
   };
-  auto a = base(); a.headDim = 0; refused("headDim 0", a);
-  a = base(); a.heads = 0; refused("heads 0", a);
-  a = base(); a.T = -1; refused("T < 0", a);
-  a = base(); a.batch = -1; refused("batch < 0", a);
-  a = base(); a.dt = static_cast<DType>(7); refused("an unknown dtype", a);
-  a = base(); a.cell = static_cast<CellKind>(9); refused("an unknown cell", a);
-  a = base(); a.lengths = lens; refused("a length above T", a);
-  a = base(); a.R = nullptr; refused("a null R", a);
+  auto a = base();
+  a.headDim = 0;
+  refused("headDim 0", a);
+  a = base();
+  a.heads = 0;
+  refused("heads 0", a);
+  a = base();
+  a.T = -1;
+  refused("T < 0", a);
+  a = base();
+  a.batch = -1;
+  refused("batch < 0", a);
+  a = base();
+  a.dt = static_cast<DType>(7);
+  refused("an unknown dtype", a);
+  a = base();
+  a.cell = static_cast<CellKind>(9);
+  refused("an unknown cell", a);
+  a = base();
+  a.lengths = lens;
+  refused("a length above T", a);
+  a = base();
+  a.R = nullptr;
+  refused("a null R", a);
   emu::setTunable("fusedRnn.path", 1);
-  a = base(); a.headDim = 20; refused("a pinned persistent path with headDim 20", a);
-  a = base(); a.headDim = 512; refused("a pinned persistent path with headDim 512", a);
+  a = base();
+  a.headDim = 20;
+  refused("a pinned persistent path with headDim 20", a);
+  a = base();
+  a.headDim = 512;
+  refused("a pinned persistent path with headDim 512", a);
   emu::setTunable("fusedRnn.path", 3);
-  a = base(); a.headDim = 20; refused("a pinned multi-block path with headDim 20", a);
+  a = base();
+  a.headDim = 20;
+  refused("a pinned multi-block path with headDim 20", a);
   emu::setTunable("fusedRnn.splits", 3);
-  a = base(); a.headDim = 32; refused("3 blocks for headDim 32", a);
+  a = base();
+  a.headDim = 32;
+  refused("3 blocks for headDim 32", a);
   emu::setTunable("fusedRnn.splits", 1);
-  a = base(); a.headDim = 128; refused("a block of 128 columns", a);
+  a = base();
+  a.headDim = 128;
+  refused("a block of 128 columns", a);
   emu::setTunable("fusedRnn.splits", 0);
   {
     const int sms = emu::smCount, perSm = emu::blocksPerSm;
     emu::smCount = 1, emu::blocksPerSm = 1;
-    a = base(); a.headDim = 128; refused("a head whose blocks cannot all be resident", a);
+    a = base();
+    a.headDim = 128;
+    refused("a head whose blocks cannot all be resident", a);
     emu::smCount = sms, emu::blocksPerSm = perSm;
   }
   emu::setTunable("fusedRnn.path", 4);
-  a = base(); refused("an unknown path", a);
+  a = base();
+  refused("an unknown path", a);
   emu::setTunable("fusedRnn.path", 0);
   {
     rkcuda::FusedRnnOutputs o;
@@ -731,8 +798,7 @@ void checkRefusals() {
   check(emu::liveAllocations.empty(), "refusals leak");
 }
 
-template <class T>
-void checkCoverage() {
+template <class T> void checkCoverage() {
   using namespace rkcuda;
   context = "coverage";
   auto need = [&](const void* k, const std::string& what) {
@@ -755,7 +821,7 @@ void checkCoverage() {
   need(emu::kernelId(initGradKernel<T>), "stepwise backward set-up");
   need(emu::kernelId(transposeRKernel<T>), "R transpose");
   need(emu::kernelId(finishGradKernel<T>), "dR / db finish");
-  need(emu::kernelId(reduceGradKernel<std::is_same<T, float>::value ? false : true>), "dR / db reduction");
+  need(emu::kernelId(reduceGradKernel < std::is_same<T, float>::value ? false : true >), "dR / db reduction");
   need(emu::kernelId(initStatesKernel), "stepwise forward set-up");
 }
 
@@ -777,6 +843,7 @@ int main() {
   checkCoverage<__half>();
   checkCoverage<__nv_bfloat16>();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("fused recurrent cells on the CUDA emulator: %ld checks, %ld failures (%.1f s)\n", checks, failures, seconds);
+  std::printf("fused recurrent cells on the CUDA emulator: %ld checks, %ld failures (%.1f s)\n", checks, failures,
+              seconds);
   return failures == 0 ? 0 : 1;
 }

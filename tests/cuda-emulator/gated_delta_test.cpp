@@ -49,9 +49,12 @@ const int64_t kChunk = rkcuda::gatedDeltaChunk();
 
 // Norm-wise tolerance of each dtype's results.
 template <class T> constexpr double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 1e-4;
-  else if constexpr (std::is_same_v<T, __half>) return 5e-3;
-  else return 1e-2;
+  if constexpr (std::is_same_v<T, float>)
+    return 1e-4;
+  else if constexpr (std::is_same_v<T, __half>)
+    return 5e-3;
+  else
+    return 1e-2;
 }
 
 // ---- the problem and its float64 reference ----
@@ -134,7 +137,8 @@ Ref reference(const Problem& P, bool backward) {
       std::copy(Ss[L].begin(), Ss[L].end(), r.finalState.begin() + (s * HV + hv) * KV);
       if (!backward) continue;
       std::vector<double> dS(KV, 0.0), u(V), w(V), dw(V);
-      if (P.hasDFinal) std::copy(P.dFinal.begin() + (s * HV + hv) * KV, P.dFinal.begin() + (s * HV + hv + 1) * KV, dS.begin());
+      if (P.hasDFinal)
+        std::copy(P.dFinal.begin() + (s * HV + hv) * KV, P.dFinal.begin() + (s * HV + hv + 1) * KV, dS.begin());
       for (int64_t t = L - 1; t >= 0; --t) {
         const int64_t bt = seg.batch * P.T + seg.start + t, gi = bt * HV + hv, qk = (bt * H + h) * K, vo = gi * V;
         const std::vector<double>&prev = Ss[t], &cur = Ss[t + 1];
@@ -226,7 +230,8 @@ void checkReferenceGradients() {
       (A.*field)[i] += e;
       (B.*field)[i] -= e;
       const double fd = (loss(A) - loss(B)) / (2 * e);
-      check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)), std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
+      check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)),
+            std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
     }
   };
   probe(&Problem::q, r.dq, "q");
@@ -242,17 +247,16 @@ void checkReferenceGradients() {
 struct Case {
   int64_t batch = 1, T = 1, H = 1, HV = 1, K = 1, V = 1;
   bool l2 = false, packed = false, hasH0 = true, hasFinal = true, hasDO = true, hasDFinal = true, hasDh0 = true;
-  int gMode = 0;          // 0 random, 1 all 0, 2 some -1e4
+  int gMode = 0;              // 0 random, 1 all 0, 2 some -1e4
   int rows = 0, threads = 0;  // tunables (0: the launcher's choice)
   bool backward = true;
-  int path = 1;               // forward: 1 the recurrence, 2 the chunked form (fp16 / bf16), 0 the launcher's choice
-  int valueTile = 0;          // the chunked state pass's value columns per block (0: its choice)
-  int bpath = 1;              // backward: 1 the recurrence, 2 the chunked form, 0 the launcher's choice
-  int backwardTile = 0;       // the chunked reverse pass's value columns per block (0: its choice)
+  int path = 1;          // forward: 1 the recurrence, 2 the chunked form (fp16 / bf16), 0 the launcher's choice
+  int valueTile = 0;     // the chunked state pass's value columns per block (0: its choice)
+  int bpath = 1;         // backward: 1 the recurrence, 2 the chunked form, 0 the launcher's choice
+  int backwardTile = 0;  // the chunked reverse pass's value columns per block (0: its choice)
 };
 
-template <class T>
-Problem makeProblem(const Case& c, std::mt19937& rng) {
+template <class T> Problem makeProblem(const Case& c, std::mt19937& rng) {
   std::uniform_real_distribution<double> U(-1, 1);
   Problem P;
   P.batch = c.batch, P.T = c.T, P.H = c.H, P.HV = c.HV, P.K = c.K, P.V = c.V;
@@ -282,7 +286,8 @@ Problem makeProblem(const Case& c, std::mt19937& rng) {
   }
   const int64_t BT = P.batch * P.T;
   std::vector<char> inSeq(BT, 0);
-  for (const auto& s : P.segs) for (int64_t t = 0; t < s.length; ++t) inSeq[s.batch * P.T + s.start + t] = 1;
+  for (const auto& s : P.segs)
+    for (int64_t t = 0; t < s.length; ++t) inSeq[s.batch * P.T + s.start + t] = 1;
   const double kScale = c.l2 ? 1.5 : 1.0 / std::sqrt(static_cast<double>(c.K));
   auto gen = [&](std::vector<double>& x, int64_t per, auto value, bool rounded) {
     x.resize(BT * per);
@@ -293,16 +298,24 @@ Problem makeProblem(const Case& c, std::mt19937& rng) {
       }
     }
   };
-  gen(P.q, P.H * P.K, [&] { return U(rng); }, true);
-  gen(P.k, P.H * P.K, [&] { return kScale * U(rng); }, true);
-  gen(P.v, P.HV * P.V, [&] { return U(rng); }, true);
-  gen(P.beta, P.HV, [&] { return 0.5 + 0.5 * U(rng); }, true);
-  gen(P.g, P.HV, [&] {
-    if (c.gMode == 1) return 0.0;
-    if (c.gMode == 2 && U(rng) > 0.3) return -1e4;
-    return -0.3 * std::fabs(U(rng));
-  }, false);
-  gen(P.dO, P.HV * P.V, [&] { return U(rng); }, true);
+  gen(
+      P.q, P.H * P.K, [&] { return U(rng); }, true);
+  gen(
+      P.k, P.H * P.K, [&] { return kScale * U(rng); }, true);
+  gen(
+      P.v, P.HV * P.V, [&] { return U(rng); }, true);
+  gen(
+      P.beta, P.HV, [&] { return 0.5 + 0.5 * U(rng); }, true);
+  gen(
+      P.g, P.HV,
+      [&] {
+        if (c.gMode == 1) return 0.0;
+        if (c.gMode == 2 && U(rng) > 0.3) return -1e4;
+        return -0.3 * std::fabs(U(rng));
+      },
+      false);
+  gen(
+      P.dO, P.HV * P.V, [&] { return U(rng); }, true);
   const int64_t SE = P.nseq() * P.HV * P.KV();
   P.h0.resize(SE), P.dFinal.resize(SE);
   for (double& e : P.h0) e = static_cast<float>(0.5 * U(rng));
@@ -310,12 +323,12 @@ Problem makeProblem(const Case& c, std::mt19937& rng) {
   return P;
 }
 
-template <class T>
-void runCase(const Case& c, std::mt19937& rng) {
+template <class T> void runCase(const Case& c, std::mt19937& rng) {
   const Problem P = makeProblem<T>(c, rng);
   char buf[400];
   std::snprintf(buf, sizeof buf,
-                "%s batch %lld T %lld H %lld HV %lld K %lld V %lld l2 %d packed %d h0 %d final %d dO %d dFinal %d dh0 %d g %d rows %d threads %d path %d tile %d bpath %d btile %d",
+                "%s batch %lld T %lld H %lld HV %lld K %lld V %lld l2 %d packed %d h0 %d final %d dO %d dFinal %d dh0 "
+                "%d g %d rows %d threads %d path %d tile %d bpath %d btile %d",
                 Elem<T>::name, (long long)c.batch, (long long)c.T, (long long)c.H, (long long)c.HV, (long long)c.K,
                 (long long)c.V, c.l2, c.packed, c.hasH0, c.hasFinal, c.hasDO, c.hasDFinal, c.hasDh0, c.gMode, c.rows,
                 c.threads, c.path, c.valueTile, c.bpath, c.backwardTile);
@@ -355,7 +368,6 @@ void runCase(const Case& c, std::mt19937& rng) {
   R.hasH0 = P.hasH0;
   const Ref want = reference(R, c.backward);
 
-
   Buf<T> o(BT * P.HV * P.V);
   Buf<float> states(P.totalChunks * P.HV * P.KV()), fin(SE);
   o.poison(), states.poison(), fin.poison();
@@ -381,7 +393,8 @@ void runCase(const Case& c, std::mt19937& rng) {
   }
   // Positions in no sequence are exactly 0.
   std::vector<char> inSeq(BT, 0);
-  for (const auto& s : P.segs) for (int64_t t = 0; t < s.length; ++t) inSeq[s.batch * P.T + s.start + t] = 1;
+  for (const auto& s : P.segs)
+    for (int64_t t = 0; t < s.length; ++t) inSeq[s.batch * P.T + s.start + t] = 1;
   auto zerosOutside = [&](const char* what, const std::vector<double>& got, int64_t per) {
     long bad = 0;
     for (int64_t bt = 0; bt < BT; ++bt) {
@@ -439,7 +452,8 @@ void runCase(const Case& c, std::mt19937& rng) {
                      l.kernel == emu::kernelId(rkcuda::gatedDeltaBackwardKernel<T, 16>);
       }
       if (P.nseq() > 0) {
-        check(chunkedBackward ? pass && !recurrent : recurrent && !pass, "the selected backward's kernels ran (and only they)");
+        check(chunkedBackward ? pass && !recurrent : recurrent && !pass,
+              "the selected backward's kernels ran (and only they)");
       }
       if (P.totalChunks > 0) check(grad == chunkedBackward, "the chunked gradient kernel ran iff selected");
     }
@@ -459,13 +473,14 @@ void runCase(const Case& c, std::mt19937& rng) {
   emu::setTunable("gatedDeltaChunked.backwardValueTile", 0);
 }
 
-template <class T>
-void runSuite(std::mt19937& rng, int variant) {
+template <class T> void runSuite(std::mt19937& rng, int variant) {
   // (T, K, V): long sequences with small heads; large heads on short ones.
-  struct Shape { int64_t len, K, V; };
+  struct Shape {
+    int64_t len, K, V;
+  };
   const Shape shapes[] = {
-      {1, 3, 3},     {5, 1, 1},      {kChunk - 1, 3, 1}, {kChunk, 1, 3},  {kChunk + 1, 3, 3}, {2 * kChunk + 3, 3, 1},
-      {5, 64, 3},    {3, 130, 3},    {5, 3, 130},        {1, 256, 2},     {2, 5, 256},        {kChunk + 1, 17, 2},
+      {1, 3, 3},  {5, 1, 1},   {kChunk - 1, 3, 1}, {kChunk, 1, 3}, {kChunk + 1, 3, 3}, {2 * kChunk + 3, 3, 1},
+      {5, 64, 3}, {3, 130, 3}, {5, 3, 130},        {1, 256, 2},    {2, 5, 256},        {kChunk + 1, 17, 2},
   };
   int n = variant;
   for (const Shape& s : shapes) {
@@ -504,13 +519,22 @@ void runSuite(std::mt19937& rng, int variant) {
 // (neither a multiple of the 16 x 8 tiles nor of the value tile), one K = 256 and one V = 256,
 // H != HV, packed sequences (lengths 0, 1 and partial last chunks), l2norm on and off, g = 0 and
 // g = -1e4, every value tile; the recurrent backward then runs from its checkpoints.
-template <class T>
-void runChunkedSuite(std::mt19937& rng, int variant) {
-  struct Shape { int64_t len, K, V; bool packed; };
+template <class T> void runChunkedSuite(std::mt19937& rng, int variant) {
+  struct Shape {
+    int64_t len, K, V;
+    bool packed;
+  };
   const Shape shapes[] = {
-      {1, 32, 48, false},   {kChunk - 1, 16, 80, false}, {kChunk, 32, 48, false},   {kChunk + 1, 16, 80, false},
-      {2 * kChunk + 2, 32, 48, false}, {5, 16, 20, true}, {2 * kChunk + 5, 24, 40, true}, {kChunk + 1, 128, 64, false},
-      {3, 256, 24, false},  {2, 20, 256, false},
+      {1, 32, 48, false},
+      {kChunk - 1, 16, 80, false},
+      {kChunk, 32, 48, false},
+      {kChunk + 1, 16, 80, false},
+      {2 * kChunk + 2, 32, 48, false},
+      {5, 16, 20, true},
+      {2 * kChunk + 5, 24, 40, true},
+      {kChunk + 1, 128, 64, false},
+      {3, 256, 24, false},
+      {2, 20, 256, false},
   };
   int n = variant;
   for (const Shape& s : shapes) {
@@ -542,7 +566,8 @@ void runChunkedSuite(std::mt19937& rng, int variant) {
   runCase<T>(d, rng);
   d.T = 9, d.l2 = true, d.gMode = 2;
   runCase<T>(d, rng);
-  d.T = kChunk + 3, d.K = 20, d.V = 12, d.batch = 1, d.HV = 1, d.l2 = false, d.gMode = 1, d.hasH0 = false, d.hasDO = false;
+  d.T = kChunk + 3, d.K = 20, d.V = 12, d.batch = 1, d.HV = 1, d.l2 = false, d.gMode = 1, d.hasH0 = false,
+  d.hasDO = false;
   runCase<T>(d, rng);
 }
 
@@ -553,8 +578,8 @@ void runStep(std::mt19937& rng, int64_t tokens, int64_t K, int64_t V, bool updat
   c.batch = 2, c.T = tokens, c.K = K, c.V = V, c.H = 1, c.HV = 2, c.l2 = l2, c.gMode = tokens > 1 ? 2 : 0;
   const Problem P = makeProblem<T>(c, rng);
   char buf[200];
-  std::snprintf(buf, sizeof buf, "step %s tokens %lld K %lld V %lld update %d intermediate %d l2 %d rows %d", Elem<T>::name,
-                (long long)tokens, (long long)K, (long long)V, update, inter, l2, rows);
+  std::snprintf(buf, sizeof buf, "step %s tokens %lld K %lld V %lld update %d intermediate %d l2 %d rows %d",
+                Elem<T>::name, (long long)tokens, (long long)K, (long long)V, update, inter, l2, rows);
   context = buf;
   emu::setTunable("gatedDelta.rowsPerLane", rows);
   const Ref want = reference(P, false);
@@ -623,15 +648,34 @@ void checkRefusals() {
     check(!rkcuda::gatedDeltaBackward(a, g).ok(), std::string("backward accepts ") + what);
     check(emu::launchLog.size() == before, std::string("launched with ") + what);
   };
-  auto a = base(); a.K = 0; refused("K = 0", a);
-  a = base(); a.K = 257; refused("K = 257", a);
-  a = base(); a.V = 257; refused("V = 257", a);
-  a = base(); a.V = 0; refused("V = 0", a);
-  a = base(); a.HV = 3; a.H = 2; refused("HV % H != 0", a);
-  a = base(); a.chunk = 32; refused("a wrong chunk", a);
-  a = base(); a.totalChunks = 2; refused("a wrong totalChunks", a);
-  a = base(); a.T = -1; refused("T < 0", a);
-  a = base(); a.dt = static_cast<DType>(7); refused("an unknown dtype", a);
+  auto a = base();
+  a.K = 0;
+  refused("K = 0", a);
+  a = base();
+  a.K = 257;
+  refused("K = 257", a);
+  a = base();
+  a.V = 257;
+  refused("V = 257", a);
+  a = base();
+  a.V = 0;
+  refused("V = 0", a);
+  a = base();
+  a.HV = 3;
+  a.H = 2;
+  refused("HV % H != 0", a);
+  a = base();
+  a.chunk = 32;
+  refused("a wrong chunk", a);
+  a = base();
+  a.totalChunks = 2;
+  refused("a wrong totalChunks", a);
+  a = base();
+  a.T = -1;
+  refused("T < 0", a);
+  a = base();
+  a.dt = static_cast<DType>(7);
+  refused("an unknown dtype", a);
   rkcuda::GatedDeltaStepArgs s;
   s.batch = 1, s.H = 1, s.HV = 1, s.K = 300, s.V = 4;
   check(!rkcuda::gatedDeltaStep(s).ok(), "step accepts K = 300");
@@ -669,8 +713,7 @@ void checkRefusals() {
   check(emu::liveAllocations.empty(), "refusals leak");
 }
 
-template <class T>
-void checkCoverage() {
+template <class T> void checkCoverage() {
   using namespace rkcuda;
   const std::pair<const void*, const char*> kernels[] = {
       {emu::kernelId(gatedDeltaForwardKernel<T, 8>), "forward, 8 rows per lane"},
@@ -700,7 +743,8 @@ void checkCoverage() {
           std::string("never ran: ") + Elem<T>::name + " chunked gradients");
   }
   context = "coverage";
-  for (const auto& kk : kernels) check(launched.count(kk.first) == 1, std::string("never ran: ") + Elem<T>::name + " " + kk.second);
+  for (const auto& kk : kernels)
+    check(launched.count(kk.first) == 1, std::string("never ran: ") + Elem<T>::name + " " + kk.second);
 }
 
 }  // namespace

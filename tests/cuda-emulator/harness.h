@@ -27,17 +27,26 @@ namespace rkcuda {
 Status convert(DType from, const void* src, DType to, void* dst, int64_t n) {
   auto get = [&](int64_t i) -> float {
     switch (from) {
-      case DType::F32: return static_cast<const float*>(src)[i];
-      case DType::F16: return __half2float(static_cast<const __half*>(src)[i]);
-      default: return __bfloat162float(static_cast<const __nv_bfloat16*>(src)[i]);
+      case DType::F32:
+        return static_cast<const float*>(src)[i];
+      case DType::F16:
+        return __half2float(static_cast<const __half*>(src)[i]);
+      default:
+        return __bfloat162float(static_cast<const __nv_bfloat16*>(src)[i]);
     }
   };
   for (int64_t i = 0; i < n; ++i) {
     const float v = get(i);
     switch (to) {
-      case DType::F32: static_cast<float*>(dst)[i] = v; break;
-      case DType::F16: static_cast<__half*>(dst)[i] = __float2half_rn(v); break;
-      default: static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(v); break;
+      case DType::F32:
+        static_cast<float*>(dst)[i] = v;
+        break;
+      case DType::F16:
+        static_cast<__half*>(dst)[i] = __float2half_rn(v);
+        break;
+      default:
+        static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(v);
+        break;
     }
   }
   return Status{};
@@ -80,12 +89,14 @@ std::string context;  // the case being run
 inline void check(bool ok, const std::string& what, double got = 0, double want = 0) {
   ++checks;
   if (ok) return;
-  if (++failures <= kMaxReported) std::printf("FAIL %s: got %.9g, want %.9g  (%s)\n", what.c_str(), got, want, context.c_str());
+  if (++failures <= kMaxReported)
+    std::printf("FAIL %s: got %.9g, want %.9g  (%s)\n", what.c_str(), got, want, context.c_str());
 }
 
 // ||got - want|| <= tol * ||want|| (or an absolute 1e-6 per sqrt(element) when want is all but
 // zero); NaN never passes.
-inline void compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol) {
+inline void compare(const std::string& what, const std::vector<double>& got, const std::vector<double>& want,
+                    double tol) {
   double num = 0, den = 0, worstDiff = -1;
   bool finite = got.size() == want.size();
   size_t worst = 0;
@@ -114,8 +125,7 @@ inline void compare(const std::string& what, const std::vector<double>& got, con
 
 // Stand-in for a device array: n elements starting `offset` elements past a 16-byte boundary, with
 // kGuard sentinel elements on each side (and 16 spare bytes past the end of those).
-template <class T>
-struct Buf {
+template <class T> struct Buf {
   static constexpr int kGuard = 16;  // elements; a multiple of 8 keeps offset 0 16-byte aligned
   std::vector<uint4> storage;        // uint4: 16-byte aligned
   T* data = nullptr;

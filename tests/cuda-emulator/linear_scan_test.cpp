@@ -31,9 +31,12 @@ using rkcuda::DType;
 
 // Tolerance of each dtype's results.
 template <class T> constexpr double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 1e-5;  // fp32 state and storage
-  else if constexpr (std::is_same_v<T, __half>) return 1e-3;  // the outputs' rounding: 2^-11 relative
-  else return 8e-3;  // the outputs' rounding: 2^-8 relative
+  if constexpr (std::is_same_v<T, float>)
+    return 1e-5;  // fp32 state and storage
+  else if constexpr (std::is_same_v<T, __half>)
+    return 1e-3;  // the outputs' rounding: 2^-11 relative
+  else
+    return 8e-3;  // the outputs' rounding: 2^-8 relative
 }
 
 // ---- reporting ----
@@ -43,18 +46,18 @@ struct Case {
   int64_t rows, length;
   bool reverse;
   int warps;
-  int offset[6];  // element offset from 16-byte alignment of a, b, h, gh, ga, gb (see Arr)
+  int offset[6];                         // element offset from 16-byte alignment of a, b, h, gh, ga, gb (see Arr)
   bool h0, finalState, gh, gFinal, gh0;  // optional arguments passed
-  bool alias;  // h0 and finalState are one buffer, and so are gFinal and gh0
+  bool alias;                            // h0 and finalState are one buffer, and so are gFinal and gh0
 
   std::string describe() const {
     char s[256];
     std::snprintf(s, sizeof s,
                   "%s rows=%lld L=%lld %s warps=%d offsets(a,b,h,gh,ga,gb)=%d,%d,%d,%d,%d,%d "
                   "h0=%d final=%d gh=%d gFinal=%d gh0=%d alias=%d",
-                  dtype, static_cast<long long>(rows), static_cast<long long>(length),
-                  reverse ? "reverse" : "forward", warps, offset[0], offset[1], offset[2], offset[3], offset[4],
-                  offset[5], h0, finalState, gh, gFinal, gh0, alias);
+                  dtype, static_cast<long long>(rows), static_cast<long long>(length), reverse ? "reverse" : "forward",
+                  warps, offset[0], offset[1], offset[2], offset[3], offset[4], offset[5], h0, finalState, gh, gFinal,
+                  gh0, alias);
     return s;
   }
 };
@@ -74,8 +77,7 @@ bool near(double got, double want, double tolerance) {
 }
 
 // Sentinel guards of an output array untouched.
-template <class T>
-void checkGuards(const Buf<T>& buf, const Case& c, const char* what) {
+template <class T> void checkGuards(const Buf<T>& buf, const Case& c, const char* what) {
   const double s = Elem<T>::value(Buf<T>::sentinel());
   for (int i = 0; i < Buf<T>::kGuard; ++i) {
     const double before = Elem<T>::value(buf.data[i - Buf<T>::kGuard]);
@@ -95,35 +97,38 @@ void checkUnchanged(const Buf<T>& buf, const std::vector<double>& values, const 
 
 // ---- which kernel the launchers should pick ----
 
-template <class T, int W>
-const void* kernelFor(bool backward, bool desc, bool vec) {
+template <class T, int W> const void* kernelFor(bool backward, bool desc, bool vec) {
   using namespace rkcuda;
   constexpr int F = kFwdGroups<T>, B = kBwdGroups<T>;
   if (backward) {
-    if (desc) return vec ? emu::kernelId(linearScanBackwardKernel<T, B, W, true, true>)
-                         : emu::kernelId(linearScanBackwardKernel<T, B, W, true, false>);
+    if (desc)
+      return vec ? emu::kernelId(linearScanBackwardKernel<T, B, W, true, true>)
+                 : emu::kernelId(linearScanBackwardKernel<T, B, W, true, false>);
     return vec ? emu::kernelId(linearScanBackwardKernel<T, B, W, false, true>)
                : emu::kernelId(linearScanBackwardKernel<T, B, W, false, false>);
   }
-  if (desc) return vec ? emu::kernelId(linearScanForwardKernel<T, F, W, true, true>)
-                       : emu::kernelId(linearScanForwardKernel<T, F, W, true, false>);
+  if (desc)
+    return vec ? emu::kernelId(linearScanForwardKernel<T, F, W, true, true>)
+               : emu::kernelId(linearScanForwardKernel<T, F, W, true, false>);
   return vec ? emu::kernelId(linearScanForwardKernel<T, F, W, false, true>)
              : emu::kernelId(linearScanForwardKernel<T, F, W, false, false>);
 }
 
-template <class T>
-const void* kernelFor(int warps, bool backward, bool desc, bool vec) {
+template <class T> const void* kernelFor(int warps, bool backward, bool desc, bool vec) {
   switch (warps) {
-    case 1: return kernelFor<T, 1>(backward, desc, vec);
-    case 2: return kernelFor<T, 2>(backward, desc, vec);
-    case 4: return kernelFor<T, 4>(backward, desc, vec);
-    default: return kernelFor<T, 8>(backward, desc, vec);
+    case 1:
+      return kernelFor<T, 1>(backward, desc, vec);
+    case 2:
+      return kernelFor<T, 2>(backward, desc, vec);
+    case 4:
+      return kernelFor<T, 4>(backward, desc, vec);
+    default:
+      return kernelFor<T, 8>(backward, desc, vec);
   }
 }
 
 // The launch log holds exactly the one launch expected (none for an empty row).
-template <class T>
-void checkLaunch(const Case& c, bool backward, bool vec, const char* what) {
+template <class T> void checkLaunch(const Case& c, bool backward, bool vec, const char* what) {
   const size_t want = c.length > 0 ? 1 : 0;
   check(emu::launchLog.size() == want, c, (std::string(what) + ": number of launches").c_str(), 0,
         static_cast<double>(emu::launchLog.size()), static_cast<double>(want));
@@ -142,8 +147,7 @@ void checkLaunch(const Case& c, bool backward, bool vec, const char* what) {
 }
 
 // Every kernel instantiation ran at least once (the case set reaches every configuration).
-template <class T>
-void checkCoverage() {
+template <class T> void checkCoverage() {
   for (int warps : {1, 2, 4, 8}) {
     for (int flags = 0; flags < 8; ++flags) {
       const bool backward = flags & 1, desc = flags & 2, vec = flags & 4;
@@ -159,8 +163,7 @@ void checkCoverage() {
 
 // ---- one case: forward, then backward from the forward's output ----
 
-template <class T>
-void runCase(const Case& c, std::mt19937& rng) {
+template <class T> void runCase(const Case& c, std::mt19937& rng) {
   using E = Elem<T>;
   constexpr int64_t G = 16 / sizeof(T);
   const int64_t rows = c.rows, L = c.length;
@@ -263,8 +266,7 @@ void runCase(const Case& c, std::mt19937& rng) {
 
 // ---- the case set ----
 
-template <class T>
-void runSuite(std::mt19937& rng) {
+template <class T> void runSuite(std::mt19937& rng) {
   constexpr int G = 16 / sizeof(T);
   // Positions per row per chunk with one warp per row: 32 lanes x 16 items in the forward kernel,
   // x 8 in the backward one; both scale with the warps per row.
@@ -278,8 +280,22 @@ void runSuite(std::mt19937& rng) {
     // and four forward chunks (both register buffers reused, odd and even chunk counts), ending
     // with a whole group or mid-group; and random lengths, which move the last position (whose
     // thread writes finalState / gh0) to arbitrary warps, lanes and groups.
-    std::vector<int64_t> lengths = {1, 2, G - 1, G, G + 1, C / 2 - 1, C / 2, C / 2 + 1, C - G, C - 1, C, C + 1,
-                                    C + G, 2 * C + G, 2 * C + C / 2 + 3, 3 * C + C / 2 + 1};
+    std::vector<int64_t> lengths = {1,
+                                    2,
+                                    G - 1,
+                                    G,
+                                    G + 1,
+                                    C / 2 - 1,
+                                    C / 2,
+                                    C / 2 + 1,
+                                    C - G,
+                                    C - 1,
+                                    C,
+                                    C + 1,
+                                    C + G,
+                                    2 * C + G,
+                                    2 * C + C / 2 + 3,
+                                    3 * C + C / 2 + 1};
     for (int i = 0; i < 3; ++i) lengths.push_back(1 + static_cast<int64_t>(rng() % (3 * C)));
     int variant = 0;
     for (int64_t L : lengths) {
@@ -333,8 +349,8 @@ void runEdgeCases() {
 
   // Length 0: finalState = h0 (zeros without h0), gh0 = gFinal.
   out.assign(4, 777.0f);
-  outIs(linearScanForward(DType::F32, nullptr, nullptr, h0.data(), nullptr, out.data(), 3, 0, false),
-        "L=0: finalState", h0);
+  outIs(linearScanForward(DType::F32, nullptr, nullptr, h0.data(), nullptr, out.data(), 3, 0, false), "L=0: finalState",
+        h0);
   outIs(linearScanForward(DType::F32, nullptr, nullptr, nullptr, nullptr, out.data(), 3, 0, true),
         "L=0: finalState without h0", {0, 0, 0, 777.0f});
   outIs(linearScanBackward(DType::F32, nullptr, nullptr, nullptr, nullptr, h0.data(), nullptr, nullptr, out.data(), 3,

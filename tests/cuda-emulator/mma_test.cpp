@@ -34,8 +34,7 @@ void expect(bool ok, const char* what, int i, double got, double want) {
 }
 
 // D (16 x 8) = C + A (16 x 16*ksteps) * B (16*ksteps x 8), all row-major fp32 in global memory.
-template <class T>
-__global__ void mma16Kernel(const float* A, const float* B, const float* C, float* D, int ksteps) {
+template <class T> __global__ void mma16Kernel(const float* A, const float* B, const float* C, float* D, int ksteps) {
   mma::FragC acc;
   for (int i = 0; i < 4; ++i) {
     const int g = mma::lane() >> 2, t = mma::lane() & 3;
@@ -87,7 +86,8 @@ void testDynamicShared() {
   for (int i = 0; i < 16 * 16; ++i) A[i] = static_cast<float>(i % 7 - 3);
   for (int i = 0; i < 16 * 8; ++i) B[i] = static_cast<float>(i % 5 - 2);
   const size_t bytes = 64 * 1024;
-  const rkcuda::Status refused = rkcuda::launch(mmaSharedKernel, dim3(1), dim3(32), bytes, A.data(), B.data(), D.data());
+  const rkcuda::Status refused =
+      rkcuda::launch(mmaSharedKernel, dim3(1), dim3(32), bytes, A.data(), B.data(), D.data());
   expect(!refused.ok(), "64 KiB of dynamic shared memory without allowDynamicShared is refused", 0, refused.ok(), 0);
   expect(rkcuda::allowDynamicShared(mmaSharedKernel, bytes).ok(), "allowDynamicShared", 0, 0, 1);
   const rkcuda::Status st = rkcuda::launch(mmaSharedKernel, dim3(1), dim3(32), bytes, A.data(), B.data(), D.data());
@@ -103,8 +103,7 @@ void testDynamicShared() {
 
 // loadA16Packed / loadB16PackedT (16-bit arrays, leading dimensions with padding) give the same
 // fragments as loadA16 / loadB16 on the same values; out[lane] counts the registers that differ.
-template <class T>
-__global__ void packedLoadKernel(const T* a, int lda, const T* bt, int ldb, int* out) {
+template <class T> __global__ void packedLoadKernel(const T* a, int lda, const T* bt, int ldb, int* out) {
   const mma::FragA16 fa = mma::loadA16Packed(a, lda);
   const mma::FragB16 fb = mma::loadB16PackedT(bt, ldb);
   const mma::FragA16 ra = mma::loadA16<T>([&](int r, int c) { return static_cast<float>(a[r * lda + c]); });
@@ -115,12 +114,12 @@ __global__ void packedLoadKernel(const T* a, int lda, const T* bt, int ldb, int*
   out[mma::lane()] = bad;
 }
 
-template <class T>
-void testPackedLoads(const char* name) {
+template <class T> void testPackedLoads(const char* name) {
   const int lda = 24, ldb = 40;  // padded rows
   std::vector<T> a(16 * lda), bt(8 * ldb);
   for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<T>(static_cast<float>(static_cast<int>(i % 13) - 6) * 0.25f);
-  for (size_t i = 0; i < bt.size(); ++i) bt[i] = static_cast<T>(static_cast<float>(static_cast<int>(i % 11) - 5) * 0.5f);
+  for (size_t i = 0; i < bt.size(); ++i)
+    bt[i] = static_cast<T>(static_cast<float>(static_cast<int>(i % 11) - 5) * 0.5f);
   std::vector<int> out(32, -1);
   rkcuda::launch(packedLoadKernel<T>, dim3(1), dim3(32), 0, a.data(), lda, bt.data() + 16, ldb, out.data());
   for (int l = 0; l < 32; ++l) expect(out[l] == 0, name, l, out[l], 0);
@@ -151,10 +150,15 @@ void run(Kind kind, int ksteps, bool integers, std::mt19937& rng) {
   for (auto& x : B) x = draw();
   for (auto& x : C) x = draw();
   const char* name = kind == Kind::kHalf ? "mma16816<half>" : kind == Kind::kBf16 ? "mma16816<bf16>" : "mma1688tf32";
-  if (kind == Kind::kHalf) rkcuda::launch(mma16Kernel<__half>, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
-  if (kind == Kind::kBf16) rkcuda::launch(mma16Kernel<__nv_bfloat16>, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
-  if (kind == Kind::kTf32) rkcuda::launch(mmaTf32Kernel, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
-  auto rnd = [&](float x) { return kind == Kind::kHalf ? roundHalf(x) : kind == Kind::kBf16 ? roundBf16(x) : roundTf32(x); };
+  if (kind == Kind::kHalf)
+    rkcuda::launch(mma16Kernel<__half>, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
+  if (kind == Kind::kBf16)
+    rkcuda::launch(mma16Kernel<__nv_bfloat16>, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
+  if (kind == Kind::kTf32)
+    rkcuda::launch(mmaTf32Kernel, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), ksteps);
+  auto rnd = [&](float x) {
+    return kind == Kind::kHalf ? roundHalf(x) : kind == Kind::kBf16 ? roundBf16(x) : roundTf32(x);
+  };
   for (int r = 0; r < 16; ++r) {
     for (int n = 0; n < 8; ++n) {
       double want = C[r * 8 + n], mag = std::fabs(C[r * 8 + n]);
@@ -177,14 +181,18 @@ void testPacking() {
     expect(mma::unpackLo<__half>(ph) == roundHalf(v), "pack<half> lo", 0, mma::unpackLo<__half>(ph), roundHalf(v));
     expect(mma::unpackHi<__half>(ph) == roundHalf(-v), "pack<half> hi", 0, mma::unpackHi<__half>(ph), roundHalf(-v));
     const uint32_t pb = mma::pack<__nv_bfloat16>(v, 2 * v);
-    expect(mma::unpackLo<__nv_bfloat16>(pb) == roundBf16(v), "pack<bf16> lo", 0, mma::unpackLo<__nv_bfloat16>(pb), roundBf16(v));
-    expect(mma::unpackHi<__nv_bfloat16>(pb) == roundBf16(2 * v), "pack<bf16> hi", 0, mma::unpackHi<__nv_bfloat16>(pb), roundBf16(2 * v));
+    expect(mma::unpackLo<__nv_bfloat16>(pb) == roundBf16(v), "pack<bf16> lo", 0, mma::unpackLo<__nv_bfloat16>(pb),
+           roundBf16(v));
+    expect(mma::unpackHi<__nv_bfloat16>(pb) == roundBf16(2 * v), "pack<bf16> hi", 0, mma::unpackHi<__nv_bfloat16>(pb),
+           roundBf16(2 * v));
   }
   // tf32: 1 + 2^-11 rounds up to 1 + 2^-10 (ties away), 1 + 2^-12 rounds down; inf and NaN stay.
   const float tie = 1.0f + std::ldexp(1.0f, -11), below = 1.0f + std::ldexp(1.0f, -12);
-  expect(__uint_as_float(mma::toTf32(tie)) == 1.0f + std::ldexp(1.0f, -10), "tf32 tie", 0, __uint_as_float(mma::toTf32(tie)), 1.0f + std::ldexp(1.0f, -10));
+  expect(__uint_as_float(mma::toTf32(tie)) == 1.0f + std::ldexp(1.0f, -10), "tf32 tie", 0,
+         __uint_as_float(mma::toTf32(tie)), 1.0f + std::ldexp(1.0f, -10));
   expect(__uint_as_float(mma::toTf32(below)) == 1.0f, "tf32 below", 0, __uint_as_float(mma::toTf32(below)), 1.0);
-  expect(std::isinf(__uint_as_float(mma::toTf32(INFINITY))), "tf32 inf", 0, __uint_as_float(mma::toTf32(INFINITY)), INFINITY);
+  expect(std::isinf(__uint_as_float(mma::toTf32(INFINITY))), "tf32 inf", 0, __uint_as_float(mma::toTf32(INFINITY)),
+         INFINITY);
   expect(std::isnan(__uint_as_float(mma::toTf32(NAN))), "tf32 nan", 0, __uint_as_float(mma::toTf32(NAN)), NAN);
 }
 

@@ -65,8 +65,10 @@ using rkcuda::NewtonGuess;
 
 // Norm-wise tolerance of each dtype's results.
 template <class T> constexpr double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 1e-4;
-  else return 1e-2;  // bf16
+  if constexpr (std::is_same_v<T, float>)
+    return 1e-4;
+  else
+    return 1e-2;  // bf16
 }
 
 double f32(double x) { return static_cast<float>(x); }
@@ -78,11 +80,16 @@ int statesOf(NewtonCell c) { return c == NewtonCell::Lstm || c == NewtonCell::Ls
 bool isDiag(NewtonCell c) { return c == NewtonCell::GruDiag || c == NewtonCell::LstmCifgDiag; }
 const char* cellName(NewtonCell c) {
   switch (c) {
-    case NewtonCell::GruDiag: return "gru-diag";
-    case NewtonCell::LstmCifgDiag: return "lstm-cifg-diag";
-    case NewtonCell::Gru: return "gru";
-    case NewtonCell::Lstm: return "lstm";
-    default: return "elman";
+    case NewtonCell::GruDiag:
+      return "gru-diag";
+    case NewtonCell::LstmCifgDiag:
+      return "lstm-cifg-diag";
+    case NewtonCell::Gru:
+      return "gru";
+    case NewtonCell::Lstm:
+      return "lstm";
+    default:
+      return "elman";
   }
 }
 
@@ -295,12 +302,15 @@ std::vector<double> stateAt(const Model& m, const RowTraj& tr, int64_t b, int64_
 // Small dense linear algebra on S x S blocks (row-major vectors).
 Mat mmul(const Mat& a, const Mat& b, int S) {
   Mat c(S * S, 0.0);
-  for (int i = 0; i < S; ++i) for (int j = 0; j < S; ++j) for (int k = 0; k < S; ++k) c[i * S + j] += a[i * S + k] * b[k * S + j];
+  for (int i = 0; i < S; ++i)
+    for (int j = 0; j < S; ++j)
+      for (int k = 0; k < S; ++k) c[i * S + j] += a[i * S + k] * b[k * S + j];
   return c;
 }
 Mat mT(const Mat& a, int S) {
   Mat c(S * S);
-  for (int i = 0; i < S; ++i) for (int j = 0; j < S; ++j) c[i * S + j] = a[j * S + i];
+  for (int i = 0; i < S; ++i)
+    for (int j = 0; j < S; ++j) c[i * S + j] = a[j * S + i];
   return c;
 }
 Mat minv(const Mat& a, int S) {
@@ -310,7 +320,8 @@ Mat minv(const Mat& a, int S) {
 }
 std::vector<double> mvec(const Mat& a, const std::vector<double>& v, int S) {
   std::vector<double> r(S, 0.0);
-  for (int i = 0; i < S; ++i) for (int k = 0; k < S; ++k) r[i] += a[i * S + k] * v[k];
+  for (int i = 0; i < S; ++i)
+    for (int k = 0; k < S; ++k) r[i] += a[i * S + k] * v[k];
   return r;
 }
 
@@ -398,7 +409,11 @@ NewtonResult refNewton(const Model& m, int64_t b, int maxIters, double tolAbs, d
     }
     for (int64_t n = 0; n < m.N; ++n) {
       auto Jn = [&](int64_t t) { return Mat(J[t].begin() + n * S * S, J[t].begin() + (n + 1) * S * S); };
-      auto cn = [&](int64_t t) { std::vector<double> v(S); for (int i = 0; i < S; ++i) v[i] = c[t][i * m.N + n]; return v; };
+      auto cn = [&](int64_t t) {
+        std::vector<double> v(S);
+        for (int i = 0; i < S; ++i) v[i] = c[t][i * m.N + n];
+        return v;
+      };
       if (lambda == 0) {
         std::vector<double> h(S);
         for (int i = 0; i < S; ++i) h[i] = m.h0[(i * m.B + b) * m.N + n];
@@ -433,7 +448,7 @@ NewtonResult refNewton(const Model& m, int64_t b, int maxIters, double tolAbs, d
           }
           if (t > 0) {
             // Eliminate h_{t-1}: M -= A_t Mp_{t-1}^-1 B_{t-1}, r -= A_t Mp_{t-1}^-1 rp_{t-1}.
-            const Mat A = Jn(t);  // -A_t
+            const Mat A = Jn(t);             // -A_t
             const Mat Bprev = mT(Jn(t), S);  // -B_{t-1} = J_t^T
             const Mat Minv = minv(Mp[t - 1], S);
             const Mat AM = mmul(A, Minv, S);
@@ -538,7 +553,8 @@ Model makeModel(NewtonCell cell, int64_t B, int64_t T, int64_t H, int64_t D, dou
 }
 
 void checkReferenceGradients(std::mt19937& rng) {
-  for (NewtonCell cell : {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag, NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman}) {
+  for (NewtonCell cell :
+       {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag, NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman}) {
     context = std::string("reference gradients ") + cellName(cell);
     Model m = makeModel(cell, 2, 4, 2, 3, 1.0, rng, false);
     std::uniform_real_distribution<double> U(-1, 1);
@@ -549,8 +565,10 @@ void checkReferenceGradients(std::mt19937& rng) {
       double L = 0;
       for (int64_t b = 0; b < mm.B; ++b) {
         const RowTraj tr = sequential(mm, b);
-        for (int64_t t = 0; t < mm.T; ++t) for (int64_t n = 0; n < mm.N; ++n) L += dy[(b * mm.T + t) * mm.N + n] * tr.at(t, 0, n);
-        for (int s = 0; s < mm.S; ++s) for (int64_t n = 0; n < mm.N; ++n) L += dF[(s * mm.B + b) * mm.N + n] * tr.at(mm.T - 1, s, n);
+        for (int64_t t = 0; t < mm.T; ++t)
+          for (int64_t n = 0; n < mm.N; ++n) L += dy[(b * mm.T + t) * mm.N + n] * tr.at(t, 0, n);
+        for (int s = 0; s < mm.S; ++s)
+          for (int64_t n = 0; n < mm.N; ++n) L += dF[(s * mm.B + b) * mm.N + n] * tr.at(mm.T - 1, s, n);
       }
       return L;
     };
@@ -564,7 +582,8 @@ void checkReferenceGradients(std::mt19937& rng) {
         (a.*field)[i] += e;
         (c.*field)[i] -= e;
         const double fd = (loss(a) - loss(c)) / (2 * e);
-        check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)), std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
+        check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)),
+              std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
       }
     };
     probe(&Model::wx, g.dwx, "wx");
@@ -586,22 +605,23 @@ struct Case {
   double tolAbs = 1e-5, tolRel = 1e-5, lambda = 0;
   NewtonGuess guess = NewtonGuess::Zeros;
   bool sequential = false, fallback = true, hasH0 = true, hasFinal = true, fullJacobian = false;
-  int chan = 0, threads = 0, sharedR = 0;  // tunables (0: the launcher's choice)
-  int stepChan = 0, stepThreads = 0;        // the per-channel parallel step's block shape
+  int chan = 0, threads = 0, sharedR = 0;          // tunables (0: the launcher's choice)
+  int stepChan = 0, stepThreads = 0;               // the per-channel parallel step's block shape
   int fullChunk = 0, fullTC = 0, fullThreads = 0;  // full Jacobian: chunk length, 1 FMA / 2 tensor cores, block
-  bool expectFallback = false;              // some row must fall back (a non-converging case)
-  bool compareIterate = false;              // non-converged rows (no fallback) must equal the float64 iterate
-  double iterateTol = 0;                    // its relative tolerance (0: as for the results)
+  bool expectFallback = false;                     // some row must fall back (a non-converging case)
+  bool compareIterate = false;                     // non-converged rows (no fallback) must equal the float64 iterate
+  double iterateTol = 0;                           // its relative tolerance (0: as for the results)
 };
 
 std::string describe(const Case& c, const char* dt) {
   char buf[400];
   std::snprintf(buf, sizeof buf,
-                "%s %s B %lld T %lld H %lld D %lld rScale %g maxIters %d lambda %g guess %d seq %d fallback %d h0 %d chan %d threads %d sharedR %d "
+                "%s %s B %lld T %lld H %lld D %lld rScale %g maxIters %d lambda %g guess %d seq %d fallback %d h0 %d "
+                "chan %d threads %d sharedR %d "
                 "step %d/%d full %d chunk %d tc %d threads %d",
-                dt, cellName(c.cell), (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.D, c.rScale, c.maxIters,
-                c.lambda, static_cast<int>(c.guess), c.sequential, c.fallback, c.hasH0, c.chan, c.threads, c.sharedR,
-                c.stepChan, c.stepThreads, c.fullJacobian, c.fullChunk, c.fullTC, c.fullThreads);
+                dt, cellName(c.cell), (long long)c.B, (long long)c.T, (long long)c.H, (long long)c.D, c.rScale,
+                c.maxIters, c.lambda, static_cast<int>(c.guess), c.sequential, c.fallback, c.hasH0, c.chan, c.threads,
+                c.sharedR, c.stepChan, c.stepThreads, c.fullJacobian, c.fullChunk, c.fullTC, c.fullThreads);
   return buf;
 }
 
@@ -624,19 +644,23 @@ struct StepsRan {
 };
 StepsRan stepsIn(const std::vector<emu::LaunchRecord>& log) {
   using rkcuda::NewtonCell;
-  const std::set<const void*> full = {
-      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Gru>), emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Lstm>),
-      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Elman>), emu::kernelId(rkcuda::fullCarryKernel),
-      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Gru>), emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Lstm>),
-      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Elman>)};
-  const std::set<const void*> perChannel = {
-      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::GruDiag>), emu::kernelId(rkcuda::scanStepKernel<NewtonCell::LstmCifgDiag>),
-      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Gru>), emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Lstm>),
-      emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Elman>)};
-  const std::set<const void*> damped = {
-      emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::GruDiag>), emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::LstmCifgDiag>),
-      emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Gru>), emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Lstm>),
-      emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Elman>)};
+  const std::set<const void*> full = {emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Gru>),
+                                      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Lstm>),
+                                      emu::kernelId(rkcuda::fullChunkKernel<NewtonCell::Elman>),
+                                      emu::kernelId(rkcuda::fullCarryKernel),
+                                      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Gru>),
+                                      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Lstm>),
+                                      emu::kernelId(rkcuda::fullApplyKernel<NewtonCell::Elman>)};
+  const std::set<const void*> perChannel = {emu::kernelId(rkcuda::scanStepKernel<NewtonCell::GruDiag>),
+                                            emu::kernelId(rkcuda::scanStepKernel<NewtonCell::LstmCifgDiag>),
+                                            emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Gru>),
+                                            emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Lstm>),
+                                            emu::kernelId(rkcuda::scanStepKernel<NewtonCell::Elman>)};
+  const std::set<const void*> damped = {emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::GruDiag>),
+                                        emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::LstmCifgDiag>),
+                                        emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Gru>),
+                                        emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Lstm>),
+                                        emu::kernelId(rkcuda::dampedStepKernel<NewtonCell::Elman>)};
   StepsRan r;
   for (const auto& l : log) {
     r.full = r.full || full.count(l.kernel) > 0;
@@ -646,8 +670,7 @@ StepsRan stepsIn(const std::vector<emu::LaunchRecord>& log) {
   return r;
 }
 
-template <class T>
-void runForward(const Case& c, std::mt19937& rng) {
+template <class T> void runForward(const Case& c, std::mt19937& rng) {
   const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
   context = describe(c, Elem<T>::name);
   setTunables(c);
@@ -680,7 +703,8 @@ void runForward(const Case& c, std::mt19937& rng) {
   a.sequential = c.sequential;
   a.fallbackSequential = c.fallback;
   a.maxIters = c.maxIters;
-  a.tolAbs = static_cast<float>(c.tolAbs), a.tolRel = static_cast<float>(c.tolRel), a.damping = static_cast<float>(c.lambda);
+  a.tolAbs = static_cast<float>(c.tolAbs), a.tolRel = static_cast<float>(c.tolRel),
+  a.damping = static_cast<float>(c.lambda);
   a.guess = c.guess;
   a.guessTraj = c.guess == NewtonGuess::Provided ? guess.data : nullptr;
   a.wx = wx.data, a.R = R.data, a.b = b.data, a.h0 = c.hasH0 ? h0.data : nullptr;
@@ -702,15 +726,19 @@ void runForward(const Case& c, std::mt19937& rng) {
   for (int64_t r = 0; r < c.B; ++r) {
     const RowTraj ex = sequential(m, r);
     std::copy(ex.v.begin(), ex.v.end(), want.begin() + r * c.T * S * N);
-    for (int64_t t = 0; t < c.T; ++t) for (int64_t n = 0; n < N; ++n) wantY[(r * c.T + t) * N + n] = ex.at(t, 0, n);
-    for (int s = 0; s < S; ++s) for (int64_t n = 0; n < N; ++n) wantFin[(s * c.B + r) * N + n] = c.T > 0 ? ex.at(c.T - 1, s, n) : m.h0[(s * c.B + r) * N + n];
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t n = 0; n < N; ++n) wantY[(r * c.T + t) * N + n] = ex.at(t, 0, n);
+    for (int s = 0; s < S; ++s)
+      for (int64_t n = 0; n < N; ++n)
+        wantFin[(s * c.B + r) * N + n] = c.T > 0 ? ex.at(c.T - 1, s, n) : m.h0[(s * c.B + r) * N + n];
     const std::string rs = " row " + std::to_string(r);
     if (c.sequential) {
-      check(iters[r] == 0 && conv[r] == 1 && resid[r] == 0.0f && fell[r] == 0, "sequential statistics" + rs, iters[r], 0);
+      check(iters[r] == 0 && conv[r] == 1 && resid[r] == 0.0f && fell[r] == 0, "sequential statistics" + rs, iters[r],
+            0);
       continue;
     }
-    const NewtonResult nr =
-        refNewton(m, r, c.maxIters, c.tolAbs, c.tolRel, c.lambda, c.guess, &provided, c.fullJacobian && !isDiag(c.cell));
+    const NewtonResult nr = refNewton(m, r, c.maxIters, c.tolAbs, c.tolRel, c.lambda, c.guess, &provided,
+                                      c.fullJacobian && !isDiag(c.cell));
     if (nr.clear) {
       ++itersCompared;
       check(iters[r] == nr.iterations, "iterations" + rs, iters[r], nr.iterations);
@@ -724,7 +752,8 @@ void runForward(const Case& c, std::mt19937& rng) {
       // The residual is that of the returned iterate, within the tolerance's absolute part scale.
       double maxAbs = 0;
       for (int64_t e = 0; e < c.T * S * N; ++e) maxAbs = std::max(maxAbs, std::fabs(want[r * c.T * S * N + e]));
-      check(resid[r] >= 0 && resid[r] <= c.tolAbs + c.tolRel * maxAbs + 1e-6, "residual within tolerance" + rs, resid[r], c.tolAbs);
+      check(resid[r] >= 0 && resid[r] <= c.tolAbs + c.tolRel * maxAbs + 1e-6, "residual within tolerance" + rs,
+            resid[r], c.tolAbs);
     } else {
       check(fell[r] == (c.fallback ? 1 : 0), "fellBack of a non-converged row" + rs, fell[r], c.fallback);
       check(resid[r] > 0 || std::isnan(resid[r]), "residual of a non-converged row" + rs, resid[r], 0);
@@ -744,7 +773,8 @@ void runForward(const Case& c, std::mt19937& rng) {
     const bool dense = !isDiag(c.cell), full = dense && c.fullJacobian && c.lambda == 0;
     const bool perChannel = dense && !full && c.lambda == 0;
     check(ran.full == (full && most > 0), "full-Jacobian step kernels ran", ran.full, full && most > 0);
-    check(ran.perChannel == (perChannel && most > 0), "per-channel step kernel ran", ran.perChannel, perChannel && most > 0);
+    check(ran.perChannel == (perChannel && most > 0), "per-channel step kernel ran", ran.perChannel,
+          perChannel && most > 0);
     check(ran.damped == (c.lambda > 0 && most > 0), "damped step kernel ran", ran.damped, c.lambda > 0 && most > 0);
   }
   if (c.expectFallback) check(anyFell || !c.fallback, "a non-converging case fell back", anyFell, 1);
@@ -776,11 +806,10 @@ void runForward(const Case& c, std::mt19937& rng) {
 
 // ---- backward cases ----
 
-template <class T>
-void runBackward(const Case& c, bool hasDy, bool hasDFinal, bool hasDh0, std::mt19937& rng) {
+template <class T> void runBackward(const Case& c, bool hasDy, bool hasDFinal, bool hasDh0, std::mt19937& rng) {
   const bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-  context = describe(c, Elem<T>::name) + " backward dy " + std::to_string(hasDy) + " dFinal " + std::to_string(hasDFinal) +
-            " dh0 " + std::to_string(hasDh0);
+  context = describe(c, Elem<T>::name) + " backward dy " + std::to_string(hasDy) + " dFinal " +
+            std::to_string(hasDFinal) + " dh0 " + std::to_string(hasDh0);
   setTunables(c);
   Model m = makeModel(c.cell, c.B, c.T, c.H, c.D, c.rScale, rng, bf16);
   if (!c.hasH0) std::fill(m.h0.begin(), m.h0.end(), 0.0);
@@ -806,8 +835,8 @@ void runBackward(const Case& c, bool hasDy, bool hasDFinal, bool hasDh0, std::mt
   const Grads want = refBackward(m, trajs, dy, dF);
 
   Buf<T> wx(m.wx.size()), dyB(std::max<size_t>(dy.size(), 1)), dwx(m.wx.size());
-  Buf<float> R(m.R.size()), b(m.b.size()), h0(m.h0.size()), traj(elems), dFB(std::max<size_t>(dF.size(), 1)), dR(m.R.size()),
-      db(m.b.size()), dh0(S * c.B * N);
+  Buf<float> R(m.R.size()), b(m.b.size()), h0(m.h0.size()), traj(elems), dFB(std::max<size_t>(dF.size(), 1)),
+      dR(m.R.size()), db(m.b.size()), dh0(S * c.B * N);
   wx.set(m.wx);
   R.set(m.R);
   b.set(m.b);
@@ -840,8 +869,10 @@ void runBackward(const Case& c, bool hasDy, bool hasDFinal, bool hasDh0, std::mt
   checkOutput("dwx", dwx, want.dwx, tol);
   checkOutput("dR", dR, want.dR, tol);
   checkOutput("db", db, want.db, tol);
-  if (hasDh0) checkOutput("dh0", dh0, want.dh0, tol);
-  else check(dh0.guardsIntact(), "dh0 written when not wanted");
+  if (hasDh0)
+    checkOutput("dh0", dh0, want.dh0, tol);
+  else
+    check(dh0.guardsIntact(), "dh0 written when not wanted");
 }
 
 void checkRefusals() {
@@ -862,25 +893,64 @@ void checkRefusals() {
     check(!rkcuda::newtonRnnForward(a, o).ok(), std::string("forward accepts ") + what);
     rkcuda::NewtonRnnGrads g;
     g.traj = dummy.data, g.dwx = dummy.data, g.dR = dummy.data, g.db = dummy.data;
-    if (std::string(what).find("full Jacobian") == std::string::npos && std::string(what).find("step ") == std::string::npos)
+    if (std::string(what).find("full Jacobian") == std::string::npos &&
+        std::string(what).find("step ") == std::string::npos)
       check(!rkcuda::newtonRnnBackward(a, g).ok(), std::string("backward accepts ") + what);
     check(emu::launchLog.size() == before, std::string("launched with ") + what);
   };
-  auto a = base(); a.headDim = 0; refused("headDim 0", a);
-  a = base(); a.heads = 0; refused("heads 0", a);
-  a = base(); a.T = -1; refused("T -1", a);
-  a = base(); a.maxIters = -1; refused("maxIters -1", a);
-  a = base(); a.tolAbs = NAN; refused("tolAbs NaN", a);
-  a = base(); a.tolRel = -1; refused("tolRel -1", a);
-  a = base(); a.damping = INFINITY; refused("damping inf", a);
-  a = base(); a.cell = static_cast<NewtonCell>(7); refused("cell 7", a);
-  a = base(); a.guess = NewtonGuess::Provided; a.guessTraj = nullptr; refused("a provided guess without guessTraj", a);
-  a = base(); a.wx = nullptr; refused("null wx", a);
-  a = base(); a.cell = NewtonCell::Lstm; a.headDim = 1025; refused("dense headDim 1025", a);
-  a = base(); a.cell = NewtonCell::Gru; a.fullJacobian = true; a.damping = 0.5; refused("damping with the full Jacobian", a);
-  a = base(); a.cell = NewtonCell::Lstm; a.fullJacobian = true; a.headDim = 65; refused("a full Jacobian of 130 states", a);
-  a = base(); a.cell = NewtonCell::Elman; a.fullJacobian = true; a.headDim = 129; refused("a full Jacobian of 129 states", a);
-  a = base(); a.cell = NewtonCell::Gru; a.fullJacobian = true;
+  auto a = base();
+  a.headDim = 0;
+  refused("headDim 0", a);
+  a = base();
+  a.heads = 0;
+  refused("heads 0", a);
+  a = base();
+  a.T = -1;
+  refused("T -1", a);
+  a = base();
+  a.maxIters = -1;
+  refused("maxIters -1", a);
+  a = base();
+  a.tolAbs = NAN;
+  refused("tolAbs NaN", a);
+  a = base();
+  a.tolRel = -1;
+  refused("tolRel -1", a);
+  a = base();
+  a.damping = INFINITY;
+  refused("damping inf", a);
+  a = base();
+  a.cell = static_cast<NewtonCell>(7);
+  refused("cell 7", a);
+  a = base();
+  a.guess = NewtonGuess::Provided;
+  a.guessTraj = nullptr;
+  refused("a provided guess without guessTraj", a);
+  a = base();
+  a.wx = nullptr;
+  refused("null wx", a);
+  a = base();
+  a.cell = NewtonCell::Lstm;
+  a.headDim = 1025;
+  refused("dense headDim 1025", a);
+  a = base();
+  a.cell = NewtonCell::Gru;
+  a.fullJacobian = true;
+  a.damping = 0.5;
+  refused("damping with the full Jacobian", a);
+  a = base();
+  a.cell = NewtonCell::Lstm;
+  a.fullJacobian = true;
+  a.headDim = 65;
+  refused("a full Jacobian of 130 states", a);
+  a = base();
+  a.cell = NewtonCell::Elman;
+  a.fullJacobian = true;
+  a.headDim = 129;
+  refused("a full Jacobian of 129 states", a);
+  a = base();
+  a.cell = NewtonCell::Gru;
+  a.fullJacobian = true;
   emu::setTunable("newtonRnn.fullChunk", -2);
   refused("full Jacobian: chunk length -2", a);
   emu::setTunable("newtonRnn.fullChunk", 0);
@@ -889,7 +959,8 @@ void checkRefusals() {
   emu::setTunable("newtonRnn.fullTensorCores", 0);
   {
     auto big = base();
-    big.cell = NewtonCell::Gru, big.fullJacobian = true, big.batch = int64_t{1} << 16, big.heads = 1 << 10, big.headDim = 1;
+    big.cell = NewtonCell::Gru, big.fullJacobian = true, big.batch = int64_t{1} << 16, big.heads = 1 << 10,
+    big.headDim = 1;
     big.T = 64;
     emu::setTunable("newtonRnn.fullChunk", 1);
     refused("full Jacobian: more (row, head, chunk) blocks than a grid holds", big);
@@ -898,11 +969,16 @@ void checkRefusals() {
   emu::setTunable("newtonRnn.fullThreads", 48);
   refused("full Jacobian: 48 threads", a);
   emu::setTunable("newtonRnn.fullThreads", 0);
-  a = base(); a.cell = NewtonCell::Lstm; a.fullJacobian = false;
+  a = base();
+  a.cell = NewtonCell::Lstm;
+  a.fullJacobian = false;
   emu::setTunable("newtonRnnStep.channelsPerBlock", 12);
   refused("step channels per block 12", a);
   emu::setTunable("newtonRnnStep.channelsPerBlock", 0);
-  a = base(); a.batch = int64_t{1} << 30; a.T = int64_t{1} << 20; refused("a grid too large", a);
+  a = base();
+  a.batch = int64_t{1} << 30;
+  a.T = int64_t{1} << 20;
+  refused("a grid too large", a);
   emu::setTunable("newtonRnn.channelsPerBlock", 5);
   a = base();
   {
@@ -952,7 +1028,8 @@ int main() {
     // Not converging within the allowed steps: fallback on and off; maxIters 0; mode sequential.
     for (bool fb : {true, false}) {
       C c;
-      c.cell = cell, c.B = 3, c.T = 300, c.D = 33, c.rScale = 6, c.maxIters = 2, c.fallback = fb, c.expectFallback = true;
+      c.cell = cell, c.B = 3, c.T = 300, c.D = 33, c.rScale = 6, c.maxIters = 2, c.fallback = fb,
+      c.expectFallback = true;
       runForward<float>(c, rng);
     }
     {
@@ -1004,7 +1081,8 @@ int main() {
     for (int chan : {4, 32}) {
       for (int threads : {32, 512}) {
         C c;
-        c.cell = cell, c.B = 2, c.T = 130, c.H = 1, c.D = 33, c.rScale = 0.5, c.stepChan = chan, c.stepThreads = threads;
+        c.cell = cell, c.B = 2, c.T = 130, c.H = 1, c.D = 33, c.rScale = 0.5, c.stepChan = chan,
+        c.stepThreads = threads;
         runForward<float>(c, rng);
       }
     }
@@ -1025,7 +1103,8 @@ int main() {
       c.B = 1, c.T = tc == 2 ? 12 : 20, c.H = 1, c.D = tc == 2 && cell == NewtonCell::Lstm ? 20 : 33;
       c.fullChunk = tc == 2 ? 4 : 6, c.fullThreads = tc == 2 ? 64 : 32, c.guess = NewtonGuess::OneStep;
       runForward<float>(c, rng);
-      c.B = 3, c.T = 1, c.H = 1, c.D = 1, c.fullChunk = 0, c.fullThreads = 0, c.guess = NewtonGuess::Provided, c.hasH0 = false;
+      c.B = 3, c.T = 1, c.H = 1, c.D = 1, c.fullChunk = 0, c.fullThreads = 0, c.guess = NewtonGuess::Provided,
+      c.hasH0 = false;
       runForward<float>(c, rng);
       if (tc == 1) {
         c.B = 1, c.T = 30, c.H = 2, c.D = 16, c.guess = NewtonGuess::OneStep, c.hasH0 = true, c.fullChunk = 13;
@@ -1044,7 +1123,8 @@ int main() {
       // Not converging in one step: the fallback, and without it converged 0.
       for (bool fb : {true, false}) {
         C c;
-        c.cell = cell, c.fullJacobian = true, c.fullTC = 1, c.B = 3, c.T = 60, c.H = 1, c.D = 9, c.rScale = 1.5, c.maxIters = 1;
+        c.cell = cell, c.fullJacobian = true, c.fullTC = 1, c.B = 3, c.T = 60, c.H = 1, c.D = 9, c.rScale = 1.5,
+        c.maxIters = 1;
         c.fallback = fb, c.expectFallback = true;
         runForward<float>(c, rng);
       }
@@ -1052,7 +1132,8 @@ int main() {
   }
   // Steps themselves: the iterate after maxIters steps (tolerance 0: never converged, no fallback)
   // equals the float64 Newton iterate, plain and damped, for every cell.
-  for (NewtonCell cell : {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag, NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman}) {
+  for (NewtonCell cell :
+       {NewtonCell::GruDiag, NewtonCell::LstmCifgDiag, NewtonCell::Gru, NewtonCell::Lstm, NewtonCell::Elman}) {
     for (double lambda : {0.0, 0.5}) {
       C c;
       c.cell = cell, c.B = 3, c.T = 300, c.H = 1, c.D = isDiag(cell) ? 33 : 9, c.rScale = 0.8, c.maxIters = 2;
@@ -1066,7 +1147,8 @@ int main() {
           if (tc == 2 && k == 2) continue;
           C c;
           c.cell = cell, c.fullJacobian = true, c.fullTC = tc, c.rScale = 0.8, c.maxIters = k;
-          c.B = 3, c.T = tc == 2 ? 48 : 130, c.H = tc == 2 ? 2 : 3, c.D = tc == 2 ? 5 : 9, c.fullChunk = tc == 2 ? 8 : 0;
+          c.B = 3, c.T = tc == 2 ? 48 : 130, c.H = tc == 2 ? 2 : 3, c.D = tc == 2 ? 5 : 9,
+          c.fullChunk = tc == 2 ? 8 : 0;
           c.tolAbs = 0, c.tolRel = 0, c.fallback = false, c.compareIterate = true, c.guess = NewtonGuess::OneStep;
           // The first step from the one-step guess is a large update carried across many chunks: its
           // iterate shows the chunk products' precision (about 1e-7 relative on both kinds; with plain
@@ -1141,7 +1223,9 @@ int main() {
   context = "coverage";
   for (const void* k : expected) check(launched.count(k) == 1, "a kernel never ran");
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("newton rnn on the CUDA emulator: %ld iteration counts and %ld iterates compared; %ld checks, %ld failures (%.1f s)\n",
-              itersCompared, iteratesCompared, checks, failures, seconds);
+  std::printf(
+      "newton rnn on the CUDA emulator: %ld iteration counts and %ld iterates compared; %ld checks, %ld failures (%.1f "
+      "s)\n",
+      itersCompared, iteratesCompared, checks, failures, seconds);
   return failures == 0 ? 0 : 1;
 }

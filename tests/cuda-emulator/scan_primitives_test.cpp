@@ -87,8 +87,7 @@ __host__ __device__ inline int pickedLane(int laneInSegment, int width) {
   return (laneInSegment * 7 + 3) & (width - 1);
 }
 
-template <int WIDTH>
-__global__ void warpScanKernel(const Affine* in, WarpOut* out) {
+template <int WIDTH> __global__ void warpScanKernel(const Affine* in, WarpOut* out) {
   const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   const Affine x = in[i];
   const int src = pickedLane(scan::laneId() & (WIDTH - 1), WIDTH);
@@ -121,18 +120,18 @@ struct PrefixCarry {
 };
 
 struct BlockOut {
-  Affine incl, inclAggregate;  // inclusiveScan(x, blockAggregate)
-  Affine excl, exclAggregate;  // exclusiveScan(x, blockAggregate)
-  Affine warpPre, warpAggregate;  // warpPrefix, each warp's lane 31 passing its element x
+  Affine incl, inclAggregate;       // inclusiveScan(x, blockAggregate)
+  Affine excl, exclAggregate;       // exclusiveScan(x, blockAggregate)
+  Affine warpPre, warpAggregate;    // warpPrefix, each warp's lane 31 passing its element x
   Affine warpPre2, warpAggregate2;  // warpPrefix again at once, lane 31 passing other(x)
-  Affine stateIncl, stateExcl;    // with a StateCarry: b is the state
-  Affine prefixIncl, prefixExcl;  // with a PrefixCarry
+  Affine stateIncl, stateExcl;      // with a StateCarry: b is the state
+  Affine prefixIncl, prefixExcl;    // with a PrefixCarry
 };
 // Another element from x, for the second warpPrefix (exact for the exact inputs).
 __host__ __device__ inline Affine other(const Affine& x) { return Affine{-x.a, x.b + 1.0f}; }
 
 struct BlockFinal {
-  float hIncl, hExcl;             // the StateCarries after the last chunk
+  float hIncl, hExcl;  // the StateCarries after the last chunk
   PrefixCarry carryIncl, carryExcl;
 };
 
@@ -177,8 +176,8 @@ __global__ void blockScanKernel(const Affine* in, const int* lengths, int chunks
 // each warp of the block is a row; otherwise the block is one row. Writes every state h (padding
 // included), each thread's threadReduce parts and threadApply results, and its final carry.
 template <int V, int WARPS, int G>
-__global__ void stripedKernel(const float* a, const float* b, const int* lengths, int chunks, const float* h0,
-                              float* h, Affine* parts, float* ends, float* carries) {
+__global__ void stripedKernel(const float* a, const float* b, const int* lengths, int chunks, const float* h0, float* h,
+                              Affine* parts, float* ends, float* carries) {
   using BlockScanT = scan::BlockScan<32 * WARPS>;
   __shared__ typename BlockScanT::TempStorage storage;
   BlockScanT blockScan(storage);
@@ -375,8 +374,7 @@ void testPairs(Data data, std::mt19937& rng) {
 
 // ---- warp level ----
 
-template <int WIDTH>
-void testWarp(Data data, std::mt19937& rng) {
+template <int WIDTH> void testWarp(Data data, std::mt19937& rng) {
   context = "warp scans, width " + std::to_string(WIDTH) + ", " + dataName(data);
   constexpr unsigned kBlocks = 2, kThreads = 96;  // several warps and blocks: lanes come from threadIdx
   const int n = kBlocks * kThreads;
@@ -405,8 +403,7 @@ void testWarp(Data data, std::mt19937& rng) {
 
 // ---- block level ----
 
-template <int THREADS>
-void testBlock(Data data, std::mt19937& rng) {
+template <int THREADS> void testBlock(Data data, std::mt19937& rng) {
   context = "BlockScan<" + std::to_string(THREADS) + ">, " + dataName(data);
   constexpr int kBlocks = 3, kChunks = 3;
   constexpr int kSpan = kChunks * THREADS;  // positions per block
@@ -428,7 +425,7 @@ void testBlock(Data data, std::mt19937& rng) {
   for (int blk = 0; blk < kBlocks; ++blk) {
     const int length = lengths[blk];
     auto x = [&](int p) { return p < length ? in[blk * kSpan + p] : Affine{1.0f, 0.0f}; };
-    Ref total;                       // everything before the chunk
+    Ref total;                        // everything before the chunk
     Ref state = Ref::state(h0[blk]);  // the state before the chunk
     // What the carries hold before each chunk, from the block aggregates the kernel reported, in
     // fp32 as scan.cuh computes them: StateCarry h -> apply(aggregate, h), PrefixCarry running ->
@@ -439,7 +436,7 @@ void testBlock(Data data, std::mt19937& rng) {
       const long first = static_cast<long>(blk) * kSpan + c * THREADS;
       const Affine aggregate = out[first].inclAggregate;
       const bool allIdentity = c * THREADS >= length;
-      Ref chunk;     // the chunk's elements up to the current one
+      Ref chunk;                    // the chunk's elements up to the current one
       Ref warpTotals, warpTotals2;  // lane 31's elements (x, other(x)) of the warps before the current one
       Ref chunkAll, warpAll, warpAll2;
       for (int t = 0; t < THREADS; ++t) {
@@ -536,10 +533,9 @@ void testBlock(Data data, std::mt19937& rng) {
 
 // ---- striped chunks ----
 
-template <int V, int WARPS, int G>
-void testStriped(Data data, std::mt19937& rng) {
+template <int V, int WARPS, int G> void testStriped(Data data, std::mt19937& rng) {
   context = "stripedChunkStarts<V=" + std::to_string(V) + ", WARPS=" + std::to_string(WARPS) +
-          "> with G=" + std::to_string(G) + " items per group, " + dataName(data);
+            "> with G=" + std::to_string(G) + " items per group, " + dataName(data);
   constexpr int kChunk = 32 * WARPS * V * G;
   constexpr int kChunks = 3;
   constexpr int kSpan = kChunks * kChunk;  // positions per row
@@ -660,8 +656,9 @@ int main() {
   }
 
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("scan primitives on the CUDA emulator: %ld checks, %ld failures (%.1f s; random inputs within %.0f "
-              "of the %.0f ulps allowed)\n",
-              checks, failures, seconds, worstUlps, kUlps);
+  std::printf(
+      "scan primitives on the CUDA emulator: %ld checks, %ld failures (%.1f s; random inputs within %.0f "
+      "of the %.0f ulps allowed)\n",
+      checks, failures, seconds, worstUlps, kUlps);
   return failures == 0 ? 0 : 1;
 }

@@ -48,15 +48,17 @@ constexpr int64_t kChunk = 256;
 
 // Norm-wise tolerance of each dtype's results.
 template <class T> constexpr double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 1e-5;
-  else if constexpr (std::is_same_v<T, __half>) return 5e-3;
-  else return 1e-2;
+  if constexpr (std::is_same_v<T, float>)
+    return 1e-5;
+  else if constexpr (std::is_same_v<T, __half>)
+    return 5e-3;
+  else
+    return 1e-2;
 }
 
 // ---- checks beyond harness.h ----
 
-template <class T>
-void checkUnchanged(const std::string& what, const Buf<T>& buf, const std::vector<double>& want) {
+template <class T> void checkUnchanged(const std::string& what, const Buf<T>& buf, const std::vector<double>& want) {
   size_t bad = 0;
   for (size_t i = 0; i < want.size(); ++i) bad += Elem<T>::value(buf.data[i]) != want[i];
   check(bad == 0, what + " changed", static_cast<double>(bad), 0);
@@ -114,7 +116,8 @@ Forward referenceForward(const Problem& P) {
       for (int64_t n = 0; n < N; ++n) x[n] = P.hasH0 ? P.h0[(s * P.dim + d) * N + n] : 0.0;
       for (int64_t t = 0; t < L; ++t) {
         if (t % kChunk == 0) {
-          for (int64_t n = 0; n < N; ++n) f.states[((seg.chunkOffset * P.dim + d * nChunks + t / kChunk) * N) + n] = x[n];
+          for (int64_t n = 0; n < N; ++n)
+            f.states[((seg.chunkOffset * P.dim + d * nChunks + t / kChunk) * N) + n] = x[n];
         }
         const int64_t pos = seg.start + t, i = (seg.batch * P.dim + d) * P.seqlen + pos;
         const double dt = P.dtOf(P.delta[i] + (P.hasBias ? P.bias[d] : 0.0));
@@ -160,7 +163,8 @@ Backward referenceBackward(const Problem& P) {
         dt[t] = P.dtOf(pre[t]);
         double out = Dd * P.u[i];
         for (int64_t n = 0; n < N; ++n) {
-          x[t + 1][n] = std::exp(dt[t] * P.A[d * N + n]) * x[t][n] + dt[t] * P.B[P.bcIndex(P.varB, seg.batch, d, n, pos)] * P.u[i];
+          x[t + 1][n] = std::exp(dt[t] * P.A[d * N + n]) * x[t][n] +
+                        dt[t] * P.B[P.bcIndex(P.varB, seg.batch, d, n, pos)] * P.u[i];
           out += P.C[P.bcIndex(P.varC, seg.batch, d, n, pos)] * x[t + 1][n];
         }
         const double dyv = P.hasDy ? P.dy[i] : 0.0;
@@ -272,7 +276,7 @@ struct ScanCase {
   bool varB = true, varC = true, softplus = true;
   bool hasD = true, hasZ = true, hasBias = true, hasH0 = true, wantFinal = true;
   bool hasDy = true, hasDFinal = true, wantDh0 = true;
-  std::vector<int> cuSeqlens;  // empty: one whole sequence per row; else packed (batch 1)
+  std::vector<int> cuSeqlens;         // empty: one whole sequence per row; else packed (batch 1)
   std::vector<ScanSegment> segments;  // explicit packed segments (with gaps), used when non-empty
   int fwdWarps = 0, bwdWarps = 0;     // pinned block sizes (0: the launcher's choice)
   int offset = 0;                     // misalignment (elements) of the [batch, dim, seqlen] tensors
@@ -290,8 +294,7 @@ struct ScanCase {
   }
 };
 
-template <class T>
-void runScanCase(const ScanCase& c, std::mt19937& rng) {
+template <class T> void runScanCase(const ScanCase& c, std::mt19937& rng) {
   using E = Elem<T>;
   context = c.describe(E::name);
   const double tol = tolerance<T>();
@@ -344,8 +347,14 @@ void runScanCase(const ScanCase& c, std::mt19937& rng) {
     fillT(P.delta, P.elements(), small);
   }
   fillF(P.A, P.dim * P.dstate, neg, -1);
-  if (c.varB) fillT(P.B, P.bcElements(true), sym); else fillF(P.B, P.bcElements(false), sym);
-  if (c.varC) fillT(P.C, P.bcElements(true), sym); else fillF(P.C, P.bcElements(false), sym);
+  if (c.varB)
+    fillT(P.B, P.bcElements(true), sym);
+  else
+    fillF(P.B, P.bcElements(false), sym);
+  if (c.varC)
+    fillT(P.C, P.bcElements(true), sym);
+  else
+    fillF(P.C, P.bcElements(false), sym);
   fillF(P.D, P.dim, sym);
   fillT(P.z, P.elements(), sym);
   fillF(P.bias, P.dim, sym);
@@ -384,8 +393,14 @@ void runScanCase(const ScanCase& c, std::mt19937& rng) {
   delta.set(P.delta);
   z.set(P.z);
   dy.set(P.dy);
-  if (c.varB) Bv.set(P.B); else Bc.set(P.B);
-  if (c.varC) Cv.set(P.C); else Cc.set(P.C);
+  if (c.varB)
+    Bv.set(P.B);
+  else
+    Bc.set(P.B);
+  if (c.varC)
+    Cv.set(P.C);
+  else
+    Cc.set(P.C);
   A.set(P.A);
   D.set(P.D);
   bias.set(P.bias);
@@ -491,8 +506,14 @@ void runScanCase(const ScanCase& c, std::mt19937& rng) {
   checkOutput("ddelta", ddelta, gref.ddelta, tol);
   checkGaps("ddelta", ddelta.get());
   checkOutput("dA", dA, gref.dA, std::max(tol, 1e-5));
-  if (c.varB) checkOutput("dB (variable)", dBv, gref.dB, tol); else checkOutput("dB (constant)", dBc, gref.dB, std::max(tol, 1e-5));
-  if (c.varC) checkOutput("dC (variable)", dCv, gref.dC, tol); else checkOutput("dC (constant)", dCc, gref.dC, std::max(tol, 1e-5));
+  if (c.varB)
+    checkOutput("dB (variable)", dBv, gref.dB, tol);
+  else
+    checkOutput("dB (constant)", dBc, gref.dB, std::max(tol, 1e-5));
+  if (c.varC)
+    checkOutput("dC (variable)", dCv, gref.dC, tol);
+  else
+    checkOutput("dC (constant)", dCc, gref.dC, std::max(tol, 1e-5));
   if (c.hasD) checkOutput("dD", dD, gref.dD, std::max(tol, 1e-5));
   if (c.hasZ) {
     checkOutput("dz", dz, gref.dz, tol);
@@ -525,8 +546,7 @@ struct DecodeCase {
   }
 };
 
-template <class T>
-void runDecodeCase(const DecodeCase& c, std::mt19937& rng) {
+template <class T> void runDecodeCase(const DecodeCase& c, std::mt19937& rng) {
   using E = Elem<T>;
   context = c.describe(E::name);
   const double tol = tolerance<T>();
@@ -564,7 +584,8 @@ void runDecodeCase(const DecodeCase& c, std::mt19937& rng) {
   }
 
   Buf<float> stateB(Bt * Dm * N), AB(Dm * N), DB(Dm), biasB(Dm), interB(Bt * Tk * Dm * N);
-  Buf<T> xB(Bt * Dm * Tk), deltaB(Bt * Dm * Tk), zB(Bt * Dm * Tk), yB(Bt * Dm * Tk), BB(Bt * G * N * Tk), CB(Bt * G * N * Tk);
+  Buf<T> xB(Bt * Dm * Tk), deltaB(Bt * Dm * Tk), zB(Bt * Dm * Tk), yB(Bt * Dm * Tk), BB(Bt * G * N * Tk),
+      CB(Bt * G * N * Tk);
   stateB.set(state);
   AB.set(A);
   DB.set(D);
@@ -683,10 +704,12 @@ void checkReverseWarpScan(std::mt19937& rng) {
   // Small integers: fp32 is exact, so results must equal the reference exactly.
   const int threads = 64;
   std::vector<rkcuda::scan::Affine> in(threads), incl(threads), excl(threads);
-  for (auto& x : in) x = {static_cast<float>(static_cast<int>(rng() % 3) - 1), static_cast<float>(static_cast<int>(rng() % 9) - 4)};
+  for (auto& x : in)
+    x = {static_cast<float>(static_cast<int>(rng() % 3) - 1), static_cast<float>(static_cast<int>(rng() % 9) - 4)};
   for (int width : {4, 16, 32}) {
     emu::launchLog.clear();
-    const rkcuda::Status st = rkcuda::launch(reverseScanKernel, dim3(1), dim3(threads), 0, in.data(), incl.data(), excl.data(), width);
+    const rkcuda::Status st =
+        rkcuda::launch(reverseScanKernel, dim3(1), dim3(threads), 0, in.data(), incl.data(), excl.data(), width);
     check(st.ok(), "reverse scan launch");
     emu::launchLog.clear();
     for (int i = 0; i < threads; ++i) {
@@ -880,8 +903,7 @@ void checkNoSequences() {
 
 // ---- the case set ----
 
-template <class T>
-void runSuite(std::mt19937& rng, int typeIndex) {
+template <class T> void runSuite(std::mt19937& rng, int typeIndex) {
   const int64_t C = kChunk;
   int rot = typeIndex;  // rotates the pinned block sizes and options over the cases
   const int fwd[] = {4, 8, 0}, bwd[] = {2, 4, 0};
@@ -1007,8 +1029,7 @@ void runSuite(std::mt19937& rng, int typeIndex) {
   }
 }
 
-template <class T>
-void runDecodeSuite(std::mt19937& rng) {
+template <class T> void runDecodeSuite(std::mt19937& rng) {
   for (int tokens : {1, 3}) {
     for (int64_t N : {int64_t{1}, int64_t{5}, int64_t{16}, int64_t{40}, int64_t{256}}) {
       for (int perLane : {1, 2, 4, 8}) {
@@ -1035,8 +1056,7 @@ void runDecodeSuite(std::mt19937& rng) {
   runDecodeCase<T>(c, rng);
 }
 
-template <class T>
-void checkCoverage() {
+template <class T> void checkCoverage() {
   using namespace rkcuda;
   const std::pair<const void*, const char*> kernels[] = {
       {emu::kernelId(selectiveScanForwardKernel<T, 4>), "forward, 4 warps"},
@@ -1050,7 +1070,8 @@ void checkCoverage() {
       {emu::kernelId(zeroGapsKernel<T>), "zeros for positions in no sequence"},
   };
   context = "coverage";
-  for (const auto& k : kernels) check(launched.count(k.first) == 1, std::string("never ran: ") + Elem<T>::name + " " + k.second);
+  for (const auto& k : kernels)
+    check(launched.count(k.first) == 1, std::string("never ran: ") + Elem<T>::name + " " + k.second);
 }
 
 }  // namespace

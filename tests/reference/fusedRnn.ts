@@ -115,10 +115,16 @@ interface Dims {
 function dimsOf(who: string, i: FusedRnnRefInputs, o: FusedRnnRefOptions): Dims {
   const { cell, batch, seqlen: T, heads: H, headDim: D } = o;
   if (!(cell in FUSED_RNN_GATES)) throw new Error(`${who}: unknown cell '${cell}'`);
-  for (const [name, v] of [['batch', batch], ['seqlen', T], ['heads', H], ['headDim', D]] as const) {
+  for (const [name, v] of [
+    ['batch', batch],
+    ['seqlen', T],
+    ['heads', H],
+    ['headDim', D],
+  ] as const) {
     if (!Number.isInteger(v) || v < 0) throw new Error(`${who}: ${name} must be a non-negative integer, got ${v}`);
   }
-  const G = FUSED_RNN_GATES[cell], S = FUSED_RNN_STATES[cell];
+  const G = FUSED_RNN_GATES[cell],
+    S = FUSED_RNN_STATES[cell];
   const need = (name: string, a: Data | null | undefined, n: number) => {
     if (a && a.length !== n) throw new Error(`${who}: ${name} has ${a.length} elements, expected ${n}`);
   };
@@ -131,7 +137,8 @@ function dimsOf(who: string, i: FusedRnnRefInputs, o: FusedRnnRefOptions): Dims 
     need('lengths', o.lengths, batch);
     lengths = Array.from(o.lengths);
     for (const l of lengths) {
-      if (!Number.isInteger(l) || l < 0 || l > T) throw new Error(`${who}: lengths must be integers in [0, ${T}], got ${l}`);
+      if (!Number.isInteger(l) || l < 0 || l > T)
+        throw new Error(`${who}: lengths must be integers in [0, ${T}], got ${l}`);
     }
   } else {
     lengths = new Array<number>(batch).fill(T);
@@ -150,25 +157,33 @@ function cellStep(cell: FusedRnnCell, x: Float64Array, r: Float64Array, prev: Fl
       out[0] = Math.tanh(x[0] + r[0]);
       return;
     case 'lstm': {
-      const ig = sigmoid(x[0] + r[0]), fg = sigmoid(x[1] + r[1]), zt = Math.tanh(x[2] + r[2]), og = sigmoid(x[3] + r[3]);
+      const ig = sigmoid(x[0] + r[0]),
+        fg = sigmoid(x[1] + r[1]),
+        zt = Math.tanh(x[2] + r[2]),
+        og = sigmoid(x[3] + r[3]);
       const c = fg * prev[1] + ig * zt;
       out[0] = og * Math.tanh(c);
       out[1] = c;
       return;
     }
     case 'gru': {
-      const rg = sigmoid(x[0] + r[0]), zg = sigmoid(x[1] + r[1]);
+      const rg = sigmoid(x[0] + r[0]),
+        zg = sigmoid(x[1] + r[1]);
       const nn = Math.tanh(x[2] + rg * r[2]);
       out[0] = (1 - zg) * nn + zg * prev[0];
       return;
     }
     case 'slstm': {
-      const it = x[0] + r[0], u = logsigmoid(x[1] + r[1]) + prev[3];
-      const zt = Math.tanh(x[2] + r[2]), og = sigmoid(x[3] + r[3]);
+      const it = x[0] + r[0],
+        u = logsigmoid(x[1] + r[1]) + prev[3];
+      const zt = Math.tanh(x[2] + r[2]),
+        og = sigmoid(x[3] + r[3]);
       const m = prev[2] === 0 || it >= u ? it : u;
-      const ip = Math.exp(it - m), fp = u > m ? 1 : Math.exp(u - m);
-      const c = fp * prev[1] + ip * zt, n = fp * prev[2] + ip;
-      out[0] = og * c / n;
+      const ip = Math.exp(it - m),
+        fp = u > m ? 1 : Math.exp(u - m);
+      const c = fp * prev[1] + ip * zt,
+        n = fp * prev[2] + ip;
+      out[0] = (og * c) / n;
       out[1] = c;
       out[2] = n;
       out[3] = m;
@@ -181,8 +196,16 @@ function cellStep(cell: FusedRnnCell, x: Float64Array, r: Float64Array, prev: Fl
  * The backward of cellStep: given g[s] = dL/d(states after the step), writes dL/dx, dL/dr and the
  * direct part of dL/dprev (the part through the recurrent matmul is added by the caller).
  */
-function cellStepBackward(cell: FusedRnnCell, x: Float64Array, r: Float64Array, prev: Float64Array, g: Float64Array,
-  gx: Float64Array, gr: Float64Array, gprev: Float64Array): void {
+function cellStepBackward(
+  cell: FusedRnnCell,
+  x: Float64Array,
+  r: Float64Array,
+  prev: Float64Array,
+  g: Float64Array,
+  gx: Float64Array,
+  gr: Float64Array,
+  gprev: Float64Array,
+): void {
   switch (cell) {
     case 'elman': {
       const h = Math.tanh(x[0] + r[0]);
@@ -191,8 +214,12 @@ function cellStepBackward(cell: FusedRnnCell, x: Float64Array, r: Float64Array, 
       return;
     }
     case 'lstm': {
-      const ig = sigmoid(x[0] + r[0]), fg = sigmoid(x[1] + r[1]), zt = Math.tanh(x[2] + r[2]), og = sigmoid(x[3] + r[3]);
-      const c = fg * prev[1] + ig * zt, tc = Math.tanh(c);
+      const ig = sigmoid(x[0] + r[0]),
+        fg = sigmoid(x[1] + r[1]),
+        zt = Math.tanh(x[2] + r[2]),
+        og = sigmoid(x[3] + r[3]);
+      const c = fg * prev[1] + ig * zt,
+        tc = Math.tanh(c);
       const gc = g[1] + g[0] * og * (1 - tc * tc);
       gx[0] = gr[0] = gc * zt * ig * (1 - ig);
       gx[1] = gr[1] = gc * prev[1] * fg * (1 - fg);
@@ -203,7 +230,8 @@ function cellStepBackward(cell: FusedRnnCell, x: Float64Array, r: Float64Array, 
       return;
     }
     case 'gru': {
-      const rg = sigmoid(x[0] + r[0]), zg = sigmoid(x[1] + r[1]);
+      const rg = sigmoid(x[0] + r[0]),
+        zg = sigmoid(x[1] + r[1]);
       const nn = Math.tanh(x[2] + rg * r[2]);
       const ga = g[0] * (1 - zg) * (1 - nn * nn); // dL / d(wx_n + r * (rec_n + b_n))
       gx[0] = gr[0] = ga * r[2] * rg * (1 - rg);
@@ -214,20 +242,29 @@ function cellStepBackward(cell: FusedRnnCell, x: Float64Array, r: Float64Array, 
       return;
     }
     case 'slstm': {
-      const it = x[0] + r[0], fpre = x[1] + r[1], u = logsigmoid(fpre) + prev[3];
-      const zt = Math.tanh(x[2] + r[2]), og = sigmoid(x[3] + r[3]);
-      const iBranch = prev[2] === 0 || it >= u, m = iBranch ? it : u;
+      const it = x[0] + r[0],
+        fpre = x[1] + r[1],
+        u = logsigmoid(fpre) + prev[3];
+      const zt = Math.tanh(x[2] + r[2]),
+        og = sigmoid(x[3] + r[3]);
+      const iBranch = prev[2] === 0 || it >= u,
+        m = iBranch ? it : u;
       const fClamped = u > m;
-      const ip = Math.exp(it - m), fp = fClamped ? 1 : Math.exp(u - m);
-      const c = fp * prev[1] + ip * zt, n = fp * prev[2] + ip;
-      const gc = g[1] + g[0] * og / n;
-      const gn = g[2] - g[0] * og * c / (n * n);
-      const gfp = gc * prev[1] + gn * prev[2], gip = gc * zt + gn;
+      const ip = Math.exp(it - m),
+        fp = fClamped ? 1 : Math.exp(u - m);
+      const c = fp * prev[1] + ip * zt,
+        n = fp * prev[2] + ip;
+      const gc = g[1] + (g[0] * og) / n;
+      const gn = g[2] - (g[0] * og * c) / (n * n);
+      const gfp = gc * prev[1] + gn * prev[2],
+        gip = gc * zt + gn;
       // m_t enters i' and an unclamped f' (both exp(. - m_t)) and is itself an output state.
       const gfu = fClamped ? 0 : gfp * fp; // dL / du through f'
       const gm = g[3] - gfu - gip * ip;
-      let gi = gip * ip, gu = gfu;
-      if (iBranch) gi += gm; else gu += gm;
+      let gi = gip * ip,
+        gu = gfu;
+      if (iBranch) gi += gm;
+      else gu += gm;
       gx[0] = gr[0] = gi;
       gx[1] = gr[1] = gu * sigmoid(-fpre);
       gx[2] = gr[2] = gc * ip * (1 - zt * zt);
@@ -242,15 +279,24 @@ function cellStepBackward(cell: FusedRnnCell, x: Float64Array, r: Float64Array, 
 }
 
 /** Fills x[g * D + j] and r[g * D + j] for step t of row b, head hh, from hp (h_{t-1} of that head). */
-function gateInputs(dm: Dims, i: FusedRnnRefInputs, b: number, t: number, hh: number, hp: ArrayLike<number>,
-  x: Float64Array, r: Float64Array): void {
+function gateInputs(
+  dm: Dims,
+  i: FusedRnnRefInputs,
+  b: number,
+  t: number,
+  hh: number,
+  hp: ArrayLike<number>,
+  x: Float64Array,
+  r: Float64Array,
+): void {
   const { G, H, D, T } = dm;
   for (let g = 0; g < G; g++) {
     const biasInside = dm.cell === 'gru' && g === 2;
     for (let j = 0; j < D; j++) {
       let rec = 0;
       for (let k = 0; k < D; k++) rec += hp[k] * i.R[((g * H + hh) * D + k) * D + j];
-      const bias = i.b[(g * H + hh) * D + j], w = i.wx[(((b * T + t) * G + g) * H + hh) * D + j];
+      const bias = i.b[(g * H + hh) * D + j],
+        w = i.wx[(((b * T + t) * G + g) * H + hh) * D + j];
       x[g * D + j] = biasInside ? w : w + bias;
       r[g * D + j] = biasInside ? rec + bias : rec;
     }
@@ -265,10 +311,15 @@ function trajectory(dm: Dims, i: FusedRnnRefInputs, b: number, hh: number): Floa
   for (let s = 0; s < S; s++) {
     for (let j = 0; j < D; j++) traj[s * D + j] = i.states0 ? i.states0[((s * batch + b) * H + hh) * D + j] : 0;
   }
-  const x = new Float64Array(G * D), r = new Float64Array(G * D);
-  const xe = new Float64Array(G), re = new Float64Array(G), pe = new Float64Array(S), ne = new Float64Array(S);
+  const x = new Float64Array(G * D),
+    r = new Float64Array(G * D);
+  const xe = new Float64Array(G),
+    re = new Float64Array(G),
+    pe = new Float64Array(S),
+    ne = new Float64Array(S);
   for (let t = 0; t < len; t++) {
-    const prev = traj.subarray(t * S * D, (t + 1) * S * D), next = traj.subarray((t + 1) * S * D, (t + 2) * S * D);
+    const prev = traj.subarray(t * S * D, (t + 1) * S * D),
+      next = traj.subarray((t + 1) * S * D, (t + 2) * S * D);
     gateInputs(dm, i, b, t, hh, prev.subarray(0, D), x, r);
     for (let j = 0; j < D; j++) {
       for (let g = 0; g < G; g++) {
@@ -308,12 +359,16 @@ export function fusedRnnRef(inputs: FusedRnnRefInputs, options: FusedRnnRefOptio
  * (dStates0 is null unless states0 was given). dh has the layout of h (so [batch, H, D] with
  * returnLastOnly); either gradient may be absent (zeros).
  */
-export function fusedRnnRefBackward(inputs: FusedRnnRefInputs, options: FusedRnnRefOptions,
-  grads: { dh?: Data | null; dFinalStates?: Data | null }): FusedRnnRefGrads {
+export function fusedRnnRefBackward(
+  inputs: FusedRnnRefInputs,
+  options: FusedRnnRefOptions,
+  grads: { dh?: Data | null; dFinalStates?: Data | null },
+): FusedRnnRefGrads {
   const dm = dimsOf('fusedRnnRefBackward', inputs, options);
   const { cell, G, S, batch, T, H, D } = dm;
   const last = options.returnLastOnly ?? false;
-  const dh = grads.dh ?? null, dFin = grads.dFinalStates ?? null;
+  const dh = grads.dh ?? null,
+    dFin = grads.dFinalStates ?? null;
   const hLen = last ? batch * H * D : batch * T * H * D;
   if (dh && dh.length !== hLen) throw new Error(`fusedRnnRefBackward: dh has ${dh.length} elements, expected ${hLen}`);
   if (dFin && dFin.length !== S * batch * H * D) {
@@ -325,10 +380,17 @@ export function fusedRnnRefBackward(inputs: FusedRnnRefInputs, options: FusedRnn
     db: new Float64Array(G * H * D),
     dStates0: inputs.states0 ? new Float64Array(S * batch * H * D) : null,
   };
-  const x = new Float64Array(G * D), r = new Float64Array(G * D);
-  const gS = new Float64Array(S * D), gPrev = new Float64Array(S * D);
-  const xe = new Float64Array(G), re = new Float64Array(G), pe = new Float64Array(S), ge = new Float64Array(S);
-  const gxe = new Float64Array(G), gre = new Float64Array(G), gpe = new Float64Array(S);
+  const x = new Float64Array(G * D),
+    r = new Float64Array(G * D);
+  const gS = new Float64Array(S * D),
+    gPrev = new Float64Array(S * D);
+  const xe = new Float64Array(G),
+    re = new Float64Array(G),
+    pe = new Float64Array(S),
+    ge = new Float64Array(S);
+  const gxe = new Float64Array(G),
+    gre = new Float64Array(G),
+    gpe = new Float64Array(S);
   const gr = new Float64Array(G * D);
   for (let b = 0; b < batch; b++) {
     const len = dm.lengths[b];

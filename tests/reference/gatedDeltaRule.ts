@@ -123,7 +123,8 @@ function segmentsOf(fn: string, o: GatedDeltaRuleRefOptions): Segment[] {
   if (cu.length < 1 || cu[0] !== 0) throw new Error(`${fn}: cuSeqlens must start at 0`);
   const segs: Segment[] = [];
   for (let s = 0; s + 1 < cu.length; s++) {
-    if (!(cu[s + 1] >= cu[s]) || !Number.isInteger(cu[s + 1])) throw new Error(`${fn}: cuSeqlens must be non-decreasing integers`);
+    if (!(cu[s + 1] >= cu[s]) || !Number.isInteger(cu[s + 1]))
+      throw new Error(`${fn}: cuSeqlens must be non-decreasing integers`);
     segs.push({ b: 0, start: cu[s], length: cu[s + 1] - cu[s] });
   }
   if (cu[cu.length - 1] > o.T) throw new Error(`${fn}: cuSeqlens exceeds T`);
@@ -160,8 +161,23 @@ function l2normBackward(dy: Float64Array, y: Float64Array, rnorm: Float64Array, 
  * One token of one value head, in place: S (K x V) <- exp(g) S + beta k (v - exp(g) S^T k)^T, then
  * o[oOff + j] = scale * (S^T q)_j. `u` is scratch of length V.
  */
-function stepHead(S: Float64Array, K: number, V: number, q: Float64Array, qOff: number, k: Float64Array, kOff: number,
-  v: Data, vOff: number, g: number, beta: number, scale: number, u: Float64Array, o: Float64Array, oOff: number): void {
+function stepHead(
+  S: Float64Array,
+  K: number,
+  V: number,
+  q: Float64Array,
+  qOff: number,
+  k: Float64Array,
+  kOff: number,
+  v: Data,
+  vOff: number,
+  g: number,
+  beta: number,
+  scale: number,
+  u: Float64Array,
+  o: Float64Array,
+  oOff: number,
+): void {
   const a = Math.exp(g);
   for (let j = 0; j < V; j++) {
     let s = 0;
@@ -196,31 +212,42 @@ function prepare(fn: string, inputs: GatedDeltaRuleRefInputs, options: GatedDelt
   const segs = segmentsOf(fn, options);
   const h0 = options.initialState ?? null;
   const stateLen = segs.length * d.HV * d.K * d.V;
-  if (h0 && h0.length !== stateLen) throw new Error(`${fn}: initialState has ${h0.length} elements, expected ${stateLen}`);
+  if (h0 && h0.length !== stateLen)
+    throw new Error(`${fn}: initialState has ${h0.length} elements, expected ${stateLen}`);
   const l2 = options.useQkL2normInKernel ?? false;
   const rows = d.batch * d.T * d.H;
   return {
-    d, segs, h0, l2,
+    d,
+    segs,
+    h0,
+    l2,
     scale: options.scale ?? 1 / Math.sqrt(d.K),
     q: prepareQk(inputs.q, rows, d.K, l2),
     k: prepareQk(inputs.k, rows, d.K, l2),
   };
 }
 
-export function gatedDeltaRuleRef(inputs: GatedDeltaRuleRefInputs, options: GatedDeltaRuleRefOptions): GatedDeltaRuleRefOutputs {
+export function gatedDeltaRuleRef(
+  inputs: GatedDeltaRuleRefInputs,
+  options: GatedDeltaRuleRefOptions,
+): GatedDeltaRuleRefOutputs {
   const p = prepare('gatedDeltaRuleRef', inputs, options);
   const { batch, T, H, HV, K, V } = p.d;
-  const KV = K * V, group = HV / H;
+  const KV = K * V,
+    group = HV / H;
   const o = new Float64Array(batch * T * HV * V);
   const finalState = options.outputFinalState ? new Float64Array(p.segs.length * HV * KV) : null;
   const states = options.returnStates ? new Float64Array(batch * T * HV * KV) : null;
-  const S = new Float64Array(KV), u = new Float64Array(V);
+  const S = new Float64Array(KV),
+    u = new Float64Array(V);
   p.segs.forEach(({ b, start, length }, s) => {
     for (let hv = 0; hv < HV; hv++) {
       const h = Math.floor(hv / group);
       for (let e = 0; e < KV; e++) S[e] = p.h0 ? p.h0[(s * HV + hv) * KV + e] : 0;
       for (let t = start; t < start + length; t++) {
-        const bt = b * T + t, gi = bt * HV + hv, qk = (bt * H + h) * K;
+        const bt = b * T + t,
+          gi = bt * HV + hv,
+          qk = (bt * H + h) * K;
         stepHead(S, K, V, p.q.x, qk, p.k.x, qk, inputs.v, gi * V, inputs.g[gi], inputs.beta[gi], p.scale, u, o, gi * V);
         if (states) states.set(S, gi * KV);
       }
@@ -235,29 +262,43 @@ export function gatedDeltaRuleRef(inputs: GatedDeltaRuleRefInputs, options: Gate
  * outputFinalState; dInitialState is null unless initialState was given). dq / dk are summed over
  * the value heads that share a q / k head, and taken through the L2 norm when it is on.
  */
-export function gatedDeltaRuleRefBackward(inputs: GatedDeltaRuleRefInputs, options: GatedDeltaRuleRefOptions,
-  grads: { dO?: Data | null; dFinal?: Data | null }): GatedDeltaRuleRefGrads {
+export function gatedDeltaRuleRefBackward(
+  inputs: GatedDeltaRuleRefInputs,
+  options: GatedDeltaRuleRefOptions,
+  grads: { dO?: Data | null; dFinal?: Data | null },
+): GatedDeltaRuleRefGrads {
   const fn = 'gatedDeltaRuleRefBackward';
   const p = prepare(fn, inputs, options);
   const { batch, T, H, HV, K, V } = p.d;
-  const KV = K * V, group = HV / H, scale = p.scale;
-  const dO = grads.dO ?? null, dFinal = grads.dFinal ?? null;
-  if (dO && dO.length !== batch * T * HV * V) throw new Error(`${fn}: dO has ${dO.length} elements, expected ${batch * T * HV * V}`);
+  const KV = K * V,
+    group = HV / H,
+    scale = p.scale;
+  const dO = grads.dO ?? null,
+    dFinal = grads.dFinal ?? null;
+  if (dO && dO.length !== batch * T * HV * V)
+    throw new Error(`${fn}: dO has ${dO.length} elements, expected ${batch * T * HV * V}`);
   if (dFinal) {
     if (!options.outputFinalState) throw new Error(`${fn}: dFinal given without outputFinalState`);
-    if (dFinal.length !== p.segs.length * HV * KV) throw new Error(`${fn}: dFinal has ${dFinal.length} elements, expected ${p.segs.length * HV * KV}`);
+    if (dFinal.length !== p.segs.length * HV * KV)
+      throw new Error(`${fn}: dFinal has ${dFinal.length} elements, expected ${p.segs.length * HV * KV}`);
   }
   const { v, g, beta } = inputs;
-  const qx = p.q.x, kx = p.k.x;
-  const dqn = new Float64Array(qx.length), dkn = new Float64Array(kx.length);
+  const qx = p.q.x,
+    kx = p.k.x;
+  const dqn = new Float64Array(qx.length),
+    dkn = new Float64Array(kx.length);
   const out: GatedDeltaRuleRefGrads = {
-    dq: dqn, dk: dkn,
+    dq: dqn,
+    dk: dkn,
     dv: new Float64Array(v.length),
     dg: new Float64Array(g.length),
     dbeta: new Float64Array(beta.length),
     dInitialState: p.h0 ? new Float64Array(p.segs.length * HV * KV) : null,
   };
-  const dS = new Float64Array(KV), u = new Float64Array(V), w = new Float64Array(V), dw = new Float64Array(V);
+  const dS = new Float64Array(KV),
+    u = new Float64Array(V),
+    w = new Float64Array(V),
+    dw = new Float64Array(V);
   const scratch = new Float64Array(V);
   p.segs.forEach(({ b, start, length }, s) => {
     // Ss[n * KV ..] = state after position start + n - 1 (n = 0: the initial state).
@@ -266,16 +307,23 @@ export function gatedDeltaRuleRefBackward(inputs: GatedDeltaRuleRefInputs, optio
       const h = Math.floor(hv / group);
       for (let e = 0; e < KV; e++) Ss[e] = p.h0 ? p.h0[(s * HV + hv) * KV + e] : 0;
       for (let n = 0; n < length; n++) {
-        const bt = b * T + start + n, gi = bt * HV + hv, qk = (bt * H + h) * K;
+        const bt = b * T + start + n,
+          gi = bt * HV + hv,
+          qk = (bt * H + h) * K;
         const S = Ss.subarray((n + 1) * KV, (n + 2) * KV);
         S.set(Ss.subarray(n * KV, (n + 1) * KV));
         stepHead(S, K, V, qx, qk, kx, qk, v, gi * V, g[gi], beta[gi], scale, u, scratch, 0);
       }
       for (let e = 0; e < KV; e++) dS[e] = dFinal ? dFinal[(s * HV + hv) * KV + e] : 0;
       for (let n = length - 1; n >= 0; n--) {
-        const bt = b * T + start + n, gi = bt * HV + hv, qk = (bt * H + h) * K, vo = gi * V;
-        const prev = Ss.subarray(n * KV, (n + 1) * KV), cur = Ss.subarray((n + 1) * KV, (n + 2) * KV);
-        const a = Math.exp(g[gi]), bb = beta[gi];
+        const bt = b * T + start + n,
+          gi = bt * HV + hv,
+          qk = (bt * H + h) * K,
+          vo = gi * V;
+        const prev = Ss.subarray(n * KV, (n + 1) * KV),
+          cur = Ss.subarray((n + 1) * KV, (n + 2) * KV);
+        const a = Math.exp(g[gi]),
+          bb = beta[gi];
         // o = scale * S^T q
         if (dO) {
           for (let i = 0; i < K; i++) {
@@ -289,7 +337,8 @@ export function gatedDeltaRuleRefBackward(inputs: GatedDeltaRuleRefInputs, optio
         }
         // S = a * prev + beta k w^T, w = v - a u, u = prev^T k
         for (let j = 0; j < V; j++) {
-          let pk = 0, sk = 0;
+          let pk = 0,
+            sk = 0;
           for (let i = 0; i < K; i++) {
             pk += prev[i * V + j] * kx[qk + i];
             sk += dS[i * V + j] * kx[qk + i];
@@ -298,9 +347,11 @@ export function gatedDeltaRuleRefBackward(inputs: GatedDeltaRuleRefInputs, optio
           w[j] = v[vo + j] - a * pk;
           dw[j] = bb * sk;
         }
-        let dbeta = 0, da = 0;
+        let dbeta = 0,
+          da = 0;
         for (let i = 0; i < K; i++) {
-          let sw = 0, pdu = 0;
+          let sw = 0,
+            pdu = 0;
           for (let j = 0; j < V; j++) {
             sw += dS[i * V + j] * w[j];
             da += dS[i * V + j] * prev[i * V + j];
@@ -364,17 +415,23 @@ export interface GatedDeltaRuleStepRefOutputs {
 }
 
 /** The decode step: the same recurrence, advanced T tokens from `state` (one sequence per batch row). */
-export function gatedDeltaRuleStepRef(inputs: GatedDeltaRuleStepRefInputs, options: GatedDeltaRuleStepRefOptions): GatedDeltaRuleStepRefOutputs {
+export function gatedDeltaRuleStepRef(
+  inputs: GatedDeltaRuleStepRefInputs,
+  options: GatedDeltaRuleStepRefOptions,
+): GatedDeltaRuleStepRefOutputs {
   const fn = 'gatedDeltaRuleStepRef';
   const d: Dims = { batch: options.batch, T: options.T ?? 1, H: options.H, HV: options.HV, K: options.K, V: options.V };
   checkDims(fn, d);
   checkInputs(fn, d, inputs);
   const { batch, T, H, HV, K, V } = d;
-  const KV = K * V, group = HV / H;
-  if (inputs.state.length !== batch * HV * KV) throw new Error(`${fn}: state has ${inputs.state.length} elements, expected ${batch * HV * KV}`);
+  const KV = K * V,
+    group = HV / H;
+  if (inputs.state.length !== batch * HV * KV)
+    throw new Error(`${fn}: state has ${inputs.state.length} elements, expected ${batch * HV * KV}`);
   const l2 = options.useQkL2normInKernel ?? false;
   const scale = options.scale ?? 1 / Math.sqrt(K);
-  const q = prepareQk(inputs.q, batch * T * H, K, l2).x, k = prepareQk(inputs.k, batch * T * H, K, l2).x;
+  const q = prepareQk(inputs.q, batch * T * H, K, l2).x,
+    k = prepareQk(inputs.k, batch * T * H, K, l2).x;
   const state = Float64Array.from(inputs.state);
   const o = new Float64Array(batch * T * HV * V);
   const intermediateStates = new Float64Array(batch * T * HV * KV);
@@ -384,8 +441,11 @@ export function gatedDeltaRuleStepRef(inputs: GatedDeltaRuleStepRefInputs, optio
       const h = Math.floor(hv / group);
       const S = state.subarray((b * HV + hv) * KV, (b * HV + hv + 1) * KV);
       for (let t = 0; t < T; t++) {
-        const bt = b * T + t, gi = bt * HV + hv, qk = (bt * H + h) * K;
-        const a = Math.exp(inputs.g[gi]), bb = inputs.beta[gi];
+        const bt = b * T + t,
+          gi = bt * HV + hv,
+          qk = (bt * H + h) * K;
+        const a = Math.exp(inputs.g[gi]),
+          bb = inputs.beta[gi];
         // S <- a S; v' = beta (v - S^T k); S += k v'^T; o = scale S^T q
         for (let e = 0; e < KV; e++) S[e] *= a;
         for (let j = 0; j < V; j++) {

@@ -6,8 +6,14 @@ export interface LinearScanRef {
   finalState: Float64Array;
 }
 
-export function linearScanRef(a: ArrayLike<number>, b: ArrayLike<number>, rows: number, length: number,
-  h0: ArrayLike<number> | null, reverse: boolean): LinearScanRef {
+export function linearScanRef(
+  a: ArrayLike<number>,
+  b: ArrayLike<number>,
+  rows: number,
+  length: number,
+  h0: ArrayLike<number> | null,
+  reverse: boolean,
+): LinearScanRef {
   const h = new Float64Array(rows * length);
   const finalState = new Float64Array(rows);
   for (let r = 0; r < rows; r++) {
@@ -29,9 +35,16 @@ export interface LinearScanGradRef {
 }
 
 /** Gradients of L = sum(gh * h) + sum(gFinal * finalState). */
-export function linearScanBackwardRef(a: ArrayLike<number>, b: ArrayLike<number>, rows: number, length: number,
-  h0: ArrayLike<number> | null, reverse: boolean, gh: ArrayLike<number> | null,
-  gFinal: ArrayLike<number> | null): LinearScanGradRef {
+export function linearScanBackwardRef(
+  a: ArrayLike<number>,
+  b: ArrayLike<number>,
+  rows: number,
+  length: number,
+  h0: ArrayLike<number> | null,
+  reverse: boolean,
+  gh: ArrayLike<number> | null,
+  gFinal: ArrayLike<number> | null,
+): LinearScanGradRef {
   const { h } = linearScanRef(a, b, rows, length, h0, reverse);
   const ga = new Float64Array(rows * length);
   const gb = new Float64Array(rows * length);

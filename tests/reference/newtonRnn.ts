@@ -27,10 +27,20 @@
 import { fusedRnnRef, fusedRnnRefBackward, sigmoid, type Data } from './fusedRnn';
 
 export type NewtonCell = 'gru-diag' | 'lstm-cifg-diag' | 'gru' | 'lstm' | 'elman';
-export const NEWTON_GATES: Readonly<Record<NewtonCell, number>> =
-  { 'gru-diag': 3, 'lstm-cifg-diag': 3, gru: 3, lstm: 4, elman: 1 };
-export const NEWTON_STATES: Readonly<Record<NewtonCell, number>> =
-  { 'gru-diag': 1, 'lstm-cifg-diag': 2, gru: 1, lstm: 2, elman: 1 };
+export const NEWTON_GATES: Readonly<Record<NewtonCell, number>> = {
+  'gru-diag': 3,
+  'lstm-cifg-diag': 3,
+  gru: 3,
+  lstm: 4,
+  elman: 1,
+};
+export const NEWTON_STATES: Readonly<Record<NewtonCell, number>> = {
+  'gru-diag': 1,
+  'lstm-cifg-diag': 2,
+  gru: 1,
+  lstm: 2,
+  elman: 1,
+};
 export const isDiagonalCell = (c: NewtonCell): boolean => c === 'gru-diag' || c === 'lstm-cifg-diag';
 
 export interface NewtonRefInputs {
@@ -69,7 +79,9 @@ interface Dims extends NewtonRefDims {
 function dimsOf(who: string, i: NewtonRefInputs, d: NewtonRefDims): Dims {
   const { cell, batch, T, heads: H, headDim: D } = d;
   if (!(cell in NEWTON_GATES)) throw new Error(`${who}: unknown cell '${cell}'`);
-  const G = NEWTON_GATES[cell], S = NEWTON_STATES[cell], N = H * D;
+  const G = NEWTON_GATES[cell],
+    S = NEWTON_STATES[cell],
+    N = H * D;
   const need = (name: string, a: Data | null | undefined, n: number) => {
     if (a && a.length !== n) throw new Error(`${who}: ${name} has ${a.length} elements, expected ${n}`);
   };
@@ -92,14 +104,24 @@ interface Gates {
   rec: Float64Array; // rec_g (the GRU's n: rec_n + b_n)
 }
 
-function gates(dm: Dims, inp: NewtonRefInputs, b: number, t: number, hh: number, j: number, prevH: ArrayLike<number>,
-  out: Gates): void {
+function gates(
+  dm: Dims,
+  inp: NewtonRefInputs,
+  b: number,
+  t: number,
+  hh: number,
+  j: number,
+  prevH: ArrayLike<number>,
+  out: Gates,
+): void {
   const { G, N, D, T } = dm;
   const gru = dm.cell === 'gru' || dm.cell === 'gru-diag';
   for (let g = 0; g < G; g++) {
     let rec = 0;
     for (let k = 0; k < D; k++) rec += prevH[k] * rw(dm, inp.R, g, hh, k, j);
-    const n = hh * D + j, w = inp.wx[((b * T + t) * G + g) * N + n], bias = inp.b[g * N + n];
+    const n = hh * D + j,
+      w = inp.wx[((b * T + t) * G + g) * N + n],
+      bias = inp.b[g * N + n];
     if (gru && g === 2) {
       out.rec[g] = rec + bias;
       out.pre[g] = w; // completed below with r
@@ -115,8 +137,16 @@ function gates(dm: Dims, inp: NewtonRefInputs, b: number, t: number, hh: number,
  * One step of head hh of row b at time t: prev [S * D] (state s, channel j at s * D + j) -> next [S * D].
  * With jac ([(S D) x (S D)], row = next index, column = prev index) also the exact Jacobian.
  */
-export function headStep(dm: Dims, inp: NewtonRefInputs, b: number, t: number, hh: number, prev: ArrayLike<number>,
-  next: Float64Array, jac?: Float64Array): void {
+export function headStep(
+  dm: Dims,
+  inp: NewtonRefInputs,
+  b: number,
+  t: number,
+  hh: number,
+  prev: ArrayLike<number>,
+  next: Float64Array,
+  jac?: Float64Array,
+): void {
   const { D, S } = dm;
   const SD = S * D;
   const gt: Gates = { pre: new Float64Array(4), rec: new Float64Array(4) };
@@ -136,7 +166,9 @@ export function headStep(dm: Dims, inp: NewtonRefInputs, b: number, t: number, h
       }
       case 'gru':
       case 'gru-diag': {
-        const r = sigmoid(p[0]), z = sigmoid(p[1]), n = Math.tanh(p[2]);
+        const r = sigmoid(p[0]),
+          z = sigmoid(p[1]),
+          n = Math.tanh(p[2]);
         next[j] = (1 - z) * n + z * prev[j];
         if (jac) {
           for (let k = 0; k < D; k++) {
@@ -147,13 +179,19 @@ export function headStep(dm: Dims, inp: NewtonRefInputs, b: number, t: number, h
         break;
       }
       case 'lstm': {
-        const ig = sigmoid(p[0]), fg = sigmoid(p[1]), zz = Math.tanh(p[2]), og = sigmoid(p[3]);
-        const c = fg * prev[D + j] + ig * zz, tc = Math.tanh(c);
+        const ig = sigmoid(p[0]),
+          fg = sigmoid(p[1]),
+          zz = Math.tanh(p[2]),
+          og = sigmoid(p[3]);
+        const c = fg * prev[D + j] + ig * zz,
+          tc = Math.tanh(c);
         next[j] = og * tc;
         next[D + j] = c;
         if (jac) {
           for (let k = 0; k < D; k++) {
-            const dc = prev[D + j] * fg * (1 - fg) * dpre(1, k) + zz * ig * (1 - ig) * dpre(0, k) +
+            const dc =
+              prev[D + j] * fg * (1 - fg) * dpre(1, k) +
+              zz * ig * (1 - ig) * dpre(0, k) +
               ig * (1 - zz * zz) * dpre(2, k);
             jac[(D + j) * SD + k] = dc;
             jac[j * SD + k] = tc * og * (1 - og) * dpre(3, k) + og * (1 - tc * tc) * dc;
@@ -164,8 +202,11 @@ export function headStep(dm: Dims, inp: NewtonRefInputs, b: number, t: number, h
         break;
       }
       case 'lstm-cifg-diag': {
-        const fg = sigmoid(p[0]), zz = Math.tanh(p[1]), og = sigmoid(p[2]);
-        const c = fg * prev[D + j] + (1 - fg) * zz, tc = Math.tanh(c);
+        const fg = sigmoid(p[0]),
+          zz = Math.tanh(p[1]),
+          og = sigmoid(p[2]);
+        const c = fg * prev[D + j] + (1 - fg) * zz,
+          tc = Math.tanh(c);
         next[j] = og * tc;
         next[D + j] = c;
         if (jac) {
@@ -184,12 +225,20 @@ export function headStep(dm: Dims, inp: NewtonRefInputs, b: number, t: number, h
 }
 
 /** Copies head hh of time t of row b from a [batch, T, S, N] array (t = -1: from h0 [S, batch, N], or zeros). */
-function loadHead(dm: Dims, traj: ArrayLike<number>, h0: Data | null | undefined, b: number, t: number, hh: number,
-  out: Float64Array): void {
+function loadHead(
+  dm: Dims,
+  traj: ArrayLike<number>,
+  h0: Data | null | undefined,
+  b: number,
+  t: number,
+  hh: number,
+  out: Float64Array,
+): void {
   const { S, N, D, T, batch } = dm;
   for (let s = 0; s < S; s++) {
     for (let j = 0; j < D; j++) {
-      out[s * D + j] = t < 0 ? (h0 ? h0[(s * batch + b) * N + hh * D + j] : 0) : traj[((b * T + t) * S + s) * N + hh * D + j];
+      out[s * D + j] =
+        t < 0 ? (h0 ? h0[(s * batch + b) * N + hh * D + j] : 0) : traj[((b * T + t) * S + s) * N + hh * D + j];
     }
   }
 }
@@ -203,7 +252,8 @@ export function newtonRnnSequentialSteps(inputs: NewtonRefInputs, d: NewtonRefDi
   const dm = dimsOf('newtonRnnSequentialSteps', inputs, d);
   const { batch, T, H, S, D, N } = dm;
   const traj = new Float64Array(batch * T * S * N);
-  const prev = new Float64Array(S * D), next = new Float64Array(S * D);
+  const prev = new Float64Array(S * D),
+    next = new Float64Array(S * D);
   for (let b = 0; b < batch; b++) {
     for (let hh = 0; hh < H; hh++) {
       loadHead(dm, traj, inputs.h0, b, -1, hh, prev);
@@ -219,12 +269,14 @@ export function newtonRnnSequentialSteps(inputs: NewtonRefInputs, d: NewtonRefDi
 
 function outputsOf(dm: Dims, traj: Float64Array, h0: Data | null | undefined): NewtonRefOutputs {
   const { batch, T, S, N } = dm;
-  const y = new Float64Array(batch * T * N), finalStates = new Float64Array(S * batch * N);
+  const y = new Float64Array(batch * T * N),
+    finalStates = new Float64Array(S * batch * N);
   for (let b = 0; b < batch; b++) {
-    for (let t = 0; t < T; t++) for (let n = 0; n < N; n++) y[(b * T + t) * N + n] = traj[((b * T + t) * S) * N + n];
+    for (let t = 0; t < T; t++) for (let n = 0; n < N; n++) y[(b * T + t) * N + n] = traj[(b * T + t) * S * N + n];
     for (let s = 0; s < S; s++) {
       for (let n = 0; n < N; n++) {
-        finalStates[(s * batch + b) * N + n] = T > 0 ? traj[((b * T + T - 1) * S + s) * N + n] : (h0 ? h0[(s * batch + b) * N + n] : 0);
+        finalStates[(s * batch + b) * N + n] =
+          T > 0 ? traj[((b * T + T - 1) * S + s) * N + n] : h0 ? h0[(s * batch + b) * N + n] : 0;
       }
     }
   }
@@ -236,8 +288,10 @@ export function newtonRnnRef(inputs: NewtonRefInputs, d: NewtonRefDims): NewtonR
   const dm = dimsOf('newtonRnnRef', inputs, d);
   const traj = newtonRnnSequentialSteps(inputs, d);
   if (isDiagonalCell(dm.cell)) return outputsOf(dm, traj, inputs.h0);
-  const fused = fusedRnnRef({ wx: inputs.wx, R: inputs.R, b: inputs.b, states0: inputs.h0 ?? null },
-    { cell: dm.cell as 'gru' | 'lstm' | 'elman', batch: dm.batch, seqlen: dm.T, heads: dm.H, headDim: dm.D });
+  const fused = fusedRnnRef(
+    { wx: inputs.wx, R: inputs.R, b: inputs.b, states0: inputs.h0 ?? null },
+    { cell: dm.cell as 'gru' | 'lstm' | 'elman', batch: dm.batch, seqlen: dm.T, heads: dm.H, headDim: dm.D },
+  );
   // The fused oracle's y and final states; the trajectory of the generic step (checked against them).
   return { y: fused.h, finalStates: fused.finalStates, traj };
 }
@@ -246,23 +300,31 @@ export function newtonRnnRef(inputs: NewtonRefInputs, d: NewtonRefDims): NewtonR
  * Gradients of L = sum(dy * y) + sum(dFinal * finalStates) (either may be absent: zeros), by
  * backpropagation through time. dh0 is always returned (the gradient with respect to h0, zeros or not).
  */
-export function newtonRnnRefBackward(inputs: NewtonRefInputs, d: NewtonRefDims,
-  grads: { dy?: Data | null; dFinal?: Data | null }): NewtonRefGrads {
+export function newtonRnnRefBackward(
+  inputs: NewtonRefInputs,
+  d: NewtonRefDims,
+  grads: { dy?: Data | null; dFinal?: Data | null },
+): NewtonRefGrads {
   const dm = dimsOf('newtonRnnRefBackward', inputs, d);
   const { cell, batch, T, G, S, N, D, H } = dm;
   const h0 = inputs.h0 ?? new Float64Array(S * batch * N);
   if (!isDiagonalCell(cell)) {
-    const r = fusedRnnRefBackward({ wx: inputs.wx, R: inputs.R, b: inputs.b, states0: h0 },
+    const r = fusedRnnRefBackward(
+      { wx: inputs.wx, R: inputs.R, b: inputs.b, states0: h0 },
       { cell: cell as 'gru' | 'lstm' | 'elman', batch, seqlen: T, heads: H, headDim: D },
-      { dh: grads.dy ?? null, dFinalStates: grads.dFinal ?? null });
+      { dh: grads.dy ?? null, dFinalStates: grads.dFinal ?? null },
+    );
     return { dwx: r.dwx, dR: r.dR, db: r.db, dh0: r.dStates0! };
   }
   const traj = newtonRnnSequentialSteps({ ...inputs, h0 }, d);
   const out: NewtonRefGrads = {
-    dwx: new Float64Array(batch * T * G * N), dR: new Float64Array(G * N), db: new Float64Array(G * N),
+    dwx: new Float64Array(batch * T * G * N),
+    dR: new Float64Array(G * N),
+    db: new Float64Array(G * N),
     dh0: new Float64Array(S * batch * N),
   };
-  const dy = grads.dy, dFin = grads.dFinal;
+  const dy = grads.dy,
+    dFin = grads.dFinal;
   for (let b = 0; b < batch; b++) {
     for (let n = 0; n < N; n++) {
       // g[s]: dL / d(state s after the current step), flowing backwards.
@@ -273,12 +335,15 @@ export function newtonRnnRefBackward(inputs: NewtonRefInputs, d: NewtonRefDims,
         const pv = (s: number) => (t === 0 ? h0[(s * batch + b) * N + n] : traj[((b * T + t - 1) * S + s) * N + n]);
         const hp = pv(0);
         const wx = (gg: number) => inputs.wx[((b * T + t) * G + gg) * N + n];
-        const R = (gg: number) => inputs.R[gg * N + n], bb = (gg: number) => inputs.b[gg * N + n];
+        const R = (gg: number) => inputs.R[gg * N + n],
+          bb = (gg: number) => inputs.b[gg * N + n];
         const dpre = [0, 0, 0];
-        let dhp = 0, dcp = 0;
+        let dhp = 0,
+          dcp = 0;
         if (cell === 'gru-diag') {
           const recN = R(2) * hp + bb(2);
-          const r = sigmoid(wx(0) + bb(0) + R(0) * hp), z = sigmoid(wx(1) + bb(1) + R(1) * hp);
+          const r = sigmoid(wx(0) + bb(0) + R(0) * hp),
+            z = sigmoid(wx(1) + bb(1) + R(1) * hp);
           const nn = Math.tanh(wx(2) + r * recN);
           const da = g[0] * (1 - z) * (1 - nn * nn);
           dpre[0] = da * recN * r * (1 - r);
@@ -294,9 +359,11 @@ export function newtonRnnRefBackward(inputs: NewtonRefInputs, d: NewtonRefDims,
           dhp = g[0] * z + dpre[0] * R(0) + dpre[1] * R(1) + dRecN * R(2);
         } else {
           const cp = pv(1);
-          const fg = sigmoid(wx(0) + bb(0) + R(0) * hp), zz = Math.tanh(wx(1) + bb(1) + R(1) * hp);
+          const fg = sigmoid(wx(0) + bb(0) + R(0) * hp),
+            zz = Math.tanh(wx(1) + bb(1) + R(1) * hp);
           const og = sigmoid(wx(2) + bb(2) + R(2) * hp);
-          const c = fg * cp + (1 - fg) * zz, tc = Math.tanh(c);
+          const c = fg * cp + (1 - fg) * zz,
+            tc = Math.tanh(c);
           const gc = g[1] + g[0] * og * (1 - tc * tc);
           dpre[0] = gc * (cp - zz) * fg * (1 - fg);
           dpre[1] = gc * (1 - fg) * (1 - zz * zz);
@@ -372,7 +439,8 @@ export function newtonRnnIterate(inputs: NewtonRefInputs, d: NewtonRefDims, o: N
   const traj = new Float64Array(batch * T * S * N);
   const guess = o.guess ?? 'zeros';
   if (guess === 'one-step') {
-    const prev = new Float64Array(SD), next = new Float64Array(SD);
+    const prev = new Float64Array(SD),
+      next = new Float64Array(SD);
     for (let b = 0; b < batch; b++) {
       for (let hh = 0; hh < H; hh++) {
         loadHead(dm, traj, inputs.h0, b, -1, hh, prev);
@@ -386,11 +454,14 @@ export function newtonRnnIterate(inputs: NewtonRefInputs, d: NewtonRefDims, o: N
     traj.set(Array.from(guess));
   }
   const res: NewtonIterResult = { traj, iterations: [], converged: [], residuals: [] };
-  const F = new Float64Array(T * H * SD), J = new Float64Array(T * H * SD * SD);
-  const prev = new Float64Array(SD), cur = new Float64Array(SD);
+  const F = new Float64Array(T * H * SD),
+    J = new Float64Array(T * H * SD * SD);
+  const prev = new Float64Array(SD),
+    cur = new Float64Array(SD);
   for (let b = 0; b < batch; b++) {
     const hist: number[] = [];
-    let it = 0, conv = false;
+    let it = 0,
+      conv = false;
     for (;;) {
       // F_t and J_t at the current trajectory, and the check.
       let resid = 0;
@@ -414,7 +485,7 @@ export function newtonRnnIterate(inputs: NewtonRefInputs, d: NewtonRefDims, o: N
       for (let hh = 0; hh < H; hh++) {
         // Keep only the same-channel entries for the per-channel variant.
         const Jt = (t: number, r: number, c: number) => {
-          if (!full && (r % D) !== (c % D)) return 0;
+          if (!full && r % D !== c % D) return 0;
           return J[((t * H + hh) * SD + r) * SD + c];
         };
         const r = (t: number, i: number) => {
@@ -437,7 +508,8 @@ export function newtonRnnIterate(inputs: NewtonRefInputs, d: NewtonRefDims, o: N
           // sum_t |d_t - J_t d_{t-1} - r_t|^2 + lambda |d_t|^2.
           for (let j = 0; j < D; j++) {
             const n = T * S;
-            const A = new Float64Array(n * n), rhs = new Float64Array(n);
+            const A = new Float64Array(n * n),
+              rhs = new Float64Array(n);
             const jt = (t: number, s: number, q: number) => Jt(t, s * D + j, q * D + j);
             // residual rows e_t = d_t - J_t d_{t-1} - r_t: add e^T e to the quadratic form.
             for (let t = 0; t < T; t++) {

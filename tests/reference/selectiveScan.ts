@@ -130,12 +130,24 @@ interface Layout {
 
 function layoutOf(o: SelectiveScanRefOptions, i: SelectiveScanRefInputs): Layout {
   const groups = o.groups ?? 1;
-  if (!(groups >= 1) || o.dim % groups !== 0) throw new Error(`selectiveScanRef: dim ${o.dim} is not a multiple of groups ${groups}`);
-  const ly = { batch: o.batch, dim: o.dim, L: o.seqlen, N: o.dstate, groups, perGroup: o.dim / groups, variableB: o.variableB, variableC: o.variableC };
+  if (!(groups >= 1) || o.dim % groups !== 0)
+    throw new Error(`selectiveScanRef: dim ${o.dim} is not a multiple of groups ${groups}`);
+  const ly = {
+    batch: o.batch,
+    dim: o.dim,
+    L: o.seqlen,
+    N: o.dstate,
+    groups,
+    perGroup: o.dim / groups,
+    variableB: o.variableB,
+    variableC: o.variableC,
+  };
   const need = (name: string, a: Data | null | undefined, n: number) => {
     if (a && a.length !== n) throw new Error(`selectiveScanRef: ${name} has ${a.length} elements, expected ${n}`);
   };
-  const BDL = o.batch * o.dim * o.seqlen, varLen = o.batch * groups * o.dstate * o.seqlen, constLen = o.dim * o.dstate;
+  const BDL = o.batch * o.dim * o.seqlen,
+    varLen = o.batch * groups * o.dstate * o.seqlen,
+    constLen = o.dim * o.dstate;
   need('u', i.u, BDL);
   need('delta', i.delta, BDL);
   need('z', i.z, BDL);
@@ -159,13 +171,17 @@ function dtAt(i: SelectiveScanRefInputs, softplusOn: boolean, d: number, idx: nu
   return { raw, dt: softplusOn ? softplus(raw) : raw };
 }
 
-export function selectiveScanRef(inputs: SelectiveScanRefInputs, options: SelectiveScanRefOptions): SelectiveScanRefOutputs {
+export function selectiveScanRef(
+  inputs: SelectiveScanRefInputs,
+  options: SelectiveScanRefOptions,
+): SelectiveScanRefOutputs {
   const ly = layoutOf(options, inputs);
   const { dim, L, N } = ly;
   const segs = segmentsOf(options);
   const nseq = segs.length;
   const h0 = options.initialState ?? null;
-  if (h0 && h0.length !== nseq * dim * N) throw new Error(`selectiveScanRef: initialState has ${h0.length} elements, expected ${nseq * dim * N}`);
+  if (h0 && h0.length !== nseq * dim * N)
+    throw new Error(`selectiveScanRef: initialState has ${h0.length} elements, expected ${nseq * dim * N}`);
   const sp = options.deltaSoftplus ?? false;
   const { u, A, B, C, D, z } = inputs;
   const y = new Float64Array(ly.batch * dim * L);
@@ -200,8 +216,11 @@ export function selectiveScanRef(inputs: SelectiveScanRefInputs, options: Select
  * layout of B / C: a constant one is summed over batch and time, a variable one over the channels
  * of its group.
  */
-export function selectiveScanRefBackward(inputs: SelectiveScanRefInputs, options: SelectiveScanRefOptions,
-  grads: { dy?: Data | null; dFinal?: Data | null }): SelectiveScanRefGrads {
+export function selectiveScanRefBackward(
+  inputs: SelectiveScanRefInputs,
+  options: SelectiveScanRefOptions,
+  grads: { dy?: Data | null; dFinal?: Data | null },
+): SelectiveScanRefGrads {
   const ly = layoutOf(options, inputs);
   const { dim, L, N } = ly;
   const segs = segmentsOf(options);
@@ -209,9 +228,11 @@ export function selectiveScanRefBackward(inputs: SelectiveScanRefInputs, options
   const h0 = options.initialState ?? null;
   const sp = options.deltaSoftplus ?? false;
   const { u, A, B, C, D, z } = inputs;
-  const dy = grads.dy ?? null, dFinal = grads.dFinal ?? null;
+  const dy = grads.dy ?? null,
+    dFinal = grads.dFinal ?? null;
   if (dy && dy.length !== ly.batch * dim * L) throw new Error('selectiveScanRefBackward: dy has the wrong length');
-  if (dFinal && dFinal.length !== nseq * dim * N) throw new Error('selectiveScanRefBackward: dFinal has the wrong length');
+  if (dFinal && dFinal.length !== nseq * dim * N)
+    throw new Error('selectiveScanRefBackward: dFinal has the wrong length');
   const out: SelectiveScanRefGrads = {
     du: new Float64Array(u.length),
     ddelta: new Float64Array(u.length),
@@ -231,15 +252,18 @@ export function selectiveScanRefBackward(inputs: SelectiveScanRefInputs, options
     for (let d = 0; d < dim; d++) {
       for (let n = 0; n < N; n++) xs[n] = h0 ? h0[(s * dim + d) * N + n] : 0;
       for (let k = 0; k < length; k++) {
-        const t = start + k, idx = (b * dim + d) * L + t;
+        const t = start + k,
+          idx = (b * dim + d) * L + t;
         const { dt } = dtAt(inputs, sp, d, idx);
         for (let n = 0; n < N; n++) {
-          xs[(k + 1) * N + n] = Math.exp(dt * A[d * N + n]) * xs[k * N + n] + dt * B[bcIndex(ly, ly.variableB, b, d, n, t)] * u[idx];
+          xs[(k + 1) * N + n] =
+            Math.exp(dt * A[d * N + n]) * xs[k * N + n] + dt * B[bcIndex(ly, ly.variableB, b, d, n, t)] * u[idx];
         }
       }
       for (let n = 0; n < N; n++) gx[n] = dFinal ? dFinal[(s * dim + d) * N + n] : 0;
       for (let k = length - 1; k >= 0; k--) {
-        const t = start + k, idx = (b * dim + d) * L + t;
+        const t = start + k,
+          idx = (b * dim + d) * L + t;
         const { raw, dt } = dtAt(inputs, sp, d, idx);
         const g = dy ? dy[idx] : 0;
         let gyc = g; // dL / d(sum_n x C + D u)
@@ -255,8 +279,11 @@ export function selectiveScanRefBackward(inputs: SelectiveScanRefInputs, options
         }
         let gdt = 0;
         for (let n = 0; n < N; n++) {
-          const ci = bcIndex(ly, ly.variableC, b, d, n, t), bi = bcIndex(ly, ly.variableB, b, d, n, t);
-          const a = A[d * N + n], decay = Math.exp(dt * a), prev = xs[k * N + n];
+          const ci = bcIndex(ly, ly.variableC, b, d, n, t),
+            bi = bcIndex(ly, ly.variableB, b, d, n, t);
+          const a = A[d * N + n],
+            decay = Math.exp(dt * a),
+            prev = xs[k * N + n];
           out.dC[ci] += gyc * xs[(k + 1) * N + n];
           const gn = gx[n] + gyc * C[ci]; // dL / dx_t[n]
           // x_t = decay * prev + dt * B * u
@@ -311,15 +338,20 @@ export interface SelectiveStateUpdateRefOutputs {
 }
 
 /** The decode step: the same recurrence, advanced `tokens` steps from `state`. */
-export function selectiveStateUpdateRef(inputs: SelectiveStateUpdateRefInputs,
-  options: SelectiveStateUpdateRefOptions): SelectiveStateUpdateRefOutputs {
+export function selectiveStateUpdateRef(
+  inputs: SelectiveStateUpdateRefInputs,
+  options: SelectiveStateUpdateRefOptions,
+): SelectiveStateUpdateRefOutputs {
   const { batch, dim, dstate: N } = options;
-  const groups = options.groups ?? 1, T = options.tokens ?? 1;
+  const groups = options.groups ?? 1,
+    T = options.tokens ?? 1;
   if (dim % groups !== 0) throw new Error(`selectiveStateUpdateRef: dim ${dim} is not a multiple of groups ${groups}`);
   const { x, dt: dtIn, A, B, C, D, z, dtBias } = inputs;
   if (inputs.state.length !== batch * dim * N) throw new Error('selectiveStateUpdateRef: state has the wrong length');
-  if (x.length !== batch * dim * T || dtIn.length !== batch * dim * T) throw new Error('selectiveStateUpdateRef: x / dt have the wrong length');
-  if (B.length !== batch * groups * N * T || C.length !== batch * groups * N * T) throw new Error('selectiveStateUpdateRef: B / C have the wrong length');
+  if (x.length !== batch * dim * T || dtIn.length !== batch * dim * T)
+    throw new Error('selectiveStateUpdateRef: x / dt have the wrong length');
+  if (B.length !== batch * groups * N * T || C.length !== batch * groups * N * T)
+    throw new Error('selectiveStateUpdateRef: B / C have the wrong length');
   const sp = options.dtSoftplus ?? false;
   const state = Float64Array.from(inputs.state);
   const y = new Float64Array(batch * dim * T);
@@ -333,7 +365,8 @@ export function selectiveStateUpdateRef(inputs: SelectiveStateUpdateRefInputs,
         const dt = sp ? softplus(raw) : raw;
         let acc = (D ? D[d] : 0) * x[idx];
         for (let n = 0; n < N; n++) {
-          const si = (b * dim + d) * N + n, bc = ((b * groups + g) * N + n) * T + t;
+          const si = (b * dim + d) * N + n,
+            bc = ((b * groups + g) * N + n) * T + t;
           state[si] = Math.exp(dt * A[d * N + n]) * state[si] + dt * B[bc] * x[idx];
           acc += state[si] * C[bc];
           intermediateStates[((b * T + t) * dim + d) * N + n] = state[si];

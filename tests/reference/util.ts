@@ -26,7 +26,8 @@ export function uniform(rand: () => number, n: number, lo: number, hi: number): 
 export function normal(rand: () => number, n: number, scale = 1): Float64Array {
   const out = new Float64Array(n);
   for (let i = 0; i < n; i++) {
-    const u = Math.max(rand(), 1e-12), v = rand();
+    const u = Math.max(rand(), 1e-12),
+      v = rand();
     out[i] = scale * Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
   }
   return out;
@@ -35,7 +36,8 @@ export function normal(rand: () => number, n: number, scale = 1): Float64Array {
 /** ||out - ref|| / ||ref|| (NaN anywhere gives Infinity; ref of zero norm compares absolute). */
 export function relErr(out: ArrayLike<number>, ref: ArrayLike<number>): number {
   if (out.length !== ref.length) return Infinity;
-  let num = 0, den = 0;
+  let num = 0,
+    den = 0;
   for (let i = 0; i < ref.length; i++) {
     const d = out[i] - ref[i];
     if (!Number.isFinite(out[i])) return Infinity;
@@ -62,8 +64,11 @@ export function perturbed(rand: () => number, v: Float64Array, rel = 2 ** -24): 
  * one step for all arrays or one per array (a large step is exact for an input f is linear in, and
  * keeps rounding noise down).
  */
-export function finiteDifferences(f: (xs: Float64Array[]) => number, xs: Float64Array[],
-  eps: number | readonly number[] = 1e-6): Float64Array[] {
+export function finiteDifferences(
+  f: (xs: Float64Array[]) => number,
+  xs: Float64Array[],
+  eps: number | readonly number[] = 1e-6,
+): Float64Array[] {
   return xs.map((x, k) => {
     const h = typeof eps === 'number' ? eps : eps[k];
     const g = new Float64Array(x.length);

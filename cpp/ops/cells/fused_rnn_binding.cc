@@ -56,13 +56,15 @@ CellsCall parseCells(Napi::Env env, const Request& r, const char* op) {
       throwError(env, code::kArgument, std::string(op) + ": lengths must be an Int32Array");
     Napi::Int32Array arr = lv.As<Napi::Int32Array>();
     if (int64_t(arr.ElementLength()) != a.batch)
-      throwError(env, code::kShape, std::string(op) + ": lengths has " + std::to_string(arr.ElementLength()) +
-                                       " entries, expected batch = " + std::to_string(a.batch));
+      throwError(env, code::kShape,
+                 std::string(op) + ": lengths has " + std::to_string(arr.ElementLength()) +
+                     " entries, expected batch = " + std::to_string(a.batch));
     c.lengths.resize(size_t(a.batch));
     for (size_t i = 0; i < c.lengths.size(); ++i) {
       if (arr[i] < 0 || arr[i] > a.T)
-        throwError(env, code::kArgument, std::string(op) + ": lengths[" + std::to_string(i) + "] = " +
-                                            std::to_string(arr[i]) + " is outside [0, " + std::to_string(a.T) + "]");
+        throwError(env, code::kArgument,
+                   std::string(op) + ": lengths[" + std::to_string(i) + "] = " + std::to_string(arr[i]) +
+                       " is outside [0, " + std::to_string(a.T) + "]");
       c.lengths[i] = arr[i];
     }
     a.lengths = c.lengths.data();
@@ -87,13 +89,13 @@ Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("h", allocOutput(env, c.dev, DType(int(c.a.dt)), c.h, &o.h, Init::Overwritten));
   out.Set("finalStates", allocOutput(env, c.dev, DType::F32, c.states, &o.finalStates, Init::Overwritten));
-  out.Set("savedStates", optionalOutput(env, training, c.dev, DType::F32, c.savedStates, &o.savedStates,
-                                        Init::Overwritten));
+  out.Set("savedStates",
+          optionalOutput(env, training, c.dev, DType::F32, c.savedStates, &o.savedStates, Init::Overwritten));
   out.Set("savedPre", optionalOutput(env, training, c.dev, DType::F32, c.savedPre, &o.savedPre, Init::Overwritten));
   auto k = std::make_shared<CellsCall>(std::move(c));  // the kernel's arguments, kept for an async call
-  return launch(env, op, k->dev, out, [&] { return rkcuda::fusedRnnForward(k->a, o); }, [k, o] {
-    cells::fusedRnnForwardCpu(k->a, o);
-  });
+  return launch(
+      env, op, k->dev, out, [&] { return rkcuda::fusedRnnForward(k->a, o); },
+      [k, o] { cells::fusedRnnForwardCpu(k->a, o); });
 }
 
 // fusedRnnBackward({ device, dtype, tensors, grads: { savedStates, savedPre, dh, dFinal },
@@ -108,8 +110,9 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   const bool needDStates0 = flagField(r.config, "needDStates0");
   const DType dt = DType(int(c.a.dt));
   rkcuda::FusedRnnGrads g;
-  g.savedStates = static_cast<const float*>(tensorArg(env, gi.Get("savedStates"), op, "savedStates (saved for backward)",
-                                                      c.dev, DType::F32, c.savedStates).data);
+  g.savedStates = static_cast<const float*>(
+      tensorArg(env, gi.Get("savedStates"), op, "savedStates (saved for backward)", c.dev, DType::F32, c.savedStates)
+          .data);
   g.savedPre = static_cast<const float*>(
       tensorArg(env, gi.Get("savedPre"), op, "savedPre (saved for backward)", c.dev, DType::F32, c.savedPre).data);
   g.dh = tensorArg(env, gi.Get("dh"), op, "grad of h", c.dev, dt, c.h, true).data;
@@ -121,9 +124,9 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   out.Set("db", allocOutput(env, c.dev, DType::F32, c.b, &g.db, Init::Overwritten));
   out.Set("dStates0", optionalOutput(env, needDStates0, c.dev, DType::F32, c.states, &g.dStates0, Init::Overwritten));
   auto k = std::make_shared<CellsCall>(std::move(c));
-  return launch(env, op, k->dev, out, [&] { return rkcuda::fusedRnnBackward(k->a, g); }, [k, g] {
-    cells::fusedRnnBackwardCpu(k->a, g);
-  });
+  return launch(
+      env, op, k->dev, out, [&] { return rkcuda::fusedRnnBackward(k->a, g); },
+      [k, g] { cells::fusedRnnBackwardCpu(k->a, g); });
 }
 
 }  // namespace

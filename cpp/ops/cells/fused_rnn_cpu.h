@@ -12,8 +12,8 @@ void fusedRnnBackwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGr
 
 // The same, per instruction-set variant and storage type (fused_rnn_cpu.inc compiled once per variant
 // for fp32 and once for the 16-bit types).
-#define RK_CELLS_VARIANT_API(NS)                                                                      \
-  namespace NS {                                                                                      \
+#define RK_CELLS_VARIANT_API(NS)                                                                                  \
+  namespace NS {                                                                                                  \
   template <typename St> void fusedRnnForwardAs(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o); \
   template <typename St> void fusedRnnBackwardAs(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g);  \
   }

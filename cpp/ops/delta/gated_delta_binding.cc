@@ -27,9 +27,9 @@ float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
   double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
   // Finite as the float the kernels use, not only as a double (1e39 would become inf).
   if (!std::isfinite(s) || std::fabs(s) > double(FLT_MAX))
-    throwError(env, code::kArgument, std::string(op) +
-                                        ": scale must be finite as a float32 (at most 3.4e38 in magnitude), got " +
-                                        Napi::Number::New(env, s).ToString().Utf8Value());
+    throwError(env, code::kArgument,
+               std::string(op) + ": scale must be finite as a float32 (at most 3.4e38 in magnitude), got " +
+                   Napi::Number::New(env, s).ToString().Utf8Value());
   return float(s);
 }
 
@@ -100,13 +100,14 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(env);
   out.Set("o", allocOutput(env, c.dev, DType(int(c.a.dt)), c.vo, &o, Init::Overwritten));
   const bool keepStates = c.dev == Device::CUDA || flagField(r.config, "keepStates");
-  out.Set("states", keepStates ? allocOutput(env, c.dev, DType::F32, c.savedElems, &states, Init::Overwritten)
-                               : env.Null());
+  out.Set("states",
+          keepStates ? allocOutput(env, c.dev, DType::F32, c.savedElems, &states, Init::Overwritten) : env.Null());
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
   auto k = std::make_shared<DeltaCall>(std::move(c));  // the kernel's arguments, kept for an async call
-  return launch(env, op, k->dev, out, [&] { return rkcuda::gatedDeltaForward(k->a, o, states, fin); },
-                [k, o, states, fin] { delta::gatedDeltaForwardCpu(k->a, o, states, fin); });
+  return launch(
+      env, op, k->dev, out, [&] { return rkcuda::gatedDeltaForward(k->a, o, states, fin); },
+      [k, o, states, fin] { delta::gatedDeltaForwardCpu(k->a, o, states, fin); });
 }
 
 // gatedDeltaBackward({ device, dtype, tensors, grads: { states, dO, dFinal }, config: { ..., needDh0 } })
@@ -134,9 +135,9 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   out.Set("dbeta", allocOutput(env, c.dev, dt, c.gb, &g.dbeta));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
   auto k = std::make_shared<DeltaCall>(std::move(c));
-  return launch(env, op, k->dev, out, [&] { return rkcuda::gatedDeltaBackward(k->a, g); }, [k, g] {
-    delta::gatedDeltaBackwardCpu(k->a, g);
-  });
+  return launch(
+      env, op, k->dev, out, [&] { return rkcuda::gatedDeltaBackward(k->a, g); },
+      [k, g] { delta::gatedDeltaBackwardCpu(k->a, g); });
 }
 
 // gatedDeltaStep({ device, dtype, tensors: { state, q, k, v, g, beta },
@@ -167,7 +168,8 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   const int64_t gb = product(env, {a.batch, a.tokens, a.HV}, op);
   const int64_t stateElems = product(env, {a.batch, a.HV, a.K, a.V}, op);
   const int64_t inter = product(env, {a.tokens, stateElems}, op);
-  a.state = static_cast<float*>(tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems, false, Access::Update).data);
+  a.state = static_cast<float*>(
+      tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems, false, Access::Update).data);
   a.q = tensorArg(env, t.Get("q"), op, "q", dev, dt, qk).data;
   a.k = tensorArg(env, t.Get("k"), op, "k", dev, dt, qk).data;
   a.v = tensorArg(env, t.Get("v"), op, "v", dev, dt, vo).data;
@@ -175,9 +177,10 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   a.beta = tensorArg(env, t.Get("beta"), op, "beta", dev, dt, gb).data;
   Napi::Object out = Napi::Object::New(env);
   out.Set("o", allocOutput(env, dev, dt, vo, &a.o, Init::Overwritten));
-  out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
-                                         Init::Overwritten));
-  return launch(env, op, dev, out, [&] { return rkcuda::gatedDeltaStep(a); }, [a] { delta::gatedDeltaStepCpu(a); });
+  out.Set("intermediate",
+          optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate, Init::Overwritten));
+  return launch(
+      env, op, dev, out, [&] { return rkcuda::gatedDeltaStep(a); }, [a] { delta::gatedDeltaStepCpu(a); });
 }
 
 }  // namespace

@@ -18,11 +18,11 @@ void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedD
 void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a);
 
 // The same, per instruction-set variant (gated_delta_cpu.inc compiled once per variant).
-#define RK_DELTA_VARIANT_API(NS)                                                                      \
-  namespace NS {                                                                                      \
+#define RK_DELTA_VARIANT_API(NS)                                                                         \
+  namespace NS {                                                                                         \
   void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* finalState); \
-  void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g);      \
-  void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a);                                        \
+  void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g);         \
+  void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a);                                           \
   }
 RK_FOR_EACH_ISA(RK_DELTA_VARIANT_API)
 #undef RK_DELTA_VARIANT_API

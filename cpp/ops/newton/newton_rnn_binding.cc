@@ -56,8 +56,10 @@ NewtonCall parseNewton(Napi::Env env, const Request& r, const char* op) {
   a.tolRel = nonNegativeField(env, cfg, "tolRel", op);
   a.damping = nonNegativeField(env, cfg, "damping", op);
   if (a.damping > 0 && a.fullJacobian && !diag)
-    throwError(env, code::kArgument, std::string(op) + ": damping needs per-channel Jacobians (jacobian 'diagonal' or a "
-                                                      "diagonal cell); it is not supported with the full Jacobian");
+    throwError(env, code::kArgument,
+               std::string(op) +
+                   ": damping needs per-channel Jacobians (jacobian 'diagonal' or a "
+                   "diagonal cell); it is not supported with the full Jacobian");
   const int64_t guess = intField(env, cfg, "guess", op, 0);
   if (guess > 2) throwError(env, code::kArgument, std::string(op) + ": unknown guess " + std::to_string(guess));
   a.guess = rkcuda::NewtonGuess(int(guess));
@@ -73,7 +75,8 @@ NewtonCall parseNewton(Napi::Env env, const Request& r, const char* op) {
   a.b = static_cast<const float*>(tensorArg(env, t.Get("b"), op, "b", c.dev, DType::F32, c.bElems).data);
   a.h0 = static_cast<const float*>(tensorArg(env, t.Get("h0"), op, "h0", c.dev, DType::F32, c.stateElems, true).data);
   a.guessTraj = static_cast<const float*>(tensorArg(env, t.Get("guess"), op, "initialGuess", c.dev, DType::F32,
-                                                    c.trajElems, a.guess != rkcuda::NewtonGuess::Provided).data);
+                                                    c.trajElems, a.guess != rkcuda::NewtonGuess::Provided)
+                                              .data);
   if (a.guess != rkcuda::NewtonGuess::Provided) a.guessTraj = nullptr;
   return c;
 }
@@ -102,9 +105,9 @@ Napi::Value NewtonRnnForward(const Napi::CallbackInfo& info) {
   out.Set("residual", residual);
   out.Set("converged", converged);
   out.Set("fellBack", fellBack);
-  return launch(env, op, c.dev, out, [&] { return rkcuda::newtonRnnForward(c.a, o); }, [a = c.a, o] {
-    newton::newtonRnnForwardCpu(a, o);
-  });
+  return launch(
+      env, op, c.dev, out, [&] { return rkcuda::newtonRnnForward(c.a, o); },
+      [a = c.a, o] { newton::newtonRnnForwardCpu(a, o); });
 }
 
 // newtonRnnBackward({ device, dtype, tensors, grads: { traj, dy, dFinal }, config: { ..., needDh0 } })
@@ -128,9 +131,9 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
   out.Set("dR", allocOutput(env, c.dev, DType::F32, c.rElems, &g.dR, Init::Overwritten));
   out.Set("db", allocOutput(env, c.dev, DType::F32, c.bElems, &g.db, Init::Overwritten));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0, Init::Overwritten));
-  return launch(env, op, c.dev, out, [&] { return rkcuda::newtonRnnBackward(c.a, g); }, [a = c.a, g] {
-    newton::newtonRnnBackwardCpu(a, g);
-  });
+  return launch(
+      env, op, c.dev, out, [&] { return rkcuda::newtonRnnBackward(c.a, g); },
+      [a = c.a, g] { newton::newtonRnnBackwardCpu(a, g); });
 }
 
 }  // namespace

@@ -16,8 +16,8 @@ void newtonRnnForwardCpu(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnn
 void newtonRnnBackwardCpu(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnGrads& g);
 
 // The same, per instruction-set variant (newton_rnn_cpu.inc compiled once per variant).
-#define RK_NEWTON_VARIANT_API(NS)                                                 \
-  namespace NS {                                                                  \
+#define RK_NEWTON_VARIANT_API(NS)                                                  \
+  namespace NS {                                                                   \
   void forward(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnOutputs& o); \
   void backward(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnGrads& g);  \
   }

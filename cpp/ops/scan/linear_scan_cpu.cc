@@ -8,8 +8,8 @@ void linearScanForwardCpu(DType dt, const void* a, const void* b, const float* h
   RK_ISA_DISPATCH(scan, linearScanForwardCpu, (dt, a, b, h0, h, finalState, s));
 }
 
-void linearScanBackwardCpu(DType dt, const void* a, const void* h, const float* h0, const void* gh,
-                           const float* gFinal, void* ga, void* gb, float* gh0, const LinearScanShape& s) {
+void linearScanBackwardCpu(DType dt, const void* a, const void* h, const float* h0, const void* gh, const float* gFinal,
+                           void* ga, void* gb, float* gh0, const LinearScanShape& s) {
   RK_ISA_DISPATCH(scan, linearScanBackwardCpu, (dt, a, h, h0, gh, gFinal, ga, gb, gh0, s));
 }
 

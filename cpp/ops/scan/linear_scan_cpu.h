@@ -18,15 +18,15 @@ struct LinearScanShape {
 // optional but a, b, h, ga, gb).
 void linearScanForwardCpu(DType dt, const void* a, const void* b, const float* h0, void* h, float* finalState,
                           const LinearScanShape& s);
-void linearScanBackwardCpu(DType dt, const void* a, const void* h, const float* h0, const void* gh,
-                           const float* gFinal, void* ga, void* gb, float* gh0, const LinearScanShape& s);
+void linearScanBackwardCpu(DType dt, const void* a, const void* h, const float* h0, const void* gh, const float* gFinal,
+                           void* ga, void* gb, float* gh0, const LinearScanShape& s);
 
-#define RK_LINEAR_SCAN_VARIANT_API(NS)                                                                          \
-  namespace NS {                                                                                                \
+#define RK_LINEAR_SCAN_VARIANT_API(NS)                                                                           \
+  namespace NS {                                                                                                 \
   void linearScanForwardCpu(DType dt, const void* a, const void* b, const float* h0, void* h, float* finalState, \
-                            const LinearScanShape& s);                                                          \
-  void linearScanBackwardCpu(DType dt, const void* a, const void* h, const float* h0, const void* gh,           \
-                             const float* gFinal, void* ga, void* gb, float* gh0, const LinearScanShape& s);    \
+                            const LinearScanShape& s);                                                           \
+  void linearScanBackwardCpu(DType dt, const void* a, const void* h, const float* h0, const void* gh,            \
+                             const float* gFinal, void* ga, void* gb, float* gh0, const LinearScanShape& s);     \
   }
 RK_FOR_EACH_ISA(RK_LINEAR_SCAN_VARIANT_API)
 #undef RK_LINEAR_SCAN_VARIANT_API

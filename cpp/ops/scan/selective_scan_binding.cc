@@ -37,8 +37,7 @@ ScanCall parseScan(Napi::Env env, const Request& r, const char* op) {
   a.seqlen = intField(env, cfg, "seqlen", op, 1);
   a.dstate = intField(env, cfg, "dstate", op, 1);
   a.groups = intField(env, cfg, "groups", op, 1);
-  if (a.dim % a.groups != 0)
-    throwError(env, code::kShape, std::string(op) + ": dim must be a multiple of groups");
+  if (a.dim % a.groups != 0) throwError(env, code::kShape, std::string(op) + ": dim must be a multiple of groups");
   a.variableB = flagField(cfg, "variableB");
   a.variableC = flagField(cfg, "variableC");
   a.deltaSoftplus = flagField(cfg, "deltaSoftplus");
@@ -68,10 +67,10 @@ ScanCall parseScan(Napi::Env env, const Request& r, const char* op) {
 
   a.delta = tensorArg(env, t.Get("delta"), op, "delta", c.dev, dt, c.elements).data;
   a.A = static_cast<const float*>(tensorArg(env, t.Get("A"), op, "A", c.dev, DType::F32, c.params).data);
-  a.B = tensorArg(env, t.Get("B"), op, "B", c.dev, a.variableB ? dt : DType::F32,
-                  a.variableB ? c.bcVariable : c.params).data;
-  a.C = tensorArg(env, t.Get("C"), op, "C", c.dev, a.variableC ? dt : DType::F32,
-                  a.variableC ? c.bcVariable : c.params).data;
+  a.B = tensorArg(env, t.Get("B"), op, "B", c.dev, a.variableB ? dt : DType::F32, a.variableB ? c.bcVariable : c.params)
+            .data;
+  a.C = tensorArg(env, t.Get("C"), op, "C", c.dev, a.variableC ? dt : DType::F32, a.variableC ? c.bcVariable : c.params)
+            .data;
   a.D = static_cast<const float*>(tensorArg(env, t.Get("D"), op, "D", c.dev, DType::F32, a.dim, true).data);
   a.z = tensorArg(env, t.Get("z"), op, "z", c.dev, dt, c.elements, true).data;
   a.deltaBias = static_cast<const float*>(
@@ -98,8 +97,9 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
-  return launch(env, op, c.dev, out, [&] { return rkcuda::selectiveScanForward(a, y, states, fin); },
-                [k, y, states, fin] { scan::selectiveScanForwardCpu(k->a, y, states, fin); });
+  return launch(
+      env, op, c.dev, out, [&] { return rkcuda::selectiveScanForward(a, y, states, fin); },
+      [k, y, states, fin] { scan::selectiveScanForwardCpu(k->a, y, states, fin); });
 }
 
 // selectiveScanBackward({ device, dtype, tensors, grads: { states, dy, dFinal }, config: { ..., needDh0 } })
@@ -132,9 +132,9 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   out.Set("dz", optionalOutput(env, a.z != nullptr, c.dev, dt, c.elements, &g.dz, big));
   out.Set("dDeltaBias", optionalOutput(env, a.deltaBias != nullptr, c.dev, DType::F32, a.dim, &g.dDeltaBias));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
-  return launch(env, op, c.dev, out, [&] { return rkcuda::selectiveScanBackward(a, g); }, [k, g] {
-    scan::selectiveScanBackwardCpu(k->a, g);
-  });
+  return launch(
+      env, op, c.dev, out, [&] { return rkcuda::selectiveScanBackward(a, g); },
+      [k, g] { scan::selectiveScanBackwardCpu(k->a, g); });
 }
 
 // selectiveStateUpdate({ device, dtype, tensors: { state, x, dt, A, B, C, D, z, dtBias },
@@ -154,8 +154,7 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   a.dstate = intField(env, cfg, "dstate", op, 1);
   a.groups = intField(env, cfg, "groups", op, 1);
   a.tokens = intField(env, cfg, "tokens", op, 1);
-  if (a.dim % a.groups != 0)
-    throwError(env, code::kShape, std::string(op) + ": dim must be a multiple of groups");
+  if (a.dim % a.groups != 0) throwError(env, code::kShape, std::string(op) + ": dim must be a multiple of groups");
   a.deltaSoftplus = flagField(cfg, "deltaSoftplus");
   a.updateState = flagField(cfg, "updateState");
   const bool wantIntermediate = flagField(cfg, "returnIntermediate");
@@ -163,10 +162,12 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   const int64_t stateElems = product(env, {a.batch, a.dim, a.dstate}, op);
   const int64_t bc = product(env, {a.batch, a.groups, a.dstate, a.tokens}, op);
   const int64_t inter = product(env, {a.tokens, stateElems}, op);
-  a.state = static_cast<float*>(tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems, false, Access::Update).data);
+  a.state = static_cast<float*>(
+      tensorArg(env, t.Get("state"), op, "state", dev, DType::F32, stateElems, false, Access::Update).data);
   a.x = tensorArg(env, t.Get("x"), op, "x", dev, dt, elements).data;
   a.delta = tensorArg(env, t.Get("dt"), op, "dt", dev, dt, elements).data;
-  a.A = static_cast<const float*>(tensorArg(env, t.Get("A"), op, "A", dev, DType::F32, product(env, {a.dim, a.dstate}, op)).data);
+  a.A = static_cast<const float*>(
+      tensorArg(env, t.Get("A"), op, "A", dev, DType::F32, product(env, {a.dim, a.dstate}, op)).data);
   a.B = tensorArg(env, t.Get("B"), op, "B", dev, dt, bc).data;
   a.C = tensorArg(env, t.Get("C"), op, "C", dev, dt, bc).data;
   a.D = static_cast<const float*>(tensorArg(env, t.Get("D"), op, "D", dev, DType::F32, a.dim, true).data);
@@ -175,11 +176,10 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
       static_cast<const float*>(tensorArg(env, t.Get("dtBias"), op, "dtBias", dev, DType::F32, a.dim, true).data);
   Napi::Object out = Napi::Object::New(env);
   out.Set("y", allocOutput(env, dev, dt, elements, &a.y, Init::Overwritten));
-  out.Set("intermediate", optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate,
-                                         Init::Overwritten));
-  return launch(env, op, dev, out, [&] { return rkcuda::selectiveStateUpdate(a); }, [a] {
-    scan::selectiveStateUpdateCpu(a);
-  });
+  out.Set("intermediate",
+          optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate, Init::Overwritten));
+  return launch(
+      env, op, dev, out, [&] { return rkcuda::selectiveStateUpdate(a); }, [a] { scan::selectiveStateUpdateCpu(a); });
 }
 
 }  // namespace

@@ -17,11 +17,11 @@ void selectiveScanBackwardCpu(const rkcuda::SelectiveScanArgs& a, const rkcuda::
 void selectiveStateUpdateCpu(const rkcuda::SelectiveStateUpdateArgs& a);
 
 // The same, per instruction-set variant (selective_scan_cpu.inc compiled once per variant).
-#define RK_SCAN_VARIANT_API(NS)                                                                       \
-  namespace NS {                                                                                      \
+#define RK_SCAN_VARIANT_API(NS)                                                                                \
+  namespace NS {                                                                                               \
   void selectiveScanForwardCpu(const rkcuda::SelectiveScanArgs& a, void* y, float* states, float* finalState); \
-  void selectiveScanBackwardCpu(const rkcuda::SelectiveScanArgs& a, const rkcuda::SelectiveScanGrads& g); \
-  void selectiveStateUpdateCpu(const rkcuda::SelectiveStateUpdateArgs& a);                            \
+  void selectiveScanBackwardCpu(const rkcuda::SelectiveScanArgs& a, const rkcuda::SelectiveScanGrads& g);      \
+  void selectiveStateUpdateCpu(const rkcuda::SelectiveStateUpdateArgs& a);                                     \
   }
 RK_FOR_EACH_ISA(RK_SCAN_VARIANT_API)
 #undef RK_SCAN_VARIANT_API

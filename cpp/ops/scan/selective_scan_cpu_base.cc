@@ -3,4 +3,3 @@
 
 #define RK_ISA_LEVEL 0
 #include "ops/scan/selective_scan_cpu.inc"
-
