@@ -102,6 +102,7 @@
 #include <vector>
 
 #include "common/api.h"
+#include "cells/fused_rnn.h"
 #include "common/async_copy.cuh"
 #include "common/check.cuh"
 #include "common/dtype.cuh"

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/api.h"
+#include "delta/gated_delta.h"
 
 namespace rkcuda {
 namespace delta {

@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "common/api.h"
+#include "delta/gated_delta.h"
 #include "common/check.cuh"
 #include "common/host.cuh"
 #include "common/dtype.cuh"

@@ -103,6 +103,7 @@
 #include <type_traits>
 
 #include "common/api.h"
+#include "delta/gated_delta.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"

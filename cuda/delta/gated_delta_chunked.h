@@ -4,6 +4,7 @@
 // the per-token recurrence.
 #pragma once
 #include "common/api.h"
+#include "delta/gated_delta.h"
 
 namespace rkcuda {
 

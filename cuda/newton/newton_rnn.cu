@@ -125,6 +125,7 @@
 #include <vector>
 
 #include "common/api.h"
+#include "newton/newton_rnn.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"

@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "common/api.h"
+#include "scan/linear_scan.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/launch.cuh"

@@ -59,6 +59,7 @@
 #include <vector>
 
 #include "common/api.h"
+#include "scan/selective_scan.h"
 #include "common/async_copy.cuh"
 #include "common/check.cuh"
 #include "common/host.cuh"

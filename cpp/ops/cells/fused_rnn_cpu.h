@@ -3,7 +3,7 @@
 // saved states and pre-activations included, so either device's backward can follow either forward.
 #pragma once
 #include "common/isa.h"
-#include "cuda/common/api.h"
+#include "cuda/cells/fused_rnn.h"
 
 namespace rk::cells {
 

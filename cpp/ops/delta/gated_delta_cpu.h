@@ -4,7 +4,7 @@
 #include <cstdint>
 
 #include "common/isa.h"
-#include "cuda/common/api.h"
+#include "cuda/delta/gated_delta.h"
 
 namespace rk::delta {
 

@@ -5,7 +5,7 @@
 #include <cstdint>
 
 #include "common/isa.h"
-#include "cuda/common/api.h"
+#include "cuda/newton/newton_rnn.h"
 
 namespace rk::newton {
 

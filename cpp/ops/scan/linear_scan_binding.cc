@@ -2,6 +2,7 @@
 // kernels or the CUDA launchers.
 #include "ops/registry.h"
 
+#include "cuda/scan/linear_scan.h"
 #include "ops/scan/linear_scan_cpu.h"
 #include "tensor/args.h"
 #include "tensor/tensor.h"

@@ -4,7 +4,7 @@
 #include <cstdint>
 
 #include "common/isa.h"
-#include "cuda/common/api.h"
+#include "cuda/scan/selective_scan.h"
 
 namespace rk::scan {
 
