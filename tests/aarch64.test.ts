@@ -243,8 +243,12 @@ describe.skipIf(missing.length > 0 && !required)(title, () => {
     // One copy of the sources for both builds.
     const src = join(work, 'src');
     cpSync(join(root, 'cpp'), join(src, 'cpp'), { recursive: true });
-    mkdirSync(join(src, 'cuda', 'common'), { recursive: true });
-    copyFileSync(join(root, 'cuda', 'common', 'api.h'), join(src, 'cuda', 'common', 'api.h'));
+    // The contracts the CPU kernels implement: cuda/common/api.h and each op's cuda/<family>/<op>.h.
+    for (const dir of readdirSync(join(root, 'cuda'))) {
+      const headers = readdirSync(join(root, 'cuda', dir)).filter((f) => f.endsWith('.h'));
+      if (headers.length) mkdirSync(join(src, 'cuda', dir), { recursive: true });
+      for (const h of headers) copyFileSync(join(root, 'cuda', dir, h), join(src, 'cuda', dir, h));
+    }
     mkdirSync(join(src, 'tests', 'cpu-cross'), { recursive: true });
     copyFileSync(join(root, 'tests', 'cpu-cross', 'driver.cpp'), join(src, 'tests', 'cpu-cross', 'driver.cpp'));
 

@@ -368,23 +368,35 @@ describe('busy tensors, abort, concurrency, the event loop (cpu)', () => {
 
   it('the event loop stays free while a long async call runs', async () => {
     const x = longScan(2000);
-    const h = monitorEventLoopDelay({ resolution: 1 });
-    let maxGap = 0,
-      last = performance.now();
-    const timer = setInterval(() => {
-      const now = performance.now();
-      maxGap = Math.max(maxGap, now - last);
-      last = now;
-    }, 5);
-    h.enable();
+    /** The longest wait of a 5 ms timer while `during` runs, and the event-loop delay histogram. */
+    const watch = async (during: () => Promise<unknown>) => {
+      const h = monitorEventLoopDelay({ resolution: 1 });
+      let maxGap = 0,
+        last = performance.now();
+      const timer = setInterval(() => {
+        const now = performance.now();
+        maxGap = Math.max(maxGap, now - last);
+        last = now;
+      }, 5);
+      h.enable();
+      await during();
+      h.disable();
+      clearInterval(timer);
+      return { maxGap, maxDelay: h.max / 1e6 };
+    };
+    // The same timer with nothing of ours running: on a machine busy with other work (tests run in
+    // parallel) its gaps set the floor; the limit is 20 ms, or twice that floor if it is higher.
+    const idle = await watch(() => new Promise((resolve) => setTimeout(resolve, 400)));
+    const limit = Math.max(20, 2 * idle.maxGap);
     const t0 = performance.now();
-    await rk.selectiveScanAsync(x);
+    const busy = await watch(() => rk.selectiveScanAsync(x));
     const took = performance.now() - t0;
-    h.disable();
-    clearInterval(timer);
     expect(took, 'the call should run at least a second').toBeGreaterThan(1000);
-    expect(maxGap, `a 5 ms timer waited ${maxGap.toFixed(1)} ms`).toBeLessThan(20);
-    expect(h.max / 1e6, 'event loop delay').toBeLessThan(20);
+    expect(
+      busy.maxGap,
+      `a 5 ms timer waited ${busy.maxGap.toFixed(1)} ms (idle: ${idle.maxGap.toFixed(1)} ms)`,
+    ).toBeLessThan(limit);
+    expect(busy.maxDelay, 'event loop delay').toBeLessThan(limit);
   });
 });
 

@@ -8,6 +8,11 @@
 #include <mutex>
 #include <new>
 #include <thread>
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "common/parallel.h"
 #include "tensor/errors.h"
@@ -103,6 +108,11 @@ class Executor {
 
  private:
   void loop() {
+    // Async work is background work: the JavaScript thread (whose event loop the async forms exist to
+    // keep free) wins the core when both want it. The pool threads that help a call keep theirs.
+#ifdef __linux__
+    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 5);
+#endif
     for (;;) {
       std::shared_ptr<Job> job;
       // Right after a job, look for the next one for a while before sleeping: a loop of awaited

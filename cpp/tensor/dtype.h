@@ -5,9 +5,12 @@
 #include <cstring>
 #include <string>
 
+#include "cuda/common/api.h"
+
 namespace rk {
 
-enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+// One enum for the host and the CUDA side (rkcuda::DType, cuda/common/api.h).
+using DType = rkcuda::DType;
 
 inline const char* dtypeName(DType d) {
   switch (d) {

@@ -469,7 +469,7 @@ Napi::Value Convert(const Napi::CallbackInfo& info) {
   void* dst = nullptr;
   Napi::Value out = allocOutput(env, dev, to, n, &dst, Init::Overwritten);
   return launch(
-      env, "convert", dev, out, [&] { return rkcuda::convert(toCuda(from), src.data, toCuda(to), dst, n); },
+      env, "convert", dev, out, [&] { return rkcuda::convert(from, src.data, to, dst, n); },
       [&] {
         dispatchDType(from, [&](auto f) {
           dispatchDType(to, [&](auto t) { convertHost<decltype(f), decltype(t)>(src.data, dst, n); });

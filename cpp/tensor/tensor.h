@@ -139,7 +139,6 @@ void* pinnedData(Napi::Env env, Napi::TypedArray ta, const char* what);
 void exportFunction(Napi::Env env, Napi::Object exports, const char* name,
                     Napi::Value (*fn)(const Napi::CallbackInfo&));
 
-inline rkcuda::DType toCuda(DType d) { return static_cast<rkcuda::DType>(int(d)); }
 #ifdef RK_WITH_CUDA
 void throwIfFailed(Napi::Env env, const rkcuda::Status& st, const char* what);
 #endif

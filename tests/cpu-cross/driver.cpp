@@ -106,12 +106,12 @@ void newtonBackward(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnGrads
 void linearForward(rkcuda::DType dt, const void* a, const void* b, const float* h0, void* h, float* fin,
                    const rk::scan::LinearScanShape& s) {
   ++kernelCalls;
-  rk::scan::linearScanForwardCpu(rk::DType(int(dt)), a, b, h0, h, fin, s);
+  rk::scan::linearScanForwardCpu(dt, a, b, h0, h, fin, s);
 }
 void linearBackward(rkcuda::DType dt, const void* a, const void* h, const float* h0, const void* gh,
                     const float* gFinal, void* ga, void* gb, float* gh0, const rk::scan::LinearScanShape& s) {
   ++kernelCalls;
-  rk::scan::linearScanBackwardCpu(rk::DType(int(dt)), a, h, h0, gh, gFinal, ga, gb, gh0, s);
+  rk::scan::linearScanBackwardCpu(dt, a, h, h0, gh, gFinal, ga, gb, gh0, s);
 }
 
 // ---- inputs ----

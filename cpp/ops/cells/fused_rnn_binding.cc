@@ -31,7 +31,7 @@ CellsCall parseCells(Napi::Env env, const Request& r, const char* op) {
   const DType dt = r.dtype;
   const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::FusedRnnArgs& a = c.a;
-  a.dt = rkcuda::DType(int(dt));
+  a.dt = dt;
   const int64_t cell = intField(env, cfg, "cell", op, 0);
   if (cell > int64_t(rkcuda::CellKind::Slstm))
     throwError(env, code::kArgument, std::string(op) + ": unknown cell " + std::to_string(cell));
@@ -87,7 +87,7 @@ Napi::Value FusedRnnForward(const Napi::CallbackInfo& info) {
   const bool training = flagField(r.config, "training");
   rkcuda::FusedRnnOutputs o;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("h", allocOutput(env, c.dev, DType(int(c.a.dt)), c.h, &o.h, Init::Overwritten));
+  out.Set("h", allocOutput(env, c.dev, c.a.dt, c.h, &o.h, Init::Overwritten));
   out.Set("finalStates", allocOutput(env, c.dev, DType::F32, c.states, &o.finalStates, Init::Overwritten));
   out.Set("savedStates",
           optionalOutput(env, training, c.dev, DType::F32, c.savedStates, &o.savedStates, Init::Overwritten));
@@ -108,7 +108,7 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
   CellsCall c = parseCells(env, r, op);
   const Napi::Object gi = r.grads;
   const bool needDStates0 = flagField(r.config, "needDStates0");
-  const DType dt = DType(int(c.a.dt));
+  const DType dt = c.a.dt;
   rkcuda::FusedRnnGrads g;
   g.savedStates = static_cast<const float*>(
       tensorArg(env, gi.Get("savedStates"), op, "savedStates (saved for backward)", c.dev, DType::F32, c.savedStates)

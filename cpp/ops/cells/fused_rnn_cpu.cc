@@ -6,14 +6,14 @@
 namespace rk::cells {
 
 void fusedRnnForwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o) {
-  dispatchDType(DType(int(a.dt)), [&](auto tag) {
+  dispatchDType(a.dt, [&](auto tag) {
     using St = decltype(tag);
     RK_ISA_DISPATCH(cells, fusedRnnForwardAs<St>, (a, o));
   });
 }
 
 void fusedRnnBackwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g) {
-  dispatchDType(DType(int(a.dt)), [&](auto tag) {
+  dispatchDType(a.dt, [&](auto tag) {
     using St = decltype(tag);
     RK_ISA_DISPATCH(cells, fusedRnnBackwardAs<St>, (a, g));
   });

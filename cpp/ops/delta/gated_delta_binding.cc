@@ -41,7 +41,7 @@ DeltaCall parseDelta(Napi::Env env, const Request& r, const char* op) {
   const DType dt = r.dtype;
   const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::GatedDeltaArgs& a = c.a;
-  a.dt = rkcuda::DType(int(dt));
+  a.dt = dt;
   a.batch = intField(env, cfg, "batch", op, 1);
   a.T = intField(env, cfg, "T", op, 1);
   a.H = intField(env, cfg, "H", op, 1);
@@ -98,7 +98,7 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
   void* o = nullptr;
   float *states = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("o", allocOutput(env, c.dev, DType(int(c.a.dt)), c.vo, &o, Init::Overwritten));
+  out.Set("o", allocOutput(env, c.dev, c.a.dt, c.vo, &o, Init::Overwritten));
   const bool keepStates = c.dev == Device::CUDA || flagField(r.config, "keepStates");
   out.Set("states",
           keepStates ? allocOutput(env, c.dev, DType::F32, c.savedElems, &states, Init::Overwritten) : env.Null());
@@ -119,7 +119,7 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   DeltaCall c = parseDelta(env, r, op);
   const Napi::Object gi = r.grads;
   const bool needDh0 = flagField(r.config, "needDh0");
-  const DType dt = DType(int(c.a.dt));
+  const DType dt = c.a.dt;
   rkcuda::GatedDeltaGrads g;
   g.states = static_cast<const float*>(
       tensorArg(env, gi.Get("states"), op, "states (saved for backward)", c.dev, DType::F32, c.savedElems).data);
@@ -151,7 +151,7 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   const DType dt = r.dtype;
   const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::GatedDeltaStepArgs a;
-  a.dt = rkcuda::DType(int(dt));
+  a.dt = dt;
   a.batch = intField(env, cfg, "batch", op, 1);
   a.tokens = intField(env, cfg, "tokens", op, 1);
   a.H = intField(env, cfg, "H", op, 1);

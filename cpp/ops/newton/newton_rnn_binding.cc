@@ -35,7 +35,7 @@ NewtonCall parseNewton(Napi::Env env, const Request& r, const char* op) {
   const DType dt = r.dtype;
   const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::NewtonRnnArgs& a = c.a;
-  a.dt = rkcuda::DType(int(dt));
+  a.dt = dt;
   const int64_t cell = intField(env, cfg, "cell", op, 0);
   if (cell > 4) throwError(env, code::kArgument, std::string(op) + ": unknown cell " + std::to_string(cell));
   a.cell = rkcuda::NewtonCell(int(cell));
@@ -90,7 +90,7 @@ Napi::Value NewtonRnnForward(const Napi::CallbackInfo& info) {
   NewtonCall c = parseNewton(env, r, op);
   rkcuda::NewtonRnnOutputs o;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("y", allocOutput(env, c.dev, DType(int(c.a.dt)), c.yElems, &o.y, Init::Overwritten));
+  out.Set("y", allocOutput(env, c.dev, c.a.dt, c.yElems, &o.y, Init::Overwritten));
   out.Set("traj", allocOutput(env, c.dev, DType::F32, c.trajElems, &o.traj, Init::Overwritten));
   out.Set("finalStates", allocOutput(env, c.dev, DType::F32, c.stateElems, &o.finalStates, Init::Overwritten));
   const size_t rows = size_t(c.a.batch);
@@ -119,7 +119,7 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
   NewtonCall c = parseNewton(env, r, op);
   const Napi::Object gi = r.grads;
   const bool needDh0 = flagField(r.config, "needDh0");
-  const DType dt = DType(int(c.a.dt));
+  const DType dt = c.a.dt;
   rkcuda::NewtonRnnGrads g;
   g.traj = static_cast<const float*>(
       tensorArg(env, gi.Get("traj"), op, "trajectory (saved for backward)", c.dev, DType::F32, c.trajElems).data);

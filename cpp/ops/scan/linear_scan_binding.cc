@@ -37,7 +37,7 @@ Napi::Value LinearScanForward(const Napi::CallbackInfo& info) {
   out.Set("h", allocOutput(env, dev, dt, n, &h, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, dev, DType::F32, rows, &fin));
   const auto cuda = [&] {
-    return rkcuda::linearScanForward(toCuda(dt), a.data, b.data, static_cast<const float*>(h0.data), h,
+    return rkcuda::linearScanForward(dt, a.data, b.data, static_cast<const float*>(h0.data), h,
                                      static_cast<float*>(fin), rows, length, s.reverse);
   };
   return launch(env, kFwd, dev, out, cuda, [=] {
@@ -67,7 +67,7 @@ Napi::Value LinearScanBackward(const Napi::CallbackInfo& info) {
   out.Set("gb", allocOutput(env, dev, dt, n, &gb, Init::Overwritten));
   out.Set("gh0", optionalOutput(env, needGh0, dev, DType::F32, rows, &gh0));
   const auto cuda = [&] {
-    return rkcuda::linearScanBackward(toCuda(dt), a.data, h.data, static_cast<const float*>(h0.data), gh.data,
+    return rkcuda::linearScanBackward(dt, a.data, h.data, static_cast<const float*>(h0.data), gh.data,
                                       static_cast<const float*>(gFinal.data), ga, gb, static_cast<float*>(gh0), rows,
                                       length, s.reverse);
   };

@@ -31,7 +31,7 @@ ScanCall parseScan(Napi::Env env, const Request& r, const char* op) {
   const DType dt = r.dtype;
   const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::SelectiveScanArgs& a = c.a;
-  a.dt = rkcuda::DType(int(dt));
+  a.dt = dt;
   a.batch = intField(env, cfg, "batch", op, 1);
   a.dim = intField(env, cfg, "dim", op, 1);
   a.seqlen = intField(env, cfg, "seqlen", op, 1);
@@ -93,7 +93,7 @@ Napi::Value SelectiveScanForward(const Napi::CallbackInfo& info) {
   void* y = nullptr;
   float *states = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("y", allocOutput(env, c.dev, DType(int(a.dt)), c.elements, &y, Init::Overwritten));
+  out.Set("y", allocOutput(env, c.dev, a.dt, c.elements, &y, Init::Overwritten));
   out.Set("states", allocOutput(env, c.dev, DType::F32, c.checkpointElems, &states, Init::Overwritten));
   out.Set("finalState", optionalOutput(env, wantFinal, c.dev, DType::F32, c.stateElems, &fin));
 
@@ -113,7 +113,7 @@ Napi::Value SelectiveScanBackward(const Napi::CallbackInfo& info) {
   const rkcuda::SelectiveScanArgs& a = c.a;
   const Napi::Object gi = r.grads;
   const bool needDh0 = flagField(r.config, "needDh0");
-  const DType dt = DType(int(a.dt));
+  const DType dt = a.dt;
   rkcuda::SelectiveScanGrads g;
   g.states = static_cast<const float*>(
       tensorArg(env, gi.Get("states"), op, "states (saved for backward)", c.dev, DType::F32, c.checkpointElems).data);
@@ -148,7 +148,7 @@ Napi::Value SelectiveStateUpdate(const Napi::CallbackInfo& info) {
   const DType dt = r.dtype;
   const Napi::Object t = r.tensors, cfg = r.config;
   rkcuda::SelectiveStateUpdateArgs a;
-  a.dt = rkcuda::DType(int(dt));
+  a.dt = dt;
   a.batch = intField(env, cfg, "batch", op, 1);
   a.dim = intField(env, cfg, "dim", op, 1);
   a.dstate = intField(env, cfg, "dstate", op, 1);
