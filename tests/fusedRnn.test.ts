@@ -366,7 +366,7 @@ describe('fusedRnn bad input', () => {
     fails(
       () => rk.fusedRnn(good(), { cell: 'rnn' as never }),
       'ERR_ARGUMENT',
-      /cell must be one of 'lstm', 'gru', 'slstm', 'elman', got 'rnn'/,
+      /cell must be one of 'elman', 'lstm', 'gru', 'slstm', got 'rnn'/,
     );
     fails(() => rk.fusedRnn(good(), {} as never), 'ERR_ARGUMENT', /cell must be one of .*got undefined/);
     fails(() => rk.fusedRnn(good(), undefined as never), 'ERR_ARGUMENT', /options must be an object/);
@@ -423,6 +423,17 @@ describe('fusedRnn bad input', () => {
     );
     const last = rk.ops.fusedRnn.forward(good(), { cell: 'lstm', returnLastOnly: true });
     fails(() => rk.ops.fusedRnn.backward(last.ctx, { h: mk([2, 5, 3, 8]) }), 'ERR_SHAPE', /expected \[2,3,8\]/);
+  });
+  it('the cell table comes from the addon (its one definition) and names every FusedRnnCell', () => {
+    const names: rk.FusedRnnCell[] = ['elman', 'lstm', 'gru', 'slstm'];
+    expect(rk.internals.native().fusedRnnCells()).toEqual(
+      names.map((name, code) => ({
+        name,
+        code,
+        gates: FUSED_RNN_GATES[name],
+        states: FUSED_RNN_STATES[name],
+      })),
+    );
   });
   it('the addon re-checks what it is given directly', () => {
     const n = rk.internals.native;

@@ -634,6 +634,18 @@ describe('newtonRnn bad input', () => {
       );
     }
   });
+  it('the cell table comes from the addon (its one definition) and names every NewtonRnnCell', () => {
+    const names: rk.NewtonRnnCell[] = ['gru-diag', 'lstm-cifg-diag', 'gru', 'lstm', 'elman'];
+    const cells = rk.internals.native().newtonRnnCells();
+    expect(cells.map((c) => c.name)).toEqual(names);
+    expect(cells.map((c) => [c.code, c.gates, c.states, c.diagonal])).toEqual([
+      [0, 3, 1, true],
+      [1, 3, 2, true],
+      [2, 3, 1, false],
+      [3, 4, 2, false],
+      [4, 1, 1, false],
+    ]);
+  });
   it('the addon re-checks sizes and scalars it is given directly', () => {
     const n = rk.internals.native;
     const s = (k: number) => new Float32Array(k);

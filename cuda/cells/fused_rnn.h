@@ -27,6 +27,9 @@ namespace rkcuda {
 enum class CellKind : int { Elman = 0, Lstm = 1, Gru = 2, Slstm = 3 };
 constexpr int cellGates(CellKind c) { return c == CellKind::Elman ? 1 : c == CellKind::Gru ? 3 : 4; }
 constexpr int cellStates(CellKind c) { return c == CellKind::Lstm ? 2 : c == CellKind::Slstm ? 4 : 1; }
+// The cells' names, in CellKind order: the one definition of the table lib/ops/fusedRnn.ts reads
+// (through the addon's fusedRnnCells()).
+constexpr const char* kCellNames[] = {"elman", "lstm", "gru", "slstm"};
 struct FusedRnnArgs {
   DType dt = DType::F32;
   CellKind cell = CellKind::Lstm;

@@ -33,6 +33,18 @@ namespace rkcuda {
 // damping lambda >= 0: Levenberg-Marquardt-regularised steps (ELK); 0 is plain Newton.
 // sequential: skip Newton and evaluate sequentially (iterations 0, converged 1, residual 0).
 enum class NewtonCell : int { GruDiag = 0, LstmCifgDiag = 1, Gru = 2, Lstm = 3, Elman = 4 };
+// Per NewtonCell, in order: its name, gates G, states S and whether its Jacobian is per channel. The
+// one definition of the table lib/ops/newtonRnn.ts reads (through the addon's newtonRnnCells()).
+struct NewtonCellInfo {
+  const char* name;
+  int gates, states;
+  bool diagonal;
+};
+constexpr NewtonCellInfo kNewtonCells[] = {{"gru-diag", 3, 1, true},
+                                           {"lstm-cifg-diag", 3, 2, true},
+                                           {"gru", 3, 1, false},
+                                           {"lstm", 4, 2, false},
+                                           {"elman", 1, 1, false}};
 enum class NewtonGuess : int { Zeros = 0, OneStep = 1, Provided = 2 };  // OneStep: traj_t = f(h0, x_t)
 struct NewtonRnnArgs {
   DType dt = DType::F32;

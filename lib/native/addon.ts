@@ -140,6 +140,9 @@ export interface NativeModule {
       { savedStates: Storage; savedPre: Storage; dh: Storage | null; dFinal: Storage | null }
     >,
   ): { dwx: Storage; dR: Storage; db: Storage; dStates0: Storage | null };
+  /** The cells' tables (cuda/cells/fused_rnn.h, cuda/newton/newton_rnn.h: their one definition). */
+  fusedRnnCells(): { name: string; code: number; gates: number; states: number }[];
+  newtonRnnCells(): { name: string; code: number; gates: number; states: number; diagonal: boolean }[];
   newtonRnnForward(req: Request<NewtonRnnTensors, NewtonRnnConfig>): {
     y: Storage;
     traj: Storage;

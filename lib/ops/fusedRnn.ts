@@ -25,7 +25,7 @@
  * Backward: gradients for wx, R, b and states0 from grads of h and/or finalStates.
  */
 import { callAsync, defineOp, isRecording } from '../autograd';
-import { type FusedRnnConfig, type Storage } from '../native';
+import { native, type FusedRnnConfig, type Storage } from '../native';
 import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, ShapeError } from '../errors';
@@ -82,12 +82,23 @@ export interface FusedRnnCtx {
 const OP = 'fusedRnn';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 /** Gates, states and the native code of each cell (rkcuda::CellKind). */
-export const FUSED_RNN_CELLS: Readonly<Record<FusedRnnCell, { gates: number; states: number; code: number }>> = {
-  lstm: { gates: 4, states: 2, code: 1 },
-  gru: { gates: 3, states: 1, code: 2 },
-  slstm: { gates: 4, states: 4, code: 3 },
-  elman: { gates: 1, states: 1, code: 0 },
-};
+interface CellInfo {
+  gates: number;
+  states: number;
+  code: number;
+}
+let cellTable: Readonly<Record<FusedRnnCell, CellInfo>> | undefined;
+/** The cells by name: gates, states and the addon's code (defined once, in cuda/cells/fused_rnn.h). */
+export function fusedRnnCells(): Readonly<Record<FusedRnnCell, CellInfo>> {
+  cellTable ??= Object.freeze(
+    Object.fromEntries(
+      native()
+        .fusedRnnCells()
+        .map(({ name, ...c }) => [name, Object.freeze(c)]),
+    ),
+  ) as Readonly<Record<FusedRnnCell, CellInfo>>;
+  return cellTable;
+}
 
 function parseLengths(OP: string, v: unknown, batch: number, T: number): Int32Array | null {
   if (v === undefined || v === null) return null;
@@ -114,13 +125,13 @@ function prepare(OP: string, inputs: FusedRnnInputs, options: FusedRnnOptions) {
     throw new ArgumentError(`${OP}: options must be an object with at least cell`);
   const opts = readOptions(OP, options, ['cell', 'lengths', 'returnLastOnly']);
   const cell = opts.cell;
-  if (typeof cell !== 'string' || !Object.hasOwn(FUSED_RNN_CELLS, cell))
+  if (typeof cell !== 'string' || !Object.hasOwn(fusedRnnCells(), cell))
     throw new ArgumentError(
-      `${OP}: cell must be one of ${Object.keys(FUSED_RNN_CELLS)
+      `${OP}: cell must be one of ${Object.keys(fusedRnnCells())
         .map((c) => `'${c}'`)
         .join(', ')}, ` + `got ${typeof cell === 'string' ? `'${cell}'` : String(cell)}`,
     );
-  const { gates: G, states: S, code } = FUSED_RNN_CELLS[cell];
+  const { gates: G, states: S, code } = fusedRnnCells()[cell];
   const { wx, R, b } = inputs;
   requireTensor(OP, 'wx', wx);
   expectRank(OP, 'wx', wx, 5, 'batch, T, gates, heads, headDim');
@@ -225,8 +236,8 @@ function* backward(ctx: FusedRnnCtx, grads: { h?: Tensor | null; finalStates?: T
   });
   checkCtxFields(OP, ctx.inputs, { wx: 'tensor', R: 'tensor', b: 'tensor', states0: 'tensor?' }, 'ctx.inputs');
   // The saved tensors are checked again as the forward checked them, and must give the ctx's config.
-  const cell = (Object.keys(FUSED_RNN_CELLS) as FusedRnnCell[]).find(
-    (c) => FUSED_RNN_CELLS[c].code === ctx.config.cell,
+  const cell = (Object.keys(fusedRnnCells()) as FusedRnnCell[]).find(
+    (c) => fusedRnnCells()[c].code === ctx.config.cell,
   );
   if (cell === undefined)
     throw new ArgumentError(`${op}: ctx.config.cell is ${String(ctx.config.cell)}, not a cell's code`);

@@ -30,7 +30,7 @@
  * y and/or finalStates.
  */
 import { defineOp } from '../autograd';
-import { type NewtonRnnConfig, type Storage } from '../native';
+import { native, type NewtonRnnConfig, type Storage } from '../native';
 import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, NotConvergedError, ShapeError } from '../errors';
@@ -105,13 +105,24 @@ export interface NewtonRnnCtx {
 const CUDA_MAX_FULL_JACOBIAN = 128;
 const OP = 'newtonRnn';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
-const CELLS: Record<NewtonRnnCell, { code: number; gates: number; states: number; diagonal: boolean }> = {
-  'gru-diag': { code: 0, gates: 3, states: 1, diagonal: true },
-  'lstm-cifg-diag': { code: 1, gates: 3, states: 2, diagonal: true },
-  gru: { code: 2, gates: 3, states: 1, diagonal: false },
-  lstm: { code: 3, gates: 4, states: 2, diagonal: false },
-  elman: { code: 4, gates: 1, states: 1, diagonal: false },
-};
+interface CellInfo {
+  code: number;
+  gates: number;
+  states: number;
+  diagonal: boolean;
+}
+let cellTable: Readonly<Record<NewtonRnnCell, CellInfo>> | undefined;
+/** The cells by name (defined once, in cuda/newton/newton_rnn.h). */
+function cells(): Readonly<Record<NewtonRnnCell, CellInfo>> {
+  cellTable ??= Object.freeze(
+    Object.fromEntries(
+      native()
+        .newtonRnnCells()
+        .map(({ name, ...c }) => [name, Object.freeze(c)]),
+    ),
+  ) as Readonly<Record<NewtonRnnCell, CellInfo>>;
+  return cellTable;
+}
 export const NEWTON_DEFAULTS = { maxIters: 50, tolAbs: 1e-5, tolRel: 1e-5 } as const;
 
 function oneOf<T extends string>(OP: string, name: string, v: unknown, allowed: readonly T[], fallback: T): T {
@@ -149,13 +160,13 @@ function prepare(OP: string, inputs: NewtonRnnInputs, options: NewtonRnnOptions)
     'mode',
   ]);
   const cellName = opts.cell;
-  if (typeof cellName !== 'string' || !Object.hasOwn(CELLS, cellName))
+  if (typeof cellName !== 'string' || !Object.hasOwn(cells(), cellName))
     throw new ArgumentError(
-      `${OP}: option cell must be one of ${Object.keys(CELLS)
+      `${OP}: option cell must be one of ${Object.keys(cells())
         .map((c) => `'${c}'`)
         .join(', ')}, ` + `got ${String(cellName)}`,
     );
-  const cell = CELLS[cellName];
+  const cell = cells()[cellName];
   const { wx, R, b } = inputs;
   const h0 = inputs.h0 ?? null;
   requireTensor(OP, 'wx', wx);
@@ -335,7 +346,7 @@ function* backward(
   // The saved tensors are checked again as the forward checked them (with the options the config
   // records), and must give the ctx's config.
   const c = ctx.config;
-  const cellName = (Object.keys(CELLS) as NewtonRnnCell[]).find((k) => CELLS[k].code === c.cell);
+  const cellName = (Object.keys(cells()) as NewtonRnnCell[]).find((k) => cells()[k].code === c.cell);
   if (cellName === undefined) throw new ArgumentError(`${op}: ctx.config.cell is ${String(c.cell)}, not a cell's code`);
   const guess = ctxInteger(OP, 'ctx.config.guess', c.guess, 0, 2);
   const p = prepare(op, ctx.inputs, {

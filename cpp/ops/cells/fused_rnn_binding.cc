@@ -3,6 +3,7 @@
 // the CUDA launchers.
 #include "ops/registry.h"
 
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -129,9 +130,26 @@ Napi::Value FusedRnnBackward(const Napi::CallbackInfo& info) {
       [k, g] { cells::fusedRnnBackwardCpu(k->a, g); });
 }
 
+// fusedRnnCells() -> [{ name, code, gates, states }] (rkcuda::CellKind, kCellNames)
+Napi::Value FusedRnnCells(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env, std::size(rkcuda::kCellNames));
+  for (size_t i = 0; i < std::size(rkcuda::kCellNames); ++i) {
+    const auto kind = rkcuda::CellKind(int(i));
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("name", rkcuda::kCellNames[i]);
+    o.Set("code", int(i));
+    o.Set("gates", rkcuda::cellGates(kind));
+    o.Set("states", rkcuda::cellStates(kind));
+    out.Set(uint32_t(i), o);
+  }
+  return out;
+}
+
 }  // namespace
 
 void registerFusedRnn(Napi::Env env, Napi::Object exports) {
+  exportFunction(env, exports, "fusedRnnCells", FusedRnnCells);
   exportFunction(env, exports, "fusedRnnForward", FusedRnnForward);
   exportFunction(env, exports, "fusedRnnBackward", FusedRnnBackward);
 }

@@ -4,6 +4,7 @@
 #include "ops/registry.h"
 
 #include <cmath>
+#include <iterator>
 #include <string>
 
 #include "ops/newton/newton_rnn_cpu.h"
@@ -37,11 +38,13 @@ NewtonCall parseNewton(Napi::Env env, const Request& r, const char* op) {
   rkcuda::NewtonRnnArgs& a = c.a;
   a.dt = dt;
   const int64_t cell = intField(env, cfg, "cell", op, 0);
-  if (cell > 4) throwError(env, code::kArgument, std::string(op) + ": unknown cell " + std::to_string(cell));
+  if (cell >= int64_t(std::size(rkcuda::kNewtonCells)))
+    throwError(env, code::kArgument, std::string(op) + ": unknown cell " + std::to_string(cell));
   a.cell = rkcuda::NewtonCell(int(cell));
-  const bool diag = a.cell == rkcuda::NewtonCell::GruDiag || a.cell == rkcuda::NewtonCell::LstmCifgDiag;
-  c.G = a.cell == rkcuda::NewtonCell::Lstm ? 4 : a.cell == rkcuda::NewtonCell::Elman ? 1 : 3;
-  c.S = a.cell == rkcuda::NewtonCell::Lstm || a.cell == rkcuda::NewtonCell::LstmCifgDiag ? 2 : 1;
+  const rkcuda::NewtonCellInfo& info = rkcuda::kNewtonCells[cell];
+  const bool diag = info.diagonal;
+  c.G = info.gates;
+  c.S = info.states;
   a.batch = intField(env, cfg, "batch", op, 1);
   a.T = intField(env, cfg, "T", op, 1);
   a.heads = intField(env, cfg, "heads", op, 1);
@@ -136,9 +139,27 @@ Napi::Value NewtonRnnBackward(const Napi::CallbackInfo& info) {
       [a = c.a, g] { newton::newtonRnnBackwardCpu(a, g); });
 }
 
+// newtonRnnCells() -> [{ name, code, gates, states, diagonal }] (rkcuda::kNewtonCells)
+Napi::Value NewtonRnnCells(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env, std::size(rkcuda::kNewtonCells));
+  for (size_t i = 0; i < std::size(rkcuda::kNewtonCells); ++i) {
+    const rkcuda::NewtonCellInfo& c = rkcuda::kNewtonCells[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("name", c.name);
+    o.Set("code", int(i));
+    o.Set("gates", c.gates);
+    o.Set("states", c.states);
+    o.Set("diagonal", c.diagonal);
+    out.Set(uint32_t(i), o);
+  }
+  return out;
+}
+
 }  // namespace
 
 void registerNewtonRnn(Napi::Env env, Napi::Object exports) {
+  exportFunction(env, exports, "newtonRnnCells", NewtonRnnCells);
   exportFunction(env, exports, "newtonRnnForward", NewtonRnnForward);
   exportFunction(env, exports, "newtonRnnBackward", NewtonRnnBackward);
 }
