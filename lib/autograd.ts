@@ -95,7 +95,7 @@ setTensorHooks({
 });
 
 /** Every tensor in a value: itself, or those in the arrays and objects it holds (any depth). */
-function tensorsIn(v: unknown, found = new Set<Tensor>(), seen = new Set<object>()): Set<Tensor> {
+export function tensorsIn(v: unknown, found = new Set<Tensor>(), seen = new Set<object>()): Set<Tensor> {
   if (typeof v !== 'object' || v === null || seen.has(v) || ArrayBuffer.isView(v)) return found;
   seen.add(v);
   if (Tensor.isTensor(v)) found.add(v);

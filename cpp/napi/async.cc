@@ -193,6 +193,18 @@ napi_value refValue(napi_env env, napi_ref ref) {
   return v;
 }
 
+// Whether the caller's array of an input still holds in.bytes bytes (it was not detached); *data
+// receives where (JS thread).
+bool attached(Napi::Env env, const AsyncStaging::Input& in, void** data) {
+  napi_value v = refValue(env, in.array);
+  size_t length = 0;
+  napi_typedarray_type type;
+  napi_value ab;
+  size_t offset = 0;
+  return napi_get_typedarray_info(env, v, &type, &length, data, &ab, &offset) == napi_ok &&
+         Napi::TypedArray(env, v).ByteLength() == in.bytes;
+}
+
 // Settles one job (JS thread): copies in-place inputs back, then resolves with the binding's result
 // or rejects with a typed error.
 void settleOne(Napi::Env env, AsyncEnv& ae, Job& job) {
@@ -201,14 +213,8 @@ void settleOne(Napi::Env env, AsyncEnv& ae, Job& job) {
   Napi::HandleScope scope(env);
   for (const AsyncStaging::Input& in : job.inputs) {
     if (in.update && !job.failed) {
-      napi_value v = refValue(env, in.array);
       void* data = nullptr;
-      size_t length = 0;
-      napi_typedarray_type type;
-      napi_value ab;
-      size_t offset = 0;
-      if (napi_get_typedarray_info(env, v, &type, &length, &data, &ab, &offset) == napi_ok && data != nullptr &&
-          Napi::TypedArray(env, v).ByteLength() == in.bytes) {
+      if (attached(env, in, &data) && data != nullptr) {
         std::memcpy(data, in.copy.get(), in.bytes);
       } else {
         job.fail(code::kDisposed, "the storage of a tensor it updates in place was detached meanwhile");
@@ -258,13 +264,7 @@ bool copySlice(Napi::Env env, Job& job, size_t maxBytes) {
     if (in.copied == in.bytes) continue;
     // Only JavaScript (this thread) can detach the source, so it stays put during this memcpy.
     void* data = nullptr;
-    size_t length = 0;
-    napi_typedarray_type type;
-    napi_value ab;
-    size_t offset = 0;
-    napi_value v = refValue(env, in.array);
-    if (napi_get_typedarray_info(env, v, &type, &length, &data, &ab, &offset) != napi_ok || data != in.source ||
-        Napi::TypedArray(env, v).ByteLength() != in.bytes)
+    if (!attached(env, in, &data) || data != in.source)
       return giveUp(code::kDisposed,
                     "an input's storage was detached (its ArrayBuffer transferred) before the call "
                     "had copied it");

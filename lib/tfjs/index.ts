@@ -20,6 +20,7 @@
  */
 import * as tf from '@tensorflow/tfjs-core';
 import * as rk from '../index';
+import { tensorsIn } from '../autograd';
 import { ArgumentError, DTypeError, DeviceError } from '../errors';
 import { lendStorage } from '../tensor';
 
@@ -126,7 +127,7 @@ function bridge<I extends object, O extends object>(name: string, op: Bridged) {
       state.last = { names, extras };
       if (recording) {
         // The ctx's own tensors (checkpoints) and the borrowed inputs stay with the ctx.
-        for (const t of tensorsOf(ctx)) if (!t.disposed) lendStorage(t);
+        for (const t of tensorsIn(ctx)) if (!t.disposed) lendStorage(t);
         saved.set(infos[0].dataId, { ctx, outputs: names });
       }
       return infos;
@@ -194,15 +195,6 @@ function bridge<I extends object, O extends object>(name: string, op: Bridged) {
     });
     return result as O;
   };
-}
-
-/** Every package tensor in a value (any depth). */
-function tensorsOf(v: unknown, found = new Set<rk.Tensor>(), seen = new Set<object>()): Set<rk.Tensor> {
-  if (typeof v !== 'object' || v === null || seen.has(v) || ArrayBuffer.isView(v)) return found;
-  seen.add(v);
-  if (rk.Tensor.isTensor(v)) found.add(v);
-  else for (const x of Object.values(v)) tensorsOf(x, found, seen);
-  return found;
 }
 
 const asBridged = (
