@@ -9,6 +9,7 @@ import { defineConfig } from 'vitest/config';
 const opTests = [
   'tests/selectiveScan.test.ts',
   'tests/gatedDeltaRule.test.ts',
+  'tests/linearAttention.test.ts',
   'tests/fusedRnn.test.ts',
   'tests/newtonRnn.test.ts',
   'tests/linearScan.test.ts',

@@ -24,6 +24,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerGatedDeltaRule(env, exports);
   rk::registerFusedRnn(env, exports);
   rk::registerNewtonRnn(env, exports);
+  rk::registerLinearAttention(env, exports);
   return exports;
 }
 

@@ -10,6 +10,7 @@ import { selectiveScan } from './ops/selectiveScan';
 import { gatedDeltaRule } from './ops/gatedDeltaRule';
 import { fusedRnn } from './ops/fusedRnn';
 import { newtonRnn } from './ops/newtonRnn';
+import { linearAttention } from './ops/linearAttention';
 import { elementwiseOps } from './ops/elementwise';
 import { packageVersion } from './native';
 
@@ -63,6 +64,20 @@ export type {
   GatedDeltaRuleOutputs,
   GatedDeltaRuleGrads,
 } from './ops/gatedDeltaRule';
+export { linearAttention, LINEAR_ATTENTION_RULES } from './ops/linearAttention';
+export type {
+  LinearAttentionRule,
+  LinearAttentionInputs,
+  LinearAttentionOptions,
+  LinearAttentionOutputs,
+  LinearAttentionGrads,
+} from './ops/linearAttention';
+export { linearAttentionStep, linearAttentionStepAsync } from './ops/linearAttentionStep';
+export type {
+  LinearAttentionStepInputs,
+  LinearAttentionStepOptions,
+  LinearAttentionStepOutputs,
+} from './ops/linearAttentionStep';
 export { gatedDeltaRuleStep, gatedDeltaRuleStepAsync } from './ops/gatedDeltaRuleStep';
 export type {
   GatedDeltaRuleStepInputs,
@@ -101,6 +116,7 @@ export const selectiveScanAsync = selectiveScan.async;
 export const gatedDeltaRuleAsync = gatedDeltaRule.async;
 export const fusedRnnAsync = fusedRnn.async;
 export const newtonRnnAsync = newtonRnn.async;
+export const linearAttentionAsync = linearAttention.async;
 
 /** The forward/backward hooks of every op, for autograd adapters of other frameworks. */
 export const ops = {
@@ -109,6 +125,7 @@ export const ops = {
   gatedDeltaRule: gatedDeltaRule.hooks,
   fusedRnn: fusedRnn.hooks,
   newtonRnn: newtonRnn.hooks,
+  linearAttention: linearAttention.hooks,
   ...Object.fromEntries(Object.entries(elementwiseOps).map(([k, v]) => [k, v.hooks])),
 } as {
   linearScan: typeof linearScan.hooks;
@@ -116,6 +133,7 @@ export const ops = {
   gatedDeltaRule: typeof gatedDeltaRule.hooks;
   fusedRnn: typeof fusedRnn.hooks;
   newtonRnn: typeof newtonRnn.hooks;
+  linearAttention: typeof linearAttention.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version: string = packageVersion();

@@ -7,7 +7,8 @@ namespace rk {
 void registerLinearScan(Napi::Env env, Napi::Object exports);  // linearScanForward / Backward
 void registerSelectiveScan(Napi::Env env,
                            Napi::Object exports);  // selectiveScanForward / Backward, selectiveStateUpdate
-void registerGatedDeltaRule(Napi::Env env, Napi::Object exports);  // gatedDeltaForward / Backward, gatedDeltaStep
-void registerFusedRnn(Napi::Env env, Napi::Object exports);        // fusedRnnForward / Backward
-void registerNewtonRnn(Napi::Env env, Napi::Object exports);       // newtonRnnForward / Backward
+void registerGatedDeltaRule(Napi::Env env, Napi::Object exports);   // gatedDeltaForward / Backward, gatedDeltaStep
+void registerFusedRnn(Napi::Env env, Napi::Object exports);         // fusedRnnForward / Backward
+void registerNewtonRnn(Napi::Env env, Napi::Object exports);        // newtonRnnForward / Backward
+void registerLinearAttention(Napi::Env env, Napi::Object exports);  // linearAttentionForward / Backward / Step / Gates
 }  // namespace rk

@@ -127,6 +127,34 @@ export interface NativeModule {
       Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }
     >,
   ): { o: Storage; intermediate: Storage | null };
+  linearAttentionForward(
+    req: Request<
+      LinearAttentionTensors,
+      LinearAttentionConfig & {
+        cuSeqlens: Int32Array | null;
+        returnFinal: boolean;
+        keepStates: boolean;
+        window: number;
+      }
+    >,
+  ): { o: Storage; states: Storage | null; finalState: Storage | null; windowStates: Storage | null };
+  linearAttentionBackward(
+    req: Request<
+      LinearAttentionTensors,
+      LinearAttentionConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
+      { states: Storage; dO: Storage | null; dFinal: Storage | null }
+    >,
+  ): { dq: Storage; dk: Storage; dv: Storage; dg: Storage | null; dbeta: Storage | null; dh0: Storage | null };
+  linearAttentionStep(
+    req: Request<
+      Omit<LinearAttentionTensors, 'h0'> & { state: Storage },
+      Omit<LinearAttentionConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }
+    >,
+  ): { o: Storage; intermediate: Storage | null };
+  linearAttentionGates(req: Request<LinearGateTensors, LinearGateConfig>): { g: Storage | null; beta: Storage | null };
+  linearAttentionGatesBackward(
+    req: Request<LinearGateTensors, LinearGateConfig, { dg: Storage | null; dbeta: Storage | null }>,
+  ): { ddecay: Storage | null; dbeta: Storage | null; daLog: Storage | null; ddtBias: Storage | null };
   fusedRnnForward(req: Request<FusedRnnTensors, FusedRnnConfig & { lengths: Int32Array | null; training: boolean }>): {
     h: Storage;
     finalStates: Storage;
@@ -208,6 +236,44 @@ export interface NewtonRnnConfig {
   tolRel: number;
   damping: number;
   guess: number;
+}
+
+export interface LinearAttentionTensors {
+  q: Storage;
+  k: Storage;
+  v: Storage;
+  g: Storage | null;
+  beta: Storage | null;
+  h0: Storage | null;
+}
+export interface LinearAttentionConfig {
+  rule: number;
+  batch: number;
+  T: number;
+  Hq: number;
+  Hk: number;
+  Hv: number;
+  K: number;
+  V: number;
+  perKeyDecay: boolean;
+  scale: number;
+  l2norm: boolean;
+}
+export interface LinearGateTensors {
+  decay: Storage | null;
+  beta: Storage | null;
+  aLog: Storage | null;
+  dtBias: Storage | null;
+}
+export interface LinearGateConfig {
+  rows: number;
+  Hv: number;
+  K: number;
+  perKey: boolean;
+  qwen: boolean;
+  sigmoid: boolean;
+  betaHeads: number;
+  dtBiasPerKey: boolean;
 }
 
 export interface GatedDeltaTensors {

@@ -1,0 +1,74 @@
+// Linear attention (the ONNX LinearAttention family): the contract between the binding
+// (cpp/ops/attention/linear_attention_binding.cc) and the kernels that implement it.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/api.h"
+
+namespace rkcuda {
+
+// Per state head hv (Hv of them) and position t of a sequence, with the state S stored K x V
+// (S[i][j]), a_t = exp(g_t) (a K-vector: g per key row, or one scalar broadcast over the rows):
+//   Sd    = diag(a_t) S_{t-1}                                 (the rules without decay: Sd = S_{t-1})
+//   w_t   = beta_t (v_t - Sd^T k_t)   (delta rules)  or  v_t  (linear, gated)
+//   S_t   = Sd + k_t w_t^T,            S_{-1} = h0 (nullable: 0)
+//   o_t   = scale * S_t^T q_t          for each query head that reads state hv
+// Heads: k head of hv = hv / (Hv / Hk) (Hk divides Hv). Queries: when Hq >= Hv (grouped queries,
+// Hv divides Hq) state hv serves query heads hv * (Hq / Hv) + g, g < Hq / Hv, and output head = query
+// head; when Hq < Hv (Hq divides Hv) state hv reads query head hv / (Hv / Hq) and output head = hv.
+// So o has Ho = max(Hq, Hv) heads.
+// q dt [batch, T, Hq, K]; k dt [batch, T, Hk, K]; v dt [batch, T, Hv, V]; o dt [batch, T, Ho, V];
+// g fp32 [batch, T, Hv] or [batch, T, Hv, K] (perKeyDecay), log-space, null for the rules without
+// decay; beta dt [batch, T, Hv], null for the rules without the delta term; h0, finalState fp32
+// [nseq, Hv, K, V]. With l2norm q and k rows are first divided by sqrt(sum x^2 + 1e-6).
+// Sequences as for the selective scan (ScanSegment); positions in no segment get o = 0 and zero
+// gradients.
+enum class LinearRule : int32_t { Linear = 0, Gated = 1, Delta = 2, GatedDelta = 3 };
+inline bool ruleDecays(LinearRule r) { return r == LinearRule::Gated || r == LinearRule::GatedDelta; }
+inline bool ruleCorrects(LinearRule r) { return r == LinearRule::Delta || r == LinearRule::GatedDelta; }
+
+struct LinearAttentionArgs {
+  DType dt = DType::F32;
+  LinearRule rule = LinearRule::GatedDelta;
+  int64_t batch = 0, T = 0, Hq = 0, Hk = 0, Hv = 0, K = 0, V = 0;
+  bool perKeyDecay = false, l2norm = false;
+  float scale = 1.0f;
+  int64_t nseq = 0;
+  const ScanSegment* segments = nullptr;  // host memory, nseq entries
+  bool packed = false;
+  int64_t chunk = 0, totalChunks = 0;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* g = nullptr;
+  const void* beta = nullptr;
+  const float* h0 = nullptr;
+  // Trailing states (forward only): for each sequence the states after its last `window` tokens,
+  // the state after token length - window + j at windowStates + j * windowSlotStride +
+  // s * windowSeqStride + hv * K * V (slots for tokens before the sequence's first are zeros).
+  int64_t window = 0;
+  float* windowStates = nullptr;
+  int64_t windowSlotStride = 0, windowSeqStride = 0;
+
+  int64_t outHeads() const { return Hq >= Hv ? Hq : Hv; }
+};
+
+// Checkpoints: the state entering chunk c (of `chunk` positions) of segment s for head hv at
+//   states[((chunkOffset + c) * Hv + hv) * K * V + i * V + j],  c < ceil(length / chunk).
+struct LinearAttentionGrads {
+  const void* dO = nullptr;       // nullable (zeros), dt [batch, T, Ho, V]
+  const float* dFinal = nullptr;  // nullable (zeros), [nseq, Hv, K, V]
+  const float* states = nullptr;  // the forward pass's checkpoints
+  // Outputs, written entirely: dq dt (as q), dk dt (as k; summed over the states a k head serves),
+  // dv dt (as v), dg fp32 (as g; null without decay), dbeta dt (as beta; null without the delta
+  // term), dh0 fp32 (nullable).
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dg = nullptr;
+  void* dbeta = nullptr;
+  float* dh0 = nullptr;
+};
+
+}  // namespace rkcuda

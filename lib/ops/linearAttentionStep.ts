@@ -1,0 +1,168 @@
+/**
+ * Decode step of linear attention (the recurrence of `linearAttention`, advanced by one or a few
+ * tokens from a given state): `state` (batch, Hv, K, V) float32 is updated in place.
+ *
+ * Inputs as for linearAttention with T tokens: `q` (batch, T, Hq, K), `k` (batch, T, Hk, K), `v`
+ * (batch, T, Hv, V), `decay`, `beta` as the rule needs them. Options: `updateRule`, `scale`,
+ * `gateActivation` with `aLog`, `dtBias`, `betaActivation`, `qkL2Norm` (as linearAttention),
+ * `updateState` (default true: the state after the last token is written back),
+ * `returnIntermediateStates` (the state after every token, (batch, T, Hv, K, V) float32, so a caller
+ * can keep the accepted prefix of speculative tokens). Returns `{ o, intermediateStates }`, o
+ * (batch, T, max(Hq, Hv), V). Inference only: there is no backward.
+ */
+import { callAsync } from '../autograd';
+import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
+import { Tensor } from '../tensor';
+import type { Storage } from '../native';
+import { DeviceError } from '../errors';
+import {
+  booleanOption,
+  expectDType,
+  expectDevice,
+  expectShape,
+  readInputs,
+  readOptions,
+  requireTensor,
+} from '../validate';
+import { checkLinearAttention, type LinearAttentionInputs, type LinearAttentionOptions } from './linearAttention';
+
+export interface LinearAttentionStepInputs extends LinearAttentionInputs {
+  state: Tensor;
+}
+export interface LinearAttentionStepOptions
+  extends Pick<
+    LinearAttentionOptions,
+    'updateRule' | 'scale' | 'gateActivation' | 'aLog' | 'dtBias' | 'betaActivation' | 'qkL2Norm'
+  > {
+  updateState?: boolean;
+  returnIntermediateStates?: boolean;
+}
+export interface LinearAttentionStepOutputs {
+  o: Tensor;
+  intermediateStates: Tensor | null;
+}
+
+const OP = 'linearAttentionStep';
+
+function* steps(
+  inputs: LinearAttentionStepInputs,
+  options: LinearAttentionStepOptions = {},
+): Steps<LinearAttentionStepOutputs> {
+  inputs = readInputs(OP, inputs, ['state', 'q', 'k', 'v', 'decay', 'beta']);
+  const opts = readOptions(OP, options, [
+    'updateRule',
+    'scale',
+    'gateActivation',
+    'aLog',
+    'dtBias',
+    'betaActivation',
+    'qkL2Norm',
+    'updateState',
+    'returnIntermediateStates',
+  ]);
+  const c = checkLinearAttention(OP, inputs, opts, 'tokens');
+  const { batch, T, Hq, Hv, K, V } = c.config;
+  const { q, k, v, decay, beta, aLog, dtBias } = c.saved;
+  const { state } = inputs;
+  requireTensor(OP, 'state', state);
+  expectShape(OP, 'state', state, [batch, Hv, K, V], 'batch, Hv, K, V', 'to match q and v');
+  expectDType(OP, 'state', state, ['float32'], '(states are float32)');
+  expectDevice(OP, 'state', state, q.device, 'to match q');
+  const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
+  const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
+  const owned: Tensor[] = [];
+  try {
+    let g = decay,
+      b = beta;
+    if (c.needGates) {
+      if (q.device !== 'cpu')
+        throw new DeviceError(`${OP}: gateActivation, betaActivation and a shared beta run on the CPU only for now`);
+      const r = yield* nativeCall((n) =>
+        n.linearAttentionGates({
+          device: q.device,
+          dtype: q.dtype,
+          tensors: {
+            decay: decay?.storage ?? null,
+            beta: beta?.storage ?? null,
+            aLog: aLog?.storage ?? null,
+            dtBias: dtBias?.storage ?? null,
+          },
+          config: c.gates,
+        }),
+      );
+      if (r.g && decay) owned.push((g = new Tensor(r.g, decay.shape, 'float32', q.device)));
+      if (r.beta) owned.push((b = new Tensor(r.beta, [batch, T, Hv], q.dtype, q.device)));
+    }
+    let r: { o: Storage; intermediate: Storage | null };
+    if (c.blocked) {
+      if (!g) owned.push((g = Tensor.from(new Float32Array(batch * T * Hv), [batch, T, Hv], { device: q.device })));
+      const gd = g,
+        bd = b as Tensor;
+      r = yield* nativeCall((n) =>
+        n.gatedDeltaStep({
+          device: q.device,
+          dtype: q.dtype,
+          tensors: { state: state.storage, q: q.storage, k: k.storage, v: v.storage, g: gd.storage, beta: bd.storage },
+          config: {
+            batch,
+            tokens: T,
+            H: Hq,
+            HV: Hv,
+            K,
+            V,
+            scale: c.config.scale,
+            l2norm: c.config.l2norm,
+            updateState,
+            returnIntermediate,
+          },
+        }),
+      );
+    } else {
+      if (q.device !== 'cpu')
+        throw new DeviceError(
+          `${OP}: on cuda only the delta rules with one decay per head and key heads equal to query heads (at most ` +
+            'the value heads) run for now; this call needs the CPU kernels',
+        );
+      const { T: _T, ...cfg } = c.config;
+      const gd = g,
+        bd = b;
+      r = yield* nativeCall((n) =>
+        n.linearAttentionStep({
+          device: q.device,
+          dtype: q.dtype,
+          tensors: {
+            state: state.storage,
+            q: q.storage,
+            k: k.storage,
+            v: v.storage,
+            g: gd?.storage ?? null,
+            beta: bd?.storage ?? null,
+          },
+          config: { ...cfg, tokens: T, updateState, returnIntermediate },
+        }),
+      );
+    }
+    return {
+      o: new Tensor(r.o, [batch, T, Math.max(Hq, Hv), V], q.dtype, q.device),
+      intermediateStates: r.intermediate ? new Tensor(r.intermediate, [batch, T, Hv, K, V], 'float32', q.device) : null,
+    };
+  } finally {
+    for (const t of owned) t.dispose();
+  }
+}
+
+export function linearAttentionStep(
+  inputs: LinearAttentionStepInputs,
+  options: LinearAttentionStepOptions = {},
+): LinearAttentionStepOutputs {
+  return runSync(steps(inputs, options));
+}
+
+/** The Promise form of linearAttentionStep (the kernel runs off the JavaScript thread; see README, Async calls). */
+export function linearAttentionStepAsync(
+  inputs: LinearAttentionStepInputs,
+  options?: LinearAttentionStepOptions & AsyncOptions,
+): Promise<LinearAttentionStepOutputs> {
+  const split = splitSignal<LinearAttentionStepOptions>('linearAttentionStepAsync', options);
+  return callAsync(OP, [inputs, split.options], split.signal, () => steps(inputs, split.options ?? {}));
+}
