@@ -6,7 +6,9 @@
 //     bias of n) computed here in float64 from ONNX's W and X; initial states with and without;
 //   gatedDeltaRule forward against com.microsoft.LinearAttention (update_rule gated_delta), with
 //     and without an initial state, grouped heads, a given scale; the final state too;
-//   and com.microsoft.GatedDeltaNet where this ORT has a CPU kernel for it.
+//   and com.microsoft.GatedDeltaNet where this ORT has a CPU kernel for it;
+//   linearAttention against com.microsoft.LinearAttention for every update rule, both decay shapes,
+//   grouped queries both ways and a beta shared by the heads, with and without an initial state.
 // Each comparison also reports both sides' distance to the float64 oracle, to tell which one is off.
 // Layouts: ONNX LSTM gates are (i, o, f, c) and GRU gates (z, r, h), W [G*H, I] and R [G*H, H] row
 // per output channel (x W^T, h R^T); ours: LSTM (i, f, z, o), GRU (r, z, n), R[g][0][i][j] multiplies
@@ -16,6 +18,7 @@ import * as rk from '../lib/index';
 import { tensor, values } from './helpers';
 import { fusedRnnRef } from './reference/fusedRnn';
 import { gatedDeltaRuleRef } from './reference/gatedDeltaRule';
+import { linearAttentionRef, type Rule } from './reference/linearAttention';
 import { freshSeed, normal, relErr, rng, uniform } from './reference/util';
 // @ts-expect-error: a JavaScript module without type declarations
 import { ortGatedDeltaNet, ortGru, ortLinearAttention, ortLstm, ortStatus } from '../bench/peers/ort.mjs';
@@ -307,4 +310,92 @@ describe('gatedDeltaRule vs ONNX Runtime com.microsoft.GatedDeltaNet', () => {
       compare('final state', ours.finalState, transpose(out.final_state, V, K), ours.ref.finalState!);
     },
   );
+});
+
+interface LinCase {
+  rule: Rule;
+  perKey: boolean;
+  Hq: number;
+  Hk: number;
+  Hv: number;
+  h0: boolean;
+  betaHeads?: number;
+}
+
+describe('linearAttention vs ONNX Runtime com.microsoft.LinearAttention', () => {
+  const cases: LinCase[] = [];
+  for (const rule of ['linear', 'gated', 'delta', 'gated_delta'] as Rule[])
+    for (const perKey of rule === 'gated' || rule === 'gated_delta' ? [false, true] : [false])
+      cases.push(
+        { rule, perKey, Hq: 2, Hk: 2, Hv: 2, h0: true },
+        { rule, perKey, Hq: 4, Hk: 2, Hv: 2, h0: false },
+        { rule, perKey, Hq: 1, Hk: 2, Hv: 2, h0: true },
+      );
+  cases.push({ rule: 'gated_delta', perKey: false, Hq: 1, Hk: 1, Hv: 2, h0: true });
+  cases.push({ rule: 'delta', perKey: false, Hq: 2, Hk: 2, Hv: 2, h0: true, betaHeads: 1 });
+  const name = (c: LinCase) =>
+    `${c.rule}${c.perKey ? ' per-key decay' : ''} Hq ${c.Hq} Hk ${c.Hk} Hv ${c.Hv}` +
+    `${c.h0 ? ' initial state' : ''}${c.betaHeads === 1 ? ' shared beta' : ''}`;
+  it.each(cases.map((c) => [name(c), c] as const))('%s', async (_n, c) => {
+    const batch = 2,
+      T = 9,
+      K = 6,
+      V = 5;
+    const { Hq, Hk, Hv, rule, perKey } = c;
+    const betaHeads = c.betaHeads ?? Hv;
+    const decays = rule === 'gated' || rule === 'gated_delta';
+    const corrects = rule === 'delta' || rule === 'gated_delta';
+    const q = f32(unitRows(normal(rand, batch * T * Hq * K), K)),
+      k = f32(unitRows(normal(rand, batch * T * Hk * K), K)),
+      v = f32(normal(rand, batch * T * Hv * V)),
+      decay = f32(uniform(rand, batch * T * Hv * (perKey ? K : 1), -2, 0)),
+      beta = f32(uniform(rand, batch * T * betaHeads, 0.05, 1)),
+      h0 = f32(normal(rand, batch * Hv * K * V, 0.5));
+    const session = need(
+      await ortLinearAttention({
+        batch,
+        T,
+        H: Hq,
+        HV: Hv,
+        Hk,
+        K,
+        V,
+        threads: 1,
+        initialState: c.h0,
+        rule,
+        perKey,
+        betaHeads,
+      }),
+    );
+    const out = await session.run({
+      query: Float32Array.from(q),
+      key: Float32Array.from(k),
+      value: Float32Array.from(v),
+      ...(decays ? { decay: Float32Array.from(decay) } : {}),
+      ...(corrects ? { beta: Float32Array.from(beta) } : {}),
+      ...(c.h0 ? { past_state: Float32Array.from(h0) } : {}),
+    });
+    await session.close();
+    // ORT's packed (B, T, heads * dim) is our (B, T, heads, dim); a per-key decay (B, T, Hv * K) is (B, T, Hv, K).
+    const ours = rk.linearAttention(
+      {
+        q: tensor(q, [batch, T, Hq, K]),
+        k: tensor(k, [batch, T, Hk, K]),
+        v: tensor(v, [batch, T, Hv, V]),
+        decay: decays ? tensor(decay, perKey ? [batch, T, Hv, K] : [batch, T, Hv]) : null,
+        beta: corrects ? tensor(beta, [batch, T, betaHeads]) : null,
+      },
+      { updateRule: rule, initialState: c.h0 ? tensor(h0, [batch, Hv, K, V]) : null, outputFinalState: true },
+    );
+    const bEff = Float64Array.from(
+      { length: batch * T * Hv },
+      (_, e) => beta[betaHeads === 1 ? Math.floor(e / Hv) : e],
+    );
+    const ref = linearAttentionRef(
+      { q, k, v, g: decay, beta: bEff },
+      { batch, T, Hq, Hk, Hv, K, V, rule, perKey, initialState: c.h0 ? h0 : null },
+    );
+    compare('o', values(ours.o), out.output, ref.o);
+    compare('final state', values(ours.finalState!), out.present_state, ref.finalState);
+  });
 });

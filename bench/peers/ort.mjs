@@ -266,52 +266,92 @@ async function ortRnn(op, G, { batch, T, input: I, hidden: H, threads, weights, 
 }
 
 /**
- * com.microsoft.LinearAttention, update_rule gated_delta, CPU. Inputs (packed 3D):
+ * com.microsoft.LinearAttention, CPU. Inputs (packed 3D):
  *   query [B, T, Hq * K], key [B, T, Hk * K], value [B, T, Hkv * V], past_state [B, Hkv, K, V]
- *   (optional; the state is K x V per head, S[i][j] with i over the key dim), decay [B, T, Hkv]
- *   (log space: S *= exp(decay)), beta [B, T, Hkv].
- * Outputs: output [B, T, Hkv * V] and present_state [B, Hkv, K, V]. q and k are used as given (no
- * L2 norm inside). Per token: S = exp(g) S; S += k (beta (v - S^T k))^T; o = scale S^T q.
- * Value head hv reads q / k head floor(hv * H / HV) when H < HV (ORT's "inverse GQA").
+ *   (optional; the state is K x V per head, S[i][j] with i over the key dim), decay (the gated rules)
+ *   [B, T, Hkv] or [B, T, Hkv * K] per key (log space: S = diag(exp(decay)) S), beta (the delta
+ *   rules) [B, T, Hkv] or [B, T, 1].
+ * Outputs: output [B, T, max(Hq, Hkv) * V] and present_state [B, Hkv, K, V]. q and k are used as
+ * given (no L2 norm inside). Per token (gated_delta): S = diag(exp(g)) S; S += k (beta (v - S^T k))^T;
+ * o = scale S^T q; the other rules drop the decay and / or the delta term.
+ * Grouped queries (Hq a multiple of Hkv): query head h reads state h / (Hq / Hkv), one output per
+ * query head; inverse (Hkv a multiple of Hq): state hv reads query head hv / (Hkv / Hq), one output
+ * per state. Key head of state hv: hv / (Hkv / Hk).
  */
 export async function ortLinearAttention({
   batch,
   T,
   H,
   HV = H,
+  Hk = H,
   K,
   V = K,
   scale = 1 / Math.sqrt(K),
   threads,
   initialState = false,
+  rule = 'gated_delta',
+  perKey = false,
+  betaHeads = HV,
 }) {
   if (!ort) return null;
+  const decays = rule === 'gated' || rule === 'gated_delta';
+  const corrects = rule === 'delta' || rule === 'gated_delta';
   const inputs = [
     ['query', [batch, T, H * K]],
-    ['key', [batch, T, H * K]],
+    ['key', [batch, T, Hk * K]],
     ['value', [batch, T, HV * V]],
     ...(initialState ? [['past_state', [batch, HV, K, V]]] : []),
-    ['decay', [batch, T, HV]],
-    ['beta', [batch, T, HV]],
+    ...(decays ? [['decay', [batch, T, HV * (perKey ? K : 1)]]] : []),
+    ...(corrects ? [['beta', [batch, T, betaHeads]]] : []),
   ];
   return session(
     {
       node: {
         op: 'LinearAttention',
         domain: 'com.microsoft',
-        inputs: ['query', 'key', 'value', initialState ? 'past_state' : '', 'decay', 'beta'],
+        inputs: [
+          'query',
+          'key',
+          'value',
+          initialState ? 'past_state' : '',
+          decays ? 'decay' : '',
+          corrects ? 'beta' : '',
+        ],
         outputs: ['output', 'present_state'],
-        attrs: { q_num_heads: H, kv_num_heads: HV, update_rule: 'gated_delta', scale: { float: scale } },
+        attrs: { q_num_heads: H, kv_num_heads: HV, update_rule: rule, scale: { float: scale } },
       },
       inputs,
       outputs: [
-        ['output', [batch, T, HV * V]],
+        ['output', [batch, T, Math.max(H, HV) * V]],
         ['present_state', [batch, HV, K, V]],
       ],
     },
-    gdnDefaults(batch, T, H, HV, K, V, initialState),
+    linearDefaults(inputs, K),
     threadsOr(threads),
   );
+}
+
+/** Random linear-attention inputs under ORT's names and shapes: q, k rows of unit norm, decays log-sigmoid-like, beta in (0, 1). */
+function linearDefaults(inputs, K) {
+  const unitRows = (x, n) => {
+    for (let r = 0; r < x.length / n; r++) {
+      let s = 0;
+      for (let i = 0; i < n; i++) s += x[r * n + i] ** 2;
+      for (let i = 0; i < n; i++) x[r * n + i] /= Math.sqrt(s);
+    }
+    return x;
+  };
+  const size = (shape) => shape.reduce((a, b) => a * b, 1);
+  const out = {};
+  for (const [name, shape] of inputs) {
+    const n = size(shape);
+    if (name === 'query' || name === 'key') out[name] = unitRows(uniform(n, -1, 1), K);
+    else if (name === 'value') out[name] = uniform(n, -1, 1);
+    else if (name === 'decay') out[name] = Float32Array.from(uniform(n, -4.9, 6), (x) => -Math.log1p(Math.exp(-x)));
+    else if (name === 'beta') out[name] = Float32Array.from(uniform(n, -4, 4), (x) => 1 / (1 + Math.exp(-x)));
+    else if (name === 'past_state') out[name] = uniform(n, -0.1, 0.1);
+  }
+  return out;
 }
 
 /** Random gated-delta inputs under ORT's names: q, k of unit norm per head, g log-sigmoid-like, beta in (0, 1). */
