@@ -10,6 +10,7 @@ const opTests = [
   'tests/selectiveScan.test.ts',
   'tests/gatedDeltaRule.test.ts',
   'tests/linearAttention.test.ts',
+  'tests/causalConv1d.test.ts',
   'tests/fusedRnn.test.ts',
   'tests/newtonRnn.test.ts',
   'tests/linearScan.test.ts',

@@ -25,6 +25,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerFusedRnn(env, exports);
   rk::registerNewtonRnn(env, exports);
   rk::registerLinearAttention(env, exports);
+  rk::registerCausalConv1d(env, exports);
   return exports;
 }
 

@@ -11,6 +11,7 @@ import { gatedDeltaRule } from './ops/gatedDeltaRule';
 import { fusedRnn } from './ops/fusedRnn';
 import { newtonRnn } from './ops/newtonRnn';
 import { linearAttention } from './ops/linearAttention';
+import { causalConv1d } from './ops/causalConv1d';
 import { elementwiseOps } from './ops/elementwise';
 import { packageVersion } from './native';
 
@@ -73,6 +74,13 @@ export type {
   LinearAttentionGrads,
 } from './ops/linearAttention';
 export { linearAttentionStep, linearAttentionStepAsync } from './ops/linearAttentionStep';
+export { causalConv1d } from './ops/causalConv1d';
+export type {
+  CausalConv1dInputs,
+  CausalConv1dOptions,
+  CausalConv1dOutputs,
+  CausalConv1dGrads,
+} from './ops/causalConv1d';
 export type {
   LinearAttentionStepInputs,
   LinearAttentionStepOptions,
@@ -117,6 +125,7 @@ export const gatedDeltaRuleAsync = gatedDeltaRule.async;
 export const fusedRnnAsync = fusedRnn.async;
 export const newtonRnnAsync = newtonRnn.async;
 export const linearAttentionAsync = linearAttention.async;
+export const causalConv1dAsync = causalConv1d.async;
 
 /** The forward/backward hooks of every op, for autograd adapters of other frameworks. */
 export const ops = {
@@ -126,6 +135,7 @@ export const ops = {
   fusedRnn: fusedRnn.hooks,
   newtonRnn: newtonRnn.hooks,
   linearAttention: linearAttention.hooks,
+  causalConv1d: causalConv1d.hooks,
   ...Object.fromEntries(Object.entries(elementwiseOps).map(([k, v]) => [k, v.hooks])),
 } as {
   linearScan: typeof linearScan.hooks;
@@ -134,6 +144,7 @@ export const ops = {
   fusedRnn: typeof fusedRnn.hooks;
   newtonRnn: typeof newtonRnn.hooks;
   linearAttention: typeof linearAttention.hooks;
+  causalConv1d: typeof causalConv1d.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version: string = packageVersion();

@@ -331,6 +331,63 @@ export async function ortLinearAttention({
   );
 }
 
+/**
+ * com.microsoft.CausalConvWithState, CPU: input [B, C, T] (channelsLast: [B, T, C]), weight [C, 1, K],
+ * bias [C] (optional), past_state [B, C, L] (channelsLast: [B, L, C]; optional), L = (K - 1) * dilation;
+ * outputs output (as input) and present_state (as past_state). activation 'silu' or 'none'.
+ */
+export async function ortCausalConv({
+  batch,
+  C,
+  T,
+  K,
+  dilation = 1,
+  activation = 'none',
+  channelsLast = false,
+  bias = true,
+  initialState = false,
+  threads,
+}) {
+  if (!ort) return null;
+  const L = (K - 1) * dilation;
+  const xShape = channelsLast ? [batch, T, C] : [batch, C, T];
+  const sShape = channelsLast ? [batch, L, C] : [batch, C, L];
+  const inputs = [
+    ['input', xShape],
+    ['weight', [C, 1, K]],
+    ...(bias ? [['bias', [C]]] : []),
+    ...(initialState ? [['past_state', sShape]] : []),
+  ];
+  const defaults = Object.fromEntries(
+    inputs.map(([n, sh]) => [
+      n,
+      uniform(
+        sh.reduce((a, b) => a * b, 1),
+        -1,
+        1,
+      ),
+    ]),
+  );
+  return session(
+    {
+      node: {
+        op: 'CausalConvWithState',
+        domain: 'com.microsoft',
+        inputs: ['input', 'weight', bias ? 'bias' : '', initialState ? 'past_state' : ''],
+        outputs: ['output', 'present_state'],
+        attrs: { activation, dilation, ...(channelsLast ? { channels_last: 1 } : {}) },
+      },
+      inputs,
+      outputs: [
+        ['output', xShape],
+        ['present_state', sShape],
+      ],
+    },
+    defaults,
+    threadsOr(threads),
+  );
+}
+
 /** Random linear-attention inputs under ORT's names and shapes: q, k rows of unit norm, decays log-sigmoid-like, beta in (0, 1). */
 function linearDefaults(inputs, K) {
   const unitRows = (x, n) => {

@@ -197,6 +197,9 @@ RK_ALWAYS_INLINE Lanes exp2Lanes(Lanes x) {
   return select(x < -126.0f, Lanes{}, v);
 }
 
+// 1 / (1 + e^-v) per lane.
+RK_ALWAYS_INLINE Lanes sigmoidLanes(Lanes v) { return 1.0f / (1.0f + exp2Lanes(v * -kLog2e)); }
+
 // ---- sums across lanes ----
 
 namespace simd_detail {

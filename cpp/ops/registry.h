@@ -11,4 +11,5 @@ void registerGatedDeltaRule(Napi::Env env, Napi::Object exports);   // gatedDelt
 void registerFusedRnn(Napi::Env env, Napi::Object exports);         // fusedRnnForward / Backward
 void registerNewtonRnn(Napi::Env env, Napi::Object exports);        // newtonRnnForward / Backward
 void registerLinearAttention(Napi::Env env, Napi::Object exports);  // linearAttentionForward / Backward / Step / Gates
+void registerCausalConv1d(Napi::Env env, Napi::Object exports);     // causalConv1dForward / Backward
 }  // namespace rk

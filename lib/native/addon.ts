@@ -127,6 +127,19 @@ export interface NativeModule {
       Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }
     >,
   ): { o: Storage; intermediate: Storage | null };
+  causalConv1dForward(
+    req: Request<
+      CausalConv1dTensors,
+      CausalConv1dConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean; window: number }
+    >,
+  ): { y: Storage; finalState: Storage | null; windowStates: Storage | null };
+  causalConv1dBackward(
+    req: Request<
+      CausalConv1dTensors,
+      CausalConv1dConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
+      { dY: Storage | null; dFinal: Storage | null }
+    >,
+  ): { dx: Storage; dweight: Storage; dbias: Storage | null; dh0: Storage | null };
   linearAttentionForward(
     req: Request<
       LinearAttentionTensors,
@@ -236,6 +249,22 @@ export interface NewtonRnnConfig {
   tolRel: number;
   damping: number;
   guess: number;
+}
+
+export interface CausalConv1dTensors {
+  x: Storage;
+  weight: Storage;
+  bias: Storage | null;
+  h0: Storage | null;
+}
+export interface CausalConv1dConfig {
+  batch: number;
+  C: number;
+  T: number;
+  W: number;
+  dilation: number;
+  channelsLast: boolean;
+  silu: boolean;
 }
 
 export interface LinearAttentionTensors {
