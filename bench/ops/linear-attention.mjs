@@ -65,7 +65,7 @@ export default {
   sizeHelp: 'batch x T x H [x K] (BxTxH[xK]; Hq = Hk = Hv = H, V = K)',
   sizeDims: [3, 4],
   tagLabel: 'rule',
-  async run(rk, { device, quick, ceiling, ceilings, sizes: userSizes, dtype: userDtype, peers = true, progress }) {
+  async run(rk, { device, quick, ceilings, sizes: userSizes, dtype: userDtype, peers = true, progress }) {
     if (!rk.linearAttention || typeof rk.internals?.native?.().linearAttentionForward !== 'function')
       throw new Error('bench: this build has no linearAttention op (rebuild it with npm run build:native)');
     const sizes = (userSizes ?? (quick ? QUICK : SIZES)[device]).map((s) => {
