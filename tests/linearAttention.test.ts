@@ -4,7 +4,7 @@
 // the state window (rolling back equals running the shorter sequence), the decode step, and errors.
 import { describe, expect, it } from 'vitest';
 import * as rk from '../lib/index';
-import { expectError, tensor, tolerance, values } from './helpers';
+import { expectError, hasCuda, tensor, tolerance, values } from './helpers';
 import {
   gatesRef,
   gatesRefBackward,
@@ -37,6 +37,7 @@ interface Case {
   dtype?: rk.DType;
   sharedBeta?: boolean;
   gates?: boolean;
+  device?: rk.Device;
 }
 
 const decays = (r: Rule) => r === 'gated' || r === 'gated_delta';
@@ -70,19 +71,20 @@ function problem(c: Case) {
 function runCase(c: Case, withBackward = true) {
   const { batch, T, Hq, Hk, Hv, K, V, rule } = c;
   const dtype = c.dtype ?? 'float32';
+  const device = c.device ?? 'cpu';
   const p = problem(c);
   const Ho = Math.max(Hq, Hv);
   const gShape = c.perKey ? [batch, T, Hv, K] : [batch, T, Hv];
   const inputs = {
-    q: tensor(p.q, [batch, T, Hq, K], dtype),
-    k: tensor(p.k, [batch, T, Hk, K], dtype),
-    v: tensor(p.v, [batch, T, Hv, V], dtype),
-    decay: decays(rule) ? tensor(p.decay, gShape) : null,
-    beta: corrects(rule) ? tensor(p.beta, [batch, T, p.betaHeads], dtype) : null,
+    q: tensor(p.q, [batch, T, Hq, K], dtype, device),
+    k: tensor(p.k, [batch, T, Hk, K], dtype, device),
+    v: tensor(p.v, [batch, T, Hv, V], dtype, device),
+    decay: decays(rule) ? tensor(p.decay, gShape, 'float32', device) : null,
+    beta: corrects(rule) ? tensor(p.beta, [batch, T, p.betaHeads], dtype, device) : null,
   };
   const options: rk.LinearAttentionOptions = {
     updateRule: rule,
-    initialState: p.h0 ? tensor(p.h0, [p.nseq, Hv, K, V]) : null,
+    initialState: p.h0 ? tensor(p.h0, [p.nseq, Hv, K, V], 'float32', device) : null,
     outputFinalState: true,
     cuSeqlens: c.cuSeqlens ?? null,
     qkL2Norm: !!c.l2,
@@ -143,8 +145,8 @@ function runCase(c: Case, withBackward = true) {
   const wO = f32(normal(rand, batch * T * Ho * V)),
     wF = f32(normal(rand, p.nseq * Hv * K * V));
   const grads = rk.ops.linearAttention.backward(ctx, {
-    o: tensor(wO, [batch, T, Ho, V], dtype),
-    finalState: tensor(wF, [p.nseq, Hv, K, V]),
+    o: tensor(wO, [batch, T, Ho, V], dtype, device),
+    finalState: tensor(wF, [p.nseq, Hv, K, V], 'float32', device),
   });
   const rg = linearAttentionRefBackward(refIn, refOpts, seen(wO), wF);
   const gg = gatesRefBackward(gateIn, gateOpts, rg.g, rg.beta);
@@ -234,6 +236,33 @@ describe('linearAttention vs the float64 oracle, forward and backward', () => {
     runCase({ rule: 'delta', batch: 2, T: 70, Hq: 2, Hk: 2, Hv: 4, K: 12, V: 10, h0: true }, false);
     runCase({ rule: 'gated', perKey: true, batch: 2, T: 70, Hq: 2, Hk: 2, Hv: 2, K: 12, V: 10, h0: true }, false);
   });
+});
+
+// On a GPU: the per-token CUDA kernels (every configuration but the Gated DeltaNet layout) and the
+// gated delta rule's kernels (that layout), against the same oracle.
+describe.runIf(hasCuda)('linearAttention on cuda vs the float64 oracle', () => {
+  const cases: Case[] = [];
+  for (const rule of RULES)
+    for (const perKey of decays(rule) ? [false, true] : [false])
+      cases.push(
+        { rule, perKey, batch: 2, T: 65, Hq: 2, Hk: 2, Hv: 2, K: 19, V: 13, h0: true, device: 'cuda' },
+        { rule, perKey, batch: 1, T: 63, Hq: 4, Hk: 1, Hv: 2, K: 8, V: 17, l2: true, device: 'cuda' },
+        {
+          rule,
+          perKey,
+          batch: 1,
+          T: 70,
+          Hq: 1,
+          Hk: 1,
+          Hv: 2,
+          K: 32,
+          V: 16,
+          h0: true,
+          device: 'cuda',
+          dtype: 'bfloat16',
+        },
+      );
+  it.each(cases.map((c) => [name(c), c] as const))('%s', (_n, c) => runCase(c));
 });
 
 describe('stateWindow', () => {

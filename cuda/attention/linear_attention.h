@@ -1,5 +1,6 @@
-// Linear attention (the ONNX LinearAttention family): the contract between the binding
-// (cpp/ops/attention/linear_attention_binding.cc) and the kernels that implement it.
+// Linear attention (the ONNX LinearAttention family): the interface of cuda/attention/linear_attention.cu,
+// the contract between the binding (cpp/ops/attention/linear_attention_binding.cc) and the kernels
+// (CPU: cpp/ops/attention/linear_attention_cpu.inc; CUDA: linear_attention.cu).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -70,5 +71,11 @@ struct LinearAttentionGrads {
   void* dbeta = nullptr;
   float* dh0 = nullptr;
 };
+
+int64_t linearAttentionChunk();
+// Writes o (every element), states (nullable: a forward no backward follows), finalState (nullable;
+// may be a.h0, a decode step's state updated in place) and a.windowStates (nullable; every slot).
+Status linearAttentionForward(const LinearAttentionArgs& a, void* o, float* states, float* finalState);
+Status linearAttentionBackward(const LinearAttentionArgs& a, const LinearAttentionGrads& g);
 
 }  // namespace rkcuda

@@ -58,6 +58,7 @@
 #include "common/dtype.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
+#include "common/rows.cuh"
 #include "delta/delta_params.cuh"
 #include "delta/gated_delta_chunked.h"
 
@@ -340,47 +341,6 @@ template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaBack
   if (p.dh0 != nullptr) storeState(dS, p.dh0 + jb.stateOff, p, jb);
 }
 
-// dx for rows of K: dy (fp32) taken through x / sqrt(|x|^2 + eps) when l2norm, stored as T. One
-// warp per row.
-template <class T>
-__global__ void __launch_bounds__(256)
-    l2normBackwardKernel(const T* x, const float* dy, T* dx, int64_t rows, int K, bool l2norm) {
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5); r < rows; r += warps) {
-    const T* xr = x + r * K;
-    const float* dr = dy + r * K;
-    T* out = dx + r * K;
-    float rn = 1.0f, yd = 0.0f;
-    if (l2norm) {
-      float ss = 0.0f, xd = 0.0f;
-      for (int i = lane; i < K; i += 32) {
-        const float xi = loadScalar(xr + i);
-        ss = fmaf(xi, xi, ss);
-        xd = fmaf(xi, dr[i], xd);
-      }
-      ss = warpSum(ss);
-      xd = warpSum(xd);
-      rn = 1.0f / sqrtf(ss + kL2Eps);
-      yd = xd * rn;  // y.dy
-    }
-    for (int i = lane; i < K; i += 32) {
-      const float d = l2norm ? (dr[i] - loadScalar(xr + i) * rn * yd) * rn : dr[i];
-      storeScalar(out + i, d);
-    }
-  }
-}
-
-// Zeros the elements [start * width, (start + length) * width) of p for each (start, length) gap.
-template <class T>
-__global__ void __launch_bounds__(128) zeroGapsKernel(T* p, int64_t width, const int64_t* gaps, int64_t nGaps) {
-  const T zero = fromFloat<T>(0.0f);
-  for (int64_t gi = blockIdx.x; gi < nGaps; gi += gridDim.x) {
-    const int64_t start = gaps[2 * gi] * width, n = gaps[2 * gi + 1] * width;
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) p[start + e] = zero;
-  }
-}
-
 // ============================== launch ==============================
 
 Status checkDims(const std::string& fn, DType dt, int64_t batch, int64_t T, int64_t H, int64_t HV, int64_t K,
@@ -458,12 +418,6 @@ template <class T> Status launchBackward(const std::string& fn, DeltaParams p, i
 Status uploadTable(const GatedDeltaArgs& a, const std::vector<int64_t>& gaps, DeviceBuffer* buffer,
                    const ScanSegment** segments, const int64_t** gapList) {
   return uploadSequences(a.segments, a.nseq, a.packed, gaps, buffer, segments, gapList);
-}
-
-template <class T> Status launchZeroGaps(void* p, int64_t width, const int64_t* gaps, int64_t nGaps) {
-  if (nGaps == 0 || width == 0 || p == nullptr) return Status{};
-  const unsigned blocks = static_cast<unsigned>(nGaps < 4096 ? nGaps : 4096);
-  return launch(zeroGapsKernel<T>, blocks, 128, 0, static_cast<T*>(p), width, gaps, nGaps);
 }
 
 DeltaParams baseParams(const GatedDeltaArgs& a) {

@@ -40,8 +40,9 @@
  * (N, Hv, V, K) is the transpose of ours per head.
  *
  * The delta rules with a scalar decay, key heads equal to query heads and Hv a multiple of Hq (the
- * layout of Gated DeltaNet) run on the gated delta rule's blocked kernels (CPU and CUDA); every
- * other configuration runs on the CPU's per-token kernels (no CUDA kernel yet: ERR_DEVICE).
+ * layout of Gated DeltaNet) run on the gated delta rule's kernels (CPU: blocked; CUDA: chunked
+ * tensor-core kernels for fp16 / bf16); every other configuration runs on this family's per-token
+ * kernels (CPU and CUDA). The gate activations and a shared beta are computed on the CPU only for now.
  */
 import { callAsync, defineOp, isRecording } from '../autograd';
 import { float32Elements, type LinearAttentionConfig, type LinearGateConfig, type Storage } from '../native';
@@ -361,11 +362,6 @@ function* run(
       if (g !== gates.g) g.dispose();
     }
   } else {
-    if (q.device !== 'cpu')
-      throw new DeviceError(
-        `${OP}: on cuda only the delta rules with one decay per head, key heads equal to query heads (at most the ` +
-          'value heads) and no stateWindow run for now; this call needs the CPU kernels',
-      );
     r = yield* nativeCall((n) =>
       n.linearAttentionForward({
         device: q.device,

@@ -118,11 +118,6 @@ function* steps(
         }),
       );
     } else {
-      if (q.device !== 'cpu')
-        throw new DeviceError(
-          `${OP}: on cuda only the delta rules with one decay per head and key heads equal to query heads (at most ` +
-            'the value heads) run for now; this call needs the CPU kernels',
-        );
       const { T: _T, ...cfg } = c.config;
       const gd = g,
         bd = b;

@@ -1,8 +1,7 @@
 // N-API glue of linear attention: re-checks every size against the configuration that
 // lib/ops/linearAttention.ts sends, builds the sequence table, allocates the outputs and runs the
-// CPU kernels. The rules' CUDA kernels are not built yet: the TypeScript op runs the rules and
-// layouts the gated delta rule's kernels cover through those (on either device) and asks for this
-// binding only on the CPU; a CUDA request here is refused with ERR_DEVICE.
+// CPU kernels or the CUDA launchers. The gate activations run on the CPU only for now: a CUDA
+// request for them is refused with ERR_DEVICE.
 #include <cfloat>
 #include <cmath>
 #include <string>
@@ -20,9 +19,7 @@ using rkcuda::LinearAttentionArgs;
 
 [[noreturn]] void throwNoCudaKernel(Napi::Env env, const char* op) {
   throwError(env, code::kDevice,
-             std::string(op) +
-                 ": no CUDA kernel for this configuration yet (CUDA runs the gated_delta and delta rules with a "
-                 "scalar decay, key heads equal to query heads and no state window); use device 'cpu'");
+             std::string(op) + ": the gate activations have no CUDA kernel yet; compute them on the CPU");
 }
 
 struct AttentionCall {
@@ -38,7 +35,6 @@ struct AttentionCall {
 AttentionCall parseAttention(Napi::Env env, const Request& r, const char* op, const char* tokens, bool segmented) {
   AttentionCall c;
   c.dev = r.device;
-  if (c.dev == Device::CUDA) throwNoCudaKernel(env, op);
   const Napi::Object t = r.tensors, cfg = r.config;
   LinearAttentionArgs& a = c.a;
   a.dt = r.dtype;
@@ -62,15 +58,25 @@ AttentionCall parseAttention(Napi::Env env, const Request& r, const char* op, co
   a.scale = float(s);
   c.q = product(env, {a.batch, a.T, a.Hq, a.K}, op);
   a.q = tensorArg(env, t.Get("q"), op, "q", c.dev, a.dt, c.q).data;
+  int64_t chunk = attention::kLinearAttentionChunk;
+  if (c.dev == Device::CUDA) {
+#ifdef RK_WITH_CUDA
+    chunk = rkcuda::linearAttentionChunk();
+#else
+    throwNoCuda(env, op);
+#endif
+  }
   if (segmented) {
-    c.segments = parseSegments(env, cfg.Get("cuSeqlens"), a.batch, a.T, attention::kLinearAttentionChunk, op,
-                               &a.totalChunks, &a.packed);
+    c.segments = parseSegments(env, cfg.Get("cuSeqlens"), a.batch, a.T, chunk, op, &a.totalChunks, &a.packed);
   } else {
-    for (int64_t b = 0; b < a.batch; ++b) c.segments.push_back({b, 0, a.T, 0});
+    // A decode step: one sequence per batch row (it keeps no checkpoints).
+    const int64_t chunks = (a.T + chunk - 1) / chunk;
+    for (int64_t b = 0; b < a.batch; ++b) c.segments.push_back({b, 0, a.T, b * chunks});
+    a.totalChunks = a.batch * chunks;
   }
   a.nseq = int64_t(c.segments.size());
   a.segments = c.segments.data();
-  a.chunk = attention::kLinearAttentionChunk;
+  a.chunk = chunk;
   c.k = product(env, {a.batch, a.T, a.Hk, a.K}, op);
   c.v = product(env, {a.batch, a.T, a.Hv, a.V}, op);
   c.o = product(env, {a.batch, a.T, a.outHeads(), a.V}, op);
@@ -112,7 +118,7 @@ Napi::Value LinearAttentionForward(const Napi::CallbackInfo& info) {
   a.windowSeqStride = a.Hv * a.K * a.V;
   auto k = std::make_shared<AttentionCall>(std::move(c));
   return launch(
-      env, op, k->dev, out, [&] { return rkcuda::Status{}; },
+      env, op, k->dev, out, [&] { return rkcuda::linearAttentionForward(k->a, o, states, fin); },
       [k, o, states, fin] { attention::linearAttentionForwardCpu(k->a, o, states, fin); });
 }
 
@@ -142,7 +148,7 @@ Napi::Value LinearAttentionBackward(const Napi::CallbackInfo& info) {
   out.Set("dh0", optionalOutput(env, flagField(r.config, "needDh0"), c.dev, DType::F32, c.stateElems, &g.dh0));
   auto k = std::make_shared<AttentionCall>(std::move(c));
   return launch(
-      env, op, k->dev, out, [&] { return rkcuda::Status{}; },
+      env, op, k->dev, out, [&] { return rkcuda::linearAttentionBackward(k->a, g); },
       [k, g] { attention::linearAttentionBackwardCpu(k->a, g); });
 }
 
@@ -172,7 +178,7 @@ Napi::Value LinearAttentionStep(const Napi::CallbackInfo& info) {
   float* fin = update ? state : nullptr;
   auto k = std::make_shared<AttentionCall>(std::move(c));
   return launch(
-      env, op, k->dev, out, [&] { return rkcuda::Status{}; },
+      env, op, k->dev, out, [&] { return rkcuda::linearAttentionForward(k->a, o, nullptr, fin); },
       [k, o, fin] { attention::linearAttentionForwardCpu(k->a, o, nullptr, fin); });
 }
 
