@@ -1,7 +1,7 @@
 // The CPU kernels' aarch64 variant (base, on NEON: 128-bit vectors through GCC's vector extensions),
 // cross-compiled and run under user-mode emulation, against the native build of the same variant.
-// tests/cpu-cross/driver.cpp runs every CPU kernel (selective scan, gated delta rule, fused cells,
-// Newton RNN: forward, backward, decode steps; and the linear scan) on fixed pseudo-random inputs
+// tests/cpu-cross/driver.cpp runs every CPU kernel (selective scan, gated delta rule, linear attention,
+// causal conv, fused cells, Newton RNN: forward, backward, decode steps; and the linear scan) on fixed pseudo-random inputs
 // and writes every output array to a file. It is built twice from one copy of the sources, with the
 // addon's optimisation flags: natively (where the base variant is SSE2 on x86-64) and with
 // aarch64-linux-gnu-g++ (static, run by qemu-aarch64). The native results are checked against
@@ -228,6 +228,8 @@ const ops = [
   'selectiveStateUpdate',
   'gatedDeltaRule',
   'gatedDeltaRuleStep',
+  'linearAttention',
+  'causalConv1d',
   'fusedRnn',
   'newtonRnn',
   'linearScan',

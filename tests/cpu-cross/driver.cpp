@@ -1,5 +1,6 @@
 // Runs the `base` instruction-set variant of every CPU kernel (selective scan, gated delta rule,
-// fused cells, Newton RNN: forward, backward and the decode steps), and the linear scan (a
+// linear attention, causal conv, fused cells, Newton RNN: forward, backward and the decode steps),
+// and the linear scan (a
 // header-only kernel shared by every variant, with SSE tile transposes on x86 and plain loops
 // elsewhere), on fixed pseudo-random inputs at awkward sizes, and writes every output array as raw
 // little-endian float32 to one binary file, with a text index beside it (<out>.txt: one line
@@ -33,7 +34,9 @@
 #include "common/isa.h"
 #include "common/parallel.h"
 #include "cuda/common/api.h"
+#include "ops/attention/linear_attention_cpu.h"
 #include "ops/cells/fused_rnn_cpu.h"
+#include "ops/conv/causal_conv1d_cpu.h"
 #include "ops/delta/gated_delta_cpu.h"
 #include "ops/newton/newton_rnn_cpu.h"
 #include "ops/scan/linear_scan_cpu.h"
@@ -356,6 +359,134 @@ void runScanUpdate(Out& out, uint64_t seed) {
   out.f32("y", y);
   out.f32("intermediate", inter);
   out.f32("state", state);
+}
+
+// ---- linear attention ----
+
+void attnForward(const rkcuda::LinearAttentionArgs& a, void* o, float* states, float* fin) {
+  ++kernelCalls;
+  rk::attention::linearAttentionForwardCpu(a, o, states, fin);
+}
+void attnBackward(const rkcuda::LinearAttentionArgs& a, const rkcuda::LinearAttentionGrads& g) {
+  ++kernelCalls;
+  rk::attention::linearAttentionBackwardCpu(a, g);
+}
+
+struct AttnCase {
+  const char* name;
+  rkcuda::LinearRule rule;
+  DType dt;
+  int64_t batch, T, Hq, Hk, Hv, K, V;
+  bool perKey, l2norm;
+  int64_t window;
+  std::vector<int32_t> cu;
+};
+
+void runAttn(Out& out, const AttnCase& c, uint64_t seed) {
+  Rng rng(seed);
+  rkcuda::LinearAttentionArgs a;
+  a.dt = c.dt;
+  a.rule = c.rule;
+  a.batch = c.batch, a.T = c.T, a.Hq = c.Hq, a.Hk = c.Hk, a.Hv = c.Hv, a.K = c.K, a.V = c.V;
+  a.perKeyDecay = c.perKey;
+  a.l2norm = c.l2norm;
+  a.scale = 1.0f / std::sqrt(float(c.K));
+  a.chunk = rk::attention::kLinearAttentionChunk;
+  const std::vector<ScanSegment> segs = segmentsOf(c.batch, c.T, c.cu, a.chunk, &a.totalChunks, &a.packed);
+  a.nseq = int64_t(segs.size());
+  a.segments = segs.data();
+  const int64_t BT = c.batch * c.T, Ho = a.outHeads(), KV = c.K * c.V, stateElems = a.nseq * c.Hv * KV;
+  const float kq = c.l2norm ? 1.0f : 1.0f / std::sqrt(float(c.K));
+  const Buf q(c.dt, rng.vec(BT * c.Hq * c.K, -kq, kq)), k(c.dt, rng.vec(BT * c.Hk * c.K, -kq, kq)),
+      v(c.dt, rng.vec(BT * c.Hv * c.V, -1.0f, 1.0f)), beta(c.dt, rng.vec(BT * c.Hv, 0.05f, 0.95f));
+  const std::vector<float> g = rng.vec(BT * c.Hv * (c.perKey ? c.K : 1), -0.6f, -0.02f);
+  const std::vector<float> h0 = rng.vec(stateElems, -0.5f, 0.5f);
+  a.q = q.cdata(), a.k = k.cdata(), a.v = v.cdata(), a.g = g.data(), a.beta = beta.cdata(), a.h0 = h0.data();
+  Buf o = zeroed(c.dt, BT * Ho * c.V);
+  std::vector<float> states = overwrittenF(a.totalChunks * c.Hv * KV), fin = zeroedF(stateElems),
+                     win = zeroedF(c.window * stateElems);
+  a.window = c.window;
+  a.windowStates = c.window ? win.data() : nullptr;
+  a.windowSlotStride = stateElems;
+  a.windowSeqStride = c.Hv * KV;
+  attnForward(a, o.data(), states.data(), fin.data());
+  out.buf("o", o);
+  out.f32("states", states);
+  out.f32("finalState", fin);
+  if (c.window) out.f32("window", win);
+  a.window = 0, a.windowStates = nullptr;
+  const Buf dO(c.dt, rng.vec(BT * Ho * c.V, -1.0f, 1.0f));
+  const std::vector<float> dFinal = rng.vec(stateElems, -0.5f, 0.5f);
+  Buf dq = zeroed(c.dt, BT * c.Hq * c.K), dk = zeroed(c.dt, BT * c.Hk * c.K), dv = zeroed(c.dt, BT * c.Hv * c.V),
+      dbeta = zeroed(c.dt, BT * c.Hv);
+  std::vector<float> dg = zeroedF(int64_t(g.size())), dh0 = zeroedF(stateElems);
+  rkcuda::LinearAttentionGrads gr;
+  gr.dO = dO.cdata();
+  gr.dFinal = dFinal.data();
+  gr.states = states.data();
+  gr.dq = dq.data(), gr.dk = dk.data(), gr.dv = dv.data(), gr.dg = dg.data(), gr.dbeta = dbeta.data();
+  gr.dh0 = dh0.data();
+  attnBackward(a, gr);
+  out.buf("dq", dq);
+  out.buf("dk", dk);
+  out.buf("dv", dv);
+  if (rkcuda::ruleDecays(c.rule)) out.f32("dg", dg);
+  if (rkcuda::ruleCorrects(c.rule)) out.buf("dbeta", dbeta);
+  out.f32("dh0", dh0);
+}
+
+// ---- causal conv ----
+
+void convForward(const rkcuda::CausalConv1dArgs& a, void* y, void* fin) {
+  ++kernelCalls;
+  rk::conv::causalConv1dForwardCpu(a, y, fin);
+}
+void convBackward(const rkcuda::CausalConv1dArgs& a, const rkcuda::CausalConv1dGrads& g) {
+  ++kernelCalls;
+  rk::conv::causalConv1dBackwardCpu(a, g);
+}
+
+struct ConvCase {
+  const char* name;
+  DType dt;
+  int64_t batch, C, T, W, dilation;
+  bool channelsLast, silu, bias;
+  int64_t window;
+  std::vector<int32_t> cu;
+};
+
+void runConv(Out& out, const ConvCase& c, uint64_t seed) {
+  Rng rng(seed);
+  rkcuda::CausalConv1dArgs a;
+  a.dt = c.dt;
+  a.batch = c.batch, a.C = c.C, a.T = c.T, a.W = c.W, a.dilation = c.dilation;
+  a.channelsLast = c.channelsLast, a.silu = c.silu;
+  int64_t chunks = 0;
+  const std::vector<ScanSegment> segs = segmentsOf(c.batch, c.T, c.cu, 1, &chunks, &a.packed);
+  a.nseq = int64_t(segs.size());
+  a.segments = segs.data();
+  const int64_t n = c.batch * c.C * c.T, stateElems = a.nseq * c.C * a.stateLen();
+  const Buf x(c.dt, rng.vec(n, -1.0f, 1.0f)), w(c.dt, rng.vec(c.C * c.W, -1.0f, 1.0f)),
+      bias(c.dt, rng.vec(c.C, -0.5f, 0.5f)), h0(c.dt, rng.vec(stateElems, -1.0f, 1.0f));
+  a.x = x.cdata(), a.weight = w.cdata(), a.bias = c.bias ? bias.cdata() : nullptr, a.h0 = h0.cdata();
+  Buf y = zeroed(c.dt, n), fin = zeroed(c.dt, stateElems), win = zeroed(c.dt, c.window * stateElems);
+  a.window = c.window;
+  a.windowStates = c.window ? win.data() : nullptr;
+  convForward(a, y.data(), fin.data());
+  out.buf("y", y);
+  out.buf("finalState", fin);
+  if (c.window) out.buf("window", win);
+  a.window = 0, a.windowStates = nullptr;
+  const Buf dY(c.dt, rng.vec(n, -1.0f, 1.0f)), dF(c.dt, rng.vec(stateElems, -1.0f, 1.0f));
+  Buf dx = zeroed(c.dt, n), dw = zeroed(c.dt, c.C * c.W), db = zeroed(c.dt, c.C), dh0 = zeroed(c.dt, stateElems);
+  rkcuda::CausalConv1dGrads g;
+  g.dY = dY.cdata(), g.dFinal = dF.cdata();
+  g.dx = dx.data(), g.dweight = dw.data(), g.dbias = c.bias ? db.data() : nullptr, g.dh0 = dh0.data();
+  convBackward(a, g);
+  out.buf("dx", dx);
+  out.buf("dweight", dw);
+  if (c.bias) out.buf("dbias", db);
+  out.buf("dh0", dh0);
 }
 
 // ---- gated delta rule ----
@@ -745,6 +876,36 @@ int main(int argc, char** argv) {
     }
     out.prefix = "gatedDeltaRuleStep.";
     runDeltaStep(out, seed++);
+  });
+
+  section("linearAttention", [&] {
+    using R = rkcuda::LinearRule;
+    const AttnCase cases[] = {
+        // per-key gated delta, grouped queries, l2norm, a window; several chunks
+        {"kda", R::GatedDelta, DType::F32, 2, 130, 4, 2, 2, 20, 37, true, true, 3, {}},
+        // scalar gated, inverse grouping with shared keys, packed: lengths 1, 64, 0, 25, then a tail
+        {"gated", R::Gated, DType::F32, 1, 100, 1, 1, 3, 7, 9, false, false, 0, {0, 1, 65, 65, 90}},
+        // linear, bf16, K past one group of 16 rows
+        {"linear", R::Linear, DType::BF16, 1, 21, 2, 2, 2, 33, 17, false, true, 2, {}},
+        // delta rule, length 1
+        {"delta", R::Delta, DType::F32, 2, 1, 1, 1, 1, 5, 70, false, true, 0, {}},
+    };
+    for (const AttnCase& c : cases) {
+      out.prefix = std::string("linearAttention.") + c.name + ".";
+      runAttn(out, c, seed++);
+    }
+  });
+
+  section("causalConv1d", [&] {
+    const ConvCase cases[] = {
+        {"silu", DType::F32, 2, 37, 50, 4, 1, false, true, true, 3, {}},
+        {"channelsLast", DType::F32, 2, 21, 33, 3, 2, true, true, false, 0, {}},
+        {"packed", DType::BF16, 1, 17, 40, 4, 1, false, false, true, 2, {0, 1, 1, 30}},
+    };
+    for (const ConvCase& c : cases) {
+      out.prefix = std::string("causalConv1d.") + c.name + ".";
+      runConv(out, c, seed++);
+    }
   });
 
   section("fusedRnn", [&] {
