@@ -91,8 +91,8 @@ function runCase(c: Case, withBackward = true) {
     ...(c.gates && decays(rule)
       ? {
           gateActivation: 'qwen' as const,
-          aLog: tensor(p.aLog, [Hv]),
-          dtBias: tensor(p.dtBias, c.perKey ? [Hv, K] : [Hv]),
+          aLog: tensor(p.aLog, [Hv], 'float32', device),
+          dtBias: tensor(p.dtBias, c.perKey ? [Hv, K] : [Hv], 'float32', device),
         }
       : {}),
     ...(c.gates && corrects(rule) ? { betaActivation: 'sigmoid' as const } : {}),
@@ -262,6 +262,23 @@ describe.runIf(hasCuda)('linearAttention on cuda vs the float64 oracle', () => {
           dtype: 'bfloat16',
         },
       );
+  cases.push(
+    { rule: 'gated_delta', batch: 2, T: 33, Hq: 2, Hk: 2, Hv: 4, K: 8, V: 6, h0: true, gates: true, device: 'cuda' },
+    {
+      rule: 'gated_delta',
+      perKey: true,
+      batch: 1,
+      T: 33,
+      Hq: 2,
+      Hk: 2,
+      Hv: 2,
+      K: 8,
+      V: 6,
+      gates: true,
+      sharedBeta: true,
+      device: 'cuda',
+    },
+  );
   it.each(cases.map((c) => [name(c), c] as const))('%s', (_n, c) => runCase(c));
 });
 

@@ -72,6 +72,27 @@ struct LinearAttentionGrads {
   float* dh0 = nullptr;
 };
 
+// The gate activations (cuda/attention/linear_attention_gates.cu; CPU: linear_attention_cpu.cc), per
+// element of [rows, Hv] (or [rows, Hv, K] with perKey):
+//   qwen:    g = -exp(aLog[h]) * softplus(decay + dtBias[h (, i)])    (dtBias nullable: 0), else g = decay
+//   sigmoid: beta = 1 / (1 + exp(-b)), else beta = b; b is [rows, betaHeads] (betaHeads Hv or 1,
+//            broadcast over the heads).
+struct LinearGateArgs {
+  DType dt = DType::F32;  // of beta
+  int64_t rows = 0, Hv = 0, K = 0, betaHeads = 0;
+  bool perKey = false, qwen = false, sigmoid = false, dtBiasPerKey = false;
+  const float* decay = nullptr;  // null: no decay
+  const void* beta = nullptr;    // null: no beta
+  const float* aLog = nullptr;
+  const float* dtBias = nullptr;
+};
+// Writes g (fp32, as decay) and beta (dt [rows, Hv]) where their inputs are given.
+Status linearAttentionGates(const LinearGateArgs& a, float* g, void* beta);
+// From the gradients of the effective g (fp32) and beta (dt [rows, Hv]): those of decay, b (dt
+// [rows, betaHeads]), aLog [Hv] and dtBias (null outputs where the input is absent).
+Status linearAttentionGatesBackward(const LinearGateArgs& a, const float* dg, const void* dbetaEff, float* dDecay,
+                                    void* dBeta, float* daLog, float* dDtBias);
+
 int64_t linearAttentionChunk();
 // Writes o (every element), states (nullable: a forward no backward follows), finalState (nullable;
 // may be a.h0, a decode step's state updated in place) and a.windowStates (nullable; every slot).

@@ -42,13 +42,13 @@
  * The delta rules with a scalar decay, key heads equal to query heads and Hv a multiple of Hq (the
  * layout of Gated DeltaNet) run on the gated delta rule's kernels (CPU: blocked; CUDA: chunked
  * tensor-core kernels for fp16 / bf16); every other configuration runs on this family's per-token
- * kernels (CPU and CUDA). The gate activations and a shared beta are computed on the CPU only for now.
+ * kernels (CPU and CUDA).
  */
 import { callAsync, defineOp, isRecording } from '../autograd';
 import { float32Elements, type LinearAttentionConfig, type LinearGateConfig, type Storage } from '../native';
 import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
-import { ArgumentError, DeviceError, ShapeError } from '../errors';
+import { ArgumentError, ShapeError } from '../errors';
 import {
   booleanOption,
   checkCtx,
@@ -269,8 +269,6 @@ type Checked = ReturnType<typeof checkLinearAttention>;
 function* effectiveGates(c: Checked): Steps<{ g: Tensor | null; b: Tensor | null; owned: boolean }> {
   const { decay, beta, aLog, dtBias, q } = c.saved;
   if (!c.needGates) return { g: decay, b: beta, owned: false };
-  if (q.device !== 'cpu')
-    throw new DeviceError(`${OP}: gateActivation, betaActivation and a shared beta run on the CPU only for now`);
   const r = yield* nativeCall((n) =>
     n.linearAttentionGates({
       device: q.device,

@@ -14,7 +14,6 @@ import { callAsync } from '../autograd';
 import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor } from '../tensor';
 import type { Storage } from '../native';
-import { DeviceError } from '../errors';
 import {
   booleanOption,
   expectDType,
@@ -75,8 +74,6 @@ function* steps(
     let g = decay,
       b = beta;
     if (c.needGates) {
-      if (q.device !== 'cpu')
-        throw new DeviceError(`${OP}: gateActivation, betaActivation and a shared beta run on the CPU only for now`);
       const r = yield* nativeCall((n) =>
         n.linearAttentionGates({
           device: q.device,

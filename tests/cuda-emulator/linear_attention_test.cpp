@@ -13,6 +13,9 @@
 //     and block-size choice (pinned through rkcuda::tunable);
 //   * the decode step as the binding runs it: the forward with the state as h0 and finalState (in
 //     place) and the window as the intermediate states;
+//   * the gate activations (linear_attention_gates.cu): the qwen gate with a per-head or per-key
+//     dtBias, sigmoid beta, a beta shared by the heads, forward and backward (aLog, dtBias summed
+//     over positions);
 //   * arguments the launchers must refuse.
 // Outputs are poisoned (NaN) before each call, so anything left unwritten fails; sentinels around
 // every output catch out-of-bounds writes; positions in no sequence must be exactly 0; every
@@ -23,6 +26,7 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "attention/linear_attention.cu"
+#include "attention/linear_attention_gates.cu"
 #include "harness.h"
 
 #include <chrono>
@@ -452,6 +456,56 @@ void runStep(std::mt19937& rng, LinearRule rule, bool perKey, int64_t tokens, in
   noteLaunches();
 }
 
+// The gate activations against float64: g = -exp(aLog) softplus(decay + dtBias), beta = sigmoid(b)
+// (broadcast when shared), and their backward.
+template <class T> void runGates(std::mt19937& rng, bool perKey, bool dtBiasPerKey, bool sigmoid, int64_t betaHeads) {
+  const int64_t rows = 7, Hv = 3, K = 5, per = perKey ? K : 1, n = rows * Hv * per;
+  context = std::string("gates ") + Elem<T>::name + (perKey ? " per-key" : "") +
+            (dtBiasPerKey ? " dtBias per key" : "") + (sigmoid ? " sigmoid" : "") + " betaHeads " +
+            std::to_string(betaHeads);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  std::vector<double> decay(n), b(rows * betaHeads), aLog(Hv), dtBias(dtBiasPerKey ? Hv * K : Hv), dg(n), db(rows * Hv);
+  for (auto* v : {&decay, &b, &aLog, &dtBias, &dg, &db})
+    for (double& e : *v) e = 2 * nd(rng);
+  for (double& e : b) e = roundTo<T>(e);
+  for (double& e : db) e = roundTo<T>(e);
+  Buf<float> bd(n), ba(Hv), bt(dtBias.size()), bdg(n), g(n), dDecay(n), daLog(Hv), dDt(dtBias.size());
+  Buf<T> bb(b.size()), bdb(db.size()), beta(rows * Hv), dBeta(b.size());
+  bd.set(decay), ba.set(aLog), bt.set(dtBias), bdg.set(dg), bb.set(b), bdb.set(db);
+  for (auto* x : {&g, &dDecay, &daLog, &dDt}) x->poison();
+  beta.poison(), dBeta.poison();
+  rkcuda::LinearGateArgs a;
+  a.dt = Elem<T>::dtype, a.rows = rows, a.Hv = Hv, a.K = K, a.betaHeads = betaHeads;
+  a.perKey = perKey, a.qwen = true, a.sigmoid = sigmoid, a.dtBiasPerKey = dtBiasPerKey;
+  a.decay = bd.data, a.beta = bb.data, a.aLog = ba.data, a.dtBias = bt.data;
+  check(rkcuda::linearAttentionGates(a, g.data, beta.data).ok(), "gates status");
+  check(rkcuda::linearAttentionGatesBackward(a, bdg.data, bdb.data, dDecay.data, dBeta.data, daLog.data, dDt.data).ok(),
+        "gates backward status");
+  auto sp = [](double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); };
+  auto sg = [](double x) { return 1.0 / (1.0 + std::exp(-x)); };
+  std::vector<double> wg(n), wdd(n), wa(Hv, 0.0), wt(dtBias.size(), 0.0), wb(rows * Hv), wdb(b.size(), 0.0);
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t h = e / per % Hv, bi = dtBiasPerKey ? e % (Hv * K) : h;
+    const double x = decay[e] + dtBias[bi], A = -std::exp(aLog[h]);
+    wg[e] = A * sp(x);
+    wdd[e] = dg[e] * A * sg(x);
+    wa[h] += dg[e] * A * sp(x);
+    wt[bi] += wdd[e];
+  }
+  for (int64_t e = 0; e < rows * Hv; ++e) {
+    const int64_t src = betaHeads == 1 ? e / Hv : e;
+    wb[e] = sigmoid ? sg(b[src]) : b[src];
+    wdb[src] += db[e] * (sigmoid ? sg(b[src]) * (1 - sg(b[src])) : 1.0);
+  }
+  checkOutput("g", g, wg, 1e-5);
+  checkOutput("beta", beta, wb, tolerance<T>());
+  checkOutput("ddecay", dDecay, wdd, 1e-5);
+  checkOutput("daLog", daLog, wa, 1e-5);
+  checkOutput("ddtBias", dDt, wt, 1e-5);
+  checkOutput("dbeta", dBeta, wdb, tolerance<T>());
+  noteLaunches();
+}
+
 void checkRefusals() {
   context = "refusals";
   rkcuda::LinearAttentionArgs a;
@@ -508,7 +562,9 @@ template <class T> void checkCoverage() {
                            emu::kernelId(rkcuda::linearAttentionForwardKernel<T, 16>),
                            emu::kernelId(rkcuda::linearAttentionBackwardKernel<T, 8>),
                            emu::kernelId(rkcuda::linearAttentionBackwardKernel<T, 16>),
-                           emu::kernelId(rkcuda::l2normBackwardKernel<T>), emu::kernelId(rkcuda::zeroGapsKernel<T>)}) {
+                           emu::kernelId(rkcuda::l2normBackwardKernel<T>), emu::kernelId(rkcuda::zeroGapsKernel<T>),
+                           emu::kernelId(rkcuda::betaForwardKernel<T>), emu::kernelId(rkcuda::betaBackwardKernel<T>),
+                           emu::kernelId(rkcuda::gateForwardKernel), emu::kernelId(rkcuda::gateBackwardKernel)}) {
     context = std::string("coverage ") + Elem<T>::name;
     check(launched.count(kern) == 1, "a kernel instantiation never ran");
   }
@@ -524,6 +580,10 @@ int main() {
   runSuite<float>(rng, 0);
   runSuite<__half>(rng, 1);
   runSuite<__nv_bfloat16>(rng, 2);
+  runGates<float>(rng, false, false, true, 1);
+  runGates<float>(rng, true, true, false, 3);
+  runGates<__half>(rng, true, false, true, 3);
+  runGates<__nv_bfloat16>(rng, false, false, true, 1);
   runStep<float>(rng, LinearRule::GatedDelta, true, 3, 1, 2, 8, 5);
   runStep<float>(rng, LinearRule::Gated, false, 1, 4, 2, 64, 7);
   runStep<__half>(rng, LinearRule::Linear, false, 2, 2, 2, 3, 3);

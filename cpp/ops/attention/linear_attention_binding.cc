@@ -1,7 +1,6 @@
 // N-API glue of linear attention: re-checks every size against the configuration that
 // lib/ops/linearAttention.ts sends, builds the sequence table, allocates the outputs and runs the
-// CPU kernels or the CUDA launchers. The gate activations run on the CPU only for now: a CUDA
-// request for them is refused with ERR_DEVICE.
+// CPU kernels or the CUDA launchers.
 #include <cfloat>
 #include <cmath>
 #include <string>
@@ -16,11 +15,6 @@ namespace rk {
 namespace {
 
 using rkcuda::LinearAttentionArgs;
-
-[[noreturn]] void throwNoCudaKernel(Napi::Env env, const char* op) {
-  throwError(env, code::kDevice,
-             std::string(op) + ": the gate activations have no CUDA kernel yet; compute them on the CPU");
-}
 
 struct AttentionCall {
   Device dev = Device::CPU;
@@ -184,11 +178,10 @@ Napi::Value LinearAttentionStep(const Napi::CallbackInfo& info) {
 
 // The gate activations. config { rows, Hv, K, perKey, qwen, sigmoid, betaHeads, dtBiasPerKey };
 // tensors { decay, beta, aLog, dtBias } (each nullable); the request's dtype is beta's.
-attention::LinearGateArgs parseGates(Napi::Env env, const Request& r, const char* op, int64_t* gElems, int64_t* bElems,
-                                     int64_t* bInElems) {
-  if (r.device == Device::CUDA) throwNoCudaKernel(env, op);
+rkcuda::LinearGateArgs parseGates(Napi::Env env, const Request& r, const char* op, int64_t* gElems, int64_t* bElems,
+                                  int64_t* bInElems) {
   const Napi::Object t = r.tensors, cfg = r.config;
-  attention::LinearGateArgs a;
+  rkcuda::LinearGateArgs a;
   a.dt = r.dtype;
   a.rows = intField(env, cfg, "rows", op, 1);
   a.Hv = intField(env, cfg, "Hv", op, 1);
@@ -221,14 +214,14 @@ Napi::Value LinearAttentionGates(const Napi::CallbackInfo& info) {
   const char* op = "linearAttention (gates)";
   const Request r = parseRequest(env, info, op, "beta");
   int64_t gElems = 0, bElems = 0, bInElems = 0;
-  const attention::LinearGateArgs a = parseGates(env, r, op, &gElems, &bElems, &bInElems);
+  const rkcuda::LinearGateArgs a = parseGates(env, r, op, &gElems, &bElems, &bInElems);
   float* g = nullptr;
   void* beta = nullptr;
   Napi::Object out = Napi::Object::New(env);
   out.Set("g", optionalOutput(env, a.decay != nullptr, r.device, DType::F32, gElems, &g, Init::Overwritten));
   out.Set("beta", a.beta ? allocOutput(env, r.device, a.dt, bElems, &beta, Init::Overwritten) : env.Null());
   return launch(
-      env, op, r.device, out, [&] { return rkcuda::Status{}; },
+      env, op, r.device, out, [&] { return rkcuda::linearAttentionGates(a, g, beta); },
       [a, g, beta] { attention::linearGatesForwardCpu(a, g, beta); });
 }
 
@@ -239,7 +232,7 @@ Napi::Value LinearAttentionGatesBackward(const Napi::CallbackInfo& info) {
   const char* op = "linearAttention (gates).backward";
   const Request r = parseRequest(env, info, op, "beta", true);
   int64_t gElems = 0, bElems = 0, bInElems = 0;
-  const attention::LinearGateArgs a = parseGates(env, r, op, &gElems, &bElems, &bInElems);
+  const rkcuda::LinearGateArgs a = parseGates(env, r, op, &gElems, &bElems, &bInElems);
   const float* dg = a.decay ? static_cast<const float*>(
                                   tensorArg(env, r.grads.Get("dg"), op, "grad of g", r.device, DType::F32, gElems).data)
                             : nullptr;
@@ -254,7 +247,8 @@ Napi::Value LinearAttentionGatesBackward(const Napi::CallbackInfo& info) {
   out.Set("ddtBias",
           optionalOutput(env, a.dtBias != nullptr, r.device, DType::F32, a.dtBiasPerKey ? a.Hv * a.K : a.Hv, &dDtBias));
   return launch(
-      env, op, r.device, out, [&] { return rkcuda::Status{}; },
+      env, op, r.device, out,
+      [&] { return rkcuda::linearAttentionGatesBackward(a, dg, dbeta, dDecay, dBeta, daLog, dDtBias); },
       [a, dg, dbeta, dDecay, dBeta, daLog, dDtBias] {
         attention::linearGatesBackwardCpu(a, dg, dbeta, dDecay, dBeta, daLog, dDtBias);
       });

@@ -18,19 +18,8 @@ constexpr int64_t kLinearAttentionChunk = 64;
 void linearAttentionForwardCpu(const rkcuda::LinearAttentionArgs& a, void* o, float* states, float* finalState);
 void linearAttentionBackwardCpu(const rkcuda::LinearAttentionArgs& a, const rkcuda::LinearAttentionGrads& g);
 
-// The gate activations, per element of [rows, Hv] (or [rows, Hv, K] with perKey):
-//   qwen:    g = -exp(aLog[h]) * softplus(decay + dtBias[h (, i)])    (dtBias nullable: 0), else g = decay
-//   sigmoid: beta = 1 / (1 + exp(-b)), else beta = b; b is [rows, betaHeads] (betaHeads Hv or 1,
-//            broadcast over the heads).
-struct LinearGateArgs {
-  rkcuda::DType dt = rkcuda::DType::F32;  // of beta
-  int64_t rows = 0, Hv = 0, K = 0, betaHeads = 0;
-  bool perKey = false, qwen = false, sigmoid = false, dtBiasPerKey = false;
-  const float* decay = nullptr;  // null: no decay
-  const void* beta = nullptr;    // null: no beta
-  const float* aLog = nullptr;
-  const float* dtBias = nullptr;
-};
+// The gate activations (rkcuda::LinearGateArgs).
+using rkcuda::LinearGateArgs;
 void linearGatesForwardCpu(const LinearGateArgs& a, float* g, void* beta);
 // From the gradients of the effective g (fp32) and beta (dt [rows, Hv]): those of decay, b (dt
 // [rows, betaHeads]), aLog [Hv] and dtBias (nullable outputs where the input is absent).
