@@ -5,7 +5,7 @@
 // com.microsoft.CausalConvWithState as an independent cross-check; errors.
 import { describe, expect, it } from 'vitest';
 import * as rk from '../lib/index';
-import { expectError, tensor, tolerance, values } from './helpers';
+import { expectError, hasCuda, tensor, tolerance, values } from './helpers';
 import { causalConv1dRef, causalConv1dRefBackward, type ConvRefOptions } from './reference/causalConv1d';
 import { dot, finiteDifferences, freshSeed, normal, relErr, rng } from './reference/util';
 // @ts-expect-error: a JavaScript module without type declarations
@@ -72,11 +72,13 @@ interface Case {
   cuSeqlens?: number[];
   dtype?: rk.DType;
   weight3d?: boolean;
+  device?: rk.Device;
 }
 
 function runCase(c: Case) {
   const { batch, C, T, W } = c;
   const dtype = c.dtype ?? 'float32';
+  const device = c.device ?? 'cpu';
   const d = c.dilation ?? 1,
     L = (W - 1) * d;
   const nseq = c.cuSeqlens ? c.cuSeqlens.length - 1 : batch;
@@ -99,15 +101,15 @@ function runCase(c: Case) {
   const xs = c.last ? swapLast(x, batch, C, T) : x;
   const ss = c.last ? swapLast(s0, nseq, C, L) : s0;
   const inputs = {
-    x: tensor(xs, c.last ? [batch, T, C] : [batch, C, T], dtype),
-    weight: tensor(w, c.weight3d ? [C, 1, W] : [C, W], dtype),
-    bias: c.bias ? tensor(b, [C], dtype) : null,
+    x: tensor(xs, c.last ? [batch, T, C] : [batch, C, T], dtype, device),
+    weight: tensor(w, c.weight3d ? [C, 1, W] : [C, W], dtype, device),
+    bias: c.bias ? tensor(b, [C], dtype, device) : null,
   };
   const options: rk.CausalConv1dOptions = {
     activation: c.silu ? 'silu' : 'none',
     dilation: d,
     channelsLast: !!c.last,
-    initialState: c.h0 ? tensor(ss, c.last ? [nseq, L, C] : [nseq, C, L], dtype) : null,
+    initialState: c.h0 ? tensor(ss, c.last ? [nseq, L, C] : [nseq, C, L], dtype, device) : null,
     returnFinalState: true,
     cuSeqlens: c.cuSeqlens ?? null,
   };
@@ -120,8 +122,8 @@ function runCase(c: Case) {
   const wy = seen(normal(rand, x.length)),
     wf = seen(normal(rand, nseq * C * L));
   const grads = rk.ops.causalConv1d.backward(ctx, {
-    y: tensor(c.last ? swapLast(wy, batch, C, T) : wy, inputs.x.shape as number[], dtype),
-    finalState: tensor(c.last ? swapLast(wf, nseq, C, L) : wf, c.last ? [nseq, L, C] : [nseq, C, L], dtype),
+    y: tensor(c.last ? swapLast(wy, batch, C, T) : wy, inputs.x.shape as number[], dtype, device),
+    finalState: tensor(c.last ? swapLast(wf, nseq, C, L) : wf, c.last ? [nseq, L, C] : [nseq, C, L], dtype, device),
   });
   const rg = causalConv1dRefBackward(x, w, c.bias ? b : null, o, wy, wf);
   const gtol = dtype === 'float32' ? 1e-5 : tolerance[dtype] * 3;
@@ -153,6 +155,26 @@ describe('causalConv1d vs the float64 oracle, forward and backward', () => {
     { batch: 1, C: 19, T: 30, W: 3, bias: false, last: true, cuSeqlens: [0, 17, 29] },
     { batch: 2, C: 24, T: 50, W: 4, silu: true, bias: true, h0: true, dtype: 'bfloat16' },
     { batch: 2, C: 24, T: 50, W: 4, silu: true, h0: true, dtype: 'float16', last: true },
+  ];
+  it.each(cases.map((c) => [name(c), c] as const))('%s', (_n, c) => runCase(c));
+});
+
+describe.runIf(hasCuda)('causalConv1d on cuda vs the float64 oracle', () => {
+  const cases: Case[] = [
+    { batch: 2, C: 17, T: 37, W: 4, silu: true, bias: true, h0: true, device: 'cuda' },
+    { batch: 2, C: 33, T: 2, W: 4, dilation: 2, silu: true, bias: true, h0: true, last: true, device: 'cuda' },
+    {
+      batch: 1,
+      C: 16,
+      T: 40,
+      W: 4,
+      silu: true,
+      bias: true,
+      h0: true,
+      cuSeqlens: [0, 0, 1, 3, 33, 33, 38],
+      device: 'cuda',
+    },
+    { batch: 2, C: 24, T: 50, W: 4, silu: true, bias: true, h0: true, dtype: 'bfloat16', device: 'cuda' },
   ];
   it.each(cases.map((c) => [name(c), c] as const))('%s', (_n, c) => runCase(c));
 });
@@ -275,7 +297,7 @@ describe('causalConv1d errors', () => {
     expectError(
       () => rk.causalConv1d({ x, weight: tensor(normal(rand, 3), [3, 1]) }),
       'ERR_SHAPE',
-      /width 1, expected at least 2/,
+      /width 1, expected 2 to 64/,
     );
     expectError(
       () =>

@@ -1,5 +1,6 @@
 // Causal depthwise 1-D convolution with carry state (ONNX CausalConvWithState, mamba's causal_conv1d):
-// the contract between the binding (cpp/ops/conv/causal_conv1d_binding.cc) and the kernels.
+// the interface of cuda/conv/causal_conv1d.cu, the contract between the binding
+// (cpp/ops/conv/causal_conv1d_binding.cc) and the kernels (CPU: cpp/ops/conv/causal_conv1d_cpu.inc).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -45,5 +46,9 @@ struct CausalConv1dGrads {
   void* dbias = nullptr;
   void* dh0 = nullptr;
 };
+
+// Writes y (every element), finalState (nullable) and a.windowStates (nullable; every slot).
+Status causalConv1dForward(const CausalConv1dArgs& a, void* y, void* finalState);
+Status causalConv1dBackward(const CausalConv1dArgs& a, const CausalConv1dGrads& g);
 
 }  // namespace rkcuda

@@ -24,13 +24,13 @@
  *
  * ONNX's CausalConvWithState maps directly: its input (B, C, T) / channels-last (B, T, C), weight
  * (C, 1, k), past_state / present_state (B, C, L) and its state window (W', B, C, L) are these shapes.
- * CPU only for now (a cuda tensor gives ERR_DEVICE).
+ * CPU and CUDA.
  */
 import { callAsync, defineOp, isRecording } from '../autograd';
 import type { CausalConv1dConfig } from '../native';
 import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
-import { ArgumentError, DeviceError, ShapeError } from '../errors';
+import { ArgumentError, ShapeError } from '../errors';
 import {
   booleanOption,
   checkCtx,
@@ -112,7 +112,7 @@ function prepare(op: string, inputs: CausalConv1dInputs, options: CausalConv1dOp
   const W = weight.shape[weight.shape.length - 1];
   if (weight.shape.length === 3) expectShape(op, 'weight', weight, [C, 1, W], 'C, 1, W', 'to match x');
   else expectShape(op, 'weight', weight, [C, W], 'C, W (or C, 1, W)', 'to match x');
-  if (W < 2) throw new ShapeError(`${op}: weight has width ${W}, expected at least 2`);
+  if (W < 2 || W > 64) throw new ShapeError(`${op}: weight has width ${W}, expected 2 to 64`);
   expectDType(op, 'weight', weight, [x.dtype], 'to match x');
   expectDevice(op, 'weight', weight, x.device, 'to match x');
   if (bias !== null) {
@@ -151,7 +151,6 @@ function prepare(op: string, inputs: CausalConv1dInputs, options: CausalConv1dOp
     expectDType(op, 'initialState', h0, [x.dtype], 'to match x');
     expectDevice(op, 'initialState', h0, x.device, 'to match x');
   }
-  if (x.device !== 'cpu') throw new DeviceError(`${op}: runs on the CPU only for now (x is on ${x.device})`);
   const config: CausalConv1dConfig = { batch, C, T, W, dilation, channelsLast, silu: activation === 'silu' };
   return {
     x,

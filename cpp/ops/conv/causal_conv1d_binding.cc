@@ -1,6 +1,6 @@
 // N-API glue of the causal convolution: re-checks every size against the configuration that
 // lib/ops/causalConv1d.ts sends, builds the sequence table, allocates the outputs and runs the CPU
-// kernels. Its CUDA kernels are not built yet: a CUDA request is refused with ERR_DEVICE.
+// kernels or the CUDA launchers.
 #include <string>
 #include <vector>
 
@@ -20,8 +20,9 @@ struct ConvCall {
 
 // config { batch, C, T, W, dilation, channelsLast, silu, cuSeqlens }; tensors { x, weight, bias, h0 }.
 ConvCall parseConv(Napi::Env env, const Request& r, const char* op) {
-  if (r.device == Device::CUDA)
-    throwError(env, code::kDevice, std::string(op) + ": no CUDA kernel yet; use device 'cpu'");
+#ifndef RK_WITH_CUDA
+  if (r.device == Device::CUDA) throwNoCuda(env, op);
+#endif
   ConvCall c;
   rkcuda::CausalConv1dArgs& a = c.a;
   const Napi::Object t = r.tensors, cfg = r.config;
@@ -30,6 +31,7 @@ ConvCall parseConv(Napi::Env env, const Request& r, const char* op) {
   a.C = intField(env, cfg, "C", op, 1);
   a.T = intField(env, cfg, "T", op, 1);
   a.W = intField(env, cfg, "W", op, 2);
+  if (a.W > 64) throwError(env, code::kShape, std::string(op) + ": the kernel width must be at most 64");
   a.dilation = intField(env, cfg, "dilation", op, 1);
   a.channelsLast = flagField(cfg, "channelsLast");
   a.silu = flagField(cfg, "silu");
@@ -64,7 +66,7 @@ Napi::Value CausalConv1dForward(const Napi::CallbackInfo& info) {
                                          &c.a.windowStates));
   auto k = std::make_shared<ConvCall>(std::move(c));
   return launch(
-      env, op, r.device, out, [&] { return rkcuda::Status{}; },
+      env, op, r.device, out, [&] { return rkcuda::causalConv1dForward(k->a, y, fin); },
       [k, y, fin] { conv::causalConv1dForwardCpu(k->a, y, fin); });
 }
 
@@ -85,7 +87,8 @@ Napi::Value CausalConv1dBackward(const Napi::CallbackInfo& info) {
   out.Set("dh0", optionalOutput(env, flagField(r.config, "needDh0"), r.device, c.a.dt, c.state, &g.dh0));
   auto k = std::make_shared<ConvCall>(std::move(c));
   return launch(
-      env, op, r.device, out, [&] { return rkcuda::Status{}; }, [k, g] { conv::causalConv1dBackwardCpu(k->a, g); });
+      env, op, r.device, out, [&] { return rkcuda::causalConv1dBackward(k->a, g); },
+      [k, g] { conv::causalConv1dBackwardCpu(k->a, g); });
 }
 
 }  // namespace
