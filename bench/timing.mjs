@@ -48,3 +48,15 @@ export function bandwidthCeiling(rk, device) {
   src.dispose();
   return (2 * n * 4) / (ms * 1e6);
 }
+
+/** n uniform float32 values in [lo, hi) (Math.random: benchmark inputs, not test data). */
+export function uniformArray(n, lo, hi) {
+  const x = new Float32Array(n);
+  for (let i = 0; i < n; i++) x[i] = lo + (hi - lo) * Math.random();
+  return x;
+}
+
+/** Disposes every tensor among the values of obj (an op's outputs or gradients). */
+export function disposeAll(obj) {
+  for (const t of Object.values(obj ?? {})) if (t && typeof t.dispose === 'function') t.dispose();
+}

@@ -433,6 +433,31 @@ export function defineOp<I extends object, O extends object, Opt, C, G = Grads<I
 }
 
 /**
+ * An op's public form when its plain (untaped) call may skip what only a backward needs: while a
+ * tape records it is the op itself; otherwise `run(inputs, options ?? {}, false)` runs (its ctx, if any,
+ * is released) and only the outputs come back. The Promise form follows the same rule.
+ */
+export function withInference<I extends object, O extends object, Opt, C, G>(
+  op: Op<I, O, Opt, C, G>,
+  run: (inputs: I, options: Opt, keep: boolean) => Steps<{ outputs: O; ctx: C | null }>,
+): ((inputs: I, options?: Opt) => O) & Pick<Op<I, O, Opt, C, G>, 'hooks' | 'async'> {
+  const name = op.hooks.name;
+  function* inference(inputs: I, options: Opt | undefined): Steps<O> {
+    const { outputs, ctx } = yield* run(inputs, (options ?? {}) as Opt, false);
+    if (ctx) releaseCtx(ctx, false); // what a device kept anyway
+    return outputs;
+  }
+  const call = (inputs: I, options?: Opt): O =>
+    isRecording() ? op(inputs, options) : runSync(inference(inputs, options));
+  const asyncForm = async (inputs: I, options?: Opt & AsyncOptions): Promise<O> => {
+    if (isRecording()) return op.async(inputs, options);
+    const split = splitSignal<Opt>(`${name}.async`, options);
+    return callAsync(name, [inputs, split.options], split.signal, () => inference(inputs, split.options));
+  };
+  return Object.assign(call, { hooks: op.hooks, async: asyncForm });
+}
+
+/**
  * Runs an op body's native calls off the JavaScript thread (lib/async.ts), with every tensor in
  * `args` kept busy (dispose() throws ERR_BUSY) until it settles.
  */

@@ -8,8 +8,8 @@
 // fwd (the forward hook), fwd+bwd ("x fwd": its time over the forward's).
 // GB/s counts the bytes each pass must move: x and y (and the states) for the forward; plus grad y,
 // x again and grad x for the backward. The floor is those bytes at the copy bandwidth of this run.
-import { timeIt } from '../timing.mjs';
-import { ortCausalConv, ortStatus } from '../peers/ort.mjs';
+import { disposeAll, timeIt, uniformArray as uniform } from '../timing.mjs';
+import { ortCausalConv, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = [
   [2, 4096, 1024, 4],
@@ -17,24 +17,6 @@ const SIZES = [
 ];
 const QUICK = [[1, 256, 128, 4]];
 const ORT_CC = 'ORT CausalConvWithState';
-
-function uniform(n, lo, hi) {
-  const x = new Float32Array(n);
-  for (let i = 0; i < n; i++) x[i] = lo + (hi - lo) * Math.random();
-  return x;
-}
-function disposeAll(obj) {
-  for (const t of Object.values(obj ?? {})) if (t && typeof t.dispose === 'function') t.dispose();
-}
-async function ortTime(session) {
-  try {
-    const once = await session.timeMs({ warmup: 1, iters: 1 });
-    const iters = Math.max(3, Math.min(20, Math.floor(2000 / Math.max(once, 1e-3))));
-    return await session.timeMs({ warmup: 0, iters });
-  } finally {
-    await session.close();
-  }
-}
 
 export default {
   sizeLabel: 'BxCxTxW',

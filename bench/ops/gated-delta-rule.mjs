@@ -30,7 +30,7 @@
 // kernel for it (onnxruntime-node 1.31 has not: CUDA and WebGPU only).
 import { timeIt } from '../timing.mjs';
 import { runPythonPeer } from '../peers/run.mjs';
-import { ortGatedDeltaNet, ortLinearAttention, ortStatus } from '../peers/ort.mjs';
+import { ortGatedDeltaNet, ortLinearAttention, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = {
   cuda: [
@@ -303,17 +303,6 @@ function disposeAll(obj) {
 
 const ORT_LA = 'ORT LinearAttention';
 const ORT_GDN = 'ORT GatedDeltaNet';
-
-/** Median ms of an ORT session from bench/peers/ort.mjs (closed afterwards); about 2 s of runs at most. */
-async function ortTime(session) {
-  try {
-    const once = await session.timeMs({ warmup: 1, iters: 1 });
-    const iters = Math.max(3, Math.min(20, Math.floor(2000 / Math.max(once, 1e-3))));
-    return await session.timeMs({ warmup: 0, iters });
-  } finally {
-    await session.close();
-  }
-}
 
 export default {
   sizeLabel: 'BxTxHxK',

@@ -11,8 +11,8 @@
 // time over the forward's).
 // TFLOP/s counts 4 * K * V flops per token and head (the forward's state update and output).
 // The per-key and linear rows run the CPU's per-token kernels; on CUDA only the gated_delta rows run.
-import { timeIt } from '../timing.mjs';
-import { ortLinearAttention, ortStatus } from '../peers/ort.mjs';
+import { disposeAll, timeIt, uniformArray as uniform } from '../timing.mjs';
+import { ortLinearAttention, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = {
   cpu: [
@@ -33,11 +33,6 @@ const VARIANTS = [
 ];
 const ORT_LA = 'ORT LinearAttention';
 
-function uniform(n, lo, hi) {
-  const x = new Float32Array(n);
-  for (let i = 0; i < n; i++) x[i] = lo + (hi - lo) * Math.random();
-  return x;
-}
 function unitRows(x, K) {
   for (let r = 0; r < x.length / K; r++) {
     let s = 0;
@@ -45,19 +40,6 @@ function unitRows(x, K) {
     for (let i = 0; i < K; i++) x[r * K + i] /= Math.sqrt(s);
   }
   return x;
-}
-function disposeAll(obj) {
-  for (const t of Object.values(obj ?? {})) if (t && typeof t.dispose === 'function') t.dispose();
-}
-
-async function ortTime(session) {
-  try {
-    const once = await session.timeMs({ warmup: 1, iters: 1 });
-    const iters = Math.max(3, Math.min(20, Math.floor(2000 / Math.max(once, 1e-3))));
-    return await session.timeMs({ warmup: 0, iters });
-  } finally {
-    await session.close();
-  }
 }
 
 export default {

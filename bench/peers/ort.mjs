@@ -484,6 +484,17 @@ export async function ortGatedDeltaNet({ batch, T, H, HV = H, K, V = K, scale = 
  * of one thread (Float32Array.prototype.set of 256 MB, best of several, bytes read + written) in
  * GB/s. gflops is null (with the reason) when ORT is not available.
  */
+/** Median ms of an ORT session from this module (closed afterwards): about 2 s of runs at most. */
+export async function ortMedianMs(session) {
+  try {
+    const once = await session.timeMs({ warmup: 1, iters: 1 });
+    const iters = Math.max(3, Math.min(20, Math.floor(2000 / Math.max(once, 1e-3))));
+    return await session.timeMs({ warmup: 0, iters });
+  } finally {
+    await session.close();
+  }
+}
+
 export async function machineCeilings(threads) {
   const n = 64 * 1024 * 1024;
   const src = new Float32Array(n).fill(1),

@@ -54,6 +54,7 @@
 #include "common/api.h"
 #include "delta/gated_delta.h"
 #include "common/check.cuh"
+#include "common/columns.cuh"
 #include "common/host.cuh"
 #include "common/dtype.cuh"
 #include "common/launch.cuh"
@@ -69,7 +70,6 @@ constexpr int kChunk = 64;    // checkpoint spacing (gatedDeltaChunk)
 constexpr int kMaxDim = 256;  // K and V
 constexpr int kWindow = 16;   // positions per shared-memory accumulation window (backward)
 constexpr int64_t kMaxT = int64_t{1} << 30;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -118,31 +118,6 @@ __device__ __forceinline__ Job jobOf(const DeltaParams& p) {
   jb.j = static_cast<int>(cb * p.cols) + tid / p.G;
   jb.active = jb.j < p.V;
   return jb;
-}
-
-// Sum over the G consecutive lanes of a column group (every lane of the warp calls, G uniform).
-__device__ __forceinline__ float groupSum(float x, int G) {
-  for (int m = G >> 1; m > 0; m >>= 1) x += __shfl_xor_sync(kFullMask, x, m);
-  return x;
-}
-
-// S[m] <-> state element (row sub + G*m, column j) at base (a K x V array).
-template <int KP>
-__device__ __forceinline__ void loadState(float (&S)[KP], const float* base, const DeltaParams& p, const Job& jb) {
-#pragma unroll
-  for (int m = 0; m < KP; ++m) {
-    const int i = jb.sub + p.G * m;
-    S[m] = (base != nullptr && jb.active && i < p.K) ? base[static_cast<int64_t>(i) * p.V + jb.j] : 0.0f;
-  }
-}
-template <int KP>
-__device__ __forceinline__ void storeState(const float (&S)[KP], float* base, const DeltaParams& p, const Job& jb) {
-  if (!jb.active) return;
-#pragma unroll
-  for (int m = 0; m < KP; ++m) {
-    const int i = jb.sub + p.G * m;
-    if (i < p.K) base[static_cast<int64_t>(i) * p.V + jb.j] = S[m];
-  }
 }
 
 // One forward step of position (bt = batch row * T + position) on this thread's column; returns

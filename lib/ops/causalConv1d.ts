@@ -26,9 +26,9 @@
  * (C, 1, k), past_state / present_state (B, C, L) and its state window (W', B, C, L) are these shapes.
  * CPU and CUDA.
  */
-import { callAsync, defineOp, isRecording } from '../autograd';
+import { defineOp, withInference } from '../autograd';
 import type { CausalConv1dConfig } from '../native';
-import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
+import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, ShapeError } from '../errors';
 import {
@@ -44,7 +44,6 @@ import {
   readGrads,
   readInputs,
   readOptions,
-  releaseCtx,
   requireTensor,
   sealCtx,
 } from '../validate';
@@ -262,21 +261,5 @@ const op = defineOp<CausalConv1dInputs, CausalConv1dOutputs, CausalConv1dOptions
   backward,
 });
 
-function* inference(inputs: CausalConv1dInputs, options?: CausalConv1dOptions): Steps<CausalConv1dOutputs> {
-  const { outputs, ctx } = yield* run(inputs, options ?? {}, false);
-  if (ctx) releaseCtx(ctx, false);
-  return outputs;
-}
-function call(inputs: CausalConv1dInputs, options?: CausalConv1dOptions): CausalConv1dOutputs {
-  return isRecording() ? op(inputs, options) : runSync(inference(inputs, options));
-}
-async function callAsyncForm(
-  inputs: CausalConv1dInputs,
-  options?: CausalConv1dOptions & AsyncOptions,
-): Promise<CausalConv1dOutputs> {
-  if (isRecording()) return op.async(inputs, options);
-  const split = splitSignal<CausalConv1dOptions>(`${OP}.async`, options);
-  return callAsync(OP, [inputs, split.options], split.signal, () => inference(inputs, split.options));
-}
 
-export const causalConv1d = Object.assign(call, { hooks: op.hooks, async: callAsyncForm });
+export const causalConv1d = withInference(op, run);

@@ -23,9 +23,9 @@
  * Outputs: `o` (batch, T, HV, V) in q's dtype; `finalState` (N, HV, K, V) float32 or null.
  * Backward: gradients for q, k, v, g, beta and initialState, from grads of o and/or finalState.
  */
-import { callAsync, defineOp, isRecording } from '../autograd';
+import { defineOp, withInference } from '../autograd';
 import { float32Elements, type GatedDeltaConfig, type Storage } from '../native';
-import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
+import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
 import {
@@ -42,7 +42,6 @@ import {
   readGrads,
   readInputs,
   readOptions,
-  releaseCtx,
   requireTensor,
   sealCtx,
 } from '../validate';
@@ -306,25 +305,6 @@ const op = defineOp<
   backward,
 });
 
-/**
- * Runs the rule. While a tape records, the forward keeps what the backward needs (the state
- * entering every chunk of tokens); otherwise the CPU kernels keep nothing.
- */
-function* inference(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions): Steps<GatedDeltaRuleOutputs> {
-  const { outputs, ctx } = yield* run(inputs, options ?? {}, false);
-  if (ctx) releaseCtx(ctx, false); // checkpoints a device kept anyway
-  return outputs;
-}
-function call(inputs: GatedDeltaRuleInputs, options?: GatedDeltaRuleOptions): GatedDeltaRuleOutputs {
-  return isRecording() ? op(inputs, options) : runSync(inference(inputs, options));
-}
-async function callAsyncForm(
-  inputs: GatedDeltaRuleInputs,
-  options?: GatedDeltaRuleOptions & AsyncOptions,
-): Promise<GatedDeltaRuleOutputs> {
-  if (isRecording()) return op.async(inputs, options);
-  const split = splitSignal<GatedDeltaRuleOptions>(`${OP}.async`, options);
-  return callAsync(OP, [inputs, split.options], split.signal, () => inference(inputs, split.options));
-}
-
-export const gatedDeltaRule = Object.assign(call, { hooks: op.hooks, async: callAsyncForm });
+// While a tape records, the forward keeps what the backward needs (the state entering every chunk of
+// tokens); otherwise the CPU kernels keep nothing.
+export const gatedDeltaRule = withInference(op, run);

@@ -44,9 +44,9 @@
  * tensor-core kernels for fp16 / bf16); every other configuration runs on this family's per-token
  * kernels (CPU and CUDA).
  */
-import { callAsync, defineOp, isRecording } from '../autograd';
+import { defineOp, withInference } from '../autograd';
 import { float32Elements, type LinearAttentionConfig, type LinearGateConfig, type Storage } from '../native';
-import { nativeCall, runSync, splitSignal, type AsyncOptions, type Steps } from '../async';
+import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ArgumentError, ShapeError } from '../errors';
 import {
@@ -63,7 +63,6 @@ import {
   readGrads,
   readInputs,
   readOptions,
-  releaseCtx,
   requireTensor,
   sealCtx,
 } from '../validate';
@@ -265,8 +264,11 @@ export function checkLinearAttention(
 
 type Checked = ReturnType<typeof checkLinearAttention>;
 
-/** The effective decay and beta (gate activations, beta shared by the heads) when they differ from the inputs. */
-function* effectiveGates(c: Checked): Steps<{ g: Tensor | null; b: Tensor | null; owned: boolean }> {
+/**
+ * The effective decay and beta (gate activations, beta shared by the heads): new tensors (owned) when
+ * they differ from the inputs, else the inputs themselves.
+ */
+export function* effectiveGates(c: Checked): Steps<{ g: Tensor | null; b: Tensor | null; owned: boolean }> {
   const { decay, beta, aLog, dtBias, q } = c.saved;
   if (!c.needGates) return { g: decay, b: beta, owned: false };
   const r = yield* nativeCall((n) =>
@@ -609,21 +611,5 @@ const op = defineOp<
   backward,
 });
 
-function* inference(inputs: LinearAttentionInputs, options?: LinearAttentionOptions): Steps<LinearAttentionOutputs> {
-  const { outputs, ctx } = yield* run(inputs, options ?? {}, false);
-  if (ctx) releaseCtx(ctx, false);
-  return outputs;
-}
-function call(inputs: LinearAttentionInputs, options?: LinearAttentionOptions): LinearAttentionOutputs {
-  return isRecording() ? op(inputs, options) : runSync(inference(inputs, options));
-}
-async function callAsyncForm(
-  inputs: LinearAttentionInputs,
-  options?: LinearAttentionOptions & AsyncOptions,
-): Promise<LinearAttentionOutputs> {
-  if (isRecording()) return op.async(inputs, options);
-  const split = splitSignal<LinearAttentionOptions>(`${OP}.async`, options);
-  return callAsync(OP, [inputs, split.options], split.signal, () => inference(inputs, split.options));
-}
 
-export const linearAttention = Object.assign(call, { hooks: op.hooks, async: callAsyncForm });
+export const linearAttention = withInference(op, run);

@@ -23,7 +23,12 @@ import {
   readOptions,
   requireTensor,
 } from '../validate';
-import { checkLinearAttention, type LinearAttentionInputs, type LinearAttentionOptions } from './linearAttention';
+import {
+  checkLinearAttention,
+  effectiveGates,
+  type LinearAttentionInputs,
+  type LinearAttentionOptions,
+} from './linearAttention';
 
 export interface LinearAttentionStepInputs extends LinearAttentionInputs {
   state: Tensor;
@@ -61,7 +66,7 @@ function* steps(
   ]);
   const c = checkLinearAttention(OP, inputs, opts, 'tokens');
   const { batch, T, Hq, Hv, K, V } = c.config;
-  const { q, k, v, decay, beta, aLog, dtBias } = c.saved;
+  const { q, k, v } = c.saved;
   const { state } = inputs;
   requireTensor(OP, 'state', state);
   expectShape(OP, 'state', state, [batch, Hv, K, V], 'batch, Hv, K, V', 'to match q and v');
@@ -71,25 +76,10 @@ function* steps(
   const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
   const owned: Tensor[] = [];
   try {
-    let g = decay,
-      b = beta;
-    if (c.needGates) {
-      const r = yield* nativeCall((n) =>
-        n.linearAttentionGates({
-          device: q.device,
-          dtype: q.dtype,
-          tensors: {
-            decay: decay?.storage ?? null,
-            beta: beta?.storage ?? null,
-            aLog: aLog?.storage ?? null,
-            dtBias: dtBias?.storage ?? null,
-          },
-          config: c.gates,
-        }),
-      );
-      if (r.g && decay) owned.push((g = new Tensor(r.g, decay.shape, 'float32', q.device)));
-      if (r.beta) owned.push((b = new Tensor(r.beta, [batch, T, Hv], q.dtype, q.device)));
-    }
+    const gates = yield* effectiveGates(c);
+    if (gates.owned) for (const t of [gates.g, gates.b]) if (t) owned.push(t);
+    let g = gates.g;
+    const b = gates.b;
     let r: { o: Storage; intermediate: Storage | null };
     if (c.blocked) {
       if (!g) owned.push((g = Tensor.from(new Float32Array(batch * T * Hv), [batch, T, Hv], { device: q.device })));
