@@ -40,6 +40,18 @@ const cases = [
     options: { useQkL2normInKernel: true },
   },
   {
+    op: 'linearAttention (gated_delta, per-key decay)',
+    hooks: rk.ops.linearAttention,
+    inputs: { q: [[1, 9, 1, 16]], k: [[1, 9, 2, 16]], v: [[1, 9, 2, 12]], decay: [[1, 9, 2, 16]], beta: [[1, 9, 2]] },
+    options: { updateRule: 'gated_delta', qkL2Norm: true },
+  },
+  {
+    op: 'causalConv1d',
+    hooks: rk.ops.causalConv1d,
+    inputs: { x: [[2, 20, 37]], weight: [[20, 4]], bias: [[20]] },
+    options: { activation: 'silu' },
+  },
+  {
     op: 'fusedRnn (lstm)',
     hooks: rk.ops.fusedRnn,
     inputs: { wx: [[3, 9, 4, 2, 16]], R: [[4, 2, 16, 16]], b: [[4, 2, 16]] },

@@ -121,6 +121,38 @@ const cases: Case[] = [
     options: { cell: 'gru-diag' },
     grads: (o) => gradsFor({ y: (o as { y: rk.Tensor }).y }),
   },
+  {
+    name: 'linearAttention gated_delta per-key decay, inverse grouping',
+    hooks: rk.ops.linearAttention as never,
+    inputs: (dt, dev) => ({
+      q: tensor(r(2 * T * 8), [2, T, 1, 8], dt, dev),
+      k: tensor(r(2 * T * 2 * 8), [2, T, 2, 8], dt, dev),
+      v: tensor(r(2 * T * 2 * 6), [2, T, 2, 6], dt, dev),
+      decay: tensor(
+        r(2 * T * 2 * 8, 0.1).map((x) => -Math.abs(x)),
+        [2, T, 2, 8],
+        'float32',
+        dev,
+      ),
+      beta: tensor(
+        r(2 * T * 2).map((x) => 1 / (1 + Math.exp(-x))),
+        [2, T, 2],
+        dt,
+        dev,
+      ),
+    }),
+    options: { updateRule: 'gated_delta', qkL2Norm: true, outputFinalState: true },
+  },
+  {
+    name: 'causalConv1d',
+    hooks: rk.ops.causalConv1d as never,
+    inputs: (dt, dev) => ({
+      x: tensor(r(2 * D * T), [2, D, T], dt, dev),
+      weight: tensor(r(D * 4), [D, 4], dt, dev),
+      bias: tensor(r(D), [D], dt, dev),
+    }),
+    options: { activation: 'silu', returnFinalState: true },
+  },
 ];
 
 describe.each(devices)('async forms on %s', (device) => {

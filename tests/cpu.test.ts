@@ -37,6 +37,16 @@ function runEveryOp(): void {
     { cell: 'gru-diag' },
   );
   rk.linearScan({ a: tensor(r(D * T, 0.5), [1, D, T]), b: tensor(r(D * T), [1, D, T]) });
+  rk.linearAttention(
+    {
+      q: tensor(r(T * 4), [1, T, 1, 4]),
+      k: tensor(r(T * 4), [1, T, 1, 4]),
+      v: tensor(r(T * 3), [1, T, 1, 3]),
+      decay: tensor(r(T * 4, -0.1), [1, T, 1, 4]),
+    },
+    { updateRule: 'gated' },
+  );
+  rk.causalConv1d({ x: tensor(r(D * T), [1, D, T]), weight: tensor(r(D * 2), [D, 2]) });
 }
 const OPS_RUN = 5;
 

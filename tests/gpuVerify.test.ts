@@ -73,6 +73,8 @@ describe('gpu:verify', () => {
       'linearScan',
       'selectiveScan',
       'gatedDeltaRule',
+      'linearAttention (gated_delta, per-key decay)',
+      'causalConv1d',
       'fusedRnn (lstm)',
       'fusedRnn (gru)',
       'newtonRnn (gru-diag)',

@@ -100,6 +100,42 @@ describe.each(devices)('memory on %s', (device) => {
     expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
   });
 
+  it('linear attention (with its gate activations) and the causal conv: live tensors and RSS stay flat', () => {
+    const f = (n: number, v: number, shape: number[]) => tensor(new Float32Array(n).fill(v), shape, 'float32', device);
+    const [B, T, H, K] = [1, 70, 2, 8];
+    const attn = {
+      q: f(B * T * H * K, 0.3, [B, T, H, K]),
+      k: f(B * T * H * K, 0.2, [B, T, H, K]),
+      v: f(B * T * H * K, 0.5, [B, T, H, K]),
+      decay: f(B * T * H * K, 0.1, [B, T, H, K]),
+      beta: f(B * T, 0.5, [B, T, 1]),
+    };
+    const gates = { gateActivation: 'qwen' as const, aLog: f(H, -1, [H]), dtBias: f(H, 0.2, [H]) };
+    const dO = f(B * T * H * K, 0.1, [B, T, H, K]);
+    const conv = { x: f(2 * 5 * T, 0.3, [2, 5, T]), weight: f(5 * 4, 0.2, [5, 4]), bias: f(5, 0.1, [5]) };
+    const dy = f(2 * 5 * T, 0.1, [2, 5, T]);
+    const run = () => {
+      const a = rk.ops.linearAttention.forward(attn, { ...gates, betaActivation: 'sigmoid', outputFinalState: true });
+      const ag = rk.ops.linearAttention.backward(a.ctx, { o: dO, finalState: a.outputs.finalState });
+      for (const t of [a.outputs.o, a.outputs.finalState, ...Object.values(ag)]) t?.dispose();
+      rk.disposeCtx(a.ctx);
+      const c = rk.ops.causalConv1d.forward(conv, { activation: 'silu', returnFinalState: true });
+      const cg = rk.ops.causalConv1d.backward(c.ctx, { y: dy, finalState: c.outputs.finalState });
+      for (const t of [c.outputs.y, c.outputs.finalState, ...Object.values(cg)]) t?.dispose();
+      rk.disposeCtx(c.ctx);
+    };
+    for (let i = 0; i < 50; i++) run();
+    global.gc?.();
+    const live0 = rk.memory();
+    const rss0 = process.memoryUsage().rss;
+    for (let i = 0; i < 1000; i++) run();
+    global.gc?.();
+    const live1 = rk.memory();
+    expect(live1[device].tensors).toBe(live0[device].tensors);
+    expect(live1.cuda.nativeBytes).toBe(live0.cuda.nativeBytes);
+    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+  });
+
   it('tensors that are never disposed are reclaimed by the garbage collector', async () => {
     expect(global.gc, 'tests run with --expose-gc').toBeTypeOf('function');
     const before = rk.memory()[device].tensors;

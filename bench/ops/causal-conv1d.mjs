@@ -26,15 +26,14 @@ export default {
   async run(rk, { device, quick, ceiling, sizes: userSizes, dtype: userDtype, peers = true, progress }) {
     if (!rk.causalConv1d || typeof rk.internals?.native?.().causalConv1dForward !== 'function')
       throw new Error('bench: this build has no causalConv1d op (rebuild it with npm run build:native)');
-    if (device !== 'cpu') throw new Error('bench: causal-conv1d runs on the CPU only for now (--device cpu)');
     const sizes = (userSizes ?? (quick ? QUICK : SIZES)).map((s) => {
       if (s.length !== 3 && s.length !== 4)
         throw new Error(`bench: causal-conv1d sizes are batch x C x T [x W], got ${s.join('x')}`);
       return s.length === 4 ? s : [...s, 4];
     });
     const dtype = userDtype ?? 'float32';
-    const withOrt = peers && ortStatus().ok;
-    if (peers && !withOrt) console.log(`${ORT_CC}: ORT not installed (${ortStatus().reason})`);
+    const withOrt = device === 'cpu' && peers && ortStatus().ok;
+    if (device === 'cpu' && peers && !withOrt) console.log(`${ORT_CC}: ORT not installed (${ortStatus().reason})`);
     const rows = [];
     let step = 0;
     for (const [batch, C, T, W] of sizes) {

@@ -10,7 +10,8 @@
 // process and thread count), fwd (the forward hook, keeping the checkpoints), fwd+bwd ("x fwd": its
 // time over the forward's).
 // TFLOP/s counts 4 * K * V flops per token and head (the forward's state update and output).
-// The per-key and linear rows run the CPU's per-token kernels; on CUDA only the gated_delta rows run.
+// The per-key and linear rows run this family's kernels (CPU: blocked; CUDA: the per-token
+// recurrence); the gated_delta row the gated delta rule's kernels.
 import { disposeAll, timeIt, uniformArray as uniform } from '../timing.mjs';
 import { ortLinearAttention, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
 
@@ -56,7 +57,7 @@ export default {
       return s.length === 4 ? s : [...s, 64];
     });
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
-    const variants = device === 'cuda' ? VARIANTS.slice(0, 1) : VARIANTS;
+    const variants = VARIANTS;
     const ortPeers = device === 'cpu' && peers;
     if (ortPeers && !ortStatus().ok) console.log(`${ORT_LA}: ORT not installed (${ortStatus().reason})`);
     const matmulRate = device === 'cpu' && ceilings?.gflops != null ? ceilings.gflops / 1000 : null;
