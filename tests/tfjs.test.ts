@@ -111,6 +111,48 @@ const cases: Case[] = [
     options: { cell: 'gru-diag' },
     run: (x) => rkTf.newtonRnn(x as never, { cell: 'gru-diag' }),
   },
+  {
+    name: 'linearAttention gated_delta, per-key decay, qwen gate',
+    hooks: rk.ops.linearAttention as never,
+    outputs: ['o', 'finalState'],
+    inputs: () => ({
+      q: tfRand([1, 11, 1, 6]),
+      k: tfRand([1, 11, 2, 6]),
+      v: tfRand([1, 11, 2, 5]),
+      decay: tfRand([1, 11, 2, 6]),
+      beta: tfRand([1, 11, 2]),
+      initialState: tfRand([1, 2, 6, 5], 0.3),
+      aLog: tfRand([2], 0.3),
+      dtBias: tfRand([2, 6], 0.3),
+    }),
+    optionTensors: ['initialState', 'aLog', 'dtBias'],
+    options: { gateActivation: 'qwen', betaActivation: 'sigmoid', qkL2Norm: true, outputFinalState: true },
+    run: ({ initialState, aLog, dtBias, ...x }) =>
+      rkTf.linearAttention(x as never, {
+        initialState,
+        aLog,
+        dtBias,
+        gateActivation: 'qwen',
+        betaActivation: 'sigmoid',
+        qkL2Norm: true,
+        outputFinalState: true,
+      }),
+  },
+  {
+    name: 'causalConv1d silu, dilation 2',
+    hooks: rk.ops.causalConv1d as never,
+    outputs: ['y', 'finalState'],
+    inputs: () => ({
+      x: tfRand([2, 5, 9]),
+      weight: tfRand([5, 3]),
+      bias: tfRand([5]),
+      initialState: tfRand([2, 5, 4]),
+    }),
+    optionTensors: ['initialState'],
+    options: { activation: 'silu', dilation: 2, returnFinalState: true },
+    run: ({ initialState, ...x }) =>
+      rkTf.causalConv1d(x as never, { initialState, activation: 'silu', dilation: 2, returnFinalState: true }),
+  },
 ];
 
 describe('recurrent-kernels/tfjs', () => {

@@ -261,5 +261,4 @@ const op = defineOp<CausalConv1dInputs, CausalConv1dOutputs, CausalConv1dOptions
   backward,
 });
 
-
 export const causalConv1d = withInference(op, run);

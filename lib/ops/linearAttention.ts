@@ -611,5 +611,4 @@ const op = defineOp<
   backward,
 });
 
-
 export const linearAttention = withInference(op, run);

@@ -234,6 +234,20 @@ export const newtonRnn = bridge<Tf<rk.NewtonRnnInputs>, Tf<rk.NewtonRnnOutputs>>
   asBridged(rk.newtonRnn, rk.newtonRnn, ['wx', 'R', 'b', 'h0'], ['trajectory']),
 ) as (inputs: Tf<rk.NewtonRnnInputs>, options: Tf<rk.NewtonRnnOptions>) => Tf<rk.NewtonRnnOutputs>;
 
+export const linearAttention = bridge<Tf<rk.LinearAttentionInputs>, Tf<rk.LinearAttentionOutputs>>(
+  'linearAttention',
+  asBridged(
+    rk.linearAttention,
+    rk.linearAttention,
+    ['q', 'k', 'v', 'decay', 'beta', 'initialState', 'aLog', 'dtBias'],
+    ['windowStates'],
+  ),
+) as (inputs: Tf<rk.LinearAttentionInputs>, options?: Tf<rk.LinearAttentionOptions>) => Tf<rk.LinearAttentionOutputs>;
+export const causalConv1d = bridge<Tf<rk.CausalConv1dInputs>, Tf<rk.CausalConv1dOutputs>>(
+  'causalConv1d',
+  asBridged(rk.causalConv1d, rk.causalConv1d, ['x', 'weight', 'bias', 'initialState'], ['windowStates']),
+) as (inputs: Tf<rk.CausalConv1dInputs>, options?: Tf<rk.CausalConv1dOptions>) => Tf<rk.CausalConv1dOutputs>;
+
 /**
  * A package tensor as a float32 tf.Tensor on the cpu backend: a CPU float32 tensor's array is
  * shared (no copy; the tensor no longer counts in rk.memory() and its buffer is never reused by the
