@@ -263,24 +263,28 @@ export function checkLinearAttention(
 }
 
 type Checked = ReturnType<typeof checkLinearAttention>;
+type GateInputs = Pick<Saved, 'decay' | 'beta' | 'aLog' | 'dtBias'>;
+
+/** The gate kernels' tensors (each nullable). */
+const gateTensors = ({ decay, beta, aLog, dtBias }: GateInputs) => ({
+  decay: decay?.storage ?? null,
+  beta: beta?.storage ?? null,
+  aLog: aLog?.storage ?? null,
+  dtBias: dtBias?.storage ?? null,
+});
 
 /**
  * The effective decay and beta (gate activations, beta shared by the heads): new tensors (owned) when
  * they differ from the inputs, else the inputs themselves.
  */
 export function* effectiveGates(c: Checked): Steps<{ g: Tensor | null; b: Tensor | null; owned: boolean }> {
-  const { decay, beta, aLog, dtBias, q } = c.saved;
+  const { decay, beta, q } = c.saved;
   if (!c.needGates) return { g: decay, b: beta, owned: false };
   const r = yield* nativeCall((n) =>
     n.linearAttentionGates({
       device: q.device,
       dtype: q.dtype,
-      tensors: {
-        decay: decay?.storage ?? null,
-        beta: beta?.storage ?? null,
-        aLog: aLog?.storage ?? null,
-        dtBias: dtBias?.storage ?? null,
-      },
+      tensors: gateTensors(c.saved),
       config: c.gates,
     }),
   );
@@ -572,12 +576,7 @@ function* backward(
       n.linearAttentionGatesBackward({
         device: ctx.device,
         dtype: ctx.dtype,
-        tensors: {
-          decay: decay?.storage ?? null,
-          beta: beta?.storage ?? null,
-          aLog: aLog?.storage ?? null,
-          dtBias: dtBias?.storage ?? null,
-        },
+        tensors: gateTensors({ decay, beta, aLog, dtBias }),
         grads: { dg: dgEff?.storage ?? null, dbeta: dbEff?.storage ?? null },
         config: c.gates,
       }),
