@@ -45,7 +45,17 @@ describe('package entry points', () => {
     );
     expect(JSON.parse(out)).toEqual({
       same: true,
-      keys: ['fromTf', 'fusedRnn', 'gatedDeltaRule', 'linearScan', 'newtonRnn', 'selectiveScan', 'toTf'],
+      keys: [
+        'causalConv1d',
+        'fromTf',
+        'fusedRnn',
+        'gatedDeltaRule',
+        'linearAttention',
+        'linearScan',
+        'newtonRnn',
+        'selectiveScan',
+        'toTf',
+      ],
     });
   });
   it('a load failure lists every path tried', () => {
