@@ -148,6 +148,24 @@ export function booleanOption(op: string, name: string, v: unknown, fallback: bo
 }
 
 /** The largest finite float32. */
+/** A string option that must be one of `allowed` (fallback when undefined). */
+export function oneOf<T extends string>(op: string, name: string, v: unknown, allowed: readonly T[], fallback: T): T {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'string' || !allowed.includes(v as T))
+    throw new ArgumentError(
+      `${op}: ${name} must be one of ${allowed.map((x) => `'${x}'`).join(', ')}, got ${String(v)}`,
+    );
+  return v as T;
+}
+
+/** The stateWindow option: how many trailing per-position states to return, 0-8 (default 0). */
+export function stateWindowOption(op: string, v: unknown): number {
+  const window = v ?? 0;
+  if (typeof window !== 'number' || !Number.isInteger(window) || window < 0 || window > 8)
+    throw new ArgumentError(`${op}: stateWindow must be an integer 0-8, got ${String(v)}`);
+  return window;
+}
+
 export const FLOAT32_MAX = 3.4028234663852886e38;
 
 /**

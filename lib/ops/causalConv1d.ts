@@ -40,12 +40,14 @@ import {
   expectDevice,
   expectRank,
   expectShape,
+  oneOf,
   parseCuSeqlens,
   readGrads,
   readInputs,
   readOptions,
   requireTensor,
   sealCtx,
+  stateWindowOption,
 } from '../validate';
 
 export interface CausalConv1dInputs {
@@ -120,9 +122,7 @@ function prepare(op: string, inputs: CausalConv1dInputs, options: CausalConv1dOp
     expectDType(op, 'bias', bias, [x.dtype], 'to match x');
     expectDevice(op, 'bias', bias, x.device, 'to match x');
   }
-  const activation = opts.activation ?? 'none';
-  if (activation !== 'silu' && activation !== 'none')
-    throw new ArgumentError(`${op}: activation must be 'silu' or 'none', got ${String(opts.activation)}`);
+  const activation = oneOf(op, 'activation', opts.activation, ['silu', 'none'] as const, 'none');
   const dilation = opts.dilation ?? 1;
   if (!Number.isInteger(dilation) || dilation < 1 || (W - 1) * dilation > 1 << 20)
     throw new ArgumentError(
@@ -131,9 +131,7 @@ function prepare(op: string, inputs: CausalConv1dInputs, options: CausalConv1dOp
   const L = (W - 1) * dilation;
   const cuSeqlens = parseCuSeqlens(op, opts.cuSeqlens, batch, T, 'T');
   const nseq = cuSeqlens ? cuSeqlens.length - 1 : batch;
-  const window = opts.stateWindow ?? 0;
-  if (!Number.isInteger(window) || window < 0 || window > 8)
-    throw new ArgumentError(`${op}: stateWindow must be an integer 0-8, got ${String(opts.stateWindow)}`);
+  const window = stateWindowOption(op, opts.stateWindow);
   const stateShape = channelsLast ? [nseq, L, C] : [nseq, C, L];
   const h0 = opts.initialState ?? null;
   if (h0 !== null) {
@@ -161,7 +159,7 @@ function prepare(op: string, inputs: CausalConv1dInputs, options: CausalConv1dOp
     nseq,
     window,
     stateShape,
-    activation: activation as 'silu' | 'none',
+    activation,
     returnFinal: booleanOption(op, 'returnFinalState', opts.returnFinalState, false),
   };
 }

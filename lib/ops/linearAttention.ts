@@ -41,8 +41,8 @@
  *
  * The delta rules with a scalar decay, key heads equal to query heads and Hv a multiple of Hq (the
  * layout of Gated DeltaNet) run on the gated delta rule's kernels (CPU: blocked; CUDA: chunked
- * tensor-core kernels for fp16 / bf16); every other configuration runs on this family's per-token
- * kernels (CPU and CUDA).
+ * tensor-core kernels for fp16 / bf16); every other configuration runs on this family's kernels (CPU:
+ * blocked, or per token with several query heads per state or a state window; CUDA: per token).
  */
 import { defineOp, withInference } from '../autograd';
 import { float32Elements, type LinearAttentionConfig, type LinearGateConfig, type Storage } from '../native';
@@ -59,12 +59,14 @@ import {
   expectRank,
   expectShape,
   finiteNumber,
+  oneOf,
   parseCuSeqlens,
   readGrads,
   readInputs,
   readOptions,
   requireTensor,
   sealCtx,
+  stateWindowOption,
 } from '../validate';
 
 export type LinearAttentionRule = 'linear' | 'gated' | 'delta' | 'gated_delta';
@@ -136,15 +138,6 @@ export interface LinearAttentionCtx {
 const OP = 'linearAttention';
 const FLOAT_DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16'];
 export const MAX_HEAD_DIM = 256;
-
-function oneOf<T extends string>(op: string, name: string, v: unknown, allowed: readonly T[], fallback: T): T {
-  if (v === undefined) return fallback;
-  if (typeof v !== 'string' || !allowed.includes(v as T))
-    throw new ArgumentError(
-      `${op}: ${name} must be one of ${allowed.map((x) => `'${x}'`).join(', ')}, got ${String(v)}`,
-    );
-  return v as T;
-}
 
 /** Checks the inputs and the options they depend on; returns the kernels' config and the gate config. */
 export function checkLinearAttention(
@@ -317,9 +310,7 @@ function prepare(op: string, inputs: LinearAttentionInputs, options: LinearAtten
   const returnFinal = booleanOption(op, 'outputFinalState', opts.outputFinalState, false);
   const cuSeqlens = parseCuSeqlens(op, opts.cuSeqlens, batch, T, 'T');
   const nseq = cuSeqlens ? cuSeqlens.length - 1 : batch;
-  const window = opts.stateWindow ?? 0;
-  if (!Number.isInteger(window) || window < 0 || window > 8)
-    throw new ArgumentError(`${op}: stateWindow must be an integer 0-8, got ${String(opts.stateWindow)}`);
+  const window = stateWindowOption(op, opts.stateWindow);
   const h0 = opts.initialState ?? null;
   if (h0) {
     requireTensor(op, 'initialState', h0);
@@ -343,8 +334,7 @@ function* run(
   const useBlocked = c.blocked && window === 0;
   let r: { o: Storage; states: Storage | null; finalState: Storage | null; windowStates: Storage | null };
   if (useBlocked) {
-    // The delta rule is the gated delta rule with g = 0.
-    const g = gates.g ?? Tensor.from(new Float32Array(batch * T * Hv), [batch, T, Hv], { device: q.device });
+    const g = gates.g ?? zeroDecay(c.config, q.device);
     try {
       const res = yield* nativeCall((n) =>
         n.gatedDeltaForward({
@@ -425,7 +415,13 @@ function* run(
   };
 }
 
-function blockedConfig(cfg: LinearAttentionConfig) {
+/** The delta rule as the gated delta rule: a log-space decay of 0 for every (position, state head). */
+export function zeroDecay(cfg: LinearAttentionConfig, device: Device): Tensor {
+  return Tensor.from(new Float32Array(cfg.batch * cfg.T * cfg.Hv), [cfg.batch, cfg.T, cfg.Hv], { device });
+}
+
+/** The gated delta rule kernels' configuration for the Gated DeltaNet layout (k heads = q heads). */
+export function blockedConfig(cfg: LinearAttentionConfig) {
   return {
     batch: cfg.batch,
     T: cfg.T,
@@ -510,9 +506,7 @@ function* backward(
   const grad = { states: ctx.states.storage, dO: gO?.storage ?? null, dFinal: gFinal?.storage ?? null };
   let r: { dq: Storage; dk: Storage; dv: Storage; dg: Storage | null; dbeta: Storage | null; dh0: Storage | null };
   if (ctx.blocked) {
-    const zeros =
-      gEff ??
-      Tensor.from(new Float32Array(cfg.batch * cfg.T * cfg.Hv), [cfg.batch, cfg.T, cfg.Hv], { device: q.device });
+    const zeros = gEff ?? zeroDecay(cfg, q.device);
     try {
       const res = yield* nativeCall((n) =>
         n.gatedDeltaBackward({
@@ -531,7 +525,7 @@ function* backward(
         }),
       );
       r = { ...res, dg: c.decays ? res.dg : null };
-      if (!c.decays) releaseStorage(res.dg);
+      if (!c.decays) new Tensor(res.dg, [float32Elements(res.dg)], 'float32', ctx.device).dispose();
     } finally {
       if (zeros !== gEff) zeros.dispose();
     }
@@ -590,11 +584,6 @@ function* backward(
     dbEff?.dispose();
   }
   return out;
-}
-
-/** Frees a native output nobody will read (a CPU array is simply dropped). */
-function releaseStorage(s: Storage | null): void {
-  if (s && typeof (s as { dispose?: () => void }).dispose === 'function') (s as { dispose: () => void }).dispose();
 }
 
 const op = defineOp<

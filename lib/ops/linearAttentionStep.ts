@@ -24,8 +24,10 @@ import {
   requireTensor,
 } from '../validate';
 import {
+  blockedConfig,
   checkLinearAttention,
   effectiveGates,
+  zeroDecay,
   type LinearAttentionInputs,
   type LinearAttentionOptions,
 } from './linearAttention';
@@ -82,26 +84,16 @@ function* steps(
     const b = gates.b;
     let r: { o: Storage; intermediate: Storage | null };
     if (c.blocked) {
-      if (!g) owned.push((g = Tensor.from(new Float32Array(batch * T * Hv), [batch, T, Hv], { device: q.device })));
+      if (!g) owned.push((g = zeroDecay(c.config, q.device)));
       const gd = g,
         bd = b as Tensor;
+      const { T: _T, ...cfg } = blockedConfig(c.config);
       r = yield* nativeCall((n) =>
         n.gatedDeltaStep({
           device: q.device,
           dtype: q.dtype,
           tensors: { state: state.storage, q: q.storage, k: k.storage, v: v.storage, g: gd.storage, beta: bd.storage },
-          config: {
-            batch,
-            tokens: T,
-            H: Hq,
-            HV: Hv,
-            K,
-            V,
-            scale: c.config.scale,
-            l2norm: c.config.l2norm,
-            updateState,
-            returnIntermediate,
-          },
+          config: { ...cfg, tokens: T, updateState, returnIntermediate },
         }),
       );
     } else {
