@@ -1,5 +1,7 @@
 #include "tensor/args.h"
 
+#include <cfloat>
+#include <cmath>
 #include <string>
 
 #include "tensor/errors.h"
@@ -12,6 +14,17 @@ int64_t intField(Napi::Env env, const Napi::Object& o, const char* name, const c
   if (v < least)
     throwError(env, code::kShape, std::string(op) + ": " + name + " must be at least " + std::to_string(least));
   return v;
+}
+
+float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
+  Napi::Value v = cfg.Get("scale");
+  double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
+  // Finite as the float the kernels use, not only as a double (1e39 would become inf).
+  if (!std::isfinite(s) || std::fabs(s) > double(FLT_MAX))
+    throwError(env, code::kArgument,
+               std::string(op) + ": scale must be finite as a float32 (at most 3.4e38 in magnitude), got " +
+                   Napi::Number::New(env, s).ToString().Utf8Value());
+  return float(s);
 }
 
 int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op) {

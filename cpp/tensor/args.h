@@ -31,6 +31,8 @@ Napi::Object objectArg(Napi::Env env, const Napi::CallbackInfo& info, size_t i, 
 // o[name] as an integer of at least `least` (ERR_SHAPE otherwise, ERR_ARGUMENT if not an integer).
 int64_t intField(Napi::Env env, const Napi::Object& o, const char* name, const char* op, int64_t least);
 inline bool flagField(const Napi::Object& o, const char* name) { return o.Get(name).ToBoolean().Value(); }
+// o.scale as a float32 that is finite (ERR_ARGUMENT otherwise: 1e39 is a finite double, not float).
+float scaleField(Napi::Env env, const Napi::Object& o, const char* op);
 // The product of xs, throwing ERR_SHAPE instead of overflowing.
 int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op);
 

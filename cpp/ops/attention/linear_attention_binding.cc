@@ -1,8 +1,6 @@
 // N-API glue of linear attention: re-checks every size against the configuration that
 // lib/ops/linearAttention.ts sends, builds the sequence table, allocates the outputs and runs the
 // CPU kernels or the CUDA launchers.
-#include <cfloat>
-#include <cmath>
 #include <string>
 #include <vector>
 
@@ -46,10 +44,7 @@ AttentionCall parseAttention(Napi::Env env, const Request& r, const char* op, co
     throwError(env, code::kShape, std::string(op) + ": Hk must divide Hv, and Hq divide or be a multiple of Hv");
   a.perKeyDecay = flagField(cfg, "perKeyDecay");
   a.l2norm = flagField(cfg, "l2norm");
-  const double s = cfg.Get("scale").IsNumber() ? cfg.Get("scale").As<Napi::Number>().DoubleValue() : NAN;
-  if (!std::isfinite(s) || std::fabs(s) > double(FLT_MAX))
-    throwError(env, code::kArgument, std::string(op) + ": scale must be finite as a float32");
-  a.scale = float(s);
+  a.scale = scaleField(env, cfg, op);
   c.q = product(env, {a.batch, a.T, a.Hq, a.K}, op);
   a.q = tensorArg(env, t.Get("q"), op, "q", c.dev, a.dt, c.q).data;
   int64_t chunk = attention::kLinearAttentionChunk;

@@ -3,8 +3,6 @@
 // kernels or the CUDA launchers.
 #include "ops/registry.h"
 
-#include <cfloat>
-#include <cmath>
 #include <string>
 #include <vector>
 
@@ -21,17 +19,6 @@ struct DeltaCall {
   std::vector<rkcuda::ScanSegment> segments;
   int64_t qk = 0, vo = 0, gb = 0, stateElems = 0, savedElems = 0;
 };
-
-float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
-  Napi::Value v = cfg.Get("scale");
-  double s = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
-  // Finite as the float the kernels use, not only as a double (1e39 would become inf).
-  if (!std::isfinite(s) || std::fabs(s) > double(FLT_MAX))
-    throwError(env, code::kArgument,
-               std::string(op) + ": scale must be finite as a float32 (at most 3.4e38 in magnitude), got " +
-                   Napi::Number::New(env, s).ToString().Utf8Value());
-  return float(s);
-}
 
 // The request's tensors {q, k, v, g, beta, h0} and config {batch, T, H, HV, K, V, scale, l2norm,
 // cuSeqlens: Int32Array | null} (tensor/args.h: Request).
