@@ -47,6 +47,12 @@ struct ConvParams : CausalConv1dArgs {
   __device__ int64_t stateAt(int64_t s, int64_t c, int64_t p) const {
     return channelsLast ? (s * L + p) * C + c : (s * C + c) * L + p;
   }
+  // The (sequence, channel, state position) of element e of a [nseq, C, L] / [nseq, L, C] state.
+  __device__ void stateElement(int64_t e, int64_t* s, int64_t* c, int64_t* q) const {
+    *c = channelsLast ? e % C : e / L % C;
+    *q = channelsLast ? e / C % L : e % L;
+    *s = e / (C * L);
+  }
   __device__ void element(int64_t e, int64_t* b, int64_t* c, int64_t* t) const {
     if (channelsLast) {
       *c = e % C;
@@ -120,17 +126,9 @@ template <class T> __global__ void __launch_bounds__(256) convStatesKernel(const
   const int64_t per = p.nseq * p.C * p.L, slots = 1 + (p.windowStates != nullptr ? p.window : 0);
   const ScanSegment* tab = p.table;
   for (int64_t e = gridStart(); e < slots * per; e += gridStep()) {
-    const int64_t slot = e / per - 1, r = e % per;
+    const int64_t slot = e / per - 1;
     int64_t s, c, q;
-    if (p.channelsLast) {
-      c = r % p.C;
-      q = r / p.C % p.L;
-      s = r / (p.C * p.L);
-    } else {
-      q = r % p.L;
-      c = r / p.L % p.C;
-      s = r / (p.C * p.L);
-    }
+    p.stateElement(e % per, &s, &c, &q);
     const ScanSegment sg = tab != nullptr ? tab[s] : ScanSegment{s, 0, p.T, 0};
     // The slot ends at local position last (the final state: the sequence's last).
     const int64_t last = slot < 0 ? sg.length - 1 : sg.length - p.window + slot;
@@ -187,15 +185,7 @@ template <class T> __global__ void __launch_bounds__(256) convDxKernel(const Con
   const int64_t ns = p.nseq * p.C * p.L;
   for (int64_t e = gridStart(); e < ns; e += gridStep()) {
     int64_t s, c, q;
-    if (p.channelsLast) {
-      c = e % p.C;
-      q = e / p.C % p.L;
-      s = e / (p.C * p.L);
-    } else {
-      q = e % p.L;
-      c = e / p.L % p.C;
-      s = e / (p.C * p.L);
-    }
+    p.stateElement(e, &s, &c, &q);
     const ScanSegment sg = p.table != nullptr ? p.table[s] : ScanSegment{s, 0, p.T, 0};
     dh0[e] = fromFloat<T>(inputGrad<T>(p, sg, s, c, q - p.L));
   }
