@@ -3,6 +3,20 @@ import { describe, expect, it } from 'vitest';
 import * as rk from '../lib/index';
 import { devices, tensor } from './helpers';
 
+/** After `warmup` calls of run, 1000 more leave the live tensors, native bytes and RSS (within 64 MB) as they were. */
+function expectFlat(device: rk.Device, run: () => void, warmup: number): void {
+  for (let i = 0; i < warmup; i++) run();
+  global.gc?.();
+  const live0 = rk.memory();
+  const rss0 = process.memoryUsage().rss;
+  for (let i = 0; i < 1000; i++) run();
+  global.gc?.();
+  const live1 = rk.memory();
+  expect(live1[device].tensors).toBe(live0[device].tensors);
+  expect(live1.cuda.nativeBytes).toBe(live0.cuda.nativeBytes);
+  expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+}
+
 describe.each(devices)('memory on %s', (device) => {
   it('live tensors and RSS stay flat over thousands of forward+backward calls', () => {
     const shape = [2, 8, 256];
@@ -50,16 +64,7 @@ describe.each(devices)('memory on %s', (device) => {
       const g = rk.ops.selectiveScan.backward(ctx, { y: outputs.y, finalState: outputs.finalState });
       for (const t of [outputs.y, outputs.finalState, ctx.states, ...Object.values(g)]) t?.dispose();
     };
-    for (let i = 0; i < 100; i++) run();
-    global.gc?.();
-    const live0 = rk.memory();
-    const rss0 = process.memoryUsage().rss;
-    for (let i = 0; i < 1000; i++) run();
-    global.gc?.();
-    const live1 = rk.memory();
-    expect(live1[device].tensors).toBe(live0[device].tensors);
-    expect(live1.cuda.nativeBytes).toBe(live0.cuda.nativeBytes);
-    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+    expectFlat(device, run, 100);
   });
 
   it('gated delta rule and fused cells: live tensors and RSS stay flat over many forward+backward calls', () => {
@@ -88,16 +93,7 @@ describe.each(devices)('memory on %s', (device) => {
       for (const t of [c.outputs.h, c.outputs.finalStates, c.ctx.savedStates, c.ctx.savedPre, ...Object.values(cg)])
         t?.dispose();
     };
-    for (let i = 0; i < 50; i++) run();
-    global.gc?.();
-    const live0 = rk.memory();
-    const rss0 = process.memoryUsage().rss;
-    for (let i = 0; i < 1000; i++) run();
-    global.gc?.();
-    const live1 = rk.memory();
-    expect(live1[device].tensors).toBe(live0[device].tensors);
-    expect(live1.cuda.nativeBytes).toBe(live0.cuda.nativeBytes);
-    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+    expectFlat(device, run, 50);
   });
 
   it('linear attention (with its gate activations) and the causal conv: live tensors and RSS stay flat', () => {
@@ -124,16 +120,7 @@ describe.each(devices)('memory on %s', (device) => {
       for (const t of [c.outputs.y, c.outputs.finalState, ...Object.values(cg)]) t?.dispose();
       rk.disposeCtx(c.ctx);
     };
-    for (let i = 0; i < 50; i++) run();
-    global.gc?.();
-    const live0 = rk.memory();
-    const rss0 = process.memoryUsage().rss;
-    for (let i = 0; i < 1000; i++) run();
-    global.gc?.();
-    const live1 = rk.memory();
-    expect(live1[device].tensors).toBe(live0[device].tensors);
-    expect(live1.cuda.nativeBytes).toBe(live0.cuda.nativeBytes);
-    expect(process.memoryUsage().rss - rss0).toBeLessThan(64 * 1024 * 1024);
+    expectFlat(device, run, 50);
   });
 
   it('tensors that are never disposed are reclaimed by the garbage collector', async () => {
