@@ -11,6 +11,7 @@ const opTests = [
   'tests/gatedDeltaRule.test.ts',
   'tests/linearAttention.test.ts',
   'tests/causalConv1d.test.ts',
+  'tests/mamba2Scan.test.ts',
   'tests/fusedRnn.test.ts',
   'tests/newtonRnn.test.ts',
   'tests/linearScan.test.ts',

@@ -26,6 +26,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerNewtonRnn(env, exports);
   rk::registerLinearAttention(env, exports);
   rk::registerCausalConv1d(env, exports);
+  rk::registerMamba2(env, exports);
   return exports;
 }
 

@@ -12,6 +12,7 @@ import { fusedRnn } from './ops/fusedRnn';
 import { newtonRnn } from './ops/newtonRnn';
 import { linearAttention } from './ops/linearAttention';
 import { causalConv1d } from './ops/causalConv1d';
+import { mamba2Scan } from './ops/mamba2Scan';
 import { elementwiseOps } from './ops/elementwise';
 import { packageVersion } from './native';
 
@@ -86,6 +87,14 @@ export type {
   LinearAttentionStepOptions,
   LinearAttentionStepOutputs,
 } from './ops/linearAttentionStep';
+export { mamba2Scan } from './ops/mamba2Scan';
+export type { Mamba2ScanInputs, Mamba2ScanOptions, Mamba2ScanOutputs, Mamba2ScanGrads } from './ops/mamba2Scan';
+export { mamba2StateUpdate, mamba2StateUpdateAsync } from './ops/mamba2StateUpdate';
+export type {
+  Mamba2StateUpdateInputs,
+  Mamba2StateUpdateOptions,
+  Mamba2StateUpdateOutputs,
+} from './ops/mamba2StateUpdate';
 export { gatedDeltaRuleStep, gatedDeltaRuleStepAsync } from './ops/gatedDeltaRuleStep';
 export type {
   GatedDeltaRuleStepInputs,
@@ -126,6 +135,7 @@ export const fusedRnnAsync = fusedRnn.async;
 export const newtonRnnAsync = newtonRnn.async;
 export const linearAttentionAsync = linearAttention.async;
 export const causalConv1dAsync = causalConv1d.async;
+export const mamba2ScanAsync = mamba2Scan.async;
 
 /** The forward/backward hooks of every op, for autograd adapters of other frameworks. */
 export const ops = {
@@ -136,6 +146,7 @@ export const ops = {
   newtonRnn: newtonRnn.hooks,
   linearAttention: linearAttention.hooks,
   causalConv1d: causalConv1d.hooks,
+  mamba2Scan: mamba2Scan.hooks,
   ...Object.fromEntries(Object.entries(elementwiseOps).map(([k, v]) => [k, v.hooks])),
 } as {
   linearScan: typeof linearScan.hooks;
@@ -145,6 +156,7 @@ export const ops = {
   newtonRnn: typeof newtonRnn.hooks;
   linearAttention: typeof linearAttention.hooks;
   causalConv1d: typeof causalConv1d.hooks;
+  mamba2Scan: typeof mamba2Scan.hooks;
 } & { [K in keyof typeof elementwiseOps]: (typeof elementwiseOps)[K]['hooks'] };
 
 export const version: string = packageVersion();

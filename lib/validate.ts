@@ -147,7 +147,6 @@ export function booleanOption(op: string, name: string, v: unknown, fallback: bo
   return v;
 }
 
-/** The largest finite float32. */
 /** A string option that must be one of `allowed` (fallback when undefined). */
 export function oneOf<T extends string>(op: string, name: string, v: unknown, allowed: readonly T[], fallback: T): T {
   if (v === undefined) return fallback;
@@ -166,6 +165,7 @@ export function stateWindowOption(op: string, v: unknown): number {
   return window;
 }
 
+/** The largest finite float32. */
 export const FLOAT32_MAX = 3.4028234663852886e38;
 
 /**
@@ -243,7 +243,8 @@ function deepFreeze<T>(v: T): T {
 /**
  * Marks ctx as returned by op's forward and freezes it (with the plain objects and arrays in it),
  * so that its config cannot be altered between forward and backward. `owned` names the fields
- * holding tensors that only the ctx refers to (never inputs or outputs).
+ * holding tensors that only the ctx refers to (never inputs or outputs), or the ctx of an op run
+ * inside this one's forward (released with it).
  */
 export function sealCtx<C extends object>(op: string, ctx: C, owned: readonly (keyof C & string)[] = []): C {
   const brand: CtxBrand = Object.freeze({ op, owned: Object.freeze([...owned]) });
@@ -343,6 +344,7 @@ export function releaseCtx(ctx: unknown, strict: boolean): void {
   for (const k of brand.owned) {
     const t = (ctx as Record<string, unknown>)[k];
     if (Tensor.isTensor(t)) t.dispose();
+    else if (brandOf(t) && !disposedCtxs.has(t as object)) releaseCtx(t, false); // the ctx of an op run inside
   }
 }
 

@@ -52,6 +52,21 @@ const cases = [
     options: { activation: 'silu' },
   },
   {
+    op: 'mamba2Scan',
+    hooks: rk.ops.mamba2Scan,
+    inputs: {
+      x: [[2, 33, 4, 6]],
+      dt: [[2, 33, 4]],
+      A: [[4]],
+      B: [[2, 33, 2, 16]],
+      C: [[2, 33, 2, 16]],
+      D: [[4]],
+      z: [[2, 33, 4, 6]],
+      dtBias: [[4]],
+    },
+    options: { dtSoftplus: true },
+  },
+  {
     op: 'fusedRnn (lstm)',
     hooks: rk.ops.fusedRnn,
     inputs: { wx: [[3, 9, 4, 2, 16]], R: [[4, 2, 16, 16]], b: [[4, 2, 16]] },

@@ -153,6 +153,25 @@ const cases: Case[] = [
     }),
     options: { activation: 'silu', returnFinalState: true },
   },
+  {
+    name: 'mamba2Scan',
+    hooks: rk.ops.mamba2Scan as never,
+    inputs: (dt, dev) => ({
+      x: tensor(r(2 * T * 4 * 3), [2, T, 4, 3], dt, dev),
+      dt: tensor(r(2 * T * 4), [2, T, 4], dt, dev),
+      A: tensor(
+        r(4).map((v) => -Math.abs(v)),
+        [4],
+        'float32',
+        dev,
+      ),
+      B: tensor(r(2 * T * 2 * N), [2, T, 2, N], dt, dev),
+      C: tensor(r(2 * T * 2 * N), [2, T, 2, N], dt, dev),
+      D: tensor(r(4), [4], 'float32', dev),
+      z: tensor(r(2 * T * 4 * 3), [2, T, 4, 3], dt, dev),
+    }),
+    options: { dtSoftplus: true, returnFinalStates: true },
+  },
 ];
 
 describe.each(devices)('async forms on %s', (device) => {
@@ -239,6 +258,24 @@ describe.each(devices)('async forms on %s', (device) => {
     const oa = await rk.gatedDeltaRuleStepAsync({ state: SA, ...d });
     expect(bits(oa.o)).toEqual(bits(os.o));
     expect(bits(SA)).toEqual(bits(S));
+    const M = tensor(r(2 * 4 * 3 * N), [2, 4, 3, N], 'float32', device),
+      MA = M.clone();
+    const m = {
+      x: tensor(r(2 * 4 * 3), [2, 4, 3], 'float32', device),
+      dt: tensor(r(2 * 4), [2, 4], 'float32', device),
+      A: tensor(
+        r(4).map((v) => -Math.abs(v)),
+        [4],
+        'float32',
+        device,
+      ),
+      B: tensor(r(2 * N), [2, 1, N], 'float32', device),
+      C: tensor(r(2 * N), [2, 1, N], 'float32', device),
+    };
+    const ms = rk.mamba2StateUpdate({ state: M, ...m }, { dtSoftplus: true });
+    const ma = await rk.mamba2StateUpdateAsync({ state: MA, ...m }, { dtSoftplus: true });
+    expect(bits(ma.y)).toEqual(bits(ms.y));
+    expect(bits(MA)).toEqual(bits(M));
   });
 
   it('valueAndGradAsync equals valueAndGrad bitwise', async () => {

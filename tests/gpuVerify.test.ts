@@ -75,6 +75,7 @@ describe('gpu:verify', () => {
       'gatedDeltaRule',
       'linearAttention (gated_delta, per-key decay)',
       'causalConv1d',
+      'mamba2Scan',
       'fusedRnn (lstm)',
       'fusedRnn (gru)',
       'newtonRnn (gru-diag)',

@@ -123,6 +123,43 @@ describe.each(devices)('memory on %s', (device) => {
     expectFlat(device, run, 50);
   });
 
+  it('the Mamba-2 scan (with the scan ctx inside its own) and its decode step: live tensors and RSS stay flat', () => {
+    const f = (n: number, v: number, shape: number[]) => tensor(new Float32Array(n).fill(v), shape, 'float32', device);
+    const [B, T, H, P, N] = [2, 70, 2, 3, 4];
+    const m = {
+      x: f(B * T * H * P, 0.3, [B, T, H, P]),
+      dt: f(B * T * H, 0.2, [B, T, H]),
+      A: f(H, -1, [H]),
+      B: f(B * T * N, 0.5, [B, T, 1, N]),
+      C: f(B * T * N, 0.4, [B, T, 1, N]),
+      D: f(H, 0.5, [H]),
+      z: f(B * T * H * P, 0.1, [B, T, H, P]),
+    };
+    const h0 = f(B * H * P * N, 0.1, [B, H, P, N]);
+    const dy = f(B * T * H * P, 0.1, [B, T, H, P]);
+    const state = f(B * H * P * N, 0.1, [B, H, P, N]);
+    const one = {
+      x: f(B * H * P, 0.3, [B, H, P]),
+      dt: f(B * H, 0.2, [B, H]),
+      A: m.A,
+      B: f(B * N, 0.5, [B, 1, N]),
+      C: f(B * N, 0.4, [B, 1, N]),
+    };
+    const run = () => {
+      const a = rk.ops.mamba2Scan.forward(m, { dtSoftplus: true, initialStates: h0, returnFinalStates: true });
+      const ag = rk.ops.mamba2Scan.backward(a.ctx, { y: dy, finalStates: a.outputs.finalStates });
+      for (const t of [a.outputs.y, a.outputs.finalStates, ...Object.values(ag)]) t?.dispose();
+      rk.disposeCtx(a.ctx);
+      const i = rk.mamba2Scan(m, { returnFinalStates: true });
+      i.y.dispose();
+      i.finalStates?.dispose();
+      const s = rk.mamba2StateUpdate({ state, ...one }, { returnIntermediateStates: true });
+      s.y.dispose();
+      s.intermediateStates?.dispose();
+    };
+    expectFlat(device, run, 50);
+  });
+
   it('tensors that are never disposed are reclaimed by the garbage collector', async () => {
     expect(global.gc, 'tests run with --expose-gc').toBeTypeOf('function');
     const before = rk.memory()[device].tensors;

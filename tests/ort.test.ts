@@ -19,6 +19,7 @@ import { tensor, values } from './helpers';
 import { fusedRnnRef } from './reference/fusedRnn';
 import { gatedDeltaRuleRef } from './reference/gatedDeltaRule';
 import { linearAttentionRef, type Rule } from './reference/linearAttention';
+import { mamba2Ref } from './reference/mamba2';
 import { freshSeed, normal, relErr, rng, uniform } from './reference/util';
 // @ts-expect-error: a JavaScript module without type declarations
 import { ortGatedDeltaNet, ortGru, ortLinearAttention, ortLstm, ortStatus } from '../bench/peers/ort.mjs';
@@ -397,5 +398,92 @@ describe('linearAttention vs ONNX Runtime com.microsoft.LinearAttention', () => 
     );
     compare('o', values(ours.o), out.output, ref.o);
     compare('final state', values(ours.finalState!), out.present_state, ref.finalState);
+  });
+});
+
+// Mamba-2 is gated linear attention: ORT's LinearAttention ('gated') with q = C, k = B (the groups as
+// query and key heads), v = d x, decay d A, scale 1 and the state transposed per head, plus D x and
+// the z gate (applied here in float64 to ORT's output), must give mamba2Scan's y and final states.
+describe('mamba2Scan vs ONNX Runtime com.microsoft.LinearAttention (gated)', () => {
+  it.each([
+    ['one group, D and z, initial states', 1, true],
+    ['two groups, no D or z', 2, false],
+  ] as const)('%s', async (_n, G, extras) => {
+    const batch = 2,
+      T = 9,
+      H = 4,
+      P = 5,
+      N = 6;
+    const x = f32(normal(rand, batch * T * H * P)),
+      dtRaw = f32(uniform(rand, batch * T * H, -3, 1)),
+      A = f32(uniform(rand, H, -2, -0.2)),
+      B = f32(normal(rand, batch * T * G * N, 0.5)),
+      C = f32(normal(rand, batch * T * G * N, 0.5)),
+      D = f32(normal(rand, H)),
+      z = f32(normal(rand, batch * T * H * P)),
+      h0 = f32(normal(rand, batch * H * P * N, 0.5));
+    const ours = rk.mamba2Scan(
+      {
+        x: tensor(x, [batch, T, H, P]),
+        dt: tensor(dtRaw, [batch, T, H]),
+        A: tensor(A, [H]),
+        B: tensor(B, [batch, T, G, N]),
+        C: tensor(C, [batch, T, G, N]),
+        D: extras ? tensor(D, [H]) : null,
+        z: extras ? tensor(z, [batch, T, H, P]) : null,
+      },
+      { dtSoftplus: true, initialStates: extras ? tensor(h0, [batch, H, P, N]) : null, returnFinalStates: true },
+    );
+    // The time steps as float32 (what ORT gets), v = d x and the decay d A.
+    const d = Float32Array.from(dtRaw, (v) => (v > 20 ? v : Math.log1p(Math.exp(v))));
+    const v = Float32Array.from(x, (xv, i) => Math.fround(xv * d[Math.floor(i / P)]));
+    const decay = Float32Array.from(d, (dv, i) => dv * A[i % H]);
+    // (p, n) state per head -> ORT's (K = n, V = p), and back.
+    const swap = (s: ArrayLike<number>, rows: number, cols: number) =>
+      Float32Array.from({ length: s.length }, (_, i) => {
+        const m = Math.floor(i / (rows * cols)),
+          r = Math.floor(i / cols) % rows,
+          c = i % cols;
+        return s[m * rows * cols + c * rows + r];
+      });
+    const session = need(
+      await ortLinearAttention({
+        batch,
+        T,
+        H: G,
+        HV: H,
+        Hk: G,
+        K: N,
+        V: P,
+        scale: 1,
+        threads: 1,
+        initialState: extras,
+        rule: 'gated',
+      }),
+    );
+    const out = await session.run({
+      query: Float32Array.from(C),
+      key: Float32Array.from(B),
+      value: v,
+      decay,
+      ...(extras ? { past_state: swap(h0, N, P) } : {}),
+    });
+    await session.close();
+    const ortY = Float64Array.from(out.output as ArrayLike<number>, (o, i) => {
+      if (!extras) return o;
+      const h = Math.floor(i / P) % H;
+      return (o + D[h] * x[i]) * (z[i] / (1 + Math.exp(-z[i])));
+    });
+    const ref = mamba2Ref(
+      { x, dt: dtRaw, A, B, C, D: extras ? D : null, z: extras ? z : null },
+      { batch, T, H, P, G, N, dtSoftplus: true, initialStates: extras ? h0 : null },
+    );
+    compare('y', values(ours.y), ortY, ref.y);
+    compare(
+      'final states',
+      values(ours.finalStates!),
+      swap(out.present_state as ArrayLike<number>, P, N),
+      ref.finalStates,
+    );
   });
 });

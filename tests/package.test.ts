@@ -52,6 +52,7 @@ describe('package entry points', () => {
         'gatedDeltaRule',
         'linearAttention',
         'linearScan',
+        'mamba2Scan',
         'newtonRnn',
         'selectiveScan',
         'toTf',

@@ -153,6 +153,26 @@ const cases: Case[] = [
     run: ({ initialState, ...x }) =>
       rkTf.causalConv1d(x as never, { initialState, activation: 'silu', dilation: 2, returnFinalState: true }),
   },
+  {
+    name: 'mamba2Scan softplus, D per channel, z gate, two groups',
+    hooks: rk.ops.mamba2Scan as never,
+    outputs: ['y', 'finalStates'],
+    inputs: () => ({
+      x: tfRand([2, 9, 4, 3]),
+      dt: tfRand([2, 9, 4]),
+      A: tfRand([4], 0.3),
+      B: tfRand([2, 9, 2, 5]),
+      C: tfRand([2, 9, 2, 5]),
+      D: tfRand([4, 3]),
+      z: tfRand([2, 9, 4, 3]),
+      dtBias: tfRand([4], 0.3),
+      initialStates: tfRand([2, 4, 3, 5], 0.3),
+    }),
+    optionTensors: ['initialStates'],
+    options: { dtSoftplus: true, returnFinalStates: true },
+    run: ({ initialStates, ...x }) =>
+      rkTf.mamba2Scan(x as never, { initialStates, dtSoftplus: true, returnFinalStates: true }),
+  },
 ];
 
 describe('recurrent-kernels/tfjs', () => {

@@ -27,6 +27,13 @@ float scaleField(Napi::Env env, const Napi::Object& cfg, const char* op) {
   return float(s);
 }
 
+float boundField(Napi::Env env, const Napi::Object& cfg, const char* name, const char* op) {
+  Napi::Value v = cfg.Get(name);
+  const double x = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : NAN;
+  if (std::isnan(x)) throwError(env, code::kArgument, std::string(op) + ": " + name + " must be a number");
+  return float(x);
+}
+
 int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op) {
   int64_t p = 1;
   for (int64_t x : xs) p = checkedProduct(env, p, x, op);

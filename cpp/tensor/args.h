@@ -33,6 +33,8 @@ int64_t intField(Napi::Env env, const Napi::Object& o, const char* name, const c
 inline bool flagField(const Napi::Object& o, const char* name) { return o.Get(name).ToBoolean().Value(); }
 // o.scale as a float32 that is finite (ERR_ARGUMENT otherwise: 1e39 is a finite double, not float).
 float scaleField(Napi::Env env, const Napi::Object& o, const char* op);
+// o[name] as a float32 bound (infinities allowed, NaN and non-numbers ERR_ARGUMENT).
+float boundField(Napi::Env env, const Napi::Object& o, const char* name, const char* op);
 // The product of xs, throwing ERR_SHAPE instead of overflowing.
 int64_t product(Napi::Env env, std::initializer_list<int64_t> xs, const char* op);
 

@@ -168,6 +168,31 @@ export interface NativeModule {
   linearAttentionGatesBackward(
     req: Request<LinearGateTensors, LinearGateConfig, { dg: Storage | null; dbeta: Storage | null }>,
   ): { ddecay: Storage | null; dbeta: Storage | null; daLog: Storage | null; ddtBias: Storage | null };
+  mamba2Prepare(req: Request<Mamba2GateTensors, Mamba2GateConfig>): { g: Storage; v: Storage };
+  mamba2Finish(req: Request<Mamba2GateTensors & { o: Storage }, Mamba2GateConfig>): { y: Storage };
+  mamba2FinishBackward(req: Request<Mamba2GateTensors & { o: Storage }, Mamba2GateConfig, { dy: Storage }>): {
+    dO: Storage;
+    dz: Storage;
+  };
+  mamba2PrepareBackward(
+    req: Request<Mamba2GateTensors, Mamba2GateConfig, { dO: Storage | null; dv: Storage; dg: Storage }>,
+  ): { dx: Storage; ddt: Storage; dA: Storage; dDtBias: Storage | null; dD: Storage | null };
+  mamba2TransposeStates(req: Request<{ src: Storage }, { count: number; rows: number; cols: number }>): {
+    dst: Storage;
+  };
+  mamba2Step(
+    req: Request<
+      Mamba2GateTensors & { state: Storage; B: Storage; C: Storage },
+      Mamba2GateConfig & {
+        batch: number;
+        tokens: number;
+        G: number;
+        N: number;
+        updateState: boolean;
+        returnIntermediate: boolean;
+      }
+    >,
+  ): { y: Storage; intermediate: Storage | null };
   fusedRnnForward(req: Request<FusedRnnTensors, FusedRnnConfig & { lengths: Int32Array | null; training: boolean }>): {
     h: Storage;
     finalStates: Storage;
@@ -303,6 +328,26 @@ export interface LinearGateConfig {
   sigmoid: boolean;
   betaHeads: number;
   dtBiasPerKey: boolean;
+}
+
+/** Mamba-2's glue around the scan (cpp/ops/ssd/mamba2_binding.cc); each kernel reads what it needs. */
+export interface Mamba2GateTensors {
+  x: Storage;
+  dt?: Storage | null;
+  A?: Storage | null;
+  dtBias?: Storage | null;
+  D?: Storage | null;
+  z?: Storage | null;
+}
+export interface Mamba2GateConfig {
+  rows: number;
+  H: number;
+  P: number;
+  dtSoftplus: boolean;
+  clamp: boolean;
+  dtMin: number;
+  dtMax: number;
+  dPerChannel: boolean;
 }
 
 export interface GatedDeltaTensors {

@@ -600,3 +600,6 @@ const op = defineOp<
 });
 
 export const linearAttention = withInference(op, run);
+
+/** The steps of the forward (keep: also its ctx) and of the backward, for ops built on this one. */
+export const linearAttentionSteps = { run, backward };

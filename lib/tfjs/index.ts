@@ -243,6 +243,10 @@ export const linearAttention = bridge<Tf<rk.LinearAttentionInputs>, Tf<rk.Linear
     ['windowStates'],
   ),
 ) as (inputs: Tf<rk.LinearAttentionInputs>, options?: Tf<rk.LinearAttentionOptions>) => Tf<rk.LinearAttentionOutputs>;
+export const mamba2Scan = bridge<Tf<rk.Mamba2ScanInputs>, Tf<rk.Mamba2ScanOutputs>>(
+  'mamba2Scan',
+  asBridged(rk.mamba2Scan, rk.mamba2Scan, ['x', 'dt', 'A', 'B', 'C', 'D', 'z', 'dtBias', 'initialStates']),
+) as (inputs: Tf<rk.Mamba2ScanInputs>, options?: Tf<rk.Mamba2ScanOptions>) => Tf<rk.Mamba2ScanOutputs>;
 export const causalConv1d = bridge<Tf<rk.CausalConv1dInputs>, Tf<rk.CausalConv1dOutputs>>(
   'causalConv1d',
   asBridged(rk.causalConv1d, rk.causalConv1d, ['x', 'weight', 'bias', 'initialState'], ['windowStates']),
