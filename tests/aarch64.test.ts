@@ -230,6 +230,7 @@ const ops = [
   'gatedDeltaRuleStep',
   'linearAttention',
   'causalConv1d',
+  'mamba2',
   'fusedRnn',
   'newtonRnn',
   'linearScan',

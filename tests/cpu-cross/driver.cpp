@@ -1,8 +1,8 @@
 // Runs the `base` instruction-set variant of every CPU kernel (selective scan, gated delta rule,
-// linear attention, causal conv, fused cells, Newton RNN: forward, backward and the decode steps),
-// and the linear scan (a
-// header-only kernel shared by every variant, with SSE tile transposes on x86 and plain loops
-// elsewhere), on fixed pseudo-random inputs at awkward sizes, and writes every output array as raw
+// linear attention, causal conv, Mamba-2's gate and decode step, fused cells, Newton RNN: forward,
+// backward and the decode steps), and the linear scan (a header-only kernel shared by every variant,
+// with SSE tile transposes on x86 and plain loops elsewhere), on fixed pseudo-random inputs at
+// awkward sizes, and writes every output array as raw
 // little-endian float32 to one binary file, with a text index beside it (<out>.txt: one line
 // "name count kind" per array, in file order; kind is f32, or bf16 for an array stored as bfloat16
 // and widened to float32 here).
@@ -41,6 +41,7 @@
 #include "ops/newton/newton_rnn_cpu.h"
 #include "ops/scan/linear_scan_cpu.h"
 #include "ops/scan/selective_scan_cpu.h"
+#include "ops/ssd/mamba2_cpu.h"
 #include "tensor/dtype.h"
 
 // The vector width the base variant is compiled with, taken from the same region header the
@@ -489,6 +490,76 @@ void runConv(Out& out, const ConvCase& c, uint64_t seed) {
   out.buf("dh0", dh0);
 }
 
+// ---- Mamba-2 (the kernels around the scan, and the decode step) ----
+
+void gateForward(const rkcuda::Mamba2GateArgs& a, const void* o, void* y) {
+  ++kernelCalls;
+  rk::ssd::mamba2FinishCpu(a, o, y);
+}
+void gateBackward(const rkcuda::Mamba2GateArgs& a, const void* o, const void* dy, void* dO, void* dz) {
+  ++kernelCalls;
+  rk::ssd::mamba2FinishBackwardCpu(a, o, dy, dO, dz);
+}
+
+struct Mamba2Case {
+  const char* name;
+  DType dt;
+  int64_t batch, T, H, P, G, N;
+  bool softplus, clamp, dPerChannel;
+};
+
+// The time step, the output gate and their backward, the state transposes, and the decode step
+// (the scan itself is linear attention's, checked above). Only the gate is dispatched per variant.
+void runMamba2(Out& out, const Mamba2Case& c, uint64_t seed) {
+  Rng rng(seed);
+  rkcuda::Mamba2GateArgs a;
+  a.dt = c.dt;
+  a.rows = c.batch * c.T, a.H = c.H, a.P = c.P;
+  a.dtSoftplus = c.softplus, a.clamp = c.clamp, a.dPerChannel = c.dPerChannel;
+  a.dtMin = 0.1f, a.dtMax = 0.9f;
+  const int64_t n = a.rows * c.H * c.P, heads = a.rows * c.H, dW = c.dPerChannel ? c.H * c.P : c.H;
+  const Buf x(c.dt, rng.vec(n, -1.0f, 1.0f)), dt(c.dt, rng.vec(heads, -2.0f, 1.5f)), z(c.dt, rng.vec(n, -3.0f, 3.0f)),
+      o(c.dt, rng.vec(n, -1.0f, 1.0f)), dy(c.dt, rng.vec(n, -1.0f, 1.0f)), dv(c.dt, rng.vec(n, -1.0f, 1.0f));
+  const std::vector<float> A = rng.vec(c.H, -2.0f, -0.1f), bias = rng.vec(c.H, -0.5f, 0.5f),
+                           D = rng.vec(dW, -1.0f, 1.0f), dg = rng.vec(heads, -1.0f, 1.0f);
+  a.x = x.cdata(), a.dtIn = dt.cdata(), a.A = A.data(), a.dtBias = bias.data(), a.D = D.data(), a.z = z.cdata();
+  std::vector<float> g = overwrittenF(heads);
+  Buf v = overwritten(c.dt, n), y = overwritten(c.dt, n), dO = overwritten(c.dt, n), dz = overwritten(c.dt, n);
+  rk::ssd::mamba2PrepareCpu(a, g.data(), v.data());
+  gateForward(a, o.cdata(), y.data());
+  gateBackward(a, o.cdata(), dy.cdata(), dO.data(), dz.data());
+  out.f32("g", g);
+  out.buf("v", v);
+  out.buf("y", y);
+  out.buf("dO", dO);
+  out.buf("dz", dz);
+  Buf dx = overwritten(c.dt, n), ddt = overwritten(c.dt, heads);
+  std::vector<float> dA = zeroedF(c.H), dBias = zeroedF(c.H), dD = zeroedF(dW);
+  rk::ssd::mamba2PrepareBackwardCpu(a, dO.cdata(), dv.cdata(), dg.data(), dx.data(), ddt.data(), dA.data(),
+                                    dBias.data(), dD.data());
+  out.buf("dx", dx);
+  out.buf("ddt", ddt);
+  out.f32("dA", dA);
+  out.f32("dDtBias", dBias);
+  out.f32("dD", dD);
+  const std::vector<float> s0 = rng.vec(c.batch * c.H * c.P * c.N, -1.0f, 1.0f);
+  std::vector<float> sT = overwrittenF(int64_t(s0.size()));
+  rk::ssd::mamba2TransposeStatesCpu(s0.data(), sT.data(), c.batch * c.H, c.P, c.N);
+  out.f32("transposed", sT);
+  rkcuda::Mamba2StepArgs st;
+  st.gate = a;
+  st.batch = c.batch, st.T = c.T, st.G = c.G, st.N = c.N;
+  const Buf B(c.dt, rng.vec(a.rows * c.G * c.N, -1.0f, 1.0f)), C(c.dt, rng.vec(a.rows * c.G * c.N, -1.0f, 1.0f));
+  st.B = B.cdata(), st.C = C.cdata();
+  std::vector<float> state = s0, inter = overwrittenF(a.rows * c.H * c.P * c.N);
+  st.state = state.data(), st.update = true, st.intermediate = inter.data();
+  Buf ys = overwritten(c.dt, n);
+  rk::ssd::mamba2StepCpu(st, ys.data());
+  out.buf("step.y", ys);
+  out.f32("step.state", state);
+  out.f32("step.intermediate", inter);
+}
+
 // ---- gated delta rule ----
 
 struct DeltaCase {
@@ -905,6 +976,18 @@ int main(int argc, char** argv) {
     for (const ConvCase& c : cases) {
       out.prefix = std::string("causalConv1d.") + c.name + ".";
       runConv(out, c, seed++);
+    }
+  });
+
+  section("mamba2", [&] {
+    const Mamba2Case cases[] = {
+        {"softplus", DType::F32, 2, 37, 3, 21, 1, 7, true, false, false},
+        {"clampPerChannel", DType::F32, 1, 70, 4, 5, 2, 16, false, true, true},
+        {"bf16", DType::BF16, 2, 9, 2, 64, 2, 33, true, true, false},
+    };
+    for (const Mamba2Case& c : cases) {
+      out.prefix = std::string("mamba2.") + c.name + ".";
+      runMamba2(out, c, seed++);
     }
   });
 
