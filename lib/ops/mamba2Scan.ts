@@ -76,6 +76,7 @@ export interface Mamba2ScanOutputs {
   y: Tensor;
   finalStates: Tensor | null;
 }
+/** Every tensor of the op, the optional ones null when absent: its gradients, and what its ctx keeps. */
 export interface Mamba2ScanGrads {
   x: Tensor;
   dt: Tensor;
@@ -87,18 +88,8 @@ export interface Mamba2ScanGrads {
   dtBias: Tensor | null;
   initialStates: Tensor | null;
 }
+type Saved = Mamba2ScanGrads;
 
-interface Saved {
-  x: Tensor;
-  dt: Tensor;
-  A: Tensor;
-  B: Tensor;
-  C: Tensor;
-  D: Tensor | null;
-  z: Tensor | null;
-  dtBias: Tensor | null;
-  initialStates: Tensor | null;
-}
 export interface Mamba2ScanCtx {
   inputs: Saved;
   /** The scan's ctx (linear attention's), and what it reads: v = d x, g = d A, the initial states transposed. */
