@@ -8,9 +8,12 @@
 // timed against it, in the same process and thread count; ORT then does no softplus, D or gate, so
 // the 'scan' rows are the like-for-like comparison), fwd (the forward hook, keeping what the backward
 // needs), fwd+bwd ("x fwd": its time over the forward's).
+// On CUDA the peers are mamba_ssm's mamba_chunk_scan_combined (Triton) when importable and the chunked
+// SSD form in plain PyTorch (bench/peers/mamba2.py), timed against fwd and fwd+bwd.
 // TFLOP/s counts 4 * headdim * dstate flops per token and head (the state update and the output).
 import { disposeAll, timeIt, uniformArray as uniform } from '../timing.mjs';
 import { ortLinearAttention, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
+import { runPythonPeer } from '../peers/run.mjs';
 
 const SIZES = {
   cpu: [
@@ -42,6 +45,16 @@ export default {
     });
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
     const ortPeers = device === 'cpu' && peers;
+    const pyTimes = device === 'cuda' && peers ? runPythonPeer('mamba2.py', { sizes, dtypes: [dtype] }) : null;
+    const pyPeers = (size, tag, pass) =>
+      Object.fromEntries(
+        [
+          ['mamba_ssm', 'mamba_ssm'],
+          ['torch', 'PyTorch'],
+        ]
+          .map(([impl, label]) => [label, pyTimes?.[`${size}/${dtype}/${tag}/${impl}/${pass}`]])
+          .filter(([, ms]) => ms != null),
+      );
     if (ortPeers && !ortStatus().ok) console.log(`${ORT_LA}: ORT not installed (${ortStatus().reason})`);
     const matmulRate = device === 'cpu' && ceilings?.gflops != null ? ceilings.gflops / 1000 : null;
     console.log('TFLOP/s: 4*headdim*dstate flops per token and head (the forward recurrence); fwd+bwd counts 3x that');
@@ -131,9 +144,9 @@ export default {
           };
         }
         if (infer !== null) rows.push(row('infer', infer, flops, ort));
-        const bothRow = row('fwd+bwd', both, 3 * flops);
+        const bothRow = row('fwd+bwd', both, 3 * flops, pyPeers(size, tag, 'fwd+bwd'));
         bothRow.extra['x fwd'] = `${(both / fwd).toFixed(2)}x`;
-        rows.push(row('fwd', fwd, flops, infer === null ? ort : {}), bothRow);
+        rows.push(row('fwd', fwd, flops, infer === null ? { ...ort, ...pyPeers(size, tag, 'fwd') } : {}), bothRow);
         disposeAll(inputs);
         gy.dispose();
       }
