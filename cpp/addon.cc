@@ -26,7 +26,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   rk::registerNewtonRnn(env, exports);
   rk::registerLinearAttention(env, exports);
   rk::registerCausalConv1d(env, exports);
-  rk::registerMamba2(env, exports);
+  rk::registerMamba2Scan(env, exports);
   return exports;
 }
 

@@ -26,11 +26,11 @@ const OPS = [
   'newton-rnn',
   'linear-attention',
   'causal-conv1d',
-  'mamba2',
+  'mamba2-scan',
 ];
 // Ops benchmarked at their quick sizes only, to keep the whole run within its time (their CUDA paths
 // are the per-token recurrence and elementwise kernels: correctness first).
-const QUICK_ONLY = new Set(['linear-attention', 'causal-conv1d', 'mamba2']);
+const QUICK_ONLY = new Set(['linear-attention', 'causal-conv1d', 'mamba2-scan']);
 const SANITIZER_TOOLS = ['memcheck', 'racecheck', 'synccheck', 'initcheck'];
 
 /** The Markdown form of a report (exported for the tests). */

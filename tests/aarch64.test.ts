@@ -230,7 +230,7 @@ const ops = [
   'gatedDeltaRuleStep',
   'linearAttention',
   'causalConv1d',
-  'mamba2',
+  'mamba2Scan',
   'fusedRnn',
   'newtonRnn',
   'linearScan',

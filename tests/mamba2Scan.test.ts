@@ -6,7 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import * as rk from '../lib/index';
 import { expectError, hasCuda, tensor, tolerance, values } from './helpers';
-import { mamba2Ref, mamba2RefBackward, mamba2StepRef, type Mamba2RefOptions } from './reference/mamba2';
+import { mamba2Ref, mamba2RefBackward, mamba2StepRef, type Mamba2RefOptions } from './reference/mamba2Scan';
 import { freshSeed, normal, relErr, rng, uniform } from './reference/util';
 
 const seed = freshSeed();

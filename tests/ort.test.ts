@@ -19,7 +19,7 @@ import { tensor, values } from './helpers';
 import { fusedRnnRef } from './reference/fusedRnn';
 import { gatedDeltaRuleRef } from './reference/gatedDeltaRule';
 import { linearAttentionRef, type Rule } from './reference/linearAttention';
-import { mamba2Ref } from './reference/mamba2';
+import { mamba2Ref } from './reference/mamba2Scan';
 import { freshSeed, normal, relErr, rng, uniform } from './reference/util';
 // @ts-expect-error: a JavaScript module without type declarations
 import { ortGatedDeltaNet, ortGru, ortLinearAttention, ortLstm, ortStatus } from '../bench/peers/ort.mjs';

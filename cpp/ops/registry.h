@@ -12,5 +12,5 @@ void registerFusedRnn(Napi::Env env, Napi::Object exports);         // fusedRnnF
 void registerNewtonRnn(Napi::Env env, Napi::Object exports);        // newtonRnnForward / Backward
 void registerLinearAttention(Napi::Env env, Napi::Object exports);  // linearAttentionForward / Backward / Step / Gates
 void registerCausalConv1d(Napi::Env env, Napi::Object exports);     // causalConv1dForward / Backward
-void registerMamba2(Napi::Env env, Napi::Object exports);           // mamba2Prepare / Finish / ... / Step (the glue)
+void registerMamba2Scan(Napi::Env env, Napi::Object exports);       // mamba2Prepare / Finish / ... / Step (the glue)
 }  // namespace rk

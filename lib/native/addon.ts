@@ -330,7 +330,7 @@ export interface LinearGateConfig {
   dtBiasPerKey: boolean;
 }
 
-/** Mamba-2's glue around the scan (cpp/ops/ssd/mamba2_binding.cc); each kernel reads what it needs. */
+/** Mamba-2's glue around the scan (cpp/ops/ssd/mamba2_scan_binding.cc); each kernel reads what it needs. */
 export interface Mamba2GateTensors {
   x: Storage;
   dt?: Storage | null;

@@ -41,7 +41,7 @@
 #include "ops/newton/newton_rnn_cpu.h"
 #include "ops/scan/linear_scan_cpu.h"
 #include "ops/scan/selective_scan_cpu.h"
-#include "ops/ssd/mamba2_cpu.h"
+#include "ops/ssd/mamba2_scan_cpu.h"
 #include "tensor/dtype.h"
 
 // The vector width the base variant is compiled with, taken from the same region header the
@@ -988,14 +988,14 @@ int main(int argc, char** argv) {
     }
   });
 
-  section("mamba2", [&] {
+  section("mamba2Scan", [&] {
     const Mamba2Case cases[] = {
         {"softplus", DType::F32, 2, 37, 3, 21, 1, 7, true, false, false},
         {"clampPerChannel", DType::F32, 1, 70, 4, 5, 2, 16, false, true, true},
         {"bf16", DType::BF16, 2, 9, 2, 64, 2, 33, true, true, false},
     };
     for (const Mamba2Case& c : cases) {
-      out.prefix = std::string("mamba2.") + c.name + ".";
+      out.prefix = std::string("mamba2Scan.") + c.name + ".";
       runMamba2(out, c, seed++);
     }
   });

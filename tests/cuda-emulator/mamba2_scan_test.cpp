@@ -1,4 +1,4 @@
-// CPU test of the Mamba-2 (SSD) kernels (cuda/ssd/mamba2.cu, compiled unmodified) through the SIMT
+// CPU test of the Mamba-2 (SSD) kernels (cuda/ssd/mamba2_scan.cu, compiled unmodified) through the SIMT
 // emulator in emu.h. The real launchers run on small problems and every output is compared with a
 // float64 reference written here as plain loops (the reference backward checked against finite
 // differences of the reference forward):
@@ -18,10 +18,10 @@
 // must be freed; every kernel instantiation must run.
 // Prints failures and a summary line "<n> checks, <m> failures"; exits 1 on any failure. Built and
 // run by tests/cuda-emulator.test.ts; by hand (from the repository root):
-//   g++ -std=c++17 -O1 -fno-strict-aliasing -I<CUDA include dir> -Icuda tests/cuda-emulator/mamba2_test.cpp
+//   g++ -std=c++17 -O1 -fno-strict-aliasing -I<CUDA include dir> -Icuda tests/cuda-emulator/mamba2_scan_test.cpp
 #include "emu.h"
 // The kernels under test, after the emulator.
-#include "ssd/mamba2.cu"
+#include "ssd/mamba2_scan.cu"
 #include "harness.h"
 
 #include <chrono>

@@ -1,4 +1,4 @@
-// Mamba-2 (SSD) around linear attention's scan (cuda/ssd/mamba2.h): the gate and the output before
+// Mamba-2 (SSD) around linear attention's scan (cuda/ssd/mamba2_scan.h): the gate and the output before
 // and after the scan, forward and backward, the transposes between the two state layouts, and the
 // fused decode step, for F32/F16/BF16 storage with fp32 arithmetic and state.
 //
@@ -34,7 +34,7 @@
 #include "common/host.cuh"
 #include "common/launch.cuh"
 #include "common/math.cuh"
-#include "ssd/mamba2.h"
+#include "ssd/mamba2_scan.h"
 
 namespace rkcuda {
 namespace {

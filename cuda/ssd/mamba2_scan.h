@@ -1,5 +1,5 @@
-// Mamba-2 (SSD): the interface of cuda/ssd/mamba2.cu, the contract between the binding
-// (cpp/ops/ssd/mamba2_binding.cc) and the kernels (CPU: cpp/ops/ssd/mamba2_cpu.cc; CUDA: mamba2.cu).
+// Mamba-2 (SSD): the interface of cuda/ssd/mamba2_scan.cu, the contract between the binding
+// (cpp/ops/ssd/mamba2_scan_binding.cc) and the kernels (CPU: cpp/ops/ssd/mamba2_scan_cpu.cc; CUDA: mamba2_scan.cu).
 //
 // The scan runs on linear attention's kernels (cuda/attention/linear_attention.h, rule Gated): per
 // head h of a sequence, with d_t the effective time step and the state S (P x N) of the reference,

@@ -4,7 +4,7 @@
 #include <string>
 
 #include "ops/registry.h"
-#include "ops/ssd/mamba2_cpu.h"
+#include "ops/ssd/mamba2_scan_cpu.h"
 #include "tensor/args.h"
 #include "tensor/tensor.h"
 
@@ -195,7 +195,7 @@ Napi::Value Mamba2Step(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void registerMamba2(Napi::Env env, Napi::Object exports) {
+void registerMamba2Scan(Napi::Env env, Napi::Object exports) {
   exportFunction(env, exports, "mamba2Prepare", Mamba2Prepare);
   exportFunction(env, exports, "mamba2Finish", Mamba2Finish);
   exportFunction(env, exports, "mamba2FinishBackward", Mamba2FinishBackward);

@@ -10,7 +10,7 @@ import {
   type Mamba2RefGrads,
   type Mamba2RefInputs,
   type Mamba2RefOptions,
-} from './reference/mamba2';
+} from './reference/mamba2Scan';
 import { linearAttentionRef } from './reference/linearAttention';
 import { dot, finiteDifferences, freshSeed, normal, relErr, rng, uniform } from './reference/util';
 

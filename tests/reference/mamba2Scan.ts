@@ -1,6 +1,6 @@
 // Float64 oracle of Mamba-2 (SSD; mamba_ssm's mamba_chunk_scan_combined, and its decode step): the
 // plain per-token recurrence, and its gradients by reverse-mode differentiation written out token by
-// token (checked against finite differences in tests/mamba2Reference.test.ts).
+// token (checked against finite differences in tests/mamba2ScanReference.test.ts).
 //
 // Data: every array is flat, row-major, float64 or anything indexable; its shape comes from the dims
 // in the options, never from lengths.

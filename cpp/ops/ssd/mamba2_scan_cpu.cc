@@ -1,7 +1,7 @@
-// CPU kernels of Mamba-2 (cuda/ssd/mamba2.h): the time step's forward and the state transposes,
+// CPU kernels of Mamba-2 (cuda/ssd/mamba2_scan.h): the time step's forward and the state transposes,
 // compiled once (elementwise, a few bytes per flop; the loops vectorised by the compiler); the rest
-// per instruction-set variant in mamba2_cpu.inc, picked here per call.
-#include "ops/ssd/mamba2_cpu.h"
+// per instruction-set variant in mamba2_scan_cpu.inc, picked here per call.
+#include "ops/ssd/mamba2_scan_cpu.h"
 
 #include <algorithm>
 #include <cmath>

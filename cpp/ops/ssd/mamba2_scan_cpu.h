@@ -1,4 +1,4 @@
-// CPU kernels of Mamba-2 (cuda/ssd/mamba2.h): the elementwise time step and output gate around the
+// CPU kernels of Mamba-2 (cuda/ssd/mamba2_scan.h): the elementwise time step and output gate around the
 // scan (which runs on linear attention's kernels), the state transposes and the fused decode step.
 #pragma once
 #include <algorithm>
@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "common/isa.h"
-#include "cuda/ssd/mamba2.h"
+#include "cuda/ssd/mamba2_scan.h"
 #include "tensor/dtype.h"
 
 namespace rk::ssd {
@@ -42,7 +42,7 @@ void mamba2TransposeStatesCpu(const float* src, float* dst, int64_t count, int64
 void mamba2StepCpu(const Mamba2StepArgs& a, void* y);
 
 // The output gate, the time step's backward and the decode step are vectorised per instruction-set
-// variant (mamba2_cpu.inc).
+// variant (mamba2_scan_cpu.inc).
 #define RK_SSD_VARIANT_API(NS)                                                                                      \
   namespace NS {                                                                                                    \
   void mamba2FinishCpu(const Mamba2GateArgs& a, const void* o, void* y);                                            \

@@ -2,5 +2,5 @@
 #include "common/isa.h"
 #ifdef RK_X86_VARIANTS
 #define RK_ISA_LEVEL 2
-#include "ops/ssd/mamba2_cpu.inc"
+#include "ops/ssd/mamba2_scan_cpu.inc"
 #endif

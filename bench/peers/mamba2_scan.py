@@ -1,6 +1,6 @@
 """Peer for the Mamba-2 benchmark on CUDA: mamba_ssm's mamba_chunk_scan_combined, and plain PyTorch.
 
-Configuration of the benchmark (bench/ops/mamba2.mjs): x (batch, T, H, P), dt (batch, T, H), B, C
+Configuration of the benchmark (bench/ops/mamba2-scan.mjs): x (batch, T, H, P), dt (batch, T, H), B, C
 (batch, T, G, N) and z (batch, T, H, P) in the benchmark dtype; A (H) < 0, D (H) and dtBias (H)
 float32. The 'full' tag uses dt through softplus with dtBias, D and the z gate; the 'scan' tag the
 bare scan (dt is the time step itself, no D, no z). No initial or final states.

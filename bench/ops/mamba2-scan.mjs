@@ -9,7 +9,7 @@
 // the 'scan' rows are the like-for-like comparison), fwd (the forward hook, keeping what the backward
 // needs), fwd+bwd ("x fwd": its time over the forward's).
 // On CUDA the peers are mamba_ssm's mamba_chunk_scan_combined (Triton) when importable and the chunked
-// SSD form in plain PyTorch (bench/peers/mamba2.py), timed against fwd and fwd+bwd.
+// SSD form in plain PyTorch (bench/peers/mamba2_scan.py), timed against fwd and fwd+bwd.
 // TFLOP/s counts 4 * headdim * dstate flops per token and head (the state update and the output).
 import { disposeAll, timeIt, uniformArray as uniform } from '../timing.mjs';
 import { ortLinearAttention, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
@@ -45,7 +45,7 @@ export default {
     });
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
     const ortPeers = device === 'cpu' && peers;
-    const pyTimes = device === 'cuda' && peers ? runPythonPeer('mamba2.py', { sizes, dtypes: [dtype] }) : null;
+    const pyTimes = device === 'cuda' && peers ? runPythonPeer('mamba2_scan.py', { sizes, dtypes: [dtype] }) : null;
     const pyPeers = (size, tag, pass) =>
       Object.fromEntries(
         [
