@@ -92,6 +92,61 @@ const baselines = {
     inputs: { wx: T([2, 5, 3, 4]), R: T([3, 1, 4, 4]), b: T([3, 4]), h0: T([1, 2, 4]) },
     options: { cell: 'gru', maxIters: 20 },
   }),
+  linearAttention: () => ({
+    f: rk.linearAttention,
+    hooks: rk.ops.linearAttention,
+    inputs: { q: T([1, 5, 1, 4]), k: T([1, 5, 2, 4]), v: T([1, 5, 2, 3]), decay: T([1, 5, 2, 4]), beta: T([1, 5, 2]) },
+    options: {
+      updateRule: 'gated_delta',
+      gateActivation: 'qwen',
+      aLog: T([2]),
+      betaActivation: 'sigmoid',
+      qkL2Norm: true,
+      outputFinalState: true,
+      initialState: T([1, 2, 4, 3]),
+    },
+  }),
+  linearAttentionStep: () => ({
+    f: rk.linearAttentionStep,
+    inputs: { state: T([1, 2, 4, 3]), q: T([1, 2, 2, 4]), k: T([1, 2, 2, 4]), v: T([1, 2, 2, 3]), decay: T([1, 2, 2]) },
+    options: { updateRule: 'gated', returnIntermediateStates: true },
+  }),
+  causalConv1d: () => ({
+    f: rk.causalConv1d,
+    hooks: rk.ops.causalConv1d,
+    inputs: { x: T([2, 3, 7]), weight: T([3, 4]), bias: T([3]) },
+    options: { activation: 'silu', dilation: 2, initialState: T([2, 3, 6]), returnFinalState: true },
+  }),
+  mamba2Scan: () => ({
+    f: rk.mamba2Scan,
+    hooks: rk.ops.mamba2Scan,
+    inputs: {
+      x: T([2, 5, 4, 3]),
+      dt: T([2, 5, 4]),
+      A: T([4]),
+      B: T([2, 5, 2, 3]),
+      C: T([2, 5, 2, 3]),
+      D: T([4, 3]),
+      z: T([2, 5, 4, 3]),
+      dtBias: T([4]),
+    },
+    options: { dtSoftplus: true, dtLimit: [0.1, 5], initialStates: T([2, 4, 3, 3]), returnFinalStates: true },
+  }),
+  mamba2StateUpdate: () => ({
+    f: rk.mamba2StateUpdate,
+    inputs: {
+      state: T([2, 4, 3, 3]),
+      x: T([2, 4, 3]),
+      dt: T([2, 4]),
+      A: T([4]),
+      B: T([2, 2, 3]),
+      C: T([2, 2, 3]),
+      D: T([4]),
+      z: T([2, 4, 3]),
+      dtBias: T([4]),
+    },
+    options: { dtSoftplus: true, returnIntermediateStates: true },
+  }),
   add: () => ({ f: (x) => ({ out: rk.add(x?.a, x?.b) }), inputs: { a: T([3]), b: T([3]) }, options: undefined }),
   scale: () => ({ f: (x, o) => ({ out: rk.scale(x?.a, o) }), inputs: { a: T([3]) }, options: 2 }),
 };
@@ -178,7 +233,16 @@ function mutate(base) {
         what.push(`shape of ${k}`);
       }
     } else if (r < 0.75 && options && Object.getPrototypeOf(options) === Object.prototype) {
-      const k = pick([...Object.keys(options), 'cuSeqlens', 'scale', 'initialState', 'lengths', 'cell', 'bogus']);
+      const k = pick([
+        ...Object.keys(options),
+        'cuSeqlens',
+        'scale',
+        'initialState',
+        'stateWindow',
+        'lengths',
+        'cell',
+        'bogus',
+      ]);
       options[k] = pick(rand() < 0.5 ? junkValues() : junkTensors());
       what.push(`option ${k}`);
     } else if (r < 0.85) {
@@ -256,7 +320,16 @@ for (let i = 0; i < calls; i++) {
     }
   } else if (kind < 0.8) {
     // Backward hooks with a valid, a partial or an altered ctx, and junk gradients.
-    const name = pick(['linearScan', 'selectiveScan', 'gatedDeltaRule', 'fusedRnn', 'newtonRnn']);
+    const name = pick([
+      'linearScan',
+      'selectiveScan',
+      'gatedDeltaRule',
+      'linearAttention',
+      'causalConv1d',
+      'mamba2Scan',
+      'fusedRnn',
+      'newtonRnn',
+    ]);
     const base = baselines[name]();
     let ctx, outputs;
     try {
