@@ -142,14 +142,15 @@ export function gateConfig(
 }
 
 /**
- * Checks the inputs of a Mamba-2 scan or step (tokens: T) and the time-step options; returns the
- * sizes. `tokensName` names the time dimension in messages.
+ * Checks the inputs of a Mamba-2 scan or decode step and the time-step options; returns the sizes.
+ * With oneToken the inputs have no time dimension (a decode step's single token); `tokensName` names
+ * the time dimension in messages.
  */
 export function checkMamba2(
   op: string,
   inputs: Mamba2ScanInputs,
   opts: { dtSoftplus?: unknown; dtLimit?: unknown },
-  lead: readonly number[] | null,
+  oneToken: boolean,
   tokensName: string,
 ) {
   const { x, dt, A, B, C } = inputs;
@@ -157,8 +158,9 @@ export function checkMamba2(
     z = inputs.z ?? null,
     dtBias = inputs.dtBias ?? null;
   requireTensor(op, 'x', x);
-  const rank = lead ? lead.length + 2 : 4;
-  const xDims = lead ? `batch, nheads, headdim` : `batch, ${tokensName}, nheads, headdim`;
+  const rank = oneToken ? 3 : 4;
+  const lead = oneToken ? 'batch' : `batch, ${tokensName}`;
+  const xDims = `${lead}, nheads, headdim`;
   expectRank(op, 'x', x, rank, xDims);
   if (x.size === 0)
     throw new ShapeError(`${op}: x has shape [${x.shape.join(',')}]; every dimension must be at least 1`);
@@ -166,7 +168,6 @@ export function checkMamba2(
   const rows = x.shape.slice(0, rank - 2);
   const [H, P] = x.shape.slice(rank - 2);
   if (P > MAX_HEAD_DIM) throw new ShapeError(`${op}: x has headdim ${P}, expected at most ${MAX_HEAD_DIM}`);
-  const lead_ = lead ? `batch` : `batch, ${tokensName}`;
   const same = (name: string, t: Tensor | null | undefined, shape: number[], dims: string) => {
     requireTensor(op, name, t);
     expectShape(op, name, t, shape, dims, 'to match x');
@@ -179,15 +180,15 @@ export function checkMamba2(
     expectDType(op, name, t, ['float32']);
     expectDevice(op, name, t, x.device, 'to match x');
   };
-  same('dt', dt, [...rows, H], `${lead_}, nheads`);
+  same('dt', dt, [...rows, H], `${lead}, nheads`);
   float('A', A, [H], 'nheads');
   requireTensor(op, 'B', B);
-  expectRank(op, 'B', B, rank, `${lead_}, ngroups, dstate`);
+  expectRank(op, 'B', B, rank, `${lead}, ngroups, dstate`);
   const [G, N] = B.shape.slice(rank - 2);
-  same('B', B, [...rows, G, N], `${lead_}, ngroups, dstate`);
+  same('B', B, [...rows, G, N], `${lead}, ngroups, dstate`);
   if (G < 1 || H % G !== 0) throw new ShapeError(`${op}: B has ${G} groups, expected a divisor of x's ${H} heads`);
   if (N < 1 || N > MAX_HEAD_DIM) throw new ShapeError(`${op}: B has dstate ${N}, expected 1 to ${MAX_HEAD_DIM}`);
-  same('C', C, [...rows, G, N], `${lead_}, ngroups, dstate (as B)`);
+  same('C', C, [...rows, G, N], `${lead}, ngroups, dstate (as B)`);
   if (D !== null) {
     requireTensor(op, 'D', D);
     if (D.shape.length === 2) float('D', D, [H, P], 'nheads (or nheads, headdim)');
@@ -221,7 +222,7 @@ function prepare(op: string, inputs: Mamba2ScanInputs, options: Mamba2ScanOption
     'returnFinalStates',
     'cuSeqlens',
   ]);
-  const c = checkMamba2(op, inputs, opts, null, 'seqlen');
+  const c = checkMamba2(op, inputs, opts, false, 'seqlen');
   const [batch, T] = c.saved.x.shape;
   if (
     opts.chunkSize !== undefined &&

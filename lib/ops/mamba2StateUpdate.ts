@@ -56,7 +56,7 @@ function* steps(
       `${OP}: x must have rank 3 (batch, nheads, headdim) or 4 (batch, T, nheads, headdim), got rank ${x.shape.length}`,
     );
   const several = x.shape.length === 4;
-  const c = checkMamba2(OP, inputs, opts, several ? null : [x.shape[0]], 'T');
+  const c = checkMamba2(OP, inputs, opts, !several, 'T');
   const batch = x.shape[0],
     T = several ? x.shape[1] : 1;
   const { H, P, G, N } = c;
