@@ -10,7 +10,8 @@
 // solves, among them the full-Jacobian DEER step, fallback, backward); linear_attention_test.cpp the
 // linear-attention family (every rule, both decay shapes, grouped heads, window, decode, gate activations);
 // causal_conv1d_test.cpp the causal convolution with carry state; mamba2_scan_test.cpp Mamba-2's time-step,
-// skip and gate kernels, state transposes and decode step; fused_rnn_test.cpp the fused
+// skip and gate kernels, state transposes and decode step, and the whole scan composed with linear
+// attention's launchers, forward and backward; fused_rnn_test.cpp the fused
 // recurrent cells (Elman, LSTM, GRU, sLSTM; persistent, multi-block and stepwise paths, and the
 // emulator's cooperative launches). Needs the
 // toolkit's headers but no GPU, so CI checks the kernels' results too. Skipped when no toolkit

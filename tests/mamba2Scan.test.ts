@@ -159,7 +159,7 @@ const CASES: Case[] = [
     h0: true,
     cuSeqlens: [0, 0, 1, 66, 66, 70],
   },
-  { batch: 1, T: 40, H: 4, P: 5, G: 2, N: 4, softplus: true, cuSeqlens: [0, 9, 9, 30] },
+  { batch: 1, T: 40, H: 4, P: 5, G: 2, N: 4, D: 'channel', z: true, softplus: true, cuSeqlens: [0, 9, 9, 30] },
   { batch: 2, T: 20, H: 4, P: 8, G: 2, N: 16, D: 'head', z: true, softplus: true, h0: true, dtype: 'bfloat16' },
   { batch: 2, T: 20, H: 2, P: 8, G: 1, N: 16, D: 'channel', z: true, dtBias: true, softplus: true, dtype: 'float16' },
 ];

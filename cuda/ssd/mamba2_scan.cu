@@ -93,6 +93,10 @@ template <class T> __global__ void __launch_bounds__(kThreads) finishKernel(cons
   const T* z = static_cast<const T*>(a.z);
   for (int64_t e = first(); e < a.rows * a.H * a.P; e += stride()) {
     const int64_t p = e % a.P, h = e / a.P % a.H;
+    if (e / (a.H * a.P) >= a.validRows) {  // in no sequence
+      y[e] = fromFloat<T>(0.0f);
+      continue;
+    }
     float v = loadScalar(o + e);
     if (a.D != nullptr) v = fmaf(skipOf(a, h, p), loadScalar(x + e), v);
     if (z != nullptr) v *= silu(loadScalar(z + e));
@@ -107,6 +111,10 @@ __global__ void __launch_bounds__(kThreads)
   const T* z = static_cast<const T*>(a.z);
   for (int64_t e = first(); e < a.rows * a.H * a.P; e += stride()) {
     const int64_t p = e % a.P, h = e / a.P % a.H;
+    if (e / (a.H * a.P) >= a.validRows) {  // in no sequence
+      dO[e] = dz[e] = fromFloat<T>(0.0f);
+      continue;
+    }
     float pre = loadScalar(o + e);
     if (a.D != nullptr) pre = fmaf(skipOf(a, h, p), loadScalar(x + e), pre);
     const float zv = loadScalar(z + e), g = loadScalar(dy + e);
@@ -153,6 +161,11 @@ __global__ void __launch_bounds__(kThreads)
   float accA = 0.0f, accBias = 0.0f, headD = 0.0f;
   for (int64_t row = split * rowsPerSplit + warp; row < r1; row += kWarps) {
     const int64_t rh = row * a.H + h;
+    if (row >= a.validRows) {  // in no sequence: zero gradients, nothing summed
+      for (int64_t p = lane; p < a.P; p += 32) dx[rh * a.P + p] = fromFloat<T>(0.0f);
+      if (lane == 0) ddt[rh] = fromFloat<T>(0.0f);
+      continue;
+    }
     const TimeStep s = timeStep(a, loadScalar(dtIn + rh), h);
     float dd = 0.0f;
 #pragma unroll
@@ -312,6 +325,13 @@ Status checkTimeStepInputs(const Mamba2GateArgs& a, const std::string& fn) {
   return Status{};
 }
 
+// The arguments with validRows in [0, rows] (the kernels compare rows with it directly).
+Mamba2GateArgs withLiveRows(const Mamba2GateArgs& a) {
+  Mamba2GateArgs k = a;
+  k.validRows = a.liveRows();
+  return k;
+}
+
 }  // namespace
 
 Status mamba2Prepare(const Mamba2GateArgs& a, float* g, void* v) {
@@ -334,8 +354,8 @@ Status mamba2Finish(const Mamba2GateArgs& a, const void* o, void* y) {
   if (y == nullptr) return statusError(fn + ": null output");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
-    return launch(finishKernel<T>, blocksFor(a.rows * a.H * a.P), kThreads, 0, a, static_cast<const T*>(o),
-                  static_cast<T*>(y));
+    return launch(finishKernel<T>, blocksFor(a.rows * a.H * a.P), kThreads, 0, withLiveRows(a),
+                  static_cast<const T*>(o), static_cast<T*>(y));
   });
 }
 
@@ -348,8 +368,8 @@ Status mamba2FinishBackward(const Mamba2GateArgs& a, const void* o, const void* 
   if (dO == nullptr || dz == nullptr) return statusError(fn + ": null output");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
-    return launch(finishBackwardKernel<T>, blocksFor(a.rows * a.H * a.P), kThreads, 0, a, static_cast<const T*>(o),
-                  static_cast<const T*>(dy), static_cast<T*>(dO), static_cast<T*>(dz));
+    return launch(finishBackwardKernel<T>, blocksFor(a.rows * a.H * a.P), kThreads, 0, withLiveRows(a),
+                  static_cast<const T*>(o), static_cast<const T*>(dy), static_cast<T*>(dO), static_cast<T*>(dz));
   });
 }
 
@@ -375,7 +395,7 @@ Status mamba2PrepareBackward(const Mamba2GateArgs& a, const void* dO, const void
   if (blocks > INT_MAX) return statusError(fn + ": too many heads x rows for one launch");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
-    return launch(prepareBackwardKernel<T>, static_cast<unsigned>(blocks), kThreads, 0, a, rowsPerSplit,
+    return launch(prepareBackwardKernel<T>, static_cast<unsigned>(blocks), kThreads, 0, withLiveRows(a), rowsPerSplit,
                   static_cast<const T*>(a.D != nullptr ? dO : nullptr), static_cast<const T*>(dv), dg,
                   static_cast<T*>(dx), static_cast<T*>(ddt), dA, dDtBias, a.D != nullptr ? dD : nullptr);
   });

@@ -25,6 +25,11 @@ struct Mamba2GateArgs {
   int64_t rows = 0, H = 0, P = 0;
   bool dtSoftplus = false, clamp = false, dPerChannel = false;
   float dtMin = 0.0f, dtMax = 0.0f;  // used when clamp
+  // Rows at or past validRows lie in no sequence (a packed batch's positions after its last
+  // sequence): mamba2Finish, mamba2FinishBackward and mamba2PrepareBackward write zeros there and add
+  // nothing from them to the sums. Negative: every row is in a sequence.
+  int64_t validRows = -1;
+  int64_t liveRows() const { return validRows < 0 || validRows > rows ? rows : validRows; }
   const void* x = nullptr;
   const void* dtIn = nullptr;
   const float* A = nullptr;

@@ -341,6 +341,8 @@ export interface Mamba2GateTensors {
 }
 export interface Mamba2GateConfig {
   rows: number;
+  /** Rows at or past this lie in no sequence (zero outputs and gradients); absent: every row. */
+  validRows?: number;
   H: number;
   P: number;
   dtSoftplus: boolean;

@@ -240,7 +240,9 @@ function prepare(op: string, inputs: Mamba2ScanInputs, options: Mamba2ScanOption
     expectDType(op, 'initialStates', h0, ['float32'], '(states are float32)');
     expectDevice(op, 'initialStates', h0, c.saved.x.device, 'to match x');
   }
-  return { c, batch, T, returnFinal, cuSeqlens, nseq, h0 };
+  // The kernels around the scan: positions after a packed batch's last sequence are in none.
+  const gate = { ...c.gate, validRows: cuSeqlens ? cuSeqlens[cuSeqlens.length - 1] : c.rows };
+  return { c, batch, T, returnFinal, cuSeqlens, nseq, h0, gate };
 }
 
 /** The states (count, rows, cols) as (count, cols, rows): between the reference's layout and the scan's. */
@@ -261,7 +263,7 @@ function* run(
   options: Mamba2ScanOptions,
   keep: boolean,
 ): Steps<{ outputs: Mamba2ScanOutputs; ctx: Mamba2ScanCtx | null }> {
-  const { c, batch, T, returnFinal, cuSeqlens, nseq, h0 } = prepare(OP, inputs, options);
+  const { c, batch, T, returnFinal, cuSeqlens, nseq, h0, gate: gateCfg } = prepare(OP, inputs, options);
   const { x, dt, A, B, C, D, z, dtBias } = c.saved;
   const dev = x.device;
   const { H, P, N } = c;
@@ -273,7 +275,7 @@ function* run(
         device: dev,
         dtype: x.dtype,
         tensors: { x: x.storage, dt: dt.storage, A: A.storage, dtBias: dtBias?.storage ?? null },
-        config: c.gate,
+        config: gateCfg,
       }),
     );
     const g = new Tensor(gate.g, [batch, T, H], 'float32', dev);
@@ -299,7 +301,7 @@ function* run(
           device: dev,
           dtype: x.dtype,
           tensors: { x: x.storage, o: o.storage, D: D?.storage ?? null, z: z?.storage ?? null },
-          config: c.gate,
+          config: gateCfg,
         }),
       );
       y = new Tensor(r.y, x.shape, x.dtype, dev);
@@ -424,7 +426,7 @@ function* backward(
           dtype: ctx.dtype,
           tensors: { x: x.storage, o: (ctx.o as Tensor).storage, D: D?.storage ?? null, z: z.storage },
           grads: { dy: dyv.storage },
-          config: c.gate,
+          config: p.gate,
         }),
       );
       dO = new Tensor(r.dO, x.shape, ctx.dtype, dev);
@@ -453,7 +455,7 @@ function* backward(
           D: D?.storage ?? null,
         },
         grads: { dO: D ? (dOv as Tensor).storage : null, dv: dv.storage, dg: dgv.storage },
-        config: c.gate,
+        config: p.gate,
       }),
     );
     const dInit = s.initialState && initialStates ? yield* transposeStates(s.initialState, nseq * H, N, P) : null;

@@ -11,7 +11,26 @@
 //   * mamba2TransposeStates on square, ragged and degenerate matrices;
 //   * mamba2Step for every dtype: T 1 and 3, G 1 and > 1, N 1, 7, 16, 64 and 256, P 1, 5 and 64,
 //     update and intermediate each on and off, every states-per-lane configuration;
-//   * arguments the launchers must refuse.
+//   * arguments the launchers must refuse;
+//   * end to end, the whole of rk.mamba2Scan on CUDA as lib/ops/mamba2Scan.ts composes it, through
+//     the real launchers of this file and of cuda/attention/linear_attention.cu (compiled into the
+//     same program), their argument structs filled as the bindings fill them (the sequence table,
+//     chunk and checkpoints of cpp/ops/attention/linear_attention_binding.cc). Forward:
+//     mamba2Prepare, the transpose of the initial states, linearAttentionForward (rule Gated, q = C,
+//     k = B with G heads each, H state heads, K = dstate, V = headdim, g = d A, scale 1), the
+//     transpose of the final states, mamba2Finish (with D or z); backward: mamba2FinishBackward
+//     (with z), the transpose of the final states' gradient, linearAttentionBackward,
+//     mamba2PrepareBackward, the transpose of dh0. y, the final states and every gradient (x, dt, A,
+//     B, C, D, z, dtBias, initial states) are compared with the sequential recurrence in float64
+//     (its backward by hand, checked against central differences of its forward) on the loss
+//     sum(y wy) + sum(finalStates wf): seqlen 1, 63, 65 and 257; H 4 with G 1 and 2; headdim 1, 16
+//     and 64; dstate 5 and 16; D absent, per head and per channel; z, softplus, dtBias, initial
+//     states and final states each on and off; one clamp case; batch 1 and 2; packed sequences
+//     (cuSeqlens: an empty sequence and a tail in no sequence, where y and the gradients of x, dt,
+//     z, B and C must be exactly 0; and packed sequences covering every position, with D); float32
+//     (forward 2e-5, gradients 1e-4, norm-wise) and two bfloat16 cases (3e-2; v = d x is rounded
+//     to the dtype there). The packed cases with a tail in no sequence run with and without D (the
+//     kernels after the scan take validRows, as the binding passes it).
 // Outputs are poisoned (NaN) before each call; sentinels around every output catch out-of-bounds
 // writes; outputs a call must leave alone (dDtBias and intermediate when null, the state without
 // update) must keep their bytes, and dD without D must be zeros; every stream-ordered allocation
@@ -22,6 +41,11 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "ssd/mamba2_scan.cu"
+// The scan the pipeline runs on. Both .cu files define rkcuda::{anonymous}::ceilDiv (the same
+// function); this one's is renamed so that they compile as one translation unit.
+#define ceilDiv linearAttentionCeilDiv
+#include "attention/linear_attention.cu"
+#undef ceilDiv
 #include "harness.h"
 
 #include <chrono>
@@ -537,6 +561,388 @@ void checkRefusals() {
   emu::launchLog.clear();
 }
 
+// ---- end to end: the pipeline of lib/ops/mamba2Scan.ts ----
+//
+// Forward: mamba2Prepare -> mamba2TransposeStates (initial states) -> linearAttentionForward (rule
+// Gated, q = C, k = B, v = d x, g = d A, scale 1) -> mamba2TransposeStates (final states) ->
+// mamba2Finish (D and z). Backward: mamba2FinishBackward (z) -> transpose of the final states'
+// gradient -> linearAttentionBackward -> mamba2PrepareBackward -> transpose of dh0. The argument
+// structs are filled as cpp/ops/attention/linear_attention_binding.cc fills them (its sequence table,
+// chunk and checkpoints) and cpp/ops/ssd/mamba2_scan_binding.cc; the reference is the sequential
+// recurrence in float64, its backward by hand (checked against finite differences).
+
+using rkcuda::ScanSegment;
+
+struct Scan {
+  Gate gate;  // rows = batch * T
+  int64_t batch = 1, T = 1, G = 1, N = 1;
+  std::vector<ScanSegment> segs;
+  bool packed = false, h0 = false, fin = false;
+  std::vector<double> B, C, s0, wy, wf;  // wy: the gradient of y; wf: of the final states (fin)
+  int64_t nseq() const { return static_cast<int64_t>(segs.size()); }
+  int64_t bcSize() const { return batch * T * G * N; }
+  int64_t stateSize() const { return nseq() * gate.H * gate.P * N; }
+};
+
+struct ScanRef {
+  std::vector<double> y, fin, dx, ddt, dA, dB, dC, dD, dz, dDtBias, ds0;
+};
+
+// y and the final states; with `grads` the gradients of sum(y wy) + sum(final wf).
+void scanReference(const Scan& s, bool grads, ScanRef* r) {
+  const Gate& G = s.gate;
+  const int64_t H = G.H, P = G.P, N = s.N, PN = P * N, perGroup = H / s.G;
+  r->y.assign(G.n(), 0.0), r->fin.assign(s.stateSize(), 0.0);
+  if (grads) {
+    r->dx.assign(G.n(), 0.0), r->ddt.assign(G.rows * H, 0.0), r->dA.assign(H, 0.0), r->dB.assign(s.bcSize(), 0.0);
+    r->dC.assign(s.bcSize(), 0.0), r->dD.assign(G.dSize(), 0.0), r->dz.assign(G.n(), 0.0), r->dDtBias.assign(H, 0.0);
+    r->ds0.assign(s.stateSize(), 0.0);
+  }
+  for (int64_t si = 0; si < s.nseq(); ++si) {
+    const ScanSegment& sg = s.segs[si];
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / perGroup, st = (si * H + h) * PN;
+      std::vector<double> S((sg.length + 1) * PN, 0.0);  // S[t] the state entering position t
+      if (s.h0) std::copy(s.s0.begin() + st, s.s0.begin() + st + PN, S.begin());
+      auto row = [&](int64_t t) { return sg.batch * s.T + sg.start + t; };
+      // The output of position t before the gate: o + D x.
+      auto pre = [&](int64_t t, int64_t p) {
+        const int64_t rw = row(t), e = (rw * H + h) * P + p;
+        const double* Ct = &s.C[(rw * s.G + g) * N];
+        double o = 0;
+        for (int64_t n = 0; n < N; ++n) o += S[(t + 1) * PN + p * N + n] * Ct[n];
+        return o + G.skip(h, p) * G.x[e];
+      };
+      for (int64_t t = 0; t < sg.length; ++t) {
+        const int64_t rw = row(t), rh = rw * H + h;
+        const double d = G.step(G.dt[rh], h), a = std::exp(d * G.A[h]);
+        const double* Bt = &s.B[(rw * s.G + g) * N];
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t e = rh * P + p;
+          for (int64_t n = 0; n < N; ++n) S[(t + 1) * PN + p * N + n] = a * S[t * PN + p * N + n] + d * G.x[e] * Bt[n];
+          const double v = pre(t, p);
+          r->y[e] = G.z ? v * G.zv[e] * sigmoid(G.zv[e]) : v;
+        }
+      }
+      std::copy(S.begin() + sg.length * PN, S.begin() + (sg.length + 1) * PN, r->fin.begin() + st);
+      if (!grads) continue;
+      std::vector<double> dS(PN, 0.0);
+      if (s.fin) std::copy(s.wf.begin() + st, s.wf.begin() + st + PN, dS.begin());
+      for (int64_t t = sg.length - 1; t >= 0; --t) {
+        const int64_t rw = row(t), rh = rw * H + h;
+        double grad;
+        const double d = G.step(G.dt[rh], h, &grad), a = std::exp(d * G.A[h]);
+        const int64_t bc = (rw * s.G + g) * N;
+        double dd = 0, sdot = 0;
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t e = rh * P + p;
+          const double xv = G.x[e];
+          double dpre = s.wy[e];
+          if (G.z) {
+            const double zv = G.zv[e], sg2 = sigmoid(zv);
+            r->dz[e] = dpre * pre(t, p) * sg2 * (1 + zv * (1 - sg2));
+            dpre *= zv * sg2;
+          }
+          if (G.dMode != 0) r->dD[G.dMode == 2 ? h * P + p : h] += dpre * xv;
+          r->dx[e] += G.skip(h, p) * dpre;
+          for (int64_t n = 0; n < N; ++n) {
+            double& ds = dS[p * N + n];
+            ds += dpre * s.C[bc + n];
+            r->dC[bc + n] += dpre * S[(t + 1) * PN + p * N + n];
+            r->dB[bc + n] += ds * d * xv;
+            r->dx[e] += ds * d * s.B[bc + n];
+            dd += ds * xv * s.B[bc + n];
+            sdot += ds * S[t * PN + p * N + n];
+          }
+        }
+        dd += G.A[h] * a * sdot;
+        r->dA[h] += d * a * sdot;
+        r->ddt[rh] = dd * grad;
+        r->dDtBias[h] += r->ddt[rh];
+        for (double& ds : dS) ds *= a;
+      }
+      std::copy(dS.begin(), dS.end(), r->ds0.begin() + st);
+    }
+  }
+}
+
+// The sequence table as the binding builds it (parseSegments): one whole sequence per row, or the
+// packed sequences of cuSeqlens in row 0; chunk offsets in linear attention's chunk.
+void setSegments(Scan* s, const std::vector<int64_t>& cu) {
+  s->segs.clear();
+  s->packed = !cu.empty();
+  if (cu.empty()) {
+    for (int64_t b = 0; b < s->batch; ++b) s->segs.push_back({b, 0, s->T, 0});
+  } else {
+    for (size_t i = 1; i < cu.size(); ++i) s->segs.push_back({0, cu[i - 1], cu[i] - cu[i - 1], 0});
+  }
+}
+
+struct ScanCase {
+  int64_t batch, T, H, G, P, N;
+  bool softplus, clamp, bias;
+  int dMode;
+  bool z, h0, fin;
+  std::vector<int64_t> cu;  // cuSeqlens (batch 1); empty: not packed
+};
+
+template <class T> Scan makeScan(const ScanCase& c, std::mt19937& rng) {
+  Scan s;
+  Gate& G = s.gate;
+  s.batch = c.batch, s.T = c.T, s.G = c.G, s.N = c.N, s.h0 = c.h0, s.fin = c.fin;
+  G.rows = c.batch * c.T, G.H = c.H, G.P = c.P, G.softplus = c.softplus, G.clamp = c.clamp, G.z = c.z;
+  G.bias = c.bias, G.dMode = c.dMode;
+  setLimits(&G);
+  setSegments(&s, c.cu);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  auto fill = [&](std::vector<double>& v, int64_t n, bool elem, double scale) {
+    v.resize(n);
+    for (double& e : v) e = elem ? roundTo<T>(scale * nd(rng)) : static_cast<float>(scale * nd(rng));
+  };
+  const int64_t rh = G.rows * G.H;
+  fill(G.x, G.n(), true, 1.0), fill(G.zv, G.n(), true, 1.0), fill(G.D, G.dSize(), false, 1.0);
+  G.A.resize(G.H), G.dtBias.resize(G.H), G.dt.resize(rh);
+  for (double& e : G.A) e = static_cast<float>(-std::exp(0.5 * nd(rng)));
+  for (double& e : G.dtBias) e = static_cast<float>(0.3 * nd(rng));
+  for (int64_t i = 0; i < rh; ++i) G.dt[i] = roundTo<T>(rawDt(rng, c.softplus, c.softplus && !c.clamp, i));
+  const double bc = 1.0 / std::sqrt(static_cast<double>(c.N));
+  fill(s.B, s.bcSize(), true, bc), fill(s.C, s.bcSize(), true, bc);
+  fill(s.s0, s.stateSize(), false, 0.5), fill(s.wf, s.stateSize(), false, 1.0), fill(s.wy, G.n(), true, 1.0);
+  return s;
+}
+
+// Positions (b * T + t) in some sequence.
+std::vector<bool> coveredRows(const Scan& s) {
+  std::vector<bool> in(s.batch * s.T, false);
+  for (const ScanSegment& sg : s.segs)
+    for (int64_t t = 0; t < sg.length; ++t) in[sg.batch * s.T + sg.start + t] = true;
+  return in;
+}
+
+// The reference backward against central differences of the reference forward.
+void checkScanReferenceGradients() {
+  std::mt19937 rng(11);
+  const ScanCase cases[] = {
+      {1, 9, 4, 2, 2, 3, true, true, true, 2, true, true, true, {0, 3, 3, 7}},
+      {2, 5, 4, 1, 3, 2, false, false, false, 1, false, true, true, {}},
+      {2, 4, 2, 2, 1, 4, true, false, true, 0, true, false, false, {}},
+  };
+  for (const ScanCase& c : cases) {
+    Scan s = makeScan<float>(c, rng);
+    s.gate.dtMin = 0.4137, s.gate.dtMax = 1.5;
+    context = "scan reference gradients, case " + std::to_string(&c - cases);
+    ScanRef r;
+    scanReference(s, true, &r);
+    auto loss = [&]() {
+      ScanRef q;
+      scanReference(s, false, &q);
+      double l = 0;
+      for (size_t i = 0; i < q.y.size(); ++i) l += q.y[i] * s.wy[i];
+      if (s.fin)
+        for (size_t i = 0; i < q.fin.size(); ++i) l += q.fin[i] * s.wf[i];
+      return l;
+    };
+    auto fd = [&](std::vector<double>& v, const std::vector<double>& an, const char* name) {
+      std::vector<double> num(v.size());
+      for (size_t i = 0; i < v.size(); ++i) {
+        const double v0 = v[i];
+        v[i] = v0 + 1e-6;
+        const double lp = loss();
+        v[i] = v0 - 1e-6;
+        const double lm = loss();
+        v[i] = v0;
+        num[i] = (lp - lm) / 2e-6;
+      }
+      compare(std::string("scan reference d") + name, an, num, 1e-6);
+    };
+    fd(s.gate.x, r.dx, "x");
+    fd(s.gate.dt, r.ddt, "dt");
+    fd(s.gate.A, r.dA, "A");
+    fd(s.B, r.dB, "B");
+    fd(s.C, r.dC, "C");
+    if (c.dMode != 0) fd(s.gate.D, r.dD, "D");
+    if (c.z) fd(s.gate.zv, r.dz, "z");
+    if (c.bias) fd(s.gate.dtBias, r.dDtBias, "dtBias");
+    if (c.h0) fd(s.s0, r.ds0, "initialStates");
+  }
+}
+
+template <class T> constexpr double scanForwardTolerance() { return std::is_same_v<T, float> ? 2e-5 : 3e-2; }
+template <class T> constexpr double scanGradTolerance() { return std::is_same_v<T, float> ? 1e-4 : 3e-2; }
+
+template <class T> void runScanCase(const ScanCase& c, std::mt19937& rng) {
+  const Scan s = makeScan<T>(c, rng);
+  const Gate& G = s.gate;
+  std::string cu;
+  for (int64_t e : c.cu) cu += (cu.empty() ? "" : ",") + std::to_string(e);
+  context = std::string(Elem<T>::name) + " end to end batch " + std::to_string(c.batch) + " T " + std::to_string(c.T) +
+            " H " + std::to_string(c.H) + " G " + std::to_string(c.G) + " P " + std::to_string(c.P) + " N " +
+            std::to_string(c.N) + (c.softplus ? " softplus" : "") + (c.clamp ? " clamp" : "") +
+            (c.bias ? " dtBias" : "") +
+            (c.dMode == 1   ? " D per head"
+             : c.dMode == 2 ? " D per channel"
+                            : "") +
+            (c.z ? " z" : "") + (c.h0 ? " initialStates" : "") + (c.fin ? " finalStates" : "") +
+            (c.cu.empty() ? "" : " cuSeqlens [" + cu + "]");
+  ScanRef ref;
+  scanReference(s, true, &ref);
+  const int64_t H = G.H, P = G.P, N = s.N, n = G.n(), rh = G.rows * H, bcn = s.bcSize(), sn = s.stateSize();
+  const int64_t count = s.nseq() * H;
+  const double tolF = scanForwardTolerance<T>(), tolG = scanGradTolerance<T>();
+
+  // Inputs.
+  Buf<T> x(n), dt(rh), z(n), bB(bcn), bC(bcn), wy(n);
+  Buf<float> A(H), bias(H), D(G.dSize()), s0(sn), wf(sn);
+  x.set(G.x), dt.set(G.dt), z.set(G.zv), bB.set(s.B), bC.set(s.C), wy.set(s.wy);
+  A.set(G.A), bias.set(G.dtBias), D.set(G.D), s0.set(s.s0), wf.set(s.wf);
+  for (auto* b : {&x, &dt, &z, &bB, &bC, &wy}) b->poisonGuards();
+  for (auto* b : {&A, &bias, &D, &s0, &wf}) b->poisonGuards();
+  rkcuda::Mamba2GateArgs ga;  // gateConfig() and the gate binding's parseGate
+  ga.dt = Elem<T>::dtype, ga.rows = G.rows, ga.H = H, ga.P = P;
+  ga.dtSoftplus = c.softplus, ga.clamp = c.clamp, ga.dPerChannel = c.dMode == 2;
+  ga.dtMin = c.clamp ? static_cast<float>(G.dtMin) : 0.0f, ga.dtMax = c.clamp ? static_cast<float>(G.dtMax) : 0.0f;
+  ga.x = x.data, ga.dtIn = dt.data, ga.A = A.data, ga.dtBias = c.bias ? bias.data : nullptr;
+  ga.D = c.dMode != 0 ? D.data : nullptr, ga.z = c.z ? z.data : nullptr;
+  // Positions after a packed batch's last sequence are in none (lib/ops/mamba2Scan.ts: validRows).
+  ga.validRows = c.cu.empty() ? G.rows : c.cu.back();
+
+  // The scan's arguments as parseAttention fills them.
+  std::vector<ScanSegment> segs = s.segs;
+  const int64_t chunk = rkcuda::linearAttentionChunk();
+  int64_t totalChunks = 0;
+  for (ScanSegment& sg : segs) {
+    sg.chunkOffset = totalChunks;
+    totalChunks += (sg.length + chunk - 1) / chunk;
+  }
+  rkcuda::LinearAttentionArgs la;
+  la.dt = Elem<T>::dtype, la.rule = rkcuda::LinearRule::Gated, la.batch = s.batch, la.T = s.T;
+  la.Hq = s.G, la.Hk = s.G, la.Hv = H, la.K = N, la.V = P, la.perKeyDecay = false, la.l2norm = false, la.scale = 1.0f;
+  la.nseq = s.nseq(), la.segments = segs.data(), la.packed = s.packed, la.chunk = chunk, la.totalChunks = totalChunks;
+
+  // Forward.
+  rkcuda::Status st;
+  Buf<float> g(rh), h0T(sn);
+  Buf<T> v(n);
+  g.poison(), v.poison(), h0T.poison();
+  st = rkcuda::mamba2Prepare(ga, g.data, v.data);
+  check(st.ok(), "prepare status: " + st.message);
+  if (c.h0) {
+    st = rkcuda::mamba2TransposeStates(s0.data, h0T.data, count, P, N);
+    check(st.ok(), "initial states transpose status: " + st.message);
+  }
+  la.q = bC.data, la.k = bB.data, la.v = v.data, la.g = g.data, la.h0 = c.h0 ? h0T.data : nullptr;
+  Buf<T> o(n);
+  Buf<float> states(std::max<int64_t>(totalChunks * H * N * P, 1)), finT(sn), fin(sn);
+  o.poison(), states.poison(), finT.poison(), fin.poison();
+  st = rkcuda::linearAttentionForward(la, o.data, states.data, c.fin ? finT.data : nullptr);
+  check(st.ok(), "scan forward status: " + st.message);
+  if (c.fin) {
+    st = rkcuda::mamba2TransposeStates(finT.data, fin.data, count, N, P);
+    check(st.ok(), "final states transpose status: " + st.message);
+    checkOutput("finalStates", fin, ref.fin, tolF);
+  }
+  Buf<T> yBuf(n);
+  yBuf.poison();
+  const Buf<T>* y = &o;
+  if (c.dMode != 0 || c.z) {
+    st = rkcuda::mamba2Finish(ga, o.data, yBuf.data);
+    check(st.ok(), "finish status: " + st.message);
+    y = &yBuf;
+  }
+  checkOutput("y", *y, ref.y, tolF);
+  // Positions in no sequence: y and every gradient of the position exactly 0 (one check per
+  // position and array, reporting its first nonzero value).
+  const std::vector<bool> in = coveredRows(s);
+  auto zeros = [&](const char* what, const T* data, int64_t width) {
+    for (int64_t bt = 0; bt < s.batch * s.T; ++bt) {
+      if (in[bt]) continue;
+      double bad = 0;
+      for (int64_t e = bt * width; e < (bt + 1) * width && bad == 0; ++e) bad = Elem<T>::value(data[e]);
+      check(bad == 0, std::string(what) + " at position " + std::to_string(bt) + ", in no sequence", bad, 0);
+    }
+  };
+  zeros("y", y->data, H * P);
+  noteLaunches();
+
+  // Backward.
+  Buf<T> dO(n), dz(n);
+  dO.poison(), dz.poison();
+  const T* dOArg = wy.data;  // the gradient of y before the gate: dy itself without z
+  if (c.z) {
+    st = rkcuda::mamba2FinishBackward(ga, o.data, wy.data, dO.data, dz.data);
+    check(st.ok(), "finish backward status: " + st.message);
+    dOArg = dO.data;
+  }
+  Buf<float> wfT(sn);
+  wfT.poison();
+  if (c.fin) {
+    st = rkcuda::mamba2TransposeStates(wf.data, wfT.data, count, P, N);
+    check(st.ok(), "final states gradient transpose status: " + st.message);
+  }
+  Buf<T> dq(bcn), dk(bcn), dv(n);
+  Buf<float> dg(rh), dh0T(sn), dh0(sn);
+  dq.poison(), dk.poison(), dv.poison(), dg.poison(), dh0T.poison(), dh0.poison();
+  rkcuda::LinearAttentionGrads lg;
+  lg.dO = dOArg, lg.dFinal = c.fin ? wfT.data : nullptr, lg.states = states.data;
+  lg.dq = dq.data, lg.dk = dk.data, lg.dv = dv.data, lg.dg = dg.data, lg.dbeta = nullptr;
+  lg.dh0 = c.h0 ? dh0T.data : nullptr;
+  st = rkcuda::linearAttentionBackward(la, lg);
+  check(st.ok(), "scan backward status: " + st.message);
+  Buf<T> dx(n), ddt(rh);
+  Buf<float> dA(H), dDtBias(H), dD(G.dSize());
+  dx.poison(), ddt.poison(), dA.poison(), dDtBias.poison(), dD.poison();
+  st = rkcuda::mamba2PrepareBackward(ga, c.dMode != 0 ? dOArg : nullptr, dv.data, dg.data, dx.data, ddt.data, dA.data,
+                                     c.bias ? dDtBias.data : nullptr, c.dMode != 0 ? dD.data : nullptr);
+  check(st.ok(), "prepare backward status: " + st.message);
+  if (c.h0) {
+    st = rkcuda::mamba2TransposeStates(dh0T.data, dh0.data, count, N, P);
+    check(st.ok(), "dh0 transpose status: " + st.message);
+  }
+  checkOutput("dx", dx, ref.dx, tolG);
+  checkOutput("ddt", ddt, ref.ddt, tolG);
+  checkOutput("dA", dA, ref.dA, tolG);
+  checkOutput("dB", dk, ref.dB, tolG);
+  checkOutput("dC", dq, ref.dC, tolG);
+  if (c.dMode != 0) checkOutput("dD", dD, ref.dD, tolG);
+  if (c.z) checkOutput("dz", dz, ref.dz, tolG);
+  if (c.bias)
+    checkOutput("dDtBias", dDtBias, ref.dDtBias, tolG);
+  else
+    check(untouched(dDtBias), "dDtBias written although null");
+  if (c.h0) checkOutput("dInitialStates", dh0, ref.ds0, tolG);
+  zeros("dx", dx.data, H * P);
+  zeros("ddt", ddt.data, H);
+  zeros("dB", dk.data, s.G * N);
+  zeros("dC", dq.data, s.G * N);
+  if (c.z) zeros("dz", dz.data, H * P);
+  noteLaunches();
+  check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
+}
+
+void runScanSuite(std::mt19937& rng) {
+  // batch, T, H, G, P, N, softplus, clamp, dtBias, D mode, z, initial states, final states, cuSeqlens
+  const ScanCase f32[] = {
+      {2, 1, 4, 1, 1, 5, false, false, false, 0, false, true, true, {}},
+      {2, 63, 4, 2, 16, 16, true, false, true, 1, true, true, true, {}},
+      {2, 65, 4, 1, 16, 5, true, false, false, 2, true, false, true, {}},
+      {2, 65, 4, 2, 1, 16, true, true, true, 1, false, true, false, {}},
+      {2, 63, 4, 1, 1, 5, false, false, true, 2, true, false, false, {}},
+      {1, 257, 4, 2, 16, 16, true, false, true, 1, true, true, true, {}},
+      {1, 65, 4, 2, 64, 16, true, false, true, 2, true, true, true, {}},
+      // Packed: an empty sequence and a tail in no sequence, without D and with D.
+      {1, 65, 4, 2, 16, 5, true, false, true, 0, true, true, true, {0, 20, 20, 58}},
+      {1, 65, 4, 2, 16, 5, true, false, true, 1, true, true, true, {0, 20, 20, 58}},
+      // Packed, every position covered (an empty first sequence), D per channel.
+      {1, 65, 4, 1, 16, 16, false, false, true, 2, true, true, true, {0, 0, 1, 65}},
+  };
+  for (const ScanCase& c : f32) runScanCase<float>(c, rng);
+  const ScanCase bf16[] = {
+      {2, 63, 4, 2, 16, 16, true, false, true, 1, true, true, true, {}},
+      {1, 65, 4, 1, 5, 16, true, false, false, 0, true, true, true, {0, 30, 30, 60}},
+  };
+  for (const ScanCase& c : bf16) runScanCase<__nv_bfloat16>(c, rng);
+}
+
 // ---- suites ----
 
 template <class T> void runSuite(std::mt19937& rng, int variant) {
@@ -576,7 +982,7 @@ template <class T> void checkCoverage() {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   const auto start = std::chrono::steady_clock::now();
   std::mt19937 rng(20260311);
   checkReferenceGradients();
@@ -585,6 +991,8 @@ int main() {
   runSuite<float>(rng, 0);
   runSuite<__half>(rng, 1);
   runSuite<__nv_bfloat16>(rng, 2);
+  checkScanReferenceGradients();
+  runScanSuite(rng);
   checkCoverage<float>();
   checkCoverage<__half>();
   checkCoverage<__nv_bfloat16>();

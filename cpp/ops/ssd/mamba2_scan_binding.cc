@@ -18,8 +18,8 @@ struct GateCall {
   int64_t elems = 0, heads = 0, dWidth = 0;  // x's elements, dt's, and D's
 };
 
-// config { rows, H, P, dtSoftplus, clamp, dtMin, dtMax, dPerChannel }; tensors { x, dt, A, dtBias, D, z }
-// (each of dt, A, D, z read only where `need` names it: dtBias, D and z are optional where read).
+// config { rows, validRows (optional), H, P, dtSoftplus, clamp, dtMin, dtMax, dPerChannel }; tensors { x, dt, A,
+// dtBias, D, z } (each of dt, A, D, z read only where `need` names it: dtBias, D and z are optional where read).
 enum Need { kDt = 1, kD = 2, kZ = 4, kZRequired = 8 };
 GateCall parseGate(Napi::Env env, const Request& r, const char* op, int need) {
 #ifndef RK_WITH_CUDA
@@ -39,6 +39,10 @@ GateCall parseGate(Napi::Env env, const Request& r, const char* op, int need) {
     a.dtMax = boundField(env, cfg, "dtMax", op);
   }
   a.dPerChannel = flagField(cfg, "dPerChannel");
+  if (!cfg.Get("validRows").IsUndefined()) {
+    a.validRows = intField(env, cfg, "validRows", op, 0);
+    if (a.validRows > a.rows) throwError(env, code::kShape, std::string(op) + ": validRows must be at most rows");
+  }
   c.heads = product(env, {a.rows, a.H}, op);
   c.elems = product(env, {c.heads, a.P}, op);
   c.dWidth = a.dPerChannel ? product(env, {a.H, a.P}, op) : a.H;
