@@ -58,8 +58,6 @@ constexpr int kChunk = 64;    // checkpoint spacing (linearAttentionChunk)
 constexpr int kMaxDim = 256;  // K and V
 constexpr int64_t kMaxT = int64_t{1} << 30;
 
-inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // The kernels' parameters: the contract's arguments plus the launch layout, the device sequence
 // table and the outputs.
 struct AttnParams : LinearAttentionArgs {

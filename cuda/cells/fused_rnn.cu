@@ -130,8 +130,6 @@ constexpr int kRedTile = 64;   // dR reduction: output tile (i and j)
 constexpr int kRedChunk = 32;  // dR reduction: t*batch rows staged at a time
 constexpr int64_t kMaxT = int64_t{1} << 30;
 
-__host__ __device__ inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 constexpr int gatesOf(int cell) { return cellGates(static_cast<CellKind>(cell)); }
 constexpr int statesOf(int cell) { return cellStates(static_cast<CellKind>(cell)); }
 constexpr int kElman = static_cast<int>(CellKind::Elman), kLstm = static_cast<int>(CellKind::Lstm),

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <tuple>
 #include <utility>
 
@@ -14,6 +15,9 @@
 #include "common/check.cuh"
 
 namespace rkcuda {
+
+// ceil(a / b) for sizes (b > 0): grid and tile counts, on the host and in kernels.
+__host__ __device__ constexpr int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 #ifndef RK_CUDA_EMULATOR
 

@@ -71,8 +71,6 @@ constexpr int kMaxDim = 256;  // K and V
 constexpr int kWindow = 16;   // positions per shared-memory accumulation window (backward)
 constexpr int64_t kMaxT = int64_t{1} << 30;
 
-inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 using delta::kL2Eps;
 
 struct DeltaParams : delta::DeltaInputs {

@@ -124,7 +124,6 @@ constexpr int kLdA = kC + 1;  // fp32 64 x 64 matrices in shared memory
 using delta::kL2Eps;
 using delta::uniformSegment;
 
-inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int roundUp16(int64_t x) { return static_cast<int>(ceilDiv(x, 16) * 16); }
 
 struct ChunkParams : delta::DeltaInputs {

@@ -144,7 +144,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kTile = 32;       // dense evaluation / reduction tiles
 constexpr int kMaxFullM = 128;  // full Jacobian: S * headDim at most (the block's matrices in shared memory)
 
-__host__ __device__ __forceinline__ int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __device__ __forceinline__ int64_t minI(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <NewtonCell C> struct CellInfo;

@@ -91,8 +91,6 @@ template <class T> constexpr int bwdMinBlocks(int warps) { return (sizeof(T) == 
 // States whose B/C rows are staged together in the forward pass (one block barrier per batch).
 constexpr int kFwdStatesPerStage = 4;
 
-inline int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 template <class T> using Bits = std::conditional_t<sizeof(T) == 4, unsigned, unsigned short>;
 
 __device__ __forceinline__ float component(const float4& v, int i) {

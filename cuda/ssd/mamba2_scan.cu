@@ -47,8 +47,6 @@ constexpr int64_t kMaxN = 256;                    // mamba2Step's states per cha
 constexpr int kStepThreads = 128;
 constexpr int kTile = 32;
 
-__host__ __device__ __forceinline__ int64_t ceilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 __device__ __forceinline__ int64_t stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 __device__ __forceinline__ int64_t first() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
 

@@ -41,11 +41,8 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "ssd/mamba2_scan.cu"
-// The scan the pipeline runs on. Both .cu files define rkcuda::{anonymous}::ceilDiv (the same
-// function); this one's is renamed so that they compile as one translation unit.
-#define ceilDiv linearAttentionCeilDiv
+// The scan the pipeline runs on.
 #include "attention/linear_attention.cu"
-#undef ceilDiv
 #include "harness.h"
 
 #include <chrono>
