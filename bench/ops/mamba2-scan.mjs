@@ -2,7 +2,9 @@
 // Mamba-2 layer: dt through softplus with a bias, A < 0, D per head, the z gate, no initial or final
 // state (the tag column says whether z and D are used: 'full'; or the bare scan: 'scan').
 //
-// Sizes are batch x seqlen x nheads x headdim x dstate [x ngroups] (default ngroups 1).
+// Sizes are batch x seqlen x nheads x headdim x dstate [x ngroups] (default ngroups 1); seqlen 1 is a
+// decode row (rk.mamba2StateUpdate: one token, the state updated in place; ORT's LinearAttention from a
+// past_state).
 // Passes: infer (the op with no tape recording; ONNX Runtime's com.microsoft.LinearAttention with
 // update_rule 'gated' on the equivalent problem -- q = C, k = B, v = dt x, decay dt A, scale 1 -- is
 // timed against it, in the same process and thread count; ORT then does no softplus, D or gate, so
@@ -19,10 +21,12 @@ const SIZES = {
   cpu: [
     [2, 2048, 16, 64, 64, 1],
     [4, 512, 8, 64, 128, 1],
+    [8, 1, 16, 64, 128, 1],
   ],
   cuda: [
     [2, 2048, 16, 64, 64, 1],
     [4, 4096, 32, 64, 128, 8],
+    [32, 1, 32, 64, 128, 8],
   ],
 };
 const QUICK = { cpu: [[1, 128, 4, 16, 16, 1]], cuda: [[2, 1024, 8, 64, 64, 1]] };
@@ -91,6 +95,60 @@ export default {
           dtBias: full ? rk.Tensor.from(uniform(H, -1, 1), [H], { device }) : null,
         };
         const options = { dtSoftplus: full };
+        const flops = 4 * P * N * batch * T * H;
+        const row = (pass, ms, fl, peer = {}) => ({
+          size,
+          tag,
+          dtype,
+          pass,
+          ms,
+          extra: {
+            'TFLOP/s': (fl / (ms * 1e9)).toPrecision(3),
+            ...(matmulRate ? { '% of matmul': `${((100 * fl) / (ms * 1e9 * matmulRate)).toFixed(1)}%` } : {}),
+          },
+          flops: fl,
+          peers: peer,
+        });
+        if (T === 1) {
+          // The decode step: one token, the state (batch, H, P, N) updated in place; ORT's
+          // LinearAttention from a past_state, writing a present_state.
+          const state = rk.Tensor.from(uniform(batch * H * P * N, -0.1, 0.1), [batch, H, P, N], { device });
+          const one = {
+            ...inputs,
+            x: inputs.x.reshape([batch, H, P]),
+            dt: inputs.dt.reshape([batch, H]),
+            B: inputs.B.reshape([batch, G, N]),
+            C: inputs.C.reshape([batch, G, N]),
+            z: inputs.z ? inputs.z.reshape([batch, H, P]) : null,
+          };
+          const ms = timeIt(rk, device, () => rk.mamba2StateUpdate({ state, ...one }, options), {
+            warmup: 5,
+            iters: device === 'cuda' ? 100 : 50,
+            after: disposeAll,
+          });
+          let ort = {};
+          if (ortPeers && ortStatus().ok) {
+            const threads = rk.cpu.info().threads;
+            const session = await ortLinearAttention({
+              batch,
+              T,
+              H: G,
+              HV: H,
+              Hk: G,
+              K: N,
+              V: P,
+              scale: 1,
+              threads,
+              rule: 'gated',
+              initialState: true,
+            });
+            ort = { [ORT_LA]: await ortTime(session) };
+          }
+          rows.push(row('decode', ms, flops, ort));
+          state.dispose();
+          disposeAll(inputs);
+          continue;
+        }
         const gy = rk.Tensor.from(uniform(batch * T * H * P, -1, 1), [batch, T, H, P], opts);
         const iters = 5;
         const infer =
@@ -120,20 +178,6 @@ export default {
             },
           },
         );
-        const flops = 4 * P * N * batch * T * H;
-        const row = (pass, ms, fl, peer = {}) => ({
-          size,
-          tag,
-          dtype,
-          pass,
-          ms,
-          extra: {
-            'TFLOP/s': (fl / (ms * 1e9)).toPrecision(3),
-            ...(matmulRate ? { '% of matmul': `${((100 * fl) / (ms * 1e9 * matmulRate)).toFixed(1)}%` } : {}),
-          },
-          flops: fl,
-          peers: peer,
-        });
         let ort = {};
         if (ortPeers && ortStatus().ok) {
           const threads = rk.cpu.info().threads;
