@@ -1,4 +1,5 @@
-// Selective scan (Mamba-1): the interface of cuda/scan/selective_scan.cu.
+// Selective scan (Mamba-1): the interface of cuda/scan/selective_scan.cu and, for the decode step,
+// cuda/scan/selective_state_update.cu.
 // The contract between cpp/ (the CPU kernels and the binding) and cuda/ (the CUDA launchers).
 #pragma once
 #include <cstddef>
@@ -7,6 +8,9 @@
 #include "../common/api.h"
 
 namespace rkcuda {
+
+// The largest dstate the CUDA kernels take (the CPU kernels take any).
+constexpr int kSelectiveScanMaxDstate = 256;
 
 // ---- selective scan, Mamba-1 (cuda/scan/selective_scan.cu) ----
 // Per channel d of dim and state n of dstate, over the positions t of one sequence:
@@ -92,6 +96,6 @@ struct SelectiveStateUpdateArgs {
   void* y = nullptr;
   float* intermediate = nullptr;
 };
-Status selectiveStateUpdate(const SelectiveStateUpdateArgs& a);
+Status selectiveStateUpdate(const SelectiveStateUpdateArgs& a);  // cuda/scan/selective_state_update.cu
 
 }  // namespace rkcuda

@@ -1,7 +1,8 @@
-// CPU test of the selective-scan kernels (cuda/scan/selective_scan.cu, compiled unmodified) through
-// the SIMT emulator in emu.h. The real launchers run on small problems and every output is compared
-// with a float64 reference written here as plain sequential loops (the backward one derived by hand
-// from the recurrence, and itself checked against finite differences of the reference forward):
+// CPU test of the selective-scan kernels (cuda/scan/selective_scan.cu and selective_state_update.cu,
+// compiled unmodified) through the SIMT emulator in emu.h. The real launchers run on small problems
+// and every output is compared with a float64 reference written here as plain sequential loops
+// (the backward one derived by hand from the recurrence, and itself checked against finite
+// differences of the reference forward):
 //   * selectiveScanForward / selectiveScanBackward for every dtype; dstate 1, 2, 3, 5, 16 and
 //     256; seqlen 0, 1, 7, chunk-1, chunk, chunk+1, 2*chunk+3 and 6*chunk+9 (chunk =
 //     selectiveScanChunk() = 256, the backward tile; the forward tile is two chunks); batch 1, 2
@@ -29,6 +30,7 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "scan/selective_scan.cu"
+#include "scan/selective_state_update.cu"
 #include "harness.h"
 
 #include <algorithm>
