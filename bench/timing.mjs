@@ -60,3 +60,34 @@ export function uniformArray(n, lo, hi) {
 export function disposeAll(obj) {
   for (const t of Object.values(obj ?? {})) if (t && typeof t.dispose === 'function') t.dispose();
 }
+
+/**
+ * Median ms of an op's forward hook (which keeps what the backward needs) and of its forward +
+ * backward with the output gradients `grads`; each run's outputs, ctx and gradients are disposed.
+ */
+export function timeForwardBackward(rk, device, hooks, inputs, options, grads, { iters = 5 } = {}) {
+  const fwd = timeIt(rk, device, () => hooks.forward(inputs, options), {
+    iters,
+    after: ({ outputs, ctx }) => {
+      disposeAll(outputs);
+      rk.disposeCtx?.(ctx);
+    },
+  });
+  const both = timeIt(
+    rk,
+    device,
+    () => {
+      const { outputs, ctx } = hooks.forward(inputs, options);
+      return { outputs, ctx, grads: hooks.backward(ctx, grads) };
+    },
+    {
+      iters,
+      after: (r) => {
+        disposeAll(r.outputs);
+        rk.disposeCtx?.(r.ctx);
+        disposeAll(r.grads);
+      },
+    },
+  );
+  return { fwd, both };
+}

@@ -8,7 +8,7 @@
 // fwd (the forward hook), fwd+bwd ("x fwd": its time over the forward's).
 // GB/s counts the bytes each pass must move: x and y (and the states) for the forward; plus grad y,
 // x again and grad x for the backward. The floor is those bytes at the copy bandwidth of this run.
-import { disposeAll, timeIt, uniformArray as uniform } from '../timing.mjs';
+import { disposeAll, timeForwardBackward, timeIt, uniformArray as uniform } from '../timing.mjs';
 import { ortCausalConv, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = [
@@ -58,24 +58,14 @@ export default {
         const gy = rk.Tensor.from(uniform(batch * C * T, -1, 1), xShape, opts);
         const iters = 10;
         const infer = timeIt(rk, device, () => rk.causalConv1d(inputs, options), { iters, after: disposeAll });
-        const fwd = timeIt(rk, device, () => rk.ops.causalConv1d.forward(inputs, options), {
-          iters,
-          after: ({ outputs }) => disposeAll(outputs),
-        });
-        const both = timeIt(
+        const { fwd, both } = timeForwardBackward(
           rk,
           device,
-          () => {
-            const { outputs, ctx } = rk.ops.causalConv1d.forward(inputs, options);
-            return { outputs, grads: rk.ops.causalConv1d.backward(ctx, { y: gy }) };
-          },
-          {
-            iters,
-            after: ({ outputs, grads }) => {
-              disposeAll(outputs);
-              disposeAll(grads);
-            },
-          },
+          rk.ops.causalConv1d,
+          inputs,
+          options,
+          { y: gy },
+          { iters },
         );
         const e = rk.dtypeBytes(dtype);
         const n = batch * C * T;

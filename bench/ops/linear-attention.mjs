@@ -12,7 +12,7 @@
 // TFLOP/s counts 4 * K * V flops per token and head (the forward's state update and output).
 // The per-key and linear rows run this family's kernels (CPU: blocked; CUDA: the per-token
 // recurrence); the gated_delta row the gated delta rule's kernels.
-import { disposeAll, timeIt, uniformArray as uniform } from '../timing.mjs';
+import { disposeAll, timeForwardBackward, timeIt, uniformArray as uniform } from '../timing.mjs';
 import { ortLinearAttention, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
 
 const SIZES = {
@@ -95,28 +95,14 @@ export default {
           device === 'cpu'
             ? timeIt(rk, device, () => rk.linearAttention(inputs, options), { iters, after: disposeAll })
             : null;
-        const fwd = timeIt(rk, device, () => rk.ops.linearAttention.forward(inputs, options), {
-          iters,
-          after: ({ outputs, ctx }) => {
-            disposeAll(outputs);
-            rk.disposeCtx?.(ctx);
-          },
-        });
-        const both = timeIt(
+        const { fwd, both } = timeForwardBackward(
           rk,
           device,
-          () => {
-            const { outputs, ctx } = rk.ops.linearAttention.forward(inputs, options);
-            return { outputs, ctx, grads: rk.ops.linearAttention.backward(ctx, { o: go }) };
-          },
-          {
-            iters,
-            after: ({ outputs, ctx, grads }) => {
-              disposeAll(outputs);
-              rk.disposeCtx?.(ctx);
-              disposeAll(grads);
-            },
-          },
+          rk.ops.linearAttention,
+          inputs,
+          options,
+          { o: go },
+          { iters },
         );
         const flops = 4 * K * V * batch * T * H;
         const row = (pass, ms, fl, peer = {}) => ({

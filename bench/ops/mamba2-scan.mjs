@@ -13,7 +13,7 @@
 // On CUDA the peers are mamba_ssm's mamba_chunk_scan_combined (Triton) when importable and the chunked
 // SSD form in plain PyTorch (bench/peers/mamba2_scan.py), timed against fwd and fwd+bwd.
 // TFLOP/s counts 4 * headdim * dstate flops per token and head (the state update and the output).
-import { disposeAll, timeIt, uniformArray as uniform } from '../timing.mjs';
+import { disposeAll, timeForwardBackward, timeIt, uniformArray as uniform } from '../timing.mjs';
 import { ortLinearAttention, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
 import { runPythonPeer } from '../peers/run.mjs';
 
@@ -155,29 +155,7 @@ export default {
           device === 'cpu'
             ? timeIt(rk, device, () => rk.mamba2Scan(inputs, options), { iters, after: disposeAll })
             : null;
-        const fwd = timeIt(rk, device, () => rk.ops.mamba2Scan.forward(inputs, options), {
-          iters,
-          after: ({ outputs, ctx }) => {
-            disposeAll(outputs);
-            rk.disposeCtx?.(ctx);
-          },
-        });
-        const both = timeIt(
-          rk,
-          device,
-          () => {
-            const { outputs, ctx } = rk.ops.mamba2Scan.forward(inputs, options);
-            return { outputs, ctx, grads: rk.ops.mamba2Scan.backward(ctx, { y: gy }) };
-          },
-          {
-            iters,
-            after: ({ outputs, ctx, grads }) => {
-              disposeAll(outputs);
-              rk.disposeCtx?.(ctx);
-              disposeAll(grads);
-            },
-          },
-        );
+        const { fwd, both } = timeForwardBackward(rk, device, rk.ops.mamba2Scan, inputs, options, { y: gy }, { iters });
         let ort = {};
         if (ortPeers && ortStatus().ok) {
           const threads = rk.cpu.info().threads;
