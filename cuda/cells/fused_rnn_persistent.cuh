@@ -1,0 +1,449 @@
+// The fused cells' persistent kernels (cuda/cells/fused_rnn.cu): one block per head and 16 batch rows,
+// R on chip; with the parts they share with the multi-block kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+#include "common/api.h"
+#include "cells/fused_rnn.h"
+#include "common/async_copy.cuh"
+#include "common/check.cuh"
+#include "common/dtype.cuh"
+#include "common/group_sync.cuh"
+#include "common/host.cuh"
+#include "common/launch.cuh"
+#include "common/math.cuh"
+#include "common/mma.cuh"
+
+#include "cells/fused_rnn_cells.cuh"
+
+namespace rkcuda {
+namespace {
+
+// ============================== the persistent kernels ==============================
+
+// acc[q][e] += sum_{k < K} A_q(row_e, k) B_q(k, col_e) for the calling warp's 16 x 8 tile, with
+// (row_e, col_e) the mma accumulator positions of this lane: A_q row-major at a (lda), the same A for
+// every q (EACH false) or A_q at a + q * aStride (EACH true: NB independent accumulator chains where
+// the k loop of one product per q would be one dependent chain); B_q given transposed (column n at
+// bt + q * bStride + n * ldb, k contiguous); K a multiple of 16.
+template <class Op, int NB, bool EACH>
+__device__ __forceinline__ void warpProductOf(float (&acc)[NB][4], const Op* a, int lda, int aStride, const Op* bt,
+                                              int bStride, int ldb, int K) {
+  if constexpr (std::is_same<Op, float>::value) {
+    const int g = mma::lane() >> 2, t = mma::lane() & 3;
+    for (int k = 0; k < K; k += 4) {
+      float4 x0, x1;
+      if constexpr (!EACH) {
+        x0 = *reinterpret_cast<const float4*>(a + g * lda + k);
+        x1 = *reinterpret_cast<const float4*>(a + (g + 8) * lda + k);
+      }
+#pragma unroll
+      for (int q = 0; q < NB; ++q) {
+        if constexpr (EACH) {
+          x0 = *reinterpret_cast<const float4*>(a + q * aStride + g * lda + k);
+          x1 = *reinterpret_cast<const float4*>(a + q * aStride + (g + 8) * lda + k);
+        }
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float4 r = *reinterpret_cast<const float4*>(bt + q * bStride + (2 * t + c) * ldb + k);
+          acc[q][c] = fmaf(x0.x, r.x, fmaf(x0.y, r.y, fmaf(x0.z, r.z, fmaf(x0.w, r.w, acc[q][c]))));
+          acc[q][2 + c] = fmaf(x1.x, r.x, fmaf(x1.y, r.y, fmaf(x1.z, r.z, fmaf(x1.w, r.w, acc[q][2 + c]))));
+        }
+      }
+    }
+  } else {
+    mma::FragC c[NB];
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[q].c[e] = acc[q][e];
+    }
+    for (int k = 0; k < K; k += 16) {
+      mma::FragA16 fa;
+      if constexpr (!EACH) fa = mma::loadA16Packed(a + k, lda);
+#pragma unroll
+      for (int q = 0; q < NB; ++q) {
+        if constexpr (EACH) fa = mma::loadA16Packed(a + q * aStride + k, lda);
+        mma::mma16816<Op>(c[q], fa, mma::loadB16PackedT(bt + q * bStride + k, ldb));
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < NB; ++q) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[q][e] = c[q].c[e];
+    }
+  }
+}
+template <class Op, int NB>
+__device__ __forceinline__ void warpProduct(float (&acc)[NB][4], const Op* a, int lda, const Op* bt, int bStride,
+                                            int ldb, int K) {
+  warpProductOf<Op, NB, false>(acc, a, lda, 0, bt, bStride, ldb, K);
+}
+template <class Op, int NB>
+__device__ __forceinline__ void warpProductEach(float (&acc)[NB][4], const Op* a, int lda, int aStride, const Op* bt,
+                                                int bStride, int ldb, int K) {
+  warpProductOf<Op, NB, true>(acc, a, lda, aStride, bt, bStride, ldb, K);
+}
+
+template <class Op> __device__ __forceinline__ Op toOp(float x) { return fromFloat<Op>(x); }
+
+// Element e (0..3) of a lane: row rowOf(e) of the block's 16, column colOf(warp, e) of the head.
+__device__ __forceinline__ int rowOf(int e) { return (mma::lane() >> 2) + 8 * (e >> 1); }
+__device__ __forceinline__ int colOf(int e) {
+  return 8 * (static_cast<int>(threadIdx.x) >> 5) + 2 * (mma::lane() & 3) + (e & 1);
+}
+
+// ---- the parts common to the single-block and the multi-block persistent kernels ----
+// A block takes the 16 batch rows row0.. and (multi-block) the columns j0.. of head hh (j0 = 0 for a
+// single block); element e of a lane is row b = row0 + rowOf(e), column j = j0 + colOf(e).
+
+template <int NB> __device__ __forceinline__ void zeroAcc(float (&acc)[NB][4]) {
+#pragma unroll
+  for (int q = 0; q < NB; ++q) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
+  }
+}
+
+// len[r]: the length of the lane's row rowOf(2 * r).
+__device__ __forceinline__ void laneLengths(const RnnParams& p, int64_t row0, int64_t (&len)[2]) {
+  for (int r = 0; r < 2; ++r) len[r] = lengthOf(p, row0 + rowOf(2 * r));
+}
+
+// v[e][s] = src[s][b][hh][j] (an fp32 [S, batch, H, D] tensor) of the lane's elements, zero for rows past
+// the batch or a null src.
+template <int S>
+__device__ __forceinline__ void loadLaneStates(const float* src, const RnnParams& p, int64_t row0, int64_t hh, int j0,
+                                               float (&v)[4][S]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      v[e][s] = (b < p.batch && src != nullptr) ? src[((s * p.batch + b) * p.H + hh) * p.D + j] : 0.0f;
+    }
+  }
+}
+
+// Forward: Rt[g][jl][i] = R[g][hh][i][j0 + jl] for the block's Dc columns, zero for D <= i < ld, and
+// bs[g][jl] = b[g][hh][j0 + jl].
+template <class T, class Op, int G>
+__device__ __forceinline__ void loadForwardWeights(const RnnParams& p, int64_t hh, int j0, int Dc, int ld, Op* Rt,
+                                                   float* bs) {
+  const int64_t H = p.H, D = p.D;
+  const int Di = static_cast<int>(D);
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Di * Dc; e += nthreads) {
+    const int g = e / (Di * Dc), i = (e / Dc) % Di, jl = e % Dc;
+    Rt[(g * Dc + jl) * ld + i] = toOp<Op>(toFloat(R[((g * H + hh) * D + i) * D + j0 + jl]));
+  }
+  for (int e = tid; e < G * Dc * (ld - Di); e += nthreads) {
+    const int r = e / (ld - Di), i = Di + e % (ld - Di);
+    Rt[r * ld + i] = toOp<Op>(0.0f);
+  }
+  for (int e = tid; e < G * Dc; e += nthreads) bs[e] = p.b[((e / Dc) * H + hh) * D + j0 + e % Dc];
+}
+
+// Forward: the input part xin[e][g] of step t (zero past a row's length), then the inputs of step
+// t + kAhead into L2 (one lane per row and 8 columns).
+template <class T, int G>
+__device__ __forceinline__ void loadForwardInputs(const RnnParams& p, const T* wx, int64_t t, int64_t row0, int64_t hh,
+                                                  int j0, const int64_t (&len)[2], float (&xin)[4][G]) {
+  const int64_t H = p.H, D = p.D, L = p.T;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const bool active = t < len[e >> 1];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      xin[e][g] = active ? toFloat(wx[(((b * L + t) * G + g) * H + hh) * D + j0 + colOf(e)]) : 0.0f;
+    }
+  }
+  if ((mma::lane() & 3) == 0) {
+    const int warp = static_cast<int>(threadIdx.x) >> 5;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t b = row0 + rowOf(2 * r);
+      if (t + kAhead < len[r]) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) prefetchL2(wx + (((b * L + t + kAhead) * G + g) * H + hh) * D + j0 + 8 * warp);
+      }
+    }
+  }
+}
+
+// Forward: the cell update of step t from the recurrent products acc (bias at bs[g * bsStride + colOf(e)]),
+// h_t of the lane's elements to hNext[rowOf(e) * ldNext + j], and the outputs and saved tensors.
+template <class T, class Op, int CELL>
+__device__ __forceinline__ void forwardUpdate(const RnnParams& p, T* hOut, int64_t t, int64_t row0, int64_t hh, int j0,
+                                              const float* bs, int bsStride, const float (&acc)[gatesOf(CELL)][4],
+                                              const float (&xin)[4][gatesOf(CELL)], const int64_t (&len)[2],
+                                              float (&st)[4][statesOf(CELL)], Op* hNext, int ldNext) {
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int jl = colOf(e), j = j0 + jl;
+    const bool active = t < len[e >> 1];
+    float pre[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float bg = bs[g * bsStride + jl];
+      pre[g] = (CELL == kGru && g == 2) ? acc[g][e] + bg : xin[e][g] + bg + acc[g][e];
+    }
+    if (active) cellForward<CELL>(pre, xin[e][G - 1], st[e]);
+    hNext[rowOf(e) * ldNext + j] = toOp<Op>(st[e][0]);
+    if (b < batch) {
+      if (!p.lastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
+      if (p.savedStates != nullptr) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) p.savedStates[(((t * S + s) * batch + b) * H + hh) * D + j] = st[e][s];
+#pragma unroll
+        for (int g = 0; g < G; ++g) p.savedPre[(((t * batch + b) * G + g) * H + hh) * D + j] = active ? pre[g] : 0.0f;
+      }
+    }
+  }
+}
+
+// Forward: h (returnLastOnly) and finalStates from the last states.
+template <class T, int S>
+__device__ __forceinline__ void forwardFinish(const RnnParams& p, T* hOut, int64_t row0, int64_t hh, int j0,
+                                              const float (&st)[4][S]) {
+  const int64_t H = p.H, D = p.D, batch = p.batch;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+    if (b >= batch) continue;
+    if (p.lastOnly) storeScalar(hOut + (b * H + hh) * D + j, st[e][0]);
+    if (p.finalStates != nullptr) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) p.finalStates[((s * batch + b) * H + hh) * D + j] = st[e][s];
+    }
+  }
+}
+
+// Backward: Rs[g][il][j] = R[g][hh][j0 + il][j] for the block's Dc rows, zero for D <= j < ld.
+template <class T, class Op, int G>
+__device__ __forceinline__ void loadBackwardWeights(const RnnParams& p, int64_t hh, int j0, int Dc, int ld, Op* Rs) {
+  const int64_t H = p.H, D = p.D;
+  const int Di = static_cast<int>(D);
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const T* R = static_cast<const T*>(p.R);
+  for (int e = tid; e < G * Dc * ld; e += nthreads) {
+    const int r = e / ld, j = e % ld;
+    Rs[e] = toOp<Op>(j < Di ? toFloat(R[(((r / Dc) * H + hh) * D + j0 + r % Dc) * D + j]) : 0.0f);
+  }
+}
+
+// Backward: the lengths of the lane's rows, and gS = dFinal (zero where null) plus dh on h with
+// returnLastOnly.
+template <class T, int S>
+__device__ __forceinline__ void loadBackwardInit(const RnnParams& p, const T* dh, int64_t row0, int64_t hh, int j0,
+                                                 int64_t (&len)[2], float (&gS)[4][S]) {
+  laneLengths(p, row0, len);
+  loadLaneStates<S>(p.dFinal, p, row0, hh, j0, gS);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    if (b < p.batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * p.H + hh) * p.D + j0 + colOf(e)]);
+  }
+}
+
+// Backward: the saved values of step t (pre-activations, previous states, dh, the GRU's wx_n; zero past
+// a row's length), then those of step t - kAhead into L2 (one lane per row and 8 columns).
+template <class T, int CELL>
+__device__ __forceinline__ void loadBackwardStep(const RnnParams& p, const T* wx, const T* dh, int64_t t, int64_t row0,
+                                                 int64_t hh, int j0, const int64_t (&len)[2],
+                                                 float (&pre)[4][gatesOf(CELL)], float (&prev)[4][statesOf(CELL)],
+                                                 float (&dhv)[4], float (&wxn)[4]) {
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+    const bool active = t < len[e >> 1];
+#pragma unroll
+    for (int g = 0; g < G; ++g) pre[e][g] = active ? p.cSavedPre[(((t * batch + b) * G + g) * H + hh) * D + j] : 0.0f;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      prev[e][s] = !active                ? 0.0f
+                   : t > 0                ? p.cSavedStates[((((t - 1) * S + s) * batch + b) * H + hh) * D + j]
+                   : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
+                                          : 0.0f;
+    }
+    dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
+    wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
+  }
+  const int64_t tp = t - kAhead;
+  if ((mma::lane() & 3) == 0 && tp >= 0) {
+    const int warp = static_cast<int>(threadIdx.x) >> 5;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t b = row0 + rowOf(2 * r);
+      if (tp >= len[r]) continue;
+      const int64_t c = hh * D + j0 + 8 * warp;
+#pragma unroll
+      for (int g = 0; g < G; ++g) prefetchL2(p.cSavedPre + ((tp * batch + b) * G + g) * H * D + c);
+      if (tp > 0) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
+      }
+      if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
+      if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
+    }
+  }
+}
+
+// Backward: the cell backward of step t (gS: dL/d(states after the step) in, before the step out, less
+// the recurrent part), dpre of gate g of the lane's elements to aNext[rowOf(e) * rowStride + g * gStride + j],
+// and gr and dwx.
+template <class T, class Op, int CELL>
+__device__ __forceinline__ void backwardUpdate(const RnnParams& p, T* dwx, int64_t t, int64_t row0, int64_t hh, int j0,
+                                               const int64_t (&len)[2], const float (&pre)[4][gatesOf(CELL)],
+                                               const float (&prev)[4][statesOf(CELL)], const float (&dhv)[4],
+                                               const float (&wxn)[4], float (&gS)[4][statesOf(CELL)], Op* aNext,
+                                               int rowStride, int gStride) {
+  constexpr int G = gatesOf(CELL);
+  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    const int j = j0 + colOf(e);
+    const bool active = t < len[e >> 1];
+    float gx[G], gr[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) gx[g] = gr[g] = 0.0f;
+    if (active) {
+      gS[e][0] += dhv[e];
+      cellBackward<CELL>(pre[e], wxn[e], prev[e], gS[e], gx, gr);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) aNext[rowOf(e) * rowStride + g * gStride + j] = toOp<Op>(gr[g]);
+    if (b < batch) {
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const int64_t o = (((t * batch + b) * G + g) * H + hh) * D + j;
+        p.gr[o] = gr[g];
+        storeScalar(dwx + (((b * L + t) * G + g) * H + hh) * D + j, gx[g]);
+      }
+    }
+  }
+}
+
+// Backward: dStates0 from the gradients of the states before step 0.
+template <int S>
+__device__ __forceinline__ void storeDStates0(const RnnParams& p, int64_t row0, int64_t hh, int j0,
+                                              const float (&gS)[4][S]) {
+  if (p.dStates0 == nullptr) return;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t b = row0 + rowOf(e);
+    if (b >= p.batch) continue;
+#pragma unroll
+    for (int s = 0; s < S; ++s) p.dStates0[((s * p.batch + b) * p.H + hh) * p.D + j0 + colOf(e)] = gS[e][s];
+  }
+}
+
+// ============================== the persistent kernels ==============================
+
+template <class T, int CELL>
+__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value))
+    fusedRnnForwardKernel(RnnParams p) {
+  using Op = typename Operands<T>::Fwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, L = p.T;
+  const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
+  const int Di = static_cast<int>(p.D), ld = p.Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rt = dynamicShared<Op>();  // [G][D][ld]: Rt[g][j][i] = R[g][hh][i][j], zero for i >= D
+  Op* hA = Rt + G * Di * ld;     // [2][16][ld]: h_{t-1} of the block's rows, zero past column D
+  float* bs = reinterpret_cast<float*>(hA + 2 * kRows * ld);  // [G][D]: b of the head
+  loadForwardWeights<T, Op, G>(p, hh, 0, Di, ld, Rt, bs);
+  for (int e = tid; e < 2 * kRows * ld; e += nthreads) hA[e] = toOp<Op>(0.0f);
+  __syncthreads();
+
+  float st[4][S];
+  int64_t len[2];
+  laneLengths(p, row0, len);
+  loadLaneStates<S>(p.states0, p, row0, hh, 0, st);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) hA[rowOf(e) * ld + colOf(e)] = toOp<Op>(st[e][0]);
+  __syncthreads();
+
+  const T* wx = static_cast<const T*>(p.wx);
+  T* hOut = static_cast<T*>(p.h);
+  for (int64_t t = 0; t < L; ++t) {
+    const int cur = static_cast<int>(t & 1);
+    // This step's input part first, so that the loads overlap the product.
+    float xin[4][G];
+    loadForwardInputs<T, G>(p, wx, t, row0, hh, 0, len, xin);
+    float acc[G][4];
+    zeroAcc(acc);
+    warpProduct<Op, G>(acc, hA + cur * kRows * ld, ld, Rt + warp * 8 * ld, Di * ld, ld, p.Dp);
+    forwardUpdate<T, Op, CELL>(p, hOut, t, row0, hh, 0, bs, Di, acc, xin, len, st, hA + (cur ^ 1) * kRows * ld, ld);
+    __syncthreads();
+  }
+  forwardFinish<T, S>(p, hOut, row0, hh, 0, st);
+}
+
+template <class T, int CELL>
+__global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::value))
+    fusedRnnBackwardKernel(RnnParams p) {
+  using Op = typename Operands<T>::Bwd;
+  constexpr int G = gatesOf(CELL), S = statesOf(CELL);
+  const int64_t H = p.H, L = p.T;
+  const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
+  const int Di = static_cast<int>(p.D), Dp = p.Dp, ld = Dp + padOf<Op>(), lda = G * Dp + padOf<Op>();
+  const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  Op* Rs = dynamicShared<Op>();  // [G][D][ld]: Rs[g][i][j] = R[g][hh][i][j], zero for j >= D
+  Op* dA = Rs + G * Di * ld;     // [2][16][lda]: dpre of the block's rows, gate g at columns g*Dp..
+  loadBackwardWeights<T, Op, G>(p, hh, 0, Di, ld, Rs);
+  for (int e = tid; e < 2 * kRows * lda; e += nthreads) dA[e] = toOp<Op>(0.0f);
+  __syncthreads();
+
+  const T* wx = static_cast<const T*>(p.wx);
+  const T* dh = static_cast<const T*>(p.dh);
+  T* dwx = static_cast<T*>(p.dwx);
+  float gS[4][S];
+  int64_t len[2];
+  loadBackwardInit<T, S>(p, dh, row0, hh, 0, len, gS);
+
+  // gS[.][0] += sum_g dpre_g (a) R_g^T for the warp's rows i.
+  auto gatesProduct = [&](const Op* a) {
+    float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    for (int g = 0; g < G; ++g) warpProduct<Op, 1>(acc, a + g * Dp, lda, Rs + (g * Di + warp * 8) * ld, 0, ld, Dp);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
+  };
+  for (int64_t t = L - 1; t >= 0; --t) {
+    // This step's saved values first, so that the loads overlap the product.
+    float pre[4][G], prev[4][S], dhv[4], wxn[4];
+    loadBackwardStep<T, CELL>(p, wx, dh, t, row0, hh, 0, len, pre, prev, dhv, wxn);
+    // The recurrent part of dL/dh_t, from step t + 1's dpre.
+    if (t < L - 1) gatesProduct(dA + static_cast<int>((t + 1) & 1) * kRows * lda);
+    backwardUpdate<T, Op, CELL>(p, dwx, t, row0, hh, 0, len, pre, prev, dhv, wxn, gS,
+                                dA + static_cast<int>(t & 1) * kRows * lda, lda, Dp);
+    __syncthreads();
+  }
+  if (L > 0) gatesProduct(dA);
+  storeDStates0<S>(p, row0, hh, 0, gS);
+}
+
+}  // namespace
+}  // namespace rkcuda
