@@ -1,0 +1,84 @@
+// The gated delta rule's chunked tensor-core kernels (cuda/delta/gated_delta_chunked.cu): sizes,
+// tiles and the helpers both passes share.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include "common/api.h"
+#include "delta/gated_delta.h"
+#include "common/check.cuh"
+#include "common/dtype.cuh"
+#include "common/host.cuh"
+#include "common/launch.cuh"
+#include "common/math.cuh"
+#include "common/mma.cuh"
+#include "delta/delta_params.cuh"
+#include "delta/gated_delta_chunked.h"
+
+namespace rkcuda {
+namespace deltachunked {
+namespace {
+
+constexpr int kC = 64;         // chunk length (gatedDeltaChunk)
+constexpr int kThreads = 128;  // 4 warps, 16 chunk rows each
+constexpr int kWarps = kThreads / 32;
+constexpr int kLdA = kC + 1;  // fp32 64 x 64 matrices in shared memory
+using delta::kL2Eps;
+using delta::uniformSegment;
+
+inline int roundUp16(int64_t x) { return static_cast<int>(ceilDiv(x, 16) * 16); }
+
+struct ChunkParams : delta::DeltaInputs {
+  int64_t nseq = 0;
+  int Kp = 16;   // K rounded up to 16
+  int Vp = 16;   // V rounded up to 16
+  int ldk = 24;  // row stride (elements) of the staged q, k
+  int vt = 32;   // value columns per state-pass block
+  int vTiles = 1;
+  // scratch, per (global chunk, value head): W, Qg, Kd [64 x K], U [64 x V], P [64 x 64], gammaLast
+  void* W = nullptr;
+  void* U = nullptr;
+  void* Qg = nullptr;
+  void* Kd = nullptr;
+  void* P = nullptr;
+  float* gammaLast = nullptr;
+  float* Xinv = nullptr;  // (I + A)^-1, fp32 [64 x 64] per (chunk, value head): backward only
+  // backward
+  const float* checkpoints = nullptr;
+  const void* dO = nullptr;       // nullable (zeros)
+  const float* dFinal = nullptr;  // nullable (zeros)
+  float* dh0 = nullptr;           // nullable
+  float* dStates = nullptr;       // dL/dS at the end of each chunk, fp32, the checkpoints' layout
+  void* dVp = nullptr;            // dL/dV', [64 x V] per (chunk, value head)
+  float* dGamL = nullptr;         // <S_0, dL/dS_end> per (chunk, value head), zeroed, summed over tiles
+  void* dv = nullptr;
+  float* dqAcc = nullptr;  // fp32 [batch, T, H, K], zeroed: gradients w.r.t. the normalised q, k
+  float* dkAcc = nullptr;
+  float* dg = nullptr;
+  float* dbetaAcc = nullptr;  // fp32 [batch, T, HV]
+};
+
+// The sequence holding global chunk gc: the last one whose chunkOffset is <= gc (sequences of
+// length 0 share their offset with the next one, which is then the one found).
+__device__ __forceinline__ ScanSegment segmentOfChunk(const ChunkParams& p, int64_t gc) {
+  if (p.segments == nullptr) return uniformSegment(p, gc / p.uniformChunks);
+  int64_t lo = 0, hi = p.nseq - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (p.segments[mid].chunkOffset <= gc) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return p.segments[lo];
+}
+
+}  // namespace
+}  // namespace deltachunked
+}  // namespace rkcuda

@@ -1,0 +1,376 @@
+// The gated delta rule's chunked forward (cuda/delta/gated_delta_chunked.cu): the per-chunk
+// preparation (WY / UT transform) and the state pass with the outputs.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include "common/api.h"
+#include "delta/gated_delta.h"
+#include "common/check.cuh"
+#include "common/dtype.cuh"
+#include "common/host.cuh"
+#include "common/launch.cuh"
+#include "common/math.cuh"
+#include "common/mma.cuh"
+#include "delta/delta_params.cuh"
+#include "delta/gated_delta_chunked.h"
+
+#include "delta/gated_delta_chunked_common.cuh"
+
+namespace rkcuda {
+namespace deltachunked {
+namespace {
+
+// ============================== per-chunk preparation ==============================
+
+// The chunk's staging, shared by the preparation and the backward's gradient kernel (the whole
+// block calls): q, k rows (storage type, zero past n and K) into sK, sQ (row stride p.ldk), beta,
+// the fp64 cumulative log decay sG, exp(sG) in sGam, the inverse norms sRk, sRq (1 without l2norm).
+template <class T>
+__device__ __forceinline__ void stageChunk(const ChunkParams& p, int64_t rowBase, int64_t h, int64_t hv, int n, T* sK,
+                                           T* sQ, double* sG, float* sGam, float* sBeta, float* sRk, float* sRq) {
+  const int K = static_cast<int>(p.K), ld = p.ldk;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const T* qg = static_cast<const T*>(p.q);
+  const T* kg = static_cast<const T*>(p.k);
+  const T zero = fromFloat<T>(0.0f);
+  for (int e = tid; e < kC * ld; e += kThreads) {
+    const int r = e / ld, i = e - (e / ld) * ld;
+    T kx = zero, qx = zero;
+    if (r < n && i < K) {
+      const int64_t off = ((rowBase + r) * p.H + h) * p.K + i;
+      kx = kg[off];
+      qx = qg[off];
+    }
+    sK[e] = kx;
+    sQ[e] = qx;
+  }
+  if (tid < kC) {
+    float gt = 0.0f, bt = 0.0f;
+    if (tid < n) {
+      const int64_t gi = (rowBase + tid) * p.HV + hv;
+      gt = p.g[gi];
+      bt = loadScalar(static_cast<const T*>(p.beta) + gi);
+    }
+    sGam[tid] = gt;
+    sBeta[tid] = bt;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    double acc = 0.0;
+    for (int r = 0; r < kC; ++r) {
+      acc += static_cast<double>(sGam[r]);
+      sG[r] = acc;
+    }
+  }
+  for (int r = warp; r < kC; r += kWarps) {
+    float kk = 0.0f, qq = 0.0f;
+    for (int i = lane; i < K; i += 32) {
+      const float kx = toFloat(sK[r * ld + i]), qx = toFloat(sQ[r * ld + i]);
+      kk = fmaf(kx, kx, kk);
+      qq = fmaf(qx, qx, qq);
+    }
+    kk = warpSum(kk);
+    qq = warpSum(qq);
+    if (lane == 0) {
+      sRk[r] = p.l2norm ? 1.0f / sqrtf(kk + kL2Eps) : 1.0f;
+      sRq[r] = p.l2norm ? 1.0f / sqrtf(qq + kL2Eps) : 1.0f;
+    }
+  }
+  __syncthreads();
+  if (tid < kC) sGam[tid] = fastExp(static_cast<float>(sG[tid]));
+  __syncthreads();
+}
+
+// Dynamic shared memory of chunkPrepKernel.
+inline size_t prepSharedBytes(const ChunkParams& p, size_t elemBytes) {
+  return kC * sizeof(double) + 4 * kC * sizeof(float) + 2 * kC * kLdA * sizeof(float) +
+         2 * static_cast<size_t>(kC) * p.ldk * elemBytes;
+}
+
+template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p) {
+  const int64_t gc = static_cast<int64_t>(blockIdx.x) / p.HV;
+  const int64_t hv = static_cast<int64_t>(blockIdx.x) - gc * p.HV;
+  const int64_t h = hv / p.group;
+  const ScanSegment seg = segmentOfChunk(p, gc);
+  const int64_t cs = (gc - seg.chunkOffset) * kC;
+  const int n = static_cast<int>(seg.length - cs < kC ? seg.length - cs : kC);
+  const int64_t rowBase = seg.batch * p.T + seg.start + cs;  // batch row * T + first position
+  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V), ld = p.ldk;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
+
+  double* sG = dynamicShared<double>();  // cumulative log decay
+  float* sBeta = reinterpret_cast<float*>(sG + kC);
+  float* sRk = sBeta + kC;  // 1 / |k| (1 without l2norm)
+  float* sRq = sRk + kC;
+  float* sGam = sRq + kC;      // g, then exp(G)
+  float* sA = sGam + kC;       // A (strictly lower)
+  float* sX = sA + kC * kLdA;  // Tm
+  T* sK = reinterpret_cast<T*>(sX + kC * kLdA);
+  T* sQ = sK + kC * ld;
+
+  const T* vg = static_cast<const T*>(p.v);
+  stageChunk(p, rowBase, h, hv, n, sK, sQ, sG, sGam, sBeta, sRk, sRq);
+
+  auto kn = [&](int r, int i) -> float { return i < K ? toFloat(sK[r * ld + i]) * sRk[r] : 0.0f; };
+  auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
+  auto decay = [&](int t, int s) -> float { return fastExp(static_cast<float>(sG[t] - sG[s])); };
+
+  const int64_t cb = gc * p.HV + hv;
+  T* P = static_cast<T*>(p.P) + cb * kC * kC;
+  const int r0 = 16 * warp;
+  const int kSteps = p.Kp / 16;
+  // A = beta_t Gamma_ts k_t.k_s (s < t) and P = scale Gamma_ts q_t.k_s (s <= t): the warp's 16 rows
+  // against the column blocks of 8 that touch the lower triangle (warp-uniform), each A fragment
+  // loaded once per k-step.
+  {
+    mma::FragC accA[kC / 8], accP[kC / 8];
+#pragma unroll
+    for (int j = 0; j < kC / 8; ++j) {
+      accA[j].zero();
+      accP[j].zero();
+    }
+    for (int s = 0; s < kSteps; ++s) {
+      const int k0 = 16 * s;
+      const mma::FragA16 ak = mma::loadA16<T>([&](int rr, int kk) { return kn(r0 + rr, k0 + kk); });
+      const mma::FragA16 aq = mma::loadA16<T>([&](int rr, int kk) { return qn(r0 + rr, k0 + kk); });
+#pragma unroll
+      for (int j = 0; j < kC / 8; ++j) {
+        if (8 * j > r0 + 15) continue;
+        const mma::FragB16 b = mma::loadB16<T>([&](int kk, int nn) { return kn(8 * j + nn, k0 + kk); });
+        mma::mma16816<T>(accA[j], ak, b);
+        mma::mma16816<T>(accP[j], aq, b);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kC / 8; ++j) {
+      mma::storeC(accA[j], [&](int rr, int cc, float val) {
+        const int r = r0 + rr, col = 8 * j + cc;
+        sA[r * kLdA + col] = col < r ? sBeta[r] * decay(r, col) * val : 0.0f;
+      });
+      mma::storeC(accP[j], [&](int rr, int cc, float val) {
+        const int r = r0 + rr, col = 8 * j + cc;
+        P[r * kC + col] = fromFloat<T>(col <= r ? p.scale * decay(r, col) * val : 0.0f);
+      });
+    }
+  }
+  __syncthreads();
+
+  // Tm = (I + A)^-1 diag(beta): thread c solves column c by forward substitution, then scales it
+  // by beta_c. Each thread reads only its own column of sX (and all of A).
+  if (tid < kC) {
+    const int c = tid;
+    for (int i = 0; i < c; ++i) sX[i * kLdA + c] = 0.0f;
+    sX[c * kLdA + c] = 1.0f;
+    for (int i = c + 1; i < kC; ++i) {
+      float acc = 0.0f;
+      for (int j = c; j < i; ++j) acc = fmaf(sA[i * kLdA + j], sX[j * kLdA + c], acc);
+      sX[i * kLdA + c] = -acc;
+    }
+    if (p.Xinv != nullptr) {  // the backward keeps (I + A)^-1 itself (column c, zeros above the diagonal)
+      float* X = p.Xinv + (gc * p.HV + hv) * kC * kC;
+      for (int i = 0; i < kC; ++i) X[i * kC + c] = sX[i * kLdA + c];
+    }
+    const float b = sBeta[c];
+    for (int i = c; i < kC; ++i) sX[i * kLdA + c] *= b;
+  }
+  __syncthreads();
+
+  // W = Tm (K exp(G)), U = Tm V: rows r0..r0+15, Tm lower triangular (k-steps up to the diagonal).
+  T* W = static_cast<T*>(p.W) + cb * kC * p.K;
+  T* U = static_cast<T*>(p.U) + cb * kC * p.V;
+  auto tmFrag = [&](int s) {
+    return mma::loadA16<T>([&](int rr, int kk) { return sX[(r0 + rr) * kLdA + 16 * s + kk]; });
+  };
+  for (int j = 0; j < p.Kp / 8; ++j) {
+    mma::FragC acc;
+    acc.zero();
+    for (int s = 0; s <= warp; ++s) {
+      const mma::FragB16 b = mma::loadB16<T>([&](int kk, int nn) {
+        const int r = 16 * s + kk;
+        return kn(r, 8 * j + nn) * sGam[r];
+      });
+      mma::mma16816<T>(acc, tmFrag(s), b);
+    }
+    mma::storeC(acc, [&](int rr, int cc, float val) {
+      const int i = 8 * j + cc;
+      if (i < K) W[(r0 + rr) * p.K + i] = fromFloat<T>(val);
+    });
+  }
+  for (int j = 0; j < p.Vp / 8; ++j) {
+    mma::FragC acc;
+    acc.zero();
+    for (int s = 0; s <= warp; ++s) {
+      const mma::FragB16 b = mma::loadB16<T>([&](int kk, int nn) {
+        const int r = 16 * s + kk, col = 8 * j + nn;
+        return (r < n && col < V) ? loadScalar(vg + ((rowBase + r) * p.HV + hv) * p.V + col) : 0.0f;
+      });
+      mma::mma16816<T>(acc, tmFrag(s), b);
+    }
+    mma::storeC(acc, [&](int rr, int cc, float val) {
+      const int col = 8 * j + cc;
+      if (col < V) U[(r0 + rr) * p.V + col] = fromFloat<T>(val);
+    });
+  }
+
+  // Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G) (padding rows: 0).
+  T* Qg = static_cast<T*>(p.Qg) + cb * kC * p.K;
+  T* Kd = static_cast<T*>(p.Kd) + cb * kC * p.K;
+  for (int e = tid; e < kC * K; e += kThreads) {
+    const int r = e / K, i = e - (e / K) * K;
+    Qg[e] = fromFloat<T>(p.scale * qn(r, i) * sGam[r]);
+    Kd[e] = fromFloat<T>(kn(r, i) * decay(n - 1, r < n ? r : n - 1));
+  }
+  if (tid == 0) p.gammaLast[cb] = sGam[n - 1];
+}
+
+// ============================== state pass and output ==============================
+
+__host__ __device__ inline int stateLd(int vt) { return vt + 4; }
+inline size_t stateSharedBytes(const ChunkParams& p) {
+  return static_cast<size_t>(p.Kp + kC) * stateLd(p.vt) * sizeof(float);
+}
+
+// dst[i * V + v0 + j] = sS[i * ldS + j] over the valid K x vw part of a state tile (the whole block).
+__device__ __forceinline__ void storeTile(float* dst, const float* sS, int K, int vw, int ldS, int64_t V, int v0) {
+  for (int e = static_cast<int>(threadIdx.x); e < K * vw; e += kThreads) {
+    const int i = e / vw, j = e - (e / vw) * vw;
+    dst[static_cast<int64_t>(i) * V + v0 + j] = sS[i * ldS + j];
+  }
+}
+
+// NT = vt / 8: the column blocks of the value tile.
+template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
+  const int64_t head = static_cast<int64_t>(blockIdx.x) / p.vTiles;
+  const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) - head * p.vTiles);
+  const int64_t seq = head / p.HV, hv = head - (head / p.HV) * p.HV;
+  const ScanSegment seg = p.segments != nullptr ? p.segments[seq] : uniformSegment(p, seq);
+  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);
+  const int v0 = tile * p.vt;
+  const int vw = V - v0 < p.vt ? V - v0 : p.vt;  // valid columns of this tile
+  const int ldS = stateLd(p.vt);
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
+  const int r0 = 16 * warp;
+  const int kSteps = p.Kp / 16;
+  const int64_t KV = p.K * p.V;
+
+  float* sS = dynamicShared<float>();  // Kp x ldS: the state tile, fp32
+  float* sV = sS + p.Kp * ldS;         // 64 x ldS: V' of the current chunk
+  const int64_t stateOff = (seq * p.HV + hv) * KV;
+  for (int e = tid; e < p.Kp * ldS; e += kThreads) {
+    const int i = e / ldS, j = e - (e / ldS) * ldS;
+    sS[e] = (p.h0 != nullptr && i < K && j < vw) ? p.h0[stateOff + static_cast<int64_t>(i) * p.V + v0 + j] : 0.0f;
+  }
+  __syncthreads();
+
+  T* o = static_cast<T*>(p.o);
+  const int L = static_cast<int>(seg.length);
+  const int nChunks = (L + kC - 1) / kC;
+  for (int c = 0; c < nChunks; ++c) {
+    const int64_t gc = seg.chunkOffset + c;
+    const int64_t cb = gc * p.HV + hv;
+    const int n = L - c * kC < kC ? L - c * kC : kC;
+    const int kRows = (n + 15) / 16;  // 16-row steps that hold positions
+    const int64_t rowBase = seg.batch * p.T + seg.start + static_cast<int64_t>(c) * kC;
+    storeTile(p.states + cb * KV, sS, K, vw, ldS, p.V, v0);
+    const T* W = static_cast<const T*>(p.W) + cb * kC * p.K;
+    const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
+    const T* Qg = static_cast<const T*>(p.Qg) + cb * kC * p.K;
+    const T* Kd = static_cast<const T*>(p.Kd) + cb * kC * p.K;
+    const T* P = static_cast<const T*>(p.P) + cb * kC * kC;
+    auto sFrag = [&](int s, int j) {
+      return mma::loadB16<T>([&](int kk, int nn) { return sS[(16 * s + kk) * ldS + 8 * j + nn]; });
+    };
+    auto vFrag = [&](int s, int j) {
+      return mma::loadB16<T>([&](int kk, int nn) { return sV[(16 * s + kk) * ldS + 8 * j + nn]; });
+    };
+    auto rowFrag = [&](const T* X, int s) {  // rows r0.., columns 16 s.. of a 64 x K array
+      return mma::loadA16<T>([&](int rr, int kk) {
+        const int i = 16 * s + kk;
+        return i < K ? toFloat(X[(r0 + rr) * p.K + i]) : 0.0f;
+      });
+    };
+
+    // V' = U - W S: each fragment of W is loaded once and used for the NT column blocks.
+    {
+      mma::FragC acc[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) acc[j].zero();
+      if (warp < kRows) {
+        for (int s = 0; s < kSteps; ++s) {
+          const mma::FragA16 a = rowFrag(W, s);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, sFrag(s, j));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma::storeC(acc[j], [&](int rr, int cc, float val) {
+          const int r = r0 + rr, col = 8 * j + cc;
+          const float u = (r < n && col < vw) ? toFloat(U[r * p.V + v0 + col]) : 0.0f;
+          sV[r * ldS + col] = u - val;
+        });
+      }
+    }
+    __syncthreads();
+
+    // O = Qg S + P V' (P lower triangular: k-steps up to the diagonal block).
+    if (warp < kRows) {
+      mma::FragC acc[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) acc[j].zero();
+      for (int s = 0; s < kSteps; ++s) {
+        const mma::FragA16 a = rowFrag(Qg, s);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, sFrag(s, j));
+      }
+      for (int s = 0; s <= warp; ++s) {
+        const mma::FragA16 a =
+            mma::loadA16<T>([&](int rr, int kk) { return toFloat(P[(r0 + rr) * kC + 16 * s + kk]); });
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, vFrag(s, j));
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma::storeC(acc[j], [&](int rr, int cc, float val) {
+          const int r = r0 + rr, col = 8 * j + cc;
+          if (r < n && col < vw) o[((rowBase + r) * p.HV + hv) * p.V + v0 + col] = fromFloat<T>(val);
+        });
+      }
+    }
+    __syncthreads();
+
+    // S = exp(G_{n-1}) S + Kd^T V': warp w owns the state rows 16 m.. for m = w, w + 4, ...
+    const float gl = p.gammaLast[cb];
+    for (int m = warp; m < kSteps; m += kWarps) {
+      mma::FragC acc[NT];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        acc[j] = mma::loadC([&](int rr, int cc) { return gl * sS[(16 * m + rr) * ldS + 8 * j + cc]; });
+      }
+      for (int s = 0; s < kRows; ++s) {
+        const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) {
+          const int i = 16 * m + rr;
+          return i < K ? toFloat(Kd[(16 * s + kk) * p.K + i]) : 0.0f;
+        });
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, vFrag(s, j));
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        mma::storeC(acc[j], [&](int rr, int cc, float val) { sS[(16 * m + rr) * ldS + 8 * j + cc] = val; });
+      }
+    }
+    __syncthreads();
+  }
+  if (p.finalState != nullptr) storeTile(p.finalState + stateOff, sS, K, vw, ldS, p.V, v0);
+}
+
+}  // namespace
+}  // namespace deltachunked
+}  // namespace rkcuda
