@@ -1,6 +1,6 @@
-// The CPU thread pool: results do not depend on the thread count, a team whose per-step barrier keeps
-// stalling finishes on one thread with the same results, and calls from several worker threads at
-// once share the pool.
+// The CPU thread pool: results do not depend on the thread count (the Mamba-2 scan's row sums go
+// through fixed blocks for that), a team whose per-step barrier keeps stalling finishes on one
+// thread with the same results, and calls from several worker threads at once share the pool.
 import { Worker } from 'node:worker_threads';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -103,6 +103,36 @@ describe('CPU thread pool', () => {
         const err = Math.hypot(...r[i].map((x, j) => x - one[i][j])) / Math.hypot(...one[i]);
         expect(err, at(`${n} threads, gradient ${i}`)).toBeLessThan(1e-5);
       }
+    }
+  });
+
+  it('gives the Mamba-2 scan (on linear attention) bitwise the same results with 1, 2 and 3 threads', () => {
+    const rand = rng(seed + 3);
+    const [B, T, H, P, G, N] = [2, 300, 4, 16, 2, 16];
+    const inputs = {
+      x: tensor(normal(rand, B * T * H * P), [B, T, H, P]),
+      dt: tensor(normal(rand, B * T * H), [B, T, H]),
+      A: tensor(
+        normal(rand, H).map((x) => -Math.abs(x) - 0.1),
+        [H],
+      ),
+      B: tensor(normal(rand, B * T * G * N, 0.3), [B, T, G, N]),
+      C: tensor(normal(rand, B * T * G * N, 0.3), [B, T, G, N]),
+      D: tensor(normal(rand, H * P), [H, P]),
+      z: tensor(normal(rand, B * T * H * P), [B, T, H, P]),
+      dtBias: tensor(normal(rand, H, 0.3), [H]),
+    };
+    const dy = tensor(normal(rand, B * T * H * P), [B, T, H, P]);
+    const run = () => {
+      const { outputs, ctx } = rk.ops.mamba2Scan.forward(inputs, { dtSoftplus: true });
+      const g = rk.ops.mamba2Scan.backward(ctx, { y: dy });
+      return [outputs.y, g.x, g.dt, g.A, g.B, g.C, g.D!, g.z!, g.dtBias!].map((t) => Array.from(t.toFloat32Array()));
+    };
+    rk.cpu.setThreads(1);
+    const one = run();
+    for (const n of [2, 3]) {
+      rk.cpu.setThreads(n);
+      expect(run(), at(`${n} threads`)).toEqual(one);
     }
   });
 
