@@ -11,6 +11,7 @@
 //   * Buf<T>, a device array stand-in with sentinels on each side, poison() (NaN in every dtype,
 //     for outputs) and poisonGuards() (NaN guards, for inputs); checkOutput(), which compares an
 //     output and checks its guards; roundTo<T>();
+//   * centralDifferences(), the float64 references' gradients by finite differences;
 //   * launched / noteLaunches(), the kernels that ran, from the emulator's launch log.
 // Each driver keeps its own tolerances, cases and summary line.
 #pragma once
@@ -166,6 +167,24 @@ template <class T>
 void checkOutput(const std::string& what, const Buf<T>& buf, const std::vector<double>& want, double tol) {
   compare(what, buf.get(), want, tol);
   check(buf.guardsIntact(), what + ": write outside the array");
+}
+
+// ---- finite differences ----
+
+// d loss / d v[i] for every i by central differences with step h (v is restored): to check a
+// float64 reference's hand-written backward.
+template <class Loss> std::vector<double> centralDifferences(std::vector<double>& v, Loss&& loss, double h = 1e-6) {
+  std::vector<double> num(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    const double v0 = v[i];
+    v[i] = v0 + h;
+    const double lp = loss();
+    v[i] = v0 - h;
+    const double lm = loss();
+    v[i] = v0;
+    num[i] = (lp - lm) / (2 * h);
+  }
+  return num;
 }
 
 // ---- launches ----

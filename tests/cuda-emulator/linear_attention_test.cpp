@@ -253,16 +253,7 @@ void checkReferenceGradients() {
       context = std::string("reference gradients, ") + ruleName(P.rule) + (perKey ? " per-key" : "");
       const Ref r = reference(P, true);
       auto fd = [&](std::vector<double>& x, const std::vector<double>& an, const char* name) {
-        std::vector<double> num(x.size());
-        for (size_t i = 0; i < x.size(); ++i) {
-          const double x0 = x[i], h = 1e-6;
-          x[i] = x0 + h;
-          const double lp = lossOf(P, reference(P, false));
-          x[i] = x0 - h;
-          const double lm = lossOf(P, reference(P, false));
-          x[i] = x0;
-          num[i] = (lp - lm) / (2 * h);
-        }
+        const auto num = centralDifferences(x, [&] { return lossOf(P, reference(P, false)); });
         compare(std::string("reference d") + name, an, num, 1e-6);
       };
       fd(P.q, r.dq, "q");

@@ -192,17 +192,7 @@ void checkReferenceGradients() {
       return l;
     };
     auto fd = [&](std::vector<double>& v, const std::vector<double>& an, const char* name) {
-      std::vector<double> num(v.size());
-      for (size_t i = 0; i < v.size(); ++i) {
-        const double v0 = v[i];
-        v[i] = v0 + 1e-6;
-        const double lp = loss();
-        v[i] = v0 - 1e-6;
-        const double lm = loss();
-        v[i] = v0;
-        num[i] = (lp - lm) / 2e-6;
-      }
-      compare(std::string("reference d") + name, an, num, 1e-6);
+      compare(std::string("reference d") + name, an, centralDifferences(v, loss), 1e-6);
     };
     fd(G.x, r.dx, "x");
     fd(G.dt, r.ddt, "dt");
@@ -740,17 +730,7 @@ void checkScanReferenceGradients() {
       return l;
     };
     auto fd = [&](std::vector<double>& v, const std::vector<double>& an, const char* name) {
-      std::vector<double> num(v.size());
-      for (size_t i = 0; i < v.size(); ++i) {
-        const double v0 = v[i];
-        v[i] = v0 + 1e-6;
-        const double lp = loss();
-        v[i] = v0 - 1e-6;
-        const double lm = loss();
-        v[i] = v0;
-        num[i] = (lp - lm) / 2e-6;
-      }
-      compare(std::string("scan reference d") + name, an, num, 1e-6);
+      compare(std::string("scan reference d") + name, an, centralDifferences(v, loss), 1e-6);
     };
     fd(s.gate.x, r.dx, "x");
     fd(s.gate.dt, r.ddt, "dt");

@@ -246,17 +246,7 @@ void checkReferenceGradients() {
   };
   const Backward g = referenceBackward(P);
   auto fd = [&](const char* name, std::vector<double>& param, const std::vector<double>& grad) {
-    std::vector<double> num(param.size());
-    for (size_t i = 0; i < param.size(); ++i) {
-      const double keep = param[i], h = 1e-6;
-      param[i] = keep + h;
-      const double lp = loss();
-      param[i] = keep - h;
-      const double lm = loss();
-      param[i] = keep;
-      num[i] = (lp - lm) / (2 * h);
-    }
-    compare(std::string("d") + name, grad, num, 1e-6);
+    compare(std::string("d") + name, grad, centralDifferences(param, loss), 1e-6);
   };
   fd("u", P.u, g.du);
   fd("delta", P.delta, g.ddelta);
