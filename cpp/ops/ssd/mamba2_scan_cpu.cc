@@ -11,12 +11,6 @@
 #include "tensor/dtype.h"
 
 namespace rk::ssd {
-namespace {
-
-// Rows per parallel range: about 16k elements.
-int64_t rowGrain(const Mamba2GateArgs& a) { return grainFor(double(a.H * a.P), 1 << 14); }
-
-}  // namespace
 
 void mamba2PrepareCpu(const Mamba2GateArgs& a, float* g, void* v) {
   dispatchDType(a.dt, [&](auto tag) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/isa.h"
+#include "common/parallel.h"
 #include "cuda/ssd/mamba2_scan.h"
 #include "tensor/dtype.h"
 
@@ -13,6 +14,9 @@ namespace rk::ssd {
 
 using rkcuda::Mamba2GateArgs;
 using rkcuda::Mamba2StepArgs;
+
+// Rows per parallel range of the elementwise kernels: about 16k elements.
+inline int64_t rowGrain(const Mamba2GateArgs& a) { return grainFor(double(a.H * a.P), 1 << 14); }
 
 // The effective time step of (row, h) -- dt + dtBias, softplus (the value itself above 20), clamp --
 // and its derivative with respect to dt (0 outside the clamp's open interval).
