@@ -20,7 +20,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 
 const root = join(__dirname, '..');
 const required = (process.env.RK_CUDA ?? '').toUpperCase() === 'ON';
@@ -64,45 +64,70 @@ const title =
     ? 'CUDA kernels on the CPU emulator'
     : 'CUDA kernels on the CPU emulator (skipped: no CUDA toolkit headers found; RK_CUDA=ON makes this a failure)';
 
-/** Compiles tests/cuda-emulator/<driver>.cpp, runs it and expects a clean " 0 failures" summary. */
-function compileAndRun(driver: string): void {
+/**
+ * How a driver is built and run. `checks`: with the emulator's hazard checks (tests/cuda-emulator/
+ * checks.h: racecheck, initcheck, memcheck, synccheck), i.e. -fsanitize=thread,alignment hooks that the
+ * emulator itself implements (no sanitizer runtime is linked). `schedule`: RK_EMU_SCHEDULE.
+ */
+interface Mode {
+  checks: boolean;
+  schedule: 'ordered' | 'random' | 'starve';
+  seed: number;
+}
+
+const checkFlags = ['-fsanitize=thread,alignment', '--param', 'tsan-instrument-func-entry-exit=0', '-fno-pie', '-g1'];
+
+/** Builds tests/cuda-emulator/<source> into work/<name>; returns the executable's path. */
+function build(source: string, work: string, checks: boolean): string {
   expect(
     cuda.dir,
     `RK_CUDA=ON but no CUDA toolkit headers (cuda_runtime.h) in: ${cuda.tried.join(', ')}`,
   ).toBeDefined();
+  const exe = join(work, source.replace(/\.cpp$/, checks ? '.checks' : ''));
+  // -fno-strict-aliasing: the kernels reinterpret element storage as raw bits and vectors, which
+  // is fine for nvcc; the host compiler must not optimise on the assumption it does not happen.
+  const common = ['-std=c++17', '-O1', '-fno-strict-aliasing', '-I', cuda.dir!, '-I', join(root, 'cuda')];
+  const src = join(root, 'tests', 'cuda-emulator', source);
+  // With the checks: compile with the instrumentation, link without its runtime (checks.h has the hooks).
+  const steps = checks
+    ? [
+        [...common, ...checkFlags, '-c', src, '-o', `${exe}.o`],
+        ['-no-pie', `${exe}.o`, '-o', exe],
+      ]
+    : [[...common, src, '-o', exe]];
+  for (const args of steps) {
+    const r = spawnSync('g++', args, { encoding: 'utf8', timeout: 200_000 });
+    expect(r.error, 'g++ could not be run').toBeUndefined();
+    expect(r.status, `g++ failed:\n${r.stderr}`).toBe(0);
+  }
+  return exe;
+}
+
+function run(exe: string, args: string[], mode: Mode) {
+  const env = { ...process.env, RK_EMU_SCHEDULE: mode.schedule, RK_EMU_SEED: String(mode.seed) };
+  const r = spawnSync(exe, args, { encoding: 'utf8', timeout: 400_000, env });
+  return { ...r, output: `${r.stdout}${r.stderr}` };
+}
+
+/** Compiles tests/cuda-emulator/<driver>.cpp, runs it and expects a clean " 0 failures" summary. */
+function compileAndRun(driver: string, mode: Mode): void {
   const work = mkdtempSync(join(tmpdir(), 'rk-cuda-emulator-'));
   try {
-    const exe = join(work, driver);
     const started = Date.now();
-    // -fno-strict-aliasing: the kernels reinterpret element storage as raw bits and vectors, which
-    // is fine for nvcc; the host compiler must not optimise on the assumption it does not happen.
-    const build = spawnSync(
-      'g++',
-      [
-        '-std=c++17',
-        '-O1',
-        '-fno-strict-aliasing',
-        '-I',
-        cuda.dir!,
-        '-I',
-        join(root, 'cuda'),
-        join(root, 'tests', 'cuda-emulator', `${driver}.cpp`),
-        '-o',
-        exe,
-      ],
-      { encoding: 'utf8', timeout: 150_000 },
-    );
-    expect(build.error, 'g++ could not be run').toBeUndefined();
-    expect(build.status, `g++ failed:\n${build.stderr}`).toBe(0);
+    const exe = build(`${driver}.cpp`, work, mode.checks);
     const compiled = Date.now();
-
-    const run = spawnSync(exe, [], { encoding: 'utf8', timeout: 150_000 });
-    const output = `${run.stdout}${run.stderr}`;
-    expect(run.signal, `the emulator test was killed by ${run.signal}:\n${output}`).toBeNull();
-    expect(run.status, output).toBe(0);
-    expect(output).toMatch(/ 0 failures\b/);
-    const summary = output.trim().split('\n').pop();
-    console.log(`${summary}; compiled in ${((compiled - started) / 1000).toFixed(1)} s`);
+    const r = run(exe, [], mode);
+    const how = `RK_EMU_SCHEDULE=${mode.schedule} RK_EMU_SEED=${mode.seed}${mode.checks ? ', with the checks' : ''}`;
+    expect(r.signal, `the emulator test was killed by ${r.signal} (${how}):\n${r.output}`).toBeNull();
+    expect(r.status, `${how}:\n${r.output}`).toBe(0);
+    expect(r.output).toMatch(/ 0 failures\b/);
+    if (mode.checks) expect(r.output).toMatch(/cuda emulator checks \(.*\): 0 hazards/);
+    const summary = r.output
+      .trim()
+      .split('\n')
+      .filter((l) => / failures\b| hazards/.test(l))
+      .join('; ');
+    console.log(`${summary}; ${how}; compiled in ${((compiled - started) / 1000).toFixed(1)} s`);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -130,11 +155,66 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
     );
   });
 
+  // Plain builds under the `starve` schedule (one warp per block held back until nothing else can
+  // run, blocks in random order); builds with the checks under the `random` schedule. Fixed seeds,
+  // so that a failure reproduces; RK_EMU_SEED overrides them.
+  const seed = Number(process.env.RK_EMU_SEED ?? 1);
   it.each(drivers)(
-    '%s: every configuration matches its float64 reference',
+    '%s: every configuration matches its float64 reference (starve schedule)',
     (driver) => {
-      compileAndRun(driver);
+      compileAndRun(driver, { checks: false, schedule: 'starve', seed });
     },
-    180_000,
+    300_000,
   );
+
+  it.each(drivers)(
+    '%s: no hazard under the checks (random schedule)',
+    (driver) => {
+      compileAndRun(driver, { checks: true, schedule: 'random', seed: seed + 1 });
+    },
+    600_000,
+  );
+
+  // Each check reports its planted bug (tests/cuda-emulator/planted_bugs.cpp) and passes the kernel
+  // without it.
+  describe('planted bugs', () => {
+    const expected: Record<string, RegExp> = {
+      'missing-barrier': /HAZARD racecheck: data race/,
+      'write-after-read': /HAZARD racecheck: data race/,
+      'warp-without-syncwarp': /HAZARD racecheck: data race/,
+      'dynamic-shared-off-by-one': /HAZARD memcheck: out-of-bounds access/,
+      'global-off-by-one': /HAZARD memcheck: out-of-bounds access/,
+      'misaligned-vector-load': /HAZARD memcheck: misaligned access/,
+      'uninitialised-shared': /HAZARD initcheck: read of uninitialised memory/,
+      'uninitialised-global': /HAZARD initcheck: read of uninitialised memory/,
+      'cp-async-read-before-wait': /HAZARD initcheck: read of a cp\.async destination before its wait/,
+      'partial-barrier': /synccheck: deadlock/,
+      'shuffle-mask-without-caller': /synccheck: shuffle with a mask that leaves out the calling lane/,
+      'shuffle-with-exited-lanes': /synccheck: deadlock/,
+      'flag-without-fence': /HAZARD racecheck: blocks access the same bytes without a release and acquire/,
+    };
+    let work = '';
+    let exe = '';
+    const mode: Mode = { checks: true, schedule: 'ordered', seed: 1 };
+    it('builds with the checks and lists every case', () => {
+      work = mkdtempSync(join(tmpdir(), 'rk-cuda-emulator-planted-'));
+      exe = build('planted_bugs.cpp', work, true);
+      const r = run(exe, ['list'], mode);
+      expect(r.status, r.output).toBe(0);
+      expect(r.stdout.trim().split('\n').sort()).toEqual(Object.keys(expected).sort());
+    }, 200_000);
+    it.each(Object.entries(expected))('%s: reported, and passes once fixed', (name, report) => {
+      expect(exe, 'the planted-bug driver was not built').not.toBe('');
+      const buggy = run(exe, [name], mode);
+      expect(buggy.status, buggy.output).not.toBe(0);
+      expect(buggy.output).toMatch(report);
+      const fixed = run(exe, [`${name}-fixed`], mode);
+      expect(fixed.status, fixed.output).toBe(0);
+      expect(fixed.output).toContain(`ran ${name}-fixed`);
+      expect(fixed.output).toMatch(/cuda emulator checks \(.*\): 0 hazards/);
+    });
+    afterAll(() => {
+      if (work) rmSync(work, { recursive: true, force: true });
+    });
+  });
 });

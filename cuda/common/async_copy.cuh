@@ -5,7 +5,8 @@
 //     block after a __syncthreads that follows the wait;
 //   * prefetchL2: a hint that brings a global memory line into L2, so that a later load of it does
 //     not wait for DRAM.
-// Host compilation (the CPU emulator in tests/cuda-emulator) copies at once and ignores hints.
+// Host compilation: the CPU emulator (tests/cuda-emulator) defers each copy to the wait, as a device
+// may; other host code copies at once. Hints are ignored.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -20,6 +21,8 @@ __device__ __forceinline__ void copyAsync16(void* dst, const void* src, int srcB
 #if defined(__CUDA_ARCH__)
   const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src), "r"(srcBytes) : "memory");
+#elif defined(RK_CUDA_EMULATOR)
+  emu::copyAsync16(dst, src, srcBytes);
 #else
   unsigned char buffer[16] = {};
   if (srcBytes > 0) std::memcpy(buffer, src, static_cast<size_t>(srcBytes < 16 ? srcBytes : 16));
@@ -30,6 +33,8 @@ __device__ __forceinline__ void copyAsync16(void* dst, const void* src, int srcB
 __device__ __forceinline__ void waitAsyncCopies() {
 #if defined(__CUDA_ARCH__)
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+#elif defined(RK_CUDA_EMULATOR)
+  emu::waitAsyncCopies();
 #endif
 }
 

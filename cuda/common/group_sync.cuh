@@ -15,8 +15,8 @@
 // the barrier. Data written before the barrier by other blocks should be read through L2 (cp.async
 // .cg, ld.global.cg), never through a possibly stale L1 line.
 //
-// Host compilation (the CPU emulator in tests/cuda-emulator): the acquire load is a volatile load
-// and __nanosleep lets the other blocks' threads run.
+// Host compilation: the CPU emulator (tests/cuda-emulator) models the acquire load, and __nanosleep
+// lets the other blocks' threads run; other host code reads a volatile.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -27,6 +27,8 @@ __device__ __forceinline__ unsigned loadAcquireGpu(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
+#elif defined(RK_CUDA_EMULATOR)
+  return emu::loadAcquire(p);
 #else
   return *const_cast<const volatile unsigned*>(p);
 #endif

@@ -287,6 +287,8 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
           dCSum = warpSum(dCSum);
           if (lane == 0) atomicAdd(p.dC + param, dCSum);
         }
+        // Every lane read gcarry[warp][n] above; a shuffle's data dependence is no memory ordering.
+        __syncwarp();
         if (lane == 0) gcarry[warp][n] = a[0] * g[0];  // into the previous tile (dh0 after the first)
       }
       if (unit > 0 && staged) flush(unit - 1);  // the previous unit's contributions are complete

@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kDecodeThreads) selectiveStateUpdateKernel(con
 #pragma unroll
   for (int j = 0; j < P; ++j) {
     const int n = sub + j * lpc;
-    x[j] = n < N ? stateRow[n] : 0.0f;
+    x[j] = active && n < N ? stateRow[n] : 0.0f;  // an idle lane must not read a state that another updates
     A2[j] = n < N ? __ldg(p.A + d * N + n) * kLog2e : 0.0f;
   }
   const float bias = p.deltaBias != nullptr ? p.deltaBias[d] : 0.0f;

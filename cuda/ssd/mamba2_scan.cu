@@ -268,7 +268,7 @@ template <class T, int SPL> __global__ void __launch_bounds__(kStepThreads) step
 #pragma unroll
   for (int j = 0; j < SPL; ++j) {
     const int n = sub + j * lpc;
-    S[j] = n < N ? stateRow[n] : 0.0f;
+    S[j] = active && n < N ? stateRow[n] : 0.0f;  // an idle lane must not read a state that another updates
   }
   const float A2 = a.A[h] * kLog2e;
   const float Dc = skipOf(a, h, c);

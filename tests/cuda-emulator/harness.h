@@ -128,16 +128,42 @@ inline void compare(const std::string& what, const std::vector<double>& got, con
 // kGuard sentinel elements on each side (and 16 spare bytes past the end of those).
 template <class T> struct Buf {
   static constexpr int kGuard = 16;  // elements; a multiple of 8 keeps offset 0 16-byte aligned
-  std::vector<uint4> storage;        // uint4: 16-byte aligned
+  uint4* storage = nullptr;          // uint4: 16-byte aligned; device memory of the emulator
+  size_t storageCount = 0;
   T* data = nullptr;
   size_t n = 0;
 
   Buf() = default;
   explicit Buf(size_t count, int offset = 0)
-      : storage(((count + 2 * kGuard + offset) * sizeof(T) + 15) / 16 + 1), n(count) {
-    T* base = reinterpret_cast<T*>(storage.data());
-    std::fill(base, base + storage.size() * 16 / sizeof(T), sentinel());
+      : storageCount(((count + 2 * kGuard + offset) * sizeof(T) + 15) / 16 + 1), n(count) {
+    storage = static_cast<uint4*>(emu::checks::deviceAllocate(storageCount * sizeof(uint4)));
+    T* base = reinterpret_cast<T*>(storage);
+    std::fill(base, base + storageCount * 16 / sizeof(T), sentinel());
     data = base + kGuard + offset;
+    emu::checks::deviceArray(data, n * sizeof(T), kGuard * sizeof(T), true);  // the guards are out of bounds
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  Buf(Buf&& o) noexcept { *this = std::move(o); }
+  Buf& operator=(Buf&& o) noexcept {
+    if (this != &o) {
+      release();
+      storage = o.storage;
+      storageCount = o.storageCount;
+      data = o.data;
+      n = o.n;
+      o.storage = nullptr;
+      o.data = nullptr;
+    }
+    return *this;
+  }
+  ~Buf() { release(); }
+  void release() {
+    if (storage == nullptr) return;
+    emu::checks::deviceArrayGone(data);
+    emu::checks::deviceFree(storage, storageCount * sizeof(uint4));
+    storage = nullptr;
+    data = nullptr;
   }
   static T sentinel() { return Elem<T>::from(12345.0); }
   void set(const std::vector<double>& v) {
