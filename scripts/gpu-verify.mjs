@@ -2,7 +2,10 @@
 //
 // One call that verifies the CUDA path on a machine with an NVIDIA GPU and writes one report:
 //   1. the device and driver (rk.cuda.deviceProperties(), nvidia-smi when present);
-//   2. the whole test suite with the GPU tests required (npm run test:gpu), per-file results;
+//   2. tests/gpu/ptx_smoke.cu, built with nvcc for this GPU: the inline PTX of cuda/common checked
+//      exactly (mma with integer operands for f16, bf16 and tf32; cp.async with source sizes 0, 6 and
+//      16; the cross-block group barrier; float4 atomicAdd), and under compute-sanitizer racecheck;
+//      then the whole test suite with the GPU tests required (npm run test:gpu), per-file results;
 //   3. scripts/gpu-smoke.mjs: every CUDA op forward + backward at small sizes against the CPU
 //      kernels, plainly and, where compute-sanitizer is installed, under its memcheck, racecheck,
 //      synccheck and initcheck tools;
@@ -151,7 +154,47 @@ async function main() {
   };
   const tail = (s, n = 1500) => s.slice(-n);
 
-  // 2. The test suite, GPU tests required.
+  // 2a. The inline PTX, exactly (tests/gpu/ptx_smoke.cu), plainly and under racecheck.
+  const nvcc = spawnSync('nvcc', ['--version'], { encoding: 'utf8' });
+  if (nvcc.status !== 0) {
+    report.steps.push({ name: 'ptx smoke (tests/gpu/ptx_smoke.cu)', ok: null, detail: 'nvcc is not on PATH' });
+  } else {
+    const exe = join(args.out, 'ptx_smoke');
+    const cc = `${props.major}${props.minor}`;
+    const b = step(
+      'nvcc',
+      [
+        '-std=c++17',
+        `-arch=sm_${cc}`,
+        '--expt-relaxed-constexpr',
+        '-I',
+        join(root, 'cuda'),
+        '-o',
+        exe,
+        join(root, 'tests', 'gpu', 'ptx_smoke.cu'),
+      ],
+      { timeoutS: 120 },
+    );
+    const r = b.ok ? step(exe, [], { timeoutS: 60 }) : b;
+    report.steps.push({
+      name: 'ptx smoke (tests/gpu/ptx_smoke.cu)',
+      ok: r.ok,
+      seconds: b.seconds + (b.ok ? r.seconds : 0),
+      detail: tail((r.stdout + r.stderr).trim(), 500),
+    });
+    if (b.ok && spawnSync('compute-sanitizer', ['--version'], { encoding: 'utf8' }).status === 0) {
+      const s = step('compute-sanitizer', ['--tool', 'racecheck', '--error-exitcode', '9', exe], { timeoutS: 120 });
+      report.steps.push({
+        name: 'ptx smoke under compute-sanitizer racecheck',
+        ok: s.ok,
+        seconds: s.seconds,
+        detail: tail((s.stdout + s.stderr).trim(), 300),
+      });
+    }
+    save();
+  }
+
+  // 2b. The test suite, GPU tests required.
   const testJson = join(args.out, 'vitest.json');
   const t = step(
     process.execPath,

@@ -109,25 +109,31 @@ function run(exe: string, args: string[], mode: Mode) {
   return { ...r, output: `${r.stdout}${r.stderr}` };
 }
 
-/** Compiles tests/cuda-emulator/<driver>.cpp, runs it and expects a clean " 0 failures" summary. */
-function compileAndRun(driver: string, mode: Mode): void {
+/**
+ * Compiles tests/cuda-emulator/<driver>.cpp (with or without the checks), runs it under each
+ * schedule and expects a clean " 0 failures" summary (and no hazard).
+ */
+function compileAndRun(driver: string, checks: boolean, modes: Omit<Mode, 'checks'>[]): void {
   const work = mkdtempSync(join(tmpdir(), 'rk-cuda-emulator-'));
   try {
     const started = Date.now();
-    const exe = build(`${driver}.cpp`, work, mode.checks);
+    const exe = build(`${driver}.cpp`, work, checks);
     const compiled = Date.now();
-    const r = run(exe, [], mode);
-    const how = `RK_EMU_SCHEDULE=${mode.schedule} RK_EMU_SEED=${mode.seed}${mode.checks ? ', with the checks' : ''}`;
-    expect(r.signal, `the emulator test was killed by ${r.signal} (${how}):\n${r.output}`).toBeNull();
-    expect(r.status, `${how}:\n${r.output}`).toBe(0);
-    expect(r.output).toMatch(/ 0 failures\b/);
-    if (mode.checks) expect(r.output).toMatch(/cuda emulator checks \(.*\): 0 hazards/);
-    const summary = r.output
-      .trim()
-      .split('\n')
-      .filter((l) => / failures\b| hazards/.test(l))
-      .join('; ');
-    console.log(`${summary}; ${how}; compiled in ${((compiled - started) / 1000).toFixed(1)} s`);
+    for (const m of modes) {
+      const mode = { ...m, checks };
+      const r = run(exe, [], mode);
+      const how = `RK_EMU_SCHEDULE=${mode.schedule} RK_EMU_SEED=${mode.seed}${checks ? ', with the checks' : ''}`;
+      expect(r.signal, `the emulator test was killed by ${r.signal} (${how}):\n${r.output}`).toBeNull();
+      expect(r.status, `${how}:\n${r.output}`).toBe(0);
+      expect(r.output).toMatch(/ 0 failures\b/);
+      if (checks) expect(r.output).toMatch(/cuda emulator checks \(.*\): 0 hazards/);
+      const summary = r.output
+        .trim()
+        .split('\n')
+        .filter((l) => / failures\b| hazards/.test(l))
+        .join('; ');
+      console.log(`${summary}; ${how}; compiled in ${((compiled - started) / 1000).toFixed(1)} s`);
+    }
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -156,13 +162,16 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
   });
 
   // Plain builds under the `starve` schedule (one warp per block held back until nothing else can
-  // run, blocks in random order); builds with the checks under the `random` schedule. Fixed seeds,
-  // so that a failure reproduces; RK_EMU_SEED overrides them.
+  // run, blocks in random order) and the `random` one; builds with the checks under `random`. Fixed
+  // seeds, so that a failure reproduces; RK_EMU_SEED overrides them.
   const seed = Number(process.env.RK_EMU_SEED ?? 1);
   it.each(drivers)(
-    '%s: every configuration matches its float64 reference (starve schedule)',
+    '%s: every configuration matches its float64 reference (starve and random schedules)',
     (driver) => {
-      compileAndRun(driver, { checks: false, schedule: 'starve', seed });
+      compileAndRun(driver, false, [
+        { schedule: 'starve', seed },
+        { schedule: 'random', seed: seed + 1 },
+      ]);
     },
     300_000,
   );
@@ -170,9 +179,41 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
   it.each(drivers)(
     '%s: no hazard under the checks (random schedule)',
     (driver) => {
-      compileAndRun(driver, { checks: true, schedule: 'random', seed: seed + 1 });
+      compileAndRun(driver, true, [{ schedule: 'random', seed: seed + 2 }]);
     },
     600_000,
+  );
+
+  // The device side of the same primitives (tests/gpu/ptx_smoke.cu, the first step of gpu:verify):
+  // it must compile for sm_90, and without a GPU say so (exit code 2); with one, pass.
+  it.skipIf(!findOnPath('nvcc'))(
+    'the inline-PTX smoke test builds for sm_90 and runs where it can',
+    () => {
+      const work = mkdtempSync(join(tmpdir(), 'rk-ptx-smoke-'));
+      try {
+        const exe = join(work, 'ptx_smoke');
+        const src = join(root, 'tests', 'gpu', 'ptx_smoke.cu');
+        const b = spawnSync(
+          'nvcc',
+          ['-std=c++17', '-arch=sm_90', '--expt-relaxed-constexpr', '-I', join(root, 'cuda'), '-o', exe, src],
+          {
+            encoding: 'utf8',
+            timeout: 200_000,
+          },
+        );
+        expect(b.status, `nvcc failed:\n${b.stderr}`).toBe(0);
+        const r = spawnSync(exe, [], { encoding: 'utf8', timeout: 60_000 });
+        const output = `${r.stdout}${r.stderr}`;
+        if (r.status === 2) expect(output).toContain('ptx smoke: no usable CUDA device');
+        else {
+          expect(r.status, output).toBe(0);
+          expect(output).toMatch(/ptx smoke: \d+ checks, 0 failures/);
+        }
+      } finally {
+        rmSync(work, { recursive: true, force: true });
+      }
+    },
+    240_000,
   );
 
   // Each check reports its planted bug (tests/cuda-emulator/planted_bugs.cpp) and passes the kernel

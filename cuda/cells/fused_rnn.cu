@@ -284,6 +284,13 @@ Status choosePath(const std::string& fn, int cell, int64_t D, int64_t groups, bo
   return Status{};
 }
 
+// A cooperative launch the device refused because its blocks cannot all be resident now (another
+// process, or MPS, holds SMs): the launchers then take the stepwise path, which recomputes every
+// output (whatever groups the multi-block launches had already done).
+inline bool refusedCooperative(const Status& st) {
+  return st.code == static_cast<int>(cudaErrorCooperativeLaunchTooLarge);
+}
+
 // Runs a multi-block kernel over every (batch tile, head) group, as many groups per cooperative
 // launch as can be resident, with its exchange buffers (elements of Op per group) and counters.
 template <class Op, class... KArgs>
@@ -342,7 +349,10 @@ Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRn
   using Op = typename Operands<T>::Fwd;
   RK_TRY(choosePath<Op>(fn, CELL, a.headDim, a.heads * ceilDiv(a.batch, kRows), false, std::is_same<T, float>::value,
                         fusedRnnForwardMultiKernel<T, CELL>, &path, &shared, &multi));
-  if (path == 3) return launchMulti<Op>(fusedRnnForwardMultiKernel<T, CELL>, multi, p, kRows * a.headDim);
+  if (path == 3) {
+    const Status st = launchMulti<Op>(fusedRnnForwardMultiKernel<T, CELL>, multi, p, kRows * a.headDim);
+    if (!refusedCooperative(st)) return st;
+  }
   if (path == 1) return launchPersistent(fn, fusedRnnForwardKernel<T, CELL>, a, shared, p);
   const int64_t SE = a.batch * a.heads * a.headDim;
   DeviceBuffer scratch;  // h twice (ping-pong), then the states 1..S-1 at their slots
@@ -384,10 +394,13 @@ Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedR
   using Op = typename Operands<T>::Bwd;
   RK_TRY(choosePath<Op>(fn, CELL, a.headDim, a.heads * ceilDiv(a.batch, kRows), true, std::is_same<T, float>::value,
                         fusedRnnBackwardMultiKernel<T, CELL>, &path, &shared, &multi));
-  if (a.batch == 0) {
-    // Nothing flows: dR and db are zeros (below).
-  } else if (path == 3) {
-    RK_TRY(launchMulti<Op>(fusedRnnBackwardMultiKernel<T, CELL>, multi, p, kRows * G * a.headDim));
+  if (path == 3 && a.batch > 0) {
+    const Status st = launchMulti<Op>(fusedRnnBackwardMultiKernel<T, CELL>, multi, p, kRows * G * a.headDim);
+    if (refusedCooperative(st)) path = 2;
+    RK_TRY(refusedCooperative(st) ? Status{} : st);
+  }
+  if (a.batch == 0 || path == 3) {
+    // Nothing flows (dR and db are zeros, below), or the multi-block kernels did it.
   } else if (path == 1) {
     RK_TRY(launchPersistent(fn, fusedRnnBackwardKernel<T, CELL>, a, shared, p));
   } else {

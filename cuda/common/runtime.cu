@@ -4,6 +4,8 @@
 // on a machine without an NVIDIA driver; nothing here prints or aborts.
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include <cstdint>
 #include <string>
 
@@ -95,10 +97,29 @@ Status deviceProperties(DeviceProps* out) {
   return Status{};
 }
 
+// Once per device: its default memory pool keeps freed memory for the next allocation instead of
+// returning it to the driver at every synchronisation (a release threshold of 0, the default, makes
+// each call after a sync map its outputs and scratch afresh). cudaMemPoolTrimTo or process exit
+// give it back.
+static Status keepPoolMemory() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> done[kMaxDevices];
+  int dev = 0;
+  RK_CUDA_TRY(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= kMaxDevices || done[dev].load(std::memory_order_acquire)) return Status{};
+  cudaMemPool_t pool = nullptr;
+  RK_CUDA_TRY(cudaDeviceGetDefaultMemPool(&pool, dev));
+  uint64_t threshold = UINT64_MAX;
+  RK_CUDA_TRY(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  done[dev].store(true, std::memory_order_release);
+  return Status{};
+}
+
 Status deviceMalloc(void** ptr, size_t bytes) {
   if (ptr == nullptr) return statusError("deviceMalloc: null output");
   *ptr = nullptr;
   if (bytes == 0) return Status{};
+  RK_TRY(keepPoolMemory());
   void* p = nullptr;
   RK_CUDA_TRY(cudaMallocAsync(&p, bytes, 0));
   *ptr = p;

@@ -444,8 +444,9 @@ Status launchForward(const T* a, const T* b, const float* h0, T* h, float* final
 
 template <class T, bool DESC, bool VEC>
 Status forwardFor(const T* a, const T* b, const float* h0, T* h, float* finalState, int64_t rows, int64_t L) {
-  static const int resident =
-      residentWarpsPerSm(linearScanForwardKernel<T, kFwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
+  // Asked at every call (a host-side computation of a few microseconds): a cached answer would be the
+  // first device's for every later one.
+  const int resident = residentWarpsPerSm(linearScanForwardKernel<T, kFwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
   int sms = 0;
   RK_TRY(smCount(&sms));
   switch (chooseWarpsPerRow(rows, sms, resident)) {
@@ -470,8 +471,7 @@ Status launchBackward(const T* a, const T* h, const float* h0, const T* gh, cons
 template <class T, bool DESC, bool VEC>
 Status backwardFor(const T* a, const T* h, const float* h0, const T* gh, const float* gFinal, T* ga, T* gb, float* gh0,
                    int64_t rows, int64_t L) {
-  static const int resident =
-      residentWarpsPerSm(linearScanBackwardKernel<T, kBwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
+  const int resident = residentWarpsPerSm(linearScanBackwardKernel<T, kBwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
   int sms = 0;
   RK_TRY(smCount(&sms));
   switch (chooseWarpsPerRow(rows, sms, resident)) {

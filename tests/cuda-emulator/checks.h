@@ -171,14 +171,15 @@ struct State {
   uintptr_t sharedLo = 0, sharedHi = 0, sharedStride = 0, sharedBytes = 0;
   unsigned firstBlock = 0;
   Shadow shared, global;
-  std::map<uintptr_t, std::unique_ptr<DeviceArray>> arrays;  // by guard start
-  std::vector<StaticShared> statics;        // sorted
+  std::map<uintptr_t, std::unique_ptr<DeviceArray> > arrays;  // by guard start
+  std::vector<StaticShared> statics;                          // sorted
   uintptr_t staticsLo = 0, staticsHi = 0;
+  std::vector<uint32_t> staticOfGranule;  // 1 + the index in statics of the array holding each granule
   // Inter-block ordering, per block of the launch: releases made, and the releases of every block
   // that it acquired (acquired[b * gridBlocks + a]).
   std::vector<uint32_t> releases, acquired;
-  std::map<uintptr_t, std::vector<uint32_t>> syncObjects;  // per released address: what it publishes
-  std::vector<uint8_t> fenced;                             // per thread of the launch, since its last atomic
+  std::map<uintptr_t, std::vector<uint32_t> > syncObjects;  // per released address: what it publishes
+  std::vector<uint8_t> fenced;                              // per thread of the launch, since its last atomic
   std::map<std::tuple<int, uint32_t, uint32_t>, Hazard> hazards;
   long hazardCount[kKinds] = {};
 };
@@ -231,13 +232,14 @@ inline void report() {
   for (long c : s.hazardCount) total += c;
   std::string counts;
   for (int k = 0; k < kKinds; ++k) {
-    if (s.hazardCount[k] > 0) counts += std::string(counts.empty() ? "" : ", ") + std::to_string(s.hazardCount[k]) + " " + kindName(k);
+    if (s.hazardCount[k] > 0)
+      counts += std::string(counts.empty() ? "" : ", ") + std::to_string(s.hazardCount[k]) + " " + kindName(k);
   }
   int shown = 0;
   for (const auto& [key, h] : s.hazards) {
     if (++shown > 12) break;
-    std::fprintf(stderr, "HAZARD %s (%ld times), kernel %s\n  %s %zu bytes at %#lx by %s: %s\n", kindName(h.kind), h.count,
-                 where(static_cast<uint32_t>(reinterpret_cast<uintptr_t>(h.kernel)) + 1).c_str(),
+    std::fprintf(stderr, "HAZARD %s (%ld times), kernel %s\n  %s %zu bytes at %#lx by %s: %s\n", kindName(h.kind),
+                 h.count, where(static_cast<uint32_t>(reinterpret_cast<uintptr_t>(h.kernel)) + 1).c_str(),
                  h.write ? "write of" : "read of", h.size, static_cast<unsigned long>(h.address),
                  describeThread(h.thread, h.blockThreads).c_str(), where(h.pc).c_str());
     if (h.otherThread != 0) {
@@ -258,9 +260,18 @@ RK_EMU_UNCHECKED inline void hazard(int kind, uintptr_t address, size_t size, bo
   const uint32_t otherPc = other != nullptr ? other->pc & ~kAtomicBit : 0;
   Hazard& h = s.hazards[{kind, pc & ~kAtomicBit, otherPc}];
   if (h.count++ == 0) {
-    h = Hazard{kind,  pc & ~kAtomicBit, otherPc, 1 + block.current->tid.x + block.current->blockIndex.x * s.blockThreads,
-               other != nullptr ? other->thread : 0, address, size, write, otherWrite, block.kernel,
-               s.blockThreads, 1};
+    h = Hazard{kind,
+               pc & ~kAtomicBit,
+               otherPc,
+               1 + block.current->tid.x + block.current->blockIndex.x * s.blockThreads,
+               other != nullptr ? other->thread : 0,
+               address,
+               size,
+               write,
+               otherWrite,
+               block.kernel,
+               s.blockThreads,
+               1};
   }
 }
 
@@ -270,8 +281,7 @@ RK_EMU_UNCHECKED inline Stamp stampNow(uint32_t pc) {
   const State& s = state();
   const Fiber& f = *block.current;
   const uint32_t b = f.blockIndex.x;
-  return Stamp{1 + b * s.blockThreads + f.tid.x, f.barriers, f.warpSyncs,
-               s.releases.empty() ? 0u : s.releases[b], pc};
+  return Stamp{1 + b * s.blockThreads + f.tid.x, f.barriers, f.warpSyncs, s.releases.empty() ? 0u : s.releases[b], pc};
 }
 
 // Is `before` (an earlier access) ordered before the current thread's access `now`?
@@ -286,8 +296,8 @@ RK_EMU_UNCHECKED inline bool ordered(const Stamp& before, const Stamp& now) {
   return !s.acquired.empty() && s.acquired[static_cast<size_t>(b) * s.gridBlocks + a] > before.releases;
 }
 
-RK_EMU_UNCHECKED inline void onCell(Cell& c, uintptr_t address, size_t size, bool write, bool atomic,
-                                    const Stamp& now, bool checkInit) {
+RK_EMU_UNCHECKED inline void onCell(Cell& c, uintptr_t address, size_t size, bool write, bool atomic, const Stamp& now,
+                                    bool checkInit) {
   auto conflict = [&](const Stamp& other, bool otherWrite) {
     if (ordered(other, now) || (atomic && (other.pc & kAtomicBit) != 0)) return false;
     const State& s = state();
@@ -295,6 +305,12 @@ RK_EMU_UNCHECKED inline void onCell(Cell& c, uintptr_t address, size_t size, boo
     hazard(sameBlock ? kRace : kUnsynchronisedBlocks, address, size, write, now.pc, &other, otherWrite);
     return true;
   };
+  // The same thread again in the same interval, with nothing in between: the checks would repeat.
+  auto same = [&](const Stamp& o) {
+    return o.thread == now.thread && o.barriers == now.barriers && o.warpSyncs == now.warpSyncs &&
+           o.releases == now.releases && ((o.pc ^ now.pc) & kAtomicBit) == 0;
+  };
+  if (c.state == kWritten && (write ? same(c.write) && c.read.thread == 0 : same(c.read))) return;
   if (c.state == kPending) {
     hazard(kPendingRead, address, size, write, now.pc, nullptr, false);
   } else if ((!write || atomic) && checkInit && c.state == kUninitialised) {
@@ -321,11 +337,8 @@ RK_EMU_UNCHECKED inline void onCell(Cell& c, uintptr_t address, size_t size, boo
 RK_EMU_UNCHECKED inline StaticShared* staticAt(uintptr_t a) {
   State& s = state();
   if (a < s.staticsLo || a >= s.staticsHi) return nullptr;
-  auto it = std::upper_bound(s.statics.begin(), s.statics.end(), a,
-                             [](uintptr_t x, const StaticShared& r) { return x < r.begin; });
-  if (it == s.statics.begin()) return nullptr;
-  --it;
-  return a < it->end ? &*it : nullptr;
+  const uint32_t i = s.staticOfGranule[(a - s.staticsLo) / kGranule];
+  return i != 0 ? &s.statics[i - 1] : nullptr;
 }
 
 RK_EMU_UNCHECKED inline DeviceArray* arrayAt(uintptr_t a) {
@@ -442,7 +455,7 @@ inline void findStaticShared() {
     if (std::strcmp(shnames + sh[i].sh_name, ".bss") == 0) bss = i;
   }
   std::set<std::string> guarded;
-  std::vector<std::pair<std::string, StaticShared>> candidates;
+  std::vector<std::pair<std::string, StaticShared> > candidates;
   for (unsigned i = 0; i < eh->e_shnum; ++i) {
     if (sh[i].sh_type != SHT_SYMTAB) continue;
     const auto* sym = reinterpret_cast<const Elf64_Sym*>(image.data() + sh[i].sh_offset);
@@ -459,11 +472,18 @@ inline void findStaticShared() {
   for (auto& [name, range] : candidates) {
     if (guarded.count(name) == 0) s.statics.push_back(range);
   }
-  std::sort(s.statics.begin(), s.statics.end(), [](const StaticShared& x, const StaticShared& y) { return x.begin < y.begin; });
+  std::sort(s.statics.begin(), s.statics.end(),
+            [](const StaticShared& x, const StaticShared& y) { return x.begin < y.begin; });
   if (!s.statics.empty()) {
     s.staticsLo = s.statics.front().begin;
     s.staticsHi = s.statics.back().end;
     for (uintptr_t a = s.staticsLo / kPageBytes * kPageBytes; a < s.staticsHi; a += kPageBytes) s.pages.at(a) = 1;
+    s.staticOfGranule.assign((s.staticsHi - s.staticsLo + kGranule - 1) / kGranule, 0);
+    for (size_t i = 0; i < s.statics.size(); ++i) {
+      for (uintptr_t a = s.statics[i].begin; a < s.statics[i].end; a += kGranule) {
+        s.staticOfGranule[(a - s.staticsLo) / kGranule] = static_cast<uint32_t>(i + 1);
+      }
+    }
   }
 }
 
@@ -480,7 +500,7 @@ inline void init() {
 // Device arrays (cudaMallocAsync, the drivers' Buf) and dynamic shared memory live in one reserved
 // region of their own, so that the hooks' page test rejects every host access (the emulator's own
 // bookkeeping included) at once. Blocks are 64 KiB-aligned; freed ones return their pages to the
-// system and their addresses are not reused.
+// system and become inaccessible, and their addresses are not reused.
 constexpr size_t kArenaBytes = size_t{1} << 40, kArenaAlign = size_t{1} << 16;
 struct Arena {
   char* base = nullptr;
@@ -489,7 +509,8 @@ struct Arena {
 inline Arena arena;
 inline void* deviceAllocate(size_t bytes) {
   if (arena.base == nullptr) {
-    void* p = mmap(nullptr, kArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    // Address space only: each allocation is made accessible when handed out.
+    void* p = mmap(nullptr, kArenaBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) fail("checks: cannot reserve the device memory region");
     arena.base = static_cast<char*>(p);
   }
@@ -497,12 +518,14 @@ inline void* deviceAllocate(size_t bytes) {
   if (arena.used + rounded > kArenaBytes) fail("checks: the device memory region is exhausted");
   char* p = arena.base + arena.used;
   arena.used += rounded;
+  if (mprotect(p, rounded, PROT_READ | PROT_WRITE) != 0) fail("checks: out of memory for device arrays");
   for (size_t i = 0; i < rounded; i += kPageBytes) state().pages.at(reinterpret_cast<uintptr_t>(p) + i) = 1;
   return p;
 }
 inline void deviceFree(void* p, size_t bytes) {
   const size_t rounded = (std::max<size_t>(bytes, 1) + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
   madvise(p, rounded, MADV_DONTNEED);
+  mprotect(p, rounded, PROT_NONE);  // a use after free faults
 }
 
 // ---- the emulator's calls ----
@@ -551,7 +574,8 @@ RK_EMU_UNCHECKED inline void atomic(const void* p, size_t size, bool counter, co
   const unsigned b = f.blockIndex.x;
   std::vector<uint32_t>& obj = s.syncObjects[reinterpret_cast<uintptr_t>(p)];
   obj.resize(s.gridBlocks, 0);
-  for (unsigned a = 0; a < s.gridBlocks; ++a) obj[a] = std::max(obj[a], s.acquired[static_cast<size_t>(b) * s.gridBlocks + a]);
+  for (unsigned a = 0; a < s.gridBlocks; ++a)
+    obj[a] = std::max(obj[a], s.acquired[static_cast<size_t>(b) * s.gridBlocks + a]);
   obj[b] = std::max(obj[b], s.releases[b] + 1);
   ++s.releases[b];
 }
@@ -628,22 +652,22 @@ inline void hostWrote(const void* p, size_t bytes) {
 // The hooks the compiler calls for -fsanitize=thread (no runtime library is linked).
 extern "C" {
 #define RK_EMU_HOOK extern "C" __attribute__((no_sanitize_thread, used))
-#define RK_EMU_ACCESS(size)                                                                                        \
-  RK_EMU_HOOK void __tsan_read##size(void* p) {                                                                    \
-    if (emu::checks::watched(p))                                                                                   \
-      emu::checks::access(p, size, emu::checks::Access::Read, __builtin_return_address(0), true);                  \
-  }                                                                                                                \
-  RK_EMU_HOOK void __tsan_write##size(void* p) {                                                                   \
-    if (emu::checks::watched(p))                                                                                   \
-      emu::checks::access(p, size, emu::checks::Access::Write, __builtin_return_address(0), true);                 \
-  }                                                                                                                \
-  RK_EMU_HOOK void __tsan_unaligned_read##size(void* p) {                                                          \
-    if (emu::checks::watched(p))                                                                                   \
-      emu::checks::access(p, size, emu::checks::Access::Read, __builtin_return_address(0), false);                 \
-  }                                                                                                                \
-  RK_EMU_HOOK void __tsan_unaligned_write##size(void* p) {                                                         \
-    if (emu::checks::watched(p))                                                                                   \
-      emu::checks::access(p, size, emu::checks::Access::Write, __builtin_return_address(0), false);                \
+#define RK_EMU_ACCESS(size)                                                                         \
+  RK_EMU_HOOK void __tsan_read##size(void* p) {                                                     \
+    if (emu::checks::watched(p))                                                                    \
+      emu::checks::access(p, size, emu::checks::Access::Read, __builtin_return_address(0), true);   \
+  }                                                                                                 \
+  RK_EMU_HOOK void __tsan_write##size(void* p) {                                                    \
+    if (emu::checks::watched(p))                                                                    \
+      emu::checks::access(p, size, emu::checks::Access::Write, __builtin_return_address(0), true);  \
+  }                                                                                                 \
+  RK_EMU_HOOK void __tsan_unaligned_read##size(void* p) {                                           \
+    if (emu::checks::watched(p))                                                                    \
+      emu::checks::access(p, size, emu::checks::Access::Read, __builtin_return_address(0), false);  \
+  }                                                                                                 \
+  RK_EMU_HOOK void __tsan_unaligned_write##size(void* p) {                                          \
+    if (emu::checks::watched(p))                                                                    \
+      emu::checks::access(p, size, emu::checks::Access::Write, __builtin_return_address(0), false); \
   }
 RK_EMU_ACCESS(1)
 RK_EMU_ACCESS(2)
@@ -651,10 +675,12 @@ RK_EMU_ACCESS(4)
 RK_EMU_ACCESS(8)
 RK_EMU_ACCESS(16)
 RK_EMU_HOOK void __tsan_read_range(void* p, unsigned long size) {
-  if (emu::checks::watched(p) || emu::checks::watched(static_cast<char*>(p) + size - 1)) emu::checks::access(p, size, emu::checks::Access::Read, __builtin_return_address(0), false);
+  if (emu::checks::watched(p) || emu::checks::watched(static_cast<char*>(p) + size - 1))
+    emu::checks::access(p, size, emu::checks::Access::Read, __builtin_return_address(0), false);
 }
 RK_EMU_HOOK void __tsan_write_range(void* p, unsigned long size) {
-  if (emu::checks::watched(p) || emu::checks::watched(static_cast<char*>(p) + size - 1)) emu::checks::access(p, size, emu::checks::Access::Write, __builtin_return_address(0), false);
+  if (emu::checks::watched(p) || emu::checks::watched(static_cast<char*>(p) + size - 1))
+    emu::checks::access(p, size, emu::checks::Access::Write, __builtin_return_address(0), false);
 }
 // -fsanitize=alignment: a typed access (a float4 load, say) through a pointer not aligned to its
 // type, which the compiler may have split into narrower accesses the hooks above see as aligned.

@@ -3,8 +3,8 @@
 // files, and compiles the whole as one C++17 translation unit with a host compiler (it defines
 // the runtime functions below) against the CUDA toolkit headers. See linear_scan_test.cpp.
 //
-// Model. Blocks run one after another. Each CUDA thread of a block is a cooperative fiber
-// (ucontext) with its own stack; a fiber runs until it reaches a collective operation (a warp
+// Model. Blocks run one after another. Each CUDA thread of a block is a cooperative fiber with its
+// own stack; a fiber runs until it reaches a collective operation (a warp
 // shuffle, __syncwarp, __syncthreads), then another ready fiber runs. So threads only interleave
 // at collectives, which is exactly what kernels that communicate through shuffles and
 // __syncthreads-separated shared memory may rely on. A collective that is never completed (a
@@ -86,6 +86,76 @@ namespace emu {
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber; touched lazily and reused across blocks
 constexpr size_t kSharedGuard = 16;         // float4s between the blocks' dynamic shared memory
 
+// ---- context switches ----
+// On x86-64 a switch pushes the callee-saved registers, MXCSR and the x87 control word on the stack
+// it leaves and swaps stack pointers: no system call (ucontext's swapcontext makes one per switch,
+// for the signal mask, which took most of the emulator's time). Elsewhere ucontext.
+#if defined(__x86_64__)
+struct Context {
+  void* sp = nullptr;
+};
+extern "C" void rkEmuSwitchContext(void** save, void* load);
+asm(R"(
+  .text
+  .globl rkEmuSwitchContext
+  .type rkEmuSwitchContext, @function
+rkEmuSwitchContext:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size rkEmuSwitchContext, .-rkEmuSwitchContext
+)");
+// A context that starts entry (which must never return) on the given stack.
+inline void makeContext(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  auto* sp = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15});
+  *--sp = 0;                                   // entry's return address (it never returns)
+  *--sp = reinterpret_cast<uint64_t>(entry);   // where the first switch to it returns to
+  for (int i = 0; i < 6; ++i) *--sp = 0;       // rbp, rbx, r12-r15
+  *--sp = 0x1f80u | (uint64_t{0x037f} << 32);  // default MXCSR and x87 control word
+  c.sp = sp;
+}
+inline void switchContext(Context& from, Context& to) { rkEmuSwitchContext(&from.sp, to.sp); }
+[[noreturn]] inline void jumpToContext(Context& to) {
+  void* abandoned;
+  rkEmuSwitchContext(&abandoned, to.sp);
+  __builtin_unreachable();
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void makeContext(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+inline void switchContext(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+[[noreturn]] inline void jumpToContext(Context& to) {
+  setcontext(&to.uc);
+  std::abort();
+}
+#endif
+
 struct Fiber;
 struct Barrier {
   unsigned expected = 0, arrived = 0, generation = 0;
@@ -99,7 +169,7 @@ struct PendingCopy {
 };
 
 struct Fiber {
-  ucontext_t context;
+  Context context;
   uint3 tid;
   uint3 blockIndex;                // blockIdx of the fiber's block
   Barrier* syncBarrier = nullptr;  // its block's __syncthreads barrier
@@ -133,8 +203,8 @@ struct Block {
   unsigned idleSwitches = 0;     // spins (__nanosleep) since a fiber last arrived at a barrier or finished
   const void* kernel = nullptr;  // of the launch being run
   std::function<void()> body;
-  ucontext_t launcher;  // where the launch waits until every fiber has finished
-  uint3 blockIndex;     // of the first block being run
+  Context launcher;  // where the launch waits until every fiber has finished
+  uint3 blockIndex;  // of the first block being run
   dim3 blockDims, gridDims;
   float4* dynamicShared = nullptr;   // the launch's sharedBytes, rounded up to 16, per block being run
   size_t dynamicSharedCapacity = 0;  // float4s
@@ -217,7 +287,7 @@ inline Fiber* takeReady() {
 inline void switchTo(Fiber* from, Fiber* to) {
   if (to == from) return;
   block.current = to;
-  swapcontext(&from->context, &to->context);
+  switchContext(from->context, to->context);
 }
 
 // Lets the other fibers run; the current one stays ready (a thread that waits for another block).
@@ -255,7 +325,7 @@ inline void fiberMain() {
   Fiber* to = takeReady();
   if (to == nullptr && block.unfinished > 0) deadlock();
   block.current = to;
-  setcontext(to != nullptr ? &to->context : &block.launcher);
+  jumpToContext(to != nullptr ? to->context : block.launcher);
 }
 
 // Runs blocks first .. first + count - 1 together (count 1 but for cooperative launches).
@@ -288,12 +358,8 @@ inline void runBlocks(unsigned first, unsigned count) {
     f.warp = t / 32;
     f.shared = block.dynamicShared + (t / threads) * sharedStride;
     f.starved = (t % threads) / 32 == starvedWarp[t / threads];
-    getcontext(&f.context);
     f.stack = stackFor(t);
-    f.context.uc_stack.ss_sp = stackFor(t);
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, fiberMain, 0);
+    makeContext(f.context, stackFor(t), kStackBytes, fiberMain);
   }
   std::memset(block.dynamicShared, 0xff, count * sharedStride * sizeof(float4));
   block.unfinished = count * threads;
@@ -301,7 +367,7 @@ inline void runBlocks(unsigned first, unsigned count) {
   for (Fiber& f : block.fibers) makeReady(&f);
   block.current = takeReady();
   checks::blocksStart(first, count);
-  swapcontext(&block.launcher, &block.current->context);
+  switchContext(block.launcher, block.current->context);
   checks::blocksEnd();
 }
 
@@ -334,6 +400,9 @@ constexpr size_t kDefaultDynamicShared = 48 * 1024, kMaxDynamicShared = 227 * 10
 
 inline int smCount = 132;    // cudaDevAttrMultiProcessorCount
 inline int blocksPerSm = 4;  // the answer to every occupancy query
+// Refuse every cooperative launch (cudaErrorCooperativeLaunchTooLarge), as a device whose SMs another
+// process holds may.
+inline bool refuseCooperative = false;
 
 // Stream-ordered allocations (cudaMallocAsync) not yet freed, and how many were made in all.
 inline std::map<void*, size_t> liveAllocations;
@@ -621,9 +690,11 @@ Status launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedByte
 template <class... KArgs, class... Args>
 Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sharedBytes, Args... args) {
   static_assert(sizeof...(KArgs) == sizeof...(Args), "launchCooperative: wrong number of kernel arguments");
-  if (static_cast<int64_t>(grid.x) > static_cast<int64_t>(emu::smCount) * emu::blocksPerSm) {
-    return statusError("emulator: cooperative launch of " + std::to_string(grid.x) +
-                       " blocks, more than can be resident");
+  if (emu::refuseCooperative || static_cast<int64_t>(grid.x) > static_cast<int64_t>(emu::smCount) * emu::blocksPerSm) {
+    Status refused;
+    refused.code = static_cast<int>(cudaErrorCooperativeLaunchTooLarge);
+    refused.message = "emulator: cooperative launch of " + std::to_string(grid.x) + " blocks refused";
+    return refused;
   }
   if (Status st = prepareLaunch(kernel, grid, block, sharedBytes); !st.ok()) return st;
   emu::block.body = [&] { kernel(static_cast<KArgs>(args)...); };

@@ -652,6 +652,13 @@ template <class T> void runMultiSuite(std::mt19937& rng, int variant) {
   own.expectPath = 2;
   runCase<T>(own, rng);
   emu::smCount = sms, emu::blocksPerSm = perSm;
+  // The multi-block path pinned, and the device refuses the cooperative launch (MPS, or another
+  // process holding SMs): forward and backward fall back to the stepwise path.
+  emu::refuseCooperative = true;
+  own.path = 3;
+  own.expectPath = 2;
+  runCase<T>(own, rng);
+  emu::refuseCooperative = false;
 }
 
 // The emulator's cooperative mode: every block keeps its own dynamic shared memory, and the group

@@ -211,16 +211,16 @@ const Named kCases[] = {
        Device d;
        float* scratch = d.alloc<float>(kThreads);
        if (fixed) expectOk(rkcuda::launch(fillKernel, 1, kThreads, 0, scratch));
-       expectOk(rkcuda::launch(copyKernel, 1, kThreads, 0, static_cast<const float*>(scratch),
-                               d.alloc<float>(kThreads)));
+       expectOk(
+           rkcuda::launch(copyKernel, 1, kThreads, 0, static_cast<const float*>(scratch), d.alloc<float>(kThreads)));
      }},
     {"cp-async-read-before-wait",
      [](bool fixed) {
        Device d;
        float* in = d.alloc<float>(kThreads);
        cudaMemsetAsync(in, 0, kThreads * sizeof(float), nullptr);
-       expectOk(rkcuda::launch(asyncCopyKernel, 1, kThreads, 0, static_cast<const float*>(in),
-                               d.alloc<float>(kThreads), fixed));
+       expectOk(rkcuda::launch(asyncCopyKernel, 1, kThreads, 0, static_cast<const float*>(in), d.alloc<float>(kThreads),
+                               fixed));
      }},
     {"partial-barrier",
      [](bool fixed) {
