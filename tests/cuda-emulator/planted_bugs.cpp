@@ -140,6 +140,7 @@ __global__ void flagKernel(float* data, unsigned* flag, float* out, bool fenced)
 
 // ---- the cases ----
 
+// Device arrays of one case, freed at its end.
 struct Device {
   std::vector<void*> live;
   template <class T> T* alloc(size_t n) {
@@ -148,6 +149,12 @@ struct Device {
     live.push_back(p);
     return static_cast<T*>(p);
   }
+  const float* zeros(size_t n) {  // an input
+    float* p = alloc<float>(n);
+    cudaMemsetAsync(p, 0, n * sizeof(float), nullptr);
+    return p;
+  }
+  float* out() { return alloc<float>(kThreads); }  // an output of one value per thread
   ~Device() {
     for (void* p : live) cudaFreeAsync(p, nullptr);
   }
@@ -155,6 +162,11 @@ struct Device {
 
 void expectOk(rkcuda::Status st) {
   if (!st.ok()) emu::fail("launch failed: " + st.message);
+}
+
+// One block of kThreads threads.
+template <class... KArgs, class... Args> void oneBlock(void (*kernel)(KArgs...), size_t sharedBytes, Args... args) {
+  expectOk(rkcuda::launch(kernel, 1, kThreads, sharedBytes, args...));
 }
 
 using Case = void (*)(bool fixed);
@@ -167,75 +179,64 @@ const Named kCases[] = {
     {"missing-barrier",
      [](bool fixed) {
        Device d;
-       expectOk(rkcuda::launch(neighbourKernel, 1, kThreads, 0, d.alloc<float>(kThreads), fixed));
+       oneBlock(neighbourKernel, 0, d.out(), fixed);
      }},
     {"write-after-read",
      [](bool fixed) {
        Device d;
-       expectOk(rkcuda::launch(reuseKernel, 1, kThreads, 0, d.alloc<float>(kThreads), fixed));
+       oneBlock(reuseKernel, 0, d.out(), fixed);
      }},
     {"warp-without-syncwarp",
      [](bool fixed) {
        Device d;
-       expectOk(rkcuda::launch(warpExchangeKernel, 1, kThreads, 0, d.alloc<float>(32), fixed));
+       oneBlock(warpExchangeKernel, 0, d.out(), fixed);
      }},
     {"dynamic-shared-off-by-one",
      [](bool fixed) {
        Device d;
-       expectOk(rkcuda::launch(dynamicSharedKernel, 1, kThreads, kThreads * sizeof(float), d.alloc<float>(kThreads),
-                               fixed ? 0 : 1));
+       oneBlock(dynamicSharedKernel, kThreads * sizeof(float), d.out(), fixed ? 0 : 1);
      }},
     {"global-off-by-one",
      [](bool fixed) {
        Device d;
-       float* in = d.alloc<float>(kThreads);
-       cudaMemsetAsync(in, 0, kThreads * sizeof(float), nullptr);
-       expectOk(rkcuda::launch(globalReadKernel, 1, kThreads, 0, static_cast<const float*>(in),
-                               d.alloc<float>(kThreads), fixed ? 0 : 1));
+       oneBlock(globalReadKernel, 0, d.zeros(kThreads), d.out(), fixed ? 0 : 1);
      }},
     {"misaligned-vector-load",
      [](bool fixed) {
        Device d;
-       float* in = d.alloc<float>(4 * kThreads + 4);
-       cudaMemsetAsync(in, 0, (4 * kThreads + 4) * sizeof(float), nullptr);
-       expectOk(rkcuda::launch(vectorLoadKernel, 1, kThreads, 0, static_cast<const float*>(in),
-                               d.alloc<float>(kThreads), fixed ? 0 : 1));
+       oneBlock(vectorLoadKernel, 0, d.zeros(4 * kThreads + 4), d.out(), fixed ? 0 : 1);
      }},
     {"uninitialised-shared",
      [](bool fixed) {
        Device d;
-       expectOk(rkcuda::launch(sharedInitKernel, 1, kThreads, 0, d.alloc<float>(kThreads), fixed));
+       oneBlock(sharedInitKernel, 0, d.out(), fixed);
      }},
     {"uninitialised-global",
      [](bool fixed) {
        Device d;
        float* scratch = d.alloc<float>(kThreads);
-       if (fixed) expectOk(rkcuda::launch(fillKernel, 1, kThreads, 0, scratch));
-       expectOk(
-           rkcuda::launch(copyKernel, 1, kThreads, 0, static_cast<const float*>(scratch), d.alloc<float>(kThreads)));
+       if (fixed) oneBlock(fillKernel, 0, scratch);
+       oneBlock(copyKernel, 0, static_cast<const float*>(scratch), d.out());
      }},
     {"cp-async-read-before-wait",
      [](bool fixed) {
        Device d;
-       float* in = d.alloc<float>(kThreads);
-       cudaMemsetAsync(in, 0, kThreads * sizeof(float), nullptr);
-       expectOk(rkcuda::launch(asyncCopyKernel, 1, kThreads, 0, static_cast<const float*>(in), d.alloc<float>(kThreads),
-                               fixed));
+       oneBlock(asyncCopyKernel, 0, d.zeros(kThreads), d.out(), fixed);
      }},
     {"partial-barrier",
      [](bool fixed) {
        Device d;
-       expectOk(rkcuda::launch(partialBarrierKernel, 1, kThreads, 0, d.alloc<float>(kThreads), fixed));
+       oneBlock(partialBarrierKernel, 0, d.out(), fixed);
      }},
     {"shuffle-mask-without-caller",
      [](bool fixed) {
        Device d;
-       expectOk(rkcuda::launch(shuffleMaskKernel, 1, kThreads, 0, d.alloc<float>(kThreads), fixed));
+       oneBlock(shuffleMaskKernel, 0, d.out(), fixed);
      }},
     {"shuffle-with-exited-lanes",
      [](bool fixed) {
        Device d;
-       expectOk(rkcuda::launch(exitedLanesKernel, 1, kThreads, 0, d.alloc<float>(kThreads), fixed));
+       oneBlock(exitedLanesKernel, 0, d.out(), fixed);
      }},
     {"flag-without-fence",
      [](bool fixed) {
@@ -243,7 +244,7 @@ const Named kCases[] = {
        float* data = d.alloc<float>(kThreads);
        unsigned* flag = d.alloc<unsigned>(1);
        cudaMemsetAsync(flag, 0, sizeof(unsigned), nullptr);
-       expectOk(rkcuda::launchCooperative(flagKernel, 2, kThreads, 0, data, flag, d.alloc<float>(kThreads), fixed));
+       expectOk(rkcuda::launchCooperative(flagKernel, 2, kThreads, 0, data, flag, d.out(), fixed));
      }},
 };
 
