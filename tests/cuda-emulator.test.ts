@@ -17,10 +17,11 @@
 // toolkit's headers but no GPU, so CI checks the kernels' results too. Skipped when no toolkit
 // headers are found, unless RK_CUDA=ON (as in CI), where a missing toolkit is a failure.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, realpathSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { sourcesHash } from '../scripts/cuda-resources.mjs';
 
 const root = join(__dirname, '..');
 const required = (process.env.RK_CUDA ?? '').toUpperCase() === 'ON';
@@ -165,6 +166,13 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
   // run, blocks in random order) and the `random` one; builds with the checks under `random`. Fixed
   // seeds, so that a failure reproduces; RK_EMU_SEED overrides them.
   const seed = Number(process.env.RK_EMU_SEED ?? 1);
+  // The resource model's table (tests/cuda-emulator/resources.h) must come from the current sources.
+  it('has sm_90 kernel resources generated from the current cuda/ sources', () => {
+    const table = readFileSync(join(root, 'tests', 'cuda-emulator', 'resources.h'), 'utf8');
+    const recorded = table.match(/kSourcesHash = "([0-9a-f]+)"/)?.[1];
+    expect(recorded, 'tests/cuda-emulator/resources.h is out of date: run npm run cuda:resources').toBe(sourcesHash());
+  });
+
   it.each(drivers)(
     '%s: every configuration matches its float64 reference (starve and random schedules)',
     (driver) => {

@@ -27,8 +27,6 @@
 // file:line, threads and address, and the program then exits with status 3.
 #pragma once
 
-#include <elf.h>
-
 #include <algorithm>
 #include <memory>
 #include <set>
@@ -440,37 +438,15 @@ RK_EMU_UNCHECKED inline void access(const void* p, size_t size, Access how, cons
 // are checked, so a host static that is not shared memory is never poisoned.
 inline void findStaticShared() {
   State& s = state();
-  FILE* f = std::fopen("/proc/self/exe", "rb");
-  if (f == nullptr) fail("checks: cannot read the program's symbol table");
-  std::fseek(f, 0, SEEK_END);
-  std::vector<char> image(static_cast<size_t>(std::ftell(f)));
-  std::fseek(f, 0, SEEK_SET);
-  if (std::fread(image.data(), 1, image.size(), f) != image.size()) fail("checks: cannot read the program");
-  std::fclose(f);
-  const auto* eh = reinterpret_cast<const Elf64_Ehdr*>(image.data());
-  const auto* sh = reinterpret_cast<const Elf64_Shdr*>(image.data() + eh->e_shoff);
-  const char* shnames = image.data() + sh[eh->e_shstrndx].sh_offset;
-  unsigned bss = 0;
-  for (unsigned i = 0; i < eh->e_shnum; ++i) {
-    if (std::strcmp(shnames + sh[i].sh_name, ".bss") == 0) bss = i;
-  }
   std::set<std::string> guarded;
-  std::vector<std::pair<std::string, StaticShared> > candidates;
-  for (unsigned i = 0; i < eh->e_shnum; ++i) {
-    if (sh[i].sh_type != SHT_SYMTAB) continue;
-    const auto* sym = reinterpret_cast<const Elf64_Sym*>(image.data() + sh[i].sh_offset);
-    const char* names = image.data() + sh[sh[i].sh_link].sh_offset;
-    for (size_t k = 0; k < sh[i].sh_size / sizeof(Elf64_Sym); ++k) {
-      const std::string name = names + sym[k].st_name;
-      if (name.rfind("_ZGVZ", 0) == 0) guarded.insert(name.substr(4));
-      if (name.rfind("_ZZ", 0) == 0 && name.rfind("_ZZN3emu", 0) != 0 && ELF64_ST_TYPE(sym[k].st_info) == STT_OBJECT &&
-          sym[k].st_shndx == bss && sym[k].st_size > 0) {
-        candidates.push_back({name.substr(2), StaticShared{sym[k].st_value, sym[k].st_value + sym[k].st_size}});
-      }
-    }
+  for (const Symbol& sym : programSymbols()) {
+    if (sym.name.rfind("_ZGVZ", 0) == 0) guarded.insert(sym.name.substr(4));
   }
-  for (auto& [name, range] : candidates) {
-    if (guarded.count(name) == 0) s.statics.push_back(range);
+  for (const Symbol& sym : programSymbols()) {
+    if (sym.name.rfind("_ZZ", 0) == 0 && sym.name.rfind("_ZZN3emu", 0) != 0 && sym.object && sym.bss && sym.size > 0 &&
+        guarded.count(sym.name.substr(2)) == 0) {
+      s.statics.push_back(StaticShared{sym.address, sym.address + sym.size});
+    }
   }
   std::sort(s.statics.begin(), s.statics.end(),
             [](const StaticShared& x, const StaticShared& y) { return x.begin < y.begin; });

@@ -661,6 +661,34 @@ template <class T> void runMultiSuite(std::mt19937& rng, int variant) {
   emu::refuseCooperative = false;
 }
 
+// The emulator's resource model (resources.h, emu::occupancy): the multi-block kernels' occupancy
+// and launch limits are those of their sm_90 register and shared-memory allocation.
+void checkResourceModel() {
+  using namespace rkcuda;
+  const void* kernel = emu::kernelId(fusedRnnBackwardMultiKernel<__half, kLstm>);
+  const emu::KernelResources* r = emu::resourcesOf(kernel);
+  check(r != nullptr, "the LSTM multi-block backward kernel has sm_90 resources");
+  if (r == nullptr) return;
+  const int registersPerWarp = (r->registers * 32 + 255) / 256 * 256;
+  int blocks = -1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&blocks, kernel, 256, 0, 0);
+  const int want = std::min(8, 65536 / registersPerWarp / 8);  // 8 warps a block
+  check(blocks == want, "occupancy of 256 threads from the kernel's registers", blocks, want);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&blocks, kernel, 256, 150 * 1024, 0);
+  check(blocks == 1, "occupancy with 150 KiB of dynamic shared memory", blocks, 1);
+  emu::blocksPerSm = 3;  // a test's own answer wins
+  cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&blocks, kernel, 256, 0, 0);
+  check(blocks == 3, "occupancy pinned by a test", blocks, 3);
+  emu::blocksPerSm = 0;
+  // More registers than an SM has for the block: refused before it runs, as on a device.
+  if (registersPerWarp * 32 > 65536) {
+    const Status st = launch(fusedRnnBackwardMultiKernel<__half, kLstm>, 1, 1024, 0, RnnParams{});
+    check(st.code == static_cast<int>(cudaErrorLaunchOutOfResources),
+          "1024 threads of a kernel with " + std::to_string(r->registers) + " registers refused", st.code,
+          cudaErrorLaunchOutOfResources);
+  }
+}
+
 // The emulator's cooperative mode: every block keeps its own dynamic shared memory, and the group
 // barrier orders the blocks' rounds of writes and reads.
 __global__ void cooperativeExchangeKernel(float* slots, float* out, unsigned* counter, int rounds) {
@@ -840,6 +868,7 @@ int main() {
   checkReferenceGradients();
   checkRefusals();
   checkCooperativeEmulator();
+  checkResourceModel();
   runSuite<float>(rng, 0);
   runSuite<__half>(rng, 1);
   runSuite<__nv_bfloat16>(rng, 2);
