@@ -105,7 +105,14 @@ function build(source: string, work: string, checks: boolean): string {
 }
 
 function run(exe: string, args: string[], mode: Mode) {
-  const env = { ...process.env, RK_EMU_SCHEDULE: mode.schedule, RK_EMU_SEED: String(mode.seed) };
+  // With the checks, shuffles do not order a warp's memory accesses (only __syncwarp and
+  // __syncthreads do), as in the PTX memory model.
+  const env = {
+    ...process.env,
+    RK_EMU_SCHEDULE: mode.schedule,
+    RK_EMU_SEED: String(mode.seed),
+    RK_EMU_STRICT_WARP: mode.checks ? '1' : '0',
+  };
   const r = spawnSync(exe, args, { encoding: 'utf8', timeout: 400_000, env });
   return { ...r, output: `${r.stdout}${r.stderr}` };
 }
@@ -231,6 +238,7 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
       'missing-barrier': /HAZARD racecheck: data race/,
       'write-after-read': /HAZARD racecheck: data race/,
       'warp-without-syncwarp': /HAZARD racecheck: data race/,
+      'shuffle-as-ordering': /HAZARD racecheck: data race/,
       'dynamic-shared-off-by-one': /HAZARD memcheck: out-of-bounds access/,
       'global-off-by-one': /HAZARD memcheck: out-of-bounds access/,
       'misaligned-vector-load': /HAZARD memcheck: misaligned access/,

@@ -7,9 +7,9 @@
 //
 //   * racecheck: two accesses to the same bytes from different threads of a block, at least one a
 //     write and not both atomics, with no __syncthreads between them, nor (same warp) a __syncwarp
-//     or warp shuffle. The fiber scheduler's order plays no part: each access is stamped with the
-//     collectives its thread had passed (emu::Fiber::barriers, warpSyncs). Accesses to a device
-//     array from different blocks conflict unless a release (__threadfence, then an atomicAdd on a
+//     or, unless RK_EMU_STRICT_WARP=1 (as the tests run the checks), a warp shuffle. The fiber scheduler's order plays
+//     no part: each access is stamped with the collectives its thread had passed (emu::Fiber::barriers, warpSyncs).
+//     Accesses to a device array from different blocks conflict unless a release (__threadfence, then an atomicAdd on a
 //     counter) by one block was acquired (rkcuda::loadAcquireGpu) by the other after it: the
 //     cooperative kernels' group barrier (cuda/common/group_sync.cuh). Blocks are the unit of that
 //     model: a block's release covers all of its earlier accesses, and an acquire by one thread

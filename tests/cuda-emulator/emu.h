@@ -295,6 +295,9 @@ enum class Schedule { Ordered, Random, Starve };
 struct Options {
   Schedule schedule = Schedule::Ordered;
   uint64_t seed = 1;
+  // RK_EMU_STRICT_WARP=1: for the checks, a shuffle does not order the warp's memory accesses (the
+  // PTX memory model does not say it does); only __syncwarp and __syncthreads do.
+  bool strictWarp = false;
 };
 inline Options readOptions() {
   Options o;
@@ -309,6 +312,7 @@ inline Options readOptions() {
     std::exit(2);
   }
   if (const char* seed = std::getenv("RK_EMU_SEED")) o.seed = std::strtoull(seed, nullptr, 10);
+  if (const char* strict = std::getenv("RK_EMU_STRICT_WARP")) o.strictWarp = std::strcmp(strict, "1") == 0;
   return o;
 }
 inline const Options& options() {
@@ -593,7 +597,7 @@ template <class T, class Source> T warpExchange(unsigned mask, T value, int widt
   uint32_t* slots = warp.slots[self.exchanges++ & 1];
   std::memcpy(&slots[lane], &value, sizeof value);
   arriveAndWait(warp.barrier);
-  ++self.warpSyncs;
+  if (!options().strictWarp) ++self.warpSyncs;
   const int segment = lane & ~(width - 1);
   const int src = source(lane - segment);
   if (src >= 0) std::memcpy(&value, &slots[segment + src], sizeof value);

@@ -52,6 +52,22 @@ __global__ void warpExchangeKernel(float* out, bool syncwarp) {
   }
 }
 
+// Every lane reads a shared value, a shuffle follows, then lane 0 overwrites the value: the
+// shuffle's data dependence is no memory ordering (RK_EMU_STRICT_WARP=1), a __syncwarp is.
+__global__ void shuffleOrderKernel(float* out, bool syncwarp) {
+  __shared__ float carry[1];
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) carry[0] = 1.0f;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = carry[0] + static_cast<float>(lane);
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    if (syncwarp) __syncwarp();
+    if (lane == 0) carry[0] = v;
+    out[lane] = v;
+  }
+}
+
 // Dynamic shared memory of kThreads floats; the buggy form indexes one past its end.
 __global__ void dynamicSharedKernel(float* out, int shift) {
   float* slots = rkcuda::dynamicShared<float>();
@@ -190,6 +206,11 @@ const Named kCases[] = {
      [](bool fixed) {
        Device d;
        oneBlock(warpExchangeKernel, 0, d.out(), fixed);
+     }},
+    {"shuffle-as-ordering",
+     [](bool fixed) {
+       Device d;
+       oneBlock(shuffleOrderKernel, 0, d.out(), fixed);
      }},
     {"dynamic-shared-off-by-one",
      [](bool fixed) {
