@@ -7,13 +7,14 @@
 //
 //   * racecheck: two accesses to the same bytes from different threads of a block, at least one a
 //     write and not both atomics, with no __syncthreads between them, nor (same warp) a __syncwarp
-//     or, unless RK_EMU_STRICT_WARP=1 (as the tests run the checks), a warp shuffle. The fiber scheduler's order plays
-//     no part: each access is stamped with the collectives its thread had passed (emu::Fiber::barriers, warpSyncs).
-//     Accesses to a device array from different blocks conflict unless a release (__threadfence, then an atomicAdd on a
-//     counter) by one block was acquired (rkcuda::loadAcquireGpu) by the other after it: the
-//     cooperative kernels' group barrier (cuda/common/group_sync.cuh). Blocks are the unit of that
-//     model: a block's release covers all of its earlier accesses, and an acquire by one thread
-//     the whole block's later ones (the barrier protocol adds the __syncthreads that make it so).
+//     or, unless RK_EMU_STRICT_WARP=1 (as the tests run the checks), a warp shuffle. The fiber
+//     scheduler's order plays no part: each access is stamped with the collectives its thread had
+//     passed (emu::Fiber::barriers, warpSyncs). Accesses to a device array from different blocks
+//     conflict unless a release (__threadfence, then an atomicAdd on a counter) by one block was
+//     acquired (rkcuda::loadAcquireGpu) by the other after it: the cooperative kernels' group
+//     barrier (cuda/common/group_sync.cuh). Blocks are the unit of that model: a block's release
+//     covers all of its earlier accesses, and an acquire by one thread the whole block's later ones
+//     (the barrier protocol adds the __syncthreads that make it so).
 //   * initcheck: reads of shared memory not written earlier in the block (static __shared__
 //     arrays are poisoned per block on first use; dynamic shared memory per block), of
 //     cudaMallocAsync memory nothing wrote, and of a cp.async destination before the copy's wait.
