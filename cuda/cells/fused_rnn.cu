@@ -396,8 +396,11 @@ Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedR
                         fusedRnnBackwardMultiKernel<T, CELL>, &path, &shared, &multi));
   if (path == 3 && a.batch > 0) {
     const Status st = launchMulti<Op>(fusedRnnBackwardMultiKernel<T, CELL>, multi, p, kRows * G * a.headDim);
-    if (refusedCooperative(st)) path = 2;
-    RK_TRY(refusedCooperative(st) ? Status{} : st);
+    if (refusedCooperative(st)) {
+      path = 2;
+    } else {
+      RK_TRY(st);
+    }
   }
   if (a.batch == 0 || path == 3) {
     // Nothing flows (dR and db are zeros, below), or the multi-block kernels did it.

@@ -512,15 +512,18 @@ constexpr int kRegistersPerSm = 65536, kWarpsPerSm = 64, kBlocksPerSm = 32;
 constexpr size_t kSharedPerSm = 228 * 1024, kSharedReservedPerBlock = 1024;
 constexpr int kDefaultBlocksPerSm = 4;  // for a kernel the table does not know
 
+// A warp's registers as an SM allocates them: in units of 256.
+inline int registersPerWarp(const KernelResources& r) { return (r.registers * 32 + 255) / 256 * 256; }
+
 // Blocks of `threads` threads with `dynamicShared` bytes that an SM holds at once.
 inline int occupancy(const void* kernel, int threads, size_t dynamicShared) {
   if (blocksPerSm > 0) return blocksPerSm;
   const KernelResources* r = resourcesOf(kernel);
   if (r == nullptr) return kDefaultBlocksPerSm;
   const int warps = (threads + 31) / 32;
-  const int registersPerWarp = (r->registers * 32 + 255) / 256 * 256;
+  const int perWarp = registersPerWarp(*r);
   int blocks = std::min(kBlocksPerSm, kWarpsPerSm / warps);
-  if (registersPerWarp > 0) blocks = std::min(blocks, kRegistersPerSm / registersPerWarp / warps);
+  if (perWarp > 0) blocks = std::min(blocks, kRegistersPerSm / perWarp / warps);
   const size_t shared = static_cast<size_t>(r->sharedBytes) + dynamicShared + kSharedReservedPerBlock;
   return std::min(blocks, static_cast<int>(kSharedPerSm / shared));
 }
@@ -784,7 +787,7 @@ template <class... KArgs> Status prepareLaunch(void (*kernel)(KArgs...), dim3 gr
   }
   if (const emu::KernelResources* r = emu::resourcesOf(emu::kernelId(kernel))) {
     // What a device refuses: more registers than an SM has for the block, or more shared memory.
-    if (static_cast<int64_t>((r->registers * 32 + 255) / 256 * 256) * ((block.x + 31) / 32) > emu::kRegistersPerSm) {
+    if (static_cast<int64_t>(emu::registersPerWarp(*r)) * ((block.x + 31) / 32) > emu::kRegistersPerSm) {
       Status st = statusError("emulator: too many resources requested for launch (" + std::to_string(r->registers) +
                               " registers x " + std::to_string(block.x) + " threads)");
       st.code = static_cast<int>(cudaErrorLaunchOutOfResources);

@@ -669,7 +669,7 @@ void checkResourceModel() {
   const emu::KernelResources* r = emu::resourcesOf(kernel);
   check(r != nullptr, "the LSTM multi-block backward kernel has sm_90 resources");
   if (r == nullptr) return;
-  const int registersPerWarp = (r->registers * 32 + 255) / 256 * 256;
+  const int registersPerWarp = emu::registersPerWarp(*r);
   int blocks = -1;
   cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&blocks, kernel, 256, 0, 0);
   const int want = std::min(8, 65536 / registersPerWarp / 8);  // 8 warps a block
