@@ -13,6 +13,14 @@ namespace RK_ISA_NS {
 
 constexpr float kL2Eps = 1e-6f;
 
+// Asks for the cache lines of a row of n elements to be brought towards the core (into L2): for the
+// rows of the next work item, a few hundred bytes apart per position, which the hardware prefetchers
+// do not follow across pages.
+template <typename S> RK_ALWAYS_INLINE void prefetchRow(const S* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * int64_t(sizeof(S)); b += 64) __builtin_prefetch(p + b, 0, 2);
+}
+
 // sum_i x_i^2 in 16 partial sums (vector registers, not a chain through every element).
 RK_ALWAYS_INLINE float sumSquares(const float* x, int64_t n) {
   Lanes acc{};
