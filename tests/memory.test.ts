@@ -206,4 +206,55 @@ describe('CPU output pool', () => {
     expect(() => view2.dataSync()).toThrow(rk.DisposedError); // its storage may be reused now
     rk.releaseCpuPool();
   });
+
+  it('an output taken from the pool reads zero at packed positions in no sequence (gated delta rule)', () => {
+    rk.releaseCpuPool();
+    const [T, H, K, V] = [2048, 2, 8, 64]; // o and grad v: 1 MiB each
+    const make = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+    const inputs = {
+      q: rk.Tensor.from(make(T * H * K, 1), [1, T, H, K]),
+      k: rk.Tensor.from(make(T * H * K, 2), [1, T, H, K]),
+      v: rk.Tensor.from(make(T * H * V, 3), [1, T, H, V]),
+      g: rk.Tensor.from(
+        make(T * H, 4).map((x) => -0.1 - 0.1 * Math.abs(x)),
+        [1, T, H],
+      ),
+      beta: rk.Tensor.from(
+        make(T * H, 5).map((x) => 0.5 + 0.4 * x),
+        [1, T, H],
+      ),
+    };
+    const dO = rk.Tensor.from(make(T * H * V, 6), [1, T, H, V]);
+    const run = (cuSeqlens: number[] | null) => {
+      const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, { useQkL2normInKernel: true, cuSeqlens });
+      const grads = rk.ops.gatedDeltaRule.backward(ctx, { o: outputs.o });
+      return {
+        o: outputs.o,
+        dv: grads.v!,
+        dispose: () => [outputs.o, grads.q, grads.k, grads.v].forEach((t) => t?.dispose()),
+      };
+    };
+    // Whole sequence first: its o and grad v fill buffers with non-zeros, then go back to the pool.
+    run(null).dispose();
+    expect(rk.memory().cpu.pooledBytes).toBeGreaterThanOrEqual(2 * T * H * V * 4);
+    const before = rk.memory().cpu.pooledBytes;
+    const packed = run([0, 100, 1500]); // positions 1500 .. 2047 in no sequence
+    expect(rk.memory().cpu.pooledBytes).toBeLessThan(before); // the outputs came from the pool
+    for (const [name, t] of [
+      ['o', packed.o],
+      ['grad v', packed.dv],
+    ] as const) {
+      const x = t.dataSync();
+      expect(
+        x.subarray(0, 1500 * H * V).some((e) => e !== 0),
+        name,
+      ).toBe(true);
+      expect(
+        x.subarray(1500 * H * V).every((e) => e === 0),
+        `${name} at uncovered positions`,
+      ).toBe(true);
+    }
+    packed.dispose();
+    rk.releaseCpuPool();
+  });
 });

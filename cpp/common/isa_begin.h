@@ -10,6 +10,7 @@
 #include <new>
 
 #include "common/isa.h"
+#include "common/scratch.h"
 
 #if !defined(RK_ISA_LEVEL)
 #error "an instruction-set region needs RK_ISA_LEVEL (2 avx512, 1 avx2, 0 base)"

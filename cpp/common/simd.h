@@ -339,18 +339,18 @@ RK_ALWAYS_INLINE void transpose16(const Lanes* in, Lanes* out) {
 
 #undef RK_PARTS
 
-// Working memory of `rows` Lanes, 64-byte aligned. Zero-initialised unless the caller writes every
-// row before reading it (zero = false): for buffers of hundreds of MB the single-threaded memset, and
-// the page faults it takes on the calling thread, cost more than the kernels that then fill them in
-// parallel.
+// Working memory of `rows` Lanes, 64-byte aligned, from the thread's scratch cache (common/scratch.h).
+// Zero-initialised unless the caller writes every row before reading it (zero = false): for buffers
+// of hundreds of MB the single-threaded memset, and the page faults it takes on the calling thread,
+// cost more than the kernels that then fill them in parallel.
 struct LaneScratch {
+  ScratchBlock block;
   Lanes* mem;
   explicit LaneScratch(size_t rows, bool zero = true)
-      : mem(static_cast<Lanes*>(std::aligned_alloc(64, std::max<size_t>(rows, 1) * 64))) {
-    if (!mem) throw std::bad_alloc();
+      : block(scratchAcquire(std::max<size_t>(rows, 1) * 64)), mem(static_cast<Lanes*>(block.p)) {
     if (zero) std::memset(static_cast<void*>(mem), 0, std::max<size_t>(rows, 1) * 64);
   }
-  ~LaneScratch() { std::free(mem); }
+  ~LaneScratch() { scratchRelease(block); }
   LaneScratch(const LaneScratch&) = delete;
   LaneScratch& operator=(const LaneScratch&) = delete;
   Lanes* at(size_t row) { return mem + row; }

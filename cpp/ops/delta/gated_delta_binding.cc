@@ -113,13 +113,13 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   g.dO = tensorArg(env, gi.Get("dO"), op, "grad of o", c.dev, dt, c.vo, true).data;
   g.dFinal = static_cast<const float*>(
       tensorArg(env, gi.Get("dFinal"), op, "grad of finalState", c.dev, DType::F32, c.stateElems, true).data);
-  // Positions in no sequence keep the zeros they start with.
+  // The kernels write every element (zeros at positions in no sequence).
   Napi::Object out = Napi::Object::New(env);
   out.Set("dq", allocOutput(env, c.dev, dt, c.qk, &g.dq, Init::Overwritten));
   out.Set("dk", allocOutput(env, c.dev, dt, c.qk, &g.dk, Init::Overwritten));
-  out.Set("dv", allocOutput(env, c.dev, dt, c.vo, &g.dv));
-  out.Set("dg", allocOutput(env, c.dev, DType::F32, c.gb, &g.dg));
-  out.Set("dbeta", allocOutput(env, c.dev, dt, c.gb, &g.dbeta));
+  out.Set("dv", allocOutput(env, c.dev, dt, c.vo, &g.dv, Init::Overwritten));
+  out.Set("dg", allocOutput(env, c.dev, DType::F32, c.gb, &g.dg, Init::Overwritten));
+  out.Set("dbeta", allocOutput(env, c.dev, dt, c.gb, &g.dbeta, Init::Overwritten));
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
   auto k = std::make_shared<DeltaCall>(std::move(c));
   return launch(
