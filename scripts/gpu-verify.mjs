@@ -8,12 +8,16 @@
 //      then the whole test suite with the GPU tests required (npm run test:gpu), per-file results;
 //   3. scripts/gpu-smoke.mjs: every CUDA op forward + backward at small sizes against the CPU
 //      kernels, plainly and, where compute-sanitizer is installed, under its memcheck, racecheck,
-//      synccheck and initcheck tools;
+//      synccheck and initcheck tools; scripts/gpu-paths.mjs: the fused cells' multi-block path
+//      against the single-block one bitwise (headDim 128 and 256, T = 4096, 30 repeats), the path
+//      their plan takes at headDim 768 on this device, the Newton RNN's iteration counts against
+//      the CPU's, and every op's accuracy at its anchor size against the CPU kernels;
 //   4. the CUDA benchmarks of every op at their default sizes (bench/cli.mjs --device cuda --json),
 //      with the PyTorch peers where python3 with torch is present (--quick: the quick sizes).
 // It writes gpu-verify.json and gpu-verify.md into DIR (default .device-logs) after every step, so
 // a run cut short still leaves what it got. Each step has its own time limit; the whole run is
-// meant to fit in about 8 minutes on an H100 (tests ~3, smoke + sanitizers ~1, benchmarks ~4).
+// meant to fit in about 8-9 minutes on an H100 (tests ~3, smoke + sanitizers ~1, paths and anchors
+// ~1, benchmarks ~4: an estimate, no GPU has run it yet).
 // Without a usable GPU it stops at once with exit code 2 and says why. Exit code 1: a step failed.
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync, existsSync, rmSync } from 'node:fs';
@@ -63,6 +67,22 @@ export function renderReport(r) {
     for (const o of r.smoke)
       lines.push(
         `| ${o.op} | ${status(o.pass)} | ${o.maxRelError?.toExponential(2) ?? o.error ?? ''} | ${o.ms?.toFixed(2) ?? ''} |`,
+      );
+  }
+  if (r.paths) {
+    lines.push('', '### Launch paths', '');
+    for (const f of r.paths.fused ?? [])
+      lines.push(
+        `- fused ${f.case}: ${f.error ? `**error** ${f.error}` : f.pathsAgree ? `multi-block = single-block bitwise, ${f.repeats} repeats` : `**differ** (repeats agree: ${f.repeatsAgree})`}`,
+      );
+    if (r.paths.plan768) lines.push(`- fused cells at headDim 768: plan ${r.paths.plan768.plan}`);
+    for (const a of r.paths.anchors ?? [])
+      lines.push(
+        `- ${a.op}: ${a.error ? `**error** ${a.error}` : `max rel. error against the CPU ${a.maxRelError.toExponential(2)}${a.pass ? '' : ' **FAIL**'}`}`,
+      );
+    for (const n of r.paths.newton ?? [])
+      lines.push(
+        `- Newton ${n.cell} ${n.size}: iterations ${n.equal ? 'equal to the CPU' : '**differ** from the CPU'} (device ${n.device?.join(' ')}; CPU ${n.cpu?.join(' ')})`,
       );
   }
   for (const b of r.benchmarks ?? []) {
@@ -236,6 +256,19 @@ async function main() {
     ok: smoke.ok,
     seconds: smoke.seconds,
     detail: smoke.ok ? '' : tail(smoke.stderr + smoke.stdout, 500),
+  });
+  save();
+  const paths = step(process.execPath, [join(root, 'scripts', 'gpu-paths.mjs')], { timeoutS: 300 });
+  try {
+    report.paths = JSON.parse(paths.stdout.trim().split('\n').pop());
+  } catch {
+    /* reported below */
+  }
+  report.steps.push({
+    name: 'launch paths (scripts/gpu-paths.mjs)',
+    ok: paths.ok,
+    seconds: paths.seconds,
+    detail: paths.ok ? '' : paths.timedOut ? 'timed out after 300 s' : tail(paths.stderr + paths.stdout, 500),
   });
   save();
   const sanitizer = spawnSync('compute-sanitizer', ['--version'], { encoding: 'utf8' });

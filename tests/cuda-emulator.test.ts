@@ -69,11 +69,14 @@ const title =
  * How a driver is built and run. `checks`: with the emulator's hazard checks (tests/cuda-emulator/
  * checks.h: racecheck, initcheck, memcheck, synccheck), i.e. -fsanitize=thread,alignment hooks that the
  * emulator itself implements (no sanitizer runtime is linked). `schedule`: RK_EMU_SCHEDULE.
+ * `deviceNumerics`: RK_EMU_DEVICE_NUMERICS=1 (tests/cuda-emulator/numerics.h: the hardware
+ * approximations at their error bounds, tensor-core products summed in another order).
  */
 interface Mode {
   checks: boolean;
   schedule: 'ordered' | 'random' | 'starve';
   seed: number;
+  deviceNumerics?: boolean;
 }
 
 const checkFlags = ['-fsanitize=thread,alignment', '--param', 'tsan-instrument-func-entry-exit=0', '-fno-pie', '-g1'];
@@ -112,6 +115,7 @@ function run(exe: string, args: string[], mode: Mode) {
     RK_EMU_SCHEDULE: mode.schedule,
     RK_EMU_SEED: String(mode.seed),
     RK_EMU_STRICT_WARP: mode.checks ? '1' : '0',
+    RK_EMU_DEVICE_NUMERICS: mode.deviceNumerics ? '1' : '0',
   };
   const r = spawnSync(exe, args, { encoding: 'utf8', timeout: 400_000, env });
   return { ...r, output: `${r.stdout}${r.stderr}` };
@@ -130,7 +134,9 @@ function compileAndRun(driver: string, checks: boolean, modes: Omit<Mode, 'check
     for (const m of modes) {
       const mode = { ...m, checks };
       const r = run(exe, [], mode);
-      const how = `RK_EMU_SCHEDULE=${mode.schedule} RK_EMU_SEED=${mode.seed}${checks ? ', with the checks' : ''}`;
+      const how =
+        `RK_EMU_SCHEDULE=${mode.schedule} RK_EMU_SEED=${mode.seed}` +
+        `${mode.deviceNumerics ? ' RK_EMU_DEVICE_NUMERICS=1' : ''}${checks ? ', with the checks' : ''}`;
       expect(r.signal, `the emulator test was killed by ${r.signal} (${how}):\n${r.output}`).toBeNull();
       expect(r.status, `${how}:\n${r.output}`).toBe(0);
       expect(r.output).toMatch(/ 0 failures\b/);
@@ -170,8 +176,9 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
   });
 
   // Plain builds under the `starve` schedule (one warp per block held back until nothing else can
-  // run, blocks in random order) and the `random` one; builds with the checks under `random`. Fixed
-  // seeds, so that a failure reproduces; RK_EMU_SEED overrides them.
+  // run, blocks in random order), the `random` one, and in order with the device numerics (every
+  // tolerance must hold for a GPU's approximate math too); builds with the checks under `random`.
+  // Fixed seeds, so that a failure reproduces; RK_EMU_SEED overrides them.
   const seed = Number(process.env.RK_EMU_SEED ?? 1);
   // The resource model's table (tests/cuda-emulator/resources.h) must come from the current sources.
   it('has sm_90 kernel resources generated from the current cuda/ sources', () => {
@@ -181,11 +188,12 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
   });
 
   it.each(drivers)(
-    '%s: every configuration matches its float64 reference (starve and random schedules)',
+    '%s: every configuration matches its float64 reference (starve and random schedules, device numerics)',
     (driver) => {
       compileAndRun(driver, false, [
         { schedule: 'starve', seed },
         { schedule: 'random', seed: seed + 1 },
+        { schedule: 'ordered', seed, deviceNumerics: true },
       ]);
     },
     300_000,

@@ -40,6 +40,15 @@ describe('gpu:verify', () => {
         { op: 'linearScan', pass: true, maxRelError: 1.5e-7, ms: 0.5 },
         { op: 'fusedRnn', pass: false, error: 'ERR_CUDA: x' },
       ],
+      paths: {
+        fused: [
+          { case: 'lstm 128', repeats: 30, repeatsAgree: true, pathsAgree: true },
+          { case: 'gru 256', repeats: 30, repeatsAgree: true, pathsAgree: false },
+        ],
+        plan768: { plan: 'multi-block' },
+        newton: [{ cell: 'gru-diag', size: '8x4096x1024', cpu: [4, 5], device: [4, 6], equal: false }],
+        anchors: [{ op: 'linearScan (8,1536,4096)', maxRelError: 2.5e-7, pass: true }],
+      },
       benchmarks: [
         {
           op: 'linear-scan',
@@ -58,6 +67,11 @@ describe('gpu:verify', () => {
     expect(md).toContain('| fusedRnn | **FAIL** | ERR_CUDA: x |  |');
     expect(md).toContain('| 4x2048 | float32 | fwd | 2.000 | 100.0 | 4.000 ms (2.00x) |');
     expect(md).toContain('not measured: timed out after 150 s');
+    expect(md).toContain('- fused lstm 128: multi-block = single-block bitwise, 30 repeats');
+    expect(md).toContain('- fused gru 256: **differ** (repeats agree: true)');
+    expect(md).toContain('- fused cells at headDim 768: plan multi-block');
+    expect(md).toContain('- linearScan (8,1536,4096): max rel. error against the CPU 2.50e-7');
+    expect(md).toContain('- Newton gru-diag 8x4096x1024: iterations **differ** from the CPU (device 4 6; CPU 4 5)');
   });
 
   it('the smoke cases run forward and backward (CPU against itself here)', () => {
@@ -80,5 +94,21 @@ describe('gpu:verify', () => {
       'fusedRnn (gru)',
       'newtonRnn (gru-diag)',
     ]);
+  });
+
+  it('the launch-path comparison runs its steps (CPU here, at small sizes: the pins change nothing)', () => {
+    const r = spawnSync(process.execPath, [join(root, 'scripts', 'gpu-paths.mjs')], {
+      encoding: 'utf8',
+      timeout: 120_000,
+      env: { ...process.env, RK_GPU_PATHS_DEVICE: 'cpu', RK_GPU_PATHS_QUICK: '1' },
+    });
+    expect(r.status, r.stderr).toBe(0);
+    const res = JSON.parse(r.stdout.trim().split('\n').pop() as string);
+    expect(res.ok).toBe(true);
+    expect(res.fused.map((f: { case: string }) => f.case)).toEqual(['lstm 128', 'lstm 256', 'gru 128', 'gru 256']);
+    for (const f of res.fused) expect(f).toMatchObject({ repeats: 3, repeatsAgree: true, pathsAgree: true });
+    expect(res.plan768.plan).toBe('persistent');
+    expect(res.newton.map((n: { cell: string }) => n.cell)).toEqual(['gru-diag', 'lstm-cifg-diag']);
+    for (const n of res.newton) expect(n.cpu.length).toBeGreaterThan(0);
   });
 });

@@ -102,6 +102,8 @@ __device__ __forceinline__ int64_t lengthOf(const RnnParams& p, int64_t b) {
 __device__ __forceinline__ float div(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fdividef(a, b);
+#elif defined(RK_CUDA_EMULATOR)
+  return emu::deviceNumerics() ? emu::divApprox(a, b) : a / b;
 #else
   return a / b;
 #endif

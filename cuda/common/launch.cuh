@@ -48,9 +48,19 @@ Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t
       values);
 }
 
+// The path a launcher was told to take by RK_CUDA_TUNE ("fusedRnn.path=3,gatedDelta.forwardPath=1"),
+// or -1. Only the path choices whose launchers refuse a path that does not fit can be pinned
+// (fusedRnn.path, gatedDelta.forwardPath, gatedDelta.backwardPath); anything else in the variable is
+// ignored. For verification on a device: npm run gpu:verify compares the paths' results.
+int pinnedPath(const char* name);
+
 // A launcher's heuristic choice (name identifies it, e.g. "linearScan.warpsPerRow"). Returns
-// `chosen`; the emulator's version lets a test pin the value so that every configuration runs.
-constexpr int tunable(const char* /*name*/, int chosen) { return chosen; }
+// `chosen` unless RK_CUDA_TUNE pins it (pinnedPath); the emulator's version lets a test pin any
+// value so that every configuration runs.
+inline int tunable(const char* name, int chosen) {
+  const int pinned = pinnedPath(name);
+  return pinned >= 0 ? pinned : chosen;
+}
 
 // The running block's dynamic shared memory (the launch's sharedBytes), 16-byte aligned, as T*.
 template <class T> __device__ __forceinline__ T* dynamicShared() {

@@ -1,7 +1,7 @@
 // Small device math shared by the kernel families: a fast base-2 exponential (one MUFU.EX2),
 // softplus, sigmoid / SiLU and the derivative of SiLU, warp-wide sums, and fp32 atomic adds of
 // 4-vectors. Host compilation (the CPU emulator in tests/cuda-emulator) gets plain libm versions of
-// the hardware approximations.
+// the hardware approximations, or models of their error in its device-numerics mode.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -18,6 +18,8 @@ __device__ __forceinline__ float fastExp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#elif defined(RK_CUDA_EMULATOR)
+  return emu::deviceNumerics() ? emu::ex2Approx(x) : exp2f(x);
 #else
   return exp2f(x);
 #endif

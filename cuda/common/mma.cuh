@@ -94,9 +94,12 @@ __device__ __forceinline__ float tf32Rest(float x) { return x - __uint_as_float(
 // r[2], r[3] (the k-slice s + 4 slices); lane 4n+s holds B's column n in r[0], r[1] at the same
 // k-slices. A k-slice is two elements (16-bit operands) or one (tf32); dotReg(a, b) multiplies and
 // sums the elements of one slice.
+// (The CPU emulator's device-numerics mode sums each output's products as a pairwise tree before
+// adding them to the accumulator: the hardware's order is unspecified.)
 template <class DotReg>
 __device__ __forceinline__ void mmaPortable(FragC& d, const uint32_t (&a)[4], const uint32_t (&b)[2], DotReg dotReg) {
   const int g = lane() >> 2, t = lane() & 3;
+  float part[4][8];  // per output, the products of slice s and half h at 2 s + h
   for (int s = 0; s < 4; ++s) {
     uint32_t ar[4], b0[2], b1[2];
     for (int i = 0; i < 4; ++i) ar[i] = __shfl_sync(0xffffffffu, a[i], 4 * g + s);
@@ -106,11 +109,21 @@ __device__ __forceinline__ void mmaPortable(FragC& d, const uint32_t (&a)[4], co
     }
     for (int half = 0; half < 2; ++half) {
       for (int row = 0; row < 2; ++row) {
-        d.c[2 * row + 0] += dotReg(ar[2 * half + row], b0[half]);
-        d.c[2 * row + 1] += dotReg(ar[2 * half + row], b1[half]);
+        part[2 * row + 0][2 * s + half] = dotReg(ar[2 * half + row], b0[half]);
+        part[2 * row + 1][2 * s + half] = dotReg(ar[2 * half + row], b1[half]);
       }
     }
   }
+#if defined(RK_CUDA_EMULATOR)
+  if (emu::deviceNumerics()) {
+    for (int i = 0; i < 4; ++i)
+      d.c[i] += ((part[i][0] + part[i][1]) + (part[i][2] + part[i][3])) +
+                ((part[i][4] + part[i][5]) + (part[i][6] + part[i][7]));
+    return;
+  }
+#endif
+  for (int k = 0; k < 8; ++k)
+    for (int i = 0; i < 4; ++i) d.c[i] += part[i][k];
 }
 
 template <class T> __device__ __forceinline__ void mma16816(FragC& d, const FragA16& a, const FragB16& b) {

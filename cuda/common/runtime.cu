@@ -4,9 +4,11 @@
 // on a machine without an NVIDIA driver; nothing here prints or aborts.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
-
 #include <cstdint>
+#include <cstdlib>
+#include <map>
 #include <string>
 
 #include "common/api.h"
@@ -95,6 +97,30 @@ Status deviceProperties(DeviceProps* out) {
   RK_CUDA_TRY(cudaDriverGetVersion(&out->driverVersion));
   RK_CUDA_TRY(cudaRuntimeGetVersion(&out->runtimeVersion));
   return Status{};
+}
+
+// RK_CUDA_TUNE, read once: "name=value" pairs separated by commas, kept for the pinnable names.
+int pinnedPath(const char* name) {
+  static const std::map<std::string, int> pins = [] {
+    std::map<std::string, int> out;
+    const char* env = std::getenv("RK_CUDA_TUNE");
+    const std::string all = env ? env : "";
+    for (size_t at = 0; at < all.size();) {
+      const size_t end = std::min(all.find(',', at), all.size());
+      const std::string item = all.substr(at, end - at);
+      const size_t eq = item.find('=');
+      at = end + 1;
+      if (eq == std::string::npos) continue;
+      const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+      if (key != "fusedRnn.path" && key != "gatedDelta.forwardPath" && key != "gatedDelta.backwardPath") continue;
+      char* stop = nullptr;
+      const long v = std::strtol(value.c_str(), &stop, 10);
+      if (!value.empty() && *stop == '\0' && v >= 0 && v <= 16) out[key] = static_cast<int>(v);
+    }
+    return out;
+  }();
+  const auto it = pins.find(name);
+  return it == pins.end() ? -1 : it->second;
 }
 
 // Once per device: its default memory pool keeps freed memory for the next allocation instead of

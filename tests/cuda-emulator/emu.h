@@ -82,6 +82,7 @@
 #include "common/api.h"
 #include "common/check.cuh"
 #include "resources.h"
+#include "numerics.h"
 
 namespace emu {
 

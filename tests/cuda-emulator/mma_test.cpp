@@ -7,7 +7,8 @@
 // scaled by the magnitude of its terms. Also: pack/unpack round trips, tf32 rounding of special
 // values, small integers, for which every result must be exact, the packed fragment loads from
 // 16-bit arrays (the same fragments as the accessor loads), and operands staged through
-// dynamic shared memory above the default 48 KiB limit (refused until allowDynamicShared).
+// dynamic shared memory above the default 48 KiB limit (refused until allowDynamicShared), and the
+// emulator's device-numerics mode.
 //
 // Prints up to 20 failures and a summary line "<n> checks, <m> failures"; exits 1 on any failure.
 // Built and run by tests/cuda-emulator.test.ts; by hand (from the repository root):
@@ -15,6 +16,7 @@
 #include "emu.h"
 // The code under test, after the emulator.
 #include "common/launch.cuh"
+#include "common/math.cuh"
 #include "common/mma.cuh"
 #include "harness.h"
 
@@ -196,6 +198,35 @@ void testPacking() {
   expect(std::isnan(__uint_as_float(mma::toTf32(NAN))), "tf32 nan", 0, __uint_as_float(mma::toTf32(NAN)), NAN);
 }
 
+// The emulator's device-numerics mode (RK_EMU_DEVICE_NUMERICS=1, numerics.h) changes what it says it
+// does, and nothing without it: ex2.approx within 2^-22 (not always exact), its flush of subnormal
+// results, 2^0 = 1; and the order of one mma's sums, seen through products whose sum depends on it:
+// 2^24 + 1 + 1 - 2^24 is 0 summed in order, 1 summed as (2^24 + 1) + (1 - 2^24).
+void testNumericsMode(std::mt19937& rng) {
+  const bool device = emu::deviceNumerics();
+  std::uniform_real_distribution<float> uni(-20.0f, 20.0f);
+  int differ = 0;
+  for (int i = 0; i < 1000; ++i) {
+    const float x = uni(rng), got = rkcuda::fastExp2(x), exact = exp2f(x);
+    if (got != exact) ++differ;
+    const double rel = std::fabs(double(got) / double(exact) - 1.0);
+    expect(rel <= (device ? 0x1p-22 + 0x1p-23 : 0.0), "fastExp2 error", i, got, exact);
+  }
+  expect(device ? differ > 100 : differ == 0, "fastExp2 results that differ from exp2f", 0, differ, device ? 100 : 0);
+  expect(rkcuda::fastExp2(0.0f) == 1.0f, "fastExp2(0)", 0, rkcuda::fastExp2(0.0f), 1.0);
+  expect(rkcuda::fastExp2(-130.0f) == (device ? 0.0f : exp2f(-130.0f)), "fastExp2 of a subnormal result", 0,
+         rkcuda::fastExp2(-130.0f), device ? 0.0 : exp2f(-130.0f));
+  // Row 0 of A: k = 0, 4, 1, 5 hold 2^24, 1, 1, -2^24 (the order the portable path visits k in);
+  // B is all ones, C zero.
+  std::vector<float> A(16 * 8, 0.0f), B(8 * 8, 1.0f), C(16 * 8, 0.0f), D(16 * 8, -1.0f);
+  A[0] = 0x1p24f;
+  A[4] = 1.0f;
+  A[1] = 1.0f;
+  A[5] = -0x1p24f;
+  rkcuda::launch(mmaTf32Kernel, dim3(1), dim3(32), 0, A.data(), B.data(), C.data(), D.data(), 1);
+  expect(D[0] == (device ? 1.0f : 0.0f), "mma summation order", 0, D[0], device ? 1.0 : 0.0);
+}
+
 }  // namespace
 
 int main() {
@@ -204,6 +235,7 @@ int main() {
   testDynamicShared();
   testPackedLoads<__half>("loadA16Packed / loadB16PackedT <half>");
   testPackedLoads<__nv_bfloat16>("loadA16Packed / loadB16PackedT <bf16>");
+  testNumericsMode(rng);
   for (Kind kind : {Kind::kHalf, Kind::kBf16, Kind::kTf32}) {
     for (int ksteps : {1, 2, 5}) {
       run(kind, ksteps, false, rng);
