@@ -13,18 +13,12 @@ Times are CUDA events, median after warm-up. Prints one JSON line: {"times":
 {"BxTxHxD/cell/dtype/pass": ms}, "notes": [...]}.
 """
 import json
-import sys
 
-try:
-    import torch
-except Exception as e:  # noqa: BLE001
-    print(json.dumps({"unavailable": f"torch not importable: {e}"}))
-    sys.exit(0)
+from timing import DTYPES, request, time_ms  # exits with an answer when torch is missing
 
-from timing import time_ms  # noqa: E402  (after the torch check)
+import torch  # noqa: E402
 
 GATES = {"lstm": 4, "gru": 3}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def loop_rnn(cell, wx, R, b):
@@ -52,10 +46,7 @@ def loop_rnn(cell, wx, R, b):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    if not torch.cuda.is_available():
-        print(json.dumps({"unavailable": "no CUDA device for torch"}))
-        return
+    cfg = request()
     dev = torch.device("cuda")
     times, notes = {}, []
     for dtype_name in cfg.get("dtypes", ["bfloat16"]):

@@ -29,16 +29,11 @@ Times are CUDA events, median after warm-up. Prints one JSON line: {"times":
 {"BxTxHxK/dtype/pass": ms}, "notes": [each implementation's times, or why it did not run]}.
 """
 import json
-import sys
 
-try:
-    import torch
-    import torch.nn.functional as F
-except Exception as e:  # noqa: BLE001
-    print(json.dumps({"unavailable": f"torch not importable: {e}"}))
-    sys.exit(0)
+from timing import DTYPES, request, time_ms  # exits with an answer when torch is missing
 
-from timing import time_ms  # noqa: E402  (after the torch check)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 CHUNK = 64
 LOOP_MAX_T = 4096
@@ -150,11 +145,8 @@ def make_inputs(batch, T, H, K, dtype, dev="cuda"):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    if not torch.cuda.is_available():
-        print(json.dumps({"unavailable": "no CUDA device for torch"}))
-        return
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    cfg = request()
+    dt = DTYPES
     times = {}
     notes = []
     rate = matmul_tflops()

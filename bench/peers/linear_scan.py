@@ -7,15 +7,10 @@ Two implementations, the faster of which is reported per size:
 Backward is autograd through the same code. Prints one JSON line: {"times": {"BxCxL/dtype/pass": ms}}.
 """
 import json
-import sys
 
-try:
-    import torch
-except Exception as e:  # noqa: BLE001
-    print(json.dumps({"unavailable": f"torch not importable: {e}"}))
-    sys.exit(0)
+from timing import DTYPES, request, time_ms  # exits with an answer when torch is missing
 
-from timing import time_ms  # noqa: E402  (after the torch check)
+import torch  # noqa: E402
 
 
 def loop_scan(a, b):
@@ -58,11 +53,8 @@ def chunked_scan(a, b, chunk=64):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    if not torch.cuda.is_available():
-        print(json.dumps({"unavailable": "no CUDA device for torch"}))
-        return
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    cfg = request()
+    dt = DTYPES
     times = {}
     for B, C, L in cfg["sizes"]:
         for name in cfg["dtypes"]:

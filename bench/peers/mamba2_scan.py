@@ -19,16 +19,11 @@ fwd+bwd is the forward followed by autograd for every input. Times are CUDA even
 warm-up. Prints one JSON line: {"times": {"BxTxHxPxN[xG]/dtype/tag/impl/pass": ms}, "notes": [...]}.
 """
 import json
-import sys
 
-try:
-    import torch
-    import torch.nn.functional as F
-except Exception as e:  # noqa: BLE001
-    print(json.dumps({"unavailable": f"torch not importable: {e}"}))
-    sys.exit(0)
+from timing import DTYPES, request, time_ms  # exits with an answer when torch is missing
 
-from timing import time_ms  # noqa: E402  (after the torch check)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 CHUNK = 64
 
@@ -93,10 +88,7 @@ def mamba_ssm_fn():
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    if not torch.cuda.is_available():
-        print(json.dumps({"unavailable": "no CUDA device"}))
-        return
+    cfg = request()
     dev = "cuda"
     times, notes = {}, []
     mamba_chunk_scan_combined, why = mamba_ssm_fn()

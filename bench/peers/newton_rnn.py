@@ -14,15 +14,10 @@ Times are CUDA events, median after warm-up. Prints one JSON line: {"times":
 {"BxTxNxH/dtype/cell/pass": ms}, "notes": [...]}.
 """
 import json
-import sys
 
-try:
-    import torch
-except Exception as e:  # noqa: BLE001
-    print(json.dumps({"unavailable": f"torch not importable: {e}"}))
-    sys.exit(0)
+from timing import DTYPES, request, time_ms  # exits with an answer when torch is missing
 
-from timing import time_ms  # noqa: E402  (after the torch check)
+import torch  # noqa: E402
 
 LOOP_MAX_T = 16384
 
@@ -55,11 +50,8 @@ def loop_rnn(cell, wx, R, b, heads):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    if not torch.cuda.is_available():
-        print(json.dumps({"unavailable": "no CUDA device for torch"}))
-        return
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    cfg = request()
+    dt = DTYPES
     times = {}
     notes = []
     # Each job is (cell, [batch, T, hidden, heads]); older callers send sizes x cells.

@@ -19,16 +19,11 @@ times, or why it did not run]}.
 """
 import json
 import math
-import sys
 
-try:
-    import torch
-    import torch.nn.functional as F
-except Exception as e:  # noqa: BLE001
-    print(json.dumps({"unavailable": f"torch not importable: {e}"}))
-    sys.exit(0)
+from timing import DTYPES, request, time_ms  # exits with an answer when torch is missing
 
-from timing import time_ms  # noqa: E402  (after the torch check)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def loop_scan(u, delta, A, B, C, D, z):
@@ -109,11 +104,8 @@ def make_inputs(batch, dim, L, N, dtype):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    if not torch.cuda.is_available():
-        print(json.dumps({"unavailable": "no CUDA device for torch"}))
-        return
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    cfg = request()
+    dt = DTYPES
     times = {}
     notes = []
     for batch, dim, L, N in cfg["sizes"]:
