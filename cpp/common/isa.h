@@ -1,12 +1,13 @@
 // Which instruction-set variant of the CPU kernels runs.
 //
-// Every CPU kernel is compiled once per variant: its code (an op's <op>_cpu.inc) is included by one
-// small translation unit per variant (<op>_cpu_avx512.cc, _avx2.cc, _base.cc), which wraps it in
-// isa_begin.h / isa_end.h. That puts it in the namespace rk::<variant> and compiles every function of
-// it for that instruction set (a target pragma: code outside the region, the standard library's
-// templates included, stays baseline, so no baseline caller can ever reach an AVX instruction).
-// simd.h then gives it vectors of that variant's native width. The op's <op>_cpu.cc picks the
-// variant per call with RK_ISA_DISPATCH.
+// Every CPU kernel is compiled once per variant: its code (an op's <op>_cpu.inc; a large op's one
+// per pass, <op>_cpu_fwd.inc and <op>_cpu_bwd.inc, over a shared <op>_cpu_common.inc) is included
+// by one small translation unit per variant (<op>_cpu[_<pass>]_avx512.cc, _avx2.cc, _base.cc),
+// which wraps it in isa_begin.h / isa_end.h. That puts it in the namespace rk::<variant> and
+// compiles every function of it for that instruction set (a target pragma: code outside the region,
+// the standard library's templates included, stays baseline, so no baseline caller can ever reach
+// an AVX instruction). simd.h then gives it vectors of that variant's native width. The op's
+// <op>_cpu.cc picks the variant per call with RK_ISA_DISPATCH.
 //
 // Variants: avx512 (x86-64 with AVX-512 F/VL/DQ), avx2 (x86-64 with AVX2 and FMA), base (SSE2 on
 // x86-64, NEON on aarch64, plain C++ elsewhere). The choice is process-wide: the best one the

@@ -10,8 +10,8 @@ namespace rk::cells {
 void fusedRnnForwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o);
 void fusedRnnBackwardCpu(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnGrads& g);
 
-// The same, per instruction-set variant and storage type (fused_rnn_cpu.inc compiled once per variant
-// for fp32 and once for the 16-bit types).
+// The same, per instruction-set variant and storage type (fused_rnn_cpu_fwd.inc and _bwd.inc compiled
+// once per variant for fp32 and once for the 16-bit types).
 #define RK_CELLS_VARIANT_API(NS)                                                                                  \
   namespace NS {                                                                                                  \
   template <typename St> void fusedRnnForwardAs(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o); \

@@ -1,6 +1,0 @@
-// The linear attention's CPU kernels, avx512 variant (see common/isa.h).
-#include "common/isa.h"
-#ifdef RK_X86_VARIANTS
-#define RK_ISA_LEVEL 2
-#include "ops/attention/linear_attention_cpu.inc"
-#endif

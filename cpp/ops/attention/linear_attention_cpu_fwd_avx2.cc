@@ -1,0 +1,6 @@
+// The linear attention's CPU forward pass, avx2 variant (see common/isa.h).
+#include "common/isa.h"
+#ifdef RK_X86_VARIANTS
+#define RK_ISA_LEVEL 1
+#include "ops/attention/linear_attention_cpu_fwd.inc"
+#endif

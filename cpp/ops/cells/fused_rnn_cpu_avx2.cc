@@ -1,6 +1,0 @@
-// The fused cells' CPU kernels, avx2 variant, fp32 storage (see common/isa.h).
-#include "common/isa.h"
-#ifdef RK_X86_VARIANTS
-#define RK_ISA_LEVEL 1
-#include "ops/cells/fused_rnn_cpu.inc"
-#endif

@@ -1,7 +1,0 @@
-// The fused cells' CPU kernels, avx512 variant, fp16 and bf16 storage (see common/isa.h).
-#include "common/isa.h"
-#ifdef RK_X86_VARIANTS
-#define RK_ISA_LEVEL 2
-#define RK_CELLS_16BIT 1
-#include "ops/cells/fused_rnn_cpu.inc"
-#endif

@@ -1,0 +1,6 @@
+// The fused cells' CPU backward pass, avx2 variant, fp32 storage (see common/isa.h).
+#include "common/isa.h"
+#ifdef RK_X86_VARIANTS
+#define RK_ISA_LEVEL 1
+#include "ops/cells/fused_rnn_cpu_bwd.inc"
+#endif

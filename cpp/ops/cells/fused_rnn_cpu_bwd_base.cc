@@ -1,0 +1,4 @@
+// The fused cells' CPU backward pass, base variant, fp32 storage (see common/isa.h).
+#include "common/isa.h"
+#define RK_ISA_LEVEL 0
+#include "ops/cells/fused_rnn_cpu_bwd.inc"
