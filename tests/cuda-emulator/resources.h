@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "b149cf9f1565de13";
+constexpr const char* kSourcesHash = "0db698f9edb4238b";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -588,49 +588,49 @@ inline const KernelResources kKernelResources[] = {
      124, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 1, false, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     106, 0},
+     95, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 1, true, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      124, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 1, true, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     104, 0},
+     95, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 2, false, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      116, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 2, false, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     104, 32},
+     102, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 2, true, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      118, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 2, true, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     116, 32},
+     108, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 4, false, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      121, 64},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 4, false, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     109, 64},
+     104, 64},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 4, true, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      123, 64},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 4, true, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     121, 64},
+     102, 64},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 8, false, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      124, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 8, false, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     117, 128},
+     111, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 8, true, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      121, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 8, true, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     121, 128},
+     109, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 1, false, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
@@ -662,7 +662,7 @@ inline const KernelResources kKernelResources[] = {
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 2, true, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
-     94, 32},
+     96, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 4, false, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
@@ -686,7 +686,7 @@ inline const KernelResources kKernelResources[] = {
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 8, false, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
-     115, 128},
+     109, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 8, true, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
@@ -694,7 +694,7 @@ inline const KernelResources kKernelResources[] = {
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 8, true, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
-     119, 128},
+     105, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<float, 2, 1, false, false>(float const*, float "
      "const*, float const*, float const*, float const*, float*, float*, float*, long, long)",
      123, 0},
@@ -820,7 +820,7 @@ inline const KernelResources kKernelResources[] = {
      134, 64},
     {"void rkcuda::(anonymous namespace)::linearScanForwardKernel<__nv_bfloat16, 2, 4, false, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, float*, long, long)",
-     110, 64},
+     109, 64},
     {"void rkcuda::(anonymous namespace)::linearScanForwardKernel<__nv_bfloat16, 2, 4, true, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, float*, long, long)",
      128, 64},
@@ -832,7 +832,7 @@ inline const KernelResources kKernelResources[] = {
      128, 128},
     {"void rkcuda::(anonymous namespace)::linearScanForwardKernel<__nv_bfloat16, 2, 8, false, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, float*, long, long)",
-     121, 128},
+     117, 128},
     {"void rkcuda::(anonymous namespace)::linearScanForwardKernel<__nv_bfloat16, 2, 8, true, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, float*, long, long)",
      128, 128},
