@@ -267,5 +267,24 @@ template <int W> __device__ __forceinline__ BlockJob blockJob(const ScanParams& 
   return job;
 }
 
+// A thread's place in its block: its lane, its warp (channel d0 + warp), and whether that warp has a
+// channel (warps past the group's end take part in the barriers and the staging only).
+struct BlockThread {
+  int lane, warp;
+  bool active;
+};
+
+// The start of both kernels: thread 0 fills the block's job into shared memory, which every thread
+// reads after the barrier.
+template <int W> __device__ __forceinline__ BlockThread startBlock(const ScanParams& p, BlockJob& job) {
+  if (threadIdx.x == 0) job = blockJob<W>(p);
+  __syncthreads();
+  BlockThread t;
+  t.lane = scan::laneId();
+  t.warp = static_cast<int>(threadIdx.x) >> 5;
+  t.active = t.warp < job.activeWarps;
+  return t;
+}
+
 }  // namespace
 }  // namespace rkcuda
