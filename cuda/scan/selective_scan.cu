@@ -184,34 +184,29 @@ int chooseWarps(const char* name, const ScanParams& p, int64_t nseq, int large, 
   return tunable(name, blocksLarge >= static_cast<int64_t>(wave) * sms ? large : small);
 }
 
-template <class T> Status launchForward(ScanParams p, int64_t nseq) {
-  const int warps = chooseWarps("selectiveScan.forwardWarps", p, nseq, 8, 4, 2);
-  unsigned grid = 0;
-  switch (warps) {
-    case 4:
-      RK_TRY(gridFor(p, nseq, 4, &grid));
-      return launch(selectiveScanForwardKernel<T, 4>, grid, 32 * 4, 0, p);
-    case 8:
-      RK_TRY(gridFor(p, nseq, 8, &grid));
-      return launch(selectiveScanForwardKernel<T, 8>, grid, 32 * 8, 0, p);
-    default:
-      return statusError("selectiveScanForward: unsupported warps per block " + std::to_string(warps));
-  }
+// Launches kernelFor(std::integral_constant<int, W>{}) with W = LARGE or SMALL channels (warps) per
+// block, as chooseWarps picks (tunable `name`), over the grid for W.
+template <int LARGE, int SMALL, class KernelFor>
+Status launchWarps(const char* name, const char* fn, ScanParams p, int64_t nseq, int wave, KernelFor kernelFor) {
+  const int warps = chooseWarps(name, p, nseq, LARGE, SMALL, wave);
+  auto go = [&](auto w) -> Status {
+    unsigned grid = 0;
+    RK_TRY(gridFor(p, nseq, w, &grid));
+    return launch(kernelFor(w), grid, 32 * w, 0, p);
+  };
+  if (warps == LARGE) return go(std::integral_constant<int, LARGE>{});
+  if (warps == SMALL) return go(std::integral_constant<int, SMALL>{});
+  return statusError(std::string(fn) + ": unsupported warps per block " + std::to_string(warps));
 }
 
-template <class T> Status launchBackward(ScanParams p, int64_t nseq) {
-  const int warps = chooseWarps("selectiveScan.backwardWarps", p, nseq, 4, 2, 3);
-  unsigned grid = 0;
-  switch (warps) {
-    case 2:
-      RK_TRY(gridFor(p, nseq, 2, &grid));
-      return launch(selectiveScanBackwardKernel<T, 2>, grid, 32 * 2, 0, p);
-    case 4:
-      RK_TRY(gridFor(p, nseq, 4, &grid));
-      return launch(selectiveScanBackwardKernel<T, 4>, grid, 32 * 4, 0, p);
-    default:
-      return statusError("selectiveScanBackward: unsupported warps per block " + std::to_string(warps));
-  }
+template <class T> Status launchForward(const ScanParams& p, int64_t nseq) {
+  return launchWarps<8, 4>("selectiveScan.forwardWarps", "selectiveScanForward", p, nseq, 2,
+                           [](auto w) { return selectiveScanForwardKernel<T, decltype(w)::value>; });
+}
+
+template <class T> Status launchBackward(const ScanParams& p, int64_t nseq) {
+  return launchWarps<4, 2>("selectiveScan.backwardWarps", "selectiveScanBackward", p, nseq, 3,
+                           [](auto w) { return selectiveScanBackwardKernel<T, decltype(w)::value>; });
 }
 
 }  // namespace
