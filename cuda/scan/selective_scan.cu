@@ -124,24 +124,10 @@ Status checkScanArgs(const SelectiveScanArgs& a, const std::string& fn, std::vec
 
 ScanParams baseParams(const SelectiveScanArgs& a) {
   ScanParams p;
-  p.dim = a.dim;
-  p.seqlen = a.seqlen;
-  p.dstate = a.dstate;
-  p.groups = a.groups;
+  static_cast<SelectiveScanArgs&>(p) = a;
+  p.segments = nullptr;  // host memory: the kernels read `table`
   p.channelsPerGroup = a.dim / a.groups;
   p.uniformChunks = (a.seqlen + kChunk - 1) / kChunk;
-  p.u = a.u;
-  p.delta = a.delta;
-  p.A = a.A;
-  p.B = a.B;
-  p.C = a.C;
-  p.D = a.D;
-  p.z = a.z;
-  p.deltaBias = a.deltaBias;
-  p.h0 = a.h0;
-  p.variableB = a.variableB;
-  p.variableC = a.variableC;
-  p.softplus = a.deltaSoftplus;
   return p;
 }
 
@@ -228,7 +214,7 @@ Status selectiveScanForward(const SelectiveScanArgs& a, void* y, float* states, 
     p.aligned = allAligned({a.u, a.delta, a.z, y, a.variableB ? a.B : nullptr, a.variableC ? a.C : nullptr});
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
-    RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
+    RK_TRY(uploadTable(a, gaps, &table, &p.table, &gapList));
     if (a.nseq > 0) RK_TRY(launchForward<T>(p, a.nseq));
     return launchZeroGaps<T>(static_cast<T*>(y), nullptr, nullptr, a.dim, a.seqlen, gapList,
                              static_cast<int64_t>(gaps.size() / 2));
@@ -288,7 +274,7 @@ Status selectiveScanBackward(const SelectiveScanArgs& a, const SelectiveScanGrad
 
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
-    RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
+    RK_TRY(uploadTable(a, gaps, &table, &p.table, &gapList));
     if (a.nseq > 0) RK_TRY(launchBackward<T>(p, a.nseq));
     RK_TRY(launchZeroGaps<T>(static_cast<T*>(g.du), static_cast<T*>(g.ddelta), static_cast<T*>(p.dz), a.dim, a.seqlen,
                              gapList, static_cast<int64_t>(gaps.size() / 2)));

@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const float pre = dv[k] + bias;
-        const float t = p.softplus ? softplus(pre) : pre;
+        const float t = p.deltaSoftplus ? softplus(pre) : pre;
         dt[k] = k < avail ? t : 0.0f;
         dtu[k] = dt[k] * uv[k];
         sumGB[k] = 0.0f;
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         float ddt = fmaf(uv[k], sumGB[k], sumAW[k] * kLn2);
-        if (p.softplus) ddt *= softplusGrad(dv[k] + bias);
+        if (p.deltaSoftplus) ddt *= softplusGrad(dv[k] + bias);
         sumGB[k] = fmaf(Dd, dout[k], dt[k] * sumGB[k]);  // du
         sumAW[k] = ddt;                                  // ddelta
         out[k] = fmaf(Dd, uv[k], out[k]);                // y before the gate

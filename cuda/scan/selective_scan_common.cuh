@@ -185,21 +185,13 @@ template <class T, int NT, int TILE, int THREADS> struct BCStage {
 
 // ---- parameters and the block's share of the work ----
 
-struct ScanParams {
-  int64_t dim = 0, seqlen = 0, dstate = 0, groups = 1, channelsPerGroup = 0, blocksPerGroup = 0;
-  int64_t uniformChunks = 0;              // chunks per sequence without packing
-  const ScanSegment* segments = nullptr;  // device table (packed input); null: sequence s = row s
-  const void* u = nullptr;
-  const void* delta = nullptr;
-  const float* A = nullptr;
-  const void* B = nullptr;
-  const void* C = nullptr;
-  const float* D = nullptr;
-  const void* z = nullptr;
-  const float* deltaBias = nullptr;
-  const float* h0 = nullptr;
-  bool variableB = false, variableC = false, softplus = false;
-  bool aligned = false;  // every [batch, dim, seqlen] and variable B/C tensor is 16-byte aligned
+// The kernels' parameters: the contract's arguments plus the launch layout, the device sequence
+// table and the outputs.
+struct ScanParams : SelectiveScanArgs {
+  int64_t channelsPerGroup = 0, blocksPerGroup = 0;
+  int64_t uniformChunks = 0;           // chunks per sequence without packing
+  const ScanSegment* table = nullptr;  // device table (packed input); null: sequence s = row s
+  bool aligned = false;                // every [batch, dim, seqlen] and variable B/C tensor is 16-byte aligned
   // forward
   void* y = nullptr;
   float* states = nullptr;
@@ -245,8 +237,8 @@ template <int W> __device__ __forceinline__ BlockJob blockJob(const ScanParams& 
   const int64_t group = rem / p.blocksPerGroup;
   const int64_t first = (rem - group * p.blocksPerGroup) * W;  // within the group
   ScanSegment seg;
-  if (p.segments != nullptr) {
-    seg = p.segments[seq];
+  if (p.table != nullptr) {
+    seg = p.table[seq];
   } else {
     seg.batch = seq;
     seg.start = 0;

@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const float pre = dv[k] + bias;
-        const float t = p.softplus ? softplus(pre) : pre;
+        const float t = p.deltaSoftplus ? softplus(pre) : pre;
         dt[k] = k < avail ? t : 0.0f;
         dtu[k] = dt[k] * uv[k];
         y[k] = Dd * uv[k];

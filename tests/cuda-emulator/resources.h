@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "06080434a666d249";
+constexpr const char* kSourcesHash = "bd2509e8f66221ac";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -928,22 +928,22 @@ inline const KernelResources kKernelResources[] = {
      40, 4096},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__half, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     125, 16945},
+     124, 16945},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__half, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     125, 28209},
+     124, 28209},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__nv_bfloat16, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     124, 16945},
+     123, 16945},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__nv_bfloat16, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     124, 28209},
+     123, 28209},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<float, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     141, 15921},
+     140, 15921},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<float, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     141, 27185},
+     140, 27185},
     {"void rkcuda::(anonymous namespace)::selectiveScanForwardKernel<__half, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
      128, 45105},
