@@ -345,43 +345,14 @@ AttnParams paramsOf(const LinearAttentionArgs& a) {
   return p;
 }
 
-// Rows per lane and threads per block (tunable), and the derived column split.
-Status layoutFor(const std::string& fn, AttnParams& p, int64_t heads, int* rowsPerLane, unsigned* grid,
-                 unsigned* threads) {
-  const int kp = tunable("linearAttention.rowsPerLane", p.K <= 64 ? 8 : 16);
-  if (kp != 8 && kp != 16) return statusError(fn + ": unsupported rows per lane " + std::to_string(kp));
-  const int nt = tunable("linearAttention.blockThreads", 128);
-  if (nt != 64 && nt != 128 && nt != 256) return statusError(fn + ": unsupported block size " + std::to_string(nt));
-  int G = 1;
-  while (G * kp < p.K) G *= 2;
-  if (G > 32) return statusError(fn + ": K too large for the rows per lane");
-  p.G = G;
-  p.cols = nt / G;
-  p.blocksPerHead = ceilDiv(p.V, p.cols);
-  const int64_t blocks = heads * p.blocksPerHead;
-  if (blocks > INT_MAX) return statusError(fn + ": too many heads for one launch");
-  *rowsPerLane = kp;
-  *grid = static_cast<unsigned>(blocks);
-  *threads = static_cast<unsigned>(nt);
-  return Status{};
+template <class T> Status launchForward(const std::string& fn, const AttnParams& p) {
+  return launchColumns(fn, "linearAttention", p, p.nseq * p.Hv,
+                       [](auto kp) { return linearAttentionForwardKernel<T, decltype(kp)::value>; });
 }
 
-template <class T> Status launchForward(const std::string& fn, AttnParams p) {
-  int kp = 0;
-  unsigned grid = 0, threads = 0;
-  RK_TRY(layoutFor(fn, p, p.nseq * p.Hv, &kp, &grid, &threads));
-  if (grid == 0) return Status{};
-  if (kp == 8) return launch(linearAttentionForwardKernel<T, 8>, grid, threads, 0, p);
-  return launch(linearAttentionForwardKernel<T, 16>, grid, threads, 0, p);
-}
-
-template <class T> Status launchBackward(const std::string& fn, AttnParams p) {
-  int kp = 0;
-  unsigned grid = 0, threads = 0;
-  RK_TRY(layoutFor(fn, p, p.nseq * p.Hv, &kp, &grid, &threads));
-  if (grid == 0) return Status{};
-  if (kp == 8) return launch(linearAttentionBackwardKernel<T, 8>, grid, threads, 0, p);
-  return launch(linearAttentionBackwardKernel<T, 16>, grid, threads, 0, p);
+template <class T> Status launchBackward(const std::string& fn, const AttnParams& p) {
+  return launchColumns(fn, "linearAttention", p, p.nseq * p.Hv,
+                       [](auto kp) { return linearAttentionBackwardKernel<T, decltype(kp)::value>; });
 }
 
 }  // namespace

@@ -1,12 +1,21 @@
 // Helpers of the recurrent kernels whose K x V state is split by columns (cuda/delta/gated_delta.cu,
 // cuda/attention/linear_attention.cu): each column is owned by a group of G consecutive lanes (G a
 // power of two up to 32), lane r of the group holding the rows i = r + G*m (m < KP) of its column in
-// registers. P is the kernel's parameters (K, V, G); J the thread's job (sub: its lane in the group,
-// j: its column, active: j < V).
+// registers. P is the kernel's parameters (K, V, G, cols, blocksPerHead); J the thread's job (sub:
+// its lane in the group, j: its column, active: j < V). The launchers share the column split
+// (columnLayout) and its launch (launchColumns).
 #pragma once
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "common/api.h"
+#include "common/check.cuh"
+#include "common/host.cuh"
+#include "common/launch.cuh"
 
 namespace rkcuda {
 
@@ -33,6 +42,43 @@ __device__ __forceinline__ void storeState(const float (&S)[KP], float* base, co
     const int i = jb.sub + p.G * m;
     if (i < p.K) base[static_cast<int64_t>(i) * p.V + jb.j] = S[m];
   }
+}
+
+// Rows per lane (8 or 16) and threads per block (64, 128 or 256), tunable as <prefix>.rowsPerLane and
+// <prefix>.blockThreads, and the derived column split of `heads` heads into p.G, p.cols and
+// p.blocksPerHead.
+template <class P>
+Status columnLayout(const std::string& fn, const std::string& prefix, P& p, int64_t heads, int* rowsPerLane,
+                    unsigned* grid, unsigned* threads) {
+  const int chosenRows = p.K <= 64 ? 8 : 16;
+  const int kp = tunable((prefix + ".rowsPerLane").c_str(), chosenRows);
+  if (kp != 8 && kp != 16) return statusError(fn + ": unsupported rows per lane " + std::to_string(kp));
+  const int nt = tunable((prefix + ".blockThreads").c_str(), 128);
+  if (nt != 64 && nt != 128 && nt != 256) return statusError(fn + ": unsupported block size " + std::to_string(nt));
+  int G = 1;
+  while (G * kp < p.K) G *= 2;
+  if (G > 32) return statusError(fn + ": K too large for the rows per lane");
+  p.G = G;
+  p.cols = nt / G;
+  p.blocksPerHead = ceilDiv(p.V, p.cols);
+  const int64_t blocks = heads * p.blocksPerHead;
+  if (blocks > INT_MAX) return statusError(fn + ": too many heads for one launch");
+  *rowsPerLane = kp;
+  *grid = static_cast<unsigned>(blocks);
+  *threads = static_cast<unsigned>(nt);
+  return Status{};
+}
+
+// Launches kernelFor(std::integral_constant<int, KP>{}) over `heads` heads with the layout of
+// columnLayout (KP its rows per lane), p as the kernel's one argument; nothing when there are none.
+template <class P, class KernelFor>
+Status launchColumns(const std::string& fn, const std::string& prefix, P p, int64_t heads, KernelFor kernelFor) {
+  int kp = 0;
+  unsigned grid = 0, threads = 0;
+  RK_TRY(columnLayout(fn, prefix, p, heads, &kp, &grid, &threads));
+  if (grid == 0) return Status{};
+  if (kp == 8) return launch(kernelFor(std::integral_constant<int, 8>{}), grid, threads, 0, p);
+  return launch(kernelFor(std::integral_constant<int, 16>{}), grid, threads, 0, p);
 }
 
 }  // namespace rkcuda

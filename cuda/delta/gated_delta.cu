@@ -339,52 +339,14 @@ Status checkArgs(const GatedDeltaArgs& a, const std::string& fn, std::vector<int
   return Status{};
 }
 
-// Rows per lane and threads per block (tunable), and the derived column split.
-Status layoutFor(const std::string& fn, DeltaParams& p, int64_t heads, int* rowsPerLane, unsigned* grid,
-                 unsigned* threads) {
-  const int chosenRows = p.K <= 64 ? 8 : 16;
-  const int kp = tunable("gatedDelta.rowsPerLane", chosenRows);
-  if (kp != 8 && kp != 16) return statusError(fn + ": unsupported rows per lane " + std::to_string(kp));
-  const int nt = tunable("gatedDelta.blockThreads", 128);
-  if (nt != 64 && nt != 128 && nt != 256) return statusError(fn + ": unsupported block size " + std::to_string(nt));
-  int G = 1;
-  while (G * kp < p.K) G *= 2;
-  if (G > 32) return statusError(fn + ": K too large for the rows per lane");
-  p.G = G;
-  p.cols = nt / G;
-  p.blocksPerHead = ceilDiv(p.V, p.cols);
-  const int64_t blocks = heads * p.blocksPerHead;
-  if (blocks > INT_MAX) return statusError(fn + ": too many heads for one launch");
-  *rowsPerLane = kp;
-  *grid = static_cast<unsigned>(blocks);
-  *threads = static_cast<unsigned>(nt);
-  return Status{};
+template <class T> Status launchForward(const std::string& fn, const DeltaParams& p, int64_t heads) {
+  return launchColumns(fn, "gatedDelta", p, heads,
+                       [](auto kp) { return gatedDeltaForwardKernel<T, decltype(kp)::value>; });
 }
 
-template <class T> Status launchForward(const std::string& fn, DeltaParams p, int64_t heads) {
-  int kp = 0;
-  unsigned grid = 0, threads = 0;
-  RK_TRY(layoutFor(fn, p, heads, &kp, &grid, &threads));
-  if (grid == 0) return Status{};
-  switch (kp) {
-    case 8:
-      return launch(gatedDeltaForwardKernel<T, 8>, grid, threads, 0, p);
-    default:
-      return launch(gatedDeltaForwardKernel<T, 16>, grid, threads, 0, p);
-  }
-}
-
-template <class T> Status launchBackward(const std::string& fn, DeltaParams p, int64_t heads) {
-  int kp = 0;
-  unsigned grid = 0, threads = 0;
-  RK_TRY(layoutFor(fn, p, heads, &kp, &grid, &threads));
-  if (grid == 0) return Status{};
-  switch (kp) {
-    case 8:
-      return launch(gatedDeltaBackwardKernel<T, 8>, grid, threads, 0, p);
-    default:
-      return launch(gatedDeltaBackwardKernel<T, 16>, grid, threads, 0, p);
-  }
+template <class T> Status launchBackward(const std::string& fn, const DeltaParams& p, int64_t heads) {
+  return launchColumns(fn, "gatedDelta", p, heads,
+                       [](auto kp) { return gatedDeltaBackwardKernel<T, decltype(kp)::value>; });
 }
 
 // Device copy of the sequence table (packed input) followed by the gap list.
