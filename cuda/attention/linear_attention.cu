@@ -90,37 +90,22 @@ struct AttnParams : LinearAttentionArgs {
   __host__ __device__ int64_t outputHead(int64_t hv, int64_t g) const { return Hq >= Hv ? hv * (Hq / Hv) + g : hv; }
 };
 
-// What a thread works on: block = (sequence * Hv + hv) * blocksPerHead + column block.
-struct Job {
-  ScanSegment seg;
-  int64_t seq, hv, hk;
-  int64_t stateOff;  // (seq * Hv + hv) * K * V
-  int j;             // this thread's column
-  int sub;           // lane within the column's group
-  bool active;       // j < V
-};
+// What a thread works on (over the state heads; hk: the key head).
+using Job = ColumnJob;
 
 __device__ __forceinline__ Job jobOf(const AttnParams& p) {
   Job jb;
-  const int64_t blk = static_cast<int64_t>(blockIdx.x);
-  const int64_t head = blk / p.blocksPerHead;
-  const int64_t cb = blk - head * p.blocksPerHead;
-  jb.seq = head / p.Hv;
-  jb.hv = head - jb.seq * p.Hv;
-  jb.hk = jb.hv / (p.Hv / p.Hk);
-  if (p.table != nullptr) {
-    jb.seg = p.table[jb.seq];
-  } else {
-    jb.seg.batch = jb.seq;
-    jb.seg.start = 0;
-    jb.seg.length = p.T;
-    jb.seg.chunkOffset = jb.seq * p.uniformChunks;
-  }
-  jb.stateOff = (jb.seq * p.Hv + jb.hv) * p.K * p.V;
-  const int tid = static_cast<int>(threadIdx.x);
-  jb.sub = tid % p.G;
-  jb.j = static_cast<int>(cb * p.cols) + tid / p.G;
-  jb.active = jb.j < p.V;
+  placeColumnJob(jb, p, p.Hv, [&](Job& j) {
+    j.hk = j.hv / (p.Hv / p.Hk);
+    if (p.table != nullptr) {
+      j.seg = p.table[j.seq];
+    } else {
+      j.seg.batch = j.seq;
+      j.seg.start = 0;
+      j.seg.length = p.T;
+      j.seg.chunkOffset = j.seq * p.uniformChunks;
+    }
+  });
   return jb;
 }
 

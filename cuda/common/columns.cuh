@@ -2,8 +2,9 @@
 // cuda/attention/linear_attention.cu): each column is owned by a group of G consecutive lanes (G a
 // power of two up to 32), lane r of the group holding the rows i = r + G*m (m < KP) of its column in
 // registers. P is the kernel's parameters (K, V, G, cols, blocksPerHead); J the thread's job (sub:
-// its lane in the group, j: its column, active: j < V). The launchers share the column split
-// (columnLayout) and its launch (launchColumns).
+// its lane in the group, j: its column, active: j < V). Both kernels place their threads with
+// placeColumnJob (ColumnJob); the launchers share the column split (columnLayout) and its launch
+// (launchColumns).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -42,6 +43,33 @@ __device__ __forceinline__ void storeState(const float (&S)[KP], float* base, co
     const int i = jb.sub + p.G * m;
     if (i < p.K) base[static_cast<int64_t>(i) * p.V + jb.j] = S[m];
   }
+}
+
+// What a thread works on: block = (sequence * heads + hv) * blocksPerHead + column block, heads being
+// the state heads per sequence; hk is the key head of state head hv (the kernels fill it, and seg).
+struct ColumnJob {
+  ScanSegment seg;
+  int64_t seq, hv, hk;
+  int64_t stateOff;  // (seq * heads + hv) * K * V
+  int j;             // this thread's column
+  int sub;           // lane within the column's group
+  bool active;       // j < V
+};
+
+// Fills the job of this thread; sequence(jb) fills jb.hk and jb.seg once jb.seq and jb.hv are known.
+template <class P, class Sequence>
+__device__ __forceinline__ void placeColumnJob(ColumnJob& jb, const P& p, int64_t heads, Sequence&& sequence) {
+  const int64_t blk = static_cast<int64_t>(blockIdx.x);
+  const int64_t head = blk / p.blocksPerHead;
+  const int64_t cb = blk - head * p.blocksPerHead;
+  jb.seq = head / heads;
+  jb.hv = head - jb.seq * heads;
+  sequence(jb);
+  jb.stateOff = (jb.seq * heads + jb.hv) * p.K * p.V;
+  const int tid = static_cast<int>(threadIdx.x);
+  jb.sub = tid % p.G;
+  jb.j = static_cast<int>(cb * p.cols) + tid / p.G;
+  jb.active = jb.j < p.V;
 }
 
 // Rows per lane (8 or 16) and threads per block (64, 128 or 256), tunable as <prefix>.rowsPerLane and

@@ -91,30 +91,15 @@ struct DeltaParams : delta::DeltaInputs {
   float* dh0 = nullptr;
 };
 
-// What a thread works on: block = (sequence * HV + hv) * blocksPerHead + column block.
-struct Job {
-  ScanSegment seg;
-  int64_t seq, hv, h;
-  int64_t stateOff;  // (seq * HV + hv) * K * V
-  int j;             // this thread's column
-  int sub;           // lane within the column's group
-  bool active;       // j < V
-};
+// What a thread works on (over the state heads; hk: the query and key head).
+using Job = ColumnJob;
 
 __device__ __forceinline__ Job jobOf(const DeltaParams& p) {
   Job jb;
-  const int64_t blk = static_cast<int64_t>(blockIdx.x);
-  const int64_t head = blk / p.blocksPerHead;
-  const int64_t cb = blk - head * p.blocksPerHead;
-  jb.seq = head / p.HV;
-  jb.hv = head - jb.seq * p.HV;
-  jb.h = jb.hv / p.group;
-  jb.seg = p.segments != nullptr ? p.segments[jb.seq] : delta::uniformSegment(p, jb.seq);
-  jb.stateOff = (jb.seq * p.HV + jb.hv) * p.K * p.V;
-  const int tid = static_cast<int>(threadIdx.x);
-  jb.sub = tid % p.G;
-  jb.j = static_cast<int>(cb * p.cols) + tid / p.G;
-  jb.active = jb.j < p.V;
+  placeColumnJob(jb, p, p.HV, [&](Job& j) {
+    j.hk = j.hv / p.group;
+    j.seg = p.segments != nullptr ? p.segments[j.seq] : delta::uniformSegment(p, j.seq);
+  });
   return jb;
 }
 
@@ -123,7 +108,7 @@ __device__ __forceinline__ Job jobOf(const DeltaParams& p) {
 template <class T, int KP>
 __device__ __forceinline__ float forwardStep(const DeltaParams& p, const Job& jb, float (&S)[KP], int64_t bt,
                                              bool withO) {
-  const int64_t qk = (bt * p.H + jb.h) * p.K;
+  const int64_t qk = (bt * p.H + jb.hk) * p.K;
   const int64_t gi = bt * p.HV + jb.hv;
   const T* qp = static_cast<const T*>(p.q) + qk;
   const T* kp = static_cast<const T*>(p.k) + qk;
@@ -229,7 +214,7 @@ template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaBack
         for (int tau = cs; tau < t; ++tau) forwardStep<T, KP>(p, jb, S, rowBase + tau, false);
 
         const int64_t bt = rowBase + t;
-        const int64_t qk = (bt * p.H + jb.h) * p.K;
+        const int64_t qk = (bt * p.H + jb.hk) * p.K;
         const int64_t gi = bt * p.HV + jb.hv;
         const T* qp = static_cast<const T*>(p.q) + qk;
         const T* kp = static_cast<const T*>(p.k) + qk;
@@ -294,7 +279,7 @@ template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaBack
       const int n = wEnd - wStart;
       for (int e = tid; e < n * K; e += nThreads) {
         const int s = e / K, i = e - (e / K) * K;
-        const int64_t off = ((rowBase + wStart + s) * p.H + jb.h) * p.K + i;
+        const int64_t off = ((rowBase + wStart + s) * p.H + jb.hk) * p.K + i;
         atomicAdd(p.dqAcc + off, shQ[s][i]);
         atomicAdd(p.dkAcc + off, shK[s][i]);
         shQ[s][i] = 0.0f;

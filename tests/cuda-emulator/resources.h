@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "f98e180a3ebc4d27";
+constexpr const char* kSourcesHash = "6a5c36798c983280";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -509,34 +509,34 @@ inline const KernelResources kKernelResources[] = {
      186, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     121, 32896},
+     119, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      186, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     121, 32896},
+     119, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      182, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     120, 32896},
+     118, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__half, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     121, 0},
+     120, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      58, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     121, 0},
+     120, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      58, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     126, 0},
+     124, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      56, 0},
@@ -549,40 +549,40 @@ inline const KernelResources kKernelResources[] = {
      0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<__half, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     210, 0},
+     212, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
      128, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     210, 0},
+     212, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
      128, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     211, 0},
+     218, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
      128, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<__half, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     157, 0},
+     158, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     106, 0},
+     104, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     157, 0},
+     158, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     106, 0},
+     105, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     155, 0},
+     160, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     108, 0},
+     107, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 1, false, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      124, 0},
