@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "6a5c36798c983280";
+constexpr const char* kSourcesHash = "a34710fd8dc69f19";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1043,19 +1043,19 @@ inline const KernelResources kKernelResources[] = {
      92, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     111, 0},
+     112, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     133, 0},
+     136, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      92, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     112, 0},
+     113, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     133, 0},
+     136, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      128, 0},
@@ -1076,7 +1076,7 @@ inline const KernelResources kKernelResources[] = {
      116, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     149, 0},
+     150, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      91, 0},
@@ -1085,7 +1085,7 @@ inline const KernelResources kKernelResources[] = {
      118, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     147, 0},
+     149, 0},
     {"void rkcuda::l2normBackwardKernel<__half>(__half const*, float const*, __half*, long, int, bool)", 32, 0},
     {"void rkcuda::l2normBackwardKernel<__nv_bfloat16>(__nv_bfloat16 const*, float const*, __nv_bfloat16*, long, int, "
      "bool)",
