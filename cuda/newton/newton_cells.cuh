@@ -210,6 +210,29 @@ __device__ __forceinline__ int64_t at4(int64_t row, int64_t t, int64_t k, int64_
   return ((row * T + t) * K + k) * N + n;
 }
 
+// The thread layout of the fused diagonal kernels: a block holds CW = p.chan consecutive channels of
+// one row in NS = blockDim / CW time slices of L steps; thread tid has channel n (lc in the block)
+// over the steps [t0, t1) of its slice. active: n < N; work: active and the slice is not empty.
+struct SliceThread {
+  int tid, CW, NS, lc, slice;
+  int64_t row, n;
+  bool active;
+  int64_t L, t0, t1;
+  bool work;
+};
+__device__ __forceinline__ SliceThread sliceThread(const Params& p) {
+  SliceThread s;
+  s.tid = static_cast<int>(threadIdx.x), s.CW = p.chan, s.NS = static_cast<int>(blockDim.x) / s.CW;
+  s.lc = s.tid % s.CW, s.slice = s.tid / s.CW;
+  s.row = static_cast<int64_t>(blockIdx.x) / p.blocksPerRow;
+  s.n = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * s.CW + s.lc;
+  s.active = s.n < p.N;
+  s.L = ceilDiv(p.T, s.NS);
+  s.t0 = minI(p.T, s.slice * s.L), s.t1 = minI(p.T, s.t0 + s.L);
+  s.work = s.active && s.t0 < s.t1;
+  return s;
+}
+
 // A NaN-propagating max: a residual that is NaN must show.
 __device__ __forceinline__ float maxNan(float a, float b) { return (a > b || a != a) ? a : b; }
 
