@@ -179,8 +179,8 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
 template <NewtonCell C, class T> __global__ void denseBackwardKernel(Params p) {
   constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
   float* smem = dynamicShared<float>();
-  const int D = static_cast<int>(p.D);
-  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.H, head = static_cast<int64_t>(blockIdx.x) % p.H;
+  const int D = static_cast<int>(p.headDim);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.heads, head = static_cast<int64_t>(blockIdx.x) % p.heads;
   const int j = static_cast<int>(threadIdx.x);
   const bool active = j < D;
   const int64_t n = head * D + (active ? j : 0);
@@ -253,10 +253,10 @@ template <NewtonCell C, class T> __global__ void denseBackwardKernel(Params p) {
 __global__ void __launch_bounds__(256) denseGradRKernel(Params p, int G, int S) {
   __shared__ float sA[kTile][kTile + 1];
   __shared__ float sB[kTile][kTile + 1];
-  const int64_t tiles = ceilDiv(p.D, kTile);
+  const int64_t tiles = ceilDiv(p.headDim, kTile);
   int64_t blk = blockIdx.x;
-  const int64_t g = blk / (p.H * tiles * tiles);
-  blk -= g * p.H * tiles * tiles;
+  const int64_t g = blk / (p.heads * tiles * tiles);
+  blk -= g * p.heads * tiles * tiles;
   const int64_t head = blk / (tiles * tiles);
   blk -= head * tiles * tiles;
   const int64_t it = blk / tiles, jt = blk - it * tiles;
@@ -271,11 +271,11 @@ __global__ void __launch_bounds__(256) denseGradRKernel(Params p, int G, int S) 
       if (bt < BT) {
         const int64_t row = bt / p.T, t = bt - row * p.T;
         const int64_t i = it * kTile + c, jj = jt * kTile + c;
-        if (i < p.D) {
-          const int64_t ni = head * p.D + i;
+        if (i < p.headDim) {
+          const int64_t ni = head * p.headDim + i;
           a = t == 0 ? (p.h0 != nullptr ? p.h0[row * p.N + ni] : 0.0f) : p.traj[((bt - 1) * S) * p.N + ni];
         }
-        if (jj < p.D) bv = p.drec[(bt * G + g) * p.N + head * p.D + jj];
+        if (jj < p.headDim) bv = p.drec[(bt * G + g) * p.N + head * p.headDim + jj];
       }
       sA[q][c] = a;
       sB[q][c] = bv;
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(256) denseGradRKernel(Params p, int G, int S) 
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
     const int64_t i = it * kTile + warp * 4 + m;
-    if (i < p.D && j < p.D) p.dR[((g * p.H + head) * p.D + i) * p.D + j] = acc[m];
+    if (i < p.headDim && j < p.headDim) p.dR[((g * p.heads + head) * p.headDim + i) * p.headDim + j] = acc[m];
   }
 }
 

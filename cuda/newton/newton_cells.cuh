@@ -165,16 +165,10 @@ __device__ __forceinline__ void cellJacobian(const float (&r)[kMaxG], const floa
 
 // ---- parameters ----
 
-struct Params {
-  int64_t batch = 0, T = 0, H = 1, D = 1, N = 1;
-  int maxIters = 0;
-  float tolAbs = 0, tolRel = 0, damping = 0;
-  int guess = 0;
-  const float* guessTraj = nullptr;
-  const void* wx = nullptr;
-  const float* R = nullptr;
-  const float* b = nullptr;
-  const float* h0 = nullptr;
+// The kernels' parameters: the contract's arguments plus the channel count, the solution and the
+// layouts, scratch and gradients of the paths.
+struct Params : NewtonRnnArgs {
+  int64_t N = 1;  // heads * headDim
   float* traj = nullptr;
   // fused kernels
   int chan = 32;  // channels per block
@@ -241,7 +235,7 @@ template <NewtonCell C>
 __device__ __forceinline__ void channelConsts(const Params& p, int64_t n, float (&xb)[kMaxG], float (&rb)[kMaxG],
                                               float (&Rd)[kMaxG]) {
   constexpr int G = CellInfo<C>::G;
-  const int64_t head = n / p.D, j = n - head * p.D;
+  const int64_t head = n / p.headDim, j = n - head * p.headDim;
 #pragma unroll
   for (int g = 0; g < kMaxG; ++g) {
     xb[g] = rb[g] = Rd[g] = 0.0f;
@@ -251,7 +245,8 @@ __device__ __forceinline__ void channelConsts(const Params& p, int64_t n, float 
         rb[g] = bias;
       else
         xb[g] = bias;
-      Rd[g] = CellInfo<C>::diag ? __ldg(p.R + g * p.N + n) : __ldg(p.R + ((g * p.H + head) * p.D + j) * p.D + j);
+      Rd[g] = CellInfo<C>::diag ? __ldg(p.R + g * p.N + n)
+                                : __ldg(p.R + ((g * p.heads + head) * p.headDim + j) * p.headDim + j);
     }
   }
 }

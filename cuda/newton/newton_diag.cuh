@@ -48,9 +48,9 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
   }
   // The guess at position t (not past the slice's own loads).
   auto guessAt = [&](int64_t t, float(&g)[kMaxS]) {
-    if (p.guess == static_cast<int>(NewtonGuess::Provided)) {
+    if (p.guess == NewtonGuess::Provided) {
       loadTraj<C>(p.guessTraj, p, th.row, t, th.n, g);
-    } else if (p.guess == static_cast<int>(NewtonGuess::OneStep)) {
+    } else if (p.guess == NewtonGuess::OneStep) {
       float x[kMaxG];
       loadX<C, T>(p, th.row, t, th.n, xb, x);
       fwdDiag<C>(x, Rd, rb, h0v, g);

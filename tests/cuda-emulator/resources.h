@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "dd11f633310d52c2";
+constexpr const char* kSourcesHash = "7f87835b7119124a";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -175,13 +175,13 @@ inline const KernelResources kKernelResources[] = {
      64, 28672},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)0, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
-     60, 8448},
+     58, 8448},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)0, __nv_bfloat16>(rkcuda::(anonymous "
      "namespace)::Params)",
-     60, 8448},
+     58, 8448},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)0, float>(rkcuda::(anonymous "
      "namespace)::Params)",
-     60, 8448},
+     58, 8448},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)1, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
      64, 16640},
