@@ -51,16 +51,15 @@ export function parseLaunchLog(text) {
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
+  const vitest = join(root, 'node_modules', 'vitest', 'vitest.mjs');
   const r = spawnSync(
     process.execPath,
-    [
-      join(root, 'node_modules', 'vitest', 'vitest.mjs'),
-      'run',
-      'tests/cuda-emulator.test.ts',
-      '-t',
-      'every configuration matches',
-    ],
-    { cwd: root, stdio: 'inherit', env: { ...process.env, RK_EMU_WRITE_LAUNCHES: '1' } },
+    [vitest, 'run', 'tests/cuda-emulator.test.ts', '-t', 'every configuration matches'],
+    {
+      cwd: root,
+      stdio: 'inherit',
+      env: { ...process.env, RK_EMU_WRITE_LAUNCHES: '1' },
+    },
   );
   process.exit(r.status ?? 1);
 }
