@@ -58,29 +58,16 @@ constexpr int kChunk = 64;    // checkpoint spacing (linearAttentionChunk)
 constexpr int kMaxDim = 256;  // K and V
 constexpr int64_t kMaxT = int64_t{1} << 30;
 
-// The kernels' parameters: the contract's arguments plus the launch layout, the device sequence
-// table and the outputs.
-struct AttnParams : LinearAttentionArgs {
+// The kernels' parameters: the contract's arguments plus the launch layout (ColumnParams), the
+// device sequence table and the outputs.
+struct AttnParams : LinearAttentionArgs, ColumnParams {
   const ScanSegment* table = nullptr;  // device table (packed); null: sequence s = row s, whole
   int64_t uniformChunks = 0;
-  int64_t blocksPerHead = 1;
   int64_t Ho = 1;  // output heads, max(Hq, Hv)
-  int G = 1;       // lanes per column
-  int cols = 1;    // columns per block
   bool decays = false, corrects = false;
   void* o = nullptr;
   float* states = nullptr;
   float* finalState = nullptr;
-  // backward
-  const float* checkpoints = nullptr;
-  const void* dO = nullptr;
-  const float* dFinal = nullptr;
-  void* dv = nullptr;
-  float* dqAcc = nullptr;
-  float* dkAcc = nullptr;
-  float* dgAcc = nullptr;
-  float* dbetaAcc = nullptr;
-  float* dh0 = nullptr;
 
   __host__ __device__ int64_t queriesPerState() const { return Hq >= Hv ? Hq / Hv : 1; }
   // Query head and output head of query g of state hv.

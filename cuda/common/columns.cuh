@@ -45,6 +45,24 @@ __device__ __forceinline__ void storeState(const float (&S)[KP], float* base, co
   }
 }
 
+// What both kernels' parameters add to their inputs: the column split (columnLayout) and the
+// backward's inputs, scratch and outputs.
+struct ColumnParams {
+  int64_t blocksPerHead = 1;
+  int G = 1;     // lanes per column
+  int cols = 1;  // columns per block
+  // backward
+  const float* checkpoints = nullptr;
+  const void* dO = nullptr;
+  const float* dFinal = nullptr;
+  void* dv = nullptr;
+  float* dqAcc = nullptr;
+  float* dkAcc = nullptr;
+  float* dgAcc = nullptr;
+  float* dbetaAcc = nullptr;
+  float* dh0 = nullptr;
+};
+
 // What a thread works on: block = (sequence * heads + hv) * blocksPerHead + column block, heads being
 // the state heads per sequence; hk is the key head of state head hv (the kernels fill it, and seg).
 struct ColumnJob {

@@ -73,22 +73,8 @@ constexpr int64_t kMaxT = int64_t{1} << 30;
 
 using delta::kL2Eps;
 
-struct DeltaParams : delta::DeltaInputs {
-  int64_t blocksPerHead = 1;
-  int G = 1;     // lanes per column
-  int cols = 1;  // columns per block
-  // decode
-  float* intermediate = nullptr;
-  // backward
-  const float* checkpoints = nullptr;
-  const void* dO = nullptr;
-  const float* dFinal = nullptr;
-  void* dv = nullptr;
-  float* dqAcc = nullptr;
-  float* dkAcc = nullptr;
-  float* dgAcc = nullptr;
-  float* dbetaAcc = nullptr;
-  float* dh0 = nullptr;
+struct DeltaParams : delta::DeltaInputs, ColumnParams {
+  float* intermediate = nullptr;  // decode
 };
 
 // What a thread works on (over the state heads; hk: the query and key head).
