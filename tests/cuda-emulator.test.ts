@@ -21,6 +21,7 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSyn
 import { tmpdir } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { parseLaunchLog, readLaunches, writeLaunches } from '../scripts/cuda-launches.mjs';
 import { sourcesHash } from '../scripts/cuda-resources.mjs';
 
 const root = join(__dirname, '..');
@@ -107,7 +108,7 @@ function build(source: string, work: string, checks: boolean): string {
   return exe;
 }
 
-function run(exe: string, args: string[], mode: Mode) {
+function run(exe: string, args: string[], mode: Mode, launchLog = '') {
   // With the checks, shuffles do not order a warp's memory accesses (only __syncwarp and
   // __syncthreads do), as in the PTX memory model.
   const env = {
@@ -116,6 +117,7 @@ function run(exe: string, args: string[], mode: Mode) {
     RK_EMU_SEED: String(mode.seed),
     RK_EMU_STRICT_WARP: mode.checks ? '1' : '0',
     RK_EMU_DEVICE_NUMERICS: mode.deviceNumerics ? '1' : '0',
+    RK_EMU_LAUNCH_LOG: launchLog,
   };
   const r = spawnSync(exe, args, { encoding: 'utf8', timeout: 400_000, env });
   return { ...r, output: `${r.stdout}${r.stderr}` };
@@ -123,17 +125,19 @@ function run(exe: string, args: string[], mode: Mode) {
 
 /**
  * Compiles tests/cuda-emulator/<driver>.cpp (with or without the checks), runs it under each
- * schedule and expects a clean " 0 failures" summary (and no hazard).
+ * schedule and expects a clean " 0 failures" summary (and no hazard). Returns the kernel
+ * instantiations the runs launched (RK_EMU_LAUNCH_LOG), sorted.
  */
-function compileAndRun(driver: string, checks: boolean, modes: Omit<Mode, 'checks'>[]): void {
+function compileAndRun(driver: string, checks: boolean, modes: Omit<Mode, 'checks'>[]): string[] {
   const work = mkdtempSync(join(tmpdir(), 'rk-cuda-emulator-'));
   try {
     const started = Date.now();
     const exe = build(`${driver}.cpp`, work, checks);
     const compiled = Date.now();
+    const launchLog = join(work, 'launches.log');
     for (const m of modes) {
       const mode = { ...m, checks };
-      const r = run(exe, [], mode);
+      const r = run(exe, [], mode, launchLog);
       const how =
         `RK_EMU_SCHEDULE=${mode.schedule} RK_EMU_SEED=${mode.seed}` +
         `${mode.deviceNumerics ? ' RK_EMU_DEVICE_NUMERICS=1' : ''}${checks ? ', with the checks' : ''}`;
@@ -148,6 +152,7 @@ function compileAndRun(driver: string, checks: boolean, modes: Omit<Mode, 'check
         .join('; ');
       console.log(`${summary}; ${how}; compiled in ${((compiled - started) / 1000).toFixed(1)} s`);
     }
+    return existsSync(launchLog) ? parseLaunchLog(readFileSync(launchLog, 'utf8')) : [];
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -187,13 +192,37 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
     expect(recorded, 'tests/cuda-emulator/resources.h is out of date: run npm run cuda:resources').toBe(sourcesHash());
   });
 
+  // The kernel instantiations each driver launches are recorded in tests/cuda-emulator/launches.txt
+  // (npm run cuda:launches): a kernel lost or new fails the driver's plain test, so that moving code
+  // between kernels shows every instantiation still built and run. With RK_EMU_WRITE_LAUNCHES=1 the
+  // plain tests write their sections instead.
+  it('records the launched kernels of exactly the drivers there are', () => {
+    expect(Object.keys(readLaunches()).sort(), 'tests/cuda-emulator/launches.txt: run npm run cuda:launches').toEqual(
+      drivers,
+    );
+  });
+
   it.each(drivers)(
     '%s: every configuration matches its float64 reference (starve schedule; random with device numerics)',
     (driver) => {
-      compileAndRun(driver, false, [
+      const launched = compileAndRun(driver, false, [
         { schedule: 'starve', seed },
         { schedule: 'random', seed: seed + 1, deviceNumerics: true },
       ]);
+      if (process.env.RK_EMU_WRITE_LAUNCHES === '1') {
+        writeLaunches(driver, launched);
+        return;
+      }
+      const recorded: string[] = readLaunches()[driver] ?? [];
+      const lost = recorded.filter((k) => !launched.includes(k));
+      const added = launched.filter((k) => !recorded.includes(k));
+      const list = (ks: string[]) => ks.map((k) => `\n  ${k}`).join('');
+      expect(
+        [...lost.map((k) => `lost: ${k}`), ...added.map((k) => `new: ${k}`)],
+        `${driver} no longer launches ${lost.length} recorded kernel(s):${list(lost)}\n` +
+          `and launches ${added.length} kernel(s) not in tests/cuda-emulator/launches.txt:${list(added)}\n` +
+          '(when intended, regenerate the list: npm run cuda:launches)',
+      ).toEqual([]);
     },
     300_000,
   );

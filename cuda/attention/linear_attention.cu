@@ -58,29 +58,16 @@ constexpr int kChunk = 64;    // checkpoint spacing (linearAttentionChunk)
 constexpr int kMaxDim = 256;  // K and V
 constexpr int64_t kMaxT = int64_t{1} << 30;
 
-// The kernels' parameters: the contract's arguments plus the launch layout, the device sequence
-// table and the outputs.
-struct AttnParams : LinearAttentionArgs {
+// The kernels' parameters: the contract's arguments plus the launch layout (ColumnParams), the
+// device sequence table and the outputs.
+struct AttnParams : LinearAttentionArgs, ColumnParams {
   const ScanSegment* table = nullptr;  // device table (packed); null: sequence s = row s, whole
   int64_t uniformChunks = 0;
-  int64_t blocksPerHead = 1;
   int64_t Ho = 1;  // output heads, max(Hq, Hv)
-  int G = 1;       // lanes per column
-  int cols = 1;    // columns per block
   bool decays = false, corrects = false;
   void* o = nullptr;
   float* states = nullptr;
   float* finalState = nullptr;
-  // backward
-  const float* checkpoints = nullptr;
-  const void* dO = nullptr;
-  const float* dFinal = nullptr;
-  void* dv = nullptr;
-  float* dqAcc = nullptr;
-  float* dkAcc = nullptr;
-  float* dgAcc = nullptr;
-  float* dbetaAcc = nullptr;
-  float* dh0 = nullptr;
 
   __host__ __device__ int64_t queriesPerState() const { return Hq >= Hv ? Hq / Hv : 1; }
   // Query head and output head of query g of state hv.
@@ -90,37 +77,22 @@ struct AttnParams : LinearAttentionArgs {
   __host__ __device__ int64_t outputHead(int64_t hv, int64_t g) const { return Hq >= Hv ? hv * (Hq / Hv) + g : hv; }
 };
 
-// What a thread works on: block = (sequence * Hv + hv) * blocksPerHead + column block.
-struct Job {
-  ScanSegment seg;
-  int64_t seq, hv, hk;
-  int64_t stateOff;  // (seq * Hv + hv) * K * V
-  int j;             // this thread's column
-  int sub;           // lane within the column's group
-  bool active;       // j < V
-};
+// What a thread works on (over the state heads; hk: the key head).
+using Job = ColumnJob;
 
 __device__ __forceinline__ Job jobOf(const AttnParams& p) {
   Job jb;
-  const int64_t blk = static_cast<int64_t>(blockIdx.x);
-  const int64_t head = blk / p.blocksPerHead;
-  const int64_t cb = blk - head * p.blocksPerHead;
-  jb.seq = head / p.Hv;
-  jb.hv = head - jb.seq * p.Hv;
-  jb.hk = jb.hv / (p.Hv / p.Hk);
-  if (p.table != nullptr) {
-    jb.seg = p.table[jb.seq];
-  } else {
-    jb.seg.batch = jb.seq;
-    jb.seg.start = 0;
-    jb.seg.length = p.T;
-    jb.seg.chunkOffset = jb.seq * p.uniformChunks;
-  }
-  jb.stateOff = (jb.seq * p.Hv + jb.hv) * p.K * p.V;
-  const int tid = static_cast<int>(threadIdx.x);
-  jb.sub = tid % p.G;
-  jb.j = static_cast<int>(cb * p.cols) + tid / p.G;
-  jb.active = jb.j < p.V;
+  placeColumnJob(jb, p, p.Hv, [&](Job& j) {
+    j.hk = j.hv / (p.Hv / p.Hk);
+    if (p.table != nullptr) {
+      j.seg = p.table[j.seq];
+    } else {
+      j.seg.batch = j.seq;
+      j.seg.start = 0;
+      j.seg.length = p.T;
+      j.seg.chunkOffset = j.seq * p.uniformChunks;
+    }
+  });
   return jb;
 }
 
@@ -345,43 +317,14 @@ AttnParams paramsOf(const LinearAttentionArgs& a) {
   return p;
 }
 
-// Rows per lane and threads per block (tunable), and the derived column split.
-Status layoutFor(const std::string& fn, AttnParams& p, int64_t heads, int* rowsPerLane, unsigned* grid,
-                 unsigned* threads) {
-  const int kp = tunable("linearAttention.rowsPerLane", p.K <= 64 ? 8 : 16);
-  if (kp != 8 && kp != 16) return statusError(fn + ": unsupported rows per lane " + std::to_string(kp));
-  const int nt = tunable("linearAttention.blockThreads", 128);
-  if (nt != 64 && nt != 128 && nt != 256) return statusError(fn + ": unsupported block size " + std::to_string(nt));
-  int G = 1;
-  while (G * kp < p.K) G *= 2;
-  if (G > 32) return statusError(fn + ": K too large for the rows per lane");
-  p.G = G;
-  p.cols = nt / G;
-  p.blocksPerHead = ceilDiv(p.V, p.cols);
-  const int64_t blocks = heads * p.blocksPerHead;
-  if (blocks > INT_MAX) return statusError(fn + ": too many heads for one launch");
-  *rowsPerLane = kp;
-  *grid = static_cast<unsigned>(blocks);
-  *threads = static_cast<unsigned>(nt);
-  return Status{};
+template <class T> Status launchForward(const std::string& fn, const AttnParams& p) {
+  return launchColumns(fn, "linearAttention", p, p.nseq * p.Hv,
+                       [](auto kp) { return linearAttentionForwardKernel<T, decltype(kp)::value>; });
 }
 
-template <class T> Status launchForward(const std::string& fn, AttnParams p) {
-  int kp = 0;
-  unsigned grid = 0, threads = 0;
-  RK_TRY(layoutFor(fn, p, p.nseq * p.Hv, &kp, &grid, &threads));
-  if (grid == 0) return Status{};
-  if (kp == 8) return launch(linearAttentionForwardKernel<T, 8>, grid, threads, 0, p);
-  return launch(linearAttentionForwardKernel<T, 16>, grid, threads, 0, p);
-}
-
-template <class T> Status launchBackward(const std::string& fn, AttnParams p) {
-  int kp = 0;
-  unsigned grid = 0, threads = 0;
-  RK_TRY(layoutFor(fn, p, p.nseq * p.Hv, &kp, &grid, &threads));
-  if (grid == 0) return Status{};
-  if (kp == 8) return launch(linearAttentionBackwardKernel<T, 8>, grid, threads, 0, p);
-  return launch(linearAttentionBackwardKernel<T, 16>, grid, threads, 0, p);
+template <class T> Status launchBackward(const std::string& fn, const AttnParams& p) {
+  return launchColumns(fn, "linearAttention", p, p.nseq * p.Hv,
+                       [](auto kp) { return linearAttentionBackwardKernel<T, decltype(kp)::value>; });
 }
 
 }  // namespace

@@ -148,16 +148,9 @@ Status checkArgs(const FusedRnnArgs& a, const std::string& fn) {
 
 RnnParams baseParams(const FusedRnnArgs& a) {
   RnnParams p;
-  p.batch = a.batch;
-  p.T = a.T;
-  p.H = a.heads;
-  p.D = a.headDim;
+  static_cast<FusedRnnArgs&>(p) = a;
+  p.lengths = nullptr;  // host memory: the kernels read `deviceLengths`
   p.Dp = static_cast<int>(ceilDiv(a.headDim, 16) * 16);
-  p.lastOnly = a.returnLastOnly;
-  p.wx = a.wx;
-  p.R = a.R;
-  p.b = a.b;
-  p.states0 = a.states0;
   return p;
 }
 
@@ -295,7 +288,7 @@ inline bool refusedCooperative(const Status& st) {
 // launch as can be resident, with its exchange buffers (elements of Op per group) and counters.
 template <class Op, class... KArgs>
 Status launchMulti(void (*kernel)(KArgs...), const MultiPlan& plan, RnnParams p, int64_t xchgPerGroup) {
-  const int64_t groups = p.H * ceilDiv(p.batch, kRows), perLaunch = std::min(groups, plan.groupsPerLaunch);
+  const int64_t groups = p.heads * ceilDiv(p.batch, kRows), perLaunch = std::min(groups, plan.groupsPerLaunch);
   const size_t counterBytes =
       static_cast<size_t>(ceilDiv(perLaunch * static_cast<int64_t>(sizeof(unsigned)), 256) * 256);
   DeviceBuffer scratch;  // the counters, then two exchange buffers
@@ -308,7 +301,7 @@ Status launchMulti(void (*kernel)(KArgs...), const MultiPlan& plan, RnnParams p,
     RK_CUDA_TRY(cudaMemsetAsync(p.sync, 0, static_cast<size_t>(n) * sizeof(unsigned), 0));
     p.group0 = g0;
     RK_TRY(launchCooperative(kernel, static_cast<unsigned>(n * plan.splits),
-                             static_cast<unsigned>(4 * (p.D / plan.splits)), plan.shared, p));
+                             static_cast<unsigned>(4 * (p.headDim / plan.splits)), plan.shared, p));
   }
   return Status{};
 }
@@ -337,12 +330,9 @@ template <class T, int CELL>
 Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRnnOutputs& o) {
   constexpr int S = statesOf(CELL);
   RnnParams p = baseParams(a);
-  p.h = o.h;
-  p.finalStates = o.finalStates;
-  p.savedStates = o.savedStates;
-  p.savedPre = o.savedPre;
+  static_cast<FusedRnnOutputs&>(p) = o;
   DeviceBuffer lens;
-  RK_TRY(uploadLengths(a, &lens, &p.lengths));
+  RK_TRY(uploadLengths(a, &lens, &p.deviceLengths));
   int path = 0;
   size_t shared = 0;
   MultiPlan multi;
@@ -380,7 +370,7 @@ Status launchBackward(const std::string& fn, const FusedRnnArgs& a, const FusedR
   p.dwx = g.dwx;
   p.dStates0 = g.dStates0;
   DeviceBuffer lens;
-  RK_TRY(uploadLengths(a, &lens, &p.lengths));
+  RK_TRY(uploadLengths(a, &lens, &p.deviceLengths));
   const int64_t SE = a.batch * a.heads * a.headDim, N = a.T * a.batch, mats = G * a.heads;
   const int64_t DD = a.headDim * a.headDim;
   DeviceBuffer grBuf;

@@ -63,20 +63,11 @@ template <> struct Operands<float> {
 };
 template <class Op> constexpr int padOf() { return std::is_same<Op, float>::value ? 4 : 8; }
 
-struct RnnParams {
-  int64_t batch = 0, T = 0, H = 0, D = 0;
-  int Dp = 16;  // D rounded up to 16 (the product's K padding)
-  bool lastOnly = false;
-  const int32_t* lengths = nullptr;  // device, nullable
-  const void* wx = nullptr;
-  const void* R = nullptr;
-  const float* b = nullptr;
-  const float* states0 = nullptr;
-  // forward
-  void* h = nullptr;
-  float* finalStates = nullptr;
-  float* savedStates = nullptr;
-  float* savedPre = nullptr;
+// The kernels' parameters: the contract's arguments and forward outputs, plus the device copy of the
+// lengths, the product's padding, the backward's inputs and outputs and the multi-block state.
+struct RnnParams : FusedRnnArgs, FusedRnnOutputs {
+  int Dp = 16;                             // headDim rounded up to 16 (the product's K padding)
+  const int32_t* deviceLengths = nullptr;  // device copy of lengths (nullable); the kernels read this
   // backward
   const float* cSavedStates = nullptr;
   const float* cSavedPre = nullptr;
@@ -93,7 +84,7 @@ struct RnnParams {
 };
 
 __device__ __forceinline__ int64_t lengthOf(const RnnParams& p, int64_t b) {
-  return b >= p.batch ? 0 : p.lengths != nullptr ? static_cast<int64_t>(p.lengths[b]) : p.T;
+  return b >= p.batch ? 0 : p.deviceLengths != nullptr ? static_cast<int64_t>(p.deviceLengths[b]) : p.T;
 }
 
 // ============================== cell math ==============================

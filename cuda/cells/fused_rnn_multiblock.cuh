@@ -45,9 +45,9 @@ __device__ __forceinline__ MultiGroup multiGroupOf(const RnnParams& p) {
   const unsigned splits = static_cast<unsigned>(p.splits), blk = blockIdx.x;
   MultiGroup m;
   m.grp = blk / splits;
-  m.hh = (p.group0 + m.grp) % p.H;
-  m.row0 = (p.group0 + m.grp) / p.H * kRows;
-  m.Dc = static_cast<int>(p.D) / p.splits;
+  m.hh = (p.group0 + m.grp) % p.heads;
+  m.row0 = (p.group0 + m.grp) / p.heads * kRows;
+  m.Dc = static_cast<int>(p.headDim) / p.splits;
   m.j0 = static_cast<int>(blk % splits) * m.Dc;
   return m;
 }
@@ -70,7 +70,7 @@ template <class T, int CELL>
 __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(RnnParams p) {
   using Op = typename Operands<T>::Fwd;
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t H = p.heads, D = p.headDim, L = p.T, batch = p.batch;
   const MultiGroup m = multiGroupOf(p);
   const int64_t hh = m.hh, row0 = m.row0;
   const int Di = static_cast<int>(D), Dc = m.Dc, j0 = m.j0, ld = p.Dp + padOf<Op>();
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
   const int64_t L = p.T;
   const MultiGroup m = multiGroupOf(p);
   const int64_t hh = m.hh, row0 = m.row0;
-  const int Di = static_cast<int>(p.D), Dc = m.Dc, j0 = m.j0, Dp = p.Dp, ld = Dp + padOf<Op>();
+  const int Di = static_cast<int>(p.headDim), Dc = m.Dc, j0 = m.j0, Dp = p.Dp, ld = Dp + padOf<Op>();
   const int lda = G * Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;

@@ -128,7 +128,7 @@ __device__ __forceinline__ void loadLaneStates(const float* src, const RnnParams
     const int j = j0 + colOf(e);
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      v[e][s] = (b < p.batch && src != nullptr) ? src[((s * p.batch + b) * p.H + hh) * p.D + j] : 0.0f;
+      v[e][s] = (b < p.batch && src != nullptr) ? src[((s * p.batch + b) * p.heads + hh) * p.headDim + j] : 0.0f;
     }
   }
 }
@@ -138,7 +138,7 @@ __device__ __forceinline__ void loadLaneStates(const float* src, const RnnParams
 template <class T, class Op, int G>
 __device__ __forceinline__ void loadForwardWeights(const RnnParams& p, int64_t hh, int j0, int Dc, int ld, Op* Rt,
                                                    float* bs) {
-  const int64_t H = p.H, D = p.D;
+  const int64_t H = p.heads, D = p.headDim;
   const int Di = static_cast<int>(D);
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const T* R = static_cast<const T*>(p.R);
@@ -158,7 +158,7 @@ __device__ __forceinline__ void loadForwardWeights(const RnnParams& p, int64_t h
 template <class T, int G>
 __device__ __forceinline__ void loadForwardInputs(const RnnParams& p, const T* wx, int64_t t, int64_t row0, int64_t hh,
                                                   int j0, const int64_t (&len)[2], float (&xin)[4][G]) {
-  const int64_t H = p.H, D = p.D, L = p.T;
+  const int64_t H = p.heads, D = p.headDim, L = p.T;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t b = row0 + rowOf(e);
@@ -189,7 +189,7 @@ __device__ __forceinline__ void forwardUpdate(const RnnParams& p, T* hOut, int64
                                               const float (&xin)[4][gatesOf(CELL)], const int64_t (&len)[2],
                                               float (&st)[4][statesOf(CELL)], Op* hNext, int ldNext) {
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t H = p.heads, D = p.headDim, L = p.T, batch = p.batch;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t b = row0 + rowOf(e);
@@ -204,7 +204,7 @@ __device__ __forceinline__ void forwardUpdate(const RnnParams& p, T* hOut, int64
     if (active) cellForward<CELL>(pre, xin[e][G - 1], st[e]);
     hNext[rowOf(e) * ldNext + j] = toOp<Op>(st[e][0]);
     if (b < batch) {
-      if (!p.lastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
+      if (!p.returnLastOnly) storeScalar(hOut + ((b * L + t) * H + hh) * D + j, active ? st[e][0] : 0.0f);
       if (p.savedStates != nullptr) {
 #pragma unroll
         for (int s = 0; s < S; ++s) p.savedStates[(((t * S + s) * batch + b) * H + hh) * D + j] = st[e][s];
@@ -219,13 +219,13 @@ __device__ __forceinline__ void forwardUpdate(const RnnParams& p, T* hOut, int64
 template <class T, int S>
 __device__ __forceinline__ void forwardFinish(const RnnParams& p, T* hOut, int64_t row0, int64_t hh, int j0,
                                               const float (&st)[4][S]) {
-  const int64_t H = p.H, D = p.D, batch = p.batch;
+  const int64_t H = p.heads, D = p.headDim, batch = p.batch;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t b = row0 + rowOf(e);
     const int j = j0 + colOf(e);
     if (b >= batch) continue;
-    if (p.lastOnly) storeScalar(hOut + (b * H + hh) * D + j, st[e][0]);
+    if (p.returnLastOnly) storeScalar(hOut + (b * H + hh) * D + j, st[e][0]);
     if (p.finalStates != nullptr) {
 #pragma unroll
       for (int s = 0; s < S; ++s) p.finalStates[((s * batch + b) * H + hh) * D + j] = st[e][s];
@@ -236,7 +236,7 @@ __device__ __forceinline__ void forwardFinish(const RnnParams& p, T* hOut, int64
 // Backward: Rs[g][il][j] = R[g][hh][j0 + il][j] for the block's Dc rows, zero for D <= j < ld.
 template <class T, class Op, int G>
 __device__ __forceinline__ void loadBackwardWeights(const RnnParams& p, int64_t hh, int j0, int Dc, int ld, Op* Rs) {
-  const int64_t H = p.H, D = p.D;
+  const int64_t H = p.heads, D = p.headDim;
   const int Di = static_cast<int>(D);
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const T* R = static_cast<const T*>(p.R);
@@ -256,7 +256,8 @@ __device__ __forceinline__ void loadBackwardInit(const RnnParams& p, const T* dh
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t b = row0 + rowOf(e);
-    if (b < p.batch && p.lastOnly && dh != nullptr) gS[e][0] += toFloat(dh[(b * p.H + hh) * p.D + j0 + colOf(e)]);
+    if (b < p.batch && p.returnLastOnly && dh != nullptr)
+      gS[e][0] += toFloat(dh[(b * p.heads + hh) * p.headDim + j0 + colOf(e)]);
   }
 }
 
@@ -268,7 +269,7 @@ __device__ __forceinline__ void loadBackwardStep(const RnnParams& p, const T* wx
                                                  float (&pre)[4][gatesOf(CELL)], float (&prev)[4][statesOf(CELL)],
                                                  float (&dhv)[4], float (&wxn)[4]) {
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t H = p.heads, D = p.headDim, L = p.T, batch = p.batch;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t b = row0 + rowOf(e);
@@ -283,7 +284,7 @@ __device__ __forceinline__ void loadBackwardStep(const RnnParams& p, const T* wx
                    : p.states0 != nullptr ? p.states0[((s * batch + b) * H + hh) * D + j]
                                           : 0.0f;
     }
-    dhv[e] = (active && !p.lastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
+    dhv[e] = (active && !p.returnLastOnly && dh != nullptr) ? toFloat(dh[((b * L + t) * H + hh) * D + j]) : 0.0f;
     wxn[e] = (CELL == kGru && active) ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
   }
   const int64_t tp = t - kAhead;
@@ -300,7 +301,7 @@ __device__ __forceinline__ void loadBackwardStep(const RnnParams& p, const T* wx
 #pragma unroll
         for (int s = 0; s < S; ++s) prefetchL2(p.cSavedStates + (((tp - 1) * S + s) * batch + b) * H * D + c);
       }
-      if (!p.lastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
+      if (!p.returnLastOnly && dh != nullptr) prefetchL2(dh + (b * L + tp) * H * D + c);
       if (CELL == kGru) prefetchL2(wx + ((b * L + tp) * G + G - 1) * H * D + c);
     }
   }
@@ -316,7 +317,7 @@ __device__ __forceinline__ void backwardUpdate(const RnnParams& p, T* dwx, int64
                                                const float (&wxn)[4], float (&gS)[4][statesOf(CELL)], Op* aNext,
                                                int rowStride, int gStride) {
   constexpr int G = gatesOf(CELL);
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t H = p.heads, D = p.headDim, L = p.T, batch = p.batch;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int64_t b = row0 + rowOf(e);
@@ -352,7 +353,7 @@ __device__ __forceinline__ void storeDStates0(const RnnParams& p, int64_t row0, 
     const int64_t b = row0 + rowOf(e);
     if (b >= p.batch) continue;
 #pragma unroll
-    for (int s = 0; s < S; ++s) p.dStates0[((s * p.batch + b) * p.H + hh) * p.D + j0 + colOf(e)] = gS[e][s];
+    for (int s = 0; s < S; ++s) p.dStates0[((s * p.batch + b) * p.heads + hh) * p.headDim + j0 + colOf(e)] = gS[e][s];
   }
 }
 
@@ -363,10 +364,10 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
     fusedRnnForwardKernel(RnnParams p) {
   using Op = typename Operands<T>::Fwd;
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
-  const int64_t H = p.H, L = p.T;
+  const int64_t H = p.heads, L = p.T;
   const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
-  const int Di = static_cast<int>(p.D), ld = p.Dp + padOf<Op>();
+  const int Di = static_cast<int>(p.headDim), ld = p.Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   Op* Rt = dynamicShared<Op>();  // [G][D][ld]: Rt[g][j][i] = R[g][hh][i][j], zero for i >= D
@@ -405,10 +406,10 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
     fusedRnnBackwardKernel(RnnParams p) {
   using Op = typename Operands<T>::Bwd;
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
-  const int64_t H = p.H, L = p.T;
+  const int64_t H = p.heads, L = p.T;
   const int64_t hh = blockIdx.x % static_cast<unsigned>(H);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x / static_cast<unsigned>(H)) * kRows;
-  const int Di = static_cast<int>(p.D), Dp = p.Dp, ld = Dp + padOf<Op>(), lda = G * Dp + padOf<Op>();
+  const int Di = static_cast<int>(p.headDim), Dp = p.Dp, ld = Dp + padOf<Op>(), lda = G * Dp + padOf<Op>();
   const int nthreads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   Op* Rs = dynamicShared<Op>();  // [G][D][ld]: Rs[g][i][j] = R[g][hh][i][j], zero for j >= D

@@ -92,8 +92,8 @@ struct StepTile {
   int rowsValid, r, c;
 };
 __device__ __forceinline__ StepTile stepTileOf(const RnnParams& p) {
-  const unsigned colBlocks = static_cast<unsigned>(ceilDiv(p.D, kStepCols)), blk = blockIdx.x;
-  const unsigned Hu = static_cast<unsigned>(p.H);
+  const unsigned colBlocks = static_cast<unsigned>(ceilDiv(p.headDim, kStepCols)), blk = blockIdx.x;
+  const unsigned Hu = static_cast<unsigned>(p.heads);
   StepTile s;
   s.hh = blk % Hu;
   s.j0 = static_cast<int64_t>((blk / Hu) % colBlocks) * kStepCols;
@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kStepThreads)
     fusedRnnForwardStepKernel(RnnParams p, int64_t t, const float* hPrev, float* hNext, float* st) {
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
   __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t H = p.heads, D = p.headDim, L = p.T, batch = p.batch;
   const StepTile tile = stepTileOf(p);
   const int64_t hh = tile.hh, row0 = tile.row0, j = tile.j;
   const int r = tile.r, c = tile.c;
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kStepThreads)
   hNext[o] = sv[0];
 #pragma unroll
   for (int k = 1; k < S; ++k) st[k * batch * H * D + o] = sv[k];
-  if (!p.lastOnly) storeScalar(static_cast<T*>(p.h) + ((b * L + t) * H + hh) * D + j, active ? sv[0] : 0.0f);
+  if (!p.returnLastOnly) storeScalar(static_cast<T*>(p.h) + ((b * L + t) * H + hh) * D + j, active ? sv[0] : 0.0f);
   if (p.savedStates != nullptr) {
 #pragma unroll
     for (int k = 0; k < S; ++k) p.savedStates[(((t * S + k) * batch + b) * H + hh) * D + j] = sv[k];
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kStepThreads)
     fusedRnnBackwardStepKernel(RnnParams p, int64_t t, const float* Rt, float* gS) {
   constexpr int G = gatesOf(CELL), S = statesOf(CELL);
   __shared__ float sums[4][kKGroups][kStepRows][kStepCols];
-  const int64_t H = p.H, D = p.D, L = p.T, batch = p.batch;
+  const int64_t H = p.heads, D = p.headDim, L = p.T, batch = p.batch;
   const StepTile tile = stepTileOf(p);
   const int64_t hh = tile.hh, row0 = tile.row0, j = tile.j;
   const int r = tile.r, c = tile.c;
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kStepThreads)
                 : p.states0 != nullptr ? p.states0[s * SE + o]
                                        : 0.0f;
     }
-    if (!p.lastOnly && dh != nullptr) g[0] += toFloat(dh[((b * L + t) * H + hh) * D + j]);
+    if (!p.returnLastOnly && dh != nullptr) g[0] += toFloat(dh[((b * L + t) * H + hh) * D + j]);
     const float wxn = CELL == kGru ? toFloat(wx[(((b * L + t) * G + G - 1) * H + hh) * D + j]) : 0.0f;
     cellBackward<CELL>(pre, wxn, prev, g, gx, gr);
   }

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(256)
     reduceGradKernel(RnnParams p, int S, int G, int64_t splits, int64_t rowsPerSplit, float* partR, float* partB) {
   __shared__ __align__(16) float hs[kRedChunk][kRedTile + 4];
   __shared__ __align__(16) float gs[kRedChunk][kRedTile + 4];
-  const int64_t H = p.H, D = p.D, batch = p.batch, N = p.T * p.batch, mats = G * H;
+  const int64_t H = p.heads, D = p.headDim, batch = p.batch, N = p.T * p.batch, mats = G * H;
   const int64_t tiles = ceilDiv(D, kRedTile);
   unsigned blk = blockIdx.x;
   const int64_t tj = blk % static_cast<unsigned>(tiles);

@@ -73,48 +73,19 @@ constexpr int64_t kMaxT = int64_t{1} << 30;
 
 using delta::kL2Eps;
 
-struct DeltaParams : delta::DeltaInputs {
-  int64_t blocksPerHead = 1;
-  int G = 1;     // lanes per column
-  int cols = 1;  // columns per block
-  // decode
-  float* intermediate = nullptr;
-  // backward
-  const float* checkpoints = nullptr;
-  const void* dO = nullptr;
-  const float* dFinal = nullptr;
-  void* dv = nullptr;
-  float* dqAcc = nullptr;
-  float* dkAcc = nullptr;
-  float* dgAcc = nullptr;
-  float* dbetaAcc = nullptr;
-  float* dh0 = nullptr;
+struct DeltaParams : delta::DeltaInputs, ColumnParams {
+  float* intermediate = nullptr;  // decode
 };
 
-// What a thread works on: block = (sequence * HV + hv) * blocksPerHead + column block.
-struct Job {
-  ScanSegment seg;
-  int64_t seq, hv, h;
-  int64_t stateOff;  // (seq * HV + hv) * K * V
-  int j;             // this thread's column
-  int sub;           // lane within the column's group
-  bool active;       // j < V
-};
+// What a thread works on (over the state heads; hk: the query and key head).
+using Job = ColumnJob;
 
 __device__ __forceinline__ Job jobOf(const DeltaParams& p) {
   Job jb;
-  const int64_t blk = static_cast<int64_t>(blockIdx.x);
-  const int64_t head = blk / p.blocksPerHead;
-  const int64_t cb = blk - head * p.blocksPerHead;
-  jb.seq = head / p.HV;
-  jb.hv = head - jb.seq * p.HV;
-  jb.h = jb.hv / p.group;
-  jb.seg = p.segments != nullptr ? p.segments[jb.seq] : delta::uniformSegment(p, jb.seq);
-  jb.stateOff = (jb.seq * p.HV + jb.hv) * p.K * p.V;
-  const int tid = static_cast<int>(threadIdx.x);
-  jb.sub = tid % p.G;
-  jb.j = static_cast<int>(cb * p.cols) + tid / p.G;
-  jb.active = jb.j < p.V;
+  placeColumnJob(jb, p, p.HV, [&](Job& j) {
+    j.hk = j.hv / p.group;
+    j.seg = p.segments != nullptr ? p.segments[j.seq] : delta::uniformSegment(p, j.seq);
+  });
   return jb;
 }
 
@@ -123,7 +94,7 @@ __device__ __forceinline__ Job jobOf(const DeltaParams& p) {
 template <class T, int KP>
 __device__ __forceinline__ float forwardStep(const DeltaParams& p, const Job& jb, float (&S)[KP], int64_t bt,
                                              bool withO) {
-  const int64_t qk = (bt * p.H + jb.h) * p.K;
+  const int64_t qk = (bt * p.H + jb.hk) * p.K;
   const int64_t gi = bt * p.HV + jb.hv;
   const T* qp = static_cast<const T*>(p.q) + qk;
   const T* kp = static_cast<const T*>(p.k) + qk;
@@ -229,7 +200,7 @@ template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaBack
         for (int tau = cs; tau < t; ++tau) forwardStep<T, KP>(p, jb, S, rowBase + tau, false);
 
         const int64_t bt = rowBase + t;
-        const int64_t qk = (bt * p.H + jb.h) * p.K;
+        const int64_t qk = (bt * p.H + jb.hk) * p.K;
         const int64_t gi = bt * p.HV + jb.hv;
         const T* qp = static_cast<const T*>(p.q) + qk;
         const T* kp = static_cast<const T*>(p.k) + qk;
@@ -294,7 +265,7 @@ template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaBack
       const int n = wEnd - wStart;
       for (int e = tid; e < n * K; e += nThreads) {
         const int s = e / K, i = e - (e / K) * K;
-        const int64_t off = ((rowBase + wStart + s) * p.H + jb.h) * p.K + i;
+        const int64_t off = ((rowBase + wStart + s) * p.H + jb.hk) * p.K + i;
         atomicAdd(p.dqAcc + off, shQ[s][i]);
         atomicAdd(p.dkAcc + off, shK[s][i]);
         shQ[s][i] = 0.0f;
@@ -339,52 +310,14 @@ Status checkArgs(const GatedDeltaArgs& a, const std::string& fn, std::vector<int
   return Status{};
 }
 
-// Rows per lane and threads per block (tunable), and the derived column split.
-Status layoutFor(const std::string& fn, DeltaParams& p, int64_t heads, int* rowsPerLane, unsigned* grid,
-                 unsigned* threads) {
-  const int chosenRows = p.K <= 64 ? 8 : 16;
-  const int kp = tunable("gatedDelta.rowsPerLane", chosenRows);
-  if (kp != 8 && kp != 16) return statusError(fn + ": unsupported rows per lane " + std::to_string(kp));
-  const int nt = tunable("gatedDelta.blockThreads", 128);
-  if (nt != 64 && nt != 128 && nt != 256) return statusError(fn + ": unsupported block size " + std::to_string(nt));
-  int G = 1;
-  while (G * kp < p.K) G *= 2;
-  if (G > 32) return statusError(fn + ": K too large for the rows per lane");
-  p.G = G;
-  p.cols = nt / G;
-  p.blocksPerHead = ceilDiv(p.V, p.cols);
-  const int64_t blocks = heads * p.blocksPerHead;
-  if (blocks > INT_MAX) return statusError(fn + ": too many heads for one launch");
-  *rowsPerLane = kp;
-  *grid = static_cast<unsigned>(blocks);
-  *threads = static_cast<unsigned>(nt);
-  return Status{};
+template <class T> Status launchForward(const std::string& fn, const DeltaParams& p, int64_t heads) {
+  return launchColumns(fn, "gatedDelta", p, heads,
+                       [](auto kp) { return gatedDeltaForwardKernel<T, decltype(kp)::value>; });
 }
 
-template <class T> Status launchForward(const std::string& fn, DeltaParams p, int64_t heads) {
-  int kp = 0;
-  unsigned grid = 0, threads = 0;
-  RK_TRY(layoutFor(fn, p, heads, &kp, &grid, &threads));
-  if (grid == 0) return Status{};
-  switch (kp) {
-    case 8:
-      return launch(gatedDeltaForwardKernel<T, 8>, grid, threads, 0, p);
-    default:
-      return launch(gatedDeltaForwardKernel<T, 16>, grid, threads, 0, p);
-  }
-}
-
-template <class T> Status launchBackward(const std::string& fn, DeltaParams p, int64_t heads) {
-  int kp = 0;
-  unsigned grid = 0, threads = 0;
-  RK_TRY(layoutFor(fn, p, heads, &kp, &grid, &threads));
-  if (grid == 0) return Status{};
-  switch (kp) {
-    case 8:
-      return launch(gatedDeltaBackwardKernel<T, 8>, grid, threads, 0, p);
-    default:
-      return launch(gatedDeltaBackwardKernel<T, 16>, grid, threads, 0, p);
-  }
+template <class T> Status launchBackward(const std::string& fn, const DeltaParams& p, int64_t heads) {
+  return launchColumns(fn, "gatedDelta", p, heads,
+                       [](auto kp) { return gatedDeltaBackwardKernel<T, decltype(kp)::value>; });
 }
 
 // Device copy of the sequence table (packed input) followed by the gap list.

@@ -63,13 +63,8 @@ __device__ __forceinline__ void addRowSums(float* dst, int r0, float lo, float h
 // in shared memory, from dFinal down to dh0. Per chunk: stores dS (dStates) and adds <S_0, dS> to
 // dGamL, then dV' = P^T dO + Kd dS (stored, storage type), dS <- exp(G_{n-1}) dS + Qg^T dO - W^T dV'.
 template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkParams p) {
-  const int64_t head = static_cast<int64_t>(blockIdx.x) / p.vTiles;
-  const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) - head * p.vTiles);
-  const int64_t seq = head / p.HV, hv = head - (head / p.HV) * p.HV;
-  const ScanSegment seg = p.segments != nullptr ? p.segments[seq] : uniformSegment(p, seq);
-  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);
-  const int v0 = tile * p.vt;
-  const int vw = V - v0 < p.vt ? V - v0 : p.vt;
+  const StateTile tl = stateTileOf(p);
+  const int K = static_cast<int>(p.K);
   const int ldS = stateLd(p.vt);
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   const int r0 = 16 * warp;
@@ -78,30 +73,30 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
 
   float* sS = dynamicShared<float>();  // Kp x ldS: dS tile, fp32
   float* sV = sS + p.Kp * ldS;         // 64 x ldS: dV' of the current chunk
-  const int64_t stateOff = (seq * p.HV + hv) * KV;
   for (int e = tid; e < p.Kp * ldS; e += kThreads) {
     const int i = e / ldS, j = e - (e / ldS) * ldS;
-    sS[e] =
-        (p.dFinal != nullptr && i < K && j < vw) ? p.dFinal[stateOff + static_cast<int64_t>(i) * p.V + v0 + j] : 0.0f;
+    sS[e] = (p.dFinal != nullptr && i < K && j < tl.vw)
+                ? p.dFinal[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j]
+                : 0.0f;
   }
   __syncthreads();
 
   const T* dO = static_cast<const T*>(p.dO);
-  const int L = static_cast<int>(seg.length);
+  const int L = static_cast<int>(tl.seg.length);
   const int nChunks = (L + kC - 1) / kC;
   for (int c = nChunks - 1; c >= 0; --c) {
-    const int64_t gc = seg.chunkOffset + c;
-    const int64_t cb = gc * p.HV + hv;
+    const int64_t gc = tl.seg.chunkOffset + c;
+    const int64_t cb = gc * p.HV + tl.hv;
     const int n = L - c * kC < kC ? L - c * kC : kC;
     const int kRows = (n + 15) / 16;
-    const int64_t rowBase = seg.batch * p.T + seg.start + static_cast<int64_t>(c) * kC;
+    const int64_t rowBase = tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC;
     {
       float* dst = p.dStates + cb * KV;
       const float* ck = p.checkpoints + cb * KV;
       float part = 0.0f;
-      for (int e = tid; e < K * vw; e += kThreads) {
-        const int i = e / vw, j = e - (e / vw) * vw;
-        const int64_t off = static_cast<int64_t>(i) * p.V + v0 + j;
+      for (int e = tid; e < K * tl.vw; e += kThreads) {
+        const int i = e / tl.vw, j = e - (e / tl.vw) * tl.vw;
+        const int64_t off = static_cast<int64_t>(i) * p.V + tl.v0 + j;
         const float d = sS[i * ldS + j];
         dst[off] = d;
         part = fmaf(ck[off], d, part);
@@ -115,7 +110,8 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
     const T* P = static_cast<const T*>(p.P) + cb * kC * kC;
     T* dVp = static_cast<T*>(p.dVp) + cb * kC * p.V;
     auto dOat = [&](int r, int col) -> float {
-      return (dO != nullptr && r < n && col < vw) ? toFloat(dO[((rowBase + r) * p.HV + hv) * p.V + v0 + col]) : 0.0f;
+      return (dO != nullptr && r < n && col < tl.vw) ? toFloat(dO[((rowBase + r) * p.HV + tl.hv) * p.V + tl.v0 + col])
+                                                     : 0.0f;
     };
 
     // dV' = P^T dO + Kd dS (P^T upper triangular: k-steps from the diagonal block).
@@ -135,7 +131,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
           sV[r * ldS + col] = val;
-          if (col < vw) dVp[r * p.V + v0 + col] = fromFloat<T>(val);
+          if (col < tl.vw) dVp[r * p.V + tl.v0 + col] = fromFloat<T>(val);
         });
       }
     }
@@ -163,7 +159,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
     }
     __syncthreads();
   }
-  if (p.dh0 != nullptr) storeTile(p.dh0 + stateOff, sS, K, vw, ldS, p.V, v0);
+  if (p.dh0 != nullptr) storeTile(p.dh0 + tl.stateOff, sS, K, tl.vw, ldS, p.V, tl.v0);
 }
 
 constexpr int kKt = 32;  // K columns per step of the gradient kernel's column loops

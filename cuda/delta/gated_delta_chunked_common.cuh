@@ -79,6 +79,28 @@ __device__ __forceinline__ ScanSegment segmentOfChunk(const ChunkParams& p, int6
   return p.segments[lo];
 }
 
+// The value tile of a state kernel's block (block = (sequence * HV + hv) * vTiles + tile): the value
+// columns v0 .. v0 + vw - 1 (vw of p.vt valid) of head hv's state, at stateOff in the state arrays,
+// and the block's sequence.
+struct StateTile {
+  ScanSegment seg;
+  int64_t hv, stateOff;
+  int v0, vw;
+};
+__device__ __forceinline__ StateTile stateTileOf(const ChunkParams& p) {
+  StateTile st;
+  const int64_t head = static_cast<int64_t>(blockIdx.x) / p.vTiles;
+  const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) - head * p.vTiles);
+  const int64_t seq = head / p.HV;
+  st.hv = head - (head / p.HV) * p.HV;
+  st.seg = p.segments != nullptr ? p.segments[seq] : uniformSegment(p, seq);
+  const int V = static_cast<int>(p.V);
+  st.v0 = tile * p.vt;
+  st.vw = V - st.v0 < p.vt ? V - st.v0 : p.vt;
+  st.stateOff = (seq * p.HV + st.hv) * (p.K * p.V);
+  return st;
+}
+
 }  // namespace
 }  // namespace deltachunked
 }  // namespace rkcuda

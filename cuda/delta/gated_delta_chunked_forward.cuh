@@ -246,13 +246,8 @@ __device__ __forceinline__ void storeTile(float* dst, const float* sS, int K, in
 
 // NT = vt / 8: the column blocks of the value tile.
 template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
-  const int64_t head = static_cast<int64_t>(blockIdx.x) / p.vTiles;
-  const int tile = static_cast<int>(static_cast<int64_t>(blockIdx.x) - head * p.vTiles);
-  const int64_t seq = head / p.HV, hv = head - (head / p.HV) * p.HV;
-  const ScanSegment seg = p.segments != nullptr ? p.segments[seq] : uniformSegment(p, seq);
+  const StateTile tl = stateTileOf(p);
   const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);
-  const int v0 = tile * p.vt;
-  const int vw = V - v0 < p.vt ? V - v0 : p.vt;  // valid columns of this tile
   const int ldS = stateLd(p.vt);
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
   const int r0 = 16 * warp;
@@ -261,23 +256,23 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
 
   float* sS = dynamicShared<float>();  // Kp x ldS: the state tile, fp32
   float* sV = sS + p.Kp * ldS;         // 64 x ldS: V' of the current chunk
-  const int64_t stateOff = (seq * p.HV + hv) * KV;
   for (int e = tid; e < p.Kp * ldS; e += kThreads) {
     const int i = e / ldS, j = e - (e / ldS) * ldS;
-    sS[e] = (p.h0 != nullptr && i < K && j < vw) ? p.h0[stateOff + static_cast<int64_t>(i) * p.V + v0 + j] : 0.0f;
+    sS[e] =
+        (p.h0 != nullptr && i < K && j < tl.vw) ? p.h0[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j] : 0.0f;
   }
   __syncthreads();
 
   T* o = static_cast<T*>(p.o);
-  const int L = static_cast<int>(seg.length);
+  const int L = static_cast<int>(tl.seg.length);
   const int nChunks = (L + kC - 1) / kC;
   for (int c = 0; c < nChunks; ++c) {
-    const int64_t gc = seg.chunkOffset + c;
-    const int64_t cb = gc * p.HV + hv;
+    const int64_t gc = tl.seg.chunkOffset + c;
+    const int64_t cb = gc * p.HV + tl.hv;
     const int n = L - c * kC < kC ? L - c * kC : kC;
     const int kRows = (n + 15) / 16;  // 16-row steps that hold positions
-    const int64_t rowBase = seg.batch * p.T + seg.start + static_cast<int64_t>(c) * kC;
-    storeTile(p.states + cb * KV, sS, K, vw, ldS, p.V, v0);
+    const int64_t rowBase = tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC;
+    storeTile(p.states + cb * KV, sS, K, tl.vw, ldS, p.V, tl.v0);
     const T* W = static_cast<const T*>(p.W) + cb * kC * p.K;
     const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
     const T* Qg = static_cast<const T*>(p.Qg) + cb * kC * p.K;
@@ -312,7 +307,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       for (int j = 0; j < NT; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
-          const float u = (r < n && col < vw) ? toFloat(U[r * p.V + v0 + col]) : 0.0f;
+          const float u = (r < n && col < tl.vw) ? toFloat(U[r * p.V + tl.v0 + col]) : 0.0f;
           sV[r * ldS + col] = u - val;
         });
       }
@@ -339,7 +334,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       for (int j = 0; j < NT; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
-          if (r < n && col < vw) o[((rowBase + r) * p.HV + hv) * p.V + v0 + col] = fromFloat<T>(val);
+          if (r < n && col < tl.vw) o[((rowBase + r) * p.HV + tl.hv) * p.V + tl.v0 + col] = fromFloat<T>(val);
         });
       }
     }
@@ -368,7 +363,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
     }
     __syncthreads();
   }
-  if (p.finalState != nullptr) storeTile(p.finalState + stateOff, sS, K, vw, ldS, p.V, v0);
+  if (p.finalState != nullptr) storeTile(p.finalState + tl.stateOff, sS, K, tl.vw, ldS, p.V, tl.v0);
 }
 
 }  // namespace

@@ -34,14 +34,7 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
   using Map = scan::AffineN<S>;
   __shared__ Map sAgg[kFusedThreads];
   __shared__ float sAcc[2 * kMaxG][kFusedThreads];
-  const int tid = static_cast<int>(threadIdx.x), CW = p.chan, NS = static_cast<int>(blockDim.x) / CW;
-  const int lc = tid % CW, slice = tid / CW;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.blocksPerRow;
-  const int64_t n = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * CW + lc;
-  const bool active = n < p.N;
-  const int64_t L = ceilDiv(p.T, NS);
-  const int64_t t0 = minI(p.T, slice * L), t1 = minI(p.T, t0 + L);
-  const bool work = active && t0 < t1;
+  const SliceThread th = sliceThread(p);
   const T* dy = static_cast<const T*>(p.dy);
   T* dwx = static_cast<T*>(p.dwx);
 
@@ -50,32 +43,32 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
   for (int g = 0; g < kMaxG; ++g) xb[g] = rb[g] = Rd[g] = 0.0f;
 #pragma unroll
   for (int s = 0; s < kMaxS; ++s) h0v[s] = 0.0f;
-  if (active) {
-    channelConsts<C>(p, n, xb, rb, Rd);
-    loadH0<C>(p, row, n, h0v);
+  if (th.active) {
+    channelConsts<C>(p, th.n, xb, rb, Rd);
+    loadH0<C>(p, th.row, th.n, h0v);
   }
   // dL/dtraj_t from the outputs: dy on the h state, dFinal at the last step.
   auto direct = [&](int64_t t, float(&g)[kMaxS]) {
 #pragma unroll
     for (int s = 0; s < kMaxS; ++s) g[s] = 0.0f;
-    if (dy != nullptr) g[0] = loadScalar<T>(dy + (row * p.T + t) * p.N + n);
+    if (dy != nullptr) g[0] = loadScalar<T>(dy + (th.row * p.T + t) * p.N + th.n);
     if (t == p.T - 1 && p.dFinal != nullptr) {
 #pragma unroll
-      for (int s = 0; s < S; ++s) g[s] += p.dFinal[(s * p.batch + row) * p.N + n];
+      for (int s = 0; s < S; ++s) g[s] += p.dFinal[(s * p.batch + th.row) * p.N + th.n];
     }
   };
   // J_u^T at step u (prev = traj_{u-1}).
   auto jacAt = [&](int64_t u, float(&J)[kMaxS][kMaxS]) {
     float x[kMaxG], hp[kMaxS], f[kMaxS];
-    loadX<C, T>(p, row, u, n, xb, x);
-    loadPrev<C>(p, row, u, n, h0v, hp);
+    loadX<C, T>(p, th.row, u, th.n, xb, x);
+    loadPrev<C>(p, th.row, u, th.n, h0v, hp);
     linDiag<C>(x, Rd, rb, hp, f, J);
   };
 
   // Pass 1: the slice's composed map lambda_{t0} = A lambda_{t1} + b, maps applied from t1-1 down.
   Map agg = scan::identityN<S>();
-  if (work) {
-    for (int64_t t = t1 - 1; t >= t0; --t) {
+  if (th.work) {
+    for (int64_t t = th.t1 - 1; t >= th.t0; --t) {
       Map m;
       float g[kMaxS];
       direct(t, g);
@@ -97,18 +90,18 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
       agg = scan::compose(agg, m);
     }
   }
-  sAgg[tid] = agg;
+  sAgg[th.tid] = agg;
   __syncthreads();
   // lambda_{t1}: the later slices' maps applied to lambda_T = 0, from the last slice down.
   float lam[kMaxS];
 #pragma unroll
   for (int s = 0; s < kMaxS; ++s) lam[s] = 0.0f;
-  if (work) {
-    for (int w = NS - 1; w > slice; --w) {
+  if (th.work) {
+    for (int w = th.NS - 1; w > th.slice; --w) {
       float cur[S], nx[S];
 #pragma unroll
       for (int s = 0; s < S; ++s) cur[s] = lam[s];
-      scan::apply(sAgg[w * CW + lc], cur, nx);
+      scan::apply(sAgg[w * th.CW + th.lc], cur, nx);
 #pragma unroll
       for (int s = 0; s < S; ++s) lam[s] = nx[s];
     }
@@ -117,13 +110,13 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
   float accR[kMaxG], accB[kMaxG];
 #pragma unroll
   for (int g = 0; g < kMaxG; ++g) accR[g] = accB[g] = 0.0f;
-  if (work) {
+  if (th.work) {
     float down[kMaxS];
 #pragma unroll
     for (int s = 0; s < kMaxS; ++s) down[s] = 0.0f;
-    if (t1 < p.T) {
+    if (th.t1 < p.T) {
       float J[kMaxS][kMaxS];
-      jacAt(t1, J);
+      jacAt(th.t1, J);
 #pragma unroll
       for (int i = 0; i < S; ++i) {
         float v = 0.0f;
@@ -132,13 +125,13 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
         down[i] = v;
       }
     }
-    for (int64_t t = t1 - 1; t >= t0; --t) {
+    for (int64_t t = th.t1 - 1; t >= th.t0; --t) {
       float g[kMaxS], x[kMaxG], hp[kMaxS], r[kMaxG], out[kMaxS], gx[kMaxG], gr[kMaxG], gp[kMaxS];
       direct(t, g);
 #pragma unroll
       for (int s = 0; s < kMaxS; ++s) g[s] += down[s];
-      loadX<C, T>(p, row, t, n, xb, x);
-      loadPrev<C>(p, row, t, n, h0v, hp);
+      loadX<C, T>(p, th.row, t, th.n, xb, x);
+      loadPrev<C>(p, th.row, t, th.n, h0v, hp);
 #pragma unroll
       for (int k = 0; k < kMaxG; ++k) r[k] = fmaf(Rd[k], hp[0], rb[k]);
       Act a;
@@ -147,7 +140,7 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
       float viaRec = 0.0f;
 #pragma unroll
       for (int k = 0; k < G; ++k) {
-        storeScalar<T>(dwx + at4(row, t, k, n, p.T, G, p.N), gx[k]);
+        storeScalar<T>(dwx + at4(th.row, t, k, th.n, p.T, G, p.N), gx[k]);
         accR[k] = fmaf(gr[k], hp[0], accR[k]);
         accB[k] += gr[k];
         viaRec = fmaf(gr[k], Rd[k], viaRec);
@@ -156,28 +149,28 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
 #pragma unroll
       for (int s = 1; s < kMaxS; ++s) down[s] = gp[s];
     }
-    if (t0 == 0 && p.dh0 != nullptr) {
+    if (th.t0 == 0 && p.dh0 != nullptr) {
 #pragma unroll
-      for (int s = 0; s < S; ++s) p.dh0[(s * p.batch + row) * p.N + n] = down[s];
+      for (int s = 0; s < S; ++s) p.dh0[(s * p.batch + th.row) * p.N + th.n] = down[s];
     }
   }
   // dR, db: sum over the slices in shared memory, then one atomic per (channel, gate) and block.
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    sAcc[g][tid] = accR[g];
-    sAcc[kMaxG + g][tid] = accB[g];
+    sAcc[g][th.tid] = accR[g];
+    sAcc[kMaxG + g][th.tid] = accB[g];
   }
   __syncthreads();
-  if (slice == 0 && active) {
+  if (th.slice == 0 && th.active) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float sr = 0.0f, sb = 0.0f;
-      for (int w = 0; w < NS; ++w) {
-        sr += sAcc[g][w * CW + lc];
-        sb += sAcc[kMaxG + g][w * CW + lc];
+      for (int w = 0; w < th.NS; ++w) {
+        sr += sAcc[g][w * th.CW + th.lc];
+        sb += sAcc[kMaxG + g][w * th.CW + th.lc];
       }
-      atomicAdd(p.dR + g * p.N + n, sr);
-      atomicAdd(p.db + g * p.N + n, sb);
+      atomicAdd(p.dR + g * p.N + th.n, sr);
+      atomicAdd(p.db + g * p.N + th.n, sb);
     }
   }
 }
@@ -186,8 +179,8 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
 template <NewtonCell C, class T> __global__ void denseBackwardKernel(Params p) {
   constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
   float* smem = dynamicShared<float>();
-  const int D = static_cast<int>(p.D);
-  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.H, head = static_cast<int64_t>(blockIdx.x) % p.H;
+  const int D = static_cast<int>(p.headDim);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.heads, head = static_cast<int64_t>(blockIdx.x) % p.heads;
   const int j = static_cast<int>(threadIdx.x);
   const bool active = j < D;
   const int64_t n = head * D + (active ? j : 0);
@@ -260,10 +253,10 @@ template <NewtonCell C, class T> __global__ void denseBackwardKernel(Params p) {
 __global__ void __launch_bounds__(256) denseGradRKernel(Params p, int G, int S) {
   __shared__ float sA[kTile][kTile + 1];
   __shared__ float sB[kTile][kTile + 1];
-  const int64_t tiles = ceilDiv(p.D, kTile);
+  const int64_t tiles = ceilDiv(p.headDim, kTile);
   int64_t blk = blockIdx.x;
-  const int64_t g = blk / (p.H * tiles * tiles);
-  blk -= g * p.H * tiles * tiles;
+  const int64_t g = blk / (p.heads * tiles * tiles);
+  blk -= g * p.heads * tiles * tiles;
   const int64_t head = blk / (tiles * tiles);
   blk -= head * tiles * tiles;
   const int64_t it = blk / tiles, jt = blk - it * tiles;
@@ -278,11 +271,11 @@ __global__ void __launch_bounds__(256) denseGradRKernel(Params p, int G, int S) 
       if (bt < BT) {
         const int64_t row = bt / p.T, t = bt - row * p.T;
         const int64_t i = it * kTile + c, jj = jt * kTile + c;
-        if (i < p.D) {
-          const int64_t ni = head * p.D + i;
+        if (i < p.headDim) {
+          const int64_t ni = head * p.headDim + i;
           a = t == 0 ? (p.h0 != nullptr ? p.h0[row * p.N + ni] : 0.0f) : p.traj[((bt - 1) * S) * p.N + ni];
         }
-        if (jj < p.D) bv = p.drec[(bt * G + g) * p.N + head * p.D + jj];
+        if (jj < p.headDim) bv = p.drec[(bt * G + g) * p.N + head * p.headDim + jj];
       }
       sA[q][c] = a;
       sB[q][c] = bv;
@@ -300,7 +293,7 @@ __global__ void __launch_bounds__(256) denseGradRKernel(Params p, int G, int S) 
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
     const int64_t i = it * kTile + warp * 4 + m;
-    if (i < p.D && j < p.D) p.dR[((g * p.H + head) * p.D + i) * p.D + j] = acc[m];
+    if (i < p.headDim && j < p.headDim) p.dR[((g * p.heads + head) * p.headDim + i) * p.headDim + j] = acc[m];
   }
 }
 

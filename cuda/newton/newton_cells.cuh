@@ -165,16 +165,10 @@ __device__ __forceinline__ void cellJacobian(const float (&r)[kMaxG], const floa
 
 // ---- parameters ----
 
-struct Params {
-  int64_t batch = 0, T = 0, H = 1, D = 1, N = 1;
-  int maxIters = 0;
-  float tolAbs = 0, tolRel = 0, damping = 0;
-  int guess = 0;
-  const float* guessTraj = nullptr;
-  const void* wx = nullptr;
-  const float* R = nullptr;
-  const float* b = nullptr;
-  const float* h0 = nullptr;
+// The kernels' parameters: the contract's arguments plus the channel count, the solution and the
+// layouts, scratch and gradients of the paths.
+struct Params : NewtonRnnArgs {
+  int64_t N = 1;  // heads * headDim
   float* traj = nullptr;
   // fused kernels
   int chan = 32;  // channels per block
@@ -210,6 +204,29 @@ __device__ __forceinline__ int64_t at4(int64_t row, int64_t t, int64_t k, int64_
   return ((row * T + t) * K + k) * N + n;
 }
 
+// The thread layout of the fused diagonal kernels: a block holds CW = p.chan consecutive channels of
+// one row in NS = blockDim / CW time slices of L steps; thread tid has channel n (lc in the block)
+// over the steps [t0, t1) of its slice. active: n < N; work: active and the slice is not empty.
+struct SliceThread {
+  int tid, CW, NS, lc, slice;
+  int64_t row, n;
+  bool active;
+  int64_t L, t0, t1;
+  bool work;
+};
+__device__ __forceinline__ SliceThread sliceThread(const Params& p) {
+  SliceThread s;
+  s.tid = static_cast<int>(threadIdx.x), s.CW = p.chan, s.NS = static_cast<int>(blockDim.x) / s.CW;
+  s.lc = s.tid % s.CW, s.slice = s.tid / s.CW;
+  s.row = static_cast<int64_t>(blockIdx.x) / p.blocksPerRow;
+  s.n = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * s.CW + s.lc;
+  s.active = s.n < p.N;
+  s.L = ceilDiv(p.T, s.NS);
+  s.t0 = minI(p.T, s.slice * s.L), s.t1 = minI(p.T, s.t0 + s.L);
+  s.work = s.active && s.t0 < s.t1;
+  return s;
+}
+
 // A NaN-propagating max: a residual that is NaN must show.
 __device__ __forceinline__ float maxNan(float a, float b) { return (a > b || a != a) ? a : b; }
 
@@ -218,7 +235,7 @@ template <NewtonCell C>
 __device__ __forceinline__ void channelConsts(const Params& p, int64_t n, float (&xb)[kMaxG], float (&rb)[kMaxG],
                                               float (&Rd)[kMaxG]) {
   constexpr int G = CellInfo<C>::G;
-  const int64_t head = n / p.D, j = n - head * p.D;
+  const int64_t head = n / p.headDim, j = n - head * p.headDim;
 #pragma unroll
   for (int g = 0; g < kMaxG; ++g) {
     xb[g] = rb[g] = Rd[g] = 0.0f;
@@ -228,7 +245,8 @@ __device__ __forceinline__ void channelConsts(const Params& p, int64_t n, float 
         rb[g] = bias;
       else
         xb[g] = bias;
-      Rd[g] = CellInfo<C>::diag ? __ldg(p.R + g * p.N + n) : __ldg(p.R + ((g * p.H + head) * p.D + j) * p.D + j);
+      Rd[g] = CellInfo<C>::diag ? __ldg(p.R + g * p.N + n)
+                                : __ldg(p.R + ((g * p.heads + head) * p.headDim + j) * p.headDim + j);
     }
   }
 }

@@ -34,19 +34,12 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
   __shared__ float sBound[kMaxS][kFusedThreads];
   __shared__ int sOk[32];
   __shared__ float sRes[32];
-  const int tid = static_cast<int>(threadIdx.x), CW = p.chan, NS = static_cast<int>(blockDim.x) / CW;
-  const int lc = tid % CW, slice = tid / CW;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.blocksPerRow;
-  const int64_t n = (static_cast<int64_t>(blockIdx.x) % p.blocksPerRow) * CW + lc;
-  const bool active = n < p.N;
-  const int64_t L = ceilDiv(p.T, NS);
-  const int64_t t0 = minI(p.T, slice * L), t1 = minI(p.T, t0 + L);
-  const bool work = active && t0 < t1;
+  const SliceThread th = sliceThread(p);
 
   float xb[kMaxG], rb[kMaxG], Rd[kMaxG], h0v[kMaxS];
-  if (active) {
-    channelConsts<C>(p, n, xb, rb, Rd);
-    loadH0<C>(p, row, n, h0v);
+  if (th.active) {
+    channelConsts<C>(p, th.n, xb, rb, Rd);
+    loadH0<C>(p, th.row, th.n, h0v);
   } else {
 #pragma unroll
     for (int g = 0; g < kMaxG; ++g) xb[g] = rb[g] = Rd[g] = 0.0f;
@@ -55,11 +48,11 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
   }
   // The guess at position t (not past the slice's own loads).
   auto guessAt = [&](int64_t t, float(&g)[kMaxS]) {
-    if (p.guess == static_cast<int>(NewtonGuess::Provided)) {
-      loadTraj<C>(p.guessTraj, p, row, t, n, g);
-    } else if (p.guess == static_cast<int>(NewtonGuess::OneStep)) {
+    if (p.guess == NewtonGuess::Provided) {
+      loadTraj<C>(p.guessTraj, p, th.row, t, th.n, g);
+    } else if (p.guess == NewtonGuess::OneStep) {
       float x[kMaxG];
-      loadX<C, T>(p, row, t, n, xb, x);
+      loadX<C, T>(p, th.row, t, th.n, xb, x);
       fwdDiag<C>(x, Rd, rb, h0v, g);
     } else {
 #pragma unroll
@@ -74,16 +67,16 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
   float hPrev[kMaxS];
 #pragma unroll
   for (int s = 0; s < kMaxS; ++s) hPrev[s] = h0v[s];
-  if (work) {
-    if (t0 > 0) guessAt(t0 - 1, hPrev);
-    for (int64_t t = t0; t < t1; ++t) {
+  if (th.work) {
+    if (th.t0 > 0) guessAt(th.t0 - 1, hPrev);
+    for (int64_t t = th.t0; t < th.t1; ++t) {
       float x[kMaxG], cur[kMaxS], f[kMaxS], J[kMaxS][kMaxS];
       guessAt(t, cur);
-      loadX<C, T>(p, row, t, n, xb, x);
+      loadX<C, T>(p, th.row, t, th.n, xb, x);
       linDiag<C>(x, Rd, rb, hPrev, f, J);
 #pragma unroll
       for (int s = 0; s < S; ++s) checkElem(p, f[s], cur[s], ok, res);
-      storeTraj<C>(p, row, t, n, cur);
+      storeTraj<C>(p, th.row, t, th.n, cur);
       agg = scan::compose(agg, stepMap<S>(J, f, hPrev));
 #pragma unroll
       for (int s = 0; s < kMaxS; ++s) hPrev[s] = cur[s];
@@ -92,9 +85,9 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
 
   int iters = 0;
   for (;;) {
-    sAgg[tid] = agg;
+    sAgg[th.tid] = agg;
 #pragma unroll
-    for (int s = 0; s < S; ++s) sBound[s][tid] = hPrev[s];
+    for (int s = 0; s < S; ++s) sBound[s][th.tid] = hPrev[s];
     bool allOk;
     float blockRes;
     blockCheck(ok, res, sOk, sRes, allOk, blockRes);  // includes the barrier publishing sAgg, sBound
@@ -102,23 +95,23 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
     float hNew[kMaxS], hOld[kMaxS];
 #pragma unroll
     for (int s = 0; s < kMaxS; ++s) hNew[s] = hOld[s] = h0v[s];
-    if (!stop && work) {
-      for (int w = 0; w < slice; ++w) {
+    if (!stop && th.work) {
+      for (int w = 0; w < th.slice; ++w) {
         float nx[S], cur[S];
 #pragma unroll
         for (int s = 0; s < S; ++s) cur[s] = hNew[s];
-        scan::apply(sAgg[w * CW + lc], cur, nx);
+        scan::apply(sAgg[w * th.CW + th.lc], cur, nx);
 #pragma unroll
         for (int s = 0; s < S; ++s) hNew[s] = nx[s];
       }
-      if (slice > 0) {
+      if (th.slice > 0) {
 #pragma unroll
-        for (int s = 0; s < S; ++s) hOld[s] = sBound[s][(slice - 1) * CW + lc];
+        for (int s = 0; s < S; ++s) hOld[s] = sBound[s][(th.slice - 1) * th.CW + th.lc];
       }
     }
     __syncthreads();
     if (stop) {
-      if (tid == 0) {
+      if (th.tid == 0) {
         int* st = p.blockStats + 3 * static_cast<int64_t>(blockIdx.x);
         st[0] = iters;
         st[1] = allOk ? 1 : 0;
@@ -131,11 +124,11 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
     agg = scan::identityN<S>();
     ok = true;
     res = 0.0f;
-    if (work) {
-      for (int64_t t = t0; t < t1; ++t) {
+    if (th.work) {
+      for (int64_t t = th.t0; t < th.t1; ++t) {
         float x[kMaxG], old[kMaxS], fo[kMaxS], Jo[kMaxS][kMaxS], nw[kMaxS], fn[kMaxS], Jn[kMaxS][kMaxS];
-        loadX<C, T>(p, row, t, n, xb, x);
-        loadTraj<C>(p.traj, p, row, t, n, old);
+        loadX<C, T>(p, th.row, t, th.n, xb, x);
+        loadTraj<C>(p.traj, p, th.row, t, th.n, old);
         linDiag<C>(x, Rd, rb, hOld, fo, Jo);
 #pragma unroll
         for (int i = 0; i < kMaxS; ++i) {
@@ -147,7 +140,7 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
         linDiag<C>(x, Rd, rb, hNew, fn, Jn);
 #pragma unroll
         for (int s = 0; s < S; ++s) checkElem(p, fn[s], nw[s], ok, res);
-        storeTraj<C>(p, row, t, n, nw);
+        storeTraj<C>(p, th.row, t, th.n, nw);
         agg = scan::compose(agg, stepMap<S>(Jn, fn, hNew));
 #pragma unroll
         for (int s = 0; s < kMaxS; ++s) {

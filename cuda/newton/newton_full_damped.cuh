@@ -42,9 +42,9 @@ namespace {
 template <NewtonCell C>
 __device__ __forceinline__ void buildJacobian(const Params& p, int64_t head, const float* sC, float* sJ, int ld) {
   using F = FullCoef<C>;
-  const int D = static_cast<int>(p.D), M = p.M, MP = p.MP;
+  const int D = static_cast<int>(p.headDim), M = p.M, MP = p.MP;
   const float* Rh = p.R + head * static_cast<int64_t>(D) * D;
-  const int64_t gStride = p.H * static_cast<int64_t>(D) * D;
+  const int64_t gStride = p.heads * static_cast<int64_t>(D) * D;
   for (int e = static_cast<int>(threadIdx.x); e < MP * MP; e += static_cast<int>(blockDim.x)) {
     const int r = e % MP, c = e / MP;  // consecutive threads: consecutive rows (coalesced R reads)
     float v = 0.0f;
@@ -106,7 +106,7 @@ __host__ __device__ __forceinline__ int fullCoefFloats(int K, int D) { return (K
 // two offset vectors [MP].
 template <NewtonCell C> __global__ void __launch_bounds__(256) fullChunkKernel(Params p) {
   using F = FullCoef<C>;
-  const int D = static_cast<int>(p.D), M = p.M, MP = p.MP, ldJ = fullLdJ(MP), ldA = fullLdA(MP);
+  const int D = static_cast<int>(p.headDim), M = p.M, MP = p.MP, ldJ = fullLdJ(MP), ldA = fullLdA(MP);
   const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
   float* sJ = dynamicShared<float>();
   float* aCur = sJ + MP * ldJ;  // the aggregate so far, and the buffer for the next one
@@ -115,8 +115,8 @@ template <NewtonCell C> __global__ void __launch_bounds__(256) fullChunkKernel(P
   float* bCur = sC + fullCoefFloats(F::K, D);
   float* bNext = bCur + MP;
   int64_t blk = static_cast<int64_t>(blockIdx.x);
-  const int64_t row = blk / (p.H * p.chunks);
-  blk -= row * p.H * p.chunks;
+  const int64_t row = blk / (p.heads * p.chunks);
+  blk -= row * p.heads * p.chunks;
   const int64_t head = blk / p.chunks, c = blk - head * p.chunks;
   // The last chunk's aggregate is never used.
   if (c == p.chunks - 1 || rowDone(p, row)) return;
@@ -155,7 +155,7 @@ template <NewtonCell C> __global__ void __launch_bounds__(256) fullChunkKernel(P
     bNext = sw;
   }
   __syncthreads();
-  float* out = p.agg + ((row * p.H + head) * p.chunks + c) * (static_cast<int64_t>(M) * M + M);
+  float* out = p.agg + ((row * p.heads + head) * p.chunks + c) * (static_cast<int64_t>(M) * M + M);
   for (int e = tid; e < M * M; e += nt) {
     const int k = e / M, i = e - k * M;  // column-major: the carry pass reads columns
     out[e] = aCur[i * ldA + k];
@@ -166,12 +166,12 @@ template <NewtonCell C> __global__ void __launch_bounds__(256) fullChunkKernel(P
 // Per (row, head), a thread per state element: the state before each chunk, chunk after chunk.
 __global__ void __launch_bounds__(kMaxFullM) fullCarryKernel(Params p) {
   __shared__ float sd[2][kMaxFullM];
-  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.H, head = static_cast<int64_t>(blockIdx.x) % p.H;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / p.heads, head = static_cast<int64_t>(blockIdx.x) % p.heads;
   if (rowDone(p, row)) return;
   const int M = p.M, i = static_cast<int>(threadIdx.x);
   const int64_t stride = static_cast<int64_t>(M) * M + M;
-  const float* agg = p.agg + (row * p.H + head) * p.chunks * stride;
-  float* carry = p.carry + (row * p.H + head) * p.chunks * M;
+  const float* agg = p.agg + (row * p.heads + head) * p.chunks * stride;
+  float* carry = p.carry + (row * p.heads + head) * p.chunks * M;
   if (i < M) sd[0][i] = 0.0f;
   __syncthreads();
   int cur = 0;
@@ -195,10 +195,10 @@ template <NewtonCell C> __global__ void fullApplyKernel(Params p) {
   using F = FullCoef<C>;
   constexpr int G = F::G, S = F::S;
   float* smem = dynamicShared<float>();
-  const int D = static_cast<int>(p.D);
+  const int D = static_cast<int>(p.headDim);
   int64_t blk = static_cast<int64_t>(blockIdx.x);
-  const int64_t row = blk / (p.H * p.chunks);
-  blk -= row * p.H * p.chunks;
+  const int64_t row = blk / (p.heads * p.chunks);
+  blk -= row * p.heads * p.chunks;
   const int64_t head = blk / p.chunks, c = blk - head * p.chunks;
   if (rowDone(p, row)) return;
   const int j = static_cast<int>(threadIdx.x);
@@ -212,7 +212,7 @@ template <NewtonCell C> __global__ void fullApplyKernel(Params p) {
   float d[kMaxS];
 #pragma unroll
   for (int s = 0; s < kMaxS; ++s)
-    d[s] = (c > 0 && s < S && active) ? p.carry[((row * p.H + head) * p.chunks + c) * p.M + s * D + j] : 0.0f;
+    d[s] = (c > 0 && s < S && active) ? p.carry[((row * p.heads + head) * p.chunks + c) * p.M + s * D + j] : 0.0f;
   if (active) sd[j] = d[0];
   __syncthreads();
   for (int64_t t = t0; t < t1; ++t) {

@@ -30,26 +30,26 @@ namespace {
 // R of one head in shared memory (rows padded to ldR) when p.ldR > 0, else read from global.
 __device__ __forceinline__ const float* headWeights(const Params& p, int G, int64_t head, float* smem, int& ld,
                                                     int64_t& gStride) {
-  const int D = static_cast<int>(p.D);
+  const int D = static_cast<int>(p.headDim);
   if (p.ldR > 0) {
     for (int64_t e = threadIdx.x; e < static_cast<int64_t>(G) * D * D; e += blockDim.x) {
       const int64_t g = e / (static_cast<int64_t>(D) * D), rem = e - g * D * D, i = rem / D, j = rem - i * D;
-      smem[(g * D + i) * p.ldR + j] = __ldg(p.R + ((g * p.H + head) * D + i) * D + j);
+      smem[(g * D + i) * p.ldR + j] = __ldg(p.R + ((g * p.heads + head) * D + i) * D + j);
     }
     ld = p.ldR;
     gStride = static_cast<int64_t>(D) * p.ldR;
     return smem;
   }
   ld = D;
-  gStride = p.H * static_cast<int64_t>(D) * D;
+  gStride = p.heads * static_cast<int64_t>(D) * D;
   return p.R + head * static_cast<int64_t>(D) * D;
 }
 
 template <NewtonCell C, class T> __global__ void denseSequentialKernel(Params p) {
   constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
   float* smem = dynamicShared<float>();
-  const int D = static_cast<int>(p.D);
-  const int64_t k = static_cast<int64_t>(blockIdx.x) / p.H, head = static_cast<int64_t>(blockIdx.x) % p.H;
+  const int D = static_cast<int>(p.headDim);
+  const int64_t k = static_cast<int64_t>(blockIdx.x) / p.heads, head = static_cast<int64_t>(blockIdx.x) % p.heads;
   const int64_t row = p.rows != nullptr ? p.rows[k] : k;
   const int j = static_cast<int>(threadIdx.x);
   const bool active = j < D;
@@ -179,29 +179,29 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(256) evalDens
   constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
   __shared__ float sH[kTile][kTile + 1];
   __shared__ float sR[G][kTile][kTile];
-  const int64_t tTiles = ceilDiv(p.T, kTile), jTiles = ceilDiv(p.D, kTile);
+  const int64_t tTiles = ceilDiv(p.T, kTile), jTiles = ceilDiv(p.headDim, kTile);
   int64_t blk = static_cast<int64_t>(blockIdx.x);
   const int64_t row = blk / p.blocksPerRow;
   if (rowDone(p, row)) return;
   blk -= row * p.blocksPerRow;
-  const int64_t tt = blk / (p.H * jTiles);
-  blk -= tt * p.H * jTiles;
+  const int64_t tt = blk / (p.heads * jTiles);
+  blk -= tt * p.heads * jTiles;
   const int64_t head = blk / jTiles, jt = blk - head * jTiles;
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-  const int64_t j = jt * kTile + lane, n = head * p.D + j;
+  const int64_t j = jt * kTile + lane, n = head * p.headDim + j;
   float acc[4][kMaxG];
 #pragma unroll
   for (int q = 0; q < 4; ++q)
 #pragma unroll
     for (int g = 0; g < kMaxG; ++g) acc[q][g] = 0.0f;
-  for (int64_t i0 = 0; i0 < p.D; i0 += kTile) {
+  for (int64_t i0 = 0; i0 < p.headDim; i0 += kTile) {
     // h_{t-1} for the tile's 32 positions and inputs i0 .. i0+31; R[g][head][i][j] for the tile.
     for (int e = tid; e < kTile * kTile; e += 256) {
       const int q = e / kTile, ii = e % kTile;
       const int64_t t = tt * kTile + q, i = i0 + ii;
       float v = 0.0f;
-      if (t < p.T && i < p.D) {
-        const int64_t ni = head * p.D + i;
+      if (t < p.T && i < p.headDim) {
+        const int64_t ni = head * p.headDim + i;
         if (t == 0 || p.fromH0)
           v = p.h0 != nullptr ? p.h0[row * p.N + ni] : 0.0f;
         else
@@ -212,7 +212,9 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(256) evalDens
     for (int e = tid; e < G * kTile * kTile; e += 256) {
       const int g = e / (kTile * kTile), ii = (e / kTile) % kTile, jj = e % kTile;
       const int64_t i = i0 + ii, jc = jt * kTile + jj;
-      sR[g][ii][jj] = (i < p.D && jc < p.D) ? __ldg(p.R + ((g * p.H + head) * p.D + i) * p.D + jc) : 0.0f;
+      sR[g][ii][jj] = (i < p.headDim && jc < p.headDim)
+                          ? __ldg(p.R + ((g * p.heads + head) * p.headDim + i) * p.headDim + jc)
+                          : 0.0f;
     }
     __syncthreads();
 #pragma unroll 4
@@ -231,7 +233,7 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(256) evalDens
   }
   bool ok = true;
   float res = 0.0f;
-  if (j < p.D) {
+  if (j < p.headDim) {
     float xb[kMaxG], rb[kMaxG], Rd[kMaxG];
     channelConsts<C>(p, n, xb, rb, Rd);
 #pragma unroll

@@ -199,21 +199,8 @@ Status checkArgs(const NewtonRnnArgs& a, const std::string& fn) {
 
 Params baseParams(const NewtonRnnArgs& a) {
   Params p;
-  p.batch = a.batch;
-  p.T = a.T;
-  p.H = a.heads;
-  p.D = a.headDim;
+  static_cast<NewtonRnnArgs&>(p) = a;
   p.N = a.heads * a.headDim;
-  p.maxIters = a.maxIters;
-  p.tolAbs = a.tolAbs;
-  p.tolRel = a.tolRel;
-  p.damping = a.damping;
-  p.guess = static_cast<int>(a.guess);
-  p.guessTraj = a.guessTraj;
-  p.wx = a.wx;
-  p.R = a.R;
-  p.b = a.b;
-  p.h0 = a.h0;
   return p;
 }
 

@@ -155,6 +155,55 @@ template <class Lay> __device__ __forceinline__ LastOwner lastOwner(int64_t L) {
   return LastOwner{off / Lay::WARP_SPAN, (inWarp % Lay::GROUP_SPAN) / Lay::G, inWarp / Lay::GROUP_SPAN};
 }
 
+// A thread's place in both kernels, the same for every row it walks: its lane, its warp within the
+// row, its row within the block, the number of chunks of a row, the position of its group 0
+// relative to a chunk's start, and which of its groups holds scan position L-1 in the last chunk
+// (-1 when none does, or when the kernel has no per-row result there: wantLast false).
+struct ThreadPlace {
+  int lane, warpInRow, rowInBlock;
+  int64_t nChunks;
+  int myLastGroup, threadOff;
+};
+template <class Lay, int WARPS> __device__ __forceinline__ ThreadPlace threadPlace(int64_t L, bool wantLast) {
+  ThreadPlace p;
+  p.lane = scan::laneId();
+  const int warpInBlock = static_cast<int>(threadIdx.x) >> 5;
+  p.warpInRow = WARPS == 1 ? 0 : warpInBlock;
+  p.rowInBlock = WARPS == 1 ? warpInBlock : 0;
+  p.nChunks = (L + Lay::CHUNK - 1) / Lay::CHUNK;
+  const LastOwner owner = lastOwner<Lay>(L);
+  p.myLastGroup = (wantLast && p.warpInRow == owner.warp && p.lane == owner.lane) ? owner.group : -1;
+  p.threadOff = p.warpInRow * Lay::WARP_SPAN + p.lane * Lay::G;
+  return p;
+}
+
+// Runs body(row) for each row of this thread: blocks of RPB rows, grid-stride. With one warp per row
+// a warp whose row is past the end skips it (there is no block-wide barrier when WARPS == 1).
+template <int WARPS, class Body> __device__ __forceinline__ void forEachRow(int64_t rows, int rowInBlock, Body&& body) {
+  constexpr int RPB = WARPS == 1 ? kRowsPerBlock1 : 1;
+  for (int64_t rowBase = static_cast<int64_t>(blockIdx.x) * RPB; rowBase < rows;
+       rowBase += static_cast<int64_t>(gridDim.x) * RPB) {
+    const int64_t row = rowBase + rowInBlock;
+    if (WARPS == 1 && row >= rows) continue;
+    body(row);
+  }
+}
+
+// Walks a row's chunks with two register buffers: chunk c+1 is in flight while chunk c is computed.
+template <class Frag, class Load, class Process>
+__device__ __forceinline__ void forEachChunk(int64_t nChunks, Load& load, Process& process) {
+  Frag f0, f1;
+  load(f0, 0);
+  for (int64_t c = 0; c < nChunks; c += 2) {
+    if (c + 1 < nChunks) load(f1, c + 1);
+    process(f0, c);
+    if (c + 1 < nChunks) {
+      if (c + 2 < nChunks) load(f0, c + 2);
+      process(f1, c + 1);
+    }
+  }
+}
+
 // ============================== forward ==============================
 
 template <int V> struct FwdFrag {
@@ -168,35 +217,21 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
                             float* finalState, int64_t rows, int64_t L) {
   using Lay = Layout<T, V, WARPS>;
   constexpr int G = Lay::G;
-  constexpr int RPB = WARPS == 1 ? kRowsPerBlock1 : 1;
   using BlockScanT = scan::BlockScan<32 * WARPS>;
   __shared__ typename BlockScanT::TempStorage scanStorage;
   BlockScanT blockScan(scanStorage);
-
-  const int lane = scan::laneId();
-  const int warpInBlock = static_cast<int>(threadIdx.x) >> 5;
-  const int warpInRow = WARPS == 1 ? 0 : warpInBlock;
-  const int rowInBlock = WARPS == 1 ? warpInBlock : 0;
-
+  const ThreadPlace me = threadPlace<Lay, WARPS>(L, finalState != nullptr);
   const Raw one = splat16<T>(1.0f);
   const Raw zero = splat16<T>(0.0f);
-  const int64_t nChunks = (L + Lay::CHUNK - 1) / Lay::CHUNK;
-  const LastOwner owner = lastOwner<Lay>(L);
-  const int myLastGroup = (finalState != nullptr && warpInRow == owner.warp && lane == owner.lane) ? owner.group : -1;
-  // Position of this thread's group 0 relative to the chunk start.
-  const int threadOff = warpInRow * Lay::WARP_SPAN + lane * G;
 
-  for (int64_t rowBase = static_cast<int64_t>(blockIdx.x) * RPB; rowBase < rows;
-       rowBase += static_cast<int64_t>(gridDim.x) * RPB) {
-    const int64_t row = rowBase + rowInBlock;
-    if (WARPS == 1 && row >= rows) continue;  // a whole warp; no block-wide barrier when WARPS == 1
+  forEachRow<WARPS>(rows, me.rowInBlock, [&](int64_t row) {
     const T* aRow = a + row * L;
     const T* bRow = b + row * L;
     T* hRow = h + row * L;
     float carry = h0 != nullptr ? h0[row] : 0.0f;
 
     auto load = [&](FwdFrag<V>& f, int64_t c) {
-      const int64_t q = c * Lay::CHUNK + threadOff;
+      const int64_t q = c * Lay::CHUNK + me.threadOff;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         f.a[k] = loadGroup<DESC, VEC>(aRow, q + k * Lay::GROUP_SPAN, L, one);
@@ -215,28 +250,18 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
       }
       float start[V];
       scan::stripedChunkStarts<V, WARPS>(part, carry, start, &blockScan);
-      const int64_t q = c * Lay::CHUNK + threadOff;
-      const bool lastChunk = (c == nChunks - 1);
+      const int64_t q = c * Lay::CHUNK + me.threadOff;
+      const bool lastChunk = (c == me.nChunks - 1);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const float end = scan::threadApply<G>(av[k], bv[k], start[k]);  // bv[k] now holds h
         storeGroup<DESC, VEC>(hRow, q + k * Lay::GROUP_SPAN, L, bv[k]);
-        if (lastChunk && k == myLastGroup) finalState[row] = end;
+        if (lastChunk && k == me.myLastGroup) finalState[row] = end;
       }
     };
 
-    // Two register buffers: chunk c+1 is in flight while chunk c is computed.
-    FwdFrag<V> f0, f1;
-    load(f0, 0);
-    for (int64_t c = 0; c < nChunks; c += 2) {
-      if (c + 1 < nChunks) load(f1, c + 1);
-      process(f0, c);
-      if (c + 1 < nChunks) {
-        if (c + 2 < nChunks) load(f0, c + 2);
-        process(f1, c + 1);
-      }
-    }
-  }
+    forEachChunk<FwdFrag<V>>(me.nChunks, load, process);
+  });
 }
 
 // ============================== backward ==============================
@@ -263,28 +288,15 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
                              float* gh0, int64_t rows, int64_t L) {
   using Lay = Layout<T, V, WARPS>;
   constexpr int G = Lay::G;
-  constexpr int RPB = WARPS == 1 ? kRowsPerBlock1 : 1;
   using BlockScanT = scan::BlockScan<32 * WARPS>;
   __shared__ typename BlockScanT::TempStorage scanStorage;
   BlockScanT blockScan(scanStorage);
-
-  const int lane = scan::laneId();
-  const int warpInBlock = static_cast<int>(threadIdx.x) >> 5;
-  const int warpInRow = WARPS == 1 ? 0 : warpInBlock;
-  const int rowInBlock = WARPS == 1 ? warpInBlock : 0;
-
+  const ThreadPlace me = threadPlace<Lay, WARPS>(L, gh0 != nullptr);
   const Raw one = splat16<T>(1.0f);
   const Raw zero = splat16<T>(0.0f);
-  const int64_t nChunks = (L + Lay::CHUNK - 1) / Lay::CHUNK;
-  const LastOwner owner = lastOwner<Lay>(L);
-  const int myLastGroup = (gh0 != nullptr && warpInRow == owner.warp && lane == owner.lane) ? owner.group : -1;
-  const int threadOff = warpInRow * Lay::WARP_SPAN + lane * G;
   const bool hasGh = gh != nullptr;
 
-  for (int64_t rowBase = static_cast<int64_t>(blockIdx.x) * RPB; rowBase < rows;
-       rowBase += static_cast<int64_t>(gridDim.x) * RPB) {
-    const int64_t row = rowBase + rowInBlock;
-    if (WARPS == 1 && row >= rows) continue;
+  forEachRow<WARPS>(rows, me.rowInBlock, [&](int64_t row) {
     const T* aRow = a + row * L;
     const T* hRow = h + row * L;
     const T* ghRow = hasGh ? gh + row * L : nullptr;
@@ -296,7 +308,7 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
     float carry = gFinal != nullptr ? gFinal[row] : 0.0f;
 
     auto load = [&](BwdFrag<V>& f, int64_t c) {
-      const int64_t q = c * Lay::CHUNK + threadOff;
+      const int64_t q = c * Lay::CHUNK + me.threadOff;
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const int64_t q0 = q + k * Lay::GROUP_SPAN;
@@ -304,13 +316,13 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
         f.h[k] = loadGroup<DESC, VEC>(hRow, q0, L, zero);
         f.g[k] = hasGh ? loadGroup<DESC, VEC>(ghRow, q0, L, zero) : zero;
       }
-      const int64_t segStart = c * Lay::CHUNK + warpInRow * Lay::WARP_SPAN;
+      const int64_t segStart = c * Lay::CHUNK + me.warpInRow * Lay::WARP_SPAN;
       f.aBefore = one.x;  // the low element of a splat is the scalar's bits
       f.hAfter = 0;       // past the end: process() uses h0 instead
-      if (lane == 31) {
+      if (me.lane == 31) {
         const int64_t qb = segStart - 1;
         if (qb >= 0 && qb < L) f.aBefore = __ldg(reinterpret_cast<const Bits<T>*>(aRow) + memIndex<DESC>(qb, L));
-      } else if (lane == 0) {
+      } else if (me.lane == 0) {
         const int64_t qa = segStart + Lay::WARP_SPAN;
         if (qa < L) f.hAfter = __ldg(reinterpret_cast<const Bits<T>*>(hRow) + memIndex<DESC>(qa, L));
       }
@@ -324,8 +336,8 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
         groupToFloat<DESC, VEC, T>(f.h[k], hv[k]);
         groupToFloat<DESC, VEC, T>(f.g[k], gv[k]);
       }
-      const int64_t q = c * Lay::CHUNK + threadOff;
-      const int64_t segEnd = c * Lay::CHUNK + (warpInRow + 1) * Lay::WARP_SPAN;  // position after the segment
+      const int64_t q = c * Lay::CHUNK + me.threadOff;
+      const int64_t segEnd = c * Lay::CHUNK + (me.warpInRow + 1) * Lay::WARP_SPAN;  // position after the segment
       const float aBefore = bitsToFloat<T>(f.aBefore);
       const float hAfter = segEnd < L ? bitsToFloat<T>(f.hAfter) : h0v;
 
@@ -350,12 +362,12 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
         const int64_t remaining = L - q0;
         // Lane l receives lane l-1's last a of group k; lane 0 receives, from lane 31, the a just
         // before its group: lane 31's last a of group k-1, or aBefore for k == 0.
-        const float aSend = lane == 31 ? (k == 0 ? aBefore : av[k > 0 ? k - 1 : 0][G - 1]) : av[k][G - 1];
-        const float aPrev = __shfl_sync(scan::kFullMask, aSend, (lane + 31) & 31);
+        const float aSend = me.lane == 31 ? (k == 0 ? aBefore : av[k > 0 ? k - 1 : 0][G - 1]) : av[k][G - 1];
+        const float aPrev = __shfl_sync(scan::kFullMask, aSend, (me.lane + 31) & 31);
         // Lane l receives lane l+1's first h of group k; lane 31 receives, from lane 0, the h just
         // after its group: lane 0's first h of group k+1, or hAfter for k == V-1.
-        const float hSend = lane == 0 ? (k == V - 1 ? hAfter : hv[k < V - 1 ? k + 1 : 0][0]) : hv[k][0];
-        hn[k] = __shfl_sync(scan::kFullMask, hSend, (lane + 1) & 31);
+        const float hSend = me.lane == 0 ? (k == V - 1 ? hAfter : hv[k < V - 1 ? k + 1 : 0][0]) : hv[k][0];
+        hn[k] = __shfl_sync(scan::kFullMask, hSend, (me.lane + 1) & 31);
 
         // Positions past the end must be identity items (1, 0); gh is already 0 there. Vector path:
         // the group is all in or all out and av is 1 when out, so only j == 0 needs a check. Scalar
@@ -368,7 +380,7 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
 
       float start[V];
       scan::stripedChunkStarts<V, WARPS>(part, carry, start, &blockScan);
-      const bool lastChunk = (c == nChunks - 1);
+      const bool lastChunk = (c == me.nChunks - 1);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         float gaOut[G];
@@ -382,24 +394,15 @@ __global__ void __launch_bounds__(blockThreads(WARPS), minBlocksPerSm(WARPS, VEC
         const int64_t q0 = q + k * Lay::GROUP_SPAN;
         storeGroup<DESC, VEC>(gbRow, q0, L, gv[k]);
         storeGroup<DESC, VEC>(gaRow, q0, L, gaOut);
-        if (lastChunk && k == myLastGroup) {
+        if (lastChunk && k == me.myLastGroup) {
           // g now holds g_{L-1}; position L-1 in this order is the forward's first step.
           gh0[row] = loadScalar(aRow + memIndex<DESC>(L - 1, L)) * g;
         }
       }
     };
 
-    BwdFrag<V> f0, f1;
-    load(f0, 0);
-    for (int64_t c = 0; c < nChunks; c += 2) {
-      if (c + 1 < nChunks) load(f1, c + 1);
-      process(f0, c);
-      if (c + 1 < nChunks) {
-        if (c + 2 < nChunks) load(f0, c + 2);
-        process(f1, c + 1);
-      }
-    }
-  }
+    forEachChunk<BwdFrag<V>>(me.nChunks, load, process);
+  });
 }
 
 // ============================== launch ==============================
@@ -436,54 +439,41 @@ inline unsigned gridFor(int64_t rows, int warps) {
   return static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);  // kernels loop over the rest
 }
 
-template <class T, int WARPS, bool DESC, bool VEC>
-Status launchForward(const T* a, const T* b, const float* h0, T* h, float* finalState, int64_t rows, int64_t L) {
-  return launch(linearScanForwardKernel<T, kFwdGroups<T>, WARPS, DESC, VEC>, gridFor(rows, WARPS), blockThreads(WARPS),
-                0, a, b, h0, h, finalState, rows, L);
-}
-
-template <class T, bool DESC, bool VEC>
-Status forwardFor(const T* a, const T* b, const float* h0, T* h, float* finalState, int64_t rows, int64_t L) {
+// Launches launchWith(std::integral_constant<int, WARPS>{}) with the warps per row chosen for the
+// rows (chooseWarpsPerRow: 1, 2, 4 or 8), from the occupancy of the kernel's WARPS == 1 instance.
+template <class Kernel, class Launch> Status withWarpsPerRow(int64_t rows, Kernel oneWarpKernel, Launch&& launchWith) {
   // Asked at every call (a host-side computation of a few microseconds): a cached answer would be the
   // first device's for every later one.
-  const int resident = residentWarpsPerSm(linearScanForwardKernel<T, kFwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
+  const int resident = residentWarpsPerSm(oneWarpKernel, blockThreads(1));
   int sms = 0;
   RK_TRY(smCount(&sms));
   switch (chooseWarpsPerRow(rows, sms, resident)) {
     case 1:
-      return launchForward<T, 1, DESC, VEC>(a, b, h0, h, finalState, rows, L);
+      return launchWith(std::integral_constant<int, 1>{});
     case 2:
-      return launchForward<T, 2, DESC, VEC>(a, b, h0, h, finalState, rows, L);
+      return launchWith(std::integral_constant<int, 2>{});
     case 4:
-      return launchForward<T, 4, DESC, VEC>(a, b, h0, h, finalState, rows, L);
+      return launchWith(std::integral_constant<int, 4>{});
     default:
-      return launchForward<T, 8, DESC, VEC>(a, b, h0, h, finalState, rows, L);
+      return launchWith(std::integral_constant<int, 8>{});
   }
 }
 
-template <class T, int WARPS, bool DESC, bool VEC>
-Status launchBackward(const T* a, const T* h, const float* h0, const T* gh, const float* gFinal, T* ga, T* gb,
-                      float* gh0, int64_t rows, int64_t L) {
-  return launch(linearScanBackwardKernel<T, kBwdGroups<T>, WARPS, DESC, VEC>, gridFor(rows, WARPS), blockThreads(WARPS),
-                0, a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
+template <class T, bool DESC, bool VEC>
+Status forwardFor(const T* a, const T* b, const float* h0, T* h, float* finalState, int64_t rows, int64_t L) {
+  return withWarpsPerRow(rows, linearScanForwardKernel<T, kFwdGroups<T>, 1, DESC, VEC>, [&](auto warps) {
+    return launch(linearScanForwardKernel<T, kFwdGroups<T>, decltype(warps)::value, DESC, VEC>, gridFor(rows, warps),
+                  blockThreads(warps), 0, a, b, h0, h, finalState, rows, L);
+  });
 }
 
 template <class T, bool DESC, bool VEC>
 Status backwardFor(const T* a, const T* h, const float* h0, const T* gh, const float* gFinal, T* ga, T* gb, float* gh0,
                    int64_t rows, int64_t L) {
-  const int resident = residentWarpsPerSm(linearScanBackwardKernel<T, kBwdGroups<T>, 1, DESC, VEC>, blockThreads(1));
-  int sms = 0;
-  RK_TRY(smCount(&sms));
-  switch (chooseWarpsPerRow(rows, sms, resident)) {
-    case 1:
-      return launchBackward<T, 1, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
-    case 2:
-      return launchBackward<T, 2, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
-    case 4:
-      return launchBackward<T, 4, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
-    default:
-      return launchBackward<T, 8, DESC, VEC>(a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
-  }
+  return withWarpsPerRow(rows, linearScanBackwardKernel<T, kBwdGroups<T>, 1, DESC, VEC>, [&](auto warps) {
+    return launch(linearScanBackwardKernel<T, kBwdGroups<T>, decltype(warps)::value, DESC, VEC>, gridFor(rows, warps),
+                  blockThreads(warps), 0, a, h, h0, gh, gFinal, ga, gb, gh0, rows, L);
+  });
 }
 
 // dst[0..rows) = src[0..rows) (device fp32), or zeros when src is null.

@@ -124,24 +124,10 @@ Status checkScanArgs(const SelectiveScanArgs& a, const std::string& fn, std::vec
 
 ScanParams baseParams(const SelectiveScanArgs& a) {
   ScanParams p;
-  p.dim = a.dim;
-  p.seqlen = a.seqlen;
-  p.dstate = a.dstate;
-  p.groups = a.groups;
+  static_cast<SelectiveScanArgs&>(p) = a;
+  p.segments = nullptr;  // host memory: the kernels read `table`
   p.channelsPerGroup = a.dim / a.groups;
   p.uniformChunks = (a.seqlen + kChunk - 1) / kChunk;
-  p.u = a.u;
-  p.delta = a.delta;
-  p.A = a.A;
-  p.B = a.B;
-  p.C = a.C;
-  p.D = a.D;
-  p.z = a.z;
-  p.deltaBias = a.deltaBias;
-  p.h0 = a.h0;
-  p.variableB = a.variableB;
-  p.variableC = a.variableC;
-  p.softplus = a.deltaSoftplus;
   return p;
 }
 
@@ -184,34 +170,29 @@ int chooseWarps(const char* name, const ScanParams& p, int64_t nseq, int large, 
   return tunable(name, blocksLarge >= static_cast<int64_t>(wave) * sms ? large : small);
 }
 
-template <class T> Status launchForward(ScanParams p, int64_t nseq) {
-  const int warps = chooseWarps("selectiveScan.forwardWarps", p, nseq, 8, 4, 2);
-  unsigned grid = 0;
-  switch (warps) {
-    case 4:
-      RK_TRY(gridFor(p, nseq, 4, &grid));
-      return launch(selectiveScanForwardKernel<T, 4>, grid, 32 * 4, 0, p);
-    case 8:
-      RK_TRY(gridFor(p, nseq, 8, &grid));
-      return launch(selectiveScanForwardKernel<T, 8>, grid, 32 * 8, 0, p);
-    default:
-      return statusError("selectiveScanForward: unsupported warps per block " + std::to_string(warps));
-  }
+// Launches kernelFor(std::integral_constant<int, W>{}) with W = LARGE or SMALL channels (warps) per
+// block, as chooseWarps picks (tunable `name`), over the grid for W.
+template <int LARGE, int SMALL, class KernelFor>
+Status launchWarps(const char* name, const char* fn, ScanParams p, int64_t nseq, int wave, KernelFor kernelFor) {
+  const int warps = chooseWarps(name, p, nseq, LARGE, SMALL, wave);
+  auto go = [&](auto w) -> Status {
+    unsigned grid = 0;
+    RK_TRY(gridFor(p, nseq, w, &grid));
+    return launch(kernelFor(w), grid, 32 * w, 0, p);
+  };
+  if (warps == LARGE) return go(std::integral_constant<int, LARGE>{});
+  if (warps == SMALL) return go(std::integral_constant<int, SMALL>{});
+  return statusError(std::string(fn) + ": unsupported warps per block " + std::to_string(warps));
 }
 
-template <class T> Status launchBackward(ScanParams p, int64_t nseq) {
-  const int warps = chooseWarps("selectiveScan.backwardWarps", p, nseq, 4, 2, 3);
-  unsigned grid = 0;
-  switch (warps) {
-    case 2:
-      RK_TRY(gridFor(p, nseq, 2, &grid));
-      return launch(selectiveScanBackwardKernel<T, 2>, grid, 32 * 2, 0, p);
-    case 4:
-      RK_TRY(gridFor(p, nseq, 4, &grid));
-      return launch(selectiveScanBackwardKernel<T, 4>, grid, 32 * 4, 0, p);
-    default:
-      return statusError("selectiveScanBackward: unsupported warps per block " + std::to_string(warps));
-  }
+template <class T> Status launchForward(const ScanParams& p, int64_t nseq) {
+  return launchWarps<8, 4>("selectiveScan.forwardWarps", "selectiveScanForward", p, nseq, 2,
+                           [](auto w) { return selectiveScanForwardKernel<T, decltype(w)::value>; });
+}
+
+template <class T> Status launchBackward(const ScanParams& p, int64_t nseq) {
+  return launchWarps<4, 2>("selectiveScan.backwardWarps", "selectiveScanBackward", p, nseq, 3,
+                           [](auto w) { return selectiveScanBackwardKernel<T, decltype(w)::value>; });
 }
 
 }  // namespace
@@ -233,7 +214,7 @@ Status selectiveScanForward(const SelectiveScanArgs& a, void* y, float* states, 
     p.aligned = allAligned({a.u, a.delta, a.z, y, a.variableB ? a.B : nullptr, a.variableC ? a.C : nullptr});
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
-    RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
+    RK_TRY(uploadTable(a, gaps, &table, &p.table, &gapList));
     if (a.nseq > 0) RK_TRY(launchForward<T>(p, a.nseq));
     return launchZeroGaps<T>(static_cast<T*>(y), nullptr, nullptr, a.dim, a.seqlen, gapList,
                              static_cast<int64_t>(gaps.size() / 2));
@@ -293,7 +274,7 @@ Status selectiveScanBackward(const SelectiveScanArgs& a, const SelectiveScanGrad
 
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
-    RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
+    RK_TRY(uploadTable(a, gaps, &table, &p.table, &gapList));
     if (a.nseq > 0) RK_TRY(launchBackward<T>(p, a.nseq));
     RK_TRY(launchZeroGaps<T>(static_cast<T*>(g.du), static_cast<T*>(g.ddelta), static_cast<T*>(p.dz), a.dim, a.seqlen,
                              gapList, static_cast<int64_t>(gaps.size() / 2)));

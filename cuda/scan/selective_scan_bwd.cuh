@@ -2,22 +2,6 @@
 // checkpoints.
 #pragma once
 
-#include <cuda_runtime.h>
-#include <algorithm>
-#include <climits>
-#include <cstdint>
-#include <type_traits>
-#include <vector>
-#include "common/api.h"
-#include "scan/selective_scan.h"
-#include "common/async_copy.cuh"
-#include "common/check.cuh"
-#include "common/host.cuh"
-#include "common/dtype.cuh"
-#include "common/launch.cuh"
-#include "common/math.cuh"
-#include "common/scan.cuh"
-
 #include "scan/selective_scan_common.cuh"
 
 namespace rkcuda {
@@ -36,20 +20,15 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
   __shared__ __align__(16) float part[2][W][2][kRow];  // [buffer][warp][dB, dC][position]
   __shared__ float gcarry[W][kMaxDstate];              // adjoint entering the tile from its end
   __shared__ BlockJob job;
-  if (threadIdx.x == 0) job = blockJob<W>(p);
-  __syncthreads();
-
-  const int lane = scan::laneId();
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const bool active = warp < job.activeWarps;
+  const BlockThread me = startBlock<W>(p, job);
   const int N = static_cast<int>(p.dstate);
   const int L = job.length;
-  if (active) {
-    const int64_t off = job.stateOff + static_cast<int64_t>(warp) * N;
-    for (int n = lane; n < N; n += 32) {
+  if (me.active) {
+    const int64_t off = job.stateOff + static_cast<int64_t>(me.warp) * N;
+    for (int n = me.lane; n < N; n += 32) {
       const float g = p.dFinal != nullptr ? p.dFinal[off + n] : 0.0f;
       if (L > 0) {
-        gcarry[warp][n] = g;
+        gcarry[me.warp][n] = g;
       } else if (p.dh0 != nullptr) {
         p.dh0[off + n] = g;  // an empty sequence: dh0 = dFinal
       }
@@ -109,15 +88,15 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
   float dDSum = 0.0f, dBiasSum = 0.0f;  // this lane's share of dD and dDeltaBias
   for (int ti = 0; ti < nTiles; ++ti) {
     const int tile = nTiles - 1 - ti;
-    const int q = tile * TILE + lane * K;
+    const int q = tile * TILE + me.lane * K;
     const int avail = L - q;
     // Per position: dt, dt*u, dout = dy*silu(z), and sums over the states of g*B, A*g*a*x_{t-1}
     // and C*x (the latter for dz).
     float dt[K], dtu[K], dout[K], sumGB[K], sumAW[K], out[K];
     float dtRest = 0.0f;  // dt summed over this lane's positions 1..K-1
-    if (active) {
-      const int d = job.d0 + warp;
-      const int64_t rowOff = job.rowOff + static_cast<int64_t>(warp) * p.seqlen;
+    if (me.active) {
+      const int d = job.d0 + me.warp;
+      const int64_t rowOff = job.rowOff + static_cast<int64_t>(me.warp) * p.seqlen;
       const bool vec = p.aligned && rowOff % G == 0;
       const float bias = p.deltaBias != nullptr ? p.deltaBias[d] : 0.0f;
       float uv[K], dv[K];
@@ -145,7 +124,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const float pre = dv[k] + bias;
-        const float t = p.softplus ? softplus(pre) : pre;
+        const float t = p.deltaSoftplus ? softplus(pre) : pre;
         dt[k] = k < avail ? t : 0.0f;
         dtu[k] = dt[k] * uv[k];
         sumGB[k] = 0.0f;
@@ -159,11 +138,11 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
       const int unit = ti * N + n;
       const bool more = staged && unit + 1 < nUnits;
       if (more) issue(unit + 1);
-      if (active) {
-        const int d = job.d0 + warp;
+      if (me.active) {
+        const int d = job.d0 + me.warp;
         const float A2 = __ldg(p.A + static_cast<int64_t>(d) * N + n) * kLog2e;
         // B at this lane's positions (read twice from shared memory rather than held throughout).
-        const float* bSrc = &bc[unit & 1][0][padIndex(lane * K)];
+        const float* bSrc = &bc[unit & 1][0][padIndex(me.lane * K)];
         const float bConst =
             p.variableB ? 0.0f : __ldg(static_cast<const float*>(p.B) + static_cast<int64_t>(d) * N + n);
         auto loadB = [&](float(&bv)[K]) {
@@ -193,7 +172,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
             h = fmaf(a[k], h, xs[k]);
           }
         }
-        const float* ck = p.checkpoints + job.ckOff + static_cast<int64_t>(warp) * job.nChunks * N;
+        const float* ck = p.checkpoints + job.ckOff + static_cast<int64_t>(me.warp) * job.nChunks * N;
         const float checkpoint = ck[tile * (TILE / kChunk) * N + n];  // x entering the tile
         const Affine incl = scan::warpInclusiveScan<32>(Affine{fastExp2((dt[0] + dtRest) * A2), h});
         const float x0 = scan::apply(scan::warpExclusiveFromInclusive<32>(incl), checkpoint);
@@ -210,7 +189,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         // lane's last position comes the next lane's first a (lane 31: the carry includes it).
         float g[K];
         if (p.variableC) {
-          const float* src = &bc[unit & 1][1][padIndex(lane * K)];
+          const float* src = &bc[unit & 1][1][padIndex(me.lane * K)];
 #pragma unroll
           for (int v = 0; v < K / 4; ++v) {
             const float4 t = *reinterpret_cast<const float4*>(src + 4 * v);
@@ -227,7 +206,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
           for (int k = 0; k < K; ++k) out[k] = fmaf(g[k], xs[k], out[k]);
         }
         const float aNext = __shfl_down_sync(scan::kFullMask, a[0], 1);
-        const float alphaLast = lane == 31 ? 1.0f : aNext;
+        const float alphaLast = me.lane == 31 ? 1.0f : aNext;
         float hr = 0.0f;
 #pragma unroll
         for (int k = K - 1; k >= 0; --k) {
@@ -236,7 +215,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         }
         const Affine inclR = scan::warpInclusiveScanReverse<32>(Affine{fastExp2(dtRest * A2) * alphaLast, hr});
         {
-          float gg = scan::apply(scan::warpExclusiveFromInclusiveReverse<32>(inclR), gcarry[warp][n]);
+          float gg = scan::apply(scan::warpExclusiveFromInclusiveReverse<32>(inclR), gcarry[me.warp][n]);
 #pragma unroll
           for (int k = K - 1; k >= 0; --k) {
             gg = fmaf(k == K - 1 ? alphaLast : a[k + 1 < K ? k + 1 : 0], gg, g[k]);
@@ -261,7 +240,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
           dCSum += xs[k];
         }
         if (p.variableB) {
-          float* dst = &part[unit & 1][warp][0][padIndex(lane * K)];
+          float* dst = &part[unit & 1][me.warp][0][padIndex(me.lane * K)];
 #pragma unroll
           for (int v = 0; v < K / 4; ++v) {
             *reinterpret_cast<float4*>(dst + 4 * v) =
@@ -269,7 +248,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
           }
         }
         if (p.variableC) {
-          float* dst = &part[unit & 1][warp][1][padIndex(lane * K)];
+          float* dst = &part[unit & 1][me.warp][1][padIndex(me.lane * K)];
 #pragma unroll
           for (int v = 0; v < K / 4; ++v) {
             *reinterpret_cast<float4*>(dst + 4 * v) =
@@ -278,27 +257,27 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         }
         const int64_t param = static_cast<int64_t>(d) * N + n;
         dASum = warpSum(dASum);
-        if (lane == 0) atomicAdd(p.dA + param, dASum);
+        if (me.lane == 0) atomicAdd(p.dA + param, dASum);
         if (!p.variableB) {
           dBSum = warpSum(dBSum);
-          if (lane == 0) atomicAdd(p.dB + param, dBSum);
+          if (me.lane == 0) atomicAdd(p.dB + param, dBSum);
         }
         if (!p.variableC) {
           dCSum = warpSum(dCSum);
-          if (lane == 0) atomicAdd(p.dC + param, dCSum);
+          if (me.lane == 0) atomicAdd(p.dC + param, dCSum);
         }
         // Every lane read gcarry[warp][n] above; a shuffle's data dependence is no memory ordering.
         __syncwarp();
-        if (lane == 0) gcarry[warp][n] = a[0] * g[0];  // into the previous tile (dh0 after the first)
+        if (me.lane == 0) gcarry[me.warp][n] = a[0] * g[0];  // into the previous tile (dh0 after the first)
       }
       if (unit > 0 && staged) flush(unit - 1);  // the previous unit's contributions are complete
       if (more) complete(unit + 1);
       __syncthreads();
     }
 
-    if (active) {
-      const int d = job.d0 + warp;
-      const int64_t rowOff = job.rowOff + static_cast<int64_t>(warp) * p.seqlen;
+    if (me.active) {
+      const int d = job.d0 + me.warp;
+      const int64_t rowOff = job.rowOff + static_cast<int64_t>(me.warp) * p.seqlen;
       const bool vec = p.aligned && rowOff % G == 0;
       const float bias = p.deltaBias != nullptr ? p.deltaBias[d] : 0.0f;
       const float Dd = p.D != nullptr ? p.D[d] : 0.0f;
@@ -308,7 +287,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         float ddt = fmaf(uv[k], sumGB[k], sumAW[k] * kLn2);
-        if (p.softplus) ddt *= softplusGrad(dv[k] + bias);
+        if (p.deltaSoftplus) ddt *= softplusGrad(dv[k] + bias);
         sumGB[k] = fmaf(Dd, dout[k], dt[k] * sumGB[k]);  // du
         sumAW[k] = ddt;                                  // ddelta
         out[k] = fmaf(Dd, uv[k], out[k]);                // y before the gate
@@ -336,19 +315,19 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
   }
   if (staged) flush(nUnits - 1);
 
-  if (active) {
-    const int d = job.d0 + warp;
+  if (me.active) {
+    const int d = job.d0 + me.warp;
     if (p.dh0 != nullptr) {
-      const int64_t off = job.stateOff + static_cast<int64_t>(warp) * N;
-      for (int n = lane; n < N; n += 32) p.dh0[off + n] = gcarry[warp][n];
+      const int64_t off = job.stateOff + static_cast<int64_t>(me.warp) * N;
+      for (int n = me.lane; n < N; n += 32) p.dh0[off + n] = gcarry[me.warp][n];
     }
     if (p.dD != nullptr) {
       dDSum = warpSum(dDSum);
-      if (lane == 0) atomicAdd(p.dD + d, dDSum);
+      if (me.lane == 0) atomicAdd(p.dD + d, dDSum);
     }
     if (p.dDeltaBias != nullptr) {
       dBiasSum = warpSum(dBiasSum);
-      if (lane == 0) atomicAdd(p.dDeltaBias + d, dBiasSum);
+      if (me.lane == 0) atomicAdd(p.dDeltaBias + d, dBiasSum);
     }
   }
 }

@@ -185,21 +185,13 @@ template <class T, int NT, int TILE, int THREADS> struct BCStage {
 
 // ---- parameters and the block's share of the work ----
 
-struct ScanParams {
-  int64_t dim = 0, seqlen = 0, dstate = 0, groups = 1, channelsPerGroup = 0, blocksPerGroup = 0;
-  int64_t uniformChunks = 0;              // chunks per sequence without packing
-  const ScanSegment* segments = nullptr;  // device table (packed input); null: sequence s = row s
-  const void* u = nullptr;
-  const void* delta = nullptr;
-  const float* A = nullptr;
-  const void* B = nullptr;
-  const void* C = nullptr;
-  const float* D = nullptr;
-  const void* z = nullptr;
-  const float* deltaBias = nullptr;
-  const float* h0 = nullptr;
-  bool variableB = false, variableC = false, softplus = false;
-  bool aligned = false;  // every [batch, dim, seqlen] and variable B/C tensor is 16-byte aligned
+// The kernels' parameters: the contract's arguments plus the launch layout, the device sequence
+// table and the outputs.
+struct ScanParams : SelectiveScanArgs {
+  int64_t channelsPerGroup = 0, blocksPerGroup = 0;
+  int64_t uniformChunks = 0;           // chunks per sequence without packing
+  const ScanSegment* table = nullptr;  // device table (packed input); null: sequence s = row s
+  bool aligned = false;                // every [batch, dim, seqlen] and variable B/C tensor is 16-byte aligned
   // forward
   void* y = nullptr;
   float* states = nullptr;
@@ -245,8 +237,8 @@ template <int W> __device__ __forceinline__ BlockJob blockJob(const ScanParams& 
   const int64_t group = rem / p.blocksPerGroup;
   const int64_t first = (rem - group * p.blocksPerGroup) * W;  // within the group
   ScanSegment seg;
-  if (p.segments != nullptr) {
-    seg = p.segments[seq];
+  if (p.table != nullptr) {
+    seg = p.table[seq];
   } else {
     seg.batch = seq;
     seg.start = 0;
@@ -265,6 +257,25 @@ template <int W> __device__ __forceinline__ BlockJob blockJob(const ScanParams& 
   job.stateOff = (seq * p.dim + job.d0) * p.dstate;
   job.vecBC = p.aligned && p.seqlen % 8 == 0 && seg.start % 8 == 0;  // 8: a vector of any dtype
   return job;
+}
+
+// A thread's place in its block: its lane, its warp (channel d0 + warp), and whether that warp has a
+// channel (warps past the group's end take part in the barriers and the staging only).
+struct BlockThread {
+  int lane, warp;
+  bool active;
+};
+
+// The start of both kernels: thread 0 fills the block's job into shared memory, which every thread
+// reads after the barrier.
+template <int W> __device__ __forceinline__ BlockThread startBlock(const ScanParams& p, BlockJob& job) {
+  if (threadIdx.x == 0) job = blockJob<W>(p);
+  __syncthreads();
+  BlockThread t;
+  t.lane = scan::laneId();
+  t.warp = static_cast<int>(threadIdx.x) >> 5;
+  t.active = t.warp < job.activeWarps;
+  return t;
 }
 
 }  // namespace

@@ -1,22 +1,6 @@
 // The selective scan's forward kernel (cuda/scan/selective_scan.cu).
 #pragma once
 
-#include <cuda_runtime.h>
-#include <algorithm>
-#include <climits>
-#include <cstdint>
-#include <type_traits>
-#include <vector>
-#include "common/api.h"
-#include "scan/selective_scan.h"
-#include "common/async_copy.cuh"
-#include "common/check.cuh"
-#include "common/host.cuh"
-#include "common/dtype.cuh"
-#include "common/launch.cuh"
-#include "common/math.cuh"
-#include "common/scan.cuh"
-
 #include "scan/selective_scan_common.cuh"
 
 namespace rkcuda {
@@ -32,18 +16,13 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
   __shared__ __align__(16) float bc[2][2][NT][Stage::kRow];  // [buffer][B, C][state][position]
   __shared__ uint4 raw[Stage::kRawSlots];
   __shared__ BlockJob job;
-  if (threadIdx.x == 0) job = blockJob<W>(p);
-  __syncthreads();
-
-  const int lane = scan::laneId();
-  const int warp = static_cast<int>(threadIdx.x) >> 5;
-  const bool active = warp < job.activeWarps;
+  const BlockThread me = startBlock<W>(p, job);
   const int N = static_cast<int>(p.dstate);
   const int L = job.length;
   if (L == 0) {  // the whole block, before any further barrier
-    if (active && p.finalState != nullptr) {
-      const int64_t off = job.stateOff + static_cast<int64_t>(warp) * N;
-      for (int n = lane; n < N; n += 32) p.finalState[off + n] = p.h0 != nullptr ? p.h0[off + n] : 0.0f;
+    if (me.active && p.finalState != nullptr) {
+      const int64_t off = job.stateOff + static_cast<int64_t>(me.warp) * N;
+      for (int n = me.lane; n < N; n += 32) p.finalState[off + n] = p.h0 != nullptr ? p.h0[off + n] : 0.0f;
     }
     return;
   }
@@ -74,13 +53,13 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
   __syncthreads();
 
   for (int tile = 0; tile < nTiles; ++tile) {
-    const int q = tile * TILE + lane * K;  // this lane's first position
+    const int q = tile * TILE + me.lane * K;  // this lane's first position
     const int avail = L - q;
     float dt[K], dtu[K], y[K];
     float dtSum = 0.0f;
-    if (active) {
-      const int d = job.d0 + warp;
-      const int64_t rowOff = job.rowOff + static_cast<int64_t>(warp) * p.seqlen;
+    if (me.active) {
+      const int d = job.d0 + me.warp;
+      const int64_t rowOff = job.rowOff + static_cast<int64_t>(me.warp) * p.seqlen;
       const bool vec = p.aligned && rowOff % G == 0;
       const float bias = p.deltaBias != nullptr ? p.deltaBias[d] : 0.0f;
       const float Dd = p.D != nullptr ? p.D[d] : 0.0f;
@@ -95,7 +74,7 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const float pre = dv[k] + bias;
-        const float t = p.softplus ? softplus(pre) : pre;
+        const float t = p.deltaSoftplus ? softplus(pre) : pre;
         dt[k] = k < avail ? t : 0.0f;
         dtu[k] = dt[k] * uv[k];
         y[k] = Dd * uv[k];
@@ -107,13 +86,13 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
       const int unit = tile * upt + su;
       const bool more = staged && unit + 1 < nUnits;
       if (more) issue(unit + 1);
-      if (active) {
-        const int d = job.d0 + warp;
+      if (me.active) {
+        const int d = job.d0 + me.warp;
         const int nChunks = job.nChunks;
         // This channel's checkpoints [c][n]. The entry at a tile start doubles as the carry
         // between tiles: lane 31 writes it at the end of the previous tile, the barriers publish it.
-        float* ck = p.states + job.ckOff + static_cast<int64_t>(warp) * nChunks * N;
-        const int64_t stateOff = job.stateOff + static_cast<int64_t>(warp) * N;
+        float* ck = p.states + job.ckOff + static_cast<int64_t>(me.warp) * nChunks * N;
+        const int64_t stateOff = job.stateOff + static_cast<int64_t>(me.warp) * N;
         const int tileCk = tile * (TILE / kChunk);  // the chunk starting the tile
         const int n0 = su * NT;
         const int nCount = N - n0 < NT ? N - n0 : NT;
@@ -124,7 +103,7 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
           const float A2 = __ldg(p.A + static_cast<int64_t>(d) * N + n) * kLog2e;
           float a[K], b[K];
           if (p.variableB) {
-            const float* src = &bc[unit & 1][0][j][padIndex(lane * K)];
+            const float* src = &bc[unit & 1][0][j][padIndex(me.lane * K)];
 #pragma unroll
             for (int v = 0; v < K / 4; ++v) {
               const float4 bv = *reinterpret_cast<const float4*>(src + 4 * v);
@@ -146,11 +125,11 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
           float x = scan::apply(scan::warpExclusiveFromInclusive<32>(incl), before);  // before this lane
           // Checkpoints inside the tile (at its start only for the first tile; later ones are the
           // previous tile's end).
-          if ((lane * K) % kChunk == 0 && (lane > 0 || tile == 0) && q / kChunk < nChunks) {
+          if ((me.lane * K) % kChunk == 0 && (me.lane > 0 || tile == 0) && q / kChunk < nChunks) {
             ck[(q / kChunk) * N + n] = x;
           }
           if (p.variableC) {
-            const float* src = &bc[unit & 1][1][j][padIndex(lane * K)];
+            const float* src = &bc[unit & 1][1][j][padIndex(me.lane * K)];
 #pragma unroll
             for (int v = 0; v < K / 4; ++v) {
               const float4 cv = *reinterpret_cast<const float4*>(src + 4 * v);
@@ -171,7 +150,7 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
           }
           // Lane 31 ends the tile (positions past the sequence's end are identity steps): the next
           // tile's carry, or the final state.
-          if (lane == 31) {
+          if (me.lane == 31) {
             if (tile + 1 < nTiles) {
               ck[(tileCk + TILE / kChunk) * N + n] = x;
             } else if (p.finalState != nullptr) {
@@ -184,8 +163,8 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
       __syncthreads();
     }
 
-    if (active) {
-      const int64_t rowOff = job.rowOff + static_cast<int64_t>(warp) * p.seqlen;
+    if (me.active) {
+      const int64_t rowOff = job.rowOff + static_cast<int64_t>(me.warp) * p.seqlen;
       const bool vec = p.aligned && rowOff % G == 0;
       if (p.z != nullptr) {
         float zv[K];

@@ -29,7 +29,8 @@
 //
 // Seams with cuda/ (see cuda/common/launch.cuh): rkcuda::launch runs a grid here instead of
 // `<<<...>>>`, and rkcuda::tunable returns the value a test pinned with emu::setTunable, so a test
-// can force each configuration a launcher might choose. emu::launchLog records every launch.
+// can force each configuration a launcher might choose. emu::launchLog records every launch (and
+// RK_EMU_LAUNCH_LOG=<file> writes each kernel's name to a file).
 //
 // Supported: 1-D grids and blocks of a multiple of 32 threads (up to 1024), full-warp
 // __shfl_sync / __shfl_up_sync / __shfl_down_sync / __shfl_xor_sync of 4-byte values, __syncwarp,
@@ -470,6 +471,33 @@ inline bool refuseCooperative = false;
 
 // ---- the resource model: occupancy and launch limits as on an H100 (sm_90) ----
 
+// A kernel's mangled and demangled names, from the program's symbol table (empty when not found).
+struct KernelName {
+  std::string mangled, demangled;
+};
+inline const KernelName& kernelName(const void* kernel) {
+  static std::map<const void*, KernelName> cache;
+  const auto hit = cache.find(kernel);
+  if (hit != cache.end()) return hit->second;
+  static const std::map<uintptr_t, std::string> functions = [] {
+    std::map<uintptr_t, std::string> m;
+    for (const Symbol& s : programSymbols()) {
+      if (s.function) m[s.address] = s.name;
+    }
+    return m;
+  }();
+  KernelName n;
+  const auto fn = functions.find(reinterpret_cast<uintptr_t>(kernel));
+  if (fn != functions.end()) {
+    n.mangled = fn->second;
+    int status = 0;
+    char* name = abi::__cxa_demangle(fn->second.c_str(), nullptr, nullptr, &status);
+    if (status == 0 && name != nullptr) n.demangled = name;
+    std::free(name);
+  }
+  return cache[kernel] = n;
+}
+
 // A kernel's registers and static shared memory as ptxas allocates them for sm_90 (resources.h,
 // generated from the CUDA build by scripts/cuda-resources.mjs); null for a kernel of a test driver.
 inline const KernelResources* resourcesOf(const void* kernel) {
@@ -481,30 +509,36 @@ inline const KernelResources* resourcesOf(const void* kernel) {
     for (const KernelResources& r : kKernelResources) m[r.name] = &r;
     return m;
   }();
-  static const std::map<uintptr_t, std::string> functions = [] {
-    std::map<uintptr_t, std::string> m;
-    for (const Symbol& s : programSymbols()) {
-      if (s.function) m[s.address] = s.name;
-    }
-    return m;
-  }();
+  const KernelName& name = kernelName(kernel);
   const KernelResources* found = nullptr;
-  const auto fn = functions.find(reinterpret_cast<uintptr_t>(kernel));
-  if (fn != functions.end()) {
-    int status = 0;
-    char* name = abi::__cxa_demangle(fn->second.c_str(), nullptr, nullptr, &status);
-    if (status == 0 && name != nullptr) {
-      const auto r = byName.find(name);
-      if (r != byName.end()) found = r->second;
-    }
-    std::free(name);
+  if (!name.demangled.empty()) {
+    const auto r = byName.find(name.demangled);
+    if (r != byName.end()) found = r->second;
   }
   cache[kernel] = found;
-  if (found == nullptr && fn != functions.end() && fn->second.rfind("_ZN6rkcuda", 0) == 0) {
+  if (found == nullptr && name.mangled.rfind("_ZN6rkcuda", 0) == 0) {
     // A kernel of cuda/ (namespace rkcuda) that the table lacks: resources.h is out of date.
-    fail("no sm_90 resources for kernel " + fn->second + " (run npm run cuda:resources)");
+    fail("no sm_90 resources for kernel " + name.mangled + " (run npm run cuda:resources)");
   }
   return found;
+}
+
+// RK_EMU_LAUNCH_LOG=<file>: every launch appends a line to the file with the kernel's demangled
+// name (the template instantiation; its mangled name when it cannot be demangled), so that a test
+// can compare the kernels a driver launched with a recorded list (tests/cuda-emulator/launches.txt).
+inline void logLaunch(const void* kernel) {
+  static FILE* const log = [] {
+    const char* path = std::getenv("RK_EMU_LAUNCH_LOG");
+    if (path == nullptr || *path == '\0') return static_cast<FILE*>(nullptr);
+    FILE* f = std::fopen(path, "a");
+    if (f == nullptr) fail(std::string("cannot open RK_EMU_LAUNCH_LOG ") + path);
+    return f;
+  }();
+  if (log == nullptr) return;
+  const KernelName& name = kernelName(kernel);
+  const std::string& line = !name.demangled.empty() ? name.demangled : name.mangled;
+  std::fprintf(log, "%s\n", line.empty() ? "(unknown kernel)" : line.c_str());
+  std::fflush(log);
 }
 
 // sm_90: 64K registers (allocated per warp in units of 256), 64 warps, 32 blocks and 228 KiB of
@@ -802,6 +836,7 @@ template <class... KArgs> Status prepareLaunch(void (*kernel)(KArgs...), dim3 gr
   emu::block.dynamicSharedBytes = sharedBytes;
   emu::block.kernel = emu::kernelId(kernel);
   emu::launchLog.push_back(emu::LaunchRecord{emu::kernelId(kernel), grid, block});
+  emu::logLaunch(emu::kernelId(kernel));
   emu::block.gridDims = grid;
   emu::block.blockDims = block;
   return Status{};

@@ -358,20 +358,9 @@ void checkReferenceGradients() {
         for (size_t i = 0; i < f.finalStates.size(); ++i) L += f.finalStates[i] * X.dFinal[i];
         return L;
       };
-      auto probe = [&](std::vector<double> Problem::*field, const std::vector<double>& grad, const char* name) {
-        for (size_t i = 0; i < (P.*field).size(); ++i) {
-          Problem A = P, B = P;
-          const double e = 1e-6;
-          (A.*field)[i] += e;
-          (B.*field)[i] -= e;
-          const double fd = (loss(A) - loss(B)) / (2 * e);
-          check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)),
-                std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
-        }
-      };
-      probe(&Problem::wx, r.dwx, "wx");
-      probe(&Problem::R, r.dR, "R");
-      probe(&Problem::b, r.db, "b");
+      probeGradient(P, &Problem::wx, r.dwx, "wx", loss);
+      probeGradient(P, &Problem::R, r.dR, "R", loss);
+      probeGradient(P, &Problem::b, r.db, "b", loss);
       // The empty sLSTM state (n = 0 exactly) is a branch point: probe the others only.
       Problem keep = P;
       for (size_t i = 0; i < P.states0.size(); ++i) {

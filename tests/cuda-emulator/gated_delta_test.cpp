@@ -223,23 +223,12 @@ void checkReferenceGradients() {
     for (size_t i = 0; i < f.finalState.size(); ++i) L += f.finalState[i] * X.dFinal[i];
     return L;
   };
-  auto probe = [&](std::vector<double> Problem::*field, const std::vector<double>& grad, const char* name) {
-    for (size_t i = 0; i < (P.*field).size(); ++i) {
-      Problem A = P, B = P;
-      const double e = 1e-6;
-      (A.*field)[i] += e;
-      (B.*field)[i] -= e;
-      const double fd = (loss(A) - loss(B)) / (2 * e);
-      check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)),
-            std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
-    }
-  };
-  probe(&Problem::q, r.dq, "q");
-  probe(&Problem::k, r.dk, "k");
-  probe(&Problem::v, r.dv, "v");
-  probe(&Problem::g, r.dg, "g");
-  probe(&Problem::beta, r.dbeta, "beta");
-  probe(&Problem::h0, r.dh0, "h0");
+  probeGradient(P, &Problem::q, r.dq, "q", loss);
+  probeGradient(P, &Problem::k, r.dk, "k", loss);
+  probeGradient(P, &Problem::v, r.dv, "v", loss);
+  probeGradient(P, &Problem::g, r.dg, "g", loss);
+  probeGradient(P, &Problem::beta, r.dbeta, "beta", loss);
+  probeGradient(P, &Problem::h0, r.dh0, "h0", loss);
 }
 
 // ---- cases ----

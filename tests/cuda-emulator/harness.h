@@ -11,7 +11,8 @@
 //   * Buf<T>, a device array stand-in with sentinels on each side, poison() (NaN in every dtype,
 //     for outputs) and poisonGuards() (NaN guards, for inputs); checkOutput(), which compares an
 //     output and checks its guards; roundTo<T>();
-//   * centralDifferences(), the float64 references' gradients by finite differences;
+//   * centralDifferences() and probeGradient(), the float64 references' gradients by finite
+//     differences;
 //   * launched / noteLaunches(), the kernels that ran, from the emulator's launch log.
 // Each driver keeps its own tolerances, cases and summary line.
 #pragma once
@@ -211,6 +212,23 @@ template <class Loss> std::vector<double> centralDifferences(std::vector<double>
     num[i] = (lp - lm) / (2 * h);
   }
   return num;
+}
+
+// Checks grad, a reference's gradient of loss(problem) with respect to the vector problem.*field,
+// against central differences (step 1e-6, agreement within 1e-6 * (1 + |difference|)) at the
+// elements 0, stride, 2 * stride, ...; the checks are named d<name>[i].
+template <class Problem, class Loss>
+void probeGradient(const Problem& problem, std::vector<double> Problem::*field, const std::vector<double>& grad,
+                   const char* name, Loss&& loss, size_t stride = 1) {
+  for (size_t i = 0; i < (problem.*field).size(); i += stride) {
+    Problem a = problem, b = problem;
+    const double e = 1e-6;
+    (a.*field)[i] += e;
+    (b.*field)[i] -= e;
+    const double fd = (loss(a) - loss(b)) / (2 * e);
+    check(std::fabs(fd - grad[i]) <= 1e-6 * (1 + std::fabs(fd)),
+          std::string("d") + name + "[" + std::to_string(i) + "]", grad[i], fd);
+  }
 }
 
 // ---- launches ----

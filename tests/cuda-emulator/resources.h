@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "c1c08c326d663732";
+constexpr const char* kSourcesHash = "b1bfab3796fc30eb";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -175,13 +175,13 @@ inline const KernelResources kKernelResources[] = {
      64, 28672},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)0, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
-     60, 8448},
+     58, 8448},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)0, __nv_bfloat16>(rkcuda::(anonymous "
      "namespace)::Params)",
-     60, 8448},
+     58, 8448},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)0, float>(rkcuda::(anonymous "
      "namespace)::Params)",
-     60, 8448},
+     58, 8448},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)1, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
      64, 16640},
@@ -509,34 +509,34 @@ inline const KernelResources kKernelResources[] = {
      186, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     121, 32896},
+     119, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      186, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     121, 32896},
+     119, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      182, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     120, 32896},
+     118, 32896},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__half, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     121, 0},
+     120, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      58, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     121, 0},
+     120, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      58, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
-     126, 0},
+     124, 0},
     {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      56, 0},
@@ -549,88 +549,88 @@ inline const KernelResources kKernelResources[] = {
      0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<__half, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     210, 0},
+     212, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
      128, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     210, 0},
+     212, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
      128, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     211, 0},
+     218, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionBackwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
      128, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<__half, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     157, 0},
+     158, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     106, 0},
+     104, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     157, 0},
+     158, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     106, 0},
+     105, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     155, 0},
+     160, 0},
     {"void rkcuda::(anonymous namespace)::linearAttentionForwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::AttnParams)",
-     108, 0},
+     107, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 1, false, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      124, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 1, false, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     106, 0},
+     95, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 1, true, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      124, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 1, true, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     104, 0},
+     95, 0},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 2, false, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      116, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 2, false, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     104, 32},
+     102, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 2, true, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      118, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 2, true, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     116, 32},
+     108, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 4, false, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      121, 64},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 4, false, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     109, 64},
+     104, 64},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 4, true, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      123, 64},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 4, true, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     121, 64},
+     102, 64},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 8, false, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      124, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 8, false, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     117, 128},
+     111, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 8, true, false>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
      121, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__half, 1, 8, true, true>(__half const*, __half "
      "const*, float const*, __half const*, float const*, __half*, __half*, float*, long, long)",
-     121, 128},
+     109, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 1, false, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
@@ -662,7 +662,7 @@ inline const KernelResources kKernelResources[] = {
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 2, true, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
-     94, 32},
+     96, 32},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 4, false, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
@@ -686,7 +686,7 @@ inline const KernelResources kKernelResources[] = {
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 8, false, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
-     115, 128},
+     109, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 8, true, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
@@ -694,7 +694,7 @@ inline const KernelResources kKernelResources[] = {
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<__nv_bfloat16, 1, 8, true, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, __nv_bfloat16*, "
      "float*, long, long)",
-     119, 128},
+     105, 128},
     {"void rkcuda::(anonymous namespace)::linearScanBackwardKernel<float, 2, 1, false, false>(float const*, float "
      "const*, float const*, float const*, float const*, float*, float*, float*, long, long)",
      123, 0},
@@ -820,7 +820,7 @@ inline const KernelResources kKernelResources[] = {
      134, 64},
     {"void rkcuda::(anonymous namespace)::linearScanForwardKernel<__nv_bfloat16, 2, 4, false, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, float*, long, long)",
-     110, 64},
+     109, 64},
     {"void rkcuda::(anonymous namespace)::linearScanForwardKernel<__nv_bfloat16, 2, 4, true, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, float*, long, long)",
      128, 64},
@@ -832,7 +832,7 @@ inline const KernelResources kKernelResources[] = {
      128, 128},
     {"void rkcuda::(anonymous namespace)::linearScanForwardKernel<__nv_bfloat16, 2, 8, false, true>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, float*, long, long)",
-     121, 128},
+     117, 128},
     {"void rkcuda::(anonymous namespace)::linearScanForwardKernel<__nv_bfloat16, 2, 8, true, false>(__nv_bfloat16 "
      "const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, float*, long, long)",
      128, 128},
@@ -928,22 +928,22 @@ inline const KernelResources kKernelResources[] = {
      40, 4096},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__half, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     125, 16945},
+     124, 16945},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__half, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     125, 28209},
+     124, 28209},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__nv_bfloat16, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     124, 16945},
+     123, 16945},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__nv_bfloat16, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     124, 28209},
+     123, 28209},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<float, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     141, 15921},
+     140, 15921},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<float, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     141, 27185},
+     140, 27185},
     {"void rkcuda::(anonymous namespace)::selectiveScanForwardKernel<__half, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
      128, 45105},
@@ -1043,19 +1043,19 @@ inline const KernelResources kKernelResources[] = {
      92, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     111, 0},
+     112, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     133, 0},
+     136, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      92, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     112, 0},
+     113, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     133, 0},
+     136, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      128, 0},
@@ -1076,7 +1076,7 @@ inline const KernelResources kKernelResources[] = {
      116, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     149, 0},
+     150, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      91, 0},
@@ -1085,7 +1085,7 @@ inline const KernelResources kKernelResources[] = {
      118, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     147, 0},
+     149, 0},
     {"void rkcuda::l2normBackwardKernel<__half>(__half const*, float const*, __half*, long, int, bool)", 32, 0},
     {"void rkcuda::l2normBackwardKernel<__nv_bfloat16>(__nv_bfloat16 const*, float const*, __nv_bfloat16*, long, int, "
      "bool)",
