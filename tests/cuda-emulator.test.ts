@@ -4,7 +4,7 @@
 // scan_primitives_test.cpp runs the reusable scan primitive (cuda/common/scan.cuh) in every
 // configuration through small test kernels; mma_test.cpp the warp-level tensor-core
 // multiply-accumulate helpers (cuda/common/mma.cuh); selective_scan_test.cpp runs the selective-scan
-// (Mamba-1) forward, backward and decode launchers against float64 references; gated_delta_test.cpp
+// (Mamba-1) forward, backward and decode launchers against float64 references; gated_delta_rule_test.cpp
 // does the same for the gated delta rule (recurrent forward, backward and decode, and the chunked
 // tensor-core forward and backward); newton_rnn_test.cpp the Newton-iteration parallel RNN (Newton
 // solves, among them the full-Jacobian DEER step, fallback, backward); linear_attention_test.cpp the
@@ -171,7 +171,7 @@ describe.skipIf(!cuda.dir && !required)(title, () => {
       expect.arrayContaining([
         'linear_scan_test',
         'selective_scan_test',
-        'gated_delta_test',
+        'gated_delta_rule_test',
         'newton_rnn_test',
         'fused_rnn_test',
         'scan_primitives_test',

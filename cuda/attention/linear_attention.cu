@@ -3,7 +3,7 @@
 // rule, one decay per head or per key row, grouped queries both ways, for F32/F16/BF16 storage with
 // fp32 state and arithmetic.
 //
-// Work split (as the gated delta rule's recurrent kernels, cuda/delta/gated_delta.cu). Given the
+// Work split (as the gated delta rule's recurrent kernels, cuda/delta/gated_delta_rule.cu). Given the
 // inputs, column j of the K x V state evolves on its own:
 //   Sd[:, j] = a_t .* S_{t-1}[:, j];  w_t[j] = beta_t (v_t[j] - k_t . Sd[:, j])  (delta rules; else v_t[j])
 //   S_t[:, j] = Sd[:, j] + k_t w_t[j];  o_t[j] = scale q_t . S_t[:, j]  (per query head of the state)

@@ -1,6 +1,6 @@
 // Linear attention (the ONNX LinearAttention family): the interface of cuda/attention/linear_attention.cu,
 // the contract between the binding (cpp/ops/attention/linear_attention_binding.cc) and the kernels
-// (CPU: cpp/ops/attention/linear_attention_cpu.inc; CUDA: linear_attention.cu).
+// (CPU: cpp/ops/attention/linear_attention_cpu_{fwd,bwd}.inc; CUDA: linear_attention.cu).
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -59,7 +59,7 @@ struct ScanSegment {
 };
 
 // Each op's contract (its argument structs and entry points) is in its own header:
-// cuda/scan/linear_scan.h, cuda/scan/selective_scan.h, cuda/delta/gated_delta.h,
+// cuda/scan/linear_scan.h, cuda/scan/selective_scan.h, cuda/delta/gated_delta_rule.h,
 // cuda/cells/fused_rnn.h, cuda/newton/newton_rnn.h.
 
 }  // namespace rkcuda

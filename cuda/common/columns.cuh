@@ -1,4 +1,4 @@
-// Helpers of the recurrent kernels whose K x V state is split by columns (cuda/delta/gated_delta.cu,
+// Helpers of the recurrent kernels whose K x V state is split by columns (cuda/delta/gated_delta_rule.cu,
 // cuda/attention/linear_attention.cu): each column is owned by a group of G consecutive lanes (G a
 // power of two up to 32), lane r of the group holding the rows i = r + G*m (m < KP) of its column in
 // registers. P is the kernel's parameters (K, V, G, cols, blocksPerHead); J the thread's job (sub:

@@ -1,11 +1,11 @@
-// What the recurrent (gated_delta.cu) and chunked (gated_delta_chunked.cu) forms of the gated delta
+// What the recurrent (gated_delta_rule.cu) and chunked (gated_delta_rule_chunked.cu) forms of the gated delta
 // rule share: the sizes, inputs and forward outputs of their kernel parameters, and the sequence of
 // an unpacked batch row.
 #pragma once
 #include <cstdint>
 
 #include "common/api.h"
-#include "delta/gated_delta.h"
+#include "delta/gated_delta_rule.h"
 
 namespace rkcuda {
 namespace delta {

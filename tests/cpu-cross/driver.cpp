@@ -37,7 +37,7 @@
 #include "ops/attention/linear_attention_cpu.h"
 #include "ops/cells/fused_rnn_cpu.h"
 #include "ops/conv/causal_conv1d_cpu.h"
-#include "ops/delta/gated_delta_cpu.h"
+#include "ops/delta/gated_delta_rule_cpu.h"
 #include "ops/newton/newton_rnn_cpu.h"
 #include "ops/scan/linear_scan_cpu.h"
 #include "ops/scan/selective_scan_cpu.h"

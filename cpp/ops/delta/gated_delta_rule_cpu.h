@@ -4,7 +4,7 @@
 #include <cstdint>
 
 #include "common/isa.h"
-#include "cuda/delta/gated_delta.h"
+#include "cuda/delta/gated_delta_rule.h"
 
 namespace rk::delta {
 
@@ -17,7 +17,7 @@ void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* state
 void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g);
 void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a);
 
-// The same, per instruction-set variant (gated_delta_cpu.inc compiled once per variant).
+// The same, per instruction-set variant (gated_delta_rule_cpu.inc compiled once per variant).
 #define RK_DELTA_VARIANT_API(NS)                                                                         \
   namespace NS {                                                                                         \
   void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* finalState); \

@@ -1,4 +1,4 @@
-// The gated delta rule's chunked forward (cuda/delta/gated_delta_chunked.cu): the per-chunk
+// The gated delta rule's chunked forward (cuda/delta/gated_delta_rule_chunked.cu): the per-chunk
 // preparation (WY / UT transform) and the state pass with the outputs.
 #pragma once
 
@@ -10,7 +10,7 @@
 #include <string>
 #include <type_traits>
 #include "common/api.h"
-#include "delta/gated_delta.h"
+#include "delta/gated_delta_rule.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"
@@ -18,9 +18,9 @@
 #include "common/math.cuh"
 #include "common/mma.cuh"
 #include "delta/delta_params.cuh"
-#include "delta/gated_delta_chunked.h"
+#include "delta/gated_delta_rule_chunked.h"
 
-#include "delta/gated_delta_chunked_common.cuh"
+#include "delta/gated_delta_rule_chunked_common.cuh"
 
 namespace rkcuda {
 namespace deltachunked {

@@ -1,4 +1,4 @@
-// CPU test of the gated delta rule kernels (cuda/delta/gated_delta.cu, compiled unmodified) through
+// CPU test of the gated delta rule kernels (cuda/delta/gated_delta_rule.cu, compiled unmodified) through
 // the SIMT emulator in emu.h. The real launchers run on small problems and every output is compared
 // with a float64 reference written here as plain loops (the per-token recurrence and its backward
 // by hand, the backward itself checked against finite differences of the reference forward):
@@ -8,7 +8,7 @@
 //     positions between sequences and a tail in no sequence, where the inputs are NaN); h0,
 //     finalState, dO, dFinal, dh0 each on and off; T = 0; g = 0 everywhere and g = -1e4 at some positions;
 //     every rows-per-lane and block-size choice (pinned through rkcuda::tunable);
-//   * the chunked tensor-core forward (fp16 / bf16, cuda/delta/gated_delta_chunked.cu) pinned
+//   * the chunked tensor-core forward (fp16 / bf16, cuda/delta/gated_delta_rule_chunked.cu) pinned
 //     through the "gatedDelta.forwardPath" tunable, against the same reference at the rounding
 //     level of the storage type: T = 1, chunk-1, chunk, chunk+1, 2*chunk+2; K != V (32 x 48,
 //     16 x 80, 128 x 64, 256 x 24, 20 x 256); H != HV; packed lengths 0, 1 and partial chunks;
@@ -25,11 +25,11 @@
 // stream-ordered allocation must be freed; every kernel instantiation must run.
 // Prints failures and a summary line "<n> checks, <m> failures"; exits 1 on any failure. Built and
 // run by tests/cuda-emulator.test.ts; by hand (from the repository root):
-//   g++ -std=c++17 -O1 -fno-strict-aliasing -I<CUDA include dir> -Icuda tests/cuda-emulator/gated_delta_test.cpp
+//   g++ -std=c++17 -O1 -fno-strict-aliasing -I<CUDA include dir> -Icuda tests/cuda-emulator/gated_delta_rule_test.cpp
 #include "emu.h"
 // The kernels under test, after the emulator.
-#include "delta/gated_delta.cu"
-#include "delta/gated_delta_chunked.cu"
+#include "delta/gated_delta_rule.cu"
+#include "delta/gated_delta_rule_chunked.cu"
 #include "harness.h"
 
 #include <algorithm>

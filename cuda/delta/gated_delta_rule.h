@@ -1,4 +1,4 @@
-// Gated delta rule: the interface of cuda/delta/gated_delta.cu and gated_delta_chunked.cu.
+// Gated delta rule: the interface of cuda/delta/gated_delta_rule.cu and gated_delta_rule_chunked.cu.
 // The contract between cpp/ (the CPU kernels and the binding) and cuda/ (the CUDA launchers).
 #pragma once
 #include <cstddef>
@@ -8,7 +8,7 @@
 
 namespace rkcuda {
 
-// ---- gated delta rule, Gated DeltaNet (cuda/delta/gated_delta.cu) ----
+// ---- gated delta rule, Gated DeltaNet (cuda/delta/gated_delta_rule.cu) ----
 // Per value head hv (q / k head h = hv / (HV / H)) and position t of a sequence, with the state S
 // stored K x V (S[i][j]):
 //   q_t, k_t = q[t, h], k[t, h]; with l2norm each is first divided by sqrt(sum_i x_i^2 + 1e-6)

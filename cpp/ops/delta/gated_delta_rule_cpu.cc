@@ -1,5 +1,5 @@
 // Picks the instruction-set variant of the gated delta rule's CPU kernels per call (common/isa.h).
-#include "ops/delta/gated_delta_cpu.h"
+#include "ops/delta/gated_delta_rule_cpu.h"
 
 namespace rk::delta {
 

@@ -1,4 +1,4 @@
-// The gated delta rule's chunked tensor-core kernels (cuda/delta/gated_delta_chunked.cu): sizes,
+// The gated delta rule's chunked tensor-core kernels (cuda/delta/gated_delta_rule_chunked.cu): sizes,
 // tiles and the helpers both passes share.
 #pragma once
 
@@ -10,7 +10,7 @@
 #include <string>
 #include <type_traits>
 #include "common/api.h"
-#include "delta/gated_delta.h"
+#include "delta/gated_delta_rule.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"
@@ -18,7 +18,7 @@
 #include "common/math.cuh"
 #include "common/mma.cuh"
 #include "delta/delta_params.cuh"
-#include "delta/gated_delta_chunked.h"
+#include "delta/gated_delta_rule_chunked.h"
 
 namespace rkcuda {
 namespace deltachunked {

@@ -1,4 +1,4 @@
-// The gated delta rule's chunked backward (cuda/delta/gated_delta_chunked.cu).
+// The gated delta rule's chunked backward (cuda/delta/gated_delta_rule_chunked.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,7 +9,7 @@
 #include <string>
 #include <type_traits>
 #include "common/api.h"
-#include "delta/gated_delta.h"
+#include "delta/gated_delta_rule.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"
@@ -17,9 +17,9 @@
 #include "common/math.cuh"
 #include "common/mma.cuh"
 #include "delta/delta_params.cuh"
-#include "delta/gated_delta_chunked.h"
+#include "delta/gated_delta_rule_chunked.h"
 
-#include "delta/gated_delta_chunked_forward.cuh"
+#include "delta/gated_delta_rule_chunked_forward.cuh"
 
 namespace rkcuda {
 namespace deltachunked {

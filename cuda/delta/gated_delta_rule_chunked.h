@@ -1,10 +1,10 @@
 // The chunked (WY / UT transform) forward and backward passes of the gated delta rule on tensor
-// cores, called by the launchers of gated_delta.cu (cuda/delta/gated_delta_chunked.cu). Not part of
+// cores, called by the launchers of gated_delta_rule.cu (cuda/delta/gated_delta_rule_chunked.cu). Not part of
 // the public contract in common/api.h: gatedDeltaForward and gatedDeltaBackward pick this path or
 // the per-token recurrence.
 #pragma once
 #include "common/api.h"
-#include "delta/gated_delta.h"
+#include "delta/gated_delta_rule.h"
 
 namespace rkcuda {
 

@@ -1,9 +1,9 @@
 // Gated delta rule, chunked form (WY representation / UT transform) on tensor cores: the forward
 // and backward passes for fp16 / bf16 storage, fp32 state and accumulation. gatedDeltaForward and
-// gatedDeltaBackward (gated_delta.cu) call them for those dtypes; fp32 storage stays on the
+// gatedDeltaBackward (gated_delta_rule.cu) call them for those dtypes; fp32 storage stays on the
 // per-token recurrence (below, "fp32"). The launches are here; the kernels in
-// gated_delta_chunked_forward.cuh and gated_delta_chunked_backward.cuh, their shared sizes and
-// helpers in gated_delta_chunked_common.cuh.
+// gated_delta_rule_chunked_forward.cuh and gated_delta_rule_chunked_backward.cuh, their shared sizes and
+// helpers in gated_delta_rule_chunked_common.cuh.
 //
 // Algorithm. Per (sequence, value head), a chunk of C = 64 positions t = 0..n-1 (n < 64 for the
 // last one) with state S_0 (K x V) entering it, a_t = exp(g_t), G_t = g_0 + ... + g_t (cumulative
@@ -105,7 +105,7 @@
 #include <type_traits>
 
 #include "common/api.h"
-#include "delta/gated_delta.h"
+#include "delta/gated_delta_rule.h"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"
@@ -113,11 +113,11 @@
 #include "common/math.cuh"
 #include "common/mma.cuh"
 #include "delta/delta_params.cuh"
-#include "delta/gated_delta_chunked.h"
+#include "delta/gated_delta_rule_chunked.h"
 
-#include "delta/gated_delta_chunked_backward.cuh"
-#include "delta/gated_delta_chunked_common.cuh"
-#include "delta/gated_delta_chunked_forward.cuh"
+#include "delta/gated_delta_rule_chunked_backward.cuh"
+#include "delta/gated_delta_rule_chunked_common.cuh"
+#include "delta/gated_delta_rule_chunked_forward.cuh"
 
 namespace rkcuda {
 namespace deltachunked {

@@ -1,7 +1,7 @@
 // Gated delta rule (Gated DeltaNet), recurrent form: forward, backward (recomputing from
 // checkpoints) and decode steps, for F32/F16/BF16 storage with fp32 state and arithmetic: kernels
 // plus the launchers declared in common/api.h. gatedDeltaForward and gatedDeltaBackward send fp16 /
-// bf16 storage to the chunked tensor-core form (gated_delta_chunked.cu; the "gatedDelta.forwardPath"
+// bf16 storage to the chunked tensor-core form (gated_delta_rule_chunked.cu; the "gatedDelta.forwardPath"
 // and "gatedDelta.backwardPath" tunables: 1 this recurrence, 2 chunked); the checkpoints are the
 // same, so either backward consumes either forward's.
 //
@@ -52,7 +52,7 @@
 #include <vector>
 
 #include "common/api.h"
-#include "delta/gated_delta.h"
+#include "delta/gated_delta_rule.h"
 #include "common/check.cuh"
 #include "common/columns.cuh"
 #include "common/host.cuh"
@@ -61,7 +61,7 @@
 #include "common/math.cuh"
 #include "common/rows.cuh"
 #include "delta/delta_params.cuh"
-#include "delta/gated_delta_chunked.h"
+#include "delta/gated_delta_rule_chunked.h"
 
 namespace rkcuda {
 namespace {
@@ -352,7 +352,7 @@ Status gatedDeltaForward(const GatedDeltaArgs& a, void* o, float* states, float*
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
     RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
-    // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_chunked.cu).
+    // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).
     const int path = tunable("gatedDelta.forwardPath", gatedDeltaChunkedSupports(a.dt) ? 2 : 1);
     if (path != 1 && (path != 2 || !gatedDeltaChunkedSupports(a.dt))) {
       return statusError(fn + ": unsupported forward path " + std::to_string(path));
@@ -374,7 +374,7 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
-    // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_chunked.cu).
+    // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).
     const int path = tunable("gatedDelta.backwardPath", gatedDeltaChunkedSupports(a.dt) ? 2 : 1);
     if (path != 1 && (path != 2 || !gatedDeltaChunkedSupports(a.dt))) {
       return statusError(fn + ": unsupported backward path " + std::to_string(path));

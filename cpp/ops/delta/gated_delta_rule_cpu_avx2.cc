@@ -2,5 +2,5 @@
 #include "common/isa.h"
 #ifdef RK_X86_VARIANTS
 #define RK_ISA_LEVEL 1
-#include "ops/delta/gated_delta_cpu.inc"
+#include "ops/delta/gated_delta_rule_cpu.inc"
 #endif

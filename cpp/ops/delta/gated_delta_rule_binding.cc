@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "ops/delta/gated_delta_cpu.h"
+#include "ops/delta/gated_delta_rule_cpu.h"
 #include "tensor/args.h"
 #include "tensor/tensor.h"
 
