@@ -20,6 +20,7 @@ import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import * as rk from '../dist/index.mjs';
+import { forwardBackward, maxRelError } from './op-compare.mjs';
 
 const quick = process.env.RK_GPU_PATHS_QUICK === '1';
 // RK_GPU_PATHS_DEVICE=cpu runs the same steps on the CPU (a check of this script without a GPU; the
@@ -159,15 +160,6 @@ function anchors() {
       options: { cell: 'gru-diag', mode: 'newton' },
     },
   ];
-  const relError = (got, want) => {
-    let num = 0,
-      den = 0;
-    for (let i = 0; i < want.length; i++) {
-      num += (got[i] - want[i]) ** 2;
-      den += want[i] ** 2;
-    }
-    return Number.isFinite(num) ? Math.sqrt(num / Math.max(den, 1e-30)) : Infinity;
-  };
   const out = [];
   for (const c of cases) {
     seed = 31337;
@@ -187,29 +179,12 @@ function anchors() {
         const inputs = Object.fromEntries(
           Object.entries(host).map(([k, h]) => [k, rk.Tensor.from(h.values, h.shape, { device: on, dtype: h.dtype })]),
         );
-        const { outputs, ctx } = c.hooks.forward(inputs, c.options ?? {});
-        seed = 777;
-        const grads = {};
-        for (const [k, t] of Object.entries(outputs))
-          if (t instanceof rk.Tensor && t.dtype !== 'int32' && k !== 'trajectory')
-            grads[k] = rk.Tensor.from(data(t.size), t.shape, { device: on, dtype: t.dtype });
-        const g = c.hooks.backward(ctx, grads);
-        const got = {};
-        for (const [k, t] of [...Object.entries(outputs), ...Object.entries(g).map(([k, t]) => [`grad ${k}`, t])])
-          if (t instanceof rk.Tensor) got[k] = t.toFloat32Array();
-        flat[on] = got;
-        for (const t of [
-          ...Object.values(inputs),
-          ...Object.values(outputs),
-          ...Object.values(grads),
-          ...Object.values(g),
-        ])
-          if (t instanceof rk.Tensor && !t.disposed) t.dispose();
+        seed = 777; // the same output gradients on both devices
+        flat[on] = forwardBackward(c.hooks, inputs, c.options ?? {}, on, (t) => data(t.size)).flat;
+        for (const t of Object.values(inputs)) t.dispose();
       }
-      let maxRelError = 0;
-      for (const [k, want] of Object.entries(flat.cpu))
-        maxRelError = Math.max(maxRelError, relError(flat[device][k], want));
-      out.push({ op: c.op, maxRelError, pass: maxRelError <= (c.tol ?? 1e-3) });
+      const err = maxRelError(flat[device], flat.cpu);
+      out.push({ op: c.op, maxRelError: err, pass: err <= (c.tol ?? 1e-3) });
     } catch (e) {
       out.push({ op: c.op, pass: false, error: `${e.code ?? e.name}: ${e.message}` });
     }

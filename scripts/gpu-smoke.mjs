@@ -4,6 +4,7 @@
 // Exits 1 if CUDA is unusable or any relative error exceeds 1e-3. RK_SMOKE_TARGET=cpu compares the
 // CPU with itself (a check of this script on a machine without a GPU).
 import * as rk from '../dist/index.mjs';
+import { forwardBackward, maxRelError } from './op-compare.mjs';
 
 const target = process.env.RK_SMOKE_TARGET ?? 'cuda';
 if (target === 'cuda' && !rk.cuda.available()) {
@@ -86,17 +87,6 @@ const cases = [
   },
 ];
 
-function relError(got, want) {
-  let num = 0,
-    den = 0;
-  for (let i = 0; i < want.length; i++) {
-    const d = got[i] - want[i];
-    num += d * d;
-    den += want[i] * want[i];
-  }
-  return Number.isFinite(num) ? Math.sqrt(num / Math.max(den, 1e-30)) : Infinity;
-}
-
 const results = [];
 for (const c of cases) {
   const host = Object.fromEntries(Object.entries(c.inputs).map(([k, [shape]]) => [k, { shape, values: data(shape) }]));
@@ -104,27 +94,14 @@ for (const c of cases) {
     const inputs = Object.fromEntries(
       Object.entries(host).map(([k, { shape, values }]) => [k, rk.Tensor.from(values, shape, { device })]),
     );
-    const t0 = performance.now();
-    const { outputs, ctx } = c.hooks.forward(inputs, c.options);
-    const grads = {};
     seed = 777; // the same output gradients on both devices
-    for (const [k, t] of Object.entries(outputs)) // (Newton's trajectory has no gradient)
-      if (t instanceof rk.Tensor && t.dtype === 'float32' && k !== 'trajectory')
-        grads[k] = rk.Tensor.from(data(t.shape), t.shape, { device });
-    const g = c.hooks.backward(ctx, grads);
-    if (device === 'cuda') rk.cuda.synchronize();
-    const ms = performance.now() - t0;
-    const flat = {};
-    for (const [k, t] of [...Object.entries(outputs), ...Object.entries(g).map(([k, t]) => [`grad ${k}`, t])])
-      if (t instanceof rk.Tensor) flat[k] = t.toFloat32Array();
-    return { flat, ms };
+    return forwardBackward(c.hooks, inputs, c.options, device, (t) => data(t.shape));
   };
   try {
     const cpu = run('cpu');
     const gpu = run(target);
-    let maxRelError = 0;
-    for (const [k, want] of Object.entries(cpu.flat)) maxRelError = Math.max(maxRelError, relError(gpu.flat[k], want));
-    results.push({ op: c.op, pass: maxRelError < 1e-3, maxRelError, ms: gpu.ms });
+    const err = maxRelError(gpu.flat, cpu.flat);
+    results.push({ op: c.op, pass: err < 1e-3, maxRelError: err, ms: gpu.ms });
   } catch (e) {
     results.push({ op: c.op, pass: false, error: `${e.code ?? e.name}: ${e.message}` });
   }
