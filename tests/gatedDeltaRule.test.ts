@@ -296,7 +296,7 @@ describe('gatedDeltaRule bad input', () => {
     const t = { q: s(48), k: s(48), v: s(72), g: s(24), beta: s(24), h0: null };
     const cfg = { batch: 1, T: 6, H: 2, HV: 4, K: 4, V: 3, scale: 0.5, l2norm: false };
     expect(() =>
-      n().gatedDeltaForward({
+      n().gatedDeltaRuleForward({
         device: 'cpu',
         dtype: 'float32',
         tensors: t,
@@ -305,7 +305,7 @@ describe('gatedDeltaRule bad input', () => {
     ).not.toThrow();
     fails(
       () =>
-        n().gatedDeltaForward({
+        n().gatedDeltaRuleForward({
           device: 'cpu',
           dtype: 'float32',
           tensors: { ...t, v: s(71) },
@@ -316,7 +316,7 @@ describe('gatedDeltaRule bad input', () => {
     );
     fails(
       () =>
-        n().gatedDeltaForward({
+        n().gatedDeltaRuleForward({
           device: 'cpu',
           dtype: 'float32',
           tensors: t,
@@ -327,7 +327,7 @@ describe('gatedDeltaRule bad input', () => {
     );
     fails(
       () =>
-        n().gatedDeltaForward({
+        n().gatedDeltaRuleForward({
           device: 'cpu',
           dtype: 'float32',
           tensors: t,
@@ -338,7 +338,7 @@ describe('gatedDeltaRule bad input', () => {
     );
     fails(
       () =>
-        n().gatedDeltaForward({
+        n().gatedDeltaRuleForward({
           device: 'cpu',
           dtype: 'float32',
           tensors: t,

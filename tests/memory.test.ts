@@ -224,7 +224,6 @@ describe('CPU output pool', () => {
         [1, T, H],
       ),
     };
-    const dO = rk.Tensor.from(make(T * H * V, 6), [1, T, H, V]);
     const run = (cuSeqlens: number[] | null) => {
       const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, { useQkL2normInKernel: true, cuSeqlens });
       const grads = rk.ops.gatedDeltaRule.backward(ctx, { o: outputs.o });

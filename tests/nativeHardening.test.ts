@@ -35,7 +35,7 @@ const rawDelta = (tensors: string, extra = '') => `
   const s = (k) => new Float32Array(k).fill(0.1);
   const q = s(8), k = s(8), v = s(8), g = s(2), beta = s(2);
   ${extra}
-  n.gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: ${tensors},
+  n.gatedDeltaRuleForward({ device: 'cpu', dtype: 'float32', tensors: ${tensors},
     config: { batch: 1, T: 2, H: 1, HV: 1, K: 4, V: 4, scale: 0.5, l2norm: false, cuSeqlens: null, returnFinal: false,
       keepStates: true } });`;
 
@@ -129,7 +129,7 @@ describe('raw native functions: typed errors that name the argument', () => {
       /request.tensors must be an object/,
     );
     expectError(
-      () => n.gatedDeltaForward({ device: 'cpu', dtype: 'float32', tensors: {}, config: null }),
+      () => n.gatedDeltaRuleForward({ device: 'cpu', dtype: 'float32', tensors: {}, config: null }),
       'ERR_ARGUMENT',
       /request.config must be an object/,
     );
@@ -153,7 +153,7 @@ describe('raw native functions: typed errors that name the argument', () => {
     structuredClone(q.buffer, { transfer: [q.buffer] });
     expectError(
       () =>
-        n.gatedDeltaForward({
+        n.gatedDeltaRuleForward({
           device: 'cpu',
           dtype: 'float32',
           tensors: { q, k: s(8), v: s(8), g: s(2), beta: s(2), h0: null },

@@ -314,7 +314,7 @@ export default {
   ) {
     if (!rk.gatedDeltaRule || !rk.gatedDeltaRuleStep || !rk.ops?.gatedDeltaRule)
       throw new Error('bench: this build has no gatedDeltaRule op');
-    if (typeof rk.internals?.native?.().gatedDeltaForward !== 'function')
+    if (typeof rk.internals?.native?.().gatedDeltaRuleForward !== 'function')
       throw new Error('bench: the native addon has no gated delta rule kernels (rebuild it with npm run build:native)');
     const sizes = (userSizes ?? (quick ? QUICK : SIZES)[device]).map((s) => {
       if (s.length !== 3 && s.length !== 4)

@@ -25,13 +25,13 @@ namespace rkcuda {
 // [nseq, Hv, K, V]. With l2norm q and k rows are first divided by sqrt(sum x^2 + 1e-6).
 // Sequences as for the selective scan (ScanSegment); positions in no segment get o = 0 and zero
 // gradients.
-enum class LinearRule : int32_t { Linear = 0, Gated = 1, Delta = 2, GatedDelta = 3 };
-inline bool ruleDecays(LinearRule r) { return r == LinearRule::Gated || r == LinearRule::GatedDelta; }
-inline bool ruleCorrects(LinearRule r) { return r == LinearRule::Delta || r == LinearRule::GatedDelta; }
+enum class LinearRule : int32_t { Linear = 0, Gated = 1, Delta = 2, GatedDeltaRule = 3 };
+inline bool ruleDecays(LinearRule r) { return r == LinearRule::Gated || r == LinearRule::GatedDeltaRule; }
+inline bool ruleCorrects(LinearRule r) { return r == LinearRule::Delta || r == LinearRule::GatedDeltaRule; }
 
 struct LinearAttentionArgs {
   DType dt = DType::F32;
-  LinearRule rule = LinearRule::GatedDelta;
+  LinearRule rule = LinearRule::GatedDeltaRule;
   int64_t batch = 0, T = 0, Hq = 0, Hk = 0, Hv = 0, K = 0, V = 0;
   bool perKeyDecay = false, l2norm = false;
   float scale = 1.0f;

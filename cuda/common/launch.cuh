@@ -48,9 +48,9 @@ Status launchCooperative(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t
       values);
 }
 
-// The path a launcher was told to take by RK_CUDA_TUNE ("fusedRnn.path=3,gatedDelta.forwardPath=1"),
+// The path a launcher was told to take by RK_CUDA_TUNE ("fusedRnn.path=3,gatedDeltaRule.forwardPath=1"),
 // or -1. Only the path choices whose launchers refuse a path that does not fit can be pinned
-// (fusedRnn.path, gatedDelta.forwardPath, gatedDelta.backwardPath); anything else in the variable is
+// (fusedRnn.path, gatedDeltaRule.forwardPath, gatedDeltaRule.backwardPath); anything else in the variable is
 // ignored. For verification on a device: npm run gpu:verify compares the paths' results.
 int pinnedPath(const char* name);
 

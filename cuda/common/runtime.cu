@@ -112,7 +112,8 @@ int pinnedPath(const char* name) {
       at = end + 1;
       if (eq == std::string::npos) continue;
       const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
-      if (key != "fusedRnn.path" && key != "gatedDelta.forwardPath" && key != "gatedDelta.backwardPath") continue;
+      if (key != "fusedRnn.path" && key != "gatedDeltaRule.forwardPath" && key != "gatedDeltaRule.backwardPath")
+        continue;
       char* stop = nullptr;
       const long v = std::strtol(value.c_str(), &stop, 10);
       if (!value.empty() && *stop == '\0' && v >= 0 && v <= 16) out[key] = static_cast<int>(v);

@@ -1,8 +1,8 @@
 // Gated delta rule (Gated DeltaNet), recurrent form: forward, backward (recomputing from
 // checkpoints) and decode steps, for F32/F16/BF16 storage with fp32 state and arithmetic: kernels
-// plus the launchers declared in common/api.h. gatedDeltaForward and gatedDeltaBackward send fp16 /
-// bf16 storage to the chunked tensor-core form (gated_delta_rule_chunked.cu; the "gatedDelta.forwardPath"
-// and "gatedDelta.backwardPath" tunables: 1 this recurrence, 2 chunked); the checkpoints are the
+// plus the launchers declared in common/api.h. gatedDeltaRuleForward and gatedDeltaRuleBackward send fp16 /
+// bf16 storage to the chunked tensor-core form (gated_delta_rule_chunked.cu; the "gatedDeltaRule.forwardPath"
+// and "gatedDeltaRule.backwardPath" tunables: 1 this recurrence, 2 chunked); the checkpoints are the
 // same, so either backward consumes either forward's.
 //
 // Work split. Given (q, k, g, beta), column j of the K x V state evolves on its own:
@@ -66,7 +66,7 @@
 namespace rkcuda {
 namespace {
 
-constexpr int kChunk = 64;    // checkpoint spacing (gatedDeltaChunk)
+constexpr int kChunk = 64;    // checkpoint spacing (gatedDeltaRuleChunk)
 constexpr int kMaxDim = 256;  // K and V
 constexpr int kWindow = 16;   // positions per shared-memory accumulation window (backward)
 constexpr int64_t kMaxT = int64_t{1} << 30;
@@ -135,7 +135,7 @@ __device__ __forceinline__ float forwardStep(const DeltaParams& p, const Job& jb
 
 // ============================== forward / decode ==============================
 
-template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaForwardKernel(const DeltaParams p) {
+template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaRuleForwardKernel(const DeltaParams p) {
   const Job jb = jobOf(p);
   const int64_t KV = p.K * p.V;
   float S[KP];
@@ -156,7 +156,7 @@ template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaForw
 
 // ============================== backward ==============================
 
-template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaBackwardKernel(const DeltaParams p) {
+template <class T, int KP> __global__ void __launch_bounds__(256) gatedDeltaRuleBackwardKernel(const DeltaParams p) {
   __shared__ float shQ[kWindow][kMaxDim];
   __shared__ float shK[kWindow][kMaxDim];
   __shared__ float shG[kWindow];
@@ -298,10 +298,10 @@ Status checkDims(const std::string& fn, DType dt, int64_t batch, int64_t T, int6
   return Status{};
 }
 
-Status checkArgs(const GatedDeltaArgs& a, const std::string& fn, std::vector<int64_t>* gaps) {
+Status checkArgs(const GatedDeltaRuleArgs& a, const std::string& fn, std::vector<int64_t>* gaps) {
   auto bad = [&](const std::string& what) { return statusError(fn + ": " + what); };
   RK_TRY(checkDims(fn, a.dt, a.batch, a.T, a.H, a.HV, a.K, a.V));
-  if (a.chunk != kChunk) return bad("chunk must be gatedDeltaChunk() = " + std::to_string(kChunk));
+  if (a.chunk != kChunk) return bad("chunk must be gatedDeltaRuleChunk() = " + std::to_string(kChunk));
   RK_TRY(checkSequences(a.segments, a.nseq, a.batch, a.T, a.packed, kChunk, a.totalChunks, fn, gaps));
   if (a.batch * a.T > 0 &&
       (a.q == nullptr || a.k == nullptr || a.v == nullptr || a.g == nullptr || a.beta == nullptr)) {
@@ -311,22 +311,22 @@ Status checkArgs(const GatedDeltaArgs& a, const std::string& fn, std::vector<int
 }
 
 template <class T> Status launchForward(const std::string& fn, const DeltaParams& p, int64_t heads) {
-  return launchColumns(fn, "gatedDelta", p, heads,
-                       [](auto kp) { return gatedDeltaForwardKernel<T, decltype(kp)::value>; });
+  return launchColumns(fn, "gatedDeltaRule", p, heads,
+                       [](auto kp) { return gatedDeltaRuleForwardKernel<T, decltype(kp)::value>; });
 }
 
 template <class T> Status launchBackward(const std::string& fn, const DeltaParams& p, int64_t heads) {
-  return launchColumns(fn, "gatedDelta", p, heads,
-                       [](auto kp) { return gatedDeltaBackwardKernel<T, decltype(kp)::value>; });
+  return launchColumns(fn, "gatedDeltaRule", p, heads,
+                       [](auto kp) { return gatedDeltaRuleBackwardKernel<T, decltype(kp)::value>; });
 }
 
 // Device copy of the sequence table (packed input) followed by the gap list.
-Status uploadTable(const GatedDeltaArgs& a, const std::vector<int64_t>& gaps, DeviceBuffer* buffer,
+Status uploadTable(const GatedDeltaRuleArgs& a, const std::vector<int64_t>& gaps, DeviceBuffer* buffer,
                    const ScanSegment** segments, const int64_t** gapList) {
   return uploadSequences(a.segments, a.nseq, a.packed, gaps, buffer, segments, gapList);
 }
 
-DeltaParams baseParams(const GatedDeltaArgs& a) {
+DeltaParams baseParams(const GatedDeltaRuleArgs& a) {
   DeltaParams p;
   delta::setInputs(p, a, a.T, a.h0);
   p.uniformChunks = ceilDiv(a.T, kChunk);
@@ -335,10 +335,10 @@ DeltaParams baseParams(const GatedDeltaArgs& a) {
 
 }  // namespace
 
-int64_t gatedDeltaChunk() { return kChunk; }
+int64_t gatedDeltaRuleChunk() { return kChunk; }
 
-Status gatedDeltaForward(const GatedDeltaArgs& a, void* o, float* states, float* finalState) {
-  const std::string fn = "gatedDeltaForward";
+Status gatedDeltaRuleForward(const GatedDeltaRuleArgs& a, void* o, float* states, float* finalState) {
+  const std::string fn = "gatedDeltaRuleForward";
   std::vector<int64_t> gaps;
   RK_TRY(checkArgs(a, fn, &gaps));
   if (a.batch * a.T > 0 && o == nullptr) return statusError(fn + ": null o");
@@ -353,18 +353,18 @@ Status gatedDeltaForward(const GatedDeltaArgs& a, void* o, float* states, float*
     const int64_t* gapList = nullptr;
     RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
     // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).
-    const int path = tunable("gatedDelta.forwardPath", gatedDeltaChunkedSupports(a.dt) ? 2 : 1);
-    if (path != 1 && (path != 2 || !gatedDeltaChunkedSupports(a.dt))) {
+    const int path = tunable("gatedDeltaRule.forwardPath", gatedDeltaRuleChunkedSupports(a.dt) ? 2 : 1);
+    if (path != 1 && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
       return statusError(fn + ": unsupported forward path " + std::to_string(path));
     }
-    if (a.nseq > 0 && path == 2) RK_TRY(gatedDeltaChunkedForward(a, p.segments, o, states, finalState));
+    if (a.nseq > 0 && path == 2) RK_TRY(gatedDeltaRuleChunkedForward(a, p.segments, o, states, finalState));
     if (a.nseq > 0 && path == 1) RK_TRY(launchForward<T>(fn, p, a.nseq * a.HV));
     return launchZeroGaps<T>(o, a.HV * a.V, gapList, static_cast<int64_t>(gaps.size() / 2));
   });
 }
 
-Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
-  const std::string fn = "gatedDeltaBackward";
+Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleGrads& g) {
+  const std::string fn = "gatedDeltaRuleBackward";
   std::vector<int64_t> gaps;
   RK_TRY(checkArgs(a, fn, &gaps));
   const int64_t BT = a.batch * a.T;
@@ -375,8 +375,8 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).
-    const int path = tunable("gatedDelta.backwardPath", gatedDeltaChunkedSupports(a.dt) ? 2 : 1);
-    if (path != 1 && (path != 2 || !gatedDeltaChunkedSupports(a.dt))) {
+    const int path = tunable("gatedDeltaRule.backwardPath", gatedDeltaRuleChunkedSupports(a.dt) ? 2 : 1);
+    if (path != 1 && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
       return statusError(fn + ": unsupported backward path " + std::to_string(path));
     }
     DeltaParams p = baseParams(a);
@@ -408,7 +408,7 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
     if (a.nseq > 0 && path == 2) {
       ChunkedGradAccumulators chunkedAcc;
       chunkedAcc.dq = p.dqAcc, chunkedAcc.dk = p.dkAcc, chunkedAcc.dbeta = p.dbetaAcc;
-      RK_TRY(gatedDeltaChunkedBackward(a, p.segments, g, chunkedAcc));
+      RK_TRY(gatedDeltaRuleChunkedBackward(a, p.segments, g, chunkedAcc));
     }
     if (a.nseq > 0 && path == 1) RK_TRY(launchBackward<T>(fn, p, a.nseq * a.HV));
     if (BT > 0) {
@@ -427,8 +427,8 @@ Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g) {
   });
 }
 
-Status gatedDeltaStep(const GatedDeltaStepArgs& a) {
-  const std::string fn = "gatedDeltaStep";
+Status gatedDeltaRuleStep(const GatedDeltaRuleStepArgs& a) {
+  const std::string fn = "gatedDeltaRuleStep";
   RK_TRY(checkDims(fn, a.dt, a.batch, a.tokens, a.H, a.HV, a.K, a.V));
   if (a.batch == 0 || a.tokens == 0) return Status{};
   if (a.state == nullptr || a.q == nullptr || a.k == nullptr || a.v == nullptr || a.g == nullptr || a.beta == nullptr ||

@@ -20,7 +20,7 @@ namespace rkcuda {
 // positions in no segment get o = 0 and zero gradients.
 // Checkpoints: the state entering chunk c (of `chunk` positions) of segment s for head hv at
 //   states[((chunkOffset + c) * HV + hv) * K * V + i * V + j],  c < ceil(length / chunk).
-struct GatedDeltaArgs {
+struct GatedDeltaRuleArgs {
   DType dt = DType::F32;
   int64_t batch = 0, T = 0, H = 0, HV = 0, K = 0, V = 0;
   float scale = 1.0f;
@@ -28,7 +28,7 @@ struct GatedDeltaArgs {
   int64_t nseq = 0;
   const ScanSegment* segments = nullptr;  // host memory, nseq entries
   bool packed = false;
-  int64_t chunk = 0;  // must equal gatedDeltaChunk() for the CUDA calls
+  int64_t chunk = 0;  // must equal gatedDeltaRuleChunk() for the CUDA calls
   int64_t totalChunks = 0;
   const void* q = nullptr;
   const void* k = nullptr;
@@ -37,10 +37,10 @@ struct GatedDeltaArgs {
   const void* beta = nullptr;
   const float* h0 = nullptr;  // nullable
 };
-int64_t gatedDeltaChunk();
+int64_t gatedDeltaRuleChunk();
 // Writes o (every element), states (every element), finalState (nullable).
-Status gatedDeltaForward(const GatedDeltaArgs& a, void* o, float* states, float* finalState);
-struct GatedDeltaGrads {
+Status gatedDeltaRuleForward(const GatedDeltaRuleArgs& a, void* o, float* states, float* finalState);
+struct GatedDeltaRuleGrads {
   const void* dO = nullptr;       // nullable (zeros), dt [batch, T, HV, V]
   const float* dFinal = nullptr;  // nullable (zeros), [nseq, HV, K, V]
   const float* states = nullptr;  // the forward pass's checkpoints
@@ -53,12 +53,12 @@ struct GatedDeltaGrads {
   void* dbeta = nullptr;
   float* dh0 = nullptr;
 };
-Status gatedDeltaBackward(const GatedDeltaArgs& a, const GatedDeltaGrads& g);
+Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleGrads& g);
 // Decode: `tokens` steps of the recurrence from state (fp32 [batch, HV, K, V]), which is overwritten
 // with the state after the last token when updateState. q, k dt [batch, tokens, H, K]; v, o dt
 // [batch, tokens, HV, V]; g fp32 and beta dt [batch, tokens, HV]. intermediate (nullable): the
 // state after every token, fp32 [batch, tokens, HV, K, V].
-struct GatedDeltaStepArgs {
+struct GatedDeltaRuleStepArgs {
   DType dt = DType::F32;
   int64_t batch = 0, tokens = 1, H = 0, HV = 0, K = 0, V = 0;
   float scale = 1.0f;
@@ -72,6 +72,6 @@ struct GatedDeltaStepArgs {
   void* o = nullptr;
   float* intermediate = nullptr;
 };
-Status gatedDeltaStep(const GatedDeltaStepArgs& a);
+Status gatedDeltaRuleStep(const GatedDeltaRuleStepArgs& a);
 
 }  // namespace rkcuda

@@ -1,6 +1,6 @@
 // Gated delta rule, chunked form (WY representation / UT transform) on tensor cores: the forward
-// and backward passes for fp16 / bf16 storage, fp32 state and accumulation. gatedDeltaForward and
-// gatedDeltaBackward (gated_delta_rule.cu) call them for those dtypes; fp32 storage stays on the
+// and backward passes for fp16 / bf16 storage, fp32 state and accumulation. gatedDeltaRuleForward and
+// gatedDeltaRuleBackward (gated_delta_rule.cu) call them for those dtypes; fp32 storage stays on the
 // per-token recurrence (below, "fp32"). The launches are here; the kernels in
 // gated_delta_rule_chunked_forward.cuh and gated_delta_rule_chunked_backward.cuh, their shared sizes and
 // helpers in gated_delta_rule_chunked_common.cuh.
@@ -69,7 +69,7 @@
 //   exp(G_{n-1}) <S_0, dS_n>, goes to G_{n-1}); dg_t = sum_{t' >= t} dG_t' within the chunk.
 // Only products of a gradient with an already-decayed factor appear, so g = -1e4 stays finite (the
 // terms of the straddling pairs are exact zeros). dq, dk are the gradients with respect to the
-// normalised q, k; gatedDeltaBackward adds them in fp32 and takes them through the L2 norm.
+// normalised q, k; gatedDeltaRuleBackward adds them in fp32 and takes them through the L2 norm.
 //   chunkPrepKernel      the forward's preparation, also keeping X = (I + A)^-1 (fp32).
 //   chunkBwdStateKernel<T, NT> one block (4 warps) per (sequence, value head, value tile), from the
 //     last chunk to the first: the fp32 dS tile in shared memory; per chunk it stores dS_n (fp32,
@@ -128,8 +128,8 @@ namespace {
 // Parameters, the value tile (tunable `tileName`) and the preparation's scratch, allocated in
 // *scratch followed by the backward's when `backward`; launches the preparation kernel.
 template <class T>
-Status prepare(const std::string& fn, const GatedDeltaArgs& a, const ScanSegment* deviceSegments, const char* tileName,
-               bool backward, ChunkParams* out, DeviceBuffer* scratch) {
+Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments,
+               const char* tileName, bool backward, ChunkParams* out, DeviceBuffer* scratch) {
   ChunkParams& p = *out;
   delta::setInputs(p, a, a.T, a.h0);
   p.uniformChunks = ceilDiv(a.T, kC);
@@ -187,13 +187,13 @@ Status prepare(const std::string& fn, const GatedDeltaArgs& a, const ScanSegment
 }
 
 template <class T>
-Status launchChunked(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, void* o, float* states,
+Status launchChunked(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments, void* o, float* states,
                      float* finalState) {
-  const std::string fn = "gatedDeltaForward (chunked)";
+  const std::string fn = "gatedDeltaRuleForward (chunked)";
   ChunkParams p;
   p.o = o, p.states = states, p.finalState = finalState;
   DeviceBuffer scratch;
-  RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaChunked.valueTile", false, &p, &scratch));
+  RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaRuleChunked.valueTile", false, &p, &scratch));
   const int64_t heads = a.nseq * a.HV;
   if (heads == 0) return Status{};
   const size_t stateBytes = stateSharedBytes(p);
@@ -211,15 +211,15 @@ Status launchChunked(const GatedDeltaArgs& a, const ScanSegment* deviceSegments,
 }
 
 template <class T>
-Status launchChunkedBackward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, const GatedDeltaGrads& g,
-                             const ChunkedGradAccumulators& acc) {
-  const std::string fn = "gatedDeltaBackward (chunked)";
+Status launchChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments,
+                             const GatedDeltaRuleGrads& g, const ChunkedGradAccumulators& acc) {
+  const std::string fn = "gatedDeltaRuleBackward (chunked)";
   ChunkParams p;
   p.checkpoints = g.states;
   p.dO = g.dO, p.dFinal = g.dFinal, p.dh0 = g.dh0, p.dv = g.dv, p.dg = g.dg;
   p.dqAcc = acc.dq, p.dkAcc = acc.dk, p.dbetaAcc = acc.dbeta;
   DeviceBuffer scratch;
-  RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaChunked.backwardValueTile", true, &p, &scratch));
+  RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaRuleChunked.backwardValueTile", true, &p, &scratch));
   const int64_t heads = a.nseq * a.HV;
   if (heads == 0) return Status{};
   const size_t stateBytes = stateSharedBytes(p);
@@ -244,29 +244,29 @@ Status launchChunkedBackward(const GatedDeltaArgs& a, const ScanSegment* deviceS
 }  // namespace
 }  // namespace deltachunked
 
-bool gatedDeltaChunkedSupports(DType dt) { return dt == DType::F16 || dt == DType::BF16; }
+bool gatedDeltaRuleChunkedSupports(DType dt) { return dt == DType::F16 || dt == DType::BF16; }
 
-Status gatedDeltaChunkedForward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, void* o, float* states,
-                                float* finalState) {
+Status gatedDeltaRuleChunkedForward(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments, void* o,
+                                    float* states, float* finalState) {
   switch (a.dt) {
     case DType::F16:
       return deltachunked::launchChunked<__half>(a, deviceSegments, o, states, finalState);
     case DType::BF16:
       return deltachunked::launchChunked<__nv_bfloat16>(a, deviceSegments, o, states, finalState);
     default:
-      return statusError("gatedDeltaForward (chunked): fp16 or bf16 storage only");
+      return statusError("gatedDeltaRuleForward (chunked): fp16 or bf16 storage only");
   }
 }
 
-Status gatedDeltaChunkedBackward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, const GatedDeltaGrads& g,
-                                 const ChunkedGradAccumulators& acc) {
+Status gatedDeltaRuleChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments,
+                                     const GatedDeltaRuleGrads& g, const ChunkedGradAccumulators& acc) {
   switch (a.dt) {
     case DType::F16:
       return deltachunked::launchChunkedBackward<__half>(a, deviceSegments, g, acc);
     case DType::BF16:
       return deltachunked::launchChunkedBackward<__nv_bfloat16>(a, deviceSegments, g, acc);
     default:
-      return statusError("gatedDeltaBackward (chunked): fp16 or bf16 storage only");
+      return statusError("gatedDeltaRuleBackward (chunked): fp16 or bf16 storage only");
   }
 }
 

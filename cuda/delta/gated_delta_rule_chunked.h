@@ -1,6 +1,6 @@
 // The chunked (WY / UT transform) forward and backward passes of the gated delta rule on tensor
 // cores, called by the launchers of gated_delta_rule.cu (cuda/delta/gated_delta_rule_chunked.cu). Not part of
-// the public contract in common/api.h: gatedDeltaForward and gatedDeltaBackward pick this path or
+// the public contract in common/api.h: gatedDeltaRuleForward and gatedDeltaRuleBackward pick this path or
 // the per-token recurrence.
 #pragma once
 #include "common/api.h"
@@ -10,14 +10,14 @@ namespace rkcuda {
 
 // Whether the chunked forward handles a.dt (the 16-bit storage types: their operands feed the
 // m16n8k16 tensor-core products directly; fp32 stays on the recurrence, see the .cu header).
-bool gatedDeltaChunkedSupports(DType dt);
+bool gatedDeltaRuleChunkedSupports(DType dt);
 
-// Same outputs as gatedDeltaForward for the positions inside the sequences: o, the checkpoints
+// Same outputs as gatedDeltaRuleForward for the positions inside the sequences: o, the checkpoints
 // (every element), finalState (nullable). `a` has been checked by the caller; deviceSegments is
 // the device copy of a packed sequence table (null without packing). Positions in no sequence are
 // left to the caller.
-Status gatedDeltaChunkedForward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, void* o, float* states,
-                                float* finalState);
+Status gatedDeltaRuleChunkedForward(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments, void* o,
+                                    float* states, float* finalState);
 
 // fp32 accumulators of the backward, zeroed by the caller: dq, dk [batch, T, H, K] receive the
 // gradients with respect to the normalised q, k (the caller takes them through the L2 norm);
@@ -29,8 +29,8 @@ struct ChunkedGradAccumulators {
 };
 
 // The chunked backward: dv and dg (at the positions inside the sequences), dh0 (nullable) as
-// gatedDeltaBackward, dq, dk, dbeta into `acc`, from the forward's checkpoints g.states.
-Status gatedDeltaChunkedBackward(const GatedDeltaArgs& a, const ScanSegment* deviceSegments, const GatedDeltaGrads& g,
-                                 const ChunkedGradAccumulators& acc);
+// gatedDeltaRuleBackward, dq, dk, dbeta into `acc`, from the forward's checkpoints g.states.
+Status gatedDeltaRuleChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments,
+                                     const GatedDeltaRuleGrads& g, const ChunkedGradAccumulators& acc);
 
 }  // namespace rkcuda

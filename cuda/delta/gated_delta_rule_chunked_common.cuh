@@ -24,7 +24,7 @@ namespace rkcuda {
 namespace deltachunked {
 namespace {
 
-constexpr int kC = 64;         // chunk length (gatedDeltaChunk)
+constexpr int kC = 64;         // chunk length (gatedDeltaRuleChunk)
 constexpr int kThreads = 128;  // 4 warps, 16 chunk rows each
 constexpr int kWarps = kThreads / 32;
 constexpr int kLdA = kC + 1;  // fp32 64 x 64 matrices in shared memory

@@ -108,23 +108,23 @@ export interface NativeModule {
       }
     >,
   ): { y: Storage; intermediate: Storage | null };
-  gatedDeltaForward(
+  gatedDeltaRuleForward(
     req: Request<
-      GatedDeltaTensors,
-      GatedDeltaConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean; keepStates: boolean }
+      GatedDeltaRuleTensors,
+      GatedDeltaRuleConfig & { cuSeqlens: Int32Array | null; returnFinal: boolean; keepStates: boolean }
     >,
   ): { o: Storage; states: Storage | null; finalState: Storage | null };
-  gatedDeltaBackward(
+  gatedDeltaRuleBackward(
     req: Request<
-      GatedDeltaTensors,
-      GatedDeltaConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
+      GatedDeltaRuleTensors,
+      GatedDeltaRuleConfig & { cuSeqlens: Int32Array | null; needDh0: boolean },
       { states: Storage; dO: Storage | null; dFinal: Storage | null }
     >,
   ): { dq: Storage; dk: Storage; dv: Storage; dg: Storage; dbeta: Storage; dh0: Storage | null };
-  gatedDeltaStep(
+  gatedDeltaRuleStep(
     req: Request<
       { state: Storage; q: Storage; k: Storage; v: Storage; g: Storage; beta: Storage },
-      Omit<GatedDeltaConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }
+      Omit<GatedDeltaRuleConfig, 'T'> & { tokens: number; updateState: boolean; returnIntermediate: boolean }
     >,
   ): { o: Storage; intermediate: Storage | null };
   causalConv1dForward(
@@ -352,7 +352,7 @@ export interface Mamba2GateConfig {
   dPerChannel: boolean;
 }
 
-export interface GatedDeltaTensors {
+export interface GatedDeltaRuleTensors {
   q: Storage;
   k: Storage;
   v: Storage;
@@ -360,7 +360,7 @@ export interface GatedDeltaTensors {
   beta: Storage;
   h0: Storage | null;
 }
-export interface GatedDeltaConfig {
+export interface GatedDeltaRuleConfig {
   batch: number;
   T: number;
   H: number;

@@ -24,7 +24,7 @@
  * Backward: gradients for q, k, v, g, beta and initialState, from grads of o and/or finalState.
  */
 import { defineOp, withInference } from '../autograd';
-import { float32Elements, type GatedDeltaConfig, type Storage } from '../native';
+import { float32Elements, type GatedDeltaRuleConfig, type Storage } from '../native';
 import { nativeCall, type Steps } from '../async';
 import { Tensor, type DType, type Device } from '../tensor';
 import { ShapeError } from '../errors';
@@ -75,7 +75,7 @@ export interface GatedDeltaRuleGrads {
 export interface GatedDeltaRuleCtx {
   inputs: GatedDeltaRuleInputs & { initialState: Tensor | null };
   states: Tensor;
-  config: GatedDeltaConfig;
+  config: GatedDeltaRuleConfig;
   cuSeqlens: Int32Array | null;
   nseq: number;
   dtype: DType;
@@ -166,7 +166,7 @@ function prepare(OP: string, inputs: GatedDeltaRuleInputs, options: GatedDeltaRu
     expectDType(OP, 'initialState', h0, ['float32'], '(states are float32)');
     expectDevice(OP, 'initialState', h0, q.device, 'to match q');
   }
-  const config: GatedDeltaConfig = { ...dims, scale, l2norm };
+  const config: GatedDeltaRuleConfig = { ...dims, scale, l2norm };
   return { inputs: { ...inputs, initialState: h0 }, config, cuSeqlens, nseq, returnFinal };
 }
 
@@ -180,7 +180,7 @@ function* run(
   const { q, initialState: h0 } = x;
   const { HV, K, V } = config;
   const r = yield* nativeCall((n) =>
-    n.gatedDeltaForward({
+    n.gatedDeltaRuleForward({
       device: q.device,
       dtype: q.dtype,
       tensors: {
@@ -266,7 +266,7 @@ function* backward(
     expectDevice(op, 'grad of finalState', gFinal, ctx.device, 'to match finalState');
   }
   const r = yield* nativeCall((n) =>
-    n.gatedDeltaBackward({
+    n.gatedDeltaRuleBackward({
       device: ctx.device,
       dtype: ctx.dtype,
       tensors: {

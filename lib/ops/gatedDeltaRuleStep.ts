@@ -57,7 +57,7 @@ function* steps(
   const updateState = booleanOption(OP, 'updateState', opts.updateState, true);
   const returnIntermediate = booleanOption(OP, 'returnIntermediateStates', opts.returnIntermediateStates, false);
   const r = yield* nativeCall((n) =>
-    n.gatedDeltaStep({
+    n.gatedDeltaRuleStep({
       device: q.device,
       dtype: q.dtype,
       tensors: {

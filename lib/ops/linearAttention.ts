@@ -337,7 +337,7 @@ function* run(
     const g = gates.g ?? zeroDecay(c.config, q.device);
     try {
       const res = yield* nativeCall((n) =>
-        n.gatedDeltaForward({
+        n.gatedDeltaRuleForward({
           device: q.device,
           dtype: q.dtype,
           tensors: {
@@ -509,7 +509,7 @@ function* backward(
     const zeros = gEff ?? zeroDecay(cfg, q.device);
     try {
       const res = yield* nativeCall((n) =>
-        n.gatedDeltaBackward({
+        n.gatedDeltaRuleBackward({
           device: ctx.device,
           dtype: ctx.dtype,
           tensors: {

@@ -89,7 +89,7 @@ function* steps(
         bd = b as Tensor;
       const { T: _T, ...cfg } = blockedConfig(c.config);
       r = yield* nativeCall((n) =>
-        n.gatedDeltaStep({
+        n.gatedDeltaRuleStep({
           device: q.device,
           dtype: q.dtype,
           tensors: { state: state.storage, q: q.storage, k: k.storage, v: v.storage, g: gd.storage, beta: bd.storage },

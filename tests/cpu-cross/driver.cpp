@@ -79,17 +79,17 @@ void scanUpdate(const rkcuda::SelectiveStateUpdateArgs& a) {
   ++kernelCalls;
   rk::scan::selectiveStateUpdateCpu(a);
 }
-void deltaForward(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* fin) {
+void deltaForward(const rkcuda::GatedDeltaRuleArgs& a, void* o, float* states, float* fin) {
   ++kernelCalls;
-  rk::delta::gatedDeltaForwardCpu(a, o, states, fin);
+  rk::delta::gatedDeltaRuleForwardCpu(a, o, states, fin);
 }
-void deltaBackward(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g) {
+void deltaBackward(const rkcuda::GatedDeltaRuleArgs& a, const rkcuda::GatedDeltaRuleGrads& g) {
   ++kernelCalls;
-  rk::delta::gatedDeltaBackwardCpu(a, g);
+  rk::delta::gatedDeltaRuleBackwardCpu(a, g);
 }
-void deltaStep(const rkcuda::GatedDeltaStepArgs& a) {
+void deltaStep(const rkcuda::GatedDeltaRuleStepArgs& a) {
   ++kernelCalls;
-  rk::delta::gatedDeltaStepCpu(a);
+  rk::delta::gatedDeltaRuleStepCpu(a);
 }
 void cellsForward(const rkcuda::FusedRnnArgs& a, const rkcuda::FusedRnnOutputs& o) {
   ++kernelCalls;
@@ -580,7 +580,7 @@ struct DeltaCase {
 
 void runDelta(Out& out, const DeltaCase& c, uint64_t seed) {
   Rng rng(seed);
-  rkcuda::GatedDeltaArgs a;
+  rkcuda::GatedDeltaRuleArgs a;
   a.batch = c.batch;
   a.T = c.T;
   a.H = c.H;
@@ -589,7 +589,7 @@ void runDelta(Out& out, const DeltaCase& c, uint64_t seed) {
   a.V = c.V;
   a.scale = 1.0f / std::sqrt(float(c.K));
   a.l2norm = c.l2norm;
-  a.chunk = rk::delta::kGatedDeltaChunk;
+  a.chunk = rk::delta::kGatedDeltaRuleChunk;
   const std::vector<ScanSegment> segs = segmentsOf(c.batch, c.T, c.cu, a.chunk, &a.totalChunks, &a.packed);
   a.nseq = int64_t(segs.size());
   a.segments = segs.data();
@@ -617,7 +617,7 @@ void runDelta(Out& out, const DeltaCase& c, uint64_t seed) {
   const std::vector<float> dO = rng.vec(vo, -1.0f, 1.0f), dFinal = rng.vec(stateElems, -0.5f, 0.5f);
   std::vector<float> dq = overwrittenF(qk), dk = overwrittenF(qk), dv = zeroedF(vo), dg = zeroedF(gb),
                      dbeta = zeroedF(gb), dh0 = zeroedF(stateElems);
-  rkcuda::GatedDeltaGrads gr;
+  rkcuda::GatedDeltaRuleGrads gr;
   gr.dO = dO.data();
   gr.dFinal = dFinal.data();
   gr.states = states.data();
@@ -638,7 +638,7 @@ void runDelta(Out& out, const DeltaCase& c, uint64_t seed) {
 
 void runDeltaStep(Out& out, uint64_t seed) {
   Rng rng(seed);
-  rkcuda::GatedDeltaStepArgs a;
+  rkcuda::GatedDeltaRuleStepArgs a;
   a.batch = 2;
   a.tokens = 3;
   a.H = 2;
@@ -962,7 +962,7 @@ int main(int argc, char** argv) {
     using R = rkcuda::LinearRule;
     const AttnCase cases[] = {
         // per-key gated delta, grouped queries, l2norm, a window; several chunks
-        {"kda", R::GatedDelta, DType::F32, 2, 130, 4, 2, 2, 20, 37, true, true, 3, {}},
+        {"kda", R::GatedDeltaRule, DType::F32, 2, 130, 4, 2, 2, 20, 37, true, true, 3, {}},
         // scalar gated, inverse grouping with shared keys, packed: lengths 1, 64, 0, 25, then a tail
         {"gated", R::Gated, DType::F32, 1, 100, 1, 1, 3, 7, 9, false, false, 0, {0, 1, 65, 65, 90}},
         // linear, bf16, K past one group of 16 rows

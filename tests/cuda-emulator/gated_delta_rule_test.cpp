@@ -2,22 +2,22 @@
 // the SIMT emulator in emu.h. The real launchers run on small problems and every output is compared
 // with a float64 reference written here as plain loops (the per-token recurrence and its backward
 // by hand, the backward itself checked against finite differences of the reference forward):
-//   * gatedDeltaForward / gatedDeltaBackward for every dtype; K and V in {1, 3, 64, 130, 256}
-//     (some pairs); T = 1, 5, chunk-1, chunk, chunk+1 and 2*chunk+3 (chunk = gatedDeltaChunk());
+//   * gatedDeltaRuleForward / gatedDeltaRuleBackward for every dtype; K and V in {1, 3, 64, 130, 256}
+//     (some pairs); T = 1, 5, chunk-1, chunk, chunk+1 and 2*chunk+3 (chunk = gatedDeltaRuleChunk());
 //     batch 1 and 2; H != HV; l2norm on and off; scale; packed sequences (a zero-length one,
 //     positions between sequences and a tail in no sequence, where the inputs are NaN); h0,
 //     finalState, dO, dFinal, dh0 each on and off; T = 0; g = 0 everywhere and g = -1e4 at some positions;
 //     every rows-per-lane and block-size choice (pinned through rkcuda::tunable);
 //   * the chunked tensor-core forward (fp16 / bf16, cuda/delta/gated_delta_rule_chunked.cu) pinned
-//     through the "gatedDelta.forwardPath" tunable, against the same reference at the rounding
+//     through the "gatedDeltaRule.forwardPath" tunable, against the same reference at the rounding
 //     level of the storage type: T = 1, chunk-1, chunk, chunk+1, 2*chunk+2; K != V (32 x 48,
 //     16 x 80, 128 x 64, 256 x 24, 20 x 256); H != HV; packed lengths 0, 1 and partial chunks;
 //     l2norm; g = 0 and -1e4; every value tile; the launch log shows which kernels ran;
-//   * the chunked tensor-core backward (fp16 / bf16, "gatedDelta.backwardPath") in the same
+//   * the chunked tensor-core backward (fp16 / bf16, "gatedDeltaRule.backwardPath") in the same
 //     configurations (dO, dFinal and dh0 on and off, every reverse-pass value tile), against the
 //     float64 backward at the rounding level of the storage type; once the recurrent backward from
 //     the chunked checkpoints; the launchers' own choices (chunked both ways for fp16 / bf16);
-//   * gatedDeltaStep with 1 and 3 tokens, updateState and intermediate on and off, against the
+//   * gatedDeltaRuleStep with 1 and 3 tokens, updateState and intermediate on and off, against the
 //     same reference;
 //   * arguments the launchers must refuse.
 // Outputs are poisoned (NaN) before each call, so anything left unwritten fails; sentinels around
@@ -45,7 +45,7 @@ namespace {
 
 using rkcuda::DType;
 using rkcuda::ScanSegment;
-const int64_t kChunk = rkcuda::gatedDeltaChunk();
+const int64_t kChunk = rkcuda::gatedDeltaRuleChunk();
 
 // Norm-wise tolerance of each dtype's results.
 template <class T> constexpr double tolerance() {
@@ -322,12 +322,12 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
                 (long long)c.V, c.l2, c.packed, c.hasH0, c.hasFinal, c.hasDO, c.hasDFinal, c.hasDh0, c.gMode, c.rows,
                 c.threads, c.path, c.valueTile, c.bpath, c.backwardTile);
   context = buf;
-  emu::setTunable("gatedDelta.rowsPerLane", c.rows);
-  emu::setTunable("gatedDelta.blockThreads", c.threads);
-  emu::setTunable("gatedDelta.forwardPath", c.path);
-  emu::setTunable("gatedDeltaChunked.valueTile", c.valueTile);
-  emu::setTunable("gatedDelta.backwardPath", c.bpath);
-  emu::setTunable("gatedDeltaChunked.backwardValueTile", c.backwardTile);
+  emu::setTunable("gatedDeltaRule.rowsPerLane", c.rows);
+  emu::setTunable("gatedDeltaRule.blockThreads", c.threads);
+  emu::setTunable("gatedDeltaRule.forwardPath", c.path);
+  emu::setTunable("gatedDeltaRuleChunked.valueTile", c.valueTile);
+  emu::setTunable("gatedDeltaRule.backwardPath", c.bpath);
+  emu::setTunable("gatedDeltaRuleChunked.backwardValueTile", c.backwardTile);
   const bool chunked = c.path == 2 || (c.path == 0 && !std::is_same_v<T, float>);
   const bool chunkedBackward = c.bpath == 2 || (c.bpath == 0 && !std::is_same_v<T, float>);
 
@@ -339,7 +339,7 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   Buf<T> q(BT * P.H * P.K), k(BT * P.H * P.K), v(BT * P.HV * P.V), beta(BT * P.HV), dO(BT * P.HV * P.V);
   Buf<float> g(BT * P.HV), h0(SE), dFinal(SE);
   q.set(P.q), k.set(P.k), v.set(P.v), beta.set(P.beta), dO.set(P.dO), g.set(P.g), h0.set(P.h0), dFinal.set(P.dFinal);
-  rkcuda::GatedDeltaArgs a;
+  rkcuda::GatedDeltaRuleArgs a;
   a.dt = Elem<T>::dtype;
   a.batch = P.batch, a.T = P.T, a.H = P.H, a.HV = P.HV, a.K = P.K, a.V = P.V;
   a.scale = static_cast<float>(P.scale);
@@ -360,7 +360,7 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   Buf<T> o(BT * P.HV * P.V);
   Buf<float> states(P.totalChunks * P.HV * P.KV()), fin(SE);
   o.poison(), states.poison(), fin.poison();
-  const rkcuda::Status st = rkcuda::gatedDeltaForward(a, o.data, states.data, P.hasFinal ? fin.data : nullptr);
+  const rkcuda::Status st = rkcuda::gatedDeltaRuleForward(a, o.data, states.data, P.hasFinal ? fin.data : nullptr);
   check(st.ok(), "forward status: " + st.message);
   checkOutput("o", o, want.o, tol);
   checkOutput("states", states, want.states, stateTol);
@@ -374,8 +374,8 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
         pass |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 2>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 4>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 8>);
-        recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaForwardKernel<T, 8>) ||
-                     l.kernel == emu::kernelId(rkcuda::gatedDeltaForwardKernel<T, 16>);
+        recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaRuleForwardKernel<T, 8>) ||
+                     l.kernel == emu::kernelId(rkcuda::gatedDeltaRuleForwardKernel<T, 16>);
       }
       check(prep && pass && !recurrent, "the chunked forward's kernels ran (and only they)");
     }
@@ -399,7 +399,7 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
     Buf<T> dq(BT * P.H * P.K), dk(BT * P.H * P.K), dv(BT * P.HV * P.V), dbeta(BT * P.HV);
     Buf<float> dg(BT * P.HV), dh0(SE);
     dq.poison(), dk.poison(), dv.poison(), dbeta.poison(), dg.poison(), dh0.poison();
-    rkcuda::GatedDeltaGrads gr;
+    rkcuda::GatedDeltaRuleGrads gr;
     gr.dO = P.hasDO ? dO.data : nullptr;
     gr.dFinal = P.hasDFinal ? dFinal.data : nullptr;
     gr.states = states.data;
@@ -415,7 +415,7 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
       for (int64_t e = 0; e < P.HV * P.V; ++e) B.dO[bt * P.HV * P.V + e] = 0;
     }
     const Ref wb = reference(B, true);
-    const rkcuda::Status sb = rkcuda::gatedDeltaBackward(a, gr);
+    const rkcuda::Status sb = rkcuda::gatedDeltaRuleBackward(a, gr);
     check(sb.ok(), "backward status: " + sb.message);
     // The chunked backward rounds its operands (P, W, V', dV', S, dS, the 64 x 64 factors) to the
     // storage type as the chunked forward does: fp16 errors stay near 5e-4; bf16's unit roundoff
@@ -437,8 +437,8 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 4>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 8>);
         grad |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T>);
-        recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaBackwardKernel<T, 8>) ||
-                     l.kernel == emu::kernelId(rkcuda::gatedDeltaBackwardKernel<T, 16>);
+        recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaRuleBackwardKernel<T, 8>) ||
+                     l.kernel == emu::kernelId(rkcuda::gatedDeltaRuleBackwardKernel<T, 16>);
       }
       if (P.nseq() > 0) {
         check(chunkedBackward ? pass && !recurrent : recurrent && !pass,
@@ -454,12 +454,12 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
     noteLaunches();
   }
   check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
-  emu::setTunable("gatedDelta.rowsPerLane", 0);
-  emu::setTunable("gatedDelta.blockThreads", 0);
-  emu::setTunable("gatedDelta.forwardPath", 0);
-  emu::setTunable("gatedDeltaChunked.valueTile", 0);
-  emu::setTunable("gatedDelta.backwardPath", 0);
-  emu::setTunable("gatedDeltaChunked.backwardValueTile", 0);
+  emu::setTunable("gatedDeltaRule.rowsPerLane", 0);
+  emu::setTunable("gatedDeltaRule.blockThreads", 0);
+  emu::setTunable("gatedDeltaRule.forwardPath", 0);
+  emu::setTunable("gatedDeltaRuleChunked.valueTile", 0);
+  emu::setTunable("gatedDeltaRule.backwardPath", 0);
+  emu::setTunable("gatedDeltaRuleChunked.backwardValueTile", 0);
 }
 
 template <class T> void runSuite(std::mt19937& rng, int variant) {
@@ -570,21 +570,21 @@ void runStep(std::mt19937& rng, int64_t tokens, int64_t K, int64_t V, bool updat
   std::snprintf(buf, sizeof buf, "step %s tokens %lld K %lld V %lld update %d intermediate %d l2 %d rows %d",
                 Elem<T>::name, (long long)tokens, (long long)K, (long long)V, update, inter, l2, rows);
   context = buf;
-  emu::setTunable("gatedDelta.rowsPerLane", rows);
+  emu::setTunable("gatedDeltaRule.rowsPerLane", rows);
   const Ref want = reference(P, false);
   const int64_t BT = P.batch * P.T, SE = P.batch * P.HV * P.KV();
   Buf<T> q(BT * P.H * P.K), k(BT * P.H * P.K), v(BT * P.HV * P.V), beta(BT * P.HV), o(BT * P.HV * P.V);
   Buf<float> g(BT * P.HV), state(SE), inter_(BT * P.HV * P.KV());
   q.set(P.q), k.set(P.k), v.set(P.v), beta.set(P.beta), g.set(P.g), state.set(P.h0);
   o.poison(), inter_.poison();
-  rkcuda::GatedDeltaStepArgs a;
+  rkcuda::GatedDeltaRuleStepArgs a;
   a.dt = Elem<T>::dtype;
   a.batch = P.batch, a.tokens = tokens, a.H = P.H, a.HV = P.HV, a.K = K, a.V = V;
   a.scale = static_cast<float>(P.scale);
   a.l2norm = l2, a.updateState = update;
   a.state = state.data, a.q = q.data, a.k = k.data, a.v = v.data, a.g = g.data, a.beta = beta.data, a.o = o.data;
   a.intermediate = inter ? inter_.data : nullptr;
-  const rkcuda::Status st = rkcuda::gatedDeltaStep(a);
+  const rkcuda::Status st = rkcuda::gatedDeltaRuleStep(a);
   check(st.ok(), "step status: " + st.message);
   checkOutput("step o", o, want.o, tolerance<T>());
   checkOutput("step state", state, update ? want.finalState : P.h0, 1e-4);
@@ -614,7 +614,7 @@ void runStep(std::mt19937& rng, int64_t tokens, int64_t K, int64_t V, bool updat
     checkOutput("step intermediate", inter_, all, 1e-4);
   }
   noteLaunches();
-  emu::setTunable("gatedDelta.rowsPerLane", 0);
+  emu::setTunable("gatedDeltaRule.rowsPerLane", 0);
 }
 
 void checkRefusals() {
@@ -622,19 +622,19 @@ void checkRefusals() {
   float dummy[64] = {};
   ScanSegment seg{0, 0, 4, 0};
   auto base = [&] {
-    rkcuda::GatedDeltaArgs a;
+    rkcuda::GatedDeltaRuleArgs a;
     a.batch = 1, a.T = 4, a.H = 1, a.HV = 1, a.K = 4, a.V = 4;
     a.nseq = 1, a.segments = &seg, a.chunk = kChunk, a.totalChunks = 1;
     a.q = a.k = a.v = a.beta = dummy;
     a.g = dummy;
     return a;
   };
-  auto refused = [&](const char* what, rkcuda::GatedDeltaArgs a) {
+  auto refused = [&](const char* what, rkcuda::GatedDeltaRuleArgs a) {
     const size_t before = emu::launchLog.size();
-    check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), std::string("forward accepts ") + what);
-    rkcuda::GatedDeltaGrads g;
+    check(!rkcuda::gatedDeltaRuleForward(a, dummy, dummy, nullptr).ok(), std::string("forward accepts ") + what);
+    rkcuda::GatedDeltaRuleGrads g;
     g.states = dummy, g.dq = g.dk = g.dv = g.dbeta = dummy, g.dg = dummy;
-    check(!rkcuda::gatedDeltaBackward(a, g).ok(), std::string("backward accepts ") + what);
+    check(!rkcuda::gatedDeltaRuleBackward(a, g).ok(), std::string("backward accepts ") + what);
     check(emu::launchLog.size() == before, std::string("launched with ") + what);
   };
   auto a = base();
@@ -665,38 +665,38 @@ void checkRefusals() {
   a = base();
   a.dt = static_cast<DType>(7);
   refused("an unknown dtype", a);
-  rkcuda::GatedDeltaStepArgs s;
+  rkcuda::GatedDeltaRuleStepArgs s;
   s.batch = 1, s.H = 1, s.HV = 1, s.K = 300, s.V = 4;
-  check(!rkcuda::gatedDeltaStep(s).ok(), "step accepts K = 300");
-  emu::setTunable("gatedDelta.rowsPerLane", 5);
+  check(!rkcuda::gatedDeltaRuleStep(s).ok(), "step accepts K = 300");
+  emu::setTunable("gatedDeltaRule.rowsPerLane", 5);
   a = base();
-  check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts rows per lane 5");
-  emu::setTunable("gatedDelta.rowsPerLane", 0);
+  check(!rkcuda::gatedDeltaRuleForward(a, dummy, dummy, nullptr).ok(), "forward accepts rows per lane 5");
+  emu::setTunable("gatedDeltaRule.rowsPerLane", 0);
   const size_t launchesBefore = emu::launchLog.size();
-  emu::setTunable("gatedDelta.forwardPath", 2);
+  emu::setTunable("gatedDeltaRule.forwardPath", 2);
   a = base();
-  check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts the chunked path for fp32");
+  check(!rkcuda::gatedDeltaRuleForward(a, dummy, dummy, nullptr).ok(), "forward accepts the chunked path for fp32");
   a.dt = DType::BF16;
-  emu::setTunable("gatedDeltaChunked.valueTile", 48);
-  check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts a value tile of 48");
-  emu::setTunable("gatedDeltaChunked.valueTile", 0);
-  emu::setTunable("gatedDelta.forwardPath", 3);
-  check(!rkcuda::gatedDeltaForward(a, dummy, dummy, nullptr).ok(), "forward accepts forward path 3");
-  emu::setTunable("gatedDelta.forwardPath", 0);
+  emu::setTunable("gatedDeltaRuleChunked.valueTile", 48);
+  check(!rkcuda::gatedDeltaRuleForward(a, dummy, dummy, nullptr).ok(), "forward accepts a value tile of 48");
+  emu::setTunable("gatedDeltaRuleChunked.valueTile", 0);
+  emu::setTunable("gatedDeltaRule.forwardPath", 3);
+  check(!rkcuda::gatedDeltaRuleForward(a, dummy, dummy, nullptr).ok(), "forward accepts forward path 3");
+  emu::setTunable("gatedDeltaRule.forwardPath", 0);
   {
-    rkcuda::GatedDeltaGrads g;
+    rkcuda::GatedDeltaRuleGrads g;
     g.states = dummy, g.dq = g.dk = g.dv = g.dbeta = dummy, g.dg = dummy;
     a = base();
-    emu::setTunable("gatedDelta.backwardPath", 2);
-    check(!rkcuda::gatedDeltaBackward(a, g).ok(), "backward accepts the chunked path for fp32");
+    emu::setTunable("gatedDeltaRule.backwardPath", 2);
+    check(!rkcuda::gatedDeltaRuleBackward(a, g).ok(), "backward accepts the chunked path for fp32");
     a.dt = DType::F16;
-    emu::setTunable("gatedDelta.backwardPath", 3);
-    check(!rkcuda::gatedDeltaBackward(a, g).ok(), "backward accepts backward path 3");
-    emu::setTunable("gatedDelta.backwardPath", 2);
-    emu::setTunable("gatedDeltaChunked.backwardValueTile", 24);
-    check(!rkcuda::gatedDeltaBackward(a, g).ok(), "backward accepts a value tile of 24");
-    emu::setTunable("gatedDeltaChunked.backwardValueTile", 0);
-    emu::setTunable("gatedDelta.backwardPath", 0);
+    emu::setTunable("gatedDeltaRule.backwardPath", 3);
+    check(!rkcuda::gatedDeltaRuleBackward(a, g).ok(), "backward accepts backward path 3");
+    emu::setTunable("gatedDeltaRule.backwardPath", 2);
+    emu::setTunable("gatedDeltaRuleChunked.backwardValueTile", 24);
+    check(!rkcuda::gatedDeltaRuleBackward(a, g).ok(), "backward accepts a value tile of 24");
+    emu::setTunable("gatedDeltaRuleChunked.backwardValueTile", 0);
+    emu::setTunable("gatedDeltaRule.backwardPath", 0);
   }
   check(emu::launchLog.size() == launchesBefore, "launched while refusing");
   check(emu::liveAllocations.empty(), "refusals leak");
@@ -705,10 +705,10 @@ void checkRefusals() {
 template <class T> void checkCoverage() {
   using namespace rkcuda;
   const std::pair<const void*, const char*> kernels[] = {
-      {emu::kernelId(gatedDeltaForwardKernel<T, 8>), "forward, 8 rows per lane"},
-      {emu::kernelId(gatedDeltaForwardKernel<T, 16>), "forward, 16 rows per lane"},
-      {emu::kernelId(gatedDeltaBackwardKernel<T, 8>), "backward, 8 rows per lane"},
-      {emu::kernelId(gatedDeltaBackwardKernel<T, 16>), "backward, 16 rows per lane"},
+      {emu::kernelId(gatedDeltaRuleForwardKernel<T, 8>), "forward, 8 rows per lane"},
+      {emu::kernelId(gatedDeltaRuleForwardKernel<T, 16>), "forward, 16 rows per lane"},
+      {emu::kernelId(gatedDeltaRuleBackwardKernel<T, 8>), "backward, 8 rows per lane"},
+      {emu::kernelId(gatedDeltaRuleBackwardKernel<T, 16>), "backward, 16 rows per lane"},
       {emu::kernelId(l2normBackwardKernel<T>), "dq / dk finish"},
       {emu::kernelId(zeroGapsKernel<T>), "zeros for positions in no sequence"},
   };

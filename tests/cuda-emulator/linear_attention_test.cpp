@@ -64,7 +64,7 @@ const char* ruleName(LinearRule r) {
 // ---- the problem and its float64 reference ----
 
 struct Problem {
-  LinearRule rule = LinearRule::GatedDelta;
+  LinearRule rule = LinearRule::GatedDeltaRule;
   int64_t batch = 1, T = 1, Hq = 1, Hk = 1, Hv = 1, K = 1, V = 1, window = 0;
   bool perKey = false, l2 = false, packed = false;
   bool hasH0 = false, hasFinal = false, hasDO = false, hasDFinal = false, hasDh0 = false;
@@ -268,7 +268,7 @@ void checkReferenceGradients() {
 // ---- running the launchers ----
 
 struct Case {
-  LinearRule rule = LinearRule::GatedDelta;
+  LinearRule rule = LinearRule::GatedDeltaRule;
   bool perKey = false;
   int64_t batch = 1, T = 1, Hq = 1, Hk = 1, Hv = 1, K = 1, V = 1, window = 0;
   bool l2 = false, packed = false, h0 = false, fin = false, dO = true, dFinal = false, dh0 = false;
@@ -517,7 +517,7 @@ void checkRefusals() {
 }
 
 template <class T> void runSuite(std::mt19937& rng, int variant) {
-  const LinearRule rules[] = {LinearRule::Linear, LinearRule::Gated, LinearRule::Delta, LinearRule::GatedDelta};
+  const LinearRule rules[] = {LinearRule::Linear, LinearRule::Gated, LinearRule::Delta, LinearRule::GatedDeltaRule};
   int n = 0;
   for (LinearRule rule : rules)
     for (int perKey = 0; perKey < (rkcuda::ruleDecays(rule) ? 2 : 1); ++perKey) {
@@ -575,7 +575,7 @@ int main() {
   runGates<float>(rng, true, true, false, 3);
   runGates<__half>(rng, true, false, true, 3);
   runGates<__nv_bfloat16>(rng, false, false, true, 1);
-  runStep<float>(rng, LinearRule::GatedDelta, true, 3, 1, 2, 8, 5);
+  runStep<float>(rng, LinearRule::GatedDeltaRule, true, 3, 1, 2, 8, 5);
   runStep<float>(rng, LinearRule::Gated, false, 1, 4, 2, 64, 7);
   runStep<__half>(rng, LinearRule::Linear, false, 2, 2, 2, 3, 3);
   runStep<__nv_bfloat16>(rng, LinearRule::Delta, false, 4, 1, 2, 130, 4);

@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "d93979e79fb30934";
+constexpr const char* kSourcesHash = "b75a9abfe5c72ae3";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -504,40 +504,40 @@ inline const KernelResources kKernelResources[] = {
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardStepKernel<float, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams, long, float const*, float*, float*)",
      80, 24576},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__half, 16>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleBackwardKernel<__half, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      186, 32896},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__half, 8>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleBackwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      119, 32896},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleBackwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      186, 32896},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleBackwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      119, 32896},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<float, 16>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleBackwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      182, 32896},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaBackwardKernel<float, 8>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleBackwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      118, 32896},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__half, 16>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleForwardKernel<__half, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      120, 0},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__half, 8>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleForwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      58, 0},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleForwardKernel<__nv_bfloat16, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      120, 0},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleForwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      58, 0},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<float, 16>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleForwardKernel<float, 16>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      124, 0},
-    {"void rkcuda::(anonymous namespace)::gatedDeltaForwardKernel<float, 8>(rkcuda::(anonymous "
+    {"void rkcuda::(anonymous namespace)::gatedDeltaRuleForwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::DeltaParams)",
      56, 0},
     {"void rkcuda::(anonymous namespace)::initGradKernel<__half>(float const*, __half const*, float*, long, long)", 24,

@@ -15,7 +15,7 @@ namespace {
 
 struct DeltaCall {
   Device dev = Device::CPU;
-  rkcuda::GatedDeltaArgs a;
+  rkcuda::GatedDeltaRuleArgs a;
   std::vector<rkcuda::ScanSegment> segments;
   int64_t qk = 0, vo = 0, gb = 0, stateElems = 0, savedElems = 0;
 };
@@ -27,7 +27,7 @@ DeltaCall parseDelta(Napi::Env env, const Request& r, const char* op) {
   c.dev = r.device;
   const DType dt = r.dtype;
   const Napi::Object t = r.tensors, cfg = r.config;
-  rkcuda::GatedDeltaArgs& a = c.a;
+  rkcuda::GatedDeltaRuleArgs& a = c.a;
   a.dt = dt;
   a.batch = intField(env, cfg, "batch", op, 1);
   a.T = intField(env, cfg, "T", op, 1);
@@ -41,10 +41,10 @@ DeltaCall parseDelta(Napi::Env env, const Request& r, const char* op) {
   // q first: its real storage bounds the claimed sizes before the sequence table is built for them.
   c.qk = product(env, {a.batch, a.T, a.H, a.K}, op);
   a.q = tensorArg(env, t.Get("q"), op, "q", c.dev, dt, c.qk).data;
-  int64_t chunk = delta::kGatedDeltaChunk;
+  int64_t chunk = delta::kGatedDeltaRuleChunk;
   if (c.dev == Device::CUDA) {
 #ifdef RK_WITH_CUDA
-    chunk = rkcuda::gatedDeltaChunk();
+    chunk = rkcuda::gatedDeltaRuleChunk();
 #else
     throwNoCuda(env, op);
 #endif
@@ -72,11 +72,11 @@ DeltaCall parseDelta(Napi::Env env, const Request& r, const char* op) {
   return c;
 }
 
-// gatedDeltaForward({ device, dtype, tensors, config: { ..., returnFinal, keepStates } })
+// gatedDeltaRuleForward({ device, dtype, tensors, config: { ..., returnFinal, keepStates } })
 //   -> { o, states | null, finalState | null }
 // Without keepStates (a forward that no backward follows) the CPU saves no checkpoints; the CUDA
 // kernels always do.
-Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
+Napi::Value GatedDeltaRuleForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRule";
   const Request r = parseRequest(env, info, op, "q");
@@ -93,13 +93,13 @@ Napi::Value GatedDeltaForward(const Napi::CallbackInfo& info) {
 
   auto k = std::make_shared<DeltaCall>(std::move(c));  // the kernel's arguments, kept for an async call
   return launch(
-      env, op, k->dev, out, [&] { return rkcuda::gatedDeltaForward(k->a, o, states, fin); },
-      [k, o, states, fin] { delta::gatedDeltaForwardCpu(k->a, o, states, fin); });
+      env, op, k->dev, out, [&] { return rkcuda::gatedDeltaRuleForward(k->a, o, states, fin); },
+      [k, o, states, fin] { delta::gatedDeltaRuleForwardCpu(k->a, o, states, fin); });
 }
 
-// gatedDeltaBackward({ device, dtype, tensors, grads: { states, dO, dFinal }, config: { ..., needDh0 } })
+// gatedDeltaRuleBackward({ device, dtype, tensors, grads: { states, dO, dFinal }, config: { ..., needDh0 } })
 //   -> { dq, dk, dv, dg, dbeta, dh0 | null }
-Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
+Napi::Value GatedDeltaRuleBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRule.backward";
   const Request r = parseRequest(env, info, op, "q", true);
@@ -107,7 +107,7 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   const Napi::Object gi = r.grads;
   const bool needDh0 = flagField(r.config, "needDh0");
   const DType dt = c.a.dt;
-  rkcuda::GatedDeltaGrads g;
+  rkcuda::GatedDeltaRuleGrads g;
   g.states = static_cast<const float*>(
       tensorArg(env, gi.Get("states"), op, "states (saved for backward)", c.dev, DType::F32, c.savedElems).data);
   g.dO = tensorArg(env, gi.Get("dO"), op, "grad of o", c.dev, dt, c.vo, true).data;
@@ -123,21 +123,21 @@ Napi::Value GatedDeltaBackward(const Napi::CallbackInfo& info) {
   out.Set("dh0", optionalOutput(env, needDh0, c.dev, DType::F32, c.stateElems, &g.dh0));
   auto k = std::make_shared<DeltaCall>(std::move(c));
   return launch(
-      env, op, k->dev, out, [&] { return rkcuda::gatedDeltaBackward(k->a, g); },
-      [k, g] { delta::gatedDeltaBackwardCpu(k->a, g); });
+      env, op, k->dev, out, [&] { return rkcuda::gatedDeltaRuleBackward(k->a, g); },
+      [k, g] { delta::gatedDeltaRuleBackwardCpu(k->a, g); });
 }
 
-// gatedDeltaStep({ device, dtype, tensors: { state, q, k, v, g, beta },
+// gatedDeltaRuleStep({ device, dtype, tensors: { state, q, k, v, g, beta },
 //   config: { batch, tokens, H, HV, K, V, scale, l2norm, updateState, returnIntermediate } })
 //   -> { o, intermediate | null }
-Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
+Napi::Value GatedDeltaRuleStep(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "gatedDeltaRuleStep";
   const Request r = parseRequest(env, info, op, "q");
   Device dev = r.device;
   const DType dt = r.dtype;
   const Napi::Object t = r.tensors, cfg = r.config;
-  rkcuda::GatedDeltaStepArgs a;
+  rkcuda::GatedDeltaRuleStepArgs a;
   a.dt = dt;
   a.batch = intField(env, cfg, "batch", op, 1);
   a.tokens = intField(env, cfg, "tokens", op, 1);
@@ -167,15 +167,15 @@ Napi::Value GatedDeltaStep(const Napi::CallbackInfo& info) {
   out.Set("intermediate",
           optionalOutput(env, wantIntermediate, dev, DType::F32, inter, &a.intermediate, Init::Overwritten));
   return launch(
-      env, op, dev, out, [&] { return rkcuda::gatedDeltaStep(a); }, [a] { delta::gatedDeltaStepCpu(a); });
+      env, op, dev, out, [&] { return rkcuda::gatedDeltaRuleStep(a); }, [a] { delta::gatedDeltaRuleStepCpu(a); });
 }
 
 }  // namespace
 
 void registerGatedDeltaRule(Napi::Env env, Napi::Object exports) {
-  exportFunction(env, exports, "gatedDeltaForward", GatedDeltaForward);
-  exportFunction(env, exports, "gatedDeltaBackward", GatedDeltaBackward);
-  exportFunction(env, exports, "gatedDeltaStep", GatedDeltaStep);
+  exportFunction(env, exports, "gatedDeltaRuleForward", GatedDeltaRuleForward);
+  exportFunction(env, exports, "gatedDeltaRuleBackward", GatedDeltaRuleBackward);
+  exportFunction(env, exports, "gatedDeltaRuleStep", GatedDeltaRuleStep);
 }
 
 }  // namespace rk

@@ -3,14 +3,16 @@
 
 namespace rk::delta {
 
-void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* finalState) {
-  RK_ISA_DISPATCH(delta, gatedDeltaForwardCpu, (a, o, states, finalState));
+void gatedDeltaRuleForwardCpu(const rkcuda::GatedDeltaRuleArgs& a, void* o, float* states, float* finalState) {
+  RK_ISA_DISPATCH(delta, gatedDeltaRuleForwardCpu, (a, o, states, finalState));
 }
 
-void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g) {
-  RK_ISA_DISPATCH(delta, gatedDeltaBackwardCpu, (a, g));
+void gatedDeltaRuleBackwardCpu(const rkcuda::GatedDeltaRuleArgs& a, const rkcuda::GatedDeltaRuleGrads& g) {
+  RK_ISA_DISPATCH(delta, gatedDeltaRuleBackwardCpu, (a, g));
 }
 
-void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a) { RK_ISA_DISPATCH(delta, gatedDeltaStepCpu, (a)); }
+void gatedDeltaRuleStepCpu(const rkcuda::GatedDeltaRuleStepArgs& a) {
+  RK_ISA_DISPATCH(delta, gatedDeltaRuleStepCpu, (a));
+}
 
 }  // namespace rk::delta

@@ -1,5 +1,5 @@
 // CPU gated delta rule: forward, backward and the decode step, implementing the contract of
-// cuda/common/api.h (GatedDeltaArgs and friends) with the CPU's own checkpoint spacing.
+// cuda/common/api.h (GatedDeltaRuleArgs and friends) with the CPU's own checkpoint spacing.
 #pragma once
 #include <cstdint>
 
@@ -11,18 +11,18 @@ namespace rk::delta {
 // Checkpoint spacing (tokens): the forward pass saves the state entering every chunk of this many
 // tokens, then (in the same `states` buffer) the delta-rule correction r = v - e S^T k of every token,
 // fp32 [batch, T, HV, V]; the backward pass rebuilds one chunk's states at a time from there.
-constexpr int64_t kGatedDeltaChunk = 64;
+constexpr int64_t kGatedDeltaRuleChunk = 64;
 
-void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* finalState);
-void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g);
-void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a);
+void gatedDeltaRuleForwardCpu(const rkcuda::GatedDeltaRuleArgs& a, void* o, float* states, float* finalState);
+void gatedDeltaRuleBackwardCpu(const rkcuda::GatedDeltaRuleArgs& a, const rkcuda::GatedDeltaRuleGrads& g);
+void gatedDeltaRuleStepCpu(const rkcuda::GatedDeltaRuleStepArgs& a);
 
-// The same, per instruction-set variant (gated_delta_rule_cpu.inc compiled once per variant).
-#define RK_DELTA_VARIANT_API(NS)                                                                         \
-  namespace NS {                                                                                         \
-  void gatedDeltaForwardCpu(const rkcuda::GatedDeltaArgs& a, void* o, float* states, float* finalState); \
-  void gatedDeltaBackwardCpu(const rkcuda::GatedDeltaArgs& a, const rkcuda::GatedDeltaGrads& g);         \
-  void gatedDeltaStepCpu(const rkcuda::GatedDeltaStepArgs& a);                                           \
+// The same, per instruction-set variant (gated_delta_rule_cpu_{fwd,bwd}.inc compiled once per variant).
+#define RK_DELTA_VARIANT_API(NS)                                                                                 \
+  namespace NS {                                                                                                 \
+  void gatedDeltaRuleForwardCpu(const rkcuda::GatedDeltaRuleArgs& a, void* o, float* states, float* finalState); \
+  void gatedDeltaRuleBackwardCpu(const rkcuda::GatedDeltaRuleArgs& a, const rkcuda::GatedDeltaRuleGrads& g);     \
+  void gatedDeltaRuleStepCpu(const rkcuda::GatedDeltaRuleStepArgs& a);                                           \
   }
 RK_FOR_EACH_ISA(RK_DELTA_VARIANT_API)
 #undef RK_DELTA_VARIANT_API

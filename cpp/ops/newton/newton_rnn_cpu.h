@@ -15,7 +15,7 @@ constexpr int64_t kNewtonChannelChunk = 64;
 void newtonRnnForwardCpu(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnOutputs& o);
 void newtonRnnBackwardCpu(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnGrads& g);
 
-// The same, per instruction-set variant (newton_rnn_cpu.inc compiled once per variant).
+// The same, per instruction-set variant (newton_rnn_cpu_{fwd,bwd}.inc compiled once per variant).
 #define RK_NEWTON_VARIANT_API(NS)                                                  \
   namespace NS {                                                                   \
   void forward(const rkcuda::NewtonRnnArgs& a, const rkcuda::NewtonRnnOutputs& o); \
