@@ -207,6 +207,71 @@ describe('CPU output pool', () => {
     rk.releaseCpuPool();
   });
 
+  it.each([
+    ['gated_delta', true],
+    ['linear', false],
+  ] as const)(
+    'outputs and gradients from the pool read zero at packed positions in no sequence (linearAttention %s)',
+    (updateRule, perKey) => {
+      rk.releaseCpuPool();
+      const [T, H, K, V] = [2048, 2, 64, 64]; // q, k, v, o, their gradients and per-key decays: 1 MiB each
+      const make = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+      const inputs = {
+        q: rk.Tensor.from(make(T * H * K, 1), [1, T, H, K]),
+        k: rk.Tensor.from(make(T * H * K, 2), [1, T, H, K]),
+        v: rk.Tensor.from(make(T * H * V, 3), [1, T, H, V]),
+        decay: perKey
+          ? rk.Tensor.from(
+              make(T * H * K, 4).map((x) => -0.1 - 0.1 * Math.abs(x)),
+              [1, T, H, K],
+            )
+          : undefined,
+        beta: perKey
+          ? rk.Tensor.from(
+              make(T * H, 5).map((x) => 0.5 + 0.4 * x),
+              [1, T, H],
+            )
+          : undefined,
+      };
+      const run = (cuSeqlens: number[] | null) => {
+        const { outputs, ctx } = rk.ops.linearAttention.forward(inputs, { updateRule, qkL2Norm: true, cuSeqlens });
+        const grads = rk.ops.linearAttention.backward(ctx, { o: outputs.o });
+        const named = {
+          o: outputs.o,
+          'grad q': grads.q,
+          'grad k': grads.k,
+          'grad v': grads.v,
+          'grad decay': grads.decay,
+        };
+        return {
+          named,
+          dispose: () => [outputs.o, grads.q, grads.k, grads.v, grads.decay, grads.beta].forEach((t) => t?.dispose()),
+        };
+      };
+      // Whole sequence first: its outputs and gradients fill buffers with non-zeros, then go back to the pool.
+      run(null).dispose();
+      const before = rk.memory().cpu.pooledBytes;
+      expect(before).toBeGreaterThanOrEqual((perKey ? 5 : 4) * T * H * K * 4);
+      const packed = run([0, 100, 1500]); // positions 1500 .. 2047 in no sequence
+      expect(rk.memory().cpu.pooledBytes).toBeLessThan(before); // the outputs came from the pool
+      for (const [name, t] of Object.entries(packed.named)) {
+        if (!t) continue;
+        const x = t.dataSync();
+        const per = x.length / T;
+        expect(
+          x.subarray(0, 1500 * per).some((e) => e !== 0),
+          name,
+        ).toBe(true);
+        expect(
+          x.subarray(1500 * per).every((e) => e === 0),
+          `${name} at uncovered positions`,
+        ).toBe(true);
+      }
+      packed.dispose();
+      rk.releaseCpuPool();
+    },
+  );
+
   it('an output taken from the pool reads zero at packed positions in no sequence (gated delta rule)', () => {
     rk.releaseCpuPool();
     const [T, H, K, V] = [2048, 2, 8, 64]; // o and grad v: 1 MiB each

@@ -97,7 +97,7 @@ Napi::Value LinearAttentionForward(const Napi::CallbackInfo& info) {
   void* o = nullptr;
   float *states = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("o", allocOutput(env, c.dev, a.dt, c.o, &o));  // zeros: positions in no sequence
+  out.Set("o", allocOutput(env, c.dev, a.dt, c.o, &o, Init::Overwritten));  // zeros at positions in no sequence
   out.Set("states", optionalOutput(env, flagField(r.config, "keepStates"), c.dev, DType::F32, c.savedElems, &states,
                                    Init::Overwritten));
   out.Set("finalState", optionalOutput(env, flagField(r.config, "returnFinal"), c.dev, DType::F32, c.stateElems, &fin));
@@ -129,11 +129,12 @@ Napi::Value LinearAttentionBackward(const Napi::CallbackInfo& info) {
   g.dFinal = static_cast<const float*>(
       tensorArg(env, gi.Get("dFinal"), op, "grad of finalState", c.dev, DType::F32, c.stateElems, true).data);
   Napi::Object out = Napi::Object::New(env);
-  out.Set("dq", allocOutput(env, c.dev, a.dt, c.q, &g.dq));
-  out.Set("dk", allocOutput(env, c.dev, a.dt, c.k, &g.dk));
-  out.Set("dv", allocOutput(env, c.dev, a.dt, c.v, &g.dv));
-  out.Set("dg", optionalOutput(env, rkcuda::ruleDecays(a.rule), c.dev, DType::F32, c.g, &g.dg));
-  out.Set("dbeta", optionalOutput(env, rkcuda::ruleCorrects(a.rule), c.dev, a.dt, c.gb, &g.dbeta));
+  // The kernels write every element (zeros at positions in no sequence).
+  out.Set("dq", allocOutput(env, c.dev, a.dt, c.q, &g.dq, Init::Overwritten));
+  out.Set("dk", allocOutput(env, c.dev, a.dt, c.k, &g.dk, Init::Overwritten));
+  out.Set("dv", allocOutput(env, c.dev, a.dt, c.v, &g.dv, Init::Overwritten));
+  out.Set("dg", optionalOutput(env, rkcuda::ruleDecays(a.rule), c.dev, DType::F32, c.g, &g.dg, Init::Overwritten));
+  out.Set("dbeta", optionalOutput(env, rkcuda::ruleCorrects(a.rule), c.dev, a.dt, c.gb, &g.dbeta, Init::Overwritten));
   out.Set("dh0", optionalOutput(env, flagField(r.config, "needDh0"), c.dev, DType::F32, c.stateElems, &g.dh0));
   auto k = std::make_shared<AttentionCall>(std::move(c));
   return launch(
@@ -236,8 +237,8 @@ Napi::Value LinearAttentionGatesBackward(const Napi::CallbackInfo& info) {
   float *dDecay = nullptr, *daLog = nullptr, *dDtBias = nullptr;
   void* dBeta = nullptr;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("ddecay", optionalOutput(env, a.decay != nullptr, r.device, DType::F32, gElems, &dDecay));
-  out.Set("dbeta", a.beta ? allocOutput(env, r.device, a.dt, bInElems, &dBeta) : env.Null());
+  out.Set("ddecay", optionalOutput(env, a.decay != nullptr, r.device, DType::F32, gElems, &dDecay, Init::Overwritten));
+  out.Set("dbeta", a.beta ? allocOutput(env, r.device, a.dt, bInElems, &dBeta, Init::Overwritten) : env.Null());
   out.Set("daLog", optionalOutput(env, a.aLog != nullptr, r.device, DType::F32, a.Hv, &daLog));
   out.Set("ddtBias",
           optionalOutput(env, a.dtBias != nullptr, r.device, DType::F32, a.dtBiasPerKey ? a.Hv * a.K : a.Hv, &dDtBias));
