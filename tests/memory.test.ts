@@ -272,6 +272,47 @@ describe('CPU output pool', () => {
     },
   );
 
+  it.each([false, true])(
+    'y and grad x from the pool read zero at packed positions in no sequence (causalConv1d, channelsLast %s)',
+    (channelsLast) => {
+      rk.releaseCpuPool();
+      const [C, T, W] = [128, 2048, 4]; // x, y and grad x: 1 MiB each
+      const make = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+      const inputs = {
+        x: rk.Tensor.from(make(C * T, 1), channelsLast ? [1, T, C] : [1, C, T]),
+        weight: rk.Tensor.from(make(C * W, 2), [C, W]),
+      };
+      const run = (cuSeqlens: number[] | null) => {
+        const { outputs, ctx } = rk.ops.causalConv1d.forward(inputs, { activation: 'silu', channelsLast, cuSeqlens });
+        const grads = rk.ops.causalConv1d.backward(ctx, { y: outputs.y });
+        return {
+          named: { y: outputs.y, 'grad x': grads.x },
+          dispose: () => [outputs.y, grads.x, grads.weight].forEach((t) => t?.dispose()),
+        };
+      };
+      run(null).dispose(); // fills the pool with non-zero buffers
+      const before = rk.memory().cpu.pooledBytes;
+      expect(before).toBeGreaterThanOrEqual(2 * C * T * 4);
+      const packed = run([0, 100, 1500]); // positions 1500 .. 2047 in no sequence
+      expect(rk.memory().cpu.pooledBytes).toBeLessThan(before);
+      for (const [name, t] of Object.entries(packed.named)) {
+        const x = t.dataSync();
+        const at = (c: number, p: number) => x[channelsLast ? p * C + c : c * T + p];
+        let inside = false;
+        let outside = true;
+        for (let c = 0; c < C; ++c)
+          for (let p = 0; p < T; ++p) {
+            if (p < 1500 && at(c, p) !== 0) inside = true;
+            if (p >= 1500 && at(c, p) !== 0) outside = false;
+          }
+        expect(inside, name).toBe(true);
+        expect(outside, `${name} at uncovered positions`).toBe(true);
+      }
+      packed.dispose();
+      rk.releaseCpuPool();
+    },
+  );
+
   it('an output taken from the pool reads zero at packed positions in no sequence (gated delta rule)', () => {
     rk.releaseCpuPool();
     const [T, H, K, V] = [2048, 2, 8, 64]; // o and grad v: 1 MiB each

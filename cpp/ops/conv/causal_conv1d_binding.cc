@@ -60,7 +60,7 @@ Napi::Value CausalConv1dForward(const Napi::CallbackInfo& info) {
   if (c.a.window > 8) throwError(env, code::kArgument, std::string(op) + ": stateWindow must be 0-8");
   void *y = nullptr, *fin = nullptr;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("y", allocOutput(env, r.device, c.a.dt, c.x, &y));  // zeros: positions in no sequence
+  out.Set("y", allocOutput(env, r.device, c.a.dt, c.x, &y, Init::Overwritten));  // zeros at positions in no sequence
   out.Set("finalState", optionalOutput(env, flagField(r.config, "returnFinal"), r.device, c.a.dt, c.state, &fin));
   out.Set("windowStates", optionalOutput(env, c.a.window > 0, r.device, c.a.dt, product(env, {c.a.window, c.state}, op),
                                          &c.a.windowStates));
@@ -81,8 +81,8 @@ Napi::Value CausalConv1dBackward(const Napi::CallbackInfo& info) {
   g.dY = tensorArg(env, r.grads.Get("dY"), op, "grad of y", r.device, c.a.dt, c.x, true).data;
   g.dFinal = tensorArg(env, r.grads.Get("dFinal"), op, "grad of finalState", r.device, c.a.dt, c.state, true).data;
   Napi::Object out = Napi::Object::New(env);
-  out.Set("dx", allocOutput(env, r.device, c.a.dt, c.x, &g.dx));
-  out.Set("dweight", allocOutput(env, r.device, c.a.dt, c.a.C * c.a.W, &g.dweight));
+  out.Set("dx", allocOutput(env, r.device, c.a.dt, c.x, &g.dx, Init::Overwritten));  // as y
+  out.Set("dweight", allocOutput(env, r.device, c.a.dt, c.a.C * c.a.W, &g.dweight, Init::Overwritten));
   out.Set("dbias", optionalOutput(env, c.a.bias != nullptr, r.device, c.a.dt, c.a.C, &g.dbias));
   out.Set("dh0", optionalOutput(env, flagField(r.config, "needDh0"), r.device, c.a.dt, c.state, &g.dh0));
   auto k = std::make_shared<ConvCall>(std::move(c));
