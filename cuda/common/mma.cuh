@@ -220,6 +220,81 @@ template <class T> __device__ __forceinline__ FragB16 loadB16PackedT(const T* bt
   return f;
 }
 
+// ---- fragments from 16-bit tiles in shared memory: ldmatrix ----
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 loads four 8 x 8 matrices of 16-bit elements. Lane
+// l gives the address of row l % 8 of matrix l / 8 (8 elements, 16 bytes, 16-byte aligned, in shared
+// memory); register i of every lane receives two elements of matrix i (the lower in the low half):
+//   plain: row g, columns 2t and 2t + 1;   Trans: rows 2t and 2t + 1 of column g   (g = l / 4, t = l % 4)
+// which are the mma fragment layouts above. One instruction replaces eight 16-bit (or four 32-bit)
+// loads per lane, and its shared-memory accesses are whole 16-byte rows. On the device (sm_75 and
+// newer) it is that instruction; elsewhere a portable version reads the same elements through
+// shuffled row addresses (the emulator checks their alignment). Warp-collective.
+template <bool Trans> __device__ __forceinline__ void ldmatrixX4(uint32_t (&r)[4], const void* rowAddr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(rowAddr));
+  if constexpr (Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
+#else
+  const uint64_t mine = static_cast<uint64_t>(reinterpret_cast<uintptr_t>(rowAddr));
+#if defined(RK_CUDA_EMULATOR)
+  if (mine % 16 != 0) emu::fail("ldmatrix: a row address that is not 16-byte aligned");
+#endif
+  const int g = lane() >> 2, t = lane() & 3;
+  auto rowOf = [&](int src) {  // the row address lane src gave
+    const uint32_t lo = __shfl_sync(0xffffffffu, static_cast<uint32_t>(mine), src);
+    const uint32_t hi = __shfl_sync(0xffffffffu, static_cast<uint32_t>(mine >> 32), src);
+    return reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>((static_cast<uint64_t>(hi) << 32) | lo));
+  };
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (Trans) {
+      const uint16_t* r0 = rowOf(8 * i + 2 * t);
+      const uint16_t* r1 = rowOf(8 * i + 2 * t + 1);
+      r[i] = static_cast<uint32_t>(r0[g]) | (static_cast<uint32_t>(r1[g]) << 16);
+    } else {
+      const uint16_t* row = rowOf(8 * i + g);
+      r[i] = static_cast<uint32_t>(row[2 * t]) | (static_cast<uint32_t>(row[2 * t + 1]) << 16);
+    }
+  }
+#endif
+}
+
+// A (16 x 16) from a row-major tile: element (m, k) at a[m * lda + k].
+template <class T> __device__ __forceinline__ FragA16 ldmatrixA16(const T* a, int lda) {
+  const int l = lane(), i = l >> 3;
+  FragA16 f;
+  ldmatrixX4<false>(f.r, a + ((l & 7) + 8 * (i & 1)) * lda + 8 * (i >> 1));
+  return f;
+}
+// A (16 x 16) from its transpose: element (m, k) at at[k * ldt + m] (a row-major K x M tile).
+template <class T> __device__ __forceinline__ FragA16 ldmatrixA16T(const T* at, int ldt) {
+  const int l = lane(), i = l >> 3;
+  FragA16 f;
+  ldmatrixX4<true>(f.r, at + ((l & 7) + 8 * (i >> 1)) * ldt + 8 * (i & 1));
+  return f;
+}
+// Two B tiles (16 x 8: columns n0 .. n0 + 7 and n0 + 8 .. n0 + 15, in b0 and b1) from a row-major K x N
+// tile: element (k, n) at b[k * ldb + n].
+template <class T> __device__ __forceinline__ void ldmatrixB16x2(const T* b, int ldb, FragB16& b0, FragB16& b1) {
+  const int l = lane(), i = l >> 3;
+  uint32_t r[4];
+  ldmatrixX4<true>(r, b + ((l & 7) + 8 * (i & 1)) * ldb + 8 * (i >> 1));
+  b0.r[0] = r[0], b0.r[1] = r[1], b1.r[0] = r[2], b1.r[1] = r[3];
+}
+// The same from the transposed storage: element (k, n) at bt[n * ldt + k] (as loadB16PackedT).
+template <class T> __device__ __forceinline__ void ldmatrixB16x2T(const T* bt, int ldt, FragB16& b0, FragB16& b1) {
+  const int l = lane(), i = l >> 3;
+  uint32_t r[4];
+  ldmatrixX4<false>(r, bt + ((l & 7) + 8 * (i >> 1)) * ldt + 8 * (i & 1));
+  b0.r[0] = r[0], b0.r[1] = r[1], b1.r[0] = r[2], b1.r[1] = r[3];
+}
+
 // Calls put(row, col, value) for the four elements of C this lane holds.
 template <class Put> __device__ __forceinline__ void storeC(const FragC& c, Put put) {
   const int g = lane() >> 2, t = lane() & 3;

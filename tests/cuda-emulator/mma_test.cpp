@@ -127,6 +127,57 @@ template <class T> void testPackedLoads(const char* name) {
   for (int l = 0; l < 32; ++l) expect(out[l] == 0, name, l, out[l], 0);
 }
 
+// ldmatrix (ldmatrixA16, ldmatrixA16T, ldmatrixB16x2, ldmatrixB16x2T) from 16-bit tiles staged in
+// shared memory with padded rows: element (r, c) of each logical 16 x 16 matrix holds the code
+// r * 16 + c + 1 (A: (m, k), B: (k, n)), so every register is checked against the fragment layout of
+// the header written out by hand. out[lane * 16 + j]: A, A from its transpose, then B (two n-blocks)
+// from row-major and from transposed storage.
+constexpr int kLd = 24;  // 48-byte rows: 16-byte aligned, and not a multiple of 128 (as kernels pad)
+__global__ void ldmatrixKernel(const uint16_t* codes, uint32_t* out) {
+  alignas(16) __shared__ uint16_t sA[16 * kLd], sAt[16 * kLd], sB[16 * kLd], sBt[16 * kLd];
+  for (int e = static_cast<int>(threadIdx.x); e < 256; e += 32) {
+    const int r = e / 16, c = e % 16;
+    sA[r * kLd + c] = codes[e];   // A (m = r, k = c)
+    sAt[c * kLd + r] = codes[e];  // the same A stored transposed
+    sB[r * kLd + c] = codes[e];   // B (k = r, n = c)
+    sBt[c * kLd + r] = codes[e];  // the same B stored transposed
+  }
+  __syncthreads();
+  const mma::FragA16 a = mma::ldmatrixA16(reinterpret_cast<const __half*>(sA), kLd);
+  const mma::FragA16 at = mma::ldmatrixA16T(reinterpret_cast<const __half*>(sAt), kLd);
+  mma::FragB16 b0, b1, bt0, bt1;
+  mma::ldmatrixB16x2(reinterpret_cast<const __half*>(sB), kLd, b0, b1);
+  mma::ldmatrixB16x2T(reinterpret_cast<const __half*>(sBt), kLd, bt0, bt1);
+  uint32_t* o = out + mma::lane() * 16;
+  for (int i = 0; i < 4; ++i) o[i] = a.r[i], o[4 + i] = at.r[i];
+  o[8] = b0.r[0], o[9] = b0.r[1], o[10] = b1.r[0], o[11] = b1.r[1];
+  o[12] = bt0.r[0], o[13] = bt0.r[1], o[14] = bt1.r[0], o[15] = bt1.r[1];
+}
+
+void testLdmatrix() {
+  std::vector<uint16_t> codes(256);
+  for (int e = 0; e < 256; ++e) codes[e] = static_cast<uint16_t>(e + 1);
+  std::vector<uint32_t> out(32 * 16, 0);
+  rkcuda::launch(ldmatrixKernel, dim3(1), dim3(32), 0, codes.data(), out.data());
+  auto code = [](int r, int c) { return static_cast<uint32_t>(r * 16 + c + 1); };
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    const uint32_t* o = out.data() + l * 16;
+    for (int i = 0; i < 4; ++i) {  // A: r[i] holds (g + 8 (i % 2), 2t + 8 (i / 2) + {0, 1})
+      const int row = g + 8 * (i % 2), col = 2 * t + 8 * (i / 2);
+      const uint32_t want = code(row, col) | (code(row, col + 1) << 16);
+      expect(o[i] == want, "ldmatrixA16: register of the A fragment", l * 4 + i, o[i], want);
+      expect(o[4 + i] == want, "ldmatrixA16T: register of the A fragment", l * 4 + i, o[4 + i], want);
+    }
+    for (int j = 0; j < 4; ++j) {  // B block j / 2 (columns 8 (j / 2) + g), r[j % 2]: k 2t + 8 (j % 2) + {0, 1}
+      const int n = 8 * (j / 2) + g, k = 2 * t + 8 * (j % 2);
+      const uint32_t want = code(k, n) | (code(k + 1, n) << 16);
+      expect(o[8 + j] == want, "ldmatrixB16x2: register of a B fragment", l * 4 + j, o[8 + j], want);
+      expect(o[12 + j] == want, "ldmatrixB16x2T: register of a B fragment", l * 4 + j, o[12 + j], want);
+    }
+  }
+}
+
 // Rounding as the operands see it.
 float roundHalf(float x) { return __half2float(__float2half_rn(x)); }
 float roundBf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
@@ -235,6 +286,7 @@ int main() {
   testDynamicShared();
   testPackedLoads<__half>("loadA16Packed / loadB16PackedT <half>");
   testPackedLoads<__nv_bfloat16>("loadA16Packed / loadB16PackedT <bf16>");
+  testLdmatrix();
   testNumericsMode(rng);
   for (Kind kind : {Kind::kHalf, Kind::kBf16, Kind::kTf32}) {
     for (int ksteps : {1, 2, 5}) {

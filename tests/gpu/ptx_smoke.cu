@@ -3,6 +3,9 @@
 // it). The CPU emulator runs the portable form of each of these; this runs the device form.
 //   * mma16816 (__half, __nv_bfloat16) and mma1688tf32 through the fragment loaders, with small
 //     integer operands: every product and sum is exact, so D must equal the integer product;
+//   * ldmatrix (plain and .trans, through ldmatrixA16 / ldmatrixA16T / ldmatrixB16x2 / ldmatrixB16x2T)
+//     from padded shared-memory tiles of distinct 16-bit codes: every register equals the mma
+//     fragment layout of mma.cuh (the CPU emulator's mma test checks its portable form the same way);
 //   * copyAsync16 (cp.async) with source sizes 0, 6 and 16: the bytes past the source size are zero;
 //   * groupBarrier across co-resident blocks of a cooperative launch: every block sees every other
 //     block's writes of the round before;
@@ -29,13 +32,13 @@ void check(bool ok, const char* what, double got = 0, double want = 0) {
   if (!ok && ++failures <= 20) std::printf("FAIL %s: got %.9g, want %.9g\n", what, got, want);
 }
 
-#define CUDA_OK(expr)                                                                             \
-  do {                                                                                            \
-    const cudaError_t e = (expr);                                                                 \
-    if (e != cudaSuccess) {                                                                       \
+#define CUDA_OK(expr)                                                                              \
+  do {                                                                                             \
+    const cudaError_t e = (expr);                                                                  \
+    if (e != cudaSuccess) {                                                                        \
       std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e), __FILE__, __LINE__, #expr); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
+      std::exit(1);                                                                                \
+    }                                                                                              \
   } while (0)
 
 // ---- mma: one warp, D (16 x 8) = A (16 x K) * B (K x 8), row-major fp32 inputs ----
@@ -118,6 +121,59 @@ void checkCopyAsync() {
   }
   check(bad == 0, "cp.async with source sizes 0, 6, 16", bad, 0);
   cudaFree(dSrc);
+  cudaFree(dOut);
+}
+
+// ---- ldmatrix: element (r, c) of each 16 x 16 matrix holds the code r * 16 + c + 1 ----
+
+constexpr int kLd = 24;  // padded rows of 48 bytes
+__global__ void ldmatrixKernel(uint32_t* out) {
+  using namespace rkcuda::mma;
+  __shared__ alignas(16) uint16_t sA[16 * kLd], sAt[16 * kLd], sB[16 * kLd], sBt[16 * kLd];
+  for (int e = static_cast<int>(threadIdx.x); e < 256; e += 32) {
+    const int r = e / 16, c = e % 16;
+    const uint16_t code = static_cast<uint16_t>(e + 1);
+    sA[r * kLd + c] = code, sAt[c * kLd + r] = code, sB[r * kLd + c] = code, sBt[c * kLd + r] = code;
+  }
+  __syncthreads();
+  const FragA16 a = ldmatrixA16(reinterpret_cast<const __half*>(sA), kLd);
+  const FragA16 at = ldmatrixA16T(reinterpret_cast<const __half*>(sAt), kLd);
+  FragB16 b0, b1, bt0, bt1;
+  ldmatrixB16x2(reinterpret_cast<const __half*>(sB), kLd, b0, b1);
+  ldmatrixB16x2T(reinterpret_cast<const __half*>(sBt), kLd, bt0, bt1);
+  uint32_t* o = out + lane() * 16;
+  for (int i = 0; i < 4; ++i) o[i] = a.r[i], o[4 + i] = at.r[i];
+  o[8] = b0.r[0], o[9] = b0.r[1], o[10] = b1.r[0], o[11] = b1.r[1];
+  o[12] = bt0.r[0], o[13] = bt0.r[1], o[14] = bt1.r[0], o[15] = bt1.r[1];
+}
+
+void checkLdmatrix() {
+  uint32_t* dOut;
+  CUDA_OK(cudaMalloc(&dOut, 32 * 16 * sizeof(uint32_t)));
+  ldmatrixKernel<<<1, 32>>>(dOut);
+  CUDA_OK(cudaGetLastError());
+  std::vector<uint32_t> out(32 * 16);
+  CUDA_OK(cudaMemcpy(out.data(), dOut, out.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost));
+  auto code = [](int r, int c) { return static_cast<uint32_t>(r * 16 + c + 1); };
+  int badA = 0, badAt = 0, badB = 0, badBt = 0;
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    const uint32_t* o = out.data() + l * 16;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i % 2), col = 2 * t + 8 * (i / 2);
+      const uint32_t want = code(row, col) | (code(row, col + 1) << 16);
+      badA += o[i] != want, badAt += o[4 + i] != want;
+    }
+    for (int j = 0; j < 4; ++j) {
+      const int n = 8 * (j / 2) + g, k = 2 * t + 8 * (j % 2);
+      const uint32_t want = code(k, n) | (code(k + 1, n) << 16);
+      badB += o[8 + j] != want, badBt += o[12 + j] != want;
+    }
+  }
+  check(badA == 0, "ldmatrix: A fragment registers", badA, 0);
+  check(badAt == 0, "ldmatrix.trans: A fragment registers (A stored transposed)", badAt, 0);
+  check(badB == 0, "ldmatrix.trans: B fragment registers (B row-major)", badB, 0);
+  check(badBt == 0, "ldmatrix: B fragment registers (B stored transposed)", badBt, 0);
   cudaFree(dOut);
 }
 
@@ -206,6 +262,7 @@ int main() {
            [](const float* A, const float* B, float* D) { mma16Kernel<__nv_bfloat16><<<1, 32>>>(A, B, D); });
   checkMma("mma1688tf32, integer operands", 8,
            [](const float* A, const float* B, float* D) { mmaTf32Kernel<<<1, 32>>>(A, B, D); });
+  checkLdmatrix();
   checkCopyAsync();
   checkGroupBarrier();
   checkAtomicAddFloat4();
