@@ -3,6 +3,10 @@
 //     (cp.async, sm_80 and later), for staging tiles. waitAsyncCopies waits until every copy this
 //     thread started has landed; the data is then visible to this thread, and to the rest of the
 //     block after a __syncthreads that follows the wait;
+//   * commitAsyncCopies / waitAsyncCopyGroups<N>: the copies issued since the last commit form a
+//     group (cp.async.commit_group); the wait returns when at most the N most recently committed
+//     groups are still in flight (cp.async.wait_group N), so a kernel can wait for the tile it
+//     needs now while the next ones keep loading;
 //   * prefetchL2: a hint that brings a global memory line into L2, so that a later load of it does
 //     not wait for DRAM.
 // Host compilation: the CPU emulator (tests/cuda-emulator) defers each copy to the wait, as a device
@@ -35,6 +39,23 @@ __device__ __forceinline__ void waitAsyncCopies() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 #elif defined(RK_CUDA_EMULATOR)
   emu::waitAsyncCopies();
+#endif
+}
+
+__device__ __forceinline__ void commitAsyncCopies() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(RK_CUDA_EMULATOR)
+  emu::commitAsyncCopies();
+#endif
+}
+
+template <int N> __device__ __forceinline__ void waitAsyncCopyGroups() {
+  static_assert(N >= 0 && N <= 7, "cp.async.wait_group takes 0..7");
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif defined(RK_CUDA_EMULATOR)
+  emu::waitAsyncCopyGroups(N);
 #endif
 }
 

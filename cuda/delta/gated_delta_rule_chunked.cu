@@ -32,6 +32,13 @@
 //     sequential over the chunks: the fp32 state tile (K x vt) lives in shared memory; per chunk it
 //     stores the checkpoint, then V' = U - W S, O = Qg S + P V', S = exp(G_{n-1}) S + Kd^T V', each
 //     an mma.sync product (S and V' rounded to the storage type as operands, fp32 accumulation).
+//     Every operand comes from shared memory through ldmatrix (.trans for Kd^T): the chunk's W, Qg,
+//     Kd (rows of Kp, zero past K) and P are staged with 16-byte cp.async copies, the next chunk's
+//     tile loading into each buffer as soon as the product that read it is done (one cp.async group
+//     per buffer), and the state and V' are kept rounded to the storage type beside the fp32 state
+//     (the same roundings as before, so the results are bitwise those of per-element loads).
+//     Shared memory: Kp (vt + 4) fp32 + (Kp + 64)(vt + 8) + 3 * 64 (Kp + 8) + 64 * 72 16-bit
+//     elements (95 KB at K = 128, vt = 32: two blocks per SM; 226 KB at K = 256, vt = 64).
 //
 // fp32. tf32 operands (10-bit mantissa) put ~1e-3 relative errors in W, U, V' and the outputs, an
 // order of magnitude above the fp32 tolerance (1e-4); 3xTF32 would triple every product and still
@@ -45,15 +52,22 @@
 //     ~0.15-0.25 ms for 4 x 4096 x 16 (4096 blocks, 3 per SM by shared memory), about the same for
 //     8 x 2048 x 32 (2x the work, ~0.3-0.5 ms) and 1 x 32768 x 16 (~0.15-0.25 ms).
 //   state (sequential over chunks): per chunk three dependent mma chains (V', then O, then S) of
-//     ~K / 16 steps separated by barriers: latency bound, ~2-4 us per chunk whatever the tile
-//     width; the tile width is picked so the blocks fill the SMs (4 x 4096 x 16: 64 chunks, 256
-//     blocks of 32 columns, ~0.2-0.3 ms; 8 x 2048 x 32: 32 chunks, 512 blocks of 64 columns,
-//     ~0.2-0.3 ms; 1 x 32768 x 16: 512 chunks in sequence, 128 blocks of 16 columns, ~1-2 ms).
-//     Its rereads of the scratch (1.1 KB per position, head and tile) mostly hit L2.
-//   Expected forward: ~0.4-0.6 ms (4, 4096, 16), ~0.6-0.9 ms (8, 2048, 32), ~1.2-2.2 ms
+//     ~K / 16 steps separated by barriers, latency bound whatever the tile width; the tile width is
+//     picked so the blocks fill the SMs (4 x 4096 x 16: 64 chunks, 256 blocks of 32 columns;
+//     8 x 2048 x 32: 32 chunks, 512 blocks of 64 columns; 1 x 32768 x 16: 512 chunks in sequence,
+//     128 blocks of 16 columns). With per-element fragment loads from global memory (eight 16-bit
+//     loads per lane and A fragment, each chain step waiting on L2, ~600 cycles) this was ~2-4 us
+//     per chunk. Staged: a chain step is an ldmatrix (~30 cycles) and NT mma.sync (~35 cycles
+//     dependent), 3 x 8 steps at K = 128 plus three barriers and the checkpoint store (K vt fp32)
+//     ~2.5-3.5k cycles: ~1.5-2 us per chunk at 1.75 GHz, the loads of the next chunk's 49 KB of
+//     tiles (at K = 128) hidden behind the products. ~0.1-0.15 ms at 4 x 4096 x 16 and
+//     8 x 2048 x 32, ~0.8-1 ms at 1 x 32768 x 16. Its rereads of the scratch (1.1 KB per position,
+//     head and tile) mostly hit L2.
+//   Expected forward: ~0.3-0.45 ms (4, 4096, 16), ~0.5-0.7 ms (8, 2048, 32), ~1-1.3 ms
 //   (1, 32768, 16), against 0.77 / 1.29 / 1.93 ms for flash-linear-attention's Triton kernels; the
 //   long single sequence is bound by the chunk-to-chunk latency of the state pass. Scratch: ~1.1 KB
-//   per (position, value head) of the storage type (600 MB at 1 x 32768 x 16).
+//   per (position, value head) of the storage type (600 MB at 1 x 32768 x 16). Estimates: no GPU
+//   has run these kernels yet.
 //
 // Backward. Given dO and dS_n (the gradient of the state leaving the chunk; dFinal for the last),
 // the chunk's formulas above give, with Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G), Kg = K exp(G):
@@ -156,7 +170,7 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
   const int64_t cbs = a.totalChunks * a.HV;  // (chunk, value head) pairs
   if (cbs > INT_MAX || heads * p.vTiles > INT_MAX) return statusError(fn + ": too many chunks for one launch");
   if (cbs == 0) return Status{};
-  const int64_t perChunkK = cbs * kC * a.K, perChunkV = cbs * kC * a.V, perP = cbs * kC * kC;
+  const int64_t perChunkK = cbs * kC * p.Kp, perChunkV = cbs * kC * a.V, perP = cbs * kC * kC;
   auto aligned = [](int64_t elems, int64_t size) { return (elems * size + 255) / 256 * 256; };
   const int64_t es = static_cast<int64_t>(sizeof(T)), fs = static_cast<int64_t>(sizeof(float));
   int64_t bytes = 3 * aligned(perChunkK, es) + aligned(perChunkV, es) + aligned(perP, es) + aligned(cbs, fs);
@@ -196,7 +210,7 @@ Status launchChunked(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegme
   RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaRuleChunked.valueTile", false, &p, &scratch));
   const int64_t heads = a.nseq * a.HV;
   if (heads == 0) return Status{};
-  const size_t stateBytes = stateSharedBytes(p);
+  const size_t stateBytes = stateLayout(p.Kp, p.vt, sizeof(T)).bytes;
   const unsigned blocks = static_cast<unsigned>(heads * p.vTiles);
   if (p.vt == 16) {
     RK_TRY(allowDynamicShared(chunkStateKernel<T, 2>, stateBytes));

@@ -104,9 +104,9 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       part = warpSum(part);
       if (lane == 0) atomicAdd(p.dGamL + cb, part);
     }
-    const T* W = static_cast<const T*>(p.W) + cb * kC * p.K;
-    const T* Qg = static_cast<const T*>(p.Qg) + cb * kC * p.K;
-    const T* Kd = static_cast<const T*>(p.Kd) + cb * kC * p.K;
+    const T* W = static_cast<const T*>(p.W) + cb * kC * p.Kp;
+    const T* Qg = static_cast<const T*>(p.Qg) + cb * kC * p.Kp;
+    const T* Kd = static_cast<const T*>(p.Kd) + cb * kC * p.Kp;
     const T* P = static_cast<const T*>(p.P) + cb * kC * kC;
     T* dVp = static_cast<T*>(p.dVp) + cb * kC * p.V;
     auto dOat = [&](int r, int col) -> float {
@@ -123,7 +123,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
         warpMma<T>(
             acc, NT, warp, kRows, 0, [&](int rr, int s) { return toFloat(P[s * kC + r0 + rr]); }, dOat);
         warpMma<T>(
-            acc, NT, 0, kSteps, 0, [&](int rr, int i) { return i < K ? toFloat(Kd[(r0 + rr) * p.K + i]) : 0.0f; },
+            acc, NT, 0, kSteps, 0, [&](int rr, int i) { return i < K ? toFloat(Kd[(r0 + rr) * p.Kp + i]) : 0.0f; },
             [&](int i, int col) { return sS[i * ldS + col]; });
       }
 #pragma unroll
@@ -147,10 +147,10 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       }
       const int i0 = 16 * m;
       warpMma<T>(
-          acc, NT, 0, kRows, 0, [&](int rr, int s) { return i0 + rr < K ? toFloat(Qg[s * p.K + i0 + rr]) : 0.0f; },
+          acc, NT, 0, kRows, 0, [&](int rr, int s) { return i0 + rr < K ? toFloat(Qg[s * p.Kp + i0 + rr]) : 0.0f; },
           dOat);
       warpMma<T>(
-          acc, NT, 0, kRows, 0, [&](int rr, int s) { return i0 + rr < K ? -toFloat(W[s * p.K + i0 + rr]) : 0.0f; },
+          acc, NT, 0, kRows, 0, [&](int rr, int s) { return i0 + rr < K ? -toFloat(W[s * p.Kp + i0 + rr]) : 0.0f; },
           [&](int s, int col) { return sV[s * ldS + col]; });
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -227,7 +227,7 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
   auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
   auto decay = [&](int t, int s) -> float { return fastExp(static_cast<float>(sG[t] - sG[s])); };
   const double GL = sG[n - 1];
-  const T* W = static_cast<const T*>(p.W) + cb * kC * p.K;
+  const T* W = static_cast<const T*>(p.W) + cb * kC * p.Kp;
   const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
   const T* dVp = static_cast<const T*>(p.dVp) + cb * kC * p.V;
   const float* S0 = p.checkpoints + cb * KV;
@@ -247,7 +247,7 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
 #pragma unroll
     for (int j = 0; j < NB; ++j) acc[j].zero(), accV[j].zero();
     warpMma<T>(
-        acc, nb, 0, kSteps, jb, [&](int rr, int i) { return i < K ? toFloat(W[(r0 + rr) * p.K + i]) : 0.0f; },
+        acc, nb, 0, kSteps, jb, [&](int rr, int i) { return i < K ? toFloat(W[(r0 + rr) * p.Kp + i]) : 0.0f; },
         [&](int i, int col) { return (i < K && col < V) ? S0[static_cast<int64_t>(i) * p.V + col] : 0.0f; });
     warpMma<T>(accV, nb, warp, kC / 16, jb, tmT,
                [&](int s, int col) { return col < V ? toFloat(dVp[s * p.V + col]) : 0.0f; });

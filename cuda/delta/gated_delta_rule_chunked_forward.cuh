@@ -11,6 +11,7 @@
 #include <type_traits>
 #include "common/api.h"
 #include "delta/gated_delta_rule.h"
+#include "common/async_copy.cuh"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"
@@ -182,7 +183,9 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   __syncthreads();
 
   // W = Tm (K exp(G)), U = Tm V: rows r0..r0+15, Tm lower triangular (k-steps up to the diagonal).
-  T* W = static_cast<T*>(p.W) + cb * kC * p.K;
+  // W, Qg and Kd have rows of Kp elements (zeros past K), so that the state pass can stage them
+  // with 16-byte copies.
+  T* W = static_cast<T*>(p.W) + cb * kC * p.Kp;
   T* U = static_cast<T*>(p.U) + cb * kC * p.V;
   auto tmFrag = [&](int s) {
     return mma::loadA16<T>([&](int rr, int kk) { return sX[(r0 + rr) * kLdA + 16 * s + kk]; });
@@ -197,10 +200,7 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
       });
       mma::mma16816<T>(acc, tmFrag(s), b);
     }
-    mma::storeC(acc, [&](int rr, int cc, float val) {
-      const int i = 8 * j + cc;
-      if (i < K) W[(r0 + rr) * p.K + i] = fromFloat<T>(val);
-    });
+    mma::storeC(acc, [&](int rr, int cc, float val) { W[(r0 + rr) * p.Kp + 8 * j + cc] = fromFloat<T>(val); });
   }
   for (int j = 0; j < p.Vp / 8; ++j) {
     mma::FragC acc;
@@ -219,10 +219,10 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   }
 
   // Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G) (padding rows: 0).
-  T* Qg = static_cast<T*>(p.Qg) + cb * kC * p.K;
-  T* Kd = static_cast<T*>(p.Kd) + cb * kC * p.K;
-  for (int e = tid; e < kC * K; e += kThreads) {
-    const int r = e / K, i = e - (e / K) * K;
+  T* Qg = static_cast<T*>(p.Qg) + cb * kC * p.Kp;
+  T* Kd = static_cast<T*>(p.Kd) + cb * kC * p.Kp;
+  for (int e = tid; e < kC * p.Kp; e += kThreads) {
+    const int r = e / p.Kp, i = e - (e / p.Kp) * p.Kp;
     Qg[e] = fromFloat<T>(p.scale * qn(r, i) * sGam[r]);
     Kd[e] = fromFloat<T>(kn(r, i) * decay(n - 1, r < n ? r : n - 1));
   }
@@ -232,8 +232,41 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
 // ============================== state pass and output ==============================
 
 __host__ __device__ inline int stateLd(int vt) { return vt + 4; }
+// Shared memory of the backward's state pass (chunkBwdStateKernel): its fp32 tiles.
 inline size_t stateSharedBytes(const ChunkParams& p) {
   return static_cast<size_t>(p.Kp + kC) * stateLd(p.vt) * sizeof(float);
+}
+
+// The forward's state pass keeps in shared memory the fp32 state tile (Kp x ldS); the state and V'
+// rounded to the storage type (Kp and 64 rows of ldH), the B operands of its products, read with
+// ldmatrix; and the chunk's W, Qg, Kd (64 x ldT each) and P (64 x kLdP), staged with cp.async. The
+// 16-bit rows are padded by 16 bytes, so that the eight rows one ldmatrix reads fall in distinct
+// banks. Offsets in bytes from the start of the dynamic shared memory (all 16-byte aligned).
+constexpr int kLdP = kC + 8;
+struct StateLayout {
+  int ldS, ldH, ldT;
+  size_t sh, v, w, qg, kd, pm, bytes;
+};
+__host__ __device__ inline StateLayout stateLayout(int Kp, int vt, size_t elem) {
+  StateLayout m;
+  m.ldS = stateLd(vt);
+  m.ldH = vt + 8;
+  m.ldT = Kp + 8;
+  size_t off = static_cast<size_t>(Kp) * m.ldS * sizeof(float);
+  m.sh = off;
+  off += static_cast<size_t>(Kp) * m.ldH * elem;
+  m.v = off;
+  off += static_cast<size_t>(kC) * m.ldH * elem;
+  m.w = off;
+  off += static_cast<size_t>(kC) * m.ldT * elem;
+  m.qg = off;
+  off += static_cast<size_t>(kC) * m.ldT * elem;
+  m.kd = off;
+  off += static_cast<size_t>(kC) * m.ldT * elem;
+  m.pm = off;
+  off += static_cast<size_t>(kC) * kLdP * elem;
+  m.bytes = off;
+  return m;
 }
 
 // dst[i * V + v0 + j] = sS[i * ldS + j] over the valid K x vw part of a state tile (the whole block).
@@ -244,52 +277,86 @@ __device__ __forceinline__ void storeTile(float* dst, const float* sS, int K, in
   }
 }
 
+// Issues the 16-byte cp.async copies of a 64-row tile of `cols` 16-bit elements (a multiple of 8)
+// from global memory (row stride ldSrc, 16-byte aligned rows) to shared memory (row stride ldDst).
+template <class T> __device__ __forceinline__ void stageTile(T* dst, int ldDst, const T* src, int64_t ldSrc, int cols) {
+  const int per = cols / 8;
+  for (int e = static_cast<int>(threadIdx.x); e < kC * per; e += kThreads) {
+    const int r = e / per, c = 8 * (e - r * per);
+    copyAsync16(dst + r * ldDst + c, src + r * ldSrc + c, 16);
+  }
+}
+
 // NT = vt / 8: the column blocks of the value tile.
+// Per chunk c, three products, each a barrier apart, while chunk c + 1's tiles load into the
+// buffers the previous product has released (one cp.async group each, committed in this order):
+//   V' = U - W S          then W(c + 1) is issued    (waits for Qg(c), P(c))
+//   O = Qg S + P V'       then Qg, P(c + 1)          (waits for Kd(c))
+//   S = exp(G) S + Kd^T V' then Kd(c + 1)            (waits for W(c + 1))
+// so at the top of every chunk its W has landed and its Qg, P and Kd are the two groups in flight.
 template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
   const StateTile tl = stateTileOf(p);
   const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);
-  const int ldS = stateLd(p.vt);
+  const StateLayout lay = stateLayout(p.Kp, p.vt, sizeof(T));
+  const int ldS = lay.ldS, ldH = lay.ldH, ldT = lay.ldT;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
   const int r0 = 16 * warp;
   const int kSteps = p.Kp / 16;
   const int64_t KV = p.K * p.V;
 
-  float* sS = dynamicShared<float>();  // Kp x ldS: the state tile, fp32
-  float* sV = sS + p.Kp * ldS;         // 64 x ldS: V' of the current chunk
-  for (int e = tid; e < p.Kp * ldS; e += kThreads) {
-    const int i = e / ldS, j = e - (e / ldS) * ldS;
-    sS[e] =
-        (p.h0 != nullptr && i < K && j < tl.vw) ? p.h0[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j] : 0.0f;
-  }
-  __syncthreads();
+  unsigned char* smem = dynamicShared<unsigned char>();
+  float* sS = reinterpret_cast<float*>(smem);    // Kp x ldS: the state tile, fp32
+  T* sSh = reinterpret_cast<T*>(smem + lay.sh);  // Kp x ldH: the state tile, storage type
+  T* sVh = reinterpret_cast<T*>(smem + lay.v);   // 64 x ldH: V' of the current chunk, storage type
+  T* sW = reinterpret_cast<T*>(smem + lay.w);    // 64 x ldT each: W, Qg, Kd of the chunk
+  T* sQg = reinterpret_cast<T*>(smem + lay.qg);
+  T* sKd = reinterpret_cast<T*>(smem + lay.kd);
+  T* sP = reinterpret_cast<T*>(smem + lay.pm);  // 64 x kLdP
 
   T* o = static_cast<T*>(p.o);
   const int L = static_cast<int>(tl.seg.length);
   const int nChunks = (L + kC - 1) / kC;
+  const int64_t perChunkK = static_cast<int64_t>(kC) * p.Kp;
+  auto cbOf = [&](int c) { return (tl.seg.chunkOffset + c) * p.HV + tl.hv; };
+  auto stageW = [&](int c) {
+    if (c < nChunks) stageTile(sW, ldT, static_cast<const T*>(p.W) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+    commitAsyncCopies();
+  };
+  auto stageQgP = [&](int c) {
+    if (c < nChunks) {
+      stageTile(sQg, ldT, static_cast<const T*>(p.Qg) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+      stageTile(sP, kLdP, static_cast<const T*>(p.P) + cbOf(c) * kC * kC, kC, kC);
+    }
+    commitAsyncCopies();
+  };
+  auto stageKd = [&](int c) {
+    if (c < nChunks) stageTile(sKd, ldT, static_cast<const T*>(p.Kd) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+    commitAsyncCopies();
+  };
+  stageW(0);
+  stageQgP(0);
+  stageKd(0);
+  for (int e = tid; e < p.Kp * ldS; e += kThreads) {
+    const int i = e / ldS, j = e - (e / ldS) * ldS;
+    const float x =
+        (p.h0 != nullptr && i < K && j < tl.vw) ? p.h0[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j] : 0.0f;
+    sS[e] = x;
+    sSh[i * ldH + j] = fromFloat<T>(x);  // ldH > ldS
+  }
+  waitAsyncCopyGroups<2>();  // W(0)
+  __syncthreads();
+
+  // B operands: columns 8 j .. 8 j + 15 (j even) of rows 16 s .. 16 s + 15 of a 16-bit tile.
+  auto bPair = [&](const T* tile, int s, int j, mma::FragB16& b0, mma::FragB16& b1) {
+    mma::ldmatrixB16x2(tile + 16 * s * ldH + 8 * j, ldH, b0, b1);
+  };
   for (int c = 0; c < nChunks; ++c) {
-    const int64_t gc = tl.seg.chunkOffset + c;
-    const int64_t cb = gc * p.HV + tl.hv;
+    const int64_t cb = cbOf(c);
     const int n = L - c * kC < kC ? L - c * kC : kC;
     const int kRows = (n + 15) / 16;  // 16-row steps that hold positions
     const int64_t rowBase = tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC;
     storeTile(p.states + cb * KV, sS, K, tl.vw, ldS, p.V, tl.v0);
-    const T* W = static_cast<const T*>(p.W) + cb * kC * p.K;
     const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
-    const T* Qg = static_cast<const T*>(p.Qg) + cb * kC * p.K;
-    const T* Kd = static_cast<const T*>(p.Kd) + cb * kC * p.K;
-    const T* P = static_cast<const T*>(p.P) + cb * kC * kC;
-    auto sFrag = [&](int s, int j) {
-      return mma::loadB16<T>([&](int kk, int nn) { return sS[(16 * s + kk) * ldS + 8 * j + nn]; });
-    };
-    auto vFrag = [&](int s, int j) {
-      return mma::loadB16<T>([&](int kk, int nn) { return sV[(16 * s + kk) * ldS + 8 * j + nn]; });
-    };
-    auto rowFrag = [&](const T* X, int s) {  // rows r0.., columns 16 s.. of a 64 x K array
-      return mma::loadA16<T>([&](int rr, int kk) {
-        const int i = 16 * s + kk;
-        return i < K ? toFloat(X[(r0 + rr) * p.K + i]) : 0.0f;
-      });
-    };
 
     // V' = U - W S: each fragment of W is loaded once and used for the NT column blocks.
     {
@@ -298,9 +365,14 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       for (int j = 0; j < NT; ++j) acc[j].zero();
       if (warp < kRows) {
         for (int s = 0; s < kSteps; ++s) {
-          const mma::FragA16 a = rowFrag(W, s);
+          const mma::FragA16 a = mma::ldmatrixA16(sW + r0 * ldT + 16 * s, ldT);
 #pragma unroll
-          for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, sFrag(s, j));
+          for (int j = 0; j < NT; j += 2) {
+            mma::FragB16 b0, b1;
+            bPair(sSh, s, j, b0, b1);
+            mma::mma16816<T>(acc[j], a, b0);
+            mma::mma16816<T>(acc[j + 1], a, b1);
+          }
         }
       }
 #pragma unroll
@@ -308,11 +380,13 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
           const float u = (r < n && col < tl.vw) ? toFloat(U[r * p.V + tl.v0 + col]) : 0.0f;
-          sV[r * ldS + col] = u - val;
+          sVh[r * ldH + col] = fromFloat<T>(u - val);
         });
       }
     }
+    waitAsyncCopyGroups<1>();  // Qg(c), P(c)
     __syncthreads();
+    stageW(c + 1);
 
     // O = Qg S + P V' (P lower triangular: k-steps up to the diagonal block).
     if (warp < kRows) {
@@ -320,15 +394,24 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
 #pragma unroll
       for (int j = 0; j < NT; ++j) acc[j].zero();
       for (int s = 0; s < kSteps; ++s) {
-        const mma::FragA16 a = rowFrag(Qg, s);
+        const mma::FragA16 a = mma::ldmatrixA16(sQg + r0 * ldT + 16 * s, ldT);
 #pragma unroll
-        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, sFrag(s, j));
+        for (int j = 0; j < NT; j += 2) {
+          mma::FragB16 b0, b1;
+          bPair(sSh, s, j, b0, b1);
+          mma::mma16816<T>(acc[j], a, b0);
+          mma::mma16816<T>(acc[j + 1], a, b1);
+        }
       }
       for (int s = 0; s <= warp; ++s) {
-        const mma::FragA16 a =
-            mma::loadA16<T>([&](int rr, int kk) { return toFloat(P[(r0 + rr) * kC + 16 * s + kk]); });
+        const mma::FragA16 a = mma::ldmatrixA16(sP + r0 * kLdP + 16 * s, kLdP);
 #pragma unroll
-        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, vFrag(s, j));
+        for (int j = 0; j < NT; j += 2) {
+          mma::FragB16 b0, b1;
+          bPair(sVh, s, j, b0, b1);
+          mma::mma16816<T>(acc[j], a, b0);
+          mma::mma16816<T>(acc[j + 1], a, b1);
+        }
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -338,7 +421,9 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
         });
       }
     }
+    waitAsyncCopyGroups<1>();  // Kd(c)
     __syncthreads();
+    stageQgP(c + 1);
 
     // S = exp(G_{n-1}) S + Kd^T V': warp w owns the state rows 16 m.. for m = w, w + 4, ...
     const float gl = p.gammaLast[cb];
@@ -349,20 +434,28 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
         acc[j] = mma::loadC([&](int rr, int cc) { return gl * sS[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
       for (int s = 0; s < kRows; ++s) {
-        const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) {
-          const int i = 16 * m + rr;
-          return i < K ? toFloat(Kd[(16 * s + kk) * p.K + i]) : 0.0f;
-        });
+        const mma::FragA16 a = mma::ldmatrixA16T(sKd + 16 * s * ldT + 16 * m, ldT);  // (Kd^T) rows 16 m..
 #pragma unroll
-        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, vFrag(s, j));
+        for (int j = 0; j < NT; j += 2) {
+          mma::FragB16 b0, b1;
+          bPair(sVh, s, j, b0, b1);
+          mma::mma16816<T>(acc[j], a, b0);
+          mma::mma16816<T>(acc[j + 1], a, b1);
+        }
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        mma::storeC(acc[j], [&](int rr, int cc, float val) { sS[(16 * m + rr) * ldS + 8 * j + cc] = val; });
+        mma::storeC(acc[j], [&](int rr, int cc, float val) {
+          sS[(16 * m + rr) * ldS + 8 * j + cc] = val;
+          sSh[(16 * m + rr) * ldH + 8 * j + cc] = fromFloat<T>(val);
+        });
       }
     }
+    waitAsyncCopyGroups<1>();  // W(c + 1)
     __syncthreads();
+    stageKd(c + 1);
   }
+  waitAsyncCopies();  // nothing is in flight past the last chunk (its groups are empty)
   if (p.finalState != nullptr) storeTile(p.finalState + tl.stateOff, sS, K, tl.vw, ldS, p.V, tl.v0);
 }
 

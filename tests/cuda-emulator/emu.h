@@ -42,7 +42,8 @@
 // runtime calls that the launchers make
 // (stream-ordered allocations are counted, so a test can check that every one is freed). Add what
 // new kernels need, in the same style. cp.async copies (cuda/common/async_copy.cuh) are deferred:
-// their destination reads as NaN until the issuing thread's wait.
+// their destination reads as NaN until the issuing thread's wait (wait_all, or wait_group n for
+// the copies of every committed group but the n most recent).
 // Hazards (races, reads of uninitialised or pending memory, out-of-bounds and misaligned accesses,
 // unsynchronised inter-block communication) are found by the checks of checks.h, compiled in when
 // the driver is built with -fsanitize=thread (see that file).
@@ -222,10 +223,12 @@ struct Barrier {
   std::vector<Fiber*> waiters;  // the fibers that arrived and wait for the rest
 };
 
-// A cp.async copy issued and not yet waited for: its 16 bytes land in dst at the wait.
+// A cp.async copy issued and not yet waited for: its 16 bytes land in dst at the wait. group: the
+// number of groups its thread had committed when it was issued (cp.async.commit_group).
 struct PendingCopy {
   void* dst;
   unsigned char bytes[16];
+  uint32_t group;
 };
 
 struct Fiber {
@@ -243,6 +246,7 @@ struct Fiber {
   // barriers included). They order this thread's memory accesses with the other threads'.
   uint32_t barriers = 0, warpSyncs = 0;
   std::vector<PendingCopy> pendingCopies;
+  uint32_t committedGroups = 0;  // cp.async groups committed so far
 };
 
 struct Warp {
@@ -714,7 +718,7 @@ RK_EMU_CALLSITE inline void copyAsync16(void* dst, const void* src, int srcBytes
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
     fail("misaligned cp.async");
   }
-  PendingCopy copy{dst, {}};
+  PendingCopy copy{dst, {}, block.current->committedGroups};
   const int n = srcBytes < 0 ? 0 : srcBytes < 16 ? srcBytes : 16;
   checks::copyIssued(dst, src, n, __builtin_return_address(0));
   if (n > 0) std::memcpy(copy.bytes, src, static_cast<size_t>(n));
@@ -727,6 +731,24 @@ RK_EMU_CALLSITE inline void waitAsyncCopies() {
     checks::copyLanded(c.dst, __builtin_return_address(0));
   }
   block.current->pendingCopies.clear();
+}
+// cp.async.commit_group: the copies issued since the last commit form a group.
+inline void commitAsyncCopies() { ++block.current->committedGroups; }
+// cp.async.wait_group n: the copies of every committed group but the n most recent land (copies
+// not yet committed stay pending).
+RK_EMU_CALLSITE inline void waitAsyncCopyGroups(unsigned n) {
+  Fiber& f = *block.current;
+  const uint32_t done = f.committedGroups > n ? f.committedGroups - n : 0;  // groups below this land
+  std::vector<PendingCopy> still;
+  for (const PendingCopy& c : f.pendingCopies) {
+    if (c.group < done) {
+      std::memcpy(c.dst, c.bytes, 16);
+      checks::copyLanded(c.dst, __builtin_return_address(0));
+    } else {
+      still.push_back(c);
+    }
+  }
+  f.pendingCopies.swap(still);
 }
 // ld.acquire.gpu of a flag another block releases.
 RK_EMU_CALLSITE inline unsigned loadAcquire(const unsigned* p) {

@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "231fdc4c16d74d6b";
+constexpr const char* kSourcesHash = "7fce6d431f2969e9";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1040,22 +1040,22 @@ inline const KernelResources kKernelResources[] = {
      22, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     92, 0},
+     86, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     112, 0},
+     110, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     136, 0},
+     128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     92, 0},
+     86, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     113, 0},
+     111, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     136, 0},
+     128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      128, 0},
@@ -1070,22 +1070,22 @@ inline const KernelResources kKernelResources[] = {
      126, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 2>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     91, 0},
+     92, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 4>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     116, 0},
+     118, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     150, 0},
+     142, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     91, 0},
+     92, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      118, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     149, 0},
+     142, 0},
     {"void rkcuda::l2normBackwardKernel<__half>(__half const*, float const*, __half*, long, int, bool)", 32, 0},
     {"void rkcuda::l2normBackwardKernel<__nv_bfloat16>(__nv_bfloat16 const*, float const*, __nv_bfloat16*, long, int, "
      "bool)",
