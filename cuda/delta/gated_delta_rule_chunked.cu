@@ -88,7 +88,9 @@
 //   chunkBwdStateKernel<T, NT> one block (4 warps) per (sequence, value head, value tile), from the
 //     last chunk to the first: the fp32 dS tile in shared memory; per chunk it stores dS_n (fp32,
 //     the checkpoints' layout) and <S_0, dS_n> (atomically over the tiles), dV' (storage type) and
-//     steps dS; writes dh0. Same shape as the forward's state pass: latency bound.
+//     steps dS; writes dh0. Same shape and shared memory as the forward's state pass (P, Kd, Qg, W
+//     staged with cp.async a product ahead, every A operand and the dS / dV' B operands through
+//     ldmatrix; dO still read per element from global memory): latency bound.
 //   chunkGradKernel<T>   one block (4 warps, 16 chunk rows each) per (chunk, value head), all chunks
 //     in parallel: every product above with mma.sync (operands rounded to the storage type, fp32
 //     accumulation; the 64 x 64 factors dTm, dX, dA, E, dP kept in fp32 shared memory), loops over
@@ -96,18 +98,19 @@
 //     to the fp32 accumulators with atomics (the value heads of a q / k head meet there); dv, dg,
 //     dbeta written.
 // Bounds (H100 / H200, bf16, K = V = 128): prep as in the forward (+64 MB of X at 4 x 4096 x 16);
-//   reverse pass like the forward's state pass (~2-4 us per chunk in sequence, plus 2 x 64 KB of
-//   fp32 state read / written per (chunk, head), mostly hidden: ~0.2-0.3 ms at 4 x 4096 x 16 and
-//   8 x 2048 x 32, ~1-2 ms at 1 x 32768 x 16); gradients: ~20 MFLOP of mma per block (~80 GFLOP
+//   reverse pass like the forward's state pass (~1.5-2.5 us per chunk in sequence with the staged
+//   tiles, the per-element dO fragments adding ~0.3-0.5 us; was ~2-4 us; plus 2 x 64 KB of fp32
+//   state read / written per (chunk, head), mostly hidden: ~0.15-0.2 ms at 4 x 4096 x 16 and
+//   8 x 2048 x 32, ~1-1.3 ms at 1 x 32768 x 16); gradients: ~20 MFLOP of mma per block (~80 GFLOP
 //   at 4 x 4096 x 16, ~10 % of the tensor-core peak), ~0.3 MB of reads per block mostly from L2
 //   (S_0 and dS_n fp32, 128 KB), 111 KiB of shared memory (two blocks per SM): bound by the
 //   accessor-based fragment loads and the latency of two 4-warp blocks per SM, estimated
 //   ~0.5-1 ms at 4 x 4096 x 16 and ~1-2 ms at 8 x 2048 x 32 and 1 x 32768 x 16.
-//   Expected backward ~0.9-1.6 ms (4, 4096, 16), ~1.5-2.8 ms (8, 2048, 32), ~2.5-4 ms
-//   (1, 32768, 16); forward + backward ~1.3-2.2 / 2.1-3.7 / 3.7-6.2 ms against flash-linear-
+//   Expected backward ~0.85-1.5 ms (4, 4096, 16), ~1.4-2.7 ms (8, 2048, 32), ~2.2-3.3 ms
+//   (1, 32768, 16); forward + backward ~1.2-1.95 / 1.9-3.4 / 3.2-4.6 ms against flash-linear-
 //   attention's 2.55 / 4.62 / 7.23 ms: at best the 1.5x goal, not yet measured on a device. The
-//   levers left: stage S_0 / dS_n tiles in shared memory with cp.async instead of per-element
-//   fragment loads, and more warps per block.
+//   levers left: the gradient kernel's operands staged the same way (cp.async + ldmatrix) instead
+//   of per-element fragment loads, dO staged in the reverse pass, and more warps per block.
 //   Scratch on top of the forward's: X (16 KB), dS_n (4 K V bytes) and dV' per (chunk, value head).
 #include <cuda_runtime.h>
 
@@ -236,7 +239,7 @@ Status launchChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* dev
   RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaRuleChunked.backwardValueTile", true, &p, &scratch));
   const int64_t heads = a.nseq * a.HV;
   if (heads == 0) return Status{};
-  const size_t stateBytes = stateSharedBytes(p);
+  const size_t stateBytes = stateLayout(p.Kp, p.vt, sizeof(T)).bytes;
   const unsigned blocks = static_cast<unsigned>(heads * p.vTiles);
   if (p.vt == 16) {
     RK_TRY(allowDynamicShared(chunkBwdStateKernel<T, 2>, stateBytes));

@@ -62,31 +62,69 @@ __device__ __forceinline__ void addRowSums(float* dst, int r0, float lo, float h
 // columns): the fp32 tile of dS (the gradient of the state at the end of the current chunk) lives
 // in shared memory, from dFinal down to dh0. Per chunk: stores dS (dStates) and adds <S_0, dS> to
 // dGamL, then dV' = P^T dO + Kd dS (stored, storage type), dS <- exp(G_{n-1}) dS + Qg^T dO - W^T dV'.
+// Shared memory as the forward's state pass (stateLayout): dS in fp32 and rounded to the storage
+// type, -dV' rounded (so that W^T, not -W^T, is the A operand: the same products), and the chunk's
+// P, Kd, Qg and W staged with cp.async, read with ldmatrix (.trans for P^T, Qg^T and W^T). P and
+// Kd of the chunk before load during the dS update, Qg and W during the dV' product (one cp.async
+// group each), so at the top of every chunk its P and Kd have landed and its Qg and W are in flight.
+// dO is read per element from global memory.
 template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkParams p) {
   const StateTile tl = stateTileOf(p);
   const int K = static_cast<int>(p.K);
-  const int ldS = stateLd(p.vt);
+  const StateLayout lay = stateLayout(p.Kp, p.vt, sizeof(T));
+  const int ldS = lay.ldS, ldH = lay.ldH, ldT = lay.ldT;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   const int r0 = 16 * warp;
   const int kSteps = p.Kp / 16;
   const int64_t KV = p.K * p.V;
 
-  float* sS = dynamicShared<float>();  // Kp x ldS: dS tile, fp32
-  float* sV = sS + p.Kp * ldS;         // 64 x ldS: dV' of the current chunk
-  for (int e = tid; e < p.Kp * ldS; e += kThreads) {
-    const int i = e / ldS, j = e - (e / ldS) * ldS;
-    sS[e] = (p.dFinal != nullptr && i < K && j < tl.vw)
-                ? p.dFinal[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j]
-                : 0.0f;
-  }
-  __syncthreads();
+  unsigned char* smem = dynamicShared<unsigned char>();
+  float* sS = reinterpret_cast<float*>(smem);    // Kp x ldS: dS tile, fp32
+  T* sSh = reinterpret_cast<T*>(smem + lay.sh);  // Kp x ldH: dS tile, storage type
+  T* sVh = reinterpret_cast<T*>(smem + lay.v);   // 64 x ldH: -dV' of the current chunk, storage type
+  T* sW = reinterpret_cast<T*>(smem + lay.w);    // 64 x ldT each: W, Qg, Kd of the chunk
+  T* sQg = reinterpret_cast<T*>(smem + lay.qg);
+  T* sKd = reinterpret_cast<T*>(smem + lay.kd);
+  T* sP = reinterpret_cast<T*>(smem + lay.pm);  // 64 x kLdP
 
   const T* dO = static_cast<const T*>(p.dO);
   const int L = static_cast<int>(tl.seg.length);
   const int nChunks = (L + kC - 1) / kC;
+  const int64_t perChunkK = static_cast<int64_t>(kC) * p.Kp;
+  auto cbOf = [&](int c) { return (tl.seg.chunkOffset + c) * p.HV + tl.hv; };
+  auto stagePKd = [&](int c) {
+    if (c >= 0) {
+      stageTile(sP, kLdP, static_cast<const T*>(p.P) + cbOf(c) * kC * kC, kC, kC);
+      stageTile(sKd, ldT, static_cast<const T*>(p.Kd) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+    }
+    commitAsyncCopies();
+  };
+  auto stageQgW = [&](int c) {
+    if (c >= 0) {
+      stageTile(sQg, ldT, static_cast<const T*>(p.Qg) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+      stageTile(sW, ldT, static_cast<const T*>(p.W) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+    }
+    commitAsyncCopies();
+  };
+  stagePKd(nChunks - 1);
+  stageQgW(nChunks - 1);
+  for (int e = tid; e < p.Kp * ldS; e += kThreads) {
+    const int i = e / ldS, j = e - (e / ldS) * ldS;
+    const float x = (p.dFinal != nullptr && i < K && j < tl.vw)
+                        ? p.dFinal[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j]
+                        : 0.0f;
+    sS[e] = x;
+    sSh[i * ldH + j] = fromFloat<T>(x);  // ldH > ldS
+  }
+  waitAsyncCopyGroups<1>();  // P, Kd of the last chunk
+  __syncthreads();
+
+  // B operands: columns 8 j .. 8 j + 15 (j even) of rows 16 s .. 16 s + 15 of a 16-bit tile.
+  auto bPair = [&](const T* tile, int s, int j, mma::FragB16& b0, mma::FragB16& b1) {
+    mma::ldmatrixB16x2(tile + 16 * s * ldH + 8 * j, ldH, b0, b1);
+  };
   for (int c = nChunks - 1; c >= 0; --c) {
-    const int64_t gc = tl.seg.chunkOffset + c;
-    const int64_t cb = gc * p.HV + tl.hv;
+    const int64_t cb = cbOf(c);
     const int n = L - c * kC < kC ? L - c * kC : kC;
     const int kRows = (n + 15) / 16;
     const int64_t rowBase = tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC;
@@ -104,14 +142,14 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       part = warpSum(part);
       if (lane == 0) atomicAdd(p.dGamL + cb, part);
     }
-    const T* W = static_cast<const T*>(p.W) + cb * kC * p.Kp;
-    const T* Qg = static_cast<const T*>(p.Qg) + cb * kC * p.Kp;
-    const T* Kd = static_cast<const T*>(p.Kd) + cb * kC * p.Kp;
-    const T* P = static_cast<const T*>(p.P) + cb * kC * kC;
     T* dVp = static_cast<T*>(p.dVp) + cb * kC * p.V;
-    auto dOat = [&](int r, int col) -> float {
-      return (dO != nullptr && r < n && col < tl.vw) ? toFloat(dO[((rowBase + r) * p.HV + tl.hv) * p.V + tl.v0 + col])
-                                                     : 0.0f;
+    // B fragments of dO (columns 8 j.., rows 16 s..), per element.
+    auto dOFrag = [&](int s, int j) {
+      return mma::loadB16<T>([&](int kk, int nn) {
+        const int r = 16 * s + kk, col = 8 * j + nn;
+        return (dO != nullptr && r < n && col < tl.vw) ? toFloat(dO[((rowBase + r) * p.HV + tl.hv) * p.V + tl.v0 + col])
+                                                       : 0.0f;
+      });
     };
 
     // dV' = P^T dO + Kd dS (P^T upper triangular: k-steps from the diagonal block).
@@ -120,22 +158,34 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
 #pragma unroll
       for (int j = 0; j < NT; ++j) acc[j].zero();
       if (warp < kRows) {
-        warpMma<T>(
-            acc, NT, warp, kRows, 0, [&](int rr, int s) { return toFloat(P[s * kC + r0 + rr]); }, dOat);
-        warpMma<T>(
-            acc, NT, 0, kSteps, 0, [&](int rr, int i) { return i < K ? toFloat(Kd[(r0 + rr) * p.Kp + i]) : 0.0f; },
-            [&](int i, int col) { return sS[i * ldS + col]; });
+        for (int s = warp; s < kRows; ++s) {
+          const mma::FragA16 a = mma::ldmatrixA16T(sP + 16 * s * kLdP + r0, kLdP);  // (P^T) rows r0..
+#pragma unroll
+          for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, dOFrag(s, j));
+        }
+        for (int s = 0; s < kSteps; ++s) {
+          const mma::FragA16 a = mma::ldmatrixA16(sKd + r0 * ldT + 16 * s, ldT);
+#pragma unroll
+          for (int j = 0; j < NT; j += 2) {
+            mma::FragB16 b0, b1;
+            bPair(sSh, s, j, b0, b1);
+            mma::mma16816<T>(acc[j], a, b0);
+            mma::mma16816<T>(acc[j + 1], a, b1);
+          }
+        }
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
-          sV[r * ldS + col] = val;
+          sVh[r * ldH + col] = fromFloat<T>(-val);
           if (col < tl.vw) dVp[r * p.V + tl.v0 + col] = fromFloat<T>(val);
         });
       }
     }
+    waitAsyncCopyGroups<0>();  // Qg, W
     __syncthreads();
+    stagePKd(c - 1);
 
     // dS = exp(G_{n-1}) dS + Qg^T dO - W^T dV': warp w owns the state rows 16 m.. for m = w, w + 4, ...
     const float gl = p.gammaLast[cb];
@@ -145,20 +195,34 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       for (int j = 0; j < NT; ++j) {
         acc[j] = mma::loadC([&](int rr, int cc) { return gl * sS[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
-      const int i0 = 16 * m;
-      warpMma<T>(
-          acc, NT, 0, kRows, 0, [&](int rr, int s) { return i0 + rr < K ? toFloat(Qg[s * p.Kp + i0 + rr]) : 0.0f; },
-          dOat);
-      warpMma<T>(
-          acc, NT, 0, kRows, 0, [&](int rr, int s) { return i0 + rr < K ? -toFloat(W[s * p.Kp + i0 + rr]) : 0.0f; },
-          [&](int s, int col) { return sV[s * ldS + col]; });
+      for (int s = 0; s < kRows; ++s) {
+        const mma::FragA16 a = mma::ldmatrixA16T(sQg + 16 * s * ldT + 16 * m, ldT);  // (Qg^T) rows 16 m..
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, dOFrag(s, j));
+      }
+      for (int s = 0; s < kRows; ++s) {
+        const mma::FragA16 a = mma::ldmatrixA16T(sW + 16 * s * ldT + 16 * m, ldT);  // (W^T) rows 16 m..
+#pragma unroll
+        for (int j = 0; j < NT; j += 2) {
+          mma::FragB16 b0, b1;
+          bPair(sVh, s, j, b0, b1);  // -dV'
+          mma::mma16816<T>(acc[j], a, b0);
+          mma::mma16816<T>(acc[j + 1], a, b1);
+        }
+      }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        mma::storeC(acc[j], [&](int rr, int cc, float val) { sS[(16 * m + rr) * ldS + 8 * j + cc] = val; });
+        mma::storeC(acc[j], [&](int rr, int cc, float val) {
+          sS[(16 * m + rr) * ldS + 8 * j + cc] = val;
+          sSh[(16 * m + rr) * ldH + 8 * j + cc] = fromFloat<T>(val);
+        });
       }
     }
+    waitAsyncCopyGroups<0>();  // P, Kd of the chunk before
     __syncthreads();
+    stageQgW(c - 1);
   }
+  waitAsyncCopies();  // nothing is in flight past the first chunk (its groups are empty)
   if (p.dh0 != nullptr) storeTile(p.dh0 + tl.stateOff, sS, K, tl.vw, ldS, p.V, tl.v0);
 }
 

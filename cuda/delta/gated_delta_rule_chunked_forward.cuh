@@ -232,16 +232,13 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
 // ============================== state pass and output ==============================
 
 __host__ __device__ inline int stateLd(int vt) { return vt + 4; }
-// Shared memory of the backward's state pass (chunkBwdStateKernel): its fp32 tiles.
-inline size_t stateSharedBytes(const ChunkParams& p) {
-  return static_cast<size_t>(p.Kp + kC) * stateLd(p.vt) * sizeof(float);
-}
 
-// The forward's state pass keeps in shared memory the fp32 state tile (Kp x ldS); the state and V'
-// rounded to the storage type (Kp and 64 rows of ldH), the B operands of its products, read with
-// ldmatrix; and the chunk's W, Qg, Kd (64 x ldT each) and P (64 x kLdP), staged with cp.async. The
-// 16-bit rows are padded by 16 bytes, so that the eight rows one ldmatrix reads fall in distinct
-// banks. Offsets in bytes from the start of the dynamic shared memory (all 16-byte aligned).
+// The state passes (this one and the backward's, chunkBwdStateKernel) keep in shared memory the
+// fp32 state tile (Kp x ldS); the state and V' rounded to the storage type (Kp and 64 rows of ldH),
+// the B operands of their products, read with ldmatrix; and the chunk's W, Qg, Kd (64 x ldT each)
+// and P (64 x kLdP), staged with cp.async. The 16-bit rows are padded by 16 bytes, so that the eight
+// rows one ldmatrix reads fall in distinct banks. Offsets in bytes from the start of the dynamic
+// shared memory (all 16-byte aligned).
 constexpr int kLdP = kC + 8;
 struct StateLayout {
   int ldS, ldH, ldT;
