@@ -67,14 +67,24 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
 
   // Pass 1: the slice's composed map lambda_{t0} = A lambda_{t1} + b, maps applied from t1-1 down.
   Map agg = scan::identityN<S>();
+  // Step t's loads: dL/dtraj_t from the outputs, and the inputs of step t + 1 (its Jacobian).
+  struct Pass1Loads {
+    float g[kMaxS], x[kMaxG], hp[kMaxS];
+  };
+  auto pass1Load = [&](int64_t t, Pass1Loads& l) {
+    direct(t, l.g);
+    if (t + 1 < p.T) {
+      loadX<C, T>(p, th.row, t + 1, th.n, xb, l.x);
+      loadPrev<C>(p, th.row, t + 1, th.n, h0v, l.hp);
+    }
+  };
   if (th.work) {
-    for (int64_t t = th.t1 - 1; t >= th.t0; --t) {
+    pipelinedSteps<Pass1Loads, 2>(th.t1 - 1, th.t1 - th.t0, -1, pass1Load, [&](int64_t t, const Pass1Loads& l) {
       Map m;
-      float g[kMaxS];
-      direct(t, g);
       float J[kMaxS][kMaxS];
       if (t + 1 < p.T) {
-        jacAt(t + 1, J);
+        float f[kMaxS];
+        linDiag<C>(l.x, Rd, rb, l.hp, f, J);
       } else {
 #pragma unroll
         for (int i = 0; i < kMaxS; ++i)
@@ -85,10 +95,10 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
       for (int i = 0; i < S; ++i) {
 #pragma unroll
         for (int jj = 0; jj < S; ++jj) m.a[i][jj] = J[jj][i];
-        m.b[i] = g[i];
+        m.b[i] = l.g[i];
       }
       agg = scan::compose(agg, m);
-    }
+    });
   }
   sAgg[th.tid] = agg;
   __syncthreads();
@@ -125,13 +135,20 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
         down[i] = v;
       }
     }
-    for (int64_t t = th.t1 - 1; t >= th.t0; --t) {
-      float g[kMaxS], x[kMaxG], hp[kMaxS], r[kMaxG], out[kMaxS], gx[kMaxG], gr[kMaxG], gp[kMaxS];
-      direct(t, g);
+    struct Pass2Loads {
+      float g[kMaxS], x[kMaxG], hp[kMaxS];
+    };
+    auto pass2Load = [&](int64_t t, Pass2Loads& l) {
+      direct(t, l.g);
+      loadX<C, T>(p, th.row, t, th.n, xb, l.x);
+      loadPrev<C>(p, th.row, t, th.n, h0v, l.hp);
+    };
+    pipelinedSteps<Pass2Loads, 2>(th.t1 - 1, th.t1 - th.t0, -1, pass2Load, [&](int64_t t, const Pass2Loads& l) {
+      const float(&x)[kMaxG] = l.x;
+      const float(&hp)[kMaxS] = l.hp;
+      float g[kMaxS], r[kMaxG], out[kMaxS], gx[kMaxG], gr[kMaxG], gp[kMaxS];
 #pragma unroll
-      for (int s = 0; s < kMaxS; ++s) g[s] += down[s];
-      loadX<C, T>(p, th.row, t, th.n, xb, x);
-      loadPrev<C>(p, th.row, t, th.n, h0v, hp);
+      for (int s = 0; s < kMaxS; ++s) g[s] = l.g[s] + down[s];
 #pragma unroll
       for (int k = 0; k < kMaxG; ++k) r[k] = fmaf(Rd[k], hp[0], rb[k]);
       Act a;
@@ -148,7 +165,7 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
       down[0] = gp[0] + viaRec;
 #pragma unroll
       for (int s = 1; s < kMaxS; ++s) down[s] = gp[s];
-    }
+    });
     if (th.t0 == 0 && p.dh0 != nullptr) {
 #pragma unroll
       for (int s = 0; s < S; ++s) p.dh0[(s * p.batch + th.row) * p.N + th.n] = down[s];

@@ -164,14 +164,18 @@ template <NewtonCell C, class T> __global__ void diagSequentialKernel(Params p) 
   float xb[kMaxG], rb[kMaxG], Rd[kMaxG], h[kMaxS];
   channelConsts<C>(p, n, xb, rb, Rd);
   loadH0<C>(p, row, n, h);
-  for (int64_t t = 0; t < p.T; ++t) {
-    float x[kMaxG], out[kMaxS];
-    loadX<C, T>(p, row, t, n, xb, x);
-    fwdDiag<C>(x, Rd, rb, h, out);
-    storeTraj<C>(p, row, t, n, out);
+  struct Loads {
+    float x[kMaxG];
+  };
+  pipelinedSteps<Loads, 2>(
+      0, p.T, 1, [&](int64_t t, Loads& l) { loadX<C, T>(p, row, t, n, xb, l.x); },
+      [&](int64_t t, const Loads& l) {
+        float out[kMaxS];
+        fwdDiag<C>(l.x, Rd, rb, h, out);
+        storeTraj<C>(p, row, t, n, out);
 #pragma unroll
-    for (int s = 0; s < kMaxS; ++s) h[s] = out[s];
-  }
+        for (int s = 0; s < kMaxS; ++s) h[s] = out[s];
+      });
 }
 
 }  // namespace

@@ -93,9 +93,15 @@
 //     3.35 TB/s (1024 x 1024 x 8: 0.21 ms; 1 x 16384 x 1024: 0.43 ms, where the 256 blocks of 4
 //     channels reach half occupancy and latency limits more). The cross-slice composition is
 //     O(NS) per thread per step and negligible.
+//     Its time loops issue each step's loads where they are used, so a warp has one step's loads in
+//     flight: at 512 threads the kernel sits at the 128-register budget, and holding the next
+//     step's loads in registers spills (LstmCifgDiag, sm_80 and sm_90), so it stays that way.
 //   * diagBackwardKernel: two passes, reading wx, traj, dy twice and writing dwx once
 //     (2 x 5 + 3 floats), 1.75 GB at batch 8, T 4096: about 0.55 ms; fp32 atomics for dR, db are
-//     one per (channel, block).
+//     one per (channel, block). Both passes issue each step's loads two steps ahead
+//     (pipelinedSteps, newton_cells.cuh), as does diagSequentialKernel, so a warp keeps three steps
+//     of loads in flight instead of one, so that the passes come nearer the HBM bound above (not
+//     measured).
 //   * The generic path: the dense evaluation reads wx, traj (twice) and writes the linearisation
 //     (per-channel: S*S + S floats; full: S (S + G) + S, 5 for the gru), about 44 B per element for
 //     the full gru, and does 2 G D FLOP per element on FMA units (~60 TFLOP/s fp32, not the bound

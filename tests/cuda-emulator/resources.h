@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "0441e30ac84fc2f5";
+constexpr const char* kSourcesHash = "0b2e3ee722fc151f";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -157,22 +157,22 @@ inline const KernelResources kKernelResources[] = {
      40, 0},
     {"void rkcuda::(anonymous namespace)::diagBackwardKernel<(rkcuda::NewtonCell)0, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
-     60, 20480},
+     64, 20480},
     {"void rkcuda::(anonymous namespace)::diagBackwardKernel<(rkcuda::NewtonCell)0, __nv_bfloat16>(rkcuda::(anonymous "
      "namespace)::Params)",
-     60, 20480},
+     64, 20480},
     {"void rkcuda::(anonymous namespace)::diagBackwardKernel<(rkcuda::NewtonCell)0, float>(rkcuda::(anonymous "
      "namespace)::Params)",
-     58, 20480},
+     64, 20480},
     {"void rkcuda::(anonymous namespace)::diagBackwardKernel<(rkcuda::NewtonCell)1, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
-     64, 28672},
+     80, 28672},
     {"void rkcuda::(anonymous namespace)::diagBackwardKernel<(rkcuda::NewtonCell)1, __nv_bfloat16>(rkcuda::(anonymous "
      "namespace)::Params)",
-     64, 28672},
+     80, 28672},
     {"void rkcuda::(anonymous namespace)::diagBackwardKernel<(rkcuda::NewtonCell)1, float>(rkcuda::(anonymous "
      "namespace)::Params)",
-     64, 28672},
+     76, 28672},
     {"void rkcuda::(anonymous namespace)::diagNewtonKernel<(rkcuda::NewtonCell)0, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
      58, 8448},
@@ -193,13 +193,13 @@ inline const KernelResources kKernelResources[] = {
      64, 16640},
     {"void rkcuda::(anonymous namespace)::diagSequentialKernel<(rkcuda::NewtonCell)0, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
-     32, 0},
+     40, 0},
     {"void rkcuda::(anonymous namespace)::diagSequentialKernel<(rkcuda::NewtonCell)0, "
      "__nv_bfloat16>(rkcuda::(anonymous namespace)::Params)",
-     32, 0},
+     40, 0},
     {"void rkcuda::(anonymous namespace)::diagSequentialKernel<(rkcuda::NewtonCell)0, float>(rkcuda::(anonymous "
      "namespace)::Params)",
-     32, 0},
+     40, 0},
     {"void rkcuda::(anonymous namespace)::diagSequentialKernel<(rkcuda::NewtonCell)1, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
      32, 0},
@@ -208,7 +208,7 @@ inline const KernelResources kKernelResources[] = {
      32, 0},
     {"void rkcuda::(anonymous namespace)::diagSequentialKernel<(rkcuda::NewtonCell)1, float>(rkcuda::(anonymous "
      "namespace)::Params)",
-     32, 0},
+     40, 0},
     {"void rkcuda::(anonymous namespace)::evalDenseKernel<(rkcuda::NewtonCell)2, __half>(rkcuda::(anonymous "
      "namespace)::Params)",
      80, 16768},
