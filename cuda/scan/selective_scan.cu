@@ -16,9 +16,13 @@
 // are read or written once. The state carried from one tile to the next is the checkpoint the
 // forward pass must store anyway (see below): lane 31 writes it, the next tile reads it.
 // Variable B and C rows are the same for every channel of a group: the block stages them, a few
-// states at a time, in shared memory as fp32 (rows padded so that the lanes' 16-byte reads hit
-// distinct banks). The next states' rows travel by cp.async while the current ones are computed,
-// so staging holds no registers; one __syncthreads per batch of states. A constant B or C is one
+// states at a time, in shared memory in the storage type (rows padded so that the lanes' 16-byte
+// reads hit distinct banks; each lane converts its values to fp32 as it reads them). The next
+// states' rows travel by cp.async straight into the buffer while the current ones are computed, so
+// staging holds no registers; one __syncthreads per batch of states. For fp16 / bf16 that is half
+// the shared memory and half the shared-memory traffic of fp32 rows, and no conversion pass (they
+// were landed in a raw buffer, then converted to fp32 rows by every thread before the barrier:
+// 12 bytes of shared traffic per staged value and position, now 4). A constant B or C is one
 // scalar per (channel, state). The next tile's u, delta (z, dy) are prefetched into L2.
 // Occupancy: at most 128 registers per thread (168 for the fp32 backward kernel) and 45 KB of
 // shared memory per block give 16 warps per SM (12); blocks of 8 warps forward, 4 backward (half

@@ -15,8 +15,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
   constexpr int G = kVecElems<T>;
   using Stage = BCStage<T, 1, TILE, THREADS>;
   constexpr int kRow = Stage::kRow;
-  __shared__ __align__(16) float bc[2][2][kRow];  // [buffer][B, C][position]
-  __shared__ uint4 raw[Stage::kRawSlots];
+  __shared__ __align__(16) T bc[2][2][kRow];           // [buffer][B, C][position]
   __shared__ __align__(16) float part[2][W][2][kRow];  // [buffer][warp][dB, dC][position]
   __shared__ float gcarry[W][kMaxDstate];              // adjoint entering the tile from its end
   __shared__ BlockJob job;
@@ -44,10 +43,10 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
   auto issue = [&](int unit) {
     const int pos0 = unitPos(unit);
     const int64_t off = job.bcOff + static_cast<int64_t>(unit % N) * p.seqlen + pos0;
-    Stage::issue(&bc[unit & 1][0][0], raw, p.variableB ? static_cast<const T*>(p.B) + off : nullptr,
+    Stage::issue(&bc[unit & 1][0][0], p.variableB ? static_cast<const T*>(p.B) + off : nullptr,
                  p.variableC ? static_cast<const T*>(p.C) + off : nullptr, p.seqlen, 1, L - pos0, job.vecBC);
   };
-  auto complete = [&](int unit) { Stage::complete(&bc[unit & 1][0][0], raw, p.variableB, p.variableC, 1, job.vecBC); };
+  auto complete = [&](int) { Stage::complete(); };
   // Adds the block's variable dB / dC contributions of a finished unit to the fp32 targets (laid
   // out like B / C): each thread sums 4 consecutive positions over the active warps.
   auto flush = [&](int unit) {
@@ -60,9 +59,9 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
       const int qq = (i % kQuads) * 4;
       const int left = L - pos0 - qq;
       if (left <= 0) continue;
-      float4 s = *reinterpret_cast<const float4*>(&part[unit & 1][0][arr][padIndex(qq)]);
+      float4 s = *reinterpret_cast<const float4*>(&part[unit & 1][0][arr][padIndex<float>(qq)]);
       for (int w = 1; w < job.activeWarps; ++w) {
-        const float4 t = *reinterpret_cast<const float4*>(&part[unit & 1][w][arr][padIndex(qq)]);
+        const float4 t = *reinterpret_cast<const float4*>(&part[unit & 1][w][arr][padIndex<float>(qq)]);
         s.x += t.x;
         s.y += t.y;
         s.z += t.z;
@@ -142,17 +141,12 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         const int d = job.d0 + me.warp;
         const float A2 = __ldg(p.A + static_cast<int64_t>(d) * N + n) * kLog2e;
         // B at this lane's positions (read twice from shared memory rather than held throughout).
-        const float* bSrc = &bc[unit & 1][0][padIndex(me.lane * K)];
+        const T* bSrc = &bc[unit & 1][0][padIndex<T>(me.lane * K)];
         const float bConst =
             p.variableB ? 0.0f : __ldg(static_cast<const float*>(p.B) + static_cast<int64_t>(d) * N + n);
         auto loadB = [&](float(&bv)[K]) {
           if (p.variableB) {
-#pragma unroll
-            for (int v = 0; v < K / 4; ++v) {
-              const float4 t = *reinterpret_cast<const float4*>(bSrc + 4 * v);
-#pragma unroll
-              for (int e = 0; e < 4; ++e) bv[4 * v + e] = component(t, e);
-            }
+            readStaged<T, K>(bSrc, bv);
           } else {
 #pragma unroll
             for (int k = 0; k < K; ++k) bv[k] = bConst;
@@ -189,13 +183,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         // lane's last position comes the next lane's first a (lane 31: the carry includes it).
         float g[K];
         if (p.variableC) {
-          const float* src = &bc[unit & 1][1][padIndex(me.lane * K)];
-#pragma unroll
-          for (int v = 0; v < K / 4; ++v) {
-            const float4 t = *reinterpret_cast<const float4*>(src + 4 * v);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) g[4 * v + e] = component(t, e);
-          }
+          readStaged<T, K>(&bc[unit & 1][1][padIndex<T>(me.lane * K)], g);
         } else {
           const float t = __ldg(static_cast<const float*>(p.C) + static_cast<int64_t>(d) * N + n);
 #pragma unroll
@@ -240,7 +228,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
           dCSum += xs[k];
         }
         if (p.variableB) {
-          float* dst = &part[unit & 1][me.warp][0][padIndex(me.lane * K)];
+          float* dst = &part[unit & 1][me.warp][0][padIndex<float>(me.lane * K)];
 #pragma unroll
           for (int v = 0; v < K / 4; ++v) {
             *reinterpret_cast<float4*>(dst + 4 * v) =
@@ -248,7 +236,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
           }
         }
         if (p.variableC) {
-          float* dst = &part[unit & 1][me.warp][1][padIndex(me.lane * K)];
+          float* dst = &part[unit & 1][me.warp][1][padIndex<float>(me.lane * K)];
 #pragma unroll
           for (int v = 0; v < K / 4; ++v) {
             *reinterpret_cast<float4*>(dst + 4 * v) =

@@ -107,31 +107,33 @@ __device__ __forceinline__ void storeRun(T* p, int64_t avail, bool vec, const fl
 
 // ---- staged B / C rows ----
 
-// A tile row of B or C values in shared memory, padded with 4 floats after every 32 positions: the
-// 16-byte reads of a quarter warp (8 lanes, each reading K = 8 or 16 consecutive positions) then
-// cover all 32 banks once.
+// A tile row of B or C values in shared memory, in the storage type, padded with 16 bytes after
+// every 128: the 16-byte reads of a quarter warp (8 lanes, each reading K = 8 or 16 consecutive
+// positions) then cover all 32 banks once.
 __host__ __device__ constexpr int paddedRow(int tile) { return tile + tile / 8; }
-__device__ __forceinline__ int padIndex(int p) { return p + 4 * (p >> 5); }
+template <class T> __device__ __forceinline__ int padIndex(int p) {
+  constexpr int kPer = 128 / static_cast<int>(sizeof(T)), kPad = 16 / static_cast<int>(sizeof(T));
+  return p + kPad * (p / kPer);
+}
 
 // Stages the variable B and/or C values of NT consecutive states over one tile of TILE positions
-// into a shared buffer [2 arrays][NT][kRow] as fp32, without holding them in registers:
-// issue() starts this thread's share (cp.async of whole vectors: straight into the buffer for fp32,
-// into this thread's own slots of a raw buffer for 16-bit storage; pieces that cannot move as
-// aligned vectors are loaded, converted and stored at once), complete() waits for those copies
-// and converts this thread's raw slots. A __syncthreads after complete() publishes the buffer.
-// Positions at or past the sequence's end read as zeros.
+// into a shared buffer [2 arrays][NT][kRow] of the storage type, without holding them in registers:
+// issue() starts this thread's share (cp.async of whole 16-byte vectors; pieces that cannot move as
+// aligned vectors are loaded and stored at once), complete() waits for those copies. A
+// __syncthreads after complete() publishes the buffer; readers convert to fp32 as they read
+// (readStaged). Kept in the storage type, 16-bit B / C take half the shared memory and half the
+// shared-memory traffic of fp32 rows, and need no conversion pass. Positions at or past the
+// sequence's end read as zeros.
 template <class T, int NT, int TILE, int THREADS> struct BCStage {
   static constexpr int G = kVecElems<T>;
   static constexpr int kVecsPerRow = TILE / G;
   static constexpr int kVecs = NT * kVecsPerRow;  // per array
   static constexpr int kRow = paddedRow(TILE);
-  static constexpr bool kConvert = sizeof(T) != 4;
-  static constexpr int kRawSlots = kConvert ? 2 * kVecs : 1;  // raw buffer size in 16-byte slots
 
   // rowB / rowC: the first state's row at the tile start, or null when that array is not staged;
   // rows are `stride` elements apart; `avail` positions remain in the sequence from the tile start.
-  static __device__ __forceinline__ void issue(float* buffer, uint4* raw, const T* rowB, const T* rowC, int64_t stride,
-                                               int nCount, int64_t avail, bool vec) {
+  static __device__ __forceinline__ void issue(T* buffer, const T* rowB, const T* rowC, int64_t stride, int nCount,
+                                               int64_t avail, bool vec) {
 #pragma unroll
     for (int arr = 0; arr < 2; ++arr) {
       const T* base = arr == 0 ? rowB : rowC;
@@ -141,47 +143,33 @@ template <class T, int NT, int TILE, int THREADS> struct BCStage {
         if (j >= nCount) continue;
         const int q = (v % kVecsPerRow) * G;
         const int64_t left = avail - q;
-        float* dst = buffer + (arr * NT + j) * kRow + padIndex(q);  // G divides 32: no pad inside
+        T* dst = buffer + (arr * NT + j) * kRow + padIndex<T>(q);  // G divides the padding period
         if (vec) {
           const int bytes = static_cast<int>(left <= 0 ? 0 : left >= G ? G : left) * static_cast<int>(sizeof(T));
           const T* src = bytes > 0 ? base + j * stride + q : base;
-          copyAsync16(kConvert ? static_cast<void*>(raw + arr * kVecs + v) : static_cast<void*>(dst), src, bytes);
+          copyAsync16(dst, src, bytes);
         } else {
-          float e[G];
-          unpack16<T>(loadRaw(base + j * stride + q, left, false), e);
-          writeFloats(dst, e);
+          *reinterpret_cast<uint4*>(dst) = loadRaw(base + j * stride + q, left, false);
         }
       }
     }
   }
 
-  static __device__ __forceinline__ void complete(float* buffer, const uint4* raw, bool hasB, bool hasC, int nCount,
-                                                  bool vec) {
-    waitAsyncCopies();
-    if constexpr (kConvert) {
-      if (!vec) return;
-#pragma unroll
-      for (int arr = 0; arr < 2; ++arr) {
-        if (!(arr == 0 ? hasB : hasC)) continue;
-        for (int v = static_cast<int>(threadIdx.x); v < kVecs; v += THREADS) {
-          const int j = v / kVecsPerRow;
-          if (j >= nCount) continue;
-          const int q = (v % kVecsPerRow) * G;
-          float e[G];
-          unpack16<T>(raw[arr * kVecs + v], e);
-          writeFloats(buffer + (arr * NT + j) * kRow + padIndex(q), e);
-        }
-      }
-    }
-  }
-
-  static __device__ __forceinline__ void writeFloats(float* dst, const float (&e)[G]) {
-#pragma unroll
-    for (int h = 0; h < G / 4; ++h) {
-      *reinterpret_cast<float4*>(dst + 4 * h) = make_float4(e[4 * h], e[4 * h + 1], e[4 * h + 2], e[4 * h + 3]);
-    }
-  }
+  static __device__ __forceinline__ void complete() { waitAsyncCopies(); }
 };
+
+// K consecutive staged values (a lane's positions; src at a padded index, 16-byte aligned) as fp32.
+template <class T, int K> __device__ __forceinline__ void readStaged(const T* src, float (&out)[K]) {
+  constexpr int G = kVecElems<T>;
+  static_assert(K % G == 0, "whole vectors");
+#pragma unroll
+  for (int v = 0; v < K / G; ++v) {
+    float e[G];
+    unpack16<T>(*reinterpret_cast<const uint4*>(src + v * G), e);
+#pragma unroll
+    for (int j = 0; j < G; ++j) out[v * G + j] = e[j];
+  }
+}
 
 // ---- parameters and the block's share of the work ----
 

@@ -13,8 +13,7 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
   constexpr int K = kFwdItems, TILE = kFwdTile, NT = kFwdStatesPerStage, THREADS = 32 * W;
   constexpr int G = kVecElems<T>;
   using Stage = BCStage<T, NT, TILE, THREADS>;
-  __shared__ __align__(16) float bc[2][2][NT][Stage::kRow];  // [buffer][B, C][state][position]
-  __shared__ uint4 raw[Stage::kRawSlots];
+  __shared__ __align__(16) T bc[2][2][NT][Stage::kRow];  // [buffer][B, C][state][position]
   __shared__ BlockJob job;
   const BlockThread me = startBlock<W>(p, job);
   const int N = static_cast<int>(p.dstate);
@@ -39,13 +38,11 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
   auto issue = [&](int unit) {
     const int pos0 = (unit / upt) * TILE;
     const int64_t off = job.bcOff + static_cast<int64_t>((unit % upt) * NT) * p.seqlen + pos0;
-    Stage::issue(&bc[unit & 1][0][0][0], raw, p.variableB ? static_cast<const T*>(p.B) + off : nullptr,
+    Stage::issue(&bc[unit & 1][0][0][0], p.variableB ? static_cast<const T*>(p.B) + off : nullptr,
                  p.variableC ? static_cast<const T*>(p.C) + off : nullptr, p.seqlen, unitStates(unit), L - pos0,
                  job.vecBC);
   };
-  auto complete = [&](int unit) {
-    Stage::complete(&bc[unit & 1][0][0][0], raw, p.variableB, p.variableC, unitStates(unit), job.vecBC);
-  };
+  auto complete = [&](int) { Stage::complete(); };
   if (staged) {
     issue(0);
     complete(0);
@@ -103,13 +100,10 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
           const float A2 = __ldg(p.A + static_cast<int64_t>(d) * N + n) * kLog2e;
           float a[K], b[K];
           if (p.variableB) {
-            const float* src = &bc[unit & 1][0][j][padIndex(me.lane * K)];
+            float bv[K];
+            readStaged<T, K>(&bc[unit & 1][0][j][padIndex<T>(me.lane * K)], bv);
 #pragma unroll
-            for (int v = 0; v < K / 4; ++v) {
-              const float4 bv = *reinterpret_cast<const float4*>(src + 4 * v);
-#pragma unroll
-              for (int e = 0; e < 4; ++e) b[4 * v + e] = dtu[4 * v + e] * component(bv, e);
-            }
+            for (int k = 0; k < K; ++k) b[k] = dtu[k] * bv[k];
           } else {
             const float bv = __ldg(static_cast<const float*>(p.B) + static_cast<int64_t>(d) * N + n);
 #pragma unroll
@@ -129,16 +123,12 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
             ck[(q / kChunk) * N + n] = x;
           }
           if (p.variableC) {
-            const float* src = &bc[unit & 1][1][j][padIndex(me.lane * K)];
+            float cv[K];
+            readStaged<T, K>(&bc[unit & 1][1][j][padIndex<T>(me.lane * K)], cv);
 #pragma unroll
-            for (int v = 0; v < K / 4; ++v) {
-              const float4 cv = *reinterpret_cast<const float4*>(src + 4 * v);
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int k = 4 * v + e;
-                x = fmaf(a[k], x, b[k]);
-                y[k] = fmaf(component(cv, e), x, y[k]);
-              }
+            for (int k = 0; k < K; ++k) {
+              x = fmaf(a[k], x, b[k]);
+              y[k] = fmaf(cv[k], x, y[k]);
             }
           } else {
             const float cv = __ldg(static_cast<const float*>(p.C) + static_cast<int64_t>(d) * N + n);

@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "0b2e3ee722fc151f";
+constexpr const char* kSourcesHash = "1f51a88bc0466c93";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -928,40 +928,40 @@ inline const KernelResources kKernelResources[] = {
      40, 4096},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__half, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     124, 16945},
+     124, 13617},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__half, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     124, 28209},
+     124, 24881},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__nv_bfloat16, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     123, 16945},
+     124, 13617},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<__nv_bfloat16, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     123, 28209},
+     124, 24881},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<float, 2>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     140, 15921},
+     142, 15921},
     {"void rkcuda::(anonymous namespace)::selectiveScanBackwardKernel<float, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     140, 27185},
+     142, 27185},
     {"void rkcuda::(anonymous namespace)::selectiveScanForwardKernel<__half, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     128, 45105},
+     128, 18481},
     {"void rkcuda::(anonymous namespace)::selectiveScanForwardKernel<__half, 8>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     128, 45105},
+     128, 18481},
     {"void rkcuda::(anonymous namespace)::selectiveScanForwardKernel<__nv_bfloat16, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     127, 45105},
+     126, 18481},
     {"void rkcuda::(anonymous namespace)::selectiveScanForwardKernel<__nv_bfloat16, 8>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     127, 45105},
+     126, 18481},
     {"void rkcuda::(anonymous namespace)::selectiveScanForwardKernel<float, 4>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     128, 36913},
+     127, 36913},
     {"void rkcuda::(anonymous namespace)::selectiveScanForwardKernel<float, 8>(rkcuda::(anonymous "
      "namespace)::ScanParams)",
-     128, 36913},
+     127, 36913},
     {"void rkcuda::(anonymous namespace)::selectiveStateUpdateKernel<__half, 1>(rkcuda::(anonymous "
      "namespace)::DecodeParams)",
      40, 0},
