@@ -119,10 +119,6 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
   waitAsyncCopyGroups<1>();  // P, Kd of the last chunk
   __syncthreads();
 
-  // B operands: columns 8 j .. 8 j + 15 (j even) of rows 16 s .. 16 s + 15 of a 16-bit tile.
-  auto bPair = [&](const T* tile, int s, int j, mma::FragB16& b0, mma::FragB16& b1) {
-    mma::ldmatrixB16x2(tile + 16 * s * ldH + 8 * j, ldH, b0, b1);
-  };
   for (int c = nChunks - 1; c >= 0; --c) {
     const int64_t cb = cbOf(c);
     const int n = L - c * kC < kC ? L - c * kC : kC;
@@ -165,13 +161,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
         }
         for (int s = 0; s < kSteps; ++s) {
           const mma::FragA16 a = mma::ldmatrixA16(sKd + r0 * ldT + 16 * s, ldT);
-#pragma unroll
-          for (int j = 0; j < NT; j += 2) {
-            mma::FragB16 b0, b1;
-            bPair(sSh, s, j, b0, b1);
-            mma::mma16816<T>(acc[j], a, b0);
-            mma::mma16816<T>(acc[j + 1], a, b1);
-          }
+          mmaTileRows<T, NT>(acc, a, sSh, ldH, s);
         }
       }
 #pragma unroll
@@ -202,13 +192,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sW + 16 * s * ldT + 16 * m, ldT);  // (W^T) rows 16 m..
-#pragma unroll
-        for (int j = 0; j < NT; j += 2) {
-          mma::FragB16 b0, b1;
-          bPair(sVh, s, j, b0, b1);  // -dV'
-          mma::mma16816<T>(acc[j], a, b0);
-          mma::mma16816<T>(acc[j + 1], a, b1);
-        }
+        mmaTileRows<T, NT>(acc, a, sVh, ldH, s);                                    // B = -dV'
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {

@@ -284,6 +284,20 @@ template <class T> __device__ __forceinline__ void stageTile(T* dst, int ldDst, 
   }
 }
 
+// acc[j] += a B_j for the NT column blocks (NT even) of rows 16 s .. 16 s + 15 of a 16-bit tile
+// (row stride ld): B read with ldmatrix, two column blocks per instruction.
+template <class T, int NT>
+__device__ __forceinline__ void mmaTileRows(mma::FragC (&acc)[NT], const mma::FragA16& a, const T* tile, int ld,
+                                            int s) {
+#pragma unroll
+  for (int j = 0; j < NT; j += 2) {
+    mma::FragB16 b0, b1;
+    mma::ldmatrixB16x2(tile + 16 * s * ld + 8 * j, ld, b0, b1);
+    mma::mma16816<T>(acc[j], a, b0);
+    mma::mma16816<T>(acc[j + 1], a, b1);
+  }
+}
+
 // NT = vt / 8: the column blocks of the value tile.
 // Per chunk c, three products, each a barrier apart, while chunk c + 1's tiles load into the
 // buffers the previous product has released (one cp.async group each, committed in this order):
@@ -343,10 +357,6 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
   waitAsyncCopyGroups<2>();  // W(0)
   __syncthreads();
 
-  // B operands: columns 8 j .. 8 j + 15 (j even) of rows 16 s .. 16 s + 15 of a 16-bit tile.
-  auto bPair = [&](const T* tile, int s, int j, mma::FragB16& b0, mma::FragB16& b1) {
-    mma::ldmatrixB16x2(tile + 16 * s * ldH + 8 * j, ldH, b0, b1);
-  };
   for (int c = 0; c < nChunks; ++c) {
     const int64_t cb = cbOf(c);
     const int n = L - c * kC < kC ? L - c * kC : kC;
@@ -363,13 +373,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       if (warp < kRows) {
         for (int s = 0; s < kSteps; ++s) {
           const mma::FragA16 a = mma::ldmatrixA16(sW + r0 * ldT + 16 * s, ldT);
-#pragma unroll
-          for (int j = 0; j < NT; j += 2) {
-            mma::FragB16 b0, b1;
-            bPair(sSh, s, j, b0, b1);
-            mma::mma16816<T>(acc[j], a, b0);
-            mma::mma16816<T>(acc[j + 1], a, b1);
-          }
+          mmaTileRows<T, NT>(acc, a, sSh, ldH, s);
         }
       }
 #pragma unroll
@@ -392,23 +396,11 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       for (int j = 0; j < NT; ++j) acc[j].zero();
       for (int s = 0; s < kSteps; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16(sQg + r0 * ldT + 16 * s, ldT);
-#pragma unroll
-        for (int j = 0; j < NT; j += 2) {
-          mma::FragB16 b0, b1;
-          bPair(sSh, s, j, b0, b1);
-          mma::mma16816<T>(acc[j], a, b0);
-          mma::mma16816<T>(acc[j + 1], a, b1);
-        }
+        mmaTileRows<T, NT>(acc, a, sSh, ldH, s);
       }
       for (int s = 0; s <= warp; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16(sP + r0 * kLdP + 16 * s, kLdP);
-#pragma unroll
-        for (int j = 0; j < NT; j += 2) {
-          mma::FragB16 b0, b1;
-          bPair(sVh, s, j, b0, b1);
-          mma::mma16816<T>(acc[j], a, b0);
-          mma::mma16816<T>(acc[j + 1], a, b1);
-        }
+        mmaTileRows<T, NT>(acc, a, sVh, ldH, s);
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -432,13 +424,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sKd + 16 * s * ldT + 16 * m, ldT);  // (Kd^T) rows 16 m..
-#pragma unroll
-        for (int j = 0; j < NT; j += 2) {
-          mma::FragB16 b0, b1;
-          bPair(sVh, s, j, b0, b1);
-          mma::mma16816<T>(acc[j], a, b0);
-          mma::mma16816<T>(acc[j + 1], a, b1);
-        }
+        mmaTileRows<T, NT>(acc, a, sVh, ldH, s);
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
