@@ -5,7 +5,7 @@
 #include "napi/async.h"
 #include "napi/cpu.h"
 #include "ops/registry.h"
-#include "tensor/tensor.h"
+#include "napi/tensor.h"
 
 namespace {
 

@@ -202,7 +202,7 @@ describe('error codes', () => {
   const { join } = require('node:path') as typeof import('node:path');
   const root = join(__dirname, '..');
   const cppCodes = [
-    ...readFileSync(join(root, 'cpp', 'tensor', 'errors.h'), 'utf8').matchAll(
+    ...readFileSync(join(root, 'cpp', 'napi', 'errors.h'), 'utf8').matchAll(
       /constexpr const char\* k\w+ = "(ERR_[A-Z_]+)"/g,
     ),
   ].map((m) => m[1]);
@@ -225,7 +225,7 @@ describe('error codes', () => {
 
   it('the native sources spell codes only through those constants', () => {
     const files = (readdirSync(join(root, 'cpp'), { recursive: true }) as string[]).filter(
-      (f) => /\.(cc|h|inc)$/.test(f) && !f.endsWith(join('tensor', 'errors.h')),
+      (f) => /\.(cc|h|inc)$/.test(f) && !f.endsWith(join('napi', 'errors.h')),
     );
     const literal = files.filter((f) => /"ERR_[A-Z_]+"/.test(readFileSync(join(root, 'cpp', f), 'utf8')));
     expect(literal).toEqual([]);

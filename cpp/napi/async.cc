@@ -15,8 +15,8 @@
 #endif
 
 #include "common/parallel.h"
-#include "tensor/errors.h"
-#include "tensor/tensor.h"
+#include "napi/errors.h"
+#include "napi/tensor.h"
 
 namespace rk {
 

@@ -1,11 +1,11 @@
 #include "napi/cpu.h"
-#include "tensor/tensor.h"
+#include "napi/tensor.h"
 
 #include <string>
 
 #include "common/isa.h"
 #include "common/parallel.h"
-#include "tensor/errors.h"
+#include "napi/errors.h"
 
 namespace rk {
 namespace {

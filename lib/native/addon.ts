@@ -1,6 +1,6 @@
 /**
  * The addon's binding types: storage, the native module's functions, and the request each op's
- * entry point takes (cpp/tensor/args.h).
+ * entry point takes (cpp/napi/args.h).
  */
 /** Opaque CUDA storage owned by the addon. */
 export interface DeviceBuffer {
@@ -49,7 +49,7 @@ export interface NativeModule {
   asyncStats(): { pending: number };
   timerStart(): unknown;
   timerStop(handle: unknown): number;
-  // The ops' entry points: one request each, read by name (cpp/tensor/args.h, Request).
+  // The ops' entry points: one request each, read by name (cpp/napi/args.h, Request).
   linearScanForward(
     req: Request<
       { a: Storage; b: Storage; h0: Storage | null },

@@ -42,7 +42,7 @@
 #include "ops/scan/linear_scan_cpu.h"
 #include "ops/scan/selective_scan_cpu.h"
 #include "ops/ssd/mamba2_scan_cpu.h"
-#include "tensor/dtype.h"
+#include "common/dtype.h"
 
 // The vector width the base variant is compiled with, taken from the same region header the
 // kernels' translation units open (the driver is compiled with the same compiler and flags).
@@ -185,7 +185,7 @@ Buf zeroed(DType dt, int64_t n) { return Buf(dt, n, 0.0f); }
 std::vector<float> overwrittenF(int64_t n) { return std::vector<float>(size_t(n), kNaN); }
 std::vector<float> zeroedF(int64_t n) { return std::vector<float>(size_t(n), 0.0f); }
 
-// The sequence table, as the bindings build it (cpp/tensor/args.cc): one segment per batch row
+// The sequence table, as the bindings build it (cpp/napi/args.cc): one segment per batch row
 // without cu, else one per offset pair of cu (batch 1).
 std::vector<ScanSegment> segmentsOf(int64_t batch, int64_t length, const std::vector<int32_t>& cu, int64_t chunk,
                                     int64_t* totalChunks, bool* packed) {

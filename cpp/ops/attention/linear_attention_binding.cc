@@ -6,8 +6,8 @@
 
 #include "ops/attention/linear_attention_cpu.h"
 #include "ops/registry.h"
-#include "tensor/args.h"
-#include "tensor/tensor.h"
+#include "napi/args.h"
+#include "napi/tensor.h"
 
 namespace rk {
 namespace {
@@ -22,7 +22,7 @@ struct AttentionCall {
 };
 
 // config { rule, batch, T, Hq, Hk, Hv, K, V, perKeyDecay, scale, l2norm } and the tensors
-// { q, k, v, g, beta } (tensor/args.h: Request); `tokens` names the time field (T, or tokens for a
+// { q, k, v, g, beta } (napi/args.h: Request); `tokens` names the time field (T, or tokens for a
 // decode step).
 AttentionCall parseAttention(Napi::Env env, const Request& r, const char* op, const char* tokens, bool segmented) {
   AttentionCall c;

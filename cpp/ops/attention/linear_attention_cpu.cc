@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "common/parallel.h"
-#include "tensor/dtype.h"
+#include "common/dtype.h"
 
 namespace rk::attention {
 

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "ops/cells/fused_rnn_cpu.h"
-#include "tensor/args.h"
-#include "tensor/tensor.h"
+#include "napi/args.h"
+#include "napi/tensor.h"
 
 namespace rk {
 namespace {
@@ -22,7 +22,7 @@ struct CellsCall {
 };
 
 // The request's tensors {wx, R, b, states0} and config {cell, batch, T, heads, headDim, returnLastOnly,
-// lengths: Int32Array | null} (tensor/args.h: Request).
+// lengths: Int32Array | null} (napi/args.h: Request).
 CellsCall parseCells(Napi::Env env, const Request& r, const char* op) {
   CellsCall c;
   c.dev = r.device;

@@ -1,7 +1,7 @@
 // Picks the instruction-set variant of the fused cells' CPU kernels per call (common/isa.h).
 #include "ops/cells/fused_rnn_cpu.h"
 
-#include "tensor/dtype.h"
+#include "common/dtype.h"
 
 namespace rk::cells {
 

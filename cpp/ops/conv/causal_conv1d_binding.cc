@@ -6,8 +6,8 @@
 
 #include "ops/conv/causal_conv1d_cpu.h"
 #include "ops/registry.h"
-#include "tensor/args.h"
-#include "tensor/tensor.h"
+#include "napi/args.h"
+#include "napi/tensor.h"
 
 namespace rk {
 namespace {

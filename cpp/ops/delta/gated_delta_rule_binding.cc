@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "ops/delta/gated_delta_rule_cpu.h"
-#include "tensor/args.h"
-#include "tensor/tensor.h"
+#include "napi/args.h"
+#include "napi/tensor.h"
 
 namespace rk {
 namespace {
@@ -21,7 +21,7 @@ struct DeltaCall {
 };
 
 // The request's tensors {q, k, v, g, beta, h0} and config {batch, T, H, HV, K, V, scale, l2norm,
-// cuSeqlens: Int32Array | null} (tensor/args.h: Request).
+// cuSeqlens: Int32Array | null} (napi/args.h: Request).
 DeltaCall parseDelta(Napi::Env env, const Request& r, const char* op) {
   DeltaCall c;
   c.dev = r.device;

@@ -8,8 +8,8 @@
 #include <string>
 
 #include "ops/newton/newton_rnn_cpu.h"
-#include "tensor/args.h"
-#include "tensor/tensor.h"
+#include "napi/args.h"
+#include "napi/tensor.h"
 
 namespace rk {
 namespace {
@@ -29,7 +29,7 @@ float nonNegativeField(Napi::Env env, const Napi::Object& cfg, const char* name,
 }
 
 // The request's tensors {wx, R, b, h0, guess} and config {cell, batch, T, heads, headDim, fullJacobian,
-// sequential, fallbackSequential, maxIters, tolAbs, tolRel, damping, guess} (tensor/args.h: Request).
+// sequential, fallbackSequential, maxIters, tolAbs, tolRel, damping, guess} (napi/args.h: Request).
 NewtonCall parseNewton(Napi::Env env, const Request& r, const char* op) {
   NewtonCall c;
   c.dev = r.device;

@@ -4,8 +4,8 @@
 
 #include "cuda/scan/linear_scan.h"
 #include "ops/scan/linear_scan_cpu.h"
-#include "tensor/args.h"
-#include "tensor/tensor.h"
+#include "napi/args.h"
+#include "napi/tensor.h"
 
 namespace rk {
 namespace {

@@ -5,7 +5,7 @@
 #include <cstdint>
 
 #include "common/isa.h"
-#include "tensor/dtype.h"
+#include "common/dtype.h"
 
 namespace rk::scan {
 

@@ -6,8 +6,8 @@
 
 #include "ops/registry.h"
 #include "ops/scan/selective_scan_cpu.h"
-#include "tensor/args.h"
-#include "tensor/tensor.h"
+#include "napi/args.h"
+#include "napi/tensor.h"
 
 namespace rk {
 namespace {
@@ -24,7 +24,7 @@ struct ScanCall {
 };
 
 // The request's tensors {u, delta, A, B, C, D, z, deltaBias, h0} and config {batch, dim, seqlen, dstate,
-// groups, variableB, variableC, deltaSoftplus, cuSeqlens: Int32Array | null} (tensor/args.h: Request).
+// groups, variableB, variableC, deltaSoftplus, cuSeqlens: Int32Array | null} (napi/args.h: Request).
 ScanCall parseScan(Napi::Env env, const Request& r, const char* op) {
   ScanCall c;
   c.dev = r.device;

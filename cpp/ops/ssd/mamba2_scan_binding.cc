@@ -5,8 +5,8 @@
 
 #include "ops/registry.h"
 #include "ops/ssd/mamba2_scan_cpu.h"
-#include "tensor/args.h"
-#include "tensor/tensor.h"
+#include "napi/args.h"
+#include "napi/tensor.h"
 
 namespace rk {
 namespace {

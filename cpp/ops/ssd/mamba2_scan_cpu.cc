@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "common/parallel.h"
-#include "tensor/dtype.h"
+#include "common/dtype.h"
 
 namespace rk::ssd {
 

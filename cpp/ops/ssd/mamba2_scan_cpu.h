@@ -8,7 +8,7 @@
 #include "common/isa.h"
 #include "common/parallel.h"
 #include "cuda/ssd/mamba2_scan.h"
-#include "tensor/dtype.h"
+#include "common/dtype.h"
 
 namespace rk::ssd {
 

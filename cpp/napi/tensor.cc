@@ -1,5 +1,5 @@
 // Device buffers, argument checks, and the runtime entry points (devices, copies, conversions).
-#include "tensor/tensor.h"
+#include "napi/tensor.h"
 
 #include <climits>
 #include <cstring>

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "cuda/common/api.h"
-#include "tensor/tensor.h"
+#include "napi/tensor.h"
 
 namespace rk {
 

@@ -1,11 +1,11 @@
-#include "tensor/args.h"
+#include "napi/args.h"
 
 #include <cfloat>
 #include <cmath>
 #include <string>
 
-#include "tensor/errors.h"
-#include "tensor/tensor.h"
+#include "napi/errors.h"
+#include "napi/tensor.h"
 
 namespace rk {
 

@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "napi/async.h"
-#include "tensor/dtype.h"
-#include "tensor/errors.h"
+#include "common/dtype.h"
+#include "napi/errors.h"
 
 #include "cuda/common/api.h"
 
