@@ -207,159 +207,130 @@ describe('CPU output pool', () => {
     rk.releaseCpuPool();
   });
 
+  // Pooled outputs at packed positions in no sequence. A whole-sequence call fills the pool with
+  // non-zero buffers (at least minPooled bytes); then a packed call (sequences [0, 100) and
+  // [100, 1500) of T = 2048 positions) must take its outputs from the pool, and each named output
+  // must be non-zero somewhere inside the sequences and exactly zero at positions 1500 and on.
+  // positionOf(i, length): the position of element i (default: a [1, T, ...] layout).
+  const T = 2048;
+  const wave = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+  type Run = (cuSeqlens: number[] | null) => {
+    named: Record<string, rk.Tensor | null | undefined>;
+    dispose: () => void;
+  };
+  function expectPooledZerosOutside(
+    run: Run,
+    minPooled: number,
+    positionOf = (i: number, length: number) => Math.floor(i / (length / T)),
+  ): void {
+    rk.releaseCpuPool();
+    run(null).dispose();
+    const before = rk.memory().cpu.pooledBytes;
+    expect(before).toBeGreaterThanOrEqual(minPooled);
+    const packed = run([0, 100, 1500]); // positions 1500 .. 2047 in no sequence
+    expect(rk.memory().cpu.pooledBytes).toBeLessThan(before); // the outputs came from the pool
+    for (const [name, t] of Object.entries(packed.named)) {
+      if (!t) continue;
+      const x = t.dataSync();
+      let inside = false;
+      let outside = true;
+      for (let i = 0; i < x.length; ++i) {
+        if (positionOf(i, x.length) < 1500) inside ||= x[i] !== 0;
+        else outside &&= x[i] === 0;
+      }
+      expect(inside, name).toBe(true);
+      expect(outside, `${name} at uncovered positions`).toBe(true);
+    }
+    packed.dispose();
+    rk.releaseCpuPool();
+  }
+
   it.each([
     ['gated_delta', true],
     ['linear', false],
   ] as const)(
     'outputs and gradients from the pool read zero at packed positions in no sequence (linearAttention %s)',
     (updateRule, perKey) => {
-      rk.releaseCpuPool();
-      const [T, H, K, V] = [2048, 2, 64, 64]; // q, k, v, o, their gradients and per-key decays: 1 MiB each
-      const make = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+      const [H, K, V] = [2, 64, 64]; // q, k, v, o, their gradients and per-key decays: 1 MiB each
       const inputs = {
-        q: rk.Tensor.from(make(T * H * K, 1), [1, T, H, K]),
-        k: rk.Tensor.from(make(T * H * K, 2), [1, T, H, K]),
-        v: rk.Tensor.from(make(T * H * V, 3), [1, T, H, V]),
+        q: rk.Tensor.from(wave(T * H * K, 1), [1, T, H, K]),
+        k: rk.Tensor.from(wave(T * H * K, 2), [1, T, H, K]),
+        v: rk.Tensor.from(wave(T * H * V, 3), [1, T, H, V]),
         decay: perKey
           ? rk.Tensor.from(
-              make(T * H * K, 4).map((x) => -0.1 - 0.1 * Math.abs(x)),
+              wave(T * H * K, 4).map((x) => -0.1 - 0.1 * Math.abs(x)),
               [1, T, H, K],
             )
           : undefined,
         beta: perKey
           ? rk.Tensor.from(
-              make(T * H, 5).map((x) => 0.5 + 0.4 * x),
+              wave(T * H, 5).map((x) => 0.5 + 0.4 * x),
               [1, T, H],
             )
           : undefined,
       };
-      const run = (cuSeqlens: number[] | null) => {
-        const { outputs, ctx } = rk.ops.linearAttention.forward(inputs, { updateRule, qkL2Norm: true, cuSeqlens });
-        const grads = rk.ops.linearAttention.backward(ctx, { o: outputs.o });
-        const named = {
-          o: outputs.o,
-          'grad q': grads.q,
-          'grad k': grads.k,
-          'grad v': grads.v,
-          'grad decay': grads.decay,
-        };
-        return {
-          named,
-          dispose: () => [outputs.o, grads.q, grads.k, grads.v, grads.decay, grads.beta].forEach((t) => t?.dispose()),
-        };
-      };
-      // Whole sequence first: its outputs and gradients fill buffers with non-zeros, then go back to the pool.
-      run(null).dispose();
-      const before = rk.memory().cpu.pooledBytes;
-      expect(before).toBeGreaterThanOrEqual((perKey ? 5 : 4) * T * H * K * 4);
-      const packed = run([0, 100, 1500]); // positions 1500 .. 2047 in no sequence
-      expect(rk.memory().cpu.pooledBytes).toBeLessThan(before); // the outputs came from the pool
-      for (const [name, t] of Object.entries(packed.named)) {
-        if (!t) continue;
-        const x = t.dataSync();
-        const per = x.length / T;
-        expect(
-          x.subarray(0, 1500 * per).some((e) => e !== 0),
-          name,
-        ).toBe(true);
-        expect(
-          x.subarray(1500 * per).every((e) => e === 0),
-          `${name} at uncovered positions`,
-        ).toBe(true);
-      }
-      packed.dispose();
-      rk.releaseCpuPool();
+      expectPooledZerosOutside(
+        (cuSeqlens) => {
+          const { outputs, ctx } = rk.ops.linearAttention.forward(inputs, { updateRule, qkL2Norm: true, cuSeqlens });
+          const grads = rk.ops.linearAttention.backward(ctx, { o: outputs.o });
+          return {
+            named: { o: outputs.o, 'grad q': grads.q, 'grad k': grads.k, 'grad v': grads.v, 'grad decay': grads.decay },
+            dispose: () => [outputs.o, grads.q, grads.k, grads.v, grads.decay, grads.beta].forEach((t) => t?.dispose()),
+          };
+        },
+        (perKey ? 5 : 4) * T * H * K * 4,
+      );
     },
   );
 
   it.each([false, true])(
     'y and grad x from the pool read zero at packed positions in no sequence (causalConv1d, channelsLast %s)',
     (channelsLast) => {
-      rk.releaseCpuPool();
-      const [C, T, W] = [128, 2048, 4]; // x, y and grad x: 1 MiB each
-      const make = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+      const [C, W] = [128, 4]; // x, y and grad x: 1 MiB each
       const inputs = {
-        x: rk.Tensor.from(make(C * T, 1), channelsLast ? [1, T, C] : [1, C, T]),
-        weight: rk.Tensor.from(make(C * W, 2), [C, W]),
+        x: rk.Tensor.from(wave(C * T, 1), channelsLast ? [1, T, C] : [1, C, T]),
+        weight: rk.Tensor.from(wave(C * W, 2), [C, W]),
       };
-      const run = (cuSeqlens: number[] | null) => {
-        const { outputs, ctx } = rk.ops.causalConv1d.forward(inputs, { activation: 'silu', channelsLast, cuSeqlens });
-        const grads = rk.ops.causalConv1d.backward(ctx, { y: outputs.y });
-        return {
-          named: { y: outputs.y, 'grad x': grads.x },
-          dispose: () => [outputs.y, grads.x, grads.weight].forEach((t) => t?.dispose()),
-        };
-      };
-      run(null).dispose(); // fills the pool with non-zero buffers
-      const before = rk.memory().cpu.pooledBytes;
-      expect(before).toBeGreaterThanOrEqual(2 * C * T * 4);
-      const packed = run([0, 100, 1500]); // positions 1500 .. 2047 in no sequence
-      expect(rk.memory().cpu.pooledBytes).toBeLessThan(before);
-      for (const [name, t] of Object.entries(packed.named)) {
-        const x = t.dataSync();
-        const at = (c: number, p: number) => x[channelsLast ? p * C + c : c * T + p];
-        let inside = false;
-        let outside = true;
-        for (let c = 0; c < C; ++c)
-          for (let p = 0; p < T; ++p) {
-            if (p < 1500 && at(c, p) !== 0) inside = true;
-            if (p >= 1500 && at(c, p) !== 0) outside = false;
-          }
-        expect(inside, name).toBe(true);
-        expect(outside, `${name} at uncovered positions`).toBe(true);
-      }
-      packed.dispose();
-      rk.releaseCpuPool();
+      expectPooledZerosOutside(
+        (cuSeqlens) => {
+          const { outputs, ctx } = rk.ops.causalConv1d.forward(inputs, { activation: 'silu', channelsLast, cuSeqlens });
+          const grads = rk.ops.causalConv1d.backward(ctx, { y: outputs.y });
+          return {
+            named: { y: outputs.y, 'grad x': grads.x },
+            dispose: () => [outputs.y, grads.x, grads.weight].forEach((t) => t?.dispose()),
+          };
+        },
+        2 * C * T * 4,
+        (i) => (channelsLast ? Math.floor(i / C) : i % T),
+      );
     },
   );
 
   it('an output taken from the pool reads zero at packed positions in no sequence (gated delta rule)', () => {
-    rk.releaseCpuPool();
-    const [T, H, K, V] = [2048, 2, 8, 64]; // o and grad v: 1 MiB each
-    const make = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed));
+    const [H, K, V] = [2, 8, 64]; // o and grad v: 1 MiB each
     const inputs = {
-      q: rk.Tensor.from(make(T * H * K, 1), [1, T, H, K]),
-      k: rk.Tensor.from(make(T * H * K, 2), [1, T, H, K]),
-      v: rk.Tensor.from(make(T * H * V, 3), [1, T, H, V]),
+      q: rk.Tensor.from(wave(T * H * K, 1), [1, T, H, K]),
+      k: rk.Tensor.from(wave(T * H * K, 2), [1, T, H, K]),
+      v: rk.Tensor.from(wave(T * H * V, 3), [1, T, H, V]),
       g: rk.Tensor.from(
-        make(T * H, 4).map((x) => -0.1 - 0.1 * Math.abs(x)),
+        wave(T * H, 4).map((x) => -0.1 - 0.1 * Math.abs(x)),
         [1, T, H],
       ),
       beta: rk.Tensor.from(
-        make(T * H, 5).map((x) => 0.5 + 0.4 * x),
+        wave(T * H, 5).map((x) => 0.5 + 0.4 * x),
         [1, T, H],
       ),
     };
-    const run = (cuSeqlens: number[] | null) => {
-      const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, { useQkL2normInKernel: true, cuSeqlens });
-      const grads = rk.ops.gatedDeltaRule.backward(ctx, { o: outputs.o });
-      return {
-        o: outputs.o,
-        dv: grads.v!,
-        dispose: () => [outputs.o, grads.q, grads.k, grads.v].forEach((t) => t?.dispose()),
-      };
-    };
-    // Whole sequence first: its o and grad v fill buffers with non-zeros, then go back to the pool.
-    run(null).dispose();
-    expect(rk.memory().cpu.pooledBytes).toBeGreaterThanOrEqual(2 * T * H * V * 4);
-    const before = rk.memory().cpu.pooledBytes;
-    const packed = run([0, 100, 1500]); // positions 1500 .. 2047 in no sequence
-    expect(rk.memory().cpu.pooledBytes).toBeLessThan(before); // the outputs came from the pool
-    for (const [name, t] of [
-      ['o', packed.o],
-      ['grad v', packed.dv],
-    ] as const) {
-      const x = t.dataSync();
-      expect(
-        x.subarray(0, 1500 * H * V).some((e) => e !== 0),
-        name,
-      ).toBe(true);
-      expect(
-        x.subarray(1500 * H * V).every((e) => e === 0),
-        `${name} at uncovered positions`,
-      ).toBe(true);
-    }
-    packed.dispose();
-    rk.releaseCpuPool();
+    expectPooledZerosOutside(
+      (cuSeqlens) => {
+        const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, { useQkL2normInKernel: true, cuSeqlens });
+        const grads = rk.ops.gatedDeltaRule.backward(ctx, { o: outputs.o });
+        return {
+          named: { o: outputs.o, 'grad v': grads.v },
+          dispose: () => [outputs.o, grads.q, grads.k, grads.v].forEach((t) => t?.dispose()),
+        };
+      },
+      2 * T * H * V * 4,
+    );
   });
 });

@@ -102,17 +102,5 @@ RK_ALWAYS_INLINE void stateFromSlabs(float* st, const Lanes* slabs, int64_t K, i
     for (int64_t i = 0; i < K; ++i) storeCols(st + i * V, jb, V, slabs[jb * K + i]);
 }
 
-// Zeros at the positions of a packed row that no sequence covers, in an output of perPosition
-// elements per position ([1, T, perPosition]) that the kernel writes only inside the sequences: such
-// outputs come from the output pool, not zeroed. Args: an op's contract (T, nseq, segments, packed).
-template <class Args, typename S> void zeroUncovered(const Args& a, S* out, int64_t perPosition) {
-  if (!a.packed || !out) return;
-  std::vector<char> covered(static_cast<size_t>(a.T), 0);
-  for (int64_t s = 0; s < a.nseq; ++s)
-    std::fill_n(covered.begin() + a.segments[s].start, a.segments[s].length, char(1));
-  for (int64_t t = 0; t < a.T; ++t)
-    if (!covered[size_t(t)]) std::fill_n(out + t * perPosition, perPosition, Storage<S>::store(0.0f));
-}
-
 }  // namespace RK_ISA_NS
 }  // namespace rk

@@ -71,51 +71,35 @@ __device__ __forceinline__ void addRowSums(float* dst, int r0, float lo, float h
 template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkParams p) {
   const StateTile tl = stateTileOf(p);
   const int K = static_cast<int>(p.K);
-  const StateLayout lay = stateLayout(p.Kp, p.vt, sizeof(T));
-  const int ldS = lay.ldS, ldH = lay.ldH, ldT = lay.ldT;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   const int r0 = 16 * warp;
   const int kSteps = p.Kp / 16;
   const int64_t KV = p.K * p.V;
 
-  unsigned char* smem = dynamicShared<unsigned char>();
-  float* sS = reinterpret_cast<float*>(smem);    // Kp x ldS: dS tile, fp32
-  T* sSh = reinterpret_cast<T*>(smem + lay.sh);  // Kp x ldH: dS tile, storage type
-  T* sVh = reinterpret_cast<T*>(smem + lay.v);   // 64 x ldH: -dV' of the current chunk, storage type
-  T* sW = reinterpret_cast<T*>(smem + lay.w);    // 64 x ldT each: W, Qg, Kd of the chunk
-  T* sQg = reinterpret_cast<T*>(smem + lay.qg);
-  T* sKd = reinterpret_cast<T*>(smem + lay.kd);
-  T* sP = reinterpret_cast<T*>(smem + lay.pm);  // 64 x kLdP
+  const StateTiles<T> sm(p);
+  const int ldS = sm.lay.ldS, ldH = sm.lay.ldH, ldT = sm.lay.ldT;
 
   const T* dO = static_cast<const T*>(p.dO);
   const int L = static_cast<int>(tl.seg.length);
   const int nChunks = (L + kC - 1) / kC;
-  const int64_t perChunkK = static_cast<int64_t>(kC) * p.Kp;
   auto cbOf = [&](int c) { return (tl.seg.chunkOffset + c) * p.HV + tl.hv; };
   auto stagePKd = [&](int c) {
     if (c >= 0) {
-      stageTile(sP, kLdP, static_cast<const T*>(p.P) + cbOf(c) * kC * kC, kC, kC);
-      stageTile(sKd, ldT, static_cast<const T*>(p.Kd) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+      sm.stageP(cbOf(c), p);
+      sm.stageRows(sm.Kd, p.Kd, cbOf(c), p);
     }
     commitAsyncCopies();
   };
   auto stageQgW = [&](int c) {
     if (c >= 0) {
-      stageTile(sQg, ldT, static_cast<const T*>(p.Qg) + cbOf(c) * perChunkK, p.Kp, p.Kp);
-      stageTile(sW, ldT, static_cast<const T*>(p.W) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+      sm.stageRows(sm.Qg, p.Qg, cbOf(c), p);
+      sm.stageRows(sm.W, p.W, cbOf(c), p);
     }
     commitAsyncCopies();
   };
   stagePKd(nChunks - 1);
   stageQgW(nChunks - 1);
-  for (int e = tid; e < p.Kp * ldS; e += kThreads) {
-    const int i = e / ldS, j = e - (e / ldS) * ldS;
-    const float x = (p.dFinal != nullptr && i < K && j < tl.vw)
-                        ? p.dFinal[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j]
-                        : 0.0f;
-    sS[e] = x;
-    sSh[i * ldH + j] = fromFloat<T>(x);  // ldH > ldS
-  }
+  sm.loadState(p, tl, p.dFinal);
   waitAsyncCopyGroups<1>();  // P, Kd of the last chunk
   __syncthreads();
 
@@ -131,7 +115,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       for (int e = tid; e < K * tl.vw; e += kThreads) {
         const int i = e / tl.vw, j = e - (e / tl.vw) * tl.vw;
         const int64_t off = static_cast<int64_t>(i) * p.V + tl.v0 + j;
-        const float d = sS[i * ldS + j];
+        const float d = sm.S[i * ldS + j];
         dst[off] = d;
         part = fmaf(ck[off], d, part);
       }
@@ -155,20 +139,20 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       for (int j = 0; j < NT; ++j) acc[j].zero();
       if (warp < kRows) {
         for (int s = warp; s < kRows; ++s) {
-          const mma::FragA16 a = mma::ldmatrixA16T(sP + 16 * s * kLdP + r0, kLdP);  // (P^T) rows r0..
+          const mma::FragA16 a = mma::ldmatrixA16T(sm.P + 16 * s * kLdP + r0, kLdP);  // (P^T) rows r0..
 #pragma unroll
           for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, dOFrag(s, j));
         }
         for (int s = 0; s < kSteps; ++s) {
-          const mma::FragA16 a = mma::ldmatrixA16(sKd + r0 * ldT + 16 * s, ldT);
-          mmaTileRows<T, NT>(acc, a, sSh, ldH, s);
+          const mma::FragA16 a = mma::ldmatrixA16(sm.Kd + r0 * ldT + 16 * s, ldT);
+          mmaTileRows<T, NT>(acc, a, sm.Sh, ldH, s);
         }
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
-          sVh[r * ldH + col] = fromFloat<T>(-val);
+          sm.Vh[r * ldH + col] = fromFloat<T>(-val);
           if (col < tl.vw) dVp[r * p.V + tl.v0 + col] = fromFloat<T>(val);
         });
       }
@@ -183,22 +167,22 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       mma::FragC acc[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        acc[j] = mma::loadC([&](int rr, int cc) { return gl * sS[(16 * m + rr) * ldS + 8 * j + cc]; });
+        acc[j] = mma::loadC([&](int rr, int cc) { return gl * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
       for (int s = 0; s < kRows; ++s) {
-        const mma::FragA16 a = mma::ldmatrixA16T(sQg + 16 * s * ldT + 16 * m, ldT);  // (Qg^T) rows 16 m..
+        const mma::FragA16 a = mma::ldmatrixA16T(sm.Qg + 16 * s * ldT + 16 * m, ldT);  // (Qg^T) rows 16 m..
 #pragma unroll
         for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, dOFrag(s, j));
       }
       for (int s = 0; s < kRows; ++s) {
-        const mma::FragA16 a = mma::ldmatrixA16T(sW + 16 * s * ldT + 16 * m, ldT);  // (W^T) rows 16 m..
-        mmaTileRows<T, NT>(acc, a, sVh, ldH, s);                                    // B = -dV'
+        const mma::FragA16 a = mma::ldmatrixA16T(sm.W + 16 * s * ldT + 16 * m, ldT);  // (W^T) rows 16 m..
+        mmaTileRows<T, NT>(acc, a, sm.Vh, ldH, s);                                    // B = -dV'
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
-          sS[(16 * m + rr) * ldS + 8 * j + cc] = val;
-          sSh[(16 * m + rr) * ldH + 8 * j + cc] = fromFloat<T>(val);
+          sm.S[(16 * m + rr) * ldS + 8 * j + cc] = val;
+          sm.Sh[(16 * m + rr) * ldH + 8 * j + cc] = fromFloat<T>(val);
         });
       }
     }
@@ -207,7 +191,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
     stageQgW(c - 1);
   }
   waitAsyncCopies();  // nothing is in flight past the first chunk (its groups are empty)
-  if (p.dh0 != nullptr) storeTile(p.dh0 + tl.stateOff, sS, K, tl.vw, ldS, p.V, tl.v0);
+  if (p.dh0 != nullptr) storeTile(p.dh0 + tl.stateOff, sm.S, K, tl.vw, ldS, p.V, tl.v0);
 }
 
 constexpr int kKt = 32;  // K columns per step of the gradient kernel's column loops

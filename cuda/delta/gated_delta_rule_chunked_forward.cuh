@@ -284,6 +284,44 @@ template <class T> __device__ __forceinline__ void stageTile(T* dst, int ldDst, 
   }
 }
 
+// The state passes' shared-memory tiles (stateLayout) and the loads both passes make into them.
+template <class T> struct StateTiles {
+  StateLayout lay;
+  float* S;        // Kp x ldS: the state tile (or its adjoint's), fp32
+  T* Sh;           // Kp x ldH: the same, storage type
+  T* Vh;           // 64 x ldH: V' (or -dV') of the current chunk, storage type
+  T *W, *Qg, *Kd;  // 64 x ldT each: the chunk's scratch tiles
+  T* P;            // 64 x kLdP
+  __device__ explicit StateTiles(const ChunkParams& p) : lay(stateLayout(p.Kp, p.vt, sizeof(T))) {
+    unsigned char* smem = dynamicShared<unsigned char>();
+    S = reinterpret_cast<float*>(smem);
+    Sh = reinterpret_cast<T*>(smem + lay.sh);
+    Vh = reinterpret_cast<T*>(smem + lay.v);
+    W = reinterpret_cast<T*>(smem + lay.w);
+    Qg = reinterpret_cast<T*>(smem + lay.qg);
+    Kd = reinterpret_cast<T*>(smem + lay.kd);
+    P = reinterpret_cast<T*>(smem + lay.pm);
+  }
+  // S and Sh from the value tile of a K x V row-major state (null: zeros). The whole block calls.
+  __device__ void loadState(const ChunkParams& p, const StateTile& tl, const float* src) const {
+    const int K = static_cast<int>(p.K);
+    for (int e = static_cast<int>(threadIdx.x); e < p.Kp * lay.ldS; e += kThreads) {
+      const int i = e / lay.ldS, j = e - (e / lay.ldS) * lay.ldS;
+      const float x =
+          (src != nullptr && i < K && j < tl.vw) ? src[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j] : 0.0f;
+      S[e] = x;
+      Sh[i * lay.ldH + j] = fromFloat<T>(x);  // ldH > ldS
+    }
+  }
+  // Issues the copies of one of W, Qg, Kd (dst, from the scratch array src) of (chunk, value head) cb.
+  __device__ void stageRows(T* dst, const void* src, int64_t cb, const ChunkParams& p) const {
+    stageTile(dst, lay.ldT, static_cast<const T*>(src) + cb * kC * p.Kp, p.Kp, p.Kp);
+  }
+  __device__ void stageP(int64_t cb, const ChunkParams& p) const {
+    stageTile(P, kLdP, static_cast<const T*>(p.P) + cb * kC * kC, kC, kC);
+  }
+};
+
 // acc[j] += a B_j for the NT column blocks (NT even) of rows 16 s .. 16 s + 15 of a 16-bit tile
 // (row stride ld): B read with ldmatrix, two column blocks per instruction.
 template <class T, int NT>
@@ -308,52 +346,37 @@ __device__ __forceinline__ void mmaTileRows(mma::FragC (&acc)[NT], const mma::Fr
 template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
   const StateTile tl = stateTileOf(p);
   const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);
-  const StateLayout lay = stateLayout(p.Kp, p.vt, sizeof(T));
-  const int ldS = lay.ldS, ldH = lay.ldH, ldT = lay.ldT;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
   const int r0 = 16 * warp;
   const int kSteps = p.Kp / 16;
   const int64_t KV = p.K * p.V;
 
-  unsigned char* smem = dynamicShared<unsigned char>();
-  float* sS = reinterpret_cast<float*>(smem);    // Kp x ldS: the state tile, fp32
-  T* sSh = reinterpret_cast<T*>(smem + lay.sh);  // Kp x ldH: the state tile, storage type
-  T* sVh = reinterpret_cast<T*>(smem + lay.v);   // 64 x ldH: V' of the current chunk, storage type
-  T* sW = reinterpret_cast<T*>(smem + lay.w);    // 64 x ldT each: W, Qg, Kd of the chunk
-  T* sQg = reinterpret_cast<T*>(smem + lay.qg);
-  T* sKd = reinterpret_cast<T*>(smem + lay.kd);
-  T* sP = reinterpret_cast<T*>(smem + lay.pm);  // 64 x kLdP
+  const StateTiles<T> sm(p);
+  const int ldS = sm.lay.ldS, ldH = sm.lay.ldH, ldT = sm.lay.ldT;
 
   T* o = static_cast<T*>(p.o);
   const int L = static_cast<int>(tl.seg.length);
   const int nChunks = (L + kC - 1) / kC;
-  const int64_t perChunkK = static_cast<int64_t>(kC) * p.Kp;
   auto cbOf = [&](int c) { return (tl.seg.chunkOffset + c) * p.HV + tl.hv; };
   auto stageW = [&](int c) {
-    if (c < nChunks) stageTile(sW, ldT, static_cast<const T*>(p.W) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+    if (c < nChunks) sm.stageRows(sm.W, p.W, cbOf(c), p);
     commitAsyncCopies();
   };
   auto stageQgP = [&](int c) {
     if (c < nChunks) {
-      stageTile(sQg, ldT, static_cast<const T*>(p.Qg) + cbOf(c) * perChunkK, p.Kp, p.Kp);
-      stageTile(sP, kLdP, static_cast<const T*>(p.P) + cbOf(c) * kC * kC, kC, kC);
+      sm.stageRows(sm.Qg, p.Qg, cbOf(c), p);
+      sm.stageP(cbOf(c), p);
     }
     commitAsyncCopies();
   };
   auto stageKd = [&](int c) {
-    if (c < nChunks) stageTile(sKd, ldT, static_cast<const T*>(p.Kd) + cbOf(c) * perChunkK, p.Kp, p.Kp);
+    if (c < nChunks) sm.stageRows(sm.Kd, p.Kd, cbOf(c), p);
     commitAsyncCopies();
   };
   stageW(0);
   stageQgP(0);
   stageKd(0);
-  for (int e = tid; e < p.Kp * ldS; e += kThreads) {
-    const int i = e / ldS, j = e - (e / ldS) * ldS;
-    const float x =
-        (p.h0 != nullptr && i < K && j < tl.vw) ? p.h0[tl.stateOff + static_cast<int64_t>(i) * p.V + tl.v0 + j] : 0.0f;
-    sS[e] = x;
-    sSh[i * ldH + j] = fromFloat<T>(x);  // ldH > ldS
-  }
+  sm.loadState(p, tl, p.h0);
   waitAsyncCopyGroups<2>();  // W(0)
   __syncthreads();
 
@@ -362,7 +385,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
     const int n = L - c * kC < kC ? L - c * kC : kC;
     const int kRows = (n + 15) / 16;  // 16-row steps that hold positions
     const int64_t rowBase = tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC;
-    storeTile(p.states + cb * KV, sS, K, tl.vw, ldS, p.V, tl.v0);
+    storeTile(p.states + cb * KV, sm.S, K, tl.vw, ldS, p.V, tl.v0);
     const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
 
     // V' = U - W S: each fragment of W is loaded once and used for the NT column blocks.
@@ -372,8 +395,8 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       for (int j = 0; j < NT; ++j) acc[j].zero();
       if (warp < kRows) {
         for (int s = 0; s < kSteps; ++s) {
-          const mma::FragA16 a = mma::ldmatrixA16(sW + r0 * ldT + 16 * s, ldT);
-          mmaTileRows<T, NT>(acc, a, sSh, ldH, s);
+          const mma::FragA16 a = mma::ldmatrixA16(sm.W + r0 * ldT + 16 * s, ldT);
+          mmaTileRows<T, NT>(acc, a, sm.Sh, ldH, s);
         }
       }
 #pragma unroll
@@ -381,7 +404,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
           const float u = (r < n && col < tl.vw) ? toFloat(U[r * p.V + tl.v0 + col]) : 0.0f;
-          sVh[r * ldH + col] = fromFloat<T>(u - val);
+          sm.Vh[r * ldH + col] = fromFloat<T>(u - val);
         });
       }
     }
@@ -395,12 +418,12 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
 #pragma unroll
       for (int j = 0; j < NT; ++j) acc[j].zero();
       for (int s = 0; s < kSteps; ++s) {
-        const mma::FragA16 a = mma::ldmatrixA16(sQg + r0 * ldT + 16 * s, ldT);
-        mmaTileRows<T, NT>(acc, a, sSh, ldH, s);
+        const mma::FragA16 a = mma::ldmatrixA16(sm.Qg + r0 * ldT + 16 * s, ldT);
+        mmaTileRows<T, NT>(acc, a, sm.Sh, ldH, s);
       }
       for (int s = 0; s <= warp; ++s) {
-        const mma::FragA16 a = mma::ldmatrixA16(sP + r0 * kLdP + 16 * s, kLdP);
-        mmaTileRows<T, NT>(acc, a, sVh, ldH, s);
+        const mma::FragA16 a = mma::ldmatrixA16(sm.P + r0 * kLdP + 16 * s, kLdP);
+        mmaTileRows<T, NT>(acc, a, sm.Vh, ldH, s);
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -420,17 +443,17 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       mma::FragC acc[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        acc[j] = mma::loadC([&](int rr, int cc) { return gl * sS[(16 * m + rr) * ldS + 8 * j + cc]; });
+        acc[j] = mma::loadC([&](int rr, int cc) { return gl * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
       for (int s = 0; s < kRows; ++s) {
-        const mma::FragA16 a = mma::ldmatrixA16T(sKd + 16 * s * ldT + 16 * m, ldT);  // (Kd^T) rows 16 m..
-        mmaTileRows<T, NT>(acc, a, sVh, ldH, s);
+        const mma::FragA16 a = mma::ldmatrixA16T(sm.Kd + 16 * s * ldT + 16 * m, ldT);  // (Kd^T) rows 16 m..
+        mmaTileRows<T, NT>(acc, a, sm.Vh, ldH, s);
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
-          sS[(16 * m + rr) * ldS + 8 * j + cc] = val;
-          sSh[(16 * m + rr) * ldH + 8 * j + cc] = fromFloat<T>(val);
+          sm.S[(16 * m + rr) * ldS + 8 * j + cc] = val;
+          sm.Sh[(16 * m + rr) * ldH + 8 * j + cc] = fromFloat<T>(val);
         });
       }
     }
@@ -439,7 +462,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
     stageKd(c + 1);
   }
   waitAsyncCopies();  // nothing is in flight past the last chunk (its groups are empty)
-  if (p.finalState != nullptr) storeTile(p.finalState + tl.stateOff, sS, K, tl.vw, ldS, p.V, tl.v0);
+  if (p.finalState != nullptr) storeTile(p.finalState + tl.stateOff, sm.S, K, tl.vw, ldS, p.V, tl.v0);
 }
 
 }  // namespace

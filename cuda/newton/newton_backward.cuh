@@ -79,7 +79,7 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
     }
   };
   if (th.work) {
-    pipelinedSteps<Pass1Loads, 2>(th.t1 - 1, th.t1 - th.t0, -1, pass1Load, [&](int64_t t, const Pass1Loads& l) {
+    pipelinedSteps<Pass1Loads>(th.t1 - 1, th.t1 - th.t0, -1, pass1Load, [&](int64_t t, const Pass1Loads& l) {
       Map m;
       float J[kMaxS][kMaxS];
       if (t + 1 < p.T) {
@@ -143,7 +143,7 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
       loadX<C, T>(p, th.row, t, th.n, xb, l.x);
       loadPrev<C>(p, th.row, t, th.n, h0v, l.hp);
     };
-    pipelinedSteps<Pass2Loads, 2>(th.t1 - 1, th.t1 - th.t0, -1, pass2Load, [&](int64_t t, const Pass2Loads& l) {
+    pipelinedSteps<Pass2Loads>(th.t1 - 1, th.t1 - th.t0, -1, pass2Load, [&](int64_t t, const Pass2Loads& l) {
       const float(&x)[kMaxG] = l.x;
       const float(&hp)[kMaxS] = l.hp;
       float g[kMaxS], r[kMaxG], out[kMaxS], gx[kMaxG], gr[kMaxG], gp[kMaxS];

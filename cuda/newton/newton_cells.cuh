@@ -287,27 +287,22 @@ __device__ __forceinline__ void loadPrev(const Params& p, int64_t row, int64_t t
   }
 }
 
-// A time loop whose loads are issued Ahead (1 or 2) steps before their use. The loops are latency
-// bound: a step's loads (inputs, the trajectory) do not depend on the step before, but issued where
-// they are used a thread waits for each step's loads in turn. load(t, slot) fills step t's slot
-// (registers: Slot is a struct of small arrays indexed by constants); body(t, slot) runs step t.
-// The steps are first, first + dir, ... (count of them; dir = 1 or -1). A load of step t + Ahead dir
-// runs before the body of step t, so it may read what that body has not yet written (the
-// trajectory at t + Ahead dir, before step t + Ahead dir stores it).
-template <class Slot, int Ahead, class Load, class Body>
+// A time loop whose loads are issued two steps before their use. The loops are latency bound: a
+// step's loads (inputs, the trajectory) do not depend on the step before, but issued where they are
+// used a thread waits for each step's loads in turn. load(t, slot) fills step t's slot (registers:
+// Slot is a struct of small arrays indexed by constants); body(t, slot) runs step t. The steps are
+// first, first + dir, ... (count of them; dir = 1 or -1). A load of step t + 2 dir runs before the
+// body of step t, so it may read what that body has not yet written (the trajectory at t + 2 dir,
+// before step t + 2 dir stores it).
+template <class Slot, class Load, class Body>
 __device__ __forceinline__ void pipelinedSteps(int64_t first, int64_t count, int dir, Load load, Body body) {
-  static_assert(Ahead == 1 || Ahead == 2, "one or two steps ahead");
   Slot a{}, b{};
   if (count > 0) load(first, a);
-  if (Ahead == 2 && count > 1) load(first + dir, b);
+  if (count > 1) load(first + dir, b);
   for (int64_t i = 0; i < count; ++i) {
     const Slot cur = a;
-    if constexpr (Ahead == 2) {
-      a = b;
-      if (i + 2 < count) load(first + (i + 2) * dir, b);
-    } else {
-      if (i + 1 < count) load(first + (i + 1) * dir, a);
-    }
+    a = b;
+    if (i + 2 < count) load(first + (i + 2) * dir, b);
     body(first + i * dir, cur);
   }
 }

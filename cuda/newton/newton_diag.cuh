@@ -167,7 +167,7 @@ template <NewtonCell C, class T> __global__ void diagSequentialKernel(Params p) 
   struct Loads {
     float x[kMaxG];
   };
-  pipelinedSteps<Loads, 2>(
+  pipelinedSteps<Loads>(
       0, p.T, 1, [&](int64_t t, Loads& l) { loadX<C, T>(p, row, t, n, xb, l.x); },
       [&](int64_t t, const Loads& l) {
         float out[kMaxS];

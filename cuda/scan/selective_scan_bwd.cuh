@@ -46,7 +46,6 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
     Stage::issue(&bc[unit & 1][0][0], p.variableB ? static_cast<const T*>(p.B) + off : nullptr,
                  p.variableC ? static_cast<const T*>(p.C) + off : nullptr, p.seqlen, 1, L - pos0, job.vecBC);
   };
-  auto complete = [&](int) { Stage::complete(); };
   // Adds the block's variable dB / dC contributions of a finished unit to the fp32 targets (laid
   // out like B / C): each thread sums 4 consecutive positions over the active warps.
   auto flush = [&](int unit) {
@@ -80,7 +79,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
   };
   if (staged) {
     issue(0);
-    complete(0);
+    Stage::complete();
   }
   __syncthreads();
 
@@ -259,7 +258,7 @@ __global__ void __launch_bounds__(32 * W, bwdMinBlocks<T>(W)) selectiveScanBackw
         if (me.lane == 0) gcarry[me.warp][n] = a[0] * g[0];  // into the previous tile (dh0 after the first)
       }
       if (unit > 0 && staged) flush(unit - 1);  // the previous unit's contributions are complete
-      if (more) complete(unit + 1);
+      if (more) Stage::complete();              // unit + 1 staged
       __syncthreads();
     }
 

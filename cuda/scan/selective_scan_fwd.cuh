@@ -42,10 +42,9 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
                  p.variableC ? static_cast<const T*>(p.C) + off : nullptr, p.seqlen, unitStates(unit), L - pos0,
                  job.vecBC);
   };
-  auto complete = [&](int) { Stage::complete(); };
   if (staged) {
     issue(0);
-    complete(0);
+    Stage::complete();
   }
   __syncthreads();
 
@@ -149,7 +148,7 @@ __global__ void __launch_bounds__(32 * W, minBlocks(W)) selectiveScanForwardKern
           }
         }
       }
-      if (more) complete(unit + 1);
+      if (more) Stage::complete();  // unit + 1 staged
       __syncthreads();
     }
 

@@ -725,30 +725,29 @@ RK_EMU_CALLSITE inline void copyAsync16(void* dst, const void* src, int srcBytes
   std::memset(dst, 0xff, 16);
   block.current->pendingCopies.push_back(copy);
 }
-RK_EMU_CALLSITE inline void waitAsyncCopies() {
-  for (const PendingCopy& c : block.current->pendingCopies) {
-    std::memcpy(c.dst, c.bytes, 16);
-    checks::copyLanded(c.dst, __builtin_return_address(0));
-  }
-  block.current->pendingCopies.clear();
-}
-// cp.async.commit_group: the copies issued since the last commit form a group.
-inline void commitAsyncCopies() { ++block.current->committedGroups; }
-// cp.async.wait_group n: the copies of every committed group but the n most recent land (copies
-// not yet committed stay pending).
-RK_EMU_CALLSITE inline void waitAsyncCopyGroups(unsigned n) {
+// Lands this thread's pending copies of the groups below `below` (committed group counts).
+RK_EMU_CALLSITE inline void landCopies(uint32_t below, const void* pc) {
   Fiber& f = *block.current;
-  const uint32_t done = f.committedGroups > n ? f.committedGroups - n : 0;  // groups below this land
   std::vector<PendingCopy> still;
   for (const PendingCopy& c : f.pendingCopies) {
-    if (c.group < done) {
+    if (c.group < below) {
       std::memcpy(c.dst, c.bytes, 16);
-      checks::copyLanded(c.dst, __builtin_return_address(0));
+      checks::copyLanded(c.dst, pc);
     } else {
       still.push_back(c);
     }
   }
   f.pendingCopies.swap(still);
+}
+// cp.async.wait_all: every copy lands, committed or not.
+RK_EMU_CALLSITE inline void waitAsyncCopies() { landCopies(UINT32_MAX, __builtin_return_address(0)); }
+// cp.async.commit_group: the copies issued since the last commit form a group.
+inline void commitAsyncCopies() { ++block.current->committedGroups; }
+// cp.async.wait_group n: the copies of every committed group but the n most recent land (copies
+// not yet committed stay pending).
+RK_EMU_CALLSITE inline void waitAsyncCopyGroups(unsigned n) {
+  const uint32_t committed = block.current->committedGroups;
+  landCopies(committed > n ? committed - n : 0, __builtin_return_address(0));
 }
 // ld.acquire.gpu of a flag another block releases.
 RK_EMU_CALLSITE inline unsigned loadAcquire(const unsigned* p) {

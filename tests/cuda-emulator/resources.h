@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "e500e27292f9e2ac";
+constexpr const char* kSourcesHash = "4c43a02bd56d1a05";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1040,22 +1040,22 @@ inline const KernelResources kKernelResources[] = {
      22, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     95, 0},
+     96, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     111, 0},
+     112, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     149, 0},
+     150, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     95, 0},
+     96, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     111, 0},
+     112, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     149, 0},
+     150, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      128, 0},
