@@ -179,13 +179,6 @@ template <class F> Status dispatchCell(CellKind c, F&& f) {
   return statusError("unknown cell");
 }
 
-Status deviceAttribute(cudaDeviceAttr attr, int* value) {
-  int dev = 0;
-  RK_CUDA_TRY(cudaGetDevice(&dev));
-  RK_CUDA_TRY(cudaDeviceGetAttribute(value, attr, dev));
-  return Status{};
-}
-
 // Shared memory of the persistent kernel (forward or backward), 0 when it does not apply.
 template <class Op> size_t persistentShared(int cell, int64_t D, bool backward, bool f32) {
   const int G = gatesOf(cell);

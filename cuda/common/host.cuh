@@ -1,5 +1,5 @@
-// Host-side helpers shared by the launchers: stream-ordered scratch memory, and the sequence table
-// of a (possibly packed) batch, checked and copied to the device.
+// Host-side helpers shared by the launchers: stream-ordered scratch memory, device attributes, and
+// the sequence table of a (possibly packed) batch, checked and copied to the device.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -31,6 +31,14 @@ class DeviceBuffer {
  private:
   void* ptr_ = nullptr;
 };
+
+// An attribute of the current device.
+inline Status deviceAttribute(cudaDeviceAttr attr, int* value) {
+  int dev = 0;
+  RK_CUDA_TRY(cudaGetDevice(&dev));
+  RK_CUDA_TRY(cudaDeviceGetAttribute(value, attr, dev));
+  return Status{};
+}
 
 inline Status zeroFloats(float* p, int64_t n) {
   if (p != nullptr && n > 0) RK_CUDA_TRY(cudaMemsetAsync(p, 0, static_cast<size_t>(n) * sizeof(float), 0));

@@ -23,12 +23,14 @@
 // Kernels.
 //   chunkPrepKernel<T>  one block (4 warps) per (chunk, value head), all chunks in parallel: stages
 //     the chunk's q, k in shared memory, L2 norms, fp64 cumulative decays; K K^T and Q K^T with
-//     mma.sync (16 rows per warp, lower triangle only); A in fp32, Tm by column-wise forward
-//     substitution (one thread per column, fp32); then W = Tm (K exp(G)) and U = Tm V with
-//     mma.sync. Writes W, U, Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G), P = scale tril(Q K^T
-//     Gamma) (all of the storage type) and exp(G_{n-1}) (fp32) to scratch.
+//     mma.sync (16 rows per warp, lower triangle only); A in fp32, (I + A)^-1 by blocks of 16 (the
+//     four diagonal blocks inverted at once by forward substitution in registers, one warp each,
+//     then three block rows of 16 x 16 products spread over the block, fp32), Tm its columns
+//     scaled by beta; then W = Tm (K exp(G)) and U = Tm V with mma.sync. Writes W, U, Qg = scale Q exp(G), Kd = K
+//     exp(G_{n-1} - G), P = scale tril(Q K^T Gamma) (all of the storage type) and exp(G_{n-1}) (fp32) to scratch.
 //   chunkStateKernel<T, NT> one block (4 warps) per (sequence, value head, tile of vt = 8 NT value
-//     columns, vt = 16, 32 or 64: the widest that still fills the SMs),
+//     columns, vt = 16, 32 or 64: the widest that still fills the SMs and fits a block's shared
+//     memory),
 //     sequential over the chunks: the fp32 state tile (K x vt) lives in shared memory; per chunk it
 //     stores the checkpoint, then V' = U - W S, O = Qg S + P V', S = exp(G_{n-1}) S + Kd^T V', each
 //     an mma.sync product (S and V' rounded to the storage type as operands, fp32 accumulation).
@@ -46,9 +48,12 @@
 //
 // Bounds (H100 / H200, bf16, K = V = 128; 64 positions per chunk):
 //   prep (parallel over chunks x heads): ~4.2 MFLOP of mma per block (~1 % of the tensor-core
-//     peak over the whole launch) and the serial forward substitution (~2k dependent FMAs for the
-//     longest column, a few us per block); HBM traffic ~1.9 KB per (position, head): reads q, k, v
-//     (0.8 KB), writes W, U, Qg, Kd, P (1.1 KB). Bound by HBM and the substitution latency:
+//     peak over the whole launch) and the blocked inverse (a 120-FMA substitution per diagonal
+//     block in registers, then three block rows of at most 6 outputs per thread, 16-48 FMAs each,
+//     seven barriers: ~2-3k cycles, where the column-wise substitution it replaces chained ~2k
+//     FMAs and 63 shared-memory round trips in its longest column, ~10k cycles); HBM traffic
+//     ~1.9 KB per (position, head): reads q, k, v (0.8 KB), writes W, U, Qg, Kd, P (1.1 KB). Bound
+//     by HBM:
 //     ~0.15-0.25 ms for 4 x 4096 x 16 (4096 blocks, 3 per SM by shared memory), about the same for
 //     8 x 2048 x 32 (2x the work, ~0.3-0.5 ms) and 1 x 32768 x 16 (~0.15-0.25 ms).
 //   state (sequential over chunks): per chunk three dependent mma chains (V', then O, then S) of
@@ -90,27 +95,36 @@
 //     the checkpoints' layout) and <S_0, dS_n> (atomically over the tiles), dV' (storage type) and
 //     steps dS; writes dh0. Same shape and shared memory as the forward's state pass (P, Kd, Qg, W
 //     staged with cp.async a product ahead, every A operand and the dS / dV' B operands through
-//     ldmatrix; dO still read per element from global memory): latency bound.
-//   chunkGradKernel<T>   one block (4 warps, 16 chunk rows each) per (chunk, value head), all chunks
-//     in parallel: every product above with mma.sync (operands rounded to the storage type, fp32
-//     accumulation; the 64 x 64 factors dTm, dX, dA, E, dP kept in fp32 shared memory), loops over
-//     the value columns (contractions) and over 32 key columns (the 64 x K outputs); dq, dk added
-//     to the fp32 accumulators with atomics (the value heads of a q / k head meet there); dv, dg,
-//     dbeta written.
+//     ldmatrix), plus two buffers of dO's value tile, the chunk before's loading with P and Kd (B
+//     operand of both dO products through ldmatrix; 64 x (vt + 8) 16-bit elements each, so at
+//     K = 256 the tile is at most 32 columns wide): latency bound.
+//   chunkGradKernel<T, VS> one block (4 warps, 16 chunk rows each) per (chunk, value head), all
+//     chunks in parallel: every product above with mma.sync (operands rounded to the storage type,
+//     fp32 accumulation; the 64 x 64 factors dTm, dX, dA, E, dP kept in fp32 shared memory), loops
+//     over the value columns (contractions) and over 32 key columns (the 64 x K outputs). Every
+//     operand from global memory is staged in shared memory and read with ldmatrix: W, U, dV' and
+//     v by 16-byte cp.async copies at the start; S_0 and dS rounded to the storage type a slice at
+//     a time (32 value columns of S_0 for V', 32 key rows of S_0 and dS per column step, each with
+//     the step's 32 columns of q and k); a warp's dO rows once into registers (VS fragments: 8 for
+//     V <= 128, 16 above). Regions that no phase needs at once share their bytes (gradLayout), so
+//     K = V = 128 takes 108 KiB (two blocks per SM). dq, dk added to the fp32 accumulators with
+//     atomics (the value heads of a q / k head meet there); dv, dg, dbeta written.
 // Bounds (H100 / H200, bf16, K = V = 128): prep as in the forward (+64 MB of X at 4 x 4096 x 16);
 //   reverse pass like the forward's state pass (~1.5-2.5 us per chunk in sequence with the staged
-//   tiles, the per-element dO fragments adding ~0.3-0.5 us; was ~2-4 us; plus 2 x 64 KB of fp32
-//   state read / written per (chunk, head), mostly hidden: ~0.15-0.2 ms at 4 x 4096 x 16 and
-//   8 x 2048 x 32, ~1-1.3 ms at 1 x 32768 x 16); gradients: ~20 MFLOP of mma per block (~80 GFLOP
-//   at 4 x 4096 x 16, ~10 % of the tensor-core peak), ~0.3 MB of reads per block mostly from L2
-//   (S_0 and dS_n fp32, 128 KB), 111 KiB of shared memory (two blocks per SM): bound by the
-//   accessor-based fragment loads and the latency of two 4-warp blocks per SM, estimated
-//   ~0.5-1 ms at 4 x 4096 x 16 and ~1-2 ms at 8 x 2048 x 32 and 1 x 32768 x 16.
-//   Expected backward ~0.85-1.5 ms (4, 4096, 16), ~1.4-2.7 ms (8, 2048, 32), ~2.2-3.3 ms
-//   (1, 32768, 16); forward + backward ~1.2-1.95 / 1.9-3.4 / 3.2-4.6 ms against flash-linear-
-//   attention's 2.55 / 4.62 / 7.23 ms: at best the 1.5x goal, not yet measured on a device. The
-//   levers left: the gradient kernel's operands staged the same way (cp.async + ldmatrix) instead
-//   of per-element fragment loads, dO staged in the reverse pass, and more warps per block.
+//   tiles and dO; was ~2-4 us; plus 2 x 64 KB of fp32 state read / written per (chunk, head),
+//   mostly hidden: ~0.15-0.2 ms at 4 x 4096 x 16 and 8 x 2048 x 32, ~1-1.3 ms at 1 x 32768 x 16);
+//   gradients: ~20 MFLOP of mma per block (~80 GFLOP at 4 x 4096 x 16, ~10 % of the tensor-core
+//   peak), ~0.3 MB of reads per block mostly from L2 (S_0 and dS_n fp32, 128 KB, read in coalesced
+//   rows now). With per-element fragment loads (about 3,500 scalar global loads per lane, each
+//   chain waiting on L2) it was estimated at ~0.5-1 ms at 4 x 4096 x 16; staged, a block's
+//   operand traffic is ~40 coalesced 16-byte loads per thread plus the slices' fp32 rows, and its
+//   products read shared memory (~30-cycle ldmatrix), with about 9 + 3 K / 32 barriers: ~10-15k
+//   cycles per block, 4096 blocks over 132 SMs at two per SM: ~0.2-0.35 ms at 4 x 4096 x 16,
+//   ~0.4-0.7 ms at 8 x 2048 x 32 and 1 x 32768 x 16.
+//   Expected backward ~0.5-0.8 ms (4, 4096, 16), ~0.9-1.5 ms (8, 2048, 32), ~1.4-2 ms
+//   (1, 32768, 16); forward + backward ~0.8-1.25 / 1.4-2.2 / 2.4-3.3 ms against flash-linear-
+//   attention's 2.55 / 4.62 / 7.23 ms, not yet measured on a device. The levers left: fusing the
+//   fp32 dq / dk accumulation and the L2-norm backward, and more warps per block.
 //   Scratch on top of the forward's: X (16 KB), dS_n (4 K V bytes) and dV' per (chunk, value head).
 #include <cuda_runtime.h>
 
@@ -157,16 +171,22 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
   p.segments = deviceSegments;
 
   // Value tile of the sequential pass (latency bound): the widest of 64, 32, 16 columns that still
-  // gives at least one block per SM.
+  // gives at least one block per SM and whose shared memory a block may have.
   int sms = 132;
   int dev = 0;
   if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int optin = 0;
+  RK_TRY(deviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+  auto fits = [&](int vt) { return stateLayout(p.Kp, vt, sizeof(T), backward).bytes <= static_cast<size_t>(optin); };
   const int64_t heads = a.nseq * a.HV;
   int chosenVt = 64;
-  while (chosenVt > 16 && heads * ceilDiv(a.V, chosenVt) < sms) chosenVt /= 2;
+  while (chosenVt > 16 && (heads * ceilDiv(a.V, chosenVt) < sms || !fits(chosenVt))) chosenVt /= 2;
   p.vt = tunable(tileName, chosenVt);
   if (p.vt != 16 && p.vt != 32 && p.vt != 64) {
     return statusError(fn + ": unsupported value tile " + std::to_string(p.vt));
+  }
+  if (!fits(p.vt)) {
+    return statusError(fn + ": value tile " + std::to_string(p.vt) + " needs more shared memory than a block has");
   }
   p.vTiles = static_cast<int>(ceilDiv(a.V, p.vt));
 
@@ -213,7 +233,7 @@ Status launchChunked(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegme
   RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaRuleChunked.valueTile", false, &p, &scratch));
   const int64_t heads = a.nseq * a.HV;
   if (heads == 0) return Status{};
-  const size_t stateBytes = stateLayout(p.Kp, p.vt, sizeof(T)).bytes;
+  const size_t stateBytes = stateLayout(p.Kp, p.vt, sizeof(T), false).bytes;
   const unsigned blocks = static_cast<unsigned>(heads * p.vTiles);
   if (p.vt == 16) {
     RK_TRY(allowDynamicShared(chunkStateKernel<T, 2>, stateBytes));
@@ -239,7 +259,7 @@ Status launchChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* dev
   RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaRuleChunked.backwardValueTile", true, &p, &scratch));
   const int64_t heads = a.nseq * a.HV;
   if (heads == 0) return Status{};
-  const size_t stateBytes = stateLayout(p.Kp, p.vt, sizeof(T)).bytes;
+  const size_t stateBytes = stateLayout(p.Kp, p.vt, sizeof(T), true).bytes;
   const unsigned blocks = static_cast<unsigned>(heads * p.vTiles);
   if (p.vt == 16) {
     RK_TRY(allowDynamicShared(chunkBwdStateKernel<T, 2>, stateBytes));
@@ -254,8 +274,12 @@ Status launchChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* dev
   const int64_t cbs = a.totalChunks * a.HV;
   if (cbs == 0) return Status{};
   const size_t gradBytes = gradSharedBytes(p, sizeof(T));
-  RK_TRY(allowDynamicShared(chunkGradKernel<T>, gradBytes));
-  return launch(chunkGradKernel<T>, static_cast<unsigned>(cbs), kThreads, gradBytes, p);
+  if (p.Vp <= 128) {  // dO fragments per row block held in registers: Vp / 16 of at most VS
+    RK_TRY(allowDynamicShared(chunkGradKernel<T, 8>, gradBytes));
+    return launch(chunkGradKernel<T, 8>, static_cast<unsigned>(cbs), kThreads, gradBytes, p);
+  }
+  RK_TRY(allowDynamicShared(chunkGradKernel<T, 16>, gradBytes));
+  return launch(chunkGradKernel<T, 16>, static_cast<unsigned>(cbs), kThreads, gradBytes, p);
 }
 
 }  // namespace

@@ -63,11 +63,13 @@ __device__ __forceinline__ void addRowSums(float* dst, int r0, float lo, float h
 // in shared memory, from dFinal down to dh0. Per chunk: stores dS (dStates) and adds <S_0, dS> to
 // dGamL, then dV' = P^T dO + Kd dS (stored, storage type), dS <- exp(G_{n-1}) dS + Qg^T dO - W^T dV'.
 // Shared memory as the forward's state pass (stateLayout): dS in fp32 and rounded to the storage
-// type, -dV' rounded (so that W^T, not -W^T, is the A operand: the same products), and the chunk's
-// P, Kd, Qg and W staged with cp.async, read with ldmatrix (.trans for P^T, Qg^T and W^T). P and
-// Kd of the chunk before load during the dS update, Qg and W during the dV' product (one cp.async
-// group each), so at the top of every chunk its P and Kd have landed and its Qg and W are in flight.
-// dO is read per element from global memory.
+// type, -dV' rounded (so that W^T, not -W^T, is the A operand: the same products), the chunk's
+// P, Kd, Qg and W staged with cp.async, read with ldmatrix (.trans for P^T, Qg^T and W^T), and dO's
+// value tile in two buffers (chunks of even and odd index), read with ldmatrix as the B operand of
+// both products. P, Kd and dO of the chunk before load during the dS update, Qg and W during the dV'
+// product (one cp.async group each), so at the top of every chunk its P, Kd and dO have landed and
+// its Qg and W are in flight. dO's rows are copied 16 bytes at a time when they are 16-byte aligned
+// (V a multiple of 8), else element by element at the same point.
 template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkBwdStateKernel(const ChunkParams p) {
   const StateTile tl = stateTileOf(p);
   const int K = static_cast<int>(p.K);
@@ -76,17 +78,25 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
   const int kSteps = p.Kp / 16;
   const int64_t KV = p.K * p.V;
 
-  const StateTiles<T> sm(p);
+  const StateTiles<T> sm(p, true);
   const int ldS = sm.lay.ldS, ldH = sm.lay.ldH, ldT = sm.lay.ldT;
 
   const T* dO = static_cast<const T*>(p.dO);
+  const bool dOAsync = p.V % 8 == 0 && reinterpret_cast<uintptr_t>(dO) % 16 == 0;
   const int L = static_cast<int>(tl.seg.length);
   const int nChunks = (L + kC - 1) / kC;
   auto cbOf = [&](int c) { return (tl.seg.chunkOffset + c) * p.HV + tl.hv; };
+  auto dOTile = [&](int c) { return sm.dO + (c & 1) * kC * ldH; };
+  auto rowBaseOf = [&](int c) { return tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC; };
   auto stagePKd = [&](int c) {
     if (c >= 0) {
       sm.stageP(cbOf(c), p);
       sm.stageRows(sm.Kd, p.Kd, cbOf(c), p);
+      if (dO != nullptr) {
+        const int n = L - c * kC < kC ? L - c * kC : kC;
+        stageTilePadded(dOTile(c), ldH, dO + (rowBaseOf(c) * p.HV + tl.hv) * p.V + tl.v0, p.HV * p.V, n, tl.vw, p.vt,
+                        dOAsync);
+      }
     }
     commitAsyncCopies();
   };
@@ -97,17 +107,19 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
     }
     commitAsyncCopies();
   };
+  if (dO == nullptr) {
+    for (int e = tid; e < 2 * kC * ldH; e += kThreads) sm.dO[e] = fromFloat<T>(0.0f);
+  }
   stagePKd(nChunks - 1);
   stageQgW(nChunks - 1);
   sm.loadState(p, tl, p.dFinal);
-  waitAsyncCopyGroups<1>();  // P, Kd of the last chunk
+  waitAsyncCopyGroups<1>();  // P, Kd, dO of the last chunk
   __syncthreads();
 
   for (int c = nChunks - 1; c >= 0; --c) {
     const int64_t cb = cbOf(c);
     const int n = L - c * kC < kC ? L - c * kC : kC;
     const int kRows = (n + 15) / 16;
-    const int64_t rowBase = tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC;
     {
       float* dst = p.dStates + cb * KV;
       const float* ck = p.checkpoints + cb * KV;
@@ -123,14 +135,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       if (lane == 0) atomicAdd(p.dGamL + cb, part);
     }
     T* dVp = static_cast<T*>(p.dVp) + cb * kC * p.V;
-    // B fragments of dO (columns 8 j.., rows 16 s..), per element.
-    auto dOFrag = [&](int s, int j) {
-      return mma::loadB16<T>([&](int kk, int nn) {
-        const int r = 16 * s + kk, col = 8 * j + nn;
-        return (dO != nullptr && r < n && col < tl.vw) ? toFloat(dO[((rowBase + r) * p.HV + tl.hv) * p.V + tl.v0 + col])
-                                                       : 0.0f;
-      });
-    };
+    const T* dOt = dOTile(c);  // dO (rows of the chunk, columns of the tile; zeros past n and vw)
 
     // dV' = P^T dO + Kd dS (P^T upper triangular: k-steps from the diagonal block).
     {
@@ -140,8 +145,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       if (warp < kRows) {
         for (int s = warp; s < kRows; ++s) {
           const mma::FragA16 a = mma::ldmatrixA16T(sm.P + 16 * s * kLdP + r0, kLdP);  // (P^T) rows r0..
-#pragma unroll
-          for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, dOFrag(s, j));
+          mmaTileRows<T, NT>(acc, a, dOt, ldH, s);
         }
         for (int s = 0; s < kSteps; ++s) {
           const mma::FragA16 a = mma::ldmatrixA16(sm.Kd + r0 * ldT + 16 * s, ldT);
@@ -171,8 +175,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
       }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sm.Qg + 16 * s * ldT + 16 * m, ldT);  // (Qg^T) rows 16 m..
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mma::mma16816<T>(acc[j], a, dOFrag(s, j));
+        mmaTileRows<T, NT>(acc, a, dOt, ldH, s);
       }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sm.W + 16 * s * ldT + 16 * m, ldT);  // (W^T) rows 16 m..
@@ -186,7 +189,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
         });
       }
     }
-    waitAsyncCopyGroups<0>();  // P, Kd of the chunk before
+    waitAsyncCopyGroups<0>();  // P, Kd, dO of the chunk before
     __syncthreads();
     stageQgW(c - 1);
   }
@@ -194,12 +197,48 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
   if (p.dh0 != nullptr) storeTile(p.dh0 + tl.stateOff, sm.S, K, tl.vw, ldS, p.V, tl.v0);
 }
 
-constexpr int kKt = 32;  // K columns per step of the gradient kernel's column loops
-constexpr int kLdW = kKt + 4;
+constexpr int kKt = 32;         // K columns per step of the gradient kernel's column loops
+constexpr int kLdSl = kKt + 8;  // 16-bit slices of 32 columns: dW, a column slice of S_0, q and k
+
+// The gradient kernel's shared memory, in bytes from the start (all 16-byte aligned). Regions
+// that no phase needs at the same time share their bytes:
+//   r1: dV' (64 x ldv, storage type) until the column steps are done, then dP (fp32 64 x kLdA);
+//   r2: a 32-column slice of S_0 (Kp x kLdSl) while V' is formed, then dTm (fp32 64 x kLdA)
+//       followed by dW (64 x kLdSl);
+//   r3: W (64 x ldk) and v (64 x ldv) while V', dv and dTm are formed; then, per column step,
+//       rows of S_0 and dS (32 x ldv each) and the step's columns of q and k (64 x kLdSl each);
+//       after the column steps, q and k (64 x ldk each);
+//   vp: U, then V' (64 x ldv).
+struct GradLayout {
+  int ldv;
+  size_t x, r1, r2, dw, r3, vp, bytes;
+};
+__host__ __device__ inline GradLayout gradLayout(int Kp, int Vp, int ldk, size_t elem) {
+  auto up16 = [](size_t b) { return (b + 15) / 16 * 16; };
+  auto mx = [](size_t a, size_t b) { return a > b ? a : b; };
+  GradLayout m;
+  m.ldv = Vp + 8;
+  const size_t fmat = static_cast<size_t>(kC) * kLdA * sizeof(float);
+  const size_t tileK = static_cast<size_t>(kC) * ldk * elem, tileV = static_cast<size_t>(kC) * m.ldv * elem;
+  const size_t slice = static_cast<size_t>(kC) * kLdSl * elem;
+  size_t off = kC * sizeof(double) + 7 * kC * sizeof(float);
+  m.x = off;
+  off += up16(fmat);
+  m.r1 = off;
+  off += up16(mx(fmat, tileV));
+  m.r2 = off;
+  m.dw = off + up16(fmat);
+  off += mx(up16(fmat) + slice, static_cast<size_t>(Kp) * kLdSl * elem);
+  m.r3 = off;
+  off += mx(mx(2 * tileK, tileK + tileV), tileV + 2 * slice);
+  m.vp = off;
+  off += tileV;
+  m.bytes = off;
+  return m;
+}
 
 inline size_t gradSharedBytes(const ChunkParams& p, size_t elemBytes) {
-  return kC * sizeof(double) + 7 * kC * sizeof(float) + 3 * kC * kLdA * sizeof(float) + kC * kLdW * sizeof(float) +
-         static_cast<size_t>(kC) * (2 * p.ldk + p.Vp + 8) * elemBytes;
+  return gradLayout(p.Kp, p.Vp, p.ldk, elemBytes).bytes;
 }
 
 // Per (chunk, value head), all chunks in parallel, from the chunk's checkpoint S_0, the gradient
@@ -213,7 +252,14 @@ inline size_t gradSharedBytes(const ChunkParams& p, size_t elemBytes) {
 //   dg_t = sum_{t' >= t} dG_t' (within the chunk).
 // dq, dk (w.r.t. the normalised q, k) are added to fp32 accumulators (value heads of a q / k head
 // meet there); dv, dg and dbeta (fp32) are written.
-template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p) {
+// Every mma operand that lives in global memory is staged in shared memory first (gradLayout) and
+// read with ldmatrix: W, U, dV' and v with 16-byte cp.async copies at the start (element by
+// element where rows are not 16-byte aligned); S_0 and dS rounded to the storage type, a slice at
+// a time (32 value columns of S_0 for V', 32 key rows of S_0 and dS per column step), as coalesced
+// loads. A warp's dO rows (the A operand of dQg and dP) are read once into registers (VS: the
+// fragments per row block, 8 for V <= 128, 16 above). The products and their roundings are those
+// of per-element operand loads.
+template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p) {
   const int64_t gc = static_cast<int64_t>(blockIdx.x) / p.HV;
   const int64_t hv = static_cast<int64_t>(blockIdx.x) - gc * p.HV;
   const int64_t h = hv / p.group;
@@ -221,31 +267,56 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
   const int64_t cs = (gc - seg.chunkOffset) * kC;
   const int n = static_cast<int>(seg.length - cs < kC ? seg.length - cs : kC);
   const int64_t rowBase = seg.batch * p.T + seg.start + cs;
-  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V), ld = p.ldk, ldv = p.Vp + 8;
+  const int K = static_cast<int>(p.K), V = static_cast<int>(p.V), ld = p.ldk;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5;
   const int r0 = 16 * warp;
   const int kSteps = p.Kp / 16, vSteps = p.Vp / 16;
   const int64_t cb = gc * p.HV + hv;
   const int64_t KV = p.K * p.V;
 
-  double* sG = dynamicShared<double>();
+  const GradLayout lay = gradLayout(p.Kp, p.Vp, p.ldk, sizeof(T));
+  const int ldv = lay.ldv;
+  unsigned char* smem = dynamicShared<unsigned char>();
+  double* sG = reinterpret_cast<double*>(smem);
   float* sBeta = reinterpret_cast<float*>(sG + kC);
   float* sRk = sBeta + kC;
   float* sRq = sRk + kC;
-  float* sGam = sRq + kC;        // exp(G)
-  float* sDG = sGam + kC;        // dL/dG
-  float* sDB = sDG + kC;         // dL/dbeta
-  float* sF = sDB + kC;          // sum_i dKd_ti Kd_ti
-  float* sX = sF + kC;           // X = (I + A)^-1
-  float* sDT = sX + kC * kLdA;   // dTm, then dX, Y = dX X^T, dA, E
-  float* sDP = sDT + kC * kLdA;  // dP, then Ep
-  float* sDW = sDP + kC * kLdA;  // dW, 64 x kKt per column step
-  T* sK = reinterpret_cast<T*>(sDW + kC * kLdW);
+  float* sGam = sRq + kC;                                // exp(G)
+  float* sDG = sGam + kC;                                // dL/dG
+  float* sDB = sDG + kC;                                 // dL/dbeta
+  float* sF = sDB + kC;                                  // sum_i dKd_ti Kd_ti
+  float* sX = reinterpret_cast<float*>(smem + lay.x);    // X = (I + A)^-1
+  T* sDV = reinterpret_cast<T*>(smem + lay.r1);          // dV'
+  float* sDP = reinterpret_cast<float*>(smem + lay.r1);  // dP, then Ep (after the column steps)
+  T* sS0c = reinterpret_cast<T*>(smem + lay.r2);         // S_0, 32 value columns (Kp x kLdSl)
+  float* sDT = reinterpret_cast<float*>(smem + lay.r2);  // dTm, then dX, Y = dX X^T, dA, E
+  T* sDW = reinterpret_cast<T*>(smem + lay.dw);          // dW, 64 x kKt per column step
+  T* sW = reinterpret_cast<T*>(smem + lay.r3);           // W (64 x ldk), then v (64 x ldv)
+  T* sV = sW + kC * ld;
+  T* sS0r = reinterpret_cast<T*>(smem + lay.r3);  // per column step: rows of S_0 and dS (32 x ldv),
+  T* sdSr = sS0r + 32 * ldv;                      // the step's columns of k and q (64 x kLdSl)
+  T* sKs = sdSr + 32 * ldv;
+  T* sQs = sKs + kC * kLdSl;
+  T* sK = reinterpret_cast<T*>(smem + lay.r3);  // q, k after the column steps (64 x ldk)
   T* sQ = sK + kC * ld;
-  T* sVp = sQ + kC * ld;  // V', 64 x ldv
+  T* sVp = reinterpret_cast<T*>(smem + lay.vp);  // U, then V'
 
   const T* vg = static_cast<const T*>(p.v);
   const T* dO = static_cast<const T*>(p.dO);
+  const T* W = static_cast<const T*>(p.W) + cb * kC * p.Kp;
+  const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
+  const T* dVp = static_cast<const T*>(p.dVp) + cb * kC * p.V;
+  const float* S0 = p.checkpoints + cb * KV;
+  const float* dS = p.dStates + cb * KV;
+  {
+    const bool rowsV = p.V % 8 == 0;  // rows of V elements 16-byte aligned (scratch: 256-byte aligned)
+    stageTilePadded(sW, ld, W, p.Kp, kC, p.Kp, p.Kp, true);
+    stageTilePadded(sVp, ldv, U, p.V, kC, V, p.Vp, rowsV);
+    stageTilePadded(sDV, ldv, dVp, p.V, kC, V, p.Vp, rowsV);
+    stageTilePadded(sV, ldv, vg + (rowBase * p.HV + hv) * p.V, p.HV * p.V, n, V, p.Vp,
+                    rowsV && reinterpret_cast<uintptr_t>(vg) % 16 == 0);
+    commitAsyncCopies();
+  }
   const float* Xg = p.Xinv + cb * kC * kC;
   for (int e = tid; e < kC * kC; e += kThreads) sX[(e / kC) * kLdA + (e % kC)] = Xg[e];
   if (tid < kC) {
@@ -253,43 +324,63 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
     sDB[tid] = 0.0f;
     sF[tid] = 0.0f;
   }
-  stageChunk(p, rowBase, h, hv, n, sK, sQ, sG, sGam, sBeta, sRk, sRq);
+  chunkScalars<T>(p, rowBase, h, hv, n, sG, sGam, sBeta, sRk, sRq);
+  // This warp's rows of dO, the A fragments of dQg = dO S_0^T and dP = dO V'^T.
+  mma::FragA16 fdO[VS];
+#pragma unroll
+  for (int s = 0; s < VS; ++s) {
+    fdO[s] = mma::loadA16<T>([&](int rr, int kk) {
+      const int r = r0 + rr, col = 16 * s + kk;
+      return (dO != nullptr && r < n && col < V) ? toFloat(dO[((rowBase + r) * p.HV + hv) * p.V + col]) : 0.0f;
+    });
+  }
+  waitAsyncCopies();
 
-  auto kn = [&](int r, int i) -> float { return i < K ? toFloat(sK[r * ld + i]) * sRk[r] : 0.0f; };
-  auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
   auto decay = [&](int t, int s) -> float { return fastExp(static_cast<float>(sG[t] - sG[s])); };
   const double GL = sG[n - 1];
-  const T* W = static_cast<const T*>(p.W) + cb * kC * p.Kp;
-  const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
-  const T* dVp = static_cast<const T*>(p.dVp) + cb * kC * p.V;
-  const float* S0 = p.checkpoints + cb * KV;
-  const float* dS = p.dStates + cb * KV;
-  auto dOrow = [&](int rr, int col) -> float {
-    const int r = r0 + rr;
-    return (dO != nullptr && r < n && col < V) ? toFloat(dO[((rowBase + r) * p.HV + hv) * p.V + col]) : 0.0f;
-  };
-  auto dVrow = [&](int rr, int col) -> float { return col < V ? toFloat(dVp[(r0 + rr) * p.V + col]) : 0.0f; };
   auto tmT = [&](int rr, int s) -> float { return sX[s * kLdA + r0 + rr] * sBeta[r0 + rr]; };  // Tm^T
   constexpr int NB = 4;
 
-  // V' = U - W S_0 (stored as T); dv = Tm^T dV'; dTm = dV' V^T (lower triangle kept).
+  // V' = U - W S_0 (stored as T); dv = Tm^T dV'. 32 value columns at a time, S_0's slice staged.
   for (int jb = 0; jb < p.Vp / 8; jb += NB) {
-    const int nb = p.Vp / 8 - jb < NB ? p.Vp / 8 - jb : NB;
+    const int nb = p.Vp / 8 - jb < NB ? p.Vp / 8 - jb : NB;  // even: Vp is a multiple of 16
+    __syncthreads();                                         // the slice before is read
+    for (int e = tid; e < p.Kp * kKt; e += kThreads) {
+      const int i = e / kKt, c = e - i * kKt, col = 8 * jb + c;
+      sS0c[i * kLdSl + c] = fromFloat<T>((i < K && col < V) ? S0[static_cast<int64_t>(i) * p.V + col] : 0.0f);
+    }
+    __syncthreads();
     mma::FragC acc[NB], accV[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) acc[j].zero(), accV[j].zero();
-    warpMma<T>(
-        acc, nb, 0, kSteps, jb, [&](int rr, int i) { return i < K ? toFloat(W[(r0 + rr) * p.Kp + i]) : 0.0f; },
-        [&](int i, int col) { return (i < K && col < V) ? S0[static_cast<int64_t>(i) * p.V + col] : 0.0f; });
-    warpMma<T>(accV, nb, warp, kC / 16, jb, tmT,
-               [&](int s, int col) { return col < V ? toFloat(dVp[s * p.V + col]) : 0.0f; });
+    for (int s = 0; s < kSteps; ++s) {
+      const mma::FragA16 a = mma::ldmatrixA16(sW + r0 * ld + 16 * s, ld);
+#pragma unroll
+      for (int j = 0; j < NB; j += 2) {
+        if (j >= nb) continue;
+        mma::FragB16 b0, b1;
+        mma::ldmatrixB16x2(sS0c + 16 * s * kLdSl + 8 * j, kLdSl, b0, b1);
+        mma::mma16816<T>(acc[j], a, b0);
+        mma::mma16816<T>(acc[j + 1], a, b1);
+      }
+    }
+    for (int s = warp; s < kC / 16; ++s) {
+      const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) { return tmT(rr, 16 * s + kk); });
+#pragma unroll
+      for (int j = 0; j < NB; j += 2) {
+        if (j >= nb) continue;
+        mma::FragB16 b0, b1;
+        mma::ldmatrixB16x2(sDV + 16 * s * ldv + 8 * (jb + j), ldv, b0, b1);
+        mma::mma16816<T>(accV[j], a, b0);
+        mma::mma16816<T>(accV[j + 1], a, b1);
+      }
+    }
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
       if (j >= nb) continue;
       mma::storeC(acc[j], [&](int rr, int cc, float val) {
         const int r = r0 + rr, col = 8 * (jb + j) + cc;
-        const float u = col < V ? toFloat(U[r * p.V + col]) : 0.0f;
-        sVp[r * ldv + col] = fromFloat<T>(u - val);
+        sVp[r * ldv + col] = fromFloat<T>(toFloat(sVp[r * ldv + col]) - val);  // U there until now
       });
       mma::storeC(accV[j], [&](int rr, int cc, float val) {
         const int r = r0 + rr, col = 8 * (jb + j) + cc;
@@ -297,13 +388,22 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
       });
     }
   }
+  __syncthreads();  // S_0's slice read: r2 becomes dTm
+  // dTm = dV' V^T (lower triangle kept).
   {
     mma::FragC acc[kC / 8];
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) acc[j].zero();
-    warpMma<T>(acc, kC / 8, 0, vSteps, 0, dVrow, [&](int col, int s) {
-      return (s < n && col < V) ? loadScalar(vg + ((rowBase + s) * p.HV + hv) * p.V + col) : 0.0f;
-    });
+    for (int s = 0; s < vSteps; ++s) {
+      const mma::FragA16 a = mma::ldmatrixA16(sDV + r0 * ldv + 16 * s, ldv);
+#pragma unroll
+      for (int j = 0; j < kC / 8; j += 2) {
+        mma::FragB16 b0, b1;
+        mma::ldmatrixB16x2T(sV + 8 * j * ldv + 16 * s, ldv, b0, b1);
+        mma::mma16816<T>(acc[j], a, b0);
+        mma::mma16816<T>(acc[j + 1], a, b1);
+      }
+    }
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) {
       mma::storeC(acc[j], [&](int rr, int cc, float val) {
@@ -312,60 +412,77 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
       });
     }
   }
-  __syncthreads();
-
-  // dP = tril(dO V'^T).
-  {
-    mma::FragC acc[kC / 8];
-#pragma unroll
-    for (int j = 0; j < kC / 8; ++j) acc[j].zero();
-    warpMma<T>(acc, 2 * warp + 2, 0, vSteps, 0, dOrow, [&](int col, int s) { return toFloat(sVp[s * ldv + col]); });
-#pragma unroll
-    for (int j = 0; j < kC / 8; ++j) {
-      mma::storeC(acc[j], [&](int rr, int cc, float val) {
-        const int r = r0 + rr, col = 8 * j + cc;
-        sDP[r * kLdA + col] = col <= r ? val : 0.0f;
-      });
-    }
-  }
 
   // Column steps of kKt over K: dQg, dKd, dW, then dTm += dW (K exp(G))^T and d(K exp(G)) = Tm^T dW.
+  auto kns = [&](int r, int i) -> float { return toFloat(sKs[r * kLdSl + i]) * sRk[r]; };  // step columns
+  auto qns = [&](int r, int i) -> float { return toFloat(sQs[r * kLdSl + i]) * sRq[r]; };
+  const T* qg = static_cast<const T*>(p.q);
+  const T* kg = static_cast<const T*>(p.k);
   for (int kt = 0; kt < p.Kp; kt += kKt) {
-    const int nb = (p.Kp - kt) / 8 < NB ? (p.Kp - kt) / 8 : NB;
+    const int nb = (p.Kp - kt) / 8 < NB ? (p.Kp - kt) / 8 : NB;  // even: Kp is a multiple of 16
     const int jb = kt / 8;
+    __syncthreads();  // r3 (W and v, or the step before's slices) and dW are read
+    for (int e = tid; e < 32 * p.Vp; e += kThreads) {
+      const int i = e / p.Vp, col = e - i * p.Vp, row = kt + i;
+      const bool in = row < K && col < V;
+      const int64_t off = static_cast<int64_t>(row) * p.V + col;
+      sS0r[i * ldv + col] = fromFloat<T>(in ? S0[off] : 0.0f);
+      sdSr[i * ldv + col] = fromFloat<T>(in ? dS[off] : 0.0f);
+    }
+    for (int e = tid; e < kC * kKt; e += kThreads) {
+      const int r = e / kKt, c = e - r * kKt, i = kt + c;
+      const bool in = r < n && i < K;
+      const int64_t off = ((rowBase + r) * p.H + h) * p.K + i;
+      sKs[r * kLdSl + c] = in ? kg[off] : fromFloat<T>(0.0f);
+      sQs[r * kLdSl + c] = in ? qg[off] : fromFloat<T>(0.0f);
+    }
+    __syncthreads();
     mma::FragC aQ[NB], aK[NB], aW[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero(), aW[j].zero();
-    auto s0T = [&](int col, int i) { return (i < K && col < V) ? S0[static_cast<int64_t>(i) * p.V + col] : 0.0f; };
-    warpMma<T>(aQ, nb, 0, vSteps, jb, dOrow, s0T);
-    warpMma<T>(aW, nb, 0, vSteps, jb, dVrow, s0T);
-    warpMma<T>(
-        aK, nb, 0, vSteps, jb, [&](int rr, int col) { return toFloat(sVp[(r0 + rr) * ldv + col]); },
-        [&](int col, int i) { return (i < K && col < V) ? dS[static_cast<int64_t>(i) * p.V + col] : 0.0f; });
+#pragma unroll
+    for (int s = 0; s < VS; ++s) {
+      if (s >= vSteps) continue;
+      const mma::FragA16 aV = mma::ldmatrixA16(sDV + r0 * ldv + 16 * s, ldv);
+      const mma::FragA16 aP = mma::ldmatrixA16(sVp + r0 * ldv + 16 * s, ldv);
+#pragma unroll
+      for (int j = 0; j < NB; j += 2) {
+        if (j >= nb) continue;
+        mma::FragB16 b0, b1;
+        mma::ldmatrixB16x2T(sS0r + 8 * j * ldv + 16 * s, ldv, b0, b1);  // S_0^T
+        mma::mma16816<T>(aQ[j], fdO[s], b0);
+        mma::mma16816<T>(aQ[j + 1], fdO[s], b1);
+        mma::mma16816<T>(aW[j], aV, b0);
+        mma::mma16816<T>(aW[j + 1], aV, b1);
+        mma::ldmatrixB16x2T(sdSr + 8 * j * ldv + 16 * s, ldv, b0, b1);  // dS^T
+        mma::mma16816<T>(aK[j], aP, b0);
+        mma::mma16816<T>(aK[j + 1], aP, b1);
+      }
+    }
     float gLo = 0.0f, gHi = 0.0f, fLo = 0.0f, fHi = 0.0f;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
       if (j >= nb) continue;
       mma::storeC(aQ[j], [&](int rr, int cc, float val) {
-        const int r = r0 + rr, i = 8 * (jb + j) + cc;
+        const int r = r0 + rr, c = 8 * j + cc, i = kt + c;
         if (r >= n || i >= K) return;
         const float f = p.scale * sGam[r];
         atomicAdd(p.dqAcc + ((rowBase + r) * p.H + h) * p.K + i, val * f);
-        const float x = val * f * qn(r, i);
+        const float x = val * f * qns(r, c);
         if (rr < 8)
           gLo += x;
         else
           gHi += x;
       });
       mma::storeC(aK[j], [&](int rr, int cc, float val) {
-        const int r = r0 + rr, i = 8 * (jb + j) + cc;
-        const float x = r < n ? val * fastExp(static_cast<float>(GL - sG[r])) * kn(r, i) : 0.0f;
+        const int r = r0 + rr, c = 8 * j + cc;
+        const float x = r < n && kt + c < K ? val * fastExp(static_cast<float>(GL - sG[r])) * kns(r, c) : 0.0f;
         if (rr < 8)
           fLo += x;
         else
           fHi += x;
       });
-      mma::storeC(aW[j], [&](int rr, int cc, float val) { sDW[(r0 + rr) * kLdW + 8 * j + cc] = -val; });
+      mma::storeC(aW[j], [&](int rr, int cc, float val) { sDW[(r0 + rr) * kLdSl + 8 * j + cc] = fromFloat<T>(-val); });
     }
     addRowSums(sDG, r0, gLo, gHi);
     addRowSums(sF, r0, fLo, fHi);
@@ -375,9 +492,17 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
 #pragma unroll
       for (int j = 0; j < kC / 8; ++j)
         acc[j] = mma::loadC([&](int rr, int cc) { return sDT[(r0 + rr) * kLdA + 8 * j + cc]; });
-      warpMma<T>(
-          acc, 2 * warp + 2, 0, nb / 2, 0, [&](int rr, int i) { return sDW[(r0 + rr) * kLdW + i]; },
-          [&](int i, int s) { return kn(s, kt + i) * sGam[s]; });
+      for (int s = 0; s < nb / 2; ++s) {
+        const mma::FragA16 a = mma::ldmatrixA16(sDW + r0 * kLdSl + 16 * s, kLdSl);
+#pragma unroll
+        for (int j = 0; j < kC / 8; ++j) {
+          if (j >= 2 * warp + 2) continue;
+          mma::mma16816<T>(acc[j], a, mma::loadB16<T>([&](int kk, int nn) {
+                             const int i = 16 * s + kk, t = 8 * j + nn;
+                             return kns(t, i) * sGam[t];
+                           }));
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kC / 8; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
@@ -389,20 +514,30 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
     mma::FragC aG[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) aG[j].zero();
-    warpMma<T>(aG, nb, warp, kC / 16, 0, tmT, [&](int s, int i) { return sDW[s * kLdW + i]; });
+    for (int s = warp; s < kC / 16; ++s) {
+      const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) { return tmT(rr, 16 * s + kk); });
+#pragma unroll
+      for (int j = 0; j < NB; j += 2) {
+        if (j >= nb) continue;
+        mma::FragB16 b0, b1;
+        mma::ldmatrixB16x2(sDW + 16 * s * kLdSl + 8 * j, kLdSl, b0, b1);
+        mma::mma16816<T>(aG[j], a, b0);
+        mma::mma16816<T>(aG[j + 1], a, b1);
+      }
+    }
     gLo = gHi = 0.0f;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
       if (j >= nb) continue;
       const mma::FragC kd = aK[j];
       mma::storeC(aG[j], [&](int rr, int cc, float val) {
-        const int r = r0 + rr, i = 8 * (jb + j) + cc;
+        const int r = r0 + rr, c = 8 * j + cc, i = kt + c;
         if (r >= n || i >= K) return;
         // this lane's element (rr, cc) of aK[j]
         const float dkd = kd.c[(rr >= 8 ? 2 : 0) + (cc & 1)];
         const float d = val * sGam[r] + dkd * fastExp(static_cast<float>(GL - sG[r]));
         atomicAdd(p.dkAcc + ((rowBase + r) * p.H + h) * p.K + i, d);
-        const float x = val * sGam[r] * kn(r, i);
+        const float x = val * sGam[r] * kns(r, c);
         if (rr < 8)
           gLo += x;
         else
@@ -410,8 +545,38 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkGradKernel(c
       });
     }
     addRowSums(sDG, r0, gLo, gHi);
-    __syncthreads();
   }
+  __syncthreads();  // dV' and the last step's slices are read: r1 becomes dP, r3 q and k
+
+  // dP = tril(dO V'^T); q and k staged for the products that follow.
+  {
+    mma::FragC acc[kC / 8];
+#pragma unroll
+    for (int j = 0; j < kC / 8; ++j) acc[j].zero();
+#pragma unroll
+    for (int s = 0; s < VS; ++s) {
+      if (s >= vSteps) continue;
+#pragma unroll
+      for (int j = 0; j < kC / 8; j += 2) {
+        if (j >= 2 * warp + 2) continue;
+        mma::FragB16 b0, b1;
+        mma::ldmatrixB16x2T(sVp + 8 * j * ldv + 16 * s, ldv, b0, b1);
+        mma::mma16816<T>(acc[j], fdO[s], b0);
+        mma::mma16816<T>(acc[j + 1], fdO[s], b1);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kC / 8; ++j) {
+      mma::storeC(acc[j], [&](int rr, int cc, float val) {
+        const int r = r0 + rr, col = 8 * j + cc;
+        sDP[r * kLdA + col] = col <= r ? val : 0.0f;
+      });
+    }
+  }
+  stageQK(p, rowBase, h, n, sK, sQ);
+  __syncthreads();
+  auto kn = [&](int r, int i) -> float { return i < K ? toFloat(sK[r * ld + i]) * sRk[r] : 0.0f; };
+  auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
 
   // dbeta from Tm = X diag(beta); dX = dTm diag(beta) (column c: thread c).
   if (tid < kC) {

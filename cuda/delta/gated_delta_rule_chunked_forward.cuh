@@ -30,17 +30,16 @@ namespace {
 // ============================== per-chunk preparation ==============================
 
 // The chunk's staging, shared by the preparation and the backward's gradient kernel (the whole
-// block calls): q, k rows (storage type, zero past n and K) into sK, sQ (row stride p.ldk), beta,
-// the fp64 cumulative log decay sG, exp(sG) in sGam, the inverse norms sRk, sRq (1 without l2norm).
+// block calls each). stageQK: q, k rows (storage type, zero past n and K) into sK, sQ (row stride
+// p.ldk). chunkScalars: beta, the fp64 cumulative log decay sG, exp(sG) in sGam, and the inverse
+// norms sRk, sRq (1 without l2norm), the norms summed from the rows in global memory.
 template <class T>
-__device__ __forceinline__ void stageChunk(const ChunkParams& p, int64_t rowBase, int64_t h, int64_t hv, int n, T* sK,
-                                           T* sQ, double* sG, float* sGam, float* sBeta, float* sRk, float* sRq) {
+__device__ __forceinline__ void stageQK(const ChunkParams& p, int64_t rowBase, int64_t h, int n, T* sK, T* sQ) {
   const int K = static_cast<int>(p.K), ld = p.ldk;
-  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   const T* qg = static_cast<const T*>(p.q);
   const T* kg = static_cast<const T*>(p.k);
   const T zero = fromFloat<T>(0.0f);
-  for (int e = tid; e < kC * ld; e += kThreads) {
+  for (int e = static_cast<int>(threadIdx.x); e < kC * ld; e += kThreads) {
     const int r = e / ld, i = e - (e / ld) * ld;
     T kx = zero, qx = zero;
     if (r < n && i < K) {
@@ -51,6 +50,14 @@ __device__ __forceinline__ void stageChunk(const ChunkParams& p, int64_t rowBase
     sK[e] = kx;
     sQ[e] = qx;
   }
+}
+template <class T>
+__device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBase, int64_t h, int64_t hv, int n,
+                                             double* sG, float* sGam, float* sBeta, float* sRk, float* sRq) {
+  const int K = static_cast<int>(p.K);
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const T* qg = static_cast<const T*>(p.q);
+  const T* kg = static_cast<const T*>(p.k);
   if (tid < kC) {
     float gt = 0.0f, bt = 0.0f;
     if (tid < n) {
@@ -71,10 +78,13 @@ __device__ __forceinline__ void stageChunk(const ChunkParams& p, int64_t rowBase
   }
   for (int r = warp; r < kC; r += kWarps) {
     float kk = 0.0f, qq = 0.0f;
-    for (int i = lane; i < K; i += 32) {
-      const float kx = toFloat(sK[r * ld + i]), qx = toFloat(sQ[r * ld + i]);
-      kk = fmaf(kx, kx, kk);
-      qq = fmaf(qx, qx, qq);
+    if (r < n && p.l2norm) {
+      const int64_t row = ((rowBase + r) * p.H + h) * p.K;
+      for (int i = lane; i < K; i += 32) {
+        const float kx = toFloat(kg[row + i]), qx = toFloat(qg[row + i]);
+        kk = fmaf(kx, kx, kk);
+        qq = fmaf(qx, qx, qq);
+      }
     }
     kk = warpSum(kk);
     qq = warpSum(qq);
@@ -116,7 +126,8 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   T* sQ = sK + kC * ld;
 
   const T* vg = static_cast<const T*>(p.v);
-  stageChunk(p, rowBase, h, hv, n, sK, sQ, sG, sGam, sBeta, sRk, sRq);
+  stageQK(p, rowBase, h, n, sK, sQ);
+  chunkScalars<T>(p, rowBase, h, hv, n, sG, sGam, sBeta, sRk, sRq);
 
   auto kn = [&](int r, int i) -> float { return i < K ? toFloat(sK[r * ld + i]) * sRk[r] : 0.0f; };
   auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
@@ -162,23 +173,68 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   }
   __syncthreads();
 
-  // Tm = (I + A)^-1 diag(beta): thread c solves column c by forward substitution, then scales it
-  // by beta_c. Each thread reads only its own column of sX (and all of A).
-  if (tid < kC) {
-    const int c = tid;
-    for (int i = 0; i < c; ++i) sX[i * kLdA + c] = 0.0f;
-    sX[c * kLdA + c] = 1.0f;
-    for (int i = c + 1; i < kC; ++i) {
-      float acc = 0.0f;
-      for (int j = c; j < i; ++j) acc = fmaf(sA[i * kLdA + j], sX[j * kLdA + c], acc);
-      sX[i * kLdA + c] = -acc;
+  // Tm = (I + A)^-1 diag(beta), by blocks of 16: X = (I + A)^-1 is unit lower triangular with the
+  // diagonal blocks D_I = (I + A_II)^-1 and, block row by block row (I = 1, 2, 3),
+  //   X_IJ = -D_I sum_{J <= L < I} A_IL X_LJ   (J < I).
+  // Warp w inverts D_w (lane c < 16 solves column c by forward substitution, in registers); each
+  // block row's sums and products with D_I are spread over the whole block. A's block row I, once
+  // summed, holds the sums. Then X is kept for the backward and its columns scaled by beta.
+  {
+    for (int e = tid; e < kC * kC; e += kThreads) {
+      const int i = e / kC, c = e - i * kC;
+      if (c / 16 > i / 16) sX[i * kLdA + c] = 0.0f;
     }
-    if (p.Xinv != nullptr) {  // the backward keeps (I + A)^-1 itself (column c, zeros above the diagonal)
-      float* X = p.Xinv + (gc * p.HV + hv) * kC * kC;
-      for (int i = 0; i < kC; ++i) X[i * kC + c] = sX[i * kLdA + c];
+    const int lane = tid & 31, d0 = 16 * warp;
+    if (lane < 16) {
+      float x[16];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < i; ++j) acc = fmaf(sA[(d0 + i) * kLdA + d0 + j], x[j], acc);
+        x[i] = i < lane ? 0.0f : i == lane ? 1.0f : -acc;
+      }
+#pragma unroll
+      for (int i = 0; i < 16; ++i) sX[(d0 + i) * kLdA + d0 + lane] = x[i];
     }
-    const float b = sBeta[c];
-    for (int i = c; i < kC; ++i) sX[i * kLdA + c] *= b;
+    __syncthreads();
+    for (int I = 1; I < kC / 16; ++I) {
+      float sum[kC / 16 - 1][2];
+#pragma unroll
+      for (int q = 0; q < 2 * (kC / 16 - 1); ++q) {
+        const int e = tid + kThreads * q, J = e / 256, r = (e / 16) % 16, c = e % 16;
+        float acc = 0.0f;
+        if (J < I) {
+          for (int l = 16 * J; l < 16 * I; ++l) acc = fmaf(sA[(16 * I + r) * kLdA + l], sX[l * kLdA + 16 * J + c], acc);
+        }
+        sum[q / 2][q % 2] = acc;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < 2 * (kC / 16 - 1); ++q) {
+        const int e = tid + kThreads * q, J = e / 256, r = (e / 16) % 16, c = e % 16;
+        if (J < I) sA[(16 * I + r) * kLdA + 16 * J + c] = sum[q / 2][q % 2];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < 2 * (kC / 16 - 1); ++q) {
+        const int e = tid + kThreads * q, J = e / 256, r = (e / 16) % 16, c = e % 16;
+        if (J < I) {
+          float acc = 0.0f;
+          for (int m = 0; m <= r; ++m) {
+            acc = fmaf(sX[(16 * I + r) * kLdA + 16 * I + m], sA[(16 * I + m) * kLdA + 16 * J + c], acc);
+          }
+          sX[(16 * I + r) * kLdA + 16 * J + c] = -acc;
+        }
+      }
+      __syncthreads();
+    }
+    float* X = p.Xinv != nullptr ? p.Xinv + (gc * p.HV + hv) * kC * kC : nullptr;
+    for (int e = tid; e < kC * kC; e += kThreads) {
+      const int i = e / kC, c = e - i * kC;
+      if (X != nullptr) X[e] = sX[i * kLdA + c];  // the backward keeps (I + A)^-1 itself
+      if (i >= c) sX[i * kLdA + c] *= sBeta[c];
+    }
   }
   __syncthreads();
 
@@ -236,15 +292,16 @@ __host__ __device__ inline int stateLd(int vt) { return vt + 4; }
 // The state passes (this one and the backward's, chunkBwdStateKernel) keep in shared memory the
 // fp32 state tile (Kp x ldS); the state and V' rounded to the storage type (Kp and 64 rows of ldH),
 // the B operands of their products, read with ldmatrix; and the chunk's W, Qg, Kd (64 x ldT each)
-// and P (64 x kLdP), staged with cp.async. The 16-bit rows are padded by 16 bytes, so that the eight
-// rows one ldmatrix reads fall in distinct banks. Offsets in bytes from the start of the dynamic
-// shared memory (all 16-byte aligned).
+// and P (64 x kLdP), staged with cp.async; the backward also two buffers of dO's value tile (64 x
+// ldH each). The 16-bit rows are padded by 16 bytes, so that the eight rows one ldmatrix reads fall
+// in distinct banks. Offsets in bytes from the start of the dynamic shared memory (all 16-byte
+// aligned).
 constexpr int kLdP = kC + 8;
 struct StateLayout {
   int ldS, ldH, ldT;
-  size_t sh, v, w, qg, kd, pm, bytes;
+  size_t sh, v, w, qg, kd, pm, dO, bytes;
 };
-__host__ __device__ inline StateLayout stateLayout(int Kp, int vt, size_t elem) {
+__host__ __device__ inline StateLayout stateLayout(int Kp, int vt, size_t elem, bool backward) {
   StateLayout m;
   m.ldS = stateLd(vt);
   m.ldH = vt + 8;
@@ -262,6 +319,8 @@ __host__ __device__ inline StateLayout stateLayout(int Kp, int vt, size_t elem) 
   off += static_cast<size_t>(kC) * m.ldT * elem;
   m.pm = off;
   off += static_cast<size_t>(kC) * kLdP * elem;
+  m.dO = off;
+  if (backward) off += 2 * static_cast<size_t>(kC) * m.ldH * elem;
   m.bytes = off;
   return m;
 }
@@ -284,6 +343,29 @@ template <class T> __device__ __forceinline__ void stageTile(T* dst, int ldDst, 
   }
 }
 
+// Stages a 64-row tile of 16-bit elements, `width` columns (a multiple of 8), into dst (row stride
+// ldDst): element (r, c) from src[r * ldSrc + c] for r < n and c < cols, zero elsewhere. With
+// `aligned` (src and ldSrc multiples of 16 bytes) by 16-byte cp.async copies that the caller commits
+// and waits for; otherwise element by element, complete on return. The whole block calls.
+template <class T>
+__device__ __forceinline__ void stageTilePadded(T* dst, int ldDst, const T* src, int64_t ldSrc, int n, int cols,
+                                                int width, bool aligned) {
+  if (aligned) {
+    const int per = width / 8;
+    for (int e = static_cast<int>(threadIdx.x); e < kC * per; e += kThreads) {
+      const int r = e / per, c = 8 * (e - r * per);
+      const int elems = r < n && c < cols ? (cols - c < 8 ? cols - c : 8) : 0;
+      copyAsync16(dst + r * ldDst + c, elems > 0 ? src + r * ldSrc + c : src, 2 * elems);
+    }
+  } else {
+    const T zero = fromFloat<T>(0.0f);
+    for (int e = static_cast<int>(threadIdx.x); e < kC * width; e += kThreads) {
+      const int r = e / width, c = e - r * width;
+      dst[r * ldDst + c] = r < n && c < cols ? src[r * ldSrc + c] : zero;
+    }
+  }
+}
+
 // The state passes' shared-memory tiles (stateLayout) and the loads both passes make into them.
 template <class T> struct StateTiles {
   StateLayout lay;
@@ -292,7 +374,8 @@ template <class T> struct StateTiles {
   T* Vh;           // 64 x ldH: V' (or -dV') of the current chunk, storage type
   T *W, *Qg, *Kd;  // 64 x ldT each: the chunk's scratch tiles
   T* P;            // 64 x kLdP
-  __device__ explicit StateTiles(const ChunkParams& p) : lay(stateLayout(p.Kp, p.vt, sizeof(T))) {
+  T* dO;           // backward: 2 x 64 x ldH, dO's value tile of chunks of even and odd index
+  __device__ StateTiles(const ChunkParams& p, bool backward) : lay(stateLayout(p.Kp, p.vt, sizeof(T), backward)) {
     unsigned char* smem = dynamicShared<unsigned char>();
     S = reinterpret_cast<float*>(smem);
     Sh = reinterpret_cast<T*>(smem + lay.sh);
@@ -301,6 +384,7 @@ template <class T> struct StateTiles {
     Qg = reinterpret_cast<T*>(smem + lay.qg);
     Kd = reinterpret_cast<T*>(smem + lay.kd);
     P = reinterpret_cast<T*>(smem + lay.pm);
+    dO = reinterpret_cast<T*>(smem + lay.dO);
   }
   // S and Sh from the value tile of a K x V row-major state (null: zeros). The whole block calls.
   __device__ void loadState(const ChunkParams& p, const StateTile& tl, const float* src) const {
@@ -351,7 +435,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
   const int kSteps = p.Kp / 16;
   const int64_t KV = p.K * p.V;
 
-  const StateTiles<T> sm(p);
+  const StateTiles<T> sm(p, false);
   const int ldS = sm.lay.ldS, ldH = sm.lay.ldH, ldT = sm.lay.ldT;
 
   T* o = static_cast<T*>(p.o);

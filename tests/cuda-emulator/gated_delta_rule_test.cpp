@@ -436,7 +436,8 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
         pass |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 2>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 4>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 8>);
-        grad |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T>);
+        grad |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T, 8>) ||
+                l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T, 16>);
         recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaRuleBackwardKernel<T, 8>) ||
                      l.kernel == emu::kernelId(rkcuda::gatedDeltaRuleBackwardKernel<T, 16>);
       }
@@ -546,6 +547,7 @@ template <class T> void runChunkedSuite(std::mt19937& rng, int variant) {
     // chunked checkpoints (costly here).
     c.bpath = s.len == kChunk + 1 && s.K * s.V <= 64 * 64 && n % 2 == 0 ? 1 : 2;
     c.backwardTile = 16 << ((n + 1) % 3);
+    if (s.K > 128 && c.backwardTile == 64) c.backwardTile = 32;  // 64 needs more shared memory (refusals)
     if (s.K * s.V > 64 * 64 || s.len >= kChunk - 1) c.batch = 1, c.H = 1, c.HV = 1 + n % 2;
     if (s.K * s.V >= 128 * 64 && s.len > kChunk) c.HV = 1;
     runCase<T>(c, rng);
@@ -695,6 +697,10 @@ void checkRefusals() {
     emu::setTunable("gatedDeltaRule.backwardPath", 2);
     emu::setTunable("gatedDeltaRuleChunked.backwardValueTile", 24);
     check(!rkcuda::gatedDeltaRuleBackward(a, g).ok(), "backward accepts a value tile of 24");
+    emu::setTunable("gatedDeltaRuleChunked.backwardValueTile", 64);
+    a.K = 256;  // the reverse pass's shared memory at K = 256 and 64 value columns: over 227 KiB
+    check(!rkcuda::gatedDeltaRuleBackward(a, g).ok(), "backward accepts a value tile of 64 at K = 256");
+    a.K = 4;
     emu::setTunable("gatedDeltaRuleChunked.backwardValueTile", 0);
     emu::setTunable("gatedDeltaRule.backwardPath", 0);
   }
@@ -728,8 +734,10 @@ template <class T> void checkCoverage() {
           std::string("never ran: ") + Elem<T>::name + " chunked reverse pass, 32 value columns");
     check(launched.count(emu::kernelId(deltachunked::chunkBwdStateKernel<T, 8>)) == 1,
           std::string("never ran: ") + Elem<T>::name + " chunked reverse pass, 64 value columns");
-    check(launched.count(emu::kernelId(deltachunked::chunkGradKernel<T>)) == 1,
-          std::string("never ran: ") + Elem<T>::name + " chunked gradients");
+    check(launched.count(emu::kernelId(deltachunked::chunkGradKernel<T, 8>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked gradients, V <= 128");
+    check(launched.count(emu::kernelId(deltachunked::chunkGradKernel<T, 16>)) == 1,
+          std::string("never ran: ") + Elem<T>::name + " chunked gradients, V > 128");
   }
   context = "coverage";
   for (const auto& kk : kernels)

@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "4c43a02bd56d1a05";
+constexpr const char* kSourcesHash = "254b086245996370";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1040,28 +1040,34 @@ inline const KernelResources kKernelResources[] = {
      22, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     96, 0},
+     122, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     112, 0},
+     107, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     150, 0},
+     137, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     96, 0},
+     122, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     112, 0},
+     107, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     150, 0},
-    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half>(rkcuda::deltachunked::(anonymous "
+     137, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     128, 0},
-    {"void rkcuda::deltachunked::(anonymous "
-     "namespace)::chunkGradKernel<__nv_bfloat16>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     128, 0},
+     217, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
+     "namespace)::ChunkParams)",
+     161, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, "
+     "16>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
+     217, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, "
+     "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
+     161, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkPrepKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      126, 0},
