@@ -389,6 +389,8 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
     const bool f32 = a.dt == DType::F32;
     // fp32 accumulators: dq, dk (taken through the L2 norm and converted at the end), dbeta (in
     // place for fp32 storage), dg (the output itself).
+    // The chunked backward finishes dq, dk itself with one value head per q / k head.
+    const bool finished = path == 2 && gatedDeltaRuleChunkedFinishesQK(a);
     DeviceBuffer acc;
     if (BT > 0) {
       const int64_t floats = 2 * qkElems + (f32 ? 0 : headElems);
@@ -398,7 +400,8 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
       p.dkAcc = base + qkElems;
       p.dbetaAcc = f32 ? static_cast<float*>(g.dbeta) : base + 2 * qkElems;
       p.dgAcc = g.dg;
-      RK_TRY(zeroFloats(base, floats));
+      const int64_t from = finished ? 2 * qkElems : 0;
+      RK_TRY(zeroFloats(base + from, floats - from));
       RK_TRY(zeroFloats(p.dgAcc, headElems));
       if (f32) RK_TRY(zeroFloats(p.dbetaAcc, headElems));
     }
@@ -411,15 +414,15 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
       RK_TRY(gatedDeltaRuleChunkedBackward(a, p.segments, g, chunkedAcc));
     }
     if (a.nseq > 0 && path == 1) RK_TRY(launchBackward<T>(fn, p, a.nseq * a.HV));
-    if (BT > 0) {
+    if (BT > 0 && !finished) {
       const int64_t rows = BT * a.H;
       const int64_t blocks = std::min<int64_t>(ceilDiv(rows, 8), 65535);
       RK_TRY(launch(l2normBackwardKernel<T>, static_cast<unsigned>(blocks), 256, 0, static_cast<const T*>(a.q),
                     static_cast<const float*>(p.dqAcc), static_cast<T*>(g.dq), rows, static_cast<int>(a.K), a.l2norm));
       RK_TRY(launch(l2normBackwardKernel<T>, static_cast<unsigned>(blocks), 256, 0, static_cast<const T*>(a.k),
                     static_cast<const float*>(p.dkAcc), static_cast<T*>(g.dk), rows, static_cast<int>(a.K), a.l2norm));
-      if (!f32) RK_TRY(convert(DType::F32, p.dbetaAcc, a.dt, g.dbeta, headElems));
     }
+    if (BT > 0 && !f32) RK_TRY(convert(DType::F32, p.dbetaAcc, a.dt, g.dbeta, headElems));
     const int64_t nGaps = static_cast<int64_t>(gaps.size() / 2);
     RK_TRY(launchZeroGaps<T>(g.dq, a.H * a.K, gapList, nGaps));
     RK_TRY(launchZeroGaps<T>(g.dk, a.H * a.K, gapList, nGaps));

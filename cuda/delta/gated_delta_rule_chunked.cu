@@ -87,8 +87,11 @@
 //   exp(G_t - G_s)), + the row sums of dQg Qg and dKg Kg, - those of dKd Kd (whose sum, with
 //   exp(G_{n-1}) <S_0, dS_n>, goes to G_{n-1}); dg_t = sum_{t' >= t} dG_t' within the chunk.
 // Only products of a gradient with an already-decayed factor appear, so g = -1e4 stays finite (the
-// terms of the straddling pairs are exact zeros). dq, dk are the gradients with respect to the
-// normalised q, k; gatedDeltaRuleBackward adds them in fp32 and takes them through the L2 norm.
+// terms of the straddling pairs are exact zeros). dq, dk are first the gradients with respect to
+// the normalised q, k, summed in fp32; where value heads share a q / k head (HV > H) their blocks
+// add them atomically and gatedDeltaRuleBackward takes them through the L2 norm afterwards; with
+// one value head per q / k head each gradient block owns its rows, writes them without atomics or
+// zeroing and takes them through the L2 norm itself (the same row function, the same bits).
 //   chunkPrepKernel      the forward's preparation, also keeping X = (I + A)^-1 (fp32).
 //   chunkBwdStateKernel<T, NT> one block (4 warps) per (sequence, value head, value tile), from the
 //     last chunk to the first: the fp32 dS tile in shared memory; per chunk it stores dS_n (fp32,
@@ -107,8 +110,7 @@
 //     a time (32 value columns of S_0 for V', 32 key rows of S_0 and dS per column step, each with
 //     the step's 32 columns of q and k); a warp's dO rows once into registers (VS fragments: 8 for
 //     V <= 128, 16 above). Regions that no phase needs at once share their bytes (gradLayout), so
-//     K = V = 128 takes 108 KiB (two blocks per SM). dq, dk added to the fp32 accumulators with
-//     atomics (the value heads of a q / k head meet there); dv, dg, dbeta written.
+//     K = V = 128 takes 108 KiB (two blocks per SM). dq, dk as above; dv, dg, dbeta written.
 // Bounds (H100 / H200, bf16, K = V = 128): prep as in the forward (+64 MB of X at 4 x 4096 x 16);
 //   reverse pass like the forward's state pass (~1.5-2.5 us per chunk in sequence with the staged
 //   tiles and dO; was ~2-4 us; plus 2 x 64 KB of fp32 state read / written per (chunk, head),
@@ -123,8 +125,9 @@
 //   ~0.4-0.7 ms at 8 x 2048 x 32 and 1 x 32768 x 16.
 //   Expected backward ~0.5-0.8 ms (4, 4096, 16), ~0.9-1.5 ms (8, 2048, 32), ~1.4-2 ms
 //   (1, 32768, 16); forward + backward ~0.8-1.25 / 1.4-2.2 / 2.4-3.3 ms against flash-linear-
-//   attention's 2.55 / 4.62 / 7.23 ms, not yet measured on a device. The levers left: fusing the
-//   fp32 dq / dk accumulation and the L2-norm backward, and more warps per block.
+//   attention's 2.55 / 4.62 / 7.23 ms, not yet measured on a device (with HV = H the finished
+//   dq, dk also save the 2 x 4 B x T H K zeroing, the atomics and two row passes, ~0.05-0.1 ms at
+//   4 x 4096 x 16). The lever left: more warps per block.
 //   Scratch on top of the forward's: X (16 KB), dS_n (4 K V bytes) and dV' per (chunk, value head).
 #include <cuda_runtime.h>
 
@@ -255,6 +258,7 @@ Status launchChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* dev
   p.checkpoints = g.states;
   p.dO = g.dO, p.dFinal = g.dFinal, p.dh0 = g.dh0, p.dv = g.dv, p.dg = g.dg;
   p.dqAcc = acc.dq, p.dkAcc = acc.dk, p.dbetaAcc = acc.dbeta;
+  if (gatedDeltaRuleChunkedFinishesQK(a)) p.dqOut = g.dq, p.dkOut = g.dk;
   DeviceBuffer scratch;
   RK_TRY(prepare<T>(fn, a, deviceSegments, "gatedDeltaRuleChunked.backwardValueTile", true, &p, &scratch));
   const int64_t heads = a.nseq * a.HV;
@@ -286,6 +290,8 @@ Status launchChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* dev
 }  // namespace deltachunked
 
 bool gatedDeltaRuleChunkedSupports(DType dt) { return dt == DType::F16 || dt == DType::BF16; }
+
+bool gatedDeltaRuleChunkedFinishesQK(const GatedDeltaRuleArgs& a) { return a.H == a.HV; }
 
 Status gatedDeltaRuleChunkedForward(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments, void* o,
                                     float* states, float* finalState) {

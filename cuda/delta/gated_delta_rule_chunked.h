@@ -19,9 +19,12 @@ bool gatedDeltaRuleChunkedSupports(DType dt);
 Status gatedDeltaRuleChunkedForward(const GatedDeltaRuleArgs& a, const ScanSegment* deviceSegments, void* o,
                                     float* states, float* finalState);
 
-// fp32 accumulators of the backward, zeroed by the caller: dq, dk [batch, T, H, K] receive the
-// gradients with respect to the normalised q, k (the caller takes them through the L2 norm);
-// dbeta [batch, T, HV] is written at the positions inside the sequences.
+// fp32 accumulators of the backward: dq, dk [batch, T, H, K] receive the gradients with respect to
+// the normalised q, k, which the caller takes through the L2 norm, and must be zeroed by the caller;
+// except with one value head per q / k head (gatedDeltaRuleChunkedFinishesQK), where the chunked
+// backward uses them as scratch and writes g.dq, g.dk itself (at the positions inside the
+// sequences). dbeta [batch, T, HV] is written at the positions inside the sequences.
+bool gatedDeltaRuleChunkedFinishesQK(const GatedDeltaRuleArgs& a);
 struct ChunkedGradAccumulators {
   float* dq = nullptr;
   float* dk = nullptr;

@@ -16,6 +16,7 @@
 #include "common/launch.cuh"
 #include "common/math.cuh"
 #include "common/mma.cuh"
+#include "common/rows.cuh"
 #include "delta/delta_params.cuh"
 #include "delta/gated_delta_rule_chunked.h"
 
@@ -338,6 +339,19 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
 
   auto decay = [&](int t, int s) -> float { return fastExp(static_cast<float>(sG[t] - sG[s])); };
   const double GL = sG[n - 1];
+  // dq, dk into the fp32 accumulators: atomics where value heads share a q / k head; with one value
+  // head per q / k head (p.dqOut set) this block owns its rows, which the column steps write first
+  // and the products after them add to, and it finishes them through the L2 norm itself.
+  const bool ownsQK = p.dqOut != nullptr;
+  auto addQK = [&](float* acc, int64_t off, float v, bool first) {
+    if (!ownsQK) {
+      atomicAdd(acc + off, v);
+    } else if (first) {
+      acc[off] = v;
+    } else {
+      acc[off] += v;
+    }
+  };
   auto tmT = [&](int rr, int s) -> float { return sX[s * kLdA + r0 + rr] * sBeta[r0 + rr]; };  // Tm^T
   constexpr int NB = 4;
 
@@ -467,7 +481,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
         const int r = r0 + rr, c = 8 * j + cc, i = kt + c;
         if (r >= n || i >= K) return;
         const float f = p.scale * sGam[r];
-        atomicAdd(p.dqAcc + ((rowBase + r) * p.H + h) * p.K + i, val * f);
+        addQK(p.dqAcc, ((rowBase + r) * p.H + h) * p.K + i, val * f, true);
         const float x = val * f * qns(r, c);
         if (rr < 8)
           gLo += x;
@@ -536,7 +550,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
         // this lane's element (rr, cc) of aK[j]
         const float dkd = kd.c[(rr >= 8 ? 2 : 0) + (cc & 1)];
         const float d = val * sGam[r] + dkd * fastExp(static_cast<float>(GL - sG[r]));
-        atomicAdd(p.dkAcc + ((rowBase + r) * p.H + h) * p.K + i, d);
+        addQK(p.dkAcc, ((rowBase + r) * p.H + h) * p.K + i, d, true);
         const float x = val * sGam[r] * kns(r, c);
         if (rr < 8)
           gLo += x;
@@ -688,12 +702,21 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
       if (j >= nb) continue;
       mma::storeC(aQ[j], [&](int rr, int cc, float val) {
         const int r = r0 + rr, i = 8 * (jb + j) + cc;
-        if (r < n && i < K) atomicAdd(p.dqAcc + ((rowBase + r) * p.H + h) * p.K + i, val);
+        if (r < n && i < K) addQK(p.dqAcc, ((rowBase + r) * p.H + h) * p.K + i, val, false);
       });
       mma::storeC(aK[j], [&](int rr, int cc, float val) {
         const int r = r0 + rr, i = 8 * (jb + j) + cc;
-        if (r < n && i < K) atomicAdd(p.dkAcc + ((rowBase + r) * p.H + h) * p.K + i, val);
+        if (r < n && i < K) addQK(p.dkAcc, ((rowBase + r) * p.H + h) * p.K + i, val, false);
       });
+    }
+  }
+
+  if (ownsQK) {  // dq, dk of the warp's rows through the L2 norm (the warp wrote every element of them)
+    __syncwarp();
+    for (int r = r0; r < r0 + 16 && r < n; ++r) {
+      const int64_t row = ((rowBase + r) * p.H + h) * p.K;
+      l2normBackwardRow(qg + row, p.dqAcc + row, static_cast<T*>(p.dqOut) + row, K, p.l2norm);
+      l2normBackwardRow(kg + row, p.dkAcc + row, static_cast<T*>(p.dkOut) + row, K, p.l2norm);
     }
   }
 

@@ -57,8 +57,10 @@ struct ChunkParams : delta::DeltaInputs {
   void* dVp = nullptr;            // dL/dV', [64 x V] per (chunk, value head)
   float* dGamL = nullptr;         // <S_0, dL/dS_end> per (chunk, value head), zeroed, summed over tiles
   void* dv = nullptr;
-  float* dqAcc = nullptr;  // fp32 [batch, T, H, K], zeroed: gradients w.r.t. the normalised q, k
+  float* dqAcc = nullptr;  // fp32 [batch, T, H, K], zeroed unless dqOut: gradients w.r.t. the normalised q, k
   float* dkAcc = nullptr;
+  void* dqOut = nullptr;  // with one value head per q / k head: dq, dk themselves (the accumulators
+  void* dkOut = nullptr;  // then scratch that the gradient kernel writes before it reads)
   float* dg = nullptr;
   float* dbetaAcc = nullptr;  // fp32 [batch, T, HV]
 };

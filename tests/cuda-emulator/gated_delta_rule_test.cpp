@@ -431,8 +431,9 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
     if (P.hasDh0) checkOutput("dh0", dh0, wb.dh0, chunkedBackward ? chunkedTol : 2e-4);
     if constexpr (!std::is_same_v<T, float>) {
       // Which backward ran: the chunked kernels (reverse pass and gradients) or the recurrence.
-      bool pass = false, grad = false, recurrent = false;
+      bool pass = false, grad = false, recurrent = false, finish = false;
       for (const auto& l : emu::launchLog) {
+        finish |= l.kernel == emu::kernelId(rkcuda::l2normBackwardKernel<T>);
         pass |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 2>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 4>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 8>);
@@ -446,6 +447,10 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
               "the selected backward's kernels ran (and only they)");
       }
       if (P.totalChunks > 0) check(grad == chunkedBackward, "the chunked gradient kernel ran iff selected");
+      // The chunked gradient kernel finishes dq, dk itself with one value head per q / k head.
+      if (BT > 0) {
+        check(finish == !(chunkedBackward && P.H == P.HV), "dq, dk finished by the row kernel iff heads are shared");
+      }
     }
     zerosOutside("dq", dq.get(), P.H * P.K);
     zerosOutside("dk", dk.get(), P.H * P.K);

@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "254b086245996370";
+constexpr const char* kSourcesHash = "0011309a5ab8a703";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1058,16 +1058,16 @@ inline const KernelResources kKernelResources[] = {
      137, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     217, 0},
+     231, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     161, 0},
+     167, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, "
      "16>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     217, 0},
+     231, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     161, 0},
+     167, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkPrepKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      126, 0},
