@@ -23,8 +23,17 @@
 //                 bf16/fp16 bwd     192     144     128    176
 //                 fp32 fwd          192     112      96    128
 //                 fp32 bwd          192      96      96    112
-//               Every step also prefetches the inputs of a step kAhead steps on into L2, so that the
-//               loads at the top of each step (issued before the product, overlapping it) hit L2.
+//               Every step also prefetches the inputs of a step kAhead steps on into L2. The forward
+//               stages each step's inputs (16 rows x G gates x the block's columns) with 16-byte
+//               cp.async copies into a double-buffered shared tile, the next step's loading during
+//               this step's product, where the tile still fits beside R (multi-block: and keeps the
+//               blocks per SM) and wx's rows are 16-byte aligned; else the lanes load them at the top
+//               of the step from L2. The lanes' per-step rows of the saved
+//               tensors, h, gr and dwx (and the backward's saved values) are read and written in
+//               fragment-native quads: lanes t and t ^ 1 trade one column pair by shuffles, so that
+//               each lane makes one 4-element (16-byte fp32) access per row where it made two (where
+//               the rows are 4-element aligned; else element-wise). The backward's recurrent product
+//               dh = sum_g dpre_g R_g^T runs as G independent mma chains, summed at the end.
 //   multi-block the same persistent scheme for heads too large for one block (FlashRNN's way): a head's
 //               gate columns are split over `splits` co-resident blocks (a group per head and tile of
 //               16 batch rows), block c owning D / splits columns of every gate (at most 64: 256
@@ -77,7 +86,12 @@
 // Bounds and expected times (H100/H200, batch 16, T 1024, bf16):
 //   12 heads x 64: persistent, 12 blocks of 256 threads; per step each warp does 16 mma (4 gates x 4
 //     k-steps) from shared memory plus the cell update and one barrier, about 1 us, latency bound:
-//     forward ~1.2 ms, backward (reverse kernel ~1.5 ms + dR reduction of 6.4 GFLOP ~0.1 ms).
+//     forward ~1.2 ms, backward (reverse kernel ~1.5 ms + dR reduction of 6.4 GFLOP ~0.1 ms). With
+//     the staged input tile, the quad accesses (per lane and step in the LSTM forward: no input
+//     loads from global memory (4 quad loads unstaged; was 16 scalar ones) and 7 quad stores (was
+//     28 scalar); backward 7 quad loads and 8 quad stores, was 28 and 32) and the backward's 4
+//     independent chains (was one chain of 16 dependent mma), ~0.7-0.8 us per step forward, ~1-1.2
+//     backward: forward ~0.8 ms, backward ~1.1-1.3 ms (estimates).
 //   3 heads x 256 (R = 512 KB per head) and 1 x 768 (4.7 MB): multi-block, latency bound. A step
 //     is: the exchange copy from L2 (~0.5 us: 8 KB per block at 256, 24 KB at 768; backward 32 /
 //     96 KB), the warp's product from shared memory (G independent mma chains of D/16 steps: ~0.3 us
@@ -202,6 +216,7 @@ template <class Op> size_t multiShared(int cell, int64_t D, int64_t Dc, bool bac
 struct MultiPlan {
   int splits = 0;
   size_t shared = 0;
+  bool inputTile = false;  // forward: the staged input tile, where it costs no residency
   int64_t groupsPerLaunch = 0;
   std::string why;  // empty when the path applies
 };
@@ -245,6 +260,17 @@ Status planMulti(void (*kernel)(KArgs...), int cell, int64_t D, bool backward, i
   RK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&perSm, reinterpret_cast<const void*>(kernel),
                                                                      static_cast<int>(4 * (D / splits)), plan->shared,
                                                                      cudaOccupancyDefault));
+  if (!backward) {  // the forward's staged input tile, where it fits and keeps the blocks per SM
+    const size_t tile = 2 * static_cast<size_t>(kRows * gatesOf(cell) * (D / splits)) * sizeof(Op);
+    int withTile = 0;
+    if (plan->shared + tile <= static_cast<size_t>(optin)) {
+      RK_TRY(allowDynamicShared(kernel, plan->shared + tile));
+      RK_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
+          &withTile, reinterpret_cast<const void*>(kernel), static_cast<int>(4 * (D / splits)), plan->shared + tile,
+          cudaOccupancyDefault));
+    }
+    if (withTile == perSm) plan->shared += tile, plan->inputTile = true;
+  }
   plan->groupsPerLaunch = static_cast<int64_t>(sms) * perSm / splits;
   if (plan->groupsPerLaunch < 1) plan->why = "the blocks of one head cannot all be resident";
   return Status{};
@@ -287,6 +313,7 @@ Status launchMulti(void (*kernel)(KArgs...), const MultiPlan& plan, RnnParams p,
   DeviceBuffer scratch;  // the counters, then two exchange buffers
   RK_TRY(scratch.allocate(counterBytes + static_cast<size_t>(2 * perLaunch * xchgPerGroup) * sizeof(Op)));
   p.splits = plan.splits;
+  p.inputTile = plan.inputTile;
   p.sync = static_cast<unsigned*>(scratch.get());
   p.xchg = static_cast<unsigned char*>(scratch.get()) + counterBytes;
   for (int64_t g0 = 0; g0 < groups; g0 += perLaunch) {
@@ -336,7 +363,14 @@ Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRn
     const Status st = launchMulti<Op>(fusedRnnForwardMultiKernel<T, CELL>, multi, p, kRows * a.headDim);
     if (!refusedCooperative(st)) return st;
   }
-  if (path == 1) return launchPersistent(fn, fusedRnnForwardKernel<T, CELL>, a, shared, p);
+  if (path == 1) {
+    // Each step's inputs through a double-buffered shared tile where it still fits.
+    int optin = 0;
+    RK_TRY(deviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
+    const size_t tile = 2 * static_cast<size_t>(kRows * gatesOf(CELL) * a.headDim) * sizeof(T);
+    if (shared + tile <= static_cast<size_t>(optin)) p.inputTile = true, shared += tile;
+    return launchPersistent(fn, fusedRnnForwardKernel<T, CELL>, a, shared, p);
+  }
   const int64_t SE = a.batch * a.heads * a.headDim;
   DeviceBuffer scratch;  // h twice (ping-pong), then the states 1..S-1 at their slots
   RK_TRY(scratch.allocate(static_cast<size_t>((S + 1) * SE) * sizeof(float)));

@@ -68,6 +68,7 @@ template <class Op> constexpr int padOf() { return std::is_same<Op, float>::valu
 struct RnnParams : FusedRnnArgs, FusedRnnOutputs {
   int Dp = 16;                             // headDim rounded up to 16 (the product's K padding)
   const int32_t* deviceLengths = nullptr;  // device copy of lengths (nullable); the kernels read this
+  bool inputTile = false;                  // persistent forward: each step's inputs through a shared tile (cp.async)
   // backward
   const float* cSavedStates = nullptr;
   const float* cSavedPre = nullptr;

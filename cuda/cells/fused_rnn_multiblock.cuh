@@ -79,12 +79,19 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(R
   Op* Rt = dynamicShared<Op>();  // [G][Dc][ld]: Rt[g][jl][i] = R[g][hh][i][j0 + jl], zero for i >= D
   Op* hA = Rt + G * Dc * ld;     // [16][ld]: h_{t-1} of the block's rows, all D columns, zero past D
   float* bs = reinterpret_cast<float*>(hA + kRows * ld);  // [G][Dc]: b of the block's columns
+  // With p.inputTile: [2][16][G][Dc] of T, the inputs of steps of even and odd t (16-byte aligned:
+  // the sizes before it are multiples of 16 bytes).
+  T* xTile = reinterpret_cast<T*>(bs + G * Dc);
+  const T* wx = static_cast<const T*>(p.wx);
+  const bool staged = p.inputTile && inputRowsAligned(p, j0, sizeof(T));
+  if (staged && L > 0) stageInputTile<T, G>(p, wx, 0, row0, hh, j0, Dc, xTile);
   loadForwardWeights<T, Op, G>(p, hh, j0, Dc, ld, Rt, bs);
   for (int e = tid; e < kRows * ld; e += nthreads) {
     const int64_t b = row0 + e / ld;
     const int i = e % ld;
     hA[e] = toOp<Op>((i < Di && b < batch && p.states0 != nullptr) ? p.states0[(b * H + hh) * D + i] : 0.0f);
   }
+  if (staged) waitAsyncCopies();  // step 0's inputs (visible after the barrier)
   __syncthreads();
 
   float st[4][S];
@@ -92,21 +99,29 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(R
   laneLengths(p, row0, len);
   loadLaneStates<S>(p.states0, p, row0, hh, j0, st);
 
-  const T* wx = static_cast<const T*>(p.wx);
   T* hOut = static_cast<T*>(p.h);
   const int64_t bufStride = static_cast<int64_t>(gridDim.x / static_cast<unsigned>(p.splits)) * kRows * Di;
   Op* xg = static_cast<Op*>(p.xchg) + m.grp * kRows * Di;  // buffer k at xg + k * bufStride: [16][D]
   unsigned* counter = p.sync + m.grp;
   unsigned passed = 0;
   for (int64_t t = 0; t < L; ++t) {
-    // This step's input part first, so that the loads overlap the exchange and the product.
+    // This step's input part first, so that the loads overlap the exchange and the product; staged,
+    // the next step's inputs load into the other buffer (issued after the exchange copy, which
+    // waits for its own copies) during this step's product and land before the barrier ending it.
     float xin[4][G];
-    loadForwardInputs<T, G>(p, wx, t, row0, hh, j0, len, xin);
+    if (!staged) loadForwardInputs<T, G>(p, wx, t, row0, hh, j0, len, xin);
     if (t > 0) copyExchange<Op>(hA, ld, 0, xg + ((t - 1) & 1) * bufStride, 1, Di);
+    if (staged) {
+      const int cur = static_cast<int>(t & 1);
+      if (t + 1 < L) stageInputTile<T, G>(p, wx, t + 1, row0, hh, j0, Dc, xTile + (cur ^ 1) * kRows * G * Dc);
+      prefetchForwardInputs<T, G>(p, wx, t, row0, hh, j0, len);
+      tileInputs<T, G>(xTile + cur * kRows * G * Dc, Dc, xin);
+    }
     float acc[G][4];
     zeroAcc(acc);
     warpProduct<Op, G>(acc, hA, ld, Rt + warp * 8 * ld, Dc * ld, ld, p.Dp);
     forwardUpdate<T, Op, CELL>(p, hOut, t, row0, hh, j0, bs, Dc, acc, xin, len, st, xg + (t & 1) * bufStride, Di);
+    if (staged) waitAsyncCopies();
     if (t + 1 < L) groupBarrier(counter, static_cast<unsigned>(p.splits), &passed);
   }
   forwardFinish<T, S>(p, hOut, row0, hh, j0, st);

@@ -98,10 +98,34 @@ __device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBa
   __syncthreads();
 }
 
-// Dynamic shared memory of chunkPrepKernel.
+// Stages a 64-row tile of 16-bit elements, `width` columns (a multiple of 8), into dst (row stride
+// ldDst): element (r, c) from src[r * ldSrc + c] for r < n and c < cols, zero elsewhere. With
+// `aligned` (src and ldSrc multiples of 16 bytes) by 16-byte cp.async copies that the caller commits
+// and waits for; otherwise element by element, complete on return. The whole block calls.
+template <class T>
+__device__ __forceinline__ void stageTilePadded(T* dst, int ldDst, const T* src, int64_t ldSrc, int n, int cols,
+                                                int width, bool aligned) {
+  if (aligned) {
+    const int per = width / 8;
+    for (int e = static_cast<int>(threadIdx.x); e < kC * per; e += kThreads) {
+      const int r = e / per, c = 8 * (e - r * per);
+      const int elems = r < n && c < cols ? (cols - c < 8 ? cols - c : 8) : 0;
+      copyAsync16(dst + r * ldDst + c, elems > 0 ? src + r * ldSrc + c : src, 2 * elems);
+    }
+  } else {
+    const T zero = fromFloat<T>(0.0f);
+    for (int e = static_cast<int>(threadIdx.x); e < kC * width; e += kThreads) {
+      const int r = e / width, c = e - r * width;
+      dst[r * ldDst + c] = r < n && c < cols ? src[r * ldSrc + c] : zero;
+    }
+  }
+}
+
+// Dynamic shared memory of chunkPrepKernel: sK, then sQ, whose bytes later hold v's rows (64 x (Vp + 8)).
 inline size_t prepSharedBytes(const ChunkParams& p, size_t elemBytes) {
+  const size_t qOrV = static_cast<size_t>(kC) * std::max(p.ldk, p.Vp + 8) * elemBytes;
   return kC * sizeof(double) + 4 * kC * sizeof(float) + 2 * kC * kLdA * sizeof(float) +
-         2 * static_cast<size_t>(kC) * p.ldk * elemBytes;
+         static_cast<size_t>(kC) * p.ldk * elemBytes + qOrV;
 }
 
 template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p) {
@@ -124,6 +148,8 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   float* sX = sA + kC * kLdA;  // Tm
   T* sK = reinterpret_cast<T*>(sX + kC * kLdA);
   T* sQ = sK + kC * ld;
+  T* sV = sQ;  // v's rows (64 x ldv) once Qg is written
+  const int ldv = p.Vp + 8;
 
   const T* vg = static_cast<const T*>(p.v);
   stageQK(p, rowBase, h, n, sK, sQ);
@@ -172,6 +198,20 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
     }
   }
   __syncthreads();
+
+  // Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G) (padding rows: 0); then q's bytes take v's rows
+  // (cp.async, landing during the inverse), the B operand of U = Tm V.
+  T* Qg = static_cast<T*>(p.Qg) + cb * kC * p.Kp;
+  T* Kd = static_cast<T*>(p.Kd) + cb * kC * p.Kp;
+  for (int e = tid; e < kC * p.Kp; e += kThreads) {
+    const int r = e / p.Kp, i = e - (e / p.Kp) * p.Kp;
+    Qg[e] = fromFloat<T>(p.scale * qn(r, i) * sGam[r]);
+    Kd[e] = fromFloat<T>(kn(r, i) * decay(n - 1, r < n ? r : n - 1));
+  }
+  __syncthreads();
+  stageTilePadded(sV, ldv, vg + (rowBase * p.HV + hv) * p.V, p.HV * p.V, n, V, p.Vp,
+                  p.V % 8 == 0 && reinterpret_cast<uintptr_t>(vg) % 16 == 0);
+  commitAsyncCopies();
 
   // Tm = (I + A)^-1 diag(beta), by blocks of 16: X = (I + A)^-1 is unit lower triangular with the
   // diagonal blocks D_I = (I + A_II)^-1 and, block row by block row (I = 1, 2, 3),
@@ -236,6 +276,7 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
       if (i >= c) sX[i * kLdA + c] *= sBeta[c];
     }
   }
+  waitAsyncCopies();  // v's rows
   __syncthreads();
 
   // W = Tm (K exp(G)), U = Tm V: rows r0..r0+15, Tm lower triangular (k-steps up to the diagonal).
@@ -258,30 +299,25 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
     }
     mma::storeC(acc, [&](int rr, int cc, float val) { W[(r0 + rr) * p.Kp + 8 * j + cc] = fromFloat<T>(val); });
   }
-  for (int j = 0; j < p.Vp / 8; ++j) {
-    mma::FragC acc;
-    acc.zero();
+  for (int j = 0; j < p.Vp / 8; j += 2) {  // two column blocks per ldmatrix of v's staged rows
+    mma::FragC acc[2];
+    acc[0].zero(), acc[1].zero();
     for (int s = 0; s <= warp; ++s) {
-      const mma::FragB16 b = mma::loadB16<T>([&](int kk, int nn) {
-        const int r = 16 * s + kk, col = 8 * j + nn;
-        return (r < n && col < V) ? loadScalar(vg + ((rowBase + r) * p.HV + hv) * p.V + col) : 0.0f;
-      });
-      mma::mma16816<T>(acc, tmFrag(s), b);
+      const mma::FragA16 a = tmFrag(s);
+      mma::FragB16 b0, b1;
+      mma::ldmatrixB16x2(sV + 16 * s * ldv + 8 * j, ldv, b0, b1);
+      mma::mma16816<T>(acc[0], a, b0);
+      mma::mma16816<T>(acc[1], a, b1);
     }
-    mma::storeC(acc, [&](int rr, int cc, float val) {
-      const int col = 8 * j + cc;
-      if (col < V) U[(r0 + rr) * p.V + col] = fromFloat<T>(val);
-    });
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      mma::storeC(acc[h2], [&](int rr, int cc, float val) {
+        const int col = 8 * (j + h2) + cc;
+        if (col < V) U[(r0 + rr) * p.V + col] = fromFloat<T>(val);
+      });
+    }
   }
 
-  // Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G) (padding rows: 0).
-  T* Qg = static_cast<T*>(p.Qg) + cb * kC * p.Kp;
-  T* Kd = static_cast<T*>(p.Kd) + cb * kC * p.Kp;
-  for (int e = tid; e < kC * p.Kp; e += kThreads) {
-    const int r = e / p.Kp, i = e - (e / p.Kp) * p.Kp;
-    Qg[e] = fromFloat<T>(p.scale * qn(r, i) * sGam[r]);
-    Kd[e] = fromFloat<T>(kn(r, i) * decay(n - 1, r < n ? r : n - 1));
-  }
   if (tid == 0) p.gammaLast[cb] = sGam[n - 1];
 }
 
@@ -340,29 +376,6 @@ template <class T> __device__ __forceinline__ void stageTile(T* dst, int ldDst, 
   for (int e = static_cast<int>(threadIdx.x); e < kC * per; e += kThreads) {
     const int r = e / per, c = 8 * (e - r * per);
     copyAsync16(dst + r * ldDst + c, src + r * ldSrc + c, 16);
-  }
-}
-
-// Stages a 64-row tile of 16-bit elements, `width` columns (a multiple of 8), into dst (row stride
-// ldDst): element (r, c) from src[r * ldSrc + c] for r < n and c < cols, zero elsewhere. With
-// `aligned` (src and ldSrc multiples of 16 bytes) by 16-byte cp.async copies that the caller commits
-// and waits for; otherwise element by element, complete on return. The whole block calls.
-template <class T>
-__device__ __forceinline__ void stageTilePadded(T* dst, int ldDst, const T* src, int64_t ldSrc, int n, int cols,
-                                                int width, bool aligned) {
-  if (aligned) {
-    const int per = width / 8;
-    for (int e = static_cast<int>(threadIdx.x); e < kC * per; e += kThreads) {
-      const int r = e / per, c = 8 * (e - r * per);
-      const int elems = r < n && c < cols ? (cols - c < 8 ? cols - c : 8) : 0;
-      copyAsync16(dst + r * ldDst + c, elems > 0 ? src + r * ldSrc + c : src, 2 * elems);
-    }
-  } else {
-    const T zero = fromFloat<T>(0.0f);
-    for (int e = static_cast<int>(threadIdx.x); e < kC * width; e += kThreads) {
-      const int r = e / width, c = e - r * width;
-      dst[r * ldDst + c] = r < n && c < cols ? src[r * ldSrc + c] : zero;
-    }
   }
 }
 

@@ -388,6 +388,7 @@ struct Case {
   int expectLaunches = 0;  // when not 0, the cooperative launches of the forward
   bool lastOnly = false, lengths = false, states0 = true, finalStates = true, training = true;
   bool dh = true, dFinal = true, dStates0 = true;
+  int misalign = 0;  // elements by which every tensor starts past a 16-byte boundary
 };
 
 // The kernels of a path (2 stepwise, 3 multi-block): forward and backward.
@@ -424,10 +425,10 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   char buf[320];
   std::snprintf(buf, sizeof buf,
                 "%s %s batch %lld T %lld H %lld D %lld path %d splits %d last %d lengths %d states0 %d final %d "
-                "training %d dh %d dFinal %d dStates0 %d",
+                "training %d dh %d dFinal %d dStates0 %d misalign %d",
                 Elem<T>::name, cellName(c.cell), (long long)c.batch, (long long)c.T, (long long)c.H, (long long)c.D,
                 c.path, c.splits, c.lastOnly, c.lengths, c.states0, c.finalStates, c.training, c.dh, c.dFinal,
-                c.dStates0);
+                c.dStates0, c.misalign);
   context = buf;
   emu::setTunable("fusedRnn.path", c.path);
   emu::setTunable("fusedRnn.reduceSplits", c.splits);
@@ -438,9 +439,11 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   const int64_t B = P.batch, L = P.T, H = P.H, D = P.D, G = P.G, S = P.S, SE = S * B * H * D;
   const int64_t hN = c.lastOnly ? B * H * D : B * L * H * D;
 
-  Buf<T> wx(B * L * G * H * D), R(G * H * D * D), dh(hN), h(hN), dwx(B * L * G * H * D), dR(G * H * D * D);
-  Buf<float> bias(G * H * D), states0(SE), dFinal(SE), fin(SE), saved(L * SE), pre(L * B * G * H * D), db(G * H * D),
-      dS0(SE);
+  const int m = c.misalign;
+  Buf<T> wx(B * L * G * H * D, m), R(G * H * D * D, m), dh(hN, m), h(hN, m), dwx(B * L * G * H * D, m),
+      dR(G * H * D * D, m);
+  Buf<float> bias(G * H * D, m), states0(SE, m), dFinal(SE, m), fin(SE, m), saved(L * SE, m), pre(L * B * G * H * D, m),
+      db(G * H * D, m), dS0(SE, m);
   wx.set(P.wx), R.set(P.R), bias.set(P.b), states0.set(P.states0), dh.set(P.dh), dFinal.set(P.dFinal);
   rkcuda::FusedRnnArgs a;
   a.dt = Elem<T>::dtype;
@@ -578,6 +581,14 @@ template <class T> void runSuite(std::mt19937& rng, int variant) {
     empty.path = 1 + (n++ % 2);
     runCase<T>(empty, rng);
   }
+  // Tensors that start 2 elements past a 16-byte boundary: the per-step rows are accessed element
+  // by element (the 4-element fragment-native accesses need aligned rows), both persistent kernels.
+  for (CellKind cell : {CellKind::Lstm, CellKind::Gru}) {
+    Case off;
+    off.cell = cell, off.batch = 3, off.T = 4, off.H = 2, off.D = 16, off.lengths = true, off.path = 1;
+    off.misalign = 2;
+    runCase<T>(off, rng);
+  }
   // No rows: nothing to run, but dR and db must still be written (zeros).
   Case none;
   none.cell = CellKind::Gru, none.batch = 0, none.T = 3, none.H = 2, none.D = 16, none.lengths = true;
@@ -632,6 +643,10 @@ template <class T> void runMultiSuite(std::mt19937& rng, int variant) {
   // The launcher's own choice for a head too large for one block (fp32 LSTM: above 112; 16-bit
   // sLSTM: above 128): the multi-block path, or the stepwise one when its blocks cannot all be resident.
   emu::smCount = 132, emu::blocksPerSm = 4;
+  Case off;  // tensors 2 elements past a 16-byte boundary (element-wise row accesses)
+  off.cell = CellKind::Gru, off.batch = 3, off.T = 3, off.H = 1, off.D = 32, off.lengths = true;
+  off.path = 3, off.blocks = 2, off.expectPath = 3, off.misalign = 2;
+  runCase<T>(off, rng);
   Case own;
   own.cell = wide ? CellKind::Lstm : CellKind::Slstm, own.batch = 2, own.T = 2, own.H = 1, own.D = 136,
   own.lengths = true;

@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "0011309a5ab8a703";
+constexpr const char* kSourcesHash = "28c94470c4f13f82";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -305,69 +305,69 @@ inline const KernelResources kKernelResources[] = {
      "namespace)::Params)",
      48, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<__half, 0>(rkcuda::(anonymous namespace)::RnnParams)",
-     79, 0},
+     64, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<__half, 1>(rkcuda::(anonymous namespace)::RnnParams)",
-     92, 0},
+     96, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<__half, 2>(rkcuda::(anonymous namespace)::RnnParams)",
-     80, 0},
+     77, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<__half, 3>(rkcuda::(anonymous namespace)::RnnParams)",
-     106, 0},
+     123, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<__nv_bfloat16, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     79, 0},
+     64, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<__nv_bfloat16, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     92, 0},
+     96, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<__nv_bfloat16, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     80, 0},
+     77, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<__nv_bfloat16, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     106, 0},
-    {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<float, 0>(rkcuda::(anonymous namespace)::RnnParams)",
-     75, 0},
-    {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<float, 1>(rkcuda::(anonymous namespace)::RnnParams)",
      128, 0},
+    {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<float, 0>(rkcuda::(anonymous namespace)::RnnParams)",
+     80, 0},
+    {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<float, 1>(rkcuda::(anonymous namespace)::RnnParams)",
+     96, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<float, 2>(rkcuda::(anonymous namespace)::RnnParams)",
-     100, 0},
+     94, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardKernel<float, 3>(rkcuda::(anonymous namespace)::RnnParams)",
-     134, 0},
+     168, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<__half, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     89, 0},
+     80, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<__half, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     151, 0},
+     164, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<__half, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
      139, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<__half, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     168, 0},
+     191, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<__nv_bfloat16, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     89, 0},
+     80, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<__nv_bfloat16, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     151, 0},
+     164, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<__nv_bfloat16, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
      139, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<__nv_bfloat16, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     168, 0},
+     191, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<float, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     126, 0},
+     121, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<float, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     163, 0},
+     167, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<float, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     153, 0},
+     155, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardMultiKernel<float, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     176, 0},
+     207, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnBackwardStepKernel<__half, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams, long, float const*, float*)",
      58, 24576},
@@ -405,16 +405,16 @@ inline const KernelResources kKernelResources[] = {
      "namespace)::RnnParams, long, float const*, float*)",
      96, 24576},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<__half, 0>(rkcuda::(anonymous namespace)::RnnParams)",
-     64, 0},
+     58, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<__half, 1>(rkcuda::(anonymous namespace)::RnnParams)",
      96, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<__half, 2>(rkcuda::(anonymous namespace)::RnnParams)",
      72, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<__half, 3>(rkcuda::(anonymous namespace)::RnnParams)",
-     127, 0},
+     124, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<__nv_bfloat16, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     64, 0},
+     58, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<__nv_bfloat16, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
      96, 0},
@@ -423,51 +423,51 @@ inline const KernelResources kKernelResources[] = {
      72, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<__nv_bfloat16, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     127, 0},
+     124, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 0>(rkcuda::(anonymous namespace)::RnnParams)",
-     72, 0},
+     66, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 1>(rkcuda::(anonymous namespace)::RnnParams)",
-     125, 0},
-    {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 2>(rkcuda::(anonymous namespace)::RnnParams)",
-     109, 0},
-    {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 3>(rkcuda::(anonymous namespace)::RnnParams)",
      127, 0},
+    {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 2>(rkcuda::(anonymous namespace)::RnnParams)",
+     113, 0},
+    {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 3>(rkcuda::(anonymous namespace)::RnnParams)",
+     139, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__half, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     64, 0},
+     78, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__half, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     114, 0},
+     148, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__half, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     96, 0},
+     98, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__half, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     122, 0},
+     148, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__nv_bfloat16, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     64, 0},
+     78, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__nv_bfloat16, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     114, 0},
+     148, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__nv_bfloat16, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     96, 0},
+     98, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__nv_bfloat16, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     122, 0},
+     148, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<float, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     111, 0},
+     117, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<float, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     139, 0},
+     128, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<float, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     119, 0},
+     122, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<float, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     149, 0},
+     170, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardStepKernel<__half, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams, long, float const*, float*, float*)",
      56, 24576},
@@ -1070,10 +1070,10 @@ inline const KernelResources kKernelResources[] = {
      167, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkPrepKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     126, 0},
+     96, 0},
     {"void rkcuda::deltachunked::(anonymous "
      "namespace)::chunkPrepKernel<__nv_bfloat16>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     126, 0},
+     96, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 2>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      92, 0},
