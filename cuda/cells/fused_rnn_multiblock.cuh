@@ -155,16 +155,7 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnBackwardMultiKernel(
   loadBackwardInit<T, S>(p, dh, row0, hh, j0, len, gS);
 
   // gS[.][0] += sum_g dpre_g (dA) R_g^T for the warp's rows i, one accumulator chain per gate.
-  auto gatesProduct = [&]() {
-    float acc[G][4];
-    zeroAcc(acc);
-    warpProductEach<Op, G>(acc, dA, lda, Dp, Rs + warp * 8 * ld, Dc * ld, ld, Dp);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-#pragma unroll
-      for (int q = 0; q < G; ++q) gS[e][0] += acc[q][e];
-    }
-  };
+  auto gatesProduct = [&]() { addGateChains<Op, G>(gS, dA, lda, Dp, Rs + warp * 8 * ld, Dc * ld, ld, Dp); };
   const int64_t bufStride = static_cast<int64_t>(gridDim.x / static_cast<unsigned>(p.splits)) * kRows * G * Di;
   Op* xg = static_cast<Op*>(p.xchg) + m.grp * kRows * G * Di;  // buffer k at xg + k * bufStride: [16][G][D]
   unsigned* counter = p.sync + m.grp;

@@ -92,6 +92,25 @@ __device__ __forceinline__ void warpProductEach(float (&acc)[NB][4], const Op* a
   warpProductOf<Op, NB, true>(acc, a, lda, aStride, bt, bStride, ldb, K);
 }
 
+// gS[e][0] += sum_q A_q B_q (warpProductEach's operands) for the lane's elements: the backward's
+// recurrent product over the G gates as G independent accumulator chains, summed at the end.
+template <class Op, int G, int S>
+__device__ __forceinline__ void addGateChains(float (&gS)[4][S], const Op* a, int lda, int aStride, const Op* bt,
+                                              int bStride, int ldb, int K) {
+  float acc[G][4];
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
+  }
+  warpProductEach<Op, G>(acc, a, lda, aStride, bt, bStride, ldb, K);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+#pragma unroll
+    for (int q = 0; q < G; ++q) gS[e][0] += acc[q][e];
+  }
+}
+
 template <class Op> __device__ __forceinline__ Op toOp(float x) { return fromFloat<Op>(x); }
 
 // Element e (0..3) of a lane: row rowOf(e) of the block's 16, column colOf(warp, e) of the head.
@@ -606,14 +625,7 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
 #pragma unroll
       for (int e = 0; e < 4; ++e) gS[e][0] += acc[0][e];
     } else {
-      float acc[G][4];
-      zeroAcc(acc);
-      warpProductEach<Op, G>(acc, a, lda, Dp, Rs + warp * 8 * ld, Di * ld, ld, Dp);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-#pragma unroll
-        for (int q = 0; q < G; ++q) gS[e][0] += acc[q][e];
-      }
+      addGateChains<Op, G>(gS, a, lda, Dp, Rs + warp * 8 * ld, Di * ld, ld, Dp);
     }
   };
   for (int64_t t = L - 1; t >= 0; --t) {

@@ -26,8 +26,10 @@
 //     mma.sync (16 rows per warp, lower triangle only); A in fp32, (I + A)^-1 by blocks of 16 (the
 //     four diagonal blocks inverted at once by forward substitution in registers, one warp each,
 //     then three block rows of 16 x 16 products spread over the block, fp32), Tm its columns
-//     scaled by beta; then W = Tm (K exp(G)) and U = Tm V with mma.sync. Writes W, U, Qg = scale Q exp(G), Kd = K
-//     exp(G_{n-1} - G), P = scale tril(Q K^T Gamma) (all of the storage type) and exp(G_{n-1}) (fp32) to scratch.
+//     scaled by beta; then W = Tm (K exp(G)) and U = Tm V with mma.sync (v's rows staged by
+//     cp.async into q's bytes once Qg is written, during the inverse, and read with ldmatrix).
+//     Writes W, U, Qg = scale Q exp(G), Kd = K exp(G_{n-1} - G), P = scale tril(Q K^T Gamma) (all
+//     of the storage type) and exp(G_{n-1}) (fp32) to scratch.
 //   chunkStateKernel<T, NT> one block (4 warps) per (sequence, value head, tile of vt = 8 NT value
 //     columns, vt = 16, 32 or 64: the widest that still fills the SMs and fits a block's shared
 //     memory),
@@ -37,10 +39,11 @@
 //     Every operand comes from shared memory through ldmatrix (.trans for Kd^T): the chunk's W, Qg,
 //     Kd (rows of Kp, zero past K) and P are staged with 16-byte cp.async copies, the next chunk's
 //     tile loading into each buffer as soon as the product that read it is done (one cp.async group
-//     per buffer), and the state and V' are kept rounded to the storage type beside the fp32 state
-//     (the same roundings as before, so the results are bitwise those of per-element loads).
-//     Shared memory: Kp (vt + 4) fp32 + (Kp + 64)(vt + 8) + 3 * 64 (Kp + 8) + 64 * 72 16-bit
-//     elements (95 KB at K = 128, vt = 32: two blocks per SM; 226 KB at K = 256, vt = 64).
+//     per buffer; U's value tile, read by V''s epilogue, with W), and the state and V' are kept
+//     rounded to the storage type beside the fp32 state (the same roundings as before, so the
+//     results are bitwise those of per-element loads). Shared memory: Kp (vt + 4) fp32 +
+//     (Kp + 128)(vt + 8) + 3 * 64 (Kp + 8) + 64 * 72 16-bit elements (98 KiB at K = 128, vt = 32:
+//     two blocks per SM; at K = 256 the tile is at most 32 columns wide, 174 KiB).
 //
 // fp32. tf32 operands (10-bit mantissa) put ~1e-3 relative errors in W, U, V' and the outputs, an
 // order of magnitude above the fp32 tolerance (1e-4); 3xTF32 would triple every product and still

@@ -354,6 +354,21 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
   };
   auto tmT = [&](int rr, int s) -> float { return sX[s * kLdA + r0 + rr] * sBeta[r0 + rr]; };  // Tm^T
   constexpr int NB = 4;
+  // acc[j] (j < nb, even) += Tm^T B for the warp's rows: B's column blocks j from a staged 64-row
+  // 16-bit tile b (row stride ldb; Tm^T upper triangular: k-steps from the diagonal block).
+  auto addTmT = [&](mma::FragC(&acc)[NB], int nb, const T* b, int ldb) {
+    for (int s = warp; s < kC / 16; ++s) {
+      const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) { return tmT(rr, 16 * s + kk); });
+#pragma unroll
+      for (int j = 0; j < NB; j += 2) {
+        if (j >= nb) continue;
+        mma::FragB16 b0, b1;
+        mma::ldmatrixB16x2(b + 16 * s * ldb + 8 * j, ldb, b0, b1);
+        mma::mma16816<T>(acc[j], a, b0);
+        mma::mma16816<T>(acc[j + 1], a, b1);
+      }
+    }
+  };
 
   // V' = U - W S_0 (stored as T); dv = Tm^T dV'. 32 value columns at a time, S_0's slice staged.
   for (int jb = 0; jb < p.Vp / 8; jb += NB) {
@@ -378,17 +393,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
         mma::mma16816<T>(acc[j + 1], a, b1);
       }
     }
-    for (int s = warp; s < kC / 16; ++s) {
-      const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) { return tmT(rr, 16 * s + kk); });
-#pragma unroll
-      for (int j = 0; j < NB; j += 2) {
-        if (j >= nb) continue;
-        mma::FragB16 b0, b1;
-        mma::ldmatrixB16x2(sDV + 16 * s * ldv + 8 * (jb + j), ldv, b0, b1);
-        mma::mma16816<T>(accV[j], a, b0);
-        mma::mma16816<T>(accV[j + 1], a, b1);
-      }
-    }
+    addTmT(accV, nb, sDV + 8 * jb, ldv);  // dv = Tm^T dV' (this step's columns)
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
       if (j >= nb) continue;
@@ -528,17 +533,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
     mma::FragC aG[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) aG[j].zero();
-    for (int s = warp; s < kC / 16; ++s) {
-      const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) { return tmT(rr, 16 * s + kk); });
-#pragma unroll
-      for (int j = 0; j < NB; j += 2) {
-        if (j >= nb) continue;
-        mma::FragB16 b0, b1;
-        mma::ldmatrixB16x2(sDW + 16 * s * kLdSl + 8 * j, kLdSl, b0, b1);
-        mma::mma16816<T>(aG[j], a, b0);
-        mma::mma16816<T>(aG[j + 1], a, b1);
-      }
-    }
+    addTmT(aG, nb, sDW, kLdSl);  // d(K exp(G)) = Tm^T dW
     gLo = gHi = 0.0f;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {

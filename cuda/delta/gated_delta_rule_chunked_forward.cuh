@@ -328,10 +328,9 @@ __host__ __device__ inline int stateLd(int vt) { return vt + 4; }
 // The state passes (this one and the backward's, chunkBwdStateKernel) keep in shared memory the
 // fp32 state tile (Kp x ldS); the state and V' rounded to the storage type (Kp and 64 rows of ldH),
 // the B operands of their products, read with ldmatrix; and the chunk's W, Qg, Kd (64 x ldT each)
-// and P (64 x kLdP), staged with cp.async; the backward also two buffers of dO's value tile (64 x
-// ldH each). The 16-bit rows are padded by 16 bytes, so that the eight rows one ldmatrix reads fall
-// in distinct banks. Offsets in bytes from the start of the dynamic shared memory (all 16-byte
-// aligned).
+// and P (64 x kLdP), staged with cp.async; the forward also U's value tile (64 x ldH), the backward
+// two buffers of dO's (64 x ldH each). The 16-bit rows are padded by 16 bytes, so that the eight rows one ldmatrix
+// reads fall in distinct banks. Offsets in bytes from the start of the dynamic shared memory (all 16-byte aligned).
 constexpr int kLdP = kC + 8;
 struct StateLayout {
   int ldS, ldH, ldT;
@@ -355,8 +354,8 @@ __host__ __device__ inline StateLayout stateLayout(int Kp, int vt, size_t elem, 
   off += static_cast<size_t>(kC) * m.ldT * elem;
   m.pm = off;
   off += static_cast<size_t>(kC) * kLdP * elem;
-  m.dO = off;
-  if (backward) off += 2 * static_cast<size_t>(kC) * m.ldH * elem;
+  m.dO = off;  // the forward's U tile (64 x ldH) or the backward's two dO tiles
+  off += (backward ? 2 : 1) * static_cast<size_t>(kC) * m.ldH * elem;
   m.bytes = off;
   return m;
 }
@@ -388,6 +387,7 @@ template <class T> struct StateTiles {
   T *W, *Qg, *Kd;  // 64 x ldT each: the chunk's scratch tiles
   T* P;            // 64 x kLdP
   T* dO;           // backward: 2 x 64 x ldH, dO's value tile of chunks of even and odd index
+  T* U;            // forward: 64 x ldH, U's value tile of the current chunk (the same bytes)
   __device__ StateTiles(const ChunkParams& p, bool backward) : lay(stateLayout(p.Kp, p.vt, sizeof(T), backward)) {
     unsigned char* smem = dynamicShared<unsigned char>();
     S = reinterpret_cast<float*>(smem);
@@ -398,6 +398,7 @@ template <class T> struct StateTiles {
     Kd = reinterpret_cast<T*>(smem + lay.kd);
     P = reinterpret_cast<T*>(smem + lay.pm);
     dO = reinterpret_cast<T*>(smem + lay.dO);
+    U = dO;
   }
   // S and Sh from the value tile of a K x V row-major state (null: zeros). The whole block calls.
   __device__ void loadState(const ChunkParams& p, const StateTile& tl, const float* src) const {
@@ -436,10 +437,12 @@ __device__ __forceinline__ void mmaTileRows(mma::FragC (&acc)[NT], const mma::Fr
 // NT = vt / 8: the column blocks of the value tile.
 // Per chunk c, three products, each a barrier apart, while chunk c + 1's tiles load into the
 // buffers the previous product has released (one cp.async group each, committed in this order):
-//   V' = U - W S          then W(c + 1) is issued    (waits for Qg(c), P(c))
+//   V' = U - W S          then W, U(c + 1) issued    (waits for Qg(c), P(c))
 //   O = Qg S + P V'       then Qg, P(c + 1)          (waits for Kd(c))
 //   S = exp(G) S + Kd^T V' then Kd(c + 1)            (waits for W(c + 1))
-// so at the top of every chunk its W has landed and its Qg, P and Kd are the two groups in flight.
+// so at the top of every chunk its W and U have landed and its Qg, P and Kd are the two groups in
+// flight. (U's value tile is copied element by element at the same point where its rows are not
+// 16-byte aligned, V not a multiple of 8.)
 template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkStateKernel(const ChunkParams p) {
   const StateTile tl = stateTileOf(p);
   const int K = static_cast<int>(p.K), V = static_cast<int>(p.V);
@@ -455,8 +458,13 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
   const int L = static_cast<int>(tl.seg.length);
   const int nChunks = (L + kC - 1) / kC;
   auto cbOf = [&](int c) { return (tl.seg.chunkOffset + c) * p.HV + tl.hv; };
+  const bool uAsync = p.V % 8 == 0;  // U's rows (scratch, 256-byte aligned) 16-byte aligned
   auto stageW = [&](int c) {
-    if (c < nChunks) sm.stageRows(sm.W, p.W, cbOf(c), p);
+    if (c < nChunks) {
+      sm.stageRows(sm.W, p.W, cbOf(c), p);
+      const int n = L - c * kC < kC ? L - c * kC : kC;
+      stageTilePadded(sm.U, ldH, static_cast<const T*>(p.U) + cbOf(c) * kC * p.V + tl.v0, p.V, n, tl.vw, p.vt, uAsync);
+    }
     commitAsyncCopies();
   };
   auto stageQgP = [&](int c) {
@@ -483,7 +491,6 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
     const int kRows = (n + 15) / 16;  // 16-row steps that hold positions
     const int64_t rowBase = tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC;
     storeTile(p.states + cb * KV, sm.S, K, tl.vw, ldS, p.V, tl.v0);
-    const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
 
     // V' = U - W S: each fragment of W is loaded once and used for the NT column blocks.
     {
@@ -500,7 +507,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
       for (int j = 0; j < NT; ++j) {
         mma::storeC(acc[j], [&](int rr, int cc, float val) {
           const int r = r0 + rr, col = 8 * j + cc;
-          const float u = (r < n && col < tl.vw) ? toFloat(U[r * p.V + tl.v0 + col]) : 0.0f;
+          const float u = toFloat(sm.U[r * ldH + col]);  // zero past n and vw
           sm.Vh[r * ldH + col] = fromFloat<T>(u - val);
         });
       }

@@ -12,6 +12,7 @@
 #include <vector>
 #include "common/api.h"
 #include "newton/newton_rnn.h"
+#include "common/async_copy.cuh"
 #include "common/check.cuh"
 #include "common/dtype.cuh"
 #include "common/host.cuh"
@@ -304,6 +305,21 @@ __device__ __forceinline__ void pipelinedSteps(int64_t first, int64_t count, int
     a = b;
     if (i + 2 < count) load(first + (i + 2) * dir, b);
     body(first + i * dir, cur);
+  }
+}
+
+// Hints that step t's wx (and, with traj, its trajectory) of channel n come into L2. The fused
+// kernel's time loops call it two steps ahead: holding those loads in registers instead spills at
+// its register budget, and a prefetch holds none.
+template <NewtonCell C, class T>
+__device__ __forceinline__ void prefetchStepL2(const Params& p, const float* traj, int64_t row, int64_t t, int64_t n) {
+  constexpr int G = CellInfo<C>::G, S = CellInfo<C>::S;
+  const T* wx = static_cast<const T*>(p.wx);
+#pragma unroll
+  for (int g = 0; g < G; ++g) prefetchL2(wx + at4(row, t, g, n, p.T, G, p.N));
+  if (traj != nullptr) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) prefetchL2(traj + at4(row, t, s, n, p.T, S, p.N));
   }
 }
 

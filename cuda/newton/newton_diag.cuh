@@ -70,6 +70,9 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
   if (th.work) {
     if (th.t0 > 0) guessAt(th.t0 - 1, hPrev);
     for (int64_t t = th.t0; t < th.t1; ++t) {
+      if (t + 2 < th.t1) {
+        prefetchStepL2<C, T>(p, p.guess == NewtonGuess::Provided ? p.guessTraj : nullptr, th.row, t + 2, th.n);
+      }
       float x[kMaxG], cur[kMaxS], f[kMaxS], J[kMaxS][kMaxS];
       guessAt(t, cur);
       loadX<C, T>(p, th.row, t, th.n, xb, x);
@@ -126,6 +129,7 @@ template <NewtonCell C, class T> __global__ void __launch_bounds__(kFusedThreads
     res = 0.0f;
     if (th.work) {
       for (int64_t t = th.t0; t < th.t1; ++t) {
+        if (t + 2 < th.t1) prefetchStepL2<C, T>(p, p.traj, th.row, t + 2, th.n);
         float x[kMaxG], old[kMaxS], fo[kMaxS], Jo[kMaxS][kMaxS], nw[kMaxS], fn[kMaxS], Jn[kMaxS][kMaxS];
         loadX<C, T>(p, th.row, t, th.n, xb, x);
         loadTraj<C>(p.traj, p, th.row, t, th.n, old);

@@ -93,9 +93,11 @@
 //     3.35 TB/s (1024 x 1024 x 8: 0.21 ms; 1 x 16384 x 1024: 0.43 ms, where the 256 blocks of 4
 //     channels reach half occupancy and latency limits more). The cross-slice composition is
 //     O(NS) per thread per step and negligible.
-//     Its time loops issue each step's loads where they are used, so a warp has one step's loads in
-//     flight: at 512 threads the kernel sits at the 128-register budget, and holding the next
-//     step's loads in registers spills (LstmCifgDiag, sm_80 and sm_90), so it stays that way.
+//     Its time loops issue each step's loads where they are used (at 512 threads the kernel sits at
+//     the 128-register budget, and holding the next step's loads in registers spills: LstmCifgDiag,
+//     sm_80 and sm_90), and prefetch the wx and trajectory lines of the step two ahead into L2
+//     (prefetchStepL2, no registers held), so that a warp's loads of each step wait on L2 rather
+//     than HBM while two steps' lines are on their way.
 //   * diagBackwardKernel: two passes, reading wx, traj, dy twice and writing dwx once
 //     (2 x 5 + 3 floats), 1.75 GB at batch 8, T 4096: about 0.55 ms; fp32 atomics for dR, db are
 //     one per (channel, block). Both passes issue each step's loads two steps ahead

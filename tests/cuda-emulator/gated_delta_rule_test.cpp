@@ -548,6 +548,7 @@ template <class T> void runChunkedSuite(std::mt19937& rng, int variant) {
     c.hasDh0 = n % 4 != 1;
     c.gMode = n % 3;
     c.valueTile = 16 << (n % 3);
+    if (s.K > 128 && c.valueTile == 64) c.valueTile = 32;  // 64 needs more shared memory (refusals)
     // The chunked backward, every reverse-pass value tile; once the recurrent backward from the
     // chunked checkpoints (costly here).
     c.bpath = s.len == kChunk + 1 && s.K * s.V <= 64 * 64 && n % 2 == 0 ? 1 : 2;
@@ -686,6 +687,10 @@ void checkRefusals() {
   a.dt = DType::BF16;
   emu::setTunable("gatedDeltaRuleChunked.valueTile", 48);
   check(!rkcuda::gatedDeltaRuleForward(a, dummy, dummy, nullptr).ok(), "forward accepts a value tile of 48");
+  emu::setTunable("gatedDeltaRuleChunked.valueTile", 64);
+  a.K = 256;  // the state pass's shared memory at K = 256 and 64 value columns: over 227 KiB
+  check(!rkcuda::gatedDeltaRuleForward(a, dummy, dummy, nullptr).ok(), "forward accepts a value tile of 64 at K = 256");
+  a.K = 4;
   emu::setTunable("gatedDeltaRuleChunked.valueTile", 0);
   emu::setTunable("gatedDeltaRule.forwardPath", 3);
   check(!rkcuda::gatedDeltaRuleForward(a, dummy, dummy, nullptr).ok(), "forward accepts forward path 3");

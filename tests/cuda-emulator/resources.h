@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "28c94470c4f13f82";
+constexpr const char* kSourcesHash = "3cda0454ecc5a767";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1076,22 +1076,22 @@ inline const KernelResources kKernelResources[] = {
      96, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 2>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     92, 0},
+     128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 4>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     118, 0},
+     107, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     142, 0},
+     132, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     92, 0},
+     128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     118, 0},
+     107, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     142, 0},
+     132, 0},
     {"void rkcuda::l2normBackwardKernel<__half>(__half const*, float const*, __half*, long, int, bool)", 32, 0},
     {"void rkcuda::l2normBackwardKernel<__nv_bfloat16>(__nv_bfloat16 const*, float const*, __nv_bfloat16*, long, int, "
      "bool)",
