@@ -359,14 +359,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
   auto addTmT = [&](mma::FragC(&acc)[NB], int nb, const T* b, int ldb) {
     for (int s = warp; s < kC / 16; ++s) {
       const mma::FragA16 a = mma::loadA16<T>([&](int rr, int kk) { return tmT(rr, 16 * s + kk); });
-#pragma unroll
-      for (int j = 0; j < NB; j += 2) {
-        if (j >= nb) continue;
-        mma::FragB16 b0, b1;
-        mma::ldmatrixB16x2(b + 16 * s * ldb + 8 * j, ldb, b0, b1);
-        mma::mma16816<T>(acc[j], a, b0);
-        mma::mma16816<T>(acc[j + 1], a, b1);
-      }
+      mmaTileRows<T, NB>(acc, a, b, ldb, s, nb);
     }
   };
 
@@ -383,15 +376,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
 #pragma unroll
     for (int j = 0; j < NB; ++j) acc[j].zero(), accV[j].zero();
     for (int s = 0; s < kSteps; ++s) {
-      const mma::FragA16 a = mma::ldmatrixA16(sW + r0 * ld + 16 * s, ld);
-#pragma unroll
-      for (int j = 0; j < NB; j += 2) {
-        if (j >= nb) continue;
-        mma::FragB16 b0, b1;
-        mma::ldmatrixB16x2(sS0c + 16 * s * kLdSl + 8 * j, kLdSl, b0, b1);
-        mma::mma16816<T>(acc[j], a, b0);
-        mma::mma16816<T>(acc[j + 1], a, b1);
-      }
+      mmaTileRows<T, NB>(acc, mma::ldmatrixA16(sW + r0 * ld + 16 * s, ld), sS0c, kLdSl, s, nb);
     }
     addTmT(accV, nb, sDV + 8 * jb, ldv);  // dv = Tm^T dV' (this step's columns)
 #pragma unroll

@@ -420,13 +420,15 @@ template <class T> struct StateTiles {
   }
 };
 
-// acc[j] += a B_j for the NT column blocks (NT even) of rows 16 s .. 16 s + 15 of a 16-bit tile
-// (row stride ld): B read with ldmatrix, two column blocks per instruction.
+// acc[j] += a B_j for the first nb (even, default all NT) of the NT column blocks (NT even) of rows
+// 16 s .. 16 s + 15 of a 16-bit tile (row stride ld): B read with ldmatrix, two column blocks per
+// instruction.
 template <class T, int NT>
-__device__ __forceinline__ void mmaTileRows(mma::FragC (&acc)[NT], const mma::FragA16& a, const T* tile, int ld,
-                                            int s) {
+__device__ __forceinline__ void mmaTileRows(mma::FragC (&acc)[NT], const mma::FragA16& a, const T* tile, int ld, int s,
+                                            int nb = NT) {
 #pragma unroll
   for (int j = 0; j < NT; j += 2) {
+    if (j >= nb) continue;
     mma::FragB16 b0, b1;
     mma::ldmatrixB16x2(tile + 16 * s * ld + 8 * j, ld, b0, b1);
     mma::mma16816<T>(acc[j], a, b0);
