@@ -29,27 +29,45 @@ namespace {
 
 // ============================== per-chunk preparation ==============================
 
+// Stages a 64-row tile of 16-bit elements, `width` columns (a multiple of 8), into dst (row stride
+// ldDst): element (r, c) from src[r * ldSrc + c] for r < n and c < cols, zero elsewhere. With
+// `aligned` (src and ldSrc multiples of 16 bytes) by 16-byte cp.async copies that the caller commits
+// and waits for; otherwise element by element, complete on return. The whole block calls.
+template <class T>
+__device__ __forceinline__ void stageTilePadded(T* dst, int ldDst, const T* src, int64_t ldSrc, int n, int cols,
+                                                int width, bool aligned) {
+  if (aligned) {
+    const int per = width / 8;
+    for (int e = static_cast<int>(threadIdx.x); e < kC * per; e += kThreads) {
+      const int r = e / per, c = 8 * (e - r * per);
+      const int elems = r < n && c < cols ? (cols - c < 8 ? cols - c : 8) : 0;
+      copyAsync16(dst + r * ldDst + c, elems > 0 ? src + r * ldSrc + c : src, 2 * elems);
+    }
+  } else {
+    const T zero = fromFloat<T>(0.0f);
+    for (int e = static_cast<int>(threadIdx.x); e < kC * width; e += kThreads) {
+      const int r = e / width, c = e - r * width;
+      dst[r * ldDst + c] = r < n && c < cols ? src[r * ldSrc + c] : zero;
+    }
+  }
+}
+
 // The chunk's staging, shared by the preparation and the backward's gradient kernel (the whole
-// block calls each). stageQK: q, k rows (storage type, zero past n and K) into sK, sQ (row stride
-// p.ldk). chunkScalars: beta, the fp64 cumulative log decay sG, exp(sG) in sGam, and the inverse
+// block calls each). stageQK: q, k rows (storage type, zero past n and K, columns up to Kp) into
+// sK, sQ (row stride p.ldk). chunkScalars: beta, the fp64 cumulative log decay sG, exp(sG) in sGam, and the inverse
 // norms sRk, sRq (1 without l2norm), the norms summed from the rows in global memory.
 template <class T>
 __device__ __forceinline__ void stageQK(const ChunkParams& p, int64_t rowBase, int64_t h, int n, T* sK, T* sQ) {
-  const int K = static_cast<int>(p.K), ld = p.ldk;
   const T* qg = static_cast<const T*>(p.q);
   const T* kg = static_cast<const T*>(p.k);
-  const T zero = fromFloat<T>(0.0f);
-  for (int e = static_cast<int>(threadIdx.x); e < kC * ld; e += kThreads) {
-    const int r = e / ld, i = e - (e / ld) * ld;
-    T kx = zero, qx = zero;
-    if (r < n && i < K) {
-      const int64_t off = ((rowBase + r) * p.H + h) * p.K + i;
-      kx = kg[off];
-      qx = qg[off];
-    }
-    sK[e] = kx;
-    sQ[e] = qx;
-  }
+  const int K = static_cast<int>(p.K);
+  const int64_t row0 = (rowBase * p.H + h) * p.K;
+  // 16-byte copies where the rows are 16-byte aligned (K a multiple of 8), else element by element.
+  const bool aligned =
+      p.K % 8 == 0 && reinterpret_cast<uintptr_t>(qg) % 16 == 0 && reinterpret_cast<uintptr_t>(kg) % 16 == 0;
+  stageTilePadded(sK, p.ldk, kg + row0, p.H * p.K, n, K, p.Kp, aligned);
+  stageTilePadded(sQ, p.ldk, qg + row0, p.H * p.K, n, K, p.Kp, aligned);
+  waitAsyncCopies();  // visible to the block after the caller's next barrier
 }
 template <class T>
 __device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBase, int64_t h, int64_t hv, int n,
@@ -96,29 +114,6 @@ __device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBa
   __syncthreads();
   if (tid < kC) sGam[tid] = fastExp(static_cast<float>(sG[tid]));
   __syncthreads();
-}
-
-// Stages a 64-row tile of 16-bit elements, `width` columns (a multiple of 8), into dst (row stride
-// ldDst): element (r, c) from src[r * ldSrc + c] for r < n and c < cols, zero elsewhere. With
-// `aligned` (src and ldSrc multiples of 16 bytes) by 16-byte cp.async copies that the caller commits
-// and waits for; otherwise element by element, complete on return. The whole block calls.
-template <class T>
-__device__ __forceinline__ void stageTilePadded(T* dst, int ldDst, const T* src, int64_t ldSrc, int n, int cols,
-                                                int width, bool aligned) {
-  if (aligned) {
-    const int per = width / 8;
-    for (int e = static_cast<int>(threadIdx.x); e < kC * per; e += kThreads) {
-      const int r = e / per, c = 8 * (e - r * per);
-      const int elems = r < n && c < cols ? (cols - c < 8 ? cols - c : 8) : 0;
-      copyAsync16(dst + r * ldDst + c, elems > 0 ? src + r * ldSrc + c : src, 2 * elems);
-    }
-  } else {
-    const T zero = fromFloat<T>(0.0f);
-    for (int e = static_cast<int>(threadIdx.x); e < kC * width; e += kThreads) {
-      const int r = e / width, c = e - r * width;
-      dst[r * ldDst + c] = r < n && c < cols ? src[r * ldSrc + c] : zero;
-    }
-  }
 }
 
 // Dynamic shared memory of chunkPrepKernel: sK, then sQ, whose bytes later hold v's rows (64 x (Vp + 8)).
