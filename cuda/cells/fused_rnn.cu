@@ -203,6 +203,11 @@ template <class Op> size_t persistentShared(int cell, int64_t D, bool backward, 
   return static_cast<size_t>((G * D * (Dp + pad) + 2 * kRows * tile) * static_cast<int64_t>(sizeof(Op)) + bias);
 }
 
+// The forward's staged input tile of a block that takes Dc columns: two steps of 16 rows x G gates.
+template <class Op> size_t inputTileBytes(int cell, int64_t Dc) {
+  return 2 * static_cast<size_t>(kRows * gatesOf(cell) * Dc) * sizeof(Op);
+}
+
 // Shared memory of a multi-block persistent block (forward or backward) that takes Dc columns.
 template <class Op> size_t multiShared(int cell, int64_t D, int64_t Dc, bool backward) {
   const int64_t G = gatesOf(cell), Dp = ceilDiv(D, 16) * 16, pad = padOf<Op>(), ld = Dp + pad;
@@ -261,7 +266,7 @@ Status planMulti(void (*kernel)(KArgs...), int cell, int64_t D, bool backward, i
                                                                      static_cast<int>(4 * (D / splits)), plan->shared,
                                                                      cudaOccupancyDefault));
   if (!backward) {  // the forward's staged input tile, where it fits and keeps the blocks per SM
-    const size_t tile = 2 * static_cast<size_t>(kRows * gatesOf(cell) * (D / splits)) * sizeof(Op);
+    const size_t tile = inputTileBytes<Op>(cell, D / splits);
     int withTile = 0;
     if (plan->shared + tile <= static_cast<size_t>(optin)) {
       RK_TRY(allowDynamicShared(kernel, plan->shared + tile));
@@ -367,7 +372,7 @@ Status launchForward(const std::string& fn, const FusedRnnArgs& a, const FusedRn
     // Each step's inputs through a double-buffered shared tile where it still fits.
     int optin = 0;
     RK_TRY(deviceAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, &optin));
-    const size_t tile = 2 * static_cast<size_t>(kRows * gatesOf(CELL) * a.headDim) * sizeof(T);
+    const size_t tile = inputTileBytes<T>(CELL, a.headDim);
     if (shared + tile <= static_cast<size_t>(optin)) p.inputTile = true, shared += tile;
     return launchPersistent(fn, fusedRnnForwardKernel<T, CELL>, a, shared, p);
   }

@@ -111,12 +111,7 @@ __global__ void __launch_bounds__(kMultiThreads, 1) fusedRnnForwardMultiKernel(R
     float xin[4][G];
     if (!staged) loadForwardInputs<T, G>(p, wx, t, row0, hh, j0, len, xin);
     if (t > 0) copyExchange<Op>(hA, ld, 0, xg + ((t - 1) & 1) * bufStride, 1, Di);
-    if (staged) {
-      const int cur = static_cast<int>(t & 1);
-      if (t + 1 < L) stageInputTile<T, G>(p, wx, t + 1, row0, hh, j0, Dc, xTile + (cur ^ 1) * kRows * G * Dc);
-      prefetchForwardInputs<T, G>(p, wx, t, row0, hh, j0, len);
-      tileInputs<T, G>(xTile + cur * kRows * G * Dc, Dc, xin);
-    }
+    if (staged) stagedStepInputs<T, G>(p, wx, t, row0, hh, j0, Dc, len, xTile, xin);
     float acc[G][4];
     zeroAcc(acc);
     warpProduct<Op, G>(acc, hA, ld, Rt + warp * 8 * ld, Dc * ld, ld, p.Dp);

@@ -92,25 +92,6 @@ __device__ __forceinline__ void warpProductEach(float (&acc)[NB][4], const Op* a
   warpProductOf<Op, NB, true>(acc, a, lda, aStride, bt, bStride, ldb, K);
 }
 
-// gS[e][0] += sum_q A_q B_q (warpProductEach's operands) for the lane's elements: the backward's
-// recurrent product over the G gates as G independent accumulator chains, summed at the end.
-template <class Op, int G, int S>
-__device__ __forceinline__ void addGateChains(float (&gS)[4][S], const Op* a, int lda, int aStride, const Op* bt,
-                                              int bStride, int ldb, int K) {
-  float acc[G][4];
-#pragma unroll
-  for (int q = 0; q < G; ++q) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
-  }
-  warpProductEach<Op, G>(acc, a, lda, aStride, bt, bStride, ldb, K);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-#pragma unroll
-    for (int q = 0; q < G; ++q) gS[e][0] += acc[q][e];
-  }
-}
-
 template <class Op> __device__ __forceinline__ Op toOp(float x) { return fromFloat<Op>(x); }
 
 // Element e (0..3) of a lane: row rowOf(e) of the block's 16, column colOf(warp, e) of the head.
@@ -199,6 +180,21 @@ template <int NB> __device__ __forceinline__ void zeroAcc(float (&acc)[NB][4]) {
   for (int q = 0; q < NB; ++q) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[q][e] = 0.0f;
+  }
+}
+
+// gS[e][0] += sum_q A_q B_q (warpProductEach's operands) for the lane's elements: the backward's
+// recurrent product over the G gates as G independent accumulator chains, summed at the end.
+template <class Op, int G, int S>
+__device__ __forceinline__ void addGateChains(float (&gS)[4][S], const Op* a, int lda, int aStride, const Op* bt,
+                                              int bStride, int ldb, int K) {
+  float acc[G][4];
+  zeroAcc(acc);
+  warpProductEach<Op, G>(acc, a, lda, aStride, bt, bStride, ldb, K);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+#pragma unroll
+    for (int q = 0; q < G; ++q) gS[e][0] += acc[q][e];
   }
 }
 
@@ -306,8 +302,17 @@ __device__ __forceinline__ bool inputRowsAligned(const RnnParams& p, int j0, siz
   return reinterpret_cast<uintptr_t>(p.wx) % 16 == 0 && (p.headDim * static_cast<int64_t>(elem)) % 16 == 0 &&
          (j0 * elem) % 16 == 0;
 }
-// The lane's inputs xin[e][g] of a step from its staged tile ([16][G][Dc], the block's columns).
-template <class T, int G> __device__ __forceinline__ void tileInputs(const T* x, int Dc, float (&xin)[4][G]) {
+// Forward, staged inputs at step t: issues step t + 1's copies into the other buffer of xTile
+// ([2][16][G][Dc]; the caller waits for them before the barrier that ends the step), prefetches step
+// t + kAhead into L2, and reads the lane's inputs xin[e][g] of step t from its buffer.
+template <class T, int G>
+__device__ __forceinline__ void stagedStepInputs(const RnnParams& p, const T* wx, int64_t t, int64_t row0, int64_t hh,
+                                                 int j0, int Dc, const int64_t (&len)[2], T* xTile,
+                                                 float (&xin)[4][G]) {
+  const int64_t cur = t & 1, tile = static_cast<int64_t>(kRows) * G * Dc;
+  if (t + 1 < p.T) stageInputTile<T, G>(p, wx, t + 1, row0, hh, j0, Dc, xTile + (cur ^ 1) * tile);
+  prefetchForwardInputs<T, G>(p, wx, t, row0, hh, j0, len);
+  const T* x = xTile + cur * tile;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
 #pragma unroll
@@ -574,9 +579,7 @@ __global__ void __launch_bounds__(maxThreadsOf(CELL, std::is_same<T, float>::val
     // this step's product and land before the barrier that ends it.
     float xin[4][G];
     if (staged) {
-      if (t + 1 < L) stageInputTile<T, G>(p, wx, t + 1, row0, hh, 0, Di, xTile + (cur ^ 1) * kRows * G * Di);
-      prefetchForwardInputs<T, G>(p, wx, t, row0, hh, 0, len);
-      tileInputs<T, G>(xTile + cur * kRows * G * Di, Di, xin);
+      stagedStepInputs<T, G>(p, wx, t, row0, hh, 0, Di, len, xTile, xin);
     } else {
       loadForwardInputs<T, G>(p, wx, t, row0, hh, 0, len, xin);
     }

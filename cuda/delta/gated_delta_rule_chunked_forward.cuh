@@ -54,8 +54,9 @@ __device__ __forceinline__ void stageTilePadded(T* dst, int ldDst, const T* src,
 
 // The chunk's staging, shared by the preparation and the backward's gradient kernel (the whole
 // block calls each). stageQK: q, k rows (storage type, zero past n and K, columns up to Kp) into
-// sK, sQ (row stride p.ldk). chunkScalars: beta, the fp64 cumulative log decay sG, exp(sG) in sGam, and the inverse
-// norms sRk, sRq (1 without l2norm), the norms summed from the rows in global memory.
+// sK, sQ (row stride p.ldk). chunkScalars: beta, the fp64 cumulative log decay sG, exp(sG) in sGam,
+// and the inverse norms sRk, sRq (1 without l2norm), summed from the rows staged by stageQK when given
+// (its copies landed: the first barrier here comes before they are read), else from global memory.
 template <class T>
 __device__ __forceinline__ void stageQK(const ChunkParams& p, int64_t rowBase, int64_t h, int n, T* sK, T* sQ) {
   const T* qg = static_cast<const T*>(p.q);
@@ -71,7 +72,8 @@ __device__ __forceinline__ void stageQK(const ChunkParams& p, int64_t rowBase, i
 }
 template <class T>
 __device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBase, int64_t h, int64_t hv, int n,
-                                             double* sG, float* sGam, float* sBeta, float* sRk, float* sRq) {
+                                             double* sG, float* sGam, float* sBeta, float* sRk, float* sRq,
+                                             const T* sK = nullptr, const T* sQ = nullptr) {
   const int K = static_cast<int>(p.K);
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
   const T* qg = static_cast<const T*>(p.q);
@@ -98,8 +100,10 @@ __device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBa
     float kk = 0.0f, qq = 0.0f;
     if (r < n && p.l2norm) {
       const int64_t row = ((rowBase + r) * p.H + h) * p.K;
+      const T* kr = sK != nullptr ? sK + r * p.ldk : kg + row;
+      const T* qr = sQ != nullptr ? sQ + r * p.ldk : qg + row;
       for (int i = lane; i < K; i += 32) {
-        const float kx = toFloat(kg[row + i]), qx = toFloat(qg[row + i]);
+        const float kx = toFloat(kr[i]), qx = toFloat(qr[i]);
         kk = fmaf(kx, kx, kk);
         qq = fmaf(qx, qx, qq);
       }
@@ -148,7 +152,7 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
 
   const T* vg = static_cast<const T*>(p.v);
   stageQK(p, rowBase, h, n, sK, sQ);
-  chunkScalars<T>(p, rowBase, h, hv, n, sG, sGam, sBeta, sRk, sRq);
+  chunkScalars<T>(p, rowBase, h, hv, n, sG, sGam, sBeta, sRk, sRq, sK, sQ);
 
   auto kn = [&](int r, int i) -> float { return i < K ? toFloat(sK[r * ld + i]) * sRk[r] : 0.0f; };
   auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
@@ -363,16 +367,6 @@ __device__ __forceinline__ void storeTile(float* dst, const float* sS, int K, in
   }
 }
 
-// Issues the 16-byte cp.async copies of a 64-row tile of `cols` 16-bit elements (a multiple of 8)
-// from global memory (row stride ldSrc, 16-byte aligned rows) to shared memory (row stride ldDst).
-template <class T> __device__ __forceinline__ void stageTile(T* dst, int ldDst, const T* src, int64_t ldSrc, int cols) {
-  const int per = cols / 8;
-  for (int e = static_cast<int>(threadIdx.x); e < kC * per; e += kThreads) {
-    const int r = e / per, c = 8 * (e - r * per);
-    copyAsync16(dst + r * ldDst + c, src + r * ldSrc + c, 16);
-  }
-}
-
 // The state passes' shared-memory tiles (stateLayout) and the loads both passes make into them.
 template <class T> struct StateTiles {
   StateLayout lay;
@@ -408,10 +402,10 @@ template <class T> struct StateTiles {
   }
   // Issues the copies of one of W, Qg, Kd (dst, from the scratch array src) of (chunk, value head) cb.
   __device__ void stageRows(T* dst, const void* src, int64_t cb, const ChunkParams& p) const {
-    stageTile(dst, lay.ldT, static_cast<const T*>(src) + cb * kC * p.Kp, p.Kp, p.Kp);
+    stageTilePadded(dst, lay.ldT, static_cast<const T*>(src) + cb * kC * p.Kp, p.Kp, kC, p.Kp, p.Kp, true);
   }
   __device__ void stageP(int64_t cb, const ChunkParams& p) const {
-    stageTile(P, kLdP, static_cast<const T*>(p.P) + cb * kC * kC, kC, kC);
+    stageTilePadded(P, kLdP, static_cast<const T*>(p.P) + cb * kC * kC, kC, kC, kC, kC, true);
   }
 };
 

@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "78f50da0678aa1e0";
+constexpr const char* kSourcesHash = "51a89aa956f1c810";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -427,38 +427,38 @@ inline const KernelResources kKernelResources[] = {
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 0>(rkcuda::(anonymous namespace)::RnnParams)",
      66, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 1>(rkcuda::(anonymous namespace)::RnnParams)",
-     127, 0},
+     125, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 2>(rkcuda::(anonymous namespace)::RnnParams)",
      113, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardKernel<float, 3>(rkcuda::(anonymous namespace)::RnnParams)",
      139, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__half, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     78, 0},
+     76, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__half, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     148, 0},
+     152, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__half, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
      98, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__half, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     148, 0},
+     144, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__nv_bfloat16, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     78, 0},
+     76, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__nv_bfloat16, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     148, 0},
+     152, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__nv_bfloat16, 2>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
      98, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<__nv_bfloat16, 3>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     148, 0},
+     144, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<float, 0>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
-     117, 0},
+     116, 0},
     {"void rkcuda::(anonymous namespace)::fusedRnnForwardMultiKernel<float, 1>(rkcuda::(anonymous "
      "namespace)::RnnParams)",
      128, 0},
@@ -1040,22 +1040,22 @@ inline const KernelResources kKernelResources[] = {
      22, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     122, 0},
+     124, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     107, 0},
+     116, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     137, 0},
+     146, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     122, 0},
+     124, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     107, 0},
+     116, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     137, 0},
+     146, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      231, 0},
@@ -1079,19 +1079,19 @@ inline const KernelResources kKernelResources[] = {
      128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 4>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     107, 0},
+     116, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     132, 0},
+     141, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     107, 0},
+     116, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     132, 0},
+     141, 0},
     {"void rkcuda::l2normBackwardKernel<__half>(__half const*, float const*, __half*, long, int, bool)", 32, 0},
     {"void rkcuda::l2normBackwardKernel<__nv_bfloat16>(__nv_bfloat16 const*, float const*, __nv_bfloat16*, long, int, "
      "bool)",
