@@ -30,7 +30,8 @@
 //
 // This is the reference-quality path of the family (decode, short sequences, every rule and layout);
 // the Gated DeltaNet layout with a scalar decay has the chunked tensor-core kernels of the gated
-// delta rule (lib/ops/linearAttention.ts sends it there).
+// delta rule (lib/ops/linearAttention.ts sends the delta rules there; the launchers below send the
+// 'linear' and 'gated' rules of that layout there for fp16 / bf16, see choosePath).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -50,13 +51,16 @@
 #include "common/launch.cuh"
 #include "common/math.cuh"
 #include "common/rows.cuh"
+#include "delta/delta_params.cuh"
+#include "delta/gated_delta_rule.h"
+#include "delta/gated_delta_rule_chunked.h"
 
 namespace rkcuda {
 namespace {
 
-constexpr int kChunk = 64;    // checkpoint spacing (linearAttentionChunk)
-constexpr int kMaxDim = 256;  // K and V
-constexpr int64_t kMaxT = int64_t{1} << 30;
+using delta::kChunk;  // checkpoint spacing (linearAttentionChunk), the gated delta rule's
+using delta::kMaxDim;
+using delta::kMaxT;
 
 // The kernels' parameters: the contract's arguments plus the launch layout (ColumnParams), the
 // device sequence table and the outputs.
@@ -317,6 +321,31 @@ AttnParams paramsOf(const LinearAttentionArgs& a) {
   return p;
 }
 
+// The rules without the delta term ('linear', 'gated') with a scalar decay, a key head per query
+// head, Hv a multiple of Hq and no state window are the gated delta rule's layout without its delta
+// term: for fp16 / bf16 they run on its chunked tensor-core kernels (delta = false,
+// cuda/delta/gated_delta_rule_chunked.cu), which write the same checkpoints. A decode step that
+// updates its state in place (finalState == h0) stays on the per-token kernels. Tunable as
+// linearAttention.path: 1 per token, 2 chunked (where it applies).
+Status choosePath(const LinearAttentionArgs& a, const float* finalState, const std::string& fn, bool* chunked) {
+  const bool fits = !ruleCorrects(a.rule) && !a.perKeyDecay && a.Hk == a.Hq && a.Hv % a.Hq == 0 && a.window == 0 &&
+                    gatedDeltaRuleChunkedSupports(a.dt) && (finalState == nullptr || finalState != a.h0);
+  const int path = tunable("linearAttention.path", fits ? 2 : 1);
+  if (path != 1 && (path != 2 || !fits)) return statusError(fn + ": unsupported path " + std::to_string(path));
+  *chunked = path == 2;
+  return Status{};
+}
+
+GatedDeltaRuleArgs chunkedArgs(const LinearAttentionArgs& a) {
+  GatedDeltaRuleArgs d;
+  d.dt = a.dt, d.batch = a.batch, d.T = a.T, d.H = a.Hq, d.HV = a.Hv, d.K = a.K, d.V = a.V;
+  d.scale = a.scale, d.l2norm = a.l2norm;
+  d.nseq = a.nseq, d.segments = a.segments, d.packed = a.packed, d.chunk = a.chunk, d.totalChunks = a.totalChunks;
+  d.q = a.q, d.k = a.k, d.v = a.v, d.g = ruleDecays(a.rule) ? a.g : nullptr, d.beta = nullptr, d.h0 = a.h0;
+  d.delta = false;
+  return d;
+}
+
 template <class T> Status launchForward(const std::string& fn, const AttnParams& p) {
   return launchColumns(fn, "linearAttention", p, p.nseq * p.Hv,
                        [](auto kp) { return linearAttentionForwardKernel<T, decltype(kp)::value>; });
@@ -337,6 +366,9 @@ Status linearAttentionForward(const LinearAttentionArgs& a, void* o, float* stat
   RK_TRY(checkArgs(a, fn, &gaps));
   if (a.batch * a.T > 0 && o == nullptr) return statusError(fn + ": null o");
   if (a.window > 0 && a.windowStates == nullptr) return statusError(fn + ": null windowStates");
+  bool chunked = false;
+  RK_TRY(choosePath(a, finalState, fn, &chunked));
+  if (chunked) return gatedDeltaRuleForward(chunkedArgs(a), o, states, finalState);
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     AttnParams p = paramsOf(a);
@@ -366,6 +398,14 @@ Status linearAttentionBackward(const LinearAttentionArgs& a, const LinearAttenti
   if (BT > 0 && ruleDecays(a.rule) && g.dg == nullptr) return statusError(fn + ": null gradient of decay");
   if (BT > 0 && ruleCorrects(a.rule) && g.dbeta == nullptr) return statusError(fn + ": null gradient of beta");
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
+  bool chunked = false;
+  RK_TRY(choosePath(a, nullptr, fn, &chunked));
+  if (chunked) {
+    GatedDeltaRuleGrads d;
+    d.dO = g.dO, d.dFinal = g.dFinal, d.states = g.states;
+    d.dq = g.dq, d.dk = g.dk, d.dv = g.dv, d.dg = ruleDecays(a.rule) ? g.dg : nullptr, d.dbeta = nullptr, d.dh0 = g.dh0;
+    return gatedDeltaRuleBackward(chunkedArgs(a), d);
+  }
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     AttnParams p = paramsOf(a);

@@ -11,6 +11,12 @@ namespace rkcuda {
 namespace delta {
 
 constexpr float kL2Eps = 1e-6f;
+// Sizes the gated delta rule and the linear-attention family (cuda/attention/linear_attention.cu)
+// share: the linear rules with a scalar decay run on the chunked kernels from linear attention's
+// launchers, so the checkpoint spacing must be one.
+constexpr int kChunk = 64;    // checkpoint spacing (gatedDeltaRuleChunk, linearAttentionChunk)
+constexpr int kMaxDim = 256;  // K and V
+constexpr int64_t kMaxT = int64_t{1} << 30;
 
 struct DeltaInputs {
   int64_t T = 0, H = 0, HV = 0, K = 0, V = 0;

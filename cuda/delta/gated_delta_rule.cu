@@ -66,10 +66,10 @@
 namespace rkcuda {
 namespace {
 
-constexpr int kChunk = 64;    // checkpoint spacing (gatedDeltaRuleChunk)
-constexpr int kMaxDim = 256;  // K and V
-constexpr int kWindow = 16;   // positions per shared-memory accumulation window (backward)
-constexpr int64_t kMaxT = int64_t{1} << 30;
+using delta::kChunk;
+using delta::kMaxDim;
+using delta::kMaxT;
+constexpr int kWindow = 16;  // positions per shared-memory accumulation window (backward)
 
 using delta::kL2Eps;
 
@@ -304,9 +304,11 @@ Status checkArgs(const GatedDeltaRuleArgs& a, const std::string& fn, std::vector
   if (a.chunk != kChunk) return bad("chunk must be gatedDeltaRuleChunk() = " + std::to_string(kChunk));
   RK_TRY(checkSequences(a.segments, a.nseq, a.batch, a.T, a.packed, kChunk, a.totalChunks, fn, gaps));
   if (a.batch * a.T > 0 &&
-      (a.q == nullptr || a.k == nullptr || a.v == nullptr || a.g == nullptr || a.beta == nullptr)) {
+      (a.q == nullptr || a.k == nullptr || a.v == nullptr || (a.delta && (a.g == nullptr || a.beta == nullptr)))) {
     return bad("null input");
   }
+  if (!a.delta && !gatedDeltaRuleChunkedSupports(a.dt))
+    return bad("the rules without the delta term: fp16 or bf16 only");
   return Status{};
 }
 
@@ -342,7 +344,7 @@ Status gatedDeltaRuleForward(const GatedDeltaRuleArgs& a, void* o, float* states
   std::vector<int64_t> gaps;
   RK_TRY(checkArgs(a, fn, &gaps));
   if (a.batch * a.T > 0 && o == nullptr) return statusError(fn + ": null o");
-  if (a.totalChunks > 0 && states == nullptr) return statusError(fn + ": null states");
+  if (a.totalChunks > 0 && states == nullptr && a.delta) return statusError(fn + ": null states");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     DeltaParams p = baseParams(a);
@@ -354,7 +356,7 @@ Status gatedDeltaRuleForward(const GatedDeltaRuleArgs& a, void* o, float* states
     RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
     // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).
     const int path = tunable("gatedDeltaRule.forwardPath", gatedDeltaRuleChunkedSupports(a.dt) ? 2 : 1);
-    if (path != 1 && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
+    if ((path != 1 || !a.delta) && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
       return statusError(fn + ": unsupported forward path " + std::to_string(path));
     }
     if (a.nseq > 0 && path == 2) RK_TRY(gatedDeltaRuleChunkedForward(a, p.segments, o, states, finalState));
@@ -368,7 +370,8 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
   std::vector<int64_t> gaps;
   RK_TRY(checkArgs(a, fn, &gaps));
   const int64_t BT = a.batch * a.T;
-  if (BT > 0 && (g.dq == nullptr || g.dk == nullptr || g.dv == nullptr || g.dg == nullptr || g.dbeta == nullptr)) {
+  if (BT > 0 && (g.dq == nullptr || g.dk == nullptr || g.dv == nullptr ||
+                 (a.delta && (g.dg == nullptr || g.dbeta == nullptr)) || (a.g != nullptr && g.dg == nullptr))) {
     return statusError(fn + ": null gradient output");
   }
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
@@ -376,7 +379,7 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
     using T = typename decltype(tag)::type;
     // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).
     const int path = tunable("gatedDeltaRule.backwardPath", gatedDeltaRuleChunkedSupports(a.dt) ? 2 : 1);
-    if (path != 1 && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
+    if ((path != 1 || !a.delta) && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
       return statusError(fn + ": unsupported backward path " + std::to_string(path));
     }
     DeltaParams p = baseParams(a);
@@ -388,22 +391,23 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
     const int64_t qkElems = BT * a.H * a.K, headElems = BT * a.HV;
     const bool f32 = a.dt == DType::F32;
     // fp32 accumulators: dq, dk (taken through the L2 norm and converted at the end), dbeta (in
-    // place for fp32 storage), dg (the output itself).
+    // place for fp32 storage; none without the delta term), dg (the output itself, if any).
     // The chunked backward finishes dq, dk itself with one value head per q / k head.
     const bool finished = path == 2 && gatedDeltaRuleChunkedFinishesQK(a);
+    const int64_t betaElems = a.delta && !f32 ? headElems : 0;
     DeviceBuffer acc;
     if (BT > 0) {
-      const int64_t floats = 2 * qkElems + (f32 ? 0 : headElems);
+      const int64_t floats = 2 * qkElems + betaElems;
       RK_TRY(acc.allocate(static_cast<size_t>(floats) * sizeof(float)));
       float* base = static_cast<float*>(acc.get());
       p.dqAcc = base;
       p.dkAcc = base + qkElems;
-      p.dbetaAcc = f32 ? static_cast<float*>(g.dbeta) : base + 2 * qkElems;
+      p.dbetaAcc = !a.delta ? nullptr : f32 ? static_cast<float*>(g.dbeta) : base + 2 * qkElems;
       p.dgAcc = g.dg;
       const int64_t from = finished ? 2 * qkElems : 0;
       RK_TRY(zeroFloats(base + from, floats - from));
-      RK_TRY(zeroFloats(p.dgAcc, headElems));
-      if (f32) RK_TRY(zeroFloats(p.dbetaAcc, headElems));
+      if (p.dgAcc != nullptr) RK_TRY(zeroFloats(p.dgAcc, headElems));
+      if (f32 && a.delta) RK_TRY(zeroFloats(p.dbetaAcc, headElems));
     }
     DeviceBuffer table;
     const int64_t* gapList = nullptr;
@@ -422,7 +426,7 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
       RK_TRY(launch(l2normBackwardKernel<T>, static_cast<unsigned>(blocks), 256, 0, static_cast<const T*>(a.k),
                     static_cast<const float*>(p.dkAcc), static_cast<T*>(g.dk), rows, static_cast<int>(a.K), a.l2norm));
     }
-    if (BT > 0 && !f32) RK_TRY(convert(DType::F32, p.dbetaAcc, a.dt, g.dbeta, headElems));
+    if (betaElems > 0) RK_TRY(convert(DType::F32, p.dbetaAcc, a.dt, g.dbeta, headElems));
     const int64_t nGaps = static_cast<int64_t>(gaps.size() / 2);
     RK_TRY(launchZeroGaps<T>(g.dq, a.H * a.K, gapList, nGaps));
     RK_TRY(launchZeroGaps<T>(g.dk, a.H * a.K, gapList, nGaps));

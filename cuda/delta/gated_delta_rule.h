@@ -20,6 +20,10 @@ namespace rkcuda {
 // positions in no segment get o = 0 and zero gradients.
 // Checkpoints: the state entering chunk c (of `chunk` positions) of segment s for head hv at
 //   states[((chunkOffset + c) * HV + hv) * K * V + i * V + j],  c < ceil(length / chunk).
+// Without the delta term (delta = false: linear attention's 'gated' and 'linear' rules with a
+// scalar decay, cuda/attention/linear_attention.cu) the update is S_t = exp(g_t) S_{t-1} + k_t v_t^T:
+// beta is not read (nullable) and dbeta not written (nullable); g is nullable (no decay: g = 0), and
+// so is dg then. Only the chunked kernels (fp16 / bf16) take it.
 struct GatedDeltaRuleArgs {
   DType dt = DType::F32;
   int64_t batch = 0, T = 0, H = 0, HV = 0, K = 0, V = 0;
@@ -36,9 +40,11 @@ struct GatedDeltaRuleArgs {
   const float* g = nullptr;
   const void* beta = nullptr;
   const float* h0 = nullptr;  // nullable
+  bool delta = true;
 };
 int64_t gatedDeltaRuleChunk();
-// Writes o (every element), states (every element), finalState (nullable).
+// Writes o (every element), states (every element; nullable without the delta term: a forward no
+// backward follows), finalState (nullable).
 Status gatedDeltaRuleForward(const GatedDeltaRuleArgs& a, void* o, float* states, float* finalState);
 struct GatedDeltaRuleGrads {
   const void* dO = nullptr;       // nullable (zeros), dt [batch, T, HV, V]

@@ -20,6 +20,12 @@
 // g = -1e4 (G down to -6.4e5) neither overflows nor loses the small decays that follow it.
 // Padding rows (t >= n) have k = q = v = beta = 0 and g = 0: their rows of Tm, W, U, V' are 0.
 //
+// Without the delta term (ChunkParams::delta false: linear attention's 'linear' and 'gated' rules,
+// S_t = a_t S_{t-1} + k_t v_t^T) the same kernels run with A = 0, beta = 1, so Tm = I, U = V and
+// V' = U (no W: it is neither formed nor kept, and the products with it are skipped): the forward is
+// O = Qg S_0 + P V, S = exp(G_{n-1}) S_0 + Kd^T V; the backward drops dW, dTm, dA, E and dbeta
+// (chunkGradKernel<..., Delta = false> compiles them out); g may be absent (no decay: G = 0).
+//
 // Kernels.
 //   chunkPrepKernel<T>  one block (4 warps) per (chunk, value head), all chunks in parallel: stages
 //     the chunk's q, k in shared memory, L2 norms, fp64 cumulative decays; K K^T and Q K^T with
@@ -175,6 +181,7 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
   p.Vp = roundUp16(a.V);
   p.ldk = p.Kp + 8;
   p.segments = deviceSegments;
+  p.delta = a.delta;
 
   // Value tile of the sequential pass (latency bound): the widest of 64, 32, 16 columns that still
   // gives at least one block per SM and whose shared memory a block may have.
@@ -202,7 +209,9 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
   const int64_t perChunkK = cbs * kC * p.Kp, perChunkV = cbs * kC * a.V, perP = cbs * kC * kC;
   auto aligned = [](int64_t elems, int64_t size) { return (elems * size + 255) / 256 * 256; };
   const int64_t es = static_cast<int64_t>(sizeof(T)), fs = static_cast<int64_t>(sizeof(float));
-  int64_t bytes = 3 * aligned(perChunkK, es) + aligned(perChunkV, es) + aligned(perP, es) + aligned(cbs, fs);
+  const int64_t perChunkW = a.delta ? perChunkK : 0;  // W = 0 without the delta term: not kept
+  int64_t bytes = aligned(perChunkW, es) + 2 * aligned(perChunkK, es) + aligned(perChunkV, es) + aligned(perP, es) +
+                  aligned(cbs, fs);
   if (backward) bytes += aligned(perP, fs) + aligned(cbs * a.K * a.V, fs) + aligned(perChunkV, es) + aligned(cbs, fs);
   RK_TRY(scratch->allocate(static_cast<size_t>(bytes)));
   char* base = static_cast<char*>(scratch->get());
@@ -211,7 +220,7 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
     base += aligned(elems, size);
     return at;
   };
-  p.W = take(perChunkK, es);
+  p.W = a.delta ? take(perChunkW, es) : nullptr;
   p.Qg = take(perChunkK, es);
   p.Kd = take(perChunkK, es);
   p.U = take(perChunkV, es);
@@ -281,12 +290,14 @@ Status launchChunkedBackward(const GatedDeltaRuleArgs& a, const ScanSegment* dev
   const int64_t cbs = a.totalChunks * a.HV;
   if (cbs == 0) return Status{};
   const size_t gradBytes = gradSharedBytes(p, sizeof(T));
-  if (p.Vp <= 128) {  // dO fragments per row block held in registers: Vp / 16 of at most VS
-    RK_TRY(allowDynamicShared(chunkGradKernel<T, 8>, gradBytes));
-    return launch(chunkGradKernel<T, 8>, static_cast<unsigned>(cbs), kThreads, gradBytes, p);
-  }
-  RK_TRY(allowDynamicShared(chunkGradKernel<T, 16>, gradBytes));
-  return launch(chunkGradKernel<T, 16>, static_cast<unsigned>(cbs), kThreads, gradBytes, p);
+  // dO fragments per row block held in registers: Vp / 16 of at most VS; Delta: the delta term's
+  // products (the rules without it skip them at compile time).
+  auto run = [&](auto kernel) -> Status {
+    RK_TRY(allowDynamicShared(kernel, gradBytes));
+    return launch(kernel, static_cast<unsigned>(cbs), kThreads, gradBytes, p);
+  };
+  if (p.Vp <= 128) return p.delta ? run(chunkGradKernel<T, 8, true>) : run(chunkGradKernel<T, 8, false>);
+  return p.delta ? run(chunkGradKernel<T, 16, true>) : run(chunkGradKernel<T, 16, false>);
 }
 
 }  // namespace

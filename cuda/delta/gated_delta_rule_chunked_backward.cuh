@@ -62,7 +62,8 @@ __device__ __forceinline__ void addRowSums(float* dst, int r0, float lo, float h
 // Reverse pass over the chunks, one block per (sequence, value head, tile of vt = 8 NT value
 // columns): the fp32 tile of dS (the gradient of the state at the end of the current chunk) lives
 // in shared memory, from dFinal down to dh0. Per chunk: stores dS (dStates) and adds <S_0, dS> to
-// dGamL, then dV' = P^T dO + Kd dS (stored, storage type), dS <- exp(G_{n-1}) dS + Qg^T dO - W^T dV'.
+// dGamL, then dV' = P^T dO + Kd dS (stored, storage type), dS <- exp(G_{n-1}) dS + Qg^T dO - W^T dV'
+// (no W term without the delta term).
 // Shared memory as the forward's state pass (stateLayout): dS in fp32 and rounded to the storage
 // type, -dV' rounded (so that W^T, not -W^T, is the A operand: the same products), the chunk's
 // P, Kd, Qg and W staged with cp.async, read with ldmatrix (.trans for P^T, Qg^T and W^T), and dO's
@@ -104,7 +105,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
   auto stageQgW = [&](int c) {
     if (c >= 0) {
       sm.stageRows(sm.Qg, p.Qg, cbOf(c), p);
-      sm.stageRows(sm.W, p.W, cbOf(c), p);
+      if (p.delta) sm.stageRows(sm.W, p.W, cbOf(c), p);
     }
     commitAsyncCopies();
   };
@@ -178,7 +179,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
         const mma::FragA16 a = mma::ldmatrixA16T(sm.Qg + 16 * s * ldT + 16 * m, ldT);  // (Qg^T) rows 16 m..
         mmaTileRows<T, NT>(acc, a, dOt, ldH, s);
       }
-      for (int s = 0; s < kRows; ++s) {
+      for (int s = 0; p.delta && s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sm.W + 16 * s * ldT + 16 * m, ldT);  // (W^T) rows 16 m..
         mmaTileRows<T, NT>(acc, a, sm.Vh, ldH, s);                                    // B = -dV'
       }
@@ -260,7 +261,8 @@ inline size_t gradSharedBytes(const ChunkParams& p, size_t elemBytes) {
 // loads. A warp's dO rows (the A operand of dQg and dP) are read once into registers (VS: the
 // fragments per row block, 8 for V <= 128, 16 above). The products and their roundings are those
 // of per-element operand loads.
-template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p) {
+template <class T, int VS, bool Delta>
+__global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p) {
   const int64_t gc = static_cast<int64_t>(blockIdx.x) / p.HV;
   const int64_t hv = static_cast<int64_t>(blockIdx.x) - gc * p.HV;
   const int64_t h = hv / p.group;
@@ -304,14 +306,14 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
 
   const T* vg = static_cast<const T*>(p.v);
   const T* dO = static_cast<const T*>(p.dO);
-  const T* W = static_cast<const T*>(p.W) + cb * kC * p.Kp;
+  const T* W = Delta ? static_cast<const T*>(p.W) + cb * kC * p.Kp : nullptr;
   const T* U = static_cast<const T*>(p.U) + cb * kC * p.V;
   const T* dVp = static_cast<const T*>(p.dVp) + cb * kC * p.V;
   const float* S0 = p.checkpoints + cb * KV;
   const float* dS = p.dStates + cb * KV;
   {
     const bool rowsV = p.V % 8 == 0;  // rows of V elements 16-byte aligned (scratch: 256-byte aligned)
-    stageTilePadded(sW, ld, W, p.Kp, kC, p.Kp, p.Kp, true);
+    if constexpr (Delta) stageTilePadded(sW, ld, W, p.Kp, kC, p.Kp, p.Kp, true);
     stageTilePadded(sVp, ldv, U, p.V, kC, V, p.Vp, rowsV);
     stageTilePadded(sDV, ldv, dVp, p.V, kC, V, p.Vp, rowsV);
     stageTilePadded(sV, ldv, vg + (rowBase * p.HV + hv) * p.V, p.HV * p.V, n, V, p.Vp,
@@ -367,7 +369,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
   for (int jb = 0; jb < p.Vp / 8; jb += NB) {
     const int nb = p.Vp / 8 - jb < NB ? p.Vp / 8 - jb : NB;  // even: Vp is a multiple of 16
     __syncthreads();                                         // the slice before is read
-    for (int e = tid; e < p.Kp * kKt; e += kThreads) {
+    for (int e = tid; Delta && e < p.Kp * kKt; e += kThreads) {
       const int i = e / kKt, c = e - i * kKt, col = 8 * jb + c;
       sS0c[i * kLdSl + c] = fromFloat<T>((i < K && col < V) ? S0[static_cast<int64_t>(i) * p.V + col] : 0.0f);
     }
@@ -375,7 +377,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
     mma::FragC acc[NB], accV[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) acc[j].zero(), accV[j].zero();
-    for (int s = 0; s < kSteps; ++s) {
+    for (int s = 0; Delta && s < kSteps; ++s) {  // V' = U without the delta term
       mmaTileRows<T, NB>(acc, mma::ldmatrixA16(sW + r0 * ld + 16 * s, ld), sS0c, kLdSl, s, nb);
     }
     addTmT(accV, nb, sDV + 8 * jb, ldv);  // dv = Tm^T dV' (this step's columns)
@@ -393,8 +395,9 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
     }
   }
   __syncthreads();  // S_0's slice read: r2 becomes dTm
-  // dTm = dV' V^T (lower triangle kept).
-  {
+  // dTm = dV' V^T (lower triangle kept). Without the delta term Tm = I is no function of the inputs:
+  // dTm, dW and what follows from them (d(K exp(G)), dbeta, dA, E) are not formed.
+  if constexpr (Delta) {
     mma::FragC acc[kC / 8];
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) acc[j].zero();
@@ -456,8 +459,10 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
         mma::ldmatrixB16x2T(sS0r + 8 * j * ldv + 16 * s, ldv, b0, b1);  // S_0^T
         mma::mma16816<T>(aQ[j], fdO[s], b0);
         mma::mma16816<T>(aQ[j + 1], fdO[s], b1);
-        mma::mma16816<T>(aW[j], aV, b0);
-        mma::mma16816<T>(aW[j + 1], aV, b1);
+        if constexpr (Delta) {
+          mma::mma16816<T>(aW[j], aV, b0);
+          mma::mma16816<T>(aW[j + 1], aV, b1);
+        }
         mma::ldmatrixB16x2T(sdSr + 8 * j * ldv + 16 * s, ldv, b0, b1);  // dS^T
         mma::mma16816<T>(aK[j], aP, b0);
         mma::mma16816<T>(aK[j + 1], aP, b1);
@@ -486,12 +491,15 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
         else
           fHi += x;
       });
-      mma::storeC(aW[j], [&](int rr, int cc, float val) { sDW[(r0 + rr) * kLdSl + 8 * j + cc] = fromFloat<T>(-val); });
+      if constexpr (Delta) {
+        mma::storeC(aW[j],
+                    [&](int rr, int cc, float val) { sDW[(r0 + rr) * kLdSl + 8 * j + cc] = fromFloat<T>(-val); });
+      }
     }
     addRowSums(sDG, r0, gLo, gHi);
     addRowSums(sF, r0, fLo, fHi);
     __syncthreads();
-    {
+    if constexpr (Delta) {
       mma::FragC acc[kC / 8];
 #pragma unroll
       for (int j = 0; j < kC / 8; ++j)
@@ -518,7 +526,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
     mma::FragC aG[NB];
 #pragma unroll
     for (int j = 0; j < NB; ++j) aG[j].zero();
-    addTmT(aG, nb, sDW, kLdSl);  // d(K exp(G)) = Tm^T dW
+    if constexpr (Delta) addTmT(aG, nb, sDW, kLdSl);  // d(K exp(G)) = Tm^T dW
     gLo = gHi = 0.0f;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
@@ -573,7 +581,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
   auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
 
   // dbeta from Tm = X diag(beta); dX = dTm diag(beta) (column c: thread c).
-  if (tid < kC) {
+  if (Delta && tid < kC) {
     const int c = tid;
     float acc = 0.0f;
     const float b = sBeta[c];
@@ -586,7 +594,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
   }
   __syncthreads();
   // Y = dX X^T (dX, X lower triangular), then dA = -X^T Y (strictly lower part).
-  {
+  if constexpr (Delta) {
     mma::FragC acc[kC / 8];
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) acc[j].zero();
@@ -620,8 +628,10 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) accA[j].zero(), accP[j].zero();
     auto kT = [&](int i, int s) { return kn(s, i); };
-    warpMma<T>(
-        accA, 2 * warp + 2, 0, kSteps, 0, [&](int rr, int i) { return kn(r0 + rr, i); }, kT);
+    if constexpr (Delta) {
+      warpMma<T>(
+          accA, 2 * warp + 2, 0, kSteps, 0, [&](int rr, int i) { return kn(r0 + rr, i); }, kT);
+    }
     warpMma<T>(
         accP, 2 * warp + 2, 0, kSteps, 0, [&](int rr, int i) { return qn(r0 + rr, i); }, kT);
     float gLo = 0.0f, gHi = 0.0f, bLo = 0.0f, bHi = 0.0f;
@@ -634,7 +644,7 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
         s += 8 * j;
         const float qk = kq.c[(rr >= 8 ? 2 : 0) + (s & 1)];
         float gsum = 0.0f;
-        if (s < t && t < n) {
+        if (Delta && s < t && t < n) {
           const float gts = decay(t, s);
           const float dA = sDT[t * kLdA + s];
           const float E = dA * sBeta[t] * gts;
@@ -671,10 +681,12 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
     for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero();
     warpMma<T>(
         aQ, nb, 0, warp + 1, jb, [&](int rr, int s) { return sDP[(r0 + rr) * kLdA + s]; }, kn);
-    warpMma<T>(
-        aK, nb, 0, warp + 1, jb, [&](int rr, int s) { return sDT[(r0 + rr) * kLdA + s]; }, kn);
-    warpMma<T>(
-        aK, nb, warp, kC / 16, jb, [&](int rr, int s) { return sDT[s * kLdA + r0 + rr]; }, kn);
+    if constexpr (Delta) {
+      warpMma<T>(
+          aK, nb, 0, warp + 1, jb, [&](int rr, int s) { return sDT[(r0 + rr) * kLdA + s]; }, kn);
+      warpMma<T>(
+          aK, nb, warp, kC / 16, jb, [&](int rr, int s) { return sDT[s * kLdA + r0 + rr]; }, kn);
+    }
     warpMma<T>(
         aK, nb, warp, kC / 16, jb, [&](int rr, int s) { return sDP[s * kLdA + r0 + rr]; }, qn);
 #pragma unroll
@@ -708,8 +720,8 @@ template <class T, int VS> __global__ void __launch_bounds__(kThreads) chunkGrad
     for (int t = n - 1; t >= 0; --t) {
       acc += static_cast<double>(sDG[t]) - sF[t];
       const int64_t gi = (rowBase + t) * p.HV + hv;
-      p.dg[gi] = static_cast<float>(acc);
-      p.dbetaAcc[gi] = sDB[t];
+      if (p.dg != nullptr) p.dg[gi] = static_cast<float>(acc);
+      if constexpr (Delta) p.dbetaAcc[gi] = sDB[t];
     }
   }
 }

@@ -40,6 +40,9 @@ struct ChunkParams : delta::DeltaInputs {
   int ldk = 24;  // row stride (elements) of the staged q, k
   int vt = 32;   // value columns per state-pass block
   int vTiles = 1;
+  // false: the rules without the delta term (S_t = exp(g_t) S_{t-1} + k_t v_t^T): Tm = I, U = V, no
+  // W (V' = U), beta and dbeta not read or written, g nullable (0)
+  bool delta = true;
   // scratch, per (global chunk, value head): W, Qg, Kd [64 x K], U [64 x V], P [64 x 64], gammaLast
   void* W = nullptr;
   void* U = nullptr;

@@ -54,9 +54,9 @@ __device__ __forceinline__ void stageTilePadded(T* dst, int ldDst, const T* src,
 
 // The chunk's staging, shared by the preparation and the backward's gradient kernel (the whole
 // block calls each). stageQK: q, k rows (storage type, zero past n and K, columns up to Kp) into
-// sK, sQ (row stride p.ldk). chunkScalars: beta, the fp64 cumulative log decay sG, exp(sG) in sGam,
-// and the inverse norms sRk, sRq (1 without l2norm), summed from the rows staged by stageQK when given
-// (its copies landed: the first barrier here comes before they are read), else from global memory.
+// sK, sQ (row stride p.ldk). chunkScalars: beta (1 without the delta term), the fp64 cumulative log decay sG, exp(sG)
+// in sGam, and the inverse norms sRk, sRq (1 without l2norm), summed from the rows staged by stageQK when given (its
+// copies landed: the first barrier here comes before they are read), else from global memory.
 template <class T>
 __device__ __forceinline__ void stageQK(const ChunkParams& p, int64_t rowBase, int64_t h, int n, T* sK, T* sQ) {
   const T* qg = static_cast<const T*>(p.q);
@@ -82,8 +82,8 @@ __device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBa
     float gt = 0.0f, bt = 0.0f;
     if (tid < n) {
       const int64_t gi = (rowBase + tid) * p.HV + hv;
-      gt = p.g[gi];
-      bt = loadScalar(static_cast<const T*>(p.beta) + gi);
+      gt = p.g != nullptr ? p.g[gi] : 0.0f;
+      bt = p.delta ? loadScalar(static_cast<const T*>(p.beta) + gi) : 1.0f;
     }
     sGam[tid] = gt;
     sBeta[tid] = bt;
@@ -174,13 +174,14 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
     }
     for (int s = 0; s < kSteps; ++s) {
       const int k0 = 16 * s;
-      const mma::FragA16 ak = mma::loadA16<T>([&](int rr, int kk) { return kn(r0 + rr, k0 + kk); });
+      mma::FragA16 ak{};
+      if (p.delta) ak = mma::loadA16<T>([&](int rr, int kk) { return kn(r0 + rr, k0 + kk); });
       const mma::FragA16 aq = mma::loadA16<T>([&](int rr, int kk) { return qn(r0 + rr, k0 + kk); });
 #pragma unroll
       for (int j = 0; j < kC / 8; ++j) {
         if (8 * j > r0 + 15) continue;
         const mma::FragB16 b = mma::loadB16<T>([&](int kk, int nn) { return kn(8 * j + nn, k0 + kk); });
-        mma::mma16816<T>(accA[j], ak, b);
+        if (p.delta) mma::mma16816<T>(accA[j], ak, b);
         mma::mma16816<T>(accP[j], aq, b);
       }
     }
@@ -218,7 +219,14 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   // Warp w inverts D_w (lane c < 16 solves column c by forward substitution, in registers); each
   // block row's sums and products with D_I are spread over the whole block. A's block row I, once
   // summed, holds the sums. Then X is kept for the backward and its columns scaled by beta.
-  {
+  // Without the delta term A = 0: X = I.
+  if (!p.delta) {
+    for (int e = tid; e < kC * kC; e += kThreads) {
+      const int i = e / kC, c = e - i * kC;
+      sX[i * kLdA + c] = i == c ? 1.0f : 0.0f;
+    }
+    __syncthreads();
+  } else {
     for (int e = tid; e < kC * kC; e += kThreads) {
       const int i = e / kC, c = e - i * kC;
       if (c / 16 > i / 16) sX[i * kLdA + c] = 0.0f;
@@ -268,6 +276,8 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
       }
       __syncthreads();
     }
+  }
+  {
     float* X = p.Xinv != nullptr ? p.Xinv + (gc * p.HV + hv) * kC * kC : nullptr;
     for (int e = tid; e < kC * kC; e += kThreads) {
       const int i = e / kC, c = e - i * kC;
@@ -281,12 +291,12 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   // W = Tm (K exp(G)), U = Tm V: rows r0..r0+15, Tm lower triangular (k-steps up to the diagonal).
   // W, Qg and Kd have rows of Kp elements (zeros past K), so that the state pass can stage them
   // with 16-byte copies.
-  T* W = static_cast<T*>(p.W) + cb * kC * p.Kp;
+  T* W = p.delta ? static_cast<T*>(p.W) + cb * kC * p.Kp : nullptr;  // no W without the delta term
   T* U = static_cast<T*>(p.U) + cb * kC * p.V;
   auto tmFrag = [&](int s) {
     return mma::loadA16<T>([&](int rr, int kk) { return sX[(r0 + rr) * kLdA + 16 * s + kk]; });
   };
-  for (int j = 0; j < p.Kp / 8; ++j) {
+  for (int j = 0; W != nullptr && j < p.Kp / 8; ++j) {
     mma::FragC acc;
     acc.zero();
     for (int s = 0; s <= warp; ++s) {
@@ -452,7 +462,7 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
   const bool uAsync = p.V % 8 == 0;  // U's rows (scratch, 256-byte aligned) 16-byte aligned
   auto stageW = [&](int c) {
     if (c < nChunks) {
-      sm.stageRows(sm.W, p.W, cbOf(c), p);
+      if (p.delta) sm.stageRows(sm.W, p.W, cbOf(c), p);
       const int n = L - c * kC < kC ? L - c * kC : kC;
       stageTilePadded(sm.U, ldH, static_cast<const T*>(p.U) + cbOf(c) * kC * p.V + tl.v0, p.V, n, tl.vw, p.vt, uAsync);
     }
@@ -481,14 +491,15 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
     const int n = L - c * kC < kC ? L - c * kC : kC;
     const int kRows = (n + 15) / 16;  // 16-row steps that hold positions
     const int64_t rowBase = tl.seg.batch * p.T + tl.seg.start + static_cast<int64_t>(c) * kC;
-    storeTile(p.states + cb * KV, sm.S, K, tl.vw, ldS, p.V, tl.v0);
+    if (p.states != nullptr) storeTile(p.states + cb * KV, sm.S, K, tl.vw, ldS, p.V, tl.v0);
 
-    // V' = U - W S: each fragment of W is loaded once and used for the NT column blocks.
+    // V' = U - W S: each fragment of W is loaded once and used for the NT column blocks (V' = U
+    // without the delta term).
     {
       mma::FragC acc[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) acc[j].zero();
-      if (warp < kRows) {
+      if (p.delta && warp < kRows) {
         for (int s = 0; s < kSteps; ++s) {
           const mma::FragA16 a = mma::ldmatrixA16(sm.W + r0 * ldT + 16 * s, ldT);
           mmaTileRows<T, NT>(acc, a, sm.Sh, ldH, s);

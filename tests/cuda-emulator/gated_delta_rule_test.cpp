@@ -437,8 +437,8 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
         pass |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 2>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 4>) ||
                 l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 8>);
-        grad |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T, 8>) ||
-                l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T, 16>);
+        grad |= l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T, 8, true>) ||
+                l.kernel == emu::kernelId(rkcuda::deltachunked::chunkGradKernel<T, 16, true>);
         recurrent |= l.kernel == emu::kernelId(rkcuda::gatedDeltaRuleBackwardKernel<T, 8>) ||
                      l.kernel == emu::kernelId(rkcuda::gatedDeltaRuleBackwardKernel<T, 16>);
       }
@@ -744,9 +744,9 @@ template <class T> void checkCoverage() {
           std::string("never ran: ") + Elem<T>::name + " chunked reverse pass, 32 value columns");
     check(launched.count(emu::kernelId(deltachunked::chunkBwdStateKernel<T, 8>)) == 1,
           std::string("never ran: ") + Elem<T>::name + " chunked reverse pass, 64 value columns");
-    check(launched.count(emu::kernelId(deltachunked::chunkGradKernel<T, 8>)) == 1,
+    check(launched.count(emu::kernelId(deltachunked::chunkGradKernel<T, 8, true>)) == 1,
           std::string("never ran: ") + Elem<T>::name + " chunked gradients, V <= 128");
-    check(launched.count(emu::kernelId(deltachunked::chunkGradKernel<T, 16>)) == 1,
+    check(launched.count(emu::kernelId(deltachunked::chunkGradKernel<T, 16, true>)) == 1,
           std::string("never ran: ") + Elem<T>::name + " chunked gradients, V > 128");
   }
   context = "coverage";

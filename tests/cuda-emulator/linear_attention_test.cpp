@@ -11,6 +11,12 @@
 //     the inputs are NaN); h0, finalState, dO, dFinal, dh0 each on and off; decays 0 and -1e4;
 //     the trailing state window (slots before a sequence's start must be zero); every rows-per-lane
 //     and block-size choice (pinned through rkcuda::tunable);
+//   * the 'linear' and 'gated' rules with a scalar decay in the gated delta rule's layout, which the
+//     launchers send to its chunked tensor-core kernels (without the delta term) for fp16 / bf16:
+//     Hv = Hq and Hv > Hq, K and V off the tiles (20 x 3, 64 x 64, 130 x 9, 16 x 40), T up to three
+//     chunks and a few, packed sequences, decays 0 and -1e4, dO absent, a forward with no checkpoints;
+//     which path ran is checked against the launcher's rule worked out here, and the same layout once
+//     forced onto the per-token kernels;
 //   * the decode step as the binding runs it: the forward with the state as h0 and finalState (in
 //     place) and the window as the intermediate states;
 //   * the gate activations (linear_attention_gates.cu): the qwen gate with a per-head or per-key
@@ -26,6 +32,8 @@
 #include "emu.h"
 // The kernels under test, after the emulator.
 #include "attention/linear_attention.cu"
+#include "delta/gated_delta_rule.cu"
+#include "delta/gated_delta_rule_chunked.cu"
 #include "attention/linear_attention_gates.cu"
 #include "harness.h"
 
@@ -274,6 +282,11 @@ struct Case {
   bool l2 = false, packed = false, h0 = false, fin = false, dO = true, dFinal = false, dh0 = false;
   bool edgeDecays = false;
   int rows = 0, threads = 0;  // tunables (0: the launcher's choice)
+  // chunked: a case of the chunked tensor-core path (must be one: the rules without the delta term
+  // with a scalar decay, a key head per query head, Hv a multiple of Hq, no window, 16-bit storage);
+  // perToken: such a case forced onto the per-token kernels; infer: a forward with no checkpoints
+  // and no backward.
+  bool chunked = false, perToken = false, infer = false;
 };
 
 template <class T> Problem makeProblem(const Case& c, std::mt19937& rng) {
@@ -332,6 +345,15 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
             std::to_string(c.V) + (c.l2 ? " l2" : "") + (c.packed ? " packed" : "") + (c.h0 ? " h0" : "") +
             (c.window ? " window " + std::to_string(c.window) : "") + (c.edgeDecays ? " decays 0/-1e4" : "") +
             " rows " + std::to_string(c.rows) + " threads " + std::to_string(c.threads);
+  // The launcher's choice, worked out here independently.
+  const bool chunkable =
+      !std::is_same_v<T, float> && !P.corrects() && !c.perKey && c.Hk == c.Hq && c.Hv % c.Hq == 0 && c.window == 0;
+  const bool expectChunked = chunkable && !c.perToken;
+  context += expectChunked ? " chunked" : "";
+  context += c.perToken ? " per-token" : "";
+  context += c.infer ? " inference" : "";
+  check(!c.chunked || chunkable, "not a case of the chunked path");
+  emu::setTunable("linearAttention.path", c.perToken ? 1 : 0);
   emu::setTunable("linearAttention.rowsPerLane", c.rows);
   emu::setTunable("linearAttention.blockThreads", c.threads);
   const std::vector<bool> in = covered(P);
@@ -356,6 +378,9 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   a.beta = P.corrects() ? beta.data : nullptr, a.h0 = c.h0 ? h0.data : nullptr;
   const Ref ref = reference(P, true);
   const double tol = tolerance<T>();
+  // The chunked forward rounds its operands (P, V', the state) to the storage type: 1e-2 as the gated
+  // delta rule's chunked forward; its backward meets the dtype's tolerance.
+  const double ftol = expectChunked ? std::max(tol, 1e-2) : tol;
   // Forward.
   Buf<T> o(P.batch * P.T * Ho * V);
   Buf<float> states(std::max<int64_t>(P.totalChunks * P.Hv * K * V, 1)), fin(P.nseq() * P.Hv * K * V),
@@ -365,16 +390,30 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   a.windowStates = c.window ? win.data : nullptr;
   a.windowSlotStride = P.nseq() * P.Hv * K * V;
   a.windowSeqStride = P.Hv * K * V;
-  rkcuda::Status st = rkcuda::linearAttentionForward(a, o.data, states.data, c.fin ? fin.data : nullptr);
+  emu::launchLog.clear();
+  rkcuda::Status st =
+      rkcuda::linearAttentionForward(a, o.data, c.infer ? nullptr : states.data, c.fin ? fin.data : nullptr);
   check(st.ok(), "forward status: " + st.message);
-  checkOutput("o", o, ref.o, tol);
-  if (P.totalChunks > 0) checkOutput("checkpoints", states, ref.states, tol);
-  if (c.fin) checkOutput("finalState", fin, ref.finalState, tol);
+  bool ranChunked = false;
+  if constexpr (!std::is_same_v<T, float>) {
+    for (const emu::LaunchRecord& l : emu::launchLog)
+      ranChunked = ranChunked || l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 2>) ||
+                   l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 4>) ||
+                   l.kernel == emu::kernelId(rkcuda::deltachunked::chunkStateKernel<T, 8>);
+  }
+  check(ranChunked == expectChunked, expectChunked ? "the chunked path did not run" : "the chunked path ran");
+  checkOutput("o", o, ref.o, ftol);
+  if (P.totalChunks > 0 && !c.infer) checkOutput("checkpoints", states, ref.states, ftol);
+  if (c.fin) checkOutput("finalState", fin, ref.finalState, ftol);
   if (c.window) checkOutput("window states", win, ref.window, tol);
   for (int64_t bt = 0; bt < P.batch * P.T; ++bt)
     if (!in[bt])
       for (int64_t e = 0; e < Ho * V; ++e) check(Elem<T>::value(o.data[bt * Ho * V + e]) == 0.0, "o in no sequence");
   noteLaunches();
+  if (c.infer) {
+    check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
+    return;
+  }
   // Backward.
   Buf<T> dq(P.q.size()), dk(P.k.size()), dv(P.v.size()), dbeta(P.beta.size());
   Buf<float> dg(P.g.size()), dh0(P.h0.size());
@@ -407,6 +446,39 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   check(emu::liveAllocations.empty(), "stream-ordered allocations not freed");
   emu::setTunable("linearAttention.rowsPerLane", 0);
   emu::setTunable("linearAttention.blockThreads", 0);
+  emu::setTunable("linearAttention.path", 0);
+}
+
+// The rules without the delta term with a scalar decay in the gated delta rule's layout (a key head
+// per query head, Hv a multiple of Hq, no window): 16-bit storage runs them on its chunked
+// tensor-core kernels. Value heads sharing a query head and not, K and V off the 16-element tiles
+// (and V off the 16-byte rows), several chunks with a short last one, packed sequences with an empty
+// one and gaps, decays 0 and -1e4, every optional input and output; then the same layout forced onto
+// the per-token kernels (linearAttention.path = 1) and a forward with no checkpoints.
+template <class T> void runChunkedSuite(std::mt19937& rng) {
+  Case c;
+  c.rule = LinearRule::Gated, c.chunked = true;
+  c.batch = 2, c.T = 2 * kChunk + 3, c.Hq = 1, c.Hk = 1, c.Hv = 2, c.K = 20, c.V = 3, c.l2 = true;
+  c.h0 = c.fin = c.dFinal = c.dh0 = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::Linear, c.chunked = true;
+  c.batch = 1, c.T = 3 * kChunk + 7, c.Hq = 2, c.Hk = 2, c.Hv = 2, c.K = 64, c.V = 64, c.packed = true, c.fin = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::Gated, c.chunked = true;
+  c.batch = 1, c.T = kChunk + 1, c.Hq = 1, c.Hk = 1, c.Hv = 1, c.K = 130, c.V = 9, c.packed = true, c.dO = false;
+  c.edgeDecays = true, c.h0 = c.dFinal = c.dh0 = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::Gated, c.chunked = true, c.infer = true;
+  c.batch = 2, c.T = kChunk - 1, c.Hq = 2, c.Hk = 2, c.Hv = 4, c.K = 16, c.V = 40, c.h0 = c.fin = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::Linear, c.perToken = true;
+  c.batch = 2, c.T = kChunk + 1, c.Hq = 1, c.Hk = 1, c.Hv = 2, c.K = 8, c.V = 16,
+  c.h0 = c.fin = c.dFinal = c.dh0 = true;
+  runCase<T>(c, rng);
 }
 
 // The decode step as the binding runs it: the state is h0 and the final state (updated in place), the
@@ -514,6 +586,12 @@ void checkRefusals() {
   check(!rkcuda::linearAttentionForward(a, x, x, nullptr).ok(), "null decay for gated_delta");
   a.g = x, a.window = 9;
   check(!rkcuda::linearAttentionForward(a, x, x, nullptr).ok(), "window above 8");
+  a.window = 0, a.Hq = 3, a.Hk = 3, a.rule = LinearRule::Gated;
+  emu::setTunable("linearAttention.path", 2);
+  check(!rkcuda::linearAttentionForward(a, x, x, nullptr).ok(), "the chunked path forced for fp32");
+  emu::setTunable("linearAttention.path", 3);
+  check(!rkcuda::linearAttentionForward(a, x, x, nullptr).ok(), "an unknown path");
+  emu::setTunable("linearAttention.path", 0);
 }
 
 template <class T> void runSuite(std::mt19937& rng, int variant) {
@@ -571,6 +649,8 @@ int main() {
   runSuite<float>(rng, 0);
   runSuite<__half>(rng, 1);
   runSuite<__nv_bfloat16>(rng, 2);
+  runChunkedSuite<__half>(rng);
+  runChunkedSuite<__nv_bfloat16>(rng);
   runGates<float>(rng, false, false, true, 1);
   runGates<float>(rng, true, true, false, 3);
   runGates<__half>(rng, true, false, true, 3);

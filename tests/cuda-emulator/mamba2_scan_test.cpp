@@ -28,8 +28,10 @@
 //     states and final states each on and off; one clamp case; batch 1 and 2; packed sequences
 //     (cuSeqlens: an empty sequence and a tail in no sequence, where y and the gradients of x, dt,
 //     z, B and C must be exactly 0; and packed sequences covering every position, with D); float32
-//     (forward 2e-5, gradients 1e-4, norm-wise) and two bfloat16 cases (3e-2; v = d x is rounded
-//     to the dtype there). The packed cases with a tail in no sequence run with and without D (the
+//     (forward 2e-5, gradients 1e-4, norm-wise), three bfloat16 and two float16 cases (3e-2; v = d x
+//     is rounded to the dtype there; the scan on the chunked tensor-core kernels, checked, and once
+//     forced onto the per-token kernels; seqlen 257 with headdim 64, and packed sequences with empty
+//     ones and one of length 1). The packed cases with a tail in no sequence run with and without D (the
 //     kernels after the scan take validRows, as the binding passes it).
 // Outputs are poisoned (NaN) before each call; sentinels around every output catch out-of-bounds
 // writes; outputs a call must leave alone (dDtBias and intermediate when null, the state without
@@ -43,6 +45,8 @@
 #include "ssd/mamba2_scan.cu"
 // The scan the pipeline runs on.
 #include "attention/linear_attention.cu"
+#include "delta/gated_delta_rule.cu"
+#include "delta/gated_delta_rule_chunked.cu"
 #include "harness.h"
 
 #include <chrono>
@@ -671,6 +675,7 @@ struct ScanCase {
   int dMode;
   bool z, h0, fin;
   std::vector<int64_t> cu;  // cuSeqlens (batch 1); empty: not packed
+  bool perToken = false;    // 16-bit: the scan forced onto linear attention's per-token kernels
 };
 
 template <class T> Scan makeScan(const ScanCase& c, std::mt19937& rng) {
@@ -760,7 +765,7 @@ template <class T> void runScanCase(const ScanCase& c, std::mt19937& rng) {
              : c.dMode == 2 ? " D per channel"
                             : "") +
             (c.z ? " z" : "") + (c.h0 ? " initialStates" : "") + (c.fin ? " finalStates" : "") +
-            (c.cu.empty() ? "" : " cuSeqlens [" + cu + "]");
+            (c.cu.empty() ? "" : " cuSeqlens [" + cu + "]") + (c.perToken ? " per-token" : "");
   ScanRef ref;
   scanReference(s, true, &ref);
   const int64_t H = G.H, P = G.P, N = s.N, n = G.n(), rh = G.rows * H, bcn = s.bcSize(), sn = s.stateSize();
@@ -811,8 +816,18 @@ template <class T> void runScanCase(const ScanCase& c, std::mt19937& rng) {
   Buf<T> o(n);
   Buf<float> states(std::max<int64_t>(totalChunks * H * N * P, 1)), finT(sn), fin(sn);
   o.poison(), states.poison(), finT.poison(), fin.poison();
+  emu::setTunable("linearAttention.path", c.perToken ? 1 : 0);
+  emu::launchLog.clear();
   st = rkcuda::linearAttentionForward(la, o.data, states.data, c.fin ? finT.data : nullptr);
   check(st.ok(), "scan forward status: " + st.message);
+  // 16-bit storage runs the scan on the gated delta rule's chunked kernels (without the delta term)
+  // unless forced onto the per-token ones.
+  if constexpr (!std::is_same_v<T, float>) {
+    bool chunked = false;
+    for (const emu::LaunchRecord& l : emu::launchLog)
+      chunked = chunked || l.kernel == emu::kernelId(rkcuda::deltachunked::chunkPrepKernel<T>);
+    check(chunked == !c.perToken, c.perToken ? "the chunked scan ran" : "the chunked scan did not run");
+  }
   if (c.fin) {
     st = rkcuda::mamba2TransposeStates(finT.data, fin.data, count, N, P);
     check(st.ok(), "final states transpose status: " + st.message);
@@ -916,8 +931,15 @@ void runScanSuite(std::mt19937& rng) {
   const ScanCase bf16[] = {
       {2, 63, 4, 2, 16, 16, true, false, true, 1, true, true, true, {}},
       {1, 65, 4, 1, 5, 16, true, false, false, 0, true, true, true, {0, 30, 30, 60}},
+      {2, 63, 4, 2, 16, 16, true, false, true, 1, true, true, true, {}, true},
   };
   for (const ScanCase& c : bf16) runScanCase<__nv_bfloat16>(c, rng);
+  const ScanCase f16[] = {
+      {1, 257, 4, 2, 64, 16, true, false, true, 2, true, true, true, {}},
+      {1, 130, 4, 1, 16, 5, true, false, true, 1, false, true, true, {0, 0, 1, 66, 66, 130}},
+  };
+  for (const ScanCase& c : f16) runScanCase<__half>(c, rng);
+  emu::setTunable("linearAttention.path", 0);
 }
 
 // ---- suites ----

@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "51a89aa956f1c810";
+constexpr const char* kSourcesHash = "59a95a99fcdff8aa";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1040,40 +1040,52 @@ inline const KernelResources kKernelResources[] = {
      22, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     124, 0},
+     106, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     116, 0},
+     118, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     146, 0},
+     147, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     124, 0},
+     106, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     116, 0},
+     118, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     146, 0},
-    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16>(rkcuda::deltachunked::(anonymous "
-     "namespace)::ChunkParams)",
+     147, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16, "
+     "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
+     158, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16, "
+     "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      231, 0},
-    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
-     "namespace)::ChunkParams)",
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8, "
+     "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
+     128, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8, "
+     "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      167, 0},
-    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, "
-     "16>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 16, "
+     "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
+     158, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 16, "
+     "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      231, 0},
-    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, "
-     "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 8, "
+     "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
+     128, 0},
+    {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 8, "
+     "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      167, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkPrepKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     96, 0},
+     123, 0},
     {"void rkcuda::deltachunked::(anonymous "
      "namespace)::chunkPrepKernel<__nv_bfloat16>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     96, 0},
+     123, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 2>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      128, 0},
