@@ -229,6 +229,15 @@ describe('linearAttention vs the float64 oracle, forward and backward', () => {
       sharedBeta: true,
     },
     { rule: 'delta', batch: 2, T: 9, Hq: 3, Hk: 3, Hv: 3, K: 4, V: 4, gates: true, sharedBeta: true },
+    // 'linear' and 'gated' with one decay per head in the Gated DeltaNet layout (Hk = Hq, Hv a
+    // multiple of Hq, no window) run on the gated delta rule's kernels without the delta term: packed,
+    // 16-bit, the qwen gate, a single token.
+    { rule: 'linear', batch: 1, T: 70, Hq: 1, Hk: 1, Hv: 2, K: 6, V: 21, h0: true, cuSeqlens: [0, 0, 1, 66, 66, 70] },
+    { rule: 'gated', batch: 1, T: 70, Hq: 2, Hk: 2, Hv: 2, K: 17, V: 5, l2: true, cuSeqlens: [0, 1, 1, 69] },
+    { rule: 'gated', batch: 2, T: 33, Hq: 2, Hk: 2, Hv: 4, K: 16, V: 8, h0: true, dtype: 'float16' },
+    { rule: 'linear', batch: 2, T: 20, Hq: 1, Hk: 1, Hv: 1, K: 16, V: 8, h0: true, dtype: 'bfloat16' },
+    { rule: 'gated', batch: 2, T: 33, Hq: 1, Hk: 1, Hv: 3, K: 8, V: 6, h0: true, gates: true },
+    { rule: 'linear', batch: 3, T: 1, Hq: 2, Hk: 2, Hv: 2, K: 5, V: 3, h0: true },
   );
   it.each(cases.map((c) => [name(c), c] as const))('%s', (_n, c) => runCase(c));
 

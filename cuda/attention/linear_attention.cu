@@ -321,29 +321,15 @@ AttnParams paramsOf(const LinearAttentionArgs& a) {
   return p;
 }
 
-// The rules without the delta term ('linear', 'gated') with a scalar decay, a key head per query
-// head, Hv a multiple of Hq and no state window are the gated delta rule's layout without its delta
-// term: for fp16 / bf16 they run on its chunked tensor-core kernels (delta = false,
-// cuda/delta/gated_delta_rule_chunked.cu), which write the same checkpoints. A decode step that
-// updates its state in place (finalState == h0) stays on the per-token kernels. Tunable as
-// linearAttention.path: 1 per token, 2 chunked (where it applies).
+// The gated delta rule's layout without its delta term (onGatedDeltaRuleKernels) runs for fp16 / bf16
+// on its chunked tensor-core kernels (delta = false, cuda/delta/gated_delta_rule_chunked.cu).
+// Tunable as linearAttention.path: 1 per token, 2 chunked (where it applies).
 Status choosePath(const LinearAttentionArgs& a, const float* finalState, const std::string& fn, bool* chunked) {
-  const bool fits = !ruleCorrects(a.rule) && !a.perKeyDecay && a.Hk == a.Hq && a.Hv % a.Hq == 0 && a.window == 0 &&
-                    gatedDeltaRuleChunkedSupports(a.dt) && (finalState == nullptr || finalState != a.h0);
+  const bool fits = onGatedDeltaRuleKernels(a, finalState) && gatedDeltaRuleChunkedSupports(a.dt);
   const int path = tunable("linearAttention.path", fits ? 2 : 1);
   if (path != 1 && (path != 2 || !fits)) return statusError(fn + ": unsupported path " + std::to_string(path));
   *chunked = path == 2;
   return Status{};
-}
-
-GatedDeltaRuleArgs chunkedArgs(const LinearAttentionArgs& a) {
-  GatedDeltaRuleArgs d;
-  d.dt = a.dt, d.batch = a.batch, d.T = a.T, d.H = a.Hq, d.HV = a.Hv, d.K = a.K, d.V = a.V;
-  d.scale = a.scale, d.l2norm = a.l2norm;
-  d.nseq = a.nseq, d.segments = a.segments, d.packed = a.packed, d.chunk = a.chunk, d.totalChunks = a.totalChunks;
-  d.q = a.q, d.k = a.k, d.v = a.v, d.g = ruleDecays(a.rule) ? a.g : nullptr, d.beta = nullptr, d.h0 = a.h0;
-  d.delta = false;
-  return d;
 }
 
 template <class T> Status launchForward(const std::string& fn, const AttnParams& p) {
@@ -368,7 +354,7 @@ Status linearAttentionForward(const LinearAttentionArgs& a, void* o, float* stat
   if (a.window > 0 && a.windowStates == nullptr) return statusError(fn + ": null windowStates");
   bool chunked = false;
   RK_TRY(choosePath(a, finalState, fn, &chunked));
-  if (chunked) return gatedDeltaRuleForward(chunkedArgs(a), o, states, finalState);
+  if (chunked) return gatedDeltaRuleForward(gatedDeltaRuleArgsOf(a), o, states, finalState);
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     AttnParams p = paramsOf(a);
@@ -400,12 +386,7 @@ Status linearAttentionBackward(const LinearAttentionArgs& a, const LinearAttenti
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
   bool chunked = false;
   RK_TRY(choosePath(a, nullptr, fn, &chunked));
-  if (chunked) {
-    GatedDeltaRuleGrads d;
-    d.dO = g.dO, d.dFinal = g.dFinal, d.states = g.states;
-    d.dq = g.dq, d.dk = g.dk, d.dv = g.dv, d.dg = ruleDecays(a.rule) ? g.dg : nullptr, d.dbeta = nullptr, d.dh0 = g.dh0;
-    return gatedDeltaRuleBackward(chunkedArgs(a), d);
-  }
+  if (chunked) return gatedDeltaRuleBackward(gatedDeltaRuleArgsOf(a), gatedDeltaRuleGradsOf(a, g));
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     AttnParams p = paramsOf(a);

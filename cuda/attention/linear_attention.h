@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../common/api.h"
+#include "../delta/gated_delta_rule.h"
 
 namespace rkcuda {
 
@@ -55,6 +56,25 @@ struct LinearAttentionArgs {
   int64_t outHeads() const { return Hq >= Hv ? Hq : Hv; }
 };
 
+// The rules without the delta term ('linear', 'gated') with one decay per head, a key head per query
+// head, Hv a multiple of Hq and no state window are the gated delta rule's layout without its delta
+// term (GatedDeltaRuleArgs::delta = false), whose kernels write the same checkpoints: the CPU
+// launchers send such calls there, and the CUDA launchers for fp16 / bf16 (its chunked kernels). A
+// decode step that updates its state in place (finalState == h0) stays on this family's kernels.
+inline bool onGatedDeltaRuleKernels(const LinearAttentionArgs& a, const float* finalState) {
+  return !ruleCorrects(a.rule) && !a.perKeyDecay && a.Hk == a.Hq && a.Hv % a.Hq == 0 && a.window == 0 &&
+         (finalState == nullptr || finalState != a.h0);
+}
+inline GatedDeltaRuleArgs gatedDeltaRuleArgsOf(const LinearAttentionArgs& a) {
+  GatedDeltaRuleArgs d;
+  d.dt = a.dt, d.batch = a.batch, d.T = a.T, d.H = a.Hq, d.HV = a.Hv, d.K = a.K, d.V = a.V;
+  d.scale = a.scale, d.l2norm = a.l2norm;
+  d.nseq = a.nseq, d.segments = a.segments, d.packed = a.packed, d.chunk = a.chunk, d.totalChunks = a.totalChunks;
+  d.q = a.q, d.k = a.k, d.v = a.v, d.g = ruleDecays(a.rule) ? a.g : nullptr, d.beta = nullptr, d.h0 = a.h0;
+  d.delta = false;
+  return d;
+}
+
 // Checkpoints: the state entering chunk c (of `chunk` positions) of segment s for head hv at
 //   states[((chunkOffset + c) * Hv + hv) * K * V + i * V + j],  c < ceil(length / chunk).
 struct LinearAttentionGrads {
@@ -71,6 +91,13 @@ struct LinearAttentionGrads {
   void* dbeta = nullptr;
   float* dh0 = nullptr;
 };
+
+inline GatedDeltaRuleGrads gatedDeltaRuleGradsOf(const LinearAttentionArgs& a, const LinearAttentionGrads& g) {
+  GatedDeltaRuleGrads d;
+  d.dO = g.dO, d.dFinal = g.dFinal, d.states = g.states;
+  d.dq = g.dq, d.dk = g.dk, d.dv = g.dv, d.dg = ruleDecays(a.rule) ? g.dg : nullptr, d.dbeta = nullptr, d.dh0 = g.dh0;
+  return d;
+}
 
 // The gate activations (cuda/attention/linear_attention_gates.cu; CPU: linear_attention_cpu.cc), per
 // element of [rows, Hv] (or [rows, Hv, K] with perKey):

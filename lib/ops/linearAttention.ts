@@ -41,9 +41,9 @@
  *
  * The delta rules with a scalar decay, key heads equal to query heads and Hv a multiple of Hq (the
  * layout of Gated DeltaNet) run on the gated delta rule's kernels (CPU: blocked; CUDA: chunked
- * tensor-core kernels for fp16 / bf16). On CUDA the 'linear' and 'gated' rules in that layout (no state
- * window) also run there for fp16 / bf16, without the delta term (the launcher's choice,
- * cuda/attention/linear_attention.cu). Every other configuration runs on this family's kernels (CPU:
+ * tensor-core kernels for fp16 / bf16). The 'linear' and 'gated' rules in that layout (no state window)
+ * also run there, without the delta term (CPU: every dtype; CUDA: fp16 / bf16; the launchers' choice,
+ * cuda/attention/linear_attention.h). Every other configuration runs on this family's kernels (CPU:
  * blocked, or per token with several query heads per state or a state window; CUDA: per token).
  */
 import { defineOp, withInference } from '../autograd';

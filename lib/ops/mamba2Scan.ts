@@ -26,8 +26,9 @@
  *
  * The scan is gated linear attention (lib/ops/linearAttention.ts, rule 'gated'): q = C, k = B (the
  * groups as query and key heads), v = d x, a decay of d A per head, scale 1, and the state S^T. So it
- * runs on those kernels (CPU: blocked; CUDA: chunked tensor-core kernels for fp16 / bf16, per token for
- * fp32), with elementwise kernels around it for the
+ * runs on those kernels, which send it to the gated delta rule's without the delta term (CPU: blocked;
+ * CUDA: chunked tensor-core kernels for fp16 / bf16, per token for fp32), with elementwise kernels
+ * around it for the
  * time step, the skip term D x and the gate, and the transposes between the two state layouts.
  * v = d x is rounded to the inputs' dtype.
  */

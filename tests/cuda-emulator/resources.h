@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "59a95a99fcdff8aa";
+constexpr const char* kSourcesHash = "086953e7ef734616";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},

@@ -8,14 +8,24 @@
 
 #include "common/parallel.h"
 #include "common/dtype.h"
+#include "ops/delta/gated_delta_rule_cpu.h"
 
 namespace rk::attention {
 
+// The gated delta rule's layout without its delta term runs on its kernels (blocked, with fewer
+// multiply-adds per state element than this family's: cuda/attention/linear_attention.h), which keep
+// the same checkpoints.
+static_assert(kLinearAttentionChunk == delta::kGatedDeltaRuleChunk, "one checkpoint layout");
+
 void linearAttentionForwardCpu(const rkcuda::LinearAttentionArgs& a, void* o, float* states, float* finalState) {
+  if (rkcuda::onGatedDeltaRuleKernels(a, finalState))
+    return delta::gatedDeltaRuleForwardCpu(rkcuda::gatedDeltaRuleArgsOf(a), o, states, finalState);
   RK_ISA_DISPATCH(attention, linearAttentionForwardCpu, (a, o, states, finalState));
 }
 
 void linearAttentionBackwardCpu(const rkcuda::LinearAttentionArgs& a, const rkcuda::LinearAttentionGrads& g) {
+  if (rkcuda::onGatedDeltaRuleKernels(a, nullptr))
+    return delta::gatedDeltaRuleBackwardCpu(rkcuda::gatedDeltaRuleArgsOf(a), rkcuda::gatedDeltaRuleGradsOf(a, g));
   RK_ISA_DISPATCH(attention, linearAttentionBackwardCpu, (a, g));
 }
 

@@ -1,5 +1,6 @@
 // CPU linear attention (cuda/attention/linear_attention.h): the per-token recurrence of every rule,
-// scalar or per-key decay, grouped queries both ways; and the gate activations (ONNX GatedDeltaNet's
+// scalar or per-key decay, grouped queries both ways (the gated delta rule's layout without the delta
+// term on its kernels: linear_attention_cpu.cc); and the gate activations (ONNX GatedDeltaNet's
 // 'qwen' gate and sigmoid beta) that produce the effective decay and update rate from raw inputs.
 #pragma once
 #include <cstdint>
