@@ -238,6 +238,10 @@ describe('linearAttention vs the float64 oracle, forward and backward', () => {
     { rule: 'linear', batch: 2, T: 20, Hq: 1, Hk: 1, Hv: 1, K: 16, V: 8, h0: true, dtype: 'bfloat16' },
     { rule: 'gated', batch: 2, T: 33, Hq: 1, Hk: 1, Hv: 3, K: 8, V: 6, h0: true, gates: true },
     { rule: 'linear', batch: 3, T: 1, Hq: 2, Hk: 2, Hv: 2, K: 5, V: 3, h0: true },
+    // The same rules outside that layout (a key head shared by the states, one query per state): this
+    // family's blocked kernels over several blocks and chunks.
+    { rule: 'linear', batch: 2, T: 75, Hq: 1, Hk: 2, Hv: 2, K: 20, V: 17, h0: true },
+    { rule: 'gated', batch: 1, T: 45, Hq: 1, Hk: 2, Hv: 2, K: 33, V: 9, decay: 'edge', cuSeqlens: [0, 5, 45] },
   );
   it.each(cases.map((c) => [name(c), c] as const))('%s', (_n, c) => runCase(c));
 
