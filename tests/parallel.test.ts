@@ -106,6 +106,36 @@ describe('CPU thread pool', () => {
     }
   });
 
+  it('splits the value heads of a lone q/k head over the threads in the forward, with the same bits', () => {
+    // One sequence, one q/k head, six value heads: 2 and 3 threads take 2 and 3 parts of them.
+    const rand = rng(seed + 4);
+    const [T, HV, K, V] = [300, 6, 32, 64];
+    const inputs = {
+      q: tensor(normal(rand, T * K), [1, T, 1, K]),
+      k: tensor(normal(rand, T * K), [1, T, 1, K]),
+      v: tensor(normal(rand, T * HV * V), [1, T, HV, V]),
+      g: tensor(
+        normal(rand, T * HV, 0.1).map((x) => -Math.abs(x)),
+        [1, T, HV],
+      ),
+      beta: tensor(
+        normal(rand, T * HV, 0.2).map((x) => 0.5 + x),
+        [1, T, HV],
+      ),
+    };
+    const initialState = tensor(normal(rand, HV * K * V), [1, HV, K, V]);
+    const run = () => {
+      const out = rk.gatedDeltaRule(inputs, { useQkL2normInKernel: true, outputFinalState: true, initialState });
+      return [out.o, out.finalState!].map((t) => Array.from(t.toFloat32Array()));
+    };
+    rk.cpu.setThreads(1);
+    const one = run();
+    for (const n of [2, 3]) {
+      rk.cpu.setThreads(n);
+      expect(run(), at(`${n} threads`)).toEqual(one);
+    }
+  });
+
   it('gives the Mamba-2 scan (on linear attention) bitwise the same results with 1, 2 and 3 threads', () => {
     const rand = rng(seed + 3);
     const [B, T, H, P, G, N] = [2, 300, 4, 16, 2, 16];
