@@ -106,8 +106,10 @@ describe('CPU thread pool', () => {
     }
   });
 
-  it('splits the value heads of a lone q/k head over the threads in the forward, with the same bits', () => {
-    // One sequence, one q/k head, six value heads: 2 and 3 threads take 2 and 3 parts of them.
+  it('splits the value heads of a lone q/k head over the threads: the same forward bits, a backward within rounding', () => {
+    // One sequence, one q/k head, six value heads: 2 and 3 threads take 2 and 3 parts of them. The
+    // backward adds the parts' sums towards dq and dk in part order: the same bits per thread count,
+    // within fp32 rounding of the one-thread result.
     const rand = rng(seed + 4);
     const [T, HV, K, V] = [300, 6, 32, 64];
     const inputs = {
@@ -124,15 +126,32 @@ describe('CPU thread pool', () => {
       ),
     };
     const initialState = tensor(normal(rand, HV * K * V), [1, HV, K, V]);
+    const dO = tensor(normal(rand, T * HV * V), [1, T, HV, V]);
     const run = () => {
-      const out = rk.gatedDeltaRule(inputs, { useQkL2normInKernel: true, outputFinalState: true, initialState });
-      return [out.o, out.finalState!].map((t) => Array.from(t.toFloat32Array()));
+      const opts = { useQkL2normInKernel: true, outputFinalState: true, initialState };
+      const { outputs, ctx } = rk.ops.gatedDeltaRule.forward(inputs, opts);
+      const g = rk.ops.gatedDeltaRule.backward(ctx, { o: dO });
+      const fwd = [outputs.o, outputs.finalState!].map((t) => Array.from(t.toFloat32Array()));
+      const bwd = [g.q!, g.k!, g.v!, g.g!, g.beta!, g.initialState!].map((t) => Array.from(t.toFloat32Array()));
+      return { fwd, bwd };
+    };
+    const close = (x: number[], y: number[]) => {
+      let d = 0,
+        n = 0;
+      for (let i = 0; i < x.length; i++) {
+        d += (x[i] - y[i]) ** 2;
+        n += y[i] ** 2;
+      }
+      return Math.sqrt(d / Math.max(n, 1e-30));
     };
     rk.cpu.setThreads(1);
     const one = run();
     for (const n of [2, 3]) {
       rk.cpu.setThreads(n);
-      expect(run(), at(`${n} threads`)).toEqual(one);
+      const r = run();
+      expect(r.fwd, at(`${n} threads`)).toEqual(one.fwd);
+      expect(run().bwd, at(`${n} threads, again`)).toEqual(r.bwd);
+      r.bwd.forEach((x, i) => expect(close(x, one.bwd[i]), at(`${n} threads, gradient ${i}`)).toBeLessThan(1e-5));
     }
   });
 
