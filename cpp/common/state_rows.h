@@ -68,6 +68,13 @@ template <typename S> RK_NO_FP_CONTRACT void l2NormBackward(const float* x, cons
   }
 }
 
+// A gradient row g of the normalised row (of x) taken through the normalisation (l2norm), or stored as
+// it is.
+template <typename S> void storeGradientRow(const float* x, const float* g, int64_t K, bool l2norm, S* dst) {
+  if (l2norm) return l2NormBackward(x, g, K, dst);
+  for (int64_t i = 0; i < K; ++i) dst[i] = Storage<S>::store(g[i]);
+}
+
 // ---- the state in column slabs ----
 // The columns of a K x V state evolve independently under these recurrences (column j of the
 // update involves column j alone), so a head's state is kept as ceil(V / 16) slabs of K rows x 16
