@@ -73,9 +73,11 @@ function problem(
 
 /**
  * Relative error with a floor on the reference's norm: a gradient that has decayed through many
- * steps to almost nothing (dh0 from finalStates alone over a long sequence) compares absolutely.
+ * steps to almost nothing (dh0 from finalStates alone over a long sequence), or a one-element output
+ * that lands near zero by cancellation of O(0.1) terms (so its fp32 rounding is large relative to
+ * itself), compares absolutely.
  */
-function gradErr(got: ArrayLike<number>, ref: ArrayLike<number>): number {
+function flooredErr(got: ArrayLike<number>, ref: ArrayLike<number>): number {
   if (got.length !== ref.length) return Infinity;
   let num = 0,
     den = 0;
@@ -141,9 +143,9 @@ function checkForward(c: Case, device: rk.Device) {
   expect(r.y.shape).toEqual([c.batch, c.T, ...hidden]);
   expect(r.finalStates.shape).toEqual([S, c.batch, ...hidden]);
   expect(r.trajectory.shape).toEqual([c.batch, c.T, S, ...hidden]);
-  expect(relErr(values(r.y), ref.y), at(`${name(c)}: y`)).toBeLessThan(tol);
-  expect(relErr(values(r.finalStates), ref.finalStates), at(`${name(c)}: finalStates`)).toBeLessThan(tol);
-  expect(relErr(values(r.trajectory), ref.traj), at(`${name(c)}: trajectory`)).toBeLessThan(tol);
+  expect(flooredErr(values(r.y), ref.y), at(`${name(c)}: y`)).toBeLessThan(tol);
+  expect(flooredErr(values(r.finalStates), ref.finalStates), at(`${name(c)}: finalStates`)).toBeLessThan(tol);
+  expect(flooredErr(values(r.trajectory), ref.traj), at(`${name(c)}: trajectory`)).toBeLessThan(tol);
   expect(r.stats.converged).toEqual(new Array(c.batch).fill(true));
   expect(r.stats.fellBack).toEqual(new Array(c.batch).fill(false));
   if (c.mode === 'sequential') {
@@ -189,10 +191,10 @@ function checkBackward(
       dFinal: which === 'y' ? null : values(dFinal),
     });
     const w = (s: string) => at(`${cell} ${dtype} ${mode} ${which}: ${s}`);
-    expect(gradErr(values(g.wx), ref.dwx), w('dwx')).toBeLessThan(tol);
-    expect(gradErr(values(g.R), ref.dR), w('dR')).toBeLessThan(tol);
-    expect(gradErr(values(g.b), ref.db), w('db')).toBeLessThan(tol);
-    if (h0) expect(gradErr(values(g.h0!), ref.dh0), w('dh0')).toBeLessThan(tol);
+    expect(flooredErr(values(g.wx), ref.dwx), w('dwx')).toBeLessThan(tol);
+    expect(flooredErr(values(g.R), ref.dR), w('dR')).toBeLessThan(tol);
+    expect(flooredErr(values(g.b), ref.db), w('db')).toBeLessThan(tol);
+    if (h0) expect(flooredErr(values(g.h0!), ref.dh0), w('dh0')).toBeLessThan(tol);
     else expect(g.h0).toBeNull();
   }
 }
