@@ -10,10 +10,14 @@
 // process and thread count), fwd (the forward hook, keeping the checkpoints), fwd+bwd ("x fwd": its
 // time over the forward's).
 // TFLOP/s counts 4 * K * V flops per token and head (the forward's state update and output).
-// The per-key and linear rows run this family's kernels (CPU: blocked; CUDA: the per-token
-// recurrence); the gated_delta row the gated delta rule's kernels.
+// The per-key and linear rows run this family's kernels on the CPU (blocked), the gated_delta row the
+// gated delta rule's; on CUDA (fp16 / bf16) every row's forward runs on the gated delta rule's chunked
+// kernels, the backward of the per-key rows per token.
+// On CUDA the peers are flash-linear-attention's Triton kernels (bench/peers/linear_attention.py:
+// chunk_gated_delta_rule, chunk_kda, chunk_gla, chunk_linear_attn) when importable.
 import { disposeAll, timeForwardBackward, timeIt, uniformArray as uniform } from '../timing.mjs';
 import { ortLinearAttention, ortMedianMs as ortTime, ortStatus } from '../peers/ort.mjs';
+import { runPythonPeer } from '../peers/run.mjs';
 
 const SIZES = {
   cpu: [
@@ -59,6 +63,12 @@ export default {
     const dtype = userDtype ?? (device === 'cuda' ? 'bfloat16' : 'float32');
     const variants = VARIANTS;
     const ortPeers = device === 'cpu' && peers;
+    const pyTimes =
+      device === 'cuda' && peers ? runPythonPeer('linear_attention.py', { sizes, dtypes: [dtype] }) : null;
+    const flaPeer = (size, tag, pass) => {
+      const ms = pyTimes?.[`${size}/${dtype}/${tag}/${pass}`];
+      return ms != null ? { 'fla (Triton)': ms } : {};
+    };
     if (ortPeers && !ortStatus().ok) console.log(`${ORT_LA}: ORT not installed (${ortStatus().reason})`);
     const matmulRate = device === 'cpu' && ceilings?.gflops != null ? ceilings.gflops / 1000 : null;
     console.log('TFLOP/s: 4*K*V flops per token and head (the forward recurrence); fwd+bwd counts 3x that');
@@ -128,9 +138,9 @@ export default {
           };
         }
         if (infer !== null) rows.push(row('infer', infer, flops, ort));
-        const bothRow = row('fwd+bwd', both, 3 * flops);
+        const bothRow = row('fwd+bwd', both, 3 * flops, flaPeer(size, vr.tag, 'fwd+bwd'));
         bothRow.extra['x fwd'] = `${(both / fwd).toFixed(2)}x`;
-        rows.push(row('fwd', fwd, flops, infer === null ? ort : {}), bothRow);
+        rows.push(row('fwd', fwd, flops, infer === null ? { ...ort, ...flaPeer(size, vr.tag, 'fwd') } : {}), bothRow);
         disposeAll(inputs);
         go.dispose();
       }

@@ -31,7 +31,8 @@
 // This is the reference-quality path of the family (decode, short sequences, every rule and layout);
 // the Gated DeltaNet layout with a scalar decay has the chunked tensor-core kernels of the gated
 // delta rule (lib/ops/linearAttention.ts sends the delta rules there; the launchers below send the
-// 'linear' and 'gated' rules of that layout there for fp16 / bf16, see choosePath).
+// 'linear' and 'gated' rules of that layout there for fp16 / bf16, and the forward of its per-key
+// 'gated' and 'gated_delta' rules, see choosePath).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -322,10 +323,15 @@ AttnParams paramsOf(const LinearAttentionArgs& a) {
 }
 
 // The gated delta rule's layout without its delta term (onGatedDeltaRuleKernels) runs for fp16 / bf16
-// on its chunked tensor-core kernels (delta = false, cuda/delta/gated_delta_rule_chunked.cu).
-// Tunable as linearAttention.path: 1 per token, 2 chunked (where it applies).
-Status choosePath(const LinearAttentionArgs& a, const float* finalState, const std::string& fn, bool* chunked) {
-  const bool fits = onGatedDeltaRuleKernels(a, finalState) && gatedDeltaRuleChunkedSupports(a.dt);
+// on its chunked tensor-core kernels (delta = false, cuda/delta/gated_delta_rule_chunked.cu). So does
+// the forward of that layout's rules with a decay per key ('gated' and 'gated_delta': GLA, KDA) for
+// K <= gatedDeltaRuleChunkedPerKeyMaxK; their backward stays per token here (it reads the same
+// checkpoints). Tunable as linearAttention.path: 1 per token, 2 chunked (where it applies).
+Status choosePath(const LinearAttentionArgs& a, const float* finalState, bool backward, const std::string& fn,
+                  bool* chunked) {
+  const bool perKey = !backward && a.perKeyDecay && ruleDecays(a.rule) && a.K <= gatedDeltaRuleChunkedPerKeyMaxK &&
+                      inGatedDeltaRuleLayout(a, finalState);
+  const bool fits = (onGatedDeltaRuleKernels(a, finalState) || perKey) && gatedDeltaRuleChunkedSupports(a.dt);
   const int path = tunable("linearAttention.path", fits ? 2 : 1);
   if (path != 1 && (path != 2 || !fits)) return statusError(fn + ": unsupported path " + std::to_string(path));
   *chunked = path == 2;
@@ -353,7 +359,7 @@ Status linearAttentionForward(const LinearAttentionArgs& a, void* o, float* stat
   if (a.batch * a.T > 0 && o == nullptr) return statusError(fn + ": null o");
   if (a.window > 0 && a.windowStates == nullptr) return statusError(fn + ": null windowStates");
   bool chunked = false;
-  RK_TRY(choosePath(a, finalState, fn, &chunked));
+  RK_TRY(choosePath(a, finalState, false, fn, &chunked));
   if (chunked) return gatedDeltaRuleForward(gatedDeltaRuleArgsOf(a), o, states, finalState);
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
@@ -385,7 +391,7 @@ Status linearAttentionBackward(const LinearAttentionArgs& a, const LinearAttenti
   if (BT > 0 && ruleCorrects(a.rule) && g.dbeta == nullptr) return statusError(fn + ": null gradient of beta");
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
   bool chunked = false;
-  RK_TRY(choosePath(a, nullptr, fn, &chunked));
+  RK_TRY(choosePath(a, nullptr, true, fn, &chunked));
   if (chunked) return gatedDeltaRuleBackward(gatedDeltaRuleArgsOf(a), gatedDeltaRuleGradsOf(a, g));
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
@@ -427,7 +433,12 @@ Status linearAttentionBackward(const LinearAttentionArgs& a, const LinearAttenti
       }
       if (betaAcc > 0) RK_TRY(convert(DType::F32, p.dbetaAcc, a.dt, g.dbeta, headElems));
     }
-    return launchZeroGaps<T>(g.dv, a.Hv * a.V, gapList, static_cast<int64_t>(gaps.size() / 2));
+    // Positions in no sequence: zero gradients, whatever their inputs (a non-finite q or k row there
+    // would otherwise reach dq, dk through the L2 normalisation's backward).
+    const int64_t nGaps = static_cast<int64_t>(gaps.size() / 2);
+    RK_TRY(launchZeroGaps<T>(g.dq, a.Hq * a.K, gapList, nGaps));
+    RK_TRY(launchZeroGaps<T>(g.dk, a.Hk * a.K, gapList, nGaps));
+    return launchZeroGaps<T>(g.dv, a.Hv * a.V, gapList, nGaps);
   });
 }
 

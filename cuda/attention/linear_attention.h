@@ -61,17 +61,21 @@ struct LinearAttentionArgs {
 // term (GatedDeltaRuleArgs::delta = false), whose kernels write the same checkpoints: the CPU
 // launchers send such calls there, and the CUDA launchers for fp16 / bf16 (its chunked kernels). A
 // decode step that updates its state in place (finalState == h0) stays on this family's kernels.
+inline bool inGatedDeltaRuleLayout(const LinearAttentionArgs& a, const float* finalState) {
+  return a.Hk == a.Hq && a.Hv % a.Hq == 0 && a.window == 0 && (finalState == nullptr || finalState != a.h0);
+}
 inline bool onGatedDeltaRuleKernels(const LinearAttentionArgs& a, const float* finalState) {
-  return !ruleCorrects(a.rule) && !a.perKeyDecay && a.Hk == a.Hq && a.Hv % a.Hq == 0 && a.window == 0 &&
-         (finalState == nullptr || finalState != a.h0);
+  return !ruleCorrects(a.rule) && !a.perKeyDecay && inGatedDeltaRuleLayout(a, finalState);
 }
 inline GatedDeltaRuleArgs gatedDeltaRuleArgsOf(const LinearAttentionArgs& a) {
   GatedDeltaRuleArgs d;
   d.dt = a.dt, d.batch = a.batch, d.T = a.T, d.H = a.Hq, d.HV = a.Hv, d.K = a.K, d.V = a.V;
   d.scale = a.scale, d.l2norm = a.l2norm;
   d.nseq = a.nseq, d.segments = a.segments, d.packed = a.packed, d.chunk = a.chunk, d.totalChunks = a.totalChunks;
-  d.q = a.q, d.k = a.k, d.v = a.v, d.g = ruleDecays(a.rule) ? a.g : nullptr, d.beta = nullptr, d.h0 = a.h0;
-  d.delta = false;
+  d.delta = ruleCorrects(a.rule);
+  d.perKeyDecay = a.perKeyDecay;
+  d.q = a.q, d.k = a.k, d.v = a.v, d.g = ruleDecays(a.rule) ? a.g : nullptr, d.beta = d.delta ? a.beta : nullptr;
+  d.h0 = a.h0;
   return d;
 }
 

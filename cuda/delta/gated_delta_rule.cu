@@ -309,6 +309,10 @@ Status checkArgs(const GatedDeltaRuleArgs& a, const std::string& fn, std::vector
   }
   if (!a.delta && !gatedDeltaRuleChunkedSupports(a.dt))
     return bad("the rules without the delta term: fp16 or bf16 only");
+  if (a.perKeyDecay && (!gatedDeltaRuleChunkedSupports(a.dt) || a.K > gatedDeltaRuleChunkedPerKeyMaxK ||
+                        (a.batch * a.T > 0 && a.g == nullptr)))
+    return bad("a decay per key: fp16 or bf16, K <= " + std::to_string(gatedDeltaRuleChunkedPerKeyMaxK) +
+               " and g given");
   return Status{};
 }
 
@@ -344,7 +348,7 @@ Status gatedDeltaRuleForward(const GatedDeltaRuleArgs& a, void* o, float* states
   std::vector<int64_t> gaps;
   RK_TRY(checkArgs(a, fn, &gaps));
   if (a.batch * a.T > 0 && o == nullptr) return statusError(fn + ": null o");
-  if (a.totalChunks > 0 && states == nullptr && a.delta) return statusError(fn + ": null states");
+  if (a.totalChunks > 0 && states == nullptr && a.delta && !a.perKeyDecay) return statusError(fn + ": null states");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     DeltaParams p = baseParams(a);
@@ -356,7 +360,7 @@ Status gatedDeltaRuleForward(const GatedDeltaRuleArgs& a, void* o, float* states
     RK_TRY(uploadTable(a, gaps, &table, &p.segments, &gapList));
     // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).
     const int path = tunable("gatedDeltaRule.forwardPath", gatedDeltaRuleChunkedSupports(a.dt) ? 2 : 1);
-    if ((path != 1 || !a.delta) && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
+    if ((path != 1 || !a.delta || a.perKeyDecay) && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
       return statusError(fn + ": unsupported forward path " + std::to_string(path));
     }
     if (a.nseq > 0 && path == 2) RK_TRY(gatedDeltaRuleChunkedForward(a, p.segments, o, states, finalState));
@@ -375,6 +379,8 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
     return statusError(fn + ": null gradient output");
   }
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
+  // A decay per key: the chunked forward only (linear attention's per-token backward reads its checkpoints).
+  if (a.perKeyDecay) return statusError(fn + ": no backward with a decay per key");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).

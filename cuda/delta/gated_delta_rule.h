@@ -24,6 +24,11 @@ namespace rkcuda {
 // scalar decay, cuda/attention/linear_attention.cu) the update is S_t = exp(g_t) S_{t-1} + k_t v_t^T:
 // beta is not read (nullable) and dbeta not written (nullable); g is nullable (no decay: g = 0), and
 // so is dg then. Only the chunked kernels (fp16 / bf16) take it.
+// With a decay per key row (perKeyDecay: linear attention's per-key 'gated' and 'gated_delta' rules,
+// GLA and KDA) g is fp32 [batch, T, HV, K] and exp(g_t) above is diag(exp(g_t)) applied to the rows
+// of S (the delta term reads diag(exp(g_t)) S_{t-1} as well). Only the chunked forward (fp16 / bf16,
+// K <= gatedDeltaRuleChunkedPerKeyMaxK) takes it; it writes the same checkpoints, which linear
+// attention's per-token backward reads.
 struct GatedDeltaRuleArgs {
   DType dt = DType::F32;
   int64_t batch = 0, T = 0, H = 0, HV = 0, K = 0, V = 0;
@@ -41,6 +46,7 @@ struct GatedDeltaRuleArgs {
   const void* beta = nullptr;
   const float* h0 = nullptr;  // nullable
   bool delta = true;
+  bool perKeyDecay = false;
 };
 int64_t gatedDeltaRuleChunk();
 // Writes o (every element), states (every element; nullable without the delta term: a forward no

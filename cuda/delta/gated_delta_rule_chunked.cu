@@ -26,6 +26,16 @@
 // O = Qg S_0 + P V, S = exp(G_{n-1}) S_0 + Kd^T V; the backward drops dW, dTm, dA, E and dbeta
 // (chunkGradKernel<..., Delta = false> compiles them out); g may be absent (no decay: G = 0).
 //
+// With a decay per key row (ChunkParams::perKey: linear attention's per-key 'gated' and 'gated_delta'
+// rules, GLA and KDA; forward only) G_t is a K-vector and Gamma_ts = diag(exp(G_t - G_s)) sits inside
+// the intra-chunk sums: A_ts = beta_t sum_i k_t[i] k_s[i] exp(G_t[i] - G_s[i]), likewise P; and
+// Qg = scale Q * exp(G), W = Tm (K * exp(G)), Kd = K * exp(G_{n-1} - G), the state decayed row by row
+// by exp(G_{n-1}). The cumulative sums are kept per key (fp32, summed in fp64) in shared memory. A
+// warp's products with the 16-row blocks left of its diagonal block take the factors split at the
+// warp's first row r0, x_t[i] exp(G_t[i] - G_r0[i]) against k_s[i] exp(G_r0[i] - G_s[i]), both <= 1
+// (as flash-linear-attention's chunk_gla / chunk_kda), on tensor cores; its diagonal 16 x 16 block,
+// where no split is bounded, is summed in fp32 with one exponential per term. K <= 128.
+//
 // Kernels.
 //   chunkPrepKernel<T>  one block (4 warps) per (chunk, value head), all chunks in parallel: stages
 //     the chunk's q, k in shared memory, L2 norms, fp64 cumulative decays; K K^T and Q K^T with
@@ -182,6 +192,7 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
   p.ldk = p.Kp + 8;
   p.segments = deviceSegments;
   p.delta = a.delta;
+  p.perKey = a.perKeyDecay;
 
   // Value tile of the sequential pass (latency bound): the widest of 64, 32, 16 columns that still
   // gives at least one block per SM and whose shared memory a block may have.
@@ -210,8 +221,9 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
   auto aligned = [](int64_t elems, int64_t size) { return (elems * size + 255) / 256 * 256; };
   const int64_t es = static_cast<int64_t>(sizeof(T)), fs = static_cast<int64_t>(sizeof(float));
   const int64_t perChunkW = a.delta ? perChunkK : 0;  // W = 0 without the delta term: not kept
+  const int64_t gammas = cbs * (p.perKey ? p.Kp : 1);
   int64_t bytes = aligned(perChunkW, es) + 2 * aligned(perChunkK, es) + aligned(perChunkV, es) + aligned(perP, es) +
-                  aligned(cbs, fs);
+                  aligned(gammas, fs);
   if (backward) bytes += aligned(perP, fs) + aligned(cbs * a.K * a.V, fs) + aligned(perChunkV, es) + aligned(cbs, fs);
   RK_TRY(scratch->allocate(static_cast<size_t>(bytes)));
   char* base = static_cast<char*>(scratch->get());
@@ -225,7 +237,7 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
   p.Kd = take(perChunkK, es);
   p.U = take(perChunkV, es);
   p.P = take(perP, es);
-  p.gammaLast = reinterpret_cast<float*>(take(cbs, fs));
+  p.gammaLast = reinterpret_cast<float*>(take(gammas, fs));
   if (backward) {
     p.Xinv = reinterpret_cast<float*>(take(perP, fs));
     p.dStates = reinterpret_cast<float*>(take(cbs * a.K * a.V, fs));

@@ -43,14 +43,17 @@ struct ChunkParams : delta::DeltaInputs {
   // false: the rules without the delta term (S_t = exp(g_t) S_{t-1} + k_t v_t^T): Tm = I, U = V, no
   // W (V' = U), beta and dbeta not read or written, g nullable (0)
   bool delta = true;
+  // true: g is [batch, T, HV, K], a decay per key row (forward only: the preparation's A, P, Qg, Kd
+  // and W take the per-key factors, gammaLast is per key row, the state pass decays row by row)
+  bool perKey = false;
   // scratch, per (global chunk, value head): W, Qg, Kd [64 x K], U [64 x V], P [64 x 64], gammaLast
   void* W = nullptr;
   void* U = nullptr;
   void* Qg = nullptr;
   void* Kd = nullptr;
   void* P = nullptr;
-  float* gammaLast = nullptr;
-  float* Xinv = nullptr;  // (I + A)^-1, fp32 [64 x 64] per (chunk, value head): backward only
+  float* gammaLast = nullptr;  // exp(G_{n-1}): one per (chunk, value head), or Kp of them with perKey
+  float* Xinv = nullptr;       // (I + A)^-1, fp32 [64 x 64] per (chunk, value head): backward only
   // backward
   const float* checkpoints = nullptr;
   const void* dO = nullptr;       // nullable (zeros)

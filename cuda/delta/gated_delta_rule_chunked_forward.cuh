@@ -82,7 +82,7 @@ __device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBa
     float gt = 0.0f, bt = 0.0f;
     if (tid < n) {
       const int64_t gi = (rowBase + tid) * p.HV + hv;
-      gt = p.g != nullptr ? p.g[gi] : 0.0f;
+      gt = p.g != nullptr && !p.perKey ? p.g[gi] : 0.0f;  // per key: chunkKeyDecays
       bt = p.delta ? loadScalar(static_cast<const T*>(p.beta) + gi) : 1.0f;
     }
     sGam[tid] = gt;
@@ -120,11 +120,34 @@ __device__ __forceinline__ void chunkScalars(const ChunkParams& p, int64_t rowBa
   __syncthreads();
 }
 
-// Dynamic shared memory of chunkPrepKernel: sK, then sQ, whose bytes later hold v's rows (64 x (Vp + 8)).
+// With a decay per key (p.perKey): sGk[r * Kp + i] = G_r[i], the cumulative sum of g over the chunk's
+// rows 0..r (fp64, rounded to fp32; g = 0 past n and K). The per-key factors are exponentials of
+// differences of these, each <= 0 where it is taken (as flash-linear-attention's chunk_gla, whose
+// cumulative sums are fp32 too). The whole block calls; visible after its last barrier.
+__device__ __forceinline__ void chunkKeyDecays(const ChunkParams& p, int64_t rowBase, int64_t hv, int n, float* sGk) {
+  const int K = static_cast<int>(p.K), Kp = p.Kp;
+  for (int e = static_cast<int>(threadIdx.x); e < kC * Kp; e += kThreads) {
+    const int r = e / Kp, i = e - (e / Kp) * Kp;
+    sGk[e] = r < n && i < K ? p.g[((rowBase + r) * p.HV + hv) * p.K + i] : 0.0f;
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.x); i < Kp; i += kThreads) {
+    double acc = 0.0;
+    for (int r = 0; r < kC; ++r) {
+      acc += static_cast<double>(sGk[r * Kp + i]);
+      sGk[r * Kp + i] = static_cast<float>(acc);
+    }
+  }
+  __syncthreads();
+}
+
+// Dynamic shared memory of chunkPrepKernel: sK, then sQ, whose bytes later hold v's rows (64 x (Vp + 8));
+// with a decay per key then sGk (64 x Kp fp32).
 inline size_t prepSharedBytes(const ChunkParams& p, size_t elemBytes) {
   const size_t qOrV = static_cast<size_t>(kC) * std::max(p.ldk, p.Vp + 8) * elemBytes;
+  const size_t keyDecays = p.perKey ? static_cast<size_t>(kC) * p.Kp * sizeof(float) : 0;
   return kC * sizeof(double) + 4 * kC * sizeof(float) + 2 * kC * kLdA * sizeof(float) +
-         static_cast<size_t>(kC) * p.ldk * elemBytes + qOrV;
+         static_cast<size_t>(kC) * p.ldk * elemBytes + qOrV + keyDecays;
 }
 
 template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(const ChunkParams p) {
@@ -149,14 +172,23 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   T* sQ = sK + kC * ld;
   T* sV = sQ;  // v's rows (64 x ldv) once Qg is written
   const int ldv = p.Vp + 8;
+  float* sGk = reinterpret_cast<float*>(sQ + kC * std::max(ld, ldv));  // per-key cumulative decays
 
   const T* vg = static_cast<const T*>(p.v);
   stageQK(p, rowBase, h, n, sK, sQ);
   chunkScalars<T>(p, rowBase, h, hv, n, sG, sGam, sBeta, sRk, sRq, sK, sQ);
+  if (p.perKey) chunkKeyDecays(p, rowBase, hv, n, sGk);
 
   auto kn = [&](int r, int i) -> float { return i < K ? toFloat(sK[r * ld + i]) * sRk[r] : 0.0f; };
   auto qn = [&](int r, int i) -> float { return i < K ? toFloat(sQ[r * ld + i]) * sRq[r] : 0.0f; };
   auto decay = [&](int t, int s) -> float { return fastExp(static_cast<float>(sG[t] - sG[s])); };
+  // Per key (1 with a scalar decay, whose factors decay and sGam carry; they are 1 with a per-key one):
+  // exp(G_t[i] - G_s[i]) and exp(G_t[i]).
+  const int Kp = p.Kp;
+  auto keyRel = [&](int t, int s, int i) -> float {
+    return p.perKey ? fastExp(sGk[t * Kp + i] - sGk[s * Kp + i]) : 1.0f;
+  };
+  auto keyGam = [&](int r, int i) -> float { return p.perKey ? fastExp(sGk[r * Kp + i]) : sGam[r]; };
 
   const int64_t cb = gc * p.HV + hv;
   T* P = static_cast<T*>(p.P) + cb * kC * kC;
@@ -165,7 +197,59 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   // A = beta_t Gamma_ts k_t.k_s (s < t) and P = scale Gamma_ts q_t.k_s (s <= t): the warp's 16 rows
   // against the column blocks of 8 that touch the lower triangle (warp-uniform), each A fragment
   // loaded once per k-step.
-  {
+  // With a decay per key Gamma_ts is inside the sums (sum_i x_t[i] k_s[i] exp(G_t[i] - G_s[i])). The
+  // blocks left of the warp's diagonal block take it with the warp's first row r0 as reference:
+  // x_t[i] exp(G_t[i] - G_r0[i]) against k_s[i] exp(G_r0[i] - G_s[i]), both factors <= 1 (t >= r0 > s).
+  // The diagonal block, where no such split is bounded, is summed exactly in fp32 below.
+  if (p.perKey) {
+    mma::FragC accA[kC / 8], accP[kC / 8];
+#pragma unroll
+    for (int j = 0; j < kC / 8; ++j) {
+      accA[j].zero();
+      accP[j].zero();
+    }
+    for (int s = 0; s < kSteps && warp > 0; ++s) {
+      const int k0 = 16 * s;
+      mma::FragA16 ak{};
+      if (p.delta)
+        ak = mma::loadA16<T>([&](int rr, int kk) { return kn(r0 + rr, k0 + kk) * keyRel(r0 + rr, r0, k0 + kk); });
+      const mma::FragA16 aq =
+          mma::loadA16<T>([&](int rr, int kk) { return qn(r0 + rr, k0 + kk) * keyRel(r0 + rr, r0, k0 + kk); });
+#pragma unroll
+      for (int j = 0; j < kC / 8; ++j) {
+        if (8 * j >= r0) continue;
+        const mma::FragB16 b =
+            mma::loadB16<T>([&](int kk, int nn) { return kn(8 * j + nn, k0 + kk) * keyRel(r0, 8 * j + nn, k0 + kk); });
+        if (p.delta) mma::mma16816<T>(accA[j], ak, b);
+        mma::mma16816<T>(accP[j], aq, b);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kC / 8; ++j) {
+      if (8 * j >= r0 && 8 * j < r0 + 16) continue;  // the diagonal block: below
+      mma::storeC(accA[j], [&](int rr, int cc, float val) {
+        const int r = r0 + rr, col = 8 * j + cc;
+        sA[r * kLdA + col] = col < r0 ? sBeta[r] * val : 0.0f;
+      });
+      mma::storeC(accP[j], [&](int rr, int cc, float val) {
+        const int r = r0 + rr, col = 8 * j + cc;
+        P[r * kC + col] = fromFloat<T>(col < r0 ? p.scale * val : 0.0f);
+      });
+    }
+    for (int e = tid & 31; e < 256; e += 32) {
+      const int r = r0 + e / 16, col = r0 + e % 16;
+      float a = 0.0f, pq = 0.0f;
+      if (col <= r) {
+        for (int i = 0; i < K; ++i) {
+          const float ks = kn(col, i) * keyRel(r, col, i);
+          a = fmaf(kn(r, i), ks, a);
+          pq = fmaf(qn(r, i), ks, pq);
+        }
+      }
+      sA[r * kLdA + col] = col < r ? sBeta[r] * a : 0.0f;
+      P[r * kC + col] = fromFloat<T>(p.scale * pq);
+    }
+  } else {
     mma::FragC accA[kC / 8], accP[kC / 8];
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) {
@@ -205,8 +289,9 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   T* Kd = static_cast<T*>(p.Kd) + cb * kC * p.Kp;
   for (int e = tid; e < kC * p.Kp; e += kThreads) {
     const int r = e / p.Kp, i = e - (e / p.Kp) * p.Kp;
-    Qg[e] = fromFloat<T>(p.scale * qn(r, i) * sGam[r]);
-    Kd[e] = fromFloat<T>(kn(r, i) * decay(n - 1, r < n ? r : n - 1));
+    const int rk = r < n ? r : n - 1;
+    Qg[e] = fromFloat<T>(p.scale * qn(r, i) * keyGam(r, i));
+    Kd[e] = fromFloat<T>(kn(r, i) * decay(n - 1, rk) * keyRel(n - 1, rk, i));
   }
   __syncthreads();
   stageTilePadded(sV, ldv, vg + (rowBase * p.HV + hv) * p.V, p.HV * p.V, n, V, p.Vp,
@@ -302,7 +387,7 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
     for (int s = 0; s <= warp; ++s) {
       const mma::FragB16 b = mma::loadB16<T>([&](int kk, int nn) {
         const int r = 16 * s + kk;
-        return kn(r, 8 * j + nn) * sGam[r];
+        return kn(r, 8 * j + nn) * keyGam(r, 8 * j + nn);
       });
       mma::mma16816<T>(acc, tmFrag(s), b);
     }
@@ -327,7 +412,8 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
     }
   }
 
-  if (tid == 0) p.gammaLast[cb] = sGam[n - 1];
+  if (!p.perKey && tid == 0) p.gammaLast[cb] = sGam[n - 1];
+  for (int i = tid; p.perKey && i < Kp; i += kThreads) p.gammaLast[cb * Kp + i] = keyGam(n - 1, i);
 }
 
 // ============================== state pass and output ==============================
@@ -544,12 +630,15 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
     stageQgP(c + 1);
 
     // S = exp(G_{n-1}) S + Kd^T V': warp w owns the state rows 16 m.. for m = w, w + 4, ...
-    const float gl = p.gammaLast[cb];
+    // (exp(G_{n-1}) per key row with a decay per key)
+    const float* gl = p.gammaLast + (p.perKey ? cb * p.Kp : cb);
+    const int glStep = p.perKey ? 1 : 0;
     for (int m = warp; m < kSteps; m += kWarps) {
       mma::FragC acc[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        acc[j] = mma::loadC([&](int rr, int cc) { return gl * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
+        acc[j] = mma::loadC(
+            [&](int rr, int cc) { return gl[(16 * m + rr) * glStep] * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sm.Kd + 16 * s * ldT + 16 * m, ldT);  // (Kd^T) rows 16 m..

@@ -17,6 +17,9 @@
 //     chunks and a few, packed sequences, decays 0 and -1e4, dO absent, a forward with no checkpoints;
 //     which path ran is checked against the launcher's rule worked out here, and the same layout once
 //     forced onto the per-token kernels;
+//   * the 'gated' and 'gated_delta' rules with a decay per key row in that layout (GLA, KDA), whose
+//     forward runs on those kernels for K <= 128 (20, 64, 128; 130 stays per token), the backward per
+//     token from the chunked forward's checkpoints: the same kinds of cases;
 //   * the decode step as the binding runs it: the forward with the state as h0 and finalState (in
 //     place) and the window as the intermediate states;
 //   * the gate activations (linear_attention_gates.cu): the qwen gate with a per-head or per-key
@@ -346,9 +349,14 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
             (c.window ? " window " + std::to_string(c.window) : "") + (c.edgeDecays ? " decays 0/-1e4" : "") +
             " rows " + std::to_string(c.rows) + " threads " + std::to_string(c.threads);
   // The launcher's choice, worked out here independently.
-  const bool chunkable =
-      !std::is_same_v<T, float> && !P.corrects() && !c.perKey && c.Hk == c.Hq && c.Hv % c.Hq == 0 && c.window == 0;
+  // The gated delta rule's layout: the rules without the delta term with a scalar decay, both ways;
+  // the decaying rules with a decay per key row (K <= 128), the forward only.
+  const bool layout = !std::is_same_v<T, float> && c.Hk == c.Hq && c.Hv % c.Hq == 0 && c.window == 0;
+  const bool chunkable = layout && ((!P.corrects() && !c.perKey) || (c.perKey && P.decays() && c.K <= 128));
   const bool expectChunked = chunkable && !c.perToken;
+  // (The backward has no window: it takes the chunked kernels wherever the layout allows.)
+  const bool expectChunkedBackward =
+      !std::is_same_v<T, float> && c.Hk == c.Hq && c.Hv % c.Hq == 0 && !P.corrects() && !c.perKey && !c.perToken;
   context += expectChunked ? " chunked" : "";
   context += c.perToken ? " per-token" : "";
   context += c.infer ? " inference" : "";
@@ -429,6 +437,16 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   a.window = 0, a.windowStates = nullptr;
   st = rkcuda::linearAttentionBackward(a, gr);
   check(st.ok(), "backward status: " + st.message);
+  bool ranChunkedBackward = false;
+  if constexpr (!std::is_same_v<T, float>) {
+    for (const emu::LaunchRecord& l : emu::launchLog)
+      ranChunkedBackward = ranChunkedBackward ||
+                           l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 2>) ||
+                           l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 4>) ||
+                           l.kernel == emu::kernelId(rkcuda::deltachunked::chunkBwdStateKernel<T, 8>);
+  }
+  check(ranChunkedBackward == expectChunkedBackward,
+        expectChunkedBackward ? "the chunked backward did not run" : "the chunked backward ran");
   checkOutput("dq", dq, ref.dq, tol);
   checkOutput("dk", dk, ref.dk, tol);
   checkOutput("dv", dv, ref.dv, tol);
@@ -439,6 +457,8 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
     if (!in[bt]) {
       for (int64_t e = 0; e < P.Hq * K; ++e)
         check(Elem<T>::value(dq.data[bt * P.Hq * K + e]) == 0.0, "dq in no sequence");
+      for (int64_t e = 0; e < P.Hk * K; ++e)
+        check(Elem<T>::value(dk.data[bt * P.Hk * K + e]) == 0.0, "dk in no sequence");
       for (int64_t e = 0; e < P.Hv * V; ++e)
         check(Elem<T>::value(dv.data[bt * P.Hv * V + e]) == 0.0, "dv in no sequence");
     }
@@ -473,6 +493,30 @@ template <class T> void runChunkedSuite(std::mt19937& rng) {
   c = Case{};
   c.rule = LinearRule::Gated, c.chunked = true, c.infer = true;
   c.batch = 2, c.T = kChunk - 1, c.Hq = 2, c.Hk = 2, c.Hv = 4, c.K = 16, c.V = 40, c.h0 = c.fin = true;
+  runCase<T>(c, rng);
+  // A decay per key row (GLA, KDA): the forward chunked, the backward per token from its checkpoints.
+  c = Case{};
+  c.rule = LinearRule::Gated, c.perKey = true, c.chunked = true;
+  c.batch = 2, c.T = 2 * kChunk + 3, c.Hq = 1, c.Hk = 1, c.Hv = 2, c.K = 20, c.V = 3, c.l2 = true;
+  c.h0 = c.fin = c.dFinal = c.dh0 = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::GatedDeltaRule, c.perKey = true, c.chunked = true;
+  c.batch = 1, c.T = 3 * kChunk + 7, c.Hq = 2, c.Hk = 2, c.Hv = 2, c.K = 64, c.V = 64, c.packed = true, c.fin = true;
+  c.l2 = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::GatedDeltaRule, c.perKey = true, c.chunked = true;
+  c.batch = 1, c.T = kChunk + 1, c.Hq = 1, c.Hk = 1, c.Hv = 1, c.K = 128, c.V = 9, c.packed = true, c.dO = false;
+  c.edgeDecays = true, c.h0 = c.dFinal = c.dh0 = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::Gated, c.perKey = true, c.chunked = true, c.infer = true;
+  c.batch = 2, c.T = kChunk - 1, c.Hq = 2, c.Hk = 2, c.Hv = 4, c.K = 16, c.V = 40, c.h0 = c.fin = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::GatedDeltaRule, c.perKey = true;  // K above the chunked forward's 128: per token
+  c.batch = 1, c.T = kChunk + 2, c.Hq = 1, c.Hk = 1, c.Hv = 1, c.K = 130, c.V = 5, c.fin = true;
   runCase<T>(c, rng);
   c = Case{};
   c.rule = LinearRule::Linear, c.perToken = true;
