@@ -253,8 +253,8 @@ describe('linearAttention vs the float64 oracle, forward and backward', () => {
 
 // On a GPU: the per-token CUDA kernels (every configuration but the Gated DeltaNet layout) and the
 // gated delta rule's kernels (that layout: the delta rules; with bfloat16 the chunked tensor-core
-// kernels, which the 'linear' and 'gated' rules with a scalar decay also take there), against the
-// same oracle.
+// kernels, which the 'linear' and 'gated' rules with a scalar decay and the per-key 'gated' and
+// 'gated_delta' rules also take there), against the same oracle.
 describe.runIf(hasCuda)('linearAttention on cuda vs the float64 oracle', () => {
   const cases: Case[] = [];
   for (const rule of RULES)

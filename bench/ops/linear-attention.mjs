@@ -11,8 +11,7 @@
 // time over the forward's).
 // TFLOP/s counts 4 * K * V flops per token and head (the forward's state update and output).
 // The per-key and linear rows run this family's kernels on the CPU (blocked), the gated_delta row the
-// gated delta rule's; on CUDA (fp16 / bf16) every row's forward runs on the gated delta rule's chunked
-// kernels, the backward of the per-key rows per token.
+// gated delta rule's; on CUDA (fp16 / bf16) every row runs on the gated delta rule's chunked kernels.
 // On CUDA the peers are flash-linear-attention's Triton kernels (bench/peers/linear_attention.py:
 // chunk_gated_delta_rule, chunk_kda, chunk_gla, chunk_linear_attn) when importable.
 import { disposeAll, timeForwardBackward, timeIt, uniformArray as uniform } from '../timing.mjs';

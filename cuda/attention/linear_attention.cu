@@ -324,12 +324,10 @@ AttnParams paramsOf(const LinearAttentionArgs& a) {
 
 // The gated delta rule's layout without its delta term (onGatedDeltaRuleKernels) runs for fp16 / bf16
 // on its chunked tensor-core kernels (delta = false, cuda/delta/gated_delta_rule_chunked.cu). So does
-// the forward of that layout's rules with a decay per key ('gated' and 'gated_delta': GLA, KDA) for
-// K <= gatedDeltaRuleChunkedPerKeyMaxK; their backward stays per token here (it reads the same
-// checkpoints). Tunable as linearAttention.path: 1 per token, 2 chunked (where it applies).
-Status choosePath(const LinearAttentionArgs& a, const float* finalState, bool backward, const std::string& fn,
-                  bool* chunked) {
-  const bool perKey = !backward && a.perKeyDecay && ruleDecays(a.rule) && a.K <= gatedDeltaRuleChunkedPerKeyMaxK &&
+// that layout's rules with a decay per key ('gated' and 'gated_delta': GLA, KDA) for
+// K <= gatedDeltaRuleChunkedPerKeyMaxK. Tunable as linearAttention.path: 1 per token, 2 chunked (where it applies).
+Status choosePath(const LinearAttentionArgs& a, const float* finalState, const std::string& fn, bool* chunked) {
+  const bool perKey = a.perKeyDecay && ruleDecays(a.rule) && a.K <= gatedDeltaRuleChunkedPerKeyMaxK &&
                       inGatedDeltaRuleLayout(a, finalState);
   const bool fits = (onGatedDeltaRuleKernels(a, finalState) || perKey) && gatedDeltaRuleChunkedSupports(a.dt);
   const int path = tunable("linearAttention.path", fits ? 2 : 1);
@@ -359,7 +357,7 @@ Status linearAttentionForward(const LinearAttentionArgs& a, void* o, float* stat
   if (a.batch * a.T > 0 && o == nullptr) return statusError(fn + ": null o");
   if (a.window > 0 && a.windowStates == nullptr) return statusError(fn + ": null windowStates");
   bool chunked = false;
-  RK_TRY(choosePath(a, finalState, false, fn, &chunked));
+  RK_TRY(choosePath(a, finalState, fn, &chunked));
   if (chunked) return gatedDeltaRuleForward(gatedDeltaRuleArgsOf(a), o, states, finalState);
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
@@ -391,7 +389,7 @@ Status linearAttentionBackward(const LinearAttentionArgs& a, const LinearAttenti
   if (BT > 0 && ruleCorrects(a.rule) && g.dbeta == nullptr) return statusError(fn + ": null gradient of beta");
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
   bool chunked = false;
-  RK_TRY(choosePath(a, nullptr, true, fn, &chunked));
+  RK_TRY(choosePath(a, nullptr, fn, &chunked));
   if (chunked) return gatedDeltaRuleBackward(gatedDeltaRuleArgsOf(a), gatedDeltaRuleGradsOf(a, g));
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;

@@ -99,7 +99,8 @@ struct LinearAttentionGrads {
 inline GatedDeltaRuleGrads gatedDeltaRuleGradsOf(const LinearAttentionArgs& a, const LinearAttentionGrads& g) {
   GatedDeltaRuleGrads d;
   d.dO = g.dO, d.dFinal = g.dFinal, d.states = g.states;
-  d.dq = g.dq, d.dk = g.dk, d.dv = g.dv, d.dg = ruleDecays(a.rule) ? g.dg : nullptr, d.dbeta = nullptr, d.dh0 = g.dh0;
+  d.dq = g.dq, d.dk = g.dk, d.dv = g.dv, d.dg = ruleDecays(a.rule) ? g.dg : nullptr;
+  d.dbeta = ruleCorrects(a.rule) ? g.dbeta : nullptr, d.dh0 = g.dh0;
   return d;
 }
 

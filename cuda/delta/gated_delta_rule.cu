@@ -379,13 +379,11 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
     return statusError(fn + ": null gradient output");
   }
   if (a.totalChunks > 0 && g.states == nullptr) return statusError(fn + ": null checkpoints");
-  // A decay per key: the chunked forward only (linear attention's per-token backward reads its checkpoints).
-  if (a.perKeyDecay) return statusError(fn + ": no backward with a decay per key");
   return dispatchDType(a.dt, [&](auto tag) -> Status {
     using T = typename decltype(tag)::type;
     // 1: the per-token recurrence, 2: the chunked tensor-core form (gated_delta_rule_chunked.cu).
     const int path = tunable("gatedDeltaRule.backwardPath", gatedDeltaRuleChunkedSupports(a.dt) ? 2 : 1);
-    if ((path != 1 || !a.delta) && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
+    if ((path != 1 || !a.delta || a.perKeyDecay) && (path != 2 || !gatedDeltaRuleChunkedSupports(a.dt))) {
       return statusError(fn + ": unsupported backward path " + std::to_string(path));
     }
     DeltaParams p = baseParams(a);
@@ -412,7 +410,7 @@ Status gatedDeltaRuleBackward(const GatedDeltaRuleArgs& a, const GatedDeltaRuleG
       p.dgAcc = g.dg;
       const int64_t from = finished ? 2 * qkElems : 0;
       RK_TRY(zeroFloats(base + from, floats - from));
-      if (p.dgAcc != nullptr) RK_TRY(zeroFloats(p.dgAcc, headElems));
+      if (p.dgAcc != nullptr) RK_TRY(zeroFloats(p.dgAcc, headElems * (a.perKeyDecay ? a.K : 1)));
       if (f32 && a.delta) RK_TRY(zeroFloats(p.dbetaAcc, headElems));
     }
     DeviceBuffer table;

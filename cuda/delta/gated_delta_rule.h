@@ -26,9 +26,8 @@ namespace rkcuda {
 // so is dg then. Only the chunked kernels (fp16 / bf16) take it.
 // With a decay per key row (perKeyDecay: linear attention's per-key 'gated' and 'gated_delta' rules,
 // GLA and KDA) g is fp32 [batch, T, HV, K] and exp(g_t) above is diag(exp(g_t)) applied to the rows
-// of S (the delta term reads diag(exp(g_t)) S_{t-1} as well). Only the chunked forward (fp16 / bf16,
-// K <= gatedDeltaRuleChunkedPerKeyMaxK) takes it; it writes the same checkpoints, which linear
-// attention's per-token backward reads.
+// of S (the delta term reads diag(exp(g_t)) S_{t-1} as well), and dg is fp32 [batch, T, HV, K]. Only
+// the chunked kernels (fp16 / bf16, K <= gatedDeltaRuleChunkedPerKeyMaxK) take it.
 struct GatedDeltaRuleArgs {
   DType dt = DType::F32;
   int64_t batch = 0, T = 0, H = 0, HV = 0, K = 0, V = 0;

@@ -27,7 +27,7 @@
 // (chunkGradKernel<..., Delta = false> compiles them out); g may be absent (no decay: G = 0).
 //
 // With a decay per key row (ChunkParams::perKey: linear attention's per-key 'gated' and 'gated_delta'
-// rules, GLA and KDA; forward only) G_t is a K-vector and Gamma_ts = diag(exp(G_t - G_s)) sits inside
+// rules, GLA and KDA) G_t is a K-vector and Gamma_ts = diag(exp(G_t - G_s)) sits inside
 // the intra-chunk sums: A_ts = beta_t sum_i k_t[i] k_s[i] exp(G_t[i] - G_s[i]), likewise P; and
 // Qg = scale Q * exp(G), W = Tm (K * exp(G)), Kd = K * exp(G_{n-1} - G), the state decayed row by row
 // by exp(G_{n-1}). The cumulative sums are kept per key (fp32, summed in fp64) in shared memory. A
@@ -35,6 +35,15 @@
 // warp's first row r0, x_t[i] exp(G_t[i] - G_r0[i]) against k_s[i] exp(G_r0[i] - G_s[i]), both <= 1
 // (as flash-linear-attention's chunk_gla / chunk_kda), on tensor cores; its diagonal 16 x 16 block,
 // where no split is bounded, is summed in fp32 with one exponential per term. K <= 128.
+// Its backward: the reverse pass decays dS row by row and keeps <S_0[i, :], dS_n[i, :]> per key row;
+// the gradient kernel takes the per-key factors of Qg, Kd and K exp(G) element by element, and the
+// intra-chunk products' gradients dq_t[i] = sum_s scale dP_ts k_s[i] exp(G_t[i] - G_s[i]) (and dk,
+// and the delta term's through dA: dk, dbeta) with the same split at the warp's rows (r0 for the
+// blocks left of its diagonal, r0 + 15 for those below it) and the diagonal block in fp32. The
+// log-decay gradients come per (position, key) from the products themselves: q_t[i] dq_t[i] and
+// -k_s[i] dk_s[i] for each term exp(G_t[i] - G_s[i]) (no 64 x 64 x K tensor), collected in dg's rows,
+// which the block owns, and summed from the chunk's end in place. Shared memory: + 64 x K fp32 (the
+// gradient kernel at K = V = 128: 141 KiB, one block per SM).
 //
 // Kernels.
 //   chunkPrepKernel<T>  one block (4 warps) per (chunk, value head), all chunks in parallel: stages
@@ -224,7 +233,8 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
   const int64_t gammas = cbs * (p.perKey ? p.Kp : 1);
   int64_t bytes = aligned(perChunkW, es) + 2 * aligned(perChunkK, es) + aligned(perChunkV, es) + aligned(perP, es) +
                   aligned(gammas, fs);
-  if (backward) bytes += aligned(perP, fs) + aligned(cbs * a.K * a.V, fs) + aligned(perChunkV, es) + aligned(cbs, fs);
+  if (backward)
+    bytes += aligned(perP, fs) + aligned(cbs * a.K * a.V, fs) + aligned(perChunkV, es) + aligned(gammas, fs);
   RK_TRY(scratch->allocate(static_cast<size_t>(bytes)));
   char* base = static_cast<char*>(scratch->get());
   auto take = [&](int64_t elems, int64_t size) {
@@ -242,8 +252,8 @@ Status prepare(const std::string& fn, const GatedDeltaRuleArgs& a, const ScanSeg
     p.Xinv = reinterpret_cast<float*>(take(perP, fs));
     p.dStates = reinterpret_cast<float*>(take(cbs * a.K * a.V, fs));
     p.dVp = take(perChunkV, es);
-    p.dGamL = reinterpret_cast<float*>(take(cbs, fs));
-    RK_TRY(zeroFloats(p.dGamL, cbs));
+    p.dGamL = reinterpret_cast<float*>(take(gammas, fs));
+    RK_TRY(zeroFloats(p.dGamL, gammas));
   }
   const size_t prepBytes = prepSharedBytes(p, sizeof(T));
   RK_TRY(allowDynamicShared(chunkPrepKernel<T>, prepBytes));

@@ -133,8 +133,18 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
         dst[off] = d;
         part = fmaf(ck[off], d, part);
       }
-      part = warpSum(part);
-      if (lane == 0) atomicAdd(p.dGamL + cb, part);
+      if (!p.perKey) {
+        part = warpSum(part);
+        if (lane == 0) atomicAdd(p.dGamL + cb, part);
+      } else {  // per key row: <S_0[i, :], dS[i, :]> over the tile's columns, a warp per row
+        for (int i = warp; i < K; i += kWarps) {
+          float row = 0.0f;
+          for (int j = lane; j < tl.vw; j += 32)
+            row = fmaf(ck[static_cast<int64_t>(i) * p.V + tl.v0 + j], sm.S[i * ldS + j], row);
+          row = warpSum(row);
+          if (lane == 0) atomicAdd(p.dGamL + cb * p.Kp + i, row);
+        }
+      }
     }
     T* dVp = static_cast<T*>(p.dVp) + cb * kC * p.V;
     const T* dOt = dOTile(c);  // dO (rows of the chunk, columns of the tile; zeros past n and vw)
@@ -168,12 +178,15 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
     stagePKd(c - 1);
 
     // dS = exp(G_{n-1}) dS + Qg^T dO - W^T dV': warp w owns the state rows 16 m.. for m = w, w + 4, ...
-    const float gl = p.gammaLast[cb];
+    // (exp(G_{n-1}) per key row with a decay per key)
+    const float* gl = p.gammaLast + (p.perKey ? cb * p.Kp : cb);
+    const int glStep = p.perKey ? 1 : 0;
     for (int m = warp; m < kSteps; m += kWarps) {
       mma::FragC acc[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        acc[j] = mma::loadC([&](int rr, int cc) { return gl * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
+        acc[j] = mma::loadC(
+            [&](int rr, int cc) { return gl[(16 * m + rr) * glStep] * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sm.Qg + 16 * s * ldT + 16 * m, ldT);  // (Qg^T) rows 16 m..
@@ -210,12 +223,13 @@ constexpr int kLdSl = kKt + 8;  // 16-bit slices of 32 columns: dW, a column sli
 //   r3: W (64 x ldk) and v (64 x ldv) while V', dv and dTm are formed; then, per column step,
 //       rows of S_0 and dS (32 x ldv each) and the step's columns of q and k (64 x kLdSl each);
 //       after the column steps, q and k (64 x ldk each);
-//   vp: U, then V' (64 x ldv).
+//   vp: U, then V' (64 x ldv);
+//   gk: with a decay per key, the cumulative decays (fp32 64 x Kp) and the sums towards G_{n-1} (Kp).
 struct GradLayout {
   int ldv;
-  size_t x, r1, r2, dw, r3, vp, bytes;
+  size_t x, r1, r2, dw, r3, vp, gk, bytes;
 };
-__host__ __device__ inline GradLayout gradLayout(int Kp, int Vp, int ldk, size_t elem) {
+__host__ __device__ inline GradLayout gradLayout(int Kp, int Vp, int ldk, size_t elem, bool perKey) {
   auto up16 = [](size_t b) { return (b + 15) / 16 * 16; };
   auto mx = [](size_t a, size_t b) { return a > b ? a : b; };
   GradLayout m;
@@ -234,13 +248,15 @@ __host__ __device__ inline GradLayout gradLayout(int Kp, int Vp, int ldk, size_t
   m.r3 = off;
   off += mx(mx(2 * tileK, tileK + tileV), tileV + 2 * slice);
   m.vp = off;
-  off += tileV;
+  off += up16(tileV);
+  m.gk = off;
+  if (perKey) off += static_cast<size_t>(kC + 1) * Kp * sizeof(float);
   m.bytes = off;
   return m;
 }
 
 inline size_t gradSharedBytes(const ChunkParams& p, size_t elemBytes) {
-  return gradLayout(p.Kp, p.Vp, p.ldk, elemBytes).bytes;
+  return gradLayout(p.Kp, p.Vp, p.ldk, elemBytes, p.perKey).bytes;
 }
 
 // Per (chunk, value head), all chunks in parallel, from the chunk's checkpoint S_0, the gradient
@@ -277,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
   const int64_t cb = gc * p.HV + hv;
   const int64_t KV = p.K * p.V;
 
-  const GradLayout lay = gradLayout(p.Kp, p.Vp, p.ldk, sizeof(T));
+  const GradLayout lay = gradLayout(p.Kp, p.Vp, p.ldk, sizeof(T), p.perKey);
   const int ldv = lay.ldv;
   unsigned char* smem = dynamicShared<unsigned char>();
   double* sG = reinterpret_cast<double*>(smem);
@@ -303,6 +319,14 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
   T* sK = reinterpret_cast<T*>(smem + lay.r3);  // q, k after the column steps (64 x ldk)
   T* sQ = sK + kC * ld;
   T* sVp = reinterpret_cast<T*>(smem + lay.vp);  // U, then V'
+  // A decay per key: G_t[i] and the sums towards G_{n-1}[i].
+  const bool perKey = p.perKey;
+  const int Kp = p.Kp;
+  float* sGk = reinterpret_cast<float*>(smem + lay.gk);
+  float* sFk = sGk + kC * Kp;
+  auto keyRel = [&](int t, int s, int i) -> float { return fastExp(sGk[t * Kp + i] - sGk[s * Kp + i]); };
+  float* dgk = perKey ? p.dg + (rowBase * p.HV + hv) * p.K : nullptr;  // dG, then dg: [64][HV][K] rows
+  auto dgAt = [&](int r, int i) -> float& { return dgk[static_cast<int64_t>(r) * p.HV * p.K + i]; };
 
   const T* vg = static_cast<const T*>(p.v);
   const T* dO = static_cast<const T*>(p.dO);
@@ -328,6 +352,10 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     sF[tid] = 0.0f;
   }
   chunkScalars<T>(p, rowBase, h, hv, n, sG, sGam, sBeta, sRk, sRq);
+  if (perKey) {
+    for (int i = tid; i < Kp; i += kThreads) sFk[i] = 0.0f;
+    chunkKeyDecays(p, rowBase, hv, n, sGk);
+  }
   // This warp's rows of dO, the A fragments of dQg = dO S_0^T and dP = dO V'^T.
   mma::FragA16 fdO[VS];
 #pragma unroll
@@ -475,21 +503,31 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
       mma::storeC(aQ[j], [&](int rr, int cc, float val) {
         const int r = r0 + rr, c = 8 * j + cc, i = kt + c;
         if (r >= n || i >= K) return;
-        const float f = p.scale * sGam[r];
+        const float f = p.scale * (perKey ? fastExp(sGk[r * Kp + i]) : sGam[r]);
         addQK(p.dqAcc, ((rowBase + r) * p.H + h) * p.K + i, val * f, true);
         const float x = val * f * qns(r, c);
-        if (rr < 8)
+        if (perKey)
+          dgAt(r, i) = x;  // the first term of dG[r][i]
+        else if (rr < 8)
           gLo += x;
         else
           gHi += x;
       });
       mma::storeC(aK[j], [&](int rr, int cc, float val) {
-        const int r = r0 + rr, c = 8 * j + cc;
-        const float x = r < n && kt + c < K ? val * fastExp(static_cast<float>(GL - sG[r])) * kns(r, c) : 0.0f;
-        if (rr < 8)
+        const int r = r0 + rr, c = 8 * j + cc, i = kt + c;
+        const float kdr =
+            perKey ? keyRel(n - 1, r < n ? r : n - 1, i < Kp ? i : 0) : fastExp(static_cast<float>(GL - sG[r]));
+        const float x = r < n && i < K ? val * kdr * kns(r, c) : 0.0f;
+        if (perKey) {
+          if (r < n && i < K) {
+            dgAt(r, i) -= x;
+            atomicAdd(sFk + i, x);
+          }
+        } else if (rr < 8) {
           fLo += x;
-        else
+        } else {
           fHi += x;
+        }
       });
       if constexpr (Delta) {
         mma::storeC(aW[j],
@@ -511,7 +549,7 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
           if (j >= 2 * warp + 2) continue;
           mma::mma16816<T>(acc[j], a, mma::loadB16<T>([&](int kk, int nn) {
                              const int i = 16 * s + kk, t = 8 * j + nn;
-                             return kns(t, i) * sGam[t];
+                             return kns(t, i) * (perKey ? fastExp(sGk[t * Kp + kt + i]) : sGam[t]);
                            }));
         }
       }
@@ -537,9 +575,14 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
         if (r >= n || i >= K) return;
         // this lane's element (rr, cc) of aK[j]
         const float dkd = kd.c[(rr >= 8 ? 2 : 0) + (cc & 1)];
-        const float d = val * sGam[r] + dkd * fastExp(static_cast<float>(GL - sG[r]));
+        const float gam = perKey ? fastExp(sGk[r * Kp + i]) : sGam[r];
+        const float d = val * gam + dkd * (perKey ? keyRel(n - 1, r, i) : fastExp(static_cast<float>(GL - sG[r])));
         addQK(p.dkAcc, ((rowBase + r) * p.H + h) * p.K + i, d, true);
-        const float x = val * sGam[r] * kns(r, c);
+        const float x = val * gam * kns(r, c);
+        if (perKey) {
+          dgAt(r, i) += x;
+          return;
+        }
         if (rr < 8)
           gLo += x;
         else
@@ -622,8 +665,10 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     }
   }
   // K K^T and Q K^T again (fp32 accumulation): E = dA beta Gamma, Ep = dP scale Gamma, and the
-  // log-decay gradients; each lane rewrites only its own elements of sDT and sDP.
-  {
+  // log-decay gradients; each lane rewrites only its own elements of sDT and sDP. (With a decay per
+  // key, Gamma is inside the sums: the products below take it, and the log-decay gradients follow
+  // from theirs.)
+  if (!perKey) {
     mma::FragC accA[kC / 8], accP[kC / 8];
 #pragma unroll
     for (int j = 0; j < kC / 8; ++j) accA[j].zero(), accP[j].zero();
@@ -673,8 +718,86 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
   }
   __syncthreads();
 
+  // With a decay per key: dq_t[i] += sum_{s<=t} scale dP_ts k_s[i] exp(G_t[i] - G_s[i]) and dk_s[i] +=
+  // sum_{t>=s} scale dP_ts q_t[i] exp(G_t[i] - G_s[i]). Left of the warp's diagonal block (rows
+  // s < r0) the factor splits at r0, below it (rows t > r0 + 15) at r0 + 15, both parts <= 1 (as in
+  // the forward's preparation), on tensor cores; the diagonal block is summed in fp32. Their terms of
+  // dG: q_t[i] dq_t[i] from G_t, -k_s[i] dk_s[i] from G_s.
+  for (int jb = 0; perKey && jb < p.Kp / 8; jb += NB) {
+    const int nb = p.Kp / 8 - jb < NB ? p.Kp / 8 - jb : NB;
+    const int rEnd = r0 + 15;
+    mma::FragC aQ[NB], aK[NB];
+#pragma unroll
+    for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero();
+    warpMma<T>(
+        aQ, nb, 0, warp, jb, [&](int rr, int s) { return p.scale * sDP[(r0 + rr) * kLdA + s]; },
+        [&](int s, int i) { return kn(s, i) * keyRel(r0, s, i < Kp ? i : 0); });
+    warpMma<T>(
+        aK, nb, warp + 1, kC / 16, jb, [&](int rr, int t) { return p.scale * sDP[t * kLdA + r0 + rr]; },
+        [&](int t, int i) { return qn(t, i) * keyRel(t, rEnd, i < Kp ? i : 0); });
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      if (j >= nb) continue;
+      mma::storeC(aQ[j], [&](int rr, int cc, float val) {
+        const int r = r0 + rr, i = 8 * (jb + j) + cc;
+        if (r >= n || i >= K) return;
+        float d = val * keyRel(r, r0, i);
+        for (int s = r0; s <= r; ++s) d = fmaf(p.scale * sDP[r * kLdA + s], kn(s, i) * keyRel(r, s, i), d);
+        addQK(p.dqAcc, ((rowBase + r) * p.H + h) * p.K + i, d, false);
+        dgAt(r, i) += qn(r, i) * d;
+      });
+      mma::storeC(aK[j], [&](int rr, int cc, float val) {
+        const int s = r0 + rr, i = 8 * (jb + j) + cc;
+        if (s >= n || i >= K) return;
+        float d = val * keyRel(rEnd, s, i);
+        for (int t = s; t <= rEnd; ++t) d = fmaf(p.scale * sDP[t * kLdA + s], qn(t, i) * keyRel(t, s, i), d);
+        addQK(p.dkAcc, ((rowBase + s) * p.H + h) * p.K + i, d, false);
+        dgAt(s, i) -= kn(s, i) * d;
+      });
+    }
+    // The delta term: A_ts = beta_t sum_i k_t[i] k_s[i] exp(G_t[i] - G_s[i]) (s < t), with dA in sDT:
+    // Y_t[i] = sum_s dA_ts k_s[i] exp(..): dk_t += beta_t Y_t, dbeta_t += k_t . Y_t, dG_t += beta_t k_t Y_t;
+    // Z_s[i] = sum_t beta_t dA_ts k_t[i] exp(..): dk_s += Z_s, dG_s -= k_s Z_s.
+    if constexpr (Delta) {
+#pragma unroll
+      for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero();
+      warpMma<T>(
+          aQ, nb, 0, warp, jb, [&](int rr, int s) { return sDT[(r0 + rr) * kLdA + s]; },
+          [&](int s, int i) { return kn(s, i) * keyRel(r0, s, i < Kp ? i : 0); });
+      warpMma<T>(
+          aK, nb, warp + 1, kC / 16, jb, [&](int rr, int t) { return sBeta[t] * sDT[t * kLdA + r0 + rr]; },
+          [&](int t, int i) { return kn(t, i) * keyRel(t, rEnd, i < Kp ? i : 0); });
+      float bLo = 0.0f, bHi = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NB; ++j) {
+        if (j >= nb) continue;
+        mma::storeC(aQ[j], [&](int rr, int cc, float val) {
+          const int r = r0 + rr, i = 8 * (jb + j) + cc;
+          if (r >= n || i >= K) return;
+          float y = val * keyRel(r, r0, i);
+          for (int s = r0; s < r; ++s) y = fmaf(sDT[r * kLdA + s], kn(s, i) * keyRel(r, s, i), y);
+          addQK(p.dkAcc, ((rowBase + r) * p.H + h) * p.K + i, sBeta[r] * y, false);
+          const float ky = kn(r, i) * y;
+          dgAt(r, i) += sBeta[r] * ky;
+          if (rr < 8)
+            bLo += ky;
+          else
+            bHi += ky;
+        });
+        mma::storeC(aK[j], [&](int rr, int cc, float val) {
+          const int s = r0 + rr, i = 8 * (jb + j) + cc;
+          if (s >= n || i >= K) return;
+          float z = val * keyRel(rEnd, s, i);
+          for (int t = s + 1; t <= rEnd; ++t) z = fmaf(sBeta[t] * sDT[t * kLdA + s], kn(t, i) * keyRel(t, s, i), z);
+          addQK(p.dkAcc, ((rowBase + s) * p.H + h) * p.K + i, z, false);
+          dgAt(s, i) -= kn(s, i) * z;
+        });
+      }
+      addRowSums(sDB, r0, bLo, bHi);
+    }
+  }
   // dq += Ep K;  dk += E K + E^T K + Ep^T Q.
-  for (int jb = 0; jb < p.Kp / 8; jb += NB) {
+  for (int jb = 0; !perKey && jb < p.Kp / 8; jb += NB) {
     const int nb = p.Kp / 8 - jb < NB ? p.Kp / 8 - jb : NB;
     mma::FragC aQ[NB], aK[NB];
 #pragma unroll
@@ -713,7 +836,20 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
   }
 
   // dG: the Kd scalings exp(G_{n-1} - G_t) and exp(G_{n-1}); dg = reverse cumulative sum of dG.
-  if (tid == 0) {
+  if (perKey) {  // per key column: dG is in dg's rows (written by this block), summed in place
+    __syncthreads();
+    for (int i = tid; i < K; i += kThreads) {
+      double acc = static_cast<double>(sFk[i]) +
+                   static_cast<double>(p.dGamL[cb * Kp + i]) * static_cast<double>(fastExp(sGk[(n - 1) * Kp + i]));
+      for (int t = n - 1; t >= 0; --t) {
+        acc += static_cast<double>(dgAt(t, i));
+        dgAt(t, i) = static_cast<float>(acc);
+      }
+    }
+    if constexpr (Delta) {
+      for (int t = tid; t < n; t += kThreads) p.dbetaAcc[(rowBase + t) * p.HV + hv] = sDB[t];
+    }
+  } else if (tid == 0) {
     double fsum = 0.0;
     for (int t = 0; t < n; ++t) fsum += sF[t];
     double acc = fsum + static_cast<double>(p.dGamL[cb]) * sGam[n - 1];

@@ -43,8 +43,8 @@
  * layout of Gated DeltaNet) run on the gated delta rule's kernels (CPU: blocked; CUDA: chunked
  * tensor-core kernels for fp16 / bf16). The 'linear' and 'gated' rules in that layout (no state window)
  * also run there, without the delta term (CPU: every dtype; CUDA: fp16 / bf16; the launchers' choice,
- * cuda/attention/linear_attention.h), and on CUDA so does the forward of the per-key 'gated' and
- * 'gated_delta' rules in that layout (fp16 / bf16, K <= 128; their backward per token). Every other configuration runs on this family's kernels (CPU:
+ * cuda/attention/linear_attention.h), and on CUDA so do the per-key 'gated' and 'gated_delta' rules
+ * in that layout (GLA, KDA; fp16 / bf16, K <= 128). Every other configuration runs on this family's kernels (CPU:
  * blocked, or per token with several query heads per state or a state window; CUDA: per token).
  */
 import { defineOp, withInference } from '../autograd';

@@ -17,9 +17,9 @@
 //     chunks and a few, packed sequences, decays 0 and -1e4, dO absent, a forward with no checkpoints;
 //     which path ran is checked against the launcher's rule worked out here, and the same layout once
 //     forced onto the per-token kernels;
-//   * the 'gated' and 'gated_delta' rules with a decay per key row in that layout (GLA, KDA), whose
-//     forward runs on those kernels for K <= 128 (20, 64, 128; 130 stays per token), the backward per
-//     token from the chunked forward's checkpoints: the same kinds of cases;
+//   * the 'gated' and 'gated_delta' rules with a decay per key row in that layout (GLA, KDA), which
+//     run on those kernels (both passes) for K <= 128 (20, 64, 128; 130 stays per token): the same
+//     kinds of cases;
 //   * the decode step as the binding runs it: the forward with the state as h0 and finalState (in
 //     place) and the window as the intermediate states;
 //   * the gate activations (linear_attention_gates.cu): the qwen gate with a per-head or per-key
@@ -355,8 +355,8 @@ template <class T> void runCase(const Case& c, std::mt19937& rng) {
   const bool chunkable = layout && ((!P.corrects() && !c.perKey) || (c.perKey && P.decays() && c.K <= 128));
   const bool expectChunked = chunkable && !c.perToken;
   // (The backward has no window: it takes the chunked kernels wherever the layout allows.)
-  const bool expectChunkedBackward =
-      !std::is_same_v<T, float> && c.Hk == c.Hq && c.Hv % c.Hq == 0 && !P.corrects() && !c.perKey && !c.perToken;
+  const bool expectChunkedBackward = !std::is_same_v<T, float> && c.Hk == c.Hq && c.Hv % c.Hq == 0 && !c.perToken &&
+                                     ((!P.corrects() && !c.perKey) || (c.perKey && P.decays() && c.K <= 128));
   context += expectChunked ? " chunked" : "";
   context += c.perToken ? " per-token" : "";
   context += c.infer ? " inference" : "";
@@ -509,6 +509,11 @@ template <class T> void runChunkedSuite(std::mt19937& rng) {
   c.rule = LinearRule::GatedDeltaRule, c.perKey = true, c.chunked = true;
   c.batch = 1, c.T = kChunk + 1, c.Hq = 1, c.Hk = 1, c.Hv = 1, c.K = 128, c.V = 9, c.packed = true, c.dO = false;
   c.edgeDecays = true, c.h0 = c.dFinal = c.dh0 = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::Gated, c.perKey = true, c.chunked = true;
+  c.batch = 1, c.T = 2 * kChunk + 5, c.Hq = 1, c.Hk = 1, c.Hv = 2, c.K = 128, c.V = 24, c.packed = true;
+  c.edgeDecays = true, c.h0 = c.fin = c.dFinal = c.dh0 = true;
   runCase<T>(c, rng);
   c = Case{};
   c.rule = LinearRule::Gated, c.perKey = true, c.chunked = true, c.infer = true;

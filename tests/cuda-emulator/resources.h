@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "dc5ec7d7285b3376";
+constexpr const char* kSourcesHash = "274e455b0266e170";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1040,46 +1040,46 @@ inline const KernelResources kKernelResources[] = {
      22, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     106, 0},
+     128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     118, 0},
+     121, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     147, 0},
+     150, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     106, 0},
+     128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     118, 0},
+     121, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     147, 0},
+     150, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16, "
      "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     158, 0},
+     165, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16, "
      "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     231, 0},
+     234, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8, "
      "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     128, 0},
+     152, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8, "
      "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     167, 0},
+     168, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 16, "
      "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     158, 0},
+     165, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 16, "
      "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     231, 0},
+     234, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 8, "
      "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     128, 0},
+     152, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 8, "
      "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     167, 0},
+     168, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkPrepKernel<__half>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
      128, 0},
