@@ -147,6 +147,20 @@ function anchors() {
       options: { useQkL2normInKernel: true },
       tol: 3e-2,
     },
+    // The per-key decay rules on the chunked kernels (KDA, GLA).
+    ...['gated_delta', 'gated'].map((rule) => ({
+      op: `linearAttention ${rule} per-key bf16 (2,1024,8,128)`,
+      hooks: rk.ops.linearAttention,
+      inputs: {
+        q: [2, 1024, 8, 128, bf16],
+        k: [2, 1024, 8, 128, bf16],
+        v: [2, 1024, 8, 128, bf16],
+        decay: [2, 1024, 8, 128],
+        ...(rule === 'gated_delta' ? { beta: [2, 1024, 8, bf16] } : {}),
+      },
+      options: { updateRule: rule, qkL2Norm: true },
+      tol: 3e-2,
+    })),
     {
       op: 'fusedRnn lstm (16,1024,12,64)',
       hooks: rk.ops.fusedRnn,
@@ -169,7 +183,7 @@ function anchors() {
         const shape = spec.filter((x) => typeof x === 'number');
         const n = shape.reduce((a, b) => a * b, 1);
         // Decays and gates kept in their working ranges: g <= 0, beta in (0, 1), A < 0.
-        const v = k === 'g' || k === 'A' ? data(n).map((x) => -0.05 - Math.abs(x)) : data(n);
+        const v = k === 'g' || k === 'decay' || k === 'A' ? data(n).map((x) => -0.05 - Math.abs(x)) : data(n);
         return [k, { shape, dtype, values: k === 'beta' ? v.map((x) => 0.5 + x) : v }];
       }),
     );

@@ -520,7 +520,12 @@ template <class T> void runChunkedSuite(std::mt19937& rng) {
   c.batch = 2, c.T = kChunk - 1, c.Hq = 2, c.Hk = 2, c.Hv = 4, c.K = 16, c.V = 40, c.h0 = c.fin = true;
   runCase<T>(c, rng);
   c = Case{};
-  c.rule = LinearRule::GatedDeltaRule, c.perKey = true;  // K above the chunked forward's 128: per token
+  c.rule = LinearRule::GatedDeltaRule, c.perKey = true, c.chunked = true;
+  c.batch = 2, c.T = kChunk + 9, c.Hq = 1, c.Hk = 1, c.Hv = 2, c.K = 32, c.V = 16, c.l2 = true;
+  c.h0 = c.dFinal = c.dh0 = true;
+  runCase<T>(c, rng);
+  c = Case{};
+  c.rule = LinearRule::GatedDeltaRule, c.perKey = true;  // K above the chunked kernels' 128: per token
   c.batch = 1, c.T = kChunk + 2, c.Hq = 1, c.Hk = 1, c.Hv = 1, c.K = 130, c.V = 5, c.fin = true;
   runCase<T>(c, rng);
   c = Case{};
