@@ -727,72 +727,76 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
     const int nb = p.Kp / 8 - jb < NB ? p.Kp / 8 - jb : NB;
     const int rEnd = r0 + 15;
     mma::FragC aQ[NB], aK[NB];
+    // aQ = sum_{s < r0} M_ts (x_s[i] exp(G_r0[i] - G_s[i])) for the warp's rows t; aK = sum_{t > rEnd}
+    // N_ts (y_t[i] exp(G_t[i] - G_rEnd[i])) for the warp's rows s (m(t, s) = M_ts, nm(t, s) = N_ts).
+    auto offDiagonal = [&](auto m, auto x, auto nm, auto y) {
 #pragma unroll
-    for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero();
-    warpMma<T>(
-        aQ, nb, 0, warp, jb, [&](int rr, int s) { return p.scale * sDP[(r0 + rr) * kLdA + s]; },
-        [&](int s, int i) { return kn(s, i) * keyRel(r0, s, i < Kp ? i : 0); });
-    warpMma<T>(
-        aK, nb, warp + 1, kC / 16, jb, [&](int rr, int t) { return p.scale * sDP[t * kLdA + r0 + rr]; },
-        [&](int t, int i) { return qn(t, i) * keyRel(t, rEnd, i < Kp ? i : 0); });
+      for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero();
+      warpMma<T>(
+          aQ, nb, 0, warp, jb, [&](int rr, int s) { return m(r0 + rr, s); },
+          [&](int s, int i) { return x(s, i) * keyRel(r0, s, i < Kp ? i : 0); });
+      warpMma<T>(
+          aK, nb, warp + 1, kC / 16, jb, [&](int rr, int t) { return nm(t, r0 + rr); },
+          [&](int t, int i) { return y(t, i) * keyRel(t, rEnd, i < Kp ? i : 0); });
+    };
+    // Element (t, i) of aQ finished with the diagonal block's terms (s = r0 .. t), and (s, i) of aK
+    // (t = s .. rEnd); M and N are zero above their diagonals.
+    auto rowOfQ = [&](auto m, auto x, int t, int i, float val) {
+      float d = val * keyRel(t, r0, i);
+      for (int s = r0; s <= t; ++s) d = fmaf(m(t, s), x(s, i) * keyRel(t, s, i), d);
+      return d;
+    };
+    auto rowOfK = [&](auto nm, auto y, int s, int i, float val) {
+      float d = val * keyRel(rEnd, s, i);
+      for (int t = s; t <= rEnd; ++t) d = fmaf(nm(t, s), y(t, i) * keyRel(t, s, i), d);
+      return d;
+    };
+    // put(rr, row, i, value) for the elements of acc inside the chunk and K.
+    auto eachInside = [&](mma::FragC(&acc)[NB], auto put) {
 #pragma unroll
-    for (int j = 0; j < NB; ++j) {
-      if (j >= nb) continue;
-      mma::storeC(aQ[j], [&](int rr, int cc, float val) {
-        const int r = r0 + rr, i = 8 * (jb + j) + cc;
-        if (r >= n || i >= K) return;
-        float d = val * keyRel(r, r0, i);
-        for (int s = r0; s <= r; ++s) d = fmaf(p.scale * sDP[r * kLdA + s], kn(s, i) * keyRel(r, s, i), d);
-        addQK(p.dqAcc, ((rowBase + r) * p.H + h) * p.K + i, d, false);
-        dgAt(r, i) += qn(r, i) * d;
-      });
-      mma::storeC(aK[j], [&](int rr, int cc, float val) {
-        const int s = r0 + rr, i = 8 * (jb + j) + cc;
-        if (s >= n || i >= K) return;
-        float d = val * keyRel(rEnd, s, i);
-        for (int t = s; t <= rEnd; ++t) d = fmaf(p.scale * sDP[t * kLdA + s], qn(t, i) * keyRel(t, s, i), d);
-        addQK(p.dkAcc, ((rowBase + s) * p.H + h) * p.K + i, d, false);
-        dgAt(s, i) -= kn(s, i) * d;
-      });
-    }
+      for (int j = 0; j < NB; ++j) {
+        if (j >= nb) continue;
+        mma::storeC(acc[j], [&](int rr, int cc, float val) {
+          const int r = r0 + rr, i = 8 * (jb + j) + cc;
+          if (r < n && i < K) put(rr, r, i, val);
+        });
+      }
+    };
+    auto dPs = [&](int t, int s) { return p.scale * sDP[t * kLdA + s]; };
+    offDiagonal(dPs, kn, dPs, qn);
+    eachInside(aQ, [&](int, int r, int i, float val) {
+      const float d = rowOfQ(dPs, kn, r, i, val);
+      addQK(p.dqAcc, ((rowBase + r) * p.H + h) * p.K + i, d, false);
+      dgAt(r, i) += qn(r, i) * d;
+    });
+    eachInside(aK, [&](int, int s, int i, float val) {
+      const float d = rowOfK(dPs, qn, s, i, val);
+      addQK(p.dkAcc, ((rowBase + s) * p.H + h) * p.K + i, d, false);
+      dgAt(s, i) -= kn(s, i) * d;
+    });
     // The delta term: A_ts = beta_t sum_i k_t[i] k_s[i] exp(G_t[i] - G_s[i]) (s < t), with dA in sDT:
     // Y_t[i] = sum_s dA_ts k_s[i] exp(..): dk_t += beta_t Y_t, dbeta_t += k_t . Y_t, dG_t += beta_t k_t Y_t;
     // Z_s[i] = sum_t beta_t dA_ts k_t[i] exp(..): dk_s += Z_s, dG_s -= k_s Z_s.
     if constexpr (Delta) {
-#pragma unroll
-      for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero();
-      warpMma<T>(
-          aQ, nb, 0, warp, jb, [&](int rr, int s) { return sDT[(r0 + rr) * kLdA + s]; },
-          [&](int s, int i) { return kn(s, i) * keyRel(r0, s, i < Kp ? i : 0); });
-      warpMma<T>(
-          aK, nb, warp + 1, kC / 16, jb, [&](int rr, int t) { return sBeta[t] * sDT[t * kLdA + r0 + rr]; },
-          [&](int t, int i) { return kn(t, i) * keyRel(t, rEnd, i < Kp ? i : 0); });
+      auto dA = [&](int t, int s) { return sDT[t * kLdA + s]; };
+      auto dAb = [&](int t, int s) { return sBeta[t] * sDT[t * kLdA + s]; };
+      offDiagonal(dA, kn, dAb, kn);  // Y, Z
       float bLo = 0.0f, bHi = 0.0f;
-#pragma unroll
-      for (int j = 0; j < NB; ++j) {
-        if (j >= nb) continue;
-        mma::storeC(aQ[j], [&](int rr, int cc, float val) {
-          const int r = r0 + rr, i = 8 * (jb + j) + cc;
-          if (r >= n || i >= K) return;
-          float y = val * keyRel(r, r0, i);
-          for (int s = r0; s < r; ++s) y = fmaf(sDT[r * kLdA + s], kn(s, i) * keyRel(r, s, i), y);
-          addQK(p.dkAcc, ((rowBase + r) * p.H + h) * p.K + i, sBeta[r] * y, false);
-          const float ky = kn(r, i) * y;
-          dgAt(r, i) += sBeta[r] * ky;
-          if (rr < 8)
-            bLo += ky;
-          else
-            bHi += ky;
-        });
-        mma::storeC(aK[j], [&](int rr, int cc, float val) {
-          const int s = r0 + rr, i = 8 * (jb + j) + cc;
-          if (s >= n || i >= K) return;
-          float z = val * keyRel(rEnd, s, i);
-          for (int t = s + 1; t <= rEnd; ++t) z = fmaf(sBeta[t] * sDT[t * kLdA + s], kn(t, i) * keyRel(t, s, i), z);
-          addQK(p.dkAcc, ((rowBase + s) * p.H + h) * p.K + i, z, false);
-          dgAt(s, i) -= kn(s, i) * z;
-        });
-      }
+      eachInside(aQ, [&](int rr, int r, int i, float val) {
+        const float y = rowOfQ(dA, kn, r, i, val);
+        addQK(p.dkAcc, ((rowBase + r) * p.H + h) * p.K + i, sBeta[r] * y, false);
+        const float ky = kn(r, i) * y;
+        dgAt(r, i) += sBeta[r] * ky;
+        if (rr < 8)
+          bLo += ky;
+        else
+          bHi += ky;
+      });
+      eachInside(aK, [&](int, int s, int i, float val) {
+        const float z = rowOfK(dAb, kn, s, i, val);
+        addQK(p.dkAcc, ((rowBase + s) * p.H + h) * p.K + i, z, false);
+        dgAt(s, i) -= kn(s, i) * z;
+      });
       addRowSums(sDB, r0, bLo, bHi);
     }
   }
