@@ -31,8 +31,8 @@
 // This is the reference-quality path of the family (decode, short sequences, every rule and layout);
 // the Gated DeltaNet layout with a scalar decay has the chunked tensor-core kernels of the gated
 // delta rule (lib/ops/linearAttention.ts sends the delta rules there; the launchers below send the
-// 'linear' and 'gated' rules of that layout there for fp16 / bf16, and the forward of its per-key
-// 'gated' and 'gated_delta' rules, see choosePath).
+// 'linear' and 'gated' rules of that layout there for fp16 / bf16, and its per-key 'gated' and
+// 'gated_delta' rules, see choosePath).
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -61,6 +61,8 @@ struct LinearAttentionArgs {
 // term (GatedDeltaRuleArgs::delta = false), whose kernels write the same checkpoints: the CPU
 // launchers send such calls there, and the CUDA launchers for fp16 / bf16 (its chunked kernels). A
 // decode step that updates its state in place (finalState == h0) stays on this family's kernels.
+// (On CUDA the per-key 'gated' and 'gated_delta' rules in that layout take the chunked kernels too:
+// linear_attention.cu's choosePath.)
 inline bool inGatedDeltaRuleLayout(const LinearAttentionArgs& a, const float* finalState) {
   return a.Hk == a.Hq && a.Hv % a.Hq == 0 && a.window == 0 && (finalState == nullptr || finalState != a.h0);
 }

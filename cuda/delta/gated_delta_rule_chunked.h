@@ -11,8 +11,8 @@ namespace rkcuda {
 // Whether the chunked forward handles a.dt (the 16-bit storage types: their operands feed the
 // m16n8k16 tensor-core products directly; fp32 stays on the recurrence, see the .cu header).
 bool gatedDeltaRuleChunkedSupports(DType dt);
-// The largest K the chunked forward takes with a decay per key (its cumulative decays, 64 x K fp32, sit
-// in the preparation's shared memory beside the staged q and k).
+// The largest K the chunked kernels take with a decay per key (their cumulative decays, 64 x K fp32,
+// sit in the preparation's and the gradient kernel's shared memory beside what they stage).
 constexpr int64_t gatedDeltaRuleChunkedPerKeyMaxK = 128;
 
 // Same outputs as gatedDeltaRuleForward for the positions inside the sequences: o, the checkpoints

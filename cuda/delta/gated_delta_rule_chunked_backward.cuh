@@ -178,15 +178,12 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkB
     stagePKd(c - 1);
 
     // dS = exp(G_{n-1}) dS + Qg^T dO - W^T dV': warp w owns the state rows 16 m.. for m = w, w + 4, ...
-    // (exp(G_{n-1}) per key row with a decay per key)
-    const float* gl = p.gammaLast + (p.perKey ? cb * p.Kp : cb);
-    const int glStep = p.perKey ? 1 : 0;
     for (int m = warp; m < kSteps; m += kWarps) {
       mma::FragC acc[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         acc[j] = mma::loadC(
-            [&](int rr, int cc) { return gl[(16 * m + rr) * glStep] * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
+            [&](int rr, int cc) { return lastDecay(p, cb, 16 * m + rr) * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sm.Qg + 16 * s * ldT + 16 * m, ldT);  // (Qg^T) rows 16 m..
@@ -324,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
   const int Kp = p.Kp;
   float* sGk = reinterpret_cast<float*>(smem + lay.gk);
   float* sFk = sGk + kC * Kp;
-  auto keyRel = [&](int t, int s, int i) -> float { return fastExp(sGk[t * Kp + i] - sGk[s * Kp + i]); };
+  auto keyRel = [&](int t, int s, int i) -> float { return keyDecay(sGk, Kp, t, s, i); };
   float* dgk = perKey ? p.dg + (rowBase * p.HV + hv) * p.K : nullptr;  // dG, then dg: [64][HV][K] rows
   auto dgAt = [&](int r, int i) -> float& { return dgk[static_cast<int64_t>(r) * p.HV * p.K + i]; };
 
@@ -515,8 +512,7 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
       });
       mma::storeC(aK[j], [&](int rr, int cc, float val) {
         const int r = r0 + rr, c = 8 * j + cc, i = kt + c;
-        const float kdr =
-            perKey ? keyRel(n - 1, r < n ? r : n - 1, i < Kp ? i : 0) : fastExp(static_cast<float>(GL - sG[r]));
+        const float kdr = perKey ? keyRel(n - 1, r, i) : fastExp(static_cast<float>(GL - sG[r]));
         const float x = r < n && i < K ? val * kdr * kns(r, c) : 0.0f;
         if (perKey) {
           if (r < n && i < K) {
@@ -734,10 +730,10 @@ __global__ void __launch_bounds__(kThreads) chunkGradKernel(const ChunkParams p)
       for (int j = 0; j < NB; ++j) aQ[j].zero(), aK[j].zero();
       warpMma<T>(
           aQ, nb, 0, warp, jb, [&](int rr, int s) { return m(r0 + rr, s); },
-          [&](int s, int i) { return x(s, i) * keyRel(r0, s, i < Kp ? i : 0); });
+          [&](int s, int i) { return x(s, i) * keyRel(r0, s, i); });
       warpMma<T>(
           aK, nb, warp + 1, kC / 16, jb, [&](int rr, int t) { return nm(t, r0 + rr); },
-          [&](int t, int i) { return y(t, i) * keyRel(t, rEnd, i < Kp ? i : 0); });
+          [&](int t, int i) { return y(t, i) * keyRel(t, rEnd, i); });
     };
     // Element (t, i) of aQ finished with the diagonal block's terms (s = r0 .. t), and (s, i) of aK
     // (t = s .. rEnd); M and N are zero above their diagonals.

@@ -43,8 +43,9 @@ struct ChunkParams : delta::DeltaInputs {
   // false: the rules without the delta term (S_t = exp(g_t) S_{t-1} + k_t v_t^T): Tm = I, U = V, no
   // W (V' = U), beta and dbeta not read or written, g nullable (0)
   bool delta = true;
-  // true: g is [batch, T, HV, K], a decay per key row (forward only: the preparation's A, P, Qg, Kd
-  // and W take the per-key factors, gammaLast is per key row, the state pass decays row by row)
+  // true: g is [batch, T, HV, K], a decay per key row (the preparation's A, P, Qg, Kd and W take the
+  // per-key factors, gammaLast and dGamL are per key row, the state passes decay row by row, the
+  // gradient kernel takes the factors inside its intra-chunk products)
   bool perKey = false;
   // scratch, per (global chunk, value head): W, Qg, Kd [64 x K], U [64 x V], P [64 x 64], gammaLast
   void* W = nullptr;
@@ -107,6 +108,11 @@ __device__ __forceinline__ StateTile stateTileOf(const ChunkParams& p) {
   st.vw = V - st.v0 < p.vt ? V - st.v0 : p.vt;
   st.stateOff = (seq * p.HV + st.hv) * (p.K * p.V);
   return st;
+}
+
+// exp(G_{n-1}) for state row i of (chunk, value head) cb: one per chunk, or one per key row with perKey.
+__device__ __forceinline__ float lastDecay(const ChunkParams& p, int64_t cb, int i) {
+  return p.gammaLast[p.perKey ? cb * p.Kp + i : cb];
 }
 
 }  // namespace

@@ -141,6 +141,11 @@ __device__ __forceinline__ void chunkKeyDecays(const ChunkParams& p, int64_t row
   __syncthreads();
 }
 
+// exp(G_t[i] - G_s[i]) from those cumulative decays (row stride Kp).
+__device__ __forceinline__ float keyDecay(const float* sGk, int Kp, int t, int s, int i) {
+  return fastExp(sGk[t * Kp + i] - sGk[s * Kp + i]);
+}
+
 // Dynamic shared memory of chunkPrepKernel: sK, then sQ, whose bytes later hold v's rows (64 x (Vp + 8));
 // with a decay per key then sGk (64 x Kp fp32).
 inline size_t prepSharedBytes(const ChunkParams& p, size_t elemBytes) {
@@ -185,9 +190,7 @@ template <class T> __global__ void __launch_bounds__(kThreads) chunkPrepKernel(c
   // Per key (1 with a scalar decay, whose factors decay and sGam carry; they are 1 with a per-key one):
   // exp(G_t[i] - G_s[i]) and exp(G_t[i]).
   const int Kp = p.Kp;
-  auto keyRel = [&](int t, int s, int i) -> float {
-    return p.perKey ? fastExp(sGk[t * Kp + i] - sGk[s * Kp + i]) : 1.0f;
-  };
+  auto keyRel = [&](int t, int s, int i) -> float { return p.perKey ? keyDecay(sGk, Kp, t, s, i) : 1.0f; };
   auto keyGam = [&](int r, int i) -> float { return p.perKey ? fastExp(sGk[r * Kp + i]) : sGam[r]; };
 
   const int64_t cb = gc * p.HV + hv;
@@ -630,15 +633,12 @@ template <class T, int NT> __global__ void __launch_bounds__(kThreads, 2) chunkS
     stageQgP(c + 1);
 
     // S = exp(G_{n-1}) S + Kd^T V': warp w owns the state rows 16 m.. for m = w, w + 4, ...
-    // (exp(G_{n-1}) per key row with a decay per key)
-    const float* gl = p.gammaLast + (p.perKey ? cb * p.Kp : cb);
-    const int glStep = p.perKey ? 1 : 0;
     for (int m = warp; m < kSteps; m += kWarps) {
       mma::FragC acc[NT];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         acc[j] = mma::loadC(
-            [&](int rr, int cc) { return gl[(16 * m + rr) * glStep] * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
+            [&](int rr, int cc) { return lastDecay(p, cb, 16 * m + rr) * sm.S[(16 * m + rr) * ldS + 8 * j + cc]; });
       }
       for (int s = 0; s < kRows; ++s) {
         const mma::FragA16 a = mma::ldmatrixA16T(sm.Kd + 16 * s * ldT + 16 * m, ldT);  // (Kd^T) rows 16 m..

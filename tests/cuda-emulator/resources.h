@@ -10,7 +10,7 @@ struct KernelResources {
   int registers;
   int sharedBytes;
 };
-constexpr const char* kSourcesHash = "d4d983ae1e859bf5";
+constexpr const char* kSourcesHash = "e03accce26656155";
 inline const KernelResources kKernelResources[] = {
     {"rkcuda::(anonymous namespace)::denseGradRKernel(rkcuda::(anonymous namespace)::Params, int, int)", 64, 8448},
     {"rkcuda::(anonymous namespace)::finalizeKernel(rkcuda::(anonymous namespace)::Params)", 16, 256},
@@ -1043,7 +1043,7 @@ inline const KernelResources kKernelResources[] = {
      128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     121, 0},
+     120, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__half, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      150, 0},
@@ -1052,31 +1052,31 @@ inline const KernelResources kKernelResources[] = {
      128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     121, 0},
+     120, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkBwdStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      150, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16, "
      "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     165, 0},
+     167, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 16, "
      "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     234, 0},
+     232, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8, "
      "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     152, 0},
+     156, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__half, 8, "
      "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      168, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 16, "
      "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     165, 0},
+     167, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 16, "
      "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     234, 0},
+     232, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 8, "
      "false>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     152, 0},
+     156, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkGradKernel<__nv_bfloat16, 8, "
      "true>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
      168, 0},
@@ -1088,22 +1088,22 @@ inline const KernelResources kKernelResources[] = {
      128, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 2>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     128, 0},
+     130, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 4>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     116, 0},
+     117, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__half, 8>(rkcuda::deltachunked::(anonymous "
      "namespace)::ChunkParams)",
-     143, 0},
+     146, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "2>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     128, 0},
+     130, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "4>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     116, 0},
+     117, 0},
     {"void rkcuda::deltachunked::(anonymous namespace)::chunkStateKernel<__nv_bfloat16, "
      "8>(rkcuda::deltachunked::(anonymous namespace)::ChunkParams)",
-     143, 0},
+     146, 0},
     {"void rkcuda::l2normBackwardKernel<__half>(__half const*, float const*, __half*, long, int, bool)", 32, 0},
     {"void rkcuda::l2normBackwardKernel<__nv_bfloat16>(__nv_bfloat16 const*, float const*, __nv_bfloat16*, long, int, "
      "bool)",
